@@ -1,0 +1,5 @@
+import sys
+
+from vitzoo.cli import main
+
+sys.exit(main())

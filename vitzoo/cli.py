@@ -1,0 +1,52 @@
+"""The ``vitzoo`` command line: one sub-command per tool module.
+
+Each tool module exposes ``register(subparsers)``, which adds its sub-parser and sets
+``func`` (a callable taking the parsed ``argparse.Namespace`` and returning an exit code).
+Modules are imported lazily so ``vitzoo --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# sub-command name -> module that registers it
+COMMANDS = {
+    "compare": "vitzoo.compare",
+    "export": "vitzoo.export",
+    "convert": "vitzoo.convert",
+    "push": "vitzoo.push",
+    "finetune-det": "vitzoo.detection.finetune",
+}
+
+
+def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitzoo",
+        description="Efficient vision transformers for timm: compare, export, convert, publish, fine-tune.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    wanted = None
+    if argv:
+        wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, module_name in COMMANDS.items():
+        if wanted in COMMANDS and name != wanted:
+            # only the requested command's module is imported; the others get a stub entry for --help
+            sub.add_parser(name, help=f"see `vitzoo {name} --help`")
+            continue
+        module = importlib.import_module(module_name)
+        module.register(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
