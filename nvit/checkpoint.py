@@ -1,0 +1,296 @@
+"""Reading NViT checkpoints: safe loading, official-format conversion, dims records and dims checks.
+
+Two layouts are understood:
+
+* **official** (``NVlabs/NViT`` ``ft_checkpoint.pth``): ``{'model': state_dict, 'dim': {EMB, head, QK, V, MLP},
+  'args': argparse.Namespace, ...}``; the patch embedding is a 1x1 conv ``[EMB, 768, 1, 1]`` on pixels rearranged
+  to (p1 p2 c) channel order; q/k/v are separate ``attn.qkv.{Q,K,V}``; the projection is ``attn.proj.proj``.
+* **ours** (``NViT.state_dict()``): 16x16 conv patch embedding, fused ``attn.qkv`` split unevenly into
+  ``[H*QK, H*QK, H*V]``, ``attn.proj``, ``attn.token_mask``. Our safetensors files carry the dims as JSON in the
+  metadata key ``nvit_dims``.
+"""
+import argparse
+import json
+import os
+import pickle
+import re
+import zipfile
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from timm.layers import resample_abs_pos_embed
+
+from .attention import resample_token_mask
+from .dims import NViTDims, resolve_dims
+
+__all__ = [
+    'DIMS_METADATA_KEY', 'load_checkpoint', 'checkpoint_filter_fn', 'convert_official', 'dims_from_state_dict',
+    'check_dims_match', 'dims_metadata', 'describe_foreign_checkpoint',
+]
+
+DIMS_METADATA_KEY = 'nvit_dims'
+# the only non-tensor object the official checkpoints pickle ('args'); nothing else is ever unpickled
+_SAFE_GLOBALS = [argparse.Namespace]
+_BLOCK_RE = re.compile(r'^blocks\.(\d+)\.')
+
+StateDict = Dict[str, torch.Tensor]
+
+
+def dims_metadata(model_or_dims: Union[torch.nn.Module, NViTDims]) -> Dict[str, str]:
+    """Safetensors metadata recording an NViT's dims: ``{'nvit_dims': '<json>'}``."""
+    dims = model_or_dims if isinstance(model_or_dims, NViTDims) else getattr(model_or_dims, 'dims', None)
+    if not isinstance(dims, NViTDims):
+        raise TypeError(f'dims_metadata needs an NViT model or NViTDims, got {type(model_or_dims).__name__}.')
+    return {DIMS_METADATA_KEY: dims.to_json()}
+
+
+def _unreadable(path: str, e: BaseException) -> RuntimeError:
+    return RuntimeError(
+        f'Cannot read checkpoint {path!r}: {type(e).__name__}: {e}. The file is probably truncated or corrupt '
+        f'(an interrupted download?); delete it and download it again.')
+
+
+def _load_torch_file(path: str) -> Any:
+    """``torch.load(weights_only=True)`` allowing only ``argparse.Namespace`` beyond tensors and containers."""
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r'GLOBAL ([\w.]+)', str(e))
+        if found is None:
+            raise _unreadable(path, e) from e
+        raise RuntimeError(
+            f'Refusing to load {path!r}: it pickles {found.group(1)}, which is not allowed. For safety NViT '
+            f'checkpoints are unpickled with weights_only=True and only argparse.Namespace allowed (arbitrary '
+            f'pickled objects can run code). If you trust this file, load it yourself with '
+            f'torch.load(path, weights_only=False) and pass the state dict through '
+            f'pretrained_cfg_overlay=dict(state_dict=...).') from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise _unreadable(path, e) from e
+
+
+def _load_safetensors_file(path: str) -> Tuple[StateDict, Dict[str, str]]:
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework='pt', device='cpu') as f:
+            metadata = dict(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises its own SafetensorError for bad headers / short files
+        raise _unreadable(path, e) from e
+
+
+def is_official_layout(state_dict: Mapping[str, Any]) -> bool:
+    """True for the official key layout (separate attn.qkv.Q/K/V)."""
+    return any(k.endswith('attn.qkv.Q.weight') for k in state_dict)
+
+
+def describe_foreign_checkpoint(state_dict: Mapping[str, Any]) -> Optional[str]:
+    """Say what a checkpoint looks like if it is clearly not an NViT one (None if it could be one)."""
+    keys = list(state_dict)
+    if any(k.startswith('patch_embed.0.c.') for k in keys) or any('.mixer.' in k for k in keys):
+        return 'a SHViT checkpoint (keys like patch_embed.0.c.weight); load it with an shvit_* model'
+    if not any(_BLOCK_RE.match(k) for k in keys) or 'pos_embed' not in state_dict:
+        return f'not an NViT/ViT checkpoint (no blocks.N.* / pos_embed keys; first keys: {keys[:4]})'
+    return None
+
+
+def _looks_like_timm_vit(state_dict: Mapping[str, Any]) -> bool:
+    return not is_official_layout(state_dict) and not any(k.endswith('attn.token_mask') for k in state_dict)
+
+
+def convert_official(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """Official layout -> ours. Tensors already in our layout pass through unchanged."""
+    out: StateDict = {}
+    for k, v in state_dict.items():
+        if k == 'patch_embed.proj.weight' and v.ndim == 4 and v.shape[-1] == 1 and v.shape[-2] == 1:
+            # 1x1 conv over pixels rearranged 'b c (h p1) (w p2) -> b (p1 p2 c) h w' == p x p conv, (c, p1, p2)
+            emb, flat = v.shape[:2]
+            patch = int(round((flat // 3) ** 0.5))
+            if patch * patch * 3 != flat:
+                raise ValueError(f'patch_embed.proj.weight {tuple(v.shape)}: {flat} input channels is not 3*p*p.')
+            out[k] = v.reshape(emb, patch, patch, 3).permute(0, 3, 1, 2).contiguous()
+        elif '.attn.qkv.Q.' in k:
+            prefix, kind = k.split('.attn.qkv.Q.')
+            parts = [state_dict[f'{prefix}.attn.qkv.{n}.{kind}'] for n in 'QKV']
+            out[f'{prefix}.attn.qkv.{kind}'] = torch.cat(parts, dim=0)
+        elif '.attn.qkv.K.' in k or '.attn.qkv.V.' in k:
+            continue  # consumed with Q
+        elif k.endswith('.attn.qkv.token_mask'):
+            out[k.replace('.attn.qkv.token_mask', '.attn.token_mask')] = v
+        elif '.attn.proj.proj.' in k:
+            out[k.replace('.attn.proj.proj.', '.attn.proj.')] = v
+        else:
+            out[k] = v
+    return out
+
+
+def _num_blocks(state_dict: Mapping[str, Any]) -> int:
+    found = [int(m.group(1)) for m in map(_BLOCK_RE.match, state_dict) if m]
+    return max(found) + 1 if found else 0
+
+
+def _block_widths(state_dict: Mapping[str, torch.Tensor]) -> Tuple[int, List[Tuple[int, int, int]]]:
+    """Embedding width and per-block total (q/k, v, mlp) widths from an our-layout state dict."""
+    try:
+        embed_dim = state_dict['pos_embed'].shape[-1]
+        widths = []
+        for i in range(_num_blocks(state_dict)):
+            qkv_rows = state_dict[f'blocks.{i}.attn.qkv.weight'].shape[0]
+            v_total = state_dict[f'blocks.{i}.attn.proj.weight'].shape[1]
+            mlp = state_dict[f'blocks.{i}.mlp.fc1.weight'].shape[0]
+            widths.append(((qkv_rows - v_total) // 2, v_total, mlp))
+    except KeyError as e:
+        raise ValueError(f'Not an NViT state dict: missing key {e}.') from None
+    return embed_dim, widths
+
+
+def check_dims_match(dims: NViTDims, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Raise ValueError naming every block whose widths in ``dims`` disagree with the weight shapes."""
+    if is_official_layout(state_dict):
+        state_dict = convert_official(state_dict)
+    embed_dim, widths = _block_widths(state_dict)
+    problems = []
+    if embed_dim != dims.embed_dim:
+        problems.append(f'embed_dim {dims.embed_dim} vs weights {embed_dim}')
+    if len(widths) != dims.depth:
+        problems.append(f'depth {dims.depth} vs weights {len(widths)} blocks')
+    for i, (qk, v, mlp) in enumerate(widths[:dims.depth]):
+        want = (dims.heads[i] * dims.qk_dim[i], dims.heads[i] * dims.v_dim[i], dims.mlp_dim[i])
+        if want != (qk, v, mlp):
+            problems.append(f'block {i}: heads*qk, heads*v, mlp = {want} vs weights {(qk, v, mlp)}')
+    if problems:
+        raise ValueError('NViT dims do not match the checkpoint weights: ' + '; '.join(problems) + '.')
+
+
+def dims_from_state_dict(
+        state_dict: Mapping[str, torch.Tensor],
+        heads: Union[int, Sequence[int]],
+) -> NViTDims:
+    """Infer dims from weight shapes (either layout).
+
+    Weight shapes give only total widths per block (heads*qk, heads*v, mlp); the head split is a reshape, so the
+    head counts must be given.
+
+    Args:
+        state_dict: Official or our-layout state dict.
+        heads: Heads per block (one int for all blocks, or a list).
+    """
+    if is_official_layout(state_dict):
+        state_dict = convert_official(state_dict)
+    embed_dim, widths = _block_widths(state_dict)
+    heads = [heads] * len(widths) if isinstance(heads, int) else list(heads)
+    if len(heads) != len(widths):
+        raise ValueError(f'dims_from_state_dict: {len(heads)} head counts given for {len(widths)} blocks.')
+    qk, v = [], []
+    for i, ((qk_t, v_t, _), h) in enumerate(zip(widths, heads)):
+        if qk_t % h or v_t % h:
+            raise ValueError(f'block {i}: q/k width {qk_t} or v width {v_t} is not divisible by {h} heads.')
+        qk.append(qk_t // h)
+        v.append(v_t // h)
+    return NViTDims(embed_dim, heads, qk, v, [w[2] for w in widths])
+
+
+def _from_torch_object(obj: Any, path: str) -> Tuple[StateDict, Optional[NViTDims], Dict[str, str]]:
+    if not isinstance(obj, Mapping):
+        raise ValueError(f'{path}: expected a dict checkpoint, got {type(obj).__name__}.')
+    if 'model' in obj and isinstance(obj['model'], Mapping):
+        meta = {'format': 'official' if 'dim' in obj else 'torch-dict'}
+        if isinstance(obj.get('args'), argparse.Namespace):
+            meta['args'] = json.dumps({k: str(v) for k, v in vars(obj['args']).items()})
+        dims = resolve_dims(obj['dim']) if obj.get('dim') is not None else None
+        return dict(obj['model']), dims, meta
+    if DIMS_METADATA_KEY in obj:
+        sd = {k: v for k, v in obj.items() if k != DIMS_METADATA_KEY}
+        return sd, resolve_dims(obj[DIMS_METADATA_KEY]), {'format': 'nvit'}
+    return dict(obj), None, {'format': 'state_dict'}
+
+
+def read_checkpoint_object(
+        obj: Any,
+        path: str = '<state_dict>',
+) -> Tuple[StateDict, Optional[NViTDims], Dict[str, str]]:
+    """Like ``load_checkpoint`` for an object already in memory (an official dict or a state dict)."""
+    sd, dims, meta = _from_torch_object(obj, path)
+    return _finish(sd, dims, meta, path)
+
+
+def _finish(
+        sd: StateDict,
+        dims: Optional[NViTDims],
+        meta: Dict[str, str],
+        path: str,
+) -> Tuple[StateDict, Optional[NViTDims], Dict[str, str]]:
+    foreign = describe_foreign_checkpoint(sd)
+    if foreign is not None:
+        raise ValueError(f'{path} is {foreign}, not an NViT checkpoint.')
+    sd = convert_official(sd)
+    if dims is not None:
+        check_dims_match(dims, sd)
+    return sd, dims, meta
+
+
+def load_checkpoint(path: Union[str, os.PathLike]) -> Tuple[StateDict, Optional[NViTDims], Dict[str, str]]:
+    """Read an NViT checkpoint file safely.
+
+    Accepts official ``.pth`` files (dims from ``'dim'``), our ``.safetensors`` (dims from metadata ``nvit_dims``)
+    and plain state-dict ``.pth``/``.bin`` files (dims unknown).
+
+    Returns:
+        ``(state_dict, dims, metadata)``: the state dict in our layout, the dims record (None when the file has
+        none), and string metadata (``format``, plus safetensors metadata or the official ``args`` as JSON).
+
+    Raises:
+        RuntimeError: the file is truncated/corrupt, or would need unpickling something other than tensors and
+            ``argparse.Namespace``.
+        ValueError: the file is not an NViT checkpoint (e.g. SHViT), or its dims record disagrees with its weights.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'NViT checkpoint not found: {path!r}.')
+    if path.endswith('.safetensors'):
+        sd, meta = _load_safetensors_file(path)
+        dims = resolve_dims(meta[DIMS_METADATA_KEY]) if DIMS_METADATA_KEY in meta else None
+        meta.setdefault('format', 'nvit' if dims is not None else 'safetensors')
+    else:
+        sd, dims, meta = _from_torch_object(_load_torch_file(path), path)
+    return _finish(sd, dims, meta, path)
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: torch.nn.Module) -> StateDict:
+    """timm pretrained filter: official or our layout -> ``model``'s, resampling position embedding / token scales.
+
+    Accepts a full official checkpoint dict (with ``'model'``) too.
+    """
+    if 'model' in state_dict and isinstance(state_dict['model'], Mapping):
+        state_dict = state_dict['model']
+    foreign = describe_foreign_checkpoint(state_dict)
+    if foreign is not None:
+        raise ValueError(f'This is {foreign}, not an NViT checkpoint.')
+    out = convert_official(state_dict)
+    grid = list(model.patch_embed.grid_size)
+    prefix = model.num_prefix_tokens
+    if out['pos_embed'].shape[1] != model.pos_embed.shape[1]:
+        out['pos_embed'] = resample_abs_pos_embed(out['pos_embed'], new_size=grid, num_prefix_tokens=prefix)
+    for k in [k for k in out if k.endswith('attn.token_mask')]:
+        tokens = out[k].shape[0]
+        if tokens != model.pos_embed.shape[1]:
+            side = int(round((tokens - prefix) ** 0.5))
+            out[k] = resample_token_mask(out[k], grid, [side, side], prefix)
+    return out
+
+
+def foreign_or_missing_dims_error(variant: str, state_dict: Mapping[str, Any], where: str) -> ValueError:
+    """The error for a checkpoint that carries no dims record."""
+    if _looks_like_timm_vit(state_dict):
+        return ValueError(
+            f'{where} looks like a timm ViT/DeiT checkpoint (fused attn.qkv, no token scales, no NViT dims record), '
+            f'not an NViT one. Convert a DeiT with nvit.from_vit(timm.create_model(...)), or pass '
+            f'dims=NViTDims.uniform(...) to {variant} if you really mean to load it as an NViT.')
+    return ValueError(
+        f'{where} has no NViT dims record (official "dim" key or safetensors metadata "{DIMS_METADATA_KEY}"), and '
+        f'head counts cannot be recovered from weight shapes. Pass dims=... to {variant} '
+        f'(nvit.dims_from_state_dict(state_dict, heads=...) can build them if you know the head counts).')

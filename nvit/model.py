@@ -1,0 +1,315 @@
+"""NViT: a ViT / DeiT whose blocks each have their own head count, q/k, v and MLP widths.
+
+Paper: Global Vision Transformer Pruning with Hessian-Aware Saliency (Yang et al., CVPR 2023),
+https://arxiv.org/abs/2110.04869. Original code: https://github.com/NVlabs/NViT (NVIDIA Source Code License-NC).
+This is a clean-room re-implementation; see docs/nvit.md for the differences from the official code.
+"""
+from typing import Dict, List, Optional, Set, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
+
+from .attention import resample_token_mask
+from .block import NViTBlock
+from .dims import DimsLike, resolve_dims
+
+__all__ = ['NViT']
+
+
+class NViT(nn.Module):
+    """Vision Transformer with per-block widths (NViT / ReViT), optionally with a DeiT distillation token.
+
+    ``forward_features`` returns the normalised tokens ``[B, prefix + patches, embed_dim]``. With a distillation
+    token the model has two classifiers; ``forward`` returns their mean, or the pair ``(cls, dist)`` in training mode
+    after ``set_distilled_training(True)`` (timm DeiT convention).
+    """
+
+    def __init__(
+            self,
+            dims: DimsLike,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'token',
+            distilled: bool = True,
+            token_mask: bool = False,
+            attn_scale: Optional[float] = 64 ** -0.5,
+            qkv_bias: bool = True,
+            dynamic_img_size: bool = False,
+            norm_eps: float = 1e-6,
+            act_layer: Type[nn.Module] = nn.GELU,
+            drop_rate: float = 0.,
+            pos_drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        """
+        Args:
+            dims: Architecture widths: an ``NViTDims``, a dict (our keys or the official EMB/head/QK/V/MLP) or JSON.
+            img_size: Input size the position embedding (and token scales) are laid out for.
+            patch_size: Patch size of the convolutional patch embedding.
+            in_chans: Input channels.
+            num_classes: Classes; 0 gives no classifier.
+            global_pool: 'token' (class / distillation tokens), 'avg' (mean of patch tokens) or '' (no pooling).
+            distilled: Add the DeiT distillation token and a second head (all released NViT models have it).
+            token_mask: Add the learned per-token q/k/v scale of the released checkpoints to every block.
+            attn_scale: Attention logit scale for every block; None uses ``qk_dim ** -0.5`` per block.
+            qkv_bias: Bias on q/k/v.
+            dynamic_img_size: Accept any input size at run time (position embedding and token scales resampled).
+            norm_eps: LayerNorm epsilon.
+            act_layer: MLP activation.
+            drop_rate: Dropout before the classifier.
+            pos_drop_rate: Dropout after adding the position embedding.
+            proj_drop_rate: Dropout after attention projection and in the MLP.
+            attn_drop_rate: Attention-probability dropout.
+            drop_path_rate: Stochastic-depth rate, linearly increasing to this value over the blocks.
+            device: Parameter device.
+            dtype: Parameter dtype.
+        """
+        dd = dict(device=device, dtype=dtype)
+        super().__init__()
+        dims = resolve_dims(dims)
+        if dims is None:
+            raise ValueError('NViT needs dims (NViTDims, dict or JSON string); see nvit.NViTDims.')
+        if global_pool not in ('', 'token', 'avg'):
+            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}.")
+        self.dims = dims
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.embed_dim = self.num_features = self.head_hidden_size = dims.embed_dim
+        self.num_prefix_tokens = 2 if distilled else 1
+        self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
+        self.distilled_training = False
+
+        embed_args = dict(strict_img_size=False, output_fmt='NHWC') if dynamic_img_size else {}
+        self.patch_embed = PatchEmbed(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=dims.embed_dim,
+            **embed_args, **dd)
+        num_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dims.embed_dim, **dd))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, dims.embed_dim, **dd)) if distilled else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, dims.embed_dim, **dd))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+
+        dpr = torch.linspace(0, drop_path_rate, dims.depth).tolist()
+        self.blocks = nn.ModuleList([
+            NViTBlock(
+                dims.embed_dim, dims.heads[i], dims.qk_dim[i], dims.v_dim[i], dims.mlp_dim[i],
+                scale=attn_scale if attn_scale is not None else dims.qk_dim[i] ** -0.5,
+                qkv_bias=qkv_bias, num_tokens=num_tokens if token_mask else None,
+                proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i],
+                act_layer=act_layer, norm_eps=norm_eps, **dd)
+            for i in range(dims.depth)])
+        reduction = self.patch_embed.patch_size[0]
+        self.feature_info = [
+            dict(module=f'blocks.{i}', num_chs=dims.embed_dim, reduction=reduction) for i in range(dims.depth)]
+        self.norm = nn.LayerNorm(dims.embed_dim, eps=norm_eps, **dd)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(dims.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head_dist = self._make_dist_head(**dd)
+        self.init_weights()
+
+    def _make_dist_head(self, device=None, dtype=None) -> Optional[nn.Module]:
+        if self.dist_token is None:
+            return None
+        if self.num_classes > 0:
+            return nn.Linear(self.embed_dim, self.num_classes, device=device, dtype=dtype)
+        return nn.Identity()
+
+    def init_weights(self) -> None:
+        """timm ViT init: truncated normal (std .02) for tokens, position embedding and Linear weights."""
+        for p in (self.pos_embed, self.cls_token, self.dist_token):
+            if p is not None:
+                trunc_normal_(p, std=.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return {'pos_embed', 'cls_token', 'dist_token'} if self.dist_token is not None else {'pos_embed', 'cls_token'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        return dict(
+            stem=r'^cls_token|pos_embed|patch_embed|dist_token',
+            blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """In training mode, return ``(cls_logits, dist_logits)`` instead of their mean."""
+        self.distilled_training = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier(s), keeping device, dtype and train/eval mode.
+
+        Args:
+            num_classes: New class count (0: no classifier, ``forward`` returns pooled features).
+            global_pool: New pooling ('token', 'avg', ''); None keeps the current one.
+        """
+        if global_pool is not None:
+            if global_pool not in ('', 'token', 'avg'):
+                raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}.")
+            self.global_pool = global_pool
+        ref = self.pos_embed
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) \
+            if num_classes > 0 else nn.Identity()
+        self.head_dist = self._make_dist_head(device=ref.device, dtype=ref.dtype)
+        for head in (self.head, self.head_dist):
+            if head is not None:
+                head.train(self.training)
+
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+        """Patch embedding, prefix tokens and position embedding; also returns the patch grid."""
+        x = self.patch_embed(x)
+        grid = list(self.patch_embed.grid_size)
+        if self.dynamic_img_size:
+            B, H, W, C = x.shape
+            feat_size = [H, W]
+            pos_embed = resample_abs_pos_embed(
+                self.pos_embed, new_size=feat_size, old_size=grid, num_prefix_tokens=self.num_prefix_tokens)
+            x = x.reshape(B, H * W, C)
+        else:
+            feat_size = grid
+            pos_embed = self.pos_embed
+        prefix = [self.cls_token.expand(x.shape[0], -1, -1)]
+        if self.dist_token is not None:
+            prefix.append(self.dist_token.expand(x.shape[0], -1, -1))
+        x = torch.cat(prefix + [x], dim=1) + pos_embed
+        return self.pos_drop(x), feat_size
+
+    def _token_mask_for(self, token_mask: Optional[torch.Tensor], feat_size: List[int]) -> Optional[torch.Tensor]:
+        """Resampled token scale for a block when the grid differs from the built one, else None (use stored)."""
+        if token_mask is None or not self.dynamic_img_size:
+            return None
+        grid = list(self.patch_embed.grid_size)
+        if feat_size[0] == grid[0] and feat_size[1] == grid[1]:
+            return None
+        return resample_token_mask(token_mask, feat_size, grid, self.num_prefix_tokens)
+
+    def _forward_blocks(
+            self,
+            x: torch.Tensor,
+            feat_size: List[int],
+            last: int,
+            take_indices: List[int],
+            norm: bool,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Run blocks ``0..last``; collect the outputs of ``take_indices`` (final-normed if ``norm``)."""
+        intermediates: List[torch.Tensor] = []
+        for i, blk in enumerate(self.blocks):
+            if i <= last:
+                token_mask = self._token_mask_for(blk.attn.token_mask, feat_size)
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x = checkpoint(blk, x, token_mask)
+                else:
+                    x = blk(x, token_mask)
+                if i in take_indices:
+                    intermediates.append(self.norm(x) if norm else x)
+        return x, intermediates
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward that also returns block outputs (patch tokens), for dense tasks.
+
+        Args:
+            x: Images ``[B, C, H, W]``.
+            indices: Blocks to take: last n if int, all if None, these (negative allowed) if a list.
+            return_prefix_tokens: Return ``(patch_tokens, prefix_tokens)`` pairs.
+            norm: Apply the final norm to each intermediate.
+            stop_early: Stop after the last block needed.
+            output_fmt: 'NCHW' (feature maps) or 'NLC' (token sequences).
+            intermediates_only: Return only the intermediates.
+        """
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        B = x.shape[0]
+        x, feat_size = self._embed(x)
+        last = max_index if stop_early else len(self.blocks) - 1
+        x, intermediates = self._forward_blocks(x, feat_size, last, take_indices, norm)
+
+        prefix_tokens = [y[:, :self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        if output_fmt == 'NCHW':
+            intermediates = [
+                y.reshape(B, feat_size[0], feat_size[1], -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if not torch.jit.is_scripting() and return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the blocks (and optionally final norm / heads) not needed for ``indices``; returns the taps."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` -> normalised tokens ``[B, prefix + patches, embed_dim]``."""
+        x, feat_size = self._embed(x)
+        x, _ = self._forward_blocks(x, feat_size, len(self.blocks) - 1, [], False)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        """Pool tokens and classify. Distilled models average the class and distillation heads (official eval)."""
+        if self.global_pool == 'avg':
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+            x_dist = x
+        elif self.global_pool == 'token':
+            x_dist = x[:, 1] if self.dist_token is not None else x[:, 0]
+            x = x[:, 0]
+        else:
+            x_dist = x
+        x = self.head_drop(x)
+        if self.head_dist is None:
+            return x if pre_logits else self.head(x)
+        x_dist = self.head_drop(x_dist)
+        if pre_logits:
+            return (x + x_dist) / 2
+        x = self.head(x)
+        x_dist = self.head_dist(x_dist)
+        if self.distilled_training and self.training and not torch.jit.is_scripting():
+            return x, x_dist
+        return (x + x_dist) / 2
+
+    def forward(self, x: torch.Tensor):
+        return self.forward_head(self.forward_features(x))

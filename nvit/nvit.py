@@ -1,0 +1,205 @@
+"""timm registrations: the released NViT-B/H/S/T and the ReViT-T/S design-rule models.
+
+Paper: Global Vision Transformer Pruning with Hessian-Aware Saliency (Yang et al., CVPR 2023),
+https://arxiv.org/abs/2110.04869 ::
+
+    @inproceedings{yang2023global,
+      title={Global Vision Transformer Pruning with Hessian-Aware Saliency},
+      author={Yang, Huanrui and Yin, Hongxu and Shen, Maying and Molchanov, Pavlo and Li, Hai and Kautz, Jan},
+      booktitle={CVPR}, year={2023}}
+
+Released weights: https://github.com/NVlabs/NViT, licence CC-BY-NC-SA-4.0 (non-commercial).
+
+The per-block dims of the released models are stored only inside their checkpoints, so ``nvit_*`` need one of
+``pretrained=True`` (official download), ``pretrained_cfg_overlay=dict(file=...)`` (local file) or ``dims=...``,
+unless the variant's dims have been recorded in ``KNOWN_DIMS``.
+"""
+import os
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
+from timm.models._hub import download_cached_file, download_from_hf
+from timm.models._input import update_model_args
+
+from .checkpoint import (
+    check_dims_match, checkpoint_filter_fn, foreign_or_missing_dims_error, load_checkpoint, read_checkpoint_object)
+from .dims import NViTDims, resolve_dims, revit_dims
+from .model import NViT
+
+__all__ = ['KNOWN_DIMS']
+
+# Dims of the released models, keyed by variant: fill in from ckpt['dim'] (e.g. ``nvit.load_checkpoint(path)[1]``)
+# once read, e.g. KNOWN_DIMS['nvit_b'] = NViTDims(embed_dim=..., heads=[...], ...). Empty: not yet read.
+KNOWN_DIMS: Dict[str, NViTDims] = {}
+
+_HF_FILES = ('model.safetensors', 'pytorch_model.bin')
+_DIR_FILES = ('model.safetensors', 'pytorch_model.bin', 'model.pth')
+
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
+        'crop_pct': 0.875, 'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj', 'classifier': ('head', 'head_dist'),
+        'paper_ids': 'arXiv:2110.04869',
+        'paper_name': 'Global Vision Transformer Pruning with Hessian-Aware Saliency',
+        'origin_url': 'https://github.com/NVlabs/NViT',
+        **kwargs,
+    }
+
+
+_DROPBOX = 'https://www.dropbox.com/scl/fi/'
+default_cfgs = generate_default_cfgs({
+    'nvit_b.in1k': _cfg(
+        url=_DROPBOX + 'jewbgp7yj8itftkpciocb/NViT_B.pth?rlkey=2s6fzd6dqqt70tvog89opd586&dl=1',
+        license='cc-by-nc-sa-4.0'),
+    'nvit_h.in1k': _cfg(
+        url=_DROPBOX + 'hkmmr1sjinygw65s0yku6/NViT_H.pth?rlkey=f72xry5i73of1h376ugy8tobv&dl=1',
+        license='cc-by-nc-sa-4.0'),
+    'nvit_s.in1k': _cfg(
+        url=_DROPBOX + 'fpavg8fb96gpqhaxvn05o/NViT_S.pth?rlkey=uwt7340bw3kqoyb570nfw9bm7&dl=1',
+        license='cc-by-nc-sa-4.0'),
+    'nvit_t.in1k': _cfg(
+        url=_DROPBOX + 'lokqjaj6kaneweer14v5m/NViT_T.pth?rlkey=764a8k9mp9xpz0wjyhhzgvtkc&dl=1',
+        license='cc-by-nc-sa-4.0'),
+    'revit_t': _cfg(notes=('ReViT-T dims from the redistribution rule; no released weights',)),
+    'revit_s': _cfg(notes=('ReViT-S dims from the redistribution rule; no released weights',)),
+})
+
+
+def _hf_file(location: Any, cache_dir: Optional[str]) -> str:
+    from huggingface_hub.errors import EntryNotFoundError
+    if isinstance(location, (tuple, list)):
+        return download_from_hf(location[0], location[1], cache_dir=cache_dir)
+    for i, name in enumerate(_HF_FILES):
+        try:
+            return download_from_hf(location, name, cache_dir=cache_dir)
+        except EntryNotFoundError:
+            if i == len(_HF_FILES) - 1:
+                raise
+    raise AssertionError('unreachable')
+
+
+def _dir_file(directory: str) -> str:
+    for name in _DIR_FILES:
+        if os.path.isfile(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    raise FileNotFoundError(f'No NViT weights ({", ".join(_DIR_FILES)}) in directory {directory!r}.')
+
+
+def _read_pretrained(variant: str, kwargs: Mapping[str, Any]):
+    """Locate the pretrained weights timm would use, read them (safely) with their dims record."""
+    cfg = resolve_pretrained_cfg(
+        variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+        pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay')).to_dict()
+    load_from, location = _resolve_pretrained_source(cfg)
+    cache_dir = kwargs.get('cache_dir')
+    if load_from == 'state_dict':
+        return read_checkpoint_object(location)
+    if load_from == 'file':
+        path = location
+    elif load_from == 'url':
+        path = download_cached_file(location, check_hash=False, progress=True, cache_dir=cache_dir)
+    elif load_from == 'hf-hub':
+        path = _hf_file(location, cache_dir)
+    elif load_from == 'local-dir':
+        path = _dir_file(location)
+    else:
+        raise RuntimeError(
+            f'No pretrained weights exist for {variant}. Use pretrained=False, or give a file with '
+            f'pretrained_cfg_overlay=dict(file=...).')
+    return load_checkpoint(Path(path))
+
+
+def _missing_dims_error(variant: str) -> ValueError:
+    return ValueError(
+        f'{variant}: the per-block dims of this model are not known to the package (the released NViT dims are '
+        f'stored only inside its checkpoint). Provide them with one of:\n'
+        f"  timm.create_model('{variant}', pretrained=True)  # downloads the official checkpoint, reads its dims\n"
+        f"  timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='NViT.pth'))"
+        f'  # local file, official format or ours\n'
+        f"  timm.create_model('{variant}', dims=nvit.NViTDims(...) or a dict or a JSON string)  # random init\n"
+        f"or record them once in nvit.nvit.KNOWN_DIMS['{variant}'].")
+
+
+def _create_nvit(variant: str, pretrained: bool = False, **kwargs) -> NViT:
+    dims = resolve_dims(kwargs.pop('dims', None))
+    state_dict = None
+    if pretrained:
+        state_dict, file_dims, _ = _read_pretrained(variant, kwargs)
+        if dims is not None and file_dims is not None and dims != file_dims:
+            raise ValueError(f'{variant}: dims=... do not match the checkpoint dims record.\n'
+                             f'given:\n{dims}\ncheckpoint:\n{file_dims}')
+        dims = dims or file_dims
+        if dims is None:
+            raise foreign_or_missing_dims_error(variant, state_dict, f'The pretrained checkpoint for {variant}')
+        kwargs.setdefault('distilled', 'dist_token' in state_dict)
+        kwargs.setdefault('token_mask', any(k.endswith('.attn.token_mask') for k in state_dict))
+        # hand timm the already-read weights: it then runs the filter, classifier / in_chans adaptation, strict load
+        kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {}, state_dict=state_dict,
+                                                source='')
+    dims = dims or KNOWN_DIMS.get(variant)
+    if dims is None:
+        raise _missing_dims_error(variant)
+    if state_dict is not None:
+        check_dims_match(dims, state_dict)
+
+    model = build_model_with_cfg(
+        NViT, variant, pretrained,
+        dims=dims.to_dict(),
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=3, feature_cls='getter'),
+        **kwargs,
+    )
+    inner = getattr(model, 'model', model)  # FeatureGetterNet wraps the NViT when features_only=True
+    for m in dict.fromkeys([model, inner]):
+        if state_dict is not None and 'state_dict' in getattr(m, 'pretrained_cfg', {}):
+            # do not keep the weights inside the cfg (timm saves the cfg in config.json)
+            m.pretrained_cfg = {k: v for k, v in m.pretrained_cfg.items() if k != 'state_dict'}
+            m.default_cfg = m.pretrained_cfg
+        update_model_args(m, dims=dims.to_dict(), distilled=kwargs.get('distilled', True),
+                          token_mask=kwargs.get('token_mask', False))
+    return model
+
+
+@register_model
+def nvit_b(pretrained: bool = False, **kwargs) -> NViT:
+    """NViT-B (34M params, 6.8G FLOPs, 83.29% top-1); dims come from the checkpoint."""
+    return _create_nvit('nvit_b', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def nvit_h(pretrained: bool = False, **kwargs) -> NViT:
+    """NViT-H (30M params, 6.2G FLOPs, 82.95% top-1); dims come from the checkpoint."""
+    return _create_nvit('nvit_h', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def nvit_s(pretrained: bool = False, **kwargs) -> NViT:
+    """NViT-S (21M params, 4.2G FLOPs, 82.19% top-1); dims come from the checkpoint."""
+    return _create_nvit('nvit_s', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def nvit_t(pretrained: bool = False, **kwargs) -> NViT:
+    """NViT-T (6.9M params, 1.3G FLOPs, 76.21% top-1); dims come from the checkpoint."""
+    return _create_nvit('nvit_t', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def revit_t(pretrained: bool = False, **kwargs) -> NViT:
+    """ReViT-T: EMB 176, dims from the ReViT rule as the official code computes it (see docs/nvit.md)."""
+    model_args = dict(dims=revit_dims(176), distilled=True, token_mask=True)
+    return _create_nvit('revit_t', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def revit_s(pretrained: bool = False, **kwargs) -> NViT:
+    """ReViT-S: EMB 384, dims from the ReViT rule as the official code computes it (see docs/nvit.md)."""
+    model_args = dict(dims=revit_dims(384), distilled=True, token_mask=True)
+    return _create_nvit('revit_s', pretrained=pretrained, **dict(model_args, **kwargs))

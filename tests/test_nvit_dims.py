@@ -1,0 +1,118 @@
+"""The dims record, the ReViT rule, and params / FLOPs of revit_* by formula."""
+import json
+import math
+
+import pytest
+import timm
+import torch
+
+import nvit
+from nvit import NViTDims, revit_dims
+
+UNEVEN = NViTDims(48, [2, 3, 1], [8, 16, 8], [16, 8, 24], [64, 32, 96])
+
+
+def test_record_roundtrip_and_keys():
+    d = UNEVEN
+    assert d.depth == 3 and d.block(1) == {'heads': 3, 'qk_dim': 16, 'v_dim': 8, 'mlp_dim': 32}
+    assert NViTDims.from_json(d.to_json()) == d
+    assert json.loads(d.to_json())['heads'] == [2, 3, 1]
+    official = d.to_dict(official=True)
+    assert set(official) == {'EMB', 'head', 'QK', 'V', 'MLP'}
+    assert NViTDims.from_dict(official) == d
+    assert '    1     3      16      8     32' in str(d)
+
+
+@pytest.mark.parametrize('bad, err, match', [
+    (dict(embed_dim=48, heads=[2, 3], qk_dim=[8], v_dim=[8, 8], mlp_dim=[8, 8]), ValueError, 'one entry per block'),
+    (dict(embed_dim=48, heads=[2, 0], qk_dim=[8, 8], v_dim=[8, 8], mlp_dim=[8, 8]), ValueError,
+     r'heads\[1\] must be >= 1'),
+    (dict(embed_dim=48.0, heads=[2], qk_dim=[8], v_dim=[8], mlp_dim=[8]), TypeError, 'embed_dim must be an int'),
+    (dict(embed_dim=48, heads=[], qk_dim=[], v_dim=[], mlp_dim=[]), ValueError, 'at least one block'),
+    (dict(embed_dim=48, heads=2, qk_dim=[8], v_dim=[8], mlp_dim=[8]), TypeError, 'heads must be a list'),
+])
+def test_record_validation(bad, err, match):
+    with pytest.raises(err, match=match):
+        NViTDims(**bad)
+
+
+def test_from_dict_rejects_mixed_keys():
+    with pytest.raises(ValueError, match='neither'):
+        NViTDims.from_dict({'EMB': 48, 'heads': [1], 'QK': [8], 'V': [8], 'MLP': [8]})
+    with pytest.raises(ValueError, match='not valid JSON'):
+        NViTDims.from_json('{EMB')
+
+
+def test_revit_dims_match_the_code_rule():
+    """Values written out in the reference (§1.5), from revit_scratch.py."""
+    t = revit_dims(176)
+    assert list(t.heads) == [10, 2, 2, 4, 4, 4, 4, 4, 4, 2, 2, 10]
+    assert list(t.qk_dim) == [16, 8, 8, 16, 16, 16, 16, 16, 16, 8, 8, 16]
+    assert list(t.v_dim) == [64] * 12
+    assert list(t.mlp_dim) == [528] * 3 + [1056] * 6 + [528] * 3
+    s = revit_dims(384)
+    assert list(s.heads) == [10, 4, 4, 8, 8, 8, 8, 8, 8, 4, 4, 10]
+    assert list(s.qk_dim) == [32, 16, 16, 32, 32, 32, 32, 32, 32, 16, 16, 32]
+    assert list(s.mlp_dim) == [1152] * 3 + [2304] * 6 + [1152] * 3
+    with pytest.raises(ValueError, match='too small'):
+        revit_dims(64)
+
+
+def formula_params(d: NViTDims, num_tokens=198, num_classes=1000, distilled=True, token_mask=True, patch=16):
+    E = d.embed_dim
+    total = E * 3 * patch * patch + E + E * (1 + distilled) + num_tokens * E  # patch embed, tokens, pos_embed
+    for h, qk, v, m in zip(d.heads, d.qk_dim, d.v_dim, d.mlp_dim):
+        qkv = h * (2 * qk + v)
+        total += 4 * E  # two LayerNorms
+        total += (E + 1) * qkv + h * v * E + E  # q/k/v, proj
+        total += (E + 1) * m + m * E + E  # MLP
+        total += num_tokens * token_mask
+    total += 2 * E + (E + 1) * num_classes * (1 + distilled)  # final norm, heads
+    return total
+
+
+def formula_macs(d: NViTDims, img=224, patch=16, num_classes=1000, distilled=True, layernorm_per_elem=5):
+    """Multiply-accumulates as fvcore counts them (matmuls + 5 per LayerNorm element), see docs/nvit.md."""
+    E, P = d.embed_dim, (img // patch) ** 2
+    N = P + 1 + distilled
+    total = P * 3 * patch * patch * E
+    for h, qk, v, m in zip(d.heads, d.qk_dim, d.v_dim, d.mlp_dim):
+        total += N * E * h * (2 * qk + v) + N * N * h * (qk + v) + N * h * v * E + 2 * N * E * m
+    total += layernorm_per_elem * N * E * (2 * d.depth + 1)
+    total += E * num_classes * (1 + distilled)
+    return total
+
+
+@pytest.mark.parametrize('name, emb', [('revit_t', 176), ('revit_s', 384)])
+def test_revit_params_by_formula(name, emb):
+    model = timm.create_model(name)
+    assert model.dims == revit_dims(emb)
+    assert sum(p.numel() for p in model.parameters()) == formula_params(revit_dims(emb))
+
+
+def test_reported_revit_numbers():
+    """The numbers docs/nvit.md reports next to the paper's (ReViT-S 23M / 4.7G; ReViT-T 5.9M / 1.3G)."""
+    assert formula_params(revit_dims(384)) == 23_125_656
+    assert round(formula_macs(revit_dims(384)) / 1e9, 2) == 4.71
+    assert formula_params(revit_dims(176)) == 5_341_512
+    assert round(formula_macs(revit_dims(176)) / 1e9, 2) == 1.14
+    # the EMB=192 explanation of the paper's ReViT-T row (no distillation token / head)
+    assert round(formula_params(revit_dims(192), num_tokens=197, distilled=False, token_mask=False) / 1e6, 2) == 5.96
+    assert round(formula_macs(revit_dims(192), distilled=False) / 1e9, 2) == 1.29
+
+
+def test_fvcore_matches_formula():
+    fvcore = pytest.importorskip('fvcore.nn')
+    from fvcore.nn.jit_handles import get_shape
+
+    def sdpa(inputs, outputs):
+        q, k, v = (get_shape(i) for i in inputs[:3])
+        return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+    dims = NViTDims(64, [2, 3], [8, 16], [16, 8], [64, 96])
+    model = nvit.NViT(dims, img_size=64, num_classes=10, token_mask=True).eval()
+    fca = fvcore.FlopCountAnalysis(model, torch.randn(1, 3, 64, 64))
+    fca.set_op_handle('aten::scaled_dot_product_attention', sdpa)
+    fca.unsupported_ops_warnings(False)
+    fca.uncalled_modules_warnings(False)
+    assert fca.total() == formula_macs(dims, img=64, num_classes=10)

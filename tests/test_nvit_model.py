@@ -1,0 +1,176 @@
+"""timm model contract for NViT on small, uneven dims; from_vit against timm's own DeiT."""
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import nvit
+
+DIMS = dict(embed_dim=32, heads=[2, 1, 3], qk_dim=[8, 16, 8], v_dim=[16, 8, 8], mlp_dim=[48, 32, 64])
+SMALL = dict(dims=DIMS, img_size=64, num_classes=10, token_mask=True)
+
+
+def small(**kw):
+    return timm.create_model('nvit_b', **dict(SMALL, **kw)).eval()
+
+
+def test_create_and_forward_shapes():
+    m = small()
+    x = torch.randn(2, 3, 64, 64)
+    assert m.forward_features(x).shape == (2, 2 + 16, 32)
+    assert m(x).shape == (2, 10)
+    assert m.forward_head(m.forward_features(x), pre_logits=True).shape == (2, 32)
+    assert isinstance(m.dims, nvit.NViTDims) and m.dims.heads == (2, 1, 3)
+    assert m.num_features == m.head_hidden_size == 32
+    assert timm.create_model('nvit_b', dims=nvit.NViTDims.from_dict(DIMS).to_json()).dims.depth == 3
+
+
+def test_distilled_heads_mean_and_training_tuple():
+    m = small()
+    x = torch.randn(2, 3, 64, 64)
+    feats = m.forward_features(x)
+    assert torch.allclose(m(x), (m.head(feats[:, 0]) + m.head_dist(feats[:, 1])) / 2, atol=1e-6)
+    m.train()
+    m.set_distilled_training(True)
+    out = m(x)
+    assert isinstance(out, tuple) and len(out) == 2
+    plain = small(distilled=False)
+    assert plain.dist_token is None and plain.head_dist is None and plain(x).shape == (2, 10)
+
+
+def test_avg_pool_and_reset_classifier():
+    m = small(global_pool='avg')
+    x = torch.randn(1, 3, 64, 64)
+    feats = m.forward_features(x)
+    pooled = feats[:, 2:].mean(1)
+    assert torch.allclose(m(x), (m.head(pooled) + m.head_dist(pooled)) / 2, atol=1e-6)
+    m.reset_classifier(0)
+    assert m(x).shape == (1, 32)
+    m.reset_classifier(5, 'token')
+    assert m(x).shape == (1, 5) and not m.head.training
+    m.reset_classifier(0, '')
+    assert m(x).shape == (1, 18, 32)
+    with pytest.raises(ValueError, match='global_pool'):
+        m.reset_classifier(3, 'max')
+
+
+@pytest.mark.parametrize('fmt', ['NCHW', 'NLC'])
+def test_forward_intermediates(fmt):
+    m = small()
+    x = torch.randn(2, 3, 64, 64)
+    final, feats = m.forward_intermediates(x, indices=[0, -1], output_fmt=fmt)
+    assert torch.allclose(final, m.forward_features(x), atol=1e-6)
+    expect = (2, 32, 4, 4) if fmt == 'NCHW' else (2, 16, 32)
+    assert [f.shape for f in feats] == [expect, expect]
+    only = m.forward_intermediates(x, indices=2, intermediates_only=True, stop_early=True, output_fmt=fmt)
+    assert len(only) == 2 and torch.allclose(only[-1], feats[-1], atol=1e-6)
+    pairs = m.forward_intermediates(x, indices=1, return_prefix_tokens=True, intermediates_only=True)
+    assert pairs[0][1].shape == (2, 2, 32)
+
+
+def test_prune_intermediate_layers():
+    m = small()
+    x = torch.randn(1, 3, 64, 64)
+    before = m.forward_intermediates(x, indices=[1], intermediates_only=True)
+    taps = m.prune_intermediate_layers([1], prune_norm=True)
+    assert taps == [1] and len(m.blocks) == 2
+    after = m.forward_intermediates(x, indices=[1], intermediates_only=True)
+    assert torch.allclose(before[0], after[0], atol=1e-6)
+    m.train()
+    m.forward_features(x).sum().backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+def test_features_only_getter():
+    m = timm.create_model('nvit_b', features_only=True, out_indices=(0, 2), **SMALL)
+    feats = m(torch.randn(1, 3, 64, 64))
+    assert [f.shape for f in feats] == [(1, 32, 4, 4)] * 2
+
+
+def test_group_matcher_and_no_weight_decay():
+    m = small()
+    names = [n for n, _ in m.named_parameters()]
+    from timm.models._manipulate import group_parameters
+    groups = group_parameters(m, m.group_matcher())
+    assert len(groups) > 1
+    import fnmatch
+    for pattern in m.no_weight_decay():
+        assert any(fnmatch.fnmatch(n, pattern) for n in names), pattern
+    assert m.no_weight_decay() == {'pos_embed', 'cls_token', 'dist_token'}
+
+
+def test_grad_checkpointing_same_output():
+    m = small(drop_path_rate=0.)
+    x = torch.randn(2, 3, 64, 64)
+    ref = m(x)
+    m.set_grad_checkpointing(True)
+    m.train()
+    out = m(x)
+    out.sum().backward()
+    assert torch.allclose(ref, out, atol=1e-5)
+
+
+def test_meta_device_and_dtype():
+    m = timm.create_model('nvit_b', device='meta', **SMALL)
+    assert all(p.device.type == 'meta' for p in m.parameters())
+    m16 = timm.create_model('nvit_b', dtype=torch.bfloat16, **SMALL).eval()
+    assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
+    assert m16(torch.randn(1, 3, 64, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_unknown_kwarg_is_type_error():
+    with pytest.raises(TypeError, match='not_a_model_arg'):
+        small(not_a_model_arg=1)
+
+
+def test_missing_dims_error_says_how():
+    with pytest.raises(ValueError, match=r"(?s)pretrained=True.*pretrained_cfg_overlay=dict\(file=.*dims="):
+        timm.create_model('nvit_s')
+
+
+def test_torchscript():
+    m = small()
+    x = torch.randn(1, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        scripted = torch.jit.script(m)
+        dyn = small(dynamic_img_size=True)
+        scripted_dyn = torch.jit.script(dyn)
+    assert torch.allclose(scripted(x), m(x), atol=1e-6)
+    y = torch.randn(1, 3, 48, 80)
+    assert torch.allclose(scripted_dyn(y), dyn(y), atol=1e-6)
+
+
+def test_fx():
+    from timm.models._features_fx import create_feature_extractor
+    m = small()
+    x = torch.randn(1, 3, 64, 64)
+    fx = create_feature_extractor(m, return_nodes={'head': 'out'})
+    assert fx(x)['out'].shape == (1, 10)
+    traced = torch.fx.symbolic_trace(m)
+    assert torch.equal(traced(x), m(x))
+
+
+def test_from_vit_deit_tiny_and_errors():
+    vit = timm.create_model('deit_tiny_distilled_patch16_224').eval()
+    model = nvit.from_vit(vit)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(model(x), vit(x), atol=1e-5)
+    assert model.dims == nvit.NViTDims.uniform(192, 12, 3, 64, 768)
+    with pytest.raises(TypeError, match='VisionTransformer'):
+        nvit.from_vit(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match='register tokens'):
+        nvit.from_vit(timm.create_model('vit_small_patch16_224', reg_tokens=4, depth=1, embed_dim=64, num_heads=2))
+
+
+@pytest.mark.slow
+def test_from_vit_deit_base_distilled():
+    vit = timm.create_model('deit_base_distilled_patch16_224').eval()
+    model = nvit.from_vit(vit)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert (model(x) - vit(x)).abs().max().item() <= 1e-5
+        assert torch.allclose(model.forward_features(x), vit.forward_features(x), atol=1e-4)

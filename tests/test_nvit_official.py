@@ -1,0 +1,277 @@
+"""Official-format NViT checkpoints through the timm factory, against a plain-tensor reference forward.
+
+The checkpoint is built here from the key/shape table of the official ``ft_checkpoint.pth`` (reference nvit.md §2.1)
+with made-up, deliberately uneven dims and 5 blocks. The reference forward below follows the paper's equations on the
+official tensors directly: rearranged pixels and the 1x1 conv as a matmul, separate Q/K/V scaled per token, scale
+64**-0.5, softmax, projection, GELU MLP, LayerNorm eps 1e-6, mean of the two heads.
+"""
+import argparse
+import datetime
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import nvit
+
+DIM = {'EMB': 48, 'head': [2, 3, 1, 4, 2], 'QK': [8, 16, 8, 4, 12], 'V': [16, 8, 24, 8, 16],
+       'MLP': [64, 32, 96, 48, 80]}
+PATCH, GRID, NUM_CLASSES = 16, 14, 1000
+
+
+def make_official(token_mask: str = 'random', seed: int = 0) -> dict:
+    """State dict with the official keys and shapes; token_mask: 'random', 'ones' or 'none' (keys absent)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def t(*shape, std=0.05, mean=0.):
+        return torch.randn(*shape, generator=g) * std + mean
+
+    E, T = DIM['EMB'], GRID * GRID + 2
+    sd = {'cls_token': t(1, 1, E, std=.5), 'dist_token': t(1, 1, E, std=.5), 'pos_embed': t(1, T, E, std=.5),
+          'patch_embed.proj.weight': t(E, 3 * PATCH * PATCH, 1, 1), 'patch_embed.proj.bias': t(E)}
+    for i, (h, qk, v, m) in enumerate(zip(DIM['head'], DIM['QK'], DIM['V'], DIM['MLP'])):
+        p = f'blocks.{i}.'
+        for n in ('norm1', 'norm2'):
+            sd[p + n + '.weight'], sd[p + n + '.bias'] = t(E, std=.1, mean=1.), t(E, std=.1)
+        for n, width in (('Q', h * qk), ('K', h * qk), ('V', h * v)):
+            sd[p + f'attn.qkv.{n}.weight'], sd[p + f'attn.qkv.{n}.bias'] = t(width, E, std=.2), t(width, std=.1)
+        if token_mask == 'random':
+            sd[p + 'attn.qkv.token_mask'] = torch.rand(T, 1, generator=g) + 0.5
+        elif token_mask == 'ones':
+            sd[p + 'attn.qkv.token_mask'] = torch.ones(T, 1)
+        sd[p + 'attn.proj.proj.weight'], sd[p + 'attn.proj.proj.bias'] = t(E, h * v, std=.1), t(E)
+        sd[p + 'mlp.fc1.weight'], sd[p + 'mlp.fc1.bias'] = t(m, E, std=.1), t(m)
+        sd[p + 'mlp.fc2.weight'], sd[p + 'mlp.fc2.bias'] = t(E, m, std=.1), t(E)
+    sd['norm.weight'], sd['norm.bias'] = t(E, std=.1, mean=1.), t(E, std=.1)
+    for n in ('head', 'head_dist'):
+        sd[n + '.weight'], sd[n + '.bias'] = t(NUM_CLASSES, E, std=.1), t(NUM_CLASSES)
+    return sd
+
+
+def save_official(path, sd, dim=DIM, **extra):
+    torch.save({'model': sd, 'dim': dim, 'args': argparse.Namespace(lr=1e-4, model='nvit'), 'epoch': 299,
+                **extra}, path)
+    return str(path)
+
+
+# ---------------------------------------------------------------- independent reference (plain tensor ops)
+def _resize_grid(x: torch.Tensor, size) -> torch.Tensor:
+    """[1, prefix + g*g, C] -> patch part resized bicubic (antialias, as documented in docs/nvit.md)."""
+    prefix, patches = x[:, :2], x[:, 2:]
+    c = patches.shape[-1]
+    img = patches.reshape(1, GRID, GRID, c).permute(0, 3, 1, 2)
+    img = F.interpolate(img, size=size, mode='bicubic', align_corners=False, antialias=True)
+    return torch.cat([prefix, img.permute(0, 2, 3, 1).reshape(1, -1, c)], dim=1)
+
+
+def _ln(x, w, b):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + 1e-6) * w + b
+
+
+def reference_forward(sd: dict, img: torch.Tensor) -> torch.Tensor:
+    B, C, H, W = img.shape
+    gh, gw = H // PATCH, W // PATCH
+    # 'b c (h p1) (w p2) -> b (h w) (p1 p2 c)', then the 1x1 conv as a matmul
+    x = img.reshape(B, C, gh, PATCH, gw, PATCH).permute(0, 2, 4, 3, 5, 1).reshape(B, gh * gw, PATCH * PATCH * C)
+    x = x @ sd['patch_embed.proj.weight'][:, :, 0, 0].T + sd['patch_embed.proj.bias']
+    x = torch.cat([sd['cls_token'].expand(B, -1, -1), sd['dist_token'].expand(B, -1, -1), x], dim=1)
+    resize = (gh, gw) != (GRID, GRID)
+    x = x + (_resize_grid(sd['pos_embed'], (gh, gw)) if resize else sd['pos_embed'])
+    N = x.shape[1]
+    for i, (h, qk, v) in enumerate(zip(DIM['head'], DIM['QK'], DIM['V'])):
+        p = f'blocks.{i}.'
+        y = _ln(x, sd[p + 'norm1.weight'], sd[p + 'norm1.bias'])
+        tm = sd.get(p + 'attn.qkv.token_mask')
+        if tm is not None and resize:
+            tm = _resize_grid(tm[None], (gh, gw))[0]
+        qkv = []
+        for n, d in (('Q', qk), ('K', qk), ('V', v)):
+            z = y @ sd[p + f'attn.qkv.{n}.weight'].T + sd[p + f'attn.qkv.{n}.bias']
+            if tm is not None:
+                z = z * tm
+            qkv.append(z.reshape(B, N, h, d).permute(0, 2, 1, 3))
+        q, k, vv = qkv
+        attn = torch.softmax(q @ k.transpose(-1, -2) * 0.125, dim=-1)
+        o = (attn @ vv).permute(0, 2, 1, 3).reshape(B, N, h * v)
+        x = x + o @ sd[p + 'attn.proj.proj.weight'].T + sd[p + 'attn.proj.proj.bias']
+        y = _ln(x, sd[p + 'norm2.weight'], sd[p + 'norm2.bias'])
+        y = y @ sd[p + 'mlp.fc1.weight'].T + sd[p + 'mlp.fc1.bias']
+        y = 0.5 * y * (1 + torch.erf(y / math.sqrt(2)))
+        x = x + y @ sd[p + 'mlp.fc2.weight'].T + sd[p + 'mlp.fc2.bias']
+    x = _ln(x, sd['norm.weight'], sd['norm.bias'])
+    cls = x[:, 0] @ sd['head.weight'].T + sd['head.bias']
+    dist = x[:, 1] @ sd['head_dist.weight'].T + sd['head_dist.bias']
+    return (cls + dist) / 2
+
+
+# ---------------------------------------------------------------- tests
+@pytest.fixture(scope='module')
+def official_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp('nvit_official')
+    return {mode: (save_official(d / f'NViT_{mode}.pth', make_official(mode)), make_official(mode))
+            for mode in ('random', 'ones', 'none')}
+
+
+def _create(path, **kw):
+    return timm.create_model('nvit_b', pretrained=True, pretrained_cfg_overlay=dict(file=path), **kw).eval()
+
+
+@pytest.mark.parametrize('mode', ['random', 'ones', 'none'])
+def test_official_checkpoint_matches_reference(official_files, mode):
+    path, sd = official_files[mode]
+    model = _create(path)
+    assert model.dims == nvit.NViTDims.from_dict(DIM) and len(model.blocks) == 5
+    assert (model.blocks[0].attn.token_mask is not None) == (mode != 'none')
+    img = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        diff = (model(img) - reference_forward(sd, img)).abs().max().item()
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize('mode', ['random', 'none'])
+def test_official_checkpoint_other_size(official_files, mode):
+    path, sd = official_files[mode]
+    img = torch.randn(1, 3, 160, 192)
+    with torch.no_grad():
+        ref = reference_forward(sd, img)
+        built = _create(path, img_size=(160, 192))  # resampled once, in the pretrained filter
+        dynamic = _create(path, dynamic_img_size=True)  # resampled at run time
+        assert (built(img) - ref).abs().max().item() <= 1e-5
+        assert (dynamic(img) - ref).abs().max().item() <= 1e-5
+    if mode == 'random':  # the scales really were resampled, not dropped
+        assert built.blocks[0].attn.token_mask.shape == (2 + 10 * 12, 1)
+        assert built.blocks[0].attn.token_mask.std() > 0.05
+
+
+def test_load_checkpoint_api(official_files):
+    path, sd = official_files['random']
+    state_dict, dims, meta = nvit.load_checkpoint(path)
+    assert dims == nvit.NViTDims.from_dict(DIM)
+    assert meta['format'] == 'official' and '"lr": "0.0001"' in meta['args']
+    assert state_dict['blocks.1.attn.qkv.weight'].shape == (3 * (16 + 16 + 8), 48)
+    assert torch.equal(state_dict['blocks.1.attn.token_mask'], sd['blocks.1.attn.qkv.token_mask'])
+    # dims_from_state_dict needs only the head counts; the record and the shapes agree
+    assert nvit.dims_from_state_dict(sd, heads=DIM['head']) == dims
+    assert nvit.dims_from_state_dict(state_dict, heads=DIM['head']) == dims
+
+
+def test_patch_embed_conversion_is_the_rearrange():
+    """The converted 16x16 conv equals rearrange + 1x1 conv on an image (channel order (p1 p2 c))."""
+    sd = make_official('none')
+    conv_w = nvit.convert_official(sd)['patch_embed.proj.weight']
+    img = torch.randn(1, 3, 32, 48)
+    conv = F.conv2d(img, conv_w, stride=16).flatten(2).transpose(1, 2)
+    flat = img.reshape(1, 3, 2, 16, 3, 16).permute(0, 2, 4, 3, 5, 1).reshape(1, 6, 768)
+    assert torch.allclose(conv, flat @ sd['patch_embed.proj.weight'][:, :, 0, 0].T, atol=1e-5)
+
+
+def test_ours_safetensors_roundtrip(official_files, tmp_path):
+    from safetensors.torch import save_file
+    path, sd = official_files['random']
+    model = _create(path)
+    out = tmp_path / 'model.safetensors'
+    save_file(model.state_dict(), str(out), metadata=nvit.dims_metadata(model))
+    again = _create(str(out))
+    assert again.dims == model.dims
+    img = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert (again(img) - reference_forward(sd, img)).abs().max().item() <= 1e-5
+    # timm's own save_for_hf / local-dir route: config.json model_args carry the dims
+    timm.models.save_for_hf(model, str(tmp_path / 'hf'), safe_serialization=True)
+    local = timm.create_model(f'local-dir:{tmp_path / "hf"}', pretrained=True).eval()
+    assert local.dims == model.dims
+    with torch.no_grad():
+        assert torch.equal(local(img), again(img))
+
+
+def test_num_classes_change_drops_heads(official_files):
+    path, _ = official_files['ones']
+    model = _create(path, num_classes=7)
+    assert model(torch.randn(1, 3, 224, 224)).shape == (1, 7)
+
+
+# ---------------------------------------------------------------- bad inputs
+def test_shvit_checkpoint_rejected(tmp_path):
+    sd = {'patch_embed.0.c.weight': torch.zeros(16, 3, 3, 3), 'patch_embed.0.bn.weight': torch.ones(16),
+          'stages.0.blocks.0.mixer.m.weight': torch.zeros(4)}
+    path = tmp_path / 'shvit.pth'
+    torch.save({'model': sd}, path)
+    with pytest.raises(ValueError, match='SHViT checkpoint'):
+        _create(str(path))
+
+
+def test_deit_checkpoint_rejected(tmp_path):
+    from timm.models.deit import VisionTransformerDistilled
+    deit = VisionTransformerDistilled(embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    path = tmp_path / 'deit.pth'
+    torch.save({'model': deit.state_dict()}, path)
+    with pytest.raises(ValueError, match='looks like a timm ViT/DeiT checkpoint'):
+        _create(str(path))
+
+
+def test_truncated_file(official_files, tmp_path):
+    data = open(official_files['none'][0], 'rb').read()
+    path = tmp_path / 'truncated.pth'
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(RuntimeError, match='truncated or corrupt'):
+        _create(str(path))
+    bad = tmp_path / 'truncated.safetensors'
+    bad.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')
+    with pytest.raises(RuntimeError, match='truncated or corrupt'):
+        nvit.load_checkpoint(bad)
+
+
+def test_unsafe_pickle_refused(tmp_path):
+    path = save_official(tmp_path / 'unsafe.pth', make_official('none'), when=datetime.date(2023, 1, 1))
+    with pytest.raises(RuntimeError, match=r'Refusing to load .*datetime\.date'):
+        _create(path)
+
+
+def test_dims_record_does_not_match_weights(tmp_path):
+    wrong = dict(DIM, MLP=[64, 32, 96, 48, 81])
+    path = save_official(tmp_path / 'wrong.pth', make_official('none'), dim=wrong)
+    with pytest.raises(ValueError, match=r'do not match the checkpoint weights: block 4'):
+        _create(path)
+
+
+def test_given_dims_do_not_match(official_files):
+    path, _ = official_files['none']
+    other = dict(DIM, head=[1, 3, 1, 4, 2], QK=[16, 16, 8, 4, 12], V=[32, 8, 24, 8, 16])
+    with pytest.raises(ValueError, match='do not match the checkpoint dims record'):
+        _create(path, dims=other)
+
+
+def test_plain_state_dict_needs_dims(official_files, tmp_path):
+    _, sd = official_files['ones']
+    path = tmp_path / 'plain.pth'
+    torch.save(nvit.convert_official(sd), path)
+    with pytest.raises(ValueError, match='no NViT dims record'):
+        _create(str(path))
+    model = _create(str(path), dims=DIM)  # official key style accepted
+    assert model.dims.heads == tuple(DIM['head'])
+    with pytest.raises(ValueError, match='do not match the checkpoint weights'):
+        _create(str(path), dims=dict(DIM, EMB=64))
+
+
+def test_url_and_hf_hub_sources(official_files, tmp_path):
+    """pretrained=True resolves url (here file://, no network) and hf_hub_id (prepopulated offline cache)."""
+    from safetensors.torch import save_file
+    path, sd = official_files['ones']
+    img = torch.randn(1, 3, 224, 224)
+    ref = reference_forward(sd, img)
+    url = timm.create_model('nvit_b', pretrained=True, cache_dir=str(tmp_path / 'torch'),
+                            pretrained_cfg_overlay=dict(url=f'file://{path}')).eval()
+    snapshot = tmp_path / 'hf' / 'models--org--nvit-test' / 'snapshots' / ('0' * 40)
+    snapshot.mkdir(parents=True)
+    (tmp_path / 'hf' / 'models--org--nvit-test' / 'refs').mkdir()
+    (tmp_path / 'hf' / 'models--org--nvit-test' / 'refs' / 'main').write_text('0' * 40)
+    save_file(url.state_dict(), str(snapshot / 'model.safetensors'), metadata=nvit.dims_metadata(url))
+    hub = timm.create_model('nvit_b', pretrained=True, cache_dir=str(tmp_path / 'hf'),
+                            pretrained_cfg_overlay=dict(hf_hub_id='org/nvit-test')).eval()
+    with torch.no_grad():
+        assert (url(img) - ref).abs().max().item() <= 1e-5
+        assert torch.equal(hub(img), url(img))
