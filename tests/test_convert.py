@@ -1,0 +1,181 @@
+"""`vitzoo convert`: official-layout checkpoints -> verified Hub folders, for SHViT and NViT; refusals."""
+import argparse
+import json
+import os
+import re
+
+import pytest
+import timm
+import torch
+
+import nvit
+from vitzoo.cli import main
+from vitzoo.convert import VerificationError, convert_checkpoint, verify_folder
+from vitzoo.hub import CorruptWeightsError, WeightsError, read_safetensors_metadata, sha256_file
+
+NVIT_DIMS = nvit.NViTDims(embed_dim=32, heads=[2, 1, 2], qk_dim=[8, 8, 16], v_dim=[8, 16, 8], mlp_dim=[64, 32, 48])
+
+
+def _randomize_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Random BN statistics and norm affines, so that no branch is a no-op (BN gammas start at 0 or 1)."""
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+                if getattr(m, "running_var", None) is not None:
+                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    return model.eval()
+
+
+def _shvit_to_official(state_dict):
+    """timm layout -> the official SHViT layout (blocks1/2/3), written from the reference's key rules."""
+    out = {}
+    for key, value in state_dict.items():
+        m = re.match(r"stages\.(\d)\.(downsample|blocks)\.(\d+)\.(.*)", key)
+        if m is None:
+            out[key] = value  # patch_embed.*, head.*
+            continue
+        stage, part, idx, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
+        if part == "blocks":
+            new = f"blocks{stage + 1}.{idx + (3 if stage else 0)}.{rest}"
+        elif idx < 2:
+            new = f"blocks{stage + 1}.0.{idx}.{rest}"
+        elif idx == 2:
+            new = f"blocks{stage + 1}.1.{rest}"
+        else:
+            new = f"blocks{stage + 1}.2.{idx - 3}.{rest}"
+        out[new] = value
+    return out
+
+
+def _nvit_to_official(state_dict, dims):
+    """Our NViT layout -> the official one: separate Q/K/V, token_mask under qkv, proj.proj, 1x1 patch conv."""
+    out = {}
+    for key, value in state_dict.items():
+        if key == "patch_embed.proj.weight":  # (E, c, p1, p2) -> (E, p1*p2*c, 1, 1) with channel order (p1, p2, c)
+            out[key] = value.permute(0, 2, 3, 1).reshape(value.shape[0], -1, 1, 1).clone()
+        elif ".attn.qkv." in key:
+            i = int(key.split(".")[1])
+            qk, v = dims.heads[i] * dims.qk_dim[i], dims.heads[i] * dims.v_dim[i]
+            kind = key.rsplit(".", 1)[1]
+            for name, part in zip("QKV", torch.split(value, [qk, qk, v], dim=0)):
+                out[f"blocks.{i}.attn.qkv.{name}.{kind}"] = part.clone()
+        elif ".attn.proj." in key:
+            out[key.replace(".attn.proj.", ".attn.proj.proj.")] = value
+        else:
+            out[key] = value
+    for i in range(dims.depth):
+        out.setdefault(f"blocks.{i}.attn.qkv.token_mask", torch.ones(198, 1))
+    return out
+
+
+def _outputs(model, size, seed=0):
+    x = torch.randn(2, *size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.fixture(scope="module")
+def shvit_official(tmp_path_factory):
+    """A random shvit_s1 and its checkpoint in the official training-checkpoint format."""
+    torch.manual_seed(0)
+    model = _randomize_norms(timm.create_model("shvit_s1"))
+    path = tmp_path_factory.mktemp("src") / "shvit_s1.pth"
+    torch.save({"model": _shvit_to_official(model.state_dict()), "epoch": 299}, path)
+    return model, path
+
+
+def test_shvit_official_roundtrip(shvit_official, tmp_path):
+    model, src = shvit_official
+    out = tmp_path / "shvit_s1.in1k_official"
+    assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(out), "--repo", "me/shvit_s1"]) == 0
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
+    assert os.listdir(tmp_path) == [out.name]  # no temp dirs left behind
+
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert (_outputs(loaded, (3, 224, 224)) - _outputs(model, (3, 224, 224))).abs().max().item() == 0.0
+
+    metadata, _ = read_safetensors_metadata(out / "model.safetensors")
+    assert metadata["format"] == "pt" and metadata["model"] == "shvit_s1" and metadata["license"] == "mit"
+    assert metadata["tag"] == "in1k_official" and metadata["source"] == "shvit_s1.pth"
+    assert metadata["source_sha256"] == sha256_file(src)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "shvit_s1" and config["num_classes"] == 1000
+    assert config["num_features"] == 320 and config["pretrained_cfg"]["license"] == "mit"
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlicense: mit\n") and "{{" not in card
+    assert "Copyright (c) 2024 ysj9909" in card and "https://arxiv.org/abs/2401.16456" in card
+    assert "hf-hub:me/shvit_s1" in card and metadata["source_sha256"] in card
+    assert "6.33M (counted" in card and "241.40M multiply-adds" in card  # FLOPs: paper says 241M (fused, fvcore)
+    assert "top-1 72.8%" in card
+
+
+def test_nvit_official_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = _randomize_norms(timm.create_model("nvit_b", dims=NVIT_DIMS))
+    src = tmp_path / "NViT_tiny.pth"
+    torch.save({"model": _nvit_to_official(model.state_dict(), NVIT_DIMS), "dim": NVIT_DIMS.to_dict(official=True),
+                "epoch": 299, "args": argparse.Namespace(model="deit_base_distilled_patch16_224_small")}, src)
+    out = tmp_path / "out"
+    convert_checkpoint(src, "nvit_b", out, flops=False)
+
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert loaded.dims == NVIT_DIMS
+    assert (_outputs(loaded, (3, 224, 224)) - _outputs(model, (3, 224, 224))).abs().max().item() == 0.0
+    metadata, _ = read_safetensors_metadata(out / "model.safetensors")
+    assert json.loads(metadata["nvit_dims"]) == NVIT_DIMS.to_dict()
+    assert metadata["license"] == "cc-by-nc-sa-4.0" and metadata["tag"] == "in1k"
+    assert json.loads((out / "config.json").read_text())["model_args"]["dims"] == NVIT_DIMS.to_dict()
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlicense: cc-by-nc-sa-4.0\n") and "Non-commercial use only" in card
+    assert "https://arxiv.org/abs/2110.04869" in card and '"embed_dim":32' in card
+
+
+def test_refuses_to_overwrite_unless_forced(shvit_official, tmp_path):
+    _, src = shvit_official
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(out), "--no-flops"]) == 1
+    assert os.listdir(out) == ["keep.txt"]
+    with pytest.raises(FileExistsError, match="--force"):
+        convert_checkpoint(src, "shvit_s1", out)
+    convert_checkpoint(src, "shvit_s1", out, force=True, flops=False)
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_another_models_checkpoint_fails_and_leaves_nothing(shvit_official, tmp_path, capsys):
+    _, src = shvit_official
+    out = tmp_path / "out"
+    with pytest.raises(WeightsError, match="shvit_s2"):
+        convert_checkpoint(src, "shvit_s2", out, flops=False)
+    assert main(["convert", str(src), "--model", "shvit_s2", "--out", str(out), "--no-flops"]) == 1
+    assert "shvit_s2" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_source_hash_mismatch_and_missing_source(shvit_official, tmp_path):
+    _, src = shvit_official
+    with pytest.raises(CorruptWeightsError, match="sha256 mismatch"):
+        convert_checkpoint(src, "shvit_s1", tmp_path / "out", sha256="0" * 64, flops=False)
+    with pytest.raises(WeightsError, match="does not exist"):
+        convert_checkpoint(tmp_path / "nope.pth", "shvit_s1", tmp_path / "out", flops=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_verify_folder_catches_inconsistent_folders(shvit_official, tmp_path):
+    _, src = shvit_official
+    out = convert_checkpoint(src, "shvit_s1", tmp_path / "out", flops=False)
+    assert verify_folder(out).max_abs_diff == 0.0
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(config, architecture="shvit_s2")))
+    with pytest.raises(VerificationError, match="architecture 'shvit_s2' differs"):
+        verify_folder(out)
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "README.md").unlink()
+    with pytest.raises(VerificationError, match="lacks"):
+        verify_folder(out)

@@ -1,0 +1,202 @@
+"""Loading pretrained weights from a loopback Hub: cfg / hf-hub: routes, .bin fallback, offline reuse, errors."""
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from huggingface_hub import constants
+from timm.models._hub import save_for_hf
+
+from hub_server import LoopbackHub, use_loopback_hub
+from vitzoo.hub import (
+    CorruptWeightsError,
+    MissingWeightsError,
+    WeightsError,
+    load_pretrained_model,
+    read_safetensors_metadata,
+    staged_dir,
+    validate_weights_file,
+)
+
+REPO = "org/shvit-s1"
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def shvit_files(tmp_path_factory):
+    """A random shvit_s1 and its Hub files (safetensors, .bin and config.json) written by timm's save_for_hf."""
+    torch.manual_seed(0)
+    model = timm.create_model("shvit_s1").eval()
+    folder = tmp_path_factory.mktemp("shvit-hub")
+    save_for_hf(model, str(folder), safe_serialization="both")
+    files = {f: (folder / f).read_bytes() for f in ("model.safetensors", "pytorch_model.bin", "config.json")}
+    return model, files
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    server = use_loopback_hub(monkeypatch, tmp_path)
+    yield server
+    server.stop()
+
+
+def _serve(hub: LoopbackHub, files: dict, *names: str, repo: str = REPO) -> None:
+    hub.repos[repo] = {n: files[n] for n in names}
+
+
+def _cache_files(repo: str = REPO):
+    folder = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
+    return sorted(p.name for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def test_pretrained_cfg_then_hf_hub_then_offline_with_zero_requests(hub, shvit_files, monkeypatch):
+    model, files = shvit_files
+    _serve(hub, files, "model.safetensors", "config.json")
+    overlay = dict(hf_hub_id=REPO)
+
+    # pretrained=True through the cfg, with timm alone and through our wrapper
+    assert _same_weights(timm.create_model("shvit_s1", pretrained=True, pretrained_cfg_overlay=overlay), model)
+    assert _same_weights(load_pretrained_model("shvit_s1", pretrained_cfg_overlay=overlay), model)
+    assert ("GET", f"/{REPO}/resolve/main/model.safetensors") in hub.requests
+    assert not any("pytorch_model.bin" in path for _, path in hub.requests)  # safetensors first
+    # the hf-hub: name reads config.json too
+    loaded = timm.create_model(f"hf-hub:{REPO}", pretrained=True)
+    assert _same_weights(loaded, model)
+    assert ("GET", f"/{REPO}/resolve/main/config.json") in hub.requests
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub.requests.clear()
+    assert _same_weights(load_pretrained_model("shvit_s1", pretrained_cfg_overlay=overlay), model)
+    assert _same_weights(timm.create_model(f"hf-hub:{REPO}", pretrained=True), model)
+    assert hub.requests == []
+
+
+def test_default_cfg_points_at_timm_hub_repo(hub, shvit_files):
+    model, files = shvit_files
+    _serve(hub, files, "model.safetensors", repo="timm/shvit_s1.in1k")
+    assert _same_weights(timm.create_model("shvit_s1", pretrained=True), model)
+    assert ("GET", "/timm/shvit_s1.in1k/resolve/main/model.safetensors") in hub.requests
+
+
+def test_falls_back_to_bin_when_no_safetensors(hub, shvit_files, monkeypatch):
+    model, files = shvit_files
+    _serve(hub, files, "pytorch_model.bin", "config.json")
+    assert _same_weights(load_pretrained_model(f"hf-hub:{REPO}"), model)
+    assert ("HEAD", f"/{REPO}/resolve/main/model.safetensors") in hub.requests
+    assert ("GET", f"/{REPO}/resolve/main/pytorch_model.bin") in hub.requests
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub.requests.clear()
+    assert _same_weights(load_pretrained_model(f"hf-hub:{REPO}"), model)
+    assert hub.requests == []
+
+
+def test_missing_repo(hub):
+    with pytest.raises(MissingWeightsError, match=r"repository 'org/nope' was not found"):
+        load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(hf_hub_id="org/nope"))
+
+
+def test_missing_file(hub, shvit_files):
+    _serve(hub, shvit_files[1], "config.json")
+    with pytest.raises(MissingWeightsError, match=r"has neither model\.safetensors nor pytorch_model\.bin"):
+        load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(hf_hub_id=REPO))
+
+
+def test_offline_empty_cache_says_what_to_download(hub, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(MissingWeightsError, match=rf"hf download {REPO} model\.safetensors.*pretrained_cfg_overlay"):
+        load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(hf_hub_id=REPO))
+    assert hub.requests == []
+
+
+def test_hash_mismatch_is_reported_and_evicted(hub, shvit_files):
+    model, files = shvit_files
+    _serve(hub, files, "model.safetensors")
+    data = bytearray(files["model.safetensors"])
+    data[-1] ^= 0xFF  # same size, one flipped byte: only the hash can tell
+    hub.tamper[(REPO, "model.safetensors")] = bytes(data)
+    with pytest.raises(CorruptWeightsError, match=r"corrupt and was removed from the cache \(sha256 mismatch"):
+        load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(hf_hub_id=REPO))
+    assert _cache_files() == ["main"]  # only the ref is left: no blob, no snapshot entry
+    del hub.tamper[(REPO, "model.safetensors")]
+    assert _same_weights(load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(hf_hub_id=REPO)), model)
+
+
+def test_truncated_download_leaves_nothing_in_cache(hub, shvit_files):
+    _serve(hub, shvit_files[1], "model.safetensors")
+    hub.tamper[(REPO, "model.safetensors")] = shvit_files[1]["model.safetensors"][:1000]
+    with pytest.raises(WeightsError, match=r"Downloading model\.safetensors of 'org/shvit-s1' failed"):
+        load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(hf_hub_id=REPO))
+    assert not [f for f in _cache_files() if f.endswith(".incomplete") or len(f) == 64]
+
+
+def test_corrupt_file_on_the_hub(hub):
+    hub.repos[REPO] = {"model.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all"}
+    with pytest.raises(CorruptWeightsError, match=r"model\.safetensors of Hub repo 'org/shvit-s1' is corrupt"):
+        load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(hf_hub_id=REPO))
+
+
+def test_weights_of_another_model(hub, shvit_files):
+    _serve(hub, shvit_files[1], "model.safetensors")
+    with pytest.raises(WeightsError, match=r"do not fit 'shvit_s2'"):
+        load_pretrained_model("shvit_s2", pretrained_cfg_overlay=dict(hf_hub_id=REPO))
+
+
+def test_local_file_errors(tmp_path, shvit_files):
+    with pytest.raises(MissingWeightsError, match="does not exist"):
+        load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(file=str(tmp_path / "nope.safetensors")))
+    truncated = tmp_path / "short.safetensors"
+    truncated.write_bytes(shvit_files[1]["model.safetensors"][:-10])
+    with pytest.raises(CorruptWeightsError, match="truncated"):
+        load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(file=str(truncated)))
+    broken_zip = tmp_path / "short.bin"
+    broken_zip.write_bytes(shvit_files[1]["pytorch_model.bin"][: len(shvit_files[1]["pytorch_model.bin"]) // 2])
+    with pytest.raises(CorruptWeightsError, match="neither a safetensors file nor a torch.save archive"):
+        validate_weights_file(broken_zip)
+    with pytest.raises(MissingWeightsError, match="not a converted model folder"):
+        load_pretrained_model(f"local-dir:{tmp_path}")
+
+
+def test_model_entrypoint_errors_are_clear_without_our_wrapper(tmp_path, shvit_files):
+    """The SHViT entrypoint itself must explain a missing or truncated file (RuntimeError naming the file)."""
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(RuntimeError, match="missing.safetensors"):
+        timm.create_model("shvit_s1", pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)))
+    truncated = tmp_path / "short.safetensors"
+    truncated.write_bytes(shvit_files[1]["model.safetensors"][:-10])
+    with pytest.raises(RuntimeError, match="short.safetensors"):
+        timm.create_model("shvit_s1", pretrained=True, pretrained_cfg_overlay=dict(file=str(truncated)))
+
+
+def test_safetensors_header_checks(tmp_path, shvit_files):
+    good = tmp_path / "m.safetensors"
+    good.write_bytes(shvit_files[1]["model.safetensors"])
+    metadata, tensors = read_safetensors_metadata(good)
+    assert metadata == {} and "head.l.weight" in tensors and tensors["head.l.weight"]["shape"] == [1000, 320]
+    good.write_bytes(shvit_files[1]["model.safetensors"] + b"\0")
+    with pytest.raises(CorruptWeightsError, match="truncated or corrupt"):
+        read_safetensors_metadata(good)
+    good.write_bytes(b"\xff" * 8)
+    with pytest.raises(CorruptWeightsError, match="header claims"):
+        read_safetensors_metadata(good)
+
+
+def test_staged_dir_is_atomic(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ZeroDivisionError):
+        with staged_dir(out) as tmp:
+            (tmp / "half.txt").write_text("x")
+            1 / 0
+    assert os.listdir(tmp_path) == []
+    with staged_dir(out) as tmp:
+        (tmp / "a.txt").write_text("a")
+    with pytest.raises(FileExistsError, match="--force"):
+        with staged_dir(out):
+            pass
+    with staged_dir(out, force=True) as tmp:
+        (tmp / "b.txt").write_text("b")
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == ["b.txt"]

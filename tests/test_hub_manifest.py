@@ -1,0 +1,81 @@
+"""The weights record: manifest validity, agreement with the registered cfgs and the papers, card rendering."""
+import copy
+import json
+
+import pytest
+import timm
+
+from vitzoo.hub import resource_path
+from vitzoo.manifest import ManifestError, family_of, load_manifest, parse_manifest
+from vitzoo.model_card import card_fields, render_card, render_template
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    return load_manifest()
+
+
+@pytest.fixture(scope="module")
+def raw():
+    return json.loads(resource_path("manifest.json").read_text())
+
+
+def test_every_registered_pretrained_weight_is_recorded(manifest):
+    recorded = {e.name for e in manifest.weights}
+    registered = set(timm.list_pretrained("shvit_s*")) | set(timm.list_pretrained("nvit_*"))
+    assert registered == recorded
+
+
+def test_entries_agree_with_the_registered_cfgs(manifest):
+    for entry in manifest.weights:
+        cfg = timm.models.get_pretrained_cfg(entry.name).to_dict()
+        assert cfg.get("license") == entry.license, entry.name
+        if entry.hub_repo is not None and entry.source_url.startswith("https://huggingface.co/"):
+            assert cfg.get("hf_hub_id") == entry.hub_repo, entry.name
+        else:
+            assert cfg.get("url") == entry.source_url, entry.name
+        assert tuple(cfg["input_size"]) == (3, entry.metrics["img_size"], entry.metrics["img_size"]), entry.name
+
+
+def test_licences_and_paper_numbers(manifest):
+    assert manifest.families["shvit"]["license"] == "mit"
+    assert manifest.families["shvit"]["copyright"] == "Copyright (c) 2024 ysj9909"
+    assert manifest.families["nvit"]["license"] == "cc-by-nc-sa-4.0"
+    assert manifest.families["nvit"]["commercial_use"] is False
+    # SHViT paper Table 2 and NViT paper Table 1 (top-1 %)
+    expected = {"shvit_s1.in1k_official": 72.8, "shvit_s4.in1k_official": 79.4, "nvit_b.in1k": 83.29,
+                "nvit_t.in1k": 76.21}
+    for name, top1 in expected.items():
+        assert manifest.find(name).metrics["top1"] == top1
+    assert manifest.find("shvit_s4.in1k").metrics["flops"] == 986_430_000  # fvcore, fused, 256 px
+    assert manifest.release("shvit_s1").tag == "in1k_official" and manifest.release("nvit_b").tag == "in1k"
+    assert family_of("revit_t") == "nvit" and family_of("shvit_s2.in1k") == "shvit"
+    with pytest.raises(ManifestError, match="no model family"):
+        family_of("resnet50")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["weights"][0].update(source_sha256="abc"), r"weights\[0\] \(shvit_s1.in1k\): source_sha256"),
+    (lambda d: d["weights"][1].update(license="apache-2.0"), "license differs from its family"),
+    (lambda d: d["weights"][2]["metrics"].update(top1=720), r"metrics.top1 must be a percentage"),
+    (lambda d: d["weights"].append(copy.deepcopy(d["weights"][0])), "duplicate entry for shvit_s1.in1k"),
+    (lambda d: d["weights"][0].pop("hub_repo"), r"missing fields \['hub_repo'\]"),
+    (lambda d: d["weights"][0].update(hub_repo="no-org"), "hub_repo must be 'org/name'"),
+])
+def test_malformed_manifest_names_the_entry(raw, edit, message):
+    doc = copy.deepcopy(raw)
+    edit(doc)
+    with pytest.raises(ManifestError, match=message):
+        parse_manifest(doc)
+
+
+def test_card_renders_every_placeholder(manifest, tmp_path):
+    entry = manifest.find("nvit_t.in1k")
+    card = render_card(card_fields(entry, manifest))
+    assert "{{" not in card and "license: cc-by-nc-sa-4.0" in card and "top-1 76.21%" in card
+    assert "6.90M (reported)" in card and "1.30G (reported" in card and "top-5 not reported" in card
+    template = tmp_path / "t.md"
+    template.write_text("{{ name }} {{unknown}}")
+    with pytest.raises(KeyError, match="unknown"):
+        render_card(card_fields(entry, manifest), template)
+    assert render_template("a {{x}} b", {"x": 1}) == "a 1 b"

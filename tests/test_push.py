@@ -1,0 +1,74 @@
+"""`vitzoo push` against the loopback Hub: the upload payload, then loading back what was pushed."""
+import json
+import os
+
+import pytest
+import timm
+import torch
+
+from hub_server import use_loopback_hub
+from vitzoo.cli import main
+from vitzoo.convert import convert_checkpoint
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    torch.manual_seed(0)
+    model = timm.create_model("shvit_s1").eval()
+    root = tmp_path_factory.mktemp("push")
+    torch.save(model.state_dict(), root / "src.pth")
+    return model, convert_checkpoint(root / "src.pth", "shvit_s1", root / "folder", tag="in1k", flops=False)
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    server = use_loopback_hub(monkeypatch, tmp_path)
+    yield server
+    server.stop()
+
+
+def test_push_uploads_the_hub_files_and_they_load_back(hub, converted):
+    model, folder = converted
+    (folder / "notes.txt").write_text("not for the Hub")
+    try:
+        assert main(["push", str(folder), "--repo", "me/shvit_s1", "--private", "--token", "hf_test"]) == 0
+    finally:
+        (folder / "notes.txt").unlink()
+    assert hub.private == {"me/shvit_s1": True}
+    assert [c["repo"] for c in hub.commits] == ["me/shvit_s1"]
+    sent = hub.commits[0]["files"]
+    assert sorted(sent) == ["README.md", "config.json", "model.safetensors"]
+    for name, data in sent.items():
+        assert data == (folder / name).read_bytes()
+    header = next(line for line in hub.commits[0]["lines"] if line["key"] == "header")
+    assert "shvit_s1" in header["value"]["summary"]
+
+    loaded = timm.create_model("hf-hub:me/shvit_s1", pretrained=True)
+    sd, ref = loaded.state_dict(), model.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in sd)
+
+
+def test_push_refuses_an_unverifiable_folder(hub, converted, tmp_path, capsys):
+    _, folder = converted
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "README.md"):
+        (broken / name).write_bytes((folder / name).read_bytes())
+    (broken / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:-100])
+    assert main(["push", str(broken), "--repo", "me/broken"]) == 1
+    assert "refusing to upload" in capsys.readouterr().err
+    assert hub.requests == [] and hub.repos == {}
+
+    config = json.loads((folder / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    (broken / "config.json").write_text(json.dumps(dict(config, num_classes=10)))  # does not fit the weights
+    assert main(["push", str(broken), "--repo", "me/broken"]) == 1
+    assert hub.requests == []
+    os.remove(broken / "README.md")
+    assert main(["push", str(broken), "--repo", "me/broken"]) == 1
+    assert "lacks ['README.md']" in capsys.readouterr().err
+
+
+def test_push_rejects_bad_repo_id(converted, capsys):
+    assert main(["push", str(converted[1]), "--repo", "no-slash"]) == 1
+    assert "org/name" in capsys.readouterr().err

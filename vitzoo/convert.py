@@ -1,0 +1,331 @@
+"""``vitzoo convert``: turn a checkpoint into a verified, Hub-ready folder.
+
+The folder holds exactly the files a timm Hub repo needs:
+
+* ``model.safetensors``: the timm-layout state dict, with metadata ``format``, ``model``, ``tag``, ``source``,
+  ``source_sha256``, ``license`` (and ``nvit_dims`` for NViT, a JSON string);
+* ``config.json``: timm's format (``architecture``, ``num_classes``, ``num_features``, ``model_args``,
+  ``pretrained_cfg``), written by ``timm.models.save_config_for_hf``;
+* ``README.md``: the model card, rendered from the manifest and ``weights/card_template.md``.
+
+The source is loaded through the model's own pretrained filter (official layouts are converted there), the
+folder is built in a temp dir next to the output, loaded back with ``timm.create_model('local-dir:...')`` and
+compared with the source model, and only then moved into place.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+from tqdm import tqdm
+
+from .hub import (
+    CorruptWeightsError,
+    MissingWeightsError,
+    WeightsError,
+    check_output_free,
+    load_pretrained_model,
+    read_safetensors_metadata,
+    sha256_file,
+    staged_dir,
+)
+from .manifest import Manifest, WeightEntry, family_of, load_manifest
+from .model_card import card_fields, render_card
+
+__all__ = ["HUB_FILES", "VerificationError", "VerifyReport", "convert_checkpoint", "verify_folder", "register", "run"]
+
+NAME = "convert"
+HUB_FILES = ("model.safetensors", "config.json", "README.md")
+REQUIRED_METADATA = ("format", "model", "source", "source_sha256", "license")
+PathLike = Union[str, os.PathLike]
+
+
+class VerificationError(RuntimeError):
+    """A converted folder is incomplete, inconsistent, or does not reproduce its source model."""
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What :func:`verify_folder` checked.
+
+    Attributes:
+        model: architecture name recorded in the folder.
+        metadata: the safetensors metadata.
+        max_abs_diff: largest output difference against the reference model (or against the file loaded
+            without timm's loader when no reference is given).
+    """
+    model: str
+    metadata: Dict[str, str]
+    max_abs_diff: float
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# verification
+
+
+def _outputs(model: torch.nn.Module, input_size: Tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, *input_size, generator=gen)
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def _read_folder(folder: Path) -> Tuple[Dict[str, str], Dict[str, Any]]:
+    missing = [f for f in HUB_FILES if not (folder / f).is_file()]
+    if missing:
+        raise VerificationError(f"{folder} lacks {missing}; convert it again with `vitzoo convert`.")
+    try:
+        metadata, _ = read_safetensors_metadata(folder / "model.safetensors")
+    except CorruptWeightsError as e:
+        raise VerificationError(str(e)) from e
+    lacking = [k for k in REQUIRED_METADATA if not metadata.get(k)]
+    if lacking:
+        raise VerificationError(f"{folder}/model.safetensors metadata lacks {lacking}; convert it again.")
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise VerificationError(f"{folder}/config.json is not valid JSON: {e}") from e
+    if config.get("architecture") != metadata["model"]:
+        raise VerificationError(
+            f"{folder}: config.json architecture {config.get('architecture')!r} differs from the weights' model "
+            f"{metadata['model']!r}."
+        )
+    if "nvit_dims" in metadata:
+        recorded = (config.get("model_args") or {}).get("dims")
+        if recorded != json.loads(metadata["nvit_dims"]):
+            raise VerificationError(f"{folder}: config.json model_args.dims differs from the weights' nvit_dims.")
+    return metadata, config
+
+
+def verify_folder(folder: PathLike, reference: Optional[torch.nn.Module] = None, atol: float = 1e-6) -> VerifyReport:
+    """Check a converted folder: files, metadata, config, and that timm loads it and reproduces the weights.
+
+    The folder is loaded with ``timm.create_model('local-dir:FOLDER', pretrained=True)``. Its outputs on a
+    random input are compared with ``reference`` (the source model) when given, otherwise with the
+    architecture built from ``config.json`` and loaded with the raw safetensors tensors (strict).
+
+    Args:
+        folder: the converted folder.
+        reference: the source model to compare against.
+        atol: largest accepted absolute output difference.
+
+    Raises:
+        VerificationError: with the reason.
+    """
+    import safetensors.torch
+    import timm
+
+    folder = Path(folder)
+    metadata, config = _read_folder(folder)
+    try:
+        loaded = load_pretrained_model(f"local-dir:{folder}")
+    except (WeightsError, RuntimeError) as e:
+        raise VerificationError(f"{folder} does not load through timm: {e}") from e
+    if reference is None:
+        reference = timm.create_model(config["architecture"], num_classes=config["num_classes"],
+                                      **{k: v for k, v in (config.get("model_args") or {}).items()
+                                         if k != "num_classes"})
+        try:
+            reference.load_state_dict(safetensors.torch.load_file(folder / "model.safetensors"), strict=True)
+        except RuntimeError as e:
+            raise VerificationError(f"{folder}/model.safetensors does not fit its config.json: {e}") from e
+    ref_state, got_state = reference.state_dict(), loaded.state_dict()
+    if ref_state.keys() != got_state.keys() or any(not torch.equal(ref_state[k], got_state[k]) for k in ref_state):
+        raise VerificationError(f"{folder}: the loaded weights differ from the source model's.")
+    input_size = tuple(loaded.pretrained_cfg.get("input_size", (3, 224, 224)))
+    expected, got = _outputs(reference, input_size), _outputs(loaded, input_size)
+    diff = (expected - got).abs().max().item() if expected.shape == got.shape else float("inf")
+    if not diff <= atol:
+        raise VerificationError(f"{folder}: outputs differ from the source model (max abs diff {diff:.3g} > {atol}).")
+    return VerifyReport(model=metadata["model"], metadata=metadata, max_abs_diff=diff)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# conversion
+
+
+def _entry_for(manifest: Manifest, model: str, tag: Optional[str], source: str) -> WeightEntry:
+    """The manifest entry of the weight, or a stand-in for weights the manifest does not list."""
+    entry = manifest.find(model, tag) if tag else manifest.release(model)
+    if entry is not None:
+        return entry
+    family = manifest.families[family_of(model)]
+    return WeightEntry(
+        model=model, tag=tag or "converted", family=family_of(model), source_url=source, source_sha256=None,
+        hub_repo=None, license=family["license"],
+        metrics={"top1": None, "top5": None, "params": None, "flops": None, "img_size": None,
+                 "source": "not in the weights manifest"},
+        notes="",
+    )
+
+
+def _describe_source(entry: WeightEntry, source_name: str) -> str:
+    """The card's source line: the manifest URL, plus the converted file's name when that is not the URL's."""
+    if entry.source_url == source_name or entry.source_url.endswith("/" + source_name):
+        return entry.source_url
+    return f"{entry.source_url} (converted file: `{source_name}`)"
+
+
+def _count_flops(model: torch.nn.Module) -> Optional[int]:
+    try:
+        from vitzoo.flops import count_flops
+    except ImportError:
+        return None
+    return int(count_flops(model).total)
+
+
+def _fetch_source(src: str, workdir: Path) -> Path:
+    if src.startswith(("http://", "https://")):
+        dst = workdir / Path(src.split("?")[0]).name
+        torch.hub.download_url_to_file(src, str(dst), progress=True)
+        return dst
+    path = Path(src)
+    if not path.is_file():
+        raise MissingWeightsError(f"Source checkpoint {src} does not exist.")
+    return path
+
+
+def convert_checkpoint(
+    src: PathLike,
+    model_name: str,
+    out_dir: PathLike,
+    force: bool = False,
+    *,
+    tag: Optional[str] = None,
+    num_classes: Optional[int] = None,
+    sha256: Optional[str] = None,
+    repo_id: Optional[str] = None,
+    flops: bool = True,
+    manifest: Optional[Manifest] = None,
+) -> Path:
+    """Convert ``src`` (a checkpoint the model's loader accepts, or its URL) into a verified Hub-ready folder.
+
+    Args:
+        src: checkpoint file or http(s) URL (official release files included).
+        model_name: architecture (``shvit_s1``, ``nvit_b`` ...), optionally ``arch.tag``.
+        out_dir: output folder; must not exist unless ``force``.
+        force: replace an existing ``out_dir``.
+        tag: manifest tag of the weight (default: the tag in ``model_name``, else the model's original release).
+        num_classes: classifier size of the checkpoint, if not the model's default.
+        sha256: expected sha256 of ``src`` (default: the manifest's, when known).
+        repo_id: Hub repo named in the model card's usage example.
+        flops: count FLOPs for the card with ``vitzoo.flops`` (else the reported number is shown).
+        manifest: weights record (default: the packaged one).
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and not ``force``.
+        MissingWeightsError, CorruptWeightsError, WeightsError: bad source (missing, hash mismatch, corrupt,
+            weights of another model).
+        VerificationError: the converted folder does not reproduce the source model.
+    """
+    import safetensors.torch
+    from timm.models._hub import save_config_for_hf
+
+    import vitzoo
+
+    check_output_free(out_dir, force)
+    model, _, name_tag = model_name.partition(".")
+    tag = tag or name_tag or None
+    manifest = manifest or load_manifest()
+    out_dir = Path(out_dir)
+    steps = tqdm(total=5, desc="convert", unit="step", leave=False)
+    with tempfile.TemporaryDirectory(prefix=".vitzoo-src-", dir=out_dir.parent if out_dir.parent.exists() else None) \
+            as workdir:
+        steps.set_postfix_str("source")
+        path = _fetch_source(str(src), Path(workdir))
+        source_sha = sha256_file(path)
+        # a local path is recorded by file name only (absolute paths would leak into published files)
+        source_name = str(src) if str(src).startswith(("http://", "https://")) else Path(src).name
+        entry = _entry_for(manifest, model, tag, source_name)
+        expected = sha256 or entry.source_sha256
+        if expected is not None and expected.lower() != source_sha:
+            raise CorruptWeightsError(
+                f"sha256 mismatch for {src}: expected {expected} ({'given' if sha256 else 'manifest'}), got "
+                f"{source_sha}. The file is corrupt or is not {entry.name}; download it again."
+            )
+        steps.update()
+        steps.set_postfix_str("load")
+        overlay: Dict[str, Any] = {"file": str(path)}
+        kwargs: Dict[str, Any] = {}
+        if num_classes is not None:
+            overlay["num_classes"] = num_classes
+            kwargs["num_classes"] = num_classes
+        source_model = load_pretrained_model(model, pretrained_cfg_overlay=overlay, **kwargs).eval()
+        steps.update()
+
+        metadata = {"format": "pt", "model": model, "tag": entry.tag, "source": source_name,
+                    "source_sha256": source_sha, "license": entry.license,
+                    "converted_by": f"vitzoo {vitzoo.__version__}"}
+        model_args: Dict[str, Any] = {}
+        dims = getattr(source_model, "dims", None)
+        if dims is not None:
+            model_args["dims"] = dims.to_dict()
+            metadata["nvit_dims"] = json.dumps(model_args["dims"], separators=(",", ":"))
+
+        with staged_dir(out_dir, force=force) as tmp:
+            steps.set_postfix_str("write")
+            state = {k: v.detach().contiguous() for k, v in source_model.state_dict().items()}
+            safetensors.torch.save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
+            save_config_for_hf(source_model, str(tmp / "config.json"), model_args=model_args,
+                               model_config={"pretrained_cfg": {"license": entry.license, "tag": entry.tag}})
+            steps.update()
+            steps.set_postfix_str("card")
+            input_size = tuple(source_model.pretrained_cfg.get("input_size", (3, 224, 224)))
+            fields = card_fields(
+                entry, manifest, source=_describe_source(entry, source_name), source_sha256=source_sha,
+                params=sum(p.numel() for p in source_model.parameters()),
+                flops=_count_flops(source_model) if flops else None, input_size=input_size,
+                repo_id=repo_id, dims_json=metadata.get("nvit_dims"),
+            )
+            (tmp / "README.md").write_text(render_card(fields), encoding="utf-8")
+            steps.update()
+            steps.set_postfix_str("verify")
+            verify_folder(tmp, reference=source_model)
+            steps.update()
+    steps.close()
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``convert`` sub-command."""
+    p = subparsers.add_parser(NAME, help="convert a checkpoint into a verified Hub-ready folder",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("src", help="checkpoint file or http(s) URL (e.g. an official release file)")
+    p.add_argument("--model", required=True, help="architecture, e.g. shvit_s1 or nvit_b")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--tag", default=None,
+                   help="manifest tag of the weight (default: the model's original release, e.g. in1k_official)")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier size, if not the model default")
+    p.add_argument("--sha256", default=None, help="expected sha256 of SRC (default: the manifest's, when known)")
+    p.add_argument("--repo", default=None, help="Hub repo org/name for the model card's usage example")
+    p.add_argument("--no-flops", action="store_true", help="do not count FLOPs (the card shows the reported number)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``vitzoo convert``; returns the exit code (0 ok, 1 failure with a message on stderr)."""
+    import sys
+
+    try:
+        out = convert_checkpoint(args.src, args.model, args.out, force=args.force, tag=args.tag,
+                                 num_classes=args.num_classes, sha256=args.sha256, repo_id=args.repo,
+                                 flops=not args.no_flops)
+    except (FileExistsError, WeightsError, VerificationError, ValueError) as e:
+        print(f"vitzoo convert: error: {e}", file=sys.stderr)
+        return 1
+    print(f"converted {args.src} -> {out} (verified: outputs identical to the source model)")
+    return 0

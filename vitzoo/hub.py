@@ -1,0 +1,418 @@
+"""Shared helpers for pretrained weights: files, hashes, atomic writes, Hub downloads, and clear errors.
+
+The public entry point for users is :func:`load_pretrained_model`, a thin wrapper around
+``timm.create_model(name, pretrained=True, ...)`` that checks the weight file before timm reads it and turns
+the Hub's and timm's low-level exceptions into errors that say what is wrong and what to do.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
+
+import torch
+
+__all__ = [
+    "WEIGHT_FILES",
+    "WeightsError",
+    "CorruptWeightsError",
+    "MissingWeightsError",
+    "sha256_file",
+    "check_output_free",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "staged_dir",
+    "resource_path",
+    "read_safetensors_metadata",
+    "validate_weights_file",
+    "fetch_hub_weights",
+    "load_pretrained_model",
+]
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # the order timm tries them on the Hub
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+PathLike = Union[str, os.PathLike]
+
+
+class WeightsError(RuntimeError):
+    """Base class for the errors raised about pretrained weight files."""
+
+
+class CorruptWeightsError(WeightsError):
+    """A weight file is truncated, unreadable, or does not match its expected sha256."""
+
+
+class MissingWeightsError(WeightsError, FileNotFoundError):
+    """A weight file (or Hub repository) could not be found."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# files, hashes and atomic writes
+
+
+def sha256_file(path: PathLike, chunk_size: int = 1 << 20) -> str:
+    """Return the hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_output_free(path: PathLike, force: bool) -> None:
+    """Raise ``FileExistsError`` if ``path`` exists and ``force`` is not set."""
+    if os.path.lexists(path) and not force:
+        raise FileExistsError(
+            f"{path} already exists; refusing to overwrite it. Pass force=True (--force) to replace it."
+        )
+
+
+def atomic_write_bytes(path: PathLike, data: bytes, force: bool = False) -> Path:
+    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``.
+
+    Args:
+        path: destination file.
+        data: file contents.
+        force: replace an existing file.
+    """
+    path = Path(path)
+    check_output_free(path, force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: PathLike, text: str, force: bool = False) -> Path:
+    """Text (UTF-8) version of :func:`atomic_write_bytes`."""
+    return atomic_write_bytes(path, text.encode("utf-8"), force=force)
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: PathLike, force: bool = False) -> Iterator[Path]:
+    """Build a folder in a temp dir next to ``out_dir``, then move it into place in one rename.
+
+    If the body raises, the temp dir is removed and ``out_dir`` is left as it was. With ``force`` an existing
+    ``out_dir`` is replaced (it is moved aside first and deleted only after the new folder is in place).
+
+    Args:
+        out_dir: the final folder.
+        force: replace an existing ``out_dir``.
+
+    Yields:
+        The temp folder to fill.
+    """
+    out_dir = Path(out_dir)
+    check_output_free(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        yield tmp
+        _make_readable(tmp)
+        check_output_free(out_dir, force)  # someone may have created it meanwhile
+        old = None
+        if os.path.lexists(out_dir):
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_readable(folder: Path) -> None:
+    """Give a temp folder and its files the permissions a normal mkdir/open would (temp files are private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for p in folder.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def resource_path(name: str) -> Path:
+    """Locate a file of the weights record (``weights/<name>``).
+
+    The canonical copy is ``weights/`` at the repository root (source checkouts and editable installs);
+    an installed wheel carries a copy as data files in ``<prefix>/share/vitzoo/weights/`` (setup.cfg
+    ``[options.data_files]``), where ``<prefix>`` is ``sys.prefix`` or the user base of ``pip install --user``.
+    """
+    import site
+    import sys
+
+    here = Path(__file__).resolve().parent
+    folders = [here.parent / "weights"] + [Path(p) / "share" / "vitzoo" / "weights"
+                                            for p in (sys.prefix, site.getuserbase())]
+    for folder in folders:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(
+        f"weights/{name} not found in {', '.join(map(str, folders))}. Reinstall vitzoo, or pass the file's path "
+        "explicitly."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checking weight files
+
+
+def read_safetensors_metadata(path: PathLike) -> Tuple[Dict[str, str], Dict[str, Any]]:
+    """Read and check the header of a safetensors file without loading the tensors.
+
+    Checks that the header is valid JSON and that the tensors' byte ranges exactly fill the rest of the file,
+    which catches truncated and padded files.
+
+    Returns:
+        ``(metadata, tensors)``: the ``__metadata__`` dict (may be empty) and ``{name: {dtype, shape, data_offsets}}``.
+
+    Raises:
+        CorruptWeightsError: the file is not a complete safetensors file.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CorruptWeightsError(f"{path} is not a safetensors file: only {size} bytes long.")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > size - 8:
+            raise CorruptWeightsError(
+                f"{path} is truncated or not a safetensors file: its header claims {header_len} bytes but the file "
+                f"has {size} bytes."
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptWeightsError(f"{path} is corrupt: its safetensors header is not valid JSON ({e}).") from e
+    if not isinstance(header, dict):
+        raise CorruptWeightsError(f"{path} is corrupt: its safetensors header is not a JSON object.")
+    metadata = header.pop("__metadata__", None) or {}
+    end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    if 8 + header_len + end != size:
+        raise CorruptWeightsError(
+            f"{path} is truncated or corrupt: its tensors need {8 + header_len + end} bytes but the file has {size}. "
+            "Download or convert it again."
+        )
+    return metadata, header
+
+
+def validate_weights_file(path: PathLike, expected_sha256: Optional[str] = None) -> None:
+    """Check that a weight file exists, matches ``expected_sha256`` (if given) and can be read.
+
+    ``.safetensors`` files get a header check (:func:`read_safetensors_metadata`); other files are checked to be
+    readable by ``torch.load`` archives (a zip whose members pass their CRC), without unpickling anything.
+
+    Raises:
+        MissingWeightsError: no such file.
+        CorruptWeightsError: hash mismatch, truncated or unreadable file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingWeightsError(f"Weight file {path} does not exist.")
+    if expected_sha256 is not None:
+        actual = sha256_file(path)
+        if actual != expected_sha256.lower():
+            raise CorruptWeightsError(
+                f"sha256 mismatch for {path}: expected {expected_sha256}, got {actual}. The file is corrupt or is not "
+                "the file you meant; download it again."
+            )
+    if path.suffix == ".safetensors":
+        read_safetensors_metadata(path)
+    elif zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+        if bad is not None:
+            raise CorruptWeightsError(f"{path} is corrupt: member {bad} of the checkpoint archive fails its CRC check.")
+    else:
+        raise CorruptWeightsError(
+            f"{path} is truncated or not a checkpoint: it is neither a safetensors file nor a torch.save archive."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hub downloads
+
+
+def _hub_repo_cache(repo_id: str, cache_dir: Optional[PathLike]) -> Path:
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+
+def _evict(cached: Path) -> None:
+    """Remove a cached file: its snapshot entry and the blob it points to."""
+    blob = Path(os.path.realpath(cached))
+    for p in {cached, blob}:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def _remove_partials(repo_cache: Path) -> None:
+    """Remove the half-downloaded blobs (``*.incomplete``) the Hub client keeps for resuming."""
+    for partial in (repo_cache / "blobs").glob("*.incomplete"):
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+
+
+def fetch_hub_weights(hub_id: str, cache_dir: Optional[PathLike] = None) -> Path:
+    """Download (or find in the cache) the weight file of a Hub repo and check it before anyone loads it.
+
+    Tries ``model.safetensors`` then ``pytorch_model.bin``, like timm. A cached file whose content does not match
+    its ETag (the sha256 for LFS files), or that is truncated, is removed from the cache and reported.
+
+    Args:
+        hub_id: ``org/name`` or ``org/name@revision``.
+        cache_dir: Hub cache folder (default: ``HF_HUB_CACHE``).
+
+    Returns:
+        The path of the checked file in the cache.
+    """
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    repo_id, _, revision = hub_id.partition("@")
+    repo_cache = _hub_repo_cache(repo_id, cache_dir)
+    offline_misses = []
+    for filename in WEIGHT_FILES:
+        try:
+            cached = Path(hf_hub_download(repo_id, filename, revision=revision or None, cache_dir=cache_dir))
+        except RepositoryNotFoundError as e:
+            raise MissingWeightsError(
+                f"Hub repository '{repo_id}' was not found at {constants.ENDPOINT}. Check the name; a private or gated "
+                "repo also needs a token (`hf auth login` or HF_TOKEN)."
+            ) from e
+        except LocalEntryNotFoundError:
+            offline_misses.append(filename)
+            continue
+        except EntryNotFoundError:
+            continue
+        except Exception as e:  # a short download ("Consistency check failed"), a dropped connection, an HTTP error
+            _remove_partials(repo_cache)
+            raise WeightsError(
+                f"Downloading {filename} of '{repo_id}' failed: {_shorten(str(e))} The partial file (if any) was "
+                "removed; retry the download."
+            ) from e
+        blob_name = Path(os.path.realpath(cached)).name
+        try:
+            validate_weights_file(cached, expected_sha256=blob_name if _SHA256_RE.match(blob_name) else None)
+        except CorruptWeightsError as e:
+            _evict(cached)
+            raise CorruptWeightsError(
+                f"{filename} of Hub repo '{repo_id}' is corrupt and was removed from the cache ({e}). Retry the "
+                "download; if it fails again the file on the Hub is broken."
+            ) from e
+        return cached
+    if offline_misses:
+        raise MissingWeightsError(
+            f"No weight file of '{repo_id}' ({' or '.join(WEIGHT_FILES)}) is in the Hub cache ({repo_cache.parent}) "
+            f"and the Hub cannot be reached (HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}). While online, run "
+            f"`hf download {repo_id} {WEIGHT_FILES[0]}` (or load once without HF_HUB_OFFLINE); or load a local file "
+            "with pretrained_cfg_overlay=dict(file='/path/to/model.safetensors')."
+        )
+    raise MissingWeightsError(f"Hub repository '{repo_id}' has neither {' nor '.join(WEIGHT_FILES)}.")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _weight_source(name: str, kwargs: Dict[str, Any]) -> Tuple[str, str]:
+    """Where ``create_model(name, pretrained=True, **kwargs)`` will read weights from: ``(kind, location)``."""
+    import timm.models
+
+    if name.startswith("hf-hub:"):
+        return "hub", name[len("hf-hub:"):]
+    if name.startswith("local-dir:"):
+        return "dir", name[len("local-dir:"):]
+    cfg = dict(kwargs.get("pretrained_cfg") or {})
+    if not cfg:
+        registered = timm.models.get_pretrained_cfg(name)
+        cfg = registered.to_dict() if registered is not None else {}
+    cfg.update(kwargs.get("pretrained_cfg_overlay") or {})
+    if cfg.get("state_dict") is not None:
+        return "state_dict", "<state_dict>"
+    if cfg.get("file"):
+        return "file", str(cfg["file"])
+    if cfg.get("hf_hub_id"):
+        return "hub", str(cfg["hf_hub_id"])
+    if cfg.get("url"):
+        return "url", str(cfg["url"])
+    raise MissingWeightsError(
+        f"'{name}' has no pretrained weights configured. Use a tag with weights (see "
+        f"timm.list_pretrained('{name.split('.')[0]}*')), or pass pretrained_cfg_overlay=dict(file=...)."
+    )
+
+
+def load_pretrained_model(name: str, **kwargs: Any) -> torch.nn.Module:
+    """``timm.create_model(name, pretrained=True, **kwargs)`` with checked weight files and clear errors.
+
+    The weight file is located and checked first (downloaded into the Hub cache for Hub sources; works offline
+    with a warm cache, with zero requests). Errors: :class:`MissingWeightsError` (what is missing and how to get
+    it), :class:`CorruptWeightsError` (truncated, unreadable or hash mismatch; a bad cached file is removed), and
+    :class:`WeightsError` when the weights do not fit the model (e.g. weights of another model).
+
+    Args:
+        name: a timm model name (``arch`` or ``arch.tag``), ``hf-hub:org/name`` or ``local-dir:/path``.
+        **kwargs: passed to ``timm.create_model``.
+    """
+    import timm
+
+    kind, location = _weight_source(name, kwargs)
+    if kind == "hub":
+        fetch_hub_weights(location, cache_dir=kwargs.get("cache_dir"))
+    elif kind == "file":
+        validate_weights_file(location)
+    elif kind == "dir":
+        folder = Path(location)
+        found = [folder / f for f in WEIGHT_FILES if (folder / f).is_file()]
+        if not (folder / "config.json").is_file() or not found:
+            raise MissingWeightsError(
+                f"{folder} is not a converted model folder: it needs config.json and one of {', '.join(WEIGHT_FILES)} "
+                "(make one with `vitzoo convert`)."
+            )
+        validate_weights_file(found[0])
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as e:
+        kind = _classify(e)
+        if kind == "mismatch":
+            raise WeightsError(
+                f"The pretrained weights from {location} do not fit '{name}' (are they weights of another model or "
+                f"variant?): {_shorten(str(e))}"
+            ) from e
+        if kind == "corrupt":
+            raise CorruptWeightsError(f"{location} is corrupt or truncated: {_shorten(str(e))}") from e
+        raise
+
+
+def _classify(error: BaseException) -> Optional[str]:
+    """'mismatch' (weights of another model), 'corrupt' (unreadable file) or None, looking down the cause chain."""
+    while error is not None:
+        text = str(error)
+        if type(error).__name__ == "CheckpointMismatchError" or "loading state_dict" in text:
+            return "mismatch"
+        if isinstance(error, (pickle.UnpicklingError, EOFError, zipfile.BadZipFile)) or \
+                type(error).__name__ == "SafetensorError" or "PytorchStreamReader" in text:
+            return "corrupt"
+        error = error.__cause__
+    return None
+
+
+def _shorten(message: str, limit: int = 600) -> str:
+    message = " ".join(message.split())
+    return message if len(message) <= limit else message[:limit] + " ..."

@@ -1,0 +1,117 @@
+"""Model cards (the Hub repo's ``README.md``) rendered from ``weights/card_template.md`` and the manifest.
+
+The template uses ``{{field}}`` placeholders; rendering fails if a placeholder has no value, so a template
+change can never publish a card with holes in it.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+from .hub import resource_path
+from .manifest import Manifest, WeightEntry
+
+__all__ = ["render_template", "license_text", "card_fields", "render_card"]
+
+_PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+
+
+def render_template(template: str, fields: Dict[str, Any]) -> str:
+    """Replace every ``{{key}}`` in ``template`` with ``str(fields[key])``.
+
+    Raises:
+        KeyError: a placeholder has no value in ``fields`` (all missing names are listed).
+    """
+    missing = sorted({m.group(1) for m in _PLACEHOLDER.finditer(template)} - set(fields))
+    if missing:
+        raise KeyError(f"model card template needs values for {missing}")
+    return _PLACEHOLDER.sub(lambda m: str(fields[m.group(1)]), template)
+
+
+def license_text(family: Dict[str, Any]) -> str:
+    """The licence paragraph of a card, from a manifest family record."""
+    head = (f"{family['license_name']} (`{family['license']}`), {family['copyright']}. "
+            f"Full text: {family['license_url']}.")
+    if family["commercial_use"]:
+        return (f"{head}\n\nThe weights are redistributed under the same licence; keep the copyright notice and the "
+                "permission notice with any copy.")
+    return (f"{head}\n\n**Non-commercial use only.** These weights, and any weights derived from them (conversions, "
+            "fine-tunes), may be used and shared for non-commercial purposes only, with attribution, and under the "
+            "same licence (share-alike). Commercial use needs a licence from the copyright holder.")
+
+
+def _number(value: Optional[float], unit: str = "") -> str:
+    if value is None:
+        return "not reported"
+    for suffix, scale in (("G", 1e9), ("M", 1e6)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{suffix}{unit}"
+    return f"{value:g}{unit}"
+
+
+def card_fields(
+    entry: WeightEntry,
+    manifest: Manifest,
+    *,
+    source: Optional[str] = None,
+    source_sha256: Optional[str] = None,
+    params: Optional[int] = None,
+    flops: Optional[int] = None,
+    input_size: Optional[tuple] = None,
+    repo_id: Optional[str] = None,
+    dims_json: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Collect the template's values: manifest facts, overridden by what conversion measured.
+
+    Args:
+        entry: the manifest entry of the weight.
+        manifest: the manifest (for the family's paper and licence facts).
+        source: the file or URL actually converted (default: ``entry.source_url``).
+        source_sha256: its sha256 (default: ``entry.source_sha256``).
+        params: parameter count measured on the converted model.
+        flops: FLOPs (multiply-adds) counted on the converted model; None -> the reported number.
+        input_size: (C, H, W) the FLOPs were counted at.
+        repo_id: the Hub repo the card is for (default: ``entry.hub_repo``).
+        dims_json: NViT per-block dims (JSON) to list on the card.
+    """
+    family = manifest.family(entry.model)
+    metrics = entry.metrics
+    params_text = _number(params if params is not None else metrics["params"])
+    params_text += " (counted on the converted model)" if params is not None else " (reported)"
+    if flops is not None:
+        flops_text = f"{_number(flops)} multiply-adds (fvcore on the inference-fused model, batch 1)"
+    else:
+        flops_text = f"{_number(metrics['flops'])} (reported; {family['flops_note']})"
+    size = input_size or (3, metrics["img_size"], metrics["img_size"])
+    pct = lambda v: "not reported" if v is None else f"{v:g}%"  # noqa: E731
+    dims = f"- **Per-block dims (NViT):** `{dims_json}`\n" if dims_json else ""
+    return {
+        "license": entry.license,
+        "family": entry.family,
+        "name": entry.name,
+        "model": entry.model,
+        "tag": entry.tag,
+        "paper": family["paper"],
+        "arxiv": family["arxiv"],
+        "authors": family["authors"],
+        "venue": family["venue"],
+        "code_url": family["code_url"],
+        "source_url": source or entry.source_url,
+        "source_sha256": source_sha256 or entry.source_sha256 or "unknown",
+        "params": params_text,
+        "flops": flops_text,
+        "input_size": " x ".join(str(s) for s in size),
+        "top1": pct(metrics["top1"]),
+        "top5": pct(metrics["top5"]),
+        "metrics_source": metrics["source"],
+        "dims": dims,
+        "repo_id": repo_id or entry.hub_repo or "ORG/NAME",
+        "license_text": license_text(family),
+    }
+
+
+def render_card(fields: Dict[str, Any], template: Union[str, Path, None] = None) -> str:
+    """Render the card; ``template`` is a path (default: the packaged ``weights/card_template.md``)."""
+    path = Path(template) if template is not None else resource_path("card_template.md")
+    return render_template(path.read_text(encoding="utf-8"), fields)

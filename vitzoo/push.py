@@ -1,0 +1,95 @@
+"""``vitzoo push``: publish a converted folder to the Hugging Face Hub.
+
+The folder is verified first (:func:`vitzoo.convert.verify_folder`: files, metadata, config, and that timm loads
+it and reproduces the raw weights); a folder that fails is refused before any request is made. Then the repo is
+created (``create_repo``, private on request, existing repos are reused) and the three Hub files
+(``model.safetensors``, ``config.json``, ``README.md``) are uploaded in one ``upload_folder`` commit; other files
+in the folder are not uploaded.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Union
+
+from .convert import HUB_FILES, VerificationError, verify_folder
+
+__all__ = ["push_folder", "register", "run"]
+
+NAME = "push"
+
+
+def push_folder(
+    folder: Union[str, os.PathLike],
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: Optional[str] = None,
+    token: Optional[str] = None,
+    commit_message: Optional[str] = None,
+) -> str:
+    """Verify ``folder`` and upload its Hub files to ``repo_id``.
+
+    Args:
+        folder: a folder written by ``vitzoo convert``.
+        repo_id: ``org/name`` on the Hub.
+        private: create the repo as private (ignored if it exists).
+        revision: branch to commit to (created if missing); default ``main``.
+        token: Hub token (default: the saved login or ``HF_TOKEN``).
+        commit_message: default ``"Upload <model> converted by vitzoo"``.
+
+    Returns:
+        The URL of the commit.
+
+    Raises:
+        VerificationError: the folder fails verification (nothing is uploaded).
+        ValueError: ``repo_id`` is not ``org/name``.
+    """
+    from huggingface_hub import HfApi
+
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"--repo must be 'org/name', got {repo_id!r}.")
+    folder = Path(folder)
+    report = verify_folder(folder)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    info = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        allow_patterns=list(HUB_FILES),
+        revision=revision,
+        commit_message=commit_message or f"Upload {report.model} converted by vitzoo",
+    )
+    return str(info.commit_url)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``push`` sub-command."""
+    p = subparsers.add_parser(NAME, help="verify a converted folder and upload it to the Hugging Face Hub",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("folder", help="folder written by `vitzoo convert`")
+    p.add_argument("--repo", required=True, help="Hub repo, org/name")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--revision", default=None, help="branch to commit to (default: main)")
+    p.add_argument("--token", default=None, help="Hub token (default: saved login or HF_TOKEN)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``vitzoo push``; returns the exit code (0 ok, 1 refused or failed, with a message on stderr)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        url = push_folder(args.folder, args.repo, private=args.private, revision=args.revision, token=args.token)
+    except VerificationError as e:
+        print(f"vitzoo push: refusing to upload {args.folder}: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, HfHubHTTPError) as e:
+        print(f"vitzoo push: error: {e}", file=sys.stderr)
+        return 1
+    print(f"pushed {args.folder} -> {args.repo}: {url}")
+    return 0
