@@ -1,0 +1,223 @@
+"""Detection backbones and detectors: FPN math, feature hand-off, detectors in train / eval mode, options."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from vitzoo.detection import DETECTOR_STRIDES, ExtraLevelFPN, SimpleFeaturePyramid, build_backbone, build_detector
+
+TOKEN_MODEL = 'revit_t' if timm.is_model('revit_t') else 'vit_tiny_patch16_224'
+SMALL = dict(out_channels=32, min_size=96, max_size=160)
+
+
+def _small(kind, score_thresh=0.05):
+    prefix = '' if kind == 'retinanet' else 'box_'
+    extra = {} if kind == 'retinanet' else dict(rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100)
+    return dict(SMALL, **extra, **{f'{prefix}detections_per_img': 20, f'{prefix}score_thresh': score_thresh})
+
+
+def _targets(sizes, masks=False):
+    out = []
+    for i, (h, w) in enumerate(sizes):
+        t = dict(boxes=torch.tensor([[8.0, 10.0, w / 2, h / 2 + 5], [w / 3, h / 4, w - 4.0, h - 6.0]]),
+                 labels=torch.tensor([1, 2 + i % 2]))
+        if masks:
+            m = torch.zeros(2, h, w, dtype=torch.uint8)
+            m[0, 10:h // 2 + 5, 8:w // 2] = 1
+            m[1, h // 4:h - 6, w // 3:w - 4] = 1
+            t['masks'] = m
+        out.append(t)
+    return out
+
+
+def _reference_fpn(fpn: ExtraLevelFPN, feats):
+    """Plain functional re-computation of the paper's FPN from the module's weights."""
+    def conv(m, x, **kw):
+        return F.conv2d(x, m.weight, m.bias, **kw)
+    lat = [conv(m, f) for m, f in zip(fpn.lateral_convs, feats)]
+    for i in reversed(range(1, len(lat))):
+        lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], scale_factor=2.0, mode='nearest')
+    out = {s: conv(m, x, padding=1) for s, m, x in zip(fpn.in_strides, fpn.output_convs, lat)}
+    x = lat[0]
+    for s, up, c in zip(fpn.finer_strides, fpn.up_convs, fpn.up_output_convs):
+        x = F.conv_transpose2d(x, up.weight, up.bias, stride=2)
+        out[s] = conv(c, x, padding=1)
+    x = feats[-1]
+    for s, d in zip(fpn.coarser_strides, fpn.down_convs):
+        x = conv(d, x, stride=2, padding=1)
+        out[s] = x
+    return out
+
+
+@pytest.mark.parametrize('kind', ['retinanet', 'maskrcnn'])
+def test_fpn_matches_functional_reference(kind):
+    strides = DETECTOR_STRIDES[kind]
+    fpn = ExtraLevelFPN([24, 40, 56], [16, 32, 64], strides, out_channels=16)
+    for p in fpn.parameters():  # non-zero biases so a missing bias would show
+        torch.nn.init.normal_(p, std=0.1)
+    feats = [torch.randn(2, c, 16 // s, 24 // s) for c, s in zip([24, 40, 56], [1, 2, 4])]
+    out = fpn(feats)
+    ref = _reference_fpn(fpn, feats)
+    assert list(out) == [f'p{s.bit_length() - 1}' for s in strides]
+    base = feats[0].shape[-1] * 16  # padded image width
+    for s, (name, x) in zip(strides, out.items()):
+        assert x.shape[-1] * s == base, (name, x.shape)
+        torch.testing.assert_close(x, ref[s], rtol=1e-5, atol=1e-5)
+    if kind == 'retinanet':  # the stride-128 level comes from the raw last map (448-ch in S4), not the lateral
+        assert fpn.down_convs[0].in_channels == 56 and len(fpn.up_convs) == 1
+    else:
+        assert len(fpn.up_convs) == 2 and not fpn.coarser_strides
+
+
+def test_fpn_rejects_bad_strides():
+    with pytest.raises(ValueError, match='must contain every backbone stride'):
+        ExtraLevelFPN([8, 8], [16, 32], (32, 64))
+    with pytest.raises(ValueError, match='factor of 2'):
+        ExtraLevelFPN([8, 8], [16, 64], (16, 32, 64))
+
+
+def test_simple_pyramid_shapes():
+    sfp = SimpleFeaturePyramid(64, 16, (4, 8, 16, 32, 64))
+    outs = sfp(torch.randn(1, 64, 8, 12))
+    assert [tuple(o.shape[1:]) for o in outs] == [(16, 32, 48), (32, 16, 24), (64, 8, 12), (64, 4, 6), (64, 2, 3)]
+    assert sfp.out_channels == [16, 32, 64, 64, 64]
+
+
+def _capture_fpn_inputs(detector, module):
+    seen = {}
+    h1 = detector.backbone.register_forward_pre_hook(lambda m, args: seen.__setitem__('image', args[0]))
+    h2 = module.register_forward_pre_hook(lambda m, args: seen.__setitem__('feats', args[0]))
+    return seen, (h1, h2)
+
+
+@pytest.mark.parametrize('name', ['shvit_s1', TOKEN_MODEL])
+def test_fpn_gets_exactly_forward_intermediates(name):
+    body = timm.create_model(name, **({} if name.startswith('shvit') else dict(dynamic_img_size=True)))
+    body.eval()
+    reference = copy.deepcopy(body)
+    det = build_detector('retinanet', body, 3, **SMALL).eval()
+    token = det.backbone.is_token_model
+    assert token == (name == TOKEN_MODEL)
+    seen, hooks = _capture_fpn_inputs(det, det.backbone.pyramid if token else det.backbone.fpn)
+    with torch.no_grad():
+        det([torch.rand(3, 100, 150)])
+    for h in hooks:
+        h.remove()
+    image = seen['image']
+    assert image.shape[-2] % 128 == 0 and image.shape[-1] % 128 == 0  # padded to the largest stride
+    with torch.no_grad():
+        if token:
+            expected = reference.forward_intermediates(image, indices=1, output_fmt='NCHW', intermediates_only=True)
+            got = [seen['feats']]
+        else:
+            expected = reference.forward_intermediates(image, intermediates_only=True)
+            got = seen['feats']
+            assert [f.shape[-1] for f in got] == [image.shape[-1] // s for s in (16, 32, 64)]
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+
+
+def _train_and_eval(det, sizes, masks=False):
+    det.train()
+    images = [torch.rand(3, h, w) for h, w in sizes]
+    losses = det(images, _targets(sizes, masks))
+    assert losses and all(torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    det.eval()
+    with torch.no_grad():
+        outs = det(images)
+    for (h, w), o in zip(sizes, outs):
+        assert o['boxes'].shape[1] == 4 and len(o['labels']) == len(o['scores']) == len(o['boxes'])
+        if len(o['boxes']):
+            assert o['boxes'][:, 2].max() <= w and o['boxes'][:, 3].max() <= h
+        if masks:
+            assert o['masks'].shape[1:] == (1, h, w)
+    return losses, outs
+
+
+@pytest.mark.parametrize('kind,backbone', [
+    ('retinanet', 'shvit_s1'), ('fasterrcnn', 'shvit_s1'), ('maskrcnn', 'shvit_s1'), ('fasterrcnn', TOKEN_MODEL),
+])
+def test_detectors_train_and_eval_non_square(kind, backbone):
+    det = build_detector(kind, backbone, 3, **_small(kind, 0.0))
+    losses, outs = _train_and_eval(det, [(96, 160), (112, 80)], masks=kind == 'maskrcnn')
+    expected = {'retinanet': {'classification', 'bbox_regression'},
+                'fasterrcnn': {'loss_classifier', 'loss_box_reg', 'loss_objectness', 'loss_rpn_box_reg'}}
+    expected['maskrcnn'] = expected['fasterrcnn'] | {'loss_mask'}
+    assert set(losses) == expected[kind]
+    assert det.backbone.out_strides == list(DETECTOR_STRIDES[kind])
+    assert any(len(o['boxes']) for o in outs)  # score_thresh 0: something is returned
+
+
+def test_features_only_timm_model_backbone():
+    body = timm.create_model('mobilenetv3_small_100', features_only=True, out_indices=(1, 2, 3, 4))
+    det = build_detector('retinanet', body, 2, **_small('retinanet'))
+    assert det.backbone.mode == 'features_only'
+    assert det.backbone.fpn.in_strides == [8, 16, 32]  # stride-4 level is below RetinaNet's range
+    _train_and_eval(det, [(128, 96)])
+
+
+def test_anchor_and_roi_levels_follow_pyramid():
+    ret = build_detector('retinanet', 'shvit_s1', 2, **SMALL)
+    assert [s[0] for s in ret.anchor_generator.sizes] == [32, 64, 128, 256, 512]
+    mask = build_detector('maskrcnn', 'shvit_s1', 2, **_small('maskrcnn'))
+    assert [s[0] for s in mask.rpn.anchor_generator.sizes] == [32, 64, 128, 256, 512]
+    assert mask.roi_heads.box_roi_pool.featmap_names == ['p2', 'p3', 'p4', 'p5']
+    assert mask.roi_heads.mask_roi_pool.featmap_names == ['p2', 'p3', 'p4', 'p5']
+    assert mask.transform.size_divisible == 64 and ret.transform.size_divisible == 128
+    assert ret.head.classification_head.num_classes == 3  # 2 categories + background label 0
+
+
+def test_frozen_stages_and_norm_eval():
+    bb = build_backbone('shvit_s1', 'retinanet', frozen_stages=1, norm_eval=False, out_channels=16)
+    frozen = {n for n, p in bb.body.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith(('patch_embed.', 'stages.0.')) for n in frozen)
+    assert all(p.requires_grad for n, p in bb.body.named_parameters() if n.startswith('stages.1.'))
+    assert all(p.requires_grad for p in bb.fpn.parameters())
+    bb.train()
+    bns = {n: m for n, m in bb.body.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert not bns['patch_embed.0.bn'].training and bns['stages.1.blocks.0.conv.m.bn'].training
+
+    bb = build_backbone('shvit_s1', 'retinanet', out_channels=16)  # paper default: norm_eval, nothing frozen
+    bb.train()
+    assert all(p.requires_grad for p in bb.parameters())
+    assert not any(m.training for m in bb.body.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert bb.fpn.training
+    before = bb.body.patch_embed[0].bn.running_mean.clone()
+    bb(torch.rand(2, 3, 64, 64))
+    assert torch.equal(before, bb.body.patch_embed[0].bn.running_mean)
+
+
+def test_pretrained_local_weights_and_dropped_head(tmp_path):
+    src = timm.create_model('shvit_s1')
+    for p in src.parameters():
+        torch.nn.init.normal_(p)
+    file = tmp_path / 'cls.safetensors'
+    save_file(src.state_dict(), str(file))
+    bb = build_backbone('shvit_s1', 'maskrcnn', weights=file, out_channels=16)
+    assert bb.dropped_keys and all(k.startswith('head.') for k in bb.dropped_keys)
+    body_sd = bb.body.state_dict()
+    assert set(body_sd) | set(bb.dropped_keys) == set(src.state_dict())
+    for k, v in body_sd.items():
+        assert torch.equal(v, src.state_dict()[k]), k
+
+    wrong = tmp_path / 'wrong.safetensors'
+    save_file(timm.create_model('resnet18').state_dict(), str(wrong))
+    with pytest.raises(RuntimeError, match="could not load .*wrong.safetensors.* into backbone 'shvit_s1'"):
+        build_backbone('shvit_s1', weights=wrong)
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        build_backbone('shvit_s1', weights=tmp_path / 'missing.pth')
+
+
+def test_build_detector_argument_errors():
+    with pytest.raises(ValueError, match='unknown detector kind'):
+        build_detector('yolo', 'shvit_s1', 3)
+    with pytest.raises(TypeError, match="unknown arguments \\['scor_thresh'\\]"):
+        build_detector('retinanet', 'shvit_s1', 3, scor_thresh=0.1)
+    bb = build_backbone('shvit_s1', 'retinanet', out_channels=16)
+    with pytest.raises(ValueError, match='do not fit maskrcnn'):
+        build_detector('maskrcnn', bb, 3)

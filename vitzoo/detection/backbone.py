@@ -1,0 +1,191 @@
+"""Turn a timm model of the zoo into a torchvision detection backbone (backbone + FPN).
+
+Three kinds of feature producers are accepted:
+
+* hierarchical models with ``forward_intermediates`` (``shvit_*``: strides 16/32/64; timm CNNs: 4..32). The maps of
+  the stages whose stride lies in the detector's stride range are fed, unchanged, to the FPN;
+* token models with ``forward_intermediates`` (``nvit_*``, ``revit_*``, DeiT/ViT: every block at stride 16). The
+  last block's map goes through a ViTDet-style :class:`SimpleFeaturePyramid` first;
+* timm ``features_only`` wrappers (``FeatureListNet`` and friends), used as they are.
+
+The result, :class:`DetectionBackbone`, has ``out_channels`` and returns an ordered dict of maps named after their
+stride (``p2`` = 4 ... ``p7`` = 128), which is what torchvision's detectors expect.
+"""
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import timm
+import torch
+import torch.nn as nn
+from timm.models._features import FeatureInfo
+
+from .fpn import ExtraLevelFPN
+from .simple_pyramid import SimpleFeaturePyramid
+
+__all__ = ['DetectionBackbone', 'create_body']
+
+_logger = logging.getLogger(__name__)
+
+
+def create_body(
+        name: str,
+        pretrained: bool = False,
+        weights: Optional[Union[str, Path]] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+) -> nn.Module:
+    """Create the classification model that a detection backbone is cut from.
+
+    Args:
+        name: timm model name (``shvit_s4``, ``revit_t``, ``resnet18``, ...).
+        pretrained: Load the model's default pretrained classification weights (timm / Hugging Face Hub).
+        weights: Local classification checkpoint (``.safetensors`` / ``.pth``) to load instead; implies pretrained.
+            The load is strict, so keys that do not fit are an error, never a silent partial load.
+        model_kwargs: Extra ``timm.create_model`` arguments.
+
+    Returns:
+        The full model (with its head; :class:`DetectionBackbone` removes and reports the head keys).
+    """
+    kwargs = dict(model_kwargs or {})
+    if weights is not None:
+        weights = Path(weights)
+        if not weights.is_file():
+            raise FileNotFoundError(f'backbone weights file {weights} does not exist; give a .safetensors or .pth file.')
+        kwargs['pretrained_cfg_overlay'] = dict(file=str(weights))
+        pretrained = True
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        if getattr(model, 'dynamic_img_size', None) is False and 'dynamic_img_size' not in kwargs:
+            # token models must accept any detection input size
+            model = timm.create_model(name, pretrained=pretrained, dynamic_img_size=True, **kwargs)
+    except RuntimeError as e:
+        source = weights if weights is not None else 'the default pretrained weights'
+        raise RuntimeError(f'could not load {source} into backbone {name!r}: {e}') from e
+    return model
+
+
+def _feature_levels(model: nn.Module) -> tuple:
+    info = model.feature_info
+    if isinstance(info, FeatureInfo):  # features_only wrapper
+        return 'features_only', info.channels(), info.reduction()
+    if not hasattr(model, 'forward_intermediates'):
+        raise TypeError(
+            f'{type(model).__name__} has neither forward_intermediates nor a features_only feature_info; '
+            'pass a timm model or timm.create_model(..., features_only=True).')
+    return 'intermediates', [f['num_chs'] for f in info], [f['reduction'] for f in info]
+
+
+class DetectionBackbone(nn.Module):
+    """Feature-producing timm model + (simple pyramid) + :class:`ExtraLevelFPN`, as a torchvision backbone.
+
+    Args:
+        model: A timm model with ``forward_intermediates`` (its head and unused layers are pruned in place) or a timm
+            ``features_only`` model.
+        out_strides: Strides of the pyramid levels the detector needs, e.g. ``(8, 16, 32, 64, 128)``.
+        out_channels: Channels of every pyramid level.
+        frozen_stages: ``-1`` freezes nothing, ``0`` the stem (everything before the first feature stage),
+            ``N`` the stem and feature stages ``0 .. N-1`` (stage i = ``feature_info[i]`` of the timm model).
+            Frozen parameters get ``requires_grad=False`` and their BatchNorms stay in eval mode.
+        norm_eval: Keep every BatchNorm of the backbone in eval mode during training (as the SHViT paper does).
+        device: Device of the new (neck) parameters.
+        dtype: Dtype of the new (neck) parameters.
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            out_strides: Sequence[int] = (8, 16, 32, 64, 128),
+            out_channels: int = 256,
+            frozen_stages: int = -1,
+            norm_eval: bool = True,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.out_strides = [int(s) for s in out_strides]
+        self.out_channels = out_channels
+        self.norm_eval = norm_eval
+        self.mode, channels, reductions = _feature_levels(model)
+        self.is_token_model = len(set(reductions)) == 1 and len(reductions) > 1
+        lo, hi = self.out_strides[0], self.out_strides[-1]
+        if self.is_token_model:
+            self.indices = [len(reductions) - 1]
+        else:
+            by_stride = {r: i for i, r in enumerate(reductions) if lo <= r <= hi}  # last stage of each stride
+            self.indices = [by_stride[r] for r in sorted(by_stride)]
+            if not self.indices:
+                raise ValueError(
+                    f'no feature stage of the backbone (strides {reductions}) lies in the detector\'s stride range '
+                    f'{lo}..{hi}.')
+        self.stage_modules = [] if self.mode == 'features_only' else [f['module'] for f in model.feature_info]
+        self.dropped_keys: List[str] = []
+        if self.mode == 'intermediates' and hasattr(model, 'prune_intermediate_layers'):
+            before = set(model.state_dict())
+            model.prune_intermediate_layers(self.indices, prune_norm=False, prune_head=True)
+            if self.is_token_model and isinstance(getattr(model, 'norm', None), nn.Module):
+                model.norm = nn.Identity()  # final norm: unused, forward_intermediates is called with norm=False
+            self.dropped_keys = sorted(before - set(model.state_dict()))
+            if self.dropped_keys:
+                _logger.info('backbone: dropped %d classification-only keys: %s',
+                             len(self.dropped_keys), ', '.join(self.dropped_keys))
+        self.body = model
+        in_channels = [channels[i] for i in self.indices]
+        in_strides = [reductions[i] for i in self.indices]
+        if self.is_token_model:
+            pyramid_strides = [s for s in self.out_strides if s <= 4 * in_strides[0]]
+            self.pyramid = SimpleFeaturePyramid(in_channels[0], in_strides[0], pyramid_strides, **dd)
+            in_channels, in_strides = self.pyramid.out_channels, pyramid_strides
+        else:
+            self.pyramid = None
+        self.fpn = ExtraLevelFPN(in_channels, in_strides, self.out_strides, out_channels, **dd)
+        self.frozen_stages = frozen_stages
+        self._freeze(frozen_stages)
+
+    def _freeze(self, frozen_stages: int) -> None:
+        if frozen_stages < 0:
+            return
+        if self.mode == 'features_only':
+            raise ValueError('frozen_stages needs a timm model with feature_info module names, not a features_only '
+                             'wrapper; freeze its parameters yourself or pass the full timm model.')
+        if frozen_stages > len(self.stage_modules):
+            raise ValueError(f'frozen_stages={frozen_stages} but the backbone has {len(self.stage_modules)} stages.')
+        names = [n for n, _ in self.body.named_parameters()]
+        prefixes = tuple(m + '.' for m in self.stage_modules)
+        if frozen_stages == 0:  # stem: everything before the first stage's parameters
+            end = next((i for i, n in enumerate(names) if n.startswith(prefixes)), len(names))
+        else:
+            last = self.stage_modules[frozen_stages - 1] + '.'
+            end = max((i + 1 for i, n in enumerate(names) if n.startswith(last)), default=0)
+        frozen = set(names[:end])
+        for n, p in self.body.named_parameters():
+            if n in frozen:
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> 'DetectionBackbone':
+        """Set train mode, then put backbone BatchNorms in eval mode (all with ``norm_eval``, else frozen ones)."""
+        super().train(mode)
+        if mode:
+            for m in self.body.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    frozen = all(not p.requires_grad for p in m.parameters(recurse=False))
+                    if self.norm_eval or frozen:
+                        m.eval()
+        return self
+
+    def forward_backbone(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The backbone maps that the (simple pyramid and) FPN consume, finest first."""
+        if self.mode == 'features_only':
+            feats = self.body(x)
+            feats = list(feats.values()) if isinstance(feats, dict) else list(feats)
+            return [feats[i] for i in self.indices]
+        return list(self.body.forward_intermediates(
+            x, indices=self.indices, output_fmt='NCHW', intermediates_only=True))
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Pyramid maps ``{'p3': ..., 'p7': ...}`` (names = ``p`` + log2(stride)) for a padded image batch."""
+        feats = self.forward_backbone(x)
+        if self.pyramid is not None:
+            feats = self.pyramid(feats[-1])
+        return OrderedDict(self.fpn(feats))

@@ -1,0 +1,248 @@
+"""COCO-format detection folders: layout, up-front validation, dataset and collate.
+
+Layout (one annotation file and one image folder per split)::
+
+    DIR/annotations/instances_train.json   DIR/train/<file_name>
+    DIR/annotations/instances_val.json     DIR/val/<file_name>
+
+The annotation files are standard COCO JSON (``images``, ``annotations``, ``categories``; boxes ``[x, y, w, h]`` in
+pixels; masks as polygons or RLE in ``segmentation``). Everything is checked when the dataset is created, and every
+problem is reported with the file and the entry (image id / annotation id) instead of failing deep inside training.
+"""
+import copy
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from PIL import Image
+
+__all__ = ['CocoDetectionFolder', 'DatasetError', 'annotation_path', 'collate_detection', 'hflip', 'load_coco_json']
+
+
+class DatasetError(ValueError):
+    """A problem in a COCO-format dataset; the message names the file and the entry."""
+
+
+def annotation_path(root: Path, split: str) -> Path:
+    """``DIR/annotations/instances_<split>.json``."""
+    return Path(root) / 'annotations' / f'instances_{split}.json'
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_fields(entry: Any, fields: Tuple[str, ...], where: str) -> None:
+    if not isinstance(entry, dict):
+        raise DatasetError(f'{where}: expected an object, got {type(entry).__name__}.')
+    missing = [f for f in fields if f not in entry]
+    if missing:
+        raise DatasetError(f'{where}: missing field(s) {missing}.')
+
+
+def _check_segmentation(seg: Any, where: str) -> None:
+    if isinstance(seg, dict):
+        if 'counts' not in seg or 'size' not in seg:
+            raise DatasetError(f'{where}: RLE segmentation needs "counts" and "size".')
+        return
+    if not isinstance(seg, list) or not seg:
+        raise DatasetError(f'{where}: segmentation must be a non-empty list of polygons or an RLE object '
+                           '(masks are needed for maskrcnn).')
+    for poly in seg:
+        if (not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2
+                or not all(_is_number(v) for v in poly)):
+            raise DatasetError(f'{where}: each polygon must be a flat list [x1, y1, x2, y2, ...] of at least 3 '
+                               'points (6 numbers).')
+
+
+def load_coco_json(path: Path, image_dir: Path, require_masks: bool = False) -> Dict[str, Any]:
+    """Read and validate a COCO annotation file.
+
+    Args:
+        path: The annotation JSON.
+        image_dir: Folder the image ``file_name`` entries are relative to.
+        require_masks: Every (non-crowd) annotation must carry a ``segmentation``.
+
+    Returns:
+        The parsed dict, with ``area`` and ``iscrowd`` filled in where absent (pycocotools needs them).
+
+    Raises:
+        FileNotFoundError: the JSON or an image file does not exist.
+        DatasetError: malformed JSON or entries (the message names the file and the entry).
+    """
+    path, image_dir = Path(path), Path(image_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f'annotation file {path} not found; expected layout DIR/annotations/'
+                                'instances_<split>.json with images in DIR/<split>/.')
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DatasetError(f'{path}: not valid JSON ({e}).') from e
+    _check_fields(data, ('images', 'annotations', 'categories'), str(path))
+    for key in ('images', 'annotations', 'categories'):
+        if not isinstance(data[key], list):
+            raise DatasetError(f'{path}: "{key}" must be a list.')
+    if not data['categories']:
+        raise DatasetError(f'{path}: "categories" is empty.')
+    cat_ids = set()
+    for i, cat in enumerate(data['categories']):
+        _check_fields(cat, ('id', 'name'), f'{path}: categories[{i}]')
+        if cat['id'] in cat_ids:
+            raise DatasetError(f'{path}: category id {cat["id"]} appears twice.')
+        cat_ids.add(cat['id'])
+    images = {}
+    for i, img in enumerate(data['images']):
+        _check_fields(img, ('id', 'file_name', 'width', 'height'), f'{path}: images[{i}]')
+        where = f'{path}: image id {img["id"]} ({img["file_name"]})'
+        if not isinstance(img['id'], int) or isinstance(img['id'], bool):
+            raise DatasetError(f'{where}: image id must be an integer.')
+        if img['id'] in images:
+            raise DatasetError(f'{where}: image id appears twice.')
+        if not (isinstance(img['width'], int) and isinstance(img['height'], int) and img['width'] > 0
+                and img['height'] > 0):
+            raise DatasetError(f'{where}: width and height must be positive integers.')
+        if not (image_dir / img['file_name']).is_file():
+            raise FileNotFoundError(f'{where}: image file {image_dir / img["file_name"]} not found.')
+        images[img['id']] = img
+    seen = set()
+    for i, ann in enumerate(data['annotations']):
+        _check_fields(ann, ('id',), f'{path}: annotations[{i}]')
+        where = f'{path}: annotation id {ann["id"]}' + (f' (image id {ann["image_id"]})' if 'image_id' in ann else '')
+        _check_fields(ann, ('image_id', 'category_id', 'bbox'), where)
+        if ann['id'] in seen:
+            raise DatasetError(f'{where}: annotation id appears twice.')
+        seen.add(ann['id'])
+        if ann['image_id'] not in images:
+            raise DatasetError(f'{where}: image id {ann["image_id"]} is not in "images".')
+        if ann['category_id'] not in cat_ids:
+            raise DatasetError(f'{where}: category id {ann["category_id"]} is not in "categories" '
+                               f'(known ids: {sorted(cat_ids)}).')
+        box = ann['bbox']
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+            raise DatasetError(f'{where}: bbox must be [x, y, width, height] (4 finite numbers), got {box!r}.')
+        x, y, w, h = box
+        img = images[ann['image_id']]
+        if w <= 0 or h <= 0:
+            raise DatasetError(f'{where}: bbox {box} has a non-positive width or height.')
+        if x >= img['width'] or y >= img['height'] or x + w <= 0 or y + h <= 0:
+            raise DatasetError(f'{where}: bbox {box} lies outside the {img["width"]}x{img["height"]} image.')
+        ann.setdefault('iscrowd', 0)
+        ann.setdefault('area', float(w * h))
+        if require_masks and not ann['iscrowd']:
+            _check_fields(ann, ('segmentation',), where)
+        if 'segmentation' in ann and (require_masks or ann['segmentation']):
+            _check_segmentation(ann['segmentation'], where)
+    return data
+
+
+def hflip(image: torch.Tensor, target: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Flip an image ``[C, H, W]`` and its target (boxes xyxy, optional masks) left-right."""
+    width = image.shape[-1]
+    target = dict(target)
+    boxes = target['boxes'].clone()
+    boxes[:, [0, 2]] = width - target['boxes'][:, [2, 0]]
+    target['boxes'] = boxes
+    if 'masks' in target:
+        target['masks'] = target['masks'].flip(-1)
+    return image.flip(-1), target
+
+
+class CocoDetectionFolder(Dataset):
+    """One split of a COCO-format folder (see the module docstring for the layout).
+
+    Items are ``(image, target)``: ``image`` float ``[3, H, W]`` in ``[0, 1]``; ``target`` with ``boxes`` (xyxy,
+    float), ``labels`` (``1..num_classes``, categories sorted by id), ``image_id``, and ``masks`` (uint8
+    ``[N, H, W]``) when ``with_masks``. Crowd annotations are left out of the targets (they still count in the
+    COCO evaluation).
+
+    Args:
+        root: The dataset folder.
+        split: Split name (``'train'``, ``'val'``).
+        with_masks: Load instance masks (Mask R-CNN); every annotation then needs a ``segmentation``.
+    """
+
+    def __init__(self, root: str, split: str = 'train', with_masks: bool = False) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.with_masks = with_masks
+        self.ann_file = annotation_path(self.root, split)
+        self.image_dir = self.root / split
+        self.coco = load_coco_json(self.ann_file, self.image_dir, require_masks=with_masks)
+        cat_ids = sorted(c['id'] for c in self.coco['categories'])
+        self.category_to_label = {c: i + 1 for i, c in enumerate(cat_ids)}
+        self.label_to_category = {i + 1: c for i, c in enumerate(cat_ids)}
+        self.images = sorted(self.coco['images'], key=lambda im: im['id'])
+        self.anns: Dict[Any, List[Dict[str, Any]]] = {im['id']: [] for im in self.images}
+        for ann in self.coco['annotations']:
+            self.anns[ann['image_id']].append(ann)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of object categories."""
+        return len(self.category_to_label)
+
+    def coco_dict(self) -> Dict[str, Any]:
+        """A copy of the validated annotation dict (ground truth for pycocotools)."""
+        return copy.deepcopy(self.coco)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _load_image(self, info: Dict[str, Any]) -> torch.Tensor:
+        file = self.image_dir / info['file_name']
+        try:
+            with Image.open(file) as im:
+                image = torch.from_numpy(np.asarray(im.convert('RGB')).copy()).permute(2, 0, 1)
+        except (OSError, ValueError) as e:
+            raise DatasetError(f'{self.ann_file}: image id {info["id"]}: cannot decode {file}: {e}') from e
+        if tuple(image.shape[-2:]) != (info['height'], info['width']):
+            raise DatasetError(f'{self.ann_file}: image id {info["id"]}: {file} is {image.shape[-1]}x'
+                               f'{image.shape[-2]} but the JSON says {info["width"]}x{info["height"]}.')
+        return image.float().div_(255)
+
+    def _masks(self, anns: List[Dict[str, Any]], height: int, width: int) -> torch.Tensor:
+        from pycocotools import mask as mask_utils
+        masks = torch.zeros(len(anns), height, width, dtype=torch.uint8)
+        for i, ann in enumerate(anns):
+            seg = ann['segmentation']
+            rles = mask_utils.frPyObjects(seg, height, width) if not isinstance(seg, dict) or isinstance(
+                seg['counts'], list) else seg
+            with warnings.catch_warnings():  # pycocotools' numpy-2 copy-keyword DeprecationWarning
+                warnings.simplefilter('ignore', DeprecationWarning)
+                m = mask_utils.decode(mask_utils.merge(rles) if isinstance(rles, list) else rles)
+            masks[i] = torch.from_numpy(m)
+        return masks
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        info = self.images[index]
+        image = self._load_image(info)
+        h, w = info['height'], info['width']
+        anns = [a for a in self.anns[info['id']] if not a['iscrowd']]
+        boxes = torch.tensor([a['bbox'] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        target = {
+            'boxes': boxes,
+            'labels': torch.tensor([self.category_to_label[a['category_id']] for a in anns], dtype=torch.int64),
+            'image_id': torch.tensor(info['id']),
+        }
+        if self.with_masks:
+            target['masks'] = self._masks(anns, h, w)
+        return image, target
+
+
+def collate_detection(batch: List[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]) -> Tuple[list, list]:
+    """Collate to ``(list of images, list of targets)``, the input format of torchvision detectors."""
+    images, targets = zip(*batch) if batch else ((), ())
+    return list(images), list(targets)
+
+
+def split_exists(root: Optional[str], split: str) -> bool:
+    """Whether ``DIR/annotations/instances_<split>.json`` exists."""
+    return root is not None and annotation_path(Path(root), split).is_file()

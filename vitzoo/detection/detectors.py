@@ -1,0 +1,140 @@
+"""torchvision detectors (RetinaNet, Faster R-CNN, Mask R-CNN) on a zoo backbone.
+
+Pyramid levels follow the SHViT paper: RetinaNet uses strides 8..128 (p3..p7), the R-CNNs strides 4..64 (p2..p6,
+RoIAlign on p2..p5). Anchors follow MMDetection's defaults that the paper's configs use: RetinaNet 3 scales per octave
+with base size 4x the stride, R-CNN RPN one size of 8x the stride; aspect ratios 0.5/1/2.
+
+Class convention: ``num_classes`` counts the object categories; labels are ``1..num_classes`` and 0 is background
+(torchvision heads are built with ``num_classes + 1``).
+"""
+import inspect
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch.nn as nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import MultiScaleRoIAlign
+
+from .backbone import DetectionBackbone, create_body
+from .fpn import level_name
+
+__all__ = ['DETECTOR_STRIDES', 'build_backbone', 'build_detector']
+
+DETECTOR_STRIDES: Dict[str, Tuple[int, ...]] = {
+    'retinanet': (8, 16, 32, 64, 128),
+    'fasterrcnn': (4, 8, 16, 32, 64),
+    'maskrcnn': (4, 8, 16, 32, 64),
+}
+_ASPECT_RATIOS = (0.5, 1.0, 2.0)
+_CLASSES = {'retinanet': RetinaNet, 'fasterrcnn': FasterRCNN, 'maskrcnn': MaskRCNN}
+_TRANSFORM_KWARGS = {'size_divisible', 'fixed_size'}  # GeneralizedRCNNTransform options reached through **kwargs
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in DETECTOR_STRIDES:
+        raise ValueError(f'unknown detector kind {kind!r}; choose one of {sorted(DETECTOR_STRIDES)}.')
+    return kind
+
+
+def build_backbone(
+        name: Union[str, nn.Module],
+        kind: str = 'retinanet',
+        pretrained: bool = False,
+        weights: Optional[Union[str, Path]] = None,
+        out_channels: int = 256,
+        frozen_stages: int = -1,
+        norm_eval: bool = True,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+) -> DetectionBackbone:
+    """Build a :class:`DetectionBackbone` with the pyramid levels of detector ``kind``.
+
+    Args:
+        name: timm model name, or an already created timm model / ``features_only`` model.
+        kind: ``'retinanet'``, ``'fasterrcnn'`` or ``'maskrcnn'`` (selects the pyramid strides).
+        pretrained: Load the default pretrained classification weights.
+        weights: Local classification checkpoint to load instead.
+        out_channels: FPN channels.
+        frozen_stages: See :class:`DetectionBackbone`.
+        norm_eval: Keep backbone BatchNorms in eval mode during training.
+        model_kwargs: Extra ``timm.create_model`` arguments.
+    """
+    strides = DETECTOR_STRIDES[_check_kind(kind)]
+    if isinstance(name, str):
+        model = create_body(name, pretrained=pretrained, weights=weights, model_kwargs=model_kwargs)
+    elif pretrained or weights is not None or model_kwargs:
+        raise ValueError('pretrained / weights / model_kwargs apply to a model name; load weights into a model you '
+                         'pass yourself before passing it.')
+    else:
+        model = name
+    return DetectionBackbone(model, strides, out_channels, frozen_stages=frozen_stages, norm_eval=norm_eval)
+
+
+def build_detector(
+        kind: str,
+        backbone: Union[str, nn.Module, DetectionBackbone],
+        num_classes: int,
+        pretrained: bool = False,
+        weights: Optional[Union[str, Path]] = None,
+        out_channels: int = 256,
+        frozen_stages: int = -1,
+        norm_eval: bool = True,
+        min_size: int = 800,
+        max_size: int = 1333,
+        **detector_kwargs: Any,
+) -> nn.Module:
+    """Build a torchvision detector on a zoo backbone.
+
+    Args:
+        kind: ``'retinanet'``, ``'fasterrcnn'`` or ``'maskrcnn'``.
+        backbone: timm model name (``'shvit_s4'``), a timm model / ``features_only`` model, or a built
+            :class:`DetectionBackbone` (whose strides must match ``kind``).
+        num_classes: Number of object categories (background excluded).
+        pretrained: Load the backbone's pretrained classification weights (model names only).
+        weights: Local classification checkpoint for the backbone (model names only).
+        out_channels: FPN channels.
+        frozen_stages: See :class:`DetectionBackbone`.
+        norm_eval: Keep backbone BatchNorms in eval mode during training.
+        min_size: Shorter image side after resizing (torchvision ``GeneralizedRCNNTransform``).
+        max_size: Upper bound of the longer side after resizing.
+        **detector_kwargs: Passed to the torchvision detector class (e.g. ``score_thresh``,
+            ``detections_per_img``, ``image_mean``). They are checked by that class, not swallowed.
+
+    Returns:
+        The detector: in train mode ``model(images, targets)`` returns a loss dict, in eval mode ``model(images)``
+        returns one dict per image with ``boxes`` (xyxy, input pixel coordinates), ``labels``, ``scores`` and, for
+        Mask R-CNN, ``masks`` ([N, 1, H, W] probabilities).
+    """
+    _check_kind(kind)
+    allowed = set(inspect.signature(_CLASSES[kind]).parameters) | _TRANSFORM_KWARGS
+    unknown = sorted(set(detector_kwargs) - allowed - {'backbone', 'num_classes'})
+    if unknown:
+        raise TypeError(f'build_detector({kind!r}) got unknown arguments {unknown}; '
+                        f'{_CLASSES[kind].__name__} accepts {sorted(allowed - {"backbone", "num_classes", "kwargs"})}.')
+    if num_classes < 1:
+        raise ValueError(f'num_classes must be >= 1 (object categories, background excluded), got {num_classes}.')
+    if isinstance(backbone, DetectionBackbone):
+        if tuple(backbone.out_strides) != DETECTOR_STRIDES[kind]:
+            raise ValueError(f'backbone pyramid strides {backbone.out_strides} do not fit {kind} '
+                             f'(needs {DETECTOR_STRIDES[kind]}); build it with build_backbone(..., kind={kind!r}).')
+    else:
+        backbone = build_backbone(backbone, kind, pretrained=pretrained, weights=weights, out_channels=out_channels,
+                                  frozen_stages=frozen_stages, norm_eval=norm_eval)
+    strides = backbone.out_strides
+    cfg = getattr(backbone.body, 'pretrained_cfg', None) or {}
+    detector_kwargs.setdefault('image_mean', list(cfg.get('mean', (0.485, 0.456, 0.406))))
+    detector_kwargs.setdefault('image_std', list(cfg.get('std', (0.229, 0.224, 0.225))))
+    detector_kwargs.setdefault('size_divisible', max(strides))
+    common = dict(min_size=min_size, max_size=max_size, **detector_kwargs)
+    if kind == 'retinanet':
+        sizes = tuple(tuple(int(4 * s * 2 ** (k / 3)) for k in range(3)) for s in strides)
+        anchors = AnchorGenerator(sizes, (_ASPECT_RATIOS,) * len(sizes))
+        return RetinaNet(backbone, num_classes + 1, anchor_generator=anchors, **common)
+    anchors = AnchorGenerator(tuple((8 * s,) for s in strides), (_ASPECT_RATIOS,) * len(strides))
+    roi_levels = [level_name(s) for s in strides if s <= 32]
+    box_pool = MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2)
+    if kind == 'fasterrcnn':
+        return FasterRCNN(backbone, num_classes + 1, rpn_anchor_generator=anchors, box_roi_pool=box_pool, **common)
+    mask_pool = MultiScaleRoIAlign(roi_levels, output_size=14, sampling_ratio=2)
+    return MaskRCNN(backbone, num_classes + 1, rpn_anchor_generator=anchors, box_roi_pool=box_pool,
+                    mask_roi_pool=mask_pool, **common)
