@@ -1,0 +1,61 @@
+"""Single-Head Self-Attention (SHSA), the SHViT token mixer."""
+from typing import Optional, Type
+
+import torch
+import torch.nn as nn
+from timm.layers import create_act_layer
+
+from .layers import ConvNorm
+
+__all__ = ['SHSA']
+
+
+class SHSA(nn.Module):
+    """Single-head attention on the first ``pdim`` channels; the other channels pass through untouched.
+
+    ``x1, x2 = split(x)``; ``x1 = GroupNorm(1)(x1)``; one head with ``qk_dim``-wide queries/keys and ``pdim``-wide
+    values attends over all ``H*W`` tokens; then ``proj(act(cat[x1, x2]))`` mixes all channels.
+    The pre-norm is ``GroupNorm(1, pdim)`` (statistics over C, H, W per sample, per-channel affine) as in the official
+    code, not the per-token LayerNorm the paper's text names.
+
+    Args:
+        dim: Channels of the input and output.
+        qk_dim: Query / key width (16 in all variants).
+        pdim: Partial channels that go through attention.
+        act_layer: Activation before the output projection.
+        device: Parameter device.
+        dtype: Parameter dtype.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            qk_dim: int,
+            pdim: int,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        if not 0 < pdim < dim:
+            raise ValueError(f'SHSA needs 0 < pdim < dim, got pdim={pdim}, dim={dim}.')
+        dd = dict(device=device, dtype=dtype)
+        self.dim = dim
+        self.pdim = pdim
+        self.qk_dim = qk_dim
+        self.scale = qk_dim ** -0.5
+        self.pre_norm = nn.GroupNorm(1, pdim, **dd)
+        self.qkv = ConvNorm(pdim, 2 * qk_dim + pdim, **dd)
+        self.proj = nn.Sequential(
+            create_act_layer(act_layer, inplace=True),
+            ConvNorm(dim, dim, bn_weight_init=0., **dd),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = torch.split(x, [self.pdim, self.dim - self.pdim], dim=1)  # views, no copy
+        x1 = self.pre_norm(x1)
+        q, k, v = torch.split(self.qkv(x1), [self.qk_dim, self.qk_dim, self.pdim], dim=1)
+        q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)  # (B, C, N)
+        attn = (q.transpose(-2, -1) @ k).mul_(self.scale).softmax(dim=-1)  # (B, N, N)
+        x1 = (v @ attn.transpose(-2, -1)).reshape_as(x1)  # (B, pdim, H, W)
+        return self.proj(torch.cat([x1, x2], dim=1))

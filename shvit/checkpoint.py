@@ -1,0 +1,128 @@
+"""Pretrained-weight filter: accepts timm's layout and the official repository's, and refuses other variants."""
+import logging
+import re
+from typing import Any, Dict, Mapping, Tuple
+
+import torch
+import torch.nn as nn
+
+from .variants import variant_name
+
+__all__ = ['checkpoint_filter_fn', 'remap_official_keys', 'describe_state_dict', 'CheckpointMismatchError']
+
+_logger = logging.getLogger(__name__)
+
+_HEAD_PREFIXES = ('head.', 'head_dist.')
+_FIRST_CONV = 'patch_embed.0.c.weight'  # in_chans adaptation happens after the filter, so its shape may differ
+_OFFICIAL_BLOCK = re.compile(r'^blocks([123])\.(\d+)\.(.*)$')
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint holds another variant or another model."""
+
+
+def _unwrap(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """Take the weights out of a training checkpoint (``model`` / ``state_dict`` key) and strip ``module.``."""
+    for key in ('model', 'state_dict'):
+        inner = checkpoint.get(key)
+        if isinstance(inner, Mapping):
+            checkpoint = inner
+            break
+    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in checkpoint.items()}
+
+
+def remap_official_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename official ``blocks1/2/3.*`` keys to timm's ``stages.{i}.downsample/blocks.*`` (others unchanged).
+
+    In ``blocks2`` / ``blocks3`` the first three entries are the downsampler: ``.0.{k}`` (residual dw-conv, FFN at the
+    old width) -> ``downsample.{k}``, ``.1`` (PatchMerging) -> ``downsample.2``, ``.2.{k}`` -> ``downsample.{3+k}``;
+    entry ``j >= 3`` is BasicBlock ``j - 3``.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        match = _OFFICIAL_BLOCK.match(key)
+        if match is None:
+            out[key] = value
+            continue
+        stage, index, rest = int(match.group(1)) - 1, int(match.group(2)), match.group(3)
+        if stage == 0:
+            new = f'stages.0.blocks.{index}.{rest}'
+        elif index >= 3:
+            new = f'stages.{stage}.blocks.{index - 3}.{rest}'
+        elif index == 1:
+            new = f'stages.{stage}.downsample.2.{rest}'
+        else:
+            sub, _, tail = rest.partition('.')
+            new = f'stages.{stage}.downsample.{int(sub) + (3 if index == 2 else 0)}.{tail}'
+        out[new] = value
+    return out
+
+
+def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Which SHViT variant a timm-layout (unfused) state dict holds, in words."""
+    if 'patch_embed.6.c.weight' not in state_dict or not any(k.startswith('stages.') for k in state_dict):
+        first = ', '.join(list(state_dict)[:3])
+        return f'not an (unfused) SHViT checkpoint (first keys: {first})'
+    widths, depths = [], []
+    stage = 0
+    while f'stages.{stage}.blocks.0.conv.m.c.weight' in state_dict:
+        widths.append(state_dict[f'stages.{stage}.blocks.0.conv.m.c.weight'].shape[0])
+        depths.append(len({k.split('.')[3] for k in state_dict if k.startswith(f'stages.{stage}.blocks.')}))
+        stage += 1
+    name = variant_name(widths, depths)
+    return name or f'an SHViT with embed_dim={tuple(widths)}, depth={tuple(depths)}'
+
+
+def _describe_model(model: nn.Module) -> str:
+    embed_dim, depth = getattr(model, 'embed_dim', ()), getattr(model, 'depth', ())
+    return variant_name(embed_dim, depth) or f'an SHViT with embed_dim={tuple(embed_dim)}, depth={tuple(depth)}'
+
+
+def _body_shapes(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[int, ...]]:
+    """Shapes of everything but the head(s), the first conv and BN step counters."""
+    return {
+        k: tuple(v.shape) for k, v in state_dict.items()
+        if not k.startswith(_HEAD_PREFIXES) and k != _FIRST_CONV and not k.endswith('num_batches_tracked')
+    }
+
+
+def _fit_distill_head(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Make the ``head_dist.*`` entries match the model: drop them, or start the model's from ``head.*``."""
+    model_keys = model.state_dict()
+    has_dist = any(k.startswith('head_dist.') for k in model_keys)
+    if not has_dist:
+        if any(k.startswith('head_dist.') for k in state_dict):
+            _logger.warning('Dropping the checkpoint\'s distillation head (head_dist.*); create the model with '
+                            'distilled=True to keep it (the official eval output is the mean of both heads).')
+            for k in [k for k in state_dict if k.startswith('head_dist.')]:
+                del state_dict[k]
+        return
+    for k in [k for k in model_keys if k.startswith('head_dist.')]:
+        src = 'head.' + k[len('head_dist.'):]
+        if k not in state_dict and src in state_dict:
+            state_dict[k] = state_dict[src].clone()  # non-distilled checkpoint: both heads start equal
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(model_keys[k].shape):
+            del state_dict[k]  # different num_classes: the new head keeps its init, like the main classifier
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Turn a checkpoint in timm's or the official layout into ``model``'s layout.
+
+    Raises:
+        CheckpointMismatchError: The checkpoint is another SHViT variant or not an SHViT at all.
+    """
+    state_dict = _unwrap(state_dict)
+    if any(k.startswith('blocks1.') for k in state_dict):
+        state_dict = remap_official_keys(state_dict)
+    _fit_distill_head(state_dict, model)
+    expected, found = _body_shapes(model.state_dict()), _body_shapes(state_dict)
+    if expected != found:
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(set(found) - set(expected))
+        reshaped = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+        raise CheckpointMismatchError(
+            f'Checkpoint does not fit the model: expected {_describe_model(model)}, found '
+            f'{describe_state_dict(state_dict)} ({len(missing)} missing keys, e.g. {missing[:3]}; '
+            f'{len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(reshaped)} with other shapes, '
+            f'e.g. {reshaped[:3]}). Use the entrypoint of the checkpoint\'s variant.')
+    return state_dict

@@ -1,0 +1,192 @@
+"""SHViT building units: Conv+BN, BN+Linear, residual wrappers and the 1x1 FFN.
+
+Every unit that can be re-parameterised for inference has a ``fuse()`` that returns the replacement module, so
+``timm.utils.reparameterize_model`` (which replaces each child by ``child.fuse()``) fuses the whole network.
+"""
+from typing import Optional, Type
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, create_act_layer, trunc_normal_
+
+__all__ = ['ConvNorm', 'NormLinear', 'Residual', 'DWConvResidual', 'FFN']
+
+
+def _bn_scale_shift(bn: nn.Module):
+    """Per-channel ``(scale, shift)`` such that ``bn(x) == x * scale + shift`` in eval mode."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    return scale, shift
+
+
+class ConvNorm(nn.Module):
+    """Bias-free ``Conv2d`` followed by ``BatchNorm2d`` (the official ``Conv2d_BN``, keys ``c.*`` and ``bn.*``).
+
+    Args:
+        in_chs: Input channels.
+        out_chs: Output channels.
+        kernel_size: Convolution kernel size.
+        stride: Convolution stride.
+        padding: Convolution zero padding.
+        groups: Convolution groups (``in_chs`` for a depthwise conv).
+        bn_weight_init: Initial BatchNorm scale (0 makes a residual branch start as identity).
+        device: Parameter device.
+        dtype: Parameter dtype.
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            kernel_size: int = 1,
+            stride: int = 1,
+            padding: int = 0,
+            groups: int = 1,
+            bn_weight_init: float = 1.,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.c = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False, **dd)
+        self.bn = nn.BatchNorm2d(out_chs, **dd)
+        nn.init.constant_(self.bn.weight, bn_weight_init)
+        nn.init.zeros_(self.bn.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.c(x))
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Conv2d:
+        """Fold the BatchNorm (running statistics) into a single ``Conv2d`` with bias."""
+        c = self.c
+        scale, shift = _bn_scale_shift(self.bn)
+        fused = nn.Conv2d(
+            c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding,
+            dilation=c.dilation, groups=c.groups, bias=True, device=c.weight.device, dtype=c.weight.dtype,
+        )
+        fused.weight.copy_(c.weight * scale.view(-1, 1, 1, 1))
+        fused.bias.copy_(shift)
+        return fused
+
+
+class NormLinear(nn.Module):
+    """``BatchNorm1d`` followed by ``Linear`` (the official ``BN_Linear`` head, keys ``bn.*`` and ``l.*``).
+
+    Args:
+        in_features: Input width.
+        out_features: Number of outputs (classes).
+        std: Std of the truncated-normal weight init.
+        device: Parameter device.
+        dtype: Parameter dtype.
+    """
+
+    def __init__(
+            self,
+            in_features: int,
+            out_features: int,
+            std: float = 0.02,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.bn = nn.BatchNorm1d(in_features, **dd)
+        self.l = nn.Linear(in_features, out_features, **dd)
+        trunc_normal_(self.l.weight, std=std)
+        nn.init.zeros_(self.l.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l(self.bn(x))
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Linear:
+        """Fold the BatchNorm into the Linear: ``W' = W diag(s)``, ``b' = W t + b``."""
+        scale, shift = _bn_scale_shift(self.bn)
+        l = self.l
+        fused = nn.Linear(l.in_features, l.out_features, device=l.weight.device, dtype=l.weight.dtype)
+        fused.weight.copy_(l.weight * scale.view(1, -1))
+        fused.bias.copy_(l.weight @ shift + l.bias)
+        return fused
+
+
+class Residual(nn.Module):
+    """``x + drop_path(m(x))``. Not fusable itself; its inner unit is fused in place.
+
+    Args:
+        m: The residual branch.
+        drop_path: Stochastic depth rate of the branch.
+    """
+
+    def __init__(self, m: nn.Module, drop_path: float = 0.):
+        super().__init__()
+        self.m = m
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the branch output is a fresh tensor whose producer (BN / conv) does not keep it for backward,
+        # so adding in place is safe and saves an allocation (a + b == b + a exactly in IEEE arithmetic)
+        return self.drop_path(self.m(x)).add_(x)
+
+
+class DWConvResidual(Residual):
+    """Residual depthwise 3x3 ``ConvNorm`` (also SHViT's conditional position encoding).
+
+    ``fuse()`` returns one depthwise conv with the identity folded into the centre tap (RepVGG style).
+
+    Args:
+        dim: Channels.
+        bn_weight_init: Initial BatchNorm scale of the branch.
+        drop_path: Stochastic depth rate of the branch (inactive in eval, so fusing is exact).
+        device: Parameter device.
+        dtype: Parameter dtype.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            bn_weight_init: float = 1.,
+            drop_path: float = 0.,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__(
+            ConvNorm(dim, dim, 3, 1, 1, groups=dim, bn_weight_init=bn_weight_init, device=device, dtype=dtype),
+            drop_path=drop_path,
+        )
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Conv2d:
+        conv = self.m.fuse()
+        k_h, k_w = conv.kernel_size
+        conv.weight[:, 0, k_h // 2, k_w // 2] += 1.
+        return conv
+
+
+class FFN(nn.Module):
+    """Pointwise feed-forward: 1x1 ``ConvNorm`` -> act -> 1x1 ``ConvNorm`` (zero-init BN scale).
+
+    Args:
+        dim: Input / output channels.
+        hidden_dim: Hidden channels (2x ``dim`` in SHViT).
+        act_layer: Activation layer type.
+        device: Parameter device.
+        dtype: Parameter dtype.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            hidden_dim: int,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.pw1 = ConvNorm(dim, hidden_dim, **dd)
+        self.act = create_act_layer(act_layer, inplace=True)
+        self.pw2 = ConvNorm(hidden_dim, dim, bn_weight_init=0., **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw2(self.act(self.pw1(x)))

@@ -1,0 +1,121 @@
+"""SHViT S1-S4 timm entrypoints and pretrained configs.
+
+This module must stay named ``shvit.py``: timm files registered models under the last component of the module
+name, and its own test-suite runs the feature-intermediate tests for module ``'shvit'``.
+
+Paper: `SHViT: Single-Head Vision Transformer with Memory Efficient Macro Design` (Yun & Ro, CVPR 2024),
+https://arxiv.org/abs/2401.16456. Official code and weights (MIT): https://github.com/ysj9909/SHViT
+"""
+import pickle
+import zipfile
+from typing import Any, Dict
+
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+from safetensors import SafetensorError
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+
+from .checkpoint import checkpoint_filter_fn
+from .model import SHViT
+from .variants import VARIANT_STATS, VARIANTS
+
+__all__ = ['default_cfgs']
+
+_RELEASE_URL = 'https://github.com/ysj9909/SHViT/releases/download/v1.0/{}.pth'
+
+# what a failed pretrained load can raise: missing file (offline / empty cache), corrupt or truncated file,
+# another model's weights (CheckpointMismatchError and load_state_dict's size/key errors are RuntimeErrors)
+_LOAD_ERRORS = (
+    FileNotFoundError, EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, OSError,
+    SafetensorError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError,
+)
+
+
+def _cfg(variant: str, **kwargs: Any) -> Dict[str, Any]:
+    stats = VARIANT_STATS[variant]
+    size = stats['img_size']
+    return {
+        'num_classes': 1000, 'input_size': (3, size, size), 'pool_size': (-(-size // 64),) * 2,
+        'crop_pct': 0.875, 'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.0.c', 'classifier': 'head.l',
+        'license': 'mit', 'paper_ids': 'arXiv:2401.16456',
+        'paper_name': 'SHViT: Single-Head Vision Transformer with Memory Efficient Macro Design',
+        'origin_url': 'https://github.com/ysj9909/SHViT',
+        'notes': (
+            f"params {stats['params']:,} (fused {stats['params_fused']:,})",
+            f"fvcore fused {stats['gmacs_fused'] * 1e3:.2f} MMACs at {size}x{size}",
+            f"ImageNet-1k top-1 {stats['top1']:.3f} / top-5 {stats['top5']:.3f} (paper {stats['paper_top1']})",
+        ),
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    **{f'{v}.in1k': _cfg(v, hf_hub_id=f'timm/{v}.in1k') for v in VARIANTS},
+    **{f'{v}.in1k_official': _cfg(v, url=_RELEASE_URL.format(v)) for v in VARIANTS},
+})
+
+
+def _weights_source(variant: str, kwargs: Dict[str, Any]) -> str:
+    """Where ``create_model`` looked for the weights, in words (best effort)."""
+    try:
+        cfg = resolve_pretrained_cfg(
+            variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+            pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay')).to_dict()
+    except Exception:  # the original error is what matters; never mask it
+        return 'the configured source'
+    if cfg.get('state_dict') is not None:
+        return 'the state_dict passed in pretrained_cfg'
+    if cfg.get('file'):
+        return f"file {cfg['file']}"
+    if cfg.get('hf_hub_id'):
+        return f"Hugging Face Hub repo {cfg['hf_hub_id']}"
+    return f"url {cfg.get('url')}"
+
+
+def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHViT:
+    try:
+        return build_model_with_cfg(
+            SHViT, variant, pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=(0, 1, 2), feature_cls='getter'),
+            **kwargs,
+        )
+    except _LOAD_ERRORS as e:
+        if not pretrained:
+            raise
+        source = _weights_source(variant, kwargs)
+        raise RuntimeError(
+            f'Could not load pretrained weights for {variant} from {source}: {type(e).__name__}: {e}\n'
+            f'To fix: if the file is missing (offline or empty cache), run once online or fetch it with '
+            f'`hf download timm/{variant}.in1k`; if it is corrupt or truncated, delete it and download again; '
+            f'to use a local file pass pretrained_cfg_overlay=dict(file="/path/to/weights.safetensors|.pth"); '
+            f'or use pretrained=False.') from e
+
+
+def _entry(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> SHViT:
+    return _create_shvit(variant, pretrained=pretrained, **dict(VARIANTS[variant], **kwargs))
+
+
+@register_model
+def shvit_s1(pretrained: bool = False, **kwargs: Any) -> SHViT:
+    """SHViT-S1 (224px, 6.3M params fused, 241M MACs, 72.8% top-1)."""
+    return _entry('shvit_s1', pretrained, kwargs)
+
+
+@register_model
+def shvit_s2(pretrained: bool = False, **kwargs: Any) -> SHViT:
+    """SHViT-S2 (224px, 11.4M params fused, 366M MACs, 75.2% top-1)."""
+    return _entry('shvit_s2', pretrained, kwargs)
+
+
+@register_model
+def shvit_s3(pretrained: bool = False, **kwargs: Any) -> SHViT:
+    """SHViT-S3 (224px, 14.2M params fused, 601M MACs, 77.4% top-1)."""
+    return _entry('shvit_s3', pretrained, kwargs)
+
+
+@register_model
+def shvit_s4(pretrained: bool = False, **kwargs: Any) -> SHViT:
+    """SHViT-S4 (256px, 16.5M params fused, 986M MACs, 79.4% top-1)."""
+    return _entry('shvit_s4', pretrained, kwargs)

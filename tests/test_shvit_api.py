@@ -1,0 +1,204 @@
+"""The timm model contract for SHViT: features, intermediates, heads, optimizer hooks, devices, scripting, tracing."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import timm
+from timm.optim import create_optimizer_v2
+
+import shvit
+from shvit.model import check_input
+
+
+@pytest.fixture(scope='module')
+def s1():
+    return timm.create_model('shvit_s1').eval()
+
+
+def test_registry_replaces_timm_builtin_and_keeps_tags():
+    entry = timm.models.model_entrypoint('shvit_s4')
+    assert entry.__module__ == 'shvit.shvit'
+    assert {'shvit_s1', 'shvit_s2', 'shvit_s3', 'shvit_s4'} <= set(timm.list_models(module='shvit'))
+    m = timm.create_model('shvit_s4.in1k', device='meta')  # resolves the tag, no download (pretrained=False)
+    cfg = m.pretrained_cfg
+    assert isinstance(m, shvit.SHViT)
+    assert cfg['hf_hub_id'] == 'timm/shvit_s4.in1k' and cfg['tag'] == 'in1k'
+    assert cfg['input_size'] == (3, 256, 256) and cfg['crop_pct'] == 0.875 and cfg['interpolation'] == 'bicubic'
+    assert cfg['first_conv'] == 'patch_embed.0.c' and cfg['classifier'] == 'head.l' and cfg['license'] == 'mit'
+    assert cfg['paper_ids'] == 'arXiv:2401.16456' and cfg['pool_size'] == (4, 4)
+    assert timm.models.get_pretrained_cfg('shvit_s1').hf_hub_id == 'timm/shvit_s1.in1k'  # the default tag
+    official = timm.models.get_pretrained_cfg('shvit_s2.in1k_official')
+    assert official.url == 'https://github.com/ysj9909/SHViT/releases/download/v1.0/shvit_s2.pth'
+
+
+def test_import_emits_no_warning():
+    code = ('import warnings\nwarnings.simplefilter("always")\n'
+            'with warnings.catch_warnings(record=True) as w:\n    import shvit\n'
+            'print(len(w), [str(x.message) for x in w])')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith('0 '), out
+
+
+def test_unknown_kwarg_raises_type_error():
+    with pytest.raises(TypeError):
+        timm.create_model('shvit_s1', not_a_model_arg=1)
+
+
+def test_meta_device_and_dtype():
+    m = timm.create_model('shvit_s2', device='meta', dtype=torch.float64)
+    tensors = [*m.parameters(), *m.buffers()]
+    assert all(t.device.type == 'meta' for t in tensors)
+    assert all(t.dtype == torch.float64 for t in m.parameters())
+    with torch.device('meta'):
+        m = timm.create_model('shvit_s1', drop_path_rate=0.1).eval()
+    assert m(torch.empty(1, 3, 224, 224, device='meta')).shape == (1, 1000)
+
+
+@torch.no_grad()
+def test_bfloat16(s1):
+    m = timm.create_model('shvit_s1').eval()
+    x = torch.randn(1, 3, 96, 128)
+    ref = m(x)
+    out = m.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+@torch.no_grad()
+def test_features_only():
+    m = timm.create_model('shvit_s1', features_only=True).eval()
+    assert m.feature_info.reduction() == [16, 32, 64]
+    assert m.feature_info.channels() == [128, 224, 320]
+    feats = m(torch.randn(2, 3, 224, 224))
+    assert [tuple(f.shape) for f in feats] == [(2, 128, 14, 14), (2, 224, 7, 7), (2, 320, 4, 4)]
+    m = timm.create_model('shvit_s4', features_only=True, out_indices=(1, 2)).eval()
+    feats = m(torch.randn(1, 3, 256, 256))
+    assert [tuple(f.shape) for f in feats] == [(1, 336, 8, 8), (1, 448, 4, 4)]
+    assert m.feature_info.reduction() == [32, 64]
+
+
+@torch.no_grad()
+def test_forward_intermediates_and_prune(s1):
+    x = torch.randn(1, 3, 128, 160)
+    final, inter = s1.forward_intermediates(x)
+    torch.testing.assert_close(final, s1.forward_features(x), rtol=0, atol=0)
+    assert [f.shape[1] for f in inter] == [128, 224, 320]
+    assert len(s1.forward_intermediates(x, indices=1, intermediates_only=True)) == 1
+    early = s1.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
+    torch.testing.assert_close(early[0], inter[0], rtol=0, atol=0)
+    import copy
+    pruned = copy.deepcopy(s1)
+    assert pruned.prune_intermediate_layers([1]) == [1]
+    assert len(pruned.stages) == 2 and pruned.num_features == 224
+    torch.testing.assert_close(pruned.forward_features(x), inter[1], rtol=0, atol=0)
+    assert pruned(x).shape == (1, 224, 4, 5)  # head and pooling removed
+    with pytest.raises(ValueError, match='NCHW'):
+        s1.forward_intermediates(x, output_fmt='NHWC')
+
+
+@torch.no_grad()
+def test_forward_head_and_reset_classifier():
+    m = timm.create_model('shvit_s1').eval()
+    x = torch.randn(2, 3, 64, 64)
+    feats = m.forward_features(x)
+    pre = m.forward_head(feats, pre_logits=True)
+    assert pre.shape == (2, 320) and m.head_hidden_size == 320
+    torch.testing.assert_close(m.forward_head(feats), m(x))
+    m.to(torch.float64)
+    m.reset_classifier(10)
+    assert m.get_classifier().out_features == 10 and m.get_classifier().weight.dtype == torch.float64
+    assert all(not mod.training for mod in m.modules())  # new head follows the model's eval mode
+    assert m.global_pool.pool_type == 'avg'  # None keeps the pooling
+    m.reset_classifier(0)
+    assert m(x.double()).shape == (2, 320) and isinstance(m.get_classifier(), nn.Identity)
+    m.reset_classifier(0, '')
+    assert m(x.double()).shape == (2, 320, 1, 1)
+    with pytest.raises(ValueError, match='pooled width'):
+        m.reset_classifier(5, 'catavgmax')
+    import inspect
+    assert inspect.signature(m.reset_classifier).parameters['global_pool'].default is None
+
+
+def test_get_classifier_without_classes_and_after_fuse():
+    m = timm.create_model('shvit_s1', num_classes=0).eval()
+    assert isinstance(m.get_classifier(), nn.Identity)
+    assert m(torch.randn(1, 3, 64, 64)).shape == (1, 320)
+    m = timm.create_model('shvit_s1').eval().fuse()
+    assert isinstance(m.get_classifier(), nn.Linear)
+
+
+def test_grad_checkpointing_same_output_and_grads():
+    torch.manual_seed(0)
+    m = timm.create_model('shvit_s1', num_classes=5).train()
+    x = torch.randn(2, 3, 64, 64)
+    out = m(x)
+    out.sum().backward()
+    grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    m.set_grad_checkpointing(True)
+    out2 = m(x)
+    out2.sum().backward()
+    torch.testing.assert_close(out2, out, rtol=1e-5, atol=1e-5)
+    for g, p in zip(grads, m.parameters()):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+def test_group_matcher_layer_decay_and_no_weight_decay(s1):
+    from timm.models import group_parameters
+    groups = group_parameters(s1, s1.group_matcher(coarse=False))
+    assert len(groups) > 4
+    assert len(group_parameters(s1, s1.group_matcher(coarse=True))) == 5  # stem, 3 stages, head
+    opt = create_optimizer_v2(s1, 'adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    scales = {g['lr_scale'] for g in opt.param_groups}
+    assert len(scales) > 4 and max(scales) == 1.0
+    assert s1.no_weight_decay() == set()
+
+
+@torch.no_grad()
+def test_torchscript(s1):
+    x = torch.randn(1, 3, 96, 64)
+    scripted = torch.jit.script(s1)
+    torch.testing.assert_close(scripted(x), s1(x))
+    with pytest.raises(Exception, match='input channels'):
+        scripted(torch.randn(1, 1, 96, 64))
+
+
+@torch.no_grad()
+def test_fx_trace(s1):
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    from timm.models import get_notrace_functions, get_notrace_modules
+    x = torch.randn(1, 3, 128, 128)
+    traced = torch.fx.symbolic_trace(s1)
+    torch.testing.assert_close(traced(x), s1(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match='input channels'):
+        traced(torch.randn(1, 2, 128, 128))  # the check survives tracing
+    kw = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    _, eval_nodes = get_graph_node_names(s1, tracer_kwargs=kw)
+    fx = create_feature_extractor(s1, return_nodes=[eval_nodes[-1]], tracer_kwargs=kw)
+    torch.testing.assert_close(list(fx(x).values())[0], s1(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('shape,match', [
+    ((3, 224, 224), '4-D'),
+    ((1, 3, 1, 224, 224), '4-D'),
+    ((1, 1, 224, 224), 'in_chans=3'),
+    ((1, 3, 63, 224), '>= 64'),
+    ((1, 3, 224, 32), '>= 64'),
+])
+def test_bad_input_value_errors(s1, shape, match):
+    with pytest.raises(ValueError, match=match):
+        s1(torch.randn(*shape))
+    with pytest.raises(ValueError, match=match):
+        s1.forward_intermediates(torch.randn(*shape))
+
+
+def test_check_input_passes_good_input_through():
+    x = torch.randn(1, 2, 64, 70)
+    assert check_input(x, 2) is x
+
+
+def test_in_chans_and_num_classes_without_weights():
+    m = timm.create_model('shvit_s1', in_chans=1, num_classes=10).eval()
+    assert m(torch.randn(2, 1, 64, 64)).shape == (2, 10)

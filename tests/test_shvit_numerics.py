@@ -1,0 +1,188 @@
+"""SHViT numerics against independent references: timm's built-in SHViT, published counts, plain tensor ops."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import timm
+from timm.models.shvit import SHViT as TimmSHViT
+from timm.utils import reparameterize_model
+
+import shvit
+
+SIZES = {'shvit_s1': 224, 'shvit_s2': 224, 'shvit_s3': 224, 'shvit_s4': 256}
+PARAMS = {  # (unfused, fused), from the official code / the reference
+    'shvit_s1': (6_330_808, 6_308_660),
+    'shvit_s2': (11_483_072, 11_453_508),
+    'shvit_s3': (14_245_273, 14_210_010),
+    'shvit_s4': (16_588_484, 16_546_248),
+}
+
+
+@torch.no_grad()
+def randomize_norms(model: nn.Module) -> nn.Module:
+    """Random BN statistics / affines and GroupNorm affines, so no branch is a zero-init no-op."""
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0., 0.2)
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m.running_mean.normal_(0., 0.2)
+            m.running_var.uniform_(0.5, 2.)
+    return model
+
+
+def _timm_reference(variant: str, **kwargs) -> TimmSHViT:
+    cfg = shvit.VARIANTS[variant]
+    return TimmSHViT(
+        embed_dim=cfg['embed_dim'], depth=cfg['depth'], partial_dim=cfg['partial_dim'], types=cfg['types'], **kwargs)
+
+
+def _n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture(scope='module', params=list(SIZES))
+def variant_pair(request):
+    """(variant, our model with randomised norms, timm's SHViT with the same weights), eval mode."""
+    variant = request.param
+    torch.manual_seed(0)
+    ours = randomize_norms(timm.create_model(variant)).eval()
+    ref = _timm_reference(variant).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    return variant, ours, ref
+
+
+@torch.no_grad()
+def test_matches_timm_builtin(variant_pair):
+    variant, ours, ref = variant_pair
+    x = torch.randn(2, 3, SIZES[variant], SIZES[variant])
+    out = ours(x)
+    assert out.shape == (2, 1000)
+    assert (out - ref(x)).abs().max().item() <= 1e-5
+
+
+def test_param_counts(variant_pair):
+    variant, ours, _ = variant_pair
+    unfused, fused = PARAMS[variant]
+    assert _n_params(ours) == unfused
+    assert _n_params(reparameterize_model(ours)) == fused
+
+
+@torch.no_grad()
+def test_fused_close_to_unfused(variant_pair):
+    variant, ours, _ = variant_pair
+    x = torch.randn(1, 3, SIZES[variant], SIZES[variant])
+    fused = reparameterize_model(ours)
+    # every BatchNorm is folded away, only the SHSA GroupNorm remains
+    assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in fused.modules())
+    assert (fused(x) - ours(x)).abs().max().item() <= 1e-4
+    assert isinstance(fused.get_classifier(), nn.Linear)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('hw', [(64, 96), (200, 320), (97, 64)])
+def test_non_square_matches_timm(hw):
+    ours = randomize_norms(timm.create_model('shvit_s1')).eval()
+    ref = _timm_reference('shvit_s1').eval()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 3, *hw)
+    assert (ours(x) - ref(x)).abs().max().item() <= 1e-5
+    feats = ours.forward_intermediates(x, intermediates_only=True)
+    assert [tuple(f.shape[-2:]) for f in feats] == [
+        (-(-hw[0] // r), -(-hw[1] // r)) for r in (16, 32, 64)]  # stride-2 pad-1 convs round up
+
+
+@torch.no_grad()
+def test_model_fuse_method_and_reparameterize_agree():
+    a = randomize_norms(timm.create_model('shvit_s1', distilled=True)).eval()
+    x = torch.randn(1, 3, 128, 128)
+    expected = a(x)
+    b = reparameterize_model(a)
+    a.fuse()
+    assert a is not b
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    assert (a(x) - expected).abs().max().item() <= 1e-4
+    head, head_dist = a.get_classifier()
+    assert isinstance(head, nn.Linear) and isinstance(head_dist, nn.Linear)
+
+
+@torch.no_grad()
+def test_dw_residual_fuse_against_formula():
+    """Residual depthwise ConvNorm -> one conv: check against BN folding written out with plain tensor ops."""
+    from shvit.layers import DWConvResidual
+    unit = randomize_norms(DWConvResidual(8)).eval()
+    x = torch.randn(2, 8, 9, 11)
+    bn, w = unit.m.bn, unit.m.c.weight
+    scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+    ref = x + F.conv2d(x, w, padding=1, groups=8) * scale[:, None, None] + (
+        bn.bias - bn.running_mean * scale)[:, None, None]
+    torch.testing.assert_close(unit(x), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unit.fuse()(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_shsa_against_plain_ops():
+    """SHSA == the paper's equations written with plain tensor ops (GroupNorm(1) over C,H,W per sample)."""
+    from shvit.attention import SHSA
+    dim, pdim, qk = 24, 8, 4
+    m = randomize_norms(SHSA(dim, qk, pdim)).eval()
+    x = torch.randn(2, dim, 5, 6)
+    x1, x2 = x[:, :pdim], x[:, pdim:]
+    mu = x1.mean(dim=(1, 2, 3), keepdim=True)
+    var = x1.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
+    n = (x1 - mu) / (var + m.pre_norm.eps).sqrt() * m.pre_norm.weight[:, None, None] + m.pre_norm.bias[:, None, None]
+    qkv = m.qkv(n).flatten(2)
+    q, k, v = qkv[:, :qk], qkv[:, qk:2 * qk], qkv[:, 2 * qk:]
+    a = torch.softmax(torch.einsum('bcn,bcm->bnm', q, k) / qk ** 0.5, dim=-1)
+    y1 = torch.einsum('bcm,bnm->bcn', v, a).reshape(2, pdim, 5, 6)
+    ref = m.proj[1](torch.relu(torch.cat([y1, x2], 1)))
+    torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_distilled_eval_is_mean_of_heads_train_returns_both():
+    m = randomize_norms(timm.create_model('shvit_s1', distilled=True, num_classes=7)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    pooled = m.forward_head(m.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(m(x), (m.head(pooled) + m.head_dist(pooled)) / 2)
+    m.train()
+    out = m(x)
+    assert isinstance(out, tuple) and len(out) == 2 and out[0].shape == (2, 7)
+
+
+def test_drop_path_schedule_and_behaviour():
+    m = timm.create_model('shvit_s1', drop_path_rate=0.1)
+    rates = [blk.ffn.drop_path.drop_prob if hasattr(blk.ffn.drop_path, 'drop_prob') else 0.
+             for stage in m.stages for blk in stage.blocks]
+    assert len(rates) == 11 and rates[0] == 0. and rates[-1] == pytest.approx(0.1)
+    assert all(b > a for a, b in zip(rates, rates[1:]))
+    m = randomize_norms(m)
+    plain = timm.create_model('shvit_s1')
+    plain.load_state_dict(m.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(x), plain.eval()(x), rtol=0, atol=0)  # inactive in eval
+        m.train()
+        torch.manual_seed(1)
+        a = m(x)
+        torch.manual_seed(2)
+        assert not torch.equal(a, m(x))  # stochastic in training
+
+
+@torch.no_grad()
+def test_downsampling_decided_by_stage_index():
+    """Equal widths between stages must still downsample (timm's built-in skips it)."""
+    m = timm.create_model(
+        'shvit_s1', embed_dim=(64, 64, 64), partial_dim=(16, 16, 16), depth=(1, 1, 1), num_classes=0).eval()
+    feats = m.forward_intermediates(torch.randn(1, 3, 128, 128), intermediates_only=True)
+    assert [f.shape[-1] for f in feats] == [8, 4, 2]
+
+
+def test_fvcore_flops_fused_s1():
+    fvcore = pytest.importorskip('fvcore.nn')
+    m = reparameterize_model(timm.create_model('shvit_s1').eval())
+    fca = fvcore.FlopCountAnalysis(m, torch.randn(1, 3, 224, 224))
+    fca.unsupported_ops_warnings(False)
+    fca.uncalled_modules_warnings(False)
+    assert round(fca.total() / 1e6, 2) == 241.40
+    assert round(shvit.VARIANT_STATS['shvit_s1']['gmacs_fused'] * 1e3, 2) == 241.40

@@ -1,0 +1,153 @@
+"""Loading SHViT weights: timm layout, official layout, local files, wrong variants, missing / corrupt files."""
+import logging
+
+import pytest
+import torch
+import timm
+from safetensors.torch import save_file
+
+import shvit
+
+
+def _random_state_dict(variant: str, **kwargs):
+    """A timm-layout state dict with every tensor random (positive running variances)."""
+    torch.manual_seed(0)
+    sd = timm.create_model(variant, **kwargs).state_dict()
+    out = {}
+    for k, v in sd.items():
+        if k.endswith('num_batches_tracked'):
+            out[k] = v
+        elif k.endswith('running_var'):
+            out[k] = torch.rand_like(v) + 0.5
+        else:
+            out[k] = torch.randn_like(v) * 0.1
+    return out
+
+
+def _to_official(sd):
+    """timm layout -> official layout, written independently of shvit.checkpoint (key by key, from the reference)."""
+    downsample_slot = {0: ['0', '0'], 1: ['0', '1'], 2: ['1'], 3: ['2', '0'], 4: ['2', '1']}
+    out = {}
+    for k, v in sd.items():
+        parts = k.split('.')
+        if parts[0] == 'stages':
+            stage, kind, idx, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+            if kind == 'blocks':
+                head = [f'blocks{stage + 1}', str(idx + (3 if stage > 0 else 0))]
+            else:
+                head = [f'blocks{stage + 1}'] + downsample_slot[idx]
+            k = '.'.join(head + rest)
+        out[k] = v
+    return out
+
+
+@pytest.fixture(scope='module')
+def s1_weights():
+    return _random_state_dict('shvit_s1')
+
+
+@pytest.fixture(scope='module')
+def s1_reference(s1_weights):
+    m = timm.create_model('shvit_s1').eval()
+    m.load_state_dict(s1_weights)
+    return m
+
+
+def test_official_layout_with_distill_head_loads(tmp_path, s1_weights, s1_reference, caplog):
+    official = _to_official(s1_weights)
+    assert len(official) == 471 and 'blocks3.7.ffn.m.pw2.bn.bias' in official and 'blocks2.1.se.fc1.weight' in official
+    head_dist = {k.replace('head.', 'head_dist.', 1): torch.randn_like(v) if v.is_floating_point() else v
+                 for k, v in official.items() if k.startswith('head.')}
+    head_dist['head_dist.bn.running_var'] = torch.rand(320) + 0.5
+    path = tmp_path / 'shvit_s1.pth'
+    torch.save({'model': {**official, **head_dist}, 'epoch': 299}, path)
+    x = torch.randn(2, 3, 96, 96)
+    with caplog.at_level(logging.WARNING, logger='shvit.checkpoint'):
+        m = timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    assert 'head_dist' in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), s1_reference(x), rtol=0, atol=0)
+        md = timm.create_model(
+            'shvit_s1', pretrained=True, distilled=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+        pooled = s1_reference.forward_head(s1_reference.forward_features(x), pre_logits=True)
+        bn_w, bn_b = head_dist['head_dist.bn.weight'], head_dist['head_dist.bn.bias']
+        mean, var = head_dist['head_dist.bn.running_mean'], head_dist['head_dist.bn.running_var']
+        dist = ((pooled - mean) / (var + 1e-5).sqrt() * bn_w + bn_b) @ head_dist['head_dist.l.weight'].T \
+            + head_dist['head_dist.l.bias']
+        torch.testing.assert_close(md(x), (s1_reference(x) + dist) / 2, rtol=1e-5, atol=1e-5)
+
+
+def test_timm_layout_safetensors_with_in_chans_and_num_classes(tmp_path, s1_weights):
+    path = tmp_path / 'model.safetensors'
+    save_file({k: v.contiguous() for k, v in s1_weights.items()}, str(path))
+    m = timm.create_model(
+        'shvit_s1', pretrained=True, in_chans=1, num_classes=10, pretrained_cfg_overlay=dict(file=str(path)))
+    sd = m.state_dict()
+    # timm's first-conv adaptation for 1 channel sums the RGB filters
+    torch.testing.assert_close(sd['patch_embed.0.c.weight'], s1_weights['patch_embed.0.c.weight'].sum(1, keepdim=True))
+    torch.testing.assert_close(sd['stages.2.blocks.4.mixer.m.qkv.c.weight'],
+                               s1_weights['stages.2.blocks.4.mixer.m.qkv.c.weight'])
+    torch.testing.assert_close(sd['head.bn.running_var'], s1_weights['head.bn.running_var'])
+    assert sd['head.l.weight'].shape == (10, 320)
+    assert m.eval()(torch.randn(1, 1, 64, 64)).shape == (1, 10)
+    md = timm.create_model('shvit_s1', pretrained=True, distilled=True, num_classes=10,
+                           pretrained_cfg_overlay=dict(file=str(path)))
+    assert md.head_dist.l.weight.shape == (10, 320)
+    torch.testing.assert_close(md.head_dist.bn.running_var, s1_weights['head.bn.running_var'])
+
+
+def test_wrong_variant_names_expected_and_found():
+    sd = _random_state_dict('shvit_s2')
+    with pytest.raises(RuntimeError, match=r'shvit_s1.*expected shvit_s1, found shvit_s2') as info:
+        timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(state_dict=sd))
+    assert isinstance(info.value.__cause__, shvit.CheckpointMismatchError)
+    with pytest.raises(RuntimeError, match='found shvit_s2'):
+        shvit.checkpoint_filter_fn({'model': _to_official(sd)}, timm.create_model('shvit_s1', device='meta'))
+
+
+def test_other_model_weights_rejected():
+    sd = timm.create_model('resnet18', device='meta').state_dict()
+    with pytest.raises(RuntimeError, match='expected shvit_s1, found not an .*SHViT checkpoint'):
+        shvit.checkpoint_filter_fn(sd, timm.create_model('shvit_s1', device='meta'))
+
+
+def test_truncated_checkpoint_reports_missing_keys(s1_weights):
+    sd = {k: v for k, v in s1_weights.items() if not k.startswith('stages.2.blocks.4.')}
+    with pytest.raises(RuntimeError, match=r'missing keys, e.g. \[.stages\.2\.blocks\.4'):
+        timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(state_dict=sd))
+
+
+def test_missing_hub_file_offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path))
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    with pytest.raises(RuntimeError, match=r'shvit_s4 from Hugging Face Hub repo timm/shvit_s4\.in1k') as info:
+        timm.create_model('shvit_s4.in1k', pretrained=True)
+    assert 'hf download timm/shvit_s4.in1k' in str(info.value)
+
+
+def test_missing_local_file(tmp_path):
+    path = tmp_path / 'nope.safetensors'
+    with pytest.raises(RuntimeError, match=f'shvit_s1 from file {path}'):
+        timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+@pytest.mark.parametrize('name', ['broken.safetensors', 'broken.pth'])
+def test_corrupt_file(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b'\x00garbage, not a checkpoint' * 10)
+    with pytest.raises(RuntimeError, match='Could not load pretrained weights for shvit_s1') as info:
+        timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert 'corrupt' in str(info.value)
+
+
+def test_non_pretrained_errors_pass_through():
+    with pytest.raises(TypeError):
+        timm.create_model('shvit_s1', pretrained=False, bogus=1)
+
+
+def test_cfg_reference_numbers():
+    for variant, stats in shvit.VARIANT_STATS.items():
+        cfg = timm.models.get_pretrained_cfg(f'{variant}.in1k')
+        assert cfg.input_size == (3, stats['img_size'], stats['img_size'])
+        assert any(f"{stats['params']:,}" in note for note in cfg.notes)
