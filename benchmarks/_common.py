@@ -1,0 +1,93 @@
+"""Shared helpers of the benchmark scripts: arguments, machine info, models with realistic BN statistics, tables.
+
+Timing itself is ``vitzoo.speed.measure`` (warm-up, interleaved rounds, median over rounds).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+from typing import Dict, Hashable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from vitzoo.speed import Timing, measure
+
+__all__ = ["base_parser", "cpu_info", "print_machine", "randomize_norm_stats", "inference", "timed", "print_table"]
+
+
+def base_parser(description: str, batch: int = 16, rounds: int = 7, threads: Sequence[int] = (1, 2)) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=rounds, help="interleaved timed rounds (median reported)")
+    parser.add_argument("--batch", type=int, default=batch, help="images per call")
+    parser.add_argument("--threads", type=int, nargs="+", default=list(threads), help="torch/ORT thread counts")
+    parser.add_argument("--min-time", type=float, default=0.3, help="minimum seconds per timing")
+    return parser
+
+
+def cpu_info() -> Dict[str, object]:
+    """CPU model, cores, SIMD ISA and clock from /proc/cpuinfo and sysfs (Linux; fields missing elsewhere are None)."""
+    info: Dict[str, object] = {"model": platform.processor() or None, "logical_cpus": os.cpu_count(),
+                               "isa": None, "mhz": None, "max_mhz": None}
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return info
+    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = set((re.search(r"^flags\s*:\s*(.+)$", text, re.M) or re.search("()", "")).group(1).split())
+    mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)$", text, re.M)
+    info["model"] = model.group(1).strip() if model else info["model"]
+    info["isa"] = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse/other"
+    info["fma"] = "fma" in flags
+    info["mhz"] = float(mhz.group(1)) if mhz else None
+    try:
+        info["max_mhz"] = int(open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read()) / 1000
+    except (OSError, ValueError):
+        pass
+    return info
+
+
+def print_machine(threads: Sequence[int]) -> Dict[str, object]:
+    info = cpu_info()
+    print(f"CPU: {info['model']} | logical CPUs: {info['logical_cpus']} | vector ISA: {info['isa']} "
+          f"| clock: {info['mhz']} MHz (max {info['max_mhz'] or 'n/a'}) | torch {torch.__version__} "
+          f"| threads: {list(threads)} | load avg: {os.getloadavg() if hasattr(os, 'getloadavg') else 'n/a'}")
+    return info
+
+
+@torch.no_grad()
+def randomize_norm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine (random init has gamma=0 branches that fusion hides)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            if m.affine:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
+    return model.eval()
+
+
+def inference(model, x: torch.Tensor):
+    """A zero-argument runner calling ``model(x)`` under ``torch.inference_mode``."""
+    def run():
+        with torch.inference_mode():
+            return model(x)
+    return run
+
+
+def timed(runners: Dict[Hashable, object], batch: int, rounds: int, min_time: float, desc: str) -> Dict[Hashable, Timing]:
+    return measure(runners, batch, rounds=rounds, warmup=2, min_time=min_time, desc=desc)
+
+
+def print_table(header: List[str], rows: List[List[object]], title: Optional[str] = None) -> None:
+    """Print a markdown table (pasteable into docs/benchmarks.md)."""
+    if title:
+        print(f"\n### {title}")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(f"{c:.3g}" if isinstance(c, float) and abs(c) < 1 else f"{c:.1f}" if isinstance(c, float) else str(c) for c in row) + " |")

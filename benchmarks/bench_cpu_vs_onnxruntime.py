@@ -1,0 +1,57 @@
+"""Our best CPU path (``vitzoo.deploy``, eager; optionally compile) vs ONNX Runtime fp32 of the same fused model.
+
+The ONNX Runtime side is ``deploy(model, backend="onnxruntime")``: the fused model exported at opset 17 and run in a
+CPU session with ``intra_op_num_threads`` = torch threads and all graph optimisations on.
+
+    python benchmarks/bench_cpu_vs_onnxruntime.py --rounds 7 --batch 16 --threads 1 2
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import vitzoo  # noqa: E402,F401
+from _common import base_parser, inference, print_machine, print_table, randomize_norm_stats, timed  # noqa: E402
+from vitzoo.deploy import deploy  # noqa: E402
+
+CASES = {"shvit_s1": 224, "shvit_s4": 256, "deit_tiny_patch16_224": 224}
+
+
+def main() -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["shvit_s1", "shvit_s4"], choices=list(CASES))
+    parser.add_argument("--compile", action="store_true", help="also time backend='compile' (slow to build)")
+    args = parser.parse_args()
+    print_machine(args.threads)
+    rows, ratios = [], []
+    for name in args.models:
+        res = CASES[name]
+        model = randomize_norm_stats(timm.create_model(name))
+        x = torch.randn(args.batch, 3, res, res)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            runners = {"eager": inference(deploy(model, x[:1]), x),
+                       "onnxruntime": inference(deploy(model, x[:1], backend="onnxruntime"), x)}
+            if args.compile:
+                runners["compile"] = inference(deploy(model, x, backend="compile"), x)
+            t = timed(runners, args.batch, args.rounds, args.min_time, f"{name}@{res} {threads}t")
+            best = max((k for k in runners if k != "onnxruntime"), key=lambda k: t[k].throughput)
+            ratio = t[best].throughput / t["onnxruntime"].throughput
+            ratios.append(ratio)
+            rows.append([f"{name}@{res}", threads, t["eager"].throughput,
+                         t["compile"].throughput if "compile" in t else "not run",
+                         t["onnxruntime"].throughput, best, f"{ratio:.2f}x"])
+    print_table(["model", "threads", "eager img/s", "compile img/s", "ORT img/s", "best torch path", "best / ORT"],
+                rows, title=f"best PyTorch CPU path vs ONNX Runtime fp32 (batch {args.batch}, median of {args.rounds} rounds)")
+    print(f"\nratios: {', '.join(f'{r:.2f}x' for r in ratios)} (goal >= 1.0x: "
+          f"{'met' if ratios and min(ratios) >= 1.0 else 'NOT met'} for all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

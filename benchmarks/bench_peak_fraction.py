@@ -1,0 +1,95 @@
+"""Fraction of the machine's peak FP32 multiply-add rate reached by ``vitzoo.deploy`` (default eager backend).
+
+achieved MAC/s = fvcore MACs of the fused model per image (``vitzoo.flops.count_flops``) x measured img/s.
+peak MAC/s     = threads (one per physical core) x clock x FMA instructions per cycle x fp32 lanes per FMA.
+
+Assumptions (override with --ghz/--fma-units/--lanes):
+* clock: the "cpu MHz" of /proc/cpuinfo (nominal; turbo can be higher, hence the sgemm row below);
+* AMD Zen 3/4 (family 25): AVX-512 is executed on 2 x 256-bit FMA pipes -> 2 units x 8 lanes;
+* Intel with AVX-512: 2 x 512-bit FMA units (Xeon Gold/Platinum; some SKUs have 1) -> 2 x 16;
+* AVX2 + FMA: 2 x 8.
+An empirical ceiling is also measured: MKL sgemm 2048^3 at the same thread count.
+
+    python benchmarks/bench_peak_fraction.py --rounds 5 --batch 16 --threads 1 2
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import vitzoo  # noqa: E402,F401
+from _common import base_parser, cpu_info, inference, print_machine, print_table, randomize_norm_stats, timed  # noqa: E402
+from vitzoo.deploy import deploy  # noqa: E402
+from vitzoo.flops import count_flops  # noqa: E402
+
+CASES = {"shvit_s1": 224, "shvit_s4": 256, "deit_tiny_patch16_224": 224}
+
+
+def fma_config() -> tuple:
+    """(FMA units, fp32 lanes per unit, explanation) from the CPU vendor and flags."""
+    info = cpu_info()
+    text = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    amd = "AuthenticAMD" in text
+    family = int((re.search(r"^cpu family\s*:\s*(\d+)", text, re.M) or re.search("(0)", "0")).group(1))
+    if info["isa"] == "avx512f" and amd:
+        return 2, 8, f"AMD family {family} AVX-512: 2 FMA pipes x 256 bit (8 fp32 lanes; 512-bit ops double-pumped)"
+    if info["isa"] == "avx512f":
+        return 2, 16, "Intel AVX-512: 2 FMA units x 16 fp32 lanes"
+    if info["fma"]:
+        return 2, 8, "AVX2+FMA: 2 FMA units x 8 fp32 lanes"
+    return 1, 4, "SSE: no FMA, 4 lanes (rough)"
+
+
+def sgemm_rate(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return n ** 3 * reps / (time.perf_counter() - start)
+
+
+def main() -> int:
+    parser = base_parser(__doc__.splitlines()[0], rounds=5)
+    parser.add_argument("--models", nargs="+", default=["shvit_s1", "shvit_s4"], choices=list(CASES))
+    parser.add_argument("--ghz", type=float, default=None, help="clock in GHz (default: /proc/cpuinfo cpu MHz)")
+    parser.add_argument("--fma-units", type=int, default=None)
+    parser.add_argument("--lanes", type=int, default=None)
+    args = parser.parse_args()
+    info = print_machine(args.threads)
+    units, lanes, why = fma_config()
+    units, lanes = args.fma_units or units, args.lanes or lanes
+    ghz = args.ghz or (info["mhz"] or 0) / 1000
+    if not ghz:
+        parser.error("cannot read the clock from /proc/cpuinfo; pass --ghz")
+    print(f"peak per core = {ghz:.3f} GHz x {units} FMA units x {lanes} lanes = {ghz * units * lanes:.1f} GMAC/s ({why})")
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        peak = threads * ghz * 1e9 * units * lanes
+        gemm = sgemm_rate()
+        rows.append(["MKL sgemm 2048^3", threads, "-", f"{gemm / 1e9:.1f}", f"{gemm / peak:.0%}"])
+        for name in args.models:
+            res = CASES[name]
+            macs = count_flops(name, res).total
+            model = randomize_norm_stats(timm.create_model(name))
+            x = torch.randn(args.batch, 3, res, res)
+            t = timed({name: inference(deploy(model, x[:1]), x)}, args.batch, args.rounds, args.min_time,
+                      f"{name} {threads}t")[name]
+            achieved = macs * t.throughput
+            rows.append([f"{name}@{res} deploy()", threads, f"{t.throughput:.1f}", f"{achieved / 1e9:.1f}",
+                         f"{achieved / peak:.0%}"])
+    print_table(["workload", "threads", "img/s", "GMAC/s", "fraction of peak"], rows,
+                title=f"fraction of peak FP32 MAC rate (batch {args.batch}, median of {args.rounds} rounds)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

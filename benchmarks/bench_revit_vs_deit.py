@@ -1,0 +1,57 @@
+"""ReViT-T/S vs the DeiT of similar accuracy (DeiT-T, DeiT-S): measured speedup next to the FLOP ratio.
+
+Both sides run ``vitzoo.deploy`` (default eager backend), fp32, random weights (speed does not depend on values).
+NViT-B/H/S/T are left out: their per-block dimensions come from a checkpoint, so they cannot be built without one.
+
+    python benchmarks/bench_revit_vs_deit.py --rounds 5 --batch 8 --threads 1 2
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import vitzoo  # noqa: E402,F401
+from _common import base_parser, inference, print_machine, print_table, timed  # noqa: E402
+from vitzoo.deploy import deploy  # noqa: E402
+from vitzoo.flops import count_flops  # noqa: E402
+
+PAIRS = (("revit_t", "deit_tiny_patch16_224"), ("revit_s", "deit_small_patch16_224"))
+
+
+def main() -> int:
+    parser = base_parser(__doc__.splitlines()[0], batch=8, rounds=5)
+    parser.add_argument("--pairs", nargs="+", default=[p[0] for p in PAIRS], choices=[p[0] for p in PAIRS])
+    args = parser.parse_args()
+    print_machine(args.threads)
+    rows = []
+    for ours_name, deit_name in PAIRS:
+        if ours_name not in args.pairs:
+            continue
+        if not timm.is_model(ours_name):
+            print(f"skipping {ours_name}: not registered (nvit package missing)")
+            continue
+        flops = {n: count_flops(n).total for n in (ours_name, deit_name)}
+        models = {n: timm.create_model(n).eval() for n in (ours_name, deit_name)}
+        size = models[deit_name].pretrained_cfg["input_size"]
+        x = torch.randn(args.batch, *size)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            runners = {n: inference(deploy(m, x[:1]), x) for n, m in models.items()}
+            t = timed(runners, args.batch, args.rounds, args.min_time, f"{ours_name} vs {deit_name} {threads}t")
+            speedup = t[ours_name].throughput / t[deit_name].throughput
+            rows.append([ours_name, deit_name, threads, f"{flops[ours_name] / 1e9:.2f}", f"{flops[deit_name] / 1e9:.2f}",
+                         f"{flops[deit_name] / flops[ours_name]:.2f}x", t[ours_name].throughput,
+                         t[deit_name].throughput, f"{speedup:.2f}x"])
+    print_table(["ours", "DeiT", "threads", "ours GMACs", "DeiT GMACs", "FLOP ratio (DeiT/ours)", "ours img/s",
+                 "DeiT img/s", "measured speedup"], rows,
+                title=f"ReViT vs DeiT (batch {args.batch}, median of {args.rounds} rounds)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""vitzoo.deploy: outputs within 1e-4 of the unfused model, no mutation of the caller's model, backends, errors."""
+import copy
+import importlib
+import os
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitzoo.deploy import BACKENDS, PackedConv2d, available_backends, deploy
+
+ATOL = 1e-4
+
+
+def _randomize_bn(model: nn.Module) -> nn.Module:
+    # non-trivial BN stats/affine so that fusion actually changes the weights (zero-init gammas would hide errors)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def shvit_s1():
+    torch.manual_seed(0)
+    return _randomize_bn(timm.create_model("shvit_s1"))
+
+
+def _reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def test_eager_shvit_matches_unfused_and_leaves_caller_alone(shvit_s1):
+    before = copy.deepcopy(shvit_s1.state_dict())
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in shvit_s1.modules())
+    deployed = deploy(shvit_s1, torch.randn(1, 3, 96, 96))
+    assert any("oneDNN pre-packed convolutions" in o for o in deployed.optimizations), deployed.optimizations
+    assert "channels_last" in deployed.optimizations
+    # other batch sizes and resolutions than the example input, NCHW input converted automatically
+    for shape in [(3, 3, 96, 96), (2, 3, 128, 160)]:
+        x = torch.randn(shape)
+        out = deployed(x)
+        assert not out.requires_grad
+        torch.testing.assert_close(out, _reference(shvit_s1, x), atol=ATOL, rtol=0)
+    # caller's model untouched: same weights, BN still there
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in shvit_s1.modules()) == n_bn
+    for k, v in shvit_s1.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # all convs swapped for fused oneDNN ones; some ReLUs and residual adds folded in
+    packed = [m for m in deployed.modules() if isinstance(m, PackedConv2d)]
+    assert packed and not any(isinstance(m, nn.Conv2d) for m in deployed.modules())
+    assert any(m.unary == "relu" for m in packed)
+
+
+def test_eager_deit_matches():
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", depth=2).eval()
+    x = torch.randn(2, 3, 224, 224)
+    deployed = deploy(model)  # example input from pretrained_cfg
+    assert deployed.memory_format == torch.contiguous_format
+    torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)
+
+
+def test_eager_revit_matches():
+    if not timm.is_model("revit_t"):
+        pytest.skip("revit_t is not registered (nvit package not available)")
+    torch.manual_seed(0)
+    model = timm.create_model("revit_t").eval()
+    x = torch.randn(2, *model.pretrained_cfg["input_size"])
+    torch.testing.assert_close(deploy(model)(x), _reference(model, x), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("groups,stride,residual,relu", [(1, 2, False, True), (8, 1, True, False), (1, 1, True, True)])
+def test_packed_conv_against_functional(groups, stride, residual, relu):
+    conv = nn.Conv2d(16, 16, 3, stride, 1, groups=groups).eval()
+    packed = PackedConv2d(conv, (4, 16, 20, 20))
+    packed.unary = "relu" if relu else "none"
+    for shape in [(4, 16, 20, 20), (1, 16, 13, 9)]:  # a shape other than the one packed for, too
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+        expected = F.conv2d(x, conv.weight, conv.bias, stride, 1, 1, groups)
+        r = torch.randn_like(expected) if residual else None
+        if residual:
+            expected = expected + r
+        if relu:
+            expected = expected.relu()
+        with torch.no_grad():
+            torch.testing.assert_close(packed(x, r) if residual else packed(x), expected, atol=1e-5, rtol=0)
+
+
+def test_inplace_fuses_callers_model():
+    torch.manual_seed(0)
+    model = _randomize_bn(timm.create_model("shvit_s1"))
+    x = torch.randn(1, 3, 64, 64)
+    expected = _reference(model, x)
+    deployed = deploy(model, x, inplace=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    torch.testing.assert_close(deployed(x), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.skipif("onnxruntime" not in available_backends(), reason="onnx/onnxruntime not installed")
+def test_onnxruntime_backend(shvit_s1):
+    deployed = deploy(shvit_s1, torch.randn(1, 3, 64, 64), backend="onnxruntime")
+    for batch in (1, 3):  # dynamic batch
+        x = torch.randn(batch, 3, 64, 64)
+        torch.testing.assert_close(deployed(x), _reference(shvit_s1, x), atol=ATOL, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("VITZOO_TEST_COMPILE") != "1",
+                    reason="torch.compile takes 15-120 s on a 2-core CPU; set VITZOO_TEST_COMPILE=1 (docs/deploy.md)")
+def test_compile_backend():
+    torch.manual_seed(0)
+    model = _randomize_bn(timm.create_model("shvit_s1"))
+    x = torch.randn(2, 3, 64, 64)
+    deployed = deploy(model, x, backend="compile")
+    torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)
+
+
+def test_bad_backend_lists_valid_ones(shvit_s1):
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'.*eager, compile, onnxruntime"):
+        deploy(shvit_s1, backend="tensorrt")
+    assert set(available_backends()) <= set(BACKENDS)
+
+
+def test_no_example_input_and_no_cfg_is_a_clear_error():
+    with pytest.raises(ValueError, match="example_input"):
+        deploy(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+
+
+def test_verification_failure_raises(monkeypatch, shvit_s1):
+    deploy_module = importlib.import_module("vitzoo.deploy")  # the module, even if vitzoo re-exports deploy()
+    monkeypatch.setattr(deploy_module, "onednn_rewrite", lambda m, x: (_Offset(m), ["broken"]))
+    with pytest.raises(RuntimeError, match="max abs diff"):
+        deploy(shvit_s1, torch.randn(1, 3, 64, 64))
+
+
+class _Offset(nn.Module):
+    def __init__(self, m: nn.Module):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m(x) + 1e-3

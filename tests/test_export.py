@@ -1,0 +1,100 @@
+"""`vitzoo export`: verified ONNX with dynamic batch, checked here independently in ONNX Runtime; no overwrite
+without --force; no partial file on failure."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from vitzoo.cli import main  # noqa: E402
+from vitzoo.export import ExportError, export_verified_onnx  # noqa: E402
+from vitzoo.models import create  # noqa: E402
+
+IMG = 64
+
+
+def _ort_run(path, x: torch.Tensor) -> torch.Tensor:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    return torch.from_numpy(out)
+
+
+def _export_cli(out, *extra):
+    torch.manual_seed(123)
+    return main(["export", "shvit_s1", "--format", "onnx", "--img-size", str(IMG), "--out", str(out), *extra])
+
+
+def test_cli_writes_verified_dynamic_batch_onnx(tmp_path):
+    out = tmp_path / "s1.onnx"
+    assert _export_cli(out) == 0
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto)
+    assert proto.opset_import[0].version >= 17
+    batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value, "batch dimension is not dynamic"
+    torch.manual_seed(123)  # the CLI built its (random-weight) model from the same seed
+    reference = create("shvit_s1")
+    for batch in (1, 2):
+        x = torch.randn(batch, 3, IMG, IMG)
+        with torch.no_grad():
+            expected = reference(x)
+        torch.testing.assert_close(_ort_run(out, x), expected, atol=1e-4, rtol=0)
+    assert sorted(os.listdir(tmp_path)) == ["s1.onnx"]
+
+
+def test_api_matches_pytorch_with_nontrivial_bn(tmp_path):
+    torch.manual_seed(0)
+    model = create("shvit_s1")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    out = tmp_path / "s1.onnx"
+    export_verified_onnx(model, out, IMG)
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        expected = model(x)
+    np.testing.assert_allclose(_ort_run(out, x).numpy(), expected.numpy(), atol=1e-4, rtol=0)
+
+
+def test_refuses_overwrite_without_force(tmp_path, capsys):
+    out = tmp_path / "s1.onnx"
+    out.write_bytes(b"old")
+    assert _export_cli(out) != 0
+    assert "--force" in capsys.readouterr().err
+    assert out.read_bytes() == b"old"
+    assert _export_cli(out, "--force") == 0
+    assert out.read_bytes() != b"old"
+    onnx.checker.check_model(onnx.load(str(out)))
+
+
+def test_failed_verification_leaves_no_file(tmp_path, monkeypatch):
+    import vitzoo.onnx_runtime
+
+    monkeypatch.setattr(vitzoo.onnx_runtime, "max_abs_diff", lambda *a, **k: 0.5)
+    model = create("shvit_s1")
+    with pytest.raises(ExportError, match="max abs diff 0.5"):
+        export_verified_onnx(model, tmp_path / "s1.onnx", IMG)
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        export_verified_onnx(create("shvit_s1"), tmp_path / "s1.onnx", IMG)
+    assert os.listdir(tmp_path) == []
+
+
+def test_unknown_model_names_closest_matches(tmp_path, capsys):
+    assert main(["export", "shvit_s9", "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "shvit_s" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []

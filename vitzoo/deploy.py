@@ -1,0 +1,377 @@
+"""The fastest inference path: ``deploy(model)`` returns a fused, eval-mode, no-grad model ready for inference.
+
+Backends (see ``docs/deploy.md`` for measurements and when to use which):
+
+* ``"eager"`` (default): deep copy, ``eval()``, BN/re-param fusion (``timm.utils.reparameterize_model``),
+  channels-last memory format for convolutional models, and on CPU (fp32, oneDNN available) a graph rewrite
+  that replaces every ``nn.Conv2d`` by a :class:`PackedConv2d`: weights reordered once into oneDNN's blocked
+  layout, and a following ReLU and/or residual add fused into the convolution kernel.
+* ``"compile"``: the eager model (without the oneDNN rewrite) wrapped in ``torch.compile`` (inductor).
+* ``"onnxruntime"``: the fused model exported to ONNX (dynamic batch) and run in an ONNX Runtime session.
+
+Every backend runs its forward under ``torch.inference_mode()`` and converts the input to the memory format
+it wants. At deploy time the result is checked against the caller's (unfused) model on ``example_input``;
+a max abs diff above ``atol`` (1e-4) raises.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+__all__ = ["BACKENDS", "DeployedModel", "PackedConv2d", "available_backends", "deploy", "default_example_input"]
+
+BACKENDS = ("eager", "compile", "onnxruntime")
+DEFAULT_ATOL = 1e-4
+
+_RELU_TARGETS = (F.relu, torch.relu, torch.relu_)
+_ADD_TARGETS = (operator.add, operator.iadd, torch.add)
+
+
+def available_backends() -> List[str]:
+    """The backends usable in this environment, in order of preference for CPU inference."""
+    backends = ["eager"]
+    if hasattr(torch, "compile"):
+        backends.append("compile")
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        backends.append("onnxruntime")
+    except ImportError:
+        pass
+    return backends
+
+
+class DeployedModel(nn.Module):
+    """Inference wrapper: converts the input's memory format and runs the model under ``inference_mode``.
+
+    Args:
+        model: The prepared model (fused, eval, maybe rewritten / compiled / an ONNX Runtime session).
+        backend: Name of the backend that built it.
+        memory_format: Memory format the input is converted to before ``model`` runs.
+        optimizations: Human-readable list of what ``deploy`` applied (for reports and debugging).
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            backend: str,
+            memory_format: torch.memory_format = torch.contiguous_format,
+            optimizations: Sequence[str] = (),
+    ):
+        super().__init__()
+        self.model = model
+        self.backend = backend
+        self.memory_format = memory_format
+        self.optimizations = list(optimizations)
+        self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(x.contiguous(memory_format=self.memory_format))
+
+    def train(self, mode: bool = True) -> "DeployedModel":
+        if mode:
+            raise RuntimeError("a deployed model is inference-only; deploy() a fresh copy of the original to train.")
+        return super().train(False)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}, memory_format={self.memory_format}, optimizations={self.optimizations}"
+
+
+class PackedConv2d(nn.Module):
+    """A 2-D convolution run by oneDNN with a pre-packed weight and fused epilogue (CPU, fp32).
+
+    Computes ``unary(conv(x) + residual)`` (residual optional, unary is ``"none"`` or ``"relu"``) with
+    ``torch.ops.mkldnn._convolution_pointwise``, the kernel inductor uses on CPU. Packing the weight once
+    removes the per-call weight reorder of ``nn.Conv2d``; fusing the ReLU / add removes one pass over the
+    activation each. Numerically identical to the unfused ops up to float rounding.
+
+    Args:
+        conv: The convolution to replace (zero padding, float32, CPU).
+        input_size: Input shape (B, C, H, W) the weight layout is chosen for; other shapes still work.
+    """
+
+    def __init__(self, conv: nn.Conv2d, input_size: Sequence[int]):
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"PackedConv2d supports explicit zero padding only, got {conv}.")
+        self.in_channels = conv.in_channels
+        self.out_channels = conv.out_channels
+        self.kernel_size = tuple(conv.kernel_size)
+        self.padding = list(conv.padding)
+        self.stride = list(conv.stride)
+        self.dilation = list(conv.dilation)
+        self.groups = conv.groups
+        self.unary = "none"
+        weight = conv.weight.detach()
+        # an mkldnn (opaque) tensor: kept as a plain attribute, so it is not part of state_dict()
+        self.packed_weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            weight.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, list(input_size))
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, self.packed_weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+                self.unary, [], "")
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual, self.packed_weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+            "add", None, None if self.unary == "none" else self.unary, [], None)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, unary={self.unary!r}")
+
+
+def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
+    """A random input of the model's ``pretrained_cfg['input_size']``, on the model's device and dtype."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    input_size = cfg.get("input_size")
+    if not input_size:
+        raise ValueError(
+            f"{type(model).__name__} has no pretrained_cfg['input_size']; pass example_input=torch.randn(1, 3, H, W)."
+        )
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return torch.randn(batch_size, *input_size, device=device, dtype=dtype)
+
+
+def is_convolutional(model: nn.Module) -> bool:
+    """True when the model has convolutions beyond a single patch embedding (then channels-last pays off)."""
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
+
+
+def _is_relu(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in _RELU_TARGETS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _add_operands(node: fx.Node) -> List[Tuple[object, object]]:
+    """For a plain 2-operand add node: the (branch, residual) orders it may be fused in, else ``[]``.
+
+    An in-place ``a.add_(b)`` may only be fused with ``a`` as the convolution output (``b`` must stay intact).
+    """
+    if len(node.args) != 2 or node.kwargs:
+        return []
+    a, b = node.args
+    if node.op == "call_function" and node.target in _ADD_TARGETS or node.op == "call_method" and node.target == "add":
+        return [(a, b), (b, a)]
+    if node.op == "call_method" and node.target == "add_":
+        return [(a, b)]
+    return []
+
+
+def _same_tensor_meta(a: fx.Node, b: object) -> bool:
+    if not isinstance(b, fx.Node):
+        return False
+    ma, mb = a.meta.get("tensor_meta"), b.meta.get("tensor_meta")
+    return ma is not None and mb is not None and getattr(mb, "shape", None) == ma.shape and mb.dtype == ma.dtype
+
+
+def _drop_identities(gm: fx.GraphModule, modules: Dict[str, nn.Module]) -> None:
+    """Bypass ``nn.Identity`` calls (e.g. disabled drop-path) so that conv -> add patterns become adjacent."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and type(modules.get(node.target)) is nn.Identity and len(node.args) == 1:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+
+
+def _pack_convolutions(gm: fx.GraphModule, modules: Dict[str, nn.Module]) -> Dict[fx.Node, PackedConv2d]:
+    """Replace every call of an ``nn.Conv2d`` module by a fresh :class:`PackedConv2d` submodule."""
+    packed: Dict[fx.Node, PackedConv2d] = {}
+    for node in list(gm.graph.nodes):
+        conv = modules.get(node.target) if node.op == "call_module" else None
+        if type(conv) is not nn.Conv2d or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            continue
+        input_meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+        if input_meta is None or len(node.args) != 1 or node.kwargs:
+            continue
+        name = f"packed_{len(packed)}"
+        gm.add_submodule(name, PackedConv2d(conv, input_meta.shape))
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, (node.args[0],))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        packed[new] = gm.get_submodule(name)
+    return packed
+
+
+def _fuse_residual_adds(gm: fx.GraphModule, packed: Dict[fx.Node, PackedConv2d]) -> int:
+    """``conv(x) + r`` (same shape, conv used only by the add) -> ``PackedConv2d(x, r)``."""
+    fused = 0
+    for node in list(gm.graph.nodes):
+        for conv_node, residual in _add_operands(node):
+            if conv_node in packed and len(conv_node.users) == 1 and len(conv_node.args) == 1 \
+                    and packed[conv_node].unary == "none" and _same_tensor_meta(conv_node, residual):
+                conv_node.args = (conv_node.args[0], residual)
+                # the add's output shape/dtype equal the conv's, so conv_node's meta stays valid
+                node.replace_all_uses_with(conv_node)
+                gm.graph.erase_node(node)
+                fused += 1
+                break
+    return fused
+
+
+def _fuse_relus(gm: fx.GraphModule, packed: Dict[fx.Node, PackedConv2d], modules: Dict[str, nn.Module]) -> int:
+    """``relu(PackedConv2d(...))`` with the conv used only by the relu -> unary relu inside the conv."""
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if not _is_relu(node, modules):
+            continue
+        source = node.args[0] if node.args else None
+        if source in packed and len(source.users) == 1 and packed[source].unary == "none":
+            packed[source].unary = "relu"
+            node.replace_all_uses_with(source)
+            gm.graph.erase_node(node)
+            fused += 1
+    return fused
+
+
+def onednn_rewrite(model: nn.Module, example_input: torch.Tensor) -> Tuple[nn.Module, List[str]]:
+    """Trace ``model`` with torch.fx and swap its convolutions for fused, pre-packed oneDNN ones.
+
+    Args:
+        model: An eval-mode, fused, fp32 CPU model (not modified).
+        example_input: Input used to record shapes (its memory format should be the one used at inference).
+
+    Returns:
+        The rewritten ``fx.GraphModule`` and a list describing what was done. If the model cannot be traced
+        or has no plain convolutions, the model is returned unchanged with an explanation.
+    """
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:  # tracing arbitrary user models can fail in many ways
+        return model, [f"oneDNN rewrite skipped: torch.fx could not trace the model ({type(e).__name__}: {e})"]
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example_input)
+    modules = dict(gm.named_modules())
+    _drop_identities(gm, modules)
+    packed = _pack_convolutions(gm, modules)
+    if not packed:
+        return model, ["oneDNN rewrite skipped: no plain nn.Conv2d found"]
+    n_add = _fuse_residual_adds(gm, packed)
+    n_relu = _fuse_relus(gm, packed, modules)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    gm.pretrained_cfg = getattr(model, "pretrained_cfg", None)
+    return gm, [f"oneDNN pre-packed convolutions: {len(packed)} (fused ReLU: {n_relu}, fused residual add: {n_add})"]
+
+
+def _check_close(reference: torch.Tensor, candidate: nn.Module, example_input: torch.Tensor, atol: float,
+                 backend: str) -> float:
+    with torch.no_grad():
+        output = candidate(example_input)
+    diff = (reference - output.to(reference.device, reference.dtype)).abs().max().item()
+    if not diff <= atol:
+        raise RuntimeError(
+            f"deploy(backend={backend!r}): output differs from the original model by max abs diff {diff:.3g} "
+            f"(> tolerance {atol:g}). Use another backend, or report this with the model name."
+        )
+    return diff
+
+
+def _build_eager(model: nn.Module, example_input: torch.Tensor, rewrite: bool) -> DeployedModel:
+    optimizations = ["eval", "fused (timm.utils.reparameterize_model)"]
+    memory_format = torch.contiguous_format
+    if is_convolutional(model):
+        memory_format = torch.channels_last
+        model = model.to(memory_format=torch.channels_last)
+        optimizations.append("channels_last")
+    cpu_fp32 = example_input.device.type == "cpu" and example_input.dtype == torch.float32
+    if rewrite and memory_format == torch.channels_last and cpu_fp32 and torch.backends.mkldnn.is_available():
+        model, notes = onednn_rewrite(model, example_input.contiguous(memory_format=memory_format))
+        optimizations.extend(notes)
+    return DeployedModel(model, "eager", memory_format, optimizations)
+
+
+def _build_compile(model: nn.Module, example_input: torch.Tensor) -> DeployedModel:
+    deployed = _build_eager(model, example_input, rewrite=False)
+    deployed.model = torch.compile(deployed.model, options={"freezing": True})
+    deployed.backend = "compile"
+    deployed.optimizations.append("torch.compile(inductor, freezing=True)")
+    return deployed
+
+
+def _build_onnxruntime(model: nn.Module, example_input: torch.Tensor, opset: int) -> DeployedModel:
+    from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx
+
+    session = OnnxRuntimeModule(export_onnx(model, example_input.float().cpu(), opset=opset))
+    return DeployedModel(session, "onnxruntime", torch.contiguous_format,
+                         ["eval", "fused (timm.utils.reparameterize_model)",
+                          f"ONNX opset {opset}, dynamic batch", f"ONNX Runtime CPU, {session.num_threads} threads"])
+
+
+def deploy(
+        model: nn.Module,
+        example_input: Optional[torch.Tensor] = None,
+        backend: str = "eager",
+        inplace: bool = False,
+        verify: bool = True,
+        atol: float = DEFAULT_ATOL,
+        opset: int = 17,
+) -> DeployedModel:
+    """Return ``model`` prepared for fast inference.
+
+    Args:
+        model: Any image model (timm or plain ``nn.Module``) taking a (B, C, H, W) tensor.
+        example_input: Input used for tracing, export and verification; default: a random batch-1 tensor of
+            the model's ``pretrained_cfg['input_size']``.
+        backend: One of ``BACKENDS``: ``"eager"``, ``"compile"``, ``"onnxruntime"``.
+        inplace: Fuse the caller's model in place instead of a deep copy (saves memory; the original is
+            then changed).
+        verify: Compare the deployed model's output with the original model's on ``example_input``.
+        atol: Largest allowed max abs difference in that check.
+        opset: ONNX opset for the ``"onnxruntime"`` backend (>= 17).
+
+    Returns:
+        A :class:`DeployedModel` (an ``nn.Module``) whose forward runs without autograd.
+
+    Raises:
+        ValueError: Unknown backend, or no example input and no ``pretrained_cfg``.
+        RuntimeError: Backend unavailable here, or the deployed output differs by more than ``atol``.
+    """
+    from timm.utils import reparameterize_model
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}.")
+    if backend not in available_backends():
+        raise RuntimeError(
+            f"backend {backend!r} is not available here (available: {', '.join(available_backends())}); "
+            "install onnx and onnxruntime (`pip install 'vitzoo[onnx]'`) for 'onnxruntime'."
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"deploy() expects an nn.Module, got {type(model).__name__}.")
+    if example_input is None:
+        example_input = default_example_input(model)
+    model = model if inplace else copy.deepcopy(model)
+    model.eval()
+    reference = None
+    if verify:
+        with torch.no_grad():
+            reference = model(example_input)
+    model = reparameterize_model(model, inplace=True)
+    model.requires_grad_(False)
+    builders: Dict[str, Callable[[], DeployedModel]] = {
+        "eager": lambda: _build_eager(model, example_input, rewrite=True),
+        "compile": lambda: _build_compile(model, example_input),
+        "onnxruntime": lambda: _build_onnxruntime(model, example_input, opset),
+    }
+    deployed = builders[backend]()
+    if verify:
+        diff = _check_close(reference, deployed, example_input, atol, backend)
+        deployed.optimizations.append(f"verified: max abs diff {diff:.2g} vs original")
+    return deployed

@@ -1,0 +1,150 @@
+"""``vitzoo export``: write a verified ONNX file of a (fused) model with a dynamic batch dimension.
+
+The file is written only after ONNX Runtime reproduces PyTorch's output (of the unfused model) at batch 1 and
+batch 3 within 1e-4. It is written atomically (temp file in the target directory, then ``os.replace``) and never
+overwrites an existing file unless ``--force`` is given.
+
+    vitzoo export shvit_s1 --format onnx --out shvit_s1.onnx --img-size 224 --opset 17
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = ["ExportError", "export_verified_onnx", "register", "run"]
+
+VERIFY_BATCHES = (1, 3)
+DEFAULT_ATOL = 1e-4
+
+
+class ExportError(RuntimeError):
+    """Export failed verification or could not be written."""
+
+
+def _write_atomic(data: bytes, out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to overwrite it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def export_verified_onnx(
+        model: torch.nn.Module,
+        out: Path,
+        img_size: int,
+        opset: int = 17,
+        force: bool = False,
+        atol: float = DEFAULT_ATOL,
+        in_chans: int = 3,
+) -> float:
+    """Fuse ``model``, export it to ONNX, verify it in ONNX Runtime and write it to ``out``.
+
+    Args:
+        model: The model (not modified; a fused copy is exported).
+        out: Destination ``.onnx`` path.
+        img_size: Square input size baked into the graph (batch stays dynamic).
+        opset: ONNX opset (>= 17).
+        force: Overwrite ``out`` if it exists.
+        atol: Largest allowed max abs difference to PyTorch.
+        in_chans: Input channels.
+
+    Returns:
+        The max abs difference measured over the verification batches.
+
+    Raises:
+        FileExistsError: ``out`` exists and ``force`` is False (checked before any work).
+        ExportError: ONNX Runtime's output differs by more than ``atol``; nothing is written.
+    """
+    from timm.utils import reparameterize_model
+
+    from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx, max_abs_diff
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to overwrite it.")
+    model = model.eval()
+    fused = reparameterize_model(model)  # a fused deep copy; `model` stays the unfused reference
+    data = export_onnx(fused, torch.randn(1, in_chans, img_size, img_size), opset=opset)
+    session = OnnxRuntimeModule(data)
+    inputs = [torch.randn(b, in_chans, img_size, img_size) for b in VERIFY_BATCHES]
+    diff = max_abs_diff(model, session, inputs)
+    if not diff <= atol:
+        raise ExportError(
+            f"ONNX Runtime output differs from PyTorch by max abs diff {diff:.3g} (> {atol:g}) at batch sizes "
+            f"{VERIFY_BATCHES}; nothing was written."
+        )
+    _write_atomic(data, out, force)
+    return diff
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export", help="write a verified ONNX file (fused model, dynamic batch)",
+        description="Export a timm/zoo model to ONNX: fused, dynamic batch, verified against PyTorch in ONNX "
+                    "Runtime at batch 1 and 3 (max abs diff <= 1e-4), written atomically.")
+    parser.add_argument("model", help="timm model name, optionally with a pretrained tag (e.g. shvit_s1.in1k)")
+    parser.add_argument("--format", choices=["onnx"], default="onnx", help="output format (only onnx)")
+    parser.add_argument("--out", type=Path, default=None, help="output file (default: MODEL_IMGSIZE.onnx)")
+    parser.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's cfg)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (>= 17)")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="load the pretrained weights (downloads them); default: random weights")
+    parser.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    parser.set_defaults(func=run)
+
+
+def _create(name: str, img_size: Optional[int], pretrained: bool) -> torch.nn.Module:
+    import timm
+
+    from vitzoo.models import create, resolve_name
+
+    if not pretrained:
+        return create(name, img_size=img_size)
+    resolve_name(name)
+    kwargs = {}
+    cfg = timm.get_pretrained_cfg(name.partition(".")[0])
+    if img_size is not None and cfg is not None and getattr(cfg, "fixed_input_size", False):
+        kwargs["img_size"] = img_size
+    return timm.create_model(name, pretrained=True, **kwargs).eval()
+
+
+def run(args: argparse.Namespace) -> int:
+    from vitzoo.models import UnknownModelError
+
+    if args.img_size is not None and args.img_size < 1:
+        print(f"error: --img-size must be positive, got {args.img_size}", file=sys.stderr)
+        return 2
+    try:
+        model = _create(args.model, args.img_size, args.pretrained)
+    except UnknownModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    input_size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    img_size = args.img_size or int(input_size[-1])
+    out = args.out or Path(f"{args.model.replace('/', '_')}_{img_size}.onnx")
+    print(f"exporting {args.model} at {img_size}x{img_size} (opset {args.opset}) -> {out}", file=sys.stderr)
+    try:
+        diff = export_verified_onnx(model, out, img_size, opset=args.opset, force=args.force,
+                                    in_chans=int(input_size[0]))
+    except (FileExistsError, ValueError, ExportError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} (verified in ONNX Runtime at batch {', '.join(map(str, VERIFY_BATCHES))}: "
+          f"max abs diff {diff:.2g})")
+    return 0

@@ -1,0 +1,132 @@
+"""ONNX export of a PyTorch model, and an ``nn.Module`` that runs the exported graph in ONNX Runtime.
+
+The exporter is PyTorch's TorchScript-based one (``torch.onnx.export(..., dynamo=False)``): the dynamo
+exporter needs ``onnxscript``, which is not a dependency of this package. The batch dimension of the input and
+output is exported as dynamic (``batch``); height and width are fixed to the example input's.
+
+Example::
+
+    onnx_bytes = export_onnx(model, torch.randn(1, 3, 224, 224))
+    ort_model = OnnxRuntimeModule(onnx_bytes)
+    max_diff = max_abs_diff(model, ort_model, [torch.randn(1, 3, 224, 224), torch.randn(3, 3, 224, 224)])
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "export_onnx", "OnnxRuntimeModule", "max_abs_diff", "require_onnxruntime"]
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 17
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+
+
+def require_onnxruntime() -> None:
+    """Raise a RuntimeError with an install hint when ``onnx`` or ``onnxruntime`` is missing."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(
+            f"ONNX support needs the 'onnx' and 'onnxruntime' packages ({e}). "
+            "Install them with `pip install 'vitzoo[onnx]'`."
+        ) from e
+
+
+def export_onnx(
+        model: nn.Module,
+        example_input: torch.Tensor,
+        opset: int = DEFAULT_OPSET,
+) -> bytes:
+    """Export ``model`` to an ONNX model held in memory, with a dynamic batch dimension.
+
+    Args:
+        model: Model to export; it is exported in its current mode (call ``eval()`` and fuse it first).
+        example_input: One input tensor (B, C, H, W); H and W become fixed in the graph.
+        opset: ONNX opset version, at least ``MIN_OPSET``.
+
+    Returns:
+        The serialized ONNX ModelProto.
+    """
+    require_onnxruntime()
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is too old: use opset >= {MIN_OPSET}.")
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
+        raise ValueError(
+            f"example_input must be a 4-D image tensor (B, C, H, W), got "
+            f"{getattr(example_input, 'shape', type(example_input).__name__)}."
+        )
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            (example_input.contiguous(),),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            do_constant_folding=True,
+        )
+    return buffer.getvalue()
+
+
+class OnnxRuntimeModule(nn.Module):
+    """Runs an ONNX model in an ONNX Runtime CPU session behind an ``nn.Module`` interface.
+
+    Takes and returns torch tensors (fp32, CPU). It has no parameters; ``state_dict()`` is empty.
+
+    Args:
+        onnx_model: Serialized ONNX model (bytes) or a path to a ``.onnx`` file.
+        num_threads: Intra-op threads of the session; default ``torch.get_num_threads()``.
+    """
+
+    def __init__(self, onnx_model: Union[bytes, str, os.PathLike], num_threads: Optional[int] = None):
+        super().__init__()
+        require_onnxruntime()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(num_threads or torch.get_num_threads())
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        source = onnx_model if isinstance(onnx_model, bytes) else str(Path(onnx_model))
+        self.session = ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.num_threads = options.intra_op_num_threads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        (out,) = self.session.run(None, {self.input_name: array})
+        return torch.from_numpy(out)
+
+    def extra_repr(self) -> str:
+        return f"threads={self.num_threads}"
+
+
+@torch.no_grad()
+def max_abs_diff(reference: nn.Module, candidate: nn.Module, inputs: Iterable[torch.Tensor]) -> float:
+    """Largest absolute difference between the outputs of two models over several inputs.
+
+    Raises:
+        RuntimeError: When output shapes differ.
+    """
+    worst = 0.0
+    for x in inputs:
+        expected = reference(x).float().cpu()
+        got = candidate(x).float().cpu()
+        if expected.shape != got.shape:
+            raise RuntimeError(
+                f"output shape {tuple(got.shape)} differs from PyTorch's {tuple(expected.shape)} "
+                f"for input {tuple(x.shape)}."
+            )
+        worst = max(worst, (expected - got).abs().max().item())
+    return worst
