@@ -1,0 +1,151 @@
+"""`vitzoo compare` and vitzoo.compare.compare: output formats, speed, plot, name resolution."""
+import csv
+import io
+import json
+import sys
+import types
+
+import pytest
+
+from vitzoo import cli
+from vitzoo.compare import compare, format_rows
+from vitzoo.models import DEFAULT_MODELS, PAPER_NUMBERS, resolve_name
+from vitzoo.plot import pareto_front
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JSON_KEYS = {"model", "input_size", "params", "params_fused", "flops", "throughput"}
+
+
+def _cli(capsys, *argv):
+    code = cli.main(["compare", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def fake_deploy(monkeypatch):
+    """A stand-in vitzoo.deploy: 'eager' returns the model in eval mode, 'onnxruntime' fails."""
+    calls = []
+
+    def deploy(model, example_input=None, backend="eager"):
+        calls.append(backend)
+        if backend != "eager":
+            raise RuntimeError(f"backend {backend!r} is not available here")
+        return model.eval()
+
+    monkeypatch.setitem(sys.modules, "vitzoo.deploy", types.SimpleNamespace(deploy=deploy))
+    return calls
+
+
+def test_json_schema_counts_only(capsys):
+    code, out, err = _cli(capsys, "shvit_s1", "deit_tiny_patch16_224", "--no-speed", "--format", "json")
+    assert code == 0
+    rows = json.loads(out)  # stdout holds only the JSON array
+    assert [r["model"] for r in rows] == ["shvit_s1", "deit_tiny_patch16_224"]
+    for r in rows:
+        assert JSON_KEYS <= set(r)
+        assert isinstance(r["flops"], int) and r["throughput"] is None
+        assert r["input_size"] == [3, 224, 224]
+    assert rows[0]["flops"] == 241_400_128  # fused S1 at 224 (paper 241M)
+    assert (rows[0]["params"], rows[0]["params_fused"]) == (6_330_808, 6_308_660)
+    assert rows[0]["paper_top1"] == 72.8
+    assert "machine:" in err and "torch" in err
+
+
+def test_tiny_speed_run_with_deploy_stand_in(fake_deploy):
+    rows = compare(["shvit_s1"], img_size=64, batch_size=2, rounds=1, threads=1, devices=["cpu"],
+                   backends=["eager", "onnxruntime"])
+    (row,) = rows
+    assert row["device"] == "cpu" and row["batch_size"] == 2 and row["input_size"] == [3, 64, 64]
+    assert row["throughput"] > 0 and row["latency_ms"] > 0
+    assert row["throughput_fastest"] > 0 and row["fastest_backend"] == "eager"
+    assert set(row["throughput_by_path"]) == {"default", "eager"}
+    assert "onnxruntime failed" in row["note"]
+    assert fake_deploy == ["eager", "onnxruntime"]
+    # throughput and latency describe the same timings: img/s = batch / (ms / 1000) for one round
+    assert row["throughput"] == pytest.approx(2 / (row["latency_ms"] / 1e3), rel=1e-3)
+
+
+def test_plot_writes_png_and_refuses_overwrite(capsys, tmp_path, fake_deploy):
+    target = tmp_path / "pareto.png"
+    args = ["shvit_s1", "efficientvit_m2", "--img-size", "64", "--batch", "1", "--rounds", "1", "--threads", "1",
+            "--device", "cpu", "--backends", "eager", "--plot", str(target)]
+    code, out, err = _cli(capsys, *args)
+    assert code == 0, err
+    data = target.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+    assert list(tmp_path.iterdir()) == [target]  # no temp file left behind
+
+    code, out, err = _cli(capsys, *args)
+    assert code == 1 and "already exists" in err and "--force" in err
+    assert target.read_bytes() == data  # untouched
+    assert out == ""  # refused before measuring anything
+
+    code, _, err = _cli(capsys, *args, "--force")
+    assert code == 0, err
+
+
+def test_pareto_front_by_hand():
+    pts = [("a", 1, 100), ("b", 2, 50), ("c", 2, 40), ("d", 4, 60), ("e", 8, 10)]
+    # c is dominated by b (same FLOPs, faster) and by d; b is dominated by d (more FLOPs, faster)
+    assert [p[0] for p in pareto_front(pts)] == ["a", "d", "e"]
+
+
+def test_unknown_name_lists_closest_matches(capsys):
+    code, out, err = _cli(capsys, "shvit_s9", "--no-speed")
+    assert code == 2
+    assert "unknown model 'shvit_s9'; closest matches:" in err and "shvit_s1" in err
+    assert out == ""
+    code, out, err = _cli(capsys, "shvit_s1", "--batch", "0")
+    assert code == 1 and "batch_size must be >= 1" in err and out == ""
+
+
+def test_tagged_name_builds_without_download(capsys, monkeypatch):
+    def no_download(*a, **k):
+        raise AssertionError("compare must not download weights")
+
+    monkeypatch.setattr("timm.models._builder.load_pretrained", no_download)
+    code, out, err = _cli(capsys, "deit_tiny_patch16_224.fb_in1k", "--no-speed", "--format", "json")
+    assert code == 0, err
+    (row,) = json.loads(out)
+    assert row["model"] == "deit_tiny_patch16_224.fb_in1k" and row["paper_flops"] == 1.3e9
+    code, _, err = _cli(capsys, "deit_tiny_patch16_224.no_such_tag", "--no-speed")
+    assert code == 2 and "unknown pretrained tag 'no_such_tag'" in err and "fb_in1k" in err
+
+
+def test_csv_and_markdown_parse(capsys):
+    rows = compare(["shvit_s1", "efficientvit_m2"], speed=False)
+    parsed = list(csv.DictReader(io.StringIO(format_rows(rows, "csv"))))
+    assert [r["model"] for r in parsed] == ["shvit_s1", "efficientvit_m2"]
+    assert int(parsed[0]["flops"]) == 241_400_128 and parsed[0]["input_size"] == "3x224x224"
+
+    lines = format_rows(rows, "md").splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert lines[1].replace("|", "").replace("-", "") == ""
+    body = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
+    assert len(body) == 2 and all(len(r) == len(header) for r in body)
+    assert body[0][header.index("FLOPs (M)")] == "241.40"
+
+    code, out, _ = _cli(capsys, "shvit_s1", "--no-speed", "--format", "csv")  # the CLI path of the same formatter
+    assert code == 0 and list(csv.DictReader(io.StringIO(out)))[0]["flops"] == "241400128"
+    code, out, _ = _cli(capsys, "shvit_s1", "--no-speed")  # rich table
+    assert code == 0 and "shvit_s1" in out and "241.40" in out and "machine:" in out
+
+
+def test_img_size_and_default_set():
+    (row,) = compare(["deit_tiny_patch16_224"], img_size=160, speed=False)
+    assert row["input_size"] == [3, 160, 160]
+    # 100 patches + cls: the per-block linears scale with tokens, so FLOPs fall below the 224 count
+    assert row["flops"] < 1_258_000_000
+    assert set(DEFAULT_MODELS) >= {"shvit_s1", "shvit_s4", "revit_t", "revit_s", "deit_base_patch16_224"}
+    assert all(name in PAPER_NUMBERS for name in DEFAULT_MODELS)
+    assert resolve_name("shvit_s4") == ("shvit_s4", None)
+
+
+def test_skipped_models_are_reported(monkeypatch):
+    import vitzoo.compare as mod
+
+    monkeypatch.setattr(mod, "DEFAULT_MODELS", ("shvit_s1", "not_a_registered_model"))
+    with pytest.warns(UserWarning, match="skipped not_a_registered_model"):
+        rows = compare(speed=False)
+    assert [r["model"] for r in rows] == ["shvit_s1"]

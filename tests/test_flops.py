@@ -1,0 +1,149 @@
+"""vitzoo.flops against published numbers, hand-derived formulas and fvcore's own matmul handle."""
+import pytest
+import timm
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vitzoo.flops import count_flops, count_params
+
+# SHViT paper Table 2 FLOPs = fvcore on the BN-fused model (reference shvit.md, "numbers to reproduce").
+SHVIT = {  # name: (resolution, fused MFLOPs, params unfused, params fused)
+    "shvit_s1": (224, 241.40, 6_330_808, 6_308_660),
+    "shvit_s2": (224, 365.51, 11_483_072, 11_453_508),
+    "shvit_s3": (224, 600.71, 14_245_273, 14_210_010),
+    "shvit_s4": (256, 986.43, 16_588_484, 16_546_248),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHVIT))
+def test_shvit_fused_flops_and_params_match_paper(name):
+    res, mflops, params, params_fused = SHVIT[name]
+    report = count_flops(name)
+    assert report.input_size == (3, res, res)
+    assert report.fused
+    assert round(report.total / 1e6, 2) == mflops
+    assert report.params == params
+    assert report.params_fused == params_fused
+
+
+def test_shvit_unfused_count_and_uncounted_ops_reported():
+    report = count_flops("shvit_s1", fused=False)
+    assert round(report.total / 1e6, 2) == 244.11  # reference shvit.md §6.2, fvcore on the unfused model
+    assert report.by_operator["batch_norm"] > 0
+    # 9 attention blocks (4 in stage 2, 5 in stage 3), one softmax each; SE gate: sigmoid + mean twice
+    assert report.uncounted["aten::softmax"] == 9
+    assert report.uncounted["aten::sigmoid"] == 2
+    assert report.uncounted["aten::mean"] == 2
+    assert report.uncounted.get("aten::add", 0) + report.uncounted.get("aten::add_", 0) > 0  # residuals
+    assert not any(op.endswith(("reshape_as", "view_as")) for op in report.uncounted)  # free shape ops
+    assert "aten::softmax" in report.summary()
+
+
+def test_deit_base_matches_paper_and_counts_sdpa():
+    report = count_flops("deit_base_patch16_224")
+    assert round(report.total / 1e9, 4) == 17.5827  # cited as 17.6G (DeiT, NViT Table 1)
+    # 12 blocks x 12 heads x (197 x 197) x (64 + 64): QK^T and AV
+    assert report.by_operator["scaled_dot_product_attention"] == 12 * 12 * 197 * 197 * (64 + 64)
+    assert "aten::scaled_dot_product_attention" not in report.uncounted
+    assert report.params == report.params_fused == 86_567_656
+
+
+def test_sdpa_handle_equals_fvcore_matmul_count_of_explicit_attention():
+    fused = timm.create_model("deit_tiny_patch16_224")
+    explicit = timm.create_model("deit_tiny_patch16_224")
+    explicit.load_state_dict(fused.state_dict())
+    for block in explicit.blocks:
+        block.attn.fused_attn = False  # q @ k^T and attn @ v as aten::matmul, which fvcore counts itself
+    a, b = count_flops(fused), count_flops(explicit)
+    assert "scaled_dot_product_attention" in a.by_operator and "scaled_dot_product_attention" not in b.by_operator
+    assert a.by_operator["scaled_dot_product_attention"] == b.by_operator["matmul"]
+    assert a.total == b.total
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 1, bias=False)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = F.gelu(y) + y
+        return y.softmax(1).mean((2, 3))
+
+
+def test_elementwise_option_counts_one_per_element():
+    model = _Tiny()
+    elements = 2 * 5 * 4 * 4  # batch 2, 5 channels, 4x4
+    conv = elements * 3  # 1x1 conv over 3 input channels
+    default = count_flops(model, (3, 4, 4), batch_size=2)
+    assert default.total == conv
+    assert default.uncounted == {"aten::gelu": 1, "aten::add": 1, "aten::softmax": 1, "aten::mean": 1}
+    full = count_flops(model, (3, 4, 4), batch_size=2, elementwise=True)
+    assert full.total == conv + 4 * elements  # gelu, add, softmax per output element; mean per input element
+    assert full.uncounted == {}
+
+
+def test_model_left_unchanged_and_breakdown_consistent():
+    model = timm.create_model("shvit_s1").train()
+    before = count_params(model)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    report = count_flops(model, 128)
+    assert model.training and count_params(model) == before
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == n_bn
+    assert report.input_size == (3, 128, 128)
+    assert report.by_module[""] == report.total
+    top = [n for n in report.by_module if n and "." not in n]
+    assert sum(report.by_module[n] for n in top) == report.total
+    table = report.table(max_depth=1)
+    assert "patch_embed" in table and "stages.0" not in table
+    assert "stages.0" in report.table(max_depth=2)
+
+
+def test_bad_inputs_raise_helpful_errors():
+    with pytest.raises(TypeError, match="nn.Module or a timm model name"):
+        count_flops(42)
+    with pytest.raises(ValueError, match="input_size"):
+        count_flops(nn.Conv2d(3, 3, 1))
+    with pytest.raises(ValueError, match="input_size"):
+        count_flops(nn.Conv2d(3, 3, 1), (1, 2, 3, 4))
+    with pytest.raises(ValueError, match="positive"):
+        count_flops(nn.Conv2d(3, 3, 1), 0)
+    with pytest.raises(ValueError, match="closest matches"):
+        count_flops("shvit_s9")
+
+
+# ReViT dims from the official redistribution rule (reference nvit.md §1.5), written out by hand.
+_V = 64
+REVIT = {  # name: (EMB, heads, QK per head, MLP, paper GFLOPs from the code dims)
+    "revit_t": (176, [10, 2, 2, 4, 4, 4, 4, 4, 4, 2, 2, 10], [16, 8, 8, 16, 16, 16, 16, 16, 16, 8, 8, 16],
+                [528] * 3 + [1056] * 6 + [528] * 3, 1.14),
+    "revit_s": (384, [10, 4, 4, 8, 8, 8, 8, 8, 8, 4, 4, 10], [32, 16, 16, 32, 32, 32, 32, 32, 32, 16, 16, 32],
+                [1152] * 3 + [2304] * 6 + [1152] * 3, 4.71),
+}
+_MAC_OPS = ("conv", "linear", "matmul", "bmm", "einsum", "addmm", "scaled_dot_product_attention")
+
+
+def revit_macs(emb, heads, qk, mlp, tokens, classifiers, num_classes=1000):
+    """Multiply-adds of a ReViT at 224: patch embed, per block q/k/v, attention, proj, MLP, classifier(s)."""
+    total = 196 * (16 * 16 * 3) * emb  # 16x16 patches of 3 channels -> EMB
+    for h, d, m in zip(heads, qk, mlp):
+        total += tokens * emb * (2 * h * d + h * _V)  # q, k (H*QK wide) and v (H*V wide)
+        total += h * tokens * tokens * (d + _V)  # Q K^T and A V
+        total += tokens * h * _V * emb  # proj
+        total += 2 * tokens * emb * m  # fc1, fc2
+    return total + classifiers * emb * num_classes
+
+
+@pytest.mark.parametrize("name", sorted(REVIT))
+def test_revit_flops_match_formula(name):
+    if not timm.is_model(name):
+        pytest.skip(f"{name} is not registered (nvit package not installed yet)")
+    emb, heads, qk, mlp, paper_g = REVIT[name]
+    model = timm.create_model(name)
+    tokens = 196 + model.num_prefix_tokens
+    classifiers = 2 if isinstance(getattr(model, "head_dist", None), nn.Linear) else 1
+    report = count_flops(model)
+    assert report.input_size == (3, 224, 224)
+    macs = sum(v for k, v in report.by_operator.items() if k in _MAC_OPS)
+    assert macs == revit_macs(emb, heads, qk, mlp, tokens, classifiers)
+    assert report.total == pytest.approx(paper_g * 1e9, rel=0.01)

@@ -1,0 +1,393 @@
+"""``vitzoo compare``: FLOPs, params and measured speed of any timm models, side by side.
+
+For every model: parameters (as built and fused), FLOPs (MACs of the fused model, fvcore convention, see
+:mod:`vitzoo.flops`), the input size, and measured throughput/latency on two inference paths:
+
+* **default**: the model as ``timm.create_model`` returns it, in eval mode under ``torch.no_grad``;
+* **fastest**: :func:`vitzoo.deploy.deploy` with each backend that makes sense on the device
+  (CPU: ``eager`` and ``onnxruntime`` when installed; GPU: ``eager``; ``--backends`` to choose, e.g. ``compile``);
+  the fastest backend is reported.
+
+Without model names it compares the zoo against the models users would pick instead
+(:data:`vitzoo.models.DEFAULT_MODELS`). Models are built without weights (speed does not depend on the values).
+
+Python API: :func:`compare` returns the rows as a list of dicts (the ``--format json`` objects).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import importlib.util
+import io
+import json
+import platform
+import sys
+import warnings
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from vitzoo.flops import count_flops
+from vitzoo.models import DEFAULT_MODELS, PAPER_NUMBERS, UnknownModelError, create, resolve_name
+from vitzoo.speed import measure
+
+__all__ = ["compare", "machine_info", "format_rows", "register", "run"]
+
+DEFAULT_PATH = "default"
+FORMATS = ("table", "md", "csv", "json")
+DEFAULT_BATCH = {"cpu": 16, "cuda": 256}  # the SHViT paper's CPU and (about) GPU batch sizes
+
+
+def machine_info() -> Dict[str, Any]:
+    """CPU model, thread count, torch/timm versions and the GPU (if any), for the report header."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    import timm
+
+    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _default_backends(device: str) -> Tuple[str, ...]:
+    if device == "cpu" and importlib.util.find_spec("onnxruntime") is not None:
+        return ("eager", "onnxruntime")
+    return ("eager",)
+
+
+def _load_deploy() -> Optional[Callable[..., nn.Module]]:
+    try:
+        from vitzoo.deploy import deploy
+    except ImportError:
+        return None
+    return deploy
+
+
+def _build(
+    names: Sequence[str], explicit: bool, img_size: Optional[int], progress: bool
+) -> Tuple[list, Dict[str, str]]:
+    """Build and count each model; returns ``[(name, model, report)]`` and ``{name: reason}`` for skipped ones."""
+    built, skipped = [], {}
+    for name in tqdm(names, desc="counting FLOPs", unit="model", disable=not progress, leave=False):
+        try:
+            resolve_name(name)
+        except UnknownModelError as e:
+            if explicit:
+                raise
+            skipped[name] = f"not registered ({e})"
+            continue
+        try:
+            model = create(name, img_size=img_size)
+            report = count_flops(model, img_size)
+        except Exception as e:  # noqa: BLE001  a model that cannot be built (nvit_* without dims) is reported
+            skipped[name] = f"cannot be built without a checkpoint or at this size: {type(e).__name__}: {e}"
+            continue
+        built.append((name, model, report))
+    return built, skipped
+
+
+def _runners(
+    built: list, device: str, batch: int, backends: Sequence[str], notes: Dict[str, List[str]], progress: bool
+) -> Dict[Tuple[str, str], Callable[[], Any]]:
+    """One zero-argument callable per (model, path) on ``device``; failed backends go into ``notes``."""
+    deploy = _load_deploy()
+    if deploy is None:
+        for name, _, _ in built:
+            notes[name].append("vitzoo.deploy not available: fastest path not measured")
+    runners = {}
+    bar = tqdm(built, desc=f"deploying on {device} ({', '.join(backends)})", unit="model", disable=not progress,
+               leave=False)
+    for name, model, report in bar:
+        bar.set_postfix_str(name)
+        x = torch.randn(batch, *report.input_size, device=device)
+        default = model.to(device).eval()
+        runners[(name, DEFAULT_PATH)] = _bind(default, x)
+        for backend in backends if deploy is not None else ():
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    # export/verify at batch 1 (cheaper), then check that the deployed model takes the full batch
+                    deployed = deploy(copy.deepcopy(default), example_input=x[:1], backend=backend)
+                    with torch.no_grad():
+                        deployed(x)
+                runners[(name, backend)] = _bind(deployed, x)
+            except Exception as e:  # noqa: BLE001  one failed backend must not stop the comparison
+                notes[name].append(f"{backend} failed on {device}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    return runners
+
+
+def _bind(model: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Callable[[], Any]:
+    return lambda: model(x)
+
+
+def _row(name: str, report, device: Optional[str], batch: Optional[int]) -> Dict[str, Any]:
+    paper = PAPER_NUMBERS.get(name.partition(".")[0])
+    return {
+        "model": name,
+        "input_size": list(report.input_size),
+        "params": report.params,
+        "params_fused": report.params_fused,
+        "flops": report.total,
+        "device": device,
+        "batch_size": batch,
+        "throughput": None,
+        "latency_ms": None,
+        "throughput_fastest": None,
+        "latency_ms_fastest": None,
+        "fastest_backend": None,
+        "throughput_by_path": {},
+        "paper_flops": paper.flops if paper else None,
+        "paper_params": paper.params if paper else None,
+        "paper_top1": paper.top1 if paper else None,
+        "paper_source": paper.source if paper else None,
+        "note": "",
+    }
+
+
+def _measure_on(
+    device: str, built: list, batch: int, backends: Sequence[str], rounds: int, progress: bool
+) -> List[Dict[str, Any]]:
+    """Time every built model's default and deployed paths on ``device``; one row per model."""
+    notes: Dict[str, List[str]] = {name: [] for name, _, _ in built}
+    runners = _runners(built, device, batch, backends, notes, progress)
+    timings = measure(runners, batch, rounds=rounds, warmup=1, min_time=0.15, device=torch.device(device),
+                      progress=progress, desc=f"measuring on {device}")
+    rows = []
+    for name, model, report in built:
+        row = _row(name, report, device, batch)
+        paths = {path: t for (n, path), t in timings.items() if n == name}
+        row["throughput_by_path"] = {path: round(t.throughput, 2) for path, t in paths.items()}
+        row["throughput"] = round(paths[DEFAULT_PATH].throughput, 2)
+        row["latency_ms"] = round(paths[DEFAULT_PATH].latency_ms, 3)
+        deployed = {path: t for path, t in paths.items() if path != DEFAULT_PATH}
+        if deployed:
+            best = max(deployed, key=lambda p: deployed[p].throughput)
+            row["fastest_backend"] = best
+            row["throughput_fastest"] = round(deployed[best].throughput, 2)
+            row["latency_ms_fastest"] = round(deployed[best].latency_ms, 3)
+        row["note"] = "; ".join(notes[name])
+        rows.append(row)
+        model.to("cpu")
+    return rows
+
+
+def _compare(
+    models: Optional[Sequence[str]],
+    img_size: Optional[int],
+    batch_size: Optional[int],
+    threads: Optional[int],
+    speed: bool,
+    devices: Optional[Sequence[str]],
+    backends: Optional[Sequence[str]],
+    rounds: int,
+    progress: bool,
+) -> Tuple[List[Dict[str, Any]], Dict[str, str]]:
+    for what, value in (("img_size", img_size), ("batch_size", batch_size), ("threads", threads), ("rounds", rounds)):
+        if value is not None and value < 1:
+            raise ValueError(f"{what} must be >= 1, got {value}")
+    devices = list(devices) if devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if speed and "cuda" in devices and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False")
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    names = list(models) if models else list(DEFAULT_MODELS)
+    built, skipped = _build(names, explicit=bool(models), img_size=img_size, progress=progress)
+    if not speed:
+        return [_row(name, report, None, None) for name, _, report in built], skipped
+    rows = []
+    for device in devices:
+        batch = batch_size or DEFAULT_BATCH.get(device, 16)
+        rows += _measure_on(device, built, batch, backends or _default_backends(device), rounds, progress)
+    return rows, skipped
+
+
+def compare(
+    models: Optional[Sequence[str]] = None,
+    *,
+    img_size: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    threads: Optional[int] = None,
+    speed: bool = True,
+    devices: Optional[Sequence[str]] = None,
+    backends: Optional[Sequence[str]] = None,
+    rounds: int = 3,
+    progress: bool = False,
+) -> List[Dict[str, Any]]:
+    """Compare models by params, FLOPs and measured speed.
+
+    Args:
+        models: timm names (``arch`` or ``arch.tag``); default :data:`vitzoo.models.DEFAULT_MODELS`, where
+            models that are not registered or cannot be built (``nvit_*`` need checkpoint dims) are skipped
+            with a warning.
+        img_size: Square input size; default: each model's pretrained cfg input size.
+        batch_size: Images per batch; default 16 on CPU, 256 on GPU.
+        threads: ``torch.set_num_threads`` for the measurement (left as it is when None).
+        speed: Measure throughput/latency; False gives counts only (fast).
+        devices: ``"cpu"`` and/or ``"cuda"``; default CPU, plus CUDA when available. One row per model and device.
+        backends: :func:`vitzoo.deploy.deploy` backends tried for the fastest path; default per device.
+        rounds: Interleaved timing rounds (median reported).
+        progress: Show a progress bar on stderr.
+
+    Returns:
+        One dict per model (and device), with keys ``model``, ``input_size``, ``params``, ``params_fused``,
+        ``flops`` (int, MACs of the fused model), ``throughput`` (img/s, None without speed), ``latency_ms``,
+        ``throughput_fastest``, ``latency_ms_fastest``, ``fastest_backend``, ``throughput_by_path``, ``device``,
+        ``batch_size``, ``paper_flops``, ``paper_params``, ``paper_top1``, ``paper_source``, ``note``.
+
+    Raises:
+        UnknownModelError: A name in ``models`` is not a timm model (the message lists the closest ones).
+    """
+    rows, skipped = _compare(models, img_size, batch_size, threads, speed, devices, backends, rounds, progress)
+    for name, reason in skipped.items():
+        warnings.warn(f"skipped {name}: {reason}", stacklevel=2)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- formatting
+
+def _fmt(value: Optional[float], scale: float = 1.0, digits: int = 1) -> str:
+    return "-" if value is None else f"{value / scale:,.{digits}f}"
+
+
+_COLUMNS = (  # header, cell
+    ("model", lambda r: r["model"]),
+    ("device", lambda r: r["device"] or "-"),
+    ("input", lambda r: "x".join(str(v) for v in r["input_size"][1:])),
+    ("params (M)", lambda r: _fmt(r["params"], 1e6, 2)),
+    ("fused (M)", lambda r: _fmt(r["params_fused"], 1e6, 2)),
+    ("FLOPs (M)", lambda r: _fmt(r["flops"], 1e6, 2)),
+    ("img/s", lambda r: _fmt(r["throughput"])),
+    ("ms/batch", lambda r: _fmt(r["latency_ms"])),
+    ("img/s fastest", lambda r: _fmt(r["throughput_fastest"])),
+    ("backend", lambda r: r["fastest_backend"] or "-"),
+    ("paper FLOPs (M)", lambda r: _fmt(r["paper_flops"], 1e6, 0)),
+    ("paper params (M)", lambda r: _fmt(r["paper_params"], 1e6, 1)),
+    ("paper top-1", lambda r: _fmt(r["paper_top1"], 1.0, 2)),
+)
+
+
+def _table_rows(rows: Iterable[Dict[str, Any]], speed: bool) -> Tuple[List[str], List[List[str]]]:
+    speed_cols = {"device", "img/s", "ms/batch", "img/s fastest", "backend"}
+    cols = [c for c in _COLUMNS if speed or c[0] not in speed_cols]
+    return [h for h, _ in cols], [[cell(r) for _, cell in cols] for r in rows]
+
+
+def format_rows(rows: List[Dict[str, Any]], fmt: str) -> str:
+    """Render rows as ``json`` (the dicts), ``csv`` (raw numbers), ``md`` or ``table`` (human units)."""
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "csv":
+        out = io.StringIO()
+        fields = [k for k in rows[0] if k != "throughput_by_path"] if rows else ["model"]
+        writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "input_size": "x".join(str(v) for v in r["input_size"])})
+        return out.getvalue().rstrip("\n")
+    speed = any(r["throughput"] is not None for r in rows)
+    header, body = _table_rows(rows, speed)
+    if fmt == "md":
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        return "\n".join(lines)
+    if fmt == "table":
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="FLOPs are MACs of the fused model (fvcore convention)")
+        for h in header:
+            table.add_column(h, justify="left" if h in ("model", "device", "input", "backend") else "right")
+        for cells in body:
+            table.add_row(*cells)
+        buf = io.StringIO()
+        Console(file=buf, width=220, force_terminal=False).print(table)
+        return buf.getvalue().rstrip("\n")
+    raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``compare`` sub-command."""
+    p = subparsers.add_parser("compare", help="compare models by FLOPs, params and measured speed",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help="timm model names, optionally with a pretrained tag; default: the zoo and its rivals")
+    p.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's cfg)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: 16 on CPU, 256 on GPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
+    p.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
+    p.add_argument("--plot", default=None, metavar="FILE", help="write a FLOPs vs throughput Pareto plot (PNG)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --plot file")
+    p.add_argument("--no-speed", action="store_true", help="counts only, no measurement (fast)")
+    p.add_argument("--device", action="append", choices=("cpu", "cuda"), default=None,
+                   help="measure on this device (repeatable; default: cpu, plus cuda when available)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated deploy backends for the fastest path, e.g. eager,onnxruntime,compile "
+                        "(default: eager,onnxruntime on CPU, eager on GPU)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved timing rounds, median reported (default: 3; the full default compare then "
+                        "fits in ~10 minutes on 2 CPU cores)")
+    p.set_defaults(func=run)
+
+
+def _header(info: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
+    gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
+    batches = sorted({f"batch {r['batch_size']} on {r['device']}" for r in rows if r["batch_size"]})
+    size = f"; {', '.join(batches)}" if batches else ""
+    return f"machine: {info['cpu']}, {info['threads']} threads{gpu}; torch {info['torch']}, timm {info['timm']}{size}"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``vitzoo compare``; returns the exit code (2: unknown model, 1: nothing to report or bad output)."""
+    from vitzoo.plot import check_writable, write_pareto_plot
+
+    err = sys.stderr
+    if args.plot and args.no_speed:
+        print("error: --plot needs measured throughput; drop --no-speed", file=err)
+        return 2
+    try:
+        if args.plot:
+            check_writable(args.plot, args.force)
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+        rows, skipped = _compare(args.models, args.img_size, args.batch, args.threads, not args.no_speed,
+                                 args.device, backends, args.rounds, progress=True)
+    except UnknownModelError as e:
+        print(f"error: {e}", file=err)
+        return 2
+    except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=err)
+        return 1
+
+    info = machine_info()
+    header_out = err if args.format in ("json", "csv") else sys.stdout
+    print(_header(info, rows), file=header_out)
+    for name, reason in skipped.items():
+        print(f"note: skipped {name}: {reason}", file=err)
+    for r in rows:
+        if r["note"]:
+            print(f"note: {r['model']} ({r['device']}): {r['note']}", file=err)
+    print(format_rows(rows, args.format))
+    if not rows:
+        print("error: no model could be compared", file=err)
+        return 1
+    if args.plot:
+        points = [(r["model"] + ("" if r["device"] in (None, "cpu") else f" ({r['device']})"), r["flops"],
+                   r["throughput_fastest"] or r["throughput"]) for r in rows]
+        try:
+            path = write_pareto_plot(points, args.plot, force=args.force,
+                                     title=_header(info, rows), ylabel="throughput, fastest path (img/s)")
+        except (FileExistsError, ValueError) as e:
+            print(f"error: {e}", file=err)
+            return 1
+        print(f"wrote {path}", file=err)
+    return 0

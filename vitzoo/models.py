@@ -1,0 +1,151 @@
+"""Model-name resolution for the comparison tools, the default comparison set and the papers' numbers.
+
+Any name ``timm.create_model`` knows works here, with or without a pretrained tag (``shvit_s4.in1k``).
+Models are always built **without weights**: counts and speed do not depend on the values, and nothing is
+downloaded. An unknown name raises :class:`UnknownModelError`, whose message lists the closest registered names.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import timm
+import torch.nn as nn
+
+__all__ = [
+    "ZOO_MODELS",
+    "BASELINE_MODELS",
+    "DEFAULT_MODELS",
+    "PAPER_NUMBERS",
+    "PaperNumbers",
+    "UnknownModelError",
+    "closest_models",
+    "resolve_name",
+    "create",
+]
+
+# The zoo's own models: SHViT S1-S4 and the ReViT designs (NViT-B/H/S/T need per-block dims from a checkpoint).
+ZOO_MODELS: Tuple[str, ...] = ("shvit_s1", "shvit_s2", "shvit_s3", "shvit_s4", "revit_t", "revit_s")
+
+# What users would pick instead: the DeiTs ReViT/NViT are measured against, and SHViT's CPU-friendly rivals.
+BASELINE_MODELS: Tuple[str, ...] = (
+    "deit_tiny_patch16_224",
+    "deit_small_patch16_224",
+    "deit_base_patch16_224",
+    "efficientvit_m2",
+    "efficientvit_m4",
+    "efficientvit_m5",
+    "mobilenetv3_large_100",
+    "fastvit_t8",
+    "fastvit_t12",
+)
+
+DEFAULT_MODELS: Tuple[str, ...] = ZOO_MODELS + BASELINE_MODELS
+
+
+@dataclass(frozen=True)
+class PaperNumbers:
+    """Numbers a paper reports for a model (FLOPs are MACs, as fvcore counts them).
+
+    Attributes:
+        flops: Reported FLOPs (multiply-adds), absolute.
+        params: Reported parameter count, absolute.
+        top1: Reported ImageNet-1k top-1 accuracy in percent.
+        source: Where the numbers come from.
+    """
+
+    flops: float
+    params: float
+    top1: float
+    source: str
+
+
+_M = 1e6
+_G = 1e9
+_SHVIT = "SHViT paper, Table 2"
+_NVIT = "NViT paper, Table 1"
+_REVIT = "NViT paper, Table 7"
+_DEIT = "DeiT paper, Table 1"
+
+PAPER_NUMBERS: Dict[str, PaperNumbers] = {
+    "shvit_s1": PaperNumbers(241 * _M, 6.3 * _M, 72.8, _SHVIT),
+    "shvit_s2": PaperNumbers(366 * _M, 11.4 * _M, 75.2, _SHVIT),
+    "shvit_s3": PaperNumbers(601 * _M, 14.2 * _M, 77.4, _SHVIT),
+    "shvit_s4": PaperNumbers(986 * _M, 16.5 * _M, 79.4, _SHVIT),
+    "revit_t": PaperNumbers(1.3 * _G, 5.9 * _M, 74.20, _REVIT),
+    "revit_s": PaperNumbers(4.7 * _G, 23 * _M, 81.22, _REVIT),
+    "nvit_b": PaperNumbers(6.8 * _G, 34 * _M, 83.29, _NVIT),
+    "nvit_h": PaperNumbers(6.2 * _G, 30 * _M, 82.95, _NVIT),
+    "nvit_s": PaperNumbers(4.2 * _G, 21 * _M, 82.19, _NVIT),
+    "nvit_t": PaperNumbers(1.3 * _G, 6.9 * _M, 76.21, _NVIT),
+    "deit_tiny_patch16_224": PaperNumbers(1.3 * _G, 5 * _M, 72.2, _DEIT),
+    "deit_small_patch16_224": PaperNumbers(4.6 * _G, 22 * _M, 79.8, _DEIT),
+    "deit_base_patch16_224": PaperNumbers(17.6 * _G, 86 * _M, 81.8, _DEIT),
+    "efficientvit_m2": PaperNumbers(201 * _M, 4.2 * _M, 70.8, _SHVIT),
+    "efficientvit_m4": PaperNumbers(299 * _M, 8.8 * _M, 74.3, _SHVIT),
+    "efficientvit_m5": PaperNumbers(522 * _M, 12.4 * _M, 77.1, _SHVIT),
+    "mobilenetv3_large_100": PaperNumbers(217 * _M, 5.4 * _M, 75.2, _SHVIT),
+    "fastvit_t8": PaperNumbers(700 * _M, 2.1 * _M, 75.6, _SHVIT),
+    "fastvit_t12": PaperNumbers(1400 * _M, 6.8 * _M, 79.1, _SHVIT),
+}
+
+
+class UnknownModelError(ValueError):
+    """A model name (or its pretrained tag) that timm does not know."""
+
+
+def closest_models(name: str, n: int = 5) -> List[str]:
+    """Registered timm names closest to ``name`` (difflib ratio), best first."""
+    return difflib.get_close_matches(name.split(".", 1)[0], timm.list_models(), n=n, cutoff=0.5)
+
+
+def resolve_name(name: str) -> Tuple[str, Optional[str]]:
+    """Split ``arch[.tag]`` and check both against timm's registry.
+
+    Args:
+        name: A timm model name, optionally with a pretrained tag.
+
+    Returns:
+        ``(architecture, tag)``; ``tag`` is None when the name has none.
+
+    Raises:
+        UnknownModelError: The architecture is not registered (the message lists the closest matches), or the
+            tag is not one of the architecture's pretrained tags (the message lists the known tags).
+    """
+    if not isinstance(name, str) or not name:
+        raise UnknownModelError(f"model name must be a non-empty string, got {name!r}")
+    arch, _, tag = name.partition(".")
+    if not timm.is_model(arch):
+        matches = closest_models(arch)
+        hint = ", ".join(matches) if matches else "none (see `timm.list_models()`)"
+        raise UnknownModelError(f"unknown model {name!r}; closest matches: {hint}")
+    if not tag:
+        return arch, None
+    known = sorted(timm.list_pretrained(f"{arch}.*"))
+    if name not in known:
+        tags = ", ".join(k.partition(".")[2] for k in known) or "none"
+        raise UnknownModelError(f"unknown pretrained tag {tag!r} for model {arch!r}; known tags: {tags}")
+    return arch, tag
+
+
+def create(name: str, img_size: Optional[int] = None) -> nn.Module:
+    """Build a timm model by name, without weights, in eval mode.
+
+    Args:
+        name: ``arch`` or ``arch.tag``; the tag selects the pretrained cfg (input size, normalisation) only.
+        img_size: Build for this square input size. Only passed to models whose cfg has a fixed input size
+            (ViTs); convolutional models take any size as they are.
+
+    Returns:
+        The model, in eval mode, with ``pretrained_cfg`` set.
+
+    Raises:
+        UnknownModelError: See :func:`resolve_name`.
+    """
+    resolve_name(name)
+    model = timm.create_model(name, pretrained=False)
+    cfg = model.pretrained_cfg
+    if img_size is not None and cfg.get("fixed_input_size") and tuple(cfg["input_size"][-2:]) != (img_size, img_size):
+        model = timm.create_model(name, pretrained=False, img_size=img_size)
+    return model.eval()
