@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 import vitzoo  # noqa: E402,F401
 from _common import base_parser, inference, print_machine, print_table, randomize_norm_stats, timed  # noqa: E402
-from vitzoo.deploy import deploy  # noqa: E402
+from vitzoo.inference import deploy  # noqa: E402
 
 CASES = {"shvit_s1": 224, "shvit_s4": 256, "deit_tiny_patch16_224": 224}
 

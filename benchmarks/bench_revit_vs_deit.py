@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 import vitzoo  # noqa: E402,F401
 from _common import base_parser, inference, print_machine, print_table, timed  # noqa: E402
-from vitzoo.deploy import deploy  # noqa: E402
+from vitzoo.inference import deploy  # noqa: E402
 from vitzoo.flops import count_flops  # noqa: E402
 
 PAIRS = (("revit_t", "deit_tiny_patch16_224"), ("revit_s", "deit_small_patch16_224"))

@@ -33,7 +33,7 @@ def fake_deploy(monkeypatch):
             raise RuntimeError(f"backend {backend!r} is not available here")
         return model.eval()
 
-    monkeypatch.setitem(sys.modules, "vitzoo.deploy", types.SimpleNamespace(deploy=deploy))
+    monkeypatch.setitem(sys.modules, "vitzoo.inference", types.SimpleNamespace(deploy=deploy))
     return calls
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitzoo.deploy import BACKENDS, PackedConv2d, available_backends, deploy
+from vitzoo.inference import BACKENDS, PackedConv2d, available_backends, deploy
 
 ATOL = 1e-4
 
@@ -135,7 +135,7 @@ def test_no_example_input_and_no_cfg_is_a_clear_error():
 
 
 def test_verification_failure_raises(monkeypatch, shvit_s1):
-    deploy_module = importlib.import_module("vitzoo.deploy")  # the module, even if vitzoo re-exports deploy()
+    deploy_module = importlib.import_module("vitzoo.inference")  # the module, even if vitzoo re-exports deploy()
     monkeypatch.setattr(deploy_module, "onednn_rewrite", lambda m, x: (_Offset(m), ["broken"]))
     with pytest.raises(RuntimeError, match="max abs diff"):
         deploy(shvit_s1, torch.randn(1, 3, 64, 64))

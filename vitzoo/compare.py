@@ -4,7 +4,7 @@ For every model: parameters (as built and fused), FLOPs (MACs of the fused model
 :mod:`vitzoo.flops`), the input size, and measured throughput/latency on two inference paths:
 
 * **default**: the model as ``timm.create_model`` returns it, in eval mode under ``torch.no_grad``;
-* **fastest**: :func:`vitzoo.deploy.deploy` with each backend that makes sense on the device
+* **fastest**: :func:`vitzoo.deploy` with each backend that makes sense on the device
   (CPU: ``eager`` and ``onnxruntime`` when installed; GPU: ``eager``; ``--backends`` to choose, e.g. ``compile``);
   the fastest backend is reported.
 
@@ -63,14 +63,6 @@ def _default_backends(device: str) -> Tuple[str, ...]:
     return ("eager",)
 
 
-def _load_deploy() -> Optional[Callable[..., nn.Module]]:
-    try:
-        from vitzoo.deploy import deploy
-    except ImportError:
-        return None
-    return deploy
-
-
 def _build(
     names: Sequence[str], explicit: bool, img_size: Optional[int], progress: bool
 ) -> Tuple[list, Dict[str, str]]:
@@ -98,10 +90,8 @@ def _runners(
     built: list, device: str, batch: int, backends: Sequence[str], notes: Dict[str, List[str]], progress: bool
 ) -> Dict[Tuple[str, str], Callable[[], Any]]:
     """One zero-argument callable per (model, path) on ``device``; failed backends go into ``notes``."""
-    deploy = _load_deploy()
-    if deploy is None:
-        for name, _, _ in built:
-            notes[name].append("vitzoo.deploy not available: fastest path not measured")
+    from vitzoo.inference import deploy  # imported here so tests can substitute a stand-in
+
     runners = {}
     bar = tqdm(built, desc=f"deploying on {device} ({', '.join(backends)})", unit="model", disable=not progress,
                leave=False)
@@ -110,7 +100,7 @@ def _runners(
         x = torch.randn(batch, *report.input_size, device=device)
         default = model.to(device).eval()
         runners[(name, DEFAULT_PATH)] = _bind(default, x)
-        for backend in backends if deploy is not None else ():
+        for backend in backends:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -233,7 +223,7 @@ def compare(
         threads: ``torch.set_num_threads`` for the measurement (left as it is when None).
         speed: Measure throughput/latency; False gives counts only (fast).
         devices: ``"cpu"`` and/or ``"cuda"``; default CPU, plus CUDA when available. One row per model and device.
-        backends: :func:`vitzoo.deploy.deploy` backends tried for the fastest path; default per device.
+        backends: :func:`vitzoo.deploy` backends tried for the fastest path; default per device.
         rounds: Interleaved timing rounds (median reported).
         progress: Show a progress bar on stderr.
 
