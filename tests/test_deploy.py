@@ -1,7 +1,6 @@
 """vitzoo.deploy: outputs within 1e-4 of the unfused model, no mutation of the caller's model, backends, errors."""
 import copy
 import importlib
-import os
 
 import pytest
 import timm
@@ -113,12 +112,12 @@ def test_onnxruntime_backend(shvit_s1):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("VITZOO_TEST_COMPILE") != "1",
-                    reason="torch.compile takes 15-120 s on a 2-core CPU; set VITZOO_TEST_COMPILE=1 (docs/deploy.md)")
 def test_compile_backend():
+    # a small convolutional model keeps inductor's build short; the backend's code path is the same for any model
     torch.manual_seed(0)
-    model = _randomize_bn(timm.create_model("shvit_s1"))
-    x = torch.randn(2, 3, 64, 64)
+    model = _randomize_bn(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)))
+    x = torch.randn(2, 3, 32, 32)
     deployed = deploy(model, x, backend="compile")
     torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)
 
