@@ -70,6 +70,7 @@ class NViTAttention(nn.Module):
         self.v_dim = v_dim
         self.scale = scale
         self.fused_attn = use_fused_attn()
+        self.pad_head_dims = False
         self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias, **dd)
         if num_tokens is not None:
             self.token_mask = nn.Parameter(torch.ones(num_tokens, 1, **dd))
@@ -99,8 +100,16 @@ class NViTAttention(nn.Module):
         v = v.reshape(B, N, self.num_heads, self.v_dim).transpose(1, 2)
 
         if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop.p if self.training else 0., scale=self.scale)
+            dropout_p = self.attn_drop.p if self.training else 0.
+            if self.pad_head_dims and self.qk_dim != self.v_dim:
+                width = max(self.qk_dim, self.v_dim)
+                q = F.pad(q, [0, width - self.qk_dim])
+                k = F.pad(k, [0, width - self.qk_dim])
+                x = F.scaled_dot_product_attention(
+                    q, k, F.pad(v, [0, width - self.v_dim]), dropout_p=dropout_p, scale=self.scale)
+                x = x[..., :self.v_dim]
+            else:
+                x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             attn = self.attn_drop(attn.softmax(dim=-1))

@@ -174,3 +174,19 @@ def test_from_vit_deit_base_distilled():
     with torch.no_grad():
         assert (model(x) - vit(x)).abs().max().item() <= 1e-5
         assert torch.allclose(model.forward_features(x), vit.forward_features(x), atol=1e-4)
+
+
+def test_padded_head_dims_match_the_unpadded_attention():
+    # DIMS has qk < v (block 0), qk > v (block 1) and qk == v (block 2); padding must be exact in every case
+    m = small()
+    for p in m.parameters():
+        p.data.normal_(0, 0.2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = m(x)
+        for blk in m.blocks:
+            blk.attn.pad_head_dims = True
+        padded = m(x)
+        scripted = torch.jit.script(m)(x)
+    torch.testing.assert_close(padded, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(scripted, expected, atol=1e-6, rtol=0)

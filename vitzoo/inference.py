@@ -284,8 +284,24 @@ def _check_close(reference: torch.Tensor, candidate: nn.Module, example_input: t
     return diff
 
 
+def pad_attention_head_dims(model: nn.Module) -> int:
+    """Switch on ``pad_head_dims`` in attention layers whose q/k and v head widths differ (NViT / ReViT).
+
+    PyTorch's fused attention kernels need equal widths; zero-padding is exact. Returns the number of layers.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "pad_head_dims") and module.qk_dim != module.v_dim:
+            module.pad_head_dims = True
+            count += 1
+    return count
+
+
 def _build_eager(model: nn.Module, example_input: torch.Tensor, rewrite: bool) -> DeployedModel:
     optimizations = ["eval", "fused (timm.utils.reparameterize_model)"]
+    padded = pad_attention_head_dims(model)
+    if padded:
+        optimizations.append(f"q/k/v zero-padded to equal head widths in {padded} attention layers (fused SDPA)")
     memory_format = torch.contiguous_format
     if is_convolutional(model):
         memory_format = torch.channels_last
