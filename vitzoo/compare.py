@@ -27,7 +27,6 @@ import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn as nn
 from tqdm.auto import tqdm
 
 from vitzoo.flops import count_flops

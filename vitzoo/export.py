@@ -9,13 +9,13 @@ overwrites an existing file unless ``--force`` is given.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from vitzoo.atomic import atomic_open
 
 __all__ = ["ExportError", "export_verified_onnx", "register", "run"]
 
@@ -25,23 +25,6 @@ DEFAULT_ATOL = 1e-4
 
 class ExportError(RuntimeError):
     """Export failed verification or could not be written."""
-
-
-def _write_atomic(data: bytes, out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to overwrite it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def export_verified_onnx(
@@ -89,7 +72,8 @@ def export_verified_onnx(
             f"ONNX Runtime output differs from PyTorch by max abs diff {diff:.3g} (> {atol:g}) at batch sizes "
             f"{VERIFY_BATCHES}; nothing was written."
         )
-    _write_atomic(data, out, force)
+    with atomic_open(out, force=force) as f:
+        f.write(data)
     return diff
 
 

@@ -12,13 +12,13 @@ import json
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
+
+from .atomic import atomic_write_bytes, atomic_write_text, check_output_free, staged_dir
 
 __all__ = [
     "WEIGHT_FILES",
@@ -65,83 +65,6 @@ def sha256_file(path: PathLike, chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: f.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def check_output_free(path: PathLike, force: bool) -> None:
-    """Raise ``FileExistsError`` if ``path`` exists and ``force`` is not set."""
-    if os.path.lexists(path) and not force:
-        raise FileExistsError(
-            f"{path} already exists; refusing to overwrite it. Pass force=True (--force) to replace it."
-        )
-
-
-def atomic_write_bytes(path: PathLike, data: bytes, force: bool = False) -> Path:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``.
-
-    Args:
-        path: destination file.
-        data: file contents.
-        force: replace an existing file.
-    """
-    path = Path(path)
-    check_output_free(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: PathLike, text: str, force: bool = False) -> Path:
-    """Text (UTF-8) version of :func:`atomic_write_bytes`."""
-    return atomic_write_bytes(path, text.encode("utf-8"), force=force)
-
-
-@contextlib.contextmanager
-def staged_dir(out_dir: PathLike, force: bool = False) -> Iterator[Path]:
-    """Build a folder in a temp dir next to ``out_dir``, then move it into place in one rename.
-
-    If the body raises, the temp dir is removed and ``out_dir`` is left as it was. With ``force`` an existing
-    ``out_dir`` is replaced (it is moved aside first and deleted only after the new folder is in place).
-
-    Args:
-        out_dir: the final folder.
-        force: replace an existing ``out_dir``.
-
-    Yields:
-        The temp folder to fill.
-    """
-    out_dir = Path(out_dir)
-    check_output_free(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
-        yield tmp
-        _make_readable(tmp)
-        check_output_free(out_dir, force)  # someone may have created it meanwhile
-        old = None
-        if os.path.lexists(out_dir):
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _make_readable(folder: Path) -> None:
-    """Give a temp folder and its files the permissions a normal mkdir/open would (temp files are private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for p in folder.rglob("*"):
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def resource_path(name: str) -> Path:

@@ -7,10 +7,10 @@ capacity here; models below the front spend their FLOPs less efficiently on this
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import List, Sequence, Tuple, Union
+
+from vitzoo.atomic import atomic_open
 
 __all__ = ["pareto_front", "write_pareto_plot", "check_writable"]
 
@@ -117,12 +117,6 @@ def write_pareto_plot(
     ax.legend()
     fig.tight_layout()
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, force=force) as f:
+        fig.savefig(f, format="png")
     return path

@@ -1,12 +1,12 @@
 """Training checkpoints: atomic writes and the random-number-generator state needed for an exact resume."""
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
+
+from vitzoo.atomic import atomic_open
 
 __all__ = ['atomic_save', 'get_rng_state', 'load_checkpoint', 'set_rng_state']
 
@@ -16,17 +16,9 @@ def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
 
     A crash while writing never leaves a truncated checkpoint behind.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_open(path, force=True) as f:  # periodic checkpoints replace the previous one on purpose
+        torch.save(obj, f)
+    return Path(path)
 
 
 def get_rng_state(generator: Optional[torch.Generator] = None) -> Dict[str, Any]:

@@ -1,0 +1,54 @@
+"""vitzoo.atomic: outputs appear whole or not at all, and are never overwritten unless asked."""
+import os
+
+import pytest
+
+from vitzoo.atomic import atomic_open, atomic_write_text, staged_dir
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_atomic_open_writes_then_refuses_overwrite(tmp_path):
+    out = tmp_path / "sub" / "file.bin"
+    with atomic_open(out) as f:
+        f.write(b"first")
+    assert out.read_bytes() == b"first"
+    with pytest.raises(FileExistsError, match="already exists.*force"):
+        with atomic_open(out) as f:
+            f.write(b"second")
+    assert out.read_bytes() == b"first"
+    with atomic_open(out, force=True) as f:
+        f.write(b"second")
+    assert out.read_bytes() == b"second"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not the private mode of a temp file
+    assert _leftovers(out.parent) == []
+
+
+def test_failure_leaves_the_old_file_and_no_temp_file(tmp_path):
+    out = tmp_path / "model.onnx"
+    atomic_write_text(out, "old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_open(out, force=True) as f:
+            f.write(b"half of the new fi")
+            raise RuntimeError("boom")
+    assert out.read_text() == "old"
+    assert _leftovers(tmp_path) == []
+
+
+def test_staged_dir_is_all_or_nothing(tmp_path):
+    out = tmp_path / "hub_folder"
+    with pytest.raises(RuntimeError):
+        with staged_dir(out) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x")
+            raise RuntimeError("verification failed")
+    assert not out.exists() and _leftovers(tmp_path) == []
+    with staged_dir(out) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert (out / "config.json").read_text() == "{}"
+    with pytest.raises(FileExistsError):
+        with staged_dir(out):
+            pass
