@@ -2,7 +2,8 @@
 
 timm's model is built from ``timm.models.shvit`` directly (``import shvit`` replaces the registry names) and
 fused with ``timm.utils.reparameterize_model``. Both run under ``torch.inference_mode``; the extra column
-"timm fused + channels_last" shows how much of the gain is the memory format alone.
+"timm fused + channels_last" shows how much of the gain is the memory format alone, and "ONNX Runtime" (the same
+fused model in ONNX Runtime, ``deploy(backend="onnxruntime")``) shows what a non-PyTorch runtime reaches on this CPU.
 
     python benchmarks/bench_shvit_vs_timm.py --rounds 7 --batch 16 --threads 1 2
 """
@@ -45,17 +46,20 @@ def main() -> int:
         for threads in args.threads:
             torch.set_num_threads(threads)
             deployed = deploy(ours, x)
+            ort = deploy(ours, x[:1], backend="onnxruntime")
             with torch.inference_mode():
                 diff = (deployed(x) - theirs(x)).abs().max().item()
             t = timed({"timm fused": inference(theirs, x), "timm fused + channels_last": inference(theirs_cl, x_cl),
-                       "ours deploy()": inference(deployed, x)},
+                       "ours deploy()": inference(deployed, x), "ONNX Runtime": inference(ort, x)},
                       args.batch, args.rounds, args.min_time, f"{name}@{res} {threads}t")
-            base, cl, ours_t = (t[k].throughput for k in ("timm fused", "timm fused + channels_last", "ours deploy()"))
+            base, cl, ours_t, ort_t = (t[k].throughput for k in (
+                "timm fused", "timm fused + channels_last", "ours deploy()", "ONNX Runtime"))
             ratio = ours_t / base
             ratios.append(ratio)
-            rows.append([f"{name}@{res}", threads, base, cl, ours_t, f"{ratio:.2f}x", f"{diff:.1e}"])
+            rows.append([f"{name}@{res}", threads, base, cl, ours_t, ort_t, f"{ratio:.2f}x", f"{ort_t / base:.2f}x",
+                         f"{diff:.1e}"])
     print_table(["model", "threads", "timm fused img/s", "timm fused+CL img/s", "ours deploy() img/s",
-                 "ours / timm", "max |diff|"], rows,
+                 "ORT img/s", "ours / timm", "ORT / timm", "max |diff|"], rows,
                 title=f"SHViT: ours deploy() vs timm built-in fused eager (batch {args.batch}, median of {args.rounds} rounds)")
     print(f"\nratios: {', '.join(f'{r:.2f}x' for r in ratios)} (goal >= 1.6x: "
           f"{'met' if ratios and min(ratios) >= 1.6 else 'NOT met'} for all)")

@@ -92,6 +92,17 @@ def test_packed_conv_against_functional(groups, stride, residual, relu):
             expected = expected.relu()
         with torch.no_grad():
             torch.testing.assert_close(packed(x, r) if residual else packed(x), expected, atol=1e-5, rtol=0)
+    assert set(packed._packed) == {(4, 16, 20, 20), (1, 16, 13, 9)}  # packed once per input shape
+
+
+def test_packed_conv_shape_cache_is_bounded_and_not_saved():
+    conv = nn.Conv2d(8, 8, 1).eval()
+    packed = PackedConv2d(conv, (1, 8, 4, 4))
+    with torch.no_grad():
+        for batch in range(2, 2 + PackedConv2d.max_cached_shapes + 2):
+            packed(torch.randn(batch, 8, 4, 4).contiguous(memory_format=torch.channels_last))
+    assert len(packed._packed) == PackedConv2d.max_cached_shapes
+    assert set(packed.state_dict()) == {"bias"}  # packed (opaque) and plain weights stay out of state_dict()
 
 
 def test_inplace_fuses_callers_model():

@@ -123,9 +123,8 @@ class DetectionBackbone(nn.Module):
         self.dropped_keys: List[str] = []
         if self.mode == 'intermediates' and hasattr(model, 'prune_intermediate_layers'):
             before = set(model.state_dict())
-            model.prune_intermediate_layers(self.indices, prune_norm=False, prune_head=True)
-            if self.is_token_model and isinstance(getattr(model, 'norm', None), nn.Module):
-                model.norm = nn.Identity()  # final norm: unused, forward_intermediates is called with norm=False
+            # token models: the final norm is unused too (forward_intermediates is called with norm=False)
+            model.prune_intermediate_layers(self.indices, prune_norm=self.is_token_model, prune_head=True)
             self.dropped_keys = sorted(before - set(model.state_dict()))
             if self.dropped_keys:
                 _logger.info('backbone: dropped %d classification-only keys: %s',
