@@ -7,8 +7,9 @@ This is a clean-room re-implementation; see docs/nvit.md for the differences fro
 from typing import Dict, List, Optional, Set, Tuple, Type, Union
 
 import torch
+import torch.fx
 import torch.nn as nn
-from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import PatchEmbed, register_notrace_function, resample_abs_pos_embed, trunc_normal_
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
@@ -17,6 +18,35 @@ from .block import NViTBlock
 from .dims import DimsLike, resolve_dims
 
 __all__ = ['NViT']
+
+
+def check_input(x: torch.Tensor, in_chans: int, img_size: List[int], patch_size: int, dynamic: bool) -> torch.Tensor:
+    """Return ``x`` if the model can take it, else raise a ValueError that says what it expects and how to adapt.
+
+    An FX leaf (``torch.fx.wrap`` and timm's notrace list), so models stay traceable with the check in the graph.
+    """
+    if x.dim() != 4:
+        raise ValueError(
+            'NViT expects images as a 4-D (batch, channels, height, width) tensor, got {}-D with shape {}; add the '
+            'batch dimension with x.unsqueeze(0).'.format(x.dim(), list(x.shape)))
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            'This NViT takes {}-channel images (in_chans={}), got {} channels in shape {}; create it with '
+            'in_chans={} or convert the images.'.format(in_chans, in_chans, x.shape[1], list(x.shape), x.shape[1]))
+    if dynamic:
+        if x.shape[2] < patch_size or x.shape[3] < patch_size:
+            raise ValueError('Images must be at least one {}x{} patch, got {}x{}.'.format(
+                patch_size, patch_size, x.shape[2], x.shape[3]))
+    elif x.shape[2] != img_size[0] or x.shape[3] != img_size[1]:
+        raise ValueError(
+            'This NViT was built for {}x{} images, got {}x{}. Resize the images, create the model with '
+            'img_size=({}, {}), or with dynamic_img_size=True to accept any size (position embedding and token '
+            'scales are resampled).'.format(img_size[0], img_size[1], x.shape[2], x.shape[3], x.shape[2], x.shape[3]))
+    return x
+
+
+torch.fx.wrap('check_input')
+register_notrace_function(check_input)
 
 
 class NViT(nn.Module):
@@ -86,6 +116,7 @@ class NViT(nn.Module):
         self.embed_dim = self.num_features = self.head_hidden_size = dims.embed_dim
         self.num_prefix_tokens = 2 if distilled else 1
         self.dynamic_img_size = dynamic_img_size
+        self.in_chans = in_chans
         self.grad_checkpointing = False
         self.distilled_training = False
 
@@ -181,6 +212,8 @@ class NViT(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
         """Patch embedding, prefix tokens and position embedding; also returns the patch grid."""
+        x = check_input(x, self.in_chans, list(self.patch_embed.img_size), self.patch_embed.patch_size[0],
+                        self.dynamic_img_size)
         x = self.patch_embed(x)
         grid = list(self.patch_embed.grid_size)
         if self.dynamic_img_size:

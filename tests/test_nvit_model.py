@@ -190,3 +190,20 @@ def test_padded_head_dims_match_the_unpadded_attention():
         scripted = torch.jit.script(m)(x)
     torch.testing.assert_close(padded, expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(scripted, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize('shape,match', [
+    ((3, 64, 64), '4-D .*unsqueeze'),
+    ((1, 1, 64, 64), '3-channel images .*in_chans=1'),
+    ((1, 3, 48, 64), 'built for 64x64 images, got 48x64.*dynamic_img_size=True'),
+])
+def test_bad_input_is_a_clear_value_error(shape, match):
+    with pytest.raises(ValueError, match=match):
+        small()(torch.randn(shape))
+
+
+def test_dynamic_size_needs_one_patch():
+    m = small(dynamic_img_size=True)
+    assert m(torch.randn(1, 3, 16, 48)).shape == (1, 10)
+    with pytest.raises(ValueError, match='at least one 16x16 patch, got 8x48'):
+        m(torch.randn(1, 3, 8, 48))
