@@ -114,7 +114,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
     state_dict = _unwrap(state_dict)
     if any(k.startswith('blocks1.') for k in state_dict):
         state_dict = remap_official_keys(state_dict)
-    _fit_distill_head(state_dict, model)
     expected, found = _body_shapes(model.state_dict()), _body_shapes(state_dict)
     if expected != found:
         missing = sorted(set(expected) - set(found))
@@ -125,4 +124,5 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
             f'{describe_state_dict(state_dict)} ({len(missing)} missing keys, e.g. {missing[:3]}; '
             f'{len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(reshaped)} with other shapes, '
             f'e.g. {reshaped[:3]}). Use the entrypoint of the checkpoint\'s variant.')
+    _fit_distill_head(state_dict, model)
     return state_dict

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
-from .checkpoint import checkpoint_filter_fn
+from .checkpoint import CheckpointMismatchError, checkpoint_filter_fn
 from .model import SHViT
 from .variants import VARIANT_STATS, VARIANTS
 
@@ -85,12 +85,15 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
         if not pretrained:
             raise
         source = _weights_source(variant, kwargs)
+        if isinstance(e, CheckpointMismatchError):
+            fix = 'use the entrypoint of the variant the checkpoint holds, or a checkpoint of ' + variant
+        else:
+            fix = (f'if the file is missing (offline or empty cache), run once online or fetch it with '
+                   f'`hf download timm/{variant}.in1k`; if it is corrupt or truncated, delete it and download again; '
+                   f'to use a local file pass pretrained_cfg_overlay=dict(file="/path/to/weights.safetensors|.pth")')
         raise RuntimeError(
             f'Could not load pretrained weights for {variant} from {source}: {type(e).__name__}: {e}\n'
-            f'To fix: if the file is missing (offline or empty cache), run once online or fetch it with '
-            f'`hf download timm/{variant}.in1k`; if it is corrupt or truncated, delete it and download again; '
-            f'to use a local file pass pretrained_cfg_overlay=dict(file="/path/to/weights.safetensors|.pth"); '
-            f'or use pretrained=False.') from e
+            f'To fix: {fix}; or use pretrained=False.') from e
 
 
 def _entry(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> SHViT:

@@ -27,9 +27,13 @@ from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
 from timm.utils import reparameterize_model
+
+with warnings.catch_warnings():
+    # fvcore scripts a loss function at import time, which torch 2.14 answers with a deprecation warning
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 __all__ = ["FlopReport", "count_flops", "count_params", "sdpa_flop_jit", "ELEMENTWISE_OPS", "FREE_OPS"]
 
