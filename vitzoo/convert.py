@@ -237,8 +237,9 @@ def convert_checkpoint(
     tag = tag or name_tag or None
     manifest = manifest or load_manifest()
     out_dir = Path(out_dir)
-    steps = tqdm(total=5, desc="convert", unit="step", leave=False)
-    with tempfile.TemporaryDirectory(prefix=".vitzoo-src-", dir=out_dir.parent if out_dir.parent.exists() else None) \
+    # the bar is closed (and its line cleared) before any error propagates, so the error stays readable
+    with tqdm(total=5, desc="convert", unit="step", leave=False) as steps, \
+            tempfile.TemporaryDirectory(prefix=".vitzoo-src-", dir=out_dir.parent if out_dir.parent.exists() else None) \
             as workdir:
         steps.set_postfix_str("source")
         path = _fetch_source(str(src), Path(workdir))
@@ -291,7 +292,6 @@ def convert_checkpoint(
             steps.set_postfix_str("verify")
             verify_folder(tmp, reference=source_model)
             steps.update()
-    steps.close()
     return out_dir
 
 
