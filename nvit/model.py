@@ -25,6 +25,8 @@ def check_input(x: torch.Tensor, in_chans: int, img_size: List[int], patch_size:
 
     An FX leaf (``torch.fx.wrap`` and timm's notrace list), so models stay traceable with the check in the graph.
     """
+    if torch.jit.is_tracing():  # export / FLOP counting: shapes are fixed by the example input
+        return x
     if x.dim() != 4:
         raise ValueError(
             'NViT expects images as a 4-D (batch, channels, height, width) tensor, got {}-D with shape {}; add the '

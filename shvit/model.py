@@ -22,6 +22,8 @@ def check_input(x: torch.Tensor, in_chans: int) -> torch.Tensor:
     Registered as an FX leaf (``torch.fx.wrap`` and timm's notrace list) so models stay traceable; it returns its
     input so the check stays in the traced graph.
     """
+    if torch.jit.is_tracing():  # export / FLOP counting: shapes are fixed by the example input
+        return x
     if x.dim() != 4:
         raise ValueError(
             'SHViT expects a 4-D (batch, channels, height, width) tensor, got a {}-D tensor of shape {}. '
