@@ -94,7 +94,8 @@ class PackedConv2d(nn.Module):
     activation each. Numerically identical to the unfused ops up to float rounding.
 
     oneDNN picks the packed layout for one input shape, and a layout chosen for batch 1 can be much slower at
-    batch 16 (measured: 1.7x on SHViT's 128->512 1x1 conv at 14x14, 2 threads). So the weight is packed for
+    batch 16 (measured: 1.8x on SHViT's 128->512 1x1 conv at 14x14, 2 threads;
+    ``benchmarks/profile_shvit_layers.py --pack-batch 1``). So the weight is packed for
     ``input_size`` at build time and re-packed once for each new input shape seen (the last few are cached).
 
     Args:

@@ -1,0 +1,121 @@
+"""Per-convolution time of SHViT in our ``deploy()`` eager path and in ONNX Runtime, side by side.
+
+Shows where the time goes (docs/benchmarks.md, section 1) and the effect of the batch size the oneDNN weights
+were packed for (``--pack-batch``; ``deploy()`` re-packs per input shape, so this only shows the first-call
+layout). Profiles are taken with ``torch.profiler`` and ONNX Runtime's own profiler, averaged over ``--iters``
+calls after warm-up.
+
+    OMP_NUM_THREADS=2 python benchmarks/profile_shvit_layers.py --model shvit_s1 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+from timm.utils import reparameterize_model  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+import vitzoo  # noqa: E402
+from _common import print_machine, randomize_norm_stats  # noqa: E402
+from vitzoo.inference import PackedConv2d  # noqa: E402
+from vitzoo.onnx_runtime import export_onnx  # noqa: E402
+
+RESOLUTION = {"shvit_s1": 224, "shvit_s2": 224, "shvit_s3": 224, "shvit_s4": 256}
+
+
+def torch_conv_times(deployed: torch.nn.Module, x: torch.Tensor, iters: int) -> tuple:
+    """(per-shape conv ms per call, total conv ms, total ms) of the deployed model."""
+    for _ in range(3):
+        deployed(x)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(iters):
+            deployed(x)
+    per_shape, total = collections.defaultdict(lambda: [0.0, 0]), 0.0
+    for e in prof.key_averages(group_by_input_shape=True):
+        total += e.self_cpu_time_total
+        if e.key == "mkldnn::_convolution_pointwise":
+            # the fused-add overload takes (x, residual, weight, ...): 13 arguments against 10
+            weight = e.input_shapes[2] if len(e.input_shapes) >= 13 else e.input_shapes[1]
+            key = f"{e.input_shapes[0]} w{weight}"
+            per_shape[key][0] += e.self_cpu_time_total / iters / 1e3  # unary and fused-add calls of one shape
+            per_shape[key][1] += e.count // iters
+    conv = sum(ms for ms, _ in per_shape.values())
+    return dict(per_shape), conv, total / iters / 1e3
+
+
+def ort_conv_times(model: torch.nn.Module, x: torch.Tensor, threads: int, iters: int) -> tuple:
+    """(per-node Conv ms per call, total Conv ms, total kernel ms) in ONNX Runtime."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = os.path.join(tmp, "ort")
+        session = ort.InferenceSession(export_onnx(model, x[:1], opset=17), options,
+                                       providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x.numpy()}
+        for _ in range(3):
+            session.run(None, feed)
+        for _ in range(iters):
+            session.run(None, feed)
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    start = runs[3]["ts"]  # skip the warm-up calls
+    per_node, total = collections.defaultdict(float), 0.0
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
+            total += e["dur"]
+            if e["args"].get("op_name") == "Conv":
+                shapes = [s.get("float") for s in e["args"].get("input_type_shape", [])[:2]]
+                per_node[f"{shapes[0]} w{shapes[1]}"] += e["dur"] / iters / 1e3
+    return dict(per_node), sum(per_node.values()), total / iters / 1e3
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="shvit_s1", choices=sorted(RESOLUTION))
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--pack-batch", type=int, default=None,
+                        help="batch the oneDNN weights are first packed for (default: --batch)")
+    parser.add_argument("--top", type=int, default=12, help="rows to print")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print_machine([args.threads])
+    res = RESOLUTION[args.model]
+    model = randomize_norm_stats(timm.create_model(args.model)).eval()
+    x = torch.randn(args.batch, 3, res, res)
+    deployed = vitzoo.deploy(model, x[: args.pack_batch or args.batch])
+    if args.pack_batch:  # keep only the first-call layout, to show what the per-shape re-packing buys
+        for m in deployed.modules():
+            if isinstance(m, PackedConv2d):
+                packed = next(iter(m._packed.values()))
+                m._packed = {tuple(x.shape[:1]) + s[1:]: packed for s in m._packed}
+    ours, ours_conv, ours_total = torch_conv_times(deployed, x, args.iters)
+    theirs, ort_conv, ort_total = ort_conv_times(reparameterize_model(copy.deepcopy(model)), x, args.threads,
+                                                args.iters)
+    print(f"\n{args.model}@{res}, batch {args.batch}, {args.threads} threads, weights packed for batch "
+          f"{args.pack_batch or args.batch}")
+    print(f"ours: convs {ours_conv:.1f} ms of {ours_total:.1f} ms per call | ONNX Runtime: convs {ort_conv:.1f} ms "
+          f"of {ort_total:.1f} ms per call\n")
+    print("| input, weight | calls | ours ms | ORT ms |\n|---|---|---|---|")
+    for key, (ms, calls) in sorted(ours.items(), key=lambda kv: -kv[1][0])[: args.top]:
+        ort_ms = theirs.get(key)
+        print(f"| {key} | {calls} | {ms:.2f} | {'-' if ort_ms is None else f'{ort_ms:.2f}'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
