@@ -2,8 +2,8 @@
 
 Shows where the time goes (docs/benchmarks.md, section 1) and the effect of the batch size the oneDNN weights
 were packed for (``--pack-batch``; ``deploy()`` re-packs per input shape, so this only shows the first-call
-layout). Profiles are taken with ``torch.profiler`` and ONNX Runtime's own profiler, averaged over ``--iters``
-calls after warm-up.
+layout). Our convolutions are timed by wall clock around each ``PackedConv2d`` call, ONNX Runtime's with its own
+profiler (per-node kernel time), averaged over ``--iters`` calls after warm-up.
 
     OMP_NUM_THREADS=2 python benchmarks/profile_shvit_layers.py --model shvit_s1 --threads 2
 """
@@ -16,13 +16,14 @@ import json
 import os
 import sys
 import tempfile
+import time
+from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import timm  # noqa: E402
 import torch  # noqa: E402
 from timm.utils import reparameterize_model  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import vitzoo  # noqa: E402
 from _common import print_machine, randomize_norm_stats  # noqa: E402
@@ -33,23 +34,43 @@ RESOLUTION = {"shvit_s1": 224, "shvit_s2": 224, "shvit_s3": 224, "shvit_s4": 256
 
 
 def torch_conv_times(deployed: torch.nn.Module, x: torch.Tensor, iters: int) -> tuple:
-    """(per-shape conv ms per call, total conv ms, total ms) of the deployed model."""
-    for _ in range(3):
-        deployed(x)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    """(per-shape conv ms per call, total conv ms, total ms) of the deployed model, by wall clock.
+
+    Every ``PackedConv2d`` call is timed with ``time.perf_counter`` from forward pre-hook to forward hook (oneDNN
+    runs synchronously on CPU). ``torch.profiler`` is not used here: it attributed ~5 ms too much to the first
+    convolution of each call (the stem's 3-channel conv: 7.3-7.6 ms under the profiler against 2.6 ms by wall
+    clock, 1 thread), which an earlier version of this script reported as a 3x gap to ONNX Runtime.
+    """
+    per_shape: Dict[str, List[float]] = collections.defaultdict(lambda: [0.0, 0])
+    starts: Dict[int, float] = {}
+    recording = [False]
+
+    def before(module, args):
+        starts[id(module)] = time.perf_counter()
+
+    def after(module, args, output):
+        if recording[0]:
+            key = f"{list(args[0].shape)} w{list(module.weight.shape)}"
+            per_shape[key][0] += time.perf_counter() - starts[id(module)]
+            per_shape[key][1] += 1
+
+    handles = []
+    for m in deployed.modules():
+        if isinstance(m, PackedConv2d):
+            handles += [m.register_forward_pre_hook(before), m.register_forward_hook(after)]
+    try:
+        for _ in range(3):
+            deployed(x)
+        recording[0] = True
+        start = time.perf_counter()
         for _ in range(iters):
             deployed(x)
-    per_shape, total = collections.defaultdict(lambda: [0.0, 0]), 0.0
-    for e in prof.key_averages(group_by_input_shape=True):
-        total += e.self_cpu_time_total
-        if e.key == "mkldnn::_convolution_pointwise":
-            # the fused-add overload takes (x, residual, weight, ...): 13 arguments against 10
-            weight = e.input_shapes[2] if len(e.input_shapes) >= 13 else e.input_shapes[1]
-            key = f"{e.input_shapes[0]} w{weight}"
-            per_shape[key][0] += e.self_cpu_time_total / iters / 1e3  # unary and fused-add calls of one shape
-            per_shape[key][1] += e.count // iters
-    conv = sum(ms for ms, _ in per_shape.values())
-    return dict(per_shape), conv, total / iters / 1e3
+        total = (time.perf_counter() - start) / iters * 1e3
+    finally:
+        for h in handles:
+            h.remove()
+    per_shape = {k: [seconds / iters * 1e3, calls // iters] for k, (seconds, calls) in per_shape.items()}
+    return per_shape, sum(ms for ms, _ in per_shape.values()), total
 
 
 def ort_conv_times(model: torch.nn.Module, x: torch.Tensor, threads: int, iters: int) -> tuple:

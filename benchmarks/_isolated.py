@@ -1,0 +1,105 @@
+"""Interleaved timing with every runner in its own process (``--isolate``, the default of the speed benchmarks).
+
+Timing several runtimes in one process lets them disturb each other: PyTorch's and ONNX Runtime's thread pools, the
+allocator's state, and whichever model ran last all change the next runner's speed (on the 2-vCPU machine of
+``docs/benchmarks.md`` in-process interleaving lowered 2-thread PyTorch numbers by up to ~25%). Here each runner is
+built in a fresh ``spawn``-ed worker process, and the parent runs the same protocol as ``vitzoo.speed.measure``:
+warm-up and calibration, then ``rounds`` round-robin rounds, median over rounds. Only one worker runs at a time;
+the others wait blocked on their pipe.
+
+A runner is described by a *builder*: a module-level function (picklable by reference) called in the worker as
+``builder(*args)``; it must set the thread count itself and return a zero-argument callable that runs one batch.
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import time
+from typing import Callable, Dict, Hashable, Tuple
+
+from tqdm.auto import tqdm
+
+from vitzoo.speed import Timing
+
+__all__ = ["measure_isolated"]
+
+Builder = Tuple[Callable[..., Callable[[], object]], tuple]
+
+
+def _worker(conn, builder: Callable[..., Callable[[], object]], args: tuple, warmup: int) -> None:
+    try:
+        run = builder(*args)
+        for _ in range(warmup):
+            run()
+        conn.send(("ready", None))
+        while True:
+            calls = conn.recv()
+            if calls is None:
+                return
+            start = time.perf_counter()
+            for _ in range(calls):
+                run()
+            conn.send(("time", (time.perf_counter() - start) / calls))
+    except BaseException as e:  # report to the parent instead of dying silently
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def _receive(conn, key: Hashable, kind: str):
+    status, value = conn.recv()
+    if status == "error":
+        raise RuntimeError(f"benchmark worker {key!r} failed: {value}")
+    assert status == kind, (status, kind)
+    return value
+
+
+def measure_isolated(builders: Dict[Hashable, Builder], batch_size: int, *, rounds: int = 5, warmup: int = 2,
+                     min_time: float = 0.25, max_calls: int = 50, desc: str = "measuring") -> Dict[Hashable, Timing]:
+    """Time each runner in its own process over interleaved rounds (same protocol as ``vitzoo.speed.measure``).
+
+    Args:
+        builders: Key -> ``(builder, args)``; the worker calls ``builder(*args)`` to get its runner.
+        batch_size: Images per call, for the img/s figures.
+        rounds: Timed rounds; each runner is timed once per round, in turn.
+        warmup: Untimed calls per runner before calibration.
+        min_time: Minimum seconds per timing; fast runners get several calls per round.
+        max_calls: Upper bound on calls per round.
+        desc: Progress-bar label.
+
+    Returns:
+        Key -> :class:`vitzoo.speed.Timing`, in the order of ``builders``.
+    """
+    if rounds < 1 or batch_size < 1 or warmup < 1:
+        raise ValueError(f"rounds, batch_size and warmup must be >= 1, got {rounds}, {batch_size}, {warmup}")
+    ctx = mp.get_context("spawn")
+    workers = {}
+    timings: Dict[Hashable, Timing] = {}
+    try:
+        with tqdm(total=len(builders) * (1 + rounds), desc=desc, unit="step", leave=False) as bar:
+            for key, (builder, args) in builders.items():  # built one after another: no overlap while warming up
+                bar.set_postfix_str(f"build + warm-up {key}")
+                parent, child = ctx.Pipe()
+                process = ctx.Process(target=_worker, args=(child, builder, args, warmup - 1), daemon=True)
+                process.start()
+                workers[key] = (parent, process)
+                _receive(parent, key, "ready")
+                parent.send(1)
+                once = _receive(parent, key, "time")
+                calls = max(1, min(max_calls, math.ceil(min_time / max(once, 1e-9))))
+                timings[key] = Timing(batch_size=batch_size, calls=calls)
+                bar.update(1)
+            for r in range(rounds):
+                for key, (parent, _) in workers.items():
+                    bar.set_postfix_str(f"round {r + 1}/{rounds} {key}")
+                    parent.send(timings[key].calls)
+                    timings[key].seconds_per_call.append(_receive(parent, key, "time"))
+                    bar.update(1)
+    finally:
+        for parent, process in workers.values():
+            try:
+                parent.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    return timings
