@@ -77,21 +77,34 @@ def test_eager_revit_matches():
     torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("groups,stride,residual,relu", [(1, 2, False, True), (8, 1, True, False), (1, 1, True, True)])
-def test_packed_conv_against_functional(groups, stride, residual, relu):
-    conv = nn.Conv2d(16, 16, 3, stride, 1, groups=groups).eval()
+@pytest.mark.parametrize("kernel,groups,stride,residual,relu,bias", [
+    (3, 1, 2, False, True, True), (3, 8, 1, True, False, True), (3, 1, 1, True, True, True),
+    # pointwise: run as a oneDNN linear on the (B*H*W, C) view
+    (1, 1, 1, False, False, True), (1, 1, 1, False, True, False), (1, 1, 1, True, False, True),
+    (1, 1, 1, True, True, True),
+    (1, 1, 2, False, True, True),  # strided 1x1: stays a convolution
+])
+def test_packed_conv_against_functional(kernel, groups, stride, residual, relu, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, kernel, stride, kernel // 2, groups=groups, bias=bias).eval()
     packed = PackedConv2d(conv, (4, 16, 20, 20))
+    assert packed.pointwise == (kernel == 1 and stride == 1)
     packed.unary = "relu" if relu else "none"
     for shape in [(4, 16, 20, 20), (1, 16, 13, 9)]:  # a shape other than the one packed for, too
         x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-        expected = F.conv2d(x, conv.weight, conv.bias, stride, 1, 1, groups)
+        expected = F.conv2d(x, conv.weight, conv.bias, stride, kernel // 2, 1, groups)
         r = torch.randn_like(expected) if residual else None
         if residual:
             expected = expected + r
         if relu:
             expected = expected.relu()
         with torch.no_grad():
-            torch.testing.assert_close(packed(x, r) if residual else packed(x), expected, atol=1e-5, rtol=0)
+            out = packed(x, r) if residual else packed(x)
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+            assert out.is_contiguous(memory_format=torch.channels_last)
+            # a plain NCHW input (and residual) gives the same result
+            nchw = packed(x.contiguous(), None if r is None else r.contiguous()) if residual else packed(x.contiguous())
+            torch.testing.assert_close(nchw, expected, atol=1e-5, rtol=0)
     assert set(packed._packed) == {(4, 16, 20, 20), (1, 16, 13, 9)}  # packed once per input shape
 
 
