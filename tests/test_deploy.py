@@ -1,6 +1,7 @@
 """vitzoo.deploy: outputs within 1e-4 of the unfused model, no mutation of the caller's model, backends, errors."""
 import copy
 import importlib
+import warnings
 
 import pytest
 import timm
@@ -147,8 +148,63 @@ def test_compile_backend():
     torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)
 
 
+@pytest.mark.skipif("torchscript" not in available_backends(), reason="no TorchScript in this torch")
+def test_torchscript_backend(shvit_s1):
+    from vitzoo.torchscript_backend import onednn_graph_available
+
+    before = torch.jit.onednn_fusion_enabled() if onednn_graph_available() else None
+    deployed = deploy(shvit_s1, torch.randn(2, 3, 96, 96), backend="torchscript")
+    assert deployed.backend == "torchscript"
+    assert "TorchScript trace + freeze, one trace per input shape" in deployed.optimizations
+    if onednn_graph_available():  # SHViT's attn.mul_(scale) needs the in-place -> out-of-place pass to fuse
+        assert any(o.startswith("oneDNN Graph fusion (") for o in deployed.optimizations), deployed.optimizations
+    # the example's shape, other batches and another resolution: each shape gets its own trace
+    for shape in [(2, 3, 96, 96), (3, 3, 96, 96), (1, 3, 128, 128)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(deployed(x), _reference(shvit_s1, x), atol=ATOL, rtol=0)
+    assert len(deployed.model._traced) == 3
+    if before is not None:  # the process-global switch is on only during the module's own calls
+        assert torch.jit.onednn_fusion_enabled() == before
+        # at 64x64 (1x1 maps in stage 3) oneDNN Graph fails in torch 2.14; re-specialising the 96x96 graph for it
+        # crashed the process, so each shape has its own trace and this one falls back to an unfused trace
+        x = torch.randn(2, 3, 64, 64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            torch.testing.assert_close(deployed(x), _reference(shvit_s1, x), atol=ATOL, rtol=0)
+
+
+@pytest.mark.skipif("torchscript" not in available_backends(), reason="no TorchScript in this torch")
+def test_torchscript_backend_falls_back_without_onednn_graph(monkeypatch):
+    ts = importlib.import_module("vitzoo.torchscript_backend")
+    if not ts.onednn_graph_available():
+        pytest.skip("no oneDNN Graph in this build")
+    real_warm_up = ts._warm_up
+
+    def fails_when_fused(traced, x, fused):
+        if fused:
+            raise RuntimeError("some pattern oneDNN Graph rejects")
+        real_warm_up(traced, x, fused)
+
+    monkeypatch.setattr(ts, "_warm_up", fails_when_fused)
+    torch.manual_seed(0)
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()))
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.warns(RuntimeWarning, match=r"failed for input shape \[2, 3, 16, 16\].*some pattern oneDNN Graph "
+                                            r"rejects.*runs without it"):
+        deployed = deploy(model, x, backend="torchscript")
+    assert [fused for _, fused in deployed.model._traced.values()] == [False]
+    assert any("runs without it" in o for o in deployed.optimizations)
+    torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)
+
+
+def test_torchscript_backend_unavailable_is_a_clear_error(monkeypatch, shvit_s1):
+    monkeypatch.setattr(importlib.import_module("vitzoo.torchscript_backend"), "torchscript_available", lambda: False)
+    with pytest.raises(RuntimeError, match="backend 'torchscript' is not available here"):
+        deploy(shvit_s1, backend="torchscript")
+
+
 def test_bad_backend_lists_valid_ones(shvit_s1):
-    with pytest.raises(ValueError, match="unknown backend 'tensorrt'.*eager, compile, onnxruntime"):
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'.*eager, compile, onnxruntime, torchscript"):
         deploy(shvit_s1, backend="tensorrt")
     assert set(available_backends()) <= set(BACKENDS)
 

@@ -5,7 +5,8 @@ For every model: parameters (as built and fused), FLOPs (MACs of the fused model
 
 * **default**: the model as ``timm.create_model`` returns it, in eval mode under ``torch.no_grad``;
 * **fastest**: :func:`vitzoo.deploy` with each backend that makes sense on the device
-  (CPU: ``eager`` and ``onnxruntime`` when installed; GPU: ``eager``; ``--backends`` to choose, e.g. ``compile``);
+  (CPU: ``eager``, ``torchscript`` and ``onnxruntime`` when installed; GPU: ``eager``; ``--backends`` to choose,
+  e.g. ``compile``);
   the fastest backend is reported.
 
 Without model names it compares the zoo against the models users would pick instead
@@ -57,9 +58,14 @@ def machine_info() -> Dict[str, Any]:
 
 
 def _default_backends(device: str) -> Tuple[str, ...]:
-    if device == "cpu" and importlib.util.find_spec("onnxruntime") is not None:
-        return ("eager", "onnxruntime")
-    return ("eager",)
+    if device != "cpu":
+        return ("eager",)
+    from vitzoo.inference import available_backends
+
+    backends = [b for b in ("eager", "torchscript") if b in available_backends()]
+    if importlib.util.find_spec("onnxruntime") is not None:
+        backends.append("onnxruntime")
+    return tuple(backends)
 
 
 def _build(

@@ -8,6 +8,8 @@ Backends (see ``docs/deploy.md`` for measurements and when to use which):
   layout, and a following ReLU and/or residual add fused into the convolution kernel.
 * ``"compile"``: the eager model (without the oneDNN rewrite) wrapped in ``torch.compile`` (inductor).
 * ``"onnxruntime"``: the fused model exported to ONNX (dynamic batch) and run in an ONNX Runtime session.
+* ``"torchscript"``: the eager model (without the oneDNN rewrite) traced and frozen with TorchScript; on CPU with
+  oneDNN Graph fusion (``vitzoo.torchscript_backend``). The fastest PyTorch path on CPU in our measurements.
 
 Every backend runs its forward under ``torch.inference_mode()`` and converts the input to the memory format
 it wants. At deploy time the result is checked against the caller's (unfused) model on ``example_input``;
@@ -27,7 +29,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 __all__ = ["BACKENDS", "DeployedModel", "PackedConv2d", "available_backends", "deploy", "default_example_input"]
 
-BACKENDS = ("eager", "compile", "onnxruntime")
+BACKENDS = ("eager", "compile", "onnxruntime", "torchscript")
 DEFAULT_ATOL = 1e-4
 
 _RELU_TARGETS = (F.relu, torch.relu, torch.relu_)
@@ -35,10 +37,14 @@ _ADD_TARGETS = (operator.add, operator.iadd, torch.add)
 
 
 def available_backends() -> List[str]:
-    """The backends usable in this environment, in order of preference for CPU inference."""
+    """The backends usable in this environment."""
+    from vitzoo.torchscript_backend import torchscript_available
+
     backends = ["eager"]
     if hasattr(torch, "compile"):
         backends.append("compile")
+    if torchscript_available():
+        backends.append("torchscript")
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
@@ -368,6 +374,16 @@ def _build_compile(model: nn.Module, example_input: torch.Tensor) -> DeployedMod
     return deployed
 
 
+def _build_torchscript(model: nn.Module, example_input: torch.Tensor) -> DeployedModel:
+    from vitzoo.torchscript_backend import build
+
+    deployed = _build_eager(model, example_input, rewrite=False)
+    deployed.model, notes = build(deployed.model, example_input.contiguous(memory_format=deployed.memory_format))
+    deployed.backend = "torchscript"
+    deployed.optimizations.extend(notes)
+    return deployed
+
+
 def _build_onnxruntime(model: nn.Module, example_input: torch.Tensor, opset: int) -> DeployedModel:
     from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx
 
@@ -392,7 +408,7 @@ def deploy(
         model: Any image model (timm or plain ``nn.Module``) taking a (B, C, H, W) tensor.
         example_input: Input used for tracing, export and verification; default: a random batch-1 tensor of
             the model's ``pretrained_cfg['input_size']``.
-        backend: One of ``BACKENDS``: ``"eager"``, ``"compile"``, ``"onnxruntime"``.
+        backend: One of ``BACKENDS``: ``"eager"``, ``"compile"``, ``"onnxruntime"``, ``"torchscript"``.
         inplace: Fuse the caller's model in place instead of a deep copy (saves memory; the original is
             then changed).
         verify: Compare the deployed model's output with the original model's on ``example_input``.
@@ -411,9 +427,10 @@ def deploy(
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}.")
     if backend not in available_backends():
+        hint = ("install onnx and onnxruntime (`pip install 'vitzoo[onnx]'`)" if backend == "onnxruntime"
+                else "this torch build lacks the features it needs")
         raise RuntimeError(
-            f"backend {backend!r} is not available here (available: {', '.join(available_backends())}); "
-            "install onnx and onnxruntime (`pip install 'vitzoo[onnx]'`) for 'onnxruntime'."
+            f"backend {backend!r} is not available here (available: {', '.join(available_backends())}); {hint}."
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"deploy() expects an nn.Module, got {type(model).__name__}.")
@@ -431,6 +448,7 @@ def deploy(
         "eager": lambda: _build_eager(model, example_input, rewrite=True),
         "compile": lambda: _build_compile(model, example_input),
         "onnxruntime": lambda: _build_onnxruntime(model, example_input, opset),
+        "torchscript": lambda: _build_torchscript(model, example_input),
     }
     deployed = builders[backend]()
     if verify:

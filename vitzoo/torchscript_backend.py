@@ -1,0 +1,170 @@
+"""The ``"torchscript"`` backend of :func:`vitzoo.deploy`: a frozen TorchScript trace, with oneDNN Graph fusion on CPU.
+
+``torch.jit.trace`` + ``torch.jit.freeze`` turn the fused model into a graph run by TorchScript's C++ executor. On
+CPU (fp32 / bf16) oneDNN Graph ("LLGA", ``torch.jit.enable_onednn_fusion``) then partitions that graph into fused
+oneDNN kernels (convolution / matmul with bias, ReLU, residual add, ...) that keep oneDNN's blocked memory layout
+between them, and pays one C++ call per partition instead of one Python call per op. On the 2-vCPU machine of
+``docs/benchmarks.md`` this is 5-17% faster than the ``"eager"`` backend on SHViT at batch 16.
+
+Caveats, also in ``docs/deploy.md``:
+
+* TorchScript is deprecated upstream (``torch.jit.trace`` / ``freeze`` emit ``FutureWarning``; this module silences
+  exactly those). The backend is offered while PyTorch ships it; :func:`torchscript_available` says whether it does.
+* The oneDNN Graph switch is process-global in PyTorch. :class:`TorchScriptModule` turns it on only for the
+  duration of its own calls and restores the previous value; do not run other TorchScript models concurrently in
+  other threads while it runs.
+* Each new input shape is traced, frozen and warmed up on its first call (about 1-3 s for SHViT on 2 CPU cores;
+  the last 4 shapes are kept): one graph per shape, because a fused graph re-specialising for a second shape
+  can crash inside oneDNN Graph (see :class:`TorchScriptModule`).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["TorchScriptModule", "build", "onednn_graph_available", "torchscript_available"]
+
+WARMUP_CALLS = 3  # the profiling executor profiles, then optimises (and fuses) on the following call
+
+
+def torchscript_available() -> bool:
+    """True when this PyTorch still has ``torch.jit.trace`` and ``torch.jit.freeze``."""
+    return hasattr(torch, "jit") and hasattr(torch.jit, "trace") and hasattr(torch.jit, "freeze")
+
+
+def onednn_graph_available() -> bool:
+    """True when this PyTorch can fuse TorchScript graphs with oneDNN Graph (x86 CPU builds with oneDNN)."""
+    return (torchscript_available() and hasattr(torch.jit, "enable_onednn_fusion")
+            and torch.backends.mkldnn.is_available())
+
+
+@contextlib.contextmanager
+def _onednn_fusion(enabled: bool) -> Iterator[None]:
+    """Set PyTorch's process-global oneDNN Graph switch for the block, then restore it."""
+    if not onednn_graph_available():
+        yield
+        return
+    previous = torch.jit.onednn_fusion_enabled()
+    torch.jit.enable_onednn_fusion(enabled)
+    try:
+        yield
+    finally:
+        torch.jit.enable_onednn_fusion(previous)
+
+
+@contextlib.contextmanager
+def _quiet_deprecation() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        yield
+
+
+class TorchScriptModule(nn.Module):
+    """Runs ``model`` as frozen TorchScript, one trace per input shape, with oneDNN Graph fusion when requested.
+
+    Each input shape gets its own trace (built on first use, the last ``max_cached_shapes`` kept): a fused
+    TorchScript graph that re-specialises itself for a second shape can crash inside oneDNN Graph (seen with
+    torch 2.14: a SHViT traced at 224x224 and then called at 64x64 segfaulted), while a graph that only ever sees
+    one shape either works or raises at its warm-up. A shape on which the fused graph raises gets an unfused trace,
+    with a ``RuntimeWarning`` (also recorded in ``notes``).
+
+    Args:
+        model: The eval-mode (fused) model to trace; kept, so that new shapes can be traced.
+        onednn_fusion: Use oneDNN Graph fusion (CPU only).
+    """
+    max_cached_shapes = 4
+
+    def __init__(self, model: nn.Module, onednn_fusion: bool):
+        super().__init__()
+        self.model = model
+        self.onednn_fusion = onednn_fusion
+        self.notes: List[str] = []
+        # ScriptModules in a plain dict: not submodules, so state_dict() holds the weights once (from ``model``)
+        self._traced: Dict[tuple, Tuple[torch.jit.ScriptModule, bool]] = {}
+
+    @staticmethod
+    def _key(x: torch.Tensor) -> tuple:
+        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        return tuple(x.shape), x.dtype, x.device, channels_last
+
+    def _traced_for(self, x: torch.Tensor) -> Tuple[torch.jit.ScriptModule, bool]:
+        key = self._key(x)
+        entry = self._traced.get(key)
+        if entry is None:
+            if len(self._traced) >= self.max_cached_shapes:
+                self._traced.pop(next(iter(self._traced)))
+            entry = self._traced[key] = self._build(x)
+        return entry
+
+    def _build(self, x: torch.Tensor) -> Tuple[torch.jit.ScriptModule, bool]:
+        fuse = self.onednn_fusion and onednn_graph_available()
+        traced = _trace(self.model, x)
+        if not fuse:
+            return traced, False
+        try:
+            _warm_up(traced, x, fused=True)
+            return traced, True
+        except Exception as e:  # noqa: BLE001  oneDNN Graph rejects some patterns / shapes at run time
+            reason = [line for line in str(e).splitlines() if line.strip()][-1:] or [""]
+            note = (f"oneDNN Graph fusion failed for input shape {list(x.shape)} ({type(e).__name__}: "
+                    f"{reason[0][:120]}); that shape runs without it")
+            self.notes.append(note)
+            warnings.warn(f"deploy(backend='torchscript'): {note}", RuntimeWarning, stacklevel=4)
+        traced = _trace(self.model, x)
+        _warm_up(traced, x, fused=False)
+        return traced, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        traced, fused = self._traced_for(x)
+        with _onednn_fusion(fused):
+            return traced(x)
+
+    def extra_repr(self) -> str:
+        return f"onednn_fusion={self.onednn_fusion}, traced shapes={[list(k[0]) for k in self._traced]}"
+
+
+def build(model: nn.Module, example_input: torch.Tensor) -> Tuple[TorchScriptModule, List[str]]:
+    """Wrap ``model`` (eval mode, already fused) in a :class:`TorchScriptModule` and build it for ``example_input``.
+
+    oneDNN Graph fusion is used for CPU inputs of dtype float32 / bfloat16 when available.
+
+    Returns:
+        The module and a list of human-readable notes on what was applied.
+
+    Raises:
+        RuntimeError: TorchScript is not available in this PyTorch, or the model cannot be traced.
+    """
+    if not torchscript_available():
+        raise RuntimeError(f"backend 'torchscript' needs torch.jit.trace/freeze, which torch {torch.__version__} "
+                           "does not have; use backend='eager'.")
+    fuse = (onednn_graph_available() and example_input.device.type == "cpu"
+            and example_input.dtype in (torch.float32, torch.bfloat16))
+    module = TorchScriptModule(model, onednn_fusion=fuse)
+    try:
+        _, fused = module._traced_for(example_input)
+    except Exception as e:  # arbitrary user models can fail to trace in many ways
+        raise RuntimeError(f"backend 'torchscript': tracing failed ({type(e).__name__}: {e}); "
+                           "use backend='eager'.") from e
+    notes = ["TorchScript trace + freeze, one trace per input shape"]
+    if fused:
+        notes.append("oneDNN Graph fusion (torch.jit.enable_onednn_fusion, on for this module's calls only)")
+    return module, notes + module.notes
+
+
+def _trace(model: nn.Module, example_input: torch.Tensor) -> torch.jit.ScriptModule:
+    with _quiet_deprecation(), torch.no_grad():
+        traced = torch.jit.freeze(torch.jit.trace(model, example_input, check_trace=False))
+    # in-place ops -> out-of-place where that is safe: oneDNN Graph mishandles some in-place ops with a Python
+    # scalar (e.g. SHViT's ``attn.mul_(scale)``: "expected scalar type Double but found Float")
+    torch._C._jit_pass_remove_mutation(traced.graph)
+    return traced
+
+
+def _warm_up(traced: torch.jit.ScriptModule, example_input: torch.Tensor, fused: bool) -> None:
+    with torch.no_grad(), _onednn_fusion(fused):
+        for _ in range(WARMUP_CALLS):
+            traced(example_input)
