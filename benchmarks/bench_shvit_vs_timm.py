@@ -3,7 +3,8 @@
 timm's model is built from ``timm.models.shvit`` directly (``import shvit`` replaces the registry names) and
 fused with ``timm.utils.reparameterize_model``. Both run under ``torch.inference_mode``; the extra column
 "timm fused + channels_last" shows how much of the gain is the memory format alone, and "ONNX Runtime" (the same
-fused model in ONNX Runtime, ``deploy(backend="onnxruntime")``) shows what a non-PyTorch runtime reaches on this CPU.
+fused model in ONNX Runtime, ``deploy(backend="onnxruntime")``) shows what a non-PyTorch runtime reaches on this CPU;
+"ours torchscript" is ``deploy(backend="torchscript")``, our fastest PyTorch path on CPU (not the default backend).
 Each runner is timed in its own process (``_isolated.py``; ``--no-isolate`` times them all in this process).
 
 The script also prints what the 1.6x goal asks of the hardware: 1.6 x timm's img/s x the fused model's MACs per
@@ -31,7 +32,7 @@ from vitzoo.flops import count_flops  # noqa: E402
 from vitzoo.inference import deploy  # noqa: E402
 
 CASES = (("shvit_s1", 224), ("shvit_s4", 256))
-RUNNERS = ("timm fused", "timm fused + channels_last", "ours deploy()", "ONNX Runtime")
+RUNNERS = ("timm fused", "timm fused + channels_last", "ours deploy()", "ours torchscript", "ONNX Runtime")
 GOAL = 1.6
 
 
@@ -56,6 +57,8 @@ def build_runner(kind: str, name: str, res: int, batch: int, threads: int):
         return inference(theirs_cl, x.contiguous(memory_format=torch.channels_last))
     if kind == "ours deploy()":
         return inference(deploy(ours, x), x)
+    if kind == "ours torchscript":
+        return inference(deploy(ours, x, backend="torchscript"), x)
     if kind == "ONNX Runtime":
         return inference(deploy(ours, x[:1], backend="onnxruntime"), x)
     raise ValueError(kind)
@@ -86,18 +89,19 @@ def main() -> int:
             else:
                 t = timed({k: build_runner(k, name, res, args.batch, threads) for k in RUNNERS},
                           args.batch, args.rounds, args.min_time, desc)
-            base, cl, ours_t, ort_t = (t[k].throughput for k in RUNNERS)
+            base, cl, ours_t, ts_t, ort_t = (t[k].throughput for k in RUNNERS)
             ratio = ours_t / base
             ratios.append(ratio)
-            rows.append([f"{name}@{res}", threads, base, cl, ours_t, ort_t, f"{ratio:.2f}x", f"{ort_t / base:.2f}x",
-                         f"{diff:.1e}"])
+            rows.append([f"{name}@{res}", threads, base, cl, ours_t, ts_t, ort_t, f"{ratio:.2f}x",
+                         f"{ts_t / base:.2f}x", f"{ort_t / base:.2f}x", f"{diff:.1e}"])
             need = GOAL * base * macs
             peak = peaks[threads]
             needs.append(f"{name}@{res} {threads}t: {GOAL}x needs {need / 1e9:.1f} GMAC/s; ours reaches "
                          f"{ours_t * macs / 1e9:.1f}; measured FMA peak "
                          + ("n/a" if peak is None else f"{peak / 1e9:.1f} (the goal needs {need / peak:.0%} of it)"))
     print_table(["model", "threads", "timm fused img/s", "timm fused+CL img/s", "ours deploy() img/s",
-                 "ORT img/s", "ours / timm", "ORT / timm", "max |diff|"], rows,
+                 "ours torchscript img/s", "ORT img/s", "ours / timm", "torchscript / timm", "ORT / timm",
+                 "max |diff|"], rows,
                 title=f"SHViT: ours deploy() vs timm built-in fused eager (batch {args.batch}, median of {args.rounds} "
                       f"rounds, {'one process per runner' if args.isolate else 'one process'})")
     print("\nwhat the goal asks of the hardware (fvcore MACs of the fused model x img/s):")
