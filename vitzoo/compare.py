@@ -109,8 +109,12 @@ def _runners(
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    # export/verify at batch 1 (cheaper), then check that the deployed model takes the full batch
-                    deployed = deploy(copy.deepcopy(default), example_input=x[:1], backend=backend)
+                    # ONNX export/verification at batch 1 (cheaper; the batch is dynamic). The PyTorch backends are
+                    # built on the timed batch: with a batch-1 example, the weights re-packed on the first batched
+                    # call interleave with activation buffers in glibc's heap, which cost the eager path up to 15%
+                    # (benchmarks/bench_example_batch.py)
+                    example = x[:1] if backend == "onnxruntime" else x
+                    deployed = deploy(copy.deepcopy(default), example_input=example, backend=backend)
                     with torch.no_grad():
                         deployed(x)
                 runners[(name, backend)] = _bind(deployed, x)
