@@ -4,7 +4,7 @@
 CPU (fp32 / bf16) oneDNN Graph ("LLGA", ``torch.jit.enable_onednn_fusion``) then partitions that graph into fused
 oneDNN kernels (convolution / matmul with bias, ReLU, residual add, ...) that keep oneDNN's blocked memory layout
 between them, and pays one C++ call per partition instead of one Python call per op. On the 2-vCPU machine of
-``docs/benchmarks.md`` this is 5-17% faster than the ``"eager"`` backend on SHViT at batch 16.
+``docs/benchmarks.md`` this is 1-10% faster than the ``"eager"`` backend on SHViT at batch 16.
 
 Caveats, also in ``docs/deploy.md``:
 
