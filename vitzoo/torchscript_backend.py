@@ -160,7 +160,9 @@ def _trace(model: nn.Module, example_input: torch.Tensor) -> torch.jit.ScriptMod
         traced = torch.jit.freeze(torch.jit.trace(model, example_input, check_trace=False))
     # in-place ops -> out-of-place where that is safe: oneDNN Graph mishandles some in-place ops with a Python
     # scalar (e.g. SHViT's ``attn.mul_(scale)``: "expected scalar type Double but found Float")
-    torch._C._jit_pass_remove_mutation(traced.graph)
+    remove_mutation = getattr(torch._C, "_jit_pass_remove_mutation", None)  # private API: use it when present
+    if remove_mutation is not None:
+        remove_mutation(traced.graph)
     return traced
 
 
