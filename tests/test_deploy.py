@@ -174,6 +174,16 @@ def test_torchscript_backend(shvit_s1):
 
 
 @pytest.mark.skipif("torchscript" not in available_backends(), reason="no TorchScript in this torch")
+def test_torchscript_backend_bad_input_gets_the_models_error(shvit_s1):
+    deployed = deploy(shvit_s1, torch.randn(1, 3, 64, 64), backend="torchscript")
+    with pytest.raises(ValueError, match="built for 3 input channels.*got 4 channels"):
+        deployed(torch.randn(1, 4, 64, 64))
+    with pytest.raises(ValueError, match="height and width >= 64"):
+        deployed(torch.randn(1, 3, 32, 32))
+    assert len(deployed.model._traced) == 1  # nothing traced for the rejected shapes
+
+
+@pytest.mark.skipif("torchscript" not in available_backends(), reason="no TorchScript in this torch")
 def test_torchscript_backend_falls_back_without_onednn_graph(monkeypatch):
     ts = importlib.import_module("vitzoo.torchscript_backend")
     if not ts.onednn_graph_available():

@@ -107,8 +107,8 @@ class PackedConv2d(nn.Module):
     A pointwise convolution (1x1, stride 1, no padding, one group) on a channels-last input is a matrix product
     ``(B*H*W, C_in) @ (C_in, C_out)`` on the same memory, so it runs as a oneDNN linear
     (``torch.ops.mkldnn._linear_pointwise``) on that 2-D view and the result is viewed back as a channels-last
-    (B, C_out, H, W) tensor: no copies. oneDNN's matmul kernel is faster than its convolution kernel on these
-    shapes (1-2% on whole SHViT models, up to 18% on single layers; ``docs/benchmarks.md``).
+    (B, C_out, H, W) tensor: no copies. oneDNN's matmul kernel was faster than its convolution kernel on these
+    shapes in our (one-off) measurements.
 
     Args:
         conv: The convolution to replace (zero padding, float32, CPU).

@@ -13,7 +13,7 @@ Caveats, also in ``docs/deploy.md``:
 * The oneDNN Graph switch is process-global in PyTorch. :class:`TorchScriptModule` turns it on only for the
   duration of its own calls and restores the previous value; do not run other TorchScript models concurrently in
   other threads while it runs.
-* Each new input shape is traced, frozen and warmed up on its first call (about 1-3 s for SHViT on 2 CPU cores;
+* Each new input shape is traced, frozen and warmed up on its first call (a few seconds for SHViT on 2 CPU cores;
   the last 4 shapes are kept): one graph per shape, because a fused graph re-specialising for a second shape
   can crash inside oneDNN Graph (see :class:`TorchScriptModule`).
 """
@@ -95,13 +95,16 @@ class TorchScriptModule(nn.Module):
         key = self._key(x)
         entry = self._traced.get(key)
         if entry is None:
+            entry = self._build(x)  # may raise (bad input): the cache is left as it was
             if len(self._traced) >= self.max_cached_shapes:
                 self._traced.pop(next(iter(self._traced)))
-            entry = self._traced[key] = self._build(x)
+            self._traced[key] = entry
         return entry
 
     def _build(self, x: torch.Tensor) -> Tuple[torch.jit.ScriptModule, bool]:
         fuse = self.onednn_fusion and onednn_graph_available()
+        with torch.no_grad():  # one eager call first: the model's own input checks raise here (tracing skips them)
+            self.model(x)
         traced = _trace(self.model, x)
         if not fuse:
             return traced, False
