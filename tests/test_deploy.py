@@ -59,6 +59,22 @@ def test_eager_shvit_matches_unfused_and_leaves_caller_alone(shvit_s1):
     assert any(m.unary == "relu" for m in packed)
 
 
+def test_eager_shvit_convs_get_channels_last_inputs(shvit_s1):
+    """No layout copies: every packed conv's input and residual is channels-last (SHSA runs on the token view)."""
+    deployed = deploy(shvit_s1, torch.randn(2, 3, 128, 128))
+    assert any("token view" in o for o in deployed.optimizations), deployed.optimizations
+    seen = []
+
+    def check(module, args):
+        seen.append([tuple(a.stride()) for a in args if not a.is_contiguous(memory_format=torch.channels_last)])
+
+    packed = [m for m in deployed.modules() if isinstance(m, PackedConv2d)]
+    for m in packed:
+        m.register_forward_pre_hook(check)
+    deployed(torch.randn(2, 3, 128, 128))
+    assert len(seen) == len(packed) and not any(seen), [s for s in seen if s]
+
+
 def test_eager_deit_matches():
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224", depth=2).eval()

@@ -137,6 +137,28 @@ def test_shsa_against_plain_ops():
     y1 = torch.einsum('bcm,bnm->bcn', v, a).reshape(2, pdim, 5, 6)
     ref = m.proj[1](torch.relu(torch.cat([y1, x2], 1)))
     torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+    # the token-view path (vitzoo.deploy's): same numbers, channels-last in and out, NCHW input works too
+    m.nhwc = True
+    out = m(x.contiguous(memory_format=torch.channels_last))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_nhwc_attention_matches_timm_builtin():
+    """Whole network with SHSA's ``nhwc`` path on a channels-last input vs timm's SHViT (NCHW, official layout)."""
+    ours = randomize_norms(timm.create_model('shvit_s2')).eval()
+    ref = _timm_reference('shvit_s2').eval()
+    ref.load_state_dict(ours.state_dict())
+    n = 0
+    for m in ours.modules():
+        if hasattr(m, 'nhwc'):
+            m.nhwc, n = True, n + 1
+    assert n == sum(shvit.VARIANTS['shvit_s2']['depth'][1:])  # one SHSA per block of stages 2 and 3
+    x = torch.randn(2, 3, 160, 192)
+    ours = ours.to(memory_format=torch.channels_last)
+    assert (ours(x.contiguous(memory_format=torch.channels_last)) - ref(x)).abs().max().item() <= 1e-5
 
 
 @torch.no_grad()
