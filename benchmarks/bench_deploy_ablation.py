@@ -35,7 +35,7 @@ CASES = {"shvit_s1": 224, "shvit_s4": 256}
 STEPS = ("fused", "+ channels-last", "+ oneDNN packed convs", "+ 1x1 as linear", "+ token-view attention")
 
 
-def build_deployed(step: str, model: torch.nn.Module, x: torch.Tensor) -> vi.DeployedModel:
+def build_deployed(step: str, model: torch.nn.Module, x: torch.Tensor, verify: bool = False) -> vi.DeployedModel:
     """``deploy(model, x)`` with the steps after ``step`` switched off."""
     level = STEPS.index(step)
     with ExitStack() as stack:
@@ -45,10 +45,10 @@ def build_deployed(step: str, model: torch.nn.Module, x: torch.Tensor) -> vi.Dep
             stack.enter_context(mock.patch.object(vi, "onednn_rewrite", lambda model, example: (model, [])))
         if level < 4:
             stack.enter_context(mock.patch.object(vi, "use_nhwc_attention", lambda model: 0))
-        # verify=False: running the unfused model first (deploy's check) left glibc's heap in a state that slowed
-        # the plain NCHW 'fused' variant by up to 40% (docs/benchmarks.md, section 6); tests/test_benchmarks.py
-        # checks every variant's output instead
-        deployed = vi.deploy(model, x, verify=False)
+        # verify=False by default: running the unfused model first (deploy's check) left glibc's heap in a state
+        # that slowed the plain NCHW 'fused' variant (docs/benchmarks.md, section 6; ``--verify`` shows it);
+        # tests/test_benchmarks.py checks every variant's output instead
+        deployed = vi.deploy(model, x, verify=verify)
     if level < 3:
         for m in deployed.modules():
             if isinstance(m, vi.PackedConv2d) and m.pointwise:
@@ -57,23 +57,26 @@ def build_deployed(step: str, model: torch.nn.Module, x: torch.Tensor) -> vi.Dep
     return deployed
 
 
-def build_runner(step: str, name: str, batch: int, threads: int):
+def build_runner(step: str, name: str, batch: int, threads: int, verify: bool = False):
     """The runner of one variant (called in the isolated worker processes)."""
     torch.set_num_threads(threads)
     model = randomize_norm_stats(timm.create_model(name))
     x = torch.randn(batch, 3, CASES[name], CASES[name], generator=torch.Generator().manual_seed(1))
-    return inference(build_deployed(step, model, x), x)
+    return inference(build_deployed(step, model, x, verify), x)
 
 
 def main() -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["shvit_s1", "shvit_s4"], choices=list(CASES))
+    parser.add_argument("--verify", action="store_true",
+                        help="check each variant against the unfused model at deploy time (runs it once first)")
     args = parser.parse_args()
     print_machine(args.threads)
     rows = []
     for name in args.models:
         for threads in args.threads:
-            t = measure_isolated({s: (build_runner, (s, name, args.batch, threads)) for s in STEPS}, args.batch,
+            t = measure_isolated({s: (build_runner, (s, name, args.batch, threads, args.verify)) for s in STEPS},
+                                 args.batch,
                                  rounds=args.rounds, min_time=args.min_time, desc=f"{name} {threads}t")
             base = t[STEPS[0]].throughput
             rows.append([f"{name}@{CASES[name]}", threads]
