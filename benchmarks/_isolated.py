@@ -5,7 +5,9 @@ allocator's state, and whichever model ran last all change the next runner's spe
 ``docs/benchmarks.md``, timm's SHViT-S4 at 2 threads measured 44-58 img/s in-process and 65-72 img/s isolated). Here each runner is
 built in a fresh ``spawn``-ed worker process, and the parent runs the same protocol as ``vitzoo.speed.measure``:
 warm-up and calibration, then ``rounds`` round-robin rounds, median over rounds. Only one worker runs at a time;
-the others wait blocked on their pipe.
+the others wait blocked on their pipe. A worker reports its time only once its own process is idle again
+(``vitzoo.speed.wait_until_idle``), so the next worker never starts while the previous one's thread pool is still
+spinning (ONNX Runtime spins ~45 ms after a 2-thread call; ``bench_spin_interference.py``).
 
 A runner is described by a *builder*: a module-level function (picklable by reference) called in the worker as
 ``builder(*args)``; it must set the thread count itself and return a zero-argument callable that runs one batch.
@@ -19,18 +21,20 @@ from typing import Callable, Dict, Hashable, Tuple
 
 from tqdm.auto import tqdm
 
-from vitzoo.speed import Timing
+from vitzoo.speed import Timing, wait_until_idle
 
 __all__ = ["measure_isolated"]
 
 Builder = Tuple[Callable[..., Callable[[], object]], tuple]
 
 
-def _worker(conn, builder: Callable[..., Callable[[], object]], args: tuple, warmup: int) -> None:
+def _worker(conn, builder: Callable[..., Callable[[], object]], args: tuple, warmup: int, settle: bool) -> None:
     try:
         run = builder(*args)
         for _ in range(warmup):
             run()
+        if settle:
+            wait_until_idle()
         conn.send(("ready", None))
         while True:
             calls = conn.recv()
@@ -39,7 +43,10 @@ def _worker(conn, builder: Callable[..., Callable[[], object]], args: tuple, war
             start = time.perf_counter()
             for _ in range(calls):
                 run()
-            conn.send(("time", (time.perf_counter() - start) / calls))
+            seconds = (time.perf_counter() - start) / calls
+            if settle:  # answer only once this process's threads have stopped spinning
+                wait_until_idle()
+            conn.send(("time", seconds))
     except BaseException as e:  # report to the parent instead of dying silently
         conn.send(("error", f"{type(e).__name__}: {e}"))
 
@@ -53,7 +60,8 @@ def _receive(conn, key: Hashable, kind: str):
 
 
 def measure_isolated(builders: Dict[Hashable, Builder], batch_size: int, *, rounds: int = 5, warmup: int = 2,
-                     min_time: float = 0.25, max_calls: int = 50, desc: str = "measuring") -> Dict[Hashable, Timing]:
+                     min_time: float = 0.25, max_calls: int = 50, desc: str = "measuring",
+                     settle: bool = True) -> Dict[Hashable, Timing]:
     """Time each runner in its own process over interleaved rounds (same protocol as ``vitzoo.speed.measure``).
 
     Args:
@@ -64,6 +72,8 @@ def measure_isolated(builders: Dict[Hashable, Builder], batch_size: int, *, roun
         min_time: Minimum seconds per timing; fast runners get several calls per round.
         max_calls: Upper bound on calls per round.
         desc: Progress-bar label.
+        settle: Workers wait until their process is idle before reporting a time (``False``: the old protocol,
+            for ``bench_spin_interference.py`` only).
 
     Returns:
         Key -> :class:`vitzoo.speed.Timing`, in the order of ``builders``.
@@ -78,7 +88,7 @@ def measure_isolated(builders: Dict[Hashable, Builder], batch_size: int, *, roun
             for key, (builder, args) in builders.items():  # built one after another: no overlap while warming up
                 bar.set_postfix_str(f"build + warm-up {key}")
                 parent, child = ctx.Pipe()
-                process = ctx.Process(target=_worker, args=(child, builder, args, warmup - 1), daemon=True)
+                process = ctx.Process(target=_worker, args=(child, builder, args, warmup - 1, settle), daemon=True)
                 process.start()
                 workers[key] = (parent, process)
                 _receive(parent, key, "ready")

@@ -1,7 +1,8 @@
-"""benchmarks/_isolated.py: per-process interleaved timing used by the speed benchmarks."""
+"""Timing protocol: benchmarks/_isolated.py (one process per runner) and the settling of vitzoo.speed."""
 import functools
 import os
 import sys
+import threading
 import time
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 from _isolated import measure_isolated  # noqa: E402
+from vitzoo.speed import measure, wait_until_idle  # noqa: E402
 
 
 def test_times_each_runner_in_its_own_process():
@@ -32,3 +34,55 @@ def test_builder_failure_is_reported_with_the_runner_name():
 def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="rounds"):
         measure_isolated({}, batch_size=1, rounds=0)
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def spinning_runner(spin: float):
+    """Builder of a runner that returns at once but leaves a thread burning CPU for ``spin`` s (like ORT's pool)."""
+    def run():
+        threading.Thread(target=_spin, args=(spin,), daemon=True).start()
+    return run
+
+
+def test_wait_until_idle_waits_for_a_spinning_thread():
+    start = time.perf_counter()
+    waited = wait_until_idle()
+    assert waited < 0.2 and time.perf_counter() - start < 0.3  # nothing spinning: back at once
+    threading.Thread(target=_spin, args=(0.3,), daemon=True).start()
+    waited = wait_until_idle()
+    assert 0.25 <= waited < 0.6  # returns once the 0.3 s spin is over, not before
+
+
+def test_wait_until_idle_gives_up_after_max_wait():
+    threading.Thread(target=_spin, args=(0.5,), daemon=True).start()
+    assert 0.15 <= wait_until_idle(max_wait=0.2) < 0.35
+
+
+def test_workers_report_only_once_their_threads_are_idle():
+    # every call leaves 0.5 s of spinning behind; settled, each of the 4 timings (calibration + 3 rounds) waits for
+    # it, so the settled run takes about 2 s longer than the old back-to-back protocol (process start-up cancels)
+    def elapsed(settle: bool) -> float:
+        start = time.perf_counter()
+        measure_isolated({"spinner": (spinning_runner, (0.5,))}, batch_size=1, rounds=3, warmup=1, min_time=0.0,
+                         max_calls=1, settle=settle)
+        return time.perf_counter() - start
+
+    assert elapsed(True) - elapsed(False) >= 1.5
+
+
+def test_in_process_measure_starts_each_window_once_idle():
+    run = spinning_runner(0.3)
+    start = time.perf_counter()
+    timings = measure({"spinner": run}, batch_size=1, rounds=3, warmup=1, min_time=0.0, max_calls=1, progress=False)
+    # windows 2 and 3 each wait for the spin left by the previous call (the first follows calibration's call)
+    assert time.perf_counter() - start >= 3 * 0.3 - 0.05
+    assert max(timings["spinner"].seconds_per_call) < 0.1  # the waiting is outside the timed windows
+    start = time.perf_counter()
+    measure({"spinner": run}, batch_size=1, rounds=3, warmup=1, min_time=0.0, max_calls=1, progress=False,
+            settle=False)
+    assert time.perf_counter() - start < 0.3

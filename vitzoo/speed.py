@@ -4,19 +4,33 @@ Every runner (a model on one inference path) is timed once per round, round-robi
 shared machine (other jobs, clock scaling, thermal limits) hit every runner alike; the median over rounds then
 discards the outliers. The number of calls per round is calibrated from the warm-up so that each timing lasts at
 least ``min_time`` seconds.
+
+Runtimes keep their worker threads spinning for a while after a call returns (measured on a 2-vCPU machine:
+ONNX Runtime ~45 ms of CPU after a 2-thread run, PyTorch's OpenMP pool ~10 ms). Timed back to back, that spin
+would eat into the *next* runner's time. So every timed window starts only once this process is idle again
+(:func:`wait_until_idle`); ``benchmarks/bench_spin_interference.py`` measures the effect.
 """
 from __future__ import annotations
 
 import math
 import statistics
 import time
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Hashable, List, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["Timing", "measure", "synchronize"]
+__all__ = ["Timing", "measure", "synchronize", "wait_until_idle"]
+
+IDLE_INTERVAL = 0.01   # seconds between two looks at the process's CPU time
+IDLE_FRACTION = 0.1    # idle: less than this share of one core used during an interval
+IDLE_MAX_WAIT = 1.0    # give up waiting after this many seconds
 
 
 @dataclass
@@ -55,6 +69,36 @@ def synchronize(device: Optional[torch.device]) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def wait_until_idle(max_wait: float = IDLE_MAX_WAIT, interval: float = IDLE_INTERVAL,
+                    fraction: float = IDLE_FRACTION) -> float:
+    """Sleep until no thread of this process is using the CPU (e.g. a runtime's pool spinning after a call).
+
+    Looks at the process's CPU time (``getrusage``) every ``interval`` seconds while this thread sleeps, and
+    returns once an interval used less than ``fraction`` of one core, or after ``max_wait`` seconds. Where
+    ``getrusage`` does not exist (Windows) it sleeps ``10 * interval`` instead.
+
+    Returns:
+        The seconds waited.
+    """
+    start = time.perf_counter()
+    if resource is None:
+        time.sleep(10 * interval)
+        return time.perf_counter() - start
+    before = _cpu_seconds()
+    while time.perf_counter() - start < max_wait:
+        time.sleep(interval)
+        now = _cpu_seconds()
+        if now - before < fraction * interval:
+            break
+        before = now
+    return time.perf_counter() - start
+
+
 def _label(key: Hashable) -> str:
     return "/".join(map(str, key)) if isinstance(key, tuple) else str(key)
 
@@ -79,8 +123,9 @@ def measure(
     device: Optional[torch.device] = None,
     progress: bool = True,
     desc: str = "measuring",
+    settle: bool = True,
 ) -> Dict[Hashable, Timing]:
-    """Time each runner over interleaved rounds.
+    """Time each runner over interleaved rounds; each timed window starts once the process is idle.
 
     Args:
         runners: Key -> zero-argument callable that runs one batch (inputs bound already).
@@ -92,6 +137,7 @@ def measure(
         device: Synchronised around each timing when it is a CUDA device.
         progress: Show a progress bar (on stderr).
         desc: Progress-bar label.
+        settle: Start each timed window only once the process is idle (:func:`wait_until_idle`).
 
     Returns:
         Key -> :class:`Timing`, in the order of ``runners``.
@@ -115,6 +161,8 @@ def measure(
         for r in range(rounds):
             for key, fn in runners.items():
                 bar.set_postfix_str(f"round {r + 1}/{rounds} {_label(key)}")
+                if settle:
+                    wait_until_idle()
                 timings[key].seconds_per_call.append(_time_calls(fn, timings[key].calls, device))
                 bar.update(1)
     return timings
