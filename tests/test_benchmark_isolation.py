@@ -42,9 +42,15 @@ def _spin(seconds: float) -> None:
         pass
 
 
-def spinning_runner(spin: float):
-    """Builder of a runner that returns at once but leaves a thread burning CPU for ``spin`` s (like ORT's pool)."""
+def spinning_runner(spin: float, log: str = ""):
+    """Builder of a runner that returns at once but leaves a thread burning CPU for ``spin`` s (like ORT's pool).
+
+    With ``log``, every call appends its wall-clock start time to that file.
+    """
     def run():
+        if log:
+            with open(log, "a") as f:
+                f.write(f"{time.time()}\n")
         threading.Thread(target=_spin, args=(spin,), daemon=True).start()
     return run
 
@@ -63,16 +69,20 @@ def test_wait_until_idle_gives_up_after_max_wait():
     assert 0.15 <= wait_until_idle(max_wait=0.2) < 0.35
 
 
-def test_workers_report_only_once_their_threads_are_idle():
-    # every call leaves 0.5 s of spinning behind; settled, each of the 4 timings (calibration + 3 rounds) waits for
-    # it, so the settled run takes about 2 s longer than the old back-to-back protocol (process start-up cancels)
-    def elapsed(settle: bool) -> float:
-        start = time.perf_counter()
-        measure_isolated({"spinner": (spinning_runner, (0.5,))}, batch_size=1, rounds=3, warmup=1, min_time=0.0,
-                         max_calls=1, settle=settle)
-        return time.perf_counter() - start
-
-    assert elapsed(True) - elapsed(False) >= 1.5
+@pytest.mark.parametrize("settle", [True, False])
+def test_workers_report_only_once_their_threads_are_idle(tmp_path, settle):
+    # every call leaves 0.4 s of spinning behind; settled, the worker answers only after it, so the parent's next
+    # request (and call) comes at least 0.4 s after the previous one; back to back, right away
+    log = tmp_path / "calls.txt"
+    measure_isolated({"spinner": (spinning_runner, (0.4, str(log)))}, batch_size=1, rounds=3, warmup=1,
+                     min_time=0.0, max_calls=1, settle=settle)
+    starts = [float(line) for line in log.read_text().split()]
+    assert len(starts) == 4  # calibration (warmup=1 is that call), 3 rounds
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    if settle:
+        assert min(gaps) >= 0.4
+    else:
+        assert max(gaps) < 0.3
 
 
 def test_in_process_measure_starts_each_window_once_idle():
