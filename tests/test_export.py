@@ -98,3 +98,29 @@ def test_unknown_model_names_closest_matches(tmp_path, capsys):
     assert main(["export", "shvit_s9", "--out", str(tmp_path / "x.onnx")]) == 2
     assert "shvit_s" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("spinning", [True, False])
+def test_onnxruntime_module_spinning_switch(spinning):
+    import time
+
+    from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx
+    from vitzoo.speed import _cpu_seconds
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    session = OnnxRuntimeModule(export_onnx(model, x[:1]), num_threads=2, spinning=spinning)
+    options = session.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spinning else "0")
+    with torch.no_grad():
+        assert (session(x) - model(x)).abs().max().item() < 1e-5
+    after = []  # this process's CPU ms in the 0.3 s after a call, while the test sleeps
+    for _ in range(3):
+        session(x)
+        before = _cpu_seconds()
+        time.sleep(0.3)
+        after.append(1e3 * (_cpu_seconds() - before))
+    if spinning:  # the idle worker spins (~40 ms measured)
+        assert max(after) > 10
+    else:
+        assert min(after) < 5

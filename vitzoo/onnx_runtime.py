@@ -84,12 +84,19 @@ class OnnxRuntimeModule(nn.Module):
 
     Takes and returns torch tensors (fp32, CPU). It has no parameters; ``state_dict()`` is empty.
 
+    With more than one thread, ONNX Runtime's worker threads keep spinning after each call, waiting for the next
+    one (~40 ms of CPU after a 2-thread SHViT call on the benchmark machine, ``benchmarks/bench_spin_interference.py``).
+    That is ONNX Runtime's default and the fastest for back-to-back calls, but the spin competes with whatever the
+    process does between calls (pre-processing, other models); ``spinning=False`` makes idle workers sleep.
+
     Args:
         onnx_model: Serialized ONNX model (bytes) or a path to a ``.onnx`` file.
         num_threads: Intra-op threads of the session; default ``torch.get_num_threads()``.
+        spinning: Let idle intra-op threads spin (ONNX Runtime's ``session.intra_op.allow_spinning``).
     """
 
-    def __init__(self, onnx_model: Union[bytes, str, os.PathLike], num_threads: Optional[int] = None):
+    def __init__(self, onnx_model: Union[bytes, str, os.PathLike], num_threads: Optional[int] = None,
+                 spinning: bool = True):
         super().__init__()
         require_onnxruntime()
         import onnxruntime as ort
@@ -98,6 +105,8 @@ class OnnxRuntimeModule(nn.Module):
         options.intra_op_num_threads = int(num_threads or torch.get_num_threads())
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        self.spinning = spinning
         source = onnx_model if isinstance(onnx_model, bytes) else str(Path(onnx_model))
         self.session = ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
@@ -109,7 +118,7 @@ class OnnxRuntimeModule(nn.Module):
         return torch.from_numpy(out)
 
     def extra_repr(self) -> str:
-        return f"threads={self.num_threads}"
+        return f"threads={self.num_threads}, spinning={self.spinning}"
 
 
 @torch.no_grad()
