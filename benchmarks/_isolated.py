@@ -2,8 +2,9 @@
 
 Timing several runtimes in one process lets them disturb each other: PyTorch's and ONNX Runtime's thread pools, the
 allocator's state, and whichever model ran last all change the next runner's speed (on the 2-vCPU machine of
-``docs/benchmarks.md``, timm's SHViT-S4 at 2 threads measured 44-58 img/s in-process and 65-72 img/s isolated). Here each runner is
-built in a fresh ``spawn``-ed worker process, and the parent runs the same protocol as ``vitzoo.speed.measure``:
+``docs/benchmarks.md``, timm's SHViT-S4 at 2 threads measured 44-58 img/s in-process and 65-72 img/s isolated).
+Here each runner is built in a fresh ``spawn``-ed worker process, and the parent runs the same protocol as
+``vitzoo.speed.measure``:
 warm-up and calibration, then ``rounds`` round-robin rounds, median over rounds. Only one worker runs at a time;
 the others wait blocked on their pipe. A worker reports its time only once its own process is idle again
 (``vitzoo.speed.wait_until_idle``), so the next worker never starts while the previous one's thread pool is still

@@ -28,7 +28,7 @@ import vitzoo  # noqa: E402,F401
 from _common import base_parser, inference, print_machine, print_table, randomize_norm_stats  # noqa: E402
 from _isolated import measure_isolated  # noqa: E402
 from vitzoo.inference import deploy  # noqa: E402
-from vitzoo.speed import _cpu_seconds  # noqa: E402
+from vitzoo.speed import process_cpu_seconds  # noqa: E402
 
 MODEL, RES = "shvit_s1", 224
 ORDER = ("A", "ONNX Runtime", "B (after ORT)", "C (after B)")
@@ -47,9 +47,9 @@ def build_runner(key: str, batch: int, threads: int):
 def cpu_after_call(run, seconds: float = 0.5) -> float:
     """Milliseconds of this process's CPU time used in the ``seconds`` after ``run()`` returns, while idle."""
     run()
-    before = _cpu_seconds()
+    before = process_cpu_seconds()
     time.sleep(seconds)
-    return 1e3 * (_cpu_seconds() - before)
+    return 1e3 * (process_cpu_seconds() - before)
 
 
 def main() -> int:

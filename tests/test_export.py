@@ -105,7 +105,7 @@ def test_onnxruntime_module_spinning_switch(spinning):
     import time
 
     from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx
-    from vitzoo.speed import _cpu_seconds
+    from vitzoo.speed import process_cpu_seconds
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
     x = torch.randn(4, 3, 32, 32)
@@ -117,9 +117,9 @@ def test_onnxruntime_module_spinning_switch(spinning):
     after = []  # this process's CPU ms in the 0.3 s after a call, while the test sleeps
     for _ in range(3):
         session(x)
-        before = _cpu_seconds()
+        before = process_cpu_seconds()
         time.sleep(0.3)
-        after.append(1e3 * (_cpu_seconds() - before))
+        after.append(1e3 * (process_cpu_seconds() - before))
     if spinning:  # the idle worker spins (~40 ms measured)
         assert max(after) > 10
     else:

@@ -15,18 +15,18 @@ from __future__ import annotations
 import math
 import statistics
 import time
-
-try:
-    import resource
-except ImportError:  # not on Windows
-    resource = None
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Hashable, List, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["Timing", "measure", "synchronize", "wait_until_idle"]
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
+__all__ = ["Timing", "measure", "process_cpu_seconds", "synchronize", "wait_until_idle"]
 
 IDLE_INTERVAL = 0.01   # seconds between two looks at the process's CPU time
 IDLE_FRACTION = 0.1    # idle: less than this share of one core used during an interval
@@ -69,7 +69,10 @@ def synchronize(device: Optional[torch.device]) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cpu_seconds() -> float:
+def process_cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by all threads of this process (Unix ``getrusage``)."""
+    if resource is None:
+        raise RuntimeError("process_cpu_seconds needs the Unix 'resource' module (not available on Windows).")
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
@@ -89,10 +92,10 @@ def wait_until_idle(max_wait: float = IDLE_MAX_WAIT, interval: float = IDLE_INTE
     if resource is None:
         time.sleep(10 * interval)
         return time.perf_counter() - start
-    before = _cpu_seconds()
+    before = process_cpu_seconds()
     while time.perf_counter() - start < max_wait:
         time.sleep(interval)
-        now = _cpu_seconds()
+        now = process_cpu_seconds()
         if now - before < fraction * interval:
             break
         before = now
