@@ -8,7 +8,7 @@ Here each runner is built in a fresh ``spawn``-ed worker process, and the parent
 warm-up and calibration, then ``rounds`` round-robin rounds, median over rounds. Only one worker runs at a time;
 the others wait blocked on their pipe. A worker reports its time only once its own process is idle again
 (``vitzoo.speed.wait_until_idle``), so the next worker never starts while the previous one's thread pool is still
-spinning (ONNX Runtime spins ~45 ms after a 2-thread call; ``bench_spin_interference.py``).
+spinning (ONNX Runtime spins ~40 ms after a 2-thread call; ``bench_spin_interference.py``).
 
 A runner is described by a *builder*: a module-level function (picklable by reference) called in the worker as
 ``builder(*args)``; it must set the thread count itself and return a zero-argument callable that runs one batch.

@@ -6,7 +6,7 @@ discards the outliers. The number of calls per round is calibrated from the warm
 least ``min_time`` seconds.
 
 Runtimes keep their worker threads spinning for a while after a call returns (measured on a 2-vCPU machine:
-ONNX Runtime ~45 ms of CPU after a 2-thread run, PyTorch's OpenMP pool ~10 ms). Timed back to back, that spin
+ONNX Runtime ~40 ms of CPU after a 2-thread run, PyTorch's OpenMP pool ~8 ms). Timed back to back, that spin
 would eat into the *next* runner's time. So every timed window starts only once this process is idle again
 (:func:`wait_until_idle`); ``benchmarks/bench_spin_interference.py`` measures the effect.
 """
