@@ -36,3 +36,35 @@ def test_ablation_steps_switch_on_in_order(step, model_and_input):
     with torch.no_grad():
         expected = model.eval()(x)
     torch.testing.assert_close(deployed(x), expected, atol=1e-4, rtol=0)  # same model, whatever the step
+
+
+# --- profile_torchscript_vs_onnxruntime: oneDNN's verbose log, parsed into the same keys as ONNX Runtime's ----------
+
+def test_onednn_conv_descriptors_map_to_input_and_weight_shapes():
+    import profile_torchscript_vs_onnxruntime as prof
+
+    # descriptors as oneDNN 3.x prints them (copied from its verbose log); keys written out by hand
+    dense = "mb16_ic16oc32_ih112oh56kh3sh2dh0ph1_iw112ow56kw3sw2dw0pw1"
+    depthwise = "g128mb16_ic128oc128_ih14oh14kh3sh1dh0ph1_iw14ow14kw3sw1dw0pw1"
+    pointwise = "mb16_ic448oc224_ih7oh7kh1sh1dh0ph0_iw7ow7kw1sw1dw0pw0"
+    assert prof.conv_key(dense) == "[16, 16, 112, 112] w[32, 16, 3, 3]"
+    assert prof.conv_key(depthwise) == "[16, 128, 14, 14] w[128, 1, 3, 3]"
+    assert prof.conv_key(pointwise) == "[16, 448, 7, 7] w[224, 448, 1, 1]"
+    assert [prof.conv_kind(prof.conv_key(d)) for d in (dense, depthwise, pointwise)] == [
+        "stem 3x3 convs", "1x1 + depthwise convs", "1x1 + depthwise convs"]
+    assert prof.conv_kind("[16, 3, 224, 224] w[16, 3, 3, 3]") == "stem 3x3 convs"  # 3 input channels is dense
+    with pytest.raises(ValueError, match="not a oneDNN convolution descriptor"):
+        prof.conv_key("mb16_ic3oc16")
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_onednn_verbose_log_is_captured_per_call():
+    import profile_torchscript_vs_onnxruntime as prof
+
+    conv = nn.Conv2d(8, 24, 3, stride=2, padding=1).eval()
+    x = torch.randn(2, 8, 20, 20).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        per_shape, total_ms = prof.torchscript_conv_times(lambda t: conv(t), x, iters=3)
+    assert list(per_shape) == ["[2, 8, 20, 20] w[24, 8, 3, 3]"]
+    ms, calls, impl = per_shape["[2, 8, 20, 20] w[24, 8, 3, 3]"]
+    assert calls == 1 and 0 < ms <= total_ms and impl
