@@ -66,6 +66,27 @@ def test_tiny_speed_run_with_deploy_stand_in(fake_deploy):
     assert row["throughput"] == pytest.approx(2 / (row["latency_ms"] / 1e3), rel=1e-3)
 
 
+def test_each_models_deployed_paths_are_released_before_the_next_model(monkeypatch):
+    """Peak memory is one model's paths: a model's deployed copies are gone before the next model is deployed."""
+    import weakref
+
+    live = weakref.WeakSet()
+    alive_at_deploy = []
+
+    def deploy(model, example_input=None, backend="eager"):
+        alive_at_deploy.append(sorted(m.deployed_as for m in live))
+        model.deployed_as = (example_input.shape[-1], backend)
+        live.add(model)
+        return model.eval()
+
+    monkeypatch.setitem(sys.modules, "vitzoo.inference", types.SimpleNamespace(deploy=deploy))
+    rows = compare(["shvit_s1", "shvit_s2"], img_size=64, batch_size=1, rounds=1, threads=1, devices=["cpu"],
+                   backends=["eager", "torchscript"])
+    assert [r["fastest_backend"] is not None for r in rows] == [True, True]
+    # both paths of a model coexist while it is deployed; none of the first model's when the second is deployed
+    assert alive_at_deploy == [[], [(64, "eager")], [], [(64, "eager")]]
+
+
 def test_plot_writes_png_and_refuses_overwrite(capsys, tmp_path, fake_deploy):
     target = tmp_path / "pareto.png"
     args = ["shvit_s1", "efficientvit_m2", "--img-size", "64", "--batch", "1", "--rounds", "1", "--threads", "1",

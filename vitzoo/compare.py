@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import gc
 import importlib.util
 import io
 import json
@@ -92,34 +93,29 @@ def _build(
 
 
 def _runners(
-    built: list, device: str, batch: int, backends: Sequence[str], notes: Dict[str, List[str]], progress: bool
-) -> Dict[Tuple[str, str], Callable[[], Any]]:
-    """One zero-argument callable per (model, path) on ``device``; failed backends go into ``notes``."""
+    name: str, model: torch.nn.Module, report, device: str, batch: int, backends: Sequence[str], notes: List[str]
+) -> Dict[str, Callable[[], Any]]:
+    """One zero-argument callable per path of one model on ``device``; failed backends go into ``notes``."""
     from vitzoo.inference import deploy  # imported here so tests can substitute a stand-in
 
-    runners = {}
-    bar = tqdm(built, desc=f"deploying on {device} ({', '.join(backends)})", unit="model", disable=not progress,
-               leave=False)
-    for name, model, report in bar:
-        bar.set_postfix_str(name)
-        x = torch.randn(batch, *report.input_size, device=device)
-        default = model.to(device).eval()
-        runners[(name, DEFAULT_PATH)] = _bind(default, x)
-        for backend in backends:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    # ONNX export/verification at batch 1 (cheaper; the batch is dynamic). The PyTorch backends are
-                    # built on the timed batch: with a batch-1 example, the weights re-packed on the first batched
-                    # call interleave with activation buffers in glibc's heap, which cost the eager path up to 15%
-                    # (benchmarks/bench_example_batch.py)
-                    example = x[:1] if backend == "onnxruntime" else x
-                    deployed = deploy(copy.deepcopy(default), example_input=example, backend=backend)
-                    with torch.no_grad():
-                        deployed(x)
-                runners[(name, backend)] = _bind(deployed, x)
-            except Exception as e:  # noqa: BLE001  one failed backend must not stop the comparison
-                notes[name].append(f"{backend} failed on {device}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    x = torch.randn(batch, *report.input_size, device=device)
+    default = model.to(device).eval()
+    runners = {DEFAULT_PATH: _bind(default, x)}
+    for backend in backends:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                # ONNX export/verification at batch 1 (cheaper; the batch is dynamic). The PyTorch backends are
+                # built on the timed batch: with a batch-1 example, the weights re-packed on the first batched
+                # call interleave with activation buffers in glibc's heap, which cost the eager path up to 15%
+                # (benchmarks/bench_example_batch.py)
+                example = x[:1] if backend == "onnxruntime" else x
+                deployed = deploy(copy.deepcopy(default), example_input=example, backend=backend)
+                with torch.no_grad():
+                    deployed(x)
+            runners[backend] = _bind(deployed, x)
+        except Exception as e:  # noqa: BLE001  one failed backend must not stop the comparison
+            notes.append(f"{backend} failed on {device}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
     return runners
 
 
@@ -154,25 +150,34 @@ def _row(name: str, report, device: Optional[str], batch: Optional[int]) -> Dict
 def _measure_on(
     device: str, built: list, batch: int, backends: Sequence[str], rounds: int, progress: bool
 ) -> List[Dict[str, Any]]:
-    """Time every built model's default and deployed paths on ``device``; one row per model."""
-    notes: Dict[str, List[str]] = {name: [] for name, _, _ in built}
-    runners = _runners(built, device, batch, backends, notes, progress)
-    timings = measure(runners, batch, rounds=rounds, warmup=1, min_time=0.15, device=torch.device(device),
-                      progress=progress, desc=f"measuring on {device}")
+    """Time every built model's default and deployed paths on ``device``; one row per model.
+
+    One model at a time: its paths are deployed, timed in interleaved rounds among themselves (the default vs
+    fastest ratio of a row is measured in one run), and released before the next model is deployed. Peak memory
+    is then that of the largest model's paths (DeiT-B: 3.6 GB on CPU), not of every path of every model.
+    """
     rows = []
-    for name, model, report in built:
+    bar = tqdm(built, desc=f"deploying and measuring on {device} ({', '.join(backends)})", unit="model",
+               disable=not progress, leave=False)
+    for name, model, report in bar:
+        bar.set_postfix_str(name)
+        notes: List[str] = []
+        runners = _runners(name, model, report, device, batch, backends, notes)
+        timings = measure(runners, batch, rounds=rounds, warmup=1, min_time=0.15, device=torch.device(device),
+                          progress=progress, desc=f"measuring {name}")
+        del runners  # the deployed copies, before the next model is deployed
+        gc.collect()
         row = _row(name, report, device, batch)
-        paths = {path: t for (n, path), t in timings.items() if n == name}
-        row["throughput_by_path"] = {path: round(t.throughput, 2) for path, t in paths.items()}
-        row["throughput"] = round(paths[DEFAULT_PATH].throughput, 2)
-        row["latency_ms"] = round(paths[DEFAULT_PATH].latency_ms, 3)
-        deployed = {path: t for path, t in paths.items() if path != DEFAULT_PATH}
+        row["throughput_by_path"] = {path: round(t.throughput, 2) for path, t in timings.items()}
+        row["throughput"] = round(timings[DEFAULT_PATH].throughput, 2)
+        row["latency_ms"] = round(timings[DEFAULT_PATH].latency_ms, 3)
+        deployed = {path: t for path, t in timings.items() if path != DEFAULT_PATH}
         if deployed:
             best = max(deployed, key=lambda p: deployed[p].throughput)
             row["fastest_backend"] = best
             row["throughput_fastest"] = round(deployed[best].throughput, 2)
             row["latency_ms_fastest"] = round(deployed[best].latency_ms, 3)
-        row["note"] = "; ".join(notes[name])
+        row["note"] = "; ".join(notes)
         rows.append(row)
         model.to("cpu")
     return rows
