@@ -93,7 +93,7 @@ def _build(
 
 
 def _runners(
-    name: str, model: torch.nn.Module, report, device: str, batch: int, backends: Sequence[str], notes: List[str]
+    model: torch.nn.Module, report, device: str, batch: int, backends: Sequence[str], notes: List[str]
 ) -> Dict[str, Callable[[], Any]]:
     """One zero-argument callable per path of one model on ``device``; failed backends go into ``notes``."""
     from vitzoo.inference import deploy  # imported here so tests can substitute a stand-in
@@ -162,7 +162,7 @@ def _measure_on(
     for name, model, report in bar:
         bar.set_postfix_str(name)
         notes: List[str] = []
-        runners = _runners(name, model, report, device, batch, backends, notes)
+        runners = _runners(model, report, device, batch, backends, notes)
         timings = measure(runners, batch, rounds=rounds, warmup=1, min_time=0.15, device=torch.device(device),
                           progress=progress, desc=f"measuring {name}")
         del runners  # the deployed copies, before the next model is deployed
