@@ -68,3 +68,25 @@ def test_onednn_verbose_log_is_captured_per_call():
     assert list(per_shape) == ["[2, 8, 20, 20] w[24, 8, 3, 3]"]
     ms, calls, impl = per_shape["[2, 8, 20, 20] w[24, 8, 3, 3]"]
     assert calls == 1 and 0 < ms <= total_ms and impl
+
+
+# --- bench_stem_chunking: "unsliced" really switches the slicing off -------------------------------------------------
+
+@pytest.mark.skipif("torchscript" not in __import__("vitzoo.inference").inference.available_backends(),
+                    reason="no TorchScript in this torch")
+def test_stem_chunking_variants():
+    import bench_stem_chunking as bench
+    from vitzoo.stem_chunking import BatchChunked
+
+    torch.manual_seed(0)
+    model = randomize_norm_stats(timm.create_model("shvit_s1"))
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(x)
+    assert bench.slice_size("shvit_s1") == 2  # 2 MiB // (16 x 112 x 112 x 4 B)
+    for variant in bench.VARIANTS:
+        deployed = bench.build_deployed(variant, model, x)
+        sliced = any(isinstance(m, BatchChunked) for m in deployed.model.model.modules())
+        assert sliced == (variant == "sliced"), variant
+        assert any("stem run on slices" in o for o in deployed.optimizations) == sliced
+        torch.testing.assert_close(deployed(x), expected, atol=1e-4, rtol=0)

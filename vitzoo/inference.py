@@ -9,7 +9,8 @@ Backends (see ``docs/deploy.md`` for measurements and when to use which):
 * ``"compile"``: the eager model (without the oneDNN rewrite) wrapped in ``torch.compile`` (inductor).
 * ``"onnxruntime"``: the fused model exported to ONNX (dynamic batch) and run in an ONNX Runtime session.
 * ``"torchscript"``: the eager model (without the oneDNN rewrite) traced and frozen with TorchScript; on CPU with
-  oneDNN Graph fusion (``vitzoo.torchscript_backend``). The fastest PyTorch path on CPU in our measurements.
+  oneDNN Graph fusion (``vitzoo.torchscript_backend``) and a convolutional stem run on batch slices
+  (``vitzoo.stem_chunking``). The fastest PyTorch path on CPU in our measurements.
 
 Every backend runs its forward under ``torch.inference_mode()`` and converts the input to the memory format
 it wants. At deploy time the result is checked against the caller's (unfused) model on ``example_input``;
@@ -26,6 +27,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
+
+from vitzoo.stem_chunking import chunk_stem
 
 __all__ = ["BACKENDS", "DeployedModel", "PackedConv2d", "available_backends", "deploy", "default_example_input"]
 
@@ -395,6 +398,10 @@ def _build_torchscript(model: nn.Module, example_input: torch.Tensor) -> Deploye
     from vitzoo.torchscript_backend import build
 
     deployed = _build_eager(model, example_input, rewrite=False)
+    if example_input.device.type == "cpu":
+        size = chunk_stem(deployed.model, example_input.contiguous(memory_format=deployed.memory_format))
+        if size is not None:
+            deployed.optimizations.append(f"stem run on slices of {size} images (keeps its activations in cache)")
     deployed.model, notes = build(deployed.model, example_input.contiguous(memory_format=deployed.memory_format))
     deployed.backend = "torchscript"
     deployed.optimizations.extend(notes)

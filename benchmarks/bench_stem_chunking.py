@@ -1,0 +1,79 @@
+"""What running the stem on batch slices buys ``deploy(backend="torchscript")`` (``vitzoo.stem_chunking``).
+
+Two variants of the same deployed model, each timed in its own process (``_isolated.py``): the stem run on the whole
+batch ("unsliced") and on slices of ``vitzoo.stem_chunking.stem_chunk_size`` images (what ``deploy()`` does).
+SHViT, and the timm models whose stems :func:`vitzoo.stem_chunking.find_stem` also picks up (EfficientViT-M,
+FastViT), so that the rule is checked on every model it applies to in ``vitzoo compare``'s default set.
+
+    python benchmarks/bench_stem_chunking.py --rounds 7 --threads 1 2
+"""
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import ExitStack
+from unittest import mock
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+
+import vitzoo  # noqa: E402,F401
+from _common import base_parser, inference, print_machine, print_table, randomize_norm_stats  # noqa: E402
+from _isolated import measure_isolated  # noqa: E402
+from vitzoo import inference as vi  # noqa: E402
+
+CASES = {"shvit_s1": 224, "shvit_s4": 256, "efficientvit_m5": 224, "fastvit_t8": 256}
+VARIANTS = ("unsliced", "sliced")
+
+
+def build_deployed(variant: str, model: torch.nn.Module, x: torch.Tensor) -> vi.DeployedModel:
+    """``deploy(model, x, backend="torchscript")``, with the stem slicing switched off for ``"unsliced"``."""
+    with ExitStack() as stack:
+        if variant == "unsliced":
+            stack.enter_context(mock.patch.object(vi, "chunk_stem", lambda model, example: None))
+        return vi.deploy(model, x, backend="torchscript")
+
+
+def build_runner(variant: str, name: str, batch: int, threads: int):
+    """The runner of one variant (called in the isolated worker processes)."""
+    torch.set_num_threads(threads)
+    model = randomize_norm_stats(timm.create_model(name))
+    x = torch.randn(batch, 3, CASES[name], CASES[name], generator=torch.Generator().manual_seed(1))
+    return inference(build_deployed(variant, model, x), x)
+
+
+def slice_size(name: str) -> int:
+    """The slice ``deploy()`` picks for ``name`` (0: none)."""
+    from timm.utils import reparameterize_model
+
+    from vitzoo.stem_chunking import find_stem, stem_chunk_size
+
+    model = reparameterize_model(timm.create_model(name).eval())
+    found = find_stem(model)
+    res = CASES[name]
+    return (stem_chunk_size(found[1], torch.zeros(1, 3, res, res)) or 0) if found else 0
+
+
+def main() -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
+    args = parser.parse_args()
+    print_machine(args.threads)
+    rows = []
+    for name in args.models:
+        for threads in args.threads:
+            t = measure_isolated({v: (build_runner, (v, name, args.batch, threads)) for v in VARIANTS}, args.batch,
+                                 rounds=args.rounds, min_time=args.min_time, desc=f"{name} {threads}t")
+            unsliced, sliced = t["unsliced"].throughput, t["sliced"].throughput
+            rows.append([f"{name}@{CASES[name]}", threads, slice_size(name), f"{unsliced:.1f}", f"{sliced:.1f}",
+                         f"**{sliced / unsliced:.2f}x**"])
+    print_table(["model", "threads", "images per slice", "unsliced img/s", "sliced img/s", "sliced / unsliced"],
+                rows, title=f"deploy(backend='torchscript'): stem on batch slices (batch {args.batch}, median of "
+                            f"{args.rounds} rounds, one process per variant)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""vitzoo.stem_chunking: the stem on batch slices gives the unsliced result; slice sizes from hand-computed bytes."""
+import pytest
+import timm
+import torch
+from timm.utils import reparameterize_model
+from torch import nn
+
+from vitzoo.inference import available_backends, deploy
+from vitzoo.stem_chunking import BatchChunked, chunk_stem, find_stem, stem_chunk_size
+
+
+@pytest.fixture(scope="module")
+def shvit_s1_fused():
+    torch.manual_seed(0)
+    return reparameterize_model(timm.create_model("shvit_s1").eval())
+
+
+def test_batch_chunked_equals_whole_batch_for_uneven_slices():
+    torch.manual_seed(0)
+    stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1)).eval()
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        whole = stem(x)
+        sliced = BatchChunked(stem, 2)(x)  # slices of 2, 2, 1
+        single = BatchChunked(stem, 8)(x)  # one slice
+    assert sliced.shape == whole.shape == (5, 16, 8, 8)
+    torch.testing.assert_close(sliced, whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(single, whole, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
+        BatchChunked(stem, 0)
+
+
+def test_slice_size_of_shvit_s1_from_hand_computed_activations(shvit_s1_fused):
+    name, stem = find_stem(shvit_s1_fused)
+    assert name == "patch_embed"
+    # largest activation: the first conv's output, 16 channels x 112 x 112 x 4 bytes = 802816 B per image;
+    # output 128 x 14 x 14 x 4 = 100352 B (8x smaller). 2 MiB // 802816 = 2 images per slice.
+    assert stem_chunk_size(stem, torch.zeros(1, 3, 224, 224)) == 2
+    assert stem_chunk_size(stem, torch.zeros(1, 3, 224, 224), budget=4 * 802816) == 4
+    assert stem_chunk_size(stem, torch.zeros(1, 3, 224, 224), budget=1000) == 1  # at least one image
+
+
+def test_stems_that_do_not_qualify():
+    vit = timm.create_model("deit_tiny_patch16_224")
+    assert find_stem(vit) is None  # one convolution: nothing stays in cache between layers
+    assert chunk_stem(vit, torch.zeros(16, 3, 224, 224)) is None
+
+    class Flat(nn.Module):  # two 1x1 convs, no downsampling: largest activation 2x the output, below the 4x rule
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 1), nn.Conv2d(16, 8, 1))
+
+        def forward(self, x):
+            return self.stem(x)
+
+    assert stem_chunk_size(Flat().stem, torch.zeros(1, 3, 32, 32)) is None
+    assert chunk_stem(Flat(), torch.zeros(16, 3, 32, 32)) is None
+
+
+def test_chunk_stem_wraps_once_and_keeps_the_output(shvit_s1_fused):
+    import copy
+
+    model = copy.deepcopy(shvit_s1_fused)
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        reference = shvit_s1_fused(x)
+        assert chunk_stem(model, x) == 2
+        assert isinstance(model.patch_embed, BatchChunked) and model.patch_embed.chunk_size == 2
+        assert chunk_stem(model, x) is None  # already wrapped
+        torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=0)
+    assert chunk_stem(model, torch.zeros(1, 4, 224, 224)) is None  # the model's own call reports wrong channels
+
+
+@pytest.mark.skipif("torchscript" not in available_backends(), reason="no TorchScript in this torch")
+def test_torchscript_deploy_slices_the_stem():
+    torch.manual_seed(0)
+    model = timm.create_model("shvit_s1").eval()
+    x = torch.randn(3, 3, 224, 224)
+    deployed = deploy(model, x, backend="torchscript")
+    assert "stem run on slices of 2 images (keeps its activations in cache)" in deployed.optimizations
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), model(x), atol=1e-4, rtol=0)
