@@ -254,3 +254,38 @@ class _Offset(nn.Module):
 
     def forward(self, x):
         return self.m(x) + 1e-3
+
+
+def test_verification_failure_from_rounding_at_a_huge_scale_says_so():
+    # timm's randomly initialised MobileOne (no zero-init branches) has outputs of ~1e14: its re-parameterisation
+    # changes the rounding by far more than 1e-4 in absolute terms, about 1e-6 relative
+    torch.manual_seed(0)
+    model, x = timm.create_model("mobileone_s0").eval(), torch.randn(1, 3, 64, 64)
+    scale = _reference(model, x).abs().max().item()
+    assert scale > 1e12
+    with pytest.raises(RuntimeError, match=r"outputs reach .*float rounding at that scale.*pass a larger atol, e\.g\. "
+                                           r"atol=") as info:
+        deploy(model, x, backend="eager")
+    suggested = float(str(info.value).split("atol=")[1].split(",")[0])
+    deployed = deploy(model, x, backend="eager", atol=suggested)  # the suggested tolerance is accepted
+    diff = (deployed(x) - _reference(model, x)).abs().max().item()
+    assert 1e-4 < diff <= suggested and diff / scale < 1e-5
+
+
+def test_verification_failure_of_a_wrong_result_names_no_rounding(monkeypatch):
+    vi = importlib.import_module("vitzoo.inference")
+    build_eager = vi._build_eager
+
+    def wrong(model, example_input, rewrite):  # a rewrite that breaks the model: output off by 0.01
+        deployed = build_eager(model, example_input, rewrite)
+        deployed.model = nn.Sequential(deployed.model, Shift())
+        return deployed
+
+    class Shift(nn.Module):
+        def forward(self, x):
+            return x + 0.01
+
+    monkeypatch.setattr(vi, "_build_eager", wrong)
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    with pytest.raises(RuntimeError, match=r"max abs diff 0\.01 \(> tolerance 0\.0001\)\. Use another backend"):
+        deploy(model, torch.randn(1, 3, 8, 8), backend="eager")
