@@ -289,3 +289,24 @@ def test_verification_failure_of_a_wrong_result_names_no_rounding(monkeypatch):
     model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     with pytest.raises(RuntimeError, match=r"max abs diff 0\.01 \(> tolerance 0\.0001\)\. Use another backend"):
         deploy(model, torch.randn(1, 3, 8, 8), backend="eager")
+
+
+def test_residual_add_computed_after_the_conv():
+    # CoAtNet / EfficientFormerV2 compute the residual operand after the conv it is added to; fusing the add into
+    # the conv must not use that operand before it is defined
+    class LateResidual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 1)
+            self.other = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            r = torch.relu(self.other(x)) * 0.5
+            return y + r
+
+    torch.manual_seed(0)
+    model, x = LateResidual().eval(), torch.randn(2, 8, 12, 12)
+    deployed = deploy(model, x, backend="eager")
+    assert any("fused residual add: 1" in o for o in deployed.optimizations), deployed.optimizations
+    torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)

@@ -270,6 +270,9 @@ def _fuse_residual_adds(gm: fx.GraphModule, packed: Dict[fx.Node, PackedConv2d])
         for conv_node, residual in _add_operands(node):
             if conv_node in packed and len(conv_node.users) == 1 and len(conv_node.args) == 1 \
                     and packed[conv_node].unary == "none" and _same_tensor_meta(conv_node, residual):
+                # the residual may be computed after the conv (``y = conv(x); r = f(x); y + r``): run the conv
+                # where the add was, after both operands (its only user is the add, so nothing earlier needs it)
+                node.prepend(conv_node)
                 conv_node.args = (conv_node.args[0], residual)
                 # the add's output shape/dtype equal the conv's, so conv_node's meta stays valid
                 node.replace_all_uses_with(conv_node)
