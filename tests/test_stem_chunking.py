@@ -56,6 +56,17 @@ def test_stems_that_do_not_qualify():
     assert stem_chunk_size(Flat().stem, torch.zeros(1, 3, 32, 32)) is None
     assert chunk_stem(Flat(), torch.zeros(16, 3, 32, 32)) is None
 
+    class TwoOutputs(nn.Module):  # a stem returning a tuple cannot be concatenated slice by slice
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 16, 3, 2, 1), nn.Conv2d(16, 16, 3, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return y, self.b(y)
+
+    assert stem_chunk_size(TwoOutputs(), torch.zeros(1, 3, 224, 224)) is None
+
 
 def test_chunk_stem_wraps_once_and_keeps_the_output(shvit_s1_fused):
     import copy

@@ -413,11 +413,12 @@ def _build_torchscript(model: nn.Module, example_input: torch.Tensor) -> Deploye
     from vitzoo.torchscript_backend import build
 
     deployed = _build_eager(model, example_input, rewrite=False)
-    if example_input.device.type == "cpu":
-        size = chunk_stem(deployed.model, example_input.contiguous(memory_format=deployed.memory_format))
+    example = example_input.contiguous(memory_format=deployed.memory_format)
+    if example.device.type == "cpu":
+        size = chunk_stem(deployed.model, example)
         if size is not None:
             deployed.optimizations.append(f"stem run on slices of {size} images (keeps its activations in cache)")
-    deployed.model, notes = build(deployed.model, example_input.contiguous(memory_format=deployed.memory_format))
+    deployed.model, notes = build(deployed.model, example)
     deployed.backend = "torchscript"
     deployed.optimizations.extend(notes)
     return deployed

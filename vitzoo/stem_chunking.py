@@ -69,7 +69,7 @@ def find_stem(model: nn.Module) -> Optional[Tuple[str, nn.Module]]:
 
 
 def _activation_bytes(stem: nn.Module, sample: torch.Tensor) -> Tuple[int, int]:
-    """Largest convolution output and the stem's output, in bytes, for one sample."""
+    """Largest convolution output and the stem's output, in bytes, for one sample ((0, 0): output not a tensor)."""
     sizes: List[int] = []
 
     def record(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
@@ -82,6 +82,8 @@ def _activation_bytes(stem: nn.Module, sample: torch.Tensor) -> Tuple[int, int]:
     finally:
         for hook in hooks:
             hook.remove()
+    if not isinstance(out, torch.Tensor):  # a stem returning a tuple/dict cannot be concatenated by slices
+        return 0, 0
     return max(sizes, default=0), out.numel() * out.element_size()
 
 
