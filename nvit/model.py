@@ -132,7 +132,8 @@ class NViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, dims.embed_dim, **dd))
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
-        dpr = torch.linspace(0, drop_path_rate, dims.depth).tolist()
+        # stochastic depth rising linearly to drop_path_rate; plain floats, so that a meta-device build works
+        dpr = [drop_path_rate * i / max(dims.depth - 1, 1) for i in range(dims.depth)]
         self.blocks = nn.ModuleList([
             NViTBlock(
                 dims.embed_dim, dims.heads[i], dims.qk_dim[i], dims.v_dim[i], dims.mlp_dim[i],

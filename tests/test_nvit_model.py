@@ -120,6 +120,22 @@ def test_meta_device_and_dtype():
     assert m16(torch.randn(1, 3, 64, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
+def test_builds_under_a_meta_device_context():
+    # timm's test_model_default_cfgs builds models inside `with torch.device('meta')`, where no tensor has data
+    with torch.device('meta'):
+        m = timm.create_model('revit_t', drop_path_rate=0.1)
+    assert all(p.device.type == 'meta' for p in m.parameters())
+    rates = [getattr(blk.drop_path1, 'drop_prob', 0.0) for blk in m.blocks]  # rate 0: nn.Identity
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and len(rates) == 12
+
+
+def test_cfg_marks_the_input_size_fixed():
+    # as timm's DeiT cfgs: without dynamic_img_size the position embedding fixes the input size, and timm's tooling
+    # (its test suite, benchmark scripts) reads this flag instead of trying a smaller size
+    for name in ('revit_t', 'nvit_b.in1k'):
+        assert timm.models.get_pretrained_cfg(name).fixed_input_size
+
+
 def test_unknown_kwarg_is_type_error():
     with pytest.raises(TypeError, match='not_a_model_arg'):
         small(not_a_model_arg=1)
