@@ -173,6 +173,15 @@ def test_img_size_and_default_set():
     assert resolve_name("shvit_s4") == ("shvit_s4", None)
 
 
+def test_img_size_rebuilds_the_zoo_vits():
+    # ReViT, like DeiT, has a position embedding for one input size: compare must build it for --img-size
+    (row,) = compare(["revit_t"], img_size=160, speed=False)
+    assert row["input_size"] == [3, 160, 160]
+    (at_224,) = compare(["revit_t"], speed=False)
+    # 100 patches + cls instead of 196 + cls: every per-token linear shrinks by 101/197, attention by more
+    assert row["flops"] < at_224["flops"] * 101 / 197 * 1.001
+
+
 def test_skipped_models_are_reported(monkeypatch):
     import vitzoo.compare as mod
 
