@@ -7,6 +7,10 @@ primitive), everything else is "other ops": whole call minus convolutions, where
 clock without any logging. The input's NCHW -> channels-last copy, which the PyTorch path pays inside the call
 (ONNX Runtime's first convolution reads NCHW directly), is timed separately.
 
+TorchScript's "other ops" are then split in two: oneDNN Graph's own time around its primitives (partition execution
+time in the same log, minus the primitives), and everything outside the partitions; ``torch.profiler`` lists the
+ATen ops that run outside them and TorchScript's interpreter (``forward``), by self time.
+
 All runs share this one process (a profile, not a ratio benchmark: ``bench_cpu_vs_onnxruntime.py`` is that).
 
     OMP_NUM_THREADS=1 python benchmarks/profile_torchscript_vs_onnxruntime.py --model shvit_s1 --threads 1
@@ -87,15 +91,25 @@ def onednn_verbose_lines(fn: Callable[[], object], iters: int) -> List[str]:
         return [line.strip() for line in log if line.startswith("onednn_verbose")]
 
 
-def torchscript_conv_times(deployed: torch.nn.Module, x: torch.Tensor, iters: int) -> Tuple[Dict[str, list], float]:
-    """(per-shape ``[ms per call, calls per call, implementation]``, all-primitive ms per call) from oneDNN's log."""
+def torchscript_conv_times(deployed: torch.nn.Module, x: torch.Tensor,
+                           iters: int) -> Tuple[Dict[str, list], float, float, int]:
+    """From oneDNN's log: per-shape ``[ms per call, calls per call, implementation]``, all-primitive ms per call,
+    oneDNN Graph partition ms per call (each partition's own execution time, its primitives included) and the
+    number of partitions run per call."""
     per_shape: Dict[str, list] = {}
-    total = 0.0
+    total = partitions_ms = 0.0
+    partitions = 0
     for line in onednn_verbose_lines(lambda: deployed(x), iters):
         fields = line.split(",")
-        if len(fields) < 8 or fields[2] != "primitive" or fields[3] != "exec":
+        if len(fields) < 8 or fields[3] != "exec":
             continue
         ms = float(fields[-1]) / iters
+        if fields[2] == "graph":
+            partitions_ms += ms
+            partitions += 1
+            continue
+        if fields[2] != "primitive":
+            continue
         total += ms
         if fields[5] == "convolution":
             key = conv_key(fields[-2])
@@ -104,7 +118,20 @@ def torchscript_conv_times(deployed: torch.nn.Module, x: torch.Tensor, iters: in
             entry[1] += 1
     for entry in per_shape.values():
         entry[1] //= iters
-    return per_shape, total
+    return per_shape, total, partitions_ms, partitions // iters
+
+
+def ops_outside_partitions(deployed: torch.nn.Module, x: torch.Tensor, iters: int) -> List[Tuple[str, float, int]]:
+    """``(op, self ms per call, calls per call)`` from ``torch.profiler`` for everything that is not a oneDNN Graph
+    partition (``LlgaPartition_*``), by decreasing self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            deployed(x)
+    rows = [(e.key, e.self_cpu_time_total / 1e3 / iters, e.count // iters) for e in prof.key_averages()
+            if not e.key.startswith("LlgaPartition")]
+    return sorted(rows, key=lambda row: -row[1])
 
 
 def by_kind(per_shape: Dict[str, float]) -> Dict[str, float]:
@@ -135,7 +162,7 @@ def main() -> int:
     ours_wall = wall_ms(lambda: scripted(x), args.iters)
     ort_wall = wall_ms(lambda: session(x), args.iters)
     to_nhwc = wall_ms(lambda: x.contiguous(memory_format=torch.channels_last), args.iters)
-    ours, ours_prims = torchscript_conv_times(scripted, x, args.iters)
+    ours, ours_prims, partitions_ms, partitions = torchscript_conv_times(scripted, x, args.iters)
     theirs, _, _ = ort_conv_times(fused, x, args.threads, args.iters)
 
     ours_kind = by_kind({k: v[0] for k, v in ours.items()})
@@ -146,11 +173,20 @@ def main() -> int:
     print(f"torchscript: {ours_wall:.1f} ms by wall clock ({args.batch / ours_wall * 1e3:.1f} img/s), oneDNN "
           f"primitives {ours_prims:.1f} ms | ONNX Runtime: {ort_wall:.1f} ms ({args.batch / ort_wall * 1e3:.1f} "
           f"img/s) | input NCHW -> channels-last copy: {to_nhwc:.2f} ms (in torchscript's 'other ops')\n")
+    print(f"torchscript's 'other ops' split: oneDNN Graph's own time around its primitives "
+          f"{partitions_ms - ours_prims:.2f} ms ({partitions} partitions, {partitions_ms:.1f} ms in all); outside "
+          f"the partitions (ATen ops, TorchScript's interpreter, the input copy) {ours_wall - partitions_ms:.2f} ms\n")
     print("| kind | torchscript ms | ONNX Runtime ms | difference |\n|---|---|---|---|")
     for kind in KINDS:
         print(f"| {kind} | {ours_kind[kind]:.2f} | {ort_kind[kind]:.2f} | {ours_kind[kind] - ort_kind[kind]:+.2f} |")
     print(f"| whole call | {ours_wall:.2f} | {ort_wall:.2f} | {ours_wall - ort_wall:+.2f} |")
 
+    outside = ops_outside_partitions(scripted, x, args.iters)
+    print(f"\nOutside oneDNN Graph's partitions (torch.profiler self time, {sum(r[1] for r in outside):.2f} ms per "
+          "call in all; `forward` is TorchScript's interpreter, `aten::copy_` includes the input copy):\n")
+    print("| op | ms per call | calls per call |\n|---|---|---|")
+    for name, ms, calls in outside[: args.top]:
+        print(f"| {name} | {ms:.3f} | {calls} |")
     print("\n| input, weight | calls | oneDNN implementation | torchscript ms | ONNX Runtime ms |\n|---|---|---|---|---|")
     for key, (ms, calls, impl) in sorted(ours.items(), key=lambda kv: -kv[1][0])[: args.top]:
         ort_ms = theirs.get(key)

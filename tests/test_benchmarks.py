@@ -11,7 +11,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import bench_deploy_ablation as ablation  # noqa: E402
 from _common import randomize_norm_stats  # noqa: E402
+import vitzoo  # noqa: E402
 from vitzoo.inference import PackedConv2d  # noqa: E402
+from vitzoo.torchscript_backend import onednn_graph_available  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +66,27 @@ def test_onednn_verbose_log_is_captured_per_call():
     conv = nn.Conv2d(8, 24, 3, stride=2, padding=1).eval()
     x = torch.randn(2, 8, 20, 20).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        per_shape, total_ms = prof.torchscript_conv_times(lambda t: conv(t), x, iters=3)
+        per_shape, total_ms, partitions_ms, partitions = prof.torchscript_conv_times(lambda t: conv(t), x, iters=3)
     assert list(per_shape) == ["[2, 8, 20, 20] w[24, 8, 3, 3]"]
     ms, calls, impl = per_shape["[2, 8, 20, 20] w[24, 8, 3, 3]"]
     assert calls == 1 and 0 < ms <= total_ms and impl
+    assert (partitions_ms, partitions) == (0.0, 0)  # eager: no oneDNN Graph partitions
+
+
+@pytest.mark.skipif(not onednn_graph_available(), reason="needs oneDNN Graph")
+def test_onednn_graph_partitions_are_counted_and_separated_from_aten_ops():
+    import profile_torchscript_vs_onnxruntime as prof
+
+    model = nn.Sequential(nn.Conv2d(8, 24, 1), nn.ReLU(), nn.Flatten(), nn.Softmax(dim=1)).eval()
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    deployed = vitzoo.deploy(model, x, backend="torchscript")
+    per_shape, total_ms, partitions_ms, partitions = prof.torchscript_conv_times(deployed, x, iters=3)
+    assert partitions == 1  # conv + ReLU in one partition; flatten / softmax run in ATen
+    assert 0 < total_ms <= partitions_ms
+    outside = prof.ops_outside_partitions(deployed, x, iters=3)
+    names = [name for name, _, _ in outside]
+    assert "aten::_softmax" in names and not any(name.startswith("LlgaPartition") for name in names)
+    assert all(calls >= 1 for _, _, calls in outside)
 
 
 # --- bench_stem_chunking: "unsliced" really switches the slicing off -------------------------------------------------
