@@ -182,6 +182,18 @@ def test_img_size_rebuilds_the_zoo_vits():
     assert row["flops"] < at_224["flops"] * 101 / 197 * 1.001
 
 
+def test_paper_cells_only_at_the_papers_input_size(capsys):
+    s4_at_256, s4_at_224 = compare(["shvit_s4"], speed=False) + compare(["shvit_s4"], img_size=224, speed=False)
+    assert s4_at_256["input_size"] == [3, 256, 256] and s4_at_256["paper_img_size"] == 256
+    assert (s4_at_256["paper_flops"], s4_at_256["paper_top1"], s4_at_256["note"]) == (986e6, 79.4, "")
+    assert s4_at_224["paper_flops"] is None and s4_at_224["paper_top1"] is None
+    assert s4_at_224["paper_params"] == 16.5e6 and "paper FLOPs and top-1 are at 256x256" in s4_at_224["note"]
+    code, out, err = _cli(capsys, "shvit_s1", "--img-size", "160", "--no-speed", "--format", "json")
+    (row,) = json.loads(out)
+    assert code == 0 and row["paper_flops"] is None and row["paper_params"] == 6.3e6
+    assert "note: shvit_s1: paper FLOPs and top-1 are at 224x224, not shown" in err
+
+
 def test_skipped_models_are_reported(monkeypatch):
     import vitzoo.compare as mod
 

@@ -128,6 +128,11 @@ def _bind(model: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Callable[[],
 
 def _row(name: str, report, device: Optional[str], batch: Optional[int]) -> Dict[str, Any]:
     paper = PAPER_NUMBERS.get(name.partition(".")[0])
+    note = ""
+    # the papers' FLOPs and top-1 hold at their resolution only; params do not depend on it
+    same_size = paper is not None and tuple(report.input_size[-2:]) == (paper.img_size, paper.img_size)
+    if paper is not None and not same_size:
+        note = f"paper FLOPs and top-1 are at {paper.img_size}x{paper.img_size}, not shown"
     return {
         "model": name,
         "input_size": list(report.input_size),
@@ -142,11 +147,12 @@ def _row(name: str, report, device: Optional[str], batch: Optional[int]) -> Dict
         "latency_ms_fastest": None,
         "fastest_backend": None,
         "throughput_by_path": {},
-        "paper_flops": paper.flops if paper else None,
+        "paper_flops": paper.flops if same_size else None,
         "paper_params": paper.params if paper else None,
-        "paper_top1": paper.top1 if paper else None,
+        "paper_top1": paper.top1 if same_size else None,
         "paper_source": paper.source if paper else None,
-        "note": "",
+        "paper_img_size": paper.img_size if paper else None,
+        "note": note,
     }
 
 
@@ -180,7 +186,7 @@ def _measure_on(
             row["fastest_backend"] = best
             row["throughput_fastest"] = round(deployed[best].throughput, 2)
             row["latency_ms_fastest"] = round(deployed[best].latency_ms, 3)
-        row["note"] = "; ".join(notes)
+        row["note"] = "; ".join(([row["note"]] if row["note"] else []) + notes)
         rows.append(row)
         model.to("cpu")
     return rows
@@ -248,7 +254,8 @@ def compare(
         One dict per model (and device), with keys ``model``, ``input_size``, ``params``, ``params_fused``,
         ``flops`` (int, MACs of the fused model), ``throughput`` (img/s, None without speed), ``latency_ms``,
         ``throughput_fastest``, ``latency_ms_fastest``, ``fastest_backend``, ``throughput_by_path``, ``device``,
-        ``batch_size``, ``paper_flops``, ``paper_params``, ``paper_top1``, ``paper_source``, ``note``.
+        ``batch_size``, ``paper_flops``, ``paper_params``, ``paper_top1``, ``paper_source``, ``paper_img_size``,
+        ``note``. ``paper_flops`` and ``paper_top1`` are None when the input size is not the paper's.
 
     Raises:
         UnknownModelError: A name in ``models`` is not a timm model (the message lists the closest ones).
@@ -382,7 +389,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: skipped {name}: {reason}", file=err)
     for r in rows:
         if r["note"]:
-            print(f"note: {r['model']} ({r['device']}): {r['note']}", file=err)
+            where = f" ({r['device']})" if r["device"] else ""
+            print(f"note: {r['model']}{where}: {r['note']}", file=err)
     print(format_rows(rows, args.format))
     if not rows:
         print("error: no model could be compared", file=err)

@@ -53,12 +53,14 @@ class PaperNumbers:
         params: Reported parameter count, absolute.
         top1: Reported ImageNet-1k top-1 accuracy in percent.
         source: Where the numbers come from.
+        img_size: Input resolution (square) at which ``flops`` and ``top1`` were reported.
     """
 
     flops: float
     params: float
     top1: float
     source: str
+    img_size: int = 224
 
 
 _M = 1e6
@@ -72,7 +74,7 @@ PAPER_NUMBERS: Dict[str, PaperNumbers] = {
     "shvit_s1": PaperNumbers(241 * _M, 6.3 * _M, 72.8, _SHVIT),
     "shvit_s2": PaperNumbers(366 * _M, 11.4 * _M, 75.2, _SHVIT),
     "shvit_s3": PaperNumbers(601 * _M, 14.2 * _M, 77.4, _SHVIT),
-    "shvit_s4": PaperNumbers(986 * _M, 16.5 * _M, 79.4, _SHVIT),
+    "shvit_s4": PaperNumbers(986 * _M, 16.5 * _M, 79.4, _SHVIT, img_size=256),
     "revit_t": PaperNumbers(1.3 * _G, 5.9 * _M, 74.20, _REVIT),
     "revit_s": PaperNumbers(4.7 * _G, 23 * _M, 81.22, _REVIT),
     "nvit_b": PaperNumbers(6.8 * _G, 34 * _M, 83.29, _NVIT),
@@ -86,8 +88,8 @@ PAPER_NUMBERS: Dict[str, PaperNumbers] = {
     "efficientvit_m4": PaperNumbers(299 * _M, 8.8 * _M, 74.3, _SHVIT),
     "efficientvit_m5": PaperNumbers(522 * _M, 12.4 * _M, 77.1, _SHVIT),
     "mobilenetv3_large_100": PaperNumbers(217 * _M, 5.4 * _M, 75.2, _SHVIT),
-    "fastvit_t8": PaperNumbers(700 * _M, 2.1 * _M, 75.6, _SHVIT),
-    "fastvit_t12": PaperNumbers(1400 * _M, 6.8 * _M, 79.1, _SHVIT),
+    "fastvit_t8": PaperNumbers(700 * _M, 2.1 * _M, 75.6, _SHVIT, img_size=256),
+    "fastvit_t12": PaperNumbers(1400 * _M, 6.8 * _M, 79.1, _SHVIT, img_size=256),
 }
 
 
