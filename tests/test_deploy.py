@@ -223,6 +223,31 @@ def test_torchscript_backend_falls_back_without_onednn_graph(monkeypatch):
     torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)
 
 
+@pytest.mark.skipif("torchscript" not in available_backends(), reason="no TorchScript in this torch")
+def test_torchscript_backend_fuses_even_with_the_profiling_mode_off():
+    # timm's own test file turns TorchScript's profiling mode off at import, which stops oneDNN Graph fusion
+    # process-wide; the backend turns it on for its own calls and reports fusion only when the graph has it
+    ts = importlib.import_module("vitzoo.torchscript_backend")
+    if not ts.onednn_graph_available():
+        pytest.skip("no oneDNN Graph in this build")
+    model = nn.Sequential(nn.Conv2d(8, 24, 1), nn.ReLU()).eval()
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    previous = torch._C._jit_set_profiling_mode(False)
+    try:
+        deployed = deploy(model, x, backend="torchscript")
+        assert [fused for _, fused in deployed.model._traced.values()] == [True]
+        deployed(x)
+        assert ts._has_onednn_fusion_group(torch.jit.last_executed_optimized_graph())
+        assert torch._C._jit_set_profiling_mode(False) is False  # restored after the call
+    finally:
+        torch._C._jit_set_profiling_mode(previous)
+    plain = nn.Sequential(nn.Flatten(), nn.Softmax(dim=1)).eval()  # nothing oneDNN Graph fuses
+    deployed = deploy(plain, torch.randn(2, 8, 6, 6), backend="torchscript")
+    assert [fused for _, fused in deployed.model._traced.values()] == [False]
+    assert not any(o.startswith("oneDNN Graph fusion (") for o in deployed.optimizations)
+    assert "oneDNN Graph found nothing to fuse for input shape [2, 8, 6, 6]" in deployed.optimizations
+
+
 def test_torchscript_backend_unavailable_is_a_clear_error(monkeypatch, shvit_s1):
     monkeypatch.setattr(importlib.import_module("vitzoo.torchscript_backend"), "torchscript_available", lambda: False)
     with pytest.raises(RuntimeError, match="backend 'torchscript' is not available here"):

@@ -12,7 +12,8 @@ Caveats, also in ``docs/deploy.md``:
   exactly those). The backend is offered while PyTorch ships it; :func:`torchscript_available` says whether it does.
 * The oneDNN Graph switch is process-global in PyTorch. :class:`TorchScriptModule` turns it on only for the
   duration of its own calls and restores the previous value; do not run other TorchScript models concurrently in
-  other threads while it runs.
+  other threads while it runs. It does the same with the profiling executor / profiling mode that the fusion pass
+  runs in (timm's own test file turns the mode off), and reports fusion only when the executed graph has it.
 * Each new input shape is traced, frozen and warmed up on its first call (a few seconds for SHViT on 2 CPU cores;
   the last 4 shapes are kept): one graph per shape, because a fused graph re-specialising for a second shape
   can crash inside oneDNN Graph (see :class:`TorchScriptModule`).
@@ -42,18 +43,46 @@ def onednn_graph_available() -> bool:
             and torch.backends.mkldnn.is_available())
 
 
+# TorchScript's process-global executor switches that oneDNN Graph fusion needs on: it happens in the profiling
+# executor's optimisation pass. Other code may turn them off: timm's own test file does, at import
+# (``_jit_set_profiling_mode(False)``), and fusion then silently never happens. Private API, used when present.
+_EXECUTOR_SWITCHES = ("_jit_set_profiling_executor", "_jit_set_profiling_mode")  # each returns the previous value
+
+
 @contextlib.contextmanager
 def _onednn_fusion(enabled: bool) -> Iterator[None]:
-    """Set PyTorch's process-global oneDNN Graph switch for the block, then restore it."""
+    """Set PyTorch's process-global oneDNN Graph switch for the block (and, when enabling, the profiling executor
+    it runs in), then restore them."""
     if not onednn_graph_available():
         yield
         return
     previous = torch.jit.onednn_fusion_enabled()
     torch.jit.enable_onednn_fusion(enabled)
+    restore = []
+    if enabled:
+        for name in _EXECUTOR_SWITCHES:
+            setter = getattr(torch._C, name, None)
+            if setter is not None:
+                restore.append((setter, setter(True)))
+        optimize = getattr(torch._C, "_get_graph_executor_optimize", None)
+        set_optimize = getattr(torch._C, "_set_graph_executor_optimize", None)
+        if optimize is not None and set_optimize is not None:
+            restore.append((set_optimize, optimize()))
+            set_optimize(True)
     try:
         yield
     finally:
+        for setter, value in reversed(restore):
+            setter(value)
         torch.jit.enable_onednn_fusion(previous)
+
+
+def _has_onednn_fusion_group(graph: torch.Graph) -> bool:
+    """True when the executed graph (or a block nested in it) holds a oneDNN Graph fusion group."""
+    def walk(block) -> bool:
+        return any(node.kind() == "prim::oneDNNFusionGroup" or any(walk(b) for b in node.blocks())
+                   for node in block.nodes())
+    return walk(graph)
 
 
 @contextlib.contextmanager
@@ -110,7 +139,10 @@ class TorchScriptModule(nn.Module):
             return traced, False
         try:
             _warm_up(traced, x, fused=True)
-            return traced, True
+            if _has_onednn_fusion_group(torch.jit.last_executed_optimized_graph()):
+                return traced, True
+            self.notes.append(f"oneDNN Graph found nothing to fuse for input shape {list(x.shape)}")
+            return traced, False
         except Exception as e:  # noqa: BLE001  oneDNN Graph rejects some patterns / shapes at run time
             reason = [line for line in str(e).splitlines() if line.strip()][-1:] or [""]
             note = (f"oneDNN Graph fusion failed for input shape {list(x.shape)} ({type(e).__name__}: "
