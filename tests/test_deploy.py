@@ -199,6 +199,17 @@ def test_torchscript_backend_bad_input_gets_the_models_error(shvit_s1):
     assert len(deployed.model._traced) == 1  # nothing traced for the rejected shapes
 
 
+def test_torchscript_fallback_note_is_the_errors_own_sentence():
+    ts = importlib.import_module("vitzoo.torchscript_backend")
+    error = RuntimeError("The following operation failed in the TorchScript interpreter.\n"
+                         "Traceback of TorchScript (most recent call last):\n"
+                         "RuntimeError: could not create a primitive descriptor for the reorder primitive. Run workload "
+                         "with environment variable ONEDNN_VERBOSE=all to get additional diagnostic information.\n")
+    assert ts._first_sentence(error) == "could not create a primitive descriptor for the reorder primitive"
+    assert ts._first_sentence(ValueError("x" * 300)) == "x" * 157 + "..."
+    assert ts._first_sentence(RuntimeError("")) == ""
+
+
 @pytest.mark.skipif("torchscript" not in available_backends(), reason="no TorchScript in this torch")
 def test_torchscript_backend_falls_back_without_onednn_graph(monkeypatch):
     ts = importlib.import_module("vitzoo.torchscript_backend")

@@ -77,6 +77,17 @@ def _onednn_fusion(enabled: bool) -> Iterator[None]:
         torch.jit.enable_onednn_fusion(previous)
 
 
+def _first_sentence(error: Exception, limit: int = 160) -> str:
+    """The error's own message, without TorchScript's traceback lines or a repeated "RuntimeError: " prefix."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = lines[-1] if lines else ""
+    prefix = f"{type(error).__name__}: "
+    while message.startswith(prefix):
+        message = message[len(prefix):]
+    message = message.split(". ")[0].rstrip(".")
+    return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
 def _has_onednn_fusion_group(graph: torch.Graph) -> bool:
     """True when the executed graph (or a block nested in it) holds a oneDNN Graph fusion group."""
     def walk(block) -> bool:
@@ -145,9 +156,8 @@ class TorchScriptModule(nn.Module):
             self.notes.append(f"oneDNN Graph found nothing to fuse for input shape {list(x.shape)}")
             return traced, False
         except Exception as e:  # noqa: BLE001  oneDNN Graph rejects some patterns / shapes at run time
-            reason = [line for line in str(e).splitlines() if line.strip()][-1:] or [""]
             note = (f"oneDNN Graph fusion failed for input shape {list(x.shape)} ({type(e).__name__}: "
-                    f"{reason[0][:120]}); that shape runs without it")
+                    f"{_first_sentence(e)}); that shape runs without it")
             self.notes.append(note)
             warnings.warn(f"deploy(backend='torchscript'): {note}", RuntimeWarning, stacklevel=4)
         traced = _trace(self.model, x)
