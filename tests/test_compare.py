@@ -33,8 +33,15 @@ def fake_deploy(monkeypatch):
             raise RuntimeError(f"backend {backend!r} is not available here")
         return model.eval()
 
-    monkeypatch.setitem(sys.modules, "vitzoo.inference", types.SimpleNamespace(deploy=deploy, ROUNDING_RTOL=1e-5))
+    _stand_in_for_deploy(monkeypatch, deploy)
     return calls
+
+
+def _stand_in_for_deploy(monkeypatch, deploy):
+    """Replace vitzoo.inference (imported by compare at call time) by ``deploy`` with every backend available."""
+    backends = ("eager", "compile", "onnxruntime", "torchscript")
+    monkeypatch.setitem(sys.modules, "vitzoo.inference", types.SimpleNamespace(
+        deploy=deploy, ROUNDING_RTOL=1e-5, BACKENDS=backends, available_backends=lambda: list(backends)))
 
 
 def test_json_schema_counts_only(capsys):
@@ -79,7 +86,7 @@ def test_each_models_deployed_paths_are_released_before_the_next_model(monkeypat
         live.add(model)
         return model.eval()
 
-    monkeypatch.setitem(sys.modules, "vitzoo.inference", types.SimpleNamespace(deploy=deploy, ROUNDING_RTOL=1e-5))
+    _stand_in_for_deploy(monkeypatch, deploy)
     rows = compare(["shvit_s1", "shvit_s2"], img_size=64, batch_size=1, rounds=1, threads=1, devices=["cpu"],
                    backends=["eager", "torchscript"])
     assert [r["fastest_backend"] is not None for r in rows] == [True, True]
@@ -129,6 +136,41 @@ def test_unknown_name_lists_closest_matches(capsys):
     assert out == ""
     code, out, err = _cli(capsys, "shvit_s1", "--batch", "0")
     assert code == 1 and "batch_size must be >= 1" in err and out == ""
+
+
+def test_backend_names_are_checked_before_anything_is_built(capsys, monkeypatch):
+    def must_not_build(*a, **k):
+        raise AssertionError("models must not be built for a bad --backends")
+
+    monkeypatch.setattr("vitzoo.compare._build", must_not_build)
+    code, out, err = _cli(capsys, "shvit_s1", "--backends", "eager,onnxrt")
+    assert code == 1 and out == ""
+    assert "unknown backend 'onnxrt'; valid backends: eager, compile, onnxruntime, torchscript" in err
+    code, out, err = _cli(capsys, "shvit_s1", "--no-speed", "--backends", "foo")  # a typo is an error even so
+    assert code == 1 and "unknown backend 'foo'" in err
+
+
+def test_a_backend_missing_here_is_named_with_what_to_install(capsys, monkeypatch):
+    monkeypatch.setattr("vitzoo.inference.available_backends", lambda: ["eager", "compile", "torchscript"])
+    code, out, err = _cli(capsys, "shvit_s1", "--backends", "eager,onnxruntime")
+    assert code == 1 and out == ""
+    assert "backend 'onnxruntime' not available in this environment (onnxruntime needs pip install onnx " \
+           "onnxruntime); available here: eager, compile, torchscript" in err
+    code, out, _ = _cli(capsys, "shvit_s1", "--no-speed", "--backends", "onnxruntime", "--format", "json")
+    assert code == 0 and json.loads(out)[0]["flops"] == 241_400_128  # counts need no backend
+
+
+def test_repeated_backends_are_deployed_once(fake_deploy):
+    compare(["shvit_s1"], img_size=64, batch_size=2, rounds=1, threads=1, devices=["cpu"],
+            backends=["eager", "eager"], progress=False)
+    assert fake_deploy == ["eager"]
+
+
+def test_nothing_to_compare_prints_no_empty_table(capsys, monkeypatch):
+    monkeypatch.setattr("vitzoo.compare._build", lambda names, **k: ([], {n: "cannot be built" for n in names}))
+    code, out, err = _cli(capsys, "nvit_b", "--no-speed")
+    assert code == 1 and out.strip().startswith("machine:") and "model" not in out
+    assert "note: skipped nvit_b: cannot be built" in err and "error: no model could be compared" in err
 
 
 def test_tagged_name_builds_without_download(capsys, monkeypatch):

@@ -20,7 +20,6 @@ import argparse
 import copy
 import csv
 import gc
-import importlib.util
 import io
 import json
 import platform
@@ -63,10 +62,26 @@ def _default_backends(device: str) -> Tuple[str, ...]:
         return ("eager",)
     from vitzoo.inference import available_backends
 
-    backends = [b for b in ("eager", "torchscript") if b in available_backends()]
-    if importlib.util.find_spec("onnxruntime") is not None:
-        backends.append("onnxruntime")
-    return tuple(backends)
+    return tuple(b for b in ("eager", "torchscript", "onnxruntime") if b in available_backends())
+
+
+_INSTALL_HINTS = {"onnxruntime": "pip install onnx onnxruntime", "compile": "a torch with torch.compile",
+                  "torchscript": "a torch with torch.jit.trace / torch.jit.freeze"}
+
+
+def _check_backends(backends: Sequence[str], speed: bool) -> List[str]:
+    """``backends`` without repeats; a name that is not a backend, or (when timing) one not usable here, raises."""
+    from vitzoo.inference import BACKENDS, available_backends
+
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backend {', '.join(map(repr, unknown))}; valid backends: {', '.join(BACKENDS)}")
+    missing = [b for b in backends if b not in available_backends()] if speed else []
+    if missing:
+        hints = "; ".join(f"{b} needs {_INSTALL_HINTS.get(b, 'a newer torch')}" for b in missing)
+        raise ValueError(f"backend {', '.join(map(repr, missing))} not available in this environment ({hints}); "
+                         f"available here: {', '.join(available_backends())}")
+    return list(dict.fromkeys(backends))
 
 
 def _build(
@@ -209,6 +224,8 @@ def _compare(
     devices = list(devices) if devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if speed and "cuda" in devices and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False")
+    if backends is not None:
+        backends = _check_backends(backends, speed)
     if threads is not None:
         torch.set_num_threads(threads)
 
@@ -246,7 +263,8 @@ def compare(
         threads: ``torch.set_num_threads`` for the measurement (left as it is when None).
         speed: Measure throughput/latency; False gives counts only (fast).
         devices: ``"cpu"`` and/or ``"cuda"``; default CPU, plus CUDA when available. One row per model and device.
-        backends: :func:`vitzoo.deploy` backends tried for the fastest path; default per device.
+        backends: :func:`vitzoo.deploy` backends tried for the fastest path; default per device. A name that is
+            not a backend raises ``ValueError``, as does (with ``speed``) one not usable in this environment.
         rounds: Interleaved timing rounds (median reported).
         progress: Show a progress bar on stderr.
 
@@ -259,6 +277,7 @@ def compare(
 
     Raises:
         UnknownModelError: A name in ``models`` is not a timm model (the message lists the closest ones).
+        ValueError: A size, batch, thread or round count below 1, or a backend as described above.
     """
     rows, skipped = _compare(models, img_size, batch_size, threads, speed, devices, backends, rounds, progress)
     for name, reason in skipped.items():
@@ -347,7 +366,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="measure on this device (repeatable; default: cpu, plus cuda when available)")
     p.add_argument("--backends", default=None,
                    help="comma-separated deploy backends for the fastest path, e.g. eager,onnxruntime,compile "
-                        "(default: eager,onnxruntime on CPU, eager on GPU)")
+                        "(default: eager,torchscript,onnxruntime on CPU, those installed; eager on GPU)")
     p.add_argument("--rounds", type=int, default=3,
                    help="interleaved timing rounds, median reported (default: 3; the full default compare then "
                         "fits in ~10 minutes on 2 CPU cores)")
@@ -391,10 +410,10 @@ def run(args: argparse.Namespace) -> int:
         if r["note"]:
             where = f" ({r['device']})" if r["device"] else ""
             print(f"note: {r['model']}{where}: {r['note']}", file=err)
-    print(format_rows(rows, args.format))
     if not rows:
         print("error: no model could be compared", file=err)
         return 1
+    print(format_rows(rows, args.format))
     if args.plot:
         points = [(r["model"] + ("" if r["device"] in (None, "cpu") else f" ({r['device']})"), r["flops"],
                    r["throughput_fastest"] or r["throughput"]) for r in rows]
