@@ -46,6 +46,14 @@ def test_cli_writes_verified_dynamic_batch_onnx(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["s1.onnx"]
 
 
+def test_cli_model_that_cannot_be_built_is_an_error_not_a_traceback(tmp_path, capsys):
+    out = tmp_path / "b.onnx"
+    assert main(["export", "nvit_b", "--format", "onnx", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot build nvit_b: nvit_b: the per-block dims") and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_api_matches_pytorch_with_nontrivial_bn(tmp_path):
     torch.manual_seed(0)
     model = create("shvit_s1")

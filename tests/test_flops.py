@@ -112,6 +112,16 @@ def test_bad_inputs_raise_helpful_errors():
         count_flops("shvit_s9")
 
 
+def test_an_input_the_model_rejects_raises_its_error_not_a_count():
+    # SHViT skips its input checks while traced (fvcore counts on a trace), so only an eager call catches these
+    model = timm.create_model("shvit_s1")
+    with pytest.raises(ValueError, match="SHViT needs height and width >= 64 pixels.*got 17x17"):
+        count_flops(model, 17)
+    with pytest.raises(ValueError, match="built for 3 input channels"):
+        count_flops(model, (4, 224, 224))
+    assert count_flops(model, 64).total > 0
+
+
 # ReViT dims from the official redistribution rule (reference nvit.md §1.5), written out by hand.
 _V = 64
 REVIT = {  # name: (EMB, heads, QK per head, MLP, paper GFLOPs from the code dims)

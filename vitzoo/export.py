@@ -119,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
     except UnknownModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (ValueError, RuntimeError, OSError) as e:  # e.g. nvit_* without its dims record, a failed download
+        print(f"error: cannot build {args.model}: {e}", file=sys.stderr)
+        return 1
     input_size = model.pretrained_cfg.get("input_size", (3, 224, 224))
     img_size = args.img_size or int(input_size[-1])
     out = args.out or Path(f"{args.model.replace('/', '_')}_{img_size}.onnx")

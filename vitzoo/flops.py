@@ -197,6 +197,7 @@ def count_flops(
     Raises:
         TypeError: ``model`` is neither a module nor a name.
         ValueError: No input size is given and the model has none in its cfg, or the size is malformed.
+        Exception: Whatever the model's own forward raises for this input (SHViT: ``ValueError`` below 64x64).
     """
     if isinstance(model, str):
         from vitzoo.models import create
@@ -214,6 +215,10 @@ def count_flops(
     counted = fused_model if fused else copy.deepcopy(model).to("cpu").eval()
 
     example = torch.randn(batch_size, *size, dtype=next(counted.parameters(), torch.empty(0)).dtype)
+    with torch.no_grad():
+        # one eager call first: checks that a model skips while traced (SHViT's minimum size, its channel count)
+        # raise the model's own error here instead of a count for an input it would reject
+        counted(example)
     analysis = FlopCountAnalysis(counted, example)
     analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
     analysis.set_op_handle(**{op: None for op in FREE_OPS})
