@@ -41,7 +41,8 @@ def _stand_in_for_deploy(monkeypatch, deploy):
     """Replace vitzoo.inference (imported by compare at call time) by ``deploy`` with every backend available."""
     backends = ("eager", "compile", "onnxruntime", "torchscript")
     monkeypatch.setitem(sys.modules, "vitzoo.inference", types.SimpleNamespace(
-        deploy=deploy, ROUNDING_RTOL=1e-5, BACKENDS=backends, available_backends=lambda: list(backends)))
+        deploy=deploy, ROUNDING_RTOL=1e-5, BACKENDS=backends, available_backends=lambda: list(backends),
+        missing_backend_hint=lambda backend: "not here"))
 
 
 def test_json_schema_counts_only(capsys):
@@ -154,8 +155,8 @@ def test_a_backend_missing_here_is_named_with_what_to_install(capsys, monkeypatc
     monkeypatch.setattr("vitzoo.inference.available_backends", lambda: ["eager", "compile", "torchscript"])
     code, out, err = _cli(capsys, "shvit_s1", "--backends", "eager,onnxruntime")
     assert code == 1 and out == ""
-    assert "backend 'onnxruntime' not available in this environment (onnxruntime needs pip install onnx " \
-           "onnxruntime); available here: eager, compile, torchscript" in err
+    assert "backend 'onnxruntime' not available in this environment (onnxruntime: install onnx and onnxruntime " \
+           "(`pip install 'vitzoo[onnx]'`)); available here: eager, compile, torchscript" in err
     code, out, _ = _cli(capsys, "shvit_s1", "--no-speed", "--backends", "onnxruntime", "--format", "json")
     assert code == 0 and json.loads(out)[0]["flops"] == 241_400_128  # counts need no backend
 

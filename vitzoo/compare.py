@@ -65,20 +65,16 @@ def _default_backends(device: str) -> Tuple[str, ...]:
     return tuple(b for b in ("eager", "torchscript", "onnxruntime") if b in available_backends())
 
 
-_INSTALL_HINTS = {"onnxruntime": "pip install onnx onnxruntime", "compile": "a torch with torch.compile",
-                  "torchscript": "a torch with torch.jit.trace / torch.jit.freeze"}
-
-
 def _check_backends(backends: Sequence[str], speed: bool) -> List[str]:
     """``backends`` without repeats; a name that is not a backend, or (when timing) one not usable here, raises."""
-    from vitzoo.inference import BACKENDS, available_backends
+    from vitzoo.inference import BACKENDS, available_backends, missing_backend_hint
 
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise ValueError(f"unknown backend {', '.join(map(repr, unknown))}; valid backends: {', '.join(BACKENDS)}")
     missing = [b for b in backends if b not in available_backends()] if speed else []
     if missing:
-        hints = "; ".join(f"{b} needs {_INSTALL_HINTS.get(b, 'a newer torch')}" for b in missing)
+        hints = "; ".join(f"{b}: {missing_backend_hint(b)}" for b in missing)
         raise ValueError(f"backend {', '.join(map(repr, missing))} not available in this environment ({hints}); "
                          f"available here: {', '.join(available_backends())}")
     return list(dict.fromkeys(backends))

@@ -57,6 +57,13 @@ def available_backends() -> List[str]:
     return backends
 
 
+def missing_backend_hint(backend: str) -> str:
+    """What makes ``backend`` usable in an environment where :func:`available_backends` lacks it."""
+    if backend == "onnxruntime":
+        return "install onnx and onnxruntime (`pip install 'vitzoo[onnx]'`)"
+    return "this torch build lacks the features it needs"
+
+
 class DeployedModel(nn.Module):
     """Inference wrapper: converts the input's memory format and runs the model under ``inference_mode``.
 
@@ -471,11 +478,8 @@ def deploy(
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}.")
     if backend not in available_backends():
-        hint = ("install onnx and onnxruntime (`pip install 'vitzoo[onnx]'`)" if backend == "onnxruntime"
-                else "this torch build lacks the features it needs")
-        raise RuntimeError(
-            f"backend {backend!r} is not available here (available: {', '.join(available_backends())}); {hint}."
-        )
+        raise RuntimeError(f"backend {backend!r} is not available here (available: "
+                           f"{', '.join(available_backends())}); {missing_backend_hint(backend)}.")
     if not isinstance(model, nn.Module):
         raise TypeError(f"deploy() expects an nn.Module, got {type(model).__name__}.")
     if example_input is None:
