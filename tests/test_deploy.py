@@ -190,13 +190,43 @@ def test_torchscript_backend(shvit_s1):
 
 
 @pytest.mark.skipif("torchscript" not in available_backends(), reason="no TorchScript in this torch")
-def test_torchscript_backend_bad_input_gets_the_models_error(shvit_s1):
+def test_torchscript_backend_bad_input_gets_a_clear_error(shvit_s1):
     deployed = deploy(shvit_s1, torch.randn(1, 3, 64, 64), backend="torchscript")
-    with pytest.raises(ValueError, match="built for 3 input channels.*got 4 channels"):
+    with pytest.raises(ValueError, match="takes 3 input channels.*got 4 channels"):
         deployed(torch.randn(1, 4, 64, 64))
     with pytest.raises(ValueError, match="height and width >= 64"):
         deployed(torch.randn(1, 3, 32, 32))
     assert len(deployed.model._traced) == 1  # nothing traced for the rejected shapes
+
+
+@pytest.mark.parametrize("backend", [b for b in ("eager", "torchscript", "onnxruntime") if b in available_backends()])
+def test_deployed_model_names_what_is_wrong_with_an_input(backend):
+    torch.manual_seed(0)
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                        nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    deployed = deploy(model, torch.randn(2, 3, 32, 32), backend=backend)
+    with pytest.raises(ValueError, match=r"takes a 4-D .* got shape \[3, 32, 32\]\. For a single image .*unsqueeze"):
+        deployed(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match=r"takes 3 input channels .* got 1 channels .* in_chans=1"):
+        deployed(torch.randn(2, 1, 32, 32))
+    with pytest.raises(TypeError, match=r"takes torch.float32 input .* got torch.float64\. Convert with x.to"):
+        deployed(torch.randn(2, 3, 32, 32, dtype=torch.float64))
+    x = torch.randn(5, 3, 24, 24)  # another batch and size
+    if backend == "onnxruntime":  # the exported graph fixes H and W
+        with pytest.raises(ValueError, match=r"'onnxruntime' was deployed for 32x32 inputs.*got 24x24"):
+            deployed(x)
+    else:
+        torch.testing.assert_close(deployed(x), _reference(model, x), atol=1e-4, rtol=0)
+    x = torch.randn(5, 3, 32, 32)  # another batch at the example's size: every backend
+    torch.testing.assert_close(deployed(x), _reference(model, x), atol=1e-4, rtol=0)
+
+
+def test_deployed_model_of_a_non_image_input_is_not_checked():
+    torch.manual_seed(0)
+    model = nn.Linear(16, 4)
+    deployed = deploy(model, torch.randn(2, 16))
+    for x in (torch.randn(16), torch.randn(3, 5, 16)):  # other ranks are the module's business
+        torch.testing.assert_close(deployed(x), _reference(model, x))
 
 
 def test_torchscript_fallback_note_is_the_errors_own_sentence():

@@ -67,11 +67,19 @@ def missing_backend_hint(backend: str) -> str:
 class DeployedModel(nn.Module):
     """Inference wrapper: converts the input's memory format and runs the model under ``inference_mode``.
 
+    Before it runs, an image input (the example input was 4-D) is checked against the example input: the rank,
+    the channel count, the dtype and, on CUDA, the device; with ``fixed_size`` also the height and width (ONNX
+    Runtime, whose exported graph fixes them). A mismatch raises a ``ValueError`` / ``TypeError`` saying what was
+    expected and what to do, instead of a backend's own message (oneDNN, TorchScript and ONNX Runtime each word
+    these differently, some cryptically).
+
     Args:
         model: The prepared model (fused, eval, maybe rewritten / compiled / an ONNX Runtime session).
         backend: Name of the backend that built it.
         memory_format: Memory format the input is converted to before ``model`` runs.
         optimizations: Human-readable list of what ``deploy`` applied (for reports and debugging).
+        example_input: The input ``deploy`` built and checked the model with; the checks above compare with it.
+        fixed_size: Also require the example input's height and width.
     """
 
     def __init__(
@@ -80,6 +88,8 @@ class DeployedModel(nn.Module):
             backend: str,
             memory_format: torch.memory_format = torch.contiguous_format,
             optimizations: Sequence[str] = (),
+            example_input: Optional[torch.Tensor] = None,
+            fixed_size: bool = False,
     ):
         super().__init__()
         self.model = model
@@ -87,8 +97,49 @@ class DeployedModel(nn.Module):
         self.memory_format = memory_format
         self.optimizations = list(optimizations)
         self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        self.example_shape: Optional[Tuple[int, ...]] = None
+        self.example_dtype: Optional[torch.dtype] = None
+        self.example_device: Optional[torch.device] = None
+        self.fixed_size = fixed_size
+        if example_input is not None:
+            self.set_example(example_input)
+
+    def set_example(self, example_input: torch.Tensor) -> None:
+        """Record the input the model was built for (what :meth:`forward` checks its inputs against)."""
+        self.example_shape = tuple(example_input.shape)
+        self.example_dtype = example_input.dtype
+        self.example_device = example_input.device
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a clear error if ``x`` cannot be what this model was deployed for (see the class docstring)."""
+        shape = self.example_shape
+        if shape is None or len(shape) != 4:
+            return
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}.")
+        if x.dim() != 4:
+            hint = " For a single image add the batch dimension with x.unsqueeze(0)." if x.dim() == 3 else ""
+            raise ValueError(f"this deployed model takes a 4-D (batch, channels, height, width) tensor like its "
+                             f"example input {list(shape)}, got shape {list(x.shape)}.{hint}")
+        if x.shape[1] != shape[1]:
+            raise ValueError(f"this deployed model takes {shape[1]} input channels (example input {list(shape)}), "
+                             f"got {x.shape[1]} channels in shape {list(x.shape)}. Convert the images, or deploy "
+                             f"a model built for {x.shape[1]} channels (timm: in_chans={x.shape[1]}).")
+        if x.dtype != self.example_dtype:
+            raise TypeError(f"this deployed model takes {self.example_dtype} input (its example input's dtype), "
+                            f"got {x.dtype}. Convert with x.to({self.example_dtype}), or deploy with an example "
+                            f"input of that dtype.")
+        if self.example_device is not None and self.example_device.type == "cuda" and x.device != self.example_device:
+            raise ValueError(f"this deployed model runs on {self.example_device}, got an input on {x.device}. "
+                             f"Move it with x.to('{self.example_device}').")
+        if self.fixed_size and tuple(x.shape[2:]) != shape[2:]:
+            raise ValueError(f"backend {self.backend!r} was deployed for {shape[2]}x{shape[3]} inputs (the exported "
+                             f"graph fixes height and width), got {x.shape[2]}x{x.shape[3]}. Deploy again with an "
+                             f"example input of that size (backends 'eager' and 'torchscript' are not tied to the "
+                             f"example's size).")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
         with torch.inference_mode():
             return self.model(x.contiguous(memory_format=self.memory_format))
 
@@ -437,7 +488,8 @@ def _build_onnxruntime(model: nn.Module, example_input: torch.Tensor, opset: int
     session = OnnxRuntimeModule(export_onnx(model, example_input.float().cpu(), opset=opset))
     return DeployedModel(session, "onnxruntime", torch.contiguous_format,
                          ["eval", "fused (timm.utils.reparameterize_model)",
-                          f"ONNX opset {opset}, dynamic batch", f"ONNX Runtime CPU, {session.num_threads} threads"])
+                          f"ONNX opset {opset}, dynamic batch", f"ONNX Runtime CPU, {session.num_threads} threads"],
+                         fixed_size=True)
 
 
 def deploy(
@@ -499,6 +551,7 @@ def deploy(
         "torchscript": lambda: _build_torchscript(model, example_input),
     }
     deployed = builders[backend]()
+    deployed.set_example(example_input)
     if verify:
         diff = _check_close(reference, deployed, example_input, atol, rtol, backend)
         deployed.optimizations.append(f"verified: max abs diff {diff:.2g} vs original")
