@@ -14,7 +14,6 @@ import json
 import os
 import pickle
 import re
-import zipfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -65,9 +64,9 @@ def _load_torch_file(path: str) -> Any:
             f'pickled objects can run code). If you trust this file, load it yourself with '
             f'torch.load(path, weights_only=False) and pass the state dict through '
             f'pretrained_cfg_overlay=dict(state_dict=...).') from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001  on bytes that are no pickle the unpickler raises anything (text: KeyError)
         raise _unreadable(path, e) from e
 
 

@@ -29,6 +29,20 @@ _LOAD_ERRORS = (
     FileNotFoundError, EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, OSError,
     SafetensorError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError,
 )
+# torch's weights-only unpickler raises almost anything on bytes that are not a pickle (a KeyError for a text
+# file): an exception of any type raised inside timm's weight loading is a load error too
+_TIMM_LOADERS = ('load_pretrained', 'load_state_dict', 'load_checkpoint')
+
+
+def _raised_while_loading(e: BaseException) -> bool:
+    """True if ``e`` was raised inside timm's pretrained-weight loading (judged by the traceback's frames)."""
+    tb = e.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name in _TIMM_LOADERS and '/timm/' in code.co_filename.replace('\\', '/'):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _cfg(variant: str, **kwargs: Any) -> Dict[str, Any]:
@@ -81,8 +95,8 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
             feature_cfg=dict(out_indices=(0, 1, 2), feature_cls='getter'),
             **kwargs,
         )
-    except _LOAD_ERRORS as e:
-        if not pretrained:
+    except Exception as e:
+        if not pretrained or not (isinstance(e, _LOAD_ERRORS) or _raised_while_loading(e)):
             raise
         source = _weights_source(variant, kwargs)
         if isinstance(e, CheckpointMismatchError):

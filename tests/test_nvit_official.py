@@ -223,6 +223,10 @@ def test_truncated_file(official_files, tmp_path):
     bad.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')
     with pytest.raises(RuntimeError, match='truncated or corrupt'):
         nvit.load_checkpoint(bad)
+    text = tmp_path / 'text.pth'
+    text.write_bytes(b'junk\n')  # torch's weights-only unpickler answers this with a bare KeyError
+    with pytest.raises(RuntimeError, match="Cannot read checkpoint .*text.pth.*truncated or corrupt"):
+        _create(str(text))
 
 
 def test_unsafe_pickle_refused(tmp_path):

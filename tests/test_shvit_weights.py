@@ -132,10 +132,14 @@ def test_missing_local_file(tmp_path):
         timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
 
 
-@pytest.mark.parametrize('name', ['broken.safetensors', 'broken.pth'])
-def test_corrupt_file(tmp_path, name):
+@pytest.mark.parametrize('name, data', [
+    ('broken.safetensors', b'\x00garbage, not a checkpoint' * 10),
+    ('broken.pth', b'\x00garbage, not a checkpoint' * 10),
+    ('text.pth', b'junk\n'),  # torch's weights-only unpickler answers this with a bare KeyError
+])
+def test_corrupt_file(tmp_path, name, data):
     path = tmp_path / name
-    path.write_bytes(b'\x00garbage, not a checkpoint' * 10)
+    path.write_bytes(data)
     with pytest.raises(RuntimeError, match='Could not load pretrained weights for shvit_s1') as info:
         timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     assert 'corrupt' in str(info.value)
