@@ -80,6 +80,20 @@ def test_cli_reports_bad_data(tmp_path, capsys):
     assert 'instances_train.json not found' in capsys.readouterr().err
 
 
+def test_cli_reports_a_backbone_it_cannot_build(data, tmp_path, capsys):
+    base = ['finetune-det', '--data', str(data), '--device', 'cpu', '--workers', '0', '--no-progress']
+    assert main(base + ['--out', str(tmp_path / 'a'), '--backbone', 'shvit_s9']) == 2
+    assert "error: unknown model 'shvit_s9'; closest matches: shvit_s4" in capsys.readouterr().err
+    assert main(base + ['--out', str(tmp_path / 'b'), '--backbone', 'nvit_b']) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot build backbone 'nvit_b': nvit_b: the per-block dims" in err and 'Traceback' not in err
+    text = tmp_path / 'text.pth'
+    text.write_bytes(b'junk\n')
+    assert main(base + ['--out', str(tmp_path / 'c'), '--backbone', 'shvit_s1', '--backbone-weights', str(text)]) == 2
+    assert f"error: could not load {text} into backbone 'shvit_s1'" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in 'abc')  # nothing written for a run that could not start
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

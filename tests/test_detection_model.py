@@ -213,6 +213,16 @@ def test_pretrained_local_weights_and_dropped_head(tmp_path):
         build_backbone('shvit_s1', weights=tmp_path / 'missing.pth')
 
 
+def test_backbone_name_and_build_errors():
+    from vitzoo.detection import BackboneError
+    from vitzoo.models import UnknownModelError
+
+    with pytest.raises(UnknownModelError, match="unknown model 'shvit_s9'; closest matches: shvit_s4"):
+        build_backbone('shvit_s9')  # not "could not load the default pretrained weights": none were asked for
+    with pytest.raises(BackboneError, match="cannot build backbone 'nvit_b': nvit_b: the per-block dims"):
+        build_backbone('nvit_b')
+
+
 def test_build_detector_argument_errors():
     with pytest.raises(ValueError, match='unknown detector kind'):
         build_detector('yolo', 'shvit_s1', 3)

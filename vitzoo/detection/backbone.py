@@ -21,10 +21,16 @@ import torch
 import torch.nn as nn
 from timm.models._features import FeatureInfo
 
+from vitzoo.models import resolve_name
+
 from .fpn import ExtraLevelFPN
 from .simple_pyramid import SimpleFeaturePyramid
 
-__all__ = ['DetectionBackbone', 'create_body']
+__all__ = ['BackboneError', 'DetectionBackbone', 'create_body']
+
+
+class BackboneError(RuntimeError):
+    """The backbone's model cannot be built (e.g. ``nvit_b`` without its dims record) or its weights do not load."""
 
 _logger = logging.getLogger(__name__)
 
@@ -46,7 +52,14 @@ def create_body(
 
     Returns:
         The full model (with its head; :class:`DetectionBackbone` removes and reports the head keys).
+
+    Raises:
+        UnknownModelError: ``name`` is not a timm model (the message lists the closest ones).
+        FileNotFoundError: ``weights`` does not exist.
+        BackboneError: The model cannot be built as asked, or the weights do not load into it (the message says
+            why and what to do).
     """
+    resolve_name(name)
     kwargs = dict(model_kwargs or {})
     if weights is not None:
         weights = Path(weights)
@@ -59,9 +72,11 @@ def create_body(
         if getattr(model, 'dynamic_img_size', None) is False and 'dynamic_img_size' not in kwargs:
             # token models must accept any detection input size
             model = timm.create_model(name, pretrained=pretrained, dynamic_img_size=True, **kwargs)
-    except RuntimeError as e:
-        source = weights if weights is not None else 'the default pretrained weights'
-        raise RuntimeError(f'could not load {source} into backbone {name!r}: {e}') from e
+    except (RuntimeError, ValueError, TypeError) as e:
+        if pretrained:
+            source = weights if weights is not None else 'the default pretrained weights'
+            raise BackboneError(f'could not load {source} into backbone {name!r}: {e}') from e
+        raise BackboneError(f'cannot build backbone {name!r}: {e}') from e
     return model
 
 

@@ -20,6 +20,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from vitzoo.models import UnknownModelError
+
+from .backbone import BackboneError
 from .checkpoint import atomic_save, get_rng_state, load_checkpoint, set_rng_state
 from .data import CocoDetectionFolder, DatasetError, collate_detection, hflip, split_exists
 from .detectors import DETECTOR_STRIDES, build_detector
@@ -238,7 +241,8 @@ def run(args: argparse.Namespace) -> int:
     ctx = init_distributed(args.device)
     try:
         train(args, ctx)
-    except (DatasetError, FileNotFoundError, FileExistsError) as e:  # user errors: a message, not a traceback
+    except (DatasetError, UnknownModelError, BackboneError, FileNotFoundError, FileExistsError) as e:
+        # user errors: a message, not a traceback
         print(f'vitzoo {NAME}: error: {e}', file=sys.stderr)
         return 2
     finally:
