@@ -158,6 +158,15 @@ def test_another_models_checkpoint_fails_and_leaves_nothing(shvit_official, tmp_
     assert os.listdir(tmp_path) == []
 
 
+def test_unknown_architecture_is_named_before_any_work(shvit_official, tmp_path, capsys):
+    _, src = shvit_official
+    out = tmp_path / "out"
+    assert main(["convert", str(src), "--model", "shvit_s9", "--out", str(out), "--no-flops"]) == 1
+    err = capsys.readouterr().err
+    assert "vitzoo convert: error: unknown model 'shvit_s9'; closest matches: shvit_s4" in err
+    assert "Traceback" not in err and os.listdir(tmp_path) == []
+
+
 def test_source_hash_mismatch_and_missing_source(shvit_official, tmp_path):
     _, src = shvit_official
     with pytest.raises(CorruptWeightsError, match="sha256 mismatch"):

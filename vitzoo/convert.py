@@ -222,6 +222,7 @@ def convert_checkpoint(
         ``out_dir``.
 
     Raises:
+        UnknownModelError: ``model_name``'s architecture is not a timm model (a ``ValueError``).
         FileExistsError: ``out_dir`` exists and not ``force``.
         MissingWeightsError, CorruptWeightsError, WeightsError: bad source (missing, hash mismatch, corrupt,
             weights of another model).
@@ -232,8 +233,11 @@ def convert_checkpoint(
 
     import vitzoo
 
-    check_output_free(out_dir, force)
+    from vitzoo.models import resolve_name
+
     model, _, name_tag = model_name.partition(".")
+    resolve_name(model)  # an unknown architecture: UnknownModelError with the closest names, before any work
+    check_output_free(out_dir, force)
     tag = tag or name_tag or None
     manifest = manifest or load_manifest()
     out_dir = Path(out_dir)
