@@ -221,6 +221,24 @@ def test_deployed_model_names_what_is_wrong_with_an_input(backend):
     torch.testing.assert_close(deployed(x), _reference(model, x), atol=1e-4, rtol=0)
 
 
+@pytest.mark.skipif("onnxruntime" not in available_backends(), reason="onnxruntime not installed")
+def test_onnxruntime_backend_takes_a_bf16_model():
+    torch.manual_seed(0)
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                        nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    x = torch.randn(2, 3, 16, 16)
+    fp32 = _reference(model, x)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    deployed = deploy(bf16, x.to(torch.bfloat16), backend="onnxruntime", atol=0.05)  # bf16 rounding in the check
+    assert "exported in float32 (the model was torch.bfloat16)" in deployed.optimizations
+    y = deployed(x.to(torch.bfloat16))
+    assert y.dtype == torch.float32  # ONNX Runtime's CPU kernels run fp32
+    # the bf16 weights run exactly in fp32: the result differs from the fp32 model by the weights' rounding only
+    torch.testing.assert_close(y, _reference(copy.deepcopy(bf16).float(), x.to(torch.bfloat16).float()),
+                               atol=1e-5, rtol=0)
+    assert (y - fp32).abs().max() < 0.05
+
+
 def test_deployed_model_of_a_non_image_input_is_not_checked():
     torch.manual_seed(0)
     model = nn.Linear(16, 4)

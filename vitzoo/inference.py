@@ -485,11 +485,14 @@ def _build_torchscript(model: nn.Module, example_input: torch.Tensor) -> Deploye
 def _build_onnxruntime(model: nn.Module, example_input: torch.Tensor, opset: int) -> DeployedModel:
     from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx
 
-    session = OnnxRuntimeModule(export_onnx(model, example_input.float().cpu(), opset=opset))
-    return DeployedModel(session, "onnxruntime", torch.contiguous_format,
-                         ["eval", "fused (timm.utils.reparameterize_model)",
-                          f"ONNX opset {opset}, dynamic batch", f"ONNX Runtime CPU, {session.num_threads} threads"],
-                         fixed_size=True)
+    notes = ["eval", "fused (timm.utils.reparameterize_model)"]
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    if dtypes - {torch.float32}:  # e.g. a bf16 model: ONNX Runtime's CPU kernels run fp32
+        model = model.float()
+        notes.append(f"exported in float32 (the model was {', '.join(sorted(map(str, dtypes)))})")
+    session = OnnxRuntimeModule(export_onnx(model.cpu(), example_input.float().cpu(), opset=opset))
+    notes += [f"ONNX opset {opset}, dynamic batch", f"ONNX Runtime CPU, {session.num_threads} threads"]
+    return DeployedModel(session, "onnxruntime", torch.contiguous_format, notes, fixed_size=True)
 
 
 def deploy(
