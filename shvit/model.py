@@ -134,8 +134,24 @@ class SHViT(nn.Module):
 
         self.num_features = self.head_hidden_size = embed_dim[-1]
         self.global_pool = self._make_pool(global_pool)
+        self._check_pooled(num_classes, self.global_pool)
         self.head_drop = nn.Dropout(drop_rate)
         self.head, self.head_dist = self._make_heads(num_classes, **dd)
+
+    def _make_heads(self, num_classes: int, **dd: Any) -> Tuple[nn.Module, Optional[nn.Module]]:
+        if num_classes <= 0:
+            return nn.Identity(), None
+        head = NormLinear(self.head_hidden_size, num_classes, **dd)
+        head_dist = NormLinear(self.head_hidden_size, num_classes, **dd) if self.distilled else None
+        return head, head_dist
+
+    @staticmethod
+    def _check_pooled(num_classes: int, pool: SelectAdaptivePool2d) -> None:
+        if num_classes > 0 and pool.is_identity():
+            raise ValueError(
+                f"a classifier head ({num_classes} classes) needs pooled features, but global_pool='' keeps the "
+                "(B, C, H, W) maps. Pass num_classes=0 to get the maps, or a pool type ('avg', 'max', 'avgmax', "
+                "'fast').")
 
     @staticmethod
     def _make_pool(global_pool: str) -> SelectAdaptivePool2d:
@@ -145,13 +161,6 @@ class SHViT(nn.Module):
                 f"global_pool={global_pool!r} changes the pooled width, which the BN+Linear head does not support; "
                 "use 'avg', 'max', 'avgmax', 'fast' or ''.")
         return pool
-
-    def _make_heads(self, num_classes: int, **dd: Any) -> Tuple[nn.Module, Optional[nn.Module]]:
-        if num_classes <= 0:
-            return nn.Identity(), None
-        head = NormLinear(self.head_hidden_size, num_classes, **dd)
-        head_dist = NormLinear(self.head_hidden_size, num_classes, **dd) if self.distilled else None
-        return head, head_dist
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
@@ -182,9 +191,13 @@ class SHViT(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the head(s) for ``num_classes`` outputs (0 removes them); ``global_pool=None`` keeps the pooling."""
         dd = get_device_dtype(self)
-        self.num_classes = num_classes
+        # asking for a head and no pooling in one call is an error (before anything changes); a head under a
+        # pooling removed earlier is built, as timm's own tests expect of reset_classifier(0, '') then (n)
+        pool = self.global_pool if global_pool is None else self._make_pool(global_pool)
         if global_pool is not None:
-            self.global_pool = self._make_pool(global_pool)
+            self._check_pooled(num_classes, pool)
+        self.num_classes = num_classes
+        self.global_pool = pool
         self.head, self.head_dist = self._make_heads(num_classes, **dd)
         for module in (self.global_pool, self.head, self.head_dist):
             if module is not None:

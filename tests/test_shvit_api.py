@@ -117,6 +117,13 @@ def test_forward_head_and_reset_classifier():
     assert m(x.double()).shape == (2, 320, 1, 1)
     with pytest.raises(ValueError, match='pooled width'):
         m.reset_classifier(5, 'catavgmax')
+    # a head and no pooling asked for together: a clear error (timm's own SHViT fails in BatchNorm1d at the first
+    # forward), and the model is left as it was
+    with pytest.raises(ValueError, match=r"head \(5 classes\) needs pooled features.*num_classes=0"):
+        m.reset_classifier(5, '')
+    assert m.num_classes == 0 and m(x.double()).shape == (2, 320, 1, 1)
+    with pytest.raises(ValueError, match=r"head \(1000 classes\) needs pooled features"):
+        timm.create_model('shvit_s1', global_pool='')
     import inspect
     assert inspect.signature(m.reset_classifier).parameters['global_pool'].default is None
 
