@@ -7,12 +7,13 @@ capacity here; models below the front spend their FLOPs less efficiently on this
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 from vitzoo.atomic import atomic_open
 
-__all__ = ["pareto_front", "write_pareto_plot", "check_writable"]
+__all__ = ["LabelPlacement", "pareto_front", "pareto_figure", "place_labels", "write_pareto_plot", "check_writable"]
 
 Point = Tuple[str, float, float]  # (label, flops, throughput)
 
@@ -27,25 +28,96 @@ def pareto_front(points: Sequence[Point]) -> List[Point]:
     return sorted(front, key=lambda p: p[1])
 
 
-_OFFSETS = ((5, 4, "left"), (5, -11, "left"), (-5, 4, "right"), (-5, -11, "right"))
+# label positions tried around a point: (direction x, direction y, horizontal / vertical alignment), nearest first
+_DIRECTIONS = ((1, 0, "left", "center"), (-1, 0, "right", "center"), (1, 1, "left", "bottom"),
+               (1, -1, "left", "top"), (-1, 1, "right", "bottom"), (-1, -1, "right", "top"),
+               (0, 1, "center", "bottom"), (0, -1, "center", "top"))
+_GAPS = (5.0, 11.0, 20.0, 32.0)  # label distance from its point, in typographic points
+_MARKER_RADIUS = 4.0  # points; scatter's default marker (s=36) is 6 points wide, plus a margin
+Box = Tuple[float, float, float, float]  # x0, y0, x1, y1 in display pixels
 
 
-def _label_offsets(points: Sequence[Point]) -> List[Tuple[int, int, str]]:
-    """Per point, the label offset (points, alignment) whose label lies furthest from labels placed before it."""
-    logs = [(math.log10(f), math.log10(t)) for _, f, t in points]
-    span = [max(v[i] for v in logs) - min(v[i] for v in logs) or 1.0 for i in (0, 1)]
-    placed: List[Tuple[float, float]] = []
-    chosen = []
-    for (x, y), (label, _, _) in zip(logs, points):
-        def anchor(offset):  # label centre in axes-fraction units (a plot ~ 500 x 350 points)
-            dx, dy, ha = offset
-            width = 5.0 * len(label) * (1 if ha == "left" else -1)
-            return x / span[0] + (dx + width / 2) / 500, y / span[1] + (dy + 3) / 350
+@dataclass(frozen=True)
+class LabelPlacement:
+    """Where a point's label goes: offset from the point (typographic points), alignment, box (display pixels)."""
 
-        best = max(_OFFSETS, key=lambda o: min((math.dist(anchor(o), p) for p in placed), default=0.0))
-        placed.append(anchor(best))
-        chosen.append(best)
-    return chosen
+    dx: float
+    dy: float
+    ha: str
+    va: str
+    box: Box
+    leader: bool  # placed far from its point: draw a line from the label to it
+
+
+def _overlap(a: Box, b: Box) -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _distance(box: Box, x: float, y: float) -> float:
+    return math.hypot(max(box[0] - x, 0.0, x - box[2]), max(box[1] - y, 0.0, y - box[3]))
+
+
+def _segment_distance(a: Tuple[float, float], b: Tuple[float, float], p: Tuple[float, float]) -> float:
+    (ax_, ay), (bx, by), (px, py) = a, b, p
+    length2 = (bx - ax_) ** 2 + (by - ay) ** 2
+    t = 0.0 if length2 == 0 else max(0.0, min(1.0, ((px - ax_) * (bx - ax_) + (py - ay) * (by - ay)) / length2))
+    return math.hypot(px - (ax_ + t * (bx - ax_)), py - (ay + t * (by - ay)))
+
+
+def place_labels(ax, points: Sequence[Point], fontsize: float) -> List[LabelPlacement]:
+    """Label positions that keep every label off the other points' markers and off the other labels.
+
+    Greedy, in display space (call once the axes' limits and layout are final): the most crowded points choose
+    first; each takes the candidate position (8 directions, 4 distances) that overlaps the other markers and the
+    labels already placed least, then that has the fewest other points nearer to it than its own (so a reader
+    does not pair it with the wrong point), then that stays inside the axes, then the nearest. A label set
+    further out than the nearest distance gets a leader line to its point.
+    """
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    px_per_pt = fig.dpi / 72.0
+    centres = [tuple(ax.transData.transform((flops / 1e9, tput))) for _, flops, tput in points]
+    radius = _MARKER_RADIUS * px_per_pt
+    markers = [(x - radius, y - radius, x + radius, y + radius) for x, y in centres]
+    frame = ax.get_window_extent(renderer)
+    sizes = []
+    for label, _, _ in points:
+        text = ax.text(0, 0, label, fontsize=fontsize)
+        extent = text.get_window_extent(renderer)
+        text.remove()
+        sizes.append((extent.width, extent.height))
+
+    def crowding(i):
+        return sum(1 / (1 + math.dist(centres[i], c)) for j, c in enumerate(centres) if j != i)
+
+    placed: List[Box] = []
+    result: List[Optional[LabelPlacement]] = [None] * len(points)
+    for i in sorted(range(len(points)), key=crowding, reverse=True):
+        (x, y), (w, h) = centres[i], sizes[i]
+        best = None
+        for rank, (gap, (ux, uy, ha, va)) in enumerate((g, d) for g in _GAPS for d in _DIRECTIONS):
+            dx, dy = ux * gap / (math.sqrt(2) if ux and uy else 1), uy * gap / (math.sqrt(2) if ux and uy else 1)
+            ax_, ay = x + dx * px_per_pt, y + dy * px_per_pt  # the text's anchor, in pixels
+            x0 = ax_ if ha == "left" else ax_ - w if ha == "right" else ax_ - w / 2
+            y0 = ay if va == "bottom" else ay - h if va == "top" else ay - h / 2
+            box = (x0, y0, x0 + w, y0 + h)
+            outside = w * h - _overlap(box, (frame.x0, frame.y0, frame.x1, frame.y1))
+            on_markers = sum(_overlap(box, m) for j, m in enumerate(markers) if j != i)
+            on_labels = sum(_overlap(box, b) for b in placed)
+            if gap > _GAPS[0]:  # the leader line, from the box's nearest edge to the point, must miss other markers
+                near = (min(max(x, box[0]), box[2]), min(max(y, box[1]), box[3]))
+                on_markers += sum(w * h for j, (cx, cy) in enumerate(centres)
+                                  if j != i and _segment_distance(near, (x, y), (cx, cy)) < radius)
+            own = _distance(box, x, y)
+            nearer = sum(1 for j, (cx, cy) in enumerate(centres) if j != i and _distance(box, cx, cy) < own)
+            # first keep clear of markers and labels, then of other points' closeness, then inside the axes;
+            # among equals, the nearest position in _DIRECTIONS order
+            cost = (round(on_markers + on_labels), nearer, round(outside), rank)
+            if best is None or cost < best[0]:
+                best = (cost, LabelPlacement(dx, dy, ha, va, box, leader=gap > _GAPS[0]))
+        result[i] = best[1]
+        placed.append(best[1].box)
+    return [r for r in result if r is not None]
 
 
 def check_writable(path: Union[str, Path], force: bool = False) -> Path:
@@ -61,6 +133,51 @@ def check_writable(path: Union[str, Path], force: bool = False) -> Path:
     if not path.parent.is_dir():
         raise FileNotFoundError(f"folder {path.parent} does not exist; create it first")
     return path
+
+
+def pareto_figure(points: Sequence[Point], *, title: str = "FLOPs vs measured throughput",
+                  ylabel: str = "throughput (img/s)"):
+    """The plot as a matplotlib ``Figure`` (Agg canvas), and where each point's label went (in ``points`` order).
+
+    Raises:
+        ValueError: No point with positive FLOPs and throughput.
+    """
+    points = [(str(lbl), float(f), float(t)) for lbl, f, t in points if f and t and f > 0 and t > 0]
+    if not points:
+        raise ValueError("nothing to plot: need at least one model with positive FLOPs and measured throughput")
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot, no GUI backend
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    fig = Figure(figsize=(8, 5.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    front = pareto_front(points)
+    on_front = {p[0] for p in front}
+    for label, flops, tput in points:
+        ax.scatter(flops / 1e9, tput, color="tab:red" if label in on_front else "tab:blue", zorder=3)
+    ax.plot([p[1] / 1e9 for p in front], [p[2] for p in front], "--", color="tab:red", label="Pareto front", zorder=2)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers; minor ticks labelled at 2x and 5x only
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "25" else ""))
+    ax.margins(x=0.15, y=0.1)
+    ax.set_xlabel("FLOPs (GMACs, fused)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()  # the layout is final before the labels are placed in display space
+
+    fontsize = 8
+    placements = place_labels(ax, points, fontsize)
+    for (label, flops, tput), where in zip(points, placements):
+        line = dict(arrowstyle="-", color="0.45", lw=0.6, shrinkA=1, shrinkB=4) if where.leader else None
+        ax.annotate(label, (flops / 1e9, tput), textcoords="offset points", xytext=(where.dx, where.dy),
+                    ha=where.ha, va=where.va, fontsize=fontsize, arrowprops=line)
+    ax.legend(loc="best")
+    return fig, placements
 
 
 def write_pareto_plot(
@@ -88,35 +205,7 @@ def write_pareto_plot(
         FileExistsError: See :func:`check_writable`.
     """
     path = check_writable(path, force)
-    points = [(str(lbl), float(f), float(t)) for lbl, f, t in points if f and t and f > 0 and t > 0]
-    if not points:
-        raise ValueError("nothing to plot: need at least one model with positive FLOPs and measured throughput")
-
-    from matplotlib.figure import Figure  # a bare Figure renders with Agg; no pyplot, no GUI backend
-    from matplotlib.ticker import FuncFormatter
-
-    fig = Figure(figsize=(8, 5.5), dpi=120)
-    ax = fig.add_subplot()
-    front = pareto_front(points)
-    on_front = {p[0] for p in front}
-    for (label, flops, tput), (dx, dy, ha) in zip(points, _label_offsets(points)):
-        color = "tab:red" if label in on_front else "tab:blue"
-        ax.scatter(flops / 1e9, tput, color=color, zorder=3)
-        ax.annotate(label, (flops / 1e9, tput), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=8)
-    ax.plot([p[1] / 1e9 for p in front], [p[2] for p in front], "--", color="tab:red", label="Pareto front", zorder=2)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    for axis in (ax.xaxis, ax.yaxis):  # plain numbers; minor ticks labelled at 2x and 5x only
-        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "25" else ""))
-    ax.margins(x=0.15, y=0.1)
-    ax.set_xlabel("FLOPs (GMACs, fused)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-
+    fig, _ = pareto_figure(points, title=title, ylabel=ylabel)
     with atomic_open(path, force=force) as f:
         fig.savefig(f, format="png")
     return path
