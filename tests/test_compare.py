@@ -124,6 +124,18 @@ def test_plot_writes_png_and_refuses_overwrite(capsys, tmp_path, fake_deploy):
     assert code == 0, err
 
 
+def test_plot_without_matplotlib_fails_before_measuring(capsys, tmp_path, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    monkeypatch.setattr("vitzoo.compare._build", lambda *a, **k: pytest.fail("measured before checking matplotlib"))
+    code, out, err = _cli(capsys, "shvit_s1", "--plot", str(tmp_path / "p.png"))
+    assert code == 1 and "needs matplotlib, which is not installed: pip install 'vitzoo[plot]'" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_pareto_front_by_hand():
     pts = [("a", 1, 100), ("b", 2, 50), ("c", 2, 40), ("d", 4, 60), ("e", 8, 10)]
     # c is dominated by b (same FLOPs, faster) and by d; b is dominated by d (more FLOPs, faster)

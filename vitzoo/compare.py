@@ -378,14 +378,15 @@ def _header(info: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``vitzoo compare``; returns the exit code (2: unknown model, 1: nothing to report or bad output)."""
-    from vitzoo.plot import check_writable, write_pareto_plot
+    from vitzoo.plot import check_matplotlib, check_writable, write_pareto_plot
 
     err = sys.stderr
     if args.plot and args.no_speed:
         print("error: --plot needs measured throughput; drop --no-speed", file=err)
         return 2
     try:
-        if args.plot:
+        if args.plot:  # before anything is measured
+            check_matplotlib()
             check_writable(args.plot, args.force)
         backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
         rows, skipped = _compare(args.models, args.img_size, args.batch, args.threads, not args.no_speed,
@@ -393,7 +394,7 @@ def run(args: argparse.Namespace) -> int:
     except UnknownModelError as e:
         print(f"error: {e}", file=err)
         return 2
-    except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (FileExistsError, FileNotFoundError, ImportError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=err)
         return 1
 

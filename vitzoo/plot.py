@@ -13,7 +13,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 from vitzoo.atomic import atomic_open
 
-__all__ = ["LabelPlacement", "pareto_front", "pareto_figure", "place_labels", "write_pareto_plot", "check_writable"]
+__all__ = ["LabelPlacement", "check_matplotlib", "check_writable", "pareto_figure", "pareto_front", "place_labels",
+           "write_pareto_plot"]
 
 Point = Tuple[str, float, float]  # (label, flops, throughput)
 
@@ -118,6 +119,14 @@ def place_labels(ax, points: Sequence[Point], fontsize: float) -> List[LabelPlac
         result[i] = best[1]
         placed.append(best[1].box)
     return [r for r in result if r is not None]
+
+
+def check_matplotlib() -> None:
+    """Raise ``ImportError`` with the install command when matplotlib is missing (check before measuring)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("--plot needs matplotlib, which is not installed: pip install 'vitzoo[plot]'")
 
 
 def check_writable(path: Union[str, Path], force: bool = False) -> Path:
