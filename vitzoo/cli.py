@@ -21,11 +21,21 @@ COMMANDS = {
 }
 
 
+def _version() -> str:
+    import timm
+    import torch
+
+    import vitzoo
+
+    return f"vitzoo {vitzoo.__version__} (torch {torch.__version__}, timm {timm.__version__})"
+
+
 def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vitzoo",
         description="Efficient vision transformers for timm: compare, export, convert, publish, fine-tune.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     wanted = None

@@ -1,0 +1,32 @@
+"""The `vitzoo` command line itself: version, sub-command listing."""
+import re
+
+import pytest
+import timm
+import torch
+
+import vitzoo
+from vitzoo.cli import COMMANDS, main
+
+
+def test_version_names_the_package_and_its_torch_and_timm(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out == f"vitzoo {vitzoo.__version__} (torch {torch.__version__}, timm {timm.__version__})"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", vitzoo.__version__)
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+
+
+def test_package_version_matches_the_installed_metadata():
+    from importlib.metadata import version
+
+    assert version("vitzoo") == vitzoo.__version__  # pyproject.toml and vitzoo/__init__.py agree
