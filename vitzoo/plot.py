@@ -65,6 +65,17 @@ def _segment_distance(a: Tuple[float, float], b: Tuple[float, float], p: Tuple[f
     return math.hypot(px - (ax_ + t * (bx - ax_)), py - (ay + t * (by - ay)))
 
 
+def _candidate(x: float, y: float, w: float, h: float, gap: float, ux: int, uy: int, ha: str, va: str,
+               px_per_pt: float) -> Tuple[float, float, Box]:
+    """The offset (points) and box (pixels) of a ``w`` x ``h`` label ``gap`` points from (x, y) in one direction."""
+    scale = gap / math.sqrt(2) if ux and uy else gap  # diagonal offsets keep the same distance
+    dx, dy = ux * scale, uy * scale
+    anchor_x, anchor_y = x + dx * px_per_pt, y + dy * px_per_pt
+    x0 = anchor_x if ha == "left" else anchor_x - w if ha == "right" else anchor_x - w / 2
+    y0 = anchor_y if va == "bottom" else anchor_y - h if va == "top" else anchor_y - h / 2
+    return dx, dy, (x0, y0, x0 + w, y0 + h)
+
+
 def place_labels(ax, points: Sequence[Point], fontsize: float) -> List[LabelPlacement]:
     """Label positions that keep every label off the other points' markers and off the other labels.
 
@@ -97,11 +108,7 @@ def place_labels(ax, points: Sequence[Point], fontsize: float) -> List[LabelPlac
         (x, y), (w, h) = centres[i], sizes[i]
         best = None
         for rank, (gap, (ux, uy, ha, va)) in enumerate((g, d) for g in _GAPS for d in _DIRECTIONS):
-            dx, dy = ux * gap / (math.sqrt(2) if ux and uy else 1), uy * gap / (math.sqrt(2) if ux and uy else 1)
-            ax_, ay = x + dx * px_per_pt, y + dy * px_per_pt  # the text's anchor, in pixels
-            x0 = ax_ if ha == "left" else ax_ - w if ha == "right" else ax_ - w / 2
-            y0 = ay if va == "bottom" else ay - h if va == "top" else ay - h / 2
-            box = (x0, y0, x0 + w, y0 + h)
+            dx, dy, box = _candidate(x, y, w, h, gap, ux, uy, ha, va, px_per_pt)
             outside = w * h - _overlap(box, (frame.x0, frame.y0, frame.x1, frame.y1))
             on_markers = sum(_overlap(box, m) for j, m in enumerate(markers) if j != i)
             on_labels = sum(_overlap(box, b) for b in placed)
