@@ -57,6 +57,9 @@ def test_json_schema_counts_only(capsys):
     assert rows[0]["flops"] == 241_400_128  # fused S1 at 224 (paper 241M)
     assert (rows[0]["params"], rows[0]["params_fused"]) == (6_330_808, 6_308_660)
     assert rows[0]["paper_top1"] == 72.8
+    # what fvcore ran without counting is listed, not hidden: SHViT's softmax in 9 SHSA blocks (S1: depths 2/4/5,
+    # attention in stages 2 and 3 only), DeiT's GELU in 12 blocks
+    assert rows[0]["uncounted"]["aten::softmax"] == 9 and rows[1]["uncounted"]["aten::gelu"] == 12
     assert "machine:" in err and "torch" in err
 
 

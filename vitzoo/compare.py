@@ -150,6 +150,7 @@ def _row(name: str, report, device: Optional[str], batch: Optional[int]) -> Dict
         "params": report.params,
         "params_fused": report.params_fused,
         "flops": report.total,
+        "uncounted": dict(sorted(report.uncounted.items())),
         "device": device,
         "batch_size": batch,
         "throughput": None,
@@ -266,7 +267,9 @@ def compare(
 
     Returns:
         One dict per model (and device), with keys ``model``, ``input_size``, ``params``, ``params_fused``,
-        ``flops`` (int, MACs of the fused model), ``throughput`` (img/s, None without speed), ``latency_ms``,
+        ``flops`` (int, MACs of the fused model), ``uncounted`` (ops fvcore ran but did not count, op -> calls:
+        elementwise ops, which the papers do not count either), ``throughput`` (img/s, None without speed),
+        ``latency_ms``,
         ``throughput_fastest``, ``latency_ms_fastest``, ``fastest_backend``, ``throughput_by_path``, ``device``,
         ``batch_size``, ``paper_flops``, ``paper_params``, ``paper_top1``, ``paper_source``, ``paper_img_size``,
         ``note``. ``paper_flops`` and ``paper_top1`` are None when the input size is not the paper's.
@@ -316,7 +319,7 @@ def format_rows(rows: List[Dict[str, Any]], fmt: str) -> str:
         return json.dumps(rows, indent=2)
     if fmt == "csv":
         out = io.StringIO()
-        fields = [k for k in rows[0] if k != "throughput_by_path"] if rows else ["model"]
+        fields = [k for k in rows[0] if k not in ("throughput_by_path", "uncounted")] if rows else ["model"]
         writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for r in rows:
