@@ -6,6 +6,10 @@ SHViT, and the timm models whose stems :func:`vitzoo.stem_chunking.find_stem` al
 FastViT), so that the rule is checked on every model it applies to in ``vitzoo compare``'s default set.
 
     python benchmarks/bench_stem_chunking.py --rounds 7 --threads 1 2
+    python benchmarks/bench_stem_chunking.py --rounds 7 --threads 1 --models shvit_s1 --budgets 0.5 2 4 8
+
+With ``--budgets`` it compares slice budgets (MiB of the stem's largest activation per slice) instead: the same
+deployed model with ``vitzoo.stem_chunking.CHUNK_BUDGET_BYTES`` replaced, one process per budget.
 """
 from __future__ import annotations
 
@@ -44,7 +48,16 @@ def build_runner(variant: str, name: str, batch: int, threads: int):
     return inference(build_deployed(variant, model, x), x)
 
 
-def slice_size(name: str) -> int:
+def build_budget_runner(budget_mib: float, name: str, batch: int, threads: int):
+    """The runner of ``deploy(backend="torchscript")`` with a stem-slice budget of ``budget_mib`` MiB."""
+    from vitzoo import stem_chunking
+
+    budget = int(budget_mib * 2 ** 20)
+    with mock.patch.object(vi, "chunk_stem", lambda model, example: stem_chunking.chunk_stem(model, example, budget)):
+        return build_runner("sliced", name, batch, threads)
+
+
+def slice_size(name: str, budget: int = 0) -> int:
     """The slice ``deploy()`` picks for ``name`` (0: none)."""
     from timm.utils import reparameterize_model
 
@@ -53,14 +66,19 @@ def slice_size(name: str) -> int:
     model = reparameterize_model(timm.create_model(name).eval())
     found = find_stem(model)
     res = CASES[name]
-    return (stem_chunk_size(found[1], torch.zeros(1, 3, res, res)) or 0) if found else 0
+    sample = torch.zeros(1, 3, res, res)
+    return (stem_chunk_size(found[1], sample, *([budget] if budget else [])) or 0) if found else 0
 
 
 def main() -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--budgets", nargs="+", type=float, default=None, metavar="MIB",
+                        help="compare these slice budgets (MiB) instead of sliced vs unsliced")
     args = parser.parse_args()
     print_machine(args.threads)
+    if args.budgets:
+        return compare_budgets(args)
     rows = []
     for name in args.models:
         for threads in args.threads:
@@ -72,6 +90,22 @@ def main() -> int:
     print_table(["model", "threads", "images per slice", "unsliced img/s", "sliced img/s", "sliced / unsliced"],
                 rows, title=f"deploy(backend='torchscript'): stem on batch slices (batch {args.batch}, median of "
                             f"{args.rounds} rounds, one process per variant)")
+    return 0
+
+
+def compare_budgets(args) -> int:
+    rows = []
+    for name in args.models:
+        for threads in args.threads:
+            t = measure_isolated({b: (build_budget_runner, (b, name, args.batch, threads)) for b in args.budgets},
+                                 args.batch, rounds=args.rounds, min_time=args.min_time, desc=f"{name} {threads}t")
+            best = max(t.values(), key=lambda v: v.throughput).throughput
+            for b, v in t.items():
+                rows.append([f"{name}@{CASES[name]}", threads, f"{b:g}", slice_size(name, int(b * 2 ** 20)),
+                             f"{v.throughput:.1f}", f"{v.throughput / best:.2f}x"])
+    print_table(["model", "threads", "budget (MiB)", "images per slice", "img/s", "of the best"], rows,
+                title=f"deploy(backend='torchscript'): stem slice budgets (batch {args.batch}, median of "
+                      f"{args.rounds} rounds, one process per budget)")
     return 0
 
 
