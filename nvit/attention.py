@@ -92,7 +92,7 @@ class NViTAttention(nn.Module):
         if token_mask is None:
             token_mask = self.token_mask
         if token_mask is not None:
-            qkv = qkv * token_mask
+            qkv = qkv * token_mask.expand_as(qkv)  # explicit broadcast: oneDNN Graph fails on a [N, 1] operand
         qk_width = self.num_heads * self.qk_dim
         q, k, v = qkv.split([qk_width, qk_width, self.num_heads * self.v_dim], dim=-1)
         q = q.reshape(B, N, self.num_heads, self.qk_dim).transpose(1, 2)

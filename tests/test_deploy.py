@@ -307,6 +307,28 @@ def test_torchscript_backend_fuses_even_with_the_profiling_mode_off():
     assert "oneDNN Graph found nothing to fuse for input shape [2, 8, 6, 6]" in deployed.optimizations
 
 
+def test_torchscript_backend_fuses_nvit_with_token_mask():
+    # NViT's per-token q/k/v scale ([N, 1]) broadcast against the qkv output made oneDNN Graph fail
+    # ("vector::_M_range_check"), so every ReViT/NViT ran unfused; the scale is now broadcast explicitly
+    ts = importlib.import_module("vitzoo.torchscript_backend")
+    if not ts.onednn_graph_available():
+        pytest.skip("no oneDNN Graph in this build")
+    import nvit  # noqa: F401  (registers nvit_*)
+
+    torch.manual_seed(0)
+    dims = dict(embed_dim=32, heads=[2, 1], qk_dim=[8, 16], v_dim=[16, 8], mlp_dim=[48, 32])
+    model = timm.create_model("nvit_b", dims=dims, img_size=64, num_classes=10, token_mask=True).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.token_mask.uniform_(0.5, 1.5)  # a non-trivial scale
+    x = torch.randn(2, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "fusion failed" fallback
+        deployed = deploy(model, x, backend="torchscript")
+    assert [fused for _, fused in deployed.model._traced.values()] == [True]
+    torch.testing.assert_close(deployed(x), _reference(model, x), atol=1e-5, rtol=0)
+
+
 def test_torchscript_backend_unavailable_is_a_clear_error(monkeypatch, shvit_s1):
     monkeypatch.setattr(importlib.import_module("vitzoo.torchscript_backend"), "torchscript_available", lambda: False)
     with pytest.raises(RuntimeError, match="backend 'torchscript' is not available here"):
