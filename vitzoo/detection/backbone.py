@@ -32,6 +32,7 @@ __all__ = ['BackboneError', 'DetectionBackbone', 'create_body']
 class BackboneError(RuntimeError):
     """The backbone's model cannot be built (e.g. ``nvit_b`` without its dims record) or its weights do not load."""
 
+
 _logger = logging.getLogger(__name__)
 
 
