@@ -27,7 +27,7 @@ from timm.utils import reparameterize_model  # noqa: E402
 
 import vitzoo  # noqa: E402
 from _common import print_machine, randomize_norm_stats  # noqa: E402
-from vitzoo.inference import PackedConv2d  # noqa: E402
+from vitzoo.onednn_rewrite import PackedConv2d  # noqa: E402
 from vitzoo.onnx_runtime import export_onnx  # noqa: E402
 
 RESOLUTION = {"shvit_s1": 224, "shvit_s2": 224, "shvit_s3": 224, "shvit_s4": 256}

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import bench_deploy_ablation as ablation  # noqa: E402
 from _common import randomize_norm_stats  # noqa: E402
 import vitzoo  # noqa: E402
-from vitzoo.inference import PackedConv2d  # noqa: E402
+from vitzoo.onednn_rewrite import PackedConv2d  # noqa: E402
 from vitzoo.torchscript_backend import onednn_graph_available  # noqa: E402
 
 

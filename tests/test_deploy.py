@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitzoo.inference import BACKENDS, PackedConv2d, available_backends, deploy
+from vitzoo.inference import BACKENDS, available_backends, deploy
+from vitzoo.onednn_rewrite import PackedConv2d
 
 ATOL = 1e-4
 

@@ -1,0 +1,238 @@
+"""The ``"eager"`` backend's graph rewrite: every ``nn.Conv2d`` becomes a pre-packed, fused oneDNN convolution.
+
+:func:`onednn_rewrite` traces a fused, channels-last, fp32 CPU model with ``torch.fx`` and replaces each plain
+convolution by a :class:`PackedConv2d` (weight reordered once into oneDNN's blocked layout), then folds a following
+ReLU and/or residual add into that convolution's kernel. Used by :func:`vitzoo.deploy` (``backend="eager"``);
+measurements in ``docs/benchmarks.md`` (section 6).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+__all__ = ["PackedConv2d", "onednn_rewrite"]
+
+_RELU_TARGETS = (F.relu, torch.relu, torch.relu_)
+_ADD_TARGETS = (operator.add, operator.iadd, torch.add)
+
+
+class PackedConv2d(nn.Module):
+    """A 2-D convolution run by oneDNN with a pre-packed weight and fused epilogue (CPU, fp32).
+
+    Computes ``unary(conv(x) + residual)`` (residual optional, unary is ``"none"`` or ``"relu"``) with
+    ``torch.ops.mkldnn._convolution_pointwise``, the kernel inductor uses on CPU. Packing the weight once
+    removes the per-call weight reorder of ``nn.Conv2d``; fusing the ReLU / add removes one pass over the
+    activation each. Numerically identical to the unfused ops up to float rounding.
+
+    oneDNN picks the packed layout for one input shape, and a layout chosen for batch 1 can be much slower at
+    batch 16 (measured: 1.8x on SHViT's 128->512 1x1 conv at 14x14, 2 threads;
+    ``benchmarks/profile_shvit_layers.py --pack-batch 1``). So the weight is packed for
+    ``input_size`` at build time and re-packed once for each new input shape seen (the last few are cached).
+
+    A pointwise convolution (1x1, stride 1, no padding, one group) on a channels-last input is a matrix product
+    ``(B*H*W, C_in) @ (C_in, C_out)`` on the same memory, so it runs as a oneDNN linear
+    (``torch.ops.mkldnn._linear_pointwise``) on that 2-D view and the result is viewed back as a channels-last
+    (B, C_out, H, W) tensor: no copies. oneDNN's matmul kernel was faster than its convolution kernel on these
+    shapes in our (one-off) measurements.
+
+    Args:
+        conv: The convolution to replace (zero padding, float32, CPU).
+        input_size: Input shape (B, C, H, W) to pack the weight for first.
+    """
+    max_cached_shapes = 4
+
+    def __init__(self, conv: nn.Conv2d, input_size: Sequence[int]):
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"PackedConv2d supports explicit zero padding only, got {conv}.")
+        self.in_channels = conv.in_channels
+        self.out_channels = conv.out_channels
+        self.kernel_size = tuple(conv.kernel_size)
+        self.padding = list(conv.padding)
+        self.stride = list(conv.stride)
+        self.dilation = list(conv.dilation)
+        self.groups = conv.groups
+        self.unary = "none"
+        self.pointwise = (self.kernel_size == (1, 1) and self.stride == [1, 1] and self.padding == [0, 0]
+                          and self.groups == 1)
+        # the plain weight is kept (a buffer) so the conv can be re-packed; the packed copies are opaque mkldnn
+        # tensors held in a plain dict, so they are not part of state_dict()
+        self.register_buffer("weight", conv.weight.detach().clone(), persistent=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self._packed: Dict[Tuple[int, ...], torch.Tensor] = {}
+        self._packed_for(tuple(input_size))
+
+    def _packed_for(self, shape: Tuple[int, ...]) -> torch.Tensor:
+        packed = self._packed.get(shape)
+        if packed is None:
+            if len(self._packed) >= self.max_cached_shapes:
+                self._packed.pop(next(iter(self._packed)))
+            if self.pointwise:  # packed for the (B*H*W, C_in) matrix
+                rows = shape[0] * shape[2] * shape[3]
+                packed = torch.ops.mkldnn._reorder_linear_weight(
+                    self.weight.reshape(self.out_channels, self.in_channels), rows)
+            else:
+                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                    self.weight.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, list(shape))
+            self._packed[shape] = packed
+        return packed
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weight = self._packed_for(tuple(x.shape))
+        if self.pointwise:
+            return self._pointwise(x, weight, residual)
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups, self.unary, [], "")
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual, weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+            "add", None, None if self.unary == "none" else self.unary, [], None)
+
+    def _pointwise(self, x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        # (B, C, H, W) channels-last -> (B*H*W, C): a view; any other layout is copied by reshape
+        rows = x.permute(0, 2, 3, 1).reshape(-1, self.in_channels)
+        if residual is None:
+            out = torch.ops.mkldnn._linear_pointwise(rows, weight, self.bias, self.unary, [], "")
+        else:
+            other = residual.permute(0, 2, 3, 1).reshape(-1, self.out_channels)
+            out = torch.ops.mkldnn._linear_pointwise.binary(rows, other, weight, self.bias, "add")
+            if self.unary == "relu":  # the linear kernel takes no unary op after the add
+                out = out.relu_()
+        return out.view(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, unary={self.unary!r}"
+                + (", as linear" if self.pointwise else ""))
+
+
+def _is_relu(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in _RELU_TARGETS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _add_operands(node: fx.Node) -> List[Tuple[object, object]]:
+    """For a plain 2-operand add node: the (branch, residual) orders it may be fused in, else ``[]``.
+
+    An in-place ``a.add_(b)`` may only be fused with ``a`` as the convolution output (``b`` must stay intact).
+    """
+    if len(node.args) != 2 or node.kwargs:
+        return []
+    a, b = node.args
+    if node.op == "call_function" and node.target in _ADD_TARGETS or node.op == "call_method" and node.target == "add":
+        return [(a, b), (b, a)]
+    if node.op == "call_method" and node.target == "add_":
+        return [(a, b)]
+    return []
+
+
+def _same_tensor_meta(a: fx.Node, b: object) -> bool:
+    if not isinstance(b, fx.Node):
+        return False
+    ma, mb = a.meta.get("tensor_meta"), b.meta.get("tensor_meta")
+    return ma is not None and mb is not None and getattr(mb, "shape", None) == ma.shape and mb.dtype == ma.dtype
+
+
+def _drop_identities(gm: fx.GraphModule, modules: Dict[str, nn.Module]) -> None:
+    """Bypass ``nn.Identity`` calls (e.g. disabled drop-path) so that conv -> add patterns become adjacent."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and type(modules.get(node.target)) is nn.Identity and len(node.args) == 1:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+
+
+def _pack_convolutions(gm: fx.GraphModule, modules: Dict[str, nn.Module]) -> Dict[fx.Node, PackedConv2d]:
+    """Replace every call of an ``nn.Conv2d`` module by a fresh :class:`PackedConv2d` submodule."""
+    packed: Dict[fx.Node, PackedConv2d] = {}
+    for node in list(gm.graph.nodes):
+        conv = modules.get(node.target) if node.op == "call_module" else None
+        if type(conv) is not nn.Conv2d or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            continue
+        input_meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
+        if input_meta is None or len(node.args) != 1 or node.kwargs:
+            continue
+        name = f"packed_{len(packed)}"
+        gm.add_submodule(name, PackedConv2d(conv, input_meta.shape))
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, (node.args[0],))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        packed[new] = gm.get_submodule(name)
+    return packed
+
+
+def _fuse_residual_adds(gm: fx.GraphModule, packed: Dict[fx.Node, PackedConv2d]) -> int:
+    """``conv(x) + r`` (same shape, conv used only by the add) -> ``PackedConv2d(x, r)``."""
+    fused = 0
+    for node in list(gm.graph.nodes):
+        for conv_node, residual in _add_operands(node):
+            if conv_node in packed and len(conv_node.users) == 1 and len(conv_node.args) == 1 \
+                    and packed[conv_node].unary == "none" and _same_tensor_meta(conv_node, residual):
+                # the residual may be computed after the conv (``y = conv(x); r = f(x); y + r``): run the conv
+                # where the add was, after both operands (its only user is the add, so nothing earlier needs it)
+                node.prepend(conv_node)
+                conv_node.args = (conv_node.args[0], residual)
+                # the add's output shape/dtype equal the conv's, so conv_node's meta stays valid
+                node.replace_all_uses_with(conv_node)
+                gm.graph.erase_node(node)
+                fused += 1
+                break
+    return fused
+
+
+def _fuse_relus(gm: fx.GraphModule, packed: Dict[fx.Node, PackedConv2d], modules: Dict[str, nn.Module]) -> int:
+    """``relu(PackedConv2d(...))`` with the conv used only by the relu -> unary relu inside the conv."""
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if not _is_relu(node, modules):
+            continue
+        source = node.args[0] if node.args else None
+        if source in packed and len(source.users) == 1 and packed[source].unary == "none":
+            packed[source].unary = "relu"
+            node.replace_all_uses_with(source)
+            gm.graph.erase_node(node)
+            fused += 1
+    return fused
+
+
+def onednn_rewrite(model: nn.Module, example_input: torch.Tensor) -> Tuple[nn.Module, List[str]]:
+    """Trace ``model`` with torch.fx and swap its convolutions for fused, pre-packed oneDNN ones.
+
+    Args:
+        model: An eval-mode, fused, fp32 CPU model (not modified).
+        example_input: Input used to record shapes (its memory format should be the one used at inference).
+
+    Returns:
+        The rewritten ``fx.GraphModule`` and a list describing what was done. If the model cannot be traced
+        or has no plain convolutions, the model is returned unchanged with an explanation.
+    """
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:  # tracing arbitrary user models can fail in many ways
+        return model, [f"oneDNN rewrite skipped: torch.fx could not trace the model ({type(e).__name__}: {e})"]
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example_input)
+    modules = dict(gm.named_modules())
+    _drop_identities(gm, modules)
+    packed = _pack_convolutions(gm, modules)
+    if not packed:
+        return model, ["oneDNN rewrite skipped: no plain nn.Conv2d found"]
+    n_add = _fuse_residual_adds(gm, packed)
+    n_relu = _fuse_relus(gm, packed, modules)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    gm.pretrained_cfg = getattr(model, "pretrained_cfg", None)
+    return gm, [f"oneDNN pre-packed convolutions: {len(packed)} (fused ReLU: {n_relu}, fused residual add: {n_add})"]
