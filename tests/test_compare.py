@@ -12,6 +12,8 @@ from vitzoo.compare import compare, format_rows
 from vitzoo.models import DEFAULT_MODELS, PAPER_NUMBERS, resolve_name
 from vitzoo.plot import pareto_front
 
+from formulas import REVIT, layer_norm_flops, vit_macs  # tests/formulas.py
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JSON_KEYS = {"model", "input_size", "params", "params_fused", "flops", "throughput"}
 
@@ -224,8 +226,10 @@ def test_csv_and_markdown_parse(capsys):
 def test_img_size_and_default_set():
     (row,) = compare(["deit_tiny_patch16_224"], img_size=160, speed=False)
     assert row["input_size"] == [3, 160, 160]
-    # 100 patches + cls: the per-block linears scale with tokens, so FLOPs fall below the 224 count
-    assert row["flops"] < 1_258_000_000
+    # DeiT-T at 160: 100 patches + cls = 101 tokens (600,517,824 by hand; 1,258,411,200 at 224)
+    tokens = 101
+    expected = vit_macs(192, [3] * 12, [64] * 12, [768] * 12, tokens, classifiers=1, patches=100)
+    assert row["flops"] == expected + layer_norm_flops(12, tokens, 192) == 600_517_824
     assert set(DEFAULT_MODELS) >= {"shvit_s1", "shvit_s4", "revit_t", "revit_s", "deit_base_patch16_224"}
     assert all(name in PAPER_NUMBERS for name in DEFAULT_MODELS)
     assert resolve_name("shvit_s4") == ("shvit_s4", None)
@@ -235,9 +239,10 @@ def test_img_size_rebuilds_the_zoo_vits():
     # ReViT, like DeiT, has a position embedding for one input size: compare must build it for --img-size
     (row,) = compare(["revit_t"], img_size=160, speed=False)
     assert row["input_size"] == [3, 160, 160]
-    (at_224,) = compare(["revit_t"], speed=False)
-    # 100 patches + cls instead of 196 + cls: every per-token linear shrinks by 101/197, attention by more
-    assert row["flops"] < at_224["flops"] * 101 / 197 * 1.001
+    # 100 patches + cls + distillation token = 102 tokens; two classifier heads
+    emb, heads, qk, mlp, _ = REVIT["revit_t"]
+    expected = vit_macs(emb, heads, qk, mlp, tokens=102, classifiers=2, patches=100)
+    assert row["flops"] == expected + layer_norm_flops(len(heads), 102, emb)
 
 
 def test_paper_cells_only_at_the_papers_input_size(capsys):

@@ -13,21 +13,13 @@ from vitzoo.cli import main
 from vitzoo.convert import VerificationError, convert_checkpoint, verify_folder
 from vitzoo.hub import CorruptWeightsError, WeightsError, read_safetensors_metadata, sha256_file
 
+from norms import randomize_norms  # tests/norms.py
+
 NVIT_DIMS = nvit.NViTDims(embed_dim=32, heads=[2, 1, 2], qk_dim=[8, 8, 16], v_dim=[8, 16, 8], mlp_dim=[64, 32, 48])
 
 
 def _randomize_norms(model: torch.nn.Module) -> torch.nn.Module:
-    """Random BN statistics and norm affines, so that no branch is a no-op (BN gammas start at 0 or 1)."""
-    gen = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.LayerNorm)):
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
-                if getattr(m, "running_var", None) is not None:
-                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
-                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-    return model.eval()
+    return randomize_norms(model, torch.Generator().manual_seed(1)).eval()
 
 
 def _shvit_to_official(state_dict):

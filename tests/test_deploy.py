@@ -12,19 +12,14 @@ from torch import nn
 from vitzoo.inference import BACKENDS, available_backends, deploy
 from vitzoo.onednn_rewrite import PackedConv2d
 
+from norms import randomize_norms  # tests/norms.py
+
 ATOL = 1e-4
 
 
 def _randomize_bn(model: nn.Module) -> nn.Module:
     # non-trivial BN stats/affine so that fusion actually changes the weights (zero-init gammas would hide errors)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model.eval()
+    return randomize_norms(model).eval()
 
 
 @pytest.fixture(scope="module")

@@ -101,7 +101,8 @@ def test_image_size_mismatch_names_image(shapes, tmp_path):
 
 
 class _Oracle(torch.nn.Module):
-    """Returns the ground truth (optionally shifted) as detections: an independent check of the metric."""
+    """Returns the ground truth as detections, optionally moved right by ``shift`` of each box's width: an
+    independent check of the metric (a box moved by w/5 overlaps its ground truth with IoU 0.8w / 1.2w = 2/3)."""
 
     def __init__(self, ds, shift=0.0, masks=False):
         super().__init__()
@@ -112,7 +113,9 @@ class _Oracle(torch.nn.Module):
         outs = []
         for im in images:
             t = self.items[tuple(im.shape) + (float(im.sum()),)]
-            o = dict(boxes=t['boxes'] + self.shift, labels=t['labels'], scores=torch.ones(len(t['labels'])))
+            boxes = t['boxes'].clone()
+            boxes[:, 0::2] += self.shift * (boxes[:, 2:3] - boxes[:, 0:1])  # x1, x2 (xyxy)
+            o = dict(boxes=boxes, labels=t['labels'], scores=torch.ones(len(t['labels'])))
             if self.masks:
                 o['masks'] = t['masks'][:, None].float()
             outs.append(o)
@@ -123,6 +126,8 @@ def test_coco_evaluation_against_oracle(shapes):
     ds = CocoDetectionFolder(shapes, 'val', with_masks=True)
     perfect = evaluate_coco(_Oracle(ds, masks=True), ds, progress=False)
     assert perfect['bbox']['AP'] == pytest.approx(1.0) and perfect['segm']['AP'] == pytest.approx(1.0)
-    shifted = evaluate_coco(_Oracle(ds, shift=6.0), ds, progress=False)
+    shifted = evaluate_coco(_Oracle(ds, shift=0.2), ds, progress=False)
     assert set(shifted) == {'bbox'}
-    assert 0.0 <= shifted['bbox']['AP'] < 0.9 and shifted['bbox']['AP50'] >= shifted['bbox']['AP75']
+    # IoU 2/3 for every box: a hit at the thresholds 0.50, 0.55, 0.60, 0.65 and a miss at 0.70 ... 0.95
+    assert shifted['bbox']['AP50'] == pytest.approx(1.0) and shifted['bbox']['AP75'] == pytest.approx(0.0)
+    assert shifted['bbox']['AP'] == pytest.approx(0.4)

@@ -47,6 +47,7 @@ def test_finetune_loss_falls_and_reports_map(data, tmp_path):
     assert last < 0.8 * first, losses
     evals = [r['eval'] for r in log if 'eval' in r]
     assert len(evals) == 1  # evaluated once, at the end
+    # after 12 iterations AP is still ~0; the metric itself is checked against an oracle in test_detection_data
     assert 0.0 <= evals[0]['bbox']['AP'] <= 1.0 and 0.0 <= evals[0]['bbox']['AP50'] <= 1.0
     ckpt = load_checkpoint(out / 'checkpoint_last.pth')
     assert (ckpt['epoch'], ckpt['step'], ckpt['iteration']) == (6, 0, 12)
@@ -65,7 +66,7 @@ def test_resume_continues_exactly(data, tmp_path):
     assert all(s['step'] == 3 for s in ckpt['optimizer']['state'].values())
     assert _run(data, tmp_path / 'part', *args, '--max-iters', '5', '--resume') == 0
     full, part = _log(tmp_path / 'full'), _log(tmp_path / 'part')
-    assert [r['iteration'] for r in part] == [1, 2, 3, 4, 5]
+    assert [r['iteration'] for r in full] == [r['iteration'] for r in part] == [1, 2, 3, 4, 5]
     for a, b in zip(full, part):
         assert a['lr'] == pytest.approx(b['lr'])
         assert a['loss'] == pytest.approx(b['loss'], rel=1e-4, abs=1e-5), (a, b)

@@ -13,8 +13,14 @@ ort = pytest.importorskip("onnxruntime")
 from vitzoo.cli import main  # noqa: E402
 from vitzoo.export import ExportError, export_verified_onnx  # noqa: E402
 from vitzoo.models import create  # noqa: E402
+from norms import randomize_norms  # noqa: E402  tests/norms.py
 
 IMG = 64
+
+
+def _create_with_random_norms(name, **kwargs):
+    """``vitzoo.models.create`` with random norms: at default init SHViT's logits are ~1e-4 (zero-init branches)."""
+    return randomize_norms(create(name, **kwargs))
 
 
 def _ort_run(path, x: torch.Tensor) -> torch.Tensor:
@@ -28,7 +34,8 @@ def _export_cli(out, *extra):
     return main(["export", "shvit_s1", "--format", "onnx", "--img-size", str(IMG), "--out", str(out), *extra])
 
 
-def test_cli_writes_verified_dynamic_batch_onnx(tmp_path):
+def test_cli_writes_verified_dynamic_batch_onnx(tmp_path, monkeypatch):
+    monkeypatch.setattr("vitzoo.models.create", _create_with_random_norms)  # what the CLI builds its model with
     out = tmp_path / "s1.onnx"
     assert _export_cli(out) == 0
     proto = onnx.load(str(out))
@@ -37,11 +44,12 @@ def test_cli_writes_verified_dynamic_batch_onnx(tmp_path):
     batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param and not batch_dim.dim_value, "batch dimension is not dynamic"
     torch.manual_seed(123)  # the CLI built its (random-weight) model from the same seed
-    reference = create("shvit_s1")
+    reference = _create_with_random_norms("shvit_s1", img_size=IMG)
     for batch in (1, 2):
         x = torch.randn(batch, 3, IMG, IMG)
         with torch.no_grad():
             expected = reference(x)
+        assert expected.abs().max() > 0.5  # every branch is active, so 1e-4 is a real bound
         torch.testing.assert_close(_ort_run(out, x), expected, atol=1e-4, rtol=0)
     assert sorted(os.listdir(tmp_path)) == ["s1.onnx"]
 

@@ -6,6 +6,8 @@ import torch.nn.functional as F
 
 from vitzoo.flops import count_flops, count_params
 
+from formulas import MAC_OPS, REVIT, vit_macs  # tests/formulas.py
+
 # SHViT paper Table 2 FLOPs = fvcore on the BN-fused model (reference shvit.md, "numbers to reproduce").
 SHVIT = {  # name: (resolution, fused MFLOPs, params unfused, params fused)
     "shvit_s1": (224, 241.40, 6_330_808, 6_308_660),
@@ -122,38 +124,14 @@ def test_an_input_the_model_rejects_raises_its_error_not_a_count():
     assert count_flops(model, 64).total > 0
 
 
-# ReViT dims from the official redistribution rule (reference nvit.md §1.5), written out by hand.
-_V = 64
-REVIT = {  # name: (EMB, heads, QK per head, MLP, paper GFLOPs from the code dims)
-    "revit_t": (176, [10, 2, 2, 4, 4, 4, 4, 4, 4, 2, 2, 10], [16, 8, 8, 16, 16, 16, 16, 16, 16, 8, 8, 16],
-                [528] * 3 + [1056] * 6 + [528] * 3, 1.14),
-    "revit_s": (384, [10, 4, 4, 8, 8, 8, 8, 8, 8, 4, 4, 10], [32, 16, 16, 32, 32, 32, 32, 32, 32, 16, 16, 32],
-                [1152] * 3 + [2304] * 6 + [1152] * 3, 4.71),
-}
-_MAC_OPS = ("conv", "linear", "matmul", "bmm", "einsum", "addmm", "scaled_dot_product_attention")
-
-
-def revit_macs(emb, heads, qk, mlp, tokens, classifiers, num_classes=1000):
-    """Multiply-adds of a ReViT at 224: patch embed, per block q/k/v, attention, proj, MLP, classifier(s)."""
-    total = 196 * (16 * 16 * 3) * emb  # 16x16 patches of 3 channels -> EMB
-    for h, d, m in zip(heads, qk, mlp):
-        total += tokens * emb * (2 * h * d + h * _V)  # q, k (H*QK wide) and v (H*V wide)
-        total += h * tokens * tokens * (d + _V)  # Q K^T and A V
-        total += tokens * h * _V * emb  # proj
-        total += 2 * tokens * emb * m  # fc1, fc2
-    return total + classifiers * emb * num_classes
-
-
 @pytest.mark.parametrize("name", sorted(REVIT))
 def test_revit_flops_match_formula(name):
-    if not timm.is_model(name):
-        pytest.skip(f"{name} is not registered (nvit package not installed yet)")
     emb, heads, qk, mlp, paper_g = REVIT[name]
     model = timm.create_model(name)
     tokens = 196 + model.num_prefix_tokens
     classifiers = 2 if isinstance(getattr(model, "head_dist", None), nn.Linear) else 1
     report = count_flops(model)
     assert report.input_size == (3, 224, 224)
-    macs = sum(v for k, v in report.by_operator.items() if k in _MAC_OPS)
-    assert macs == revit_macs(emb, heads, qk, mlp, tokens, classifiers)
+    macs = sum(v for k, v in report.by_operator.items() if k in MAC_OPS)
+    assert macs == vit_macs(emb, heads, qk, mlp, tokens, classifiers)
     assert report.total == pytest.approx(paper_g * 1e9, rel=0.01)

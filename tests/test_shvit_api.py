@@ -11,10 +11,13 @@ from timm.optim import create_optimizer_v2
 import shvit
 from shvit.model import check_input
 
+from norms import randomize_norms  # tests/norms.py: every branch active (SHViT zero-inits its branch BNs)
+
 
 @pytest.fixture(scope='module')
 def s1():
-    return timm.create_model('shvit_s1').eval()
+    torch.manual_seed(0)
+    return randomize_norms(timm.create_model('shvit_s1')).eval()
 
 
 def test_registry_replaces_timm_builtin_and_keeps_tags():
@@ -57,8 +60,8 @@ def test_meta_device_and_dtype():
 
 
 @torch.no_grad()
-def test_bfloat16(s1):
-    m = timm.create_model('shvit_s1').eval()
+def test_bfloat16():
+    m = randomize_norms(timm.create_model('shvit_s1')).eval()
     x = torch.randn(1, 3, 96, 128)
     ref = m(x)
     out = m.to(torch.bfloat16)(x.to(torch.bfloat16))
@@ -100,7 +103,7 @@ def test_forward_intermediates_and_prune(s1):
 
 @torch.no_grad()
 def test_forward_head_and_reset_classifier():
-    m = timm.create_model('shvit_s1').eval()
+    m = randomize_norms(timm.create_model('shvit_s1')).eval()
     x = torch.randn(2, 3, 64, 64)
     feats = m.forward_features(x)
     pre = m.forward_head(feats, pre_logits=True)
@@ -138,7 +141,7 @@ def test_get_classifier_without_classes_and_after_fuse():
 
 def test_grad_checkpointing_same_output_and_grads():
     torch.manual_seed(0)
-    m = timm.create_model('shvit_s1', num_classes=5).train()
+    m = randomize_norms(timm.create_model('shvit_s1', num_classes=5)).train()
     x = torch.randn(2, 3, 64, 64)
     out = m(x)
     out.sum().backward()

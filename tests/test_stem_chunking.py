@@ -8,11 +8,13 @@ from torch import nn
 from vitzoo.inference import available_backends, deploy
 from vitzoo.stem_chunking import BatchChunked, chunk_stem, find_stem, stem_chunk_size
 
+from norms import randomize_norms  # tests/norms.py
+
 
 @pytest.fixture(scope="module")
 def shvit_s1_fused():
     torch.manual_seed(0)
-    return reparameterize_model(timm.create_model("shvit_s1").eval())
+    return reparameterize_model(randomize_norms(timm.create_model("shvit_s1")).eval())
 
 
 def test_batch_chunked_equals_whole_batch_for_uneven_slices():
@@ -85,7 +87,7 @@ def test_chunk_stem_wraps_once_and_keeps_the_output(shvit_s1_fused):
 @pytest.mark.skipif("torchscript" not in available_backends(), reason="no TorchScript in this torch")
 def test_torchscript_deploy_slices_the_stem():
     torch.manual_seed(0)
-    model = timm.create_model("shvit_s1").eval()
+    model = randomize_norms(timm.create_model("shvit_s1")).eval()
     x = torch.randn(3, 3, 224, 224)
     deployed = deploy(model, x, backend="torchscript")
     assert "stem run on slices of 2 images (keeps its activations in cache)" in deployed.optimizations
