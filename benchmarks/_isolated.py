@@ -1,8 +1,9 @@
-"""Interleaved timing with every runner in its own process (``--isolate``, the default of the speed benchmarks).
+"""Interleaved timing with every runner in its own process (the default of the ratio benchmarks; ``--no-isolate``,
+where a script offers it, times them all in one process).
 
 Timing several runtimes in one process lets them disturb each other: PyTorch's and ONNX Runtime's thread pools, the
 allocator's state, and whichever model ran last all change the next runner's speed (on the 2-vCPU machine of
-``docs/benchmarks.md``, timm's SHViT-S4 at 2 threads measured 44-58 img/s in-process and 65-72 img/s isolated).
+``docs/benchmarks.md``, timm's SHViT-S4 at 2 threads measured 44-58 img/s in-process and 69-78 img/s isolated).
 Here each runner is built in a fresh ``spawn``-ed worker process, and the parent runs the same protocol as
 ``vitzoo.speed.measure``:
 warm-up and calibration, then ``rounds`` round-robin rounds, median over rounds. Only one worker runs at a time;

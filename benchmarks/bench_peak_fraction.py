@@ -13,6 +13,10 @@ Two empirical ceilings are also measured at the same thread count: MKL sgemm 204
 -march=native`` and run once per thread concurrently; it includes turbo, which the nominal clock does not). The
 measured FMA peak is the hard ceiling: no fp32 implementation of a model can exceed it.
 
+Each model is deployed on the timed batch and timed in its own process (``_isolated.py``): in this process, after
+the 2048^3 sgemm and the other model, glibc's heap state moved the eager path's speed by up to 15% (section 5 of
+``docs/benchmarks.md``).
+
     python benchmarks/bench_peak_fraction.py --rounds 5 --batch 16 --threads 1 2
 """
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch  # noqa: E402
 
 import vitzoo  # noqa: E402,F401
 from _common import base_parser, cpu_info, inference, print_machine, print_table, randomize_norm_stats, timed  # noqa: E402
+from _isolated import measure_isolated  # noqa: E402
 from vitzoo.inference import deploy  # noqa: E402
 from vitzoo.flops import count_flops  # noqa: E402
 
@@ -81,12 +86,23 @@ def measured_fma_peak(threads: int, iters: int = 200_000_000) -> Optional[float]
     return sum(rates) * 1e9
 
 
+def build_deployed(name: str, batch: int, threads: int):
+    """``deploy(model)`` on the timed batch, as a runner (also called in the isolated worker process)."""
+    torch.set_num_threads(threads)
+    res = CASES[name]
+    model = randomize_norm_stats(timm.create_model(name))
+    x = torch.randn(batch, 3, res, res, generator=torch.Generator().manual_seed(1))
+    return inference(deploy(model, x), x)
+
+
 def main() -> int:
     parser = base_parser(__doc__.splitlines()[0], rounds=5)
     parser.add_argument("--models", nargs="+", default=["shvit_s1", "shvit_s4"], choices=list(CASES))
     parser.add_argument("--ghz", type=float, default=None, help="clock in GHz (default: /proc/cpuinfo cpu MHz)")
     parser.add_argument("--fma-units", type=int, default=None)
     parser.add_argument("--lanes", type=int, default=None)
+    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
+                        help="time the models in this process instead of one process each")
     args = parser.parse_args()
     info = print_machine(args.threads)
     units, lanes, why = fma_config()
@@ -111,10 +127,13 @@ def main() -> int:
         for name in args.models:
             res = CASES[name]
             macs = count_flops(name, res).total
-            model = randomize_norm_stats(timm.create_model(name))
-            x = torch.randn(args.batch, 3, res, res)
-            t = timed({name: inference(deploy(model, x[:1]), x)}, args.batch, args.rounds, args.min_time,
-                      f"{name} {threads}t")[name]
+            desc = f"{name} {threads}t"
+            if args.isolate:
+                t = measure_isolated({name: (build_deployed, (name, args.batch, threads))}, args.batch,
+                                     rounds=args.rounds, min_time=args.min_time, desc=desc)[name]
+            else:
+                t = timed({name: build_deployed(name, args.batch, threads)}, args.batch, args.rounds,
+                          args.min_time, desc)[name]
             achieved = macs * t.throughput
             rows.append([f"{name}@{res} deploy()", threads, f"{t.throughput:.1f}", f"{achieved / 1e9:.1f}",
                          f"{achieved / peak:.0%}", of_fma(achieved)])
