@@ -190,7 +190,10 @@ class NViT(nn.Module):
         self.distilled_training = enable
 
     @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
+    def get_classifier(self) -> Union[nn.Module, Tuple[nn.Module, nn.Module]]:
+        """The classifier; ``(head, head_dist)`` with a distillation token (timm's DeiT convention)."""
+        if self.head_dist is not None:
+            return self.head, self.head_dist
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:

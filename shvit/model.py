@@ -74,7 +74,8 @@ class SHViT(nn.Module):
         types: ``'s'`` (single-head attention) or ``'i'`` (no attention) per stage.
         drop_rate: Dropout before the classifier.
         drop_path_rate: Stochastic depth, rising linearly from 0 over all BasicBlocks (official default 0).
-        distilled: Add a second (distillation) head: training returns ``(head, head_dist)``, eval their mean.
+        distilled: Add a second (distillation) head. ``forward`` returns the mean of both heads; in training mode
+            after ``set_distilled_training(True)`` the pair ``(head, head_dist)`` (timm's DeiT convention).
         act_layer: Activation layer type.
         device: Parameter device.
         dtype: Parameter dtype.
@@ -110,6 +111,7 @@ class SHViT(nn.Module):
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.distilled = distilled
+        self.distilled_training = False
         self.embed_dim = tuple(embed_dim)
         self.depth = tuple(depth)
 
@@ -182,6 +184,11 @@ class SHViT(nn.Module):
             stage.grad_checkpointing = enable
 
     @torch.jit.ignore
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """In training mode, return ``(head, head_dist)`` logits instead of their mean (distillation training)."""
+        self.distilled_training = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> Union[nn.Module, Tuple[nn.Module, nn.Module]]:
         """The final Linear (a tuple ``(head, head_dist)`` when distilled); valid fused, unfused and without classes."""
         if self.head_dist is not None:
@@ -189,13 +196,19 @@ class SHViT(nn.Module):
         return _classifier(self.head)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the head(s) for ``num_classes`` outputs (0 removes them); ``global_pool=None`` keeps the pooling."""
+        """Replace the head(s) for ``num_classes`` outputs (0 removes them).
+
+        ``global_pool=None`` keeps the pooling, except that a head asked for after the pooling was removed
+        (``reset_classifier(0, '')``, ``prune_intermediate_layers``) brings back ``'avg'``: the head needs pooled
+        features. A head and ``global_pool=''`` in one call raise ``ValueError`` before anything changes.
+        """
         dd = get_device_dtype(self)
-        # asking for a head and no pooling in one call is an error (before anything changes); a head under a
-        # pooling removed earlier is built, as timm's own tests expect of reset_classifier(0, '') then (n)
-        pool = self.global_pool if global_pool is None else self._make_pool(global_pool)
-        if global_pool is not None:
-            self._check_pooled(num_classes, pool)
+        if global_pool is None:
+            keep = num_classes == 0 or not self.global_pool.is_identity()
+            pool = self.global_pool if keep else self._make_pool('avg')
+        else:
+            pool = self._make_pool(global_pool)
+        self._check_pooled(num_classes, pool)
         self.num_classes = num_classes
         self.global_pool = pool
         self.head, self.head_dist = self._make_heads(num_classes, **dd)
@@ -268,7 +281,7 @@ class SHViT(nn.Module):
             return x
         if self.head_dist is not None:
             x, x_dist = self.head(x), self.head_dist(x)
-            if self.training and not torch.jit.is_scripting():
+            if self.distilled_training and self.training and not torch.jit.is_scripting():
                 return x, x_dist  # distillation training: both predictions
             return (x + x_dist) / 2
         return self.head(x)

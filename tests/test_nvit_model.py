@@ -36,8 +36,10 @@ def test_distilled_heads_mean_and_training_tuple():
     m.set_distilled_training(True)
     out = m(x)
     assert isinstance(out, tuple) and len(out) == 2
+    assert m.get_classifier() == (m.head, m.head_dist)  # both classifiers, as timm's distilled DeiT
     plain = small(distilled=False)
     assert plain.dist_token is None and plain.head_dist is None and plain(x).shape == (2, 10)
+    assert plain.get_classifier() is plain.head
 
 
 def test_avg_pool_and_reset_classifier():

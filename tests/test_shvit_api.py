@@ -83,6 +83,19 @@ def test_features_only():
 
 
 @torch.no_grad()
+def test_features_only_state_dict_is_timms():
+    # the same wrapper and keys as timm's built-in SHViT, so saved features_only backbones load both ways
+    theirs = timm.models.shvit.shvit_s1(features_only=True).eval()  # timm's own constructor, not the registry
+    ours = timm.create_model('shvit_s1', features_only=True).eval()
+    assert type(ours) is type(theirs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(randomize_norms(theirs).state_dict())
+    x = torch.randn(1, 3, 96, 128)
+    for a, b in zip(ours(x), theirs(x)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
 def test_forward_intermediates_and_prune(s1):
     x = torch.randn(1, 3, 128, 160)
     final, inter = s1.forward_intermediates(x)
@@ -125,6 +138,9 @@ def test_forward_head_and_reset_classifier():
     with pytest.raises(ValueError, match=r"head \(5 classes\) needs pooled features.*num_classes=0"):
         m.reset_classifier(5, '')
     assert m.num_classes == 0 and m(x.double()).shape == (2, 320, 1, 1)
+    m.reset_classifier(5)  # a head after the pooling was removed brings back 'avg' (timm's would fail at forward)
+    assert m.global_pool.pool_type == 'avg' and m(x.double()).shape == (2, 5)
+    m.reset_classifier(0, '')
     with pytest.raises(ValueError, match=r"head \(1000 classes\) needs pooled features"):
         timm.create_model('shvit_s1', global_pool='')
     import inspect

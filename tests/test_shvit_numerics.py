@@ -150,14 +150,20 @@ def test_nhwc_attention_matches_timm_builtin():
 
 
 @torch.no_grad()
-def test_distilled_eval_is_mean_of_heads_train_returns_both():
+def test_distilled_forward_is_mean_of_heads_pair_only_when_asked():
     m = randomize_norms(timm.create_model('shvit_s1', distilled=True, num_classes=7)).eval()
     x = torch.randn(2, 3, 64, 64)
     pooled = m.forward_head(m.forward_features(x), pre_logits=True)
     torch.testing.assert_close(m(x), (m.head(pooled) + m.head_dist(pooled)) / 2)
-    m.train()
+    m.train()  # timm's DeiT convention: training mode alone still returns the mean (timm's train.py needs a tensor)
+    mean = m(x)
+    assert isinstance(mean, torch.Tensor) and mean.shape == (2, 7)
+    m.set_distilled_training(True)
     out = m(x)
     assert isinstance(out, tuple) and len(out) == 2 and out[0].shape == (2, 7)
+    torch.testing.assert_close((out[0] + out[1]) / 2, mean)
+    m.eval()
+    assert isinstance(m(x), torch.Tensor)  # eval: always the mean
 
 
 def test_drop_path_schedule_and_behaviour():
