@@ -11,13 +11,14 @@ from timm.models._manipulate import reparameterize_model
 from .layers import ConvNorm, NormLinear
 from .stage import SHViTStage
 
-__all__ = ['SHViT', 'MIN_INPUT_SIZE']
-
-MIN_INPUT_SIZE = 64  # total stride of the network
+__all__ = ['SHViT']
 
 
 def check_input(x: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """Return ``x`` unchanged if it is a (B, in_chans, H>=64, W>=64) tensor, else raise a ValueError saying why.
+    """Return ``x`` unchanged if it is a (B, in_chans, H, W) tensor, else raise a ValueError saying why.
+
+    Any height and width work, as in timm's and the official SHViT (every convolution is padded; below 64 px the
+    last stage's map is 1x1).
 
     Registered as an FX leaf (``torch.fx.wrap`` and timm's notrace list) so models stay traceable; it returns its
     input so the check stays in the traced graph.
@@ -32,11 +33,6 @@ def check_input(x: torch.Tensor, in_chans: int) -> torch.Tensor:
         raise ValueError(
             'SHViT was built for {} input channels (in_chans={}), got {} channels in shape {}. Create the model '
             'with in_chans={} or convert the images.'.format(in_chans, in_chans, x.shape[1], list(x.shape), x.shape[1]))
-    min_size = 64  # == MIN_INPUT_SIZE; a literal so TorchScript can compile it
-    if x.shape[2] < min_size or x.shape[3] < min_size:
-        raise ValueError(
-            'SHViT needs height and width >= {} pixels (its total stride), got {}x{}. Resize or pad the '
-            'input.'.format(min_size, x.shape[2], x.shape[3]))
     return x
 
 

@@ -68,7 +68,7 @@ def test_fused_close_to_unfused(variant_pair):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize('hw', [(64, 96), (200, 320), (97, 64)])
+@pytest.mark.parametrize('hw', [(64, 96), (200, 320), (97, 64), (32, 32), (17, 23), (1, 8)])  # any size, as timm's
 def test_non_square_matches_timm(hw):
     ours = randomize_norms(timm.create_model('shvit_s1')).eval()
     ref = _timm_reference('shvit_s1').eval()
