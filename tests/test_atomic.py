@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from vitzoo.atomic import atomic_open, atomic_write_text, staged_dir
+from vitzoo.atomic import atomic_open, atomic_write_text, check_output_file, staged_dir
 
 
 def _leftovers(folder):
@@ -37,6 +37,42 @@ def test_failure_leaves_the_old_file_and_no_temp_file(tmp_path):
             raise RuntimeError("boom")
     assert out.read_text() == "old"
     assert _leftovers(tmp_path) == []
+
+
+def test_check_output_file_names_what_is_in_the_way(tmp_path):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder; give a file path"):
+        check_output_file(tmp_path / "folder", force=True)  # force replaces files, never folders
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="already exists"):
+        check_output_file(tmp_path / "file", force=False)
+    check_output_file(tmp_path / "file", force=True)
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        check_output_file(tmp_path / "file" / "sub" / "out.onnx", force=False)
+    check_output_file(tmp_path / "new" / "sub" / "out.onnx", force=False)  # missing folders are created later
+    with pytest.raises(IsADirectoryError):
+        with atomic_open(tmp_path / "folder", force=True):
+            pass
+
+
+def test_forced_staged_dir_puts_the_old_folder_back_when_the_new_one_cannot_land(tmp_path, monkeypatch):
+    out = tmp_path / "hub_folder"
+    out.mkdir()
+    (out / "f").write_text("old")
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the second rename: new folder into place
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with staged_dir(out, force=True) as tmp:
+            (tmp / "f").write_text("new")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (out / "f").read_text() == "old" and _leftovers(tmp_path) == []
 
 
 def test_staged_dir_is_all_or_nothing(tmp_path):

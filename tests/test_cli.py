@@ -30,3 +30,17 @@ def test_package_version_matches_the_installed_metadata():
     from importlib.metadata import version
 
     assert version("vitzoo") == vitzoo.__version__  # pyproject.toml and vitzoo/__init__.py agree
+
+
+@pytest.mark.parametrize("error, code, message", [
+    (PermissionError(13, "Permission denied", "/ro/x.onnx"), 1, "vitzoo export: error: [Errno 13] Permission denied"),
+    (KeyboardInterrupt(), 130, "vitzoo export: interrupted"),
+])
+def test_os_errors_and_ctrl_c_are_one_line(monkeypatch, capsys, error, code, message):
+    def failing_run(args):
+        raise error
+
+    monkeypatch.setattr("vitzoo.export.run", failing_run)
+    assert main(["export", "shvit_s1"]) == code
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -95,6 +95,40 @@ def test_cli_reports_a_backbone_it_cannot_build(data, tmp_path, capsys):
     assert not any((tmp_path / d).exists() for d in 'abc')  # nothing written for a run that could not start
 
 
+def test_existing_run_is_never_replaced_unasked(data, tmp_path, capsys):
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'log.jsonl').write_text('{"iteration": 1}\n{"iteration": 2}\n')
+    (out / 'model_final.pth').write_bytes(b'precious')
+    assert _run(data, out, '--max-iters', '1', '--no-eval') == 2
+    assert 'already holds a run (log.jsonl, model_final.pth); pass --resume' in capsys.readouterr().err
+    assert (out / 'model_final.pth').read_bytes() == b'precious' and len(_log(out)) == 2
+    assert not (out / 'checkpoint_last.pth').exists()
+
+
+def test_resume_errors_are_one_line(data, tmp_path, capsys):
+    args = ['--detector', 'fasterrcnn', '--epochs', '1', '--no-eval', '--max-iters', '1']
+    out = tmp_path / 'run'
+    assert _run(data, out, *args) == 0
+    capsys.readouterr()
+    # another backbone than the run it resumes
+    rc = main(['finetune-det', '--data', str(data), '--out', str(out), *COMMON[2:], '--backbone', 'revit_t',
+               *args, '--resume'])
+    err = capsys.readouterr().err
+    assert rc == 2 and 'is from another run: --backbone shvit_s1 there, revit_t here' in err, err
+    # a file that is not a training checkpoint: text, and a plain state dict
+    text = tmp_path / 'text.pth'
+    text.write_bytes(b'not a checkpoint\n')
+    torch.save({'w': torch.zeros(1)}, tmp_path / 'sd.pth')
+    for path, message in ((text, 'is not a readable finetune-det checkpoint'),
+                          (tmp_path / 'sd.pth', 'is not a finetune-det training checkpoint (missing')):
+        assert _run(data, tmp_path / 'other', *args, '--resume', str(path)) == 2
+        err = capsys.readouterr().err
+        assert message in err and 'Traceback' not in err, err
+    assert main(['finetune-det', '--data', str(data), '--out', str(tmp_path / 'x'), '--epochs', '0']) == 2
+    assert '--epochs must be >= 1, got 0' in capsys.readouterr().err
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

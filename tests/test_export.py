@@ -110,6 +110,24 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_output_problems_are_reported_before_the_export(tmp_path, capsys, monkeypatch):
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported although the output cannot be written")
+
+    monkeypatch.setattr("vitzoo.onnx_runtime.export_onnx", no_export)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for out, message in ((tmp_path / "adir", "is a folder; give a file path"),
+                         (tmp_path / "afile" / "x.onnx", "is a file, not a folder")):
+        assert _export_cli(out, "--force") == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    monkeypatch.undo()
+    assert _export_cli(tmp_path / "z.onnx", "--opset", "99") == 1
+    assert "opset 99 is newer than this torch's ONNX exporter supports" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["adir", "afile"]
+
+
 def test_unknown_model_names_closest_matches(tmp_path, capsys):
     assert main(["export", "shvit_s9", "--out", str(tmp_path / "x.onnx")]) == 2
     assert "shvit_s" in capsys.readouterr().err

@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator, Union
 
-__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "check_output_free", "staged_dir"]
+__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "check_output_file", "check_output_free",
+           "staged_dir"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -30,7 +31,7 @@ def atomic_open(path: PathLike, force: bool = False) -> Iterator[BinaryIO]:
         force: replace an existing file (otherwise ``FileExistsError``).
     """
     path = Path(path)
-    check_output_free(path, force)
+    check_output_file(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -44,6 +45,28 @@ def atomic_open(path: PathLike, force: bool = False) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def check_output_file(path: PathLike, force: bool) -> None:
+    """Check, before any work, that a file can be written at ``path``.
+
+    Raises:
+        IsADirectoryError: ``path`` is a folder (``force`` does not replace folders with files).
+        FileExistsError: ``path`` exists and ``force`` is not set.
+        NotADirectoryError: A parent of ``path`` is a file.
+        PermissionError: The nearest existing parent folder is not writable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file path for the output (e.g. {path / 'out'}...).")
+    check_output_free(path, force)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"cannot write {path}: {parent} is a file, not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {path}: folder {parent} is not writable.")
 
 
 def check_output_free(path: PathLike, force: bool) -> None:
@@ -98,7 +121,13 @@ def staged_dir(out_dir: PathLike, force: bool = False) -> Iterator[Path]:
         if os.path.lexists(out_dir):
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
             os.replace(out_dir, old / out_dir.name)
-        os.replace(tmp, out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:  # the new folder did not land: put the old one back where it was
+            if old is not None:
+                os.replace(old / out_dir.name, out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

@@ -3,6 +3,10 @@
 Each tool module exposes ``register(subparsers)``, which adds its sub-parser and sets
 ``func`` (a callable taking the parsed ``argparse.Namespace`` and returning an exit code).
 Modules are imported lazily so ``vitzoo --help`` stays fast.
+
+A sub-command reports the errors it expects itself. What reaches :func:`main` from the operating system (a folder
+that is not writable, a full disk, a network error: ``OSError``) or from Ctrl-C is reported in one line here too,
+with exit code 1 / 130, instead of a traceback.
 """
 from __future__ import annotations
 
@@ -55,7 +59,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except OSError as e:
+        print(f"vitzoo {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"vitzoo {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -397,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
     except UnknownModelError as e:
         print(f"error: {e}", file=err)
         return 2
-    except (FileExistsError, FileNotFoundError, ImportError, ValueError, RuntimeError) as e:
+    except (OSError, ImportError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=err)
         return 1
 
@@ -420,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             path = write_pareto_plot(points, args.plot, force=args.force,
                                      title=_header(info, rows), ylabel="throughput, fastest path (img/s)")
-        except (FileExistsError, ValueError) as e:
+        except (OSError, ValueError) as e:
             print(f"error: {e}", file=err)
             return 1
         print(f"wrote {path}", file=err)

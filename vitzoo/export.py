@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from vitzoo.atomic import atomic_open
+from vitzoo.atomic import atomic_open, check_output_file
 
 __all__ = ["ExportError", "export_verified_onnx", "register", "run"]
 
@@ -51,7 +51,8 @@ def export_verified_onnx(
         The max abs difference measured over the verification batches.
 
     Raises:
-        FileExistsError: ``out`` exists and ``force`` is False (checked before any work).
+        FileExistsError: ``out`` exists and ``force`` is False (checked before any work, as are the errors of
+            :func:`vitzoo.atomic.check_output_file`).
         ExportError: ONNX Runtime's output differs by more than ``atol``; nothing is written.
     """
     from timm.utils import reparameterize_model
@@ -59,8 +60,7 @@ def export_verified_onnx(
     from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx, max_abs_diff
 
     out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to overwrite it.")
+    check_output_file(out, force)  # before the export: a folder, an existing file, an unwritable place
     model = model.eval()
     fused = reparameterize_model(model)  # a fused deep copy; `model` stays the unfused reference
     data = export_onnx(fused, torch.randn(1, in_chans, img_size, img_size), opset=opset)
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         diff = export_verified_onnx(model, out, img_size, opset=args.opset, force=args.force,
                                     in_chans=int(input_size[0]))
-    except (FileExistsError, ValueError, ExportError, RuntimeError) as e:
+    except (OSError, ValueError, ExportError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out} (verified in ONNX Runtime at batch {', '.join(map(str, VERIFY_BATCHES))}: "

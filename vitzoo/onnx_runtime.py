@@ -20,10 +20,14 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "export_onnx", "OnnxRuntimeModule", "max_abs_diff", "require_onnxruntime"]
+__all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "export_onnx", "OnnxRuntimeModule", "max_abs_diff", "require_onnxruntime"]
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 17
+try:  # the newest opset the TorchScript-based exporter writes (20 in torch 2.14)
+    from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as MAX_OPSET
+except ImportError:  # private constant; without it the exporter's own error stands
+    MAX_OPSET = 10 ** 6
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 
@@ -58,6 +62,9 @@ def export_onnx(
     require_onnxruntime()
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old: use opset >= {MIN_OPSET}.")
+    if opset > MAX_OPSET:
+        raise ValueError(f"opset {opset} is newer than this torch's ONNX exporter supports: use "
+                         f"{MIN_OPSET} <= opset <= {MAX_OPSET}.")
     if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
         raise ValueError(
             f"example_input must be a 4-D image tensor (B, C, H, W), got "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
-from vitzoo.atomic import atomic_open
+from vitzoo.atomic import atomic_open, check_output_file
 
 __all__ = ["LabelPlacement", "check_matplotlib", "check_writable", "pareto_figure", "pareto_front", "place_labels",
            "write_pareto_plot"]
@@ -142,10 +142,10 @@ def check_writable(path: Union[str, Path], force: bool = False) -> Path:
     Raises:
         FileExistsError: ``path`` exists and ``force`` is False.
         FileNotFoundError: The parent folder does not exist.
+        OSError: ``path`` is a folder, or its folder is not writable (:func:`vitzoo.atomic.check_output_file`).
     """
     path = Path(path)
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} already exists; pass --force (force=True) to overwrite it")
+    check_output_file(path, force)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"folder {path.parent} does not exist; create it first")
     return path

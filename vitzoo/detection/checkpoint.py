@@ -10,6 +10,15 @@ from vitzoo.atomic import atomic_open
 
 __all__ = ['atomic_save', 'get_rng_state', 'load_checkpoint', 'set_rng_state']
 
+# numpy's RNG state is a tuple with a uint32 array: what torch.load(weights_only=True) must allow besides tensors
+_RNG_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+for _module in ('numpy._core.multiarray', 'numpy.core.multiarray'):
+    try:
+        _RNG_GLOBALS.append(__import__(_module, fromlist=['_reconstruct'])._reconstruct)
+        break
+    except (ImportError, AttributeError):
+        continue
+
 
 def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
     """``torch.save`` to a temporary file in the same folder, then ``os.replace`` it onto ``path``.
@@ -47,7 +56,14 @@ def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'checkpoint {path} not found; give a checkpoint_*.pth written by finetune-det.')
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    try:  # weights_only: a checkpoint is data; numpy's RNG state is the only non-torch type it holds
+        with torch.serialization.safe_globals(_RNG_GLOBALS):
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001  truncated, not a torch file, or holding code objects
+        raise ValueError(f'{path} is not a readable finetune-det checkpoint (truncated, another kind of file, or '
+                         f'written by an older vitzoo): {str(e).strip().splitlines()[-1][:200]}') from e
+    if not isinstance(ckpt, dict):
+        raise ValueError(f'{path} is not a finetune-det training checkpoint (it holds a {type(ckpt).__name__}).')
     missing = [k for k in ('model', 'optimizer', 'scheduler', 'epoch', 'step', 'iteration') if k not in ckpt]
     if missing:
         raise ValueError(f'{path} is not a finetune-det training checkpoint (missing {missing}).')

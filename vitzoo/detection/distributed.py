@@ -56,7 +56,7 @@ def init_distributed(device: Optional[str] = None) -> DistContext:
     kind = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if kind.startswith('cuda'):
         if not torch.cuda.is_available():
-            raise RuntimeError('--device cuda was asked for but CUDA is not available; use --device cpu.')
+            raise ValueError('--device cuda was asked for but CUDA is not available; use --device cpu.')
         dev = torch.device('cuda', local_rank) if world > 1 else torch.device(kind)
         torch.cuda.set_device(dev)
     else:

@@ -33,6 +33,7 @@ __all__ = ['register', 'run', 'lr_factor']
 
 NAME = 'finetune-det'
 LAST = 'checkpoint_last.pth'
+OUTPUTS = (LAST, 'log.jsonl', 'model_final.pth')  # what a run writes into --out
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -99,15 +100,32 @@ def _check_args(args: argparse.Namespace, out: Path) -> Optional[Path]:
         raise ValueError(f'--max-iters must be >= 1, got {args.max_iters}.')
     if args.resume is not None:
         return out / LAST if args.resume == 'auto' else Path(args.resume)
-    if (out / LAST).exists() and not args.force:
-        raise FileExistsError(f'{out / LAST} exists; pass --resume to continue that run or --force to start afresh.')
+    existing = [name for name in OUTPUTS if (out / name).exists()]
+    if existing and not args.force:
+        raise FileExistsError(f'{out} already holds a run ({", ".join(existing)}); pass --resume to continue it or '
+                              '--force to start afresh (which replaces those files).')
     return None
+
+
+#: what a run's arguments must share with the run it resumes (the model and what its weights' shapes follow)
+RESUME_KEYS = ('detector', 'backbone', 'out_channels')
+
+
+def _check_resume(ckpt: Dict[str, Any], args: argparse.Namespace, path: Path) -> None:
+    saved = ckpt.get('args') or {}
+    differ = [f'--{k.replace("_", "-")} {saved[k]!s} there, {getattr(args, k)!s} here' for k in RESUME_KEYS
+              if k in saved and str(saved[k]) != str(getattr(args, k))]
+    if differ:
+        raise ValueError(f'{path} is from another run: {"; ".join(differ)}. Resume with the same arguments, or '
+                         'start a new run (--out elsewhere, or --force).')
 
 
 def _save(path: Path, model: nn.Module, optimizer, scheduler, state: Dict[str, int], rng: List[Any],
           args: argparse.Namespace) -> None:
+    # the arguments as plain values (no Path objects, no argparse's `func`), so the file loads with weights_only
+    plain = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)}
     atomic_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                     rng=rng, args=vars(args).copy(), **state), path)
+                     rng=rng, args=plain, **state), path)
 
 
 def _log(out: Path, record: Dict[str, Any]) -> None:
@@ -158,7 +176,12 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     state = dict(epoch=0, step=0, iteration=0)
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
-        model.load_state_dict(ckpt['model'])
+        _check_resume(ckpt, args, resume_from)
+        try:
+            model.load_state_dict(ckpt['model'])
+        except RuntimeError as e:  # strict: every missing / unexpected / misshapen key is an error
+            raise ValueError(f'{resume_from} does not fit this model (another dataset\'s classes?): '
+                             f'{str(e).splitlines()[0]} ...') from e
         optimizer.load_state_dict(ckpt['optimizer'])
         scheduler.load_state_dict(ckpt['scheduler'])
         state = {k: int(ckpt[k]) for k in state}
@@ -231,20 +254,22 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     if evaluated_at != state['iteration']:
         last_eval = _evaluate(model, val_ds, ctx, args, out, state)
     if ctx.is_main:
-        atomic_save(model.state_dict(), out / 'model_final.pth')
+        atomic_save(model.state_dict(), out / 'model_final.pth')  # replaces only what --force / --resume allowed
         print(f'done: {state["iteration"]} iterations; checkpoint {out / LAST}, weights {out / "model_final.pth"}')
     return dict(state=state, eval=last_eval)
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``vitzoo finetune-det``; returns the exit code."""
-    ctx = init_distributed(args.device)
+    ctx = None
     try:
+        ctx = init_distributed(args.device)
         train(args, ctx)
-    except (DatasetError, UnknownModelError, BackboneError, FileNotFoundError, FileExistsError) as e:
-        # user errors: a message, not a traceback
+    except (DatasetError, UnknownModelError, BackboneError, ValueError, OSError) as e:
+        # user errors (bad arguments, data, checkpoints, output folder): a message, not a traceback
         print(f'vitzoo {NAME}: error: {e}', file=sys.stderr)
         return 2
     finally:
-        ctx.close()
+        if ctx is not None:
+            ctx.close()
     return 0
