@@ -168,6 +168,22 @@ def test_source_hash_mismatch_and_missing_source(shvit_official, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_legacy_torch_save_source_converts_and_a_truncated_one_is_one_line(shvit_official, tmp_path, capsys):
+    model, src = shvit_official
+    legacy = tmp_path / "src" / "legacy.pth"
+    legacy.parent.mkdir()
+    torch.save(torch.load(src, weights_only=True), legacy, _use_new_zipfile_serialization=False)  # pre-1.6 format
+    out = convert_checkpoint(legacy, "shvit_s1", tmp_path / "out", flops=False)
+    assert (out / "model.safetensors").is_file()
+    legacy.write_bytes(legacy.read_bytes()[:100_000])
+    assert main(["convert", str(legacy), "--model", "shvit_s1", "--out", str(tmp_path / "o2"), "--no-flops"]) == 1
+    err = capsys.readouterr().err
+    assert "vitzoo convert: error: Could not load pretrained weights for shvit_s1" in err and "Traceback" not in err
+    assert not (tmp_path / "o2").exists()
+    assert main(["convert", str(tmp_path), "--model", "shvit_s1", "--out", str(tmp_path / "o3"), "--no-flops"]) == 1
+    assert "is a folder; give the checkpoint file in it" in capsys.readouterr().err
+
+
 def test_verify_folder_catches_inconsistent_folders(shvit_official, tmp_path):
     _, src = shvit_official
     out = convert_checkpoint(src, "shvit_s1", tmp_path / "out", flops=False)

@@ -1,4 +1,5 @@
 """Loading pretrained weights from a loopback Hub: cfg / hf-hub: routes, .bin fallback, offline reuse, errors."""
+import json
 import os
 from pathlib import Path
 
@@ -183,6 +184,22 @@ def test_safetensors_header_checks(tmp_path, shvit_files):
     good.write_bytes(b"\xff" * 8)
     with pytest.raises(CorruptWeightsError, match="header claims"):
         read_safetensors_metadata(good)
+    for entry in ({"dtype": "F32", "shape": [1]}, 5, {"dtype": "F32", "shape": [1], "data_offsets": ["0", 4]}):
+        header = json.dumps({"w": entry}).encode()
+        good.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+        with pytest.raises(CorruptWeightsError, match="header entry of 'w' is not a tensor record"):
+            read_safetensors_metadata(good)
+
+
+def test_legacy_torch_save_format_is_a_checkpoint_and_a_folder_is_not(tmp_path):
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"w": torch.zeros(3)}, legacy, _use_new_zipfile_serialization=False)
+    validate_weights_file(legacy)  # timm and torch.load read it; so must the check
+    assert torch.equal(torch.load(legacy, weights_only=True)["w"], torch.zeros(3))
+    legacy.write_bytes(legacy.read_bytes()[:-20])  # the magic number alone vouches for nothing: load it to know
+    validate_weights_file(legacy)
+    with pytest.raises(MissingWeightsError, match="is a folder; give the weight file in it"):
+        validate_weights_file(tmp_path)
 
 
 def test_staged_dir_is_atomic(tmp_path):

@@ -72,3 +72,22 @@ def test_push_refuses_an_unverifiable_folder(hub, converted, tmp_path, capsys):
 def test_push_rejects_bad_repo_id(converted, capsys):
     assert main(["push", str(converted[1]), "--repo", "no-slash"]) == 1
     assert "org/name" in capsys.readouterr().err
+
+
+def test_push_network_errors_and_a_missing_folder_are_one_line(converted, tmp_path, capsys, monkeypatch):
+    assert main(["push", str(tmp_path / "nowhere"), "--repo", "me/x"]) == 1
+    assert "does not exist; give a folder written by `vitzoo convert`" in capsys.readouterr().err
+
+    class ConnectError(Exception):  # what an HTTP client library raises (httpx-style), not an OSError
+        __module__ = "httpx._exceptions"
+
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    for error in (OfflineModeIsEnabled("offline mode is enabled"), ConnectError("connection refused")):
+        def failing(*args, _error=error, **kwargs):
+            raise _error
+
+        monkeypatch.setattr("vitzoo.push.push_folder", failing)
+        assert main(["push", str(converted[1]), "--repo", "me/x"]) == 1
+        err = capsys.readouterr().err
+        assert "network error, nothing was uploaded" in err and "Traceback" not in err

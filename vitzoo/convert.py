@@ -77,6 +77,9 @@ def _outputs(model: torch.nn.Module, input_size: Tuple[int, ...], seed: int = 0)
 
 
 def _read_folder(folder: Path) -> Tuple[Dict[str, str], Dict[str, Any]]:
+    if not folder.is_dir():
+        raise VerificationError(f"{folder} {'is a file, not' if folder.exists() else 'does not exist; give'} a folder "
+                                "written by `vitzoo convert`.")
     missing = [f for f in HUB_FILES if not (folder / f).is_file()]
     if missing:
         raise VerificationError(f"{folder} lacks {missing}; convert it again with `vitzoo convert`.")
@@ -186,6 +189,8 @@ def _fetch_source(src: str, workdir: Path) -> Path:
         torch.hub.download_url_to_file(src, str(dst), progress=True)
         return dst
     path = Path(src)
+    if path.is_dir():
+        raise MissingWeightsError(f"Source checkpoint {src} is a folder; give the checkpoint file in it.")
     if not path.is_file():
         raise MissingWeightsError(f"Source checkpoint {src} does not exist.")
     return path
@@ -264,7 +269,12 @@ def convert_checkpoint(
         if num_classes is not None:
             overlay["num_classes"] = num_classes
             kwargs["num_classes"] = num_classes
-        source_model = load_pretrained_model(model, pretrained_cfg_overlay=overlay, **kwargs).eval()
+        try:
+            source_model = load_pretrained_model(model, pretrained_cfg_overlay=overlay, **kwargs).eval()
+        except WeightsError:
+            raise
+        except RuntimeError as e:  # e.g. a truncated legacy torch.save file (only loading it can tell)
+            raise CorruptWeightsError(f"{str(e).splitlines()[0]} Check the file, or download it again.") from e
         steps.update()
 
         metadata = {"format": "pt", "model": model, "tag": entry.tag, "source": source_name,

@@ -124,7 +124,14 @@ def read_safetensors_metadata(path: PathLike) -> Tuple[Dict[str, str], Dict[str,
     if not isinstance(header, dict):
         raise CorruptWeightsError(f"{path} is corrupt: its safetensors header is not a JSON object.")
     metadata = header.pop("__metadata__", None) or {}
-    end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and isinstance(entry.get("dtype"), str) and isinstance(entry.get("shape"), list)):
+            raise CorruptWeightsError(
+                f"{path} is corrupt: the safetensors header entry of {name!r} is not a tensor record (dtype, shape, "
+                "data_offsets). Download or convert it again.")
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if 8 + header_len + end != size:
         raise CorruptWeightsError(
             f"{path} is truncated or corrupt: its tensors need {8 + header_len + end} bytes but the file has {size}. "
@@ -133,17 +140,30 @@ def read_safetensors_metadata(path: PathLike) -> Tuple[Dict[str, str], Dict[str,
     return metadata, header
 
 
+# what torch.save's legacy (non-zip, _use_new_zipfile_serialization=False) format starts with: pickle protocol 2,
+# then torch's magic number 0x1950a86a20f9469cfc6c as a 10-byte LONG1
+_LEGACY_TORCH_PREFIX = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def _is_legacy_torch_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(_LEGACY_TORCH_PREFIX)) == _LEGACY_TORCH_PREFIX
+
+
 def validate_weights_file(path: PathLike, expected_sha256: Optional[str] = None) -> None:
     """Check that a weight file exists, matches ``expected_sha256`` (if given) and can be read.
 
     ``.safetensors`` files get a header check (:func:`read_safetensors_metadata`); other files are checked to be
-    readable by ``torch.load`` archives (a zip whose members pass their CRC), without unpickling anything.
+    ``torch.save`` files without unpickling anything: a zip archive whose members pass their CRC, or the legacy
+    (pre-1.6) pickle format, recognised by its magic number and left to ``torch.load`` to read.
 
     Raises:
         MissingWeightsError: no such file.
         CorruptWeightsError: hash mismatch, truncated or unreadable file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise MissingWeightsError(f"{path} is a folder; give the weight file in it (e.g. {path / 'model.safetensors'}).")
     if not path.is_file():
         raise MissingWeightsError(f"Weight file {path} does not exist.")
     if expected_sha256 is not None:
@@ -155,6 +175,8 @@ def validate_weights_file(path: PathLike, expected_sha256: Optional[str] = None)
             )
     if path.suffix == ".safetensors":
         read_safetensors_metadata(path)
+    elif _is_legacy_torch_file(path):
+        pass  # torch.save's pre-1.6 format (a pickle stream): readable only by loading it, which the loaders do
     elif zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()

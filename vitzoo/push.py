@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Optional, Union
@@ -79,6 +80,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _is_network_error(error: BaseException) -> bool:
+    """A connection error (refused, offline mode, DNS, timeout) or a transport error of the HTTP client library."""
+    clients = ("httpx", "httpcore", "requests", "urllib3")
+    return (isinstance(error, (ConnectionError, TimeoutError, socket.gaierror))
+            or type(error).__module__.split(".")[0].startswith(clients))
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``vitzoo push``; returns the exit code (0 ok, 1 refused or failed, with a message on stderr)."""
     from huggingface_hub.errors import HfHubHTTPError
@@ -90,6 +98,12 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except (ValueError, HfHubHTTPError) as e:
         print(f"vitzoo push: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001  the HTTP client's own transport errors (not OSErrors)
+        if not _is_network_error(e):
+            raise
+        print(f"vitzoo push: network error, nothing was uploaded: {type(e).__name__}: {e}. Check the connection "
+              "(and HF_ENDPOINT / HF_HUB_OFFLINE).", file=sys.stderr)
         return 1
     print(f"pushed {args.folder} -> {args.repo}: {url}")
     return 0
