@@ -101,6 +101,9 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
         source = _weights_source(variant, kwargs)
         if isinstance(e, CheckpointMismatchError):
             fix = 'use the entrypoint of the variant the checkpoint holds, or a checkpoint of ' + variant
+        elif source.startswith('file '):  # a local file: no download advice
+            fix = (f'check that {source[5:]} is a complete {variant} checkpoint (.safetensors, or a .pth state dict '
+                   'or training checkpoint), or convert it again')
         else:
             fix = (f'if the file is missing (offline or empty cache), run once online or fetch it with '
                    f'`hf download timm/{variant}.in1k`; if it is corrupt or truncated, delete it and download again; '

@@ -1,5 +1,6 @@
 """COCO-format folder: loading, targets, up-front validation errors naming file and entry; COCO evaluation."""
 import json
+import os
 
 import pytest
 import torch
@@ -30,6 +31,16 @@ def test_dataset_items_match_annotations(shapes):
         assert 0.4 * a['area'] < m.sum() < 1.1 * a['area']
     images, targets = collate_detection([ds[0], ds[1]])
     assert len(images) == len(targets) == 2
+
+
+def test_generator_never_mixes_into_an_existing_dataset(tmp_path):
+    root = make_shapes_dataset(tmp_path / 'ds', num_train=1, num_val=0, size=(32, 32))
+    before = sorted(p.name for p in root.rglob('*'))
+    with pytest.raises(FileExistsError, match='already exists'):
+        make_shapes_dataset(root, num_train=2, num_val=1, size=(32, 32), seed=1)
+    assert sorted(p.name for p in root.rglob('*')) == before and sorted(os.listdir(tmp_path)) == ['ds']
+    make_shapes_dataset(root, num_train=2, num_val=1, size=(32, 32), seed=1, force=True)
+    assert sorted(p.name for p in (root / 'train').iterdir()) == ['train_0000.png', 'train_0001.png']
 
 
 def test_hflip_boxes_and_masks():

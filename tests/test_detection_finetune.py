@@ -91,8 +91,13 @@ def test_cli_reports_a_backbone_it_cannot_build(data, tmp_path, capsys):
     text = tmp_path / 'text.pth'
     text.write_bytes(b'junk\n')
     assert main(base + ['--out', str(tmp_path / 'c'), '--backbone', 'shvit_s1', '--backbone-weights', str(text)]) == 2
-    assert f"error: could not load {text} into backbone 'shvit_s1'" in capsys.readouterr().err
-    assert not any((tmp_path / d).exists() for d in 'abc')  # nothing written for a run that could not start
+    err = capsys.readouterr().err
+    assert f"error: could not load {text} into backbone 'shvit_s1'" in err
+    assert 'neither a safetensors file nor a torch.save archive' in err  # the file named for what it is
+    assert main(base + ['--out', str(tmp_path / 'd'), '--backbone', 'resnet18', '--backbone-weights', str(text)]) == 2
+    err = capsys.readouterr().err
+    assert 'neither a safetensors file nor a torch.save archive' in err and 'weights_only=False' not in err
+    assert not any((tmp_path / d).exists() for d in 'abcd')  # nothing written for a run that could not start
 
 
 def test_existing_run_is_never_replaced_unasked(data, tmp_path, capsys):

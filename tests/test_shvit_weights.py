@@ -128,8 +128,10 @@ def test_missing_hub_file_offline(tmp_path, monkeypatch):
 
 def test_missing_local_file(tmp_path):
     path = tmp_path / 'nope.safetensors'
-    with pytest.raises(RuntimeError, match=f'shvit_s1 from file {path}'):
+    with pytest.raises(RuntimeError, match=f'shvit_s1 from file {path}') as info:
         timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert f'To fix: check that {path} is a complete shvit_s1 checkpoint' in str(info.value)
+    assert 'hf download' not in str(info.value)  # a local file: no download advice
 
 
 @pytest.mark.parametrize('name, data', [

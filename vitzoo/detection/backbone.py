@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from timm.models._features import FeatureInfo
 
+from vitzoo.hub import WeightsError, validate_weights_file
 from vitzoo.models import resolve_name
 
 from .fpn import ExtraLevelFPN
@@ -66,6 +67,10 @@ def create_body(
         weights = Path(weights)
         if not weights.is_file():
             raise FileNotFoundError(f'backbone weights file {weights} does not exist; give a .safetensors or .pth file.')
+        try:  # a file that is no checkpoint at all is named as such, before timm's loader words it its own way
+            validate_weights_file(weights)
+        except WeightsError as e:
+            raise BackboneError(f'could not load {weights} into backbone {name!r}: {e}') from e
         kwargs['pretrained_cfg_overlay'] = dict(file=str(weights))
         pretrained = True
     try:

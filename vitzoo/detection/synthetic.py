@@ -12,6 +12,8 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from PIL import Image
 
+from vitzoo.atomic import staged_dir
+
 __all__ = ['CATEGORIES', 'make_shapes_dataset']
 
 CATEGORIES = [dict(id=1, name='rectangle'), dict(id=2, name='ellipse'), dict(id=3, name='triangle')]
@@ -79,7 +81,7 @@ def _split(root: Path, split: str, count: int, size: Tuple[int, int], gen: torch
 
 
 def make_shapes_dataset(root: str, num_train: int = 8, num_val: int = 4, size: Tuple[int, int] = (128, 160),
-                        seed: int = 0) -> Path:
+                        seed: int = 0, force: bool = False) -> Path:
     """Write a synthetic COCO-format folder with 3 classes (rectangle, ellipse, triangle) and polygon masks.
 
     Args:
@@ -88,12 +90,18 @@ def make_shapes_dataset(root: str, num_train: int = 8, num_val: int = 4, size: T
         num_val: Validation images (0: no val split).
         size: Image (height, width).
         seed: Random seed; the same seed gives the same files.
+        force: Replace an existing, non-empty ``root`` (an empty folder is always used).
+
+    The folder is built beside ``root`` and moved into place in one rename (:func:`vitzoo.atomic.staged_dir`):
+    an interrupted run leaves nothing behind, and an existing dataset is never mixed with a new one.
     """
     root = Path(root)
+    empty = root.is_dir() and not any(root.iterdir())
     gen = torch.Generator().manual_seed(seed)
-    next_ann = _split(root, 'train', num_train, size, gen, 1)
-    if num_val:
-        _split(root, 'val', num_val, size, gen, next_ann)
+    with staged_dir(root, force=force or empty) as tmp:
+        next_ann = _split(tmp, 'train', num_train, size, gen, 1)
+        if num_val:
+            _split(tmp, 'val', num_val, size, gen, next_ann)
     return root
 
 
@@ -105,10 +113,12 @@ def main() -> None:  # pragma: no cover
     p.add_argument('--height', type=int, default=192)
     p.add_argument('--width', type=int, default=256)
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--force', action='store_true', help='replace an existing, non-empty ROOT')
     a = p.parse_args()
-    if (Path(a.root) / 'annotations').exists():
-        raise SystemExit(f'{a.root}/annotations exists; choose an empty folder.')
-    print(make_shapes_dataset(a.root, a.train, a.val, (a.height, a.width), a.seed))
+    try:
+        print(make_shapes_dataset(a.root, a.train, a.val, (a.height, a.width), a.seed, force=a.force))
+    except OSError as e:
+        raise SystemExit(f'error: {e}')
 
 
 if __name__ == '__main__':  # pragma: no cover
