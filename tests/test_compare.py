@@ -168,6 +168,29 @@ def test_backend_names_are_checked_before_anything_is_built(capsys, monkeypatch)
     assert code == 1 and "unknown backend 'foo'" in err
 
 
+def test_backends_may_be_given_space_or_comma_separated(capsys, monkeypatch):
+    seen = []
+
+    def fake_compare(models, img_size, batch, threads, speed, devices, backends, rounds, progress):
+        seen.append((list(models), backends))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("vitzoo.compare._compare", fake_compare)
+    _cli(capsys, "shvit_s1", "--backends", "eager", "torchscript,onnxruntime")
+    _cli(capsys, "shvit_s1", "deit_tiny_patch16_224", "--backends", "eager,compile")
+    _cli(capsys, "shvit_s1")
+    assert seen == [(["shvit_s1"], ["eager", "torchscript", "onnxruntime"]),
+                    (["shvit_s1", "deit_tiny_patch16_224"], ["eager", "compile"]), (["shvit_s1"], None)]
+
+
+def test_a_model_name_after_backends_is_pointed_out(capsys):
+    code, out, err = _cli(capsys, "--backends", "eager", "shvit_s1")
+    assert code == 1 and out == ""
+    assert "unknown backend 'shvit_s1'" in err and "is a model: put model names before --backends" in err
+    code, out, err = _cli(capsys, "shvit_s1", "--backends", "eagr")  # a plain typo gets no such hint
+    assert code == 1 and "unknown backend 'eagr'" in err and "is a model" not in err
+
+
 def test_a_backend_missing_here_is_named_with_what_to_install(capsys, monkeypatch):
     monkeypatch.setattr("vitzoo.inference.available_backends", lambda: ["eager", "compile", "torchscript"])
     code, out, err = _cli(capsys, "shvit_s1", "--backends", "eager,onnxruntime")

@@ -65,13 +65,32 @@ def _default_backends(device: str) -> Tuple[str, ...]:
     return tuple(b for b in ("eager", "torchscript", "onnxruntime") if b in available_backends())
 
 
+def _split_backends(values: Optional[Sequence[str]]) -> Optional[List[str]]:
+    """``--backends`` values, each of which may itself be comma-separated, as one list (None: not given)."""
+    if values is None:
+        return None
+    return [b.strip() for value in values for b in value.split(",") if b.strip()]
+
+
+def _is_model_name(name: str) -> bool:
+    try:
+        resolve_name(name)
+    except UnknownModelError:
+        return False
+    return True
+
+
 def _check_backends(backends: Sequence[str], speed: bool) -> List[str]:
     """``backends`` without repeats; a name that is not a backend, or (when timing) one not usable here, raises."""
     from vitzoo.inference import BACKENDS, available_backends, missing_backend_hint
 
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
-        raise ValueError(f"unknown backend {', '.join(map(repr, unknown))}; valid backends: {', '.join(BACKENDS)}")
+        message = f"unknown backend {', '.join(map(repr, unknown))}; valid backends: {', '.join(BACKENDS)}"
+        models = [b for b in unknown if _is_model_name(b)]
+        if models:  # `compare --backends eager shvit_s1`: the model went into --backends
+            message += f" ({', '.join(map(repr, models))} is a model: put model names before --backends)"
+        raise ValueError(message)
     missing = [b for b in backends if b not in available_backends()] if speed else []
     if missing:
         hints = "; ".join(f"{b}: {missing_backend_hint(b)}" for b in missing)
@@ -363,9 +382,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-speed", action="store_true", help="counts only, no measurement (fast)")
     p.add_argument("--device", action="append", choices=("cpu", "cuda"), default=None,
                    help="measure on this device (repeatable; default: cpu, plus cuda when available)")
-    p.add_argument("--backends", default=None,
-                   help="comma-separated deploy backends for the fastest path, e.g. eager,onnxruntime,compile "
-                        "(default: eager,torchscript,onnxruntime on CPU, those installed; eager on GPU)")
+    p.add_argument("--backends", nargs="+", default=None, metavar="BACKEND",
+                   help="deploy backends for the fastest path, space- or comma-separated, e.g. eager onnxruntime "
+                        "compile (default: eager torchscript onnxruntime on CPU, those installed; eager on GPU); "
+                        "put model names before it")
     p.add_argument("--rounds", type=int, default=3,
                    help="interleaved timing rounds, median reported (default: 3; the full default compare then "
                         "fits in ~10 minutes on 2 CPU cores)")
@@ -391,7 +411,7 @@ def run(args: argparse.Namespace) -> int:
         if args.plot:  # before anything is measured
             check_matplotlib()
             check_writable(args.plot, args.force)
-        backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+        backends = _split_backends(args.backends)
         rows, skipped = _compare(args.models, args.img_size, args.batch, args.threads, not args.no_speed,
                                  args.device, backends, args.rounds, progress=True)
     except UnknownModelError as e:
