@@ -39,6 +39,26 @@ def test_failure_leaves_the_old_file_and_no_temp_file(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def test_a_file_that_appears_while_writing_is_not_replaced(tmp_path, monkeypatch):
+    out = tmp_path / "plot.png"
+    with pytest.raises(FileExistsError, match="already exists.*force"):
+        with atomic_open(out) as f:
+            f.write(b"ours")
+            out.write_bytes(b"another writer's")  # lands after the check, before our file is moved in
+    assert out.read_bytes() == b"another writer's"
+    assert _leftovers(tmp_path) == []
+    # without hard links (some network / FAT file systems) the check is repeated right before the rename
+    monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(PermissionError("no hard links here")))
+    with pytest.raises(FileExistsError):
+        with atomic_open(out) as f:
+            f.write(b"ours")
+    assert out.read_bytes() == b"another writer's"
+    out.unlink()
+    with atomic_open(out) as f:
+        f.write(b"ours")
+    assert out.read_bytes() == b"ours" and _leftovers(tmp_path) == []
+
+
 def test_check_output_file_names_what_is_in_the_way(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(IsADirectoryError, match="is a folder; give a file path"):

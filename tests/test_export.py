@@ -62,6 +62,14 @@ def test_cli_model_that_cannot_be_built_is_an_error_not_a_traceback(tmp_path, ca
     assert not out.exists()
 
 
+def test_cli_input_size_the_model_rejects_is_an_error_not_a_traceback(tmp_path, capsys):
+    out = tmp_path / "d.onnx"
+    assert main(["export", "deit_tiny_patch16_224", "--img-size", "8", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "\nerror: " in err and "Kernel size can't be greater than actual input size" in err
+    assert "Traceback" not in err and not out.exists()
+
+
 def test_api_matches_pytorch_with_nontrivial_bn(tmp_path):
     torch.manual_seed(0)
     model = create("shvit_s1")
@@ -101,13 +109,15 @@ def test_failed_verification_leaves_no_file(tmp_path, monkeypatch):
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    def broken_replace(src, dst):
+    def broken_move(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
-        export_verified_onnx(create("shvit_s1"), tmp_path / "s1.onnx", IMG)
-    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(os, "link", broken_move)  # the final move without --force (a hard link, then a rename)
+    monkeypatch.setattr(os, "replace", broken_move)
+    for force in (False, True):
+        with pytest.raises(OSError, match="disk full"):
+            export_verified_onnx(create("shvit_s1"), tmp_path / "s1.onnx", IMG, force=force)
+        assert os.listdir(tmp_path) == []
 
 
 def test_output_problems_are_reported_before_the_export(tmp_path, capsys, monkeypatch):

@@ -24,7 +24,8 @@ def atomic_open(path: PathLike, force: bool = False) -> Iterator[BinaryIO]:
     """Open a temporary file beside ``path`` for binary writing; on success it replaces ``path`` in one rename.
 
     If the body raises, the temporary file is removed and ``path`` is left as it was. Missing parent folders are
-    created.
+    created. Without ``force``, a file that another writer puts at ``path`` while this one writes is not replaced
+    either (``FileExistsError`` at the end).
 
     Args:
         path: destination file.
@@ -40,11 +41,32 @@ def atomic_open(path: PathLike, force: bool = False) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         _make_readable(Path(tmp))
-        os.replace(tmp, path)
+        if force:
+            os.replace(tmp, path)
+        else:
+            _link_no_replace(Path(tmp), path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _link_no_replace(tmp: Path, path: Path) -> None:
+    """Move ``tmp`` to ``path`` in one step, failing if ``path`` has appeared since it was checked.
+
+    A hard link fails atomically when ``path`` exists (another writer got there while this one was writing), where
+    a rename would replace it. On a file system without hard links the check is repeated right before the rename.
+    """
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        check_output_free(path, force=False)  # the same message as the check before the work
+        raise
+    except OSError:  # no hard links here (e.g. some network or FAT file systems)
+        check_output_free(path, force=False)
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def check_output_file(path: PathLike, force: bool) -> None:

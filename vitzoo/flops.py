@@ -197,7 +197,7 @@ def count_flops(
     Raises:
         TypeError: ``model`` is neither a module nor a name.
         ValueError: No input size is given and the model has none in its cfg, or the size is malformed.
-        Exception: Whatever the model's own forward raises for this input (SHViT: ``ValueError`` below 64x64).
+        Exception: Whatever the model's own forward raises for this input (e.g. a ViT given less than one patch).
     """
     if isinstance(model, str):
         from vitzoo.models import create
