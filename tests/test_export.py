@@ -70,6 +70,45 @@ def test_cli_input_size_the_model_rejects_is_an_error_not_a_traceback(tmp_path, 
     assert "Traceback" not in err and not out.exists()
 
 
+class _KthValue(nn.Module):
+    """A model with an op the ONNX exporter has no symbolic for (aten::kthvalue)."""
+
+    pretrained_cfg = {"input_size": (3, 8, 8)}
+
+    def forward(self, x):
+        return torch.kthvalue(x, 2, dim=1)[0]
+
+
+def test_cli_model_the_exporter_rejects_is_one_line_without_the_ir_dump(tmp_path, capfd, monkeypatch):
+    monkeypatch.setattr("vitzoo.export._create", lambda *a: _KthValue())
+    out = tmp_path / "k.onnx"
+    assert main(["export", "kth", "--out", str(out)]) == 1
+    captured = capfd.readouterr()  # file-descriptor level: the exporter's log is written from C++
+    assert "Torch IR graph" not in captured.out + captured.err
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: torch.onnx.export cannot export this model (UnsupportedOperatorError: Exporting the "
+                      "operator 'aten::kthvalue' to ONNX opset version 17 is not supported)"], captured.err
+    assert "Traceback" not in captured.err and not out.exists()
+    assert not torch._C._jit_is_onnx_log_enabled()  # the exporter's log is not left switched on
+
+
+def test_timm_attention_the_exporter_rejects_exports_unfused(tmp_path):
+    """timm's EVA-02 passes SDPA an ``is_causal`` that torch 2.14's exporter turns into a tensor (TypeError);
+    the export is retried with timm's explicit attention path, and the flags are restored."""
+    torch.manual_seed(0)
+    model = create("eva02_tiny_patch14_224", img_size=56).eval()
+    flags = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    assert flags and all(m.fused_attn for m in flags)  # else this test no longer tests the retry
+    out = tmp_path / "eva.onnx"
+    export_verified_onnx(model, out, 56)
+    assert all(m.fused_attn for m in flags)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        expected = model(x)  # timm's own forward, with SDPA
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(_ort_run(out, x), expected, atol=1e-4, rtol=0)
+
+
 def test_api_matches_pytorch_with_nontrivial_bn(tmp_path):
     torch.manual_seed(0)
     model = create("shvit_s1")

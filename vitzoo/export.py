@@ -132,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, ExportError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # noqa: BLE001  the model's own forward failing on the verification batches
+        print(f"error: cannot export {args.model}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {out} (verified in ONNX Runtime at batch {', '.join(map(str, VERIFY_BATCHES))}: "
           f"max abs diff {diff:.2g})")
     return 0

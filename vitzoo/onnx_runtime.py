@@ -12,15 +12,17 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Iterator, List, Optional, Union
 
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "export_onnx", "OnnxRuntimeModule", "max_abs_diff", "require_onnxruntime"]
+__all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "OnnxExportError", "export_onnx", "OnnxRuntimeModule",
+           "max_abs_diff", "require_onnxruntime"]
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 17
@@ -30,6 +32,10 @@ except ImportError:  # private constant; without it the exporter's own error sta
     MAX_OPSET = 10 ** 6
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
+
+
+class OnnxExportError(RuntimeError):
+    """PyTorch's ONNX exporter could not export the model (its forward is not traceable by it)."""
 
 
 def require_onnxruntime() -> None:
@@ -58,6 +64,12 @@ def export_onnx(
 
     Returns:
         The serialized ONNX ModelProto.
+
+    Raises:
+        OnnxExportError: The exporter failed. Where timm's attention layers call ``F.scaled_dot_product_attention``
+            (their ``fused_attn`` flag) and the first try fails, the export is tried once more with those layers
+            on their explicit matmul-softmax path (e.g. timm's EVA-02, whose SDPA call torch 2.14's exporter
+            rejects); the flags are restored afterwards.
     """
     require_onnxruntime()
     if opset < MIN_OPSET:
@@ -70,8 +82,22 @@ def export_onnx(
             f"example_input must be a 4-D image tensor (B, C, H, W), got "
             f"{getattr(example_input, 'shape', type(example_input).__name__)}."
         )
+    try:
+        return _export(model, example_input, opset)
+    except Exception as first:  # noqa: BLE001  the exporter fails in many ways; reported below as one error
+        if not _fused_attention_modules(model):
+            raise OnnxExportError(f"torch.onnx.export cannot export this model ({_one_line(first)})") from first
+        try:  # timm's attention without F.scaled_dot_product_attention: the same maths, written out
+            with _unfused_attention(model):
+                return _export(model, example_input, opset)
+        except Exception:  # noqa: BLE001
+            raise OnnxExportError(f"torch.onnx.export cannot export this model ({_one_line(first)}), also "
+                                  "not with timm's unfused attention") from first
+
+
+def _export(model: nn.Module, example_input: torch.Tensor, opset: int) -> bytes:
     buffer = io.BytesIO()
-    with torch.no_grad():
+    with torch.no_grad(), _exporter_log_off():
         torch.onnx.export(
             model,
             (example_input.contiguous(),),
@@ -84,6 +110,67 @@ def export_onnx(
             do_constant_folding=True,
         )
     return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _exporter_log_off() -> Iterator[None]:
+    """Keep the exporter's log off for the block, so that a failed export does not print its whole IR graph.
+
+    torch 2.14's TorchScript-based exporter turns its C++ log on for every export (``setup_onnx_logging`` tests
+    the function ``_jit_is_onnx_log_enabled`` instead of calling it), and on a failure that log writes the
+    traced graph to stdout: hundreds of lines for a real model. The exporter's own context manager is replaced
+    by one that keeps the log off for this export (private API, used when present).
+    """
+    try:
+        from torch.onnx._internal.torchscript_exporter import utils as exporter_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(exporter_utils, "setup_onnx_logging", None)
+    if original is None or not hasattr(torch._C, "_jit_set_onnx_log_enabled"):
+        yield
+        return
+
+    @contextlib.contextmanager
+    def log_off(verbose: bool) -> Iterator[None]:
+        was_enabled = torch._C._jit_is_onnx_log_enabled()
+        torch._C._jit_set_onnx_log_enabled(bool(verbose))
+        try:
+            yield
+        finally:
+            torch._C._jit_set_onnx_log_enabled(was_enabled)
+
+    exporter_utils.setup_onnx_logging = log_off
+    try:
+        yield
+    finally:
+        exporter_utils.setup_onnx_logging = original
+
+
+def _fused_attention_modules(model: nn.Module) -> List[nn.Module]:
+    """timm attention modules that call ``F.scaled_dot_product_attention`` (their ``fused_attn`` flag is on)."""
+    return [m for m in model.modules() if getattr(m, "fused_attn", None) is True]
+
+
+@contextlib.contextmanager
+def _unfused_attention(model: nn.Module) -> Iterator[None]:
+    """Switch timm's fused attention off in ``model`` for the block (the explicit matmul-softmax path)."""
+    modules = _fused_attention_modules(model)
+    for m in modules:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.fused_attn = True
+
+
+def _one_line(error: Exception, limit: int = 200) -> str:
+    """``Type: message`` on one line: the message's first non-empty line (the exporter's details follow it)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = lines[0] if lines else ""
+    text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class OnnxRuntimeModule(nn.Module):
