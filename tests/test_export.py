@@ -92,6 +92,17 @@ def test_cli_model_the_exporter_rejects_is_one_line_without_the_ir_dump(tmp_path
     assert not torch._C._jit_is_onnx_log_enabled()  # the exporter's log is not left switched on
 
 
+def test_cli_reports_any_other_failure_of_the_model_in_one_line(tmp_path, capsys, monkeypatch):
+    def forward_fails(*args, **kwargs):  # e.g. the model's own forward on the verification batch
+        raise TypeError("forward() got an unexpected tensor")
+
+    monkeypatch.setattr("vitzoo.export.export_verified_onnx", forward_fails)
+    assert _export_cli(tmp_path / "s1.onnx") == 1
+    err = capsys.readouterr().err
+    assert "error: cannot export shvit_s1: TypeError: forward() got an unexpected tensor" in err
+    assert "Traceback" not in err
+
+
 def test_timm_attention_the_exporter_rejects_exports_unfused(tmp_path):
     """timm's EVA-02 passes SDPA an ``is_causal`` that torch 2.14's exporter turns into a tensor (TypeError);
     the export is retried with timm's explicit attention path, and the flags are restored."""
