@@ -189,6 +189,8 @@ def test_a_model_name_after_backends_is_pointed_out(capsys):
     assert "unknown backend 'shvit_s1'" in err and "is a model: put model names before --backends" in err
     code, out, err = _cli(capsys, "shvit_s1", "--backends", "eagr")  # a plain typo gets no such hint
     assert code == 1 and "unknown backend 'eagr'" in err and "is a model" not in err
+    code, out, err = _cli(capsys, "shvit_s1", "--no-speed", "--backends", ",")  # not silently the defaults
+    assert code == 1 and "--backends names no backend; valid backends: eager" in err
 
 
 def test_a_backend_missing_here_is_named_with_what_to_install(capsys, monkeypatch):

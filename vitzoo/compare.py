@@ -84,6 +84,8 @@ def _check_backends(backends: Sequence[str], speed: bool) -> List[str]:
     """``backends`` without repeats; a name that is not a backend, or (when timing) one not usable here, raises."""
     from vitzoo.inference import BACKENDS, available_backends, missing_backend_hint
 
+    if not backends:
+        raise ValueError(f"--backends names no backend; valid backends: {', '.join(BACKENDS)}")
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         message = f"unknown backend {', '.join(map(repr, unknown))}; valid backends: {', '.join(BACKENDS)}"
