@@ -6,6 +6,8 @@ import sys
 import types
 
 import pytest
+import timm
+import torch
 
 from vitzoo import cli
 from vitzoo.compare import compare, format_rows
@@ -191,6 +193,34 @@ def test_a_model_name_after_backends_is_pointed_out(capsys):
     assert code == 1 and "unknown backend 'eagr'" in err and "is a model" not in err
     code, out, err = _cli(capsys, "shvit_s1", "--no-speed", "--backends", ",")  # not silently the defaults
     assert code == 1 and "--backends names no backend; valid backends: eager" in err
+
+
+def test_a_weights_folder_is_compared_with_its_own_config(tmp_path, capsys):
+    folder = tmp_path / "my_s1"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architecture": "shvit_s1", "num_classes": 10, "pretrained_cfg": {"input_size": [3, 160, 160]}}))
+    code, out, _ = _cli(capsys, f"local-dir:{folder}", "--no-speed", "--format", "json")
+    assert code == 0
+    (row,) = json.loads(out)
+    reference = timm.models.shvit.shvit_s1(num_classes=10)  # timm's own SHViT, built independently
+    assert row["params"] == sum(p.numel() for p in reference.parameters())
+    assert row["input_size"] == [3, 160, 160]  # the folder's input size, not shvit_s1's 224
+    # timm's fused SHViT at 160x160 counted by fvcore itself (its attention is plain matmuls, which fvcore counts)
+    from fvcore.nn import FlopCountAnalysis
+
+    fused = timm.utils.reparameterize_model(reference.eval())
+    counter = FlopCountAnalysis(fused, torch.randn(1, 3, 160, 160))
+    counter.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    assert row["flops"] == counter.total()
+
+
+def test_a_folder_name_without_a_usable_config_is_named(capsys, tmp_path):
+    code, out, err = _cli(capsys, f"local-dir:{tmp_path}", "--no-speed")
+    assert code == 2 and f"local-dir:{tmp_path}: no config.json there" in err
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "shvit_s9"}))
+    code, out, err = _cli(capsys, f"local-dir:{tmp_path}", "--no-speed")
+    assert code == 2 and "names architecture 'shvit_s9', which is not a registered timm model" in err
 
 
 def test_a_backend_missing_here_is_named_with_what_to_install(capsys, monkeypatch):

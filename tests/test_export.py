@@ -120,6 +120,23 @@ def test_timm_attention_the_exporter_rejects_exports_unfused(tmp_path):
     torch.testing.assert_close(_ort_run(out, x), expected, atol=1e-4, rtol=0)
 
 
+def test_default_output_name_of_a_weights_folder(tmp_path, monkeypatch, capsys):
+    from vitzoo.export import _file_stem
+    from vitzoo.models import UnknownModelError, resolve_name
+
+    assert _file_stem("local-dir:/data/runs/my_s1/") == "my_s1"
+    assert _file_stem("hf-hub:org/shvit_s1_ft") == "org_shvit_s1_ft"
+    assert _file_stem("shvit_s1.in1k") == "shvit_s1.in1k"
+    with pytest.raises(UnknownModelError, match="a weights folder is not accepted here"):
+        resolve_name("local-dir:/data/runs/my_s1")  # e.g. `convert --model`, which names an architecture
+    folder = tmp_path / "my_s1"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architecture": "shvit_s1", "pretrained_cfg": {"input_size": [3, 64, 64]}}')
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", f"local-dir:{folder}"]) == 0
+    assert (tmp_path / "my_s1_64.onnx").is_file()  # the folder's input size, and a file name without "local-dir:"
+
+
 def test_api_matches_pytorch_with_nontrivial_bn(tmp_path):
     torch.manual_seed(0)
     model = create("shvit_s1")

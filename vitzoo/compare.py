@@ -108,7 +108,7 @@ def _build(
     built, skipped = [], {}
     for name in tqdm(names, desc="counting FLOPs", unit="model", disable=not progress, leave=False):
         try:
-            resolve_name(name)
+            resolve_name(name, allow_folders=True)
         except UnknownModelError as e:
             if explicit:
                 raise
@@ -116,12 +116,21 @@ def _build(
             continue
         try:
             model = create(name, img_size=img_size)
-            report = count_flops(model, img_size)
         except Exception as e:  # noqa: BLE001  a model that cannot be built (nvit_* without dims) is reported
-            skipped[name] = f"cannot be built without a checkpoint or at this size: {type(e).__name__}: {e}"
+            skipped[name] = f"cannot be built: {type(e).__name__}: {_first_line(e)}"
+            continue
+        try:
+            report = count_flops(model, img_size)
+        except Exception as e:  # noqa: BLE001  e.g. an input size the model rejects, or too large for memory
+            skipped[name] = f"cannot run at this input size: {type(e).__name__}: {_first_line(e)}"
             continue
         built.append((name, model, report))
     return built, skipped
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else ""
 
 
 def _runners(

@@ -100,12 +100,19 @@ def _create(name: str, img_size: Optional[int], pretrained: bool) -> torch.nn.Mo
 
     if not pretrained:
         return create(name, img_size=img_size)
-    resolve_name(name)
+    arch, _ = resolve_name(name, allow_folders=True)
     kwargs = {}
-    cfg = timm.get_pretrained_cfg(name.partition(".")[0])
+    cfg = None if arch.startswith("hf-hub:") else timm.get_pretrained_cfg(arch)
     if img_size is not None and cfg is not None and getattr(cfg, "fixed_input_size", False):
         kwargs["img_size"] = img_size
     return timm.create_model(name, pretrained=True, **kwargs).eval()
+
+
+def _file_stem(name: str) -> str:
+    """A file name for model ``name``: ``local-dir:/a/b`` -> ``b``, ``hf-hub:org/name`` -> ``org_name``."""
+    if name.startswith("local-dir:"):
+        return Path(name[len("local-dir:"):].rstrip("/")).name or "model"
+    return name.removeprefix("hf-hub:").replace("/", "_")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     input_size = model.pretrained_cfg.get("input_size", (3, 224, 224))
     img_size = args.img_size or int(input_size[-1])
-    out = args.out or Path(f"{args.model.replace('/', '_')}_{img_size}.onnx")
+    out = args.out or Path(f"{_file_stem(args.model)}_{img_size}.onnx")
     print(f"exporting {args.model} at {img_size}x{img_size} (opset {args.opset}) -> {out}", file=sys.stderr)
     try:
         diff = export_verified_onnx(model, out, img_size, opset=args.opset, force=args.force,

@@ -1,13 +1,17 @@
 """Model-name resolution for the comparison tools, the default comparison set and the papers' numbers.
 
-Any name ``timm.create_model`` knows works here, with or without a pretrained tag (``shvit_s4.in1k``).
+Any name ``timm.create_model`` knows works here, with or without a pretrained tag (``shvit_s4.in1k``); where
+asked for (``allow_folders``), also a weights folder: ``local-dir:PATH`` (read offline from its ``config.json``)
+and ``hf-hub:org/name`` (timm reads its config from the Hub).
 Models are always built **without weights**: counts and speed do not depend on the values, and nothing is
 downloaded. An unknown name raises :class:`UnknownModelError`, whose message lists the closest registered names.
 """
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import timm
@@ -102,21 +106,31 @@ def closest_models(name: str, n: int = 5) -> List[str]:
     return difflib.get_close_matches(name.split(".", 1)[0], timm.list_models(), n=n, cutoff=0.5)
 
 
-def resolve_name(name: str) -> Tuple[str, Optional[str]]:
+def resolve_name(name: str, allow_folders: bool = False) -> Tuple[str, Optional[str]]:
     """Split ``arch[.tag]`` and check both against timm's registry.
 
     Args:
         name: A timm model name, optionally with a pretrained tag.
+        allow_folders: Also accept ``local-dir:PATH`` (a folder written by ``vitzoo convert`` or timm's
+            ``save_for_hf``: its ``config.json`` names the architecture) and ``hf-hub:org/name`` (not checked
+            here: timm fetches its config when the model is built).
 
     Returns:
-        ``(architecture, tag)``; ``tag`` is None when the name has none.
+        ``(architecture, tag)``; ``tag`` is None when the name has none. For ``hf-hub:`` names, ``(name, None)``.
 
     Raises:
         UnknownModelError: The architecture is not registered (the message lists the closest matches), or the
-            tag is not one of the architecture's pretrained tags (the message lists the known tags).
+            tag is not one of the architecture's pretrained tags (the message lists the known tags), or a
+            ``local-dir:`` folder has no readable ``config.json`` naming a registered architecture.
     """
     if not isinstance(name, str) or not name:
         raise UnknownModelError(f"model name must be a non-empty string, got {name!r}")
+    if name.startswith(("local-dir:", "hf-hub:")):
+        if not allow_folders:
+            raise UnknownModelError(f"{name!r}: a weights folder is not accepted here; give a timm model name")
+        if name.startswith("hf-hub:"):
+            return name, None
+        return _folder_architecture(name[len("local-dir:"):]), None
     arch, _, tag = name.partition(".")
     if not timm.is_model(arch):
         matches = closest_models(arch)
@@ -131,11 +145,30 @@ def resolve_name(name: str) -> Tuple[str, Optional[str]]:
     return arch, tag
 
 
+def _folder_architecture(folder: str) -> str:
+    """The registered architecture named by ``folder``'s ``config.json``."""
+    config = Path(folder).expanduser() / "config.json"
+    try:
+        with open(config, encoding="utf-8") as f:
+            arch = json.load(f).get("architecture")
+    except FileNotFoundError:
+        raise UnknownModelError(f"local-dir:{folder}: no config.json there (a folder written by `vitzoo convert` or "
+                                "timm's save_for_hf has one)") from None
+    except (OSError, ValueError, AttributeError) as e:
+        raise UnknownModelError(f"local-dir:{folder}: cannot read {config} ({e})") from None
+    if not isinstance(arch, str) or not timm.is_model(arch):
+        raise UnknownModelError(f"local-dir:{folder}: {config} names architecture {arch!r}, which is not a "
+                                "registered timm model (import the package that registers it)")
+    return arch
+
+
 def create(name: str, img_size: Optional[int] = None) -> nn.Module:
     """Build a timm model by name, without weights, in eval mode.
 
     Args:
         name: ``arch`` or ``arch.tag``; the tag selects the pretrained cfg (input size, normalisation) only.
+            Also ``local-dir:PATH`` / ``hf-hub:org/name``: the folder's config (classes, input size) is used,
+            its weights are not loaded.
         img_size: Build for this square input size. Only passed to models whose cfg has a fixed input size
             (ViTs); convolutional models take any size as they are.
 
@@ -145,7 +178,7 @@ def create(name: str, img_size: Optional[int] = None) -> nn.Module:
     Raises:
         UnknownModelError: See :func:`resolve_name`.
     """
-    resolve_name(name)
+    resolve_name(name, allow_folders=True)
     model = timm.create_model(name, pretrained=False)
     cfg = model.pretrained_cfg
     if img_size is not None and cfg.get("fixed_input_size") and tuple(cfg["input_size"][-2:]) != (img_size, img_size):
