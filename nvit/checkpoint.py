@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.layers import resample_abs_pos_embed
+from timm.models._input import get_pretrained_grid_size
 
 from .attention import resample_token_mask
 from .dims import NViTDims, resolve_dims
@@ -272,14 +273,33 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: torch.nn.Module) 
     out = convert_official(state_dict)
     grid = list(model.patch_embed.grid_size)
     prefix = model.num_prefix_tokens
-    if out['pos_embed'].shape[1] != model.pos_embed.shape[1]:
-        out['pos_embed'] = resample_abs_pos_embed(out['pos_embed'], new_size=grid, num_prefix_tokens=prefix)
-    for k in [k for k in out if k.endswith('attn.token_mask')]:
-        tokens = out[k].shape[0]
-        if tokens != model.pos_embed.shape[1]:
-            side = int(round((tokens - prefix) ** 0.5))
-            out[k] = resample_token_mask(out[k], grid, [side, side], prefix)
+    source = _source_grid(model, out, out['pos_embed'].shape[1] - prefix)
+    if source != grid:
+        out['pos_embed'] = resample_abs_pos_embed(
+            out['pos_embed'], new_size=grid, old_size=source, num_prefix_tokens=prefix)
+        for k in [k for k in out if k.endswith('attn.token_mask')]:
+            out[k] = resample_token_mask(out[k], grid, source, prefix)
     return out
+
+
+def _source_grid(model: torch.nn.Module, state_dict: Mapping[str, Any], patches: int) -> List[int]:
+    """The checkpoint's patch grid: from the source's recorded ``img_size`` (timm's config.json ``model_args``,
+    e.g. through ``local-dir:``) if it accounts for every patch token, else the model's own grid if the counts
+    agree, else the square grid of that many tokens."""
+    recorded = get_pretrained_grid_size(model, state_dict.get('patch_embed.proj.weight'), patches)
+    if recorded is not None:
+        return list(recorded)
+    grid = list(model.patch_embed.grid_size)
+    if grid[0] * grid[1] == patches:
+        return grid
+    side = int(round(patches ** 0.5))
+    if side * side != patches:
+        raise ValueError(
+            f'The checkpoint\'s position embedding has {patches} patch tokens, which is not a square grid, and its '
+            f'image size is not recorded, so it cannot be resampled to this model\'s {grid[0]}x{grid[1]} grid. Load '
+            f'it through the folder with its config.json (timm.create_model("local-dir:PATH", pretrained=True, '
+            f'img_size=...)), or create the model with the img_size the checkpoint was trained at.')
+    return [side, side]
 
 
 def foreign_or_missing_dims_error(variant: str, state_dict: Mapping[str, Any], where: str) -> ValueError:

@@ -66,6 +66,7 @@ def from_vit(vit: VisionTransformer) -> NViT:
         attn_scale=attn.scale,
         qkv_bias=attn.qkv.bias is not None,
         dynamic_img_size=vit.dynamic_img_size,
+        dynamic_img_pad=vit.patch_embed.dynamic_img_pad,
         norm_eps=vit.norm.eps,
         device=ref.device,
         dtype=ref.dtype,

@@ -4,7 +4,7 @@ Paper: Global Vision Transformer Pruning with Hessian-Aware Saliency (Yang et al
 https://arxiv.org/abs/2110.04869. Original code: https://github.com/NVlabs/NViT (NVIDIA Source Code License-NC).
 This is a clean-room re-implementation; see docs/nvit.md for the differences from the official code.
 """
-from typing import Dict, List, Optional, Set, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
 
 import torch
 import torch.fx
@@ -20,7 +20,9 @@ from .dims import DimsLike, resolve_dims
 __all__ = ['NViT']
 
 
-def check_input(x: torch.Tensor, in_chans: int, img_size: List[int], patch_size: int, dynamic: bool) -> torch.Tensor:
+def check_input(
+        x: torch.Tensor, in_chans: int, img_size: List[int], patch_size: int, dynamic: bool, pad: bool,
+) -> torch.Tensor:
     """Return ``x`` if the model can take it, else raise a ValueError that says what it expects and how to adapt.
 
     An FX leaf (``torch.fx.wrap`` and timm's notrace list), so models stay traceable with the check in the graph.
@@ -36,9 +38,12 @@ def check_input(x: torch.Tensor, in_chans: int, img_size: List[int], patch_size:
             'This NViT takes {}-channel images (in_chans={}), got {} channels in shape {}; create it with '
             'in_chans={} or convert the images.'.format(in_chans, in_chans, x.shape[1], list(x.shape), x.shape[1]))
     if dynamic:
-        if x.shape[2] < patch_size or x.shape[3] < patch_size:
-            raise ValueError('Images must be at least one {}x{} patch, got {}x{}.'.format(
-                patch_size, patch_size, x.shape[2], x.shape[3]))
+        if not pad and (x.shape[2] < patch_size or x.shape[3] < patch_size or x.shape[2] % patch_size
+                        or x.shape[3] % patch_size):
+            raise ValueError(
+                'With dynamic_img_size=True, height and width must be multiples of the {}-pixel patch, got {}x{}; '
+                'resize or crop the images, or create the model with dynamic_img_pad=True to zero-pad them.'.format(
+                    patch_size, x.shape[2], x.shape[3]))
     elif x.shape[2] != img_size[0] or x.shape[3] != img_size[1]:
         raise ValueError(
             'This NViT was built for {}x{} images, got {}x{}. Resize the images, create the model with '
@@ -58,6 +63,7 @@ class NViT(nn.Module):
     token the model has two classifiers; ``forward`` returns their mean, or the pair ``(cls, dist)`` in training mode
     after ``set_distilled_training(True)`` (timm DeiT convention).
     """
+    __jit_unused_properties__ = ['_model_args']
 
     def __init__(
             self,
@@ -72,6 +78,7 @@ class NViT(nn.Module):
             attn_scale: Optional[float] = 64 ** -0.5,
             qkv_bias: bool = True,
             dynamic_img_size: bool = False,
+            dynamic_img_pad: bool = False,
             norm_eps: float = 1e-6,
             act_layer: Type[nn.Module] = nn.GELU,
             drop_rate: float = 0.,
@@ -94,7 +101,9 @@ class NViT(nn.Module):
             token_mask: Add the learned per-token q/k/v scale of the released checkpoints to every block.
             attn_scale: Attention logit scale for every block; None uses ``qk_dim ** -0.5`` per block.
             qkv_bias: Bias on q/k/v.
-            dynamic_img_size: Accept any input size at run time (position embedding and token scales resampled).
+            dynamic_img_size: Accept any input size at run time (position embedding and token scales resampled);
+                height and width must be multiples of the patch size unless ``dynamic_img_pad``.
+            dynamic_img_pad: Zero-pad the input on the right and bottom to a multiple of the patch size (timm ViT).
             norm_eps: LayerNorm epsilon.
             act_layer: MLP activation.
             drop_rate: Dropout before the classifier.
@@ -118,6 +127,7 @@ class NViT(nn.Module):
         self.embed_dim = self.num_features = self.head_hidden_size = dims.embed_dim
         self.num_prefix_tokens = 2 if distilled else 1
         self.dynamic_img_size = dynamic_img_size
+        self.dynamic_img_pad = dynamic_img_pad
         self.in_chans = in_chans
         self.grad_checkpointing = False
         self.distilled_training = False
@@ -125,7 +135,7 @@ class NViT(nn.Module):
         embed_args = dict(strict_img_size=False, output_fmt='NHWC') if dynamic_img_size else {}
         self.patch_embed = PatchEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=dims.embed_dim,
-            **embed_args, **dd)
+            dynamic_img_pad=dynamic_img_pad, **embed_args, **dd)
         num_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dims.embed_dim, **dd))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, dims.embed_dim, **dd)) if distilled else None
@@ -150,6 +160,20 @@ class NViT(nn.Module):
         self.head = nn.Linear(dims.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.head_dist = self._make_dist_head(**dd)
         self.init_weights()
+
+    @property
+    def _model_args(self) -> Dict[str, Any]:
+        """timm's reconstruction arguments (what ``save_for_hf`` writes to config.json)."""
+        return self.__dict__.get('_reconstruction_args', {})
+
+    @_model_args.setter
+    def _model_args(self, args: Dict[str, Any]) -> None:
+        # timm's create_model stores the caller's kwargs here after our entrypoint returns; ``dims`` given as an
+        # NViTDims (or JSON) is kept as its plain dict, so that save_for_hf can write it to config.json
+        args = dict(args)
+        if args.get('dims') is not None:
+            args['dims'] = resolve_dims(args['dims']).to_dict()
+        self.__dict__['_reconstruction_args'] = args
 
     def _make_dist_head(self, device=None, dtype=None) -> Optional[nn.Module]:
         if self.dist_token is None:
@@ -219,7 +243,7 @@ class NViT(nn.Module):
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
         """Patch embedding, prefix tokens and position embedding; also returns the patch grid."""
         x = check_input(x, self.in_chans, list(self.patch_embed.img_size), self.patch_embed.patch_size[0],
-                        self.dynamic_img_size)
+                        self.dynamic_img_size, self.dynamic_img_pad)
         x = self.patch_embed(x)
         grid = list(self.patch_embed.grid_size)
         if self.dynamic_img_size:

@@ -6,12 +6,8 @@ name, and its own test-suite runs the feature-intermediate tests for module ``'s
 Paper: `SHViT: Single-Head Vision Transformer with Memory Efficient Macro Design` (Yun & Ro, CVPR 2024),
 https://arxiv.org/abs/2401.16456. Official code and weights (MIT): https://github.com/ysj9909/SHViT
 """
-import pickle
-import zipfile
 from typing import Any, Dict
 
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-from safetensors import SafetensorError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
@@ -23,14 +19,10 @@ __all__ = ['default_cfgs']
 
 _RELEASE_URL = 'https://github.com/ysj9909/SHViT/releases/download/v1.0/{}.pth'
 
-# what a failed pretrained load can raise: missing file (offline / empty cache), corrupt or truncated file,
-# another model's weights (CheckpointMismatchError and load_state_dict's size/key errors are RuntimeErrors)
-_LOAD_ERRORS = (
-    FileNotFoundError, EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, OSError,
-    SafetensorError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError,
-)
-# torch's weights-only unpickler raises almost anything on bytes that are not a pickle (a KeyError for a text
-# file): an exception of any type raised inside timm's weight loading is a load error too
+# A failed pretrained load (missing file offline, corrupt or truncated file, another model's weights) can raise
+# almost any exception type (torch's weights-only unpickler raises a KeyError for a text file), so what makes an
+# error a load error is where it was raised: inside timm's weight loading. An error raised while building the
+# model (a CUDA device without a driver, an integer dtype) is re-raised unchanged.
 _TIMM_LOADERS = ('load_pretrained', 'load_state_dict', 'load_checkpoint')
 
 
@@ -96,7 +88,7 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
             **kwargs,
         )
     except Exception as e:
-        if not pretrained or not (isinstance(e, _LOAD_ERRORS) or _raised_while_loading(e)):
+        if not pretrained or not _raised_while_loading(e):
             raise
         source = _weights_source(variant, kwargs)
         if isinstance(e, CheckpointMismatchError):

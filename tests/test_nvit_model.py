@@ -220,8 +220,52 @@ def test_bad_input_is_a_clear_value_error(shape, match):
         small()(torch.randn(shape))
 
 
-def test_dynamic_size_needs_one_patch():
+def test_dynamic_size_needs_whole_patches_unless_padded():
     m = small(dynamic_img_size=True)
     assert m(torch.randn(1, 3, 16, 48)).shape == (1, 10)
-    with pytest.raises(ValueError, match='at least one 16x16 patch, got 8x48'):
-        m(torch.randn(1, 3, 8, 48))
+    for h, w in ((8, 48), (40, 48)):
+        with pytest.raises(ValueError, match=f'multiples of the 16-pixel patch, got {h}x{w}.*dynamic_img_pad=True'):
+            m(torch.randn(1, 3, h, w))
+
+
+def test_dynamic_img_pad_is_zero_padding_to_whole_patches():
+    """timm ViT's dynamic_img_pad: the same as zero-padding right and bottom to a multiple of 16 by hand."""
+    padded = small(dynamic_img_size=True, dynamic_img_pad=True)
+    plain = small(dynamic_img_size=True)
+    plain.load_state_dict(padded.state_dict())
+    x = torch.randn(2, 3, 40, 7)
+    by_hand = torch.nn.functional.pad(x, (0, 9, 0, 8))  # 40x7 -> 48x16
+    with torch.no_grad():
+        torch.testing.assert_close(padded(x), plain(by_hand), atol=0, rtol=0)
+    # from_vit carries the flag over from timm's ViT
+    vit = timm.create_model('vit_tiny_patch16_224', dynamic_img_size=True, dynamic_img_pad=True, depth=1)
+    assert nvit.from_vit(vit).dynamic_img_pad
+
+
+def test_dims_object_survives_save_for_hf(tmp_path):
+    """dims= given as an NViTDims (as docs/nvit.md shows) is written to config.json and rebuilt from it."""
+    dims = nvit.NViTDims.from_dict(DIMS)
+    m = timm.create_model('nvit_b', dims=dims, img_size=64, num_classes=10).eval()
+    timm.models.save_for_hf(m, str(tmp_path / 'hf'), safe_serialization=True)
+    again = timm.create_model(f'local-dir:{tmp_path / "hf"}', pretrained=True).eval()
+    assert again.dims == dims
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(again(x), m(x))
+
+
+def test_non_square_checkpoint_resampled_from_its_recorded_size(tmp_path):
+    """A 32x48 checkpoint loaded at 64x64 through local-dir: resampled from its own 2x3 grid, as timm's ViT does."""
+    from timm.layers import resample_abs_pos_embed
+    src = small(img_size=(32, 48))
+    timm.models.save_for_hf(src, str(tmp_path / 'hf'), safe_serialization=True)
+    model = timm.create_model(f'local-dir:{tmp_path / "hf"}', pretrained=True, img_size=64)
+    expected = resample_abs_pos_embed(src.pos_embed.detach(), new_size=[4, 4], old_size=[2, 3], num_prefix_tokens=2)
+    torch.testing.assert_close(model.pos_embed.detach(), expected, atol=0, rtol=0)
+    mask = src.blocks[0].attn.token_mask.detach()  # [2 + 6, 1]: kept prefix entries, 2x3 grid resized like pos_embed
+    expected_mask = resample_abs_pos_embed(mask[None], new_size=[4, 4], old_size=[2, 3], num_prefix_tokens=2)[0]
+    torch.testing.assert_close(model.blocks[0].attn.token_mask.detach(), expected_mask, atol=0, rtol=0)
+    # the bare weights file has no size record: a non-square token count is refused in words
+    with pytest.raises(ValueError, match=r'6 patch tokens, which is not a square grid.*local-dir:'):
+        timm.create_model('nvit_b', **dict(SMALL, dims=DIMS), pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / 'hf' / 'model.safetensors')))

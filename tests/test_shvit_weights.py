@@ -152,6 +152,15 @@ def test_non_pretrained_errors_pass_through():
         timm.create_model('shvit_s1', pretrained=False, bogus=1)
 
 
+def test_build_errors_with_pretrained_are_not_blamed_on_the_weights(tmp_path):
+    """An error raised while building the model (here an integer dtype) is the model's own error, also with
+    pretrained=True: no 'Could not load pretrained weights' and no advice to download again."""
+    with pytest.raises(RuntimeError, match='floating point') as info:
+        timm.create_model('shvit_s1', pretrained=True, dtype=torch.int32,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / 'never-read.safetensors')))
+    assert 'Could not load pretrained weights' not in str(info.value)
+
+
 # shared/reference/shvit.md: exact params (unfused, fused), fvcore fused MMACs, timm's results CSV top-1 / top-5,
 # paper Table 2 top-1, written out here as the independent record that the cfg notes are checked against
 REFERENCE = {
