@@ -108,3 +108,91 @@ def test_staged_dir_is_all_or_nothing(tmp_path):
     with pytest.raises(FileExistsError):
         with staged_dir(out):
             pass
+
+
+def test_staged_dir_refuses_the_current_folder_and_mount_points_before_any_work(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    for out, what in ((".", "it is the current folder"), (str(work), "it is the current folder"),
+                      ("sub/..", "it is the current folder"), (str(tmp_path), "it contains the current folder")):
+        with pytest.raises(FileExistsError, match=f"cannot replace .*: {what}.*choose another output folder"):
+            with staged_dir(out, force=True):
+                pytest.fail("the body must not run")
+    assert sorted(os.listdir(tmp_path)) == ["work"] and os.listdir(work) == ["sub"]
+    with pytest.raises(FileExistsError, match="already exists"):  # without force: the usual refusal
+        with staged_dir(".", force=False):
+            pass
+    with pytest.raises(FileExistsError, match="cannot replace /: it is a mount point"):
+        with staged_dir("/", force=True):
+            pass
+
+
+def test_staged_dir_removes_what_it_made_when_the_old_folder_cannot_be_moved_aside(tmp_path, monkeypatch):
+    import errno
+
+    out = tmp_path / "hub_folder"
+    out.mkdir()
+    (out / "f").write_text("old")
+
+    def busy(src, dst):
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(src), str(dst))
+
+    monkeypatch.setattr(os, "replace", busy)  # what renaming a mount point or a busy folder gives
+    with pytest.raises(OSError, match=r"cannot replace .*hub_folder: moving the existing folder aside failed "
+                                      r"\(Device or resource busy.*nothing was changed") as info:
+        with staged_dir(out, force=True) as tmp:
+            (tmp / "f").write_text("new")
+    assert info.value.errno == errno.EBUSY and ".old" not in str(info.value)
+    assert _leftovers(tmp_path) == [] and (out / "f").read_text() == "old"
+
+
+def test_os_errors_name_the_target_not_the_temp_file(tmp_path, monkeypatch):
+    missing = tmp_path / "gone"
+    missing.mkdir()
+    real_mkstemp, real_mkdtemp = __import__("tempfile").mkstemp, __import__("tempfile").mkdtemp
+
+    def vanishing(make):  # the folder disappears between the checks and the temp file (as /proc/x behaves)
+        def wrapped(*args, **kwargs):
+            os.rmdir(missing)
+            try:
+                return make(*args, **kwargs)
+            finally:
+                missing.mkdir()
+        return wrapped
+
+    monkeypatch.setattr("tempfile.mkstemp", vanishing(real_mkstemp))
+    with pytest.raises(FileNotFoundError) as info:
+        atomic_write_text(missing / "model.onnx", "x")
+    assert str(info.value) == f"[Errno 2] No such file or directory: '{missing / 'model.onnx'}'"
+    monkeypatch.setattr("tempfile.mkdtemp", vanishing(real_mkdtemp))
+    with pytest.raises(FileNotFoundError) as info:
+        with staged_dir(missing / "hub"):
+            pass
+    assert str(info.value) == f"[Errno 2] No such file or directory: '{missing / 'hub'}'"
+    monkeypatch.undo()
+
+    def denied(src, dst):
+        raise PermissionError(13, "Permission denied", str(src), str(dst))
+
+    out = tmp_path / "plot.png"
+    monkeypatch.setattr(os, "replace", denied)  # the final rename fails (force: replace rather than link)
+    with pytest.raises(PermissionError) as info:
+        atomic_write_text(out, "x", force=True)
+    assert str(info.value) == f"[Errno 13] Permission denied: '{out}'" and info.value.errno == 13
+    with pytest.raises(PermissionError) as info:
+        with staged_dir(tmp_path / "hub") as tmp:
+            (tmp / "config.json").write_text("{}")
+    assert str(info.value) == f"[Errno 13] Permission denied: '{tmp_path / 'hub'}'"
+    monkeypatch.undo()
+    assert _leftovers(tmp_path) == [] and sorted(os.listdir(tmp_path)) == ["gone"]
+
+    # an error inside the body about a file in the temp folder names the same file in the target folder
+    with pytest.raises(FileNotFoundError, match=f"'{tmp_path / 'hub' / 'no' / 'file'}'"):
+        with staged_dir(tmp_path / "hub") as tmp:
+            (tmp / "no" / "file").write_text("x")
+    # other errors are left alone
+    with pytest.raises(FileNotFoundError, match=f"'{tmp_path / 'elsewhere'}'"):
+        with atomic_open(tmp_path / "out.bin"):
+            open(tmp_path / "elsewhere")
+    assert sorted(os.listdir(tmp_path)) == ["gone"]

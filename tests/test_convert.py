@@ -196,3 +196,16 @@ def test_verify_folder_catches_inconsistent_folders(shvit_official, tmp_path):
     (out / "README.md").unlink()
     with pytest.raises(VerificationError, match="lacks"):
         verify_folder(out)
+
+
+def test_forced_output_in_the_current_folder_is_one_line_and_leaves_nothing(shvit_official, tmp_path, monkeypatch,
+                                                                            capsys):
+    _, src = shvit_official
+    work = tmp_path / "empty"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["convert", str(src), "--model", "shvit_s1", "--out", ".", "--force", "--no-flops"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("vitzoo convert: error: cannot replace .: it is the current folder") and "--out" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert os.listdir(tmp_path) == ["empty"] and os.listdir(work) == []

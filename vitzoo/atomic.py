@@ -11,10 +11,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator, Union
+from typing import Any, BinaryIO, Iterator, Optional, Union
 
-__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "check_output_file", "check_output_free",
-           "staged_dir"]
+__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "check_output_dir", "check_output_file",
+           "check_output_free", "staged_dir"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -25,7 +25,8 @@ def atomic_open(path: PathLike, force: bool = False) -> Iterator[BinaryIO]:
 
     If the body raises, the temporary file is removed and ``path`` is left as it was. Missing parent folders are
     created. Without ``force``, a file that another writer puts at ``path`` while this one writes is not replaced
-    either (``FileExistsError`` at the end).
+    either (``FileExistsError`` at the end). An OS error about the temporary file (it cannot be created, renamed,
+    ...) names ``path`` instead, with the OS reason.
 
     Args:
         path: destination file.
@@ -34,21 +35,57 @@ def atomic_open(path: PathLike, force: bool = False) -> Iterator[BinaryIO]:
     path = Path(path)
     check_output_file(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _naming_target(e, path, temp=None) from e
+    tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        _make_readable(Path(tmp))
+        _make_readable(tmp)
         if force:
             os.replace(tmp, path)
         else:
-            _link_no_replace(Path(tmp), path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+            _link_no_replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # a failed clean-up must not hide the error itself
             os.unlink(tmp)
-        raise
+        renamed = _naming_target(e, path, temp=tmp) if isinstance(e, OSError) else e
+        if renamed is e:
+            raise
+        raise renamed from e
+
+
+def _naming_target(error: OSError, target: Path, temp: Optional[Path]) -> OSError:
+    """``error`` re-made to name ``target`` (the path the caller gave) where it names a temporary path of ours.
+
+    The user never saw the temp name (``.model.onnx.x1y2.tmp``), so an error about it is confusing. The OS reason
+    (``errno``, ``strerror``) and the error's type are kept. ``temp=None`` means every path in ``error`` is a temp
+    path (an error of ``mkstemp``/``mkdtemp``, which name only the path they tried). A path inside a temp folder
+    becomes the same path inside ``target``. Returns ``error`` itself when there is nothing to rename.
+    """
+    if error.errno is None or error.strerror is None:
+        return error
+
+    def swap(name: Any) -> Any:
+        if name is None:
+            return None
+        text = os.fsdecode(name)
+        if temp is None or text == str(temp):
+            return str(target)
+        if text.startswith(str(temp) + os.sep):
+            return str(target) + text[len(str(temp)):]
+        return name
+
+    first, second = swap(error.filename), swap(error.filename2)
+    if (first, second) == (error.filename, error.filename2):
+        return error
+    if second is not None and os.path.abspath(os.fsdecode(second)) == os.path.abspath(target):
+        second = None  # a rename of the temp onto the target: one name is enough
+    return type(error)(error.errno, error.strerror, first, None, second)
 
 
 def _link_no_replace(tmp: Path, path: Path) -> None:
@@ -117,12 +154,39 @@ def atomic_write_text(path: PathLike, text: str, force: bool = False) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"), force=force)
 
 
+def check_output_dir(path: PathLike, force: bool) -> None:
+    """Check, before any work, that a folder can be written (or, with ``force``, replaced) at ``path``.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``force`` is not set; or it exists and cannot be replaced even with
+            ``force``: it is the current folder or contains it, or it is a mount point (a rename cannot move it).
+    """
+    check_output_free(path, force)
+    if not os.path.isdir(path) or os.path.islink(path):
+        return
+    target = os.path.realpath(path)
+    if os.path.ismount(target):
+        raise FileExistsError(
+            f"cannot replace {path}: it is a mount point, which cannot be replaced; choose another output folder "
+            "(--out), e.g. a new folder inside it."
+        )
+    cwd = os.path.realpath(os.getcwd())
+    if cwd == target or cwd.startswith(target.rstrip(os.sep) + os.sep):
+        raise FileExistsError(
+            f"cannot replace {path}: it {'is' if cwd == target else 'contains'} the current folder, which cannot be "
+            "replaced; choose another output folder (--out), e.g. a new folder inside it."
+        )
+
+
 @contextlib.contextmanager
 def staged_dir(out_dir: PathLike, force: bool = False) -> Iterator[Path]:
     """Build a folder in a temp dir next to ``out_dir``, then move it into place in one rename.
 
     If the body raises, the temp dir is removed and ``out_dir`` is left as it was. With ``force`` an existing
-    ``out_dir`` is replaced (it is moved aside first and deleted only after the new folder is in place).
+    ``out_dir`` is replaced (it is moved aside first and deleted only after the new folder is in place); the
+    current folder and mount points cannot be replaced (:func:`check_output_dir`), and if moving the old folder
+    aside fails anyway, everything this created is removed and the error says so. An OS error about the temp
+    folder names ``out_dir`` instead.
 
     Args:
         out_dir: the final folder.
@@ -132,28 +196,52 @@ def staged_dir(out_dir: PathLike, force: bool = False) -> Iterator[Path]:
         The temp folder to fill.
     """
     out_dir = Path(out_dir)
-    check_output_free(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    check_output_dir(out_dir, force)
+    target = Path(os.path.abspath(out_dir))  # '.', 'a/..': the real name and parent, for the temp names
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    except OSError as e:
+        raise _naming_target(e, out_dir, temp=None) from e
     try:
         yield tmp
         _make_readable(tmp)
         check_output_free(out_dir, force)  # someone may have created it meanwhile
         old = None
-        if os.path.lexists(out_dir):
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
+        if os.path.lexists(target):
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            try:
+                os.replace(target, old / target.name)
+            except OSError as e:
+                shutil.rmtree(old, ignore_errors=True)
+                raise _cannot_move_aside(e, out_dir) from e
         try:
-            os.replace(tmp, out_dir)
+            os.replace(tmp, target)
         except BaseException:  # the new folder did not land: put the old one back where it was
             if old is not None:
-                os.replace(old / out_dir.name, out_dir)
+                os.replace(old / target.name, target)
                 shutil.rmtree(old, ignore_errors=True)
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        renamed = _naming_target(e, out_dir, temp=tmp)
+        if renamed is e:
+            raise
+        raise renamed from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cannot_move_aside(error: OSError, out_dir: Path) -> OSError:
+    """The error for an existing ``out_dir`` that cannot be renamed aside (busy, a mount point, no permission)."""
+    reason = error.strerror or str(error)
+    new = type(error)(
+        f"cannot replace {out_dir}: moving the existing folder aside failed ({reason}; a mount point or a folder "
+        "in use cannot be moved); nothing was changed. Choose another output folder (--out) or remove it first."
+    )
+    new.errno = error.errno  # for callers that test it; the message stays the one above
+    return new
 
 
 def _make_readable(target: Path) -> None:

@@ -29,12 +29,12 @@ from .hub import (
     CorruptWeightsError,
     MissingWeightsError,
     WeightsError,
-    check_output_free,
     load_pretrained_model,
     read_safetensors_metadata,
     sha256_file,
     staged_dir,
 )
+from .atomic import check_output_dir
 from .manifest import Manifest, WeightEntry, family_of, load_manifest
 from .model_card import card_fields, render_card
 
@@ -228,7 +228,8 @@ def convert_checkpoint(
 
     Raises:
         UnknownModelError: ``model_name``'s architecture is not a timm model (a ``ValueError``).
-        FileExistsError: ``out_dir`` exists and not ``force``.
+        FileExistsError: ``out_dir`` exists and not ``force``, or it cannot be replaced (the current folder, a
+            mount point).
         MissingWeightsError, CorruptWeightsError, WeightsError: bad source (missing, hash mismatch, corrupt,
             weights of another model).
         VerificationError: the converted folder does not reproduce the source model.
@@ -242,7 +243,7 @@ def convert_checkpoint(
 
     model, _, name_tag = model_name.partition(".")
     resolve_name(model)  # an unknown architecture: UnknownModelError with the closest names, before any work
-    check_output_free(out_dir, force)
+    check_output_dir(out_dir, force)  # also: the current folder or a mount point cannot be replaced
     tag = tag or name_tag or None
     manifest = manifest or load_manifest()
     out_dir = Path(out_dir)
