@@ -412,3 +412,47 @@ def test_residual_add_computed_after_the_conv():
     deployed = deploy(model, x, backend="eager")
     assert any("fused residual add: 1" in o for o in deployed.optimizations), deployed.optimizations
     torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)
+
+
+class _ShortcutThenInPlace(nn.Module):
+    """The shortcut conv's input is changed in place before the add (``act(x)`` with ``inplace=True``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.short = nn.Conv2d(8, 8, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        shortcut = self.short(x)
+        x = self.conv(self.act(x))
+        return shortcut + x
+
+
+class _AliasedInPlaceAdd(nn.Module):
+    """``y += conv(x)`` where ``y`` has another name: the add must stay in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        y = self.stem(x) * 1.0
+        keep = y
+        y += self.conv(x)
+        return keep * 2 + y
+
+
+@pytest.mark.parametrize("model_cls", [_ShortcutThenInPlace, _AliasedInPlaceAdd])
+def test_residual_fusion_respects_in_place_ops(model_cls):
+    """Found by an audit: fusing the add moved the shortcut conv after an in-place op on its input (wrong by 0.13),
+    and turned ``y += conv(x)`` into a new tensor that ``y``'s other name did not see."""
+    torch.manual_seed(0)
+    model, x = model_cls().eval(), torch.randn(2, 3, 12, 12)
+    deployed = deploy(model, x, backend="eager", verify=False)
+    torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)
+    if model_cls is _AliasedInPlaceAdd:  # torch.fx itself records ``y += t`` as ``y = y + t``: no rewrite at all
+        assert any("does not reproduce the model's output" in o for o in deployed.optimizations)

@@ -135,3 +135,51 @@ def test_revit_flops_match_formula(name):
     macs = sum(v for k, v in report.by_operator.items() if k in MAC_OPS)
     assert macs == vit_macs(emb, heads, qk, mlp, tokens, classifiers)
     assert report.total == pytest.approx(paper_g * 1e9, rel=0.01)
+
+
+def test_plain_conv_bn_pairs_are_folded_like_torch_fx_fuse():
+    """ResNet's Conv2d -> BatchNorm2d pairs have no fuse(): the fused count folds them anyway. Reference: PyTorch's
+    own Conv+BN folding (torch.fx.experimental.optimization.fuse) counted by fvcore directly."""
+    import torch
+    from fvcore.nn import FlopCountAnalysis
+    from torch.fx.experimental.optimization import fuse
+
+    model = timm.create_model("resnet18").eval()
+    reference = fuse(model)
+    x = torch.randn(1, 3, 96, 96)
+    analysis = FlopCountAnalysis(reference, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    report = count_flops(model, 96)
+    assert report.total == analysis.total()
+    assert "batch_norm" not in report.by_operator
+    assert report.params_fused == count_params(reference) < report.params
+
+
+def test_timm_batchnorm_act_folded_and_only_the_norm_removed():
+    """MobileNetV3's BatchNormAct2d: the fused count is the unfused one minus fvcore's batch_norm count, exactly."""
+    unfused = count_flops("mobilenetv3_small_050", 64, fused=False)
+    fused = count_flops("mobilenetv3_small_050", 64)
+    assert fused.total == unfused.total - unfused.by_operator["batch_norm"]
+    assert "batch_norm" not in fused.by_operator
+
+
+def test_bn_whose_conv_output_is_also_used_elsewhere_is_not_folded():
+    import torch
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y  # folding the norm into conv would change the second use
+
+    model = Shared().eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    model.bn.running_var.uniform_(0.5, 2)
+    report = count_flops(model, (3, 8, 8))
+    assert report.by_operator["batch_norm"] > 0 and report.params_fused == report.params
+    from vitzoo import deploy
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(deploy(model, x)(x), model(x), atol=1e-5, rtol=0)

@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 from timm.utils import reparameterize_model
 
+from vitzoo.batchnorm_folding import fold_batchnorms
+
 with warnings.catch_warnings():
     # fvcore scripts a loss function at import time, which torch 2.14 answers with a deprecation warning
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
@@ -210,15 +212,16 @@ def count_flops(
     size = _input_size(model, input_size)
 
     params = count_params(model)
-    fused_model = reparameterize_model(copy.deepcopy(model).to("cpu").eval(), inplace=True)
-    params_fused = count_params(fused_model)
-    counted = fused_model if fused else copy.deepcopy(model).to("cpu").eval()
-
-    example = torch.randn(batch_size, *size, dtype=next(counted.parameters(), torch.empty(0)).dtype)
+    unfused = copy.deepcopy(model).to("cpu").eval()
+    example = torch.randn(batch_size, *size, dtype=next(unfused.parameters(), torch.empty(0)).dtype)
     with torch.no_grad():
         # one eager call first: checks that a model skips while traced (SHViT's minimum size, its channel count)
         # raise the model's own error here instead of a count for an input it would reject
-        counted(example)
+        unfused(example)
+    fused_model = reparameterize_model(copy.deepcopy(unfused), inplace=True)
+    fused_model, _ = fold_batchnorms(fused_model, example)
+    params_fused = count_params(fused_model)
+    counted = fused_model if fused else unfused
     analysis = FlopCountAnalysis(counted, example)
     analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
     analysis.set_op_handle(**{op: None for op in FREE_OPS})

@@ -2,7 +2,8 @@
 
 Backends (see ``docs/deploy.md`` for measurements and when to use which):
 
-* ``"eager"`` (default): deep copy, ``eval()``, BN/re-param fusion (``timm.utils.reparameterize_model``),
+* ``"eager"`` (default): deep copy, ``eval()``, BN/re-param fusion (``timm.utils.reparameterize_model``, then
+  ``vitzoo.batchnorm_folding`` for plain Conv->BN pairs),
   channels-last memory format for convolutional models, and on CPU (fp32, oneDNN available) a graph rewrite
   that replaces every ``nn.Conv2d`` by a :class:`~vitzoo.onednn_rewrite.PackedConv2d`: weights reordered once
   into oneDNN's blocked layout, and a following ReLU and/or residual add fused into the convolution kernel
@@ -25,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from vitzoo.batchnorm_folding import fold_batchnorms
 from vitzoo.onednn_rewrite import PackedConv2d, onednn_rewrite
 from vitzoo.stem_chunking import chunk_stem
 
@@ -325,6 +327,7 @@ def deploy(
         with torch.no_grad():
             reference = model(example_input)
     model = reparameterize_model(model, inplace=True)
+    model, folded = fold_batchnorms(model, example_input)
     model.requires_grad_(False)
     builders: Dict[str, Callable[[], DeployedModel]] = {
         "eager": lambda: _build_eager(model, example_input, rewrite=True),
@@ -333,6 +336,8 @@ def deploy(
         "torchscript": lambda: _build_torchscript(model, example_input),
     }
     deployed = builders[backend]()
+    if folded:
+        deployed.optimizations.insert(2, f"BatchNorm folded into the conv/linear before it in {folded} layers")
     deployed.set_example(example_input)
     if verify:
         diff = _check_close(reference, deployed, example_input, atol, rtol, backend)

@@ -7,6 +7,7 @@ measurements in ``docs/benchmarks.md`` (section 6).
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -15,11 +16,15 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils import _pytree as pytree
 
 __all__ = ["PackedConv2d", "onednn_rewrite"]
 
 _RELU_TARGETS = (F.relu, torch.relu, torch.relu_)
-_ADD_TARGETS = (operator.add, operator.iadd, torch.add)
+_ADD_TARGETS = (operator.add, torch.add)
+_IN_PLACE_OPERATORS = (
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow,
+    operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift, operator.setitem)
 
 
 class PackedConv2d(nn.Module):
@@ -131,9 +136,39 @@ def _add_operands(node: fx.Node) -> List[Tuple[object, object]]:
     a, b = node.args
     if node.op == "call_function" and node.target in _ADD_TARGETS or node.op == "call_method" and node.target == "add":
         return [(a, b), (b, a)]
-    if node.op == "call_method" and node.target == "add_":
+    if node.op == "call_function" and node.target is operator.iadd or node.op == "call_method" and node.target == "add_":
         return [(a, b)]
     return []
+
+
+def _mutates_in_place(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    """True if ``node`` may write into one of its inputs (``x.relu_()``, ``x += y``, ``nn.ReLU(inplace=True)``,
+    ``F.relu(x, inplace=True)``, ``x[i] = y``); unknown callables with an ``inplace`` argument set count too."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__") or node.target == "__setitem__"
+    if node.op == "call_module":
+        return getattr(modules.get(node.target), "inplace", False) is True
+    if node.op != "call_function":
+        return False
+    if node.target in _IN_PLACE_OPERATORS or getattr(node.target, "__name__", "").endswith("_"):
+        return True
+    if node.kwargs.get("inplace") is True:
+        return True
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):  # builtins without a signature, or arguments that do not bind
+        return False
+    return bound.arguments.get("inplace") is True
+
+
+def _mutation_between(first: fx.Node, last: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    """True if a node strictly between ``first`` and ``last`` (graph order) may modify a tensor in place."""
+    node = first.next
+    while node is not last and node.op != "root":
+        if _mutates_in_place(node, modules):
+            return True
+        node = node.next
+    return False
 
 
 def _same_tensor_meta(a: fx.Node, b: object) -> bool:
@@ -172,13 +207,20 @@ def _pack_convolutions(gm: fx.GraphModule, modules: Dict[str, nn.Module]) -> Dic
     return packed
 
 
-def _fuse_residual_adds(gm: fx.GraphModule, packed: Dict[fx.Node, PackedConv2d]) -> int:
-    """``conv(x) + r`` (same shape, conv used only by the add) -> ``PackedConv2d(x, r)``."""
+def _fuse_residual_adds(
+        gm: fx.GraphModule, packed: Dict[fx.Node, PackedConv2d], modules: Dict[str, nn.Module]) -> int:
+    """``conv(x) + r`` (same shape, conv used only by the add) -> ``PackedConv2d(x, r)``.
+
+    The fused conv runs where the add was, so that ``r`` is ready; it is fused only if nothing between the conv and
+    the add modifies a tensor in place (that could be ``x`` or ``r``), and an in-place add only if it writes into the
+    conv's output (``conv(x) += r``), never into ``r``, which other names may still refer to.
+    """
     fused = 0
     for node in list(gm.graph.nodes):
         for conv_node, residual in _add_operands(node):
             if conv_node in packed and len(conv_node.users) == 1 and len(conv_node.args) == 1 \
-                    and packed[conv_node].unary == "none" and _same_tensor_meta(conv_node, residual):
+                    and packed[conv_node].unary == "none" and _same_tensor_meta(conv_node, residual) \
+                    and not _mutation_between(conv_node, node, modules):
                 # the residual may be computed after the conv (``y = conv(x); r = f(x); y + r``): run the conv
                 # where the add was, after both operands (its only user is the add, so nothing earlier needs it)
                 node.prepend(conv_node)
@@ -206,6 +248,26 @@ def _fuse_relus(gm: fx.GraphModule, packed: Dict[fx.Node, PackedConv2d], modules
     return fused
 
 
+def _same_outputs(a: object, b: object) -> bool:
+    """Whether two (nested) model outputs hold the same values, up to float rounding."""
+    leaves_a, spec_a = pytree.tree_flatten(a)
+    leaves_b, spec_b = pytree.tree_flatten(b)
+    if spec_a != spec_b:
+        return False
+    for x, y in zip(leaves_a, leaves_b):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype:
+                return False
+            scale = float(y.abs().max()) if y.numel() and y.is_floating_point() else 0.0
+            if not torch.allclose(x, y, rtol=1e-5, atol=1e-6 * max(scale, 1.0), equal_nan=True):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
 def onednn_rewrite(model: nn.Module, example_input: torch.Tensor) -> Tuple[nn.Module, List[str]]:
     """Trace ``model`` with torch.fx and swap its convolutions for fused, pre-packed oneDNN ones.
 
@@ -222,13 +284,18 @@ def onednn_rewrite(model: nn.Module, example_input: torch.Tensor) -> Tuple[nn.Mo
     except Exception as e:  # tracing arbitrary user models can fail in many ways
         return model, [f"oneDNN rewrite skipped: torch.fx could not trace the model ({type(e).__name__}: {e})"]
     with torch.no_grad():
-        ShapeProp(gm).propagate(example_input)
+        traced = ShapeProp(gm).propagate(example_input)
+        if not _same_outputs(traced, model(example_input)):
+            # torch.fx records ``y += t`` on a tensor as ``y = y + t``; when another name still refers to ``y``
+            # (or the model mutates tensors in other ways fx cannot see) the trace computes something else
+            return model, ["oneDNN rewrite skipped: the torch.fx trace does not reproduce the model's output "
+                           "(in-place updates that torch.fx cannot record)"]
     modules = dict(gm.named_modules())
     _drop_identities(gm, modules)
     packed = _pack_convolutions(gm, modules)
     if not packed:
         return model, ["oneDNN rewrite skipped: no plain nn.Conv2d found"]
-    n_add = _fuse_residual_adds(gm, packed)
+    n_add = _fuse_residual_adds(gm, packed, modules)
     n_relu = _fuse_relus(gm, packed, modules)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
