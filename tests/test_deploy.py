@@ -456,3 +456,25 @@ def test_residual_fusion_respects_in_place_ops(model_cls):
     torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)
     if model_cls is _AliasedInPlaceAdd:  # torch.fx itself records ``y += t`` as ``y = y + t``: no rewrite at all
         assert any("does not reproduce the model's output" in o for o in deployed.optimizations)
+
+
+def test_example_input_of_another_dtype_is_a_clear_type_error():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    with pytest.raises(TypeError, match=r"example_input is torch.bfloat16 but the model's weights are "
+                                        r"torch.float32; pass example_input.to\(torch.float32\)"):
+        deploy(model, torch.randn(1, 3, 8, 8, dtype=torch.bfloat16))
+
+
+def test_bf16_model_rounding_names_the_precision():
+    """A bf16 model misses the float32 default atol by its own rounding: the error says so and what to pass."""
+    torch.manual_seed(0)
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                                        nn.Conv2d(64, 64, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                        nn.Linear(64, 10))).eval()
+    with torch.no_grad():
+        model[-1].weight.mul_(100.0)  # logits of order 10, as a trained model's
+    bf16 = model.to(torch.bfloat16)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"runs in torch.bfloat16 .*default atol=1e-4 is meant for float32: "
+                                           r"pass atol="):
+        deploy(bf16, x, backend="onnxruntime")

@@ -1,6 +1,7 @@
 """vitzoo.flops against published numbers, hand-derived formulas and fvcore's own matmul handle."""
 import pytest
 import timm
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -140,7 +141,6 @@ def test_revit_flops_match_formula(name):
 def test_plain_conv_bn_pairs_are_folded_like_torch_fx_fuse():
     """ResNet's Conv2d -> BatchNorm2d pairs have no fuse(): the fused count folds them anyway. Reference: PyTorch's
     own Conv+BN folding (torch.fx.experimental.optimization.fuse) counted by fvcore directly."""
-    import torch
     from fvcore.nn import FlopCountAnalysis
     from torch.fx.experimental.optimization import fuse
 
@@ -163,8 +163,6 @@ def test_timm_batchnorm_act_folded_and_only_the_norm_removed():
 
 
 def test_bn_whose_conv_output_is_also_used_elsewhere_is_not_folded():
-    import torch
-
     class Shared(nn.Module):
         def __init__(self):
             super().__init__()
@@ -183,3 +181,40 @@ def test_bn_whose_conv_output_is_also_used_elsewhere_is_not_folded():
     from vitzoo import deploy
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(deploy(model, x)(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_fvcore_silent_arithmetic_is_reported_or_counted():
+    """fvcore's ignore list drops relu/clamp/max without a word; they are listed, or counted with elementwise."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Hardtanh(0.0, 6.0))
+    elements = 4 * 5 * 5
+    default = count_flops(model, (3, 5, 5))
+    assert default.total == elements * 3
+    assert default.uncounted == {"aten::relu": 1, "aten::hardtanh": 1}
+    full = count_flops(model, (3, 5, 5), elementwise=True)
+    assert full.by_operator["relu"] == full.by_operator["hardtanh"] == elements and full.uncounted == {}
+
+
+def test_sdpa_handle_counts_broadcast_batch():
+    """q of batch 1 against k/v of batch 3: three attentions, 3*2*5*20*(8+8) MACs (hand count)."""
+    class Broadcast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Parameter(torch.randn(1, 2, 5, 8))
+
+        def forward(self, x):
+            kv = x.reshape(3, 2, 20, 8)
+            return F.scaled_dot_product_attention(self.q, kv, kv)
+
+    assert count_flops(Broadcast(), (2, 20, 8), batch_size=3).total == 3 * 2 * 5 * 20 * (8 + 8)
+
+
+def test_in_chans_comes_from_the_model_not_its_cfg():
+    """timm leaves pretrained_cfg['input_size'] at 3 channels for in_chans=1: the model's own count is used."""
+    from vitzoo import deploy
+
+    model = timm.create_model("resnet18", in_chans=1, num_classes=4)
+    assert count_flops(model).input_size == (1, 224, 224)
+    by_int = count_flops(model, 32)
+    assert by_int.input_size == count_flops(model, (32, 32)).input_size == (1, 32, 32)
+    assert by_int.total == count_flops(model, (1, 32, 32)).total
+    assert deploy(model.eval())(torch.randn(2, 1, 224, 224)).shape == (2, 4)

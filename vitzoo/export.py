@@ -116,7 +116,7 @@ def _file_stem(name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vitzoo.models import UnknownModelError
+    from vitzoo.models import UnknownModelError, model_in_chans
 
     if args.img_size is not None and args.img_size < 1:
         print(f"error: --img-size must be positive, got {args.img_size}", file=sys.stderr)
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"exporting {args.model} at {img_size}x{img_size} (opset {args.opset}) -> {out}", file=sys.stderr)
     try:
         diff = export_verified_onnx(model, out, img_size, opset=args.opset, force=args.force,
-                                    in_chans=int(input_size[0]))
+                                    in_chans=model_in_chans(model))
     except (OSError, ValueError, ExportError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

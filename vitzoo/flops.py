@@ -30,6 +30,7 @@ import torch.nn as nn
 from timm.utils import reparameterize_model
 
 from vitzoo.batchnorm_folding import fold_batchnorms
+from vitzoo.models import model_in_chans, model_input_size
 
 with warnings.catch_warnings():
     # fvcore scripts a loss function at import time, which torch 2.14 answers with a deprecation warning
@@ -37,17 +38,26 @@ with warnings.catch_warnings():
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import get_shape
 
-__all__ = ["FlopReport", "count_flops", "count_params", "sdpa_flop_jit", "ELEMENTWISE_OPS", "FREE_OPS"]
+__all__ = ["FlopReport", "count_flops", "count_params", "sdpa_flop_jit", "ELEMENTWISE_OPS", "FREE_OPS",
+           "FVCORE_SILENT_OPS"]
 
 
 def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     """fvcore handle for ``aten::scaled_dot_product_attention``: MACs of ``Q K^T`` and ``A V``.
 
-    With q ``[..., L, E]``, k ``[..., S, E]`` and v ``[..., S, Ev]`` that is ``prod(...) * L * S * (E + Ev)``.
-    Scaling, masking and softmax are elementwise and not counted here.
+    With q ``[..., L, E]``, k ``[..., S, E]`` and v ``[..., S, Ev]`` that is ``prod(...) * L * S * (E + Ev)``, where
+    ``...`` are the batch dims after broadcasting (a q of batch 1 against k/v of batch B attends B times; with
+    grouped-query attention q has more heads than k/v, and each q head counts). Scaling, masking and softmax are
+    elementwise and not counted here.
     """
     q, k, v = (get_shape(i) for i in inputs[:3])
-    return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+    lead = max(len(q), len(k), len(v)) - 2
+    batch = 1
+    for i in range(1, lead + 1):  # batch dims aligned from the right, as broadcasting does
+        sizes = [t[-2 - i] for t in (q, k, v) if len(t) - 2 >= i]
+        q_size = q[-2 - i] if len(q) - 2 >= i else 1
+        batch *= q_size if q_size != 1 else max(sizes)
+    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
 def _per_output_element(inputs: List[Any], outputs: List[Any]) -> int:
@@ -67,7 +77,7 @@ ELEMENTWISE_OPS: Dict[str, Any] = {
             "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "exp", "sqrt", "rsqrt",
             "pow", "abs", "tanh", "gelu", "gelu_", "sigmoid", "sigmoid_", "silu", "silu_", "hardswish",
             "hardswish_", "hardsigmoid", "hardsigmoid_", "softmax", "log_softmax", "erf", "clamp_min",
-            "leaky_relu", "elu", "mish",
+            "leaky_relu", "elu", "mish", "hardtanh", "hardtanh_",
         )
     },
     **{
@@ -77,9 +87,25 @@ ELEMENTWISE_OPS: Dict[str, Any] = {
 }
 
 
+# Arithmetic ops that fvcore skips without reporting them (its built-in ignore list, next to the real shape ops):
+# counted one per element with ``elementwise=True`` (ELEMENTWISE_OPS), otherwise reported in ``uncounted``.
+FVCORE_SILENT_OPS = tuple(f"aten::{op}" for op in (
+    "relu", "relu_", "clamp", "clamp_", "max", "masked_fill", "floor", "floor_divide", "remainder", "eq", "ge", "gt",
+    "__and__", "bitwise_not"))
+ELEMENTWISE_OPS.update({op: _per_output_element for op in FVCORE_SILENT_OPS})
+ELEMENTWISE_OPS["aten::max"] = _per_input_element  # a reduction, or the elementwise max of equal shapes
+
 # Shape and copy ops missing from fvcore's list of free ops; they cost no arithmetic.
 FREE_OPS = ("aten::reshape_as", "aten::view_as", "aten::expand_as", "aten::repeat", "aten::pad", "aten::clone",
             "aten::movedim", "aten::unflatten", "aten::tensor_split", "aten::pixel_shuffle", "aten::pixel_unshuffle")
+
+
+def _recorded_uncounted(op: str, calls: Counter) -> Any:
+    """An fvcore handle that counts nothing and records the call, for :attr:`FlopReport.uncounted`."""
+    def handle(inputs: List[Any], outputs: List[Any]) -> int:
+        calls[op] += 1
+        return 0
+    return handle
 
 
 def count_params(model: nn.Module) -> int:
@@ -156,18 +182,17 @@ def _human(n: float) -> str:
 
 def _input_size(model: nn.Module, input_size: Union[None, int, Sequence[int]]) -> Tuple[int, int, int]:
     if input_size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        if "input_size" not in cfg:
+        size = model_input_size(model)
+        if size is None:
             raise ValueError(
                 f"{type(model).__name__} has no pretrained_cfg['input_size']; pass input_size=(C, H, W) or an int"
             )
-        return tuple(int(v) for v in cfg["input_size"])
+        return size
     if isinstance(input_size, int):
-        chans = int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3,))[0])
-        size = (chans, input_size, input_size)
+        size = (model_in_chans(model), input_size, input_size)
     else:
         size = tuple(int(v) for v in input_size)
-        size = (3,) + size if len(size) == 2 else size
+        size = (model_in_chans(model),) + size if len(size) == 2 else size
     if len(size) != 3 or min(size) <= 0:
         raise ValueError(f"input_size must be an int, (H, W) or (C, H, W) of positive ints, got {input_size!r}")
     return size
@@ -225,15 +250,18 @@ def count_flops(
     analysis = FlopCountAnalysis(counted, example)
     analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
     analysis.set_op_handle(**{op: None for op in FREE_OPS})
+    silent: Counter = Counter()
     if elementwise:
         analysis.set_op_handle(**ELEMENTWISE_OPS)
+    else:
+        analysis.set_op_handle(**{op: _recorded_uncounted(op, silent) for op in FVCORE_SILENT_OPS})
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.trace deprecation and tracer warnings
         total = int(analysis.total())
         by_module = {name: int(v) for name, v in analysis.by_module().items()}
         by_operator = {name: int(v) for name, v in analysis.by_operator().items() if v}
-        uncounted = dict(Counter(analysis.unsupported_ops()))
+        uncounted = dict(Counter(analysis.unsupported_ops()) + silent)
 
     return FlopReport(
         total=total,

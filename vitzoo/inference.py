@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from vitzoo.batchnorm_folding import fold_batchnorms
+from vitzoo.models import model_input_size
 from vitzoo.onednn_rewrite import PackedConv2d, onednn_rewrite
 from vitzoo.stem_chunking import chunk_stem
 
@@ -150,9 +151,9 @@ class DeployedModel(nn.Module):
 
 
 def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
-    """A random input of the model's ``pretrained_cfg['input_size']``, on the model's device and dtype."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    input_size = cfg.get("input_size")
+    """A random input of the model's ``pretrained_cfg['input_size']`` (with its own ``in_chans``), on the model's
+    device and dtype."""
+    input_size = model_input_size(model)
     if not input_size:
         raise ValueError(
             f"{type(model).__name__} has no pretrained_cfg['input_size']; pass example_input=torch.randn(1, 3, H, W)."
@@ -163,6 +164,18 @@ def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor
     return torch.randn(batch_size, *input_size, device=device, dtype=dtype)
 
 
+def _check_example_dtype(model: nn.Module, example_input: torch.Tensor) -> None:
+    """A float example of another dtype than the model's weights would fail inside the first layer; say so here."""
+    if not isinstance(example_input, torch.Tensor) or not example_input.is_floating_point():
+        return
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) == 1 and example_input.dtype not in dtypes:
+        (dtype,) = dtypes
+        raise TypeError(
+            f"deploy(): example_input is {example_input.dtype} but the model's weights are {dtype}; pass "
+            f"example_input.to({dtype}) (or convert the model with model.to({example_input.dtype})).")
+
+
 def is_convolutional(model: nn.Module) -> bool:
     """True when the model has convolutions beyond a single patch embedding (then channels-last pays off)."""
     return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
@@ -170,6 +183,8 @@ def is_convolutional(model: nn.Module) -> bool:
 
 #: A diff this small relative to the largest output is float rounding, not a wrong rewrite (fp32 eps: 1.2e-7).
 ROUNDING_RTOL = 1e-5
+#: The same for bf16 / fp16 models (bf16 eps: 7.8e-3; errors add up over the layers).
+_HALF_RTOL = 5e-2
 
 
 def _check_close(reference: torch.Tensor, candidate: nn.Module, example_input: torch.Tensor, atol: float,
@@ -180,7 +195,13 @@ def _check_close(reference: torch.Tensor, candidate: nn.Module, example_input: t
     scale = reference.abs().max().item()
     tolerance = atol + rtol * scale
     if not diff <= tolerance:
-        if diff <= ROUNDING_RTOL * scale:  # e.g. randomly initialised MobileOne: outputs of 1e15 differ by 1e9
+        low = reference.dtype in (torch.float16, torch.bfloat16)
+        if low and diff <= _HALF_RTOL * scale:  # a bf16 / fp16 model: rounding of its own precision
+            hint = (f"The model runs in {reference.dtype} ({'8' if reference.dtype == torch.bfloat16 else '11'}-bit "
+                    f"mantissa), and this is rounding at its precision (relative diff {diff / scale:.2g}); the "
+                    f"default atol=1e-4 is meant for float32: pass atol={diff * 2:.2g} (or rtol={_HALF_RTOL:g}), "
+                    f"or deploy the float32 model.")
+        elif diff <= ROUNDING_RTOL * scale:  # e.g. randomly initialised MobileOne: outputs of 1e15 differ by 1e9
             hint = (f"The original's outputs reach {scale:.3g}, so this is float rounding at that scale (relative "
                     f"diff {diff / scale:.2g}); with such outputs (random weights?) pass a larger atol, e.g. "
                     f"atol={diff * 2:.2g}, or rtol={ROUNDING_RTOL:g}, or deploy the model with its trained weights.")
@@ -306,6 +327,7 @@ def deploy(
 
     Raises:
         ValueError: Unknown backend, or no example input and no ``pretrained_cfg``.
+        TypeError: ``model`` is not a module, or a float ``example_input`` of another dtype than its weights.
         RuntimeError: Backend unavailable here, or the deployed output differs by more than
             ``atol + rtol * max|original output|``.
     """
@@ -320,6 +342,7 @@ def deploy(
         raise TypeError(f"deploy() expects an nn.Module, got {type(model).__name__}.")
     if example_input is None:
         example_input = default_example_input(model)
+    _check_example_dtype(model, example_input)
     model = model if inplace else copy.deepcopy(model)
     model.eval()
     reference = None

@@ -27,6 +27,8 @@ __all__ = [
     "closest_models",
     "resolve_name",
     "create",
+    "model_input_size",
+    "model_in_chans",
 ]
 
 # The zoo's own models: SHViT S1-S4 and the ReViT designs (NViT-B/H/S/T need per-block dims from a checkpoint).
@@ -184,3 +186,30 @@ def create(name: str, img_size: Optional[int] = None) -> nn.Module:
     if img_size is not None and cfg.get("fixed_input_size") and tuple(cfg["input_size"][-2:]) != (img_size, img_size):
         model = timm.create_model(name, pretrained=False, img_size=img_size)
     return model.eval()
+
+
+def model_input_size(model: nn.Module) -> Optional[Tuple[int, int, int]]:
+    """``(C, H, W)`` from the model's ``pretrained_cfg['input_size']``, with ``C`` the model's own ``in_chans``.
+
+    timm leaves the cfg at 3 channels when a model is created with ``in_chans=1``; the model's attribute is right.
+    None when the model has no cfg input size.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size")
+    if not size:
+        return None
+    chans = getattr(model, "in_chans", None)
+    return (chans if isinstance(chans, int) and chans > 0 else int(size[0]), int(size[1]), int(size[2]))
+
+
+def model_in_chans(model: nn.Module) -> int:
+    """The model's input channels: ``in_chans``, else the cfg's, else the first Conv2d's, else 3."""
+    size = model_input_size(model)
+    if size is not None:
+        return size[0]
+    chans = getattr(model, "in_chans", None)
+    if isinstance(chans, int) and chans > 0:
+        return chans
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else 3
+
