@@ -91,3 +91,51 @@ def test_push_network_errors_and_a_missing_folder_are_one_line(converted, tmp_pa
         assert main(["push", str(converted[1]), "--repo", "me/x"]) == 1
         err = capsys.readouterr().err
         assert "network error, nothing was uploaded" in err and "Traceback" not in err
+
+
+def _edit(config, change):
+    config = json.loads(json.dumps(config))
+    return change(config) or config
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: [1], "config.json holds a list, not an object with 'architecture', 'num_classes'"),
+    (lambda c: c.pop("num_classes") and None,
+     "config.json lacks 'num_classes', a whole number >= 0 (the weights' head (head.l) has 1000 outputs); add it"),
+    (lambda c: c.pop("pretrained_cfg") and None, "config.json lacks 'pretrained_cfg', an object; add it"),
+    (lambda c: c.update(num_classes="1000"), "config.json: 'num_classes' is \"1000\", not a whole number >= 0"),
+    (lambda c: c["model_args"].update(foo=1),
+     "config.json: model_args has 'foo', which shvit_s1 does not accept; remove it from model_args"),
+    (lambda c: c["model_args"].update(pretrained=True),
+     "config.json: model_args has 'pretrained', an argument of timm.create_model, not of shvit_s1"),
+    (lambda c: c.update(model_args=[]), "config.json: 'model_args' is a list, not an object"),
+    (lambda c: c["model_args"].update(embed_dim=[8, 8, 8]),
+     "config.json: shvit_s1 cannot be built with model_args {\"in_chans\":3,\"global_pool\":\"avg\",\"embed_dim\":"
+     "[8,8,8]} (ValueError: SHSA needs 0 < pdim < dim"),
+    (lambda c: c["model_args"].update(embed_dim=[128, 256, 384]),
+     "model.safetensors does not fit the shvit_s1 its config.json describes: 254 tensor(s) of another shape (e.g. "),
+    (lambda c: c.update(num_classes=10),
+     "config.json says num_classes=10 but the weights' head (head.l) has 1000 outputs; set num_classes (and "
+     "model_args.num_classes) to 1000"),
+    (lambda c: c.update(num_classes=10) or c["model_args"].update(num_classes=10),
+     "config.json says num_classes=10 but the weights' head (head.l) has 1000 outputs"),
+    (lambda c: c["model_args"].update(num_classes=10),
+     "config.json: 'num_classes' is 1000 but 'model_args' has num_classes=10; make them agree"),
+    (lambda c: c["pretrained_cfg"].update(input_size=[3, "a", 2]),
+     "config.json: pretrained_cfg.input_size is [3, \"a\", 2], not [channels, height, width]"),
+], ids=["list", "no-num_classes", "no-pretrained_cfg", "num_classes-string", "unknown-model_arg", "factory-arg",
+        "model_args-list", "model_arg-value", "model_arg-shapes", "num_classes-10", "both-num_classes-10",
+        "model_args-num_classes-10", "input_size"])
+def test_push_refuses_a_malformed_config_in_one_line_before_any_request(hub, converted, tmp_path, capsys, change,
+                                                                        message):
+    _, folder = converted
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("model.safetensors", "README.md"):
+        (broken / name).write_bytes((folder / name).read_bytes())
+    (broken / "config.json").write_text(json.dumps(_edit(json.loads((folder / "config.json").read_text()), change)))
+    assert main(["push", str(broken), "--repo", "me/broken"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"vitzoo push: refusing to upload {broken}: {broken}") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert hub.requests == [] and hub.repos == {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,7 @@ def _read_folder(folder: Path) -> Tuple[Dict[str, str], Dict[str, Any]]:
     if missing:
         raise VerificationError(f"{folder} lacks {missing}; convert it again with `vitzoo convert`.")
     try:
-        metadata, _ = read_safetensors_metadata(folder / "model.safetensors")
+        metadata, tensors = read_safetensors_metadata(folder / "model.safetensors")
     except CorruptWeightsError as e:
         raise VerificationError(str(e)) from e
     lacking = [k for k in REQUIRED_METADATA if not metadata.get(k)]
@@ -92,26 +93,177 @@ def _read_folder(folder: Path) -> Tuple[Dict[str, str], Dict[str, Any]]:
         raise VerificationError(f"{folder}/model.safetensors metadata lacks {lacking}; convert it again.")
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise VerificationError(f"{folder}/config.json is not valid JSON: {e}") from e
-    if config.get("architecture") != metadata["model"]:
+    _check_config(folder, config, tensors)
+    if config["architecture"] != metadata["model"]:
         raise VerificationError(
-            f"{folder}: config.json architecture {config.get('architecture')!r} differs from the weights' model "
+            f"{folder}: config.json architecture {config['architecture']!r} differs from the weights' model "
             f"{metadata['model']!r}."
         )
     if "nvit_dims" in metadata:
-        recorded = (config.get("model_args") or {}).get("dims")
-        if recorded != json.loads(metadata["nvit_dims"]):
+        try:
+            dims = json.loads(metadata["nvit_dims"])
+        except json.JSONDecodeError as e:
+            raise VerificationError(f"{folder}/model.safetensors metadata nvit_dims is not valid JSON ({e}); "
+                                    "convert it again.") from e
+        if config.get("model_args", {}).get("dims") != dims:
             raise VerificationError(f"{folder}: config.json model_args.dims differs from the weights' nvit_dims.")
     return metadata, config
+
+
+# what config.json must hold (timm's format as `save_config_for_hf` writes it) and how to describe the types
+_CONFIG_KEYS = (("architecture", str, "a model name (string)"), ("num_classes", int, "a whole number >= 0"),
+                ("pretrained_cfg", dict, "an object"))
+_AGAIN = "or convert the checkpoint again with `vitzoo convert`"
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _classifier_keys(pretrained_cfg: Dict[str, Any]) -> Tuple[str, ...]:
+    """The weight names of the classifier(s) a pretrained_cfg names (``head.l`` -> ``head.l.weight``)."""
+    names = pretrained_cfg.get("classifier")
+    names = [names] if isinstance(names, str) else names if isinstance(names, (list, tuple)) else []
+    return tuple(f"{n}.weight" for n in names if isinstance(n, str))
+
+
+def _check_config(folder: Path, config: Any, tensors: Dict[str, Any]) -> None:
+    """Check config.json's structure before timm reads it (timm fails with tracebacks on a malformed one).
+
+    ``tensors`` is the safetensors header (name -> dtype, shape, offsets), used to say what ``num_classes`` the
+    weights need.
+    """
+    where = f"{folder}/config.json"
+    if not isinstance(config, dict):
+        raise VerificationError(
+            f"{where} holds {_json_kind(config)}, not an object with 'architecture', 'num_classes', 'model_args' and "
+            f"'pretrained_cfg'; convert the checkpoint again with `vitzoo convert`."
+        )
+    for key, kind, described in _CONFIG_KEYS:
+        value = config.get(key)
+        if key not in config:
+            hint = ""
+            if key == "num_classes":
+                pretrained_cfg = config.get("pretrained_cfg")
+                keys = _classifier_keys(pretrained_cfg) if isinstance(pretrained_cfg, dict) else ()
+                shape = tensors.get(keys[0], {}).get("shape") if keys else None
+                if shape:
+                    hint = f" (the weights' head ({keys[0][:-len('.weight')]}) has {shape[0]} outputs)"
+            raise VerificationError(f"{where} lacks {key!r}, {described}{hint}; add it, {_AGAIN}.")
+        if not isinstance(value, kind) or isinstance(value, bool) or (key == "num_classes" and value < 0):
+            raise VerificationError(
+                f"{where}: {key!r} is {json.dumps(value)}, not {described}; correct it, {_AGAIN}.")
+    num_classes = config["num_classes"]
+    for key in _classifier_keys(config["pretrained_cfg"]):
+        shape = tensors.get(key, {}).get("shape")
+        if shape and shape[0] != num_classes:
+            raise VerificationError(_head_mismatch(where, num_classes, key, shape[0]))
+    model_args = config.get("model_args", {})
+    if not isinstance(model_args, dict):
+        raise VerificationError(
+            f"{where}: 'model_args' is {_json_kind(model_args)}, not an object of keyword arguments for "
+            f"{config['architecture']}; correct it, {_AGAIN}.")
+    if "num_classes" in model_args and model_args["num_classes"] != config["num_classes"]:
+        raise VerificationError(
+            f"{where}: 'num_classes' is {config['num_classes']} but 'model_args' has num_classes="
+            f"{json.dumps(model_args['num_classes'])}; make them agree (the weights' head size), {_AGAIN}.")
+    input_size = config["pretrained_cfg"].get("input_size")
+    if input_size is not None and not (
+            isinstance(input_size, list) and len(input_size) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)):
+        raise VerificationError(
+            f"{where}: pretrained_cfg.input_size is {json.dumps(input_size)}, not [channels, height, width] "
+            f"(e.g. [3, 224, 224]); correct it, {_AGAIN}.")
+
+
+def _head_mismatch(where: str, num_classes: int, key: str, outputs: int) -> str:
+    return (f"{where} says num_classes={num_classes} but the weights' head ({key[:-len('.weight')]}) has {outputs} "
+            f"outputs; set num_classes (and model_args.num_classes) to {outputs}, {_AGAIN}.")
+
+
+def _build_from_config(folder: Path, config: Dict[str, Any]) -> torch.nn.Module:
+    """The architecture built (random weights) from config.json's ``num_classes`` and ``model_args``."""
+    import inspect
+
+    import timm
+
+    where, arch = f"{folder}/config.json", config["architecture"]
+    kwargs = {k: v for k, v in config.get("model_args", {}).items() if k != "num_classes"}
+    factory_args = [n for n, p in inspect.signature(timm.create_model).parameters.items()
+                    if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    reserved = [k for k in kwargs if k in factory_args]
+    if reserved:
+        raise VerificationError(
+            f"{where}: model_args has {reserved[0]!r}, an argument of timm.create_model, not of {arch}; remove it "
+            f"from model_args, {_AGAIN}.")
+    try:
+        return timm.create_model(arch, num_classes=config["num_classes"], **kwargs)
+    except TypeError as e:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if unknown and unknown.group(1) in kwargs:
+            raise VerificationError(
+                f"{where}: model_args has {unknown.group(1)!r}, which {arch} does not accept; remove it from "
+                f"model_args, {_AGAIN}.") from e
+        raise VerificationError(_cannot_build(where, arch, kwargs, e)) from e
+    except (ValueError, AssertionError, KeyError, RuntimeError) as e:  # a bad value, or an unknown architecture
+        raise VerificationError(_cannot_build(where, arch, kwargs, e)) from e
+
+
+def _cannot_build(where: str, arch: str, kwargs: Dict[str, Any], error: BaseException) -> str:
+    args = json.dumps(kwargs, separators=(",", ":"))
+    args = args if len(args) <= 200 else args[:197] + "..."
+    return (f"{where}: {arch} cannot be built with model_args {args} ({type(error).__name__}: {_first_line(error)}); "
+            f"correct model_args, {_AGAIN}.")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _check_fit(folder: Path, config: Dict[str, Any], model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """One line saying how ``state`` (the file's tensors) does not fit ``model`` (built from config.json)."""
+    expected = model.state_dict()
+    num_classes = config["num_classes"]
+    for key in _classifier_keys(getattr(model, "pretrained_cfg", None) or config["pretrained_cfg"]):
+        head = key[:-len(".weight")]
+        if key in state and state[key].dim() >= 1 and state[key].shape[0] != num_classes:
+            raise VerificationError(_head_mismatch(f"{folder}/config.json", num_classes, key, state[key].shape[0]))
+        if key not in state and key in expected:
+            raise VerificationError(
+                f"{folder}/config.json says num_classes={num_classes} but the weights have no classifier head "
+                f"({head}); set num_classes (and model_args.num_classes) to 0, {_AGAIN}.")
+    reshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    problems = []
+    if reshaped:
+        k = reshaped[0]
+        problems.append(f"{len(reshaped)} tensor(s) of another shape (e.g. {k}: {list(state[k].shape)} in the file, "
+                        f"{list(expected[k].shape)} in the model)")
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) the model does not have (e.g. {unexpected[0]})")
+    if problems:
+        raise VerificationError(
+            f"{folder}/model.safetensors does not fit the {config['architecture']} its config.json describes: "
+            f"{'; '.join(problems)}. Convert the checkpoint again with `vitzoo convert`.")
 
 
 def verify_folder(folder: PathLike, reference: Optional[torch.nn.Module] = None, atol: float = 1e-6) -> VerifyReport:
     """Check a converted folder: files, metadata, config, and that timm loads it and reproduces the weights.
 
-    The folder is loaded with ``timm.create_model('local-dir:FOLDER', pretrained=True)``. Its outputs on a
-    random input are compared with ``reference`` (the source model) when given, otherwise with the
-    architecture built from ``config.json`` and loaded with the raw safetensors tensors (strict).
+    ``config.json`` is checked first: a JSON object with ``architecture``, ``num_classes`` (a whole number) and
+    ``pretrained_cfg`` (an object), ``model_args`` (if present) an object of arguments the architecture accepts,
+    with the same ``num_classes``. The architecture is built from it and must take the raw safetensors tensors
+    (strict; a classifier of another size is named as such). The folder is then loaded with
+    ``timm.create_model('local-dir:FOLDER', pretrained=True)``, and its outputs on a random input are compared
+    with ``reference`` (the source model) when given, otherwise with the model built from ``config.json``.
 
     Args:
         folder: the converted folder.
@@ -122,22 +274,29 @@ def verify_folder(folder: PathLike, reference: Optional[torch.nn.Module] = None,
         VerificationError: with the reason.
     """
     import safetensors.torch
-    import timm
 
     folder = Path(folder)
     metadata, config = _read_folder(folder)
+    # the architecture config.json describes, with the raw tensors, before timm reads the folder: a config that
+    # does not build, or does not fit the weights, is one line here (timm's own errors are tracebacks or lists)
+    from_config = _build_from_config(folder, config)
+    try:
+        state = safetensors.torch.load_file(folder / "model.safetensors")
+    except Exception as e:  # noqa: BLE001  safetensors' own error type (header checked, tensors not)
+        raise VerificationError(f"{folder}/model.safetensors cannot be read: {_first_line(e)}") from e
+    _check_fit(folder, config, from_config, state)
+    try:
+        from_config.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise VerificationError(f"{folder}/model.safetensors does not fit its config.json: {_first_line(e)}") from e
     try:
         loaded = load_pretrained_model(f"local-dir:{folder}")
-    except (WeightsError, RuntimeError) as e:
+    except WeightsError as e:
         raise VerificationError(f"{folder} does not load through timm: {e}") from e
+    except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as e:
+        raise VerificationError(f"{folder} does not load through timm: {_first_line(e)}") from e
     if reference is None:
-        reference = timm.create_model(config["architecture"], num_classes=config["num_classes"],
-                                      **{k: v for k, v in (config.get("model_args") or {}).items()
-                                         if k != "num_classes"})
-        try:
-            reference.load_state_dict(safetensors.torch.load_file(folder / "model.safetensors"), strict=True)
-        except RuntimeError as e:
-            raise VerificationError(f"{folder}/model.safetensors does not fit its config.json: {e}") from e
+        reference = from_config
     ref_state, got_state = reference.state_dict(), loaded.state_dict()
     if ref_state.keys() != got_state.keys() or any(not torch.equal(ref_state[k], got_state[k]) for k in ref_state):
         raise VerificationError(f"{folder}: the loaded weights differ from the source model's.")
