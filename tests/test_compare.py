@@ -131,6 +131,21 @@ def test_plot_writes_png_and_refuses_overwrite(capsys, tmp_path, fake_deploy):
     assert code == 0, err
 
 
+def test_plot_format_follows_the_suffix(capsys, tmp_path, fake_deploy, monkeypatch):
+    args = ["shvit_s1", "--img-size", "64", "--batch", "1", "--rounds", "1", "--threads", "1", "--device", "cpu",
+            "--backends", "eager", "--plot"]
+    code, _, err = _cli(capsys, *args, str(tmp_path / "pareto.pdf"))
+    assert code == 0, err
+    assert (tmp_path / "pareto.pdf").read_bytes().startswith(b"%PDF")
+    code, _, err = _cli(capsys, *args, str(tmp_path / "pareto.svg"))
+    assert code == 0, err
+    assert b"<svg" in (tmp_path / "pareto.svg").read_bytes()[:2000]
+    monkeypatch.setattr("vitzoo.compare._build", lambda *a, **k: pytest.fail("measured before checking the suffix"))
+    code, out, err = _cli(capsys, *args, str(tmp_path / "pareto.jpg"))
+    assert code == 1 and "PNG, PDF or SVG" in err and "'.jpg'" in err and out == ""
+    assert not (tmp_path / "pareto.jpg").exists()
+
+
 def test_plot_without_matplotlib_fails_before_measuring(capsys, tmp_path, monkeypatch):
     import importlib.util
 
@@ -319,3 +334,17 @@ def test_skipped_models_are_reported(monkeypatch):
     with pytest.warns(UserWarning, match="skipped not_a_registered_model"):
         rows = compare(speed=False)
     assert [r["model"] for r in rows] == ["shvit_s1"]
+
+
+def test_names_with_markup_and_pipes_render_verbatim():
+    """A weights folder may be called 'a[/b]' or 'p|q': rich must not read it as markup, markdown not as a cell."""
+    import re
+
+    rows = compare(["shvit_s1"], speed=False)
+    for name in ("local-dir:/w/a[/b]", "local-dir:/w/c[bold]", "local-dir:/w/p|q"):
+        renamed = [dict(rows[0], model=name)]
+        assert name in format_rows(renamed, "table")
+        lines = format_rows(renamed, "md").splitlines()
+        cells = re.split(r"(?<!\\)\|", lines[2].strip().strip("|"))
+        assert len(cells) == len(lines[0].strip("|").split("|"))
+        assert cells[0].strip() == name.replace("|", "\\|")

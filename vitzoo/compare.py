@@ -359,17 +359,18 @@ def format_rows(rows: List[Dict[str, Any]], fmt: str) -> str:
     header, body = _table_rows(rows, speed)
     if fmt == "md":
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |" for cells in body]
         return "\n".join(lines)
     if fmt == "table":
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         table = Table(title="FLOPs are MACs of the fused model (fvcore convention)")
         for h in header:
             table.add_column(h, justify="left" if h in ("model", "device", "input", "backend") else "right")
         for cells in body:
-            table.add_row(*cells)
+            table.add_row(*(escape(cell) for cell in cells))  # a folder name may contain "[...]"
         buf = io.StringIO()
         Console(file=buf, width=220, force_terminal=False).print(table)
         return buf.getvalue().rstrip("\n")
@@ -383,12 +384,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("compare", help="compare models by FLOPs, params and measured speed",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="*", metavar="MODEL",
-                   help="timm model names, optionally with a pretrained tag; default: the zoo and its rivals")
+                   help="timm model names, optionally with a pretrained tag, or weights folders (local-dir:PATH, "
+                        "hf-hub:org/name); default: the zoo and its rivals")
     p.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's cfg)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: 16 on CPU, 256 on GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     p.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
-    p.add_argument("--plot", default=None, metavar="FILE", help="write a FLOPs vs throughput Pareto plot (PNG)")
+    p.add_argument("--plot", default=None, metavar="FILE",
+                   help="write a FLOPs vs throughput Pareto plot: PNG, PDF or SVG by the suffix")
     p.add_argument("--force", action="store_true", help="overwrite an existing --plot file")
     p.add_argument("--no-speed", action="store_true", help="counts only, no measurement (fast)")
     p.add_argument("--device", action="append", choices=("cpu", "cuda"), default=None,

@@ -82,7 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export", help="write a verified ONNX file (fused model, dynamic batch)",
         description="Export a timm/zoo model to ONNX: fused, dynamic batch, verified against PyTorch in ONNX "
                     "Runtime at batch 1 and 3 (max abs diff <= 1e-4), written atomically.")
-    parser.add_argument("model", help="timm model name, optionally with a pretrained tag (e.g. shvit_s1.in1k)")
+    parser.add_argument("model", help="timm model name, optionally with a pretrained tag (e.g. shvit_s1.in1k), or a "
+                                      "weights folder (local-dir:PATH, hf-hub:org/name)")
     parser.add_argument("--format", choices=["onnx"], default="onnx", help="output format (only onnx)")
     parser.add_argument("--out", type=Path, default=None, help="output file (default: MODEL_IMGSIZE.onnx)")
     parser.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's cfg)")

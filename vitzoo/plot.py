@@ -1,4 +1,4 @@
-"""Pareto plot of FLOPs against measured throughput, written as a PNG (matplotlib, Agg backend).
+"""Pareto plot of FLOPs against measured throughput, written as PNG, PDF or SVG (matplotlib, Agg backend).
 
 A model is on the Pareto front when no other model has both at least its FLOPs and at least its throughput
 (and is strictly better in one): for its amount of computation, nothing runs faster. FLOPs stand in for
@@ -136,15 +136,34 @@ def check_matplotlib() -> None:
         raise ImportError("--plot needs matplotlib, which is not installed: pip install 'vitzoo[plot]'")
 
 
+#: File formats by suffix (matplotlib's Agg canvas writes them without extra packages); no suffix: PNG.
+PLOT_FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg", "": "png"}
+
+
+def plot_format(path: Union[str, Path]) -> str:
+    """matplotlib's format name for ``path``'s suffix.
+
+    Raises:
+        ValueError: A suffix other than .png, .pdf or .svg.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in PLOT_FORMATS:
+        raise ValueError(f"--plot {path}: the plot is written as PNG, PDF or SVG, chosen by the file's suffix "
+                         f"(.png, .pdf, .svg); got {suffix!r}")
+    return PLOT_FORMATS[suffix]
+
+
 def check_writable(path: Union[str, Path], force: bool = False) -> Path:
     """Return ``path`` as a Path, refusing an existing file unless ``force`` and a missing parent folder.
 
     Raises:
+        ValueError: The suffix is not .png, .pdf or .svg (:func:`plot_format`).
         FileExistsError: ``path`` exists and ``force`` is False.
         FileNotFoundError: The parent folder does not exist.
         OSError: ``path`` is a folder, or its folder is not writable (:func:`vitzoo.atomic.check_output_file`).
     """
     path = Path(path)
+    plot_format(path)
     check_output_file(path, force)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"folder {path.parent} does not exist; create it first")
@@ -208,7 +227,7 @@ def write_pareto_plot(
 
     Args:
         points: ``(label, flops, throughput)`` per model; FLOPs are MACs, throughput in img/s.
-        path: Output PNG file.
+        path: Output file: PNG, PDF or SVG by its suffix (no suffix: PNG).
         title: Figure title (e.g. the machine and batch size).
         ylabel: Y-axis label.
         force: Overwrite an existing file.
@@ -223,5 +242,5 @@ def write_pareto_plot(
     path = check_writable(path, force)
     fig, _ = pareto_figure(points, title=title, ylabel=ylabel)
     with atomic_open(path, force=force) as f:
-        fig.savefig(f, format="png")
+        fig.savefig(f, format=plot_format(path))
     return path
