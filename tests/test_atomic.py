@@ -196,3 +196,11 @@ def test_os_errors_name_the_target_not_the_temp_file(tmp_path, monkeypatch):
         with atomic_open(tmp_path / "out.bin"):
             open(tmp_path / "elsewhere")
     assert sorted(os.listdir(tmp_path)) == ["gone"]
+
+
+def test_staged_dir_names_a_file_in_the_way_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="cannot write .*file/sub/out: .*file is a file, not a folder"):
+        with staged_dir(tmp_path / "file" / "sub" / "out"):
+            pytest.fail("the body must not run")
+    assert os.listdir(tmp_path) == ["file"]

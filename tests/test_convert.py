@@ -209,3 +209,27 @@ def test_forced_output_in_the_current_folder_is_one_line_and_leaves_nothing(shvi
     assert err.startswith("vitzoo convert: error: cannot replace .: it is the current folder") and "--out" in err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert os.listdir(tmp_path) == ["empty"] and os.listdir(work) == []
+
+
+def test_os_errors_name_the_output_not_a_temp_folder(shvit_official, tmp_path, monkeypatch, capsys):
+    _, src = shvit_official
+    import tempfile
+
+    real_mkdtemp = tempfile.mkdtemp
+
+    def refused(suffix=None, prefix=None, dir=None):  # what mkdir in /proc gives
+        if dir is not None and str(dir) == str(tmp_path):
+            raise FileNotFoundError(2, "No such file or directory", os.path.join(dir, f"{prefix}x1y2z3{suffix or ''}"))
+        return real_mkdtemp(suffix, prefix, dir)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refused)
+    out = tmp_path / "out"
+    assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(out), "--no-flops"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"vitzoo convert: error: [Errno 2] No such file or directory: '{out}'\n"
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("x")
+    assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(tmp_path / "file" / "out")]) == 1
+    assert capsys.readouterr().err.endswith(f"cannot write {tmp_path / 'file' / 'out'}: {tmp_path / 'file'} is a file, "
+                                            "not a folder.\n")
+    assert sorted(os.listdir(tmp_path)) == ["file"]

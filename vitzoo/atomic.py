@@ -160,8 +160,17 @@ def check_output_dir(path: PathLike, force: bool) -> None:
     Raises:
         FileExistsError: ``path`` exists and ``force`` is not set; or it exists and cannot be replaced even with
             ``force``: it is the current folder or contains it, or it is a mount point (a rename cannot move it).
+        NotADirectoryError: A parent of ``path`` is a file.
+        PermissionError: The nearest existing parent folder is not writable.
     """
     check_output_free(path, force)
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"cannot write {path}: {parent} is a file, not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {path}: folder {parent} is not writable.")
     if not os.path.isdir(path) or os.path.islink(path):
         return
     target = os.path.realpath(path)

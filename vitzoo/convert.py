@@ -35,7 +35,7 @@ from .hub import (
     sha256_file,
     staged_dir,
 )
-from .atomic import check_output_dir
+from .atomic import _naming_target, check_output_dir
 from .manifest import Manifest, WeightEntry, family_of, load_manifest
 from .model_card import card_fields, render_card
 
@@ -389,6 +389,7 @@ def convert_checkpoint(
         UnknownModelError: ``model_name``'s architecture is not a timm model (a ``ValueError``).
         FileExistsError: ``out_dir`` exists and not ``force``, or it cannot be replaced (the current folder, a
             mount point).
+        OSError: ``out_dir`` cannot be written (a parent is a file, a folder is not writable, ...).
         MissingWeightsError, CorruptWeightsError, WeightsError: bad source (missing, hash mismatch, corrupt,
             weights of another model).
         VerificationError: the converted folder does not reproduce the source model.
@@ -406,10 +407,15 @@ def convert_checkpoint(
     tag = tag or name_tag or None
     manifest = manifest or load_manifest()
     out_dir = Path(out_dir)
+    # a downloaded source goes beside the output (the system temp folder may be small); the user never named this
+    # folder, so an OS error creating it names the output instead
+    try:
+        source_dir = tempfile.TemporaryDirectory(prefix=".vitzoo-src-",
+                                                 dir=out_dir.parent if out_dir.parent.exists() else None)
+    except OSError as e:
+        raise _naming_target(e, out_dir, temp=None) from e
     # the bar is closed (and its line cleared) before any error propagates, so the error stays readable
-    with tqdm(total=5, desc="convert", unit="step", leave=False) as steps, \
-            tempfile.TemporaryDirectory(prefix=".vitzoo-src-", dir=out_dir.parent if out_dir.parent.exists() else None) \
-            as workdir:
+    with tqdm(total=5, desc="convert", unit="step", leave=False) as steps, source_dir as workdir:
         steps.set_postfix_str("source")
         path = _fetch_source(str(src), Path(workdir))
         source_sha = sha256_file(path)
