@@ -119,7 +119,8 @@ def _read_pretrained(variant: str, kwargs: Mapping[str, Any]):
 def _missing_dims_error(variant: str) -> ValueError:
     return ValueError(
         f'{variant}: the per-block dims of this model are not known to the package (the released NViT dims are '
-        f'stored only inside its checkpoint). Provide them with one of:\n'
+        f'stored only inside its checkpoint): load its checkpoint (pretrained=True, a local file, or a weights folder '
+        f'with local-dir:PATH) or pass dims=..., with one of:\n'
         f"  timm.create_model('{variant}', pretrained=True)  # downloads the official checkpoint, reads its dims\n"
         f"  timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='NViT.pth'))"
         f'  # local file, official format or ours\n'

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import timm
 from torch import nn
 
 onnx = pytest.importorskip("onnx")
@@ -66,8 +67,9 @@ def test_cli_input_size_the_model_rejects_is_an_error_not_a_traceback(tmp_path, 
     out = tmp_path / "d.onnx"
     assert main(["export", "deit_tiny_patch16_224", "--img-size", "8", "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert "\nerror: " in err and "Kernel size can't be greater than actual input size" in err
-    assert "Traceback" not in err and not out.exists()
+    assert "\nerror: the model fails on a [1, 3, 8, 8] input, before any export: " in err
+    assert "Kernel size can't be greater than actual input size" in err and "torch.onnx" not in err
+    assert "Traceback" not in err and "TracerWarning" not in err and not out.exists()
 
 
 class _KthValue(nn.Module):
@@ -235,3 +237,12 @@ def test_onnxruntime_module_spinning_switch(spinning):
         assert max(after) > 10
     else:
         assert min(after) < 5
+
+
+def test_export_prints_no_tracer_warnings(recwarn):
+    """timm's shape asserts trace to constants (TracerWarning); the export is verified, so they are noise."""
+    from vitzoo.onnx_runtime import export_onnx
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1).eval()
+    export_onnx(model, torch.randn(1, 3, 32, 32))
+    assert not [w for w in recwarn if issubclass(w.category, torch.jit.TracerWarning)]

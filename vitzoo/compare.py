@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from vitzoo.flops import count_flops
 from vitzoo.models import DEFAULT_MODELS, PAPER_NUMBERS, UnknownModelError, create, resolve_name
+from vitzoo.messages import first_line
 from vitzoo.speed import measure
 
 __all__ = ["compare", "machine_info", "format_rows", "register", "run"]
@@ -117,20 +118,15 @@ def _build(
         try:
             model = create(name, img_size=img_size)
         except Exception as e:  # noqa: BLE001  a model that cannot be built (nvit_* without dims) is reported
-            skipped[name] = f"cannot be built: {type(e).__name__}: {_first_line(e)}"
+            skipped[name] = f"cannot be built: {type(e).__name__}: {first_line(e)}"
             continue
         try:
             report = count_flops(model, img_size)
         except Exception as e:  # noqa: BLE001  e.g. an input size the model rejects, or too large for memory
-            skipped[name] = f"cannot run at this input size: {type(e).__name__}: {_first_line(e)}"
+            skipped[name] = f"cannot run at this input size: {type(e).__name__}: {first_line(e)}"
             continue
         built.append((name, model, report))
     return built, skipped
-
-
-def _first_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else ""
 
 
 def _runners(

@@ -117,6 +117,7 @@ def _file_stem(name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vitzoo.messages import first_line
     from vitzoo.models import UnknownModelError, model_in_chans
 
     if args.img_size is not None and args.img_size < 1:
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ValueError, RuntimeError, OSError) as e:  # e.g. nvit_* without its dims record, a failed download
-        print(f"error: cannot build {args.model}: {e}", file=sys.stderr)
+        print(f"error: cannot build {args.model}: {first_line(e)}", file=sys.stderr)
         return 1
     input_size = model.pretrained_cfg.get("input_size", (3, 224, 224))
     img_size = args.img_size or int(input_size[-1])

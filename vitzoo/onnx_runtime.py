@@ -15,11 +15,14 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Union
 
 import torch
 from torch import nn
+
+from vitzoo.messages import first_line
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "OnnxExportError", "export_onnx", "OnnxRuntimeModule",
            "max_abs_diff", "require_onnxruntime"]
@@ -66,7 +69,8 @@ def export_onnx(
         The serialized ONNX ModelProto.
 
     Raises:
-        OnnxExportError: The exporter failed. Where timm's attention layers call ``F.scaled_dot_product_attention``
+        OnnxExportError: The model itself fails on ``example_input`` (said so, without the exporter), or the
+            exporter failed. Where timm's attention layers call ``F.scaled_dot_product_attention``
             (their ``fused_attn`` flag) and the first try fails, the export is tried once more with those layers
             on their explicit matmul-softmax path (e.g. timm's EVA-02, whose SDPA call torch 2.14's exporter
             rejects); the flags are restored afterwards.
@@ -83,6 +87,12 @@ def export_onnx(
             f"{getattr(example_input, 'shape', type(example_input).__name__)}."
         )
     try:
+        with torch.no_grad():
+            model(example_input)
+    except Exception as e:  # noqa: BLE001  the model's own failure, before the exporter is involved
+        raise OnnxExportError(f"the model fails on a {list(example_input.shape)} input, before any export: "
+                              f"{_one_line(e)}") from e
+    try:
         return _export(model, example_input, opset)
     except Exception as first:  # noqa: BLE001  the exporter fails in many ways; reported below as one error
         if not _fused_attention_modules(model):
@@ -97,7 +107,9 @@ def export_onnx(
 
 def _export(model: nn.Module, example_input: torch.Tensor, opset: int) -> bytes:
     buffer = io.BytesIO()
-    with torch.no_grad(), _exporter_log_off():
+    with torch.no_grad(), _exporter_log_off(), warnings.catch_warnings():
+        # timm's shape asserts trace to constants; the export is verified at other batch sizes afterwards
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             model,
             (example_input.contiguous(),),
@@ -167,8 +179,7 @@ def _unfused_attention(model: nn.Module) -> Iterator[None]:
 
 def _one_line(error: Exception, limit: int = 200) -> str:
     """``Type: message`` on one line: the message's first non-empty line (the exporter's details follow it)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    message = lines[0] if lines else ""
+    message = first_line(error)
     text = f"{type(error).__name__}: {message}" if message else type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
