@@ -44,3 +44,19 @@ def test_os_errors_and_ctrl_c_are_one_line(monkeypatch, capsys, error, code, mes
     assert main(["export", "shvit_s1"]) == code
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_hub_retry_chatter_is_kept_out_of_the_commands(monkeypatch, capsys, caplog):
+    """Offline, huggingface_hub logs every retry (two lines each, five times); the command says it in one line."""
+    import logging
+
+    def run_with_retry_log(args):
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        return 0
+
+    monkeypatch.setattr("vitzoo.export.run", run_with_retry_log)
+    before = logging.getLogger("huggingface_hub").level
+    with caplog.at_level(logging.WARNING):
+        assert main(["export", "shvit_s1"]) == 0
+    assert "Retrying" not in caplog.text + capsys.readouterr().err
+    assert logging.getLogger("huggingface_hub").level == before  # restored for library use

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from typing import List, Optional
 
@@ -59,6 +60,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    hub_logger = logging.getLogger("huggingface_hub")
+    hub_level = hub_logger.level
+    # offline, huggingface_hub logs each of its five retries (two lines each, ~25 s); the command's own error line
+    # says what failed
+    hub_logger.setLevel(logging.ERROR)
     try:
         return int(args.func(args) or 0)
     except OSError as e:
@@ -67,6 +73,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"vitzoo {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        hub_logger.setLevel(hub_level)
 
 
 if __name__ == "__main__":  # pragma: no cover
