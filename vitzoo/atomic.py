@@ -106,6 +106,16 @@ def _link_no_replace(tmp: Path, path: Path) -> None:
     os.unlink(tmp)
 
 
+def _check_parent_writable(path: Union[str, Path], parent: Path) -> None:
+    """The nearest existing folder at or above ``parent`` must be a writable folder (``path`` is for messages)."""
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"cannot write {path}: {parent} is a file, not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {path}: folder {parent} is not writable.")
+
+
 def check_output_file(path: PathLike, force: bool) -> None:
     """Check, before any work, that a file can be written at ``path``.
 
@@ -119,13 +129,7 @@ def check_output_file(path: PathLike, force: bool) -> None:
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file path for the output (e.g. {path / 'out'}...).")
     check_output_free(path, force)
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise NotADirectoryError(f"cannot write {path}: {parent} is a file, not a folder.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {path}: folder {parent} is not writable.")
+    _check_parent_writable(path, path.parent)
 
 
 def check_output_free(path: PathLike, force: bool) -> None:
@@ -164,13 +168,7 @@ def check_output_dir(path: PathLike, force: bool) -> None:
         PermissionError: The nearest existing parent folder is not writable.
     """
     check_output_free(path, force)
-    parent = Path(os.path.abspath(path)).parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise NotADirectoryError(f"cannot write {path}: {parent} is a file, not a folder.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {path}: folder {parent} is not writable.")
+    _check_parent_writable(path, Path(os.path.abspath(path)).parent)
     if not os.path.isdir(path) or os.path.islink(path):
         return
     target = os.path.realpath(path)

@@ -18,11 +18,12 @@ from __future__ import annotations
 import copy
 import weakref
 from collections import Counter
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
+
+from vitzoo.outputs import outputs_close
 
 __all__ = ["fold_batchnorms"]
 
@@ -53,7 +54,7 @@ def fold_batchnorms(model: nn.Module, example_input: torch.Tensor) -> Tuple[nn.M
         for layer_name, norm_name in pairs.items():
             _fold(modules[layer_name], modules[norm_name])
             _replace(folded, norm_name, _after_norm(modules[norm_name]))
-        if not _close(folded(example_input), reference):
+        if not outputs_close(folded(example_input), reference, rel=1e-3):
             return model, 0
     return folded, len(pairs)
 
@@ -143,19 +144,3 @@ def _after_norm(norm: nn.Module) -> nn.Module:
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
-def _close(output: object, reference: object) -> bool:
-    """Same structure and values up to the rounding of folding (1e-3 of the largest reference value)."""
-    leaves, spec = pytree.tree_flatten(output)
-    ref_leaves, ref_spec = pytree.tree_flatten(reference)
-    if spec != ref_spec:
-        return False
-    for a, b in zip(leaves, ref_leaves):
-        if isinstance(b, torch.Tensor) and b.is_floating_point():
-            if not isinstance(a, torch.Tensor) or a.shape != b.shape:
-                return False
-            scale = float(b.abs().max()) if b.numel() else 0.0
-            if float((a.float() - b.float()).abs().max() if b.numel() else 0.0) > 1e-3 * scale + 1e-12:
-                return False
-    return True

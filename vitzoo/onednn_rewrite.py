@@ -16,7 +16,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils import _pytree as pytree
+
+from vitzoo.outputs import outputs_close
 
 __all__ = ["PackedConv2d", "onednn_rewrite"]
 
@@ -248,26 +249,6 @@ def _fuse_relus(gm: fx.GraphModule, packed: Dict[fx.Node, PackedConv2d], modules
     return fused
 
 
-def _same_outputs(a: object, b: object) -> bool:
-    """Whether two (nested) model outputs hold the same values, up to float rounding."""
-    leaves_a, spec_a = pytree.tree_flatten(a)
-    leaves_b, spec_b = pytree.tree_flatten(b)
-    if spec_a != spec_b:
-        return False
-    for x, y in zip(leaves_a, leaves_b):
-        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
-            return False
-        if isinstance(x, torch.Tensor):
-            if x.shape != y.shape or x.dtype != y.dtype:
-                return False
-            scale = float(y.abs().max()) if y.numel() and y.is_floating_point() else 0.0
-            if not torch.allclose(x, y, rtol=1e-5, atol=1e-6 * max(scale, 1.0), equal_nan=True):
-                return False
-        elif x != y:
-            return False
-    return True
-
-
 def onednn_rewrite(model: nn.Module, example_input: torch.Tensor) -> Tuple[nn.Module, List[str]]:
     """Trace ``model`` with torch.fx and swap its convolutions for fused, pre-packed oneDNN ones.
 
@@ -285,7 +266,7 @@ def onednn_rewrite(model: nn.Module, example_input: torch.Tensor) -> Tuple[nn.Mo
         return model, [f"oneDNN rewrite skipped: torch.fx could not trace the model ({type(e).__name__}: {e})"]
     with torch.no_grad():
         traced = ShapeProp(gm).propagate(example_input)
-        if not _same_outputs(traced, model(example_input)):
+        if not outputs_close(traced, model(example_input), rel=1e-5):
             # torch.fx records ``y += t`` on a tensor as ``y = y + t``; when another name still refers to ``y``
             # (or the model mutates tensors in other ways fx cannot see) the trace computes something else
             return model, ["oneDNN rewrite skipped: the torch.fx trace does not reproduce the model's output "
