@@ -150,14 +150,25 @@ def test_onnxruntime_backend(shvit_s1):
 
 
 @pytest.mark.slow
+class _FixedSize(nn.Sequential):
+    """Asserts its input size with ``torch._assert``, as timm's ViT patch embedding does."""
+
+    def forward(self, x):
+        torch._assert(x.shape[-1] == 32, f"Input width ({x.shape[-1]}) doesn't match model (32).")
+        return super().forward(x)
+
+
 def test_compile_backend():
     # a small convolutional model keeps inductor's build short; the backend's code path is the same for any model
     torch.manual_seed(0)
-    model = _randomize_bn(nn.Sequential(
+    model = _randomize_bn(_FixedSize(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)))
     x = torch.randn(2, 3, 32, 32)
     deployed = deploy(model, x, backend="compile")
     torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)
+    # the model's own error for another size, not Dynamo's ~20-line report around it
+    with pytest.raises(AssertionError, match=r"^Input width \(16\) doesn't match model \(32\)\.$"):
+        deployed(torch.randn(2, 3, 32, 16))
 
 
 @pytest.mark.skipif("torchscript" not in available_backends(), reason="no TorchScript in this torch")

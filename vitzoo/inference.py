@@ -138,8 +138,25 @@ class DeployedModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        x = x.contiguous(memory_format=self.memory_format)
         with torch.inference_mode():
-            return self.model(x.contiguous(memory_format=self.memory_format))
+            try:
+                return self.model(x)
+            except Exception as e:  # noqa: BLE001  re-raised below unless the model itself rejects the input
+                self._raise_models_own_error(x, e)
+                raise
+
+    def _raise_models_own_error(self, x: torch.Tensor, error: Exception) -> None:
+        """Under ``torch.compile`` a model's own error (a ViT given another size) arrives wrapped in a ~20-line
+        Dynamo report; run the model uncompiled once and raise its error instead, if it has one."""
+        original = getattr(self.model, "_orig_mod", None)
+        dynamo_error = getattr(getattr(torch, "_dynamo", None), "exc", None)
+        if original is None or dynamo_error is None or not isinstance(error, dynamo_error.TorchDynamoException):
+            return
+        try:
+            original(x)
+        except Exception as own:  # noqa: BLE001  the model's own error, as eager would raise it
+            raise own from None
 
     def train(self, mode: bool = True) -> "DeployedModel":
         if mode:
