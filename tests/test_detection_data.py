@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from vitzoo.detection.data import CocoDetectionFolder, DatasetError, collate_detection, hflip
+from vitzoo.detection.data import CocoDetectionFolder, DatasetError, collate_detection, hflip, worker_error_message
 from vitzoo.detection.evaluate import evaluate_coco
 from vitzoo.detection.synthetic import make_shapes_dataset
 
@@ -142,3 +142,89 @@ def test_coco_evaluation_against_oracle(shapes):
     # IoU 2/3 for every box: a hit at the thresholds 0.50, 0.55, 0.60, 0.65 and a miss at 0.70 ... 0.95
     assert shifted['bbox']['AP50'] == pytest.approx(1.0) and shifted['bbox']['AP75'] == pytest.approx(0.0)
     assert shifted['bbox']['AP'] == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize('edit,match', [
+    (_set(('images', 0, 'file_name'), 5),
+     r'images\[0\] \(image id 1\): "file_name" must be a non-empty string .*, got 5 \(an integer\)'),
+    (lambda d: d['images'][0].update(file_name=None),
+     r'images\[0\] \(image id 1\): "file_name" must be a non-empty string .*, got null'),
+    (_set(('images', 0, 'file_name'), ''), r'images\[0\] \(image id 1\): "file_name" must be a non-empty string'),
+    (_set(('images', 0, 'id'), '1'), r'images\[0\]: "id" must be an integer, got "1" \(a string\)'),
+    (_set(('images', 0, 'width'), 80.0), r'image id 1 \(train_0000.png\): "width" must be a positive integer'),
+    (_set(('annotations', 0, 'id'), [1]), r'annotations\[0\]: "id" must be an integer, got \[1\] \(a list\)'),
+    (_set(('annotations', 0, 'image_id'), [1]),
+     r'annotations\[0\] \(annotation id 1\): "image_id" must be an integer, got \[1\] \(a list\)'),
+    (_set(('annotations', 0, 'category_id'), {'id': 1}),
+     r'annotation id 1 \(image id 1\): "category_id" must be an integer, got \{"id": 1\} \(an object\)'),
+    (_set(('categories', 0, 'id'), [1]), r'categories\[0\]: "id" must be an integer, got \[1\] \(a list\)'),
+    (lambda d: d['categories'][0].update(name=None), r'categories\[0\]: "name" must be a string, got null'),
+    (_set(('annotations', 0, 'iscrowd'), 'yes'), r'annotation id 1 .*"iscrowd" must be 0 or 1, got "yes"'),
+    (_set(('annotations', 0, 'area'), 'big'), r'annotation id 1 .*"area" must be a non-negative number'),
+    (_set(('annotations', 0, 'bbox'), [1, 2, 10 ** 400, 3]), r'annotation id 1 .*bbox must be \[x, y, width, height\]'),
+    (_set(('annotations', 0, 'segmentation'), {'counts': 'zzz', 'size': [64, 80]}),
+     r'annotation id 1 .*RLE segmentation "counts" must be .* covering 64x80 = 5120 pixels; got "zzz"'),
+    (_set(('annotations', 0, 'segmentation'), {'counts': [5000, 119], 'size': [64, 80]}),
+     r'annotation id 1 .*RLE segmentation "counts"'),
+    (_set(('annotations', 0, 'segmentation'), {'counts': [5120], 'size': [80, 64]}),
+     r'annotation id 1 .*RLE segmentation "size" must be \[height, width\] of its image, \[64, 80\], got \[80, 64\]'),
+    (_set(('images',), []), r'"images" is empty'),
+])
+def test_wrong_types_are_reported_with_file_entry_and_key(shapes, tmp_path, edit, match):
+    # before: a TypeError deep in the loader (PosixPath / int, unhashable list) or silently accepted values
+    root = _write(shapes, tmp_path, edit)
+    with pytest.raises(DatasetError, match=match) as info:
+        CocoDetectionFolder(root, 'train', with_masks=True)
+    assert 'instances_train.json' in str(info.value) and '\n' not in str(info.value)
+
+
+def test_compressed_rle_masks_are_accepted(shapes, tmp_path):
+    from pycocotools import mask as mask_utils
+    import numpy as np
+    masks = {}
+
+    def edit(data):
+        rng = np.random.default_rng(0)
+        for ann in data['annotations'][:3]:
+            m = np.asfortranarray((rng.random((64, 80)) < 0.3).astype(np.uint8))
+            rle = mask_utils.encode(m)
+            ann['segmentation'] = dict(size=rle['size'], counts=rle['counts'].decode('ascii'))
+            masks[ann['id']] = m
+    root = _write(shapes, tmp_path, edit)
+    ds = CocoDetectionFolder(root, 'train', with_masks=True)
+    for index in range(len(ds)):
+        _, target = ds[index]
+        anns = [a for a in ds.anns[int(target['image_id'])] if not a['iscrowd']]
+        for m, a in zip(target['masks'], anns):
+            if a['id'] in masks:
+                assert (m.numpy() == masks[a['id']]).all()
+
+
+def test_non_utf8_and_bom_json(shapes, tmp_path):
+    root = _write(shapes, tmp_path, lambda d: None)
+    ann = root / 'annotations' / 'instances_train.json'
+    text = ann.read_bytes()
+    ann.write_bytes(b'\xef\xbb\xbf' + text)  # a UTF-8 byte-order mark is fine
+    assert len(CocoDetectionFolder(root, 'train')) == 4
+    ann.write_bytes(text.replace(b'"images"', b'"im\x80ages"', 1))
+    with pytest.raises(DatasetError, match=r'instances_train.json: not UTF-8 text \(.*byte 0x80.*\)'):
+        CocoDetectionFolder(root, 'train')
+
+
+def test_worker_errors_unwrap_to_the_original_message(shapes, tmp_path):
+    root = _write(shapes, tmp_path, _set(('images', 0, 'width'), 81))
+    ds = CocoDetectionFolder(root, 'train')
+    with pytest.raises(DatasetError) as direct:
+        ds[0]
+    batches = iter(torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1, collate_fn=collate_detection))
+    try:
+        next(batches)
+        raise AssertionError('the worker did not fail')
+    except DatasetError as e:
+        text, unwrapped = str(e), worker_error_message(e)
+        e.__traceback__ = None  # (a reference cycle through torch's re-raise frame would keep the iterator alive)
+    finally:
+        del batches  # shut the worker down now, not at some later garbage collection
+    assert 'DataLoader worker' in text  # what torch re-raises
+    assert unwrapped == str(direct.value) == worker_error_message(direct.value)
+    assert worker_error_message(OSError('plain')) == 'plain'

@@ -21,11 +21,30 @@ import torch
 from torch.utils.data import Dataset
 from PIL import Image
 
-__all__ = ['CocoDetectionFolder', 'DatasetError', 'annotation_path', 'collate_detection', 'hflip', 'load_coco_json']
+__all__ = ['CocoDetectionFolder', 'DatasetError', 'annotation_path', 'collate_detection', 'hflip', 'load_coco_json',
+           'worker_error_message']
 
 
 class DatasetError(ValueError):
     """A problem in a COCO-format dataset; the message names the file and the entry."""
+
+
+def worker_error_message(error: BaseException) -> str:
+    """The message of ``error``; for one re-raised from a DataLoader worker, the original exception's message.
+
+    A worker's exception reaches the main process as a new exception of the same type whose message is
+    ``Caught X in DataLoader worker process N.`` followed by the whole original traceback; the original message
+    is the traceback's last line, after ``module.X: ``.
+    """
+    text = str(error)
+    if not (text.startswith('Caught ') and '\nOriginal Traceback' in text):
+        return text
+    name = type(error).__name__
+    for line in reversed(text.splitlines()):
+        head, sep, message = line.partition(': ')
+        if sep and (head == name or head.endswith('.' + name)):
+            return message
+    return text
 
 
 def annotation_path(root: Path, split: str) -> Path:
@@ -34,30 +53,125 @@ def annotation_path(root: Path, split: str) -> Path:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _is_int(v: Any) -> bool:
+    """A JSON integer that fits int64 (ids become int64 tensors)."""
+    return isinstance(v, int) and not isinstance(v, bool) and -2 ** 63 <= v < 2 ** 63
+
+
+_JSON_TYPES = {dict: 'an object', list: 'a list', str: 'a string', bool: 'a boolean', int: 'an integer',
+               float: 'a number'}
+
+
+def _found(value: Any) -> str:
+    """``value`` as it reads in the JSON, with its JSON type: ``[1] (a list)``, ``null``."""
+    if value is None:
+        return 'null'
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + '...'
+    return f'{text} ({_JSON_TYPES.get(type(value), type(value).__name__)})'
 
 
 def _check_fields(entry: Any, fields: Tuple[str, ...], where: str) -> None:
     if not isinstance(entry, dict):
-        raise DatasetError(f'{where}: expected an object, got {type(entry).__name__}.')
+        raise DatasetError(f'{where}: expected an object, got {_found(entry)}.')
     missing = [f for f in fields if f not in entry]
     if missing:
         raise DatasetError(f'{where}: missing field(s) {missing}.')
 
 
-def _check_segmentation(seg: Any, where: str) -> None:
+def _check_value(entry: Dict[str, Any], key: str, ok, expected: str, where: str) -> None:
+    """``entry[key]`` must pass ``ok``; else an error naming the entry, the key, what is there and what is expected."""
+    if not ok(entry[key]):
+        raise DatasetError(f'{where}: "{key}" must be {expected}, got {_found(entry[key])}.')
+
+
+def _rle_counts(counts: str) -> Optional[List[int]]:
+    """Run lengths of a compressed COCO RLE string, or None when the string is malformed.
+
+    Each run is a little-endian sequence of 6-bit groups stored as ``chr(48 + group)``: 5 value bits, bit 0x20 =
+    another group follows, bit 0x10 of the last group = negative. From the fourth run on, the stored value is the
+    difference to the run two places before.
+    """
+    runs: List[int] = []
+    value = shift = 0
+    for ch in counts:
+        group = ord(ch) - 48
+        if not 0 <= group < 64:
+            return None
+        value |= (group & 0x1f) << shift
+        shift += 5
+        if group & 0x20:
+            continue
+        if group & 0x10:
+            value -= 1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+        value = shift = 0
+    return None if shift else runs
+
+
+def _check_segmentation(seg: Any, where: str, height: int, width: int) -> None:
     if isinstance(seg, dict):
         if 'counts' not in seg or 'size' not in seg:
             raise DatasetError(f'{where}: RLE segmentation needs "counts" and "size".')
+        if seg['size'] != [height, width] or not all(_is_int(v) for v in seg['size']):
+            raise DatasetError(f'{where}: RLE segmentation "size" must be [height, width] of its image, '
+                               f'[{height}, {width}], got {_found(seg["size"])}.')
+        counts = seg['counts']
+        if isinstance(counts, list):
+            runs = counts if all(_is_int(v) for v in counts) else None
+        elif isinstance(counts, str):
+            runs = _rle_counts(counts)
+        else:
+            runs = None
+        if runs is None or any(r < 0 for r in runs) or sum(runs) != height * width:
+            raise DatasetError(f'{where}: RLE segmentation "counts" must be a list of non-negative run lengths '
+                               f'or a compressed COCO RLE string, covering {height}x{width} = {height * width} '
+                               f'pixels; got {_found(counts)}.')
         return
     if not isinstance(seg, list) or not seg:
         raise DatasetError(f'{where}: segmentation must be a non-empty list of polygons or an RLE object '
-                           '(masks are needed for maskrcnn).')
+                           f'(masks are needed for maskrcnn), got {_found(seg)}.')
     for poly in seg:
         if (not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2
                 or not all(_is_number(v) for v in poly)):
             raise DatasetError(f'{where}: each polygon must be a flat list [x1, y1, x2, y2, ...] of at least 3 '
                                'points (6 numbers).')
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        text = path.read_bytes().decode('utf-8-sig')  # JSON is UTF-8; a leading byte-order mark is tolerated
+    except UnicodeDecodeError as e:
+        raise DatasetError(f'{path}: not UTF-8 text ({e}); COCO annotation files are UTF-8 JSON, re-save it '
+                           'as UTF-8.') from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f'{path}: not valid JSON ({e}).') from e
+    except RecursionError as e:
+        raise DatasetError(f'{path}: not usable JSON (nested too deeply).') from e
+
+
+def _positive_int(v: Any) -> bool:
+    return _is_int(v) and v > 0
+
+
+def _file_name(v: Any) -> bool:
+    return isinstance(v, str) and v.strip() != '' and '\0' not in v
 
 
 def load_coco_json(path: Path, image_dir: Path, require_masks: bool = False) -> Dict[str, Any]:
@@ -73,47 +187,55 @@ def load_coco_json(path: Path, image_dir: Path, require_masks: bool = False) -> 
 
     Raises:
         FileNotFoundError: the JSON or an image file does not exist.
-        DatasetError: malformed JSON or entries (the message names the file and the entry).
+        DatasetError: not UTF-8, malformed JSON, no images, or malformed entries: a missing field or one of the
+            wrong type (the message names the file, the entry, the field, what it holds and what is expected).
     """
     path, image_dir = Path(path), Path(image_dir)
     if not path.is_file():
         raise FileNotFoundError(f'annotation file {path} not found; expected layout DIR/annotations/'
                                 'instances_<split>.json with images in DIR/<split>/.')
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DatasetError(f'{path}: not valid JSON ({e}).') from e
+    data = _read_json(path)
     _check_fields(data, ('images', 'annotations', 'categories'), str(path))
     for key in ('images', 'annotations', 'categories'):
         if not isinstance(data[key], list):
-            raise DatasetError(f'{path}: "{key}" must be a list.')
+            raise DatasetError(f'{path}: "{key}" must be a list, got {_found(data[key])}.')
     if not data['categories']:
         raise DatasetError(f'{path}: "categories" is empty.')
+    if not data['images']:
+        raise DatasetError(f'{path}: "images" is empty; there is nothing to train or evaluate on.')
     cat_ids = set()
     for i, cat in enumerate(data['categories']):
-        _check_fields(cat, ('id', 'name'), f'{path}: categories[{i}]')
+        where = f'{path}: categories[{i}]'
+        _check_fields(cat, ('id', 'name'), where)
+        _check_value(cat, 'id', _is_int, 'an integer', where)
+        _check_value(cat, 'name', lambda v: isinstance(v, str), 'a string', where)
         if cat['id'] in cat_ids:
             raise DatasetError(f'{path}: category id {cat["id"]} appears twice.')
         cat_ids.add(cat['id'])
     images = {}
     for i, img in enumerate(data['images']):
         _check_fields(img, ('id', 'file_name', 'width', 'height'), f'{path}: images[{i}]')
+        _check_value(img, 'id', _is_int, 'an integer', f'{path}: images[{i}]')
+        _check_value(img, 'file_name', _file_name, f'a non-empty string (a path relative to {image_dir})',
+                     f'{path}: images[{i}] (image id {img["id"]})')
         where = f'{path}: image id {img["id"]} ({img["file_name"]})'
-        if not isinstance(img['id'], int) or isinstance(img['id'], bool):
-            raise DatasetError(f'{where}: image id must be an integer.')
         if img['id'] in images:
             raise DatasetError(f'{where}: image id appears twice.')
-        if not (isinstance(img['width'], int) and isinstance(img['height'], int) and img['width'] > 0
-                and img['height'] > 0):
-            raise DatasetError(f'{where}: width and height must be positive integers.')
+        for key in ('width', 'height'):
+            _check_value(img, key, _positive_int, 'a positive integer (pixels)', where)
         if not (image_dir / img['file_name']).is_file():
             raise FileNotFoundError(f'{where}: image file {image_dir / img["file_name"]} not found.')
         images[img['id']] = img
     seen = set()
     for i, ann in enumerate(data['annotations']):
         _check_fields(ann, ('id',), f'{path}: annotations[{i}]')
-        where = f'{path}: annotation id {ann["id"]}' + (f' (image id {ann["image_id"]})' if 'image_id' in ann else '')
+        _check_value(ann, 'id', _is_int, 'an integer', f'{path}: annotations[{i}]')
+        where = f'{path}: annotation id {ann["id"]}'
+        if 'image_id' in ann:
+            _check_value(ann, 'image_id', _is_int, 'an integer', f'{path}: annotations[{i}] (annotation id {ann["id"]})')
+            where += f' (image id {ann["image_id"]})'
         _check_fields(ann, ('image_id', 'category_id', 'bbox'), where)
+        _check_value(ann, 'category_id', _is_int, 'an integer', where)
         if ann['id'] in seen:
             raise DatasetError(f'{where}: annotation id appears twice.')
         seen.add(ann['id'])
@@ -132,11 +254,13 @@ def load_coco_json(path: Path, image_dir: Path, require_masks: bool = False) -> 
         if x >= img['width'] or y >= img['height'] or x + w <= 0 or y + h <= 0:
             raise DatasetError(f'{where}: bbox {box} lies outside the {img["width"]}x{img["height"]} image.')
         ann.setdefault('iscrowd', 0)
+        _check_value(ann, 'iscrowd', lambda v: isinstance(v, int) and v in (0, 1), '0 or 1', where)
         ann.setdefault('area', float(w * h))
+        _check_value(ann, 'area', lambda v: _is_number(v) and v >= 0, 'a non-negative number (pixels)', where)
         if require_masks and not ann['iscrowd']:
             _check_fields(ann, ('segmentation',), where)
         if 'segmentation' in ann and (require_masks or ann['segmentation']):
-            _check_segmentation(ann['segmentation'], where)
+            _check_segmentation(ann['segmentation'], where, img['height'], img['width'])
     return data
 
 
