@@ -106,9 +106,19 @@ def test_existing_run_is_never_replaced_unasked(data, tmp_path, capsys):
     (out / 'log.jsonl').write_text('{"iteration": 1}\n{"iteration": 2}\n')
     (out / 'model_final.pth').write_bytes(b'precious')
     assert _run(data, out, '--max-iters', '1', '--no-eval') == 2
-    assert 'already holds a run (log.jsonl, model_final.pth); pass --resume' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # no checkpoint: --resume is not offered (there is nothing it could resume from)
+    assert 'holds files of an earlier run (log.jsonl, model_final.pth) but no checkpoint_last.pth to --resume ' \
+           'from; pass --force to start afresh' in err, err
     assert (out / 'model_final.pth').read_bytes() == b'precious' and len(_log(out)) == 2
     assert not (out / 'checkpoint_last.pth').exists()
+    # --force starts afresh: the earlier run's files are removed, none of its log lines is kept
+    assert _run(data, out, '--max-iters', '1', '--no-eval', '--force') == 0
+    assert [r['iteration'] for r in _log(out)] == [1]
+    assert (out / 'model_final.pth').read_bytes() != b'precious' and (out / 'checkpoint_last.pth').is_file()
+    assert _run(data, out, '--max-iters', '1', '--no-eval') == 2
+    assert 'already holds a run (checkpoint_last.pth, log.jsonl, model_final.pth); pass --resume to continue it ' \
+           'or --force' in capsys.readouterr().err
 
 
 def test_resume_errors_are_one_line(data, tmp_path, capsys):
@@ -132,6 +142,90 @@ def test_resume_errors_are_one_line(data, tmp_path, capsys):
         assert message in err and 'Traceback' not in err, err
     assert main(['finetune-det', '--data', str(data), '--out', str(tmp_path / 'x'), '--epochs', '0']) == 2
     assert '--epochs must be >= 1, got 0' in capsys.readouterr().err
+    # a finished run: resuming it would train 0 iterations, which is an error (before: 'done: 1 iterations')
+    final = (out / 'model_final.pth').read_bytes()
+    assert _run(data, out, *args, '--resume') == 2
+    captured = capsys.readouterr()
+    assert 'is at epoch 0, iteration 1: nothing is left to train with --epochs 1 / --max-iters 1; raise --epochs ' \
+           'or --max-iters' in captured.err, captured
+    assert 'done:' not in captured.out, captured.out
+    assert (out / 'model_final.pth').read_bytes() == final
+
+
+@pytest.mark.parametrize('option,value,message', [
+    ('--device', 'foo', "--device 'foo' is not a device; use cpu, cuda or cuda:N."),
+    ('--device', 'xla', '--device xla: only cpu, cuda[:N] and mps are supported.'),
+    ('--out-channels', '0', '--out-channels must be >= 1, got 0.'),
+    ('--img-size', '0', '--img-size must be >= 1, got 0.'),
+    ('--max-iters', '0', '--max-iters must be >= 1, got 0.'),
+    ('--workers', '-1', '--workers must be >= 0, got -1.'),
+    ('--warmup-iters', '-1', '--warmup-iters must be >= 0, got -1.'),
+    ('--checkpoint-every', '-5', '--checkpoint-every must be >= 0, got -5.'),
+    ('--eval-every', '-1', '--eval-every must be >= 0, got -1.'),
+    ('--frozen-stages', '-2', '--frozen-stages must be >= -1, got -2.'),
+    ('--lr', 'nan', '--lr must be a positive finite number, got nan.'),
+    ('--lr', '0', '--lr must be a positive finite number, got 0.0.'),
+    ('--weight-decay', '-0.1', '--weight-decay must be a non-negative finite number, got -0.1.'),
+    ('--hflip', '1.5', '--hflip is a probability (0 to 1), got 1.5.'),
+    ('--lr-steps', '0', '--lr-steps are epochs after which the lr drops (>= 1), got [0].'),
+    ('--seed', '-1', '--seed must be in 0 .. 2**32-1, got -1.'),
+])
+def test_bad_arguments_are_one_line_before_any_work(tmp_path, capsys, option, value, message):
+    # the dataset folder does not exist: the argument is reported first, and nothing is created
+    rc = main(['finetune-det', '--data', str(tmp_path / 'no-data'), '--out', str(tmp_path / 'out'), option, value])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f'vitzoo finetune-det: error: {message}\n', err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_zero_images_is_an_error(data, tmp_path, capsys):
+    root = tmp_path / 'empty'
+    (root / 'annotations').mkdir(parents=True)
+    (root / 'train').mkdir()
+    coco = json.loads((data / 'annotations' / 'instances_train.json').read_text())
+    (root / 'annotations' / 'instances_train.json').write_text(json.dumps(dict(coco, images=[], annotations=[])))
+    assert _run(root, tmp_path / 'out', '--no-eval') == 2
+    captured = capsys.readouterr()
+    assert 'instances_train.json: "images" is empty' in captured.err and 'done:' not in captured.out
+    assert not (tmp_path / 'out').exists()
+
+
+def test_diverging_loss_is_one_line(data, tmp_path, capsys):
+    out = tmp_path / 'run'
+    rc = _run(data, out, '--lr', '1e30', '--warmup-iters', '0', '--epochs', '3', '--no-eval', '--hflip', '0')
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count('\n') == 1 and 'Traceback' not in err, err
+    assert err.startswith('vitzoo finetune-det: error: non-finite loss at iteration ')
+    assert 'lower --lr (now 1e+30) or raise --warmup-iters (now 0), or check the data.' in err
+    assert not (out / 'model_final.pth').exists()
+
+
+def test_image_errors_in_workers_are_one_line_and_leave_no_run(data, tmp_path, capsys):
+    bad = tmp_path / 'bad'
+    (bad / 'annotations').mkdir(parents=True)
+    (bad / 'annotations' / 'instances_train.json').write_bytes(
+        (data / 'annotations' / 'instances_train.json').read_bytes())
+    (bad / 'train').mkdir()
+    for image in (data / 'train').iterdir():
+        (bad / 'train' / image.name).write_bytes(b'not a png')  # every image: the first one loaded fails
+    out = tmp_path / 'run'
+    assert _run(bad, out, '--workers', '2', '--no-eval') == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'DataLoader worker' not in err and 'Traceback' not in err, err
+    assert err.startswith('vitzoo finetune-det: error: ') and 'instances_train.json: image id ' in err
+    assert 'cannot decode' in err and 'not a png' not in err
+    # the failed run left no log.jsonl, so the folder is no run; an empty log (left by older versions) is none
+    assert not (out / 'log.jsonl').exists()
+    (out / 'log.jsonl').write_text('')
+    assert _run(data, out, '--max-iters', '1', '--no-eval') == 0
+    assert [r['iteration'] for r in _log(out)] == [1]
+
+
+def test_force_help_says_what_it_replaces(capsys):
+    with pytest.raises(SystemExit):
+        main(['finetune-det', '--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    assert 'already holds a run (a checkpoint, a non-empty log or final weights): those files are removed' in text
 
 
 def _free_port():

@@ -6,7 +6,7 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ['DistContext', 'init_distributed']
+__all__ = ['DistContext', 'check_device', 'init_distributed']
 
 
 @dataclass
@@ -43,24 +43,50 @@ class DistContext:
             dist.destroy_process_group()
 
 
+def check_device(device: Optional[str]) -> torch.device:
+    """The device ``--device`` names (None: CUDA when available, else the CPU), checked before any work.
+
+    Raises:
+        ValueError: not a device string, a kind other than ``cpu`` / ``cuda`` / ``mps``, or one this machine lacks
+            (``cuda`` without CUDA, ``cuda:N`` beyond the GPUs there are).
+    """
+    if device is None:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f'--device {device!r} is not a device; use cpu, cuda or cuda:N.') from None
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise ValueError(f'--device {device} was asked for but CUDA is not available; use --device cpu.')
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f'--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) '
+                             f'(cuda:0 .. cuda:{torch.cuda.device_count() - 1}).')
+    elif dev.type == 'mps':
+        if not (hasattr(torch.backends, 'mps') and torch.backends.mps.is_available()):
+            raise ValueError(f'--device {device} was asked for but MPS is not available; use --device cpu.')
+    elif dev.type != 'cpu':
+        raise ValueError(f'--device {device}: only cpu, cuda[:N] and mps are supported.')
+    return dev
+
+
 def init_distributed(device: Optional[str] = None) -> DistContext:
     """Join the process group when ``WORLD_SIZE > 1`` (``torchrun`` sets it), else run as a single process.
 
     Args:
         device: ``'cpu'``, ``'cuda'`` (the local GPU ``LOCAL_RANK`` is used under DDP) or None (CUDA when available).
             The backend is NCCL on CUDA and Gloo on the CPU.
+
+    Raises:
+        ValueError: see :func:`check_device`.
     """
     world = int(os.environ.get('WORLD_SIZE', '1'))
     rank = int(os.environ.get('RANK', '0'))
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-    kind = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if kind.startswith('cuda'):
-        if not torch.cuda.is_available():
-            raise ValueError('--device cuda was asked for but CUDA is not available; use --device cpu.')
-        dev = torch.device('cuda', local_rank) if world > 1 else torch.device(kind)
+    dev = check_device(device)
+    if dev.type == 'cuda':
+        dev = torch.device('cuda', local_rank) if world > 1 else dev
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device(kind)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend='nccl' if dev.type == 'cuda' else 'gloo')
     return DistContext(world, rank, local_rank, dev)

@@ -24,16 +24,20 @@ from vitzoo.models import UnknownModelError
 
 from .backbone import BackboneError
 from .checkpoint import atomic_save, get_rng_state, load_checkpoint, set_rng_state
-from .data import CocoDetectionFolder, DatasetError, collate_detection, hflip, split_exists
+from .data import CocoDetectionFolder, DatasetError, collate_detection, hflip, split_exists, worker_error_message
 from .detectors import DETECTOR_STRIDES, build_detector
-from .distributed import DistContext, init_distributed
+from .distributed import DistContext, check_device, init_distributed
 from .evaluate import evaluate_coco, format_stats
 
-__all__ = ['register', 'run', 'lr_factor']
+__all__ = ['TrainingError', 'register', 'run', 'lr_factor']
 
 NAME = 'finetune-det'
 LAST = 'checkpoint_last.pth'
 OUTPUTS = (LAST, 'log.jsonl', 'model_final.pth')  # what a run writes into --out
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message says what to change."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,7 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument('--max-size', type=int, default=1333, help='longer side limit after resizing')
     p.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
     p.add_argument('--out', default='runs/finetune-det', help='output folder (checkpoints, log.jsonl)')
-    p.add_argument('--force', action='store_true', help='start afresh in an --out folder that has a checkpoint')
+    p.add_argument('--force', action='store_true',
+                   help='start afresh in an --out folder that already holds a run (a checkpoint, a non-empty log or '
+                        'final weights): those files are removed when training starts')
     p.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CKPT',
                    help=f'continue from CKPT (default: OUT/{LAST})')
     p.add_argument('--checkpoint-every', type=int, default=500, help='iterations between checkpoints (0: epoch ends)')
@@ -90,20 +96,60 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _check_args(args: argparse.Namespace, out: Path) -> Optional[Path]:
+def _must(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check the arguments before any work (no dataset read, no model built, nothing written).
+
+    Raises:
+        ValueError: the first argument out of range, by its option name.
+    """
+    def at_least(name: str, low: int) -> None:
+        value = getattr(args, name)
+        _must(value >= low, f'--{name.replace("_", "-")} must be >= {low}, got {value}.')
+
     if args.img_size is not None:
+        at_least('img_size', 1)
         args.min_size = args.max_size = args.img_size
-    for name in ('epochs', 'batch_size', 'min_size', 'max_size'):
-        if getattr(args, name) < 1:
-            raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}.')
-    if args.max_iters is not None and args.max_iters < 1:
-        raise ValueError(f'--max-iters must be >= 1, got {args.max_iters}.')
+    for name in ('epochs', 'batch_size', 'min_size', 'max_size', 'out_channels'):
+        at_least(name, 1)
+    if args.max_iters is not None:
+        at_least('max_iters', 1)
+    for name in ('warmup_iters', 'checkpoint_every', 'eval_every', 'workers'):
+        at_least(name, 0)
+    at_least('frozen_stages', -1)
+    _must(math.isfinite(args.lr) and args.lr > 0, f'--lr must be a positive finite number, got {args.lr}.')
+    _must(math.isfinite(args.weight_decay) and args.weight_decay >= 0,
+          f'--weight-decay must be a non-negative finite number, got {args.weight_decay}.')
+    _must(0 <= args.hflip <= 1, f'--hflip is a probability (0 to 1), got {args.hflip}.')
+    bad_steps = [e for e in args.lr_steps or () if e < 1]
+    _must(not bad_steps, f'--lr-steps are epochs after which the lr drops (>= 1), got {bad_steps}.')
+    _must(0 <= args.seed < 2 ** 32, f'--seed must be in 0 .. 2**32-1, got {args.seed}.')
+    check_device(args.device)
+
+
+def _run_files(out: Path) -> List[str]:
+    """The outputs of an earlier run in ``out``; an empty log.jsonl (left by a run that failed before its first
+    iteration) is not one."""
+    return [name for name in OUTPUTS if (out / name).exists()
+            and not (name == 'log.jsonl' and (out / name).is_file() and (out / name).stat().st_size == 0)]
+
+
+def _check_args(args: argparse.Namespace, out: Path) -> Optional[Path]:
+    validate_args(args)
     if args.resume is not None:
         return out / LAST if args.resume == 'auto' else Path(args.resume)
-    existing = [name for name in OUTPUTS if (out / name).exists()]
+    existing = _run_files(out)
     if existing and not args.force:
-        raise FileExistsError(f'{out} already holds a run ({", ".join(existing)}); pass --resume to continue it or '
-                              '--force to start afresh (which replaces those files).')
+        if LAST in existing:
+            raise FileExistsError(f'{out} already holds a run ({", ".join(existing)}); pass --resume to continue it '
+                                  'or --force to start afresh (which removes those files).')
+        raise FileExistsError(f'{out} holds files of an earlier run ({", ".join(existing)}) but no {LAST} to '
+                              '--resume from; pass --force to start afresh (which removes those files) or choose '
+                              'another --out.')
     return None
 
 
@@ -190,19 +236,32 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
             print(f'warning: checkpoint from {len(rngs)} process(es), resuming with {ctx.world_size}; '
                   'data order and random draws will differ from an uninterrupted run.')
         set_rng_state(rngs[ctx.rank % len(rngs)], flip_gen)
+        if state['epoch'] >= args.epochs or state['iteration'] >= total:
+            limit = f'--epochs {args.epochs}' + (f' / --max-iters {args.max_iters}' if args.max_iters else '')
+            raise ValueError(f'{resume_from} is at epoch {state["epoch"]}, iteration {state["iteration"]}: nothing '
+                             f'is left to train with {limit}; raise --epochs or --max-iters to train further.')
         if ctx.is_main:
             print(f'resumed from {resume_from}: epoch {state["epoch"]} step {state["step"]} '
                   f'iteration {state["iteration"]}')
     elif ctx.is_main:
+        # a fresh start (--force, or files that are no run): never mix this run's files with an earlier one's.
+        # log.jsonl is created by the first record, so a run that fails before its first iteration leaves none
         out.mkdir(parents=True, exist_ok=True)
-        (out / 'log.jsonl').write_text('')
+        for name in OUTPUTS:
+            if (out / name).is_file() or (out / name).is_symlink():
+                (out / name).unlink()
     ddp = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == 'cuda' else None) \
         if ctx.initialized else model
+
+    last_saved: List[int] = []  # the iteration the latest checkpoint of this run holds
 
     def checkpoint() -> None:
         rng = ctx.all_gather_object(get_rng_state(flip_gen))
         if ctx.is_main:
             _save(out / LAST, model, optimizer, scheduler, state, rng, args)
+            last_saved[:] = [state['iteration']]
+
+    first_iteration = state['iteration']
 
     last_eval = None
     evaluated_at = -1
@@ -218,32 +277,39 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
         ddp.train()
         bar = tqdm(loader, desc=f'epoch {state["epoch"]}', total=iters_per_epoch, initial=state['step'],
                    disable=not (args.progress and ctx.is_main))
-        for images, targets in bar:
-            if state['iteration'] >= total:
-                break
-            pairs = [hflip(im, t) if torch.rand((), generator=flip_gen) < args.hflip else (im, t)
-                     for im, t in zip(images, targets)]
-            images = [im.to(ctx.device) for im, _ in pairs]
-            targets = [{k: v.to(ctx.device) for k, v in t.items()} for _, t in pairs]
-            losses = ddp(images, targets)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise RuntimeError(f'non-finite loss at iteration {state["iteration"]}: '
-                                   f'{ {k: v.item() for k, v in losses.items()} }; lower --lr or check the data.')
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            state['iteration'] += 1
-            state['step'] += 1
-            if ctx.is_main:
-                record = dict(iteration=state['iteration'], epoch=state['epoch'], lr=optimizer.param_groups[0]['lr'],
-                              loss=loss.item(), **{k: v.item() for k, v in losses.items()})
-                _log(out, record)
-                bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{record["lr"]:.2e}')
-            if args.checkpoint_every and state['iteration'] % args.checkpoint_every == 0:
-                checkpoint()
-        bar.close()
+        try:  # the bar is closed (its line ended) before an error is printed
+            for images, targets in bar:
+                if state['iteration'] >= total:
+                    break
+                pairs = [hflip(im, t) if torch.rand((), generator=flip_gen) < args.hflip else (im, t)
+                         for im, t in zip(images, targets)]
+                images = [im.to(ctx.device) for im, _ in pairs]
+                targets = [{k: v.to(ctx.device) for k, v in t.items()} for _, t in pairs]
+                losses = ddp(images, targets)
+                loss = sum(losses.values())
+                if not torch.isfinite(loss):
+                    values = ', '.join(f'{k} {v.item():.4g}' for k, v in losses.items())
+                    raise TrainingError(
+                        f'non-finite loss at iteration {state["iteration"] + 1} ({values}); lower --lr (now '
+                        f'{args.lr:g}) or raise --warmup-iters (now {args.warmup_iters}), or check the data. '
+                        + (f'{out / LAST} holds iteration {last_saved[0]}.' if last_saved else
+                           'No checkpoint was written.'))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                state['iteration'] += 1
+                state['step'] += 1
+                if ctx.is_main:
+                    record = dict(iteration=state['iteration'], epoch=state['epoch'],
+                                  lr=optimizer.param_groups[0]['lr'], loss=loss.item(),
+                                  **{k: v.item() for k, v in losses.items()})
+                    _log(out, record)
+                    bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{record["lr"]:.2e}')
+                if args.checkpoint_every and state['iteration'] % args.checkpoint_every == 0:
+                    checkpoint()
+        finally:
+            bar.close()
         if state['step'] >= iters_per_epoch:
             state['epoch'] += 1
             state['step'] = 0
@@ -255,7 +321,10 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
         last_eval = _evaluate(model, val_ds, ctx, args, out, state)
     if ctx.is_main:
         atomic_save(model.state_dict(), out / 'model_final.pth')  # replaces only what --force / --resume allowed
-        print(f'done: {state["iteration"]} iterations; checkpoint {out / LAST}, weights {out / "model_final.pth"}')
+        span = f' (iterations {first_iteration + 1}..{state["iteration"]})' if first_iteration else ''
+        saved = f'checkpoint {out / LAST} (iteration {last_saved[0]}), ' if last_saved else ''
+        print(f'done: {state["iteration"] - first_iteration} iterations{span}; {saved}weights '
+              f'{out / "model_final.pth"}')
     return dict(state=state, eval=last_eval)
 
 
@@ -263,11 +332,16 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``vitzoo finetune-det``; returns the exit code."""
     ctx = None
     try:
+        validate_args(args)  # before anything else, also before joining a process group
         ctx = init_distributed(args.device)
         train(args, ctx)
-    except (DatasetError, UnknownModelError, BackboneError, ValueError, OSError) as e:
-        # user errors (bad arguments, data, checkpoints, output folder): a message, not a traceback
-        print(f'vitzoo {NAME}: error: {e}', file=sys.stderr)
+    except (DatasetError, UnknownModelError, BackboneError, TrainingError, ValueError, OSError) as e:
+        # user errors (bad arguments, data, checkpoints, output folder, a diverging run): a message, not a
+        # traceback; one raised in a DataLoader worker comes wrapped in the worker's traceback text
+        print(f'vitzoo {NAME}: error: {worker_error_message(e)}', file=sys.stderr)
+        # drop the traceback now: it holds a DataLoader iterator in a reference cycle (torch's re-raise frame),
+        # and workers shut down by a later garbage collection wait 5 s each for a stop signal that never comes
+        e.__traceback__ = None
         return 2
     finally:
         if ctx is not None:
