@@ -231,3 +231,45 @@ def test_build_detector_argument_errors():
     bb = build_backbone('shvit_s1', 'retinanet', out_channels=16)
     with pytest.raises(ValueError, match='do not fit maskrcnn'):
         build_detector('maskrcnn', bb, 3)
+
+
+@pytest.mark.parametrize('name, stem', [
+    ('resnet18', {'conv1.weight', 'bn1.weight', 'bn1.bias'}),  # feature_info[0] is the stem's act1
+    ('mobilenetv3_small_100', {'conv_stem.weight', 'bn1.weight', 'bn1.bias'}),  # ... its bn1 (BatchNormAct2d)
+])
+def test_frozen_stages_freeze_the_whole_stem_of_timm_cnns(name, stem):
+    """Found by an audit: frozen_stages=1 froze nothing on ResNet (its stage 0 is act1, which has no parameters),
+    and frozen_stages=0 left MobileNetV3's stem BatchNorm trainable."""
+    frozen = {}
+    for stages in (0, 1, 2):
+        bb = build_backbone(name, 'retinanet', frozen_stages=stages, out_channels=16)
+        frozen[stages] = {n for n, p in bb.body.named_parameters() if not p.requires_grad}
+    assert frozen[0] == frozen[1] == stem
+    assert frozen[2] > stem
+
+
+def test_backbone_checkpoint_of_another_class_count_loads_strictly(tmp_path):
+    """A classifier fine-tuned on 10 classes: loaded in full (the head then dropped), not refused or partly loaded."""
+    src = timm.create_model('resnet18', num_classes=10)
+    file = tmp_path / 'c10.safetensors'
+    save_file(src.state_dict(), str(file))
+    bb = build_backbone('resnet18', 'retinanet', weights=file, out_channels=16)
+    for k, v in bb.body.state_dict().items():
+        assert torch.equal(v, src.state_dict()[k]), k
+    partial = {k: v for k, v in src.state_dict().items() if not k.startswith('layer4.1.')}
+    save_file(partial, str(tmp_path / 'partial.safetensors'))
+    with pytest.raises(RuntimeError, match=r'layer4\.1\.'):  # missing keys are still an error
+        build_backbone('resnet18', 'retinanet', weights=tmp_path / 'partial.safetensors')
+
+
+def test_model_objects_and_built_backbones_are_checked():
+    from vitzoo.detection import build_detector
+
+    with pytest.raises(ValueError, match=r'dynamic_img_size=False.*dynamic_img_size=True'):
+        build_backbone(timm.create_model('revit_t'))
+    assert build_backbone(timm.create_model('revit_t', dynamic_img_size=True), out_channels=16).is_token_model
+    bb = build_backbone('shvit_s1', 'retinanet', out_channels=16)
+    with pytest.raises(ValueError, match=r'weights, frozen_stages apply when build_detector builds the backbone'):
+        build_detector('retinanet', bb, 3, weights='w.pth', frozen_stages=2)
+    with pytest.raises(ValueError, match=r'size_divisible=32 must be a multiple of the coarsest pyramid stride 128'):
+        build_detector('retinanet', bb, 3, size_divisible=32)

@@ -53,7 +53,8 @@ def create_body(
         model_kwargs: Extra ``timm.create_model`` arguments.
 
     Returns:
-        The full model (with its head; :class:`DetectionBackbone` removes and reports the head keys).
+        The full model (with its head, sized like the checkpoint's classifier when ``weights`` has another class
+        count than the pretrained cfg; :class:`DetectionBackbone` removes and reports the head keys).
 
     Raises:
         UnknownModelError: ``name`` is not a timm model (the message lists the closest ones).
@@ -72,6 +73,12 @@ def create_body(
         except WeightsError as e:
             raise BackboneError(f'could not load {weights} into backbone {name!r}: {e}') from e
         kwargs['pretrained_cfg_overlay'] = dict(file=str(weights))
+        classes = None if 'num_classes' in kwargs else _checkpoint_classes(name, weights)
+        if classes is not None:
+            # a classifier fine-tuned on other classes: build the model with that head, so that timm's load stays
+            # strict (it loads non-strictly when the class counts differ); the detector drops the head anyway
+            kwargs['num_classes'] = classes
+            kwargs['pretrained_cfg_overlay']['num_classes'] = classes
         pretrained = True
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
@@ -84,6 +91,21 @@ def create_body(
             raise BackboneError(f'could not load {source} into backbone {name!r}: {e}') from e
         raise BackboneError(f'cannot build backbone {name!r}: {e}') from e
     return model
+
+
+def _checkpoint_classes(name: str, weights: Path) -> Optional[int]:
+    """The class count of ``weights``' classifier when it differs from the model's pretrained cfg, else None."""
+    arch, tag = resolve_name(name)
+    cfg = timm.models.get_pretrained_cfg(f'{arch}.{tag}' if tag else arch)
+    if cfg is None or not cfg.classifier:
+        return None
+    state_dict = timm.models.load_state_dict(str(weights))
+    names = (cfg.classifier,) if isinstance(cfg.classifier, str) else tuple(cfg.classifier)
+    for classifier in names:
+        weight = state_dict.get(classifier + '.weight')
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 1 and weight.shape[0] != cfg.num_classes:
+            return int(weight.shape[0])
+    return None
 
 
 def _feature_levels(model: nn.Module) -> tuple:
@@ -106,7 +128,9 @@ class DetectionBackbone(nn.Module):
         out_strides: Strides of the pyramid levels the detector needs, e.g. ``(8, 16, 32, 64, 128)``.
         out_channels: Channels of every pyramid level.
         frozen_stages: ``-1`` freezes nothing, ``0`` the stem (everything before the first feature stage),
-            ``N`` the stem and feature stages ``0 .. N-1`` (stage i = ``feature_info[i]`` of the timm model).
+            ``N`` the stem and feature stages ``0 .. N-1`` (stage i = ``feature_info[i]`` of the timm model; when
+            ``feature_info[0]`` is the stem's own output, a single layer such as a ResNet's ``act1`` or a
+            MobileNetV3's ``bn1``, stage 0 is the stem, so ``0`` and ``1`` both freeze the stem with that layer).
             Frozen parameters get ``requires_grad=False`` and their BatchNorms stay in eval mode.
         norm_eval: Keep every BatchNorm of the backbone in eval mode during training (as the SHViT paper does).
         device: Device of the new (neck) parameters.
@@ -172,12 +196,16 @@ class DetectionBackbone(nn.Module):
         if frozen_stages > len(self.stage_modules):
             raise ValueError(f'frozen_stages={frozen_stages} but the backbone has {len(self.stage_modules)} stages.')
         names = [n for n, _ in self.body.named_parameters()]
-        prefixes = tuple(m + '.' for m in self.stage_modules)
-        if frozen_stages == 0:  # stem: everything before the first stage's parameters
-            end = next((i for i, n in enumerate(names) if n.startswith(prefixes)), len(names))
+        # stage i ends at the last parameter of feature_info[i]'s module, or, for a module without parameters (a
+        # ResNet's first feature point is its stem activation `act1`), at the last parameter registered before it
+        ends = [_end_of_module(names, self.body, m) for m in self.stage_modules]
+        if frozen_stages == 0 and not _is_stem_layer(self.body.get_submodule(self.stage_modules[0])):
+            first = self.stage_modules[0] + '.'  # stem: everything before the first stage's own parameters
+            end = next((i for i, n in enumerate(names) if n.startswith(first)), ends[0])
+        elif frozen_stages == 0:  # the first feature point is the stem's own output (ResNet act1, MobileNetV3 bn1)
+            end = ends[0]
         else:
-            last = self.stage_modules[frozen_stages - 1] + '.'
-            end = max((i + 1 for i, n in enumerate(names) if n.startswith(last)), default=0)
+            end = max(ends[:frozen_stages])
         frozen = set(names[:end])
         for n, p in self.body.named_parameters():
             if n in frozen:
@@ -209,3 +237,22 @@ class DetectionBackbone(nn.Module):
         if self.pyramid is not None:
             feats = self.pyramid(feats[-1])
         return OrderedDict(self.fpn(feats))
+
+
+def _is_stem_layer(module: nn.Module) -> bool:
+    """A single layer (norm, activation) rather than a stage of blocks: it holds no Sequential / ModuleList."""
+    return not any(isinstance(m, (nn.Sequential, nn.ModuleList)) for m in module.modules())
+
+
+def _end_of_module(names: List[str], root: nn.Module, module_name: str) -> int:
+    """Index just past the last parameter of ``module_name`` in ``names`` (registration order); for a module without
+    parameters, just past the last parameter of the modules registered before it."""
+    prefix = module_name + '.'
+    own = [i for i, n in enumerate(names) if n.startswith(prefix)]
+    if own:
+        return own[-1] + 1
+    order = [n for n, _ in root.named_modules()]
+    before = order[:order.index(module_name)] if module_name in order else []
+    owners = {n + '.' for n in before if n}
+    return max((i + 1 for i, n in enumerate(names) if any(n.startswith(o) for o in owners)), default=0)
+

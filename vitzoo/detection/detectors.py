@@ -67,6 +67,11 @@ def build_backbone(
                          'pass yourself before passing it.')
     else:
         model = name
+        if getattr(model, 'dynamic_img_size', None) is False:
+            raise ValueError(
+                f'{type(model).__name__} was created for one input size (dynamic_img_size=False), but a detector feeds '
+                f'it images of many sizes; create it with timm.create_model(..., dynamic_img_size=True), or pass '
+                f'the model name, which does so.')
     return DetectionBackbone(model, strides, out_channels, frozen_stages=frozen_stages, norm_eval=norm_eval)
 
 
@@ -114,6 +119,12 @@ def build_detector(
     if num_classes < 1:
         raise ValueError(f'num_classes must be >= 1 (object categories, background excluded), got {num_classes}.')
     if isinstance(backbone, DetectionBackbone):
+        given = [name for name, value, default in (
+            ('pretrained', pretrained, False), ('weights', weights, None), ('out_channels', out_channels, 256),
+            ('frozen_stages', frozen_stages, -1), ('norm_eval', norm_eval, True)) if value != default]
+        if given:
+            raise ValueError(f'{", ".join(given)} apply when build_detector builds the backbone; pass them to '
+                             f'build_backbone(...) for a backbone you build yourself.')
         if tuple(backbone.out_strides) != DETECTOR_STRIDES[kind]:
             raise ValueError(f'backbone pyramid strides {backbone.out_strides} do not fit {kind} '
                              f'(needs {DETECTOR_STRIDES[kind]}); build it with build_backbone(..., kind={kind!r}).')
@@ -125,6 +136,11 @@ def build_detector(
     detector_kwargs.setdefault('image_mean', list(cfg.get('mean', (0.485, 0.456, 0.406))))
     detector_kwargs.setdefault('image_std', list(cfg.get('std', (0.229, 0.224, 0.225))))
     detector_kwargs.setdefault('size_divisible', max(strides))
+    if detector_kwargs['size_divisible'] % max(strides):
+        # torchvision places the anchors of a level at (padded size / map size) pixels apart: a padding that is not a
+        # multiple of the coarsest stride puts them off the grid
+        raise ValueError(f'size_divisible={detector_kwargs["size_divisible"]} must be a multiple of the coarsest '
+                         f'pyramid stride {max(strides)} of {kind}, or anchors land off their feature grid.')
     common = dict(min_size=min_size, max_size=max_size, **detector_kwargs)
     if kind == 'retinanet':
         sizes = tuple(tuple(int(4 * s * 2 ** (k / 3)) for k in range(3)) for s in strides)
