@@ -103,6 +103,24 @@ def test_shvit_official_roundtrip(shvit_official, tmp_path):
     assert "hf-hub:me/shvit_s1" in card and metadata["source_sha256"] in card
     assert "6.33M (counted" in card and "241.40M multiply-adds" in card  # FLOPs: paper says 241M (fused, fvcore)
     assert "top-1 72.8%" in card
+    # the file is only named like the release: the card says it was not verified to be it
+    assert "not verified to be that release" in card
+
+
+def test_card_of_a_verified_file_and_of_another_class_count(shvit_official, tmp_path):
+    """With the file's sha256 given, the card names the release plainly; a 10-class checkpoint is not the release,
+    whatever its file name (found by an audit: it was labelled in1k_official with the paper's top-1)."""
+    _, src = shvit_official
+    out = convert_checkpoint(src, "shvit_s1", tmp_path / "verified", sha256=sha256_file(src), flops=False)
+    assert "not verified" not in (out / "README.md").read_text()
+    ten = timm.create_model("shvit_s1", num_classes=10)
+    path = tmp_path / "src10" / "shvit_s1.pth"
+    path.parent.mkdir()
+    torch.save({"model": _shvit_to_official(ten.state_dict())}, path)
+    out = convert_checkpoint(path, "shvit_s1", tmp_path / "ten", num_classes=10, flops=False)
+    metadata, _ = read_safetensors_metadata(out / "model.safetensors")
+    assert metadata["tag"] == "converted"
+    assert "72.8%" not in (out / "README.md").read_text()
 
 
 def test_nvit_official_roundtrip(tmp_path):

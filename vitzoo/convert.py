@@ -312,10 +312,12 @@ def verify_folder(folder: PathLike, reference: Optional[torch.nn.Module] = None,
 # conversion
 
 
-def _entry_for(manifest: Manifest, model: str, tag: Optional[str], source: str) -> WeightEntry:
-    """The manifest entry of the weight, or a stand-in for weights the manifest does not list."""
+def _entry_for(manifest: Manifest, model: str, tag: Optional[str], source: str,
+               num_classes: Optional[int] = None) -> WeightEntry:
+    """The manifest entry of the weight, or a stand-in for weights the manifest does not list (also for a
+    checkpoint with another classifier than the released ImageNet-1k one: not the release, whatever its name)."""
     entry = manifest.find(model, tag) if tag else manifest.release(model)
-    if entry is not None:
+    if entry is not None and num_classes in (None, 1000):
         return entry
     family = manifest.families[family_of(model)]
     return WeightEntry(
@@ -327,11 +329,17 @@ def _entry_for(manifest: Manifest, model: str, tag: Optional[str], source: str) 
     )
 
 
-def _describe_source(entry: WeightEntry, source_name: str) -> str:
-    """The card's source line: the manifest URL, plus the converted file's name when that is not the URL's."""
-    if entry.source_url == source_name or entry.source_url.endswith("/" + source_name):
-        return entry.source_url
-    return f"{entry.source_url} (converted file: `{source_name}`)"
+def _describe_source(entry: WeightEntry, source_name: str, verified: bool) -> str:
+    """The card's source line: the manifest URL, plus the converted file's name when that is not the URL's, and
+    whether the file was checked against a recorded sha256 (a matching name alone proves nothing)."""
+    same_name = entry.source_url == source_name or entry.source_url.endswith("/" + source_name)
+    if entry.source_sha256 is None and entry.source_url == source_name:  # a stand-in entry: the file itself
+        return source_name
+    line = entry.source_url if same_name else f"{entry.source_url} (converted file: `{source_name}`)"
+    if not verified:
+        line += (" - not verified to be that release: no sha256 was given or recorded for it, so the file's own "
+                 "sha256 below is the only record of what was converted")
+    return line
 
 
 def _count_flops(model: torch.nn.Module) -> Optional[int]:
@@ -421,7 +429,7 @@ def convert_checkpoint(
         source_sha = sha256_file(path)
         # a local path is recorded by file name only (absolute paths would leak into published files)
         source_name = str(src) if str(src).startswith(("http://", "https://")) else Path(src).name
-        entry = _entry_for(manifest, model, tag, source_name)
+        entry = _entry_for(manifest, model, tag, source_name, num_classes)
         expected = sha256 or entry.source_sha256
         if expected is not None and expected.lower() != source_sha:
             raise CorruptWeightsError(
@@ -462,7 +470,7 @@ def convert_checkpoint(
             steps.set_postfix_str("card")
             input_size = tuple(source_model.pretrained_cfg.get("input_size", (3, 224, 224)))
             fields = card_fields(
-                entry, manifest, source=_describe_source(entry, source_name), source_sha256=source_sha,
+                entry, manifest, source=_describe_source(entry, source_name, verified=expected is not None), source_sha256=source_sha,
                 params=sum(p.numel() for p in source_model.parameters()),
                 flops=_count_flops(source_model) if flops else None, input_size=input_size,
                 repo_id=repo_id, dims_json=metadata.get("nvit_dims"),
