@@ -251,3 +251,22 @@ def test_os_errors_name_the_output_not_a_temp_folder(shvit_official, tmp_path, m
     assert capsys.readouterr().err.endswith(f"cannot write {tmp_path / 'file' / 'out'}: {tmp_path / 'file'} is a file, "
                                             "not a folder.\n")
     assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_revit_weights_get_no_borrowed_licence(tmp_path):
+    """ReViT has no released weights: a conversion must not stamp NVIDIA's non-commercial NViT licence on someone's
+    own training (found by an audit), and a card without counted FLOPs says 'not reported' once."""
+    from safetensors.torch import save_file
+
+    model = timm.create_model("revit_t")
+    src = tmp_path / "my_revit.safetensors"
+    save_file(model.state_dict(), str(src), metadata=nvit.dims_metadata(model))
+    out = convert_checkpoint(src, "revit_t", tmp_path / "out", flops=False)
+    metadata, _ = read_safetensors_metadata(out / "model.safetensors")
+    assert metadata["license"] == "other"
+    assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["license"] == "other"
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlicense: other\n") and "Set by the owner of these weights" in card
+    assert "NVIDIA" not in card and "Non-commercial" not in card
+    assert "not reported (reported" not in card
+    verify_folder(out)

@@ -44,6 +44,8 @@ __all__ = ["HUB_FILES", "VerificationError", "VerifyReport", "convert_checkpoint
 NAME = "convert"
 HUB_FILES = ("model.safetensors", "config.json", "README.md")
 REQUIRED_METADATA = ("format", "model", "source", "source_sha256", "license")
+#: The licence field of weights whose licence only their owner can state (Hub card id "other").
+OWNERS_LICENSE = "other"
 PathLike = Union[str, os.PathLike]
 
 
@@ -320,9 +322,12 @@ def _entry_for(manifest: Manifest, model: str, tag: Optional[str], source: str,
     if entry is not None and num_classes in (None, 1000):
         return entry
     family = manifest.families[family_of(model)]
+    # an architecture without any released weights (ReViT): the weights are someone's own training, and the
+    # family's licence (that of NVIDIA's released NViT weights) is not theirs to claim
+    license = family["license"] if manifest.release(model) is not None else OWNERS_LICENSE
     return WeightEntry(
         model=model, tag=tag or "converted", family=family_of(model), source_url=source, source_sha256=None,
-        hub_repo=None, license=family["license"],
+        hub_repo=None, license=license,
         metrics={"top1": None, "top5": None, "params": None, "flops": None, "img_size": None,
                  "source": "not in the weights manifest"},
         notes="",

@@ -41,6 +41,13 @@ def license_text(family: Dict[str, Any]) -> str:
             "same licence (share-alike). Commercial use needs a licence from the copyright holder.")
 
 
+def _owners_license(entry: Any) -> str:
+    """The licence paragraph of weights the manifest knows no licence for (an architecture without a release)."""
+    return (f"Set by the owner of these weights. `{entry.model}` has no released weights, so these come from someone's "
+            f"own training; the licence of the family's released weights does not apply to them. State the licence "
+            f"here (and in the `license:` field above, now `{entry.license}`) before publishing.")
+
+
 def _number(value: Optional[float], unit: str = "") -> str:
     if value is None:
         return "not reported"
@@ -81,8 +88,10 @@ def card_fields(
     params_text += " (counted on the converted model)" if params is not None else " (reported)"
     if flops is not None:
         flops_text = f"{_number(flops)} multiply-adds (fvcore on the inference-fused model, batch 1)"
-    else:
+    elif metrics["flops"] is not None:
         flops_text = f"{_number(metrics['flops'])} (reported; {family['flops_note']})"
+    else:
+        flops_text = "not reported (convert without --no-flops to count them)"
     size = input_size or (3, metrics["img_size"], metrics["img_size"])
     pct = lambda v: "not reported" if v is None else f"{v:g}%"  # noqa: E731
     dims = f"- **Per-block dims (NViT):** `{dims_json}`\n" if dims_json else ""
@@ -107,7 +116,7 @@ def card_fields(
         "metrics_source": metrics["source"],
         "dims": dims,
         "repo_id": repo_id or entry.hub_repo or "ORG/NAME",
-        "license_text": license_text(family),
+        "license_text": license_text(family) if entry.license == family["license"] else _owners_license(entry),
     }
 
 
