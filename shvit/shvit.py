@@ -93,6 +93,10 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
         source = _weights_source(variant, kwargs)
         if isinstance(e, CheckpointMismatchError):
             fix = 'use the entrypoint of the variant the checkpoint holds, or a checkpoint of ' + variant
+        elif source.startswith('url '):  # the official release file (GitHub): not on the Hub under this tag
+            fix = (f'if the file is missing (offline or empty cache), download {source[4:]} once and pass '
+                   f'pretrained_cfg_overlay=dict(file="/path/to/{variant}.pth"); if it is corrupt or truncated, '
+                   f'download it again; or use the Hub weights {variant}.in1k')
         elif source.startswith('file '):  # a local file: no download advice
             fix = (f'check that {source[5:]} is a complete {variant} checkpoint (.safetensors, or a .pth state dict '
                    'or training checkpoint), or convert it again')

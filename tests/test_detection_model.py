@@ -273,3 +273,11 @@ def test_model_objects_and_built_backbones_are_checked():
         build_detector('retinanet', bb, 3, weights='w.pth', frozen_stages=2)
     with pytest.raises(ValueError, match=r'size_divisible=32 must be a multiple of the coarsest pyramid stride 128'):
         build_detector('retinanet', bb, 3, size_divisible=32)
+
+
+def test_neck_follows_the_body_dtype():
+    """model_kwargs=dict(dtype=torch.float64): the FPN is built in float64 too, so the first forward works."""
+    bb = build_backbone('shvit_s1', 'retinanet', out_channels=16, model_kwargs=dict(dtype=torch.float64)).eval()
+    assert {p.dtype for p in bb.parameters()} == {torch.float64}
+    with torch.no_grad():
+        assert all(v.dtype == torch.float64 for v in bb(torch.randn(1, 3, 128, 128, dtype=torch.float64)).values())

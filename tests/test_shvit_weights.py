@@ -126,6 +126,20 @@ def test_missing_hub_file_offline(tmp_path, monkeypatch):
     assert 'hf download timm/shvit_s4.in1k' in str(info.value)
 
 
+def test_missing_official_release_offline_gets_release_advice(monkeypatch):
+    """The in1k_official tag loads the GitHub release file: the advice is that file, not the Hub tag's download."""
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr("timm.models._builder.load_state_dict_from_url", offline)
+    monkeypatch.setattr("timm.models._builder.download_cached_file", offline)
+    with pytest.raises(RuntimeError, match=r"shvit_s1 from url https://github\.com/ysj9909/SHViT/releases/") as info:
+        timm.create_model('shvit_s1.in1k_official', pretrained=True)
+    message = str(info.value)
+    assert 'download https://github.com/ysj9909/SHViT/releases/download/v1.0/shvit_s1.pth once' in message
+    assert 'hf download' not in message
+
+
 def test_missing_local_file(tmp_path):
     path = tmp_path / 'nope.safetensors'
     with pytest.raises(RuntimeError, match=f'shvit_s1 from file {path}') as info:

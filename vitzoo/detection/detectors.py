@@ -72,7 +72,9 @@ def build_backbone(
                 f'{type(model).__name__} was created for one input size (dynamic_img_size=False), but a detector feeds '
                 f'it images of many sizes; create it with timm.create_model(..., dynamic_img_size=True), or pass '
                 f'the model name, which does so.')
-    return DetectionBackbone(model, strides, out_channels, frozen_stages=frozen_stages, norm_eval=norm_eval)
+    ref = next(model.parameters(), None)  # the neck is created on the body's device and in its dtype
+    return DetectionBackbone(model, strides, out_channels, frozen_stages=frozen_stages, norm_eval=norm_eval,
+                             device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
 
 
 def build_detector(
