@@ -130,7 +130,8 @@ def test_nvit_official_roundtrip(tmp_path):
     torch.save({"model": _nvit_to_official(model.state_dict(), NVIT_DIMS), "dim": NVIT_DIMS.to_dict(official=True),
                 "epoch": 299, "args": argparse.Namespace(model="deit_base_distilled_patch16_224_small")}, src)
     out = tmp_path / "out"
-    convert_checkpoint(src, "nvit_b", out, flops=False)
+    # a stand-in for the release file, far smaller than NViT-B: only a given sha256 lets it pass as the release
+    convert_checkpoint(src, "nvit_b", out, flops=False, sha256=sha256_file(src))
 
     loaded = timm.create_model(f"local-dir:{out}", pretrained=True)
     assert loaded.dims == NVIT_DIMS
@@ -142,6 +143,21 @@ def test_nvit_official_roundtrip(tmp_path):
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlicense: cc-by-nc-sa-4.0\n") and "Non-commercial use only" in card
     assert "https://arxiv.org/abs/2110.04869" in card and '"embed_dim":32' in card
+
+
+def test_file_of_another_size_than_the_release_is_not_credited_to_it(tmp_path, capsys):
+    """NViT-B's file converted as nvit_s (found by an audit: the card claimed NViT-S's source and 82.19% top-1):
+    without a sha256, a parameter count off the release's reported one by more than 10% is not the release."""
+    model = timm.create_model("nvit_b", dims=NVIT_DIMS)  # 0.03M parameters against NViT-S's reported 21M
+    src = tmp_path / "NViT_S.pth"
+    torch.save({"model": _nvit_to_official(model.state_dict(), NVIT_DIMS),
+                "dim": NVIT_DIMS.to_dict(official=True)}, src)
+    out = convert_checkpoint(src, "nvit_s", tmp_path / "out", flops=False)
+    assert "not the 21M reported for nvit_s.in1k" in capsys.readouterr().err
+    metadata, _ = read_safetensors_metadata(out / "model.safetensors")
+    assert metadata["tag"] == "converted"
+    card = (out / "README.md").read_text()
+    assert "82.19" not in card and "NViT_S.pth?rlkey" not in card
 
 
 def test_refuses_to_overwrite_unless_forced(shvit_official, tmp_path):

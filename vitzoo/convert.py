@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,6 +335,12 @@ def _entry_for(manifest: Manifest, model: str, tag: Optional[str], source: str,
     )
 
 
+def _params_match(entry: WeightEntry, params: int, tolerance: float = 0.1) -> bool:
+    """Whether ``params`` is within ``tolerance`` of the entry's reported count (True when none is reported)."""
+    reported = entry.metrics.get("params")
+    return not reported or abs(params - reported) <= tolerance * reported
+
+
 def _describe_source(entry: WeightEntry, source_name: str, verified: bool) -> str:
     """The card's source line: the manifest URL, plus the converted file's name when that is not the URL's, and
     whether the file was checked against a recorded sha256 (a matching name alone proves nothing)."""
@@ -455,6 +462,14 @@ def convert_checkpoint(
         except RuntimeError as e:  # e.g. a truncated legacy torch.save file (only loading it can tell)
             raise CorruptWeightsError(f"{str(e).splitlines()[0]} Check the file, or download it again.") from e
         steps.update()
+        params = sum(p.numel() for p in source_model.parameters())
+        if expected is None and not _params_match(entry, params):
+            # not verified by a hash, and not the size of the release either (NViT-B's file converted as nvit_s):
+            # the card must not claim the release's source and metrics
+            print(f"note: {src} has {params / 1e6:.2f}M parameters, not the {entry.metrics['params'] / 1e6:.3g}M "
+                  f"reported for {entry.name}; it is converted as {model}.converted, without the release's metrics.",
+                  file=sys.stderr)
+            entry = _entry_for(manifest, model, "converted", source_name)
 
         metadata = {"format": "pt", "model": model, "tag": entry.tag, "source": source_name,
                     "source_sha256": source_sha, "license": entry.license,
@@ -476,7 +491,7 @@ def convert_checkpoint(
             input_size = tuple(source_model.pretrained_cfg.get("input_size", (3, 224, 224)))
             fields = card_fields(
                 entry, manifest, source=_describe_source(entry, source_name, verified=expected is not None), source_sha256=source_sha,
-                params=sum(p.numel() for p in source_model.parameters()),
+                params=params,
                 flops=_count_flops(source_model) if flops else None, input_size=input_size,
                 repo_id=repo_id, dims_json=metadata.get("nvit_dims"),
             )
