@@ -1,7 +1,10 @@
 """``vitzoo finetune-det`` end to end on a generated dataset: loss falls, mAP, checkpoints, exact resume, DDP."""
+import contextlib
+import io
 import json
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -251,3 +254,45 @@ def test_ddp_two_processes_gloo(data, tmp_path):
     assert [r['iteration'] for r in log] == [1]  # 4 images / (2 per process x 2 processes) = 1 iteration
     ckpt = load_checkpoint(out / 'checkpoint_last.pth')
     assert ckpt['iteration'] == 1 and len(ckpt['rng']) == 2  # each rank's RNG state is kept
+
+
+def _ddp_diverging_worker(rank, world, port, data, out):
+    """Rank 1's detector returns a NaN loss; rank 0's stays finite."""
+    import vitzoo.detection.finetune as finetune
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port), OMP_NUM_THREADS='1')
+    torch.set_num_threads(1)
+    build = finetune.build_detector
+
+    def build_diverging(*args, **kwargs):
+        model = build(*args, **kwargs)
+        if rank == 1:
+            model.register_forward_hook(
+                lambda m, inputs, losses: {k: v * float('nan') for k, v in losses.items()} if m.training else None)
+        return model
+
+    finetune.build_detector = build_diverging
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(['finetune-det', '--data', str(data), '--out', str(out), *COMMON, '--detector', 'retinanet',
+                   '--epochs', '1', '--no-eval', '--device', 'cpu'])
+    (out.parent / f'rank{rank}.txt').write_text(f'{rc}\n{err.getvalue()}')
+
+
+@pytest.mark.slow
+def test_ddp_non_finite_loss_on_one_rank_stops_every_rank(data, tmp_path):
+    # before, rank 1 stopped alone and rank 0 waited for it in DDP's gradient all-reduce (gloo: 30 min)
+    out = tmp_path / 'ddp'
+    procs = mp.spawn(_ddp_diverging_worker, args=(2, _free_port(), data, out), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not procs.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail('a rank still runs 120 s after rank 1 met a non-finite loss')
+    for rank in (0, 1):
+        rc, err = (tmp_path / f'rank{rank}.txt').read_text().split('\n', 1)
+        assert rc == '2' and err.count('\n') == 1, err
+        assert err.startswith('vitzoo finetune-det: error: non-finite loss at iteration 1 (rank 1: '), err
+        assert 'rank 0:' not in err
+    assert not (out / 'model_final.pth').exists()

@@ -38,6 +38,19 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
+    def ranks_where(self, flag: bool) -> List[int]:
+        """The ranks whose ``flag`` is true (``[0]`` or ``[]`` when not distributed); a collective call.
+
+        Every rank learns the same list, so all of them can stop together: a rank that stopped alone would leave
+        the others waiting in DDP's next gradient all-reduce.
+        """
+        if not self.initialized:
+            return [0] if flag else []
+        flags = torch.zeros(self.world_size, dtype=torch.int32, device=self.device)
+        flags[self.rank] = int(flag)
+        dist.all_reduce(flags)
+        return [r for r, f in enumerate(flags.tolist()) if f]
+
     def close(self) -> None:
         if self.initialized and dist.is_initialized():
             dist.destroy_process_group()

@@ -287,8 +287,12 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                 targets = [{k: v.to(ctx.device) for k, v in t.items()} for _, t in pairs]
                 losses = ddp(images, targets)
                 loss = sum(losses.values())
-                if not torch.isfinite(loss):
+                # every rank checks every rank's loss before backward, so that all of them stop together
+                diverged = ctx.ranks_where(not bool(torch.isfinite(loss)))
+                if diverged:
                     values = ', '.join(f'{k} {v.item():.4g}' for k, v in losses.items())
+                    where = ctx.all_gather_object(values)
+                    values = '; '.join(f'rank {r}: {where[r]}' for r in diverged) if ctx.initialized else values
                     raise TrainingError(
                         f'non-finite loss at iteration {state["iteration"] + 1} ({values}); lower --lr (now '
                         f'{args.lr:g}) or raise --warmup-iters (now {args.warmup_iters}), or check the data. '
