@@ -469,6 +469,31 @@ def test_residual_fusion_respects_in_place_ops(model_cls):
         assert any("does not reproduce the model's output" in o for o in deployed.optimizations)
 
 
+class _ConvPlusPositionMap(nn.Module):
+    """A conv output plus a learned ``(1, C, H, W)`` map: equal shapes at batch 1, a broadcast at any other."""
+
+    def __init__(self, kernel):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, kernel, padding=kernel // 2)
+        self.pos = nn.Parameter(torch.randn(1, 8, 12, 12))
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.stem(x))) + self.pos
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_residual_fusion_needs_equal_shapes_at_every_batch_size(kernel):
+    """Found by an audit: deployed on a batch-1 example, the add was fused (shapes equal at batch 1), and at batch 3
+    the 1x1 conv returned a wrong result, the 3x3 one an error."""
+    torch.manual_seed(0)
+    model = _ConvPlusPositionMap(kernel).eval()
+    deployed = deploy(model, torch.randn(1, 3, 12, 12), backend="eager")
+    assert any("fused residual add: 0" in o for o in deployed.optimizations), deployed.optimizations
+    x = torch.randn(3, 3, 12, 12)
+    torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)
+
+
 def test_example_input_of_another_dtype_is_a_clear_type_error():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
     with pytest.raises(TypeError, match=r"example_input is torch.bfloat16 but the model's weights are "

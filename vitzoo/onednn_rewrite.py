@@ -172,11 +172,36 @@ def _mutation_between(first: fx.Node, last: fx.Node, modules: Dict[str, nn.Modul
     return False
 
 
+_OTHER_BATCH = "vitzoo_shape_at_other_batch"  # node.meta key (copied with the meta when a node is replaced)
+
+
 def _same_tensor_meta(a: fx.Node, b: object) -> bool:
+    """``a`` and ``b`` have the same shape and dtype at the example's batch size and at another one.
+
+    Equal shapes at one batch size are not enough: a ``(1, C, H, W)`` parameter added to a conv output matches it
+    at batch 1 but broadcasts at any other. Without shapes at a second batch size (the model did not run at one,
+    see :func:`_record_shapes_at_other_batch`) nothing is fused.
+    """
     if not isinstance(b, fx.Node):
         return False
     ma, mb = a.meta.get("tensor_meta"), b.meta.get("tensor_meta")
-    return ma is not None and mb is not None and getattr(mb, "shape", None) == ma.shape and mb.dtype == ma.dtype
+    other_a, other_b = a.meta.get(_OTHER_BATCH), b.meta.get(_OTHER_BATCH)
+    return ma is not None and mb is not None and getattr(mb, "shape", None) == ma.shape and mb.dtype == ma.dtype \
+        and other_a is not None and other_a == other_b
+
+
+def _record_shapes_at_other_batch(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
+    """Store every node's output shape with one more image in the batch than ``example_input`` in its meta.
+
+    A model that does not run at that batch size gets none recorded, and no residual add is fused.
+    """
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.cat([example_input, example_input[:1]]))
+    except Exception:  # a model that only runs at its example's batch size
+        return
+    for node in gm.graph.nodes:
+        node.meta[_OTHER_BATCH] = getattr(node.meta.get("tensor_meta"), "shape", None)
 
 
 def _drop_identities(gm: fx.GraphModule, modules: Dict[str, nn.Module]) -> None:
@@ -210,7 +235,7 @@ def _pack_convolutions(gm: fx.GraphModule, modules: Dict[str, nn.Module]) -> Dic
 
 def _fuse_residual_adds(
         gm: fx.GraphModule, packed: Dict[fx.Node, PackedConv2d], modules: Dict[str, nn.Module]) -> int:
-    """``conv(x) + r`` (same shape, conv used only by the add) -> ``PackedConv2d(x, r)``.
+    """``conv(x) + r`` (same shape at any batch size, conv used only by the add) -> ``PackedConv2d(x, r)``.
 
     The fused conv runs where the add was, so that ``r`` is ready; it is fused only if nothing between the conv and
     the add modifies a tensor in place (that could be ``x`` or ``r``), and an in-place add only if it writes into the
@@ -264,6 +289,7 @@ def onednn_rewrite(model: nn.Module, example_input: torch.Tensor) -> Tuple[nn.Mo
         gm = fx.symbolic_trace(model)
     except Exception as e:  # tracing arbitrary user models can fail in many ways
         return model, [f"oneDNN rewrite skipped: torch.fx could not trace the model ({type(e).__name__}: {e})"]
+    _record_shapes_at_other_batch(gm, example_input)  # first: the propagation below sets the meta used later
     with torch.no_grad():
         traced = ShapeProp(gm).propagate(example_input)
         if not outputs_close(traced, model(example_input), rel=1e-5):
