@@ -348,3 +348,16 @@ def test_names_with_markup_and_pipes_render_verbatim():
         cells = re.split(r"(?<!\\)\|", lines[2].strip().strip("|"))
         assert len(cells) == len(lines[0].strip("|").split("|"))
         assert cells[0].strip() == name.replace("|", "\\|")
+
+
+def test_ops_without_a_flop_formula_are_a_note_in_every_format():
+    """Found by an audit: only --format json carried ``uncounted``, so a count missing real work looked complete."""
+    from vitzoo.compare import _row
+    from vitzoo.flops import FlopReport
+
+    report = FlopReport(total=10, params=1, params_fused=1, input_size=(3, 8, 8),
+                        uncounted={"aten::topk": 2, "aten::add": 3})
+    row = _row("mymodel", report, None, None)
+    assert row["note"] == "FLOPs leave out ops with no formula here: aten::topk x2"  # aten::add: by convention
+    report.uncounted = {"aten::add": 3, "aten::softmax": 1}
+    assert _row("mymodel", report, None, None)["note"] == ""

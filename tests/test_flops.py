@@ -218,3 +218,144 @@ def test_in_chans_comes_from_the_model_not_its_cfg():
     assert by_int.input_size == count_flops(model, (32, 32)).input_size == (1, 32, 32)
     assert by_int.total == count_flops(model, (1, 32, 32)).total
     assert deploy(model.eval())(torch.randn(2, 1, 224, 224)).shape == (2, 4)
+
+
+# ---- ops beyond fvcore's handles (found by an audit); references: torch.utils.flop_counter (2 per multiply-add,
+# ---- run on the eager model, so independent of the jit trace fvcore counts) and hand formulas
+
+
+def _flop_counter_macs(model, x):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+class _Recurrent(nn.Module):
+    """LSTM (2 layers, bidirectional, projected), GRU and ReLU-RNN over the image rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, num_layers=2, bidirectional=True, batch_first=True, proj_size=4)
+        self.gru = nn.GRU(8, 16)
+        self.rnn = nn.RNN(8, 12, nonlinearity="relu")
+
+    def forward(self, x):
+        x = x.flatten(1, 2)
+        return self.lstm(x)[0].sum() + self.gru(x)[0].sum() + self.rnn(x)[0].sum()
+
+
+def test_recurrent_layers_are_counted():
+    """Before, aten::lstm / gru counted 0 (sequencer2d_s: 4.96 G instead of the paper's 8.4 G)."""
+    model = _Recurrent().eval()
+    report = count_flops(model, (3, 8, 8), batch_size=2)
+    assert report.total == _flop_counter_macs(model, torch.randn(2, 3, 8, 8)) == 226_560
+    assert not report.unknown_ops
+
+
+def test_sequencer_matches_its_paper():
+    assert count_flops("sequencer2d_s").total / 1e9 == pytest.approx(8.4, rel=0.01)  # Sequencer paper, Table 1
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_string_padding_convolutions_are_counted(padding):
+    """``padding='same'`` / ``'valid'`` trace as aten::_convolution_mode, which counted 0 (ConvMixer: -5.9%)."""
+    conv = nn.Conv2d(3, 16, 3, padding=padding)
+    explicit = nn.Conv2d(3, 16, 3, padding=1 if padding == "same" else 0)
+    expected = count_flops(explicit, (3, 32, 32)).total  # fvcore's own conv handle
+    assert expected == 16 * 27 * (32 * 32 if padding == "same" else 30 * 30)
+    assert count_flops(conv, (3, 32, 32)).by_operator == {"conv": expected}
+
+
+class _TorchAttention(nn.Module):
+    def __init__(self, encoder: bool):
+        super().__init__()
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(48, 4, 96, batch_first=True), 2) \
+            if encoder else None
+        self.mha = nn.MultiheadAttention(48, 4, batch_first=True)
+
+    def forward(self, x):
+        t = x.flatten(2).transpose(1, 2)
+        if self.encoder is not None:
+            return self.encoder(t)
+        return self.mha(t, t, t)[0]
+
+
+@pytest.mark.parametrize("encoder", [False, True])
+def test_torch_attention_modules_are_counted(encoder):
+    """Without grad (how count_flops traces) both run a fused fast-path op that counted 0."""
+    model = _TorchAttention(encoder).eval()
+    report = count_flops(model, (48, 8, 8))
+    tokens, dim = 64, 48
+    mha = tokens * dim * 3 * dim + tokens * dim * dim + tokens * tokens * dim * 2  # qkv, out proj, QK^T and AV
+    ffn = tokens * dim * 96 * 2
+    assert report.by_operator.get("linear", 0) + report.by_operator.get("scaled_dot_product_attention", 0) \
+        + report.by_operator.get("matmul", 0) + report.by_operator.get("bmm", 0) \
+        == (2 * (mha + ffn) if encoder else mha)
+    assert not report.unknown_ops
+
+
+class _Products(nn.Module):
+    def forward(self, x):  # x: [1, 3, 32, 32]
+        v = x[0, 0, 0]
+        return ((x[0, 0] @ x[0]).sum() + (x.flatten(2) @ v.repeat(32)).sum()  # broadcast batch; 1-D right operand
+                + torch.baddbmm(x[0], x[0], x[0]).sum() + torch.addmv(v, x[0, 0], v).sum())
+
+
+def test_matrix_products_with_broadcasting_and_vectors():
+    """fvcore's matmul handle counted ``x[0] @ x`` with a batch of 1 and failed on a 1-D right operand."""
+    report = count_flops(_Products(), (3, 32, 32))
+    # (32, 32) @ (3, 32, 32); (1, 3, 1024) @ (1024,); baddbmm of (3, 32, 32) x (3, 32, 32); addmv (32, 32) x (32,)
+    # (torch.utils.flop_counter has no formula for the matrix-vector products, so it is no reference here)
+    assert report.by_operator == {"matmul": 3 * 32 ** 3 + 3 * 1024, "baddbmm": 3 * 32 ** 3, "addmv": 32 * 32}
+
+
+def test_fused_attention_elementwise_count_equals_the_explicit_path():
+    """With ``elementwise=True``, SDPA's scaling and softmax were neither counted nor listed."""
+    fused = count_flops("vit_small_patch16_224", fused=False, elementwise=True).total
+    with _fused_attn(False):
+        explicit = count_flops(timm.create_model("vit_small_patch16_224"), fused=False, elementwise=True).total
+    assert fused == explicit == 4_617_562_632
+
+
+def _fused_attn(enabled: bool):
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        from timm.layers import config
+
+        before = config._USE_FUSED_ATTN
+        timm.layers.set_fused_attn(enabled)
+        try:
+            yield
+        finally:
+            config._USE_FUSED_ATTN = before
+    return ctx()
+
+
+def test_tf_same_padding_convs_fold_their_batchnorm():
+    """timm's Conv2dSame (tf_efficientnet_*) kept its BatchNorm in the fused count: 1.79 M MACs more than
+    efficientnet_b0, the same network with symmetric padding."""
+    same, plain = count_flops("tf_efficientnet_b0"), count_flops("efficientnet_b0")
+    assert "batch_norm" not in same.by_operator
+    assert same.total == plain.total and same.params_fused == plain.params_fused
+
+
+def test_a_named_fixed_size_model_is_built_for_the_size_asked():
+    """``count_flops("vit_small_patch16_224", 384)`` failed with the model's 'doesn't match model (224)'."""
+    expected = count_flops(timm.create_model("vit_small_patch16_224", img_size=384), 384).total
+    assert count_flops("vit_small_patch16_224", 384).total == expected
+    assert round(expected / 1e9, 1) == 15.5  # DeiT-S at 384, DeiT paper Table 1 / timm deit_small_patch16_384
+    assert count_flops("vit_small_patch16_224", (224, 320)).input_size == (3, 224, 320)
+
+
+def test_ops_without_a_formula_are_named():
+    class TopK(nn.Module):
+        def forward(self, x):
+            return torch.topk(x.flatten(1), 3).values + x.mean()
+
+    report = count_flops(TopK(), (3, 8, 8))
+    assert report.unknown_ops == {"aten::topk": 1}  # aten::mean and aten::add are elementwise, by convention
+    assert "no FLOP formula (their work is missing from the total): aten::topk x1" in str(report)

@@ -21,6 +21,7 @@ from collections import Counter
 from typing import Dict, Optional, Tuple
 
 import torch
+from timm.layers import Conv2dSame
 from torch import nn
 
 from vitzoo.outputs import outputs_close
@@ -28,6 +29,10 @@ from vitzoo.outputs import outputs_close
 __all__ = ["fold_batchnorms"]
 
 _FOLDABLE = (nn.BatchNorm1d, nn.BatchNorm2d)
+# layers computing ``op(x, weight) + bias``, which a per-output-channel scale and shift fold into; timm's
+# ``Conv2dSame`` (TF "SAME" padding, tf_efficientnet_*) only pads differently. Not weight-standardised convs
+# (``StdConv2d``): their weight is normalised again on every call, which would undo the scale.
+_LAYERS = (nn.Conv2d, nn.Linear, Conv2dSame)
 
 
 def fold_batchnorms(model: nn.Module, example_input: torch.Tensor) -> Tuple[nn.Module, int]:
@@ -90,7 +95,7 @@ def _find_pairs(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str
         return hook
 
     for name, module in model.named_modules():
-        if type(module) in (nn.Conv2d, nn.Linear):
+        if type(module) in _LAYERS:
             handles.append(module.register_forward_hook(after_layer(name)))
         elif _foldable_norm(module):
             handles.append(module.register_forward_pre_hook(before_norm(name)))

@@ -170,6 +170,10 @@ def _row(name: str, report, device: Optional[str], batch: Optional[int]) -> Dict
     same_size = paper is not None and tuple(report.input_size[-2:]) == (paper.img_size, paper.img_size)
     if paper is not None and not same_size:
         note = f"paper FLOPs and top-1 are at {paper.img_size}x{paper.img_size}, not shown"
+    unknown = report.unknown_ops
+    if unknown:
+        ops = ", ".join(f"{op} x{n}" for op, n in sorted(unknown.items()))
+        note = "; ".join(([note] if note else []) + [f"FLOPs leave out ops with no formula here: {ops}"])
     return {
         "model": name,
         "input_size": list(report.input_size),

@@ -4,10 +4,12 @@ Convention: **one multiply-add is one FLOP** (fvcore's convention; these are MAC
 report this number as "FLOPs". ``torch.utils.flop_counter`` counts two per multiply-add; divide by two to compare.
 
 On top of fvcore's built-in handles this module counts ``aten::scaled_dot_product_attention`` (fvcore skips it,
-so every timm ViT with fused attention loses its attention matmuls) and, only when asked, the elementwise ops
-(additions, products, activations, softmax, reductions: one per element). They are off by default so that the
-published numbers reproduce. Every op that is neither counted nor on fvcore's list of free shape ops is reported
-in :attr:`FlopReport.uncounted` with its call count.
+so every timm ViT with fused attention loses its attention matmuls), recurrent layers, string-padded convolutions,
+broadcast / matrix-vector products and the other interpolation modes (:data:`MATRIX_OPS`, :data:`RESAMPLING_OPS`)
+and, only when asked, the elementwise ops (additions, products, activations, softmax, reductions: one per element).
+They are off by default so that the published numbers reproduce. Every op that is neither counted nor on fvcore's
+list of free shape ops is reported in :attr:`FlopReport.uncounted` with its call count, and those with no formula
+here (not elementwise ops left out by convention) in :attr:`FlopReport.unknown_ops`.
 
 Example::
 
@@ -18,6 +20,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -38,8 +41,8 @@ with warnings.catch_warnings():
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import get_shape
 
-__all__ = ["FlopReport", "count_flops", "count_params", "sdpa_flop_jit", "ELEMENTWISE_OPS", "FREE_OPS",
-           "FVCORE_SILENT_OPS"]
+__all__ = ["FlopReport", "count_flops", "count_params", "sdpa_flop_jit", "sdpa_elementwise_flop_jit",
+           "ELEMENTWISE_OPS", "FREE_OPS", "FVCORE_SILENT_OPS", "MATRIX_OPS", "RESAMPLING_OPS"]
 
 
 def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
@@ -60,6 +63,107 @@ def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     return batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
+def sdpa_elementwise_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """:func:`sdpa_flop_jit` plus the elementwise work of ``elementwise=True``, as the explicit path counts it.
+
+    One per element of the scaling of q, of the softmax over ``L x S`` scores and, with a mask or ``is_causal``, of
+    adding (filling) the mask: the numbers the ops of ``q * scale``, ``(q @ k^T).softmax(-1)`` get when a model
+    runs attention without the fused kernel (timm with ``set_fused_attn(False)``).
+    """
+    q, k = get_shape(inputs[0]), get_shape(inputs[1])
+    matmuls = sdpa_flop_jit(inputs, outputs)
+    scores = matmuls // (q[-1] + get_shape(inputs[2])[-1])  # batch * L * S
+    masked = get_shape(inputs[3]) is not None if len(inputs) > 3 else False
+    if len(inputs) > 5 and not masked:
+        causal = inputs[5].toIValue()
+        masked = bool(causal) if isinstance(causal, bool) else False
+    return matmuls + math.prod(q) + scores * (2 if masked else 1)
+
+
+def _matmul_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``aten::matmul`` with broadcasting and 1-D operands: every output element costs ``K`` multiply-adds.
+
+    (fvcore's own handle takes the batch from the first operand, so ``x[0] @ x`` counts one batch, and it fails on
+    a 1-D second operand.)
+    """
+    a = get_shape(inputs[0])
+    return math.prod(get_shape(outputs[0]) or []) * a[-1]
+
+
+def _last_dim_flop_jit(operand: int) -> Any:
+    """A handle counting ``numel(output) * K``, with ``K`` the last dim of input ``operand`` (baddbmm, addmv)."""
+    def handle(inputs: List[Any], outputs: List[Any]) -> int:
+        return math.prod(get_shape(outputs[0]) or []) * get_shape(inputs[operand])[-1]
+    return handle
+
+
+def _addbmm_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``addbmm(input, b1 [B, n, m], b2 [B, m, p])``: ``B * n * m * p``."""
+    b1, b2 = get_shape(inputs[1]), get_shape(inputs[2])
+    return math.prod(b1) * b2[-1]
+
+
+def _bilinear_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``bilinear(x1 [..., in1], x2 [..., in2], weight [out, in1, in2])``: ``prod(...) * out * in1 * in2``."""
+    return math.prod(get_shape(inputs[0])[:-1]) * math.prod(get_shape(inputs[2]))
+
+
+def _convolution_mode_flop_jit(inputs: List[Any], outputs: List[Any]) -> Counter:
+    """``aten::_convolution_mode`` (a convolution with ``padding='same'`` / ``'valid'``): as fvcore's ``conv``."""
+    x, w, out = get_shape(inputs[0]), get_shape(inputs[1]), get_shape(outputs[0])
+    if len(x) == len(w) - 1:  # unbatched input
+        x, out = [1] + x, [1] + out
+    return Counter({"conv": x[0] * math.prod(w) * math.prod(out[2:])})
+
+
+def _recurrent_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``aten::lstm`` / ``gru`` / ``rnn_tanh`` / ``rnn_relu``: the gate matrix products at every time step.
+
+    Every weight matrix of every layer and direction (``W_ih``, ``W_hh`` and an LSTM's projection ``W_hr``, the 2-D
+    tensors of the ``params`` list) is applied once per time step and sequence, so the count is (time steps x
+    batch) x the matrices' elements. The gates' own elementwise work is not counted (as for any layer here).
+    """
+    steps = math.prod(get_shape(inputs[0])[:-1])  # [T, B, I], [B, T, I], unbatched [T, I] or packed [sum T, I]
+    weights = 0
+    for value in inputs:
+        if value.node().kind() == "prim::ListConstruct":
+            for item in value.node().inputs():
+                shape = get_shape(item)
+                if shape is not None and len(shape) == 2:
+                    weights += shape[0] * shape[1]
+    return steps * weights
+
+
+def _per_output_element_times(ops: int) -> Any:
+    def handle(inputs: List[Any], outputs: List[Any]) -> int:
+        return ops * math.prod(get_shape(outputs[0]) or [0])
+    return handle
+
+
+# Always counted, as fvcore counts its 2-D nearest / bilinear upsampling (1 and 4 per output element): the other
+# interpolation modes, by the number of input points each output element weighs.
+RESAMPLING_OPS: Dict[str, Any] = {
+    "aten::upsample_nearest1d": _per_output_element_times(1),
+    "aten::upsample_nearest3d": _per_output_element_times(1),
+    "aten::upsample_linear1d": _per_output_element_times(2),
+    "aten::upsample_trilinear3d": _per_output_element_times(8),
+    "aten::upsample_bicubic2d": _per_output_element_times(16),
+}
+
+
+# Matrix products fvcore has no handle for (or a wrong one), all in fvcore's convention (one per multiply-add).
+MATRIX_OPS: Dict[str, Any] = {
+    "aten::matmul": _matmul_flop_jit,
+    "aten::baddbmm": _last_dim_flop_jit(1),
+    "aten::addmv": _last_dim_flop_jit(1),
+    "aten::mv": _last_dim_flop_jit(0),
+    "aten::addbmm": _addbmm_flop_jit,
+    "aten::bilinear": _bilinear_flop_jit,
+    "aten::_convolution_mode": _convolution_mode_flop_jit,
+    **{f"aten::{op}": _recurrent_flop_jit for op in ("lstm", "gru", "rnn_tanh", "rnn_relu")},
+}
+
+
 def _per_output_element(inputs: List[Any], outputs: List[Any]) -> int:
     return math.prod(get_shape(outputs[0]) or [0])
 
@@ -77,12 +181,16 @@ ELEMENTWISE_OPS: Dict[str, Any] = {
             "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "exp", "sqrt", "rsqrt",
             "pow", "abs", "tanh", "gelu", "gelu_", "sigmoid", "sigmoid_", "silu", "silu_", "hardswish",
             "hardswish_", "hardsigmoid", "hardsigmoid_", "softmax", "log_softmax", "erf", "clamp_min",
-            "leaky_relu", "elu", "mish", "hardtanh", "hardtanh_",
+            "leaky_relu", "leaky_relu_", "elu", "elu_", "mish", "hardtanh", "hardtanh_", "sin", "cos", "square",
+            "ceil", "round", "sign", "reciprocal", "log", "softplus", "clamp_max", "minimum", "maximum", "where",
+            "addcmul", "addcdiv", "lerp",
         )
     },
     **{
         f"aten::{op}": _per_input_element
-        for op in ("mean", "sum", "avg_pool2d", "max_pool2d", "adaptive_max_pool2d", "linalg_vector_norm", "norm")
+        for op in ("mean", "sum", "avg_pool2d", "max_pool2d", "adaptive_max_pool2d", "linalg_vector_norm", "norm",
+                   "amax", "amin", "min", "cumsum", "prod", "var", "std", "logsumexp", "avg_pool1d", "avg_pool3d",
+                   "max_pool1d", "max_pool3d", "adaptive_avg_pool1d", "adaptive_max_pool1d", "adaptive_avg_pool3d")
     },
 }
 
@@ -96,8 +204,11 @@ ELEMENTWISE_OPS.update({op: _per_output_element for op in FVCORE_SILENT_OPS})
 ELEMENTWISE_OPS["aten::max"] = _per_input_element  # a reduction, or the elementwise max of equal shapes
 
 # Shape and copy ops missing from fvcore's list of free ops; they cost no arithmetic.
+# Dropout is the identity in eval mode.
 FREE_OPS = ("aten::reshape_as", "aten::view_as", "aten::expand_as", "aten::repeat", "aten::pad", "aten::clone",
-            "aten::movedim", "aten::unflatten", "aten::tensor_split", "aten::pixel_shuffle", "aten::pixel_unshuffle")
+            "aten::movedim", "aten::unflatten", "aten::tensor_split", "aten::pixel_shuffle", "aten::pixel_unshuffle",
+            "aten::repeat_interleave", "aten::unfold", "aten::im2col", "aten::col2im", "aten::dropout_",
+            "aten::feature_dropout", "aten::feature_dropout_", "aten::alpha_dropout", "aten::alpha_dropout_")
 
 
 def _recorded_uncounted(op: str, calls: Counter) -> Any:
@@ -143,6 +254,13 @@ class FlopReport:
     uncounted: Dict[str, int] = field(default_factory=dict)
     module_params: Dict[str, int] = field(default_factory=dict)
 
+    @property
+    def unknown_ops(self) -> Dict[str, int]:
+        """The uncounted ops that are not elementwise ops left out by convention: ops with no FLOP formula here,
+        whose work (if any) is missing from :attr:`total`. Empty for every model of the zoo and the common timm
+        families."""
+        return {op: n for op, n in self.uncounted.items() if op not in ELEMENTWISE_OPS}
+
     def table(self, max_depth: int = 2) -> str:
         """Per-module breakdown as a fixed-width text table, modules nested down to ``max_depth`` levels."""
         rows = [("module", "#params", "FLOPs (MACs)")]
@@ -162,11 +280,13 @@ class FlopReport:
         kind = "fused" if self.fused else "unfused"
         ops = ", ".join(f"{k} {_human(v)}" for k, v in sorted(self.by_operator.items(), key=lambda kv: -kv[1]))
         skipped = ", ".join(f"{k} x{v}" for k, v in sorted(self.uncounted.items())) or "none"
+        unknown = ", ".join(f"{k} x{v}" for k, v in sorted(self.unknown_ops.items()))
         return (
             f"FLOPs (MACs, {kind}, batch {self.batch_size}, input {tuple(self.input_size)}): {_human(self.total)}\n"
             f"params: {self.params:,} (fused {self.params_fused:,})\n"
             f"by operator: {ops}\n"
             f"uncounted ops: {skipped}"
+            + (f"\nno FLOP formula (their work is missing from the total): {unknown}" if unknown else "")
         )
 
     def __str__(self) -> str:
@@ -178,6 +298,20 @@ def _human(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.3f}{unit}"
     return str(int(n))
+
+
+def _spatial_size(input_size: Union[None, int, Sequence[int]]) -> Union[None, int, Tuple[int, int]]:
+    """The ``H, W`` part of ``input_size`` (an int stays an int), to build a model named by a string for it;
+    None when none is given or it is malformed (:func:`_input_size` then says what is wrong)."""
+    if isinstance(input_size, int) and not isinstance(input_size, bool):
+        return input_size if input_size > 0 else None
+    try:
+        size = tuple(input_size)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    if len(size) in (2, 3) and all(isinstance(v, int) and v > 0 for v in size):
+        return (size[-2], size[-1])
+    return None
 
 
 def _input_size(model: nn.Module, input_size: Union[None, int, Sequence[int]]) -> Tuple[int, int, int]:
@@ -196,6 +330,23 @@ def _input_size(model: nn.Module, input_size: Union[None, int, Sequence[int]]) -
     if len(size) != 3 or min(size) <= 0:
         raise ValueError(f"input_size must be an int, (H, W) or (C, H, W) of positive ints, got {input_size!r}")
     return size
+
+
+@contextlib.contextmanager
+def _mha_fastpath_off():
+    """Without grad, ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` in eval mode run one fused op
+    (``aten::_native_multi_head_attention``, ``aten::_transformer_encoder_layer_fwd``) that no handle counts;
+    with the fast path off they run the projections and attention as ops that are counted."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
 
 
 def count_flops(
@@ -229,7 +380,7 @@ def count_flops(
     if isinstance(model, str):
         from vitzoo.models import create
 
-        model = create(model)
+        model = create(model, img_size=_spatial_size(input_size))
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module or a timm model name, got {type(model).__name__}")
     if batch_size < 1:
@@ -248,7 +399,9 @@ def count_flops(
     params_fused = count_params(fused_model)
     counted = fused_model if fused else unfused
     analysis = FlopCountAnalysis(counted, example)
-    analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
+    analysis.set_op_handle("aten::scaled_dot_product_attention",
+                           sdpa_elementwise_flop_jit if elementwise else sdpa_flop_jit)
+    analysis.set_op_handle(**MATRIX_OPS, **RESAMPLING_OPS)
     analysis.set_op_handle(**{op: None for op in FREE_OPS})
     silent: Counter = Counter()
     if elementwise:
@@ -256,7 +409,7 @@ def count_flops(
     else:
         analysis.set_op_handle(**{op: _recorded_uncounted(op, silent) for op in FVCORE_SILENT_OPS})
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), _mha_fastpath_off(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.trace deprecation and tracer warnings
         total = int(analysis.total())
         by_module = {name: int(v) for name, v in analysis.by_module().items()}

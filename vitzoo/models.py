@@ -12,7 +12,7 @@ import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import timm
 import torch.nn as nn
@@ -164,15 +164,15 @@ def _folder_architecture(folder: str) -> str:
     return arch
 
 
-def create(name: str, img_size: Optional[int] = None) -> nn.Module:
+def create(name: str, img_size: Union[None, int, Tuple[int, int]] = None) -> nn.Module:
     """Build a timm model by name, without weights, in eval mode.
 
     Args:
         name: ``arch`` or ``arch.tag``; the tag selects the pretrained cfg (input size, normalisation) only.
             Also ``local-dir:PATH`` / ``hf-hub:org/name``: the folder's config (classes, input size) is used,
             its weights are not loaded.
-        img_size: Build for this square input size. Only passed to models whose cfg has a fixed input size
-            (ViTs); convolutional models take any size as they are.
+        img_size: Build for this input size (an int: square; or ``(H, W)``). Only passed to models whose cfg has a
+            fixed input size (ViTs); convolutional models take any size as they are.
 
     Returns:
         The model, in eval mode, with ``pretrained_cfg`` set.
@@ -183,7 +183,8 @@ def create(name: str, img_size: Optional[int] = None) -> nn.Module:
     resolve_name(name, allow_folders=True)
     model = timm.create_model(name, pretrained=False)
     cfg = model.pretrained_cfg
-    if img_size is not None and cfg.get("fixed_input_size") and tuple(cfg["input_size"][-2:]) != (img_size, img_size):
+    size = (img_size, img_size) if isinstance(img_size, int) else None if img_size is None else tuple(img_size)
+    if size is not None and cfg.get("fixed_input_size") and tuple(cfg["input_size"][-2:]) != size:
         model = timm.create_model(name, pretrained=False, img_size=img_size)
     return model.eval()
 
