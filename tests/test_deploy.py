@@ -494,6 +494,33 @@ def test_residual_fusion_needs_equal_shapes_at_every_batch_size(kernel):
     torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)
 
 
+class _GlobalContextAdd(nn.Module):
+    """``conv(x) + context`` with a ``(B, C, 1, 1)`` context (GCNet's fuse_add): equal shapes where the map is 1x1."""
+
+    def __init__(self, kernel):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(8, 8, kernel, padding=kernel // 2)
+        self.context = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        return torch.relu(self.conv(x) + self.context(x.mean((2, 3), keepdim=True)))
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_residual_fused_at_a_1x1_map_broadcasts_at_other_sizes(kernel):
+    """Found by an audit (timm gcresnet33ts deployed at 32x32, where its last map is 1x1): at another input size the
+    fused add met a broadcast and failed or went wrong. It now runs unfused wherever the shapes differ."""
+    torch.manual_seed(0)
+    model = _GlobalContextAdd(kernel).eval()
+    deployed = deploy(model, torch.randn(2, 3, 2, 2), backend="eager")
+    assert any("fused residual add: 1" in o for o in deployed.optimizations), deployed.optimizations
+    for size in (2, 8, 15):
+        x = torch.randn(3, 3, size, size)
+        torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)
+
+
 def test_example_input_of_another_dtype_is_a_clear_type_error():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
     with pytest.raises(TypeError, match=r"example_input is torch.bfloat16 but the model's weights are "

@@ -93,3 +93,32 @@ def test_torchscript_deploy_slices_the_stem():
     assert "stem run on slices of 2 images (keeps its activations in cache)" in deployed.optimizations
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), model(x), atol=1e-4, rtol=0)
+
+
+class _BatchStatisticsStem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.BatchNorm2d(32, track_running_stats=False), nn.ReLU(),
+                                  nn.Conv2d(32, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 8, 3, 2, 1))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+    def forward(self, x):
+        return self.head(self.stem(x))
+
+
+def test_a_stem_with_batch_statistics_is_not_sliced():
+    """Found by an audit: a BatchNorm without running statistics normalises over the batch even in eval mode, so
+    the slices changed the result; deploy()'s check ran on a batch-1 example, where slicing changes nothing."""
+    torch.manual_seed(0)
+    model = _BatchStatisticsStem().eval()
+    assert chunk_stem(model, torch.randn(1, 3, 128, 128)) is None
+    assert not isinstance(model.stem, BatchChunked)
+    # the same stem with running statistics is sliced (at 128x128 its first conv writes 2 MiB per image: 1 image)
+    model.stem[1] = nn.BatchNorm2d(32).eval()
+    assert chunk_stem(model, torch.randn(1, 3, 128, 128)) == 1
+    if "torchscript" in available_backends():
+        model = _BatchStatisticsStem().eval()
+        deployed = deploy(model, torch.randn(1, 3, 128, 128), backend="torchscript")
+        x = torch.randn(8, 3, 128, 128)
+        with torch.no_grad():
+            torch.testing.assert_close(deployed(x), model(x), atol=1e-5, rtol=0)

@@ -91,6 +91,11 @@ class PackedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         weight = self._packed_for(tuple(x.shape))
+        if residual is not None and tuple(residual.shape) != self._output_shape(x):
+            # the add was fused where both shapes were equal, and here they broadcast (a (B, C, 1, 1) context
+            # added to a map that is 1x1 only at the example's size): run it as the model wrote it
+            out = self._unfused_add(x, weight, residual)
+            return out.relu_() if self.unary == "relu" else out
         if self.pointwise:
             return self._pointwise(x, weight, residual)
         if residual is None:
@@ -100,12 +105,26 @@ class PackedConv2d(nn.Module):
             x, residual, weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
             "add", None, None if self.unary == "none" else self.unary, [], None)
 
-    def _pointwise(self, x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    def _output_shape(self, x: torch.Tensor) -> Tuple[int, ...]:
+        size = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                zip(x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride)]
+        return (x.shape[0], self.out_channels, *size)
+
+    def _unfused_add(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if self.pointwise:
+            out = self._pointwise(x, weight, None, unary="none")
+        else:
+            out = torch.ops.mkldnn._convolution_pointwise(
+                x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], "")
+        return out + residual
+
+    def _pointwise(self, x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor],
+                   unary: Optional[str] = None) -> torch.Tensor:
         batch, _, height, width = x.shape
         # (B, C, H, W) channels-last -> (B*H*W, C): a view; any other layout is copied by reshape
         rows = x.permute(0, 2, 3, 1).reshape(-1, self.in_channels)
         if residual is None:
-            out = torch.ops.mkldnn._linear_pointwise(rows, weight, self.bias, self.unary, [], "")
+            out = torch.ops.mkldnn._linear_pointwise(rows, weight, self.bias, unary or self.unary, [], "")
         else:
             other = residual.permute(0, 2, 3, 1).reshape(-1, self.out_channels)
             out = torch.ops.mkldnn._linear_pointwise.binary(rows, other, weight, self.bias, "add")

@@ -19,6 +19,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from vitzoo.outputs import outputs_close
+
 __all__ = ["BatchChunked", "STEM_ATTRIBUTES", "chunk_stem", "find_stem", "stem_chunk_size"]
 
 #: Largest activation one slice of the stem may write, in bytes: about twice a Zen 4 / recent Xeon core's L2.
@@ -114,7 +116,27 @@ def chunk_stem(model: nn.Module, example_input: torch.Tensor, budget: int = CHUN
         size = stem_chunk_size(stem, example_input[:1], budget)
     except RuntimeError:  # input the stem cannot take: leave it be, the model's own call reports the error
         return None
-    if size is None:
+    if size is None or not _samples_independent(stem, example_input, size):
         return None
     setattr(model, name, BatchChunked(stem, size))
     return size
+
+
+def _samples_independent(stem: nn.Module, example_input: torch.Tensor, size: int) -> bool:
+    """Whether the stem gives the same output on slices of ``size`` samples as on the whole batch.
+
+    Not so for a stem that mixes samples, e.g. a BatchNorm without running statistics (batch statistics in eval
+    mode too). Checked on ``size + 1`` distinct random samples (identical ones would hide batch statistics),
+    scaled like the example.
+    """
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn((size + 1, *example_input.shape[1:]), generator=generator, dtype=torch.float32)
+    probe = (probe * example_input.float().std() + example_input.float().mean()).to(example_input.dtype)
+    probe = probe.contiguous(memory_format=torch.channels_last) \
+        if example_input.is_contiguous(memory_format=torch.channels_last) else probe
+    with torch.no_grad():
+        try:
+            whole, sliced = stem(probe), BatchChunked(stem, size)(probe)
+        except RuntimeError:
+            return False
+    return outputs_close(sliced, whole, rel=1e-3)
