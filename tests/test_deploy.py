@@ -541,3 +541,37 @@ def test_bf16_model_rounding_names_the_precision():
     with pytest.raises(RuntimeError, match=r"runs in torch.bfloat16 .*default atol=1e-4 is meant for float32: "
                                            r"pass atol="):
         deploy(bf16, x, backend="onnxruntime")
+
+
+class _TwoHeads(nn.Module):
+    """A model returning a tuple (e.g. a distilled model's (cls, dist) in training, a detector's parts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten())
+        self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 2)
+
+    def forward(self, x):
+        f = self.body(x)
+        return self.a(f), self.b(f)
+
+
+class _DictOut(_TwoHeads):
+    def forward(self, x):
+        a, b = super().forward(x)
+        return {"logits": a, "aux": b}
+
+
+@pytest.mark.parametrize("backend", [b for b in ("eager", "torchscript", "onnxruntime") if b in available_backends()])
+@pytest.mark.parametrize("model_cls", [_TwoHeads, _DictOut])
+def test_tuple_and_dict_outputs(backend, model_cls):
+    """Found by an audit: the check at deploy time crashed on a tuple/dict output ('tuple' object has no attribute
+    'to'), ONNX Runtime returned only the first output, and the trace refused a dict."""
+    torch.manual_seed(0)
+    model = _randomize_bn(model_cls()).eval()
+    deployed = deploy(model, torch.randn(2, 3, 16, 16), backend=backend)
+    x = torch.randn(3, 3, 16, 16)
+    out, ref = deployed(x), _reference(model, x)
+    assert type(out) is type(ref)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)

@@ -246,3 +246,11 @@ def test_export_prints_no_tracer_warnings(recwarn):
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1).eval()
     export_onnx(model, torch.randn(1, 3, 32, 32))
     assert not [w for w in recwarn if issubclass(w.category, torch.jit.TracerWarning)]
+
+
+def test_export_leaves_the_callers_modes_alone(tmp_path):
+    """Found by an audit: export_verified_onnx switched the caller's model to eval()."""
+    model = timm.create_model("resnet18", num_classes=10).train()
+    model.layer1.eval()  # mixed modes are given back as they were
+    export_verified_onnx(model, tmp_path / "r18.onnx", img_size=32)
+    assert model.training and not model.layer1.training and model.layer2.training

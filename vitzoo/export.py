@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.utils import _pytree as pytree
 
 from vitzoo.atomic import atomic_open, check_output_file
 
@@ -61,12 +62,20 @@ def export_verified_onnx(
 
     out = Path(out)
     check_output_file(out, force)  # before the export: a folder, an existing file, an unwritable place
-    model = model.eval()
-    fused = reparameterize_model(model)  # a fused deep copy; `model` stays the unfused reference
-    data = export_onnx(fused, torch.randn(1, in_chans, img_size, img_size), opset=opset)
-    session = OnnxRuntimeModule(data)
-    inputs = [torch.randn(b, in_chans, img_size, img_size) for b in VERIFY_BATCHES]
-    diff = max_abs_diff(model, session, inputs)
+    training = {m: m.training for m in model.modules()}  # the caller's model is given back in its own modes
+    try:
+        model.eval()
+        fused = reparameterize_model(model)  # a fused deep copy; `model` stays the unfused reference
+        example = torch.randn(1, in_chans, img_size, img_size)
+        data = export_onnx(fused, example, opset=opset)
+        with torch.no_grad():
+            spec = pytree.tree_flatten(fused(example))[1]
+        session = OnnxRuntimeModule(data, output_spec=spec)
+        inputs = [torch.randn(b, in_chans, img_size, img_size) for b in VERIFY_BATCHES]
+        diff = max_abs_diff(model, session, inputs)
+    finally:
+        for module, mode in training.items():
+            module.training = mode
     if not diff <= atol:
         raise ExportError(
             f"ONNX Runtime output differs from PyTorch by max abs diff {diff:.3g} (> {atol:g}) at batch sizes "

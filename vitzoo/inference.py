@@ -25,10 +25,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from vitzoo.batchnorm_folding import fold_batchnorms
 from vitzoo.models import model_input_size
 from vitzoo.onednn_rewrite import PackedConv2d, onednn_rewrite
+from vitzoo.outputs import max_abs_diff_of
 from vitzoo.stem_chunking import chunk_stem
 
 __all__ = ["BACKENDS", "DeployedModel", "PackedConv2d", "available_backends", "deploy", "default_example_input"]
@@ -204,17 +206,23 @@ ROUNDING_RTOL = 1e-5
 _HALF_RTOL = 5e-2
 
 
-def _check_close(reference: torch.Tensor, candidate: nn.Module, example_input: torch.Tensor, atol: float,
+def _check_close(reference: object, candidate: nn.Module, example_input: torch.Tensor, atol: float,
                  rtol: float, backend: str) -> float:
+    """Max abs diff between the deployed and the original output (a tensor, or tuples / lists / dicts of them)."""
     with torch.no_grad():
         output = candidate(example_input)
-    diff = (reference - output.to(reference.device, reference.dtype)).abs().max().item()
-    scale = reference.abs().max().item()
+    try:
+        diff, scale = max_abs_diff_of(output, reference)
+    except ValueError as e:
+        raise RuntimeError(f"deploy(backend={backend!r}): {e}. Use another backend, or report this with the "
+                           "model name.") from None
     tolerance = atol + rtol * scale
     if not diff <= tolerance:
-        low = reference.dtype in (torch.float16, torch.bfloat16)
+        dtypes = {t.dtype for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)}
+        low = bool(dtypes & {torch.float16, torch.bfloat16})
+        dtype = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16
         if low and diff <= _HALF_RTOL * scale:  # a bf16 / fp16 model: rounding of its own precision
-            hint = (f"The model runs in {reference.dtype} ({'8' if reference.dtype == torch.bfloat16 else '11'}-bit "
+            hint = (f"The model runs in {dtype} ({'8' if dtype == torch.bfloat16 else '11'}-bit "
                     f"mantissa), and this is rounding at its precision (relative diff {diff / scale:.2g}); the "
                     f"default atol=1e-4 is meant for float32: pass atol={diff * 2:.2g} (or rtol={_HALF_RTOL:g}), "
                     f"or deploy the float32 model.")
@@ -309,7 +317,10 @@ def _build_onnxruntime(model: nn.Module, example_input: torch.Tensor, opset: int
     if dtypes - {torch.float32}:  # e.g. a bf16 model: ONNX Runtime's CPU kernels run fp32
         model = model.float()
         notes.append(f"exported in float32 (the model was {', '.join(sorted(map(str, dtypes)))})")
-    session = OnnxRuntimeModule(export_onnx(model.cpu(), example_input.float().cpu(), opset=opset))
+    data = export_onnx(model.cpu(), example_input.float().cpu(), opset=opset)
+    with torch.no_grad():  # the graph's outputs are given back in the model's own tuple / dict nesting
+        spec = pytree.tree_flatten(model(example_input.float().cpu()))[1]
+    session = OnnxRuntimeModule(data, output_spec=spec)
     notes += [f"ONNX opset {opset}, dynamic batch", f"ONNX Runtime CPU, {session.num_threads} threads"]
     return DeployedModel(session, "onnxruntime", torch.contiguous_format, notes, fixed_size=True)
 

@@ -17,12 +17,14 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Union
+from typing import Any, Iterable, Iterator, List, Optional, Union
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from vitzoo.messages import first_line
+from vitzoo.outputs import max_abs_diff_of
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "OnnxExportError", "export_onnx", "OnnxRuntimeModule",
            "max_abs_diff", "require_onnxruntime"]
@@ -105,8 +107,15 @@ def export_onnx(
                                   "not with timm's unfused attention") from first
 
 
+def output_names(count: int) -> List[str]:
+    """The graph's output names: ``logits``-style single name, or one per tensor of a tuple / dict output."""
+    return [OUTPUT_NAME] if count == 1 else [f"{OUTPUT_NAME}_{i}" for i in range(count)]
+
+
 def _export(model: nn.Module, example_input: torch.Tensor, opset: int) -> bytes:
     buffer = io.BytesIO()
+    with torch.no_grad():
+        names = output_names(len(pytree.tree_leaves(model(example_input))))
     with torch.no_grad(), _exporter_log_off(), warnings.catch_warnings():
         # timm's shape asserts trace to constants; the export is verified at other batch sizes afterwards
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -117,8 +126,8 @@ def _export(model: nn.Module, example_input: torch.Tensor, opset: int) -> bytes:
             dynamo=False,
             opset_version=opset,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            output_names=names,
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in names}},
             do_constant_folding=True,
         )
     return buffer.getvalue()
@@ -201,8 +210,9 @@ class OnnxRuntimeModule(nn.Module):
     """
 
     def __init__(self, onnx_model: Union[bytes, str, os.PathLike], num_threads: Optional[int] = None,
-                 spinning: bool = True):
+                 spinning: bool = True, output_spec: Optional[pytree.TreeSpec] = None):
         super().__init__()
+        self.output_spec = output_spec
         require_onnxruntime()
         import onnxruntime as ort
 
@@ -217,10 +227,14 @@ class OnnxRuntimeModule(nn.Module):
         self.input_name = self.session.get_inputs()[0].name
         self.num_threads = options.intra_op_num_threads
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Any:
+        """The output as the exported model returned it: a tensor, or (with ``output_spec``) the same tuple / dict
+        nesting; a graph of several outputs without ``output_spec`` gives a tuple."""
         array = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        (out,) = self.session.run(None, {self.input_name: array})
-        return torch.from_numpy(out)
+        outs = [torch.from_numpy(out) for out in self.session.run(None, {self.input_name: array})]
+        if self.output_spec is not None:
+            return pytree.tree_unflatten(outs, self.output_spec)
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
     def extra_repr(self) -> str:
         return f"threads={self.num_threads}, spinning={self.spinning}"
@@ -235,12 +249,12 @@ def max_abs_diff(reference: nn.Module, candidate: nn.Module, inputs: Iterable[to
     """
     worst = 0.0
     for x in inputs:
-        expected = reference(x).float().cpu()
-        got = candidate(x).float().cpu()
-        if expected.shape != got.shape:
-            raise RuntimeError(
-                f"output shape {tuple(got.shape)} differs from PyTorch's {tuple(expected.shape)} "
-                f"for input {tuple(x.shape)}."
-            )
-        worst = max(worst, (expected - got).abs().max().item())
+        expected = pytree.tree_map(lambda t: t.float().cpu() if isinstance(t, torch.Tensor) else t, reference(x))
+        try:
+            diff, _ = max_abs_diff_of(candidate(x), expected)
+        except ValueError as e:
+            raise RuntimeError(f"{e} (PyTorch's), for input {tuple(x.shape)}.") from None
+        if diff != diff:
+            return diff
+        worst = max(worst, diff)
     return worst

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["outputs_close"]
+__all__ = ["outputs_close", "max_abs_diff_of"]
 
 
 def outputs_close(output: object, reference: object, rel: float) -> bool:
@@ -32,3 +32,44 @@ def outputs_close(output: object, reference: object, rel: float) -> bool:
         elif not torch.equal(a, b):
             return False
     return True
+
+
+def max_abs_diff_of(output: object, reference: object) -> tuple:
+    """``(max abs diff, largest abs value of the reference)`` over the float tensors of two (nested) outputs.
+
+    Raises:
+        ValueError: The structures differ (another nesting, number or shape of tensors), or non-float leaves
+            differ; the message says where.
+    """
+    leaves, spec = pytree.tree_flatten(output)
+    ref_leaves, ref_spec = pytree.tree_flatten(reference)
+    if spec != ref_spec:
+        raise ValueError(f"the output's structure differs from the original's: {_describe(output)} instead of "
+                         f"{_describe(reference)}")
+    diff, scale = 0.0, 0.0
+    for i, (a, b) in enumerate(zip(leaves, ref_leaves)):
+        where = f"output {i}" if len(ref_leaves) > 1 else "the output"
+        if isinstance(b, torch.Tensor) and isinstance(a, torch.Tensor):
+            if tuple(a.shape) != tuple(b.shape):
+                raise ValueError(f"{where} has shape {tuple(a.shape)}, the original's {tuple(b.shape)}")
+            if b.is_floating_point() and b.numel():
+                d = float((a.to(b.device, torch.float32) - b.float()).abs().max())
+                scale = max(scale, float(b.abs().max()))
+                if d != d:  # NaN: no tolerance passes it
+                    return d, scale
+                diff = max(diff, d)
+            elif not torch.equal(a.to(b.device), b):
+                raise ValueError(f"{where} ({b.dtype}) differs from the original's")
+        elif isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor) or a != b:
+            raise ValueError(f"{where} is {a!r}, the original's {b!r}")
+    return diff, scale
+
+
+def _describe(output: object) -> str:
+    if isinstance(output, torch.Tensor):
+        return f"a tensor {tuple(output.shape)}"
+    if isinstance(output, dict):
+        return f"a dict with keys {list(output)}"
+    if isinstance(output, (tuple, list)):
+        return f"a {type(output).__name__} of {len(output)}"
+    return type(output).__name__

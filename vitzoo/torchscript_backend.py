@@ -203,7 +203,7 @@ def build(model: nn.Module, example_input: torch.Tensor) -> Tuple[TorchScriptMod
 
 def _trace(model: nn.Module, example_input: torch.Tensor) -> torch.jit.ScriptModule:
     with _quiet_deprecation(), torch.no_grad():
-        traced = torch.jit.freeze(torch.jit.trace(model, example_input, check_trace=False))
+        traced = torch.jit.freeze(torch.jit.trace(model, example_input, check_trace=False, strict=False))
     # in-place ops -> out-of-place where that is safe: oneDNN Graph mishandles some in-place ops with a Python
     # scalar (e.g. SHViT's ``attn.mul_(scale)``: "expected scalar type Double but found Float")
     remove_mutation = getattr(torch._C, "_jit_pass_remove_mutation", None)  # private API: use it when present
