@@ -575,3 +575,76 @@ def test_tuple_and_dict_outputs(backend, model_cls):
     out, ref = deployed(x), _reference(model, x)
     assert type(out) is type(ref)
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+def test_a_model_with_a_5d_weight_deploys_in_its_own_format():
+    """Found by an audit: channels-last refuses 5-D tensors, so an nn.Conv3d (timm's lambda layers) failed every
+    PyTorch backend with 'required rank 4 tensor to use channels_last format'."""
+    class WithConv3d(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.c = nn.Conv3d(1, 1, (1, 3, 3), padding=(0, 1, 1))
+
+        def forward(self, x):
+            x = self.b(torch.relu(self.a(x)))
+            return self.c(x.unsqueeze(1)).squeeze(1)
+
+    torch.manual_seed(0)
+    model, x = WithConv3d().eval(), torch.randn(2, 3, 12, 12)
+    for backend in [b for b in ("eager", "torchscript") if b in available_backends()]:
+        deployed = deploy(model, x, backend=backend)
+        assert "channels_last" not in deployed.optimizations
+        y = torch.randn(3, 3, 12, 12)
+        torch.testing.assert_close(deployed(y), _reference(model, y), atol=ATOL, rtol=0)
+
+
+def test_float64_models_fold_in_float64():
+    """Found by an audit: BatchNorm folding cast to float32, so a float64 model lost its precision (1e-6 off)."""
+    torch.manual_seed(0)
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3),
+                                        nn.BatchNorm2d(4))).double().eval()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    deployed = deploy(model, x, backend="eager")
+    assert any("BatchNorm folded" in o for o in deployed.optimizations)
+    assert (deployed(x) - _reference(model, x)).abs().max() < 1e-12
+
+
+def test_integer_and_meta_examples_are_clear_errors(shvit_s1):
+    with pytest.raises(TypeError, match=r"example_input is torch.uint8; image models take float input"):
+        deploy(shvit_s1, torch.zeros(1, 3, 224, 224, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"example_input is on the 'meta' device"):
+        deploy(shvit_s1, torch.zeros(1, 3, 224, 224, device="meta"))
+    deployed = deploy(shvit_s1, torch.randn(1, 3, 224, 224))
+    with pytest.raises(ValueError, match=r"got an input on the 'meta' device"):
+        deployed(torch.zeros(1, 3, 224, 224, device="meta"))
+
+
+def test_torchscript_shape_whose_fused_graph_is_wrong_runs_unfused(monkeypatch):
+    """Found by an audit: oneDNN Graph computes timm's dla34 / hrnet_w18_small wrong (diff 507 at scale 158);
+    only a fused trace that raised was replaced. Here the fused graph is made wrong on purpose."""
+    if "torchscript" not in available_backends():
+        pytest.skip("no TorchScript")
+    import vitzoo.torchscript_backend as tb
+
+    if not tb.onednn_graph_available():
+        pytest.skip("no oneDNN Graph")
+    real_trace = tb._trace
+
+    def wrong_when_fused(model, x):
+        traced = real_trace(model, x)
+
+        class Wrong(nn.Module):
+            def forward(self, inp):
+                out = traced(inp)
+                return out + 1.0 if torch.jit.onednn_fusion_enabled() else out
+        return Wrong()
+
+    monkeypatch.setattr(tb, "_trace", wrong_when_fused)
+    torch.manual_seed(0)
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))).eval()
+    x = torch.randn(2, 3, 12, 12)
+    with pytest.warns(RuntimeWarning, match="oneDNN Graph computed a different output"):
+        deployed = deploy(model, x, backend="torchscript")
+    assert any("computed a different output" in o for o in deployed.optimizations), deployed.optimizations
+    torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)

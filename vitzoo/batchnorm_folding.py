@@ -123,16 +123,18 @@ def _foldable_norm(module: nn.Module) -> bool:
 
 def _fold(layer: nn.Module, norm: nn.modules.batchnorm._BatchNorm) -> None:
     """Scale ``layer``'s weight and shift its bias so that it computes ``norm(layer(x))`` (inference statistics)."""
-    scale = torch.rsqrt(norm.running_var.float() + norm.eps)
+    # in float32, or float64 for a float64 model (whose precision the fold must not lower)
+    work = torch.float64 if torch.float64 in (layer.weight.dtype, norm.running_var.dtype) else torch.float32
+    scale = torch.rsqrt(norm.running_var.to(work) + norm.eps)
     if norm.weight is not None:
-        scale = scale * norm.weight.float()
-    shift = -norm.running_mean.float() * scale
+        scale = scale * norm.weight.to(work)
+    shift = -norm.running_mean.to(work) * scale
     if norm.bias is not None:
-        shift = shift + norm.bias.float()
-    weight = layer.weight.float()
+        shift = shift + norm.bias.to(work)
+    weight = layer.weight.to(work)
     shape = (-1,) + (1,) * (weight.dim() - 1)
     layer.weight.data = (weight * scale.reshape(shape)).to(layer.weight.dtype)
-    bias = shift if layer.bias is None else layer.bias.float() * scale + shift
+    bias = shift if layer.bias is None else layer.bias.to(work) * scale + shift
     if layer.bias is None:
         layer.bias = nn.Parameter(bias.to(layer.weight.dtype), requires_grad=layer.weight.requires_grad)
     else:

@@ -129,6 +129,9 @@ class DeployedModel(nn.Module):
             raise TypeError(f"this deployed model takes {self.example_dtype} input (its example input's dtype), "
                             f"got {x.dtype}. Convert with x.to({self.example_dtype}), or deploy with an example "
                             f"input of that dtype.")
+        if x.device.type == "meta":
+            raise ValueError("got an input on the 'meta' device, which holds no values to run on; pass a real "
+                             f"tensor on {self.example_device or 'the CPU'}.")
         if self.example_device is not None and self.example_device.type == "cuda" and x.device != self.example_device:
             raise ValueError(f"this deployed model runs on {self.example_device}, got an input on {x.device}. "
                              f"Move it with x.to('{self.example_device}').")
@@ -184,9 +187,16 @@ def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor
 
 
 def _check_example_dtype(model: nn.Module, example_input: torch.Tensor) -> None:
-    """A float example of another dtype than the model's weights would fail inside the first layer; say so here."""
-    if not isinstance(example_input, torch.Tensor) or not example_input.is_floating_point():
+    """A float example of another dtype than the model's weights would fail inside the first layer; say so here.
+    So would an integer (uint8 image) example, and a ``meta`` one, which holds no values to check against."""
+    if not isinstance(example_input, torch.Tensor):
         return
+    if example_input.device.type == "meta":
+        raise ValueError("deploy(): example_input is on the 'meta' device, which holds no values to trace, export "
+                         "or check with; pass a real tensor (e.g. torch.randn(1, 3, 224, 224)).")
+    if not example_input.is_floating_point() and not example_input.is_complex():
+        raise TypeError(f"deploy(): example_input is {example_input.dtype}; image models take float input: pass "
+                        "example_input.float() (normalised as the model expects, e.g. with timm's transforms).")
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if len(dtypes) == 1 and example_input.dtype not in dtypes:
         (dtype,) = dtypes
@@ -196,7 +206,13 @@ def _check_example_dtype(model: nn.Module, example_input: torch.Tensor) -> None:
 
 
 def is_convolutional(model: nn.Module) -> bool:
-    """True when the model has convolutions beyond a single patch embedding (then channels-last pays off)."""
+    """True when the model has convolutions beyond a single patch embedding (then channels-last pays off).
+
+    Not for a model holding a 5-D or larger tensor (an ``nn.Conv3d``, as in timm's lambda layers):
+    ``model.to(memory_format=torch.channels_last)`` refuses those, so such a model keeps its own format.
+    """
+    if any(t.dim() > 4 for t in (*model.parameters(), *model.buffers())):
+        return False
     return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1
 
 

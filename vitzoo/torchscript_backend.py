@@ -16,7 +16,9 @@ Caveats, also in ``docs/deploy.md``:
   runs in (timm's own test file turns the mode off), and reports fusion only when the executed graph has it.
 * Each new input shape is traced, frozen and warmed up on its first call (a few seconds for SHViT on 2 CPU cores;
   the last 4 shapes are kept): one graph per shape, because a fused graph re-specialising for a second shape
-  can crash inside oneDNN Graph (see :class:`TorchScriptModule`).
+  can crash inside oneDNN Graph (see :class:`TorchScriptModule`). Each fused graph's output is compared with the
+  eager model's on the shape's first input; a graph that oneDNN Graph computes wrong (torch 2.14: timm's dla34 and
+  hrnet_w18_small) is replaced by an unfused trace for that shape, with a note.
 """
 from __future__ import annotations
 
@@ -27,8 +29,13 @@ from typing import Dict, Iterator, List, Tuple
 import torch
 from torch import nn
 
+from vitzoo.outputs import outputs_close
+
 __all__ = ["TorchScriptModule", "build", "onednn_graph_available", "torchscript_available"]
 
+#: A fused trace whose output differs from the eager model's by more than this times its largest value is wrong,
+#: not rounded (oneDNN Graph's rounding on SHViT: ~1e-6 relative).
+FUSED_RTOL = 1e-3
 WARMUP_CALLS = 3  # the profiling executor profiles, then optimises (and fuses) on the following call
 
 
@@ -144,22 +151,29 @@ class TorchScriptModule(nn.Module):
     def _build(self, x: torch.Tensor) -> Tuple[torch.jit.ScriptModule, bool]:
         fuse = self.onednn_fusion and onednn_graph_available()
         with torch.no_grad():  # one eager call first: the model's own input checks raise here (tracing skips them)
-            self.model(x)
+            expected = self.model(x)
         traced = _trace(self.model, x)
         if not fuse:
             return traced, False
         try:
             _warm_up(traced, x, fused=True)
             executed = getattr(torch.jit, "last_executed_optimized_graph", None)
-            if executed is None or _has_onednn_fusion_group(executed()):  # no way to look: trust the switch
-                return traced, True
-            self.notes.append(f"oneDNN Graph found nothing to fuse for input shape {list(x.shape)}")
-            return traced, False
+            found = executed is None or _has_onednn_fusion_group(executed())  # no way to look: trust the switch
+            if not found:
+                self.notes.append(f"oneDNN Graph found nothing to fuse for input shape {list(x.shape)}")
+                return traced, False
+            # every new shape is checked against the eager model: oneDNN Graph computes some models wrong
+            # (torch 2.14: timm's dla34, hrnet_w18_small), and a wrong partition would otherwise go unnoticed
+            with torch.no_grad(), _onednn_fusion(True):
+                if outputs_close(traced(x), expected, rel=FUSED_RTOL):
+                    return traced, True
+            note = (f"oneDNN Graph computed a different output for input shape {list(x.shape)}; that shape runs "
+                    "without it")
         except Exception as e:  # noqa: BLE001  oneDNN Graph rejects some patterns / shapes at run time
             note = (f"oneDNN Graph fusion failed for input shape {list(x.shape)} ({type(e).__name__}: "
                     f"{_first_sentence(e)}); that shape runs without it")
-            self.notes.append(note)
-            warnings.warn(f"deploy(backend='torchscript'): {note}", RuntimeWarning, stacklevel=4)
+        self.notes.append(note)
+        warnings.warn(f"deploy(backend='torchscript'): {note}", RuntimeWarning, stacklevel=4)
         traced = _trace(self.model, x)
         _warm_up(traced, x, fused=False)
         return traced, False
