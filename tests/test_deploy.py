@@ -648,3 +648,33 @@ def test_torchscript_shape_whose_fused_graph_is_wrong_runs_unfused(monkeypatch):
         deployed = deploy(model, x, backend="torchscript")
     assert any("computed a different output" in o for o in deployed.optimizations), deployed.optimizations
     torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)
+
+
+def test_a_wrong_result_on_tiny_outputs_is_not_passed_by_the_absolute_tolerance(monkeypatch):
+    """Found by an audit: with outputs below 1e-4 (random-weight SHViT-S1: 7e-5) an all-zero result passed atol."""
+    import vitzoo.inference as vi
+
+    real = vi._build_eager
+
+    def zeros(model, example_input, rewrite):
+        deployed = real(model, example_input, rewrite)
+        deployed.model = _Zeros(deployed.model)
+        return deployed
+
+    monkeypatch.setattr(vi, "_build_eager", zeros)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-5)
+        model[0].bias.zero_()
+    with pytest.raises(RuntimeError, match=r"within the tolerance 0\.0001 but 1 of the original's largest output"):
+        deploy(model, torch.randn(1, 3, 8, 8), backend="eager")
+    deploy(model, torch.randn(1, 3, 8, 8), backend="eager", atol=1e-3)  # a loosened tolerance is the caller's say
+
+
+class _Zeros(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x) * 0

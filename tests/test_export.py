@@ -170,7 +170,7 @@ def test_refuses_overwrite_without_force(tmp_path, capsys):
 def test_failed_verification_leaves_no_file(tmp_path, monkeypatch):
     import vitzoo.onnx_runtime
 
-    monkeypatch.setattr(vitzoo.onnx_runtime, "max_abs_diff", lambda *a, **k: 0.5)
+    monkeypatch.setattr(vitzoo.onnx_runtime, "max_abs_diff_and_scale", lambda *a, **k: (0.5, 10.0))
     model = create("shvit_s1")
     with pytest.raises(ExportError, match="max abs diff 0.5"):
         export_verified_onnx(model, tmp_path / "s1.onnx", IMG)
@@ -254,3 +254,18 @@ def test_export_leaves_the_callers_modes_alone(tmp_path):
     model.layer1.eval()  # mixed modes are given back as they were
     export_verified_onnx(model, tmp_path / "r18.onnx", img_size=32)
     assert model.training and not model.layer1.training and model.layer2.training
+
+
+def test_export_check_is_relative_for_tiny_outputs(tmp_path, monkeypatch):
+    """Found by an audit: random-weight shvit_s1 / levit_128s output at most 7e-5 / 9e-5, so a graph returning
+    zeros passed the 1e-4 check. Here ONNX Runtime's result is replaced by zeros."""
+    import vitzoo.onnx_runtime as ort_mod
+
+    monkeypatch.setattr(ort_mod.OnnxRuntimeModule, "forward", lambda self, x: torch.zeros(x.shape[0], 10))
+    model = nn.Sequential(nn.Conv2d(3, 10, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-4)
+        model[0].bias.zero_()
+    with pytest.raises(ExportError, match=r"a different result, not rounding; nothing was written"):
+        export_verified_onnx(model, tmp_path / "m.onnx", img_size=16)
+    assert not (tmp_path / "m.onnx").exists()

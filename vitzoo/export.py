@@ -58,7 +58,8 @@ def export_verified_onnx(
     """
     from timm.utils import reparameterize_model
 
-    from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx, max_abs_diff
+    from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx, max_abs_diff_and_scale
+    from vitzoo.outputs import WRONG_RESULT_RTOL
 
     out = Path(out)
     check_output_file(out, force)  # before the export: a folder, an existing file, an unwritable place
@@ -72,10 +73,15 @@ def export_verified_onnx(
             spec = pytree.tree_flatten(fused(example))[1]
         session = OnnxRuntimeModule(data, output_spec=spec)
         inputs = [torch.randn(b, in_chans, img_size, img_size) for b in VERIFY_BATCHES]
-        diff = max_abs_diff(model, session, inputs)
+        diff, scale = max_abs_diff_and_scale(model, session, inputs)
     finally:
         for module, mode in training.items():
             module.training = mode
+    if atol <= DEFAULT_ATOL and diff <= atol and not diff <= WRONG_RESULT_RTOL * scale:
+        raise ExportError(
+            f"ONNX Runtime output differs from PyTorch by max abs diff {diff:.3g}, within {atol:g} but "
+            f"{diff / scale:.2g} of PyTorch's largest output ({scale:.3g}): a different result, not rounding; "
+            f"nothing was written.")
     if not diff <= atol:
         raise ExportError(
             f"ONNX Runtime output differs from PyTorch by max abs diff {diff:.3g} (> {atol:g}) at batch sizes "

@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 from vitzoo.batchnorm_folding import fold_batchnorms
 from vitzoo.models import model_input_size
 from vitzoo.onednn_rewrite import PackedConv2d, onednn_rewrite
-from vitzoo.outputs import max_abs_diff_of
+from vitzoo.outputs import WRONG_RESULT_RTOL, max_abs_diff_of
 from vitzoo.stem_chunking import chunk_stem
 
 __all__ = ["BACKENDS", "DeployedModel", "PackedConv2d", "available_backends", "deploy", "default_example_input"]
@@ -233,9 +233,17 @@ def _check_close(reference: object, candidate: nn.Module, example_input: torch.T
         raise RuntimeError(f"deploy(backend={backend!r}): {e}. Use another backend, or report this with the "
                            "model name.") from None
     tolerance = atol + rtol * scale
+    dtypes = {t.dtype for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)}
+    low = bool(dtypes & {torch.float16, torch.bfloat16})
+    relative_limit = (_HALF_RTOL if low else WRONG_RESULT_RTOL) * scale
+    # only with the default tolerances: a caller who loosened them has said what they accept
+    if atol <= DEFAULT_ATOL and rtol <= WRONG_RESULT_RTOL and diff <= tolerance and not diff <= relative_limit:
+        raise RuntimeError(
+            f"deploy(backend={backend!r}): output differs from the original model by max abs diff {diff:.3g}, "
+            f"within the tolerance {tolerance:g} but {diff / scale:.2g} of the original's largest output "
+            f"({scale:.3g}): a different result, not rounding (outputs this small pass an absolute tolerance "
+            "whatever they are). Use another backend, or report this with the model name.")
     if not diff <= tolerance:
-        dtypes = {t.dtype for t in pytree.tree_leaves(reference) if isinstance(t, torch.Tensor)}
-        low = bool(dtypes & {torch.float16, torch.bfloat16})
         dtype = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16
         if low and diff <= _HALF_RTOL * scale:  # a bf16 / fp16 model: rounding of its own precision
             hint = (f"The model runs in {dtype} ({'8' if dtype == torch.bfloat16 else '11'}-bit "

@@ -17,7 +17,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator, List, Optional, Union
+from typing import Any, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from vitzoo.messages import first_line
 from vitzoo.outputs import max_abs_diff_of
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "OnnxExportError", "export_onnx", "OnnxRuntimeModule",
-           "max_abs_diff", "require_onnxruntime"]
+           "max_abs_diff", "max_abs_diff_and_scale", "require_onnxruntime"]
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 17
@@ -247,14 +247,22 @@ def max_abs_diff(reference: nn.Module, candidate: nn.Module, inputs: Iterable[to
     Raises:
         RuntimeError: When output shapes differ.
     """
-    worst = 0.0
+    return max_abs_diff_and_scale(reference, candidate, inputs)[0]
+
+
+@torch.no_grad()
+def max_abs_diff_and_scale(reference: nn.Module, candidate: nn.Module,
+                           inputs: Iterable[torch.Tensor]) -> Tuple[float, float]:
+    """:func:`max_abs_diff` and the largest absolute value of the reference's outputs over the same inputs."""
+    worst, scale = 0.0, 0.0
     for x in inputs:
         expected = pytree.tree_map(lambda t: t.float().cpu() if isinstance(t, torch.Tensor) else t, reference(x))
         try:
-            diff, _ = max_abs_diff_of(candidate(x), expected)
+            diff, largest = max_abs_diff_of(candidate(x), expected)
         except ValueError as e:
             raise RuntimeError(f"{e} (PyTorch's), for input {tuple(x.shape)}.") from None
+        scale = max(scale, largest)
         if diff != diff:
-            return diff
+            return diff, scale
         worst = max(worst, diff)
-    return worst
+    return worst, scale
