@@ -359,3 +359,18 @@ def test_ops_without_a_formula_are_named():
     report = count_flops(TopK(), (3, 8, 8))
     assert report.unknown_ops == {"aten::topk": 1}  # aten::mean and aten::add are elementwise, by convention
     assert "no FLOP formula (their work is missing from the total): aten::topk x1" in str(report)
+
+
+def test_convmixer_and_half_precision_figures_of_the_docs():
+    """docs/flops-and-compare.md: ConvMixer-768/32 20.78 G (its depthwise convs use padding='same'): 20.68 G of
+    convs by hand, plus 0.10 G of BatchNorm (it follows an activation, so it is not folded); resnet18 in fp16 (BatchNorm not
+    folded) 1,819.07 M against 1,814.10 M in fp32; tf_efficientnet_b0 385.88 M."""
+    convmixer = count_flops("convmixer_768_32")
+    # hand count of the convs: a 7x7 stride-7 patch stem (32x32 tokens), then 32 x (7x7 depthwise + 1x1)
+    tokens = 32 * 32
+    convs = tokens * 768 * 3 * 7 * 7 + 32 * tokens * (768 * 7 * 7 + 768 * 768)
+    assert convmixer.by_operator["conv"] == convs
+    assert round(convmixer.total / 1e9, 2) == 20.78
+    assert round(count_flops(timm.create_model("resnet18").half()).total / 1e6, 2) == 1819.07
+    assert round(count_flops("resnet18").total / 1e6, 2) == 1814.10
+    assert round(count_flops("tf_efficientnet_b0").total / 1e6, 2) == 385.88
