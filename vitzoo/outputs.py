@@ -1,6 +1,8 @@
 """Comparing (nested) model outputs: the check behind the graph rewrites that must not change a model's result."""
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 from torch.utils import _pytree as pytree
 
@@ -39,7 +41,7 @@ def outputs_close(output: object, reference: object, rel: float) -> bool:
     return True
 
 
-def max_abs_diff_of(output: object, reference: object) -> tuple:
+def max_abs_diff_of(output: object, reference: object) -> Tuple[float, float]:
     """``(max abs diff, largest abs value of the reference)`` over the float tensors of two (nested) outputs.
 
     Raises:
@@ -58,7 +60,8 @@ def max_abs_diff_of(output: object, reference: object) -> tuple:
             if tuple(a.shape) != tuple(b.shape):
                 raise ValueError(f"{where} has shape {tuple(a.shape)}, the original's {tuple(b.shape)}")
             if b.is_floating_point() and b.numel():
-                d = float((a.to(b.device, torch.float32) - b.float()).abs().max())
+                work = torch.promote_types(b.dtype, torch.float32)  # float64 outputs are compared in float64
+                d = float((a.to(b.device, work) - b.to(work)).abs().max())
                 scale = max(scale, float(b.abs().max()))
                 if d != d:  # NaN: no tolerance passes it
                     return d, scale
