@@ -13,6 +13,7 @@ __all__ = ['checkpoint_filter_fn', 'remap_official_keys', 'describe_state_dict',
 _logger = logging.getLogger(__name__)
 
 _HEAD_PREFIXES = ('head.', 'head_dist.')
+_CLASSIFIERS = ('head.l.', 'head_dist.l.')  # dropped by timm / _fit_distill_head when num_classes differs
 _FIRST_CONV = 'patch_embed.0.c.weight'  # in_chans adaptation happens after the filter, so its shape may differ
 _OFFICIAL_BLOCK = re.compile(r'^blocks([123])\.(\d+)\.(.*)$')
 
@@ -125,4 +126,20 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
             f'{len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(reshaped)} with other shapes, '
             f'e.g. {reshaped[:3]}). Use the entrypoint of the checkpoint\'s variant.')
     _fit_distill_head(state_dict, model)
+    _check_complete(state_dict, model)
     return state_dict
+
+
+def _check_complete(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """Every tensor the model has must come from the checkpoint, except a classifier of another size.
+
+    timm loads non-strictly when ``num_classes`` differs from the checkpoint's (it drops the classifier), which
+    would let an incomplete checkpoint load with random tensors in the gaps; the body check above leaves out the
+    first conv and the head's BatchNorm, so they are checked here.
+    """
+    missing = [k for k in model.state_dict()
+               if k not in state_dict and not k.startswith(_CLASSIFIERS) and not k.endswith('num_batches_tracked')]
+    if missing:
+        raise CheckpointMismatchError(
+            f'Checkpoint is incomplete: {len(missing)} of the model\'s tensors are missing (e.g. {missing[:3]}); '
+            f'it may be truncated or saved from a modified model. Use a complete {_describe_model(model)} checkpoint.')

@@ -10,6 +10,7 @@ from typing import Any, Dict
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models._helpers import load_state_dict
 
 from .checkpoint import CheckpointMismatchError, checkpoint_filter_fn
 from .model import SHViT
@@ -79,18 +80,50 @@ def _weights_source(variant: str, kwargs: Dict[str, Any]) -> str:
     return f"url {cfg.get('url')}"
 
 
+def _read_model_not_ema(variant: str, kwargs: Dict[str, Any]) -> None:
+    """For a local ``.pth`` file, read it here so that a training checkpoint's model weights load, not its EMA copy.
+
+    timm's file loader takes ``model_ema`` / ``state_dict_ema`` over ``model`` / ``state_dict`` when a checkpoint
+    holds both; the official evaluation (``build.py``) and the release's accuracy are for ``model``. The weights
+    read here go to timm as ``pretrained_cfg_overlay['state_dict']``, so timm's filter / adaptation / strict load
+    follow unchanged (the ``file`` entry stays, for the record).
+    """
+    overlay = kwargs.get('pretrained_cfg_overlay') or {}
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                 pretrained_cfg_overlay=overlay).to_dict()
+    path = cfg.get('file')
+    if (cfg.get('source') or '') not in ('', 'timm') or cfg.get('state_dict') is not None or not path:
+        return
+    if str(path).endswith('.safetensors'):
+        return
+    kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=load_state_dict(path, use_ema=False))
+
+
+def _drop_state_dict_from_cfg(model: Any) -> None:
+    """Weights handed over in the cfg must not stay in ``pretrained_cfg`` (timm writes it to config.json)."""
+    for m in dict.fromkeys([model, getattr(model, 'model', model)]):  # features_only wraps the SHViT
+        cfg = getattr(m, 'pretrained_cfg', None)
+        if isinstance(cfg, dict) and 'state_dict' in cfg:
+            m.pretrained_cfg = {k: v for k, v in cfg.items() if k != 'state_dict'}
+            m.default_cfg = m.pretrained_cfg
+
+
 def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHViT:
+    source = _weights_source(variant, kwargs) if pretrained else ''
     try:
-        return build_model_with_cfg(
+        if pretrained:
+            _read_model_not_ema(variant, kwargs)
+        model = build_model_with_cfg(
             SHViT, variant, pretrained,
             pretrained_filter_fn=checkpoint_filter_fn,
             feature_cfg=dict(out_indices=(0, 1, 2), flatten_sequential=True),
             **kwargs,
         )
+        _drop_state_dict_from_cfg(model)
+        return model
     except Exception as e:
         if not pretrained or not _raised_while_loading(e):
             raise
-        source = _weights_source(variant, kwargs)
         if isinstance(e, CheckpointMismatchError):
             fix = 'use the entrypoint of the variant the checkpoint holds, or a checkpoint of ' + variant
         elif source.startswith('url '):  # the official release file (GitHub): not on the Hub under this tag

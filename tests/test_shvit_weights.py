@@ -77,6 +77,23 @@ def test_official_layout_with_distill_head_loads(tmp_path, s1_weights, s1_refere
         torch.testing.assert_close(md(x), (s1_reference(x) + dist) / 2, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('keys', [('model', 'model_ema'), ('state_dict', 'state_dict_ema')])
+def test_training_checkpoint_loads_the_model_not_its_ema(tmp_path, s1_weights, s1_reference, keys):
+    """The official training script saves 'model' and 'model_ema'; its evaluation (and the release's accuracy) is
+    'model'. timm's own file loader would take the EMA copy."""
+    ema = {k: (v + 1.0 if v.is_floating_point() else v) for k, v in s1_weights.items()}
+    path = tmp_path / 'checkpoint.pth'
+    torch.save({keys[0]: _to_official(s1_weights), keys[1]: _to_official(ema), 'epoch': 299}, path)
+    m = timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), s1_reference(x), rtol=0, atol=0)
+    assert 'state_dict' not in m.pretrained_cfg and m.pretrained_cfg['file'] == str(path)
+    features = timm.create_model('shvit_s1', pretrained=True, features_only=True,
+                                 pretrained_cfg_overlay=dict(file=str(path)))
+    assert 'state_dict' not in features.pretrained_cfg
+
+
 def test_timm_layout_safetensors_with_in_chans_and_num_classes(tmp_path, s1_weights):
     path = tmp_path / 'model.safetensors'
     save_file({k: v.contiguous() for k, v in s1_weights.items()}, str(path))
@@ -115,6 +132,21 @@ def test_truncated_checkpoint_reports_missing_keys(s1_weights):
     sd = {k: v for k, v in s1_weights.items() if not k.startswith('stages.2.blocks.4.')}
     with pytest.raises(RuntimeError, match=r'missing keys, e.g. \[.stages\.2\.blocks\.4'):
         timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(state_dict=sd))
+
+
+@pytest.mark.parametrize('dropped', ['patch_embed.0.c.weight', 'head.bn.weight', 'stages.1.blocks.0.ffn.m.pw1.c.weight'])
+def test_incomplete_checkpoint_is_refused_also_with_another_num_classes(s1_weights, dropped):
+    """With another num_classes timm loads non-strictly (it drops the classifier): a missing tensor must still be
+    an error, not a random-init gap."""
+    assert dropped in s1_weights
+    sd = {k: v for k, v in s1_weights.items() if k != dropped}
+    for num_classes in (1000, 10):
+        with pytest.raises(RuntimeError, match=r'missing|incomplete') as info:
+            timm.create_model('shvit_s1', pretrained=True, num_classes=num_classes,
+                              pretrained_cfg_overlay=dict(state_dict=sd))
+        assert dropped in str(info.value)
+    m = timm.create_model('shvit_s1', pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(state_dict=s1_weights))
+    torch.testing.assert_close(m.state_dict()['head.bn.weight'], s1_weights['head.bn.weight'], rtol=0, atol=0)
 
 
 def test_missing_hub_file_offline(tmp_path, monkeypatch):
