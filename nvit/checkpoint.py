@@ -17,7 +17,7 @@ import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models._input import get_pretrained_grid_size
 
 from .attention import resample_token_mask
@@ -271,6 +271,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: torch.nn.Module) 
     if foreign is not None:
         raise ValueError(f'This is {foreign}, not an NViT checkpoint.')
     out = convert_official(state_dict)
+    _check_distilled(out, model)
     grid = list(model.patch_embed.grid_size)
     prefix = model.num_prefix_tokens
     source = _source_grid(model, out, out['pos_embed'].shape[1] - prefix)
@@ -279,7 +280,48 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: torch.nn.Module) 
             out['pos_embed'], new_size=grid, old_size=source, num_prefix_tokens=prefix)
         for k in [k for k in out if k.endswith('attn.token_mask')]:
             out[k] = resample_token_mask(out[k], grid, source, prefix)
+    _fit_patch_size(out, model)
+    _check_complete(out, model)
     return out
+
+
+def _check_distilled(state_dict: Mapping[str, Any], model: torch.nn.Module) -> None:
+    """A distillation token changes every block's attention, so it cannot be added or dropped while loading."""
+    has_dist = 'dist_token' in state_dict
+    if has_dist == (model.num_prefix_tokens == 2):
+        return
+    if has_dist:
+        raise ValueError('The checkpoint is distilled (it has dist_token and head_dist) and the model is not: create '
+                         'it with distilled=True (what the nvit_* names pick by themselves for such a checkpoint).')
+    raise ValueError('The checkpoint is not distilled (no dist_token / head_dist) and the model is: create it with '
+                     'distilled=False.')
+
+
+def _fit_patch_size(state_dict: StateDict, model: torch.nn.Module) -> None:
+    """A model created with another ``patch_size`` gets the patch embedding resampled (timm ViT's rule)."""
+    weight = state_dict.get('patch_embed.proj.weight')
+    want = tuple(model.patch_embed.proj.weight.shape[-2:])
+    if weight is not None and weight.ndim == 4 and tuple(weight.shape[-2:]) != want:
+        state_dict['patch_embed.proj.weight'] = resample_patch_embed(weight, list(want), verbose=False)
+
+
+_CLASSIFIER_KEYS = ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias')
+
+
+def _check_complete(state_dict: Mapping[str, Any], model: torch.nn.Module) -> None:
+    """Every tensor the model has must come from the checkpoint, except a classifier of another size.
+
+    timm loads non-strictly when ``num_classes`` differs from the checkpoint's (it drops the classifiers), which
+    would let an incomplete checkpoint load with random tensors in the gaps.
+    """
+    missing = [k for k in model.state_dict() if k not in state_dict and k not in _CLASSIFIER_KEYS]
+    if not missing:
+        return
+    hint = ''
+    if all(k.endswith('attn.token_mask') for k in missing):
+        hint = ' The checkpoint has no token scales: create the model with token_mask=False.'
+    raise ValueError(f'The checkpoint is incomplete: {len(missing)} of the model\'s tensors are missing (e.g. '
+                     f'{missing[:3]}); it may be truncated or saved from a modified model.{hint}')
 
 
 def _source_grid(model: torch.nn.Module, state_dict: Mapping[str, Any], patches: int) -> List[int]:

@@ -1,4 +1,7 @@
 """Convert a timm ViT / DeiT into an NViT with uniform dims (the starting point of NViT pruning)."""
+import copy
+import functools
+
 import torch.nn as nn
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
@@ -21,9 +24,16 @@ def _unsupported(vit: VisionTransformer) -> list:
         'attention pooling': getattr(vit, 'attn_pool', None) is not None,
         f'global_pool={vit.global_pool!r}': vit.global_pool not in ('token', 'avg', ''),
         'patch-embed norm': not isinstance(vit.patch_embed.norm, nn.Identity),
-        'non-LayerNorm norms': not isinstance(vit.norm, nn.LayerNorm),
+        'non-LayerNorm norms': (not isinstance(vit.norm, (nn.LayerNorm, nn.Identity))
+                                or not isinstance(blk.norm1, nn.LayerNorm)),
+        'no final norm': isinstance(vit.norm, nn.Identity) and isinstance(getattr(vit, 'fc_norm', None), nn.Identity),
         'layer scale': not isinstance(getattr(blk, 'ls1', nn.Identity()), nn.Identity),
         'q/k norm': not isinstance(getattr(blk.attn, 'q_norm', nn.Identity()), nn.Identity),
+        'attention output norm (scale_attn_norm)': not isinstance(getattr(blk.attn, 'norm', nn.Identity()),
+                                                                  nn.Identity),
+        'MLP norm (scale_mlp_norm)': not isinstance(getattr(blk.mlp, 'norm', nn.Identity()), nn.Identity),
+        'no attention projection bias (proj_bias=False)': blk.attn.proj.bias is None,
+        'patch dropout': not isinstance(getattr(vit, 'patch_drop', nn.Identity()), nn.Identity),
         'non-GELU MLP': not isinstance(getattr(blk.mlp, 'act', None), nn.GELU),
         'non-square patches': vit.patch_embed.patch_size[0] != vit.patch_embed.patch_size[1],
         'no position embedding': vit.pos_embed is None,
@@ -35,8 +45,10 @@ def from_vit(vit: VisionTransformer) -> NViT:
     """Build an NViT with the same weights and outputs as a timm ``VisionTransformer`` / DeiT.
 
     Uniform dims: every block gets the ViT's heads, head width (for both q/k and v) and MLP width. The attention
-    scale is the ViT's ``head_dim ** -0.5`` (not NViT's fixed 64 ** -0.5). A ``VisionTransformerDistilled`` keeps its
-    distillation token and head. The result is on the ViT's device/dtype and in its train/eval mode.
+    scale is the ViT's ``head_dim ** -0.5`` (not NViT's fixed 64 ** -0.5), the GELU keeps its ``approximate``
+    setting, and every dropout and stochastic-depth rate is carried over block by block, so that training the result
+    behaves like training the ViT. A ``VisionTransformerDistilled`` keeps its distillation token and head. The result
+    is on the ViT's device/dtype and in its train/eval mode.
 
     Args:
         vit: A timm ``VisionTransformer`` (e.g. ``deit_base_patch16_224``) or ``VisionTransformerDistilled``.
@@ -67,13 +79,35 @@ def from_vit(vit: VisionTransformer) -> NViT:
         qkv_bias=attn.qkv.bias is not None,
         dynamic_img_size=vit.dynamic_img_size,
         dynamic_img_pad=vit.patch_embed.dynamic_img_pad,
-        norm_eps=vit.norm.eps,
+        norm_eps=vit.blocks[0].norm1.eps,
+        act_layer=functools.partial(nn.GELU, approximate=vit.blocks[0].mlp.act.approximate),
         device=ref.device,
         dtype=ref.dtype,
     )
     missing, unexpected = model.load_state_dict(vit.state_dict(), strict=False)
     if missing or unexpected:
         raise ValueError(f'from_vit: weights do not map one-to-one (missing {missing}, unexpected {unexpected}).')
+    _copy_regularisation(vit, model)
     if isinstance(vit, VisionTransformerDistilled):
         model.distilled_training = vit.distilled_training
     return model.train(vit.training)
+
+
+_DROPOUTS = ('pos_drop', 'head_drop')
+_BLOCK_DROPOUTS = ('attn.attn_drop', 'attn.proj_drop', 'mlp.drop1', 'mlp.drop2')
+
+
+def _copy_regularisation(vit: VisionTransformer, model: NViT) -> None:
+    """Give ``model`` the ViT's dropout rates and its per-block stochastic-depth modules (any schedule)."""
+    for name in _DROPOUTS:
+        source = getattr(vit, name, None)
+        if isinstance(source, nn.Dropout):
+            getattr(model, name).p = source.p
+    for src, dst in zip(vit.blocks, model.blocks):
+        for name in _BLOCK_DROPOUTS:
+            source, target = src.get_submodule(name), dst.get_submodule(name)
+            if isinstance(source, nn.Dropout) and isinstance(target, nn.Dropout):
+                target.p = source.p
+        # the fused attention reads its dropout rate from attn_drop.p (as timm's does): copied above
+        dst.drop_path1 = copy.deepcopy(src.drop_path1)
+        dst.drop_path2 = copy.deepcopy(src.drop_path2)

@@ -104,7 +104,13 @@ def _read_pretrained(variant: str, kwargs: Mapping[str, Any]):
     if load_from == 'file':
         path = location
     elif load_from == 'url':
-        path = download_cached_file(location, check_hash=False, progress=True, cache_dir=cache_dir)
+        try:
+            path = download_cached_file(location, check_hash=False, progress=True, cache_dir=cache_dir)
+        except OSError as e:  # urllib's URLError / HTTPError, a timeout, a full disk
+            raise RuntimeError(
+                f'Could not download the {variant} checkpoint from {location}: {type(e).__name__}: {e}. If this '
+                f'machine is offline, download that file once elsewhere and pass '
+                f'pretrained_cfg_overlay=dict(file="/path/to/{variant}.pth").') from e
     elif load_from == 'hf-hub':
         path = _hf_file(location, cache_dir)
     elif load_from == 'local-dir':

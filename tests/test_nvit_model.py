@@ -184,6 +184,35 @@ def test_from_vit_deit_tiny_and_errors():
         nvit.from_vit(timm.create_model('vit_small_patch16_224', reg_tokens=4, depth=1, embed_dim=64, num_heads=2))
 
 
+def test_from_vit_keeps_tanh_gelu_and_every_dropout_rate():
+    """Same outputs in eval, and in train mode the same random draws: the converted model trains like the ViT."""
+    import functools
+    vit = timm.create_model(
+        'vit_tiny_patch16_224', depth=3, num_classes=5, act_layer=functools.partial(nn.GELU, approximate='tanh'),
+        drop_rate=0.3, drop_path_rate=0.2, attn_drop_rate=0.1, proj_drop_rate=0.1, pos_drop_rate=0.1).double()
+    model = nvit.from_vit(vit)
+    assert model.training
+    x = torch.randn(3, 3, 224, 224, dtype=torch.float64)
+    torch.manual_seed(1)
+    expected = vit(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-12)
+    vit.eval(), model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), vit(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('kwargs, named', [
+    (dict(global_pool='avg', fc_norm=True), 'fc_norm, which'),
+    (dict(proj_bias=False), 'proj_bias=False'),
+    (dict(scale_mlp_norm=True), 'scale_mlp_norm'),
+])
+def test_from_vit_names_what_it_refuses(kwargs, named):
+    vit = timm.create_model('vit_tiny_patch16_224', depth=1, **kwargs)
+    with pytest.raises(ValueError, match=named):
+        nvit.from_vit(vit)
+
+
 @pytest.mark.slow
 def test_from_vit_deit_base_distilled():
     vit = timm.create_model('deit_base_distilled_patch16_224').eval()

@@ -279,3 +279,60 @@ def test_url_and_hf_hub_sources(official_files, tmp_path):
     with torch.no_grad():
         assert (url(img) - ref).abs().max().item() <= 1e-5
         assert torch.equal(hub(img), url(img))
+
+
+def test_unreachable_url_names_the_url_and_the_fix(tmp_path):
+    url = 'http://127.0.0.1:9/NViT_B.pth'  # loopback, nothing listens on the discard port: refused at once
+    with pytest.raises(RuntimeError, match=r'nvit_b checkpoint from http://127\.0\.0\.1:9/NViT_B\.pth') as info:
+        timm.create_model('nvit_b', pretrained=True, cache_dir=str(tmp_path), pretrained_cfg_overlay=dict(url=url))
+    assert 'pretrained_cfg_overlay=dict(file=' in str(info.value)
+
+
+# ---------------------------------------------------------------- loading into another configuration
+@pytest.mark.parametrize('num_classes', [1000, 7])
+@pytest.mark.parametrize('dropped', ['blocks.1.mlp.fc2.weight', 'norm.weight', 'cls_token', 'patch_embed.proj.weight'])
+def test_incomplete_checkpoint_refused_with_any_num_classes(tmp_path, num_classes, dropped):
+    """timm loads non-strictly when num_classes differs (it drops the classifiers); a missing tensor must still be
+    an error, not a random-init gap."""
+    sd = make_official('ones')
+    del sd[dropped]
+    path = save_official(tmp_path / 'NViT_incomplete.pth', sd)
+    with pytest.raises(Exception, match=r'missing|incomplete') as info:
+        _create(path, num_classes=num_classes)
+    assert dropped in str(info.value)
+
+
+def test_checkpoint_without_token_scales_into_a_token_scale_model(official_files):
+    path, _ = official_files['none']
+    with pytest.raises(ValueError, match='token_mask=False'):
+        _create(path, token_mask=True, num_classes=7)
+
+
+def test_distilled_mismatch_names_the_distillation_token(official_files, tmp_path):
+    path, sd = official_files['ones']
+    with pytest.raises(ValueError, match='checkpoint is distilled .* distilled=True'):
+        _create(path, distilled=False)
+    plain = {k: v for k, v in sd.items() if not k.startswith(('dist_token', 'head_dist'))}
+    plain['pos_embed'] = torch.cat([sd['pos_embed'][:, :1], sd['pos_embed'][:, 2:]], dim=1)
+    for k in [k for k in plain if k.endswith('token_mask')]:
+        plain[k] = torch.cat([plain[k][:1], plain[k][2:]])
+    plain_path = save_official(tmp_path / 'NViT_plain.pth', plain)
+    assert _create(plain_path).num_prefix_tokens == 1  # picked from the checkpoint
+    with pytest.raises(ValueError, match='not distilled .* distilled=False'):
+        _create(plain_path, distilled=True)
+
+
+def test_other_patch_size_resamples_the_patch_embedding(official_files):
+    """FlexiViT's property (timm ViT's loader resamples the same way): the patch-32 embedding of a 16x16 patch
+    resized (bicubic) to 32x32 equals the checkpoint's patch-16 embedding of the patch itself."""
+    path, sd = official_files['ones']
+    model = _create(path, patch_size=32, img_size=448)
+    w16 = sd['patch_embed.proj.weight'][:, :, 0, 0].double()  # (p1 p2 c) order, as the reference uses
+    w32 = model.patch_embed.proj.weight.double()
+    assert w32.shape[-2:] == (32, 32)
+    patches = torch.randn(5, 3, PATCH, PATCH, dtype=torch.float64)
+    expected = patches.permute(0, 2, 3, 1).reshape(5, -1) @ w16.T
+    big = F.interpolate(patches, size=(32, 32), mode='bicubic', align_corners=False, antialias=True)
+    got = (big.reshape(5, 1, -1) * w32.reshape(1, w32.shape[0], -1)).sum(-1)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert model(torch.randn(1, 3, 448, 448)).shape == (1, NUM_CLASSES)
