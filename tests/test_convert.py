@@ -174,6 +174,25 @@ def test_refuses_to_overwrite_unless_forced(shvit_official, tmp_path):
     assert os.listdir(tmp_path) == ["out"]
 
 
+def test_force_never_replaces_the_folder_holding_the_source_nor_a_file(shvit_official, tmp_path, capsys):
+    _, official = shvit_official
+    work = tmp_path / "work"
+    work.mkdir()
+    src = work / "shvit_s1.pth"
+    src.write_bytes(official.read_bytes())
+    (work / "notes.txt").write_text("mine")
+    for out in (work, tmp_path):  # the folder holding the source, and one holding it further down
+        assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(out), "--force", "--no-flops"]) == 1
+        err = capsys.readouterr().err
+        assert f"cannot replace {out}: it holds the input {src}" in err and err.count("\n") == 1
+    assert sorted(os.listdir(work)) == ["notes.txt", "shvit_s1.pth"]
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(afile), "--force", "--no-flops"]) == 1
+    assert f"{afile} is a file; --force replaces an output folder, not a file" in capsys.readouterr().err
+    assert afile.read_text() == "mine"
+
+
 def test_another_models_checkpoint_fails_and_leaves_nothing(shvit_official, tmp_path, capsys):
     _, src = shvit_official
     out = tmp_path / "out"

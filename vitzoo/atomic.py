@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Optional, Union
+from typing import Any, BinaryIO, Iterator, Optional, Sequence, Union
 
 __all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "check_output_dir", "check_output_file",
            "check_output_free", "staged_dir"]
@@ -158,20 +158,37 @@ def atomic_write_text(path: PathLike, text: str, force: bool = False) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"), force=force)
 
 
-def check_output_dir(path: PathLike, force: bool) -> None:
+def check_output_dir(path: PathLike, force: bool, keep: Sequence[PathLike] = ()) -> None:
     """Check, before any work, that a folder can be written (or, with ``force``, replaced) at ``path``.
+
+    Args:
+        path: the output folder.
+        force: an existing folder at ``path`` may be replaced.
+        keep: inputs of the command (a source checkpoint): a folder holding one of them is never replaced.
 
     Raises:
         FileExistsError: ``path`` exists and ``force`` is not set; or it exists and cannot be replaced even with
-            ``force``: it is the current folder or contains it, or it is a mount point (a rename cannot move it).
+            ``force``: it is the current folder or contains it, it holds one of ``keep``, it is a mount point (a
+            rename cannot move it), or it is a file (``force`` replaces folders, not files).
         NotADirectoryError: A parent of ``path`` is a file.
         PermissionError: The nearest existing parent folder is not writable.
     """
     check_output_free(path, force)
     _check_parent_writable(path, Path(os.path.abspath(path)).parent)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise FileExistsError(
+            f"{path} is a file; --force replaces an output folder, not a file. Choose another output folder (--out)."
+        )
     if not os.path.isdir(path) or os.path.islink(path):
         return
     target = os.path.realpath(path)
+    for item in keep:
+        kept = os.path.realpath(item)
+        if kept == target or kept.startswith(target.rstrip(os.sep) + os.sep):
+            raise FileExistsError(
+                f"cannot replace {path}: it {'is' if kept == target else 'holds'} the input {item}, which replacing "
+                "it would delete; choose another output folder (--out)."
+            )
     if os.path.ismount(target):
         raise FileExistsError(
             f"cannot replace {path}: it is a mount point, which cannot be replaced; choose another output folder "

@@ -423,7 +423,8 @@ def convert_checkpoint(
 
     model, _, name_tag = model_name.partition(".")
     resolve_name(model)  # an unknown architecture: UnknownModelError with the closest names, before any work
-    check_output_dir(out_dir, force)  # also: the current folder or a mount point cannot be replaced
+    # also: the current folder, a mount point, or a folder holding the source cannot be replaced
+    check_output_dir(out_dir, force, keep=[src] if os.path.exists(str(src)) else [])
     tag = tag or name_tag or None
     manifest = manifest or load_manifest()
     out_dir = Path(out_dir)
