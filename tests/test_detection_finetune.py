@@ -155,6 +155,101 @@ def test_resume_errors_are_one_line(data, tmp_path, capsys):
     assert (out / 'model_final.pth').read_bytes() == final
 
 
+def test_resume_of_another_run_never_replaces_a_run_unasked(data, tmp_path, capsys):
+    """Found by an audit: --resume of one run's checkpoint with --out of another run overwrote that run's checkpoint,
+    weights and log without --force; and --resume into a folder that did not exist died after one iteration."""
+    args = ['--detector', 'retinanet', '--epochs', '2', '--no-eval']
+    r1, r2 = tmp_path / 'r1', tmp_path / 'r2'
+    assert _run(data, r1, *args, '--max-iters', '1') == 0
+    assert _run(data, r2, *args, '--max-iters', '1', '--seed', '5') == 0
+    before = {name: (r2 / name).read_bytes() for name in ('checkpoint_last.pth', 'log.jsonl', 'model_final.pth')}
+    capsys.readouterr()
+    assert _run(data, r2, *args, '--max-iters', '2', '--resume', str(r1 / 'checkpoint_last.pth')) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f'vitzoo finetune-det: error: {r2} already holds another run (checkpoint_last.pth, '
+                            f'log.jsonl, model_final.pth); resuming {r1 / "checkpoint_last.pth"} into it would '
+                            'replace those files: pass --force to replace them, or choose another --out.\n')
+    assert 'resumed' not in captured.out
+    assert {name: (r2 / name).read_bytes() for name in before} == before
+    # --force: r2's files are replaced; its log holds only the resumed run's lines (iteration 2), none of r2's own
+    assert _run(data, r2, *args, '--max-iters', '2', '--resume', str(r1 / 'checkpoint_last.pth'), '--force') == 0
+    assert [r['iteration'] for r in _log(r2)] == [2]
+    assert load_checkpoint(r2 / 'checkpoint_last.pth')['iteration'] == 2
+    assert [r['iteration'] for r in _log(r1)] == [1] and load_checkpoint(r1 / 'checkpoint_last.pth')['iteration'] == 1
+    # into a folder that does not exist yet: created (before: "No such file or directory: .../log.jsonl")
+    new = tmp_path / 'new' / 'deeper'
+    assert _run(data, new, *args, '--max-iters', '2', '--resume', str(r1 / 'checkpoint_last.pth')) == 0
+    assert [r['iteration'] for r in _log(new)] == [2] and (new / 'model_final.pth').is_file()
+    # the run continuing itself needs no --force
+    assert _run(data, r1, *args, '--max-iters', '2', '--resume') == 0
+    assert [r['iteration'] for r in _log(r1)] == [1, 2]
+
+
+def test_resume_from_an_earlier_checkpoint_logs_each_iteration_once(data, tmp_path):
+    """A run that stopped after its last checkpoint redoes the iterations since; their old log lines are dropped."""
+    args = ['--detector', 'retinanet', '--epochs', '2', '--no-eval']
+    out = tmp_path / 'run'
+    assert _run(data, out, *args, '--max-iters', '1') == 0
+    saved = (out / 'checkpoint_last.pth').read_bytes()
+    assert _run(data, out, *args, '--max-iters', '3', '--resume') == 0
+    assert [r['iteration'] for r in _log(out)] == [1, 2, 3]
+    (out / 'checkpoint_last.pth').write_bytes(saved)  # as if the run had died before checkpointing iteration 3
+    assert _run(data, out, *args, '--max-iters', '3', '--resume') == 0
+    assert [r['iteration'] for r in _log(out)] == [1, 2, 3]
+
+
+def test_log_records_the_lr_of_each_update(data, tmp_path):
+    """Found by an audit: the logged lr was read after scheduler.step(), i.e. the next iteration's."""
+    out = tmp_path / 'run'
+    assert _run(data, out, '--detector', 'retinanet', '--no-eval', '--max-iters', '3', '--lr', '1e-3',
+                '--warmup-iters', '2') == 0
+    # linear warm-up from 0.001x over 2 iterations: updates 1, 2, 3 use 0.001x, (0.001 + 0.999 / 2)x, 1x
+    assert [r['lr'] for r in _log(out)] == pytest.approx([1e-6, 5.005e-4, 1e-3])
+
+
+def test_resume_with_other_frozen_stages_names_the_option(data, tmp_path, capsys):
+    """Found by an audit: torch's "loaded state dict contains a parameter group that doesn't match the size of
+    optimizer's group" was printed."""
+    args = ['--detector', 'retinanet', '--epochs', '2', '--no-eval']
+    out = tmp_path / 'run'
+    assert _run(data, out, *args, '--max-iters', '1') == 0
+    capsys.readouterr()
+    assert _run(data, out, *args, '--max-iters', '2', '--resume', '--frozen-stages', '1') == 2
+    err = capsys.readouterr().err
+    assert err == (f'vitzoo finetune-det: error: {out / "checkpoint_last.pth"} is from another run: --frozen-stages '
+                   '-1 there, 1 here. Resume with the same arguments, or start a new run (--out elsewhere, or '
+                   '--force).\n'), err
+    # a checkpoint without its arguments: the optimizer state that does not fit is named for what it is
+    ckpt = load_checkpoint(out / 'checkpoint_last.pth')
+    del ckpt['args']
+    torch.save(ckpt, tmp_path / 'bare.pth')
+    assert _run(data, tmp_path / 'other', *args, '--max-iters', '2', '--resume', str(tmp_path / 'bare.pth'),
+                '--frozen-stages', '1') == 2
+    err = capsys.readouterr().err
+    assert err == (f'vitzoo finetune-det: error: {tmp_path / "bare.pth"}: its optimizer state does not fit this '
+                   "model's trainable parameters (a run with another --frozen-stages?); resume with the arguments "
+                   'of the run that wrote it.\n'), err
+
+
+@pytest.mark.parametrize('content,reason', [
+    (b'not a checkpoint\n', 'not a torch.save file (another kind of file, or corrupt)'),
+    (b'', 'the file is empty'),
+    ('truncated', 'a torch.save archive that is corrupt (truncated or damaged)'),
+])
+def test_unreadable_resume_checkpoint_is_named_for_what_it_is(data, tmp_path, capsys, content, reason):
+    """Found by an audit: only the last line of torch's error was shown ("Check the documentation of torch.load
+    ..."), and an empty file gave "list index out of range"."""
+    path = tmp_path / 'bad.pth'
+    if content == 'truncated':
+        torch.save({'model': {'w': torch.zeros(1000)}}, path)
+        content = path.read_bytes()[:300]
+    path.write_bytes(content)
+    assert _run(data, tmp_path / 'out', '--no-eval', '--resume', str(path)) == 2
+    err = capsys.readouterr().err
+    assert err == (f'vitzoo finetune-det: error: {path} is not a readable finetune-det checkpoint: {reason}; give '
+                   'the checkpoint_last.pth of a finetune-det run.\n'), err
+
+
 @pytest.mark.parametrize('option,value,message', [
     ('--device', 'foo', "--device 'foo' is not a device; use cpu, cuda or cuda:N."),
     ('--device', 'xla', '--device xla: only cpu, cuda[:N] and mps are supported.'),

@@ -1,5 +1,6 @@
 """Training checkpoints: atomic writes and the random-number-generator state needed for an exact resume."""
 import random
+import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -51,6 +52,25 @@ def set_rng_state(state: Dict[str, Any], generator: Optional[torch.Generator] = 
         generator.set_state(state['generator'])
 
 
+def _unreadable(path: Path, error: Exception) -> str:
+    """Why ``torch.load`` could not read ``path``, in a few words (torch's own messages span many lines of advice
+    about ``weights_only`` that does not apply here)."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(4)
+    except OSError as e:
+        return f'cannot be read ({e.strerror or e})'
+    if not head:
+        return 'the file is empty'
+    unsafe = re.search(r'GLOBAL ([\w.]+)', str(error))
+    if unsafe:  # a readable torch.save file that holds code objects: no checkpoint of this version
+        return (f'it holds Python objects other than tensors and numbers ({unsafe.group(1)}), so it is another '
+                'kind of file or was written by an older vitzoo')
+    if head == b'PK\x03\x04':
+        return 'a torch.save archive that is corrupt (truncated or damaged)'
+    return 'not a torch.save file (another kind of file, or corrupt)'
+
+
 def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     """Load a training checkpoint written by ``vitzoo finetune-det`` (on the CPU)."""
     path = Path(path)
@@ -60,8 +80,8 @@ def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
         with torch.serialization.safe_globals(_RNG_GLOBALS):
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001  truncated, not a torch file, or holding code objects
-        raise ValueError(f'{path} is not a readable finetune-det checkpoint (truncated, another kind of file, or '
-                         f'written by an older vitzoo): {str(e).strip().splitlines()[-1][:200]}') from e
+        raise ValueError(f'{path} is not a readable finetune-det checkpoint: {_unreadable(path, e)}; give the '
+                         'checkpoint_last.pth of a finetune-det run.') from e
     if not isinstance(ckpt, dict):
         raise ValueError(f'{path} is not a finetune-det training checkpoint (it holds a {type(ckpt).__name__}).')
     missing = [k for k in ('model', 'optimizer', 'scheduler', 'epoch', 'step', 'iteration') if k not in ckpt]

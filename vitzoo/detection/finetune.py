@@ -8,10 +8,11 @@ finetune-det ...`` (or ``torchrun ... $(which vitzoo) finetune-det ...``) for DD
 import argparse
 import json
 import math
+import os
 import random
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from vitzoo.atomic import atomic_write_text
 from vitzoo.models import UnknownModelError
 
 from .backbone import BackboneError
@@ -138,11 +140,29 @@ def _run_files(out: Path) -> List[str]:
             and not (name == 'log.jsonl' and (out / name).is_file() and (out / name).stat().st_size == 0)]
 
 
-def _check_args(args: argparse.Namespace, out: Path) -> Optional[Path]:
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.is_file() and b.is_file() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_args(args: argparse.Namespace, out: Path) -> Tuple[Optional[Path], bool]:
+    """The checkpoint to resume from (None: a fresh start) and whether it is ``out``'s own (the run continuing
+    itself). Refuses, before any work, to write into a folder that holds another run unless ``--force``."""
     validate_args(args)
-    if args.resume is not None:
-        return out / LAST if args.resume == 'auto' else Path(args.resume)
     existing = _run_files(out)
+    if args.resume is not None:
+        ckpt = out / LAST if args.resume == 'auto' else Path(args.resume)
+        if not ckpt.is_file():
+            raise FileNotFoundError(f'checkpoint {ckpt} not found; give a {LAST} written by finetune-det.')
+        continuing = _same_file(ckpt, out / LAST)
+        if existing and not continuing and not args.force:
+            # resuming another run's checkpoint here would overwrite this run's checkpoint, weights and log
+            raise FileExistsError(
+                f'{out} already holds another run ({", ".join(existing)}); resuming {ckpt} into it would replace '
+                f'those files: pass --force to replace them, or choose another --out.')
+        return ckpt, continuing
     if existing and not args.force:
         if LAST in existing:
             raise FileExistsError(f'{out} already holds a run ({", ".join(existing)}); pass --resume to continue it '
@@ -150,11 +170,12 @@ def _check_args(args: argparse.Namespace, out: Path) -> Optional[Path]:
         raise FileExistsError(f'{out} holds files of an earlier run ({", ".join(existing)}) but no {LAST} to '
                               '--resume from; pass --force to start afresh (which removes those files) or choose '
                               'another --out.')
-    return None
+    return None, False
 
 
-#: what a run's arguments must share with the run it resumes (the model and what its weights' shapes follow)
-RESUME_KEYS = ('detector', 'backbone', 'out_channels')
+#: what a run's arguments must share with the run it resumes (the model, what its weights' shapes follow, and which
+#: parameters the optimizer state holds)
+RESUME_KEYS = ('detector', 'backbone', 'out_channels', 'frozen_stages')
 
 
 def _check_resume(ckpt: Dict[str, Any], args: argparse.Namespace, path: Path) -> None:
@@ -179,6 +200,26 @@ def _log(out: Path, record: Dict[str, Any]) -> None:
         f.write(json.dumps(record) + '\n')
 
 
+def _trim_log(out: Path, iteration: int) -> None:
+    """Drop the log lines of iterations after ``iteration`` (a run resumed from an earlier checkpoint than its last
+    iteration redoes them), so that every iteration appears once."""
+    path = out / 'log.jsonl'
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a crash
+            continue
+        done = record.get('iteration') if isinstance(record, dict) else None
+        if not (isinstance(done, int) and done > iteration):
+            keep.append(line if line.endswith('\n') else line + '\n')
+    if keep != lines:
+        atomic_write_text(path, ''.join(keep), force=True)
+
+
 def _evaluate(model: nn.Module, val: Optional[CocoDetectionFolder], ctx: DistContext, args, out: Path,
               state: Dict[str, int]) -> Optional[Dict[str, Dict[str, float]]]:
     stats = None
@@ -194,7 +235,7 @@ def _evaluate(model: nn.Module, val: Optional[CocoDetectionFolder], ctx: DistCon
 def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     """The fine-tuning loop. Returns ``dict(state=..., eval=...)`` (last evaluation, None without val)."""
     out = Path(args.out)
-    resume_from = _check_args(args, out)
+    resume_from, continuing = _check_args(args, out)
     with_masks = args.detector == 'maskrcnn'
     train_ds = CocoDetectionFolder(args.data, 'train', with_masks=with_masks)
     val_ds = None
@@ -228,7 +269,12 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
         except RuntimeError as e:  # strict: every missing / unexpected / misshapen key is an error
             raise ValueError(f'{resume_from} does not fit this model (another dataset\'s classes?): '
                              f'{str(e).splitlines()[0]} ...') from e
-        optimizer.load_state_dict(ckpt['optimizer'])
+        try:
+            optimizer.load_state_dict(ckpt['optimizer'])
+        except ValueError as e:  # another set of trainable parameters (a checkpoint without the arguments saved)
+            raise ValueError(f'{resume_from}: its optimizer state does not fit this model\'s trainable parameters '
+                             '(a run with another --frozen-stages?); resume with the arguments of the run that '
+                             'wrote it.') from e
         scheduler.load_state_dict(ckpt['scheduler'])
         state = {k: int(ckpt[k]) for k in state}
         rngs = ckpt['rng']
@@ -243,13 +289,17 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
         if ctx.is_main:
             print(f'resumed from {resume_from}: epoch {state["epoch"]} step {state["step"]} '
                   f'iteration {state["iteration"]}')
-    elif ctx.is_main:
-        # a fresh start (--force, or files that are no run): never mix this run's files with an earlier one's.
-        # log.jsonl is created by the first record, so a run that fails before its first iteration leaves none
+    if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        for name in OUTPUTS:
-            if (out / name).is_file() or (out / name).is_symlink():
-                (out / name).unlink()
+        if continuing:
+            _trim_log(out, state['iteration'])
+        else:
+            # a fresh start or another run's checkpoint resumed here (--force, or files that are no run): never mix
+            # this run's files with an earlier one's. log.jsonl is created by the first record, so a run that fails
+            # before its first iteration leaves none
+            for name in OUTPUTS:
+                if (out / name).is_file() or (out / name).is_symlink():
+                    (out / name).unlink()
     ddp = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == 'cuda' else None) \
         if ctx.initialized else model
 
@@ -300,13 +350,13 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                            'No checkpoint was written.'))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                lr = optimizer.param_groups[0]['lr']  # the lr of this update (scheduler.step() sets the next one)
                 optimizer.step()
                 scheduler.step()
                 state['iteration'] += 1
                 state['step'] += 1
                 if ctx.is_main:
-                    record = dict(iteration=state['iteration'], epoch=state['epoch'],
-                                  lr=optimizer.param_groups[0]['lr'], loss=loss.item(),
+                    record = dict(iteration=state['iteration'], epoch=state['epoch'], lr=lr, loss=loss.item(),
                                   **{k: v.item() for k, v in losses.items()})
                     _log(out, record)
                     bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{record["lr"]:.2e}')
