@@ -5,7 +5,7 @@ only timm's "Overwriting shvit_sX in registry" warning is silenced.
 """
 import warnings
 
-from .checkpoint import CheckpointMismatchError, checkpoint_filter_fn, remap_official_keys
+from .checkpoint import CheckpointMismatchError, ClassifierSizeError, checkpoint_filter_fn, remap_official_keys
 from .model import SHViT
 from .variants import VARIANT_STATS, VARIANTS
 
@@ -14,6 +14,7 @@ with warnings.catch_warnings():
     from .shvit import default_cfgs, shvit_s1, shvit_s2, shvit_s3, shvit_s4  # noqa: E402  registers the models
 
 __all__ = [
-    'SHViT', 'checkpoint_filter_fn', 'remap_official_keys', 'CheckpointMismatchError', 'VARIANTS', 'VARIANT_STATS',
+    'SHViT', 'checkpoint_filter_fn', 'remap_official_keys', 'CheckpointMismatchError', 'ClassifierSizeError',
+    'VARIANTS', 'VARIANT_STATS',
     'default_cfgs', 'shvit_s1', 'shvit_s2', 'shvit_s3', 'shvit_s4',
 ]

@@ -8,7 +8,8 @@ import torch.nn as nn
 
 from .variants import variant_name
 
-__all__ = ['checkpoint_filter_fn', 'remap_official_keys', 'describe_state_dict', 'CheckpointMismatchError']
+__all__ = ['checkpoint_filter_fn', 'remap_official_keys', 'describe_state_dict', 'CheckpointMismatchError',
+           'ClassifierSizeError']
 
 _logger = logging.getLogger(__name__)
 
@@ -20,6 +21,10 @@ _OFFICIAL_BLOCK = re.compile(r'^blocks([123])\.(\d+)\.(.*)$')
 
 class CheckpointMismatchError(RuntimeError):
     """The checkpoint holds another variant or another model."""
+
+
+class ClassifierSizeError(CheckpointMismatchError):
+    """The checkpoint's classifier has another number of classes than the model that is to load it."""
 
 
 def _unwrap(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
@@ -126,8 +131,24 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
             f'{len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(reshaped)} with other shapes, '
             f'e.g. {reshaped[:3]}). Use the entrypoint of the checkpoint\'s variant.')
     _fit_distill_head(state_dict, model)
+    _check_classifier(state_dict, model)
     _check_complete(state_dict, model)
     return state_dict
+
+
+def _check_classifier(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """A classifier timm will load (the model's ``num_classes`` is its cfg's) must have the model's size.
+
+    timm drops the checkpoint's classifier only when ``num_classes`` differs from the pretrained cfg's; when they
+    agree but the checkpoint's classifier has another size, say so instead of torch's size-mismatch list.
+    """
+    weight = state_dict.get('head.l.weight')
+    cfg_classes = (getattr(model, 'pretrained_cfg', None) or {}).get('num_classes')
+    if weight is None or cfg_classes != model.num_classes or weight.shape[0] == model.num_classes:
+        return
+    raise ClassifierSizeError(
+        f'The checkpoint\'s classifier (head.l) has {weight.shape[0]} outputs, the model\'s {model.num_classes}: '
+        f'create the model with num_classes={weight.shape[0]} (vitzoo convert: --num-classes {weight.shape[0]}).')
 
 
 def _check_complete(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:

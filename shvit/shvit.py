@@ -12,7 +12,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._helpers import load_state_dict
 
-from .checkpoint import CheckpointMismatchError, checkpoint_filter_fn
+from .checkpoint import CheckpointMismatchError, ClassifierSizeError, checkpoint_filter_fn
 from .model import SHViT
 from .variants import VARIANT_STATS, VARIANTS
 
@@ -124,8 +124,14 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
     except Exception as e:
         if not pretrained or not _raised_while_loading(e):
             raise
+        if isinstance(e, ClassifierSizeError):  # its message says what to pass
+            raise RuntimeError(f'Could not load pretrained weights for {variant} from {source}: {e}') from e
         if isinstance(e, CheckpointMismatchError):
             fix = 'use the entrypoint of the variant the checkpoint holds, or a checkpoint of ' + variant
+        elif 'weights_only=True blocked' in str(e):
+            fix = ('the file pickles Python objects other than tensors (named above), which are not loaded because '
+                   'unpickling them can run code; if you trust the file, pass its tensors instead: '
+                   'pretrained_cfg_overlay=dict(state_dict=torch.load(path, weights_only=False)["model"])')
         elif source.startswith('url '):  # the official release file (GitHub): not on the Hub under this tag
             fix = (f'if the file is missing (offline or empty cache), download {source[4:]} once and pass '
                    f'pretrained_cfg_overlay=dict(file="/path/to/{variant}.pth"); if it is corrupt or truncated, '

@@ -193,6 +193,30 @@ def test_force_never_replaces_the_folder_holding_the_source_nor_a_file(shvit_off
     assert afile.read_text() == "mine"
 
 
+def test_a_file_pickling_more_than_tensors_is_named_as_such_not_corrupt(shvit_official, tmp_path, capsys):
+    import numpy as np
+    model, _ = shvit_official
+    src = tmp_path / "with_numpy.pth"
+    torch.save({"model": model.state_dict(), "best_acc": np.float64(72.8)}, src)
+    assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(tmp_path / "out"), "--no-flops"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "it pickles Python objects other than tensors (numpy." in err and "corrupt" not in err
+    assert "weights_only=False" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("num_classes", ["10", "0"])
+def test_num_classes_unlike_the_checkpoint_says_which_to_pass(shvit_official, tmp_path, capsys, num_classes):
+    _, src = shvit_official
+    assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(tmp_path / "out"), "--num-classes",
+                 num_classes, "--no-flops"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"classifier (head.l) has 1000 outputs, the model's {num_classes}" in err and "--num-classes 1000" in err
+    assert "another model" not in err and "..." not in err
+    assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(tmp_path / "out"), "--num-classes",
+                 "-3", "--no-flops"]) == 1
+    assert "must be a whole number >= 0" in capsys.readouterr().err
+
+
 def test_another_models_checkpoint_fails_and_leaves_nothing(shvit_official, tmp_path, capsys):
     _, src = shvit_official
     out = tmp_path / "out"

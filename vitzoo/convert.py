@@ -421,6 +421,10 @@ def convert_checkpoint(
 
     from vitzoo.models import resolve_name
 
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 0):
+        raise ValueError(f"num_classes (--num-classes) must be a whole number >= 0 (the checkpoint's classifier "
+                         f"size), got {num_classes!r}.")
     model, _, name_tag = model_name.partition(".")
     resolve_name(model)  # an unknown architecture: UnknownModelError with the closest names, before any work
     # also: the current folder, a mount point, or a folder holding the source cannot be replaced
@@ -461,7 +465,9 @@ def convert_checkpoint(
         except WeightsError:
             raise
         except RuntimeError as e:  # e.g. a truncated legacy torch.save file (only loading it can tell)
-            raise CorruptWeightsError(f"{str(e).splitlines()[0]} Check the file, or download it again.") from e
+            first = str(e).splitlines()[0]
+            advice = "" if "download it again" in first or "To fix" in first else " Check the file, or download it again."
+            raise CorruptWeightsError(f"{first}{advice}") from e
         steps.update()
         params = sum(p.numel() for p in source_model.parameters())
         if expected is None and not _params_match(entry, params):

@@ -335,22 +335,41 @@ def load_pretrained_model(name: str, **kwargs: Any) -> torch.nn.Module:
         return timm.create_model(name, pretrained=True, **kwargs)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as e:
         kind = _classify(e)
+        if kind == "classifier":
+            raise WeightsError(f"The pretrained weights from {location} do not fit '{name}': {_innermost(e)}") from e
         if kind == "mismatch":
             raise WeightsError(
                 f"The pretrained weights from {location} do not fit '{name}' (are they weights of another model or "
                 f"variant?): {_shorten(str(e))}"
             ) from e
+        if kind == "unsafe":
+            raise WeightsError(_unsafe_pickle_message(location, e)) from e
         if kind == "corrupt":
             raise CorruptWeightsError(f"{location} is corrupt or truncated: {_shorten(str(e))}") from e
         raise
 
 
+def _unsafe_pickle_message(location: str, error: BaseException) -> str:
+    found = re.search(r"(?:Unsupported globals?:?|GLOBAL) ([\w., ]+?)(?: was|\. |,? which|$)", str(error))
+    named = f" ({found.group(1).strip()})" if found else ""
+    return (f"{location} is not a plain checkpoint: it pickles Python objects other than tensors{named}, which are "
+            "not loaded because unpickling them can run code. If you trust the file, re-save only its tensors, e.g. "
+            f"torch.save(torch.load('{location}', weights_only=False)['model'], 'clean.pth') (for a whole pickled "
+            "model: its .state_dict()), and use clean.pth.")
+
+
 def _classify(error: BaseException) -> Optional[str]:
-    """'mismatch' (weights of another model), 'corrupt' (unreadable file) or None, looking down the cause chain."""
+    """'classifier' (a classifier of another size), 'mismatch' (weights of another model), 'unsafe' (a file that pickles more than tensors), 'corrupt'
+    (unreadable file) or None, looking down the cause chain."""
     while error is not None:
         text = str(error)
+        if type(error).__name__ == "ClassifierSizeError":
+            return "classifier"
         if type(error).__name__ == "CheckpointMismatchError" or "loading state_dict" in text:
             return "mismatch"
+        if "weights_only=True blocked" in text or text.startswith("Refusing to load") or (
+                isinstance(error, pickle.UnpicklingError) and "Unsupported global" in text):
+            return "unsafe"
         if isinstance(error, (pickle.UnpicklingError, EOFError, zipfile.BadZipFile)) or \
                 type(error).__name__ == "SafetensorError" or "PytorchStreamReader" in text:
             return "corrupt"
@@ -358,6 +377,16 @@ def _classify(error: BaseException) -> Optional[str]:
     return None
 
 
+def _innermost(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return str(error)
+
+
 def _shorten(message: str, limit: int = 600) -> str:
+    """One line of at most about ``limit`` characters; the middle goes, so the advice at the end stays."""
     message = " ".join(message.split())
-    return message if len(message) <= limit else message[:limit] + " ..."
+    if len(message) <= limit:
+        return message
+    head = limit * 2 // 3
+    return message[:head] + " ... " + message[-(limit - head):]
