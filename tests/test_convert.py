@@ -217,6 +217,14 @@ def test_num_classes_unlike_the_checkpoint_says_which_to_pass(shvit_official, tm
     assert "must be a whole number >= 0" in capsys.readouterr().err
 
 
+def test_unreachable_source_url_is_named(tmp_path, capsys):
+    url = "http://127.0.0.1:9/shvit_s1.pth"  # loopback discard port: refused at once, no network involved
+    assert main(["convert", url, "--model", "shvit_s1", "--out", str(tmp_path / "out"), "--no-flops"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"vitzoo convert: error: Could not download {url}: URLError") and "offline" in err
+    assert os.listdir(tmp_path) == []
+
+
 def test_another_models_checkpoint_fails_and_leaves_nothing(shvit_official, tmp_path, capsys):
     _, src = shvit_official
     out = tmp_path / "out"

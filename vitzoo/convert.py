@@ -365,7 +365,12 @@ def _count_flops(model: torch.nn.Module) -> Optional[int]:
 def _fetch_source(src: str, workdir: Path) -> Path:
     if src.startswith(("http://", "https://")):
         dst = workdir / Path(src.split("?")[0]).name
-        torch.hub.download_url_to_file(src, str(dst), progress=True)
+        try:
+            torch.hub.download_url_to_file(src, str(dst), progress=True)
+        except OSError as e:  # URLError / HTTPError / timeouts: say which URL, and the offline alternative
+            raise MissingWeightsError(
+                f"Could not download {src}: {type(e).__name__}: {e}. If this machine is offline, download the file "
+                "elsewhere and convert the local copy (vitzoo convert PATH ...).") from e
         return dst
     path = Path(src)
     if path.is_dir():
