@@ -69,6 +69,24 @@ def test_push_refuses_an_unverifiable_folder(hub, converted, tmp_path, capsys):
     assert "lacks ['README.md']" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("where", ["README.md", "config.json"])
+def test_push_refuses_a_folder_whose_licence_was_changed(hub, converted, tmp_path, capsys, where):
+    """The weights keep their source's licence: a card or config claiming another one is not uploaded."""
+    _, folder = converted
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for name in ("config.json", "README.md", "model.safetensors"):
+        (changed / name).write_bytes((folder / name).read_bytes())
+    text = (changed / where).read_text()
+    assert "license: mit" in text or '"license": "mit"' in text
+    (changed / where).write_text(text.replace("license: mit", "license: apache-2.0", 1)
+                                 .replace('"license": "mit"', '"license": "apache-2.0"', 1))
+    assert main(["push", str(changed), "--repo", "me/changed"]) == 1
+    err = capsys.readouterr().err
+    assert "metadata says license 'mit'" in err and "'apache-2.0'" in err
+    assert hub.requests == [] and hub.repos == {}
+
+
 def test_push_rejects_bad_repo_id(converted, capsys):
     assert main(["push", str(converted[1]), "--repo", "no-slash"]) == 1
     assert "org/name" in capsys.readouterr().err

@@ -112,7 +112,37 @@ def _read_folder(folder: Path) -> Tuple[Dict[str, str], Dict[str, Any]]:
                                     "convert it again.") from e
         if config.get("model_args", {}).get("dims") != dims:
             raise VerificationError(f"{folder}: config.json model_args.dims differs from the weights' nvit_dims.")
+    _check_license(folder, metadata["license"], config)
     return metadata, config
+
+
+def _card_license(card: str) -> Optional[str]:
+    """The ``license:`` field of a model card's YAML front matter (None without one)."""
+    lines = card.splitlines()
+    if not lines or lines[0].strip() != "---":
+        return None
+    for line in lines[1:]:
+        if line.strip() == "---":
+            return None
+        key, _, value = line.partition(":")
+        if key.strip() == "license":
+            return value.strip().strip("'\"") or None
+    return None
+
+
+def _check_license(folder: Path, license: str, config: Dict[str, Any]) -> None:
+    """The licence travels in three places (weights' metadata, config.json, the card's front matter): they must
+    agree. Weights of an owner's own training (metadata ``other``) leave the card's licence for the owner to state."""
+    if license == OWNERS_LICENSE:
+        return
+    places = {"config.json pretrained_cfg.license": (config.get("pretrained_cfg") or {}).get("license"),
+              "README.md license:": _card_license((folder / "README.md").read_text(encoding="utf-8", errors="replace"))}
+    differ = [f"{where} is {value!r}" for where, value in places.items() if value != license]
+    if differ:
+        raise VerificationError(
+            f"{folder}: the weights' metadata says license {license!r} (that of the source weights), but "
+            f"{' and '.join(differ)}; the weights keep their source's licence: convert them again, or put "
+            f"{license!r} back.")
 
 
 # what config.json must hold (timm's format as `save_config_for_hf` writes it) and how to describe the types
