@@ -98,6 +98,11 @@ def describe_foreign_checkpoint(state_dict: Mapping[str, Any]) -> Optional[str]:
     return None
 
 
+def _as_foreign(description: str) -> str:
+    """``describe_foreign_checkpoint``'s words, ending in "not an NViT checkpoint" once."""
+    return description if description.startswith('not ') else f'{description}, not an NViT checkpoint'
+
+
 def _looks_like_timm_vit(state_dict: Mapping[str, Any]) -> bool:
     return not is_official_layout(state_dict) and not any(k.endswith('attn.token_mask') for k in state_dict)
 
@@ -226,7 +231,7 @@ def _finish(
 ) -> Tuple[StateDict, Optional[NViTDims], Dict[str, str]]:
     foreign = describe_foreign_checkpoint(sd)
     if foreign is not None:
-        raise ValueError(f'{path} is {foreign}, not an NViT checkpoint.')
+        raise ValueError(f'{path} is {_as_foreign(foreign)}.')
     sd = convert_official(sd)
     if dims is not None:
         check_dims_match(dims, sd)
@@ -269,7 +274,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: torch.nn.Module) 
         state_dict = state_dict['model']
     foreign = describe_foreign_checkpoint(state_dict)
     if foreign is not None:
-        raise ValueError(f'This is {foreign}, not an NViT checkpoint.')
+        raise ValueError(f'This is {_as_foreign(foreign)}.')
     out = convert_official(state_dict)
     _check_distilled(out, model)
     grid = list(model.patch_embed.grid_size)

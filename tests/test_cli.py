@@ -60,3 +60,11 @@ def test_hub_retry_chatter_is_kept_out_of_the_commands(monkeypatch, capsys, capl
         assert main(["export", "shvit_s1"]) == 0
     assert "Retrying" not in caplog.text + capsys.readouterr().err
     assert logging.getLogger("huggingface_hub").level == before  # restored for library use
+
+
+@pytest.mark.parametrize("command", ["compare", "convert", "push"])
+def test_help_descriptions_are_plain_text(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert f"vitzoo {command}: " in out and "``" not in out

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from vitzoo.flops import count_flops
 from vitzoo.models import DEFAULT_MODELS, PAPER_NUMBERS, UnknownModelError, create, resolve_name
-from vitzoo.messages import first_line
+from vitzoo.messages import first_line, help_description
 from vitzoo.speed import measure
 
 __all__ = ["compare", "machine_info", "format_rows", "register", "run"]
@@ -382,7 +382,7 @@ def format_rows(rows: List[Dict[str, Any]], fmt: str) -> str:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``compare`` sub-command."""
     p = subparsers.add_parser("compare", help="compare models by FLOPs, params and measured speed",
-                              description=__doc__.split("\n\n")[0])
+                              description=help_description(__doc__))
     p.add_argument("models", nargs="*", metavar="MODEL",
                    help="timm model names, optionally with a pretrained tag, or weights folders (local-dir:PATH, "
                         "hf-hub:org/name); default: the zoo and its rivals")

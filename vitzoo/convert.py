@@ -38,6 +38,7 @@ from .hub import (
 )
 from .atomic import _naming_target, check_output_dir
 from .manifest import Manifest, WeightEntry, family_of, load_manifest
+from .messages import help_description
 from .model_card import card_fields, render_card
 
 __all__ = ["HUB_FILES", "VerificationError", "VerifyReport", "convert_checkpoint", "verify_folder", "register", "run"]
@@ -508,9 +509,9 @@ def convert_checkpoint(
         if expected is None and not _params_match(entry, params):
             # not verified by a hash, and not the size of the release either (NViT-B's file converted as nvit_s):
             # the card must not claim the release's source and metrics
-            print(f"note: {src} has {params / 1e6:.2f}M parameters, not the {entry.metrics['params'] / 1e6:.3g}M "
-                  f"reported for {entry.name}; it is converted as {model}.converted, without the release's metrics.",
-                  file=sys.stderr)
+            tqdm.write(f"note: {src} has {params / 1e6:.2f}M parameters, not the {entry.metrics['params'] / 1e6:.3g}M "
+                       f"reported for {entry.name}; it is converted as {model}.converted, without the release's "
+                       "metrics.", file=sys.stderr)
             entry = _entry_for(manifest, model, "converted", source_name)
 
         metadata = {"format": "pt", "model": model, "tag": entry.tag, "source": source_name,
@@ -552,7 +553,7 @@ def convert_checkpoint(
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``convert`` sub-command."""
     p = subparsers.add_parser(NAME, help="convert a checkpoint into a verified Hub-ready folder",
-                              description=__doc__.split("\n\n")[0])
+                              description=help_description(__doc__))
     p.add_argument("src", help="checkpoint file or http(s) URL (e.g. an official release file)")
     p.add_argument("--model", required=True, help="architecture, e.g. shvit_s1 or nvit_b")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")

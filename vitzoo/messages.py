@@ -1,7 +1,7 @@
-"""One-line error messages for the command line: the first line of what a library raised."""
+"""Text for the command line: one-line error messages, and help texts from docstrings."""
 from __future__ import annotations
 
-__all__ = ["first_line"]
+__all__ = ["first_line", "help_description"]
 
 
 def first_line(error: BaseException) -> str:
@@ -11,3 +11,8 @@ def first_line(error: BaseException) -> str:
     """
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else ""
+
+
+def help_description(doc: str) -> str:
+    """A module docstring's first paragraph as ``--help`` shows it: without reStructuredText's double backquotes."""
+    return " ".join(doc.split("\n\n")[0].replace("``", "").split())

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .convert import HUB_FILES, VerificationError, verify_folder
+from .messages import help_description
 
 __all__ = ["push_folder", "register", "run"]
 
@@ -71,7 +72,7 @@ def push_folder(
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``push`` sub-command."""
     p = subparsers.add_parser(NAME, help="verify a converted folder and upload it to the Hugging Face Hub",
-                              description=__doc__.split("\n\n")[0])
+                              description=help_description(__doc__))
     p.add_argument("folder", help="folder written by `vitzoo convert`")
     p.add_argument("--repo", required=True, help="Hub repo, org/name")
     p.add_argument("--private", action="store_true", help="create the repo as private")
