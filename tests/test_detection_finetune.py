@@ -100,7 +100,22 @@ def test_cli_reports_a_backbone_it_cannot_build(data, tmp_path, capsys):
     assert main(base + ['--out', str(tmp_path / 'd'), '--backbone', 'resnet18', '--backbone-weights', str(text)]) == 2
     err = capsys.readouterr().err
     assert 'neither a safetensors file nor a torch.save archive' in err and 'weights_only=False' not in err
-    assert not any((tmp_path / d).exists() for d in 'abcd')  # nothing written for a run that could not start
+    # another model's checkpoint: one line with advice that applies to the command (before: 2-5 lines ending in
+    # "To fix: ...; or use pretrained=False.", or torch's whole list of missing and unexpected keys)
+    import timm
+    from safetensors.torch import save_file
+    for other in ('resnet18', 'shvit_s1'):
+        save_file(timm.create_model(other).state_dict(), str(tmp_path / f'{other}.safetensors'))
+    for backbone, weights in (('shvit_s1', 'resnet18.safetensors'), ('resnet18', 'shvit_s1.safetensors')):
+        assert main(base + ['--out', str(tmp_path / 'e'), '--backbone', backbone, '--backbone-weights',
+                            str(tmp_path / weights)]) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and 'pretrained' not in err and 'To fix' not in err, err
+        assert err.startswith(f"vitzoo finetune-det: error: could not load {tmp_path / weights} into backbone "
+                              f"'{backbone}': ") and len(err) < 800, err
+        assert err.endswith(f'the file must hold {backbone} weights (with or without its classifier), or choose '
+                            'the backbone it was saved from.\n'), err
+    assert not any((tmp_path / d).exists() for d in 'abcde')  # nothing written for a run that could not start
 
 
 def test_existing_run_is_never_replaced_unasked(data, tmp_path, capsys):

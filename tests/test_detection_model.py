@@ -248,6 +248,54 @@ def test_frozen_stages_freeze_the_whole_stem_of_timm_cnns(name, stem):
     assert frozen[2] > stem
 
 
+@pytest.mark.parametrize('name, stem', [
+    (TOKEN_MODEL, {'cls_token', 'dist_token', 'pos_embed', 'patch_embed.proj.weight', 'patch_embed.proj.bias'}),
+    ('deit_tiny_patch16_224', {'cls_token', 'pos_embed', 'patch_embed.proj.weight', 'patch_embed.proj.bias'}),
+])
+def test_frozen_stages_zero_freezes_only_the_stem_of_token_models(name, stem):
+    """Found by an audit: frozen_stages=0 also froze blocks.0 (a ViT block holds no Sequential / ModuleList, so it
+    was taken for a single stem layer), i.e. 0 and 1 froze the same parameters."""
+    frozen = {}
+    for stages in (0, 1):
+        bb = build_backbone(name, 'retinanet', frozen_stages=stages, out_channels=16)
+        frozen[stages] = {n for n, p in bb.body.named_parameters() if not p.requires_grad}
+    assert frozen[0] == stem
+    assert frozen[1] == stem | {n for n, _ in bb.body.named_parameters() if n.startswith('blocks.0.')}
+
+
+@pytest.mark.parametrize('name', ['shvit_s1', TOKEN_MODEL])
+def test_backbone_checkpoint_without_classifier_loads_strictly(tmp_path, name):
+    """Found by an audit: a checkpoint saved from timm.create_model(name, num_classes=0), or with its head.* keys
+    removed, was refused (missing head keys) although the detector drops the head anyway."""
+    src = timm.create_model(name, num_classes=0)
+    for p in src.parameters():
+        torch.nn.init.normal_(p)
+    expected = {k: v.clone() for k, v in src.state_dict().items()}
+    full = timm.create_model(name)
+    headless = {k: v for k, v in full.state_dict().items() if not k.startswith(('head.', 'head_dist.'))}
+    save_file(expected, str(tmp_path / 'nc0.safetensors'))
+    save_file({k: v.contiguous() for k, v in headless.items()}, str(tmp_path / 'nohead.safetensors'))
+    bb = build_backbone(name, 'retinanet', weights=tmp_path / 'nc0.safetensors', out_channels=16)
+    body = bb.body.state_dict()
+    assert body and set(body) <= set(expected)
+    for k, v in body.items():
+        assert torch.equal(v, expected[k]), k
+    bb = build_backbone(name, 'retinanet', weights=tmp_path / 'nohead.safetensors', out_channels=16)
+    for k, v in bb.body.state_dict().items():
+        assert torch.equal(v, headless[k]), k
+    # still strict for the body: a missing body key is an error, named, in one line without Python-only advice
+    weights = [k for k in expected if k.endswith('.weight')]
+    gone = weights[len(weights) // 2]
+    save_file({k: v for k, v in expected.items() if k != gone}, str(tmp_path / 'partial.safetensors'))
+    with pytest.raises(RuntimeError) as info:
+        build_backbone(name, 'retinanet', weights=tmp_path / 'partial.safetensors')
+    message = str(info.value)
+    assert gone in message and '\n' not in message and 'pretrained=False' not in message, message
+    assert message.startswith(f"could not load {tmp_path / 'partial.safetensors'} into backbone '{name}': ")
+    assert message.endswith(f'the file must hold {name} weights (with or without its classifier), or choose the '
+                            'backbone it was saved from.')
+
+
 def test_backbone_checkpoint_of_another_class_count_loads_strictly(tmp_path):
     """A classifier fine-tuned on 10 classes: loaded in full (the head then dropped), not refused or partly loaded."""
     src = timm.create_model('resnet18', num_classes=10)

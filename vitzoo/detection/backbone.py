@@ -12,6 +12,7 @@ The result, :class:`DetectionBackbone`, has ``out_channels`` and returns an orde
 stride (``p2`` = 4 ... ``p7`` = 128), which is what torchvision's detectors expect.
 """
 import logging
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -71,12 +72,13 @@ def create_body(
         try:  # a file that is no checkpoint at all is named as such, before timm's loader words it its own way
             validate_weights_file(weights)
         except WeightsError as e:
-            raise BackboneError(f'could not load {weights} into backbone {name!r}: {e}') from e
+            raise BackboneError(f'could not load {weights} into backbone {name!r}: {_one_line(e, weights)}') from e
         kwargs['pretrained_cfg_overlay'] = dict(file=str(weights))
         classes = None if 'num_classes' in kwargs else _checkpoint_classes(name, weights)
         if classes is not None:
             # a classifier fine-tuned on other classes: build the model with that head, so that timm's load stays
-            # strict (it loads non-strictly when the class counts differ); the detector drops the head anyway
+            # strict (it loads non-strictly when the class counts differ); a checkpoint without a classifier (0):
+            # build the model without one, strict as well. The detector drops the head anyway
             kwargs['num_classes'] = classes
             kwargs['pretrained_cfg_overlay']['num_classes'] = classes
         pretrained = True
@@ -85,27 +87,61 @@ def create_body(
         if getattr(model, 'dynamic_img_size', None) is False and 'dynamic_img_size' not in kwargs:
             # token models must accept any detection input size
             model = timm.create_model(name, pretrained=pretrained, dynamic_img_size=True, **kwargs)
-    except (RuntimeError, ValueError, TypeError) as e:
+    except (RuntimeError, ValueError, TypeError, OSError) as e:  # OSError: a download that fails (offline)
+        if isinstance(e, OSError) and not pretrained:
+            raise
+        if weights is not None:
+            raise BackboneError(
+                f'could not load {weights} into backbone {name!r}: {_one_line(e, weights)}; the file must hold '
+                f'{name} weights (with or without its classifier), or choose the backbone it was saved from.') from e
         if pretrained:
-            source = weights if weights is not None else 'the default pretrained weights'
-            raise BackboneError(f'could not load {source} into backbone {name!r}: {e}') from e
-        raise BackboneError(f'cannot build backbone {name!r}: {e}') from e
+            raise BackboneError(f'could not load the default pretrained weights into backbone {name!r}: '
+                                f'{_one_line(e)}') from e
+        raise BackboneError(f'cannot build backbone {name!r}: {_one_line(e)}') from e
     return model
 
 
+_KEY_LIST = re.compile(r'(Missing|Unexpected) key\(s\) in state_dict: (.*)')
+
+
+def _one_line(error: BaseException, weights: Optional[Path] = None) -> str:
+    """The reason of a build / load error in one line: torch's key lists summarised (counts and a few names), the
+    first line of other messages (later lines hold advice for Python callers), a repeated mention of ``weights``
+    dropped."""
+    text = str(error).strip()
+    if 'Error(s) in loading state_dict' in text:
+        parts = []
+        for kind, keys in _KEY_LIST.findall(text):
+            names = re.findall(r'"([^"]+)"', keys)
+            parts.append(f'{len(names)} {kind.lower()} keys (e.g. {", ".join(names[:3])})')
+        reshaped = re.findall(r'size mismatch for ([^:\s]+):', text)
+        if reshaped:
+            parts.append(f'{len(reshaped)} keys of another shape (e.g. {", ".join(reshaped[:3])})')
+        if parts:
+            return '; '.join(parts)
+    line = text.splitlines()[0].strip() if text else type(error).__name__
+    if weights is not None and f'{weights}: ' in line:  # "Could not load ... from file FILE: reason"
+        line = line.split(f'{weights}: ', 1)[1]
+    return line.rstrip('.')
+
+
 def _checkpoint_classes(name: str, weights: Path) -> Optional[int]:
-    """The class count of ``weights``' classifier when it differs from the model's pretrained cfg, else None."""
+    """The class count of ``weights``' classifier when it differs from the model's pretrained cfg, 0 when the
+    checkpoint holds no classifier (saved with ``num_classes=0`` or with its head removed), else None."""
     arch, tag = resolve_name(name)
     cfg = timm.models.get_pretrained_cfg(f'{arch}.{tag}' if tag else arch)
     if cfg is None or not cfg.classifier:
         return None
     state_dict = timm.models.load_state_dict(str(weights))
     names = (cfg.classifier,) if isinstance(cfg.classifier, str) else tuple(cfg.classifier)
+    found = False
     for classifier in names:
         weight = state_dict.get(classifier + '.weight')
-        if isinstance(weight, torch.Tensor) and weight.dim() >= 1 and weight.shape[0] != cfg.num_classes:
-            return int(weight.shape[0])
-    return None
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 1:
+            found = True
+            if weight.shape[0] != cfg.num_classes:
+                return int(weight.shape[0])
+    return None if found else 0
 
 
 def _feature_levels(model: nn.Module) -> tuple:
@@ -199,7 +235,10 @@ class DetectionBackbone(nn.Module):
         # stage i ends at the last parameter of feature_info[i]'s module, or, for a module without parameters (a
         # ResNet's first feature point is its stem activation `act1`), at the last parameter registered before it
         ends = [_end_of_module(names, self.body, m) for m in self.stage_modules]
-        if frozen_stages == 0 and not _is_stem_layer(self.body.get_submodule(self.stage_modules[0])):
+        # token models: every feature point is a block (blocks.0, ...), never a stem layer, even when the block holds
+        # no Sequential / ModuleList (a ViT block does not)
+        first_is_stage = self.is_token_model or not _is_stem_layer(self.body.get_submodule(self.stage_modules[0]))
+        if frozen_stages == 0 and first_is_stage:
             first = self.stage_modules[0] + '.'  # stem: everything before the first stage's own parameters
             end = next((i for i, n in enumerate(names) if n.startswith(first)), ends[0])
         elif frozen_stages == 0:  # the first feature point is the stem's own output (ResNet act1, MobileNetV3 bn1)

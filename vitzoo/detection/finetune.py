@@ -70,8 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
     p.add_argument('--out', default='runs/finetune-det', help='output folder (checkpoints, log.jsonl)')
     p.add_argument('--force', action='store_true',
-                   help='start afresh in an --out folder that already holds a run (a checkpoint, a non-empty log or '
-                        'final weights): those files are removed when training starts')
+                   help='start afresh, or from another run\'s --resume CKPT, in an --out folder that already holds '
+                        'a run (a checkpoint, a non-empty log or final weights): those files are removed when '
+                        'training starts')
     p.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CKPT',
                    help=f'continue from CKPT (default: OUT/{LAST})')
     p.add_argument('--checkpoint-every', type=int, default=500, help='iterations between checkpoints (0: epoch ends)')
