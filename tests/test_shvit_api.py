@@ -133,6 +133,10 @@ def test_forward_head_and_reset_classifier():
     assert m(x.double()).shape == (2, 320, 1, 1)
     with pytest.raises(ValueError, match='pooled width'):
         m.reset_classifier(5, 'catavgmax')
+    with pytest.raises(ValueError, match="unknown global_pool='token'"):  # timm's SHViT: a bare AssertionError
+        m.reset_classifier(5, 'token')
+    with pytest.raises(ValueError, match="unknown global_pool='token'"):
+        timm.create_model('shvit_s1', global_pool='token')
     # a head and no pooling asked for together: a clear error (timm's own SHViT fails in BatchNorm1d at the first
     # forward), and the model is left as it was
     with pytest.raises(ValueError, match=r"head \(5 classes\) needs pooled features.*num_classes=0"):
