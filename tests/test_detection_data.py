@@ -87,6 +87,13 @@ def _set(path, value):
     (_set(('annotations', 0, 'segmentation'), [[1, 2, 3]]), DatasetError, r'annotation id 1 .*polygon'),
     (_set(('images', 0, 'width'), None), DatasetError, r"images\[0\]: missing field\(s\) \['width'\]"),
     (_set(('categories',), []), DatasetError, r'"categories" is empty'),
+    # found by an audit: boxes that collapse to zero width in float32 once clamped passed, then training died with
+    # torchvision's "All bounding boxes should have positive height and width"
+    (_set(('annotations', 0, 'bbox'), [70, 10, 1e-6, 30]), DatasetError,
+     r'annotation id 1 \(image id 1\): bbox \[70, 10, 1e-06, 30\] is 0 x 30 pixels once clamped to the 80x64 image '
+     r'in float32, as training uses it; a box needs at least 3.1e-05 pixels each way'),
+    (_set(('annotations', 0, 'bbox'), [79.99999999, 10, 5, 30]), DatasetError,
+     r'annotation id 1 \(image id 1\): bbox \[79.99999999, 10, 5, 30\] is 0 x 30 pixels once clamped'),
 ])
 def test_bad_data_is_reported_with_file_and_entry(shapes, tmp_path, edit, error, match):
     root = _write(shapes, tmp_path, edit)
@@ -142,6 +149,42 @@ def test_coco_evaluation_against_oracle(shapes):
     # IoU 2/3 for every box: a hit at the thresholds 0.50, 0.55, 0.60, 0.65 and a miss at 0.70 ... 0.95
     assert shifted['bbox']['AP50'] == pytest.approx(1.0) and shifted['bbox']['AP75'] == pytest.approx(0.0)
     assert shifted['bbox']['AP'] == pytest.approx(0.4)
+
+
+def test_thinnest_accepted_box_stays_positive_when_flipped_and_resized(shapes, tmp_path):
+    """The least box size the validation asks for (4 float32 steps at the image's larger side) is enough for a
+    horizontal flip and torchvision's resize to keep a positive width (torchvision refuses other targets)."""
+    from torchvision.models.detection.transform import resize_boxes
+    step = float(torch.finfo(torch.float32).eps) * 64  # one float32 step at 64..128: the 80x64 image's larger side
+    root = _write(shapes, tmp_path, _set(('annotations', 0, 'bbox'), [80 - 4 * step, 10, 4 * step, 30]))
+    ds = CocoDetectionFolder(root, 'train')
+    image, target = ds[0]
+    for im, t in ((image, target), hflip(image, target)):
+        box = t['boxes'][:1]
+        assert (box[:, 2:] > box[:, :2]).all(), box
+        for size in ((13, 17), (64, 80), (800, 1000), (1333, 1667), (100000, 125000)):
+            resized = resize_boxes(box, (64, 80), size)
+            assert (resized[:, 2:] > resized[:, :2]).all(), (size, resized)
+    root = _write(shapes, tmp_path / 'b', _set(('annotations', 0, 'bbox'), [80 - 3 * step, 10, 3 * step, 30]))
+    with pytest.raises(DatasetError, match='once clamped'):
+        CocoDetectionFolder(root, 'train')
+
+
+def test_evaluation_ground_truth_is_the_clamped_box(shapes, tmp_path):
+    """Found by an audit: training clamps a box that sticks out of its image, the evaluation ground truth did not, so
+    an oracle returning the training targets scored AP 0.667 instead of 1 (and the size range used the outer box's
+    area)."""
+    def edit(data):
+        data['annotations'][0]['bbox'] = [60, 10, 60, 30]  # 80x64 image: 20 of its 60 pixels inside
+        del data['annotations'][0]['area']
+    root = _write(shapes, tmp_path, edit)
+    ds = CocoDetectionFolder(root, 'train')
+    gt = {a['id']: a for a in ds.coco_dict()['annotations']}
+    assert gt[1]['bbox'] == [60, 10, 20, 30] and gt[1]['area'] == 600  # not 1800 (medium): a small object
+    assert gt[2]['area'] == json.loads((shapes / 'annotations' / 'instances_train.json').read_text())[
+        'annotations'][1]['area']  # an area the JSON gives is kept
+    stats = evaluate_coco(_Oracle(ds), ds, progress=False)['bbox']
+    assert stats['AP'] == pytest.approx(1.0) and stats['APs'] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize('edit,match', [

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import Dataset
 from PIL import Image
 
-__all__ = ['CocoDetectionFolder', 'DatasetError', 'annotation_path', 'collate_detection', 'hflip', 'load_coco_json',
-           'worker_error_message']
+__all__ = ['CocoDetectionFolder', 'DatasetError', 'annotation_path', 'boxes_as_trained', 'collate_detection', 'hflip',
+           'load_coco_json', 'worker_error_message']
 
 
 class DatasetError(ValueError):
@@ -174,6 +174,26 @@ def _file_name(v: Any) -> bool:
     return isinstance(v, str) and v.strip() != '' and '\0' not in v
 
 
+def boxes_as_trained(bboxes: Any, widths: Any, heights: Any) -> np.ndarray:
+    """COCO ``[x, y, w, h]`` boxes as training uses them: float32 ``[x1, y1, x2, y2]`` clamped to their image.
+
+    The one computation behind the training targets, the evaluation ground truth and the validation of degenerate
+    boxes, so that the three agree to the last bit.
+
+    Args:
+        bboxes: ``N`` boxes ``[x, y, w, h]`` (pixels).
+        widths: Width of each box's image (one number, or ``N``).
+        heights: Height of each box's image.
+    """
+    b = np.asarray(bboxes, dtype=np.float32).reshape(-1, 4)
+    xyxy = np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], axis=1)
+    w = np.asarray(widths, dtype=np.float32).reshape(-1)
+    h = np.asarray(heights, dtype=np.float32).reshape(-1)
+    xyxy[:, 0::2] = np.clip(xyxy[:, 0::2], 0, w[:, None])
+    xyxy[:, 1::2] = np.clip(xyxy[:, 1::2], 0, h[:, None])
+    return xyxy
+
+
 def load_coco_json(path: Path, image_dir: Path, require_masks: bool = False) -> Dict[str, Any]:
     """Read and validate a COCO annotation file.
 
@@ -183,7 +203,8 @@ def load_coco_json(path: Path, image_dir: Path, require_masks: bool = False) -> 
         require_masks: Every (non-crowd) annotation must carry a ``segmentation``.
 
     Returns:
-        The parsed dict, with ``area`` and ``iscrowd`` filled in where absent (pycocotools needs them).
+        The parsed dict, with ``area`` (of the box clamped to the image) and ``iscrowd`` filled in where absent
+        (pycocotools needs them).
 
     Raises:
         FileNotFoundError: the JSON or an image file does not exist.
@@ -255,13 +276,41 @@ def load_coco_json(path: Path, image_dir: Path, require_masks: bool = False) -> 
             raise DatasetError(f'{where}: bbox {box} lies outside the {img["width"]}x{img["height"]} image.')
         ann.setdefault('iscrowd', 0)
         _check_value(ann, 'iscrowd', lambda v: isinstance(v, int) and v in (0, 1), '0 or 1', where)
-        ann.setdefault('area', float(w * h))
-        _check_value(ann, 'area', lambda v: _is_number(v) and v >= 0, 'a non-negative number (pixels)', where)
+        if 'area' in ann:
+            _check_value(ann, 'area', lambda v: _is_number(v) and v >= 0, 'a non-negative number (pixels)', where)
         if require_masks and not ann['iscrowd']:
             _check_fields(ann, ('segmentation',), where)
         if 'segmentation' in ann and (require_masks or ann['segmentation']):
             _check_segmentation(ann['segmentation'], where, img['height'], img['width'])
+    _check_boxes_as_trained(data, images, path)
     return data
+
+
+def _check_boxes_as_trained(data: Dict[str, Any], images: Dict[Any, Dict[str, Any]], path: Path) -> None:
+    """Every box must keep a positive size as training uses it (float32, clamped to its image): ``[100, 10, 1e-6,
+    30]`` or ``x = 127.99999999`` in a 128-pixel-wide image collapse to zero width there, and torchvision refuses
+    such targets. Fills in the ``area`` of annotations without one, from that box."""
+    anns = data['annotations']
+    if not anns:
+        return
+    dims = np.array([(images[a['image_id']]['width'], images[a['image_id']]['height']) for a in anns])
+    xyxy = boxes_as_trained([a['bbox'] for a in anns], dims[:, 0], dims[:, 1])
+    size = xyxy[:, 2:] - xyxy[:, :2]
+    # 4 float32 steps at the image's larger side: enough for a horizontal flip (width - x) and any resize to keep
+    # the box positive
+    least = 4 * np.spacing(dims.max(axis=1).astype(np.float32))
+    bad = np.flatnonzero(size.min(axis=1) < least)
+    if bad.size:
+        i = int(bad[0])
+        ann, (width, height) = anns[i], dims[i]
+        raise DatasetError(
+            f'{path}: annotation id {ann["id"]} (image id {ann["image_id"]}): bbox {ann["bbox"]} is '
+            f'{float(size[i, 0]):g} x {float(size[i, 1]):g} pixels once clamped to the {width}x{height} image in '
+            f'float32, as training uses it; a box needs at least {float(least[i]):.2g} pixels each way (so that '
+            'flipping and resizing keep it positive): remove it or correct its size.')
+    for ann, (bw, bh) in zip(anns, size.astype(np.float64)):
+        if 'area' not in ann:
+            ann['area'] = float(bw * bh)
 
 
 def hflip(image: torch.Tensor, target: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -311,8 +360,20 @@ class CocoDetectionFolder(Dataset):
         return len(self.category_to_label)
 
     def coco_dict(self) -> Dict[str, Any]:
-        """A copy of the validated annotation dict (ground truth for pycocotools)."""
-        return copy.deepcopy(self.coco)
+        """A copy of the validated annotation dict, as ground truth for pycocotools: every ``bbox`` as it is trained
+        on and predicted (clamped to its image, float32 corners), so that a detector returning exactly the training
+        targets scores AP 1. ``area`` is kept where the JSON gives it (COCO: the mask's area), else the clamped
+        box's."""
+        gt = copy.deepcopy(self.coco)
+        anns = gt['annotations']
+        if anns:
+            sizes = {im['id']: (im['width'], im['height']) for im in gt['images']}
+            dims = np.array([sizes[a['image_id']] for a in anns])
+            xyxy = boxes_as_trained([a['bbox'] for a in anns], dims[:, 0], dims[:, 1])
+            xywh = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1)  # in float32, like predictions
+            for ann, box in zip(anns, xywh.tolist()):
+                ann['bbox'] = box
+        return gt
 
     def __len__(self) -> int:
         return len(self.images)
@@ -347,12 +408,8 @@ class CocoDetectionFolder(Dataset):
         image = self._load_image(info)
         h, w = info['height'], info['width']
         anns = [a for a in self.anns[info['id']] if not a['iscrowd']]
-        boxes = torch.tensor([a['bbox'] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
         target = {
-            'boxes': boxes,
+            'boxes': torch.from_numpy(boxes_as_trained([a['bbox'] for a in anns], w, h)),
             'labels': torch.tensor([self.category_to_label[a['category_id']] for a in anns], dtype=torch.int64),
             'image_id': torch.tensor(info['id']),
         }
