@@ -187,6 +187,73 @@ def test_evaluation_ground_truth_is_the_clamped_box(shapes, tmp_path):
     assert stats['AP'] == pytest.approx(1.0) and stats['APs'] == pytest.approx(1.0)
 
 
+def _one_square(tmp_path, size=200):
+    """A one-image dataset: a 60x60 square object (area 3600: medium) at (10, 10) in a size x size image."""
+    import numpy as np
+    from PIL import Image
+    root = tmp_path / 'square'
+    (root / 'annotations').mkdir(parents=True)
+    (root / 'val').mkdir()
+    Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(root / 'val' / 'a.png')
+    coco = dict(images=[dict(id=1, file_name='a.png', width=size, height=size)], categories=[dict(id=1, name='x')],
+                annotations=[dict(id=1, image_id=1, category_id=1, bbox=[10, 10, 60, 60],
+                                  segmentation=[[10, 10, 70, 10, 70, 70, 10, 70]], area=3600.0)])
+    (root / 'annotations' / 'instances_val.json').write_text(json.dumps(coco))
+    return CocoDetectionFolder(root, 'val', with_masks=True)
+
+
+class _Fixed(torch.nn.Module):
+    """Returns the same detections for every image."""
+
+    def __init__(self, **detections):
+        super().__init__()
+        self.detections = detections
+
+    def forward(self, images):
+        return [dict(self.detections) for _ in images]
+
+
+def test_segm_size_ranges_follow_the_mask_area(tmp_path):
+    """Found by an audit: segm results carried their box too, so pycocotools took their area from the box and a
+    small false positive mask in a medium box counted against APm."""
+    ds = _one_square(tmp_path)
+    _, target = ds[0]
+    fp_mask = torch.zeros(200, 200)
+    fp_mask[120:140, 120:140] = 1  # 20x20 = 400 pixels: a small object, in a 60x60 (medium) box
+    model = _Fixed(boxes=torch.cat([target['boxes'], torch.tensor([[100.0, 100.0, 160.0, 160.0]])]),
+                   labels=torch.tensor([1, 1]), scores=torch.tensor([0.5, 0.9]),
+                   masks=torch.stack([target['masks'][0].float(), fp_mask])[:, None])
+    segm = evaluate_coco(model, ds, progress=False)['segm']
+    # medium objects: the exact mask is the only medium detection, so APm is 1; all sizes: the higher-scored
+    # false positive comes first, precision 1/2 at recall 1, so AP is 0.5
+    assert segm['APm'] == pytest.approx(1.0) and segm['AP'] == pytest.approx(0.5)
+    assert segm['APs'] == -1 and segm['APl'] == -1  # no small / large ground truth
+
+
+def test_background_detections_are_left_out_of_the_evaluation(tmp_path):
+    """Found by an audit: a detection with label 0 (RetinaNet's background output) raised KeyError: 0."""
+    ds = _one_square(tmp_path)
+    _, target = ds[0]
+    model = _Fixed(boxes=torch.cat([target['boxes'], torch.tensor([[100.0, 100.0, 160.0, 160.0]])]),
+                   labels=torch.tensor([1, 0]), scores=torch.tensor([0.5, 0.9]))
+    assert evaluate_coco(model, ds, progress=False)['bbox']['AP'] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"image id 1: a detection has label 2, but the dataset's labels are 1..1"):
+        evaluate_coco(_Fixed(boxes=target['boxes'], labels=torch.tensor([2]), scores=torch.ones(1)), ds,
+                      progress=False)
+
+
+def test_no_detections_give_minus_one_where_there_is_no_ground_truth(tmp_path):
+    """Found by an audit: with no detections every statistic was 0.000, with one pycocotools gives -1 for the size
+    ranges without ground truth."""
+    ds = _one_square(tmp_path)
+    empty = _Fixed(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long), scores=torch.zeros(0),
+                   masks=torch.zeros(0, 1, 200, 200))
+    stats = evaluate_coco(empty, ds, progress=False)
+    # the one object is medium (3600 pixels): small and large have no ground truth
+    expected = dict(AP=0, AP50=0, AP75=0, APs=-1, APm=0, APl=-1, AR1=0, AR10=0, AR100=0, ARs=-1, ARm=0, ARl=-1)
+    assert stats == {'bbox': expected, 'segm': expected}
+
+
 @pytest.mark.parametrize('edit,match', [
     (_set(('images', 0, 'file_name'), 5),
      r'images\[0\] \(image id 1\): "file_name" must be a non-empty string .*, got 5 \(an integer\)'),

@@ -172,6 +172,19 @@ def test_anchor_and_roi_levels_follow_pyramid():
     assert ret.head.classification_head.num_classes == 3  # 2 categories + background label 0
 
 
+def test_retinanet_never_detects_the_background_label():
+    """Found by an audit: RetinaNet's head has an output for label 0 (background) and turned it into detections
+    (95 of 300 with score_thresh=0), which the evaluation could not map to a category."""
+    torch.manual_seed(0)
+    model = build_detector('retinanet', 'shvit_s1', 2, **_small('retinanet', score_thresh=0.0)).eval()
+    head = model.head.classification_head
+    with torch.no_grad():  # make the background output the highest score of every anchor
+        head.cls_logits.bias.view(-1, head.num_classes)[:, 0] = 10.0
+        out = model([torch.rand(3, 96, 128)])[0]
+    assert len(out['labels']) == 20 and set(out['labels'].tolist()) <= {1, 2}, out['labels']
+    assert len(out['boxes']) == len(out['scores']) == 20
+
+
 def test_frozen_stages_and_norm_eval():
     bb = build_backbone('shvit_s1', 'retinanet', frozen_stages=1, norm_eval=False, out_channels=16)
     frozen = {n for n, p in bb.body.named_parameters() if not p.requires_grad}

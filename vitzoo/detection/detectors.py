@@ -5,13 +5,16 @@ RoIAlign on p2..p5). Anchors follow MMDetection's defaults that the paper's conf
 with base size 4x the stride, R-CNN RPN one size of 8x the stride; aspect ratios 0.5/1/2.
 
 Class convention: ``num_classes`` counts the object categories; labels are ``1..num_classes`` and 0 is background
-(torchvision heads are built with ``num_classes + 1``).
+(torchvision heads are built with ``num_classes + 1``). RetinaNet's head thus has an output for label 0 that training
+only ever pushes down; :class:`ForegroundRetinaNet` never turns it into detections (the R-CNNs drop it themselves).
 """
 import inspect
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
+import torch
 import torch.nn as nn
+from torch import Tensor
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
@@ -19,7 +22,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from .backbone import DetectionBackbone, create_body
 from .fpn import level_name
 
-__all__ = ['DETECTOR_STRIDES', 'build_backbone', 'build_detector']
+__all__ = ['DETECTOR_STRIDES', 'ForegroundRetinaNet', 'build_backbone', 'build_detector']
 
 DETECTOR_STRIDES: Dict[str, Tuple[int, ...]] = {
     'retinanet': (8, 16, 32, 64, 128),
@@ -27,8 +30,28 @@ DETECTOR_STRIDES: Dict[str, Tuple[int, ...]] = {
     'maskrcnn': (4, 8, 16, 32, 64),
 }
 _ASPECT_RATIOS = (0.5, 1.0, 2.0)
-_CLASSES = {'retinanet': RetinaNet, 'fasterrcnn': FasterRCNN, 'maskrcnn': MaskRCNN}
 _TRANSFORM_KWARGS = {'size_divisible', 'fixed_size'}  # GeneralizedRCNNTransform options reached through **kwargs
+
+
+class ForegroundRetinaNet(RetinaNet):
+    """torchvision's RetinaNet whose detections never carry label 0 (background).
+
+    The classification head keeps its ``num_classes + 1`` outputs (same weights and checkpoints as ``RetinaNet``);
+    the background output is left out before the score threshold and the top-k selection, so it takes no place of a
+    real detection either (before, with a low ``score_thresh`` a third of the detections could be label 0).
+    """
+
+    def postprocess_detections(self, head_outputs: Dict[str, List[Tensor]], anchors: List[List[Tensor]],
+                               image_shapes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
+        head_outputs = dict(head_outputs)
+        head_outputs['cls_logits'] = [logits.index_fill(-1, torch.zeros(1, dtype=torch.long, device=logits.device),
+                                                        float('-inf')) for logits in head_outputs['cls_logits']]
+        detections = super().postprocess_detections(head_outputs, anchors, image_shapes)
+        # a score threshold below 0 would still let a background score of 0 through
+        return [{k: v[d['labels'] != 0] for k, v in d.items()} for d in detections]
+
+
+_CLASSES = {'retinanet': ForegroundRetinaNet, 'fasterrcnn': FasterRCNN, 'maskrcnn': MaskRCNN}
 
 
 def _check_kind(kind: str) -> str:
@@ -147,7 +170,7 @@ def build_detector(
     if kind == 'retinanet':
         sizes = tuple(tuple(int(4 * s * 2 ** (k / 3)) for k in range(3)) for s in strides)
         anchors = AnchorGenerator(sizes, (_ASPECT_RATIOS,) * len(sizes))
-        return RetinaNet(backbone, num_classes + 1, anchor_generator=anchors, **common)
+        return ForegroundRetinaNet(backbone, num_classes + 1, anchor_generator=anchors, **common)
     anchors = AnchorGenerator(tuple((8 * s,) for s in strides), (_ASPECT_RATIOS,) * len(strides))
     roi_levels = [level_name(s) for s in strides if s <= 32]
     box_pool = MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2)

@@ -21,7 +21,13 @@ def predictions_to_coco(
         image_ids: List[int],
         label_to_category: Dict[int, int],
 ) -> List[Dict[str, Any]]:
-    """Convert detector outputs to COCO result entries (``bbox`` xywh; ``segmentation`` RLE when masks exist)."""
+    """Convert detector outputs to COCO result entries (``bbox`` xywh; ``segmentation`` RLE when masks exist).
+
+    Detections with label 0 (background: torchvision's RetinaNet head has an output for it) are left out.
+
+    Raises:
+        ValueError: a label that is neither 0 nor one of ``label_to_category``'s.
+    """
     from pycocotools import mask as mask_utils
     results = []
     for out, image_id in zip(outputs, image_ids):
@@ -31,6 +37,12 @@ def predictions_to_coco(
         if 'masks' in out:
             masks = (out['masks'][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
         for i, (box, label, score) in enumerate(zip(boxes.tolist(), out['labels'].tolist(), out['scores'].tolist())):
+            if label == 0:
+                continue
+            if label not in label_to_category:
+                raise ValueError(f'image id {image_id}: a detection has label {label}, but the dataset\'s labels are '
+                                 f'1..{len(label_to_category)} (0: background); the model was built for another '
+                                 'number of classes.')
             entry = dict(image_id=image_id, category_id=label_to_category[label], bbox=box, score=score)
             if masks is not None:
                 rle = mask_utils.encode(np.asfortranarray(masks[i]))
@@ -68,7 +80,9 @@ def evaluate_coco(
 
     Returns:
         ``{'bbox': {'AP': ..., 'AP50': ..., ...}}`` plus ``'segm'`` for models that predict masks. Values are in
-        ``[0, 1]``; pycocotools reports -1 for a size range without ground truth.
+        ``[0, 1]``; pycocotools reports -1 for a size range without ground truth (with no detections at all too).
+        ``segm`` results carry no box, so that their size range (APs / APm / APl) follows the mask's area, as in
+        the COCO evaluation; detections labelled 0 (background) are left out.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -92,10 +106,15 @@ def evaluate_coco(
         gt.dataset = dataset.coco_dict()
         gt.createIndex()
         for iou_type in ('bbox', 'segm') if has_masks else ('bbox',):
-            if not results:  # pycocotools cannot load an empty result list
-                stats[iou_type] = {k: 0.0 for k in STAT_NAMES}
-                continue
-            dt = gt.loadRes(results)
+            # one field per type: loadRes takes the area of a result with a bbox from the box, also for segm
+            drop = 'segmentation' if iou_type == 'bbox' else 'bbox'
+            typed = [{k: v for k, v in r.items() if k != drop} for r in results]
+            if typed:
+                dt = gt.loadRes(typed)
+            else:  # no detections: loadRes cannot take an empty list; an empty result set gives -1 where no GT is
+                dt = COCO()
+                dt.dataset = dict(images=gt.dataset['images'], categories=gt.dataset['categories'], annotations=[])
+                dt.createIndex()
             ev = COCOeval(gt, dt, iou_type)
             ev.params.imgIds = [im['id'] for im in dataset.images]
             ev.evaluate()
