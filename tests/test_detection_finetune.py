@@ -115,7 +115,18 @@ def test_cli_reports_a_backbone_it_cannot_build(data, tmp_path, capsys):
                               f"'{backbone}': ") and len(err) < 800, err
         assert err.endswith(f'the file must hold {backbone} weights (with or without its classifier), or choose '
                             'the backbone it was saved from.\n'), err
-    assert not any((tmp_path / d).exists() for d in 'abcde')  # nothing written for a run that could not start
+    # a .pth that pickles other Python objects (before: a traceback ending in timm's "retry with weights_only=False")
+    import datetime
+    torch.save({'model': timm.create_model('shvit_s1').state_dict(), 'saved': datetime.date(2025, 1, 1)},
+               tmp_path / 'objects.pth')
+    assert main(base + ['--out', str(tmp_path / 'f'), '--backbone', 'shvit_s1', '--backbone-weights',
+                        str(tmp_path / 'objects.pth')]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"vitzoo finetune-det: error: could not load {tmp_path / 'objects.pth'} into backbone 'shvit_s1': "
+                   'the file pickles Python objects other than tensors (datetime.date), which are not loaded because '
+                   'unpickling them can run code; if you trust it, save its state dict (tensors only) to a new file '
+                   'and give that.\n'), err
+    assert not any((tmp_path / d).exists() for d in 'abcdef')  # nothing written for a run that could not start
 
 
 def test_existing_run_is_never_replaced_unasked(data, tmp_path, capsys):

@@ -72,9 +72,12 @@ def create_body(
         try:  # a file that is no checkpoint at all is named as such, before timm's loader words it its own way
             validate_weights_file(weights)
         except WeightsError as e:
-            raise BackboneError(f'could not load {weights} into backbone {name!r}: {_one_line(e, weights)}') from e
+            raise BackboneError(f'could not load {weights} into backbone {name!r}: {_one_line(e, weights)}.') from e
         kwargs['pretrained_cfg_overlay'] = dict(file=str(weights))
-        classes = None if 'num_classes' in kwargs else _checkpoint_classes(name, weights)
+        try:
+            classes = None if 'num_classes' in kwargs else _checkpoint_classes(name, weights)
+        except Exception as e:  # noqa: BLE001  timm's reader raises anything on a file it cannot take
+            raise BackboneError(f'could not load {weights} into backbone {name!r}: {_one_line(e, weights)}.') from e
         if classes is not None:
             # a classifier fine-tuned on other classes: build the model with that head, so that timm's load stays
             # strict (it loads non-strictly when the class counts differ); a checkpoint without a classifier (0):
@@ -101,6 +104,7 @@ def create_body(
     return model
 
 
+_PICKLED = re.compile(r'(?:Unsupported globals?:|GLOBAL|it pickles) ([\w.]+)')
 _KEY_LIST = re.compile(r'(Missing|Unexpected) key\(s\) in state_dict: (.*)')
 
 
@@ -109,6 +113,11 @@ def _one_line(error: BaseException, weights: Optional[Path] = None) -> str:
     first line of other messages (later lines hold advice for Python callers), a repeated mention of ``weights``
     dropped."""
     text = str(error).strip()
+    pickled = _PICKLED.search(text)
+    if pickled and 'weights_only' in text:  # torch's / timm's / NViT's advice is about Python calls
+        return (f'the file pickles Python objects other than tensors ({pickled.group(1).rstrip(".")}), which are not '
+                'loaded because unpickling them can run code; if you trust it, save its state dict (tensors only) '
+                'to a new file and give that')
     if 'Error(s) in loading state_dict' in text:
         parts = []
         for kind, keys in _KEY_LIST.findall(text):
