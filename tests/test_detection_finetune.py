@@ -245,6 +245,19 @@ def test_resume_with_other_frozen_stages_names_the_option(data, tmp_path, capsys
     assert err == (f'vitzoo finetune-det: error: {out / "checkpoint_last.pth"} is from another run: --frozen-stages '
                    '-1 there, 1 here. Resume with the same arguments, or start a new run (--out elsewhere, or '
                    '--force).\n'), err
+    # another dataset's classes: the keys that do not fit are named (before: "Error(s) in loading state_dict for
+    # RetinaNet: ...")
+    more = tmp_path / 'four-classes'
+    (more / 'annotations').mkdir(parents=True)
+    (more / 'train').symlink_to(data / 'train')
+    coco = json.loads((data / 'annotations' / 'instances_train.json').read_text())
+    coco['categories'].append(dict(id=99, name='extra'))
+    (more / 'annotations' / 'instances_train.json').write_text(json.dumps(coco))
+    assert _run(more, out, *args, '--max-iters', '2', '--resume') == 2
+    err = capsys.readouterr().err
+    assert err == (f'vitzoo finetune-det: error: {out / "checkpoint_last.pth"} does not fit this model (another '
+                   "dataset's classes?): 2 keys of another shape (e.g. head.classification_head.cls_logits.weight, "
+                   'head.classification_head.cls_logits.bias).\n'), err
     # a checkpoint without its arguments: the optimizer state that does not fit is named for what it is
     ckpt = load_checkpoint(out / 'checkpoint_last.pth')
     del ckpt['args']

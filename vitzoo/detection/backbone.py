@@ -72,12 +72,14 @@ def create_body(
         try:  # a file that is no checkpoint at all is named as such, before timm's loader words it its own way
             validate_weights_file(weights)
         except WeightsError as e:
-            raise BackboneError(f'could not load {weights} into backbone {name!r}: {_one_line(e, weights)}.') from e
+            raise BackboneError(f'could not load {weights} into backbone {name!r}: '
+                                f'{summarize_load_error(e, weights)}.') from e
         kwargs['pretrained_cfg_overlay'] = dict(file=str(weights))
         try:
             classes = None if 'num_classes' in kwargs else _checkpoint_classes(name, weights)
         except Exception as e:  # noqa: BLE001  timm's reader raises anything on a file it cannot take
-            raise BackboneError(f'could not load {weights} into backbone {name!r}: {_one_line(e, weights)}.') from e
+            raise BackboneError(f'could not load {weights} into backbone {name!r}: '
+                                f'{summarize_load_error(e, weights)}.') from e
         if classes is not None:
             # a classifier fine-tuned on other classes: build the model with that head, so that timm's load stays
             # strict (it loads non-strictly when the class counts differ); a checkpoint without a classifier (0):
@@ -95,12 +97,13 @@ def create_body(
             raise
         if weights is not None:
             raise BackboneError(
-                f'could not load {weights} into backbone {name!r}: {_one_line(e, weights)}; the file must hold '
-                f'{name} weights (with or without its classifier), or choose the backbone it was saved from.') from e
+                f'could not load {weights} into backbone {name!r}: {summarize_load_error(e, weights)}; the file '
+                f'must hold {name} weights (with or without its classifier), or choose the backbone it was saved '
+                'from.') from e
         if pretrained:
             raise BackboneError(f'could not load the default pretrained weights into backbone {name!r}: '
-                                f'{_one_line(e)}') from e
-        raise BackboneError(f'cannot build backbone {name!r}: {_one_line(e)}') from e
+                                f'{summarize_load_error(e)}') from e
+        raise BackboneError(f'cannot build backbone {name!r}: {summarize_load_error(e)}') from e
     return model
 
 
@@ -108,7 +111,7 @@ _PICKLED = re.compile(r'(?:Unsupported globals?:|GLOBAL|it pickles) ([\w.]+)')
 _KEY_LIST = re.compile(r'(Missing|Unexpected) key\(s\) in state_dict: (.*)')
 
 
-def _one_line(error: BaseException, weights: Optional[Path] = None) -> str:
+def summarize_load_error(error: BaseException, weights: Optional[Path] = None) -> str:
     """The reason of a build / load error in one line: torch's key lists summarised (counts and a few names), the
     first line of other messages (later lines hold advice for Python callers), a repeated mention of ``weights``
     dropped."""

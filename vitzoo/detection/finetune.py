@@ -24,7 +24,7 @@ from tqdm import tqdm
 from vitzoo.atomic import atomic_write_text
 from vitzoo.models import UnknownModelError
 
-from .backbone import BackboneError
+from .backbone import BackboneError, summarize_load_error
 from .checkpoint import atomic_save, get_rng_state, load_checkpoint, set_rng_state
 from .data import CocoDetectionFolder, DatasetError, collate_detection, hflip, split_exists, worker_error_message
 from .detectors import DETECTOR_STRIDES, build_detector
@@ -269,7 +269,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
             model.load_state_dict(ckpt['model'])
         except RuntimeError as e:  # strict: every missing / unexpected / misshapen key is an error
             raise ValueError(f'{resume_from} does not fit this model (another dataset\'s classes?): '
-                             f'{str(e).splitlines()[0]} ...') from e
+                             f'{summarize_load_error(e)}.') from e
         try:
             optimizer.load_state_dict(ckpt['optimizer'])
         except ValueError as e:  # another set of trainable parameters (a checkpoint without the arguments saved)
