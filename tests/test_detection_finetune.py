@@ -233,6 +233,16 @@ def test_log_records_the_lr_of_each_update(data, tmp_path):
     assert [r['lr'] for r in _log(out)] == pytest.approx([1e-6, 5.005e-4, 1e-3])
 
 
+def test_resume_with_more_epochs_follows_the_new_schedule_from_its_first_update(data, tmp_path):
+    """--epochs 1 puts both lr steps at iteration 2 (0.01x); resumed with --epochs 2 they are at iterations 2 and 4,
+    so update 3 uses 0.1x (before: the old schedule's 0.01x, restored with the optimizer)."""
+    args = ['--detector', 'retinanet', '--no-eval', '--lr', '1e-3', '--warmup-iters', '0']
+    out = tmp_path / 'run'
+    assert _run(data, out, *args, '--epochs', '1') == 0
+    assert _run(data, out, *args, '--epochs', '2', '--resume') == 0
+    assert [r['lr'] for r in _log(out)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
+
+
 def test_resume_with_other_frozen_stages_names_the_option(data, tmp_path, capsys):
     """Found by an audit: torch's "loaded state dict contains a parameter group that doesn't match the size of
     optimizer's group" was printed."""

@@ -277,6 +277,10 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                              '(a run with another --frozen-stages?); resume with the arguments of the run that '
                              'wrote it.') from e
         scheduler.load_state_dict(ckpt['scheduler'])
+        # the next update's lr from this run's schedule (the same value as saved, unless --epochs / --lr-steps /
+        # --warmup-iters changed it; before, the first resumed update used the old schedule's lr)
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group['lr'] = base * factor(scheduler.last_epoch)
         state = {k: int(ckpt[k]) for k in state}
         rngs = ckpt['rng']
         if len(rngs) != ctx.world_size:
