@@ -255,6 +255,10 @@ def test_resume_with_other_frozen_stages_names_the_option(data, tmp_path, capsys
     assert err == (f'vitzoo finetune-det: error: {out / "checkpoint_last.pth"} is from another run: --frozen-stages '
                    '-1 there, 1 here. Resume with the same arguments, or start a new run (--out elsewhere, or '
                    '--force).\n'), err
+    # the optimizer's state carries lr and weight decay: another --lr was silently replaced by the checkpoint's
+    assert _run(data, out, *args, '--max-iters', '2', '--resume', '--lr', '0.5') == 2
+    err = capsys.readouterr().err
+    assert '--lr ' in err and ' there, 0.5 here' in err, err
     # another dataset's classes: the keys that do not fit are named (before: "Error(s) in loading state_dict for
     # RetinaNet: ...")
     more = tmp_path / 'four-classes'

@@ -174,9 +174,10 @@ def _check_args(args: argparse.Namespace, out: Path) -> Tuple[Optional[Path], bo
     return None, False
 
 
-#: what a run's arguments must share with the run it resumes (the model, what its weights' shapes follow, and which
-#: parameters the optimizer state holds)
-RESUME_KEYS = ('detector', 'backbone', 'out_channels', 'frozen_stages')
+#: what a run's arguments must share with the run it resumes (the model, what its weights' shapes follow, which
+#: parameters the optimizer state holds, and the optimizer settings that its state carries: loading it would
+#: silently replace another --lr / --weight-decay with the checkpoint's)
+RESUME_KEYS = ('detector', 'backbone', 'out_channels', 'frozen_stages', 'lr', 'weight_decay')
 
 
 def _check_resume(ckpt: Dict[str, Any], args: argparse.Namespace, path: Path) -> None:
