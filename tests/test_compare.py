@@ -170,7 +170,7 @@ def test_unknown_name_lists_closest_matches(capsys):
     assert "unknown model 'shvit_s9'; closest matches:" in err and "shvit_s1" in err
     assert out == ""
     code, out, err = _cli(capsys, "shvit_s1", "--batch", "0")
-    assert code == 1 and "batch_size must be >= 1" in err and out == ""
+    assert code == 2 and "batch_size (--batch) must be >= 1" in err and out == ""
 
 
 def test_backend_names_are_checked_before_anything_is_built(capsys, monkeypatch):
@@ -361,3 +361,30 @@ def test_ops_without_a_flop_formula_are_a_note_in_every_format():
     assert row["note"] == "FLOPs leave out ops with no formula here: aten::topk x2"  # aten::add: by convention
     report.uncounted = {"aten::add": 3, "aten::softmax": 1}
     assert _row("mymodel", report, None, None)["note"] == ""
+
+
+def test_throughput_is_batch_over_the_median_latency_also_for_an_even_number_of_rounds():
+    from vitzoo.speed import Timing
+    timing = Timing(batch_size=8, calls=1, seconds_per_call=[0.1, 0.2, 0.4, 0.8])
+    assert timing.latency_ms == pytest.approx(300.0)  # median of the two middle rounds
+    assert timing.throughput == pytest.approx(8 / 0.3)  # not the median of 80, 40, 20, 10 img/s (30)
+
+
+def test_names_are_all_checked_before_building_and_duplicates_compared_once(monkeypatch, capsys):
+    import vitzoo.compare as compare_module
+
+    built = []
+    real_create = compare_module.create
+    monkeypatch.setattr(compare_module, "create", lambda name, **kw: built.append(name) or real_create(name, **kw))
+    assert cli.main(["compare", "resnet18", "SHVIT_S1X", "--no-speed"]) == 2
+    assert built == [] and "closest matches: shvit_s1" in capsys.readouterr().err
+    assert cli.main(["compare", "shvit_s1", "shvit_s1", "--no-speed", "--img-size", "64", "--format", "json"]) == 0
+    assert [r["model"] for r in json.loads(capsys.readouterr().out)] == ["shvit_s1"] and built == ["shvit_s1"]
+    assert cli.main(["compare", "shvit_s1", "--batch", "0"]) == 2
+    assert "batch_size (--batch) must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_markdown_has_the_fastest_paths_latency(fake_deploy):
+    rows = compare(["shvit_s1"], img_size=64, batch_size=2, rounds=1, threads=1, devices=["cpu"], backends=["eager"])
+    header = format_rows(rows, "md").splitlines()[0]
+    assert "| ms/batch fastest |" in header

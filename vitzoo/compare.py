@@ -102,6 +102,10 @@ def _check_backends(backends: Sequence[str], speed: bool) -> List[str]:
     return list(dict.fromkeys(backends))
 
 
+class UsageError(ValueError):
+    """An argument out of its range (the command line's exit code 2)."""
+
+
 def _build(
     names: Sequence[str], explicit: bool, img_size: Optional[int], progress: bool
 ) -> Tuple[list, Dict[str, str]]:
@@ -245,9 +249,10 @@ def _compare(
     rounds: int,
     progress: bool,
 ) -> Tuple[List[Dict[str, Any]], Dict[str, str]]:
-    for what, value in (("img_size", img_size), ("batch_size", batch_size), ("threads", threads), ("rounds", rounds)):
+    for what, flag, value in (("img_size", "--img-size", img_size), ("batch_size", "--batch", batch_size),
+                              ("threads", "--threads", threads), ("rounds", "--rounds", rounds)):
         if value is not None and value < 1:
-            raise ValueError(f"{what} must be >= 1, got {value}")
+            raise UsageError(f"{what} ({flag}) must be >= 1, got {value}")
     devices = list(devices) if devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if speed and "cuda" in devices and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False")
@@ -256,7 +261,10 @@ def _compare(
     if threads is not None:
         torch.set_num_threads(threads)
 
-    names = list(models) if models else list(DEFAULT_MODELS)
+    names = list(dict.fromkeys(models)) if models else list(DEFAULT_MODELS)  # a name given twice: one row
+    if models:
+        for name in names:  # every name before any model is built: a typo at the end of a long list fails at once
+            resolve_name(name, allow_folders=True)
     built, skipped = _build(names, explicit=bool(models), img_size=img_size, progress=progress)
     if not speed:
         return [_row(name, report, None, None) for name, _, report in built], skipped
@@ -330,6 +338,7 @@ _COLUMNS = (  # header, cell
     ("img/s", lambda r: _fmt(r["throughput"])),
     ("ms/batch", lambda r: _fmt(r["latency_ms"])),
     ("img/s fastest", lambda r: _fmt(r["throughput_fastest"])),
+    ("ms/batch fastest", lambda r: _fmt(r["latency_ms_fastest"])),
     ("backend", lambda r: r["fastest_backend"] or "-"),
     ("paper FLOPs (M)", lambda r: _fmt(r["paper_flops"], 1e6, 0)),
     ("paper params (M)", lambda r: _fmt(r["paper_params"], 1e6, 1)),
@@ -338,7 +347,7 @@ _COLUMNS = (  # header, cell
 
 
 def _table_rows(rows: Iterable[Dict[str, Any]], speed: bool) -> Tuple[List[str], List[List[str]]]:
-    speed_cols = {"device", "img/s", "ms/batch", "img/s fastest", "backend"}
+    speed_cols = {"device", "img/s", "ms/batch", "img/s fastest", "ms/batch fastest", "backend"}
     cols = [c for c in _COLUMNS if speed or c[0] not in speed_cols]
     return [h for h, _ in cols], [[cell(r) for _, cell in cols] for r in rows]
 
@@ -410,11 +419,13 @@ def _header(info: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
     batches = sorted({f"batch {r['batch_size']} on {r['device']}" for r in rows if r["batch_size"]})
     size = f"; {', '.join(batches)}" if batches else ""
-    return f"machine: {info['cpu']}, {info['threads']} threads{gpu}; torch {info['torch']}, timm {info['timm']}{size}"
+    threads = f"{info['threads']} thread{'' if info['threads'] == 1 else 's'}"
+    return f"machine: {info['cpu']}, {threads}{gpu}; torch {info['torch']}, timm {info['timm']}{size}"
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``vitzoo compare``; returns the exit code (2: unknown model, 1: nothing to report or bad output)."""
+    """Run ``vitzoo compare``; returns the exit code (2: unknown model or an argument out of range, 1: nothing to
+    report or bad output)."""
     from vitzoo.plot import check_matplotlib, check_writable, write_pareto_plot
 
     err = sys.stderr
@@ -428,7 +439,7 @@ def run(args: argparse.Namespace) -> int:
         backends = _split_backends(args.backends)
         rows, skipped = _compare(args.models, args.img_size, args.batch, args.threads, not args.no_speed,
                                  args.device, backends, args.rounds, progress=True)
-    except UnknownModelError as e:
+    except (UnknownModelError, UsageError) as e:
         print(f"error: {e}", file=err)
         return 2
     except (OSError, ImportError, ValueError, RuntimeError) as e:

@@ -105,7 +105,10 @@ class UnknownModelError(ValueError):
 
 def closest_models(name: str, n: int = 5) -> List[str]:
     """Registered timm names closest to ``name`` (difflib ratio), best first."""
-    return difflib.get_close_matches(name.split(".", 1)[0], timm.list_models(), n=n, cutoff=0.5)
+    names = timm.list_models()
+    by_lower = {m.lower(): m for m in names}  # case is not a reason to find nothing: SHVIT_S1 -> shvit_s1
+    found = difflib.get_close_matches(name.split(".", 1)[0].lower(), list(by_lower), n=n, cutoff=0.5)
+    return [by_lower[m] for m in found]
 
 
 def resolve_name(name: str, allow_folders: bool = False) -> Tuple[str, Optional[str]]:

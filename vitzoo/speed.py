@@ -54,8 +54,9 @@ class Timing:
 
     @property
     def throughput(self) -> float:
-        """Median images per second."""
-        return statistics.median(self.batch_size / s for s in self.seconds_per_call)
+        """Images per second at the median call time: ``batch_size / latency``, so the two always agree (with an
+        even number of rounds, a median of per-round img/s would average other rounds than the median time)."""
+        return self.batch_size / statistics.median(self.seconds_per_call)
 
     @property
     def best_throughput(self) -> float:
