@@ -342,3 +342,28 @@ def test_neck_follows_the_body_dtype():
     assert {p.dtype for p in bb.parameters()} == {torch.float64}
     with torch.no_grad():
         assert all(v.dtype == torch.float64 for v in bb(torch.randn(1, 3, 128, 128, dtype=torch.float64)).values())
+
+
+def test_backbone_checkpoint_whose_classifier_timm_renames_loads(tmp_path):
+    """Found by a review: an official ConvNeXt checkpoint names its classifier 'head.*' (timm's filter makes it
+    'head.fc.*'); taken for a checkpoint without a classifier, it was built headless and refused."""
+    import re
+    source = timm.create_model('convnext_atto')
+    for p in source.parameters():
+        torch.nn.init.normal_(p)
+    timm_layout = source.state_dict()
+    official = {}  # the facebookresearch/ConvNeXt key names
+    for k, v in timm_layout.items():
+        k = k.replace('head.fc.', 'head.').replace('head.norm.', 'norm.')
+        k = re.sub(r'^stem\.', 'downsample_layers.0.', k)
+        k = re.sub(r'^stages\.(\d+)\.downsample\.', r'downsample_layers.\1.', k)
+        k = re.sub(r'^stages\.(\d+)\.blocks\.(\d+)\.', r'stages.\1.\2.', k)
+        k = k.replace('conv_dw', 'dwconv').replace('mlp.fc1', 'pwconv1').replace('mlp.fc2', 'pwconv2')
+        official[k] = v.reshape(-1) if k.endswith('gamma') else v
+    assert 'head.weight' in official and 'head.fc.weight' not in official
+    torch.save({'model': official}, tmp_path / 'official.pth')
+    bb = build_backbone('convnext_atto', 'retinanet', weights=tmp_path / 'official.pth', out_channels=16)
+    body = bb.body.state_dict()
+    assert body
+    for k, v in body.items():
+        assert torch.equal(v, timm_layout[k]), k

@@ -80,18 +80,24 @@ def create_body(
         except Exception as e:  # noqa: BLE001  timm's reader raises anything on a file it cannot take
             raise BackboneError(f'could not load {weights} into backbone {name!r}: '
                                 f'{summarize_load_error(e, weights)}.') from e
-        if classes is not None:
+        if classes:
             # a classifier fine-tuned on other classes: build the model with that head, so that timm's load stays
-            # strict (it loads non-strictly when the class counts differ); a checkpoint without a classifier (0):
-            # build the model without one, strict as well. The detector drops the head anyway
+            # strict (it loads non-strictly when the class counts differ). The detector drops the head anyway
             kwargs['num_classes'] = classes
             kwargs['pretrained_cfg_overlay']['num_classes'] = classes
         pretrained = True
     try:
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
-        if getattr(model, 'dynamic_img_size', None) is False and 'dynamic_img_size' not in kwargs:
-            # token models must accept any detection input size
-            model = timm.create_model(name, pretrained=pretrained, dynamic_img_size=True, **kwargs)
+        try:
+            model = _create(name, pretrained, kwargs)
+        except (RuntimeError, ValueError):
+            if weights is None or classes != 0:
+                raise
+            # no classifier under the cfg's name: either a checkpoint saved without one (build the model without
+            # it; strict as well), or one whose classifier timm's filter renames (an official ConvNeXt's 'head.*'
+            # is timm's 'head.fc.*'), which the first, ordinary load above handles
+            headless = dict(kwargs, num_classes=0)
+            headless['pretrained_cfg_overlay'] = dict(kwargs['pretrained_cfg_overlay'], num_classes=0)
+            model = _create(name, pretrained, headless)  # failing too, its error names the body's problem
     except (RuntimeError, ValueError, TypeError, OSError) as e:  # OSError: a download that fails (offline)
         if isinstance(e, OSError) and not pretrained:
             raise
@@ -135,6 +141,14 @@ def summarize_load_error(error: BaseException, weights: Optional[Path] = None) -
     if weights is not None and f'{weights}: ' in line:  # "Could not load ... from file FILE: reason"
         line = line.split(f'{weights}: ', 1)[1]
     return line.rstrip('.')
+
+
+def _create(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    if getattr(model, 'dynamic_img_size', None) is False and 'dynamic_img_size' not in kwargs:
+        # token models must accept any detection input size
+        model = timm.create_model(name, pretrained=pretrained, dynamic_img_size=True, **kwargs)
+    return model
 
 
 def _checkpoint_classes(name: str, weights: Path) -> Optional[int]:
