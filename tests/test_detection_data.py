@@ -102,6 +102,15 @@ def test_bad_data_is_reported_with_file_and_entry(shapes, tmp_path, edit, error,
     assert 'instances_train.json' in str(info.value)
 
 
+def test_a_thin_crowd_box_is_not_refused(shapes, tmp_path):
+    """Crowd regions are left out of training (only ignored in evaluation), so the float32 size check skips them."""
+    def edit(data):
+        data['annotations'][0]['bbox'] = [70, 10, 1e-6, 30]
+        data['annotations'][0]['iscrowd'] = 1
+    ds = CocoDetectionFolder(_write(shapes, tmp_path, edit), 'train')
+    assert len(ds) > 0
+
+
 def test_bad_json_and_missing_layout(shapes, tmp_path):
     with pytest.raises(FileNotFoundError, match='expected layout DIR/annotations/instances_<split>.json'):
         CocoDetectionFolder(tmp_path, 'train')

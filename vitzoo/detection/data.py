@@ -289,7 +289,8 @@ def load_coco_json(path: Path, image_dir: Path, require_masks: bool = False) -> 
 def _check_boxes_as_trained(data: Dict[str, Any], images: Dict[Any, Dict[str, Any]], path: Path) -> None:
     """Every box must keep a positive size as training uses it (float32, clamped to its image): ``[100, 10, 1e-6,
     30]`` or ``x = 127.99999999`` in a 128-pixel-wide image collapse to zero width there, and torchvision refuses
-    such targets. Fills in the ``area`` of annotations without one, from that box."""
+    such targets. Crowd boxes (``iscrowd``) are exempt: training leaves them out. Fills in the ``area`` of
+    annotations without one, from that box."""
     anns = data['annotations']
     if not anns:
         return
@@ -299,7 +300,8 @@ def _check_boxes_as_trained(data: Dict[str, Any], images: Dict[Any, Dict[str, An
     # 4 float32 steps at the image's larger side: enough for a horizontal flip (width - x) and any resize to keep
     # the box positive
     least = 4 * np.spacing(dims.max(axis=1).astype(np.float32))
-    bad = np.flatnonzero(size.min(axis=1) < least)
+    crowd = np.array([bool(a.get('iscrowd', 0)) for a in anns])
+    bad = np.flatnonzero((size.min(axis=1) < least) & ~crowd)  # crowd regions are not trained on, only ignored
     if bad.size:
         i = int(bad[0])
         ann, (width, height) = anns[i], dims[i]
