@@ -25,7 +25,7 @@ from .dims import NViTDims, resolve_dims
 
 __all__ = [
     'DIMS_METADATA_KEY', 'load_checkpoint', 'checkpoint_filter_fn', 'convert_official', 'dims_from_state_dict',
-    'check_dims_match', 'dims_metadata', 'describe_foreign_checkpoint',
+    'check_dims_match', 'dims_metadata', 'describe_foreign_checkpoint', 'ClassifierSizeError',
 ]
 
 DIMS_METADATA_KEY = 'nvit_dims'
@@ -286,8 +286,25 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: torch.nn.Module) 
         for k in [k for k in out if k.endswith('attn.token_mask')]:
             out[k] = resample_token_mask(out[k], grid, source, prefix)
     _fit_patch_size(out, model)
+    _check_classifier(out, model)
     _check_complete(out, model)
     return out
+
+
+class ClassifierSizeError(RuntimeError):
+    """The checkpoint's classifier has another number of classes than the model that is to load it."""
+
+
+def _check_classifier(state_dict: Mapping[str, Any], model: torch.nn.Module) -> None:
+    """A classifier timm will load (the model's ``num_classes`` is its cfg's) must have the model's size; timm drops
+    it only when they differ. Say so instead of torch's size-mismatch list."""
+    weight = state_dict.get('head.weight')
+    cfg_classes = (getattr(model, 'pretrained_cfg', None) or {}).get('num_classes')
+    if weight is None or cfg_classes != model.num_classes or weight.shape[0] == model.num_classes:
+        return
+    raise ClassifierSizeError(
+        f'The checkpoint\'s classifier (head) has {weight.shape[0]} outputs, the model\'s {model.num_classes}: create '
+        f'the model with num_classes={weight.shape[0]} (vitzoo convert: --num-classes {weight.shape[0]}).')
 
 
 def _check_distilled(state_dict: Mapping[str, Any], model: torch.nn.Module) -> None:

@@ -1,7 +1,7 @@
 """Pretrained-weight filter: accepts timm's layout and the official repository's, and refuses other variants."""
 import logging
 import re
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 import torch.nn as nn
@@ -9,7 +9,7 @@ import torch.nn as nn
 from .variants import variant_name
 
 __all__ = ['checkpoint_filter_fn', 'remap_official_keys', 'describe_state_dict', 'CheckpointMismatchError',
-           'ClassifierSizeError']
+           'ClassifierSizeError', 'IncompleteCheckpointError']
 
 _logger = logging.getLogger(__name__)
 
@@ -25,6 +25,10 @@ class CheckpointMismatchError(RuntimeError):
 
 class ClassifierSizeError(CheckpointMismatchError):
     """The checkpoint's classifier has another number of classes than the model that is to load it."""
+
+
+class IncompleteCheckpointError(CheckpointMismatchError):
+    """The checkpoint fits the model but lacks some of its tensors (truncated, or saved from a modified model)."""
 
 
 def _unwrap(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
@@ -125,6 +129,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
         missing = sorted(set(expected) - set(found))
         unexpected = sorted(set(found) - set(expected))
         reshaped = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+        if not unexpected and not reshaped:  # the model's own keys and shapes, some missing: truncated, not another
+            raise _incomplete(missing, model)
         raise CheckpointMismatchError(
             f'Checkpoint does not fit the model: expected {_describe_model(model)}, found '
             f'{describe_state_dict(state_dict)} ({len(missing)} missing keys, e.g. {missing[:3]}; '
@@ -161,6 +167,10 @@ def _check_complete(state_dict: Mapping[str, torch.Tensor], model: nn.Module) ->
     missing = [k for k in model.state_dict()
                if k not in state_dict and not k.startswith(_CLASSIFIERS) and not k.endswith('num_batches_tracked')]
     if missing:
-        raise CheckpointMismatchError(
-            f'Checkpoint is incomplete: {len(missing)} of the model\'s tensors are missing (e.g. {missing[:3]}); '
-            f'it may be truncated or saved from a modified model. Use a complete {_describe_model(model)} checkpoint.')
+        raise _incomplete(missing, model)
+
+
+def _incomplete(missing: List[str], model: nn.Module) -> IncompleteCheckpointError:
+    return IncompleteCheckpointError(
+        f'Checkpoint is incomplete: {len(missing)} of the model\'s tensors are missing (e.g. {missing[:3]}); '
+        f'it may be truncated or saved from a modified model. Use a complete {_describe_model(model)} checkpoint.')

@@ -156,7 +156,8 @@ class SHViT(nn.Module):
         try:
             pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))  # '' keeps the map
         except AssertionError:  # timm's message for an unknown name is an assert ('Invalid pool type')
-            raise ValueError(f"unknown global_pool={global_pool!r}; use 'avg', 'max', 'avgmax', 'fast' or ''.") from None
+            raise ValueError(
+                f"unknown global_pool={global_pool!r}; use 'avg', 'max', 'avgmax', 'fast' or ''.") from None
         if pool.feat_mult() != 1:
             raise ValueError(
                 f"global_pool={global_pool!r} changes the pooled width, which the BN+Linear head does not support; "

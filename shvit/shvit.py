@@ -12,7 +12,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._helpers import load_state_dict
 
-from .checkpoint import CheckpointMismatchError, ClassifierSizeError, checkpoint_filter_fn
+from .checkpoint import (
+    CheckpointMismatchError, ClassifierSizeError, IncompleteCheckpointError, checkpoint_filter_fn,
+)
 from .model import SHViT
 from .variants import VARIANT_STATS, VARIANTS
 
@@ -124,7 +126,7 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
     except Exception as e:
         if not pretrained or not _raised_while_loading(e):
             raise
-        if isinstance(e, ClassifierSizeError):  # its message says what to pass
+        if isinstance(e, (ClassifierSizeError, IncompleteCheckpointError)):  # its message says what to do
             raise RuntimeError(f'Could not load pretrained weights for {variant} from {source}: {e}') from e
         if isinstance(e, CheckpointMismatchError):
             fix = 'use the entrypoint of the variant the checkpoint holds, or a checkpoint of ' + variant

@@ -336,3 +336,18 @@ def test_other_patch_size_resamples_the_patch_embedding(official_files):
     got = (big.reshape(5, 1, -1) * w32.reshape(1, w32.shape[0], -1)).sum(-1)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert model(torch.randn(1, 3, 448, 448)).shape == (1, NUM_CLASSES)
+
+
+def test_classifier_of_another_size_says_which_num_classes(tmp_path):
+    from vitzoo.hub import WeightsError, load_pretrained_model
+    sd = make_official('ones')
+    for name in ('head', 'head_dist'):
+        sd[name + '.weight'], sd[name + '.bias'] = sd[name + '.weight'][:10], sd[name + '.bias'][:10]
+    path = save_official(tmp_path / 'NViT_10.pth', sd)
+    with pytest.raises(WeightsError, match=r"classifier \(head\) has 10 outputs, the model's 1000: create the model "
+                                           r"with num_classes=10 \(vitzoo convert: --num-classes 10\)") as info:
+        load_pretrained_model('nvit_t', pretrained_cfg_overlay=dict(file=path))
+    assert 'another model' not in str(info.value)
+    model = timm.create_model('nvit_t', pretrained=True, num_classes=10,
+                              pretrained_cfg_overlay=dict(file=path, num_classes=10))
+    torch.testing.assert_close(model.head.weight, sd['head.weight'], rtol=0, atol=0)

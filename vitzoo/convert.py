@@ -502,7 +502,8 @@ def convert_checkpoint(
             raise
         except RuntimeError as e:  # e.g. a truncated legacy torch.save file (only loading it can tell)
             first = str(e).splitlines()[0]
-            advice = "" if "download it again" in first or "To fix" in first else " Check the file, or download it again."
+            has_advice = "download it again" in first or "To fix" in first
+            advice = "" if has_advice else " Check the file, or download it again."
             raise CorruptWeightsError(f"{first}{advice}") from e
         steps.update()
         params = sum(p.numel() for p in source_model.parameters())

@@ -335,7 +335,7 @@ def load_pretrained_model(name: str, **kwargs: Any) -> torch.nn.Module:
         return timm.create_model(name, pretrained=True, **kwargs)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as e:
         kind = _classify(e)
-        if kind == "classifier":
+        if kind == "explained":  # the model's own message says what is wrong and what to pass
             raise WeightsError(f"The pretrained weights from {location} do not fit '{name}': {_innermost(e)}") from e
         if kind == "mismatch":
             raise WeightsError(
@@ -359,12 +359,13 @@ def _unsafe_pickle_message(location: str, error: BaseException) -> str:
 
 
 def _classify(error: BaseException) -> Optional[str]:
-    """'classifier' (a classifier of another size), 'mismatch' (weights of another model), 'unsafe' (a file that pickles more than tensors), 'corrupt'
+    """'explained' (a classifier of another size, an incomplete checkpoint: the message says it), 'mismatch'
+    (weights of another model), 'unsafe' (a file that pickles more than tensors), 'corrupt'
     (unreadable file) or None, looking down the cause chain."""
     while error is not None:
         text = str(error)
-        if type(error).__name__ == "ClassifierSizeError":
-            return "classifier"
+        if type(error).__name__ in ("ClassifierSizeError", "IncompleteCheckpointError"):
+            return "explained"
         if type(error).__name__ == "CheckpointMismatchError" or "loading state_dict" in text:
             return "mismatch"
         if "weights_only=True blocked" in text or text.startswith("Refusing to load") or (
