@@ -130,11 +130,13 @@ def test_other_model_weights_rejected():
 
 def test_truncated_checkpoint_reports_missing_keys(s1_weights):
     sd = {k: v for k, v in s1_weights.items() if not k.startswith('stages.2.blocks.4.')}
-    with pytest.raises(RuntimeError, match=r"incomplete: \d+ of the model's tensors are missing \(e.g. \[.stages\.2\.blocks\.4"):
+    with pytest.raises(RuntimeError, match=r"incomplete: \d+ of the model's tensors are missing "
+                                           r"\(e.g. \[.stages\.2\.blocks\.4"):
         timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(state_dict=sd))
 
 
-@pytest.mark.parametrize('dropped', ['patch_embed.0.c.weight', 'head.bn.weight', 'stages.1.blocks.0.ffn.m.pw1.c.weight'])
+@pytest.mark.parametrize('dropped', [
+    'patch_embed.0.c.weight', 'head.bn.weight', 'stages.1.blocks.0.ffn.m.pw1.c.weight'])
 def test_incomplete_checkpoint_is_refused_also_with_another_num_classes(s1_weights, dropped):
     """With another num_classes timm loads non-strictly (it drops the classifier): a missing tensor must still be
     an error, not a random-init gap."""
@@ -145,7 +147,8 @@ def test_incomplete_checkpoint_is_refused_also_with_another_num_classes(s1_weigh
             timm.create_model('shvit_s1', pretrained=True, num_classes=num_classes,
                               pretrained_cfg_overlay=dict(state_dict=sd))
         assert dropped in str(info.value) and 'entrypoint of the variant' not in str(info.value)
-    m = timm.create_model('shvit_s1', pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(state_dict=s1_weights))
+    m = timm.create_model('shvit_s1', pretrained=True, num_classes=10,
+                          pretrained_cfg_overlay=dict(state_dict=s1_weights))
     torch.testing.assert_close(m.state_dict()['head.bn.weight'], s1_weights['head.bn.weight'], rtol=0, atol=0)
 
 
