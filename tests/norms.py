@@ -25,7 +25,8 @@ def randomize_norms(model: nn.Module, generator: Optional[torch.Generator] = Non
     for m in model.modules():
         if isinstance(m, _NORMS) and getattr(m, "weight", None) is not None:
             uniform(m.weight, 0.5, 1.5)
-            normal(m.bias, 0.2)
+            if m.bias is not None:  # e.g. timm's MetaFormer norms (bias=False)
+                normal(m.bias, 0.2)
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
             normal(m.running_mean, 0.2)
             uniform(m.running_var, 0.5, 2.0)
