@@ -34,8 +34,8 @@ def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
 def get_rng_state(generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
     """State of python, numpy, torch (CPU and CUDA) and an optional extra torch generator."""
     state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's GPU only: a resume may see another number of GPUs
+        state['cuda'] = torch.cuda.get_rng_state()
     if generator is not None:
         state['generator'] = generator.get_state()
     return state
@@ -46,8 +46,13 @@ def set_rng_state(state: Dict[str, Any], generator: Optional[torch.Generator] = 
     random.setstate(state['python'])
     np.random.set_state(state['numpy'])
     torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    cuda = state.get('cuda')
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # written before 2026-11-25: one state per GPU visible then
+            device = torch.cuda.current_device()
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
     if generator is not None and 'generator' in state:
         generator.set_state(state['generator'])
 

@@ -1,12 +1,18 @@
 """Process-group set-up for ``torchrun`` (DDP): read the env vars, pick the backend and the device."""
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ['DistContext', 'check_device', 'init_distributed']
+__all__ = ['DistContext', 'PROCESS_GROUP_TIMEOUT', 'check_device', 'init_distributed']
+
+#: How long a collective may wait. Only rank 0 evaluates while the other ranks wait at a barrier, and a COCO
+#: evaluation on one GPU (Mask R-CNN: mask encoding and segm COCOeval) can take longer than NCCL's default 10 min,
+#: after which NCCL's watchdog would abort the job.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=3)
 
 
 @dataclass
@@ -98,8 +104,11 @@ def init_distributed(device: Optional[str] = None) -> DistContext:
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     dev = check_device(device)
     if dev.type == 'cuda':
-        dev = torch.device('cuda', local_rank) if world > 1 else dev
+        if world > 1:
+            dev = torch.device('cuda', local_rank)
+        elif dev.index is None:  # set_device needs an index: plain 'cuda' is the current GPU
+            dev = torch.device('cuda', torch.cuda.current_device())
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend='nccl' if dev.type == 'cuda' else 'gloo')
+        dist.init_process_group(backend='nccl' if dev.type == 'cuda' else 'gloo', timeout=PROCESS_GROUP_TIMEOUT)
     return DistContext(world, rank, local_rank, dev)
