@@ -678,3 +678,63 @@ class _Zeros(nn.Module):
 
     def forward(self, x):
         return self.inner(x) * 0
+
+
+def test_onnxruntime_backend_refuses_gpu_tensors_before_touching_the_model():
+    """Found by an audit: on a GPU machine the CPU-only ONNX Runtime session was fed a cuda input (copied to the
+    host on every call, returned on the CPU) and, with inplace=True, the caller's model was moved to the CPU.
+    A model on 'meta' stands in for one on a GPU (a meta example input has its own error): any device other than
+    the CPU is refused, by name, before the model is touched."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval().to("meta")
+    with pytest.raises(ValueError, match=r"'onnxruntime' runs ONNX Runtime's CPU .* is on meta: deploy a CPU model"):
+        deploy(model, torch.randn(1, 3, 8, 8), backend="onnxruntime", inplace=True)
+    assert isinstance(model[1], nn.BatchNorm2d) and model[0].weight.is_meta  # refused before fusing or moving it
+
+
+def test_full_fp32_precision_switches_tf32_off_on_cuda_only_and_restores():
+    """cuDNN's default TF32 convolutions made deploy() on Ampere+ GPUs refuse correct fusions (~1e-3 relative
+    rounding); the check now runs in IEEE fp32. The flags are plain settings, so this runs without a GPU."""
+    from vitzoo.inference import full_fp32_precision
+
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = (conv.fp32_precision, matmul.fp32_precision)
+    assert before[0] == "tf32"  # torch's default: the case the audit found
+    with full_fp32_precision(torch.device("cpu")):
+        assert (conv.fp32_precision, matmul.fp32_precision) == before
+    with pytest.raises(KeyError):
+        with full_fp32_precision(torch.device("cuda", 0)):
+            assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+            raise KeyError("restored on errors too")
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+
+
+def test_deploy_runs_reference_and_check_under_full_fp32_precision(monkeypatch):
+    import contextlib
+
+    import vitzoo.inference as inference
+
+    entered, forwards = [], []
+    state = {"inside": False}
+
+    @contextlib.contextmanager
+    def spy(device):
+        entered.append(torch.device(device))
+        state["inside"] = True
+        try:
+            yield
+        finally:
+            state["inside"] = False
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            forwards.append(state["inside"])
+            return self.conv(x)
+
+    monkeypatch.setattr(inference, "full_fp32_precision", spy)
+    deploy(Probe(), torch.randn(1, 3, 8, 8))
+    assert entered == [torch.device("cpu")] * 2  # the reference and the check
+    assert forwards[0] and forwards[-1]  # the original's forward and the deployed model's forward in the check

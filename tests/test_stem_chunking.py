@@ -122,3 +122,19 @@ def test_a_stem_with_batch_statistics_is_not_sliced():
         x = torch.randn(8, 3, 128, 128)
         with torch.no_grad():
             torch.testing.assert_close(deployed(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_slice_probe_is_made_on_the_example_device():
+    """Found by an audit: the probe was made on the CPU and scaled by the example's statistics, so a stem on a GPU
+    got a device mismatch outside the guarded call. 'meta' stands in for the GPU."""
+    from vitzoo.stem_chunking import _samples_independent
+
+    seen = []
+
+    class Recording(nn.Module):
+        def forward(self, x):
+            seen.append(x.device)
+            raise RuntimeError("stop here")  # caught: the stem is then not sliced
+
+    assert _samples_independent(Recording(), torch.empty(4, 3, 16, 16, device="meta"), 2) is False
+    assert seen == [torch.device("meta")]

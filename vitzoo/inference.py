@@ -20,8 +20,9 @@ a max abs diff above ``atol`` (1e-4) raises.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -222,6 +223,42 @@ ROUNDING_RTOL = 1e-5
 _HALF_RTOL = 5e-2
 
 
+@contextlib.contextmanager
+def full_fp32_precision(device: torch.device) -> Iterator[None]:
+    """On CUDA: convolutions and matrix products in IEEE fp32 (TF32 off) while :func:`deploy` checks its result.
+
+    cuDNN runs fp32 convolutions in TF32 (10-bit mantissa) by default, so on Ampere and later GPUs the original and
+    the fused model round differently by ~1e-3 of the output, far above the 1e-4 the check holds the rewrite to.
+    The check is about the rewrite, not the GPU's precision setting, which applies to the deployed model as it does
+    to the original; the settings are restored afterwards. Elsewhere a no-op.
+    """
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    if hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"):  # torch >= 2.9
+        flags, exact = [(torch.backends.cudnn.conv, "fp32_precision"), (torch.backends.cuda.matmul,
+                                                                         "fp32_precision")], "ieee"
+    else:
+        flags, exact = [(torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")], False
+    saved = [getattr(owner, name) for owner, name in flags]
+    try:
+        for owner, name in flags:
+            setattr(owner, name, exact)
+        yield
+    finally:
+        for (owner, name), value in zip(flags, saved):
+            setattr(owner, name, value)
+
+
+def _check_not_cuda_for_onnxruntime(model: nn.Module, example_input: torch.Tensor) -> None:
+    devices = {t.device.type for t in (*model.parameters(), *model.buffers())} | {example_input.device.type}
+    if devices - {"cpu"}:
+        raise ValueError(
+            f"backend 'onnxruntime' runs ONNX Runtime's CPU execution provider, but the model or the example input "
+            f"is on {', '.join(sorted(devices - {'cpu'}))}: deploy a CPU model with a CPU example input "
+            f"(model.cpu(), example_input.cpu()), or use backend 'eager', 'compile' or 'torchscript' on the GPU.")
+
+
 def _check_close(reference: object, candidate: nn.Module, example_input: torch.Tensor, atol: float,
                  rtol: float, backend: str) -> float:
     """Max abs diff between the deployed and the original output (a tensor, or tuples / lists / dicts of them)."""
@@ -341,9 +378,9 @@ def _build_onnxruntime(model: nn.Module, example_input: torch.Tensor, opset: int
     if dtypes - {torch.float32}:  # e.g. a bf16 model: ONNX Runtime's CPU kernels run fp32
         model = model.float()
         notes.append(f"exported in float32 (the model was {', '.join(sorted(map(str, dtypes)))})")
-    data = export_onnx(model.cpu(), example_input.float().cpu(), opset=opset)
+    data = export_onnx(model, example_input.float(), opset=opset)  # both on the CPU (checked in deploy)
     with torch.no_grad():  # the graph's outputs are given back in the model's own tuple / dict nesting
-        spec = pytree.tree_flatten(model(example_input.float().cpu()))[1]
+        spec = pytree.tree_flatten(model(example_input.float()))[1]
     session = OnnxRuntimeModule(data, output_spec=spec)
     notes += [f"ONNX opset {opset}, dynamic batch", f"ONNX Runtime CPU, {session.num_threads} threads"]
     return DeployedModel(session, "onnxruntime", torch.contiguous_format, notes, fixed_size=True)
@@ -368,7 +405,8 @@ def deploy(
         backend: One of ``BACKENDS``: ``"eager"``, ``"compile"``, ``"onnxruntime"``, ``"torchscript"``.
         inplace: Fuse the caller's model in place instead of a deep copy (saves memory; the original is
             then changed).
-        verify: Compare the deployed model's output with the original model's on ``example_input``.
+        verify: Compare the deployed model's output with the original model's on ``example_input`` (on CUDA with
+            TF32 off for the check, see :func:`full_fp32_precision`).
         atol: Largest allowed max abs difference in that check.
         rtol: Added to ``atol`` in units of the original's largest output magnitude (default 0: an absolute
             check); e.g. ``ROUNDING_RTOL`` for models with random weights, whose outputs can be huge.
@@ -378,7 +416,8 @@ def deploy(
         A :class:`DeployedModel` (an ``nn.Module``) whose forward runs without autograd.
 
     Raises:
-        ValueError: Unknown backend, or no example input and no ``pretrained_cfg``.
+        ValueError: Unknown backend, or no example input and no ``pretrained_cfg``, or ``"onnxruntime"`` with a
+            model or example input on a GPU (its session runs on the CPU).
         TypeError: ``model`` is not a module, or a float ``example_input`` of another dtype than its weights.
         RuntimeError: Backend unavailable here, or the deployed output differs by more than
             ``atol + rtol * max|original output|``.
@@ -395,11 +434,13 @@ def deploy(
     if example_input is None:
         example_input = default_example_input(model)
     _check_example_dtype(model, example_input)
+    if backend == "onnxruntime":
+        _check_not_cuda_for_onnxruntime(model, example_input)
     model = model if inplace else copy.deepcopy(model)
     model.eval()
     reference = None
     if verify:
-        with torch.no_grad():
+        with torch.no_grad(), full_fp32_precision(example_input.device):
             reference = model(example_input)
     model = reparameterize_model(model, inplace=True)
     model, folded = fold_batchnorms(model, example_input)
@@ -415,6 +456,7 @@ def deploy(
         deployed.optimizations.insert(2, f"BatchNorm folded into the conv/linear before it in {folded} layers")
     deployed.set_example(example_input)
     if verify:
-        diff = _check_close(reference, deployed, example_input, atol, rtol, backend)
+        with full_fp32_precision(example_input.device):
+            diff = _check_close(reference, deployed, example_input, atol, rtol, backend)
         deployed.optimizations.append(f"verified: max abs diff {diff:.2g} vs original")
     return deployed

@@ -131,7 +131,8 @@ def _samples_independent(stem: nn.Module, example_input: torch.Tensor, size: int
     """
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn((size + 1, *example_input.shape[1:]), generator=generator, dtype=torch.float32)
-    probe = (probe * example_input.float().std() + example_input.float().mean()).to(example_input.dtype)
+    probe = probe.to(example_input.device) * example_input.float().std() + example_input.float().mean()
+    probe = probe.to(example_input.dtype)
     probe = probe.contiguous(memory_format=torch.channels_last) \
         if example_input.is_contiguous(memory_format=torch.channels_last) else probe
     with torch.no_grad():
