@@ -672,12 +672,34 @@ def test_a_wrong_result_on_tiny_outputs_is_not_passed_by_the_absolute_tolerance(
 
 
 class _Zeros(nn.Module):
-    def __init__(self, inner):
+    def __init__(self, inner, factor=0.0):
         super().__init__()
         self.inner = inner
+        self.factor = factor
 
     def forward(self, x):
-        return self.inner(x) * 0
+        return self.inner(x) * self.factor
+
+
+def test_a_result_one_percent_off_on_tiny_outputs_is_refused(monkeypatch):
+    """Mutation testing: only an all-zero result was tested, so a relative limit of 5% instead of 0.1% for float32
+    went unnoticed. 1% off is a different computation, not float32 rounding (~1e-7)."""
+    import vitzoo.inference as vi
+
+    real = vi._build_eager
+
+    def scaled(model, example_input, rewrite):
+        deployed = real(model, example_input, rewrite)
+        deployed.model = _Zeros(deployed.model, factor=1.01)
+        return deployed
+
+    monkeypatch.setattr(vi, "_build_eager", scaled)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-5)
+        model[0].bias.zero_()
+    with pytest.raises(RuntimeError, match=r"within the tolerance 0\.0001 but 0\.01 of the original's largest output"):
+        deploy(model, torch.randn(1, 3, 8, 8), backend="eager")
 
 
 def test_onnxruntime_backend_refuses_gpu_tensors_before_touching_the_model():
@@ -738,3 +760,56 @@ def test_deploy_runs_reference_and_check_under_full_fp32_precision(monkeypatch):
     deploy(Probe(), torch.randn(1, 3, 8, 8))
     assert entered == [torch.device("cpu")] * 2  # the reference and the check
     assert forwards[0] and forwards[-1]  # the original's forward and the deployed model's forward in the check
+
+
+class _InPlaceStatement(nn.Module):
+    """``y.add_(...)`` as a statement (its return value unused), and an in-place ReLU likewise."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.a(x) * 1.0
+        y.add_(self.b(x))
+        self.act(y)
+        return y
+
+
+def test_eager_keeps_in_place_statements_whose_result_is_unused():
+    """Found by mutation testing: torch.fx's dead-code elimination removed ``y.add_(z)`` and ``act(y)`` whose
+    results were unused, so the eager backend's output lacked them (deploy's check then refused the model, and with
+    verify=False it was silently wrong by ~3)."""
+    torch.manual_seed(0)
+    model, x = _InPlaceStatement().eval(), torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        expected = F.relu(model.a(x) + model.b(x))
+    deployed = deploy(model, x, backend="eager", verify=False)
+    assert any("oneDNN pre-packed" in o for o in deployed.optimizations), deployed.optimizations
+    torch.testing.assert_close(deployed(x), expected, atol=1e-5, rtol=0)
+
+
+class _AliasedAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        keep = y
+        out = y.add_(self.conv(x))  # writes into y, which `keep` also names
+        return keep * 2 + out
+
+
+def test_eager_in_place_add_into_an_aliased_tensor():
+    """Mutation testing: fusing ``y.add_(conv(x))`` into the conv (whose output would then be a new tensor) went
+    unnoticed; ``keep`` must see the addition."""
+    torch.manual_seed(0)
+    model, x = _AliasedAdd().eval(), torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        y = torch.relu(model.stem(x)) + model.conv(x)
+    deployed = deploy(model, x, backend="eager", verify=False)
+    torch.testing.assert_close(deployed(x), 3 * y, atol=1e-5, rtol=0)

@@ -293,6 +293,20 @@ def _fuse_relus(gm: fx.GraphModule, packed: Dict[fx.Node, PackedConv2d], modules
     return fused
 
 
+def _eliminate_dead_code(gm: fx.GraphModule) -> None:
+    """Remove nodes whose results nothing uses, keeping every in-place statement.
+
+    ``fx.Graph.eliminate_dead_code`` treats ``y.add_(z)`` or ``nn.ReLU(inplace=True)(y)`` whose return value is
+    not used as dead and removes it, although it writes into ``y``: a model doing ``y.add_(other)`` as a statement
+    lost the addition.
+    """
+    modules = dict(gm.named_modules())
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op in ("placeholder", "output") or node.users or node.is_impure() or _mutates_in_place(node, modules):
+            continue
+        gm.graph.erase_node(node)
+
+
 def onednn_rewrite(model: nn.Module, example_input: torch.Tensor) -> Tuple[nn.Module, List[str]]:
     """Trace ``model`` with torch.fx and swap its convolutions for fused, pre-packed oneDNN ones.
 
@@ -323,7 +337,7 @@ def onednn_rewrite(model: nn.Module, example_input: torch.Tensor) -> Tuple[nn.Mo
         return model, ["oneDNN rewrite skipped: no plain nn.Conv2d found"]
     n_add = _fuse_residual_adds(gm, packed, modules)
     n_relu = _fuse_relus(gm, packed, modules)
-    gm.graph.eliminate_dead_code()
+    _eliminate_dead_code(gm)
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
