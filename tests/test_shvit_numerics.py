@@ -35,6 +35,8 @@ def variant_pair(request):
     variant = request.param
     torch.manual_seed(0)
     ours = randomize_norms(timm.create_model(variant)).eval()
+    with torch.no_grad():  # a trained head's bias (init is 0, which hid a fuse() that dropped it)
+        ours.head.l.bias.normal_(0, 0.5)
     ref = _timm_reference(variant).eval()
     ref.load_state_dict(ours.state_dict(), strict=True)
     return variant, ours, ref
@@ -47,6 +49,24 @@ def test_matches_timm_builtin(variant_pair):
     out = ours(x)
     assert out.shape == (2, 1000)
     assert (out - ref(x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize('variant', ['shvit_s1', 'shvit_s4'])
+def test_norm_init_matches_timm_builtin(variant):
+    # norm scales are initialised to constants (0 for the last BN of residual branches), so training from scratch
+    # starts where timm's built-in SHViT starts; the random conv / linear weights are not compared
+    ours, ref = timm.create_model(variant).state_dict(), _timm_reference(variant).state_dict()
+    assert ours.keys() == ref.keys()
+    norm_keys = [k for k in ours if k.rsplit('.', 1)[-1] in ('running_mean', 'running_var')]
+    checked = 0
+    for key in norm_keys:
+        prefix = key.rsplit('.', 1)[0]
+        for name in ('weight', 'bias', 'running_mean', 'running_var'):
+            torch.testing.assert_close(ours[f'{prefix}.{name}'], ref[f'{prefix}.{name}'], rtol=0, atol=0,
+                                       msg=lambda m, k=f'{prefix}.{name}': f'{k}: {m}')
+            checked += 1
+    assert checked > 100
+    assert any(not ours[k.rsplit('.', 1)[0] + '.weight'].any() for k in norm_keys)  # zero-init scales exist
 
 
 def test_param_counts(variant_pair):
