@@ -164,6 +164,46 @@ def test_pareto_front_by_hand():
     assert [p[0] for p in pareto_front(pts)] == ["a", "d", "e"]
 
 
+def test_pareto_front_ties():
+    # mutation testing: the hand test's tied point was also dominated by another point, so "or" vs "and" in the
+    # strictness condition went unnoticed. A tie in one axis is dominated by being better in the other.
+    assert [p[0] for p in pareto_front([("b", 2, 50), ("c", 2, 40)])] == ["b"]  # same FLOPs: the faster one
+    assert [p[0] for p in pareto_front([("x", 1, 10), ("y", 3, 10)])] == ["y"]  # same speed: more FLOPs
+    assert [p[0] for p in pareto_front([("p", 2, 10), ("q", 2, 10)])] == ["p", "q"]  # equal: neither dominates
+
+
+def test_timing_throughputs_from_round_times():
+    from vitzoo.speed import Timing
+
+    t = Timing(8, 1, [0.1, 0.2, 0.4, 0.8])  # batch 8, one call per round, four rounds
+    assert t.latency_ms == pytest.approx(300.0)  # median of 0.2 and 0.4 s
+    assert t.throughput == pytest.approx(8 / 0.3)
+    assert t.best_throughput == pytest.approx(80.0)  # the fastest round
+
+
+def test_fastest_path_is_the_fastest_deployed_backend(monkeypatch):
+    """Mutation testing: picking the slowest backend went unnoticed (the stand-in had one working backend)."""
+    import time as _time
+
+    def deploy(model, example_input=None, backend="eager", rtol=0.0):
+        model = model.eval()
+        if backend == "eager":
+            return model
+
+        def slow(x):
+            _time.sleep(0.01)
+            return model(x)
+        return slow
+
+    _stand_in_for_deploy(monkeypatch, deploy)
+    (row,) = compare(["shvit_s1"], img_size=32, batch_size=1, rounds=3, threads=1, devices=["cpu"],
+                     backends=["eager", "torchscript"], progress=False)
+    by_path = row["throughput_by_path"]
+    assert set(by_path) == {"default", "eager", "torchscript"}, by_path
+    assert by_path["eager"] > by_path["torchscript"]  # 10 ms of sleep per call
+    assert row["fastest_backend"] == "eager" and row["throughput_fastest"] == by_path["eager"]
+
+
 def test_unknown_name_lists_closest_matches(capsys):
     code, out, err = _cli(capsys, "shvit_s9", "--no-speed")
     assert code == 2
