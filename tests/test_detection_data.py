@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from vitzoo.detection.data import CocoDetectionFolder, DatasetError, collate_detection, hflip, worker_error_message
+from vitzoo.detection.data import (CocoDetectionFolder, DatasetError, boxes_as_trained, collate_detection, hflip,
+                                   worker_error_message)
 from vitzoo.detection.evaluate import evaluate_coco
 from vitzoo.detection.synthetic import make_shapes_dataset
 
@@ -347,3 +348,11 @@ def test_worker_errors_unwrap_to_the_original_message(shapes, tmp_path):
     assert 'DataLoader worker' in text  # what torch re-raises
     assert unwrapped == str(direct.value) == worker_error_message(direct.value)
     assert worker_error_message(OSError('plain')) == 'plain'
+
+
+def test_boxes_are_clamped_in_y_to_the_image_height():
+    """Mutation testing: only the x overflow was tested, so clamping y to the width (80) instead of the height (64)
+    went unnoticed. On the 80x64 image, [10, 50, 20, 30] reaches y = 80 and is clamped to y = 64."""
+    xyxy = boxes_as_trained([[10, 50, 20, 30], [70, 0, 30, 10]], 80, 64)
+    assert xyxy.tolist() == [[10, 50, 30, 64], [70, 0, 80, 10]]
+    assert boxes_as_trained([[0, 0, 10, 10]], [80], [4]).tolist() == [[0, 0, 10, 4]]
