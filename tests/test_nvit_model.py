@@ -298,3 +298,104 @@ def test_non_square_checkpoint_resampled_from_its_recorded_size(tmp_path):
     with pytest.raises(ValueError, match=r'6 patch tokens, which is not a square grid.*local-dir:'):
         timm.create_model('nvit_b', **dict(SMALL, dims=DIMS), pretrained=True,
                           pretrained_cfg_overlay=dict(file=str(tmp_path / 'hf' / 'model.safetensors')))
+
+
+def _plain_nvit_forward(m, x, scales):
+    """Distilled NViT forward written with plain tensor ops from the state dict (explicit softmax over keys)."""
+    sd = {k: v.detach() for k, v in m.state_dict().items()}
+    eps = m.norm.eps
+    t = torch.nn.functional.conv2d(x, sd['patch_embed.proj.weight'], sd['patch_embed.proj.bias'], stride=16)
+    t = t.flatten(2).transpose(1, 2)
+    B = t.shape[0]
+    t = torch.cat([sd['cls_token'].expand(B, -1, -1), sd['dist_token'].expand(B, -1, -1), t], 1) + sd['pos_embed']
+    N, C = t.shape[1], t.shape[2]
+    dims = m.dims
+    for i in range(dims.depth):
+        p = f'blocks.{i}.'
+        heads, qk, v_w = dims.heads[i], dims.qk_dim[i], dims.v_dim[i]
+        h = torch.nn.functional.layer_norm(t, (C,), sd[p + 'norm1.weight'], sd[p + 'norm1.bias'], eps)
+        qkv = h @ sd[p + 'attn.qkv.weight'].T + sd[p + 'attn.qkv.bias']
+        if p + 'attn.token_mask' in sd:
+            qkv = qkv * sd[p + 'attn.token_mask']
+        q = qkv[..., :heads * qk].reshape(B, N, heads, qk).permute(0, 2, 1, 3)
+        k = qkv[..., heads * qk:2 * heads * qk].reshape(B, N, heads, qk).permute(0, 2, 1, 3)
+        v = qkv[..., 2 * heads * qk:].reshape(B, N, heads, v_w).permute(0, 2, 1, 3)
+        logits = torch.einsum('bhqd,bhkd->bhqk', q, k) * scales[i]
+        weights = logits.exp() / logits.exp().sum(-1, keepdim=True)  # normalised over the keys
+        a = torch.einsum('bhqk,bhkd->bhqd', weights, v).permute(0, 2, 1, 3).reshape(B, N, heads * v_w)
+        t = t + a @ sd[p + 'attn.proj.weight'].T + sd[p + 'attn.proj.bias']
+        h = torch.nn.functional.layer_norm(t, (C,), sd[p + 'norm2.weight'], sd[p + 'norm2.bias'], eps)
+        h = torch.nn.functional.gelu(h @ sd[p + 'mlp.fc1.weight'].T + sd[p + 'mlp.fc1.bias'])
+        t = t + h @ sd[p + 'mlp.fc2.weight'].T + sd[p + 'mlp.fc2.bias']
+    t = torch.nn.functional.layer_norm(t, (C,), sd['norm.weight'], sd['norm.bias'], eps)
+    cls = t[:, 0] @ sd['head.weight'].T + sd['head.bias']
+    dist = t[:, 1] @ sd['head_dist.weight'].T + sd['head_dist.bias']
+    return (cls + dist) / 2
+
+
+def test_unfused_attention_matches_fused_with_uneven_block_dims():
+    """The explicit-softmax path (fused_attn=False) must give the fused path's output, block dims all different."""
+    torch.manual_seed(0)
+    dims = nvit.NViTDims(32, (2, 1), (8, 16), (16, 8), (64, 48))
+    m = timm.create_model('nvit_b', dims=dims, img_size=64, num_classes=7).eval()
+    for p in m.parameters():
+        p.data.normal_(0, 0.2)  # far from uniform attention, so that a wrong softmax axis shows
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.attn.fused_attn = True
+        fused = m(x)
+        for blk in m.blocks:
+            blk.attn.fused_attn = False
+        unfused = m(x)
+        reference = _plain_nvit_forward(m, x, [64 ** -0.5] * 2)
+    torch.testing.assert_close(unfused, fused, atol=1e-5, rtol=0)
+    torch.testing.assert_close(unfused, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_attn_scale_none_is_per_head_qk_width():
+    """attn_scale=None: block i scales logits by qk_dim[i] ** -0.5, qk_dim being the per-head q/k width."""
+    torch.manual_seed(0)
+    # per-head q/k widths 4 and 16 (totals 8 and 16), v widths 16 and 4: scales 1/2 and 1/4 by hand
+    dims = nvit.NViTDims(32, (2, 1), (4, 16), (16, 4), (64, 48))
+    # built directly: timm.create_model drops None-valued kwargs, so attn_scale=None would become the default
+    m = nvit.NViT(dims, img_size=64, num_classes=7, attn_scale=None).double().eval()
+    for p in m.parameters():
+        p.data.normal_(0, 0.2)
+    assert [blk.attn.scale for blk in m.blocks] == [0.5, 0.25]
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        out = m(x)
+        expected = _plain_nvit_forward(m, x, [0.5, 0.25])
+        wrong = _plain_nvit_forward(m, x, [0.25, 0.5])  # the v widths' scales
+    assert (wrong - expected).abs().max() > 1e-4  # far above the tolerance below: the test tells them apart
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
+
+
+def test_non_square_state_dict_without_size_record_loads_at_its_own_size():
+    """A 10x12-grid state dict (120 tokens: no square grid) with no config loads unchanged into a 160x192 model.
+
+    num_classes=10 in the cfg overlay too, else timm drops the 10-class heads as a classifier-size change."""
+    torch.manual_seed(0)
+    src = small(img_size=(160, 192))
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    model = timm.create_model('nvit_b', **dict(SMALL, img_size=(160, 192)), pretrained=True,
+                              pretrained_cfg_overlay=dict(state_dict=sd, num_classes=10)).eval()
+    torch.testing.assert_close(model.pos_embed.detach(), src.pos_embed.detach(), atol=0, rtol=0)
+    x = torch.randn(2, 3, 160, 192)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x), atol=0, rtol=0)
+
+
+def test_from_vit_uses_the_vits_head_dim_for_the_scale():
+    """head_dim 32 (96 wide, 3 heads): the converted model must scale by 32 ** -0.5, as the ViT does."""
+    torch.manual_seed(0)
+    vit = timm.create_model('vit_tiny_patch16_224', embed_dim=96, num_heads=3, depth=2, num_classes=5).eval()
+    assert vit.blocks[0].attn.head_dim == 32
+    for blk in vit.blocks:
+        blk.attn.qkv.weight.data.normal_(0, 0.1)  # attention logits of order one, so that the scale matters
+    model = nvit.from_vit(vit)
+    assert [blk.attn.scale for blk in model.blocks] == [32 ** -0.5] * 2
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), vit(x), atol=1e-5, rtol=0)
