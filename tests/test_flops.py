@@ -374,3 +374,155 @@ def test_convmixer_and_half_precision_figures_of_the_docs():
     assert round(count_flops(timm.create_model("resnet18").half()).total / 1e6, 2) == 1819.07
     assert round(count_flops("resnet18").total / 1e6, 2) == 1814.10
     assert round(count_flops("tf_efficientnet_b0").total / 1e6, 2) == 385.88
+
+
+# ---- hand counts for handles the tests above leave ambiguous (non-square operands, L != S, per-mode constants)
+
+
+class _Attention(nn.Module):
+    """q [B=3, H=2, L=5, E=8] from the input against k [3, 2, S=7, 8], v [3, 2, 7, Ev=6]: no two sizes equal."""
+
+    def __init__(self, mask: str, explicit: bool = False):
+        super().__init__()
+        self.mask, self.explicit = mask, explicit
+        self.k = nn.Parameter(torch.randn(3, 2, 7, 8))
+        self.v = nn.Parameter(torch.randn(3, 2, 7, 6))
+        self.bias = nn.Parameter(torch.randn(5, 7))  # additive float mask, broadcast over batch and heads
+        self.register_buffer("hidden", torch.ones(5, 7, dtype=torch.bool).triu(1))  # is_causal, top-left aligned
+
+    def forward(self, q):
+        if not self.explicit:
+            return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=self.bias if self.mask == "add" else None,
+                                                  is_causal=self.mask == "causal")
+        scores = (q * 8 ** -0.5) @ self.k.transpose(-2, -1)
+        if self.mask == "add":
+            scores = scores + self.bias
+        elif self.mask == "causal":
+            scores = scores.masked_fill(self.hidden, float("-inf"))
+        return scores.softmax(-1) @ self.v
+
+
+@pytest.mark.parametrize("mask", ["none", "add", "causal"])
+def test_sdpa_elementwise_count_with_mask_and_cross_attention(mask):
+    """Hand count with L=5 != S=7 and E=8 != Ev=6: matmuls B*H*L*S*(E+Ev), scaling q one per element of q
+    (B*H*L*E, not of k), softmax one per score and the mask (added or filled) one more per score."""
+    b, h, L, s, e, ev = 3, 2, 5, 7, 8, 6
+    scores = b * h * L * s
+    expected = scores * (e + ev) + b * h * L * e + scores * (2 if mask != "none" else 1)
+    assert expected == {"none": 3390, "add": 3600, "causal": 3600}[mask]
+    fused = _Attention(mask)
+    explicit = _Attention(mask, explicit=True)
+    explicit.load_state_dict(fused.state_dict())
+    x = torch.randn(3, 2, 5, 8)
+    torch.testing.assert_close(explicit(x), fused(x), atol=1e-5, rtol=1e-5)  # the same maths
+    assert count_flops(fused, (2, 5, 8), batch_size=3, elementwise=True).total == expected
+    # the explicit path, counted op by op (mul, matmul, add / masked_fill, softmax, matmul), gives the same number
+    assert count_flops(explicit, (2, 5, 8), batch_size=3, elementwise=True).total == expected
+    # without elementwise ops only the two products count
+    assert count_flops(fused, (2, 5, 8), batch_size=3).total == scores * (e + ev)
+
+
+class _NonSquareProducts(nn.Module):
+    def __init__(self, op: str):
+        super().__init__()
+        self.op = op
+        self.a = nn.Parameter(torch.randn(2, 3, 4))
+        self.b = nn.Parameter(torch.randn(2, 4, 5))
+        self.c = nn.Parameter(torch.randn(2, 3, 5) if op == "baddbmm" else torch.randn(3, 5))
+
+    def forward(self, x):
+        return getattr(torch, self.op)(self.c, self.a, self.b)
+
+
+@pytest.mark.parametrize("op", ["baddbmm", "addbmm"])
+def test_batched_products_with_non_square_operands(op):
+    """a [2, 3, 4] @ b [2, 4, 5]: 2 batches x (3 x 5) outputs x 4 multiply-adds = 120, whether the batches are kept
+    (baddbmm, added to c [2, 3, 5]) or summed (addbmm, added to c [3, 5]); the addition is not counted."""
+    report = count_flops(_NonSquareProducts(op), (3, 4, 4))
+    assert report.total == 2 * 3 * 4 * 5 == 120
+    assert report.by_operator == {op: 120}
+
+
+@pytest.mark.parametrize("mode, dims, per_output", [
+    ("bicubic", 2, 16),  # 4 x 4 input points per output element
+    ("trilinear", 3, 8),  # 2 x 2 x 2
+    ("linear", 1, 2),
+    ("nearest", 1, 1),
+])
+def test_interpolation_modes_count_their_documented_points_per_output(mode, dims, per_output):
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Upsample(scale_factor=2, mode=mode)
+
+        def forward(self, x):  # x: [2, 3, 4, 6]
+            if dims == 1:
+                x = x.flatten(2)  # [2, 3, 24]
+            elif dims == 3:
+                x = x.unsqueeze(2)  # [2, 3, 1, 4, 6]
+            return self.up(x)
+
+    outputs = {1: 2 * 3 * 48, 2: 2 * 3 * 8 * 12, 3: 2 * 3 * 2 * 8 * 12}[dims]
+    assert Up()(torch.randn(2, 3, 4, 6)).numel() == outputs
+    report = count_flops(Up(), (3, 4, 6), batch_size=2)
+    assert report.total == per_output * outputs
+    assert not report.unknown_ops
+
+
+def test_bilinear_layer_counts_both_input_features():
+    """nn.Bilinear(4, 5, 6) at batch 3: each of the 3 x 6 outputs is x1^T W_o x2, 4 x 5 multiply-adds; the bias
+    addition is not counted (as for Linear)."""
+    class Bi(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bi = nn.Bilinear(4, 5, 6)
+
+        def forward(self, x):  # x: [3, 1, 1, 9]
+            return self.bi(x[:, 0, 0, :4], x[:, 0, 0, 4:])
+
+    report = count_flops(Bi(), (1, 1, 9), batch_size=3)
+    assert report.total == 3 * 6 * 4 * 5 == 360
+    assert report.by_operator == {"bilinear": 360}
+
+
+def test_max_reduction_counts_one_per_input_element():
+    """torch.max(x) over all of x [2, 3, 4, 5]: 120 comparisons for one output element; the elementwise max of
+    two equal shapes, one per element (120 more)."""
+    class Max(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.other = nn.Parameter(torch.randn(2, 3, 4, 5))
+
+        def forward(self, x):
+            return x.max(), torch.max(x, self.other)
+
+    report = count_flops(Max(), (3, 4, 5), batch_size=2, elementwise=True)
+    assert report.total == report.by_operator["max"] == 120 + 120
+    assert count_flops(Max(), (3, 4, 5), batch_size=2).uncounted == {"aten::max": 2}
+
+
+def test_batchnorm_after_one_of_two_calls_of_a_conv_is_not_paired():
+    """The conv runs twice and the norm follows only its first call: folding would apply the norm to the second
+    call as well, so no pair may be found, and fold_batchnorms leaves the model (and its output) as it is."""
+    from vitzoo.batchnorm_folding import _find_pairs, fold_batchnorms
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.conv(self.bn(self.conv(x)))
+
+    model = Twice().eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    model.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 4, 6, 6)
+    pairs, output = _find_pairs(model, x)
+    assert pairs == {}
+    folded, n = fold_batchnorms(model, x)
+    assert n == 0 and folded is model
+    torch.testing.assert_close(folded(x), model(x), atol=0, rtol=0)
+    report = count_flops(model, (4, 6, 6))
+    assert report.by_operator["batch_norm"] > 0 and report.params_fused == report.params
