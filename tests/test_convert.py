@@ -121,6 +121,12 @@ def test_card_of_a_verified_file_and_of_another_class_count(shvit_official, tmp_
     metadata, _ = read_safetensors_metadata(out / "model.safetensors")
     assert metadata["tag"] == "converted"
     assert "72.8%" not in (out / "README.md").read_text()
+    # an explicit --num-classes 1000 is the release's class count: still the release (mutation testing), and the
+    # sha256 is compared without regard to case
+    out = convert_checkpoint(src, "shvit_s1", tmp_path / "explicit", num_classes=1000,
+                             sha256=sha256_file(src).upper(), flops=False)
+    metadata, _ = read_safetensors_metadata(out / "model.safetensors")
+    assert metadata["tag"] == "in1k_official" and "top-1 72.8%" in (out / "README.md").read_text()
 
 
 def test_nvit_official_roundtrip(tmp_path):
