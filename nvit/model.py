@@ -75,7 +75,7 @@ class NViT(nn.Module):
             global_pool: str = 'token',
             distilled: bool = True,
             token_mask: bool = False,
-            attn_scale: Optional[float] = 64 ** -0.5,
+            attn_scale: Union[float, str, None] = 64 ** -0.5,
             qkv_bias: bool = True,
             dynamic_img_size: bool = False,
             dynamic_img_pad: bool = False,
@@ -99,7 +99,8 @@ class NViT(nn.Module):
             global_pool: 'token' (class / distillation tokens), 'avg' (mean of patch tokens) or '' (no pooling).
             distilled: Add the DeiT distillation token and a second head (all released NViT models have it).
             token_mask: Add the learned per-token q/k/v scale of the released checkpoints to every block.
-            attn_scale: Attention logit scale for every block; None uses ``qk_dim ** -0.5`` per block.
+            attn_scale: Attention logit scale for every block; ``'per_block'`` (or None) uses ``qk_dim ** -0.5`` per
+                block. Through ``timm.create_model`` pass ``'per_block'``: timm drops keyword arguments set to None.
             qkv_bias: Bias on q/k/v.
             dynamic_img_size: Accept any input size at run time (position embedding and token scales resampled);
                 height and width must be multiples of the patch size unless ``dynamic_img_pad``.
@@ -121,6 +122,10 @@ class NViT(nn.Module):
             raise ValueError('NViT needs dims (NViTDims, dict or JSON string); see nvit.NViTDims.')
         if global_pool not in ('', 'token', 'avg'):
             raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}.")
+        per_block_scale = attn_scale is None or attn_scale == 'per_block'
+        if isinstance(attn_scale, str) and not per_block_scale:
+            raise ValueError(f"attn_scale must be a number or 'per_block' (qk_dim ** -0.5 in each block), got "
+                             f"{attn_scale!r}.")
         self.dims = dims
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -147,7 +152,7 @@ class NViT(nn.Module):
         self.blocks = nn.ModuleList([
             NViTBlock(
                 dims.embed_dim, dims.heads[i], dims.qk_dim[i], dims.v_dim[i], dims.mlp_dim[i],
-                scale=attn_scale if attn_scale is not None else dims.qk_dim[i] ** -0.5,
+                scale=dims.qk_dim[i] ** -0.5 if per_block_scale else attn_scale,
                 qkv_bias=qkv_bias, num_tokens=num_tokens if token_mask else None,
                 proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i],
                 act_layer=act_layer, norm_eps=norm_eps, **dd)

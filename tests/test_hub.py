@@ -1,4 +1,5 @@
 """Loading pretrained weights from a loopback Hub: cfg / hf-hub: routes, .bin fallback, offline reuse, errors."""
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -217,3 +218,16 @@ def test_staged_dir_is_atomic(tmp_path):
     with staged_dir(out, force=True) as tmp:
         (tmp / "b.txt").write_text("b")
     assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == ["b.txt"]
+
+
+def test_expected_sha256_is_compared_without_regard_to_case(tmp_path):
+    # mutation testing: a case-sensitive comparison went unnoticed (sha256 sums are often written upper-case)
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.arange(4.0)}, str(path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    validate_weights_file(path, digest.upper())
+    validate_weights_file(path, digest)
+    with pytest.raises(CorruptWeightsError, match="sha256 mismatch"):
+        validate_weights_file(path, hashlib.sha256(b"other").hexdigest().upper())

@@ -372,6 +372,17 @@ def test_attn_scale_none_is_per_head_qk_width():
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
 
 
+def test_attn_scale_per_block_through_timm():
+    """timm.create_model drops keyword arguments set to None, so attn_scale=None could not reach the model through
+    the factory; 'per_block' can, and means the same."""
+    dims = nvit.NViTDims(32, (2, 1), (4, 16), (16, 4), (64, 48))
+    m = timm.create_model('nvit_b', dims=dims, img_size=64, attn_scale='per_block')
+    assert [blk.attn.scale for blk in m.blocks] == [0.5, 0.25]  # 4 ** -0.5, 16 ** -0.5
+    assert [blk.attn.scale for blk in timm.create_model('nvit_b', dims=dims, img_size=64).blocks] == [0.125] * 2
+    with pytest.raises(ValueError, match="attn_scale must be a number or 'per_block'"):
+        timm.create_model('nvit_b', dims=dims, img_size=64, attn_scale='qk')
+
+
 def test_non_square_state_dict_without_size_record_loads_at_its_own_size():
     """A 10x12-grid state dict (120 tokens: no square grid) with no config loads unchanged into a 160x192 model.
 
