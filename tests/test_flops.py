@@ -526,3 +526,14 @@ def test_batchnorm_after_one_of_two_calls_of_a_conv_is_not_paired():
     torch.testing.assert_close(folded(x), model(x), atol=0, rtol=0)
     report = count_flops(model, (4, 6, 6))
     assert report.by_operator["batch_norm"] > 0 and report.params_fused == report.params
+
+
+def test_elementwise_op_on_scalars_counts_one():
+    """Found by mutation testing: a 0-d result counted 0 (its empty shape was taken for an unknown one), so
+    ``x.max() + x.sum()`` counted nothing for the add. Hand count: max 120 comparisons, add 1."""
+    class Scalars(nn.Module):
+        def forward(self, x):
+            return x.max() + x.sum()
+
+    report = count_flops(Scalars(), (3, 4, 5), batch_size=2, elementwise=True)
+    assert report.by_operator["max"] == 120 and report.by_operator["add"] == 1

@@ -134,9 +134,15 @@ def _recurrent_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     return steps * weights
 
 
+def _elements(value: Any) -> int:
+    """Elements of a traced tensor value (1 for a 0-d tensor; 0 when its shape is unknown)."""
+    shape = get_shape(value)
+    return 0 if shape is None else math.prod(shape)  # math.prod([]) is 1: a scalar is one element
+
+
 def _per_output_element_times(ops: int) -> Any:
     def handle(inputs: List[Any], outputs: List[Any]) -> int:
-        return ops * math.prod(get_shape(outputs[0]) or [0])
+        return ops * _elements(outputs[0])
     return handle
 
 
@@ -165,11 +171,11 @@ MATRIX_OPS: Dict[str, Any] = {
 
 
 def _per_output_element(inputs: List[Any], outputs: List[Any]) -> int:
-    return math.prod(get_shape(outputs[0]) or [0])
+    return _elements(outputs[0])
 
 
 def _per_input_element(inputs: List[Any], outputs: List[Any]) -> int:
-    return math.prod(get_shape(inputs[0]) or [0])
+    return _elements(inputs[0])
 
 
 # Elementwise ops counted with ``elementwise=True``: arithmetic and activations cost one per output element,
