@@ -57,6 +57,10 @@ def test_stems_that_do_not_qualify():
 
     assert stem_chunk_size(Flat().stem, torch.zeros(1, 3, 32, 32)) is None
     assert chunk_stem(Flat(), torch.zeros(16, 3, 32, 32)) is None
+    # exactly at the rule (mutation testing: "at least 4x" vs "more than 4x" went unnoticed): 16 -> 4 channels,
+    # largest activation 16 x 32 x 32 x 4 B = 64 KiB, output 16 KiB: sliced, 2 MiB // 64 KiB = 32 per slice
+    at_rule = nn.Sequential(nn.Conv2d(3, 16, 1), nn.Conv2d(16, 4, 1))
+    assert stem_chunk_size(at_rule, torch.zeros(1, 3, 32, 32)) == 32
 
     class TwoOutputs(nn.Module):  # a stem returning a tuple cannot be concatenated slice by slice
         def __init__(self):
