@@ -537,3 +537,23 @@ def test_elementwise_op_on_scalars_counts_one():
 
     report = count_flops(Scalars(), (3, 4, 5), batch_size=2, elementwise=True)
     assert report.by_operator["max"] == 120 and report.by_operator["add"] == 1
+
+
+def test_data_movement_ops_are_free_not_unknown():
+    """flip / roll / tile / meshgrid / pixel_shuffle / unfold move data only (seen in timm's SAM2-Hiera: tile,
+    Qwen3-ViT: meshgrid): they count nothing and are not reported as ops without a formula. Hand count: the
+    1x1 conv only, 8 x 4 x 16 x 16 = 8192 MACs."""
+    class Moves(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 8, 1, bias=False)
+
+        def forward(self, x):
+            y = self.conv(x.flip(-1).roll(1, dims=2))
+            gy, gx = torch.meshgrid(torch.arange(2), torch.arange(2), indexing="ij")
+            y = y.tile(1, 1, 1, 1) + (gy + gx).sum()
+            return F.pixel_shuffle(y, 2), F.unfold(y, 2)
+
+    report = count_flops(Moves(), (4, 16, 16))
+    assert report.total == 8 * 4 * 16 * 16
+    assert report.unknown_ops == {}, report.unknown_ops

@@ -214,7 +214,8 @@ ELEMENTWISE_OPS["aten::max"] = _per_input_element  # a reduction, or the element
 FREE_OPS = ("aten::reshape_as", "aten::view_as", "aten::expand_as", "aten::repeat", "aten::pad", "aten::clone",
             "aten::movedim", "aten::unflatten", "aten::tensor_split", "aten::pixel_shuffle", "aten::pixel_unshuffle",
             "aten::repeat_interleave", "aten::unfold", "aten::im2col", "aten::col2im", "aten::dropout_",
-            "aten::feature_dropout", "aten::feature_dropout_", "aten::alpha_dropout", "aten::alpha_dropout_")
+            "aten::feature_dropout", "aten::feature_dropout_", "aten::alpha_dropout", "aten::alpha_dropout_",
+            "aten::flip", "aten::roll", "aten::tile", "aten::meshgrid")
 
 
 def _recorded_uncounted(op: str, calls: Counter) -> Any:
