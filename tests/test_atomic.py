@@ -204,3 +204,30 @@ def test_staged_dir_names_a_file_in_the_way_before_any_work(tmp_path):
         with staged_dir(tmp_path / "file" / "sub" / "out"):
             pytest.fail("the body must not run")
     assert os.listdir(tmp_path) == ["file"]
+
+
+def test_a_folder_that_appears_while_staging_is_not_replaced(tmp_path):
+    """Mutation testing: dropping the re-check before the final rename went unnoticed. Another process creating
+    the output folder meanwhile keeps its folder; ours is refused and leaves nothing behind."""
+    out = tmp_path / "out"
+    with pytest.raises(FileExistsError):
+        with staged_dir(out) as tmp:
+            (tmp / "ours.txt").write_text("ours")
+            out.mkdir()
+            (out / "theirs.txt").write_text("theirs")
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
+    assert _leftovers(tmp_path) == []
+
+
+def test_an_unwritable_folder_is_named_before_any_work(tmp_path, monkeypatch):
+    """Mutation testing: the tests run as root, for whom every folder is writable, so the os.access check never
+    decided anything. os.access stands in for a folder this user may not write."""
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(tmp_path) else
+                        real_access(path, mode))
+    with pytest.raises(PermissionError, match=f"folder {tmp_path} is not writable"):
+        check_output_file(tmp_path / "new" / "file.bin", force=False)
+    with pytest.raises(PermissionError, match="is not writable"):
+        with staged_dir(tmp_path / "out"):
+            pass
+    assert list(tmp_path.iterdir()) == []
