@@ -87,6 +87,21 @@ def test_push_refuses_a_folder_whose_licence_was_changed(hub, converted, tmp_pat
     assert hub.requests == [] and hub.repos == {}
 
 
+def test_a_quoted_card_licence_is_the_same_licence(converted, tmp_path):
+    """YAML allows ``license: "mit"``; mutation testing: not stripping the quotes went unnoticed."""
+    from vitzoo.convert import verify_folder
+
+    _, folder = converted
+    quoted = tmp_path / "quoted"
+    quoted.mkdir()
+    for name in ("config.json", "README.md", "model.safetensors"):
+        (quoted / name).write_bytes((folder / name).read_bytes())
+    card = (quoted / "README.md").read_text()
+    (quoted / "README.md").write_text(card.replace("license: mit", 'license: "mit"', 1))
+    assert 'license: "mit"' in (quoted / "README.md").read_text()
+    verify_folder(quoted)  # no licence mismatch
+
+
 def test_push_rejects_bad_repo_id(converted, capsys):
     assert main(["push", str(converted[1]), "--repo", "no-slash"]) == 1
     assert "org/name" in capsys.readouterr().err
@@ -157,3 +172,35 @@ def test_push_refuses_a_malformed_config_in_one_line_before_any_request(hub, con
     assert err.startswith(f"vitzoo push: refusing to upload {broken}: {broken}") and message in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert hub.requests == [] and hub.repos == {}
+
+
+@pytest.mark.parametrize("revision, branch", [("dev", ["dev"]), ("main", []), (None, [])])
+def test_push_to_a_branch_creates_it_and_commits_there(converted, monkeypatch, revision, branch):
+    """Mutation testing: not creating the branch went unnoticed (the loopback Hub has no branch endpoint, so the
+    Hub client is stood in for here)."""
+    import types
+
+    import huggingface_hub
+
+    calls = {"branches": [], "uploads": []}
+
+    class RecordingApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            pass
+
+        def create_branch(self, repo_id, branch, exist_ok=False):
+            calls["branches"].append(branch)
+
+        def upload_folder(self, **kwargs):
+            calls["uploads"].append(kwargs)
+            return types.SimpleNamespace(commit_url=f"https://hub/{kwargs['repo_id']}/commit/1")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    _, folder = converted
+    args = ["push", str(folder), "--repo", "me/shvit_s1"] + (["--revision", revision] if revision else [])
+    assert main(args) == 0
+    assert calls["branches"] == branch
+    assert [u["revision"] for u in calls["uploads"]] == [revision]
