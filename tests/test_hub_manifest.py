@@ -58,6 +58,8 @@ def test_licences_and_paper_numbers(manifest):
     (lambda d: d["weights"][0].update(source_sha256="abc"), r"weights\[0\] \(shvit_s1.in1k\): source_sha256"),
     (lambda d: d["weights"][1].update(license="apache-2.0"), "license differs from its family"),
     (lambda d: d["weights"][2]["metrics"].update(top1=720), r"metrics.top1 must be a percentage"),
+    (lambda d: d["weights"][2]["metrics"].update(top1=0), r"metrics.top1 must be a percentage"),
+    (lambda d: d["weights"][2]["metrics"].update(top5=-1.0), r"metrics.top5 must be a percentage"),
     (lambda d: d["weights"].append(copy.deepcopy(d["weights"][0])), "duplicate entry for shvit_s1.in1k"),
     (lambda d: d["weights"][0].pop("hub_repo"), r"missing fields \['hub_repo'\]"),
     (lambda d: d["weights"][0].update(hub_repo="no-org"), "hub_repo must be 'org/name'"),
