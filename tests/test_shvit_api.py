@@ -230,3 +230,66 @@ def test_check_input_passes_good_input_through():
 def test_in_chans_and_num_classes_without_weights():
     m = timm.create_model('shvit_s1', in_chans=1, num_classes=10).eval()
     assert m(torch.randn(2, 1, 64, 64)).shape == (2, 10)
+
+
+@torch.no_grad()
+def test_reset_classifier_zero_keeps_removed_pooling():
+    # timm: global_pool=None keeps the current pooling; without a head nothing needs pooled features
+    m = timm.create_model('shvit_s1').eval()
+    m.reset_classifier(0, '')
+    m.reset_classifier(0)
+    assert m.global_pool.is_identity()
+    assert m(torch.randn(1, 3, 64, 64)).shape == (1, 320, 1, 1)
+
+
+def test_group_matcher_puts_downsample_with_first_block_of_its_stage(s1):
+    from timm.models._manipulate import group_with_matcher
+    groups = group_with_matcher(s1.named_parameters(), s1.group_matcher(), reverse=False)
+    gid = {name: g for g, names in groups.items() for name in names}
+
+    def group_of(prefix):
+        ids = {g for name, g in gid.items() if name.startswith(prefix + '.')}
+        assert len(ids) == 1, (prefix, ids)
+        return ids.pop()
+
+    # stem, 2 + 4 + 5 blocks (each downsample joins its stage's block 0, as timm's own SHViT), head
+    assert len(groups) == 1 + 2 + 4 + 5 + 1
+    assert group_of('stages.0.blocks.1') < group_of('stages.1.downsample') == group_of('stages.1.blocks.0')
+    assert group_of('stages.1.blocks.0') < group_of('stages.1.blocks.1')
+    assert group_of('stages.1.blocks.3') < group_of('stages.2.downsample') == group_of('stages.2.blocks.0')
+
+
+def test_grad_checkpointing_sets_every_stage_and_uses_checkpoint(monkeypatch):
+    import shvit.stage
+    m = timm.create_model('shvit_s1', num_classes=5).train()
+    assert not any(stage.grad_checkpointing for stage in m.stages)
+    m.set_grad_checkpointing(True)
+    assert [stage.grad_checkpointing for stage in m.stages] == [True, True, True]
+    calls = []
+    real = shvit.stage.checkpoint_seq
+
+    def counting(blocks, x, *args, **kwargs):
+        calls.append(blocks)
+        return real(blocks, x, *args, **kwargs)
+
+    monkeypatch.setattr(shvit.stage, 'checkpoint_seq', counting)
+    m(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert calls == [stage.blocks for stage in m.stages]
+    m.set_grad_checkpointing(False)
+    assert not any(stage.grad_checkpointing for stage in m.stages)
+    calls.clear()
+    m(torch.randn(2, 3, 64, 64))
+    assert calls == []
+
+
+@pytest.mark.parametrize('variant', ['shvit_s1', 'shvit_s2', 'shvit_s3', 'shvit_s4'])
+@torch.no_grad()
+def test_pretrained_cfg_norm_and_pool_size(variant):
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    for tag in ('in1k', 'in1k_official'):
+        cfg = timm.models.get_pretrained_cfg(f'{variant}.{tag}').to_dict()
+        assert tuple(cfg['mean']) == tuple(IMAGENET_DEFAULT_MEAN)
+        assert tuple(cfg['std']) == tuple(IMAGENET_DEFAULT_STD)
+        m = timm.create_model(variant).eval()
+        feats = m.forward_features(torch.zeros(1, *cfg['input_size']))
+        assert tuple(cfg['pool_size']) == tuple(feats.shape[-2:])
