@@ -81,3 +81,11 @@ def test_card_renders_every_placeholder(manifest, tmp_path):
     with pytest.raises(KeyError, match="unknown"):
         render_card(card_fields(entry, manifest), template)
     assert render_template("a {{x}} b", {"x": 1}) == "a 1 b"
+
+
+def test_card_input_size_is_the_counted_one(manifest):
+    """Mutation testing: ignoring the input size FLOPs were counted at (a model converted at another size) went
+    unnoticed; without one the card shows the release's size."""
+    entry = manifest.find("shvit_s4.in1k")
+    assert card_fields(entry, manifest)["input_size"] == "3 x 256 x 256"
+    assert card_fields(entry, manifest, flops=123, input_size=(3, 160, 192))["input_size"] == "3 x 160 x 192"
