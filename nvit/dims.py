@@ -143,7 +143,7 @@ def revit_dims(embed_dim: int) -> NViTDims:
     qk_unit = round(embed_dim * 0.05 / 8)
     if head_unit < 1 or qk_unit < 1:
         raise ValueError(f'revit_dims: embed_dim={embed_dim} is too small for the ReViT rule (it gives zero heads '
-                         f'or zero q/k width); use embed_dim >= 120.')
+                         f'or zero q/k width); use embed_dim >= 101.')
     narrow = (head_unit * 2, qk_unit * 8, embed_dim * 3)
     wide = (head_unit * 4, qk_unit * 16, embed_dim * 6)
     ends = (10, qk_unit * 16, embed_dim * 3)

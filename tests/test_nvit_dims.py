@@ -116,3 +116,34 @@ def test_fvcore_matches_formula():
     fca.unsupported_ops_warnings(False)
     fca.uncalled_modules_warnings(False)
     assert fca.total() == formula_macs(dims, img=64, num_classes=10)
+
+
+def test_from_dict_missing_mlp_key_is_a_value_error_naming_it():
+    """All keys but the MLP width, in either style: a ValueError listing the keys it needs, not a KeyError."""
+    ours = UNEVEN.to_dict()
+    del ours['mlp_dim']
+    with pytest.raises(ValueError, match="'mlp_dim'"):
+        NViTDims.from_dict(ours)
+    official = UNEVEN.to_dict(official=True)
+    del official['MLP']
+    with pytest.raises(ValueError, match="'MLP'"):
+        NViTDims.from_dict(official)
+
+
+def test_numpy_and_torch_scalars_become_python_ints():
+    import numpy as np
+    d = NViTDims(torch.tensor(192), [np.int64(3)], [torch.tensor(64)], (np.int32(32),), [np.int64(768)])
+    assert d == NViTDims(192, [3], [64], [32], [768])
+    assert type(d.embed_dim) is int
+    for name in ('heads', 'qk_dim', 'v_dim', 'mlp_dim'):
+        assert [type(v) for v in getattr(d, name)] == [int]
+    assert d.to_json() == '{"embed_dim":192,"heads":[3],"qk_dim":[64],"v_dim":[32],"mlp_dim":[768]}'
+
+
+def test_revit_dims_smallest_embed_dim():
+    """round(e * 0.005) is 0 up to e = 100 (0.5 rounds half-even to 0) and 1 from 101: the limit is 101."""
+    d = revit_dims(101)
+    assert list(d.heads) == [10, 2, 2, 4, 4, 4, 4, 4, 4, 2, 2, 10]  # head unit round(0.505) = 1
+    assert list(d.qk_dim) == [16, 8, 8, 16, 16, 16, 16, 16, 16, 8, 8, 16]  # q/k unit round(101 / 160) = 1
+    with pytest.raises(ValueError, match=r'too small .*use embed_dim >= 101\.'):
+        revit_dims(100)

@@ -410,3 +410,67 @@ def test_from_vit_uses_the_vits_head_dim_for_the_scale():
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(model(x), vit(x), atol=1e-5, rtol=0)
+
+
+def test_from_vit_keeps_the_vits_train_or_eval_mode():
+    vit = timm.create_model('vit_tiny_patch16_224', depth=2, num_classes=5)
+    model = nvit.from_vit(vit.eval())
+    assert model.training is False
+    assert not any(m.training for m in model.modules())
+    model = nvit.from_vit(vit.train())
+    assert model.training is True
+    assert all(m.training for m in model.modules())
+
+
+def test_from_vit_keeps_the_layernorm_eps():
+    """A ViT with LayerNorm eps 1e-5 (timm's default is 1e-6) and near-constant norm inputs, where the eps matters."""
+    import functools
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        'vit_tiny_patch16_224', embed_dim=64, num_heads=2, depth=2, num_classes=5,
+        norm_layer=functools.partial(nn.LayerNorm, eps=1e-5)).double().eval()
+    assert vit.blocks[0].norm1.eps == 1e-5
+    with torch.no_grad():
+        # tokens of standard deviation about 1e-3: variance 1e-6, so eps 1e-5 vs 1e-6 changes every norm's output
+        vit.patch_embed.proj.weight.mul_(1e-3)
+        vit.patch_embed.proj.bias.zero_()
+        vit.cls_token.normal_(0, 1e-3)
+        vit.pos_embed.normal_(0, 1e-3)
+        for blk in vit.blocks:
+            for layer in (blk.attn.proj, blk.mlp.fc2):
+                layer.weight.mul_(1e-3)
+                layer.bias.zero_()
+        for norm in [vit.norm] + [n for blk in vit.blocks for n in (blk.norm1, blk.norm2)]:
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_(0, 0.1)
+    model = nvit.from_vit(vit)
+    assert [m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)] == [1e-5] * 5
+    x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    with torch.no_grad():
+        expected = vit(x)
+        torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=0)
+        for m in model.modules():  # the check above can tell the eps apart: 1e-6 moves the logits well past 1e-6
+            if isinstance(m, nn.LayerNorm):
+                m.eps = 1e-6
+        assert (model(x) - expected).abs().max().item() > 1e-3
+
+
+def test_from_vit_keeps_distilled_training():
+    """A distilled DeiT in distilled-training mode returns (class logits, distillation logits) in train mode."""
+    torch.manual_seed(0)
+    vit = timm.create_model('deit_tiny_distilled_patch16_224', depth=1, num_classes=5)
+    vit.set_distilled_training(True)
+    x = torch.randn(2, 3, 224, 224)
+    model = nvit.from_vit(vit)
+    assert model.training and model.distilled_training is True
+    with torch.no_grad():
+        expected = vit(x)
+        out = model(x)
+    assert isinstance(expected, tuple) and isinstance(out, tuple) and len(out) == 2
+    for got, want in zip(out, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    vit.set_distilled_training(False)
+    model = nvit.from_vit(vit)
+    assert model.distilled_training is False
+    with torch.no_grad():
+        assert isinstance(vit(x), torch.Tensor) and isinstance(model(x), torch.Tensor)

@@ -351,3 +351,15 @@ def test_classifier_of_another_size_says_which_num_classes(tmp_path):
     model = timm.create_model('nvit_t', pretrained=True, num_classes=10,
                               pretrained_cfg_overlay=dict(file=path, num_classes=10))
     torch.testing.assert_close(model.head.weight, sd['head.weight'], rtol=0, atol=0)
+
+
+def test_no_token_scale_hint_when_other_tensors_are_missing_too(tmp_path):
+    """Only token scales missing: the token_mask=False hint. Token scales and a weight missing: no hint, since
+    token_mask=False would not make that checkpoint load."""
+    sd = make_official('none')
+    del sd['blocks.1.mlp.fc2.weight']
+    path = save_official(tmp_path / 'NViT_no_scales_no_fc2.pth', sd)
+    with pytest.raises(ValueError, match='incomplete') as info:
+        _create(path, token_mask=True, num_classes=7)
+    assert 'token_mask=False' not in str(info.value)
+    assert 'blocks.0.attn.token_mask' in str(info.value)
