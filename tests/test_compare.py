@@ -428,3 +428,63 @@ def test_markdown_has_the_fastest_paths_latency(fake_deploy):
     rows = compare(["shvit_s1"], img_size=64, batch_size=2, rounds=1, threads=1, devices=["cpu"], backends=["eager"])
     header = format_rows(rows, "md").splitlines()[0]
     assert "| ms/batch fastest |" in header
+
+
+def test_paper_params_have_one_decimal_in_md_and_table():
+    # hand values: params 6,330,808 / fused 6,308,660 (shvit/variants.py), SHViT paper Table 2: 241 M, 6.3 M, 72.8
+    rows = compare(["shvit_s1"], speed=False)
+    md = format_rows(rows, "md").splitlines()
+    assert md[2] == "| shvit_s1 | 224x224 | 6.33 | 6.31 | 241.40 | 241 | 6.3 | 72.80 |"
+    table = format_rows(rows, "table").splitlines()
+    header = [c.strip() for c in next(ln for ln in table if "paper params (M)" in ln).strip("┃").split("┃")]
+    (line,) = [ln for ln in table if "shvit_s1" in ln]
+    cells = [c.strip() for c in line.strip("│").split("│")]
+    assert cells[header.index("paper params (M)")] == "6.3"
+    assert cells[header.index("paper FLOPs (M)")] == "241"
+
+
+def test_unknown_ops_in_the_note_and_uncounted_are_sorted():
+    from vitzoo.compare import _row
+    from vitzoo.flops import FlopReport
+
+    report = FlopReport(total=10, params=1, params_fused=1, input_size=(3, 8, 8),
+                        uncounted={"aten::topk": 2, "aten::add": 3, "aten::fft_rfft2": 1})
+    row = _row("mymodel", report, None, None)
+    assert row["note"] == "FLOPs leave out ops with no formula here: aten::fft_rfft2 x1, aten::topk x2"
+    assert list(row["uncounted"]) == ["aten::add", "aten::fft_rfft2", "aten::topk"]
+
+
+def _expand_doc_names(token):
+    """`shvit_s1..s4` -> s1, s2, s3, s4; `deit_tiny/small/base_patch16_224` -> the three DeiTs."""
+    if ".." in token:
+        first, last = token.split("..")
+        prefix = first.rstrip("0123456789")
+        start, stop = int(first[len(prefix):]), int(last.lstrip("abcdefghijklmnopqrstuvwxyz_"))
+        return [f"{prefix}{i}" for i in range(start, stop + 1)]
+    parts = token.split("/")
+    if len(parts) == 1:
+        return parts
+    prefix, first = parts[0].rsplit("_", 1)
+    last, suffix = (parts[-1].split("_", 1) + [""])[:2]
+    suffix = "_" + suffix if suffix else ""
+    return [f"{prefix}_{alt}{suffix}" for alt in [first, *parts[1:-1], last]]
+
+
+def test_default_models_are_the_documented_default_set():
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "flops-and-compare.md").read_text()
+    bullet = doc.split("* **Default set**:", 1)[1]
+    sentence = bullet.split(".\n", 1)[0]  # "with no names, the zoo (...) is compared with ... and `fastvit_t8/t12`"
+    names = [n for token in re.findall(r"`([^`]+)`", sentence) for n in _expand_doc_names(token)]
+    assert names[:4] == ["shvit_s1", "shvit_s2", "shvit_s3", "shvit_s4"]
+    assert len(names) == 15  # "the 15 default models" (make compare)
+    assert list(DEFAULT_MODELS) == names
+
+
+def test_closest_models_ignores_case():
+    from vitzoo.models import closest_models
+
+    assert closest_models("SHVIT_S1")[0] == "shvit_s1"
+    assert closest_models("Efficientvit_M2.some_tag")[0] == "efficientvit_m2"
