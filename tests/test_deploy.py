@@ -796,3 +796,49 @@ def test_eager_in_place_add_into_an_aliased_tensor():
         y = torch.relu(model.stem(x)) + model.conv(x)
     deployed = deploy(model, x, backend="eager", verify=False)
     torch.testing.assert_close(deployed(x), 3 * y, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif("onnxruntime" not in available_backends(), reason="onnxruntime not installed")
+def test_onnxruntime_backend_refuses_another_height_at_the_same_width():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    deployed = deploy(model, torch.randn(1, 3, 32, 32), backend="onnxruntime")
+    with pytest.raises(ValueError, match=r"'onnxruntime' was deployed for 32x32 inputs.*got 24x32"):
+        deployed(torch.randn(1, 3, 24, 32))
+    with pytest.raises(ValueError, match=r"'onnxruntime' was deployed for 32x32 inputs.*got 32x24"):
+        deployed(torch.randn(1, 3, 32, 24))
+
+
+def test_default_example_input_of_a_bf16_model_is_bf16():
+    from vitzoo.inference import default_example_input
+
+    torch.manual_seed(0)
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                        nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    model.pretrained_cfg = {"input_size": (3, 16, 16)}
+    bf16 = model.to(torch.bfloat16)
+    example = default_example_input(bf16, batch_size=2)
+    assert example.dtype == torch.bfloat16 and tuple(example.shape) == (2, 3, 16, 16)
+    deployed = deploy(bf16, atol=0.05)  # no example: the cfg's size in the model's own dtype
+    x = torch.randn(2, 3, 16, 16, dtype=torch.bfloat16)
+    torch.testing.assert_close(deployed(x).float(), _reference(bf16, x).float(), atol=0.05, rtol=0)
+
+
+@pytest.mark.skipif("torchscript" not in available_backends(), reason="no TorchScript in this torch")
+def test_torchscript_shape_cache_keeps_the_last_four_shapes():
+    from vitzoo.torchscript_backend import TorchScriptModule
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    deployed = deploy(model, torch.randn(1, 3, 8, 8), backend="torchscript")
+    cache = deployed.model._traced
+    assert TorchScriptModule.max_cached_shapes == 4
+    sizes = [8, 10, 12, 14, 16]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for size in sizes:
+            x = torch.randn(1, 3, size, size)
+            torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)
+    held = [key[0][2] for key in cache]
+    assert len(cache) == 4
+    assert held == sizes[1:]  # the oldest (8x8, the example's) was evicted, the newest kept

@@ -269,3 +269,91 @@ def test_export_check_is_relative_for_tiny_outputs(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match=r"a different result, not rounding; nothing was written"):
         export_verified_onnx(model, tmp_path / "m.onnx", img_size=16)
     assert not (tmp_path / "m.onnx").exists()
+
+
+class _TimesTracedBatch(nn.Module):
+    """Multiplies by the batch size read as a Python float: the trace bakes in the example's batch (1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x) * float(x.shape[0])
+
+
+def test_export_verification_covers_batch_3(tmp_path, recwarn):
+    """The graph is right at batch 1 only (x3 in PyTorch at batch 3, x1 in ONNX Runtime): a batch-3 check fails."""
+    torch.manual_seed(0)
+    model = _TimesTracedBatch().eval()
+    with pytest.raises(ExportError, match=r"at batch sizes \(1, 3\); nothing was written"):
+        export_verified_onnx(model, tmp_path / "m.onnx", img_size=8)
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_diff_just_above_atol_is_refused(tmp_path, monkeypatch):
+    import vitzoo.onnx_runtime
+
+    # 2e-4 against atol 1e-4, at a scale of 10 (2e-5 relative, so not the "different result" branch either)
+    monkeypatch.setattr(vitzoo.onnx_runtime, "max_abs_diff_and_scale", lambda *a, **k: (2e-4, 10.0))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()).eval()
+    with pytest.raises(ExportError, match=r"max abs diff 0.0002 \(> 0.0001\)"):
+        export_verified_onnx(model, tmp_path / "m.onnx", img_size=8, atol=1e-4)
+    assert os.listdir(tmp_path) == []
+
+
+class _ReshapeToRows(nn.Module):
+    """Ends in reshape(-1, n): ONNX shape inference cannot tell that the output's first dim is the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x).reshape(-1, 4 * 6 * 6)
+
+
+def test_export_onnx_output_batch_axis_is_dynamic():
+    from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx
+
+    torch.manual_seed(0)
+    model = _ReshapeToRows().eval()
+    data = export_onnx(model, torch.randn(1, 3, 8, 8))
+    proto = onnx.load_from_string(data)
+    out_dim = proto.graph.output[0].type.tensor_type.shape.dim[0]
+    assert out_dim.dim_param == "batch" and not out_dim.dim_value
+    x = torch.randn(3, 3, 8, 8)
+    y = OnnxRuntimeModule(data, num_threads=1)(x)
+    with torch.no_grad():
+        torch.testing.assert_close(y, model(x), atol=1e-5, rtol=0)
+
+
+def test_onnxruntime_module_default_threads_follow_torch():
+    from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx
+
+    data = export_onnx(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), torch.randn(1, 3, 8, 8))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        session = OnnxRuntimeModule(data)
+        assert session.num_threads == 2
+        assert session.session.get_session_options().intra_op_num_threads == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_max_abs_diff_keeps_the_worst_input_not_the_last():
+    from vitzoo.onnx_runtime import max_abs_diff, max_abs_diff_and_scale
+
+    reference = nn.Identity()
+
+    class WrongOnFirstCall(nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return x + 0.5 if self.calls == 1 else x.clone()
+
+    inputs = [torch.zeros(1, 3), torch.full((1, 3), 2.0), torch.ones(1, 3)]
+    assert max_abs_diff_and_scale(reference, WrongOnFirstCall(), inputs) == (0.5, 2.0)
+    assert max_abs_diff(reference, WrongOnFirstCall(), inputs) == 0.5
