@@ -98,3 +98,19 @@ def test_rng_state_of_older_checkpoints_still_loads(monkeypatch):
     _patch_rng(monkeypatch, one)
     checkpoint.set_rng_state(state)  # IndexError before
     assert torch.equal(one.states[0], older[0])
+
+
+@pytest.mark.parametrize('current,expected', [(0, 0), (1, 1), (2, None)])
+def test_older_rng_state_list_restores_the_current_gpus_entry(monkeypatch, current, expected):
+    """A list-format state (one per GPU) restores the entry of the GPU this process uses, none past the list."""
+    older = [torch.full((8,), 20 + i, dtype=torch.uint8) for i in range(2)]
+    state = dict(checkpoint.get_rng_state(), cuda=older)
+    _patch_rng(monkeypatch, _FakeCudaRng(3))
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: current)
+    set_states = []
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda s, device='cuda': set_states.append(s.clone()))
+    checkpoint.set_rng_state(state)
+    if expected is None:
+        assert set_states == []
+    else:
+        assert len(set_states) == 1 and torch.equal(set_states[0], older[expected])

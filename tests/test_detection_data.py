@@ -356,3 +356,73 @@ def test_boxes_are_clamped_in_y_to_the_image_height():
     xyxy = boxes_as_trained([[10, 50, 20, 30], [70, 0, 30, 10]], 80, 64)
     assert xyxy.tolist() == [[10, 50, 30, 64], [70, 0, 80, 10]]
     assert boxes_as_trained([[0, 0, 10, 10]], [80], [4]).tolist() == [[0, 0, 10, 4]]
+
+
+def test_recall_stats_are_named_as_pycocotools_orders_them(tmp_path):
+    """AR1 / AR10 / AR100 differ when the best box is ranked low; each is checked against COCOeval run directly on
+    the same detections, and against hand values."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    ds = _one_square(tmp_path)  # ground truth: xywh [10, 10, 60, 60]
+    # rank 1: moved 18 px (IoU 42/78 = 0.54: a hit at 0.50 only); rank 2: moved 8 px (IoU 52/68 = 0.76: a hit at
+    # 0.50 ... 0.75); ranks 3..10: false positives; rank 11: the exact box (a hit at every threshold)
+    xywh = [[28, 10, 60, 60], [18, 10, 60, 60]] + [[120 + 4 * i, 120, 30, 30] for i in range(8)] + [[10, 10, 60, 60]]
+    scores = [0.9, 0.8] + [0.7 - 0.05 * i for i in range(8)] + [0.1]
+    boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in xywh], dtype=torch.float32)
+    model = _Fixed(boxes=boxes, labels=torch.ones(len(xywh), dtype=torch.long), scores=torch.tensor(scores))
+    stats = evaluate_coco(model, ds, progress=False)['bbox']
+    # by hand: AR1 = 1/10 thresholds, AR10 = 6/10, AR100 = 10/10
+    assert (stats['AR1'], stats['AR10'], stats['AR100']) == pytest.approx((0.1, 0.6, 1.0))
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(tmp_path / 'square' / 'annotations' / 'instances_val.json'))  # the JSON as written
+        for ann in gt.dataset['annotations']:
+            ann.setdefault('iscrowd', 0)  # optional in the JSON, required by COCOeval
+        dt = gt.loadRes([dict(image_id=1, category_id=1, bbox=b, score=s) for b, s in zip(xywh, scores)])
+        ev = COCOeval(gt, dt, 'bbox')
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    names = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl')
+    assert stats == pytest.approx(dict(zip(names, (float(v) for v in ev.stats))))
+
+
+def test_soft_masks_are_cut_at_one_half(tmp_path):
+    """Mask probabilities of 0.3 everywhere give an empty mask, 0.7 a full one: in an 80x80 image a full mask
+    overlaps the 60x60 square with IoU 3600 / 6400 = 0.56, so a cut at 0 would score segm AP50 1 instead of 0."""
+    from pycocotools import mask as mask_utils
+
+    from vitzoo.detection.evaluate import predictions_to_coco
+    ds = _one_square(tmp_path, size=80)
+    _, target = ds[0]
+    for prob, pixels in ((0.3, 0), (0.7, 80 * 80)):
+        out = dict(boxes=target['boxes'], labels=torch.tensor([1]), scores=torch.ones(1),
+                   masks=torch.full((1, 1, 80, 80), prob))
+        (entry,) = predictions_to_coco([out], [1], ds.label_to_category)
+        assert mask_utils.area(entry['segmentation']) == pixels
+    soft = _Fixed(boxes=target['boxes'], labels=torch.tensor([1]), scores=torch.ones(1),
+                  masks=torch.full((1, 1, 80, 80), 0.3))
+    stats = evaluate_coco(soft, ds, progress=False)
+    assert stats['bbox']['AP50'] == pytest.approx(1.0)
+    assert stats['segm']['AP50'] == pytest.approx(0.0) and stats['segm']['AR100'] == pytest.approx(0.0)
+
+
+def test_evaluation_restores_the_training_mode(tmp_path):
+    ds = _one_square(tmp_path)
+    _, target = ds[0]
+    modes = []
+
+    class _Recording(_Fixed):
+        def forward(self, images):
+            modes.append(self.training)
+            return super().forward(images)
+
+    model = _Recording(boxes=target['boxes'], labels=torch.tensor([1]), scores=torch.ones(1))
+    model.train()
+    evaluate_coco(model, ds, progress=False)
+    assert modes == [False] and model.training
+    model.eval()
+    evaluate_coco(model, ds, progress=False)
+    assert modes == [False, False] and not model.training

@@ -444,3 +444,38 @@ def test_ddp_non_finite_loss_on_one_rank_stops_every_rank(data, tmp_path):
         assert err.startswith('vitzoo finetune-det: error: non-finite loss at iteration 1 (rank 1: '), err
         assert 'rank 0:' not in err
     assert not (out / 'model_final.pth').exists()
+
+
+@pytest.mark.parametrize('epochs,steps', [(12, [8, 11]), (24, [16, 22])])
+def test_default_lr_steps_are_8_and_11_of_12_epochs(data, tmp_path, monkeypatch, epochs, steps):
+    """--lr-steps default: epochs 8 and 11 scaled to --epochs, in iterations (4 images / batch 2: 2 per epoch)."""
+    from vitzoo.detection import finetune
+    seen = []
+
+    def spy(iteration, warmup_iters, milestones, *a, **kw):
+        seen.append(list(milestones))
+        return lr_factor(iteration, warmup_iters, milestones, *a, **kw)
+
+    monkeypatch.setattr(finetune, 'lr_factor', spy)
+    assert _run(data, tmp_path / 'run', '--detector', 'retinanet', '--no-eval', '--epochs', str(epochs),
+                '--max-iters', '1') == 0
+    assert seen and all(m == [2 * e for e in steps] for m in seen), seen
+
+
+def test_checkpoint_every_saves_at_its_multiples(data, tmp_path, monkeypatch):
+    """--checkpoint-every 2 with 4 iterations per epoch (batch 1) and --max-iters 3: saved after iteration 2, then
+    at the run's end (3)."""
+    from vitzoo.detection import finetune
+    saved = []
+    original = finetune._save
+
+    def spy(path, model, optimizer, scheduler, state, *rest, **kw):
+        saved.append(state['iteration'])
+        return original(path, model, optimizer, scheduler, state, *rest, **kw)
+
+    monkeypatch.setattr(finetune, '_save', spy)
+    out = tmp_path / 'run'
+    assert _run(data, out, '--detector', 'retinanet', '--no-eval', '--epochs', '1', '--batch-size', '1',
+                '--max-iters', '3', '--checkpoint-every', '2') == 0
+    assert saved == [2, 3]
+    assert load_checkpoint(out / 'checkpoint_last.pth')['iteration'] == 3

@@ -367,3 +367,13 @@ def test_backbone_checkpoint_whose_classifier_timm_renames_loads(tmp_path):
     assert body
     for k, v in body.items():
         assert torch.equal(v, timm_layout[k]), k
+
+
+@pytest.mark.parametrize('kind,expected', [('retinanet', [8, 16, 32, 64]), ('fasterrcnn', [4, 8, 16, 32, 64])])
+def test_token_model_pyramid_reaches_four_times_the_patch_stride(kind, expected):
+    """A stride-16 token model: the simple feature pyramid builds the levels up to 4 x 16 = 64 (down-sampled twice);
+    the FPN adds only the coarser ones (RetinaNet's 128)."""
+    bb = build_backbone(TOKEN_MODEL, kind=kind, out_channels=32, model_kwargs=dict(dynamic_img_size=True))
+    assert bb.is_token_model
+    assert bb.pyramid.out_strides == expected
+    assert bb.fpn.in_strides == expected and bb.fpn.coarser_strides == [s for s in DETECTOR_STRIDES[kind] if s > 64]
