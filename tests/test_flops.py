@@ -557,3 +557,45 @@ def test_data_movement_ops_are_free_not_unknown():
     report = count_flops(Moves(), (4, 16, 16))
     assert report.total == 8 * 4 * 16 * 16
     assert report.unknown_ops == {}, report.unknown_ops
+
+
+def test_fused_table_model_row_shows_the_fused_params():
+    report = count_flops("shvit_s1")
+    model_row = report.table(max_depth=0).splitlines()[2].split()
+    assert model_row == ["model", "6.309M", "241.400M"]  # 6,308,660 fused params (not 6,330,808), 241,400,128 MACs
+    assert report.module_params[""] == report.params_fused == 6_308_660
+
+
+class _TwoLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)  # 15 params; on (1, 3, 2, 4): 3*2 rows x 4*3 = 72 MACs
+        self.b = nn.Sequential(nn.Linear(3, 2))  # 8 params; 3*2 rows x 3*2 = 36 MACs
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_table_lines_for_a_hand_built_model():
+    report = count_flops(_TwoLinears(), (3, 2, 4), fused=False)
+    assert report.total == 108 and report.params == 23
+    assert report.table(max_depth=2).splitlines() == [
+        "module  #params  FLOPs (MACs)",
+        "-----------------------------",
+        "model        23           108",
+        "a            15            72",
+        "b             8            36",
+        "  b.0         8            36",
+    ]
+    assert report.table(max_depth=1).splitlines()[-1] == "b             8            36"
+
+
+def test_human_units():
+    from vitzoo.flops import _human
+
+    assert _human(1_500_000) == "1.500M"
+    assert _human(999) == "999"
+    assert _human(1_000) == "1.000K"
+    assert _human(12_345) == "12.345K"
+    assert _human(2_000_000_000) == "2.000G"
+    assert _human(-1_500_000) == "-1.500M"
