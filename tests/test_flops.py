@@ -392,8 +392,8 @@ class _Attention(nn.Module):
 
     def forward(self, q):
         if not self.explicit:
-            return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=self.bias if self.mask == "add" else None,
-                                                  is_causal=self.mask == "causal")
+            mask = self.bias if self.mask == "add" else None
+            return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=mask, is_causal=self.mask == "causal")
         scores = (q * 8 ** -0.5) @ self.k.transpose(-2, -1)
         if self.mask == "add":
             scores = scores + self.bias
