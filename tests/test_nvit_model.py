@@ -72,17 +72,66 @@ def test_forward_intermediates(fmt):
     assert pairs[0][1].shape == (2, 2, 32)
 
 
+@torch.no_grad()
+def test_forward_intermediates_stop_early_and_norm():
+    """stop_early runs no block after the last tap and returns that block's normed tokens as the final output
+    (timm ViT's behaviour); norm=True applies the final LayerNorm to each tap, norm=False does not."""
+    m = small()
+    x = torch.randn(1, 3, 64, 64)
+    calls = []
+    hooks = [blk.register_forward_hook(lambda mod, i, o, n=n: calls.append(n)) for n, blk in enumerate(m.blocks)]
+    try:
+        final, (raw,) = m.forward_intermediates(x, indices=[0], stop_early=True, output_fmt='NLC')
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [0]
+    ((patches, prefix),) = m.forward_intermediates(x, indices=[0], output_fmt='NLC', return_prefix_tokens=True,
+                                                   intermediates_only=True)  # block 0's tokens from a full run
+    tokens = torch.cat([prefix, patches], dim=1)
+    torch.testing.assert_close(raw, patches)
+    torch.testing.assert_close(final, m.norm(tokens))
+    (normed,) = m.forward_intermediates(x, indices=[0], norm=True, output_fmt='NLC', intermediates_only=True)
+    torch.testing.assert_close(normed, m.norm(tokens)[:, m.num_prefix_tokens:])
+    full, _ = m.forward_intermediates(x, indices=[0])
+    torch.testing.assert_close(full, m.forward_features(x))
+
+
+@torch.no_grad()
+def test_forward_intermediates_nchw_non_square():
+    """NCHW maps are the NLC token rows laid out row-major on the (H/16, W/16) grid: token r*W + c is pixel (r, c)."""
+    m = small(img_size=(48, 80))
+    x = torch.randn(1, 3, 48, 80)
+    (nlc,) = m.forward_intermediates(x, indices=[0], output_fmt='NLC', intermediates_only=True)
+    (nchw,) = m.forward_intermediates(x, indices=[0], output_fmt='NCHW', intermediates_only=True)
+    assert nlc.shape == (1, 15, 32) and nchw.shape == (1, 32, 3, 5)
+    torch.testing.assert_close(nchw[0, :, 1, 4], nlc[0, 1 * 5 + 4], rtol=0, atol=0)
+    torch.testing.assert_close(nchw.flatten(2).transpose(1, 2), nlc, rtol=0, atol=0)
+
+
 def test_prune_intermediate_layers():
     m = small()
     x = torch.randn(1, 3, 64, 64)
     before = m.forward_intermediates(x, indices=[1], intermediates_only=True)
     taps = m.prune_intermediate_layers([1], prune_norm=True)
     assert taps == [1] and len(m.blocks) == 2
+    assert isinstance(m.norm, torch.nn.Identity)  # prune_norm=True: timm ViT replaces the final norm
+    # prune_head=True removes the pooling too (timm ViT: reset_classifier(0, '')): all 2 + 16 tokens come out
+    assert m(x).shape == (1, 18, 32)
     after = m.forward_intermediates(x, indices=[1], intermediates_only=True)
     assert torch.allclose(before[0], after[0], atol=1e-6)
     m.train()
     m.forward_features(x).sum().backward()
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+def test_feature_info_reduction_follows_patch_size():
+    """Like timm's ViT, every block's reduction is the patch size (8 here), channels the embedding width."""
+    m = small(patch_size=8)
+    vit = timm.create_model('vit_tiny_patch16_224', img_size=64, depth=3, patch_size=8)
+    assert [f['reduction'] for f in m.feature_info] == [f['reduction'] for f in vit.feature_info] == [8, 8, 8]
+    assert [f['module'] for f in m.feature_info] == ['blocks.0', 'blocks.1', 'blocks.2']
+    assert {f['num_chs'] for f in m.feature_info} == {32}
 
 
 def test_features_only_getter():

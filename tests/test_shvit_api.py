@@ -103,6 +103,8 @@ def test_forward_intermediates_and_prune(s1):
     assert [f.shape[1] for f in inter] == [128, 224, 320]
     assert len(s1.forward_intermediates(x, indices=1, intermediates_only=True)) == 1
     early = s1.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
+    final0, _ = s1.forward_intermediates(x, indices=[0])  # without stop_early the final output is the last stage's
+    torch.testing.assert_close(final0, inter[-1], rtol=0, atol=0)
     torch.testing.assert_close(early[0], inter[0], rtol=0, atol=0)
     import copy
     pruned = copy.deepcopy(s1)
@@ -112,6 +114,21 @@ def test_forward_intermediates_and_prune(s1):
     assert pruned(x).shape == (1, 224, 4, 5)  # head and pooling removed
     with pytest.raises(ValueError, match='NCHW'):
         s1.forward_intermediates(x, output_fmt='NHWC')
+
+
+@torch.no_grad()
+def test_prune_keeping_head_truncates_widths(s1):
+    """prune_head=False on a truncating prune must still drop the 320-wide head (it cannot take 224 channels), and
+    num_features / head_hidden_size must both follow the last kept stage so a new head fits."""
+    import copy
+    x = torch.randn(1, 3, 128, 160)
+    inter = s1.forward_intermediates(x, intermediates_only=True)
+    pruned = copy.deepcopy(s1)
+    assert pruned.prune_intermediate_layers([1], prune_head=False) == [1]
+    assert (pruned.num_features, pruned.head_hidden_size, pruned.num_classes) == (224, 224, 0)
+    torch.testing.assert_close(pruned(x), inter[1], rtol=0, atol=0)  # maps, no pooling / head
+    pruned.reset_classifier(10)
+    assert pruned.get_classifier().in_features == 224 and pruned(x).shape == (1, 10)
 
 
 @torch.no_grad()
