@@ -94,6 +94,15 @@ def test_training_checkpoint_loads_the_model_not_its_ema(tmp_path, s1_weights, s
     assert 'state_dict' not in features.pretrained_cfg
 
 
+def test_ddp_module_prefix_is_stripped(s1_weights):
+    """A checkpoint saved from a DistributedDataParallel wrapper ('module.' before every key, official layout) gives
+    exactly the unwrapped timm-layout state dict."""
+    wrapped = {'model': {'module.' + k: v for k, v in _to_official(s1_weights).items()}}
+    out = shvit.checkpoint_filter_fn(wrapped, timm.create_model('shvit_s1', device='meta'))
+    assert set(out) == set(s1_weights)
+    assert all(out[k] is s1_weights[k] for k in s1_weights)
+
+
 def test_timm_layout_safetensors_with_in_chans_and_num_classes(tmp_path, s1_weights):
     path = tmp_path / 'model.safetensors'
     save_file({k: v.contiguous() for k, v in s1_weights.items()}, str(path))
