@@ -112,6 +112,34 @@ def test_a_thin_crowd_box_is_not_refused(shapes, tmp_path):
     assert len(ds) > 0
 
 
+def test_labels_follow_sorted_category_ids_and_crowds_are_left_out(shapes, tmp_path):
+    """Categories listed out of id order still get labels 1..n by sorted id; images come in id order whatever the
+    JSON order; crowd annotations (which need no polygon, even with masks) are not training targets."""
+    new_id = {1: 30, 2: 10, 3: 20}
+
+    def edit(data):
+        for c in data['categories']:
+            c['id'] = new_id[c['id']]
+        data['categories'].sort(key=lambda c: [30, 10, 20].index(c['id']))
+        for a in data['annotations']:
+            a['category_id'] = new_id[a['category_id']]
+        data['images'].reverse()
+        crowd = data['annotations'][0]
+        crowd['iscrowd'] = 1
+        del crowd['segmentation']
+    root = _write(shapes, tmp_path, edit)
+    raw = json.loads((root / 'annotations' / 'instances_train.json').read_text())
+    ds = CocoDetectionFolder(root, 'train', with_masks=True)
+    assert [int(ds[i][1]['image_id']) for i in range(len(ds))] == sorted(im['id'] for im in raw['images'])
+    assert ds.category_to_label == {10: 1, 20: 2, 30: 3} and ds.label_to_category == {1: 10, 2: 20, 3: 30}
+    crowd_image = raw['annotations'][0]['image_id']
+    index = [int(ds[i][1]['image_id']) for i in range(len(ds))].index(crowd_image)
+    target = ds[index][1]
+    kept = [a for a in raw['annotations'] if a['image_id'] == crowd_image and not a.get('iscrowd')]
+    assert target['labels'].tolist() == [{10: 1, 20: 2, 30: 3}[a['category_id']] for a in kept]
+    assert len(target['boxes']) == len(target['masks']) == len(kept)
+
+
 def test_bad_json_and_missing_layout(shapes, tmp_path):
     with pytest.raises(FileNotFoundError, match='expected layout DIR/annotations/instances_<split>.json'):
         CocoDetectionFolder(tmp_path, 'train')
