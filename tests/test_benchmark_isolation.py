@@ -101,3 +101,26 @@ def test_in_process_measure_starts_each_window_once_idle(tmp_path, settle):
     else:
         assert max(gaps) < 0.45
     wait_until_idle()  # leave no spinning thread to the next test
+
+
+def test_measure_protocol_on_a_fake_clock(monkeypatch):
+    """warmup calls per runner (the last one calibrates), calls = ceil(min_time / once) clamped to [1, max_calls],
+    then rounds interleaved a, b, c, a, b, c; on a clock that only the runners advance, every time is exact."""
+    import types
+    import vitzoo.speed
+    clock, log = [0.0], []
+
+    def runner(name, cost):
+        def run():
+            log.append(name)
+            clock[0] += cost
+        return run
+    monkeypatch.setattr(vitzoo.speed, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], sleep=None))
+    costs = {"a": 2.0 ** -5, "b": 0.25, "c": 2.0 ** -10}  # binary fractions: exact sums
+    timings = measure({k: runner(k, v) for k, v in costs.items()}, batch_size=2, rounds=2, warmup=3,
+                      min_time=0.1, max_calls=50, progress=False, settle=False)
+    calls = {"a": 4, "b": 1, "c": 50}  # ceil(0.1 * 32) = 4; 0.4 -> at least 1; ceil(102.4) = 103 -> max_calls
+    assert {k: t.calls for k, t in timings.items()} == calls
+    assert log == ["a"] * 3 + ["b"] * 3 + ["c"] * 3 + (["a"] * 4 + ["b"] + ["c"] * 50) * 2
+    assert {k: t.seconds_per_call for k, t in timings.items()} == {k: [v, v] for k, v in costs.items()}
+    assert timings["b"].throughput == timings["b"].best_throughput == 8.0

@@ -233,6 +233,21 @@ def test_log_records_the_lr_of_each_update(data, tmp_path):
     assert [r['lr'] for r in _log(out)] == pytest.approx([1e-6, 5.005e-4, 1e-3])
 
 
+def test_hflip_probability_and_logged_loss_is_the_sum(data, tmp_path, monkeypatch):
+    """--hflip 1 flips every image, --hflip 0 none; the logged loss is the sum of torchvision's loss terms."""
+    import vitzoo.detection.finetune as ft
+    flipped, real = [], ft.hflip
+    monkeypatch.setattr(ft, 'hflip', lambda image, target: (flipped.append(1), real(image, target))[1])
+    for p, expected in (('1', 2), ('0', 0)):  # one iteration of batch 2
+        flipped.clear()
+        assert _run(data, tmp_path / p, '--detector', 'retinanet', '--no-eval', '--max-iters', '1', '--hflip', p) == 0
+        assert len(flipped) == expected, p
+    (record,) = _log(tmp_path / '1')
+    parts = {k: v for k, v in record.items() if k not in ('iteration', 'epoch', 'lr', 'loss')}
+    assert set(parts) == {'classification', 'bbox_regression'}
+    assert record['loss'] == pytest.approx(sum(parts.values()), rel=1e-6)
+
+
 def test_resume_with_more_epochs_follows_the_new_schedule_from_its_first_update(data, tmp_path):
     """--epochs 1 puts both lr steps at iteration 2 (0.01x); resumed with --epochs 2 they are at iterations 2 and 4,
     so update 3 uses 0.1x (before: the old schedule's 0.01x, restored with the optimizer)."""
