@@ -366,6 +366,21 @@ def test_diverging_loss_is_one_line(data, tmp_path, capsys):
     assert not (out / 'model_final.pth').exists()
 
 
+def test_infinite_loss_stops_like_nan(data, tmp_path, capsys, monkeypatch):
+    """+inf is as fatal as NaN: it stops before the first update (torch.isfinite, not only isnan)."""
+    from torchvision.models.detection.retinanet import RetinaNet
+
+    def infinite(self, targets, head_outputs, anchors, *args):
+        zero = head_outputs['cls_logits'].sum() * 0
+        return {'classification': zero + float('inf'), 'bbox_regression': zero}
+    monkeypatch.setattr(RetinaNet, 'compute_loss', infinite)
+    out = tmp_path / 'run'
+    rc = _run(data, out, '--detector', 'retinanet', '--no-eval', '--max-iters', '2', '--hflip', '0')
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith('vitzoo finetune-det: error: non-finite loss at iteration 1 '), err
+    assert 'classification inf' in err and not (out / 'model_final.pth').exists()
+
+
 def test_image_errors_in_workers_are_one_line_and_leave_no_run(data, tmp_path, capsys):
     bad = tmp_path / 'bad'
     (bad / 'annotations').mkdir(parents=True)
