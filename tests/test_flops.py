@@ -220,6 +220,16 @@ def test_in_chans_comes_from_the_model_not_its_cfg():
     assert deploy(model.eval())(torch.randn(2, 1, 224, 224)).shape == (2, 4)
 
 
+def test_non_square_cfg_input_size_keeps_height_then_width():
+    """pretrained_cfg input_size is (C, H, W); a non-square one is used as is, with the model's own in_chans."""
+    from vitzoo.models import model_input_size
+
+    model = timm.create_model("resnet18", num_classes=4, pretrained_cfg_overlay=dict(input_size=(3, 64, 96)))
+    assert model_input_size(model) == count_flops(model).input_size == (3, 64, 96)
+    gray = timm.create_model("resnet18", in_chans=1, num_classes=4, pretrained_cfg_overlay=dict(input_size=(3, 64, 96)))
+    assert model_input_size(gray) == (1, 64, 96)
+
+
 # ---- ops beyond fvcore's handles (found by an audit); references: torch.utils.flop_counter (2 per multiply-add,
 # ---- run on the eager model, so independent of the jit trace fvcore counts) and hand formulas
 
