@@ -68,3 +68,10 @@ def test_help_descriptions_are_plain_text(command, capsys):
         main([command, "--help"])
     out = capsys.readouterr().out
     assert f"vitzoo {command}: " in out and "``" not in out
+
+
+def test_first_line_is_the_first_non_empty_stripped_line():
+    from vitzoo.messages import first_line
+
+    assert first_line(RuntimeError("\n   cause of the error  \n\ndetails\nmore details\n")) == "cause of the error"
+    assert first_line(ValueError("")) == first_line(ValueError(" \n \n")) == ""
