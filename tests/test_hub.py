@@ -163,6 +163,28 @@ def test_local_file_errors(tmp_path, shvit_files):
         load_pretrained_model(f"local-dir:{tmp_path}")
 
 
+def test_local_dir_checks_the_file_timm_reads(tmp_path, shvit_files):
+    """local-dir: needs config.json and a weight file; with both files present timm reads model.safetensors, so a
+    broken pytorch_model.bin beside it does not matter; pytorch_model.bin alone is the fallback."""
+    model, files = shvit_files
+    both = tmp_path / "both"
+    both.mkdir()
+    (both / "config.json").write_bytes(files["config.json"])
+    (both / "model.safetensors").write_bytes(files["model.safetensors"])
+    (both / "pytorch_model.bin").write_bytes(files["pytorch_model.bin"][: len(files["pytorch_model.bin"]) // 2])
+    assert _same_weights(load_pretrained_model(f"local-dir:{both}"), model)
+    only_bin = tmp_path / "bin"
+    only_bin.mkdir()
+    (only_bin / "config.json").write_bytes(files["config.json"])
+    (only_bin / "pytorch_model.bin").write_bytes(files["pytorch_model.bin"])
+    assert _same_weights(load_pretrained_model(f"local-dir:{only_bin}"), model)
+    no_config = tmp_path / "no-config"
+    no_config.mkdir()
+    (no_config / "model.safetensors").write_bytes(files["model.safetensors"])
+    with pytest.raises(MissingWeightsError, match="needs config.json"):
+        load_pretrained_model(f"local-dir:{no_config}")
+
+
 def test_model_entrypoint_errors_are_clear_without_our_wrapper(tmp_path, shvit_files):
     """The SHViT entrypoint itself must explain a missing or truncated file (RuntimeError naming the file)."""
     missing = tmp_path / "missing.safetensors"
