@@ -185,6 +185,18 @@ def test_local_dir_checks_the_file_timm_reads(tmp_path, shvit_files):
         load_pretrained_model(f"local-dir:{no_config}")
 
 
+def test_truncated_legacy_torch_file_is_corrupt(tmp_path, shvit_files):
+    """A pre-1.6 torch.save file passes the up-front check (only torch.load can read it); cut short, loading it
+    fails and the error is CorruptWeightsError, not only the WeightsError base class."""
+    model, _ = shvit_files
+    legacy = tmp_path / "legacy.pth"
+    torch.save(model.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    validate_weights_file(legacy)
+    legacy.write_bytes(legacy.read_bytes()[:4000])  # cut inside the pickled structure
+    with pytest.raises(CorruptWeightsError, match="corrupt or truncated"):
+        load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(file=str(legacy)))
+
+
 def test_model_entrypoint_errors_are_clear_without_our_wrapper(tmp_path, shvit_files):
     """The SHViT entrypoint itself must explain a missing or truncated file (RuntimeError naming the file)."""
     missing = tmp_path / "missing.safetensors"
