@@ -197,6 +197,20 @@ def test_truncated_legacy_torch_file_is_corrupt(tmp_path, shvit_files):
         load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(file=str(legacy)))
 
 
+def test_incomplete_checkpoint_is_a_weights_error_with_the_models_reason(tmp_path, shvit_files):
+    """shvit's IncompleteCheckpointError already says what is wrong: load_pretrained_model passes its words on as a
+    WeightsError, without the "weights of another model?" guess."""
+    from safetensors.torch import save_file
+
+    model, _ = shvit_files
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("stages.2.blocks.4.")}
+    path = tmp_path / "incomplete.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(WeightsError, match=r"do not fit 'shvit_s1': Checkpoint is incomplete") as info:
+        load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(file=str(path)))
+    assert "another model" not in str(info.value)
+
+
 def test_model_entrypoint_errors_are_clear_without_our_wrapper(tmp_path, shvit_files):
     """The SHViT entrypoint itself must explain a missing or truncated file (RuntimeError naming the file)."""
     missing = tmp_path / "missing.safetensors"
