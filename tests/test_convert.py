@@ -284,6 +284,17 @@ def test_verify_folder_catches_inconsistent_folders(shvit_official, tmp_path):
     with pytest.raises(VerificationError, match="architecture 'shvit_s2' differs"):
         verify_folder(out)
     (out / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file, save_file
+    weights = out / "model.safetensors"
+    metadata, _ = read_safetensors_metadata(weights)
+    good = weights.read_bytes()
+    state = load_file(str(weights))
+    state["extra.weight"] = state.pop("head.bn.running_mean")  # one tensor renamed: missing + unexpected
+    save_file(state, str(weights), metadata=metadata)
+    with pytest.raises(VerificationError, match=r"1 tensor\(s\) missing \(e.g. head.bn.running_mean\); 1 tensor\(s\) "
+                                                r"the model does not have \(e.g. extra.weight\)"):
+        verify_folder(out)
+    weights.write_bytes(good)
     (out / "README.md").unlink()
     with pytest.raises(VerificationError, match="lacks"):
         verify_folder(out)
