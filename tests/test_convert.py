@@ -129,6 +129,14 @@ def test_card_of_a_verified_file_and_of_another_class_count(shvit_official, tmp_
     assert metadata["tag"] == "in1k_official" and "top-1 72.8%" in (out / "README.md").read_text()
 
 
+def test_explicit_tag_wins_over_the_tag_in_the_name(shvit_official, tmp_path):
+    """tag= (--tag) is the documented override of the name's tag; the name's tag is only the default."""
+    _, src = shvit_official
+    out = convert_checkpoint(src, "shvit_s1.mine", tmp_path / "out", tag="in1k_official", flops=False)
+    metadata, _ = read_safetensors_metadata(out / "model.safetensors")
+    assert metadata["tag"] == "in1k_official" and "top-1 72.8%" in (out / "README.md").read_text()
+
+
 def test_nvit_official_roundtrip(tmp_path):
     torch.manual_seed(0)
     model = _randomize_norms(timm.create_model("nvit_b", dims=NVIT_DIMS))
