@@ -138,6 +138,25 @@ def test_revit_flops_match_formula(name):
     assert report.total == pytest.approx(paper_g * 1e9, rel=0.01)
 
 
+def test_model_built_for_another_fixed_size_is_counted_at_that_size():
+    """timm leaves pretrained_cfg at 224 when a ViT is built with img_size=(48, 80); such a model refuses 224x224,
+    so the default size is the one its patch embedding was built for (3 x 5 patches). Reference: the formula."""
+    emb, heads, qk, mlp, _ = REVIT["revit_t"]
+    model = timm.create_model("revit_t", img_size=(48, 80))
+    assert model.pretrained_cfg["input_size"] == (3, 224, 224)
+    report = count_flops(model)
+    assert report.input_size == (3, 48, 80)
+    macs = sum(v for k, v in report.by_operator.items() if k in MAC_OPS)
+    assert macs == vit_macs(emb, heads, qk, mlp, 15 + model.num_prefix_tokens, 2, patches=15)
+    from vitzoo import deploy
+
+    deit = timm.create_model("deit_tiny_patch16_224", img_size=(48, 80))
+    assert count_flops(deit).input_size == (3, 48, 80)
+    assert deploy(deit.eval())(torch.randn(1, 3, 48, 80)).shape == (1, 1000)
+    # a ViT that accepts any size keeps the cfg's
+    assert count_flops(timm.create_model("deit_tiny_patch16_224", dynamic_img_size=True)).input_size == (3, 224, 224)
+
+
 def test_plain_conv_bn_pairs_are_folded_like_torch_fx_fuse():
     """ResNet's Conv2d -> BatchNorm2d pairs have no fuse(): the fused count folds them anyway. Reference: PyTorch's
     own Conv+BN folding (torch.fx.experimental.optimization.fuse) counted by fvcore directly."""

@@ -193,17 +193,38 @@ def create(name: str, img_size: Union[None, int, Tuple[int, int]] = None) -> nn.
 
 
 def model_input_size(model: nn.Module) -> Optional[Tuple[int, int, int]]:
-    """``(C, H, W)`` from the model's ``pretrained_cfg['input_size']``, with ``C`` the model's own ``in_chans``.
+    """``(C, H, W)`` the model takes: its ``pretrained_cfg['input_size']``, with ``C`` its own ``in_chans`` and
+    ``H, W`` the size its patch embedding was built for when that size is fixed.
 
-    timm leaves the cfg at 3 channels when a model is created with ``in_chans=1``; the model's attribute is right.
-    None when the model has no cfg input size.
+    timm leaves the cfg as registered when a model is created with ``in_chans=1`` or ``img_size=(48, 80)``; the
+    model's attributes are right (a ViT built for 48x80 refuses 224x224). None when the model has no cfg input size
+    and no fixed size.
     """
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = cfg.get("input_size")
-    if not size:
+    fixed = _fixed_img_size(model)
+    if not size and fixed is None:
         return None
     chans = getattr(model, "in_chans", None)
-    return (chans if isinstance(chans, int) and chans > 0 else int(size[0]), int(size[1]), int(size[2]))
+    chans = chans if isinstance(chans, int) and chans > 0 else int(size[0]) if size else 3
+    height, width = fixed if fixed is not None else (int(size[1]), int(size[2]))
+    return chans, height, width
+
+
+def _fixed_img_size(model: nn.Module) -> Optional[Tuple[int, int]]:
+    """``(H, W)`` of a timm-style patch embedding that accepts only the size it was built for
+    (``patch_embed.img_size`` with ``strict_img_size`` on and the model's ``dynamic_img_size`` off); else None."""
+    embed = getattr(model, "patch_embed", None)
+    if not isinstance(embed, nn.Module) or getattr(model, "dynamic_img_size", False):
+        return None
+    if not getattr(embed, "strict_img_size", False):
+        return None
+    size = getattr(embed, "img_size", None)
+    if isinstance(size, int):
+        size = (size, size)
+    if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        return None
+    return int(size[0]), int(size[1])
 
 
 def model_in_chans(model: nn.Module) -> int:
