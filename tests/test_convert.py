@@ -239,6 +239,37 @@ def test_unreachable_source_url_is_named(tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def test_source_url_is_downloaded_and_recorded_by_url(shvit_official, tmp_path):
+    """A source given as a URL (served by a loopback HTTP server over the fixture's folder) is downloaded beside
+    the output, converted as the local file would be, and recorded by its URL; nothing is left behind."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    model, src = shvit_official
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(src.parent)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{src.name}?download=true"
+        out = tmp_path / "out"
+        assert main(["convert", url, "--model", "shvit_s1", "--out", str(out), "--no-flops"]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert os.listdir(tmp_path) == ["out"]  # the download's temp folder is gone
+    metadata, _ = read_safetensors_metadata(out / "model.safetensors")
+    assert metadata["source"] == url and metadata["source_sha256"] == sha256_file(src)
+    assert url in (out / "README.md").read_text()
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert (_outputs(loaded, (3, 224, 224)) - _outputs(model, (3, 224, 224))).abs().max().item() == 0.0
+
+
 def test_another_models_checkpoint_fails_and_leaves_nothing(shvit_official, tmp_path, capsys):
     _, src = shvit_official
     out = tmp_path / "out"
