@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup compare test upstream-tests clean
+.PHONY: setup compare test lint upstream-tests clean
 
 $(STAMP): pyproject.toml setup.cfg constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,10 @@ compare: $(STAMP)
 upstream-tests: $(STAMP)
 	$(BIN)/python tests/upstream/fetch_timm_tests.py
 
-test: $(STAMP) upstream-tests
+lint: $(STAMP)
+	$(BIN)/python -m flake8 shvit nvit vitzoo benchmarks tests
+
+test: $(STAMP) lint upstream-tests
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 clean:

@@ -18,7 +18,8 @@ from vitzoo.speed import Timing, measure
 __all__ = ["base_parser", "cpu_info", "print_machine", "randomize_norm_stats", "inference", "timed", "print_table"]
 
 
-def base_parser(description: str, batch: int = 16, rounds: int = 7, threads: Sequence[int] = (1, 2)) -> argparse.ArgumentParser:
+def base_parser(description: str, batch: int = 16, rounds: int = 7,
+                threads: Sequence[int] = (1, 2)) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--rounds", type=int, default=rounds, help="interleaved timed rounds (median reported)")
     parser.add_argument("--batch", type=int, default=batch, help="images per call")
@@ -79,8 +80,16 @@ def inference(model, x: torch.Tensor):
     return run
 
 
-def timed(runners: Dict[Hashable, object], batch: int, rounds: int, min_time: float, desc: str) -> Dict[Hashable, Timing]:
+def timed(runners: Dict[Hashable, object], batch: int, rounds: int, min_time: float,
+          desc: str) -> Dict[Hashable, Timing]:
     return measure(runners, batch, rounds=rounds, warmup=2, min_time=min_time, desc=desc)
+
+
+def _cell(value: object) -> str:
+    """A table cell: small floats (ratios below 1) with 3 significant digits, other floats with one decimal."""
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1 else f"{value:.1f}"
+    return str(value)
 
 
 def print_table(header: List[str], rows: List[List[object]], title: Optional[str] = None) -> None:
@@ -90,4 +99,4 @@ def print_table(header: List[str], rows: List[List[object]], title: Optional[str
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
-        print("| " + " | ".join(f"{c:.3g}" if isinstance(c, float) and abs(c) < 1 else f"{c:.1f}" if isinstance(c, float) else str(c) for c in row) + " |")
+        print("| " + " | ".join(_cell(c) for c in row) + " |")

@@ -62,8 +62,9 @@ def main() -> int:
                          t["compile"].throughput if "compile" in t else "not run",
                          t["onnxruntime"].throughput, best, f"{ratio:.2f}x"])
     print_table(["model", "threads", "eager img/s", "torchscript img/s", "compile img/s", "ORT img/s",
-                 "best torch path", "best / ORT"], rows, title=f"best PyTorch CPU path vs ONNX Runtime fp32 (batch {args.batch}, median of {args.rounds} rounds, "
-                      f"{'one process per runner' if args.isolate else 'one process'})")
+                 "best torch path", "best / ORT"], rows,
+                title=f"best PyTorch CPU path vs ONNX Runtime fp32 (batch {args.batch}, median of {args.rounds} "
+                      f"rounds, {'one process per runner' if args.isolate else 'one process'})")
     print(f"\nratios: {', '.join(f'{r:.2f}x' for r in ratios)} (goal >= 1.0x: "
           f"{'met' if ratios and min(ratios) >= 1.0 else 'NOT met'} for all)")
     return 0

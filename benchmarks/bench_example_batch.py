@@ -50,7 +50,8 @@ def main() -> int:
             same, one = (t[v].throughput for v in VARIANTS)
             rows.append([f"{name}@{CASES[name]}", threads, same, one, f"{one / same:.2f}x"])
     print_table(["model", "threads", f"{VARIANTS[0]} img/s", f"{VARIANTS[1]} img/s", "batch-1 / same"], rows,
-                title=f"deploy() example batch, eager backend, calls at batch {args.batch} (median of {args.rounds} rounds)")
+                title=f"deploy() example batch, eager backend, calls at batch {args.batch} "
+                      f"(median of {args.rounds} rounds)")
     return 0
 
 

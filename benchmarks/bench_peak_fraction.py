@@ -36,7 +36,9 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import vitzoo  # noqa: E402,F401
-from _common import base_parser, cpu_info, inference, print_machine, print_table, randomize_norm_stats, timed  # noqa: E402
+from _common import (  # noqa: E402
+    base_parser, cpu_info, inference, print_machine, print_table, randomize_norm_stats, timed,
+)
 from _isolated import measure_isolated  # noqa: E402
 from vitzoo.inference import deploy  # noqa: E402
 from vitzoo.flops import count_flops  # noqa: E402
@@ -110,7 +112,8 @@ def main() -> int:
     ghz = args.ghz or (info["mhz"] or 0) / 1000
     if not ghz:
         parser.error("cannot read the clock from /proc/cpuinfo; pass --ghz")
-    print(f"peak per core = {ghz:.3f} GHz x {units} FMA units x {lanes} lanes = {ghz * units * lanes:.1f} GMAC/s ({why})")
+    print(f"peak per core = {ghz:.3f} GHz x {units} FMA units x {lanes} lanes = {ghz * units * lanes:.1f} GMAC/s "
+          f"({why})")
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)

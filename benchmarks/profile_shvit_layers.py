@@ -125,8 +125,8 @@ def main() -> int:
                 packed = next(iter(m._packed.values()))
                 m._packed = {tuple(x.shape[:1]) + s[1:]: packed for s in m._packed}
     ours, ours_conv, ours_total = torch_conv_times(deployed, x, args.iters)
-    theirs, ort_conv, ort_total = ort_conv_times(reparameterize_model(copy.deepcopy(model)), x, args.threads,
-                                                args.iters)
+    theirs, ort_conv, ort_total = ort_conv_times(
+        reparameterize_model(copy.deepcopy(model)), x, args.threads, args.iters)
     print(f"\n{args.model}@{res}, batch {args.batch}, {args.threads} threads, weights packed for batch "
           f"{args.pack_batch or args.batch}")
     print(f"ours: convs {ours_conv:.1f} ms of {ours_total:.1f} ms per call | ONNX Runtime: convs {ort_conv:.1f} ms "

@@ -187,7 +187,8 @@ def main() -> int:
     print("| op | ms per call | calls per call |\n|---|---|---|")
     for name, ms, calls in outside[: args.top]:
         print(f"| {name} | {ms:.3f} | {calls} |")
-    print("\n| input, weight | calls | oneDNN implementation | torchscript ms | ONNX Runtime ms |\n|---|---|---|---|---|")
+    print("\n| input, weight | calls | oneDNN implementation | torchscript ms | ONNX Runtime ms |")
+    print("|---|---|---|---|---|")
     for key, (ms, calls, impl) in sorted(ours.items(), key=lambda kv: -kv[1][0])[: args.top]:
         ort_ms = theirs.get(key)
         print(f"| {key} | {calls} | {impl} | {ms:.2f} | {'-' if ort_ms is None else f'{ort_ms:.2f}'} |")

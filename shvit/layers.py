@@ -92,7 +92,7 @@ class NormLinear(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.bn = nn.BatchNorm1d(in_features, **dd)
-        self.l = nn.Linear(in_features, out_features, **dd)
+        self.l = nn.Linear(in_features, out_features, **dd)  # noqa: E741 (the checkpoints name it head.l)
         trunc_normal_(self.l.weight, std=std)
         nn.init.zeros_(self.l.bias)
 
@@ -103,10 +103,11 @@ class NormLinear(nn.Module):
     def fuse(self) -> nn.Linear:
         """Fold the BatchNorm into the Linear: ``W' = W diag(s)``, ``b' = W t + b``."""
         scale, shift = _bn_scale_shift(self.bn)
-        l = self.l
-        fused = nn.Linear(l.in_features, l.out_features, device=l.weight.device, dtype=l.weight.dtype)
-        fused.weight.copy_(l.weight * scale.view(1, -1))
-        fused.bias.copy_(l.weight @ shift + l.bias)
+        linear = self.l
+        fused = nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device,
+                          dtype=linear.weight.dtype)
+        fused.weight.copy_(linear.weight * scale.view(1, -1))
+        fused.bias.copy_(linear.weight @ shift + linear.bias)
         return fused
 
 

@@ -102,7 +102,8 @@ class SHViT(nn.Module):
                 'embed_dim, partial_dim, qk_dim, depth and types need one entry per stage, got lengths '
                 f'{[len(v) for v in (embed_dim, partial_dim, qk_dim, depth, types)]}.')
         if embed_dim[0] % 8:
-            raise ValueError(f'embed_dim[0] must be divisible by 8 (stem widths dim/8, dim/4, dim/2), got {embed_dim[0]}.')
+            raise ValueError(
+                f'embed_dim[0] must be divisible by 8 (stem widths dim/8, dim/4, dim/2), got {embed_dim[0]}.')
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.drop_rate = drop_rate

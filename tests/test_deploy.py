@@ -258,8 +258,9 @@ def test_torchscript_fallback_note_is_the_errors_own_sentence():
     ts = importlib.import_module("vitzoo.torchscript_backend")
     error = RuntimeError("The following operation failed in the TorchScript interpreter.\n"
                          "Traceback of TorchScript (most recent call last):\n"
-                         "RuntimeError: could not create a primitive descriptor for the reorder primitive. Run workload "
-                         "with environment variable ONEDNN_VERBOSE=all to get additional diagnostic information.\n")
+                         "RuntimeError: could not create a primitive descriptor for the reorder primitive. "
+                         "Run workload with environment variable ONEDNN_VERBOSE=all to get additional diagnostic "
+                         "information.\n")
     assert ts._first_sentence(error) == "could not create a primitive descriptor for the reorder primitive"
     assert ts._first_sentence(ValueError("x" * 300)) == "x" * 157 + "..."
     assert ts._first_sentence(RuntimeError("")) == ""

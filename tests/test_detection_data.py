@@ -77,9 +77,12 @@ def _set(path, value):
 
 
 @pytest.mark.parametrize('edit,error,match', [
-    (_set(('images', 1, 'file_name'), 'nope.png'), FileNotFoundError, r'image id 2 \(nope.png\): image file .* not found'),
-    (_set(('annotations', 0, 'bbox'), None), DatasetError, r"annotation id 1 \(image id 1\): missing field\(s\) \['bbox'\]"),
-    (_set(('annotations', 1, 'bbox'), [1, 2, 3]), DatasetError, r'annotation id 2 .*bbox must be \[x, y, width, height\]'),
+    (_set(('images', 1, 'file_name'), 'nope.png'), FileNotFoundError,
+     r'image id 2 \(nope.png\): image file .* not found'),
+    (_set(('annotations', 0, 'bbox'), None), DatasetError,
+     r"annotation id 1 \(image id 1\): missing field\(s\) \['bbox'\]"),
+    (_set(('annotations', 1, 'bbox'), [1, 2, 3]), DatasetError,
+     r'annotation id 2 .*bbox must be \[x, y, width, height\]'),
     (_set(('annotations', 0, 'bbox'), [5, 5, -3, 4]), DatasetError, r'annotation id 1 .*non-positive width'),
     (_set(('annotations', 0, 'bbox'), [500, 5, 3, 4]), DatasetError, r'annotation id 1 .*outside the 80x64 image'),
     (_set(('annotations', 0, 'category_id'), 7), DatasetError,

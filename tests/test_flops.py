@@ -392,8 +392,8 @@ def test_ops_without_a_formula_are_named():
 
 def test_convmixer_and_half_precision_figures_of_the_docs():
     """docs/flops-and-compare.md: ConvMixer-768/32 20.78 G (its depthwise convs use padding='same'): 20.68 G of
-    convs by hand, plus 0.10 G of BatchNorm (it follows an activation, so it is not folded); resnet18 in fp16 (BatchNorm not
-    folded) 1,819.07 M against 1,814.10 M in fp32; tf_efficientnet_b0 385.88 M."""
+    convs by hand, plus 0.10 G of BatchNorm (it follows an activation, so it is not folded); resnet18 in fp16
+    (BatchNorm not folded) 1,819.07 M against 1,814.10 M in fp32; tf_efficientnet_b0 385.88 M."""
     convmixer = count_flops("convmixer_768_32")
     # hand count of the convs: a 7x7 stride-7 patch stem (32x32 tokens), then 32 x (7x7 depthwise + 1x1)
     tokens = 32 * 32

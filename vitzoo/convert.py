@@ -534,7 +534,8 @@ def convert_checkpoint(
             steps.set_postfix_str("card")
             input_size = tuple(source_model.pretrained_cfg.get("input_size", (3, 224, 224)))
             fields = card_fields(
-                entry, manifest, source=_describe_source(entry, source_name, verified=expected is not None), source_sha256=source_sha,
+                entry, manifest, source=_describe_source(entry, source_name, verified=expected is not None),
+                source_sha256=source_sha,
                 params=params,
                 flops=_count_flops(source_model) if flops else None, input_size=input_size,
                 repo_id=repo_id, dims_json=metadata.get("nvit_dims"),

@@ -70,7 +70,7 @@ def sdpa_elementwise_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     adding (filling) the mask: the numbers the ops of ``q * scale``, ``(q @ k^T).softmax(-1)`` get when a model
     runs attention without the fused kernel (timm with ``set_fused_attn(False)``).
     """
-    q, k = get_shape(inputs[0]), get_shape(inputs[1])
+    q = get_shape(inputs[0])
     matmuls = sdpa_flop_jit(inputs, outputs)
     scores = matmuls // (q[-1] + get_shape(inputs[2])[-1])  # batch * L * S
     masked = get_shape(inputs[3]) is not None if len(inputs) > 3 else False

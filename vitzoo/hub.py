@@ -78,8 +78,8 @@ def resource_path(name: str) -> Path:
     import sys
 
     here = Path(__file__).resolve().parent
-    folders = [here.parent / "weights"] + [Path(p) / "share" / "vitzoo" / "weights"
-                                            for p in (sys.prefix, site.getuserbase())]
+    folders = [here.parent / "weights"]
+    folders += [Path(p) / "share" / "vitzoo" / "weights" for p in (sys.prefix, site.getuserbase())]
     for folder in folders:
         if (folder / name).is_file():
             return folder / name
@@ -163,7 +163,8 @@ def validate_weights_file(path: PathLike, expected_sha256: Optional[str] = None)
     """
     path = Path(path)
     if path.is_dir():
-        raise MissingWeightsError(f"{path} is a folder; give the weight file in it (e.g. {path / 'model.safetensors'}).")
+        raise MissingWeightsError(
+            f"{path} is a folder; give the weight file in it (e.g. {path / 'model.safetensors'}).")
     if not path.is_file():
         raise MissingWeightsError(f"Weight file {path} does not exist.")
     if expected_sha256 is not None:

@@ -236,8 +236,8 @@ def full_fp32_precision(device: torch.device) -> Iterator[None]:
         yield
         return
     if hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"):  # torch >= 2.9
-        flags, exact = [(torch.backends.cudnn.conv, "fp32_precision"), (torch.backends.cuda.matmul,
-                                                                         "fp32_precision")], "ieee"
+        flags = [(torch.backends.cudnn.conv, "fp32_precision"), (torch.backends.cuda.matmul, "fp32_precision")]
+        exact = "ieee"
     else:
         flags, exact = [(torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")], False
     saved = [getattr(owner, name) for owner, name in flags]

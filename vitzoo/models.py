@@ -237,4 +237,3 @@ def model_in_chans(model: nn.Module) -> int:
         return chans
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     return conv.in_channels if conv is not None else 3
-

@@ -156,7 +156,8 @@ def _add_operands(node: fx.Node) -> List[Tuple[object, object]]:
     a, b = node.args
     if node.op == "call_function" and node.target in _ADD_TARGETS or node.op == "call_method" and node.target == "add":
         return [(a, b), (b, a)]
-    if node.op == "call_function" and node.target is operator.iadd or node.op == "call_method" and node.target == "add_":
+    if (node.op == "call_function" and node.target is operator.iadd
+            or node.op == "call_method" and node.target == "add_"):
         return [(a, b)]
     return []
 

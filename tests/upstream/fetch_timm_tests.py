@@ -5,8 +5,8 @@ The file comes from the timm **sdist** (the wheel has no tests) via
 ``tests/upstream/test_timm_models.py`` (git-ignored), where the same ``pytest`` run collects it; ``conftest.py`` next
 to it restricts it to our models. Two lines are added (``PATCH``): ``nvit_*`` / ``revit_*`` join timm's list of
 non-standard (token-output) model families, as timm lists its own ``vit_*`` and ``deit_*``, and the ``nvit`` module
-joins the modules whose ``forward_intermediates`` is tested. A no-op when the file for this version is already there. Fails loudly
-(exit status 1 and a message) when the file cannot be obtained; nothing is skipped silently.
+joins the modules whose ``forward_intermediates`` is tested. A no-op when the file for this version is already there.
+Fails loudly (exit status 1 and a message) when the file cannot be obtained; nothing is skipped silently.
 
 Usage: ``.venv/bin/python tests/upstream/fetch_timm_tests.py [--force]`` (``make upstream-tests`` runs it).
 """

@@ -68,7 +68,8 @@ def create_body(
     if weights is not None:
         weights = Path(weights)
         if not weights.is_file():
-            raise FileNotFoundError(f'backbone weights file {weights} does not exist; give a .safetensors or .pth file.')
+            raise FileNotFoundError(
+                f'backbone weights file {weights} does not exist; give a .safetensors or .pth file.')
         try:  # a file that is no checkpoint at all is named as such, before timm's loader words it its own way
             validate_weights_file(weights)
         except WeightsError as e:
@@ -320,4 +321,3 @@ def _end_of_module(names: List[str], root: nn.Module, module_name: str) -> int:
     before = order[:order.index(module_name)] if module_name in order else []
     owners = {n + '.' for n in before if n}
     return max((i + 1 for i, n in enumerate(names) if any(n.startswith(o) for o in owners)), default=0)
-

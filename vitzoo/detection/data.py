@@ -253,7 +253,8 @@ def load_coco_json(path: Path, image_dir: Path, require_masks: bool = False) -> 
         _check_value(ann, 'id', _is_int, 'an integer', f'{path}: annotations[{i}]')
         where = f'{path}: annotation id {ann["id"]}'
         if 'image_id' in ann:
-            _check_value(ann, 'image_id', _is_int, 'an integer', f'{path}: annotations[{i}] (annotation id {ann["id"]})')
+            _check_value(ann, 'image_id', _is_int, 'an integer',
+                         f'{path}: annotations[{i}] (annotation id {ann["id"]})')
             where += f' (image id {ann["image_id"]})'
         _check_fields(ann, ('image_id', 'category_id', 'bbox'), where)
         _check_value(ann, 'category_id', _is_int, 'an integer', where)

@@ -249,8 +249,9 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                            frozen_stages=args.frozen_stages, norm_eval=args.norm_eval,
                            min_size=args.min_size, max_size=args.max_size).to(ctx.device)
     if ctx.is_main and model.backbone.dropped_keys:
-        print(f'backbone: dropped {len(model.backbone.dropped_keys)} classification-only keys '
-              f'({", ".join(model.backbone.dropped_keys[:6])}{", ..." if len(model.backbone.dropped_keys) > 6 else ""})')
+        dropped = model.backbone.dropped_keys
+        print(f'backbone: dropped {len(dropped)} classification-only keys '
+              f'({", ".join(dropped[:6])}{", ..." if len(dropped) > 6 else ""})')
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     iters_per_epoch = math.ceil(len(train_ds) / (args.batch_size * ctx.world_size))

@@ -110,7 +110,8 @@ class ExtraLevelFPN(nn.Module):
             raise ValueError(f'ExtraLevelFPN expects {len(self.lateral_convs)} maps, got {len(features)}.')
         laterals = [conv(f) for conv, f in zip(self.lateral_convs, features)]
         for i in range(len(laterals) - 1, 0, -1):  # top-down path
-            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:], mode='nearest')
+            upsampled = F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:], mode='nearest')
+            laterals[i - 1] = laterals[i - 1] + upsampled
         outs: Dict[int, torch.Tensor] = {}
         for stride, conv, lat in zip(self.in_strides, self.output_convs, laterals):
             outs[stride] = conv(lat)
