@@ -219,10 +219,10 @@ def test_backend_names_are_checked_before_anything_is_built(capsys, monkeypatch)
 
     monkeypatch.setattr("vitzoo.compare._build", must_not_build)
     code, out, err = _cli(capsys, "shvit_s1", "--backends", "eager,onnxrt")
-    assert code == 1 and out == ""
+    assert code == 2 and out == ""  # a usage error, as an unknown model name or --batch 0
     assert "unknown backend 'onnxrt'; valid backends: eager, compile, onnxruntime, torchscript" in err
     code, out, err = _cli(capsys, "shvit_s1", "--no-speed", "--backends", "foo")  # a typo is an error even so
-    assert code == 1 and "unknown backend 'foo'" in err
+    assert code == 2 and "unknown backend 'foo'" in err
 
 
 def test_backends_may_be_given_space_or_comma_separated(capsys, monkeypatch):
@@ -242,12 +242,12 @@ def test_backends_may_be_given_space_or_comma_separated(capsys, monkeypatch):
 
 def test_a_model_name_after_backends_is_pointed_out(capsys):
     code, out, err = _cli(capsys, "--backends", "eager", "shvit_s1")
-    assert code == 1 and out == ""
+    assert code == 2 and out == ""
     assert "unknown backend 'shvit_s1'" in err and "is a model: put model names before --backends" in err
     code, out, err = _cli(capsys, "shvit_s1", "--backends", "eagr")  # a plain typo gets no such hint
-    assert code == 1 and "unknown backend 'eagr'" in err and "is a model" not in err
+    assert code == 2 and "unknown backend 'eagr'" in err and "is a model" not in err
     code, out, err = _cli(capsys, "shvit_s1", "--no-speed", "--backends", ",")  # not silently the defaults
-    assert code == 1 and "--backends names no backend; valid backends: eager" in err
+    assert code == 2 and "--backends names no backend; valid backends: eager" in err
 
 
 def test_a_weights_folder_is_compared_with_its_own_config(tmp_path, capsys):
@@ -286,6 +286,60 @@ def test_a_backend_missing_here_is_named_with_what_to_install(capsys, monkeypatc
            "(`pip install 'vitzoo[onnx]'`)); available here: eager, compile, torchscript" in err
     code, out, _ = _cli(capsys, "shvit_s1", "--no-speed", "--backends", "onnxruntime", "--format", "json")
     assert code == 0 and json.loads(out)[0]["flops"] == 241_400_128  # counts need no backend
+
+
+def test_cuda_asked_for_without_cuda_is_a_usage_error_even_for_counts(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for extra in ((), ("--no-speed",)):
+        code, out, err = _cli(capsys, "shvit_s1", "--device", "cuda", *extra)
+        assert code == 2 and out == "" and "--device cuda was asked for" in err
+
+
+def test_threads_apply_to_the_measurement_only(fake_deploy, monkeypatch):
+    """compare(threads=1) used to leave the whole process at 1 thread (also with speed=False, and after a failed
+    call): the caller's setting is restored, and the measurement itself ran at the given count."""
+    from vitzoo import compare as compare_module
+
+    before = torch.get_num_threads()
+    seen = []
+    real_measure = compare_module.measure
+    monkeypatch.setattr(compare_module, "measure",
+                        lambda *a, **k: (seen.append(torch.get_num_threads()), real_measure(*a, **k))[1])
+    other = 1 if before != 1 else 2
+    compare(["shvit_s1"], img_size=32, batch_size=1, rounds=1, threads=other, devices=["cpu"],
+            backends=["eager"], progress=False)
+    assert seen == [other] and torch.get_num_threads() == before
+    compare(["shvit_s1"], img_size=32, threads=other, speed=False)
+    with pytest.raises(Exception):
+        compare(["not_a_model_xyz"], threads=other, speed=False)
+    assert torch.get_num_threads() == before
+
+
+def test_a_model_that_fails_while_measured_keeps_the_other_rows(fake_deploy, monkeypatch, capsys, tmp_path):
+    """A model whose timing fails (e.g. out of memory at the full batch) gets a row without speed and a note; the
+    rows measured before and after it are kept, and the plot leaves it out."""
+    from vitzoo import compare as compare_module
+
+    real_measure = compare_module.measure
+
+    def measure(runners, batch, **kwargs):
+        if kwargs.get("desc") == "measuring shvit_s2":
+            raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1 GB\nmore detail")
+        return real_measure(runners, batch, **kwargs)
+
+    monkeypatch.setattr(compare_module, "measure", measure)
+    rows = compare(["shvit_s1", "shvit_s2", "shvit_s3"], img_size=32, batch_size=1, rounds=1, threads=1,
+                   devices=["cpu"], backends=["eager"], progress=False)
+    assert [r["model"] for r in rows] == ["shvit_s1", "shvit_s2", "shvit_s3"]
+    assert rows[0]["throughput"] > 0 and rows[2]["throughput"] > 0 and rows[1]["throughput"] is None
+    assert rows[1]["flops"] > 0 and rows[1]["note"].endswith(
+        "; not measured at batch 1: RuntimeError: DefaultCPUAllocator: not enough memory: you tried to allocate 1 GB")
+    plotted = []
+    monkeypatch.setattr("vitzoo.plot.write_pareto_plot", lambda points, path, **k: plotted.extend(points) or path)
+    code, out, err = _cli(capsys, "shvit_s1", "shvit_s2", "--img-size", "32", "--batch", "1", "--rounds", "1",
+                          "--backends", "eager", "--plot", str(tmp_path / "p.png"))
+    assert code == 0 and "note: shvit_s2 (cpu):" in err and "not measured at batch 1" in err
+    assert [p[0] for p in plotted] == ["shvit_s1"]
 
 
 def test_repeated_backends_are_deployed_once(fake_deploy):

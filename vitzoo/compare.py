@@ -81,29 +81,29 @@ def _is_model_name(name: str) -> bool:
     return True
 
 
+class UsageError(ValueError):
+    """An argument out of its range (the command line's exit code 2)."""
+
+
 def _check_backends(backends: Sequence[str], speed: bool) -> List[str]:
     """``backends`` without repeats; a name that is not a backend, or (when timing) one not usable here, raises."""
     from vitzoo.inference import BACKENDS, available_backends, missing_backend_hint
 
     if not backends:
-        raise ValueError(f"--backends names no backend; valid backends: {', '.join(BACKENDS)}")
+        raise UsageError(f"--backends names no backend; valid backends: {', '.join(BACKENDS)}")
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         message = f"unknown backend {', '.join(map(repr, unknown))}; valid backends: {', '.join(BACKENDS)}"
         models = [b for b in unknown if _is_model_name(b)]
         if models:  # `compare --backends eager shvit_s1`: the model went into --backends
             message += f" ({', '.join(map(repr, models))} is a model: put model names before --backends)"
-        raise ValueError(message)
+        raise UsageError(message)
     missing = [b for b in backends if b not in available_backends()] if speed else []
     if missing:
         hints = "; ".join(f"{b}: {missing_backend_hint(b)}" for b in missing)
         raise ValueError(f"backend {', '.join(map(repr, missing))} not available in this environment ({hints}); "
                          f"available here: {', '.join(available_backends())}")
     return list(dict.fromkeys(backends))
-
-
-class UsageError(ValueError):
-    """An argument out of its range (the command line's exit code 2)."""
 
 
 def _build(
@@ -218,11 +218,20 @@ def _measure_on(
         bar.set_postfix_str(name)
         notes: List[str] = []
         runners = _runners(model, report, device, batch, backends, notes)
-        timings = measure(runners, batch, rounds=rounds, warmup=1, min_time=0.15, device=torch.device(device),
-                          progress=progress, desc=f"measuring {name}")
+        try:
+            timings = measure(runners, batch, rounds=rounds, warmup=1, min_time=0.15, device=torch.device(device),
+                              progress=progress, desc=f"measuring {name}")
+        except (RuntimeError, MemoryError, ValueError) as e:  # e.g. out of memory at this batch: keep the other rows
+            timings = None
+            failure = f"not measured at batch {batch}: {type(e).__name__}: {first_line(e)}"
         del runners  # the deployed copies, before the next model is deployed
         gc.collect()
         row = _row(name, report, device, batch)
+        if timings is None:
+            row["note"] = "; ".join(([row["note"]] if row["note"] else []) + notes + [failure])
+            rows.append(row)
+            model.to("cpu")
+            continue
         row["throughput_by_path"] = {path: round(t.throughput, 2) for path, t in timings.items()}
         row["throughput"] = round(timings[DEFAULT_PATH].throughput, 2)
         row["latency_ms"] = round(timings[DEFAULT_PATH].latency_ms, 3)
@@ -254,12 +263,10 @@ def _compare(
         if value is not None and value < 1:
             raise UsageError(f"{what} ({flag}) must be >= 1, got {value}")
     devices = list(devices) if devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    if speed and "cuda" in devices and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False")
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but torch.cuda.is_available() is False; drop --device cuda")
     if backends is not None:
         backends = _check_backends(backends, speed)
-    if threads is not None:
-        torch.set_num_threads(threads)
 
     names = list(dict.fromkeys(models)) if models else list(DEFAULT_MODELS)  # a name given twice: one row
     if models:
@@ -269,9 +276,15 @@ def _compare(
     if not speed:
         return [_row(name, report, None, None) for name, _, report in built], skipped
     rows = []
-    for device in devices:
-        batch = batch_size or DEFAULT_BATCH.get(device, 16)
-        rows += _measure_on(device, built, batch, backends or _default_backends(device), rounds, progress)
+    saved_threads = torch.get_num_threads()
+    if threads is not None:  # for the measurement only: the caller's setting is restored afterwards
+        torch.set_num_threads(threads)
+    try:
+        for device in devices:
+            batch = batch_size or DEFAULT_BATCH.get(device, 16)
+            rows += _measure_on(device, built, batch, backends or _default_backends(device), rounds, progress)
+    finally:
+        torch.set_num_threads(saved_threads)
     return rows, skipped
 
 
@@ -295,7 +308,7 @@ def compare(
             with a warning.
         img_size: Square input size; default: each model's pretrained cfg input size.
         batch_size: Images per batch; default 16 on CPU, 256 on GPU.
-        threads: ``torch.set_num_threads`` for the measurement (left as it is when None).
+        threads: ``torch.set_num_threads`` while measuring (restored afterwards; torch's setting when None).
         speed: Measure throughput/latency; False gives counts only (fast).
         devices: ``"cpu"`` and/or ``"cuda"``; default CPU, plus CUDA when available. One row per model and device.
         backends: :func:`vitzoo.deploy` backends tried for the fastest path; default per device. A name that is
@@ -461,7 +474,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_rows(rows, args.format))
     if args.plot:
         points = [(r["model"] + ("" if r["device"] in (None, "cpu") else f" ({r['device']})"), r["flops"],
-                   r["throughput_fastest"] or r["throughput"]) for r in rows]
+                   r["throughput_fastest"] or r["throughput"]) for r in rows if r["throughput"] is not None]
         try:
             path = write_pareto_plot(points, args.plot, force=args.force,
                                      title=_header(info, rows), ylabel="throughput, fastest path (img/s)")
