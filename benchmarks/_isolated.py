@@ -53,8 +53,13 @@ def _worker(conn, builder: Callable[..., Callable[[], object]], args: tuple, war
         conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
-def _receive(conn, key: Hashable, kind: str):
-    status, value = conn.recv()
+def _receive(conn, key: Hashable, kind: str, process):
+    try:
+        status, value = conn.recv()
+    except EOFError:  # the worker's end closed without a report: it crashed (segfault, OOM killer, os._exit)
+        process.join(timeout=5)
+        raise RuntimeError(f"benchmark worker {key!r} died without reporting (exit code {process.exitcode}; "
+                           "a crash in a native library or the out-of-memory killer)") from None
     if status == "error":
         raise RuntimeError(f"benchmark worker {key!r} failed: {value}")
     assert status == kind, (status, kind)
@@ -70,7 +75,8 @@ def measure_isolated(builders: Dict[Hashable, Builder], batch_size: int, *, roun
         builders: Key -> ``(builder, args)``; the worker calls ``builder(*args)`` to get its runner.
         batch_size: Images per call, for the img/s figures.
         rounds: Timed rounds; each runner is timed once per round, in turn.
-        warmup: Untimed calls per runner before calibration.
+        warmup: Calls per runner before the first round, the last of which calibrates how many calls a round
+            makes (as in ``vitzoo.speed.measure``): ``warmup=2`` is one untimed call, then the calibration call.
         min_time: Minimum seconds per timing; fast runners get several calls per round.
         max_calls: Upper bound on calls per round.
         desc: Progress-bar label.
@@ -92,18 +98,19 @@ def measure_isolated(builders: Dict[Hashable, Builder], batch_size: int, *, roun
                 parent, child = ctx.Pipe()
                 process = ctx.Process(target=_worker, args=(child, builder, args, warmup - 1, settle), daemon=True)
                 process.start()
+                child.close()  # only the worker holds its end now, so a worker that dies is an EOF here, not a hang
                 workers[key] = (parent, process)
-                _receive(parent, key, "ready")
+                _receive(parent, key, "ready", process)
                 parent.send(1)
-                once = _receive(parent, key, "time")
+                once = _receive(parent, key, "time", process)
                 calls = max(1, min(max_calls, math.ceil(min_time / max(once, 1e-9))))
                 timings[key] = Timing(batch_size=batch_size, calls=calls)
                 bar.update(1)
             for r in range(rounds):
-                for key, (parent, _) in workers.items():
+                for key, (parent, process) in workers.items():
                     bar.set_postfix_str(f"round {r + 1}/{rounds} {key}")
                     parent.send(timings[key].calls)
-                    timings[key].seconds_per_call.append(_receive(parent, key, "time"))
+                    timings[key].seconds_per_call.append(_receive(parent, key, "time", process))
                     bar.update(1)
     finally:
         for parent, process in workers.values():

@@ -4,7 +4,9 @@ achieved MAC/s = fvcore MACs of the fused model per image (``vitzoo.flops.count_
 peak MAC/s     = threads (one per physical core) x clock x FMA instructions per cycle x fp32 lanes per FMA.
 
 Assumptions (override with --ghz/--fma-units/--lanes):
-* clock: the "cpu MHz" of /proc/cpuinfo (nominal; turbo can be higher, hence the sgemm row below);
+* clock: cpufreq's ``base_frequency`` where the kernel exposes it, else the "cpu MHz" of /proc/cpuinfo (a VM's
+  nominal clock; on a host with frequency scaling that is the current clock, so pass --ghz there); turbo can be
+  higher, hence the measured FMA peak below;
 * AMD Zen 3/4 (family 25): AVX-512 is executed on 2 x 256-bit FMA pipes -> 2 units x 8 lanes;
 * Intel with AVX-512: 2 x 512-bit FMA units (Xeon Gold/Platinum; some SKUs have 1) -> 2 x 16;
 * AVX2 + FMA: 2 x 8.
@@ -28,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,8 +86,31 @@ def measured_fma_peak(threads: int, iters: int = 200_000_000) -> Optional[float]
             print(f"measured FMA peak: skipped ({compiler} failed: {build.stderr.strip()[:200]})")
             return None
         procs = [subprocess.Popen([binary, str(iters)], stdout=subprocess.PIPE, text=True) for _ in range(threads)]
-        rates = [float(p.communicate()[0].split()[0]) for p in procs]
+        outputs = [(p.communicate()[0], p.returncode) for p in procs]
+    rates = []
+    for out, code in outputs:
+        try:
+            rates.append(float(out.split()[0]))
+        except (IndexError, ValueError):
+            print(f"measured FMA peak: skipped (fma_peak exited with code {code} and printed {out.strip()[:80]!r}; "
+                  "an x86 CPU with FMA is needed)")
+            return None
     return sum(rates) * 1e9
+
+
+def nominal_ghz(info: dict) -> Tuple[Optional[float], str]:
+    """The nominal clock in GHz and where it was read: cpufreq's base frequency when the kernel exposes it (the
+    "cpu MHz" of /proc/cpuinfo is then the current, scaled clock), else /proc/cpuinfo's "cpu MHz"."""
+    base = "/sys/devices/system/cpu/cpu0/cpufreq/base_frequency"
+    try:
+        with open(base) as f:
+            return int(f.read()) / 1e6, base
+    except (OSError, ValueError):
+        pass
+    if info.get("max_mhz"):  # frequency scaling without a base frequency: "cpu MHz" is whatever the core runs now
+        print("note: this host scales its clock and exposes no base frequency; /proc/cpuinfo's 'cpu MHz' is the "
+              "current clock, pass --ghz with the nominal one")
+    return ((info["mhz"] or 0) / 1000 or None), "/proc/cpuinfo cpu MHz"
 
 
 def build_deployed(name: str, batch: int, threads: int):
@@ -100,7 +125,8 @@ def build_deployed(name: str, batch: int, threads: int):
 def main() -> int:
     parser = base_parser(__doc__.splitlines()[0], rounds=5)
     parser.add_argument("--models", nargs="+", default=["shvit_s1", "shvit_s4"], choices=list(CASES))
-    parser.add_argument("--ghz", type=float, default=None, help="clock in GHz (default: /proc/cpuinfo cpu MHz)")
+    parser.add_argument("--ghz", type=float, default=None,
+                        help="nominal clock in GHz (default: cpufreq base_frequency, else /proc/cpuinfo cpu MHz)")
     parser.add_argument("--fma-units", type=int, default=None)
     parser.add_argument("--lanes", type=int, default=None)
     parser.add_argument("--no-isolate", dest="isolate", action="store_false",
@@ -109,11 +135,11 @@ def main() -> int:
     info = print_machine(args.threads)
     units, lanes, why = fma_config()
     units, lanes = args.fma_units or units, args.lanes or lanes
-    ghz = args.ghz or (info["mhz"] or 0) / 1000
+    ghz, source = (args.ghz, "--ghz") if args.ghz else nominal_ghz(info)
     if not ghz:
-        parser.error("cannot read the clock from /proc/cpuinfo; pass --ghz")
-    print(f"peak per core = {ghz:.3f} GHz x {units} FMA units x {lanes} lanes = {ghz * units * lanes:.1f} GMAC/s "
-          f"({why})")
+        parser.error("cannot read the clock from cpufreq or /proc/cpuinfo; pass --ghz")
+    print(f"peak per core = {ghz:.3f} GHz ({source}) x {units} FMA units x {lanes} lanes = "
+          f"{ghz * units * lanes:.1f} GMAC/s ({why})")
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import ExitStack
+from typing import Optional
 from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -57,8 +58,8 @@ def build_budget_runner(budget_mib: float, name: str, batch: int, threads: int):
         return build_runner("sliced", name, batch, threads)
 
 
-def slice_size(name: str, budget: int = 0) -> int:
-    """The slice ``deploy()`` picks for ``name`` (0: none)."""
+def slice_size(name: str, budget: Optional[int] = None) -> int:
+    """The slice ``deploy()`` picks for ``name`` with ``budget`` bytes (None: the default budget); 0: no slicing."""
     from timm.utils import reparameterize_model
 
     from vitzoo.stem_chunking import find_stem, stem_chunk_size
@@ -67,7 +68,7 @@ def slice_size(name: str, budget: int = 0) -> int:
     found = find_stem(model)
     res = CASES[name]
     sample = torch.zeros(1, 3, res, res)
-    return (stem_chunk_size(found[1], sample, *([budget] if budget else [])) or 0) if found else 0
+    return (stem_chunk_size(found[1], sample, *([] if budget is None else [budget])) or 0) if found else 0
 
 
 def main() -> int:
@@ -76,6 +77,8 @@ def main() -> int:
     parser.add_argument("--budgets", nargs="+", type=float, default=None, metavar="MIB",
                         help="compare these slice budgets (MiB) instead of sliced vs unsliced")
     args = parser.parse_args()
+    if args.budgets and min(args.budgets) <= 0:
+        parser.error(f"--budgets must be positive MiB, got {min(args.budgets):g}")
     print_machine(args.threads)
     if args.budgets:
         return compare_budgets(args)

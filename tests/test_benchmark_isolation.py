@@ -35,6 +35,43 @@ def test_builder_failure_is_reported_with_the_runner_name():
         measure_isolated({"bad": (int, ("not a number",))}, batch_size=1, rounds=1)
 
 
+def crashing_runner(calls_before_crash: int):
+    """Builder of a runner that kills its process without a Python exception on call ``calls_before_crash + 1``
+    (as a segfault in a native library or the out-of-memory killer would)."""
+    made = []
+
+    def run():
+        if len(made) == calls_before_crash:
+            os._exit(3)
+        made.append(1)
+    return run
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("calls_before_crash", [0, 2])  # while warming up, and in a timed round
+def test_a_worker_that_dies_is_an_error_not_a_hang(calls_before_crash):
+    """The parent kept its own copy of the worker's pipe end open, so a worker that died without reporting left
+    it waiting for ever."""
+    builders = {"fine": (functools.partial, (time.sleep, 0.001)), "crash": (crashing_runner, (calls_before_crash,))}
+    with pytest.raises(RuntimeError, match=r"worker 'crash' died without reporting \(exit code 3"):
+        measure_isolated(builders, batch_size=1, rounds=3, warmup=2, min_time=0.0, max_calls=1)
+
+
+def counting_runner(log: str):
+    def run():
+        with open(log, "a") as f:
+            f.write("call\n")
+    return run
+
+
+def test_warmup_counts_the_calibration_call(tmp_path):
+    """As documented (and as vitzoo.speed.measure does): warmup=2 is one untimed call plus the calibration call."""
+    log = tmp_path / "calls.log"
+    measure_isolated({"r": (counting_runner, (str(log),))}, batch_size=1, rounds=1, warmup=2, min_time=0.0,
+                     max_calls=1)
+    assert log.read_text().count("call") == 2 + 1  # warm-up incl. calibration, then one round of one call
+
+
 def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="rounds"):
         measure_isolated({}, batch_size=1, rounds=0)

@@ -103,9 +103,24 @@ def test_stem_chunking_variants():
     with torch.no_grad():
         expected = model(x)
     assert bench.slice_size("shvit_s1") == 2  # 2 MiB // (16 x 112 x 112 x 4 B)
+    # the table's column for --budgets: 4 MiB // 0.77 MiB = 5 images; a budget of 0 bytes was shown as the default
+    assert bench.slice_size("shvit_s1", 4 * 2 ** 20) == 5 and bench.slice_size("shvit_s1", 0) == 1
     for variant in bench.VARIANTS:
         deployed = bench.build_deployed(variant, model, x)
         sliced = any(isinstance(m, BatchChunked) for m in deployed.model.model.modules())
         assert sliced == (variant == "sliced"), variant
         assert any("stem run on slices" in o for o in deployed.optimizations) == sliced
         torch.testing.assert_close(deployed(x), expected, atol=1e-4, rtol=0)
+
+
+def test_fma_peak_that_prints_nothing_is_skipped_with_the_reason(tmp_path, monkeypatch, capsys):
+    """A peak binary that fails (no FMA, killed) used to end the script in a bare IndexError."""
+    import bench_peak_fraction as bench
+
+    compiler = tmp_path / "fake-cc"  # "compiles" to a program that prints nothing and exits 1
+    compiler.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\nprintf \'#!/bin/sh\\nexit 1\\n\' > "$2"\n'
+                        'chmod +x "$2"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    assert bench.measured_fma_peak(1, iters=10) is None
+    assert "measured FMA peak: skipped (fma_peak exited with code 1 and printed ''" in capsys.readouterr().out
