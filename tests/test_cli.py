@@ -75,3 +75,93 @@ def test_first_line_is_the_first_non_empty_stripped_line():
 
     assert first_line(RuntimeError("\n   cause of the error  \n\ndetails\nmore details\n")) == "cause of the error"
     assert first_line(ValueError("")) == first_line(ValueError(" \n \n")) == ""
+
+
+# found by an audit: the commands printed only the first line of a library error, so the advice on the later lines
+# ("To fix: ...", the alternatives after "with one of:") was lost
+
+
+def test_error_message_keeps_the_advice_on_later_lines():
+    from vitzoo.messages import error_message
+
+    error = RuntimeError("Could not load weights for m: LocalEntryNotFoundError: not cached.\n"
+                         "To fix: run `hf download org/m`; or use pretrained=False.")
+    assert error_message(error) == ("Could not load weights for m: LocalEntryNotFoundError: not cached. To fix: run "
+                                    "`hf download org/m`; or use pretrained=False.")
+    listing = ValueError("m: dims unknown; pass dims=..., with one of:\n"
+                         "  create('m', pretrained=True)  # reads them\n"
+                         "  create('m', dims=d)  # random init\n"
+                         "or record them once.")
+    assert error_message(listing) == ("m: dims unknown; pass dims=..., with one of: create('m', pretrained=True)  # "
+                                      "reads them; create('m', dims=d)  # random init; or record them once.")
+    # a line that starts a sentence after one without a full stop
+    assert error_message(OSError("no network\nSet HF_HUB_OFFLINE=1")) == "no network. Set HF_HUB_OFFLINE=1"
+    assert error_message(ValueError("\n \n")) == ""
+
+
+def test_error_message_drops_tracebacks_and_graph_dumps():
+    from vitzoo.messages import error_message
+
+    worker = RuntimeError('boom\nTraceback (most recent call last):\n  File "x.py", line 3, in f\n    g()\nKeyError: 1')
+    assert error_message(worker) == "boom"
+    graph = RuntimeError("cannot export the model:\ngraph(%x : Float(1, 3),\n      %w : Float(3)):\n  %y = mul(%x)")
+    assert error_message(graph) == "cannot export the model:"
+    # a message line that merely starts with "File" is text, not a traceback frame
+    assert error_message(OSError('cannot read\nFile "w.pth" is empty.')) == 'cannot read. File "w.pth" is empty.'
+
+
+def test_error_message_length_cap_keeps_the_cause_and_the_closing_advice():
+    from vitzoo.messages import LINE_LIMIT, MESSAGE_LIMIT, error_message
+
+    rows = [f"row {i:02d} " + "x" * 90 for i in range(40)]  # 100 characters each
+    text = error_message(RuntimeError("\n".join(["the cause", *rows, "To fix: do this."])))
+    assert text.startswith("the cause; row 00 ") and text.endswith("more lines]. To fix: do this.")
+    kept = [r for r in rows if r in text]
+    assert kept == rows[:len(kept)] and 0 < len(kept) < len(rows)  # the first rows, in order
+    assert f"[{len(rows) - len(kept)} more lines]" in text
+    assert len(text) <= MESSAGE_LIMIT
+    # a line too long loses its middle: its start (the cause) and end (often advice) stay
+    long_line = "cause: " + "y" * (LINE_LIMIT + 100) + " To fix: z."
+    cut = error_message(RuntimeError(long_line))
+    assert len(cut) == LINE_LIMIT and cut.startswith("cause: yyy") and cut.endswith("yyy To fix: z.")
+    assert cut.count(" ... ") == 1 and set(cut.replace(" ... ", "")[7:-11]) == {"y"}
+
+
+def test_error_message_adds_the_advice_of_a_cause_summarised_by_its_first_line():
+    from vitzoo.messages import error_message
+
+    cause = RuntimeError("Could not load weights for m from file w.pth: EOFError: truncated.\n"
+                         "To fix: download it again.")
+    try:
+        try:
+            raise cause
+        except RuntimeError as e:  # a summary by the cause's first line, less its file name and full stop
+            raise ValueError("could not load w.pth into backbone 'm': EOFError: truncated") from e
+    except ValueError as e:
+        summary = e
+    assert error_message(summary) == ("could not load w.pth into backbone 'm': EOFError: truncated. To fix: download "
+                                      "it again.")
+    # a message that quotes the whole cause, or another summary of it, gets nothing added
+    whole = ValueError(f"could not load: {cause}")
+    whole.__cause__ = cause
+    assert error_message(whole) == ("could not load: Could not load weights for m from file w.pth: EOFError: "
+                                    "truncated. To fix: download it again.")
+    other = ValueError("the file pickles Python objects")
+    other.__cause__ = cause
+    assert error_message(other) == "the file pickles Python objects"
+    # advice of the message's own after the quote replaces the cause's (the command's, not Python's)
+    own = ValueError("could not load w.pth into backbone 'm': EOFError: truncated; the file must hold m weights.")
+    own.__cause__ = cause
+    assert error_message(own) == str(own)
+
+
+def test_cli_errors_name_the_option_not_the_python_argument(monkeypatch, capsys):
+    """The shared output checks say ``force=True (--force)``; a command's error line says ``--force``."""
+    def failing_run(args):
+        raise FileExistsError("x.onnx already exists; refusing to overwrite it. Pass force=True (--force) to replace "
+                              "it.")
+
+    monkeypatch.setattr("vitzoo.export.run", failing_run)
+    assert main(["export", "shvit_s1"]) == 1
+    assert capsys.readouterr().err == ("vitzoo export: error: x.onnx already exists; refusing to overwrite it. Pass "
+                                       "--force to replace it.\n")

@@ -6,7 +6,8 @@ Modules are imported lazily so ``vitzoo --help`` stays fast.
 
 A sub-command reports the errors it expects itself. What reaches :func:`main` from the operating system (a folder
 that is not writable, a full disk, a network error: ``OSError``) or from Ctrl-C is reported in one line here too,
-with exit code 1 / 130, instead of a traceback.
+with exit code 1 / 130, instead of a traceback. Error lines come from :func:`vitzoo.messages.cli_message`: the
+library's message on one line, advice on its later lines included.
 """
 from __future__ import annotations
 
@@ -68,7 +69,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except OSError as e:
-        print(f"vitzoo {args.command}: error: {e}", file=sys.stderr)
+        from vitzoo.messages import cli_message
+
+        print(f"vitzoo {args.command}: error: {cli_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"vitzoo {args.command}: interrupted", file=sys.stderr)
