@@ -60,6 +60,8 @@ def test_cli_model_that_cannot_be_built_is_an_error_not_a_traceback(tmp_path, ca
     assert main(["export", "nvit_b", "--format", "onnx", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: cannot build nvit_b: nvit_b: the per-block dims") and "Traceback" not in err
+    # found by an audit: the line ended at "with one of:"; the alternatives it announces are on the line too
+    assert err.count("\n") == 1 and "with one of: timm.create_model('nvit_b', pretrained=True)" in err, err
     assert not out.exists()
 
 
@@ -82,9 +84,9 @@ class _KthValue(nn.Module):
 
 
 def test_cli_model_the_exporter_rejects_is_one_line_without_the_ir_dump(tmp_path, capfd, monkeypatch):
-    monkeypatch.setattr("vitzoo.export._create", lambda *a: _KthValue())
+    monkeypatch.setattr("vitzoo.export._create", lambda *a: _KthValue())  # the name is checked before _create
     out = tmp_path / "k.onnx"
-    assert main(["export", "kth", "--out", str(out)]) == 1
+    assert main(["export", "resnet18", "--out", str(out)]) == 1
     captured = capfd.readouterr()  # file-descriptor level: the exporter's log is written from C++
     assert "Torch IR graph" not in captured.out + captured.err
     errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
@@ -357,3 +359,94 @@ def test_max_abs_diff_keeps_the_worst_input_not_the_last():
     inputs = [torch.zeros(1, 3), torch.full((1, 3), 2.0), torch.ones(1, 3)]
     assert max_abs_diff_and_scale(reference, WrongOnFirstCall(), inputs) == (0.5, 2.0)
     assert max_abs_diff(reference, WrongOnFirstCall(), inputs) == 0.5
+
+
+def _no_build(*args, **kwargs):
+    raise AssertionError("the model was built (or its weights fetched) although the output cannot be written")
+
+
+@pytest.mark.parametrize("pretrained", [[], ["--pretrained"]])
+def test_cli_checks_the_output_before_building_the_model(tmp_path, capsys, monkeypatch, pretrained):
+    """Found by an audit: `export MODEL --out FILE` built the model (and downloaded its weights) before refusing
+    an existing FILE; now every output problem is reported before anything is built."""
+    monkeypatch.setattr("vitzoo.export._create", _no_build)
+    monkeypatch.setattr("timm.create_model", _no_build)
+    existing = tmp_path / "old.onnx"
+    existing.write_bytes(b"old")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (existing, f"error: {existing} already exists; refusing to overwrite it. Pass --force to replace it or "
+                   "choose another --out.\n"),
+        (tmp_path / "missing" / "x.onnx", f"error: cannot write {tmp_path / 'missing' / 'x.onnx'}: folder "
+                                          f"{tmp_path / 'missing'} does not exist; create it first (mkdir -p "
+                                          f"{tmp_path / 'missing'}) or choose another --out.\n"),
+        (tmp_path / "adir", f"error: {tmp_path / 'adir'} is a folder; give a file path for the output"),
+        (tmp_path / "afile" / "x.onnx", f"error: cannot write {tmp_path / 'afile' / 'x.onnx'}: {tmp_path / 'afile'} "
+                                        "is a file, not a folder."),
+    ]
+    for out, message in cases:
+        assert main(["export", "vit_large_patch16_224", "--out", str(out), *pretrained]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1, err
+    assert existing.read_bytes() == b"old" and not (tmp_path / "missing").exists()  # no folder is created
+    assert sorted(os.listdir(tmp_path)) == ["adir", "afile", "old.onnx"]
+
+
+def test_cli_checks_the_default_output_name_before_building(tmp_path, capsys, monkeypatch):
+    """Without --out the file is MODEL_IMGSIZE.onnx, with the size from the model's cfg or the folder's config."""
+    monkeypatch.setattr("vitzoo.export._create", _no_build)
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "my_s1"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architecture": "shvit_s1", "pretrained_cfg": {"input_size": [3, 64, 64]}}')
+    for model, extra, name in (("shvit_s1", [], "shvit_s1_224.onnx"),
+                               ("vit_base_patch16_384", [], "vit_base_patch16_384_384.onnx"),
+                               ("shvit_s1", ["--img-size", "96"], "shvit_s1_96.onnx"),
+                               (f"local-dir:{folder}", [], "my_s1_64.onnx")):
+        (tmp_path / name).write_bytes(b"old")
+        assert main(["export", model, *extra]) == 1
+        assert capsys.readouterr().err.startswith(f"error: {name} already exists; refusing to overwrite it.")
+        assert (tmp_path / name).read_bytes() == b"old"
+
+
+def test_cli_refuses_a_missing_folder_like_compare_plot(tmp_path, capsys):
+    """Found by an audit: `export --out /nonexistent/x.onnx` created /nonexistent/, while `compare --plot` refuses a
+    missing folder; single-file outputs now both refuse it, naming the folder."""
+    from vitzoo.plot import check_writable
+
+    out = tmp_path / "new" / "sub" / "x.onnx"
+    assert _export_cli(out) == 1
+    assert f"folder {out.parent} does not exist; create it first" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match=f"folder {out.parent} does not exist; create it first"):
+        check_writable(out.with_suffix(".png"))
+    with pytest.raises(FileNotFoundError, match=f"folder {out.parent} does not exist; create it first"):
+        export_verified_onnx(create("shvit_s1"), out, IMG)  # the Python API too, before any work
+    assert os.listdir(tmp_path) == []
+    out.parent.mkdir(parents=True)
+    assert _export_cli(out) == 0 and out.is_file()
+
+
+def test_api_names_its_force_argument(tmp_path):
+    out = tmp_path / "s1.onnx"
+    out.write_bytes(b"old")
+    with pytest.raises(FileExistsError, match=r"Pass force=True to replace it\.$"):
+        export_verified_onnx(create("shvit_s1"), out, IMG)
+    assert out.read_bytes() == b"old"
+
+
+def test_cli_error_keeps_the_advice_of_a_pretrained_load(tmp_path, capsys, monkeypatch):
+    """Found by an audit: only the first line of SHViT's pretrained-loading error was printed, not its "To fix"."""
+    def offline(name, pretrained=False, **kwargs):
+        assert pretrained
+        raise RuntimeError("Could not load pretrained weights for shvit_s1 from Hugging Face Hub repo "
+                           "timm/shvit_s1.in1k: LocalEntryNotFoundError: not in the cache.\n"
+                           "To fix: fetch them with `hf download timm/shvit_s1.in1k`; or use pretrained=False.")
+
+    monkeypatch.setattr("timm.create_model", offline)
+    assert main(["export", "shvit_s1", "--pretrained", "--out", str(tmp_path / "s1.onnx")]) == 1
+    assert capsys.readouterr().err == (
+        "error: cannot build shvit_s1: Could not load pretrained weights for shvit_s1 from Hugging Face Hub repo "
+        "timm/shvit_s1.in1k: LocalEntryNotFoundError: not in the cache. To fix: fetch them with `hf download "
+        "timm/shvit_s1.in1k`; or use pretrained=False.\n")
+    assert os.listdir(tmp_path) == []

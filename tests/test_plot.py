@@ -1,5 +1,6 @@
 """vitzoo.plot: every label sits by its own point, clear of the other points and labels."""
 import math
+import os
 
 import pytest
 
@@ -57,3 +58,23 @@ def test_labels_sit_by_their_own_points(points):
             assert _overlap(boxes[i], boxes[j]) == 0, f"labels of {name} and {other} overlap"
             if not placements[i].leader:  # a label further out has a line to its point, which pairs them
                 assert own < _gap(boxes[i], *centres[j]), f"{name}'s label is nearer {other}'s point than its own"
+
+
+def test_check_writable_refuses_a_missing_folder_and_names_the_option(tmp_path):
+    """``compare --plot`` and ``export --out`` check a single-file output alike: a missing folder is refused (not
+    created) and named, an existing file is replaced only with ``--force``, the option the user can pass."""
+    from vitzoo.plot import check_writable
+
+    missing = tmp_path / "new" / "p.png"
+    with pytest.raises(FileNotFoundError) as info:
+        check_writable(missing)
+    assert str(info.value) == (f"cannot write {missing}: folder {missing.parent} does not exist; create it first "
+                               f"(mkdir -p {missing.parent}) or choose another --plot.")
+    existing = tmp_path / "p.svg"
+    existing.write_text("old")
+    with pytest.raises(FileExistsError) as info:
+        check_writable(existing)
+    assert str(info.value) == (f"{existing} already exists; refusing to overwrite it. Pass --force to replace it or "
+                               "choose another --plot.")
+    assert check_writable(existing, force=True) == existing
+    assert sorted(os.listdir(tmp_path)) == ["p.svg"]

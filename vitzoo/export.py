@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from vitzoo.atomic import atomic_open, check_output_file
+from vitzoo.atomic import atomic_open
+from vitzoo.plot import check_new_file
 
 __all__ = ["ExportError", "export_verified_onnx", "register", "run"]
 
@@ -52,8 +53,9 @@ def export_verified_onnx(
         The max abs difference measured over the verification batches.
 
     Raises:
-        FileExistsError: ``out`` exists and ``force`` is False (checked before any work, as are the errors of
-            :func:`vitzoo.atomic.check_output_file`).
+        FileExistsError: ``out`` exists and ``force`` is False (checked before any work, as are the other errors
+            of :func:`vitzoo.plot.check_new_file`: ``out`` is a folder, its folder does not exist (it is not
+            created) or is not writable).
         ExportError: ONNX Runtime's output differs by more than ``atol``; nothing is written.
     """
     from timm.utils import reparameterize_model
@@ -62,7 +64,7 @@ def export_verified_onnx(
     from vitzoo.outputs import WRONG_RESULT_RTOL
 
     out = Path(out)
-    check_output_file(out, force)  # before the export: a folder, an existing file, an unwritable place
+    check_new_file(out, force)  # before the export: a folder, an existing file, a missing or unwritable folder
     training = {m: m.training for m in model.modules()}  # the caller's model is given back in its own modes
     try:
         model.eval()
@@ -131,33 +133,72 @@ def _file_stem(name: str) -> str:
     return name.removeprefix("hf-hub:").replace("/", "_")
 
 
+def _default_img_size(name: str) -> Optional[int]:
+    """The input size the default output name (``MODEL_IMGSIZE.onnx``) will use, known before building the model:
+    the registered pretrained cfg's, or a ``local-dir:`` folder's config.json's. None where only building tells
+    (``hf-hub:`` names, a folder's config without an input size)."""
+    import json
+
+    import timm
+
+    from vitzoo.models import resolve_name
+
+    arch, tag = resolve_name(name, allow_folders=True)
+    if name.startswith("hf-hub:"):
+        return None
+    if name.startswith("local-dir:"):
+        try:
+            config = json.loads((Path(name[len("local-dir:"):]).expanduser() / "config.json").read_text("utf-8"))
+            size = config["pretrained_cfg"]["input_size"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return int(size[-1]) if isinstance(size, list) and size and isinstance(size[-1], int) else None
+    cfg = timm.get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
+    return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else None
+
+
 def run(args: argparse.Namespace) -> int:
-    from vitzoo.messages import first_line
+    from vitzoo.messages import cli_message
     from vitzoo.models import UnknownModelError, model_in_chans
 
     if args.img_size is not None and args.img_size < 1:
         print(f"error: --img-size must be positive, got {args.img_size}", file=sys.stderr)
         return 2
+    # the name, and where the file goes, are checked before the model is built (or its weights downloaded)
+    try:
+        size = _default_img_size(args.model)
+    except UnknownModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = args.img_size or size
+    out = args.out or (Path(f"{_file_stem(args.model)}_{size}.onnx") if size else None)
+    try:
+        if out is not None:
+            check_new_file(out, args.force, option="--out")
+    except OSError as e:
+        print(f"error: {cli_message(e)}", file=sys.stderr)
+        return 1
     try:
         model = _create(args.model, args.img_size, args.pretrained)
     except UnknownModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ValueError, RuntimeError, OSError) as e:  # e.g. nvit_* without its dims record, a failed download
-        print(f"error: cannot build {args.model}: {first_line(e)}", file=sys.stderr)
+        print(f"error: cannot build {args.model}: {cli_message(e)}", file=sys.stderr)
         return 1
     input_size = model.pretrained_cfg.get("input_size", (3, 224, 224))
     img_size = args.img_size or int(input_size[-1])
     out = args.out or Path(f"{_file_stem(args.model)}_{img_size}.onnx")
     print(f"exporting {args.model} at {img_size}x{img_size} (opset {args.opset}) -> {out}", file=sys.stderr)
     try:
+        check_new_file(out, args.force, option="--out")  # the default name, where only the model told its size
         diff = export_verified_onnx(model, out, img_size, opset=args.opset, force=args.force,
                                     in_chans=model_in_chans(model))
     except (OSError, ValueError, ExportError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli_message(e)}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001  the model's own forward failing on the verification batches
-        print(f"error: cannot export {args.model}: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"error: cannot export {args.model}: {type(e).__name__}: {cli_message(e)}", file=sys.stderr)
         return 1
     print(f"wrote {out} (verified in ONNX Runtime at batch {', '.join(map(str, VERIFY_BATCHES))}: "
           f"max abs diff {diff:.2g})")
