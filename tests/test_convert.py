@@ -195,16 +195,34 @@ def test_force_never_replaces_the_folder_holding_the_source_nor_a_file(shvit_off
     src = work / "shvit_s1.pth"
     src.write_bytes(official.read_bytes())
     (work / "notes.txt").write_text("mine")
-    for out in (work, tmp_path):  # the folder holding the source, and one holding it further down
-        assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(out), "--force", "--no-flops"]) == 1
-        err = capsys.readouterr().err
-        assert f"cannot replace {out}: it holds the input {src}" in err and err.count("\n") == 1
-    assert sorted(os.listdir(work)) == ["notes.txt", "shvit_s1.pth"]
     afile = tmp_path / "afile"
     afile.write_text("mine")
-    assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(afile), "--force", "--no-flops"]) == 1
-    assert f"{afile} is a file; --force replaces an output folder, not a file" in capsys.readouterr().err
+    # found by an audit: without --force these said "already exists ... Pass force=True (--force)", and --force
+    # then refused for another reason; the reason comes first, and --force is not offered where it cannot help
+    for force in (["--force"], []):
+        for out in (work, tmp_path):  # the folder holding the source, and one holding it further down
+            assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(out), *force, "--no-flops"]) == 1
+            err = capsys.readouterr().err
+            assert f"cannot replace {out}: it holds the input {src}" in err and err.count("\n") == 1
+            assert "already exists" not in err and "force=True" not in err and "Pass --force" not in err
+        assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(afile), *force, "--no-flops"]) == 1
+        err = capsys.readouterr().err
+        assert f"{afile} is a file, and the output is a folder" in err and "not even with --force" in err
+        assert "already exists" not in err and "force=True" not in err and "Pass --force" not in err
+    assert sorted(os.listdir(work)) == ["notes.txt", "shvit_s1.pth"]
     assert afile.read_text() == "mine"
+
+
+def test_an_existing_output_folder_asks_for_the_cli_option_only(shvit_official, tmp_path, capsys):
+    _, src = shvit_official
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(out), "--no-flops"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"vitzoo convert: error: {out} already exists; refusing to overwrite it. Pass --force to replace "
+                   "it.\n")
+    with pytest.raises(FileExistsError, match=r"force=True"):  # the Python API names its argument
+        convert_checkpoint(src, "shvit_s1", out)
 
 
 def test_a_file_pickling_more_than_tensors_is_named_as_such_not_corrupt(shvit_official, tmp_path, capsys):

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm import tqdm
@@ -38,7 +38,7 @@ from .hub import (
 )
 from .atomic import _naming_target, check_output_dir
 from .manifest import Manifest, WeightEntry, family_of, load_manifest
-from .messages import help_description
+from .messages import cli_message, error_message, help_description
 from .model_card import card_fields, render_card
 
 __all__ = ["HUB_FILES", "VerificationError", "VerifyReport", "convert_checkpoint", "verify_folder", "register", "run"]
@@ -250,11 +250,17 @@ def _build_from_config(folder: Path, config: Dict[str, Any]) -> torch.nn.Module:
 def _cannot_build(where: str, arch: str, kwargs: Dict[str, Any], error: BaseException) -> str:
     args = json.dumps(kwargs, separators=(",", ":"))
     args = args if len(args) <= 200 else args[:197] + "..."
-    return (f"{where}: {arch} cannot be built with model_args {args} ({type(error).__name__}: {_first_line(error)}); "
-            f"correct model_args, {_AGAIN}.")
+    return (f"{where}: {arch} cannot be built with model_args {args} ({type(error).__name__}: "
+            f"{_reason(error)}); correct model_args, {_AGAIN}.")
+
+
+def _reason(error: BaseException) -> str:
+    """``error``'s message on one line, with the advice on its later lines (the type's name when it is empty)."""
+    return error_message(error) or type(error).__name__
 
 
 def _first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message, for torch's load_state_dict errors (the key lists follow it)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -317,7 +323,7 @@ def verify_folder(folder: PathLike, reference: Optional[torch.nn.Module] = None,
     try:
         state = safetensors.torch.load_file(folder / "model.safetensors")
     except Exception as e:  # noqa: BLE001  safetensors' own error type (header checked, tensors not)
-        raise VerificationError(f"{folder}/model.safetensors cannot be read: {_first_line(e)}") from e
+        raise VerificationError(f"{folder}/model.safetensors cannot be read: {_reason(e)}") from e
     _check_fit(folder, config, from_config, state)
     try:
         from_config.load_state_dict(state, strict=True)
@@ -328,7 +334,7 @@ def verify_folder(folder: PathLike, reference: Optional[torch.nn.Module] = None,
     except WeightsError as e:
         raise VerificationError(f"{folder} does not load through timm: {e}") from e
     except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as e:
-        raise VerificationError(f"{folder} does not load through timm: {_first_line(e)}") from e
+        raise VerificationError(f"{folder} does not load through timm: {_reason(e)}") from e
     if reference is None:
         reference = from_config
     ref_state, got_state = reference.state_dict(), loaded.state_dict()
@@ -411,6 +417,20 @@ def _fetch_source(src: str, workdir: Path) -> Path:
     return path
 
 
+def _check_out_dir(out_dir: PathLike, force: bool, keep: Sequence[PathLike]) -> None:
+    """Check, before any work, that the output folder can be written; what ``force`` cannot change is said first.
+
+    An existing file, the current folder (or one containing it), a folder holding ``keep`` (the source) and a mount
+    point are refused with their reason whether or not ``force`` is given (asking for ``--force`` there would only
+    lead to that refusal); only then is an existing folder refused without ``force``.
+    """
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir} is a file, and the output is a folder; a file is never replaced by one "
+                              "(not even with --force). Choose another output folder (--out).")
+    check_output_dir(out_dir, True, keep=keep)  # the current folder, a mount point, a folder holding the source
+    check_output_dir(out_dir, force, keep=keep)  # an existing folder: only with force
+
+
 def convert_checkpoint(
     src: PathLike,
     model_name: str,
@@ -443,8 +463,9 @@ def convert_checkpoint(
 
     Raises:
         UnknownModelError: ``model_name``'s architecture is not a timm model (a ``ValueError``).
-        FileExistsError: ``out_dir`` exists and not ``force``, or it cannot be replaced (the current folder, a
-            mount point).
+        FileExistsError: ``out_dir`` cannot be replaced, even with ``force`` (a file, the current folder or one
+            containing it, a folder holding ``src``, a mount point: that reason is given with or without ``force``),
+            or it is a folder that exists and ``force`` is not set.
         OSError: ``out_dir`` cannot be written (a parent is a file, a folder is not writable, ...).
         MissingWeightsError, CorruptWeightsError, WeightsError: bad source (missing, hash mismatch, corrupt,
             weights of another model).
@@ -463,8 +484,7 @@ def convert_checkpoint(
                          f"size), got {num_classes!r}.")
     model, _, name_tag = model_name.partition(".")
     resolve_name(model)  # an unknown architecture: UnknownModelError with the closest names, before any work
-    # also: the current folder, a mount point, or a folder holding the source cannot be replaced
-    check_output_dir(out_dir, force, keep=[src] if os.path.exists(str(src)) else [])
+    _check_out_dir(out_dir, force, keep=[src] if os.path.exists(str(src)) else [])
     tag = tag or name_tag or None
     manifest = manifest or load_manifest()
     out_dir = Path(out_dir)
@@ -501,10 +521,10 @@ def convert_checkpoint(
         except WeightsError:
             raise
         except RuntimeError as e:  # e.g. a truncated legacy torch.save file (only loading it can tell)
-            first = str(e).splitlines()[0]
-            has_advice = "download it again" in first or "To fix" in first
+            reason = _reason(e)
+            has_advice = "download it again" in reason or "To fix" in reason
             advice = "" if has_advice else " Check the file, or download it again."
-            raise CorruptWeightsError(f"{first}{advice}") from e
+            raise CorruptWeightsError(f"{reason}{advice}") from e
         steps.update()
         params = sum(p.numel() for p in source_model.parameters())
         if expected is None and not _params_match(entry, params):
@@ -578,7 +598,7 @@ def run(args: argparse.Namespace) -> int:
                                  num_classes=args.num_classes, sha256=args.sha256, repo_id=args.repo,
                                  flops=not args.no_flops)
     except (FileExistsError, WeightsError, VerificationError, ValueError) as e:
-        print(f"vitzoo convert: error: {e}", file=sys.stderr)
+        print(f"vitzoo convert: error: {cli_message(e)}", file=sys.stderr)
         return 1
     print(f"converted {args.src} -> {out} (verified: outputs identical to the source model)")
     return 0
