@@ -509,3 +509,22 @@ def test_checkpoint_every_saves_at_its_multiples(data, tmp_path, monkeypatch):
                 '--max-iters', '3', '--checkpoint-every', '2') == 0
     assert saved == [2, 3]
     assert load_checkpoint(out / 'checkpoint_last.pth')['iteration'] == 3
+
+
+def test_pretrained_load_error_keeps_its_advice(data, tmp_path, capsys, monkeypatch):
+    """Found by an audit: the backbone's pretrained-loading error lost its second line ("To fix: ...")."""
+    def offline(name, pretrained, kwargs):
+        assert pretrained
+        raise RuntimeError(f'Could not load pretrained weights for {name} from Hugging Face Hub repo '
+                           f'timm/{name}.in1k: LocalEntryNotFoundError: not in the cache.\n'
+                           f'To fix: fetch them with `hf download timm/{name}.in1k`; or use pretrained=False.')
+
+    monkeypatch.setattr('vitzoo.detection.backbone._create', offline)
+    out = tmp_path / 'run'
+    assert _run(data, out, '--pretrained') == 2
+    assert capsys.readouterr().err == (
+        "vitzoo finetune-det: error: could not load the default pretrained weights into backbone 'shvit_s1': Could "
+        "not load pretrained weights for shvit_s1 from Hugging Face Hub repo timm/shvit_s1.in1k: "
+        "LocalEntryNotFoundError: not in the cache. To fix: fetch them with `hf download timm/shvit_s1.in1k`; or use "
+        "pretrained=False.\n")
+    assert not out.exists()

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from vitzoo.atomic import atomic_write_text
+from vitzoo.messages import cli_message
 from vitzoo.models import UnknownModelError
 
 from .backbone import BackboneError, summarize_load_error
@@ -397,9 +398,10 @@ def run(args: argparse.Namespace) -> int:
         ctx = init_distributed(args.device)
         train(args, ctx)
     except (DatasetError, UnknownModelError, BackboneError, TrainingError, ValueError, OSError) as e:
-        # user errors (bad arguments, data, checkpoints, output folder, a diverging run): a message, not a
-        # traceback; one raised in a DataLoader worker comes wrapped in the worker's traceback text
-        print(f'vitzoo {NAME}: error: {worker_error_message(e)}', file=sys.stderr)
+        # user errors (bad arguments, data, checkpoints, output folder, a diverging run): one line, not a
+        # traceback; one raised in a DataLoader worker comes wrapped in the worker's traceback text; the advice of
+        # a load error summarised by its first line (a backbone's pretrained weights) is kept
+        print(f'vitzoo {NAME}: error: {cli_message(e, worker_error_message(e))}', file=sys.stderr)
         # drop the traceback now: it holds a DataLoader iterator in a reference cycle (torch's re-raise frame),
         # and workers shut down by a later garbage collection wait 5 s each for a stop signal that never comes
         e.__traceback__ = None
