@@ -355,6 +355,15 @@ def test_nothing_to_compare_prints_no_empty_table(capsys, monkeypatch):
     assert "note: skipped nvit_b: cannot be built" in err and "error: no model could be compared" in err
 
 
+def test_a_skip_note_keeps_the_alternatives_of_a_multi_line_error(capsys):
+    """nvit_b without dims: the note used to stop at "... or pass dims=..., with one of:"; the ways to build it
+    follow on the error's later lines."""
+    code, out, err = _cli(capsys, "nvit_b", "--no-speed")
+    note = next(line for line in err.splitlines() if line.startswith("note: skipped nvit_b"))
+    assert code == 1 and "with one of:" in note
+    assert "timm.create_model('nvit_b', pretrained=True)" in note and "KNOWN_DIMS" in note
+
+
 def test_tagged_name_builds_without_download(capsys, monkeypatch):
     def no_download(*a, **k):
         raise AssertionError("compare must not download weights")

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from vitzoo.flops import count_flops
 from vitzoo.models import DEFAULT_MODELS, PAPER_NUMBERS, UnknownModelError, create, resolve_name
-from vitzoo.messages import first_line, help_description
+from vitzoo.messages import cli_message, error_message, first_line, help_description
 from vitzoo.speed import measure
 
 __all__ = ["compare", "machine_info", "format_rows", "register", "run"]
@@ -122,12 +122,12 @@ def _build(
         try:
             model = create(name, img_size=img_size)
         except Exception as e:  # noqa: BLE001  a model that cannot be built (nvit_* without dims) is reported
-            skipped[name] = f"cannot be built: {type(e).__name__}: {first_line(e)}"
+            skipped[name] = f"cannot be built: {type(e).__name__}: {error_message(e)}"
             continue
         try:
             report = count_flops(model, img_size)
         except Exception as e:  # noqa: BLE001  e.g. an input size the model rejects, or too large for memory
-            skipped[name] = f"cannot run at this input size: {type(e).__name__}: {first_line(e)}"
+            skipped[name] = f"cannot run at this input size: {type(e).__name__}: {error_message(e)}"
             continue
         built.append((name, model, report))
     return built, skipped
@@ -453,10 +453,10 @@ def run(args: argparse.Namespace) -> int:
         rows, skipped = _compare(args.models, args.img_size, args.batch, args.threads, not args.no_speed,
                                  args.device, backends, args.rounds, progress=True)
     except (UnknownModelError, UsageError) as e:
-        print(f"error: {e}", file=err)
+        print(f"error: {cli_message(e)}", file=err)
         return 2
     except (OSError, ImportError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=err)
+        print(f"error: {cli_message(e)}", file=err)
         return 1
 
     info = machine_info()
@@ -479,7 +479,7 @@ def run(args: argparse.Namespace) -> int:
             path = write_pareto_plot(points, args.plot, force=args.force,
                                      title=_header(info, rows), ylabel="throughput, fastest path (img/s)")
         except (OSError, ValueError) as e:
-            print(f"error: {e}", file=err)
+            print(f"error: {cli_message(e)}", file=err)
             return 1
         print(f"wrote {path}", file=err)
     return 0
