@@ -9,7 +9,7 @@ import torch.nn as nn
 from .variants import variant_name
 
 __all__ = ['checkpoint_filter_fn', 'remap_official_keys', 'describe_state_dict', 'CheckpointMismatchError',
-           'ClassifierSizeError', 'IncompleteCheckpointError']
+           'ClassifierSizeError', 'IncompleteCheckpointError', 'WeightFileNotFoundError']
 
 _logger = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ class ClassifierSizeError(CheckpointMismatchError):
 
 class IncompleteCheckpointError(CheckpointMismatchError):
     """The checkpoint fits the model but lacks some of its tensors (truncated, or saved from a modified model)."""
+
+
+class WeightFileNotFoundError(RuntimeError, FileNotFoundError):
+    """The local weight file given for ``pretrained=True`` does not exist (a RuntimeError like every other failed
+    pretrained load of the entrypoints, and a FileNotFoundError)."""
 
 
 def _unwrap(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:

@@ -6,14 +6,17 @@ name, and its own test-suite runs the feature-intermediate tests for module ``'s
 Paper: `SHViT: Single-Head Vision Transformer with Memory Efficient Macro Design` (Yun & Ro, CVPR 2024),
 https://arxiv.org/abs/2401.16456. Official code and weights (MIT): https://github.com/ysj9909/SHViT
 """
-from typing import Any, Dict
+import os
+from typing import Any, Dict, Optional
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models._builder import _resolve_pretrained_source
 from timm.models._helpers import load_state_dict
 
 from .checkpoint import (
-    CheckpointMismatchError, ClassifierSizeError, IncompleteCheckpointError, checkpoint_filter_fn,
+    CheckpointMismatchError, ClassifierSizeError, IncompleteCheckpointError, WeightFileNotFoundError,
+    checkpoint_filter_fn,
 )
 from .model import SHViT
 from .variants import VARIANT_STATS, VARIANTS
@@ -82,6 +85,49 @@ def _weights_source(variant: str, kwargs: Dict[str, Any]) -> str:
     return f"url {cfg.get('url')}"
 
 
+def _missing_weight_file(variant: str, kwargs: Dict[str, Any]) -> Optional[WeightFileNotFoundError]:
+    """The error for a local weight file (``file=...``, what timm reads) that does not exist; None otherwise.
+
+    timm's reader raises a bare ``FileNotFoundError()`` for it, which says nothing; a folder is refused the same way.
+    """
+    try:
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                     pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay')).to_dict()
+        load_from, path = _resolve_pretrained_source(cfg)
+    except Exception:  # the load itself reports what is wrong with the cfg; never mask it
+        return None
+    if load_from != 'file' or os.path.isfile(path):
+        return None
+    if os.path.isdir(path):
+        return WeightFileNotFoundError(
+            f'Could not load pretrained weights for {variant}: {path} is a folder, not a weight file.\n'
+            f'To fix: give the weight file in it (e.g. {os.path.join(path, "model.safetensors")}) in '
+            f'pretrained_cfg_overlay=dict(file=...), or load a converted folder with '
+            f'timm.create_model("local-dir:{path}", pretrained=True); or use pretrained=False.')
+    return WeightFileNotFoundError(
+        f'Could not load pretrained weights for {variant}: weight file {path} does not exist.\n'
+        f'To fix: check the path, and give an existing .safetensors or .pth file in '
+        f'pretrained_cfg_overlay=dict(file=...); or use pretrained=False.')
+
+
+def _hub_fix(repo: str, error: BaseException) -> str:
+    """Advice for a failed Hub load; a file neither cached nor downloadable (offline) gets the offline options."""
+    cause: Optional[BaseException] = error
+    while cause is not None and type(cause).__name__ != 'LocalEntryNotFoundError':
+        cause = cause.__cause__ or cause.__context__
+    local = 'to use a local file pass pretrained_cfg_overlay=dict(file="/path/to/weights.safetensors|.pth")'
+    if cause is None:
+        return (f'if the file is missing (offline or empty cache), run once online or fetch it with '
+                f'`hf download {repo}`; if it is corrupt or truncated, delete it and download again; {local}')
+    from huggingface_hub import constants
+    fix = (f'the weights are not in the Hub cache and the Hub cannot be reached: while online, run once or fetch them '
+           f'with `hf download {repo}`; offline, {local}')
+    if not constants.HF_HUB_OFFLINE:
+        fix += ('; set HF_HUB_OFFLINE=1 on an offline machine so that this fails at once instead of after the Hub '
+                'client\'s retries (about 50 s)')
+    return fix
+
+
 def _read_model_not_ema(variant: str, kwargs: Dict[str, Any]) -> None:
     """For a local ``.pth`` file, read it here so that a training checkpoint's model weights load, not its EMA copy.
 
@@ -126,6 +172,9 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
     except Exception as e:
         if not pretrained or not _raised_while_loading(e):
             raise
+        missing = _missing_weight_file(variant, kwargs)
+        if missing is not None:
+            raise missing from e
         if isinstance(e, (ClassifierSizeError, IncompleteCheckpointError)):  # its message says what to do
             raise RuntimeError(f'Could not load pretrained weights for {variant} from {source}: {e}') from e
         if isinstance(e, CheckpointMismatchError):
@@ -142,9 +191,8 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
             fix = (f'check that {source[5:]} is a complete {variant} checkpoint (.safetensors, or a .pth state dict '
                    'or training checkpoint), or convert it again')
         else:
-            fix = (f'if the file is missing (offline or empty cache), run once online or fetch it with '
-                   f'`hf download timm/{variant}.in1k`; if it is corrupt or truncated, delete it and download again; '
-                   f'to use a local file pass pretrained_cfg_overlay=dict(file="/path/to/weights.safetensors|.pth")')
+            repo = source.rpartition(' ')[2] if source.startswith('Hugging Face Hub repo ') else f'timm/{variant}.in1k'
+            fix = _hub_fix(repo, e)
         raise RuntimeError(
             f'Could not load pretrained weights for {variant} from {source}: {type(e).__name__}: {e}\n'
             f'To fix: {fix}; or use pretrained=False.') from e

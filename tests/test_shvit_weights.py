@@ -184,12 +184,25 @@ def test_missing_official_release_offline_gets_release_advice(monkeypatch):
     assert 'hf download' not in message
 
 
-def test_missing_local_file(tmp_path):
-    path = tmp_path / 'nope.safetensors'
-    with pytest.raises(RuntimeError, match=f'shvit_s1 from file {path}') as info:
+@pytest.mark.parametrize('name', ['nope.safetensors', 'nope.pth'])
+def test_missing_local_file(tmp_path, name):
+    """A file that does not exist is named as such (timm's own reader raises a bare FileNotFoundError), not as a
+    checkpoint to check or convert again; the error is a RuntimeError like every failed load, and a
+    FileNotFoundError."""
+    path = tmp_path / name
+    with pytest.raises(RuntimeError, match=f'weight file {path} does not exist') as info:
         timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
-    assert f'To fix: check that {path} is a complete shvit_s1 checkpoint' in str(info.value)
-    assert 'hf download' not in str(info.value)  # a local file: no download advice
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, shvit.WeightFileNotFoundError)
+    message = str(info.value)
+    assert 'shvit_s1' in message and 'pretrained_cfg_overlay=dict(file=' in message
+    assert 'complete shvit_s1 checkpoint' not in message and 'convert it again' not in message
+    assert 'hf download' not in message  # a local file: no download advice
+
+
+def test_local_folder_instead_of_a_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f'{tmp_path} is a folder, not a weight file') as info:
+        timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path)))
+    assert f'local-dir:{tmp_path}' in str(info.value)
 
 
 @pytest.mark.parametrize('name, data', [
