@@ -254,8 +254,13 @@ def load_checkpoint(path: Union[str, os.PathLike]) -> Tuple[StateDict, Optional[
         ValueError: the file is not an NViT checkpoint (e.g. SHViT), or its dims record disagrees with its weights.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise FileNotFoundError(
+            f'{path!r} is a folder, not an NViT weight file: give the file in it (e.g. '
+            f'{os.path.join(path, "model.safetensors")!r}), or load a converted folder with '
+            f'timm.create_model("local-dir:{path}", pretrained=True).')
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'NViT checkpoint not found: {path!r}.')
+        raise FileNotFoundError(f'NViT weight file {path!r} does not exist; check the path.')
     if path.endswith('.safetensors'):
         sd, meta = _load_safetensors_file(path)
         dims = resolve_dims(meta[DIMS_METADATA_KEY]) if DIMS_METADATA_KEY in meta else None

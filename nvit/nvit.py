@@ -13,6 +13,11 @@ Released weights: https://github.com/NVlabs/NViT, licence CC-BY-NC-SA-4.0 (non-c
 The per-block dims of the released models are stored only inside their checkpoints, so ``nvit_*`` need one of
 ``pretrained=True`` (official download), ``pretrained_cfg_overlay=dict(file=...)`` (local file) or ``dims=...``,
 unless the variant's dims have been recorded in ``KNOWN_DIMS``.
+
+Without weights, ``nvit_*`` build the released architecture: distilled (dist token + ``head_dist``) with token
+scales (``token_mask=True``), as every official checkpoint has them, so that the official weights load strictly
+into the model and its params / FLOPs are the released model's. With weights, both follow the checkpoint's keys.
+Pass ``distilled=False`` / ``token_mask=False`` for the plain variant.
 """
 import os
 from pathlib import Path
@@ -33,7 +38,12 @@ __all__ = ['KNOWN_DIMS']
 
 # Dims of the released models, keyed by variant: fill in from ckpt['dim'] (e.g. ``nvit.load_checkpoint(path)[1]``)
 # once read, e.g. KNOWN_DIMS['nvit_b'] = NViTDims(embed_dim=..., heads=[...], ...). Empty: not yet read.
+# Only the widths go here: distilled / token_mask default to the released architecture (_RELEASED_ARCH).
 KNOWN_DIMS: Dict[str, NViTDims] = {}
+
+# What every released NViT checkpoint has besides its widths (a dist token + head_dist, and a [198, 1] token scale
+# per block): the default of the nvit_* entry points when no checkpoint says otherwise
+_RELEASED_ARCH = dict(distilled=True, token_mask=True)
 
 _HF_FILES = ('model.safetensors', 'pytorch_model.bin')
 _DIR_FILES = ('model.safetensors', 'pytorch_model.bin', 'model.pth')
@@ -72,17 +82,31 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _hf_file(location: Any, cache_dir: Optional[str]) -> str:
-    from huggingface_hub.errors import EntryNotFoundError
-    if isinstance(location, (tuple, list)):
-        return download_from_hf(location[0], location[1], cache_dir=cache_dir)
-    for i, name in enumerate(_HF_FILES):
+def _hf_file(variant: str, location: Any, cache_dir: Optional[str]) -> str:
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    repo, names = (location[0], (location[1],)) if isinstance(location, (tuple, list)) else (location, _HF_FILES)
+    for i, name in enumerate(names):
         try:
-            return download_from_hf(location, name, cache_dir=cache_dir)
+            return download_from_hf(repo, name, cache_dir=cache_dir)
+        except LocalEntryNotFoundError as e:  # neither cached nor downloadable: offline, or the Hub is unreachable
+            if i == len(names) - 1:
+                raise _hub_unreachable_error(variant, repo, names) from e
         except EntryNotFoundError:
-            if i == len(_HF_FILES) - 1:
+            if i == len(names) - 1:
                 raise
     raise AssertionError('unreachable')
+
+
+def _hub_unreachable_error(variant: str, repo: str, names: Any) -> FileNotFoundError:
+    from huggingface_hub import constants
+    hint = '' if constants.HF_HUB_OFFLINE else (
+        ' On an offline machine set HF_HUB_OFFLINE=1, so that this fails at once instead of after the Hub client\'s '
+        'retries (about 50 s).')
+    return FileNotFoundError(
+        f'{variant}: no weight file of Hub repo {repo!r} ({" or ".join(names)}) is in the Hub cache, and the Hub '
+        f'cannot be reached (HF_HUB_OFFLINE={int(bool(constants.HF_HUB_OFFLINE))}). While online, load it once or run '
+        f'`hf download {repo} {names[0]}`; offline, pass a local file with '
+        f'pretrained_cfg_overlay=dict(file="/path/to/{names[0]}").{hint}')
 
 
 def _dir_file(directory: str) -> str:
@@ -112,7 +136,7 @@ def _read_pretrained(variant: str, kwargs: Mapping[str, Any]):
                 f'machine is offline, download that file once elsewhere and pass '
                 f'pretrained_cfg_overlay=dict(file="/path/to/{variant}.pth").') from e
     elif load_from == 'hf-hub':
-        path = _hf_file(location, cache_dir)
+        path = _hf_file(variant, location, cache_dir)
     elif load_from == 'local-dir':
         path = _dir_file(location)
     else:
@@ -150,6 +174,9 @@ def _create_nvit(variant: str, pretrained: bool = False, **kwargs) -> NViT:
         # hand timm the already-read weights: it then runs the filter, classifier / in_chans adaptation, strict load
         kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {}, state_dict=state_dict,
                                                 source='')
+    else:  # no checkpoint to follow: the released architecture
+        for key, value in _RELEASED_ARCH.items():
+            kwargs.setdefault(key, value)
     dims = dims or KNOWN_DIMS.get(variant)
     if dims is None:
         raise _missing_dims_error(variant)
@@ -169,32 +196,31 @@ def _create_nvit(variant: str, pretrained: bool = False, **kwargs) -> NViT:
             # do not keep the weights inside the cfg (timm saves the cfg in config.json)
             m.pretrained_cfg = {k: v for k, v in m.pretrained_cfg.items() if k != 'state_dict'}
             m.default_cfg = m.pretrained_cfg
-        update_model_args(m, dims=dims.to_dict(), distilled=kwargs.get('distilled', True),
-                          token_mask=kwargs.get('token_mask', False))
+        update_model_args(m, dims=dims.to_dict(), distilled=kwargs['distilled'], token_mask=kwargs['token_mask'])
     return model
 
 
 @register_model
 def nvit_b(pretrained: bool = False, **kwargs) -> NViT:
-    """NViT-B (34M params, 6.8G FLOPs, 83.29% top-1); dims come from the checkpoint."""
+    """NViT-B (34M params, 6.8G FLOPs, 83.29% top-1); dims from the checkpoint; distilled, with token scales."""
     return _create_nvit('nvit_b', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def nvit_h(pretrained: bool = False, **kwargs) -> NViT:
-    """NViT-H (30M params, 6.2G FLOPs, 82.95% top-1); dims come from the checkpoint."""
+    """NViT-H (30M params, 6.2G FLOPs, 82.95% top-1); dims from the checkpoint; distilled, with token scales."""
     return _create_nvit('nvit_h', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def nvit_s(pretrained: bool = False, **kwargs) -> NViT:
-    """NViT-S (21M params, 4.2G FLOPs, 82.19% top-1); dims come from the checkpoint."""
+    """NViT-S (21M params, 4.2G FLOPs, 82.19% top-1); dims from the checkpoint; distilled, with token scales."""
     return _create_nvit('nvit_s', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def nvit_t(pretrained: bool = False, **kwargs) -> NViT:
-    """NViT-T (6.9M params, 1.3G FLOPs, 76.21% top-1); dims come from the checkpoint."""
+    """NViT-T (6.9M params, 1.3G FLOPs, 76.21% top-1); dims from the checkpoint; distilled, with token scales."""
     return _create_nvit('nvit_t', pretrained=pretrained, **kwargs)
 
 

@@ -147,3 +147,34 @@ def test_revit_dims_smallest_embed_dim():
     assert list(d.qk_dim) == [16, 8, 8, 16, 16, 16, 16, 16, 16, 8, 8, 16]  # q/k unit round(101 / 160) = 1
     with pytest.raises(ValueError, match=r'too small .*use embed_dim >= 101\.'):
         revit_dims(100)
+
+
+# Parameters of ReViT-T's code dims (EMB 176) counted by hand, as in reference nvit.md §1.5 (~5.34M): with the
+# distillation token, head_dist and a [198, 1] token scale per block, as the released NViT checkpoints have them
+REVIT_T_RELEASED_ARCH_PARAMS = 5_341_512
+# the same dims without them: 12 token scales of 198, the dist token (176), head_dist (176 * 1000 + 1000) and one
+# position-embedding row (176) fewer
+REVIT_T_PLAIN_PARAMS = REVIT_T_RELEASED_ARCH_PARAMS - 12 * 198 - 176 - (176 * 1000 + 1000) - 176
+
+
+@pytest.mark.parametrize('variant', ['nvit_b', 'nvit_h', 'nvit_s', 'nvit_t'])
+def test_nvit_entrypoints_build_the_released_architecture(variant):
+    """Without weights (dims=..., or KNOWN_DIMS once filled), nvit_* build what the official checkpoints hold:
+    distilled, with token scales, so that those weights load strictly and params / FLOPs are the released model's."""
+    model = timm.create_model(variant, dims=revit_dims(176))
+    assert sum(p.numel() for p in model.parameters()) == REVIT_T_RELEASED_ARCH_PARAMS
+    state = model.state_dict()
+    assert all(tuple(state[f'blocks.{i}.attn.token_mask'].shape) == (198, 1) for i in range(12))
+    assert tuple(state['dist_token'].shape) == (1, 1, 176) and tuple(state['head_dist.weight'].shape) == (1000, 176)
+    assert model._model_args['token_mask'] is True and model._model_args['distilled'] is True  # save_for_hf records
+    plain = timm.create_model(variant, dims=revit_dims(176), distilled=False, token_mask=False)
+    assert sum(p.numel() for p in plain.parameters()) == REVIT_T_PLAIN_PARAMS == 5_161_784
+    assert plain._model_args['token_mask'] is False and plain._model_args['distilled'] is False
+
+
+def test_known_dims_build_the_released_architecture(monkeypatch):
+    """What docs/nvit.md says filling KNOWN_DIMS gives: plain create_model('nvit_b') with the released layout."""
+    monkeypatch.setitem(nvit.KNOWN_DIMS, 'nvit_b', revit_dims(176))
+    model = timm.create_model('nvit_b')
+    assert model.dims == revit_dims(176)
+    assert sum(p.numel() for p in model.parameters()) == REVIT_T_RELEASED_ARCH_PARAMS

@@ -288,6 +288,49 @@ def test_unreachable_url_names_the_url_and_the_fix(tmp_path):
     assert 'pretrained_cfg_overlay=dict(file=' in str(info.value)
 
 
+def test_official_checkpoint_loads_strictly_into_a_model_built_without_weights(official_files):
+    """nvit_b built from the dims alone has the released architecture: an official checkpoint (token scales and
+    distillation token) loads into it strictly, every key used, and gives the reference outputs."""
+    path, sd = official_files['random']
+    model = timm.create_model('nvit_b', dims=DIM).eval()
+    model.load_state_dict(nvit.convert_official(sd), strict=True)
+    img = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert (model(img) - reference_forward(sd, img)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize('variant', ['nvit_b', 'nvit_t'])
+def test_missing_file_and_folder_say_so(tmp_path, variant):
+    missing = tmp_path / 'NViT_B.pth'
+    with pytest.raises(FileNotFoundError, match=f"weight file '{missing}' does not exist"):
+        timm.create_model(variant, pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)))
+    with pytest.raises(FileNotFoundError, match=f"'{tmp_path}' is a folder, not an NViT weight file") as info:
+        timm.create_model(variant, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path)))
+    assert f'local-dir:{tmp_path}' in str(info.value)
+
+
+def test_hub_miss_offline_says_what_to_do(tmp_path, monkeypatch):
+    """An hf_hub_id source neither in the Hub cache nor reachable names the repo, the download command and the
+    local-file alternative; online (the Hub unreachable) it also says how to fail at once instead of retrying."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    kwargs = dict(pretrained=True, cache_dir=str(tmp_path), pretrained_cfg_overlay=dict(hf_hub_id='org/nvit-none'))
+    with pytest.raises(FileNotFoundError, match=r"(?s)nvit_b: no weight file of Hub repo 'org/nvit-none'.*"
+                                                r"hf download org/nvit-none model\.safetensors.*dict\(file=") as info:
+        timm.create_model('nvit_b', **kwargs)
+    assert 'set HF_HUB_OFFLINE=1' not in str(info.value)
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    unreachable = 'http://127.0.0.1:9'  # nothing listens: refused at once; the client's retry waits are skipped
+    monkeypatch.setattr(constants, 'ENDPOINT', unreachable)
+    template = unreachable + '/{repo_id}/resolve/{revision}/{filename}'
+    monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', template)
+    monkeypatch.setattr(_http.time, 'sleep', lambda seconds: None)
+    with pytest.raises(FileNotFoundError, match=r'(?s)cannot be reached \(HF_HUB_OFFLINE=0\).*set HF_HUB_OFFLINE=1'):
+        timm.create_model('nvit_b', **kwargs)
+
+
 # ---------------------------------------------------------------- loading into another configuration
 @pytest.mark.parametrize('num_classes', [1000, 7])
 @pytest.mark.parametrize('dropped', ['blocks.1.mlp.fc2.weight', 'norm.weight', 'cls_token', 'patch_embed.proj.weight'])
