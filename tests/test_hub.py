@@ -110,9 +110,93 @@ def test_missing_file(hub, shvit_files):
 
 def test_offline_empty_cache_says_what_to_download(hub, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(MissingWeightsError, match=rf"hf download {REPO} model\.safetensors.*pretrained_cfg_overlay"):
+    with pytest.raises(MissingWeightsError, match=rf"hf download {REPO} model\.safetensors.*pretrained_cfg_overlay") \
+            as info:
         load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(hf_hub_id=REPO))
     assert hub.requests == []
+    assert "set HF_HUB_OFFLINE=1" not in str(info.value)  # already set: nothing to suggest
+
+
+UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused at once
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    """The Hub endpoint is a loopback port nothing listens on (connection refused, as offline), online mode, and
+    huggingface_hub's waits between retries recorded instead of slept. Yields the list of the waits."""
+    from huggingface_hub.utils import _http
+
+    use_loopback_hub(monkeypatch, tmp_path).stop()  # a fresh cache, online mode
+    monkeypatch.setattr(constants, "ENDPOINT", UNREACHABLE)
+    template = UNREACHABLE + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    waits = []
+    monkeypatch.setattr(_http.time, "sleep", waits.append)
+    yield waits
+
+
+def test_unreachable_hub_suggests_hf_hub_offline(unreachable_hub):
+    """Offline without HF_HUB_OFFLINE=1, the Hub client retries each of the two file names five times, 1+2+4+8+8 s
+    (so a load takes about 50 s); the error says so and how to fail at once, with the offline alternatives."""
+    with pytest.raises(MissingWeightsError) as info:
+        load_pretrained_model("shvit_s1")
+    message = str(info.value)
+    assert "'timm/shvit_s1.in1k'" in message and "the Hub cannot be reached (HF_HUB_OFFLINE=0)" in message
+    assert "set HF_HUB_OFFLINE=1" in message and "about 50 s" in message
+    assert "pretrained_cfg_overlay=dict(file=" in message and "hf download timm/shvit_s1.in1k" in message
+    assert 40 <= sum(unreachable_hub) <= 60, unreachable_hub  # the retry waits the message (and README) cite
+
+
+def test_unreachable_hub_through_the_shvit_entrypoint(unreachable_hub, monkeypatch):
+    with pytest.raises(RuntimeError, match=r"(?s)Hugging Face Hub repo org/shvit-s1.*set HF_HUB_OFFLINE=1") as info:
+        timm.create_model("shvit_s1", pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=REPO))
+    assert f"hf download {REPO}" in str(info.value) and "pretrained_cfg_overlay=dict(file=" in str(info.value)
+    unreachable_hub.clear()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="not in the Hub cache") as info:
+        timm.create_model("shvit_s1", pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=REPO))
+    assert "set HF_HUB_OFFLINE=1" not in str(info.value) and unreachable_hub == []
+
+
+def test_unknown_model_name_is_an_unknown_model_error():
+    """An unknown architecture is not a model without weights: the error names the closest registered names."""
+    from vitzoo.models import UnknownModelError
+
+    with pytest.raises(UnknownModelError, match=r"unknown model 'shvit_s9'; closest matches: .*shvit_s1") as info:
+        load_pretrained_model("shvit_s9")
+    assert not isinstance(info.value, WeightsError) and "no pretrained weights" not in str(info.value)
+    with pytest.raises(UnknownModelError, match=r"unknown pretrained tag 'nope' for model 'shvit_s1'.*in1k"):
+        load_pretrained_model("shvit_s1.nope")
+    with pytest.raises(MissingWeightsError, match="'revit_t' has no pretrained weights configured"):
+        load_pretrained_model("revit_t")  # registered, but no weights were released
+
+
+@pytest.mark.parametrize("name", ["shvit_s1.in1k_official", "nvit_b"])
+def test_failed_url_download_is_a_missing_weights_error(tmp_path, name):
+    """URL-hosted weights (GitHub / Dropbox) that cannot be downloaded (offline, empty cache) are a
+    MissingWeightsError, like the Hub's; still a RuntimeError and an OSError for code that catches those."""
+    url = f"{UNREACHABLE}/weights/{name.split('.')[0]}.pth"
+    with pytest.raises(MissingWeightsError) as info:
+        load_pretrained_model(name, cache_dir=str(tmp_path), pretrained_cfg_overlay=dict(url=url))
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, OSError)
+    message = str(info.value)
+    assert f"Could not download the pretrained weights of '{name}' from {url}" in message
+    assert "Connection refused" in message
+    assert f"pretrained_cfg_overlay=dict(file='/path/to/{name.split('.')[0]}.pth')" in message
+    assert str(tmp_path / f"{name.split('.')[0]}.pth") in message
+    assert os.listdir(tmp_path) == []
+
+
+def test_file_put_where_the_download_error_says_is_used(tmp_path, shvit_files):
+    """The download error's advice works: a file at the cache path it names loads with the URL unreachable."""
+    model, files = shvit_files
+    url = f"{UNREACHABLE}/weights/shvit_s1.pth"
+    with pytest.raises(MissingWeightsError, match=str(tmp_path / "shvit_s1.pth")):
+        load_pretrained_model("shvit_s1.in1k_official", cache_dir=str(tmp_path), pretrained_cfg_overlay=dict(url=url))
+    (tmp_path / "shvit_s1.pth").write_bytes(files["pytorch_model.bin"])
+    loaded = load_pretrained_model("shvit_s1.in1k_official", cache_dir=str(tmp_path),
+                                   pretrained_cfg_overlay=dict(url=url))
+    assert _same_weights(loaded, model)
 
 
 def test_hash_mismatch_is_reported_and_evicted(hub, shvit_files):

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import pickle
 import re
+import urllib.error
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
@@ -34,6 +36,7 @@ __all__ = [
     "read_safetensors_metadata",
     "validate_weights_file",
     "fetch_hub_weights",
+    "hub_offline_hint",
     "load_pretrained_model",
 ]
 
@@ -51,7 +54,25 @@ class CorruptWeightsError(WeightsError):
 
 
 class MissingWeightsError(WeightsError, FileNotFoundError):
-    """A weight file (or Hub repository) could not be found."""
+    """A weight file (or Hub repository) could not be found, or could not be downloaded (e.g. offline)."""
+
+
+# how long huggingface_hub takes to give up on an unreachable Hub: five retries (1+2+4+8+8 s) for each of the two
+# file names timm tries, plus the connection attempts
+_HUB_RETRY_SECONDS = 50
+# what a failed download raises (urllib: URLError / HTTPError; a dropped or timed-out connection); a missing local
+# file (FileNotFoundError) is not one of them
+_DOWNLOAD_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException)
+
+
+def hub_offline_hint() -> str:
+    """Advice for a Hub request that failed as if offline: set HF_HUB_OFFLINE=1 to fail at once ('' if it is set)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return ""
+    return (f" If this machine is offline, set HF_HUB_OFFLINE=1 so that loading fails at once instead of after the "
+            f"Hub client's retries (about {_HUB_RETRY_SECONDS} s), and uses the Hub cache only.")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -268,7 +289,7 @@ def fetch_hub_weights(hub_id: str, cache_dir: Optional[PathLike] = None) -> Path
             f"No weight file of '{repo_id}' ({' or '.join(WEIGHT_FILES)}) is in the Hub cache ({repo_cache.parent}) "
             f"and the Hub cannot be reached (HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}). While online, run "
             f"`hf download {repo_id} {WEIGHT_FILES[0]}` (or load once without HF_HUB_OFFLINE); or load a local file "
-            "with pretrained_cfg_overlay=dict(file='/path/to/model.safetensors')."
+            f"with pretrained_cfg_overlay=dict(file='/path/to/model.safetensors').{hub_offline_hint()}"
         )
     raise MissingWeightsError(f"Hub repository '{repo_id}' has neither {' nor '.join(WEIGHT_FILES)}.")
 
@@ -304,13 +325,26 @@ def _weight_source(name: str, kwargs: Dict[str, Any]) -> Tuple[str, str]:
     )
 
 
+def _check_model_name(name: str, kwargs: Dict[str, Any]) -> None:
+    """An unknown architecture (or pretrained tag) is an UnknownModelError naming the closest registered names."""
+    from .models import resolve_name  # models imports timm only: no import cycle
+
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return
+    if kwargs.get("pretrained_cfg"):  # a cfg given in full: the tag need not be registered, the architecture must
+        name = name.partition(".")[0]
+    resolve_name(name)
+
+
 def load_pretrained_model(name: str, **kwargs: Any) -> torch.nn.Module:
     """``timm.create_model(name, pretrained=True, **kwargs)`` with checked weight files and clear errors.
 
     The weight file is located and checked first (downloaded into the Hub cache for Hub sources; works offline
-    with a warm cache, with zero requests). Errors: :class:`MissingWeightsError` (what is missing and how to get
-    it), :class:`CorruptWeightsError` (truncated, unreadable or hash mismatch; a bad cached file is removed), and
-    :class:`WeightsError` when the weights do not fit the model (e.g. weights of another model).
+    with a warm cache, with zero requests). Errors: :class:`vitzoo.models.UnknownModelError` (a ``ValueError``:
+    the architecture or tag is not registered; the message lists the closest names), :class:`MissingWeightsError`
+    (what is missing and how to get it, including a failed download, e.g. offline), :class:`CorruptWeightsError`
+    (truncated, unreadable or hash mismatch; a bad cached file is removed), and :class:`WeightsError` when the
+    weights do not fit the model (e.g. weights of another model).
 
     Args:
         name: a timm model name (``arch`` or ``arch.tag``), ``hf-hub:org/name`` or ``local-dir:/path``.
@@ -318,6 +352,7 @@ def load_pretrained_model(name: str, **kwargs: Any) -> torch.nn.Module:
     """
     import timm
 
+    _check_model_name(name, kwargs)
     kind, location = _weight_source(name, kwargs)
     if kind == "hub":
         fetch_hub_weights(location, cache_dir=kwargs.get("cache_dir"))
@@ -334,8 +369,10 @@ def load_pretrained_model(name: str, **kwargs: Any) -> torch.nn.Module:
         validate_weights_file(found[0])
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as e:
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) + _DOWNLOAD_ERRORS as e:
         kind = _classify(e)
+        if kind == "download":
+            raise MissingWeightsError(_download_failed_message(name, location, e, kwargs)) from e
         if kind == "explained":  # the model's own message says what is wrong and what to pass
             raise WeightsError(f"The pretrained weights from {location} do not fit '{name}': {_innermost(e)}") from e
         if kind == "mismatch":
@@ -350,6 +387,25 @@ def load_pretrained_model(name: str, **kwargs: Any) -> torch.nn.Module:
         raise
 
 
+def _download_failed_message(name: str, url: str, error: BaseException, kwargs: Dict[str, Any]) -> str:
+    """A failed download of URL-hosted weights: the URL, the reason, and how to load them without downloading."""
+    from urllib.parse import urlparse
+
+    cause = error
+    while cause is not None and not isinstance(cause, _DOWNLOAD_ERRORS):
+        cause = cause.__cause__
+    cause = cause or error
+    reason = getattr(cause, "reason", None) or cause
+    file_name = os.path.basename(urlparse(url).path)
+    advice = (f"If this machine is offline, download that file once elsewhere and load it with "
+              f"pretrained_cfg_overlay=dict(file='/path/to/{file_name or 'weights.pth'}')")
+    if file_name:  # timm's download cache (torch.hub's checkpoints folder, or cache_dir=): a file there is used
+        cache = Path(kwargs.get("cache_dir") or Path(torch.hub.get_dir()) / "checkpoints") / file_name
+        advice += f", or put it at {cache}, where timm looks for this download first"
+    return (f"Could not download the pretrained weights of '{name}' from {url}: {type(cause).__name__}: "
+            f"{_shorten(str(reason), 300).rstrip('.')}. {advice}.")
+
+
 def _unsafe_pickle_message(location: str, error: BaseException) -> str:
     found = re.search(r"(?:Unsupported globals?:?|GLOBAL) ([\w., ]+?)(?: was|\. |,? which|$)", str(error))
     named = f" ({found.group(1).strip()})" if found else ""
@@ -360,11 +416,13 @@ def _unsafe_pickle_message(location: str, error: BaseException) -> str:
 
 
 def _classify(error: BaseException) -> Optional[str]:
-    """'explained' (a classifier of another size, an incomplete checkpoint: the message says it), 'mismatch'
-    (weights of another model), 'unsafe' (a file that pickles more than tensors), 'corrupt'
-    (unreadable file) or None, looking down the cause chain."""
+    """'download' (a failed download, e.g. offline), 'explained' (a classifier of another size, an incomplete
+    checkpoint: the message says it), 'mismatch' (weights of another model), 'unsafe' (a file that pickles more than
+    tensors), 'corrupt' (unreadable file) or None, looking down the cause chain."""
     while error is not None:
         text = str(error)
+        if isinstance(error, _DOWNLOAD_ERRORS):
+            return "download"
         if type(error).__name__ in ("ClassifierSizeError", "IncompleteCheckpointError"):
             return "explained"
         if type(error).__name__ == "CheckpointMismatchError" or "loading state_dict" in text:
