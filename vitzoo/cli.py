@@ -64,8 +64,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     hub_logger = logging.getLogger("huggingface_hub")
     hub_level = hub_logger.level
     # offline, huggingface_hub logs each of its five retries per file (two lines each, ~50 s in all for timm's two
-    # file names); the command's own error line
-    # says what failed
+    # file names); the command's own error line says what failed
     hub_logger.setLevel(logging.ERROR)
     try:
         return int(args.func(args) or 0)
