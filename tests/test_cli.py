@@ -81,6 +81,24 @@ def test_first_line_is_the_first_non_empty_stripped_line():
 # ("To fix: ...", the alternatives after "with one of:") was lost
 
 
+def test_error_message_summarises_a_load_state_dict_report():
+    """torch lists every mismatched tensor on its own line (a ViT-S model given ViT-Ti weights: 150 lines); the
+    one-line message gives counts and the first of each kind instead."""
+    import torch.nn as nn
+
+    from vitzoo.messages import error_message
+
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 4), nn.Linear(4, 5))
+    state = {"0.weight": torch.zeros(3, 2), "0.bias": torch.zeros(3), "1.weight": torch.zeros(6, 3),
+             "1.bias": torch.zeros(6), "x": torch.zeros(1), "y": torch.zeros(1), "z": torch.zeros(1),
+             "w": torch.zeros(1)}
+    with pytest.raises(RuntimeError) as info:
+        model.load_state_dict(state)
+    assert error_message(info.value) == (
+        "Error(s) in loading state_dict for Sequential: missing keys: 2 (2.weight, 2.bias); unexpected keys: 4 "
+        "(x, y, z, ...); 2 tensors differ in shape (first: 1.weight, checkpoint [6, 3], model [4, 3])")
+
+
 def test_error_message_keeps_the_advice_on_later_lines():
     from vitzoo.messages import error_message
 

@@ -153,6 +153,20 @@ def test_model_built_for_another_fixed_size_is_counted_at_that_size():
     deit = timm.create_model("deit_tiny_patch16_224", img_size=(48, 80))
     assert count_flops(deit).input_size == (3, 48, 80)
     assert deploy(deit.eval())(torch.randn(1, 3, 48, 80)).shape == (1, 1000)
+    # a plain module with a fixed-size patch embedding and no in_chans attribute: channels from its first conv
+    from timm.layers import PatchEmbed
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch_embed = PatchEmbed(img_size=32, patch_size=8, in_chans=1, embed_dim=16)
+
+        def forward(self, x):
+            return self.patch_embed(x).mean(1)
+
+    tiny = count_flops(Tiny(), 32)
+    assert tiny.input_size == (1, 32, 32) and tiny.total == 16 * 8 * 8 * 16  # 4x4 patches of 8x8x1 -> 16
+    assert count_flops(Tiny()).input_size == (1, 32, 32)
     # a ViT that accepts any size keeps the cfg's
     assert count_flops(timm.create_model("deit_tiny_patch16_224", dynamic_img_size=True)).input_size == (3, 224, 224)
 

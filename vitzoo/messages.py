@@ -37,6 +37,34 @@ def _lines(text: str) -> List[str]:
     return lines
 
 
+_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^]]*\])\) from "
+                       r"checkpoint, the shape in current model is torch\.Size\((\[[^]]*\])\)")
+_KEYS = re.compile(r"(Missing|Unexpected) key\(s\) in state_dict: (.*)")
+
+
+def _summarise_state_dict(lines: List[str]) -> List[str]:
+    """torch's ``load_state_dict`` report (one line per mismatched tensor, every key listed) as at most three
+    lines: how many tensors differ in shape (with the first), and how many keys are missing / unexpected (with
+    the first three). Other lines are kept as they are."""
+    out: List[str] = []
+    mismatches = [m for m in map(_MISMATCH.search, lines) if m]
+    for line in lines:
+        found = _MISMATCH.search(line)
+        keys = _KEYS.match(line)
+        if found:
+            if found.group(0) == mismatches[0].group(0):
+                name, ckpt, model = found.groups()
+                many = f"{len(mismatches)} tensors differ" if len(mismatches) > 1 else "1 tensor differs"
+                out.append(f"{many} in shape (first: {name}, checkpoint {ckpt}, model {model})")
+        elif keys:
+            names = re.findall(r'"([^"]+)"', keys.group(2))
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            out.append(f"{keys.group(1).lower()} keys: {len(names)} ({shown})")
+        else:
+            out.append(line)
+    return out
+
+
 def _cut(line: str, limit: int) -> str:
     """``line`` if it is at most ``limit`` long, else its first two thirds and last third around " ... "."""
     if len(line) <= limit:
@@ -89,7 +117,8 @@ def error_message(error: Union[BaseException, str], text: Optional[str] = None,
     as ``with one of: a; b; c``. What follows a traceback or a traced graph is dropped (those are for debugging),
     a line longer than :data:`LINE_LIMIT` loses its middle, and when the lines are longer than ``limit`` together,
     lines in the middle are left out (and counted), never the first (the cause) or the last (usually the advice:
-    ``To fix: ...``, ``or ...``). Where ``error`` ends by quoting its ``__cause__``'s first line, the cause's later
+    ``To fix: ...``, ``or ...``). torch's ``load_state_dict`` report is summarised by counts
+    (:func:`_summarise_state_dict`). Where ``error`` ends by quoting its ``__cause__``'s first line, the cause's later
     lines (its advice) are added (:func:`_cause_lines`).
 
     Args:
@@ -104,6 +133,7 @@ def error_message(error: Union[BaseException, str], text: Optional[str] = None,
     lines = _lines(text)
     if isinstance(error, BaseException):
         lines += _cause_lines(error, text)
+    lines = _summarise_state_dict(lines)
     lines = [_cut(line, LINE_LIMIT) for line in lines]
     if len(_join(lines)) <= limit or len(lines) <= 2:
         return _join(lines)

@@ -206,9 +206,15 @@ def model_input_size(model: nn.Module) -> Optional[Tuple[int, int, int]]:
     if not size and fixed is None:
         return None
     chans = getattr(model, "in_chans", None)
-    chans = chans if isinstance(chans, int) and chans > 0 else int(size[0]) if size else 3
+    if not (isinstance(chans, int) and chans > 0):
+        chans = int(size[0]) if size else _first_conv_in_chans(model)
     height, width = fixed if fixed is not None else (int(size[1]), int(size[2]))
     return chans, height, width
+
+
+def _first_conv_in_chans(model: nn.Module) -> int:
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else 3
 
 
 def _fixed_img_size(model: nn.Module) -> Optional[Tuple[int, int]]:
@@ -235,5 +241,4 @@ def model_in_chans(model: nn.Module) -> int:
     chans = getattr(model, "in_chans", None)
     if isinstance(chans, int) and chans > 0:
         return chans
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return conv.in_channels if conv is not None else 3
+    return _first_conv_in_chans(model)
