@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional, Sequence, Union
 
-__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "check_output_dir", "check_output_file",
-           "check_output_free", "staged_dir"]
+__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "check_new_file", "check_output_dir",
+           "check_output_file", "check_output_free", "staged_dir"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -130,6 +130,44 @@ def check_output_file(path: PathLike, force: bool) -> None:
         raise IsADirectoryError(f"{path} is a folder; give a file path for the output (e.g. {path / 'out'}...).")
     check_output_free(path, force)
     _check_parent_writable(path, path.parent)
+
+
+def check_new_file(path: PathLike, force: bool = False, option: Optional[str] = None) -> Path:
+    """Check, before any work, that a single-file output (``vitzoo export --out``, ``compare --plot``) can be
+    written at ``path``: in a folder that exists (it is not created), not over a folder, and over an existing file
+    only with ``force``.
+
+    Folder outputs (``convert --out``, ``finetune-det --out``) are different: their missing parent folders are
+    created, like ``mkdir -p``.
+
+    Args:
+        path: The output file.
+        force: An existing file may be replaced.
+        option: The command line option that names the file (``--out``), for the messages; None for a Python
+            caller (the messages then name ``force=True``).
+
+    Raises:
+        IsADirectoryError: ``path`` is a folder (``force`` does not replace folders with files).
+        FileExistsError: ``path`` exists and ``force`` is False.
+        FileNotFoundError: The folder of ``path`` does not exist.
+        NotADirectoryError: A parent of ``path`` is a file.
+        PermissionError: The folder is not writable.
+    """
+    path = Path(path)
+    other = f" or choose another {option}" if option else ""
+    if not path.is_dir() and os.path.lexists(path) and not force:
+        raise FileExistsError(f"{path} already exists; refusing to overwrite it. Pass "
+                              f"{'--force' if option else 'force=True'} to replace it{other}.")
+    try:
+        check_output_file(path, force)  # a folder, a parent that is a file, an unwritable folder
+    except PermissionError:
+        if path.parent.is_dir():
+            raise
+        # the nearest existing folder above a missing one is not writable: the missing folder is named first
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist; create it first "
+                                f"(mkdir -p {path.parent}){other}.")
+    return path
 
 
 def check_output_free(path: PathLike, force: bool) -> None:

@@ -16,8 +16,7 @@ from typing import Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from vitzoo.atomic import atomic_open
-from vitzoo.plot import check_new_file
+from vitzoo.atomic import atomic_open, check_new_file
 
 __all__ = ["ExportError", "export_verified_onnx", "register", "run"]
 
@@ -54,7 +53,7 @@ def export_verified_onnx(
 
     Raises:
         FileExistsError: ``out`` exists and ``force`` is False (checked before any work, as are the other errors
-            of :func:`vitzoo.plot.check_new_file`: ``out`` is a folder, its folder does not exist (it is not
+            of :func:`vitzoo.atomic.check_new_file`: ``out`` is a folder, its folder does not exist (it is not
             created) or is not writable).
         ExportError: ONNX Runtime's output differs by more than ``atol``; nothing is written.
     """

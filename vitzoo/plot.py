@@ -7,14 +7,13 @@ capacity here; models below the front spend their FLOPs less efficiently on this
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
-from vitzoo.atomic import atomic_open, check_output_file
+from vitzoo.atomic import atomic_open, check_new_file
 
-__all__ = ["LabelPlacement", "check_matplotlib", "check_new_file", "check_writable", "pareto_figure", "pareto_front",
+__all__ = ["LabelPlacement", "check_matplotlib", "check_writable", "pareto_figure", "pareto_front",
            "place_labels", "write_pareto_plot"]
 
 Point = Tuple[str, float, float]  # (label, flops, throughput)
@@ -152,44 +151,6 @@ def plot_format(path: Union[str, Path]) -> str:
         raise ValueError(f"--plot {path}: the plot is written as PNG, PDF or SVG, chosen by the file's suffix "
                          f"(.png, .pdf, .svg); got {suffix!r}")
     return PLOT_FORMATS[suffix]
-
-
-def check_new_file(path: Union[str, Path], force: bool = False, option: Optional[str] = None) -> Path:
-    """Check, before any work, that a single-file output (``vitzoo export --out``, ``compare --plot``) can be
-    written at ``path``: in a folder that exists (it is not created), not over a folder, and over an existing file
-    only with ``force``.
-
-    Folder outputs (``convert --out``, ``finetune-det --out``) are different: their missing parent folders are
-    created, like ``mkdir -p``.
-
-    Args:
-        path: The output file.
-        force: An existing file may be replaced.
-        option: The command line option that names the file (``--out``), for the messages; None for a Python
-            caller (the messages then name ``force=True``).
-
-    Raises:
-        IsADirectoryError: ``path`` is a folder (``force`` does not replace folders with files).
-        FileExistsError: ``path`` exists and ``force`` is False.
-        FileNotFoundError: The folder of ``path`` does not exist.
-        NotADirectoryError: A parent of ``path`` is a file.
-        PermissionError: The folder is not writable.
-    """
-    path = Path(path)
-    other = f" or choose another {option}" if option else ""
-    if not path.is_dir() and os.path.lexists(path) and not force:
-        raise FileExistsError(f"{path} already exists; refusing to overwrite it. Pass "
-                              f"{'--force' if option else 'force=True'} to replace it{other}.")
-    try:
-        check_output_file(path, force)  # a folder, a parent that is a file, an unwritable folder
-    except PermissionError:
-        if path.parent.is_dir():
-            raise
-        # the nearest existing folder above a missing one is not writable: the missing folder is named first
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist; create it first "
-                                f"(mkdir -p {path.parent}){other}.")
-    return path
 
 
 def check_writable(path: Union[str, Path], force: bool = False) -> Path:
