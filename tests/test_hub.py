@@ -117,6 +117,24 @@ def test_offline_empty_cache_says_what_to_download(hub, monkeypatch):
     assert "set HF_HUB_OFFLINE=1" not in str(info.value)  # already set: nothing to suggest
 
 
+def test_hub_failing_after_the_file_was_checked_names_the_repo_not_a_url(hub, shvit_files, monkeypatch):
+    """The weight file is fetched and checked, then timm's own Hub call fails (a dropped connection): the error is a
+    Hub error naming the repo and HF_HUB_OFFLINE, not a failed URL download with a made-up file name."""
+    model, files = shvit_files
+    _serve(hub, files, "model.safetensors", "config.json")
+
+    def drop(*args, **kwargs):
+        raise RuntimeError("timm could not load") from ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(timm, "create_model", drop)
+    with pytest.raises(MissingWeightsError) as info:
+        load_pretrained_model(f"hf-hub:{REPO}")
+    message = str(info.value)
+    assert f"Could not reach the Hub for 'hf-hub:{REPO}' (repo {REPO})" in message
+    assert "ConnectionError: Connection reset by peer" in message and "set HF_HUB_OFFLINE=1" in message
+    assert "Could not download" not in message and "pretrained_cfg_overlay=dict(file='/path/to/" not in message
+
+
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused at once
 
 

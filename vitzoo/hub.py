@@ -370,19 +370,24 @@ def load_pretrained_model(name: str, **kwargs: Any) -> torch.nn.Module:
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) + _DOWNLOAD_ERRORS as e:
-        kind = _classify(e)
-        if kind == "download":
+        problem = _classify(e)
+        if problem == "download" and kind == "hub":  # the file was fetched and checked above; the Hub's re-check failed
+            raise MissingWeightsError(
+                f"Could not reach the Hub for '{name}' (repo {location}) although its weight file is cached: "
+                f"{_download_cause_text(e)}.{hub_offline_hint()}"
+            ) from e
+        if problem == "download":
             raise MissingWeightsError(_download_failed_message(name, location, e, kwargs)) from e
-        if kind == "explained":  # the model's own message says what is wrong and what to pass
+        if problem == "explained":  # the model's own message says what is wrong and what to pass
             raise WeightsError(f"The pretrained weights from {location} do not fit '{name}': {_innermost(e)}") from e
-        if kind == "mismatch":
+        if problem == "mismatch":
             raise WeightsError(
                 f"The pretrained weights from {location} do not fit '{name}' (are they weights of another model or "
                 f"variant?): {_shorten(str(e))}"
             ) from e
-        if kind == "unsafe":
+        if problem == "unsafe":
             raise WeightsError(_unsafe_pickle_message(location, e)) from e
-        if kind == "corrupt":
+        if problem == "corrupt":
             raise CorruptWeightsError(f"{location} is corrupt or truncated: {_shorten(str(e))}") from e
         raise
 
@@ -391,19 +396,23 @@ def _download_failed_message(name: str, url: str, error: BaseException, kwargs: 
     """A failed download of URL-hosted weights: the URL, the reason, and how to load them without downloading."""
     from urllib.parse import urlparse
 
-    cause = error
-    while cause is not None and not isinstance(cause, _DOWNLOAD_ERRORS):
-        cause = cause.__cause__
-    cause = cause or error
-    reason = getattr(cause, "reason", None) or cause
     file_name = os.path.basename(urlparse(url).path)
     advice = (f"If this machine is offline, download that file once elsewhere and load it with "
               f"pretrained_cfg_overlay=dict(file='/path/to/{file_name or 'weights.pth'}')")
     if file_name:  # timm's download cache (torch.hub's checkpoints folder, or cache_dir=): a file there is used
         cache = Path(kwargs.get("cache_dir") or Path(torch.hub.get_dir()) / "checkpoints") / file_name
         advice += f", or put it at {cache}, where timm looks for this download first"
-    return (f"Could not download the pretrained weights of '{name}' from {url}: {type(cause).__name__}: "
-            f"{_shorten(str(reason), 300).rstrip('.')}. {advice}.")
+    return f"Could not download the pretrained weights of '{name}' from {url}: {_download_cause_text(error)}. {advice}."
+
+
+def _download_cause_text(error: BaseException) -> str:
+    """The download error down ``error``'s cause chain, as ``Type: reason`` (one line, no final full stop)."""
+    cause = error
+    while cause is not None and not isinstance(cause, _DOWNLOAD_ERRORS):
+        cause = cause.__cause__
+    cause = cause or error
+    reason = getattr(cause, "reason", None) or cause
+    return f"{type(cause).__name__}: {_shorten(str(reason), 300).rstrip('.')}"
 
 
 def _unsafe_pickle_message(location: str, error: BaseException) -> str:
