@@ -213,6 +213,19 @@ def test_force_never_replaces_the_folder_holding_the_source_nor_a_file(shvit_off
     assert afile.read_text() == "mine"
 
 
+def test_a_dangling_link_as_output_is_named_as_a_link(shvit_official, tmp_path, capsys):
+    """Found by an audit: a link whose target is gone was reported as "is a file"."""
+    _, src = shvit_official
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "gone")
+    for force in (["--force"], []):
+        assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(link), *force, "--no-flops"]) == 1
+        err = capsys.readouterr().err
+        assert f"{link} is a link to {tmp_path / 'gone'}, which does not exist, and the output is a folder" in err
+        assert "is a file" not in err and "not even with --force" in err
+    assert os.path.islink(link) and not os.path.exists(tmp_path / "gone")
+
+
 def test_an_existing_output_folder_asks_for_the_cli_option_only(shvit_official, tmp_path, capsys):
     _, src = shvit_official
     out = tmp_path / "out"

@@ -425,7 +425,11 @@ def _check_out_dir(out_dir: PathLike, force: bool, keep: Sequence[PathLike]) -> 
     lead to that refusal); only then is an existing folder refused without ``force``.
     """
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
-        raise FileExistsError(f"{out_dir} is a file, and the output is a folder; a file is never replaced by one "
+        if os.path.islink(out_dir):
+            what, kind = f"a link to {os.readlink(out_dir)}, which does not exist", "a link"
+        else:
+            what = kind = "a file"
+        raise FileExistsError(f"{out_dir} is {what}, and the output is a folder; {kind} is never replaced by one "
                               "(not even with --force). Choose another output folder (--out).")
     check_output_dir(out_dir, True, keep=keep)  # the current folder, a mount point, a folder holding the source
     check_output_dir(out_dir, force, keep=keep)  # an existing folder: only with force
