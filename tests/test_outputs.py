@@ -1,0 +1,84 @@
+"""The output comparison behind every graph rewrite (BatchNorm folding, the oneDNN rewrite, stem slicing, deploy's
+check): each way two outputs can differ is caught, with the expected verdict written out by hand."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from vitzoo.inference import _check_close
+from vitzoo.outputs import max_abs_diff_of, outputs_close
+
+X = torch.tensor([[1.0, -4.0], [2.0, 0.5]])  # largest absolute value 4
+
+
+@pytest.mark.parametrize("output, reference, rel, close", [
+    (X, X.clone(), 0.0, True),
+    (X + torch.tensor([[0.0, 0.0], [0.0, 2**-8]]), X, 2**-10, True),  # 2**-8 <= 2**-10 * 4 (exact in float32)
+    (X + torch.tensor([[0.0, 0.0], [0.0, 2**-8 + 2**-12]]), X, 2**-10, False),
+    (X.reshape(4), X, 1.0, False),                                    # same values, another shape
+    (X.double(), X, 1.0, False),                                      # same values, another dtype
+    ((X, X), (X, X.clone()), 0.0, True),
+    ((X, X), [X, X], 1.0, False),                                     # a list is not a tuple
+    ((X,), (X, X), 1.0, False),                                       # another number of outputs
+    ({"a": X, "b": X}, {"a": X, "c": X}, 1.0, False),                 # another key
+    ((X, 3), (X, 3), 0.0, True),                                      # non-tensor leaves compared by value
+    ((X, 3), (X, 4), 1.0, False),
+    ((X, 3), (X, torch.tensor(3)), 1.0, False),                       # a tensor where the reference has a number
+    (torch.tensor([1, 2]), torch.tensor([1, 3]), 1.0, False),         # integer tensors must be equal
+    (torch.tensor([1, 2]), torch.tensor([1, 2]), 0.0, True),
+    (torch.tensor([True]), torch.tensor([False]), 1.0, False),
+    (X.new_full((2, 2), math.nan), X, 1e9, False),                    # NaN is never close
+    (torch.empty(0, 3), torch.empty(0, 3), 0.0, True),
+])
+def test_outputs_close_verdicts(output, reference, rel, close):
+    assert outputs_close(output, reference, rel) is close
+
+
+def test_max_abs_diff_of_nested_outputs():
+    ref = {"logits": X, "aux": (2 * X, torch.tensor([1, 2]))}
+    out = {"logits": X + 0.25, "aux": (2 * X - 0.5, torch.tensor([1, 2]))}
+    assert max_abs_diff_of(out, ref) == (0.5, 8.0)  # the largest diff and the largest reference value over leaves
+
+
+def test_max_abs_diff_of_float64_is_compared_in_float64():
+    ref = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    out = ref + 1e-12  # lost if both were rounded to float32
+    diff, scale = max_abs_diff_of(out, ref)
+    assert 0.5e-12 < diff < 2e-12 and scale == 2.0
+
+
+def test_max_abs_diff_of_nan_is_reported_not_hidden():
+    diff, _ = max_abs_diff_of((X, X.new_full((2,), math.nan)), (X, X.new_zeros(2)))
+    assert diff != diff
+
+
+@pytest.mark.parametrize("output, reference, message", [
+    ((X, X), X, r"structure differs from the original's: a tuple of 2 instead of a tensor \(2, 2\)"),
+    ({"a": X}, {"b": X}, r"a dict with keys \['a'\] instead of a dict with keys \['b'\]"),
+    ([X], [X, X], r"a list of 1 instead of a list of 2"),
+    ((X, X.reshape(4)), (X, X), r"output 1 has shape \(4,\), the original's \(2, 2\)"),
+    (torch.tensor([1, 2]), torch.tensor([1, 3]), r"the output \(torch.int64\) differs from the original's"),
+    ((X, "a"), (X, "b"), r"output 1 is 'a', the original's 'b'"),
+    ((X, 1), (X, torch.tensor(1)), r"output 1 is 1, the original's tensor\(1\)"),
+])
+def test_max_abs_diff_of_says_where_structures_differ(output, reference, message):
+    with pytest.raises(ValueError, match=message):
+        max_abs_diff_of(output, reference)
+
+
+class _Returns(nn.Module):
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        return self.value
+
+
+def test_deploy_check_reports_another_output_structure():
+    """A backend whose output has another structure fails deploy's check with the reason, not a wrong result."""
+    with pytest.raises(RuntimeError, match=r"deploy\(backend='eager'\): the output's structure differs from the "
+                                           r"original's: a tuple of 2 instead of a tensor \(2, 2\)\. Use another"):
+        _check_close(X, _Returns((X, X)), X, atol=1e-4, rtol=0.0, backend="eager")
+    assert _check_close(X, _Returns(X + 1e-5), X, atol=1e-4, rtol=0.0, backend="eager") == pytest.approx(1e-5, rel=1e-2)
