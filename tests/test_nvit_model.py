@@ -152,15 +152,34 @@ def test_group_matcher_and_no_weight_decay():
     assert m.no_weight_decay() == {'pos_embed', 'cls_token', 'dist_token'}
 
 
-def test_grad_checkpointing_same_output():
-    m = small(drop_path_rate=0.)
+def test_grad_checkpointing_runs_every_block_through_checkpoint_with_the_same_gradients(monkeypatch):
+    """Found by an audit: the test compared only outputs, equal with or without checkpointing. Now each block must
+    go through timm's checkpoint, and the gradients must equal plain autograd's."""
+    import nvit.model
+
+    m = small(drop_path_rate=0.).train()
     x = torch.randn(2, 3, 64, 64)
-    ref = m(x)
+    m(x).square().sum().backward()
+    reference = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+
+    calls = []
+    real = nvit.model.checkpoint
+
+    def counting(block, *args, **kwargs):
+        calls.append(block)
+        return real(block, *args, **kwargs)
+
+    monkeypatch.setattr(nvit.model, 'checkpoint', counting)
     m.set_grad_checkpointing(True)
-    m.train()
-    out = m(x)
-    out.sum().backward()
-    assert torch.allclose(ref, out, atol=1e-5)
+    m(x).square().sum().backward()
+    assert calls == list(m.blocks)
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, reference[name], rtol=1e-5, atol=1e-6, msg=name)
+    m.set_grad_checkpointing(False)
+    calls.clear()
+    m(x)
+    assert calls == []
 
 
 def test_meta_device_and_dtype():
