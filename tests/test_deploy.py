@@ -149,7 +149,6 @@ def test_onnxruntime_backend(shvit_s1):
         torch.testing.assert_close(deployed(x), _reference(shvit_s1, x), atol=ATOL, rtol=0)
 
 
-@pytest.mark.slow
 class _FixedSize(nn.Sequential):
     """Asserts its input size with ``torch._assert``, as timm's ViT patch embedding does."""
 
@@ -158,6 +157,7 @@ class _FixedSize(nn.Sequential):
         return super().forward(x)
 
 
+@pytest.mark.slow
 def test_compile_backend():
     # a small convolutional model keeps inductor's build short; the backend's code path is the same for any model
     torch.manual_seed(0)
@@ -226,6 +226,21 @@ def test_deployed_model_names_what_is_wrong_with_an_input(backend):
         torch.testing.assert_close(deployed(x), _reference(model, x), atol=1e-4, rtol=0)
     x = torch.randn(5, 3, 32, 32)  # another batch at the example's size: every backend
     torch.testing.assert_close(deployed(x), _reference(model, x), atol=1e-4, rtol=0)
+    # inference-only: train() is refused (a fine-tuning script that calls it gets the reason), eval() is fine
+    with pytest.raises(RuntimeError, match=r"inference-only; deploy\(\) a fresh copy of the original to train"):
+        deployed.train()
+    assert deployed.eval() is deployed and not deployed.training and not any(m.training for m in deployed.modules())
+
+
+def test_deployed_model_on_a_gpu_names_an_input_on_another_device():
+    """An input on another device than the CUDA example's is named before the model runs (checked without a GPU:
+    the example's device is what the check reads)."""
+    from vitzoo.inference import DeployedModel
+
+    deployed = DeployedModel(nn.Identity(), "eager", example_input=torch.randn(2, 3, 8, 8))
+    deployed.example_device = torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"runs on cuda:1, got an input on cpu\. Move it with x.to\('cuda:1'\)"):
+        deployed(torch.randn(2, 3, 8, 8))
 
 
 @pytest.mark.skipif("onnxruntime" not in available_backends(), reason="onnxruntime not installed")
