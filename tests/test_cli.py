@@ -1,5 +1,8 @@
 """The `vitzoo` command line itself: version, sub-command listing."""
+import json
 import re
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -24,6 +27,20 @@ def test_help_lists_every_command(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert all(name in out for name in COMMANDS)
+
+
+def test_python_dash_m_vitzoo_runs_the_cli_and_passes_its_exit_code():
+    """`python -m vitzoo compare` is documented beside `vitzoo compare`: same output, and the command's exit code
+    (2 for a usage error) reaches the shell."""
+    run = [sys.executable, "-m", "vitzoo", "compare", "shvit_s1", "--no-speed", "--format", "json", "--img-size",
+           "64"]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout)
+    assert row["model"] == "shvit_s1" and row["input_size"] == [3, 64, 64] and row["throughput"] is None
+    bad = subprocess.run([sys.executable, "-m", "vitzoo", "compare", "--batch", "0"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "--batch" in bad.stderr and bad.stdout == ""
 
 
 def test_package_version_matches_the_installed_metadata():
