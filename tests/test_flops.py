@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from vitzoo.flops import count_flops, count_params
 
-from formulas import MAC_OPS, REVIT, vit_macs  # tests/formulas.py
+from formulas import MAC_OPS, REVIT, layer_norm_flops, vit_macs  # tests/formulas.py
 
 # SHViT paper Table 2 FLOPs = fvcore on the BN-fused model (reference shvit.md, "numbers to reproduce").
 SHVIT = {  # name: (resolution, fused MFLOPs, params unfused, params fused)
@@ -355,11 +355,17 @@ def test_matrix_products_with_broadcasting_and_vectors():
 
 
 def test_fused_attention_elementwise_count_equals_the_explicit_path():
-    """With ``elementwise=True``, SDPA's scaling and softmax were neither counted nor listed."""
+    """With ``elementwise=True``, SDPA's scaling and softmax were neither counted nor listed. Both paths are checked
+    against the hand count: ViT-S/16's MACs, its LayerNorms, and one per element of the position-embedding add, q's
+    scaling, the softmax over 197 x 197 scores, the two residual adds and the GELU."""
+    tokens, emb, heads, blocks, mlp = 197, 384, 6, 12, 1536
+    per_block = heads * tokens * 64 + heads * tokens * tokens + 2 * tokens * emb + tokens * mlp
+    by_hand = (vit_macs(emb, [heads] * blocks, [64] * blocks, [mlp] * blocks, tokens, classifiers=1)
+               + layer_norm_flops(blocks, tokens, emb) + tokens * emb + blocks * per_block)
     fused = count_flops("vit_small_patch16_224", fused=False, elementwise=True).total
     with _fused_attn(False):
         explicit = count_flops(timm.create_model("vit_small_patch16_224"), fused=False, elementwise=True).total
-    assert fused == explicit == 4_617_562_632
+    assert fused == explicit == by_hand == 4_617_562_632  # the figure of docs/flops-and-compare.md
 
 
 def _fused_attn(enabled: bool):
@@ -404,19 +410,45 @@ def test_ops_without_a_formula_are_named():
     assert "no FLOP formula (their work is missing from the total): aten::topk x1" in str(report)
 
 
+def _efficientnet_b0_conv_macs() -> int:
+    """EfficientNet-B0's convolutions by hand from the paper's Table 1 (expansion, kernel, stride, channels,
+    repeats per stage): stem, MBConv expand / depthwise / squeeze-excite (to a quarter of the block's input
+    channels, on a 1x1 map) / project, and the 1x1 head conv to 1280."""
+    size, channels = 112, 32
+    total = size * size * channels * 3 * 3 * 3
+    for expand, kernel, stride, out, repeats in [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2),
+                                                 (6, 3, 2, 80, 3), (6, 5, 1, 112, 3), (6, 5, 2, 192, 4),
+                                                 (6, 3, 1, 320, 1)]:
+        for i in range(repeats):
+            mid, out_size = channels * expand, size // (stride if i == 0 else 1)
+            total += size * size * channels * mid if expand != 1 else 0
+            total += out_size * out_size * mid * kernel * kernel + 2 * mid * (channels // 4)
+            total += out_size * out_size * mid * out
+            channels, size = out, out_size
+    return total + size * size * channels * 1280
+
+
 def test_convmixer_and_half_precision_figures_of_the_docs():
     """docs/flops-and-compare.md: ConvMixer-768/32 20.78 G (its depthwise convs use padding='same'): 20.68 G of
-    convs by hand, plus 0.10 G of BatchNorm (it follows an activation, so it is not folded); resnet18 in fp16
-    (BatchNorm not folded) 1,819.07 M against 1,814.10 M in fp32; tf_efficientnet_b0 385.88 M."""
+    convs by hand, plus 0.10 G of BatchNorm (it follows an activation, so it is not folded; fvcore: 2 per element
+    in eval), the global pool (1 per element) and the classifier; resnet18 in fp16 (BatchNorm not folded)
+    1,819.07 M against 1,814.10 M in fp32; tf_efficientnet_b0 385.88 M, by hand from the paper's table."""
     convmixer = count_flops("convmixer_768_32")
     # hand count of the convs: a 7x7 stride-7 patch stem (32x32 tokens), then 32 x (7x7 depthwise + 1x1)
     tokens = 32 * 32
     convs = tokens * 768 * 3 * 7 * 7 + 32 * tokens * (768 * 7 * 7 + 768 * 768)
     assert convmixer.by_operator["conv"] == convs
+    batch_norms = (1 + 2 * 32) * tokens * 768 * 2  # the stem's, then two per layer
+    assert convmixer.total == convs + batch_norms + tokens * 768 + 768 * 1000
     assert round(convmixer.total / 1e9, 2) == 20.78
-    assert round(count_flops(timm.create_model("resnet18").half()).total / 1e6, 2) == 1819.07
-    assert round(count_flops("resnet18").total / 1e6, 2) == 1814.10
-    assert round(count_flops("tf_efficientnet_b0").total / 1e6, 2) == 385.88
+    half, full = count_flops(timm.create_model("resnet18").half()).total, count_flops("resnet18").total
+    # the unfolded BatchNorms at 2 per element: the stem's (64 x 112^2), then per stage four plus the downsample's
+    bn_elements = 64 * 112 ** 2 + 4 * 64 * 56 ** 2 + 5 * 128 * 28 ** 2 + 5 * 256 * 14 ** 2 + 5 * 512 * 7 ** 2
+    assert half - full == 2 * bn_elements
+    assert (round(half / 1e6, 2), round(full / 1e6, 2)) == (1819.07, 1814.10)
+    effnet = count_flops("tf_efficientnet_b0")
+    assert effnet.total == _efficientnet_b0_conv_macs() + 7 * 7 * 1280 + 1280 * 1000  # + pool + classifier
+    assert round(effnet.total / 1e6, 2) == 385.88
 
 
 # ---- hand counts for handles the tests above leave ambiguous (non-square operands, L != S, per-mode constants)
