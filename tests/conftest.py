@@ -1,5 +1,6 @@
 """Shared test configuration: no network, no GPU, deterministic, small thread counts."""
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -19,3 +20,28 @@ import shvit  # noqa: E402,F401  registers shvit_s*
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+_UPSTREAM = Path(__file__).parent / "upstream" / "test_timm_models.py"
+_UPSTREAM_MISSING = ("timm's own tests (tests/upstream/test_timm_models.py, 63 tests on shvit_* / revit_*) are not "
+                     "fetched, so they did not run: `make upstream-tests` fetches them (`make test` does it first)")
+
+
+def pytest_report_header(config):
+    return f"upstream timm tests: {'fetched' if _UPSTREAM.is_file() else 'NOT fetched'} ({_UPSTREAM})"
+
+
+def _runs_upstream_folder(config) -> bool:
+    """Whether the run was asked for a folder holding tests/upstream (the whole suite), not single files."""
+    for arg in config.args:
+        path = Path(arg.split("::")[0]).resolve()
+        if path.is_dir() and (path == _UPSTREAM.parent or path in _UPSTREAM.parent.parents):
+            return True
+    return False
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Running the suite without timm's upstream tests is said at the end, not left to a lower test count."""
+    if not _UPSTREAM.is_file() and _runs_upstream_folder(config):
+        terminalreporter.write_sep("=", "upstream tests missing", yellow=True)
+        terminalreporter.write_line(_UPSTREAM_MISSING)
