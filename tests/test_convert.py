@@ -329,6 +329,26 @@ def test_source_hash_mismatch_and_missing_source(shvit_official, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_cli_sha256_option(shvit_official, tmp_path, capsys):
+    """--sha256 reaches the conversion (found by an audit: only the sha256= argument was tested): the file's own
+    hash converts it as the verified release, another hash fails naming both and writes nothing."""
+    import hashlib
+
+    _, src = shvit_official
+    right = hashlib.sha256(src.read_bytes()).hexdigest()
+    wrong = hashlib.sha256(b"another file").hexdigest()
+    out = tmp_path / "out"
+    assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(out), "--no-flops", "--sha256", wrong]) == 1
+    err = capsys.readouterr().err
+    assert (f"vitzoo convert: error: sha256 mismatch for {src}: expected {wrong} (given), got {right}. The file is "
+            "corrupt or is not shvit_s1.in1k_official; download it again.\n") in err
+    assert "Traceback" not in err and os.listdir(tmp_path) == []
+    assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(out), "--no-flops", "--sha256", right]) == 0
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
+    card = (out / "README.md").read_text()
+    assert right in card and "not verified" not in card  # without the option the card says "not verified"
+
+
 def test_legacy_torch_save_source_converts_and_a_truncated_one_is_one_line(shvit_official, tmp_path, capsys):
     model, src = shvit_official
     legacy = tmp_path / "src" / "legacy.pth"
@@ -368,6 +388,49 @@ def test_verify_folder_catches_inconsistent_folders(shvit_official, tmp_path):
     (out / "README.md").unlink()
     with pytest.raises(VerificationError, match="lacks"):
         verify_folder(out)
+
+
+def test_verify_folder_compares_weights_with_the_source_model(shvit_official, tmp_path):
+    """A folder whose file is self-consistent but holds other numbers than the source model is refused (found by
+    an audit: the comparison with the source never fired in a test)."""
+    from safetensors.torch import load_file, save_file
+
+    model, src = shvit_official
+    out = convert_checkpoint(src, "shvit_s1", tmp_path / "out", flops=False)
+    assert verify_folder(out, reference=model).max_abs_diff == 0.0
+    weights = out / "model.safetensors"
+    metadata, _ = read_safetensors_metadata(weights)
+    state = load_file(str(weights))
+    state["head.l.weight"][3, 5] += 0.5  # one number of one tensor; names, shapes and dtypes unchanged
+    save_file(state, str(weights), metadata=metadata)
+    assert verify_folder(out).max_abs_diff == 0.0  # the folder agrees with itself: only the source can tell
+    with pytest.raises(VerificationError) as caught:
+        verify_folder(out, reference=model)
+    assert str(caught.value) == f"{out}: the loaded weights differ from the source model's."
+
+
+def test_verify_folder_compares_outputs_with_the_source_model(shvit_official, tmp_path):
+    """The same tensors under a config.json whose model_args change the forward (max instead of average pooling
+    before the head) load into a model that computes something else than the source: refused, with the difference
+    (found by an audit: the output comparison never fired in a test)."""
+    model, src = shvit_official
+    out = convert_checkpoint(src, "shvit_s1", tmp_path / "out", flops=False)
+    config = json.loads((out / "config.json").read_text())
+    config["model_args"] = dict(config.get("model_args", {}), global_pool="max")
+    (out / "config.json").write_text(json.dumps(config))
+    # the reference's own outputs under the two poolings, computed here without vitzoo's comparison
+    size = (3, 224, 224)
+    max_pooled = timm.create_model("shvit_s1", global_pool="max")
+    max_pooled.load_state_dict(model.state_dict())
+    diff = (_outputs(model, size) - _outputs(max_pooled, size)).abs().max().item()
+    assert diff > 1e-3
+    with pytest.raises(VerificationError) as caught:
+        verify_folder(out, reference=model)
+    assert str(caught.value) == (f"{out}: outputs differ from the source model (max abs diff {diff:.3g} > 1e-06).")
+    # atol is the bound, inclusive: the weights themselves were never in question
+    assert verify_folder(out, reference=model, atol=diff).max_abs_diff == diff
+    with pytest.raises(VerificationError, match="outputs differ"):
+        verify_folder(out, reference=model, atol=diff * (1 - 1e-6))
 
 
 def test_forced_output_in_the_current_folder_is_one_line_and_leaves_nothing(shvit_official, tmp_path, monkeypatch,

@@ -71,6 +71,24 @@ def test_malformed_manifest_names_the_entry(raw, edit, message):
         parse_manifest(doc)
 
 
+@pytest.mark.parametrize("key", ["params", "flops", "img_size"])
+@pytest.mark.parametrize("value", [0, -224, 224.0, 6.3e6, "224", "6.3M", True])
+def test_counts_must_be_positive_integers(raw, key, value):
+    """metrics.params/flops/img_size: a positive whole number or null; 0, a negative, a float (even a whole one), a
+    string or a boolean is refused naming the entry and the field (found by an audit: untested)."""
+    doc = copy.deepcopy(raw)
+    doc["weights"][2]["metrics"][key] = value
+    name = f"{raw['weights'][2]['model']}.{raw['weights'][2]['tag']}"
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(doc)
+    assert str(caught.value) == (f"weights[2] ({name}): metrics.{key} must be a positive integer or null, "
+                                 f"got {value!r}.")
+    doc["weights"][2]["metrics"][key] = None
+    assert parse_manifest(doc).weights[2].metrics[key] is None
+    doc["weights"][2]["metrics"][key] = 1
+    assert parse_manifest(doc).weights[2].metrics[key] == 1
+
+
 def test_card_renders_every_placeholder(manifest, tmp_path):
     entry = manifest.find("nvit_t.in1k")
     card = render_card(card_fields(entry, manifest))

@@ -188,6 +188,28 @@ def test_ours_safetensors_roundtrip(official_files, tmp_path):
         assert torch.equal(local(img), again(img))
 
 
+@pytest.mark.parametrize('record', ['json', 'dict', 'official-dict'])
+def test_ours_torch_save_with_dims_record(official_files, tmp_path, record):
+    """A torch.save'd flat state dict carrying the dims under 'nvit_dims' (as a JSON string or a dict, either key
+    style) loads with those dims and the same tensors (found by an audit: untested)."""
+    path, sd = official_files['random']
+    model = _create(path)
+    dims = {'json': model.dims.to_json(), 'dict': model.dims.to_dict(),
+            'official-dict': model.dims.to_dict(official=True)}[record]
+    out = tmp_path / 'ours.pth'
+    torch.save({**model.state_dict(), 'nvit_dims': dims}, out)
+    state_dict, got_dims, meta = nvit.load_checkpoint(out)
+    assert got_dims == nvit.NViTDims.from_dict(DIM) and meta == {'format': 'nvit'}
+    expected = model.state_dict()
+    assert sorted(state_dict) == sorted(expected)
+    assert all(torch.equal(state_dict[k], expected[k]) for k in expected)
+    again = _create(str(out))  # the factory takes the dims from the file too (none given here)
+    assert again.dims == nvit.NViTDims.from_dict(DIM)
+    img = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert (again(img) - reference_forward(sd, img)).abs().max().item() <= 1e-5
+
+
 def test_num_classes_change_drops_heads(official_files):
     path, _ = official_files['ones']
     model = _create(path, num_classes=7)

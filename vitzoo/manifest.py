@@ -134,7 +134,7 @@ def _check_entry(i: int, raw: Any, families: Dict[str, Any]) -> WeightEntry:
             raise ManifestError(f"{where}: metrics.{key} must be a percentage or null, got {value!r}.")
     for key in ("params", "flops", "img_size"):
         value = metrics[key]
-        if value is not None and not (isinstance(value, int) and value > 0):
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
             raise ManifestError(f"{where}: metrics.{key} must be a positive integer or null, got {value!r}.")
     return WeightEntry(**{k: raw[k] for k in _ENTRY_KEYS})
 
