@@ -528,3 +528,108 @@ def test_pretrained_load_error_keeps_its_advice(data, tmp_path, capsys, monkeypa
         "LocalEntryNotFoundError: not in the cache. To fix: fetch them with `hf download timm/shvit_s1.in1k`; or use "
         "pretrained=False.\n")
     assert not out.exists()
+
+
+# --- options that shape the model and the optimizer, checked on the objects the run built (found by an audit:
+# --- hard-coding weight_decay=0.05 / norm_eval=True, or dropping --min-size / --max-size, left every test passing)
+
+NO_SIZE = COMMON[:COMMON.index('--img-size')] + COMMON[COMMON.index('--img-size') + 2:]  # COMMON less --img-size
+
+
+def _spy_on_the_run(monkeypatch):
+    """Keep the detector that finetune-det builds, a copy of its first state, the mode of every backbone BatchNorm
+    in each training forward, and the resized image sizes that its transform hands to the backbone."""
+    from vitzoo.detection import finetune
+    seen = dict(bn_training=[], image_sizes=[])
+    build = finetune.build_detector
+
+    def spy(*args, **kwargs):
+        model = build(*args, **kwargs)
+        seen['model'] = model
+        seen['initial'] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        bns = [m for m in model.backbone.body.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert bns  # shvit_s1 has BatchNorms throughout
+        model.register_forward_pre_hook(
+            lambda m, inputs: seen['bn_training'].append([b.training for b in bns]) if m.training else None)
+        model.transform.register_forward_hook(
+            lambda m, inputs, result: seen['image_sizes'].extend(tuple(s) for s in result[0].image_sizes))
+        return model
+
+    monkeypatch.setattr(finetune, 'build_detector', spy)
+    return seen
+
+
+def _run_sized(data, out, *extra):
+    """A run without COMMON's --img-size (which replaces --min-size and --max-size)."""
+    return main(['finetune-det', '--data', str(data), '--out', str(out), *NO_SIZE, *extra])
+
+
+def test_option_defaults_follow_the_docs(tmp_path, monkeypatch):
+    """The parsed defaults: weight decay 0.05, BatchNorms in eval mode, 800 / 1333; --img-size sets both sizes."""
+    from vitzoo.detection import finetune
+    got = []
+    monkeypatch.setattr(finetune, 'train', lambda args, ctx: got.append(vars(args).copy()))
+    base = ['finetune-det', '--data', str(tmp_path), '--out', str(tmp_path / 'o'), '--device', 'cpu']
+    assert main(base) == 0
+    assert main(base + ['--weight-decay', '0', '--no-norm-eval', '--min-size', '40', '--max-size', '50']) == 0
+    assert main(base + ['--min-size', '40', '--max-size', '50', '--img-size', '64']) == 0
+    picked = [(g['weight_decay'], g['norm_eval'], g['min_size'], g['max_size']) for g in got]
+    assert picked == [(0.05, True, 800, 1333), (0.0, False, 40, 50), (0.05, True, 64, 64)]
+
+
+def test_weight_decay_reaches_every_trainable_parameter(data, tmp_path, monkeypatch):
+    """--weight-decay is the optimizer's; per the docs it applies to all trainable parameters (norm weights and
+    biases included: one value for every group)."""
+    seen = _spy_on_the_run(monkeypatch)
+    out = tmp_path / 'run'
+    assert _run(data, out, '--detector', 'retinanet', '--no-eval', '--max-iters', '1', '--weight-decay', '0.0123',
+                '--frozen-stages', '0') == 0
+    groups = load_checkpoint(out / 'checkpoint_last.pth')['optimizer']['param_groups']
+    assert groups and all(g['weight_decay'] == pytest.approx(0.0123) for g in groups), groups
+    trainable = [n for n, p in seen['model'].named_parameters() if p.requires_grad]
+    frozen = [n for n, p in seen['model'].named_parameters() if not p.requires_grad]
+    assert frozen and sum(len(g['params']) for g in groups) == len(trainable)  # the frozen stem is left out
+    assert any(n.endswith('.bias') for n in trainable) and any('.bn.' in n for n in trainable)
+
+
+@pytest.mark.parametrize('norm_eval', [True, False])
+def test_norm_eval_keeps_backbone_batchnorms_in_eval_mode(data, tmp_path, monkeypatch, norm_eval):
+    """Default: every backbone BatchNorm runs in eval mode while training (running statistics stay as they were,
+    the affine parameters still learn); --no-norm-eval: they run in train mode and update their statistics."""
+    seen = _spy_on_the_run(monkeypatch)
+    out = tmp_path / 'run'
+    extra = [] if norm_eval else ['--no-norm-eval']
+    assert _run(data, out, '--detector', 'retinanet', '--no-eval', '--max-iters', '1', '--lr', '1e-3',
+                '--warmup-iters', '0', *extra) == 0
+    assert len(seen['bn_training']) == 1  # one training forward
+    assert set(seen['bn_training'][0]) == {not norm_eval}
+    final = torch.load(out / 'model_final.pth')
+    initial = seen['initial']
+    stats = [k for k in final if k.startswith('backbone.body.') and k.endswith('running_mean')]
+    assert stats
+    for k in stats:
+        prefix = k[:-len('running_mean')]
+        kept = torch.equal(final[k], initial[k]) and torch.equal(final[prefix + 'running_var'],
+                                                                 initial[prefix + 'running_var'])
+        assert kept == norm_eval, k
+        assert int(final[prefix + 'num_batches_tracked']) == (0 if norm_eval else 1), k
+    # the affine parameters are trained either way (SHViT zero-inits the last BatchNorm of each residual branch, so
+    # at the first update only some of them get a gradient; each that does moves)
+    params = dict(seen['model'].named_parameters())
+    affine = [k[:-len('running_mean')] + w for k in stats for w in ('weight', 'bias')]
+    assert all(params[k].requires_grad for k in affine)
+    moved = [k for k in affine if params[k].grad is not None and params[k].grad.abs().max() > 0]
+    assert moved and all(not torch.equal(final[k], initial[k]) for k in moved)
+
+
+def test_min_and_max_size_reach_the_detector_transform(data, tmp_path, monkeypatch):
+    """--min-size / --max-size (without --img-size) are the resize of torchvision's transform: the 72x96 training
+    images are scaled by min(min_size / 72, max_size / 96)."""
+    seen = _spy_on_the_run(monkeypatch)
+    for (min_size, max_size), expected in (((54, 200), (54, 72)), ((96, 120), (90, 120))):
+        seen['image_sizes'].clear()
+        assert _run_sized(data, tmp_path / f'{min_size}', '--detector', 'retinanet', '--no-eval', '--max-iters', '1',
+                          '--min-size', str(min_size), '--max-size', str(max_size)) == 0
+        transform = seen['model'].transform
+        assert (tuple(transform.min_size), transform.max_size) == ((min_size,), max_size)
+        assert seen['image_sizes'] == [expected, expected], (min_size, max_size)

@@ -86,6 +86,53 @@ def test_simple_pyramid_shapes():
     assert sfp.out_channels == [16, 32, 64, 64, 64]
 
 
+def _reference_simple_pyramid(sfp: SimpleFeaturePyramid, x):
+    """The documented ViTDet simple pyramid, step by step with torch.nn.functional and the module's own weights:
+    finer strides: k2 s2 transposed convs (channels halved each), LayerNorm over channels + exact GELU between two;
+    the native stride: the map itself; coarser strides: 2x2 max-pooling (stride 2) once per factor of 2."""
+    def channel_norm(norm, t):  # LayerNorm over the channel dimension of a [B, C, H, W] map
+        t = F.layer_norm(t.permute(0, 2, 3, 1), (t.shape[1],), norm.weight, norm.bias, eps=1e-6)
+        return t.permute(0, 3, 1, 2)
+
+    outs = []
+    for stride, branch in zip(sfp.out_strides, sfp.branches):
+        deconvs = [m for m in branch.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+        norms = [m for m in branch.modules() if 'Norm' in type(m).__name__]
+        y = x
+        if stride < sfp.in_stride:
+            ups = (sfp.in_stride // stride).bit_length() - 1
+            assert len(deconvs) == ups and len(norms) == ups - 1, (stride, branch)
+            for i, up in enumerate(deconvs):
+                if i:
+                    y = F.gelu(channel_norm(norms[i - 1], y))
+                y = F.conv_transpose2d(y, up.weight, up.bias, stride=2)
+        else:
+            assert not list(branch.parameters()), (stride, branch)  # identity / pooling: nothing learned
+            for _ in range((stride // sfp.in_stride).bit_length() - 1):
+                y = F.max_pool2d(y, kernel_size=2, stride=2)
+        outs.append(y)
+    return outs
+
+
+def test_simple_pyramid_matches_functional_reference():
+    """Numbers, not only shapes: each level against the ViTDet recipe of docs/detection.md (found by an audit: GELU ->
+    ReLU or max- -> average pooling left every detection test passing)."""
+    torch.manual_seed(0)
+    sfp = SimpleFeaturePyramid(24, 16, (4, 8, 16, 32, 64)).eval()
+    for p in sfp.parameters():  # non-trivial norm affine and deconv biases, so a dropped one would show
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 24, 8, 12)
+    with torch.no_grad():
+        out = sfp(x)
+        ref = _reference_simple_pyramid(sfp, x)
+    assert sfp.out_channels == [6, 12, 24, 24, 24]
+    assert [tuple(o.shape) for o in out] == [(2, 6, 32, 48), (2, 12, 16, 24), (2, 24, 8, 12), (2, 24, 4, 6),
+                                             (2, 24, 2, 3)]
+    for stride, o, r in zip(sfp.out_strides, out, ref):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5, msg=lambda m: f'stride {stride}: {m}')
+    torch.testing.assert_close(out[2], x, rtol=0, atol=0)  # the native stride is the input map itself
+
+
 def _capture_fpn_inputs(detector, module):
     seen = {}
     h1 = detector.backbone.register_forward_pre_hook(lambda m, args: seen.__setitem__('image', args[0]))
