@@ -89,6 +89,21 @@ def test_counts_must_be_positive_integers(raw, key, value):
     assert parse_manifest(doc).weights[2].metrics[key] == 1
 
 
+@pytest.mark.parametrize("key", ["top1", "top5"])
+@pytest.mark.parametrize("value", [0, -1.5, 100.5, "72.8", True])
+def test_accuracies_must_be_percentages(raw, key, value):
+    """metrics.top1/top5: a number in (0, 100] or null; JSON true (Python's 1) is not a percentage."""
+    doc = copy.deepcopy(raw)
+    doc["weights"][2]["metrics"][key] = value
+    name = f"{raw['weights'][2]['model']}.{raw['weights'][2]['tag']}"
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(doc)
+    assert str(caught.value) == f"weights[2] ({name}): metrics.{key} must be a percentage or null, got {value!r}."
+    for ok in (None, 72.8, 100, 0.01):
+        doc["weights"][2]["metrics"][key] = ok
+        assert parse_manifest(doc).weights[2].metrics[key] == ok
+
+
 def test_card_renders_every_placeholder(manifest, tmp_path):
     entry = manifest.find("nvit_t.in1k")
     card = render_card(card_fields(entry, manifest))

@@ -130,7 +130,8 @@ def _check_entry(i: int, raw: Any, families: Dict[str, Any]) -> WeightEntry:
         raise ManifestError(f"{where}: metrics must have exactly the fields {list(_METRIC_KEYS)}.")
     for key in ("top1", "top5"):
         value = metrics[key]
-        if value is not None and not (isinstance(value, (int, float)) and 0 < value <= 100):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not (number and 0 < value <= 100):
             raise ManifestError(f"{where}: metrics.{key} must be a percentage or null, got {value!r}.")
     for key in ("params", "flops", "img_size"):
         value = metrics[key]
