@@ -430,6 +430,34 @@ def test_paper_cells_only_at_the_papers_input_size(capsys):
     assert "note: shvit_s1: paper FLOPs and top-1 are at 224x224, not shown" in err
 
 
+def test_paper_cells_only_for_the_papers_1000_classes(capsys):
+    """Found by an audit: an ImageNet-21k head (11,221 classes, 18.6 M params) was shown beside the paper's 5.4 M /
+    217 M / 75.2 % of the ImageNet-1k MobileNetV3-Large."""
+    code, out, err = _cli(capsys, "mobilenetv3_large_100.miil_in21k", "mobilenetv3_large_100", "--no-speed",
+                          "--format", "json")
+    in21k, in1k = json.loads(out)
+    assert code == 0 and in21k["params"] - in1k["params"] == 1280 * (11221 - 1000) + (11221 - 1000)  # the head
+    assert in21k["paper_flops"] is None and in21k["paper_params"] is None and in21k["paper_top1"] is None
+    assert in1k["paper_params"] is not None and in1k["paper_flops"] is not None
+    assert ("note: mobilenetv3_large_100.miil_in21k: paper numbers are for the 1000-class ImageNet-1k model; this "
+            "one has 11221 classes, not shown") in err
+
+
+def test_header_names_the_threads_the_timing_ran_with(fake_deploy, capsys):
+    """Found by an audit: `--threads 1` on a 2-thread process printed "2 threads" (the count after the caller's
+    setting was restored); each measured row now records its count too."""
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    code, out, err = _cli(capsys, "shvit_s1", "--img-size", "32", "--batch", "1", "--rounds", "1", "--threads",
+                          str(other), "--backends", "eager", "--format", "json", "--device", "cpu", "--device", "cpu")
+    rows = json.loads(out)
+    assert code == 0 and len(rows) == 1  # a device given twice is measured once
+    assert rows[0]["threads"] == other
+    plural = "" if other == 1 else "s"
+    header = next(line for line in err.splitlines() if line.startswith("machine: "))
+    assert f", {other} thread{plural};" in header and torch.get_num_threads() == before
+
+
 def test_skipped_models_are_reported(monkeypatch):
     import vitzoo.compare as mod
 

@@ -40,6 +40,7 @@ __all__ = ["compare", "machine_info", "format_rows", "register", "run"]
 DEFAULT_PATH = "default"
 FORMATS = ("table", "md", "csv", "json")
 DEFAULT_BATCH = {"cpu": 16, "cuda": 256}  # the SHViT paper's CPU and (about) GPU batch sizes
+PAPER_CLASSES = 1000  # the papers' numbers (PAPER_NUMBERS) are of ImageNet-1k classifiers
 
 
 def machine_info() -> Dict[str, Any]:
@@ -167,9 +168,15 @@ def _bind(model: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Callable[[],
     return lambda: model(x)
 
 
-def _row(name: str, report, device: Optional[str], batch: Optional[int]) -> Dict[str, Any]:
+def _row(name: str, report, device: Optional[str], batch: Optional[int],
+         num_classes: Optional[int] = None) -> Dict[str, Any]:
     paper = PAPER_NUMBERS.get(name.partition(".")[0])
     note = ""
+    if paper is not None and num_classes is not None and num_classes != PAPER_CLASSES:
+        # e.g. mobilenetv3_large_100.miil_in21k (11,221 classes): another head, so other params and FLOPs
+        note = (f"paper numbers are for the {PAPER_CLASSES}-class ImageNet-1k model; this one has {num_classes} "
+                "classes, not shown")
+        paper = None
     # the papers' FLOPs and top-1 hold at their resolution only; params do not depend on it
     same_size = paper is not None and tuple(report.input_size[-2:]) == (paper.img_size, paper.img_size)
     if paper is not None and not same_size:
@@ -193,6 +200,7 @@ def _row(name: str, report, device: Optional[str], batch: Optional[int]) -> Dict
         "latency_ms_fastest": None,
         "fastest_backend": None,
         "throughput_by_path": {},
+        "threads": None,
         "paper_flops": paper.flops if same_size else None,
         "paper_params": paper.params if paper else None,
         "paper_top1": paper.top1 if same_size else None,
@@ -226,7 +234,8 @@ def _measure_on(
             failure = f"not measured at batch {batch}: {type(e).__name__}: {first_line(e)}"
         del runners  # the deployed copies, before the next model is deployed
         gc.collect()
-        row = _row(name, report, device, batch)
+        row = _row(name, report, device, batch, getattr(model, "num_classes", None))
+        row["threads"] = torch.get_num_threads()  # what the timing ran with (compare(threads=N) restores it after)
         if timings is None:
             row["note"] = "; ".join(([row["note"]] if row["note"] else []) + notes + [failure])
             rows.append(row)
@@ -262,7 +271,7 @@ def _compare(
                               ("threads", "--threads", threads), ("rounds", "--rounds", rounds)):
         if value is not None and value < 1:
             raise UsageError(f"{what} ({flag}) must be >= 1, got {value}")
-    devices = list(devices) if devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = list(dict.fromkeys(devices)) if devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if "cuda" in devices and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but torch.cuda.is_available() is False; drop --device cuda")
     if backends is not None:
@@ -274,7 +283,8 @@ def _compare(
             resolve_name(name, allow_folders=True)
     built, skipped = _build(names, explicit=bool(models), img_size=img_size, progress=progress)
     if not speed:
-        return [_row(name, report, None, None) for name, _, report in built], skipped
+        return [_row(name, report, None, None, getattr(model, "num_classes", None))
+                for name, model, report in built], skipped
     rows = []
     saved_threads = torch.get_num_threads()
     if threads is not None:  # for the measurement only: the caller's setting is restored afterwards
@@ -432,7 +442,9 @@ def _header(info: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
     batches = sorted({f"batch {r['batch_size']} on {r['device']}" for r in rows if r["batch_size"]})
     size = f"; {', '.join(batches)}" if batches else ""
-    threads = f"{info['threads']} thread{'' if info['threads'] == 1 else 's'}"
+    measured = sorted({r["threads"] for r in rows if r.get("threads")})  # the timing's, not the process's now
+    count = measured[0] if len(measured) == 1 else info["threads"]
+    threads = f"{count} thread{'' if count == 1 else 's'}"
     return f"machine: {info['cpu']}, {threads}{gpu}; torch {info['torch']}, timm {info['timm']}{size}"
 
 
