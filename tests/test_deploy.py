@@ -365,8 +365,12 @@ def test_bad_backend_lists_valid_ones(shvit_s1):
 
 
 def test_no_example_input_and_no_cfg_is_a_clear_error():
-    with pytest.raises(ValueError, match="example_input"):
+    with pytest.raises(ValueError, match=r"Sequential has no pretrained_cfg\['input_size'\]; pass "
+                                         r"example_input=torch.randn\(1, 3, H, W\)\.$"):
         deploy(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    # the suggestion has the model's own channel count (found by an audit: it said 3 for a 1-channel model)
+    with pytest.raises(ValueError, match=r"example_input=torch.randn\(1, 1, H, W\)"):
+        deploy(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()))
 
 
 def test_verification_failure_raises(monkeypatch, shvit_s1):

@@ -178,9 +178,9 @@ def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor
     device and dtype."""
     input_size = model_input_size(model)
     if not input_size:
-        raise ValueError(
-            f"{type(model).__name__} has no pretrained_cfg['input_size']; pass example_input=torch.randn(1, 3, H, W)."
-        )
+        chans = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), "C")
+        raise ValueError(f"{type(model).__name__} has no pretrained_cfg['input_size']; pass "
+                         f"example_input=torch.randn(1, {chans}, H, W).")
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
