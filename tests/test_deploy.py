@@ -261,6 +261,20 @@ def test_onnxruntime_backend_takes_a_bf16_model():
     assert (y - fp32).abs().max() < 0.05
 
 
+@pytest.mark.skipif("onnxruntime" not in available_backends(), reason="onnxruntime not installed")
+def test_onnxruntime_backend_runs_a_float64_model_in_float32_and_says_so():
+    """A float64 model is exported in float32 like a bf16 one (ONNX Runtime's CPU kernels), its output is float32
+    and the deployed model's optimizations say so (docs/deploy.md, backend table)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    deployed = deploy(model, x, backend="onnxruntime")
+    assert "exported in float32 (the model was torch.float64)" in deployed.optimizations
+    y = deployed(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), _reference(model, x), atol=1e-5, rtol=0)
+
+
 def test_deployed_model_of_a_non_image_input_is_not_checked():
     torch.manual_seed(0)
     model = nn.Linear(16, 4)
