@@ -674,3 +674,28 @@ def test_human_units():
     assert _human(12_345) == "12.345K"
     assert _human(2_000_000_000) == "2.000G"
     assert _human(-1_500_000) == "-1.500M"
+
+
+@pytest.mark.parametrize("chans", [1, 4])
+def test_a_named_model_is_built_for_the_channels_asked(chans):
+    """``count_flops(name, (C, H, W))`` built the model with its default 3 channels and failed on C != 3."""
+    report = count_flops("resnet18", (chans, 64, 64))
+    assert report.input_size == (chans, 64, 64)
+    assert report.by_module["conv1"] == 32 * 32 * 64 * 7 * 7 * chans  # stride-2 7x7 stem, 64 filters
+    assert report.params == count_params(timm.create_model("resnet18")) + 64 * 7 * 7 * (chans - 3)
+
+
+def test_a_named_vit_is_built_for_the_channels_and_size_asked():
+    report = count_flops("deit_tiny_patch16_224", (1, 224, 224))
+    assert report.input_size == (1, 224, 224)
+    assert report.by_operator["conv"] == 196 * 192 * 16 * 16 * 1  # patch embed: 196 patches of 16x16x1 -> 192
+    macs = sum(v for k, v in report.by_operator.items() if k in MAC_OPS)
+    assert macs == vit_macs(192, [3] * 12, [64] * 12, [768] * 12, 197, 1) - 196 * 192 * 16 * 16 * 2
+    assert count_flops("deit_tiny_patch16_224", (2, 32, 48)).by_operator["conv"] == 2 * 3 * 192 * 16 * 16 * 2
+
+
+def test_channels_for_a_named_model_must_be_positive():
+    from vitzoo.models import create
+
+    with pytest.raises(ValueError, match=r"in_chans must be a positive int .* got 0"):
+        create("resnet18", in_chans=0)

@@ -307,18 +307,19 @@ def _human(n: float) -> str:
     return str(int(n))
 
 
-def _spatial_size(input_size: Union[None, int, Sequence[int]]) -> Union[None, int, Tuple[int, int]]:
-    """The ``H, W`` part of ``input_size`` (an int stays an int), to build a model named by a string for it;
-    None when none is given or it is malformed (:func:`_input_size` then says what is wrong)."""
+def _build_size(input_size: Union[None, int, Sequence[int]]) -> Tuple[Union[None, int, Tuple[int, int]], Any]:
+    """``(img_size, in_chans)`` to build a model named by a string for ``input_size``: its ``H, W`` part (an int
+    stays an int) and its ``C`` (None unless given as ``(C, H, W)``); ``(None, None)`` when none is given or it is
+    malformed (:func:`_input_size` then says what is wrong)."""
     if isinstance(input_size, int) and not isinstance(input_size, bool):
-        return input_size if input_size > 0 else None
+        return (input_size if input_size > 0 else None), None
     try:
         size = tuple(input_size)  # type: ignore[arg-type]
     except TypeError:
-        return None
-    if len(size) in (2, 3) and all(isinstance(v, int) and v > 0 for v in size):
-        return (size[-2], size[-1])
-    return None
+        return None, None
+    if len(size) in (2, 3) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        return (size[-2], size[-1]), (size[0] if len(size) == 3 else None)
+    return None, None
 
 
 def _input_size(model: nn.Module, input_size: Union[None, int, Sequence[int]]) -> Tuple[int, int, int]:
@@ -387,7 +388,8 @@ def count_flops(
     if isinstance(model, str):
         from vitzoo.models import create
 
-        model = create(model, img_size=_spatial_size(input_size))
+        img_size, in_chans = _build_size(input_size)
+        model = create(model, img_size=img_size, in_chans=in_chans)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module or a timm model name, got {type(model).__name__}")
     if batch_size < 1:

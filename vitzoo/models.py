@@ -167,7 +167,9 @@ def _folder_architecture(folder: str) -> str:
     return arch
 
 
-def create(name: str, img_size: Union[None, int, Tuple[int, int]] = None) -> nn.Module:
+def create(
+    name: str, img_size: Union[None, int, Tuple[int, int]] = None, in_chans: Optional[int] = None
+) -> nn.Module:
     """Build a timm model by name, without weights, in eval mode.
 
     Args:
@@ -176,19 +178,29 @@ def create(name: str, img_size: Union[None, int, Tuple[int, int]] = None) -> nn.
             its weights are not loaded.
         img_size: Build for this input size (an int: square; or ``(H, W)``). Only passed to models whose cfg has a
             fixed input size (ViTs); convolutional models take any size as they are.
+        in_chans: Build for this many input channels (timm's ``in_chans``); only passed when it differs from the
+            model's default (3 for most).
 
     Returns:
         The model, in eval mode, with ``pretrained_cfg`` set.
 
     Raises:
         UnknownModelError: See :func:`resolve_name`.
+        ValueError: ``in_chans`` is not a positive int.
     """
+    if in_chans is not None and (isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1):
+        raise ValueError(f"in_chans must be a positive int (the input's channel count), got {in_chans!r}")
     resolve_name(name, allow_folders=True)
     model = timm.create_model(name, pretrained=False)
     cfg = model.pretrained_cfg
     size = (img_size, img_size) if isinstance(img_size, int) else None if img_size is None else tuple(img_size)
+    kwargs: Dict[str, object] = {}
     if size is not None and cfg.get("fixed_input_size") and tuple(cfg["input_size"][-2:]) != size:
-        model = timm.create_model(name, pretrained=False, img_size=img_size)
+        kwargs["img_size"] = img_size
+    if in_chans is not None and in_chans != model_in_chans(model):
+        kwargs["in_chans"] = in_chans
+    if kwargs:
+        model = timm.create_model(name, pretrained=False, **kwargs)
     return model.eval()
 
 
