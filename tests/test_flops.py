@@ -699,3 +699,39 @@ def test_channels_for_a_named_model_must_be_positive():
 
     with pytest.raises(ValueError, match=r"in_chans must be a positive int .* got 0"):
         create("resnet18", in_chans=0)
+
+
+def test_levit_built_with_img_size_is_counted_at_that_size():
+    """timm leaves LeViT's pretrained_cfg at 224 when it is built with ``img_size=256``; the count ran at 224 (and
+    failed: its attention biases are for a 16x16 grid). Stem by hand: four stride-2 3x3 convs 3-16-32-64-128."""
+    model = timm.create_model("levit_128s", img_size=256)
+    report = count_flops(model)
+    assert report.input_size == (3, 256, 256)
+    assert report.by_module["stem"] == (128 ** 2 * 16 * 9 * 3 + 64 ** 2 * 32 * 9 * 16 + 32 ** 2 * 64 * 9 * 32
+                                        + 16 ** 2 * 128 * 9 * 64)
+    assert report.total == count_flops("levit_128s", 256).total  # built by name through timm's img_size
+
+
+def test_pit_built_with_img_size_is_counted_at_that_size():
+    report = count_flops(timm.create_model("pit_ti_224", img_size=256))
+    assert report.input_size == (3, 256, 256)
+    # 16x16 patches at stride 8: (256 - 16) / 8 + 1 = 31 per side, 3 channels -> 64
+    assert report.by_module["patch_embed"] == 31 * 31 * 64 * 16 * 16 * 3
+
+
+@pytest.mark.parametrize("name", ["efficientformerv2_s0", "mvitv2_tiny", "xcit_nano_12_p16_224"])
+def test_fixed_size_models_built_with_img_size_are_counted_at_that_size(name):
+    """EfficientFormerV2 failed at the cfg's 224; MViTv2 and XCiT were silently counted at 224."""
+    report = count_flops(timm.create_model(name, img_size=256))
+    assert report.input_size == (3, 256, 256)
+    assert report.total == count_flops(name, 256).total
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("shvit_s1", {}), ("resnet18", {}), ("efficientvit_m5", {}), ("deit_tiny_patch16_224", {}),
+    ("deit_tiny_patch16_224", dict(img_size=256, dynamic_img_size=True)), ("levit_128s", {}),
+])
+def test_models_that_take_any_size_or_were_not_resized_keep_the_cfg_size(name, kwargs):
+    from vitzoo.models import model_input_size
+
+    assert model_input_size(timm.create_model(name, **kwargs)) == (3, 224, 224)

@@ -230,17 +230,48 @@ def _first_conv_in_chans(model: nn.Module) -> int:
 
 
 def _fixed_img_size(model: nn.Module) -> Optional[Tuple[int, int]]:
-    """``(H, W)`` of a timm-style patch embedding that accepts only the size it was built for
-    (``patch_embed.img_size`` with ``strict_img_size`` on and the model's ``dynamic_img_size`` off); else None."""
+    """``(H, W)`` a fixed-size model was built for, when that can differ from its cfg's; else None.
+
+    In order: a timm-style patch embedding that accepts only the size it was built for (``patch_embed.img_size``
+    with ``strict_img_size`` on); then, for a model whose cfg says its input size is fixed
+    (``fixed_input_size``: ViTs, LeViT, PiT, CoAtNet, MViTv2, XCiT, Twins, EfficientFormerV2...), the ``img_size``
+    it was created with (timm records ``timm.create_model``'s arguments in ``_model_args``; its pretrained cfg
+    stays at the registered size), else the size it records itself (``img_size`` of the model, of its
+    ``patch_embed`` or of its first ``patch_embeds``). Never for a model built with ``dynamic_img_size``, nor for
+    one whose cfg does not fix its size (SHViT, ResNets, EfficientViT-B...), which takes any size.
+    """
+    if getattr(model, "dynamic_img_size", False):
+        return None
     embed = getattr(model, "patch_embed", None)
-    if not isinstance(embed, nn.Module) or getattr(model, "dynamic_img_size", False):
+    if isinstance(embed, nn.Module) and getattr(embed, "strict_img_size", False):
+        size = _as_size(getattr(embed, "img_size", None))
+        if size is not None:
+            return size
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    if not cfg.get("fixed_input_size"):
         return None
-    if not getattr(embed, "strict_img_size", False):
-        return None
-    size = getattr(embed, "img_size", None)
-    if isinstance(size, int):
+    args = getattr(model, "_model_args", None)
+    if isinstance(args, dict):
+        if args.get("dynamic_img_size"):
+            return None
+        size = _as_size(args.get("img_size"))
+        if size is not None:
+            return size
+    embeds = getattr(model, "patch_embeds", None)
+    first = embeds[0] if isinstance(embeds, (nn.ModuleList, nn.Sequential)) and len(embeds) else None
+    for owner in (model, embed, first):
+        size = _as_size(getattr(owner, "img_size", None)) if isinstance(owner, nn.Module) else None
+        if size is not None:
+            return size
+    return None
+
+
+def _as_size(size: object) -> Optional[Tuple[int, int]]:
+    """``(H, W)`` of an int or a pair of positive ints; else None."""
+    if isinstance(size, int) and not isinstance(size, bool):
         size = (size, size)
-    if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+    if not (isinstance(size, (tuple, list)) and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
         return None
     return int(size[0]), int(size[1])
 
