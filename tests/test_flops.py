@@ -735,3 +735,30 @@ def test_models_that_take_any_size_or_were_not_resized_keep_the_cfg_size(name, k
     from vitzoo.models import model_input_size
 
     assert model_input_size(timm.create_model(name, **kwargs)) == (3, 224, 224)
+
+
+class _ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_a_compiled_module_is_counted_as_its_original():
+    """count_flops on ``torch.compile(model)`` failed with a tracer error about dynamo-optimized functions."""
+    model = _ConvNet().eval()
+    report = count_flops(torch.compile(model), (3, 16, 16))
+    assert report.total == 16 * 16 * 8 * 3 * 3 * 3 + 8 * 5  # 3x3 conv 3 -> 8 at 16x16, linear 8 -> 5
+    assert report.params == count_params(model)
+
+
+def test_a_deployed_model_is_refused_with_what_to_count_instead():
+    """A ``vitzoo.deploy``ed model failed with errors about tracing, OpaqueTensorImpl or pickling a session."""
+    import vitzoo
+
+    deployed = vitzoo.deploy(_ConvNet().eval(), torch.randn(1, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"deployed by vitzoo.deploy \(backend 'eager'\): count the original model"):
+        count_flops(deployed)

@@ -340,6 +340,20 @@ def _input_size(model: nn.Module, input_size: Union[None, int, Sequence[int]]) -
     return size
 
 
+def _countable(model: nn.Module) -> nn.Module:
+    """The module to count: a ``torch.compile``d module's original (``_orig_mod``; its compiled graph cannot be
+    traced); a ``vitzoo.deploy``ed model is refused (its backends run compiled graphs, oneDNN tensors or an ONNX
+    Runtime session, none of which fvcore can trace)."""
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch._dynamo's OptimizedModule
+        model = model._orig_mod
+    # duck-typed: importing vitzoo.inference here would make an import cycle
+    if type(model).__name__ == "DeployedModel" and hasattr(model, "backend") and hasattr(model, "optimizations"):
+        raise ValueError(
+            f"cannot count FLOPs of a model deployed by vitzoo.deploy (backend {model.backend!r}): count the "
+            "original model instead, before deploying it (count_flops fuses it the same way deploy does)")
+    return model
+
+
 @contextlib.contextmanager
 def _mha_fastpath_off():
     """Without grad, ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` in eval mode run one fused op
@@ -382,6 +396,8 @@ def count_flops(
 
     Raises:
         TypeError: ``model`` is neither a module nor a name.
+        ValueError: ``model`` is a ``vitzoo.deploy``ed model (count the original; a ``torch.compile``d module is
+            counted as its original).
         ValueError: No input size is given and the model has none in its cfg, or the size is malformed.
         Exception: Whatever the model's own forward raises for this input (e.g. a ViT given less than one patch).
     """
@@ -392,6 +408,7 @@ def count_flops(
         model = create(model, img_size=img_size, in_chans=in_chans)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module or a timm model name, got {type(model).__name__}")
+    model = _countable(model)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     size = _input_size(model, input_size)
