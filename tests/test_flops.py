@@ -762,3 +762,21 @@ def test_a_deployed_model_is_refused_with_what_to_count_instead():
     deployed = vitzoo.deploy(_ConvNet().eval(), torch.randn(1, 3, 16, 16))
     with pytest.raises(ValueError, match=r"deployed by vitzoo.deploy \(backend 'eager'\): count the original model"):
         count_flops(deployed)
+
+
+class _Resize(nn.Module):
+    def __init__(self, mode, size):
+        super().__init__()
+        self.mode, self.size = mode, size
+
+    def forward(self, x):
+        return F.interpolate(x, size=self.size, mode=self.mode, antialias=True, align_corners=False)
+
+
+@pytest.mark.parametrize("mode, points", [("bilinear", 4), ("bicubic", 16)])
+@pytest.mark.parametrize("size", [(8, 8), (24, 40)])
+def test_antialiased_interpolation_counts_as_without_antialiasing(mode, points, size):
+    """``antialias=True`` runs ``aten::_upsample_{bilinear,bicubic}2d_aa``, which counted 0 and were unknown ops."""
+    report = count_flops(_Resize(mode, size), (3, 16, 16))
+    assert report.total == points * 3 * size[0] * size[1]  # 2x2 or 4x4 input points per output element
+    assert report.unknown_ops == {}

@@ -154,6 +154,10 @@ RESAMPLING_OPS: Dict[str, Any] = {
     "aten::upsample_linear1d": _per_output_element_times(2),
     "aten::upsample_trilinear3d": _per_output_element_times(8),
     "aten::upsample_bicubic2d": _per_output_element_times(16),
+    # ``antialias=True`` (dynamic-size ViTs resizing pos_embed): counted as without it, by convention; when it
+    # downsamples, the filter in fact widens with the scale factor and weighs more input points
+    "aten::_upsample_bilinear2d_aa": _per_output_element_times(4),
+    "aten::_upsample_bicubic2d_aa": _per_output_element_times(16),
 }
 
 
