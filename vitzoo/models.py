@@ -111,6 +111,10 @@ def closest_models(name: str, n: int = 5) -> List[str]:
     return [by_lower[m] for m in found]
 
 
+# timm's deprecated spelling of a source prefix, which it still accepts (timm.models._factory)
+_SOURCE_ALIASES = {"hf_hub": "hf-hub"}
+
+
 def resolve_name(name: str, allow_folders: bool = False) -> Tuple[str, Optional[str]]:
     """Split ``arch[.tag]`` and check both against timm's registry.
 
@@ -118,29 +122,40 @@ def resolve_name(name: str, allow_folders: bool = False) -> Tuple[str, Optional[
         name: A timm model name, optionally with a pretrained tag.
         allow_folders: Also accept ``local-dir:PATH`` (a folder written by ``vitzoo convert`` or timm's
             ``save_for_hf``: its ``config.json`` names the architecture) and ``hf-hub:org/name`` (not checked
-            here: timm fetches its config when the model is built).
+            here: timm fetches its config when the model is built). The prefix is read as timm reads it: in any
+            case, and ``hf_hub:`` (timm's older spelling) for ``hf-hub:``.
 
     Returns:
-        ``(architecture, tag)``; ``tag`` is None when the name has none. For ``hf-hub:`` names, ``(name, None)``.
+        ``(architecture, tag)``; ``tag`` is None when the name has none. For ``hf-hub:`` names,
+        ``("hf-hub:org/name", None)``, in that spelling.
 
     Raises:
-        UnknownModelError: The architecture is not registered (the message lists the closest matches), or the
+        UnknownModelError: The architecture is not registered (the message lists the closest matches, and for a
+            name with a ``/``, with ``allow_folders``, the ``hf-hub:`` and ``local-dir:`` spellings), or the
             tag is not one of the architecture's pretrained tags (the message lists the known tags), or a
             ``local-dir:`` folder has no readable ``config.json`` naming a registered architecture.
     """
     if not isinstance(name, str) or not name:
         raise UnknownModelError(f"model name must be a non-empty string, got {name!r}")
-    if name.startswith(("local-dir:", "hf-hub:")):
+    source, sep, rest = name.partition(":")
+    source = _SOURCE_ALIASES.get(source.lower(), source.lower()) if sep else ""
+    if source in ("local-dir", "hf-hub"):
         if not allow_folders:
             raise UnknownModelError(f"{name!r}: a weights folder is not accepted here; give a timm model name")
-        if name.startswith("hf-hub:"):
-            return name, None
-        return _folder_architecture(name[len("local-dir:"):]), None
+        if not rest:
+            raise UnknownModelError(f"{name!r}: nothing after '{source}:'; give {source}:"
+                                    + ("org/name" if source == "hf-hub" else "PATH"))
+        if source == "hf-hub":
+            return f"hf-hub:{rest}", None
+        return _folder_architecture(rest), None
     arch, _, tag = name.partition(".")
     if not timm.is_model(arch):
-        matches = closest_models(arch)
+        matches = closest_models(arch.replace("\\", "/").rsplit("/", 1)[-1])
         hint = ", ".join(matches) if matches else "none (see `timm.list_models()`)"
-        raise UnknownModelError(f"unknown model {name!r}; closest matches: {hint}")
+        message = f"unknown model {name!r}; closest matches: {hint}"
+        if allow_folders and any(c in name for c in "/\\"):  # a Hub repo id or a folder, without its prefix
+            message += f"; for a Hugging Face Hub repo give 'hf-hub:{name}', for a folder 'local-dir:{name}'"
+        raise UnknownModelError(message)
     if not tag:
         return arch, None
     known = sorted(timm.list_pretrained(f"{arch}.*"))
