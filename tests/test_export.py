@@ -1,5 +1,6 @@
 """`vitzoo export`: verified ONNX with dynamic batch, checked here independently in ONNX Runtime; no overwrite
 without --force; no partial file on failure."""
+import json
 import os
 
 import numpy as np
@@ -400,10 +401,16 @@ def test_cli_checks_the_default_output_name_before_building(tmp_path, capsys, mo
     folder = tmp_path / "my_s1"
     folder.mkdir()
     (folder / "config.json").write_text('{"architecture": "shvit_s1", "pretrained_cfg": {"input_size": [3, 64, 64]}}')
+    deit = tmp_path / "deit"  # a ViT built for H x W 96x160 (found by an audit: the name said 224)
+    deit.mkdir()
+    (deit / "config.json").write_text(json.dumps({
+        "architecture": "deit_tiny_patch16_224", "pretrained_cfg": {"input_size": [3, 224, 224]},
+        "model_args": {"img_size": [96, 160]}}))
     for model, extra, name in (("shvit_s1", [], "shvit_s1_224.onnx"),
                                ("vit_base_patch16_384", [], "vit_base_patch16_384_384.onnx"),
                                ("shvit_s1", ["--img-size", "96"], "shvit_s1_96.onnx"),
-                               (f"local-dir:{folder}", [], "my_s1_64.onnx")):
+                               (f"local-dir:{folder}", [], "my_s1_64.onnx"),
+                               (f"local-dir:{deit}", [], "deit_96x160.onnx")):
         (tmp_path / name).write_bytes(b"old")
         assert main(["export", model, *extra]) == 1
         assert capsys.readouterr().err.startswith(f"error: {name} already exists; refusing to overwrite it.")
@@ -450,3 +457,88 @@ def test_cli_error_keeps_the_advice_of_a_pretrained_load(tmp_path, capsys, monke
         "timm/shvit_s1.in1k: LocalEntryNotFoundError: not in the cache. To fix: fetch them with `hf download "
         "timm/shvit_s1.in1k`; or use pretrained=False.\n")
     assert os.listdir(tmp_path) == []
+
+
+def _onnx_input_shape(path):
+    """The ONNX file's input shape as the onnx package reads it: a name for a dynamic dim, else its size."""
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_param or d.dim_value for d in dims]
+
+
+def test_cli_exports_a_folder_at_its_non_square_vit_size(tmp_path, capsys, monkeypatch):
+    """Found by an audit: a folder of a ViT built for 96x160 (model_args) was exported at its cfg's 224x224 and
+    failed ("Input height (224) doesn't match model (96)"), while `compare` counts it at 3x96x160."""
+    torch.manual_seed(0)
+    source = timm.create_model("deit_tiny_patch16_224", num_classes=10, img_size=(96, 160), depth=2).eval()
+    folder = tmp_path / "deit"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architecture": "deit_tiny_patch16_224", "num_classes": 10, "pretrained_cfg": {"input_size": [3, 224, 224]},
+        "model_args": {"img_size": [96, 160], "depth": 2}}))
+    torch.save(source.state_dict(), folder / "pytorch_model.bin")
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", f"local-dir:{folder}", "--pretrained"]) == 0
+    err = capsys.readouterr().err
+    assert "exporting local-dir:" in err and " at 96x160 (opset 17) -> deit_96x160.onnx" in err, err
+    out = tmp_path / "deit_96x160.onnx"
+    assert _onnx_input_shape(out) == ["batch", 3, 96, 160]
+    x = torch.randn(2, 3, 96, 160)
+    with torch.no_grad():
+        expected = source(x)  # the model the folder's weights were saved from
+    torch.testing.assert_close(_ort_run(out, x), expected, atol=1e-4, rtol=0)
+
+
+def test_cli_exports_a_non_square_cfg_size(tmp_path, capsys, monkeypatch):
+    """Found by an audit: a cfg input_size [3, 128, 192] was exported as a [batch, 3, 192, 192] graph."""
+    folder = tmp_path / "my_s1"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architecture": "shvit_s1",
+                                                    "pretrained_cfg": {"input_size": [3, 128, 192]}}))
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", f"local-dir:{folder}"]) == 0
+    assert " at 128x192 (opset 17) -> my_s1_128x192.onnx" in capsys.readouterr().err
+    out = tmp_path / "my_s1_128x192.onnx"
+    assert _onnx_input_shape(out) == ["batch", 3, 128, 192]
+    assert _ort_run(out, torch.randn(2, 3, 128, 192)).shape == (2, 1000)
+    # --img-size N is still NxN, and names the file by N
+    assert main(["export", f"local-dir:{folder}", "--img-size", "64"]) == 0
+    assert _onnx_input_shape(tmp_path / "my_s1_64.onnx") == ["batch", 3, 64, 64]
+
+
+@pytest.mark.parametrize("config", [
+    {"architecture": "shvit_s1", "num_classes": "ten"},
+    {"architecture": "shvit_s1", "model_args": {"num_classes": 10}},  # model_args without a pretrained_cfg
+])
+def test_cli_bad_folder_config_is_one_line(tmp_path, capsys, config):
+    """Found by an audit: a TypeError from timm reading such a config escaped as a 34-line traceback."""
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "b.onnx"
+    assert main(["export", f"local-dir:{folder}", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot build local-dir:{folder}: TypeError: ") and err.count("\n") == 1, err
+    assert f"check {folder / 'config.json'}: num_classes must be an int" in err
+    assert not out.exists()
+
+
+def test_api_takes_the_models_channels_and_size(tmp_path):
+    """Found by an audit: export_verified_onnx(resnet18 with in_chans=1, ...) fed it 3-channel inputs."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", in_chans=1, num_classes=10).eval()
+    out = tmp_path / "r18.onnx"
+    export_verified_onnx(model, out, 64)
+    assert _onnx_input_shape(out) == ["batch", 1, 64, 64]
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(_ort_run(out, x), expected, atol=1e-4, rtol=0)
+    export_verified_onnx(model, tmp_path / "wide.onnx", (32, 48))  # (H, W)
+    assert _onnx_input_shape(tmp_path / "wide.onnx") == ["batch", 1, 32, 48]
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=(32, 48), depth=1).eval()
+    export_verified_onnx(vit, tmp_path / "vit.onnx")  # no size: the one the ViT was built for
+    assert _onnx_input_shape(tmp_path / "vit.onnx") == ["batch", 3, 32, 48]
+    for bad in (0, (32,), (32, 0), True, "64"):
+        with pytest.raises(ValueError, match=r"img_size must be a positive int or a pair \(H, W\)"):
+            export_verified_onnx(model, tmp_path / "x.onnx", bad)
+    assert sorted(os.listdir(tmp_path)) == ["r18.onnx", "vit.onnx", "wide.onnx"]

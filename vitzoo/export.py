@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch.utils import _pytree as pytree
@@ -28,25 +28,41 @@ class ExportError(RuntimeError):
     """Export failed verification or could not be written."""
 
 
+def _size_pair(value: Any) -> Optional[Tuple[int, int]]:
+    """``(H, W)`` from an int (square) or a pair of ints, all positive; None for anything else (bools included)."""
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        height, width = value
+    else:
+        height = width = value
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (height, width))
+    return (int(height), int(width)) if ok else None
+
+
+def _size_text(size: Tuple[int, int]) -> str:
+    """``224`` for a square size, ``96x160`` (H x W) for another: the size part of the default output name."""
+    return str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"
+
+
 def export_verified_onnx(
         model: torch.nn.Module,
         out: Path,
-        img_size: int,
+        img_size: Union[int, Tuple[int, int], None] = None,
         opset: int = 17,
         force: bool = False,
         atol: float = DEFAULT_ATOL,
-        in_chans: int = 3,
+        in_chans: Optional[int] = None,
 ) -> float:
     """Fuse ``model``, export it to ONNX, verify it in ONNX Runtime and write it to ``out``.
 
     Args:
         model: The model (not modified; a fused copy is exported).
         out: Destination ``.onnx`` path.
-        img_size: Square input size baked into the graph (batch stays dynamic).
+        img_size: Input size baked into the graph (batch stays dynamic): an int (square) or ``(H, W)``; default:
+            the model's own, :func:`vitzoo.models.model_input_size` (its cfg's, or the size a ViT was built for).
         opset: ONNX opset (>= 17).
         force: Overwrite ``out`` if it exists.
         atol: Largest allowed max abs difference to PyTorch.
-        in_chans: Input channels.
+        in_chans: Input channels; default: the model's own (:func:`vitzoo.models.model_in_chans`).
 
     Returns:
         The max abs difference measured over the verification batches.
@@ -56,24 +72,41 @@ def export_verified_onnx(
             of :func:`vitzoo.atomic.check_new_file`: ``out`` is a folder, its folder does not exist (it is not
             created) or is not writable).
         ExportError: ONNX Runtime's output differs by more than ``atol``; nothing is written.
+        ValueError: ``img_size`` or ``in_chans`` is not a positive int (or pair), or ``img_size`` is not given and
+            the model does not tell its input size.
     """
     from timm.utils import reparameterize_model
 
+    from vitzoo.models import model_in_chans, model_input_size
     from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx, max_abs_diff_and_scale
     from vitzoo.outputs import WRONG_RESULT_RTOL
 
+    if img_size is None:
+        own = model_input_size(model)
+        if own is None:
+            raise ValueError(f"{type(model).__name__} has no pretrained_cfg input size and no fixed image size; "
+                             f"pass img_size=N or img_size=(H, W).")
+        img_size = own[1:]
+    size = _size_pair(img_size)
+    if size is None:
+        raise ValueError(f"img_size must be a positive int or a pair (H, W) of positive ints, got {img_size!r}.")
+    height, width = size
+    if in_chans is None:
+        in_chans = model_in_chans(model)
+    elif isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+        raise ValueError(f"in_chans must be a positive int, got {in_chans!r}; leave it out to use the model's own.")
     out = Path(out)
     check_new_file(out, force)  # before the export: a folder, an existing file, a missing or unwritable folder
     training = {m: m.training for m in model.modules()}  # the caller's model is given back in its own modes
     try:
         model.eval()
         fused = reparameterize_model(model)  # a fused deep copy; `model` stays the unfused reference
-        example = torch.randn(1, in_chans, img_size, img_size)
+        example = torch.randn(1, in_chans, height, width)
         data = export_onnx(fused, example, opset=opset)
         with torch.no_grad():
             spec = pytree.tree_flatten(fused(example))[1]
         session = OnnxRuntimeModule(data, output_spec=spec)
-        inputs = [torch.randn(b, in_chans, img_size, img_size) for b in VERIFY_BATCHES]
+        inputs = [torch.randn(b, in_chans, height, width) for b in VERIFY_BATCHES]
         diff, scale = max_abs_diff_and_scale(model, session, inputs)
     finally:
         for module, mode in training.items():
@@ -101,8 +134,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", help="timm model name, optionally with a pretrained tag (e.g. shvit_s1.in1k), or a "
                                       "weights folder (local-dir:PATH, hf-hub:org/name)")
     parser.add_argument("--format", choices=["onnx"], default="onnx", help="output format (only onnx)")
-    parser.add_argument("--out", type=Path, default=None, help="output file (default: MODEL_IMGSIZE.onnx)")
-    parser.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's cfg)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output file (default: MODEL_IMGSIZE.onnx, e.g. deit_224.onnx, or deit_96x160.onnx for "
+                             "a model built for H x W 96x160)")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="square input size N, for NxN (default: the model's own H x W: its cfg's, or the size "
+                             "a ViT was built for)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (>= 17)")
     parser.add_argument("--pretrained", action="store_true",
                         help="load the pretrained weights (downloads them); default: random weights")
@@ -132,10 +169,11 @@ def _file_stem(name: str) -> str:
     return name.removeprefix("hf-hub:").replace("/", "_")
 
 
-def _default_img_size(name: str) -> Optional[int]:
-    """The input size the default output name (``MODEL_IMGSIZE.onnx``) will use, known before building the model:
-    the registered pretrained cfg's, or a ``local-dir:`` folder's config.json's. None where only building tells
-    (``hf-hub:`` names, a folder's config without an input size)."""
+def _default_img_size(name: str) -> Optional[Tuple[int, int]]:
+    """The ``(H, W)`` the default output name (``MODEL_IMGSIZE.onnx``) will use, known before building the model:
+    the registered pretrained cfg's, or a ``local-dir:`` folder's config.json's (its ``model_args.img_size``, the
+    size a ViT is built for, else its cfg's ``input_size``). None where only building tells (``hf-hub:`` names, a
+    folder's config without a usable size). The size the model is built for is checked again after building."""
     import json
 
     import timm
@@ -148,17 +186,34 @@ def _default_img_size(name: str) -> Optional[int]:
     if name.startswith("local-dir:"):
         try:
             config = json.loads((Path(name[len("local-dir:"):]).expanduser() / "config.json").read_text("utf-8"))
-            size = config["pretrained_cfg"]["input_size"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError):
             return None
-        return int(size[-1]) if isinstance(size, list) and size and isinstance(size[-1], int) else None
+        if not isinstance(config, dict):
+            return None
+        args = config.get("model_args")
+        if isinstance(args, dict) and args.get("img_size") is not None:
+            return _size_pair(args["img_size"])
+        cfg = config.get("pretrained_cfg", config)  # timm's older single-dict config is the cfg itself
+        size = cfg.get("input_size") if isinstance(cfg, dict) else None
+        return _size_pair(size[-2:]) if isinstance(size, list) and len(size) == 3 else None
     cfg = timm.get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
-    return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else None
+    return _size_pair(tuple(cfg.input_size[-2:])) if cfg is not None and cfg.input_size else None
+
+
+def _config_hint(name: str) -> str:
+    """For a weights folder, where to look when its model cannot be built: the folder's config.json."""
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):]).expanduser()
+        return (f"; check {folder / 'config.json'}: num_classes must be an int, and model_args (keyword arguments "
+                f"of the architecture) is read only beside a pretrained_cfg")
+    if name.startswith("hf-hub:"):
+        return "; check the repository's config.json"
+    return ""
 
 
 def run(args: argparse.Namespace) -> int:
     from vitzoo.messages import cli_message
-    from vitzoo.models import UnknownModelError, model_in_chans
+    from vitzoo.models import UnknownModelError, model_in_chans, model_input_size
 
     if args.img_size is not None and args.img_size < 1:
         print(f"error: --img-size must be positive, got {args.img_size}", file=sys.stderr)
@@ -169,8 +224,9 @@ def run(args: argparse.Namespace) -> int:
     except UnknownModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    size = args.img_size or size
-    out = args.out or (Path(f"{_file_stem(args.model)}_{size}.onnx") if size else None)
+    size = (args.img_size, args.img_size) if args.img_size else size
+    stem = _file_stem(args.model)
+    out = args.out or (Path(f"{stem}_{_size_text(size)}.onnx") if size else None)
     try:
         if out is not None:
             check_new_file(out, args.force, option="--out")
@@ -185,14 +241,25 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError, OSError) as e:  # e.g. nvit_* without its dims record, a failed download
         print(f"error: cannot build {args.model}: {cli_message(e)}", file=sys.stderr)
         return 1
-    input_size = model.pretrained_cfg.get("input_size", (3, 224, 224))
-    img_size = args.img_size or int(input_size[-1])
-    out = args.out or Path(f"{_file_stem(args.model)}_{img_size}.onnx")
-    print(f"exporting {args.model} at {img_size}x{img_size} (opset {args.opset}) -> {out}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001  e.g. a folder's config.json with "num_classes": "ten" (a TypeError)
+        print(f"error: cannot build {args.model}: {type(e).__name__}: {cli_message(e)}{_config_hint(args.model)}",
+              file=sys.stderr)
+        return 1
+    own = model_input_size(model)
+    if args.img_size:
+        size = (args.img_size, args.img_size)
+    elif own is not None:
+        size = own[1:]
+    else:
+        print(f"error: cannot tell the input size of {args.model} (no pretrained_cfg input size, no fixed image "
+              f"size); pass --img-size N", file=sys.stderr)
+        return 1
+    out = args.out or Path(f"{stem}_{_size_text(size)}.onnx")
+    in_chans = own[0] if own is not None else model_in_chans(model)
+    print(f"exporting {args.model} at {size[0]}x{size[1]} (opset {args.opset}) -> {out}", file=sys.stderr)
     try:
         check_new_file(out, args.force, option="--out")  # the default name, where only the model told its size
-        diff = export_verified_onnx(model, out, img_size, opset=args.opset, force=args.force,
-                                    in_chans=model_in_chans(model))
+        diff = export_verified_onnx(model, out, size, opset=args.opset, force=args.force, in_chans=in_chans)
     except (OSError, ValueError, ExportError, RuntimeError) as e:
         print(f"error: {cli_message(e)}", file=sys.stderr)
         return 1
