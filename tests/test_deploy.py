@@ -232,6 +232,20 @@ def test_deployed_model_names_what_is_wrong_with_an_input(backend):
     assert deployed.eval() is deployed and not deployed.training and not any(m.training for m in deployed.modules())
 
 
+@pytest.mark.parametrize("backend", [b for b in ("eager", "torchscript", "onnxruntime") if b in available_backends()])
+def test_a_deployed_model_refuses_to_be_saved_or_copied_and_says_what_to_do(backend, tmp_path):
+    """Found by an audit: torch.save / copy.deepcopy failed in the backends' own words ("Cannot access storage of
+    OpaqueTensorImpl", "cannot pickle InferenceSession"); the original model is what to save."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    deployed = deploy(model, torch.randn(1, 3, 16, 16), backend=backend)
+    message = rf"deployed by vitzoo.deploy \(backend '{backend}'\) cannot be saved, pickled or deep-copied: save"
+    with pytest.raises(TypeError, match=message):
+        torch.save(deployed, tmp_path / "deployed.pt")
+    with pytest.raises(TypeError, match=message):
+        copy.deepcopy(deployed)
+    torch.save(model, tmp_path / "model.pt")  # the original still saves
+
+
 def test_deployed_model_on_a_gpu_names_an_input_on_another_device():
     """An input on another device than the CUDA example's is named before the model runs (checked without a GPU:
     the example's device is what the check reads)."""

@@ -169,6 +169,13 @@ class DeployedModel(nn.Module):
             raise RuntimeError("a deployed model is inference-only; deploy() a fresh copy of the original to train.")
         return super().train(False)
 
+    def __getstate__(self):
+        # pickling is what torch.save and copy.deepcopy do; the backends' own errors ("Cannot access storage of
+        # OpaqueTensorImpl", "cannot pickle InferenceSession") would not say what to do instead
+        raise TypeError(f"a model deployed by vitzoo.deploy (backend {self.backend!r}) cannot be saved, pickled or "
+                        "deep-copied: save or copy the original model and deploy() it again where it runs, or "
+                        "write an ONNX file with vitzoo.export.export_verified_onnx (`vitzoo export`).")
+
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, memory_format={self.memory_format}, optimizations={self.optimizations}"
 
