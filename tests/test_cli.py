@@ -43,6 +43,29 @@ def test_python_dash_m_vitzoo_runs_the_cli_and_passes_its_exit_code():
     assert bad.returncode == 2 and "--batch" in bad.stderr and bad.stdout == ""
 
 
+def test_sigterm_unwinds_the_command_so_its_temporary_files_go(monkeypatch, capsys, tmp_path):
+    """Found by an audit: `kill` / `timeout` / `docker stop` (SIGTERM) during `vitzoo convert` left its hidden staging
+    folders behind (Ctrl-C cleaned up). SIGTERM now unwinds the command like Ctrl-C; exit code 143."""
+    import os
+    import signal
+    import tempfile
+
+    seen = []
+
+    def run_then_killed(args):
+        with tempfile.TemporaryDirectory(dir=tmp_path, prefix=".partial-") as staging:
+            seen.append(staging)
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("SIGTERM did not stop the command")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr("vitzoo.export.run", run_then_killed)
+    assert main(["export", "shvit_s1"]) == 143
+    assert capsys.readouterr().err == "vitzoo export: terminated (SIGTERM)\n"
+    assert len(seen) == 1 and list(tmp_path.iterdir()) == []  # the staging folder was removed on the way out
+    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
+
+
 def test_package_version_matches_the_installed_metadata():
     from importlib.metadata import version
 

@@ -6,14 +6,19 @@ Modules are imported lazily so ``vitzoo --help`` stays fast.
 
 A sub-command reports the errors it expects itself. What reaches :func:`main` from the operating system (a folder
 that is not writable, a full disk, a network error: ``OSError``) or from Ctrl-C is reported in one line here too,
-with exit code 1 / 130, instead of a traceback. Error lines come from :func:`vitzoo.messages.cli_message`: the
-library's message on one line, advice on its later lines included.
+with exit code 1 / 130, instead of a traceback. ``SIGTERM`` (``kill``, ``timeout``, ``docker stop``, SLURM) is
+handled like Ctrl-C, exit code 143: the command unwinds, so its temporary files and partial outputs are removed.
+Error lines come from :func:`vitzoo.messages.cli_message`: the library's message on one line, advice on its later
+lines included.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -57,6 +62,35 @@ def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: raised in the main thread so that ``finally`` blocks and context managers clean up."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While the command runs, SIGTERM raises :class:`Terminated` in this process (not in forked workers, which
+    keep the default: they die at once, as their parent expects)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != pid:  # a forked child inherited this handler: die as the default handler would
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
@@ -67,7 +101,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # file names); the command's own error line says what failed
     hub_logger.setLevel(logging.ERROR)
     try:
-        return int(args.func(args) or 0)
+        with _sigterm_unwinds():
+            return int(args.func(args) or 0)
     except OSError as e:
         from vitzoo.messages import cli_message
 
@@ -76,6 +111,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"vitzoo {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"vitzoo {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     finally:
         hub_logger.setLevel(hub_level)
 
