@@ -199,19 +199,41 @@ def dims_from_state_dict(
     return NViTDims(embed_dim, heads, qk, v, [w[2] for w in widths])
 
 
+_WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DistributedDataParallel / DataParallel, torch.compile
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    """Remove a ``module.`` / ``_orig_mod.`` prefix carried by every key (repeatedly: ``module._orig_mod.``)."""
+    sd = dict(state_dict)
+    while sd:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(isinstance(k, str) and k.startswith(p) for k in sd)), None)
+        if prefix is None:
+            break
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _inner_state_dict(obj: Mapping[str, Any]) -> Optional[str]:
+    """The key holding the weights of a training checkpoint (``model``: official / DeiT, ``state_dict``: timm)."""
+    return next((k for k in ('model', 'state_dict') if isinstance(obj.get(k), Mapping)), None)
+
+
 def _from_torch_object(obj: Any, path: str) -> Tuple[StateDict, Optional[NViTDims], Dict[str, str]]:
     if not isinstance(obj, Mapping):
         raise ValueError(f'{path}: expected a dict checkpoint, got {type(obj).__name__}.')
-    if 'model' in obj and isinstance(obj['model'], Mapping):
+    inner = _inner_state_dict(obj)
+    if inner is not None:
         meta = {'format': 'official' if 'dim' in obj else 'torch-dict'}
         if isinstance(obj.get('args'), argparse.Namespace):
             meta['args'] = json.dumps({k: str(v) for k, v in vars(obj['args']).items()})
-        dims = resolve_dims(obj['dim']) if obj.get('dim') is not None else None
-        return dict(obj['model']), dims, meta
+        record = obj.get('dim')
+        record = obj.get(DIMS_METADATA_KEY) if record is None else record
+        dims = resolve_dims(record) if record is not None else None
+        return strip_wrapper_prefixes(obj[inner]), dims, meta
     if DIMS_METADATA_KEY in obj:
         sd = {k: v for k, v in obj.items() if k != DIMS_METADATA_KEY}
-        return sd, resolve_dims(obj[DIMS_METADATA_KEY]), {'format': 'nvit'}
-    return dict(obj), None, {'format': 'state_dict'}
+        return strip_wrapper_prefixes(sd), resolve_dims(obj[DIMS_METADATA_KEY]), {'format': 'nvit'}
+    return strip_wrapper_prefixes(obj), None, {'format': 'state_dict'}
 
 
 def read_checkpoint_object(
@@ -229,6 +251,7 @@ def _finish(
         meta: Dict[str, str],
         path: str,
 ) -> Tuple[StateDict, Optional[NViTDims], Dict[str, str]]:
+    sd = strip_wrapper_prefixes(sd)
     foreign = describe_foreign_checkpoint(sd)
     if foreign is not None:
         raise ValueError(f'{path} is {_as_foreign(foreign)}.')
@@ -273,10 +296,13 @@ def load_checkpoint(path: Union[str, os.PathLike]) -> Tuple[StateDict, Optional[
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: torch.nn.Module) -> StateDict:
     """timm pretrained filter: official or our layout -> ``model``'s, resampling position embedding / token scales.
 
-    Accepts a full official checkpoint dict (with ``'model'``) too.
+    Accepts a full training checkpoint dict (weights under ``'model'`` or ``'state_dict'``) too, and keys wrapped
+    by DDP (``module.``) or ``torch.compile`` (``_orig_mod.``).
     """
-    if 'model' in state_dict and isinstance(state_dict['model'], Mapping):
-        state_dict = state_dict['model']
+    inner = _inner_state_dict(state_dict)
+    if inner is not None:
+        state_dict = state_dict[inner]
+    state_dict = strip_wrapper_prefixes({k: v for k, v in state_dict.items() if k != DIMS_METADATA_KEY})
     foreign = describe_foreign_checkpoint(state_dict)
     if foreign is not None:
         raise ValueError(f'This is {_as_foreign(foreign)}.')

@@ -428,3 +428,30 @@ def test_no_token_scale_hint_when_other_tensors_are_missing_too(tmp_path):
         _create(path, token_mask=True, num_classes=7)
     assert 'token_mask=False' not in str(info.value)
     assert 'blocks.0.attn.token_mask' in str(info.value)
+
+
+@pytest.mark.parametrize('layout', ['ddp', 'compile', 'timm-train', 'ddp-compile'])
+def test_wrapped_checkpoints_load_like_the_plain_one(official_files, tmp_path, layout):
+    """DDP (``module.``), torch.compile (``_orig_mod.``) and timm train.py (``state_dict``) wrappings are unwrapped:
+    the same tensors as the plain official file, through load_checkpoint, the factory and the filter (audit)."""
+    path, sd = official_files['random']
+    plain = _create(path).state_dict()
+    ours = {k: v for k, v in plain.items()}
+    out = tmp_path / f'{layout}.pth'
+    if layout == 'ddp':
+        torch.save({'model': {'module.' + k: v for k, v in sd.items()}, 'dim': DIM}, out)
+    elif layout == 'compile':
+        torch.save({**{'_orig_mod.' + k: v for k, v in ours.items()}, 'nvit_dims': DIM}, out)
+    elif layout == 'timm-train':
+        torch.save({'state_dict': ours, 'nvit_dims': DIM, 'arch': 'nvit_b', 'epoch': 3}, out)
+    else:
+        torch.save({'model': {'module._orig_mod.' + k: v for k, v in sd.items()}, 'dim': DIM}, out)
+    state_dict, dims, _ = nvit.load_checkpoint(out)
+    assert dims == nvit.NViTDims.from_dict(DIM)
+    assert sorted(state_dict) == sorted(plain)
+    assert all(torch.equal(state_dict[k], plain[k]) for k in plain)
+    got = _create(str(out)).state_dict()
+    assert sorted(got) == sorted(plain) and all(torch.equal(got[k], plain[k]) for k in plain)
+    raw = torch.load(out, weights_only=True)
+    filtered = nvit.checkpoint_filter_fn(raw, _create(path))
+    assert all(torch.equal(filtered[k], plain[k]) for k in plain)
