@@ -136,6 +136,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
         reshaped = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
         if not unexpected and not reshaped:  # the model's own keys and shapes, some missing: truncated, not another
             raise _incomplete(missing, model)
+        if not missing and not reshaped:  # every tensor of the model, plus some: a modified model, not another
+            raise _extra_tensors(unexpected, model)
         raise CheckpointMismatchError(
             f'Checkpoint does not fit the model: expected {_describe_model(model)}, found '
             f'{describe_state_dict(state_dict)} ({len(missing)} missing keys, e.g. {missing[:3]}; '
@@ -169,10 +171,24 @@ def _check_complete(state_dict: Mapping[str, torch.Tensor], model: nn.Module) ->
     would let an incomplete checkpoint load with random tensors in the gaps; the body check above leaves out the
     first conv and the head's BatchNorm, so they are checked here.
     """
-    missing = [k for k in model.state_dict()
+    own = model.state_dict()
+    missing = [k for k in own
                if k not in state_dict and not k.startswith(_CLASSIFIERS) and not k.endswith('num_batches_tracked')]
     if missing:
         raise _incomplete(missing, model)
+    # the same non-strict load would also skip tensors the model does not have, with only a logged warning
+    unexpected = [k for k in state_dict
+                  if k not in own and not k.startswith(_CLASSIFIERS) and not k.endswith('num_batches_tracked')]
+    if unexpected:
+        raise _extra_tensors(unexpected, model)
+
+
+def _extra_tensors(unexpected: List[str], model: nn.Module) -> CheckpointMismatchError:
+    return CheckpointMismatchError(
+        f'Checkpoint has {len(unexpected)} tensor{"s" if len(unexpected) > 1 else ""} that '
+        f'{_describe_model(model)} does not have (e.g. '
+        f'{unexpected[:3]}): it was saved from a modified model. Load it into the model it was saved from, or '
+        f'remove those tensors from the file.')
 
 
 def _incomplete(missing: List[str], model: nn.Module) -> IncompleteCheckpointError:

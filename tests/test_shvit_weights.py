@@ -161,6 +161,18 @@ def test_incomplete_checkpoint_is_refused_also_with_another_num_classes(s1_weigh
     torch.testing.assert_close(m.state_dict()['head.bn.weight'], s1_weights['head.bn.weight'], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('extra', ['head.extra', 'stages.0.blocks.0.extra.weight', 'foo'])
+def test_extra_tensors_are_refused_also_with_another_num_classes(s1_weights, extra):
+    """Found by an audit: with another num_classes timm loads non-strictly and skipped a tensor the model does not
+    have with only a logged warning; with the checkpoint's own num_classes torch's strict load refuses it."""
+    sd = {**s1_weights, extra: torch.zeros(3)}
+    for num_classes in (1000, 5):
+        with pytest.raises(RuntimeError,
+                           match=rf"Checkpoint has 1 tensor that shvit_s1 does not have .*'{extra}'.*modified model"):
+            timm.create_model('shvit_s1', pretrained=True, num_classes=num_classes,
+                              pretrained_cfg_overlay=dict(state_dict=sd))
+
+
 def test_missing_hub_file_offline(tmp_path, monkeypatch):
     from huggingface_hub import constants
     monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path))
