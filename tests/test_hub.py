@@ -135,6 +135,15 @@ def test_hub_failing_after_the_file_was_checked_names_the_repo_not_a_url(hub, sh
     assert "Could not download" not in message and "pretrained_cfg_overlay=dict(file='/path/to/" not in message
 
 
+def test_offline_advice_keeps_the_revision(hub, monkeypatch):
+    """Found by an audit: the advice for `hf-hub:org/name@v2` dropped the revision (it would fetch main's file)."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(MissingWeightsError, match=rf"`hf download {REPO} model\.safetensors --revision v2`"):
+        load_pretrained_model(f"hf-hub:{REPO}@v2")
+    with pytest.raises(MissingWeightsError, match=rf"`hf download {REPO} model\.safetensors` "):
+        load_pretrained_model(f"hf-hub:{REPO}")
+
+
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused at once
 
 
