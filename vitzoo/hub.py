@@ -289,8 +289,8 @@ def fetch_hub_weights(hub_id: str, cache_dir: Optional[PathLike] = None) -> Path
         raise MissingWeightsError(
             f"No weight file of '{repo_id}' ({' or '.join(WEIGHT_FILES)}) is in the Hub cache ({repo_cache.parent}) "
             f"and the Hub cannot be reached (HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}). While online, run "
-            f"`hf download {repo_id} {WEIGHT_FILES[0]}{at_revision}` (or load once without HF_HUB_OFFLINE); or load a local file "
-            f"with pretrained_cfg_overlay=dict(file='/path/to/model.safetensors').{hub_offline_hint()}"
+            f"`hf download {repo_id} {WEIGHT_FILES[0]}{at_revision}` (or load once without HF_HUB_OFFLINE); or load a "
+            f"local file with pretrained_cfg_overlay=dict(file='/path/to/model.safetensors').{hub_offline_hint()}"
         )
     raise MissingWeightsError(f"Hub repository '{repo_id}' has neither {' nor '.join(WEIGHT_FILES)}.")
 
