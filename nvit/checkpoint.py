@@ -403,8 +403,10 @@ def foreign_or_missing_dims_error(variant: str, state_dict: Mapping[str, Any], w
         return ValueError(
             f'{where} looks like a timm ViT/DeiT checkpoint (fused attn.qkv, no token scales, no NViT dims record), '
             f'not an NViT one. Convert a DeiT with nvit.from_vit(timm.create_model(...)), or pass '
-            f'dims=NViTDims.uniform(...) to {variant} if you really mean to load it as an NViT.')
+            f'dims=NViTDims.uniform(...) to {variant} (vitzoo convert: --dims JSON_OR_FILE) if you really mean to '
+            f'load it as an NViT.')
     return ValueError(
         f'{where} has no NViT dims record (official "dim" key or safetensors metadata "{DIMS_METADATA_KEY}"), and '
         f'head counts cannot be recovered from weight shapes. Pass dims=... to {variant} '
-        f'(nvit.dims_from_state_dict(state_dict, heads=...) can build them if you know the head counts).')
+        f'(vitzoo convert: --dims JSON_OR_FILE, the record as JSON or a .json file; '
+        f'nvit.dims_from_state_dict(state_dict, heads=...) can build them if you know the head counts).')

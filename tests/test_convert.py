@@ -5,6 +5,7 @@ import os
 import re
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 
@@ -57,6 +58,8 @@ def _nvit_to_official(state_dict, dims):
                 out[f"blocks.{i}.attn.qkv.{name}.{kind}"] = part.clone()
         elif ".attn.proj." in key:
             out[key.replace(".attn.proj.", ".attn.proj.proj.")] = value
+        elif key.endswith(".attn.token_mask"):
+            out[key.replace(".attn.token_mask", ".attn.qkv.token_mask")] = value
         else:
             out[key] = value
     for i in range(dims.depth):
@@ -487,3 +490,87 @@ def test_revit_weights_get_no_borrowed_licence(tmp_path):
     assert "NVIDIA" not in card and "Non-commercial" not in card
     assert "not reported (reported" not in card
     verify_folder(out)
+
+
+def _random_nvit(**kwargs):
+    """An nvit_b with NVIT_DIMS, random norms and random token scales (so a resampling would show)."""
+    torch.manual_seed(0)
+    model = _randomize_norms(timm.create_model("nvit_b", dims=NVIT_DIMS, **kwargs))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.token_mask.copy_(torch.rand(block.attn.token_mask.shape, generator=gen) + 0.5)
+    return model.eval()
+
+
+def test_nvit_ddp_wrapped_checkpoint_converts(tmp_path, capsys):
+    """A DDP-saved NViT checkpoint ('module.' on every key) converts (found by an audit: refused as not NViT)."""
+    model = _random_nvit()
+    src = tmp_path / "ddp.pth"
+    official = _nvit_to_official(model.state_dict(), NVIT_DIMS)
+    torch.save({"model": {"module." + k: v for k, v in official.items()}, "dim": NVIT_DIMS.to_dict(official=True)},
+               src)
+    out = tmp_path / "out"
+    assert main(["convert", str(src), "--model", "nvit_b", "--out", str(out), "--no-flops"]) == 0, \
+        capsys.readouterr().err
+    tensors = safetensors.torch.load_file(out / "model.safetensors")
+    expected = model.state_dict()
+    assert sorted(tensors) == sorted(expected) and all(torch.equal(tensors[k], expected[k]) for k in expected)
+
+
+def test_nvit_checkpoint_keeps_its_resolution(tmp_path):
+    """An NViT trained at 384 (24x24 grid) converts at 384, nothing resampled (found by an audit: pos_embed and token
+    scales were resampled to 224 and the folder claimed the source's outputs)."""
+    model = _random_nvit(img_size=384)
+    assert model.pos_embed.shape[1] == 2 + 24 * 24
+    src = tmp_path / "NViT_384.pth"
+    torch.save({"model": _nvit_to_official(model.state_dict(), NVIT_DIMS),
+                "dim": NVIT_DIMS.to_dict(official=True)}, src)
+    source = torch.load(src, weights_only=True)["model"]
+    out = convert_checkpoint(src, "nvit_b", tmp_path / "out", flops=False)
+    tensors = safetensors.torch.load_file(out / "model.safetensors")
+    assert torch.equal(tensors["pos_embed"], source["pos_embed"])
+    assert torch.equal(tensors["blocks.1.attn.token_mask"], source["blocks.1.attn.qkv.token_mask"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["pretrained_cfg"]["input_size"] == [3, 384, 384]
+    assert config["model_args"]["img_size"] in (384, [384, 384])
+    assert "384" in (out / "README.md").read_text()
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert (_outputs(loaded, (3, 384, 384)) - _outputs(model, (3, 384, 384))).abs().max().item() == 0.0
+
+
+def test_nvit_checkpoint_without_dims_converts_with_the_dims_option(tmp_path, capsys):
+    """A plain NViT state dict has no dims record: the error names --dims, and --dims (JSON or a .json file, either
+    key style) converts it (found by an audit: the error advised an option convert did not have)."""
+    model = _random_nvit()
+    src = tmp_path / "plain.pth"
+    torch.save(model.state_dict(), src)
+    out = tmp_path / "out"
+    assert main(["convert", str(src), "--model", "nvit_b", "--out", str(out), "--no-flops"]) == 1
+    err = capsys.readouterr().err
+    assert "--dims" in err and "Traceback" not in err and not out.exists()
+    dims_file = tmp_path / "dims.json"
+    dims_file.write_text(json.dumps(NVIT_DIMS.to_dict(official=True)))
+    expected = model.state_dict()
+    for i, given in enumerate([str(dims_file), NVIT_DIMS.to_json()]):
+        folder = tmp_path / f"out{i}"
+        assert main(["convert", str(src), "--model", "nvit_b", "--out", str(folder), "--no-flops",
+                     "--dims", given]) == 0, capsys.readouterr().err
+        tensors = safetensors.torch.load_file(folder / "model.safetensors")
+        assert sorted(tensors) == sorted(expected) and all(torch.equal(tensors[k], expected[k]) for k in expected)
+        loaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
+        assert loaded.dims == NVIT_DIMS
+        assert (_outputs(loaded, (3, 224, 224)) - _outputs(model, (3, 224, 224))).abs().max().item() == 0.0
+    with pytest.raises(ValueError, match="neither an existing file nor a JSON object"):
+        convert_checkpoint(src, "nvit_b", tmp_path / "bad", flops=False, dims="dims.json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        convert_checkpoint(src, "nvit_b", tmp_path / "bad", flops=False, dims="{EMB: 32}")
+
+
+def test_dims_option_is_refused_for_other_models(shvit_official, tmp_path, capsys):
+    _, src = shvit_official
+    out = tmp_path / "out"
+    assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(out), "--no-flops",
+                 "--dims", NVIT_DIMS.to_json()]) == 1
+    err = capsys.readouterr().err
+    assert "--dims" in err and "nvit_* models only" in err and "Traceback" not in err and not out.exists()

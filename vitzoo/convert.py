@@ -435,6 +435,58 @@ def _check_out_dir(out_dir: PathLike, force: bool, keep: Sequence[PathLike]) -> 
     check_output_dir(out_dir, force, keep=keep)  # an existing folder: only with force
 
 
+def _parse_dims(dims: Any) -> Any:
+    """``dims`` as given to :func:`convert_checkpoint` (``--dims``): an ``NViTDims`` or dict passes through; a
+    string is a path to a .json file holding the dims record, or the JSON itself (our keys or the official
+    EMB/head/QK/V/MLP)."""
+    import nvit
+
+    if isinstance(dims, (str, os.PathLike)):
+        text = os.fspath(dims)
+        if os.path.isfile(text):
+            where = f"file {text}"
+            try:
+                text = Path(text).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"--dims: cannot read {where}: {e}; give a readable .json file.") from e
+        elif text.lstrip().startswith("{"):
+            where = "the JSON given"
+        else:
+            raise ValueError(
+                f"--dims {text!r} is neither an existing file nor a JSON object; give the NViT dims record as JSON "
+                "(--dims '{\"EMB\": ..., \"head\": [...], \"QK\": [...], \"V\": [...], \"MLP\": [...]}') or "
+                "the path of a .json file holding it.")
+        try:
+            dims = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--dims: {where} is not valid JSON ({e}); give the NViT dims record as a JSON "
+                             "object with keys EMB/head/QK/V/MLP (or embed_dim/heads/qk_dim/v_dim/mlp_dim).") from e
+    try:
+        return nvit.NViTDims.from_dict(dims) if isinstance(dims, dict) else nvit.resolve_dims(dims)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"--dims: not a valid NViT dims record: {_reason(e)}") from e
+
+
+def _nvit_image_size(path: Path) -> Optional[int]:
+    """The square input size an NViT checkpoint was trained at (patch grid side x patch size), or None when the
+    file cannot be read here (the model's loader then says why)."""
+    import nvit
+
+    try:
+        state_dict, _, _ = nvit.load_checkpoint(path)
+        pos_embed, patch = state_dict["pos_embed"], state_dict["patch_embed.proj.weight"]
+    except (RuntimeError, ValueError, KeyError, OSError):
+        return None
+    patches = pos_embed.shape[1] - (2 if "dist_token" in state_dict else 1)
+    side = int(round(max(patches, 0) ** 0.5))
+    if side * side != patches:
+        raise ValueError(
+            f"{path.name}: its position embedding has {patches} patch tokens, not a square grid, so the image size "
+            "it was trained at cannot be told; vitzoo convert keeps a checkpoint's own resolution and converts "
+            "square grids only. Save it from a model of square img_size.")
+    return side * patch.shape[-1]
+
+
 def convert_checkpoint(
     src: PathLike,
     model_name: str,
@@ -447,6 +499,7 @@ def convert_checkpoint(
     repo_id: Optional[str] = None,
     flops: bool = True,
     manifest: Optional[Manifest] = None,
+    dims: Any = None,
 ) -> Path:
     """Convert ``src`` (a checkpoint the model's loader accepts, or its URL) into a verified Hub-ready folder.
 
@@ -461,6 +514,11 @@ def convert_checkpoint(
         repo_id: Hub repo named in the model card's usage example.
         flops: count FLOPs for the card with ``vitzoo.flops`` (else the reported number is shown).
         manifest: weights record (default: the packaged one).
+        dims: NViT dims record for a checkpoint that has none (``nvit_*`` models only): an ``NViTDims``, a dict
+            (our keys or the official EMB/head/QK/V/MLP), a JSON string, or the path of a .json file holding it.
+
+    An NViT checkpoint keeps its own resolution: the model is built at the image size its position embedding was
+    trained for (e.g. 384 for a 24x24 grid), recorded as ``model_args.img_size`` and ``input_size``.
 
     Returns:
         ``out_dir``.
@@ -488,6 +546,11 @@ def convert_checkpoint(
                          f"size), got {num_classes!r}.")
     model, _, name_tag = model_name.partition(".")
     resolve_name(model)  # an unknown architecture: UnknownModelError with the closest names, before any work
+    is_nvit = model.startswith("nvit_")
+    if dims is not None:
+        if not is_nvit:
+            raise ValueError(f"--dims (dims=) is for nvit_* models only; {model} takes no dims record. Remove --dims.")
+        dims = _parse_dims(dims)
     _check_out_dir(out_dir, force, keep=[src] if os.path.exists(str(src)) else [])
     tag = tag or name_tag or None
     manifest = manifest or load_manifest()
@@ -520,6 +583,12 @@ def convert_checkpoint(
         if num_classes is not None:
             overlay["num_classes"] = num_classes
             kwargs["num_classes"] = num_classes
+        if dims is not None:
+            kwargs["dims"] = dims
+        image_size = _nvit_image_size(path) if is_nvit else None
+        if image_size is not None and image_size != 224:  # keep the checkpoint's resolution, do not resample it
+            kwargs["img_size"] = image_size
+            overlay["input_size"] = (3, image_size, image_size)
         try:
             source_model = load_pretrained_model(model, pretrained_cfg_overlay=overlay, **kwargs).eval()
         except WeightsError:
@@ -547,6 +616,8 @@ def convert_checkpoint(
         if dims is not None:
             model_args["dims"] = dims.to_dict()
             metadata["nvit_dims"] = json.dumps(model_args["dims"], separators=(",", ":"))
+        if "img_size" in kwargs:
+            model_args["img_size"] = kwargs["img_size"]
 
         with staged_dir(out_dir, force=force) as tmp:
             steps.set_postfix_str("write")
@@ -590,6 +661,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sha256", default=None, help="expected sha256 of SRC (default: the manifest's, when known)")
     p.add_argument("--repo", default=None, help="Hub repo org/name for the model card's usage example")
     p.add_argument("--no-flops", action="store_true", help="do not count FLOPs (the card shows the reported number)")
+    p.add_argument("--dims", default=None, metavar="JSON_OR_FILE",
+                   help="NViT dims record for a checkpoint without one (nvit_* only): JSON, or a .json file; "
+                        "our keys or the official EMB/head/QK/V/MLP")
     p.set_defaults(func=run)
 
 
@@ -600,7 +674,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = convert_checkpoint(args.src, args.model, args.out, force=args.force, tag=args.tag,
                                  num_classes=args.num_classes, sha256=args.sha256, repo_id=args.repo,
-                                 flops=not args.no_flops)
+                                 flops=not args.no_flops, dims=args.dims)
     except (FileExistsError, WeightsError, VerificationError, ValueError) as e:
         print(f"vitzoo convert: error: {cli_message(e)}", file=sys.stderr)
         return 1
