@@ -574,3 +574,24 @@ def test_dims_option_is_refused_for_other_models(shvit_official, tmp_path, capsy
                  "--dims", NVIT_DIMS.to_json()]) == 1
     err = capsys.readouterr().err
     assert "--dims" in err and "nvit_* models only" in err and "Traceback" not in err and not out.exists()
+
+
+def test_shvit_distillation_head_is_kept(tmp_path):
+    """An official SHViT checkpoint with head_dist.* converts with distilled=True: the head is in the folder, and
+    local-dir: rebuilds it (found by an audit: it was dropped and the outputs differed from the distilled model)."""
+    torch.manual_seed(0)
+    model = _randomize_norms(timm.create_model("shvit_s1", distilled=True))
+    src = tmp_path / "shvit_s1_dist.pth"
+    official = _shvit_to_official(model.state_dict())
+    torch.save({"model": official, "epoch": 299}, src)
+    head_dist = {k: v for k, v in official.items() if k.startswith("head_dist.")}
+    assert head_dist
+    out = convert_checkpoint(src, "shvit_s1", tmp_path / "out", flops=False)
+    tensors = safetensors.torch.load_file(out / "model.safetensors")
+    assert all(torch.equal(tensors[k], v) for k, v in head_dist.items())
+    assert json.loads((out / "config.json").read_text())["model_args"]["distilled"] is True
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True)
+    direct = timm.create_model("shvit_s1", distilled=True, pretrained=True, pretrained_cfg_overlay=dict(file=str(src)))
+    expected = _outputs(direct, (3, 224, 224))
+    assert (_outputs(loaded, (3, 224, 224)) - expected).abs().max().item() == 0.0
+    assert (_outputs(model, (3, 224, 224)) - expected).abs().max().item() == 0.0

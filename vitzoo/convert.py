@@ -487,6 +487,27 @@ def _nvit_image_size(path: Path) -> Optional[int]:
     return side * patch.shape[-1]
 
 
+def _has_distill_head(path: Path) -> bool:
+    """Whether a (SHViT) checkpoint holds a distillation head (``head_dist.*``), in any wrapping the loader takes;
+    False when the file cannot be read here (the model's loader then says why)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                keys = list(f.keys())
+        else:
+            checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+            for key in ("model", "state_dict"):
+                if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+                    checkpoint = checkpoint[key]
+                    break
+            keys = list(checkpoint) if isinstance(checkpoint, dict) else []
+    except Exception:  # noqa: BLE001  unreadable or unsafe: the loader reports it with its own message
+        return False
+    return any(isinstance(k, str) and re.sub(r"^(module\.|_orig_mod\.)+", "", k).startswith("head_dist.")
+               for k in keys)
+
+
 def convert_checkpoint(
     src: PathLike,
     model_name: str,
@@ -517,6 +538,8 @@ def convert_checkpoint(
         dims: NViT dims record for a checkpoint that has none (``nvit_*`` models only): an ``NViTDims``, a dict
             (our keys or the official EMB/head/QK/V/MLP), a JSON string, or the path of a .json file holding it.
 
+    A SHViT checkpoint with a distillation head (``head_dist.*``) is converted with ``distilled=True`` (recorded in
+    ``model_args``), so the head is kept and the outputs are the mean of both heads, as in the source.
     An NViT checkpoint keeps its own resolution: the model is built at the image size its position embedding was
     trained for (e.g. 384 for a 24x24 grid), recorded as ``model_args.img_size`` and ``input_size``.
 
@@ -585,6 +608,8 @@ def convert_checkpoint(
             kwargs["num_classes"] = num_classes
         if dims is not None:
             kwargs["dims"] = dims
+        if model.startswith("shvit_") and _has_distill_head(path):
+            kwargs["distilled"] = True  # keep the distillation head: the source's output is the mean of both heads
         image_size = _nvit_image_size(path) if is_nvit else None
         if image_size is not None and image_size != 224:  # keep the checkpoint's resolution, do not resample it
             kwargs["img_size"] = image_size
@@ -616,8 +641,9 @@ def convert_checkpoint(
         if dims is not None:
             model_args["dims"] = dims.to_dict()
             metadata["nvit_dims"] = json.dumps(model_args["dims"], separators=(",", ":"))
-        if "img_size" in kwargs:
-            model_args["img_size"] = kwargs["img_size"]
+        for key in ("img_size", "distilled"):
+            if key in kwargs:
+                model_args[key] = kwargs[key]
 
         with staged_dir(out_dir, force=force) as tmp:
             steps.set_postfix_str("write")
