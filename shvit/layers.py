@@ -125,9 +125,10 @@ class Residual(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the branch output is a fresh tensor whose producer (BN / conv) does not keep it for backward,
-        # so adding in place is safe and saves an allocation (a + b == b + a exactly in IEEE arithmetic)
-        return self.drop_path(self.m(x)).add_(x)
+        # not added in place into the branch's output: that tensor is also what forward hooks on the branch (or
+        # its last layer) see and what backward hooks wrap, so an in-place add broke Grad-CAM-style hooks.
+        # vitzoo.deploy fuses the add into the convolution anyway.
+        return x + self.drop_path(self.m(x))
 
 
 class DWConvResidual(Residual):

@@ -310,3 +310,25 @@ def test_pretrained_cfg_norm_and_pool_size(variant):
         m = timm.create_model(variant).eval()
         feats = m.forward_features(torch.zeros(1, *cfg['input_size']))
         assert tuple(cfg['pool_size']) == tuple(feats.shape[-2:])
+
+
+@pytest.mark.parametrize('name', ['stages.0.blocks.0.ffn.m', 'stages.1.blocks.0.mixer.m', 'stages.1.blocks.0.conv.m',
+                                  'stages.2.blocks.4.ffn.m.pw2'])
+def test_hooks_on_a_residual_branch_see_its_own_output(name):
+    """Found by an audit: the residual was added in place into the branch's output, so a forward hook on the branch
+    saw branch + x (0.4-0.56 off) and a backward hook raised "a view ... is being modified inplace". Grad-CAM,
+    activation statistics and feature distillation hook these modules; timm's own SHViT has no such problem."""
+    model = timm.create_model('shvit_s1').eval()
+    module = model.get_submodule(name)
+    seen = {}
+
+    def forward_hook(mod, inputs, output):
+        seen['input'], seen['output'] = inputs[0].detach().clone(), output.detach().clone()
+
+    module.register_forward_hook(forward_hook)
+    module.register_full_backward_hook(lambda mod, grad_in, grad_out: seen.update(backward=grad_out[0].shape))
+    x = torch.randn(2, 3, 96, 96, requires_grad=True)
+    model(x).sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(seen['output'], module(seen['input']), rtol=0, atol=0)
+    assert seen['backward'] == seen['output'].shape and x.grad is not None
