@@ -164,7 +164,7 @@ class NViT(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.head_dist = self._make_dist_head(**dd)
-        self.init_weights()
+        self.init_weights(needs_reset=False)
 
     @property
     def _model_args(self) -> Dict[str, Any]:
@@ -187,8 +187,18 @@ class NViT(nn.Module):
             return nn.Linear(self.embed_dim, self.num_classes, device=device, dtype=dtype)
         return nn.Identity()
 
-    def init_weights(self) -> None:
-        """timm ViT init: truncated normal (std .02) for tokens, position embedding and Linear weights."""
+    def init_weights(self, mode: str = '', needs_reset: bool = True) -> None:
+        """timm ViT init: truncated normal (std .02) for tokens, position embedding and Linear weights (zero biases).
+
+        Args:
+            mode: Only timm's default ``''`` (the jax / moco variants of timm's ViT are not implemented).
+            needs_reset: Also reset every other parameter: the patch embedding and LayerNorms through their
+                ``reset_parameters()``, the per-token q/k/v scales to ones (timm's re-initialisation of a model
+                created on the ``meta`` device and moved with ``to_empty``). ``__init__`` passes False: those
+                modules initialised themselves.
+        """
+        if mode not in ('',):
+            raise ValueError(f"NViT.init_weights: mode {mode!r} is not implemented; use mode='' (timm's default).")
         for p in (self.pos_embed, self.cls_token, self.dist_token):
             if p is not None:
                 trunc_normal_(p, std=.02)
@@ -197,6 +207,11 @@ class NViT(nn.Module):
                 trunc_normal_(m.weight, std=.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+            elif needs_reset and m is not self and hasattr(m, 'reset_parameters'):
+                m.reset_parameters()
+            if needs_reset and getattr(m, 'token_mask', None) is not None and isinstance(m.token_mask, nn.Parameter):
+                with torch.no_grad():
+                    m.token_mask.fill_(1.)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:

@@ -542,3 +542,21 @@ def test_from_vit_keeps_distilled_training():
     assert model.distilled_training is False
     with torch.no_grad():
         assert isinstance(vit(x), torch.Tensor) and isinstance(model(x), torch.Tensor)
+
+
+def test_init_weights_after_to_empty_leaves_nothing_uninitialised():
+    """timm's test_model_init_weights_after_to_empty procedure (found failing by an audit): the patch embedding,
+    every LayerNorm and the token scales stayed NaN, and the output was not finite."""
+    m = timm.create_model('revit_t', device='meta', num_classes=5).to_empty(device='cpu')
+    for t in list(m.parameters()) + list(m.buffers()):
+        t.data.fill_(float('nan'))
+    m.init_weights()
+    for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+        assert torch.isfinite(t).all(), name
+    for block in m.blocks:
+        assert torch.equal(block.norm1.weight, torch.ones_like(block.norm1.weight))
+        scales = block.attn.token_mask
+        assert scales is None or torch.equal(scales, torch.ones_like(scales))
+    assert torch.isfinite(m.eval()(torch.randn(1, 3, 224, 224))).all()
+    with pytest.raises(ValueError, match="mode 'jax' is not implemented"):
+        m.init_weights(mode='jax')
