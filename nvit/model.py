@@ -56,6 +56,11 @@ torch.fx.wrap('check_input')
 register_notrace_function(check_input)
 
 
+class UnsupportedPoolError(ValueError, AssertionError):
+    """A ``global_pool`` this model does not support. A ``ValueError``, and an ``AssertionError`` as timm's own
+    models raise (timm's ``test_catavgmax_unsupported`` and user code catch that)."""
+
+
 class NViT(nn.Module):
     """Vision Transformer with per-block widths (NViT / ReViT), optionally with a DeiT distillation token.
 
@@ -121,7 +126,7 @@ class NViT(nn.Module):
         if dims is None:
             raise ValueError('NViT needs dims (NViTDims, dict or JSON string); see nvit.NViTDims.')
         if global_pool not in ('', 'token', 'avg'):
-            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}.")
+            raise UnsupportedPoolError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}.")
         per_block_scale = attn_scale is None or attn_scale == 'per_block'
         if isinstance(attn_scale, str) and not per_block_scale:
             raise ValueError(f"attn_scale must be a number or 'per_block' (qk_dim ** -0.5 in each block), got "
@@ -249,7 +254,7 @@ class NViT(nn.Module):
         """
         if global_pool is not None:
             if global_pool not in ('', 'token', 'avg'):
-                raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}.")
+                raise UnsupportedPoolError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}.")
             self.global_pool = global_pool
         ref = self.pos_embed
         self.num_classes = num_classes

@@ -56,6 +56,11 @@ def _classifier(head: Optional[nn.Module]) -> Optional[nn.Module]:
     return head.l if isinstance(head, NormLinear) else head
 
 
+class UnsupportedPoolError(ValueError, AssertionError):
+    """A ``global_pool`` this model does not support. A ``ValueError``, and an ``AssertionError`` as timm's own
+    models raise (timm's ``test_catavgmax_unsupported`` and user code catch that)."""
+
+
 class SHViT(nn.Module):
     """SHViT: Single-Head Vision Transformer with Memory Efficient Macro Design (Yun & Ro, CVPR 2024).
 
@@ -157,10 +162,10 @@ class SHViT(nn.Module):
         try:
             pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))  # '' keeps the map
         except AssertionError:  # timm's message for an unknown name is an assert ('Invalid pool type')
-            raise ValueError(
+            raise UnsupportedPoolError(
                 f"unknown global_pool={global_pool!r}; use 'avg', 'max', 'avgmax', 'fast' or ''.") from None
         if pool.feat_mult() != 1:
-            raise ValueError(
+            raise UnsupportedPoolError(
                 f"global_pool={global_pool!r} changes the pooled width, which the BN+Linear head does not support; "
                 "use 'avg', 'max', 'avgmax', 'fast' or ''.")
         return pool

@@ -560,3 +560,14 @@ def test_init_weights_after_to_empty_leaves_nothing_uninitialised():
     assert torch.isfinite(m.eval()(torch.randn(1, 3, 224, 224))).all()
     with pytest.raises(ValueError, match="mode 'jax' is not implemented"):
         m.init_weights(mode='jax')
+
+
+def test_unsupported_pool_is_an_assertion_error_as_in_timm_and_a_value_error():
+    """timm's ViT asserts on a global_pool it does not know; ours is both an AssertionError and a ValueError."""
+    for exc in (AssertionError, ValueError):
+        with pytest.raises(exc, match="global_pool must be 'token', 'avg' or '', got 'map'"):
+            timm.create_model('revit_t', global_pool='map')
+        with pytest.raises(exc, match="got 'max'"):
+            timm.create_model('revit_t').reset_classifier(3, 'max')
+    with pytest.raises(AssertionError):
+        timm.create_model('deit_tiny_patch16_224', global_pool='nope')

@@ -332,3 +332,16 @@ def test_hooks_on_a_residual_branch_see_its_own_output(name):
     with torch.no_grad():
         torch.testing.assert_close(seen['output'], module(seen['input']), rtol=0, atol=0)
     assert seen['backward'] == seen['output'].shape and x.grad is not None
+
+
+def test_unsupported_pool_is_an_assertion_error_as_in_timm_and_a_value_error():
+    """timm's own SHViT (and its test_catavgmax_unsupported) raise AssertionError for a pool the head cannot take;
+    ours said ValueError only (found by an audit), which `except AssertionError` code missed."""
+    model = timm.create_model('shvit_s1')
+    for exc in (AssertionError, ValueError):
+        with pytest.raises(exc, match="global_pool='catavgmax' changes the pooled width"):
+            model.reset_classifier(7, 'catavgmax')
+        with pytest.raises(exc, match="unknown global_pool='nope'"):
+            timm.create_model('shvit_s1', global_pool='nope')
+    with pytest.raises(AssertionError):  # timm's own model, the behaviour matched
+        timm.models.shvit.shvit_s1().reset_classifier(7, 'catavgmax')
