@@ -326,6 +326,11 @@ class ClassifierSizeError(RuntimeError):
     """The checkpoint's classifier has another number of classes than the model that is to load it."""
 
 
+class WeightsUnavailableError(RuntimeError, OSError):
+    """The pretrained weights could not be downloaded (offline, unreachable URL): a RuntimeError, and an OSError like
+    timm's own download errors, so that ``except OSError`` fallbacks written for timm's models work here too."""
+
+
 def _check_classifier(state_dict: Mapping[str, Any], model: torch.nn.Module) -> None:
     """A classifier timm will load (the model's ``num_classes`` is its cfg's) must have the model's size; timm drops
     it only when they differ. Say so instead of torch's size-mismatch list."""

@@ -30,7 +30,8 @@ from timm.models._hub import download_cached_file, download_from_hf
 from timm.models._input import update_model_args
 
 from .checkpoint import (
-    check_dims_match, checkpoint_filter_fn, foreign_or_missing_dims_error, load_checkpoint, read_checkpoint_object)
+    WeightsUnavailableError, check_dims_match, checkpoint_filter_fn, foreign_or_missing_dims_error, load_checkpoint,
+    read_checkpoint_object)
 from .dims import NViTDims, resolve_dims, revit_dims
 from .model import NViT
 
@@ -131,7 +132,7 @@ def _read_pretrained(variant: str, kwargs: Mapping[str, Any]):
         try:
             path = download_cached_file(location, check_hash=False, progress=True, cache_dir=cache_dir)
         except OSError as e:  # urllib's URLError / HTTPError, a timeout, a full disk
-            raise RuntimeError(
+            raise WeightsUnavailableError(
                 f'Could not download the {variant} checkpoint from {location}: {type(e).__name__}: {e}. If this '
                 f'machine is offline, download that file once elsewhere and pass '
                 f'pretrained_cfg_overlay=dict(file="/path/to/{variant}.pth").') from e

@@ -31,6 +31,12 @@ class IncompleteCheckpointError(CheckpointMismatchError):
     """The checkpoint fits the model but lacks some of its tensors (truncated, or saved from a modified model)."""
 
 
+class WeightsUnavailableError(RuntimeError, OSError):
+    """The pretrained weights could not be downloaded or found (offline, unreachable Hub or URL): a RuntimeError like
+    every other failed pretrained load of the entrypoints, and an OSError like timm's own download errors, so that
+    ``except OSError: ... pretrained=False`` fallbacks written for timm's models work here too."""
+
+
 class WeightFileNotFoundError(RuntimeError, FileNotFoundError):
     """The local weight file given for ``pretrained=True`` does not exist (a RuntimeError like every other failed
     pretrained load of the entrypoints, and a FileNotFoundError)."""

@@ -16,7 +16,7 @@ from timm.models._helpers import load_state_dict
 
 from .checkpoint import (
     CheckpointMismatchError, ClassifierSizeError, IncompleteCheckpointError, WeightFileNotFoundError,
-    checkpoint_filter_fn,
+    WeightsUnavailableError, checkpoint_filter_fn,
 )
 from .model import SHViT
 from .variants import VARIANT_STATS, VARIANTS
@@ -193,9 +193,20 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
         else:
             repo = source.rpartition(' ')[2] if source.startswith('Hugging Face Hub repo ') else f'timm/{variant}.in1k'
             fix = _hub_fix(repo, e)
-        raise RuntimeError(
+        unavailable = _os_error_in_chain(e)  # a download or a file that failed: timm's models raise an OSError
+        raise (WeightsUnavailableError if unavailable else RuntimeError)(
             f'Could not load pretrained weights for {variant} from {source}: {type(e).__name__}: {e}\n'
             f'To fix: {fix}; or use pretrained=False.') from e
+
+
+def _os_error_in_chain(error: Optional[BaseException]) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _entry(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> SHViT:

@@ -308,6 +308,8 @@ def test_unreachable_url_names_the_url_and_the_fix(tmp_path):
     with pytest.raises(RuntimeError, match=r'nvit_b checkpoint from http://127\.0\.0\.1:9/NViT_B\.pth') as info:
         timm.create_model('nvit_b', pretrained=True, cache_dir=str(tmp_path), pretrained_cfg_overlay=dict(url=url))
     assert 'pretrained_cfg_overlay=dict(file=' in str(info.value)
+    # an OSError too, as timm's own download errors are: `except OSError` fallbacks work (found by an audit)
+    assert isinstance(info.value, OSError) and isinstance(info.value, nvit.WeightsUnavailableError)
 
 
 def test_official_checkpoint_loads_strictly_into_a_model_built_without_weights(official_files):

@@ -180,6 +180,11 @@ def test_missing_hub_file_offline(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r'shvit_s4 from Hugging Face Hub repo timm/shvit_s4\.in1k') as info:
         timm.create_model('shvit_s4.in1k', pretrained=True)
     assert 'hf download timm/shvit_s4.in1k' in str(info.value)
+    # an OSError too, as timm's own offline error (LocalEntryNotFoundError) is (found by an audit)
+    assert isinstance(info.value, OSError) and isinstance(info.value, shvit.WeightsUnavailableError)
+    with pytest.raises(RuntimeError) as info:  # a file that is there but corrupt is not "unavailable"
+        timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(state_dict={'foo': torch.ones(1)}))
+    assert not isinstance(info.value, OSError)
 
 
 def test_missing_official_release_offline_gets_release_advice(monkeypatch):
