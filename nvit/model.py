@@ -11,6 +11,7 @@ import torch.fx
 import torch.nn as nn
 from timm.layers import PatchEmbed, register_notrace_function, resample_abs_pos_embed, trunc_normal_
 from timm.models._features import feature_take_indices
+from timm.models._input import update_model_input_size
 from timm.models._manipulate import checkpoint
 
 from .attention import resample_token_mask
@@ -355,6 +356,70 @@ class NViT(nn.Module):
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
+
+    def get_intermediate_layers(
+            self,
+            x: torch.Tensor,
+            n: Union[int, List[int], Tuple[int, ...]] = 1,
+            reshape: bool = False,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+    ) -> List[Any]:
+        """Block outputs, DINO style (timm ViT's backward-compatible API; ``forward_intermediates`` is preferred).
+
+        Args:
+            x: Images ``[B, C, H, W]``.
+            n: The last ``n`` blocks if an int, else these block indices (negative allowed).
+            reshape: Patch tokens as feature maps ``[B, C, H, W]`` instead of ``[B, L, C]``.
+            return_prefix_tokens: Each item is a ``(patch_tokens, prefix_tokens)`` pair.
+            norm: Apply the final norm to each output.
+        """
+        indices = list(n) if isinstance(n, (list, tuple)) else n
+        return self.forward_intermediates(
+            x, indices, return_prefix_tokens=return_prefix_tokens, norm=norm,
+            output_fmt='NCHW' if reshape else 'NLC', intermediates_only=True)
+
+    def set_input_size(
+            self,
+            img_size: Optional[Union[int, Tuple[int, int]]] = None,
+            patch_size: Optional[Union[int, Tuple[int, int]]] = None,
+    ) -> None:
+        """Change the input size of a built model (timm ViT API).
+
+        The position embedding and, if present, every block's per-token q/k/v scale are resampled from the old patch
+        grid to the new one (bicubic, as with ``dynamic_img_size``). A new ``patch_size`` resamples the patch
+        embedding's kernel (timm's ``PatchEmbed.set_input_size``); only square patches are supported.
+
+        Args:
+            img_size: New input size (int or ``(height, width)``); None keeps the current one.
+            patch_size: New square patch size; None keeps the current one.
+        """
+        if patch_size is not None:
+            ps = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+            if len(ps) != 2 or ps[0] != ps[1]:
+                raise NotImplementedError(
+                    f'NViT.set_input_size: only square patches are supported, got patch_size={patch_size!r}.')
+            patch_size = ps
+        old_grid = list(self.patch_embed.grid_size)
+        self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
+        new_grid = list(self.patch_embed.grid_size)
+        if new_grid != old_grid:
+            with torch.no_grad():
+                self.pos_embed = nn.Parameter(
+                    resample_abs_pos_embed(
+                        self.pos_embed, new_size=new_grid, old_size=old_grid, num_prefix_tokens=self.num_prefix_tokens),
+                    requires_grad=self.pos_embed.requires_grad)
+                for blk in self.blocks:
+                    tm = blk.attn.token_mask
+                    if tm is not None:
+                        blk.attn.token_mask = nn.Parameter(
+                            resample_token_mask(tm, new_grid, old_grid, self.num_prefix_tokens),
+                            requires_grad=tm.requires_grad)
+        reduction = self.patch_embed.patch_size[0]
+        for info in self.feature_info:
+            info['reduction'] = reduction
+        update_model_input_size(
+            self, self.patch_embed.img_size, patch_size=None if patch_size is None else patch_size[0])
 
     def prune_intermediate_layers(
             self,

@@ -571,3 +571,75 @@ def test_unsupported_pool_is_an_assertion_error_as_in_timm_and_a_value_error():
             timm.create_model('revit_t').reset_classifier(3, 'max')
     with pytest.raises(AssertionError):
         timm.create_model('deit_tiny_patch16_224', global_pool='nope')
+
+
+def _vit_pair(**kw):
+    torch.manual_seed(0)
+    vit = timm.create_model('deit_tiny_distilled_patch16_224', depth=4, img_size=64, num_classes=5, **kw).eval()
+    return vit, nvit.from_vit(vit).eval()
+
+
+def _assert_same(a, b):
+    if isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b)
+        for u, v in zip(a, b):
+            _assert_same(u, v)
+    else:
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(n=2), dict(n=[0, 3]), dict(n=(0, -1), reshape=True), dict(n=2, norm=True),
+    dict(n=[1, 3], reshape=True, norm=True, return_prefix_tokens=True), dict(return_prefix_tokens=True)])
+def test_get_intermediate_layers_matches_timm_vit(kwargs):
+    vit, model = _vit_pair()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref, out = vit.get_intermediate_layers(x, **kwargs), model.get_intermediate_layers(x, **kwargs)
+    _assert_same(ref, out)
+    if kwargs.get('return_prefix_tokens'):
+        assert out[0][1].shape == (2, 2, 192)  # class and distillation tokens
+    if kwargs.get('reshape'):
+        assert out[0][0].shape[-2:] == (4, 4) if kwargs.get('return_prefix_tokens') else out[0].shape[-2:] == (4, 4)
+
+
+def test_set_input_size_matches_timm_vit():
+    vit, model = _vit_pair()
+    vit.set_input_size(img_size=(48, 80))
+    model.set_input_size(img_size=(48, 80))
+    assert model.patch_embed.grid_size == (3, 5) and model.pos_embed.shape == (1, 2 + 15, 192)
+    x = torch.randn(2, 3, 48, 80)
+    with torch.no_grad():
+        assert torch.allclose(model(x), vit(x), atol=1e-5)
+    with pytest.raises(ValueError, match='48x80'):
+        model(torch.randn(1, 3, 64, 64))
+    assert model._model_args['img_size'] == (48, 80)
+
+
+def test_set_input_size_resamples_token_scales_like_dynamic_size():
+    torch.manual_seed(0)
+    model = timm.create_model('revit_t').eval()
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.token_mask.uniform_(0.5, 1.5)
+    dynamic = timm.create_model('revit_t', dynamic_img_size=True).eval()
+    dynamic.load_state_dict(model.state_dict())
+    model.set_input_size(img_size=(160, 192))
+    assert model.blocks[0].attn.token_mask.shape == (2 + 10 * 12, 1)
+    assert isinstance(model.blocks[0].attn.token_mask, nn.Parameter)
+    x = torch.randn(1, 3, 160, 192)
+    with torch.no_grad():
+        assert torch.allclose(model(x), dynamic(x), atol=1e-5)
+
+
+def test_set_input_size_patch_size():
+    vit, model = _vit_pair()
+    vit.set_input_size(patch_size=8)
+    model.set_input_size(patch_size=8)
+    assert model.feature_info[0]['reduction'] == 8
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), vit(x), atol=1e-5)
+    with pytest.raises(NotImplementedError, match='square'):
+        model.set_input_size(patch_size=(8, 16))
