@@ -57,6 +57,16 @@ torch.fx.wrap('check_input')
 register_notrace_function(check_input)
 
 
+POOL_TYPES = ('', 'token', 'avg', 'max', 'avgmax')
+
+
+def _check_pool(global_pool: str) -> None:
+    if global_pool not in POOL_TYPES:
+        raise UnsupportedPoolError(
+            f"global_pool must be 'token', 'avg', 'max', 'avgmax' or '' (no pooling), got {global_pool!r}; timm ViT's "
+            f"attention pools ('map', 'prr') are not supported.")
+
+
 class UnsupportedPoolError(ValueError, AssertionError):
     """A ``global_pool`` this model does not support. A ``ValueError``, and an ``AssertionError`` as timm's own
     models raise (timm's ``test_catavgmax_unsupported`` and user code catch that)."""
@@ -102,7 +112,8 @@ class NViT(nn.Module):
             patch_size: Patch size of the convolutional patch embedding.
             in_chans: Input channels.
             num_classes: Classes; 0 gives no classifier.
-            global_pool: 'token' (class / distillation tokens), 'avg' (mean of patch tokens) or '' (no pooling).
+            global_pool: 'token' (class / distillation tokens), 'avg', 'max' or 'avgmax' (mean, max, or the mean of
+                both, over the patch tokens) or '' (no pooling).
             distilled: Add the DeiT distillation token and a second head (all released NViT models have it).
             token_mask: Add the learned per-token q/k/v scale of the released checkpoints to every block.
             attn_scale: Attention logit scale for every block; ``'per_block'`` (or None) uses ``qk_dim ** -0.5`` per
@@ -126,8 +137,7 @@ class NViT(nn.Module):
         dims = resolve_dims(dims)
         if dims is None:
             raise ValueError('NViT needs dims (NViTDims, dict or JSON string); see nvit.NViTDims.')
-        if global_pool not in ('', 'token', 'avg'):
-            raise UnsupportedPoolError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}.")
+        _check_pool(global_pool)
         per_block_scale = attn_scale is None or attn_scale == 'per_block'
         if isinstance(attn_scale, str) and not per_block_scale:
             raise ValueError(f"attn_scale must be a number or 'per_block' (qk_dim ** -0.5 in each block), got "
@@ -251,11 +261,10 @@ class NViT(nn.Module):
 
         Args:
             num_classes: New class count (0: no classifier, ``forward`` returns pooled features).
-            global_pool: New pooling ('token', 'avg', ''); None keeps the current one.
+            global_pool: New pooling ('token', 'avg', 'max', 'avgmax', ''); None keeps the current one.
         """
         if global_pool is not None:
-            if global_pool not in ('', 'token', 'avg'):
-                raise UnsupportedPoolError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}.")
+            _check_pool(global_pool)
             self.global_pool = global_pool
         ref = self.pos_embed
         self.num_classes = num_classes
@@ -444,8 +453,14 @@ class NViT(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
         """Pool tokens and classify. Distilled models average the class and distillation heads (official eval)."""
-        if self.global_pool == 'avg':
-            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        if self.global_pool in ('avg', 'max', 'avgmax'):
+            patches = x[:, self.num_prefix_tokens:]  # prefix tokens excluded, as timm ViT's default
+            if self.global_pool == 'avg':
+                x = patches.mean(dim=1)
+            elif self.global_pool == 'max':
+                x = patches.amax(dim=1)
+            else:
+                x = 0.5 * (patches.amax(dim=1) + patches.mean(dim=1))
             x_dist = x
         elif self.global_pool == 'token':
             x_dist = x[:, 1] if self.dist_token is not None else x[:, 0]

@@ -55,7 +55,7 @@ def test_avg_pool_and_reset_classifier():
     m.reset_classifier(0, '')
     assert m(x).shape == (1, 18, 32)
     with pytest.raises(ValueError, match='global_pool'):
-        m.reset_classifier(3, 'max')
+        m.reset_classifier(3, 'catavgmax')
 
 
 @pytest.mark.parametrize('fmt', ['NCHW', 'NLC'])
@@ -565,10 +565,10 @@ def test_init_weights_after_to_empty_leaves_nothing_uninitialised():
 def test_unsupported_pool_is_an_assertion_error_as_in_timm_and_a_value_error():
     """timm's ViT asserts on a global_pool it does not know; ours is both an AssertionError and a ValueError."""
     for exc in (AssertionError, ValueError):
-        with pytest.raises(exc, match="global_pool must be 'token', 'avg' or '', got 'map'"):
+        with pytest.raises(exc, match="global_pool must be 'token', 'avg', 'max', 'avgmax' or '' .*got 'map'"):
             timm.create_model('revit_t', global_pool='map')
-        with pytest.raises(exc, match="got 'max'"):
-            timm.create_model('revit_t').reset_classifier(3, 'max')
+        with pytest.raises(exc, match="got 'catavgmax'"):
+            timm.create_model('revit_t').reset_classifier(3, 'catavgmax')
     with pytest.raises(AssertionError):
         timm.create_model('deit_tiny_patch16_224', global_pool='nope')
 
@@ -643,3 +643,32 @@ def test_set_input_size_patch_size():
         assert torch.allclose(model(x), vit(x), atol=1e-5)
     with pytest.raises(NotImplementedError, match='square'):
         model.set_input_size(patch_size=(8, 16))
+
+
+@pytest.mark.parametrize('pool', ['max', 'avgmax'])
+def test_max_and_avgmax_pool_match_timm_vit(pool):
+    torch.manual_seed(0)
+    vit = timm.create_model('vit_tiny_patch16_224', depth=2, img_size=64, num_classes=5).eval()
+    model = nvit.from_vit(vit).eval()
+    vit.reset_classifier(5, pool)  # keeps timm's fc_norm off (Identity): the pooled tokens are compared as they are
+    model.reset_classifier(5, pool)
+    model.head.load_state_dict(vit.head.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_head(model.forward_features(x), pre_logits=True),
+                              vit.forward_head(vit.forward_features(x), pre_logits=True), atol=1e-5)
+        assert torch.allclose(model(x), vit(x), atol=1e-5)
+
+
+@pytest.mark.parametrize('pool', ['max', 'avgmax'])
+def test_max_pools_exclude_the_prefix_tokens_and_feed_both_heads(pool):
+    m = small(global_pool=pool)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = m.forward_features(x)
+        feats[:, :2] = 1e4  # prefix tokens larger than any patch token: they must not reach the max
+        patches = feats[:, 2:]
+        pooled = patches.amax(1) if pool == 'max' else (patches.amax(1) + patches.mean(1)) / 2
+        assert torch.allclose(m.forward_head(feats, pre_logits=True), pooled, atol=1e-6)
+        assert torch.allclose(m.forward_head(feats), (m.head(pooled) + m.head_dist(pooled)) / 2, atol=1e-5)
+    assert timm.create_model('nvit_b', **dict(SMALL, global_pool=pool)).global_pool == pool
