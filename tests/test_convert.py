@@ -595,3 +595,35 @@ def test_shvit_distillation_head_is_kept(tmp_path):
     expected = _outputs(direct, (3, 224, 224))
     assert (_outputs(loaded, (3, 224, 224)) - expected).abs().max().item() == 0.0
     assert (_outputs(model, (3, 224, 224)) - expected).abs().max().item() == 0.0
+
+
+def _cli_error(capsys, *argv):
+    assert main(["convert", *map(str, argv), "--no-flops"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("vitzoo convert: error: ") and len(err) < 300, err
+    assert "pretrained=False" not in err and "entrypoint" not in err
+    return err
+
+
+def test_cli_errors_name_the_checkpoints_variant_as_a_cli_option(shvit_official, tmp_path, capsys):
+    """Found by an audit: CLI errors gave Python advice (entrypoints, pretrained=False) over ~630 characters, never
+    the --model that converts the file; a headless checkpoint got no advice at all."""
+    model, src = shvit_official
+    out = tmp_path / "out"
+    err = _cli_error(capsys, src, "--model", "shvit_s2", "--out", out)
+    assert "shvit_s1 weights" in err and "--model shvit_s1" in err
+    official = _nvit_to_official(_random_nvit().state_dict(), NVIT_DIMS)
+    nv = tmp_path / "src" / "nvit.pth"
+    nv.parent.mkdir()
+    torch.save({"model": official, "dim": NVIT_DIMS.to_dict(official=True)}, nv)
+    err = _cli_error(capsys, nv, "--model", "shvit_s1", "--out", out)
+    assert "not an SHViT checkpoint" in err and "--model nvit_b/h/s/t" in err
+    err = _cli_error(capsys, nv, "--model", "revit_t", "--out", out)
+    assert "NViT checkpoint" in err and "--model nvit_b/h/s/t" in err and "block heads" not in err
+    headless = tmp_path / "src" / "headless.pth"
+    torch.save({k: v for k, v in model.state_dict().items() if not k.startswith("head.")}, headless)
+    err = _cli_error(capsys, headless, "--model", "shvit_s1", "--out", out)
+    assert "--num-classes 0" in err
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+    assert main(["convert", str(headless), "--model", "shvit_s1", "--out", str(out), "--no-flops",
+                 "--num-classes", "0"]) == 0

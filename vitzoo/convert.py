@@ -693,6 +693,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _chain_text(error: BaseException) -> str:
+    """The messages of ``error`` and its causes, joined (the loader's own error is often a cause)."""
+    texts, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        texts.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(texts)
+
+
+_FOUND_VARIANT = re.compile(r"found (shvit_s\d)\b")
+_INCOMPLETE = re.compile(r"incomplete: (\d+) of the model's tensors are missing \(e\.g\. \[([^\]]*)\]")
+_NVIT_MODELS = "--model nvit_b/h/s/t"
+
+
+def _cli_advice(src: str, model: str, text: str) -> Optional[str]:
+    """One short line for a loader error that tells what the checkpoint is, with the option that converts it;
+    None when the error does not tell (its own message is shown then)."""
+    found = _FOUND_VARIANT.search(text)
+    if found and found.group(1) != model:
+        return f"{src} holds {found.group(1)} weights, not {model}; convert it with --model {found.group(1)}."
+    if "not an (unfused) SHViT checkpoint" in text or "not an SHViT checkpoint" in text:
+        return f"{src} is not an SHViT checkpoint (--model {model}); for NViT use {_NVIT_MODELS}."
+    if "is a SHViT checkpoint" in text and model.startswith(("nvit_", "revit_")):
+        return f"{src} is an SHViT checkpoint, not {model}'s; convert it with --model shvit_s1/s2/s3/s4 (its variant)."
+    if "do not match the checkpoint dims record" in text:
+        if model.startswith("revit_"):
+            return (f"{src} is an NViT checkpoint with its own dims record, which {model}'s fixed dims do not match; "
+                    f"convert it with {_NVIT_MODELS}.")
+        return f"{src} has its own NViT dims record, unlike the --dims given; remove --dims."
+    incomplete = _INCOMPLETE.search(text)
+    if incomplete:
+        names = re.findall(r"'([^']+)'", incomplete.group(2))
+        if names and all(n.startswith("head.") for n in names) and int(incomplete.group(1)) <= 6:
+            return f"{src} has no classifier head (e.g. {names[0]} is missing); convert it with --num-classes 0."
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``vitzoo convert``; returns the exit code (0 ok, 1 failure with a message on stderr)."""
     import sys
@@ -702,7 +740,8 @@ def run(args: argparse.Namespace) -> int:
                                  num_classes=args.num_classes, sha256=args.sha256, repo_id=args.repo,
                                  flops=not args.no_flops, dims=args.dims)
     except (FileExistsError, WeightsError, VerificationError, ValueError) as e:
-        print(f"vitzoo convert: error: {cli_message(e)}", file=sys.stderr)
+        message = _cli_advice(args.src, args.model.partition(".")[0], _chain_text(e)) or cli_message(e)
+        print(f"vitzoo convert: error: {message.replace('; or use pretrained=False', '')}", file=sys.stderr)
         return 1
     print(f"converted {args.src} -> {out} (verified: outputs identical to the source model)")
     return 0
