@@ -22,7 +22,7 @@ def _unsupported(vit: VisionTransformer) -> list:
         'pre-norm (norm_pre)': not isinstance(getattr(vit, 'norm_pre', nn.Identity()), nn.Identity),
         'fc_norm': not isinstance(getattr(vit, 'fc_norm', nn.Identity()), nn.Identity),
         'attention pooling': getattr(vit, 'attn_pool', None) is not None,
-        f'global_pool={vit.global_pool!r}': vit.global_pool not in ('token', 'avg', ''),
+        f'global_pool={vit.global_pool!r}': vit.global_pool not in ('token', 'avg', 'max', 'avgmax', ''),
         'patch-embed norm': not isinstance(vit.patch_embed.norm, nn.Identity),
         'non-LayerNorm norms': (not isinstance(vit.norm, (nn.LayerNorm, nn.Identity))
                                 or not isinstance(blk.norm1, nn.LayerNorm)),

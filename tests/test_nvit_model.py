@@ -270,6 +270,16 @@ def test_from_vit_keeps_tanh_gelu_and_every_dropout_rate():
         torch.testing.assert_close(model(x), vit(x), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize('pool', ['max', 'avgmax'])
+def test_from_vit_converts_max_pooling_vits(pool):
+    """NViT pools with 'max' / 'avgmax' like timm's ViT now; a ViT built with them (without fc_norm) converts."""
+    vit = timm.create_model('vit_tiny_patch16_224', depth=2, num_classes=5, global_pool=pool, fc_norm=False).eval()
+    model = nvit.from_vit(vit).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), vit(x), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize('kwargs, named', [
     (dict(global_pool='avg', fc_norm=True), 'fc_norm, which'),
     (dict(proj_bias=False), 'proj_bias=False'),
