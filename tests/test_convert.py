@@ -627,3 +627,31 @@ def test_cli_errors_name_the_checkpoints_variant_as_a_cli_option(shvit_official,
     assert sorted(os.listdir(tmp_path)) == ["src"]
     assert main(["convert", str(headless), "--model", "shvit_s1", "--out", str(out), "--no-flops",
                  "--num-classes", "0"]) == 0
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--sha256", "xyz", "--sha256) must be 64 hex digits"),
+    ("--sha256", "g" * 64, "--sha256) must be 64 hex digits"),
+    ("--repo", "not a repo", "--repo) must be a Hub repo id ORG/NAME"),
+    ("--repo", "noslash", "--repo) must be a Hub repo id ORG/NAME"),
+    ("--tag", "a.b", "--tag, or the name's .TAG) must be letters"),
+])
+def test_bad_options_are_refused_before_any_work(shvit_official, tmp_path, capsys, option, value, says):
+    """Found by an audit: --sha256 xyz was hashed against and reported as a corrupt file, and --repo 'not a repo'
+    was written into the card as hf-hub:not a repo."""
+    _, src = shvit_official
+    out = tmp_path / "out"
+    err = _cli_error(capsys, src, "--model", "shvit_s1", "--out", out, option, value)
+    assert says in err and repr(value) in err and "corrupt" not in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_tag_of_ones_own_weights_is_kept_with_a_note(shvit_official, tmp_path, capsys):
+    """An unknown tag names one's own weights (a fine-tune): kept, but no longer silently."""
+    _, src = shvit_official
+    out = tmp_path / "out"
+    assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(out), "--no-flops", "--tag", "mine"]) == 0
+    err = capsys.readouterr().err
+    assert "tag 'mine' is not a release of shvit_s1" in err and "in1k_official" in err
+    metadata, _ = read_safetensors_metadata(out / "model.safetensors")
+    assert metadata["tag"] == "mine" and "72.8%" not in (out / "README.md").read_text()

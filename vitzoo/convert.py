@@ -37,7 +37,7 @@ from .hub import (
     staged_dir,
 )
 from .atomic import _naming_target, check_output_dir
-from .manifest import Manifest, WeightEntry, family_of, load_manifest
+from .manifest import _REPO_RE, _SHA256_RE, Manifest, WeightEntry, family_of, load_manifest
 from .messages import cli_message, error_message, help_description
 from .model_card import card_fields, render_card
 
@@ -49,6 +49,8 @@ REQUIRED_METADATA = ("format", "model", "source", "source_sha256", "license")
 #: The licence field of weights whose licence only their owner can state (Hub card id "other").
 OWNERS_LICENSE = "other"
 PathLike = Union[str, os.PathLike]
+#: A weight tag (the TAG of ``arch.TAG``): a release's in the manifest, or a name for one's own weights.
+_TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 class VerificationError(RuntimeError):
@@ -567,8 +569,17 @@ def convert_checkpoint(
                                     or num_classes < 0):
         raise ValueError(f"num_classes (--num-classes) must be a whole number >= 0 (the checkpoint's classifier "
                          f"size), got {num_classes!r}.")
+    if sha256 is not None and not (isinstance(sha256, str) and _SHA256_RE.fullmatch(sha256.lower())):
+        raise ValueError(f"sha256 (--sha256) must be 64 hex digits (the source file's sha256, e.g. from sha256sum), "
+                         f"got {sha256!r}.")
+    if repo_id is not None and not (isinstance(repo_id, str) and _REPO_RE.fullmatch(repo_id)):
+        raise ValueError(f"repo_id (--repo) must be a Hub repo id ORG/NAME (letters, digits, '_', '-', '.'), "
+                         f"got {repo_id!r}.")
     model, _, name_tag = model_name.partition(".")
     resolve_name(model)  # an unknown architecture: UnknownModelError with the closest names, before any work
+    for given in (tag, name_tag):
+        if given and not _TAG_RE.fullmatch(given):
+            raise ValueError(f"tag (--tag, or the name's .TAG) must be letters, digits, '_' or '-', got {given!r}.")
     is_nvit = model.startswith("nvit_")
     if dims is not None:
         if not is_nvit:
@@ -593,6 +604,11 @@ def convert_checkpoint(
         # a local path is recorded by file name only (absolute paths would leak into published files)
         source_name = str(src) if str(src).startswith(("http://", "https://")) else Path(src).name
         entry = _entry_for(manifest, model, tag, source_name, num_classes)
+        if tag and manifest.find(model, tag) is None and tag != "converted":
+            known = [e.tag for e in manifest.weights if e.model == model]
+            tqdm.write(f"note: tag {tag!r} is not a release of {model} in the weights manifest (known: "
+                       f"{', '.join(known) or 'none'}); it is converted as your own weights, without a release's "
+                       "metrics.", file=sys.stderr)
         expected = sha256 or entry.source_sha256
         if expected is not None and expected.lower() != source_sha:
             raise CorruptWeightsError(
