@@ -123,7 +123,12 @@ def test_card_of_a_verified_file_and_of_another_class_count(shvit_official, tmp_
     out = convert_checkpoint(path, "shvit_s1", tmp_path / "ten", num_classes=10, flops=False)
     metadata, _ = read_safetensors_metadata(out / "model.safetensors")
     assert metadata["tag"] == "converted"
-    assert "72.8%" not in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "72.8%" not in card
+    # found by an audit: the 10-class card said `datasets: imagenet-1k`; the file does not tell its data
+    front = card.split("\n---\n")[0]
+    assert "imagenet" not in front.lower() and "datasets" not in front and front.startswith("---\nlicense: mit\n")
+    assert "datasets:\n- imagenet-1k\n" in (tmp_path / "verified" / "README.md").read_text()
     # an explicit --num-classes 1000 is the release's class count: still the release (mutation testing), and the
     # sha256 is compared without regard to case
     out = convert_checkpoint(src, "shvit_s1", tmp_path / "explicit", num_classes=1000,
