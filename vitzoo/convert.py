@@ -22,7 +22,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm import tqdm
@@ -502,24 +502,21 @@ def _nvit_image_size(path: Path) -> Optional[int]:
 
 
 def _has_distill_head(path: Path) -> bool:
-    """Whether a (SHViT) checkpoint holds a distillation head (``head_dist.*``), in any wrapping the loader takes;
-    False when the file cannot be read here (the model's loader then says why)."""
+    """Whether a (SHViT) checkpoint holds a distillation head (``head_dist.*``), in any wrapping the SHViT loader
+    takes (``shvit.checkpoint._unwrap``); False when the file cannot be read here (the model's loader then says why)."""
+    from shvit.checkpoint import _unwrap
+
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                keys = list(f.keys())
+                checkpoint = dict.fromkeys(f.keys())
         else:
             checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
-            for key in ("model", "state_dict"):
-                if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
-                    checkpoint = checkpoint[key]
-                    break
-            keys = list(checkpoint) if isinstance(checkpoint, dict) else []
+        keys = list(_unwrap(checkpoint)) if isinstance(checkpoint, Mapping) else []
     except Exception:  # noqa: BLE001  unreadable or unsafe: the loader reports it with its own message
         return False
-    return any(isinstance(k, str) and re.sub(r"^(module\.|_orig_mod\.)+", "", k).startswith("head_dist.")
-               for k in keys)
+    return any(isinstance(k, str) and k.startswith("head_dist.") for k in keys)
 
 
 def convert_checkpoint(
