@@ -27,6 +27,10 @@ class ClassifierSizeError(CheckpointMismatchError):
     """The checkpoint's classifier has another number of classes than the model that is to load it."""
 
 
+class ExtraTensorsError(CheckpointMismatchError):
+    """The checkpoint has every tensor of the model and more: saved from a modified model, not another variant."""
+
+
 class IncompleteCheckpointError(CheckpointMismatchError):
     """The checkpoint fits the model but lacks some of its tensors (truncated, or saved from a modified model)."""
 
@@ -42,14 +46,23 @@ class WeightFileNotFoundError(RuntimeError, FileNotFoundError):
     pretrained load of the entrypoints, and a FileNotFoundError)."""
 
 
+_WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DistributedDataParallel, torch.compile
+
+
 def _unwrap(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-    """Take the weights out of a training checkpoint (``model`` / ``state_dict`` key) and strip ``module.``."""
+    """Take the weights out of a training checkpoint (``model`` / ``state_dict`` key) and strip the ``module.`` /
+    ``_orig_mod.`` prefixes of DDP and ``torch.compile`` (in either order, each key for itself)."""
     for key in ('model', 'state_dict'):
         inner = checkpoint.get(key)
         if isinstance(inner, Mapping):
             checkpoint = inner
             break
-    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in checkpoint.items()}
+    out = {}
+    for key, value in checkpoint.items():
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.partition('.')[2]
+        out[key] = value
+    return out
 
 
 def remap_official_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -189,8 +202,8 @@ def _check_complete(state_dict: Mapping[str, torch.Tensor], model: nn.Module) ->
         raise _extra_tensors(unexpected, model)
 
 
-def _extra_tensors(unexpected: List[str], model: nn.Module) -> CheckpointMismatchError:
-    return CheckpointMismatchError(
+def _extra_tensors(unexpected: List[str], model: nn.Module) -> ExtraTensorsError:
+    return ExtraTensorsError(
         f'Checkpoint has {len(unexpected)} tensor{"s" if len(unexpected) > 1 else ""} that '
         f'{_describe_model(model)} does not have (e.g. '
         f'{unexpected[:3]}): it was saved from a modified model. Load it into the model it was saved from, or '

@@ -7,7 +7,7 @@ Paper: `SHViT: Single-Head Vision Transformer with Memory Efficient Macro Design
 https://arxiv.org/abs/2401.16456. Official code and weights (MIT): https://github.com/ysj9909/SHViT
 """
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
@@ -15,8 +15,8 @@ from timm.models._builder import _resolve_pretrained_source
 from timm.models._helpers import load_state_dict
 
 from .checkpoint import (
-    CheckpointMismatchError, ClassifierSizeError, IncompleteCheckpointError, WeightFileNotFoundError,
-    WeightsUnavailableError, checkpoint_filter_fn,
+    CheckpointMismatchError, ClassifierSizeError, ExtraTensorsError, IncompleteCheckpointError,
+    WeightFileNotFoundError, WeightsUnavailableError, checkpoint_filter_fn,
 )
 from .model import SHViT
 from .variants import VARIANT_STATS, VARIANTS
@@ -112,9 +112,7 @@ def _missing_weight_file(variant: str, kwargs: Dict[str, Any]) -> Optional[Weigh
 
 def _hub_fix(repo: str, error: BaseException) -> str:
     """Advice for a failed Hub load; a file neither cached nor downloadable (offline) gets the offline options."""
-    cause: Optional[BaseException] = error
-    while cause is not None and type(cause).__name__ != 'LocalEntryNotFoundError':
-        cause = cause.__cause__ or cause.__context__
+    cause = next((c for c in _causes(error) if type(c).__name__ == 'LocalEntryNotFoundError'), None)
     local = 'to use a local file pass pretrained_cfg_overlay=dict(file="/path/to/weights.safetensors|.pth")'
     if cause is None:
         return (f'if the file is missing (offline or empty cache), run once online or fetch it with '
@@ -175,7 +173,7 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
         missing = _missing_weight_file(variant, kwargs)
         if missing is not None:
             raise missing from e
-        if isinstance(e, (ClassifierSizeError, IncompleteCheckpointError)):  # its message says what to do
+        if isinstance(e, (ClassifierSizeError, IncompleteCheckpointError, ExtraTensorsError)):  # says what to do
             raise RuntimeError(f'Could not load pretrained weights for {variant} from {source}: {e}') from e
         if isinstance(e, CheckpointMismatchError):
             fix = 'use the entrypoint of the variant the checkpoint holds, or a checkpoint of ' + variant
@@ -193,20 +191,21 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
         else:
             repo = source.rpartition(' ')[2] if source.startswith('Hugging Face Hub repo ') else f'timm/{variant}.in1k'
             fix = _hub_fix(repo, e)
-        unavailable = _os_error_in_chain(e)  # a download or a file that failed: timm's models raise an OSError
+        # a download or a file that failed (timm's own models raise an OSError there)
+        unavailable = any(isinstance(c, OSError) for c in _causes(e, context=False))
         raise (WeightsUnavailableError if unavailable else RuntimeError)(
             f'Could not load pretrained weights for {variant} from {source}: {type(e).__name__}: {e}\n'
             f'To fix: {fix}; or use pretrained=False.') from e
 
 
-def _os_error_in_chain(error: Optional[BaseException]) -> bool:
+def _causes(error: Optional[BaseException], context: bool = True) -> Iterator[BaseException]:
+    """``error`` and what it was raised from (``__cause__``; without one, with ``context``, the exception that was
+    being handled), innermost last."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, OSError):
-            return True
+        yield error
         seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return False
+        error = error.__cause__ or (error.__context__ if context else None)
 
 
 def _entry(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> SHViT:

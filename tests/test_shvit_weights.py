@@ -168,9 +168,25 @@ def test_extra_tensors_are_refused_also_with_another_num_classes(s1_weights, ext
     sd = {**s1_weights, extra: torch.zeros(3)}
     for num_classes in (1000, 5):
         with pytest.raises(RuntimeError,
-                           match=rf"Checkpoint has 1 tensor that shvit_s1 does not have .*'{extra}'.*modified model"):
+                           match=rf"Checkpoint has 1 tensor that shvit_s1 does not have .*'{extra}'.*modified model") \
+                as info:
             timm.create_model('shvit_s1', pretrained=True, num_classes=num_classes,
                               pretrained_cfg_overlay=dict(state_dict=sd))
+        assert "entrypoint of the variant" not in str(info.value)  # not another variant: no advice saying it is
+    from vitzoo.hub import WeightsError, load_pretrained_model
+    with pytest.raises(WeightsError) as info:
+        load_pretrained_model('shvit_s1', pretrained_cfg_overlay=dict(state_dict=sd))
+    assert "modified model" in str(info.value) and "another model or variant" not in str(info.value)
+
+
+def test_checkpoints_of_compiled_and_ddp_models_load(s1_weights):
+    """A torch.compile'd model saves `_orig_mod.` keys, DDP `module.` (found by a review: `_orig_mod.` was refused as
+    "not an SHViT checkpoint"; NViT took both)."""
+    for prefix in ('_orig_mod.', 'module.', 'module._orig_mod.', '_orig_mod.module.'):
+        sd = {prefix + k: v for k, v in s1_weights.items()}
+        m = timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(state_dict={'model': sd}))
+        loaded = m.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in s1_weights.items()), prefix
 
 
 def test_missing_hub_file_offline(tmp_path, monkeypatch):

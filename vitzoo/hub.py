@@ -433,7 +433,7 @@ def _classify(error: BaseException) -> Optional[str]:
         text = str(error)
         if isinstance(error, _DOWNLOAD_ERRORS):
             return "download"
-        if type(error).__name__ in ("ClassifierSizeError", "IncompleteCheckpointError"):
+        if type(error).__name__ in ("ClassifierSizeError", "IncompleteCheckpointError", "ExtraTensorsError"):
             return "explained"
         if type(error).__name__ == "CheckpointMismatchError" or "loading state_dict" in text:
             return "mismatch"
