@@ -393,18 +393,6 @@ def _describe_source(entry: WeightEntry, source_name: str, verified: bool) -> st
     return line
 
 
-_DATASETS = re.compile(r"^datasets:[ \t]*\n(?:- .*\n)*", re.MULTILINE)
-
-
-def _card_datasets(card: str, num_classes: int) -> str:
-    """The card's ``datasets:`` (ImageNet-1k in the template) only for a 1000-class classifier: another (a fine-tune,
-    or none) was trained on data the file does not tell, so the front matter names none."""
-    if num_classes == 1000:
-        return card
-    end = card.find("\n---\n") + 1  # the front matter is the card's start, up to its closing ---
-    return _DATASETS.sub("", card[:end]) + card[end:]
-
-
 def _count_flops(model: torch.nn.Module) -> Optional[int]:
     try:
         from vitzoo.flops import count_flops
@@ -684,10 +672,9 @@ def convert_checkpoint(
                 source_sha256=source_sha,
                 params=params,
                 flops=_count_flops(source_model) if flops else None, input_size=input_size,
-                repo_id=repo_id, dims_json=metadata.get("nvit_dims"),
+                repo_id=repo_id, dims_json=metadata.get("nvit_dims"), num_classes=source_model.num_classes,
             )
-            card = _card_datasets(render_card(fields), source_model.num_classes)
-            (tmp / "README.md").write_text(card, encoding="utf-8")
+            (tmp / "README.md").write_text(render_card(fields), encoding="utf-8")
             steps.update()
             steps.set_postfix_str("verify")
             verify_folder(tmp, reference=source_model)

@@ -68,6 +68,7 @@ def card_fields(
     input_size: Optional[tuple] = None,
     repo_id: Optional[str] = None,
     dims_json: Optional[str] = None,
+    num_classes: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Collect the template's values: manifest facts, overridden by what conversion measured.
 
@@ -81,6 +82,9 @@ def card_fields(
         input_size: (C, H, W) the FLOPs were counted at.
         repo_id: the Hub repo the card is for (default: ``entry.hub_repo``).
         dims_json: NViT per-block dims (JSON) to list on the card.
+        num_classes: the converted model's classifier size (default: the release's, 1000). The front matter names
+            ImageNet-1k as the dataset only for a 1000-class classifier: another (a fine-tune, or none) was trained
+            on data the file does not tell, so it names none.
     """
     family = manifest.family(entry.model)
     metrics = entry.metrics
@@ -95,6 +99,7 @@ def card_fields(
     size = input_size or (3, metrics["img_size"], metrics["img_size"])
     pct = lambda v: "not reported" if v is None else f"{v}%"  # noqa: E731  as reported: 91.0 stays 91.0
     dims = f"- **Per-block dims (NViT):** `{dims_json}`\n" if dims_json else ""
+    datasets = "datasets:\n- imagenet-1k\n" if num_classes in (None, 1000) else ""
     return {
         "license": entry.license,
         "family": entry.family,
@@ -115,6 +120,7 @@ def card_fields(
         "top5": pct(metrics["top5"]),
         "metrics_source": metrics["source"],
         "dims": dims,
+        "datasets": datasets,
         "repo_id": repo_id or entry.hub_repo or "ORG/NAME",
         "license_text": license_text(family) if entry.license == family["license"] else _owners_license(entry),
     }
