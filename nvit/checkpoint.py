@@ -229,11 +229,11 @@ def _from_torch_object(obj: Any, path: str) -> Tuple[StateDict, Optional[NViTDim
         record = obj.get('dim')
         record = obj.get(DIMS_METADATA_KEY) if record is None else record
         dims = resolve_dims(record) if record is not None else None
-        return strip_wrapper_prefixes(obj[inner]), dims, meta
+        return dict(obj[inner]), dims, meta  # _finish strips the wrapper prefixes
     if DIMS_METADATA_KEY in obj:
         sd = {k: v for k, v in obj.items() if k != DIMS_METADATA_KEY}
-        return strip_wrapper_prefixes(sd), resolve_dims(obj[DIMS_METADATA_KEY]), {'format': 'nvit'}
-    return strip_wrapper_prefixes(obj), None, {'format': 'state_dict'}
+        return sd, resolve_dims(obj[DIMS_METADATA_KEY]), {'format': 'nvit'}
+    return dict(obj), None, {'format': 'state_dict'}
 
 
 def read_checkpoint_object(

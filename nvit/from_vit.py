@@ -7,7 +7,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
 from .dims import NViTDims
-from .model import NViT
+from .model import POOL_TYPES, NViT
 
 __all__ = ['from_vit']
 
@@ -22,7 +22,7 @@ def _unsupported(vit: VisionTransformer) -> list:
         'pre-norm (norm_pre)': not isinstance(getattr(vit, 'norm_pre', nn.Identity()), nn.Identity),
         'fc_norm': not isinstance(getattr(vit, 'fc_norm', nn.Identity()), nn.Identity),
         'attention pooling': getattr(vit, 'attn_pool', None) is not None,
-        f'global_pool={vit.global_pool!r}': vit.global_pool not in ('token', 'avg', 'max', 'avgmax', ''),
+        f'global_pool={vit.global_pool!r}': vit.global_pool not in POOL_TYPES,
         'patch-embed norm': not isinstance(vit.patch_embed.norm, nn.Identity),
         'non-LayerNorm norms': (not isinstance(vit.norm, (nn.LayerNorm, nn.Identity))
                                 or not isinstance(blk.norm1, nn.LayerNorm)),

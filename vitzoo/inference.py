@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from vitzoo.batchnorm_folding import fold_batchnorms
-from vitzoo.models import model_input_size
+from vitzoo.models import model_in_chans, model_input_size
 from vitzoo.onednn_rewrite import PackedConv2d, onednn_rewrite
 from vitzoo.outputs import WRONG_RESULT_RTOL, max_abs_diff_of
 from vitzoo.stem_chunking import chunk_stem
@@ -185,7 +185,7 @@ def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor
     device and dtype."""
     input_size = model_input_size(model)
     if not input_size:
-        chans = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), "C")
+        chans = model_in_chans(model)
         raise ValueError(f"{type(model).__name__} has no pretrained_cfg['input_size']; pass "
                          f"example_input=torch.randn(1, {chans}, H, W).")
     param = next(model.parameters(), None)
