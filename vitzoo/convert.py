@@ -464,7 +464,7 @@ def _parse_dims(dims: Any) -> Any:
             raise ValueError(f"--dims: {where} is not valid JSON ({e}); give the NViT dims record as a JSON "
                              "object with keys EMB/head/QK/V/MLP (or embed_dim/heads/qk_dim/v_dim/mlp_dim).") from e
     try:
-        return nvit.NViTDims.from_dict(dims) if isinstance(dims, dict) else nvit.resolve_dims(dims)
+        return nvit.resolve_dims(dims)
     except (TypeError, ValueError, KeyError) as e:
         raise ValueError(f"--dims: not a valid NViT dims record: {_reason(e)}") from e
 
@@ -650,9 +650,9 @@ def convert_checkpoint(
                     "source_sha256": source_sha, "license": entry.license,
                     "converted_by": f"vitzoo {vitzoo.__version__}"}
         model_args: Dict[str, Any] = {}
-        dims = getattr(source_model, "dims", None)
-        if dims is not None:
-            model_args["dims"] = dims.to_dict()
+        model_dims = getattr(source_model, "dims", None)
+        if model_dims is not None:
+            model_args["dims"] = model_dims.to_dict()
             metadata["nvit_dims"] = json.dumps(model_args["dims"], separators=(",", ":"))
         for key in ("img_size", "distilled"):
             if key in kwargs:
