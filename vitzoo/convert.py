@@ -438,10 +438,10 @@ def _check_out_dir(out_dir: PathLike, force: bool, keep: Sequence[PathLike]) -> 
 
 
 def _parse_dims(dims: Any) -> Any:
-    """``dims`` as given to :func:`convert_checkpoint` (``--dims``): an ``NViTDims`` or dict passes through; a
-    string is a path to a .json file holding the dims record, or the JSON itself (our keys or the official
-    EMB/head/QK/V/MLP)."""
-    import nvit
+    """``dims`` as given to :func:`convert_checkpoint` (``--dims``), as an ``NViTDims`` (``nvit.dims.resolve_dims``):
+    an ``NViTDims`` passes through, a dict is the dims record; a string is a path to a .json file holding the dims
+    record, or the JSON itself (our keys or the official EMB/head/QK/V/MLP)."""
+    from nvit.dims import resolve_dims
 
     if isinstance(dims, (str, os.PathLike)):
         text = os.fspath(dims)
@@ -464,7 +464,7 @@ def _parse_dims(dims: Any) -> Any:
             raise ValueError(f"--dims: {where} is not valid JSON ({e}); give the NViT dims record as a JSON "
                              "object with keys EMB/head/QK/V/MLP (or embed_dim/heads/qk_dim/v_dim/mlp_dim).") from e
     try:
-        return nvit.resolve_dims(dims)
+        return resolve_dims(dims)
     except (TypeError, ValueError, KeyError) as e:
         raise ValueError(f"--dims: not a valid NViT dims record: {_reason(e)}") from e
 
