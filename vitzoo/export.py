@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch.utils import _pytree as pytree
 
 from vitzoo.atomic import atomic_open, check_new_file
+from vitzoo.models import _as_size
 
 __all__ = ["ExportError", "export_verified_onnx", "register", "run"]
 
@@ -26,16 +27,6 @@ DEFAULT_ATOL = 1e-4
 
 class ExportError(RuntimeError):
     """Export failed verification or could not be written."""
-
-
-def _size_pair(value: Any) -> Optional[Tuple[int, int]]:
-    """``(H, W)`` from an int (square) or a pair of ints, all positive; None for anything else (bools included)."""
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        height, width = value
-    else:
-        height = width = value
-    ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (height, width))
-    return (int(height), int(width)) if ok else None
 
 
 def _size_text(size: Tuple[int, int]) -> str:
@@ -87,7 +78,7 @@ def export_verified_onnx(
             raise ValueError(f"{type(model).__name__} has no pretrained_cfg input size and no fixed image size; "
                              f"pass img_size=N or img_size=(H, W).")
         img_size = own[1:]
-    size = _size_pair(img_size)
+    size = _as_size(img_size)
     if size is None:
         raise ValueError(f"img_size must be a positive int or a pair (H, W) of positive ints, got {img_size!r}.")
     height, width = size
@@ -192,12 +183,12 @@ def _default_img_size(name: str) -> Optional[Tuple[int, int]]:
             return None
         args = config.get("model_args")
         if isinstance(args, dict) and args.get("img_size") is not None:
-            return _size_pair(args["img_size"])
+            return _as_size(args["img_size"])
         cfg = config.get("pretrained_cfg", config)  # timm's older single-dict config is the cfg itself
         size = cfg.get("input_size") if isinstance(cfg, dict) else None
-        return _size_pair(size[-2:]) if isinstance(size, list) and len(size) == 3 else None
+        return _as_size(size[-2:]) if isinstance(size, list) and len(size) == 3 else None
     cfg = timm.get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
-    return _size_pair(tuple(cfg.input_size[-2:])) if cfg is not None and cfg.input_size else None
+    return _as_size(tuple(cfg.input_size[-2:])) if cfg is not None and cfg.input_size else None
 
 
 def _config_hint(name: str) -> str:
@@ -213,7 +204,7 @@ def _config_hint(name: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from vitzoo.messages import cli_message
-    from vitzoo.models import UnknownModelError, model_in_chans, model_input_size
+    from vitzoo.models import UnknownModelError, model_input_size
 
     if args.img_size is not None and args.img_size < 1:
         print(f"error: --img-size must be positive, got {args.img_size}", file=sys.stderr)
@@ -255,11 +246,10 @@ def run(args: argparse.Namespace) -> int:
               f"size); pass --img-size N", file=sys.stderr)
         return 1
     out = args.out or Path(f"{stem}_{_size_text(size)}.onnx")
-    in_chans = own[0] if own is not None else model_in_chans(model)
     print(f"exporting {args.model} at {size[0]}x{size[1]} (opset {args.opset}) -> {out}", file=sys.stderr)
     try:
         check_new_file(out, args.force, option="--out")  # the default name, where only the model told its size
-        diff = export_verified_onnx(model, out, size, opset=args.opset, force=args.force, in_chans=in_chans)
+        diff = export_verified_onnx(model, out, size, opset=args.opset, force=args.force)
     except (OSError, ValueError, ExportError, RuntimeError) as e:
         print(f"error: {cli_message(e)}", file=sys.stderr)
         return 1
