@@ -350,9 +350,8 @@ def _countable(model: nn.Module) -> nn.Module:
     Runtime session, none of which fvcore can trace)."""
     while isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch._dynamo's OptimizedModule
         model = model._orig_mod
-    from vitzoo.inference import DeployedModel  # at call time: counting needs none of deploy's imports otherwise
-
-    if isinstance(model, DeployedModel):
+    # recognised by its attributes: counting does not import the deployment module (oneDNN / ONNX Runtime code)
+    if type(model).__name__ == "DeployedModel" and hasattr(model, "backend") and hasattr(model, "optimizations"):
         raise ValueError(
             f"cannot count FLOPs of a model deployed by vitzoo.deploy (backend {model.backend!r}): count the "
             "original model instead, before deploying it (count_flops fuses it the same way deploy does)")
