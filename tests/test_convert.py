@@ -544,6 +544,22 @@ def test_nvit_checkpoint_keeps_its_resolution(tmp_path):
     assert (_outputs(loaded, (3, 384, 384)) - _outputs(model, (3, 384, 384))).abs().max().item() == 0.0
 
 
+def test_revit_checkpoint_keeps_its_resolution(tmp_path):
+    """A ReViT trained at 384 converts at 384 too (found by an audit: only nvit_* kept theirs; a revit_* position
+    embedding was resampled to 224)."""
+    torch.manual_seed(0)
+    model = _randomize_norms(timm.create_model("revit_t", img_size=384)).eval()
+    src = tmp_path / "revit_384.pth"
+    torch.save({"model": model.state_dict()}, src)
+    out = convert_checkpoint(src, "revit_t", tmp_path / "out", flops=False)
+    tensors = safetensors.torch.load_file(out / "model.safetensors")
+    assert torch.equal(tensors["pos_embed"], model.state_dict()["pos_embed"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["pretrained_cfg"]["input_size"] == [3, 384, 384]
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert (_outputs(loaded, (3, 384, 384)) - _outputs(model, (3, 384, 384))).abs().max().item() == 0.0
+
+
 def test_nvit_checkpoint_without_dims_converts_with_the_dims_option(tmp_path, capsys):
     """A plain NViT state dict has no dims record: the error names --dims, and --dims (JSON or a .json file, either
     key style) converts it (found by an audit: the error advised an option convert did not have)."""

@@ -539,8 +539,8 @@ def convert_checkpoint(
 
     A SHViT checkpoint with a distillation head (``head_dist.*``) is converted with ``distilled=True`` (recorded in
     ``model_args``), so the head is kept and the outputs are the mean of both heads, as in the source.
-    An NViT checkpoint keeps its own resolution: the model is built at the image size its position embedding was
-    trained for (e.g. 384 for a 24x24 grid), recorded as ``model_args.img_size`` and ``input_size``.
+    An NViT or ReViT checkpoint keeps its own resolution: the model is built at the image size its position embedding
+    was trained for (e.g. 384 for a 24x24 grid), recorded as ``model_args.img_size`` and ``input_size``.
 
     Returns:
         ``out_dir``.
@@ -623,7 +623,7 @@ def convert_checkpoint(
             kwargs["dims"] = dims
         if model.startswith("shvit_") and _has_distill_head(path):
             kwargs["distilled"] = True  # keep the distillation head: the source's output is the mean of both heads
-        image_size = _nvit_image_size(path) if is_nvit else None
+        image_size = _nvit_image_size(path) if model.startswith(("nvit_", "revit_")) else None
         if image_size is not None and image_size != 224:  # keep the checkpoint's resolution, do not resample it
             kwargs["img_size"] = image_size
             overlay["input_size"] = (3, image_size, image_size)
