@@ -162,6 +162,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
             f'{describe_state_dict(state_dict)} ({len(missing)} missing keys, e.g. {missing[:3]}; '
             f'{len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(reshaped)} with other shapes, '
             f'e.g. {reshaped[:3]}). Use the entrypoint of the checkpoint\'s variant.')
+    if model.num_classes <= 0:  # built without a head: the checkpoint's whole head (its BatchNorm too) is left out
+        for k in [k for k in state_dict if k.startswith(_HEAD_PREFIXES)]:
+            del state_dict[k]
     _fit_distill_head(state_dict, model)
     _check_classifier(state_dict, model)
     _check_complete(state_dict, model)
@@ -176,7 +179,14 @@ def _check_classifier(state_dict: Mapping[str, torch.Tensor], model: nn.Module) 
     """
     weight = state_dict.get('head.l.weight')
     cfg_classes = (getattr(model, 'pretrained_cfg', None) or {}).get('num_classes')
-    if weight is None or cfg_classes != model.num_classes or weight.shape[0] == model.num_classes:
+    if cfg_classes != model.num_classes or model.num_classes <= 0:
+        return
+    if weight is None:
+        raise IncompleteCheckpointError(
+            f'The checkpoint has no classifier (head.l), and the model\'s {model.num_classes} classes are those of '
+            f'the pretrained cfg, so timm loads it strictly. Create the model with num_classes=0 for pooled features, '
+            f'or with the number of classes you will train (a new classifier on the checkpoint\'s body).')
+    if weight.shape[0] == model.num_classes:
         return
     raise ClassifierSizeError(
         f'The checkpoint\'s classifier (head.l) has {weight.shape[0]} outputs, the model\'s {model.num_classes}: '

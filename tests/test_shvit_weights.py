@@ -179,6 +179,30 @@ def test_extra_tensors_are_refused_also_with_another_num_classes(s1_weights, ext
     assert "modified model" in str(info.value) and "another model or variant" not in str(info.value)
 
 
+def test_pretrained_without_a_head_num_classes_0(s1_weights, s1_reference, caplog):
+    """Found by an audit: create_model(name, pretrained=True, num_classes=0), the usual feature extractor, was
+    refused: the checkpoint's head BatchNorm counted as tensors 'of a modified model'. Also a checkpoint whose
+    classifier was removed (head.bn kept) loads for features or a new classifier, and with the cfg's 1000 classes
+    the error says what to pass instead of torch's missing-key list."""
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = s1_reference.forward_head(s1_reference.forward_features(x), pre_logits=True)
+    headless = {k: v for k, v in s1_weights.items() if not k.startswith('head.l.')}
+    for sd in (s1_weights, headless):
+        with caplog.at_level(logging.WARNING):
+            m = timm.create_model('shvit_s1', pretrained=True, num_classes=0,
+                                  pretrained_cfg_overlay=dict(state_dict=sd)).eval()
+        assert not [r for r in caplog.records if 'Unexpected keys' in r.getMessage()]
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), expected, rtol=0, atol=0)
+    m = timm.create_model('shvit_s1', pretrained=True, num_classes=10,
+                          pretrained_cfg_overlay=dict(state_dict=headless))
+    torch.testing.assert_close(m.state_dict()['head.bn.weight'], s1_weights['head.bn.weight'], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r'no classifier \(head\.l\).*num_classes=0') as info:
+        timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(state_dict=headless))
+    assert isinstance(info.value.__cause__, shvit.checkpoint.IncompleteCheckpointError)
+
+
 def test_checkpoints_of_compiled_and_ddp_models_load(s1_weights):
     """A torch.compile'd model saves `_orig_mod.` keys, DDP `module.` (found by a review: `_orig_mod.` was refused as
     "not an SHViT checkpoint"; NViT took both)."""
