@@ -115,6 +115,20 @@ def test_bad_inputs_raise_helpful_errors():
         count_flops("shvit_s9")
 
 
+def test_input_size_of_numpy_ints_is_taken_and_of_floats_refused():
+    """Found by an audit: a numpy int (a size read from an array or a config) raised "'numpy.int64' object is not
+    iterable", and a float or True slipped through to a 1x1 input or the model's own shape error."""
+    np = pytest.importorskip("numpy")
+    conv = nn.Conv2d(3, 8, 3)  # 3*8*9 MACs per output pixel; 62x62 outputs on a 64x64 input
+    expected = 3 * 8 * 9 * 62 * 62
+    for size in (np.int64(64), torch.tensor(64), (np.int32(64), 64), (3, np.int64(64), 64)):
+        assert count_flops(conv, size, fused=False).total == expected, size
+    for size in (64.0, True, "64", (64.0, 64), (3, 64, True)):
+        with pytest.raises(ValueError, match=r"input_size must be an int, \(H, W\) or \(C, H, W\) of positive ints"):
+            count_flops(conv, size)
+    assert count_flops("vit_tiny_patch16_224", np.int64(160)).input_size == (3, 160, 160)
+
+
 def test_an_input_the_model_rejects_raises_its_error_not_a_count():
     # SHViT skips its input checks while traced (fvcore counts on a trace), so only an eager call catches these
     model = timm.create_model("shvit_s1")

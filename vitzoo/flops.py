@@ -23,10 +23,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import operator
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -311,19 +312,38 @@ def _human(n: float) -> str:
     return str(int(n))
 
 
+def _as_dim(value: Any) -> Optional[int]:
+    """``value`` as a positive int (numpy and 0-d torch integers included), or None for anything else (a float, a
+    bool, a string, zero or less)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        dim = operator.index(value)
+    except TypeError:
+        return None
+    return dim if dim > 0 else None
+
+
+def _size_tuple(input_size: Any) -> Optional[Tuple[int, ...]]:
+    """``input_size`` as 1 (an int), 2 or 3 positive ints, or None when it is none of those."""
+    if _as_dim(input_size) is not None:
+        return (_as_dim(input_size),)
+    if isinstance(input_size, (str, bytes)) or not isinstance(input_size, Iterable):
+        return None
+    dims = tuple(_as_dim(v) for v in input_size)
+    return dims if len(dims) in (2, 3) and None not in dims else None  # type: ignore[return-value]
+
+
 def _build_size(input_size: Union[None, int, Sequence[int]]) -> Tuple[Union[None, int, Tuple[int, int]], Any]:
     """``(img_size, in_chans)`` to build a model named by a string for ``input_size``: its ``H, W`` part (an int
     stays an int) and its ``C`` (None unless given as ``(C, H, W)``); ``(None, None)`` when none is given or it is
     malformed (:func:`_input_size` then says what is wrong)."""
-    if isinstance(input_size, int) and not isinstance(input_size, bool):
-        return (input_size if input_size > 0 else None), None
-    try:
-        size = tuple(input_size)  # type: ignore[arg-type]
-    except TypeError:
+    size = _size_tuple(input_size)
+    if size is None:
         return None, None
-    if len(size) in (2, 3) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
-        return (size[-2], size[-1]), (size[0] if len(size) == 3 else None)
-    return None, None
+    if len(size) == 1:
+        return size[0], None
+    return (size[-2], size[-1]), (size[0] if len(size) == 3 else None)
 
 
 def _input_size(model: nn.Module, input_size: Union[None, int, Sequence[int]]) -> Tuple[int, int, int]:
@@ -334,14 +354,12 @@ def _input_size(model: nn.Module, input_size: Union[None, int, Sequence[int]]) -
                 f"{type(model).__name__} has no pretrained_cfg['input_size']; pass input_size=(C, H, W) or an int"
             )
         return size
-    if isinstance(input_size, int):
-        size = (model_in_chans(model), input_size, input_size)
-    else:
-        size = tuple(int(v) for v in input_size)
-        size = (model_in_chans(model),) + size if len(size) == 2 else size
-    if len(size) != 3 or min(size) <= 0:
+    dims = _size_tuple(input_size)
+    if dims is None:
         raise ValueError(f"input_size must be an int, (H, W) or (C, H, W) of positive ints, got {input_size!r}")
-    return size
+    if len(dims) == 1:
+        return model_in_chans(model), dims[0], dims[0]
+    return ((model_in_chans(model),) + dims) if len(dims) == 2 else dims  # type: ignore[return-value]
 
 
 def _countable(model: nn.Module) -> nn.Module:
