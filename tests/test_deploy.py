@@ -232,6 +232,30 @@ def test_deployed_model_names_what_is_wrong_with_an_input(backend):
     assert deployed.eval() is deployed and not deployed.training and not any(m.training for m in deployed.modules())
 
 
+class _FixedSizeBias(nn.Module):
+    """Two convs and a learned (1, 8, 8, 8) map: takes only 8x8 inputs, and fails in its own add otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.pos = nn.Parameter(torch.randn(1, 8, 8, 8))
+
+    def forward(self, x):
+        return self.conv2(self.conv1(x)) + self.pos
+
+
+def test_eager_backend_raises_a_models_own_error_without_printing(capsys):
+    """Found by an audit: the eager backend's torch.fx module printed ~24 lines of generated code to stderr before
+    re-raising a model's own error (LeViT at another size), even when the caller caught it."""
+    deployed = deploy(_FixedSizeBias().eval(), torch.randn(2, 3, 8, 8))
+    assert isinstance(deployed.model, torch.fx.GraphModule)
+    capsys.readouterr()
+    with pytest.raises(RuntimeError, match=r"size of tensor a \(16\) must match the size of tensor b \(8\)"):
+        deployed(torch.randn(2, 3, 16, 16))
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("backend", [b for b in ("eager", "torchscript", "onnxruntime") if b in available_backends()])
 def test_a_deployed_model_refuses_to_be_saved_or_copied_and_says_what_to_do(backend, tmp_path):
     """Found by an audit: torch.save / copy.deepcopy failed in the backends' own words ("Cannot access storage of

@@ -147,6 +147,10 @@ class DeployedModel(nn.Module):
         x = x.contiguous(memory_format=self.memory_format)
         with torch.inference_mode():
             try:
+                if isinstance(self.model, torch.fx.GraphModule):
+                    # not through torch.fx's call wrapper, which prints the generated code of a failing line to
+                    # stderr before re-raising (also when the caller catches the error)
+                    return nn.Module.__call__(self.model, x)
                 return self.model(x)
             except Exception as e:  # noqa: BLE001  re-raised below unless the model itself rejects the input
                 self._raise_models_own_error(x, e)
