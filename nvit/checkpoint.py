@@ -293,11 +293,14 @@ def load_checkpoint(path: Union[str, os.PathLike]) -> Tuple[StateDict, Optional[
     return _finish(sd, dims, meta, path)
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: torch.nn.Module) -> StateDict:
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: torch.nn.Module,
+                         features_only: bool = False) -> StateDict:
     """timm pretrained filter: official or our layout -> ``model``'s, resampling position embedding / token scales.
 
     Accepts a full training checkpoint dict (weights under ``'model'`` or ``'state_dict'``) too, and keys wrapped
-    by DDP (``module.``) or ``torch.compile`` (``_orig_mod.``).
+    by DDP (``module.``) or ``torch.compile`` (``_orig_mod.``). With ``features_only`` (the model is built for
+    ``features_only=True``, whose classifier timm drops) the checkpoint's classifier is not checked, so a fine-tuned
+    or headless checkpoint loads.
     """
     inner = _inner_state_dict(state_dict)
     if inner is not None:
@@ -317,7 +320,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: torch.nn.Module) 
         for k in [k for k in out if k.endswith('attn.token_mask')]:
             out[k] = resample_token_mask(out[k], grid, source, prefix)
     _fit_patch_size(out, model)
-    _check_classifier(out, model)
+    if not features_only:
+        _check_classifier(out, model)
     _check_complete(out, model)
     return out
 
@@ -336,7 +340,14 @@ def _check_classifier(state_dict: Mapping[str, Any], model: torch.nn.Module) -> 
     it only when they differ. Say so instead of torch's size-mismatch list."""
     weight = state_dict.get('head.weight')
     cfg_classes = (getattr(model, 'pretrained_cfg', None) or {}).get('num_classes')
-    if weight is None or cfg_classes != model.num_classes or weight.shape[0] == model.num_classes:
+    if cfg_classes != model.num_classes or (weight is None and model.num_classes <= 0):
+        return
+    if weight is None:
+        raise ClassifierSizeError(
+            f'The checkpoint has no classifier (head), and the model\'s {model.num_classes} classes are those of the '
+            f'pretrained cfg, so timm loads it strictly. Create the model with num_classes=0 for features, or with '
+            f'the number of classes you will train (a new classifier on the checkpoint\'s body).')
+    if weight.shape[0] == model.num_classes:
         return
     raise ClassifierSizeError(
         f'The checkpoint\'s classifier (head) has {weight.shape[0]} outputs, the model\'s {model.num_classes}: create '

@@ -20,6 +20,7 @@ into the model and its params / FLOPs are the released model's. With weights, bo
 Pass ``distilled=False`` / ``token_mask=False`` for the plain variant.
 """
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
@@ -187,7 +188,8 @@ def _create_nvit(variant: str, pretrained: bool = False, **kwargs) -> NViT:
     model = build_model_with_cfg(
         NViT, variant, pretrained,
         dims=dims.to_dict(),
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=(partial(checkpoint_filter_fn, features_only=True) if kwargs.get('features_only')
+                              else checkpoint_filter_fn),
         feature_cfg=dict(out_indices=3, feature_cls='getter'),
         **kwargs,
     )

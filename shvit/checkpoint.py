@@ -139,8 +139,15 @@ def _fit_distill_head(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> 
             del state_dict[k]  # different num_classes: the new head keeps its init, like the main classifier
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module,
+                         features_only: bool = False) -> Dict[str, torch.Tensor]:
     """Turn a checkpoint in timm's or the official layout into ``model``'s layout.
+
+    Args:
+        state_dict: The checkpoint (a state dict, or a training checkpoint holding one).
+        model: The model that will load it.
+        features_only: The model is built for ``features_only=True`` (timm then drops its head after loading):
+            the checkpoint's head is left out and not checked, so a fine-tuned or headless checkpoint loads.
 
     Raises:
         CheckpointMismatchError: The checkpoint is another SHViT variant or not an SHViT at all.
@@ -162,12 +169,18 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
             f'{describe_state_dict(state_dict)} ({len(missing)} missing keys, e.g. {missing[:3]}; '
             f'{len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(reshaped)} with other shapes, '
             f'e.g. {reshaped[:3]}). Use the entrypoint of the checkpoint\'s variant.')
-    if model.num_classes <= 0:  # built without a head: the checkpoint's whole head (its BatchNorm too) is left out
+    cfg_classes = (getattr(model, 'pretrained_cfg', None) or {}).get('num_classes')
+    # no head, or one timm drops (or a checkpoint head without its classifier): the checkpoint's whole head (its
+    # BatchNorm too) is left out; a headless model whose cfg claims a classifier-less checkpoint keeps the checks
+    headless = features_only or (model.num_classes <= 0 and (
+        cfg_classes != model.num_classes or 'head.l.weight' not in state_dict))
+    if headless:
         for k in [k for k in state_dict if k.startswith(_HEAD_PREFIXES)]:
             del state_dict[k]
-    _fit_distill_head(state_dict, model)
-    _check_classifier(state_dict, model)
-    _check_complete(state_dict, model)
+    else:
+        _fit_distill_head(state_dict, model)
+        _check_classifier(state_dict, model)
+    _check_complete(state_dict, model, headless)
     return state_dict
 
 
@@ -179,7 +192,7 @@ def _check_classifier(state_dict: Mapping[str, torch.Tensor], model: nn.Module) 
     """
     weight = state_dict.get('head.l.weight')
     cfg_classes = (getattr(model, 'pretrained_cfg', None) or {}).get('num_classes')
-    if cfg_classes != model.num_classes or model.num_classes <= 0:
+    if cfg_classes != model.num_classes or (weight is None and model.num_classes <= 0):
         return
     if weight is None:
         raise IncompleteCheckpointError(
@@ -193,16 +206,18 @@ def _check_classifier(state_dict: Mapping[str, torch.Tensor], model: nn.Module) 
         f'create the model with num_classes={weight.shape[0]} (vitzoo convert: --num-classes {weight.shape[0]}).')
 
 
-def _check_complete(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+def _check_complete(state_dict: Mapping[str, torch.Tensor], model: nn.Module, headless: bool = False) -> None:
     """Every tensor the model has must come from the checkpoint, except a classifier of another size.
 
     timm loads non-strictly when ``num_classes`` differs from the checkpoint's (it drops the classifier), which
     would let an incomplete checkpoint load with random tensors in the gaps; the body check above leaves out the
-    first conv and the head's BatchNorm, so they are checked here.
+    first conv and the head's BatchNorm, so they are checked here. A ``headless`` load (``features_only``) needs
+    none of the model's head.
     """
     own = model.state_dict()
+    optional = _HEAD_PREFIXES if headless else _CLASSIFIERS
     missing = [k for k in own
-               if k not in state_dict and not k.startswith(_CLASSIFIERS) and not k.endswith('num_batches_tracked')]
+               if k not in state_dict and not k.startswith(optional) and not k.endswith('num_batches_tracked')]
     if missing:
         raise _incomplete(missing, model)
     # the same non-strict load would also skip tensors the model does not have, with only a logged warning

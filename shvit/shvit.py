@@ -7,6 +7,7 @@ Paper: `SHViT: Single-Head Vision Transformer with Memory Efficient Macro Design
 https://arxiv.org/abs/2401.16456. Official code and weights (MIT): https://github.com/ysj9909/SHViT
 """
 import os
+from functools import partial
 from typing import Any, Dict, Iterator, Optional
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -161,7 +162,8 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
             _read_model_not_ema(variant, kwargs)
         model = build_model_with_cfg(
             SHViT, variant, pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
+            pretrained_filter_fn=(partial(checkpoint_filter_fn, features_only=True) if kwargs.get('features_only')
+                                  else checkpoint_filter_fn),
             feature_cfg=dict(out_indices=(0, 1, 2), flatten_sequential=True),
             **kwargs,
         )

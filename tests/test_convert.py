@@ -648,6 +648,15 @@ def test_cli_errors_name_the_checkpoints_variant_as_a_cli_option(shvit_official,
     assert sorted(os.listdir(tmp_path)) == ["src"]
     assert main(["convert", str(headless), "--model", "shvit_s1", "--out", str(out), "--no-flops",
                  "--num-classes", "0"]) == 0
+    # only the classifier removed (head.bn kept): the same advice, and --num-classes 0 converts the body
+    no_classifier = tmp_path / "src" / "no_classifier.pth"
+    torch.save({k: v for k, v in model.state_dict().items() if not k.startswith("head.l.")}, no_classifier)
+    err = _cli_error(capsys, no_classifier, "--model", "shvit_s1", "--out", tmp_path / "out2")
+    assert "has no classifier head; convert it with --num-classes 0" in err
+    assert main(["convert", str(no_classifier), "--model", "shvit_s1", "--out", str(tmp_path / "out2"),
+                 "--no-flops", "--num-classes", "0"]) == 0
+    tensors = safetensors.torch.load_file(tmp_path / "out2" / "model.safetensors")
+    assert not any(k.startswith("head.") for k in tensors) and len(tensors) == len(torch.load(headless))
 
 
 @pytest.mark.parametrize("option, value, says", [

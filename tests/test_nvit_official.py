@@ -420,6 +420,27 @@ def test_classifier_of_another_size_says_which_num_classes(tmp_path):
     torch.testing.assert_close(model.head.weight, sd['head.weight'], rtol=0, atol=0)
 
 
+def test_features_only_takes_a_fine_tuned_or_headless_checkpoint(tmp_path):
+    """Found by an audit: features_only=True (timm drops the classifiers) refused a 10-class checkpoint as a
+    classifier of the wrong size; a headless one with the cfg's 1000 classes now says what to pass."""
+    sd = make_official('ones')
+    ten = dict(sd)
+    for name in ('head', 'head_dist'):
+        ten[name + '.weight'], ten[name + '.bias'] = sd[name + '.weight'][:10], sd[name + '.bias'][:10]
+    headless = {k: v for k, v in sd.items() if not k.startswith(('head.', 'head_dist.'))}
+    for i, weights in enumerate((ten, headless)):
+        path = save_official(tmp_path / f'NViT_{i}.pth', weights)
+        model = timm.create_model('nvit_t', pretrained=True, features_only=True,
+                                  pretrained_cfg_overlay=dict(file=path))
+        torch.testing.assert_close(model.model.pos_embed, sd['pos_embed'], rtol=0, atol=0)
+        torch.testing.assert_close(model.model.blocks[2].mlp.fc1.weight, sd['blocks.2.mlp.fc1.weight'],
+                                   rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"no classifier \(head\).*num_classes=0"):
+        timm.create_model('nvit_t', pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    assert timm.create_model('nvit_t', pretrained=True, num_classes=0,
+                             pretrained_cfg_overlay=dict(file=path)).num_classes == 0
+
+
 def test_no_token_scale_hint_when_other_tensors_are_missing_too(tmp_path):
     """Only token scales missing: the token_mask=False hint. Token scales and a weight missing: no hint, since
     token_mask=False would not make that checkpoint load."""

@@ -203,6 +203,29 @@ def test_pretrained_without_a_head_num_classes_0(s1_weights, s1_reference, caplo
     assert isinstance(info.value.__cause__, shvit.checkpoint.IncompleteCheckpointError)
 
 
+def test_features_only_takes_a_fine_tuned_or_headless_checkpoint(s1_weights, s1_reference):
+    """Found by an audit: features_only=True (timm drops the head after loading) refused a 10-class or headless
+    checkpoint as a classifier of the wrong size, where timm's own models load both."""
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        y, expected = s1_reference.patch_embed(x), []
+        for stage in s1_reference.stages:
+            y = stage(y)
+            expected.append(y)
+    ten_classes = {**s1_weights, 'head.l.weight': torch.randn(10, 320), 'head.l.bias': torch.randn(10)}
+    headless = {k: v for k, v in s1_weights.items() if not k.startswith('head.')}
+    for sd in (ten_classes, headless):
+        m = timm.create_model('shvit_s1', pretrained=True, features_only=True,
+                              pretrained_cfg_overlay=dict(state_dict=sd)).eval()
+        with torch.no_grad():
+            for got, want in zip(m(x), expected, strict=True):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+    body_gap = {k: v for k, v in headless.items() if k != 'stages.1.blocks.0.ffn.m.pw1.c.weight'}
+    with pytest.raises(RuntimeError, match=r"incomplete.*stages\.1\.blocks\.0\.ffn\.m\.pw1\.c\.weight"):
+        timm.create_model('shvit_s1', pretrained=True, features_only=True,
+                          pretrained_cfg_overlay=dict(state_dict=body_gap))
+
+
 def test_checkpoints_of_compiled_and_ddp_models_load(s1_weights):
     """A torch.compile'd model saves `_orig_mod.` keys, DDP `module.` (found by a review: `_orig_mod.` was refused as
     "not an SHViT checkpoint"; NViT took both)."""

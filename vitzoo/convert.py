@@ -736,6 +736,8 @@ def _cli_advice(src: str, model: str, text: str) -> Optional[str]:
             return (f"{src} is an NViT checkpoint with its own dims record, which {model}'s fixed dims do not match; "
                     f"convert it with {_NVIT_MODELS}.")
         return f"{src} has its own NViT dims record, unlike the --dims given; remove --dims."
+    if "The checkpoint has no classifier (head" in text:
+        return f"{src} has no classifier head; convert it with --num-classes 0."
     incomplete = _INCOMPLETE.search(text)
     if incomplete:
         names = re.findall(r"'([^']+)'", incomplete.group(2))
