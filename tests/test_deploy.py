@@ -1,6 +1,7 @@
 """vitzoo.deploy: outputs within 1e-4 of the unfused model, no mutation of the caller's model, backends, errors."""
 import copy
 import importlib
+import pickle
 import warnings
 
 import pytest
@@ -262,12 +263,35 @@ def test_a_deployed_model_refuses_to_be_saved_or_copied_and_says_what_to_do(back
     OpaqueTensorImpl", "cannot pickle InferenceSession"); the original model is what to save."""
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
     deployed = deploy(model, torch.randn(1, 3, 16, 16), backend=backend)
-    message = rf"deployed by vitzoo.deploy \(backend '{backend}'\) cannot be saved, pickled or deep-copied: save"
+    copyable = backend == "torchscript"  # eager holds oneDNN-packed weights, onnxruntime a session
+    what = "saved or pickled" if copyable else "saved, pickled or deep-copied"
+    message = rf"deployed by vitzoo.deploy \(backend '{backend}'\) cannot be {what}: save"
     with pytest.raises(TypeError, match=message):
         torch.save(deployed, tmp_path / "deployed.pt")
     with pytest.raises(TypeError, match=message):
-        copy.deepcopy(deployed)
+        pickle.dumps(deployed)
+    if copyable:
+        x = torch.randn(2, 3, 16, 16)
+        torch.testing.assert_close(copy.deepcopy(deployed)(x), _reference(model, x), atol=1e-4, rtol=0)
+    else:
+        with pytest.raises(TypeError, match=message):
+            copy.deepcopy(deployed)
     torch.save(model, tmp_path / "model.pt")  # the original still saves
+
+
+def test_a_deployed_model_without_packed_weights_deep_copies():
+    """Found by an audit: the refusal above also refused copy.deepcopy (and so timm's reparameterize_model, which
+    deep-copies) on deployed models whose backend copies fine: eager on a model with no convolutions to pack."""
+    from timm.utils import reparameterize_model
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.GELU(), nn.Linear(16, 4)).eval()
+    deployed = deploy(model, torch.randn(2, 3, 4, 4))
+    x = torch.randn(3, 3, 4, 4)
+    for copied in (copy.deepcopy(deployed), reparameterize_model(deployed)):
+        assert copied is not deployed and copied.backend == "eager"
+        torch.testing.assert_close(copied(x), _reference(model, x), atol=1e-5, rtol=0)
+    with pytest.raises(TypeError, match=r"cannot be saved or pickled: save or copy the original"):
+        pickle.dumps(deployed)
 
 
 def test_deployed_model_on_a_gpu_names_an_input_on_another_device():

@@ -173,12 +173,27 @@ class DeployedModel(nn.Module):
             raise RuntimeError("a deployed model is inference-only; deploy() a fresh copy of the original to train.")
         return super().train(False)
 
+    def _cannot(self, what: str) -> TypeError:
+        return TypeError(f"a model deployed by vitzoo.deploy (backend {self.backend!r}) cannot be {what}: save or "
+                         "copy the original model and deploy() it again where it runs, or write an ONNX file with "
+                         "vitzoo.export.export_verified_onnx (`vitzoo export`).")
+
     def __getstate__(self):
-        # pickling is what torch.save and copy.deepcopy do; the backends' own errors ("Cannot access storage of
-        # OpaqueTensorImpl", "cannot pickle InferenceSession") would not say what to do instead
-        raise TypeError(f"a model deployed by vitzoo.deploy (backend {self.backend!r}) cannot be saved, pickled or "
-                        "deep-copied: save or copy the original model and deploy() it again where it runs, or "
-                        "write an ONNX file with vitzoo.export.export_verified_onnx (`vitzoo export`).")
+        # pickling is what torch.save does; the backends' own errors ("Cannot access storage of OpaqueTensorImpl",
+        # "cannot pickle InferenceSession", "Tried to serialize object __torch__...") would not say what to do
+        raise self._cannot("saved or pickled" if self._copyable() else "saved, pickled or deep-copied")
+
+    def _copyable(self) -> bool:
+        """Whether ``copy.deepcopy`` works: not for an ONNX Runtime session or oneDNN-packed weights (no storage)."""
+        return self.backend != "onnxruntime" and not any(isinstance(m, PackedConv2d) for m in self.modules())
+
+    def __deepcopy__(self, memo: dict) -> "DeployedModel":
+        if not self._copyable():
+            raise self._cannot("saved, pickled or deep-copied")
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, memory_format={self.memory_format}, optimizations={self.optimizations}"
