@@ -542,3 +542,12 @@ def test_api_takes_the_models_channels_and_size(tmp_path):
         with pytest.raises(ValueError, match=r"img_size must be a positive int or a pair \(H, W\)"):
             export_verified_onnx(model, tmp_path / "x.onnx", bad)
     assert sorted(os.listdir(tmp_path)) == ["r18.onnx", "vit.onnx", "wide.onnx"]
+
+
+def test_an_export_error_keeps_the_operator_it_occurred_in():
+    """Found by an audit: the one-line export error dropped torch's "(Occurred when translating col2im)" line, the
+    only place that names the operator that failed (volo_d1_224 at opset 18)."""
+    from vitzoo.onnx_runtime import _one_line
+    error = TypeError("'NoneType' object is not subscriptable\n(Occurred when translating col2im).")
+    assert _one_line(error) == "TypeError: 'NoneType' object is not subscriptable (Occurred when translating col2im)"
+    assert _one_line(ValueError("one line only")) == "ValueError: one line only"

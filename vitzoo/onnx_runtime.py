@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, List, Optional, Tuple, Union
@@ -186,11 +187,17 @@ def _unfused_attention(model: nn.Module) -> Iterator[None]:
             m.fused_attn = True
 
 
+_TRANSLATING = re.compile(r"\(Occurred when translating [^)]+\)")
+
+
 def _one_line(error: Exception, limit: int = 200) -> str:
-    """``Type: message`` on one line: the message's first non-empty line (the exporter's details follow it)."""
+    """``Type: message`` on one line: the message's first non-empty line (the exporter's details follow it), plus
+    the exporter's "(Occurred when translating OP)" note from the rest, which names the operator that failed."""
     message = first_line(error)
     text = f"{type(error).__name__}: {message}" if message else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    where = _TRANSLATING.search(str(error))
+    return f"{text} {where.group(0)}" if where and where.group(0) not in text else text
 
 
 class OnnxRuntimeModule(nn.Module):
