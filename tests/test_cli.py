@@ -66,6 +66,24 @@ def test_sigterm_unwinds_the_command_so_its_temporary_files_go(monkeypatch, caps
     assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
 
 
+@pytest.mark.parametrize("env", [{}, {"WORLD_SIZE": "2"}, {"TORCHELASTIC_RUN_ID": "abc"}, {"WORLD_SIZE": "1"}])
+def test_sigterm_is_left_to_a_distributed_launcher(monkeypatch, env):
+    """Found by an audit: under torchrun a worker blocked in a collective runs no Python handler, so the SIGTERM
+    handler above would keep it alive until the launcher's SIGKILL; there SIGTERM keeps its default."""
+    import signal
+
+    for name in ("WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    during = []
+    monkeypatch.setattr("vitzoo.export.run", lambda args: during.append(signal.getsignal(signal.SIGTERM)))
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["export", "shvit_s1"]) == 0
+    launched = env.get("WORLD_SIZE", "1") != "1" or "TORCHELASTIC_RUN_ID" in env
+    assert (during == [before]) == launched and signal.getsignal(signal.SIGTERM) == before
+
+
 def test_package_version_matches_the_installed_metadata():
     from importlib.metadata import version
 

@@ -69,10 +69,17 @@ class Terminated(BaseException):
 @contextlib.contextmanager
 def _sigterm_unwinds():
     """While the command runs, SIGTERM raises :class:`Terminated` in this process (not in forked workers, which
-    keep the default: they die at once, as their parent expects)."""
+    keep the default: they die at once, as their parent expects).
+
+    Not under a distributed launcher (torchrun sets ``TORCHELASTIC_RUN_ID``; any launcher ``WORLD_SIZE`` > 1): a
+    worker blocked in a collective would run no Python handler until the call returns, so the launcher's SIGTERM
+    must end it at once, as it does without this package.
+    """
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
+    distributed = bool(os.environ.get("TORCHELASTIC_RUN_ID")) or os.environ.get("WORLD_SIZE", "1").strip() not in (
+        "", "0", "1")
+    if threading.current_thread() is not threading.main_thread() or distributed:
         yield
         return
     pid = os.getpid()
