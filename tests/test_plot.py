@@ -78,3 +78,22 @@ def test_check_writable_refuses_a_missing_folder_and_names_the_option(tmp_path):
                                "choose another --plot.")
     assert check_writable(existing, force=True) == existing
     assert sorted(os.listdir(tmp_path)) == ["p.svg"]
+
+
+def test_an_axis_spanning_less_than_a_decade_gets_more_than_one_label():
+    """Found by an audit: throughputs of 285 and 535 img/s gave a y axis with one labelled tick (500)."""
+    fig, _ = pareto_figure([("shvit_s1", 241.4e6, 285.0), ("efficientvit_m0", 79.2e6, 535.0)])
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    labels = [t.get_text() for t in ax.yaxis.get_ticklabels(minor=True) + ax.yaxis.get_ticklabels()
+              if t.get_text() and low <= t.get_position()[1] <= high]
+    assert {"300", "400", "500"} <= set(labels), labels
+    # an axis spanning more than a decade keeps the sparse labels (2x and 5x of each decade)
+    fig, _ = pareto_figure([(n, f * 1e6, t) for n, f, t in DEFAULT_SET])
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    labels = {t.get_text() for t in ax.yaxis.get_ticklabels(minor=True) if t.get_text()
+              and low <= t.get_position()[1] <= high}
+    assert labels and "300" not in labels and "400" not in labels

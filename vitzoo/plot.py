@@ -165,6 +165,16 @@ def check_writable(path: Union[str, Path], force: bool = False) -> Path:
     return check_new_file(path, force, option="--plot")
 
 
+def _minor_label(value: float, view: Sequence[float]) -> str:
+    """A log axis's minor tick label: at 2x and 5x of each decade only, or at every minor tick when the axis spans
+    less than a decade (286-535 img/s would otherwise show a single labelled tick, 500)."""
+    low, high = sorted(abs(v) for v in view)
+    if low > 0 and high / low < 10:
+        return f"{value:.3g}"
+    return f"{value:g}" if f"{value:e}"[0] in "25" else ""
+
+
+
 def pareto_figure(points: Sequence[Point], *, title: str = "FLOPs vs measured throughput",
                   ylabel: str = "throughput (img/s)"):
     """The plot as a matplotlib ``Figure`` (Agg canvas), and where each point's label went (in ``points`` order).
@@ -192,7 +202,7 @@ def pareto_figure(points: Sequence[Point], *, title: str = "FLOPs vs measured th
     ax.set_yscale("log")
     for axis in (ax.xaxis, ax.yaxis):  # plain numbers; minor ticks labelled at 2x and 5x only
         axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "25" else ""))
+        axis.set_minor_formatter(FuncFormatter(lambda v, _, axis=axis: _minor_label(v, axis.get_view_interval())))
     ax.margins(x=0.15, y=0.1)
     ax.set_xlabel("FLOPs (GMACs, fused)")
     ax.set_ylabel(ylabel)
