@@ -174,7 +174,6 @@ def _minor_label(value: float, view: Sequence[float]) -> str:
     return f"{value:g}" if f"{value:e}"[0] in "25" else ""
 
 
-
 def pareto_figure(points: Sequence[Point], *, title: str = "FLOPs vs measured throughput",
                   ylabel: str = "throughput (img/s)"):
     """The plot as a matplotlib ``Figure`` (Agg canvas), and where each point's label went (in ``points`` order).
