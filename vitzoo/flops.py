@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import operator
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ import torch.nn as nn
 from timm.utils import reparameterize_model
 
 from vitzoo.batchnorm_folding import fold_batchnorms
-from vitzoo.models import model_in_chans, model_input_size
+from vitzoo.models import _as_dim, model_in_chans, model_input_size
 
 with warnings.catch_warnings():
     # fvcore scripts a loss function at import time, which torch 2.14 answers with a deprecation warning
@@ -310,18 +309,6 @@ def _human(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.3f}{unit}"
     return str(int(n))
-
-
-def _as_dim(value: Any) -> Optional[int]:
-    """``value`` as a positive int (numpy and 0-d torch integers included), or None for anything else (a float, a
-    bool, a string, zero or less)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        dim = operator.index(value)
-    except TypeError:
-        return None
-    return dim if dim > 0 else None
 
 
 def _size_tuple(input_size: Any) -> Optional[Tuple[int, ...]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -281,14 +282,27 @@ def _fixed_img_size(model: nn.Module) -> Optional[Tuple[int, int]]:
     return None
 
 
-def _as_size(size: object) -> Optional[Tuple[int, int]]:
-    """``(H, W)`` of an int or a pair of positive ints; else None."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        size = (size, size)
-    if not (isinstance(size, (tuple, list)) and len(size) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+def _as_dim(value: object) -> Optional[int]:
+    """``value`` as a positive int (numpy and 0-d torch integers included), or None for anything else (a float, a
+    bool, a string, zero or less)."""
+    if isinstance(value, bool):
         return None
-    return int(size[0]), int(size[1])
+    try:
+        dim = operator.index(value)  # type: ignore[call-overload]
+    except TypeError:
+        return None
+    return dim if dim > 0 else None
+
+
+def _as_size(size: object) -> Optional[Tuple[int, int]]:
+    """``(H, W)`` of a positive int or a pair of them; else None."""
+    side = _as_dim(size)
+    if side is not None:
+        return side, side
+    if not (isinstance(size, (tuple, list)) and len(size) == 2):
+        return None
+    height, width = _as_dim(size[0]), _as_dim(size[1])
+    return None if height is None or width is None else (height, width)
 
 
 def model_in_chans(model: nn.Module) -> int:
