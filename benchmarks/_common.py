@@ -8,14 +8,16 @@ import argparse
 import os
 import platform
 import re
-from typing import Dict, Hashable, List, Optional, Sequence
+import time
+from typing import Callable, Dict, Hashable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from vitzoo.speed import Timing, measure
 
-__all__ = ["base_parser", "cpu_info", "print_machine", "randomize_norm_stats", "inference", "timed", "print_table"]
+__all__ = ["base_parser", "cpu_info", "print_machine", "randomize_norm_stats", "inference", "timed", "print_table",
+           "wall_ms"]
 
 
 def base_parser(description: str, batch: int = 16, rounds: int = 7,
@@ -100,3 +102,17 @@ def print_table(header: List[str], rows: List[List[object]], title: Optional[str
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(_cell(c) for c in row) + " |")
+
+
+def wall_ms(fn: Callable[[], object], iters: int, rounds: int = 5, warmup: int = 3) -> float:
+    """Best-of-``rounds`` mean wall time of ``fn`` in ms over ``iters`` calls each (after ``warmup`` calls): for
+    profiles and single-kernel probes, not for ratios (those use :func:`timed`)."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        best = min(best, (time.perf_counter() - start) / iters)
+    return best * 1e3

@@ -15,10 +15,15 @@ this CPU, in isolation.
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 from typing import Callable, List
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from _common import print_machine, wall_ms  # noqa: E402
 
 # (rows, in, out) of SHViT-S1's 1x1 convolutions at batch 16
 LINEAR_SHAPES = [(16 * 49, 448, 224), (16 * 49, 224, 448), (16 * 16, 640, 320), (16 * 16, 320, 640),
@@ -28,17 +33,8 @@ LINEAR_SHAPES = [(16 * 49, 448, 224), (16 * 49, 224, 448), (16 * 16, 640, 320), 
 DEPTHWISE_SHAPES = [(16, 224, 7), (16, 320, 4), (16, 128, 14), (16, 512, 14), (16, 896, 7)]
 
 
-def best_ms(fn: Callable[[], object], calls: int = 100, loops: int = 5) -> float:
-    """Best mean time per call (ms) over ``loops`` timed loops of ``calls`` calls, after a warm-up."""
-    for _ in range(10):
-        fn()
-    best = float("inf")
-    for _ in range(loops):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best * 1e3
+def best_ms(fn: Callable[[], object], calls: int = 100) -> float:
+    return wall_ms(fn, calls, rounds=5, warmup=10)
 
 
 def probe_linear() -> List[str]:
@@ -115,8 +111,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from _common import print_machine  # benchmarks/_common.py
-
     print_machine([args.threads])
     probes = {"linear": probe_linear, "precision": probe_precision, "depthwise": probe_depthwise}
     with torch.inference_mode():

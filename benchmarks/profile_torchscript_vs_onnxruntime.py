@@ -25,7 +25,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 from typing import Callable, Dict, List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +34,7 @@ import torch  # noqa: E402
 from timm.utils import reparameterize_model  # noqa: E402
 
 import vitzoo  # noqa: E402
-from _common import print_machine, randomize_norm_stats  # noqa: E402
+from _common import print_machine, randomize_norm_stats, wall_ms  # noqa: E402
 from profile_shvit_layers import RESOLUTION, ort_conv_times  # noqa: E402
 from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx  # noqa: E402
 
@@ -57,19 +56,6 @@ def conv_kind(key: str) -> str:
     """Stem (dense 3x3) or 1x1/depthwise, from a ``conv_key``."""
     weight = [int(v) for v in re.findall(r"\d+", key.split("w", 1)[1])]
     return KINDS[0] if weight[2] == 3 and weight[1] > 1 else KINDS[1]
-
-
-def wall_ms(fn: Callable[[], object], iters: int, rounds: int = 5) -> float:
-    """Best-of-``rounds`` mean wall time of ``fn`` in ms (after 3 warm-up calls)."""
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        best = min(best, (time.perf_counter() - start) / iters)
-    return best * 1e3
 
 
 def onednn_verbose_lines(fn: Callable[[], object], iters: int) -> List[str]:
