@@ -618,6 +618,42 @@ def test_shvit_distillation_head_is_kept(tmp_path):
     assert (_outputs(model, (3, 224, 224)) - expected).abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("family", ["shvit", "nvit", "shvit-legacy-format"])
+def test_the_source_is_read_whole_once(tmp_path, monkeypatch, family):
+    """convert probes a checkpoint (distillation head, NViT resolution) from its header or a memory map and reads
+    its tensors once, in the model's loader (found by the known-gaps list: the probes read the whole file too, so a
+    large checkpoint was read two or three times). A legacy torch.save file cannot be memory-mapped: its probe
+    reads it, and still finds the distillation head."""
+    torch.manual_seed(0)
+    if family == "nvit":
+        model, arch = _random_nvit(img_size=384), "nvit_b"
+        checkpoint = {"model": _nvit_to_official(model.state_dict(), NVIT_DIMS), "dim": NVIT_DIMS.to_dict(official=True)}
+    else:
+        model, arch = _randomize_norms(timm.create_model("shvit_s1", distilled=True)).eval(), "shvit_s1"
+        checkpoint = {"model": _shvit_to_official(model.state_dict())}
+    src = tmp_path / "source.pth"
+    torch.save(checkpoint, src, _use_new_zipfile_serialization=family != "shvit-legacy-format")
+    whole_reads = []
+    real_load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        if os.fspath(f) == str(src) and not kwargs.get("mmap"):
+            whole_reads.append(kwargs)
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    out = convert_checkpoint(src, arch, tmp_path / "out", flops=False)
+    assert len(whole_reads) == (2 if family == "shvit-legacy-format" else 1), whole_reads
+    args = json.loads((out / "config.json").read_text())["model_args"]
+    if family == "nvit":
+        assert args["img_size"] in (384, [384, 384]) and args["dims"] == NVIT_DIMS.to_dict()
+    else:
+        assert args["distilled"] is True
+    size = (3, 384, 384) if family == "nvit" else (3, 224, 224)
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert (_outputs(loaded, size) - _outputs(model, size)).abs().max().item() == 0.0
+
+
 def _cli_error(capsys, *argv):
     assert main(["convert", *map(str, argv), "--no-flops"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]

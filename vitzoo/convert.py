@@ -469,42 +469,52 @@ def _parse_dims(dims: Any) -> Any:
         raise ValueError(f"--dims: not a valid NViT dims record: {_reason(e)}") from e
 
 
-def _nvit_image_size(path: Path) -> Optional[int]:
-    """The square input size an NViT checkpoint was trained at (patch grid side x patch size), or None when the
-    file cannot be read here (the model's loader then says why)."""
-    import nvit
-
-    try:
-        state_dict, _, _ = nvit.load_checkpoint(path)
-        pos_embed, patch = state_dict["pos_embed"], state_dict["patch_embed.proj.weight"]
-    except (RuntimeError, ValueError, KeyError, OSError):
-        return None
-    patches = pos_embed.shape[1] - (2 if "dist_token" in state_dict else 1)
-    side = int(round(max(patches, 0) ** 0.5))
-    if side * side != patches:
-        raise ValueError(
-            f"{path.name}: its position embedding has {patches} patch tokens, not a square grid, so the image size "
-            "it was trained at cannot be told; vitzoo convert keeps a checkpoint's own resolution and converts "
-            "square grids only. Save it from a model of square img_size.")
-    return side * patch.shape[-1]
-
-
-def _has_distill_head(path: Path) -> bool:
-    """Whether a (SHViT) checkpoint holds a distillation head (``head_dist.*``), in any wrapping the SHViT loader
-    takes (``shvit.checkpoint._unwrap``); False when the file cannot be read here (the model's loader then says why)."""
+def _peek_shapes(path: Path) -> Optional[Dict[str, Tuple[int, ...]]]:
+    """The shape of every tensor in a checkpoint's weights (unwrapped from ``model`` / ``state_dict`` and the
+    ``module.`` / ``_orig_mod.`` prefixes), read without loading the tensors: safetensors' header, or a memory-mapped
+    ``torch.load`` (only a legacy, non-zip ``torch.save`` file is read whole). None when the file cannot be read
+    here; the model's loader then says why."""
     from shvit.checkpoint import _unwrap
 
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                checkpoint = dict.fromkeys(f.keys())
-        else:
-            checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
-        keys = list(_unwrap(checkpoint)) if isinstance(checkpoint, Mapping) else []
+                return {k: tuple(f.get_slice(k).get_shape()) for k in _unwrap(dict.fromkeys(f.keys()))}
+        with torch.serialization.safe_globals([argparse.Namespace]):  # the official NViT files pickle their args
+            try:
+                checkpoint = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy format
     except Exception:  # noqa: BLE001  unreadable or unsafe: the loader reports it with its own message
-        return False
-    return any(isinstance(k, str) and k.startswith("head_dist.") for k in keys)
+        return None
+    if not isinstance(checkpoint, Mapping):
+        return None
+    return {k: tuple(v.shape) for k, v in _unwrap(checkpoint).items() if isinstance(k, str) and torch.is_tensor(v)}
+
+
+def _nvit_image_size(path: Path, shapes: Optional[Dict[str, Tuple[int, ...]]]) -> Optional[int]:
+    """The square input size an NViT checkpoint (``shapes``: :func:`_peek_shapes`) was trained at (patch grid side x
+    patch size), or None when it cannot be told here (the model's loader then says why)."""
+    if shapes is None or "pos_embed" not in shapes or "patch_embed.proj.weight" not in shapes:
+        return None
+    patches = shapes["pos_embed"][1] - (2 if "dist_token" in shapes else 1)
+    side = int(round(max(patches, 0) ** 0.5))
+    if side * side != patches:
+        raise ValueError(
+            f"{path.name}: its position embedding has {patches} patch tokens, not a square grid, so the image size "
+            "it was trained at cannot be told; vitzoo convert keeps a checkpoint's own resolution and converts "
+            "square grids only. Save it from a model of square img_size.")
+    weight = shapes["patch_embed.proj.weight"]  # (E, 3, p, p), or the official (E, 3*p*p, 1, 1)
+    patch = int(round((weight[1] // 3) ** 0.5)) if weight[-1] == 1 else weight[-1]
+    return side * patch
+
+
+def _has_distill_head(shapes: Optional[Dict[str, Tuple[int, ...]]]) -> bool:
+    """Whether a (SHViT) checkpoint (``shapes``: :func:`_peek_shapes`) holds a distillation head (``head_dist.*``)."""
+    return shapes is not None and any(k.startswith("head_dist.") for k in shapes)
 
 
 def convert_checkpoint(
@@ -621,9 +631,10 @@ def convert_checkpoint(
             kwargs["num_classes"] = num_classes
         if dims is not None:
             kwargs["dims"] = dims
-        if model.startswith("shvit_") and _has_distill_head(path):
+        shapes = _peek_shapes(path) if model.startswith(("shvit_", "nvit_", "revit_")) else None
+        if model.startswith("shvit_") and _has_distill_head(shapes):
             kwargs["distilled"] = True  # keep the distillation head: the source's output is the mean of both heads
-        image_size = _nvit_image_size(path) if model.startswith(("nvit_", "revit_")) else None
+        image_size = _nvit_image_size(path, shapes) if model.startswith(("nvit_", "revit_")) else None
         if image_size is not None and image_size != 224:  # keep the checkpoint's resolution, do not resample it
             kwargs["img_size"] = image_size
             overlay["input_size"] = (3, image_size, image_size)
