@@ -4,11 +4,12 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed, use_fused_attn
+from timm.layers import register_notrace_function, resample_abs_pos_embed, use_fused_attn
 
 __all__ = ['NViTAttention', 'resample_token_mask']
 
 
+@register_notrace_function  # one call in timm's fx graphs: traced sizes cannot steer the resampler's size checks
 def resample_token_mask(
         token_mask: torch.Tensor,
         new_size: List[int],

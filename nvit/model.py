@@ -297,13 +297,15 @@ class NViT(nn.Module):
         return self.pos_drop(x), feat_size
 
     def _token_mask_for(self, token_mask: Optional[torch.Tensor], feat_size: List[int]) -> Optional[torch.Tensor]:
-        """Resampled token scale for a block when the grid differs from the built one, else None (use stored)."""
+        """With ``dynamic_img_size``: the block's token scale for the grid ``feat_size`` (the stored one itself when
+        the grid is the built one); else None (the block uses its stored scale).
+
+        No comparison of ``feat_size`` with the built grid here: under torch.fx the sizes are traced values, which
+        cannot steer Python control flow. ``resample_token_mask`` returns the stored scale itself at the built grid,
+        and timm's fx tracer keeps ``resample_abs_pos_embed`` as one call (``register_notrace_function``)."""
         if token_mask is None or not self.dynamic_img_size:
             return None
-        grid = list(self.patch_embed.grid_size)
-        if feat_size[0] == grid[0] and feat_size[1] == grid[1]:
-            return None
-        return resample_token_mask(token_mask, feat_size, grid, self.num_prefix_tokens)
+        return resample_token_mask(token_mask, feat_size, list(self.patch_embed.grid_size), self.num_prefix_tokens)
 
     def _forward_blocks(
             self,
