@@ -349,9 +349,14 @@ def _check_classifier(state_dict: Mapping[str, Any], model: torch.nn.Module) -> 
             f'the number of classes you will train (a new classifier on the checkpoint\'s body).')
     if weight.shape[0] == model.num_classes:
         return
+    # timm keeps a checkpoint's classifier only when num_classes is the pretrained cfg's: give the count to both
+    n = weight.shape[0]
     raise ClassifierSizeError(
-        f'The checkpoint\'s classifier (head) has {weight.shape[0]} outputs, the model\'s {model.num_classes}: create '
-        f'the model with num_classes={weight.shape[0]} (vitzoo convert: --num-classes {weight.shape[0]}).')
+        f'The checkpoint\'s classifier (head) has {n} outputs, the model\'s {model.num_classes}. To load it, give the '
+        f'count to the model and to its pretrained cfg: timm.create_model(..., pretrained=True, num_classes={n}, '
+        f'pretrained_cfg_overlay=dict(file=..., num_classes={n})) (num_classes={n} alone makes timm drop this '
+        f'classifier and start a new one); vitzoo convert: --num-classes {n}.')
+
 
 
 def _check_distilled(state_dict: Mapping[str, Any], model: torch.nn.Module) -> None:

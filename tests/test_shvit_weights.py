@@ -226,6 +226,26 @@ def test_features_only_takes_a_fine_tuned_or_headless_checkpoint(s1_weights, s1_
                           pretrained_cfg_overlay=dict(state_dict=body_gap))
 
 
+def test_classifier_of_another_size_says_how_to_load_it(s1_weights, tmp_path):
+    """A fine-tuned 10-class checkpoint loaded with the cfg's 1000 classes: the error's advice, followed as written,
+    loads its classifier (found by an audit: it said "create the model with num_classes=10", with which timm drops the
+    checkpoint's classifier and starts a new one, silently)."""
+    ten = {**s1_weights, 'head.l.weight': torch.randn(10, 320), 'head.l.bias': torch.randn(10)}
+    path = tmp_path / 'ft10.safetensors'
+    save_file(ten, str(path))
+    with pytest.raises(RuntimeError, match=r"classifier \(head\.l\) has 10 outputs, the model's 1000\. To load it") as info:
+        timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert isinstance(info.value.__cause__, shvit.checkpoint.ClassifierSizeError)
+    message = str(info.value)
+    assert "num_classes=10, pretrained_cfg_overlay=dict(file=..., num_classes=10)" in message
+    assert "--num-classes 10" in message
+    m = timm.create_model('shvit_s1', pretrained=True, num_classes=10,
+                          pretrained_cfg_overlay=dict(file=str(path), num_classes=10))
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in ten.items())
+    alone = timm.create_model('shvit_s1', pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(path)))
+    assert not torch.equal(alone.head.l.weight, ten['head.l.weight'])  # what the advice warns about
+
+
 def test_checkpoints_of_compiled_and_ddp_models_load(s1_weights):
     """A torch.compile'd model saves `_orig_mod.` keys, DDP `module.` (found by a review: `_orig_mod.` was refused as
     "not an SHViT checkpoint"; NViT took both)."""

@@ -730,6 +730,7 @@ def _chain_text(error: BaseException) -> str:
 _FOUND_VARIANT = re.compile(r"found (shvit_s\d)\b")
 _INCOMPLETE = re.compile(r"incomplete: (\d+) of the model's tensors are missing \(e\.g\. \[([^\]]*)\]")
 _NVIT_MODELS = "--model nvit_b/h/s/t"
+_CLASSIFIER_SIZE = re.compile(r"The checkpoint's classifier \(head(?:\.l)?\) has (\d+) outputs")
 
 
 def _cli_advice(src: str, model: str, text: str) -> Optional[str]:
@@ -747,6 +748,9 @@ def _cli_advice(src: str, model: str, text: str) -> Optional[str]:
             return (f"{src} is an NViT checkpoint with its own dims record, which {model}'s fixed dims do not match; "
                     f"convert it with {_NVIT_MODELS}.")
         return f"{src} has its own NViT dims record, unlike the --dims given; remove --dims."
+    size = _CLASSIFIER_SIZE.search(text)
+    if size:
+        return f"{src}'s classifier has {size.group(1)} outputs; convert it with --num-classes {size.group(1)}."
     if "The checkpoint has no classifier (head" in text:
         return f"{src} has no classifier head; convert it with --num-classes 0."
     incomplete = _INCOMPLETE.search(text)
