@@ -260,6 +260,24 @@ def test_fx_with_dynamic_img_size(name):
             assert torch.equal(graph(x)['tokens'], m.forward_features(x))
 
 
+def test_torch_export_with_dynamic_height_and_width():
+    """torch.export with dynamic H/W: the exported graph runs at other sizes than its example, as timm's ViT's does
+    (found by an audit: a size-match shortcut for the token scales specialised the graph to the example's grid, so
+    every other size failed a guard)."""
+    from torch.export import Dim
+    torch.manual_seed(0)
+    m = small(dynamic_img_size=True)
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.attn.token_mask.uniform_(0.5, 1.5)
+    sizes = ({2: Dim('h', min=1, max=8) * 16, 3: Dim('w', min=1, max=8) * 16},)
+    exported = torch.export.export(m, (torch.randn(1, 3, 64, 64),), dynamic_shapes=sizes).module()
+    for size in [(64, 64), (48, 80), (112, 32)]:
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(x), m(x), rtol=1e-5, atol=1e-6)
+
+
 def test_from_vit_deit_tiny_and_errors():
     vit = timm.create_model('deit_tiny_distilled_patch16_224').eval()
     model = nvit.from_vit(vit)
