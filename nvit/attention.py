@@ -93,7 +93,9 @@ class NViTAttention(nn.Module):
         if token_mask is None:
             token_mask = self.token_mask
         if token_mask is not None:
-            qkv = qkv * token_mask.expand_as(qkv)  # explicit broadcast: oneDNN Graph fails on a [N, 1] operand
+            # explicit broadcast: oneDNN Graph fails on a [N, 1] operand; the scale takes qkv's dtype, so under
+            # autocast the fp32 parameter does not promote q/k/v (and the attention kernel) back to fp32
+            qkv = qkv * token_mask.to(qkv.dtype).expand_as(qkv)
         qk_width = self.num_heads * self.qk_dim
         q, k, v = qkv.split([qk_width, qk_width, self.num_heads * self.v_dim], dim=-1)
         q = q.reshape(B, N, self.num_heads, self.qk_dim).transpose(1, 2)

@@ -278,6 +278,33 @@ def test_torch_export_with_dynamic_height_and_width():
             torch.testing.assert_close(exported(x), m(x), rtol=1e-5, atol=1e-6)
 
 
+def test_token_scales_keep_autocast_dtype(monkeypatch):
+    """Under autocast q/k/v reach the attention kernel in the autocast dtype (found by an audit: multiplying by the
+    fp32 token scale promoted them back to fp32, so the fp16/bf16 kernels were never used), and the result stays near
+    the fp32 one."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    m = small()
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.attn.token_mask.uniform_(0.5, 1.5)
+    dtypes, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        dtypes.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', spy)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = m(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            dtypes.clear()
+            got = m(x)
+    assert dtypes and set(dtypes) == {(torch.bfloat16,) * 3}, dtypes
+    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
+
+
 def test_from_vit_deit_tiny_and_errors():
     vit = timm.create_model('deit_tiny_distilled_patch16_224').eval()
     model = nvit.from_vit(vit)
