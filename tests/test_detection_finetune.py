@@ -160,6 +160,9 @@ def test_resume_errors_are_one_line(data, tmp_path, capsys):
                *args, '--resume'])
     err = capsys.readouterr().err
     assert rc == 2 and 'is from another run: --backbone shvit_s1 there, revit_t here' in err, err
+    # another batch size: a mid-epoch resume would skip the wrong images (found by an audit: not checked)
+    assert _run(data, out, *args, '--resume', '--batch-size', '1') == 2
+    assert 'is from another run: --batch-size 2 there, 1 here' in capsys.readouterr().err
     # a file that is not a training checkpoint: text, and a plain state dict
     text = tmp_path / 'text.pth'
     text.write_bytes(b'not a checkpoint\n')
@@ -490,6 +493,63 @@ def test_default_lr_steps_are_8_and_11_of_12_epochs(data, tmp_path, monkeypatch,
     assert _run(data, tmp_path / 'run', '--detector', 'retinanet', '--no-eval', '--epochs', str(epochs),
                 '--max-iters', '1') == 0
     assert seen and all(m == [2 * e for e in steps] for m in seen), seen
+
+
+@pytest.mark.parametrize('epochs,steps', [(12, [8, 11]), (24, [16, 22]), (36, [24, 33]), (18, [12, 16]), (6, [4, 5]),
+                                          (3, [2]), (2, [1]), (1, [])])
+def test_default_lr_steps_fall_inside_the_run(epochs, steps):
+    """Epochs 8 and 11 of 12, scaled and rounded down, only inside the run (found by an audit: rounding put the
+    second step at the last epoch of a 6-epoch run, [4, 6], where it never took effect)."""
+    from vitzoo.detection.finetune import default_lr_steps
+    assert default_lr_steps(epochs) == steps
+
+
+def test_an_output_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    """Found by an audit: --out naming a file failed only after the data and model were built, with a bare
+    "[Errno 17] File exists"."""
+    afile = tmp_path / 'afile'
+    afile.write_text('keep')
+    rc = main(['finetune-det', '--data', str(tmp_path / 'no-data'), '--out', str(afile)])
+    assert rc == 2 and capsys.readouterr().err == (f'vitzoo finetune-det: error: --out {afile} is a file, not a '
+                                                   'folder; choose another --out.\n')
+    assert afile.read_text() == 'keep'
+
+
+def _copy_dataset(data, root, edit_split=None, edit=None):
+    (root / 'annotations').mkdir(parents=True)
+    for split in ('train', 'val'):
+        (root / split).symlink_to(data / split)
+        coco = json.loads((data / 'annotations' / f'instances_{split}.json').read_text())
+        if split == edit_split:
+            edit(coco)
+        (root / 'annotations' / f'instances_{split}.json').write_text(json.dumps(coco))
+    return root
+
+
+def test_val_with_other_categories_is_refused_before_training(data, tmp_path, capsys):
+    """Found by an audit: val's categories were never compared with train's (AP 0 without a word, or an error
+    after the whole epoch)."""
+    root = _copy_dataset(data, tmp_path / 'ds', 'val', lambda c: c['categories'].append({'id': 99, 'name': 'x'}))
+    assert _run(root, tmp_path / 'run', '--detector', 'retinanet', '--epochs', '1') == 2
+    captured = capsys.readouterr()
+    assert 'instances_val.json lists other categories than' in captured.err and 'ids only in instances_val.json: ' \
+        '[99]' in captured.err, captured.err
+    assert not (tmp_path / 'run' / 'log.jsonl').exists() and 'done:' not in captured.out
+
+
+def test_boxes_too_small_to_train_on_are_a_note(data, tmp_path, capsys):
+    """A zero-height box (as in COCO 2017's train split) is left out of training with one note on stdout, not a
+    refusal and not a Python warning."""
+    def edit(coco):
+        coco['annotations'][0]['bbox'][3] = 0.0
+
+    root = _copy_dataset(data, tmp_path / 'ds', 'train', edit)
+    assert _run(root, tmp_path / 'run', '--detector', 'retinanet', '--epochs', '1', '--max-iters', '1',
+                '--no-eval') == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.out.splitlines() if line.startswith('note: ')]
+    assert len(notes) == 1 and '1 annotation(s) with a box too small to train on (e.g. annotation id ' in notes[0]
+    assert 'Warning' not in captured.err, captured.err
 
 
 def test_checkpoint_every_saves_at_its_multiples(data, tmp_path, monkeypatch):

@@ -21,12 +21,17 @@ import torch
 from torch.utils.data import Dataset
 from PIL import Image
 
-__all__ = ['CocoDetectionFolder', 'DatasetError', 'annotation_path', 'boxes_as_trained', 'collate_detection', 'hflip',
-           'load_coco_json', 'worker_error_message']
+__all__ = ['CocoDetectionFolder', 'DatasetError', 'SkippedBoxWarning', 'annotation_path', 'boxes_as_trained',
+           'check_masks_for_evaluation', 'check_same_categories', 'collate_detection', 'hflip', 'load_coco_json',
+           'worker_error_message']
 
 
 class DatasetError(ValueError):
     """A problem in a COCO-format dataset; the message names the file and the entry."""
+
+
+class SkippedBoxWarning(UserWarning):
+    """Annotations whose box is too small to train on were left out of the training targets."""
 
 
 def worker_error_message(error: BaseException) -> str:
@@ -271,9 +276,10 @@ def load_coco_json(path: Path, image_dir: Path, require_masks: bool = False) -> 
             raise DatasetError(f'{where}: bbox must be [x, y, width, height] (4 finite numbers), got {box!r}.')
         x, y, w, h = box
         img = images[ann['image_id']]
-        if w <= 0 or h <= 0:
-            raise DatasetError(f'{where}: bbox {box} has a non-positive width or height.')
-        if x >= img['width'] or y >= img['height'] or x + w <= 0 or y + h <= 0:
+        if w < 0 or h < 0:
+            raise DatasetError(f'{where}: bbox {box} has a negative width or height.')
+        # a zero width or height is a degenerate box, left out of training (too_small_to_train), wherever it lies
+        if w > 0 and h > 0 and (x >= img['width'] or y >= img['height'] or x + w <= 0 or y + h <= 0):
             raise DatasetError(f'{where}: bbox {box} lies outside the {img["width"]}x{img["height"]} image.')
         ann.setdefault('iscrowd', 0)
         _check_value(ann, 'iscrowd', lambda v: isinstance(v, int) and v in (0, 1), '0 or 1', where)
@@ -283,34 +289,39 @@ def load_coco_json(path: Path, image_dir: Path, require_masks: bool = False) -> 
             _check_fields(ann, ('segmentation',), where)
         if 'segmentation' in ann and (require_masks or ann['segmentation']):
             _check_segmentation(ann['segmentation'], where, img['height'], img['width'])
-    _check_boxes_as_trained(data, images, path)
+    _fill_areas(data, images)
     return data
 
 
-def _check_boxes_as_trained(data: Dict[str, Any], images: Dict[Any, Dict[str, Any]], path: Path) -> None:
-    """Every box must keep a positive size as training uses it (float32, clamped to its image): ``[100, 10, 1e-6,
-    30]`` or ``x = 127.99999999`` in a 128-pixel-wide image collapse to zero width there, and torchvision refuses
-    such targets. Crowd boxes (``iscrowd``) are exempt: training leaves them out. Fills in the ``area`` of
-    annotations without one, from that box."""
+def too_small_to_train(data: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The (non-crowd) annotations of a validated COCO dict whose box is too small to train on.
+
+    A box must keep a positive size as training uses it (float32, clamped to its image): a zero height (COCO 2017's
+    train split has such boxes, e.g. annotation 918), ``[100, 10, 1e-6, 30]``, or ``x = 127.99999999`` in a
+    128-pixel-wide image collapse to nothing there, and torchvision stops training on such a target. The margin is 4
+    float32 steps at the image's larger side: enough for a horizontal flip (width - x) and any resize to keep the box
+    positive. Crowd boxes are not trained on (only ignored in evaluation), so they never count.
+    """
+    anns = data['annotations']
+    if not anns:
+        return []
+    sizes = {im['id']: (im['width'], im['height']) for im in data['images']}
+    dims = np.array([sizes[a['image_id']] for a in anns])
+    xyxy = boxes_as_trained([a['bbox'] for a in anns], dims[:, 0], dims[:, 1])
+    size = xyxy[:, 2:] - xyxy[:, :2]
+    least = 4 * np.spacing(dims.max(axis=1).astype(np.float32))
+    crowd = np.array([bool(a.get('iscrowd', 0)) for a in anns])
+    return [anns[i] for i in np.flatnonzero((size.min(axis=1) < least) & ~crowd)]
+
+
+def _fill_areas(data: Dict[str, Any], images: Dict[Any, Dict[str, Any]]) -> None:
+    """Fill in the ``area`` of annotations without one (pycocotools needs it): their box's as training uses it."""
     anns = data['annotations']
     if not anns:
         return
     dims = np.array([(images[a['image_id']]['width'], images[a['image_id']]['height']) for a in anns])
     xyxy = boxes_as_trained([a['bbox'] for a in anns], dims[:, 0], dims[:, 1])
     size = xyxy[:, 2:] - xyxy[:, :2]
-    # 4 float32 steps at the image's larger side: enough for a horizontal flip (width - x) and any resize to keep
-    # the box positive
-    least = 4 * np.spacing(dims.max(axis=1).astype(np.float32))
-    crowd = np.array([bool(a.get('iscrowd', 0)) for a in anns])
-    bad = np.flatnonzero((size.min(axis=1) < least) & ~crowd)  # crowd regions are not trained on, only ignored
-    if bad.size:
-        i = int(bad[0])
-        ann, (width, height) = anns[i], dims[i]
-        raise DatasetError(
-            f'{path}: annotation id {ann["id"]} (image id {ann["image_id"]}): bbox {ann["bbox"]} is '
-            f'{float(size[i, 0]):g} x {float(size[i, 1]):g} pixels once clamped to the {width}x{height} image in '
-            f'float32, as training uses it; a box needs at least {float(least[i]):.2g} pixels each way (so that '
-            'flipping and resizing keep it positive): remove it or correct its size.')
     for ann, (bw, bh) in zip(anns, size.astype(np.float64)):
         if 'area' not in ann:
             ann['area'] = float(bw * bh)
@@ -334,7 +345,9 @@ class CocoDetectionFolder(Dataset):
     Items are ``(image, target)``: ``image`` float ``[3, H, W]`` in ``[0, 1]``; ``target`` with ``boxes`` (xyxy,
     float), ``labels`` (``1..num_classes``, categories sorted by id), ``image_id``, and ``masks`` (uint8
     ``[N, H, W]``) when ``with_masks``. Crowd annotations are left out of the targets (they still count in the
-    COCO evaluation).
+    COCO evaluation), and so are boxes too small to train on (:func:`too_small_to_train`; listed in
+    ``skipped``, announced by a :class:`SkippedBoxWarning`); those stay in the evaluation ground truth, as in
+    pycocotools' evaluation of the JSON itself.
 
     Args:
         root: The dataset folder.
@@ -353,9 +366,18 @@ class CocoDetectionFolder(Dataset):
         self.category_to_label = {c: i + 1 for i, c in enumerate(cat_ids)}
         self.label_to_category = {i + 1: c for i, c in enumerate(cat_ids)}
         self.images = sorted(self.coco['images'], key=lambda im: im['id'])
+        self.skipped = too_small_to_train(self.coco)
+        if self.skipped:
+            first = self.skipped[0]
+            warnings.warn(
+                f'{self.ann_file}: {len(self.skipped)} annotation(s) with a box too small to train on (e.g. annotation '
+                f'id {first["id"]}, image id {first["image_id"]}: bbox {first["bbox"]}) are left out of the training '
+                'targets; they stay in the evaluation ground truth.', SkippedBoxWarning, stacklevel=2)
+        skipped = {id(a) for a in self.skipped}
         self.anns: Dict[Any, List[Dict[str, Any]]] = {im['id']: [] for im in self.images}
         for ann in self.coco['annotations']:
-            self.anns[ann['image_id']].append(ann)
+            if id(ann) not in skipped:
+                self.anns[ann['image_id']].append(ann)
 
     @property
     def num_classes(self) -> int:
@@ -419,6 +441,45 @@ class CocoDetectionFolder(Dataset):
         if self.with_masks:
             target['masks'] = self._masks(anns, h, w)
         return image, target
+
+
+def check_same_categories(train: CocoDetectionFolder, val: CocoDetectionFolder) -> None:
+    """The evaluation split must list the training split's categories: the model's labels are the training split's
+    category ids in order, and the evaluation maps them back through its own list.
+
+    Raises:
+        DatasetError: the two ``categories`` lists differ (ids or names), naming both files and the first difference.
+    """
+    names = [{c['id']: c['name'] for c in ds.coco['categories']} for ds in (train, val)]
+    if names[0] == names[1]:
+        return
+    only = [sorted(set(names[i]) - set(names[1 - i])) for i in (0, 1)]
+    renamed = sorted(k for k in set(names[0]) & set(names[1]) if names[0][k] != names[1][k])
+    what = '; '.join(part for part in (
+        f'ids only in {train.ann_file.name}: {only[0]}' if only[0] else '',
+        f'ids only in {val.ann_file.name}: {only[1]}' if only[1] else '',
+        f'id {renamed[0]} is {names[0][renamed[0]]!r} in one and {names[1][renamed[0]]!r} in the other'
+        if renamed else '') if part)
+    raise DatasetError(
+        f'{val.ann_file} lists other categories than {train.ann_file} ({what}). The model\'s labels follow the '
+        'training split\'s categories and the evaluation maps them back through its own, so its scores would be '
+        'wrong: give both files the same "categories" list (an evaluation split may have no annotations of a '
+        'category, but it lists it).')
+
+
+def check_masks_for_evaluation(dataset: CocoDetectionFolder) -> None:
+    """Mask evaluation (pycocotools' ``segm``) needs a ``segmentation`` on every annotation, crowd ones included
+    (their region is what detections are ignored in); training needs it only on the others.
+
+    Raises:
+        DatasetError: a crowd annotation without one, named with its file.
+    """
+    bare = [a for a in dataset.coco['annotations'] if a['iscrowd'] and not a.get('segmentation')]
+    if bare:
+        raise DatasetError(
+            f'{dataset.ann_file}: annotation id {bare[0]["id"]} (image id {bare[0]["image_id"]}) is a crowd region '
+            f'without a segmentation ({len(bare)} such annotation(s)); mask evaluation needs one on every annotation: '
+            'add its polygon or RLE, or remove it.')
 
 
 def collate_detection(batch: List[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]) -> Tuple[list, list]:

@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .data import CocoDetectionFolder, collate_detection
+from .data import CocoDetectionFolder, check_masks_for_evaluation, collate_detection
 
 __all__ = ['STAT_NAMES', 'evaluate_coco', 'format_stats', 'predictions_to_coco']
 
@@ -98,6 +98,8 @@ def evaluate_coco(
         ids = [int(t['image_id']) for t in targets]
         results += predictions_to_coco(outputs, ids, dataset.label_to_category)
     model.train(was_training)
+    if has_masks:  # pycocotools' segm evaluation would stop on it with a bare KeyError
+        check_masks_for_evaluation(dataset)
 
     sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     stats: Dict[str, Dict[str, float]] = {}

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -21,13 +22,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from vitzoo.atomic import atomic_write_text
+from vitzoo.atomic import _check_parent_writable, atomic_write_text
 from vitzoo.messages import cli_message
 from vitzoo.models import UnknownModelError
 
 from .backbone import BackboneError, summarize_load_error
 from .checkpoint import atomic_save, get_rng_state, load_checkpoint, set_rng_state
-from .data import CocoDetectionFolder, DatasetError, collate_detection, hflip, split_exists, worker_error_message
+from .data import (
+    CocoDetectionFolder, DatasetError, SkippedBoxWarning, check_masks_for_evaluation, check_same_categories,
+    collate_detection, hflip, split_exists, worker_error_message)
 from .detectors import DETECTOR_STRIDES, build_detector
 from .distributed import DistContext, check_device, init_distributed
 from .evaluate import evaluate_coco, format_stats
@@ -94,6 +97,16 @@ def lr_factor(iteration: int, warmup_iters: int, milestones: List[int], warmup_r
     return factor
 
 
+def default_lr_steps(epochs: int) -> List[int]:
+    """The 1x schedule's lr steps (after epochs 8 and 11 of 12) scaled to ``epochs``: each rounded down, and only
+    steps that fall inside the run (a step after the last epoch never takes effect) and differ from each other.
+
+    ``round`` placed the second step at the very end for short runs (6 epochs: ``[4, 6]``, so it never dropped the
+    lr); rounded down, 6 epochs give ``[4, 5]``, 24 give ``[16, 22]``, 3 give ``[2]``.
+    """
+    return sorted({s for s in (epochs * 8 // 12, epochs * 11 // 12) if 0 < s < epochs})
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -153,6 +166,9 @@ def _check_args(args: argparse.Namespace, out: Path) -> Tuple[Optional[Path], bo
     """The checkpoint to resume from (None: a fresh start) and whether it is ``out``'s own (the run continuing
     itself). Refuses, before any work, to write into a folder that holds another run unless ``--force``."""
     validate_args(args)
+    if os.path.lexists(out) and not out.is_dir():
+        raise FileExistsError(f'--out {out} is a file, not a folder; choose another --out.')
+    _check_parent_writable(out, out.parent)
     existing = _run_files(out)
     if args.resume is not None:
         ckpt = out / LAST if args.resume == 'auto' else Path(args.resume)
@@ -178,7 +194,8 @@ def _check_args(args: argparse.Namespace, out: Path) -> Tuple[Optional[Path], bo
 #: what a run's arguments must share with the run it resumes (the model, what its weights' shapes follow, which
 #: parameters the optimizer state holds, and the optimizer settings that its state carries: loading it would
 #: silently replace another --lr / --weight-decay with the checkpoint's)
-RESUME_KEYS = ('detector', 'backbone', 'out_channels', 'frozen_stages', 'lr', 'weight_decay')
+# batch_size: a mid-epoch resume skips the images the saved step has seen, by this run's batch size
+RESUME_KEYS = ('detector', 'backbone', 'out_channels', 'frozen_stages', 'lr', 'weight_decay', 'batch_size')
 
 
 def _check_resume(ckpt: Dict[str, Any], args: argparse.Namespace, path: Path) -> None:
@@ -240,10 +257,20 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     out = Path(args.out)
     resume_from, continuing = _check_args(args, out)
     with_masks = args.detector == 'maskrcnn'
-    train_ds = CocoDetectionFolder(args.data, 'train', with_masks=with_masks)
-    val_ds = None
-    if not args.no_eval and split_exists(args.data, 'val'):
-        val_ds = CocoDetectionFolder(args.data, 'val', with_masks=with_masks)
+    with warnings.catch_warnings(record=True) as notes:  # printed once below, as notes, not as Python warnings
+        warnings.simplefilter('always', SkippedBoxWarning)
+        train_ds = CocoDetectionFolder(args.data, 'train', with_masks=with_masks)
+        val_ds = None
+        if not args.no_eval and split_exists(args.data, 'val'):
+            val_ds = CocoDetectionFolder(args.data, 'val', with_masks=with_masks)
+            check_same_categories(train_ds, val_ds)
+            if with_masks:
+                check_masks_for_evaluation(val_ds)
+    for note in notes:
+        if ctx.is_main and issubclass(note.category, SkippedBoxWarning):
+            print(f'note: {note.message}')
+        elif not issubclass(note.category, SkippedBoxWarning):
+            warnings.warn_explicit(note.message, note.category, note.filename, note.lineno)
     _seed_everything(args.seed)
     model = build_detector(args.detector, args.backbone, train_ds.num_classes, pretrained=args.pretrained,
                            weights=args.backbone_weights, out_channels=args.out_channels,
@@ -256,7 +283,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     iters_per_epoch = math.ceil(len(train_ds) / (args.batch_size * ctx.world_size))
-    steps = args.lr_steps if args.lr_steps is not None else [round(args.epochs * 8 / 12), round(args.epochs * 11 / 12)]
+    steps = args.lr_steps if args.lr_steps is not None else default_lr_steps(args.epochs)
     milestones = [e * iters_per_epoch for e in steps]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_factor(it, args.warmup_iters, milestones))
