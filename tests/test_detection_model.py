@@ -242,6 +242,14 @@ def test_retinanet_never_detects_the_background_label():
     assert len(out['boxes']) == len(out['scores']) == 20
 
 
+@pytest.mark.parametrize('value', [-3, 1.5, True])
+def test_frozen_stages_out_of_range_is_refused(value):
+    """Found by an audit: frozen_stages=-3 froze nothing without a word (the CLI refused it, Python did not)."""
+    with pytest.raises(ValueError, match=r'frozen_stages must be -1 \(nothing frozen\), 0 \(the stem\) or a number of '
+                                         rf'stages, got {value!r}'):
+        build_backbone('shvit_s1', 'retinanet', frozen_stages=value, out_channels=16)
+
+
 def test_frozen_stages_and_norm_eval():
     bb = build_backbone('shvit_s1', 'retinanet', frozen_stages=1, norm_eval=False, out_channels=16)
     frozen = {n for n, p in bb.body.named_parameters() if not p.requires_grad}

@@ -251,6 +251,9 @@ class DetectionBackbone(nn.Module):
         self._freeze(frozen_stages)
 
     def _freeze(self, frozen_stages: int) -> None:
+        if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) or frozen_stages < -1:
+            raise ValueError(f'frozen_stages must be -1 (nothing frozen), 0 (the stem) or a number of stages, got '
+                             f'{frozen_stages!r}.')
         if frozen_stages < 0:
             return
         if self.mode == 'features_only':
