@@ -301,6 +301,27 @@ def test_backbone_name_and_build_errors():
         build_backbone('nvit_b')
 
 
+def test_anchor_generators_and_roi_pools_of_the_caller_replace_ours():
+    """Found by an audit: the docs and the unknown-argument error list anchor_generator / rpn_anchor_generator /
+    box_roi_pool / mask_roi_pool as accepted, but passing one raised "got multiple values for keyword argument"."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+
+    anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((1.0,),) * 5)
+    retina = build_detector('retinanet', 'shvit_s1', 3, out_channels=16, anchor_generator=anchors)
+    assert retina.anchor_generator is anchors
+    box_pool = MultiScaleRoIAlign(['p3'], output_size=7, sampling_ratio=2)
+    mask_pool = MultiScaleRoIAlign(['p3'], output_size=14, sampling_ratio=2)
+    mask = build_detector('maskrcnn', 'shvit_s1', 3, out_channels=16, rpn_anchor_generator=anchors,
+                          box_roi_pool=box_pool, mask_roi_pool=mask_pool)
+    assert mask.rpn.anchor_generator is anchors and mask.roi_heads.box_roi_pool is box_pool
+    assert mask.roi_heads.mask_roi_pool is mask_pool
+    mask.eval()
+    with torch.no_grad():
+        out = mask([torch.rand(3, 96, 128)])
+    assert set(out[0]) >= {'boxes', 'labels', 'scores', 'masks'}
+
+
 def test_build_detector_argument_errors():
     with pytest.raises(ValueError, match='unknown detector kind'):
         build_detector('yolo', 'shvit_s1', 3)
@@ -393,6 +414,9 @@ def test_model_objects_and_built_backbones_are_checked():
 
     with pytest.raises(ValueError, match=r'dynamic_img_size=False.*dynamic_img_size=True'):
         build_backbone(timm.create_model('revit_t'))
+    # found by an audit: inside a features_only wrapper the fixed-size ViT passed, and the first forward failed
+    with pytest.raises(ValueError, match=r'FeatureGetterNet \(its VisionTransformer\) was created for one input size'):
+        build_detector('retinanet', timm.create_model('deit_tiny_patch16_224', features_only=True), 3)
     assert build_backbone(timm.create_model('revit_t', dynamic_img_size=True), out_channels=16).is_token_model
     bb = build_backbone('shvit_s1', 'retinanet', out_channels=16)
     with pytest.raises(ValueError, match=r'weights, frozen_stages apply when build_detector builds the backbone'):

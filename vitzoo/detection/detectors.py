@@ -90,11 +90,14 @@ def build_backbone(
                          'pass yourself before passing it.')
     else:
         model = name
-        if getattr(model, 'dynamic_img_size', None) is False:
+        # the model itself, or the one inside a features_only wrapper (timm's FeatureGetterNet keeps it as .model)
+        fixed = next((m for m in model.modules() if getattr(m, 'dynamic_img_size', None) is False), None)
+        if fixed is not None:
+            inside = '' if fixed is model else f' (its {type(fixed).__name__})'
             raise ValueError(
-                f'{type(model).__name__} was created for one input size (dynamic_img_size=False), but a detector feeds '
-                f'it images of many sizes; create it with timm.create_model(..., dynamic_img_size=True), or pass '
-                f'the model name, which does so.')
+                f'{type(model).__name__}{inside} was created for one input size (dynamic_img_size=False), but a '
+                f'detector feeds it images of many sizes; create it with timm.create_model(..., '
+                f'dynamic_img_size=True), or pass the model name, which does so.')
     ref = next(model.parameters(), None)  # the neck is created on the body's device and in its dtype
     return DetectionBackbone(model, strides, out_channels, frozen_stages=frozen_stages, norm_eval=norm_eval,
                              device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
@@ -166,16 +169,16 @@ def build_detector(
         # multiple of the coarsest stride puts them off the grid
         raise ValueError(f'size_divisible={detector_kwargs["size_divisible"]} must be a multiple of the coarsest '
                          f'pyramid stride {max(strides)} of {kind}, or anchors land off their feature grid.')
-    common = dict(min_size=min_size, max_size=max_size, **detector_kwargs)
+    # our anchors and RoI pools for the pyramid's strides; an anchor generator or pool the caller passes replaces ours
     if kind == 'retinanet':
         sizes = tuple(tuple(int(4 * s * 2 ** (k / 3)) for k in range(3)) for s in strides)
-        anchors = AnchorGenerator(sizes, (_ASPECT_RATIOS,) * len(sizes))
-        return ForegroundRetinaNet(backbone, num_classes + 1, anchor_generator=anchors, **common)
-    anchors = AnchorGenerator(tuple((8 * s,) for s in strides), (_ASPECT_RATIOS,) * len(strides))
-    roi_levels = [level_name(s) for s in strides if s <= 32]
-    box_pool = MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2)
-    if kind == 'fasterrcnn':
-        return FasterRCNN(backbone, num_classes + 1, rpn_anchor_generator=anchors, box_roi_pool=box_pool, **common)
-    mask_pool = MultiScaleRoIAlign(roi_levels, output_size=14, sampling_ratio=2)
-    return MaskRCNN(backbone, num_classes + 1, rpn_anchor_generator=anchors, box_roi_pool=box_pool,
-                    mask_roi_pool=mask_pool, **common)
+        parts = dict(anchor_generator=AnchorGenerator(sizes, (_ASPECT_RATIOS,) * len(sizes)))
+    else:
+        roi_levels = [level_name(s) for s in strides if s <= 32]
+        parts = dict(rpn_anchor_generator=AnchorGenerator(tuple((8 * s,) for s in strides),
+                                                          (_ASPECT_RATIOS,) * len(strides)),
+                     box_roi_pool=MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2))
+        if kind == 'maskrcnn':
+            parts['mask_roi_pool'] = MultiScaleRoIAlign(roi_levels, output_size=14, sampling_ratio=2)
+    parts.update(min_size=min_size, max_size=max_size, **detector_kwargs)
+    return _CLASSES[kind](backbone, num_classes + 1, **parts)
