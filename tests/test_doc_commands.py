@@ -2,7 +2,7 @@
 
 Commands are taken from fenced code blocks and inline code in README.md, docs/ and weights/: ``vitzoo ...``
 (also ``python -m vitzoo`` and ``torchrun ... -m vitzoo``), ``python -m vitzoo.detection.synthetic`` and
-``python benchmarks/<script>.py``. Each is parsed, not run: a flag that was renamed, a value the parser
+``python benchmarks/<script>.py`` (also ``python tests/upstream/<script>.py``). Each is parsed, not run: a flag that was renamed, a value the parser
 rejects or an argument it does not take fails here. Synopsis lines (``[--force]``, ``...``) are skipped.
 """
 import argparse
@@ -21,7 +21,11 @@ DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "
 
 _ENV = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)+")
 _PYTHON = r"(?:\S*/)?python3?"
-_INLINE = re.compile(r"`([^`]*(?:vitzoo |benchmarks/\w+\.py|\bbench_\w+\.py|\bprofile_\w+\.py)[^`]*)`")
+_INLINE = re.compile(r"`([^`]*(?:vitzoo |benchmarks/\w+\.py|tests/upstream/\w+\.py|\bbench_\w+\.py|\bprofile_\w+\.py)[^`]*)`")
+# the scripts a command line may name: every benchmark script and the upstream-tests fetcher (a bare
+# ``bench_x.py`` / ``profile_x.py`` is a benchmark script)
+_SCRIPTS = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "benchmarks", "[!_]*.py"))
+            + glob.glob(os.path.join(ROOT, "tests", "upstream", "[!_]*.py"))}
 
 
 def _commands_in(text: str):
@@ -58,7 +62,8 @@ def _normalise(line: str, inline: bool):
     line = re.sub(r"^torchrun(?: --\S+(?: \d+)?)* -m vitzoo ", "vitzoo ", line)
     line = re.sub(rf"^{_PYTHON} -m vitzoo ", "vitzoo ", line)
     line = re.sub(rf"^{_PYTHON} -m vitzoo\.detection\.synthetic ", "synthetic ", line)
-    line = re.sub(rf"^{_PYTHON} (?:benchmarks/)?", "", line)
+    run_by_python = re.match(rf"^{_PYTHON} ", line) is not None
+    line = re.sub(rf"^{_PYTHON} ", "", line)
     try:
         argv = shlex.split(line)
     except ValueError:
@@ -72,9 +77,12 @@ def _normalise(line: str, inline: bool):
         return "vitzoo", argv[1:]
     if head == "synthetic":
         return "synthetic", argv[1:]
-    script = head.split("/")[-1]
-    if re.fullmatch(r"(?:bench|profile)_\w+\.py", script):
-        return script, argv[1:]
+    if re.fullmatch(r"(?:bench|profile)_\w+\.py", head):
+        head = "benchmarks/" + head
+    if inline and not run_by_python and len(argv) == 1:
+        return None  # a file named in prose (`benchmarks/_isolated.py`), not a command line
+    if head.startswith(("benchmarks/", "tests/upstream/")) and head.endswith(".py"):
+        return head, argv[1:]  # a script that does not exist fails in the test, named
     return None
 
 
@@ -111,10 +119,11 @@ def _parse_only(monkeypatch, main, argv):
 
 
 def _script_main(monkeypatch, script: str):
-    path = os.path.join(ROOT, "benchmarks", script)
-    assert os.path.isfile(path), f"the docs name benchmarks/{script}, which does not exist"
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
-    spec = importlib.util.spec_from_file_location(f"_doc_cmd_{script[:-3]}", path)
+    """``main`` of ``script`` (a path relative to the repository, e.g. ``benchmarks/bench_x.py``)."""
+    assert script in _SCRIPTS, f"the docs name {script}, which does not exist"
+    path = os.path.join(ROOT, script)
+    monkeypatch.syspath_prepend(os.path.dirname(path))
+    spec = importlib.util.spec_from_file_location(f"_doc_cmd_{os.path.basename(script)[:-3]}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
@@ -122,7 +131,8 @@ def _script_main(monkeypatch, script: str):
 
 def test_the_docs_show_commands_of_every_kind():
     kinds = {kind for *_, kind, _ in COMMANDS}
-    assert {"vitzoo", "synthetic", "bench_shvit_vs_timm.py", "bench_cpu_vs_onnxruntime.py"} <= kinds, kinds
+    assert {"vitzoo", "synthetic", "benchmarks/bench_shvit_vs_timm.py", "benchmarks/bench_cpu_vs_onnxruntime.py",
+            "benchmarks/probe_kernels.py", "tests/upstream/fetch_timm_tests.py"} <= kinds, kinds
     subcommands = {argv[0] for *_, kind, argv in COMMANDS if kind == "vitzoo"}
     assert {"compare", "export", "convert", "finetune-det"} <= subcommands, subcommands
 
@@ -146,3 +156,16 @@ def test_documented_command_parses(where, line, kind, argv, monkeypatch, capsys)
             _parse_only(monkeypatch, _script_main(monkeypatch, kind), [kind] + argv)
     except SystemExit:
         pytest.fail(f"{where}: `{line}` does not parse: {capsys.readouterr().err}")
+
+
+def test_benchmark_scripts_named_in_prose_exist():
+    """A benchmark script the docs name without running it (`benchmarks/bench_deploy_ablation.py`) exists."""
+    named = set()
+    for path in DOCS:
+        with open(path, encoding="utf-8") as f:
+            for span, inline in _commands_in(f.read()):
+                if inline:
+                    named.update(re.findall(r"(?:benchmarks/)?\b((?:bench|profile|probe)_\w+\.py)", span))
+    assert {"bench_deploy_ablation.py", "profile_torchscript_vs_onnxruntime.py"} <= named, named
+    missing = sorted(n for n in named if f"benchmarks/{n}" not in _SCRIPTS)
+    assert not missing, f"the docs name benchmark scripts that do not exist: {missing}"
