@@ -187,11 +187,13 @@ def dims_from_state_dict(
     if is_official_layout(state_dict):
         state_dict = convert_official(state_dict)
     embed_dim, widths = _block_widths(state_dict)
-    heads = [heads] * len(widths) if isinstance(heads, int) else list(heads)
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(widths)
     if len(heads) != len(widths):
         raise ValueError(f'dims_from_state_dict: {len(heads)} head counts given for {len(widths)} blocks.')
     qk, v = [], []
     for i, ((qk_t, v_t, _), h) in enumerate(zip(widths, heads)):
+        if isinstance(h, bool) or not isinstance(h, int) or h < 1:
+            raise ValueError(f'dims_from_state_dict: block {i}: a head count must be a whole number >= 1, got {h!r}.')
         if qk_t % h or v_t % h:
             raise ValueError(f'block {i}: q/k width {qk_t} or v width {v_t} is not divisible by {h} heads.')
         qk.append(qk_t // h)

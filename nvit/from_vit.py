@@ -37,6 +37,8 @@ def _unsupported(vit: VisionTransformer) -> list:
         'non-GELU MLP': not isinstance(getattr(blk.mlp, 'act', None), nn.GELU),
         'non-square patches': vit.patch_embed.patch_size[0] != vit.patch_embed.patch_size[1],
         'no position embedding': vit.pos_embed is None,
+        'pooling over the prefix tokens too (pool_include_prefix=True)': (
+            getattr(vit, 'pool_include_prefix', False) and vit.global_pool in ('avg', 'avgmax', 'max')),
     }
     return [name for name, bad in checks.items() if bad]
 

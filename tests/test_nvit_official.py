@@ -157,6 +157,10 @@ def test_load_checkpoint_api(official_files):
     # dims_from_state_dict needs only the head counts; the record and the shapes agree
     assert nvit.dims_from_state_dict(sd, heads=DIM['head']) == dims
     assert nvit.dims_from_state_dict(state_dict, heads=DIM['head']) == dims
+    # a head count of 0 (or not a whole number) is named, not a ZeroDivisionError (found by an audit)
+    for bad in (0, [DIM['head'][0], 0] + DIM['head'][2:], 1.5):
+        with pytest.raises(ValueError, match=r'head count must be a whole number >= 1'):
+            nvit.dims_from_state_dict(state_dict, heads=bad)
 
 
 def test_patch_embed_conversion_is_the_rearrange():
