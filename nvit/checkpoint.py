@@ -360,7 +360,6 @@ def _check_classifier(state_dict: Mapping[str, Any], model: torch.nn.Module) -> 
         f'classifier and start a new one); vitzoo convert: --num-classes {n}.')
 
 
-
 def _check_distilled(state_dict: Mapping[str, Any], model: torch.nn.Module) -> None:
     """A distillation token changes every block's attention, so it cannot be added or dropped while loading."""
     has_dist = 'dist_token' in state_dict

@@ -204,11 +204,10 @@ def _check_classifier(state_dict: Mapping[str, torch.Tensor], model: nn.Module) 
     # timm keeps a checkpoint's classifier only when num_classes is the pretrained cfg's: give the count to both
     n = weight.shape[0]
     raise ClassifierSizeError(
-        f'The checkpoint\'s classifier (head.l) has {n} outputs, the model\'s {model.num_classes}. To load it, give the '
-        f'count to the model and to its pretrained cfg: timm.create_model(..., pretrained=True, num_classes={n}, '
+        f'The checkpoint\'s classifier (head.l) has {n} outputs, the model\'s {model.num_classes}. To load it, give '
+        f'the count to the model and to its pretrained cfg: timm.create_model(..., pretrained=True, num_classes={n}, '
         f'pretrained_cfg_overlay=dict(file=..., num_classes={n})) (num_classes={n} alone makes timm drop this '
         f'classifier and start a new one); vitzoo convert: --num-classes {n}.')
-
 
 
 def _check_complete(state_dict: Mapping[str, torch.Tensor], model: nn.Module, headless: bool = False) -> None:

@@ -627,7 +627,8 @@ def test_the_source_is_read_whole_once(tmp_path, monkeypatch, family):
     torch.manual_seed(0)
     if family == "nvit":
         model, arch = _random_nvit(img_size=384), "nvit_b"
-        checkpoint = {"model": _nvit_to_official(model.state_dict(), NVIT_DIMS), "dim": NVIT_DIMS.to_dict(official=True)}
+        checkpoint = {"model": _nvit_to_official(model.state_dict(), NVIT_DIMS),
+                      "dim": NVIT_DIMS.to_dict(official=True)}
     else:
         model, arch = _randomize_norms(timm.create_model("shvit_s1", distilled=True)).eval(), "shvit_s1"
         checkpoint = {"model": _shvit_to_official(model.state_dict())}

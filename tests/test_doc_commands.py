@@ -2,7 +2,8 @@
 
 Commands are taken from fenced code blocks and inline code in README.md, docs/ and weights/: ``vitzoo ...``
 (also ``python -m vitzoo`` and ``torchrun ... -m vitzoo``), ``python -m vitzoo.detection.synthetic`` and
-``python benchmarks/<script>.py`` (also ``python tests/upstream/<script>.py``). Each is parsed, not run: a flag that was renamed, a value the parser
+``python benchmarks/<script>.py`` (also ``python tests/upstream/<script>.py``). Each is parsed, not run: a flag
+that was renamed, a value the parser
 rejects or an argument it does not take fails here. Synopsis lines (``[--force]``, ``...``) are skipped.
 """
 import argparse
@@ -21,7 +22,8 @@ DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "
 
 _ENV = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)+")
 _PYTHON = r"(?:\S*/)?python3?"
-_INLINE = re.compile(r"`([^`]*(?:vitzoo |benchmarks/\w+\.py|tests/upstream/\w+\.py|\bbench_\w+\.py|\bprofile_\w+\.py)[^`]*)`")
+_INLINE = re.compile(
+    r"`([^`]*(?:vitzoo |benchmarks/\w+\.py|tests/upstream/\w+\.py|\bbench_\w+\.py|\bprofile_\w+\.py)[^`]*)`")
 # the scripts a command line may name: every benchmark script and the upstream-tests fetcher (a bare
 # ``bench_x.py`` / ``profile_x.py`` is a benchmark script)
 _SCRIPTS = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "benchmarks", "[!_]*.py"))

@@ -415,10 +415,11 @@ def test_classifier_of_another_size_says_which_num_classes(tmp_path):
     for name in ('head', 'head_dist'):
         sd[name + '.weight'], sd[name + '.bias'] = sd[name + '.weight'][:10], sd[name + '.bias'][:10]
     path = save_official(tmp_path / 'NViT_10.pth', sd)
-    with pytest.raises(WeightsError, match=r"classifier \(head\) has 10 outputs, the model's 1000\. To load it, give "
-                                           r"the count to the model and to its pretrained cfg: timm\.create_model\(\.\.\., "
-                                           r"pretrained=True, num_classes=10, pretrained_cfg_overlay=dict\(file=\.\.\., "
-                                           r"num_classes=10\)\).*--num-classes 10") as info:
+    with pytest.raises(WeightsError, match=r"classifier \(head\) has 10 outputs, the model's 1000\. To load it, "
+                                           r"give the count to the model and to its pretrained cfg: "
+                                           r"timm\.create_model\(\.\.\., pretrained=True, num_classes=10, "
+                                           r"pretrained_cfg_overlay=dict\(file=\.\.\., num_classes=10\)\)"
+                                           r".*--num-classes 10") as info:
         load_pretrained_model('nvit_t', pretrained_cfg_overlay=dict(file=path))
     assert 'another model' not in str(info.value)
     model = timm.create_model('nvit_t', pretrained=True, num_classes=10,

@@ -233,7 +233,8 @@ def test_classifier_of_another_size_says_how_to_load_it(s1_weights, tmp_path):
     ten = {**s1_weights, 'head.l.weight': torch.randn(10, 320), 'head.l.bias': torch.randn(10)}
     path = tmp_path / 'ft10.safetensors'
     save_file(ten, str(path))
-    with pytest.raises(RuntimeError, match=r"classifier \(head\.l\) has 10 outputs, the model's 1000\. To load it") as info:
+    with pytest.raises(RuntimeError, match=r"classifier \(head\.l\) has 10 outputs, the model's 1000\. To load "
+                                           r"it") as info:
         timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     assert isinstance(info.value.__cause__, shvit.checkpoint.ClassifierSizeError)
     message = str(info.value)
