@@ -618,12 +618,13 @@ def test_shvit_distillation_head_is_kept(tmp_path):
     assert (_outputs(model, (3, 224, 224)) - expected).abs().max().item() == 0.0
 
 
-@pytest.mark.parametrize("family", ["shvit", "nvit", "shvit-legacy-format"])
+@pytest.mark.parametrize("family", ["shvit", "nvit", "shvit-legacy-format", "shvit-ddp-safetensors"])
 def test_the_source_is_read_whole_once(tmp_path, monkeypatch, family):
     """convert probes a checkpoint (distillation head, NViT resolution) from its header or a memory map and reads
     its tensors once, in the model's loader (found by the known-gaps list: the probes read the whole file too, so a
     large checkpoint was read two or three times). A legacy torch.save file cannot be memory-mapped: its probe
-    reads it, and still finds the distillation head."""
+    reads it, and still finds the distillation head. A safetensors file with DDP-prefixed keys is probed from its
+    header (no torch.load at all)."""
     torch.manual_seed(0)
     if family == "nvit":
         model, arch = _random_nvit(img_size=384), "nvit_b"
@@ -632,8 +633,12 @@ def test_the_source_is_read_whole_once(tmp_path, monkeypatch, family):
     else:
         model, arch = _randomize_norms(timm.create_model("shvit_s1", distilled=True)).eval(), "shvit_s1"
         checkpoint = {"model": _shvit_to_official(model.state_dict())}
-    src = tmp_path / "source.pth"
-    torch.save(checkpoint, src, _use_new_zipfile_serialization=family != "shvit-legacy-format")
+    if family == "shvit-ddp-safetensors":
+        src = tmp_path / "source.safetensors"
+        safetensors.torch.save_file({"module." + k: v.contiguous() for k, v in checkpoint["model"].items()}, src)
+    else:
+        src = tmp_path / "source.pth"
+        torch.save(checkpoint, src, _use_new_zipfile_serialization=family != "shvit-legacy-format")
     whole_reads = []
     real_load = torch.load
 
@@ -644,7 +649,7 @@ def test_the_source_is_read_whole_once(tmp_path, monkeypatch, family):
 
     monkeypatch.setattr(torch, "load", counting_load)
     out = convert_checkpoint(src, arch, tmp_path / "out", flops=False)
-    assert len(whole_reads) == (2 if family == "shvit-legacy-format" else 1), whole_reads
+    assert len(whole_reads) == {"shvit-legacy-format": 2, "shvit-ddp-safetensors": 0}.get(family, 1), whole_reads
     args = json.loads((out / "config.json").read_text())["model_args"]
     if family == "nvit":
         assert args["img_size"] in (384, [384, 384]) and args["dims"] == NVIT_DIMS.to_dict()

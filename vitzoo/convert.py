@@ -480,7 +480,7 @@ def _peek_shapes(path: Path) -> Optional[Dict[str, Tuple[int, ...]]]:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in _unwrap(dict.fromkeys(f.keys()))}
+                return _unwrap({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
         with torch.serialization.safe_globals([argparse.Namespace]):  # the official NViT files pickle their args
             try:
                 checkpoint = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)

@@ -23,7 +23,7 @@ from PIL import Image
 
 __all__ = ['CocoDetectionFolder', 'DatasetError', 'SkippedBoxWarning', 'annotation_path', 'boxes_as_trained',
            'check_masks_for_evaluation', 'check_same_categories', 'collate_detection', 'hflip', 'load_coco_json',
-           'worker_error_message']
+           'too_small_to_train', 'worker_error_message']
 
 
 class DatasetError(ValueError):
