@@ -389,7 +389,12 @@ def _check_complete(state_dict: Mapping[str, Any], model: torch.nn.Module) -> No
     timm loads non-strictly when ``num_classes`` differs from the checkpoint's (it drops the classifiers), which
     would let an incomplete checkpoint load with random tensors in the gaps.
     """
-    missing = [k for k in model.state_dict() if k not in state_dict and k not in _CLASSIFIER_KEYS]
+    own = model.state_dict()
+    scales = [k for k in state_dict if k.endswith('attn.token_mask') and k not in own]
+    if scales and not any(k.endswith('attn.token_mask') for k in own):
+        raise ValueError(f'The checkpoint has learned token scales ({len(scales)} attn.token_mask tensors) and the '
+                         f'model was created with token_mask=False: create it with token_mask=True to load them.')
+    missing = [k for k in own if k not in state_dict and k not in _CLASSIFIER_KEYS]
     if not missing:
         return
     hint = ''

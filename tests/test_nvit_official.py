@@ -462,6 +462,18 @@ def test_no_token_scale_hint_when_other_tensors_are_missing_too(tmp_path):
     assert 'blocks.0.attn.token_mask' in str(info.value)
 
 
+def test_token_scales_into_a_model_without_them_name_token_mask(tmp_path):
+    """A checkpoint with token scales loaded into a token_mask=False model: named, with the fix (was torch's bare
+    unexpected-keys list); following the advice loads it."""
+    sd = make_official('random')
+    path = save_official(tmp_path / 'NViT_scales.pth', sd)
+    with pytest.raises(ValueError, match=r'token scales \(5 attn.token_mask.*token_mask=True'):
+        _create(path, token_mask=False)
+    model = _create(path, token_mask=True)
+    torch.testing.assert_close(model.blocks[3].attn.token_mask.detach(), sd['blocks.3.attn.qkv.token_mask'],
+                               rtol=0, atol=0)
+
+
 @pytest.mark.parametrize('layout', ['ddp', 'compile', 'timm-train', 'ddp-compile'])
 def test_wrapped_checkpoints_load_like_the_plain_one(official_files, tmp_path, layout):
     """DDP (``module.``), torch.compile (``_orig_mod.``) and timm train.py (``state_dict``) wrappings are unwrapped:
