@@ -3,7 +3,7 @@ from typing import Optional, Type
 
 import torch
 import torch.nn as nn
-from timm.layers import create_act_layer
+from timm.layers import GroupNorm1, create_act_layer
 
 from .layers import ConvNorm
 
@@ -16,7 +16,7 @@ class SHSA(nn.Module):
     ``x1, x2 = split(x)``; ``x1 = GroupNorm(1)(x1)``; one head with ``qk_dim``-wide queries/keys and ``pdim``-wide
     values attends over all ``H*W`` tokens; then ``proj(act(cat[x1, x2]))`` mixes all channels.
     The pre-norm is ``GroupNorm(1, pdim)`` (statistics over C, H, W per sample, per-channel affine) as in the official
-    code, not the per-token LayerNorm the paper's text names.
+    code, not the per-token LayerNorm the paper's text names; ``norm_layer`` swaps it, as in timm's SHViT.
 
     ``nhwc`` (default False) selects how the attention product is laid out. False computes it as the official code
     does, on ``(B, C, N)`` views, and is bit-identical to it. True computes the same product on the ``(B, N, C)``
@@ -29,6 +29,7 @@ class SHSA(nn.Module):
         dim: Channels of the input and output.
         qk_dim: Query / key width (16 in all variants).
         pdim: Partial channels that go through attention.
+        norm_layer: Pre-norm layer type, called as ``norm_layer(pdim)`` (default ``GroupNorm1``).
         act_layer: Activation before the output projection.
         device: Parameter device.
         dtype: Parameter dtype.
@@ -39,6 +40,7 @@ class SHSA(nn.Module):
             dim: int,
             qk_dim: int,
             pdim: int,
+            norm_layer: Type[nn.Module] = GroupNorm1,
             act_layer: Type[nn.Module] = nn.ReLU,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
@@ -52,10 +54,10 @@ class SHSA(nn.Module):
         self.qk_dim = qk_dim
         self.scale = qk_dim ** -0.5
         self.nhwc = False
-        self.pre_norm = nn.GroupNorm(1, pdim, **dd)
+        self.pre_norm = norm_layer(pdim, **dd)
         self.qkv = ConvNorm(pdim, 2 * qk_dim + pdim, **dd)
         self.proj = nn.Sequential(
-            create_act_layer(act_layer, inplace=True),
+            create_act_layer(act_layer),
             ConvNorm(dim, dim, bn_weight_init=0., **dd),
         )
 

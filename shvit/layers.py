@@ -187,7 +187,7 @@ class FFN(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.pw1 = ConvNorm(dim, hidden_dim, **dd)
-        self.act = create_act_layer(act_layer, inplace=True)
+        self.act = create_act_layer(act_layer)
         self.pw2 = ConvNorm(hidden_dim, dim, bn_weight_init=0., **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 import torch
 import torch.fx
 import torch.nn as nn
-from timm.layers import SelectAdaptivePool2d, create_act_layer, get_device_dtype, register_notrace_function
+from timm.layers import GroupNorm1, SelectAdaptivePool2d, create_act_layer, get_device_dtype, register_notrace_function
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import reparameterize_model
 
@@ -46,7 +46,7 @@ def _stem(in_chans: int, dim: int, act_layer: Type[nn.Module], **dd: Any) -> nn.
     layers: List[nn.Module] = []
     for i in range(4):
         if i > 0:
-            layers.append(create_act_layer(act_layer, inplace=True))
+            layers.append(create_act_layer(act_layer))
         layers.append(ConvNorm(widths[i], widths[i + 1], 3, 2, 1, **dd))
     return nn.Sequential(*layers)
 
@@ -77,6 +77,8 @@ class SHViT(nn.Module):
         drop_path_rate: Stochastic depth, rising linearly from 0 over all BasicBlocks (official default 0).
         distilled: Add a second (distillation) head. ``forward`` returns the mean of both heads; in training mode
             after ``set_distilled_training(True)`` the pair ``(head, head_dist)`` (timm's DeiT convention).
+        norm_layer: SHSA pre-norm layer type, called as ``norm_layer(channels)`` (default ``GroupNorm1``, the
+            official ``GroupNorm(1, pdim)``; timm's SHViT has the same argument).
         act_layer: Activation layer type.
         device: Parameter device.
         dtype: Parameter dtype.
@@ -95,6 +97,7 @@ class SHViT(nn.Module):
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             distilled: bool = False,
+            norm_layer: Type[nn.Module] = GroupNorm1,
             act_layer: Type[nn.Module] = nn.ReLU,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
@@ -129,6 +132,7 @@ class SHViT(nn.Module):
                 prev_dim, embed_dim[i], depth[i], qk_dim[i], partial_dim[i], types[i],
                 downsample=i > 0,
                 drop_path=dpr[sum(depth[:i]):sum(depth[:i + 1])],
+                norm_layer=norm_layer,
                 act_layer=act_layer,
                 **dd,
             ))

@@ -33,9 +33,9 @@ class PatchMerging(nn.Module):
         dd = dict(device=device, dtype=dtype)
         hidden_dim = 4 * dim
         self.conv1 = ConvNorm(dim, hidden_dim, **dd)
-        self.act1 = create_act_layer(act_layer, inplace=True)
+        self.act1 = create_act_layer(act_layer)
         self.conv2 = ConvNorm(hidden_dim, hidden_dim, 3, 2, 1, groups=hidden_dim, **dd)
-        self.act2 = create_act_layer(act_layer, inplace=True)
+        self.act2 = create_act_layer(act_layer)
         self.se = SEModule(hidden_dim, rd_ratio=0.25, **dd)
         self.conv3 = ConvNorm(hidden_dim, out_dim, **dd)
 

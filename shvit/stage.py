@@ -3,6 +3,7 @@ from typing import List, Optional, Type
 
 import torch
 import torch.nn as nn
+from timm.layers import GroupNorm1
 from timm.models._manipulate import checkpoint_seq
 
 from .attention import SHSA
@@ -21,6 +22,7 @@ class BasicBlock(nn.Module):
         pdim: SHSA partial channels.
         block_type: ``'s'`` for single-head attention, ``'i'`` for none (stage 1).
         drop_path: Stochastic depth rate for the three residual branches.
+        norm_layer: SHSA pre-norm layer type.
         act_layer: Activation layer type.
         device: Parameter device.
         dtype: Parameter dtype.
@@ -33,6 +35,7 @@ class BasicBlock(nn.Module):
             pdim: int,
             block_type: str,
             drop_path: float = 0.,
+            norm_layer: Type[nn.Module] = GroupNorm1,
             act_layer: Type[nn.Module] = nn.ReLU,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
@@ -43,7 +46,8 @@ class BasicBlock(nn.Module):
             raise ValueError(f"block_type must be 's' (attention) or 'i' (no attention), got {block_type!r}.")
         self.conv = DWConvResidual(dim, bn_weight_init=0., drop_path=drop_path, **dd)
         if block_type == 's':
-            self.mixer = Residual(SHSA(dim, qk_dim, pdim, act_layer=act_layer, **dd), drop_path=drop_path)
+            mixer = SHSA(dim, qk_dim, pdim, norm_layer=norm_layer, act_layer=act_layer, **dd)
+            self.mixer = Residual(mixer, drop_path=drop_path)
         else:
             self.mixer = nn.Identity()
         self.ffn = Residual(FFN(dim, 2 * dim, act_layer=act_layer, **dd), drop_path=drop_path)
@@ -82,6 +86,7 @@ class SHViTStage(nn.Module):
         block_type: ``'s'`` or ``'i'``.
         downsample: Whether the stage starts with the stride-2 downsampler (decided by stage index, not widths).
         drop_path: Per-block stochastic depth rates (length ``depth``).
+        norm_layer: SHSA pre-norm layer type.
         act_layer: Activation layer type.
         device: Parameter device.
         dtype: Parameter dtype.
@@ -97,6 +102,7 @@ class SHViTStage(nn.Module):
             block_type: str,
             downsample: bool,
             drop_path: Optional[List[float]] = None,
+            norm_layer: Type[nn.Module] = GroupNorm1,
             act_layer: Type[nn.Module] = nn.ReLU,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
@@ -109,7 +115,8 @@ class SHViTStage(nn.Module):
         self.grad_checkpointing = False
         self.downsample = _downsample(in_dim, dim, act_layer, **dd) if downsample else nn.Identity()
         self.blocks = nn.Sequential(*[
-            BasicBlock(dim, qk_dim, pdim, block_type, drop_path=drop_path[j], act_layer=act_layer, **dd)
+            BasicBlock(dim, qk_dim, pdim, block_type, drop_path=drop_path[j], norm_layer=norm_layer,
+                       act_layer=act_layer, **dd)
             for j in range(depth)
         ])
 

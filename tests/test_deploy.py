@@ -521,6 +521,32 @@ def test_residual_add_computed_after_the_conv():
     torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)
 
 
+class _ReluOfCat(nn.Module):
+    """``conv(relu(cat([a, b])))``, optionally with the cat result used again after the ReLU (SHSA's pattern)."""
+
+    def __init__(self, reuse_cat: bool):
+        super().__init__()
+        self.reuse_cat = reuse_cat
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.proj = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        c = torch.cat([self.a(x), self.b(x)], dim=1)
+        y = self.proj(self.act(c))
+        return y + c if self.reuse_cat else y
+
+
+@pytest.mark.parametrize("reuse_cat", [False, True])
+def test_relu_of_cat_runs_in_place_only_when_nothing_else_uses_the_cat(reuse_cat):
+    torch.manual_seed(0)
+    model, x = _ReluOfCat(reuse_cat).eval(), torch.randn(2, 4, 10, 10)
+    deployed = deploy(model, x, backend="eager")
+    in_place = any("ReLUs run in place" in o for o in deployed.optimizations)
+    assert in_place is not reuse_cat, deployed.optimizations
+    torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)
+
+
 class _ShortcutThenInPlace(nn.Module):
     """The shortcut conv's input is changed in place before the add (``act(x)`` with ``inplace=True``)."""
 

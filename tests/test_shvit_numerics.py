@@ -222,3 +222,42 @@ def test_fvcore_flops_fused_s1():
     fca.uncalled_modules_warnings(False)
     assert round(fca.total() / 1e6, 2) == 241.40
     assert round(shvit.VARIANT_STATS['shvit_s1']['gmacs_fused'] * 1e3, 2) == 241.40
+
+
+def test_norm_layer_argument_matches_timm_builtin():
+    """``norm_layer`` (timm's SHViT argument, the SHSA pre-norm) is accepted and used as timm uses it: was a
+    TypeError after ``import shvit`` replaced timm's entries."""
+    torch.manual_seed(0)
+    ours = randomize_norms(timm.create_model('shvit_s1', norm_layer=timm.layers.LayerNorm2d)).eval()
+    ref = _timm_reference('shvit_s1', norm_layer=timm.layers.LayerNorm2d).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    assert isinstance(ours.stages[2].blocks[0].mixer.m.pre_norm, timm.layers.LayerNorm2d)
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max().item() <= 1e-5
+
+
+def test_hooks_see_module_outputs_as_timm_does():
+    """A ConvNorm followed by an activation: forward hooks get the ConvNorm's own output (not the activation's,
+    which an in-place ReLU wrote over it), and full backward hooks on it or on SHSA's projection work (they raised
+    'a view ... is being modified inplace'); the gradients they see equal those of timm's SHViT."""
+    torch.manual_seed(0)
+    ours = randomize_norms(timm.create_model('shvit_s1')).eval()
+    ref = _timm_reference('shvit_s1').eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    names = ['patch_embed.0', 'stages.0.blocks.0.ffn.m.pw1', 'stages.1.downsample.2.conv1',
+             'stages.1.downsample.2.conv2', 'stages.1.blocks.0.mixer.m.proj']
+    seen = {}
+    for tag, model in (('ours', ours), ('timm', ref)):
+        for name in names:
+            module = model.get_submodule(name)
+            module.register_forward_hook(lambda m, i, o, k=(tag, name): seen.__setitem__(k, o.detach().clone()))
+            module.register_full_backward_hook(
+                lambda m, gi, go, k=(tag, name, 'grad'): seen.__setitem__(k, go[0].detach().clone()))
+    x = torch.randn(2, 3, 96, 96, requires_grad=True)
+    for tag, model in (('ours', ours), ('timm', ref)):
+        model(x).square().sum().backward()
+    assert seen[('ours', 'patch_embed.0')].min() < 0  # the conv's output, before the ReLU
+    for name in names:
+        torch.testing.assert_close(seen[('ours', name)], seen[('timm', name)], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(seen[('ours', name, 'grad')], seen[('timm', name, 'grad')], rtol=1e-4, atol=1e-5)

@@ -294,6 +294,28 @@ def _fuse_relus(gm: fx.GraphModule, packed: Dict[fx.Node, PackedConv2d], modules
     return fused
 
 
+def _relus_in_place(gm: fx.GraphModule, modules: Dict[str, nn.Module]) -> int:
+    """An out-of-place ReLU of a ``torch.cat`` result that nothing else uses -> ``torch.relu_`` on it.
+
+    ``cat`` returns a new tensor that no other name refers to, so overwriting it is safe and saves a buffer and a
+    pass of writes (SHViT's SHSA: ``proj(relu(cat([x1, x2])))``, where the ReLU cannot go into a conv epilogue).
+    """
+    done = 0
+    for node in list(gm.graph.nodes):
+        if not _is_relu(node, modules) or _mutates_in_place(node, modules) or len(node.args) != 1 or node.kwargs:
+            continue
+        source = node.args[0]
+        if isinstance(source, fx.Node) and source.op == "call_function" and source.target is torch.cat \
+                and len(source.users) == 1:
+            with gm.graph.inserting_after(node):
+                new = gm.graph.call_function(torch.relu_, (source,))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            done += 1
+    return done
+
+
 def _eliminate_dead_code(gm: fx.GraphModule) -> None:
     """Remove nodes whose results nothing uses, keeping every in-place statement.
 
@@ -338,9 +360,13 @@ def onednn_rewrite(model: nn.Module, example_input: torch.Tensor) -> Tuple[nn.Mo
         return model, ["oneDNN rewrite skipped: no plain nn.Conv2d found"]
     n_add = _fuse_residual_adds(gm, packed, modules)
     n_relu = _fuse_relus(gm, packed, modules)
+    n_in_place = _relus_in_place(gm, modules)
     _eliminate_dead_code(gm)
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
     gm.pretrained_cfg = getattr(model, "pretrained_cfg", None)
-    return gm, [f"oneDNN pre-packed convolutions: {len(packed)} (fused ReLU: {n_relu}, fused residual add: {n_add})"]
+    done = [f"oneDNN pre-packed convolutions: {len(packed)} (fused ReLU: {n_relu}, fused residual add: {n_add})"]
+    if n_in_place:
+        done.append(f"ReLUs run in place on the torch.cat result only they use: {n_in_place}")
+    return gm, done
