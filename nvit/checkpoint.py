@@ -384,10 +384,11 @@ _CLASSIFIER_KEYS = ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.b
 
 
 def _check_complete(state_dict: Mapping[str, Any], model: torch.nn.Module) -> None:
-    """Every tensor the model has must come from the checkpoint, except a classifier of another size.
+    """Every tensor the model has must come from the checkpoint, and nothing else, except a classifier of another
+    size.
 
     timm loads non-strictly when ``num_classes`` differs from the checkpoint's (it drops the classifiers), which
-    would let an incomplete checkpoint load with random tensors in the gaps.
+    would let an incomplete checkpoint load with random tensors in the gaps, or extra tensors go unused.
     """
     own = model.state_dict()
     scales = [k for k in state_dict if k.endswith('attn.token_mask') and k not in own]
@@ -396,6 +397,13 @@ def _check_complete(state_dict: Mapping[str, Any], model: torch.nn.Module) -> No
                          f'model was created with token_mask=False: create it with token_mask=True to load them.')
     missing = [k for k in own if k not in state_dict and k not in _CLASSIFIER_KEYS]
     if not missing:
+        # the same non-strict load would also skip tensors the model does not have, with only a logged warning
+        unexpected = [k for k in state_dict if k not in own and k not in _CLASSIFIER_KEYS]
+        if unexpected:
+            raise ValueError(f'The checkpoint has {len(unexpected)} tensor{"s" * (len(unexpected) > 1)} that the '
+                             f'model does not have (e.g. '
+                             f'{unexpected[:3]}): it was saved from a modified model. Load it into the model it was '
+                             f'saved from, or remove those tensors from the file.')
         return
     hint = ''
     if all(k.endswith('attn.token_mask') for k in missing):

@@ -474,6 +474,17 @@ def test_token_scales_into_a_model_without_them_name_token_mask(tmp_path):
                                rtol=0, atol=0)
 
 
+def test_extra_tensors_refused_also_when_num_classes_differs(tmp_path):
+    """With another num_classes timm loads non-strictly; a tensor the model lacks must not be skipped silently
+    (was: loaded, with only timm's logged 'Unexpected keys' line)."""
+    sd = make_official('random')
+    sd['extra.weight'] = torch.ones(3)
+    path = save_official(tmp_path / 'NViT_extra.pth', sd)
+    for num_classes in (7, 1000):
+        with pytest.raises(ValueError, match=r"1 tensor that the model does not have.*extra.weight"):
+            _create(path, num_classes=num_classes)
+
+
 @pytest.mark.parametrize('layout', ['ddp', 'compile', 'timm-train', 'ddp-compile'])
 def test_wrapped_checkpoints_load_like_the_plain_one(official_files, tmp_path, layout):
     """DDP (``module.``), torch.compile (``_orig_mod.``) and timm train.py (``state_dict``) wrappings are unwrapped:
