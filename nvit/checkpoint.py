@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import re
+import zipfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -51,7 +52,17 @@ def _unreadable(path: str, e: BaseException) -> RuntimeError:
 
 
 def _load_torch_file(path: str) -> Any:
-    """``torch.load(weights_only=True)`` allowing only ``argparse.Namespace`` beyond tensors and containers."""
+    """``torch.load(weights_only=True)`` allowing only ``argparse.Namespace`` beyond tensors and containers.
+
+    A zip archive (torch.save's format since 1.6) is CRC-checked first: ``torch.load`` skips the CRCs and would
+    return damaged tensors.
+    """
+    if os.path.isfile(path) and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise RuntimeError(f'Checkpoint {path!r} is corrupt: member {damaged} of the archive fails its CRC check. '
+                               f'Copy or download it again.')
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location='cpu', weights_only=True)

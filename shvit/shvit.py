@@ -7,6 +7,7 @@ Paper: `SHViT: Single-Head Vision Transformer with Memory Efficient Macro Design
 https://arxiv.org/abs/2401.16456. Official code and weights (MIT): https://github.com/ysj9909/SHViT
 """
 import os
+import zipfile
 from functools import partial
 from typing import Any, Dict, Iterator, Optional
 
@@ -143,7 +144,22 @@ def _read_model_not_ema(variant: str, kwargs: Dict[str, Any]) -> None:
         return
     if str(path).endswith('.safetensors'):
         return
+    _check_archive_crc(variant, path)
     kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=load_state_dict(path, use_ema=False))
+
+
+def _check_archive_crc(variant: str, path: str) -> None:
+    """A ``torch.save`` zip archive whose members fail their CRC is corrupt: ``torch.load`` does not check the CRCs
+    and would return the damaged tensors. Reads the file once (checksums only, nothing is unpickled)."""
+    if not os.path.isfile(path) or not zipfile.is_zipfile(path):
+        return  # missing files, legacy pickles and truncated archives fail in the loader, which names them
+    with zipfile.ZipFile(path) as archive:
+        damaged = archive.testzip()
+    if damaged is not None:
+        raise RuntimeError(
+            f'Could not load pretrained weights for {variant} from file {path}: the file is corrupt (member '
+            f'{damaged} of the archive fails its CRC check).\nTo fix: copy or download the file again; or use '
+            f'pretrained=False.')
 
 
 def _drop_state_dict_from_cfg(model: Any) -> None:
@@ -193,8 +209,9 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
         else:
             repo = source.rpartition(' ')[2] if source.startswith('Hugging Face Hub repo ') else f'timm/{variant}.in1k'
             fix = _hub_fix(repo, e)
-        # a download or a file that failed (timm's own models raise an OSError there)
-        unavailable = any(isinstance(c, OSError) for c in _causes(e, context=False))
+        # a download that failed (timm's own models raise an OSError there); a local file that exists (missing
+        # ones were handled above) and fails to load is damaged, not unavailable, whatever torch.load raised
+        unavailable = not source.startswith('file ') and any(isinstance(c, OSError) for c in _causes(e, context=False))
         raise (WeightsUnavailableError if unavailable else RuntimeError)(
             f'Could not load pretrained weights for {variant} from {source}: {type(e).__name__}: {e}\n'
             f'To fix: {fix}; or use pretrained=False.') from e

@@ -10,6 +10,7 @@ import torch
 from huggingface_hub import constants
 from timm.models._hub import save_for_hf
 
+from files import damage_largest_member  # tests/files.py
 from hub_server import LoopbackHub, use_loopback_hub
 from vitzoo.hub import (
     CorruptWeightsError,
@@ -294,6 +295,15 @@ def test_local_dir_checks_the_file_timm_reads(tmp_path, shvit_files):
     (no_config / "model.safetensors").write_bytes(files["model.safetensors"])
     with pytest.raises(MissingWeightsError, match="needs config.json"):
         load_pretrained_model(f"local-dir:{no_config}")
+
+
+def test_damaged_archive_member_is_corrupt(tmp_path):
+    path = tmp_path / 'damaged.pth'
+    torch.save({'w': torch.randn(1000)}, path)
+    validate_weights_file(path)
+    member = damage_largest_member(path)
+    with pytest.raises(CorruptWeightsError, match=f"member {member} of the checkpoint archive fails its CRC check"):
+        validate_weights_file(path)
 
 
 def test_truncated_legacy_torch_file_is_corrupt(tmp_path, shvit_files):

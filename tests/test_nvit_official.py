@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import nvit
+from files import damage_largest_member  # tests/files.py
 
 DIM = {'EMB': 48, 'head': [2, 3, 1, 4, 2], 'QK': [8, 16, 8, 4, 12], 'V': [16, 8, 24, 8, 16],
        'MLP': [64, 32, 96, 48, 80]}
@@ -253,6 +254,16 @@ def test_truncated_file(official_files, tmp_path):
     text.write_bytes(b'junk\n')  # torch's weights-only unpickler answers this with a bare KeyError
     with pytest.raises(RuntimeError, match="Cannot read checkpoint .*text.pth.*truncated or corrupt"):
         _create(str(text))
+
+
+def test_damaged_archive_refused_not_loaded(official_files, tmp_path):
+    """torch.load skips the archive's CRCs: a damaged .pth loaded its damaged tensors through the factory."""
+    path = tmp_path / 'damaged.pth'
+    path.write_bytes(open(official_files['random'][0], 'rb').read())
+    member = damage_largest_member(path)
+    for load in (lambda: _create(str(path)), lambda: nvit.load_checkpoint(path)):
+        with pytest.raises(RuntimeError, match=f'is corrupt: member {member} of the archive fails its CRC check'):
+            load()
 
 
 def test_unsafe_pickle_refused(tmp_path):

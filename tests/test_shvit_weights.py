@@ -7,6 +7,7 @@ import timm
 from safetensors.torch import save_file
 
 import shvit
+from files import damage_largest_member  # tests/files.py
 
 
 def _random_state_dict(variant: str, **kwargs):
@@ -317,6 +318,28 @@ def test_corrupt_file(tmp_path, name, data):
     with pytest.raises(RuntimeError, match='Could not load pretrained weights for shvit_s1') as info:
         timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     assert 'corrupt' in str(info.value)
+
+
+def test_damaged_archive_refused_not_loaded(s1_weights, tmp_path):
+    """torch.load does not check the archive's CRCs: a damaged .pth loaded its damaged tensors without a word."""
+    path = tmp_path / 'damaged.pth'
+    torch.save({'model': s1_weights}, path)
+    member = damage_largest_member(path)
+    with pytest.raises(RuntimeError, match=f'file is corrupt \\(member {member} of the archive fails its CRC') as info:
+        timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert not isinstance(info.value, OSError)
+
+
+def test_truncated_local_file_is_not_unavailable(s1_weights, tmp_path):
+    """torch.load answers a truncated .pth with an OSError; the file exists, so it is corrupt, not 'unavailable'
+    (was shvit.WeightsUnavailableError, which `except OSError: pretrained=False` fallbacks swallow)."""
+    path = tmp_path / 'truncated.pth'
+    torch.save(s1_weights, path)
+    path.write_bytes(path.read_bytes()[:50_000])
+    with pytest.raises(RuntimeError, match='Could not load pretrained weights for shvit_s1') as info:
+        timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert not isinstance(info.value, OSError)
+    assert 'complete shvit_s1 checkpoint' in str(info.value)
 
 
 def test_non_pretrained_errors_pass_through():
