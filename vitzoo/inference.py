@@ -381,7 +381,7 @@ def _build_compile(model: nn.Module, example_input: torch.Tensor) -> DeployedMod
     return deployed
 
 
-def _build_torchscript(model: nn.Module, example_input: torch.Tensor) -> DeployedModel:
+def _build_torchscript(model: nn.Module, example_input: torch.Tensor, atol: float, rtol: float) -> DeployedModel:
     from vitzoo.torchscript_backend import build
 
     deployed = _build_eager(model, example_input, rewrite=False)
@@ -390,7 +390,7 @@ def _build_torchscript(model: nn.Module, example_input: torch.Tensor) -> Deploye
         size = chunk_stem(deployed.model, example)
         if size is not None:
             deployed.optimizations.append(f"stem run on slices of {size} images (keeps its activations in cache)")
-    deployed.model, notes = build(deployed.model, example)
+    deployed.model, notes = build(deployed.model, example, atol=atol, rtol=rtol)
     deployed.backend = "torchscript"
     deployed.optimizations.extend(notes)
     return deployed
@@ -475,7 +475,7 @@ def deploy(
         "eager": lambda: _build_eager(model, example_input, rewrite=True),
         "compile": lambda: _build_compile(model, example_input),
         "onnxruntime": lambda: _build_onnxruntime(model, example_input, opset),
-        "torchscript": lambda: _build_torchscript(model, example_input),
+        "torchscript": lambda: _build_torchscript(model, example_input, atol, rtol),
     }
     deployed = builders[backend]()
     if folded:

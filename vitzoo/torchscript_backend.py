@@ -29,7 +29,7 @@ from typing import Dict, Iterator, List, Tuple
 import torch
 from torch import nn
 
-from vitzoo.outputs import outputs_close
+from vitzoo.outputs import max_abs_diff_of, outputs_close
 
 __all__ = ["TorchScriptModule", "build", "onednn_graph_available", "torchscript_available"]
 
@@ -122,13 +122,18 @@ class TorchScriptModule(nn.Module):
     Args:
         model: The eval-mode (fused) model to trace; kept, so that new shapes can be traced.
         onednn_fusion: Use oneDNN Graph fusion (CPU only).
+        atol: A fused graph for a new input shape is kept only if its output is within ``atol + rtol * max|output|``
+            of the eager model's (``deploy``'s tolerance; the example's shape is checked by ``deploy`` itself).
+        rtol: See ``atol``.
     """
     max_cached_shapes = 4
 
-    def __init__(self, model: nn.Module, onednn_fusion: bool):
+    def __init__(self, model: nn.Module, onednn_fusion: bool, atol: float = 1e-4, rtol: float = 0.0):
         super().__init__()
         self.model = model
         self.onednn_fusion = onednn_fusion
+        self.atol = atol
+        self.rtol = rtol
         self.notes: List[str] = []
         # ScriptModules in a plain dict: not submodules, so state_dict() holds the weights once (from ``model``)
         self._traced: Dict[tuple, Tuple[torch.jit.ScriptModule, bool]] = {}
@@ -165,10 +170,17 @@ class TorchScriptModule(nn.Module):
             # every new shape is checked against the eager model: oneDNN Graph computes some models wrong
             # (torch 2.14: timm's dla34, hrnet_w18_small), and a wrong partition would otherwise go unnoticed
             with torch.no_grad(), _onednn_fusion(True):
-                if outputs_close(traced(x), expected, rel=FUSED_RTOL):
+                output = traced(x)
+            if outputs_close(output, expected, rel=FUSED_RTOL):
+                diff, scale = max_abs_diff_of(output, expected)
+                if diff <= self.atol + self.rtol * scale:
                     return traced, True
-            note = (f"oneDNN Graph computed a different output for input shape {list(x.shape)}; that shape runs "
-                    "without it")
+                note = (f"oneDNN Graph's output for input shape {list(x.shape)} differs from the eager model's by "
+                        f"{diff:.3g}, more than deploy's tolerance {self.atol + self.rtol * scale:.3g}; that shape "
+                        "runs without it")
+            else:
+                note = (f"oneDNN Graph computed a different output for input shape {list(x.shape)}; that shape "
+                        "runs without it")
         except Exception as e:  # noqa: BLE001  oneDNN Graph rejects some patterns / shapes at run time
             note = (f"oneDNN Graph fusion failed for input shape {list(x.shape)} ({type(e).__name__}: "
                     f"{_first_sentence(e)}); that shape runs without it")
@@ -187,7 +199,8 @@ class TorchScriptModule(nn.Module):
         return f"onednn_fusion={self.onednn_fusion}, traced shapes={[list(k[0]) for k in self._traced]}"
 
 
-def build(model: nn.Module, example_input: torch.Tensor) -> Tuple[TorchScriptModule, List[str]]:
+def build(model: nn.Module, example_input: torch.Tensor, atol: float = 1e-4,
+          rtol: float = 0.0) -> Tuple[TorchScriptModule, List[str]]:
     """Wrap ``model`` (eval mode, already fused) in a :class:`TorchScriptModule` and build it for ``example_input``.
 
     oneDNN Graph fusion is used for CPU inputs of dtype float32 / bfloat16 when available.
@@ -203,7 +216,7 @@ def build(model: nn.Module, example_input: torch.Tensor) -> Tuple[TorchScriptMod
                            "does not have; use backend='eager'.")
     fuse = (onednn_graph_available() and example_input.device.type == "cpu"
             and example_input.dtype in (torch.float32, torch.bfloat16))
-    module = TorchScriptModule(model, onednn_fusion=fuse)
+    module = TorchScriptModule(model, onednn_fusion=fuse, atol=atol, rtol=rtol)
     try:
         _, fused = module._traced_for(example_input)
     except Exception as e:  # arbitrary user models can fail to trace in many ways
