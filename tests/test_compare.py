@@ -342,6 +342,26 @@ def test_a_model_that_fails_while_measured_keeps_the_other_rows(fake_deploy, mon
     assert [p[0] for p in plotted] == ["shvit_s1"]
 
 
+def test_a_batch_too_large_to_allocate_keeps_the_rows(fake_deploy, monkeypatch):
+    """The timing input itself failing to allocate (--batch 100000: 60 GB at 224 px) lost every row with one raw
+    line (found by an audit); each model now keeps its counts and gets the note."""
+    from vitzoo import compare as compare_module
+
+    real_randn = torch.randn
+
+    def randn(*size, **kwargs):
+        if size and size[0] == 7:  # only the timing batch
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory")
+        return real_randn(*size, **kwargs)
+
+    monkeypatch.setattr(compare_module.torch, "randn", randn)
+    rows = compare(["shvit_s1", "shvit_s2"], img_size=32, batch_size=7, rounds=1, threads=1, devices=["cpu"],
+                   backends=["eager"], progress=False)
+    assert [r["model"] for r in rows] == ["shvit_s1", "shvit_s2"]
+    assert all(r["throughput"] is None and r["flops"] > 0 for r in rows)
+    assert all("not measured at batch 7: RuntimeError: [enforce fail" in r["note"] for r in rows)
+
+
 def test_repeated_backends_are_deployed_once(fake_deploy):
     compare(["shvit_s1"], img_size=64, batch_size=2, rounds=1, threads=1, devices=["cpu"],
             backends=["eager", "eager"], progress=False)

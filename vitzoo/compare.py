@@ -225,8 +225,9 @@ def _measure_on(
     for name, model, report in bar:
         bar.set_postfix_str(name)
         notes: List[str] = []
-        runners = _runners(model, report, device, batch, backends, notes)
-        try:
+        runners = None
+        try:  # the input batch itself may not fit in memory (--batch 100000)
+            runners = _runners(model, report, device, batch, backends, notes)
             timings = measure(runners, batch, rounds=rounds, warmup=1, min_time=0.15, device=torch.device(device),
                               progress=progress, desc=f"measuring {name}")
         except (RuntimeError, MemoryError, ValueError) as e:  # e.g. out of memory at this batch: keep the other rows
