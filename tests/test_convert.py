@@ -110,11 +110,25 @@ def test_shvit_official_roundtrip(shvit_official, tmp_path):
     assert "not verified to be that release" in card
 
 
+def _manifest_recording(model: str, tag: str, sha256: str):
+    """The package's weights manifest with ``sha256`` recorded as the source hash of release ``model.tag``."""
+    import dataclasses
+
+    from vitzoo.manifest import load_manifest
+
+    manifest = load_manifest()
+    weights = [dataclasses.replace(e, source_sha256=sha256) if (e.model, e.tag) == (model, tag) else e
+               for e in manifest.weights]
+    return dataclasses.replace(manifest, weights=weights)
+
+
 def test_card_of_a_verified_file_and_of_another_class_count(shvit_official, tmp_path):
-    """With the file's sha256 given, the card names the release plainly; a 10-class checkpoint is not the release,
-    whatever its file name (found by an audit: it was labelled in1k_official with the paper's top-1)."""
+    """With the release's sha256 recorded in the manifest, the card names the release plainly; a 10-class checkpoint
+    is not the release, whatever its file name (found by an audit: it was labelled in1k_official with the paper's
+    top-1)."""
     _, src = shvit_official
-    out = convert_checkpoint(src, "shvit_s1", tmp_path / "verified", sha256=sha256_file(src), flops=False)
+    manifest = _manifest_recording("shvit_s1", "in1k_official", sha256_file(src))
+    out = convert_checkpoint(src, "shvit_s1", tmp_path / "verified", flops=False, manifest=manifest)
     assert "not verified" not in (out / "README.md").read_text()
     ten = timm.create_model("shvit_s1", num_classes=10)
     path = tmp_path / "src10" / "shvit_s1.pth"
@@ -152,8 +166,8 @@ def test_nvit_official_roundtrip(tmp_path):
     torch.save({"model": _nvit_to_official(model.state_dict(), NVIT_DIMS), "dim": NVIT_DIMS.to_dict(official=True),
                 "epoch": 299, "args": argparse.Namespace(model="deit_base_distilled_patch16_224_small")}, src)
     out = tmp_path / "out"
-    # a stand-in for the release file, far smaller than NViT-B: only a given sha256 lets it pass as the release
-    convert_checkpoint(src, "nvit_b", out, flops=False, sha256=sha256_file(src))
+    # a stand-in for the release file, far smaller than NViT-B: only the release's recorded sha256 lets it pass
+    convert_checkpoint(src, "nvit_b", out, flops=False, manifest=_manifest_recording("nvit_b", "in1k", sha256_file(src)))
 
     loaded = timm.create_model(f"local-dir:{out}", pretrained=True)
     assert loaded.dims == NVIT_DIMS
@@ -174,12 +188,18 @@ def test_file_of_another_size_than_the_release_is_not_credited_to_it(tmp_path, c
     src = tmp_path / "NViT_S.pth"
     torch.save({"model": _nvit_to_official(model.state_dict(), NVIT_DIMS),
                 "dim": NVIT_DIMS.to_dict(official=True)}, src)
-    out = convert_checkpoint(src, "nvit_s", tmp_path / "out", flops=False)
-    assert "not the 21M reported for nvit_s.in1k" in capsys.readouterr().err
-    metadata, _ = read_safetensors_metadata(out / "model.safetensors")
-    assert metadata["tag"] == "converted"
-    card = (out / "README.md").read_text()
-    assert "82.19" not in card and "NViT_S.pth?rlkey" not in card
+    import hashlib
+
+    own_sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    # --sha256 of the file itself shows it is intact, not that it is the release: the size check still applies
+    # (before 2026-11-25 any --sha256 switched it off and the card claimed the release; found by an audit)
+    for i, sha in enumerate((None, own_sha)):
+        out = convert_checkpoint(src, "nvit_s", tmp_path / f"out{i}", flops=False, sha256=sha)
+        assert "not the 21M reported for nvit_s.in1k" in capsys.readouterr().err
+        metadata, _ = read_safetensors_metadata(out / "model.safetensors")
+        assert metadata["tag"] == "converted"
+        card = (out / "README.md").read_text()
+        assert "82.19" not in card and "NViT_S.pth?rlkey" not in card
 
 
 def test_refuses_to_overwrite_unless_forced(shvit_official, tmp_path):
@@ -338,8 +358,9 @@ def test_source_hash_mismatch_and_missing_source(shvit_official, tmp_path):
 
 
 def test_cli_sha256_option(shvit_official, tmp_path, capsys):
-    """--sha256 reaches the conversion (found by an audit: only the sha256= argument was tested): the file's own
-    hash converts it as the verified release, another hash fails naming both and writes nothing."""
+    """--sha256 reaches the conversion (found by an audit: only the sha256= argument was tested): another hash fails
+    naming both and writes nothing; the file's own hash converts it, and the card says the hash shows the file is
+    the one meant, not that it is the release (only the manifest's recorded sha256 verifies that)."""
     import hashlib
 
     _, src = shvit_official
@@ -354,7 +375,17 @@ def test_cli_sha256_option(shvit_official, tmp_path, capsys):
     assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(out), "--no-flops", "--sha256", right]) == 0
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
     card = (out / "README.md").read_text()
-    assert right in card and "not verified" not in card  # without the option the card says "not verified"
+    assert right in card and ("not verified to be that release: the manifest records no sha256 of the release; "
+                              "the file matches the sha256 given with --sha256") in card
+
+
+def test_release_verified_by_the_manifests_sha256(shvit_official, tmp_path):
+    """A release whose sha256 the manifest records: a matching file is that release (no caveat on the card)."""
+    _, src = shvit_official
+    manifest = _manifest_recording("shvit_s1", "in1k_official", sha256_file(src))
+    out = convert_checkpoint(src, "shvit_s1", tmp_path / "out", flops=False, manifest=manifest)
+    card = (out / "README.md").read_text()
+    assert sha256_file(src) in card and "not verified" not in card
 
 
 def test_legacy_torch_save_source_converts_and_a_truncated_one_is_one_line(shvit_official, tmp_path, capsys):

@@ -380,16 +380,20 @@ def _params_match(entry: WeightEntry, params: int, tolerance: float = 0.1) -> bo
     return not reported or abs(params - reported) <= tolerance * reported
 
 
-def _describe_source(entry: WeightEntry, source_name: str, verified: bool) -> str:
+def _describe_source(entry: WeightEntry, source_name: str, verified: bool, given_sha: bool = False) -> str:
     """The card's source line: the manifest URL, plus the converted file's name when that is not the URL's, and
-    whether the file was checked against a recorded sha256 (a matching name alone proves nothing)."""
+    whether the file was checked against the release's sha256 recorded in the manifest (a matching name alone
+    proves nothing; nor does a ``--sha256``, which may be the file's own)."""
     same_name = entry.source_url == source_name or entry.source_url.endswith("/" + source_name)
     if entry.source_sha256 is None and entry.source_url == source_name:  # a stand-in entry: the file itself
         return source_name
     line = entry.source_url if same_name else f"{entry.source_url} (converted file: `{source_name}`)"
     if not verified:
-        line += (" - not verified to be that release: no sha256 was given or recorded for it, so the file's own "
-                 "sha256 below is the only record of what was converted")
+        why = ("the manifest records no sha256 of the release; the file matches the sha256 given with --sha256, "
+               "which shows it is the file meant, not that it is the release" if given_sha
+               else "no sha256 was given or recorded for it")
+        line += (f" - not verified to be that release: {why}, so the file's own sha256 below is the only record of "
+                 "what was converted")
     return line
 
 
@@ -649,9 +653,12 @@ def convert_checkpoint(
             raise CorruptWeightsError(f"{reason}{advice}") from e
         steps.update()
         params = sum(p.numel() for p in source_model.parameters())
-        if expected is None and not _params_match(entry, params):
-            # not verified by a hash, and not the size of the release either (NViT-B's file converted as nvit_s):
-            # the card must not claim the release's source and metrics
+        # the release's own recorded hash verifies the file (a --sha256 may be the file's own)
+        is_release = entry.source_sha256 is not None and entry.source_sha256.lower() == source_sha
+        if not is_release and not _params_match(entry, params):
+            # not verified by the release's recorded hash (a --sha256 may be the file's own), and not the size of
+            # the release either (NViT-B's file converted as nvit_s): the card must not claim the release's source
+            # and metrics
             tqdm.write(f"note: {src} has {params / 1e6:.2f}M parameters, not the {entry.metrics['params'] / 1e6:.3g}M "
                        f"reported for {entry.name}; it is converted as {model}.converted, without the release's "
                        "metrics.", file=sys.stderr)
@@ -679,7 +686,8 @@ def convert_checkpoint(
             steps.set_postfix_str("card")
             input_size = tuple(source_model.pretrained_cfg.get("input_size", (3, 224, 224)))
             fields = card_fields(
-                entry, manifest, source=_describe_source(entry, source_name, verified=expected is not None),
+                entry, manifest, source=_describe_source(entry, source_name, verified=is_release,
+                                                       given_sha=sha256 is not None),
                 source_sha256=source_sha,
                 params=params,
                 flops=_count_flops(source_model) if flops else None, input_size=input_size,
