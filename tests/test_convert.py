@@ -167,7 +167,8 @@ def test_nvit_official_roundtrip(tmp_path):
                 "epoch": 299, "args": argparse.Namespace(model="deit_base_distilled_patch16_224_small")}, src)
     out = tmp_path / "out"
     # a stand-in for the release file, far smaller than NViT-B: only the release's recorded sha256 lets it pass
-    convert_checkpoint(src, "nvit_b", out, flops=False, manifest=_manifest_recording("nvit_b", "in1k", sha256_file(src)))
+    release = _manifest_recording("nvit_b", "in1k", sha256_file(src))
+    convert_checkpoint(src, "nvit_b", out, flops=False, manifest=release)
 
     loaded = timm.create_model(f"local-dir:{out}", pretrained=True)
     assert loaded.dims == NVIT_DIMS

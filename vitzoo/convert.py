@@ -685,9 +685,9 @@ def convert_checkpoint(
             steps.update()
             steps.set_postfix_str("card")
             input_size = tuple(source_model.pretrained_cfg.get("input_size", (3, 224, 224)))
+            source_line = _describe_source(entry, source_name, verified=is_release, given_sha=sha256 is not None)
             fields = card_fields(
-                entry, manifest, source=_describe_source(entry, source_name, verified=is_release,
-                                                       given_sha=sha256 is not None),
+                entry, manifest, source=source_line,
                 source_sha256=source_sha,
                 params=params,
                 flops=_count_flops(source_model) if flops else None, input_size=input_size,
