@@ -389,6 +389,26 @@ def test_release_verified_by_the_manifests_sha256(shvit_official, tmp_path):
     assert sha256_file(src) in card and "not verified" not in card
 
 
+def test_a_full_disk_is_one_line_and_leaves_nothing(shvit_official, tmp_path, capsys, monkeypatch):
+    """safetensors raises its own SafetensorError (not an OSError) on a full disk: that was a traceback, and the
+    output's new parent folders stayed (found by an audit with a 10 MB tmpfs)."""
+    import safetensors.torch
+
+    def full_disk(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    _, src = shvit_official
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "x" / "y" / "out"
+    assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(out), "--no-flops"]) == 1
+    err = capsys.readouterr().err
+    assert f"vitzoo convert: error: cannot write {out / 'model.safetensors'}: Error while serializing" in err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert os.listdir(work) == []
+
+
 def test_legacy_torch_save_source_converts_and_a_truncated_one_is_one_line(shvit_official, tmp_path, capsys):
     model, src = shvit_official
     legacy = tmp_path / "src" / "legacy.pth"

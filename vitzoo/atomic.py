@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Optional, Sequence, Union
+from typing import Any, BinaryIO, Iterator, List, Optional, Sequence, Union
 
 __all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "check_new_file", "check_output_dir",
            "check_output_file", "check_output_free", "staged_dir"]
@@ -34,10 +34,11 @@ def atomic_open(path: PathLike, force: bool = False) -> Iterator[BinaryIO]:
     """
     path = Path(path)
     check_output_file(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(path)
     try:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
+        _remove_empty(created)
         raise _naming_target(e, path, temp=None) from e
     tmp = Path(name)
     try:
@@ -53,6 +54,7 @@ def atomic_open(path: PathLike, force: bool = False) -> Iterator[BinaryIO]:
     except BaseException as e:
         with contextlib.suppress(OSError):  # a failed clean-up must not hide the error itself
             os.unlink(tmp)
+        _remove_empty(created)
         renamed = _naming_target(e, path, temp=tmp) if isinstance(e, OSError) else e
         if renamed is e:
             raise
@@ -260,11 +262,13 @@ def staged_dir(out_dir: PathLike, force: bool = False) -> Iterator[Path]:
     out_dir = Path(out_dir)
     check_output_dir(out_dir, force)
     target = Path(os.path.abspath(out_dir))  # '.', 'a/..': the real name and parent, for the temp names
-    target.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(target)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     except OSError as e:
+        _remove_empty(created)
         raise _naming_target(e, out_dir, temp=None) from e
+    landed = False
     try:
         yield tmp
         _make_readable(tmp)
@@ -284,6 +288,7 @@ def staged_dir(out_dir: PathLike, force: bool = False) -> Iterator[Path]:
                 os.replace(old / target.name, target)
                 shutil.rmtree(old, ignore_errors=True)
             raise
+        landed = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
@@ -293,6 +298,26 @@ def staged_dir(out_dir: PathLike, force: bool = False) -> Iterator[Path]:
         raise renamed from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not landed:
+            _remove_empty(created)
+
+
+def _make_parents(path: Path) -> List[Path]:
+    """Create the missing parent folders of ``path``; returns those created, outermost first."""
+    missing = []
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    Path(os.path.abspath(path)).parent.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+def _remove_empty(created: List[Path]) -> None:
+    """Remove folders a failed write created (innermost first), if still empty: an error leaves nothing behind."""
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _cannot_move_aside(error: OSError, out_dir: Path) -> OSError:

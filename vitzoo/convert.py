@@ -679,7 +679,12 @@ def convert_checkpoint(
         with staged_dir(out_dir, force=force) as tmp:
             steps.set_postfix_str("write")
             state = {k: v.detach().contiguous() for k, v in source_model.state_dict().items()}
-            safetensors.torch.save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
+            try:
+                safetensors.torch.save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
+            except Exception as e:  # noqa: BLE001  safetensors' own SafetensorError is no OSError (a full disk)
+                if isinstance(e, OSError):
+                    raise
+                raise OSError(f"cannot write {out_dir / 'model.safetensors'}: {e}") from e
             save_config_for_hf(source_model, str(tmp / "config.json"), model_args=model_args,
                                model_config={"pretrained_cfg": {"license": entry.license, "tag": entry.tag}})
             steps.update()
