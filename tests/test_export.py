@@ -140,6 +140,10 @@ def test_default_output_name_of_a_weights_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["export", f"local-dir:{folder}"]) == 0
     assert (tmp_path / "my_s1_64.onnx").is_file()  # the folder's input size, and a file name without "local-dir:"
+    # the prefix in any case, as timm and compare read it (was: 'LOCAL-DIR:...my_s1_224.onnx', a colon in the name)
+    os.remove(tmp_path / "my_s1_64.onnx")
+    assert main(["export", f"LOCAL-DIR:{folder}/"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_s1", "my_s1_64.onnx"]
 
 
 def test_api_matches_pytorch_with_nontrivial_bn(tmp_path):

@@ -204,7 +204,9 @@ def _config_hint(name: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from vitzoo.messages import cli_message
-    from vitzoo.models import UnknownModelError, model_input_size
+    from vitzoo.models import UnknownModelError, canonical_prefix, model_input_size
+
+    args.model = canonical_prefix(args.model)  # the prefix in any case, as compare and timm read it
 
     if args.img_size is not None and args.img_size < 1:
         print(f"error: --img-size must be positive, got {args.img_size}", file=sys.stderr)

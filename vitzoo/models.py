@@ -116,6 +116,14 @@ def closest_models(name: str, n: int = 5) -> List[str]:
 _SOURCE_ALIASES = {"hf_hub": "hf-hub"}
 
 
+def canonical_prefix(name: str) -> str:
+    """``name`` with a weights-folder prefix in its canonical spelling (``LOCAL-DIR:x`` -> ``local-dir:x``,
+    ``hf_hub:o/n`` -> ``hf-hub:o/n``), as timm reads it in any case; other names unchanged."""
+    source, sep, rest = name.partition(":")
+    canonical = _SOURCE_ALIASES.get(source.lower(), source.lower()) if sep else ""
+    return f"{canonical}:{rest}" if canonical in ("local-dir", "hf-hub") else name
+
+
 def resolve_name(name: str, allow_folders: bool = False) -> Tuple[str, Optional[str]]:
     """Split ``arch[.tag]`` and check both against timm's registry.
 
