@@ -143,6 +143,10 @@ def test_card_of_a_verified_file_and_of_another_class_count(shvit_official, tmp_
     front = card.split("\n---\n")[0]
     assert "imagenet" not in front.lower() and "datasets" not in front and front.startswith("---\nlicense: mit\n")
     assert "datasets:\n- imagenet-1k\n" in (tmp_path / "verified" / "README.md").read_text()
+    # config.json too: the release's top-1 and params stay out of a fine-tune's pretrained_cfg.notes (audit)
+    release_notes = json.loads((tmp_path / "verified" / "config.json").read_text())["pretrained_cfg"]["notes"]
+    assert any("top-1 72.780" in n for n in release_notes)
+    assert "notes" not in json.loads((out / "config.json").read_text())["pretrained_cfg"]
     # an explicit --num-classes 1000 is the release's class count: still the release (mutation testing), and the
     # sha256 is compared without regard to case
     out = convert_checkpoint(src, "shvit_s1", tmp_path / "explicit", num_classes=1000,

@@ -676,6 +676,8 @@ def convert_checkpoint(
             if key in kwargs:
                 model_args[key] = kwargs[key]
 
+        if entry.metrics.get("top1") is None:  # not the release: its reported accuracy and size do not apply
+            source_model.pretrained_cfg = {k: v for k, v in source_model.pretrained_cfg.items() if k != "notes"}
         with staged_dir(out_dir, force=force) as tmp:
             steps.set_postfix_str("write")
             state = {k: v.detach().contiguous() for k, v in source_model.state_dict().items()}
