@@ -27,6 +27,7 @@ from .dims import NViTDims, resolve_dims
 __all__ = [
     'DIMS_METADATA_KEY', 'load_checkpoint', 'checkpoint_filter_fn', 'convert_official', 'dims_from_state_dict',
     'check_dims_match', 'dims_metadata', 'describe_foreign_checkpoint', 'ClassifierSizeError',
+    'IncompatibleCheckpointError', 'CorruptCheckpointError',
 ]
 
 DIMS_METADATA_KEY = 'nvit_dims'
@@ -37,6 +38,16 @@ _BLOCK_RE = re.compile(r'^blocks\.(\d+)\.')
 StateDict = Dict[str, torch.Tensor]
 
 
+class IncompatibleCheckpointError(ValueError):
+    """The checkpoint does not fit the model (another model, other dims, distilled or not, token scales, tensors
+    missing or extra), or lacks what loading it needs (a dims record); the message says which and what to do. A
+    ValueError, as these errors were before 2026-11-25."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """The weight file cannot be read: truncated, damaged, or not a checkpoint at all."""
+
+
 def dims_metadata(model_or_dims: Union[torch.nn.Module, NViTDims]) -> Dict[str, str]:
     """Safetensors metadata recording an NViT's dims: ``{'nvit_dims': '<json>'}``."""
     dims = model_or_dims if isinstance(model_or_dims, NViTDims) else getattr(model_or_dims, 'dims', None)
@@ -45,8 +56,8 @@ def dims_metadata(model_or_dims: Union[torch.nn.Module, NViTDims]) -> Dict[str, 
     return {DIMS_METADATA_KEY: dims.to_json()}
 
 
-def _unreadable(path: str, e: BaseException) -> RuntimeError:
-    return RuntimeError(
+def _unreadable(path: str, e: BaseException) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
         f'Cannot read checkpoint {path!r}: {type(e).__name__}: {e}. The file is probably truncated or corrupt '
         f'(an interrupted download?); delete it and download it again.')
 
@@ -61,8 +72,9 @@ def _load_torch_file(path: str) -> Any:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
         if damaged is not None:
-            raise RuntimeError(f'Checkpoint {path!r} is corrupt: member {damaged} of the archive fails its CRC check. '
-                               f'Copy or download it again.')
+            raise CorruptCheckpointError(
+                f'Checkpoint {path!r} is corrupt: member {damaged} of the archive fails its CRC check. Copy or '
+                f'download it again.')
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location='cpu', weights_only=True)
@@ -127,7 +139,8 @@ def convert_official(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
             emb, flat = v.shape[:2]
             patch = int(round((flat // 3) ** 0.5))
             if patch * patch * 3 != flat:
-                raise ValueError(f'patch_embed.proj.weight {tuple(v.shape)}: {flat} input channels is not 3*p*p.')
+                raise IncompatibleCheckpointError(
+                    f'patch_embed.proj.weight {tuple(v.shape)}: {flat} input channels is not 3*p*p.')
             out[k] = v.reshape(emb, patch, patch, 3).permute(0, 3, 1, 2).contiguous()
         elif '.attn.qkv.Q.' in k:
             prefix, kind = k.split('.attn.qkv.Q.')
@@ -160,12 +173,13 @@ def _block_widths(state_dict: Mapping[str, torch.Tensor]) -> Tuple[int, List[Tup
             mlp = state_dict[f'blocks.{i}.mlp.fc1.weight'].shape[0]
             widths.append(((qkv_rows - v_total) // 2, v_total, mlp))
     except KeyError as e:
-        raise ValueError(f'Not an NViT state dict: missing key {e}.') from None
+        raise IncompatibleCheckpointError(f'Not an NViT state dict: missing key {e}.') from None
     return embed_dim, widths
 
 
 def check_dims_match(dims: NViTDims, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Raise ValueError naming every block whose widths in ``dims`` disagree with the weight shapes."""
+    """Raise IncompatibleCheckpointError (a ValueError) naming every block whose widths in ``dims`` disagree with the
+    weight shapes."""
     if is_official_layout(state_dict):
         state_dict = convert_official(state_dict)
     embed_dim, widths = _block_widths(state_dict)
@@ -179,7 +193,7 @@ def check_dims_match(dims: NViTDims, state_dict: Mapping[str, torch.Tensor]) -> 
         if want != (qk, v, mlp):
             problems.append(f'block {i}: heads*qk, heads*v, mlp = {want} vs weights {(qk, v, mlp)}')
     if problems:
-        raise ValueError('NViT dims do not match the checkpoint weights: ' + '; '.join(problems) + '.')
+        raise IncompatibleCheckpointError('NViT dims do not match the checkpoint weights: ' + '; '.join(problems) + '.')
 
 
 def dims_from_state_dict(
@@ -233,7 +247,7 @@ def _inner_state_dict(obj: Mapping[str, Any]) -> Optional[str]:
 
 def _from_torch_object(obj: Any, path: str) -> Tuple[StateDict, Optional[NViTDims], Dict[str, str]]:
     if not isinstance(obj, Mapping):
-        raise ValueError(f'{path}: expected a dict checkpoint, got {type(obj).__name__}.')
+        raise IncompatibleCheckpointError(f'{path}: expected a dict checkpoint, got {type(obj).__name__}.')
     inner = _inner_state_dict(obj)
     if inner is not None:
         meta = {'format': 'official' if 'dim' in obj else 'torch-dict'}
@@ -241,12 +255,22 @@ def _from_torch_object(obj: Any, path: str) -> Tuple[StateDict, Optional[NViTDim
             meta['args'] = json.dumps({k: str(v) for k, v in vars(obj['args']).items()})
         record = obj.get('dim')
         record = obj.get(DIMS_METADATA_KEY) if record is None else record
-        dims = resolve_dims(record) if record is not None else None
+        dims = _file_dims(record, path) if record is not None else None
         return dict(obj[inner]), dims, meta  # _finish strips the wrapper prefixes
     if DIMS_METADATA_KEY in obj:
         sd = {k: v for k, v in obj.items() if k != DIMS_METADATA_KEY}
-        return sd, resolve_dims(obj[DIMS_METADATA_KEY]), {'format': 'nvit'}
+        return sd, _file_dims(obj[DIMS_METADATA_KEY], path), {'format': 'nvit'}
     return dict(obj), None, {'format': 'state_dict'}
+
+
+def _file_dims(record: Any, path: str) -> NViTDims:
+    """A checkpoint's own dims record as ``NViTDims``; a malformed one is the checkpoint's fault, not the caller's."""
+    try:
+        return resolve_dims(record)
+    except (ValueError, TypeError) as e:
+        raise IncompatibleCheckpointError(
+            f'{path}: its NViT dims record is invalid ({e}). Convert the checkpoint again, or load its state dict with '
+            f'the dims given: pretrained_cfg_overlay=dict(state_dict=...) and dims=...') from e
 
 
 def read_checkpoint_object(
@@ -267,7 +291,7 @@ def _finish(
     sd = strip_wrapper_prefixes(sd)
     foreign = describe_foreign_checkpoint(sd)
     if foreign is not None:
-        raise ValueError(f'{path} is {_as_foreign(foreign)}.')
+        raise IncompatibleCheckpointError(f'{path} is {_as_foreign(foreign)}.')
     sd = convert_official(sd)
     if dims is not None:
         check_dims_match(dims, sd)
@@ -285,9 +309,10 @@ def load_checkpoint(path: Union[str, os.PathLike]) -> Tuple[StateDict, Optional[
         none), and string metadata (``format``, plus safetensors metadata or the official ``args`` as JSON).
 
     Raises:
-        RuntimeError: the file is truncated/corrupt, or would need unpickling something other than tensors and
-            ``argparse.Namespace``.
-        ValueError: the file is not an NViT checkpoint (e.g. SHViT), or its dims record disagrees with its weights.
+        CorruptCheckpointError: the file is truncated or corrupt (a RuntimeError).
+        RuntimeError: the file would need unpickling something other than tensors and ``argparse.Namespace``.
+        IncompatibleCheckpointError: the file is not an NViT checkpoint (e.g. SHViT), or its dims record is invalid
+            or disagrees with its weights (a ValueError).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -299,7 +324,7 @@ def load_checkpoint(path: Union[str, os.PathLike]) -> Tuple[StateDict, Optional[
         raise FileNotFoundError(f'NViT weight file {path!r} does not exist; check the path.')
     if path.endswith('.safetensors'):
         sd, meta = _load_safetensors_file(path)
-        dims = resolve_dims(meta[DIMS_METADATA_KEY]) if DIMS_METADATA_KEY in meta else None
+        dims = _file_dims(meta[DIMS_METADATA_KEY], path) if DIMS_METADATA_KEY in meta else None
         meta.setdefault('format', 'nvit' if dims is not None else 'safetensors')
     else:
         sd, dims, meta = _from_torch_object(_load_torch_file(path), path)
@@ -321,7 +346,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: torch.nn.Module,
     state_dict = strip_wrapper_prefixes({k: v for k, v in state_dict.items() if k != DIMS_METADATA_KEY})
     foreign = describe_foreign_checkpoint(state_dict)
     if foreign is not None:
-        raise ValueError(f'This is {_as_foreign(foreign)}.')
+        raise IncompatibleCheckpointError(f'This is {_as_foreign(foreign)}.')
     out = convert_official(state_dict)
     _check_distilled(out, model)
     grid = list(model.patch_embed.grid_size)
@@ -377,10 +402,11 @@ def _check_distilled(state_dict: Mapping[str, Any], model: torch.nn.Module) -> N
     if has_dist == (model.num_prefix_tokens == 2):
         return
     if has_dist:
-        raise ValueError('The checkpoint is distilled (it has dist_token and head_dist) and the model is not: create '
-                         'it with distilled=True (what the nvit_* names pick by themselves for such a checkpoint).')
-    raise ValueError('The checkpoint is not distilled (no dist_token / head_dist) and the model is: create it with '
-                     'distilled=False.')
+        raise IncompatibleCheckpointError(
+            'The checkpoint is distilled (it has dist_token and head_dist) and the model is not: create it with '
+            'distilled=True (what the nvit_* names pick by themselves for such a checkpoint).')
+    raise IncompatibleCheckpointError(
+        'The checkpoint is not distilled (no dist_token / head_dist) and the model is: create it with distilled=False.')
 
 
 def _fit_patch_size(state_dict: StateDict, model: torch.nn.Module) -> None:
@@ -404,23 +430,25 @@ def _check_complete(state_dict: Mapping[str, Any], model: torch.nn.Module) -> No
     own = model.state_dict()
     scales = [k for k in state_dict if k.endswith('attn.token_mask') and k not in own]
     if scales and not any(k.endswith('attn.token_mask') for k in own):
-        raise ValueError(f'The checkpoint has learned token scales ({len(scales)} attn.token_mask tensors) and the '
-                         f'model was created with token_mask=False: create it with token_mask=True to load them.')
+        raise IncompatibleCheckpointError(
+            f'The checkpoint has learned token scales ({len(scales)} attn.token_mask tensors) and the model was '
+            f'created with token_mask=False: create it with token_mask=True to load them.')
     missing = [k for k in own if k not in state_dict and k not in _CLASSIFIER_KEYS]
     if not missing:
         # the same non-strict load would also skip tensors the model does not have, with only a logged warning
         unexpected = [k for k in state_dict if k not in own and k not in _CLASSIFIER_KEYS]
         if unexpected:
-            raise ValueError(f'The checkpoint has {len(unexpected)} tensor{"s" * (len(unexpected) > 1)} that the '
-                             f'model does not have (e.g. '
-                             f'{unexpected[:3]}): it was saved from a modified model. Load it into the model it was '
-                             f'saved from, or remove those tensors from the file.')
+            raise IncompatibleCheckpointError(
+                f'The checkpoint has {len(unexpected)} tensor{"s" * (len(unexpected) > 1)} that the model does not '
+                f'have (e.g. {unexpected[:3]}): it was saved from a modified model. Load it into the model it was '
+                f'saved from, or remove those tensors from the file.')
         return
     hint = ''
     if all(k.endswith('attn.token_mask') for k in missing):
         hint = ' The checkpoint has no token scales: create the model with token_mask=False.'
-    raise ValueError(f'The checkpoint is incomplete: {len(missing)} of the model\'s tensors are missing (e.g. '
-                     f'{missing[:3]}); it may be truncated or saved from a modified model.{hint}')
+    raise IncompatibleCheckpointError(
+        f'The checkpoint is incomplete: {len(missing)} of the model\'s tensors are missing (e.g. {missing[:3]}); it '
+        f'may be truncated or saved from a modified model.{hint}')
 
 
 def _source_grid(model: torch.nn.Module, state_dict: Mapping[str, Any], patches: int) -> List[int]:
@@ -435,7 +463,7 @@ def _source_grid(model: torch.nn.Module, state_dict: Mapping[str, Any], patches:
         return grid
     side = int(round(patches ** 0.5))
     if side * side != patches:
-        raise ValueError(
+        raise IncompatibleCheckpointError(
             f'The checkpoint\'s position embedding has {patches} patch tokens, which is not a square grid, and its '
             f'image size is not recorded, so it cannot be resampled to this model\'s {grid[0]}x{grid[1]} grid. Load '
             f'it through the folder with its config.json (timm.create_model("local-dir:PATH", pretrained=True, '
@@ -446,12 +474,12 @@ def _source_grid(model: torch.nn.Module, state_dict: Mapping[str, Any], patches:
 def foreign_or_missing_dims_error(variant: str, state_dict: Mapping[str, Any], where: str) -> ValueError:
     """The error for a checkpoint that carries no dims record."""
     if _looks_like_timm_vit(state_dict):
-        return ValueError(
+        return IncompatibleCheckpointError(
             f'{where} looks like a timm ViT/DeiT checkpoint (fused attn.qkv, no token scales, no NViT dims record), '
             f'not an NViT one. Convert a DeiT with nvit.from_vit(timm.create_model(...)), or pass '
             f'dims=NViTDims.uniform(...) to {variant} (vitzoo convert: --dims JSON_OR_FILE) if you really mean to '
             f'load it as an NViT.')
-    return ValueError(
+    return IncompatibleCheckpointError(
         f'{where} has no NViT dims record (official "dim" key or safetensors metadata "{DIMS_METADATA_KEY}"), and '
         f'head counts cannot be recovered from weight shapes. Pass dims=... to {variant} '
         f'(vitzoo convert: --dims JSON_OR_FILE, the record as JSON or a .json file; '

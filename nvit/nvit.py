@@ -31,8 +31,8 @@ from timm.models._hub import download_cached_file, download_from_hf
 from timm.models._input import update_model_args
 
 from .checkpoint import (
-    WeightsUnavailableError, check_dims_match, checkpoint_filter_fn, foreign_or_missing_dims_error, load_checkpoint,
-    read_checkpoint_object)
+    IncompatibleCheckpointError, WeightsUnavailableError, check_dims_match, checkpoint_filter_fn,
+    foreign_or_missing_dims_error, load_checkpoint, read_checkpoint_object)
 from .dims import NViTDims, resolve_dims, revit_dims
 from .model import NViT
 
@@ -166,8 +166,8 @@ def _create_nvit(variant: str, pretrained: bool = False, **kwargs) -> NViT:
     if pretrained:
         state_dict, file_dims, _ = _read_pretrained(variant, kwargs)
         if dims is not None and file_dims is not None and dims != file_dims:
-            raise ValueError(f'{variant}: dims=... do not match the checkpoint dims record.\n'
-                             f'given:\n{dims}\ncheckpoint:\n{file_dims}')
+            raise IncompatibleCheckpointError(f'{variant}: dims=... do not match the checkpoint dims record.\n'
+                                              f'given:\n{dims}\ncheckpoint:\n{file_dims}')
         dims = dims or file_dims
         if dims is None:
             raise foreign_or_missing_dims_error(variant, state_dict, f'The pretrained checkpoint for {variant}')

@@ -9,7 +9,7 @@ import torch.nn as nn
 from .variants import variant_name
 
 __all__ = ['checkpoint_filter_fn', 'remap_official_keys', 'describe_state_dict', 'CheckpointMismatchError',
-           'ClassifierSizeError', 'IncompleteCheckpointError', 'WeightFileNotFoundError']
+           'ClassifierSizeError', 'IncompleteCheckpointError', 'WeightFileNotFoundError', 'CorruptCheckpointError']
 
 _logger = logging.getLogger(__name__)
 
@@ -39,6 +39,11 @@ class WeightsUnavailableError(RuntimeError, OSError):
     """The pretrained weights could not be downloaded or found (offline, unreachable Hub or URL): a RuntimeError like
     every other failed pretrained load of the entrypoints, and an OSError like timm's own download errors, so that
     ``except OSError: ... pretrained=False`` fallbacks written for timm's models work here too."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """The weight file cannot be read: truncated, damaged, or not a checkpoint at all (a RuntimeError like every
+    other failed pretrained load of the entrypoints)."""
 
 
 class WeightFileNotFoundError(RuntimeError, FileNotFoundError):

@@ -17,7 +17,7 @@ from timm.models._builder import _resolve_pretrained_source
 from timm.models._helpers import load_state_dict
 
 from .checkpoint import (
-    CheckpointMismatchError, ClassifierSizeError, ExtraTensorsError, IncompleteCheckpointError,
+    CheckpointMismatchError, ClassifierSizeError, CorruptCheckpointError, ExtraTensorsError, IncompleteCheckpointError,
     WeightFileNotFoundError, WeightsUnavailableError, checkpoint_filter_fn,
 )
 from .model import SHViT
@@ -40,6 +40,21 @@ def _raised_while_loading(e: BaseException) -> bool:
     while tb is not None:
         code = tb.tb_frame.f_code
         if code.co_name in _TIMM_LOADERS and '/timm/' in code.co_filename.replace('\\', '/'):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+# where a weight file's bytes are read: torch.load (also for timm's URL downloads) and the safetensors reader
+_READERS = ('/torch/serialization.py', '/safetensors/')
+
+
+def _raised_while_reading(e: BaseException) -> bool:
+    """True if ``e`` was raised while reading the weight file (judged by the traceback's frames): the file is
+    truncated or damaged, whatever the reader raised (EOFError, IndexError, a RuntimeError, ...)."""
+    tb = e.__traceback__
+    while tb is not None:
+        if any(reader in tb.tb_frame.f_code.co_filename.replace('\\', '/') for reader in _READERS):
             return True
         tb = tb.tb_next
     return False
@@ -156,7 +171,7 @@ def _check_archive_crc(variant: str, path: str) -> None:
     with zipfile.ZipFile(path) as archive:
         damaged = archive.testzip()
     if damaged is not None:
-        raise RuntimeError(
+        raise CorruptCheckpointError(
             f'Could not load pretrained weights for {variant} from file {path}: the file is corrupt (member '
             f'{damaged} of the archive fails its CRC check).\nTo fix: copy or download the file again; or use '
             f'pretrained=False.')
@@ -212,7 +227,8 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
         # a download that failed (timm's own models raise an OSError there); a local file that exists (missing
         # ones were handled above) and fails to load is damaged, not unavailable, whatever torch.load raised
         unavailable = not source.startswith('file ') and any(isinstance(c, OSError) for c in _causes(e, context=False))
-        raise (WeightsUnavailableError if unavailable else RuntimeError)(
+        unreadable = not unavailable and _raised_while_reading(e)
+        raise (WeightsUnavailableError if unavailable else CorruptCheckpointError if unreadable else RuntimeError)(
             f'Could not load pretrained weights for {variant} from {source}: {type(e).__name__}: {e}\n'
             f'To fix: {fix}; or use pretrained=False.') from e
 

@@ -400,3 +400,78 @@ def test_expected_sha256_is_compared_without_regard_to_case(tmp_path):
     validate_weights_file(path, digest)
     with pytest.raises(CorruptWeightsError, match="sha256 mismatch"):
         validate_weights_file(path, hashlib.sha256(b"other").hexdigest().upper())
+
+
+NVIT_DIMS = dict(embed_dim=64, heads=[2, 1, 2], qk_dim=[16, 16, 16], v_dim=[16, 32, 16], mlp_dim=[128, 96, 64])
+
+
+def _save_nvit(path, distilled=True, drop=(), metadata=None):
+    """A random small nvit_t (NVIT_DIMS) saved as safetensors with its dims record, less the tensors in ``drop``."""
+    import nvit
+    from safetensors.torch import save_file
+
+    model = timm.create_model("nvit_t", dims=NVIT_DIMS, distilled=distilled)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(tuple(drop) or "\0")}
+    save_file(state, str(path), metadata=metadata or nvit.dims_metadata(model))
+    return path
+
+
+def _legacy_cut(model, path, keep):
+    """``model``'s state dict in torch.save's legacy (pre-1.6) format, cut short by ``keep(size)`` bytes."""
+    torch.save(model.state_dict(), path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    path.write_bytes(data[:keep(len(data))])
+    return path
+
+
+@pytest.mark.parametrize("case", ["nvit_into_shvit", "shvit_into_nvit", "incomplete_nvit", "distilled_into_plain",
+                                  "plain_into_distilled", "invalid_dims_record", "legacy_cut_in_pickle",
+                                  "legacy_cut_in_tensors", "nvit_legacy_cut"])
+def test_every_weight_caused_failure_is_a_weights_error(tmp_path, shvit_files, case):
+    """Found by an audit: weights of another family, an incomplete NViT file, a distilled / plain mismatch and some
+    truncated legacy .pth files got through load_pretrained_model as a bare ValueError / RuntimeError."""
+    model, files = shvit_files
+    shvit_file = tmp_path / "shvit.safetensors"
+    shvit_file.write_bytes(files["model.safetensors"])
+    name, kwargs, error, words = {
+        "nvit_into_shvit": ("shvit_s1", {}, WeightsError, "expected shvit_s1"),
+        "shvit_into_nvit": ("nvit_t", {}, WeightsError, "is a SHViT checkpoint"),
+        "incomplete_nvit": ("nvit_t", {}, WeightsError, "depth 3 vs weights 2 blocks"),
+        "distilled_into_plain": ("nvit_t", dict(distilled=False), WeightsError, "create it with distilled=True"),
+        "plain_into_distilled": ("nvit_t", dict(distilled=True), WeightsError, "create it with distilled=False"),
+        "invalid_dims_record": ("nvit_t", {}, WeightsError, "its NViT dims record is invalid"),
+        "legacy_cut_in_pickle": ("shvit_s1", {}, CorruptWeightsError, "corrupt or truncated"),
+        "legacy_cut_in_tensors": ("shvit_s1", {}, CorruptWeightsError, "corrupt or truncated"),
+        "nvit_legacy_cut": ("nvit_t", {}, CorruptWeightsError, "corrupt or truncated"),
+    }[case]
+    path = {
+        "nvit_into_shvit": lambda: _save_nvit(tmp_path / "nvit.safetensors"),
+        "shvit_into_nvit": lambda: shvit_file,
+        "incomplete_nvit": lambda: _save_nvit(tmp_path / "nvit.safetensors", drop=["blocks.2."]),
+        "distilled_into_plain": lambda: _save_nvit(tmp_path / "nvit.safetensors"),
+        "plain_into_distilled": lambda: _save_nvit(tmp_path / "nvit.safetensors", distilled=False),
+        "invalid_dims_record": lambda: _save_nvit(tmp_path / "nvit.safetensors", metadata={"nvit_dims": "[1, 2]"}),
+        # cut 297 bytes in (inside the pickled header), the reader raises struct.error; 20 bytes short, torch's
+        # "unexpected EOF" RuntimeError
+        "legacy_cut_in_pickle": lambda: _legacy_cut(model, tmp_path / "legacy.pth", lambda n: 297),
+        "legacy_cut_in_tensors": lambda: _legacy_cut(model, tmp_path / "legacy.pth", lambda n: n - 20),
+        "nvit_legacy_cut": lambda: _legacy_cut(timm.create_model("nvit_t", dims=NVIT_DIMS), tmp_path / "nvit.pth",
+                                               lambda n: n - 20),
+    }[case]()
+    with pytest.raises(error) as info:
+        load_pretrained_model(name, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    assert words in str(info.value) and str(path) in str(info.value)
+    assert info.value.__cause__ is not None and not isinstance(info.value.__cause__, WeightsError)
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    (dict(bogus=1), TypeError),  # an argument the model does not take
+    (dict(img_size=-3), ValueError),  # a value the model refuses
+    (dict(global_pool="nope"), ValueError),
+])
+def test_programming_errors_stay_what_they_are(tmp_path, kwargs, error):
+    """Only the weights' faults become WeightsError: a bad argument to the model is raised unchanged."""
+    path = _save_nvit(tmp_path / "nvit.safetensors")
+    with pytest.raises(error) as info:
+        load_pretrained_model("nvit_t", pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    assert not isinstance(info.value, WeightsError)

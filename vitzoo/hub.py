@@ -370,7 +370,7 @@ def load_pretrained_model(name: str, **kwargs: Any) -> torch.nn.Module:
         validate_weights_file(found[0])
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) + _DOWNLOAD_ERRORS as e:
+    except (RuntimeError, ValueError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) + _DOWNLOAD_ERRORS as e:
         problem = _classify(e)
         if problem == "download" and kind == "hub":  # the file was fetched and checked above; the Hub's re-check failed
             raise MissingWeightsError(
@@ -380,7 +380,7 @@ def load_pretrained_model(name: str, **kwargs: Any) -> torch.nn.Module:
         if problem == "download":
             raise MissingWeightsError(_download_failed_message(name, location, e, kwargs)) from e
         if problem == "explained":  # the model's own message says what is wrong and what to pass
-            raise WeightsError(f"The pretrained weights from {location} do not fit '{name}': {_innermost(e)}") from e
+            raise WeightsError(f"The pretrained weights from {location} do not fit '{name}': {_explanation(e)}") from e
         if problem == "mismatch":
             raise WeightsError(
                 f"The pretrained weights from {location} do not fit '{name}' (are they weights of another model or "
@@ -425,15 +425,21 @@ def _unsafe_pickle_message(location: str, error: BaseException) -> str:
             "model: its .state_dict()), and use clean.pth.")
 
 
+# the models' own errors that say what does not fit and what to pass (shvit.checkpoint, nvit.checkpoint); matched by
+# name, so that this module needs neither package
+_EXPLAINED = ("ClassifierSizeError", "IncompleteCheckpointError", "ExtraTensorsError", "IncompatibleCheckpointError")
+
+
 def _classify(error: BaseException) -> Optional[str]:
     """'download' (a failed download, e.g. offline), 'explained' (a classifier of another size, an incomplete
-    checkpoint: the message says it), 'mismatch' (weights of another model), 'unsafe' (a file that pickles more than
-    tensors), 'corrupt' (unreadable file) or None, looking down the cause chain."""
+    checkpoint, an NViT checkpoint that does not fit: the message says it), 'mismatch' (weights of another model),
+    'unsafe' (a file that pickles more than tensors), 'corrupt' (unreadable file) or None (not the weights' fault:
+    re-raised as it is), looking down the cause chain."""
     while error is not None:
         text = str(error)
         if isinstance(error, _DOWNLOAD_ERRORS):
             return "download"
-        if type(error).__name__ in ("ClassifierSizeError", "IncompleteCheckpointError", "ExtraTensorsError"):
+        if type(error).__name__ in _EXPLAINED:
             return "explained"
         if type(error).__name__ == "CheckpointMismatchError" or "loading state_dict" in text:
             return "mismatch"
@@ -441,14 +447,15 @@ def _classify(error: BaseException) -> Optional[str]:
                 isinstance(error, pickle.UnpicklingError) and "Unsupported global" in text):
             return "unsafe"
         if isinstance(error, (pickle.UnpicklingError, EOFError, zipfile.BadZipFile)) or \
-                type(error).__name__ == "SafetensorError" or "PytorchStreamReader" in text:
+                type(error).__name__ in ("SafetensorError", "CorruptCheckpointError") or "PytorchStreamReader" in text:
             return "corrupt"
         error = error.__cause__
     return None
 
 
-def _innermost(error: BaseException) -> str:
-    while error.__cause__ is not None:
+def _explanation(error: BaseException) -> str:
+    """The message of the model's own error (one of ``_EXPLAINED``) down ``error``'s cause chain."""
+    while type(error).__name__ not in _EXPLAINED and error.__cause__ is not None:
         error = error.__cause__
     return str(error)
 
