@@ -22,12 +22,12 @@ Pass ``distilled=False`` / ``token_mask=False`` for the plain variant.
 import os
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
-from timm.models._hub import download_cached_file, download_from_hf
+from timm.models._hub import _get_safe_alternatives, download_cached_file, download_from_hf
 from timm.models._input import update_model_args
 
 from .checkpoint import (
@@ -84,9 +84,20 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def _hf_names(filename: str) -> Tuple[str, ...]:
+    """The files timm tries for Hub weights named ``filename`` (a cfg's ``hf_hub_filename``): a ``.safetensors`` name
+    alone, else its safetensors alternative first (``x.bin`` -> ``x.safetensors``), then the file itself."""
+    if filename.endswith('.safetensors'):
+        return (filename,)
+    return (*_get_safe_alternatives(filename), filename)
+
+
 def _hf_file(variant: str, location: Any, cache_dir: Optional[str]) -> str:
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-    repo, names = (location[0], (location[1],)) if isinstance(location, (tuple, list)) else (location, _HF_FILES)
+    if isinstance(location, (tuple, list)):  # (repo, the cfg's hf_hub_filename)
+        repo, names = location[0], _hf_names(location[1])
+    else:
+        repo, names = location, _HF_FILES
     for i, name in enumerate(names):
         try:
             return download_from_hf(repo, name, cache_dir=cache_dir)

@@ -137,12 +137,87 @@ def test_hub_failing_after_the_file_was_checked_names_the_repo_not_a_url(hub, sh
 
 
 def test_offline_advice_keeps_the_revision(hub, monkeypatch):
-    """Found by an audit: the advice for `hf-hub:org/name@v2` dropped the revision (it would fetch main's file)."""
+    """Found by an audit: the advice for `hf-hub:org/name@v2` dropped the revision (it would fetch main's file).
+    An hf-hub: name needs the repo's config.json too, which the advice fetches (since 2026-11-25)."""
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(MissingWeightsError, match=rf"`hf download {REPO} model\.safetensors --revision v2`"):
+    advice = rf"`hf download {REPO} config\.json model\.safetensors --revision v2`"
+    with pytest.raises(MissingWeightsError, match=advice):
         load_pretrained_model(f"hf-hub:{REPO}@v2")
-    with pytest.raises(MissingWeightsError, match=rf"`hf download {REPO} model\.safetensors` "):
+    with pytest.raises(MissingWeightsError, match=rf"`hf download {REPO} config\.json model\.safetensors` "):
         load_pretrained_model(f"hf-hub:{REPO}")
+    with pytest.raises(MissingWeightsError, match=rf"`hf download {REPO} model\.safetensors --revision v2`"):
+        load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(hf_hub_id=f"{REPO}@v2"))
+
+
+def test_hf_hub_name_offline_without_its_config_json_says_so(hub, shvit_files, monkeypatch):
+    """The weights are cached (loaded once through the cfg) but the repo's config.json, which timm reads first for an
+    hf-hub: name, is not: before 2026-11-25 the check passed and timm's bare LocalEntryNotFoundError followed."""
+    model, files = shvit_files
+    _serve(hub, files, "model.safetensors", "config.json")
+    assert _same_weights(load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(hf_hub_id=REPO)), model)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(MissingWeightsError, match=rf"config\.json of '{REPO}'.* is not in the Hub cache.*"
+                                                  rf"`hf download {REPO} config\.json model\.safetensors`"):
+        load_pretrained_model(f"hf-hub:{REPO}")
+
+
+def _state_dict_bytes(model: torch.nn.Module, safetensors: bool) -> bytes:
+    """``model``'s weights as the bytes of a safetensors file or a torch.save archive."""
+    import io
+
+    from safetensors.torch import save
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if safetensors:
+        return save(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def test_hf_hub_filename_is_the_file_fetched_and_checked(hub, shvit_files):
+    """Found by an audit: a cfg's hf_hub_filename (which timm reads) was ignored; the check looked for
+    model.safetensors / pytorch_model.bin only, and refused a repo that has just the named file."""
+    model, files = shvit_files
+    hub.repos[REPO] = {"weights.pth": files["pytorch_model.bin"]}
+    overlay = dict(hf_hub_id=REPO, hf_hub_filename="weights.pth")
+    assert _same_weights(load_pretrained_model("shvit_s1", pretrained_cfg_overlay=overlay), model)
+    # timm tries a safetensors alternative for .bin names only (the next test), so for weights.pth nothing else
+    assert {path for _, path in hub.requests} == {f"/{REPO}/resolve/main/weights.pth"}
+
+    # the named file is checked: a tampered download is reported and evicted
+    hub.repos["org/tampered"] = {"weights.pth": files["pytorch_model.bin"]}
+    hub.tamper[("org/tampered", "weights.pth")] = bytes(len(files["pytorch_model.bin"]))
+    with pytest.raises(CorruptWeightsError, match=r"weights\.pth of Hub repo 'org/tampered' is corrupt"):
+        load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(overlay, hf_hub_id="org/tampered"))
+    with pytest.raises(MissingWeightsError, match=r"'org/shvit-s1' has no other\.safetensors \(the cfg's hf_hub_f"):
+        load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(overlay, hf_hub_filename="other.safetensors"))
+
+
+def test_hf_hub_filename_in_an_hf_hub_repos_config_json(hub, shvit_files):
+    model, files = shvit_files
+    config = json.loads(files["config.json"])
+    config["pretrained_cfg"]["hf_hub_filename"] = "weights.pth"
+    hub.repos[REPO] = {"weights.pth": files["pytorch_model.bin"], "config.json": json.dumps(config).encode()}
+    assert _same_weights(load_pretrained_model(f"hf-hub:{REPO}"), model)
+    assert ("GET", f"/{REPO}/resolve/main/weights.pth") in hub.requests
+
+
+@pytest.mark.parametrize("name", ["shvit_s1", "nvit_t"])
+def test_hf_hub_filename_prefers_its_safetensors_alternative_as_timm_does(hub, name):
+    """timm's load_state_dict_from_hf reads w.safetensors when the cfg names w.bin and the repo has both. shvit_s1
+    is loaded by timm itself; nvit_t reads the file itself, and read w.bin before 2026-11-25."""
+    kwargs = dict(dims=NVIT_DIMS) if name == "nvit_t" else {}
+    torch.manual_seed(1)
+    in_bin = timm.create_model(name, **kwargs)
+    in_safetensors = timm.create_model(name, **kwargs)
+    hub.repos[REPO] = {"w.bin": _state_dict_bytes(in_bin, safetensors=False),
+                       "w.safetensors": _state_dict_bytes(in_safetensors, safetensors=True)}
+    overlay = dict(hf_hub_id=REPO, hf_hub_filename="w.bin")
+    assert _same_weights(timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs),
+                         in_safetensors)
+    assert _same_weights(load_pretrained_model(name, pretrained_cfg_overlay=overlay, **kwargs), in_safetensors)
+    assert not any(path.endswith("w.bin") for _, path in hub.requests)
 
 
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused at once
@@ -173,6 +248,18 @@ def test_unreachable_hub_suggests_hf_hub_offline(unreachable_hub):
     assert "set HF_HUB_OFFLINE=1" in message and "about 50 s" in message
     assert "pretrained_cfg_overlay=dict(file=" in message and "hf download timm/shvit_s1.in1k" in message
     assert 40 <= sum(unreachable_hub) <= 60, unreachable_hub  # the retry waits the message (and README) cite
+
+
+def test_unreachable_hub_for_an_hf_hub_name_fails_on_its_config_json(unreachable_hub):
+    """timm reads an hf-hub: repo's config.json before its weights; unreachable, that one file's retries (1+2+4+8+8 s)
+    are the wait, and the advice fetches both files."""
+    with pytest.raises(MissingWeightsError) as info:
+        load_pretrained_model(f"hf-hub:{REPO}")
+    message = str(info.value)
+    assert f"config.json of '{REPO}'" in message and "the Hub cannot be reached (HF_HUB_OFFLINE=0)" in message
+    assert "set HF_HUB_OFFLINE=1" in message and "about 25 s" in message
+    assert f"hf download {REPO} config.json model.safetensors" in message
+    assert 20 <= sum(unreachable_hub) <= 30, unreachable_hub
 
 
 def test_unreachable_hub_through_the_shvit_entrypoint(unreachable_hub, monkeypatch):

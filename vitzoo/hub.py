@@ -57,22 +57,23 @@ class MissingWeightsError(WeightsError, FileNotFoundError):
     """A weight file (or Hub repository) could not be found, or could not be downloaded (e.g. offline)."""
 
 
-# how long huggingface_hub takes to give up on an unreachable Hub: five retries (1+2+4+8+8 s) for each of the two
-# file names timm tries, plus the connection attempts
-_HUB_RETRY_SECONDS = 50
+# how long huggingface_hub takes to give up on an unreachable Hub, per file: five retries (1+2+4+8+8 s) plus the
+# connection attempts; timm tries two file names
+_HUB_RETRY_SECONDS = 25
 # what a failed download raises (urllib: URLError / HTTPError; a dropped or timed-out connection); a missing local
 # file (FileNotFoundError) is not one of them
 _DOWNLOAD_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException)
 
 
-def hub_offline_hint() -> str:
-    """Advice for a Hub request that failed as if offline: set HF_HUB_OFFLINE=1 to fail at once ('' if it is set)."""
+def hub_offline_hint(files: int = len(WEIGHT_FILES)) -> str:
+    """Advice for a Hub request that failed as if offline: set HF_HUB_OFFLINE=1 to fail at once ('' if it is set).
+    ``files``: how many files were tried, each with the Hub client's retries."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return ""
     return (f" If this machine is offline, set HF_HUB_OFFLINE=1 so that loading fails at once instead of after the "
-            f"Hub client's retries (about {_HUB_RETRY_SECONDS} s), and uses the Hub cache only.")
+            f"Hub client's retries (about {_HUB_RETRY_SECONDS * files} s), and uses the Hub cache only.")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -236,15 +237,30 @@ def _remove_partials(repo_cache: Path) -> None:
             partial.unlink()
 
 
-def fetch_hub_weights(hub_id: str, cache_dir: Optional[PathLike] = None) -> Path:
+def _hub_weight_files(filename: Optional[str] = None) -> Tuple[str, ...]:
+    """The files timm tries, in order, for Hub weights named ``filename`` (a pretrained cfg's ``hf_hub_filename``;
+    None: timm's default, ``pytorch_model.bin``): a ``.safetensors`` name alone, else the file's safetensors
+    alternative (timm's rule, e.g. ``x.bin`` -> ``x.safetensors``; ``pytorch_model.bin`` -> ``model.safetensors``)
+    and then the file itself."""
+    from timm.models._hub import _get_safe_alternatives
+
+    filename = filename or WEIGHT_FILES[1]
+    if filename.endswith(".safetensors"):
+        return (filename,)
+    return (*_get_safe_alternatives(filename), filename)
+
+
+def fetch_hub_weights(hub_id: str, cache_dir: Optional[PathLike] = None, filename: Optional[str] = None) -> Path:
     """Download (or find in the cache) the weight file of a Hub repo and check it before anyone loads it.
 
-    Tries ``model.safetensors`` then ``pytorch_model.bin``, like timm. A cached file whose content does not match
-    its ETag (the sha256 for LFS files), or that is truncated, is removed from the cache and reported.
+    Tries the files timm tries (:func:`_hub_weight_files`): ``model.safetensors`` then ``pytorch_model.bin``, or those
+    for ``filename``. A cached file whose content does not match its ETag (the sha256 for LFS files), or that is
+    truncated, is removed from the cache and reported.
 
     Args:
         hub_id: ``org/name`` or ``org/name@revision``.
         cache_dir: Hub cache folder (default: ``HF_HUB_CACHE``).
+        filename: the pretrained cfg's ``hf_hub_filename``, if it has one.
 
     Returns:
         The path of the checked file in the cache.
@@ -254,8 +270,9 @@ def fetch_hub_weights(hub_id: str, cache_dir: Optional[PathLike] = None) -> Path
 
     repo_id, _, revision = hub_id.partition("@")
     repo_cache = _hub_repo_cache(repo_id, cache_dir)
+    files = _hub_weight_files(filename)
     offline_misses = []
-    for filename in WEIGHT_FILES:
+    for filename in files:
         try:
             cached = Path(hf_hub_download(repo_id, filename, revision=revision or None, cache_dir=cache_dir))
         except RepositoryNotFoundError as e:
@@ -287,31 +304,41 @@ def fetch_hub_weights(hub_id: str, cache_dir: Optional[PathLike] = None) -> Path
     if offline_misses:
         at_revision = f" --revision {revision}" if revision else ""
         raise MissingWeightsError(
-            f"No weight file of '{repo_id}' ({' or '.join(WEIGHT_FILES)}) is in the Hub cache ({repo_cache.parent}) "
+            f"No weight file of '{repo_id}' ({' or '.join(files)}) is in the Hub cache ({repo_cache.parent}) "
             f"and the Hub cannot be reached (HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}). While online, run "
-            f"`hf download {repo_id} {WEIGHT_FILES[0]}{at_revision}` (or load once without HF_HUB_OFFLINE); or load a "
-            f"local file with pretrained_cfg_overlay=dict(file='/path/to/model.safetensors').{hub_offline_hint()}"
+            f"`hf download {repo_id} {files[0]}{at_revision}` (or load once without HF_HUB_OFFLINE); or load a "
+            f"local file with pretrained_cfg_overlay=dict(file='/path/to/{Path(files[0]).name}')."
+            f"{hub_offline_hint(len(files))}"
         )
-    raise MissingWeightsError(f"Hub repository '{repo_id}' has neither {' nor '.join(WEIGHT_FILES)}.")
+    if len(files) == 1:
+        raise MissingWeightsError(f"Hub repository '{repo_id}' has no {files[0]} (the cfg's hf_hub_filename).")
+    raise MissingWeightsError(f"Hub repository '{repo_id}' has neither {' nor '.join(files)}.")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # loading
 
 
-def _weight_source(name: str, kwargs: Dict[str, Any]) -> Tuple[str, str]:
-    """Where ``create_model(name, pretrained=True, **kwargs)`` will read weights from: ``(kind, location)``."""
+def _pretrained_cfg(name: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The pretrained cfg ``create_model`` resolves for a registered ``name`` (``arch`` or ``arch.tag``): the given
+    ``pretrained_cfg`` or the registered one, with ``pretrained_cfg_overlay`` applied."""
     import timm.models
 
-    if name.startswith("hf-hub:"):
-        return "hub", name[len("hf-hub:"):]
-    if name.startswith("local-dir:"):
-        return "dir", name[len("local-dir:"):]
     cfg = dict(kwargs.get("pretrained_cfg") or {})
     if not cfg:
         registered = timm.models.get_pretrained_cfg(name)
         cfg = registered.to_dict() if registered is not None else {}
     cfg.update(kwargs.get("pretrained_cfg_overlay") or {})
+    return cfg
+
+
+def _weight_source(name: str, kwargs: Dict[str, Any]) -> Tuple[str, str]:
+    """Where ``create_model(name, pretrained=True, **kwargs)`` will read weights from: ``(kind, location)``."""
+    if name.startswith("hf-hub:"):
+        return "hub", name[len("hf-hub:"):]
+    if name.startswith("local-dir:"):
+        return "dir", name[len("local-dir:"):]
+    cfg = _pretrained_cfg(name, kwargs)
     if cfg.get("state_dict") is not None:
         return "state_dict", "<state_dict>"
     if cfg.get("file"):
@@ -324,6 +351,45 @@ def _weight_source(name: str, kwargs: Dict[str, Any]) -> Tuple[str, str]:
         f"'{name}' has no pretrained weights configured. Use a tag with weights (see "
         f"timm.list_pretrained('{name.split('.')[0]}*')), or pass pretrained_cfg_overlay=dict(file=...)."
     )
+
+
+def _hub_filename(name: str, hub_id: str, kwargs: Dict[str, Any]) -> Optional[str]:
+    """The ``hf_hub_filename`` timm reads Hub weights by (None: its default files): the overlay's, else the pretrained
+    cfg's, which for an ``hf-hub:`` name is the one in the repo's config.json."""
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if overlay.get("hf_hub_filename"):
+        return overlay["hf_hub_filename"]
+    if name.startswith("hf-hub:"):
+        return _hub_config(hub_id, kwargs.get("cache_dir")).get("hf_hub_filename")
+    return _pretrained_cfg(name, kwargs).get("hf_hub_filename")
+
+
+def _hub_config(hub_id: str, cache_dir: Optional[PathLike]) -> Dict[str, Any]:
+    """The pretrained cfg in the config.json of an ``hf-hub:`` repo, which timm reads before the weights.
+
+    Empty when the file cannot be fetched or read (the weights' fetch, or timm, then says why), except when it is
+    neither in the Hub cache nor downloadable (offline): then no load can work, and that is the error.
+    """
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id, _, revision = hub_id.partition("@")
+    try:
+        with open(hf_hub_download(repo_id, "config.json", revision=revision or None, cache_dir=cache_dir),
+                  encoding="utf-8") as f:
+            config = json.load(f)
+    except LocalEntryNotFoundError as e:
+        at_revision = f" --revision {revision}" if revision else ""
+        raise MissingWeightsError(
+            f"config.json of '{repo_id}', which timm reads first for an hf-hub: name, is not in the Hub cache "
+            f"({_hub_repo_cache(repo_id, cache_dir).parent}) and the Hub cannot be reached "
+            f"(HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}). While online, run `hf download {repo_id} config.json "
+            f"{WEIGHT_FILES[0]}{at_revision}` (or load once without HF_HUB_OFFLINE).{hub_offline_hint(1)}"
+        ) from e
+    except Exception:  # noqa: BLE001  a missing repo or file, a broken file: reported by what comes next
+        return {}
+    cfg = config.get("pretrained_cfg", config) if isinstance(config, dict) else {}
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def _check_model_name(name: str, kwargs: Dict[str, Any]) -> None:
@@ -356,7 +422,7 @@ def load_pretrained_model(name: str, **kwargs: Any) -> torch.nn.Module:
     _check_model_name(name, kwargs)
     kind, location = _weight_source(name, kwargs)
     if kind == "hub":
-        fetch_hub_weights(location, cache_dir=kwargs.get("cache_dir"))
+        fetch_hub_weights(location, cache_dir=kwargs.get("cache_dir"), filename=_hub_filename(name, location, kwargs))
     elif kind == "file":
         validate_weights_file(location)
     elif kind == "dir":
