@@ -357,6 +357,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: torch.nn.Module,
             out['pos_embed'], new_size=grid, old_size=source, num_prefix_tokens=prefix)
         for k in [k for k in out if k.endswith('attn.token_mask')]:
             out[k] = resample_token_mask(out[k], grid, source, prefix)
+    _check_in_chans(out, model)
     _fit_patch_size(out, model)
     if not features_only:
         _check_classifier(out, model)
@@ -407,6 +408,23 @@ def _check_distilled(state_dict: Mapping[str, Any], model: torch.nn.Module) -> N
             'distilled=True (what the nvit_* names pick by themselves for such a checkpoint).')
     raise IncompatibleCheckpointError(
         'The checkpoint is not distilled (no dist_token / head_dist) and the model is: create it with distilled=False.')
+
+
+def _check_in_chans(state_dict: Mapping[str, Any], model: torch.nn.Module) -> None:
+    """The checkpoint's patch embedding must take the model's input channels, or the channels the pretrained cfg
+    declares (``input_size[0]``), from which timm adapts it to the model's (``adapt_input_conv``); otherwise timm
+    stops with "inconsistent with input_size", which does not say what to pass."""
+    weight = state_dict.get('patch_embed.proj.weight')
+    declared = ((getattr(model, 'pretrained_cfg', None) or {}).get('input_size') or (3,))[0]
+    if weight is None or weight.ndim != 4 or weight.shape[1] in (model.in_chans, declared):
+        return
+    n = weight.shape[1]
+    raise IncompatibleCheckpointError(
+        f'The checkpoint\'s patch embedding (patch_embed.proj) takes {n} input channel{"s" * (n != 1)}, the model '
+        f'{model.in_chans}. Create the model with in_chans={n} (vitzoo convert: --in-chans {n}). timm adapts a first '
+        f'conv to another in_chans only from the channels the pretrained cfg declares (input_size[0], here '
+        f'{declared}); to adapt this one to {model.in_chans}, pass in_chans={model.in_chans} and declare its {n}: '
+        f'pretrained_cfg_overlay=dict(file=..., input_size=({n}, H, W)).')
 
 
 def _fit_patch_size(state_dict: StateDict, model: torch.nn.Module) -> None:

@@ -9,7 +9,8 @@ import torch.nn as nn
 from .variants import variant_name
 
 __all__ = ['checkpoint_filter_fn', 'remap_official_keys', 'describe_state_dict', 'CheckpointMismatchError',
-           'ClassifierSizeError', 'IncompleteCheckpointError', 'WeightFileNotFoundError', 'CorruptCheckpointError']
+           'ClassifierSizeError', 'IncompleteCheckpointError', 'WeightFileNotFoundError', 'CorruptCheckpointError',
+           'InputChannelsError']
 
 _logger = logging.getLogger(__name__)
 
@@ -25,6 +26,10 @@ class CheckpointMismatchError(RuntimeError):
 
 class ClassifierSizeError(CheckpointMismatchError):
     """The checkpoint's classifier has another number of classes than the model that is to load it."""
+
+
+class InputChannelsError(CheckpointMismatchError):
+    """The checkpoint's first conv takes another number of input channels than the model, and timm cannot adapt it."""
 
 
 class ExtraTensorsError(CheckpointMismatchError):
@@ -174,6 +179,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module,
             f'{describe_state_dict(state_dict)} ({len(missing)} missing keys, e.g. {missing[:3]}; '
             f'{len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(reshaped)} with other shapes, '
             f'e.g. {reshaped[:3]}). Use the entrypoint of the checkpoint\'s variant.')
+    _check_in_chans(state_dict, model)
     cfg_classes = (getattr(model, 'pretrained_cfg', None) or {}).get('num_classes')
     # no head, or one timm drops (or a checkpoint head without its classifier): the checkpoint's whole head (its
     # BatchNorm too) is left out; a headless model whose cfg claims a classifier-less checkpoint keeps the checks
@@ -187,6 +193,23 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module,
         _check_classifier(state_dict, model)
     _check_complete(state_dict, model, headless)
     return state_dict
+
+
+def _check_in_chans(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """The checkpoint's first conv must take the model's input channels, or the channels the pretrained cfg declares
+    (``input_size[0]``), from which timm adapts it to the model's (``adapt_input_conv``); otherwise timm stops with
+    "inconsistent with input_size", which does not say what to pass."""
+    weight = state_dict.get(_FIRST_CONV)
+    declared = ((getattr(model, 'pretrained_cfg', None) or {}).get('input_size') or (3,))[0]
+    if weight is None or weight.ndim != 4 or weight.shape[1] in (model.in_chans, declared):
+        return
+    n = weight.shape[1]
+    raise InputChannelsError(
+        f'The checkpoint\'s first conv ({_FIRST_CONV[:-len(".weight")]}) takes {n} input channel{"s" * (n != 1)}, '
+        f'the model {model.in_chans}. Create the model with in_chans={n} (vitzoo convert: --in-chans {n}). timm adapts '
+        f'a first conv to another in_chans only from the channels the pretrained cfg declares (input_size[0], here '
+        f'{declared}); to adapt this one to {model.in_chans}, pass in_chans={model.in_chans} and declare its {n}: '
+        f'pretrained_cfg_overlay=dict(file=..., input_size=({n}, H, W)).')
 
 
 def _check_classifier(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:

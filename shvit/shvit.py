@@ -18,7 +18,7 @@ from timm.models._helpers import load_state_dict
 
 from .checkpoint import (
     CheckpointMismatchError, ClassifierSizeError, CorruptCheckpointError, ExtraTensorsError, IncompleteCheckpointError,
-    WeightFileNotFoundError, WeightsUnavailableError, checkpoint_filter_fn,
+    InputChannelsError, WeightFileNotFoundError, WeightsUnavailableError, checkpoint_filter_fn,
 )
 from .model import SHViT
 from .variants import VARIANT_STATS, VARIANTS
@@ -206,7 +206,7 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
         missing = _missing_weight_file(variant, kwargs)
         if missing is not None:
             raise missing from e
-        if isinstance(e, (ClassifierSizeError, IncompleteCheckpointError, ExtraTensorsError)):  # says what to do
+        if isinstance(e, (ClassifierSizeError, IncompleteCheckpointError, ExtraTensorsError, InputChannelsError)):
             raise RuntimeError(f'Could not load pretrained weights for {variant} from {source}: {e}') from e
         if isinstance(e, CheckpointMismatchError):
             fix = 'use the entrypoint of the variant the checkpoint holds, or a checkpoint of ' + variant

@@ -785,3 +785,26 @@ def test_a_tag_of_ones_own_weights_is_kept_with_a_note(shvit_official, tmp_path,
     assert "tag 'mine' is not a release of shvit_s1" in err and "in1k_official" in err
     metadata, _ = read_safetensors_metadata(out / "model.safetensors")
     assert metadata["tag"] == "mine" and "72.8%" not in (out / "README.md").read_text()
+
+
+def test_a_one_channel_checkpoint_converts_with_in_chans(tmp_path, capsys):
+    """Found by an audit: a 1-channel checkpoint could not be converted (timm's "inconsistent with input_size",
+    reported as a corrupt file); --in-chans 1 builds the model for it and records it for local-dir:."""
+    torch.manual_seed(0)
+    gray = _randomize_norms(timm.create_model("shvit_s4", in_chans=1)).eval()
+    src = tmp_path / "gray.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in gray.state_dict().items()}, str(src))
+    out = tmp_path / "out"
+    assert main(["convert", str(src), "--model", "shvit_s4", "--out", str(out), "--no-flops"]) == 1
+    err = capsys.readouterr().err
+    assert f"vitzoo convert: error: {src}'s first conv takes 1 input channel; convert it with --in-chans 1." in err
+    assert not out.exists()
+    assert main(["convert", str(src), "--model", "shvit_s4", "--out", str(out), "--no-flops", "--in-chans", "1"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_args"]["in_chans"] == 1 and config["pretrained_cfg"]["input_size"] == [1, 256, 256]
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert loaded.in_chans == 1
+    expected = gray.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(ValueError, match=r"in_chans \(--in-chans\) must be a whole number >= 1"):
+        convert_checkpoint(src, "shvit_s4", tmp_path / "o2", in_chans=0)

@@ -562,3 +562,33 @@ def test_programming_errors_stay_what_they_are(tmp_path, kwargs, error):
     with pytest.raises(error) as info:
         load_pretrained_model("nvit_t", pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
     assert not isinstance(info.value, WeightsError)
+
+
+@pytest.mark.parametrize("name, first_conv", [("shvit_s1", "patch_embed.0.c.weight"),
+                                              ("nvit_t", "patch_embed.proj.weight")])
+def test_a_checkpoint_of_other_input_channels_names_both_counts(tmp_path, name, first_conv):
+    """Found by an audit: a 1-channel checkpoint loaded into a 3-channel model gave timm's "inconsistent with
+    input_size" RuntimeError (bare, through load_pretrained_model). The error names both counts and in_chans=1."""
+    from safetensors.torch import save_file
+
+    kwargs = dict(dims=NVIT_DIMS) if name == "nvit_t" else {}
+    gray = timm.create_model(name, in_chans=1, **kwargs)
+    path = tmp_path / "gray.safetensors"
+    metadata = {"nvit_dims": gray.dims.to_json()} if name == "nvit_t" else None
+    save_file({k: v.contiguous() for k, v in gray.state_dict().items()}, str(path), metadata=metadata)
+    overlay = dict(file=str(path))
+    with pytest.raises(WeightsError, match=r"takes 1 input channel, the model 3\. Create the model with in_chans=1"):
+        load_pretrained_model(name, pretrained_cfg_overlay=overlay, **kwargs)
+    with pytest.raises((RuntimeError, ValueError), match=r"takes 1 input channel, the model 3"):  # entrypoint alone
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    # both ways out the message gives: in_chans=1, or in_chans=3 with the checkpoint's channels declared (timm then
+    # adapts the conv: adapt_input_conv repeats the one channel and scales by 1/3)
+    assert _same_weights(load_pretrained_model(name, in_chans=1, pretrained_cfg_overlay=overlay, **kwargs), gray)
+    declared = dict(overlay, input_size=(1, 224, 224))
+    color = load_pretrained_model(name, in_chans=3, pretrained_cfg_overlay=declared, **kwargs)
+    expected = gray.state_dict()[first_conv].repeat(1, 3, 1, 1) / 3
+    assert color.in_chans == 3 and torch.allclose(color.state_dict()[first_conv], expected)
+    # two channels: neither the checkpoint's nor the declared three
+    advice = r"takes 1 input channel, the model 2\..*here 3\).*in_chans=2 and.*input_size=\(1, H, W\)"
+    with pytest.raises(WeightsError, match=advice):
+        load_pretrained_model(name, in_chans=2, pretrained_cfg_overlay=overlay, **kwargs)

@@ -534,6 +534,7 @@ def convert_checkpoint(
     flops: bool = True,
     manifest: Optional[Manifest] = None,
     dims: Any = None,
+    in_chans: Optional[int] = None,
 ) -> Path:
     """Convert ``src`` (a checkpoint the model's loader accepts, or its URL) into a verified Hub-ready folder.
 
@@ -550,6 +551,7 @@ def convert_checkpoint(
         manifest: weights record (default: the packaged one).
         dims: NViT dims record for a checkpoint that has none (``nvit_*`` models only): an ``NViTDims``, a dict
             (our keys or the official EMB/head/QK/V/MLP), a JSON string, or the path of a .json file holding it.
+        in_chans: input channels of the checkpoint's first conv, if not 3 (recorded in ``model_args``).
 
     A SHViT checkpoint with a distillation head (``head_dist.*``) is converted with ``distilled=True`` (recorded in
     ``model_args``), so the head is kept and the outputs are the mean of both heads, as in the source.
@@ -570,6 +572,7 @@ def convert_checkpoint(
         VerificationError: the converted folder does not reproduce the source model.
     """
     import safetensors.torch
+    from timm.models import get_pretrained_cfg
     from timm.models._hub import save_config_for_hf
 
     import vitzoo
@@ -580,6 +583,9 @@ def convert_checkpoint(
                                     or num_classes < 0):
         raise ValueError(f"num_classes (--num-classes) must be a whole number >= 0 (the checkpoint's classifier "
                          f"size), got {num_classes!r}.")
+    if in_chans is not None and (isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1):
+        raise ValueError(f"in_chans (--in-chans) must be a whole number >= 1 (the input channels of the checkpoint's "
+                         f"first conv), got {in_chans!r}.")
     if sha256 is not None and not (isinstance(sha256, str) and _SHA256_RE.fullmatch(sha256.lower())):
         raise ValueError(f"sha256 (--sha256) must be 64 hex digits (the source file's sha256, e.g. from sha256sum), "
                          f"got {sha256!r}.")
@@ -635,13 +641,17 @@ def convert_checkpoint(
             kwargs["num_classes"] = num_classes
         if dims is not None:
             kwargs["dims"] = dims
+        chans = in_chans or 3
+        if in_chans is not None:  # the model takes them and the cfg declares them: nothing for timm to adapt
+            kwargs["in_chans"] = in_chans
+            overlay["input_size"] = (in_chans, *get_pretrained_cfg(model).input_size[1:])
         shapes = _peek_shapes(path) if model.startswith(("shvit_", "nvit_", "revit_")) else None
         if model.startswith("shvit_") and _has_distill_head(shapes):
             kwargs["distilled"] = True  # keep the distillation head: the source's output is the mean of both heads
         image_size = _nvit_image_size(path, shapes) if model.startswith(("nvit_", "revit_")) else None
         if image_size is not None and image_size != 224:  # keep the checkpoint's resolution, do not resample it
             kwargs["img_size"] = image_size
-            overlay["input_size"] = (3, image_size, image_size)
+            overlay["input_size"] = (chans, image_size, image_size)
         try:
             source_model = load_pretrained_model(model, pretrained_cfg_overlay=overlay, **kwargs).eval()
         except WeightsError:
@@ -672,7 +682,7 @@ def convert_checkpoint(
         if model_dims is not None:
             model_args["dims"] = model_dims.to_dict()
             metadata["nvit_dims"] = json.dumps(model_args["dims"], separators=(",", ":"))
-        for key in ("img_size", "distilled"):
+        for key in ("img_size", "distilled", "in_chans"):
             if key in kwargs:
                 model_args[key] = kwargs[key]
 
@@ -726,6 +736,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sha256", default=None, help="expected sha256 of SRC (default: the manifest's, when known)")
     p.add_argument("--repo", default=None, help="Hub repo org/name for the model card's usage example")
     p.add_argument("--no-flops", action="store_true", help="do not count FLOPs (the card shows the reported number)")
+    p.add_argument("--in-chans", type=int, default=None, metavar="N",
+                   help="input channels of the checkpoint's first conv, if not 3 (e.g. 1 for grayscale)")
     p.add_argument("--dims", default=None, metavar="JSON_OR_FILE",
                    help="NViT dims record for a checkpoint without one (nvit_* only): JSON, or a .json file; "
                         "our keys or the official EMB/head/QK/V/MLP")
@@ -746,6 +758,7 @@ _FOUND_VARIANT = re.compile(r"found (shvit_s\d)\b")
 _INCOMPLETE = re.compile(r"incomplete: (\d+) of the model's tensors are missing \(e\.g\. \[([^\]]*)\]")
 _NVIT_MODELS = "--model nvit_b/h/s/t"
 _CLASSIFIER_SIZE = re.compile(r"The checkpoint's classifier \(head(?:\.l)?\) has (\d+) outputs")
+_IN_CHANS = re.compile(r"The checkpoint's (?:first conv|patch embedding) \([\w.]+\) takes (\d+) input channels?,")
 
 
 def _cli_advice(src: str, model: str, text: str) -> Optional[str]:
@@ -766,6 +779,10 @@ def _cli_advice(src: str, model: str, text: str) -> Optional[str]:
     size = _CLASSIFIER_SIZE.search(text)
     if size:
         return f"{src}'s classifier has {size.group(1)} outputs; convert it with --num-classes {size.group(1)}."
+    chans = _IN_CHANS.search(text)
+    if chans:
+        n = int(chans.group(1))
+        return f"{src}'s first conv takes {n} input channel{'s' * (n != 1)}; convert it with --in-chans {n}."
     if "The checkpoint has no classifier (head" in text:
         return f"{src} has no classifier head; convert it with --num-classes 0."
     incomplete = _INCOMPLETE.search(text)
@@ -783,7 +800,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = convert_checkpoint(args.src, args.model, args.out, force=args.force, tag=args.tag,
                                  num_classes=args.num_classes, sha256=args.sha256, repo_id=args.repo,
-                                 flops=not args.no_flops, dims=args.dims)
+                                 flops=not args.no_flops, dims=args.dims, in_chans=args.in_chans)
     except (FileExistsError, WeightsError, VerificationError, ValueError) as e:
         message = _cli_advice(args.src, args.model.partition(".")[0], _chain_text(e)) or cli_message(e)
         print(f"vitzoo convert: error: {message.replace('; or use pretrained=False', '')}", file=sys.stderr)

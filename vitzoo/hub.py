@@ -493,7 +493,8 @@ def _unsafe_pickle_message(location: str, error: BaseException) -> str:
 
 # the models' own errors that say what does not fit and what to pass (shvit.checkpoint, nvit.checkpoint); matched by
 # name, so that this module needs neither package
-_EXPLAINED = ("ClassifierSizeError", "IncompleteCheckpointError", "ExtraTensorsError", "IncompatibleCheckpointError")
+_EXPLAINED = ("ClassifierSizeError", "IncompleteCheckpointError", "ExtraTensorsError", "IncompatibleCheckpointError",
+              "InputChannelsError")
 
 
 def _classify(error: BaseException) -> Optional[str]:
