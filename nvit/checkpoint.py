@@ -298,6 +298,30 @@ def _finish(
     return sd, dims, meta
 
 
+# what a torch.save file starts with: a zip archive's local header, or the legacy format's pickle protocol 2 opcode
+_TORCH_MAGIC = (b'PK\x03\x04', b'\x80\x02\x8a\x0a')
+
+
+def _check_named_by_content(path: str) -> None:
+    """The file is read by its name, as timm reads weight files (``.safetensors``: safetensors, any other:
+    ``torch.load``): a file of the other format (a safetensors file named ``.bin``) is refused with what it is and the
+    name to give it, not read as a corrupt file."""
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    is_torch = head.startswith(_TORCH_MAGIC)
+    named_safetensors = path.endswith('.safetensors')
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if not is_torch and head[8:9] == b'{' and not named_safetensors:
+        real, named, new = 'a safetensors file', 'a torch.save file', stem + '.safetensors'
+    elif is_torch and named_safetensors:
+        real, named, new = 'a torch.save file', 'a safetensors file', stem + '.pth'
+    else:
+        return
+    raise RuntimeError(f'NViT weight file {path!r} is {real}, but its name says {named}, and it is read by the name '
+                       f'(.safetensors: safetensors, any other: torch.load), as timm reads weight files. Rename it to '
+                       f'{new}.')
+
+
 def load_checkpoint(path: Union[str, os.PathLike]) -> Tuple[StateDict, Optional[NViTDims], Dict[str, str]]:
     """Read an NViT checkpoint file safely.
 
@@ -322,6 +346,7 @@ def load_checkpoint(path: Union[str, os.PathLike]) -> Tuple[StateDict, Optional[
             f'timm.create_model("local-dir:{path}", pretrained=True).')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'NViT weight file {path!r} does not exist; check the path.')
+    _check_named_by_content(path)
     if path.endswith('.safetensors'):
         sd, meta = _load_safetensors_file(path)
         dims = _file_dims(meta[DIMS_METADATA_KEY], path) if DIMS_METADATA_KEY in meta else None

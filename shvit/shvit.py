@@ -157,10 +157,38 @@ def _read_model_not_ema(variant: str, kwargs: Dict[str, Any]) -> None:
     path = cfg.get('file')
     if (cfg.get('source') or '') not in ('', 'timm') or cfg.get('state_dict') is not None or not path:
         return
+    _check_named_by_content(variant, path)
     if str(path).endswith('.safetensors'):
         return
     _check_archive_crc(variant, path)
     kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=load_state_dict(path, use_ema=False))
+
+
+# what a torch.save file starts with: a zip archive's local header, or the legacy format's pickle protocol 2 opcode
+_TORCH_MAGIC = (b'PK\x03\x04', b'\x80\x02\x8a\x0a')
+
+
+def _check_named_by_content(variant: str, path: str) -> None:
+    """timm reads a file named ``.safetensors`` with safetensors and any other with ``torch.load``: a file of the
+    other format than its name says (a safetensors file named ``.bin``) fails there with a misleading error (for a
+    ``.bin``: "blocked ... non-allowlisted pickle globals"), so say what it is and what to rename it to."""
+    if not os.path.isfile(path):
+        return  # reported by the loader
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    is_torch = head.startswith(_TORCH_MAGIC)
+    named_safetensors = str(path).endswith('.safetensors')
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if not is_torch and head[8:9] == b'{' and not named_safetensors:
+        real, named, new = 'a safetensors file', 'a torch.save file', stem + '.safetensors'
+    elif is_torch and named_safetensors:
+        real, named, new = 'a torch.save file', 'a safetensors file', stem + '.pth'
+    else:
+        return
+    raise RuntimeError(
+        f'Could not load pretrained weights for {variant} from file {path}: it is {real}, but its name says {named}, '
+        f'and timm picks the reader by the name (.safetensors: safetensors, any other: torch.load).\nTo fix: rename '
+        f'it to {new}; or use pretrained=False.')
 
 
 def _check_archive_crc(variant: str, path: str) -> None:

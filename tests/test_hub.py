@@ -592,3 +592,45 @@ def test_a_checkpoint_of_other_input_channels_names_both_counts(tmp_path, name, 
     advice = r"takes 1 input channel, the model 2\..*here 3\).*in_chans=2 and.*input_size=\(1, H, W\)"
     with pytest.raises(WeightsError, match=advice):
         load_pretrained_model(name, in_chans=2, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+@pytest.mark.parametrize("content, name, new_name", [
+    ("safetensors", "weights.bin", "weights.safetensors"),
+    ("safetensors", "pytorch_model.bin", "model.safetensors"),  # the name timm's folder loader looks for
+    ("zip", "weights.safetensors", "weights.pth"),
+    ("legacy", "model.safetensors", "pytorch_model.bin"),
+])
+def test_a_file_of_the_other_format_than_its_name_says_is_named(tmp_path, shvit_files, content, name, new_name):
+    """Found by an audit: the file type was decided by the name, so a safetensors file named .bin was "neither a
+    safetensors file nor a torch.save archive" and a torch.save file named .safetensors was "truncated". timm picks
+    the reader by the name too (it cannot load either), so the error names the real format and the name to give."""
+    model, files = shvit_files
+    path = tmp_path / name
+    if content == "legacy":
+        torch.save(model.state_dict(), path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_bytes(files["model.safetensors" if content == "safetensors" else "pytorch_model.bin"])
+    real = "a safetensors file" if content == "safetensors" else "a torch.save file"
+    with pytest.raises(WeightsError, match=rf"{name} is {real}, but its name says .*Rename it to {new_name}"):
+        validate_weights_file(path)
+    with pytest.raises(WeightsError, match=rf"Rename it to {new_name}"):
+        load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(file=str(path)))
+    path.rename(tmp_path / new_name)  # the advice works
+    assert _same_weights(load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(file=str(tmp_path / new_name))),
+                         model)
+
+
+@pytest.mark.parametrize("name", ["shvit_s1", "nvit_t"])
+def test_entrypoints_name_a_file_of_the_other_format_too(tmp_path, shvit_files, name):
+    """Without load_pretrained_model: before, shvit_s1 called a safetensors file named .bin a checkpoint with
+    "non-allowlisted pickle globals", nvit_t called it truncated or corrupt."""
+    if name == "nvit_t":
+        _save_nvit(tmp_path / "w.safetensors")
+    else:
+        (tmp_path / "w.safetensors").write_bytes(shvit_files[1]["model.safetensors"])
+    (tmp_path / "w.safetensors").rename(tmp_path / "w.bin")
+    kwargs = dict(dims=NVIT_DIMS) if name == "nvit_t" else {}
+    advice = r"(?s)is a safetensors file, but its name says a torch\.save file.*[Rr]ename it to w\.safetensors"
+    with pytest.raises(RuntimeError, match=advice) as info:
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "w.bin")), **kwargs)
+    assert "pickle globals" not in str(info.value) and "truncated" not in str(info.value)

@@ -172,16 +172,50 @@ def _is_legacy_torch_file(path: Path) -> bool:
         return f.read(len(_LEGACY_TORCH_PREFIX)) == _LEGACY_TORCH_PREFIX
 
 
+def _content_kind(path: Path) -> Optional[str]:
+    """What a weight file holds, by its first bytes: 'torch' (a torch.save zip archive, or the legacy pickle format),
+    'safetensors' (an 8-byte little-endian header length, then the JSON header's '{'), or None (neither, or too
+    short to tell)."""
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_TORCH_PREFIX))
+    if head.startswith(b"PK\x03\x04") or head == _LEGACY_TORCH_PREFIX:
+        return "torch"
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") >= 2:
+        return "safetensors"
+    return None
+
+
+def _check_named_by_content(path: Path) -> None:
+    """timm picks a weight file's reader by its name (``.safetensors``: safetensors; any other: ``torch.load``), so a
+    file whose content is the other format cannot be loaded: say what it is and the name to give it."""
+    kind = _content_kind(path)
+    named_safetensors = path.suffix == ".safetensors"
+    if kind == "safetensors" and not named_safetensors:
+        new_name = "model.safetensors" if path.name == WEIGHT_FILES[1] else path.with_suffix(".safetensors").name
+        real, named = "a safetensors file", "a torch.save file"
+    elif kind == "torch" and named_safetensors:
+        new_name = WEIGHT_FILES[1] if path.name == WEIGHT_FILES[0] else path.with_suffix(".pth").name
+        real, named = "a torch.save file", "a safetensors file"
+    else:
+        return
+    raise WeightsError(
+        f"{path} is {real}, but its name says {named}: timm picks the reader by the name (.safetensors: safetensors, "
+        f"any other: torch.load), so it cannot load it. Rename it to {new_name} (a Hub repo's file: upload it under "
+        "that name).")
+
+
 def validate_weights_file(path: PathLike, expected_sha256: Optional[str] = None) -> None:
     """Check that a weight file exists, matches ``expected_sha256`` (if given) and can be read.
 
     ``.safetensors`` files get a header check (:func:`read_safetensors_metadata`); other files are checked to be
     ``torch.save`` files without unpickling anything: a zip archive whose members pass their CRC, or the legacy
-    (pre-1.6) pickle format, recognised by its magic number and left to ``torch.load`` to read.
+    (pre-1.6) pickle format, recognised by its magic number and left to ``torch.load`` to read. A file whose content
+    is the other format than its name says (a safetensors file named ``.bin``) is refused as timm would fail on it.
 
     Raises:
         MissingWeightsError: no such file.
         CorruptWeightsError: hash mismatch, truncated or unreadable file.
+        WeightsError: the file's content is the other format than its name says; the message gives the name to use.
     """
     path = Path(path)
     if path.is_dir():
@@ -196,6 +230,7 @@ def validate_weights_file(path: PathLike, expected_sha256: Optional[str] = None)
                 f"sha256 mismatch for {path}: expected {expected_sha256}, got {actual}. The file is corrupt or is not "
                 "the file you meant; download it again."
             )
+    _check_named_by_content(path)
     if path.suffix == ".safetensors":
         read_safetensors_metadata(path)
     elif _is_legacy_torch_file(path):
