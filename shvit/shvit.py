@@ -15,6 +15,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._builder import _resolve_pretrained_source
 from timm.models._helpers import load_state_dict
+from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES
 
 from .checkpoint import (
     CheckpointMismatchError, ClassifierSizeError, CorruptCheckpointError, ExtraTensorsError, IncompleteCheckpointError,
@@ -143,25 +144,45 @@ def _hub_fix(repo: str, error: BaseException) -> str:
     return fix
 
 
-def _read_model_not_ema(variant: str, kwargs: Dict[str, Any]) -> None:
-    """For a local ``.pth`` file, read it here so that a training checkpoint's model weights load, not its EMA copy.
+def _read_model_not_ema(variant: str, kwargs: Dict[str, Any]) -> Optional[str]:
+    """For a local ``.pth`` file, or the one of a ``local-dir:`` folder, read it here so that a training checkpoint's
+    model weights load, not its EMA copy.
 
-    timm's file loader takes ``model_ema`` / ``state_dict_ema`` over ``model`` / ``state_dict`` when a checkpoint
-    holds both; the official evaluation (``build.py``) and the release's accuracy are for ``model``. The weights
-    read here go to timm as ``pretrained_cfg_overlay['state_dict']``, so timm's filter / adaptation / strict load
-    follow unchanged (the ``file`` entry stays, for the record).
+    timm's file and folder loaders take ``model_ema`` / ``state_dict_ema`` over ``model`` / ``state_dict`` when a
+    checkpoint holds both; the official evaluation (``build.py``) and the release's accuracy are for ``model``. The
+    weights read here go to timm as ``pretrained_cfg_overlay['state_dict']``, so timm's filter / adaptation / strict
+    load follow unchanged (the ``file`` entry stays, for the record). A folder's cfg source, ``local-dir``, would make
+    timm read the folder instead, so it is set to '' for the load; the source to restore afterwards is returned.
     """
     overlay = kwargs.get('pretrained_cfg_overlay') or {}
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
                                  pretrained_cfg_overlay=overlay).to_dict()
-    path = cfg.get('file')
-    if (cfg.get('source') or '') not in ('', 'timm') or cfg.get('state_dict') is not None or not path:
-        return
+    path, source = cfg.get('file'), cfg.get('source') or ''
+    if source == 'local-dir' and path:
+        path = _folder_weight_file(path)
+    elif source not in ('', 'timm'):
+        return None
+    if cfg.get('state_dict') is not None or not path:
+        return None
     _check_named_by_content(variant, path)
     if str(path).endswith('.safetensors'):
-        return
+        return None
     _check_archive_crc(variant, path)
-    kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=load_state_dict(path, use_ema=False))
+    kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=load_state_dict(path, use_ema=False), source='')
+    return source
+
+
+def _folder_weight_file(folder: str) -> Optional[str]:
+    """The file timm's folder loader (``load_state_dict_from_path``) reads in ``folder``: the first of its preferred
+    names that exists, else the first file (sorted) of the first extension in its priority order; None if none."""
+    for name in _PREFERRED_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    for ext in _EXT_PRIORITY:
+        found = sorted(f for f in os.listdir(folder) if f.endswith(ext)) if os.path.isdir(folder) else []
+        if found:
+            return os.path.join(folder, found[0])
+    return None
 
 
 # what a torch.save file starts with: a zip archive's local header, or the legacy format's pickle protocol 2 opcode
@@ -205,20 +226,22 @@ def _check_archive_crc(variant: str, path: str) -> None:
             f'pretrained=False.')
 
 
-def _drop_state_dict_from_cfg(model: Any) -> None:
-    """Weights handed over in the cfg must not stay in ``pretrained_cfg`` (timm writes it to config.json)."""
+def _drop_state_dict_from_cfg(model: Any, source: Optional[str]) -> None:
+    """Weights handed over in the cfg must not stay in ``pretrained_cfg`` (timm writes it to config.json); the cfg's
+    ``source`` set aside for the load is restored."""
     for m in dict.fromkeys([model, getattr(model, 'model', model)]):  # features_only wraps the SHViT
         cfg = getattr(m, 'pretrained_cfg', None)
         if isinstance(cfg, dict) and 'state_dict' in cfg:
             m.pretrained_cfg = {k: v for k, v in cfg.items() if k != 'state_dict'}
+            if source is not None:
+                m.pretrained_cfg['source'] = source
             m.default_cfg = m.pretrained_cfg
 
 
 def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHViT:
     source = _weights_source(variant, kwargs) if pretrained else ''
     try:
-        if pretrained:
-            _read_model_not_ema(variant, kwargs)
+        restore_source = _read_model_not_ema(variant, kwargs) if pretrained else None
         model = build_model_with_cfg(
             SHViT, variant, pretrained,
             pretrained_filter_fn=(partial(checkpoint_filter_fn, features_only=True) if kwargs.get('features_only')
@@ -226,7 +249,7 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
             feature_cfg=dict(out_indices=(0, 1, 2), flatten_sequential=True),
             **kwargs,
         )
-        _drop_state_dict_from_cfg(model)
+        _drop_state_dict_from_cfg(model, restore_source)
         return model
     except Exception as e:
         if not pretrained or not _raised_while_loading(e):

@@ -95,6 +95,26 @@ def test_training_checkpoint_loads_the_model_not_its_ema(tmp_path, s1_weights, s
     assert 'state_dict' not in features.pretrained_cfg
 
 
+@pytest.mark.parametrize('name', ['pytorch_model.bin', 'checkpoint.pth'])
+def test_local_dir_training_checkpoint_loads_the_model_not_its_ema(tmp_path, s1_weights, s1_reference, name):
+    """Found by an audit: through local-dir: timm's folder loader took the EMA copy of a folder's training checkpoint,
+    unlike file= (the previous test). Both take 'model' now; the folder's cfg source is kept."""
+    import json
+
+    ema = {k: (v + 1.0 if v.is_floating_point() else v) for k, v in s1_weights.items()}
+    folder = tmp_path / 'folder'
+    folder.mkdir()
+    config = {'architecture': 'shvit_s1', 'num_classes': 1000, 'pretrained_cfg': {}}
+    (folder / 'config.json').write_text(json.dumps(config))
+    torch.save({'model': s1_weights, 'model_ema': ema, 'epoch': 299}, folder / name)  # timm layout, as timm's
+    m = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), s1_reference(x), rtol=0, atol=0)
+    assert 'state_dict' not in m.pretrained_cfg and m.pretrained_cfg['source'] == 'local-dir'
+    assert m.pretrained_cfg['file'] == str(folder)
+
+
 def test_ddp_module_prefix_is_stripped(s1_weights):
     """A checkpoint saved from a DistributedDataParallel wrapper ('module.' before every key, official layout) gives
     exactly the unwrapped timm-layout state dict."""
