@@ -555,3 +555,22 @@ def test_an_export_error_keeps_the_operator_it_occurred_in():
     error = TypeError("'NoneType' object is not subscriptable\n(Occurred when translating col2im).")
     assert _one_line(error) == "TypeError: 'NoneType' object is not subscriptable (Occurred when translating col2im)"
     assert _one_line(ValueError("one line only")) == "ValueError: one line only"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_api_exports_a_half_or_double_model_in_float32(tmp_path, dtype):
+    """Found by an audit: export_verified_onnx fed its float32 example to a bf16 / fp16 / float64 model ("Input
+    type (float) and bias type (c10::BFloat16) should be the same"); deploy(backend="onnxruntime") exports such
+    models in float32, and so does the export now, leaving the caller's model in its own dtype."""
+    torch.manual_seed(0)
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                          nn.Flatten(), nn.Linear(8, 4))).eval()
+    model = model.to(dtype)
+    out = tmp_path / "m.onnx"
+    export_verified_onnx(model, out, 16, in_chans=3)
+    assert onnx.load(str(out)).graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert all(p.dtype == dtype for p in model.parameters())  # the caller's model is not converted
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model.float()(x)  # the model's (rounded) weights, computed in float32 as the file does
+    torch.testing.assert_close(_ort_run(out, x), expected, atol=1e-4, rtol=0)

@@ -9,6 +9,7 @@ overwrites an existing file unless ``--force`` is given.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -44,6 +45,10 @@ def export_verified_onnx(
         in_chans: Optional[int] = None,
 ) -> float:
     """Fuse ``model``, export it to ONNX, verify it in ONNX Runtime and write it to ``out``.
+
+    A float16 / bfloat16 / float64 model is exported in float32, as ``deploy(backend="onnxruntime")`` does (ONNX
+    Runtime's CPU kernels run float32): a float32 copy is fused, exported and checked against (the caller's model
+    keeps its dtype).
 
     Args:
         model: The model (not modified; a fused copy is exported).
@@ -88,6 +93,9 @@ def export_verified_onnx(
         raise ValueError(f"in_chans must be a positive int, got {in_chans!r}; leave it out to use the model's own.")
     out = Path(out)
     check_new_file(out, force)  # before the export: a folder, an existing file, a missing or unwritable folder
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    if dtypes - {torch.float32}:  # e.g. a bf16 model: the file takes and gives float32, as its check does
+        model = copy.deepcopy(model).float()
     training = {m: m.training for m in model.modules()}  # the caller's model is given back in its own modes
     try:
         model.eval()
