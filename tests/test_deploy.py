@@ -775,6 +775,23 @@ def test_integer_and_meta_examples_are_clear_errors(shvit_s1):
         deployed(torch.zeros(1, 3, 224, 224, device="meta"))
 
 
+@pytest.mark.parametrize("backend", [b for b in ("eager", "torchscript", "onnxruntime") if b in available_backends()])
+def test_a_model_on_the_meta_device_is_a_clear_error(backend):
+    """Found by an audit: a model built under torch.device('meta') (no weights) failed inside the backends ("Tensor
+    on device meta is not on the expected device cpu!"), and with backend 'onnxruntime' was told to call .cpu()."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    meta = r"deploy\(\): the model's parameter '0.weight' is on the 'meta' device: the model is not materialised"
+    with pytest.raises(ValueError, match=meta + r".*model.to_empty\(device='cpu'\) then model.load_state_dict"):
+        deploy(model, torch.randn(1, 3, 8, 8), backend=backend)
+    with pytest.raises(ValueError, match=meta):  # without an example input: not "example_input is on 'meta'"
+        deploy(model, backend=backend)
+    partly = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    partly[1].running_var = torch.empty(4, device="meta")
+    with pytest.raises(ValueError, match=r"the model's buffer '1.running_var' is on the 'meta' device"):
+        deploy(partly, torch.randn(1, 3, 8, 8), backend=backend)
+
+
 def test_torchscript_shape_whose_fused_graph_is_wrong_runs_unfused(monkeypatch):
     """Found by an audit: oneDNN Graph computes timm's dla34 / hrnet_w18_small wrong (diff 507 at scale 158);
     only a fused trace that raised was replaced. Here the fused graph is made wrong on purpose."""
@@ -840,11 +857,12 @@ class _Scaled(nn.Module):
         return self.inner(x) * self.factor
 
 
-def test_onnxruntime_backend_refuses_gpu_tensors_before_touching_the_model():
+def test_onnxruntime_backend_refuses_gpu_tensors_before_touching_the_model(monkeypatch):
     """Found by an audit: on a GPU machine the CPU-only ONNX Runtime session was fed a cuda input (copied to the
     host on every call, returned on the CPU) and, with inplace=True, the caller's model was moved to the CPU.
     A model on 'meta' stands in for one on a GPU (a meta example input has its own error): any device other than
-    the CPU is refused, by name, before the model is touched."""
+    the CPU is refused, by name, before the model is touched (the refusal of meta models is switched off here)."""
+    monkeypatch.setattr("vitzoo.inference.check_materialised", lambda model, caller: None)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval().to("meta")
     with pytest.raises(ValueError, match=r"'onnxruntime' runs ONNX Runtime's CPU .* is on meta: deploy a CPU model"):
         deploy(model, torch.randn(1, 3, 8, 8), backend="onnxruntime", inplace=True)

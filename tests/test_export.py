@@ -574,3 +574,14 @@ def test_api_exports_a_half_or_double_model_in_float32(tmp_path, dtype):
     with torch.no_grad():
         expected = model.float()(x)  # the model's (rounded) weights, computed in float32 as the file does
     torch.testing.assert_close(_ort_run(out, x), expected, atol=1e-4, rtol=0)
+
+
+def test_api_refuses_a_model_on_the_meta_device(tmp_path):
+    """Found by an audit: a model without its weights (built under torch.device('meta')) was "the model fails on a
+    [1, 3, 32, 32] input, before any export: ... Tensor on device meta is not on the expected device cpu!"."""
+    with torch.device("meta"):
+        model = timm.create_model("resnet18", num_classes=10)
+    with pytest.raises(ValueError, match=r"export_verified_onnx\(\): the model's parameter 'conv1.weight' is on the "
+                                         r"'meta' device: the model is not materialised.*model.to_empty"):
+        export_verified_onnx(model, tmp_path / "r18.onnx", 32)
+    assert not os.listdir(tmp_path)

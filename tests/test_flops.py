@@ -794,3 +794,16 @@ def test_antialiased_interpolation_counts_as_without_antialiasing(mode, points, 
     report = count_flops(_Resize(mode, size), (3, 16, 16))
     assert report.total == points * 3 * size[0] * size[1]  # 2x2 or 4x4 input points per output element
     assert report.unknown_ops == {}
+
+
+def test_a_model_on_the_meta_device_is_a_clear_error():
+    """Found by an audit: a model without its weights (built under torch.device('meta')) raised "Cannot copy out of
+    meta tensor; no data!". Counting on meta was tried: torch 2.14's meta convolution fails under the trace (and
+    BatchNorm folding checks values), so it is refused with what to do, naming the tensor."""
+    with torch.device("meta"):
+        model = timm.create_model("resnet18", num_classes=10)
+    with pytest.raises(ValueError, match=r"cannot count FLOPs of a model on the 'meta' device \(its parameter "
+                                         r"'conv1.weight' is; the model is not materialised\).*Build it on the CPU"):
+        count_flops(model, 32)
+    with pytest.raises(ValueError, match=r"its parameter 'conv1.weight' is"):
+        count_flops(model, 32, fused=False)

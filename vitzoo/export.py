@@ -69,14 +69,16 @@ def export_verified_onnx(
             created) or is not writable).
         ExportError: ONNX Runtime's output differs by more than ``atol``; nothing is written.
         ValueError: ``img_size`` or ``in_chans`` is not a positive int (or pair), or ``img_size`` is not given and
-            the model does not tell its input size.
+            the model does not tell its input size, or the model is on the ``meta`` device (not materialised).
     """
     from timm.utils import reparameterize_model
 
+    from vitzoo.inference import check_materialised
     from vitzoo.models import model_in_chans, model_input_size
     from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx, max_abs_diff_and_scale
     from vitzoo.outputs import WRONG_RESULT_RTOL
 
+    check_materialised(model, "export_verified_onnx()")
     if img_size is None:
         own = model_input_size(model)
         if own is None:

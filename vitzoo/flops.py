@@ -363,6 +363,19 @@ def _countable(model: nn.Module) -> nn.Module:
     return model
 
 
+def _check_materialised(model: nn.Module) -> None:
+    """A model on the ``meta`` device cannot be counted: PyTorch's meta convolutions fail under fvcore's trace
+    (torch 2.14), and fusing it needs values (BatchNorm folding checks its result)."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            if tensor.is_meta:
+                raise ValueError(
+                    f"cannot count FLOPs of a model on the 'meta' device (its {kind} {name!r} is; the model is not "
+                    "materialised): fvcore traces the model by running it, which meta tensors cannot. Build it on "
+                    "the CPU (random weights count the same, e.g. timm.create_model(name) or count_flops(name)), or "
+                    "materialise it with model.to_empty(device='cpu') then model.load_state_dict(weights)")
+
+
 @contextlib.contextmanager
 def _mha_fastpath_off():
     """Without grad, ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` in eval mode run one fused op
@@ -408,6 +421,7 @@ def count_flops(
         ValueError: ``model`` is a ``vitzoo.deploy``ed model (count the original; a ``torch.compile``d module is
             counted as its original).
         ValueError: No input size is given and the model has none in its cfg, or the size is malformed.
+        ValueError: The model is on the ``meta`` device (not materialised; counting runs it).
         Exception: Whatever the model's own forward raises for this input (e.g. a ViT given less than one patch).
     """
     if isinstance(model, str):
@@ -418,6 +432,7 @@ def count_flops(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module or a timm model name, got {type(model).__name__}")
     model = _countable(model)
+    _check_materialised(model)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     size = _input_size(model, input_size)

@@ -213,6 +213,18 @@ def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor
     return torch.randn(batch_size, *input_size, device=device, dtype=dtype)
 
 
+def check_materialised(model: nn.Module, caller: str) -> None:
+    """Refuse a model with tensors on the ``meta`` device (built without its weights): it has no values to run."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            if tensor.is_meta:
+                raise ValueError(
+                    f"{caller}: the model's {kind} {name!r} is on the 'meta' device: the model is not materialised "
+                    "(built under torch.device('meta') or with empty weights), so it holds no values to run or "
+                    "check. Materialise it first: model.to_empty(device='cpu') then model.load_state_dict(weights), "
+                    "or build it with its weights (e.g. timm.create_model(name, pretrained=True)).")
+
+
 def _check_example_dtype(model: nn.Module, example_input: torch.Tensor) -> None:
     """A float example of another dtype than the model's weights would fail inside the first layer; say so here.
     So would an integer (uint8 image) example, and a ``meta`` one, which holds no values to check against."""
@@ -443,7 +455,7 @@ def deploy(
 
     Raises:
         ValueError: Unknown backend, or no example input and no ``pretrained_cfg``, or ``"onnxruntime"`` with a
-            model or example input on a GPU (its session runs on the CPU).
+            model or example input on a GPU (its session runs on the CPU), or a model on the ``meta`` device.
         TypeError: ``model`` is not a module, or a float ``example_input`` of another dtype than its weights.
         RuntimeError: Backend unavailable here, or the deployed output differs by more than
             ``atol + rtol * max|original output|``.
@@ -457,6 +469,7 @@ def deploy(
                            f"{', '.join(available_backends())}); {missing_backend_hint(backend)}.")
     if not isinstance(model, nn.Module):
         raise TypeError(f"deploy() expects an nn.Module, got {type(model).__name__}.")
+    check_materialised(model, "deploy()")
     if example_input is None:
         example_input = default_example_input(model)
     _check_example_dtype(model, example_input)
