@@ -807,3 +807,20 @@ def test_a_model_on_the_meta_device_is_a_clear_error():
         count_flops(model, 32)
     with pytest.raises(ValueError, match=r"its parameter 'conv1.weight' is"):
         count_flops(model, 32, fused=False)
+
+
+class _ReturnsExtras(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        return {"logits": self.conv(x), "n": 3, "aux": (None, "name", x.shape[0])}
+
+
+def test_an_output_holding_non_tensors_is_counted_on_its_tensors():
+    """Found by an audit: a model returning {"logits": t, "n": 3} raised the tracer's "output 1 (3) of traced region
+    did not have observable data dependence with trace inputs"."""
+    report = count_flops(_ReturnsExtras(), (3, 16, 16))
+    assert report.total == 3 * 8 * 3 * 3 * 14 * 14  # the conv alone: 3x3 kernel, 3 -> 8 channels, 14x14 outputs
+    assert report.by_module == {"": report.total, "conv": report.total}

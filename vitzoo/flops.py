@@ -31,6 +31,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.utils import reparameterize_model
+from torch.utils import _pytree as pytree
 
 from vitzoo.batchnorm_folding import fold_batchnorms
 from vitzoo.models import _as_dim, model_in_chans, model_input_size
@@ -376,6 +377,13 @@ def _check_materialised(model: nn.Module) -> None:
                     "materialise it with model.to_empty(device='cpu') then model.load_state_dict(weights)")
 
 
+def _tensors_only(module: nn.Module, args: Any, output: Any) -> Tuple[torch.Tensor, ...]:
+    """Forward hook: the output's tensors alone. The trace fvcore counts on can return only tensors (in tuples,
+    lists, dicts) that depend on the input; a model that also returns other values (``{"logits": t, "n": 3}``) is
+    counted on its tensors, which changes no count."""
+    return tuple(leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor))
+
+
 @contextlib.contextmanager
 def _mha_fastpath_off():
     """Without grad, ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` in eval mode run one fused op
@@ -448,6 +456,7 @@ def count_flops(
     fused_model, _ = fold_batchnorms(fused_model, example)
     params_fused = count_params(fused_model)
     counted = fused_model if fused else unfused
+    counted.register_forward_hook(_tensors_only)  # a copy: the caller's model gets no hook
     analysis = FlopCountAnalysis(counted, example)
     analysis.set_op_handle("aten::scaled_dot_product_attention",
                            sdpa_elementwise_flop_jit if elementwise else sdpa_flop_jit)
