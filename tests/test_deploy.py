@@ -1,4 +1,5 @@
 """vitzoo.deploy: outputs within 1e-4 of the unfused model, no mutation of the caller's model, backends, errors."""
+import collections
 import copy
 import importlib
 import pickle
@@ -732,6 +733,55 @@ def test_tuple_and_dict_outputs(backend, model_cls):
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 
 
+_Pair = collections.namedtuple("_Pair", "logits aux")
+
+
+class _NamedTupleOut(_TwoHeads):
+    def forward(self, x):
+        return _Pair(*super().forward(x))
+
+
+class _WithNones(_TwoHeads):
+    def forward(self, x):
+        a, b = super().forward(x)
+        return a, None, {"aux": b, "mask": None}
+
+
+@pytest.mark.parametrize("backend", [b for b in ("eager", "torchscript", "onnxruntime") if b in available_backends()])
+@pytest.mark.parametrize("model_cls", [_NamedTupleOut, _WithNones])
+def test_namedtuple_and_none_outputs_keep_their_structure_on_every_backend(backend, model_cls):
+    """Found by an audit: backend 'torchscript' refused a namedtuple output (its trace returns a plain tuple) and
+    both traced backends failed on a None in the output (ONNX Runtime: "number of output names provided (2)
+    exceeded number of outputs (1)")."""
+    torch.manual_seed(0)
+    model = _randomize_bn(model_cls()).eval()
+    deployed = deploy(model, torch.randn(2, 3, 16, 16), backend=backend)
+    x = torch.randn(3, 3, 16, 16)
+    out, ref = deployed(x), _reference(model, x)
+    if model_cls is _NamedTupleOut:
+        assert type(out) is _Pair and out.aux.shape == (3, 2)
+    else:
+        assert out[1] is None and out[2]["mask"] is None and list(out[2]) == ["aux", "mask"]
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+class _WithACount(_TwoHeads):
+    def forward(self, x):
+        return {"logits": super().forward(x)[0], "n": 3}
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torchscript", "onnxruntime") if b in available_backends()])
+def test_an_output_a_trace_cannot_return_is_named(backend):
+    """Found by an audit: {"logits": t, "n": 3} failed in each traced backend's own words ("Tracer cannot infer type
+    of ...", "output 1 (3) of traced region did not have observable data dependence"); the eager backend runs the
+    model's own forward and returns it."""
+    model = _randomize_bn(_WithACount()).eval()
+    with pytest.raises(RuntimeError, match=rf"backend '{backend}': the model's output\['n'\] is 3 \(int\), not a "
+                                           r"tensor: .*Return it as a tensor or leave it out, or use backend='eager'"):
+        deploy(model, torch.randn(2, 3, 16, 16), backend=backend)
+    assert deploy(model, torch.randn(2, 3, 16, 16))(torch.randn(1, 3, 16, 16))["n"] == 3
+
+
 def test_a_model_with_a_5d_weight_deploys_in_its_own_format():
     """Found by an audit: channels-last refuses 5-D tensors, so an nn.Conv3d (timm's lambda layers) failed every
     PyTorch backend with 'required rank 4 tensor to use channels_last format'."""
@@ -803,8 +853,8 @@ def test_torchscript_shape_whose_fused_graph_is_wrong_runs_unfused(monkeypatch):
         pytest.skip("no oneDNN Graph")
     real_trace = tb._trace
 
-    def wrong_when_fused(model, x):
-        traced = real_trace(model, x)
+    def wrong_when_fused(model, x, layout):
+        traced = real_trace(model, x, layout)
 
         class Wrong(nn.Module):
             def forward(self, inp):

@@ -585,3 +585,31 @@ def test_api_refuses_a_model_on_the_meta_device(tmp_path):
                                          r"'meta' device: the model is not materialised.*model.to_empty"):
         export_verified_onnx(model, tmp_path / "r18.onnx", 32)
     assert not os.listdir(tmp_path)
+
+
+class _WithExtras(nn.Module):
+    def __init__(self, extra):
+        super().__init__()
+        self.conv, self.extra = nn.Conv2d(3, 4, 3), extra
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3)), self.extra
+
+
+def test_api_exports_an_output_with_none_and_names_a_value_it_cannot(tmp_path):
+    """Found by an audit: an output (t, None) failed the exporter ("number of output names provided (2) exceeded
+    number of outputs (1)"), and (t, 3) raised the tracer's "did not have observable data dependence"."""
+    from vitzoo.onnx_runtime import OnnxExportError
+
+    torch.manual_seed(0)
+    model = _WithExtras(None).eval()
+    out = tmp_path / "m.onnx"
+    export_verified_onnx(model, out, 8, in_chans=3)
+    assert [o.name for o in onnx.load(str(out)).graph.output] == ["output"]  # the graph holds the tensor alone
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(_ort_run(out, x), model(x)[0], atol=1e-4, rtol=0)
+    with pytest.raises(OnnxExportError, match=r"cannot export this model: the model's output\[1\] is 3 \(int\), not "
+                                              r"a tensor: .*Return it as a tensor or leave it out\.$"):
+        export_verified_onnx(_WithExtras(3).eval(), tmp_path / "n.onnx", 8, in_chans=3)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]

@@ -1,13 +1,15 @@
 """The output comparison behind every graph rewrite (BatchNorm folding, the oneDNN rewrite, stem slicing, deploy's
 check): each way two outputs can differ is caught, with the expected verdict written out by hand."""
+import collections
 import math
 
 import pytest
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from vitzoo.inference import _check_close
-from vitzoo.outputs import max_abs_diff_of, outputs_close
+from vitzoo.outputs import OutputLayout, UnsupportedOutputError, max_abs_diff_of, outputs_close
 
 X = torch.tensor([[1.0, -4.0], [2.0, 0.5]])  # largest absolute value 4
 
@@ -82,3 +84,40 @@ def test_deploy_check_reports_another_output_structure():
                                            r"original's: a tuple of 2 instead of a tensor \(2, 2\)\. Use another"):
         _check_close(X, _Returns((X, X)), X, atol=1e-4, rtol=0.0, backend="eager")
     assert _check_close(X, _Returns(X + 1e-5), X, atol=1e-4, rtol=0.0, backend="eager") == pytest.approx(1e-5, rel=1e-2)
+
+
+_Pair = collections.namedtuple("_Pair", "logits aux")
+Y = 2 * X
+
+
+@pytest.mark.parametrize("output, flat", [
+    (X, X),                                                           # a tensor stays itself
+    ((X,), (X,)),
+    (_Pair(X, Y), (X, Y)),
+    ([None, {"b": Y, "a": (X, None)}], (Y, X)),                       # dict order as given, None left out
+])
+def test_output_layout_flattens_the_tensors_and_nests_them_back(output, flat):
+    layout = OutputLayout(output)
+    got = OutputLayout.flat(output)
+    assert type(got) is type(flat) and len(pytree.tree_leaves(got)) == len(pytree.tree_leaves(flat))
+    assert all(a is b for a, b in zip(pytree.tree_leaves(got), pytree.tree_leaves(flat)))
+    nested = layout.nest(list(flat) if isinstance(flat, tuple) else flat)
+    assert pytree.tree_structure(nested) == pytree.tree_structure(output)
+    assert type(nested) is type(output)
+    assert all(a is b for a, b in zip(pytree.tree_leaves(nested), pytree.tree_leaves(output)))
+
+
+@pytest.mark.parametrize("output, message", [
+    ({"logits": X, "n": 3}, r"the model's output\['n'\] is 3 \(int\), not a tensor"),
+    ((X, [X, "tag"]), r"the model's output\[1\]\[1\] is 'tag' \(str\), not a tensor"),
+    (_Pair(X, 0.5), r"the model's output.aux is 0.5 \(float\), not a tensor"),
+    ((X, "x" * 100), r"the model's output\[1\] is 'xxxxxxxxx[x]*\.\.\. \(str\)"),     # a long value is cut short
+])
+def test_output_layout_names_a_value_a_trace_cannot_return(output, message):
+    with pytest.raises(UnsupportedOutputError, match=message):
+        OutputLayout(output)
+
+
+def test_output_layout_refuses_another_number_of_tensors():
+    with pytest.raises(ValueError, match="got 1 tensors for an output that holds 2"):
+        OutputLayout((X, None, X)).nest([X])

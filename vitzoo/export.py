@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import torch
-from torch.utils import _pytree as pytree
 
 from vitzoo.atomic import atomic_open, check_new_file
 from vitzoo.models import _as_size
@@ -76,7 +75,7 @@ def export_verified_onnx(
     from vitzoo.inference import check_materialised
     from vitzoo.models import model_in_chans, model_input_size
     from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx, max_abs_diff_and_scale
-    from vitzoo.outputs import WRONG_RESULT_RTOL
+    from vitzoo.outputs import WRONG_RESULT_RTOL, OutputLayout
 
     check_materialised(model, "export_verified_onnx()")
     if img_size is None:
@@ -105,8 +104,8 @@ def export_verified_onnx(
         example = torch.randn(1, in_chans, height, width)
         data = export_onnx(fused, example, opset=opset)
         with torch.no_grad():
-            spec = pytree.tree_flatten(fused(example))[1]
-        session = OnnxRuntimeModule(data, output_spec=spec)
+            layout = OutputLayout(fused(example))  # export_onnx has refused outputs it cannot re-nest
+        session = OnnxRuntimeModule(data, output_layout=layout)
         inputs = [torch.randn(b, in_chans, height, width) for b in VERIFY_BATCHES]
         diff, scale = max_abs_diff_and_scale(model, session, inputs)
     finally:

@@ -31,7 +31,7 @@ from torch.utils import _pytree as pytree
 from vitzoo.batchnorm_folding import fold_batchnorms
 from vitzoo.models import model_in_chans, model_input_size
 from vitzoo.onednn_rewrite import PackedConv2d, onednn_rewrite
-from vitzoo.outputs import WRONG_RESULT_RTOL, max_abs_diff_of
+from vitzoo.outputs import WRONG_RESULT_RTOL, OutputLayout, UnsupportedOutputError, max_abs_diff_of
 from vitzoo.stem_chunking import chunk_stem
 
 __all__ = ["BACKENDS", "DeployedModel", "PackedConv2d", "available_backends", "deploy", "default_example_input"]
@@ -416,10 +416,15 @@ def _build_onnxruntime(model: nn.Module, example_input: torch.Tensor, opset: int
     if dtypes - {torch.float32}:  # e.g. a bf16 model: ONNX Runtime's CPU kernels run fp32
         model = model.float()
         notes.append(f"exported in float32 (the model was {', '.join(sorted(map(str, dtypes)))})")
-    data = export_onnx(model, example_input.float(), opset=opset)  # both on the CPU (checked in deploy)
-    with torch.no_grad():  # the graph's outputs are given back in the model's own tuple / dict nesting
-        spec = pytree.tree_flatten(model(example_input.float()))[1]
-    session = OnnxRuntimeModule(data, output_spec=spec)
+    with torch.no_grad():  # the graph's outputs are given back in the model's own nesting
+        output = model(example_input.float())  # both on the CPU (checked in deploy)
+    try:
+        layout = OutputLayout(output)
+    except UnsupportedOutputError as e:
+        raise RuntimeError(f"backend 'onnxruntime': {e}. Return it as a tensor or leave it out, or use "
+                           "backend='eager'.") from None
+    data = export_onnx(model, example_input.float(), opset=opset)
+    session = OnnxRuntimeModule(data, output_layout=layout)
     notes += [f"ONNX opset {opset}, dynamic batch", f"ONNX Runtime CPU, {session.num_threads} threads"]
     return DeployedModel(session, "onnxruntime", torch.contiguous_format, notes, fixed_size=True)
 

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from vitzoo.messages import first_line
-from vitzoo.outputs import max_abs_diff_of
+from vitzoo.outputs import OutputLayout, UnsupportedOutputError, max_abs_diff_of
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "OnnxExportError", "export_onnx", "OnnxRuntimeModule",
            "max_abs_diff", "max_abs_diff_and_scale", "require_onnxruntime"]
@@ -72,7 +72,8 @@ def export_onnx(
         The serialized ONNX ModelProto.
 
     Raises:
-        OnnxExportError: The model itself fails on ``example_input`` (said so, without the exporter), or the
+        OnnxExportError: The model itself fails on ``example_input`` (said so, without the exporter), or its
+            output holds a value other than tensors and None (named; a graph returns tensors only), or the
             exporter failed. Where timm's attention layers call ``F.scaled_dot_product_attention``
             (their ``fused_attn`` flag) and the first try fails, the export is tried once more with those layers
             on their explicit matmul-softmax path (e.g. timm's EVA-02, whose SDPA call torch 2.14's exporter
@@ -91,10 +92,14 @@ def export_onnx(
         )
     try:
         with torch.no_grad():
-            model(example_input)
+            output = model(example_input)
     except Exception as e:  # noqa: BLE001  the model's own failure, before the exporter is involved
         raise OnnxExportError(f"the model fails on a {list(example_input.shape)} input, before any export: "
                               f"{_one_line(e)}") from e
+    try:
+        OutputLayout(output)
+    except UnsupportedOutputError as e:
+        raise OnnxExportError(f"cannot export this model: {e}. Return it as a tensor or leave it out.") from None
     try:
         return _export(model, example_input, opset)
     except Exception as first:  # noqa: BLE001  the exporter fails in many ways; reported below as one error
@@ -116,7 +121,7 @@ def output_names(count: int) -> List[str]:
 def _export(model: nn.Module, example_input: torch.Tensor, opset: int) -> bytes:
     buffer = io.BytesIO()
     with torch.no_grad():
-        names = output_names(len(pytree.tree_leaves(model(example_input))))
+        names = output_names(sum(OutputLayout(model(example_input)).is_tensor))  # the exporter leaves out None
     with torch.no_grad(), _exporter_log_off(), warnings.catch_warnings():
         # timm's shape asserts trace to constants; the export is verified at other batch sizes afterwards
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -203,7 +208,9 @@ def _one_line(error: Exception, limit: int = 200) -> str:
 class OnnxRuntimeModule(nn.Module):
     """Runs an ONNX model in an ONNX Runtime CPU session behind an ``nn.Module`` interface.
 
-    Takes and returns torch tensors (fp32, CPU). It has no parameters; ``state_dict()`` is empty.
+    Takes and returns torch tensors (fp32, CPU). It has no parameters; ``state_dict()`` is empty. With
+    ``output_layout`` (an :class:`~vitzoo.outputs.OutputLayout` of the exported model's output) the graph's outputs
+    are given back in the model's own nesting, ``None`` entries included.
 
     With more than one thread, ONNX Runtime's worker threads keep spinning after each call, waiting for the next
     one (~40 ms of CPU after a 2-thread SHViT call on the benchmark machine, ``benchmarks/bench_spin_interference.py``).
@@ -217,9 +224,9 @@ class OnnxRuntimeModule(nn.Module):
     """
 
     def __init__(self, onnx_model: Union[bytes, str, os.PathLike], num_threads: Optional[int] = None,
-                 spinning: bool = True, output_spec: Optional[pytree.TreeSpec] = None):
+                 spinning: bool = True, output_layout: Optional[OutputLayout] = None):
         super().__init__()
-        self.output_spec = output_spec
+        self.output_layout = output_layout
         require_onnxruntime()
         import onnxruntime as ort
 
@@ -235,12 +242,12 @@ class OnnxRuntimeModule(nn.Module):
         self.num_threads = options.intra_op_num_threads
 
     def forward(self, x: torch.Tensor) -> Any:
-        """The output as the exported model returned it: a tensor, or (with ``output_spec``) the same tuple / dict
-        nesting; a graph of several outputs without ``output_spec`` gives a tuple."""
+        """The output as the exported model returned it: a tensor, or (with ``output_layout``) the same nesting;
+        a graph of several outputs without ``output_layout`` gives a tuple."""
         array = x.detach().to("cpu", torch.float32).contiguous().numpy()
         outs = [torch.from_numpy(out) for out in self.session.run(None, {self.input_name: array})]
-        if self.output_spec is not None:
-            return pytree.tree_unflatten(outs, self.output_spec)
+        if self.output_layout is not None:
+            return self.output_layout.nest(outs)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def extra_repr(self) -> str:

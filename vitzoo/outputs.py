@@ -1,12 +1,12 @@
 """Comparing (nested) model outputs: the check behind the graph rewrites that must not change a model's result."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Sequence, Tuple, Union
 
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["outputs_close", "max_abs_diff_of", "WRONG_RESULT_RTOL"]
+__all__ = ["OutputLayout", "UnsupportedOutputError", "outputs_close", "max_abs_diff_of", "WRONG_RESULT_RTOL"]
 
 #: A float32 output that differs from its reference by more than this times the reference's largest value is a
 #: different computation, not rounding, even when the difference is within an absolute tolerance: a model with
@@ -81,3 +81,44 @@ def _describe(output: object) -> str:
     if isinstance(output, (tuple, list)):
         return f"a {type(output).__name__} of {len(output)}"
     return type(output).__name__
+
+
+class UnsupportedOutputError(ValueError):
+    """A model's output holds a value that a traced graph (TorchScript, ONNX) cannot return."""
+
+
+class OutputLayout:
+    """Where the tensors of a model's output sit in its nesting (tuples, lists, dicts, namedtuples), for the traced
+    backends: a TorchScript or ONNX graph returns the tensors alone (:meth:`flat`), and :meth:`nest` puts them back
+    in the model's own structure, ``None`` entries included (a model returning ``(logits, None)``).
+
+    Raises:
+        UnsupportedOutputError: The output holds a value other than a tensor or None (``{"logits": t, "n": 3}``):
+            a graph would give back the value it saw when traced, whatever its input; the message says where.
+    """
+
+    def __init__(self, output: object):
+        for path, leaf in pytree.tree_flatten_with_path(output)[0]:
+            if leaf is not None and not isinstance(leaf, torch.Tensor):
+                text = repr(leaf) if len(repr(leaf)) <= 40 else repr(leaf)[:37] + "..."
+                raise UnsupportedOutputError(
+                    f"the model's output{pytree.keystr(path)} is {text} ({type(leaf).__name__}), not a tensor: a "
+                    "traced graph returns tensors only (and keeps None entries), so it would give back the value "
+                    "it saw when traced, whatever the input")
+        leaves, self.spec = pytree.tree_flatten(output)
+        self.is_tensor = tuple(isinstance(leaf, torch.Tensor) for leaf in leaves)
+
+    @staticmethod
+    def flat(output: object) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        """The output's tensors in nesting order: a tensor output as itself, any other as a tuple."""
+        if isinstance(output, torch.Tensor):
+            return output
+        return tuple(leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor))
+
+    def nest(self, tensors: Union[torch.Tensor, Sequence[torch.Tensor]]) -> object:
+        """The output of :meth:`flat` (or a graph's list of outputs) in the model's own nesting."""
+        tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        if len(tensors) != sum(self.is_tensor):
+            raise ValueError(f"got {len(tensors)} tensors for an output that holds {sum(self.is_tensor)}")
+        found = iter(tensors)
+        return pytree.tree_unflatten([next(found) if is_tensor else None for is_tensor in self.is_tensor], self.spec)

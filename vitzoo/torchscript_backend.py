@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 from torch import nn
 
-from vitzoo.outputs import max_abs_diff_of, outputs_close
+from vitzoo.outputs import OutputLayout, UnsupportedOutputError, max_abs_diff_of, outputs_close
 
 __all__ = ["TorchScriptModule", "build", "onednn_graph_available", "torchscript_available"]
 
@@ -135,15 +135,15 @@ class TorchScriptModule(nn.Module):
         self.atol = atol
         self.rtol = rtol
         self.notes: List[str] = []
-        # ScriptModules in a plain dict: not submodules, so state_dict() holds the weights once (from ``model``)
-        self._traced: Dict[tuple, Tuple[torch.jit.ScriptModule, bool]] = {}
+        # traced modules in a plain dict: not submodules, so state_dict() holds the weights once (from ``model``)
+        self._traced: Dict[tuple, Tuple[nn.Module, bool]] = {}
 
     @staticmethod
     def _key(x: torch.Tensor) -> tuple:
         channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
         return tuple(x.shape), x.dtype, x.device, channels_last
 
-    def _traced_for(self, x: torch.Tensor) -> Tuple[torch.jit.ScriptModule, bool]:
+    def _traced_for(self, x: torch.Tensor) -> Tuple[nn.Module, bool]:
         key = self._key(x)
         entry = self._traced.get(key)
         if entry is None:
@@ -153,11 +153,12 @@ class TorchScriptModule(nn.Module):
             self._traced[key] = entry
         return entry
 
-    def _build(self, x: torch.Tensor) -> Tuple[torch.jit.ScriptModule, bool]:
+    def _build(self, x: torch.Tensor) -> Tuple[nn.Module, bool]:
         fuse = self.onednn_fusion and onednn_graph_available()
         with torch.no_grad():  # one eager call first: the model's own input checks raise here (tracing skips them)
             expected = self.model(x)
-        traced = _trace(self.model, x)
+        layout = OutputLayout(expected)  # a value a trace cannot return is refused here, by name
+        traced = _trace(self.model, x, layout)
         if not fuse:
             return traced, False
         try:
@@ -186,11 +187,11 @@ class TorchScriptModule(nn.Module):
                     f"{_first_sentence(e)}); that shape runs without it")
         self.notes.append(note)
         warnings.warn(f"deploy(backend='torchscript'): {note}", RuntimeWarning, stacklevel=4)
-        traced = _trace(self.model, x)
+        traced = _trace(self.model, x, layout)
         _warm_up(traced, x, fused=False)
         return traced, False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Any:
         traced, fused = self._traced_for(x)
         with _onednn_fusion(fused):
             return traced(x)
@@ -209,7 +210,8 @@ def build(model: nn.Module, example_input: torch.Tensor, atol: float = 1e-4,
         The module and a list of human-readable notes on what was applied.
 
     Raises:
-        RuntimeError: TorchScript is not available in this PyTorch, or the model cannot be traced.
+        RuntimeError: TorchScript is not available in this PyTorch, or the model cannot be traced (its output
+            holds a value other than tensors and None, for one; the error names it).
     """
     if not torchscript_available():
         raise RuntimeError(f"backend 'torchscript' needs torch.jit.trace/freeze, which torch {torch.__version__} "
@@ -219,6 +221,9 @@ def build(model: nn.Module, example_input: torch.Tensor, atol: float = 1e-4,
     module = TorchScriptModule(model, onednn_fusion=fuse, atol=atol, rtol=rtol)
     try:
         _, fused = module._traced_for(example_input)
+    except UnsupportedOutputError as e:
+        raise RuntimeError(f"backend 'torchscript': {e}. Return it as a tensor or leave it out, or use "
+                           "backend='eager'.") from None
     except Exception as e:  # arbitrary user models can fail to trace in many ways
         raise RuntimeError(f"backend 'torchscript': tracing failed ({type(e).__name__}: {e}); "
                            "use backend='eager'.") from e
@@ -228,18 +233,43 @@ def build(model: nn.Module, example_input: torch.Tensor, atol: float = 1e-4,
     return module, notes + module.notes
 
 
-def _trace(model: nn.Module, example_input: torch.Tensor) -> torch.jit.ScriptModule:
+class _TensorsOf(nn.Module):
+    """``model`` returning the tensors of its output alone (:meth:`OutputLayout.flat`): what a trace can return."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return OutputLayout.flat(self.model(x))
+
+
+class _Nested(nn.Module):
+    """A trace of :class:`_TensorsOf` whose output is given back in the model's own nesting (namedtuples, ``None``
+    entries and dicts of them included; a trace alone returns plain tuples and refuses ``None``)."""
+
+    def __init__(self, traced: torch.jit.ScriptModule, layout: OutputLayout):
+        super().__init__()
+        self.traced = traced
+        self.layout = layout
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.layout.nest(self.traced(x))
+
+
+def _trace(model: nn.Module, example_input: torch.Tensor, layout: OutputLayout) -> nn.Module:
     with _quiet_deprecation(), torch.no_grad():
-        traced = torch.jit.freeze(torch.jit.trace(model, example_input, check_trace=False, strict=False))
+        flat = _TensorsOf(model).eval()
+        traced = torch.jit.freeze(torch.jit.trace(flat, example_input, check_trace=False, strict=False))
     # in-place ops -> out-of-place where that is safe: oneDNN Graph mishandles some in-place ops with a Python
     # scalar (e.g. SHViT's ``attn.mul_(scale)``: "expected scalar type Double but found Float")
     remove_mutation = getattr(torch._C, "_jit_pass_remove_mutation", None)  # private API: use it when present
     if remove_mutation is not None:
         remove_mutation(traced.graph)
-    return traced
+    return _Nested(traced, layout)
 
 
-def _warm_up(traced: torch.jit.ScriptModule, example_input: torch.Tensor, fused: bool) -> None:
+def _warm_up(traced: nn.Module, example_input: torch.Tensor, fused: bool) -> None:
     with torch.no_grad(), _onednn_fusion(fused):
         for _ in range(WARMUP_CALLS):
             traced(example_input)
