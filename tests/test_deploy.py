@@ -842,6 +842,24 @@ def test_a_model_on_the_meta_device_is_a_clear_error(backend):
         deploy(partly, torch.randn(1, 3, 8, 8), backend=backend)
 
 
+@pytest.mark.parametrize("backend", [b for b in ("eager", "torchscript", "onnxruntime") if b in available_backends()])
+def test_an_example_that_is_not_one_nonempty_batch_is_a_clear_error(backend):
+    """Found by an audit: a batch-0 example deployed (its empty output passed the check vacuously), and a numpy
+    array or a list of tensors failed inside the model or deploy ("'list' object has no attribute 'device'")."""
+    np = pytest.importorskip("numpy")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    with pytest.raises(ValueError, match=r"deploy\(\): example_input has batch size 0 \(shape \[0, 3, 8, 8\]\); it "
+                                         r"must hold at least one image \(batch >= 1\): .* torch.randn\(1, 3, 8, 8\)"):
+        deploy(model, torch.randn(0, 3, 8, 8), backend=backend)
+    with pytest.raises(TypeError, match=r"deploy\(\): example_input must be a torch.Tensor, one \(B, C, H, W\) batch, "
+                                        r"got ndarray: convert a numpy array with torch.from_numpy\(array\)\."):
+        deploy(model, np.zeros((1, 3, 8, 8), np.float32), backend=backend)
+    for images in ([torch.randn(3, 8, 8)], (torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8))):
+        with pytest.raises(TypeError, match=rf"got {type(images).__name__}: stack a list of images into one batch "
+                                            r"with torch.stack\(images\); a model taking several inputs cannot"):
+            deploy(model, images, backend=backend)
+
+
 def test_torchscript_shape_whose_fused_graph_is_wrong_runs_unfused(monkeypatch):
     """Found by an audit: oneDNN Graph computes timm's dla34 / hrnet_w18_small wrong (diff 507 at scale 158);
     only a fused trace that raised was replaced. Here the fused graph is made wrong on purpose."""

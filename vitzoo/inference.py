@@ -225,6 +225,27 @@ def check_materialised(model: nn.Module, caller: str) -> None:
                     "or build it with its weights (e.g. timm.create_model(name, pretrained=True)).")
 
 
+def _check_example_is_a_batch(example_input: object) -> None:
+    """``example_input`` must be one tensor holding at least one image: deploy traces, exports and checks on it."""
+    if isinstance(example_input, torch.Tensor):
+        if example_input.dim() and example_input.shape[0] == 0:
+            one = [1, *example_input.shape[1:]]
+            raise ValueError(
+                f"deploy(): example_input has batch size 0 (shape {list(example_input.shape)}); it must hold at "
+                "least one image (batch >= 1): the deployed model is checked against the original on it, and an "
+                f"empty output would pass any check. Pass e.g. torch.randn({', '.join(map(str, one))}).")
+        return
+    if type(example_input).__module__ == "numpy":
+        hint = "convert a numpy array with torch.from_numpy(array)"
+    elif isinstance(example_input, (list, tuple)):
+        hint = ("stack a list of images into one batch with torch.stack(images); a model taking several inputs "
+                "cannot be deployed (the deployed model's forward takes one tensor)")
+    else:
+        hint = "e.g. torch.randn(1, 3, 224, 224)"
+    raise TypeError(f"deploy(): example_input must be a torch.Tensor, one (B, C, H, W) batch, got "
+                    f"{type(example_input).__name__}: {hint}.")
+
+
 def _check_example_dtype(model: nn.Module, example_input: torch.Tensor) -> None:
     """A float example of another dtype than the model's weights would fail inside the first layer; say so here.
     So would an integer (uint8 image) example, and a ``meta`` one, which holds no values to check against."""
@@ -460,8 +481,10 @@ def deploy(
 
     Raises:
         ValueError: Unknown backend, or no example input and no ``pretrained_cfg``, or ``"onnxruntime"`` with a
-            model or example input on a GPU (its session runs on the CPU), or a model on the ``meta`` device.
-        TypeError: ``model`` is not a module, or a float ``example_input`` of another dtype than its weights.
+            model or example input on a GPU (its session runs on the CPU), or a model on the ``meta`` device, or
+            an ``example_input`` of batch size 0.
+        TypeError: ``model`` is not a module, or ``example_input`` is not a tensor (a numpy array, a list), or a
+            float ``example_input`` of another dtype than its weights.
         RuntimeError: Backend unavailable here, or the deployed output differs by more than
             ``atol + rtol * max|original output|``.
     """
@@ -477,6 +500,7 @@ def deploy(
     check_materialised(model, "deploy()")
     if example_input is None:
         example_input = default_example_input(model)
+    _check_example_is_a_batch(example_input)
     _check_example_dtype(model, example_input)
     if backend == "onnxruntime":
         _check_not_cuda_for_onnxruntime(model, example_input)
