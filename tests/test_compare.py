@@ -368,6 +368,16 @@ def test_repeated_backends_are_deployed_once(fake_deploy):
     assert fake_deploy == ["eager"]
 
 
+def test_one_name_given_as_a_str_is_one_name_not_its_letters(fake_deploy):
+    """Found by an audit: compare("shvit_s1") failed with "unknown model 's'", backends="eager" with "unknown backend
+    'e', 'a', 'g', 'e', 'r'", and devices="cpu" measured on devices 'c', 'p' and 'u'."""
+    (row,) = compare("shvit_s1", speed=False)
+    assert row["model"] == "shvit_s1" and row["flops"] == 241_400_128  # fused S1 at 224 (paper 241M)
+    (row,) = compare("shvit_s1", img_size=64, batch_size=1, rounds=1, threads=1, devices="cpu", backends="eager")
+    assert row["model"] == "shvit_s1" and row["device"] == "cpu" and row["fastest_backend"] == "eager"
+    assert fake_deploy == ["eager"]
+
+
 def test_nothing_to_compare_prints_no_empty_table(capsys, monkeypatch):
     monkeypatch.setattr("vitzoo.compare._build", lambda names, **k: ([], {n: "cannot be built" for n in names}))
     code, out, err = _cli(capsys, "nvit_b", "--no-speed")

@@ -25,7 +25,7 @@ import json
 import platform
 import sys
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -72,6 +72,11 @@ def _split_backends(values: Optional[Sequence[str]]) -> Optional[List[str]]:
     if values is None:
         return None
     return [b.strip() for value in values for b in value.split(",") if b.strip()]
+
+
+def _as_list(names: Union[str, Sequence[str], None]) -> Optional[Sequence[str]]:
+    """One name given as a str (``compare("shvit_s1")``, ``backends="eager"``) as a one-name list, not its letters."""
+    return [names] if isinstance(names, str) else names
 
 
 def _is_model_name(name: str) -> bool:
@@ -300,30 +305,32 @@ def _compare(
 
 
 def compare(
-    models: Optional[Sequence[str]] = None,
+    models: Union[str, Sequence[str], None] = None,
     *,
     img_size: Optional[int] = None,
     batch_size: Optional[int] = None,
     threads: Optional[int] = None,
     speed: bool = True,
-    devices: Optional[Sequence[str]] = None,
-    backends: Optional[Sequence[str]] = None,
+    devices: Union[str, Sequence[str], None] = None,
+    backends: Union[str, Sequence[str], None] = None,
     rounds: int = 3,
     progress: bool = False,
 ) -> List[Dict[str, Any]]:
     """Compare models by params, FLOPs and measured speed.
 
     Args:
-        models: timm names (``arch`` or ``arch.tag``); default :data:`vitzoo.models.DEFAULT_MODELS`, where
-            models that are not registered or cannot be built (``nvit_*`` need checkpoint dims) are skipped
-            with a warning.
+        models: timm names (``arch`` or ``arch.tag``), or one name as a str; default
+            :data:`vitzoo.models.DEFAULT_MODELS`, where models that are not registered or cannot be built
+            (``nvit_*`` need checkpoint dims) are skipped with a warning.
         img_size: Square input size; default: each model's pretrained cfg input size.
         batch_size: Images per batch; default 16 on CPU, 256 on GPU.
         threads: ``torch.set_num_threads`` while measuring (restored afterwards; torch's setting when None).
         speed: Measure throughput/latency; False gives counts only (fast).
-        devices: ``"cpu"`` and/or ``"cuda"``; default CPU, plus CUDA when available. One row per model and device.
-        backends: :func:`vitzoo.deploy` backends tried for the fastest path; default per device. A name that is
-            not a backend raises ``ValueError``, as does (with ``speed``) one not usable in this environment.
+        devices: ``"cpu"`` and/or ``"cuda"`` (a list, or one as a str); default CPU, plus CUDA when available.
+            One row per model and device.
+        backends: :func:`vitzoo.deploy` backends tried for the fastest path (a list, or one as a str); default per
+            device. A name that is not a backend raises ``ValueError``, as does (with ``speed``) one not usable in
+            this environment.
         rounds: Interleaved timing rounds (median reported).
         progress: Show a progress bar on stderr.
 
@@ -340,6 +347,7 @@ def compare(
         UnknownModelError: A name in ``models`` is not a timm model (the message lists the closest ones).
         ValueError: A size, batch, thread or round count below 1, or a backend as described above.
     """
+    models, backends, devices = _as_list(models), _as_list(backends), _as_list(devices)
     rows, skipped = _compare(models, img_size, batch_size, threads, speed, devices, backends, rounds, progress)
     for name, reason in skipped.items():
         warnings.warn(f"skipped {name}: {reason}", stacklevel=2)
