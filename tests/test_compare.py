@@ -378,6 +378,24 @@ def test_one_name_given_as_a_str_is_one_name_not_its_letters(fake_deploy):
     assert fake_deploy == ["eager"]
 
 
+COUNT_ARGUMENTS = ("img_size", "batch_size", "threads", "rounds")
+
+
+@pytest.mark.parametrize("argument, value", [(a, v) for a in COUNT_ARGUMENTS for v in (224.0, 2.5, True, "8")]
+                         + [("rounds", None)])
+def test_sizes_and_counts_must_be_ints_and_are_checked_before_anything_is_built(monkeypatch, argument, value):
+    """Found by an audit: compare(img_size=224.0) skipped every model ("'float' object is not iterable") and
+    batch_size=2.0, threads=True or rounds=1.5 went through unchecked; the command line takes ints only (None is
+    the default of the other three)."""
+    monkeypatch.setattr("vitzoo.compare._build", lambda *a, **k: pytest.fail("built before checking the arguments"))
+    flag = {"img_size": "--img-size", "batch_size": "--batch", "threads": "--threads", "rounds": "--rounds"}[argument]
+    with pytest.raises(TypeError) as info:
+        compare(["shvit_s1"], speed=False, **{argument: value})
+    assert str(info.value) == f"{argument} ({flag}) must be an int >= 1, got {value!r} ({type(value).__name__})"
+    with pytest.raises(ValueError, match=rf"^{argument} \({flag}\) must be >= 1, got 0$"):
+        compare(["shvit_s1"], speed=False, **{argument: 0})
+
+
 def test_nothing_to_compare_prints_no_empty_table(capsys, monkeypatch):
     monkeypatch.setattr("vitzoo.compare._build", lambda names, **k: ([], {n: "cannot be built" for n in names}))
     code, out, err = _cli(capsys, "nvit_b", "--no-speed")

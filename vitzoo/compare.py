@@ -22,6 +22,7 @@ import csv
 import gc
 import io
 import json
+import numbers
 import platform
 import sys
 import warnings
@@ -89,6 +90,15 @@ def _is_model_name(name: str) -> bool:
 
 class UsageError(ValueError):
     """An argument out of its range (the command line's exit code 2)."""
+
+
+def _check_count(what: str, flag: str, value: object) -> None:
+    """A size or count argument must be an int >= 1 (as the command line's ``type=int`` options): a float, a bool
+    or a str raises ``TypeError``, a value below 1 :class:`UsageError`, each naming the argument and the value."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} ({flag}) must be an int >= 1, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise UsageError(f"{what} ({flag}) must be >= 1, got {value}")
 
 
 def _check_backends(backends: Sequence[str], speed: bool) -> List[str]:
@@ -274,9 +284,10 @@ def _compare(
     progress: bool,
 ) -> Tuple[List[Dict[str, Any]], Dict[str, str]]:
     for what, flag, value in (("img_size", "--img-size", img_size), ("batch_size", "--batch", batch_size),
-                              ("threads", "--threads", threads), ("rounds", "--rounds", rounds)):
-        if value is not None and value < 1:
-            raise UsageError(f"{what} ({flag}) must be >= 1, got {value}")
+                              ("threads", "--threads", threads)):
+        if value is not None:  # None: the default
+            _check_count(what, flag, value)
+    _check_count("rounds", "--rounds", rounds)
     devices = list(dict.fromkeys(devices)) if devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if "cuda" in devices and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but torch.cuda.is_available() is False; drop --device cuda")
@@ -345,6 +356,7 @@ def compare(
 
     Raises:
         UnknownModelError: A name in ``models`` is not a timm model (the message lists the closest ones).
+        TypeError: A size, batch, thread or round count that is not an int (``224.0``, ``True``, ``"224"``).
         ValueError: A size, batch, thread or round count below 1, or a backend as described above.
     """
     models, backends, devices = _as_list(models), _as_list(backends), _as_list(devices)
