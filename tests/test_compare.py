@@ -295,6 +295,19 @@ def test_cuda_asked_for_without_cuda_is_a_usage_error_even_for_counts(capsys, mo
         assert code == 2 and out == "" and "--device cuda was asked for" in err
 
 
+def test_a_device_torch_does_not_know_is_a_usage_error_before_anything_is_built(monkeypatch):
+    """Found by an audit: compare(devices=["gpu"]) built and counted every model, then gave each row the note
+    "not measured ... Expected one of cpu, cuda, ..."; and "cuda:1" without CUDA was not refused as "cuda" is."""
+    monkeypatch.setattr("vitzoo.compare._build", lambda *a, **k: pytest.fail("built before checking the devices"))
+    for devices in (["gpu"], ["cpu", "CUDA"], [None]):
+        for speed in (True, False):
+            with pytest.raises(ValueError, match=rf"^unknown device {devices[-1]!r}; valid devices: cpu, cuda$"):
+                compare(["shvit_s1"], devices=devices, speed=speed)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda:1 was asked for but torch.cuda.is_available"):
+        compare(["shvit_s1"], devices=["cuda:1"], speed=False)
+
+
 def test_threads_apply_to_the_measurement_only(fake_deploy, monkeypatch):
     """compare(threads=1) used to leave the whole process at 1 thread (also with speed=False, and after a failed
     call): the caller's setting is restored, and the measurement itself ran at the given count."""

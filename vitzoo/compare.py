@@ -101,6 +101,17 @@ def _check_count(what: str, flag: str, value: object) -> None:
         raise UsageError(f"{what} ({flag}) must be >= 1, got {value}")
 
 
+def _device_type(device: object) -> str:
+    """torch's type of ``device`` (``"cuda"`` for ``"cuda:1"``); a name torch does not know (``"gpu"``) raises
+    :class:`UsageError` before anything is built, not a note on every row."""
+    try:
+        if isinstance(device, str):
+            return torch.device(device).type
+    except RuntimeError:
+        pass
+    raise UsageError(f"unknown device {device!r}; valid devices: cpu, cuda")
+
+
 def _check_backends(backends: Sequence[str], speed: bool) -> List[str]:
     """``backends`` without repeats; a name that is not a backend, or (when timing) one not usable here, raises."""
     from vitzoo.inference import BACKENDS, available_backends, missing_backend_hint
@@ -289,8 +300,10 @@ def _compare(
             _check_count(what, flag, value)
     _check_count("rounds", "--rounds", rounds)
     devices = list(dict.fromkeys(devices)) if devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    if "cuda" in devices and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but torch.cuda.is_available() is False; drop --device cuda")
+    cuda = [d for d in devices if _device_type(d) == "cuda"]
+    if cuda and not torch.cuda.is_available():
+        raise UsageError(f"--device {cuda[0]} was asked for but torch.cuda.is_available() is False; "
+                         f"drop --device {cuda[0]}")
     if backends is not None:
         backends = _check_backends(backends, speed)
 
@@ -338,7 +351,8 @@ def compare(
         threads: ``torch.set_num_threads`` while measuring (restored afterwards; torch's setting when None).
         speed: Measure throughput/latency; False gives counts only (fast).
         devices: ``"cpu"`` and/or ``"cuda"`` (a list, or one as a str); default CPU, plus CUDA when available.
-            One row per model and device.
+            One row per model and device. A name torch does not know (``"gpu"``), or CUDA where it is not
+            available, raises ``ValueError``.
         backends: :func:`vitzoo.deploy` backends tried for the fastest path (a list, or one as a str); default per
             device. A name that is not a backend raises ``ValueError``, as does (with ``speed``) one not usable in
             this environment.
@@ -357,7 +371,7 @@ def compare(
     Raises:
         UnknownModelError: A name in ``models`` is not a timm model (the message lists the closest ones).
         TypeError: A size, batch, thread or round count that is not an int (``224.0``, ``True``, ``"224"``).
-        ValueError: A size, batch, thread or round count below 1, or a backend as described above.
+        ValueError: A size, batch, thread or round count below 1, or a device or backend as described above.
     """
     models, backends, devices = _as_list(models), _as_list(backends), _as_list(devices)
     rows, skipped = _compare(models, img_size, batch_size, threads, speed, devices, backends, rounds, progress)
