@@ -131,7 +131,7 @@ def test_plot_writes_png_and_refuses_overwrite(capsys, tmp_path, fake_deploy):
     assert code == 0, err
 
 
-def test_plot_format_follows_the_suffix(capsys, tmp_path, fake_deploy, monkeypatch):
+def test_plot_format_follows_the_suffix(capsys, tmp_path, fake_deploy):
     args = ["shvit_s1", "--img-size", "64", "--batch", "1", "--rounds", "1", "--threads", "1", "--device", "cpu",
             "--backends", "eager", "--plot"]
     code, _, err = _cli(capsys, *args, str(tmp_path / "pareto.pdf"))
@@ -140,10 +140,22 @@ def test_plot_format_follows_the_suffix(capsys, tmp_path, fake_deploy, monkeypat
     code, _, err = _cli(capsys, *args, str(tmp_path / "pareto.svg"))
     assert code == 0, err
     assert b"<svg" in (tmp_path / "pareto.svg").read_bytes()[:2000]
-    monkeypatch.setattr("vitzoo.compare._build", lambda *a, **k: pytest.fail("measured before checking the suffix"))
-    code, out, err = _cli(capsys, *args, str(tmp_path / "pareto.jpg"))
-    assert code == 1 and "PNG, PDF or SVG" in err and "'.jpg'" in err and out == ""
-    assert not (tmp_path / "pareto.jpg").exists()
+
+
+def test_a_plot_file_it_cannot_write_is_a_usage_error_before_anything_is_built(capsys, tmp_path, monkeypatch):
+    """Found by an audit: `--plot x.jpg` exited with code 1 (a failure), not 2 (a usage error), and `--plot ""` was
+    ignored (exit code 0, no plot). Both are refused as the arguments are parsed, with the usage."""
+    monkeypatch.setattr("vitzoo.compare._build", lambda *a, **k: pytest.fail("built before checking --plot"))
+    for name, message in ((str(tmp_path / "pareto.jpg"), f"{tmp_path / 'pareto.jpg'}: the plot is written as PNG, "
+                                                         "PDF or SVG, chosen by the file's suffix (.png, .pdf, .svg); "
+                                                         "got '.jpg'"),
+                          ("", "needs a file name, e.g. --plot pareto.png")):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["compare", "shvit_s1", "--plot", name])
+        out, err = capsys.readouterr()
+        assert info.value.code == 2 and out == ""
+        assert err.startswith("usage: vitzoo compare") and f"vitzoo compare: error: argument --plot: {message}\n" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_plot_without_matplotlib_fails_before_measuring(capsys, tmp_path, monkeypatch):

@@ -457,7 +457,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=None, help="batch size (default: 16 on CPU, 256 on GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     p.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
-    p.add_argument("--plot", default=None, metavar="FILE",
+    p.add_argument("--plot", type=_plot_file, default=None, metavar="FILE",
                    help="write a FLOPs vs throughput Pareto plot: PNG, PDF or SVG by the suffix")
     p.add_argument("--force", action="store_true", help="overwrite an existing --plot file")
     p.add_argument("--no-speed", action="store_true", help="counts only, no measurement (fast)")
@@ -471,6 +471,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="interleaved timing rounds, median reported (default: 3; the full default compare then "
                         "fits in ~10 minutes on 2 CPU cores)")
     p.set_defaults(func=run)
+
+
+def _plot_file(value: str) -> str:
+    """``--plot FILE``, checked as the arguments are parsed (exit code 2 and the usage, before any model is built):
+    a file name whose suffix is one the plot is written as."""
+    from vitzoo.plot import plot_format
+
+    if not value.strip():
+        raise argparse.ArgumentTypeError("needs a file name, e.g. --plot pareto.png")
+    try:
+        plot_format(value)
+    except ValueError as e:  # its message starts "--plot FILE:", and argparse's with "argument --plot:"
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--plot ")) from None
+    return value
 
 
 def _header(info: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
