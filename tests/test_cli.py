@@ -241,3 +241,24 @@ def test_cli_errors_name_the_option_not_the_python_argument(monkeypatch, capsys)
     assert main(["export", "shvit_s1"]) == 1
     assert capsys.readouterr().err == ("vitzoo export: error: x.onnx already exists; refusing to overwrite it. Pass "
                                        "--force to replace it.\n")
+
+
+def test_an_opset_the_exporter_does_not_write_is_a_usage_error_before_the_model_is_built(monkeypatch, capsys):
+    """Found by an audit: `vitzoo export shvit_s1 --opset 16` built the model first and then exited with code 1 (a
+    failure); an opset outside what torch's TorchScript-based exporter writes (17 to its newest) is a usage error."""
+    from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as newest
+
+    ran = []
+    monkeypatch.setattr("vitzoo.export.run", lambda args: ran.append(args.opset) or 0)
+    for opset, message in ((16, "opset 16 is too old: use --opset 17 or newer"),
+                           (newest + 1, f"opset {newest + 1} is newer than this torch's ONNX exporter supports: use "
+                                        f"--opset 17 to {newest}")):
+        with pytest.raises(SystemExit) as info:
+            main(["export", "shvit_s1", "--opset", str(opset)])
+        out, err = capsys.readouterr()
+        assert info.value.code == 2 and out == "" and ran == []
+        assert err.startswith("usage: vitzoo export") and err.endswith(f"vitzoo export: error: argument --opset: "
+                                                                       f"{message}\n")
+    for opset in (17, newest):  # the ends of the range reach the command
+        assert main(["export", "shvit_s1", "--opset", str(opset)]) == 0
+    assert ran == [17, newest]
