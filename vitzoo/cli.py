@@ -2,9 +2,7 @@
 
 Each tool module exposes ``register(subparsers)``, which adds its sub-parser and sets
 ``func`` (a callable taking the parsed ``argparse.Namespace`` and returning an exit code).
-Modules are imported lazily so ``vitzoo --help`` stays fast. An argument error that an argparse ``type`` cannot
-catch (``export --opset 16``) is checked before the command runs (:data:`ARGUMENT_CHECKS`): argparse's usage error,
-exit code 2, before any model is built.
+Modules are imported lazily so ``vitzoo --help`` stays fast.
 
 A sub-command reports the errors it expects itself. What reaches :func:`main` from the operating system (a folder
 that is not writable, a full disk, a network error: ``OSError``) or from Ctrl-C is reported in one line here too,
@@ -22,7 +20,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import List, Optional
 
 # sub-command name -> module that registers it
 COMMANDS = {
@@ -43,37 +41,6 @@ def _version() -> str:
     return f"vitzoo {vitzoo.__version__} (torch {torch.__version__}, timm {timm.__version__})"
 
 
-def _export_argument_error(args: argparse.Namespace) -> Optional[str]:
-    """``vitzoo export``'s ``--opset`` outside what the ONNX exporter writes, or None."""
-    from vitzoo.onnx_runtime import MAX_OPSET, MIN_OPSET
-
-    if args.opset < MIN_OPSET:
-        return f"argument --opset: opset {args.opset} is too old: use --opset {MIN_OPSET} or newer"
-    if args.opset > MAX_OPSET:
-        return (f"argument --opset: opset {args.opset} is newer than this torch's ONNX exporter supports: use "
-                f"--opset {MIN_OPSET} to {MAX_OPSET}")
-    return None
-
-
-# sub-command name -> a check of its parsed arguments that their argparse types cannot make (the error, or None)
-ARGUMENT_CHECKS: Dict[str, Callable[[argparse.Namespace], Optional[str]]] = {"export": _export_argument_error}
-
-
-def _check_before_running(parser: argparse.ArgumentParser,
-                          check: Callable[[argparse.Namespace], Optional[str]]) -> None:
-    """Run ``check`` on the arguments before ``parser``'s command: an error is argparse's own (the usage, then
-    ``vitzoo COMMAND: error: ...``, exit code 2), before any model is built."""
-    run = parser.get_default("func")
-
-    def checked(args: argparse.Namespace) -> int:
-        message = check(args)
-        if message is not None:
-            parser.error(message)
-        return run(args)
-
-    parser.set_defaults(func=checked)
-
-
 def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vitzoo",
@@ -92,8 +59,6 @@ def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
             continue
         module = importlib.import_module(module_name)
         module.register(sub)
-        if name in ARGUMENT_CHECKS:
-            _check_before_running(sub.choices[name], ARGUMENT_CHECKS[name])
     return parser
 
 

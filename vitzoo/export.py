@@ -126,6 +126,23 @@ def export_verified_onnx(
     return diff
 
 
+def _opset(value: str) -> int:
+    """``--opset N``, checked as the arguments are parsed (the usage and exit code 2, before any model is built):
+    an opset torch's TorchScript-based ONNX exporter writes."""
+    from vitzoo.onnx_runtime import MAX_OPSET, MIN_OPSET
+
+    try:
+        opset = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {value!r}") from None
+    if opset < MIN_OPSET:
+        raise argparse.ArgumentTypeError(f"opset {opset} is too old: use --opset {MIN_OPSET} or newer")
+    if opset > MAX_OPSET:
+        raise argparse.ArgumentTypeError(f"opset {opset} is newer than this torch's ONNX exporter supports: use "
+                                         f"--opset {MIN_OPSET} to {MAX_OPSET}")
+    return opset
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export", help="write a verified ONNX file (fused model, dynamic batch)",
@@ -140,7 +157,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--img-size", type=int, default=None,
                         help="square input size N, for NxN (default: the model's own H x W: its cfg's, or the size "
                              "a ViT was built for)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (>= 17)")
+    parser.add_argument("--opset", type=_opset, default=17,
+                        help="ONNX opset version: 17 up to the newest torch's exporter writes (20 in torch 2.14)")
     parser.add_argument("--pretrained", action="store_true",
                         help="load the pretrained weights (downloads them); default: random weights")
     parser.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
