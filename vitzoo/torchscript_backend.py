@@ -266,6 +266,8 @@ def _trace(model: nn.Module, example_input: torch.Tensor, layout: OutputLayout) 
     remove_mutation = getattr(torch._C, "_jit_pass_remove_mutation", None)  # private API: use it when present
     if remove_mutation is not None:
         remove_mutation(traced.graph)
+    if layout.spec.is_leaf():  # a plain tensor output: the trace itself, no Python layer on every call
+        return traced
     return _Nested(traced, layout)
 
 
