@@ -824,3 +824,17 @@ def test_an_output_holding_non_tensors_is_counted_on_its_tensors():
     report = count_flops(_ReturnsExtras(), (3, 16, 16))
     assert report.total == 3 * 8 * 3 * 3 * 14 * 14  # the conv alone: 3x3 kernel, 3 -> 8 channels, 14x14 outputs
     assert report.by_module == {"": report.total, "conv": report.total}
+
+
+def test_a_batch_size_that_is_not_an_int_is_refused_before_the_model_is_built(monkeypatch):
+    """Found by an audit: batch_size=2.0 built the named model, then failed in torch.randn with "received an
+    invalid combination of arguments"; True passed the `< 1` check. Both are now refused up front, by name."""
+    built = []
+    monkeypatch.setattr("vitzoo.models.create", lambda *a, **k: built.append(a) or nn.Conv2d(3, 4, 1))
+    for bad in (2.0, True, "2"):
+        with pytest.raises(TypeError, match=rf"batch_size must be an int >= 1, got {bad!r} \({type(bad).__name__}\)"):
+            count_flops("shvit_s1", 224, batch_size=bad)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        count_flops("shvit_s1", 224, batch_size=0)
+    assert built == []
+    assert count_flops("shvit_s1", (3, 2, 5), batch_size=3).total == 3 * 2 * 5 * 3 * 4  # 1x1 conv, 3 -> 4 channels

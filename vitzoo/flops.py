@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -429,9 +430,15 @@ def count_flops(
         ValueError: ``model`` is a ``vitzoo.deploy``ed model (count the original; a ``torch.compile``d module is
             counted as its original).
         ValueError: No input size is given and the model has none in its cfg, or the size is malformed.
+        TypeError: ``batch_size`` is not an int (``2.0``, ``True``).
+        ValueError: ``batch_size`` is below 1.
         ValueError: The model is on the ``meta`` device (not materialised; counting runs it).
         Exception: Whatever the model's own forward raises for this input (e.g. a ViT given less than one patch).
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"batch_size must be an int >= 1, got {batch_size!r} ({type(batch_size).__name__})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(model, str):
         from vitzoo.models import create
 
@@ -441,8 +448,6 @@ def count_flops(
         raise TypeError(f"model must be an nn.Module or a timm model name, got {type(model).__name__}")
     model = _countable(model)
     _check_materialised(model)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     size = _input_size(model, input_size)
 
     params = count_params(model)
