@@ -1,6 +1,9 @@
 """NViT / ReViT (Yang et al., CVPR 2023) for timm. ``import nvit`` registers ``nvit_*`` and ``revit_*``."""
 from .checkpoint import (
     DIMS_METADATA_KEY,
+    ClassifierSizeError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
     WeightsUnavailableError,
     check_dims_match,
     checkpoint_filter_fn,
@@ -17,5 +20,5 @@ from .nvit import KNOWN_DIMS
 __all__ = [
     'NViT', 'NViTDims', 'revit_dims', 'from_vit', 'load_checkpoint', 'checkpoint_filter_fn', 'convert_official',
     'dims_from_state_dict', 'check_dims_match', 'dims_metadata', 'DIMS_METADATA_KEY', 'KNOWN_DIMS',
-    'WeightsUnavailableError',
+    'ClassifierSizeError', 'CorruptCheckpointError', 'IncompatibleCheckpointError', 'WeightsUnavailableError',
 ]

@@ -6,8 +6,8 @@ only timm's "Overwriting shvit_sX in registry" warning is silenced.
 import warnings
 
 from .checkpoint import (
-    CheckpointMismatchError, ClassifierSizeError, WeightFileNotFoundError, WeightsUnavailableError,
-    checkpoint_filter_fn, remap_official_keys,
+    CheckpointMismatchError, ClassifierSizeError, CorruptCheckpointError, ExtraTensorsError, IncompleteCheckpointError,
+    InputChannelsError, WeightFileNotFoundError, WeightsUnavailableError, checkpoint_filter_fn, remap_official_keys,
 )
 from .model import SHViT
 from .variants import VARIANT_STATS, VARIANTS
@@ -18,6 +18,7 @@ with warnings.catch_warnings():
 
 __all__ = [
     'SHViT', 'checkpoint_filter_fn', 'remap_official_keys', 'CheckpointMismatchError', 'ClassifierSizeError',
+    'ExtraTensorsError', 'IncompleteCheckpointError', 'InputChannelsError', 'CorruptCheckpointError',
     'WeightFileNotFoundError', 'WeightsUnavailableError',
     'VARIANTS', 'VARIANT_STATS',
     'default_cfgs', 'shvit_s1', 'shvit_s2', 'shvit_s3', 'shvit_s4',

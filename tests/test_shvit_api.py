@@ -345,3 +345,19 @@ def test_unsupported_pool_is_an_assertion_error_as_in_timm_and_a_value_error():
             timm.create_model('shvit_s1', global_pool='nope')
     with pytest.raises(AssertionError):  # timm's own model, the behaviour matched
         timm.models.shvit.shvit_s1().reset_classifier(7, 'catavgmax')
+
+
+@pytest.mark.parametrize("package", ["shvit", "nvit"])
+def test_every_error_class_the_loaders_raise_is_exported_by_the_package(package):
+    """The errors that `shvit_*` / `nvit_*` raise for weights are importable from the package itself, as the docs
+    name them (`shvit.InputChannelsError`); before 2026-11-25 the newer ones were only in `<package>.checkpoint`."""
+    import importlib
+    import inspect
+
+    top = importlib.import_module(package)
+    checkpoint = importlib.import_module(f"{package}.checkpoint")
+    errors = {name for name, obj in vars(checkpoint).items()
+              if inspect.isclass(obj) and issubclass(obj, Exception) and obj.__module__ == checkpoint.__name__}
+    assert len(errors) >= 3
+    assert errors <= set(top.__all__), sorted(errors - set(top.__all__))
+    assert all(getattr(top, name) is getattr(checkpoint, name) for name in errors)
