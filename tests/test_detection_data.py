@@ -525,3 +525,16 @@ def test_evaluation_restores_the_training_mode(tmp_path):
     model.eval()
     evaluate_coco(model, ds, progress=False)
     assert modes == [False, False] and not model.training
+
+
+def test_evaluation_draws_nothing_from_the_global_torch_rng(tmp_path):
+    """Found by an audit: the evaluation's DataLoader took its seed from the global torch RNG, so an evaluation
+    between training iterations changed the training's later random draws (and an exact resume)."""
+    ds = _one_square(tmp_path)
+    _, target = ds[0]
+    model = _Fixed(boxes=target['boxes'], labels=torch.tensor([1]), scores=torch.ones(1))
+    torch.manual_seed(0)
+    expected = torch.rand(3)  # what the next draws are without an evaluation in between
+    torch.manual_seed(0)
+    evaluate_coco(model, ds, progress=False)
+    assert torch.equal(torch.rand(3), expected)

@@ -88,8 +88,9 @@ def evaluate_coco(
     from pycocotools.cocoeval import COCOeval
     was_training = model.training
     model.eval()
+    # own generator: starting the loader draws a seed, which must not come from (and move) the global torch RNG
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=collate_detection)
+                        collate_fn=collate_detection, generator=torch.Generator())
     results: List[Dict[str, Any]] = []
     has_masks = False
     for images, targets in tqdm(loader, desc='evaluate', disable=not progress, leave=False):

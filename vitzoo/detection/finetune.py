@@ -244,8 +244,11 @@ def _evaluate(model: nn.Module, val: Optional[CocoDetectionFolder], ctx: DistCon
               state: Dict[str, int]) -> Optional[Dict[str, Dict[str, float]]]:
     stats = None
     if val is not None and ctx.is_main:
-        stats = evaluate_coco(model, val, ctx.device, batch_size=args.batch_size, workers=args.workers,
-                              progress=args.progress)
+        # the training RNG goes on as if no evaluation had run: the checkpoint before it holds the state a resumed
+        # run continues from (evaluate_coco draws nothing itself; this also covers what the model might draw)
+        with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == 'cuda' else []):
+            stats = evaluate_coco(model, val, ctx.device, batch_size=args.batch_size, workers=args.workers,
+                                  progress=args.progress)
         print(f'[eval] epoch {state["epoch"]} iteration {state["iteration"]}\n{format_stats(stats)}', flush=True)
         _log(out, dict(eval=stats, **state))
     ctx.barrier()
