@@ -538,3 +538,26 @@ def test_evaluation_draws_nothing_from_the_global_torch_rng(tmp_path):
     torch.manual_seed(0)
     evaluate_coco(model, ds, progress=False)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize('dtype,mode', [('uint16', 'I;16'), ('int32', 'I'), ('float32', 'F')])
+def test_images_that_are_not_8_bit_are_refused(tmp_path, dtype, mode):
+    """Found by an audit: a 16-bit PNG was clipped to 8 bits by PIL's convert('RGB'), so nearly every pixel became
+    255 (white) without a word. 8-bit images (RGB, grayscale, palette) still load."""
+    import numpy as np
+    from PIL import Image
+    ds = _one_square(tmp_path, size=16)
+    pixels = np.full((16, 16), 1000, dtype)  # 1000 of 65535: a dark grey; cut to 8 bits it would read as 255
+    suffix = 'png' if dtype == 'uint16' else 'tif'
+    Image.fromarray(pixels).save(ds.image_dir / f'a.{suffix}')
+    assert Image.open(ds.image_dir / f'a.{suffix}').mode == mode
+    ds.images[0]['file_name'] = f'a.{suffix}'
+    with pytest.raises(DatasetError) as info:
+        ds[0]
+    assert str(info.value) == (f'{ds.ann_file}: image id 1: {ds.image_dir / f"a.{suffix}"} is not an 8-bit image '
+                               f'(PIL mode {mode}); only 8-bit images are read (RGB, grayscale, palette): convert it '
+                               'to 8 bits per channel, scaled to 0..255 as suits your data.')
+    for pil_mode, value in (('L', 128), ('P', 128), ('RGB', (128, 128, 128))):
+        Image.new(pil_mode, (16, 16), value).save(ds.image_dir / 'b.png')
+        ds.images[0]['file_name'] = 'b.png'
+        assert ds[0][0].shape == (3, 16, 16)

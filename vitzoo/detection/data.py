@@ -407,7 +407,15 @@ class CocoDetectionFolder(Dataset):
         file = self.image_dir / info['file_name']
         try:
             with Image.open(file) as im:
+                if im.mode in ('I', 'F') or im.mode.startswith('I;'):
+                    # convert('RGB') would cut 16-bit, 32-bit and float values to 255 (nearly white) without a word
+                    raise DatasetError(
+                        f'{self.ann_file}: image id {info["id"]}: {file} is not an 8-bit image (PIL mode {im.mode}); '
+                        'only 8-bit images are read (RGB, grayscale, palette): convert it to 8 bits per channel, '
+                        'scaled to 0..255 as suits your data.')
                 image = torch.from_numpy(np.asarray(im.convert('RGB')).copy()).permute(2, 0, 1)
+        except DatasetError:
+            raise
         except (OSError, ValueError) as e:
             raise DatasetError(f'{self.ann_file}: image id {info["id"]}: cannot decode {file}: {e}') from e
         if tuple(image.shape[-2:]) != (info['height'], info['width']):
