@@ -710,3 +710,37 @@ def test_min_and_max_size_reach_the_detector_transform(data, tmp_path, monkeypat
         transform = seen['model'].transform
         assert (tuple(transform.min_size), transform.max_size) == ((min_size,), max_size)
         assert seen['image_sizes'] == [expected, expected], (min_size, max_size)
+
+
+def test_a_missing_val_annotation_file_is_a_note_or_an_error(data, tmp_path, capsys):
+    """Found by an audit: without DIR/annotations/instances_val.json evaluation was silently off, also in a COCO
+    folder renamed half-way (val/ there, or instances_val2017.json under its COCO name)."""
+    root = tmp_path / 'ds'
+    (root / 'annotations').mkdir(parents=True)
+    (root / 'train').symlink_to(data / 'train')
+    (root / 'annotations' / 'instances_train.json').write_bytes(
+        (data / 'annotations' / 'instances_train.json').read_bytes())
+    expected = root / 'annotations' / 'instances_val.json'
+    args = ['--detector', 'retinanet', '--max-iters', '1']
+    assert _run(root, tmp_path / 'run', *args) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.out.splitlines() if line.startswith('note: ')]
+    assert notes == [f'note: no {expected}, so no evaluation (pass --no-eval to train without one and without this '
+                     'note).'], captured.out
+    assert '[eval]' not in captured.out
+    assert _run(root, tmp_path / 'quiet', *args, '--no-eval') == 0
+    assert 'note: ' not in capsys.readouterr().out
+    # half renamed: an error before any work, unless --no-eval
+    (root / 'val').symlink_to(data / 'val')
+    assert _run(root, tmp_path / 'half', *args) == 2
+    assert capsys.readouterr().err == (
+        f'vitzoo finetune-det: error: {root / "val"} is there but not {expected}: evaluation on val needs both; add '
+        'the annotation file, or pass --no-eval to train without evaluation.\n')
+    coco = root / 'annotations' / 'instances_val2017.json'
+    coco.write_bytes((data / 'annotations' / 'instances_val.json').read_bytes())
+    assert _run(root, tmp_path / 'half', *args) == 2
+    assert capsys.readouterr().err == (
+        f'vitzoo finetune-det: error: {coco} is there but not {expected}: evaluation on val needs both; rename it to '
+        'instances_val.json (COCO 2017: also val2017/ to val/), or pass --no-eval to train without evaluation.\n')
+    assert not (tmp_path / 'half').exists()
+    assert _run(root, tmp_path / 'half', *args, '--no-eval') == 0

@@ -29,8 +29,8 @@ from vitzoo.models import UnknownModelError
 from .backbone import BackboneError, summarize_load_error
 from .checkpoint import atomic_save, get_rng_state, load_checkpoint, set_rng_state
 from .data import (
-    CocoDetectionFolder, DatasetError, SkippedBoxWarning, check_masks_for_evaluation, check_same_categories,
-    collate_detection, hflip, split_exists, worker_error_message)
+    CocoDetectionFolder, DatasetError, SkippedBoxWarning, annotation_path, check_masks_for_evaluation,
+    check_same_categories, collate_detection, hflip, split_exists, worker_error_message)
 from .detectors import DETECTOR_STRIDES, build_detector
 from .distributed import DistContext, check_device, init_distributed
 from .evaluate import evaluate_coco, format_stats
@@ -240,6 +240,21 @@ def _trim_log(out: Path, iteration: int) -> None:
         atomic_write_text(path, ''.join(keep), force=True)
 
 
+def _without_val(root: Path) -> str:
+    """The note for a dataset without a val annotation file; an error where the folder looks renamed half-way (val
+    images there, or COCO's own name of the file), as evaluation would otherwise be off without a word."""
+    path = annotation_path(root, 'val')
+    coco = path.with_name('instances_val2017.json')
+    if coco.is_file():
+        raise DatasetError(f'{coco} is there but not {path}: evaluation on val needs both; rename it to '
+                           'instances_val.json (COCO 2017: also val2017/ to val/), or pass --no-eval to train without '
+                           'evaluation.')
+    if (root / 'val').is_dir():
+        raise DatasetError(f'{root / "val"} is there but not {path}: evaluation on val needs both; add the '
+                           'annotation file, or pass --no-eval to train without evaluation.')
+    return f'note: no {path}, so no evaluation (pass --no-eval to train without one and without this note).'
+
+
 def _evaluate(model: nn.Module, val: Optional[CocoDetectionFolder], ctx: DistContext, args, out: Path,
               state: Dict[str, int]) -> Optional[Dict[str, Dict[str, float]]]:
     stats = None
@@ -269,6 +284,10 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
             check_same_categories(train_ds, val_ds)
             if with_masks:
                 check_masks_for_evaluation(val_ds)
+        elif not args.no_eval:
+            note = _without_val(Path(args.data))  # on every rank: an error stops them all
+            if ctx.is_main:
+                print(note)
     for note in notes:
         if ctx.is_main and issubclass(note.category, SkippedBoxWarning):
             print(f'note: {note.message}')
