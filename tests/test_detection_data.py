@@ -561,3 +561,20 @@ def test_images_that_are_not_8_bit_are_refused(tmp_path, dtype, mode):
         Image.new(pil_mode, (16, 16), value).save(ds.image_dir / 'b.png')
         ds.images[0]['file_name'] = 'b.png'
         assert ds[0][0].shape == (3, 16, 16)
+
+
+def test_a_missing_annotation_file_names_the_coco_2017_one_it_sees(shapes, tmp_path):
+    """Found by an audit: the docs said COCO fits after renaming the image folders only; its annotation files keep
+    COCO's names (instances_train2017.json), which the error did not point out."""
+    root = tmp_path / 'coco'
+    (root / 'annotations').mkdir(parents=True)
+    (root / 'train').symlink_to(shapes / 'train')
+    coco = root / 'annotations' / 'instances_train2017.json'
+    coco.write_bytes((shapes / 'annotations' / 'instances_train.json').read_bytes())
+    with pytest.raises(FileNotFoundError) as info:
+        CocoDetectionFolder(root, 'train')
+    assert str(info.value) == (f'annotation file {root / "annotations" / "instances_train.json"} not found, but '
+                               f'{coco} is there (COCO 2017\'s name): rename it to instances_train.json (and '
+                               'train2017/ to train/).')
+    coco.rename(root / 'annotations' / 'instances_train.json')
+    assert len(CocoDetectionFolder(root, 'train')) == 4

@@ -218,6 +218,11 @@ def load_coco_json(path: Path, image_dir: Path, require_masks: bool = False) -> 
     """
     path, image_dir = Path(path), Path(image_dir)
     if not path.is_file():
+        coco = path.with_name(f'{path.stem}2017{path.suffix}')
+        split = path.stem[len('instances_'):]
+        if path.name.startswith('instances_') and coco.is_file():  # a COCO 2017 folder with its own names
+            raise FileNotFoundError(f'annotation file {path} not found, but {coco} is there (COCO 2017\'s name): '
+                                    f'rename it to {path.name} (and {split}2017/ to {split}/).')
         raise FileNotFoundError(f'annotation file {path} not found; expected layout DIR/annotations/'
                                 'instances_<split>.json with images in DIR/<split>/.')
     data = _read_json(path)
