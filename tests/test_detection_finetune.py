@@ -744,3 +744,19 @@ def test_a_missing_val_annotation_file_is_a_note_or_an_error(data, tmp_path, cap
         'instances_val.json (COCO 2017: also val2017/ to val/), or pass --no-eval to train without evaluation.\n')
     assert not (tmp_path / 'half').exists()
     assert _run(root, tmp_path / 'half', *args, '--no-eval') == 0
+
+
+def test_resume_with_another_seed_or_norm_eval_is_refused(data, tmp_path, capsys):
+    """Found by an audit: another --seed was accepted, which reorders the epoch a mid-epoch resume continues (some
+    images trained twice, others skipped); --no-norm-eval changes how the backbone trains."""
+    args = ['--detector', 'retinanet', '--epochs', '2', '--no-eval']
+    out = tmp_path / 'run'
+    assert _run(data, out, *args, '--max-iters', '1') == 0  # mid-epoch: 2 iterations per epoch
+    capsys.readouterr()
+    for extra, differ in ((['--seed', '4'], '--seed 3 there, 4 here'),
+                          (['--no-norm-eval'], '--no-norm-eval not given there, given here')):
+        assert _run(data, out, *args, '--max-iters', '2', '--resume', *extra) == 2
+        assert capsys.readouterr().err == (
+            f'vitzoo finetune-det: error: {out / "checkpoint_last.pth"} is from another run: {differ}. Resume with '
+            'the same arguments, or start a new run (--out elsewhere, or --force).\n')
+    assert [r['iteration'] for r in _log(out)] == [1]

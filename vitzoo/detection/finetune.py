@@ -194,14 +194,27 @@ def _check_args(args: argparse.Namespace, out: Path) -> Tuple[Optional[Path], bo
 #: what a run's arguments must share with the run it resumes (the model, what its weights' shapes follow, which
 #: parameters the optimizer state holds, and the optimizer settings that its state carries: loading it would
 #: silently replace another --lr / --weight-decay with the checkpoint's)
-# batch_size: a mid-epoch resume skips the images the saved step has seen, by this run's batch size
-RESUME_KEYS = ('detector', 'backbone', 'out_channels', 'frozen_stages', 'lr', 'weight_decay', 'batch_size')
+# batch_size: a mid-epoch resume skips the images the saved step has seen, by this run's batch size; seed: it orders
+# each epoch's images (another one would train some twice and skip others); norm_eval: how the backbone trains.
+# --data is not compared: a dataset may move (another path, the same images)
+RESUME_KEYS = ('detector', 'backbone', 'out_channels', 'frozen_stages', 'lr', 'weight_decay', 'batch_size', 'seed',
+               'norm_eval')
+
+
+def _resume_option(key: str, value: Any) -> Tuple[str, str]:
+    """The option ``key`` and its ``value`` as they read on the command line (norm_eval is --no-norm-eval)."""
+    if key == 'norm_eval':
+        return '--no-norm-eval', 'not given' if value else 'given'
+    return f'--{key.replace("_", "-")}', str(value)
 
 
 def _check_resume(ckpt: Dict[str, Any], args: argparse.Namespace, path: Path) -> None:
     saved = ckpt.get('args') or {}
-    differ = [f'--{k.replace("_", "-")} {saved[k]!s} there, {getattr(args, k)!s} here' for k in RESUME_KEYS
-              if k in saved and str(saved[k]) != str(getattr(args, k))]
+    differ = []
+    for k in RESUME_KEYS:
+        if k in saved and str(saved[k]) != str(getattr(args, k)):
+            (option, there), (_, here) = _resume_option(k, saved[k]), _resume_option(k, getattr(args, k))
+            differ.append(f'{option} {there} there, {here} here')
     if differ:
         raise ValueError(f'{path} is from another run: {"; ".join(differ)}. Resume with the same arguments, or '
                          'start a new run (--out elsewhere, or --force).')
