@@ -466,3 +466,20 @@ def test_token_model_pyramid_reaches_four_times_the_patch_stride(kind, expected)
     assert bb.is_token_model
     assert bb.pyramid.out_strides == expected
     assert bb.fpn.in_strides == expected and bb.fpn.coarser_strides == [s for s in DETECTOR_STRIDES[kind] if s > 64]
+
+
+@pytest.mark.parametrize('out_indices', [(11,), (-1,), (5, 11)])
+def test_features_only_token_model_with_any_out_indices_gets_the_simple_pyramid(out_indices):
+    """Found by an audit: a token model was told by repeated strides among the returned maps, so a features_only
+    model returning one block's map (out_indices=(11,)) went without the ViTDet simple pyramid: the FPN got only
+    stride 16 and made 8 by one transposed conv instead."""
+    model = timm.create_model('revit_t', features_only=True, dynamic_img_size=True, out_indices=out_indices)
+    assert model.feature_info.reduction() == [16] * len(out_indices)
+    bb = build_backbone(model, 'retinanet', out_channels=16)
+    assert bb.is_token_model and bb.pyramid is not None
+    assert bb.pyramid.out_strides == bb.fpn.in_strides == [8, 16, 32, 64]
+    assert bb.indices == [len(out_indices) - 1]  # the last returned map (block 11)
+    with torch.no_grad():
+        out = bb.eval()(torch.randn(1, 3, 64, 96))
+    assert {k: tuple(v.shape[-2:]) for k, v in out.items()} == {
+        'p3': (8, 12), 'p4': (4, 6), 'p5': (2, 3), 'p6': (1, 2), 'p7': (1, 1)}

@@ -182,6 +182,16 @@ def _feature_levels(model: nn.Module) -> tuple:
     return 'intermediates', [f['num_chs'] for f in info], [f['reduction'] for f in info]
 
 
+def _is_token_model(model: nn.Module) -> bool:
+    """Whether every feature point of the model (each block of a ViT-like ``nvit_*`` / ``revit_*`` / DeiT) lies at
+    one stride. A ``features_only`` wrapper is judged by all of its model's feature points (``FeatureInfo.info``),
+    not by the maps it returns, which may be a single block's (``out_indices=(11,)``)."""
+    info = model.feature_info
+    points = info.info if isinstance(info, FeatureInfo) else info
+    strides = [f['reduction'] for f in points]
+    return len(set(strides)) == 1 and len(strides) > 1
+
+
 class DetectionBackbone(nn.Module):
     """Feature-producing timm model + (simple pyramid) + :class:`ExtraLevelFPN`, as a torchvision backbone.
 
@@ -216,7 +226,7 @@ class DetectionBackbone(nn.Module):
         self.out_channels = out_channels
         self.norm_eval = norm_eval
         self.mode, channels, reductions = _feature_levels(model)
-        self.is_token_model = len(set(reductions)) == 1 and len(reductions) > 1
+        self.is_token_model = _is_token_model(model)
         lo, hi = self.out_strides[0], self.out_strides[-1]
         if self.is_token_model:
             self.indices = [len(reductions) - 1]
