@@ -433,6 +433,18 @@ def test_neck_follows_the_body_dtype():
         assert all(v.dtype == torch.float64 for v in bb(torch.randn(1, 3, 128, 128, dtype=torch.float64)).values())
 
 
+@pytest.mark.parametrize('kind', ['retinanet', 'maskrcnn'])
+def test_detector_heads_follow_the_backbone_dtype(kind):
+    """Found by an audit: on a float64 backbone the heads were built in float32, so the first forward failed."""
+    from vitzoo.detection import build_detector
+    bb = build_backbone('shvit_s1', kind, out_channels=16, model_kwargs=dict(dtype=torch.float64))
+    model = build_detector(kind, bb, 3, min_size=64, max_size=96)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    with torch.no_grad():
+        (out,) = model.eval()([torch.rand(3, 64, 80, dtype=torch.float64)])
+    assert out['boxes'].dtype == out['scores'].dtype == torch.float64
+
+
 def test_backbone_checkpoint_whose_classifier_timm_renames_loads(tmp_path):
     """Found by a review: an official ConvNeXt checkpoint names its classifier 'head.*' (timm's filter makes it
     'head.fc.*'); taken for a checkpoint without a classifier, it was built headless and refused."""

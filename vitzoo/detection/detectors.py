@@ -181,4 +181,6 @@ def build_detector(
         if kind == 'maskrcnn':
             parts['mask_roi_pool'] = MultiScaleRoIAlign(roi_levels, output_size=14, sampling_ratio=2)
     parts.update(min_size=min_size, max_size=max_size, **detector_kwargs)
-    return _CLASSES[kind](backbone, num_classes + 1, **parts)
+    model = _CLASSES[kind](backbone, num_classes + 1, **parts)
+    ref = next(backbone.parameters(), None)  # the heads follow the backbone's device and dtype, like its neck
+    return model if ref is None else model.to(device=ref.device, dtype=ref.dtype)
