@@ -183,7 +183,7 @@ def test_resume_errors_are_one_line(data, tmp_path, capsys):
     # a file that is not a training checkpoint: text, and a plain state dict
     text = tmp_path / 'text.pth'
     text.write_bytes(b'not a checkpoint\n')
-    torch.save({'w': torch.zeros(1)}, tmp_path / 'sd.pth')
+    torch.save({'model': {'w': torch.zeros(1)}}, tmp_path / 'sd.pth')
     for path, message in ((text, 'is not a readable finetune-det checkpoint'),
                           (tmp_path / 'sd.pth', 'is not a finetune-det training checkpoint (missing')):
         assert _run(data, tmp_path / 'other', *args, '--resume', str(path)) == 2
@@ -760,3 +760,29 @@ def test_resume_with_another_seed_or_norm_eval_is_refused(data, tmp_path, capsys
             f'vitzoo finetune-det: error: {out / "checkpoint_last.pth"} is from another run: {differ}. Resume with '
             'the same arguments, or start a new run (--out elsewhere, or --force).\n')
     assert [r['iteration'] for r in _log(out)] == [1]
+
+
+def test_resume_of_a_folder_or_of_final_weights(data, tmp_path, capsys):
+    """Found by an audit: --resume DIR said "checkpoint DIR not found" although DIR exists, and --resume of a run's
+    model_final.pth listed the keys a checkpoint has and it lacks."""
+    args = ['--detector', 'retinanet', '--epochs', '2', '--no-eval']
+    run = tmp_path / 'run'
+    assert _run(data, run, *args, '--max-iters', '1') == 0
+    capsys.readouterr()
+    # a run's folder: its checkpoint_last.pth
+    assert _run(data, tmp_path / 'on', *args, '--max-iters', '2', '--resume', str(run)) == 0
+    assert f'resumed from {run / "checkpoint_last.pth"}: epoch 0 step 1 iteration 1' in capsys.readouterr().out
+    assert [r['iteration'] for r in _log(tmp_path / 'on')] == [2]
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    assert _run(data, tmp_path / 'other', *args, '--resume', str(empty)) == 2
+    assert capsys.readouterr().err == (
+        f'vitzoo finetune-det: error: --resume {empty} is a folder without a checkpoint_last.pth; give the '
+        'checkpoint_last.pth of a finetune-det run, or the --out folder that holds it.\n')
+    # final weights: named for what they are, and the run's checkpoint offered
+    assert _run(data, tmp_path / 'other', *args, '--resume', str(run / 'model_final.pth')) == 2
+    assert capsys.readouterr().err == (
+        f'vitzoo finetune-det: error: {run / "model_final.pth"} holds model weights only (a state dict, like '
+        'model_final.pth), not a checkpoint to resume from (optimizer, schedule, position in the data): resume from '
+        f'{run / "checkpoint_last.pth"}.\n')
+    assert not (tmp_path / 'other').exists()

@@ -90,6 +90,11 @@ def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     if not isinstance(ckpt, dict):
         raise ValueError(f'{path} is not a finetune-det training checkpoint (it holds a {type(ckpt).__name__}).')
     missing = [k for k in ('model', 'optimizer', 'scheduler', 'epoch', 'step', 'iteration') if k not in ckpt]
+    if missing and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        last = path.with_name('checkpoint_last.pth')  # a run's model_final.pth lies next to its checkpoint
+        raise ValueError(f'{path} holds model weights only (a state dict, like model_final.pth), not a checkpoint to '
+                         'resume from (optimizer, schedule, position in the data): resume from '
+                         f'{last if last.is_file() else "the checkpoint_last.pth of its run"}.')
     if missing:
         raise ValueError(f'{path} is not a finetune-det training checkpoint (missing {missing}).')
     return ckpt

@@ -78,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         'a run (a checkpoint, a non-empty log or final weights): those files are removed when '
                         'training starts')
     p.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CKPT',
-                   help=f'continue from CKPT (default: OUT/{LAST})')
+                   help=f'continue from CKPT: a {LAST}, or the run folder that holds one (default: OUT/{LAST})')
     p.add_argument('--checkpoint-every', type=int, default=500, help='iterations between checkpoints (0: epoch ends)')
     p.add_argument('--eval-every', type=int, default=1, help='epochs between evaluations on val (0: only at the end)')
     p.add_argument('--no-eval', action='store_true', help='never evaluate')
@@ -172,6 +172,11 @@ def _check_args(args: argparse.Namespace, out: Path) -> Tuple[Optional[Path], bo
     existing = _run_files(out)
     if args.resume is not None:
         ckpt = out / LAST if args.resume == 'auto' else Path(args.resume)
+        if ckpt.is_dir():  # a run's --out folder: its checkpoint
+            if not (ckpt / LAST).is_file():
+                raise FileNotFoundError(f'--resume {ckpt} is a folder without a {LAST}; give the {LAST} of a '
+                                        'finetune-det run, or the --out folder that holds it.')
+            ckpt = ckpt / LAST
         if not ckpt.is_file():
             raise FileNotFoundError(f'checkpoint {ckpt} not found; give a {LAST} written by finetune-det.')
         continuing = _same_file(ckpt, out / LAST)
