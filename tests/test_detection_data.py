@@ -578,3 +578,29 @@ def test_a_missing_annotation_file_names_the_coco_2017_one_it_sees(shapes, tmp_p
                                'train2017/ to train/).')
     coco.rename(root / 'annotations' / 'instances_train.json')
     assert len(CocoDetectionFolder(root, 'train')) == 4
+
+
+def test_the_skipped_box_warning_is_worded_by_split(shapes, tmp_path):
+    """Found by an audit: the val split's warning said its boxes were "left out of the training targets"; val is not
+    trained on, and its boxes stay in the evaluation ground truth."""
+    def zero_height(root, split):
+        path = root / 'annotations' / f'instances_{split}.json'
+        data = json.loads(path.read_text())
+        data['annotations'][0]['bbox'][3] = 0.0
+        path.write_text(json.dumps(data))
+
+    root = tmp_path / 'ds'
+    (root / 'annotations').mkdir(parents=True)
+    for split in ('train', 'val'):
+        (root / split).symlink_to(shapes / split)
+        (root / 'annotations' / f'instances_{split}.json').write_bytes(
+            (shapes / 'annotations' / f'instances_{split}.json').read_bytes())
+        zero_height(root, split)
+    messages = {}
+    for split in ('train', 'val'):
+        with pytest.warns(SkippedBoxWarning) as caught:
+            CocoDetectionFolder(root, split)
+        (messages[split],) = [str(w.message).split(']) ', 1)[1] for w in caught]
+    assert messages['train'] == 'are left out of the training targets; they stay in the evaluation ground truth.'
+    assert messages['val'] == ('stay in the evaluation ground truth; only the targets of this split\'s items leave '
+                               'them out, as training does.')

@@ -374,10 +374,15 @@ class CocoDetectionFolder(Dataset):
         self.skipped = too_small_to_train(self.coco)
         if self.skipped:
             first = self.skipped[0]
+            if split == 'train':
+                fate = 'are left out of the training targets; they stay in the evaluation ground truth.'
+            else:  # not trained on: what counts is the evaluation
+                fate = ("stay in the evaluation ground truth; only the targets of this split's items leave them out, "
+                        'as training does.')
             warnings.warn(
                 f'{self.ann_file}: {len(self.skipped)} annotation(s) with a box too small to train on (e.g. annotation '
-                f'id {first["id"]}, image id {first["image_id"]}: bbox {first["bbox"]}) are left out of the training '
-                'targets; they stay in the evaluation ground truth.', SkippedBoxWarning, stacklevel=2)
+                f'id {first["id"]}, image id {first["image_id"]}: bbox {first["bbox"]}) {fate}', SkippedBoxWarning,
+                stacklevel=2)
         skipped = {id(a) for a in self.skipped}
         self.anns: Dict[Any, List[Dict[str, Any]]] = {im['id']: [] for im in self.images}
         for ann in self.coco['annotations']:
