@@ -604,3 +604,22 @@ def test_the_skipped_box_warning_is_worded_by_split(shapes, tmp_path):
     assert messages['train'] == 'are left out of the training targets; they stay in the evaluation ground truth.'
     assert messages['val'] == ('stay in the evaluation ground truth; only the targets of this split\'s items leave '
                                'them out, as training does.')
+
+
+@pytest.mark.parametrize('option,value,message', [
+    ('--height', '-5', 'argument --height: must be an integer >= 1, got -5'),
+    ('--width', '0', 'argument --width: must be an integer >= 1, got 0'),
+    ('--train', '0', 'argument --train: must be an integer >= 1, got 0'),  # finetune-det refuses zero images
+    ('--val', '-1', 'argument --val: must be an integer >= 0, got -1'),
+    ('--train', 'x', "argument --train: must be an integer >= 1, got 'x'"),
+])
+def test_synthetic_generator_refuses_bad_sizes_and_counts(tmp_path, monkeypatch, capsys, option, value, message):
+    """Found by an audit: `--height -5` was a traceback, `--train 0` wrote a dataset finetune-det refuses."""
+    import sys
+    from vitzoo.detection import synthetic
+    monkeypatch.setattr(sys, 'argv', ['synthetic', str(tmp_path / 'ds'), option, value])
+    with pytest.raises(SystemExit) as info:
+        synthetic.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.rstrip().endswith(f'error: {message}'), err
+    assert not (tmp_path / 'ds').exists()

@@ -105,13 +105,27 @@ def make_shapes_dataset(root: str, num_train: int = 8, num_val: int = 4, size: T
     return root
 
 
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low`` (a bad value is a usage error, exit code 2, naming the option)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'must be an integer >= {low}, got {text!r}') from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f'must be an integer >= {low}, got {value}')
+        return value
+    return parse
+
+
 def main() -> None:  # pragma: no cover
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument('root')
-    p.add_argument('--train', type=int, default=16)
-    p.add_argument('--val', type=int, default=8)
-    p.add_argument('--height', type=int, default=192)
-    p.add_argument('--width', type=int, default=256)
+    # finetune-det refuses a split without images; val may be left out (0)
+    p.add_argument('--train', type=_int_at_least(1), default=16)
+    p.add_argument('--val', type=_int_at_least(0), default=8)
+    p.add_argument('--height', type=_int_at_least(1), default=192)
+    p.add_argument('--width', type=_int_at_least(1), default=256)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--force', action='store_true', help='replace an existing, non-empty ROOT')
     a = p.parse_args()
