@@ -67,6 +67,19 @@ class NViTDims:
         """Widths of block ``i`` as a dict (heads, qk_dim, v_dim, mlp_dim)."""
         return {name: getattr(self, name)[i] for name in _LIST_FIELDS}
 
+    def first_difference(self, other: 'NViTDims') -> Optional[str]:
+        """Where ``self`` and ``other`` first differ, in words (``'block 3: mlp_dim 320 vs 352'``), or None."""
+        if self.embed_dim != other.embed_dim:
+            return f'embed_dim {self.embed_dim} vs {other.embed_dim}'
+        if self.depth != other.depth:
+            return f'depth {self.depth} vs {other.depth} blocks'
+        for i in range(self.depth):
+            for name in _LIST_FIELDS:
+                a, b = getattr(self, name)[i], getattr(other, name)[i]
+                if a != b:
+                    return f'block {i}: {name} {a} vs {b}'
+        return None
+
     @classmethod
     def uniform(cls, embed_dim: int, depth: int, heads: int, head_dim: int, mlp_dim: int) -> 'NViTDims':
         """Same widths in every block (a plain ViT / DeiT)."""

@@ -171,15 +171,32 @@ def _missing_dims_error(variant: str) -> ValueError:
         f"or record them once in nvit.nvit.KNOWN_DIMS['{variant}'].")
 
 
-def _create_nvit(variant: str, pretrained: bool = False, **kwargs) -> NViT:
+def _dims_record_differs(variant: str, fixed: NViTDims, recorded: NViTDims, given: bool) -> ValueError:
+    """The checkpoint's dims record differs from ``dims=`` (``given``) or from a ``revit_*`` name's own dims."""
+    where = fixed.first_difference(recorded)
+    if given:
+        head = (f'{variant}: the checkpoint\'s dims record differs from the dims=... given at {where} (given vs '
+                'checkpoint). ')
+        fix = 'Leave out dims= to build the model the checkpoint records.'
+    else:
+        head = (f'{variant}: the checkpoint\'s dims record differs from {variant}\'s own dims (the ReViT rule\'s) at '
+                f'{where} ({variant} vs checkpoint). ')
+        fix = 'Load it with nvit_b/h/s/t, which take the checkpoint\'s dims, or pass dims= with the checkpoint\'s dims.'
+    return IncompatibleCheckpointError(f'{head}{fix}\n{variant}:\n{fixed}\ncheckpoint:\n{recorded}')
+
+
+def _create_nvit(variant: str, pretrained: bool = False, default_dims: Optional[NViTDims] = None, /,
+                 **kwargs) -> NViT:
+    """Build ``variant``; dims from, first match wins: ``dims=``, ``default_dims`` (the ReViT rule's, for
+    ``revit_*``: a checkpoint must match them), the checkpoint's record, ``KNOWN_DIMS[variant]``."""
     dims = resolve_dims(kwargs.pop('dims', None))
+    fixed = dims or default_dims  # the dims a checkpoint must match
     state_dict = None
     if pretrained:
         state_dict, file_dims, _ = _read_pretrained(variant, kwargs)
-        if dims is not None and file_dims is not None and dims != file_dims:
-            raise IncompatibleCheckpointError(f'{variant}: dims=... do not match the checkpoint dims record.\n'
-                                              f'given:\n{dims}\ncheckpoint:\n{file_dims}')
-        dims = dims or file_dims
+        if fixed is not None and file_dims is not None and fixed != file_dims:
+            raise _dims_record_differs(variant, fixed, file_dims, given=dims is not None)
+        dims = fixed or file_dims or KNOWN_DIMS.get(variant)
         if dims is None:
             raise foreign_or_missing_dims_error(variant, state_dict, f'The pretrained checkpoint for {variant}')
         kwargs.setdefault('distilled', 'dist_token' in state_dict)
@@ -190,7 +207,7 @@ def _create_nvit(variant: str, pretrained: bool = False, **kwargs) -> NViT:
     else:  # no checkpoint to follow: the released architecture
         for key, value in _RELEASED_ARCH.items():
             kwargs.setdefault(key, value)
-    dims = dims or KNOWN_DIMS.get(variant)
+    dims = dims or fixed or KNOWN_DIMS.get(variant)
     if dims is None:
         raise _missing_dims_error(variant)
     if state_dict is not None:
@@ -217,36 +234,36 @@ def _create_nvit(variant: str, pretrained: bool = False, **kwargs) -> NViT:
 @register_model
 def nvit_b(pretrained: bool = False, **kwargs) -> NViT:
     """NViT-B (34M params, 6.8G FLOPs, 83.29% top-1); dims from the checkpoint; distilled, with token scales."""
-    return _create_nvit('nvit_b', pretrained=pretrained, **kwargs)
+    return _create_nvit('nvit_b', pretrained, **kwargs)
 
 
 @register_model
 def nvit_h(pretrained: bool = False, **kwargs) -> NViT:
     """NViT-H (30M params, 6.2G FLOPs, 82.95% top-1); dims from the checkpoint; distilled, with token scales."""
-    return _create_nvit('nvit_h', pretrained=pretrained, **kwargs)
+    return _create_nvit('nvit_h', pretrained, **kwargs)
 
 
 @register_model
 def nvit_s(pretrained: bool = False, **kwargs) -> NViT:
     """NViT-S (21M params, 4.2G FLOPs, 82.19% top-1); dims from the checkpoint; distilled, with token scales."""
-    return _create_nvit('nvit_s', pretrained=pretrained, **kwargs)
+    return _create_nvit('nvit_s', pretrained, **kwargs)
 
 
 @register_model
 def nvit_t(pretrained: bool = False, **kwargs) -> NViT:
     """NViT-T (6.9M params, 1.3G FLOPs, 76.21% top-1); dims from the checkpoint; distilled, with token scales."""
-    return _create_nvit('nvit_t', pretrained=pretrained, **kwargs)
+    return _create_nvit('nvit_t', pretrained, **kwargs)
 
 
 @register_model
 def revit_t(pretrained: bool = False, **kwargs) -> NViT:
     """ReViT-T: EMB 176, dims from the ReViT rule as the official code computes it (see docs/nvit.md)."""
-    model_args = dict(dims=revit_dims(176), distilled=True, token_mask=True)
-    return _create_nvit('revit_t', pretrained=pretrained, **dict(model_args, **kwargs))
+    model_args = dict(distilled=True, token_mask=True)
+    return _create_nvit('revit_t', pretrained, revit_dims(176), **dict(model_args, **kwargs))
 
 
 @register_model
 def revit_s(pretrained: bool = False, **kwargs) -> NViT:
     """ReViT-S: EMB 384, dims from the ReViT rule as the official code computes it (see docs/nvit.md)."""
-    model_args = dict(dims=revit_dims(384), distilled=True, token_mask=True)
-    return _create_nvit('revit_s', pretrained=pretrained, **dict(model_args, **kwargs))
+    model_args = dict(distilled=True, token_mask=True)
+    return _create_nvit('revit_s', pretrained, revit_dims(384), **dict(model_args, **kwargs))

@@ -178,3 +178,45 @@ def test_known_dims_build_the_released_architecture(monkeypatch):
     model = timm.create_model('nvit_b')
     assert model.dims == revit_dims(176)
     assert sum(p.numel() for p in model.parameters()) == REVIT_T_RELEASED_ARCH_PARAMS
+
+
+def _saved(tmp_path, model, name, record=True):
+    from safetensors.torch import save_file
+
+    path = tmp_path / name
+    save_file(model.state_dict(), str(path), metadata=nvit.dims_metadata(model) if record else None)
+    return path
+
+
+def test_known_dims_apply_to_a_checkpoint_without_a_dims_record(monkeypatch, tmp_path):
+    """Found by an audit: docs/nvit.md says KNOWN_DIMS comes after the checkpoint's record, but a checkpoint without
+    a record was refused before KNOWN_DIMS was looked at (the remedy for a release file without 'dim' failed)."""
+    source = timm.create_model('nvit_b', dims=revit_dims(176))
+    path = _saved(tmp_path, source, 'no_record.safetensors', record=False)
+    monkeypatch.setitem(nvit.KNOWN_DIMS, 'nvit_b', revit_dims(176))
+    loaded = timm.create_model('nvit_b', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert loaded.dims == revit_dims(176)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), source.state_dict().values()))
+
+
+def test_revit_names_the_block_where_a_checkpoints_dims_record_differs(tmp_path):
+    """Found by an audit: a checkpoint of other dims (revit_dims(192), saved with its record) loaded through revit_t
+    said "dims=... do not match" although no dims= was given, and named no block. revit_t builds ReViT-T's dims,
+    so such a file is still refused, now with the first block that differs and the names that load it."""
+    source = timm.create_model('revit_t', dims=revit_dims(192))
+    path = _saved(tmp_path, source, 'emb192.safetensors')
+    with pytest.raises(ValueError, match=r"differs from revit_t's own dims \(the ReViT rule's\) at embed_dim 176 vs "
+                                         r"192 \(revit_t vs checkpoint\)\. Load it with nvit_b/h/s/t") as info:
+        timm.create_model('revit_t', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert 'dims=... given' not in str(info.value)
+    loaded = timm.create_model('revit_t', pretrained=True, dims=revit_dims(192),
+                               pretrained_cfg_overlay=dict(file=str(path)))
+    assert loaded.dims == revit_dims(192)
+    assert timm.create_model('nvit_t', pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).dims == \
+        revit_dims(192)
+    dims = revit_dims(192).to_dict()
+    dims['mlp_dim'][2] += 16
+    wider = dims['mlp_dim'][2]
+    with pytest.raises(ValueError, match=rf"given at block 2: mlp_dim {wider} vs {wider - 16} \(given vs "
+                                         r"checkpoint\)\. Leave out dims="):
+        timm.create_model('revit_t', pretrained=True, dims=dims, pretrained_cfg_overlay=dict(file=str(path)))

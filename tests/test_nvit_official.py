@@ -282,7 +282,7 @@ def test_dims_record_does_not_match_weights(tmp_path):
 def test_given_dims_do_not_match(official_files):
     path, _ = official_files['none']
     other = dict(DIM, head=[1, 3, 1, 4, 2], QK=[16, 16, 8, 4, 12], V=[32, 8, 24, 8, 16])
-    with pytest.raises(ValueError, match='do not match the checkpoint dims record'):
+    with pytest.raises(ValueError, match=r"dims record differs from the dims=... given at block 0: heads 1 vs"):
         _create(path, dims=other)
 
 

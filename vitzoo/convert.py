@@ -771,8 +771,8 @@ def _cli_advice(src: str, model: str, text: str) -> Optional[str]:
         return f"{src} is not an SHViT checkpoint (--model {model}); for NViT use {_NVIT_MODELS}."
     if "is a SHViT checkpoint" in text and model.startswith(("nvit_", "revit_")):
         return f"{src} is an SHViT checkpoint, not {model}'s; convert it with --model shvit_s1/s2/s3/s4 (its variant)."
-    if "do not match the checkpoint dims record" in text:
-        if model.startswith("revit_"):
+    if "dims record differs from" in text:
+        if "own dims (the ReViT rule's)" in text:
             return (f"{src} is an NViT checkpoint with its own dims record, which {model}'s fixed dims do not match; "
                     f"convert it with {_NVIT_MODELS}.")
         return f"{src} has its own NViT dims record, unlike the --dims given; remove --dims."
