@@ -1,8 +1,10 @@
 """Convert a timm ViT / DeiT into an NViT with uniform dims (the starting point of NViT pruning)."""
 import copy
-import functools
+from typing import Optional
 
 import torch.nn as nn
+from timm.layers import GELU, GELUTanh
+from timm.models._input import update_model_args
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
@@ -34,13 +36,28 @@ def _unsupported(vit: VisionTransformer) -> list:
         'MLP norm (scale_mlp_norm)': not isinstance(getattr(blk.mlp, 'norm', nn.Identity()), nn.Identity),
         'no attention projection bias (proj_bias=False)': blk.attn.proj.bias is None,
         'patch dropout': not isinstance(getattr(vit, 'patch_drop', nn.Identity()), nn.Identity),
-        'non-GELU MLP': not isinstance(getattr(blk.mlp, 'act', None), nn.GELU),
+        'non-GELU MLP': _gelu_name(getattr(blk.mlp, 'act', None)) is None,
         'non-square patches': vit.patch_embed.patch_size[0] != vit.patch_embed.patch_size[1],
         'no position embedding': vit.pos_embed is None,
         'pooling over the prefix tokens too (pool_include_prefix=True)': (
             getattr(vit, 'pool_include_prefix', False) and vit.global_pool in ('avg', 'avgmax', 'max')),
     }
     return [name for name, bad in checks.items() if bad]
+
+
+def _gelu_name(act: object) -> Optional[str]:
+    """timm's name of a GELU module (``'gelu'``, or ``'gelu_tanh'`` for the tanh approximation), else None."""
+    if isinstance(act, nn.GELU):
+        return 'gelu_tanh' if act.approximate == 'tanh' else 'gelu'
+    if isinstance(act, (GELU, GELUTanh)):  # what timm's act_layer='gelu' / 'gelu_tanh' build
+        return 'gelu_tanh' if isinstance(act, GELUTanh) else 'gelu'
+    return None
+
+
+# pretrained cfg entries that say where the ViT's weights come from: the NViT's own are in memory, not there
+_WEIGHT_SOURCE_KEYS = ('url', 'hf_hub_id', 'hf_hub_filename', 'file', 'state_dict', 'source', 'tag')
+# the registered name that rebuilds an NViT from its recorded arguments (the nvit_* names take any dims)
+_ARCHITECTURE = 'nvit_b'
 
 
 def from_vit(vit: VisionTransformer) -> NViT:
@@ -69,30 +86,40 @@ def from_vit(vit: VisionTransformer) -> NViT:
         embed_dim=vit.embed_dim, depth=len(vit.blocks), heads=attn.num_heads, head_dim=attn.head_dim,
         mlp_dim=vit.blocks[0].mlp.fc1.out_features)
     ref = vit.pos_embed
-    model = NViT(
-        dims,
-        img_size=tuple(vit.patch_embed.img_size),
+    args = dict(
+        img_size=list(vit.patch_embed.img_size),
         patch_size=vit.patch_embed.patch_size[0],
         in_chans=vit.patch_embed.proj.in_channels,
         num_classes=vit.num_classes,
         global_pool=vit.global_pool,
         distilled=isinstance(vit, VisionTransformerDistilled),
+        token_mask=False,
         attn_scale=attn.scale,
         qkv_bias=attn.qkv.bias is not None,
         dynamic_img_size=vit.dynamic_img_size,
         dynamic_img_pad=vit.patch_embed.dynamic_img_pad,
         norm_eps=vit.blocks[0].norm1.eps,
-        act_layer=functools.partial(nn.GELU, approximate=vit.blocks[0].mlp.act.approximate),
-        device=ref.device,
-        dtype=ref.dtype,
+        act_layer=_gelu_name(vit.blocks[0].mlp.act),
     )
+    model = NViT(dims, **args, device=ref.device, dtype=ref.dtype)
     missing, unexpected = model.load_state_dict(vit.state_dict(), strict=False)
     if missing or unexpected:
         raise ValueError(f'from_vit: weights do not map one-to-one (missing {missing}, unexpected {unexpected}).')
     _copy_regularisation(vit, model)
     if isinstance(vit, VisionTransformerDistilled):
         model.distilled_training = vit.distilled_training
+    _copy_pretrained_cfg(vit, model)
+    update_model_args(model, dims=dims.to_dict(), **args)
     return model.train(vit.training)
+
+
+def _copy_pretrained_cfg(vit: VisionTransformer, model: NViT) -> None:
+    """Give ``model`` the ViT's preprocessing (mean/std, crop, interpolation, input size, licence ...) under an NViT
+    architecture name, so that timm's data config and ``save_for_hf`` work on it; the ViT's weight source is left out
+    (the weights are the model's own)."""
+    cfg = {k: v for k, v in (getattr(vit, 'pretrained_cfg', None) or {}).items() if k not in _WEIGHT_SOURCE_KEYS}
+    cfg['architecture'] = _ARCHITECTURE
+    model.pretrained_cfg = model.default_cfg = cfg
 
 
 _DROPOUTS = ('pos_drop', 'head_drop')

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
 import torch
 import torch.fx
 import torch.nn as nn
-from timm.layers import PatchEmbed, register_notrace_function, resample_abs_pos_embed, trunc_normal_
+from timm.layers import PatchEmbed, get_act_layer, register_notrace_function, resample_abs_pos_embed, trunc_normal_
 from timm.models._features import feature_take_indices
 from timm.models._input import update_model_input_size
 from timm.models._manipulate import checkpoint
@@ -60,6 +60,17 @@ register_notrace_function(check_input)
 POOL_TYPES = ('', 'token', 'avg', 'max', 'avgmax')
 
 
+def _resolve_act_layer(act_layer: Union[str, Type[nn.Module]]) -> Type[nn.Module]:
+    """A timm activation name (``'gelu'``, ``'gelu_tanh'``) as its layer class; a class as it is."""
+    if not isinstance(act_layer, str):
+        return act_layer
+    try:
+        return get_act_layer(act_layer)
+    except KeyError:
+        raise ValueError(f"act_layer={act_layer!r} is not a timm activation name (e.g. 'gelu', 'gelu_tanh'; see "
+                         "timm.layers.get_act_layer), nor a module class.") from None
+
+
 def _check_pool(global_pool: str) -> None:
     if global_pool not in POOL_TYPES:
         raise UnsupportedPoolError(
@@ -96,7 +107,7 @@ class NViT(nn.Module):
             dynamic_img_size: bool = False,
             dynamic_img_pad: bool = False,
             norm_eps: float = 1e-6,
-            act_layer: Type[nn.Module] = nn.GELU,
+            act_layer: Union[str, Type[nn.Module]] = nn.GELU,
             drop_rate: float = 0.,
             pos_drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
@@ -123,7 +134,8 @@ class NViT(nn.Module):
                 height and width must be multiples of the patch size unless ``dynamic_img_pad``.
             dynamic_img_pad: Zero-pad the input on the right and bottom to a multiple of the patch size (timm ViT).
             norm_eps: LayerNorm epsilon.
-            act_layer: MLP activation.
+            act_layer: MLP activation: a module class, or a timm activation name (``'gelu'``, ``'gelu_tanh'``;
+                ``timm.layers.get_act_layer``), as timm's ViT takes.
             drop_rate: Dropout before the classifier.
             pos_drop_rate: Dropout after adding the position embedding.
             proj_drop_rate: Dropout after attention projection and in the MLP.
@@ -138,6 +150,7 @@ class NViT(nn.Module):
         if dims is None:
             raise ValueError('NViT needs dims (NViTDims, dict or JSON string); see nvit.NViTDims.')
         _check_pool(global_pool)
+        act_layer = _resolve_act_layer(act_layer)
         per_block_scale = attn_scale is None or attn_scale == 'per_block'
         if isinstance(attn_scale, str) and not per_block_scale:
             raise ValueError(f"attn_scale must be a number or 'per_block' (qk_dim ** -0.5 in each block), got "

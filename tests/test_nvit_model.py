@@ -750,3 +750,42 @@ def test_max_pools_exclude_the_prefix_tokens_and_feed_both_heads(pool):
         assert torch.allclose(m.forward_head(feats, pre_logits=True), pooled, atol=1e-6)
         assert torch.allclose(m.forward_head(feats), (m.head(pooled) + m.head_dist(pooled)) / 2, atol=1e-5)
     assert timm.create_model('nvit_b', **dict(SMALL, global_pool=pool)).global_pool == pool
+
+
+def test_from_vit_keeps_the_vits_preprocessing_and_saves_for_hf(tmp_path):
+    """Found by an audit: from_vit gave the NViT no pretrained_cfg, so timm's data config fell back to ImageNet's
+    mean/std (an augreg ViT uses 0.5/0.5, crop 0.9) and save_for_hf raised AttributeError. The NViT now has the ViT's
+    preprocessing and an NViT architecture name, and a save_for_hf folder rebuilds it through local-dir:."""
+    from timm.data import resolve_model_data_config
+    from timm.models import save_for_hf
+
+    vit = timm.create_model('vit_tiny_patch16_224.augreg_in21k_ft_in1k', img_size=32, depth=2, num_classes=4,
+                            act_layer='gelu').eval()
+    model = nvit.from_vit(vit)
+    config = resolve_model_data_config(model)
+    assert config == resolve_model_data_config(vit)
+    assert config['mean'] == (0.5, 0.5, 0.5) and config['crop_pct'] == 0.9  # the augreg cfg, not ImageNet's
+    assert model.pretrained_cfg['architecture'] == 'nvit_b' and 'hf_hub_id' not in model.pretrained_cfg
+    save_for_hf(model, tmp_path / 'm')
+    loaded = timm.create_model(f'local-dir:{tmp_path / "m"}', pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), vit(x))
+    assert loaded.dims == model.dims and resolve_model_data_config(loaded)['mean'] == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize('name, approximate', [('gelu', 'none'), ('gelu_tanh', 'tanh')])
+def test_act_layer_by_timm_name(name, approximate):
+    """Found by an audit: act_layer='gelu' (a timm activation name, as timm's ViT takes) was "'str' object is not
+    callable", and from_vit refused timm's own GELU layers as "non-GELU"."""
+    import functools
+    named = small(act_layer=name)
+    by_class = small(act_layer=functools.partial(nn.GELU, approximate=approximate))
+    by_class.load_state_dict(named.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(named(x), by_class(x))
+        vit = timm.create_model('vit_tiny_patch16_224', img_size=32, depth=2, act_layer=name).eval()
+        assert torch.equal(nvit.from_vit(vit)(x[..., :32, :32]), vit(x[..., :32, :32]))
+    with pytest.raises(ValueError, match="act_layer='nope' is not a timm activation name"):
+        small(act_layer='nope')
