@@ -35,7 +35,7 @@ from timm.utils import reparameterize_model
 from torch.utils import _pytree as pytree
 
 from vitzoo.batchnorm_folding import fold_batchnorms
-from vitzoo.models import _as_dim, model_in_chans, model_input_size
+from vitzoo.models import _as_dim, first_meta_tensor, model_in_chans, model_input_size
 
 with warnings.catch_warnings():
     # fvcore scripts a loss function at import time, which torch 2.14 answers with a deprecation warning
@@ -368,14 +368,13 @@ def _countable(model: nn.Module) -> nn.Module:
 def _check_materialised(model: nn.Module) -> None:
     """A model on the ``meta`` device cannot be counted: PyTorch's meta convolutions fail under fvcore's trace
     (torch 2.14), and fusing it needs values (BatchNorm folding checks its result)."""
-    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, tensor in named:
-            if tensor.is_meta:
-                raise ValueError(
-                    f"cannot count FLOPs of a model on the 'meta' device (its {kind} {name!r} is; the model is not "
-                    "materialised): fvcore traces the model by running it, which meta tensors cannot. Build it on "
-                    "the CPU (random weights count the same, e.g. timm.create_model(name) or count_flops(name)), or "
-                    "materialise it with model.to_empty(device='cpu') then model.load_state_dict(weights)")
+    meta = first_meta_tensor(model)
+    if meta is not None:
+        raise ValueError(
+            f"cannot count FLOPs of a model on the 'meta' device (its {meta} is; the model is not "
+            "materialised): fvcore traces the model by running it, which meta tensors cannot. Build it on "
+            "the CPU (random weights count the same, e.g. timm.create_model(name) or count_flops(name)), or "
+            "materialise it with model.to_empty(device='cpu') then model.load_state_dict(weights)")
 
 
 def _tensors_only(module: nn.Module, args: Any, output: Any) -> Tuple[torch.Tensor, ...]:

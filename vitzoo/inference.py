@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from vitzoo.batchnorm_folding import fold_batchnorms
-from vitzoo.models import model_in_chans, model_input_size
+from vitzoo.models import first_meta_tensor, model_in_chans, model_input_size
 from vitzoo.onednn_rewrite import PackedConv2d, onednn_rewrite
 from vitzoo.outputs import WRONG_RESULT_RTOL, OutputLayout, UnsupportedOutputError, max_abs_diff_of
 from vitzoo.stem_chunking import chunk_stem
@@ -215,14 +215,13 @@ def default_example_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor
 
 def check_materialised(model: nn.Module, caller: str) -> None:
     """Refuse a model with tensors on the ``meta`` device (built without its weights): it has no values to run."""
-    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, tensor in named:
-            if tensor.is_meta:
-                raise ValueError(
-                    f"{caller}: the model's {kind} {name!r} is on the 'meta' device: the model is not materialised "
-                    "(built under torch.device('meta') or with empty weights), so it holds no values to run or "
-                    "check. Materialise it first: model.to_empty(device='cpu') then model.load_state_dict(weights), "
-                    "or build it with its weights (e.g. timm.create_model(name, pretrained=True)).")
+    meta = first_meta_tensor(model)
+    if meta is not None:
+        raise ValueError(
+            f"{caller}: the model's {meta} is on the 'meta' device: the model is not materialised "
+            "(built under torch.device('meta') or with empty weights), so it holds no values to run or "
+            "check. Materialise it first: model.to_empty(device='cpu') then model.load_state_dict(weights), "
+            "or build it with its weights (e.g. timm.create_model(name, pretrained=True)).")
 
 
 def _check_example_is_a_batch(example_input: object) -> None:

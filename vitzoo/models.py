@@ -30,6 +30,7 @@ __all__ = [
     "create",
     "model_input_size",
     "model_in_chans",
+    "first_meta_tensor",
 ]
 
 # The zoo's own models: SHViT S1-S4 and the ReViT designs (NViT-B/H/S/T need per-block dims from a checkpoint).
@@ -322,3 +323,13 @@ def model_in_chans(model: nn.Module) -> int:
     if isinstance(chans, int) and chans > 0:
         return chans
     return _first_conv_in_chans(model)
+
+
+def first_meta_tensor(model: nn.Module) -> Optional[str]:
+    """The first parameter or buffer of ``model`` on the ``meta`` device (not materialised: no values), as
+    ``"parameter 'name'"``; None when every tensor has values."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            if tensor.is_meta:
+                return f"{kind} {name!r}"
+    return None
