@@ -67,7 +67,7 @@ def from_vit(vit: VisionTransformer) -> NViT:
     scale is the ViT's ``head_dim ** -0.5`` (not NViT's fixed 64 ** -0.5), the GELU keeps its ``approximate``
     setting, and every dropout and stochastic-depth rate is carried over block by block, so that training the result
     behaves like training the ViT. A ``VisionTransformerDistilled`` keeps its distillation token and head. The result
-    is on the ViT's device/dtype and in its train/eval mode.
+    is on the ViT's device/dtype, in its train/eval mode and with its gradient-checkpointing setting.
 
     Args:
         vit: A timm ``VisionTransformer`` (e.g. ``deit_base_patch16_224``) or ``VisionTransformerDistilled``.
@@ -108,6 +108,7 @@ def from_vit(vit: VisionTransformer) -> NViT:
     _copy_regularisation(vit, model)
     if isinstance(vit, VisionTransformerDistilled):
         model.distilled_training = vit.distilled_training
+    model.set_grad_checkpointing(getattr(vit, 'grad_checkpointing', False))
     _copy_pretrained_cfg(vit, model)
     update_model_args(model, dims=dims.to_dict(), **args)
     return model.train(vit.training)

@@ -789,3 +789,13 @@ def test_act_layer_by_timm_name(name, approximate):
         assert torch.equal(nvit.from_vit(vit)(x[..., :32, :32]), vit(x[..., :32, :32]))
     with pytest.raises(ValueError, match="act_layer='nope' is not a timm activation name"):
         small(act_layer='nope')
+
+
+def test_from_vit_keeps_gradient_checkpointing():
+    """Found by an audit: a ViT set to checkpoint its blocks converted into an NViT that did not (more memory in
+    training than the user asked for)."""
+    vit = timm.create_model('vit_tiny_patch16_224', img_size=32, depth=2)
+    vit.set_grad_checkpointing(True)
+    assert nvit.from_vit(vit).grad_checkpointing is True
+    vit.set_grad_checkpointing(False)
+    assert nvit.from_vit(vit).grad_checkpointing is False
