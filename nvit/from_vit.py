@@ -80,7 +80,9 @@ def from_vit(vit: VisionTransformer) -> NViT:
         raise TypeError(f'from_vit needs a timm VisionTransformer / DeiT, got {type(vit).__name__}.')
     bad = _unsupported(vit)
     if bad:
-        raise ValueError(f'from_vit: this ViT uses {", ".join(bad)}, which NViT does not support.')
+        raise ValueError(f'from_vit: this ViT uses {", ".join(bad)}, which NViT does not support. from_vit converts '
+                         'plain ViTs and DeiTs (class token, LayerNorm, GELU MLP, token/avg/max pooling without '
+                         'fc_norm), e.g. timm\'s deit_* and vit_*_patch16_* built without those options.')
     attn = vit.blocks[0].attn
     dims = NViTDims.uniform(
         embed_dim=vit.embed_dim, depth=len(vit.blocks), heads=attn.num_heads, head_dim=attn.head_dim,
