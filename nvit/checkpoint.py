@@ -386,6 +386,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: torch.nn.Module,
     _fit_patch_size(out, model)
     if not features_only:
         _check_classifier(out, model)
+    _check_norm_placement(out, model)
     _check_complete(out, model)
     return out
 
@@ -458,6 +459,21 @@ def _fit_patch_size(state_dict: StateDict, model: torch.nn.Module) -> None:
     want = tuple(model.patch_embed.proj.weight.shape[-2:])
     if weight is not None and weight.ndim == 4 and tuple(weight.shape[-2:]) != want:
         state_dict['patch_embed.proj.weight'] = resample_patch_embed(weight, list(want), verbose=False)
+
+
+def _check_norm_placement(state_dict: Mapping[str, Any], model: torch.nn.Module) -> None:
+    """The final norm must be where the checkpoint has it: on the tokens (``norm``) or after pooling (``fc_norm``,
+    on by default for ``global_pool='avg'/'max'/'avgmax'``, as in timm's ViT). Say which ``fc_norm=`` loads it
+    instead of listing missing tensors."""
+    own = model.state_dict()
+    tokens = 'on the tokens before pooling (norm)'
+    pooled = "after pooling (fc_norm, the default for global_pool='avg', 'max' and 'avgmax')"
+    for key, other, fc_norm, file_has, model_has in (('norm.weight', 'fc_norm.weight', False, tokens, pooled),
+                                                     ('fc_norm.weight', 'norm.weight', True, pooled, tokens)):
+        if key in state_dict and other not in state_dict and other in own and key not in own:
+            raise IncompatibleCheckpointError(
+                f'The checkpoint applies its final norm {file_has}, the model {model_has}. Create the model with '
+                f'fc_norm={fc_norm} to load it.')
 
 
 _CLASSIFIER_KEYS = ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias')

@@ -94,6 +94,7 @@ def from_vit(vit: VisionTransformer) -> NViT:
         in_chans=vit.patch_embed.proj.in_channels,
         num_classes=vit.num_classes,
         global_pool=vit.global_pool,
+        fc_norm=not isinstance(getattr(vit, 'fc_norm', nn.Identity()), nn.Identity),
         distilled=isinstance(vit, VisionTransformerDistilled),
         token_mask=False,
         attn_scale=attn.scale,

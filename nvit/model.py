@@ -11,7 +11,7 @@ import torch.fx
 import torch.nn as nn
 from timm.layers import PatchEmbed, get_act_layer, register_notrace_function, resample_abs_pos_embed, trunc_normal_
 from timm.models._features import feature_take_indices
-from timm.models._input import update_model_input_size
+from timm.models._input import update_model_args, update_model_input_size
 from timm.models._manipulate import checkpoint
 
 from .attention import resample_token_mask
@@ -58,6 +58,8 @@ register_notrace_function(check_input)
 
 
 POOL_TYPES = ('', 'token', 'avg', 'max', 'avgmax')
+# the pools after which timm's ViT puts the final norm by default (``fc_norm=None``)
+FC_NORM_POOLS = ('avg', 'avgmax', 'max')
 
 
 def _resolve_act_layer(act_layer: Union[str, Type[nn.Module]]) -> Type[nn.Module]:
@@ -86,8 +88,9 @@ class UnsupportedPoolError(ValueError, AssertionError):
 class NViT(nn.Module):
     """Vision Transformer with per-block widths (NViT / ReViT), optionally with a DeiT distillation token.
 
-    ``forward_features`` returns the normalised tokens ``[B, prefix + patches, embed_dim]``. With a distillation
-    token the model has two classifiers; ``forward`` returns their mean, or the pair ``(cls, dist)`` in training mode
+    ``forward_features`` returns the tokens ``[B, prefix + patches, embed_dim]``, normalised unless the final norm
+    comes after pooling (``fc_norm``, timm ViT's default for average / max pooling). With a distillation token the
+    model has two classifiers; ``forward`` returns their mean, or the pair ``(cls, dist)`` in training mode
     after ``set_distilled_training(True)`` (timm DeiT convention).
     """
     __jit_unused_properties__ = ['_model_args']
@@ -115,6 +118,7 @@ class NViT(nn.Module):
             drop_path_rate: float = 0.,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
+            fc_norm: Optional[bool] = None,
     ) -> None:
         """
         Args:
@@ -143,6 +147,9 @@ class NViT(nn.Module):
             drop_path_rate: Stochastic-depth rate, linearly increasing to this value over the blocks.
             device: Parameter device.
             dtype: Parameter dtype.
+            fc_norm: Apply the final LayerNorm after pooling (module ``fc_norm``; ``norm`` is then an Identity)
+                instead of to the tokens before it, as timm's ViT does. None (default): on for 'avg', 'max' and
+                'avgmax', off for 'token' and '' (timm ViT's rule).
         """
         dd = dict(device=device, dtype=dtype)
         super().__init__()
@@ -150,6 +157,9 @@ class NViT(nn.Module):
         if dims is None:
             raise ValueError('NViT needs dims (NViTDims, dict or JSON string); see nvit.NViTDims.')
         _check_pool(global_pool)
+        if fc_norm is not None and not isinstance(fc_norm, bool):
+            raise TypeError(f'fc_norm must be True, False or None (on for the avg / max pools), got {fc_norm!r}.')
+        use_fc_norm = global_pool in FC_NORM_POOLS if fc_norm is None else fc_norm
         act_layer = _resolve_act_layer(act_layer)
         per_block_scale = attn_scale is None or attn_scale == 'per_block'
         if isinstance(attn_scale, str) and not per_block_scale:
@@ -189,7 +199,9 @@ class NViT(nn.Module):
         reduction = self.patch_embed.patch_size[0]
         self.feature_info = [
             dict(module=f'blocks.{i}', num_chs=dims.embed_dim, reduction=reduction) for i in range(dims.depth)]
-        self.norm = nn.LayerNorm(dims.embed_dim, eps=norm_eps, **dd)
+        # one final LayerNorm: on the tokens (norm), or on the pooled features (fc_norm), never both (timm ViT)
+        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(dims.embed_dim, eps=norm_eps, **dd)
+        self.fc_norm = nn.LayerNorm(dims.embed_dim, eps=norm_eps, **dd) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.head_dist = self._make_dist_head(**dd)
@@ -272,6 +284,9 @@ class NViT(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the classifier(s), keeping device, dtype and train/eval mode.
 
+        A new ``global_pool`` keeps the final norm where it is (before or after pooling, ``fc_norm``), as timm's
+        ViT does; the placement is recorded in the model args, so a model rebuilt from them has it too.
+
         Args:
             num_classes: New class count (0: no classifier, ``forward`` returns pooled features).
             global_pool: New pooling ('token', 'avg', 'max', 'avgmax', ''); None keeps the current one.
@@ -279,6 +294,7 @@ class NViT(nn.Module):
         if global_pool is not None:
             _check_pool(global_pool)
             self.global_pool = global_pool
+            update_model_args(self, fc_norm=not isinstance(self.fc_norm, nn.Identity))
         ref = self.pos_embed
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) \
@@ -357,7 +373,8 @@ class NViT(nn.Module):
             x: Images ``[B, C, H, W]``.
             indices: Blocks to take: last n if int, all if None, these (negative allowed) if a list.
             return_prefix_tokens: Return ``(patch_tokens, prefix_tokens)`` pairs.
-            norm: Apply the final norm to each intermediate.
+            norm: Apply the final norm to each intermediate (none when it comes after pooling, ``fc_norm``: the
+                intermediates and the returned final tokens are then not normalised, as in timm's ViT).
             stop_early: Stop after the last block needed.
             output_fmt: 'NCHW' (feature maps) or 'NLC' (token sequences).
             intermediates_only: Return only the intermediates.
@@ -451,23 +468,27 @@ class NViT(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """Drop the blocks (and optionally final norm / heads) not needed for ``indices``; returns the taps."""
+        """Drop the blocks (and optionally final norm / heads) not needed for ``indices``; returns the taps.
+
+        ``prune_head`` also drops ``fc_norm`` and the pooling (timm ViT)."""
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[:max_index + 1]
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
+            self.fc_norm = nn.Identity()
             self.reset_classifier(0, '')
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, C, H, W]`` -> normalised tokens ``[B, prefix + patches, embed_dim]``."""
+        """Images ``[B, C, H, W]`` -> tokens ``[B, prefix + patches, embed_dim]`` (normalised unless ``fc_norm``)."""
         x, feat_size = self._embed(x)
         x, _ = self._forward_blocks(x, feat_size, len(self.blocks) - 1, [], False)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
-        """Pool tokens and classify. Distilled models average the class and distillation heads (official eval)."""
+        """Pool tokens, apply ``fc_norm`` (an Identity unless the final norm comes after pooling) and classify.
+        Distilled models average the class and distillation heads (official eval)."""
         if self.global_pool in ('avg', 'max', 'avgmax'):
             patches = x[:, self.num_prefix_tokens:]  # prefix tokens excluded, as timm ViT's default
             if self.global_pool == 'avg':
@@ -476,11 +497,14 @@ class NViT(nn.Module):
                 x = patches.amax(dim=1)
             else:
                 x = 0.5 * (patches.amax(dim=1) + patches.mean(dim=1))
+            x = self.fc_norm(x)
             x_dist = x
         elif self.global_pool == 'token':
-            x_dist = x[:, 1] if self.dist_token is not None else x[:, 0]
-            x = x[:, 0]
+            cls = self.fc_norm(x[:, 0])
+            x_dist = self.fc_norm(x[:, 1]) if self.dist_token is not None else cls
+            x = cls
         else:
+            x = self.fc_norm(x)
             x_dist = x
         x = self.head_drop(x)
         if self.head_dist is None:

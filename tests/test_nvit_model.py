@@ -43,7 +43,7 @@ def test_distilled_heads_mean_and_training_tuple():
 
 
 def test_avg_pool_and_reset_classifier():
-    m = small(global_pool='avg')
+    m = small(global_pool='avg', fc_norm=False)  # final norm on the tokens; fc_norm: tests/test_nvit_fc_norm.py
     x = torch.randn(1, 3, 64, 64)
     feats = m.forward_features(x)
     pooled = feats[:, 2:].mean(1)
@@ -740,7 +740,7 @@ def test_max_and_avgmax_pool_match_timm_vit(pool):
 
 @pytest.mark.parametrize('pool', ['max', 'avgmax'])
 def test_max_pools_exclude_the_prefix_tokens_and_feed_both_heads(pool):
-    m = small(global_pool=pool)
+    m = small(global_pool=pool, fc_norm=False)  # the pooled tokens as they are (fc_norm: test_nvit_fc_norm.py)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         feats = m.forward_features(x)
