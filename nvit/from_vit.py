@@ -17,18 +17,24 @@ __all__ = ['from_vit']
 def _unsupported(vit: VisionTransformer) -> list:
     """Features of a timm ViT that NViT does not have (empty when the conversion is exact)."""
     blk = vit.blocks[0]
+    fc_norm = getattr(vit, 'fc_norm', nn.Identity())
     checks = {
         'register tokens': getattr(vit, 'num_reg_tokens', 0) > 0,
         'no class token': not getattr(vit, 'has_class_token', True),
         'no_embed_class position embedding': getattr(vit, 'no_embed_class', False),
         'pre-norm (norm_pre)': not isinstance(getattr(vit, 'norm_pre', nn.Identity()), nn.Identity),
-        'fc_norm': not isinstance(getattr(vit, 'fc_norm', nn.Identity()), nn.Identity),
+        'a final norm both before and after pooling (norm and fc_norm)': not isinstance(vit.norm, nn.Identity)
+        and not isinstance(fc_norm, nn.Identity),
+        # timm's distilled head reads the two tokens as they are: its fc_norm is never applied
+        'fc_norm on a distilled DeiT (which timm never applies)': isinstance(vit, VisionTransformerDistilled)
+        and not isinstance(fc_norm, nn.Identity),
         'attention pooling': getattr(vit, 'attn_pool', None) is not None,
         f'global_pool={vit.global_pool!r}': vit.global_pool not in POOL_TYPES,
         'patch-embed norm': not isinstance(vit.patch_embed.norm, nn.Identity),
         'non-LayerNorm norms': (not isinstance(vit.norm, (nn.LayerNorm, nn.Identity))
+                                or not isinstance(fc_norm, (nn.LayerNorm, nn.Identity))
                                 or not isinstance(blk.norm1, nn.LayerNorm)),
-        'no final norm': isinstance(vit.norm, nn.Identity) and isinstance(getattr(vit, 'fc_norm', None), nn.Identity),
+        'no final norm': isinstance(vit.norm, nn.Identity) and isinstance(fc_norm, nn.Identity),
         'layer scale': not isinstance(getattr(blk, 'ls1', nn.Identity()), nn.Identity),
         'q/k norm': not isinstance(getattr(blk.attn, 'q_norm', nn.Identity()), nn.Identity),
         'attention output norm (scale_attn_norm)': not isinstance(getattr(blk.attn, 'norm', nn.Identity()),
@@ -66,7 +72,9 @@ def from_vit(vit: VisionTransformer) -> NViT:
     Uniform dims: every block gets the ViT's heads, head width (for both q/k and v) and MLP width. The attention
     scale is the ViT's ``head_dim ** -0.5`` (not NViT's fixed 64 ** -0.5), the GELU keeps its ``approximate``
     setting, and every dropout and stochastic-depth rate is carried over block by block, so that training the result
-    behaves like training the ViT. A ``VisionTransformerDistilled`` keeps its distillation token and head. The result
+    behaves like training the ViT. The final norm stays where the ViT has it: on the tokens (``norm``) or after
+    pooling (``fc_norm``, timm's default for average / max pooling), under the same key names. A
+    ``VisionTransformerDistilled`` keeps its distillation token and head. The result
     is on the ViT's device/dtype, in its train/eval mode and with its gradient-checkpointing setting.
 
     Args:
@@ -81,8 +89,9 @@ def from_vit(vit: VisionTransformer) -> NViT:
     bad = _unsupported(vit)
     if bad:
         raise ValueError(f'from_vit: this ViT uses {", ".join(bad)}, which NViT does not support. from_vit converts '
-                         'plain ViTs and DeiTs (class token, LayerNorm, GELU MLP, token/avg/max pooling without '
-                         'fc_norm), e.g. timm\'s deit_* and vit_*_patch16_* built without those options.')
+                         'plain ViTs and DeiTs (class token, LayerNorm, GELU MLP, token/avg/max pooling with the '
+                         'final norm before or after it), e.g. timm\'s deit_* and vit_*_patch16_* built without '
+                         'those options.')
     attn = vit.blocks[0].attn
     dims = NViTDims.uniform(
         embed_dim=vit.embed_dim, depth=len(vit.blocks), heads=attn.num_heads, head_dim=attn.head_dim,

@@ -347,7 +347,6 @@ def test_from_vit_converts_max_pooling_vits(pool):
 
 
 @pytest.mark.parametrize('kwargs, named', [
-    (dict(global_pool='avg', fc_norm=True), 'fc_norm, which'),
     (dict(proj_bias=False), 'proj_bias=False'),
     (dict(scale_mlp_norm=True), 'scale_mlp_norm'),
     # found by an audit: converted without a word, outputs off by up to 7e-3
