@@ -838,3 +838,28 @@ def test_a_batch_size_that_is_not_an_int_is_refused_before_the_model_is_built(mo
         count_flops("shvit_s1", 224, batch_size=0)
     assert built == []
     assert count_flops("shvit_s1", (3, 2, 5), batch_size=3).total == 3 * 2 * 5 * 3 * 4  # 1x1 conv, 3 -> 4 channels
+
+
+@pytest.mark.parametrize("pool", ["avg", "max", "token"])
+def test_final_norm_after_pooling_is_counted_on_the_pooled_vectors(pool):
+    """NViT's fc_norm (since 2026-11-25): the final LayerNorm after pooling costs 5 per pooled feature, not 5 per token
+    feature; the count is the hand formula's, and the timm ViT's that the NViT was converted from."""
+    import nvit
+
+    blocks, tokens, emb, heads, mlp = 3, 197, 192, 3, 768
+    vit = timm.create_model("vit_tiny_patch16_224", depth=blocks, num_classes=5, global_pool=pool)
+    report, ref = count_flops(nvit.from_vit(vit)), count_flops(vit)
+    final_norm = 5 * emb if pool != "token" else 5 * tokens * emb
+    assert report.by_operator["layer_norm"] == ref.by_operator["layer_norm"] == \
+        layer_norm_flops(blocks, tokens, emb) - 5 * tokens * emb + final_norm
+    macs = sum(v for k, v in report.by_operator.items() if k in MAC_OPS)
+    assert macs == vit_macs(emb, [heads] * blocks, [64] * blocks, [mlp] * blocks, tokens, 1, num_classes=5)
+    assert report.total == ref.total
+
+
+def test_distilled_nvit_with_fc_norm_counts_the_norm_on_both_pooled_tokens():
+    """Class and distillation tokens each get the final norm after pooling: 2 * 5 * E instead of 5 * N * E."""
+    dims = dict(embed_dim=32, heads=[2, 1, 3], qk_dim=[8, 16, 8], v_dim=[16, 8, 8], mlp_dim=[48, 32, 64])
+    blocks, tokens, emb = 3, 16 + 2, 32
+    model = timm.create_model("nvit_b", dims=dims, img_size=64, fc_norm=True)
+    assert count_flops(model).by_operator["layer_norm"] == 2 * blocks * tokens * emb * 5 + 2 * 5 * emb
