@@ -3,10 +3,10 @@ import copy
 from typing import Optional
 
 import torch.nn as nn
-from timm.layers import GELU, GELUTanh
+from timm.layers import GELU, Attention, GELUTanh, Mlp
 from timm.models._input import update_model_args
 from timm.models.deit import VisionTransformerDistilled
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 
 from .dims import NViTDims
 from .model import POOL_TYPES, NViT
@@ -14,8 +14,27 @@ from .model import POOL_TYPES, NViT
 __all__ = ['from_vit']
 
 
+def _other_layers(vit: VisionTransformer) -> list:
+    """Blocks, attention or MLP layers other than timm's pre-norm ``Block`` with ``Attention`` and ``Mlp`` (what NViT's
+    blocks compute), by class name: e.g. ``ResPostBlock`` (norm after attention / MLP), ``ParallelScalingBlock``,
+    ``GluMlp``, ``DiffAttention``. Exact types: a subclass may compute something else."""
+    found = []
+    for blk in vit.blocks:
+        parts = [(blk, Block, 'blocks')]
+        if type(blk) is Block:
+            parts += [(blk.attn, Attention, 'attention'), (blk.mlp, Mlp, 'MLP')]
+        for layer, plain, what in parts:
+            name = f'{type(layer).__name__} {what}'
+            if type(layer) is not plain and name not in found:
+                found.append(name)
+    return found
+
+
 def _unsupported(vit: VisionTransformer) -> list:
     """Features of a timm ViT that NViT does not have (empty when the conversion is exact)."""
+    other = _other_layers(vit)
+    if other:  # the checks below read the attributes of timm's plain Block
+        return other
     blk = vit.blocks[0]
     fc_norm = getattr(vit, 'fc_norm', nn.Identity())
     checks = {

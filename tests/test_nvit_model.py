@@ -5,6 +5,8 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import GluMlp
+from timm.models.vision_transformer import ParallelScalingBlock, ParallelThingsBlock, ResPostBlock
 
 import nvit
 
@@ -351,6 +353,13 @@ def test_from_vit_converts_max_pooling_vits(pool):
     (dict(scale_mlp_norm=True), 'scale_mlp_norm'),
     # found by an audit: converted without a word, outputs off by up to 7e-3
     (dict(global_pool='avg', pool_include_prefix=True), r'pool_include_prefix=True\), which'),
+    # found by an audit: residual post-norm blocks converted without a word, outputs off by 0.18; the parallel blocks
+    # raised AttributeError ('no attribute norm1'), a GLU MLP or differential attention torch's size-mismatch list
+    (dict(block_fn=ResPostBlock), r'uses ResPostBlock blocks, which'),
+    (dict(block_fn=ParallelScalingBlock), r'uses ParallelScalingBlock blocks, which'),
+    (dict(block_fn=ParallelThingsBlock), r'uses ParallelThingsBlock blocks, which'),
+    (dict(mlp_layer=GluMlp), r'uses GluMlp MLP, which'),
+    (dict(attn_layer='diff'), r'uses DiffAttention attention, which'),
 ])
 def test_from_vit_names_what_it_refuses(kwargs, named):
     vit = timm.create_model('vit_tiny_patch16_224', depth=1, **kwargs)
