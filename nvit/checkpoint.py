@@ -512,9 +512,10 @@ def _check_complete(state_dict: Mapping[str, Any], model: torch.nn.Module) -> No
 
 def _source_grid(model: torch.nn.Module, state_dict: Mapping[str, Any], patches: int) -> List[int]:
     """The checkpoint's patch grid: from the source's recorded ``img_size`` (timm's config.json ``model_args``,
-    e.g. through ``local-dir:``) if it accounts for every patch token, else the model's own grid if the counts
-    agree, else the square grid of that many tokens."""
-    recorded = get_pretrained_grid_size(model, state_dict.get('patch_embed.proj.weight'), patches)
+    e.g. through ``local-dir:``; with its ``dynamic_img_pad``, the padded grid) if it accounts for every patch
+    token, else the model's own grid if the counts agree, else the square grid of that many tokens."""
+    weight = state_dict.get('patch_embed.proj.weight')
+    recorded = get_pretrained_grid_size(model, weight, patches) or _padded_source_grid(model, weight, patches)
     if recorded is not None:
         return list(recorded)
     grid = list(model.patch_embed.grid_size)
@@ -528,6 +529,23 @@ def _source_grid(model: torch.nn.Module, state_dict: Mapping[str, Any], patches:
             f'it through the folder with its config.json (timm.create_model("local-dir:PATH", pretrained=True, '
             f'img_size=...)), or create the model with the img_size the checkpoint was trained at.')
     return [side, side]
+
+
+def _padded_source_grid(model: torch.nn.Module, weight: Any, patches: int) -> Optional[List[int]]:
+    """The grid of a fixed-size source built with ``dynamic_img_pad=True`` at an ``img_size`` that is not a
+    multiple of its patch (recorded in its config.json ``model_args``): ``ceil(img_size / patch)`` per side, as
+    ``NViTPatchEmbed`` lays it out, if that accounts for every patch token; else None. (timm's
+    ``get_pretrained_grid_size`` counts whole patches only; since 2026-11-25 such a source has a position
+    embedding for the padded grid.)"""
+    args = getattr(model, 'pretrained_model_args', None) or {}
+    size = args.get('img_size')
+    if not args.get('dynamic_img_pad') or args.get('dynamic_img_size') or size is None:
+        return None
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 4:
+        return None
+    height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+    grid = [-(-int(height) // weight.shape[-2]), -(-int(width) // weight.shape[-1])]
+    return grid if grid[0] * grid[1] == patches else None
 
 
 def foreign_or_missing_dims_error(variant: str, state_dict: Mapping[str, Any], where: str) -> ValueError:

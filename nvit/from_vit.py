@@ -3,7 +3,7 @@ import copy
 from typing import Optional
 
 import torch.nn as nn
-from timm.layers import GELU, Attention, GELUTanh, Mlp
+from timm.layers import GELU, Attention, GELUTanh, Mlp, resample_abs_pos_embed
 from timm.models._input import update_model_args
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -94,7 +94,9 @@ def from_vit(vit: VisionTransformer) -> NViT:
     behaves like training the ViT. The final norm stays where the ViT has it: on the tokens (``norm``) or after
     pooling (``fc_norm``, timm's default for average / max pooling), under the same key names. A
     ``VisionTransformerDistilled`` keeps its distillation token and head. The result
-    is on the ViT's device/dtype, in its train/eval mode and with its gradient-checkpointing setting.
+    is on the ViT's device/dtype, in its train/eval mode and with its gradient-checkpointing setting. A fixed-size
+    ViT with ``dynamic_img_pad`` at an ``img_size`` that is not a multiple of the patch gets its position embedding
+    resampled to the padded grid (see docs/nvit.md).
 
     Args:
         vit: A timm ``VisionTransformer`` (e.g. ``deit_base_patch16_224``) or ``VisionTransformerDistilled``.
@@ -132,8 +134,17 @@ def from_vit(vit: VisionTransformer) -> NViT:
         norm_eps=vit.blocks[0].norm1.eps,
         act_layer=_gelu_name(vit.blocks[0].mlp.act),
     )
+    state_dict = vit.state_dict()
+    vit_grid = list(vit.patch_embed.grid_size)
     model = NViT(dims, **args, device=ref.device, dtype=ref.dtype)
-    missing, unexpected = model.load_state_dict(vit.state_dict(), strict=False)
+    grid = list(model.patch_embed.grid_size)
+    if grid != vit_grid:
+        # a fixed-size ViT with dynamic_img_pad at an img_size that is not a multiple of the patch: its position
+        # embedding has the whole patches only, and it fails on every input; resampled to the padded grid, as a
+        # checkpoint loaded at that size is
+        state_dict['pos_embed'] = resample_abs_pos_embed(
+            state_dict['pos_embed'], new_size=grid, old_size=vit_grid, num_prefix_tokens=model.num_prefix_tokens)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise ValueError(f'from_vit: weights do not map one-to-one (missing {missing}, unexpected {unexpected}).')
     _copy_regularisation(vit, model)

@@ -62,6 +62,35 @@ POOL_TYPES = ('', 'token', 'avg', 'max', 'avgmax')
 FC_NORM_POOLS = ('avg', 'avgmax', 'max')
 
 
+class NViTPatchEmbed(PatchEmbed):
+    """timm's ``PatchEmbed`` whose grid, with ``padded_grid`` and ``dynamic_img_pad``, counts the patches of the
+    zero-padded image.
+
+    The forward pads the image on the right and bottom up to a multiple of the patch, so an ``img_size`` that is not
+    one gives ``ceil(img_size / patch)`` patches per side; timm's ``PatchEmbed`` counts ``floor`` (whole patches
+    only), which sizes the position embedding of a fixed-size model for a grid its forward never makes. A model with
+    ``dynamic_img_size`` resamples its position embedding to the grid of every input, so it keeps timm's grid
+    (``padded_grid=False``) and timm's state-dict shapes. The forward is timm's own.
+    """
+
+    def __init__(self, *args: Any, padded_grid: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.padded_grid = padded_grid
+        # timm's __init__ lays out the grid before it sets dynamic_img_pad: lay it out again now that it is set
+        self.img_size, self.grid_size, self.num_patches = self._init_img_size(self.img_size)
+
+    def _init_img_size(
+            self,
+            img_size: Optional[Union[int, Tuple[int, int]]],
+    ) -> Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, ...]], Optional[int]]:
+        img_size, grid_size, num_patches = super()._init_img_size(img_size)
+        padded = getattr(self, 'padded_grid', False) and getattr(self, 'dynamic_img_pad', False)
+        if img_size is not None and padded:
+            grid_size = tuple(-(-s // p) for s, p in zip(img_size, self.patch_size))  # ceil division
+            num_patches = grid_size[0] * grid_size[1]
+        return img_size, grid_size, num_patches
+
+
 def _resolve_act_layer(act_layer: Union[str, Type[nn.Module]]) -> Type[nn.Module]:
     """A timm activation name (``'gelu'``, ``'gelu_tanh'``) as its layer class; a class as it is."""
     if not isinstance(act_layer, str):
@@ -137,6 +166,9 @@ class NViT(nn.Module):
             dynamic_img_size: Accept any input size at run time (position embedding and token scales resampled);
                 height and width must be multiples of the patch size unless ``dynamic_img_pad``.
             dynamic_img_pad: Zero-pad the input on the right and bottom to a multiple of the patch size (timm ViT).
+                Without ``dynamic_img_size``, the position embedding (and token scales) are laid out for the
+                padded grid, ``ceil(img_size / patch_size)`` per side, so an ``img_size`` that is not a multiple of
+                the patch works; with it, for timm's whole-patch grid (resampled to every input's grid, as timm).
             norm_eps: LayerNorm epsilon.
             act_layer: MLP activation: a module class, or a timm activation name (``'gelu'``, ``'gelu_tanh'``;
                 ``timm.layers.get_act_layer``), as timm's ViT takes.
@@ -177,9 +209,9 @@ class NViT(nn.Module):
         self.distilled_training = False
 
         embed_args = dict(strict_img_size=False, output_fmt='NHWC') if dynamic_img_size else {}
-        self.patch_embed = PatchEmbed(
+        self.patch_embed = NViTPatchEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=dims.embed_dim,
-            dynamic_img_pad=dynamic_img_pad, **embed_args, **dd)
+            dynamic_img_pad=dynamic_img_pad, padded_grid=not dynamic_img_size, **embed_args, **dd)
         num_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dims.embed_dim, **dd))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, dims.embed_dim, **dd)) if distilled else None

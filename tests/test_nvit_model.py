@@ -807,3 +807,167 @@ def test_from_vit_keeps_gradient_checkpointing():
     assert nvit.from_vit(vit).grad_checkpointing is True
     vit.set_grad_checkpointing(False)
     assert nvit.from_vit(vit).grad_checkpointing is False
+
+
+# ---- dynamic_img_pad with an img_size that is not a multiple of the patch: 70 = 4 whole 16-pixel patches + 6 pixels,
+# zero-padded to 80, a 5x5 grid. The reference is the plain-tensor forward on the image padded by hand.
+
+def _randomised(m):
+    """``m`` in float64 with every tensor far from its init (token scales around 1), so that a misplaced position
+    embedding row or token scale shows."""
+    m = m.double()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(torch.empty_like(p).uniform_(0.5, 1.5) if name.endswith('token_mask') else p.normal_(0, 0.2))
+    return m
+
+
+def _pad_by_hand(x, multiple=16):
+    h, w = x.shape[-2:]
+    return torch.nn.functional.pad(x, (0, -w % multiple, 0, -h % multiple))
+
+
+def _resize_grid(t, old, new, prefix=2):
+    """A ``[1, prefix + H*W, C]`` position embedding (or token scale ``[prefix + H*W, 1]``) resized from grid ``old``
+    to ``new`` with F.interpolate (bicubic, antialias), prefix entries kept."""
+    squeeze = t.dim() == 2
+    t = t[None] if squeeze else t
+    grid = t[:, prefix:].reshape(1, old[0], old[1], -1).permute(0, 3, 1, 2).float()
+    grid = torch.nn.functional.interpolate(grid, size=new, mode='bicubic', align_corners=False, antialias=True)
+    out = torch.cat([t[:, :prefix], grid.to(t.dtype).permute(0, 2, 3, 1).reshape(1, new[0] * new[1], -1)], 1)
+    return out[0] if squeeze else out
+
+
+def _plain_forward_resized(m, x, old, new):
+    """The plain forward of ``m`` with its position embedding and token scales resized by hand from ``old`` to
+    ``new`` (what a dynamic-size model does at run time, or a loader for another grid)."""
+    sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    sd['pos_embed'] = _resize_grid(sd['pos_embed'], old, new)
+    for k in [k for k in sd if k.endswith('attn.token_mask')]:
+        sd[k] = _resize_grid(sd[k], old, new)
+    ref = small(img_size=[16 * n for n in new]).double()
+    ref.load_state_dict(sd)
+    return _plain_nvit_forward(ref, x, [64 ** -0.5] * 3)
+
+
+@pytest.mark.parametrize('img_size, grid', [(70, (5, 5)), ((70, 40), (5, 3))])
+@torch.no_grad()
+def test_dynamic_img_pad_sizes_the_grid_for_the_padded_image(img_size, grid):
+    """Before 2026-11-25 the grid counted whole patches only (4x4 for 70x70) and every forward failed with a raw
+    shape error; now the position embedding and token scales are laid out for the padded grid."""
+    m = _randomised(small(img_size=img_size, dynamic_img_pad=True))
+    n = grid[0] * grid[1]
+    assert m.patch_embed.grid_size == grid and m.patch_embed.num_patches == n
+    assert m.pos_embed.shape == (1, 2 + n, 32) and m.blocks[0].attn.token_mask.shape == (2 + n, 1)
+    size = (img_size, img_size) if isinstance(img_size, int) else img_size
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    reference = _plain_nvit_forward(m, _pad_by_hand(x), [64 ** -0.5] * 3)
+    torch.testing.assert_close(m(x), reference, atol=1e-9, rtol=0)
+    # the feature maps have the padded grid, token for token the padded image's
+    final, maps = m.forward_intermediates(x, indices=[0, 2], norm=True)
+    assert [f.shape for f in maps] == [(2, 32, *grid)] * 2
+    static = small(img_size=[16 * g for g in grid]).double()  # the same weights, built for the padded size
+    static.load_state_dict(m.state_dict())
+    _, expected = static.forward_intermediates(_pad_by_hand(x), indices=[0, 2], norm=True)
+    for got, want in zip(maps, expected):
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=0)
+    assert [f['reduction'] for f in m.feature_info] == [16] * 3
+    # TorchScript keeps it
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        torch.testing.assert_close(torch.jit.script(m)(x), reference, atol=1e-9, rtol=0)
+
+
+@torch.no_grad()
+def test_dynamic_img_pad_with_dynamic_img_size_keeps_timms_whole_patch_grid():
+    """With dynamic_img_size the position embedding keeps timm's whole-patch grid (4x4 for 70x70, timm ViT's state
+    dict shapes) and is resampled to the padded grid of every input, as in timm's ViT."""
+    m = _randomised(small(img_size=70, dynamic_img_size=True, dynamic_img_pad=True))
+    assert m.patch_embed.grid_size == (4, 4)
+    vit = timm.create_model('vit_tiny_patch16_224', img_size=70, dynamic_img_size=True, dynamic_img_pad=True, depth=1)
+    assert m.pos_embed.shape[1] - m.num_prefix_tokens == vit.pos_embed.shape[1] - vit.num_prefix_tokens == 16
+    for size, grid in (((70, 70), (5, 5)), ((40, 56), (3, 4))):  # padded to 80x80 / 48x64
+        y = torch.randn(1, 3, *size, dtype=torch.float64)
+        expected = _plain_forward_resized(m, _pad_by_hand(y), (4, 4), grid)
+        torch.testing.assert_close(m(y), expected, atol=1e-6, rtol=0)
+        (feat,) = m.forward_intermediates(y, indices=[2], intermediates_only=True)
+        assert feat.shape == (1, 32, *grid)
+
+
+def test_features_only_with_dynamic_img_pad_reports_the_padded_grid():
+    kwargs = dict(SMALL, img_size=(70, 40), dynamic_img_pad=True)
+    f = timm.create_model('nvit_b', features_only=True, out_indices=(0, 2), **kwargs)
+    assert f.feature_info.reduction() == [16, 16] and f.feature_info.channels() == [32, 32]
+    assert [t.shape for t in f(torch.randn(1, 3, 70, 40))] == [(1, 32, 5, 3)] * 2
+
+
+def test_flops_of_a_padded_model_are_those_of_the_padded_size():
+    from vitzoo.flops import count_flops
+    padded = count_flops(small(img_size=70, dynamic_img_pad=True))
+    assert padded.input_size == (3, 70, 70)
+    assert padded.total == count_flops(small(img_size=80)).total  # the same 5x5 patches (the padding is free)
+
+
+@torch.no_grad()
+def test_dynamic_img_pad_loads_weights_of_another_grid(tmp_path):
+    """A checkpoint trained at 64x64 (4x4 grid) loaded into a 70x70 padded model: resampled to the 5x5 grid, as
+    loading at any other size is."""
+    src = _randomised(small()).float()
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    m = timm.create_model('nvit_b', **dict(SMALL, img_size=70, dynamic_img_pad=True), pretrained=True,
+                          pretrained_cfg_overlay=dict(state_dict=sd, num_classes=10)).eval()
+    torch.testing.assert_close(m.pos_embed, _resize_grid(sd['pos_embed'], (4, 4), (5, 5)), atol=1e-6, rtol=0)
+    torch.testing.assert_close(m.blocks[1].attn.token_mask, _resize_grid(sd['blocks.1.attn.token_mask'], (4, 4),
+                                                                         (5, 5)), atol=1e-6, rtol=0)
+    x = torch.randn(1, 3, 70, 70)
+    expected = _plain_forward_resized(src.double(), _pad_by_hand(x).double(), (4, 4), (5, 5))
+    torch.testing.assert_close(m(x).double(), expected, atol=1e-4, rtol=1e-4)
+    # set_input_size takes a built model to such a size the same way
+    built = small(dynamic_img_pad=True)
+    built.load_state_dict(sd)
+    built.set_input_size(img_size=70)
+    assert built.patch_embed.grid_size == (5, 5)
+    torch.testing.assert_close(built(x), m(x), atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_padded_source_resampled_from_its_padded_grid_through_local_dir(tmp_path):
+    """A 70x40 padded model (5x3 grid, 15 tokens) saved with save_for_hf: reloaded as it is, and at 40x70 (3x5, also
+    15 tokens) resampled from its 5x3 grid, not taken for a 3x5 one."""
+    src = _randomised(small(img_size=(70, 40), dynamic_img_pad=True)).float()
+    timm.models.save_for_hf(src, str(tmp_path / 'hf'), safe_serialization=True)
+    again = timm.create_model(f'local-dir:{tmp_path / "hf"}', pretrained=True).eval()
+    x = torch.randn(1, 3, 70, 40)
+    torch.testing.assert_close(again(x), src(x), atol=0, rtol=0)
+    turned = timm.create_model(f'local-dir:{tmp_path / "hf"}', pretrained=True, img_size=(40, 70)).eval()
+    assert turned.patch_embed.grid_size == (3, 5)
+    pos = src.pos_embed.detach()
+    torch.testing.assert_close(turned.pos_embed, _resize_grid(pos, (5, 3), (3, 5)), atol=1e-6, rtol=0)
+    mask = src.blocks[2].attn.token_mask.detach()
+    torch.testing.assert_close(turned.blocks[2].attn.token_mask, _resize_grid(mask, (5, 3), (3, 5)), atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_from_vit_with_dynamic_img_pad_at_a_size_not_a_multiple_of_the_patch():
+    # with dynamic_img_size, the ViT resamples its whole-patch (4x4) position embedding at run time: so does the
+    # NViT, built for those whole patches, at every size
+    torch.manual_seed(0)
+    vit = timm.create_model('deit_tiny_distilled_patch16_224', depth=2, img_size=70, num_classes=5,
+                            dynamic_img_size=True, dynamic_img_pad=True).eval()
+    model = nvit.from_vit(vit).eval()
+    assert model.patch_embed.grid_size == (4, 4) and model.dynamic_img_pad
+    for size in ((70, 70), (64, 64), (40, 56)):
+        x = torch.randn(1, 3, *size)
+        torch.testing.assert_close(model(x), vit(x), atol=1e-5, rtol=0)
+    # fixed-size, timm's ViT fails on every input (its 4x4 position embedding, a 5x5 padded grid); the NViT has the
+    # embedding resampled to 5x5, as a checkpoint loaded at that size: timm's ViT built for 80x80 with that embedding
+    fixed = timm.create_model('deit_tiny_distilled_patch16_224', depth=2, img_size=70, num_classes=5,
+                              dynamic_img_pad=True).eval()
+    model = nvit.from_vit(fixed).eval()
+    assert model.patch_embed.grid_size == (5, 5)
+    reference = timm.create_model('deit_tiny_distilled_patch16_224', depth=2, img_size=80, num_classes=5).eval()
+    sd = fixed.state_dict()
+    sd['pos_embed'] = _resize_grid(sd['pos_embed'], (4, 4), (5, 5))
+    reference.load_state_dict(sd)
+    x = torch.randn(1, 3, 70, 70)
+    torch.testing.assert_close(model(x), reference(_pad_by_hand(x)), atol=1e-5, rtol=0)
