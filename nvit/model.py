@@ -46,10 +46,16 @@ def check_input(
                 'resize or crop the images, or create the model with dynamic_img_pad=True to zero-pad them.'.format(
                     patch_size, x.shape[2], x.shape[3]))
     elif x.shape[2] != img_size[0] or x.shape[3] != img_size[1]:
+        h, w = x.shape[2], x.shape[3]
+        if h % patch_size or w % patch_size:  # that img_size alone would leave the partial patches out: pad them
+            padded_h, padded_w = -(-h // patch_size) * patch_size, -(-w // patch_size) * patch_size
+            how = ('img_size=({}, {}), dynamic_img_pad=True (zero-pads them to {}x{}), or with dynamic_img_size=True, '
+                   'dynamic_img_pad=True'.format(h, w, padded_h, padded_w))
+        else:
+            how = 'img_size=({}, {}), or with dynamic_img_size=True'.format(h, w)
         raise ValueError(
-            'This NViT was built for {}x{} images, got {}x{}. Resize the images, create the model with '
-            'img_size=({}, {}), or with dynamic_img_size=True to accept any size (position embedding and token '
-            'scales are resampled).'.format(img_size[0], img_size[1], x.shape[2], x.shape[3], x.shape[2], x.shape[3]))
+            'This NViT was built for {}x{} images, got {}x{}. Resize the images, create the model with {} to accept '
+            'any size (position embedding and token scales are resampled).'.format(img_size[0], img_size[1], h, w, how))
     return x
 
 

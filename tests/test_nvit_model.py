@@ -397,6 +397,9 @@ def test_padded_head_dims_match_the_unpadded_attention():
     ((3, 64, 64), '4-D .*unsqueeze'),
     ((1, 1, 64, 64), '3-channel images .*in_chans=1'),
     ((1, 3, 48, 64), 'built for 64x64 images, got 48x64.*dynamic_img_size=True'),
+    # not whole patches: img_size=(70, 40) alone would leave the partial patches out, so the advice pads them
+    ((1, 3, 70, 40), r'built for 64x64 images, got 70x40\. .*img_size=\(70, 40\), dynamic_img_pad=True '
+                     r'\(zero-pads them to 80x48\), or with dynamic_img_size=True, dynamic_img_pad=True to accept'),
 ])
 def test_bad_input_is_a_clear_value_error(shape, match):
     with pytest.raises(ValueError, match=match):
