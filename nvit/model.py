@@ -418,7 +418,8 @@ class NViT(nn.Module):
             intermediates_only: Return only the intermediates.
         """
         if output_fmt not in ('NCHW', 'NLC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.")
+            # no !r: TorchScript compiles f-strings without conversions only (features_only models are scripted)
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got '{output_fmt}'.")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         B = x.shape[0]
         x, feat_size = self._embed(x)

@@ -231,6 +231,36 @@ def test_torchscript():
     assert torch.allclose(scripted_dyn(y), dyn(y), atol=1e-6)
 
 
+@pytest.mark.parametrize('kwargs, sizes', [
+    (dict(), [(64, 64)]),
+    (dict(out_indices=(0, -1), distilled=False, token_mask=False), [(64, 64)]),
+    (dict(img_size=70, dynamic_img_size=True, dynamic_img_pad=True), [(70, 70), (40, 56), (64, 16)]),
+])
+def test_features_only_torchscript_and_trace_match_eager(kwargs, sizes):
+    """Before 2026-11-25 torch.jit.script of a features_only NViT failed (an f-string with !r in
+    forward_intermediates, which TorchScript does not compile), as it does for timm's DeiT."""
+    f = timm.create_model('nvit_b', features_only=True, **dict(SMALL, **kwargs)).eval()
+    with torch.no_grad():
+        for p in f.parameters():
+            p.normal_(0, 0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        scripted = torch.jit.script(f)
+        traced = torch.jit.trace(f, torch.randn(1, 3, *sizes[0]))
+    for size in sizes:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            eager, script_out = f(x), scripted(x)
+        assert len(script_out) == len(eager) == len(f.feature_info.channels())
+        for got, want in zip(script_out, eager):
+            assert got.shape == want.shape == (2, 32, -(-size[0] // 16), -(-size[1] // 16))
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    x = torch.randn(2, 3, *sizes[0])
+    with torch.no_grad():
+        for got, want in zip(traced(x), f(x)):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
 def test_fx():
     from timm.models._features_fx import create_feature_extractor
     m = small()
