@@ -79,7 +79,8 @@ class SHViT(nn.Module):
             after ``set_distilled_training(True)`` the pair ``(head, head_dist)`` (timm's DeiT convention).
         norm_layer: SHSA pre-norm layer type, called as ``norm_layer(channels)`` (default ``GroupNorm1``, the
             official ``GroupNorm(1, pdim)``; timm's SHViT has the same argument).
-        act_layer: Activation layer type.
+        act_layer: Activation layer type, used for every activation (stem, patch mergings, SHSA projection, all
+            FFNs; timm's SHViT leaves its BasicBlocks' FFNs at ReLU, see docs/shvit.md).
         device: Parameter device.
         dtype: Parameter dtype.
     """
