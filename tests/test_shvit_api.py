@@ -361,3 +361,18 @@ def test_every_error_class_the_loaders_raise_is_exported_by_the_package(package)
     assert len(errors) >= 3
     assert errors <= set(top.__all__), sorted(errors - set(top.__all__))
     assert all(getattr(top, name) is getattr(checkpoint, name) for name in errors)
+
+
+def test_act_layer_reaches_every_ffn_unlike_timms_basic_blocks():
+    """docs/shvit.md: ours applies act_layer to every activation; timm 1.0.31's SHViT leaves the FFNs of its
+    BasicBlocks at ReLU (if timm changes that, the documented difference is stale)."""
+    from timm.models.shvit import SHViT as TimmSHViT
+    ours = timm.create_model('shvit_s1', act_layer=nn.GELU)
+    theirs = TimmSHViT(embed_dim=(128, 224, 320), partial_dim=(32, 48, 68), depth=(2, 4, 5),
+                       types=("i", "s", "s"), act_layer=nn.GELU)
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    # the squeeze-excite modules of the patch mergings keep their own ReLU in both (the official code's)
+    assert [n for n, m in ours.named_modules() if isinstance(m, nn.ReLU) and '.se.' not in n] == []
+    theirs_relu = sorted(n for n, m in theirs.named_modules() if isinstance(m, nn.ReLU) and '.se.' not in n)
+    assert theirs_relu and all('.blocks.' in n and '.ffn.' in n for n in theirs_relu)
+    assert len(theirs_relu) == sum(len(s.blocks) for s in theirs.stages)
