@@ -23,6 +23,7 @@ from timm.models._input import get_pretrained_grid_size
 
 from .attention import resample_token_mask
 from .dims import NViTDims, resolve_dims
+from .torch_legacy import legacy_file_cut
 
 __all__ = [
     'DIMS_METADATA_KEY', 'load_checkpoint', 'checkpoint_filter_fn', 'convert_official', 'dims_from_state_dict',
@@ -66,7 +67,8 @@ def _load_torch_file(path: str) -> Any:
     """``torch.load(weights_only=True)`` allowing only ``argparse.Namespace`` beyond tensors and containers.
 
     A zip archive (torch.save's format since 1.6) is CRC-checked first: ``torch.load`` skips the CRCs and would
-    return damaged tensors.
+    return damaged tensors. A legacy (non-zip) file is checked to be complete first: cut short, ``torch.load`` reports
+    whatever its unpickler meets at the cut, at some cuts a global it does not allow (an "unsafe" pickle).
     """
     if os.path.isfile(path) and zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
@@ -75,6 +77,10 @@ def _load_torch_file(path: str) -> Any:
             raise CorruptCheckpointError(
                 f'Checkpoint {path!r} is corrupt: member {damaged} of the archive fails its CRC check. Copy or '
                 f'download it again.')
+    cut = legacy_file_cut(path) if os.path.isfile(path) else None
+    if cut is not None:
+        raise CorruptCheckpointError(
+            f'Checkpoint {path!r} is corrupt or truncated: {cut}. Download or convert it again.')
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location='cpu', weights_only=True)

@@ -22,6 +22,7 @@ from .checkpoint import (
     InputChannelsError, WeightFileNotFoundError, WeightsUnavailableError, checkpoint_filter_fn,
 )
 from .model import SHViT
+from .torch_legacy import legacy_file_cut
 from .variants import VARIANT_STATS, VARIANTS
 
 __all__ = ['default_cfgs']
@@ -168,6 +169,7 @@ def _read_model_not_ema(variant: str, kwargs: Dict[str, Any]) -> Optional[str]:
     if str(path).endswith('.safetensors'):
         return None
     _check_archive_crc(variant, path)
+    _check_legacy_complete(variant, path)
     kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=load_state_dict(path, use_ema=False), source='')
     return source
 
@@ -216,7 +218,7 @@ def _check_archive_crc(variant: str, path: str) -> None:
     """A ``torch.save`` zip archive whose members fail their CRC is corrupt: ``torch.load`` does not check the CRCs
     and would return the damaged tensors. Reads the file once (checksums only, nothing is unpickled)."""
     if not os.path.isfile(path) or not zipfile.is_zipfile(path):
-        return  # missing files, legacy pickles and truncated archives fail in the loader, which names them
+        return  # missing files and truncated archives fail in the loader, which names them (legacy files: below)
     with zipfile.ZipFile(path) as archive:
         damaged = archive.testzip()
     if damaged is not None:
@@ -224,6 +226,17 @@ def _check_archive_crc(variant: str, path: str) -> None:
             f'Could not load pretrained weights for {variant} from file {path}: the file is corrupt (member '
             f'{damaged} of the archive fails its CRC check).\nTo fix: copy or download the file again; or use '
             f'pretrained=False.')
+
+
+def _check_legacy_complete(variant: str, path: str) -> None:
+    """A legacy (non-zip) ``torch.save`` file cut short is corrupt: ``torch.load`` reports it with whatever its
+    unpickler meets at the cut, at some cuts a global it does not allow, which reads as an unsafe pickle. Walks the
+    file's structure (nothing is unpickled)."""
+    cut = legacy_file_cut(path) if os.path.isfile(path) else None
+    if cut is not None:
+        raise CorruptCheckpointError(
+            f'Could not load pretrained weights for {variant} from file {path}, which is corrupt or truncated: '
+            f'{cut}.\nTo fix: download or convert the file again; or use pretrained=False.')
 
 
 def _drop_state_dict_from_cfg(model: Any, source: Optional[str]) -> None:

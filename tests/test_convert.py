@@ -423,9 +423,10 @@ def test_legacy_torch_save_source_converts_and_a_truncated_one_is_one_line(shvit
     legacy.write_bytes(legacy.read_bytes()[:100_000])
     assert main(["convert", str(legacy), "--model", "shvit_s1", "--out", str(tmp_path / "o2"), "--no-flops"]) == 1
     err = capsys.readouterr().err
-    # load_pretrained_model's CorruptWeightsError (before 2026-11-25 the shvit entrypoint's bare RuntimeError)
-    assert f"vitzoo convert: error: {legacy} is corrupt or truncated: Could not load pretrained weights for shvit_s1" \
-        in err and "Traceback" not in err
+    # load_pretrained_model's check of the file's structure (since 2026-11-25; before, the shvit entrypoint's error,
+    # and before that its bare RuntimeError)
+    assert f"vitzoo convert: error: {legacy} is corrupt or truncated: it is a legacy (non-zip) torch.save file that " \
+        "ends at byte 100000, inside the data of storage" in err and "Traceback" not in err
     assert not (tmp_path / "o2").exists()
     assert main(["convert", str(tmp_path), "--model", "shvit_s1", "--out", str(tmp_path / "o3"), "--no-flops"]) == 1
     assert "is a folder; give the checkpoint file in it" in capsys.readouterr().err

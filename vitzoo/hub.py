@@ -21,6 +21,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 
 from .atomic import atomic_write_bytes, atomic_write_text, check_output_free, staged_dir
+from .torch_legacy import LEGACY_PREFIX, legacy_file_cut
 
 __all__ = [
     "WEIGHT_FILES",
@@ -162,14 +163,9 @@ def read_safetensors_metadata(path: PathLike) -> Tuple[Dict[str, str], Dict[str,
     return metadata, header
 
 
-# what torch.save's legacy (non-zip, _use_new_zipfile_serialization=False) format starts with: pickle protocol 2,
-# then torch's magic number 0x1950a86a20f9469cfc6c as a 10-byte LONG1
-_LEGACY_TORCH_PREFIX = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
-
-
 def _is_legacy_torch_file(path: Path) -> bool:
     with open(path, "rb") as f:
-        return f.read(len(_LEGACY_TORCH_PREFIX)) == _LEGACY_TORCH_PREFIX
+        return f.read(len(LEGACY_PREFIX)) == LEGACY_PREFIX
 
 
 def _content_kind(path: Path) -> Optional[str]:
@@ -177,8 +173,8 @@ def _content_kind(path: Path) -> Optional[str]:
     'safetensors' (an 8-byte little-endian header length, then the JSON header's '{'), or None (neither, or too
     short to tell)."""
     with open(path, "rb") as f:
-        head = f.read(len(_LEGACY_TORCH_PREFIX))
-    if head.startswith(b"PK\x03\x04") or head == _LEGACY_TORCH_PREFIX:
+        head = f.read(len(LEGACY_PREFIX))
+    if head.startswith(b"PK\x03\x04") or head == LEGACY_PREFIX:
         return "torch"
     if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") >= 2:
         return "safetensors"
@@ -209,8 +205,10 @@ def validate_weights_file(path: PathLike, expected_sha256: Optional[str] = None)
 
     ``.safetensors`` files get a header check (:func:`read_safetensors_metadata`); other files are checked to be
     ``torch.save`` files without unpickling anything: a zip archive whose members pass their CRC, or the legacy
-    (pre-1.6) pickle format, recognised by its magic number and left to ``torch.load`` to read. A file whose content
-    is the other format than its name says (a safetensors file named ``.bin``) is refused as timm would fail on it.
+    (pre-1.6) pickle format, recognised by its magic number and walked to its end (its pickles' opcodes and its
+    storages' recorded sizes) so that a file cut short is reported as such, not as whatever ``torch.load`` would meet
+    at the cut (at some cuts an unsafe global). A file whose content is the other format than its name says (a
+    safetensors file named ``.bin``) is refused as timm would fail on it.
 
     Raises:
         MissingWeightsError: no such file.
@@ -234,7 +232,9 @@ def validate_weights_file(path: PathLike, expected_sha256: Optional[str] = None)
     if path.suffix == ".safetensors":
         read_safetensors_metadata(path)
     elif _is_legacy_torch_file(path):
-        pass  # torch.save's pre-1.6 format (a pickle stream): readable only by loading it, which the loaders do
+        cut = legacy_file_cut(path)
+        if cut is not None:
+            raise CorruptWeightsError(f"{path} is corrupt or truncated: {cut}. Download or convert it again.")
     elif zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()

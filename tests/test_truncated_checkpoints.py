@@ -1,0 +1,134 @@
+"""A torch.save file cut short anywhere is reported as corrupt or truncated by each of the three readers (the shvit
+entrypoint, nvit.load_checkpoint, vitzoo's load_pretrained_model), never as an unsafe pickle; a complete file that
+pickles a non-allowlisted global is still reported as unsafe.
+
+Found: a legacy (non-zip) file cut inside a global's name (e.g. 782 bytes into a shvit_s1 state dict, in the middle of
+``torch.LongStorage``) made weights_only=True report the partial name as a global it does not allow.
+"""
+import argparse
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import nvit  # noqa: F401  registers the nvit models
+import shvit
+from nvit.checkpoint import CorruptCheckpointError as NViTCorruptError
+from nvit.checkpoint import load_checkpoint
+from vitzoo.hub import CorruptWeightsError, WeightsError, load_pretrained_model
+
+ROOT = Path(__file__).resolve().parents[1]
+# the legacy format's first 14 bytes (pickle protocol 2, torch's magic number): a shorter cut is not recognisably a
+# legacy file, and the readers report it in their older words
+LEGACY_HEAD = 14
+
+
+class Pickled:
+    """An object that weights_only=True refuses to unpickle (its global is not allowlisted)."""
+
+    def __reduce__(self):
+        return (Pickled, ())
+
+
+def _shvit(path):
+    return timm.create_model("shvit_s1", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def _vitzoo(path):
+    return load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(file=str(path)))
+
+
+READERS = {  # reader, the error it raises for a corrupt or truncated file
+    "shvit": (_shvit, shvit.CorruptCheckpointError),
+    "nvit": (load_checkpoint, NViTCorruptError),
+    "vitzoo": (_vitzoo, CorruptWeightsError),
+}
+
+
+def _small_state(unsafe=False):
+    """A few tensors of several dtypes, one a view sharing another's storage (and, if ``unsafe``, a pickled
+    object)."""
+    base = torch.arange(12.0)
+    state = {"w": base[2:8], "v": base, "i": torch.arange(3), "h": torch.ones(2, dtype=torch.float16)}
+    if unsafe:
+        state["obj"] = Pickled()
+    return state
+
+
+def _save(path, unsafe=False, legacy=True):
+    torch.save(_small_state(unsafe), path, _use_new_zipfile_serialization=not legacy)
+    return path.read_bytes()
+
+
+def _sweep(reader, data, cut):
+    """Every prefix of ``data`` (all but the whole) written to ``cut`` and read: the reader's error for each."""
+    errors = {}
+    for size in range(len(data)):
+        cut.write_bytes(data[:size])
+        with pytest.raises(Exception) as info:
+            reader(cut)
+        errors[size] = info.value
+    return errors
+
+
+@pytest.mark.parametrize("unsafe", [False, True], ids=["plain", "unsafe"])
+@pytest.mark.parametrize("name", list(READERS))
+def test_every_cut_of_a_legacy_file_is_truncated_not_unsafe(tmp_path, name, unsafe):
+    reader, corrupt = READERS[name]
+    data = _save(tmp_path / "full.pth", unsafe=unsafe)
+    cut = tmp_path / "cut.pth"
+    errors = _sweep(reader, data, cut)
+    wrong = {size: f"{type(e).__name__}: {str(e)[:150]}" for size, e in errors.items() if type(e) is not corrupt}
+    assert not wrong, f"{len(wrong)} of {len(data)} cuts (at {sorted(wrong)}) are not {corrupt.__name__}: {wrong}"
+    for size, error in errors.items():
+        text = str(error)
+        assert str(cut) in text and "pickles" not in text, (size, text)
+        if size >= LEGACY_HEAD:
+            assert f"legacy (non-zip) torch.save file that ends at byte {size}, inside" in text, (size, text)
+            assert re.search("download or convert (it|the file) again", text, re.IGNORECASE), (size, text)
+
+
+@pytest.mark.parametrize("name", list(READERS))
+def test_a_complete_legacy_file_with_an_unsafe_global_is_still_unsafe(tmp_path, name):
+    reader, corrupt = READERS[name]
+    path = tmp_path / "unsafe.pth"
+    _save(path, unsafe=True)
+    with pytest.raises(RuntimeError) as info:
+        reader(path)
+    assert not isinstance(info.value, corrupt) and "pickles" in str(info.value), str(info.value)
+    if name == "vitzoo":
+        assert isinstance(info.value, WeightsError)
+
+
+@pytest.mark.parametrize("module", ["shvit.torch_legacy", "nvit.torch_legacy", "vitzoo.torch_legacy"])
+def test_the_structure_walk_passes_complete_files_and_names_every_cut(tmp_path, module):
+    """Complete legacy files of every dtype a legacy file can hold (with shared storages, an empty tensor and a
+    training checkpoint's argparse.Namespace) pass; every cut past the 14-byte head is found, at its own size."""
+    legacy_file_cut = __import__(module, fromlist=["legacy_file_cut"]).legacy_file_cut
+    dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+              torch.int8, torch.uint8, torch.bool, torch.complex128, torch.complex64]
+    state = {str(d): torch.ones(3, dtype=d) for d in dtypes}
+    base = torch.arange(10.0)
+    checkpoint = {"model": dict(state, view=base[3:], base=base, empty=torch.empty(0)), "epoch": 3,
+                  "args": argparse.Namespace(lr=0.1), "dims": [(1, 2), (3, 4)]}
+    path = tmp_path / "full.pth"
+    torch.save(checkpoint, path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    assert legacy_file_cut(path) is None
+    torch.save(checkpoint, path)  # the zip format is not walked
+    assert legacy_file_cut(path) is None
+    step = max(1, len(data) // 1500)  # a dense sample of the cuts, each part of the file included
+    sizes = sorted(set(range(LEGACY_HEAD, len(data), step)) | set(range(len(data) - 40, len(data))))
+    for size in sizes:
+        path.write_bytes(data[:size])
+        assert f"ends at byte {size}, inside" in (legacy_file_cut(path) or ""), size
+
+
+def test_the_three_copies_of_the_structure_walk_are_the_same_code():
+    """The model packages may not import vitzoo or each other, so each has its copy: the same code (quotes aside)."""
+    trees = {p: ast.dump(ast.parse((ROOT / p).read_text()))
+             for p in ("shvit/torch_legacy.py", "nvit/torch_legacy.py", "vitzoo/torch_legacy.py")}
+    assert len(set(trees.values())) == 1, list(trees)
