@@ -7,6 +7,8 @@ Paper: `SHViT: Single-Head Vision Transformer with Memory Efficient Macro Design
 https://arxiv.org/abs/2401.16456. Official code and weights (MIT): https://github.com/ysj9909/SHViT
 """
 import os
+import pickle
+import re
 import zipfile
 from functools import partial
 from typing import Any, Dict, Iterator, Optional
@@ -272,9 +274,10 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
             raise missing from e
         if isinstance(e, (ClassifierSizeError, IncompleteCheckpointError, ExtraTensorsError, InputChannelsError)):
             raise RuntimeError(f'Could not load pretrained weights for {variant} from {source}: {e}') from e
+        bad_opcode = _unsupported_opcode(e)
         if isinstance(e, CheckpointMismatchError):
             fix = 'use the entrypoint of the variant the checkpoint holds, or a checkpoint of ' + variant
-        elif 'weights_only=True blocked' in str(e):
+        elif 'weights_only=True blocked' in str(e) and bad_opcode is None:
             fix = ('the file pickles Python objects other than tensors (named above), which are not loaded because '
                    'unpickling them can run code; if you trust the file, pass its tensors instead: '
                    'pretrained_cfg_overlay=dict(state_dict=torch.load(path, weights_only=False)["model"])')
@@ -291,10 +294,24 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
         # a download that failed (timm's own models raise an OSError there); a local file that exists (missing
         # ones were handled above) and fails to load is damaged, not unavailable, whatever torch.load raised
         unavailable = not source.startswith('file ') and any(isinstance(c, OSError) for c in _causes(e, context=False))
-        unreadable = not unavailable and _raised_while_reading(e)
+        unreadable = not unavailable and (bad_opcode is not None or _raised_while_reading(e))
+        reason = f'{type(e).__name__}: {e}' if bad_opcode is None else (
+            f'UnpicklingError: {bad_opcode} (the file is not a pickle that torch.save writes)')
         raise (WeightsUnavailableError if unavailable else CorruptCheckpointError if unreadable else RuntimeError)(
-            f'Could not load pretrained weights for {variant} from {source}: {type(e).__name__}: {e}\n'
+            f'Could not load pretrained weights for {variant} from {source}: {reason}\n'
             f'To fix: {fix}; or use pretrained=False.') from e
+
+
+def _unsupported_opcode(error: BaseException) -> Optional[str]:
+    """timm reports every refusal of torch's weights-only unpickler as "blocked ... non-allowlisted pickle globals";
+    one of an opcode it does not read at all ("Unsupported operand 80") means the bytes are no torch.save pickle (a
+    zip archive cut to its first bytes, ``PK``, reads as the PERSID opcode): a damaged file, not an unsafe one.
+    Returns the unpickler's words for it, else None."""
+    for cause in _causes(error):
+        found = re.search(r'Unsupported operand \S+', str(cause)) if isinstance(cause, pickle.UnpicklingError) else None
+        if found:
+            return found.group(0)
+    return None
 
 
 def _causes(error: Optional[BaseException], context: bool = True) -> Iterator[BaseException]:

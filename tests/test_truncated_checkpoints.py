@@ -92,6 +92,22 @@ def test_every_cut_of_a_legacy_file_is_truncated_not_unsafe(tmp_path, name, unsa
 
 
 @pytest.mark.parametrize("name", list(READERS))
+def test_every_cut_of_a_zip_file_is_corrupt_not_unsafe(tmp_path, name):
+    """Found by the same sweep on the zip format: the shvit entrypoint called a file cut to 1-3 bytes ('P', 'PK',
+    'PK\\x03') one that "requires non-allowlisted pickle globals" (timm's words for any refusal of torch's
+    weights-only unpickler; this one was "Unsupported operand 80", 'P' being the PERSID opcode)."""
+    reader, corrupt = READERS[name]
+    data = _save(tmp_path / "full.pth", legacy=False)
+    cut = tmp_path / "cut.pth"
+    errors = _sweep(reader, data, cut)
+    wrong = {size: f"{type(e).__name__}: {str(e)[:150]}" for size, e in errors.items() if type(e) is not corrupt}
+    assert not wrong, f"{len(wrong)} of {len(data)} cuts (at {sorted(wrong)}) are not {corrupt.__name__}: {wrong}"
+    for size, error in errors.items():
+        text = str(error)
+        assert str(cut) in text and "pickles" not in text and "allowlisted" not in text, (size, text)
+
+
+@pytest.mark.parametrize("name", list(READERS))
 def test_a_complete_legacy_file_with_an_unsafe_global_is_still_unsafe(tmp_path, name):
     reader, corrupt = READERS[name]
     path = tmp_path / "unsafe.pth"
