@@ -5,8 +5,8 @@ The legacy format (``torch.save(obj, f, _use_new_zipfile_serialization=False)``,
 list of storage keys), then for each key in that list the storage's element count (8 bytes, little-endian) and its
 raw bytes. ``torch.load`` reports a file cut short with whatever its unpickler meets at the cut: a cut inside a
 global's name (``torch.FloatStorage``) reads as a global that ``weights_only=True`` does not allow, i.e. as an unsafe
-pickle. Walking the structure here tells a cut file from an unsafe one. The same module is in ``shvit``, ``nvit``
-and ``vitzoo``: the model packages may not import vitzoo or each other.
+pickle. Walking the structure here tells a cut file from an unsafe one. The same module is in ``shvit`` and ``nvit``
+(the model packages may not import each other); ``vitzoo`` uses ``shvit``'s.
 """
 import os
 import pickletools

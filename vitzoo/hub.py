@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 
 from .atomic import atomic_write_bytes, atomic_write_text, check_output_free, staged_dir
-from .torch_legacy import LEGACY_PREFIX, legacy_file_cut
+from shvit.torch_legacy import LEGACY_PREFIX, legacy_file_cut  # the model packages cannot import vitzoo
 
 __all__ = [
     "WEIGHT_FILES",
