@@ -148,8 +148,10 @@ class SHViT(nn.Module):
         self.head, self.head_dist = self._make_heads(num_classes, **dd)
 
     def _make_heads(self, num_classes: int, **dd: Any) -> Tuple[nn.Module, Optional[nn.Module]]:
+        """``(head, head_dist)``: ``head_dist`` is None unless distilled; without classes both are an ``Identity``
+        (no state-dict keys), so a distilled model always has the pair, as timm's distilled DeiT."""
         if num_classes <= 0:
-            return nn.Identity(), None
+            return nn.Identity(), nn.Identity() if self.distilled else None
         head = NormLinear(self.head_hidden_size, num_classes, **dd)
         head_dist = NormLinear(self.head_hidden_size, num_classes, **dd) if self.distilled else None
         return head, head_dist
@@ -294,6 +296,8 @@ class SHViT(nn.Module):
             x, x_dist = self.head(x), self.head_dist(x)
             if self.distilled_training and self.training and not torch.jit.is_scripting():
                 return x, x_dist  # distillation training: both predictions
+            if self.num_classes <= 0:
+                return x  # both heads are an Identity: their mean is the pooled features themselves
             return (x + x_dist) / 2
         return self.head(x)
 

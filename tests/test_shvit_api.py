@@ -176,6 +176,41 @@ def test_get_classifier_without_classes_and_after_fuse():
     assert isinstance(m.get_classifier(), nn.Linear)
 
 
+@torch.no_grad()
+def test_distilled_without_classes_reports_both_heads_as_deit():
+    """A distilled model reports the pair ``(head, head_dist)`` also without classes, as timm's distilled DeiT:
+    ``(Identity(), Identity())``, with no state-dict keys, after fusing and after ``reset_classifier(0)``."""
+    def kinds(classifier):
+        return tuple(type(c) for c in classifier) if isinstance(classifier, tuple) else type(classifier)
+
+    deit = timm.create_model('deit_tiny_distilled_patch16_224', num_classes=0)
+    assert kinds(deit.get_classifier()) == (nn.Identity, nn.Identity)
+    torch.manual_seed(0)
+    m = randomize_norms(timm.create_model('shvit_s1', distilled=True, num_classes=0)).eval()
+    assert kinds(m.get_classifier()) == kinds(deit.get_classifier())
+    plain = timm.create_model('shvit_s1', num_classes=0)
+    assert m.state_dict().keys() == plain.state_dict().keys()  # Identity heads add no keys
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(m(x), m.forward_features(x).mean((2, 3)), rtol=0, atol=1e-6)  # pooled features
+    m.train()
+    m.set_distilled_training(True)
+    deit.train()
+    deit.set_distilled_training(True)
+    pair, deit_pair = m(x), deit(torch.randn(2, 3, 224, 224))
+    assert isinstance(pair, tuple) and isinstance(deit_pair, tuple) and len(pair) == len(deit_pair) == 2
+    m.eval()
+    m.reset_classifier(7)  # back to classes: both heads
+    assert [c.out_features for c in m.get_classifier()] == [7, 7]
+    m.reset_classifier(0)
+    deit.reset_classifier(0)
+    assert kinds(m.get_classifier()) == kinds(deit.get_classifier()) == (nn.Identity, nn.Identity)
+    assert kinds(m.fuse().get_classifier()) == (nn.Identity, nn.Identity)
+    m.reset_classifier(7)
+    m.prune_intermediate_layers(1)
+    assert kinds(m.get_classifier()) == (nn.Identity, nn.Identity)
+    assert kinds(timm.create_model('shvit_s1', num_classes=0).get_classifier()) == nn.Identity  # not distilled
+
+
 def test_grad_checkpointing_same_output_and_grads():
     torch.manual_seed(0)
     m = randomize_norms(timm.create_model('shvit_s1', num_classes=5)).train()
