@@ -120,6 +120,18 @@ class UnsupportedPoolError(ValueError, AssertionError):
     models raise (timm's ``test_catavgmax_unsupported`` and user code catch that)."""
 
 
+def _check_distilled_pool(global_pool: str, num_classes: int, distilled: bool) -> None:
+    """A distilled model's two heads read the class and distillation tokens (or a pool of the patch tokens): without
+    pooling they would classify every token, class and distillation tokens included, and average the two heads'
+    per-token logits. timm's distilled DeiT asserts there; a non-distilled model keeps timm ViT's per-token head."""
+    if distilled and num_classes > 0 and not global_pool:
+        raise UnsupportedPoolError(
+            f"a distilled NViT's classifier heads ({num_classes} classes) need pooled features (the class and "
+            "distillation tokens, or a pool of the patch tokens), but global_pool='' keeps every token. Pass "
+            "num_classes=0 to get the unpooled (B, tokens, C) tokens, or a pool type ('token', 'avg', 'max', "
+            "'avgmax'; e.g. global_pool='token', as the released models).")
+
+
 class NViT(nn.Module):
     """Vision Transformer with per-block widths (NViT / ReViT), optionally with a DeiT distillation token.
 
@@ -195,6 +207,7 @@ class NViT(nn.Module):
         if dims is None:
             raise ValueError('NViT needs dims (NViTDims, dict or JSON string); see nvit.NViTDims.')
         _check_pool(global_pool)
+        _check_distilled_pool(global_pool, num_classes, distilled)
         if fc_norm is not None and not isinstance(fc_norm, bool):
             raise TypeError(f'fc_norm must be True, False or None (on for the avg / max pools), got {fc_norm!r}.')
         use_fc_norm = global_pool in FC_NORM_POOLS if fc_norm is None else fc_norm
@@ -328,9 +341,17 @@ class NViT(nn.Module):
         Args:
             num_classes: New class count (0: no classifier, ``forward`` returns pooled features).
             global_pool: New pooling ('token', 'avg', 'max', 'avgmax', ''); None keeps the current one.
+
+        Raises:
+            UnsupportedPoolError: An unknown pool, or classes for a distilled model whose pooling is (or would be)
+                ``''`` (after ``reset_classifier(0, '')`` or ``prune_intermediate_layers``, pass a pool along with
+                the classes). Nothing is changed then.
         """
         if global_pool is not None:
             _check_pool(global_pool)
+        _check_distilled_pool(self.global_pool if global_pool is None else global_pool, num_classes,
+                              self.dist_token is not None)
+        if global_pool is not None:
             self.global_pool = global_pool
             update_model_args(self, fc_norm=not isinstance(self.fc_norm, nn.Identity))
         ref = self.pos_embed

@@ -692,6 +692,78 @@ def test_unsupported_pool_is_an_assertion_error_as_in_timm_and_a_value_error():
         timm.create_model('deit_tiny_patch16_224', global_pool='nope')
 
 
+UNPOOLED_HEAD = r"distilled NViT's classifier heads \(5 classes\) need pooled features.*global_pool=''.*num_classes=0"
+
+
+@torch.no_grad()
+def test_distilled_heads_without_pooling_are_an_error_as_in_deit():
+    """Found by an audit: a distilled model with global_pool='' and classes averaged the two heads' logits of every
+    token (cls and dist included), e.g. (1, 198, 10) for revit_t. timm's distilled DeiT asserts there; ours is an
+    UnsupportedPoolError (a ValueError and an AssertionError), at construction and in reset_classifier, and the
+    model is left as it was."""
+    with pytest.raises(AssertionError, match='distilled head reads the class and distillation tokens'):
+        timm.create_model('deit_tiny_distilled_patch16_224', depth=1, global_pool='', num_classes=5)
+    for exc in (ValueError, AssertionError):
+        with pytest.raises(exc, match=UNPOOLED_HEAD):
+            small(global_pool='', num_classes=5)
+        with pytest.raises(exc, match=UNPOOLED_HEAD):
+            small().reset_classifier(5, '')
+    with pytest.raises(nvit.model.UnsupportedPoolError, match=r"\(10 classes\).*pool type \('token'"):
+        timm.create_model('revit_t', global_pool='', num_classes=10)
+    x = torch.randn(1, 3, 64, 64)
+    m = small()
+    logits = m(x)
+    with pytest.raises(ValueError, match=UNPOOLED_HEAD):
+        m.reset_classifier(5, '')
+    assert m.num_classes == 10 and m.global_pool == 'token'
+    torch.testing.assert_close(m(x), logits, rtol=0, atol=0)
+    # the pooling removed (reset_classifier(0, ''), prune_intermediate_layers): classes need a pool along with them
+    for remove in (lambda: m.reset_classifier(0, ''), lambda: m.prune_intermediate_layers(2)):
+        remove()
+        with pytest.raises(ValueError, match=UNPOOLED_HEAD):
+            m.reset_classifier(5)
+        assert m.num_classes == 0 and m.global_pool == ''
+        assert [type(h) for h in m.get_classifier()] == [nn.Identity, nn.Identity]
+        m.reset_classifier(5, 'token')
+        assert m(x).shape == (1, 5)
+    assert small(global_pool='', num_classes=0)(x).shape == (1, 2 + 16, 32)  # unpooled tokens: allowed
+
+
+@torch.no_grad()
+def test_non_distilled_heads_without_pooling_classify_every_token_as_timm_vit():
+    """Not distilled, global_pool='' with classes stays timm ViT's per-token head: same outputs as the timm ViT."""
+    torch.manual_seed(0)
+    vit = timm.create_model('vit_tiny_patch16_224', depth=2, img_size=64, num_classes=5, global_pool='').eval()
+    model = nvit.from_vit(vit).eval()
+    assert model.global_pool == '' and model.dist_token is None
+    x = torch.randn(2, 3, 64, 64)
+    assert vit(x).shape == (2, 1 + 16, 5)
+    torch.testing.assert_close(model(x), vit(x), rtol=0, atol=1e-5)
+    assert small(distilled=False, global_pool='', num_classes=5)(x).shape == (2, 1 + 16, 5)
+    vit.reset_classifier(7)
+    model.reset_classifier(7)
+    model.head.load_state_dict(vit.head.state_dict())
+    torch.testing.assert_close(model(x), vit(x), rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_distilled_reset_classifier_zero_unpooled_returns_tokens_unlike_deit():
+    """reset_classifier(0, '') (and prune_intermediate_layers) on a distilled model: ours returns the unpooled tokens,
+    as timm's ViT does; timm's distilled DeiT ignores the '' and still returns the mean of its cls and dist tokens
+    (documented in docs/nvit.md)."""
+    deit, model = _vit_pair()
+    x = torch.randn(2, 3, 64, 64)
+    deit.reset_classifier(0, '')
+    model.reset_classifier(0, '')
+    tokens = deit.forward_features(x)
+    assert tokens.shape == (2, 2 + 16, 192)
+    torch.testing.assert_close(model(x), tokens, rtol=0, atol=1e-5)
+    torch.testing.assert_close(deit(x), tokens[:, :2].mean(1), rtol=0, atol=1e-6)
+    deit.prune_intermediate_layers(4)
+    model.prune_intermediate_layers(4)
+    torch.testing.assert_close(model(x), deit.forward_features(x), rtol=0, atol=1e-5)
+
+
 def _vit_pair(**kw):
     torch.manual_seed(0)
     vit = timm.create_model('deit_tiny_distilled_patch16_224', depth=4, img_size=64, num_classes=5, **kw).eval()
