@@ -19,6 +19,7 @@ scales (``token_mask=True``), as every official checkpoint has them, so that the
 into the model and its params / FLOPs are the released model's. With weights, both follow the checkpoint's keys.
 Pass ``distilled=False`` / ``token_mask=False`` for the plain variant.
 """
+import logging
 import os
 from functools import partial
 from pathlib import Path
@@ -27,7 +28,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
-from timm.models._hub import _get_safe_alternatives, download_cached_file, download_from_hf
+from timm.models._hub import (
+    _EXT_PRIORITY, _PREFERRED_FILES, _get_safe_alternatives, download_cached_file, download_from_hf)
 from timm.models._input import update_model_args
 
 from .checkpoint import (
@@ -37,6 +39,8 @@ from .dims import NViTDims, resolve_dims, revit_dims
 from .model import NViT
 
 __all__ = ['KNOWN_DIMS']
+
+_logger = logging.getLogger(__name__)
 
 # Dims of the released models, keyed by variant: fill in from ckpt['dim'] (e.g. ``nvit.load_checkpoint(path)[1]``)
 # once read, e.g. KNOWN_DIMS['nvit_b'] = NViTDims(embed_dim=..., heads=[...], ...). Empty: not yet read.
@@ -48,7 +52,6 @@ KNOWN_DIMS: Dict[str, NViTDims] = {}
 _RELEASED_ARCH = dict(distilled=True, token_mask=True)
 
 _HF_FILES = ('model.safetensors', 'pytorch_model.bin')
-_DIR_FILES = ('model.safetensors', 'pytorch_model.bin', 'model.pth')
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
@@ -123,10 +126,37 @@ def _hub_unreachable_error(variant: str, repo: str, names: Any) -> FileNotFoundE
 
 
 def _dir_file(directory: str) -> str:
-    for name in _DIR_FILES:
-        if os.path.isfile(os.path.join(directory, name)):
-            return os.path.join(directory, name)
-    raise FileNotFoundError(f'No NViT weights ({", ".join(_DIR_FILES)}) in directory {directory!r}.')
+    """The weight file of a ``local-dir:`` folder, picked by timm's rule (``load_state_dict_from_path``): the first of
+    timm's preferred names that exists (``model.safetensors``, ``pytorch_model.bin``, ``pytorch_model.pth``,
+    ``model.pth``, ...), else, for the first extension of timm's order (``.safetensors``, ``.pth``, ``.pth.tar``,
+    ``.bin``) that any name in the folder ends with, the first such name (sorted), with timm's warning when there are
+    several (since 2026-11-25; before, only ``model.safetensors``, ``pytorch_model.bin`` and ``model.pth``)."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f'NViT weights folder {directory!r} (local-dir:) is not a folder; check the path.')
+    for name in _PREFERRED_FILES:
+        if os.path.exists(os.path.join(directory, name)):
+            return _dir_pick(directory, name)
+    names = sorted(os.listdir(directory))
+    for ext in _EXT_PRIORITY:
+        found = [name for name in names if name.endswith(ext)]
+        if len(found) > 1:
+            _logger.warning(f'Multiple {ext} checkpoints in {directory}: {found}. Using {found[0]!r}.')
+        if found:
+            return _dir_pick(directory, found[0])
+    raise FileNotFoundError(
+        f'No NViT weights in folder {directory!r}: looked, as timm does, for the files {", ".join(_PREFERRED_FILES)}, '
+        f'then for any file ending in {", ".join(_EXT_PRIORITY)} (in that order). Put the weight file there under one '
+        f'of these names, or pass the file itself: pretrained_cfg_overlay=dict(file=...).')
+
+
+def _dir_pick(directory: str, name: str) -> str:
+    """``directory/name``, timm's pick in the folder, which must be a file (timm's rule picks by name only)."""
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f'In NViT weights folder {directory!r}, timm\'s rule for picking the weight file picks {name!r}, which is '
+            f'not a file (a folder?). Rename or remove it, so that the weight file is picked.')
+    return path
 
 
 def _read_pretrained(variant: str, kwargs: Mapping[str, Any]):
