@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -168,6 +169,22 @@ def _num_blocks(state_dict: Mapping[str, Any]) -> int:
     return max(found) + 1 if found else 0
 
 
+_Widths = Tuple[int, int, int]
+
+
+def _present_block_widths(state_dict: Mapping[str, torch.Tensor]) -> Tuple[Optional[int], Dict[int, _Widths]]:
+    """Like ``_block_widths`` for a partial state dict: the embedding width if ``pos_embed`` is there, and the total
+    widths of the blocks whose q/k/v, projection and first MLP weights are all there."""
+    embed = state_dict.get('pos_embed')
+    widths = {}
+    for i in range(_num_blocks(state_dict)):
+        names = [f'blocks.{i}.attn.qkv.weight', f'blocks.{i}.attn.proj.weight', f'blocks.{i}.mlp.fc1.weight']
+        if all(n in state_dict for n in names):
+            qkv, proj, fc1 = (state_dict[n].shape for n in names)
+            widths[i] = ((qkv[0] - proj[1]) // 2, proj[1], fc1[0])
+    return (None if embed is None else embed.shape[-1]), widths
+
+
 def _block_widths(state_dict: Mapping[str, torch.Tensor]) -> Tuple[int, List[Tuple[int, int, int]]]:
     """Embedding width and per-block total (q/k, v, mlp) widths from an our-layout state dict."""
     try:
@@ -183,18 +200,30 @@ def _block_widths(state_dict: Mapping[str, torch.Tensor]) -> Tuple[int, List[Tup
     return embed_dim, widths
 
 
-def check_dims_match(dims: NViTDims, state_dict: Mapping[str, torch.Tensor]) -> None:
+def check_dims_match(dims: NViTDims, state_dict: Mapping[str, torch.Tensor], partial: bool = False) -> None:
     """Raise IncompatibleCheckpointError (a ValueError) naming every block whose widths in ``dims`` disagree with the
-    weight shapes."""
+    weight shapes.
+
+    With ``partial`` (a ``pretrained_strict=False`` load) tensors may be missing and blocks beyond ``dims.depth``
+    may be there: only the widths the present weights show, of blocks the dims have, are compared.
+    """
     if is_official_layout(state_dict):
         state_dict = convert_official(state_dict)
-    embed_dim, widths = _block_widths(state_dict)
     problems = []
-    if embed_dim != dims.embed_dim:
-        problems.append(f'embed_dim {dims.embed_dim} vs weights {embed_dim}')
-    if len(widths) != dims.depth:
-        problems.append(f'depth {dims.depth} vs weights {len(widths)} blocks')
-    for i, (qk, v, mlp) in enumerate(widths[:dims.depth]):
+    widths: Sequence[Optional[_Widths]]
+    if partial:
+        embed_dim, present = _present_block_widths(state_dict)
+        widths = [present.get(i) for i in range(dims.depth)]
+    else:
+        embed_dim, widths = _block_widths(state_dict)
+        if len(widths) != dims.depth:
+            problems.append(f'depth {dims.depth} vs weights {len(widths)} blocks')
+    if embed_dim is not None and embed_dim != dims.embed_dim:
+        problems.insert(0, f'embed_dim {dims.embed_dim} vs weights {embed_dim}')
+    for i, found in enumerate(widths[:dims.depth]):
+        if found is None:
+            continue
+        qk, v, mlp = found
         want = (dims.heads[i] * dims.qk_dim[i], dims.heads[i] * dims.v_dim[i], dims.mlp_dim[i])
         if want != (qk, v, mlp):
             problems.append(f'block {i}: heads*qk, heads*v, mlp = {want} vs weights {(qk, v, mlp)}')
@@ -363,13 +392,16 @@ def load_checkpoint(path: Union[str, os.PathLike]) -> Tuple[StateDict, Optional[
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: torch.nn.Module,
-                         features_only: bool = False) -> StateDict:
+                         features_only: bool = False, strict: bool = True) -> StateDict:
     """timm pretrained filter: official or our layout -> ``model``'s, resampling position embedding / token scales.
 
     Accepts a full training checkpoint dict (weights under ``'model'`` or ``'state_dict'``) too, and keys wrapped
     by DDP (``module.``) or ``torch.compile`` (``_orig_mod.``). With ``features_only`` (the model is built for
     ``features_only=True``, whose classifier timm drops) the checkpoint's classifier is not checked, so a fine-tuned
-    or headless checkpoint loads.
+    or headless checkpoint loads. ``strict=False`` (``pretrained_strict=False``) lets tensors be missing (the model
+    keeps their initialisation) or extra (timm skips them), with a ``UserWarning`` naming them; another model's
+    checkpoint, a distilled / non-distilled mismatch, other input channels, a classifier of another size and other
+    tensor shapes are still errors.
     """
     inner = _inner_state_dict(state_dict)
     if inner is not None:
@@ -391,9 +423,12 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: torch.nn.Module,
     _check_in_chans(out, model)
     _fit_patch_size(out, model)
     if not features_only:
-        _check_classifier(out, model)
-    _check_norm_placement(out, model)
-    _check_complete(out, model)
+        _check_classifier(out, model, strict)
+    if strict:
+        _check_norm_placement(out, model)
+        _check_complete(out, model)
+    else:
+        _warn_partial(out, model, features_only)
     return out
 
 
@@ -406,18 +441,22 @@ class WeightsUnavailableError(RuntimeError, OSError):
     timm's own download errors, so that ``except OSError`` fallbacks written for timm's models work here too."""
 
 
-def _check_classifier(state_dict: Mapping[str, Any], model: torch.nn.Module) -> None:
+def _check_classifier(state_dict: Mapping[str, Any], model: torch.nn.Module, strict: bool = True) -> None:
     """A classifier timm will load (the model's ``num_classes`` is its cfg's) must have the model's size; timm drops
-    it only when they differ. Say so instead of torch's size-mismatch list."""
+    it only when they differ. Say so instead of torch's size-mismatch list. Without ``strict`` a checkpoint without
+    a classifier is let through (the missing keys are warned about)."""
     weight = state_dict.get('head.weight')
     cfg_classes = (getattr(model, 'pretrained_cfg', None) or {}).get('num_classes')
     if cfg_classes != model.num_classes or (weight is None and model.num_classes <= 0):
+        return
+    if weight is None and not strict:
         return
     if weight is None:
         raise ClassifierSizeError(
             f'The checkpoint has no classifier (head), and the model\'s {model.num_classes} classes are those of the '
             f'pretrained cfg, so timm loads it strictly. Create the model with num_classes=0 for features, or with '
-            f'the number of classes you will train (a new classifier on the checkpoint\'s body).')
+            f'the number of classes you will train (a new classifier on the checkpoint\'s body), or pass '
+            f'pretrained_strict=False to keep the model\'s new classifier (with a warning).')
     if weight.shape[0] == model.num_classes:
         return
     # timm keeps a checkpoint's classifier only when num_classes is the pretrained cfg's: give the count to both
@@ -506,14 +545,48 @@ def _check_complete(state_dict: Mapping[str, Any], model: torch.nn.Module) -> No
             raise IncompatibleCheckpointError(
                 f'The checkpoint has {len(unexpected)} tensor{"s" * (len(unexpected) > 1)} that the model does not '
                 f'have (e.g. {unexpected[:3]}): it was saved from a modified model. Load it into the model it was '
-                f'saved from, or remove those tensors from the file.')
+                f'saved from, or remove those tensors from the file. {_STRICT_OPT_OUT}')
         return
     hint = ''
     if all(k.endswith('attn.token_mask') for k in missing):
         hint = ' The checkpoint has no token scales: create the model with token_mask=False.'
     raise IncompatibleCheckpointError(
         f'The checkpoint is incomplete: {len(missing)} of the model\'s tensors are missing (e.g. {missing[:3]}); it '
-        f'may be truncated or saved from a modified model.{hint}')
+        f'may be truncated or saved from a modified model.{hint} {_STRICT_OPT_OUT}')
+
+
+_STRICT_OPT_OUT = ('To load on purpose only the tensors the two have in common (say, to start a modified model from '
+                   'these weights), pass pretrained_strict=False: the model\'s other tensors keep their initialisation '
+                   'and the checkpoint\'s others are skipped, with a warning naming them.')
+
+
+def _warn_partial(state_dict: Mapping[str, Any], model: torch.nn.Module, features_only: bool) -> None:
+    """``pretrained_strict=False``: warn (``UserWarning``) naming the model's tensors the checkpoint lacks, which keep
+    their initialisation, and the checkpoint's tensors the model lacks, which timm skips. Classifiers that timm drops
+    (``num_classes`` other than the cfg's, or ``features_only``) are no loss."""
+    own = model.state_dict()
+    cfg_classes = (getattr(model, 'pretrained_cfg', None) or {}).get('num_classes')
+    dropped = _CLASSIFIER_KEYS if features_only or cfg_classes != model.num_classes else ()
+    missing = [k for k in own if k not in state_dict and k not in dropped]
+    unexpected = [k for k in state_dict if k not in own and k not in dropped]
+    if missing or unexpected:
+        warnings.warn(_partial_load_message(missing, unexpected), UserWarning, stacklevel=2)
+
+
+def _partial_load_message(missing: List[str], unexpected: List[str], shown: int = 5) -> str:
+    """The ``pretrained_strict=False`` warning: how many tensors were left out either way, and the first names."""
+    def some(keys: List[str]) -> str:
+        more = f', ... ({len(keys) - shown} more)' if len(keys) > shown else ''
+        return ', '.join(keys[:shown]) + more
+
+    parts = []
+    if missing:
+        parts.append(f'{len(missing)} of the model\'s tensors are not in the checkpoint and keep their '
+                     f'initialisation: {some(missing)}')
+    if unexpected:
+        parts.append(f'{len(unexpected)} tensor{"s" * (len(unexpected) > 1)} of the checkpoint '
+                     f'{"are" if len(unexpected) > 1 else "is"} not in the model and not loaded: {some(unexpected)}')
+    return 'Partial NViT load (pretrained_strict=False): ' + '; '.join(parts) + '.'
 
 
 def _source_grid(model: torch.nn.Module, state_dict: Mapping[str, Any], patches: int) -> List[int]:

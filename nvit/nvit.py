@@ -240,14 +240,15 @@ def _create_nvit(variant: str, pretrained: bool = False, default_dims: Optional[
     dims = dims or fixed or KNOWN_DIMS.get(variant)
     if dims is None:
         raise _missing_dims_error(variant)
+    strict = kwargs.get('pretrained_strict', True)  # False: timm's opt-out of a strict load, honoured with a warning
     if state_dict is not None:
-        check_dims_match(dims, state_dict)
+        check_dims_match(dims, state_dict, partial=not strict)
 
     model = build_model_with_cfg(
         NViT, variant, pretrained,
         dims=dims.to_dict(),
-        pretrained_filter_fn=(partial(checkpoint_filter_fn, features_only=True) if kwargs.get('features_only')
-                              else checkpoint_filter_fn),
+        pretrained_filter_fn=partial(checkpoint_filter_fn, features_only=bool(kwargs.get('features_only')),
+                                     strict=strict),
         feature_cfg=dict(out_indices=3, feature_cls='getter'),
         **kwargs,
     )

@@ -1,6 +1,7 @@
 """Pretrained-weight filter: accepts timm's layout and the official repository's, and refuses other variants."""
 import logging
 import re
+import warnings
 from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
@@ -150,7 +151,7 @@ def _fit_distill_head(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> 
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module,
-                         features_only: bool = False) -> Dict[str, torch.Tensor]:
+                         features_only: bool = False, strict: bool = True) -> Dict[str, torch.Tensor]:
     """Turn a checkpoint in timm's or the official layout into ``model``'s layout.
 
     Args:
@@ -158,6 +159,10 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module,
         model: The model that will load it.
         features_only: The model is built for ``features_only=True`` (timm then drops its head after loading):
             the checkpoint's head is left out and not checked, so a fine-tuned or headless checkpoint loads.
+        strict: False for ``pretrained_strict=False``: tensors the checkpoint lacks (the model keeps their
+            initialisation) or has beyond the model's (timm skips them) are allowed, with a ``UserWarning`` naming
+            them; tensors of other shapes, another model's checkpoint (no tensor in common with the model's body), a
+            classifier of another size and other input channels are still errors.
 
     Raises:
         CheckpointMismatchError: The checkpoint is another SHViT variant or not an SHViT at all.
@@ -170,15 +175,18 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module,
         missing = sorted(set(expected) - set(found))
         unexpected = sorted(set(found) - set(expected))
         reshaped = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
-        if not unexpected and not reshaped:  # the model's own keys and shapes, some missing: truncated, not another
+        if not strict and not reshaped and set(expected) & set(found):  # some of the model's tensors, as asked
+            pass
+        elif not unexpected and not reshaped:  # the model's own keys and shapes, some missing: truncated, not another
             raise _incomplete(missing, model)
-        if not missing and not reshaped:  # every tensor of the model, plus some: a modified model, not another
+        elif not missing and not reshaped:  # every tensor of the model, plus some: a modified model, not another
             raise _extra_tensors(unexpected, model)
-        raise CheckpointMismatchError(
-            f'Checkpoint does not fit the model: expected {_describe_model(model)}, found '
-            f'{describe_state_dict(state_dict)} ({len(missing)} missing keys, e.g. {missing[:3]}; '
-            f'{len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(reshaped)} with other shapes, '
-            f'e.g. {reshaped[:3]}). Use the entrypoint of the checkpoint\'s variant.')
+        else:
+            raise CheckpointMismatchError(
+                f'Checkpoint does not fit the model: expected {_describe_model(model)}, found '
+                f'{describe_state_dict(state_dict)} ({len(missing)} missing keys, e.g. {missing[:3]}; '
+                f'{len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(reshaped)} with other shapes, '
+                f'e.g. {reshaped[:3]}). Use the entrypoint of the checkpoint\'s variant.')
     _check_in_chans(state_dict, model)
     cfg_classes = (getattr(model, 'pretrained_cfg', None) or {}).get('num_classes')
     # no head, or one timm drops (or a checkpoint head without its classifier): the checkpoint's whole head (its
@@ -190,8 +198,11 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module,
             del state_dict[k]
     else:
         _fit_distill_head(state_dict, model)
-        _check_classifier(state_dict, model)
-    _check_complete(state_dict, model, headless)
+        _check_classifier(state_dict, model, strict)
+    if strict:
+        _check_complete(state_dict, model, headless)
+    else:
+        _warn_partial(state_dict, model, headless)
     return state_dict
 
 
@@ -212,21 +223,25 @@ def _check_in_chans(state_dict: Mapping[str, torch.Tensor], model: nn.Module) ->
         f'pretrained_cfg_overlay=dict(file=..., input_size=({n}, H, W)).')
 
 
-def _check_classifier(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+def _check_classifier(state_dict: Mapping[str, torch.Tensor], model: nn.Module, strict: bool = True) -> None:
     """A classifier timm will load (the model's ``num_classes`` is its cfg's) must have the model's size.
 
     timm drops the checkpoint's classifier only when ``num_classes`` differs from the pretrained cfg's; when they
-    agree but the checkpoint's classifier has another size, say so instead of torch's size-mismatch list.
+    agree but the checkpoint's classifier has another size, say so instead of torch's size-mismatch list. Without
+    ``strict`` a checkpoint without a classifier is let through (the missing keys are warned about).
     """
     weight = state_dict.get('head.l.weight')
     cfg_classes = (getattr(model, 'pretrained_cfg', None) or {}).get('num_classes')
     if cfg_classes != model.num_classes or (weight is None and model.num_classes <= 0):
         return
+    if weight is None and not strict:
+        return
     if weight is None:
         raise IncompleteCheckpointError(
             f'The checkpoint has no classifier (head.l), and the model\'s {model.num_classes} classes are those of '
             f'the pretrained cfg, so timm loads it strictly. Create the model with num_classes=0 for pooled features, '
-            f'or with the number of classes you will train (a new classifier on the checkpoint\'s body).')
+            f'or with the number of classes you will train (a new classifier on the checkpoint\'s body), or pass '
+            f'pretrained_strict=False to keep the model\'s new classifier (with a warning).')
     if weight.shape[0] == model.num_classes:
         return
     # timm keeps a checkpoint's classifier only when num_classes is the pretrained cfg's: give the count to both
@@ -259,15 +274,52 @@ def _check_complete(state_dict: Mapping[str, torch.Tensor], model: nn.Module, he
         raise _extra_tensors(unexpected, model)
 
 
+def _warn_partial(state_dict: Mapping[str, torch.Tensor], model: nn.Module, headless: bool) -> None:
+    """``pretrained_strict=False``: warn (``UserWarning``) naming the model's tensors the checkpoint lacks, which keep
+    their initialisation, and the checkpoint's tensors the model lacks, which timm skips. A classifier that timm
+    drops (``num_classes`` other than the cfg's) or a head a ``features_only`` model drops is no loss."""
+    own = model.state_dict()
+    cfg_classes = (getattr(model, 'pretrained_cfg', None) or {}).get('num_classes')
+    dropped = _HEAD_PREFIXES if headless else _CLASSIFIERS if cfg_classes != model.num_classes else ()
+    missing = [k for k in own
+               if k not in state_dict and not k.startswith(dropped) and not k.endswith('num_batches_tracked')]
+    unexpected = [k for k in state_dict
+                  if k not in own and not k.startswith(dropped) and not k.endswith('num_batches_tracked')]
+    if missing or unexpected:
+        warnings.warn(_partial_load_message(_describe_model(model), missing, unexpected), UserWarning, stacklevel=2)
+
+
+def _partial_load_message(model_name: str, missing: List[str], unexpected: List[str], shown: int = 5) -> str:
+    """The ``pretrained_strict=False`` warning: how many tensors were left out either way, and the first names."""
+    def some(keys: List[str]) -> str:
+        more = f', ... ({len(keys) - shown} more)' if len(keys) > shown else ''
+        return ', '.join(keys[:shown]) + more
+
+    parts = []
+    if missing:
+        parts.append(f'{len(missing)} of the model\'s tensors are not in the checkpoint and keep their '
+                     f'initialisation: {some(missing)}')
+    if unexpected:
+        parts.append(f'{len(unexpected)} tensor{"s" * (len(unexpected) > 1)} of the checkpoint '
+                     f'{"are" if len(unexpected) > 1 else "is"} not in the model and not loaded: {some(unexpected)}')
+    return f'Partial load of {model_name} (pretrained_strict=False): ' + '; '.join(parts) + '.'
+
+
+_STRICT_OPT_OUT = ('To load on purpose only the tensors the two have in common (say, to start a modified model from '
+                   'these weights), pass pretrained_strict=False: the model\'s other tensors keep their initialisation '
+                   'and the checkpoint\'s others are skipped, with a warning naming them.')
+
+
 def _extra_tensors(unexpected: List[str], model: nn.Module) -> ExtraTensorsError:
     return ExtraTensorsError(
         f'Checkpoint has {len(unexpected)} tensor{"s" if len(unexpected) > 1 else ""} that '
         f'{_describe_model(model)} does not have (e.g. '
         f'{unexpected[:3]}): it was saved from a modified model. Load it into the model it was saved from, or '
-        f'remove those tensors from the file.')
+        f'remove those tensors from the file. {_STRICT_OPT_OUT}')
 
 
 def _incomplete(missing: List[str], model: nn.Module) -> IncompleteCheckpointError:
     return IncompleteCheckpointError(
         f'Checkpoint is incomplete: {len(missing)} of the model\'s tensors are missing (e.g. {missing[:3]}); '
-        f'it may be truncated or saved from a modified model. Use a complete {_describe_model(model)} checkpoint.')
+        f'it may be truncated or saved from a modified model. Use a complete {_describe_model(model)} checkpoint. '
+        f'{_STRICT_OPT_OUT}')

@@ -259,8 +259,8 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
         restore_source = _read_model_not_ema(variant, kwargs) if pretrained else None
         model = build_model_with_cfg(
             SHViT, variant, pretrained,
-            pretrained_filter_fn=(partial(checkpoint_filter_fn, features_only=True) if kwargs.get('features_only')
-                                  else checkpoint_filter_fn),
+            pretrained_filter_fn=partial(checkpoint_filter_fn, features_only=bool(kwargs.get('features_only')),
+                                         strict=kwargs.get('pretrained_strict', True)),
             feature_cfg=dict(out_indices=(0, 1, 2), flatten_sequential=True),
             **kwargs,
         )
