@@ -384,6 +384,22 @@ def test_local_dir_checks_the_file_timm_reads(tmp_path, shvit_files):
         load_pretrained_model(f"local-dir:{no_config}")
 
 
+@pytest.mark.parametrize("arch", ["shvit_s1", "revit_t"])
+@pytest.mark.parametrize("name", ["pytorch_model.pth", "checkpoint.pth", "weights.pth.tar"])
+def test_local_dir_takes_and_checks_any_weight_file_timm_picks(tmp_path, arch, name):
+    """A folder whose weights are not named model.safetensors / pytorch_model.bin: timm's local-dir: loader (and both
+    model packages) pick it by timm's rule, and so does load_pretrained_model (before 2026-11-25 it refused such a
+    folder as "not a converted model folder"); the picked file is checked, so a truncated one is corrupt."""
+    model = timm.create_model(arch).eval()
+    save_for_hf(model, str(tmp_path / "hf"), safe_serialization=False)
+    (tmp_path / "hf" / "pytorch_model.bin").rename(tmp_path / "hf" / name)
+    assert _same_weights(load_pretrained_model(f"local-dir:{tmp_path / 'hf'}"), model)
+    data = (tmp_path / "hf" / name).read_bytes()
+    (tmp_path / "hf" / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptWeightsError):
+        load_pretrained_model(f"local-dir:{tmp_path / 'hf'}")
+
+
 def test_damaged_archive_member_is_corrupt(tmp_path):
     path = tmp_path / 'damaged.pth'
     torch.save({'w': torch.randn(1000)}, path)

@@ -20,8 +20,12 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
+# the model packages cannot import vitzoo, so vitzoo uses shvit's copies: timm's local-dir: pick of a folder's weight
+# file, and the legacy torch.save walk
+from shvit.shvit import _folder_weight_file as folder_weight_file
+from shvit.torch_legacy import LEGACY_PREFIX, legacy_file_cut
+
 from .atomic import atomic_write_bytes, atomic_write_text, check_output_free, staged_dir
-from shvit.torch_legacy import LEGACY_PREFIX, legacy_file_cut  # the model packages cannot import vitzoo
 
 __all__ = [
     "WEIGHT_FILES",
@@ -462,13 +466,14 @@ def load_pretrained_model(name: str, **kwargs: Any) -> torch.nn.Module:
         validate_weights_file(location)
     elif kind == "dir":
         folder = Path(location)
-        found = [folder / f for f in WEIGHT_FILES if (folder / f).is_file()]
-        if not (folder / "config.json").is_file() or not found:
+        weights = folder_weight_file(str(folder)) if folder.is_dir() else None
+        if not (folder / "config.json").is_file() or weights is None or not Path(weights).is_file():
             raise MissingWeightsError(
-                f"{folder} is not a converted model folder: it needs config.json and one of {', '.join(WEIGHT_FILES)} "
-                "(make one with `vitzoo convert`)."
+                f"{folder} is not a converted model folder: it needs config.json and a weight file, "
+                f"{' or '.join(WEIGHT_FILES)} (or another that timm's local-dir: loader picks: any *.safetensors, "
+                "*.pth, *.pth.tar or *.bin) (make one with `vitzoo convert`)."
             )
-        validate_weights_file(found[0])
+        validate_weights_file(weights)
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except (RuntimeError, ValueError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) + _DOWNLOAD_ERRORS as e:
