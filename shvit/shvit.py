@@ -23,6 +23,7 @@ from .checkpoint import (
     CheckpointMismatchError, ClassifierSizeError, CorruptCheckpointError, ExtraTensorsError, IncompleteCheckpointError,
     InputChannelsError, WeightFileNotFoundError, WeightsUnavailableError, checkpoint_filter_fn,
 )
+from .download_cache import damaged_download_text, download_cache_path
 from .model import SHViT
 from .torch_legacy import legacy_file_cut
 from .variants import VARIANT_STATS, VARIANTS
@@ -129,6 +130,28 @@ def _missing_weight_file(variant: str, kwargs: Dict[str, Any]) -> Optional[Weigh
         f'Could not load pretrained weights for {variant}: weight file {path} does not exist.\n'
         f'To fix: check the path, and give an existing .safetensors or .pth file in '
         f'pretrained_cfg_overlay=dict(file=...); or use pretrained=False.')
+
+
+def _damaged_download(variant: str, kwargs: Dict[str, Any]) -> Optional[CorruptCheckpointError]:
+    """The error for a url source whose download in timm's cache (``download_cache_path``) is damaged; None otherwise.
+
+    timm loads that file with ``torch.load`` as it is, so a damaged one either loads (a zip member failing its CRC:
+    damaged tensors) or fails in torch's words, often those for an unsafe pickle with the advice to load it with
+    ``weights_only=False``. So once timm has loaded it, or failed to, it is checked as a local file is (nothing is
+    unpickled): whether it was in the cache already or timm has just downloaded it.
+    """
+    try:
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                     pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay')).to_dict()
+        load_from, url = _resolve_pretrained_source(cfg)
+    except Exception:  # the load itself reports what is wrong with the cfg; never mask it
+        return None
+    if load_from != 'url' or not url:
+        return None
+    text = damaged_download_text(url, download_cache_path(url, kwargs.get('cache_dir')))
+    if text is None:
+        return None
+    return CorruptCheckpointError(f'Could not load pretrained weights for {variant}: {text}; or use pretrained=False.')
 
 
 def _hub_fix(repo: str, error: BaseException) -> str:
@@ -264,6 +287,9 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
             feature_cfg=dict(out_indices=(0, 1, 2), flatten_sequential=True),
             **kwargs,
         )
+        damaged = _damaged_download(variant, kwargs) if pretrained else None  # loaded, with a member failing its CRC
+        if damaged is not None:
+            raise damaged
         _drop_state_dict_from_cfg(model, restore_source)
         return model
     except Exception as e:
@@ -272,19 +298,24 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
         missing = _missing_weight_file(variant, kwargs)
         if missing is not None:
             raise missing from e
+        damaged = _damaged_download(variant, kwargs)  # before torch's words for the failure (unsafe pickle, ...)
+        if damaged is not None:
+            raise damaged from e
         if isinstance(e, (ClassifierSizeError, IncompleteCheckpointError, ExtraTensorsError, InputChannelsError)):
             raise RuntimeError(f'Could not load pretrained weights for {variant} from {source}: {e}') from e
         bad_opcode = _unsupported_opcode(e)
+        refused = _refused_global(e)
         if isinstance(e, CheckpointMismatchError):
             fix = 'use the entrypoint of the variant the checkpoint holds, or a checkpoint of ' + variant
-        elif 'weights_only=True blocked' in str(e) and bad_opcode is None:
+        elif ('weights_only=True blocked' in str(e) or refused) and bad_opcode is None:
             fix = ('the file pickles Python objects other than tensors (named above), which are not loaded because '
                    'unpickling them can run code; if you trust the file, pass its tensors instead: '
                    'pretrained_cfg_overlay=dict(state_dict=torch.load(path, weights_only=False)["model"])')
         elif source.startswith('url '):  # the official release file (GitHub): not on the Hub under this tag
             fix = (f'if the file is missing (offline or empty cache), download {source[4:]} once and pass '
                    f'pretrained_cfg_overlay=dict(file="/path/to/{variant}.pth"); if it is corrupt or truncated, '
-                   f'download it again; or use the Hub weights {variant}.in1k')
+                   f'delete {download_cache_path(source[4:], kwargs.get("cache_dir"))} and load again, which '
+                   f'downloads it again; or use the Hub weights {variant}.in1k')
         elif source.startswith('file '):  # a local file: no download advice
             fix = (f'check that {source[5:]} is a complete {variant} checkpoint (.safetensors, or a .pth state dict '
                    'or training checkpoint), or convert it again')
@@ -294,12 +325,26 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
         # a download that failed (timm's own models raise an OSError there); a local file that exists (missing
         # ones were handled above) and fails to load is damaged, not unavailable, whatever torch.load raised
         unavailable = not source.startswith('file ') and any(isinstance(c, OSError) for c in _causes(e, context=False))
-        unreadable = not unavailable and (bad_opcode is not None or _raised_while_reading(e))
+        unreadable = not unavailable and not refused and (bad_opcode is not None or _raised_while_reading(e))
         reason = f'{type(e).__name__}: {e}' if bad_opcode is None else (
             f'UnpicklingError: {bad_opcode} (the file is not a pickle that torch.save writes)')
+        if refused:  # torch's own words would advise weights_only=False without a word on what the file holds
+            where = download_cache_path(source[4:], kwargs.get('cache_dir')) if source.startswith('url ') else 'it'
+            reason = f'{type(e).__name__}: {where} pickles {refused}, which weights_only=True does not allow'
         raise (WeightsUnavailableError if unavailable else CorruptCheckpointError if unreadable else RuntimeError)(
             f'Could not load pretrained weights for {variant} from {source}: {reason}\n'
             f'To fix: {fix}; or use pretrained=False.') from e
+
+
+def _refused_global(error: BaseException) -> Optional[str]:
+    """The global torch's weights-only unpickler refused ("Unsupported global: GLOBAL module.Name") when ``error`` is
+    that refusal itself, as timm's url loader lets it through (its file loader words it "weights_only=True blocked");
+    else None. A url source's file gets here only once it passed the checks for damage (``_damaged_download``): a
+    complete file that pickles that global."""
+    if not isinstance(error, pickle.UnpicklingError):
+        return None
+    found = re.search(r'Unsupported global: GLOBAL ([\w.]+)', str(error))
+    return found.group(1) if found else None
 
 
 def _unsupported_opcode(error: BaseException) -> Optional[str]:

@@ -1,0 +1,180 @@
+"""A damaged file in timm's download cache for URL-hosted weights (the ``shvit_sX.in1k_official`` GitHub release, the
+``nvit_*.in1k`` Dropbox files) is reported as corrupt or truncated, naming the cached file and saying to delete it,
+never with torch's advice for an unsafe pickle (load it with ``weights_only=False``, "if you trust this class"); a
+complete file that pickles a global weights-only loading does not allow is still reported as unsafe.
+
+Found: a random file in the cache, ``$TORCH_HOME/hub/checkpoints/NViT_T.pth``, was "Cannot read checkpoint ...:
+UnpicklingError: Weights only load failed ... Re-running `torch.load` with `weights_only` set to `False` will likely
+succeed"; for ``shvit_s1.in1k_official`` a legacy file cut inside a global's name was torch's "Unsupported global"
+text, a zip archive with a member failing its CRC loaded without error, and a complete file that pickles an unsafe
+global was called corrupt. The files are put in the cache, so nothing is downloaded.
+"""
+import os
+from urllib.parse import urlparse
+
+import pytest
+import timm
+import torch
+
+import nvit
+import shvit
+from files import damage_largest_member  # tests/files.py
+
+# an official-style NViT record (reference nvit.md: 'dim' = {EMB, head, QK, V, MLP}) for a small 2-block model
+NVIT_DIM = {'EMB': 48, 'head': [2, 3], 'QK': [8, 16], 'V': [16, 8], 'MLP': [64, 32]}
+# registered tag, its URL's file name, the package's error for a damaged file
+MODELS = {
+    'shvit': ('shvit_s1.in1k_official', 'shvit_s1.pth', shvit.CorruptCheckpointError),
+    'nvit': ('nvit_t.in1k', 'NViT_T.pth', nvit.CorruptCheckpointError),
+}
+# torch's words for a file its weights-only unpickler refuses, and advice for trusted files only
+UNSAFE_ADVICE = ('weights_only` set to `False`', 'weights_only=False', 'trust', 'allowlisted', 'pickles')
+
+
+class Pickled:
+    """An object that weights_only=True refuses to unpickle (its global is not allowlisted)."""
+
+    def __reduce__(self):
+        return (Pickled, ())
+
+
+def _random_like(state):
+    g = torch.Generator().manual_seed(0)
+    return {k: torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone() for k, v in state.items()}
+
+
+@pytest.fixture(scope='module')
+def checkpoints():
+    """Each package's checkpoint as its release has it: a training checkpoint with the weights under 'model' (and
+    NViT's 'dim' record)."""
+    shvit_sd = _random_like(timm.create_model('shvit_s1').state_dict())
+    nvit_sd = _random_like(timm.create_model('nvit_t', dims=NVIT_DIM).state_dict())
+    return {'shvit': {'model': shvit_sd, 'epoch': 299}, 'nvit': {'model': nvit_sd, 'dim': NVIT_DIM, 'epoch': 299}}
+
+
+def _write(path, checkpoint, case):
+    """Write ``checkpoint`` to ``path`` damaged as ``case`` says."""
+    legacy = case in ('legacy', 'legacy_cut')
+    torch.save(dict(checkpoint, extra=Pickled()) if case == 'unsafe' else checkpoint, path,
+               _use_new_zipfile_serialization=not legacy)
+    data = path.read_bytes()
+    if case == 'legacy_cut':  # inside the first storage type's name ("torch\nFloatStor"): an "Unsupported global"
+        path.write_bytes(data[:data.index(b'Storage') + 4])
+    elif case == 'zip_cut':
+        path.write_bytes(data[:len(data) // 2])
+    elif case == 'zip_crc':
+        damage_largest_member(path)
+    elif case == 'garbage':
+        path.write_bytes(torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(1),
+                                       dtype=torch.uint8).numpy().tobytes())
+    elif case == 'html':  # what a share link answers instead of the file, e.g. a login page
+        path.write_bytes(b'<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body></body></html>\n' * 20)
+
+
+def _timm(tag, **kwargs):
+    return timm.create_model(tag, pretrained=True, **kwargs)
+
+
+READERS = {  # package, how it is loaded, the error a damaged file must raise (None: the package's)
+    'shvit': ('shvit', _timm, None),
+}
+DAMAGED = ['garbage', 'html', 'legacy_cut', 'zip_cut', 'zip_crc']
+
+
+@pytest.fixture(params=['TORCH_HOME', 'cache_dir'])
+def cache(request, tmp_path, monkeypatch):
+    """The folder timm downloads URL weights into, and the kwargs that make it so: torch's hub cache under a temp
+    $TORCH_HOME, or ``cache_dir=``."""
+    if request.param == 'TORCH_HOME':
+        monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+        folder = tmp_path / 'torch_home' / 'hub' / 'checkpoints'
+        kwargs = {}
+    else:
+        folder = tmp_path / 'cache'
+        kwargs = {'cache_dir': str(folder)}
+    folder.mkdir(parents=True)
+    return folder, kwargs
+
+
+def test_the_tags_download_under_these_file_names():
+    """The file names the tests put in the cache are those of the registered URLs (the path's last part)."""
+    for tag, file_name, _ in MODELS.values():
+        assert os.path.basename(urlparse(timm.models.get_pretrained_cfg(tag).url).path) == file_name
+
+
+@pytest.mark.parametrize('case', DAMAGED)
+@pytest.mark.parametrize('reader', list(READERS))
+def test_a_damaged_cached_download_is_corrupt_and_to_be_deleted(checkpoints, cache, reader, case):
+    package, load, error = READERS[reader]
+    tag, file_name, package_error = MODELS[package]
+    folder, kwargs = cache
+    path = folder / file_name
+    _write(path, checkpoints[package], case)
+    data = path.read_bytes()
+    with pytest.raises(Exception) as info:
+        load(tag, **kwargs)
+    message = str(info.value)
+    assert isinstance(info.value, error or package_error), f'{type(info.value).__name__}: {message}'
+    assert 'corrupt or truncated' in message and f'delete {path}' in message, message
+    assert 'pretrained_cfg_overlay=dict(file=' in message, message
+    assert not [words for words in UNSAFE_ADVICE if words in message], message
+    assert path.read_bytes() == data and os.listdir(folder) == [file_name]  # reported, left alone, nothing fetched
+
+
+@pytest.mark.parametrize('reader', list(READERS))
+def test_a_complete_cached_download_with_an_unsafe_global_is_still_unsafe(checkpoints, cache, reader):
+    package, load, error = READERS[reader]
+    tag, file_name, package_error = MODELS[package]
+    folder, kwargs = cache
+    _write(folder / file_name, checkpoints[package], 'unsafe')
+    with pytest.raises(RuntimeError) as info:
+        load(tag, **kwargs)
+    message = str(info.value)
+    assert not isinstance(info.value, (package_error, error or package_error)), message
+    assert 'pickles' in message and 'corrupt' not in message and 'delete' not in message, message
+    assert f'{Pickled.__module__}.Pickled' in message or reader.startswith('vitzoo'), message
+
+
+@pytest.mark.parametrize('case', ['zip', 'legacy'])
+@pytest.mark.parametrize('reader', list(READERS))
+def test_a_complete_cached_download_loads(checkpoints, cache, reader, case):
+    """The checks pass a complete file of either format: the model gets the file's tensors."""
+    package, load, _ = READERS[reader]
+    tag, file_name, _ = MODELS[package]
+    folder, kwargs = cache
+    _write(folder / file_name, checkpoints[package], case)
+    model = load(tag, **kwargs)
+    saved = checkpoints[package]['model']
+    for key in ('head.l.weight', 'stages.2.blocks.0.mixer.m.qkv.c.weight') if package == 'shvit' else (
+            'pos_embed', 'blocks.1.mlp.fc1.weight', 'head_dist.weight'):
+        assert torch.equal(model.state_dict()[key], saved[key]), key
+
+
+@pytest.mark.parametrize('case', ['garbage', 'zip_crc'])
+@pytest.mark.parametrize('package', ['shvit'])
+def test_a_download_that_arrives_damaged_is_corrupt(checkpoints, tmp_path, package, case):
+    """A file timm has just downloaded (here from a file:// URL, into an empty cache) is checked as a cached one."""
+    tag, file_name, error = MODELS[package]
+    served = tmp_path / 'server' / file_name
+    served.parent.mkdir()
+    _write(served, checkpoints[package], case)
+    cache = tmp_path / 'cache'
+    with pytest.raises(error) as info:
+        _timm(tag, cache_dir=str(cache), pretrained_cfg_overlay=dict(url=f'file://{served}'))
+    message = str(info.value)
+    assert f'delete {cache / file_name}' in message and 'corrupt or truncated' in message, message
+    assert not [words for words in UNSAFE_ADVICE if words in message], message
+
+
+@pytest.mark.parametrize('protocol', [1, 2, 3, 4, 5])  # protocol 0: torch.load cannot read it
+@pytest.mark.parametrize('module', ['shvit.download_cache'])
+def test_complete_files_of_every_pickle_protocol_pass_the_check(tmp_path, module, protocol):
+    """torch.save files of either format, the legacy one in any pickle protocol, are not called damaged (the
+    reference: torch.load reads each back)."""
+    torch_file_damage = __import__(module, fromlist=['torch_file_damage']).torch_file_damage
+    state = {'w': torch.arange(6.0), 'i': torch.arange(3)}
+    for legacy in (True, False):
+        path = tmp_path / f'{protocol}{legacy}.pth'
+        torch.save(state, path, _use_new_zipfile_serialization=not legacy, pickle_protocol=protocol)
+        assert torch.equal(torch.load(path, weights_only=False)['w'], state['w'])
+        assert torch_file_damage(path) is None, (protocol, legacy)
