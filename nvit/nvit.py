@@ -33,9 +33,10 @@ from timm.models._hub import (
 from timm.models._input import update_model_args
 
 from .checkpoint import (
-    IncompatibleCheckpointError, WeightsUnavailableError, check_dims_match, checkpoint_filter_fn,
-    foreign_or_missing_dims_error, load_checkpoint, read_checkpoint_object)
+    CorruptCheckpointError, IncompatibleCheckpointError, WeightsUnavailableError, check_dims_match,
+    checkpoint_filter_fn, foreign_or_missing_dims_error, load_checkpoint, read_checkpoint_object)
 from .dims import NViTDims, resolve_dims, revit_dims
+from .download_cache import damaged_download_text
 from .model import NViT
 
 __all__ = ['KNOWN_DIMS']
@@ -178,6 +179,10 @@ def _read_pretrained(variant: str, kwargs: Mapping[str, Any]):
                 f'Could not download the {variant} checkpoint from {location}: {type(e).__name__}: {e}. If this '
                 f'machine is offline, download that file once elsewhere and pass '
                 f'pretrained_cfg_overlay=dict(file="/path/to/{variant}.pth").') from e
+        damaged = damaged_download_text(location, path)  # checked as a local file is, with the cache's advice
+        if damaged is not None:
+            raise CorruptCheckpointError(f'Could not load pretrained weights for {variant}: {damaged}; or use '
+                                         f'pretrained=False.')
     elif load_from == 'hf-hub':
         path = _hf_file(variant, location, cache_dir)
     elif load_from == 'local-dir':

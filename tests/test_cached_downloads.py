@@ -9,7 +9,9 @@ succeed"; for ``shvit_s1.in1k_official`` a legacy file cut inside a global's nam
 text, a zip archive with a member failing its CRC loaded without error, and a complete file that pickles an unsafe
 global was called corrupt. The files are put in the cache, so nothing is downloaded.
 """
+import ast
 import os
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -77,6 +79,7 @@ def _timm(tag, **kwargs):
 
 READERS = {  # package, how it is loaded, the error a damaged file must raise (None: the package's)
     'shvit': ('shvit', _timm, None),
+    'nvit': ('nvit', _timm, None),
 }
 DAMAGED = ['garbage', 'html', 'legacy_cut', 'zip_cut', 'zip_crc']
 
@@ -151,7 +154,7 @@ def test_a_complete_cached_download_loads(checkpoints, cache, reader, case):
 
 
 @pytest.mark.parametrize('case', ['garbage', 'zip_crc'])
-@pytest.mark.parametrize('package', ['shvit'])
+@pytest.mark.parametrize('package', ['shvit', 'nvit'])
 def test_a_download_that_arrives_damaged_is_corrupt(checkpoints, tmp_path, package, case):
     """A file timm has just downloaded (here from a file:// URL, into an empty cache) is checked as a cached one."""
     tag, file_name, error = MODELS[package]
@@ -167,7 +170,7 @@ def test_a_download_that_arrives_damaged_is_corrupt(checkpoints, tmp_path, packa
 
 
 @pytest.mark.parametrize('protocol', [1, 2, 3, 4, 5])  # protocol 0: torch.load cannot read it
-@pytest.mark.parametrize('module', ['shvit.download_cache'])
+@pytest.mark.parametrize('module', ['shvit.download_cache', 'nvit.download_cache'])
 def test_complete_files_of_every_pickle_protocol_pass_the_check(tmp_path, module, protocol):
     """torch.save files of either format, the legacy one in any pickle protocol, are not called damaged (the
     reference: torch.load reads each back)."""
@@ -178,3 +181,11 @@ def test_complete_files_of_every_pickle_protocol_pass_the_check(tmp_path, module
         torch.save(state, path, _use_new_zipfile_serialization=not legacy, pickle_protocol=protocol)
         assert torch.equal(torch.load(path, weights_only=False)['w'], state['w'])
         assert torch_file_damage(path) is None, (protocol, legacy)
+
+
+def test_the_two_copies_of_the_download_check_are_the_same_code():
+    """The model packages may not import each other, so each has its copy: the same code (quotes aside)."""
+    root = Path(__file__).resolve().parents[1]
+    copies = ('shvit/download_cache.py', 'nvit/download_cache.py')
+    trees = {p: ast.dump(ast.parse((root / p).read_text())) for p in copies}
+    assert len(set(trees.values())) == 1, list(trees)

@@ -1,0 +1,96 @@
+"""Whether timm's cached download of URL-hosted weights is a complete ``torch.save`` file, checked without unpickling.
+
+timm downloads a pretrained cfg's ``url`` once into the torch hub cache (``$TORCH_HOME/hub/checkpoints/<the URL's file
+name>``, or the ``cache_dir=`` given to ``create_model``) and from then on loads that file. A file damaged there (an
+interrupted copy, a disk error, an HTML page saved under the name) is reported by ``torch.load(weights_only=True)``
+with whatever its unpickler meets, often as a pickle it refuses for safety, with the advice to load it with
+``weights_only=False``: wrong, and unsafe, for a damaged file. The checks here (zip CRCs, the legacy format's
+structure, the first bytes) tell a damaged file from an unsafe one. The same module is in ``shvit`` and ``nvit`` (the
+model packages may not import each other).
+"""
+import io
+import os
+import pickletools
+import tarfile
+import zipfile
+from typing import Optional, Union
+from urllib.parse import urlparse
+
+import torch
+
+from .torch_legacy import legacy_file_cut
+
+__all__ = ['download_cache_path', 'torch_file_damage', 'damaged_download_text']
+
+PathLike = Union[str, os.PathLike]
+_ZIP_HEADER = b'PK\x03\x04'
+_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # the value of a legacy torch.save file's first pickle
+_HEAD = 64  # bytes enough for that first pickle in any pickle protocol (24 at protocol 4, 27 at protocol 0)
+
+
+def download_cache_path(url: str, cache_dir: Optional[PathLike] = None) -> str:
+    """Where timm keeps its download of ``url``: ``cache_dir`` if given, else the ``checkpoints`` folder of torch's
+    hub directory (``torch.hub.get_dir()``: ``$TORCH_HOME/hub``), under the last part of the URL's path (its query,
+    e.g. Dropbox's ``?dl=1``, left out), as ``torch.hub.load_state_dict_from_url`` and timm's
+    ``download_cached_file`` name it."""
+    folder = cache_dir or os.path.join(torch.hub.get_dir(), 'checkpoints')
+    return os.path.join(os.fspath(folder), os.path.basename(urlparse(url).path))
+
+
+def _first_pickle_is_magic_number(head: bytes) -> bool:
+    """True if ``head`` starts with a pickle (any protocol) whose only value is torch's magic number, as every legacy
+    ``torch.save`` file does. Parses the opcodes of at most ``_HEAD`` bytes; nothing is unpickled."""
+    values = []
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(head)):
+            if op.name == 'STOP':
+                return values == [_MAGIC_NUMBER]
+            if op.name not in ('PROTO', 'FRAME'):
+                values.append(arg)
+    except Exception:  # noqa: BLE001  on bytes that are no pickle, genops raises whatever it meets
+        return False
+    return False
+
+
+def torch_file_damage(path: PathLike) -> Optional[str]:
+    """What makes ``path`` no complete ``torch.save`` file, in words ("member archive/data/0 of its zip archive fails
+    its CRC check"); None when it looks complete (``torch.load`` then reads it, and reports what these checks cannot
+    see). A zip archive (torch.save's format since torch 1.6) has its members' CRCs checked; a legacy file is walked to
+    its end (``legacy_file_cut``); any other file must at least start as a legacy file does (or be a tar archive, the
+    oldest format, which ``torch.load`` reports itself)."""
+    with open(path, 'rb') as f:
+        head = f.read(_HEAD)
+    if not head:
+        return 'it is empty'
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+        except Exception as e:  # noqa: BLE001  a damaged archive raises what its damage makes the reader meet
+            return f'its zip archive cannot be read ({type(e).__name__}: {e})'
+        return None if damaged is None else f'member {damaged} of its zip archive fails its CRC check'
+    if head.startswith(_ZIP_HEADER):
+        return ('it starts as a zip archive (the torch.save format) but has no end record (central directory), so it '
+                'is cut short')
+    cut = legacy_file_cut(path)
+    if cut is not None:
+        return cut
+    if _first_pickle_is_magic_number(head) or tarfile.is_tarfile(path):
+        return None
+    return (f'it is not a torch.save file: its first bytes ({head[:8]!r}) start neither a zip archive nor a legacy '
+            f'torch.save file')
+
+
+def damaged_download_text(url: str, path: PathLike) -> Optional[str]:
+    """If ``path``, timm's download of ``url``, exists and is damaged (``torch_file_damage``): what is wrong and what
+    to do, in words ("the download of URL in the cache, PATH, is corrupt or truncated: ...\\nTo fix: delete PATH ...",
+    for the caller to prefix with the model's name); None when it is missing (timm downloads it) or looks complete."""
+    if not os.path.isfile(path):
+        return None
+    damage = torch_file_damage(path)
+    if damage is None:
+        return None
+    name = os.path.basename(path)
+    return (f'the download of {url} in the cache, {path}, is corrupt or truncated: {damage}.\n'
+            f'To fix: delete {path} and load again, which downloads it again; or download it yourself and pass it with '
+            f'pretrained_cfg_overlay=dict(file="/path/to/{name}")')
