@@ -21,6 +21,7 @@ import torch
 import nvit
 import shvit
 from files import damage_largest_member  # tests/files.py
+from vitzoo.hub import CorruptWeightsError, WeightsError, load_pretrained_model
 
 # an official-style NViT record (reference nvit.md: 'dim' = {EMB, head, QK, V, MLP}) for a small 2-block model
 NVIT_DIM = {'EMB': 48, 'head': [2, 3], 'QK': [8, 16], 'V': [16, 8], 'MLP': [64, 32]}
@@ -77,9 +78,15 @@ def _timm(tag, **kwargs):
     return timm.create_model(tag, pretrained=True, **kwargs)
 
 
+def _not_called(*args, **kwargs):
+    raise AssertionError('timm.create_model was called: the file was not checked first')
+
+
 READERS = {  # package, how it is loaded, the error a damaged file must raise (None: the package's)
     'shvit': ('shvit', _timm, None),
     'nvit': ('nvit', _timm, None),
+    'vitzoo-shvit': ('shvit', load_pretrained_model, CorruptWeightsError),
+    'vitzoo-nvit': ('nvit', load_pretrained_model, CorruptWeightsError),
 }
 DAMAGED = ['garbage', 'html', 'legacy_cut', 'zip_cut', 'zip_crc']
 
@@ -107,13 +114,15 @@ def test_the_tags_download_under_these_file_names():
 
 @pytest.mark.parametrize('case', DAMAGED)
 @pytest.mark.parametrize('reader', list(READERS))
-def test_a_damaged_cached_download_is_corrupt_and_to_be_deleted(checkpoints, cache, reader, case):
+def test_a_damaged_cached_download_is_corrupt_and_to_be_deleted(checkpoints, cache, reader, case, monkeypatch):
     package, load, error = READERS[reader]
     tag, file_name, package_error = MODELS[package]
     folder, kwargs = cache
     path = folder / file_name
     _write(path, checkpoints[package], case)
     data = path.read_bytes()
+    if error is CorruptWeightsError:  # load_pretrained_model checks the weight file before timm reads it
+        monkeypatch.setattr(timm, 'create_model', _not_called)
     with pytest.raises(Exception) as info:
         load(tag, **kwargs)
     message = str(info.value)
@@ -134,7 +143,9 @@ def test_a_complete_cached_download_with_an_unsafe_global_is_still_unsafe(checkp
         load(tag, **kwargs)
     message = str(info.value)
     assert not isinstance(info.value, (package_error, error or package_error)), message
+    assert error is None or isinstance(info.value, WeightsError), message
     assert 'pickles' in message and 'corrupt' not in message and 'delete' not in message, message
+    assert str(folder / file_name) in message, message  # the file to re-save, if trusted: not the URL
     assert f'{Pickled.__module__}.Pickled' in message or reader.startswith('vitzoo'), message
 
 

@@ -464,6 +464,8 @@ def load_pretrained_model(name: str, **kwargs: Any) -> torch.nn.Module:
         fetch_hub_weights(location, cache_dir=kwargs.get("cache_dir"), filename=_hub_filename(name, location, kwargs))
     elif kind == "file":
         validate_weights_file(location)
+    elif kind == "url":
+        _check_cached_download(location, kwargs)
     elif kind == "dir":
         folder = Path(location)
         weights = folder_weight_file(str(folder)) if folder.is_dir() else None
@@ -492,11 +494,40 @@ def load_pretrained_model(name: str, **kwargs: Any) -> torch.nn.Module:
                 f"The pretrained weights from {location} do not fit '{name}' (are they weights of another model or "
                 f"variant?): {_shorten(str(e))}"
             ) from e
-        if problem == "unsafe":
-            raise WeightsError(_unsafe_pickle_message(location, e)) from e
+        if problem == "unsafe":  # a URL's file is the one in timm's cache
+            cached = _url_cache_file(location, kwargs) if kind == "url" else None
+            raise WeightsError(_unsafe_pickle_message(str(cached or location), e)) from e
         if problem == "corrupt":
             raise CorruptWeightsError(f"{location} is corrupt or truncated: {_shorten(str(e))}") from e
         raise
+
+
+def _url_cache_file(url: str, kwargs: Dict[str, Any]) -> Optional[Path]:
+    """Where timm keeps its download of ``url``: the ``cache_dir`` passed, else torch.hub's checkpoints folder
+    (``$TORCH_HOME/hub/checkpoints``), under the URL path's last part (its query left out); None if it has none."""
+    from urllib.parse import urlparse
+
+    file_name = os.path.basename(urlparse(url).path)
+    if not file_name:
+        return None
+    return Path(kwargs.get("cache_dir") or Path(torch.hub.get_dir()) / "checkpoints") / file_name
+
+
+def _check_cached_download(url: str, kwargs: Dict[str, Any]) -> None:
+    """A URL source's download already in timm's cache is checked as a local file is (:func:`validate_weights_file`):
+    timm loads it as it is, so a damaged one would load with damaged tensors (a zip member failing its CRC) or be
+    reported in torch's words for an unsafe pickle, with the advice to load it with ``weights_only=False``."""
+    cached = _url_cache_file(url, kwargs)
+    if cached is None or not cached.is_file():
+        return  # timm downloads it
+    try:
+        validate_weights_file(cached)
+    except CorruptWeightsError as e:
+        raise CorruptWeightsError(
+            f"The download of {url} in timm's cache is corrupt or truncated: {e} To fix: delete {cached} and load "
+            f"again, which downloads it again; or download it yourself and load it with "
+            f"pretrained_cfg_overlay=dict(file='/path/to/{cached.name}')."
+        ) from e
 
 
 def _download_failed_message(name: str, url: str, error: BaseException, kwargs: Dict[str, Any]) -> str:
@@ -506,8 +537,8 @@ def _download_failed_message(name: str, url: str, error: BaseException, kwargs: 
     file_name = os.path.basename(urlparse(url).path)
     advice = (f"If this machine is offline, download that file once elsewhere and load it with "
               f"pretrained_cfg_overlay=dict(file='/path/to/{file_name or 'weights.pth'}')")
-    if file_name:  # timm's download cache (torch.hub's checkpoints folder, or cache_dir=): a file there is used
-        cache = Path(kwargs.get("cache_dir") or Path(torch.hub.get_dir()) / "checkpoints") / file_name
+    cache = _url_cache_file(url, kwargs)
+    if cache is not None:  # timm's download cache (torch.hub's checkpoints folder, or cache_dir=): a file there is used
         advice += f", or put it at {cache}, where timm looks for this download first"
     return f"Could not download the pretrained weights of '{name}' from {url}: {_download_cause_text(error)}. {advice}."
 
