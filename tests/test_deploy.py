@@ -1083,3 +1083,36 @@ def test_torchscript_shape_cache_keeps_the_last_four_shapes():
     held = [key[0][2] for key in cache]
     assert len(cache) == 4
     assert held == sizes[1:]  # the oldest (8x8, the example's) was evicted, the newest kept
+
+
+class _StridedConstant(nn.Module):
+    """Adds a strided slice of a constant: the ONNX exporter's constant folding warns that it folds only step-1
+    slices (as for timm's efficientvit_b0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.linspace(0.0, 1.0, 2000))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.table[::2]
+
+
+@pytest.mark.parametrize("backend", ["torchscript", "onnxruntime"])
+def test_traced_backends_do_not_pass_tracer_or_exporter_warnings_on(backend):
+    """The tracer's "Converting a tensor to a Python boolean" (timm's shape asserts) and the ONNX exporter's notes are
+    noise for a deployed model whose output is checked against the eager one (before 2026-11-25 they were printed at
+    deploy time and again at every new input shape). Warnings deploy itself raises stay."""
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    model = timm.create_model("vit_tiny_patch16_224", depth=1, img_size=64).eval()
+    if backend == "onnxruntime":
+        model = nn.Sequential(model, _StridedConstant()).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch's notice that the exporter is the legacy one
+        deployed = deploy(model, torch.randn(2, 3, 64, 64), backend=backend)
+        x = torch.randn(3, 3, 64, 64)
+        out = deployed(x)
+    assert [str(w.message)[:60] for w in caught] == []
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), atol=1e-4, rtol=0)

@@ -123,8 +123,11 @@ def _export(model: nn.Module, example_input: torch.Tensor, opset: int) -> bytes:
     with torch.no_grad():
         names = output_names(sum(OutputLayout(model(example_input)).is_tensor))  # the exporter leaves out None
     with torch.no_grad(), _exporter_log_off(), warnings.catch_warnings():
-        # timm's shape asserts trace to constants; the export is verified at other batch sizes afterwards
+        # timm's shape asserts trace to constants, and the exporter warns about what it folds or keeps (constant
+        # folding of a strided Slice, a weight-standardising batch_norm in train mode): the export is verified
+        # against the model at other batch sizes afterwards, so these are noise for its callers
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
         torch.onnx.export(
             model,
             (example_input.contiguous(),),

@@ -104,9 +104,13 @@ def _has_onednn_fusion_group(graph: torch.Graph) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_deprecation() -> Iterator[None]:
+def _quiet_tracing() -> Iterator[None]:
+    """torch's deprecation notice for ``torch.jit``, and the tracer's warnings about Python values it fixes as
+    constants (timm's shape asserts: "Converting a tensor to a Python boolean"): every trace is checked against the
+    eager model on its own input shape, and each new shape gets its own trace, so they are noise here."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         yield
 
 
@@ -258,7 +262,7 @@ class _Nested(nn.Module):
 
 
 def _trace(model: nn.Module, example_input: torch.Tensor, layout: OutputLayout) -> nn.Module:
-    with _quiet_deprecation(), torch.no_grad():
+    with _quiet_tracing(), torch.no_grad():
         flat = _TensorsOf(model).eval()
         traced = torch.jit.freeze(torch.jit.trace(flat, example_input, check_trace=False, strict=False))
     # in-place ops -> out-of-place where that is safe: oneDNN Graph mishandles some in-place ops with a Python
