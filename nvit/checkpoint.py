@@ -24,7 +24,7 @@ from timm.models._input import get_pretrained_grid_size
 
 from .attention import resample_token_mask
 from .dims import NViTDims, resolve_dims
-from .torch_legacy import legacy_file_cut
+from .torch_legacy import LEGACY_HEAD_SIZE, legacy_file_cut, starts_as_legacy_file
 
 __all__ = [
     'DIMS_METADATA_KEY', 'load_checkpoint', 'checkpoint_filter_fn', 'convert_official', 'dims_from_state_dict',
@@ -333,17 +333,14 @@ def _finish(
     return sd, dims, meta
 
 
-# what a torch.save file starts with: a zip archive's local header, or the legacy format's pickle protocol 2 opcode
-_TORCH_MAGIC = (b'PK\x03\x04', b'\x80\x02\x8a\x0a')
-
-
 def _check_named_by_content(path: str) -> None:
     """The file is read by its name, as timm reads weight files (``.safetensors``: safetensors, any other:
     ``torch.load``): a file of the other format (a safetensors file named ``.bin``) is refused with what it is and the
     name to give it, not read as a corrupt file."""
     with open(path, 'rb') as f:
-        head = f.read(9)
-    is_torch = head.startswith(_TORCH_MAGIC)
+        head = f.read(LEGACY_HEAD_SIZE)
+    # a torch.save file starts with a zip archive's local header, or (legacy format) a pickle of torch's magic number
+    is_torch = head.startswith(b'PK\x03\x04') or starts_as_legacy_file(head)
     named_safetensors = path.endswith('.safetensors')
     stem = os.path.splitext(os.path.basename(path))[0]
     if not is_torch and head[8:9] == b'{' and not named_safetensors:

@@ -3,19 +3,23 @@
 The legacy format (``torch.save(obj, f, _use_new_zipfile_serialization=False)``, and every file saved before torch
 1.6) is five pickles in a row (torch's magic number, the protocol version, the system info, the saved object, the
 list of storage keys), then for each key in that list the storage's element count (8 bytes, little-endian) and its
-raw bytes. ``torch.load`` reports a file cut short with whatever its unpickler meets at the cut: a cut inside a
+raw bytes. The pickles are in the protocol ``torch.save`` was given (``pickle_protocol``, 2 by default; protocols 4
+and 5 frame their opcodes), so the format is told by its first pickle's value, torch's magic number, not by fixed
+bytes. ``torch.load`` reports a file cut short with whatever its unpickler meets at the cut: a cut inside a
 global's name (``torch.FloatStorage``) reads as a global that ``weights_only=True`` does not allow, i.e. as an unsafe
 pickle. Walking the structure here tells a cut file from an unsafe one. The same module is in ``shvit`` and ``nvit``
 (the model packages may not import each other); ``vitzoo`` uses ``shvit``'s.
 """
+import io
 import os
 import pickletools
 from typing import Any, BinaryIO, Dict, List, Optional, Tuple, Union
 
-__all__ = ['LEGACY_PREFIX', 'legacy_file_cut']
+__all__ = ['LEGACY_HEAD_SIZE', 'starts_as_legacy_file', 'legacy_file_cut']
 
-# pickle protocol 2, then torch's magic number 0x1950a86a20f9469cfc6c as a 10-byte LONG1
-LEGACY_PREFIX = b'\x80\x02\x8a\x0a' + (0x1950A86A20F9469CFC6C).to_bytes(10, 'little')
+_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # the value of a legacy torch.save file's first pickle
+# bytes enough for that first pickle in any pickle protocol (14 at protocol 2, 24 at protocol 4, 27 at protocol 1)
+LEGACY_HEAD_SIZE = 64
 _PARTS = ('magic number', 'protocol version', 'system info', 'pickled object', 'list of storage keys')
 # bytes per element of the storage types a legacy file names (torch.<Name>Storage); UntypedStorage counts bytes
 _ELEMENT_SIZES = {
@@ -105,13 +109,29 @@ def _element_size(storage_type: Any) -> Optional[int]:
     return _ELEMENT_SIZES.get(name) if isinstance(storage_type, _Global) and module == 'torch' else None
 
 
+def starts_as_legacy_file(head: bytes) -> bool:
+    """True if ``head`` (a file's first bytes, ``LEGACY_HEAD_SIZE`` of them or fewer) starts with a pickle, in any
+    protocol, whose only value is torch's magic number, as every legacy ``torch.save`` file does (a file that ends
+    right after the number, before the pickle's STOP, included). Parses the opcodes; nothing is unpickled."""
+    values = []
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(head)):
+            if op.name == 'STOP':
+                break
+            if op.name not in ('PROTO', 'FRAME'):
+                values.append(arg)
+    except Exception:  # noqa: BLE001  bytes that end early or are no pickle: genops raises whatever it meets
+        pass
+    return values == [_MAGIC_NUMBER]
+
+
 def legacy_file_cut(path: Union[str, os.PathLike]) -> Optional[str]:
     """Where a legacy-format ``torch.save`` file ends too early, in words (``"it is a legacy (non-zip) torch.save
     file that ends at byte 782, inside its pickled object"``); None when it is complete, is not in the legacy format,
     or is damaged in a way this walk cannot tell from a valid file (``torch.load`` then reports it). Reads the
     pickles and the storages' element counts, and seeks past the storages' bytes; nothing is unpickled."""
     with open(path, 'rb') as f:
-        if f.read(len(LEGACY_PREFIX)) != LEGACY_PREFIX:
+        if not starts_as_legacy_file(f.read(LEGACY_HEAD_SIZE)):
             return None
         size = os.fstat(f.fileno()).st_size
         cut = f'it is a legacy (non-zip) torch.save file that ends at byte {size}'

@@ -8,9 +8,7 @@ with whatever its unpickler meets, often as a pickle it refuses for safety, with
 structure, the first bytes) tell a damaged file from an unsafe one. The same module is in ``shvit`` and ``nvit`` (the
 model packages may not import each other).
 """
-import io
 import os
-import pickletools
 import tarfile
 import zipfile
 from typing import Optional, Union
@@ -18,14 +16,12 @@ from urllib.parse import urlparse
 
 import torch
 
-from .torch_legacy import legacy_file_cut
+from .torch_legacy import LEGACY_HEAD_SIZE, legacy_file_cut, starts_as_legacy_file
 
 __all__ = ['download_cache_path', 'torch_file_damage', 'damaged_download_text']
 
 PathLike = Union[str, os.PathLike]
 _ZIP_HEADER = b'PK\x03\x04'
-_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # the value of a legacy torch.save file's first pickle
-_HEAD = 64  # bytes enough for that first pickle in any pickle protocol (24 at protocol 4, 27 at protocol 0)
 
 
 def download_cache_path(url: str, cache_dir: Optional[PathLike] = None) -> str:
@@ -37,21 +33,6 @@ def download_cache_path(url: str, cache_dir: Optional[PathLike] = None) -> str:
     return os.path.join(os.fspath(folder), os.path.basename(urlparse(url).path))
 
 
-def _first_pickle_is_magic_number(head: bytes) -> bool:
-    """True if ``head`` starts with a pickle (any protocol) whose only value is torch's magic number, as every legacy
-    ``torch.save`` file does. Parses the opcodes of at most ``_HEAD`` bytes; nothing is unpickled."""
-    values = []
-    try:
-        for op, arg, _ in pickletools.genops(io.BytesIO(head)):
-            if op.name == 'STOP':
-                return values == [_MAGIC_NUMBER]
-            if op.name not in ('PROTO', 'FRAME'):
-                values.append(arg)
-    except Exception:  # noqa: BLE001  on bytes that are no pickle, genops raises whatever it meets
-        return False
-    return False
-
-
 def torch_file_damage(path: PathLike) -> Optional[str]:
     """What makes ``path`` no complete ``torch.save`` file, in words ("member archive/data/0 of its zip archive fails
     its CRC check"); None when it looks complete (``torch.load`` then reads it, and reports what these checks cannot
@@ -59,7 +40,7 @@ def torch_file_damage(path: PathLike) -> Optional[str]:
     its end (``legacy_file_cut``); any other file must at least start as a legacy file does (or be a tar archive, the
     oldest format, which ``torch.load`` reports itself)."""
     with open(path, 'rb') as f:
-        head = f.read(_HEAD)
+        head = f.read(LEGACY_HEAD_SIZE)
     if not head:
         return 'it is empty'
     if zipfile.is_zipfile(path):
@@ -75,7 +56,7 @@ def torch_file_damage(path: PathLike) -> Optional[str]:
     cut = legacy_file_cut(path)
     if cut is not None:
         return cut
-    if _first_pickle_is_magic_number(head) or tarfile.is_tarfile(path):
+    if starts_as_legacy_file(head) or tarfile.is_tarfile(path):
         return None
     return (f'it is not a torch.save file: its first bytes ({head[:8]!r}) start neither a zip archive nor a legacy '
             f'torch.save file')

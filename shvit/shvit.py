@@ -25,7 +25,7 @@ from .checkpoint import (
 )
 from .download_cache import damaged_download_text, download_cache_path
 from .model import SHViT
-from .torch_legacy import legacy_file_cut
+from .torch_legacy import LEGACY_HEAD_SIZE, legacy_file_cut, starts_as_legacy_file
 from .variants import VARIANT_STATS, VARIANTS
 
 __all__ = ['default_cfgs']
@@ -212,10 +212,6 @@ def _folder_weight_file(folder: str) -> Optional[str]:
     return None
 
 
-# what a torch.save file starts with: a zip archive's local header, or the legacy format's pickle protocol 2 opcode
-_TORCH_MAGIC = (b'PK\x03\x04', b'\x80\x02\x8a\x0a')
-
-
 def _check_named_by_content(variant: str, path: str) -> None:
     """timm reads a file named ``.safetensors`` with safetensors and any other with ``torch.load``: a file of the
     other format than its name says (a safetensors file named ``.bin``) fails there with a misleading error (for a
@@ -223,8 +219,9 @@ def _check_named_by_content(variant: str, path: str) -> None:
     if not os.path.isfile(path):
         return  # reported by the loader
     with open(path, 'rb') as f:
-        head = f.read(9)
-    is_torch = head.startswith(_TORCH_MAGIC)
+        head = f.read(LEGACY_HEAD_SIZE)
+    # a torch.save file starts with a zip archive's local header, or (legacy format) a pickle of torch's magic number
+    is_torch = head.startswith(b'PK\x03\x04') or starts_as_legacy_file(head)
     named_safetensors = str(path).endswith('.safetensors')
     stem = os.path.splitext(os.path.basename(path))[0]
     if not is_torch and head[8:9] == b'{' and not named_safetensors:

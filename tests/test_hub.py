@@ -655,3 +655,35 @@ def test_entrypoints_name_a_file_of_the_other_format_too(tmp_path, shvit_files, 
     with pytest.raises(RuntimeError, match=advice) as info:
         timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "w.bin")), **kwargs)
     assert "pickle globals" not in str(info.value) and "truncated" not in str(info.value)
+
+
+@pytest.mark.parametrize("protocol", [1, 2, 3, 4, 5])
+def test_legacy_files_of_every_pickle_protocol_pass_the_check(tmp_path, protocol):
+    """torch.save(..., _use_new_zipfile_serialization=False, pickle_protocol=N) writes the legacy format in pickle
+    protocol N; the file is a torch.save file whatever N (torch.load reads it back), so the check passes it complete
+    and calls it truncated cut short. Before 2026-11-25 only protocol 2, torch's default, was recognised: any other
+    was "neither a safetensors file nor a torch.save archive"."""
+    path = tmp_path / "legacy.pth"
+    state = {"w": torch.arange(6.0), "i": torch.arange(3)}
+    torch.save(state, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    assert torch.equal(torch.load(path, weights_only=False)["w"], state["w"])
+    validate_weights_file(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-5])
+    cut = rf"is corrupt or truncated: it is a legacy \(non-zip\) torch.save file that ends at byte {len(data) - 5},"
+    with pytest.raises(CorruptWeightsError, match=cut):
+        validate_weights_file(path)
+    named = tmp_path / "legacy.safetensors"
+    named.write_bytes(data)
+    with pytest.raises(WeightsError, match="is a torch.save file, but its name says a safetensors file"):
+        validate_weights_file(named)
+
+
+def test_a_legacy_file_of_pickle_protocol_3_loads(tmp_path, shvit_files):
+    """torch.load(weights_only=True), which timm uses, reads a legacy file of pickle protocol 3 (as it does one of 2):
+    load_pretrained_model loads it (before 2026-11-25 it refused it as "neither a safetensors file nor a torch.save
+    archive")."""
+    model, _ = shvit_files
+    path = tmp_path / "legacy3.pth"
+    torch.save(model.state_dict(), path, _use_new_zipfile_serialization=False, pickle_protocol=3)
+    assert _same_weights(load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(file=str(path))), model)

@@ -24,6 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # the legacy format's first 14 bytes (pickle protocol 2, torch's magic number): a shorter cut is not recognisably a
 # legacy file, and the readers report it in their older words
 LEGACY_HEAD = 14
+# the same head in each pickle protocol torch.save takes (pickle_protocol=N): PROTO (2 bytes) and LONG1 (12 bytes) at
+# protocols 2 and 3, a FRAME (9 bytes) between them at 4 and 5, and at protocol 1 the number as text ("L<24 digits>L\n")
+LEGACY_HEADS = {1: 27, 2: 14, 3: 14, 4: 23, 5: 23}
 
 
 class Pickled:
@@ -119,10 +122,14 @@ def test_a_complete_legacy_file_with_an_unsafe_global_is_still_unsafe(tmp_path, 
         assert isinstance(info.value, WeightsError)
 
 
+@pytest.mark.parametrize("protocol", list(LEGACY_HEADS))
 @pytest.mark.parametrize("module", ["shvit.torch_legacy", "nvit.torch_legacy"])
-def test_the_structure_walk_passes_complete_files_and_names_every_cut(tmp_path, module):
+def test_the_structure_walk_passes_complete_files_and_names_every_cut(tmp_path, module, protocol):
     """Complete legacy files of every dtype a legacy file can hold (with shared storages, an empty tensor and a
-    training checkpoint's argparse.Namespace) pass; every cut past the 14-byte head is found, at its own size."""
+    training checkpoint's argparse.Namespace) pass; every cut past the head (the pickle of torch's magic number) is
+    found, at its own size, in every pickle protocol torch.save takes (before 2026-11-25 only protocol 2, torch's
+    default, was recognised: a file saved with pickle_protocol=3, 4 or 5 or 1 was not walked, and its cuts were left
+    to torch.load)."""
     legacy_file_cut = __import__(module, fromlist=["legacy_file_cut"]).legacy_file_cut
     dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
               torch.int8, torch.uint8, torch.bool, torch.complex128, torch.complex64]
@@ -131,13 +138,19 @@ def test_the_structure_walk_passes_complete_files_and_names_every_cut(tmp_path, 
     checkpoint = {"model": dict(state, view=base[3:], base=base, empty=torch.empty(0)), "epoch": 3,
                   "args": argparse.Namespace(lr=0.1), "dims": [(1, 2), (3, 4)]}
     path = tmp_path / "full.pth"
-    torch.save(checkpoint, path, _use_new_zipfile_serialization=False)
+    torch.save(checkpoint, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
     data = path.read_bytes()
+    assert torch.equal(torch.load(path, weights_only=False)["model"]["view"], base[3:])  # torch reads it back
     assert legacy_file_cut(path) is None
     torch.save(checkpoint, path)  # the zip format is not walked
     assert legacy_file_cut(path) is None
-    step = max(1, len(data) // 1500)  # a dense sample of the cuts, each part of the file included
-    sizes = sorted(set(range(LEGACY_HEAD, len(data), step)) | set(range(len(data) - 40, len(data))))
+    head = LEGACY_HEADS[protocol]
+    path.write_bytes(data[:head - 1])  # not recognisably a legacy file: left to the readers' other checks
+    assert legacy_file_cut(path) is None
+    # a dense sample of the cuts, each part of the file included (sparser for the protocols torch.save does not default
+    # to, to keep the test short)
+    step = max(1, len(data) // (1500 if protocol == 2 else 300))
+    sizes = sorted({*range(head, head + 40), *range(head, len(data), step), *range(len(data) - 40, len(data))})
     for size in sizes:
         path.write_bytes(data[:size])
         assert f"ends at byte {size}, inside" in (legacy_file_cut(path) or ""), size
@@ -148,3 +161,23 @@ def test_the_two_copies_of_the_structure_walk_are_the_same_code():
     code (quotes aside)."""
     trees = {p: ast.dump(ast.parse((ROOT / p).read_text())) for p in ("shvit/torch_legacy.py", "nvit/torch_legacy.py")}
     assert len(set(trees.values())) == 1, list(trees)
+
+
+@pytest.mark.parametrize("protocol", [1, 3, 4, 5])
+@pytest.mark.parametrize("name", list(READERS))
+def test_a_legacy_file_of_another_pickle_protocol_cut_short_is_truncated(tmp_path, name, protocol):
+    """A legacy file saved with torch.save(..., pickle_protocol=N), N other than torch's default 2, cut inside its
+    first storage's type name or in its last bytes, is truncated for every reader. Before 2026-11-25 such a file was
+    not recognised as a legacy file (only protocol 2's first bytes were), so the cut went to torch.load, and the shvit
+    entrypoint reported the cut inside the type name as a file that pickles an unsafe global."""
+    reader, corrupt = READERS[name]
+    path = tmp_path / "cut.pth"
+    torch.save(_small_state(), path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    data = path.read_bytes()
+    for size in (data.index(b"Storage") + 4, len(data) - 1):
+        path.write_bytes(data[:size])
+        with pytest.raises(corrupt) as info:
+            reader(path)
+        text = str(info.value)
+        assert f"legacy (non-zip) torch.save file that ends at byte {size}, inside" in text, (size, text)
+        assert str(path) in text and "pickles" not in text, (size, text)

@@ -23,7 +23,7 @@ import torch
 # the model packages cannot import vitzoo, so vitzoo uses shvit's copies: timm's local-dir: pick of a folder's weight
 # file, and the legacy torch.save walk
 from shvit.shvit import _folder_weight_file as folder_weight_file
-from shvit.torch_legacy import LEGACY_PREFIX, legacy_file_cut
+from shvit.torch_legacy import LEGACY_HEAD_SIZE, legacy_file_cut, starts_as_legacy_file
 
 from .atomic import atomic_write_bytes, atomic_write_text, check_output_free, staged_dir
 
@@ -168,17 +168,19 @@ def read_safetensors_metadata(path: PathLike) -> Tuple[Dict[str, str], Dict[str,
 
 
 def _is_legacy_torch_file(path: Path) -> bool:
+    """True if the file starts as a legacy (non-zip) ``torch.save`` file does, in whatever pickle protocol it was
+    saved (``torch.save(..., pickle_protocol=N)``): with a pickle of torch's magic number."""
     with open(path, "rb") as f:
-        return f.read(len(LEGACY_PREFIX)) == LEGACY_PREFIX
+        return starts_as_legacy_file(f.read(LEGACY_HEAD_SIZE))
 
 
 def _content_kind(path: Path) -> Optional[str]:
-    """What a weight file holds, by its first bytes: 'torch' (a torch.save zip archive, or the legacy pickle format),
-    'safetensors' (an 8-byte little-endian header length, then the JSON header's '{'), or None (neither, or too
-    short to tell)."""
+    """What a weight file holds, by its first bytes: 'torch' (a torch.save zip archive, or the legacy pickle format in
+    any pickle protocol), 'safetensors' (an 8-byte little-endian header length, then the JSON header's '{'), or None
+    (neither, or too short to tell)."""
     with open(path, "rb") as f:
-        head = f.read(len(LEGACY_PREFIX))
-    if head.startswith(b"PK\x03\x04") or head == LEGACY_PREFIX:
+        head = f.read(LEGACY_HEAD_SIZE)
+    if head.startswith(b"PK\x03\x04") or starts_as_legacy_file(head):
         return "torch"
     if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") >= 2:
         return "safetensors"
