@@ -24,7 +24,8 @@ from timm.models._input import get_pretrained_grid_size
 
 from .attention import resample_token_mask
 from .dims import NViTDims, resolve_dims
-from .torch_legacy import LEGACY_HEAD_SIZE, legacy_file_cut, starts_as_legacy_file
+from .download_cache import torch_file_damage
+from .torch_legacy import LEGACY_HEAD_SIZE, starts_as_legacy_file
 
 __all__ = [
     'DIMS_METADATA_KEY', 'load_checkpoint', 'checkpoint_filter_fn', 'convert_official', 'dims_from_state_dict',
@@ -68,8 +69,11 @@ def _load_torch_file(path: str) -> Any:
     """``torch.load(weights_only=True)`` allowing only ``argparse.Namespace`` beyond tensors and containers.
 
     A zip archive (torch.save's format since 1.6) is CRC-checked first: ``torch.load`` skips the CRCs and would
-    return damaged tensors. A legacy (non-zip) file is checked to be complete first: cut short, ``torch.load`` reports
-    whatever its unpickler meets at the cut, at some cuts a global it does not allow (an "unsafe" pickle).
+    return damaged tensors. Any other file is checked first to be a complete ``torch.save`` file
+    (``torch_file_damage``: a legacy file walked to its end, a zip archive without its end record, the first bytes of
+    anything else): ``torch.load`` reports a file cut short, or no ``torch.save`` file at all, with whatever its
+    unpickler meets, at some cuts a global it does not allow (an "unsafe" pickle), and for bytes it cannot read with
+    its advice to load the file with ``weights_only=False``.
     """
     if os.path.isfile(path) and zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
@@ -78,10 +82,12 @@ def _load_torch_file(path: str) -> Any:
             raise CorruptCheckpointError(
                 f'Checkpoint {path!r} is corrupt: member {damaged} of the archive fails its CRC check. Copy or '
                 f'download it again.')
-    cut = legacy_file_cut(path) if os.path.isfile(path) else None
-    if cut is not None:
-        raise CorruptCheckpointError(
-            f'Checkpoint {path!r} is corrupt or truncated: {cut}. Download or convert it again.')
+    elif os.path.isfile(path):
+        damage = torch_file_damage(path)
+        if damage is not None:
+            raise CorruptCheckpointError(
+                f'Cannot read checkpoint {path!r}: {damage}. The file is truncated or corrupt, or not a checkpoint at '
+                f'all; delete it and download or convert it again.')
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location='cpu', weights_only=True)

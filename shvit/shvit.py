@@ -23,9 +23,9 @@ from .checkpoint import (
     CheckpointMismatchError, ClassifierSizeError, CorruptCheckpointError, ExtraTensorsError, IncompleteCheckpointError,
     InputChannelsError, WeightFileNotFoundError, WeightsUnavailableError, checkpoint_filter_fn,
 )
-from .download_cache import damaged_download_text, download_cache_path
+from .download_cache import damaged_download_text, download_cache_path, torch_file_damage
 from .model import SHViT
-from .torch_legacy import LEGACY_HEAD_SIZE, legacy_file_cut, starts_as_legacy_file
+from .torch_legacy import LEGACY_HEAD_SIZE, starts_as_legacy_file
 from .variants import VARIANT_STATS, VARIANTS
 
 __all__ = ['default_cfgs']
@@ -194,7 +194,7 @@ def _read_model_not_ema(variant: str, kwargs: Dict[str, Any]) -> Optional[str]:
     if str(path).endswith('.safetensors'):
         return None
     _check_archive_crc(variant, path)
-    _check_legacy_complete(variant, path)
+    _check_torch_file(variant, path)
     kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=load_state_dict(path, use_ema=False), source='')
     return source
 
@@ -250,15 +250,20 @@ def _check_archive_crc(variant: str, path: str) -> None:
             f'pretrained=False.')
 
 
-def _check_legacy_complete(variant: str, path: str) -> None:
-    """A legacy (non-zip) ``torch.save`` file cut short is corrupt: ``torch.load`` reports it with whatever its
-    unpickler meets at the cut, at some cuts a global it does not allow, which reads as an unsafe pickle. Walks the
-    file's structure (nothing is unpickled)."""
-    cut = legacy_file_cut(path) if os.path.isfile(path) else None
-    if cut is not None:
+def _check_torch_file(variant: str, path: str) -> None:
+    """A file other than a zip archive (checked above) that is no complete ``torch.save`` file is corrupt
+    (``torch_file_damage``: a legacy file cut short, a zip archive without its end record, or first bytes that start
+    neither format, such as a text or HTML file): ``torch.load`` reports it with whatever its unpickler meets (a bare
+    ``KeyError`` for text, ``EOFError`` for an empty file), at some cuts of a legacy file a global it does not allow,
+    which reads as an unsafe pickle. Nothing is unpickled."""
+    if not os.path.isfile(path) or zipfile.is_zipfile(path):
+        return
+    damage = torch_file_damage(path)
+    if damage is not None:
         raise CorruptCheckpointError(
-            f'Could not load pretrained weights for {variant} from file {path}, which is corrupt or truncated: '
-            f'{cut}.\nTo fix: download or convert the file again; or use pretrained=False.')
+            f'Could not load pretrained weights for {variant} from file {path}, which is corrupt or truncated, or not '
+            f'a checkpoint at all: {damage}.\nTo fix: check that it is the file you meant, a complete {variant} '
+            f'checkpoint, and download or convert the file again; or use pretrained=False.')
 
 
 def _drop_state_dict_from_cfg(model: Any, source: Optional[str]) -> None:

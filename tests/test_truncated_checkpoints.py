@@ -181,3 +181,37 @@ def test_a_legacy_file_of_another_pickle_protocol_cut_short_is_truncated(tmp_pat
         text = str(info.value)
         assert f"legacy (non-zip) torch.save file that ends at byte {size}, inside" in text, (size, text)
         assert str(path) in text and "pickles" not in text, (size, text)
+
+
+NOT_TORCH = {  # files that are no torch.save file at all, and what torch's weights-only unpickler answers them with
+    "garbage": bytes(range(7, 250)) * 20,  # "Unsupported operand 7", with the advice to retry with weights_only=False
+    "html": b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body></body></html>\n" * 20,  # operand 60
+    "text": b"junk\n",  # a bare KeyError
+    "empty": b"",  # a bare EOFError
+}
+# torch's advice for files it refuses to unpickle, for trusted complete files only, and its bare exceptions
+TORCH_WORDS = ("weights_only` set to `False`", "weights_only=False", "trust", "allowlisted", "KeyError", "EOFError",
+               "Unsupported operand")
+
+
+@pytest.mark.parametrize("case", list(NOT_TORCH))
+@pytest.mark.parametrize("name", list(READERS))
+def test_a_file_that_is_no_torch_save_file_is_named_so_without_torchs_words(tmp_path, name, case):
+    """A .pth file that is no torch.save file (random bytes, an HTML page, text, nothing) is corrupt or not a
+    checkpoint, in the readers' words: named, said to be no torch.save file (or empty), with the advice to download or
+    convert it again. Before 2026-11-25 nvit.load_checkpoint quoted torch's whole message, with its advice to load
+    the file with weights_only=False ("Re-running torch.load with weights_only set to False will likely succeed"), or
+    a bare KeyError / EOFError, and the shvit entrypoint gave torch's "Unsupported operand 7", KeyError or EOFError."""
+    reader, corrupt = READERS[name]
+    path = tmp_path / "weights.pth"
+    path.write_bytes(NOT_TORCH[case])
+    with pytest.raises(corrupt) as info:
+        reader(path)
+    text = str(info.value)
+    assert str(path) in text and not [words for words in TORCH_WORDS if words in text], text
+    if name == "vitzoo":
+        assert "truncated or not a checkpoint: it is neither a safetensors file nor a torch.save archive" in text, text
+    else:
+        reason = "it is empty" if case == "empty" else "it is not a torch.save file: its first bytes"
+        assert "not a checkpoint at all" in text and reason in text, text
+        assert re.search("download or convert (it|the file) again", text), text
