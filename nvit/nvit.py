@@ -36,7 +36,7 @@ from .checkpoint import (
     CorruptCheckpointError, IncompatibleCheckpointError, WeightsUnavailableError, check_dims_match,
     checkpoint_filter_fn, foreign_or_missing_dims_error, load_checkpoint, read_checkpoint_object)
 from .dims import NViTDims, resolve_dims, revit_dims
-from .download_cache import damaged_download_text
+from .download_cache import damaged_download_text, damaged_hub_file_text
 from .model import NViT
 
 __all__ = ['KNOWN_DIMS']
@@ -97,6 +97,10 @@ def _hf_names(filename: str) -> Tuple[str, ...]:
 
 
 def _hf_file(variant: str, location: Any, cache_dir: Optional[str]) -> str:
+    """The Hub weight file timm would read for a ``hf-hub`` source, from the Hub cache or downloaded into it, checked
+    as a cached download is (``damaged_hub_file_text``): a damaged ``torch.save`` file there is a
+    ``CorruptCheckpointError`` naming the file and its blob, to delete (since 2026-11-25; before, it was read, and
+    reported in the reader's words without them)."""
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     if isinstance(location, (tuple, list)):  # (repo, the cfg's hf_hub_filename)
         repo, names = location[0], _hf_names(location[1])
@@ -104,13 +108,19 @@ def _hf_file(variant: str, location: Any, cache_dir: Optional[str]) -> str:
         repo, names = location, _HF_FILES
     for i, name in enumerate(names):
         try:
-            return download_from_hf(repo, name, cache_dir=cache_dir)
+            path = download_from_hf(repo, name, cache_dir=cache_dir)
         except LocalEntryNotFoundError as e:  # neither cached nor downloadable: offline, or the Hub is unreachable
             if i == len(names) - 1:
                 raise _hub_unreachable_error(variant, repo, names) from e
         except EntryNotFoundError:
             if i == len(names) - 1:
                 raise
+        else:
+            damaged = damaged_hub_file_text(repo, name, path)
+            if damaged is not None:
+                raise CorruptCheckpointError(f'Could not load pretrained weights for {variant}: {damaged}; or use '
+                                             f'pretrained=False.')
+            return path
     raise AssertionError('unreachable')
 
 

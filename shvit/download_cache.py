@@ -5,8 +5,9 @@ name>``, or the ``cache_dir=`` given to ``create_model``) and from then on loads
 interrupted copy, a disk error, an HTML page saved under the name) is reported by ``torch.load(weights_only=True)``
 with whatever its unpickler meets, often as a pickle it refuses for safety, with the advice to load it with
 ``weights_only=False``: wrong, and unsafe, for a damaged file. The checks here (zip CRCs, the legacy format's
-structure, the first bytes) tell a damaged file from an unsafe one. The same module is in ``shvit`` and ``nvit`` (the
-model packages may not import each other).
+structure, the first bytes) tell a damaged file from an unsafe one. Hub weights are kept the same way, in the Hub
+cache, and checked the same way. The same module is in ``shvit`` and ``nvit`` (the model packages may not import each
+other).
 """
 import os
 import tarfile
@@ -18,7 +19,7 @@ import torch
 
 from .torch_legacy import LEGACY_HEAD_SIZE, legacy_file_cut, starts_as_legacy_file
 
-__all__ = ['download_cache_path', 'torch_file_damage', 'damaged_download_text']
+__all__ = ['download_cache_path', 'torch_file_damage', 'damaged_download_text', 'damaged_hub_file_text']
 
 PathLike = Union[str, os.PathLike]
 _ZIP_HEADER = b'PK\x03\x04'
@@ -75,3 +76,25 @@ def damaged_download_text(url: str, path: PathLike) -> Optional[str]:
     return (f'the download of {url} in the cache, {path}, is corrupt or truncated: {damage}.\n'
             f'To fix: delete {path} and load again, which downloads it again; or download it yourself and pass it with '
             f'pretrained_cfg_overlay=dict(file="/path/to/{name}")')
+
+
+def damaged_hub_file_text(hub_id: str, filename: str, path: PathLike) -> Optional[str]:
+    """If ``path``, Hub repo ``hub_id``'s (``org/name`` or ``org/name@revision``) weight file ``filename`` as it stands
+    in the Hub cache, is a damaged ``torch.save`` file (``torch_file_damage``): what is wrong and what to do, in words,
+    for the caller to prefix with the model's name; None when it is missing, a ``.safetensors`` file (read by
+    safetensors, not torch.load) or looks complete. The cache keeps the file as a snapshot entry linking to a blob
+    named by its hash, and the Hub client links a deleted entry to the blob left behind again, so the advice is to
+    delete both (or to download again with ``--force-download``)."""
+    if not os.path.isfile(path) or filename.endswith('.safetensors'):
+        return None
+    damage = torch_file_damage(path)
+    if damage is None:
+        return None
+    repo, _, revision = hub_id.partition('@')
+    blob = os.path.realpath(path)
+    linked = '' if blob == os.path.abspath(path) else f' and {blob}, the blob it links to,'
+    at_revision = f' --revision {revision}' if revision else ''
+    return (f'{filename} of Hub repo {hub_id} in the Hub cache, {path}, is corrupt or truncated: {damage}.\n'
+            f'To fix: delete {path}{linked} and load again, which downloads it again (or run `hf download {repo} '
+            f'{filename}{at_revision} --force-download`); or download it yourself and pass it with '
+            f'pretrained_cfg_overlay=dict(file="/path/to/{os.path.basename(filename)}")')

@@ -11,19 +11,19 @@ import pickle
 import re
 import zipfile
 from functools import partial
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._builder import _resolve_pretrained_source
 from timm.models._helpers import load_state_dict
-from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES
+from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES, HF_WEIGHTS_NAME, _get_safe_alternatives, hf_split
 
 from .checkpoint import (
     CheckpointMismatchError, ClassifierSizeError, CorruptCheckpointError, ExtraTensorsError, IncompleteCheckpointError,
     InputChannelsError, WeightFileNotFoundError, WeightsUnavailableError, checkpoint_filter_fn,
 )
-from .download_cache import damaged_download_text, download_cache_path, torch_file_damage
+from .download_cache import damaged_download_text, damaged_hub_file_text, download_cache_path, torch_file_damage
 from .model import SHViT
 from .torch_legacy import LEGACY_HEAD_SIZE, starts_as_legacy_file
 from .variants import VARIANT_STATS, VARIANTS
@@ -133,7 +133,8 @@ def _missing_weight_file(variant: str, kwargs: Dict[str, Any]) -> Optional[Weigh
 
 
 def _damaged_download(variant: str, kwargs: Dict[str, Any]) -> Optional[CorruptCheckpointError]:
-    """The error for a url source whose download in timm's cache (``download_cache_path``) is damaged; None otherwise.
+    """The error for a url source whose download in timm's cache (``download_cache_path``), or a Hub source whose
+    ``torch.save`` file in the Hub cache (``_hub_cached_file``), is damaged; None otherwise.
 
     timm loads that file with ``torch.load`` as it is, so a damaged one either loads (a zip member failing its CRC:
     damaged tensors) or fails in torch's words, often those for an unsafe pickle with the advice to load it with
@@ -143,15 +144,41 @@ def _damaged_download(variant: str, kwargs: Dict[str, Any]) -> Optional[CorruptC
     try:
         cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
                                      pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay')).to_dict()
-        load_from, url = _resolve_pretrained_source(cfg)
+        load_from, location = _resolve_pretrained_source(cfg)
     except Exception:  # the load itself reports what is wrong with the cfg; never mask it
         return None
-    if load_from != 'url' or not url:
+    if load_from == 'url' and location:
+        text = damaged_download_text(location, download_cache_path(location, kwargs.get('cache_dir')))
+    elif load_from == 'hf-hub' and location:
+        cached = _hub_cached_file(location, kwargs.get('cache_dir'))
+        hub_id = location[0] if isinstance(location, (tuple, list)) else location
+        text = damaged_hub_file_text(hub_id, *cached) if cached is not None else None
+    else:
         return None
-    text = damaged_download_text(url, download_cache_path(url, kwargs.get('cache_dir')))
     if text is None:
         return None
     return CorruptCheckpointError(f'Could not load pretrained weights for {variant}: {text}; or use pretrained=False.')
+
+
+def _hub_cached_file(location: Any, cache_dir: Optional[str]) -> Optional[Tuple[str, str]]:
+    """The Hub file timm reads for a ``hf-hub`` source (a hub id, or a hub id and the cfg's ``hf_hub_filename``) as
+    the Hub cache holds it, ``(file name, path)``: the first of the names timm tries (``load_state_dict_from_hf``: the
+    name's safetensors alternative, e.g. ``model.safetensors`` for its default ``pytorch_model.bin``, then the name)
+    that is cached for the revision (``try_to_load_from_cache``, which makes no request). Checked once timm has
+    loaded the weights or failed to, this is the file it read. None when none is cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hub_id, filename = location if isinstance(location, (tuple, list)) else (location, HF_WEIGHTS_NAME)
+    repo, revision = hf_split(hub_id)
+    names = (filename,) if filename.endswith('.safetensors') else (*_get_safe_alternatives(filename), filename)
+    for name in names:
+        try:
+            found = try_to_load_from_cache(repo, name, cache_dir=cache_dir, revision=revision)
+        except Exception:  # noqa: BLE001  a malformed repo id or revision: the load itself reports it
+            return None
+        if isinstance(found, str):  # not None (unknown) nor the cache's record that the repo has no such file
+            return name, found
+    return None
 
 
 def _hub_fix(repo: str, error: BaseException) -> str:

@@ -8,6 +8,11 @@ UnpicklingError: Weights only load failed ... Re-running `torch.load` with `weig
 succeed"; for ``shvit_s1.in1k_official`` a legacy file cut inside a global's name was torch's "Unsupported global"
 text, a zip archive with a member failing its CRC loaded without error, and a complete file that pickles an unsafe
 global was called corrupt. The files are put in the cache, so nothing is downloaded.
+
+The same holds for a ``torch.save`` weight file of a Hub repo in the Hub cache (``pytorch_model.bin``, or the cfg's
+``hf_hub_filename``), whose message also names the blob the cache entry links to. Found: a ``shvit_s1`` legacy state
+dict cut to 782 bytes as ``pytorch_model.bin`` in the Hub cache was a plain RuntimeError advising to retry with
+``weights_only=False``, and one with a member failing its CRC loaded; through ``nvit_*`` the message named no blob.
 """
 import ast
 import os
@@ -200,3 +205,90 @@ def test_the_two_copies_of_the_download_check_are_the_same_code():
     copies = ('shvit/download_cache.py', 'nvit/download_cache.py')
     trees = {p: ast.dump(ast.parse((root / p).read_text())) for p in copies}
     assert len(set(trees.values())) == 1, list(trees)
+
+
+# --- Hub weights in the Hub cache ---------------------------------------------------------------------------------
+
+HUB_REPO = 'org/damaged'
+COMMIT = '0123456789abcdef0123456789abcdef01234567'
+
+
+def _hub_put(cache, checkpoint, case, filename):
+    """Put ``checkpoint``, damaged as ``case`` says, in the Hub cache folder ``cache`` as Hub repo HUB_REPO's
+    ``filename`` on its main branch, laid out as the Hub client does: a blob named by the content's sha256, linked from
+    the commit's snapshot folder. Returns the snapshot entry and the blob."""
+    import hashlib
+    repo = cache / ('models--' + HUB_REPO.replace('/', '--'))
+    staged = cache.parent / 'staged.pth'
+    _write(staged, checkpoint, case)
+    data = staged.read_bytes()
+    staged.unlink()
+    blob = repo / 'blobs' / hashlib.sha256(data).hexdigest()
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(data)
+    entry = repo / 'snapshots' / COMMIT / filename
+    entry.parent.mkdir(parents=True)
+    entry.symlink_to(os.path.relpath(blob, entry.parent))
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text(COMMIT)
+    return entry, blob
+
+
+def _hub_load(package, cache, filename):
+    """Load ``package``'s small model with Hub weights from HUB_REPO in ``cache``, offline (no request is made)."""
+    overlay = dict(hf_hub_id=HUB_REPO)
+    if filename != 'pytorch_model.bin':
+        overlay['hf_hub_filename'] = filename
+    kwargs = dict(dims=NVIT_DIM) if package == 'nvit' else {}
+    tag = 'shvit_s1' if package == 'shvit' else 'nvit_t'
+    return timm.create_model(tag, pretrained=True, cache_dir=str(cache), pretrained_cfg_overlay=overlay, **kwargs)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+
+
+HUB_FILES = ['pytorch_model.bin', 'weights.pth']  # timm's default Hub file, and one a cfg names (hf_hub_filename)
+
+
+@pytest.mark.parametrize('filename', HUB_FILES)
+@pytest.mark.parametrize('case', DAMAGED)
+@pytest.mark.parametrize('package', list(MODELS))
+def test_a_damaged_hub_file_in_the_hub_cache_is_corrupt_and_to_be_deleted(checkpoints, tmp_path, offline, package,
+                                                                          case, filename):
+    entry, blob = _hub_put(tmp_path / 'hub', checkpoints[package], case, filename)
+    data = blob.read_bytes()
+    with pytest.raises(MODELS[package][2]) as info:
+        _hub_load(package, tmp_path / 'hub', filename)
+    message = str(info.value)
+    assert f'{filename} of Hub repo {HUB_REPO} in the Hub cache, {entry}, is corrupt or truncated' in message, message
+    assert f'delete {entry} and {blob}, the blob it links to,' in message, message
+    assert f'hf download {HUB_REPO} {filename} --force-download' in message, message
+    assert 'pretrained_cfg_overlay=dict(file=' in message, message
+    assert not [words for words in UNSAFE_ADVICE if words in message], message
+    assert blob.read_bytes() == data and entry.is_symlink()  # reported, left alone
+
+
+@pytest.mark.parametrize('package', list(MODELS))
+def test_a_complete_hub_file_with_an_unsafe_global_is_still_unsafe(checkpoints, tmp_path, offline, package):
+    _hub_put(tmp_path / 'hub', checkpoints[package], 'unsafe', 'pytorch_model.bin')
+    with pytest.raises(RuntimeError) as info:
+        _hub_load(package, tmp_path / 'hub', 'pytorch_model.bin')
+    message = str(info.value)
+    assert not isinstance(info.value, MODELS[package][2]), message
+    assert 'pickles' in message and 'corrupt' not in message and 'delete' not in message, message
+
+
+@pytest.mark.parametrize('filename', HUB_FILES)
+@pytest.mark.parametrize('case', ['zip', 'legacy'])
+@pytest.mark.parametrize('package', list(MODELS))
+def test_a_complete_hub_file_loads(checkpoints, tmp_path, offline, package, case, filename):
+    """The checks pass a complete Hub file of either format: the model gets the file's tensors."""
+    _hub_put(tmp_path / 'hub', checkpoints[package], case, filename)
+    model = _hub_load(package, tmp_path / 'hub', filename)
+    saved = checkpoints[package]['model']
+    for key in ('head.l.weight', 'stages.2.blocks.0.mixer.m.qkv.c.weight') if package == 'shvit' else (
+            'pos_embed', 'blocks.1.mlp.fc1.weight', 'head_dist.weight'):
+        assert torch.equal(model.state_dict()[key], saved[key]), key
