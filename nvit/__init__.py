@@ -4,6 +4,7 @@ from .checkpoint import (
     ClassifierSizeError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    PickleProtocolError,
     WeightsUnavailableError,
     check_dims_match,
     checkpoint_filter_fn,
@@ -21,4 +22,5 @@ __all__ = [
     'NViT', 'NViTDims', 'revit_dims', 'from_vit', 'load_checkpoint', 'checkpoint_filter_fn', 'convert_official',
     'dims_from_state_dict', 'check_dims_match', 'dims_metadata', 'DIMS_METADATA_KEY', 'KNOWN_DIMS',
     'ClassifierSizeError', 'CorruptCheckpointError', 'IncompatibleCheckpointError', 'WeightsUnavailableError',
+    'PickleProtocolError',
 ]

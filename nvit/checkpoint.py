@@ -24,13 +24,13 @@ from timm.models._input import get_pretrained_grid_size
 
 from .attention import resample_token_mask
 from .dims import NViTDims, resolve_dims
-from .download_cache import torch_file_damage
+from .download_cache import torch_file_damage, unreadable_protocol_text
 from .torch_legacy import LEGACY_HEAD_SIZE, starts_as_legacy_file
 
 __all__ = [
     'DIMS_METADATA_KEY', 'load_checkpoint', 'checkpoint_filter_fn', 'convert_official', 'dims_from_state_dict',
     'check_dims_match', 'dims_metadata', 'describe_foreign_checkpoint', 'ClassifierSizeError',
-    'IncompatibleCheckpointError', 'CorruptCheckpointError',
+    'IncompatibleCheckpointError', 'CorruptCheckpointError', 'PickleProtocolError',
 ]
 
 DIMS_METADATA_KEY = 'nvit_dims'
@@ -49,6 +49,12 @@ class IncompatibleCheckpointError(ValueError):
 
 class CorruptCheckpointError(RuntimeError):
     """The weight file cannot be read: truncated, damaged, or not a checkpoint at all."""
+
+
+class PickleProtocolError(RuntimeError):
+    """The weight file is a complete ``torch.save`` file saved in a pickle protocol that safe loading
+    (``torch.load(weights_only=True)``) does not read, e.g. ``torch.save(..., pickle_protocol=4)``: neither damaged nor
+    known to be unsafe; to be re-saved in torch's default protocol."""
 
 
 def dims_metadata(model_or_dims: Union[torch.nn.Module, NViTDims]) -> Dict[str, str]:
@@ -93,6 +99,9 @@ def _load_torch_file(path: str) -> Any:
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r'GLOBAL ([\w.]+)', str(e))
+        protocol = unreadable_protocol_text(path) if 'Unsupported operand' in str(e) else None
+        if protocol is not None:  # checked complete above: neither damaged nor unsafe, only not read by safe loading
+            raise PickleProtocolError(f'NViT checkpoint {protocol}.') from None
         if found is None:
             raise _unreadable(path, e) from e
         raise RuntimeError(

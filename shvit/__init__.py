@@ -7,7 +7,8 @@ import warnings
 
 from .checkpoint import (
     CheckpointMismatchError, ClassifierSizeError, CorruptCheckpointError, ExtraTensorsError, IncompleteCheckpointError,
-    InputChannelsError, WeightFileNotFoundError, WeightsUnavailableError, checkpoint_filter_fn, remap_official_keys,
+    InputChannelsError, PickleProtocolError, WeightFileNotFoundError, WeightsUnavailableError, checkpoint_filter_fn,
+    remap_official_keys,
 )
 from .model import SHViT
 from .variants import VARIANT_STATS, VARIANTS
@@ -19,7 +20,7 @@ with warnings.catch_warnings():
 __all__ = [
     'SHViT', 'checkpoint_filter_fn', 'remap_official_keys', 'CheckpointMismatchError', 'ClassifierSizeError',
     'ExtraTensorsError', 'IncompleteCheckpointError', 'InputChannelsError', 'CorruptCheckpointError',
-    'WeightFileNotFoundError', 'WeightsUnavailableError',
+    'WeightFileNotFoundError', 'WeightsUnavailableError', 'PickleProtocolError',
     'VARIANTS', 'VARIANT_STATS',
     'default_cfgs', 'shvit_s1', 'shvit_s2', 'shvit_s3', 'shvit_s4',
 ]

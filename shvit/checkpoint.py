@@ -11,7 +11,7 @@ from .variants import variant_name
 
 __all__ = ['checkpoint_filter_fn', 'remap_official_keys', 'describe_state_dict', 'CheckpointMismatchError',
            'ClassifierSizeError', 'IncompleteCheckpointError', 'WeightFileNotFoundError', 'CorruptCheckpointError',
-           'InputChannelsError']
+           'InputChannelsError', 'PickleProtocolError']
 
 _logger = logging.getLogger(__name__)
 
@@ -50,6 +50,13 @@ class WeightsUnavailableError(RuntimeError, OSError):
 class CorruptCheckpointError(RuntimeError):
     """The weight file cannot be read: truncated, damaged, or not a checkpoint at all (a RuntimeError like every
     other failed pretrained load of the entrypoints)."""
+
+
+class PickleProtocolError(RuntimeError):
+    """The weight file is a complete ``torch.save`` file saved in a pickle protocol that safe loading
+    (``torch.load(weights_only=True)``) does not read, e.g. ``torch.save(..., pickle_protocol=4)``: neither damaged nor
+    known to be unsafe; to be re-saved in torch's default protocol (a RuntimeError like every other failed pretrained
+    load of the entrypoints)."""
 
 
 class WeightFileNotFoundError(RuntimeError, FileNotFoundError):

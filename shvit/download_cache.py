@@ -19,7 +19,8 @@ import torch
 
 from .torch_legacy import LEGACY_HEAD_SIZE, legacy_file_cut, starts_as_legacy_file
 
-__all__ = ['download_cache_path', 'torch_file_damage', 'damaged_download_text', 'damaged_hub_file_text']
+__all__ = ['download_cache_path', 'torch_file_damage', 'damaged_download_text', 'damaged_hub_file_text',
+           'saved_pickle_protocol', 'unreadable_protocol_text']
 
 PathLike = Union[str, os.PathLike]
 _ZIP_HEADER = b'PK\x03\x04'
@@ -98,3 +99,46 @@ def damaged_hub_file_text(hub_id: str, filename: str, path: PathLike) -> Optiona
             f'To fix: delete {path}{linked} and load again, which downloads it again (or run `hf download {repo} '
             f'{filename}{at_revision} --force-download`); or download it yourself and pass it with '
             f'pretrained_cfg_overlay=dict(file="/path/to/{os.path.basename(filename)}")')
+
+
+def saved_pickle_protocol(path: PathLike) -> Optional[int]:
+    """The pickle protocol a ``torch.save`` file was saved in (``torch.save(..., pickle_protocol=N)``, 2 by default):
+    the PROTO opcode that opens its pickle (a zip archive's ``data.pkl``; a legacy file's first pickle, whose protocol
+    its other pickles share). Pickles of protocols 0 and 1 open without one: 1 for those. None when the file is no
+    ``torch.save`` file, or its pickle cannot be found. Nothing is unpickled."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n == 'data.pkl' or n.endswith('/data.pkl')), None)
+                if name is None:
+                    return None
+                with archive.open(name) as member:
+                    head = member.read(2)
+        else:
+            with open(path, 'rb') as f:
+                head = f.read(LEGACY_HEAD_SIZE)
+            if not starts_as_legacy_file(head):
+                return None
+    except (OSError, zipfile.BadZipFile):
+        return None
+    if not head:
+        return None
+    return head[1] if head[0] == 0x80 and len(head) > 1 else 1
+
+
+def unreadable_protocol_text(path: PathLike) -> Optional[str]:
+    """For a ``torch.save`` file that ``torch.load(weights_only=True)`` refused with "Unsupported operand" although it
+    looks complete (``torch_file_damage``): when it was saved in a pickle protocol other than 2 (torch's default) and
+    3, the cause, in words, with what to do; else None. torch's weights-only unpickler does not read the opcodes that
+    protocols 4 and 5 frame their pickles with (FRAME, operand 149) nor the text opcodes of protocols 0 and 1, and
+    says "Unsupported operand", with its advice to load the file with ``weights_only=False``; the file is neither
+    damaged nor known to be unsafe, only unreadable by safe loading."""
+    protocol = saved_pickle_protocol(path)
+    if protocol is None or protocol in (2, 3):
+        return None
+    named = 'pickle protocol 0 or 1' if protocol == 1 else f'pickle protocol {protocol}'
+    return (f'{path} is a torch.save file saved in {named} (torch.save(..., pickle_protocol=N)), which '
+            f'torch.load(weights_only=True), the safe loading used for weights, does not read ("Unsupported '
+            f'operand"); it reads protocol 2, torch.save\'s default, and 3.\nTo fix: re-save it in the default '
+            f'protocol where you trust it (loading it unrestricted can run code it pickles): '
+            f'torch.save(torch.load("{path}", weights_only=False), "resaved.pth"), and load resaved.pth')

@@ -21,9 +21,11 @@ from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES, HF_WEIGHTS_NAME, _
 
 from .checkpoint import (
     CheckpointMismatchError, ClassifierSizeError, CorruptCheckpointError, ExtraTensorsError, IncompleteCheckpointError,
-    InputChannelsError, WeightFileNotFoundError, WeightsUnavailableError, checkpoint_filter_fn,
+    InputChannelsError, PickleProtocolError, WeightFileNotFoundError, WeightsUnavailableError, checkpoint_filter_fn,
 )
-from .download_cache import damaged_download_text, damaged_hub_file_text, download_cache_path, torch_file_damage
+from .download_cache import (
+    damaged_download_text, damaged_hub_file_text, download_cache_path, torch_file_damage, unreadable_protocol_text,
+)
 from .model import SHViT
 from .torch_legacy import LEGACY_HEAD_SIZE, starts_as_legacy_file
 from .variants import VARIANT_STATS, VARIANTS
@@ -158,6 +160,32 @@ def _damaged_download(variant: str, kwargs: Dict[str, Any]) -> Optional[CorruptC
     if text is None:
         return None
     return CorruptCheckpointError(f'Could not load pretrained weights for {variant}: {text}; or use pretrained=False.')
+
+
+def _unreadable_protocol(variant: str, kwargs: Dict[str, Any]) -> Optional[str]:
+    """For a load that ``torch.load(weights_only=True)`` refused with "Unsupported operand": if the file it read (a
+    local file, a ``local-dir:`` folder's, a url's download or a Hub file in the cache) is a ``torch.save`` file that
+    looks complete but was saved in a pickle protocol safe loading does not read, say so
+    (``unreadable_protocol_text``); else None (a damaged file: reported as such)."""
+    try:
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                     pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay')).to_dict()
+        load_from, location = _resolve_pretrained_source(cfg)
+    except Exception:  # the load itself reports what is wrong with the cfg; never mask it
+        return None
+    path: Optional[str] = None
+    if load_from == 'file':
+        path = location
+    elif load_from == 'local-dir':
+        path = _folder_weight_file(location)
+    elif load_from == 'url' and location:
+        path = download_cache_path(location, kwargs.get('cache_dir'))
+    elif load_from == 'hf-hub' and location:
+        cached = _hub_cached_file(location, kwargs.get('cache_dir'))
+        path = cached[1] if cached is not None else None
+    if path is None or not os.path.isfile(path) or torch_file_damage(path) is not None:
+        return None
+    return unreadable_protocol_text(path)
 
 
 def _hub_cached_file(location: Any, cache_dir: Optional[str]) -> Optional[Tuple[str, str]]:
@@ -333,6 +361,10 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
         if isinstance(e, (ClassifierSizeError, IncompleteCheckpointError, ExtraTensorsError, InputChannelsError)):
             raise RuntimeError(f'Could not load pretrained weights for {variant} from {source}: {e}') from e
         bad_opcode = _unsupported_opcode(e)
+        protocol = _unreadable_protocol(variant, kwargs) if bad_opcode is not None else None
+        if protocol is not None:  # a complete file that safe loading does not read: neither damaged nor unsafe
+            raise PickleProtocolError(f'Could not load pretrained weights for {variant} from {source}: {protocol}; or '
+                                      f'use pretrained=False.') from e
         refused = _refused_global(e)
         if isinstance(e, CheckpointMismatchError):
             fix = 'use the entrypoint of the variant the checkpoint holds, or a checkpoint of ' + variant

@@ -16,6 +16,7 @@ dict cut to 782 bytes as ``pytorch_model.bin`` in the Hub cache was a plain Runt
 """
 import ast
 import os
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -64,7 +65,7 @@ def _write(path, checkpoint, case):
     """Write ``checkpoint`` to ``path`` damaged as ``case`` says."""
     legacy = case in ('legacy', 'legacy_cut')
     torch.save(dict(checkpoint, extra=Pickled()) if case == 'unsafe' else checkpoint, path,
-               _use_new_zipfile_serialization=not legacy)
+               _use_new_zipfile_serialization=not legacy, pickle_protocol=4 if case == 'protocol4' else 2)
     data = path.read_bytes()
     if case == 'legacy_cut':  # inside the first storage type's name ("torch\nFloatStor"): an "Unsupported global"
         path.write_bytes(data[:data.index(b'Storage') + 4])
@@ -292,3 +293,27 @@ def test_a_complete_hub_file_loads(checkpoints, tmp_path, offline, package, case
     for key in ('head.l.weight', 'stages.2.blocks.0.mixer.m.qkv.c.weight') if package == 'shvit' else (
             'pos_embed', 'blocks.1.mlp.fc1.weight', 'head_dist.weight'):
         assert torch.equal(model.state_dict()[key], saved[key]), key
+
+
+@pytest.mark.parametrize('where', ['url', 'hub'])
+@pytest.mark.parametrize('package', list(MODELS))
+def test_a_complete_cached_file_in_pickle_protocol_4_is_named_so(checkpoints, tmp_path, offline, package, where):
+    """A complete file saved with pickle_protocol=4, which torch.load(weights_only=True) does not read, in timm's
+    download cache or the Hub cache: the package's PickleProtocolError names the cached file and its protocol, not
+    corrupt, not unsafe (before 2026-11-25: through shvit_* a CorruptCheckpointError, "not a pickle that torch.save
+    writes"; through nvit_* torch's whole message, called truncated or corrupt)."""
+    tag, file_name, package_error = MODELS[package]
+    if where == 'url':
+        path = tmp_path / 'cache' / file_name
+        path.parent.mkdir()
+        _write(path, checkpoints[package], 'protocol4')
+        load = partial(_timm, tag, cache_dir=str(path.parent))
+    else:
+        path, _ = _hub_put(tmp_path / 'hub', checkpoints[package], 'protocol4', 'pytorch_model.bin')
+        load = partial(_hub_load, package, tmp_path / 'hub', 'pytorch_model.bin')
+    with pytest.raises(RuntimeError) as info:
+        load()
+    message = str(info.value)
+    assert type(info.value).__name__ == 'PickleProtocolError' and type(info.value).__module__.startswith(package)
+    assert f'{path} is a torch.save file saved in pickle protocol 4' in message, message
+    assert 'corrupt' not in message and 'allowlisted' not in message, message

@@ -7,6 +7,7 @@ Found: a legacy (non-zip) file cut inside a global's name (e.g. 782 bytes into a
 """
 import argparse
 import ast
+import pickle
 import re
 from pathlib import Path
 
@@ -215,3 +216,33 @@ def test_a_file_that_is_no_torch_save_file_is_named_so_without_torchs_words(tmp_
         reason = "it is empty" if case == "empty" else "it is not a torch.save file: its first bytes"
         assert "not a checkpoint at all" in text and reason in text, text
         assert re.search("download or convert (it|the file) again", text), text
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
+@pytest.mark.parametrize("protocol", [1, 4, 5])
+@pytest.mark.parametrize("name", list(READERS))
+def test_a_complete_file_in_a_protocol_safe_loading_does_not_read_is_named_so(tmp_path, name, protocol, legacy):
+    """A complete torch.save file saved with pickle_protocol=4 or 5 (or 0 / 1), which torch.load(weights_only=True)
+    does not read ("Unsupported operand": the FRAME opcode of protocols 4 and 5, the text opcodes of 0 and 1), is
+    neither damaged nor unsafe: every reader names the file and its protocol, and says to re-save it in the default
+    protocol if trusted. Before 2026-11-25 the shvit entrypoint (and so vitzoo) called it corrupt, "not a pickle that
+    torch.save writes", and nvit.load_checkpoint quoted torch's whole message and called it truncated or corrupt."""
+    reader, corrupt = READERS[name]
+    path = tmp_path / "weights.pth"
+    state = _small_state()
+    torch.save(state, path, _use_new_zipfile_serialization=not legacy, pickle_protocol=protocol)
+    # the reference: torch reads the file back unrestricted, but not with weights-only loading
+    assert torch.equal(torch.load(path, weights_only=False)["w"], state["w"])
+    with pytest.raises(pickle.UnpicklingError, match="Unsupported operand"):
+        torch.load(path, weights_only=True)
+    with pytest.raises(RuntimeError) as info:
+        reader(path)
+    text = str(info.value)
+    assert not isinstance(info.value, corrupt) and type(info.value).__name__ in ("PickleProtocolError", "WeightsError")
+    named = "0 or 1" if protocol == 1 else str(protocol)
+    assert f"{path} is a torch.save file saved in pickle protocol {named}" in text, text
+    assert f'torch.save(torch.load("{path}", weights_only=False), "resaved.pth")' in text, text
+    assert "corrupt" not in text and "truncated" not in text and "allowlisted" not in text, text
+    resaved = tmp_path / "resaved.pth"  # what the advice does gives a file weights-only loading reads
+    torch.save(torch.load(path, weights_only=False), resaved)
+    assert torch.equal(torch.load(resaved, weights_only=True)["w"], state["w"])

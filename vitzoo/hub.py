@@ -496,6 +496,8 @@ def load_pretrained_model(name: str, **kwargs: Any) -> torch.nn.Module:
                 f"The pretrained weights from {location} do not fit '{name}' (are they weights of another model or "
                 f"variant?): {_shorten(str(e))}"
             ) from e
+        if problem == "protocol":  # a complete file in a pickle protocol safe loading does not read: the model says so
+            raise WeightsError(_explanation(e, _PROTOCOL)) from e
         if problem == "unsafe":  # a URL's file is the one in timm's cache
             cached = _url_cache_file(location, kwargs) if kind == "url" else None
             raise WeightsError(_unsafe_pickle_message(str(cached or location), e)) from e
@@ -568,19 +570,24 @@ def _unsafe_pickle_message(location: str, error: BaseException) -> str:
 # name, so that this module needs neither package
 _EXPLAINED = ("ClassifierSizeError", "IncompleteCheckpointError", "ExtraTensorsError", "IncompatibleCheckpointError",
               "InputChannelsError")
+# the models' error for a complete torch.save file in a pickle protocol that weights-only loading does not read
+_PROTOCOL = ("PickleProtocolError",)
 
 
 def _classify(error: BaseException) -> Optional[str]:
     """'download' (a failed download, e.g. offline), 'explained' (a classifier of another size, an incomplete
     checkpoint, an NViT checkpoint that does not fit: the message says it), 'mismatch' (weights of another model),
-    'unsafe' (a file that pickles more than tensors), 'corrupt' (unreadable file) or None (not the weights' fault:
-    re-raised as it is), looking down the cause chain."""
+    'protocol' (a complete torch.save file in a pickle protocol weights-only loading does not read: the message says
+    it), 'unsafe' (a file that pickles more than tensors), 'corrupt' (unreadable file) or None (not the weights'
+    fault: re-raised as it is), looking down the cause chain."""
     while error is not None:
         text = str(error)
         if isinstance(error, _DOWNLOAD_ERRORS):
             return "download"
         if type(error).__name__ in _EXPLAINED:
             return "explained"
+        if type(error).__name__ in _PROTOCOL:
+            return "protocol"
         if type(error).__name__ == "CheckpointMismatchError" or "loading state_dict" in text:
             return "mismatch"
         if "weights_only=True blocked" in text or text.startswith("Refusing to load") or (
@@ -593,9 +600,9 @@ def _classify(error: BaseException) -> Optional[str]:
     return None
 
 
-def _explanation(error: BaseException) -> str:
-    """The message of the model's own error (one of ``_EXPLAINED``) down ``error``'s cause chain."""
-    while type(error).__name__ not in _EXPLAINED and error.__cause__ is not None:
+def _explanation(error: BaseException, names: Tuple[str, ...] = _EXPLAINED) -> str:
+    """The message of the model's own error (one of ``names``) down ``error``'s cause chain."""
+    while type(error).__name__ not in names and error.__cause__ is not None:
         error = error.__cause__
     return str(error)
 
