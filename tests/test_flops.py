@@ -1,4 +1,6 @@
 """vitzoo.flops against published numbers, hand-derived formulas and fvcore's own matmul handle."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -608,13 +610,122 @@ def test_batchnorm_after_one_of_two_calls_of_a_conv_is_not_paired():
     model.bn.running_mean.uniform_(-1, 1)
     model.bn.running_var.uniform_(0.5, 2)
     x = torch.randn(2, 4, 6, 6)
-    pairs, output = _find_pairs(model, x)
-    assert pairs == {}
+    pairs, output, unfolded = _find_pairs(model, x)
+    assert pairs == {} and unfolded == {"bn": "conv also runs without this BatchNorm after it"}
     folded, n = fold_batchnorms(model, x)
     assert n == 0 and folded is model
     torch.testing.assert_close(folded(x), model(x), atol=0, rtol=0)
     report = count_flops(model, (4, 6, 6))
     assert report.by_operator["batch_norm"] > 0 and report.params_fused == report.params
+
+
+def _randomise_batchnorms(model: nn.Module) -> nn.Module:
+    """Trained-like BatchNorm statistics and affine parameters (a fresh BatchNorm is nearly the identity)."""
+    generator = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) * 1.5 + 0.5)
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=generator) - 0.5)
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=generator) + 0.5)
+            m.bias.data.copy_(torch.rand(m.bias.shape, generator=generator) - 0.5)
+    return model
+
+
+class _SecondConvShared(nn.Module):
+    """A foldable pair (c1, b1), then a conv whose output feeds both its norm and the residual (MaxViT's stem.conv2,
+    FastViT-MCi's pos_emb conv)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.c2(self.b1(self.c1(x)))
+        return self.b2(y) + y
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_a_conv_output_used_twice_keeps_its_norm_and_the_other_pairs_fold(trained):
+    """Found by an audit: with fresh statistics the shared pair was folded (its output check passed, the norm being
+    nearly the identity), with trained ones the check failed and every pair was left, b1 included. Hand count at
+    32x32: convs 3*9 -> 8 and 8*9 -> 8 per pixel, b2 at fvcore's 2 per element; b1's 16 parameters folded."""
+    model = _SecondConvShared().eval()
+    if trained:
+        _randomise_batchnorms(model)
+    report = count_flops(model, (3, 32, 32))
+    pixels = 32 * 32
+    assert report.by_operator == {"conv": pixels * 8 * (3 * 9 + 8 * 9), "batch_norm": 2 * 8 * pixels}
+    assert report.params_fused == report.params - 16 == 824
+    assert report.unfolded_norms == {
+        "b2": "the output or the weights of c2 are also used elsewhere, which folding would change"}
+    assert "BatchNorm not folded (1, counted as batch_norm): b2: the output or the weights of c2" in str(report)
+    from vitzoo import deploy
+
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(deploy(model, x)(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_maxvit_count_does_not_depend_on_its_batchnorm_statistics():
+    """maxvit_nano_rw_256's stem.conv2 output feeds the first block's pre_norm and its shortcut: the pair was folded
+    with fresh statistics and not with trained ones, and then no pair of the model was (4,433.71 M against
+    4,456.12 M). Now the count is the same, and that norm is named."""
+    fresh = timm.create_model("maxvit_nano_rw_256").eval()
+    trained = _randomise_batchnorms(copy.deepcopy(fresh))
+    a, b = count_flops(fresh), count_flops(trained)
+    assert a.total == b.total and a.params_fused == b.params_fused
+    assert a.unfolded_norms == b.unfolded_norms
+    assert "stem.conv2" in a.unfolded_norms["stages.0.blocks.0.conv.pre_norm"]
+    assert all("stem.conv2" not in why for name, why in a.unfolded_norms.items() if ".0.blocks.0." not in name)
+
+
+class _WeightReused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + F.conv2d(x, self.conv.weight, padding=1)  # the same weight, unnormalised
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_a_conv_whose_weight_is_read_elsewhere_keeps_its_norm(trained):
+    """Folding scales the conv's weight, which the second F.conv2d also reads. Hand count: two 3x3 convs 3 -> 4 at
+    8x8, and the norm at 2 per element."""
+    model = _WeightReused().eval()
+    if trained:
+        _randomise_batchnorms(model)
+    report = count_flops(model, (3, 8, 8))
+    assert report.by_operator == {"conv": 2 * 64 * 4 * 27, "batch_norm": 2 * 4 * 64}
+    assert list(report.unfolded_norms) == ["bn"]
+
+
+class _HiddenUse(nn.Module):
+    """c2's output is also read through ``tolist()``, which no op records: only the output check can see it."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.c2(self.b1(self.c1(x)))
+        return self.b2(y) + torch.tensor(y.tolist())
+
+
+def test_a_pair_that_changes_the_output_is_left_alone_and_the_others_fold():
+    """The output check used to leave every pair unfolded when one pair changed the output."""
+    from vitzoo.batchnorm_folding import fold_batchnorms, fold_batchnorms_detailed
+
+    model = _randomise_batchnorms(_HiddenUse().eval())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        result = fold_batchnorms_detailed(model, x)
+        assert result.folded == {"b1": "c1"}
+        assert result.unfolded == {"b2": "folding it into c2 changed the model's output"}
+        assert isinstance(result.model.b1, nn.Identity) and isinstance(result.model.b2, nn.BatchNorm2d)
+        torch.testing.assert_close(result.model(x), model(x), atol=1e-5, rtol=1e-5)
+        assert fold_batchnorms(model, x)[1] == 1
 
 
 def test_elementwise_op_on_scalars_counts_one():

@@ -7,32 +7,53 @@ operations per element in fvcore) and a deployed model would still run it. :func
 too, after timm's fusion, so that every model is counted and run by the same convention.
 
 A pair is found by running the model once: a BatchNorm whose input, at every call, is the very tensor a
-``Conv2d`` / ``Linear`` just returned is folded into that layer (weight scaled per output channel, bias shifted),
-and is replaced by ``nn.Identity`` (timm's ``BatchNormAct2d``: by its dropout and activation). The folded model is
-run again on the same input and kept only if it gives the same output (a layer output that is also used elsewhere
-would make it differ); otherwise the model is returned unchanged. Half-precision (fp16 / bf16) models are left
-unfolded: the folded weights would be rounded to their 8-11-bit mantissa again.
+``Conv2d`` / ``Linear`` just returned, and that tensor has no other use (no other op reads it, the model does not
+return it), is folded into that layer (weight scaled per output channel, bias shifted) and replaced by
+``nn.Identity`` (timm's ``BatchNormAct2d``: by its dropout and activation). Which pairs fold thus depends on the
+model's graph only, never on its weights. The folded model is run again on the same input and kept only if it
+gives the same output; if it does not, each pair is tried alone and only the pairs that change the output are left
+unfolded. Half-precision (fp16 / bf16) models are left unfolded: the folded weights would be rounded to their
+8-11-bit mantissa again. :func:`fold_batchnorms_detailed` also says which BatchNorm layers were left, and why.
 """
 from __future__ import annotations
 
 import copy
 import weakref
 from collections import Counter
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from timm.layers import Conv2dSame
 from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vitzoo.outputs import outputs_close
 
-__all__ = ["fold_batchnorms"]
+__all__ = ["BatchNormFolding", "fold_batchnorms", "fold_batchnorms_detailed"]
 
 _FOLDABLE = (nn.BatchNorm1d, nn.BatchNorm2d)
 # layers computing ``op(x, weight) + bias``, which a per-output-channel scale and shift fold into; timm's
 # ``Conv2dSame`` (TF "SAME" padding, tf_efficientnet_*) only pads differently. Not weight-standardised convs
 # (``StdConv2d``): their weight is normalised again on every call, which would undo the scale.
 _LAYERS = (nn.Conv2d, nn.Linear, Conv2dSame)
+
+
+@dataclass
+class BatchNormFolding:
+    """What :func:`fold_batchnorms_detailed` did.
+
+    Attributes:
+        model: The folded deep copy, or the model given when nothing was folded.
+        folded: ``{norm name: layer name}`` of the BatchNorm layers folded into the layer before them.
+        unfolded: ``{norm name: reason}`` of the BatchNorm layers (of the kinds folded here) that ran and were left
+            as they are, e.g. ``"the output of stem.conv2 is also used elsewhere, which folding would change"``.
+    """
+
+    model: nn.Module
+    folded: Dict[str, str] = field(default_factory=dict)
+    unfolded: Dict[str, str] = field(default_factory=dict)
 
 
 def fold_batchnorms(model: nn.Module, example_input: torch.Tensor) -> Tuple[nn.Module, int]:
@@ -43,25 +64,51 @@ def fold_batchnorms(model: nn.Module, example_input: torch.Tensor) -> Tuple[nn.M
         example_input: An input the model accepts; used to find the pairs and to check the folded model.
 
     Returns:
-        ``(model, 0)`` when nothing folds (or the check fails), else a folded deep copy and the number of
-        BatchNorm layers folded.
+        ``(model, 0)`` when nothing folds, else a folded deep copy and the number of BatchNorm layers folded.
     """
-    if not any(type(m) in _FOLDABLE or _is_batchnorm_act(m) for m in model.modules()):
-        return model, 0
+    result = fold_batchnorms_detailed(model, example_input)
+    return result.model, len(result.folded)
+
+
+def fold_batchnorms_detailed(model: nn.Module, example_input: torch.Tensor) -> BatchNormFolding:
+    """:func:`fold_batchnorms`, saying which BatchNorm layers were folded into which layer and why the others were
+    not (see :class:`BatchNormFolding`)."""
+    norms = [name for name, m in model.named_modules() if type(m) in _FOLDABLE or _is_batchnorm_act(m)]
+    if not norms:
+        return BatchNormFolding(model)
     if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
-        return model, 0  # folded weights would be rounded to 8-11 bits once more (ONNX Runtime exports in fp32)
+        # folded weights would be rounded to 8-11 bits once more (ONNX Runtime exports in fp32)
+        return BatchNormFolding(model, unfolded={n: "half-precision (fp16 / bf16) model: not folded" for n in norms})
     with torch.no_grad():
-        pairs, reference = _find_pairs(model, example_input)
-        if not pairs:
-            return model, 0
-        folded = copy.deepcopy(model)
-        modules = dict(folded.named_modules())
-        for layer_name, norm_name in pairs.items():
-            _fold(modules[layer_name], modules[norm_name])
-            _replace(folded, norm_name, _after_norm(modules[norm_name]))
-        if not outputs_close(folded(example_input), reference, rel=1e-3):
-            return model, 0
-    return folded, len(pairs)
+        pairs, reference, unfolded = _find_pairs(model, example_input)
+        folded = _folded_copy(model, pairs)
+        if pairs and not outputs_close(folded(example_input), reference, rel=1e-3):
+            kept = {}
+            for layer, norm in pairs.items():  # only the pairs that change the output on their own are left
+                if outputs_close(_folded_copy(model, {layer: norm})(example_input), reference, rel=1e-3):
+                    kept[layer] = norm
+                else:
+                    unfolded[norm] = f"folding it into {layer} changed the model's output"
+            folded = _folded_copy(model, kept)
+            if kept and not outputs_close(folded(example_input), reference, rel=1e-3):
+                for layer, norm in kept.items():
+                    unfolded[norm] = "folding every pair together changed the model's output (each alone did not)"
+                kept, folded = {}, model
+            pairs = kept
+    return BatchNormFolding(folded if pairs else model, {norm: layer for layer, norm in pairs.items()},
+                            dict(sorted(unfolded.items(), key=lambda kv: norms.index(kv[0]))))
+
+
+def _folded_copy(model: nn.Module, pairs: Dict[str, str]) -> nn.Module:
+    """A deep copy of ``model`` with each ``{layer: norm}`` pair folded (``model`` itself when there is none)."""
+    if not pairs:
+        return model
+    folded = copy.deepcopy(model)
+    modules = dict(folded.named_modules())
+    for layer_name, norm_name in pairs.items():
+        _fold(modules[layer_name], modules[norm_name])
+        _replace(folded, norm_name, _after_norm(modules[norm_name]))
+    return folded
 
 
 def _is_batchnorm_act(module: nn.Module) -> bool:
@@ -70,50 +117,144 @@ def _is_batchnorm_act(module: nn.Module) -> bool:
         and isinstance(getattr(module, "drop", None), nn.Module)
 
 
-def _find_pairs(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str, str], object]:
-    """``{layer name: norm name}`` for the norms fed only by one layer's output, and the model's output."""
-    produced: Dict[int, Tuple[str, weakref.ref]] = {}  # id(output) -> (layer name, weak reference to the output)
+class _Produced:
+    """One tensor a layer returned: which layer, a weak reference to it, the norm it was given to (if any) and
+    whether anything else read it."""
+
+    __slots__ = ("layer", "ref", "norm", "other_use")
+
+    def __init__(self, layer: str, tensor: torch.Tensor):
+        self.layer, self.ref = layer, weakref.ref(tensor)
+        self.norm: Optional[str] = None
+        self.other_use = False
+
+
+class _UseRecorder(TorchDispatchMode):
+    """Marks every tracked layer output that an op reads outside the BatchNorm it was given to, and every layer
+    whose weight or bias an op reads outside that layer's own forward (a weight shared with another layer, or
+    read by the model's own code: folding would change it there too).
+
+    At the dispatcher every op is seen, views, in-place updates and ops inside scripted code included, and shape
+    queries are not (they do not read the data)."""
+
+    def __init__(self, produced: Dict[int, _Produced], active: List[str], params: Dict[int, Tuple[str, Any]],
+                 shared: set):
+        super().__init__()
+        self.produced, self.active, self.params, self.shared = produced, active, params, shared
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        current = self.active[-1] if self.active else None
+        for leaf in pytree.tree_leaves((args, kwargs)):
+            if isinstance(leaf, torch.Tensor):
+                record = _tracked(self.produced, leaf)
+                if record is not None and (current is None or record.norm != current):
+                    record.other_use = True
+                owner = self.params.get(id(leaf))
+                if owner is not None and owner[1] is leaf and owner[0] != current:
+                    self.shared.add(owner[0])
+        return func(*args, **kwargs)
+
+
+def _tracked(produced: Dict[int, _Produced], value: Any) -> Optional[_Produced]:
+    """The record of ``value`` if it is a layer output still alive (an id can be reused once its tensor is gone)."""
+    record = produced.get(id(value))
+    return record if record is not None and record.ref() is value else None
+
+
+def _find_pairs(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str, str], object, Dict[str, str]]:
+    """``{layer name: norm name}`` for the norms fed only by one layer's output that nothing else uses, the
+    model's output, and ``{norm name: reason}`` for the norms that ran and are not paired."""
+    produced: Dict[int, _Produced] = {}  # id(output) -> the layer output's record
     fed_by: Dict[str, Optional[str]] = {}  # norm name -> the layer whose output it received (None: not a layer's)
+    records: List[_Produced] = []
+    mixed: set = set()  # norms fed by different layers, or by a layer's output and another op's, at different calls
     calls: Dict[str, int] = {}
+    active: List[str] = []  # the layers and norms whose forward is running, innermost last
+    params: Dict[int, Tuple[str, Any]] = {}  # id(weight or bias of a layer) -> (layer name, the tensor)
+    shared: set = set()  # layers whose output or weights are read by more than their norm / themselves
     handles = []
+
+    def before_layer(name):
+        def hook(module, args):
+            active.append(name)
+        return hook
 
     def after_layer(name):
         def hook(module, args, output):
+            active.pop()
             calls[name] = calls.get(name, 0) + 1
             if isinstance(output, torch.Tensor):
-                produced[id(output)] = (name, weakref.ref(output))
+                record = _Produced(name, output)
+                produced[id(output)] = record
+                records.append(record)
         return hook
 
     def before_norm(name):
         def hook(module, args):
             calls[name] = calls.get(name, 0) + 1
-            source = produced.get(id(args[0])) if args and isinstance(args[0], torch.Tensor) else None
-            layer = source[0] if source is not None and source[1]() is args[0] else None
+            record = _tracked(produced, args[0]) if args else None
+            layer = record.layer if record is not None else None
+            if record is not None:
+                if record.norm is not None and record.norm != name:
+                    record.other_use = True  # given to two norms
+                record.norm = name
             if fed_by.get(name, layer) != layer:
-                layer = None  # fed by different tensors at different calls
-            fed_by[name] = layer
+                mixed.add(name)  # fed by different layers (or by a layer and by another op) at different calls
+            fed_by[name] = layer if name not in mixed else None
+            active.append(name)
         return hook
+
+    def after_norm(module, args, output):
+        active.pop()
 
     for name, module in model.named_modules():
         if type(module) in _LAYERS:
+            handles.append(module.register_forward_pre_hook(before_layer(name)))
             handles.append(module.register_forward_hook(after_layer(name)))
-        elif _foldable_norm(module):
+            for tensor in (module.weight, module.bias):
+                if tensor is not None:
+                    if id(tensor) in params:  # one tensor in two layers
+                        shared.update((name, params[id(tensor)][0]))
+                    params[id(tensor)] = (name, tensor)
+        elif type(module) in _FOLDABLE or _is_batchnorm_act(module):
             handles.append(module.register_forward_pre_hook(before_norm(name)))
+            handles.append(module.register_forward_hook(after_norm))
     try:
-        output = model(example_input)
+        with _UseRecorder(produced, active, params, shared):
+            output = model(example_input)
     finally:
         for handle in handles:
             handle.remove()
+    for leaf in pytree.tree_leaves(output):  # a layer output the model returns is used by the caller
+        record = _tracked(produced, leaf)
+        if record is not None:
+            record.other_use = True
+    shared.update(record.layer for record in records if record.other_use)
     modules = dict(model.named_modules())
     feeds = Counter(layer for layer in fed_by.values() if layer is not None)
     pairs: Dict[str, str] = {}
+    unfolded: Dict[str, str] = {}
     for norm, layer in fed_by.items():
-        if layer is None or feeds[layer] != 1 or calls[layer] != calls[norm]:
-            continue
-        if isinstance(modules[layer], nn.Linear) != isinstance(modules[norm], nn.BatchNorm1d):
-            continue  # Linear feeds BatchNorm1d (2-D input), Conv2d feeds BatchNorm2d
-        pairs[layer] = norm
-    return pairs, output
+        if not _foldable_norm(modules[norm]):
+            unfolded[norm] = "it has no running statistics (track_running_stats=False)"
+        elif norm in mixed:
+            unfolded[norm] = "its input is not the output of the same Conv2d / Linear at every call"
+        elif layer is None:
+            unfolded[norm] = "its input is not the output of a Conv2d / Linear (an activation's, an addition's...)"
+        elif feeds[layer] != 1:
+            unfolded[norm] = f"the output of {layer} feeds more than one BatchNorm"
+        elif calls[layer] != calls[norm]:
+            unfolded[norm] = f"{layer} also runs without this BatchNorm after it"
+        elif layer in shared:
+            unfolded[norm] = f"the output or the weights of {layer} are also used elsewhere, which folding would change"
+        elif isinstance(modules[layer], nn.Linear) != isinstance(modules[norm], nn.BatchNorm1d):
+            # Linear feeds BatchNorm1d (2-D input), Conv2d feeds BatchNorm2d
+            kinds = type(modules[layer]).__name__, type(modules[norm]).__name__
+            unfolded[norm] = f"{kinds[0]} {layer} does not fold into a {kinds[1]}"
+        else:
+            pairs[layer] = norm
+    return pairs, output, unfolded
 
 
 def _foldable_norm(module: nn.Module) -> bool:

@@ -34,7 +34,7 @@ import torch.nn as nn
 from timm.utils import reparameterize_model
 from torch.utils import _pytree as pytree
 
-from vitzoo.batchnorm_folding import fold_batchnorms
+from vitzoo.batchnorm_folding import fold_batchnorms_detailed
 from vitzoo.models import _as_dim, first_meta_tensor, model_in_chans, model_input_size
 
 with warnings.catch_warnings():
@@ -253,6 +253,11 @@ class FlopReport:
         by_operator: FLOPs per operator (``conv``, ``linear``, ``matmul``, ``scaled_dot_product_attention``...).
         uncounted: Ops that were executed but not counted, with their call counts.
         module_params: Parameters per module name of the counted model (for :meth:`table`).
+        unfolded_norms: With ``fused=True``, the BatchNorm layers (``BatchNorm1d`` / ``2d``, timm's
+            ``BatchNormAct2d``) left in the fused model, each with why it could not be folded into the layer
+            before it (``{"stages.0.blocks.0.conv.pre_norm": "the output or the weights of stem.conv2 are also
+            used elsewhere, which folding would change"}``); they are counted as fvcore's ``batch_norm``. Empty
+            with ``fused=False``.
     """
 
     total: int
@@ -266,6 +271,7 @@ class FlopReport:
     by_operator: Dict[str, int] = field(default_factory=dict)
     uncounted: Dict[str, int] = field(default_factory=dict)
     module_params: Dict[str, int] = field(default_factory=dict)
+    unfolded_norms: Dict[str, str] = field(default_factory=dict)
 
     @property
     def unknown_ops(self) -> Dict[str, int]:
@@ -300,6 +306,9 @@ class FlopReport:
             f"by operator: {ops}\n"
             f"uncounted ops: {skipped}"
             + (f"\nno FLOP formula (their work is missing from the total): {unknown}" if unknown else "")
+            + (f"\nBatchNorm not folded ({len(self.unfolded_norms)}, counted as batch_norm): " + "; ".join(
+                f"{name}: {why}" for name, why in list(self.unfolded_norms.items())[:3])
+               + ("; ..." if len(self.unfolded_norms) > 3 else "") if self.unfolded_norms else "")
         )
 
     def __str__(self) -> str:
@@ -457,7 +466,8 @@ def count_flops(
         # raise the model's own error here instead of a count for an input it would reject
         unfused(example)
     fused_model = reparameterize_model(copy.deepcopy(unfused), inplace=True)
-    fused_model, _ = fold_batchnorms(fused_model, example)
+    folding = fold_batchnorms_detailed(fused_model, example)
+    fused_model = folding.model
     params_fused = count_params(fused_model)
     counted = fused_model if fused else unfused
     counted.register_forward_hook(_tensors_only)  # a copy: the caller's model gets no hook
@@ -491,4 +501,5 @@ def count_flops(
         by_operator=by_operator,
         uncounted=uncounted,
         module_params={name: count_params(m) for name, m in counted.named_modules()},
+        unfolded_norms=folding.unfolded if fused else {},
     )
