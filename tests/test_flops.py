@@ -974,3 +974,64 @@ def test_distilled_nvit_with_fc_norm_counts_the_norm_on_both_pooled_tokens():
     blocks, tokens, emb = 3, 16 + 2, 32
     model = timm.create_model("nvit_b", dims=dims, img_size=64, fc_norm=True)
     assert count_flops(model).by_operator["layer_norm"] == 2 * blocks * tokens * emb * 5 + 2 * 5 * emb
+
+
+class _RmsNorm(nn.Module):
+    def __init__(self, weight: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(6) + 0.5) if weight else None
+
+    def forward(self, x):  # x: [2, 1, 4, 6], normalised over its last dim
+        return F.rms_norm(x, (6,), self.weight)
+
+
+@pytest.mark.parametrize("weight", [True, False])
+def test_rms_norm_counts_like_layer_norm_without_the_mean(weight):
+    """Found by an audit: aten::rms_norm (timm's vit_dwee_patch16_reg1_gap_256, deepseek_vit_412m) had no formula.
+    fvcore's layer_norm counts 5 per element with its affine, 4 without; RMSNorm has no mean to take and subtract
+    (2 fewer), and a weight without a bias: 3 and 2 per element, counted by default like layer_norm."""
+    elements = 2 * 1 * 4 * 6
+    layer_norm = count_flops(nn.LayerNorm(6, elementwise_affine=weight), (1, 4, 6), batch_size=2)
+    assert layer_norm.by_operator == {"layer_norm": (5 if weight else 4) * elements}  # fvcore's own handle
+    report = count_flops(_RmsNorm(weight), (1, 4, 6), batch_size=2)
+    per_element = 3 if weight else 2
+    assert report.by_operator == {"rms_norm": layer_norm.total - 2 * elements} == {"rms_norm": per_element * elements}
+    assert report.unknown_ops == {} and report.uncounted == {}
+    if weight:
+        from timm.layers import RmsNorm
+
+        assert count_flops(RmsNorm(6), (1, 4, 6), batch_size=2).total == 3 * elements
+
+
+class _Comparisons(nn.Module):
+    """lt / le / ne, masked_fill_ and tanh_ (in place), glu and prelu; or their counted siblings gt / ge / eq,
+    masked_fill and tanh (out of place), a product of halves and a leaky ReLU."""
+
+    def __init__(self, siblings: bool):
+        super().__init__()
+        self.siblings = siblings
+        self.slope = nn.Parameter(torch.tensor([0.25]))
+
+    def forward(self, x):  # x: [2, 1, 4, 6], 48 elements
+        if self.siblings:
+            y = x.masked_fill(x.gt(0), 0.0).tanh()
+            a, b = x.chunk(2, -1)
+            return y, a * b, F.leaky_relu(x, 0.25), x.ge(0), x.eq(1)
+        y = x.clone().masked_fill_(x.lt(0), 0.0).tanh_()
+        return y, F.glu(x, -1), F.prelu(x, self.slope), x.le(0), x.ne(1)
+
+
+def test_comparisons_in_place_ops_glu_and_prelu_count_like_their_siblings():
+    """Found by an audit: with elementwise=True, lt / le / ne / masked_fill_ / tanh_ / glu / prelu were unknown ops
+    while gt / ge / eq / masked_fill / tanh were counted. Hand count: one per output element, 48 for each op and
+    24 for glu (the product of the two 3-wide halves): 6 * 48 + 24 = 312, what the siblings count."""
+    report = count_flops(_Comparisons(False), (1, 4, 6), batch_size=2, elementwise=True)
+    siblings = count_flops(_Comparisons(True), (1, 4, 6), batch_size=2, elementwise=True)
+    assert report.total == 6 * 48 + 24 == siblings.total
+    assert report.by_operator == {"lt": 48, "masked_fill_": 48, "tanh_": 48, "glu": 24, "prelu": 48, "le": 48,
+                                  "ne": 48}
+    assert report.uncounted == {}
+    default = count_flops(_Comparisons(False), (1, 4, 6), batch_size=2)
+    assert default.total == 0 and default.unknown_ops == {}
+    assert set(default.uncounted) == {f"aten::{op}" for op in ("lt", "masked_fill_", "tanh_", "glu", "prelu", "le",
+                                                               "ne")}

@@ -5,11 +5,12 @@ report this number as "FLOPs". ``torch.utils.flop_counter`` counts two per multi
 
 On top of fvcore's built-in handles this module counts ``aten::scaled_dot_product_attention`` (fvcore skips it,
 so every timm ViT with fused attention loses its attention matmuls), recurrent layers, string-padded convolutions,
-broadcast / matrix-vector products and the other interpolation modes (:data:`MATRIX_OPS`, :data:`RESAMPLING_OPS`)
-and, only when asked, the elementwise ops (additions, products, activations, softmax, reductions: one per element).
-They are off by default so that the published numbers reproduce. Every op that is neither counted nor on fvcore's
-list of free shape ops is reported in :attr:`FlopReport.uncounted` with its call count, and those with no formula
-here (not elementwise ops left out by convention) in :attr:`FlopReport.unknown_ops`.
+broadcast / matrix-vector products, the other interpolation modes and RMSNorm (:data:`MATRIX_OPS`,
+:data:`RESAMPLING_OPS`, :data:`NORM_OPS`) and, only when asked, the elementwise ops (additions, products,
+activations, softmax, reductions: one per element). They are off by default so that the published numbers
+reproduce. Every op that is neither counted nor on fvcore's list of free shape ops is reported in
+:attr:`FlopReport.uncounted` with its call count, and those with no formula here (not elementwise ops left out by
+convention) in :attr:`FlopReport.unknown_ops`.
 
 Example::
 
@@ -44,7 +45,7 @@ with warnings.catch_warnings():
     from fvcore.nn.jit_handles import get_shape
 
 __all__ = ["FlopReport", "count_flops", "count_params", "sdpa_flop_jit", "sdpa_elementwise_flop_jit",
-           "ELEMENTWISE_OPS", "FREE_OPS", "FVCORE_SILENT_OPS", "MATRIX_OPS", "RESAMPLING_OPS"]
+           "ELEMENTWISE_OPS", "FREE_OPS", "FVCORE_SILENT_OPS", "MATRIX_OPS", "NORM_OPS", "RESAMPLING_OPS"]
 
 
 def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
@@ -176,6 +177,23 @@ MATRIX_OPS: Dict[str, Any] = {
 }
 
 
+def _rms_norm_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``aten::rms_norm(input, normalized_shape, weight, eps)``: 3 per input element with a weight, 2 without.
+
+    Derived as fvcore's ``layer_norm`` (5 per element with the affine, 4 without) is: a LayerNorm takes the mean
+    (1), subtracts it (1), squares and sums for the variance (1), scales by ``1 / std`` (1) and applies
+    ``weight * x + bias`` (1, a multiply-add). RMSNorm has no mean to take or subtract: it squares and sums (1),
+    scales by ``1 / rms`` (1) and multiplies by its weight (1, no bias).
+    """
+    return _elements(inputs[0]) * (3 if get_shape(inputs[2]) is not None else 2)
+
+
+# Normalisation layers fvcore has no handle for, always counted, as fvcore counts layer_norm / group_norm.
+NORM_OPS: Dict[str, Any] = {
+    "aten::rms_norm": _rms_norm_flop_jit,
+}
+
+
 def _per_output_element(inputs: List[Any], outputs: List[Any]) -> int:
     return _elements(outputs[0])
 
@@ -195,7 +213,8 @@ ELEMENTWISE_OPS: Dict[str, Any] = {
             "hardswish_", "hardsigmoid", "hardsigmoid_", "softmax", "log_softmax", "erf", "clamp_min",
             "leaky_relu", "leaky_relu_", "elu", "elu_", "mish", "hardtanh", "hardtanh_", "sin", "cos", "square",
             "ceil", "round", "sign", "reciprocal", "log", "softplus", "clamp_max", "minimum", "maximum", "where",
-            "addcmul", "addcdiv", "lerp",
+            "addcmul", "addcdiv", "lerp", "lt", "le", "ne", "prelu",
+            "glu",  # the product of the two halves: one per output element
         )
     },
     **{
@@ -214,6 +233,12 @@ FVCORE_SILENT_OPS = tuple(f"aten::{op}" for op in (
     "__and__", "bitwise_not"))
 ELEMENTWISE_OPS.update({op: _per_output_element for op in FVCORE_SILENT_OPS})
 ELEMENTWISE_OPS["aten::max"] = _per_input_element  # a reduction, or the elementwise max of equal shapes
+# in-place variants (``x.tanh_()``, ``x.masked_fill_(m, v)``, ``x.lt_(0)``) cost what the out-of-place op costs:
+# every elementwise op above with an in-place form in this torch's aten
+ELEMENTWISE_OPS.update({
+    f"{op}_": handle for op, handle in list(ELEMENTWISE_OPS.items())
+    if handle is _per_output_element and not op.endswith("_") and hasattr(torch.ops.aten, op[len("aten::"):] + "_")
+})
 
 # Shape and copy ops missing from fvcore's list of free ops; they cost no arithmetic.
 # Dropout is the identity in eval mode.
@@ -474,7 +499,7 @@ def count_flops(
     analysis = FlopCountAnalysis(counted, example)
     analysis.set_op_handle("aten::scaled_dot_product_attention",
                            sdpa_elementwise_flop_jit if elementwise else sdpa_flop_jit)
-    analysis.set_op_handle(**MATRIX_OPS, **RESAMPLING_OPS)
+    analysis.set_op_handle(**MATRIX_OPS, **RESAMPLING_OPS, **NORM_OPS)
     analysis.set_op_handle(**{op: None for op in FREE_OPS})
     silent: Counter = Counter()
     if elementwise:
