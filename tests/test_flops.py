@@ -1035,3 +1035,57 @@ def test_comparisons_in_place_ops_glu_and_prelu_count_like_their_siblings():
     assert default.total == 0 and default.unknown_ops == {}
     assert set(default.uncounted) == {f"aten::{op}" for op in ("lt", "masked_fill_", "tanh_", "glu", "prelu", "le",
                                                                "ne")}
+
+
+class _Einsum(nn.Module):
+    def __init__(self, equation: str, second: str = "x"):
+        super().__init__()
+        self.equation, self.second = equation, second
+
+    def forward(self, x):  # x: [1, 3, 16, 16]
+        if self.second == "none":
+            return torch.einsum(self.equation, x)
+        if self.second == "rows":  # bc,bd->bcd on [1, 8] and [1, 8]
+            return torch.einsum(self.equation, x[:, 0, 0, :8], x[:, 1, 0, :8])
+        return torch.einsum(self.equation, x, x)
+
+
+class _Sum(nn.Module):
+    def forward(self, x):
+        return x.sum((2, 3))
+
+
+@pytest.mark.parametrize("equation, second, elementwise_count, listed", [
+    ("bchw,bchw->bchw", "x", 3 * 16 * 16, True),  # a product, one per output element
+    ("bc,bd->bcd", "rows", 8 * 8, True),  # an outer product, one per output element
+    ("bchw->bc", "none", 3 * 16 * 16, True),  # a sum, one per input element like x.sum((2, 3))
+    ("bchw->bhwc", "none", 0, False),  # a permutation: free, as permute is
+])
+def test_einsum_without_a_contraction_follows_the_elementwise_rule(equation, second, elementwise_count, listed):
+    """Found by an audit: fvcore's einsum handle counted torch.einsum("bchw,bchw->bchw", x, x) on 3x16x16 as 384
+    (half per element) by default, an outer product and a permutation alike. Hand counts."""
+    default = count_flops(_Einsum(equation, second), (3, 16, 16))
+    assert default.total == 0 and default.unknown_ops == {}
+    assert default.uncounted == ({"aten::einsum": 1} if listed else {})
+    full = count_flops(_Einsum(equation, second), (3, 16, 16), elementwise=True)
+    assert full.total == elementwise_count and full.uncounted == {}
+    if equation == "bchw->bc":
+        assert full.total == count_flops(_Sum(), (3, 16, 16), elementwise=True).total
+
+
+class _EinsumAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.k = nn.Parameter(torch.randn(2, 3, 17, 13))
+
+    def forward(self, q):  # q: [2, 3, 11, 13]
+        return torch.einsum("bhqd,bhkd->bhqk", q, self.k)
+
+
+def test_two_operand_einsum_contraction_is_counted_exactly():
+    """fvcore reads the count back from numpy's printed path, rounded to 4 significant digits: 2*3*11*17*13 = 14,586
+    multiply-adds came out as 14,585. Reference: torch.utils.flop_counter (einsum runs as bmm there) / 2."""
+    model = _EinsumAttention()
+    report = count_flops(model, (3, 11, 13), batch_size=2)
+    assert report.by_operator == {"einsum": 2 * 3 * 11 * 17 * 13} == {"einsum": 14_586}
+    assert report.total == _flop_counter_macs(model, torch.randn(2, 3, 11, 13))

@@ -42,7 +42,7 @@ with warnings.catch_warnings():
     # fvcore scripts a loss function at import time, which torch 2.14 answers with a deprecation warning
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
     from fvcore.nn import FlopCountAnalysis
-    from fvcore.nn.jit_handles import get_shape
+    from fvcore.nn.jit_handles import einsum_flop_jit, get_shape
 
 __all__ = ["FlopReport", "count_flops", "count_params", "sdpa_flop_jit", "sdpa_elementwise_flop_jit",
            "ELEMENTWISE_OPS", "FREE_OPS", "FVCORE_SILENT_OPS", "MATRIX_OPS", "NORM_OPS", "RESAMPLING_OPS"]
@@ -249,6 +249,70 @@ FREE_OPS = ("aten::reshape_as", "aten::view_as", "aten::expand_as", "aten::repea
             "aten::flip", "aten::roll", "aten::tile", "aten::meshgrid")
 
 
+def _einsum_terms(equation: str) -> Tuple[List[str], str]:
+    """An einsum equation's operand subscripts and output subscripts, ``...`` written as ``.``; in implicit mode
+    (no ``->``) the output is the ellipsis and the letters that occur once, in alphabetical order (torch's rule)."""
+    lhs, arrow, rhs = equation.replace(" ", "").replace("...", ".").partition("->")
+    if not arrow:
+        letters = [c for c in lhs if c.isalpha()]
+        rhs = ("." if "." in lhs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    return lhs.split(","), rhs
+
+
+def _einsum_index_product(terms: List[str], shapes: List[List[int]]) -> int:
+    """The product of the sizes of every index of an einsum (the ellipsis' dims broadcast, aligned right): the
+    multiply-adds of a two-operand contraction, one per combination of all its indices."""
+    sizes: Dict[str, int] = {}
+    ellipsis: List[int] = []
+    for term, shape in zip(terms, shapes):
+        if "." in term:
+            before, after = term.split(".")
+            middle = shape[len(before):len(shape) - len(after)]
+            named = list(zip(before, shape)) + list(zip(after, shape[len(shape) - len(after):]))
+            padded = [1] * (len(middle) - len(ellipsis))
+            ellipsis = [max(a, b) for a, b in zip(padded + ellipsis, [1] * (len(ellipsis) - len(middle)) + middle)]
+        else:
+            named = list(zip(term, shape))
+        for letter, size in named:
+            sizes[letter] = max(sizes.get(letter, 1), size)
+    return math.prod(sizes.values()) * math.prod(ellipsis)
+
+
+def _einsum_handle(elementwise: bool, calls: Counter) -> Any:
+    """fvcore handle for ``aten::einsum``, by what the equation does.
+
+    * A contraction of two or more operands (an index summed away: ``bhqd,bhkd->bhqk``) costs multiply-adds,
+      always counted: with two operands, the product of every index's size (fvcore computes the same number but
+      reads it back from numpy's printout, rounded to 4 significant digits: 12,290 for 12,288); with more,
+      fvcore's count along numpy's optimal contraction path.
+    * No index summed (``bchw,bchw->bchw``, the outer product ``bc,bd->bcd``): elementwise products, one per
+      output element with ``elementwise=True``, otherwise listed in ``uncounted`` (fvcore counted half that).
+    * One operand: summing an index away (``bchw->bc``) is a reduction, one per input element with
+      ``elementwise=True`` (like ``sum``), otherwise listed in ``uncounted``; a permutation or a diagonal
+      (``bchw->bhwc``, ``ii->i``) moves data and costs nothing.
+    """
+    def handle(inputs: List[Any], outputs: List[Any]) -> int:
+        operands = list(inputs[1].node().inputs())
+        terms, output = _einsum_terms(inputs[0].toIValue())
+        summed = set("".join(terms)) - set(output)
+        if len(terms) >= 2 and summed:
+            if len(terms) == 2:
+                return _einsum_index_product(terms, [get_shape(v) for v in operands])
+            return int(einsum_flop_jit(inputs, outputs))
+        if len(terms) == 1 and not summed:
+            return 0
+        if elementwise:
+            return _elements(operands[0]) if len(terms) == 1 else _elements(outputs[0])
+        calls["aten::einsum"] += 1
+        return 0
+    return handle
+
+
+# Ops that a handle here lists in ``uncounted`` only for their elementwise work, left out by convention: an einsum
+# without a contraction (see :func:`_einsum_handle`).
+_ELEMENTWISE_FORMS = ("aten::einsum",)
+
+
 def _recorded_uncounted(op: str, calls: Counter) -> Any:
     """An fvcore handle that counts nothing and records the call, for :attr:`FlopReport.uncounted`."""
     def handle(inputs: List[Any], outputs: List[Any]) -> int:
@@ -303,7 +367,7 @@ class FlopReport:
         """The uncounted ops that are not elementwise ops left out by convention: ops with no FLOP formula here,
         whose work (if any) is missing from :attr:`total`. Empty for every model of the zoo and the common timm
         families."""
-        return {op: n for op, n in self.uncounted.items() if op not in ELEMENTWISE_OPS}
+        return {op: n for op, n in self.uncounted.items() if op not in ELEMENTWISE_OPS and op not in _ELEMENTWISE_FORMS}
 
     def table(self, max_depth: int = 2) -> str:
         """Per-module breakdown as a fixed-width text table, modules nested down to ``max_depth`` levels."""
@@ -502,6 +566,7 @@ def count_flops(
     analysis.set_op_handle(**MATRIX_OPS, **RESAMPLING_OPS, **NORM_OPS)
     analysis.set_op_handle(**{op: None for op in FREE_OPS})
     silent: Counter = Counter()
+    analysis.set_op_handle("aten::einsum", _einsum_handle(elementwise, silent))
     if elementwise:
         analysis.set_op_handle(**ELEMENTWISE_OPS)
     else:
