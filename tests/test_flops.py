@@ -1089,3 +1089,43 @@ def test_two_operand_einsum_contraction_is_counted_exactly():
     report = count_flops(model, (3, 11, 13), batch_size=2)
     assert report.by_operator == {"einsum": 2 * 3 * 11 * 17 * 13} == {"einsum": 14_586}
     assert report.total == _flop_counter_macs(model, torch.randn(2, 3, 11, 13))
+
+
+class _Fold(nn.Module):
+    def __init__(self, **fold):
+        super().__init__()
+        self.fold = fold
+
+    def forward(self, x):  # x: [2, 1, C * kh * kw, L], patches as F.unfold makes them
+        return F.fold(x[:, 0], **self.fold)
+
+
+def _fold_input_shape(channels: int, output_size, kernel_size, dilation=1, padding=0, stride=1):
+    pair = nn.modules.utils._pair
+    (oh, ow), (kh, kw), (dh, dw), (ph, pw), (sh, sw) = map(pair, (output_size, kernel_size, dilation, padding, stride))
+    blocks = ((oh + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((ow + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+    return channels * kh * kw, blocks
+
+
+@pytest.mark.parametrize("fold", [
+    dict(output_size=(7, 9), kernel_size=3, padding=1, stride=1),  # VOLO's outlooker: every element 9 times or less
+    dict(output_size=(8, 8), kernel_size=3, padding=1, stride=2),  # VOLO's downsampling outlooker
+    dict(output_size=(9, 10), kernel_size=(2, 3), dilation=2, stride=(3, 2)),  # gaps, dilation, no padding
+    dict(output_size=(6, 6), kernel_size=2, stride=2),  # no overlap: no addition
+])
+def test_fold_counts_the_additions_of_overlapping_patches(fold):
+    """Found by an audit: aten::col2im (F.fold) was a free op, its additions neither counted nor listed. Reference:
+    torch's own fold of ones counts how many patch elements land on each output element; each costs n - 1."""
+    shape = _fold_input_shape(4, **fold)
+    landed = F.fold(torch.ones(2, *shape), **fold)
+    additions = int((landed - 1).clamp(min=0).sum())
+    report = count_flops(_Fold(**fold), (1, *shape), batch_size=2, elementwise=True)
+    assert report.by_operator.get("col2im", 0) == report.total == additions
+    default = count_flops(_Fold(**fold), (1, *shape), batch_size=2)
+    assert default.total == 0 and default.uncounted == {"aten::col2im": 1} and default.unknown_ops == {}
+    if fold["output_size"] == (7, 9):
+        # by hand: 2 x 4 maps; each output element covered (stride 1), 3 times per dimension but twice at the edges
+        # (19 row and 25 column coverings); 9 x 63 patch elements of which 19 * 25 land inside, 63 outputs
+        assert additions == 2 * 4 * (19 * 25 - 7 * 9) == 3296
+    if fold["stride"] == 2 and fold["kernel_size"] == 2:
+        assert additions == 0

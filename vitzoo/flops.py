@@ -202,6 +202,41 @@ def _per_input_element(inputs: List[Any], outputs: List[Any]) -> int:
     return _elements(inputs[0])
 
 
+def _int_list(value: Any) -> List[int]:
+    """A traced ``int[]`` argument: a constant list, or a list built from constants."""
+    constant = value.toIValue()
+    if constant is not None:
+        return list(constant)
+    return [item.toIValue() for item in value.node().inputs()]
+
+
+def _col2im_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``aten::col2im`` (``F.fold``; VOLO's outlooker): the additions where patches overlap.
+
+    Every element of a patch that lands inside the output (not in its padding) is summed into its place, so an
+    output element that ``n >= 1`` patch elements land on costs ``n - 1`` additions. Without padding, and with
+    every output element covered, that is input elements - output elements. Coverage is counted per dimension
+    from the output's size, ``kernel_size``, ``dilation``, ``padding`` and ``stride`` (an output element's
+    coverage is the product of its row's and its column's).
+    """
+    kernel, dilation, padding, stride = (_int_list(v) for v in inputs[2:6])
+    size = get_shape(outputs[0])[-2:]  # output_size may be computed from shapes at run time (VOLO)
+    coverage = []
+    for out, k, d, p, s in zip(size, kernel, dilation, padding, stride):
+        blocks = (out + 2 * p - d * (k - 1) - 1) // s + 1
+        covered = [0] * out
+        for b in range(blocks):
+            for i in range(k):
+                position = b * s - p + i * d
+                if 0 <= position < out:
+                    covered[position] += 1
+        coverage.append(covered)
+    per_map = sum(max(h * w - 1, 0) for h in coverage[0] for w in coverage[1])
+    shape = get_shape(inputs[0])
+    maps = math.prod(shape[:-1]) // (kernel[0] * kernel[1])  # batch x channels ([N,] C * kh * kw, L)
+    return maps * per_map
+
+
 # Elementwise ops counted with ``elementwise=True``: arithmetic and activations cost one per output element,
 # reductions and pooling one per input element.
 ELEMENTWISE_OPS: Dict[str, Any] = {
@@ -217,6 +252,7 @@ ELEMENTWISE_OPS: Dict[str, Any] = {
             "glu",  # the product of the two halves: one per output element
         )
     },
+    "aten::col2im": _col2im_flop_jit,  # additions of overlapping patches
     **{
         f"aten::{op}": _per_input_element
         for op in ("mean", "sum", "avg_pool2d", "max_pool2d", "adaptive_max_pool2d", "linalg_vector_norm", "norm",
@@ -244,7 +280,7 @@ ELEMENTWISE_OPS.update({
 # Dropout is the identity in eval mode.
 FREE_OPS = ("aten::reshape_as", "aten::view_as", "aten::expand_as", "aten::repeat", "aten::pad", "aten::clone",
             "aten::movedim", "aten::unflatten", "aten::tensor_split", "aten::pixel_shuffle", "aten::pixel_unshuffle",
-            "aten::repeat_interleave", "aten::unfold", "aten::im2col", "aten::col2im", "aten::dropout_",
+            "aten::repeat_interleave", "aten::unfold", "aten::im2col", "aten::dropout_",
             "aten::feature_dropout", "aten::feature_dropout_", "aten::alpha_dropout", "aten::alpha_dropout_",
             "aten::flip", "aten::roll", "aten::tile", "aten::meshgrid")
 
