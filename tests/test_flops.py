@@ -1129,3 +1129,22 @@ def test_fold_counts_the_additions_of_overlapping_patches(fold):
         assert additions == 2 * 4 * (19 * 25 - 7 * 9) == 3296
     if fold["stride"] == 2 and fold["kernel_size"] == 2:
         assert additions == 0
+
+
+def test_img_size_is_another_name_for_input_size(monkeypatch):
+    """Found by an audit: vitzoo.count_flops("resnet18", img_size=160) raised TypeError (compare() and timm say
+    img_size). Hand count of the stem: a stride-2 7x7 conv 3 -> 64 on 160x160, 80x80 outputs."""
+    import vitzoo
+
+    report = vitzoo.count_flops("resnet18", img_size=160)
+    assert report.input_size == (3, 160, 160)
+    assert report.by_module["conv1"] == 80 * 80 * 64 * 7 * 7 * 3
+    assert count_flops(nn.Conv2d(2, 4, 1), img_size=(2, 5, 6)).total == 5 * 6 * 4 * 2
+    built = []
+    monkeypatch.setattr("vitzoo.models.create", lambda *a, **k: built.append(a) or nn.Conv2d(3, 4, 1))
+    with pytest.raises(TypeError, match=r"count_flops\(\) got both input_size=160 and img_size=224; img_size is "
+                                        r"another name for input_size: pass one of them"):
+        count_flops("resnet18", 160, img_size=224)
+    assert built == []
+    with pytest.raises(ValueError, match=r"img_size must be an int, \(H, W\) or \(C, H, W\) of positive ints, got 0"):
+        count_flops(nn.Conv2d(3, 4, 1), img_size=0)

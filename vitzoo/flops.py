@@ -469,7 +469,8 @@ def _build_size(input_size: Union[None, int, Sequence[int]]) -> Tuple[Union[None
     return (size[-2], size[-1]), (size[0] if len(size) == 3 else None)
 
 
-def _input_size(model: nn.Module, input_size: Union[None, int, Sequence[int]]) -> Tuple[int, int, int]:
+def _input_size(model: nn.Module, input_size: Union[None, int, Sequence[int]],
+                name: str = "input_size") -> Tuple[int, int, int]:
     if input_size is None:
         size = model_input_size(model)
         if size is None:
@@ -479,7 +480,7 @@ def _input_size(model: nn.Module, input_size: Union[None, int, Sequence[int]]) -
         return size
     dims = _size_tuple(input_size)
     if dims is None:
-        raise ValueError(f"input_size must be an int, (H, W) or (C, H, W) of positive ints, got {input_size!r}")
+        raise ValueError(f"{name} must be an int, (H, W) or (C, H, W) of positive ints, got {input_size!r}")
     if len(dims) == 1:
         return model_in_chans(model), dims[0], dims[0]
     return ((model_in_chans(model),) + dims) if len(dims) == 2 else dims  # type: ignore[return-value]
@@ -539,6 +540,7 @@ def count_flops(
     model: Union[nn.Module, str],
     input_size: Union[None, int, Sequence[int]] = None,
     *,
+    img_size: Union[None, int, Sequence[int]] = None,
     batch_size: int = 1,
     fused: bool = True,
     elementwise: bool = False,
@@ -551,6 +553,8 @@ def count_flops(
     Args:
         model: An ``nn.Module`` or a timm model name (``arch`` or ``arch.tag``; built without weights).
         input_size: ``(C, H, W)``, ``(H, W)`` or a square size; default: the model's ``pretrained_cfg['input_size']``.
+        img_size: The same as ``input_size``, under the name timm and :func:`vitzoo.compare.compare` use; give one
+            of the two.
         batch_size: Batch size of the traced input (FLOPs scale linearly with it).
         fused: Count the inference-fused model (the papers' convention) rather than the model as given.
         elementwise: Also count elementwise ops (one per element). Off by default: papers do not count them.
@@ -560,6 +564,7 @@ def count_flops(
 
     Raises:
         TypeError: ``model`` is neither a module nor a name.
+        TypeError: Both ``input_size`` and ``img_size`` are given.
         ValueError: ``model`` is a ``vitzoo.deploy``ed model (count the original; a ``torch.compile``d module is
             counted as its original).
         ValueError: No input size is given and the model has none in its cfg, or the size is malformed.
@@ -568,6 +573,12 @@ def count_flops(
         ValueError: The model is on the ``meta`` device (not materialised; counting runs it).
         Exception: Whatever the model's own forward raises for this input (e.g. a ViT given less than one patch).
     """
+    size_name = "input_size"
+    if img_size is not None:
+        if input_size is not None:
+            raise TypeError(f"count_flops() got both input_size={input_size!r} and img_size={img_size!r}; img_size is "
+                            "another name for input_size: pass one of them")
+        input_size, size_name = img_size, "img_size"
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
         raise TypeError(f"batch_size must be an int >= 1, got {batch_size!r} ({type(batch_size).__name__})")
     if batch_size < 1:
@@ -581,7 +592,7 @@ def count_flops(
         raise TypeError(f"model must be an nn.Module or a timm model name, got {type(model).__name__}")
     model = _countable(model)
     _check_materialised(model)
-    size = _input_size(model, input_size)
+    size = _input_size(model, input_size, size_name)
 
     params = count_params(model)
     unfused = copy.deepcopy(model).to("cpu").eval()
