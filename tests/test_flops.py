@@ -1148,3 +1148,45 @@ def test_img_size_is_another_name_for_input_size(monkeypatch):
     assert built == []
     with pytest.raises(ValueError, match=r"img_size must be an int, \(H, W\) or \(C, H, W\) of positive ints, got 0"):
         count_flops(nn.Conv2d(3, 4, 1), img_size=0)
+
+
+class _ScaledBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(3))  # 3 params of the block's own
+        self.fc = nn.Linear(4, 3)  # 15 params; on (1, 2, 4): 2 rows x 4 x 3 = 24 MACs
+
+    def forward(self, x):
+        return self.fc(x) * self.gamma
+
+
+class _OwnParams(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(4))  # 4 params of the model's own
+        self.block = _ScaledBlock()
+        self.head = nn.Linear(3, 2)  # 8 params; 2 rows x 3 x 2 = 12 MACs
+
+    def forward(self, x):
+        return self.head(self.block(x + self.offset))
+
+
+def test_table_rows_add_up_with_the_parameters_and_flops_modules_own():
+    """Found by an audit: the rows left out the parameters owned by the model itself (deit_tiny's pos_embed and
+    cls_token), so the top-level rows did not add up to the model row (5,679,400 against 5,717,416)."""
+    report = count_flops(_OwnParams(), (1, 2, 4), fused=False, elementwise=True)
+    assert report.params == 4 + 3 + 15 + 8
+    # elementwise: the model's add (8 elements), the block's product (6 elements)
+    assert report.table(max_depth=2).splitlines() == [
+        "module         #params  FLOPs (MACs)",
+        "------------------------------------",
+        "model               30            50",
+        "(model's own)        4             8",
+        "block               18            30",
+        "  block (own)        3             6",
+        "  block.fc          15            24",
+        "head                 8            12",
+    ]
+    assert "(own)" not in report.table(max_depth=0)
+    deit = count_flops("deit_tiny_patch16_224").table(max_depth=1).splitlines()
+    assert deit[3].split() == ["(model's", "own)", "38.016K", "0"]  # cls_token 192 + pos_embed 197 x 192 = 38,016

@@ -406,7 +406,13 @@ class FlopReport:
         return {op: n for op, n in self.uncounted.items() if op not in ELEMENTWISE_OPS and op not in _ELEMENTWISE_FORMS}
 
     def table(self, max_depth: int = 2) -> str:
-        """Per-module breakdown as a fixed-width text table, modules nested down to ``max_depth`` levels."""
+        """Per-module breakdown as a fixed-width text table, modules nested down to ``max_depth`` levels.
+
+        The rows under a module add up to its row: where a module shown with its submodules also has parameters
+        or FLOPs of its own (a ViT's ``pos_embed`` and ``cls_token``, a layer-scale ``gamma``, an op in its own
+        ``forward``), they get a row of their own after it, ``(model's own)`` for the model and ``NAME (own)``
+        below it. A tensor shared by two submodules is in both their rows and once in their parent's, so its own
+        row is then negative."""
         rows = [("module", "#params", "FLOPs (MACs)")]
         for name, flops in self.by_module.items():
             depth = 0 if name == "" else name.count(".") + 1
@@ -414,6 +420,14 @@ class FlopReport:
                 continue
             label = "  " * (depth - 1) + name if name else "model"
             rows.append((label, _human(self.module_params.get(name, 0)), _human(flops)))
+            prefix = f"{name}." if name else ""
+            children = [c for c in self.by_module if c.startswith(prefix) and c.count(".") == depth and c != name]
+            if depth < max_depth and children:
+                own_params = self.module_params.get(name, 0) - sum(self.module_params.get(c, 0) for c in children)
+                own_flops = flops - sum(self.by_module[c] for c in children)
+                if own_params or own_flops:
+                    own = "  " * depth + (f"{name} (own)" if name else "(model's own)")
+                    rows.append((own, _human(own_params), _human(own_flops)))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}" for r in rows]
         lines.insert(1, "-" * len(lines[0]))
