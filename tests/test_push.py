@@ -204,3 +204,27 @@ def test_push_to_a_branch_creates_it_and_commits_there(converted, monkeypatch, r
     assert main(args) == 0
     assert calls["branches"] == branch
     assert [u["revision"] for u in calls["uploads"]] == [revision]
+
+
+def test_what_is_uploaded_is_what_was_verified(hub, converted, tmp_path, monkeypatch):
+    """Found by an audit: the folder was verified, then read again for the upload, so a file changed in between (a
+    convert --force over it, an editor saving the card) was published unverified. The model card is replaced here
+    right after verification passes; the Hub must get the verified bytes."""
+    import shutil
+
+    import vitzoo.push
+
+    _, folder = converted
+    mine = tmp_path / "mine"
+    shutil.copytree(folder, mine)
+    verified = {name: (mine / name).read_bytes() for name in ("README.md", "config.json", "model.safetensors")}
+    real_verify = vitzoo.push.verify_folder
+
+    def verify_then_edit(path, *args, **kwargs):
+        report = real_verify(path, *args, **kwargs)
+        (mine / "README.md").write_text("---\nlicense: apache-2.0\n---\nedited after verification\n")
+        return report
+
+    monkeypatch.setattr(vitzoo.push, "verify_folder", verify_then_edit)
+    assert main(["push", str(mine), "--repo", "me/race"]) == 0
+    assert hub.commits[0]["files"] == verified

@@ -5,13 +5,19 @@ it and reproduces the raw weights); a folder that fails is refused before any re
 created (``create_repo``, private on request, existing repos are reused) and the three Hub files
 (``model.safetensors``, ``config.json``, ``README.md``) are uploaded in one ``upload_folder`` commit; other files
 in the folder are not uploaded.
+
+The three files are copied into a private temporary folder first, and that copy is both verified and uploaded: a
+file changed in the folder while the command runs (a convert ``--force`` over it, an editor saving the card) cannot
+make the upload differ from what was verified.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -54,19 +60,35 @@ def push_folder(
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ValueError(f"--repo must be 'org/name', got {repo_id!r}.")
     folder = Path(folder)
-    report = verify_folder(folder)
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    if revision and revision != "main":
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    info = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        allow_patterns=list(HUB_FILES),
-        revision=revision,
-        commit_message=commit_message or f"Upload {report.model} converted by vitzoo",
-    )
+    with tempfile.TemporaryDirectory(prefix=".vitzoo-push-") as snapshot:
+        # what is uploaded is exactly what is verified: a copy, not the folder (which may change meanwhile)
+        try:
+            report = verify_folder(_snapshot(folder, Path(snapshot)))
+        except VerificationError as e:  # named as the user's folder, not the copy
+            raise VerificationError(str(e).replace(snapshot, str(folder))) from e
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=snapshot,
+            allow_patterns=list(HUB_FILES),
+            revision=revision,
+            commit_message=commit_message or f"Upload {report.model} converted by vitzoo",
+        )
     return str(info.commit_url)
+
+
+def _snapshot(folder: Path, into: Path) -> Path:
+    """Copy the Hub files of ``folder`` that exist into ``into`` (:func:`verify_folder` then names a missing one);
+    returns ``into``."""
+    if not folder.is_dir():
+        verify_folder(folder)  # its own message: the folder is missing or a file
+    for name in HUB_FILES:
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, into / name)
+    return into
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
