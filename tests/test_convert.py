@@ -291,7 +291,7 @@ def test_num_classes_unlike_the_checkpoint_says_which_to_pass(shvit_official, tm
     assert err.endswith("classifier has 1000 outputs; convert it with --num-classes 1000."), err
     assert "another model" not in err and "..." not in err and "create_model" not in err
     assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(tmp_path / "out"), "--num-classes",
-                 "-3", "--no-flops"]) == 1
+                 "-3", "--no-flops"]) == 2  # a usage error
     assert "must be a whole number >= 0" in capsys.readouterr().err
 
 
@@ -347,7 +347,7 @@ def test_another_models_checkpoint_fails_and_leaves_nothing(shvit_official, tmp_
 def test_unknown_architecture_is_named_before_any_work(shvit_official, tmp_path, capsys):
     _, src = shvit_official
     out = tmp_path / "out"
-    assert main(["convert", str(src), "--model", "shvit_s9", "--out", str(out), "--no-flops"]) == 1
+    assert main(["convert", str(src), "--model", "shvit_s9", "--out", str(out), "--no-flops"]) == 2  # usage
     err = capsys.readouterr().err
     assert "vitzoo convert: error: unknown model 'shvit_s9'; closest matches: shvit_s4" in err
     assert "Traceback" not in err and os.listdir(tmp_path) == []
@@ -651,7 +651,7 @@ def test_dims_option_is_refused_for_other_models(shvit_official, tmp_path, capsy
     _, src = shvit_official
     out = tmp_path / "out"
     assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(out), "--no-flops",
-                 "--dims", NVIT_DIMS.to_json()]) == 1
+                 "--dims", NVIT_DIMS.to_json()]) == 2  # a usage error
     err = capsys.readouterr().err
     assert "--dims" in err and "nvit_* models only" in err and "Traceback" not in err and not out.exists()
 
@@ -719,8 +719,8 @@ def test_the_source_is_read_whole_once(tmp_path, monkeypatch, family):
     assert (_outputs(loaded, size) - _outputs(model, size)).abs().max().item() == 0.0
 
 
-def _cli_error(capsys, *argv):
-    assert main(["convert", *map(str, argv), "--no-flops"]) == 1
+def _cli_error(capsys, *argv, code=1):
+    assert main(["convert", *map(str, argv), "--no-flops"]) == code
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("vitzoo convert: error: ") and len(err) < 300, err
     assert "pretrained=False" not in err and "entrypoint" not in err
@@ -766,14 +766,23 @@ def test_cli_errors_name_the_checkpoints_variant_as_a_cli_option(shvit_official,
     ("--repo", "not a repo", "--repo) must be a Hub repo id ORG/NAME"),
     ("--repo", "noslash", "--repo) must be a Hub repo id ORG/NAME"),
     ("--tag", "a.b", "--tag, or the name's .TAG) must be letters"),
+    ("--num-classes", "-1", "--num-classes) must be a whole number >= 0"),
+    ("--in-chans", "0", "--in-chans) must be a whole number >= 1"),
+    ("--dims", "nonsense", "--dims 'nonsense' is neither an existing file nor a JSON object"),
+    ("--model", "resnet18", "'resnet18' belongs to no model family of this zoo"),
 ])
 def test_bad_options_are_refused_before_any_work(shvit_official, tmp_path, capsys, option, value, says):
     """Found by an audit: --sha256 xyz was hashed against and reported as a corrupt file, and --repo 'not a repo'
-    was written into the card as hf-hub:not a repo."""
+    was written into the card as hf-hub:not a repo. A later audit: these are usage errors, exit code 2 as in the
+    other commands (they exited with 1, the code of a failed conversion), and a timm model of no family of the zoo
+    (resnet18) was found out only after the source was read."""
     _, src = shvit_official
     out = tmp_path / "out"
-    err = _cli_error(capsys, src, "--model", "shvit_s1", "--out", out, option, value)
-    assert says in err and repr(value) in err and "corrupt" not in err
+    model = "nvit_b" if option == "--dims" else "shvit_s1"
+    argv = ["--model", value] if option == "--model" else ["--model", model, option, value]
+    err = _cli_error(capsys, src, "--out", out, *argv, code=2)
+    assert says in err and "corrupt" not in err
+    assert value in err
     assert os.listdir(tmp_path) == []
 
 

@@ -102,9 +102,11 @@ def test_a_quoted_card_licence_is_the_same_licence(converted, tmp_path):
     verify_folder(quoted)  # no licence mismatch
 
 
-def test_push_rejects_bad_repo_id(converted, capsys):
-    assert main(["push", str(converted[1]), "--repo", "no-slash"]) == 1
-    assert "org/name" in capsys.readouterr().err
+@pytest.mark.parametrize("repo", ["no-slash", "a b/c", "/name", "org/"])
+def test_push_rejects_bad_repo_id(hub, converted, capsys, repo):
+    """A bad --repo is a usage error: exit code 2 (was 1, and 'a b/c' went to the Hub)."""
+    assert main(["push", str(converted[1]), "--repo", repo]) == 2
+    assert "org/name" in capsys.readouterr().err and hub.requests == []
 
 
 def test_push_network_errors_and_a_missing_folder_are_one_line(converted, tmp_path, capsys, monkeypatch):

@@ -37,11 +37,13 @@ from .hub import (
     staged_dir,
 )
 from .atomic import _naming_target, check_output_dir
+from .compare import UsageError
 from .manifest import _REPO_RE, _SHA256_RE, Manifest, WeightEntry, family_of, load_manifest
 from .messages import cli_message, error_message, help_description
 from .model_card import card_fields, render_card
 
-__all__ = ["HUB_FILES", "VerificationError", "VerifyReport", "convert_checkpoint", "verify_folder", "register", "run"]
+__all__ = ["HUB_FILES", "UsageError", "VerificationError", "VerifyReport", "convert_checkpoint", "verify_folder",
+           "register", "run"]
 
 NAME = "convert"
 HUB_FILES = ("model.safetensors", "config.json", "README.md")
@@ -454,23 +456,23 @@ def _parse_dims(dims: Any) -> Any:
             try:
                 text = Path(text).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
-                raise ValueError(f"--dims: cannot read {where}: {e}; give a readable .json file.") from e
+                raise UsageError(f"--dims: cannot read {where}: {e}; give a readable .json file.") from e
         elif text.lstrip().startswith("{"):
             where = "the JSON given"
         else:
-            raise ValueError(
+            raise UsageError(
                 f"--dims {text!r} is neither an existing file nor a JSON object; give the NViT dims record as JSON "
                 "(--dims '{\"EMB\": ..., \"head\": [...], \"QK\": [...], \"V\": [...], \"MLP\": [...]}') or "
                 "the path of a .json file holding it.")
         try:
             dims = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"--dims: {where} is not valid JSON ({e}); give the NViT dims record as a JSON "
+            raise UsageError(f"--dims: {where} is not valid JSON ({e}); give the NViT dims record as a JSON "
                              "object with keys EMB/head/QK/V/MLP (or embed_dim/heads/qk_dim/v_dim/mlp_dim).") from e
     try:
         return resolve_dims(dims)
     except (TypeError, ValueError, KeyError) as e:
-        raise ValueError(f"--dims: not a valid NViT dims record: {_reason(e)}") from e
+        raise UsageError(f"--dims: not a valid NViT dims record: {_reason(e)}") from e
 
 
 def _peek_shapes(path: Path) -> Optional[Dict[str, Tuple[int, ...]]]:
@@ -581,26 +583,31 @@ def convert_checkpoint(
 
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                     or num_classes < 0):
-        raise ValueError(f"num_classes (--num-classes) must be a whole number >= 0 (the checkpoint's classifier "
+        raise UsageError(f"num_classes (--num-classes) must be a whole number >= 0 (the checkpoint's classifier "
                          f"size), got {num_classes!r}.")
     if in_chans is not None and (isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1):
-        raise ValueError(f"in_chans (--in-chans) must be a whole number >= 1 (the input channels of the checkpoint's "
+        raise UsageError(f"in_chans (--in-chans) must be a whole number >= 1 (the input channels of the checkpoint's "
                          f"first conv), got {in_chans!r}.")
     if sha256 is not None and not (isinstance(sha256, str) and _SHA256_RE.fullmatch(sha256.lower())):
-        raise ValueError(f"sha256 (--sha256) must be 64 hex digits (the source file's sha256, e.g. from sha256sum), "
+        raise UsageError(f"sha256 (--sha256) must be 64 hex digits (the source file's sha256, e.g. from sha256sum), "
                          f"got {sha256!r}.")
     if repo_id is not None and not (isinstance(repo_id, str) and _REPO_RE.fullmatch(repo_id)):
-        raise ValueError(f"repo_id (--repo) must be a Hub repo id ORG/NAME (letters, digits, '_', '-', '.'), "
+        raise UsageError(f"repo_id (--repo) must be a Hub repo id ORG/NAME (letters, digits, '_', '-', '.'), "
                          f"got {repo_id!r}.")
     model, _, name_tag = model_name.partition(".")
     resolve_name(model)  # an unknown architecture: UnknownModelError with the closest names, before any work
+    try:
+        family_of(model)
+    except ValueError as e:  # a timm model, but not one of this zoo's (no manifest family, no licence record)
+        raise UsageError(f"{e} vitzoo convert converts checkpoints of those architectures only; choose one "
+                         "with --model.") from e
     for given in (tag, name_tag):
         if given and not _TAG_RE.fullmatch(given):
-            raise ValueError(f"tag (--tag, or the name's .TAG) must be letters, digits, '_' or '-', got {given!r}.")
+            raise UsageError(f"tag (--tag, or the name's .TAG) must be letters, digits, '_' or '-', got {given!r}.")
     is_nvit = model.startswith("nvit_")
     if dims is not None:
         if not is_nvit:
-            raise ValueError(f"--dims (dims=) is for nvit_* models only; {model} takes no dims record. Remove --dims.")
+            raise UsageError(f"--dims (dims=) is for nvit_* models only; {model} takes no dims record. Remove --dims.")
         dims = _parse_dims(dims)
     _check_out_dir(out_dir, force, keep=[src] if os.path.exists(str(src)) else [])
     tag = tag or name_tag or None
@@ -794,13 +801,19 @@ def _cli_advice(src: str, model: str, text: str) -> Optional[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``vitzoo convert``; returns the exit code (0 ok, 1 failure with a message on stderr)."""
+    """Run ``vitzoo convert``; returns the exit code (0 ok, 2 a bad option value or an unknown --model, 1 a failure;
+    with a message on stderr)."""
     import sys
+
+    from .models import UnknownModelError
 
     try:
         out = convert_checkpoint(args.src, args.model, args.out, force=args.force, tag=args.tag,
                                  num_classes=args.num_classes, sha256=args.sha256, repo_id=args.repo,
                                  flops=not args.no_flops, dims=args.dims, in_chans=args.in_chans)
+    except (UsageError, UnknownModelError) as e:
+        print(f"vitzoo convert: error: {cli_message(e)}", file=sys.stderr)
+        return 2
     except (FileExistsError, WeightsError, VerificationError, ValueError) as e:
         message = _cli_advice(args.src, args.model.partition(".")[0], _chain_text(e)) or cli_message(e)
         print(f"vitzoo convert: error: {message.replace('; or use pretrained=False', '')}", file=sys.stderr)

@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
-from .convert import HUB_FILES, VerificationError, verify_folder
+from .convert import HUB_FILES, UsageError, VerificationError, verify_folder
+from .manifest import _REPO_RE
 from .messages import help_description
 
 __all__ = ["push_folder", "register", "run"]
@@ -53,12 +54,12 @@ def push_folder(
 
     Raises:
         VerificationError: the folder fails verification (nothing is uploaded).
-        ValueError: ``repo_id`` is not ``org/name``.
+        UsageError: ``repo_id`` is not ``org/name`` (a ``ValueError``).
     """
     from huggingface_hub import HfApi
 
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise ValueError(f"--repo must be 'org/name', got {repo_id!r}.")
+    if not (isinstance(repo_id, str) and _REPO_RE.fullmatch(repo_id)):
+        raise UsageError(f"--repo must be a Hub repo id 'org/name' (letters, digits, '_', '-', '.'), got {repo_id!r}.")
     folder = Path(folder)
     with tempfile.TemporaryDirectory(prefix=".vitzoo-push-") as snapshot:
         # what is uploaded is exactly what is verified: a copy, not the folder (which may change meanwhile)
@@ -111,11 +112,15 @@ def _is_network_error(error: BaseException) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``vitzoo push``; returns the exit code (0 ok, 1 refused or failed, with a message on stderr)."""
+    """Run ``vitzoo push``; returns the exit code (0 ok, 2 a bad --repo, 1 refused or failed; with a message on
+    stderr)."""
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
         url = push_folder(args.folder, args.repo, private=args.private, revision=args.revision, token=args.token)
+    except UsageError as e:
+        print(f"vitzoo push: error: {e}", file=sys.stderr)
+        return 2
     except VerificationError as e:
         print(f"vitzoo push: refusing to upload {args.folder}: {e}", file=sys.stderr)
         return 1
