@@ -6,9 +6,9 @@ only timm's "Overwriting shvit_sX in registry" warning is silenced.
 import warnings
 
 from .checkpoint import (
-    CheckpointMismatchError, ClassifierSizeError, CorruptCheckpointError, ExtraTensorsError, IncompleteCheckpointError,
-    InputChannelsError, PickleProtocolError, WeightFileNotFoundError, WeightsUnavailableError, checkpoint_filter_fn,
-    remap_official_keys,
+    CheckpointLayoutError, CheckpointMismatchError, ClassifierSizeError, CorruptCheckpointError, ExtraTensorsError,
+    IncompleteCheckpointError, InputChannelsError, PickleProtocolError, WeightFileNotFoundError,
+    WeightsUnavailableError, checkpoint_filter_fn, remap_official_keys,
 )
 from .model import SHViT
 from .variants import VARIANT_STATS, VARIANTS
@@ -20,7 +20,7 @@ with warnings.catch_warnings():
 __all__ = [
     'SHViT', 'checkpoint_filter_fn', 'remap_official_keys', 'CheckpointMismatchError', 'ClassifierSizeError',
     'ExtraTensorsError', 'IncompleteCheckpointError', 'InputChannelsError', 'CorruptCheckpointError',
-    'WeightFileNotFoundError', 'WeightsUnavailableError', 'PickleProtocolError',
+    'WeightFileNotFoundError', 'WeightsUnavailableError', 'PickleProtocolError', 'CheckpointLayoutError',
     'VARIANTS', 'VARIANT_STATS',
     'default_cfgs', 'shvit_s1', 'shvit_s2', 'shvit_s3', 'shvit_s4',
 ]

@@ -11,7 +11,7 @@ from .variants import variant_name
 
 __all__ = ['checkpoint_filter_fn', 'remap_official_keys', 'describe_state_dict', 'CheckpointMismatchError',
            'ClassifierSizeError', 'IncompleteCheckpointError', 'WeightFileNotFoundError', 'CorruptCheckpointError',
-           'InputChannelsError', 'PickleProtocolError']
+           'InputChannelsError', 'PickleProtocolError', 'CheckpointLayoutError']
 
 _logger = logging.getLogger(__name__)
 
@@ -31,6 +31,11 @@ class ClassifierSizeError(CheckpointMismatchError):
 
 class InputChannelsError(CheckpointMismatchError):
     """The checkpoint's first conv takes another number of input channels than the model, and timm cannot adapt it."""
+
+
+class CheckpointLayoutError(CheckpointMismatchError):
+    """The checkpoint is no state dict of tensors, nor a training checkpoint holding one under ``model`` or
+    ``state_dict`` (e.g. only ``model_ema``): which weights to load is not known."""
 
 
 class ExtraTensorsError(CheckpointMismatchError):
@@ -81,6 +86,26 @@ def _unwrap(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
             key = key.partition('.')[2]
         out[key] = value
     return out
+
+
+def _check_tensors(state_dict: Mapping[str, Any]) -> None:
+    """Every entry of the (unwrapped) state dict must be a tensor: a training checkpoint whose weights are under
+    another key than ``model`` / ``state_dict`` (``model_ema``, ``state_dict_ema``, ...) is named as such."""
+    others = {k: v for k, v in state_dict.items() if not torch.is_tensor(v)}
+    if not others:
+        return
+    nested = [k for k, v in others.items() if isinstance(v, Mapping)]
+    if nested:
+        key = nested[0]
+        raise CheckpointLayoutError(
+            f'The checkpoint holds its weights under {nested} (top-level keys: {list(state_dict)[:8]}), not under '
+            f"'model' or 'state_dict', so which ones to load is not known. Save the weights you want as a plain state "
+            f"dict and load that: torch.save(torch.load(PATH)[{key!r}], 'weights.pth').")
+    key = next(iter(others))
+    raise CheckpointLayoutError(
+        f'The checkpoint is not a state dict: {len(others)} of its entries are no tensors (e.g. {key!r}: '
+        f'{type(others[key]).__name__}). Give a state dict of tensors, or a training checkpoint holding one under '
+        "'model' or 'state_dict'.")
 
 
 def remap_official_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -175,6 +200,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module,
         CheckpointMismatchError: The checkpoint is another SHViT variant or not an SHViT at all.
     """
     state_dict = _unwrap(state_dict)
+    _check_tensors(state_dict)
     if any(k.startswith('blocks1.') for k in state_dict):
         state_dict = remap_official_keys(state_dict)
     expected, found = _body_shapes(model.state_dict()), _body_shapes(state_dict)

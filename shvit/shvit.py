@@ -20,8 +20,9 @@ from timm.models._helpers import load_state_dict
 from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES, HF_WEIGHTS_NAME, _get_safe_alternatives, hf_split
 
 from .checkpoint import (
-    CheckpointMismatchError, ClassifierSizeError, CorruptCheckpointError, ExtraTensorsError, IncompleteCheckpointError,
-    InputChannelsError, PickleProtocolError, WeightFileNotFoundError, WeightsUnavailableError, checkpoint_filter_fn,
+    CheckpointLayoutError, CheckpointMismatchError, ClassifierSizeError, CorruptCheckpointError, ExtraTensorsError,
+    IncompleteCheckpointError, InputChannelsError, PickleProtocolError, WeightFileNotFoundError,
+    WeightsUnavailableError, checkpoint_filter_fn,
 )
 from .download_cache import (
     damaged_download_text, damaged_hub_file_text, download_cache_path, torch_file_damage, unreadable_protocol_text,
@@ -358,7 +359,8 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
         damaged = _damaged_download(variant, kwargs)  # before torch's words for the failure (unsafe pickle, ...)
         if damaged is not None:
             raise damaged from e
-        if isinstance(e, (ClassifierSizeError, IncompleteCheckpointError, ExtraTensorsError, InputChannelsError)):
+        if isinstance(e, (ClassifierSizeError, IncompleteCheckpointError, ExtraTensorsError, InputChannelsError,
+                          CheckpointLayoutError)):
             raise RuntimeError(f'Could not load pretrained weights for {variant} from {source}: {e}') from e
         bad_opcode = _unsupported_opcode(e)
         protocol = _unreadable_protocol(variant, kwargs) if bad_opcode is not None else None

@@ -818,3 +818,22 @@ def test_a_one_channel_checkpoint_converts_with_in_chans(tmp_path, capsys):
     assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
     with pytest.raises(ValueError, match=r"in_chans \(--in-chans\) must be a whole number >= 1"):
         convert_checkpoint(src, "shvit_s4", tmp_path / "o2", in_chans=0)
+
+
+@pytest.mark.parametrize("key", ["model_ema", "state_dict_ema"])
+def test_a_checkpoint_with_only_its_ema_copy_says_which_key_holds_the_weights(shvit_official, tmp_path, capsys, key):
+    """Found by an audit: {'model_ema': ...} (weights under no 'model' / 'state_dict' key) failed with
+    "AttributeError: 'dict' object has no attribute 'shape'"; saved as a plain state dict, it converts."""
+    model, src = shvit_official
+    ema_only = tmp_path / "ema_only.pth"
+    torch.save({key: torch.load(src)["model"], "epoch": 299}, ema_only)
+    out = tmp_path / "out"
+    err = _cli_error(capsys, ema_only, "--model", "shvit_s1", "--out", out)
+    assert f"{ema_only} holds its weights under ['{key}'], not under 'model' or 'state_dict'" in err
+    assert f"torch.save(torch.load(PATH)['{key}'], 'weights.pth')) and convert that." in err
+    assert "AttributeError" not in err and not out.exists()
+    plain = tmp_path / "weights.pth"
+    torch.save(torch.load(ema_only)[key], plain)
+    assert main(["convert", str(plain), "--model", "shvit_s1", "--out", str(out), "--no-flops"]) == 0
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert torch.equal(_outputs(loaded, (3, 224, 224)), _outputs(model, (3, 224, 224)))

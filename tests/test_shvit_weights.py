@@ -396,3 +396,15 @@ def test_cfg_reference_numbers(variant):
         f'fvcore fused {mmacs} MMACs at {size}x{size}',
         f'ImageNet-1k top-1 {top1} / top-5 {top5} (paper {paper_top1})',
     )
+
+
+def test_weights_under_another_key_than_model_are_named_not_an_attribute_error():
+    """Found by an audit: {'model_ema': ...} alone, or a state dict holding a non-tensor, failed in the filter with
+    "AttributeError: 'dict' object has no attribute 'shape'"."""
+    model = timm.create_model('shvit_s1')
+    with pytest.raises(shvit.CheckpointLayoutError,
+                       match=r"under \['model_ema'\] .*torch\.load\(PATH\)\['model_ema'\]"):
+        shvit.checkpoint_filter_fn({'model_ema': model.state_dict(), 'epoch': 3}, model)
+    with pytest.raises(shvit.CheckpointLayoutError, match=r"1 of its entries are no tensors \(e\.g\. 'epoch': int\)"):
+        shvit.checkpoint_filter_fn(dict(model.state_dict(), epoch=3), model)
+    assert isinstance(shvit.CheckpointLayoutError(), shvit.CheckpointMismatchError)

@@ -764,6 +764,7 @@ def _chain_text(error: BaseException) -> str:
 _FOUND_VARIANT = re.compile(r"found (shvit_s\d)\b")
 _INCOMPLETE = re.compile(r"incomplete: (\d+) of the model's tensors are missing \(e\.g\. \[([^\]]*)\]")
 _NVIT_MODELS = "--model nvit_b/h/s/t"
+_WEIGHTS_UNDER = re.compile(r"holds its weights under (\[('[^']+')[^\]]*\])")
 _CLASSIFIER_SIZE = re.compile(r"The checkpoint's classifier \(head(?:\.l)?\) has (\d+) outputs")
 _IN_CHANS = re.compile(r"The checkpoint's (?:first conv|patch embedding) \([\w.]+\) takes (\d+) input channels?,")
 
@@ -783,6 +784,11 @@ def _cli_advice(src: str, model: str, text: str) -> Optional[str]:
             return (f"{src} is an NViT checkpoint with its own dims record, which {model}'s fixed dims do not match; "
                     f"convert it with {_NVIT_MODELS}.")
         return f"{src} has its own NViT dims record, unlike the --dims given; remove --dims."
+    layout = _WEIGHTS_UNDER.search(text)
+    if layout:
+        return (f"{src} holds its weights under {layout.group(1)}, not under 'model' or 'state_dict'; save the ones "
+                f"you want as a state dict (torch.save(torch.load(PATH)[{layout.group(2)}], 'weights.pth')) and "
+                "convert that.")
     size = _CLASSIFIER_SIZE.search(text)
     if size:
         return f"{src}'s classifier has {size.group(1)} outputs; convert it with --num-classes {size.group(1)}."
