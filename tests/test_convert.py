@@ -837,3 +837,31 @@ def test_a_checkpoint_with_only_its_ema_copy_says_which_key_holds_the_weights(sh
     assert main(["convert", str(plain), "--model", "shvit_s1", "--out", str(out), "--no-flops"]) == 0
     loaded = timm.create_model(f"local-dir:{out}", pretrained=True)
     assert torch.equal(_outputs(loaded, (3, 224, 224)), _outputs(model, (3, 224, 224)))
+
+
+@pytest.mark.parametrize("family", ["shvit", "nvit"])
+@pytest.mark.parametrize("damage", ["missing", "extra"])
+def test_an_incomplete_or_extended_checkpoint_is_one_cli_line_without_python_advice(tmp_path, capsys, family, damage):
+    """Found by an audit: the CLI error advised `pretrained_strict=False` (a Python argument convert does not take,
+    for a partial load convert must not write), in over 500 characters."""
+    if family == "shvit":
+        model, name = "shvit_s1", "stages.1.blocks.0.conv.m.bn.weight"
+        state = dict(timm.create_model(model).state_dict())
+        checkpoint = state
+    else:
+        model, name = "nvit_b", "blocks.1.norm1.weight"
+        state = _nvit_to_official(_random_nvit().state_dict(), NVIT_DIMS)
+        checkpoint = {"model": state, "dim": NVIT_DIMS.to_dict(official=True)}
+    if damage == "missing":
+        del state[name]
+    else:
+        state["blocks.1.extra"] = torch.zeros(3)
+    src = tmp_path / "src" / "ckpt.pth"
+    src.parent.mkdir()
+    torch.save(checkpoint, src)
+    err = _cli_error(capsys, src, "--model", model, "--out", tmp_path / "out")
+    if damage == "missing":
+        assert f"{src} is incomplete: 1 of {model}'s tensors are missing (e.g. {name})" in err
+    else:
+        assert f"{src} has 1 tensor(s) that {model} does not have (e.g. blocks.1.extra)" in err
+    assert "pretrained_strict" not in err and os.listdir(tmp_path) == ["src"]

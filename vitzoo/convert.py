@@ -762,6 +762,7 @@ def _chain_text(error: BaseException) -> str:
 
 
 _FOUND_VARIANT = re.compile(r"found (shvit_s\d)\b")
+_EXTRA = re.compile(r"has (\d+) tensors? that .{1,80}? not have \(e\.g\. \[([^\]]*)\]")
 _INCOMPLETE = re.compile(r"incomplete: (\d+) of the model's tensors are missing \(e\.g\. \[([^\]]*)\]")
 _NVIT_MODELS = "--model nvit_b/h/s/t"
 _WEIGHTS_UNDER = re.compile(r"holds its weights under (\[('[^']+')[^\]]*\])")
@@ -801,8 +802,17 @@ def _cli_advice(src: str, model: str, text: str) -> Optional[str]:
     incomplete = _INCOMPLETE.search(text)
     if incomplete:
         names = re.findall(r"'([^']+)'", incomplete.group(2))
-        if names and all(n.startswith("head.") for n in names) and int(incomplete.group(1)) <= 6:
+        count = int(incomplete.group(1))
+        if names and all(n.startswith("head.") for n in names) and count <= 6:
             return f"{src} has no classifier head (e.g. {names[0]} is missing); convert it with --num-classes 0."
+        # the loader's advice (pretrained_strict=False) is for Python; convert never writes a partial load
+        return (f"{src} is incomplete: {count} of {model}'s tensors are missing (e.g. {names[0] if names else '?'}); "
+                f"it may be truncated or saved from a modified model. Convert a complete {model} checkpoint.")
+    extra = _EXTRA.search(text)
+    if extra:
+        names = re.findall(r"'([^']+)'", extra.group(2))
+        return (f"{src} has {extra.group(1)} tensor(s) that {model} does not have (e.g. {names[0] if names else '?'}): "
+                "it was saved from a modified model; remove them from the file to convert it.")
     return None
 
 
