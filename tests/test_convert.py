@@ -865,3 +865,23 @@ def test_an_incomplete_or_extended_checkpoint_is_one_cli_line_without_python_adv
     else:
         assert f"{src} has 1 tensor(s) that {model} does not have (e.g. blocks.1.extra)" in err
     assert "pretrained_strict" not in err and os.listdir(tmp_path) == ["src"]
+
+
+def test_a_cut_or_damaged_source_says_what_to_do(shvit_official, tmp_path, capsys):
+    """Found by an audit: a cut .pth, or one whose archive member fails its CRC, was named as such but with no
+    advice on what to do."""
+    from files import damage_largest_member  # tests/files.py
+
+    _, src = shvit_official
+    data = src.read_bytes()
+    cut = tmp_path / "src" / "cut.pth"
+    cut.parent.mkdir()
+    cut.write_bytes(data[:len(data) // 2])
+    err = _cli_error(capsys, cut, "--model", "shvit_s1", "--out", tmp_path / "out")
+    assert "neither a safetensors file nor a torch.save archive" in err and "download or copy it again" in err
+    damaged = tmp_path / "src" / "damaged.pth"
+    damaged.write_bytes(data)
+    damage_largest_member(damaged)
+    err = _cli_error(capsys, damaged, "--model", "shvit_s1", "--out", tmp_path / "out")
+    assert "fails its CRC check" in err and "Download or copy it again" in err
+    assert os.listdir(tmp_path) == ["src"]

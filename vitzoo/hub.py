@@ -245,10 +245,12 @@ def validate_weights_file(path: PathLike, expected_sha256: Optional[str] = None)
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
         if bad is not None:
-            raise CorruptWeightsError(f"{path} is corrupt: member {bad} of the checkpoint archive fails its CRC check.")
+            raise CorruptWeightsError(f"{path} is corrupt: member {bad} of the checkpoint archive fails its CRC check. "
+                                      "Download or copy it again.")
     else:
         raise CorruptWeightsError(
-            f"{path} is truncated or not a checkpoint: it is neither a safetensors file nor a torch.save archive."
+            f"{path} is truncated or not a checkpoint: it is neither a safetensors file nor a torch.save archive. "
+            "Check that it is the file you meant, and download or copy it again."
         )
 
 
