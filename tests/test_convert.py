@@ -155,6 +155,27 @@ def test_card_of_a_verified_file_and_of_another_class_count(shvit_official, tmp_
     assert metadata["tag"] == "in1k_official" and "top-1 72.8%" in (out / "README.md").read_text()
 
 
+def test_config_of_an_unverified_file_states_the_release_accuracy_only_with_a_caveat(shvit_official, tmp_path):
+    """The card of a file not verified to be the release says so; config.json's pretrained_cfg.notes stated the
+    release's top-1 plainly (found by an audit, before 2026-11-25). A verified file keeps the plain statement."""
+    _, src = shvit_official
+    # the release's reported numbers (shvit_s1, timm's evaluation: /work/shared/reference), written out here
+    plain = "ImageNet-1k top-1 72.780 / top-5 91.024 (paper 72.8)"
+    sizes = ["params 6,330,808 (fused 6,308,660)", "fvcore fused 241.40 MMACs at 224x224"]
+    unverified = convert_checkpoint(src, "shvit_s1", tmp_path / "unverified", flops=False)
+    assert "not verified to be that release" in (unverified / "README.md").read_text()
+    notes = json.loads((unverified / "config.json").read_text())["pretrained_cfg"]["notes"]
+    assert notes[:2] == sizes and len(notes) == 3  # the architecture's size: not the release's claim
+    assert notes[2].startswith(plain + " - reported for the release shvit_s1.in1k_official; ")
+    assert "not verified to be that release" in notes[2]
+    # --sha256 of the file itself shows it intact, not that it is the release: still the caveat
+    given = convert_checkpoint(src, "shvit_s1", tmp_path / "given", sha256=sha256_file(src), flops=False)
+    assert json.loads((given / "config.json").read_text())["pretrained_cfg"]["notes"] == notes
+    manifest = _manifest_recording("shvit_s1", "in1k_official", sha256_file(src))
+    verified = convert_checkpoint(src, "shvit_s1", tmp_path / "verified", flops=False, manifest=manifest)
+    assert json.loads((verified / "config.json").read_text())["pretrained_cfg"]["notes"] == [*sizes, plain]
+
+
 def test_explicit_tag_wins_over_the_tag_in_the_name(shvit_official, tmp_path):
     """tag= (--tag) is the documented override of the name's tag; the name's tag is only the default."""
     _, src = shvit_official

@@ -399,6 +399,24 @@ def _describe_source(entry: WeightEntry, source_name: str, verified: bool, given
     return line
 
 
+#: A pretrained_cfg note stating an accuracy (``ImageNet-1k top-1 72.780 / top-5 91.024 ...``): the release's.
+_ACCURACY_NOTE = re.compile(r"\btop-[15]\b|\baccuracy\b", re.IGNORECASE)
+
+
+def _caveat_release_notes(notes: Any, entry: WeightEntry) -> Any:
+    """``notes`` (a pretrained_cfg's) with each note stating an accuracy marked as the release's, for a file not
+    verified to be that release (the model card says so on its source line); other notes (the architecture's size
+    and FLOPs) are facts of the architecture and stay as they are."""
+    if not notes:
+        return notes
+    single = isinstance(notes, str)
+    caveat = (f" - reported for the release {entry.name}; this file was not verified to be that release (the "
+              "manifest records no sha256 of the release, or this file's differs from it); see the model card")
+    marked = [f"{note}{caveat}" if isinstance(note, str) and _ACCURACY_NOTE.search(note) else note
+              for note in ([notes] if single else notes)]
+    return marked[0] if single else tuple(marked)
+
+
 def _count_flops(model: torch.nn.Module) -> Optional[int]:
     try:
         from vitzoo.flops import count_flops
@@ -695,6 +713,9 @@ def convert_checkpoint(
 
         if entry.metrics.get("top1") is None:  # not the release: its reported accuracy and size do not apply
             source_model.pretrained_cfg = {k: v for k, v in source_model.pretrained_cfg.items() if k != "notes"}
+        elif not is_release:  # credited to the release, unverified: its accuracy only with the card's caveat
+            notes = _caveat_release_notes(source_model.pretrained_cfg.get("notes"), entry)
+            source_model.pretrained_cfg = {**source_model.pretrained_cfg, "notes": notes}
         with staged_dir(out_dir, force=force) as tmp:
             steps.set_postfix_str("write")
             state = {k: v.detach().contiguous() for k, v in source_model.state_dict().items()}
