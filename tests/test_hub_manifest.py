@@ -20,10 +20,55 @@ def raw():
     return json.loads(resource_path("manifest.json").read_text())
 
 
+def _zoo_architectures():
+    """Every architecture the zoo registers in timm (``import vitzoo`` imports all its model packages): those whose
+    entrypoint is defined outside timm, whatever their name or package, so a new family is covered unlisted."""
+    return {m for m in timm.list_models() if timm.models.model_entrypoint(m).__module__.partition(".")[0] != "timm"}
+
+
+def _registered_zoo_weights():
+    """The ``arch.tag`` names of every registered zoo architecture's pretrained cfg that has weights."""
+    zoo = _zoo_architectures()
+    return {name for name in timm.list_pretrained() if name.partition(".")[0] in zoo}
+
+
 def test_every_registered_pretrained_weight_is_recorded(manifest):
+    """Every weight a zoo architecture registers has a manifest entry, and every entry is registered (before
+    2026-11-25 only shvit_s* and nvit_* were looked at: a revit_* or new family's weights went unnoticed)."""
+    packages = {timm.models.model_entrypoint(m).__module__.partition(".")[0] for m in _zoo_architectures()}
+    assert {"shvit", "nvit"} <= packages and {"revit_t", "revit_s"} <= _zoo_architectures()  # not vacuous
     recorded = {e.name for e in manifest.weights}
-    registered = set(timm.list_pretrained("shvit_s*")) | set(timm.list_pretrained("nvit_*"))
-    assert registered == recorded
+    registered = _registered_zoo_weights()
+    assert not registered - recorded, f"registered weights with no manifest entry: {sorted(registered - recorded)}"
+    assert not recorded - registered, f"manifest entries registered by no zoo model: {sorted(recorded - registered)}"
+
+
+def test_a_registered_weight_of_any_zoo_family_is_looked_for(manifest, monkeypatch):
+    """A family registered from another package (revit_fake.in1k here; no name pattern lists it) is covered: its
+    weight is found missing from the manifest. timm's registry is restored afterwards."""
+    import copy as copy_module
+    import sys
+    import types
+
+    from timm.models import _registry, generate_default_cfgs, register_model
+
+    for name in ("_module_to_models", "_model_to_module", "_model_entrypoints", "_model_has_pretrained",
+                 "_model_default_cfgs", "_model_pretrained_cfgs", "_model_with_tags"):
+        monkeypatch.setattr(_registry, name, copy_module.deepcopy(getattr(_registry, name)))
+    module = types.ModuleType("fakezoo.revit_fake")
+    module.default_cfgs = generate_default_cfgs({"revit_fake.in1k": {"url": "https://example.invalid/w.pth"},
+                                                 "revit_fake.untrained": {}})
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+
+    def revit_fake(pretrained=False, **kwargs):
+        raise AssertionError("never built")
+
+    revit_fake.__module__ = module.__name__
+    register_model(revit_fake)
+    recorded = {e.name for e in manifest.weights}
+    assert _registered_zoo_weights() - recorded == {"revit_fake.in1k"}  # a cfg without weights needs no entry
+    with pytest.raises(AssertionError, match=r"registered weights with no manifest entry: \['revit_fake.in1k'\]"):
+        test_every_registered_pretrained_weight_is_recorded(manifest)
 
 
 def test_entries_agree_with_the_registered_cfgs(manifest):
