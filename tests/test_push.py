@@ -9,6 +9,7 @@ import torch
 from hub_server import use_loopback_hub
 from vitzoo.cli import main
 from vitzoo.convert import convert_checkpoint
+from vitzoo.hub import read_safetensors_metadata
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,67 @@ def test_push_refuses_a_folder_whose_licence_was_changed(hub, converted, tmp_pat
     err = capsys.readouterr().err
     assert "metadata says license 'mit'" in err and "'apache-2.0'" in err
     assert hub.requests == [] and hub.repos == {}
+
+
+def _edited_copy(folder, into, old, new):
+    into.mkdir()
+    for name in ("config.json", "README.md", "model.safetensors"):
+        (into / name).write_bytes((folder / name).read_bytes())
+    card = (into / "README.md").read_text()
+    assert card.count(old) == 1, old
+    (into / "README.md").write_text(card.replace(old, new))
+
+
+@pytest.mark.parametrize("field, old, new, shown, recorded", [
+    ("Source weights", "- **Source weights:** https://huggingface.co/timm/shvit_s1.in1k",
+     "- **Source weights:** https://example.com/other/shvit_s1.in1k",
+     "says 'https://example.com/other/shvit_s1.in1k (converted file: `src.pth`)'",
+     "source 'src.pth' (the release shvit_s1.in1k is https://huggingface.co/timm/shvit_s1.in1k)"),
+    ("Source weights", " (converted file: `src.pth`)", " (converted file: `other.pth`)",
+     "says 'https://huggingface.co/timm/shvit_s1.in1k (converted file: `other.pth`)'", "source 'src.pth'"),
+    ("sha256 of the source file", "of the source file:** `", "of the source file:** `0123456789abcdef",
+     "says '0123456789abcdef", "source_sha256 '"),
+    ("sha256 of the source file", "- **sha256 of the source file:**", "- **sha256 (removed):**",
+     "has no such line", "source_sha256 '"),
+    ("title", "# shvit_s1.in1k\n", "# shvit_s1.in1k_official\n", "says 'shvit_s1.in1k_official'",
+     "model.tag 'shvit_s1.in1k'"),
+    ("Architecture", "- **Architecture:** `shvit_s1`", "- **Architecture:** `shvit_s4`", "says 'shvit_s4'",
+     "model 'shvit_s1'"),
+])
+def test_push_refuses_a_card_naming_another_source(hub, converted, tmp_path, capsys, field, old, new, shown,
+                                                   recorded):
+    """The card shows where the weights come from: a card edited to name another source URL, file, sha256 (or
+    weight, architecture) than the weights' metadata records is not uploaded, and the error names the field and
+    both values (since 2026-11-25; before, only the licence was compared and such a card was published)."""
+    _, folder = converted
+    edited = tmp_path / "edited"
+    _edited_copy(folder, edited, old, new)
+    assert main(["push", str(edited), "--repo", "me/edited"]) == 1
+    err = capsys.readouterr().err
+    assert f"README.md: the card's {field!r} {shown}" in err, err
+    assert f"the weights' metadata records {recorded}" in err, err
+    assert hub.requests == [] and hub.repos == {}
+
+
+def test_card_source_checks_accept_every_converted_card(converted, tmp_path):
+    """Cards as convert writes them pass: a release URL with the converted file's name, the URL alone when the
+    file is named like it, the file's own name for weights not in the manifest (each verified inside convert),
+    and a card whose sha256 is written in capitals."""
+    from vitzoo.convert import verify_folder
+
+    model, folder = converted
+    assert "https://huggingface.co/timm/shvit_s1.in1k (converted file: `src.pth`)" in (folder / "README.md").read_text()
+    named = tmp_path / "src" / "shvit_s1.pth"
+    named.parent.mkdir()
+    torch.save(model.state_dict(), named)
+    out = convert_checkpoint(named, "shvit_s1", tmp_path / "release", flops=False)
+    assert "- **Source weights:** https://github.com/ysj9909/SHViT/releases/download/v1.0/shvit_s1.pth - not" in \
+        (out / "README.md").read_text()
+    out = convert_checkpoint(named, "shvit_s1", tmp_path / "mine", tag="mine", flops=False)
+    assert "- **Source weights:** shvit_s1.pth\n" in (out / "README.md").read_text()
+    sha = read_safetensors_metadata(folder / "model.safetensors")[0]["source_sha256"]
+    _edited_copy(folder, tmp_path / "upper", sha, sha.upper())
+    verify_folder(tmp_path / "upper")
 
 
 def test_a_quoted_card_licence_is_the_same_licence(converted, tmp_path):

@@ -85,7 +85,7 @@ def _outputs(model: torch.nn.Module, input_size: Tuple[int, ...], seed: int = 0)
         return model.eval()(x)
 
 
-def _read_folder(folder: Path) -> Tuple[Dict[str, str], Dict[str, Any]]:
+def _read_folder(folder: Path, manifest: Optional[Manifest] = None) -> Tuple[Dict[str, str], Dict[str, Any]]:
     if not folder.is_dir():
         raise VerificationError(f"{folder} {'is a file, not' if folder.exists() else 'does not exist; give'} a folder "
                                 "written by `vitzoo convert`.")
@@ -118,6 +118,7 @@ def _read_folder(folder: Path) -> Tuple[Dict[str, str], Dict[str, Any]]:
         if config.get("model_args", {}).get("dims") != dims:
             raise VerificationError(f"{folder}: config.json model_args.dims differs from the weights' nvit_dims.")
     _check_license(folder, metadata["license"], config)
+    _check_card(folder, metadata, manifest)
     return metadata, config
 
 
@@ -148,6 +149,84 @@ def _check_license(folder: Path, license: str, config: Dict[str, Any]) -> None:
             f"{folder}: the weights' metadata says license {license!r} (that of the source weights), but "
             f"{' and '.join(differ)}; the weights keep their source's licence: convert them again, or put "
             f"{license!r} back.")
+
+
+def _card_line(card: str, label: str) -> Optional[str]:
+    """The value of the card's ``- **LABEL:** value`` line (None without one)."""
+    found = re.search(rf"^- \*\*{re.escape(label)}:\*\* *(.*?) *$", card, re.MULTILINE)
+    return found.group(1) if found else None
+
+
+def _card_title(card: str) -> Optional[str]:
+    """The card's ``# title`` (the weight's ``model.tag``), after the front matter (None without one)."""
+    found = re.search(r"^# +(\S.*?) *$", card, re.MULTILINE)
+    return found.group(1) if found else None
+
+
+def _code(value: Optional[str]) -> Optional[str]:
+    """The first ``code`` span of a card value (``- **Architecture:** `shvit_s1` (...)`` -> ``shvit_s1``)."""
+    found = re.search(r"`([^`]*)`", value) if value is not None else None
+    return found.group(1) if found else None
+
+
+def _card_source_differs(line: str, source: str, release: Optional[WeightEntry]) -> bool:
+    """Whether the card's source line names another source than ``source`` (the metadata's: a URL, or a local
+    file's name). The line names the release's URL (``release``: the manifest entry of the weights' model.tag)
+    with the converted file's name when that is not the URL's, or the converted file / URL itself."""
+    url = line.split(" ", 1)[0]
+    named = re.search(r"\(converted file: `([^`]*)`\)", line)
+    if url == source:
+        return named is not None
+    if release is None or url != release.source_url:
+        return True
+    return (named.group(1) if named else url.rsplit("/", 1)[-1]) != source
+
+
+def _check_card(folder: Path, metadata: Dict[str, str], manifest: Optional[Manifest] = None) -> None:
+    """What both the model card and the weights' metadata record must agree: the weight (title ``model.tag``),
+    architecture, source (URL or file), source sha256 and NViT dims (the licence: :func:`_check_license`). A card
+    edited to show another source would publish false provenance."""
+    card = (folder / "README.md").read_text(encoding="utf-8", errors="replace")
+    model, tag = metadata["model"], metadata.get("tag")
+    if tag:
+        manifest = manifest or load_manifest()
+        release = manifest.find(model, tag)
+    else:
+        release = None
+    source_line = _card_line(card, "Source weights")
+    shown_source = source_line.split(" - not verified", 1)[0] if source_line is not None else None
+    # (the card's field, its value there, the metadata's key, its value there, whether they differ)
+    checks = [
+        ("title", _card_title(card), "model.tag", f"{model}.{tag}", _card_title(card) != f"{model}.{tag}"),
+        ("Architecture", _code(_card_line(card, "Architecture")), "model", model,
+         _code(_card_line(card, "Architecture")) != model),
+        ("Source weights", shown_source, "source", metadata["source"],
+         source_line is None or _card_source_differs(source_line, metadata["source"], release)),
+        ("sha256 of the source file", _code(_card_line(card, "sha256 of the source file")), "source_sha256",
+         metadata["source_sha256"],
+         (_code(_card_line(card, "sha256 of the source file")) or "").lower() != metadata["source_sha256"].lower()),
+    ]
+    if not tag:
+        checks = checks[1:]
+    if "nvit_dims" in metadata:
+        dims = _code(_card_line(card, "Per-block dims (NViT)"))
+        try:
+            differ = dims is None or json.loads(dims) != json.loads(metadata["nvit_dims"])
+        except json.JSONDecodeError:
+            differ = True
+        checks.append(("Per-block dims (NViT)", dims, "nvit_dims", metadata["nvit_dims"], differ))
+    for field, shown, key, recorded, differ in checks:
+        if not differ:
+            continue
+        if key == "source" and release is not None and shown is not None:
+            recorded_text = f"{recorded!r} (the release {release.name} is {release.source_url})"
+        else:
+            recorded_text = repr(recorded)
+        said = "has no such line" if shown is None else f"says {shown!r}"
+        raise VerificationError(
+            f"{folder}/README.md: the card's {field!r} {said}, but the weights' metadata records {key} "
+            f"{recorded_text}; the card must describe the weights it is published with: convert them again, or "
+            "put the converted card's line back.")
 
 
 # what config.json must hold (timm's format as `save_config_for_hf` writes it) and how to describe the types
@@ -299,7 +378,8 @@ def _check_fit(folder: Path, config: Dict[str, Any], model: torch.nn.Module, sta
             f"{'; '.join(problems)}. Convert the checkpoint again with `vitzoo convert`.")
 
 
-def verify_folder(folder: PathLike, reference: Optional[torch.nn.Module] = None, atol: float = 1e-6) -> VerifyReport:
+def verify_folder(folder: PathLike, reference: Optional[torch.nn.Module] = None, atol: float = 1e-6,
+                  manifest: Optional[Manifest] = None) -> VerifyReport:
     """Check a converted folder: files, metadata, config, and that timm loads it and reproduces the weights.
 
     ``config.json`` is checked first: a JSON object with ``architecture``, ``num_classes`` (a whole number) and
@@ -308,11 +388,14 @@ def verify_folder(folder: PathLike, reference: Optional[torch.nn.Module] = None,
     (strict; a classifier of another size is named as such). The folder is then loaded with
     ``timm.create_model('local-dir:FOLDER', pretrained=True)``, and its outputs on a random input are compared
     with ``reference`` (the source model) when given, otherwise with the model built from ``config.json``.
+    The model card (``README.md``) must show what the weights' metadata records: licence, weight (``model.tag``),
+    architecture, source, source sha256 and NViT dims.
 
     Args:
         folder: the converted folder.
         reference: the source model to compare against.
         atol: largest accepted absolute output difference.
+        manifest: weights record the card's release URL is checked against (default: the packaged one).
 
     Raises:
         VerificationError: with the reason.
@@ -320,7 +403,7 @@ def verify_folder(folder: PathLike, reference: Optional[torch.nn.Module] = None,
     import safetensors.torch
 
     folder = Path(folder)
-    metadata, config = _read_folder(folder)
+    metadata, config = _read_folder(folder, manifest)
     # the architecture config.json describes, with the raw tensors, before timm reads the folder: a config that
     # does not build, or does not fit the weights, is one line here (timm's own errors are tracebacks or lists)
     from_config = _build_from_config(folder, config)
@@ -741,7 +824,7 @@ def convert_checkpoint(
             (tmp / "README.md").write_text(render_card(fields), encoding="utf-8")
             steps.update()
             steps.set_postfix_str("verify")
-            verify_folder(tmp, reference=source_model)
+            verify_folder(tmp, reference=source_model, manifest=manifest)
             steps.update()
     return out_dir
 
