@@ -909,3 +909,18 @@ def test_a_cut_or_damaged_source_says_what_to_do(shvit_official, tmp_path, capsy
     err = _cli_error(capsys, damaged, "--model", "shvit_s1", "--out", tmp_path / "out")
     assert "fails its CRC check" in err and "Download or copy it again" in err
     assert os.listdir(tmp_path) == ["src"]
+
+
+def test_a_file_other_than_the_recorded_release_is_converted_as_own_weights(shvit_official, tmp_path):
+    """Found by an audit: with a release sha256 recorded in the manifest, a file whose own sha256 was given as
+    --sha256 passed the check (expected = --sha256) and was credited to the release, with a card saying the manifest
+    records no sha256; it is not the release, so it is converted as `converted`, without the release's metrics."""
+    _, src = shvit_official
+    manifest = _manifest_recording("shvit_s1", "in1k_official", "0" * 64)
+    out = convert_checkpoint(src, "shvit_s1", tmp_path / "out", sha256=sha256_file(src), flops=False,
+                             manifest=manifest)
+    metadata, _ = read_safetensors_metadata(out / "model.safetensors")
+    assert metadata["tag"] == "converted"
+    card = (out / "README.md").read_text()
+    assert "72.8%" not in card and "records no sha256" not in card
+    assert "notes" not in json.loads((out / "config.json").read_text())["pretrained_cfg"]

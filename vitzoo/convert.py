@@ -740,6 +740,12 @@ def convert_checkpoint(
                 f"sha256 mismatch for {src}: expected {expected} ({'given' if sha256 else 'manifest'}), got "
                 f"{source_sha}. The file is corrupt or is not {entry.name}; download it again."
             )
+        if entry.source_sha256 is not None and entry.source_sha256.lower() != source_sha:
+            # --sha256 matched the file, but the manifest records another file as the release: not the release
+            tqdm.write(f"note: {src} is not the file the weights manifest records for {entry.name} (sha256 "
+                       f"{entry.source_sha256}); it is converted as {model}.converted, without the release's "
+                       "metrics.", file=sys.stderr)
+            entry = _entry_for(manifest, model, "converted", source_name)
         steps.update()
         steps.set_postfix_str("load")
         overlay: Dict[str, Any] = {"file": str(path)}
