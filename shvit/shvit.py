@@ -110,17 +110,24 @@ def _weights_source(variant: str, kwargs: Dict[str, Any]) -> str:
     return f"url {cfg.get('url')}"
 
 
+def _pretrained_source(variant: str, kwargs: Dict[str, Any]) -> Tuple[Optional[str], Any]:
+    """timm's ``(load_from, location)`` for the cfg this call resolves to (``'file'`` and a path, ``'url'`` and a URL,
+    ``'hf-hub'`` and a hub id, ...); ``(None, None)`` when the cfg cannot be resolved: the load itself reports what
+    is wrong with it, which must not be masked here."""
+    try:
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                     pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay')).to_dict()
+        return _resolve_pretrained_source(cfg)
+    except Exception:
+        return None, None
+
+
 def _missing_weight_file(variant: str, kwargs: Dict[str, Any]) -> Optional[WeightFileNotFoundError]:
     """The error for a local weight file (``file=...``, what timm reads) that does not exist; None otherwise.
 
     timm's reader raises a bare ``FileNotFoundError()`` for it, which says nothing; a folder is refused the same way.
     """
-    try:
-        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
-                                     pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay')).to_dict()
-        load_from, path = _resolve_pretrained_source(cfg)
-    except Exception:  # the load itself reports what is wrong with the cfg; never mask it
-        return None
+    load_from, path = _pretrained_source(variant, kwargs)
     if load_from != 'file' or os.path.isfile(path):
         return None
     if os.path.isdir(path):
@@ -144,12 +151,7 @@ def _damaged_download(variant: str, kwargs: Dict[str, Any]) -> Optional[CorruptC
     ``weights_only=False``. So once timm has loaded it, or failed to, it is checked as a local file is (nothing is
     unpickled): whether it was in the cache already or timm has just downloaded it.
     """
-    try:
-        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
-                                     pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay')).to_dict()
-        load_from, location = _resolve_pretrained_source(cfg)
-    except Exception:  # the load itself reports what is wrong with the cfg; never mask it
-        return None
+    load_from, location = _pretrained_source(variant, kwargs)
     if load_from == 'url' and location:
         text = damaged_download_text(location, download_cache_path(location, kwargs.get('cache_dir')))
     elif load_from == 'hf-hub' and location:
@@ -168,12 +170,7 @@ def _unreadable_protocol(variant: str, kwargs: Dict[str, Any]) -> Optional[str]:
     local file, a ``local-dir:`` folder's, a url's download or a Hub file in the cache) is a ``torch.save`` file that
     looks complete but was saved in a pickle protocol safe loading does not read, say so
     (``unreadable_protocol_text``); else None (a damaged file: reported as such)."""
-    try:
-        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
-                                     pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay')).to_dict()
-        load_from, location = _resolve_pretrained_source(cfg)
-    except Exception:  # the load itself reports what is wrong with the cfg; never mask it
-        return None
+    load_from, location = _pretrained_source(variant, kwargs)
     path: Optional[str] = None
     if load_from == 'file':
         path = location

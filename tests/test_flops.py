@@ -700,13 +700,8 @@ def test_a_conv_whose_weight_is_read_elsewhere_keeps_its_norm(trained):
     assert list(report.unfolded_norms) == ["bn"]
 
 
-class _HiddenUse(nn.Module):
+class _HiddenUse(_SecondConvShared):
     """c2's output is also read through ``tolist()``, which no op records: only the output check can see it."""
-
-    def __init__(self):
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
 
     def forward(self, x):
         y = self.c2(self.b1(self.c1(x)))

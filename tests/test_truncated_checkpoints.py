@@ -78,15 +78,21 @@ def _sweep(reader, data, cut):
     return errors
 
 
+def _sweep_expecting(reader, corrupt, data, cut):
+    """``_sweep``, asserting that every cut raised ``corrupt`` exactly; the errors by cut size."""
+    errors = _sweep(reader, data, cut)
+    wrong = {size: f"{type(e).__name__}: {str(e)[:150]}" for size, e in errors.items() if type(e) is not corrupt}
+    assert not wrong, f"{len(wrong)} of {len(data)} cuts (at {sorted(wrong)}) are not {corrupt.__name__}: {wrong}"
+    return errors
+
+
 @pytest.mark.parametrize("unsafe", [False, True], ids=["plain", "unsafe"])
 @pytest.mark.parametrize("name", list(READERS))
 def test_every_cut_of_a_legacy_file_is_truncated_not_unsafe(tmp_path, name, unsafe):
     reader, corrupt = READERS[name]
     data = _save(tmp_path / "full.pth", unsafe=unsafe)
     cut = tmp_path / "cut.pth"
-    errors = _sweep(reader, data, cut)
-    wrong = {size: f"{type(e).__name__}: {str(e)[:150]}" for size, e in errors.items() if type(e) is not corrupt}
-    assert not wrong, f"{len(wrong)} of {len(data)} cuts (at {sorted(wrong)}) are not {corrupt.__name__}: {wrong}"
+    errors = _sweep_expecting(reader, corrupt, data, cut)
     for size, error in errors.items():
         text = str(error)
         assert str(cut) in text and "pickles" not in text, (size, text)
@@ -103,9 +109,7 @@ def test_every_cut_of_a_zip_file_is_corrupt_not_unsafe(tmp_path, name):
     reader, corrupt = READERS[name]
     data = _save(tmp_path / "full.pth", legacy=False)
     cut = tmp_path / "cut.pth"
-    errors = _sweep(reader, data, cut)
-    wrong = {size: f"{type(e).__name__}: {str(e)[:150]}" for size, e in errors.items() if type(e) is not corrupt}
-    assert not wrong, f"{len(wrong)} of {len(data)} cuts (at {sorted(wrong)}) are not {corrupt.__name__}: {wrong}"
+    errors = _sweep_expecting(reader, corrupt, data, cut)
     for size, error in errors.items():
         text = str(error)
         assert str(cut) in text and "pickles" not in text and "allowlisted" not in text, (size, text)
