@@ -13,7 +13,10 @@ Assumptions (override with --ghz/--fma-units/--lanes):
 Two empirical ceilings are also measured at the same thread count: MKL sgemm 2048^3, and the core's FMA peak
 (``fma_peak.c``, 12 independent FMA chains on the widest vector registers, compiled here with ``cc -O3
 -march=native`` and run once per thread concurrently; it includes turbo, which the nominal clock does not). The
-measured FMA peak is the hard ceiling: no fp32 implementation of a model can exceed it.
+measured FMA peak is the hard ceiling of IEEE fp32 on the vector units: no such implementation of a model can exceed
+it. ``deploy()``'s default on CPUs with AMX ("bf16x3": convolutions in split bf16 on the AMX tile unit,
+``vitzoo.amx_gemm``) computes the same MACs on another unit and can; each model is timed with the default and with
+``deploy(fp32_precision="ieee")``.
 
 Each model is deployed on the timed batch and timed in its own process (``_isolated.py``): in this process, after
 the 2048^3 sgemm and the other model, glibc's heap state moved the eager path's speed by up to 15% (section 5 of
@@ -113,13 +116,24 @@ def nominal_ghz(info: dict) -> Tuple[Optional[float], str]:
     return ((info["mhz"] or 0) / 1000 or None), "/proc/cpuinfo cpu MHz"
 
 
-def build_deployed(name: str, batch: int, threads: int):
-    """``deploy(model)`` on the timed batch, as a runner (also called in the isolated worker process)."""
+PRECISIONS = ("bf16x3", "ieee")  # deploy()'s default first
+
+
+def build_deployed(name: str, batch: int, threads: int, precision: str = "bf16x3"):
+    """``deploy(model, fp32_precision=precision)`` on the timed batch, as a runner (also called in the isolated
+    worker process)."""
     torch.set_num_threads(threads)
     res = CASES[name]
     model = randomize_norm_stats(timm.create_model(name))
     x = torch.randn(batch, 3, res, res, generator=torch.Generator().manual_seed(1))
-    return inference(deploy(model, x), x)
+    return inference(deploy(model, x, fp32_precision=precision), x)
+
+
+def _label(name: str, res: int, precision: str) -> str:
+    if precision == "ieee":
+        return f"{name}@{res} deploy(ieee)"
+    used = deploy(timm.create_model(name), torch.randn(1, 3, res, res), verify=False).fp32_precision
+    return f"{name}@{res} deploy() [{used}]"
 
 
 def main() -> int:
@@ -158,14 +172,15 @@ def main() -> int:
             macs = count_flops(name, res).total
             desc = f"{name} {threads}t"
             if args.isolate:
-                t = measure_isolated({name: (build_deployed, (name, args.batch, threads))}, args.batch,
-                                     rounds=args.rounds, min_time=args.min_time, desc=desc)[name]
+                times = measure_isolated({p: (build_deployed, (name, args.batch, threads, p)) for p in PRECISIONS},
+                                         args.batch, rounds=args.rounds, min_time=args.min_time, desc=desc)
             else:
-                t = timed({name: build_deployed(name, args.batch, threads)}, args.batch, args.rounds,
-                          args.min_time, desc)[name]
-            achieved = macs * t.throughput
-            rows.append([f"{name}@{res} deploy()", threads, f"{t.throughput:.1f}", f"{achieved / 1e9:.1f}",
-                         f"{achieved / peak:.0%}", of_fma(achieved)])
+                times = timed({p: build_deployed(name, args.batch, threads, p) for p in PRECISIONS}, args.batch,
+                              args.rounds, args.min_time, desc)
+            for precision in PRECISIONS:
+                achieved = macs * times[precision].throughput
+                rows.append([_label(name, res, precision), threads, f"{times[precision].throughput:.1f}",
+                             f"{achieved / 1e9:.1f}", f"{achieved / peak:.0%}", of_fma(achieved)])
     print_table(["workload", "threads", "img/s", "GMAC/s", "of nominal peak", "of measured FMA peak"], rows,
                 title=f"fraction of peak FP32 MAC rate (batch {args.batch}, median of {args.rounds} rounds)")
     return 0

@@ -4,7 +4,10 @@ timm's model is built from ``timm.models.shvit`` directly (``import shvit`` repl
 fused with ``timm.utils.reparameterize_model``. Both run under ``torch.inference_mode``; the extra column
 "timm fused + channels_last" shows how much of the gain is the memory format alone, and "ONNX Runtime" (the same
 fused model in ONNX Runtime, ``deploy(backend="onnxruntime")``) shows what a non-PyTorch runtime reaches on this CPU;
-"ours torchscript" is ``deploy(backend="torchscript")``, our fastest PyTorch path on CPU (not the default backend).
+"ours torchscript" is ``deploy(backend="torchscript")``, a PyTorch path in IEEE fp32 (not the default backend).
+"ours deploy()" is the default, which runs convolutions in split bf16 ("bf16x3") on CPUs with AMX
+(``vitzoo.amx_gemm``; IEEE fp32 elsewhere); "ours ieee" is ``deploy(fp32_precision="ieee")``, the same path in IEEE
+fp32 throughout. The "precision" column says which the default used, "max |diff|" is against timm's output.
 Each runner is timed in its own process (``_isolated.py``; ``--no-isolate`` times them all in this process).
 
 The script also prints what the 1.6x goal asks of the hardware: 1.6 x timm's img/s x the fused model's MACs per
@@ -32,7 +35,8 @@ from vitzoo.flops import count_flops  # noqa: E402
 from vitzoo.inference import deploy  # noqa: E402
 
 CASES = (("shvit_s1", 224), ("shvit_s4", 256))
-RUNNERS = ("timm fused", "timm fused + channels_last", "ours deploy()", "ours torchscript", "ONNX Runtime")
+RUNNERS = ("timm fused", "timm fused + channels_last", "ours deploy()", "ours ieee", "ours torchscript",
+           "ONNX Runtime")
 GOAL = 1.6
 
 
@@ -57,6 +61,8 @@ def build_runner(kind: str, name: str, res: int, batch: int, threads: int):
         return inference(theirs_cl, x.contiguous(memory_format=torch.channels_last))
     if kind == "ours deploy()":
         return inference(deploy(ours, x), x)
+    if kind == "ours ieee":
+        return inference(deploy(ours, x, fp32_precision="ieee"), x)
     if kind == "ours torchscript":
         return inference(deploy(ours, x, backend="torchscript"), x)
     if kind == "ONNX Runtime":
@@ -79,8 +85,10 @@ def main() -> int:
         ours, theirs, _ = build_models(name)
         macs = count_flops(ours, res).total
         x = torch.randn(args.batch, 3, res, res)
+        default, ieee = deploy(ours, x), deploy(ours, x, fp32_precision="ieee")
         with torch.inference_mode():
-            diff = (deploy(ours, x)(x) - theirs(x)).abs().max().item()
+            expected = theirs(x)
+            diffs = [(d(x) - expected).abs().max().item() for d in (default, ieee)]
         for threads in args.threads:
             desc = f"{name}@{res} {threads}t"
             if args.isolate:
@@ -89,19 +97,20 @@ def main() -> int:
             else:
                 t = timed({k: build_runner(k, name, res, args.batch, threads) for k in RUNNERS},
                           args.batch, args.rounds, args.min_time, desc)
-            base, cl, ours_t, ts_t, ort_t = (t[k].throughput for k in RUNNERS)
+            base, cl, ours_t, ieee_t, ts_t, ort_t = (t[k].throughput for k in RUNNERS)
             ratio = ours_t / base
             ratios.append(ratio)
-            rows.append([f"{name}@{res}", threads, base, cl, ours_t, ts_t, ort_t, f"{ratio:.2f}x",
-                         f"{ts_t / base:.2f}x", f"{ort_t / base:.2f}x", f"{diff:.1e}"])
+            rows.append([f"{name}@{res}", threads, default.fp32_precision, base, cl, ours_t, ieee_t, ts_t, ort_t,
+                         f"{ratio:.2f}x", f"{ieee_t / base:.2f}x", f"{ts_t / base:.2f}x", f"{ort_t / base:.2f}x",
+                         f"{ours_t / ort_t:.2f}x", f"{diffs[0]:.1e} / {diffs[1]:.1e}"])
             need = GOAL * base * macs
             peak = peaks[threads]
             needs.append(f"{name}@{res} {threads}t: {GOAL}x needs {need / 1e9:.1f} GMAC/s; ours reaches "
                          f"{ours_t * macs / 1e9:.1f}; measured FMA peak "
                          + ("n/a" if peak is None else f"{peak / 1e9:.1f} (the goal needs {need / peak:.0%} of it)"))
-    print_table(["model", "threads", "timm fused img/s", "timm fused+CL img/s", "ours deploy() img/s",
-                 "ours torchscript img/s", "ORT img/s", "ours / timm", "torchscript / timm", "ORT / timm",
-                 "max |diff|"], rows,
+    print_table(["model", "threads", "precision", "timm fused img/s", "timm fused+CL img/s", "ours deploy() img/s",
+                 "ours ieee img/s", "ours torchscript img/s", "ORT img/s", "ours / timm", "ieee / timm",
+                 "torchscript / timm", "ORT / timm", "ours / ORT", "max |diff| ours / ieee"], rows,
                 title=f"SHViT: ours deploy() vs timm built-in fused eager (batch {args.batch}, median of {args.rounds} "
                       f"rounds, {'one process per runner' if args.isolate else 'one process'})")
     print("\nwhat the goal asks of the hardware (fvcore MACs of the fused model x img/s):")

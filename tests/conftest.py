@@ -1,11 +1,15 @@
 """Shared test configuration: no network, no GPU, deterministic, small thread counts."""
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# the AMX kernel (vitzoo.amx_gemm) is compiled once into this directory and reused by later runs and xdist workers,
+# instead of into the user's ~/.cache
+os.environ.setdefault("VITZOO_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"vitzoo-tests-{os.getuid()}"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -485,7 +485,7 @@ def test_no_example_input_and_no_cfg_is_a_clear_error():
 
 def test_verification_failure_raises(monkeypatch, shvit_s1):
     deploy_module = importlib.import_module("vitzoo.inference")  # the module, even if vitzoo re-exports deploy()
-    monkeypatch.setattr(deploy_module, "onednn_rewrite", lambda m, x: (_Offset(m), ["broken"]))
+    monkeypatch.setattr(deploy_module, "onednn_rewrite", lambda m, x, *rest: (_Offset(m), ["broken"]))
     with pytest.raises(RuntimeError, match="max abs diff"):
         deploy(shvit_s1, torch.randn(1, 3, 64, 64))
 
@@ -519,8 +519,8 @@ def test_verification_failure_of_a_wrong_result_names_no_rounding(monkeypatch):
     vi = importlib.import_module("vitzoo.inference")
     build_eager = vi._build_eager
 
-    def wrong(model, example_input, rewrite):  # a rewrite that breaks the model: output off by 0.01
-        deployed = build_eager(model, example_input, rewrite)
+    def wrong(model, example_input, rewrite, **kwargs):  # a rewrite that breaks the model: output off by 0.01
+        deployed = build_eager(model, example_input, rewrite, **kwargs)
         deployed.model = nn.Sequential(deployed.model, Shift())
         return deployed
 
@@ -899,8 +899,8 @@ def test_a_wrong_result_on_tiny_outputs_is_not_passed_by_the_absolute_tolerance(
 
     real = vi._build_eager
 
-    def scaled(model, example_input, rewrite):
-        deployed = real(model, example_input, rewrite)
+    def scaled(model, example_input, rewrite, **kwargs):
+        deployed = real(model, example_input, rewrite, **kwargs)
         deployed.model = _Scaled(deployed.model, factor)
         return deployed
 

@@ -17,9 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from vitzoo import amx_gemm
 from vitzoo.outputs import outputs_close
 
-__all__ = ["PackedConv2d", "onednn_rewrite"]
+__all__ = ["FP32_PRECISIONS", "PackedConv2d", "onednn_rewrite"]
+
+#: ``"ieee"``: IEEE fp32 everywhere; ``"bf16x3"``: pointwise convolutions in split bf16 on AMX where available.
+FP32_PRECISIONS = ("ieee", "bf16x3")
 
 _RELU_TARGETS = (F.relu, torch.relu, torch.relu_)
 _ADD_TARGETS = (operator.add, torch.add)
@@ -47,14 +51,22 @@ class PackedConv2d(nn.Module):
     (B, C_out, H, W) tensor: no copies. oneDNN's matmul kernel was faster than its convolution kernel on these
     shapes in our (one-off) measurements.
 
+    With ``fp32_precision="bf16x3"`` a pointwise convolution runs on the CPU's AMX tile unit instead, in split
+    bfloat16 (``vitzoo.amx_gemm``: three bf16 products per fp32 product, ~1e-5 relative error, 2-3x faster), where
+    that kernel is available (:func:`vitzoo.amx_gemm.load`); elsewhere, and for the other convolutions, oneDNN in
+    IEEE fp32. :attr:`amx` says which.
+
     Args:
         conv: The convolution to replace (zero padding, float32, CPU).
         input_size: Input shape (B, C, H, W) to pack the weight for first.
+        fp32_precision: ``"ieee"`` (default) or ``"bf16x3"``.
     """
     max_cached_shapes = 4
 
-    def __init__(self, conv: nn.Conv2d, input_size: Sequence[int]):
+    def __init__(self, conv: nn.Conv2d, input_size: Sequence[int], fp32_precision: str = "ieee"):
         super().__init__()
+        if fp32_precision not in FP32_PRECISIONS:
+            raise ValueError(f"fp32_precision={fp32_precision!r}; valid values: {', '.join(FP32_PRECISIONS)}.")
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(f"PackedConv2d supports explicit zero padding only, got {conv}.")
         self.in_channels = conv.in_channels
@@ -72,7 +84,22 @@ class PackedConv2d(nn.Module):
         self.register_buffer("weight", conv.weight.detach().clone(), persistent=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         self._packed: Dict[Tuple[int, ...], torch.Tensor] = {}
-        self._packed_for(tuple(input_size))
+        self.amx = fp32_precision == "bf16x3" and self._amx_pays_off() and amx_gemm.load() is not None
+        if self.amx:  # split and tiled once; plain tensors (not buffers): derived from ``weight``, never saved
+            self._amx_weight = amx_gemm.pack_conv_weight(self.weight)
+        else:
+            self._packed_for(tuple(input_size))
+
+    def _amx_pays_off(self) -> bool:
+        """Whether the AMX kernel beats oneDNN's fp32 one on this convolution (measured on SHViT's layers,
+        ``docs/benchmarks.md``): pointwise ones from 64 input channels; others (whose input rows the kernel
+        gathers) with a multiple of 16 input channels and at least 256 products per output."""
+        if self.groups != 1:
+            return False
+        if self.pointwise:
+            return self.in_channels >= 64
+        depth = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        return self.in_channels % 16 == 0 and depth >= 256
 
     def _packed_for(self, shape: Tuple[int, ...]) -> torch.Tensor:
         packed = self._packed.get(shape)
@@ -90,7 +117,7 @@ class PackedConv2d(nn.Module):
         return packed
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        weight = self._packed_for(tuple(x.shape))
+        weight = None if self.amx else self._packed_for(tuple(x.shape))
         if residual is not None and tuple(residual.shape) != self._output_shape(x):
             # the add was fused where both shapes were equal, and here they broadcast (a (B, C, 1, 1) context
             # added to a map that is 1x1 only at the example's size): run it as the model wrote it
@@ -98,6 +125,9 @@ class PackedConv2d(nn.Module):
             return out.relu_() if self.unary == "relu" else out
         if self.pointwise:
             return self._pointwise(x, weight, residual)
+        if self.amx:
+            return amx_gemm.amx_conv2d(x, self._amx_weight, self.out_channels, self.kernel_size, self.stride,
+                                       self.padding, self.dilation, self.bias, residual, relu=self.unary == "relu")
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(
                 x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups, self.unary, [], "")
@@ -113,6 +143,9 @@ class PackedConv2d(nn.Module):
     def _unfused_add(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         if self.pointwise:
             out = self._pointwise(x, weight, None, unary="none")
+        elif self.amx:
+            out = amx_gemm.amx_conv2d(x, self._amx_weight, self.out_channels, self.kernel_size, self.stride,
+                                      self.padding, self.dilation, self.bias)
         else:
             out = torch.ops.mkldnn._convolution_pointwise(
                 x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], "")
@@ -123,6 +156,11 @@ class PackedConv2d(nn.Module):
         batch, _, height, width = x.shape
         # (B, C, H, W) channels-last -> (B*H*W, C): a view; any other layout is copied by reshape
         rows = x.permute(0, 2, 3, 1).reshape(-1, self.in_channels)
+        if self.amx:
+            other = None if residual is None else residual.permute(0, 2, 3, 1).reshape(-1, self.out_channels)
+            out = amx_gemm.amx_linear(rows, self._amx_weight, self.out_channels, self.bias, other,
+                                      relu=(unary or self.unary) == "relu")
+            return out.view(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
         if residual is None:
             out = torch.ops.mkldnn._linear_pointwise(rows, weight, self.bias, unary or self.unary, [], "")
         else:
@@ -135,7 +173,7 @@ class PackedConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, groups={self.groups}, unary={self.unary!r}"
-                + (", as linear" if self.pointwise else ""))
+                + (", as linear" if self.pointwise else "") + (", AMX bf16x3" if self.amx else ""))
 
 
 def _is_relu(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
@@ -232,7 +270,8 @@ def _drop_identities(gm: fx.GraphModule, modules: Dict[str, nn.Module]) -> None:
             gm.graph.erase_node(node)
 
 
-def _pack_convolutions(gm: fx.GraphModule, modules: Dict[str, nn.Module]) -> Dict[fx.Node, PackedConv2d]:
+def _pack_convolutions(gm: fx.GraphModule, modules: Dict[str, nn.Module],
+                       fp32_precision: str) -> Dict[fx.Node, PackedConv2d]:
     """Replace every call of an ``nn.Conv2d`` module by a fresh :class:`PackedConv2d` submodule."""
     packed: Dict[fx.Node, PackedConv2d] = {}
     for node in list(gm.graph.nodes):
@@ -243,7 +282,7 @@ def _pack_convolutions(gm: fx.GraphModule, modules: Dict[str, nn.Module]) -> Dic
         if input_meta is None or len(node.args) != 1 or node.kwargs:
             continue
         name = f"packed_{len(packed)}"
-        gm.add_submodule(name, PackedConv2d(conv, input_meta.shape))
+        gm.add_submodule(name, PackedConv2d(conv, input_meta.shape, fp32_precision))
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(name, (node.args[0],))
         new.meta = dict(node.meta)
@@ -330,12 +369,15 @@ def _eliminate_dead_code(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
 
 
-def onednn_rewrite(model: nn.Module, example_input: torch.Tensor) -> Tuple[nn.Module, List[str]]:
+def onednn_rewrite(model: nn.Module, example_input: torch.Tensor,
+                   fp32_precision: str = "ieee") -> Tuple[nn.Module, List[str]]:
     """Trace ``model`` with torch.fx and swap its convolutions for fused, pre-packed oneDNN ones.
 
     Args:
         model: An eval-mode, fused, fp32 CPU model (not modified).
         example_input: Input used to record shapes (its memory format should be the one used at inference).
+        fp32_precision: ``"bf16x3"`` runs the pointwise convolutions in split bf16 on AMX where the kernel is
+            available (see :class:`PackedConv2d`); ``"ieee"`` (default) keeps IEEE fp32.
 
     Returns:
         The rewritten ``fx.GraphModule`` and a list describing what was done. If the model cannot be traced
@@ -355,7 +397,9 @@ def onednn_rewrite(model: nn.Module, example_input: torch.Tensor) -> Tuple[nn.Mo
                            "(in-place updates that torch.fx cannot record)"]
     modules = dict(gm.named_modules())
     _drop_identities(gm, modules)
-    packed = _pack_convolutions(gm, modules)
+    if fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision={fp32_precision!r}; valid values: {', '.join(FP32_PRECISIONS)}.")
+    packed = _pack_convolutions(gm, modules, fp32_precision)
     if not packed:
         return model, ["oneDNN rewrite skipped: no plain nn.Conv2d found"]
     n_add = _fuse_residual_adds(gm, packed, modules)
@@ -367,6 +411,11 @@ def onednn_rewrite(model: nn.Module, example_input: torch.Tensor) -> Tuple[nn.Mo
     gm.delete_all_unused_submodules()
     gm.pretrained_cfg = getattr(model, "pretrained_cfg", None)
     done = [f"oneDNN pre-packed convolutions: {len(packed)} (fused ReLU: {n_relu}, fused residual add: {n_add})"]
+    n_amx = sum(conv.amx for conv in packed.values())
+    if n_amx:
+        done.append(f"convolutions in split bf16 (bf16x3) on AMX: {n_amx} of {len(packed)}")
+    elif fp32_precision == "bf16x3" and any(conv.pointwise for conv in packed.values()):
+        done.append(f"IEEE fp32 (bf16x3 AMX kernel unavailable: {amx_gemm.unavailable_reason()})")
     if n_in_place:
         done.append(f"ReLUs run in place on the torch.cat result only they use: {n_in_place}")
     return gm, done

@@ -1,0 +1,283 @@
+/*
+ * vitzoo: fp32 matrix product in split-bfloat16 ("bf16x3") on Intel AMX tiles.
+ *
+ *   C[m, n] = act( sum_k A[m, k] * W[n, k] + bias[n] + R[m, n] )        (act: identity or ReLU)
+ *
+ * Each fp32 operand x is split into two bfloat16 numbers, hi = bf16(x) and lo = bf16(x - hi), so that hi + lo
+ * carries ~16 of fp32's 24 mantissa bits. The product is accumulated in fp32 from three bf16 products,
+ * A_hi W_hi + A_hi W_lo + A_lo W_hi (A_lo W_lo, below fp32's rounding of the sum, is left out). The products of two
+ * bf16 numbers are exact in fp32, so the error comes from the splits: about 1e-5 relative, against fp32's 1e-7.
+ *
+ * Compiled on first use by vitzoo/amx_gemm.py (which documents the layouts), loaded with ctypes. OpenMP threads
+ * are torch's (the same libgomp is already loaded when this library is opened). Written for vitzoo; see
+ * docs/deploy.md for where it is used and docs/benchmarks.md for measurements.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+enum { TILE_ROWS = 16, TILE_K = 32, BLOCK_M = 32, BLOCK_N = 32, B_TILE_ELEMS = TILE_ROWS * TILE_K };
+
+/* Ask the kernel for the AMX tile state; 0 on success. Permission is per process. */
+int vitzoo_amx_request(void) {
+    return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA);
+}
+
+typedef struct {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* All eight tiles 16 rows x 64 bytes: C tiles hold 16x16 fp32, A tiles 16x32 bf16, B tiles 16 pairs x 16 bf16x2. */
+static void configure_tiles(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; ++t) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = TILE_ROWS;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+static __mmask16 first_lanes(int count) {
+    if (count >= 16) return (__mmask16)0xFFFF;
+    return count <= 0 ? 0 : (__mmask16)((1u << count) - 1u);
+}
+
+/* Where the rows of A come from: a plain fp32 matrix (row stride lda), or the im2col rows of a convolution on a
+   channels-last input (one row per output pixel, columns ordered (ky, kx, channel); never materialised). */
+typedef struct {
+    const float *a;
+    int64_t lda;
+    int m, k, kp;
+    int conv; /* 0: plain matrix; 1: convolution */
+    int64_t sb, sh, sw; /* input strides of batch, row, column (channel stride 1) */
+    int h, w, cin, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, oh, ow;
+} a_source;
+
+
+/* Row `index` of a convolution's im2col matrix into `row` (k floats; zeros where the window leaves the input). */
+static void gather_conv_row(const a_source *src, int index, float *row) {
+    const int ox = index % src->ow, rest = index / src->ow, oy = rest % src->oh, b = rest / src->oh;
+    const float *base = src->a + (int64_t)b * src->sb;
+    float *out = row;
+    for (int ky = 0; ky < src->kh; ++ky) {
+        const int iy = oy * src->stride_h - src->pad_h + ky * src->dil_h;
+        for (int kx = 0; kx < src->kw; ++kx, out += src->cin) {
+            const int ix = ox * src->stride_w - src->pad_w + kx * src->dil_w;
+            if (iy < 0 || iy >= src->h || ix < 0 || ix >= src->w) {
+                memset(out, 0, (size_t)src->cin * sizeof(float));
+                continue;
+            }
+            memcpy(out, base + (int64_t)iy * src->sh + (int64_t)ix * src->sw, (size_t)src->cin * sizeof(float));
+        }
+    }
+}
+
+static void split16(const float *from, __mmask16 lanes, uint16_t *h, uint16_t *l) {
+    __m512 x = _mm512_maskz_loadu_ps(lanes, from);
+    __m256i xh = (__m256i)_mm512_cvtneps_pbh(x);
+    __m512 xh32 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(xh), 16));
+    _mm256_storeu_si256((__m256i *)h, xh);
+    _mm256_storeu_si256((__m256i *)l, (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, xh32)));
+}
+
+static void split_row(const float *row, int k, int kp, uint16_t *h, uint16_t *l) {
+    for (int c = 0; c < kp; c += 16) split16(row + c, first_lanes(k - c), h + c, l + c);
+}
+
+/* The same as gather_conv_row + split_row for a channel count that is a multiple of 16: each window position's
+   channels are whole 16-lane vectors of the row, split straight from the input. */
+static void split_conv_row16(const a_source *src, int index, uint16_t *h, uint16_t *l) {
+    const int ox = index % src->ow, rest = index / src->ow, oy = rest % src->oh, b = rest / src->oh;
+    const float *base = src->a + (int64_t)b * src->sb;
+    int col = 0;
+    for (int ky = 0; ky < src->kh; ++ky) {
+        const int iy = oy * src->stride_h - src->pad_h + ky * src->dil_h;
+        for (int kx = 0; kx < src->kw; ++kx) {
+            const int ix = ox * src->stride_w - src->pad_w + kx * src->dil_w;
+            const int inside = iy >= 0 && iy < src->h && ix >= 0 && ix < src->w;
+            const float *from = inside ? base + (int64_t)iy * src->sh + (int64_t)ix * src->sw : src->a;
+            for (int c = 0; c < src->cin; c += 16, col += 16)
+                split16(from + c, inside ? (__mmask16)0xFFFF : 0, h + col, l + col);
+        }
+    }
+    for (; col < src->kp; col += 16) split16(src->a, 0, h + col, l + col);
+}
+
+/* Rows [row0, row0 + BLOCK_M) of A as bf16 hi / lo panels of row stride kp (zero beyond k, and zero rows beyond
+   m); `scratch` holds kp floats for a gathered convolution row. */
+static void split_panel(const a_source *src, int row0, uint16_t *hi, uint16_t *lo, float *scratch) {
+    for (int r = 0; r < BLOCK_M; ++r) {
+        uint16_t *h = hi + (int64_t)r * src->kp, *l = lo + (int64_t)r * src->kp;
+        if (row0 + r >= src->m) {
+            memset(h, 0, (size_t)src->kp * 2);
+            memset(l, 0, (size_t)src->kp * 2);
+        } else if (src->conv && src->cin % 16 == 0) {
+            split_conv_row16(src, row0 + r, h, l);
+        } else if (src->conv) {
+            gather_conv_row(src, row0 + r, scratch);
+            split_row(scratch, src->k, src->kp, h, l);
+        } else {
+            split_row(src->a + (int64_t)(row0 + r) * src->lda, src->k, src->kp, h, l);
+        }
+    }
+}
+
+/* C = act(A W^T + bias + R) for one BLOCK_M x BLOCK_N block (2 x 2 tiles), panels already split. */
+static void block_product(const uint16_t *ahi, const uint16_t *alo, int kp, const uint16_t *bhi, const uint16_t *blo,
+                          int kb) {
+    const int64_t a_stride = (int64_t)kp * 2, a_next = (int64_t)TILE_ROWS * kp, b_next = (int64_t)kb * B_TILE_ELEMS;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int s = 0; s < kb; ++s) {
+        const int64_t ka = (int64_t)s * TILE_K, kw = (int64_t)s * B_TILE_ELEMS;
+        _tile_loadd(4, ahi + ka, a_stride);
+        _tile_loadd(5, ahi + a_next + ka, a_stride);
+        _tile_loadd(6, bhi + kw, 64);
+        _tile_loadd(7, bhi + b_next + kw, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+        _tile_loadd(4, alo + ka, a_stride);
+        _tile_loadd(5, alo + a_next + ka, a_stride);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+        _tile_loadd(4, ahi + ka, a_stride);
+        _tile_loadd(5, ahi + a_next + ka, a_stride);
+        _tile_loadd(6, blo + kw, 64);
+        _tile_loadd(7, blo + b_next + kw, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+}
+
+static void store_block(float acc[4][TILE_ROWS * 16], int row0, int col0, int m, int n, const float *bias,
+                        const float *res, int64_t ldr, int relu, float *c, int64_t ldc) {
+    _tile_stored(0, acc[0], 64);
+    _tile_stored(1, acc[1], 64);
+    _tile_stored(2, acc[2], 64);
+    _tile_stored(3, acc[3], 64);
+    for (int t = 0; t < 4; ++t) {
+        const int r0 = row0 + (t >> 1) * TILE_ROWS, c0 = col0 + (t & 1) * 16;
+        const __mmask16 lanes = first_lanes(n - c0);
+        if (!lanes) continue;
+        const __m512 b = bias ? _mm512_maskz_loadu_ps(lanes, bias + c0) : _mm512_setzero_ps();
+        for (int r = 0; r < TILE_ROWS && r0 + r < m; ++r) {
+            __m512 v = _mm512_add_ps(_mm512_load_ps(acc[t] + r * 16), b);
+            if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, res + (int64_t)(r0 + r) * ldr + c0));
+            if (relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+            _mm512_mask_storeu_ps(c + (int64_t)(r0 + r) * ldc + c0, lanes, v);
+        }
+    }
+}
+
+static int product(const a_source *src, const uint16_t *whi, const uint16_t *wlo, int n, const float *bias,
+                   const float *res, int64_t ldr, int relu, float *c, int64_t ldc) {
+    const int kp = src->kp, kb = kp / TILE_K;
+    const int m_blocks = (src->m + BLOCK_M - 1) / BLOCK_M, n_blocks = (n + BLOCK_N - 1) / BLOCK_N;
+    int failed = 0;
+    if (src->m <= 0 || n <= 0) return 0;
+#pragma omp parallel
+    {
+        /* this thread's hi and lo panels (2 x BLOCK_M rows of kp bf16) and one gathered fp32 row */
+        uint16_t *panel = (uint16_t *)aligned_alloc(64, (size_t)2 * BLOCK_M * kp * sizeof(uint16_t) +
+                                                            (size_t)kp * sizeof(float));
+        float acc[4][TILE_ROWS * 16] __attribute__((aligned(64)));
+        if (!panel) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            configure_tiles();
+        }
+#pragma omp for schedule(static)
+        for (int mb = 0; mb < m_blocks; ++mb) {
+            if (!panel) continue;
+            uint16_t *ahi = panel, *alo = panel + (int64_t)BLOCK_M * kp;
+            float *scratch = (float *)(panel + (int64_t)2 * BLOCK_M * kp);
+            split_panel(src, mb * BLOCK_M, ahi, alo, scratch);
+            for (int nb = 0; nb < n_blocks; ++nb) {
+                const int64_t strip = (int64_t)(nb * BLOCK_N / 16) * kb * B_TILE_ELEMS;
+                block_product(ahi, alo, kp, whi + strip, wlo + strip, kb);
+                store_block(acc, mb * BLOCK_M, nb * BLOCK_N, src->m, n, bias, res, ldr, relu, c, ldc);
+            }
+        }
+        if (panel) {
+            _tile_release();
+            free(panel);
+        }
+    }
+    return failed ? -1 : 0;
+}
+
+/*
+ * The weight operand of both entry points: (n, k) split and packed by vitzoo/amx_gemm.py, zero-padded to (np, kp),
+ * the multiples of 32 above n and k, and laid out as (np / 16, kp / 32, 16, 16, 2): for each 16-column strip and
+ * 32-deep k step one AMX B tile, whose row r holds the pairs (W[col, 2r], W[col, 2r + 1]) of its 16 columns.
+ * bias: n floats or NULL; res: fp32 (m, n), row stride ldr, or NULL; c: fp32 (m, n) output, row stride ldc.
+ * Both return 0, or -1 if a thread could not allocate its panel buffers (c is then incomplete).
+ */
+
+/* C = act(A W^T + bias + R), A: fp32 (m, k), row stride lda (unit column stride). */
+int vitzoo_amx_linear_bf16x3(const float *a, int64_t lda, int m, int k, const uint16_t *whi, const uint16_t *wlo,
+                             int n, const float *bias, const float *res, int64_t ldr, int relu, float *c,
+                             int64_t ldc) {
+    a_source src;
+    memset(&src, 0, sizeof src);
+    src.a = a;
+    src.lda = lda;
+    src.m = m;
+    src.k = k;
+    src.kp = (k + TILE_K - 1) / TILE_K * TILE_K;
+    return product(&src, whi, wlo, n, bias, res, ldr, relu, c, ldc);
+}
+
+/* A 2-D convolution (one group) on a channels-last fp32 input x of shape (batch, cin, h, w) with strides
+   (sb, 1, sh, sw): C = act(im2col(x) W^T + bias + R), one row per output pixel (b, oy, ox), i.e. a channels-last
+   (batch, n, oh, ow) output; W is the weight permuted to (n, kh, kw, cin) and packed as above. */
+int vitzoo_amx_conv2d_bf16x3(const float *x, int64_t sb, int64_t sh, int64_t sw, int batch, int h, int w, int cin,
+                             int kh, int kw, int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w,
+                             int oh, int ow, const uint16_t *whi, const uint16_t *wlo, int n, const float *bias,
+                             const float *res, int64_t ldr, int relu, float *c, int64_t ldc) {
+    a_source src;
+    memset(&src, 0, sizeof src);
+    src.a = x;
+    src.m = batch * oh * ow;
+    src.k = kh * kw * cin;
+    src.kp = (src.k + TILE_K - 1) / TILE_K * TILE_K;
+    src.conv = 1;
+    src.sb = sb;
+    src.sh = sh;
+    src.sw = sw;
+    src.h = h;
+    src.w = w;
+    src.cin = cin;
+    src.kh = kh;
+    src.kw = kw;
+    src.stride_h = stride_h;
+    src.stride_w = stride_w;
+    src.pad_h = pad_h;
+    src.pad_w = pad_w;
+    src.dil_h = dil_h;
+    src.dil_w = dil_w;
+    src.oh = oh;
+    src.ow = ow;
+    return product(&src, whi, wlo, n, bias, res, ldr, relu, c, ldc);
+}
