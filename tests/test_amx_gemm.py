@@ -177,6 +177,19 @@ def test_failing_compiler_is_reported_not_raised(fresh_state, monkeypatch):
     assert not list(fresh_state.rglob("*.so")) and not list(fresh_state.rglob(".amx_gemm-*"))  # nothing half-written
 
 
+def test_compiler_given_as_a_command_line(fresh_state, monkeypatch, tmp_path):
+    # $CC may carry a wrapper or flags ("ccache gcc"): split like a shell would, not run as one file name
+    calls = tmp_path / "calls"
+    wrapper = tmp_path / "wrap"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(amx_gemm, "cpu_flags", lambda: set(amx_gemm.REQUIRED_CPU_FLAGS))
+    monkeypatch.setenv("CC", f"{wrapper} cc")
+    amx_gemm.load()
+    assert "does not run" not in amx_gemm.unavailable_reason()
+    assert "cc --version" in calls.read_text() and "amx_gemm.c" in calls.read_text()
+
+
 def test_built_library_is_cached_and_reused(fresh_state, monkeypatch):
     _needs_amx()  # (loads it once in the shared state, then builds again in the empty cache below)
     monkeypatch.setattr(amx_gemm, "_state", {})

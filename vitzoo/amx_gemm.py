@@ -19,6 +19,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -63,9 +64,11 @@ def _cache_dir() -> Path:
 
 
 def _compile(compiler: str) -> Path:
-    """The compiled library for ``compiler``, built now unless the cache has it. Raises ``RuntimeError``."""
+    """The compiled library for ``compiler`` (a command line such as ``"ccache gcc"``), built now unless the cache
+    has it. Raises ``RuntimeError``."""
+    command = shlex.split(compiler)
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+        version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"the C compiler {compiler!r} does not run ({e})") from None
     key = hashlib.sha256(SOURCE.read_bytes() + repr((_FLAGS, compiler, version)).encode()).hexdigest()[:16]
@@ -81,7 +84,7 @@ def _compile(compiler: str) -> Path:
     fd, partial = tempfile.mkstemp(prefix=".amx_gemm-", suffix=".so", dir=directory)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
+        done = subprocess.run([*command, *_FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
                               timeout=600)
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
