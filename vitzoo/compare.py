@@ -161,9 +161,11 @@ def _build(
 
 
 def _runners(
-    model: torch.nn.Module, report, device: str, batch: int, backends: Sequence[str], notes: List[str]
+    model: torch.nn.Module, report, device: str, batch: int, backends: Sequence[str], notes: List[str],
+    precisions: Dict[str, str],
 ) -> Dict[str, Callable[[], Any]]:
-    """One zero-argument callable per path of one model on ``device``; failed backends go into ``notes``."""
+    """One zero-argument callable per path of one model on ``device``; failed backends go into ``notes``, and
+    backends that run in another precision than IEEE fp32 (``deploy()``'s bf16x3) into ``precisions``."""
     from vitzoo.inference import ROUNDING_RTOL, deploy  # imported here so tests can substitute a stand-in
 
     x = torch.randn(batch, *report.input_size, device=device)
@@ -185,6 +187,8 @@ def _runners(
                 with torch.no_grad():
                     deployed(x)
             runners[backend] = _bind(deployed, x)
+            if getattr(deployed, "fp32_precision", "ieee") != "ieee":
+                precisions[backend] = deployed.fp32_precision
         except Exception as e:  # noqa: BLE001  one failed backend must not stop the comparison
             notes.append(f"{backend} failed on {device}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
     return runners
@@ -251,9 +255,10 @@ def _measure_on(
     for name, model, report in bar:
         bar.set_postfix_str(name)
         notes: List[str] = []
+        precisions: Dict[str, str] = {}
         runners = None
         try:  # the input batch itself may not fit in memory (--batch 100000)
-            runners = _runners(model, report, device, batch, backends, notes)
+            runners = _runners(model, report, device, batch, backends, notes, precisions)
             timings = measure(runners, batch, rounds=rounds, warmup=1, min_time=0.15, device=torch.device(device),
                               progress=progress, desc=f"measuring {name}")
         except (RuntimeError, MemoryError, ValueError) as e:  # e.g. out of memory at this batch: keep the other rows
@@ -277,6 +282,9 @@ def _measure_on(
             row["fastest_backend"] = best
             row["throughput_fastest"] = round(deployed[best].throughput, 2)
             row["latency_ms_fastest"] = round(deployed[best].latency_ms, 3)
+            if best in precisions:
+                notes.append(f"fastest path {best} runs convolutions in split bf16 ({precisions[best]} on AMX, "
+                             "~1e-5 relative per product; deploy(fp32_precision='ieee') for IEEE fp32)")
         row["note"] = "; ".join(([row["note"]] if row["note"] else []) + notes)
         rows.append(row)
         model.to("cpu")
