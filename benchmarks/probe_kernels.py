@@ -7,6 +7,9 @@ this CPU, in isolation.
 * ``precision``: the 784 x 448 @ 448 x 224 product in fp32, with oneDNN's bf16 math mode
   (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``, AMX where the CPU has it), and as a three-pass bf16
   split (hi x hi + hi x lo + lo x hi, fp32 accumulation); time and max error against float64.
+* ``amx``: the same 1x1 products and SHViT-S1's dense stem convolutions (after the first) with oneDNN's fp32 kernels
+  and with vitzoo's bf16x3 AMX kernel (``vitzoo.amx_gemm``, what ``deploy()`` runs by default on CPUs with AMX):
+  time, speed-up and max error against float64 of each.
 * ``depthwise``: SHViT's depthwise 3x3 convolutions (channels-last, pre-packed) with and without the residual add
   fused into the kernel, and with the add run separately.
 
@@ -83,6 +86,48 @@ def probe_precision() -> List[str]:
     return lines
 
 
+# (batch, in, side, out) of SHViT-S1's 3x3 stride-2 stem convolutions that the AMX kernel takes (16+ channels)
+STEM_SHAPES = [(16, 16, 112, 32), (16, 32, 56, 64), (16, 64, 28, 128)]
+
+
+def probe_amx() -> List[str]:
+    import torch.nn.functional as F
+
+    from vitzoo import amx_gemm
+
+    if amx_gemm.load() is None:
+        return [f"(skipped: {amx_gemm.unavailable_reason()})"]
+    lines = ["| layer | oneDNN fp32 ms (GMAC/s) | AMX bf16x3 ms (GMAC/s) | speed-up | max error fp32 / bf16x3 |",
+             "|---|---|---|---|---|"]
+
+    def row(name: str, macs: float, exact: torch.Tensor, fp32: Callable[[], torch.Tensor],
+            amx: Callable[[], torch.Tensor]) -> str:
+        errors = [(f().double() - exact).abs().max().item() for f in (fp32, amx)]
+        t32, t3 = best_ms(fp32, calls=50), best_ms(amx, calls=50)
+        return (f"| {name} | {t32:.3f} ({macs / t32 / 1e6:.0f}) | {t3:.3f} ({macs / t3 / 1e6:.0f}) | "
+                f"{t32 / t3:.2f}x | {errors[0]:.1e} / {errors[1]:.1e} |")
+
+    for rows, k, n in LINEAR_SHAPES:
+        x, w, b = torch.randn(rows, k), torch.randn(n, k) / k ** 0.5, torch.randn(n)
+        exact = x.double() @ w.double().t() + b.double()
+        packed, split = torch.ops.mkldnn._reorder_linear_weight(w, rows), amx_gemm.pack_weight(w)
+        lines.append(row(f"1x1: {rows} x {k} x {n}", rows * k * n, exact,
+                         lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""),
+                         lambda: amx_gemm.amx_linear(x, split, n, b)))
+    for batch, cin, side, cout in STEM_SHAPES:
+        x = torch.randn(batch, cin, side, side).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(cout, cin, 3, 3) / (9 * cin) ** 0.5, torch.randn(cout)
+        exact = F.conv2d(x.double(), w.double(), b.double(), 2, 1)
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [1, 1], [2, 2], [1, 1], 1, list(x.shape))
+        split = amx_gemm.pack_conv_weight(w)
+        macs = exact.numel() * cin * 9
+        lines.append(row(f"3x3/2 conv: {batch}x{cin}x{side}x{side} -> {cout}", macs, exact,
+                         lambda: torch.ops.mkldnn._convolution_pointwise(x, packed, b, [1, 1], [2, 2], [1, 1], 1,
+                                                                         "none", [], ""),
+                         lambda: amx_gemm.amx_conv2d(x, split, cout, (3, 3), (2, 2), (1, 1), (1, 1), b)))
+    return lines
+
+
 def probe_depthwise() -> List[str]:
     lines = ["| input (channels-last) | conv us | conv + fused add us | conv, then add_ us |", "|---|---|---|---|"]
     for batch, channels, side in DEPTHWISE_SHAPES:
@@ -106,13 +151,13 @@ def probe_depthwise() -> List[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--probes", nargs="+", default=["linear", "precision", "depthwise"],
-                        choices=["linear", "precision", "depthwise"])
+    parser.add_argument("--probes", nargs="+", default=["linear", "precision", "amx", "depthwise"],
+                        choices=["linear", "precision", "amx", "depthwise"])
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print_machine([args.threads])
-    probes = {"linear": probe_linear, "precision": probe_precision, "depthwise": probe_depthwise}
+    probes = {"linear": probe_linear, "precision": probe_precision, "amx": probe_amx, "depthwise": probe_depthwise}
     with torch.inference_mode():
         for name in args.probes:
             print(f"\n### {name} ({args.threads} thread{'s' if args.threads > 1 else ''})")

@@ -7,12 +7,13 @@ Backends (see ``docs/deploy.md`` for measurements and when to use which):
   channels-last memory format for convolutional models, and on CPU (fp32, oneDNN available) a graph rewrite
   that replaces every ``nn.Conv2d`` by a :class:`~vitzoo.onednn_rewrite.PackedConv2d`: weights reordered once
   into oneDNN's blocked layout, and a following ReLU and/or residual add fused into the convolution kernel
-  (``vitzoo.onednn_rewrite``).
+  (``vitzoo.onednn_rewrite``). On CPUs with AMX, most convolutions then run in split bf16 on the AMX tile unit
+  (``fp32_precision="bf16x3"``, the default; ``vitzoo.amx_gemm``): the fastest path measured there.
 * ``"compile"``: the eager model (without the oneDNN rewrite) wrapped in ``torch.compile`` (inductor).
 * ``"onnxruntime"``: the fused model exported to ONNX (dynamic batch) and run in an ONNX Runtime session.
 * ``"torchscript"``: the eager model (without the oneDNN rewrite) traced and frozen with TorchScript; on CPU with
   oneDNN Graph fusion (``vitzoo.torchscript_backend``) and a convolutional stem run on batch slices
-  (``vitzoo.stem_chunking``). The fastest PyTorch path on CPU in our measurements.
+  (``vitzoo.stem_chunking``). The fastest IEEE fp32 PyTorch path on CPU in our measurements.
 
 Every backend runs its forward under ``torch.inference_mode()`` and converts the input to the memory format
 it wants. At deploy time the result is checked against the caller's (unfused) model on ``example_input``;
