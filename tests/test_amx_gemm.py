@@ -207,3 +207,76 @@ def test_built_library_is_cached_and_reused(fresh_state, monkeypatch):
 
     monkeypatch.setattr(amx_gemm.subprocess, "run", run)
     assert amx_gemm.load() is not None and not compiles
+
+
+# --- nn.Linear layers (vitzoo.amx_linear) ----------------------------------------------------------------------
+
+
+def test_amx_linear_layer_against_float64_and_other_inputs_fall_back():
+    _needs_amx()
+    from vitzoo.amx_linear import AmxLinear
+
+    for bias in (True, False):
+        linear = nn.Linear(96, 70, bias=bias)
+        layer = AmxLinear(linear)
+        assert layer.weight is linear.weight and layer.bias is linear.bias  # shared, not copied
+        x = torch.randn(3, 11, 96)  # leading dimensions of a token sequence
+        expected = F.linear(x.double(), linear.weight.double(), None if not bias else linear.bias.double())
+        with torch.no_grad():
+            got = layer(x)
+        assert got.shape == (3, 11, 70)
+        error = (got.double() - expected).abs()
+        assert error.max() <= 3 * 2.0 ** -15 * (x.abs().double() @ linear.weight.abs().double().T).max()
+        assert error.max() > 0  # it ran the split, not IEEE fp32 in float64
+        for bad in (x.double(), torch.randn(2, 95)):  # other inputs: nn.Linear's own error, word for word
+            with pytest.raises(RuntimeError) as ours, torch.no_grad():
+                layer(bad)
+            with pytest.raises(RuntimeError) as theirs, torch.no_grad():
+                linear(bad)
+            assert str(ours.value) == str(theirs.value)
+
+
+def test_swap_and_restore_linears():
+    _needs_amx()
+    from vitzoo.amx_linear import AmxLinear, restore_linears, swap_linears
+
+    class Sub(nn.Linear):  # a subclass may override forward: left alone
+        pass
+
+    model = nn.Sequential(nn.Linear(64, 80), nn.GELU(), nn.Sequential(nn.Linear(80, 8), nn.Linear(8, 64)),
+                          Sub(64, 64))
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    assert swap_linears(model) == 2  # 64 and 80 inputs; 8 inputs and the subclass stay
+    assert [type(m) for m in (model[0], model[2][0], model[2][1], model[3])] == [AmxLinear, AmxLinear, nn.Linear, Sub]
+    assert restore_linears(model) == 2
+    assert [type(m) for m in (model[0], model[2][0])] == [nn.Linear, nn.Linear]
+    assert [m.weight for m in model.modules() if isinstance(m, nn.Linear)] == weights  # the same tensors
+
+
+def test_deploy_vit_runs_linears_in_bf16x3():
+    _needs_amx()
+    from vitzoo.amx_linear import AmxLinear
+
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x).double()
+    fast, exact = vitzoo.deploy(model, x), vitzoo.deploy(model, x, fp32_precision="ieee")
+    assert fast.fp32_precision == "bf16x3" and exact.fp32_precision == "ieee"
+    assert sum(isinstance(m, AmxLinear) for m in fast.modules()) == 12 * 4 + 1  # qkv, proj, fc1, fc2; the head
+    assert "linear layers in split bf16 (bf16x3) on AMX: 49" in fast.optimizations
+    assert not any(isinstance(m, AmxLinear) for m in exact.modules())
+    assert not any(isinstance(m, AmxLinear) for m in model.modules())  # the caller's model is untouched
+    fast_error = (fast(x).double() - expected).abs().max().item()
+    assert 0 < fast_error < 1e-4
+
+
+def test_fallback_to_ieee_restores_the_linear_layers():
+    _needs_amx()
+    from vitzoo.amx_linear import AmxLinear
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    deployed = vitzoo.deploy(model, torch.randn(4, 3, 8, 8), atol=1e-7)  # bf16x3: ~1e-6 off here
+    assert deployed.fp32_precision == "ieee"
+    assert not any(isinstance(m, AmxLinear) for m in deployed.modules())
+    assert any("bf16x3 missed the tolerance" in note for note in deployed.optimizations)

@@ -109,7 +109,8 @@ def test_random_weights_with_huge_outputs_keep_their_deployed_path():
                    backends=["eager"])
     (row,) = rows
     assert row["fastest_backend"] == "eager", row["note"]
-    assert not row["note"] or row["note"].startswith("fastest path eager runs convolutions in split bf16")
+    assert not row["note"] or row["note"].startswith("fastest path eager runs convolutions and linear layers in "
+                                                     "split bf16")
 
 
 def test_a_fastest_path_in_bf16x3_is_noted():
@@ -118,7 +119,7 @@ def test_a_fastest_path_in_bf16x3_is_noted():
     rows = compare(["shvit_s1"], img_size=64, batch_size=2, rounds=1, threads=1, devices=["cpu"], backends=["eager"])
     (row,) = rows
     assert row["fastest_backend"] == "eager"
-    noted = "fastest path eager runs convolutions in split bf16 (bf16x3 on AMX" in row["note"]
+    noted = "fastest path eager runs convolutions and linear layers in split bf16 (bf16x3 on AMX" in row["note"]
     assert noted == (amx_gemm.load() is not None), row["note"]
 
 

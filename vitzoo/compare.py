@@ -283,8 +283,9 @@ def _measure_on(
             row["throughput_fastest"] = round(deployed[best].throughput, 2)
             row["latency_ms_fastest"] = round(deployed[best].latency_ms, 3)
             if best in precisions:
-                notes.append(f"fastest path {best} runs convolutions in split bf16 ({precisions[best]} on AMX, "
-                             "~1e-5 relative per product; deploy(fp32_precision='ieee') for IEEE fp32)")
+                notes.append(f"fastest path {best} runs convolutions and linear layers in split bf16 "
+                             f"({precisions[best]} on AMX, ~1e-5 relative per product; "
+                             "deploy(fp32_precision='ieee') for IEEE fp32)")
         row["note"] = "; ".join(([row["note"]] if row["note"] else []) + notes)
         rows.append(row)
         model.to("cpu")

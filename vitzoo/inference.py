@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from vitzoo.amx_linear import AmxLinear, restore_linears, swap_linears
 from vitzoo.batchnorm_folding import fold_batchnorms
 from vitzoo.models import first_meta_tensor, model_in_chans, model_input_size
 from vitzoo.onednn_rewrite import FP32_PRECISIONS, PackedConv2d, onednn_rewrite
@@ -110,8 +111,8 @@ class DeployedModel(nn.Module):
     def fp32_precision(self) -> str:
         """``"bf16x3"`` if some convolution runs in split bf16 on AMX (see :mod:`vitzoo.amx_gemm`), else
         ``"ieee"``."""
-        uses_amx = any(isinstance(m, PackedConv2d) and m.amx for m in self.model.modules()) \
-            if isinstance(self.model, nn.Module) else False
+        uses_amx = any(isinstance(m, AmxLinear) or isinstance(m, PackedConv2d) and m.amx
+                       for m in self.model.modules()) if isinstance(self.model, nn.Module) else False
         return "bf16x3" if uses_amx else "ieee"
 
     def set_example(self, example_input: torch.Tensor) -> None:
@@ -412,6 +413,10 @@ def _build_eager(model: nn.Module, example_input: torch.Tensor, rewrite: bool,
     if rewrite and memory_format == torch.channels_last and cpu_fp32 and torch.backends.mkldnn.is_available():
         model, notes = onednn_rewrite(model, example_input.contiguous(memory_format=memory_format), fp32_precision)
         optimizations.extend(notes)
+    if rewrite and cpu_fp32 and fp32_precision == "bf16x3":
+        swapped = swap_linears(model)
+        if swapped:
+            optimizations.append(f"linear layers in split bf16 (bf16x3) on AMX: {swapped}")
     return DeployedModel(model, "eager", memory_format, optimizations)
 
 
@@ -485,8 +490,9 @@ def deploy(
         rtol: Added to ``atol`` in units of the original's largest output magnitude (default 0: an absolute
             check); e.g. ``ROUNDING_RTOL`` for models with random weights, whose outputs can be huge.
         opset: ONNX opset for the ``"onnxruntime"`` backend (>= 17).
-        fp32_precision: ``"bf16x3"`` (default): the ``"eager"`` backend runs fp32 convolutions on the CPU's AMX
-            tile unit in split bfloat16 where that is available and faster (:mod:`vitzoo.amx_gemm`: three bf16
+        fp32_precision: ``"bf16x3"`` (default): the ``"eager"`` backend runs fp32 convolutions and linear layers on
+            the CPU's AMX tile unit in split bfloat16 where that is available and faster (:mod:`vitzoo.amx_gemm`,
+            :mod:`vitzoo.amx_linear`: three bf16
             products per fp32 product, ~1e-5 relative error per product, what
             ``torch.set_float32_matmul_precision("high")`` describes); if the result misses the tolerance it is
             rebuilt in IEEE fp32. ``"ieee"``: IEEE fp32 throughout. Other backends always run IEEE fp32.
@@ -547,6 +553,7 @@ def deploy(
                     raise
                 # split bf16 rounds ~100x coarser than fp32: a tight tolerance or a model whose outputs amplify
                 # rounding can miss it where IEEE fp32 passes
+                restore_linears(model)  # swapped in place on the fused copy
                 deployed = _finish(_build_eager(model, example_input, rewrite=True), folded, example_input)
                 diff = _check_close(reference, deployed, example_input, atol, rtol, backend)
                 deployed.optimizations.append(f"IEEE fp32: bf16x3 missed the tolerance ({str(e).split(': ', 1)[-1]})")

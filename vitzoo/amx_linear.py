@@ -1,0 +1,85 @@
+"""``nn.Linear`` layers in split bf16 on AMX for :func:`vitzoo.deploy`'s eager backend (ViTs' qkv / proj / MLP).
+
+:func:`swap_linears` replaces every plain ``nn.Linear`` of an fp32 CPU model by an :class:`AmxLinear`, which runs
+the product with :func:`vitzoo.amx_gemm.amx_linear` (three bf16 products per fp32 product, ~1e-5 relative error;
+2-2.8x oneDNN's fp32 speed on DeiT-S's layers, ``docs/benchmarks.md`` section 8). :func:`restore_linears` undoes it
+(``deploy`` does when the bf16x3 model misses its tolerance).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitzoo import amx_gemm
+
+__all__ = ["AmxLinear", "restore_linears", "swap_linears"]
+
+#: Layers with fewer inputs stay IEEE fp32 (as for convolutions, ``PackedConv2d._amx_pays_off``).
+MIN_IN_FEATURES = 64
+
+
+class AmxLinear(nn.Module):
+    """``F.linear`` in bf16x3 on AMX for float32 CPU inputs (any leading dimensions); other inputs run ``F.linear``.
+
+    Args:
+        linear: The layer to replace; its weight and bias tensors are shared (not copied), and split into bf16
+            tiles once (:func:`vitzoo.amx_gemm.pack_weight`).
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias: Optional[nn.Parameter] = linear.bias
+        self._packed = amx_gemm.pack_weight(linear.weight.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.in_features:
+            return F.linear(x, self.weight, self.bias)  # the layer's own behaviour (and error) for other inputs
+        out = amx_gemm.amx_linear(x.reshape(-1, self.in_features), self._packed, self.out_features, self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with the same (shared) weight and bias."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = self.weight
+        linear.bias = self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"bias={self.bias is not None}, AMX bf16x3"
+
+
+def _eligible(module: nn.Module) -> bool:
+    return (type(module) is nn.Linear and module.in_features >= MIN_IN_FEATURES
+            and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu")
+
+
+def swap_linears(model: nn.Module) -> int:
+    """Replace, in place, every eligible ``nn.Linear`` (exactly that type, fp32, CPU, >= 64 inputs) by an
+    :class:`AmxLinear` where the AMX kernel is available. Returns the number replaced (0 without the kernel)."""
+    if amx_gemm.load() is None:
+        return 0
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _eligible(child):
+                setattr(parent, name, AmxLinear(child))
+                count += 1
+    return count
+
+
+def restore_linears(model: nn.Module) -> int:
+    """Undo :func:`swap_linears` in place. Returns the number of layers restored."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, AmxLinear):
+                setattr(parent, name, child.to_linear())
+                count += 1
+    return count
