@@ -165,6 +165,11 @@ def test_cpu_without_amx_falls_back_with_reason(fresh_state, monkeypatch):
     deployed = vitzoo.deploy(model, x)
     assert deployed.fp32_precision == "ieee"
     assert any("bf16x3 AMX kernel unavailable: the CPU lacks" in n for n in deployed.optimizations)
+    # also said for a model without pointwise convolutions (3x3 only) and for one without convolutions
+    for other in (nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3)),
+                  nn.Sequential(nn.Flatten(), nn.Linear(192, 64))):
+        deployed = vitzoo.deploy(other.eval(), x)
+        assert any("bf16x3 AMX kernel unavailable: the CPU lacks" in n for n in deployed.optimizations)
     with pytest.raises(RuntimeError, match="AMX bf16x3 kernel is not available here: the CPU lacks"):
         amx_gemm.amx_linear(torch.randn(2, 64), amx_gemm.pack_weight(torch.randn(8, 64)), 8)
 
@@ -280,3 +285,119 @@ def test_fallback_to_ieee_restores_the_linear_layers():
     assert deployed.fp32_precision == "ieee"
     assert not any(isinstance(m, AmxLinear) for m in deployed.modules())
     assert any("bf16x3 missed the tolerance" in note for note in deployed.optimizations)
+
+
+# --- found by an audit (2026-11-25) ------------------------------------------------------------------------------
+
+
+def test_infinite_and_huge_inputs_give_what_fp32_gives_not_nan():
+    _needs_amx()
+    a = torch.randn(40, 64)
+    a[3, 5] = float("inf")
+    a[7, 9] = -float("inf")
+    a[11, 2] = 3.4e38  # finite, but rounds past the bf16 maximum
+    w = (torch.rand(48, 64) + 0.5) / 64  # positive: each infinity reaches its row's outputs with one sign
+    small = torch.randn(40, 64) * 1e-3
+    huge_w = w.clone()
+    huge_w[17, 30] = 3.39e38
+    for x, weight in ((a, w), (small, huge_w)):
+        expected = (x.double() @ weight.double().T).float().double()  # fp32's own overflow, none here
+        got = amx_gemm.amx_linear(x, amx_gemm.pack_weight(weight), 48).double()
+        assert not got.isnan().any() and not expected.isnan().any()
+        assert torch.equal(got.isinf(), expected.isinf()) and torch.equal(got.sign(), expected.sign())
+        finite = expected.isfinite()
+        scale = (x.abs().double() @ weight.abs().double().T)[finite]
+        assert ((got - expected).abs()[finite] <= 3 * 2.0 ** -15 * scale + 1e-30).all()
+    assert amx_gemm.amx_linear(a, amx_gemm.pack_weight(w), 48)[3].isinf().all()
+
+
+def test_inputs_the_convolution_cannot_take_raise_as_nn_conv2d_does():
+    _needs_amx()
+    conv = nn.Conv2d(32, 64, 3).eval()  # no padding: a 2x2 input is smaller than the kernel
+    packed = PackedConv2d(conv, (2, 32, 8, 8), fp32_precision="bf16x3")
+    assert packed.amx
+    for bad in (torch.randn(2, 32, 2, 2), torch.randn(2, 31, 8, 8)):  # 31 channels fit the padded weight
+        with pytest.raises(RuntimeError) as ours, torch.no_grad():
+            packed(bad)
+        with pytest.raises(RuntimeError) as theirs, torch.no_grad():
+            conv(bad)
+        assert str(ours.value) == str(theirs.value)
+    with pytest.raises(ValueError, match="expected an input of 32 channels, got 31"):
+        amx_gemm.amx_conv2d(torch.randn(1, 31, 8, 8), amx_gemm.pack_conv_weight(conv.weight.detach()), 64, (3, 3),
+                            (1, 1), (0, 0), (1, 1), in_channels=32)
+    with pytest.raises(ValueError, match="smaller than the 3x3 kernel"):
+        amx_gemm.amx_conv2d(torch.randn(1, 32, 2, 2), amx_gemm.pack_conv_weight(conv.weight.detach()), 64, (3, 3),
+                            (1, 1), (0, 0), (1, 1))
+
+
+def test_bf16x3_needs_a_margin_below_the_tolerance():
+    _needs_amx()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        diff = (vitzoo.deploy(model, x, verify=False)(x) - model(x)).abs().max().item()
+    assert diff > 0
+    tight = vitzoo.deploy(model, x, atol=2 * diff)  # within the tolerance, but using half of it
+    assert tight.fp32_precision == "ieee"
+    assert any("bf16x3 left too little margin" in note for note in tight.optimizations), tight.optimizations
+    roomy = vitzoo.deploy(model, x, atol=8 * diff)
+    assert roomy.fp32_precision == "bf16x3"
+
+
+def _load_in_a_new_process(cache, env_extra=None):
+    import os
+    import sys
+
+    env = dict(os.environ, VITZOO_CACHE_DIR=str(cache), **(env_extra or {}))
+    code = "from vitzoo import amx_gemm as a; print(a.load() is not None, '|', a.unavailable_reason())"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_a_damaged_cached_library_is_rebuilt_not_opened(tmp_path):
+    _needs_amx()
+    first = _load_in_a_new_process(tmp_path)
+    assert first.returncode == 0 and first.stdout.startswith("True"), first
+    (library,) = tmp_path.rglob("amx_gemm-*.so")
+    data = library.read_bytes()
+    library.write_bytes(data[:1000])  # cut short, as by a crash while copying the cache: opening it is SIGBUS
+    second = _load_in_a_new_process(tmp_path)
+    assert second.returncode == 0 and second.stdout.startswith("True"), second
+    assert library.read_bytes() == data  # rebuilt
+    library.write_bytes(b"")  # empty: rebuilt too, not left off for good
+    assert _load_in_a_new_process(tmp_path).stdout.startswith("True")
+
+
+def test_compilers_that_build_nothing_or_do_not_parse_are_reasons(fresh_state, monkeypatch):
+    monkeypatch.setattr(amx_gemm, "cpu_flags", lambda: set(amx_gemm.REQUIRED_CPU_FLAGS))
+    monkeypatch.setenv("CC", "true")  # exits 0 and writes nothing
+    assert amx_gemm.load() is None
+    assert "produced no shared library" in amx_gemm.unavailable_reason()
+    assert not list(fresh_state.rglob("*.so"))
+    monkeypatch.setattr(amx_gemm, "_state", {})
+    monkeypatch.setenv("CC", "gcc '")
+    assert amx_gemm.load() is None
+    assert "is not a valid command line" in amx_gemm.unavailable_reason()
+    monkeypatch.setattr(amx_gemm, "_state", {})
+    monkeypatch.setenv("CC", "false")
+    assert amx_gemm.load() is None
+    assert "failed (exit status 1)" in amx_gemm.unavailable_reason()
+
+
+def test_a_read_only_cache_folder_falls_back_to_a_private_temporary_one(fresh_state, monkeypatch, tmp_path_factory):
+    if set(amx_gemm.REQUIRED_CPU_FLAGS) - amx_gemm.cpu_flags():
+        pytest.skip("no AMX on this CPU")
+    import tempfile
+
+    (fresh_state / "native").mkdir()
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):  # the cache folder refuses new files (root ignores chmod)
+        if dir is not None and str(dir).startswith(str(fresh_state)):
+            raise OSError(30, "Read-only file system", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(amx_gemm.tempfile, "mkstemp", mkstemp)
+    temporary = tmp_path_factory.mktemp("tmp")
+    monkeypatch.setattr(amx_gemm.tempfile, "gettempdir", lambda: str(temporary))
+    assert amx_gemm.load() is not None, amx_gemm.unavailable_reason()
+    assert list(temporary.glob("vitzoo-native-*/amx_gemm-*.so"))

@@ -84,12 +84,24 @@ static void gather_conv_row(const a_source *src, int index, float *row) {
     }
 }
 
+/* 16 floats (the masked-off lanes read as 0) into their bf16 hi and lo parts. hi is x rounded to nearest even,
+   except where that rounds a finite x past the bf16 maximum (|x| >= ~3.396e38), where it is x truncated, so that
+   hi + lo stays finite; lo is 0 for infinite x (inf - inf would be NaN). NaN gives NaN parts, as fp32 would. */
 static void split16(const float *from, __mmask16 lanes, uint16_t *h, uint16_t *l) {
-    __m512 x = _mm512_maskz_loadu_ps(lanes, from);
+    const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), infinity = _mm512_set1_epi32(0x7F800000);
+    const __m512 x = _mm512_maskz_loadu_ps(lanes, from);
+    const __m512i bits = _mm512_castps_si512(x);
+    const __mmask16 x_inf = _mm512_cmpeq_epi32_mask(_mm512_and_si512(bits, magnitude), infinity);
     __m256i xh = (__m256i)_mm512_cvtneps_pbh(x);
-    __m512 xh32 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(xh), 16));
+    __m512i xh32 = _mm512_slli_epi32(_mm512_cvtepu16_epi32(xh), 16);
+    const __mmask16 overflow = _mm512_cmpeq_epi32_mask(_mm512_and_si512(xh32, magnitude), infinity) & ~x_inf;
+    if (overflow) {
+        xh32 = _mm512_mask_and_epi32(xh32, overflow, bits, _mm512_set1_epi32((int)0xFFFF0000u));
+        xh = _mm512_cvtepi32_epi16(_mm512_srli_epi32(xh32, 16));
+    }
+    const __m512 rest = _mm512_maskz_sub_ps(~x_inf, x, _mm512_castsi512_ps(xh32));
     _mm256_storeu_si256((__m256i *)h, xh);
-    _mm256_storeu_si256((__m256i *)l, (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, xh32)));
+    _mm256_storeu_si256((__m256i *)l, (__m256i)_mm512_cvtneps_pbh(rest));
 }
 
 static void split_row(const float *row, int k, int kp, uint16_t *h, uint16_t *l) {
@@ -131,6 +143,43 @@ static void split_panel(const a_source *src, int row0, uint16_t *hi, uint16_t *l
         } else {
             split_row(src->a + (int64_t)(row0 + r) * src->lda, src->k, src->kp, h, l);
         }
+    }
+}
+
+static inline float bf16_value(uint16_t bits) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)bits << 16;
+    return v.f;
+}
+
+/* Whether a split row holds an infinity (hi is infinite only for an infinite input: see split16). */
+static int has_infinity(const uint16_t *h, int kp) {
+    const __m512i magnitude = _mm512_set1_epi16(0x7FFF), infinity = _mm512_set1_epi16(0x7F80);
+    for (int c = 0; c < kp; c += 32) {
+        const __m512i v = _mm512_loadu_si512((const void *)(h + c));
+        if (_mm512_cmpeq_epi16_mask(_mm512_and_si512(v, magnitude), infinity)) return 1;
+    }
+    return 0;
+}
+
+/* One output row of an input row holding an infinity, computed with plain fp32 products of hi + lo. The split
+   products would give inf * 0 = NaN wherever a weight's lo part is 0, where IEEE fp32 gives inf; this gives what
+   fp32 gives (NaN only where the infinity meets a zero weight, as in fp32). Rare, so not vectorised. */
+static void row_with_infinity(const uint16_t *h, const uint16_t *l, int kp, const uint16_t *whi, const uint16_t *wlo,
+                              int n, int row, const float *bias, const float *res, int64_t ldr, int relu, float *c,
+                              int64_t ldc) {
+    const int kb = kp / TILE_K;
+    for (int col = 0; col < n; ++col) {
+        float sum = 0.0f;
+        for (int k = 0; k < kp; ++k) {
+            const int64_t at = ((int64_t)(col / 16) * kb + k / TILE_K) * B_TILE_ELEMS + (k % TILE_K) / 2 * 32 +
+                               (col % 16) * 2 + k % 2;
+            sum += (bf16_value(h[k]) + bf16_value(l[k])) * (bf16_value(whi[at]) + bf16_value(wlo[at]));
+        }
+        if (bias) sum += bias[col];
+        if (res) sum += res[(int64_t)row * ldr + col];
+        if (relu) sum = sum > 0.0f ? sum : 0.0f;
+        c[(int64_t)row * ldc + col] = sum;
     }
 }
 
@@ -190,12 +239,12 @@ static void store_block(float acc[4][TILE_ROWS * 16], int row0, int col0, int m,
 }
 
 static int product(const a_source *src, const uint16_t *whi, const uint16_t *wlo, int n, const float *bias,
-                   const float *res, int64_t ldr, int relu, float *c, int64_t ldc) {
+                   const float *res, int64_t ldr, int relu, float *c, int64_t ldc, int threads) {
     const int kp = src->kp, kb = kp / TILE_K;
     const int m_blocks = (src->m + BLOCK_M - 1) / BLOCK_M, n_blocks = (n + BLOCK_N - 1) / BLOCK_N;
     int failed = 0;
     if (src->m <= 0 || n <= 0) return 0;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
         /* this thread's hi and lo panels (2 x BLOCK_M rows of kp bf16) and one gathered fp32 row */
         uint16_t *panel = (uint16_t *)aligned_alloc(64, (size_t)2 * BLOCK_M * kp * sizeof(uint16_t) +
@@ -218,6 +267,10 @@ static int product(const a_source *src, const uint16_t *whi, const uint16_t *wlo
                 block_product(ahi, alo, kp, whi + strip, wlo + strip, kb);
                 store_block(acc, mb * BLOCK_M, nb * BLOCK_N, src->m, n, bias, res, ldr, relu, c, ldc);
             }
+            for (int r = 0; r < BLOCK_M && mb * BLOCK_M + r < src->m; ++r)
+                if (has_infinity(ahi + (int64_t)r * kp, kp))
+                    row_with_infinity(ahi + (int64_t)r * kp, alo + (int64_t)r * kp, kp, whi, wlo, n, mb * BLOCK_M + r,
+                                      bias, res, ldr, relu, c, ldc);
         }
         if (panel) {
             _tile_release();
@@ -232,13 +285,15 @@ static int product(const a_source *src, const uint16_t *whi, const uint16_t *wlo
  * the multiples of 32 above n and k, and laid out as (np / 16, kp / 32, 16, 16, 2): for each 16-column strip and
  * 32-deep k step one AMX B tile, whose row r holds the pairs (W[col, 2r], W[col, 2r + 1]) of its 16 columns.
  * bias: n floats or NULL; res: fp32 (m, n), row stride ldr, or NULL; c: fp32 (m, n) output, row stride ldc.
- * Both return 0, or -1 if a thread could not allocate its panel buffers (c is then incomplete).
+ * threads: the OpenMP team size (the caller passes torch.get_num_threads(), so that a fresh Python thread does
+ * not run with OpenMP's default). Both return 0, or -1 if a thread could not allocate its panel buffers (c is
+ * then incomplete).
  */
 
 /* C = act(A W^T + bias + R), A: fp32 (m, k), row stride lda (unit column stride). */
 int vitzoo_amx_linear_bf16x3(const float *a, int64_t lda, int m, int k, const uint16_t *whi, const uint16_t *wlo,
                              int n, const float *bias, const float *res, int64_t ldr, int relu, float *c,
-                             int64_t ldc) {
+                             int64_t ldc, int threads) {
     a_source src;
     memset(&src, 0, sizeof src);
     src.a = a;
@@ -246,7 +301,7 @@ int vitzoo_amx_linear_bf16x3(const float *a, int64_t lda, int m, int k, const ui
     src.m = m;
     src.k = k;
     src.kp = (k + TILE_K - 1) / TILE_K * TILE_K;
-    return product(&src, whi, wlo, n, bias, res, ldr, relu, c, ldc);
+    return product(&src, whi, wlo, n, bias, res, ldr, relu, c, ldc, threads);
 }
 
 /* A 2-D convolution (one group) on a channels-last fp32 input x of shape (batch, cin, h, w) with strides
@@ -255,7 +310,7 @@ int vitzoo_amx_linear_bf16x3(const float *a, int64_t lda, int m, int k, const ui
 int vitzoo_amx_conv2d_bf16x3(const float *x, int64_t sb, int64_t sh, int64_t sw, int batch, int h, int w, int cin,
                              int kh, int kw, int stride_h, int stride_w, int pad_h, int pad_w, int dil_h, int dil_w,
                              int oh, int ow, const uint16_t *whi, const uint16_t *wlo, int n, const float *bias,
-                             const float *res, int64_t ldr, int relu, float *c, int64_t ldc) {
+                             const float *res, int64_t ldr, int relu, float *c, int64_t ldc, int threads) {
     a_source src;
     memset(&src, 0, sizeof src);
     src.a = x;
@@ -279,5 +334,5 @@ int vitzoo_amx_conv2d_bf16x3(const float *x, int64_t sb, int64_t sh, int64_t sw,
     src.dil_w = dil_w;
     src.oh = oh;
     src.ow = ow;
-    return product(&src, whi, wlo, n, bias, res, ldr, relu, c, ldc);
+    return product(&src, whi, wlo, n, bias, res, ldr, relu, c, ldc, threads);
 }

@@ -63,33 +63,90 @@ def _cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "vitzoo"
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(library: Path) -> bool:
+    """Whether ``library`` is a complete build: its sha256 matches the record written after it was built.
+
+    A library cut short (a crash while copying the cache, a full disk) must never be opened: the loader maps it
+    and the process dies with SIGBUS on the first call into the missing part.
+    """
+    record = library.with_name(library.name + ".sha256")
+    try:
+        return library.is_file() and record.read_text().strip() == _digest(library)
+    except OSError:
+        return False
+
+
+def _writable_directory(preferred: Path) -> Path:
+    """``preferred``, created if needed, if a file can be created in it; else a private per-user directory in the
+    system's temporary folder (reused by later processes, so the kernel is built once there too)."""
+    for directory in (preferred, Path(tempfile.gettempdir()) / f"vitzoo-native-{os.getuid()}"):
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if directory != preferred:  # a shared folder: only one we own and nobody else may write to
+                info = directory.stat()
+                if info.st_uid != os.getuid() or info.st_mode & 0o022:
+                    continue
+            fd, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
+            os.close(fd)
+            os.unlink(probe)
+            return directory
+        except OSError:
+            continue
+    raise RuntimeError(f"no writable folder to build the kernel in ({preferred} is read-only; set VITZOO_CACHE_DIR)")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, partial = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+
+
 def _compile(compiler: str) -> Path:
     """The compiled library for ``compiler`` (a command line such as ``"ccache gcc"``), built now unless the cache
-    has it. Raises ``RuntimeError``."""
-    command = shlex.split(compiler)
+    holds an intact one. Raises ``RuntimeError`` saying what went wrong."""
+    try:
+        command = shlex.split(compiler)
+    except ValueError as e:
+        raise RuntimeError(f"$CC={compiler!r} is not a valid command line ({e})") from None
+    if not command:
+        raise RuntimeError("$CC is empty")
     try:
         version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"the C compiler {compiler!r} does not run ({e})") from None
     key = hashlib.sha256(SOURCE.read_bytes() + repr((_FLAGS, compiler, version)).encode()).hexdigest()[:16]
-    target = _cache_dir() / "native" / f"amx_gemm-{key}.so"
-    if target.is_file():
-        return target
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        directory = target.parent
-    except OSError:  # a read-only home: build into a private temporary directory instead
-        directory = Path(tempfile.mkdtemp(prefix="vitzoo-native-"))
-        target = directory / target.name
-    fd, partial = tempfile.mkstemp(prefix=".amx_gemm-", suffix=".so", dir=directory)
+    name = f"amx_gemm-{key}.so"
+    for directory in (_cache_dir() / "native", Path(tempfile.gettempdir()) / f"vitzoo-native-{os.getuid()}"):
+        if _intact(directory / name):
+            return directory / name
+    target = _writable_directory(_cache_dir() / "native") / name
+    fd, partial = tempfile.mkstemp(prefix=".amx_gemm-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         done = subprocess.run([*command, *_FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
                               timeout=600)
         if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            raise RuntimeError(f"compiling {SOURCE.name} with {compiler} failed: {' / '.join(tail)}")
+            tail = " / ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+            raise RuntimeError(f"compiling {SOURCE.name} with {compiler} failed (exit status {done.returncode})"
+                               + (f": {tail}" if tail else ""))
+        with open(partial, "rb") as f:
+            if f.read(4) != b"\x7fELF":
+                raise RuntimeError(f"compiling {SOURCE.name} with {compiler} produced no shared library")
+            os.fsync(f.fileno())
+        digest = _digest(Path(partial))
         os.replace(partial, target)  # atomic: a concurrent process sees the old state or the whole library
+        _write_atomically(target.with_name(name + ".sha256"), digest.encode())  # last: marks the build complete
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"compiling {SOURCE.name} with {compiler} failed ({e})") from None
     finally:
@@ -136,15 +193,16 @@ def _load() -> Tuple[Optional[ctypes.CDLL], str]:
     try:
         path = _compile(compiler)
         lib = ctypes.CDLL(str(path))
+        p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+        for function, argtypes in ((lib.vitzoo_amx_request, []),
+                                   (lib.vitzoo_amx_linear_bf16x3, [p, i64, i, i, p, p, i, p, p, i64, i, p, i64, i]),
+                                   (lib.vitzoo_amx_conv2d_bf16x3,
+                                    [p, i64, i64, i64, *[i] * 14, p, p, i, p, p, i64, i, p, i64, i])):
+            function.restype, function.argtypes = ctypes.c_int, argtypes
     except (RuntimeError, OSError) as e:
         return None, str(e)
-    lib.vitzoo_amx_request.restype = ctypes.c_int
-    lib.vitzoo_amx_request.argtypes = []
-    p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    lib.vitzoo_amx_linear_bf16x3.restype = ctypes.c_int
-    lib.vitzoo_amx_linear_bf16x3.argtypes = [p, i64, i, i, p, p, i, p, p, i64, i, p, i64]
-    lib.vitzoo_amx_conv2d_bf16x3.restype = ctypes.c_int
-    lib.vitzoo_amx_conv2d_bf16x3.argtypes = [p, i64, i64, i64, *[i] * 14, p, p, i, p, p, i64, i, p, i64]
+    except AttributeError as e:  # a library of another build under the cached name
+        return None, f"the cached kernel library {path} lacks its entry points ({e}); delete it to rebuild"
     if lib.vitzoo_amx_request() != 0:
         return None, "the operating system did not grant the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
     problem = _self_check(lib)
@@ -164,7 +222,12 @@ def pack_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     padded = torch.zeros(-(-out_features // _ALIGN_N) * _ALIGN_N, -(-in_features // _ALIGN_K) * _ALIGN_K)
     padded[:out_features, :in_features] = weight.detach().float()
     hi = padded.to(torch.bfloat16)
-    lo = (padded - hi.float()).to(torch.bfloat16)
+    # as the kernel splits activations: a finite value that rounds past the bf16 maximum is truncated instead (so
+    # that hi + lo stays finite), and an infinite one gets lo = 0 (inf - inf would be NaN)
+    overflow = hi.isinf() & padded.isfinite()
+    if overflow.any():
+        hi[overflow] = (padded.view(torch.int32) & -65536).view(torch.float32)[overflow].to(torch.bfloat16)
+    lo = torch.where(padded.isinf(), torch.zeros_like(padded), padded - hi.float()).to(torch.bfloat16)
 
     def tiles(t: torch.Tensor) -> torch.Tensor:
         n, k = t.shape
@@ -187,7 +250,7 @@ def _run(lib: ctypes.CDLL, rows: torch.Tensor, packed: Tuple[torch.Tensor, torch
     status = lib.vitzoo_amx_linear_bf16x3(
         rows.data_ptr(), rows.stride(0), m, k, hi.data_ptr(), lo.data_ptr(), n,
         None if bias is None else bias.data_ptr(), None if residual is None else residual.data_ptr(),
-        0 if residual is None else residual.stride(0), int(relu), out.data_ptr(), n)
+        0 if residual is None else residual.stride(0), int(relu), out.data_ptr(), n, torch.get_num_threads())
     _check_status(status)
     return out
 
@@ -240,7 +303,7 @@ def amx_linear(rows: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], ou
 def amx_conv2d(x: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], out_channels: int,
                kernel_size: Tuple[int, int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-               relu: bool = False) -> torch.Tensor:
+               relu: bool = False, in_channels: Optional[int] = None) -> torch.Tensor:
     """A one-group, zero-padded 2-D convolution in bf16x3, ``relu?(conv(x) + bias + residual)``.
 
     The input's im2col rows are gathered by the kernel from the channels-last input (never materialised).
@@ -252,6 +315,8 @@ def amx_conv2d(x: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], out_c
         bias: ``(out_channels,)`` or ``None``.
         residual: Output-shaped tensor added before the ReLU, or ``None``.
         relu: Apply a ReLU last.
+        in_channels: The weight's input channels, checked exactly (the packing pads them, so without it an input
+            with a few channels fewer would be taken).
 
     Returns:
         A new channels-last ``(B, out_channels, OH, OW)`` float32 tensor.
@@ -265,12 +330,17 @@ def amx_conv2d(x: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], out_c
         x = x.contiguous(memory_format=torch.channels_last)
     batch, channels, height, width = x.shape
     kh, kw = kernel_size
+    if in_channels is not None and channels != in_channels:
+        raise ValueError(f"expected an input of {in_channels} channels, got {channels} (input {tuple(x.shape)})")
     k = kh * kw * channels
     if not packed[0].shape[1] * _ALIGN_K - _ALIGN_K < k <= packed[0].shape[1] * _ALIGN_K:
         raise ValueError(f"an input of {channels} channels does not fit a weight packed for "
                          f"{packed[0].shape[1] * _ALIGN_K // (kh * kw)} (padded)")
     oh = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"input of {height}x{width} (padded {height + 2 * padding[0]}x{width + 2 * padding[1]}) "
+                         f"is smaller than the {kh}x{kw} kernel (dilation {tuple(dilation)})")
     out = torch.empty(batch, oh, ow, out_channels).permute(0, 3, 1, 2)  # channels-last (B, N, OH, OW)
     other = None
     if residual is not None:
@@ -284,6 +354,6 @@ def amx_conv2d(x: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], out_c
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], oh, ow,
         packed[0].data_ptr(), packed[1].data_ptr(), out_channels, None if bias is None else bias.data_ptr(),
         None if other is None else other.data_ptr(), 0 if other is None else other.stride(0), int(relu),
-        out.data_ptr(), out_channels)
+        out.data_ptr(), out_channels, torch.get_num_threads())
     _check_status(status)
     return out

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from vitzoo import amx_gemm
 from vitzoo.amx_linear import AmxLinear, restore_linears, swap_linears
 from vitzoo.batchnorm_folding import fold_batchnorms
 from vitzoo.models import first_meta_tensor, model_in_chans, model_input_size
@@ -417,6 +418,8 @@ def _build_eager(model: nn.Module, example_input: torch.Tensor, rewrite: bool,
         swapped = swap_linears(model)
         if swapped:
             optimizations.append(f"linear layers in split bf16 (bf16x3) on AMX: {swapped}")
+        if amx_gemm.load() is None:
+            optimizations.append(f"IEEE fp32 (bf16x3 AMX kernel unavailable: {amx_gemm.unavailable_reason()})")
     return DeployedModel(model, "eager", memory_format, optimizations)
 
 
@@ -548,6 +551,8 @@ def deploy(
         with full_fp32_precision(example_input.device):
             try:
                 diff = _check_close(reference, deployed, example_input, atol, rtol, backend)
+                if deployed.fp32_precision == "bf16x3":
+                    _check_bf16x3_margin(diff, atol + rtol * max_abs_diff_of(reference, reference)[1])
             except RuntimeError as e:
                 if deployed.fp32_precision != "bf16x3":
                     raise
@@ -556,9 +561,27 @@ def deploy(
                 restore_linears(model)  # swapped in place on the fused copy
                 deployed = _finish(_build_eager(model, example_input, rewrite=True), folded, example_input)
                 diff = _check_close(reference, deployed, example_input, atol, rtol, backend)
-                deployed.optimizations.append(f"IEEE fp32: bf16x3 missed the tolerance ({str(e).split(': ', 1)[-1]})")
+                reason = str(e) if isinstance(e, _SmallMargin) else \
+                    f"missed the tolerance ({str(e).split(': ', 1)[-1]})"
+                deployed.optimizations.append(f"IEEE fp32: bf16x3 {reason}")
         deployed.optimizations.append(f"verified: max abs diff {diff:.2g} vs original")
     return deployed
+
+
+#: bf16x3 is kept only if its difference on the example is at most this share of the tolerance: the check sees one
+#: input, and other inputs can differ more (an audit found random-weight MobileNetV3-L at 0.8 of 1e-4 on its
+#: example and 1.06 of it on other batches)
+BF16X3_TOLERANCE_SHARE = 0.25
+
+
+class _SmallMargin(RuntimeError):
+    pass
+
+
+def _check_bf16x3_margin(diff: float, tolerance: float) -> None:
+    if diff > BF16X3_TOLERANCE_SHARE * tolerance:
+        raise _SmallMargin(f"left too little margin: max abs diff {diff:.2g} on the example, more than "
+                           f"{BF16X3_TOLERANCE_SHARE:g} of the tolerance {tolerance:g}")
 
 
 def _finish(deployed: DeployedModel, folded: int, example_input: torch.Tensor) -> DeployedModel:

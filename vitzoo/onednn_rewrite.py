@@ -117,6 +117,10 @@ class PackedConv2d(nn.Module):
         return packed
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.amx and (x.dim() != 4 or x.shape[1] != self.in_channels or min(self._output_shape(x)[2:]) < 1):
+            # an input this convolution cannot take (wrong channel count, smaller than the kernel): PyTorch's own
+            # error, as nn.Conv2d and the oneDNN path give it (the AMX kernel pads its operands and would run)
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         weight = None if self.amx else self._packed_for(tuple(x.shape))
         if residual is not None and tuple(residual.shape) != self._output_shape(x):
             # the add was fused where both shapes were equal, and here they broadcast (a (B, C, 1, 1) context
@@ -127,7 +131,8 @@ class PackedConv2d(nn.Module):
             return self._pointwise(x, weight, residual)
         if self.amx:
             return amx_gemm.amx_conv2d(x, self._amx_weight, self.out_channels, self.kernel_size, self.stride,
-                                       self.padding, self.dilation, self.bias, residual, relu=self.unary == "relu")
+                                       self.padding, self.dilation, self.bias, residual, relu=self.unary == "relu",
+                                       in_channels=self.in_channels)
         if residual is None:
             return torch.ops.mkldnn._convolution_pointwise(
                 x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups, self.unary, [], "")
@@ -145,7 +150,7 @@ class PackedConv2d(nn.Module):
             out = self._pointwise(x, weight, None, unary="none")
         elif self.amx:
             out = amx_gemm.amx_conv2d(x, self._amx_weight, self.out_channels, self.kernel_size, self.stride,
-                                      self.padding, self.dilation, self.bias)
+                                      self.padding, self.dilation, self.bias, in_channels=self.in_channels)
         else:
             out = torch.ops.mkldnn._convolution_pointwise(
                 x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], "")
@@ -414,8 +419,6 @@ def onednn_rewrite(model: nn.Module, example_input: torch.Tensor,
     n_amx = sum(conv.amx for conv in packed.values())
     if n_amx:
         done.append(f"convolutions in split bf16 (bf16x3) on AMX: {n_amx} of {len(packed)}")
-    elif fp32_precision == "bf16x3" and any(conv.pointwise for conv in packed.values()):
-        done.append(f"IEEE fp32 (bf16x3 AMX kernel unavailable: {amx_gemm.unavailable_reason()})")
     if n_in_place:
         done.append(f"ReLUs run in place on the torch.cat result only they use: {n_in_place}")
     return gm, done
