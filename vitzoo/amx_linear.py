@@ -19,6 +19,8 @@ __all__ = ["AmxLinear", "restore_linears", "swap_linears"]
 
 #: Layers with fewer inputs stay IEEE fp32 (as for convolutions, ``PackedConv2d._amx_pays_off``).
 MIN_IN_FEATURES = 64
+#: Calls with fewer rows (tokens x batch) run IEEE fp32.
+MIN_ROWS = 128
 
 
 class AmxLinear(nn.Module):
@@ -38,8 +40,12 @@ class AmxLinear(nn.Module):
         self._packed = amx_gemm.pack_weight(linear.weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.in_features:
-            return F.linear(x, self.weight, self.bias)  # the layer's own behaviour (and error) for other inputs
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.in_features \
+                or x.numel() < MIN_ROWS * self.in_features:
+            # the layer's own behaviour (and error) for other inputs; and IEEE fp32 for a few rows, such as a
+            # classifier head on pooled features: AMX gains nothing there, and the head's products are the ones
+            # that reach the output unnormalised
+            return F.linear(x, self.weight, self.bias)
         out = amx_gemm.amx_linear(x.reshape(-1, self.in_features), self._packed, self.out_features, self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 

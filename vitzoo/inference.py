@@ -570,8 +570,9 @@ def deploy(
 
 #: bf16x3 is kept only if its difference on the example is at most this share of the tolerance: the check sees one
 #: input, and other inputs can differ more (an audit found random-weight MobileNetV3-L at 0.8 of 1e-4 on its
-#: example and 1.06 of it on other batches)
-BF16X3_TOLERANCE_SHARE = 0.25
+#: example and 1.06 of it on other batches, 1.33x). Half leaves room for that and keeps models whose outputs are of
+#: trained size (SHViT-S1 with logits scaled to 12-15: 3.7e-5, the audit)
+BF16X3_TOLERANCE_SHARE = 0.5
 
 
 class _SmallMargin(RuntimeError):
