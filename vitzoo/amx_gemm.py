@@ -1,15 +1,18 @@
-"""fp32 matrix products in split-bfloat16 ("bf16x3") on Intel AMX, for :func:`vitzoo.deploy`'s 1x1 convolutions.
+"""fp32 matrix products in split-bfloat16 ("bf16x3") on Intel AMX, for :func:`vitzoo.deploy`'s convolutions and
+linear layers.
 
 Each fp32 operand is split into two bfloat16 numbers, ``hi = bf16(x)`` and ``lo = bf16(x - hi)``, and the
 product is accumulated in fp32 from ``A_hi W_hi + A_hi W_lo + A_lo W_hi`` on the AMX tile unit, which multiplies
 bf16 at many times the fp32 FMA rate. This is what ``torch.set_float32_matmul_precision("high")`` describes as
 "treat each float32 number as the sum of two bfloat16 numbers": ~16 significant bits per operand, a relative
-error of about 1e-5 per product (IEEE fp32: ~1e-7). Measured on SHViT: 2-3x the speed of oneDNN's fp32 kernel per
-1x1 convolution (``docs/benchmarks.md``), end-to-end output within 1e-5 of the unfused fp32 model.
+error of about 1e-5 per product (IEEE fp32: ~1e-7). Measured on SHViT: 1.7-2.6x the speed of oneDNN's fp32 kernel
+per 1x1 convolution (``docs/benchmarks.md`` section 8), end-to-end output within 1e-5 of the unfused fp32 model
+(random weights).
 
 The kernel (``amx_gemm.c``, next to this file) is compiled on first use with the system C compiler (``$CC``, else
-``cc``) into ``$VITZOO_CACHE_DIR`` (default ``~/.cache/vitzoo``), keyed by the source, the flags and the compiler,
-and loaded with ctypes; a tiny product is checked against float64 before it is used. It needs Linux on x86-64 with
+``cc``) into ``$VITZOO_CACHE_DIR/native`` (default ``$XDG_CACHE_HOME/vitzoo``, else ``~/.cache/vitzoo``), keyed
+by the source, the flags and the compiler, with a sha256 record that is checked before the library is opened, and
+loaded with ctypes; a tiny product is checked against float64 before it is used. It needs Linux on x86-64 with
 the ``amx_tile``, ``amx_bf16`` and ``avx512_bf16`` CPU flags and a compiler that knows them (GCC >= 11, Clang >=
 12). Anywhere else :func:`load` returns ``None`` and :func:`unavailable_reason` says why; callers then use IEEE fp32.
 """
