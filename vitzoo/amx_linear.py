@@ -7,6 +7,7 @@ the product with :func:`vitzoo.amx_gemm.amx_linear` (three bf16 products per fp3
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -66,18 +67,18 @@ def _eligible(module: nn.Module) -> bool:
             and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu")
 
 
-def swap_linears(model: nn.Module) -> int:
-    """Replace, in place, every eligible ``nn.Linear`` (exactly that type, fp32, CPU, >= 64 inputs) by an
-    :class:`AmxLinear` where the AMX kernel is available. Returns the number replaced (0 without the kernel)."""
+def swap_linears(model: nn.Module, share: float = 1.0) -> int:
+    """Replace, in place, eligible ``nn.Linear`` layers (exactly that type, fp32, CPU, >= 64 inputs) by
+    :class:`AmxLinear` where the AMX kernel is available: the first ``share`` of them in module order (for a ViT,
+    the earlier blocks). Returns the number replaced (0 without the kernel)."""
     if amx_gemm.load() is None:
         return 0
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if _eligible(child):
-                setattr(parent, name, AmxLinear(child))
-                count += 1
-    return count
+    found = [(parent, name, child) for parent in list(model.modules())
+             for name, child in list(parent.named_children()) if _eligible(child)]
+    chosen = found[:math.ceil(share * len(found))]
+    for parent, name, child in chosen:
+        setattr(parent, name, AmxLinear(child))
+    return len(chosen)
 
 
 def restore_linears(model: nn.Module) -> int:

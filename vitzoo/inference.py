@@ -397,7 +397,7 @@ def use_nhwc_attention(model: nn.Module) -> int:
 
 
 def _build_eager(model: nn.Module, example_input: torch.Tensor, rewrite: bool,
-                 fp32_precision: str = "ieee") -> DeployedModel:
+                 fp32_precision: str = "ieee", amx_share: float = 1.0) -> DeployedModel:
     optimizations = ["eval", "fused (timm.utils.reparameterize_model)"]
     padded = pad_attention_head_dims(model)
     if padded:
@@ -412,10 +412,11 @@ def _build_eager(model: nn.Module, example_input: torch.Tensor, rewrite: bool,
             optimizations.append(f"attention on the channels-last token view in {nhwc} layers")
     cpu_fp32 = example_input.device.type == "cpu" and example_input.dtype == torch.float32
     if rewrite and memory_format == torch.channels_last and cpu_fp32 and torch.backends.mkldnn.is_available():
-        model, notes = onednn_rewrite(model, example_input.contiguous(memory_format=memory_format), fp32_precision)
+        model, notes = onednn_rewrite(model, example_input.contiguous(memory_format=memory_format), fp32_precision,
+                                      amx_share)
         optimizations.extend(notes)
     if rewrite and cpu_fp32 and fp32_precision == "bf16x3":
-        swapped = swap_linears(model)
+        swapped = swap_linears(model, amx_share)
         if swapped:
             optimizations.append(f"linear layers in split bf16 (bf16x3) on AMX: {swapped}")
         if amx_gemm.load() is None:
@@ -549,23 +550,48 @@ def deploy(
     deployed = _finish(builders[backend](), folded, example_input)
     if verify:
         with full_fp32_precision(example_input.device):
-            try:
-                diff = _check_close(reference, deployed, example_input, atol, rtol, backend)
-                if deployed.fp32_precision == "bf16x3":
-                    _check_bf16x3_margin(diff, atol + rtol * max_abs_diff_of(reference, reference)[1])
-            except RuntimeError as e:
-                if deployed.fp32_precision != "bf16x3":
-                    raise
-                # split bf16 rounds ~100x coarser than fp32: a tight tolerance or a model whose outputs amplify
-                # rounding can miss it where IEEE fp32 passes
-                restore_linears(model)  # swapped in place on the fused copy
-                deployed = _finish(_build_eager(model, example_input, rewrite=True), folded, example_input)
-                diff = _check_close(reference, deployed, example_input, atol, rtol, backend)
-                reason = str(e) if isinstance(e, _SmallMargin) else \
-                    f"missed the tolerance ({str(e).split(': ', 1)[-1]})"
-                deployed.optimizations.append(f"IEEE fp32: bf16x3 {reason}")
+            deployed, diff = _verify(deployed, reference, model, example_input, folded, atol, rtol, backend)
         deployed.optimizations.append(f"verified: max abs diff {diff:.2g} vs original")
     return deployed
+
+
+def _verify(deployed: DeployedModel, reference: object, model: nn.Module, example_input: torch.Tensor, folded: int,
+            atol: float, rtol: float, backend: str) -> Tuple[DeployedModel, float]:
+    """Check ``deployed``. A bf16x3 model that misses the tolerance or its margin is rebuilt with fewer layers on
+    AMX, those nearest the output in IEEE fp32 (their rounding reaches the output undamped: SHViT-S1 with
+    trained-size logits differed by 5.5e-5 all-bf16x3, 1.7e-5 with its last stage in IEEE fp32), share by share
+    (``BF16X3_SHARES``), and if none passes, in IEEE fp32 throughout."""
+    tried: List[str] = []
+    shares = list(BF16X3_SHARES[1:]) + [0.0]
+    share = BF16X3_SHARES[0]
+    while True:
+        try:
+            diff = _check_close(reference, deployed, example_input, atol, rtol, backend)
+            if deployed.fp32_precision == "bf16x3":
+                _check_bf16x3_margin(diff, atol + rtol * max_abs_diff_of(reference, reference)[1])
+            break
+        except RuntimeError as e:
+            if deployed.fp32_precision != "bf16x3":
+                raise
+            # split bf16 rounds ~100x coarser than fp32: a tight tolerance or a model whose outputs amplify
+            # rounding can miss it where IEEE fp32 passes
+            reason = str(e) if isinstance(e, _SmallMargin) else f"missed the tolerance ({str(e).split(': ', 1)[-1]})"
+            tried.append(f"bf16x3 in {share:.0%} of the eligible layers {reason}")
+            restore_linears(model)  # swapped in place on the fused copy
+            share = shares.pop(0)
+            deployed = _finish(_build_eager(model, example_input, rewrite=True,
+                                            fp32_precision="bf16x3" if share else "ieee", amx_share=share),
+                               folded, example_input)
+    if tried:
+        what = "IEEE fp32" if deployed.fp32_precision == "ieee" else \
+            f"bf16x3 in the first {share:.0%} of the eligible layers, IEEE fp32 in the rest (nearest the output)"
+        deployed.optimizations.append(f"{what}: " + "; ".join(tried))
+    return deployed, diff
+
+
+#: The shares of AMX-eligible layers (the first ones in execution order) that :func:`deploy` tries in bf16x3, in
+#: turn, before IEEE fp32 throughout.
+BF16X3_SHARES = (1.0, 0.75, 0.5, 0.25)
 
 
 #: bf16x3 is kept only if its difference on the example is at most this share of the tolerance: the check sees one

@@ -8,6 +8,7 @@ measurements in ``docs/benchmarks.md`` (section 6).
 from __future__ import annotations
 
 import inspect
+import math
 import operator
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -84,11 +85,19 @@ class PackedConv2d(nn.Module):
         self.register_buffer("weight", conv.weight.detach().clone(), persistent=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         self._packed: Dict[Tuple[int, ...], torch.Tensor] = {}
+        self._input_size = tuple(input_size)
         self.amx = fp32_precision == "bf16x3" and self._amx_pays_off() and amx_gemm.load() is not None
         if self.amx:  # split and tiled once; plain tensors (not buffers): derived from ``weight``, never saved
             self._amx_weight = amx_gemm.pack_conv_weight(self.weight)
         else:
-            self._packed_for(tuple(input_size))
+            self._packed_for(self._input_size)
+
+    def use_ieee(self) -> None:
+        """Run this convolution in IEEE fp32 on oneDNN from now on (a no-op if it does already)."""
+        if self.amx:
+            self.amx = False
+            del self._amx_weight
+            self._packed_for(self._input_size)
 
     def _amx_pays_off(self) -> bool:
         """Whether the AMX kernel beats oneDNN's fp32 one on this convolution (measured on SHViT's layers,
@@ -275,9 +284,10 @@ def _drop_identities(gm: fx.GraphModule, modules: Dict[str, nn.Module]) -> None:
             gm.graph.erase_node(node)
 
 
-def _pack_convolutions(gm: fx.GraphModule, modules: Dict[str, nn.Module],
-                       fp32_precision: str) -> Dict[fx.Node, PackedConv2d]:
-    """Replace every call of an ``nn.Conv2d`` module by a fresh :class:`PackedConv2d` submodule."""
+def _pack_convolutions(gm: fx.GraphModule, modules: Dict[str, nn.Module], fp32_precision: str,
+                       amx_share: float = 1.0) -> Dict[fx.Node, PackedConv2d]:
+    """Replace every call of an ``nn.Conv2d`` module by a fresh :class:`PackedConv2d` submodule; of those that run
+    on AMX, only the first ``amx_share`` in graph order keep doing so (the others, nearest the output, IEEE fp32)."""
     packed: Dict[fx.Node, PackedConv2d] = {}
     for node in list(gm.graph.nodes):
         conv = modules.get(node.target) if node.op == "call_module" else None
@@ -294,6 +304,9 @@ def _pack_convolutions(gm: fx.GraphModule, modules: Dict[str, nn.Module],
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         packed[new] = gm.get_submodule(name)
+    on_amx = [conv for conv in packed.values() if conv.amx]
+    for conv in on_amx[math.ceil(amx_share * len(on_amx)):]:
+        conv.use_ieee()
     return packed
 
 
@@ -374,8 +387,8 @@ def _eliminate_dead_code(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
 
 
-def onednn_rewrite(model: nn.Module, example_input: torch.Tensor,
-                   fp32_precision: str = "ieee") -> Tuple[nn.Module, List[str]]:
+def onednn_rewrite(model: nn.Module, example_input: torch.Tensor, fp32_precision: str = "ieee",
+                   amx_share: float = 1.0) -> Tuple[nn.Module, List[str]]:
     """Trace ``model`` with torch.fx and swap its convolutions for fused, pre-packed oneDNN ones.
 
     Args:
@@ -383,6 +396,8 @@ def onednn_rewrite(model: nn.Module, example_input: torch.Tensor,
         example_input: Input used to record shapes (its memory format should be the one used at inference).
         fp32_precision: ``"bf16x3"`` runs the pointwise convolutions in split bf16 on AMX where the kernel is
             available (see :class:`PackedConv2d`); ``"ieee"`` (default) keeps IEEE fp32.
+        amx_share: With ``"bf16x3"``, the share of the AMX-eligible convolutions (the first ones in graph order)
+            that run on AMX; the rest, nearest the output, run IEEE fp32.
 
     Returns:
         The rewritten ``fx.GraphModule`` and a list describing what was done. If the model cannot be traced
@@ -404,7 +419,7 @@ def onednn_rewrite(model: nn.Module, example_input: torch.Tensor,
     _drop_identities(gm, modules)
     if fp32_precision not in FP32_PRECISIONS:
         raise ValueError(f"fp32_precision={fp32_precision!r}; valid values: {', '.join(FP32_PRECISIONS)}.")
-    packed = _pack_convolutions(gm, modules, fp32_precision)
+    packed = _pack_convolutions(gm, modules, fp32_precision, amx_share)
     if not packed:
         return model, ["oneDNN rewrite skipped: no plain nn.Conv2d found"]
     n_add = _fuse_residual_adds(gm, packed, modules)
