@@ -40,9 +40,23 @@ RUNNERS = ("timm fused", "timm fused + channels_last", "ours deploy()", "ours ie
 GOAL = 1.6
 
 
-def build_models(name: str) -> tuple:
-    """(ours, timm's fused SHViT with the same weights, the same in channels-last)."""
+def scale_logits(model: torch.nn.Module, res: int, largest: float) -> None:
+    """Scale the classifier (weight and bias) so that the largest logit on a fixed random batch is ``largest``:
+    outputs of the size a trained ImageNet classifier gives (10-20), where random weights give ~1. Used to see
+    what ``deploy()``'s bf16x3 keeps for such outputs (its difference grows with them)."""
+    x = torch.randn(16, 3, res, res, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        factor = largest / model.eval()(x).abs().max().item()
+        model.head.l.weight.mul_(factor)
+        model.head.l.bias.mul_(factor)
+
+
+def build_models(name: str, logits: float = 0.0) -> tuple:
+    """(ours, timm's fused SHViT with the same weights, the same in channels-last); ``logits`` > 0: the classifier
+    scaled so that the largest logit is about that (:func:`scale_logits`)."""
     ours = randomize_norm_stats(timm.create_model(name))
+    if logits:
+        scale_logits(ours, dict(CASES)[name], logits)
     theirs = getattr(timm_shvit, name)().eval()
     assert type(theirs) is timm_shvit.SHViT, "expected timm's built-in SHViT class"
     theirs.load_state_dict(ours.state_dict(), strict=True)
@@ -50,10 +64,10 @@ def build_models(name: str) -> tuple:
     return ours, theirs, reparameterize_model(theirs).to(memory_format=torch.channels_last)
 
 
-def build_runner(kind: str, name: str, res: int, batch: int, threads: int):
+def build_runner(kind: str, name: str, res: int, batch: int, threads: int, logits: float = 0.0):
     """One runner of ``RUNNERS`` (also called in the isolated worker processes; same seed, same weights)."""
     torch.set_num_threads(threads)
-    ours, theirs, theirs_cl = build_models(name)
+    ours, theirs, theirs_cl = build_models(name, logits)
     x = torch.randn(batch, 3, res, res, generator=torch.Generator().manual_seed(1))
     if kind == "timm fused":
         return inference(theirs, x)
@@ -75,6 +89,9 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=[c[0] for c in CASES], choices=[c[0] for c in CASES])
     parser.add_argument("--no-isolate", dest="isolate", action="store_false",
                         help="time all runners in this process instead of one process each")
+    parser.add_argument("--logits", type=float, default=0.0,
+                        help="scale each classifier so that its largest logit is about this (trained-model size, "
+                             "e.g. 13; default: random weights' ~1)")
     args = parser.parse_args()
     print_machine(args.threads)
     peaks = {threads: measured_fma_peak(threads) for threads in args.threads}
@@ -82,7 +99,7 @@ def main() -> int:
     for name, res in CASES:
         if name not in args.models:
             continue
-        ours, theirs, _ = build_models(name)
+        ours, theirs, _ = build_models(name, args.logits)
         macs = count_flops(ours, res).total
         x = torch.randn(args.batch, 3, res, res)
         default, ieee = deploy(ours, x), deploy(ours, x, fp32_precision="ieee")
@@ -92,17 +109,19 @@ def main() -> int:
         for threads in args.threads:
             desc = f"{name}@{res} {threads}t"
             if args.isolate:
-                t = measure_isolated({k: (build_runner, (k, name, res, args.batch, threads)) for k in RUNNERS},
+                t = measure_isolated({k: (build_runner, (k, name, res, args.batch, threads, args.logits))
+                                      for k in RUNNERS},
                                      args.batch, rounds=args.rounds, min_time=args.min_time, desc=desc)
             else:
-                t = timed({k: build_runner(k, name, res, args.batch, threads) for k in RUNNERS},
+                t = timed({k: build_runner(k, name, res, args.batch, threads, args.logits) for k in RUNNERS},
                           args.batch, args.rounds, args.min_time, desc)
             base, cl, ours_t, ieee_t, ts_t, ort_t = (t[k].throughput for k in RUNNERS)
             ratio = ours_t / base
             ratios.append(ratio)
-            rows.append([f"{name}@{res}", threads, default.fp32_precision, base, cl, ours_t, ieee_t, ts_t, ort_t,
-                         f"{ratio:.2f}x", f"{ieee_t / base:.2f}x", f"{ts_t / base:.2f}x", f"{ort_t / base:.2f}x",
-                         f"{ours_t / ort_t:.2f}x", f"{diffs[0]:.1e} / {diffs[1]:.1e}"])
+            amx = sum(getattr(m, "amx", False) for m in default.modules())
+            rows.append([f"{name}@{res}", threads, f"{default.fp32_precision} ({amx} AMX convs)", base, cl, ours_t,
+                         ieee_t, ts_t, ort_t, f"{ratio:.2f}x", f"{ieee_t / base:.2f}x", f"{ts_t / base:.2f}x",
+                         f"{ort_t / base:.2f}x", f"{ours_t / ort_t:.2f}x", f"{diffs[0]:.1e} / {diffs[1]:.1e}"])
             need = GOAL * base * macs
             peak = peaks[threads]
             needs.append(f"{name}@{res} {threads}t: {GOAL}x needs {need / 1e9:.1f} GMAC/s; ours reaches "

@@ -127,3 +127,14 @@ def test_fma_peak_that_prints_nothing_is_skipped_with_the_reason(tmp_path, monke
     monkeypatch.setenv("CC", str(compiler))
     assert bench.measured_fma_peak(1, iters=10) is None
     assert "measured FMA peak: skipped (fma_peak exited with code 1 and printed ''" in capsys.readouterr().out
+
+
+def test_bench_shvit_logits_option_scales_both_models_alike():
+    import bench_shvit_vs_timm as bench
+
+    ours, theirs, _ = bench.build_models("shvit_s1", logits=13.0)
+    x = torch.randn(16, 3, 224, 224, generator=torch.Generator().manual_seed(2))  # the batch it scales on
+    with torch.no_grad():
+        logits = ours.eval()(x)
+        assert logits.abs().max().item() == pytest.approx(13.0, rel=1e-4)
+        torch.testing.assert_close(theirs(x), logits, atol=1e-4, rtol=1e-5)  # timm's copy got the same weights
