@@ -191,31 +191,39 @@ static void block_product(const uint16_t *ahi, const uint16_t *alo, int kp, cons
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
+/* A tiles (4, 5: the block's two 16-row halves) from a panel, B tiles (6, 7: its two 16-column strips), and the
+   four products of the 2 x 2 block, C[i][j] += A[i] B[j] (tiles 0-3), at k step s of block_product. */
+#define LOAD_A(panel)                                 \
+    do {                                              \
+        _tile_loadd(4, (panel) + ka, a_stride);          \
+        _tile_loadd(5, (panel) + a_next + ka, a_stride); \
+    } while (0)
+#define LOAD_B(tiles)                                 \
+    do {                                              \
+        _tile_loadd(6, (tiles) + kw, 64);              \
+        _tile_loadd(7, (tiles) + b_next + kw, 64);     \
+    } while (0)
+#define PRODUCTS_2X2()                                \
+    do {                                              \
+        _tile_dpbf16ps(0, 4, 6);                       \
+        _tile_dpbf16ps(1, 4, 7);                       \
+        _tile_dpbf16ps(2, 5, 6);                       \
+        _tile_dpbf16ps(3, 5, 7);                       \
+    } while (0)
     for (int s = 0; s < kb; ++s) {
         const int64_t ka = (int64_t)s * TILE_K, kw = (int64_t)s * B_TILE_ELEMS;
-        _tile_loadd(4, ahi + ka, a_stride);
-        _tile_loadd(5, ahi + a_next + ka, a_stride);
-        _tile_loadd(6, bhi + kw, 64);
-        _tile_loadd(7, bhi + b_next + kw, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-        _tile_loadd(4, alo + ka, a_stride);
-        _tile_loadd(5, alo + a_next + ka, a_stride);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-        _tile_loadd(4, ahi + ka, a_stride);
-        _tile_loadd(5, ahi + a_next + ka, a_stride);
-        _tile_loadd(6, blo + kw, 64);
-        _tile_loadd(7, blo + b_next + kw, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+        LOAD_A(ahi);
+        LOAD_B(bhi);
+        PRODUCTS_2X2(); /* hi x hi */
+        LOAD_A(alo);
+        PRODUCTS_2X2(); /* lo x hi */
+        LOAD_A(ahi);
+        LOAD_B(blo);
+        PRODUCTS_2X2(); /* hi x lo */
     }
+#undef LOAD_A
+#undef LOAD_B
+#undef PRODUCTS_2X2
 }
 
 static void store_block(float acc[4][TILE_ROWS * 16], int row0, int col0, int m, int n, const float *bias,
