@@ -7,8 +7,8 @@ Backends (see ``docs/deploy.md`` for measurements and when to use which):
   channels-last memory format for convolutional models, and on CPU (fp32, oneDNN available) a graph rewrite
   that replaces every ``nn.Conv2d`` by a :class:`~vitzoo.onednn_rewrite.PackedConv2d`: weights reordered once
   into oneDNN's blocked layout, and a following ReLU and/or residual add fused into the convolution kernel
-  (``vitzoo.onednn_rewrite``). On CPUs with AMX, most convolutions then run in split bf16 on the AMX tile unit
-  (``fp32_precision="bf16x3"``, the default; ``vitzoo.amx_gemm``): the fastest path measured there.
+  (``vitzoo.onednn_rewrite``). On CPUs with AMX, most convolutions and linear layers then run in split bf16 on the
+  AMX tile unit (``fp32_precision="bf16x3"``, the default; ``vitzoo.amx_gemm``): the fastest path measured there.
 * ``"compile"``: the eager model (without the oneDNN rewrite) wrapped in ``torch.compile`` (inductor).
 * ``"onnxruntime"``: the fused model exported to ONNX (dynamic batch) and run in an ONNX Runtime session.
 * ``"torchscript"``: the eager model (without the oneDNN rewrite) traced and frozen with TorchScript; on CPU with
@@ -110,8 +110,8 @@ class DeployedModel(nn.Module):
 
     @property
     def fp32_precision(self) -> str:
-        """``"bf16x3"`` if some convolution runs in split bf16 on AMX (see :mod:`vitzoo.amx_gemm`), else
-        ``"ieee"``."""
+        """``"bf16x3"`` if some convolution or linear layer runs in split bf16 on AMX (see :mod:`vitzoo.amx_gemm`),
+        else ``"ieee"``."""
         uses_amx = any(isinstance(m, AmxLinear) or isinstance(m, PackedConv2d) and m.amx
                        for m in self.model.modules()) if isinstance(self.model, nn.Module) else False
         return "bf16x3" if uses_amx else "ieee"
@@ -496,11 +496,11 @@ def deploy(
         opset: ONNX opset for the ``"onnxruntime"`` backend (>= 17).
         fp32_precision: ``"bf16x3"`` (default): the ``"eager"`` backend runs fp32 convolutions and linear layers on
             the CPU's AMX tile unit in split bfloat16 where that is available and faster (:mod:`vitzoo.amx_gemm`,
-            :mod:`vitzoo.amx_linear`: three bf16
-            products per fp32 product, ~1e-5 relative error per product, what
-            ``torch.set_float32_matmul_precision("high")`` describes); if the result misses the tolerance it is
-            rebuilt in IEEE fp32. ``"ieee"``: IEEE fp32 throughout. Other backends always run IEEE fp32.
-            ``DeployedModel.fp32_precision`` says what was used.
+            :mod:`vitzoo.amx_linear`: three bf16 products per fp32 product, ~1e-5 relative error per product, what
+            ``torch.set_float32_matmul_precision("high")`` describes). It is kept only if the check's difference
+            is within half the tolerance; otherwise the layers nearest the output are moved to IEEE fp32 share by
+            share (``BF16X3_SHARES``), and finally all of them. ``"ieee"``: IEEE fp32 throughout. Other backends
+            always run IEEE fp32. ``DeployedModel.fp32_precision`` and ``optimizations`` say what was used.
 
     Returns:
         A :class:`DeployedModel` (an ``nn.Module``) whose forward runs without autograd.

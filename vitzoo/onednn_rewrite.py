@@ -23,7 +23,7 @@ from vitzoo.outputs import outputs_close
 
 __all__ = ["FP32_PRECISIONS", "PackedConv2d", "onednn_rewrite"]
 
-#: ``"ieee"``: IEEE fp32 everywhere; ``"bf16x3"``: pointwise convolutions in split bf16 on AMX where available.
+#: ``"ieee"``: IEEE fp32 everywhere; ``"bf16x3"``: convolutions in split bf16 on AMX where available and faster.
 FP32_PRECISIONS = ("ieee", "bf16x3")
 
 _RELU_TARGETS = (F.relu, torch.relu, torch.relu_)
@@ -52,10 +52,10 @@ class PackedConv2d(nn.Module):
     (B, C_out, H, W) tensor: no copies. oneDNN's matmul kernel was faster than its convolution kernel on these
     shapes in our (one-off) measurements.
 
-    With ``fp32_precision="bf16x3"`` a pointwise convolution runs on the CPU's AMX tile unit instead, in split
-    bfloat16 (``vitzoo.amx_gemm``: three bf16 products per fp32 product, ~1e-5 relative error, 2-3x faster), where
-    that kernel is available (:func:`vitzoo.amx_gemm.load`); elsewhere, and for the other convolutions, oneDNN in
-    IEEE fp32. :attr:`amx` says which.
+    With ``fp32_precision="bf16x3"`` the convolution runs on the CPU's AMX tile unit instead, in split bfloat16
+    (``vitzoo.amx_gemm``: three bf16 products per fp32 product, ~1e-5 relative error, 1.6-2.6x faster), where that
+    kernel is available (:func:`vitzoo.amx_gemm.load`) and beats oneDNN on such a layer (:meth:`_amx_pays_off`);
+    otherwise oneDNN in IEEE fp32. :attr:`amx` says which.
 
     Args:
         conv: The convolution to replace (zero padding, float32, CPU).
@@ -394,8 +394,8 @@ def onednn_rewrite(model: nn.Module, example_input: torch.Tensor, fp32_precision
     Args:
         model: An eval-mode, fused, fp32 CPU model (not modified).
         example_input: Input used to record shapes (its memory format should be the one used at inference).
-        fp32_precision: ``"bf16x3"`` runs the pointwise convolutions in split bf16 on AMX where the kernel is
-            available (see :class:`PackedConv2d`); ``"ieee"`` (default) keeps IEEE fp32.
+        fp32_precision: ``"bf16x3"`` runs convolutions in split bf16 on AMX where the kernel is available and
+            faster (see :class:`PackedConv2d`); ``"ieee"`` (default) keeps IEEE fp32.
         amx_share: With ``"bf16x3"``, the share of the AMX-eligible convolutions (the first ones in graph order)
             that run on AMX; the rest, nearest the output, run IEEE fp32.
 
