@@ -13,7 +13,7 @@ from torch import nn
 
 import vitzoo
 from norms import randomize_norms
-from vitzoo import amx_gemm
+from vitzoo import amx_gemm, native_build
 from vitzoo.onednn_rewrite import PackedConv2d
 
 
@@ -218,7 +218,7 @@ def test_built_library_is_cached_and_reused(fresh_state, monkeypatch):
             compiles.append(cmd)
         return real_run(cmd, *args, **kwargs)
 
-    monkeypatch.setattr(amx_gemm.subprocess, "run", run)
+    monkeypatch.setattr(native_build.subprocess, "run", run)
     assert amx_gemm.load() is not None and not compiles
 
 
@@ -411,9 +411,9 @@ def test_a_read_only_cache_folder_falls_back_to_a_private_temporary_one(
             raise OSError(30, "Read-only file system", str(dir))
         return real_mkstemp(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(amx_gemm.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(native_build.tempfile, "mkstemp", mkstemp)
     temporary = tmp_path_factory.mktemp("tmp")
-    monkeypatch.setattr(amx_gemm.tempfile, "gettempdir", lambda: str(temporary))
+    monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(temporary))
     assert amx_gemm.load() is not None, amx_gemm.unavailable_reason()
     assert list(temporary.glob("vitzoo-native-*/amx_gemm-*.so"))
 

@@ -1,0 +1,138 @@
+"""Build and cache vitzoo's small C kernels (``amx_gemm.c``, ``depthwise_conv.c``) with the system C compiler.
+
+A kernel is compiled on first use with ``$CC`` (else ``cc``) into ``$VITZOO_CACHE_DIR/native`` (default
+``$XDG_CACHE_HOME/vitzoo``, else ``~/.cache/vitzoo``; a private per-user folder in the system's temporary folder
+where that is read-only), under a name keyed by the source, the flags and the compiler, with a sha256 record that
+is checked before the library is opened: a library cut short (a crash while copying the cache, a full disk) is
+rebuilt, never mapped. Every failure is a ``RuntimeError`` saying what went wrong, which the kernel modules turn
+into their ``unavailable_reason()``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["build_library", "cpu_flags", "find_compiler"]
+
+
+def cpu_flags() -> set:
+    """The CPU feature flags the Linux kernel reports (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("VITZOO_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "vitzoo"
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(library: Path) -> bool:
+    """Whether ``library`` is a complete build: its sha256 matches the record written after it was built.
+
+    A library cut short (a crash while copying the cache, a full disk) must never be opened: the loader maps it
+    and the process dies with SIGBUS on the first call into the missing part.
+    """
+    record = library.with_name(library.name + ".sha256")
+    try:
+        return library.is_file() and record.read_text().strip() == _digest(library)
+    except OSError:
+        return False
+
+
+def _writable_directory(preferred: Path) -> Path:
+    """``preferred``, created if needed, if a file can be created in it; else a private per-user directory in the
+    system's temporary folder (reused by later processes, so the kernel is built once there too)."""
+    for directory in (preferred, Path(tempfile.gettempdir()) / f"vitzoo-native-{os.getuid()}"):
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if directory != preferred:  # a shared folder: only one we own and nobody else may write to
+                info = directory.stat()
+                if info.st_uid != os.getuid() or info.st_mode & 0o022:
+                    continue
+            fd, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
+            os.close(fd)
+            os.unlink(probe)
+            return directory
+        except OSError:
+            continue
+    raise RuntimeError(f"no writable folder to build the kernel in ({preferred} is read-only; set VITZOO_CACHE_DIR)")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, partial = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+
+
+def build_library(source: Path, flags: Sequence[str], compiler: str) -> Path:
+    """The library compiled from ``source`` with ``flags`` by ``compiler`` (a command line such as ``"ccache gcc"``),
+    built now unless the cache holds an intact one. Raises ``RuntimeError`` saying what went wrong."""
+    try:
+        command = shlex.split(compiler)
+    except ValueError as e:
+        raise RuntimeError(f"$CC={compiler!r} is not a valid command line ({e})") from None
+    if not command:
+        raise RuntimeError("$CC is empty")
+    try:
+        version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"the C compiler {compiler!r} does not run ({e})") from None
+    key = hashlib.sha256(source.read_bytes() + repr((tuple(flags), compiler, version)).encode()).hexdigest()[:16]
+    name = f"{source.stem}-{key}.so"
+    for directory in (_cache_dir() / "native", Path(tempfile.gettempdir()) / f"vitzoo-native-{os.getuid()}"):
+        if _intact(directory / name):
+            return directory / name
+    target = _writable_directory(_cache_dir() / "native") / name
+    fd, partial = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([*command, *flags, str(source), "-o", partial], capture_output=True, text=True,
+                              timeout=600)
+        if done.returncode != 0:
+            tail = " / ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+            raise RuntimeError(f"compiling {source.name} with {compiler} failed (exit status {done.returncode})"
+                               + (f": {tail}" if tail else ""))
+        with open(partial, "rb") as f:
+            if f.read(4) != b"\x7fELF":
+                raise RuntimeError(f"compiling {source.name} with {compiler} produced no shared library")
+            os.fsync(f.fileno())
+        digest = _digest(Path(partial))
+        os.replace(partial, target)  # atomic: a concurrent process sees the old state or the whole library
+        _write_atomically(target.with_name(name + ".sha256"), digest.encode())  # last: marks the build complete
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"compiling {source.name} with {compiler} failed ({e})") from None
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+def find_compiler() -> Optional[str]:
+    """``$CC``, else ``cc`` or ``gcc`` on the PATH; ``None`` if there is none."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
