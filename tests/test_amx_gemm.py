@@ -165,7 +165,7 @@ def fresh_state(monkeypatch, tmp_path):
 
 
 def test_cpu_without_amx_falls_back_with_reason(fresh_state, monkeypatch):
-    monkeypatch.setattr(amx_gemm, "cpu_flags", lambda: {"avx512f", "avx2"})
+    monkeypatch.setattr(native_build, "cpu_flags", lambda: {"avx512f", "avx2"})
     assert amx_gemm.load() is None
     assert "the CPU lacks" in amx_gemm.unavailable_reason() and "amx_bf16" in amx_gemm.unavailable_reason()
     model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 1)).eval()
@@ -183,7 +183,7 @@ def test_cpu_without_amx_falls_back_with_reason(fresh_state, monkeypatch):
 
 
 def test_failing_compiler_is_reported_not_raised(fresh_state, monkeypatch):
-    monkeypatch.setattr(amx_gemm, "cpu_flags", lambda: set(amx_gemm.REQUIRED_CPU_FLAGS))
+    monkeypatch.setattr(native_build, "cpu_flags", lambda: set(amx_gemm.REQUIRED_CPU_FLAGS))
     monkeypatch.setenv("CC", "false")  # runs, prints nothing, fails
     assert amx_gemm.load() is None
     assert "failed" in amx_gemm.unavailable_reason()
@@ -196,7 +196,7 @@ def test_compiler_given_as_a_command_line(fresh_state, monkeypatch, tmp_path):
     wrapper = tmp_path / "wrap"
     wrapper.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec "$@"\n')
     wrapper.chmod(0o755)
-    monkeypatch.setattr(amx_gemm, "cpu_flags", lambda: set(amx_gemm.REQUIRED_CPU_FLAGS))
+    monkeypatch.setattr(native_build, "cpu_flags", lambda: set(amx_gemm.REQUIRED_CPU_FLAGS))
     monkeypatch.setenv("CC", f"{wrapper} cc")
     amx_gemm.load()
     assert "does not run" not in amx_gemm.unavailable_reason()
@@ -382,7 +382,7 @@ def test_a_damaged_cached_library_is_rebuilt_not_opened(tmp_path):
 
 
 def test_compilers_that_build_nothing_or_do_not_parse_are_reasons(fresh_state, monkeypatch):
-    monkeypatch.setattr(amx_gemm, "cpu_flags", lambda: set(amx_gemm.REQUIRED_CPU_FLAGS))
+    monkeypatch.setattr(native_build, "cpu_flags", lambda: set(amx_gemm.REQUIRED_CPU_FLAGS))
     monkeypatch.setenv("CC", "true")  # exits 0 and writes nothing
     assert amx_gemm.load() is None
     assert "produced no shared library" in amx_gemm.unavailable_reason()

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import bench_deploy_ablation as ablation  # noqa: E402
 from _common import randomize_norm_stats  # noqa: E402
 import vitzoo  # noqa: E402
-from vitzoo import amx_gemm  # noqa: E402
+from vitzoo import amx_gemm, image_conv  # noqa: E402
 from vitzoo.onednn_rewrite import PackedConv2d  # noqa: E402
 from vitzoo.torchscript_backend import onednn_graph_available  # noqa: E402
 
@@ -29,13 +29,15 @@ def test_ablation_steps_switch_on_in_order(step, model_and_input):
     level = ablation.STEPS.index(step)
     deployed = ablation.build_deployed(step, model, x)
     packed = [m for m in deployed.modules() if isinstance(m, PackedConv2d)]
-    assert (deployed.memory_format == torch.channels_last) == (level >= 1)
+    reads_image = level >= 5 and image_conv.load() is not None  # the first conv takes the NCHW image itself
+    assert (deployed.memory_format == torch.channels_last) == (level >= 1 and not reads_image)
+    assert any(m.image for m in packed) == reads_image
     assert bool(packed) == (level >= 2)
     assert any(m.pointwise for m in packed) == (level >= 3)
     # SHSA modules are traced away by the oneDNN rewrite, so the token-view switch is read from the report
     assert any("token view" in o for o in deployed.optimizations) == (level >= 4), deployed.optimizations
     # AMX only in the last step, and there wherever this CPU has the kernel
-    assert any(m.amx for m in packed) == (level >= 5 and amx_gemm.load() is not None)
+    assert any(m.amx for m in packed) == (level >= 6 and amx_gemm.load() is not None)
     if level < 2:
         assert any(isinstance(m, nn.Conv2d) for m in deployed.modules())
     with torch.no_grad():

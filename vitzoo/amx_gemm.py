@@ -19,14 +19,13 @@ callers then use IEEE fp32.
 from __future__ import annotations
 
 import ctypes
-import platform
 import threading
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 import torch
 
-from vitzoo.native_build import build_library, cpu_flags, find_compiler
+from vitzoo.native_build import load_library
 
 __all__ = ["REQUIRED_CPU_FLAGS", "amx_conv2d", "amx_linear", "load", "pack_conv_weight", "pack_weight",
            "unavailable_reason"]
@@ -69,33 +68,17 @@ def unavailable_reason() -> str:
 
 
 def _load() -> Tuple[Optional[ctypes.CDLL], str]:
-    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return None, f"needs Linux on x86-64 (this is {platform.system()} on {platform.machine()})"
-    missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in cpu_flags()]
-    if missing:
-        return None, f"the CPU lacks {', '.join(missing)}"
-    compiler = find_compiler()
-    if not compiler:
-        return None, "no C compiler found (set $CC or install gcc)"
-    try:
-        path = build_library(SOURCE, _FLAGS, compiler)
-        lib = ctypes.CDLL(str(path))
-        p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-        for function, argtypes in ((lib.vitzoo_amx_request, []),
-                                   (lib.vitzoo_amx_linear_bf16x3, [p, i64, i, i, p, p, i, p, p, i64, i, p, i64, i]),
-                                   (lib.vitzoo_amx_conv2d_bf16x3,
-                                    [p, i64, i64, i64, *[i] * 14, p, p, i, p, p, i64, i, p, i64, i])):
-            function.restype, function.argtypes = ctypes.c_int, argtypes
-    except (RuntimeError, OSError) as e:
-        return None, str(e)
-    except AttributeError as e:  # a library of another build under the cached name
-        return None, f"the cached kernel library {path} lacks its entry points ({e}); delete it to rebuild"
+    p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    functions = {"vitzoo_amx_request": [],
+                 "vitzoo_amx_linear_bf16x3": [p, i64, i, i, p, p, i, p, p, i64, i, p, i64, i],
+                 "vitzoo_amx_conv2d_bf16x3": [p, i64, i64, i64, *[i] * 14, p, p, i, p, p, i64, i, p, i64, i]}
+    return load_library(SOURCE, _FLAGS, REQUIRED_CPU_FLAGS, functions, _granted_and_checked)
+
+
+def _granted_and_checked(lib: ctypes.CDLL) -> Optional[str]:
     if lib.vitzoo_amx_request() != 0:
-        return None, "the operating system did not grant the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
-    problem = _self_check(lib)
-    if problem:
-        return None, problem
-    return lib, ""
+        return "the operating system did not grant the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
+    return _self_check(lib)
 
 
 def pack_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

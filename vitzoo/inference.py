@@ -415,6 +415,8 @@ def _build_eager(model: nn.Module, example_input: torch.Tensor, rewrite: bool,
         model, notes = onednn_rewrite(model, example_input.contiguous(memory_format=memory_format), fp32_precision,
                                       amx_share)
         optimizations.extend(notes)
+        # the first convolution may read the NCHW image itself (vitzoo.image_conv): no channels-last copy then
+        memory_format = getattr(model, "input_memory_format", memory_format)
     if rewrite and cpu_fp32 and fp32_precision == "bf16x3":
         swapped = swap_linears(model, amx_share)
         if swapped:

@@ -1,4 +1,4 @@
-"""Build and cache vitzoo's small C kernels (``amx_gemm.c``, ``depthwise_conv.c``) with the system C compiler.
+"""Build and cache vitzoo's small C kernels (``amx_gemm.c``, ``image_conv.c``) with the system C compiler.
 
 A kernel is compiled on first use with ``$CC`` (else ``cc``) into ``$VITZOO_CACHE_DIR/native`` (default
 ``$XDG_CACHE_HOME/vitzoo``, else ``~/.cache/vitzoo``; a private per-user folder in the system's temporary folder
@@ -9,16 +9,18 @@ into their ``unavailable_reason()``.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import platform
 import shlex
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
-__all__ = ["build_library", "cpu_flags", "find_compiler"]
+__all__ = ["build_library", "cpu_flags", "find_compiler", "load_library"]
 
 
 def cpu_flags() -> set:
@@ -136,3 +138,35 @@ def build_library(source: Path, flags: Sequence[str], compiler: str) -> Path:
 def find_compiler() -> Optional[str]:
     """``$CC``, else ``cc`` or ``gcc`` on the PATH; ``None`` if there is none."""
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def load_library(source: Path, flags: Sequence[str], required_cpu_flags: Sequence[str],
+                 functions: Dict[str, Sequence[type]],
+                 check: Callable[[ctypes.CDLL], Optional[str]]) -> Tuple[Optional[ctypes.CDLL], str]:
+    """``(library, "")`` built from ``source`` and loaded, or ``(None, why not)``.
+
+    Needs Linux on x86-64 with ``required_cpu_flags`` and a C compiler. ``functions`` maps each entry point to its
+    ctypes argument types (each returns a C int); ``check(library)`` runs a small case against a reference and
+    returns ``None`` if it matches, else what went wrong.
+    """
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"needs Linux on x86-64 (this is {platform.system()} on {platform.machine()})"
+    missing = [flag for flag in required_cpu_flags if flag not in cpu_flags()]
+    if missing:
+        return None, f"the CPU lacks {', '.join(missing)}"
+    compiler = find_compiler()
+    if not compiler:
+        return None, "no C compiler found (set $CC or install gcc)"
+    path = None
+    try:
+        path = build_library(source, flags, compiler)
+        lib = ctypes.CDLL(str(path))
+        for name, argtypes in functions.items():
+            function = getattr(lib, name)
+            function.restype, function.argtypes = ctypes.c_int, list(argtypes)
+    except (RuntimeError, OSError) as e:
+        return None, str(e)
+    except AttributeError as e:  # a library of another build under the cached name
+        return None, f"the cached kernel library {path} lacks its entry points ({e}); delete it to rebuild"
+    problem = check(lib)
+    return (None, problem) if problem else (lib, "")

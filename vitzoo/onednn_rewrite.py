@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from vitzoo import amx_gemm
+from vitzoo import amx_gemm, image_conv
 from vitzoo.outputs import outputs_close
 
 __all__ = ["FP32_PRECISIONS", "PackedConv2d", "onednn_rewrite"]
@@ -57,6 +57,10 @@ class PackedConv2d(nn.Module):
     kernel is available (:func:`vitzoo.amx_gemm.load`) and beats oneDNN on such a layer (:meth:`_amx_pays_off`);
     otherwise oneDNN in IEEE fp32. :attr:`amx` says which.
 
+    A model's first convolution, 3x3 over the 3-channel input image into at most 16 channels, can read the NCHW
+    image directly with vitzoo's own AVX-512 kernel (:meth:`use_image_kernel`, :mod:`vitzoo.image_conv`, IEEE fp32,
+    in either precision); :attr:`image` says so.
+
     Args:
         conv: The convolution to replace (zero padding, float32, CPU).
         input_size: Input shape (B, C, H, W) to pack the weight for first.
@@ -87,17 +91,35 @@ class PackedConv2d(nn.Module):
         self._packed: Dict[Tuple[int, ...], torch.Tensor] = {}
         self._input_size = tuple(input_size)
         self.amx = fp32_precision == "bf16x3" and self._amx_pays_off() and amx_gemm.load() is not None
+        self.image = False  # see use_image_kernel
         if self.amx:  # split and tiled once; plain tensors (not buffers): derived from ``weight``, never saved
             self._amx_weight = amx_gemm.pack_conv_weight(self.weight)
         else:
             self._packed_for(self._input_size)
 
     def use_ieee(self) -> None:
-        """Run this convolution in IEEE fp32 on oneDNN from now on (a no-op if it does already)."""
+        """Run this convolution in IEEE fp32 from now on: on oneDNN if it ran on AMX, else unchanged (already IEEE)."""
         if self.amx:
             self.amx = False
             del self._amx_weight
             self._packed_for(self._input_size)
+
+    def use_image_kernel(self) -> bool:
+        """Run on vitzoo's image kernel from now on if this is a 3x3 convolution of a 3-channel image into at most
+        16 channels (one group, no dilation, equal strides of 1 or 2, equal padding) and the kernel is available;
+        returns whether it does. It takes NCHW input without a copy (the caller then stops converting the input
+        to channels-last). Measured: SHViT-S1's 3 -> 16 stem convolution +2-8% on the whole model; with more
+        output channels the kernel makes one pass per 16 of them, and S4's 3 -> 28 gained nothing
+        (``docs/benchmarks.md`` section 9)."""
+        eligible = (self.in_channels == image_conv.IN_CHANNELS and self.out_channels <= image_conv.MAX_OUT_CHANNELS
+                    and self.kernel_size == (3, 3) and self.groups == 1
+                    and self.dilation == [1, 1] and self.stride[0] == self.stride[1] in image_conv.STRIDES
+                    and self.padding[0] == self.padding[1] and not self.amx)
+        if eligible and not self.image and image_conv.load() is not None:
+            self.image = True
+            self._image_weight = image_conv.pack_weight(self.weight, self.bias)
+            self._packed.clear()
+        return self.image
 
     def _amx_pays_off(self) -> bool:
         """Whether the AMX kernel beats oneDNN's fp32 one on this convolution (measured on SHViT's layers,
@@ -126,15 +148,23 @@ class PackedConv2d(nn.Module):
         return packed
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.amx and (x.dim() != 4 or x.shape[1] != self.in_channels or min(self._output_shape(x)[2:]) < 1):
+        own_kernel = self.amx or self.image
+        if own_kernel and (x.dim() != 4 or x.shape[1] != self.in_channels or min(self._output_shape(x)[2:]) < 1):
             # an input this convolution cannot take (wrong channel count, smaller than the kernel): PyTorch's own
             # error, as nn.Conv2d and the oneDNN path give it (the AMX kernel pads its operands and would run)
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        weight = None if self.amx else self._packed_for(tuple(x.shape))
+        weight = None if own_kernel else self._packed_for(tuple(x.shape))
         if residual is not None and tuple(residual.shape) != self._output_shape(x):
             # the add was fused where both shapes were equal, and here they broadcast (a (B, C, 1, 1) context
             # added to a map that is 1x1 only at the example's size): run it as the model wrote it
             out = self._unfused_add(x, weight, residual)
+            return out.relu_() if self.unary == "relu" else out
+        if self.image and residual is None:
+            return image_conv.image_conv3x3(x, self._image_weight, self.out_channels, self.stride, self.padding,
+                                            relu=self.unary == "relu")
+        if self.image:
+            out = image_conv.image_conv3x3(x, self._image_weight, self.out_channels, self.stride, self.padding)
+            out = out + residual
             return out.relu_() if self.unary == "relu" else out
         if self.pointwise:
             return self._pointwise(x, weight, residual)
@@ -155,7 +185,9 @@ class PackedConv2d(nn.Module):
         return (x.shape[0], self.out_channels, *size)
 
     def _unfused_add(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        if self.pointwise:
+        if self.image:
+            out = image_conv.image_conv3x3(x, self._image_weight, self.out_channels, self.stride, self.padding)
+        elif self.pointwise:
             out = self._pointwise(x, weight, None, unary="none")
         elif self.amx:
             out = amx_gemm.amx_conv2d(x, self._amx_weight, self.out_channels, self.kernel_size, self.stride,
@@ -187,7 +219,8 @@ class PackedConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, groups={self.groups}, unary={self.unary!r}"
-                + (", as linear" if self.pointwise else "") + (", AMX bf16x3" if self.amx else ""))
+                + (", as linear" if self.pointwise else "") + (", AMX bf16x3" if self.amx else "")
+                + (", vitzoo image kernel (NCHW input)" if self.image else ""))
 
 
 def _is_relu(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
@@ -308,6 +341,24 @@ def _pack_convolutions(gm: fx.GraphModule, modules: Dict[str, nn.Module], fp32_p
     for conv in on_amx[math.ceil(amx_share * len(on_amx)):]:
         conv.use_ieee()
     return packed
+
+
+def _read_image_directly(gm: fx.GraphModule, packed: Dict[fx.Node, PackedConv2d]) -> bool:
+    """If the model's input feeds only a convolution that vitzoo's image kernel can run, switch that convolution
+    to it and set ``gm.input_memory_format`` to ``torch.contiguous_format`` (else ``torch.channels_last``)."""
+    gm.input_memory_format = torch.channels_last
+    inputs = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    source = inputs[0] if len(inputs) == 1 else None
+    users = list(source.users) if source is not None else []
+    # through an input check that returns its input (SHViT's check_input), which sees the same tensor
+    while len(users) == 1 and getattr(users[0].target, "returns_its_input", False) and users[0].args[0] is source:
+        source = users[0]
+        users = list(source.users)
+    if len(users) == 1 and users[0] in packed and users[0].args[0] is source \
+            and packed[users[0]].use_image_kernel():
+        gm.input_memory_format = torch.contiguous_format
+        return True
+    return False
 
 
 def _fuse_residual_adds(
@@ -434,6 +485,9 @@ def onednn_rewrite(model: nn.Module, example_input: torch.Tensor, fp32_precision
     n_amx = sum(conv.amx for conv in packed.values())
     if n_amx:
         done.append(f"convolutions in split bf16 (bf16x3) on AMX: {n_amx} of {len(packed)}")
+    if _read_image_directly(gm, packed):
+        done.append("first convolution reads the NCHW image directly (vitzoo's AVX-512 image kernel, IEEE fp32): "
+                    "no channels-last copy of the input")
     if n_in_place:
         done.append(f"ReLUs run in place on the torch.cat result only they use: {n_in_place}")
     return gm, done
