@@ -443,3 +443,30 @@ def test_layers_nearest_the_output_go_ieee_first():
     assert not any(m.amx for m in packed[last_amx + 1:]) and any(m._amx_pays_off() for m in packed[last_amx + 1:])
     with torch.no_grad():
         assert (deployed(x).double() - expected).abs().max().item() <= 0.5e-4
+
+
+def test_pointwise_fast_path_on_channels_last_views_against_float64():
+    """``amx_pointwise`` reads channels-last tensors and channel slices of them in place (SHSA's partial channels),
+    also where PyTorch normalised the strides of size-1 dims, and declines other layouts (``None``)."""
+    _needs_amx()
+    w, b = torch.randn(80, 68), torch.randn(80)
+    packed = amx_gemm.pack_weight(w)
+    wide = torch.randn(3, 100, 5, 6).contiguous(memory_format=torch.channels_last)
+    cases = [wide[:, :68], wide[:, 10:78], torch.randn(3, 68, 1, 1).contiguous(memory_format=torch.channels_last),
+             torch.randn(1, 68, 4, 1).contiguous(memory_format=torch.channels_last)]
+    for x in cases:
+        residual = torch.randn(x.shape[0], 90, *x.shape[2:]).contiguous(memory_format=torch.channels_last)[:, 5:85]
+        got = amx_gemm.amx_pointwise(x, packed, 80, b, residual, relu=True)
+        assert got is not None and got.shape == (x.shape[0], 80, *x.shape[2:])
+        expected = (torch.einsum("bchw,nc->bnhw", x.double(), w.double()) + b.double()[:, None, None]
+                    + residual.double()).relu()
+        rows_a = x.permute(0, 2, 3, 1).reshape(-1, 68)
+        bound = _split_error_bound(rows_a, w).view(x.shape[0], *x.shape[2:], 80).permute(0, 3, 1, 2)
+        assert ((got.double() - expected).abs() <= bound + 1e-6).all()
+    assert amx_gemm.amx_pointwise(torch.randn(3, 68, 5, 6), packed, 80, b) is None  # NCHW: not pixel rows
+    conv = nn.Conv2d(68, 80, 1).eval()
+    layer = PackedConv2d(conv, (3, 68, 5, 6), "bf16x3")
+    assert layer.amx
+    with torch.no_grad():  # the NCHW input goes the view path; both agree with the convolution
+        for x in (wide[:, :68], wide[:, :68].contiguous()):
+            torch.testing.assert_close(layer(x), conv(x), atol=1e-3, rtol=0)

@@ -27,7 +27,7 @@ import torch
 
 from vitzoo.native_build import load_library
 
-__all__ = ["REQUIRED_CPU_FLAGS", "amx_conv2d", "amx_linear", "load", "pack_conv_weight", "pack_weight",
+__all__ = ["REQUIRED_CPU_FLAGS", "amx_conv2d", "amx_linear", "amx_pointwise", "load", "pack_conv_weight", "pack_weight",
            "unavailable_reason"]
 
 SOURCE = Path(__file__).with_name("amx_gemm.c")
@@ -168,6 +168,52 @@ def amx_linear(rows: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], ou
         if tuple(residual.shape) != (rows.shape[0], out_features):
             raise ValueError(f"residual of shape {tuple(residual.shape)}, expected {(rows.shape[0], out_features)}")
     return _run(lib, rows, packed, out_features, bias, residual, relu)
+
+
+def _pixel_rows(t: torch.Tensor) -> Optional[int]:
+    """The row stride of a 4-D tensor whose pixels (b, y, x) are evenly spaced rows of unit-stride channels (a
+    dense channels-last tensor or a channel slice of one, whatever strides PyTorch gave its size-1 dims), else
+    ``None``."""
+    batch, channels, height, width = t.shape
+    sb, sc, sh, sw = t.stride()
+    row = sw if width > 1 else sh if height > 1 else sb if batch > 1 else channels
+    evenly = (width == 1 or sw == row) and (height == 1 or sh == width * row) and \
+        (batch == 1 or sb == height * width * row)
+    return row if evenly and (sc == 1 or channels == 1) and row >= channels else None
+
+
+def amx_pointwise(x: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], out_channels: int,
+                  bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+                  relu: bool = False) -> Optional[torch.Tensor]:
+    """A 1x1 convolution (:func:`amx_linear` on the pixels) straight on channels-last tensors, for the per-call
+    path of ``PackedConv2d``: no views, fewer checks (each costs ~1 us, and SHViT-S1 makes 52 such calls).
+
+    ``x``: ``(B, C, H, W)`` float32 CPU, channels-last; ``residual``: output-shaped or ``None``; ``bias``: float32
+    contiguous or ``None``. Returns the channels-last ``(B, out_channels, H, W)`` output, or ``None`` where a tensor
+    is not laid out as evenly spaced pixel rows (the caller then goes through :func:`amx_linear`).
+    """
+    lib = load()
+    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4:
+        return None
+    lda = _pixel_rows(x)
+    ldr = 0 if residual is None else _pixel_rows(residual)
+    if lda is None or ldr is None or bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        return None
+    if residual is not None and (residual.dtype != torch.float32 or residual.device.type != "cpu"):
+        return None
+    batch, channels, height, width = x.shape
+    k_packed = packed[0].shape[1] * _ALIGN_K
+    if not k_packed - _ALIGN_K < channels <= k_packed:
+        raise ValueError(f"an input of {channels} channels does not fit a weight packed for {k_packed} (padded)")
+    if residual is not None and tuple(residual.shape) != (batch, out_channels, height, width):
+        raise ValueError(f"residual of shape {tuple(residual.shape)}, expected {(batch, out_channels, height, width)}")
+    out = torch.empty(batch, height, width, out_channels).permute(0, 3, 1, 2)
+    status = lib.vitzoo_amx_linear_bf16x3(
+        x.data_ptr(), lda, batch * height * width, channels, packed[0].data_ptr(), packed[1].data_ptr(),
+        out_channels, None if bias is None else bias.data_ptr(), None if residual is None else residual.data_ptr(),
+        ldr, int(relu), out.data_ptr(), out_channels, torch.get_num_threads())
+    _check_status(status)
+    return out
 
 
 def amx_conv2d(x: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], out_channels: int,

@@ -89,6 +89,7 @@ class PackedConv2d(nn.Module):
         self.register_buffer("weight", conv.weight.detach().clone(), persistent=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         self._packed: Dict[Tuple[int, ...], torch.Tensor] = {}
+        self._output_shapes: Dict[Tuple[int, ...], Tuple[int, ...]] = {}  # input shape -> output shape (per call)
         self._input_size = tuple(input_size)
         self.amx = fp32_precision == "bf16x3" and self._amx_pays_off() and amx_gemm.load() is not None
         self.image = False  # see use_image_kernel
@@ -180,9 +181,14 @@ class PackedConv2d(nn.Module):
             "add", None, None if self.unary == "none" else self.unary, [], None)
 
     def _output_shape(self, x: torch.Tensor) -> Tuple[int, ...]:
-        size = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
-                zip(x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride)]
-        return (x.shape[0], self.out_channels, *size)
+        shape = self._output_shapes.get(x.shape)
+        if shape is None:  # computed once per input shape: this runs on every call
+            if len(self._output_shapes) >= 16:
+                self._output_shapes.clear()
+            size = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                    zip(x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride)]
+            shape = self._output_shapes[x.shape] = (x.shape[0], self.out_channels, *size)
+        return shape
 
     def _unfused_add(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         if self.image:
@@ -201,6 +207,11 @@ class PackedConv2d(nn.Module):
                    unary: Optional[str] = None) -> torch.Tensor:
         batch, _, height, width = x.shape
         # (B, C, H, W) channels-last -> (B*H*W, C): a view; any other layout is copied by reshape
+        if self.amx:  # straight on the channels-last tensors where their pixels are evenly spaced rows
+            out = amx_gemm.amx_pointwise(x, self._amx_weight, self.out_channels, self.bias, residual,
+                                         relu=(unary or self.unary) == "relu")
+            if out is not None:
+                return out
         rows = x.permute(0, 2, 3, 1).reshape(-1, self.in_channels)
         if self.amx:
             other = None if residual is None else residual.permute(0, 2, 3, 1).reshape(-1, self.out_channels)
