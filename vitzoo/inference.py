@@ -579,11 +579,15 @@ def _verify(deployed: DeployedModel, reference: object, model: nn.Module, exampl
             # rounding can miss it where IEEE fp32 passes
             reason = str(e) if isinstance(e, _SmallMargin) else f"missed the tolerance ({str(e).split(': ', 1)[-1]})"
             tried.append(f"bf16x3 in {share:.0%} of the eligible layers {reason}")
-            restore_linears(model)  # swapped in place on the fused copy
-            share = shares.pop(0)
-            deployed = _finish(_build_eager(model, example_input, rewrite=True,
-                                            fp32_precision="bf16x3" if share else "ieee", amx_share=share),
-                               folded, example_input)
+            failed_layers = _amx_layer_count(deployed)
+            while True:  # the next share that changes which layers run on AMX (a small model: 90% may be all)
+                restore_linears(model)  # swapped in place on the fused copy
+                share = shares.pop(0)
+                deployed = _finish(_build_eager(model, example_input, rewrite=True,
+                                                fp32_precision="bf16x3" if share else "ieee", amx_share=share),
+                                   folded, example_input)
+                if not share or _amx_layer_count(deployed) < failed_layers:
+                    break
     if tried:
         what = "IEEE fp32" if deployed.fp32_precision == "ieee" else \
             f"bf16x3 in the first {share:.0%} of the eligible layers, IEEE fp32 in the rest (nearest the output)"
@@ -592,8 +596,15 @@ def _verify(deployed: DeployedModel, reference: object, model: nn.Module, exampl
 
 
 #: The shares of AMX-eligible layers (the first ones in execution order) that :func:`deploy` tries in bf16x3, in
-#: turn, before IEEE fp32 throughout.
-BF16X3_SHARES = (1.0, 0.75, 0.5, 0.25)
+#: turn, before IEEE fp32 throughout (90% since 2026-11-25: SHViT-S1 with trained-size logits, just over the margin
+#: all-bf16x3, then kept 49 instead of 41 of its 54 eligible convolutions for two of four example batches).
+BF16X3_SHARES = (1.0, 0.9, 0.75, 0.5, 0.25)
+
+
+def _amx_layer_count(deployed: DeployedModel) -> int:
+    model = deployed.model
+    return sum(isinstance(m, AmxLinear) or isinstance(m, PackedConv2d) and m.amx for m in model.modules()) \
+        if isinstance(model, nn.Module) else 0
 
 
 #: bf16x3 is kept only if its difference on the example is at most this share of the tolerance: the check sees one
