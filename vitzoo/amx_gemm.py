@@ -161,8 +161,8 @@ def amx_linear(rows: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], ou
     if not k_packed - _ALIGN_K < rows.shape[1] <= k_packed or packed[0].shape[0] * 16 < out_features:
         raise ValueError(f"input of {rows.shape[1]} features / {out_features} outputs do not fit a weight packed "
                          f"for {k_packed} x {packed[0].shape[0] * 16} (padded)")
-    if bias is not None:
-        bias = bias.detach().float().contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.detach().float().contiguous()  # else passed as it is: three dispatcher calls (~3 us) saved
     if residual is not None:
         residual = _rows(residual)
         if tuple(residual.shape) != (rows.shape[0], out_features):
@@ -263,8 +263,8 @@ def amx_conv2d(x: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], out_c
         if tuple(residual.shape) != tuple(out.shape):
             raise ValueError(f"residual of shape {tuple(residual.shape)}, expected {tuple(out.shape)}")
         other = _rows(residual.permute(0, 2, 3, 1).reshape(-1, out_channels))
-    if bias is not None:
-        bias = bias.detach().float().contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.detach().float().contiguous()  # else passed as it is: three dispatcher calls (~3 us) saved
     status = lib.vitzoo_amx_conv2d_bf16x3(
         x.data_ptr(), x.stride(0), x.stride(2), x.stride(3), batch, height, width, channels, kh, kw,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], oh, ow,
