@@ -7,7 +7,9 @@ fused model in ONNX Runtime, ``deploy(backend="onnxruntime")``) shows what a non
 "ours torchscript" is ``deploy(backend="torchscript")``, a PyTorch path in IEEE fp32 (not the default backend).
 "ours deploy()" is the default, which runs convolutions in split bf16 ("bf16x3") on CPUs with AMX
 (``vitzoo.amx_gemm``; IEEE fp32 elsewhere); "ours ieee" is ``deploy(fp32_precision="ieee")``, the same path in IEEE
-fp32 throughout. The "precision" column says which the default used, "max |diff|" is against timm's output.
+fp32 throughout. The "precision" column says which the default used at that row's thread count, on the timed
+batch (the runners' own deployment: the bf16x3 fallback's choice can depend on both), "max |diff|" is against
+timm's output.
 Each runner is timed in its own process (``_isolated.py``; ``--no-isolate`` times them all in this process).
 
 The script also prints what the 1.6x goal asks of the hardware: 1.6 x timm's img/s x the fused model's MACs per
@@ -54,6 +56,7 @@ def scale_logits(model: torch.nn.Module, res: int, largest: float) -> None:
 def build_models(name: str, logits: float = 0.0) -> tuple:
     """(ours, timm's fused SHViT with the same weights, the same in channels-last); ``logits`` > 0: the classifier
     scaled so that the largest logit is about that (:func:`scale_logits`)."""
+    torch.manual_seed(0)  # the same weights in this process and in every worker, whatever ran before
     ours = randomize_norm_stats(timm.create_model(name))
     if logits:
         scale_logits(ours, dict(CASES)[name], logits)
@@ -64,11 +67,16 @@ def build_models(name: str, logits: float = 0.0) -> tuple:
     return ours, theirs, reparameterize_model(theirs).to(memory_format=torch.channels_last)
 
 
+def timed_batch(batch: int, res: int) -> torch.Tensor:
+    """The batch every runner is built with (``deploy``'s example) and timed on."""
+    return torch.randn(batch, 3, res, res, generator=torch.Generator().manual_seed(1))
+
+
 def build_runner(kind: str, name: str, res: int, batch: int, threads: int, logits: float = 0.0):
     """One runner of ``RUNNERS`` (also called in the isolated worker processes; same seed, same weights)."""
     torch.set_num_threads(threads)
     ours, theirs, theirs_cl = build_models(name, logits)
-    x = torch.randn(batch, 3, res, res, generator=torch.Generator().manual_seed(1))
+    x = timed_batch(batch, res)
     if kind == "timm fused":
         return inference(theirs, x)
     if kind == "timm fused + channels_last":
@@ -101,12 +109,17 @@ def main() -> int:
             continue
         ours, theirs, _ = build_models(name, args.logits)
         macs = count_flops(ours, res).total
-        x = torch.randn(args.batch, 3, res, res)
-        default, ieee = deploy(ours, x), deploy(ours, x, fp32_precision="ieee")
+        x = timed_batch(args.batch, res)
         with torch.inference_mode():
             expected = theirs(x)
-            diffs = [(d(x) - expected).abs().max().item() for d in (default, ieee)]
         for threads in args.threads:
+            # what the "ours" runners deploy at this thread count (the bf16x3 fallback's choice can depend on it)
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            default, ieee = deploy(ours, x), deploy(ours, x, fp32_precision="ieee")
+            with torch.inference_mode():
+                diffs = [(d(x) - expected).abs().max().item() for d in (default, ieee)]
+            torch.set_num_threads(previous)
             desc = f"{name}@{res} {threads}t"
             if args.isolate:
                 t = measure_isolated({k: (build_runner, (k, name, res, args.batch, threads, args.logits))

@@ -140,3 +140,14 @@ def test_bench_shvit_logits_option_scales_both_models_alike():
         logits = ours.eval()(x)
         assert logits.abs().max().item() == pytest.approx(13.0, rel=1e-4)
         torch.testing.assert_close(theirs(x), logits, atol=1e-4, rtol=1e-5)  # timm's copy got the same weights
+
+
+def test_bench_shvit_builds_the_same_weights_in_every_process():
+    """The parent reports what the worker processes deploy ("precision", "max |diff|"): both must build the same
+    model, whatever random numbers were drawn before (the parent builds S1 first, then S4)."""
+    import bench_shvit_vs_timm as bench
+
+    first = bench.build_models("shvit_s1")[0].state_dict()
+    torch.randn(1000)  # what building and timing another model draws
+    again = bench.build_models("shvit_s1")[0].state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
