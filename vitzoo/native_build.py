@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
+from vitzoo.atomic import atomic_write_bytes
+
 __all__ = ["build_library", "cpu_flags", "find_compiler", "load_library"]
 
 
@@ -79,19 +81,6 @@ def _writable_directory(preferred: Path) -> Path:
     raise RuntimeError(f"no writable folder to build the kernel in ({preferred} is read-only; set VITZOO_CACHE_DIR)")
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, partial = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-
-
 def build_library(source: Path, flags: Sequence[str], compiler: str) -> Path:
     """The library compiled from ``source`` with ``flags`` by ``compiler`` (a command line such as ``"ccache gcc"``),
     built now unless the cache holds an intact one. Raises ``RuntimeError`` saying what went wrong."""
@@ -126,7 +115,8 @@ def build_library(source: Path, flags: Sequence[str], compiler: str) -> Path:
             os.fsync(f.fileno())
         digest = _digest(Path(partial))
         os.replace(partial, target)  # atomic: a concurrent process sees the old state or the whole library
-        _write_atomically(target.with_name(name + ".sha256"), digest.encode())  # last: marks the build complete
+        # last: the record marks the build complete
+        atomic_write_bytes(target.with_name(name + ".sha256"), digest.encode(), force=True)
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"compiling {source.name} with {compiler} failed ({e})") from None
     finally:
