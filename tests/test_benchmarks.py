@@ -151,3 +151,21 @@ def test_bench_shvit_builds_the_same_weights_in_every_process():
     torch.randn(1000)  # what building and timing another model draws
     again = bench.build_models("shvit_s1")[0].state_dict()
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+@pytest.mark.parametrize("switch", ["image kernel", "direct AMX 1x1"])
+def test_paired_switch_variants_compute_the_same_model(switch):
+    """Both variants of a switch run the same model (the switch changes how, not what), and the paired ratio is a
+    positive number."""
+    import bench_paired_switches as bench
+
+    torch.manual_seed(0)
+    model = randomize_norm_stats(timm.create_model("shvit_s1"))
+    x = torch.randn(2, 3, 64, 64)
+    runs = bench.variants(switch, model, x, "bf16x3")
+    with torch.inference_mode():
+        torch.testing.assert_close(runs["on"](), runs["off"](), atol=1e-4, rtol=0)
+        with torch.no_grad():
+            expected = model.eval()(x)
+        torch.testing.assert_close(runs["on"](), expected, atol=1e-4, rtol=0)
+    assert bench.paired_ratio(runs, rounds=2, calls=1, desc=switch) > 0

@@ -5,9 +5,10 @@ Convolutional stems (SHViT, EfficientViT, FastViT, MobileNetV3) start with a 3x3
 image. ``deploy()``'s channels-last model needs its input in channels-last, a full copy of the batch before the
 first layer, and oneDNN's kernel for 3 input channels is slow. This kernel reads the NCHW image as it comes and
 writes channels-last: on SHViT-S1 at batch 16 the stem ran in 5.3 ms instead of 6.9 ms (2 threads), the whole
-model 2-8% faster (``docs/benchmarks.md`` section 9). It makes one pass per 16 output channels, so ``deploy()``
-uses it up to 16 (:data:`MAX_OUT_CHANNELS`). The arithmetic is IEEE fp32 (one fused multiply-add per tap, after
-the bias; only the summation order differs from oneDNN's), so it is used with either ``fp32_precision``.
+model 2-3% faster in IEEE fp32 and 3-14% under bf16x3 (``docs/benchmarks.md`` section 9). It makes one pass per
+16 output channels, so ``deploy()`` uses it up to 16 (:data:`MAX_OUT_CHANNELS`). The arithmetic is IEEE fp32 (one
+fused multiply-add per tap, after the bias; only the summation order differs from oneDNN's), so it is used with
+either ``fp32_precision``.
 
 The kernel (``image_conv.c``, next to this file) is compiled on first use and cached like the others
 (:mod:`vitzoo.native_build`) and checked against float64 before it is used. It needs Linux on x86-64 with

@@ -109,7 +109,7 @@ class PackedConv2d(nn.Module):
         """Run on vitzoo's image kernel from now on if this is a 3x3 convolution of a 3-channel image into at most
         16 channels (one group, no dilation, equal strides of 1 or 2, equal padding) and the kernel is available;
         returns whether it does. It takes NCHW input without a copy (the caller then stops converting the input
-        to channels-last). Measured: SHViT-S1's 3 -> 16 stem convolution +2-8% on the whole model; with more
+        to channels-last). Measured: SHViT-S1's 3 -> 16 stem convolution +2-14% on the whole model; with more
         output channels the kernel makes one pass per 16 of them, and S4's 3 -> 28 gained nothing
         (``docs/benchmarks.md`` section 9)."""
         eligible = (self.in_channels == image_conv.IN_CHANNELS and self.out_channels <= image_conv.MAX_OUT_CHANNELS

@@ -1,0 +1,112 @@
+"""What one switch of ``deploy()``'s eager path buys on a whole SHViT model, in paired rounds (one process).
+
+Effects of a few percent drown in the run-to-run noise of the isolated benchmarks (``bench_deploy_ablation.py``:
+±3-5% per figure on the shared 2-vCPU hosts of ``docs/benchmarks.md``). Here both variants run in the same
+process, alternating call by call in ``--rounds`` rounds (the order flips every round), and the result is the
+median over rounds of the per-round time ratio, which cancels drifts of the host's speed. Switches:
+
+* ``image kernel``: the first convolution reads the NCHW image itself (``vitzoo.image_conv``), against the
+  channels-last copy of the input and oneDNN's convolution (the kernel hidden while deploying the other variant);
+* ``direct AMX 1x1``: AMX 1x1 convolutions called straight on channels-last tensors
+  (``vitzoo.amx_gemm.amx_pointwise``), against the views-and-``amx_linear`` path (the function hidden while the
+  other variant runs; on a CPU without AMX both variants are the same).
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_paired_switches.py --threads 1 2 --rounds 25
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List
+from unittest import mock
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import vitzoo  # noqa: E402,F401
+from _common import print_machine, print_table, randomize_norm_stats  # noqa: E402
+from vitzoo import amx_gemm, image_conv  # noqa: E402
+from vitzoo.inference import deploy  # noqa: E402
+
+CASES = {"shvit_s1": 224, "shvit_s4": 256}
+SWITCHES = ("image kernel", "direct AMX 1x1")
+
+
+@contextmanager
+def _without(switch: str) -> Iterator[None]:
+    target = (image_conv, "load", lambda: None) if switch == "image kernel" else \
+        (amx_gemm, "amx_pointwise", lambda *args, **kwargs: None)
+    with mock.patch.object(*target):
+        yield
+
+
+def variants(switch: str, model: torch.nn.Module, x: torch.Tensor, precision: str) -> Dict[str, Callable[[], object]]:
+    """``{"on": run, "off": run}``: zero-argument callables running one batch with the switch on and off."""
+    on = deploy(model, x, fp32_precision=precision)
+    if switch == "image kernel":
+        with _without(switch):
+            off = deploy(model, x, fp32_precision=precision)
+        return {"on": lambda: on(x), "off": lambda: off(x)}
+
+    def run_off():
+        with _without(switch):
+            return on(x)
+    return {"on": lambda: on(x), "off": run_off}
+
+
+def paired_ratio(runs: Dict[str, Callable[[], object]], rounds: int, calls: int, desc: str) -> float:
+    """Median over rounds of time(off) / time(on): > 1 where the switch makes the model faster."""
+    times: Dict[str, List[float]] = {"on": [], "off": []}
+    with torch.inference_mode():
+        for run in runs.values():
+            run()
+        for r in tqdm(range(rounds), desc=desc, leave=False):
+            for key in (("on", "off") if r % 2 else ("off", "on")):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    runs[key]()
+                times[key].append(time.perf_counter() - start)
+    return statistics.median(off / on for on, off in zip(times["on"], times["off"]))
+
+
+def main() -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--switches", nargs="+", default=list(SWITCHES), choices=SWITCHES)
+    parser.add_argument("--precisions", nargs="+", default=["bf16x3", "ieee"], choices=["bf16x3", "ieee"])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--calls", type=int, default=4, help="calls per variant per round")
+    args = parser.parse_args()
+    print_machine(args.threads)
+    rows = []
+    for name in args.models:
+        torch.manual_seed(0)
+        model = randomize_norm_stats(timm.create_model(name))
+        x = torch.randn(args.batch, 3, CASES[name], CASES[name], generator=torch.Generator().manual_seed(1))
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for switch in args.switches:
+                for precision in args.precisions:
+                    if switch == "direct AMX 1x1" and precision == "ieee":
+                        continue  # no AMX layers in IEEE fp32
+                    desc = f"{name} {threads}t {switch} {precision}"
+                    ratio = paired_ratio(variants(switch, model, x, precision), args.rounds, args.calls, desc)
+                    rows.append([f"{name}@{CASES[name]}", threads, switch, precision, f"{ratio:.3f}x"])
+    print_table(["model", "threads", "switch", "precision", "speed-up (median of paired rounds)"], rows,
+                title=f"one deploy() switch on vs off (batch {args.batch}, {args.rounds} paired rounds of "
+                      f"{args.calls} calls, one process)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
