@@ -6,8 +6,8 @@ interrupted copy, a disk error, an HTML page saved under the name) is reported b
 with whatever its unpickler meets, often as a pickle it refuses for safety, with the advice to load it with
 ``weights_only=False``: wrong, and unsafe, for a damaged file. The checks here (zip CRCs, the legacy format's
 structure, the first bytes) tell a damaged file from an unsafe one. Hub weights are kept the same way, in the Hub
-cache, and checked the same way. The same module is in ``shvit`` and ``nvit`` (the model packages may not import each
-other).
+cache, and checked the same way; a Hub ``.safetensors`` file is checked by opening it with the safetensors reader.
+The same module is in ``shvit`` and ``nvit`` (the model packages may not import each other).
 """
 import os
 import tarfile
@@ -19,8 +19,8 @@ import torch
 
 from .torch_legacy import LEGACY_HEAD_SIZE, legacy_file_cut, starts_as_legacy_file
 
-__all__ = ['download_cache_path', 'torch_file_damage', 'damaged_download_text', 'damaged_hub_file_text',
-           'saved_pickle_protocol', 'unreadable_protocol_text']
+__all__ = ['download_cache_path', 'torch_file_damage', 'safetensors_file_damage', 'damaged_download_text',
+           'damaged_hub_file_text', 'saved_pickle_protocol', 'unreadable_protocol_text']
 
 PathLike = Union[str, os.PathLike]
 _ZIP_HEADER = b'PK\x03\x04'
@@ -64,6 +64,19 @@ def torch_file_damage(path: PathLike) -> Optional[str]:
             f'torch.save file')
 
 
+def safetensors_file_damage(path: PathLike) -> Optional[str]:
+    """What makes ``path`` no complete safetensors file, in the safetensors reader's words (its header is cut or not
+    JSON, or the tensors it lists do not cover the file); None when the reader opens it. The format has no checksum,
+    so bytes changed inside a tensor's data go unnoticed here."""
+    from safetensors import safe_open
+    try:
+        with safe_open(os.fspath(path), framework='pt', device='cpu'):
+            pass
+    except Exception as e:  # noqa: BLE001  the reader raises its own SafetensorError (also for an empty file)
+        return f'it is no complete safetensors file ({type(e).__name__}: {e})'
+    return None
+
+
 def damaged_download_text(url: str, path: PathLike) -> Optional[str]:
     """If ``path``, timm's download of ``url``, exists and is damaged (``torch_file_damage``): what is wrong and what
     to do, in words ("the download of URL in the cache, PATH, is corrupt or truncated: ...\\nTo fix: delete PATH ...",
@@ -81,14 +94,14 @@ def damaged_download_text(url: str, path: PathLike) -> Optional[str]:
 
 def damaged_hub_file_text(hub_id: str, filename: str, path: PathLike) -> Optional[str]:
     """If ``path``, Hub repo ``hub_id``'s (``org/name`` or ``org/name@revision``) weight file ``filename`` as it stands
-    in the Hub cache, is a damaged ``torch.save`` file (``torch_file_damage``): what is wrong and what to do, in words,
-    for the caller to prefix with the model's name; None when it is missing, a ``.safetensors`` file (read by
-    safetensors, not torch.load) or looks complete. The cache keeps the file as a snapshot entry linking to a blob
+    in the Hub cache, is damaged (``safetensors_file_damage`` for a ``.safetensors`` name, else ``torch_file_damage``):
+    what is wrong and what to do, in words, for the caller to prefix with the model's name; None when it is missing or
+    looks complete. The cache keeps the file as a snapshot entry linking to a blob
     named by its hash, and the Hub client links a deleted entry to the blob left behind again, so the advice is to
     delete both (or to download again with ``--force-download``)."""
-    if not os.path.isfile(path) or filename.endswith('.safetensors'):
+    if not os.path.isfile(path):
         return None
-    damage = torch_file_damage(path)
+    damage = (safetensors_file_damage if filename.endswith('.safetensors') else torch_file_damage)(path)
     if damage is None:
         return None
     repo, _, revision = hub_id.partition('@')

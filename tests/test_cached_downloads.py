@@ -13,6 +13,7 @@ The same holds for a ``torch.save`` weight file of a Hub repo in the Hub cache (
 ``hf_hub_filename``), whose message also names the blob the cache entry links to. Found: a ``shvit_s1`` legacy state
 dict cut to 782 bytes as ``pytorch_model.bin`` in the Hub cache was a plain RuntimeError advising to retry with
 ``weights_only=False``, and one with a member failing its CRC loaded; through ``nvit_*`` the message named no blob.
+A damaged ``model.safetensors`` there gets the same message.
 """
 import ast
 import os
@@ -78,6 +79,21 @@ def _write(path, checkpoint, case):
                                        dtype=torch.uint8).numpy().tobytes())
     elif case == 'html':  # what a share link answers instead of the file, e.g. a login page
         path.write_bytes(b'<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body></body></html>\n' * 20)
+
+
+def _write_safetensors(path, checkpoint, case):
+    """Write ``checkpoint``'s weights to ``path`` as a safetensors file, damaged as ``case`` says."""
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in checkpoint['model'].items()}, str(path))
+    data = path.read_bytes()
+    if case == 'cut':
+        path.write_bytes(data[:len(data) // 2])
+    elif case == 'header_cut':  # inside the JSON header
+        path.write_bytes(data[:100])
+    elif case == 'empty':
+        path.write_bytes(b'')
+    elif case in ('garbage', 'html'):
+        _write(path, checkpoint, case)
 
 
 def _timm(tag, **kwargs):
@@ -221,7 +237,7 @@ def _hub_put(cache, checkpoint, case, filename):
     import hashlib
     repo = cache / ('models--' + HUB_REPO.replace('/', '--'))
     staged = cache.parent / 'staged.pth'
-    _write(staged, checkpoint, case)
+    (_write_safetensors if filename.endswith('.safetensors') else _write)(staged, checkpoint, case)
     data = staged.read_bytes()
     staged.unlink()
     blob = repo / 'blobs' / hashlib.sha256(data).hexdigest()
@@ -270,6 +286,32 @@ def test_a_damaged_hub_file_in_the_hub_cache_is_corrupt_and_to_be_deleted(checkp
     assert 'pretrained_cfg_overlay=dict(file=' in message, message
     assert not [words for words in UNSAFE_ADVICE if words in message], message
     assert blob.read_bytes() == data and entry.is_symlink()  # reported, left alone
+
+
+@pytest.mark.parametrize('case', ['cut', 'header_cut', 'empty', 'garbage', 'html'])
+@pytest.mark.parametrize('package', list(MODELS))
+def test_a_damaged_safetensors_hub_file_names_the_entry_and_its_blob(checkpoints, tmp_path, offline, package, case):
+    """A damaged ``model.safetensors`` in the Hub cache (the file timm reads first) gets the same message as a
+    damaged torch.save file there. Before 2026-11-25, through shvit_* it was the reader's words without the file, and
+    through nvit_* without the blob."""
+    entry, blob = _hub_put(tmp_path / 'hub', checkpoints[package], case, 'model.safetensors')
+    with pytest.raises(MODELS[package][2]) as info:
+        _hub_load(package, tmp_path / 'hub', 'model.safetensors')
+    message = str(info.value)
+    assert f'model.safetensors of Hub repo {HUB_REPO} in the Hub cache, {entry}, is corrupt or truncated: it is no ' \
+        'complete safetensors file (SafetensorError' in message, message
+    assert f'delete {entry} and {blob}, the blob it links to,' in message, message
+    assert f'hf download {HUB_REPO} model.safetensors --force-download' in message, message
+
+
+@pytest.mark.parametrize('filename', ['model.safetensors', 'weights.safetensors'])
+@pytest.mark.parametrize('package', list(MODELS))
+def test_a_complete_safetensors_hub_file_loads(checkpoints, tmp_path, offline, package, filename):
+    _hub_put(tmp_path / 'hub', checkpoints[package], 'complete', filename)
+    model = _hub_load(package, tmp_path / 'hub', filename)
+    saved = checkpoints[package]['model']
+    assert model.state_dict().keys() == saved.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
 
 
 @pytest.mark.parametrize('package', list(MODELS))
