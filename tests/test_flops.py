@@ -1,5 +1,6 @@
 """vitzoo.flops against published numbers, hand-derived formulas and fvcore's own matmul handle."""
 import copy
+import string
 
 import pytest
 import timm
@@ -1084,6 +1085,48 @@ def test_two_operand_einsum_contraction_is_counted_exactly():
     report = count_flops(model, (3, 11, 13), batch_size=2)
     assert report.by_operator == {"einsum": 2 * 3 * 11 * 17 * 13} == {"einsum": 14_586}
     assert report.total == _flop_counter_macs(model, torch.randn(2, 3, 11, 13))
+
+
+class _EinsumChain(nn.Module):
+    """``x @ A @ B`` as one einsum of three operands, the batch under an ellipsis."""
+
+    def __init__(self, j, k, m):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(j, k))
+        self.b = nn.Parameter(torch.randn(k, m))
+
+    def forward(self, x):  # x: [batch, 1, i, j]
+        return torch.einsum("...ij,jk,kl->...il", x, self.a, self.b)
+
+
+def test_einsum_of_three_operands_is_counted_exactly_along_the_cheapest_order():
+    """fvcore's count of an einsum of three operands is numpy's printed total, rounded to 4 significant digits:
+    for 2x7x1001 @ 1001x3 @ 3x13, (2*7*1001*3 + 2*7*3*13) = 42,588 multiply-adds came out as 42,590. Reference:
+    torch.utils.flop_counter / 2 (without opt_einsum torch contracts left to right, here also the cheapest order),
+    and the hand count."""
+    model = _EinsumChain(1001, 3, 13)
+    report = count_flops(model, (1, 7, 1001), batch_size=2)
+    assert report.total == 2 * 7 * 1001 * 3 + 2 * 7 * 3 * 13 == 42_588
+    assert report.total == _flop_counter_macs(model, torch.randn(2, 1, 7, 1001))
+
+
+def test_einsum_of_three_operands_is_counted_along_the_cheapest_order_not_left_to_right():
+    """50x3 @ 3x100 @ 100x2: left to right costs 50*3*100 + 50*100*2 = 25,000 multiply-adds, the product of the
+    last two first 3*100*2 + 50*3*2 = 900 (the papers' and fvcore's convention: the cheapest order)."""
+    report = count_flops(_EinsumChain(3, 100, 2), (1, 50, 3), batch_size=1)
+    assert report.by_operator == {"einsum": 3 * 100 * 2 + 50 * 3 * 2}
+
+
+class _EinsumOfManyIndices(nn.Module):
+    def forward(self, x):
+        x = x.reshape([1] * 60)
+        return torch.einsum(string.ascii_letters[:30] + "...," + string.ascii_letters[:30] + "...->a", x, x)
+
+
+def test_einsum_of_more_indices_than_letters_is_refused_by_name():
+    """torch runs it (60 indices), numpy's path finder and fvcore take 52 letters: an error naming the einsum."""
+    with pytest.raises(ValueError, match=r"einsum abcd.*\.\.\.: with its 30 ellipsis dims it has more than 52 "):
+        count_flops(_EinsumOfManyIndices(), (1, 1, 1), batch_size=1)
 
 
 class _Fold(nn.Module):

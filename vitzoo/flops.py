@@ -25,11 +25,13 @@ import contextlib
 import copy
 import math
 import numbers
+import string
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 from timm.utils import reparameterize_model
@@ -42,7 +44,7 @@ with warnings.catch_warnings():
     # fvcore scripts a loss function at import time, which torch 2.14 answers with a deprecation warning
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
     from fvcore.nn import FlopCountAnalysis
-    from fvcore.nn.jit_handles import einsum_flop_jit, get_shape
+    from fvcore.nn.jit_handles import get_shape
 
 __all__ = ["FlopReport", "count_flops", "count_params", "sdpa_flop_jit", "sdpa_elementwise_flop_jit",
            "ELEMENTWISE_OPS", "FREE_OPS", "FVCORE_SILENT_OPS", "MATRIX_OPS", "NORM_OPS", "RESAMPLING_OPS"]
@@ -295,32 +297,55 @@ def _einsum_terms(equation: str) -> Tuple[List[str], str]:
     return lhs.split(","), rhs
 
 
-def _einsum_index_product(terms: List[str], shapes: List[List[int]]) -> int:
-    """The product of the sizes of every index of an einsum (the ellipsis' dims broadcast, aligned right): the
-    multiply-adds of a two-operand contraction, one per combination of all its indices."""
+def _einsum_explicit(terms: List[str], output: str,
+                     shapes: List[List[int]]) -> Tuple[List[str], str, Dict[str, int]]:
+    """An einsum with its ellipsis written out as letters the equation does not use (aligned right, as its dims
+    broadcast), and every letter's size (the largest of its dims: a size-1 dim broadcasts)."""
+    used = set("".join(terms) + output)
+    free = [c for c in string.ascii_letters if c not in used]
+    ranks = [len(shape) - len(term) + 1 if "." in term else 0 for term, shape in zip(terms, shapes)]  # ellipsis dims
+    width = max(ranks, default=0)
+    if width > len(free):  # torch runs such an einsum; numpy (and so fvcore) take 52 letters at most
+        raise ValueError(f"einsum {','.join(terms).replace('.', '...')}: with its {width} ellipsis dims it has more "
+                         "than 52 indices, which the FLOP count cannot name; count this model without it")
+    ellipsis = "".join(free[:width])
+    explicit = [term.replace(".", ellipsis[width - rank:]) for term, rank in zip(terms, ranks)]
     sizes: Dict[str, int] = {}
-    ellipsis: List[int] = []
-    for term, shape in zip(terms, shapes):
-        if "." in term:
-            before, after = term.split(".")
-            middle = shape[len(before):len(shape) - len(after)]
-            named = list(zip(before, shape)) + list(zip(after, shape[len(shape) - len(after):]))
-            padded = [1] * (len(middle) - len(ellipsis))
-            ellipsis = [max(a, b) for a, b in zip(padded + ellipsis, [1] * (len(ellipsis) - len(middle)) + middle)]
-        else:
-            named = list(zip(term, shape))
-        for letter, size in named:
+    for term, shape in zip(explicit, shapes):
+        for letter, size in zip(term, shape):
             sizes[letter] = max(sizes.get(letter, 1), size)
-    return math.prod(sizes.values()) * math.prod(ellipsis)
+    return explicit, output.replace(".", ellipsis), sizes
+
+
+def _einsum_contraction_macs(terms: List[str], output: str, sizes: Dict[str, int]) -> int:
+    """Multiply-adds of an einsum with two or more operands, contracted pair by pair in the cheapest order (numpy's
+    optimal path, ``np.einsum_path``, which fvcore counts along too; ``torch.einsum`` takes opt_einsum's path when
+    that package is installed, else goes left to right): each step costs one multiply-add per combination of the
+    indices of the operands it joins. With two operands that is the product of every index's size. Exact: fvcore
+    reads the path's total back from numpy's printout, rounded to 4 significant digits (12,290 for 12,288)."""
+    if len(terms) == 2:
+        return math.prod(sizes.values())
+    views = [np.broadcast_to(np.zeros(()), [sizes[c] for c in term]) for term in terms]  # shapes only, no memory
+    path = np.einsum_path(",".join(terms) + "->" + output, *views, optimize="optimal")[0][1:]
+    operands, total = list(terms), 0
+    for step in path:
+        joined = [operands[i] for i in step]
+        for i in sorted(step, reverse=True):
+            del operands[i]
+        letters = set("".join(joined))
+        total += math.prod(sizes[c] for c in letters) * max(len(joined) - 1, 1)
+        kept = letters & set("".join(operands) + output)
+        operands.append("".join(sorted(kept)))
+    return total
 
 
 def _einsum_handle(elementwise: bool, calls: Counter) -> Any:
     """fvcore handle for ``aten::einsum``, by what the equation does.
 
     * A contraction of two or more operands (an index summed away: ``bhqd,bhkd->bhqk``) costs multiply-adds,
-      always counted: with two operands, the product of every index's size (fvcore computes the same number but
-      reads it back from numpy's printout, rounded to 4 significant digits: 12,290 for 12,288); with more,
-      fvcore's count along numpy's optimal contraction path.
+      always counted (:func:`_einsum_contraction_macs`): with two operands, the product of every index's size;
+      with more, the same for each pairwise step of numpy's optimal contraction path. fvcore counts along the same
+      path but reads the total back from numpy's printout, rounded to 4 significant digits: 12,290 for 12,288.
     * No index summed (``bchw,bchw->bchw``, the outer product ``bc,bd->bcd``): elementwise products, one per
       output element with ``elementwise=True``, otherwise listed in ``uncounted`` (fvcore counted half that).
     * One operand: summing an index away (``bchw->bc``) is a reduction, one per input element with
@@ -332,9 +357,7 @@ def _einsum_handle(elementwise: bool, calls: Counter) -> Any:
         terms, output = _einsum_terms(inputs[0].toIValue())
         summed = set("".join(terms)) - set(output)
         if len(terms) >= 2 and summed:
-            if len(terms) == 2:
-                return _einsum_index_product(terms, [get_shape(v) for v in operands])
-            return int(einsum_flop_jit(inputs, outputs))
+            return _einsum_contraction_macs(*_einsum_explicit(terms, output, [get_shape(v) for v in operands]))
         if len(terms) == 1 and not summed:
             return 0
         if elementwise:
