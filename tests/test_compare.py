@@ -578,6 +578,22 @@ def test_ops_without_a_flop_formula_are_a_note_in_every_format():
     assert _row("mymodel", report, None, None)["note"] == ""
 
 
+def test_batchnorm_layers_the_fused_count_keeps_are_a_note_and_a_json_key(capsys):
+    """resnetv2_50 is pre-activation: each block's first BatchNorm follows an addition, so 17 of them cannot fold
+    (hand count: 16 blocks' norm1, and the final norm after the last addition; its stem conv's output goes to a max
+    pool first). Before 2026-11-25 the fused count had their work with no word on it."""
+    assert cli.main(["compare", "resnetv2_50", "--no-speed", "--format", "json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert len(row["unfolded_norms"]) == 17 and "norm" in row["unfolded_norms"]
+    assert all(f"stages.{s}.blocks.{b}.norm1" in row["unfolded_norms"]
+               for s, blocks in enumerate((3, 4, 6, 3)) for b in range(blocks))
+    assert row["note"].startswith("17 BatchNorm layers not folded in the fused count (first: "
+                                  "stages.0.blocks.0.norm1, its input is not the output of a Conv2d / Linear")
+    shvit_row = compare(["shvit_s1"], speed=False)[0]
+    assert shvit_row["unfolded_norms"] == {} and shvit_row["note"] == ""
+    assert "unfolded_norms" not in format_rows([shvit_row], "csv").splitlines()[0]
+
+
 def test_throughput_is_batch_over_the_median_latency_also_for_an_even_number_of_rounds():
     from vitzoo.speed import Timing
     timing = Timing(batch_size=8, calls=1, seconds_per_call=[0.1, 0.2, 0.4, 0.8])

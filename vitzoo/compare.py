@@ -215,6 +215,11 @@ def _row(name: str, report, device: Optional[str], batch: Optional[int],
     if unknown:
         ops = ", ".join(f"{op} x{n}" for op, n in sorted(unknown.items()))
         note = "; ".join(([note] if note else []) + [f"FLOPs leave out ops with no formula here: {ops}"])
+    if report.unfolded_norms:  # the fused count still has their batch_norm work, and the fused model their params
+        first, why = next(iter(report.unfolded_norms.items()))
+        count = len(report.unfolded_norms)
+        note = "; ".join(([note] if note else []) + [
+            f"{count} BatchNorm layer{'s' if count > 1 else ''} not folded in the fused count (first: {first}, {why})"])
     return {
         "model": name,
         "input_size": list(report.input_size),
@@ -222,6 +227,7 @@ def _row(name: str, report, device: Optional[str], batch: Optional[int],
         "params_fused": report.params_fused,
         "flops": report.total,
         "uncounted": dict(sorted(report.uncounted.items())),
+        "unfolded_norms": dict(report.unfolded_norms),
         "device": device,
         "batch_size": batch,
         "throughput": None,
@@ -371,7 +377,8 @@ def compare(
     Returns:
         One dict per model (and device), with keys ``model``, ``input_size``, ``params``, ``params_fused``,
         ``flops`` (int, MACs of the fused model), ``uncounted`` (ops fvcore ran but did not count, op -> calls:
-        elementwise ops, which the papers do not count either), ``throughput`` (img/s, None without speed),
+        elementwise ops, which the papers do not count either), ``unfolded_norms`` (BatchNorm layers the fused
+        count keeps because they cannot fold, name -> why), ``throughput`` (img/s, None without speed),
         ``latency_ms``,
         ``throughput_fastest``, ``latency_ms_fastest``, ``fastest_backend``, ``throughput_by_path``, ``device``,
         ``batch_size``, ``paper_flops``, ``paper_params``, ``paper_top1``, ``paper_source``, ``paper_img_size``,
@@ -425,7 +432,8 @@ def format_rows(rows: List[Dict[str, Any]], fmt: str) -> str:
         return json.dumps(rows, indent=2)
     if fmt == "csv":
         out = io.StringIO()
-        fields = [k for k in rows[0] if k not in ("throughput_by_path", "uncounted")] if rows else ["model"]
+        nested = ("throughput_by_path", "uncounted", "unfolded_norms")  # dicts: JSON only
+        fields = [k for k in rows[0] if k not in nested] if rows else ["model"]
         writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for r in rows:
