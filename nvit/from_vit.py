@@ -54,6 +54,8 @@ def _unsupported(vit: VisionTransformer) -> list:
                                 or not isinstance(fc_norm, (nn.LayerNorm, nn.Identity))
                                 or not isinstance(blk.norm1, nn.LayerNorm)),
         'no final norm': isinstance(vit.norm, nn.Identity) and isinstance(fc_norm, nn.Identity),
+        # NViT builds every LayerNorm with one eps (a timm ViT does too; a hand-built one may not)
+        f'LayerNorms of different eps ({_eps_groups(vit)})': len(set(_eps_of_norms(vit).values())) > 1,
         'layer scale': not isinstance(getattr(blk, 'ls1', nn.Identity()), nn.Identity),
         'q/k norm': not isinstance(getattr(blk.attn, 'q_norm', nn.Identity()), nn.Identity),
         'attention output norm (scale_attn_norm)': not isinstance(getattr(blk.attn, 'norm', nn.Identity()),
@@ -68,6 +70,22 @@ def _unsupported(vit: VisionTransformer) -> list:
             getattr(vit, 'pool_include_prefix', False) and vit.global_pool in ('avg', 'avgmax', 'max')),
     }
     return [name for name, bad in checks.items() if bad]
+
+
+def _eps_of_norms(vit: VisionTransformer) -> dict:
+    """The eps of each LayerNorm of ``vit``, by module name (checked after the norms are known to be LayerNorms)."""
+    return {name: m.eps for name, m in vit.named_modules() if isinstance(m, nn.LayerNorm)}
+
+
+def _eps_groups(vit: VisionTransformer) -> str:
+    """The LayerNorms of ``vit`` by eps, in words: "eps 1e-06: 24 norms (blocks.0.norm1, ...); eps 1e-05:
+    blocks.3.norm2"."""
+    groups: dict = {}
+    for name, eps in _eps_of_norms(vit).items():
+        groups.setdefault(eps, []).append(name)
+    named = {eps: ', '.join(names) if len(names) <= 3 else f'{len(names)} norms ({names[0]}, ...)'
+             for eps, names in groups.items()}
+    return '; '.join(f'eps {eps:g}: {names}' for eps, names in named.items())
 
 
 def _gelu_name(act: object) -> Optional[str]:

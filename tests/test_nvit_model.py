@@ -642,6 +642,17 @@ def test_from_vit_keeps_the_layernorm_eps():
         assert (model(x) - expected).abs().max().item() > 1e-3
 
 
+@pytest.mark.parametrize('where', ['blocks.1.norm2', 'norm'])
+def test_from_vit_refuses_layernorms_of_different_eps_by_name(where):
+    """NViT builds all its LayerNorms with one eps; a hand-built ViT with one other norm was converted with the eps
+    of blocks[0].norm1 everywhere, silently (before 2026-11-25)."""
+    vit = timm.create_model('vit_tiny_patch16_224', embed_dim=64, num_heads=2, depth=2, num_classes=5)
+    vit.get_submodule(where).eps = 1e-5
+    with pytest.raises(ValueError, match=rf'LayerNorms of different eps \(eps 1e-06: 4 norms \(blocks.0.norm1, '
+                                         rf'\.\.\.\); eps 1e-05: {where}\), which NViT does not support'):
+        nvit.from_vit(vit)
+
+
 def test_from_vit_keeps_distilled_training():
     """A distilled DeiT in distilled-training mode returns (class logits, distillation logits) in train mode."""
     torch.manual_seed(0)
