@@ -169,3 +169,28 @@ def test_paired_switch_variants_compute_the_same_model(switch):
             expected = model.eval()(x)
         torch.testing.assert_close(runs["on"](), expected, atol=1e-4, rtol=0)
     assert bench.paired_ratio(runs, rounds=2, calls=1, desc=switch) > 0
+
+
+@pytest.mark.parametrize("source, flags", [
+    ("amx_peak.c", ["-mamx-tile", "-mamx-bf16"]),
+    ("amx_block_variants.c", ["-mavx512f", "-mamx-tile", "-mamx-bf16"]),
+    ("fma_peak.c", ["-mavx512f", "-mfma"]),
+])
+def test_c_benchmarks_compile_with_the_flags_their_headers_give(source, flags, tmp_path):
+    """The C loops that docs/benchmarks.md cites build as their headers say (they run only on a CPU with the
+    features; compiling needs a compiler that knows the flags, which the AMX kernel needs too)."""
+    import shutil
+    import subprocess
+
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        pytest.skip("no C compiler")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", source)
+    if source != "fma_peak.c":
+        with open(path) as f:
+            assert " ".join(["cc", "-O2", *flags]) in f.read()  # the command in the header is the one checked here
+    done = subprocess.run([compiler, "-O2", "-Wall", "-Werror", *flags, path, "-o", str(tmp_path / "bench")],
+                          capture_output=True, text=True)
+    if done.returncode != 0 and "unrecognized" in done.stderr + done.stdout:
+        pytest.skip(f"{compiler} does not know {flags}")
+    assert done.returncode == 0, done.stderr
