@@ -194,3 +194,40 @@ def test_c_benchmarks_compile_with_the_flags_their_headers_give(source, flags, t
     if done.returncode != 0 and "unrecognized" in done.stderr + done.stdout:
         pytest.skip(f"{compiler} does not know {flags}")
     assert done.returncode == 0, done.stderr
+
+
+def test_half_batches_variants_compute_the_batch_and_the_slices_run_on_one_thread_each(model_and_input):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import bench_half_batches as half
+
+    model, x = model_and_input
+    seen = []
+    real_deploy = half.deploy
+
+    def recording_deploy(m, example):
+        deployed = real_deploy(m, example)
+
+        def run(batch):
+            seen.append((threading.get_ident(), torch.get_num_threads(), batch.shape[0]))
+            return deployed(batch)
+        return run
+
+    caller = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool, torch.no_grad():
+            half.deploy = recording_deploy
+            runs = half.variants(model, x, 2, pool)
+            expected = model.eval()(x)
+            seen.clear()
+            for run in runs.values():
+                torch.testing.assert_close(run(), expected, atol=1e-4, rtol=0)
+            with pytest.raises(ValueError, match="batch 2 does not split into 3 equal slices"):
+                half.variants(model, x, 3, pool)
+    finally:
+        half.deploy = real_deploy
+        torch.set_num_threads(caller)
+    whole, *slices = seen
+    assert whole[1:] == (2, 2) and whole[0] == threading.get_ident()
+    assert sorted(s[1:] for s in slices) == [(1, 1), (1, 1)] and threading.get_ident() not in {s[0] for s in slices}
