@@ -185,6 +185,10 @@ def test_c_benchmarks_compile_with_the_flags_their_headers_give(source, flags, t
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         pytest.skip("no C compiler")
+    probe = tmp_path / "probe.c"
+    probe.write_text("int main(void) { return 0; }\n")
+    if subprocess.run([compiler, str(probe), "-o", str(tmp_path / "probe")], capture_output=True).returncode != 0:
+        pytest.skip(f"{compiler} builds nothing (e.g. CC=false)")
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", source)
     if source != "fma_peak.c":
         with open(path) as f:
