@@ -13,22 +13,11 @@
  * Operand values are constants (timing only; tests/test_amx_gemm.py checks the kernel's numbers). Results and
  * what came of them: docs/benchmarks.md section 8. Linux, a CPU with AMX:
  *     cc -O2 -mavx512f -mamx-tile -mamx-bf16 benchmarks/amx_block_variants.c -o /tmp/amx_blocks && /tmp/amx_blocks */
-#include <immintrin.h>
-#include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
-#include <sys/syscall.h>
-#include <time.h>
-#include <unistd.h>
+
+#include "amx_tiles.h"
 
 enum { TILE_ELEMS = 512 }; /* bf16 elements of one 16 x 32 operand tile */
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
 
 typedef struct { /* one panel and one packed weight, laid out as the kernel has them */
     const uint16_t *ahi, *alo; /* 32 rows of kp, row stride kp */
@@ -38,12 +27,6 @@ typedef struct { /* one panel and one packed weight, laid out as the kernel has 
     int relu;
     float *c; /* 32 x n */
 } panel_job;
-
-static double seconds(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
-}
 
 /* The kernel's 2 x 2 step sequence on accumulators 0-3, A tiles 4-5, B tiles 6-7. */
 static void products_2x2(const panel_job *j, const uint16_t *bh, const uint16_t *bl) {
@@ -286,18 +269,7 @@ static void free_job(panel_job *j) {
 }
 
 int main(void) {
-    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) != 0) {
-        fprintf(stderr, "the kernel did not grant the AMX tile state\n");
-        return 1;
-    }
-    tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; ++t) {
-        cfg.colsb[t] = 64;
-        cfg.rows[t] = 16;
-    }
-    _tile_loadconfig(&cfg);
+    if (start_tiles() != 0) return 1;
     printf("1. tile-product latency\n");
     latency_chains();
     /* (kp, n) of SHViT's 1x1 convolutions: S1's 128 -> 256 and 224 -> 448 FFN layers and their way back, S4's

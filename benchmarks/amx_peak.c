@@ -3,43 +3,14 @@
  * GMAC/s of bf16; a third of that is the ceiling of fp32 work in split bf16 ("bf16x3", docs/benchmarks.md section 8).
  * Linux, a CPU with AMX (amx_tile, amx_bf16):
  *     cc -O2 -mamx-tile -mamx-bf16 benchmarks/amx_peak.c -o /tmp/amx_peak && /tmp/amx_peak */
-#include <immintrin.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <string.h>
-#include <sys/syscall.h>
-#include <time.h>
-#include <unistd.h>
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
-static double seconds(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
-}
+#include "amx_tiles.h"
 
 static uint16_t operand[4][512] __attribute__((aligned(64)));
 
 int main(void) {
-    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) != 0) {
-        fprintf(stderr, "the kernel did not grant the AMX tile state\n");
-        return 1;
-    }
-    tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; ++t) {
-        cfg.colsb[t] = 64;
-        cfg.rows[t] = 16;
-    }
+    if (start_tiles() != 0) return 1;
     for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 512; ++j) operand[i][j] = 0x3f80; /* bf16 1.0 */
-    _tile_loadconfig(&cfg);
     _tile_loadd(4, operand[0], 64);
     _tile_loadd(5, operand[1], 64);
     _tile_loadd(6, operand[2], 64);
