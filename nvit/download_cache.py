@@ -7,9 +7,13 @@ with whatever its unpickler meets, often as a pickle it refuses for safety, with
 ``weights_only=False``: wrong, and unsafe, for a damaged file. The checks here (zip CRCs, the legacy format's
 structure, the first bytes) tell a damaged file from an unsafe one. Hub weights are kept the same way, in the Hub
 cache, and checked the same way; a Hub ``.safetensors`` file is checked by opening it with the safetensors reader.
+A Hub file whose blob is named by a sha256 (a large file's, as the Hub client stores it) must also hash to it, which
+catches bytes changed inside tensor data, where neither format has a checksum (a zip member's CRC aside).
 The same module is in ``shvit`` and ``nvit`` (the model packages may not import each other).
 """
+import hashlib
 import os
+import re
 import tarfile
 import zipfile
 from typing import Optional, Union
@@ -19,11 +23,12 @@ import torch
 
 from .torch_legacy import LEGACY_HEAD_SIZE, legacy_file_cut, starts_as_legacy_file
 
-__all__ = ['download_cache_path', 'torch_file_damage', 'safetensors_file_damage', 'damaged_download_text',
-           'damaged_hub_file_text', 'saved_pickle_protocol', 'unreadable_protocol_text']
+__all__ = ['download_cache_path', 'torch_file_damage', 'safetensors_file_damage', 'hub_blob_hash_mismatch',
+           'damaged_download_text', 'damaged_hub_file_text', 'saved_pickle_protocol', 'unreadable_protocol_text']
 
 PathLike = Union[str, os.PathLike]
 _ZIP_HEADER = b'PK\x03\x04'
+_SHA256_NAME = re.compile(r'[0-9a-f]{64}')
 
 
 def download_cache_path(url: str, cache_dir: Optional[PathLike] = None) -> str:
@@ -77,6 +82,26 @@ def safetensors_file_damage(path: PathLike) -> Optional[str]:
     return None
 
 
+def hub_blob_hash_mismatch(path: PathLike) -> Optional[str]:
+    """For a Hub cache file ``path`` whose blob (the file it links to, or itself) is named by a sha256, as the Hub
+    client names a large (LFS) file's blob by the sha256 the Hub gave for it: if the content hashes otherwise, that in
+    words (its bytes changed after the download: a disk or copy error); None when it matches, or the name is no sha256
+    (a small file's blob is named by its git hash, and a cache without symbolic links keeps copies under the entry's
+    name). Reads the whole file once."""
+    blob = os.path.realpath(path)
+    expected = os.path.basename(blob)
+    if not _SHA256_NAME.fullmatch(expected):
+        return None
+    digest = hashlib.sha256()
+    with open(blob, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    if digest.hexdigest() == expected:
+        return None
+    return (f'its content hashes to sha256 {digest.hexdigest()}, not to {expected}, the sha256 the Hub gave for it and '
+            f'its blob\'s name, so bytes in it changed after the download')
+
+
 def damaged_download_text(url: str, path: PathLike) -> Optional[str]:
     """If ``path``, timm's download of ``url``, exists and is damaged (``torch_file_damage``): what is wrong and what
     to do, in words ("the download of URL in the cache, PATH, is corrupt or truncated: ...\\nTo fix: delete PATH ...",
@@ -94,14 +119,15 @@ def damaged_download_text(url: str, path: PathLike) -> Optional[str]:
 
 def damaged_hub_file_text(hub_id: str, filename: str, path: PathLike) -> Optional[str]:
     """If ``path``, Hub repo ``hub_id``'s (``org/name`` or ``org/name@revision``) weight file ``filename`` as it stands
-    in the Hub cache, is damaged (``safetensors_file_damage`` for a ``.safetensors`` name, else ``torch_file_damage``):
-    what is wrong and what to do, in words, for the caller to prefix with the model's name; None when it is missing or
-    looks complete. The cache keeps the file as a snapshot entry linking to a blob
+    in the Hub cache, is damaged (``safetensors_file_damage`` for a ``.safetensors`` name, else ``torch_file_damage``;
+    then ``hub_blob_hash_mismatch``): what is wrong and what to do, in words, for the caller to prefix with the model's
+    name; None when it is missing or looks complete. The cache keeps the file as a snapshot entry linking to a blob
     named by its hash, and the Hub client links a deleted entry to the blob left behind again, so the advice is to
     delete both (or to download again with ``--force-download``)."""
     if not os.path.isfile(path):
         return None
     damage = (safetensors_file_damage if filename.endswith('.safetensors') else torch_file_damage)(path)
+    damage = damage or hub_blob_hash_mismatch(path)
     if damage is None:
         return None
     repo, _, revision = hub_id.partition('@')

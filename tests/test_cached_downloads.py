@@ -64,7 +64,7 @@ def checkpoints():
 
 def _write(path, checkpoint, case):
     """Write ``checkpoint`` to ``path`` damaged as ``case`` says."""
-    legacy = case in ('legacy', 'legacy_cut')
+    legacy = case.startswith('legacy')
     torch.save(dict(checkpoint, extra=Pickled()) if case == 'unsafe' else checkpoint, path,
                _use_new_zipfile_serialization=not legacy, pickle_protocol=4 if case == 'protocol4' else 2)
     data = path.read_bytes()
@@ -233,7 +233,8 @@ COMMIT = '0123456789abcdef0123456789abcdef01234567'
 def _hub_put(cache, checkpoint, case, filename):
     """Put ``checkpoint``, damaged as ``case`` says, in the Hub cache folder ``cache`` as Hub repo HUB_REPO's
     ``filename`` on its main branch, laid out as the Hub client does: a blob named by the content's sha256, linked from
-    the commit's snapshot folder. Returns the snapshot entry and the blob."""
+    the commit's snapshot folder. Returns the snapshot entry and the blob. A ``*flipped`` case changes a byte of the
+    last tensor's data after naming the blob, as a disk or copy error would."""
     import hashlib
     repo = cache / ('models--' + HUB_REPO.replace('/', '--'))
     staged = cache.parent / 'staged.pth'
@@ -241,6 +242,8 @@ def _hub_put(cache, checkpoint, case, filename):
     data = staged.read_bytes()
     staged.unlink()
     blob = repo / 'blobs' / hashlib.sha256(data).hexdigest()
+    if case.endswith('flipped'):
+        data = data[:-4] + bytes([data[-4] ^ 0x10]) + data[-3:]
     blob.parent.mkdir(parents=True)
     blob.write_bytes(data)
     entry = repo / 'snapshots' / COMMIT / filename
@@ -302,6 +305,32 @@ def test_a_damaged_safetensors_hub_file_names_the_entry_and_its_blob(checkpoints
         'complete safetensors file (SafetensorError' in message, message
     assert f'delete {entry} and {blob}, the blob it links to,' in message, message
     assert f'hf download {HUB_REPO} model.safetensors --force-download' in message, message
+
+
+@pytest.mark.parametrize('filename, case', [('model.safetensors', 'flipped'), ('pytorch_model.bin', 'legacy_flipped')])
+@pytest.mark.parametrize('package', list(MODELS))
+def test_a_hub_file_whose_bytes_changed_after_the_download_is_corrupt(checkpoints, tmp_path, offline, package, filename,
+                                                                      case):
+    """A Hub file in the Hub cache with a byte of its tensor data changed (neither safetensors nor a legacy
+    torch.save file has a checksum, so it reads without error, as checked here) no longer hashes to the sha256 its blob
+    is named by: the package's CorruptCheckpointError names both hashes, the entry and the blob. Before 2026-11-25 it
+    loaded the changed weights without a word."""
+    import hashlib
+    entry, blob = _hub_put(tmp_path / 'hub', checkpoints[package], case, filename)
+    if filename.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        read = load_file(str(blob))
+    else:
+        read = torch.load(blob, weights_only=True)['model']
+    saved = checkpoints[package]['model']
+    assert read.keys() == saved.keys() and sum(not torch.equal(read[k], v) for k, v in saved.items()) == 1
+    with pytest.raises(MODELS[package][2]) as info:
+        _hub_load(package, tmp_path / 'hub', filename)
+    message = str(info.value)
+    actual = hashlib.sha256(blob.read_bytes()).hexdigest()
+    assert f'{filename} of Hub repo {HUB_REPO} in the Hub cache, {entry}, is corrupt or truncated: its content ' \
+        f'hashes to sha256 {actual}, not to {blob.name}, the sha256 the Hub gave for it' in message, message
+    assert f'delete {entry} and {blob}, the blob it links to,' in message, message
 
 
 @pytest.mark.parametrize('filename', ['model.safetensors', 'weights.safetensors'])
