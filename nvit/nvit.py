@@ -255,6 +255,10 @@ def _create_nvit(variant: str, pretrained: bool = False, default_dims: Optional[
     dims = dims or fixed or KNOWN_DIMS.get(variant)
     if dims is None:
         raise _missing_dims_error(variant)
+    if kwargs.get('features_only') and kwargs.get('global_pool') == '':
+        # timm's feature getter drops the heads and the pooling (prune_intermediate_layers), so built pooled as released
+        # the model is the same, and a distilled one is not refused for classes without pooling it will never use
+        kwargs['global_pool'] = 'token'
     strict = kwargs.get('pretrained_strict', True)  # False: timm's opt-out of a strict load, honoured with a warning
     if state_dict is not None:
         check_dims_match(dims, state_dict, partial=not strict)

@@ -142,6 +142,29 @@ def test_features_only_getter():
     assert [f.shape for f in feats] == [(1, 32, 4, 4)] * 2
 
 
+@pytest.mark.parametrize('name', ['revit_t', 'nvit_b'])
+def test_features_only_of_a_distilled_model_takes_global_pool_none(name):
+    """features_only=True with global_pool='' (the feature getter drops heads and pooling anyway) builds a distilled
+    model, whose classifiers otherwise refuse '' (before 2026-11-25: UnsupportedPoolError, as timm's distilled DeiT
+    asserts). Its features are the last three blocks' patch tokens, as hooks on a plain model of the same weights see
+    them."""
+    kwargs = dict(img_size=64, **(dict(dims=DIMS) if name == 'nvit_b' else {}))
+    torch.manual_seed(0)
+    features = timm.create_model(name, features_only=True, global_pool='', **kwargs).eval()
+    torch.manual_seed(0)
+    plain = timm.create_model(name, **kwargs).eval()
+    assert plain.dist_token is not None
+    seen = []
+    for block in plain.blocks[-3:]:
+        block.register_forward_hook(lambda module, args, out: seen.append(out[:, 2:]))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got = features(x)
+        plain(x)
+    expected = [t.reshape(2, 4, 4, -1).permute(0, 3, 1, 2) for t in seen]
+    assert len(got) == 3 and all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
 def test_group_matcher_and_no_weight_decay():
     m = small()
     names = [n for n, _ in m.named_parameters()]
