@@ -333,6 +333,8 @@ def _drop_state_dict_from_cfg(model: Any, source: Optional[str]) -> None:
 
 def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHViT:
     source = _weights_source(variant, kwargs) if pretrained else ''
+    if kwargs.get('features_only') and kwargs.get('global_pool') == '':
+        kwargs['global_pool'] = 'avg'  # no head in the feature model: the pooling a head needs does not matter
     try:
         restore_source = _read_model_not_ema(variant, kwargs) if pretrained else None
         model = build_model_with_cfg(

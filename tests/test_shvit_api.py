@@ -82,11 +82,14 @@ def test_features_only():
     assert m.feature_info.reduction() == [32, 64]
 
 
+@pytest.mark.parametrize('kwargs', [{}, {'global_pool': ''}])
 @torch.no_grad()
-def test_features_only_state_dict_is_timms():
-    # the same wrapper and keys as timm's built-in SHViT, so saved features_only backbones load both ways
-    theirs = timm.models.shvit.shvit_s1(features_only=True).eval()  # timm's own constructor, not the registry
-    ours = timm.create_model('shvit_s1', features_only=True).eval()
+def test_features_only_state_dict_is_timms(kwargs):
+    # the same wrapper and keys as timm's built-in SHViT, so saved features_only backbones load both ways; with
+    # global_pool='' too, which the features (no head) do not use (before 2026-11-25 ours refused it: a head needs
+    # pooling)
+    theirs = timm.models.shvit.shvit_s1(features_only=True, **kwargs).eval()  # timm's own constructor, not the registry
+    ours = timm.create_model('shvit_s1', features_only=True, **kwargs).eval()
     assert type(ours) is type(theirs)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     ours.load_state_dict(randomize_norms(theirs).state_dict())
