@@ -464,6 +464,38 @@ def test_torchscript_backend_fuses_nvit_with_token_mask():
     torch.testing.assert_close(deployed(x), _reference(model, x), atol=1e-5, rtol=0)
 
 
+class _LayerScaled(nn.Module):
+    """A linear layer's output times a per-channel parameter, plus the input: timm's LayerScale (deit3, cait, xcit,
+    edgenext...)."""
+
+    def __init__(self, dim: int = 24):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        self.gamma = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):
+        return x + self.fc(x) * self.gamma
+
+
+@pytest.mark.parametrize("model, error", [
+    (_LayerScaled(), "vector::_M_range_check"),
+    (nn.Sequential(nn.Linear(24, 24), nn.LayerNorm(24, bias=False)), "could not add op to the graph"),
+], ids=["layer-scale", "layernorm-without-bias"])
+def test_torchscript_backend_falls_back_where_onednn_graph_fails(model, error):
+    """The two oneDNN Graph failures (torch 2.14.1) behind timm models that run as an unfused trace (docs/deploy.md):
+    a parameter that broadcasts against a linear layer's output (timm's layer scale; swin's relative position bias
+    fails alike) and a LayerNorm without bias (poolformerv2). Each falls back with the warning, and computes what the
+    model does. Should a torch release fuse them, this fails, and the docs' list is to be updated."""
+    ts = importlib.import_module("vitzoo.torchscript_backend")
+    if not ts.onednn_graph_available():
+        pytest.skip("no oneDNN Graph in this build")
+    x = torch.randn(2, 5, 24)
+    with pytest.warns(RuntimeWarning, match=rf"fusion failed for input shape \[2, 5, 24\] \(RuntimeError: {error}"):
+        deployed = deploy(model.eval(), x, backend="torchscript")
+    assert [fused for _, fused in deployed.model._traced.values()] == [False]
+    torch.testing.assert_close(deployed(x), _reference(model, x), atol=1e-6, rtol=0)
+
+
 def test_torchscript_backend_unavailable_is_a_clear_error(monkeypatch, shvit_s1):
     monkeypatch.setattr(importlib.import_module("vitzoo.torchscript_backend"), "torchscript_available", lambda: False)
     with pytest.raises(RuntimeError, match="backend 'torchscript' is not available here"):
