@@ -2,11 +2,12 @@
 from typing import List, Optional
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_function, resample_abs_pos_embed, use_fused_attn
 
-__all__ = ['NViTAttention', 'resample_token_mask']
+__all__ = ['NViTAttention', 'resample_token_mask', 'check_attn_mask_args', 'mask_attn_scores']
 
 
 @register_notrace_function  # one call in timm's fx graphs: traced sizes cannot steer the resampler's size checks
@@ -25,6 +26,34 @@ def resample_token_mask(
     resized = resample_abs_pos_embed(
         token_mask.unsqueeze(0), new_size=new_size, old_size=old_size, num_prefix_tokens=num_prefix_tokens)
     return resized.squeeze(0)
+
+
+def check_attn_mask_args(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
+    """Refuse ``attn_mask`` together with ``is_causal=True``, as ``F.scaled_dot_product_attention`` does."""
+    if is_causal and attn_mask is not None:
+        raise ValueError('NViT attention: give attn_mask or is_causal=True, not both (as '
+                         'F.scaled_dot_product_attention takes them).')
+
+
+def mask_attn_scores(attn: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
+    """Scores ``[B, heads, N, N]`` masked as ``F.scaled_dot_product_attention`` masks them: ``is_causal`` keeps each
+    token's own and earlier keys; a boolean ``attn_mask`` keeps the keys where it is True; a float one is added."""
+    if is_causal:
+        n = attn.shape[-1]
+        attn_mask = torch.ones(n, n, dtype=torch.bool, device=attn.device).tril()
+    if attn_mask is None:
+        return attn
+    if attn_mask.dtype == torch.bool:
+        return attn.masked_fill(attn_mask.logical_not(), float('-inf'))
+    return attn + attn_mask
+
+
+# FX leaves (torch.fx.wrap for symbolic_trace, and timm's notrace list): the mask and flag are graph inputs under FX,
+# which these cannot branch on; each is one call in the graph, as F.scaled_dot_product_attention is
+torch.fx.wrap('check_attn_mask_args')
+torch.fx.wrap('mask_attn_scores')
+register_notrace_function(check_attn_mask_args)
+register_notrace_function(mask_attn_scores)
 
 
 class NViTAttention(nn.Module):
@@ -81,13 +110,23 @@ class NViTAttention(nn.Module):
         self.proj = nn.Linear(num_heads * v_dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+            self,
+            x: torch.Tensor,
+            token_mask: Optional[torch.Tensor] = None,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
         """
         Args:
             x: Tokens ``[B, N, dim]``.
             token_mask: Per-token scale ``[N, 1]`` replacing the stored one (the model passes a resampled copy when
                 the token count differs from the one it was built for).
+            attn_mask: Attention mask broadcastable to ``[B, heads, N, N]``, as ``F.scaled_dot_product_attention``
+                takes it (and timm's ViT): boolean, True where a query may attend; or float, added to the scores.
+            is_causal: Each token attends only to itself and the tokens before it (not with ``attn_mask``).
         """
+        check_attn_mask_args(attn_mask, is_causal)
         B, N, _ = x.shape
         qkv = self.qkv(x)
         if token_mask is None:
@@ -109,12 +148,14 @@ class NViTAttention(nn.Module):
                 q = F.pad(q, [0, width - self.qk_dim])
                 k = F.pad(k, [0, width - self.qk_dim])
                 x = F.scaled_dot_product_attention(
-                    q, k, F.pad(v, [0, width - self.v_dim]), dropout_p=dropout_p, scale=self.scale)
+                    q, k, F.pad(v, [0, width - self.v_dim]), attn_mask=attn_mask, dropout_p=dropout_p,
+                    is_causal=is_causal, scale=self.scale)
                 x = x[..., :self.v_dim]
             else:
-                x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
+                x = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.scale)
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = mask_attn_scores((q * self.scale) @ k.transpose(-2, -1), attn_mask, is_causal)
             attn = self.attn_drop(attn.softmax(dim=-1))
             x = attn @ v
 

@@ -55,12 +55,19 @@ class NViTBlock(nn.Module):
         self.mlp = Mlp(dim, hidden_features=mlp_dim, act_layer=act_layer, drop=proj_drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
-    def forward(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+            self,
+            x: torch.Tensor,
+            token_mask: Optional[torch.Tensor] = None,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
         """
         Args:
             x: Tokens ``[B, N, dim]``.
             token_mask: Optional resampled per-token scale ``[N, 1]`` (see ``NViTAttention.forward``).
+            attn_mask, is_causal: Attention masking (see ``NViTAttention.forward``).
         """
-        x = x + self.drop_path1(self.attn(self.norm1(x), token_mask))
+        x = x + self.drop_path1(self.attn(self.norm1(x), token_mask, attn_mask, is_causal))
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
         return x

@@ -280,7 +280,8 @@ class NViT(nn.Module):
         return nn.Identity()
 
     def init_weights(self, mode: str = '', needs_reset: bool = True) -> None:
-        """timm ViT init: truncated normal (std .02) for tokens, position embedding and Linear weights (zero biases).
+        """Truncated normal (std .02) for tokens, position embedding and Linear weights (zero biases), as the official
+        DeiT code initialises its ViT (timm's ViT draws its class token with std 1e-6).
 
         Args:
             mode: Only timm's default ``''`` (the jax / moco variants of timm's ViT are not implemented).
@@ -402,6 +403,8 @@ class NViT(nn.Module):
             last: int,
             take_indices: List[int],
             norm: bool,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Run blocks ``0..last``; collect the outputs of ``take_indices`` (final-normed if ``norm``)."""
         intermediates: List[torch.Tensor] = []
@@ -409,9 +412,9 @@ class NViT(nn.Module):
             if i <= last:
                 token_mask = self._token_mask_for(blk.attn.token_mask, feat_size)
                 if self.grad_checkpointing and not torch.jit.is_scripting():
-                    x = checkpoint(blk, x, token_mask)
+                    x = checkpoint(blk, x, token_mask, attn_mask, is_causal)
                 else:
-                    x = blk(x, token_mask)
+                    x = blk(x, token_mask, attn_mask, is_causal)
                 if i in take_indices:
                     intermediates.append(self.norm(x) if norm else x)
         return x, intermediates
@@ -425,7 +428,10 @@ class NViT(nn.Module):
             stop_early: bool = False,
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+            output_dict: bool = False,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
         """Forward that also returns block outputs (patch tokens), for dense tasks.
 
         Args:
@@ -437,6 +443,10 @@ class NViT(nn.Module):
             stop_early: Stop after the last block needed.
             output_fmt: 'NCHW' (feature maps) or 'NLC' (token sequences).
             intermediates_only: Return only the intermediates.
+            output_dict: Return a dict, as timm's ViT does: ``'image_intermediates'``, with
+                ``return_prefix_tokens`` also ``'image_intermediates_prefix'``, and unless ``intermediates_only`` the
+                final tokens as ``'image_features'``. Not under TorchScript.
+            attn_mask, is_causal: Attention masking in every block (see ``NViTAttention.forward``).
         """
         if output_fmt not in ('NCHW', 'NLC'):
             # no !r: TorchScript compiles f-strings without conversions only (features_only models are scripted)
@@ -445,13 +455,20 @@ class NViT(nn.Module):
         B = x.shape[0]
         x, feat_size = self._embed(x)
         last = max_index if stop_early else len(self.blocks) - 1
-        x, intermediates = self._forward_blocks(x, feat_size, last, take_indices, norm)
+        x, intermediates = self._forward_blocks(x, feat_size, last, take_indices, norm, attn_mask, is_causal)
 
         prefix_tokens = [y[:, :self.num_prefix_tokens] for y in intermediates]
         intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
         if output_fmt == 'NCHW':
             intermediates = [
                 y.reshape(B, feat_size[0], feat_size[1], -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if not torch.jit.is_scripting() and output_dict:
+            result: Dict[str, Any] = {'image_intermediates': intermediates}
+            if return_prefix_tokens:
+                result['image_intermediates_prefix'] = prefix_tokens
+            if not intermediates_only:
+                result['image_features'] = self.norm(x)
+            return result
         if not torch.jit.is_scripting() and return_prefix_tokens:
             intermediates = list(zip(intermediates, prefix_tokens))
         if intermediates_only:
@@ -540,10 +557,13 @@ class NViT(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, C, H, W]`` -> tokens ``[B, prefix + patches, embed_dim]`` (normalised unless ``fc_norm``)."""
+    def forward_features(
+            self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+    ) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` -> tokens ``[B, prefix + patches, embed_dim]`` (normalised unless ``fc_norm``);
+        ``attn_mask`` / ``is_causal`` mask the attention of every block (see ``NViTAttention.forward``)."""
         x, feat_size = self._embed(x)
-        x, _ = self._forward_blocks(x, feat_size, len(self.blocks) - 1, [], False)
+        x, _ = self._forward_blocks(x, feat_size, len(self.blocks) - 1, [], False, attn_mask, is_causal)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
@@ -578,5 +598,5 @@ class NViT(nn.Module):
             return x, x_dist
         return (x + x_dist) / 2
 
-    def forward(self, x: torch.Tensor):
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        return self.forward_head(self.forward_features(x, attn_mask, is_causal))

@@ -563,6 +563,41 @@ def test_unfused_attention_matches_fused_with_uneven_block_dims():
     torch.testing.assert_close(unfused, reference, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize('fused', [True, False])
+@pytest.mark.parametrize('mask', ['bool', 'float', 'causal'])
+def test_attention_masks_and_output_dict_match_timms_deit(fused, mask):
+    """timm's ViT takes attn_mask / is_causal in forward, forward_features and forward_intermediates, and
+    output_dict=True in forward_intermediates; NViT refused them (TypeError) before 2026-11-25, found by an audit.
+    Against timm's distilled DeiT, converted by from_vit, on both attention paths."""
+    torch.manual_seed(0)
+    vit = timm.create_model('deit_tiny_distilled_patch16_224', img_size=64, depth=2).eval()
+    model = nvit.from_vit(vit).eval()
+    for blk in [*vit.blocks, *model.blocks]:
+        blk.attn.fused_attn = fused
+    tokens = 2 + 16
+    if mask == 'causal':
+        kwargs = dict(is_causal=True)
+    elif mask == 'bool':  # True: may attend; each token may attend to itself, so no row is all masked
+        kwargs = dict(attn_mask=(torch.rand(2, 1, tokens, tokens) > 0.5) | torch.eye(tokens, dtype=torch.bool))
+    else:
+        kwargs = dict(attn_mask=torch.randn(2, 1, tokens, tokens))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(model(x, **kwargs), model(x), atol=1e-3)  # the mask changes the output
+        torch.testing.assert_close(model(x, **kwargs), vit(x, **kwargs), atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.forward_features(x, **kwargs), vit.forward_features(x, **kwargs),
+                                   atol=1e-5, rtol=0)
+        ours = model.forward_intermediates(x, indices=2, return_prefix_tokens=True, output_dict=True, **kwargs)
+        theirs = vit.forward_intermediates(x, indices=2, return_prefix_tokens=True, output_dict=True, **kwargs)
+        assert ours.keys() == theirs.keys() == {'image_intermediates', 'image_intermediates_prefix', 'image_features'}
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+        only = model.forward_intermediates(x, indices=1, output_dict=True, intermediates_only=True, **kwargs)
+        assert only.keys() == {'image_intermediates'}
+        torch.testing.assert_close(only['image_intermediates'], theirs['image_intermediates'][-1:], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match='give attn_mask or is_causal=True, not both'):
+        model(x, attn_mask=torch.zeros(tokens, tokens), is_causal=True)
+
+
 def test_attn_scale_none_is_per_head_qk_width():
     """attn_scale=None: block i scales logits by qk_dim[i] ** -0.5, qk_dim being the per-head q/k width."""
     torch.manual_seed(0)
