@@ -39,6 +39,54 @@ def test_failure_leaves_the_old_file_and_no_temp_file(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+class _InterruptedWriter:
+    """A file whose third write is interrupted (Ctrl-C): torch.save's zip writer then fails in its own clean-up
+    ("unexpected pos"), with the interrupt only as the context of that RuntimeError."""
+
+    def __init__(self, f, interrupt):
+        self.f, self.interrupt, self.writes = f, interrupt, 0
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes == 3:
+            raise self.interrupt
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+class _Terminated(BaseException):
+    """As the CLI's SIGTERM exception: a BaseException that is no Exception."""
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt(), _Terminated()])
+def test_an_interrupt_that_a_writer_turns_into_an_error_stays_an_interrupt(tmp_path, interrupt):
+    """Found by an audit: Ctrl-C or SIGTERM while finetune-det saved a checkpoint printed torch's RuntimeError
+    traceback and exited 1, not "interrupted" (130 / 143). The old file stays, no temp file is left, in a file and
+    in a staged folder."""
+    import torch
+
+    state = {"w": torch.randn(100, 100)}
+    out = tmp_path / "checkpoint_last.pth"
+    atomic_write_text(out, "old")
+    with pytest.raises(type(interrupt)):
+        with atomic_open(out, force=True) as f:
+            torch.save(state, _InterruptedWriter(f, interrupt))
+    assert out.read_text() == "old" and _leftovers(tmp_path) == []
+    with pytest.raises(type(interrupt)):
+        with staged_dir(tmp_path / "converted") as folder:
+            with open(folder / "model.pth", "wb") as f:
+                torch.save(state, _InterruptedWriter(f, interrupt))
+    assert not (tmp_path / "converted").exists() and _leftovers(tmp_path) == []
+    with pytest.raises(RuntimeError, match="boom"):  # an error while handling an ordinary error stays itself
+        with atomic_open(out, force=True):
+            try:
+                raise ValueError("first")
+            except ValueError:
+                raise RuntimeError("boom")
+
+
 def test_a_file_that_appears_while_writing_is_not_replaced(tmp_path, monkeypatch):
     out = tmp_path / "plot.png"
     with pytest.raises(FileExistsError, match="already exists.*force"):

@@ -55,10 +55,30 @@ def atomic_open(path: PathLike, force: bool = False) -> Iterator[BinaryIO]:
         with contextlib.suppress(OSError):  # a failed clean-up must not hide the error itself
             os.unlink(tmp)
         _remove_empty(created)
+        interrupt = _interrupt_behind(e)
+        if interrupt is not None:
+            raise interrupt
         renamed = _naming_target(e, path, temp=tmp) if isinstance(e, OSError) else e
         if renamed is e:
             raise
         raise renamed from e
+
+
+def _interrupt_behind(error: BaseException) -> Optional[BaseException]:
+    """The interrupt that ``error``, an ordinary exception, was raised while handling, if any: Ctrl-C's
+    ``KeyboardInterrupt`` or the CLI's SIGTERM exception (a ``BaseException`` that is no ``Exception``). A writer
+    stopped mid-write may fail in its own clean-up (``torch.save``'s zip writer: "unexpected pos"), which would
+    replace the interrupt by a traceback; the writers re-raise the interrupt instead."""
+    if not isinstance(error, Exception):
+        return None
+    seen = set()
+    context = error.__context__
+    while context is not None and id(context) not in seen:
+        if not isinstance(context, Exception):
+            return context
+        seen.add(id(context))
+        context = context.__context__
+    return None
 
 
 def _naming_target(error: OSError, target: Path, temp: Optional[Path]) -> OSError:
@@ -291,7 +311,12 @@ def staged_dir(out_dir: PathLike, force: bool = False) -> Iterator[Path]:
         landed = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
+    except Exception as e:
+        interrupt = _interrupt_behind(e)
+        if interrupt is not None:
+            raise interrupt
+        if not isinstance(e, OSError):
+            raise
         renamed = _naming_target(e, out_dir, temp=tmp)
         if renamed is e:
             raise
