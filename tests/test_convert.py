@@ -924,3 +924,38 @@ def test_a_file_other_than_the_recorded_release_is_converted_as_own_weights(shvi
     card = (out / "README.md").read_text()
     assert "72.8%" not in card and "records no sha256" not in card
     assert "notes" not in json.loads((out / "config.json").read_text())["pretrained_cfg"]
+
+
+def test_non_finite_weights_are_named_before_anything_is_written(shvit_official, tmp_path, capsys):
+    """Found by an audit: a checkpoint with a NaN was converted up to the final check, which said that the weights
+    in the hidden staging folder "differ from the source model's" (NaN != NaN) and named that folder."""
+    model, _ = shvit_official
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["head.l.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    assert main(["convert", str(tmp_path / "nan.pth"), "--model", "shvit_s1", "--out", str(tmp_path / "out"),
+                 "--no-flops"]) == 1
+    err = capsys.readouterr().err
+    assert "1 tensor(s) hold NaN or infinite values (head.l.weight)" in err and ".partial" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["nan.pth"]
+
+
+def test_a_failed_final_check_names_the_output_folder_not_the_staging_one(shvit_official, tmp_path, capsys,
+                                                                          monkeypatch):
+    """The final check runs on the staging folder: its error names --out (found by an audit)."""
+    import vitzoo.convert
+
+    _, src = shvit_official
+    calls = []
+
+    def outputs(model, input_size):  # the second call (the folder's model) differs from the first (the source's)
+        calls.append(1)
+        return torch.full((1, 3), float(len(calls)))
+
+    monkeypatch.setattr(vitzoo.convert, "_outputs", outputs)
+    out = tmp_path / "out"
+    assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(out), "--no-flops"]) == 1
+    err = capsys.readouterr().err
+    assert err.endswith(f"vitzoo convert: error: {out}: outputs differ from the source model (max abs diff 1 > "
+                        "1e-06).\n") and ".partial" not in err, err
+    assert not out.exists()

@@ -495,3 +495,18 @@ def test_features_only_token_model_with_any_out_indices_gets_the_simple_pyramid(
         out = bb.eval()(torch.randn(1, 3, 64, 96))
     assert {k: tuple(v.shape[-2:]) for k, v in out.items()} == {
         'p3': (8, 12), 'p4': (4, 6), 'p5': (2, 3), 'p6': (1, 2), 'p7': (1, 1)}
+
+
+def test_backbone_weights_with_nan_are_refused_by_name(tmp_path):
+    """Found by an audit: finetune-det trained on them and stopped at a NaN loss advising a lower learning rate."""
+    from vitzoo.detection import BackboneError
+    from vitzoo.detection.backbone import create_body
+
+    state = timm.create_model('shvit_s1').state_dict()
+    state['patch_embed.0.c.weight'][0, 0, 0, 0] = float('nan')
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / 'nan.safetensors'))
+    with pytest.raises(BackboneError) as caught:
+        create_body('shvit_s1', weights=tmp_path / 'nan.safetensors')
+    assert str(caught.value).startswith(
+        f"could not load {tmp_path / 'nan.safetensors'} into backbone 'shvit_s1': 1 tensor(s) hold NaN or infinite "
+        "values (patch_embed.0.c.weight)")

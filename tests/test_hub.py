@@ -687,3 +687,35 @@ def test_a_legacy_file_of_pickle_protocol_3_loads(tmp_path, shvit_files):
     path = tmp_path / "legacy3.pth"
     torch.save(model.state_dict(), path, _use_new_zipfile_serialization=False, pickle_protocol=3)
     assert _same_weights(load_pretrained_model("shvit_s1", pretrained_cfg_overlay=dict(file=str(path))), model)
+
+
+def test_weights_with_nan_or_infinity_are_refused_by_name(tmp_path):
+    """Found by an audit: a file with a NaN loaded, and each tool then failed on it in its own misleading words
+    (convert: "weights differ from the source model's", export: an output difference of nan, finetune-det: a NaN
+    loss, "lower --lr"). A parameter with NaN or infinity, or a buffer with NaN, is a CorruptWeightsError naming
+    it; infinity in a buffer (an attention mask) is kept."""
+    import math
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10)
+    state = model.state_dict()
+    path = tmp_path / "w.pth"
+
+    def load(changes):
+        torch.save({k: (changes[k] if k in changes else v) for k, v in state.items()}, path)
+        overlay = dict(file=str(path), num_classes=10)
+        return load_pretrained_model("resnet18", num_classes=10, pretrained_cfg_overlay=overlay)
+
+    weight = state["fc.weight"].clone()
+    weight[2, 3] = math.inf
+    with pytest.raises(CorruptWeightsError) as caught:
+        load({"fc.weight": weight})
+    assert f"The pretrained weights from {path} for 'resnet18': 1 tensor(s) hold NaN or infinite values " \
+        "(fc.weight): the weights of a training run that diverged" in str(caught.value)
+    running_var = state["bn1.running_var"].clone()
+    running_var[0] = math.nan
+    with pytest.raises(CorruptWeightsError, match=r"2 tensor\(s\) hold NaN .*\(fc.weight, bn1.running_var\)"):
+        load({"fc.weight": weight, "bn1.running_var": running_var})
+    running_mean = state["bn1.running_mean"].clone()
+    running_mean[0] = -math.inf
+    assert load({"bn1.running_mean": running_mean}).bn1.running_mean[0] == -math.inf

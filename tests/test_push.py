@@ -292,3 +292,23 @@ def test_what_is_uploaded_is_what_was_verified(hub, converted, tmp_path, monkeyp
     monkeypatch.setattr(vitzoo.push, "verify_folder", verify_then_edit)
     assert main(["push", str(mine), "--repo", "me/race"]) == 0
     assert hub.commits[0]["files"] == verified
+
+
+def test_push_refuses_weights_with_nan_or_infinity_by_name(hub, converted, tmp_path, capsys):
+    """Found by an audit: a folder with a NaN was refused as "the loaded weights differ from the source model's"
+    (push has no source model; NaN != NaN)."""
+    from safetensors.torch import load_file, save_file
+
+    _, folder = converted
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "README.md"):
+        (broken / name).write_bytes((folder / name).read_bytes())
+    metadata, _ = read_safetensors_metadata(folder / "model.safetensors")
+    state = load_file(str(folder / "model.safetensors"))
+    state["head.l.weight"][1, 2] = float("inf")
+    save_file(state, str(broken / "model.safetensors"), metadata=metadata)
+    assert main(["push", str(broken), "--repo", "me/broken"]) == 1
+    err = capsys.readouterr().err
+    assert "1 tensor(s) hold NaN or infinite values (head.l.weight)" in err and "differ" not in err, err
+    assert hub.requests == []

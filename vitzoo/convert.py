@@ -830,7 +830,10 @@ def convert_checkpoint(
             (tmp / "README.md").write_text(render_card(fields), encoding="utf-8")
             steps.update()
             steps.set_postfix_str("verify")
-            verify_folder(tmp, reference=source_model, manifest=manifest)
+            try:
+                verify_folder(tmp, reference=source_model, manifest=manifest)
+            except VerificationError as e:  # named as the output folder, not the staging one it will become
+                raise VerificationError(str(e).replace(str(tmp), str(out_dir))) from e
             steps.update()
     return out_dir
 

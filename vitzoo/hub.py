@@ -16,7 +16,7 @@ import re
 import urllib.error
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -40,6 +40,8 @@ __all__ = [
     "resource_path",
     "read_safetensors_metadata",
     "validate_weights_file",
+    "non_finite_weights",
+    "non_finite_text",
     "fetch_hub_weights",
     "hub_offline_hint",
     "load_pretrained_model",
@@ -481,7 +483,7 @@ def load_pretrained_model(name: str, **kwargs: Any) -> torch.nn.Module:
             )
         validate_weights_file(weights)
     try:
-        return timm.create_model(name, pretrained=True, **kwargs)
+        model = timm.create_model(name, pretrained=True, **kwargs)
     except (RuntimeError, ValueError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) + _DOWNLOAD_ERRORS as e:
         problem = _classify(e)
         if problem == "download" and kind == "hub":  # the file was fetched and checked above; the Hub's re-check failed
@@ -506,6 +508,29 @@ def load_pretrained_model(name: str, **kwargs: Any) -> torch.nn.Module:
         if problem == "corrupt":
             raise CorruptWeightsError(f"{location} is corrupt or truncated: {_shorten(str(e))}") from e
         raise
+    bad = non_finite_weights(model)
+    if bad:
+        raise CorruptWeightsError(f"The pretrained weights from {location} for '{name}': {non_finite_text(bad)}")
+    return model
+
+
+def non_finite_weights(model: torch.nn.Module) -> List[str]:
+    """The names of ``model``'s floating-point parameters that hold NaN or infinity, and of its floating-point
+    buffers that hold NaN (a buffer may hold infinity on purpose, as an attention mask does). Weights on the
+    ``meta`` device have no values and are passed over."""
+    bad = [name for name, p in model.named_parameters()
+           if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p).all())]
+    bad += [name for name, b in model.named_buffers()
+            if b.is_floating_point() and not b.is_meta and bool(torch.isnan(b).any())]
+    return bad
+
+
+def non_finite_text(names: List[str]) -> str:
+    """What :func:`non_finite_weights` found, in words, with what to do."""
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return (f"{len(names)} tensor(s) hold NaN or infinite values ({shown}): the weights of a training run that "
+            "diverged, or a damaged file. Use weights saved before the run diverged, or download / copy the file "
+            "again.")
 
 
 def _url_cache_file(url: str, kwargs: Dict[str, Any]) -> Optional[Path]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from timm.models._features import FeatureInfo
 
-from vitzoo.hub import WeightsError, validate_weights_file
+from vitzoo.hub import WeightsError, non_finite_text, non_finite_weights, validate_weights_file
 from vitzoo.models import resolve_name
 
 from .fpn import ExtraLevelFPN
@@ -111,6 +111,10 @@ def create_body(
             raise BackboneError(f'could not load the default pretrained weights into backbone {name!r}: '
                                 f'{summarize_load_error(e)}') from e
         raise BackboneError(f'cannot build backbone {name!r}: {summarize_load_error(e)}') from e
+    bad = non_finite_weights(model) if pretrained else []
+    if bad:  # else the first loss is NaN, and the advice for a diverging run (lower --lr) misleads
+        source = weights if weights is not None else 'the default pretrained weights'
+        raise BackboneError(f'could not load {source} into backbone {name!r}: {non_finite_text(bad)}')
     return model
 
 
