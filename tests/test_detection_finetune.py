@@ -146,6 +146,34 @@ def test_cli_reports_a_backbone_it_cannot_build(data, tmp_path, capsys):
     assert not any((tmp_path / d).exists() for d in 'abcdef')  # nothing written for a run that could not start
 
 
+def test_cli_advice_names_the_commands_options_not_python_arguments(data, tmp_path, capsys, monkeypatch):
+    """Found by an audit: a load error ended with advice only Python can follow (pass pretrained_strict=False,
+    pass pretrained_cfg_overlay=dict(file=...), use pretrained=False, use the entrypoint of the checkpoint's
+    variant); the command's options are named instead, and a partial load is not offered."""
+    import timm
+    from huggingface_hub import constants
+
+    base = ['finetune-det', '--data', str(data), '--device', 'cpu', '--workers', '0', '--no-progress', '--backbone',
+            'shvit_s1']
+    state = timm.create_model('shvit_s1').state_dict()
+    torch.save({k: v for k, v in state.items() if not k.startswith('stages.2.blocks.0.')}, tmp_path / 'partial.pth')
+    torch.save(timm.create_model('resnet18').state_dict(), tmp_path / 'resnet18.pth')
+    for weights in ('partial.pth', 'resnet18.pth'):
+        assert main(base + ['--out', str(tmp_path / 'a'), '--backbone-weights', str(tmp_path / weights)]) == 2
+        err = capsys.readouterr().err
+        assert err.endswith('the file must hold shvit_s1 weights (with or without its classifier), or choose the '
+                            'backbone it was saved from.\n'), err
+        assert 'pretrained_strict' not in err and 'entrypoint' not in err and '.;' not in err, err
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'empty-hub-cache'))
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    assert main(base + ['--out', str(tmp_path / 'b'), '--pretrained']) == 2
+    err = capsys.readouterr().err
+    assert err.endswith('offline, give a local file with --backbone-weights FILE; or leave out --pretrained and '
+                        '--backbone-weights (a randomly initialised backbone).\n'), err
+    assert 'pretrained_cfg_overlay' not in err and 'pretrained=False' not in err, err
+    assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
+
+
 def test_existing_run_is_never_replaced_unasked(data, tmp_path, capsys):
     out = tmp_path / 'run'
     out.mkdir()
@@ -602,8 +630,8 @@ def test_pretrained_load_error_keeps_its_advice(data, tmp_path, capsys, monkeypa
     assert capsys.readouterr().err == (
         "vitzoo finetune-det: error: could not load the default pretrained weights into backbone 'shvit_s1': Could "
         "not load pretrained weights for shvit_s1 from Hugging Face Hub repo timm/shvit_s1.in1k: "
-        "LocalEntryNotFoundError: not in the cache. To fix: fetch them with `hf download timm/shvit_s1.in1k`; or use "
-        "pretrained=False.\n")
+        "LocalEntryNotFoundError: not in the cache. To fix: fetch them with `hf download timm/shvit_s1.in1k`; or leave "
+        "out --pretrained and --backbone-weights (a randomly initialised backbone).\n")
     assert not out.exists()
 
 

@@ -450,18 +450,17 @@ def test_api_names_its_force_argument(tmp_path):
 
 def test_cli_error_keeps_the_advice_of_a_pretrained_load(tmp_path, capsys, monkeypatch):
     """Found by an audit: only the first line of SHViT's pretrained-loading error was printed, not its "To fix"."""
-    def offline(name, pretrained=False, **kwargs):
-        assert pretrained
+    def offline(name, **kwargs):
         raise RuntimeError("Could not load pretrained weights for shvit_s1 from Hugging Face Hub repo "
                            "timm/shvit_s1.in1k: LocalEntryNotFoundError: not in the cache.\n"
                            "To fix: fetch them with `hf download timm/shvit_s1.in1k`; or use pretrained=False.")
 
-    monkeypatch.setattr("timm.create_model", offline)
+    monkeypatch.setattr("vitzoo.hub.load_pretrained_model", offline)
     assert main(["export", "shvit_s1", "--pretrained", "--out", str(tmp_path / "s1.onnx")]) == 1
-    assert capsys.readouterr().err == (
+    assert capsys.readouterr().err == (  # the advice in the command's terms (pretrained=False: --pretrained)
         "error: cannot build shvit_s1: Could not load pretrained weights for shvit_s1 from Hugging Face Hub repo "
         "timm/shvit_s1.in1k: LocalEntryNotFoundError: not in the cache. To fix: fetch them with `hf download "
-        "timm/shvit_s1.in1k`; or use pretrained=False.\n")
+        "timm/shvit_s1.in1k`; or leave out --pretrained (random weights).\n")
     assert os.listdir(tmp_path) == []
 
 
@@ -615,3 +614,22 @@ def test_api_exports_an_output_with_none_and_names_a_value_it_cannot(tmp_path):
                                               r"a tensor: .*Return it as a tensor or leave it out\.$"):
         export_verified_onnx(_WithExtras(3).eval(), tmp_path / "n.onnx", 8, in_chans=3)
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+def test_cli_advice_names_the_commands_options_not_python_arguments(tmp_path, capsys, monkeypatch):
+    """Found by an audit: `export --pretrained` offline ended with "pass pretrained_cfg_overlay=dict(file=...); or
+    use pretrained=False", which no option of the command does; and a timm model's failed download was
+    huggingface_hub's bare "check your connection", without what to download or that HF_HUB_OFFLINE is set."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for name in ("shvit_s1.in1k", "deit_tiny_patch16_224"):
+        assert main(["export", name, "--pretrained", "--out", str(tmp_path / "m.onnx")]) == 1
+        err = capsys.readouterr().err
+        arch = name.partition(".")[0]
+        assert "is in the Hub cache" in err and "HF_HUB_OFFLINE=1" in err and "hf download timm/" in err, err
+        assert err.endswith(f"or convert a local weight file into a folder with `vitzoo convert FILE --model {arch} "
+                            "--out DIR` and export local-dir:DIR.\n"), err
+        assert "pretrained_cfg_overlay" not in err and "pretrained=False" not in err, err
+    assert not (tmp_path / "m.onnx").exists()

@@ -168,6 +168,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _create(name: str, img_size: Optional[int], pretrained: bool) -> torch.nn.Module:
     import timm
 
+    from vitzoo.hub import load_pretrained_model
     from vitzoo.models import create, resolve_name
 
     if not pretrained:
@@ -177,7 +178,7 @@ def _create(name: str, img_size: Optional[int], pretrained: bool) -> torch.nn.Mo
     cfg = None if arch.startswith("hf-hub:") else timm.get_pretrained_cfg(arch)
     if img_size is not None and cfg is not None and getattr(cfg, "fixed_input_size", False):
         kwargs["img_size"] = img_size
-    return timm.create_model(name, pretrained=True, **kwargs).eval()
+    return load_pretrained_model(name, **kwargs).eval()  # checked files, and errors that say what to do
 
 
 def _file_stem(name: str) -> str:
@@ -216,6 +217,17 @@ def _default_img_size(name: str) -> Optional[Tuple[int, int]]:
         return _as_size(size[-2:]) if isinstance(size, list) and len(size) == 3 else None
     cfg = timm.get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
     return _as_size(tuple(cfg.input_size[-2:])) if cfg is not None and cfg.input_size else None
+
+
+def _advice(message: str, name: str) -> str:
+    """A load error's advice for Python callers in this command's terms (:func:`command_line_advice`)."""
+    from vitzoo.messages import command_line_advice
+
+    arch = name.partition(".")[0]
+    return command_line_advice(
+        message, local_file=f"convert a local weight file into a folder with `vitzoo convert FILE --model {arch} --out "
+                            "DIR` and export local-dir:DIR",
+        no_weights="leave out --pretrained (random weights)", variant="export the variant the checkpoint holds")
 
 
 def _config_hint(name: str) -> str:
@@ -259,11 +271,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ValueError, RuntimeError, OSError) as e:  # e.g. nvit_* without its dims record, a failed download
-        print(f"error: cannot build {args.model}: {cli_message(e)}", file=sys.stderr)
+        print(f"error: cannot build {args.model}: {_advice(cli_message(e), args.model)}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001  e.g. a folder's config.json with "num_classes": "ten" (a TypeError)
-        print(f"error: cannot build {args.model}: {type(e).__name__}: {cli_message(e)}{_config_hint(args.model)}",
-              file=sys.stderr)
+        print(f"error: cannot build {args.model}: {type(e).__name__}: {_advice(cli_message(e), args.model)}"
+              f"{_config_hint(args.model)}", file=sys.stderr)
         return 1
     own = model_input_size(model)
     if args.img_size:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import List, Optional, Union
 
-__all__ = ["cli_message", "error_message", "first_line", "help_description"]
+__all__ = ["cli_message", "command_line_advice", "error_message", "first_line", "help_description"]
 
 #: A line from which on a message is a dump for debugging (a traceback, a traced graph), not text for a person.
 _DUMP = re.compile(r"(Traceback \(most recent call last\)|Original Traceback|The above exception was|"
@@ -155,6 +155,27 @@ def cli_message(error: Union[BaseException, str], text: Optional[str] = None) ->
     (:mod:`vitzoo.atomic`) say ``force=True (--force)`` for Python and command line callers alike; here only
     ``--force`` applies."""
     return error_message(error, text).replace("force=True (--force)", "--force")
+
+
+#: Advice in the model packages' and the weight loader's messages that only a Python caller can follow
+_LOCAL_FILE = re.compile(r"(?:to use a local file pass|load a local file with|pass it with|pass) "
+                         r"pretrained_cfg_overlay=dict\(file=[^)]*\)")
+_NO_WEIGHTS = re.compile(r"\buse pretrained=False\b")
+_VARIANT = re.compile(r"\b[Uu]se the entrypoint of the (?:checkpoint's variant|variant the checkpoint holds)")
+_STRICT_OPT_OUT = re.compile(r" ?To load on purpose only the tensors the two have in common .*?with a warning "
+                             r"naming them\.?")
+
+
+def command_line_advice(text: str, local_file: str, no_weights: str, variant: str) -> str:
+    """``text``, a loader's message, with the advice that only a Python caller can follow put in a command's terms:
+    passing a local weight file (``pretrained_cfg_overlay=dict(file=...)``) becomes ``local_file``, ``use
+    pretrained=False`` becomes ``no_weights``, using the entrypoint of the checkpoint's variant becomes ``variant``;
+    the opt-out of a strict load (``pretrained_strict=False``) is left out, since no command loads part of a
+    checkpoint."""
+    text = _LOCAL_FILE.sub(local_file, text)
+    text = _NO_WEIGHTS.sub(no_weights, text)
+    text = _VARIANT.sub(lambda found: variant[:1].upper() + variant[1:] if found.group(0)[0] == "U" else variant, text)
+    return _STRICT_OPT_OUT.sub("", text).replace(".; ", "; ")  # "... checkpoint. To load ...; the file ..."
 
 
 def help_description(doc: str) -> str:

@@ -119,6 +119,8 @@ def create_body(
 
 
 _PICKLED = re.compile(r'(?:Unsupported globals?:|GLOBAL|it pickles) ([\w.]+)')
+# the model packages' advice for another model's checkpoint; create_body's own says which backbone to choose
+_ENTRYPOINT_ADVICE = re.compile(r"\s*Use the entrypoint of the checkpoint's variant\.?")
 _KEY_LIST = re.compile(r'(Missing|Unexpected) key\(s\) in state_dict: (.*)')
 
 
@@ -145,7 +147,7 @@ def summarize_load_error(error: BaseException, weights: Optional[Path] = None) -
     line = text.splitlines()[0].strip() if text else type(error).__name__
     if weights is not None and f'{weights}: ' in line:  # "Could not load ... from file FILE: reason"
         line = line.split(f'{weights}: ', 1)[1]
-    return line.rstrip('.')
+    return _ENTRYPOINT_ADVICE.sub('', line).rstrip('.')
 
 
 def _create(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from vitzoo.atomic import _check_parent_writable, atomic_write_text
-from vitzoo.messages import cli_message
+from vitzoo.messages import cli_message, command_line_advice
 from vitzoo.models import UnknownModelError
 
 from .backbone import BackboneError, summarize_load_error
@@ -468,7 +468,11 @@ def run(args: argparse.Namespace) -> int:
         # user errors (bad arguments, data, checkpoints, output folder, a diverging run): one line, not a
         # traceback; one raised in a DataLoader worker comes wrapped in the worker's traceback text; the advice of
         # a load error summarised by its first line (a backbone's pretrained weights) is kept
-        print(f'vitzoo {NAME}: error: {cli_message(e, worker_error_message(e))}', file=sys.stderr)
+        message = command_line_advice(
+            cli_message(e, worker_error_message(e)), local_file='give a local file with --backbone-weights FILE',
+            no_weights='leave out --pretrained and --backbone-weights (a randomly initialised backbone)',
+            variant='choose the --backbone the checkpoint was saved from')
+        print(f'vitzoo {NAME}: error: {message}', file=sys.stderr)
         # drop the traceback now: it holds a DataLoader iterator in a reference cycle (torch's re-raise frame),
         # and workers shut down by a later garbage collection wait 5 s each for a stop signal that never comes
         e.__traceback__ = None
