@@ -168,8 +168,19 @@ def test_staged_dir_refuses_the_current_folder_and_mount_points_before_any_work(
             with staged_dir(out, force=True):
                 pytest.fail("the body must not run")
     assert sorted(os.listdir(tmp_path)) == ["work"] and os.listdir(work) == ["sub"]
-    with pytest.raises(FileExistsError, match="already exists"):  # without force: the usual refusal
+    # without force too: what force cannot change is said first (before 2026-11-25, "already exists ... Pass
+    # --force", which then only led to this refusal; found by an audit)
+    with pytest.raises(FileExistsError, match="cannot replace .: it is the current folder"):
         with staged_dir(".", force=False):
+            pass
+    (work / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="file is a file, and the output is a folder; a file is never replaced "
+                                              r"by one \(not even with --force\)"):
+        with staged_dir(work / "file", force=False):
+            pass
+    (work / "file").unlink()
+    with pytest.raises(FileExistsError, match="already exists"):  # an ordinary folder without force: the usual one
+        with staged_dir(work / "sub", force=False):
             pass
     with pytest.raises(FileExistsError, match="cannot replace /: it is a mount point"):
         with staged_dir("/", force=True):

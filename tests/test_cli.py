@@ -262,3 +262,27 @@ def test_an_opset_the_exporter_does_not_write_is_a_usage_error_before_the_model_
     for opset in (17, newest):  # the ends of the range reach the command
         assert main(["export", "shvit_s1", "--opset", str(opset)]) == 0
     assert ran == [17, newest]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["export", "shvit_s1", "--out", ""], "argument --out: needs a file name, e.g. --out shvit_s1.onnx"),
+    (["export", "shvit_s1", "--out", " "], "argument --out: needs a file name"),
+    (["export", "local-dir:w", "--out", "w/model.safetensors", "--force"],
+     "argument --out: the output is an ONNX file, named *.onnx; got 'w/model.safetensors'"),
+    (["export", "shvit_s1", "--out", "s1"], "argument --out: the output is an ONNX file, named *.onnx; got 's1'"),
+    (["convert", "x.pth", "--model", "shvit_s1", "--out", ""], "argument --out: needs a name"),
+    (["finetune-det", "--data", "d", "--out", ""], "argument --out: needs a name, e.g. --out runs/finetune-det"),
+])
+def test_an_empty_or_misnamed_output_is_a_usage_error(monkeypatch, capsys, tmp_path, argv, says):
+    """Found by an audit: `finetune-det --out ""` trained into the current folder, `convert --out ""` asked for
+    --force and then refused the current folder after reading the checkpoint, and `export --force --out` replaced a
+    local-dir: folder's model.safetensors, its input, by an ONNX graph. Each is refused as the options are parsed."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert says in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["model.safetensors", "w"]
+    assert (tmp_path / "w" / "model.safetensors").read_bytes() == b"weights"

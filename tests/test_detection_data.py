@@ -44,6 +44,35 @@ def test_generator_never_mixes_into_an_existing_dataset(tmp_path):
     assert sorted(p.name for p in (root / 'train').iterdir()) == ['train_0000.png', 'train_0001.png']
 
 
+@pytest.mark.parametrize("in_the_way", ["file", "current folder", "interrupt"])
+def test_generator_command_line_names_its_own_arguments(tmp_path, monkeypatch, capsys, in_the_way):
+    """Found by an audit: `python -m vitzoo.detection.synthetic FILE` said to pass "force=True (--force)", which then
+    refused the file anyway, `. --force` to choose another "(--out)", an option it does not have, and Ctrl-C was a
+    traceback."""
+    import sys
+
+    import vitzoo.detection.synthetic as synthetic
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.png").write_text("x")
+    root = {"file": "data.png", "current folder": ".", "interrupt": "new"}[in_the_way]
+    if in_the_way == "interrupt":
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(synthetic, "make_shapes_dataset", interrupted)
+    for force in ([], ["--force"]):
+        monkeypatch.setattr(sys, "argv", ["synthetic", root, *force])
+        with pytest.raises(SystemExit) as info:
+            synthetic.main()
+        if in_the_way == "interrupt":
+            assert info.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+            continue
+        message = str(info.value.code)
+        assert message.startswith(f"error: {'data.png is a file' if root == 'data.png' else 'cannot replace .'}")
+        assert "force=True" not in message and "(--out)" not in message and "(ROOT)" in message, message
+    assert sorted(os.listdir(tmp_path)) == ["data.png"]
+
+
 def test_hflip_boxes_and_masks():
     image = torch.zeros(3, 4, 10)
     target = dict(boxes=torch.tensor([[1.0, 0.0, 3.0, 2.0]]), masks=torch.zeros(1, 4, 10, dtype=torch.uint8))

@@ -221,26 +221,37 @@ def atomic_write_text(path: PathLike, text: str, force: bool = False) -> Path:
 def check_output_dir(path: PathLike, force: bool, keep: Sequence[PathLike] = ()) -> None:
     """Check, before any work, that a folder can be written (or, with ``force``, replaced) at ``path``.
 
+    What ``force`` cannot change is said first (asking for ``--force`` there would only lead to that refusal): a
+    file or a dangling link in the way, an unwritable parent, and an existing folder that cannot be replaced; only
+    then is an existing folder refused without ``force``.
+
     Args:
         path: the output folder.
         force: an existing folder at ``path`` may be replaced.
         keep: inputs of the command (a source checkpoint): a folder holding one of them is never replaced.
 
     Raises:
-        FileExistsError: ``path`` exists and ``force`` is not set; or it exists and cannot be replaced even with
-            ``force``: it is the current folder or contains it, it holds one of ``keep``, it is a mount point (a
-            rename cannot move it), or it is a file (``force`` replaces folders, not files).
+        FileExistsError: ``path`` is a file or a dangling link (never replaced by a folder); or it is a folder that
+            cannot be replaced, even with ``force``: the current folder or one containing it, one holding one of
+            ``keep``, a mount point (a rename cannot move it); or it exists and ``force`` is not set.
         NotADirectoryError: A parent of ``path`` is a file.
         PermissionError: The nearest existing parent folder is not writable.
     """
-    check_output_free(path, force)
-    _check_parent_writable(path, Path(os.path.abspath(path)).parent)
     if os.path.lexists(path) and not os.path.isdir(path):
-        raise FileExistsError(
-            f"{path} is a file; --force replaces an output folder, not a file. Choose another output folder (--out)."
-        )
-    if not os.path.isdir(path) or os.path.islink(path):
-        return
+        if os.path.islink(path):
+            what, kind = f"a link to {os.readlink(path)}, which does not exist", "a link"
+        else:
+            what = kind = "a file"
+        raise FileExistsError(f"{path} is {what}, and the output is a folder; {kind} is never replaced by one "
+                              "(not even with --force). Choose another output folder (--out).")
+    _check_parent_writable(path, Path(os.path.abspath(path)).parent)
+    if os.path.isdir(path) and not os.path.islink(path):
+        _check_replaceable(path, keep)
+    check_output_free(path, force)
+
+
+def _check_replaceable(path: PathLike, keep: Sequence[PathLike]) -> None:
+    """Refuse an existing folder ``path`` that even ``force`` may not replace (see :func:`check_output_dir`)."""
     target = os.path.realpath(path)
     for item in keep:
         kept = os.path.realpath(item)

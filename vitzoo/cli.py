@@ -62,6 +62,16 @@ def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     return parser
 
 
+def named_output(example: str):
+    """An argparse type for an output path option: the value as given, refusing an empty one (``--out ""``, or an
+    unset shell variable), which would otherwise mean the current folder (exit code 2 and the usage)."""
+    def check(value: str) -> str:
+        if not value.strip():
+            raise argparse.ArgumentTypeError(f"needs a name, e.g. {example}")
+        return value
+    return check
+
+
 class Terminated(BaseException):
     """SIGTERM arrived: raised in the main thread so that ``finally`` blocks and context managers clean up."""
 

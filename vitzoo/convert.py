@@ -22,7 +22,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from tqdm import tqdm
@@ -37,6 +37,7 @@ from .hub import (
     staged_dir,
 )
 from .atomic import _naming_target, check_output_dir
+from .cli import named_output
 from .compare import UsageError
 from .manifest import _REPO_RE, _SHA256_RE, Manifest, WeightEntry, family_of, load_manifest
 from .messages import cli_message, error_message, help_description
@@ -526,24 +527,6 @@ def _fetch_source(src: str, workdir: Path) -> Path:
     return path
 
 
-def _check_out_dir(out_dir: PathLike, force: bool, keep: Sequence[PathLike]) -> None:
-    """Check, before any work, that the output folder can be written; what ``force`` cannot change is said first.
-
-    An existing file, the current folder (or one containing it), a folder holding ``keep`` (the source) and a mount
-    point are refused with their reason whether or not ``force`` is given (asking for ``--force`` there would only
-    lead to that refusal); only then is an existing folder refused without ``force``.
-    """
-    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
-        if os.path.islink(out_dir):
-            what, kind = f"a link to {os.readlink(out_dir)}, which does not exist", "a link"
-        else:
-            what = kind = "a file"
-        raise FileExistsError(f"{out_dir} is {what}, and the output is a folder; {kind} is never replaced by one "
-                              "(not even with --force). Choose another output folder (--out).")
-    check_output_dir(out_dir, True, keep=keep)  # the current folder, a mount point, a folder holding the source
-    check_output_dir(out_dir, force, keep=keep)  # an existing folder: only with force
-
-
 def _parse_dims(dims: Any) -> Any:
     """``dims`` as given to :func:`convert_checkpoint` (``--dims``), as an ``NViTDims`` (``nvit.dims.resolve_dims``):
     an ``NViTDims`` passes through, a dict is the dims record; a string is a path to a .json file holding the dims
@@ -710,7 +693,7 @@ def convert_checkpoint(
         if not is_nvit:
             raise UsageError(f"--dims (dims=) is for nvit_* models only; {model} takes no dims record. Remove --dims.")
         dims = _parse_dims(dims)
-    _check_out_dir(out_dir, force, keep=[src] if os.path.exists(str(src)) else [])
+    check_output_dir(out_dir, force, keep=[src] if os.path.exists(str(src)) else [])
     tag = tag or name_tag or None
     manifest = manifest or load_manifest()
     out_dir = Path(out_dir)
@@ -848,7 +831,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=help_description(__doc__))
     p.add_argument("src", help="checkpoint file or http(s) URL (e.g. an official release file)")
     p.add_argument("--model", required=True, help="architecture, e.g. shvit_s1 or nvit_b")
-    p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
+    p.add_argument("--out", required=True, type=named_output("--out converted/shvit_s1"),
+                   help="output folder (must not exist unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--tag", default=None,
                    help="manifest tag of the weight (default: the model's original release, e.g. in1k_official)")

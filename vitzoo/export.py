@@ -151,7 +151,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", help="timm model name, optionally with a pretrained tag (e.g. shvit_s1.in1k), or a "
                                       "weights folder (local-dir:PATH, hf-hub:org/name)")
     parser.add_argument("--format", choices=["onnx"], default="onnx", help="output format (only onnx)")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=_onnx_file, default=None,
                         help="output file (default: MODEL_IMGSIZE.onnx, e.g. deit_224.onnx, or deit_96x160.onnx for "
                              "a model built for H x W 96x160)")
     parser.add_argument("--img-size", type=int, default=None,
@@ -163,6 +163,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="load the pretrained weights (downloads them); default: random weights")
     parser.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
     parser.set_defaults(func=run)
+
+
+def _onnx_file(value: str) -> Path:
+    """``--out FILE``, checked as the arguments are parsed (the usage and exit code 2, before any model is built): a
+    name ending in .onnx. So ``--force`` never replaces a weight file, the input of a ``local-dir:`` export, by an
+    ONNX graph (found by an audit), and an empty value is not the current folder."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("needs a file name, e.g. --out shvit_s1.onnx")
+    if Path(value).suffix.lower() != ".onnx" and not Path(value).is_dir():  # a folder: named as such later
+        raise argparse.ArgumentTypeError(f"the output is an ONNX file, named *.onnx; got {value!r}")
+    return Path(value)
 
 
 def _create(name: str, img_size: Optional[int], pretrained: bool) -> torch.nn.Module:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from vitzoo.atomic import _check_parent_writable, atomic_write_text
+from vitzoo.cli import named_output
 from vitzoo.messages import cli_message, command_line_advice
 from vitzoo.models import UnknownModelError
 
@@ -72,7 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument('--min-size', type=int, default=800, help='shorter side after resizing')
     p.add_argument('--max-size', type=int, default=1333, help='longer side limit after resizing')
     p.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
-    p.add_argument('--out', default='runs/finetune-det', help='output folder (checkpoints, log.jsonl)')
+    p.add_argument('--out', default='runs/finetune-det', type=named_output('--out runs/finetune-det'),
+                   help='output folder (checkpoints, log.jsonl)')
     p.add_argument('--force', action='store_true',
                    help='start afresh, or from another run\'s --resume CKPT, in an --out folder that already holds '
                         'a run (a checkpoint, a non-empty log or final weights): those files are removed when '

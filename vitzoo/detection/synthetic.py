@@ -4,6 +4,7 @@
 in the layout ``vitzoo finetune-det --data DIR`` reads.
 """
 import argparse
+import sys
 import json
 import math
 from pathlib import Path
@@ -13,6 +14,8 @@ import torch
 from PIL import Image
 
 from vitzoo.atomic import staged_dir
+from vitzoo.cli import named_output
+from vitzoo.messages import cli_message
 
 __all__ = ['CATEGORIES', 'make_shapes_dataset']
 
@@ -120,7 +123,7 @@ def _int_at_least(low: int):
 
 def main() -> None:  # pragma: no cover
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument('root')
+    p.add_argument('root', type=named_output('/tmp/shapes'))
     # finetune-det refuses a split without images; val may be left out (0)
     p.add_argument('--train', type=_int_at_least(1), default=16)
     p.add_argument('--val', type=_int_at_least(0), default=8)
@@ -131,8 +134,11 @@ def main() -> None:  # pragma: no cover
     a = p.parse_args()
     try:
         print(make_shapes_dataset(a.root, a.train, a.val, (a.height, a.width), a.seed, force=a.force))
-    except OSError as e:
-        raise SystemExit(f'error: {e}')
+    except OSError as e:  # the output checks name vitzoo's --out and force=True; here they are ROOT and --force
+        raise SystemExit(f'error: {cli_message(e).replace("(--out)", "(ROOT)")}')
+    except KeyboardInterrupt:  # nothing is left behind (staged_dir)
+        print('interrupted', file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == '__main__':  # pragma: no cover
