@@ -281,6 +281,10 @@ def test_a_weights_folder_is_compared_with_its_own_config(tmp_path, capsys):
     code, out, _ = _cli(capsys, f"local-dir:{folder}", "--no-speed", "--format", "json")
     assert code == 0
     (row,) = json.loads(out)
+    # the folder spelled three ways is one model (found by an audit: a trailing slash gave a second row)
+    code, twice, _ = _cli(capsys, f"local-dir:{folder}", f"local-dir:{folder}/", f"local-dir:{folder}/../my_s1",
+                          "--no-speed", "--format", "json")
+    assert code == 0 and [r["model"] for r in json.loads(twice)] == [f"local-dir:{folder}"]
     reference = timm.models.shvit.shvit_s1(num_classes=10)  # timm's own SHViT, built independently
     assert row["params"] == sum(p.numel() for p in reference.parameters())
     assert row["input_size"] == [3, 160, 160]  # the folder's input size, not shvit_s1's 224

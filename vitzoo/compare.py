@@ -23,6 +23,7 @@ import gc
 import io
 import json
 import numbers
+import os
 import platform
 import sys
 import warnings
@@ -322,7 +323,7 @@ def _compare(
     if backends is not None:
         backends = _check_backends(backends, speed)
 
-    names = list(dict.fromkeys(models)) if models else list(DEFAULT_MODELS)  # a name given twice: one row
+    names = _distinct(models) if models else list(DEFAULT_MODELS)  # a model given twice: one row
     if models:
         for name in names:  # every name before any model is built: a typo at the end of a long list fails at once
             resolve_name(name, allow_folders=True)
@@ -488,6 +489,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="interleaved timing rounds, median reported (default: 3; the full default compare then "
                         "fits in ~10 minutes on 2 CPU cores)")
     p.set_defaults(func=run)
+
+
+def _distinct(names: List[str]) -> List[str]:
+    """``names`` without repeats, in their first spelling: a name given twice, or a ``local-dir:`` folder spelled two
+    ways (``local-dir:out/s1`` and ``local-dir:out/s1/``, a relative and an absolute path)."""
+    seen: Dict[str, str] = {}
+    for name in names:
+        folder = name[len("local-dir:"):] if name.startswith("local-dir:") else None
+        key = f"local-dir:{os.path.realpath(os.path.expanduser(folder))}" if folder else name
+        seen.setdefault(key, name)
+    return list(seen.values())
 
 
 def _plot_file(value: str) -> str:

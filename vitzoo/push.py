@@ -130,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001  the HTTP client's own transport errors (not OSErrors)
         if not _is_network_error(e):
             raise
-        print(f"vitzoo push: network error, nothing was uploaded: {type(e).__name__}: {e}. Check the connection "
-              "(and HF_ENDPOINT / HF_HUB_OFFLINE).", file=sys.stderr)
+        print(f"vitzoo push: network error, nothing was uploaded: {type(e).__name__}: {str(e).rstrip('.')}. Check "
+              "the connection (and HF_ENDPOINT / HF_HUB_OFFLINE).", file=sys.stderr)
         return 1
     print(f"pushed {args.folder} -> {args.repo}: {url}")
     return 0
