@@ -233,17 +233,21 @@ def test_amx_linear_layer_against_float64_and_other_inputs_fall_back():
         linear = nn.Linear(96, 70, bias=bias)
         layer = AmxLinear(linear)
         assert layer.weight is linear.weight and layer.bias is linear.bias  # shared, not copied
-        x = torch.randn(3, 50, 96)  # leading dimensions of a token sequence
+        x = torch.randn(3, 130, 96)  # leading dimensions of a token sequence, 128 tokens or more
         expected = F.linear(x.double(), linear.weight.double(), None if not bias else linear.bias.double())
         with torch.no_grad():
             got = layer(x)
-        assert got.shape == (3, 50, 70)
+        assert got.shape == (3, 130, 70)
         error = (got.double() - expected).abs()
         assert error.max() <= 3 * 2.0 ** -15 * (x.abs().double() @ linear.weight.abs().double().T).max()
         assert error.max() > 0  # it ran the split, not IEEE fp32 in float64
-        few = torch.randn(8, 96)  # a few rows (a head on pooled features): IEEE fp32, exactly F.linear
+        # a head on pooled features (2-D, whatever the batch), and fewer than 128 tokens per sample (whatever the
+        # batch: a sample's output does not depend on its batch): IEEE fp32, exactly F.linear
+        for few in (torch.randn(8, 96), torch.randn(300, 96), torch.randn(16, 100, 96)):
+            with torch.no_grad():
+                assert torch.equal(layer(few), F.linear(few, linear.weight, linear.bias))
         with torch.no_grad():
-            assert torch.equal(layer(few), F.linear(few, linear.weight, linear.bias))
+            assert torch.equal(layer(x)[:1], layer(x[:1]))  # bf16x3 per sample too: the same with or without the batch
         for bad in (x.double(), torch.randn(2, 95)):  # other inputs: nn.Linear's own error, word for word
             with pytest.raises(RuntimeError) as ours, torch.no_grad():
                 layer(bad)
@@ -273,8 +277,8 @@ def test_deploy_vit_runs_linears_in_bf16x3():
     _needs_amx()
     from vitzoo.amx_linear import AmxLinear
 
-    model = timm.create_model("deit_tiny_patch16_224", img_size=64).eval()
-    x = torch.randn(8, 3, 64, 64)  # 8 x 17 tokens: enough rows for AMX (the head's 8 rows run IEEE fp32)
+    model = timm.create_model("deit_tiny_patch16_224", img_size=192).eval()
+    x = torch.randn(2, 3, 192, 192)  # 145 tokens: enough for AMX (the head on pooled features runs IEEE fp32)
     with torch.no_grad():
         expected = model(x).double()
     fast, exact = vitzoo.deploy(model, x), vitzoo.deploy(model, x, fp32_precision="ieee")
@@ -287,12 +291,34 @@ def test_deploy_vit_runs_linears_in_bf16x3():
     assert 0 < fast_error < 1e-4
 
 
+@pytest.mark.parametrize("img_size", [64, 224])
+def test_deployed_vit_gives_a_sample_the_same_output_in_any_batch(img_size):
+    """Found by an audit: a ReViT-T at 64x64 deployed with a batch-1 example (17 rows: IEEE fp32, so the check saw
+    no bf16x3) ran its linear layers in bf16x3 at batch 16 (272 rows), 1.2e-4 off the model with trained-size
+    logits, past deploy's 1e-4. The path is now chosen per sample (tokens), so every batch runs what was checked:
+    at 64x64 IEEE fp32; at 224x224 bf16x3 where the check finds it close enough. A sample's output alone and in a
+    batch of 16 then differs by rounding only, as the model's own does (4.8e-6 here; 9.9e-5 before)."""
+    _needs_amx()
+    torch.manual_seed(0)
+    model = timm.create_model("revit_t", img_size=img_size).eval()
+    batch = torch.randn(16, 3, img_size, img_size)
+    with torch.no_grad():  # logits of trained size, ~12
+        model.head.weight.mul_(12 / model(batch).abs().max())
+        model.head_dist.weight.mul_(12 / model(batch).abs().max())
+        expected = model(batch)
+    deployed = vitzoo.deploy(model, batch[:1])
+    with torch.no_grad():
+        got = deployed(batch)
+        assert (got[:2] - deployed(batch[:2])).abs().max().item() <= 2e-5
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
 def test_fallback_to_ieee_restores_the_linear_layers():
     _needs_amx()
     from vitzoo.amx_linear import AmxLinear
 
-    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
-    deployed = vitzoo.deploy(model, torch.randn(160, 3, 8, 8), atol=1e-7)  # bf16x3: ~1e-6 off here
+    model = nn.Sequential(nn.Linear(192, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    deployed = vitzoo.deploy(model, torch.randn(2, 160, 192), atol=1e-7)  # bf16x3: ~1e-6 off here
     assert deployed.fp32_precision == "ieee"
     assert not any(isinstance(m, AmxLinear) for m in deployed.modules())
     assert any(note.startswith("IEEE fp32: bf16x3 in 100% of the eligible layers missed the tolerance")
@@ -344,8 +370,8 @@ def test_inputs_the_convolution_cannot_take_raise_as_nn_conv2d_does():
 
 def test_bf16x3_needs_a_margin_below_the_tolerance():
     _needs_amx()
-    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
-    x = torch.randn(160, 3, 8, 8)  # 160 rows: AMX
+    model = nn.Sequential(nn.Linear(192, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    x = torch.randn(2, 160, 192)  # 160 tokens per sample: AMX
     with torch.no_grad():
         diff = (vitzoo.deploy(model, x, verify=False)(x) - model(x)).abs().max().item()
     assert diff > 0

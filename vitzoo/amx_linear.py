@@ -20,12 +20,17 @@ __all__ = ["AmxLinear", "restore_linears", "swap_linears"]
 
 #: Layers with fewer inputs stay IEEE fp32 (as for convolutions, ``PackedConv2d._amx_pays_off``).
 MIN_IN_FEATURES = 64
-#: Calls with fewer rows (tokens x batch) run IEEE fp32.
-MIN_ROWS = 128
+#: Inputs with fewer rows per sample (tokens) run IEEE fp32, as do 2-D inputs (a classifier head on pooled
+#: features). The choice is made per sample, not per call: a sample's output does not depend on the batch it comes
+#: in, and deploy's check of its example sees the path every batch takes (until 2026-11-25 it counted the rows of
+#: the whole call, so a batch-1 example of a 64x64 ViT checked IEEE fp32 and larger batches ran bf16x3 unchecked:
+#: 1.2e-4 off with trained-size logits, found by an audit).
+MIN_TOKENS = 128
 
 
 class AmxLinear(nn.Module):
-    """``F.linear`` in bf16x3 on AMX for float32 CPU inputs (any leading dimensions); other inputs run ``F.linear``.
+    """``F.linear`` in bf16x3 on AMX for float32 CPU token inputs ``(batch, ..., features)`` with at least
+    ``MIN_TOKENS`` rows per sample; other inputs run ``F.linear``.
 
     Args:
         linear: The layer to replace; its weight and bias tensors are shared (not copied), and split into bf16
@@ -41,11 +46,11 @@ class AmxLinear(nn.Module):
         self._packed = amx_gemm.pack_weight(linear.weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.in_features \
-                or x.numel() < MIN_ROWS * self.in_features:
-            # the layer's own behaviour (and error) for other inputs; and IEEE fp32 for a few rows, such as a
-            # classifier head on pooled features: AMX gains nothing there, and the head's products are the ones
-            # that reach the output unnormalised
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.in_features or x.dim() < 3 \
+                or x.numel() < MIN_TOKENS * x.shape[0] * self.in_features:
+            # the layer's own behaviour (and error) for other inputs; and IEEE fp32 for few tokens per sample, and
+            # for a classifier head on pooled features: AMX gains nothing there, and the head's products are the
+            # ones that reach the output unnormalised
             return F.linear(x, self.weight, self.bias)
         out = amx_gemm.amx_linear(x.reshape(-1, self.in_features), self._packed, self.out_features, self.bias)
         return out.view(*x.shape[:-1], self.out_features)
