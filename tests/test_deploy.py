@@ -496,6 +496,42 @@ def test_torchscript_backend_falls_back_where_onednn_graph_fails(model, error):
     torch.testing.assert_close(deployed(x), _reference(model, x), atol=1e-6, rtol=0)
 
 
+@pytest.mark.skipif("torchscript" not in available_backends(), reason="no TorchScript in this torch")
+def test_torchscript_calls_from_several_threads_take_turns():
+    """Found by an audit: SHViT-S1 deployed with backend='torchscript' and called from two threads at once failed in
+    3 of 24 calls (oneDNN "could not create a primitive descriptor": one thread's unfused graph ran while another had
+    oneDNN Graph's process-global switch on) and left the switch on. Calls now take turns: they never overlap, and
+    the switch is back to what it was."""
+    import threading
+    import time
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    deployed = deploy(model, x, backend="torchscript")
+    inside, seen = [0], []
+    for key, (traced, fused) in list(deployed.model._traced.items()):
+        def slow(inputs, _traced=traced):  # a call that takes a while, counting the calls running at once
+            inside[0] += 1
+            seen.append(inside[0])
+            time.sleep(0.005)
+            out = _traced(inputs)
+            inside[0] -= 1
+            return out
+        deployed.model._traced[key] = (slow, fused)
+    before = torch.jit.onednn_fusion_enabled()
+    outputs = []
+    threads = [threading.Thread(target=lambda: outputs.extend(deployed(x) for _ in range(5))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(seen) == len(outputs) == 15 and max(seen) == 1
+    assert torch.jit.onednn_fusion_enabled() == before
+    for out in outputs:
+        torch.testing.assert_close(out, _reference(model, x), atol=1e-5, rtol=0)
+
+
 def test_torchscript_backend_unavailable_is_a_clear_error(monkeypatch, shvit_s1):
     monkeypatch.setattr(importlib.import_module("vitzoo.torchscript_backend"), "torchscript_available", lambda: False)
     with pytest.raises(RuntimeError, match="backend 'torchscript' is not available here"):

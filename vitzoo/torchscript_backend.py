@@ -11,9 +11,10 @@ Caveats, also in ``docs/deploy.md``:
 * TorchScript is deprecated upstream (``torch.jit.trace`` / ``freeze`` emit ``FutureWarning``; this module silences
   exactly those). The backend is offered while PyTorch ships it; :func:`torchscript_available` says whether it does.
 * The oneDNN Graph switch is process-global in PyTorch. :class:`TorchScriptModule` turns it on only for the
-  duration of its own calls and restores the previous value; do not run other TorchScript models concurrently in
-  other threads while it runs. It does the same with the profiling executor / profiling mode that the fusion pass
-  runs in (timm's own test file turns the mode off), and reports fusion only when the executed graph has it.
+  duration of its own calls and restores the previous value; calls from several threads take turns (a lock), and
+  other TorchScript models must not run concurrently in other threads while it runs. It does the same with the
+  profiling executor / profiling mode that the fusion pass runs in (timm's own test file turns the mode off), and
+  reports fusion only when the executed graph has it.
 * Each new input shape is traced, frozen and warmed up on its first call (a few seconds for SHViT on 2 CPU cores;
   the last 4 shapes are kept): one graph per shape, because a fused graph re-specialising for a second shape
   can crash inside oneDNN Graph (see :class:`TorchScriptModule`). Each fused graph's output is compared with the
@@ -23,6 +24,7 @@ Caveats, also in ``docs/deploy.md``:
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from typing import Any, Dict, Iterator, List, Tuple
 
@@ -54,6 +56,10 @@ def onednn_graph_available() -> bool:
 # executor's optimisation pass. Other code may turn them off: timm's own test file does, at import
 # (``_jit_set_profiling_mode(False)``), and fusion then silently never happens. Private API, used when present.
 _EXECUTOR_SWITCHES = ("_jit_set_profiling_executor", "_jit_set_profiling_mode")  # each returns the previous value
+#: Held while a :class:`TorchScriptModule` builds or runs a graph: the switches above and oneDNN Graph's are
+#: process-global, so calls from several threads take turns (interleaved, a thread's unfused graph ran with another's
+#: fusion switched on: oneDNN "could not create a primitive descriptor", and the switch was left on; found by an audit)
+_SWITCHES_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -149,12 +155,13 @@ class TorchScriptModule(nn.Module):
 
     def _traced_for(self, x: torch.Tensor) -> Tuple[nn.Module, bool]:
         key = self._key(x)
-        entry = self._traced.get(key)
-        if entry is None:
-            entry = self._build(x)  # may raise (bad input): the cache is left as it was
-            if len(self._traced) >= self.max_cached_shapes:
-                self._traced.pop(next(iter(self._traced)))
-            self._traced[key] = entry
+        with _SWITCHES_LOCK:
+            entry = self._traced.get(key)
+            if entry is None:
+                entry = self._build(x)  # may raise (bad input): the cache is left as it was
+                if len(self._traced) >= self.max_cached_shapes:
+                    self._traced.pop(next(iter(self._traced)))
+                self._traced[key] = entry
         return entry
 
     def _build(self, x: torch.Tensor) -> Tuple[nn.Module, bool]:
@@ -196,9 +203,10 @@ class TorchScriptModule(nn.Module):
         return traced, False
 
     def forward(self, x: torch.Tensor) -> Any:
-        traced, fused = self._traced_for(x)
-        with _onednn_fusion(fused):
-            return traced(x)
+        with _SWITCHES_LOCK:  # one thread at a time (the switches are process-global)
+            traced, fused = self._traced_for(x)
+            with _onednn_fusion(fused):
+                return traced(x)
 
     def extra_repr(self) -> str:
         return f"onednn_fusion={self.onednn_fusion}, traced shapes={[list(k[0]) for k in self._traced]}"
