@@ -532,6 +532,26 @@ def test_torchscript_calls_from_several_threads_take_turns():
         torch.testing.assert_close(out, _reference(model, x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["eager", "torchscript", "onnxruntime"])
+def test_a_deployed_model_refuses_another_dtype_or_device_and_takes_a_no_op_move(backend):
+    """Found by an audit: after .double(), .half() or .bfloat16() a torchscript deployed resnet18 returned numbers
+    3.7e19 off or nan, without a word (eager failed in oneDNN's words; onnxruntime ignored it). Each now raises a
+    TypeError naming the move; a move to where it already runs changes nothing."""
+    if backend not in available_backends():
+        pytest.skip(f"{backend} is not available here")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    deployed = deploy(model, x, backend=backend)
+    for move, to in ((lambda d: d.double(), "torch.float64"), (lambda d: d.half(), "torch.float16"),
+                     (lambda d: d.to(torch.bfloat16), "torch.bfloat16"), (lambda d: d.to("meta"), "meta")):
+        with pytest.raises(TypeError, match=f"cannot be moved from torch.float32 on cpu to .*{to}"):
+            move(deployed)
+    assert deployed.to("cpu") is deployed and deployed.float() is deployed and deployed.cpu() is deployed
+    assert deployed.to(torch.float32) is deployed
+    torch.testing.assert_close(deployed(x), _reference(model, x), atol=1e-5, rtol=0)
+
+
 def test_torchscript_backend_unavailable_is_a_clear_error(monkeypatch, shvit_s1):
     monkeypatch.setattr(importlib.import_module("vitzoo.torchscript_backend"), "torchscript_available", lambda: False)
     with pytest.raises(RuntimeError, match="backend 'torchscript' is not available here"):

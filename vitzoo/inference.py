@@ -184,6 +184,17 @@ class DeployedModel(nn.Module):
             raise RuntimeError("a deployed model is inference-only; deploy() a fresh copy of the original to train.")
         return super().train(False)
 
+    def _apply(self, fn, recurse=True):  # noqa: ANN001  nn.Module's signature
+        """``.to()``, ``.double()``, ``.half()``, ``.cuda()``, ...: refused where they would change the dtype or
+        device, which the deployed graphs, packed weights and sessions are fixed to (before 2026-11-25 a
+        ``torchscript`` model returned wrong numbers after ``.double()``, found by an audit); a no-op (``.to()`` the
+        device and dtype it runs in) passes."""
+        probe = torch.empty(0, dtype=self.example_dtype or torch.float32, device=self.example_device or "cpu")
+        moved = fn(probe)
+        if moved.dtype != probe.dtype or moved.device != probe.device:
+            raise self._cannot(f"moved from {probe.dtype} on {probe.device} to {moved.dtype} on {moved.device}")
+        return self
+
     def _cannot(self, what: str) -> TypeError:
         return TypeError(f"a model deployed by vitzoo.deploy (backend {self.backend!r}) cannot be {what}: save or "
                          "copy the original model and deploy() it again where it runs, or write an ONNX file with "
