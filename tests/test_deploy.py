@@ -552,6 +552,28 @@ def test_a_deployed_model_refuses_another_dtype_or_device_and_takes_a_no_op_move
     torch.testing.assert_close(deployed(x), _reference(model, x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["eager", "torchscript", "onnxruntime"])
+def test_an_empty_batch_gives_an_empty_output_on_every_backend(backend):
+    """Found by an audit: ONNX Runtime failed on a batch of 0 ("Non-zero status code ... Reshape node") where the
+    other backends, like the model, return an empty (0, classes) output."""
+    if backend not in available_backends():
+        pytest.skip(f"{backend} is not available here")
+
+    class Reshaping(nn.Module):  # flatten(2), which the ONNX graph computes with a Reshape node (as SHViT's)
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).relu().flatten(2).mean(-1))
+
+    model = Reshaping().eval()
+    deployed = deploy(model, torch.randn(2, 3, 16, 16), backend=backend)
+    empty = torch.randn(0, 3, 16, 16)
+    out = deployed(empty)
+    assert out.shape == _reference(model, empty).shape == (0, 10) and out.dtype == torch.float32
+
+
 def test_torchscript_backend_unavailable_is_a_clear_error(monkeypatch, shvit_s1):
     monkeypatch.setattr(importlib.import_module("vitzoo.torchscript_backend"), "torchscript_available", lambda: False)
     with pytest.raises(RuntimeError, match="backend 'torchscript' is not available here"):

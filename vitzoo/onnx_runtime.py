@@ -247,6 +247,9 @@ class OnnxRuntimeModule(nn.Module):
     def forward(self, x: torch.Tensor) -> Any:
         """The output as the exported model returned it: a tensor, or (with ``output_layout``) the same nesting;
         a graph of several outputs without ``output_layout`` gives a tuple."""
+        if x.shape[0] == 0:  # an empty batch, as eager PyTorch takes it; ONNX Runtime fails on it (a Reshape)
+            one = self.forward(x.new_zeros((1, *x.shape[1:])))
+            return pytree.tree_map(lambda out: out[:0] if isinstance(out, torch.Tensor) and out.dim() else out, one)
         array = x.detach().to("cpu", torch.float32).contiguous().numpy()
         outs = [torch.from_numpy(out) for out in self.session.run(None, {self.input_name: array})]
         if self.output_layout is not None:
