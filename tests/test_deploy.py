@@ -574,6 +574,28 @@ def test_an_empty_batch_gives_an_empty_output_on_every_backend(backend):
     assert out.shape == _reference(model, empty).shape == (0, 10) and out.dtype == torch.float32
 
 
+@pytest.mark.parametrize("kwargs, says", [
+    (dict(atol="1e-4"), "atol must be a finite number >= 0 (e.g. atol=0.0001), got '1e-4'"),
+    (dict(atol=-1), "atol must be a finite number >= 0 (e.g. atol=0.0001), got -1"),
+    (dict(rtol=float("nan")), "rtol must be a finite number >= 0 (e.g. rtol=0), got nan"),
+    (dict(backend="onnxruntime", opset="17"), "opset must be an int from 17 to "),
+    (dict(backend="onnxruntime", opset=16), "opset must be an int from 17 to "),
+])
+def test_bad_tolerances_and_opsets_are_refused_before_any_work(kwargs, says, monkeypatch):
+    """Found by an audit: atol="1e-4" failed after the model was copied, fused and built ("can only concatenate
+    str (not "float") to str"), opset="17" in words about '<', and atol=-1 advised a larger atol."""
+    import vitzoo.inference
+
+    def no_copy(model):
+        raise AssertionError("the model was copied: the arguments were not checked first")
+
+    monkeypatch.setattr(vitzoo.inference.copy, "deepcopy", no_copy)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
+    with pytest.raises(ValueError) as caught:
+        deploy(model, torch.randn(1, 3, 8, 8), **kwargs)
+    assert says in str(caught.value)
+
+
 def test_torchscript_backend_unavailable_is_a_clear_error(monkeypatch, shvit_s1):
     monkeypatch.setattr(importlib.import_module("vitzoo.torchscript_backend"), "torchscript_available", lambda: False)
     with pytest.raises(RuntimeError, match="backend 'torchscript' is not available here"):

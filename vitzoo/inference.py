@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+import math
+import numbers
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -481,6 +483,21 @@ def _build_onnxruntime(model: nn.Module, example_input: torch.Tensor, opset: int
     return DeployedModel(session, "onnxruntime", torch.contiguous_format, notes, fixed_size=True)
 
 
+def _check_arguments(atol: Any, rtol: Any, opset: Any, backend: str) -> None:
+    """Refuse, before any work, an ``atol`` / ``rtol`` that is not a finite number >= 0 and (for the
+    ``"onnxruntime"`` backend) an ``opset`` that is not an int the exporter writes (found by an audit: ``atol="1e-4"``
+    failed after fusing and building, in words about str and float; ``atol=-1`` then advised a larger atol)."""
+    from vitzoo.onnx_runtime import MAX_OPSET, MIN_OPSET
+
+    for name, value, example in (("atol", atol, DEFAULT_ATOL), ("rtol", rtol, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0 (e.g. {name}={example:g}), got {value!r}.")
+    if backend == "onnxruntime" and (isinstance(opset, bool) or not isinstance(opset, numbers.Integral)
+                                     or not MIN_OPSET <= opset <= MAX_OPSET):
+        raise ValueError(f"opset must be an int from {MIN_OPSET} to {MAX_OPSET} (the opsets this torch's ONNX "
+                         f"exporter writes), got {opset!r}.")
+
+
 def deploy(
         model: nn.Module,
         example_input: Optional[torch.Tensor] = None,
@@ -521,7 +538,8 @@ def deploy(
     Raises:
         ValueError: Unknown backend, or no example input and no ``pretrained_cfg``, or ``"onnxruntime"`` with a
             model or example input on a GPU (its session runs on the CPU), or a model on the ``meta`` device, or
-            an ``example_input`` of batch size 0.
+            an ``example_input`` of batch size 0, or an ``atol`` / ``rtol`` that is not a finite number >= 0, or
+            (``"onnxruntime"``) an ``opset`` that is not an int from ``MIN_OPSET`` to ``MAX_OPSET``.
         TypeError: ``model`` is not a module, or ``example_input`` is not a tensor (a numpy array, a list), or a
             float ``example_input`` of another dtype than its weights.
         RuntimeError: Backend unavailable here, or the deployed output differs by more than
@@ -533,6 +551,7 @@ def deploy(
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}.")
     if fp32_precision not in FP32_PRECISIONS:
         raise ValueError(f"fp32_precision={fp32_precision!r}; valid values: {', '.join(FP32_PRECISIONS)}.")
+    _check_arguments(atol=atol, rtol=rtol, opset=opset, backend=backend)
     if backend not in available_backends():
         raise RuntimeError(f"backend {backend!r} is not available here (available: "
                            f"{', '.join(available_backends())}); {missing_backend_hint(backend)}.")
