@@ -755,6 +755,22 @@ def test_data_movement_ops_are_free_not_unknown():
     assert report.unknown_ops == {}, report.unknown_ops
 
 
+def test_transposes_views_and_selections_written_other_ways_are_free():
+    """Found by an audit: ``x.T``, ``x.mT``, ``x.mH``, diagonal, index_select, tril / triu and ones_like were listed
+    as ops without a FLOP formula ("their work is missing from the total"), though they do no arithmetic. Hand
+    count: the two matmuls only, 2 x 5 x 5 x 12 + 5 x 12 x 5 = 900 MACs."""
+    class Views(nn.Module):
+        def forward(self, x):  # x: (1, 2, 5, 12)
+            a = x @ x.mT + torch.ones_like(x[:, :, :, :5]).tril() - x[:, :, :, :5].triu()
+            b = x[0, 0].mH.T.adjoint().T @ x[0, 0].T  # (5, 12) @ (12, 5)
+            picked = x.index_select(3, torch.arange(3)).diagonal(dim1=2, dim2=3)
+            return a.sum() + b.sum() + picked.sum()
+
+    report = count_flops(Views(), (2, 5, 12))
+    assert report.total == 2 * 5 * 5 * 12 + 5 * 12 * 5
+    assert report.unknown_ops == {}, report.unknown_ops
+
+
 def test_fused_table_model_row_shows_the_fused_params():
     report = count_flops("shvit_s1")
     model_row = report.table(max_depth=0).splitlines()[2].split()

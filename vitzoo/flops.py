@@ -284,7 +284,14 @@ FREE_OPS = ("aten::reshape_as", "aten::view_as", "aten::expand_as", "aten::repea
             "aten::movedim", "aten::unflatten", "aten::tensor_split", "aten::pixel_shuffle", "aten::pixel_unshuffle",
             "aten::repeat_interleave", "aten::unfold", "aten::im2col", "aten::dropout_",
             "aten::feature_dropout", "aten::feature_dropout_", "aten::alpha_dropout", "aten::alpha_dropout_",
-            "aten::flip", "aten::roll", "aten::tile", "aten::meshgrid")
+            "aten::flip", "aten::roll", "aten::tile", "aten::meshgrid",
+            # transposes, views and selections written in other ways (x.T, x.mT, x.mH, diagonal, index_select,
+            # tril / triu masks, ones_like), found missing by an audit: they were reported as ops without a formula
+            "aten::numpy_T", "aten::mT", "aten::mH", "aten::adjoint", "aten::swapaxes", "aten::swapdims",
+            "aten::moveaxis", "aten::squeeze_", "aten::unsqueeze_", "aten::alias", "aten::lift_fresh", "aten::conj",
+            "aten::resolve_conj", "aten::diagonal", "aten::diag", "aten::index_select", "aten::take_along_dim",
+            "aten::masked_select", "aten::scatter", "aten::narrow_copy", "aten::tril", "aten::triu",
+            "aten::ones_like", "aten::new_ones", "aten::empty_like")
 
 
 def _einsum_terms(equation: str) -> Tuple[List[str], str]:
