@@ -421,7 +421,8 @@ def test_model_objects_and_built_backbones_are_checked():
     bb = build_backbone('shvit_s1', 'retinanet', out_channels=16)
     with pytest.raises(ValueError, match=r'weights, frozen_stages apply when build_detector builds the backbone'):
         build_detector('retinanet', bb, 3, weights='w.pth', frozen_stages=2)
-    with pytest.raises(ValueError, match=r'size_divisible=32 must be a multiple of the coarsest pyramid stride 128'):
+    with pytest.raises(ValueError, match=r'size_divisible=32 must be a positive int multiple of the coarsest pyramid '
+                                         r'stride 128'):
         build_detector('retinanet', bb, 3, size_divisible=32)
 
 
@@ -510,3 +511,65 @@ def test_backbone_weights_with_nan_are_refused_by_name(tmp_path):
     assert str(caught.value).startswith(
         f"could not load {tmp_path / 'nan.safetensors'} into backbone 'shvit_s1': 1 tensor(s) hold NaN or infinite "
         "values (patch_embed.0.c.weight)")
+
+
+def test_bad_detector_arguments_are_named_when_built():
+    """Found by an audit: size_divisible=0 / -128 passed the check and failed at the first forward (a division by
+    zero, a size mismatch), out_channels=0 / -1 / 3.5 and num_classes=2.5 failed inside layer initialisation, and
+    dynamic_img_size=False in model_kwargs failed at the first forward."""
+    for kwargs, says in ((dict(size_divisible=0), 'size_divisible=0 must be a positive int multiple'),
+                         (dict(size_divisible=-128), 'size_divisible=-128 must be a positive int multiple'),
+                         (dict(size_divisible=128.0), 'size_divisible=128.0 must be a positive int multiple')):
+        with pytest.raises(ValueError, match=says):
+            build_detector('retinanet', 'shvit_s1', 3, **kwargs)
+    with pytest.raises(ValueError, match=r'num_classes must be an int >= 1 \(object categories, background '
+                                         r'excluded\), got 2.5'):
+        build_detector('retinanet', 'shvit_s1', 2.5)
+    for out_channels in (0, -1, 3.5, True):
+        with pytest.raises(ValueError, match=rf'out_channels must be an int >= 1 \(the channels of every pyramid '
+                                             rf'level\), got {out_channels}'):
+            build_backbone('shvit_s1', out_channels=out_channels)
+    with pytest.raises(ValueError, match='dynamic_img_size=False.*leave dynamic_img_size out of model_kwargs'):
+        build_backbone('deit_tiny_patch16_224', model_kwargs=dict(dynamic_img_size=False))
+
+
+def test_a_backbone_for_other_input_channels_needs_their_normalisation():
+    """Found by an audit: a backbone built with in_chans=1 got the pretrained cfg's 3-value image_mean / image_std,
+    and torchvision broadcast each 1-channel image to 3 channels, so the first forward failed blaming the image.
+    The detector is refused when built, saying what to pass; with 1-value statistics it detects on 1-channel
+    images, normalised as torchvision's transform does by hand."""
+    torch.manual_seed(0)
+    backbone = build_backbone('shvit_s1', 'retinanet', model_kwargs=dict(in_chans=1))
+    with pytest.raises(ValueError, match=r"the backbone takes 1-channel images, but the backbone's pretrained cfg "
+                                         r"mean \[0.485, 0.456, 0.406\] has 3 values; pass image_mean and "
+                                         r"image_std with 1 values each"):
+        build_detector('retinanet', backbone, 3)
+    with pytest.raises(ValueError, match=r'image_mean=\[0.5, 0.5\] has 2 values'):
+        build_detector('retinanet', backbone, 3, image_mean=[0.5, 0.5], image_std=[0.25])
+    detector = build_detector('retinanet', backbone, 3, image_mean=[0.5], image_std=[0.25], min_size=128,
+                              max_size=192).eval()
+    image = torch.rand(1, 100, 120)
+    with torch.no_grad():
+        (result,) = detector([image])
+        normalised, _ = detector.transform([image])
+    assert set(result) == {'boxes', 'scores', 'labels'} and normalised.tensors.shape[1] == 1
+    resized = F.interpolate(image[None], size=normalised.image_sizes[0], mode='bilinear', align_corners=False)
+    torch.testing.assert_close(normalised.tensors[:, :, :resized.shape[-2], :resized.shape[-1]],
+                               (resized - 0.5) / 0.25, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('name, multiple', [('shvit_s1', 64), ('resnet18', 32), ('convnext_atto', 32),
+                                            ('revit_t', 16)])
+def test_a_backbone_takes_sizes_its_levels_divide(name, multiple):
+    """Found by an audit: at 97x130 the stride-8 level was 14x18 for SHViT, 13x17 for ResNet and 12x16 for
+    ConvNeXt, each model rounding its own way. Sizes that are not multiples of the body's coarsest stride are
+    refused, naming it; at multiples of it every level is the size divided by its stride (p6 / p7 rounded up)."""
+    backbone = build_backbone(name).eval()
+    assert backbone.size_multiple == multiple
+    with pytest.raises(ValueError, match=rf'multiples of {multiple} \(its coarsest stride\), got 97x130; pad them'):
+        backbone(torch.randn(1, 3, 97, 130))
+    h, w = 2 * multiple, 3 * multiple
+    with torch.no_grad():
+        levels = backbone(torch.randn(1, 3, h, w))
+    for level, stride in zip(levels.values(), backbone.out_strides):
+        assert tuple(level.shape[-2:]) == (-(-h // stride), -(-w // stride)), (name, stride, level.shape)

@@ -227,6 +227,9 @@ class DetectionBackbone(nn.Module):
             dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
+        if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
+            raise ValueError(f'out_channels must be an int >= 1 (the channels of every pyramid level), got '
+                             f'{out_channels!r}.')
         dd = dict(device=device, dtype=dtype)
         self.out_strides = [int(s) for s in out_strides]
         self.out_channels = out_channels
@@ -256,6 +259,7 @@ class DetectionBackbone(nn.Module):
         self.body = model
         in_channels = [channels[i] for i in self.indices]
         in_strides = [reductions[i] for i in self.indices]
+        self.in_strides = list(in_strides)  # of the body's maps
         if self.is_token_model:
             pyramid_strides = [s for s in self.out_strides if s <= 4 * in_strides[0]]
             self.pyramid = SimpleFeaturePyramid(in_channels[0], in_strides[0], pyramid_strides, **dd)
@@ -296,6 +300,11 @@ class DetectionBackbone(nn.Module):
             if n in frozen:
                 p.requires_grad_(False)
 
+    @property
+    def size_multiple(self) -> int:
+        """What an input's height and width must be multiples of: the largest stride of the body's maps used."""
+        return max(self.in_strides)
+
     def train(self, mode: bool = True) -> 'DetectionBackbone':
         """Set train mode, then put backbone BatchNorms in eval mode (all with ``norm_eval``, else frozen ones)."""
         super().train(mode)
@@ -317,7 +326,16 @@ class DetectionBackbone(nn.Module):
             x, indices=self.indices, output_fmt='NCHW', intermediates_only=True))
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Pyramid maps ``{'p3': ..., 'p7': ...}`` (names = ``p`` + log2(stride)) for a padded image batch."""
+        """Pyramid maps ``{'p3': ..., 'p7': ...}`` (names = ``p`` + log2(stride)) for a padded image batch: height and
+        width multiples of the body's coarsest stride (:attr:`size_multiple`), as torchvision's detectors pad them
+        (``size_divisible``)."""
+        multiple = self.size_multiple
+        if x.dim() == 4 and (x.shape[-2] % multiple or x.shape[-1] % multiple):
+            # models round a size that is not a multiple differently (SHViT up, ResNet down, ConvNeXt down twice),
+            # so the levels would not be size / stride, and differ by model (found by an audit)
+            raise ValueError(f'the backbone takes images whose height and width are multiples of {multiple} (its '
+                             f'coarsest stride), got {x.shape[-2]}x{x.shape[-1]}; pad them (with zeros at the bottom '
+                             f'and right, as torchvision\'s detectors do with size_divisible).')
         feats = self.forward_backbone(x)
         if self.pyramid is not None:
             feats = self.pyramid(feats[-1])

@@ -9,6 +9,7 @@ Class convention: ``num_classes`` counts the object categories; labels are ``1..
 only ever pushes down; :class:`ForegroundRetinaNet` never turns it into detections (the R-CNNs drop it themselves).
 """
 import inspect
+import numbers
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -18,6 +19,8 @@ from torch import Tensor
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
+
+from vitzoo.models import model_in_chans
 
 from .backbone import DetectionBackbone, create_body
 from .fpn import level_name
@@ -90,17 +93,37 @@ def build_backbone(
                          'pass yourself before passing it.')
     else:
         model = name
-        # the model itself, or the one inside a features_only wrapper (timm's FeatureGetterNet keeps it as .model)
-        fixed = next((m for m in model.modules() if getattr(m, 'dynamic_img_size', None) is False), None)
-        if fixed is not None:
-            inside = '' if fixed is model else f' (its {type(fixed).__name__})'
-            raise ValueError(
-                f'{type(model).__name__}{inside} was created for one input size (dynamic_img_size=False), but a '
-                f'detector feeds it images of many sizes; create it with timm.create_model(..., '
-                f'dynamic_img_size=True), or pass the model name, which does so.')
+    # the model itself, or the one inside a features_only wrapper (timm's FeatureGetterNet keeps it as .model)
+    fixed = next((m for m in model.modules() if getattr(m, 'dynamic_img_size', None) is False), None)
+    if fixed is not None:
+        inside = '' if fixed is model else f' (its {type(fixed).__name__})'
+        fix = ("leave dynamic_img_size out of model_kwargs: the backbone sets it (until 2026-11-25 this failed at "
+               "the first forward)") if isinstance(name, str) else (
+            "create it with timm.create_model(..., dynamic_img_size=True), or pass the model name, which does so")
+        raise ValueError(f'{type(model).__name__}{inside} was created for one input size (dynamic_img_size=False), '
+                         f'but a detector feeds it images of many sizes; {fix}.')
     ref = next(model.parameters(), None)  # the neck is created on the body's device and in its dtype
     return DetectionBackbone(model, strides, out_channels, frozen_stages=frozen_stages, norm_eval=norm_eval,
                              device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+
+
+def _check_normalisation(body: nn.Module, detector_kwargs: Dict[str, Any]) -> None:
+    """Refuse an ``image_mean`` / ``image_std`` (given, or the pretrained cfg's) whose length is not the backbone's
+    input channel count: torchvision's transform would broadcast a 1-channel image to the 3 values and feed the model
+    3 channels (found by an audit: a backbone built with in_chans=1 then failed at its first forward, blaming the
+    image)."""
+    chans = model_in_chans(getattr(body, 'model', body))
+    cfg = getattr(body, 'pretrained_cfg', None) or {}
+    for key, default in (('image_mean', (0.485, 0.456, 0.406)), ('image_std', (0.229, 0.224, 0.225))):
+        given = key in detector_kwargs
+        values = detector_kwargs[key] if given else cfg.get(key[len('image_'):], default)
+        if len(values) != chans:
+            where = f'{key}={list(values)}' if given else f"the backbone's pretrained cfg {key[len('image_'):]} " \
+                f'{list(values)}'
+            raise ValueError(
+                f'the backbone takes {chans}-channel images, but {where} has {len(values)} values; pass image_mean '
+                f'and image_std with {chans} values each (the normalisation the backbone was trained with), e.g. '
+                f'build_detector(..., image_mean={[0.5] * chans}, image_std={[0.25] * chans}).')
 
 
 def build_detector(
@@ -144,8 +167,9 @@ def build_detector(
     if unknown:
         raise TypeError(f'build_detector({kind!r}) got unknown arguments {unknown}; '
                         f'{_CLASSES[kind].__name__} accepts {sorted(allowed - {"backbone", "num_classes", "kwargs"})}.')
-    if num_classes < 1:
-        raise ValueError(f'num_classes must be >= 1 (object categories, background excluded), got {num_classes}.')
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise ValueError(f'num_classes must be an int >= 1 (object categories, background excluded), got '
+                         f'{num_classes!r}.')
     if isinstance(backbone, DetectionBackbone):
         given = [name for name, value, default in (
             ('pretrained', pretrained, False), ('weights', weights, None), ('out_channels', out_channels, 256),
@@ -161,14 +185,17 @@ def build_detector(
                                   frozen_stages=frozen_stages, norm_eval=norm_eval)
     strides = backbone.out_strides
     cfg = getattr(backbone.body, 'pretrained_cfg', None) or {}
+    _check_normalisation(backbone.body, detector_kwargs)
     detector_kwargs.setdefault('image_mean', list(cfg.get('mean', (0.485, 0.456, 0.406))))
     detector_kwargs.setdefault('image_std', list(cfg.get('std', (0.229, 0.224, 0.225))))
     detector_kwargs.setdefault('size_divisible', max(strides))
-    if detector_kwargs['size_divisible'] % max(strides):
+    divisible = detector_kwargs['size_divisible']
+    if isinstance(divisible, bool) or not isinstance(divisible, numbers.Integral) or divisible < 1 \
+            or divisible % max(strides):
         # torchvision places the anchors of a level at (padded size / map size) pixels apart: a padding that is not a
         # multiple of the coarsest stride puts them off the grid
-        raise ValueError(f'size_divisible={detector_kwargs["size_divisible"]} must be a multiple of the coarsest '
-                         f'pyramid stride {max(strides)} of {kind}, or anchors land off their feature grid.')
+        raise ValueError(f'size_divisible={divisible!r} must be a positive int multiple of the coarsest pyramid '
+                         f'stride {max(strides)} of {kind}, or anchors land off their feature grid.')
     # our anchors and RoI pools for the pyramid's strides; an anchor generator or pool the caller passes replaces ours
     if kind == 'retinanet':
         sizes = tuple(tuple(int(4 * s * 2 ** (k / 3)) for k in range(3)) for s in strides)
