@@ -214,6 +214,14 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module,
             raise _incomplete(missing, model)
         elif not missing and not reshaped:  # every tensor of the model, plus some: a modified model, not another
             raise _extra_tensors(unexpected, model)
+        elif not missing and not unexpected and describe_state_dict(state_dict) == _describe_model(model):
+            # the model's keys and variant, some tensors of other shapes: a modified model (an audit found "expected
+            # shvit_s1, found shvit_s1" here)
+            k = reshaped[0]
+            raise CheckpointMismatchError(
+                f'Checkpoint has {len(reshaped)} tensor(s) of other shapes than {_describe_model(model)}\'s (e.g. '
+                f'{k}: {list(found[k])} in the checkpoint, {list(expected[k])} in the model): it was saved from a '
+                f'modified {_describe_model(model)}. Load it into the model it was saved from.')
         else:
             raise CheckpointMismatchError(
                 f'Checkpoint does not fit the model: expected {_describe_model(model)}, found '

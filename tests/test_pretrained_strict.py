@@ -127,6 +127,14 @@ def test_shvit_non_strict_still_refuses_what_does_not_fit(s1_source, tmp_path):
     one_block['stages.1.blocks.0.conv.m.c.weight'] = torch.zeros(3, 1, 3, 3)
     with pytest.raises(RuntimeError, match=r"1 with other shapes, e\.g\. \['stages\.1\.blocks\.0\.conv\.m\.c\.weight'"):
         create(pretrained_cfg_overlay=dict(state_dict=one_block))
+    # a tensor that does not tell the variant: named as a modified shvit_s1, with both shapes (an audit found
+    # "expected shvit_s1, found shvit_s1" here)
+    key = 'stages.0.blocks.0.ffn.m.pw1.c.weight'
+    ffn = dict(s1_source, **{key: torch.zeros(10, 10, 1, 1)})
+    with pytest.raises(RuntimeError, match=rf"1 tensor\(s\) of other shapes than shvit_s1's \(e\.g\. {key}: "
+                                           r"\[10, 10, 1, 1\] in the checkpoint, \[256, 128, 1, 1\] in the model\): "
+                                           r"it was saved from a modified shvit_s1"):
+        create(pretrained_cfg_overlay=dict(state_dict=ffn))
     ten = dict(s1_source, **{'head.l.weight': torch.zeros(10, 320), 'head.l.bias': torch.zeros(10)})
     with pytest.raises(RuntimeError, match=r'classifier \(head\.l\) has 10 outputs'):
         create(pretrained_cfg_overlay=dict(state_dict=ten))
