@@ -256,8 +256,8 @@ def _create_nvit(variant: str, pretrained: bool = False, default_dims: Optional[
     if dims is None:
         raise _missing_dims_error(variant)
     if kwargs.get('features_only') and kwargs.get('global_pool') == '':
-        # timm's feature getter drops the heads and the pooling (prune_intermediate_layers), so built pooled as released
-        # the model is the same, and a distilled one is not refused for classes without pooling it will never use
+        # timm's feature getter drops the heads and the pooling (prune_intermediate_layers): built with the released
+        # pooling, the feature model is the same, and a distilled one is not refused for a head it does not keep
         kwargs['global_pool'] = 'token'
     strict = kwargs.get('pretrained_strict', True)  # False: timm's opt-out of a strict load, honoured with a warning
     if state_dict is not None:
