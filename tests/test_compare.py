@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import os
 import sys
 import types
 
@@ -283,7 +284,7 @@ def test_a_weights_folder_is_compared_with_its_own_config(tmp_path, capsys):
     (row,) = json.loads(out)
     # the folder spelled three ways is one model (found by an audit: a trailing slash gave a second row)
     code, twice, _ = _cli(capsys, f"local-dir:{folder}", f"local-dir:{folder}/", f"local-dir:{folder}/../my_s1",
-                          "--no-speed", "--format", "json")
+                          f"LOCAL-DIR:{folder}", "--no-speed", "--format", "json")
     assert code == 0 and [r["model"] for r in json.loads(twice)] == [f"local-dir:{folder}"]
     reference = timm.models.shvit.shvit_s1(num_classes=10)  # timm's own SHViT, built independently
     assert row["params"] == sum(p.numel() for p in reference.parameters())
@@ -443,13 +444,14 @@ def test_nothing_to_compare_prints_no_empty_table(capsys, monkeypatch):
     assert "note: skipped nvit_b: cannot be built" in err and "error: no model could be compared" in err
 
 
-def test_a_skip_note_keeps_the_alternatives_of_a_multi_line_error(capsys):
-    """nvit_b without dims: the note used to stop at "... or pass dims=..., with one of:"; the ways to build it
-    follow on the error's later lines."""
+def test_a_skip_note_of_a_multi_line_error_ends_with_the_commands_advice(capsys):
+    """nvit_b without dims: the note used to stop at "... or pass dims=..., with one of:"; then it listed the
+    error's later lines, Python calls (timm.create_model(..., dims=...), KNOWN_DIMS); now the way the command
+    compares it (since 2026-11-25, found by an audit)."""
     code, out, err = _cli(capsys, "nvit_b", "--no-speed")
     note = next(line for line in err.splitlines() if line.startswith("note: skipped nvit_b"))
-    assert code == 1 and "with one of:" in note
-    assert "timm.create_model('nvit_b', pretrained=True)" in note and "KNOWN_DIMS" in note
+    assert code == 1 and "with one of:" not in note and "timm.create_model" not in note
+    assert note.endswith("`vitzoo convert CHECKPOINT --model nvit_b --out DIR`, then compare local-dir:DIR"), note
 
 
 def test_tagged_name_builds_without_download(capsys, monkeypatch):
@@ -683,3 +685,40 @@ def test_closest_models_ignores_case():
 
     assert closest_models("SHVIT_S1")[0] == "shvit_s1"
     assert closest_models("Efficientvit_M2.some_tag")[0] == "efficientvit_m2"
+
+
+def test_a_model_with_and_without_its_default_tag_is_one_row(capsys):
+    """Found by an audit: `compare shvit_s1 shvit_s1.in1k` gave two rows of one model (in1k is its default tag);
+    another tag of it is another row."""
+    code, out, _ = _cli(capsys, "shvit_s1", "shvit_s1.in1k", "shvit_s1.in1k_official", "--no-speed", "--format",
+                        "json", "--img-size", "64")
+    assert code == 0 and [r["model"] for r in json.loads(out)] == ["shvit_s1", "shvit_s1.in1k_official"]
+
+
+def test_a_plot_name_that_is_a_folder_is_a_usage_error(capsys, tmp_path, monkeypatch):
+    """Found by an audit: `--plot pdir/` (a folder that does not exist) measured every model, then wrote a PNG file
+    named pdir."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["compare", "shvit_s1", "--plot", "pdir/"])
+    assert info.value.code == 2
+    assert "pdir/ names a folder; give a file name, e.g. --plot pdir/pareto.png" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_skip_notes_give_the_commands_advice(capsys, monkeypatch, tmp_path):
+    """Found by an audit: a skipped nvit_t's note gave Python calls (dims=..., pretrained=True, KNOWN_DIMS), and an
+    hf-hub: name offline huggingface_hub's bare "check your connection"."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    code, _, err = _cli(capsys, "shvit_s1", "nvit_t", "hf-hub:org/repo", "--no-speed", "--img-size", "64")
+    assert code == 0
+    nvit_note = next(line for line in err.splitlines() if "skipped nvit_t" in line)
+    assert nvit_note.endswith("compare a folder converted from its checkpoint: `vitzoo convert CHECKPOINT --model "
+                              "nvit_t --out DIR`, then compare local-dir:DIR"), nvit_note
+    assert "dims=" not in nvit_note and "pretrained=True" not in nvit_note and "KNOWN_DIMS" not in nvit_note
+    hub_note = next(line for line in err.splitlines() if "skipped hf-hub:org/repo" in line)
+    assert "config.json of 'org/repo', which timm reads first for an hf-hub: name, is not in the Hub cache" \
+        in hub_note and "HF_HUB_OFFLINE=1" in hub_note and "hf download org/repo config.json" in hub_note, hub_note

@@ -33,8 +33,10 @@ import torch
 from tqdm.auto import tqdm
 
 from vitzoo.flops import count_flops
-from vitzoo.models import DEFAULT_MODELS, PAPER_NUMBERS, UnknownModelError, create, resolve_name
-from vitzoo.messages import cli_message, error_message, first_line, help_description
+from vitzoo.hub import hub_config
+from vitzoo.messages import cli_message, command_line_advice, error_message, first_line, help_description
+from vitzoo.models import (DEFAULT_MODELS, PAPER_NUMBERS, UnknownModelError, canonical_prefix, create,
+                           resolve_name)
 from vitzoo.speed import measure
 
 __all__ = ["compare", "machine_info", "format_rows", "register", "run"]
@@ -134,6 +136,19 @@ def _check_backends(backends: Sequence[str], speed: bool) -> List[str]:
     return list(dict.fromkeys(backends))
 
 
+def _build_advice(message: str, name: str) -> str:
+    """A build error's advice for Python callers in this command's terms: an NViT without its dims record is
+    compared from a folder converted from its checkpoint; other Python-only advice as
+    :func:`vitzoo.messages.command_line_advice` puts it."""
+    arch = canonical_prefix(name).partition(".")[0]
+    convert = f"`vitzoo convert CHECKPOINT --model {arch} --out DIR`, then compare local-dir:DIR"
+    if "per-block dims of this model are not known" in message:  # its advice is for Python (dims=, pretrained=)
+        cause = message.partition(": load its checkpoint")[0]
+        return f"{cause}; compare a folder converted from its checkpoint: {convert}"
+    return command_line_advice(message, local_file=f"convert a local weight file: {convert}",
+                               no_weights="leave out the weights", variant="compare the variant the checkpoint holds")
+
+
 def _build(
     names: Sequence[str], explicit: bool, img_size: Optional[int], progress: bool
 ) -> Tuple[list, Dict[str, str]]:
@@ -148,9 +163,11 @@ def _build(
             skipped[name] = f"not registered ({e})"
             continue
         try:
+            if name.startswith("hf-hub:"):  # its config.json, with the Hub cache's offline advice (timm's is bare)
+                hub_config(name[len("hf-hub:"):])
             model = create(name, img_size=img_size)
         except Exception as e:  # noqa: BLE001  a model that cannot be built (nvit_* without dims) is reported
-            skipped[name] = f"cannot be built: {type(e).__name__}: {error_message(e)}"
+            skipped[name] = f"cannot be built: {type(e).__name__}: {_build_advice(error_message(e), name)}"
             continue
         try:
             report = count_flops(model, img_size)
@@ -492,14 +509,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _distinct(names: List[str]) -> List[str]:
-    """``names`` without repeats, in their first spelling: a name given twice, or a ``local-dir:`` folder spelled two
-    ways (``local-dir:out/s1`` and ``local-dir:out/s1/``, a relative and an absolute path)."""
+    """``names`` without repeats, in their first spelling: a name given twice, a ``local-dir:`` folder spelled two
+    ways (``local-dir:out/s1``, ``LOCAL-DIR:out/s1/``, an absolute path), a model with and without its default tag
+    (``shvit_s1``, ``shvit_s1.in1k``)."""
     seen: Dict[str, str] = {}
     for name in names:
-        folder = name[len("local-dir:"):] if name.startswith("local-dir:") else None
-        key = f"local-dir:{os.path.realpath(os.path.expanduser(folder))}" if folder else name
-        seen.setdefault(key, name)
+        seen.setdefault(_identity(name), name)
     return list(seen.values())
+
+
+def _identity(name: str) -> str:
+    """What ``name`` compares: a ``local-dir:`` folder's real path, an ``hf-hub:`` repo, or ``arch.tag`` with the
+    architecture's default tag filled in."""
+    import timm
+
+    canonical = canonical_prefix(name)
+    if canonical.startswith("local-dir:"):
+        return "local-dir:" + os.path.realpath(os.path.expanduser(canonical[len("local-dir:"):]))
+    if canonical.startswith("hf-hub:"):
+        return canonical
+    arch, tag = resolve_name(canonical)
+    if tag is None:  # the default tag: the first whose cfg is the architecture's default one
+        default = timm.models.get_pretrained_cfg(arch)
+        full = next((n for n, cfg in timm.models.get_arch_pretrained_cfgs(arch).items() if cfg == default), arch)
+        return full
+    return f"{arch}.{tag}"
 
 
 def _plot_file(value: str) -> str:
@@ -509,6 +543,8 @@ def _plot_file(value: str) -> str:
 
     if not value.strip():
         raise argparse.ArgumentTypeError("needs a file name, e.g. --plot pareto.png")
+    if value.endswith(("/", os.sep)):  # a folder, which Path would take as a file without suffix (found by an audit)
+        raise argparse.ArgumentTypeError(f"{value} names a folder; give a file name, e.g. --plot {value}pareto.png")
     try:
         plot_format(value)
     except ValueError as e:  # its message starts "--plot FILE:", and argparse's with "argument --plot:"

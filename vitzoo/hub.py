@@ -42,6 +42,7 @@ __all__ = [
     "validate_weights_file",
     "non_finite_weights",
     "non_finite_text",
+    "hub_config",
     "fetch_hub_weights",
     "hub_offline_hint",
     "load_pretrained_model",
@@ -405,11 +406,11 @@ def _hub_filename(name: str, hub_id: str, kwargs: Dict[str, Any]) -> Optional[st
     if overlay.get("hf_hub_filename"):
         return overlay["hf_hub_filename"]
     if name.startswith("hf-hub:"):
-        return _hub_config(hub_id, kwargs.get("cache_dir")).get("hf_hub_filename")
+        return hub_config(hub_id, kwargs.get("cache_dir")).get("hf_hub_filename")
     return _pretrained_cfg(name, kwargs).get("hf_hub_filename")
 
 
-def _hub_config(hub_id: str, cache_dir: Optional[PathLike]) -> Dict[str, Any]:
+def hub_config(hub_id: str, cache_dir: Optional[PathLike] = None) -> Dict[str, Any]:
     """The pretrained cfg in the config.json of an ``hf-hub:`` repo, which timm reads before the weights.
 
     Empty when the file cannot be fetched or read (the weights' fetch, or timm, then says why), except when it is
