@@ -528,7 +528,10 @@ def _identity(name: str) -> str:
         return "local-dir:" + os.path.realpath(os.path.expanduser(canonical[len("local-dir:"):]))
     if canonical.startswith("hf-hub:"):
         return canonical
-    arch, tag = resolve_name(canonical)
+    try:
+        arch, tag = resolve_name(canonical)
+    except UnknownModelError:  # reported with its hints when the names are checked, next
+        return canonical
     if tag is None:  # the default tag: the first whose cfg is the architecture's default one
         default = timm.models.get_pretrained_cfg(arch)
         full = next((n for n, cfg in timm.models.get_arch_pretrained_cfgs(arch).items() if cfg == default), arch)
