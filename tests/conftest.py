@@ -27,7 +27,7 @@ def _seed():
 
 
 _UPSTREAM = Path(__file__).parent / "upstream" / "test_timm_models.py"
-_UPSTREAM_MISSING = ("timm's own tests (tests/upstream/test_timm_models.py, 63 tests on shvit_* / revit_*) are not "
+_UPSTREAM_MISSING = ("timm's own tests (tests/upstream/test_timm_models.py, 69 tests on shvit_* / revit_*) are not "
                      "fetched, so they did not run: `make upstream-tests` fetches them (`make test` does it first)")
 
 
