@@ -108,6 +108,8 @@ def test_cli_reports_a_backbone_it_cannot_build(data, tmp_path, capsys):
     assert main(base + ['--out', str(tmp_path / 'b'), '--backbone', 'nvit_b']) == 2
     err = capsys.readouterr().err
     assert "error: cannot build backbone 'nvit_b': nvit_b: the per-block dims" in err and 'Traceback' not in err
+    # found by an audit: the advice was Python calls (timm.create_model(..., dims=...), KNOWN_DIMS)
+    assert err.endswith('checkpoint): load its checkpoint with --pretrained or --backbone-weights FILE\n'), err
     text = tmp_path / 'text.pth'
     text.write_bytes(b'junk\n')
     assert main(base + ['--out', str(tmp_path / 'c'), '--backbone', 'shvit_s1', '--backbone-weights', str(text)]) == 2

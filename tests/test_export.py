@@ -61,8 +61,12 @@ def test_cli_model_that_cannot_be_built_is_an_error_not_a_traceback(tmp_path, ca
     assert main(["export", "nvit_b", "--format", "onnx", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: cannot build nvit_b: nvit_b: the per-block dims") and "Traceback" not in err
-    # found by an audit: the line ended at "with one of:"; the alternatives it announces are on the line too
-    assert err.count("\n") == 1 and "with one of: timm.create_model('nvit_b', pretrained=True)" in err, err
+    # found by audits: the line ended at "with one of:"; then it listed Python calls (timm.create_model(...,
+    # dims=...), KNOWN_DIMS), which a command cannot take; now the command's ways, on one line
+    assert err.count("\n") == 1 and "create_model" not in err and "KNOWN_DIMS" not in err, err
+    assert err.endswith("stored only inside its checkpoint): export it with --pretrained (its checkpoint holds them), "
+                        "or convert a local checkpoint with `vitzoo convert FILE --model nvit_b --out DIR` and export "
+                        "local-dir:DIR\n"), err
     assert not out.exists()
 
 

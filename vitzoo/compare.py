@@ -142,11 +142,9 @@ def _build_advice(message: str, name: str) -> str:
     :func:`vitzoo.messages.command_line_advice` puts it."""
     arch = canonical_prefix(name).partition(".")[0]
     convert = f"`vitzoo convert CHECKPOINT --model {arch} --out DIR`, then compare local-dir:DIR"
-    if "per-block dims of this model are not known" in message:  # its advice is for Python (dims=, pretrained=)
-        cause = message.partition(": load its checkpoint")[0]
-        return f"{cause}; compare a folder converted from its checkpoint: {convert}"
     return command_line_advice(message, local_file=f"convert a local weight file: {convert}",
-                               no_weights="leave out the weights", variant="compare the variant the checkpoint holds")
+                               no_weights="leave out the weights", variant="compare the variant the checkpoint holds",
+                               dims=f"compare a folder converted from its checkpoint: {convert}")
 
 
 def _build(

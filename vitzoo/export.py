@@ -235,10 +235,11 @@ def _advice(message: str, name: str) -> str:
     from vitzoo.messages import command_line_advice
 
     arch = name.partition(".")[0]
+    convert = f"`vitzoo convert FILE --model {arch} --out DIR` and export local-dir:DIR"
     return command_line_advice(
-        message, local_file=f"convert a local weight file into a folder with `vitzoo convert FILE --model {arch} --out "
-                            "DIR` and export local-dir:DIR",
-        no_weights="leave out --pretrained (random weights)", variant="export the variant the checkpoint holds")
+        message, local_file=f"convert a local weight file into a folder with {convert}",
+        no_weights="leave out --pretrained (random weights)", variant="export the variant the checkpoint holds",
+        dims=f"export it with --pretrained (its checkpoint holds them), or convert a local checkpoint with {convert}")
 
 
 def _config_hint(name: str) -> str:

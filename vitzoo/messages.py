@@ -164,14 +164,18 @@ _NO_WEIGHTS = re.compile(r"\buse pretrained=False\b")
 _VARIANT = re.compile(r"\b[Uu]se the entrypoint of the (?:checkpoint's variant|variant the checkpoint holds)")
 _STRICT_OPT_OUT = re.compile(r" ?To load on purpose only the tensors the two have in common .*?with a warning "
                              r"naming them\.?")
+#: An NViT without its dims record: the ways to build it, as Python calls (nvit.nvit's message, on one line)
+_DIMS = re.compile(r": load its checkpoint \(pretrained=True, .*?KNOWN_DIMS\['[^']*'\]\.?")
 
 
-def command_line_advice(text: str, local_file: str, no_weights: str, variant: str) -> str:
+def command_line_advice(text: str, local_file: str, no_weights: str, variant: str, dims: str) -> str:
     """``text``, a loader's message, with the advice that only a Python caller can follow put in a command's terms:
     passing a local weight file (``pretrained_cfg_overlay=dict(file=...)``) becomes ``local_file``, ``use
-    pretrained=False`` becomes ``no_weights``, using the entrypoint of the checkpoint's variant becomes ``variant``;
-    the opt-out of a strict load (``pretrained_strict=False``) is left out, since no command loads part of a
-    checkpoint."""
+    pretrained=False`` becomes ``no_weights``, using the entrypoint of the checkpoint's variant becomes ``variant``,
+    the ways to build an NViT whose dims the package does not know (``pretrained=True``, ``dims=``, ...) become
+    ``dims``; the opt-out of a strict load (``pretrained_strict=False``) is left out, since no command loads part of
+    a checkpoint."""
+    text = _DIMS.sub(lambda _: f": {dims}", text)
     text = _LOCAL_FILE.sub(local_file, text)
     text = _NO_WEIGHTS.sub(no_weights, text)
     text = _VARIANT.sub(lambda found: variant[:1].upper() + variant[1:] if found.group(0)[0] == "U" else variant, text)

@@ -473,7 +473,8 @@ def run(args: argparse.Namespace) -> int:
         message = command_line_advice(
             cli_message(e, worker_error_message(e)), local_file='give a local file with --backbone-weights FILE',
             no_weights='leave out --pretrained and --backbone-weights (a randomly initialised backbone)',
-            variant='choose the --backbone the checkpoint was saved from')
+            variant='choose the --backbone the checkpoint was saved from',
+            dims='load its checkpoint with --pretrained or --backbone-weights FILE')
         print(f'vitzoo {NAME}: error: {message}', file=sys.stderr)
         # drop the traceback now: it holds a DataLoader iterator in a reference cycle (torch's re-raise frame),
         # and workers shut down by a later garbage collection wait 5 s each for a stop signal that never comes
