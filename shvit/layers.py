@@ -48,10 +48,21 @@ class ConvNorm(nn.Module):
     ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
+        self.bn_weight_init = bn_weight_init
         self.c = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False, **dd)
         self.bn = nn.BatchNorm2d(out_chs, **dd)
-        nn.init.constant_(self.bn.weight, bn_weight_init)
+        self._init_norm()
+
+    def _init_norm(self) -> None:
+        nn.init.constant_(self.bn.weight, self.bn_weight_init)
         nn.init.zeros_(self.bn.bias)
+
+    def reset_parameters(self) -> None:
+        """The constructor's initialisation again (PyTorch's conv init, BatchNorm scale ``bn_weight_init``), drawing
+        random numbers in the constructor's order."""
+        self.c.reset_parameters()
+        self.bn.reset_parameters()
+        self._init_norm()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.c(x))
@@ -91,10 +102,20 @@ class NormLinear(nn.Module):
     ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
+        self.std = std
         self.bn = nn.BatchNorm1d(in_features, **dd)
         self.l = nn.Linear(in_features, out_features, **dd)  # noqa: E741 (the checkpoints name it head.l)
-        trunc_normal_(self.l.weight, std=std)
+        self._init_linear()
+
+    def _init_linear(self) -> None:
+        trunc_normal_(self.l.weight, std=self.std)
         nn.init.zeros_(self.l.bias)
+
+    def reset_parameters(self) -> None:
+        """The constructor's initialisation again, drawing random numbers in the constructor's order."""
+        self.bn.reset_parameters()
+        self.l.reset_parameters()
+        self._init_linear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.l(self.bn(x))

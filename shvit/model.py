@@ -57,6 +57,16 @@ def _classifier(head: Optional[nn.Module]) -> Optional[nn.Module]:
     return head.l if isinstance(head, NormLinear) else head
 
 
+def _reset_parameters(module: nn.Module) -> None:
+    """``reset_parameters()`` of ``module``, or else of each child, in the order they were built: a ``ConvNorm`` or
+    ``NormLinear`` resets its own layers with its own initialisation, so it is not descended into."""
+    if hasattr(module, 'reset_parameters'):
+        module.reset_parameters()
+        return
+    for child in module.children():
+        _reset_parameters(child)
+
+
 class UnsupportedPoolError(ValueError, AssertionError):
     """A ``global_pool`` this model does not support. A ``ValueError``, and an ``AssertionError`` as timm's own
     models raise (timm's ``test_catavgmax_unsupported`` and user code catch that)."""
@@ -177,6 +187,17 @@ class SHViT(nn.Module):
                 f"global_pool={global_pool!r} changes the pooled width, which the BN+Linear head does not support; "
                 "use 'avg', 'max', 'avgmax', 'fast' or ''.")
         return pool
+
+    def init_weights(self, needs_reset: bool = True) -> None:
+        """Initialise every parameter and buffer as the constructor does (timm's re-initialisation of a model
+        created on the ``meta`` device and moved with ``to_empty``).
+
+        Args:
+            needs_reset: False does nothing: ``__init__`` has initialised the layers (timm's LeViT / EfficientViT
+                signature).
+        """
+        if needs_reset:
+            _reset_parameters(self)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:

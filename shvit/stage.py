@@ -1,10 +1,11 @@
 """SHViT stages: BasicBlock (dw-conv, optional SHSA, FFN; all residual) and the stage with its downsampler."""
-from typing import List, Optional, Type
+import contextlib
+from typing import ContextManager, Iterator, List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
-from timm.layers import GroupNorm1
-from timm.models._manipulate import checkpoint_seq
+from timm.layers import GroupNorm1, use_reentrant_ckpt
+from timm.models._manipulate import checkpoint
 
 from .attention import SHSA
 from .layers import FFN, DWConvResidual, Residual
@@ -123,5 +124,40 @@ class SHViTStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
+            return self._checkpointed_blocks(x)
         return self.blocks(x)
+
+    @torch.jit.unused
+    def _checkpointed_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks, each checkpointed (timm's ``use_reentrant_ckpt()`` setting). Recomputing a block in backward
+        runs its BatchNorms in training mode again; non-reentrant checkpointing (timm's default) keeps their running
+        statistics as the forward left them, so a step updates them once, as without checkpointing."""
+        reentrant = use_reentrant_ckpt()
+        for block in self.blocks:
+            if reentrant:  # torch runs no context around a reentrant recomputation
+                x = checkpoint(block, x, use_reentrant=True)
+            elif torch.compiler.is_compiling():  # dynamo takes no context_fn; its backward does not repeat the update
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = checkpoint(block, x, use_reentrant=False, context_fn=lambda b=block: _recompute_contexts(b))
+        return x
+
+
+def _recompute_contexts(block: nn.Module) -> Tuple[ContextManager, ContextManager]:
+    """``torch.utils.checkpoint``'s ``context_fn``: none around the forward, :func:`_buffers_kept` around the
+    recomputation."""
+    return contextlib.nullcontext(), _buffers_kept(block)
+
+
+@contextlib.contextmanager
+def _buffers_kept(module: nn.Module) -> Iterator[None]:
+    """``module``'s buffers (BatchNorm running statistics and batch counts) restored on exit to their values on
+    entry."""
+    buffers = list(module.buffers())
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)

@@ -1,4 +1,5 @@
 """The timm model contract for SHViT: features, intermediates, heads, optimizer hooks, devices, scripting, tracing."""
+import copy
 import subprocess
 import sys
 
@@ -45,7 +46,7 @@ def test_import_emits_no_warning():
 
 
 def test_unknown_kwarg_raises_type_error():
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match='not_a_model_arg'):
         timm.create_model('shvit_s1', not_a_model_arg=1)
 
 
@@ -57,6 +58,41 @@ def test_meta_device_and_dtype():
     with torch.device('meta'):
         m = timm.create_model('shvit_s1', drop_path_rate=0.1).eval()
     assert m(torch.empty(1, 3, 224, 224, device='meta')).shape == (1, 1000)
+
+
+@pytest.mark.parametrize('name, kwargs', [('shvit_s1', {}), ('shvit_s4', dict(distilled=True, num_classes=5)),
+                                          ('shvit_s2', dict(num_classes=0))])
+def test_init_weights_after_to_empty_is_the_constructors_init(name, kwargs):
+    """Found by an audit: SHViT had no init_weights, so a model built on the meta device (timm's convention:
+    to_empty, then init_weights) kept garbage; resetting each layer instead gave BN scales of 1 where the official
+    init has 0 (residual branches) and PyTorch's Linear init for the head. The constructor's init is the reference:
+    with the same seed, every parameter and buffer equals it bit for bit."""
+    torch.manual_seed(0)
+    reference = timm.create_model(name, **kwargs).state_dict()
+    torch.manual_seed(0)  # a meta build draws no random numbers
+    model = timm.create_model(name, device='meta', **kwargs).to_empty(device='cpu')
+    with torch.no_grad():  # poisoned, so that a tensor left out cannot pass by chance
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.fill_(float('nan') if tensor.is_floating_point() else 7)
+    model.init_weights()
+    state = model.state_dict()
+    assert state.keys() == reference.keys()
+    assert [k for k in state if not torch.equal(state[k], reference[k])] == []
+    # the official zero-init BN scales: each BasicBlock's depthwise conv and FFN output, the SHSA projection of the
+    # blocks of stages 2 and 3 (types i, s, s), the two FFNs around each of the two downsamplings
+    zero_scales = [k for k, v in state.items() if k.endswith('bn.weight') and not v.any()]
+    assert len(zero_scales) == 2 * sum(model.depth) + sum(model.depth[1:]) + 2 * 2
+
+
+def test_init_weights_in_float64_on_meta_gives_finite_outputs():
+    model = timm.create_model('shvit_s1', device='meta', dtype=torch.float64).to_empty(device='cpu').eval()
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                tensor.fill_(float('nan'))
+    model.init_weights()
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert torch.isfinite(model(torch.randn(1, 3, 64, 64, dtype=torch.float64))).all()
 
 
 @torch.no_grad()
@@ -230,6 +266,43 @@ def test_grad_checkpointing_same_output_and_grads():
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
 
 
+def _two_steps(model, checkpointing):
+    model.set_grad_checkpointing(checkpointing)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    for step in range(2):
+        torch.manual_seed(step)  # the same drop-path draws in both runs
+        model(x).sum().backward()
+    return model.state_dict(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_grad_checkpointing_updates_batchnorm_statistics_once_per_step():
+    """Found by an audit: recomputing a checkpointed block in backward ran its BatchNorms in training mode a second
+    time, so each step moved their running statistics twice and counted two batches (timm's SHViT does too). The
+    reference is the model without checkpointing: after two steps, buffers and gradients are the same bit for bit."""
+    torch.manual_seed(0)
+    plain = timm.create_model('shvit_s1', num_classes=5, drop_path_rate=0.2).train()
+    checkpointed = copy.deepcopy(plain)
+    buffers, grads = _two_steps(plain, False)
+    buffers_ckpt, grads_ckpt = _two_steps(checkpointed, True)
+    assert buffers['stages.0.blocks.0.conv.m.bn.num_batches_tracked'] == 2
+    assert [k for k in buffers if not torch.equal(buffers[k], buffers_ckpt[k])] == []
+    assert [n for n in grads if not torch.equal(grads[n], grads_ckpt[n])] == []
+
+
+def test_reentrant_grad_checkpointing_follows_timms_setting(monkeypatch):
+    """timm's ``set_reentrant_ckpt(True)`` is honoured: gradients stay exact; torch runs no context around a
+    reentrant recomputation, so there the statistics are updated twice (docs/shvit.md)."""
+    import shvit.stage
+    monkeypatch.setattr(shvit.stage, 'use_reentrant_ckpt', lambda: True)
+    torch.manual_seed(0)
+    plain = timm.create_model('shvit_s1', num_classes=5).train()
+    checkpointed = copy.deepcopy(plain)
+    buffers, grads = _two_steps(plain, False)
+    buffers_ckpt, grads_ckpt = _two_steps(checkpointed, True)
+    assert [n for n in grads if not torch.allclose(grads[n], grads_ckpt[n], rtol=1e-5, atol=1e-7)] == []
+    assert buffers_ckpt['stages.1.blocks.0.conv.m.bn.num_batches_tracked'] == 4
+
+
 def test_group_matcher_layer_decay_and_no_weight_decay(s1):
     from timm.models import group_parameters
     groups = group_parameters(s1, s1.group_matcher(coarse=False))
@@ -321,15 +394,15 @@ def test_grad_checkpointing_sets_every_stage_and_uses_checkpoint(monkeypatch):
     m.set_grad_checkpointing(True)
     assert [stage.grad_checkpointing for stage in m.stages] == [True, True, True]
     calls = []
-    real = shvit.stage.checkpoint_seq
+    real = shvit.stage.checkpoint
 
-    def counting(blocks, x, *args, **kwargs):
-        calls.append(blocks)
-        return real(blocks, x, *args, **kwargs)
+    def counting(block, x, *args, **kwargs):
+        calls.append(block)
+        return real(block, x, *args, **kwargs)
 
-    monkeypatch.setattr(shvit.stage, 'checkpoint_seq', counting)
+    monkeypatch.setattr(shvit.stage, 'checkpoint', counting)
     m(torch.randn(2, 3, 64, 64)).sum().backward()
-    assert calls == [stage.blocks for stage in m.stages]
+    assert calls == [block for stage in m.stages for block in stage.blocks]
     m.set_grad_checkpointing(False)
     assert not any(stage.grad_checkpointing for stage in m.stages)
     calls.clear()
