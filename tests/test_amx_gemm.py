@@ -19,7 +19,10 @@ from vitzoo.onednn_rewrite import PackedConv2d
 
 def _needs_amx():
     if amx_gemm.load() is None:
-        pytest.skip(f"AMX bf16x3 kernel unavailable here: {amx_gemm.unavailable_reason()}")
+        reason = amx_gemm.unavailable_reason()
+        if reason.startswith("self-check"):  # built and run on a CPU that has the instructions: a wrong kernel
+            pytest.fail(f"AMX bf16x3 kernel built but wrong: {reason}")
+        pytest.skip(f"AMX bf16x3 kernel unavailable here: {reason}")
 
 
 def _bf16(t: torch.Tensor) -> torch.Tensor:
@@ -118,20 +121,27 @@ def test_packed_conv_uses_amx_by_rule_and_matches_conv():
 
 
 def test_deploy_shvit_bf16x3_within_contract_and_ieee_opt_out():
+    """Relative errors against the float64 model, on an input deploy did not check itself on, with the norms
+    randomised (an audit: at default init the logits are ~1e-4, so the old absolute bounds of 1e-4 / 1e-5 could not
+    tell bf16x3 from plain bf16). Measured: bf16x3 2.5e-6, IEEE 2.2e-7, plain bf16 (autocast) 4.4e-3."""
     _needs_amx()
-    model = timm.create_model("shvit_s1").eval()
-    x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        expected = model(x).double()
-    fast = vitzoo.deploy(model, x)
-    exact = vitzoo.deploy(model, x, fp32_precision="ieee")
+    torch.manual_seed(0)
+    model = randomize_norms(timm.create_model("shvit_s1")).eval()
+    fast = vitzoo.deploy(model, torch.randn(2, 3, 224, 224))
+    exact = vitzoo.deploy(model, torch.randn(2, 3, 224, 224), fp32_precision="ieee")
     assert fast.fp32_precision == "bf16x3" and exact.fp32_precision == "ieee"
     assert any("split bf16 (bf16x3) on AMX" in note for note in fast.optimizations), fast.optimizations
     assert sum(isinstance(m, PackedConv2d) and m.amx for m in fast.modules()) >= 50
     assert not any(isinstance(m, PackedConv2d) and m.amx for m in exact.modules())
-    fast_error = (fast(x).double() - expected).abs().max().item()
-    exact_error = (exact(x).double() - expected).abs().max().item()
-    assert fast_error < 1e-4 and exact_error < 1e-5
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = model.double()(x.double())
+        model.float()
+        scale = expected.abs().max().item()
+        fast_error = (fast(x).double() - expected).abs().max().item() / scale
+        exact_error = (exact(x).double() - expected).abs().max().item() / scale
+    assert scale > 0.5
+    assert fast_error < 2e-5 and exact_error < 1e-6, (fast_error, exact_error)
     assert fast_error > exact_error  # the split really ran
 
 

@@ -73,7 +73,7 @@ def test_warmup_counts_the_calibration_call(tmp_path):
 
 
 def test_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="rounds"):
+    with pytest.raises(ValueError, match=r"rounds, batch_size and warmup must be >= 1, got 0, 1, "):
         measure_isolated({}, batch_size=1, rounds=0)
 
 

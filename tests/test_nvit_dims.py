@@ -196,6 +196,7 @@ def test_known_dims_apply_to_a_checkpoint_without_a_dims_record(monkeypatch, tmp
     monkeypatch.setitem(nvit.KNOWN_DIMS, 'nvit_b', revit_dims(176))
     loaded = timm.create_model('nvit_b', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     assert loaded.dims == revit_dims(176)
+    assert loaded.state_dict().keys() == source.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), source.state_dict().values()))
 
 
