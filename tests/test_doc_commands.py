@@ -171,3 +171,25 @@ def test_benchmark_scripts_named_in_prose_exist():
     assert {"bench_deploy_ablation.py", "profile_torchscript_vs_onnxruntime.py"} <= named, named
     missing = sorted(n for n in named if f"benchmarks/{n}" not in _SCRIPTS)
     assert not missing, f"the docs name benchmark scripts that do not exist: {missing}"
+
+
+def test_documented_finetune_defaults_are_the_parsers():
+    """docs/detection.md lists finetune-det's defaults (`--lr 1e-4 --weight-decay 0.05`, ...): each is the value the
+    parser gives when the option is left out."""
+    from vitzoo.cli import build_parser
+
+    with open(os.path.join(ROOT, "docs", "detection.md"), encoding="utf-8") as f:
+        text = f.read()
+    paragraph = text[text.index("Defaults (`vitzoo finetune-det --help`"):].split("\n\n")[0]
+    documented = {}
+    for span in re.findall(r"`([^`]*)`", paragraph):
+        tokens = span.split()
+        for option, value in zip(tokens, tokens[1:]):
+            if option.startswith("--") and not value.startswith("--"):
+                documented[option] = value
+    assert len(documented) >= 14, documented
+    argv = ["finetune-det", "--data", "D"]
+    defaults = vars(build_parser(argv).parse_args(argv))
+    for option, value in documented.items():
+        default = defaults[option[2:].replace("-", "_")]
+        assert default == type(default)(value), (option, value, default)

@@ -374,9 +374,10 @@ def compare(
     """Compare models by params, FLOPs and measured speed.
 
     Args:
-        models: timm names (``arch`` or ``arch.tag``), or one name as a str; default
-            :data:`vitzoo.models.DEFAULT_MODELS`, where models that are not registered or cannot be built
-            (``nvit_*`` need checkpoint dims) are skipped with a warning.
+        models: timm names (``arch`` or ``arch.tag``), ``local-dir:PATH`` / ``hf-hub:org/name`` weights folders, or
+            one name as a str; default :data:`vitzoo.models.DEFAULT_MODELS`. A model that cannot be built (``nvit_*``
+            without its dims record) or counted at this size is skipped with a warning saying why; in the default
+            set, so is a name that is not registered.
         img_size: Square input size; default: each model's pretrained cfg input size.
         batch_size: Images per batch; default 16 on CPU, 256 on GPU.
         threads: ``torch.set_num_threads`` while measuring (restored afterwards; torch's setting when None).
@@ -395,10 +396,10 @@ def compare(
         ``flops`` (int, MACs of the fused model), ``uncounted`` (ops fvcore ran but did not count, op -> calls:
         elementwise ops, which the papers do not count either), ``unfolded_norms`` (BatchNorm layers the fused
         count keeps because they cannot fold, name -> why), ``throughput`` (img/s, None without speed),
-        ``latency_ms``,
-        ``throughput_fastest``, ``latency_ms_fastest``, ``fastest_backend``, ``throughput_by_path``, ``device``,
-        ``batch_size``, ``paper_flops``, ``paper_params``, ``paper_top1``, ``paper_source``, ``paper_img_size``,
-        ``note``. ``paper_flops`` and ``paper_top1`` are None when the input size is not the paper's.
+        ``latency_ms``, ``throughput_fastest``, ``latency_ms_fastest``, ``fastest_backend``, ``throughput_by_path``,
+        ``device``, ``batch_size``, ``threads`` (the thread count measured with; None without speed),
+        ``paper_flops``, ``paper_params``, ``paper_top1``, ``paper_source``, ``paper_img_size``, ``note``.
+        ``paper_flops`` and ``paper_top1`` are None when the input size is not the paper's.
 
     Raises:
         UnknownModelError: A name in ``models`` is not a timm model (the message lists the closest ones).

@@ -601,7 +601,8 @@ def count_flops(
             of the two.
         batch_size: Batch size of the traced input (FLOPs scale linearly with it).
         fused: Count the inference-fused model (the papers' convention) rather than the model as given.
-        elementwise: Also count elementwise ops (one per element). Off by default: papers do not count them.
+        elementwise: Also count elementwise ops: arithmetic and activations one per output element, reductions and
+            pooling one per input element. Off by default: papers do not count them.
 
     Returns:
         A :class:`FlopReport`.

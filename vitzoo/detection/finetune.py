@@ -53,40 +53,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                          'a COCO-format folder (CPU, GPU, torchrun DDP)')
     p.add_argument('--data', required=True, help='dataset folder: DIR/annotations/instances_{train,val}.json, '
                                                  'images in DIR/train/ and DIR/val/ (val optional)')
-    p.add_argument('--detector', default='retinanet', choices=sorted(DETECTOR_STRIDES))
-    p.add_argument('--backbone', default='shvit_s4', help='timm model name (shvit_s4, revit_t, resnet18, ...)')
+    p.add_argument('--detector', default='retinanet', choices=sorted(DETECTOR_STRIDES), help='default: %(default)s')
+    p.add_argument('--backbone', default='shvit_s4',
+                   help='timm model name (shvit_s4, revit_t, resnet18, ...; default: %(default)s)')
     p.add_argument('--pretrained', action='store_true', help='load the backbone\'s pretrained classification weights')
     p.add_argument('--backbone-weights', metavar='FILE', help='local classification checkpoint for the backbone')
-    p.add_argument('--frozen-stages', type=int, default=-1, help='-1: none, 0: stem, N: stem + first N stages')
+    p.add_argument('--frozen-stages', type=int, default=-1,
+                   help='-1: none, 0: stem, N: stem + first N stages (default: %(default)s)')
     p.add_argument('--no-norm-eval', dest='norm_eval', action='store_false',
                    help='let backbone BatchNorms update their statistics (default: kept in eval mode)')
-    p.add_argument('--out-channels', type=int, default=256, help='FPN channels')
-    p.add_argument('--epochs', type=int, default=12)
+    p.add_argument('--out-channels', type=int, default=256, help='FPN channels (default: %(default)s)')
+    p.add_argument('--epochs', type=int, default=12, help='default: %(default)s')
     p.add_argument('--max-iters', type=int, default=None, help='stop after this many iterations in total')
-    p.add_argument('--batch-size', type=int, default=2, help='images per process')
-    p.add_argument('--lr', type=float, default=1e-4)
-    p.add_argument('--weight-decay', type=float, default=0.05)
-    p.add_argument('--warmup-iters', type=int, default=500)
+    p.add_argument('--batch-size', type=int, default=2, help='images per process (default: %(default)s)')
+    p.add_argument('--lr', type=float, default=1e-4, help='AdamW learning rate (default: %(default)s)')
+    p.add_argument('--weight-decay', type=float, default=0.05, help='AdamW weight decay (default: %(default)s)')
+    p.add_argument('--warmup-iters', type=int, default=500,
+                   help='iterations of linear lr warm-up (default: %(default)s)')
     p.add_argument('--lr-steps', type=int, nargs='*', default=None,
                    help='epochs after which the lr is multiplied by 0.1 (default: 8 11 scaled to --epochs)')
     p.add_argument('--img-size', type=int, default=None, help='sets both --min-size and --max-size')
-    p.add_argument('--min-size', type=int, default=800, help='shorter side after resizing')
-    p.add_argument('--max-size', type=int, default=1333, help='longer side limit after resizing')
-    p.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
+    p.add_argument('--min-size', type=int, default=800, help='shorter side after resizing (default: %(default)s)')
+    p.add_argument('--max-size', type=int, default=1333, help='longer side limit after resizing (default: %(default)s)')
+    p.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability (default: %(default)s)')
     p.add_argument('--out', default='runs/finetune-det', type=named_output('--out runs/finetune-det'),
-                   help='output folder (checkpoints, log.jsonl)')
+                   help='output folder (checkpoints, log.jsonl; default: %(default)s)')
     p.add_argument('--force', action='store_true',
                    help='start afresh, or from another run\'s --resume CKPT, in an --out folder that already holds '
                         'a run (a checkpoint, a non-empty log or final weights): those files are removed when '
                         'training starts')
     p.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CKPT',
                    help=f'continue from CKPT: a {LAST}, or the run folder that holds one (default: OUT/{LAST})')
-    p.add_argument('--checkpoint-every', type=int, default=500, help='iterations between checkpoints (0: epoch ends)')
-    p.add_argument('--eval-every', type=int, default=1, help='epochs between evaluations on val (0: only at the end)')
+    p.add_argument('--checkpoint-every', type=int, default=500,
+                   help='iterations between checkpoints (0: epoch ends; default: %(default)s)')
+    p.add_argument('--eval-every', type=int, default=1,
+                   help='epochs between evaluations on val (0: only at the end; default: %(default)s)')
     p.add_argument('--no-eval', action='store_true', help='never evaluate')
     p.add_argument('--device', default=None, help='cpu or cuda (default: cuda when available)')
-    p.add_argument('--workers', type=int, default=2, help='data-loading processes per training process')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--workers', type=int, default=2,
+                   help='data-loading processes per training process (default: %(default)s)')
+    p.add_argument('--seed', type=int, default=0, help='default: %(default)s')
     p.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bars')
     p.set_defaults(func=run)
 
