@@ -694,6 +694,17 @@ def test_closest_models_ignores_case():
     assert closest_models("Efficientvit_M2.some_tag")[0] == "efficientvit_m2"
 
 
+def test_closest_models_puts_names_that_share_the_start_first():
+    """Similarity alone offered revit_t / nvit_t for `deit_t`, and PiT models for `shvit_s1_distilled`."""
+    from vitzoo.models import closest_models
+
+    assert closest_models("deit_t")[:2] == ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"]
+    assert closest_models("shvit_s1_distilled")[0] == "shvit_s1"
+    assert closest_models("SHViT-S4")[0] == "shvit_s4"
+    assert closest_models("resnet")[:3] == ["resnet18", "resnet26", "resnet34"]
+    assert closest_models("qqqqzz") == []
+
+
 def test_a_model_with_and_without_its_default_tag_is_one_row(capsys):
     """Found by an audit: `compare shvit_s1 shvit_s1.in1k` gave two rows of one model (in1k is its default tag);
     another tag of it is another row."""
