@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitzoo
+import vitzoo.amx_linear
 from norms import randomize_norms
 from vitzoo import amx_gemm, native_build
 from vitzoo.onednn_rewrite import PackedConv2d
@@ -264,6 +265,55 @@ def test_amx_linear_layer_against_float64_and_other_inputs_fall_back():
             with pytest.raises(RuntimeError) as theirs, torch.no_grad():
                 linear(bad)
             assert str(ours.value) == str(theirs.value)
+
+
+class _SequenceFirst(nn.Module):
+    """A linear layer on a sequence-first ``(tokens, batch, features)`` input, as nn.TransformerEncoderLayer's
+    default (batch_first=False): 8 tokens per image."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 256)
+
+    def forward(self, x):  # (B, 64, 1, 8)
+        return self.fc(x.flatten(2).permute(2, 0, 1)).mean(0)
+
+
+def test_a_sequence_first_linear_takes_one_path_at_every_batch(monkeypatch):
+    """Found by an audit: the rows per sample were counted along the layer input's first dimension, here the 8
+    tokens, so a deployed model checked at batch 2 (2 rows per "sample": IEEE fp32) ran bf16x3 unchecked at batch
+    256. Rows are now counted per image of the model's input: 8 at every batch, IEEE fp32 throughout."""
+    _needs_amx()
+    torch.manual_seed(0)
+    model = _SequenceFirst().eval()
+    deployed = vitzoo.deploy(model, torch.randn(2, 64, 1, 8))
+    assert deployed.fp32_precision == "bf16x3"  # the layer was swapped; which path it takes is decided per call
+    calls = []
+    real = amx_gemm.amx_linear
+    monkeypatch.setattr(amx_gemm, "amx_linear", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    with torch.no_grad():
+        for batch in (1, 2, 256):
+            assert deployed(torch.randn(batch, 64, 1, 8)).shape == (batch, 256)
+    assert calls == []  # 8 tokens per image: IEEE fp32 at every batch (before: bf16x3 at batch 256)
+    monkeypatch.setattr(vitzoo.amx_linear, "MIN_TOKENS", 8)  # and at 8 tokens as the threshold, AMX at every batch
+    with torch.no_grad():
+        for batch in (1, 2, 256):
+            deployed(torch.randn(batch, 64, 1, 8))
+    assert len(calls) == 3
+
+
+def test_rows_per_image_inside_and_outside_a_deployed_call():
+    from vitzoo.amx_linear import images_in_call, rows_per_image
+
+    assert rows_per_image(torch.empty(4, 197, 64), 64) == 197  # outside: along the first dimension
+    assert rows_per_image(torch.empty(4, 64), 64) == 1  # a 2-D input: a head
+    with images_in_call(4):
+        assert rows_per_image(torch.empty(4, 197, 64), 64) == 197
+        assert rows_per_image(torch.empty(197, 4, 64), 64) == 197  # sequence-first
+        assert rows_per_image(torch.empty(4 * 64, 49, 64), 64) == 64 * 49  # windows folded into the batch (Swin)
+        assert rows_per_image(torch.empty(4 * 17, 64), 64) == 17  # tokens flattened to 2-D
+        assert rows_per_image(torch.empty(1, 169, 64), 64) == 169  # a table shared by the batch
+    assert rows_per_image(torch.empty(197, 4, 64), 64) == 4  # outside again: the first dimension taken for the batch
 
 
 def test_swap_and_restore_linears():

@@ -7,30 +7,58 @@ the product with :func:`vitzoo.amx_gemm.amx_linear` (three bf16 products per fp3
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from contextvars import ContextVar
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vitzoo import amx_gemm
+from vitzoo.module_hooks import has_forward_hooks
 
-__all__ = ["AmxLinear", "restore_linears", "swap_linears"]
+__all__ = ["AmxLinear", "images_in_call", "restore_linears", "swap_linears"]
 
 #: Layers with fewer inputs stay IEEE fp32 (as for convolutions, ``PackedConv2d._amx_pays_off``).
 MIN_IN_FEATURES = 64
-#: Inputs with fewer rows per sample (tokens) run IEEE fp32, as do 2-D inputs (a classifier head on pooled
-#: features). The choice is made per sample, not per call: a sample's output does not depend on the batch it comes
-#: in, and deploy's check of its example sees the path every batch takes (until 2026-11-25 it counted the rows of
-#: the whole call, so a batch-1 example of a 64x64 ViT checked IEEE fp32 and larger batches ran bf16x3 unchecked:
-#: 1.3e-4 off with trained-size logits, found by an audit).
+#: Inputs with fewer rows (tokens) per image run IEEE fp32, as does a classifier head on pooled features (one row
+#: per image). The choice is made per image of the model's input, not per call: an image's output does not depend on
+#: the batch it comes in, and deploy's check of its example sees the path every batch takes (until 2026-11-25 it
+#: counted the rows of the whole call, so a batch-1 example of a 64x64 ViT checked IEEE fp32 and larger batches ran
+#: bf16x3 unchecked: 1.3e-4 off with trained-size logits; until 2026-11-26 it took a layer input's first dimension
+#: for the batch, which for a sequence-first ``(tokens, batch, features)`` input is the tokens; both found by audits).
 MIN_TOKENS = 128
+
+#: The number of images in the deployed model's current call (:func:`images_in_call`); None outside one.
+_IMAGES: ContextVar[Optional[int]] = ContextVar("vitzoo_amx_linear_images", default=None)
+
+
+@contextlib.contextmanager
+def images_in_call(images: int) -> Iterator[None]:
+    """Tell the :class:`AmxLinear` layers that the model's input holds ``images`` images (its batch size)."""
+    token = _IMAGES.set(images)
+    try:
+        yield
+    finally:
+        _IMAGES.reset(token)
+
+
+def rows_per_image(x: torch.Tensor, in_features: int) -> int:
+    """The rows of a linear layer's input ``x`` for one image: inside a deployed model's call, its rows divided by
+    the images in the call (a row count the batch does not divide is a tensor shared by the batch: all of it);
+    outside, per entry of the first dimension of an input of 3 or more dimensions (1 for a 2-D input)."""
+    rows = x.numel() // in_features
+    images = _IMAGES.get()
+    if images is None:
+        return rows // x.shape[0] if x.dim() >= 3 and x.shape[0] else 1
+    return rows // images if rows % images == 0 else rows
 
 
 class AmxLinear(nn.Module):
-    """``F.linear`` in bf16x3 on AMX for float32 CPU token inputs ``(batch, ..., features)`` with at least
-    ``MIN_TOKENS`` rows per sample; other inputs run ``F.linear``.
+    """``F.linear`` in bf16x3 on AMX for float32 CPU inputs with at least ``MIN_TOKENS`` rows per image
+    (:func:`rows_per_image`); other inputs run ``F.linear``.
 
     Args:
         linear: The layer to replace; its weight and bias tensors are shared (not copied), and split into bf16
@@ -46,9 +74,9 @@ class AmxLinear(nn.Module):
         self._packed = amx_gemm.pack_weight(linear.weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.in_features or x.dim() < 3 \
-                or x.numel() < MIN_TOKENS * x.shape[0] * self.in_features:
-            # the layer's own behaviour (and error) for other inputs; and IEEE fp32 for few tokens per sample, and
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.in_features \
+                or rows_per_image(x, self.in_features) < MIN_TOKENS:
+            # the layer's own behaviour (and error) for other inputs; and IEEE fp32 for few tokens per image, and
             # for a classifier head on pooled features: AMX gains nothing there, and the head's products are the
             # ones that reach the output unnormalised
             return F.linear(x, self.weight, self.bias)
@@ -69,11 +97,12 @@ class AmxLinear(nn.Module):
 
 def _eligible(module: nn.Module) -> bool:
     return (type(module) is nn.Linear and module.in_features >= MIN_IN_FEATURES
-            and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu")
+            and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"
+            and not has_forward_hooks(module))  # replaced, it would lose them
 
 
 def swap_linears(model: nn.Module, share: float = 1.0) -> int:
-    """Replace, in place, eligible ``nn.Linear`` layers (exactly that type, fp32, CPU, >= 64 inputs) by
+    """Replace, in place, eligible ``nn.Linear`` layers (exactly that type, fp32, CPU, >= 64 inputs, no hooks) by
     :class:`AmxLinear` where the AMX kernel is available: the first ``share`` of them in module order (for a ViT,
     the earlier blocks). Returns the number replaced (0 without the kernel)."""
     if amx_gemm.load() is None:

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from vitzoo.module_hooks import has_forward_hooks
 from vitzoo.outputs import outputs_close
 
 __all__ = ["BatchNormFolding", "fold_batchnorms", "fold_batchnorms_detailed"]
@@ -244,6 +245,9 @@ def _find_pairs(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str
             unfolded[norm] = "its input is not the output of a Conv2d / Linear (an activation's, an addition's...)"
         elif feeds[layer] != 1:
             unfolded[norm] = f"the output of {layer} feeds more than one BatchNorm"
+        elif has_forward_hooks(modules[layer]) or has_forward_hooks(modules[norm]):
+            hooked = layer if has_forward_hooks(modules[layer]) else norm
+            unfolded[norm] = f"{hooked} has a forward hook, which sees the unfolded output"
         elif calls[layer] != calls[norm]:
             unfolded[norm] = f"{layer} also runs without this BatchNorm after it"
         elif layer in shared:

@@ -2,8 +2,8 @@
 
 Backends (see ``docs/deploy.md`` for measurements and when to use which):
 
-* ``"eager"`` (default): deep copy, ``eval()``, BN/re-param fusion (``timm.utils.reparameterize_model``, then
-  ``vitzoo.batchnorm_folding`` for plain Conv->BN pairs),
+* ``"eager"`` (default): deep copy, ``eval()``, BN/re-param fusion (the modules' ``fuse()`` / ``reparameterize()``
+  as ``timm.utils.reparameterize_model`` calls them, then ``vitzoo.batchnorm_folding`` for plain Conv->BN pairs),
   channels-last memory format for convolutional models, and on CPU (fp32, oneDNN available) a graph rewrite
   that replaces every ``nn.Conv2d`` by a :class:`~vitzoo.onednn_rewrite.PackedConv2d`: weights reordered once
   into oneDNN's blocked layout, and a following ReLU and/or residual add fused into the convolution kernel
@@ -17,7 +17,8 @@ Backends (see ``docs/deploy.md`` for measurements and when to use which):
 
 Every backend runs its forward under ``torch.inference_mode()`` and converts the input to the memory format
 it wants. At deploy time the result is checked against the caller's (unfused) model on ``example_input``;
-a max abs diff above ``atol`` (1e-4) raises.
+a max abs diff above ``atol`` (1e-4) raises. A module with forward hooks is kept as it is, so that its hooks run
+(``vitzoo.module_hooks``).
 """
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from vitzoo import amx_gemm
-from vitzoo.amx_linear import AmxLinear, restore_linears, swap_linears
+from vitzoo.amx_linear import AmxLinear, images_in_call, restore_linears, swap_linears
 from vitzoo.batchnorm_folding import fold_batchnorms
+from vitzoo.module_hooks import hook_ids, lost_hooks, reparameterize
 from vitzoo.models import first_meta_tensor, model_in_chans, model_input_size
 from vitzoo.onednn_rewrite import FP32_PRECISIONS, PackedConv2d, onednn_rewrite
 from vitzoo.outputs import WRONG_RESULT_RTOL, OutputLayout, UnsupportedOutputError, max_abs_diff_of
@@ -43,6 +45,10 @@ __all__ = ["BACKENDS", "DeployedModel", "PackedConv2d", "available_backends", "d
 
 BACKENDS = ("eager", "compile", "onnxruntime", "torchscript")
 DEFAULT_ATOL = 1e-4
+
+
+#: The first step of every backend, as ``optimizations`` lists it
+FUSED = "fused (timm.utils.reparameterize_model; hooked modules kept)"
 
 
 def available_backends() -> List[str]:
@@ -158,7 +164,7 @@ class DeployedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         x = x.contiguous(memory_format=self.memory_format)
-        with torch.inference_mode():
+        with torch.inference_mode(), images_in_call(x.shape[0]):
             try:
                 if isinstance(self.model, torch.fx.GraphModule):
                     # not through torch.fx's call wrapper, which prints the generated code of a failing line to
@@ -411,7 +417,7 @@ def use_nhwc_attention(model: nn.Module) -> int:
 
 def _build_eager(model: nn.Module, example_input: torch.Tensor, rewrite: bool,
                  fp32_precision: str = "ieee", amx_share: float = 1.0) -> DeployedModel:
-    optimizations = ["eval", "fused (timm.utils.reparameterize_model)"]
+    optimizations = ["eval", FUSED]
     padded = pad_attention_head_dims(model)
     if padded:
         optimizations.append(f"q/k/v zero-padded to equal head widths in {padded} attention layers (fused SDPA)")
@@ -465,7 +471,7 @@ def _build_torchscript(model: nn.Module, example_input: torch.Tensor, atol: floa
 def _build_onnxruntime(model: nn.Module, example_input: torch.Tensor, opset: int) -> DeployedModel:
     from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx
 
-    notes = ["eval", "fused (timm.utils.reparameterize_model)"]
+    notes = ["eval", FUSED]
     dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
     if dtypes - {torch.float32}:  # e.g. a bf16 model: ONNX Runtime's CPU kernels run fp32
         model = model.float()
@@ -545,8 +551,6 @@ def deploy(
         RuntimeError: Backend unavailable here, or the deployed output differs by more than
             ``atol + rtol * max|original output|``.
     """
-    from timm.utils import reparameterize_model
-
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}.")
     if fp32_precision not in FP32_PRECISIONS:
@@ -570,7 +574,8 @@ def deploy(
     if verify:
         with torch.no_grad(), full_fp32_precision(example_input.device):
             reference = model(example_input)
-    model = reparameterize_model(model, inplace=True)
+    hooks = hook_ids(model)
+    model = reparameterize(model)
     model, folded = fold_batchnorms(model, example_input)
     model.requires_grad_(False)
     builders: Dict[str, Callable[[], DeployedModel]] = {
@@ -580,11 +585,24 @@ def deploy(
         "torchscript": lambda: _build_torchscript(model, example_input, atol, rtol),
     }
     deployed = _finish(builders[backend](), folded, example_input)
+    _check_hooks_kept(hooks, deployed)
     if verify:
         with full_fp32_precision(example_input.device):
             deployed, diff = _verify(deployed, reference, model, example_input, folded, atol, rtol, backend)
         deployed.optimizations.append(f"verified: max abs diff {diff:.2g} vs original")
     return deployed
+
+
+def _check_hooks_kept(hooks: Dict[int, str], deployed: DeployedModel) -> None:
+    """The eager and compile backends run the model's modules: each forward hook must still be on one of them.
+    (The others trace the model: a hook runs once while tracing, and what it does to an output is in the trace.)"""
+    if deployed.backend not in ("eager", "compile") or not hooks:
+        return
+    lost = lost_hooks(hooks, deployed.model)
+    if lost:
+        raise RuntimeError(f"deploy() lost the forward hooks on {', '.join(lost)}, which it should have kept (its "
+                           f"passes leave hooked modules alone). Hook the deployed model's modules instead, or "
+                           f"report this with the model name.")
 
 
 def _verify(deployed: DeployedModel, reference: object, model: nn.Module, example_input: torch.Tensor, folded: int,

@@ -19,6 +19,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from vitzoo import amx_gemm, image_conv
+from vitzoo.module_hooks import HookKeepingTracer, has_forward_hooks
 from vitzoo.outputs import outputs_close
 
 __all__ = ["FP32_PRECISIONS", "PackedConv2d", "onednn_rewrite"]
@@ -335,7 +336,8 @@ def _pack_convolutions(gm: fx.GraphModule, modules: Dict[str, nn.Module], fp32_p
     packed: Dict[fx.Node, PackedConv2d] = {}
     for node in list(gm.graph.nodes):
         conv = modules.get(node.target) if node.op == "call_module" else None
-        if type(conv) is not nn.Conv2d or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        if type(conv) is not nn.Conv2d or isinstance(conv.padding, str) or conv.padding_mode != "zeros" \
+                or has_forward_hooks(conv):
             continue
         input_meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
         if input_meta is None or len(node.args) != 1 or node.kwargs:
@@ -465,8 +467,10 @@ def onednn_rewrite(model: nn.Module, example_input: torch.Tensor, fp32_precision
         The rewritten ``fx.GraphModule`` and a list describing what was done. If the model cannot be traced
         or has no plain convolutions, the model is returned unchanged with an explanation.
     """
+    if has_forward_hooks(model):
+        return model, ["oneDNN rewrite skipped: the model itself has forward hooks, which a traced graph would lose"]
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, HookKeepingTracer().trace(model), type(model).__name__)
     except Exception as e:  # tracing arbitrary user models can fail in many ways
         return model, [f"oneDNN rewrite skipped: torch.fx could not trace the model ({type(e).__name__}: {e})"]
     _record_shapes_at_other_batch(gm, example_input)  # first: the propagation below sets the meta used later

@@ -1,0 +1,119 @@
+"""Forward hooks through vitzoo.deploy (vitzoo.module_hooks): a hooked module is kept, so its hooks run.
+
+Found by an audit (2026-11-26): deploy's eager backend replaced hooked layers (packed convolutions, AMX linear
+layers, fused units), so a hook that changes an output gave wrong outputs (its check then failed with "report
+this"), and one that records was never called. The reference is the hooked original model.
+"""
+import copy
+
+import pytest
+import timm
+import torch
+from timm.utils import reparameterize_model
+
+import vitzoo
+import vitzoo.inference
+from norms import randomize_norms  # tests/norms.py
+from vitzoo.module_hooks import hook_ids, lost_hooks, reparameterize
+
+CASES = [  # (model, its arguments, input size, the hooked module: what deploy does to it without hooks)
+    ("resnet18", {}, 64, "layer1.0.conv1"),  # Conv2d: BatchNorm folded in, packed for oneDNN / AMX
+    ("resnet18", {}, 64, "layer1.0.bn1"),  # folded into conv1
+    ("resnet18", {}, 64, "fc"),  # the head: an AMX linear layer (IEEE for 2-D inputs)
+    ("resnet18", {}, 64, "layer1"),  # a block torch.fx traces through, without its hooks
+    ("deit_tiny_patch16_224", {}, 224, "blocks.0.mlp.fc1"),  # an AMX linear layer (197 tokens)
+    ("shvit_s1", {}, 64, "stages.1.blocks.0.ffn.m.pw1.c"),  # the conv of a ConvNorm, which fuse() replaces
+    ("shvit_s1", {}, 64, "stages.1.blocks.0.ffn.m.pw1"),  # the ConvNorm itself
+]
+
+
+def _model(name, kwargs):
+    torch.manual_seed(0)
+    return randomize_norms(timm.create_model(name, num_classes=10, **kwargs)).eval()
+
+
+@pytest.mark.parametrize("name, kwargs, size, where", CASES, ids=[f"{c[0]}:{c[3]}" for c in CASES])
+def test_a_hook_that_changes_an_output_runs_in_the_deployed_model(name, kwargs, size, where):
+    model = _model(name, kwargs)
+    model.get_submodule(where).register_forward_hook(lambda module, args, output: output * 0.5 + 0.1)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = model(x)
+        unhooked = copy.deepcopy(model)
+        for module in unhooked.modules():
+            module._forward_hooks.clear()
+        assert (unhooked(x) - expected).abs().max() > 1e-3 * expected.abs().max()  # the hook matters (50x the bound)
+    deployed = vitzoo.deploy(model, torch.randn(2, 3, size, size))
+    with torch.no_grad():
+        diff = (deployed(x) - expected).abs().max() / expected.abs().max()
+    assert diff < 2e-5, diff
+
+
+@pytest.mark.parametrize("name, kwargs, size, where", CASES[:1] + CASES[3:5], ids=["conv", "block", "amx-linear"])
+def test_a_hook_that_records_is_called_with_the_originals_values(name, kwargs, size, where):
+    model = _model(name, kwargs)
+    seen = []
+    model.get_submodule(where).register_forward_hook(lambda module, args, output: seen.append(output.clone()))
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        model(x)
+    expected = seen.pop()
+    deployed = vitzoo.deploy(model, torch.randn(2, 3, size, size))
+    seen.clear()
+    deployed(x)
+    assert len(seen) == 1  # once per call (before: never, for the block and the replaced layers)
+    torch.testing.assert_close(seen[0].contiguous(), expected, rtol=0, atol=2e-5 * expected.abs().max().item())
+
+
+def test_hooks_on_the_model_itself_skip_the_graph_rewrite():
+    model = _model("resnet18", {})
+    model.register_forward_hook(lambda module, args, output: output - 1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    deployed = vitzoo.deploy(model, x)
+    assert any("the model itself has forward hooks" in note for note in deployed.optimizations)
+    torch.testing.assert_close(deployed(x), expected, rtol=0, atol=1e-4)
+
+
+def test_hooked_modules_are_left_out_of_bf16x3_and_the_rest_is_not():
+    model = _model("deit_tiny_patch16_224", {})
+    model.blocks[0].mlp.fc1.register_forward_hook(lambda module, args, output: output)
+    deployed = vitzoo.deploy(model, torch.randn(2, 3, 224, 224))
+    linears = {name: type(m).__name__ for name, m in deployed.model.named_modules() if "mlp.fc1" in name}
+    assert linears["blocks.0.mlp.fc1"] == "Linear"
+    assert linears["blocks.1.mlp.fc1"] == ("AmxLinear" if deployed.fp32_precision == "bf16x3" else "Linear")
+
+
+@pytest.mark.parametrize("name", ["shvit_s1", "mobileone_s0", "repvit_m0_9", "fastvit_t8"])
+def test_reparameterize_without_hooks_is_timms(name):
+    """Modules with fuse() (SHViT), reparameterize() (MobileOne, FastViT) and a fuse() that returns a container
+    (RepViT): the same modules and tensors as timm.utils.reparameterize_model."""
+    model = timm.create_model(name).eval()
+    ours, theirs = reparameterize(copy.deepcopy(model)), reparameterize_model(model)
+    assert [type(m) for m in ours.modules()] == [type(m) for m in theirs.modules()]
+    mine, timms = ours.state_dict(), theirs.state_dict()
+    assert mine.keys() == timms.keys() and all(torch.equal(mine[k], timms[k]) for k in mine)
+
+
+def test_a_lost_hook_is_an_error_naming_its_module(monkeypatch):
+    """The check behind the passes: with timm's reparameterize_model, which replaces the hooked ConvNorm, the hook
+    would be gone; deploy says so instead of returning a model without it."""
+    monkeypatch.setattr(vitzoo.inference, "reparameterize", lambda model: reparameterize_model(model, inplace=True))
+    model = _model("shvit_s1", {})
+    model.stages[1].blocks[0].ffn.m.pw1.register_forward_hook(lambda module, args, output: output)
+    with pytest.raises(RuntimeError, match=r"^deploy\(\) lost the forward hooks on stages\.1\.blocks\.0\.ffn\.m\.pw1, "
+                                           r"which it should have kept"):
+        vitzoo.deploy(model, torch.randn(1, 3, 64, 64))
+
+
+def test_hook_ids_survive_a_copy_and_name_their_modules():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    model[0].register_forward_pre_hook(lambda module, args: None)
+    model.register_forward_hook(lambda module, args, output: None)
+    ids = hook_ids(model)
+    assert sorted(ids.values()) == ["0", "the model itself"]
+    copied = copy.deepcopy(model)
+    assert lost_hooks(ids, copied) == []
+    copied[0] = torch.nn.Linear(2, 2)
+    assert lost_hooks(ids, copied) == ["0"]

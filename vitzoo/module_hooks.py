@@ -1,0 +1,63 @@
+"""Forward hooks through :func:`vitzoo.deploy`: a module that carries one is kept as it is, so its hooks run.
+
+deploy's eager backend replaces layers (fused units, packed convolutions, AMX linear layers) and traces models
+with torch.fx, which runs a module's ``forward`` without its hooks. A hook on a replaced layer was lost: one that
+changes the output gave wrong outputs (found by an audit, 2026-11-26), one that records was never called. The
+passes here and in :mod:`vitzoo.onednn_rewrite`, :mod:`vitzoo.amx_linear` and :mod:`vitzoo.batchnorm_folding` leave
+such modules alone: :func:`reparameterize` fuses around them, :class:`HookKeepingTracer` keeps them whole in the
+graph, and :func:`lost_hooks` checks that every hook is still attached to the deployed model.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch.fx as fx
+from torch import nn
+
+__all__ = ["HookKeepingTracer", "has_forward_hooks", "hook_ids", "lost_hooks", "reparameterize"]
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward or forward pre-hooks of its own."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def hook_ids(model: nn.Module) -> Dict[int, str]:
+    """``{hook handle id: name of the module it is on}`` for every forward (pre-)hook in ``model``; the ids survive
+    ``copy.deepcopy`` and moving a module elsewhere in the tree."""
+    return {hook: name or "the model itself" for name, module in model.named_modules()
+            for hook in [*module._forward_hooks, *module._forward_pre_hooks]}
+
+
+def lost_hooks(before: Dict[int, str], model: nn.Module) -> List[str]:
+    """Names (in ``before``'s model) of the modules whose hooks from ``before`` are no longer in ``model``."""
+    kept = hook_ids(model)
+    return sorted({name for hook, name in before.items() if hook not in kept})
+
+
+def _contains_hooks(module: nn.Module) -> bool:
+    return any(has_forward_hooks(m) for m in module.modules())
+
+
+def reparameterize(model: nn.Module) -> nn.Module:
+    """Fuse ``model`` in place as ``timm.utils.reparameterize_model`` does (each child with ``fuse()`` replaced by
+    its result, else ``reparameterize()`` / ``switch_to_deploy()`` called, then the children of the child it had
+    likewise), except that a child holding a hooked module, itself or below it, is not fused itself: only its
+    children are. Returns ``model``."""
+    for name, child in list(model.named_children()):
+        if not _contains_hooks(child):
+            if hasattr(child, "fuse"):
+                setattr(model, name, child.fuse())
+            elif hasattr(child, "reparameterize"):
+                child.reparameterize()
+            elif hasattr(child, "switch_to_deploy"):
+                child.switch_to_deploy()
+        reparameterize(child)
+    return model
+
+
+class HookKeepingTracer(fx.Tracer):
+    """torch.fx's tracer, with a hooked module as a leaf: called whole in the graph, so its hooks run."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return has_forward_hooks(m) or super().is_leaf_module(m, module_qualified_name)
