@@ -1245,3 +1245,46 @@ def test_table_rows_add_up_with_the_parameters_and_flops_modules_own():
     assert "(own)" not in report.table(max_depth=0)
     deit = count_flops("deit_tiny_patch16_224").table(max_depth=1).splitlines()
     assert deit[3].split() == ["(model's", "own)", "38.016K", "0"]  # cls_token 192 + pos_embed 197 x 192 = 38,016
+
+
+def _conv_norm(norm):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), norm).eval()
+    _randomise_batchnorms(model)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["sync", "sync_act", "split"])
+def test_sync_and_split_batchnorms_fold_like_batchnorm2d(kind):
+    """Found by a sweep: a model converted for distributed training (nn.SyncBatchNorm, timm's SyncBatchNormAct) or
+    timm's SplitBatchNorm2d kept its norms in the fused count, and report.unfolded_norms did not name them. Hand
+    count: one 3x3 conv 3 -> 4 at 8x8; folded, the norm costs nothing; and the folded model gives the same output."""
+    from timm.layers import BatchNormAct2d, SplitBatchNorm2d, convert_sync_batchnorm
+
+    if kind == "sync_act":  # timm converts a BatchNormAct2d so (SyncBatchNormAct takes its act and drop)
+        model = _randomise_batchnorms(convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1),
+                                                                           BatchNormAct2d(4)))).eval()
+        assert type(model[1]).__name__ == "SyncBatchNormAct" and isinstance(model[1].act, nn.ReLU)
+    else:
+        model = _conv_norm(nn.SyncBatchNorm(4) if kind == "sync" else SplitBatchNorm2d(4))
+    report = count_flops(model, (3, 8, 8))
+    assert report.by_operator == {"conv": 64 * 4 * 27} and report.unfolded_norms == {}
+    from vitzoo.batchnorm_folding import fold_batchnorms
+
+    folded, count = fold_batchnorms(model, torch.randn(2, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
+    assert count == 1
+
+
+def test_other_batchnorm_kinds_are_named_with_their_type():
+    """A BatchNorm subclass (its forward may differ) is not folded, and the report says so instead of counting it
+    silently. Hand count: the conv, and the norm at 2 per element."""
+    class MyNorm(nn.BatchNorm2d):
+        pass
+
+    report = count_flops(_conv_norm(MyNorm(4)), (3, 8, 8))
+    assert report.by_operator == {"conv": 64 * 4 * 27, "batch_norm": 2 * 4 * 64}
+    assert report.unfolded_norms == {"1": "a MyNorm: only BatchNorm1d / BatchNorm2d / SyncBatchNorm (and timm's "
+                                          "BatchNormAct2d) fold here, not other kinds or subclasses (whose forward "
+                                          "may differ)"}

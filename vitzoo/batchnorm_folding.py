@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from timm.layers import Conv2dSame
+from timm.layers import Conv2dSame, SplitBatchNorm2d
 from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -34,7 +34,10 @@ from vitzoo.outputs import outputs_close
 
 __all__ = ["BatchNormFolding", "fold_batchnorms", "fold_batchnorms_detailed"]
 
-_FOLDABLE = (nn.BatchNorm1d, nn.BatchNorm2d)
+# BatchNorm kinds whose eval-mode forward is the affine map of their running statistics (exactly these types; timm's
+# BatchNormAct2d / SyncBatchNormAct too, see _is_batchnorm_act). Any other BatchNorm (a BatchNorm3d, a subclass with
+# a forward of its own) is named in ``unfolded`` with its type.
+_FOLDABLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, SplitBatchNorm2d)
 # layers computing ``op(x, weight) + bias``, which a per-output-channel scale and shift fold into; timm's
 # ``Conv2dSame`` (TF "SAME" padding, tf_efficientnet_*) only pads differently. Not weight-standardised convs
 # (``StdConv2d``): their weight is normalised again on every call, which would undo the scale.
@@ -48,8 +51,8 @@ class BatchNormFolding:
     Attributes:
         model: The folded deep copy, or the model given when nothing was folded.
         folded: ``{norm name: layer name}`` of the BatchNorm layers folded into the layer before them.
-        unfolded: ``{norm name: reason}`` of the BatchNorm layers (of the kinds folded here) that ran and were left
-            as they are, e.g. ``"the output of stem.conv2 is also used elsewhere, which folding would change"``.
+        unfolded: ``{norm name: reason}`` of the BatchNorm layers (any kind) that ran and were left as they are,
+            e.g. ``"the output of stem.conv2 is also used elsewhere, which folding would change"``.
     """
 
     model: nn.Module
@@ -74,7 +77,7 @@ def fold_batchnorms(model: nn.Module, example_input: torch.Tensor) -> Tuple[nn.M
 def fold_batchnorms_detailed(model: nn.Module, example_input: torch.Tensor) -> BatchNormFolding:
     """:func:`fold_batchnorms`, saying which BatchNorm layers were folded into which layer and why the others were
     not (see :class:`BatchNormFolding`)."""
-    norms = [name for name, m in model.named_modules() if type(m) in _FOLDABLE or _is_batchnorm_act(m)]
+    norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return BatchNormFolding(model)
     if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
@@ -113,9 +116,9 @@ def _folded_copy(model: nn.Module, pairs: Dict[str, str]) -> nn.Module:
 
 
 def _is_batchnorm_act(module: nn.Module) -> bool:
-    """timm's ``BatchNormAct2d``: a BatchNorm2d followed by its own ``drop`` and ``act`` modules."""
-    return isinstance(module, nn.BatchNorm2d) and isinstance(getattr(module, "act", None), nn.Module) \
-        and isinstance(getattr(module, "drop", None), nn.Module)
+    """timm's ``BatchNormAct2d`` / ``SyncBatchNormAct``: a BatchNorm followed by its own ``drop`` and ``act``."""
+    return isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) \
+        and isinstance(getattr(module, "act", None), nn.Module) and isinstance(getattr(module, "drop", None), nn.Module)
 
 
 class _Produced:
@@ -218,7 +221,7 @@ def _find_pairs(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str
                     if id(tensor) in params:  # one tensor in two layers
                         shared.update((name, params[id(tensor)][0]))
                     params[id(tensor)] = (name, tensor)
-        elif type(module) in _FOLDABLE or _is_batchnorm_act(module):
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             handles.append(module.register_forward_pre_hook(before_norm(name)))
             handles.append(module.register_forward_hook(after_norm))
     try:
@@ -237,7 +240,11 @@ def _find_pairs(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str
     pairs: Dict[str, str] = {}
     unfolded: Dict[str, str] = {}
     for norm, layer in fed_by.items():
-        if not _foldable_norm(modules[norm]):
+        if not _known_kind(modules[norm]):
+            unfolded[norm] = (f"a {type(modules[norm]).__name__}: only BatchNorm1d / BatchNorm2d / SyncBatchNorm (and "
+                              "timm's BatchNormAct2d) fold here, not other kinds or subclasses (whose forward may "
+                              "differ)")
+        elif not _foldable_norm(modules[norm]):
             unfolded[norm] = "it has no running statistics (track_running_stats=False)"
         elif norm in mixed:
             unfolded[norm] = "its input is not the output of the same Conv2d / Linear at every call"
@@ -252,7 +259,8 @@ def _find_pairs(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str
             unfolded[norm] = f"{layer} also runs without this BatchNorm after it"
         elif layer in shared:
             unfolded[norm] = f"the output or the weights of {layer} are also used elsewhere, which folding would change"
-        elif isinstance(modules[layer], nn.Linear) != isinstance(modules[norm], nn.BatchNorm1d):
+        elif not isinstance(modules[norm], nn.SyncBatchNorm) \
+                and isinstance(modules[layer], nn.Linear) != isinstance(modules[norm], nn.BatchNorm1d):
             # Linear feeds BatchNorm1d (2-D input), Conv2d feeds BatchNorm2d
             kinds = type(modules[layer]).__name__, type(modules[norm]).__name__
             unfolded[norm] = f"{kinds[0]} {layer} does not fold into a {kinds[1]}"
@@ -261,9 +269,12 @@ def _find_pairs(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str
     return pairs, output, unfolded
 
 
+def _known_kind(module: nn.Module) -> bool:
+    return type(module) in _FOLDABLE or _is_batchnorm_act(module)
+
+
 def _foldable_norm(module: nn.Module) -> bool:
-    kind_ok = type(module) in _FOLDABLE or _is_batchnorm_act(module)
-    return kind_ok and module.running_mean is not None and module.running_var is not None
+    return _known_kind(module) and module.running_mean is not None and module.running_var is not None
 
 
 def _fold(layer: nn.Module, norm: nn.modules.batchnorm._BatchNorm) -> None:
