@@ -1250,3 +1250,14 @@ def test_traced_backends_do_not_pass_tracer_or_exporter_warnings_on(backend):
     assert [str(w.message)[:60] for w in caught] == []
     with torch.no_grad():
         torch.testing.assert_close(out, model(x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name, expected", [("resnet18", True), ("tf_efficientnet_b0", True), ("nf_resnet26", False),
+                                            ("resnetv2_50x1_bit", False), ("deit_tiny_patch16_224", False)])
+def test_channels_last_only_where_most_convolutions_are_plain(name, expected):
+    """Weight-standardised convolutions (the oneDNN rewrite leaves them alone) ran slower in channels-last: a sweep
+    measured nf_resnet26 deployed at 0.86x of the fused eager model (benchmarks/bench_other_convs.py). tf_efficientnet
+    has a few Conv2dSame among plain convolutions; DeiT one patch embedding."""
+    from vitzoo.inference import is_convolutional
+
+    assert is_convolutional(timm.create_model(name)) == expected
