@@ -601,7 +601,8 @@ def test_batchnorm_layers_the_fused_count_keeps_are_a_note_and_a_json_key(capsys
     assert all(f"stages.{s}.blocks.{b}.norm1" in row["unfolded_norms"]
                for s, blocks in enumerate((3, 4, 6, 3)) for b in range(blocks))
     assert row["note"].startswith("17 BatchNorm layers not folded in the fused count (first: "
-                                  "stages.0.blocks.0.norm1, its input is not the output of a Conv2d / Linear")
+                                  "stages.0.blocks.0.norm1, its input is the output of stem.pool (MaxPool2d), not "
+                                  "of a Conv2d / Linear")
     shvit_row = compare(["shvit_s1"], speed=False)[0]
     assert shvit_row["unfolded_norms"] == {} and shvit_row["note"] == ""
     assert "unfolded_norms" not in format_rows([shvit_row], "csv").splitlines()[0]

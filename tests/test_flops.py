@@ -1288,3 +1288,15 @@ def test_other_batchnorm_kinds_are_named_with_their_type():
     assert report.unfolded_norms == {"1": "a MyNorm: only BatchNorm1d / BatchNorm2d / SyncBatchNorm (and timm's "
                                           "BatchNormAct2d) fold here, not other kinds or subclasses (whose forward "
                                           "may differ)"}
+
+
+def test_a_norm_after_another_module_names_it():
+    """Found by a sweep: a BatchNorm after a ConvTranspose2d, a ReLU or timm's MixedConv2d (a cat of convs) was
+    said to follow "an activation's, an addition's..." output; the module is named now. Hand count: only the
+    Conv2d -> BatchNorm pair folds."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4),
+                          nn.ConvTranspose2d(4, 4, 2, stride=2), nn.BatchNorm2d(4)).eval()
+    report = count_flops(_randomise_batchnorms(model), (3, 8, 8))
+    assert report.unfolded_norms == {"3": "its input is the output of 2 (ReLU), not of a Conv2d / Linear",
+                                     "5": "its input is the output of 4 (ConvTranspose2d), not of a Conv2d / Linear"}
+    assert report.by_operator["batch_norm"] == 2 * 4 * 64 + 2 * 4 * 256  # norm 3 at 8x8, norm 5 at 16x16

@@ -177,7 +177,16 @@ def _find_pairs(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str
     active: List[str] = []  # the layers and norms whose forward is running, innermost last
     params: Dict[int, Tuple[str, Any]] = {}  # id(weight or bias of a layer) -> (layer name, the tensor)
     shared: set = set()  # layers whose output or weights are read by more than their norm / themselves
+    others: Dict[int, Tuple[Any, str]] = {}  # id(output) -> (weak ref, "name (Type)") of other modules' outputs
+    fed_by_other: Dict[str, str] = {}  # norm name -> the other module whose output it received
     handles = []
+
+    def after_other(name):
+        def hook(module, args, output):
+            known = others.get(id(output))
+            if isinstance(output, torch.Tensor) and (known is None or known[0]() is not output):
+                others[id(output)] = (weakref.ref(output), f"{name} ({type(module).__name__})")  # innermost kept
+        return hook
 
     def before_layer(name):
         def hook(module, args):
@@ -203,6 +212,10 @@ def _find_pairs(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str
                 if record.norm is not None and record.norm != name:
                     record.other_use = True  # given to two norms
                 record.norm = name
+            if record is None and args:
+                other = others.get(id(args[0]))
+                if other is not None and other[0]() is args[0]:
+                    fed_by_other[name] = other[1]
             if fed_by.get(name, layer) != layer:
                 mixed.add(name)  # fed by different layers (or by a layer and by another op) at different calls
             fed_by[name] = layer if name not in mixed else None
@@ -224,6 +237,8 @@ def _find_pairs(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             handles.append(module.register_forward_pre_hook(before_norm(name)))
             handles.append(module.register_forward_hook(after_norm))
+        elif module is not model:
+            handles.append(module.register_forward_hook(after_other(name)))
     try:
         with _UseRecorder(produced, active, params, shared):
             output = model(example_input)
@@ -248,6 +263,8 @@ def _find_pairs(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str
             unfolded[norm] = "it has no running statistics (track_running_stats=False)"
         elif norm in mixed:
             unfolded[norm] = "its input is not the output of the same Conv2d / Linear at every call"
+        elif layer is None and norm in fed_by_other:
+            unfolded[norm] = f"its input is the output of {fed_by_other[norm]}, not of a Conv2d / Linear"
         elif layer is None:
             unfolded[norm] = "its input is not the output of a Conv2d / Linear (an activation's, an addition's...)"
         elif feeds[layer] != 1:
