@@ -195,7 +195,16 @@ class SHViT(nn.Module):
         Args:
             needs_reset: False does nothing: ``__init__`` has initialised the layers (timm's LeViT / EfficientViT
                 signature).
+
+        Raises:
+            RuntimeError: The model is fused (``fuse()``): its layers no longer carry the constructor's
+                initialisation (zero BatchNorm scales of the residual branches, the head's truncated normal).
         """
+        if needs_reset and not any(isinstance(m, ConvNorm) for m in self.modules()):
+            raise RuntimeError('SHViT.init_weights() needs the unfused model: this one is fused (fuse() / '
+                               'timm.utils.reparameterize_model), whose plain convolutions would get PyTorch\'s '
+                               'default init instead of the constructor\'s. Create the model again and initialise '
+                               'that, then fuse it.')
         if needs_reset:
             _reset_parameters(self)
 

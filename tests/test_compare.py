@@ -704,6 +704,7 @@ def test_closest_models_puts_names_that_share_the_start_first():
     assert closest_models("SHViT-S4")[0] == "shvit_s4"
     assert closest_models("resnet")[:3] == ["resnet18", "resnet26", "resnet34"]
     assert closest_models("qqqqzz") == []
+    assert closest_models("vit")[0] != "vit_base_mci_224" and closest_models("") == []  # too short to extend
 
 
 def test_a_model_with_and_without_its_default_tag_is_one_row(capsys):

@@ -5,6 +5,7 @@ layers, fused units), so a hook that changes an output gave wrong outputs (its c
 this"), and one that records was never called. The reference is the hooked original model.
 """
 import copy
+import functools
 
 import pytest
 import timm
@@ -21,6 +22,8 @@ CASES = [  # (model, its arguments, input size, the hooked module: what deploy d
     ("resnet18", {}, 64, "layer1.0.bn1"),  # folded into conv1
     ("resnet18", {}, 64, "fc"),  # the head: an AMX linear layer (IEEE for 2-D inputs)
     ("resnet18", {}, 64, "layer1"),  # a block torch.fx traces through, without its hooks
+    ("resnet18", {}, 64, "layer1.0.act1"),  # a ReLU merged into the conv before it (found by a review)
+    ("resnet18", {}, 64, "layer1.0.aa"),  # an Identity the rewrite bypasses
     ("deit_tiny_patch16_224", {}, 224, "blocks.0.mlp.fc1"),  # an AMX linear layer (197 tokens)
     ("shvit_s1", {}, 64, "stages.1.blocks.0.ffn.m.pw1.c"),  # the conv of a ConvNorm, which fuse() replaces
     ("shvit_s1", {}, 64, "stages.1.blocks.0.ffn.m.pw1"),  # the ConvNorm itself
@@ -49,11 +52,28 @@ def test_a_hook_that_changes_an_output_runs_in_the_deployed_model(name, kwargs, 
     assert diff < 2e-5, diff
 
 
-@pytest.mark.parametrize("name, kwargs, size, where", CASES[:1] + CASES[3:5], ids=["conv", "block", "amx-linear"])
-def test_a_hook_that_records_is_called_with_the_originals_values(name, kwargs, size, where):
+class _Recorder:
+    def __init__(self):
+        self.seen = []
+
+    def hook(self, module, args, output):
+        self.seen.append(output.clone())
+
+
+RECORDED = [c for c in CASES if c[3] in ("layer1.0.conv1", "layer1", "blocks.0.mlp.fc1")]
+
+
+@pytest.mark.parametrize("name, kwargs, size, where", RECORDED, ids=["conv", "block", "amx-linear"])
+@pytest.mark.parametrize("kind", ["closure", "bound method", "partial"])
+def test_a_hook_that_records_is_called_with_the_originals_values(name, kwargs, size, where, kind):
+    """Also a bound method and a functools.partial: deepcopy copied their objects, so the deployed model recorded
+    into a copy of the caller's recorder (found by a review)."""
     model = _model(name, kwargs)
-    seen = []
-    model.get_submodule(where).register_forward_hook(lambda module, args, output: seen.append(output.clone()))
+    recorder = _Recorder()
+    seen = recorder.seen
+    hook = {"closure": lambda module, args, output: seen.append(output.clone()), "bound method": recorder.hook,
+            "partial": functools.partial(_Recorder.hook, recorder)}[kind]
+    model.get_submodule(where).register_forward_hook(hook)
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         model(x)

@@ -84,6 +84,15 @@ def test_init_weights_after_to_empty_is_the_constructors_init(name, kwargs):
     assert len(zero_scales) == 2 * sum(model.depth) + sum(model.depth[1:]) + 2 * 2
 
 
+def test_init_weights_of_a_fused_model_is_refused():
+    """Found by a review: after fuse() the ConvNorms are plain Conv2d, which init_weights reset to PyTorch's
+    default init (random weights where the constructor puts zero BatchNorm scales)."""
+    model = timm.create_model('shvit_s1').eval().fuse()
+    with pytest.raises(RuntimeError, match=r"^SHViT\.init_weights\(\) needs the unfused model: this one is fused"):
+        model.init_weights()
+    model.init_weights(needs_reset=False)  # nothing to do, nothing refused
+
+
 def test_init_weights_in_float64_on_meta_gives_finite_outputs():
     model = timm.create_model('shvit_s1', device='meta', dtype=torch.float64).to_empty(device='cpu').eval()
     with torch.no_grad():

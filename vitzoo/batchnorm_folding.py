@@ -17,7 +17,6 @@ unfolded. Half-precision (fp16 / bf16) models are left unfolded: the folded weig
 """
 from __future__ import annotations
 
-import copy
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vitzoo.module_hooks import has_forward_hooks
+from vitzoo.module_hooks import deepcopy_sharing_hooks, has_forward_hooks
 from vitzoo.outputs import outputs_close
 
 __all__ = ["BatchNormFolding", "fold_batchnorms", "fold_batchnorms_detailed"]
@@ -107,7 +106,7 @@ def _folded_copy(model: nn.Module, pairs: Dict[str, str]) -> nn.Module:
     """A deep copy of ``model`` with each ``{layer: norm}`` pair folded (``model`` itself when there is none)."""
     if not pairs:
         return model
-    folded = copy.deepcopy(model)
+    folded = deepcopy_sharing_hooks(model)
     modules = dict(folded.named_modules())
     for layer_name, norm_name in pairs.items():
         _fold(modules[layer_name], modules[norm_name])

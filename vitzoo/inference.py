@@ -35,7 +35,7 @@ from torch.utils import _pytree as pytree
 from vitzoo import amx_gemm
 from vitzoo.amx_linear import AmxLinear, images_in_call, restore_linears, swap_linears
 from vitzoo.batchnorm_folding import fold_batchnorms
-from vitzoo.module_hooks import hook_ids, lost_hooks, reparameterize
+from vitzoo.module_hooks import deepcopy_sharing_hooks, hook_ids, lost_hooks, reparameterize
 from vitzoo.models import first_meta_tensor, model_in_chans, model_input_size
 from vitzoo.onednn_rewrite import FP32_PRECISIONS, PackedConv2d, onednn_rewrite
 from vitzoo.outputs import WRONG_RESULT_RTOL, OutputLayout, UnsupportedOutputError, max_abs_diff_of
@@ -48,7 +48,7 @@ DEFAULT_ATOL = 1e-4
 
 
 #: The first step of every backend, as ``optimizations`` lists it
-FUSED = "fused (timm.utils.reparameterize_model; hooked modules kept)"
+FUSED = "fused (each module's fuse() / reparameterize(), as timm.utils.reparameterize_model; hooked modules kept)"
 
 
 def available_backends() -> List[str]:
@@ -301,8 +301,8 @@ def is_convolutional(model: nn.Module) -> bool:
     Not for a model holding a 5-D or larger tensor (an ``nn.Conv3d``, as in timm's lambda layers):
     ``model.to(memory_format=torch.channels_last)`` refuses those, so such a model keeps its own format. Not for one
     whose convolutions are mostly of other kinds, which the oneDNN rewrite leaves alone: weight-standardised ones
-    (NFNet's ``ScaledStdConv2d``, BiT's ``StdConv2d``) ran slower in channels-last (nf_resnet26 0.85x, found by a
-    sweep).
+    (NFNet's ``ScaledStdConv2d``, BiT's ``StdConv2d``) ran slower in channels-last (nf_resnet26 0.86x, found by a
+    sweep; ``benchmarks/bench_other_convs.py``).
     """
     if any(t.dim() > 4 for t in (*model.parameters(), *model.buffers())):
         return False
@@ -573,7 +573,7 @@ def deploy(
     _check_example_dtype(model, example_input)
     if backend == "onnxruntime":
         _check_not_cuda_for_onnxruntime(model, example_input)
-    model = model if inplace else copy.deepcopy(model)
+    model = model if inplace else deepcopy_sharing_hooks(model)
     model.eval()
     reference = None
     if verify:

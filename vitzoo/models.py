@@ -107,12 +107,15 @@ class UnknownModelError(ValueError):
 
 def closest_models(name: str, n: int = 5) -> List[str]:
     """Registered timm names closest to ``name``, best first: those ``name`` extends (``shvit_s1_distilled`` ->
-    ``shvit_s1``; longest first), those that extend ``name`` (``deit_t`` -> ``deit_tiny_patch16_224``; shortest
-    first), then the most similar by difflib's ratio. Case and ``-`` for ``_`` are not told apart."""
+    ``shvit_s1``; longest first), those that extend a ``name`` of 4 or more characters (``deit_t`` ->
+    ``deit_tiny_patch16_224``; shortest first), then the most similar by difflib's ratio. Case and ``-`` for ``_``
+    are not told apart."""
     by_lower = {m.lower(): m for m in timm.list_models()}  # case is not a reason to find nothing: SHVIT_S1 -> shvit_s1
     query = name.split(".", 1)[0].lower().replace("-", "_")
     extended = sorted((m for m in by_lower if query.startswith(m)), key=len, reverse=True)
-    extending = sorted((m for m in by_lower if m.startswith(query) and m != query), key=lambda m: (len(m), m))
+    # a short start ("r", "vit") says too little: every name beginning so would come before the similar ones
+    extending = sorted((m for m in by_lower if m.startswith(query) and m != query),
+                       key=lambda m: (len(m), m)) if len(query) >= 4 else []
     similar = difflib.get_close_matches(query, list(by_lower), n=n, cutoff=0.5)
     return [by_lower[m] for m in list(dict.fromkeys(extended + extending + similar))[:n]]
 

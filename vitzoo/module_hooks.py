@@ -9,12 +9,16 @@ graph, and :func:`lost_hooks` checks that every hook is still attached to the de
 """
 from __future__ import annotations
 
-from typing import Dict, List
+import copy
+from typing import Dict, List, TypeVar
 
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["HookKeepingTracer", "has_forward_hooks", "hook_ids", "lost_hooks", "reparameterize"]
+__all__ = ["HookKeepingTracer", "deepcopy_sharing_hooks", "has_forward_hooks", "hook_ids", "lost_hooks",
+           "reparameterize"]
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def has_forward_hooks(module: nn.Module) -> bool:
@@ -33,6 +37,15 @@ def lost_hooks(before: Dict[int, str], model: nn.Module) -> List[str]:
     """Names (in ``before``'s model) of the modules whose hooks from ``before`` are no longer in ``model``."""
     kept = hook_ids(model)
     return sorted({name for hook, name in before.items() if hook not in kept})
+
+
+def deepcopy_sharing_hooks(model: M) -> M:
+    """``copy.deepcopy(model)`` whose forward (pre-)hooks are the caller's objects, not copies: ``deepcopy`` keeps a
+    plain function, but copies a bound method's object and a ``functools.partial``'s arguments, so a recorder's
+    hook on the copy recorded into a copy of the recorder (found by a review)."""
+    hooks = [hook for module in model.modules()
+             for hook in (*module._forward_hooks.values(), *module._forward_pre_hooks.values())]
+    return copy.deepcopy(model, {id(hook): hook for hook in hooks})
 
 
 def _contains_hooks(module: nn.Module) -> bool:

@@ -235,9 +235,15 @@ class PackedConv2d(nn.Module):
                 + (", vitzoo image kernel (NCHW input)" if self.image else ""))
 
 
+def _hooked(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    """Whether ``node`` calls a module with forward hooks: no pass may remove, replace or merge such a call."""
+    return node.op == "call_module" and has_forward_hooks(modules[node.target])
+
+
 def _is_relu(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    """A ReLU call that a pass may merge into a convolution or run in place (not one with hooks)."""
     if node.op == "call_module":
-        return isinstance(modules.get(node.target), nn.ReLU)
+        return isinstance(modules.get(node.target), nn.ReLU) and not _hooked(node, modules)
     if node.op == "call_function":
         return node.target in _RELU_TARGETS
     return node.op == "call_method" and node.target in ("relu", "relu_")
@@ -324,7 +330,8 @@ def _record_shapes_at_other_batch(gm: fx.GraphModule, example_input: torch.Tenso
 def _drop_identities(gm: fx.GraphModule, modules: Dict[str, nn.Module]) -> None:
     """Bypass ``nn.Identity`` calls (e.g. disabled drop-path) so that conv -> add patterns become adjacent."""
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and type(modules.get(node.target)) is nn.Identity and len(node.args) == 1:
+        if node.op == "call_module" and type(modules.get(node.target)) is nn.Identity and len(node.args) == 1 \
+                and not _hooked(node, modules):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
 
@@ -337,7 +344,7 @@ def _pack_convolutions(gm: fx.GraphModule, modules: Dict[str, nn.Module], fp32_p
     for node in list(gm.graph.nodes):
         conv = modules.get(node.target) if node.op == "call_module" else None
         if type(conv) is not nn.Conv2d or isinstance(conv.padding, str) or conv.padding_mode != "zeros" \
-                or has_forward_hooks(conv):
+                or _hooked(node, modules):
             continue
         input_meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
         if input_meta is None or len(node.args) != 1 or node.kwargs:
@@ -438,7 +445,7 @@ def _relus_in_place(gm: fx.GraphModule, modules: Dict[str, nn.Module]) -> int:
 
 
 def _eliminate_dead_code(gm: fx.GraphModule) -> None:
-    """Remove nodes whose results nothing uses, keeping every in-place statement.
+    """Remove nodes whose results nothing uses, keeping every in-place statement and every hooked module's call.
 
     ``fx.Graph.eliminate_dead_code`` treats ``y.add_(z)`` or ``nn.ReLU(inplace=True)(y)`` whose return value is
     not used as dead and removes it, although it writes into ``y``: a model doing ``y.add_(other)`` as a statement
@@ -446,7 +453,8 @@ def _eliminate_dead_code(gm: fx.GraphModule) -> None:
     """
     modules = dict(gm.named_modules())
     for node in reversed(list(gm.graph.nodes)):
-        if node.op in ("placeholder", "output") or node.users or node.is_impure() or _mutates_in_place(node, modules):
+        if node.op in ("placeholder", "output") or node.users or node.is_impure() or _mutates_in_place(node, modules) \
+                or _hooked(node, modules):
             continue
         gm.graph.erase_node(node)
 
