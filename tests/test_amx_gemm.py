@@ -302,6 +302,41 @@ def test_a_sequence_first_linear_takes_one_path_at_every_batch(monkeypatch):
     assert len(calls) == 3
 
 
+class _SharedTable(nn.Module):
+    """Per-image tokens through ``tokens``, a table of 225 rows the whole batch shares through ``table`` (as SwinV2's
+    position-bias MLP), and ``both`` called on each."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("coords", torch.randn(1, 15, 15, 64))
+        self.tokens, self.table, self.both = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):  # (B, 64, 16, 16)
+        t = x.flatten(2).transpose(1, 2)  # 256 tokens per image
+        bias = self.table(self.coords).mean()
+        return (self.tokens(t) + bias).mean(1) + self.both(t).mean(1) + self.both(self.coords).mean()
+
+
+def test_each_linear_layers_rows_are_classified_at_deploy_and_fix_its_path(monkeypatch):
+    """Found by a review: with the rows' kind guessed from one call (a row count the batch does not divide is a
+    shared table), the 225-row table read as 75 rows per image at batch 3 (IEEE fp32, what deploy checked) and as
+    225 at batch 2 (bf16x3, unchecked). deploy now runs the model at batch 1 and 2 and fixes each layer's kind."""
+    _needs_amx()
+    from vitzoo.amx_linear import IMAGE, MIXED, SHARED, AmxLinear
+
+    deployed = vitzoo.deploy(_SharedTable().eval(), torch.randn(3, 64, 16, 16))
+    kinds = {name: m.rows_kind for name, m in deployed.model.named_modules() if isinstance(m, AmxLinear)}
+    assert kinds == {"tokens": IMAGE, "table": SHARED, "both": MIXED}
+    calls = []
+    real = amx_gemm.amx_linear
+    monkeypatch.setattr(amx_gemm, "amx_linear", lambda a, *args, **kw: calls.append(a.shape[0]) or real(a, *args, **kw))
+    with torch.no_grad():
+        for batch in range(1, 7):
+            calls.clear()
+            deployed(torch.randn(batch, 64, 16, 16))
+            assert sorted(calls) == sorted([225, 256 * batch]), (batch, calls)  # table and tokens; `both` IEEE
+
+
 def test_rows_per_image_inside_and_outside_a_deployed_call():
     from vitzoo.amx_linear import images_in_call, rows_per_image
 
@@ -312,7 +347,10 @@ def test_rows_per_image_inside_and_outside_a_deployed_call():
         assert rows_per_image(torch.empty(197, 4, 64), 64) == 197  # sequence-first
         assert rows_per_image(torch.empty(4 * 64, 49, 64), 64) == 64 * 49  # windows folded into the batch (Swin)
         assert rows_per_image(torch.empty(4 * 17, 64), 64) == 17  # tokens flattened to 2-D
-        assert rows_per_image(torch.empty(1, 169, 64), 64) == 169  # a table shared by the batch
+        assert rows_per_image(torch.empty(1, 169, 64), 64) == 169  # not divided by 4: taken for a shared table
+        assert rows_per_image(torch.empty(1, 16, 64), 64, "shared") == 16  # classified at deploy (classify_rows)
+        assert rows_per_image(torch.empty(4, 16, 64), 64, "image") == 16
+        assert rows_per_image(torch.empty(4, 197, 64), 64, "mixed") == 0  # such a layer stays IEEE fp32
     assert rows_per_image(torch.empty(197, 4, 64), 64) == 4  # outside again: the first dimension taken for the batch
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from contextvars import ContextVar
-from typing import Iterator, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from torch import nn
 from vitzoo import amx_gemm
 from vitzoo.module_hooks import has_forward_hooks
 
-__all__ = ["AmxLinear", "images_in_call", "restore_linears", "swap_linears"]
+__all__ = ["AmxLinear", "classify_rows", "images_in_call", "restore_linears", "rows_per_image", "swap_linears"]
 
 #: Layers with fewer inputs stay IEEE fp32 (as for convolutions, ``PackedConv2d._amx_pays_off``).
 MIN_IN_FEATURES = 64
@@ -45,15 +45,61 @@ def images_in_call(images: int) -> Iterator[None]:
         _IMAGES.reset(token)
 
 
-def rows_per_image(x: torch.Tensor, in_features: int) -> int:
-    """The rows of a linear layer's input ``x`` for one image: inside a deployed model's call, its rows divided by
-    the images in the call (a row count the batch does not divide is a tensor shared by the batch: all of it);
-    outside, per entry of the first dimension of an input of 3 or more dimensions (1 for a 2-D input)."""
+#: How a layer's input rows grow with the model's batch (:func:`classify_rows`): in proportion (``IMAGE``), not at
+#: all (``SHARED``: a table the whole batch shares, such as SwinV2's position-bias MLP input), or both at different
+#: calls (``MIXED``: such a layer stays IEEE fp32, whose path cannot depend on the batch).
+IMAGE, SHARED, MIXED = "image", "shared", "mixed"
+
+
+def rows_per_image(x: torch.Tensor, in_features: int, rows_kind: Optional[str] = None) -> int:
+    """The rows of a linear layer's input ``x`` for one image (0 for a ``MIXED`` layer).
+
+    Inside a deployed model's call: its rows divided by the images in the call, or all of them for a ``SHARED``
+    layer; a layer not classified (``rows_kind`` None) counts a row count the batch does not divide as shared.
+    Outside: per entry of the first dimension of an input of 3 or more dimensions (1 for a 2-D input)."""
     rows = x.numel() // in_features
     images = _IMAGES.get()
     if images is None:
         return rows // x.shape[0] if x.dim() >= 3 and x.shape[0] else 1
-    return rows // images if rows % images == 0 else rows
+    if rows_kind == MIXED:
+        return 0
+    if rows_kind == SHARED or rows_kind is None and rows % images:
+        return rows
+    return rows // images
+
+
+def classify_rows(model: nn.Module, example_input: torch.Tensor) -> Dict[nn.Module, str]:
+    """For each layer :func:`swap_linears` would replace: how its input rows grow with the model's batch, found by
+    running ``model`` on the example's first image alone and twice over (``IMAGE``, ``SHARED`` or ``MIXED``). deploy
+    fixes each layer's kind so, and its path is then the same at every batch (a guess from one call's shapes took
+    SwinV2's position-bias table of 225 rows for per-image rows at batch 3, 5, ..., and for a shared table at other
+    batches: found by a review). Layers that did not run, or a model that fails at batch 2, are left out."""
+    layers = [m for m in model.modules() if _eligible(m)]
+    rows: Dict[nn.Module, list] = {layer: [[], []] for layer in layers}
+    run = [0]
+
+    def record(module, args):
+        if args and isinstance(args[0], torch.Tensor):
+            rows[module][run[0]].append(args[0].numel() // module.in_features)
+
+    handles = [layer.register_forward_pre_hook(record) for layer in layers]
+    one = example_input[:1]
+    try:
+        with torch.inference_mode():
+            model(one)
+            run[0] = 1
+            model(torch.cat([one, one]))
+    except Exception:  # noqa: BLE001  a model that takes only its example's batch: no classification
+        return {}
+    finally:
+        for handle in handles:
+            handle.remove()
+    kinds: Dict[nn.Module, str] = {}
+    for layer, (single, double) in rows.items():
+        if single and len(single) == len(double):
+            found = {IMAGE if b == 2 * a else SHARED if b == a else MIXED for a, b in zip(single, double)}
+            kinds[layer] = found.pop() if len(found) == 1 else MIXED
+    return kinds
 
 
 class AmxLinear(nn.Module):
@@ -63,10 +109,12 @@ class AmxLinear(nn.Module):
     Args:
         linear: The layer to replace; its weight and bias tensors are shared (not copied), and split into bf16
             tiles once (:func:`vitzoo.amx_gemm.pack_weight`).
+        rows_kind: How its input rows grow with the batch (:func:`classify_rows`); None: not known.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, rows_kind: Optional[str] = None):
         super().__init__()
+        self.rows_kind = rows_kind
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.weight = linear.weight
@@ -75,7 +123,7 @@ class AmxLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.in_features \
-                or rows_per_image(x, self.in_features) < MIN_TOKENS:
+                or rows_per_image(x, self.in_features, self.rows_kind) < MIN_TOKENS:
             # the layer's own behaviour (and error) for other inputs; and IEEE fp32 for few tokens per image, and
             # for a classifier head on pooled features: AMX gains nothing there, and the head's products are the
             # ones that reach the output unnormalised
@@ -101,17 +149,18 @@ def _eligible(module: nn.Module) -> bool:
             and not has_forward_hooks(module))  # replaced, it would lose them
 
 
-def swap_linears(model: nn.Module, share: float = 1.0) -> int:
+def swap_linears(model: nn.Module, share: float = 1.0, rows_kinds: Optional[Dict[nn.Module, str]] = None) -> int:
     """Replace, in place, eligible ``nn.Linear`` layers (exactly that type, fp32, CPU, >= 64 inputs, no hooks) by
     :class:`AmxLinear` where the AMX kernel is available: the first ``share`` of them in module order (for a ViT,
-    the earlier blocks). Returns the number replaced (0 without the kernel)."""
+    the earlier blocks), each with its kind from ``rows_kinds`` (:func:`classify_rows`). Returns the number
+    replaced (0 without the kernel)."""
     if amx_gemm.load() is None:
         return 0
     found = [(parent, name, child) for parent in list(model.modules())
              for name, child in list(parent.named_children()) if _eligible(child)]
     chosen = found[:math.ceil(share * len(found))]
     for parent, name, child in chosen:
-        setattr(parent, name, AmxLinear(child))
+        setattr(parent, name, AmxLinear(child, (rows_kinds or {}).get(child)))
     return len(chosen)
 
 

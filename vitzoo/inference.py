@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from vitzoo import amx_gemm
-from vitzoo.amx_linear import AmxLinear, images_in_call, restore_linears, swap_linears
+from vitzoo.amx_linear import AmxLinear, classify_rows, images_in_call, restore_linears, swap_linears
 from vitzoo.batchnorm_folding import fold_batchnorms
 from vitzoo.module_hooks import deepcopy_sharing_hooks, hook_ids, lost_hooks, reparameterize
 from vitzoo.models import first_meta_tensor, model_in_chans, model_input_size
@@ -435,6 +435,10 @@ def _build_eager(model: nn.Module, example_input: torch.Tensor, rewrite: bool,
         if nhwc:
             optimizations.append(f"attention on the channels-last token view in {nhwc} layers")
     cpu_fp32 = example_input.device.type == "cpu" and example_input.dtype == torch.float32
+    amx_linears = rewrite and cpu_fp32 and fp32_precision == "bf16x3" and amx_gemm.load() is not None
+    # before the graph rewrite, which keeps these modules: on the plain model, without packing convolutions for
+    # batches 1 and 2
+    rows_kinds = classify_rows(model, example_input) if amx_linears else {}
     if rewrite and memory_format == torch.channels_last and cpu_fp32 and torch.backends.mkldnn.is_available():
         model, notes = onednn_rewrite(model, example_input.contiguous(memory_format=memory_format), fp32_precision,
                                       amx_share)
@@ -442,7 +446,7 @@ def _build_eager(model: nn.Module, example_input: torch.Tensor, rewrite: bool,
         # the first convolution may read the NCHW image itself (vitzoo.image_conv): no channels-last copy then
         memory_format = getattr(model, "input_memory_format", memory_format)
     if rewrite and cpu_fp32 and fp32_precision == "bf16x3":
-        swapped = swap_linears(model, amx_share)
+        swapped = swap_linears(model, amx_share, rows_kinds)
         if swapped:
             optimizations.append(f"linear layers in split bf16 (bf16x3) on AMX: {swapped}")
         if amx_gemm.load() is None:
