@@ -1261,3 +1261,17 @@ def test_channels_last_only_where_most_convolutions_are_plain(name, expected):
     from vitzoo.inference import is_convolutional
 
     assert is_convolutional(timm.create_model(name)) == expected
+
+
+@pytest.mark.parametrize("name", ["resnet18", "deit_tiny_patch16_224"])
+def test_an_example_of_other_channels_is_named_before_any_work(name):
+    """Found by a sweep: a 1-channel example gave torch's conv message (resnet18) or the model's size assertion
+    (DeiT at 224 with a 64x64 example: the channels were never named)."""
+    model = timm.create_model(name).eval()
+    with pytest.raises(ValueError, match=r"^deploy\(\): example_input has 1 channels \(shape \[2, 1, 224, 224\]\), "
+                                         r"but the model takes 3 \(its in_chans\)\. Pass an example like the images "
+                                         r"it will run on, e.g\. torch\.randn\(1, 3, 224, 224\), or create the model "
+                                         r"for 1-channel images \(timm: in_chans=1\)\.$"):
+        deploy(model, torch.randn(2, 1, 224, 224))
+    model = timm.create_model(name, in_chans=1).eval()  # what the message says to do
+    assert deploy(model, torch.randn(2, 1, 224, 224))(torch.randn(1, 1, 224, 224)).shape == (1, 1000)

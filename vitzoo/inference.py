@@ -294,6 +294,18 @@ def _check_example_dtype(model: nn.Module, example_input: torch.Tensor) -> None:
             f"example_input.to({dtype}) (or convert the model with model.to({example_input.dtype})).")
 
 
+def _check_example_channels(model: nn.Module, example_input: torch.Tensor) -> None:
+    """An image example of another channel count than the model's ``in_chans`` (timm models record it) would fail
+    in the first layer with torch's shape message; say which channels and what to do (found by a sweep)."""
+    chans = getattr(model, "in_chans", None)
+    if isinstance(chans, int) and chans > 0 and example_input.dim() == 4 and example_input.shape[1] != chans:
+        shape = list(example_input.shape)
+        raise ValueError(
+            f"deploy(): example_input has {shape[1]} channels (shape {shape}), but the model takes {chans} (its "
+            f"in_chans). Pass an example like the images it will run on, e.g. torch.randn(1, {chans}, {shape[2]}, "
+            f"{shape[3]}), or create the model for {shape[1]}-channel images (timm: in_chans={shape[1]}).")
+
+
 def is_convolutional(model: nn.Module) -> bool:
     """True when the model has plain convolutions beyond a single patch embedding, and at least as many as other
     ``nn.Conv2d`` kinds (then channels-last pays off).
@@ -553,7 +565,8 @@ def deploy(
     Raises:
         ValueError: Unknown backend, or no example input and no ``pretrained_cfg``, or ``"onnxruntime"`` with a
             model or example input on a GPU (its session runs on the CPU), or a model on the ``meta`` device, or
-            an ``example_input`` of batch size 0, or an ``atol`` / ``rtol`` that is not a finite number >= 0, or
+            an ``example_input`` of batch size 0 or of another channel count than the model's ``in_chans``, or an
+            ``atol`` / ``rtol`` that is not a finite number >= 0, or
             (``"onnxruntime"``) an ``opset`` that is not an int from ``MIN_OPSET`` to ``MAX_OPSET``.
         TypeError: ``model`` is not a module, or ``example_input`` is not a tensor (a numpy array, a list), or a
             float ``example_input`` of another dtype than its weights.
@@ -575,6 +588,7 @@ def deploy(
         example_input = default_example_input(model)
     _check_example_is_a_batch(example_input)
     _check_example_dtype(model, example_input)
+    _check_example_channels(model, example_input)
     if backend == "onnxruntime":
         _check_not_cuda_for_onnxruntime(model, example_input)
     model = model if inplace else deepcopy_sharing_hooks(model)
