@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitzoo.inference import BACKENDS, available_backends, deploy
+from vitzoo.inference import BACKENDS, DeployedModel, available_backends, deploy
 from vitzoo.onednn_rewrite import PackedConv2d
 
 from norms import randomize_norms  # tests/norms.py
@@ -1275,3 +1275,46 @@ def test_an_example_of_other_channels_is_named_before_any_work(name):
         deploy(model, torch.randn(2, 1, 224, 224))
     model = timm.create_model(name, in_chans=1).eval()  # what the message says to do
     assert deploy(model, torch.randn(2, 1, 224, 224))(torch.randn(1, 1, 224, 224)).shape == (1, 1000)
+
+
+class _Chaotic(nn.Module):
+    """sin(1e6 * conv features): a one-step change of the input moves the output by ~4e-3."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.sin(1e6 * self.b(self.a(x))).mean((2, 3)))
+
+
+class _Off(nn.Module):
+    """A stand-in for a wrong rewrite: the model's output, 1% off."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x) * 1.01
+
+
+def test_a_difference_the_model_itself_makes_from_rounding_is_named_so(monkeypatch):
+    """Found by a sweep: a random-init model that amplifies rounding (MobileNetV4-Hybrid with trained-size layer
+    scales) failed the check with "report this". The model's own move under a one-step input change (measured here
+    independently with nextafter) is now named, with the atol to pass; a wrong result still says "report this"."""
+    torch.manual_seed(0)
+    model = _Chaotic().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        wobble = (model(torch.nextafter(x, torch.full_like(x, float("inf")))) - model(x)).abs().max().item()
+    assert wobble > 1e-3
+    with pytest.raises(RuntimeError, match=r"The model's own output moves by [0-9.e-]+ when each input value moves by "
+                                           r"one float32 rounding step: it amplifies rounding") as info:
+        deploy(model, x)
+    assert f"moves by {wobble:.3g} when" in str(info.value)
+    import vitzoo.inference
+
+    monkeypatch.setattr(vitzoo.inference, "_build_eager", lambda m, *a, **k: DeployedModel(_Off(m), "eager"))
+    with pytest.raises(RuntimeError, match=r"\. Use another backend, or report this with the model name\.$"):
+        deploy(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval(), x)
