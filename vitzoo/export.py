@@ -76,6 +76,7 @@ def export_verified_onnx(
     from vitzoo.models import model_in_chans, model_input_size
     from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx, max_abs_diff_and_scale
     from vitzoo.outputs import WRONG_RESULT_RTOL, OutputLayout
+    from vitzoo.weight_standardisation import standardise_weights
 
     check_materialised(model, "export_verified_onnx()")
     if img_size is None:
@@ -100,7 +101,8 @@ def export_verified_onnx(
     training = {m: m.training for m in model.modules()}  # the caller's model is given back in its own modes
     try:
         model.eval()
-        fused = reparameterize_model(model)  # a fused deep copy; `model` stays the unfused reference
+        # a fused deep copy; `model` stays the unfused reference
+        fused, _ = standardise_weights(reparameterize_model(model))
         example = torch.randn(1, in_chans, height, width)
         data = export_onnx(fused, example, opset=opset)
         with torch.no_grad():

@@ -39,6 +39,7 @@ from torch.utils import _pytree as pytree
 
 from vitzoo.batchnorm_folding import fold_batchnorms_detailed
 from vitzoo.models import _as_dim, first_meta_tensor, model_in_chans, model_input_size
+from vitzoo.weight_standardisation import standardise_weights
 
 with warnings.catch_warnings():
     # fvcore scripts a loss function at import time, which torch 2.14 answers with a deprecation warning
@@ -399,7 +400,9 @@ class FlopReport:
     Attributes:
         total: FLOPs (multiply-adds) of one forward pass at ``input_size`` and ``batch_size``.
         params: Parameters of the model as given (unfused).
-        params_fused: Parameters after ``timm.utils.reparameterize_model`` (equal to ``params`` when nothing fuses).
+        params_fused: Parameters of the fused model (equal to ``params`` when nothing fuses): after
+            ``timm.utils.reparameterize_model``, weight standardisation computed once (an NFNet's per-channel
+            gains merged into the weight) and BatchNorm folding.
         input_size: ``(C, H, W)`` counted at.
         batch_size: Batch counted at.
         fused: Whether the count is of the fused model.
@@ -591,8 +594,9 @@ def count_flops(
 ) -> FlopReport:
     """Count FLOPs (multiply-adds) and parameters of a model with fvcore.
 
-    The model is never modified: counting runs on a deep copy, fused with ``timm.utils.reparameterize_model``
-    unless ``fused=False``, in eval mode, on CPU.
+    The model is never modified: counting runs on a deep copy, fused unless ``fused=False`` (as
+    :func:`vitzoo.deploy` fuses: ``timm.utils.reparameterize_model``, weight-standardised convolutions made plain,
+    BatchNorm folded into the layer before it), in eval mode, on CPU.
 
     Args:
         model: An ``nn.Module`` or a timm model name (``arch`` or ``arch.tag``; built without weights).
@@ -646,7 +650,7 @@ def count_flops(
         # one eager call first: checks that a model skips while traced (SHViT's minimum size, its channel count)
         # raise the model's own error here instead of a count for an input it would reject
         unfused(example)
-    fused_model = reparameterize_model(copy.deepcopy(unfused), inplace=True)
+    fused_model, _ = standardise_weights(reparameterize_model(copy.deepcopy(unfused), inplace=True))
     folding = fold_batchnorms_detailed(fused_model, example)
     fused_model = folding.model
     params_fused = count_params(fused_model)

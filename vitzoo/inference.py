@@ -3,7 +3,8 @@
 Backends (see ``docs/deploy.md`` for measurements and when to use which):
 
 * ``"eager"`` (default): deep copy, ``eval()``, BN/re-param fusion (the modules' ``fuse()`` / ``reparameterize()``
-  as ``timm.utils.reparameterize_model`` calls them, then ``vitzoo.batchnorm_folding`` for plain Conv->BN pairs),
+  as ``timm.utils.reparameterize_model`` calls them, weight-standardised convolutions made plain by
+  ``vitzoo.weight_standardisation``, then ``vitzoo.batchnorm_folding`` for plain Conv->BN pairs),
   channels-last memory format for convolutional models, and on CPU (fp32, oneDNN available) a graph rewrite
   that replaces every ``nn.Conv2d`` by a :class:`~vitzoo.onednn_rewrite.PackedConv2d`: weights reordered once
   into oneDNN's blocked layout, and a following ReLU and/or residual add fused into the convolution kernel
@@ -40,6 +41,7 @@ from vitzoo.models import first_meta_tensor, model_in_chans, model_input_size
 from vitzoo.onednn_rewrite import FP32_PRECISIONS, PackedConv2d, onednn_rewrite
 from vitzoo.outputs import WRONG_RESULT_RTOL, OutputLayout, UnsupportedOutputError, max_abs_diff_of
 from vitzoo.stem_chunking import chunk_stem
+from vitzoo.weight_standardisation import standardise_weights
 
 __all__ = ["BACKENDS", "DeployedModel", "PackedConv2d", "available_backends", "deploy", "default_example_input"]
 
@@ -314,7 +316,8 @@ def is_convolutional(model: nn.Module) -> bool:
     ``model.to(memory_format=torch.channels_last)`` refuses those, so such a model keeps its own format. Not for one
     whose convolutions are mostly of other kinds, which the oneDNN rewrite leaves alone: weight-standardised ones
     (NFNet's ``ScaledStdConv2d``, BiT's ``StdConv2d``) ran slower in channels-last (nf_resnet26 0.86x, found by a
-    sweep; ``benchmarks/bench_other_convs.py``).
+    sweep; ``benchmarks/bench_other_convs.py``). :func:`deploy` makes those plain first
+    (:mod:`vitzoo.weight_standardisation`); the rule still holds for hooked ones and other kinds.
     """
     if any(t.dim() > 4 for t in (*model.parameters(), *model.buffers())):
         return False
@@ -418,11 +421,16 @@ def _check_close(reference: object, candidate: nn.Module, example_input: torch.T
                     f"trained weights.")
         else:
             hint = "Use another backend, or report this with the model name."
-        raise RuntimeError(
+        raise _OutsideTolerance(
             f"deploy(backend={backend!r}): output differs from the original model by max abs diff {diff:.3g} "
-            f"(> tolerance {tolerance:g}). {hint}"
-        )
+            f"(> tolerance {tolerance:g}). {hint}", diff, tolerance)
     return diff
+
+
+class _OutsideTolerance(RuntimeError):
+    def __init__(self, message: str, diff: float, tolerance: float):
+        super().__init__(message)
+        self.diff, self.tolerance = diff, tolerance
 
 
 def pad_attention_head_dims(model: nn.Module) -> int:
@@ -619,7 +627,9 @@ def deploy(
             reference = model(example_input)
     hooks = hook_ids(model)
     model = reparameterize(model)
+    model, standardised = standardise_weights(model)
     model, folded = fold_batchnorms(model, example_input)
+    fusions = _fusion_notes(standardised, folded)
     model.requires_grad_(False)
     builders: Dict[str, Callable[[], DeployedModel]] = {
         "eager": lambda: _build_eager(model, example_input, rewrite=True, fp32_precision=fp32_precision),
@@ -627,11 +637,11 @@ def deploy(
         "onnxruntime": lambda: _build_onnxruntime(model, example_input, opset),
         "torchscript": lambda: _build_torchscript(model, example_input, atol, rtol),
     }
-    deployed = _finish(builders[backend](), folded, example_input)
+    deployed = _finish(builders[backend](), fusions, example_input)
     _check_hooks_kept(hooks, deployed)
     if verify:
         with full_fp32_precision(example_input.device):
-            deployed, diff = _verify(deployed, reference, model, example_input, folded, atol, rtol, backend)
+            deployed, diff = _verify(deployed, reference, model, example_input, fusions, atol, rtol, backend)
         deployed.optimizations.append(f"verified: max abs diff {diff:.2g} vs original")
     return deployed
 
@@ -648,8 +658,8 @@ def _check_hooks_kept(hooks: Dict[int, str], deployed: DeployedModel) -> None:
                            f"report this with the model name.")
 
 
-def _verify(deployed: DeployedModel, reference: object, model: nn.Module, example_input: torch.Tensor, folded: int,
-            atol: float, rtol: float, backend: str) -> Tuple[DeployedModel, float]:
+def _verify(deployed: DeployedModel, reference: object, model: nn.Module, example_input: torch.Tensor,
+            fusions: List[str], atol: float, rtol: float, backend: str) -> Tuple[DeployedModel, float]:
     """Check ``deployed``. A bf16x3 model that misses the tolerance or its margin is rebuilt with fewer layers on
     AMX, those nearest the output in IEEE fp32 (their rounding reaches the output undamped: SHViT-S1 with
     trained-size logits differed by 5.5e-5 all-bf16x3, 1.7e-5 with its last stage in IEEE fp32), share by share
@@ -659,7 +669,8 @@ def _verify(deployed: DeployedModel, reference: object, model: nn.Module, exampl
     share = BF16X3_SHARES[0]
     while True:
         try:
-            diff = _check_close(reference, deployed, example_input, atol, rtol, backend, model)
+            bf16x3 = deployed.fp32_precision == "bf16x3"  # its misses are retried: no hint for them
+            diff = _check_close(reference, deployed, example_input, atol, rtol, backend, None if bf16x3 else model)
             if deployed.fp32_precision == "bf16x3":
                 _check_bf16x3_margin(diff, atol + rtol * max_abs_diff_of(reference, reference)[1])
             break
@@ -668,7 +679,10 @@ def _verify(deployed: DeployedModel, reference: object, model: nn.Module, exampl
                 raise
             # split bf16 rounds ~100x coarser than fp32: a tight tolerance or a model whose outputs amplify
             # rounding can miss it where IEEE fp32 passes
-            reason = str(e) if isinstance(e, _SmallMargin) else f"missed the tolerance ({str(e).split(': ', 1)[-1]})"
+            if isinstance(e, _OutsideTolerance):
+                reason = f"missed the tolerance (max abs diff {e.diff:.3g} > {e.tolerance:g})"
+            else:
+                reason = str(e) if isinstance(e, _SmallMargin) else f"failed ({str(e).split(': ', 1)[-1]})"
             tried.append(f"bf16x3 in {share:.0%} of the eligible layers {reason}")
             failed_layers = _amx_layer_count(deployed)
             while True:  # the next share that changes which layers run on AMX (a small model: 90% may be all)
@@ -676,7 +690,7 @@ def _verify(deployed: DeployedModel, reference: object, model: nn.Module, exampl
                 share = shares.pop(0)
                 deployed = _finish(_build_eager(model, example_input, rewrite=True,
                                                 fp32_precision="bf16x3" if share else "ieee", amx_share=share),
-                                   folded, example_input)
+                                   fusions, example_input)
                 if not share or _amx_layer_count(deployed) < failed_layers:
                     break
     if tried:
@@ -715,8 +729,17 @@ def _check_bf16x3_margin(diff: float, tolerance: float) -> None:
                            f"{BF16X3_TOLERANCE_SHARE:g} of the tolerance {tolerance:g}")
 
 
-def _finish(deployed: DeployedModel, folded: int, example_input: torch.Tensor) -> DeployedModel:
+def _fusion_notes(standardised: int, folded: int) -> List[str]:
+    """What deploy's own fusion passes did, for ``DeployedModel.optimizations``."""
+    notes = []
+    if standardised:
+        notes.append(f"weight-standardised convolutions made plain (weight standardised once): {standardised}")
     if folded:
-        deployed.optimizations.insert(2, f"BatchNorm folded into the conv/linear before it in {folded} layers")
+        notes.append(f"BatchNorm folded into the conv/linear before it in {folded} layers")
+    return notes
+
+
+def _finish(deployed: DeployedModel, fusions: List[str], example_input: torch.Tensor) -> DeployedModel:
+    deployed.optimizations[2:2] = fusions
     deployed.set_example(example_input)
     return deployed
