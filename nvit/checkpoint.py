@@ -139,13 +139,24 @@ def describe_foreign_checkpoint(state_dict: Mapping[str, Any]) -> Optional[str]:
     if any(k.startswith('patch_embed.0.c.') for k in keys) or any('.mixer.' in k for k in keys):
         return 'a SHViT checkpoint (keys like patch_embed.0.c.weight); load it with an shvit_* model'
     if not any(_BLOCK_RE.match(k) for k in keys) or 'pos_embed' not in state_dict:
+        nested = [k for k, v in state_dict.items()
+                  if isinstance(v, Mapping) and any(isinstance(n, str) and _BLOCK_RE.match(n) for n in v)]
+        if nested:  # e.g. only 'model_ema' (found by an audit: named "not an NViT/ViT checkpoint", without advice)
+            head = (f"a training checkpoint that holds its weights under {nested} (top-level keys: {keys[:8]}), not "
+                    f"under 'model' or 'state_dict', so which ones to load is not known. ")
+            if 'dim' in state_dict:  # the official dims record stays beside the weights
+                return (f"{head}Save the weights you want with the dims record and load that: ck = torch.load(PATH); "
+                        f"torch.save({{'model': ck[{nested[0]!r}], 'dim': ck['dim']}}, 'weights.pth')")
+            return (f"{head}Save the weights you want as a plain state dict and load that: "
+                    f"torch.save(torch.load(PATH)[{nested[0]!r}], 'weights.pth')")
         return f'not an NViT/ViT checkpoint (no blocks.N.* / pos_embed keys; first keys: {keys[:4]})'
     return None
 
 
 def _as_foreign(description: str) -> str:
-    """``describe_foreign_checkpoint``'s words, ending in "not an NViT checkpoint" once."""
-    return description if description.startswith('not ') else f'{description}, not an NViT checkpoint'
+    """``describe_foreign_checkpoint``'s words, ending in "not an NViT checkpoint" once (not after advice)."""
+    done = description.startswith(('not ', 'a training checkpoint'))
+    return description if done else f'{description}, not an NViT checkpoint'
 
 
 def _looks_like_timm_vit(state_dict: Mapping[str, Any]) -> bool:
@@ -525,12 +536,16 @@ def _check_norm_placement(state_dict: Mapping[str, Any], model: torch.nn.Module)
     own = model.state_dict()
     tokens = 'on the tokens before pooling (norm)'
     pooled = "after pooling (fc_norm, the default for global_pool='avg', 'max' and 'avgmax')"
-    for key, other, fc_norm, file_has, model_has in (('norm.weight', 'fc_norm.weight', False, tokens, pooled),
-                                                     ('fc_norm.weight', 'norm.weight', True, pooled, tokens)):
+    # fc_norm=True alone keeps token pooling: most such checkpoints were trained with avg pooling (timm's fc_norm
+    # default), and loaded with fc_norm=True they gave other outputs (found by an audit)
+    to_pooled = ("the pooling it was trained with: global_pool='avg' (or 'max', 'avgmax'; timm then puts the norm "
+                 "after pooling), or fc_norm=True for token pooling with the norm on the class token")
+    for key, other, fix, file_has, model_has in (('norm.weight', 'fc_norm.weight', 'fc_norm=False', tokens, pooled),
+                                                 ('fc_norm.weight', 'norm.weight', to_pooled, pooled, tokens)):
         if key in state_dict and other not in state_dict and other in own and key not in own:
             raise IncompatibleCheckpointError(
                 f'The checkpoint applies its final norm {file_has}, the model {model_has}. Create the model with '
-                f'fc_norm={fc_norm} to load it.')
+                f'{fix} to load it.')
 
 
 _CLASSIFIER_KEYS = ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias')
@@ -646,7 +661,9 @@ def foreign_or_missing_dims_error(variant: str, state_dict: Mapping[str, Any], w
             f'{where} looks like a timm ViT/DeiT checkpoint (fused attn.qkv, no token scales, no NViT dims record), '
             f'not an NViT one. Convert a DeiT with nvit.from_vit(timm.create_model(...)), or pass '
             f'dims=NViTDims.uniform(...) to {variant} (vitzoo convert: --dims JSON_OR_FILE) if you really mean to '
-            f'load it as an NViT.')
+            f'load it as an NViT. The second way keeps NViT\'s attention scale of 64**-0.5, which is right only for '
+            f'64-wide heads (DeiT); for other head widths (ViT-H/14: 80) pass attn_scale=head_dim**-0.5 too, or use '
+            f'from_vit, which sets it (vitzoo convert cannot).')
     return IncompatibleCheckpointError(
         f'{where} has no NViT dims record (official "dim" key or safetensors metadata "{DIMS_METADATA_KEY}"), and '
         f'head counts cannot be recovered from weight shapes. Pass dims=... to {variant} '

@@ -63,6 +63,10 @@ class NViTDims:
         """Number of blocks."""
         return len(self.heads)
 
+    def first_blocks(self, n: int) -> 'NViTDims':
+        """The dims of the first ``n`` blocks (a model pruned to them)."""
+        return NViTDims(self.embed_dim, *(getattr(self, name)[:n] for name in _LIST_FIELDS))
+
     def block(self, i: int) -> Dict[str, int]:
         """Widths of block ``i`` as a dict (heads, qk_dim, v_dim, mlp_dim)."""
         return {name: getattr(self, name)[i] for name in _LIST_FIELDS}

@@ -550,6 +550,9 @@ class NViT(nn.Module):
         ``prune_head`` also drops ``fc_norm`` and the pooling (timm ViT)."""
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[:max_index + 1]
+        # the dims describe the blocks the model has (a dims record written from it must load it)
+        self.dims = self.dims.first_blocks(len(self.blocks))
+        update_model_args(self, dims=self.dims.to_dict())
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:

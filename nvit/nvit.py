@@ -308,12 +308,10 @@ def nvit_t(pretrained: bool = False, **kwargs) -> NViT:
 @register_model
 def revit_t(pretrained: bool = False, **kwargs) -> NViT:
     """ReViT-T: EMB 176, dims from the ReViT rule as the official code computes it (see docs/nvit.md)."""
-    model_args = dict(distilled=True, token_mask=True)
-    return _create_nvit('revit_t', pretrained, revit_dims(176), **dict(model_args, **kwargs))
+    return _create_nvit('revit_t', pretrained, revit_dims(176), **kwargs)
 
 
 @register_model
 def revit_s(pretrained: bool = False, **kwargs) -> NViT:
     """ReViT-S: EMB 384, dims from the ReViT rule as the official code computes it (see docs/nvit.md)."""
-    model_args = dict(distilled=True, token_mask=True)
-    return _create_nvit('revit_s', pretrained, revit_dims(384), **dict(model_args, **kwargs))
+    return _create_nvit('revit_s', pretrained, revit_dims(384), **kwargs)

@@ -577,6 +577,64 @@ def test_revit_weights_get_no_borrowed_licence(tmp_path):
     verify_folder(out)
 
 
+def test_weights_that_are_not_the_release_say_so_beside_the_releases_licence(tmp_path):
+    """A file converted as nvit_b that is not NViT-B's release (here a ReViT of EMB 192, whose only route is nvit_b)
+    keeps the release's non-commercial licence, which a conversion or fine-tune of the release must keep, but its
+    card says the weights are not the release and that NVIDIA's licence and copyright do not cover someone's own
+    training (found by an audit: the card gave NVIDIA's copyright line alone)."""
+    from safetensors.torch import save_file
+
+    model = timm.create_model("revit_t", dims=nvit.revit_dims(192))
+    src = tmp_path / "my_revit192.safetensors"
+    save_file(model.state_dict(), str(src), metadata=nvit.dims_metadata(model))
+    out = convert_checkpoint(src, "nvit_b", tmp_path / "out", flops=False)
+    metadata, _ = read_safetensors_metadata(out / "model.safetensors")
+    assert (metadata["tag"], metadata["license"]) == ("converted", "cc-by-nc-sa-4.0")
+    card = (out / "README.md").read_text()
+    assert "These weights are not the release of `nvit_b` that the weights manifest records (tag `converted`)" in card
+    assert "If these weights are your own training, not derived from the release, that licence and copyright do " \
+           "not apply to them" in card
+    assert "Copyright (c) 2023 NVIDIA" in card
+    verify_folder(out)
+
+
+@pytest.mark.parametrize("kwargs", [dict(token_mask=False), dict(distilled=False),
+                                    dict(distilled=False, token_mask=False)])
+def test_revit_trained_without_token_scales_or_distillation_converts(tmp_path, kwargs):
+    """revit_t takes distilled / token_mask from the checkpoint's keys, as nvit_* do (found by an audit: it forced
+    both on, so such a file was refused as "incomplete ... may be truncated", or with advice convert has no option
+    for). The reference is the trained model itself."""
+    torch.manual_seed(0)
+    model = _randomize_norms(timm.create_model("revit_t", **kwargs)).eval()
+    src = tmp_path / "revit.pth"
+    torch.save({"model": model.state_dict()}, src)
+    out = convert_checkpoint(src, "revit_t", tmp_path / "out", flops=False)
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert (_outputs(loaded, (3, 224, 224)) - _outputs(model, (3, 224, 224))).abs().max().item() == 0.0
+
+
+def test_a_checkpoint_trained_with_avg_pooling_converts_with_global_pool(tmp_path, capsys):
+    """A ReViT trained with global_pool='avg' (its norm after pooling, timm's fc_norm) is refused with the
+    --global-pool to pass, and converts with it (found by an audit: the advice was fc_norm=True, which keeps token
+    pooling, 0.89 off, and convert had no option for the pooling)."""
+    torch.manual_seed(0)
+    model = _randomize_norms(timm.create_model("revit_t", global_pool="avg")).eval()
+    src = tmp_path / "revit_avg.pth"
+    torch.save({"model": model.state_dict()}, src)
+    out = tmp_path / "out"
+    assert main(["convert", str(src), "--model", "revit_t", "--out", str(out), "--no-flops"]) == 1
+    err = capsys.readouterr().err
+    assert "applies its final norm after pooling (fc_norm); convert it with --global-pool avg" in err
+    assert main(["convert", str(src), "--model", "revit_t", "--out", str(out), "--no-flops",
+                 "--global-pool", "avg"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["model_args"]["global_pool"] == "avg"
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert (_outputs(loaded, (3, 224, 224)) - _outputs(model, (3, 224, 224))).abs().max().item() == 0.0
+    assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(tmp_path / "o2"),
+                 "--global-pool", "avg"]) == 2
+    assert "--global-pool (global_pool=) is for nvit_* / revit_* models only" in capsys.readouterr().err
+
+
 def _random_nvit(**kwargs):
     """An nvit_b with NVIT_DIMS, random norms and random token scales (so a resampling would show)."""
     torch.manual_seed(0)
@@ -622,6 +680,26 @@ def test_nvit_checkpoint_keeps_its_resolution(tmp_path):
     assert "384" in (out / "README.md").read_text()
     loaded = timm.create_model(f"local-dir:{out}", pretrained=True)
     assert (_outputs(loaded, (3, 384, 384)) - _outputs(model, (3, 384, 384))).abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("patch_size", [8, 14])  # 28x28 and 16x16 grids at 224: the size alone cannot tell
+def test_nvit_checkpoint_keeps_its_patch_size(tmp_path, patch_size):
+    """An NViT with 8- or 14-pixel patches converts with them (found by an audit: the model was built with 16-pixel
+    patches, the patch embedding and position embedding resampled, and the folder claimed the source's outputs)."""
+    model = _random_nvit(patch_size=patch_size)
+    src = tmp_path / "NViT_p.pth"
+    torch.save({"model": _nvit_to_official(model.state_dict(), NVIT_DIMS),
+                "dim": NVIT_DIMS.to_dict(official=True)}, src)
+    out = convert_checkpoint(src, "nvit_b", tmp_path / "out", flops=False)
+    tensors = safetensors.torch.load_file(out / "model.safetensors")
+    expected = model.state_dict()
+    assert torch.equal(tensors["patch_embed.proj.weight"], expected["patch_embed.proj.weight"])
+    assert torch.equal(tensors["pos_embed"], expected["pos_embed"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_args"]["patch_size"] == patch_size
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True)
+    size = 224 // patch_size * patch_size
+    assert (_outputs(loaded, (3, size, size)) - _outputs(model, (3, size, size))).abs().max().item() == 0.0
 
 
 def test_revit_checkpoint_keeps_its_resolution(tmp_path):

@@ -138,12 +138,20 @@ def test_checkpoint_with_its_norm_elsewhere_names_the_fc_norm_that_loads_it(tmp_
                                pretrained_cfg_overlay=overlay)
     torch.testing.assert_close(loaded.norm.weight, tokens.norm.weight, rtol=0, atol=0)
 
-    pooled = timm.create_model('nvit_b', dims=UNIFORM, img_size=64, global_pool='avg')
+    pooled = timm.create_model('nvit_b', dims=UNIFORM, img_size=64, global_pool='avg').eval()
     path = tmp_path / 'pooled.safetensors'
     save_file(pooled.state_dict(), str(path), metadata=nvit.dims_metadata(pooled))
-    with pytest.raises(IncompatibleCheckpointError, match=r'after pooling \(fc_norm.*the model on the tokens before '
-                                                          r'pooling \(norm\)\. Create the model with fc_norm=True'):
+    # the advice names the pooling first (found by an audit: "fc_norm=True" alone kept token pooling, whose outputs
+    # differ from the avg-pooled model's)
+    advice = (r"after pooling \(fc_norm.*the model on the tokens before pooling \(norm\)\. Create the model with "
+              r"the pooling it was trained with: global_pool='avg' \(or 'max', 'avgmax'; ")
+    with pytest.raises(IncompatibleCheckpointError, match=advice):
         timm.create_model('nvit_b', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    loaded = timm.create_model('nvit_b', pretrained=True, global_pool='avg', img_size=64,
+                               pretrained_cfg_overlay=dict(file=str(path))).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), pooled(x), rtol=0, atol=0)
     loaded = timm.create_model('nvit_b', pretrained=True, fc_norm=True, pretrained_cfg_overlay=dict(file=str(path)))
     assert loaded.global_pool == 'token' and _norm_keys(loaded) == ['fc_norm.weight', 'fc_norm.bias']
 

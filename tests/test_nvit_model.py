@@ -125,6 +125,24 @@ def test_prune_intermediate_layers():
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
 
 
+def test_pruned_model_describes_its_blocks(tmp_path):
+    """After prune_intermediate_layers, model.dims and the recorded model args describe the blocks kept, so a file
+    saved from the pruned model with its dims record loads (found by an audit: both stayed at the full depth, and
+    the file was refused). The reference: the first 4 blocks' widths of revit_t's own dims, and the model's state."""
+    from safetensors.torch import save_file
+
+    m = timm.create_model('revit_t')
+    full = m.dims
+    m.prune_intermediate_layers([3], prune_head=False)
+    assert len(m.blocks) == 4 and m.dims.depth == 4
+    assert all(m.dims.block(i) == full.block(i) for i in range(4)) and m.dims.embed_dim == full.embed_dim
+    assert len(m._model_args['dims']['heads']) == 4
+    path = tmp_path / 'pruned.safetensors'
+    save_file(m.state_dict(), str(path), metadata=nvit.dims_metadata(m))
+    state, dims, _ = nvit.load_checkpoint(str(path))
+    assert dims == m.dims and sorted(state) == sorted(m.state_dict())
+
+
 def test_feature_info_reduction_follows_patch_size():
     """Like timm's ViT, every block's reduction is the patch size (8 here), channels the embedding width."""
     m = small(patch_size=8)

@@ -133,6 +133,29 @@ def test_official_checkpoint_matches_reference(official_files, mode):
     assert diff <= 1e-5
 
 
+def test_weights_under_model_ema_only_get_advice_that_works(official_files, tmp_path, capsys):
+    """An official checkpoint whose weights are only under 'model_ema' is named as such, with the line that saves
+    them beside the dims record (found by an audit: "not an NViT/ViT checkpoint", without advice); following it
+    gives the reference model's outputs."""
+    from vitzoo.cli import main
+
+    path, sd = official_files['random']
+    official = torch.load(path, weights_only=False)
+    ema_only = tmp_path / 'ema.pth'
+    torch.save({'model_ema': official['model'], 'dim': official['dim']}, ema_only)
+    advice = "ck = torch.load(PATH); torch.save({'model': ck['model_ema'], 'dim': ck['dim']}, 'weights.pth')"
+    with pytest.raises(nvit.IncompatibleCheckpointError, match="holds its weights under \\['model_ema'\\]") as e:
+        _create(str(ema_only))
+    assert advice in str(e.value) and 'not an NViT' not in str(e.value)
+    assert main(['convert', str(ema_only), '--model', 'nvit_b', '--out', str(tmp_path / 'out'), '--no-flops']) == 1
+    assert advice in capsys.readouterr().err
+    ck = torch.load(ema_only, weights_only=False)  # the advice, as given
+    torch.save({'model': ck['model_ema'], 'dim': ck['dim']}, tmp_path / 'weights.pth')
+    img = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert (_create(str(tmp_path / 'weights.pth'))(img) - reference_forward(sd, img)).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize('mode', ['random', 'none'])
 def test_official_checkpoint_other_size(official_files, mode):
     path, sd = official_files[mode]
@@ -238,6 +261,26 @@ def test_deit_checkpoint_rejected(tmp_path):
     torch.save({'model': deit.state_dict()}, path)
     with pytest.raises(ValueError, match='looks like a timm ViT/DeiT checkpoint'):
         _create(str(path))
+
+
+def test_the_advice_for_a_vit_checkpoint_with_heads_not_64_wide_is_exact(tmp_path):
+    """The error's second way (dims=NViTDims.uniform) keeps NViT's 64**-0.5 attention scale: for 48-wide heads the
+    message's attn_scale=head_dim**-0.5 gives the ViT's outputs (found by an audit: the advice left it out, and the
+    load was silently off by 4e-3). The reference is timm's ViT itself."""
+    torch.manual_seed(0)
+    vit = timm.create_model('vit_tiny_patch16_224', depth=2, num_heads=4).eval()  # heads 48 wide
+    path = tmp_path / 'vit.pth'
+    torch.save(vit.state_dict(), path)
+    with pytest.raises(ValueError, match=r'pass attn_scale=head_dim\*\*-0\.5 too, or use from_vit'):
+        _create(str(path))
+    x = torch.randn(2, 3, 224, 224)
+    for scale, exact in ((None, False), (48 ** -0.5, True)):
+        kwargs = {} if scale is None else {'attn_scale': scale}
+        model = timm.create_model('nvit_b', pretrained=True, dims=nvit.NViTDims.uniform(192, 2, 4, 48, 768),
+                                  pretrained_cfg_overlay=dict(file=str(path)), **kwargs).eval()
+        with torch.no_grad():
+            diff = (model(x) - vit(x)).abs().max().item()
+        assert (diff < 1e-5) == exact, (scale, diff)
 
 
 def test_truncated_file(official_files, tmp_path):

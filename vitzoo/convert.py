@@ -51,6 +51,8 @@ HUB_FILES = ("model.safetensors", "config.json", "README.md")
 REQUIRED_METADATA = ("format", "model", "source", "source_sha256", "license")
 #: The licence field of weights whose licence only their owner can state (Hub card id "other").
 OWNERS_LICENSE = "other"
+#: ``--global-pool`` values: timm ViT's poolings (``avg`` / ``max`` / ``avgmax`` with the norm after pooling)
+GLOBAL_POOLS = ("token", "avg", "max", "avgmax")
 PathLike = Union[str, os.PathLike]
 #: A weight tag (the TAG of ``arch.TAG``): a release's in the manifest, or a name for one's own weights.
 _TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -585,11 +587,13 @@ def _peek_shapes(path: Path) -> Optional[Dict[str, Tuple[int, ...]]]:
     return {k: tuple(v.shape) for k, v in _unwrap(checkpoint).items() if isinstance(k, str) and torch.is_tensor(v)}
 
 
-def _nvit_image_size(path: Path, shapes: Optional[Dict[str, Tuple[int, ...]]]) -> Optional[int]:
-    """The square input size an NViT checkpoint (``shapes``: :func:`_peek_shapes`) was trained at (patch grid side x
-    patch size), or None when it cannot be told here (the model's loader then says why)."""
+def _nvit_geometry(path: Path, shapes: Optional[Dict[str, Tuple[int, ...]]],
+                   in_chans: int) -> Tuple[Optional[int], Optional[int]]:
+    """``(image size, patch size)`` an NViT checkpoint (``shapes``: :func:`_peek_shapes`) was trained at (the square
+    image is patch grid side x patch size), or ``(None, None)`` when it cannot be told here (the model's loader then
+    says why)."""
     if shapes is None or "pos_embed" not in shapes or "patch_embed.proj.weight" not in shapes:
-        return None
+        return None, None
     patches = shapes["pos_embed"][1] - (2 if "dist_token" in shapes else 1)
     side = int(round(max(patches, 0) ** 0.5))
     if side * side != patches:
@@ -597,9 +601,12 @@ def _nvit_image_size(path: Path, shapes: Optional[Dict[str, Tuple[int, ...]]]) -
             f"{path.name}: its position embedding has {patches} patch tokens, not a square grid, so the image size "
             "it was trained at cannot be told; vitzoo convert keeps a checkpoint's own resolution and converts "
             "square grids only. Save it from a model of square img_size.")
-    weight = shapes["patch_embed.proj.weight"]  # (E, 3, p, p), or the official (E, 3*p*p, 1, 1)
-    patch = int(round((weight[1] // 3) ** 0.5)) if weight[-1] == 1 else weight[-1]
-    return side * patch
+    weight = shapes["patch_embed.proj.weight"]  # (E, C, p, p), or the official (E, C*p*p, 1, 1)
+    if len(weight) == 4 and weight[-1] != weight[-2]:
+        raise ValueError(f"{path.name}: its patch embedding has {weight[-2]}x{weight[-1]} patches; vitzoo convert "
+                         "keeps a checkpoint's own patch size and converts square patches only.")
+    patch = int(round((weight[1] // in_chans) ** 0.5)) if weight[-1] == 1 else weight[-1]
+    return side * patch, patch
 
 
 def _has_distill_head(shapes: Optional[Dict[str, Tuple[int, ...]]]) -> bool:
@@ -621,6 +628,7 @@ def convert_checkpoint(
     manifest: Optional[Manifest] = None,
     dims: Any = None,
     in_chans: Optional[int] = None,
+    global_pool: Optional[str] = None,
 ) -> Path:
     """Convert ``src`` (a checkpoint the model's loader accepts, or its URL) into a verified Hub-ready folder.
 
@@ -638,11 +646,15 @@ def convert_checkpoint(
         dims: NViT dims record for a checkpoint that has none (``nvit_*`` models only): an ``NViTDims``, a dict
             (our keys or the official EMB/head/QK/V/MLP), a JSON string, or the path of a .json file holding it.
         in_chans: input channels of the checkpoint's first conv, if not 3 (recorded in ``model_args``).
+        global_pool: the pooling an NViT / ReViT checkpoint was trained with, if not the released ``'token'``:
+            ``'avg'``, ``'max'`` or ``'avgmax'`` (timm then applies the final norm after pooling, ``fc_norm``;
+            recorded in ``model_args``).
 
     A SHViT checkpoint with a distillation head (``head_dist.*``) is converted with ``distilled=True`` (recorded in
     ``model_args``), so the head is kept and the outputs are the mean of both heads, as in the source.
-    An NViT or ReViT checkpoint keeps its own resolution: the model is built at the image size its position embedding
-    was trained for (e.g. 384 for a 24x24 grid), recorded as ``model_args.img_size`` and ``input_size``.
+    An NViT or ReViT checkpoint keeps its own resolution and patch size: the model is built at the image size its
+    position embedding was trained for (e.g. 384 for a 24x24 grid), recorded as ``model_args.img_size`` and
+    ``input_size``, and with its patch embedding's patch size, recorded as ``model_args.patch_size`` when not 16.
 
     Returns:
         ``out_dir``.
@@ -689,6 +701,13 @@ def convert_checkpoint(
         if given and not _TAG_RE.fullmatch(given):
             raise UsageError(f"tag (--tag, or the name's .TAG) must be letters, digits, '_' or '-', got {given!r}.")
     is_nvit = model.startswith("nvit_")
+    if global_pool is not None:
+        if global_pool not in GLOBAL_POOLS:
+            raise UsageError(f"global_pool (--global-pool) must be one of {', '.join(GLOBAL_POOLS)}, got "
+                             f"{global_pool!r}.")
+        if not model.startswith(("nvit_", "revit_")):
+            raise UsageError(f"--global-pool (global_pool=) is for nvit_* / revit_* models only; {model} has one "
+                             "pooling. Remove --global-pool.")
     if dims is not None:
         if not is_nvit:
             raise UsageError(f"--dims (dims=) is for nvit_* models only; {model} takes no dims record. Remove --dims.")
@@ -738,6 +757,8 @@ def convert_checkpoint(
             kwargs["num_classes"] = num_classes
         if dims is not None:
             kwargs["dims"] = dims
+        if global_pool is not None:
+            kwargs["global_pool"] = global_pool
         chans = in_chans or 3
         if in_chans is not None:  # the model takes them and the cfg declares them: nothing for timm to adapt
             kwargs["in_chans"] = in_chans
@@ -745,10 +766,13 @@ def convert_checkpoint(
         shapes = _peek_shapes(path) if model.startswith(("shvit_", "nvit_", "revit_")) else None
         if model.startswith("shvit_") and _has_distill_head(shapes):
             kwargs["distilled"] = True  # keep the distillation head: the source's output is the mean of both heads
-        image_size = _nvit_image_size(path, shapes) if model.startswith(("nvit_", "revit_")) else None
+        image_size, patch_size = _nvit_geometry(path, shapes, chans) if model.startswith(("nvit_", "revit_")) \
+            else (None, None)
         if image_size is not None and image_size != 224:  # keep the checkpoint's resolution, do not resample it
             kwargs["img_size"] = image_size
             overlay["input_size"] = (chans, image_size, image_size)
+        if patch_size is not None and patch_size != 16:  # nor its patch embedding
+            kwargs["patch_size"] = patch_size
         try:
             source_model = load_pretrained_model(model, pretrained_cfg_overlay=overlay, **kwargs).eval()
         except WeightsError:
@@ -779,7 +803,7 @@ def convert_checkpoint(
         if model_dims is not None:
             model_args["dims"] = model_dims.to_dict()
             metadata["nvit_dims"] = json.dumps(model_args["dims"], separators=(",", ":"))
-        for key in ("img_size", "distilled", "in_chans"):
+        for key in ("img_size", "patch_size", "distilled", "in_chans"):
             if key in kwargs:
                 model_args[key] = kwargs[key]
 
@@ -842,6 +866,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-flops", action="store_true", help="do not count FLOPs (the card shows the reported number)")
     p.add_argument("--in-chans", type=int, default=None, metavar="N",
                    help="input channels of the checkpoint's first conv, if not 3 (e.g. 1 for grayscale)")
+    p.add_argument("--global-pool", default=None, choices=GLOBAL_POOLS,
+                   help="the pooling an NViT / ReViT checkpoint was trained with, if not token (avg, max, avgmax: "
+                        "its final norm comes after pooling, fc_norm)")
     p.add_argument("--dims", default=None, metavar="JSON_OR_FILE",
                    help="NViT dims record for a checkpoint without one (nvit_* only): JSON, or a .json file; "
                         "our keys or the official EMB/head/QK/V/MLP")
@@ -883,6 +910,10 @@ def _cli_advice(src: str, model: str, text: str) -> Optional[str]:
                     f"convert it with {_NVIT_MODELS}.")
         return f"{src} has its own NViT dims record, unlike the --dims given; remove --dims."
     layout = _WEIGHTS_UNDER.search(text)
+    if layout and "with the dims record" in text:
+        return (f"{src} holds its weights under {layout.group(1)}, not under 'model' or 'state_dict'; save the ones "
+                f"you want with its dims record (ck = torch.load(PATH); torch.save({{'model': ck[{layout.group(2)}], "
+                "'dim': ck['dim']}, 'weights.pth')) and convert that.")
     if layout:
         return (f"{src} holds its weights under {layout.group(1)}, not under 'model' or 'state_dict'; save the ones "
                 f"you want as a state dict (torch.save(torch.load(PATH)[{layout.group(2)}], 'weights.pth')) and "
@@ -894,6 +925,13 @@ def _cli_advice(src: str, model: str, text: str) -> Optional[str]:
     if chans:
         n = int(chans.group(1))
         return f"{src}'s first conv takes {n} input channel{'s' * (n != 1)}; convert it with --in-chans {n}."
+    if "Create the model with the pooling it was trained with: global_pool='avg'" in text:
+        return (f"{src} applies its final norm after pooling (fc_norm); convert it with --global-pool avg (or max, "
+                "avgmax: the pooling it was trained with). A checkpoint of token pooling with fc_norm cannot be "
+                "converted by vitzoo convert; load it in Python with fc_norm=True.")
+    if "Create the model with fc_norm=False to load it" in text:
+        return (f"{src} applies its final norm on the tokens before pooling (norm); convert it without --global-pool "
+                "(token pooling, as the released NViTs).")
     if "The checkpoint has no classifier (head" in text:
         return f"{src} has no classifier head; convert it with --num-classes 0."
     incomplete = _INCOMPLETE.search(text)
@@ -923,7 +961,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = convert_checkpoint(args.src, args.model, args.out, force=args.force, tag=args.tag,
                                  num_classes=args.num_classes, sha256=args.sha256, repo_id=args.repo,
-                                 flops=not args.no_flops, dims=args.dims, in_chans=args.in_chans)
+                                 flops=not args.no_flops, dims=args.dims, in_chans=args.in_chans,
+                                 global_pool=args.global_pool)
     except (UsageError, UnknownModelError) as e:
         print(f"vitzoo convert: error: {cli_message(e)}", file=sys.stderr)
         return 2

@@ -122,8 +122,23 @@ def card_fields(
         "dims": dims,
         "datasets": datasets,
         "repo_id": repo_id or entry.hub_repo or "ORG/NAME",
-        "license_text": license_text(family) if entry.license == family["license"] else _owners_license(entry),
+        "license_text": _license_paragraph(entry, manifest, family),
     }
+
+
+def _license_paragraph(entry: WeightEntry, manifest: Manifest, family: Dict[str, Any]) -> str:
+    if entry.license != family["license"]:
+        return _owners_license(entry)
+    if manifest.find(entry.model, entry.tag) is not None:
+        return license_text(family)
+    # weights of a released architecture that are not the release (a fine-tune, or a file that is not the release's):
+    # a conversion or fine-tune of the release must keep its licence, so it is kept, but it may be someone's own
+    # training, which the release's copyright line does not cover (found by an audit)
+    return (f"These weights are not the release of `{entry.model}` that the weights manifest records (tag "
+            f"`{entry.tag}`). Weights converted or fine-tuned from the released ones keep the release's licence, "
+            f"which is therefore given here:\n\n{license_text(family)}\n\nIf these weights are your own training, "
+            f"not derived from the release, that licence and copyright do not apply to them: state yours here, in the "
+            f"`license:` field above, in `config.json` and in the weights' metadata before publishing.")
 
 
 def render_card(fields: Dict[str, Any], template: Union[str, Path, None] = None) -> str:
