@@ -416,6 +416,30 @@ def test_diverging_loss_is_one_line(data, tmp_path, capsys):
     assert not (out / 'model_final.pth').exists()
 
 
+def test_out_of_memory_is_one_line_naming_the_options_to_lower(data, tmp_path, capsys, monkeypatch):
+    """Found by an audit: running out of memory (a large --batch-size, --img-size or --out-channels) was a traceback.
+    The allocation here is torch's own, of 1 EiB, beyond any machine's address space; any other error still raises."""
+    import vitzoo.detection.finetune as finetune
+
+    def too_large(*args, **kwargs):
+        return torch.empty(1 << 60, dtype=torch.uint8)
+    monkeypatch.setattr(finetune, 'build_detector', too_large)
+    out = tmp_path / 'run'
+    rc = _run(data, out, '--no-eval', '--batch-size', '3', '--img-size', '96', '--out-channels', '24')
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count('\n') == 1 and 'Traceback' not in err, err
+    assert err.startswith('vitzoo finetune-det: error: out of memory (RuntimeError: ') and "can't allocate" in err
+    assert err.rstrip().endswith('lower --batch-size (now 3), --img-size / --max-size (now 96) or --out-channels '
+                                 '(now 24).')
+    assert not out.exists()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError('a bug, not a lack of memory')
+    monkeypatch.setattr(finetune, 'build_detector', broken)
+    with pytest.raises(RuntimeError, match='a bug, not a lack of memory'):
+        _run(data, tmp_path / 'run2', '--no-eval')
+
+
 def test_infinite_loss_stops_like_nan(data, tmp_path, capsys, monkeypatch):
     """+inf is as fatal as NaN: it stops before the first update (torch.isfinite, not only isnan)."""
     from torchvision.models.detection.retinanet import RetinaNet

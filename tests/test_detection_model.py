@@ -250,6 +250,51 @@ def test_frozen_stages_out_of_range_is_refused(value):
         build_backbone('shvit_s1', 'retinanet', frozen_stages=value, out_channels=16)
 
 
+def test_frozen_stages_beyond_the_backbone_names_the_range():
+    with pytest.raises(ValueError, match=r'frozen_stages=7 but the backbone has 3 stages: use -1 \(nothing frozen\), 0 '
+                                         r'\(the stem\) or 1\.\.3 \(vitzoo finetune-det: --frozen-stages\)'):
+        build_backbone('shvit_s1', 'retinanet', frozen_stages=7, out_channels=16)
+
+
+def test_a_vit_of_14_pixel_patches_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match=r"the backbone's map has stride 14, .* a single-scale backbone needs a "
+                                         r'power-of-two patch size'):
+        build_backbone('vit_tiny_patch16_224', 'retinanet', out_channels=16, model_kwargs=dict(patch_size=14, depth=2))
+
+
+@pytest.mark.parametrize('name, advice', [
+    ('levit_128s', 'it runs at one input size only, or at sizes a detector does not give it'),  # fixed to 224
+    ('pit_ti_224', 'it runs at one input size only, or at sizes a detector does not give it'),
+    ('maxvit_nano_rw_256', 'padded to multiples of 256 it runs: pass size_divisible=256 to build_detector'),
+])
+def test_backbones_that_do_not_run_at_detector_sizes_are_refused_when_built(name, advice):
+    """Found by an audit: such backbones built, then failed at the first image with a shape error from inside the
+    model (a traceback from finetune-det). Each really fails on the probed size, and MaxViT really runs at the
+    padding named (the references: the bare timm models)."""
+    from vitzoo.detection import BackboneError
+
+    with pytest.raises(BackboneError, match=rf'the backbone {name} fails on a 256x384 input .*{advice}'):
+        build_detector('retinanet', name, num_classes=2, **SMALL)
+    body = timm.create_model(name, features_only=True).eval()
+    with torch.no_grad(), pytest.raises((RuntimeError, AssertionError)):
+        body(torch.zeros(1, 3, 256, 384))
+    if name.startswith('maxvit'):
+        model = build_detector('retinanet', name, num_classes=2, size_divisible=256, **SMALL).eval()
+        with torch.no_grad():
+            assert len(model([torch.rand(3, 100, 150)])) == 1
+
+
+@pytest.mark.parametrize('sizes, match', [
+    (dict(min_size=0), r'min_size must be an int >= 1 .* got 0'),
+    (dict(min_size=()), r'min_size must be an int >= 1 .* got \(\)'),
+    (dict(max_size=-1), r'max_size must be an int >= 1 .* got -1'),
+])
+def test_bad_resize_sizes_are_refused_when_built(sizes, match):
+    """Found by an audit: torchvision takes them unchecked and failed at the first image."""
+    with pytest.raises(ValueError, match=match):
+        build_detector('retinanet', 'shvit_s1', num_classes=2, **{**SMALL, **sizes})
+
+
 def test_frozen_stages_and_norm_eval():
     bb = build_backbone('shvit_s1', 'retinanet', frozen_stages=1, norm_eval=False, out_channels=16)
     frozen = {n for n, p in bb.body.named_parameters() if not p.requires_grad}

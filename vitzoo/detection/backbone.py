@@ -280,7 +280,9 @@ class DetectionBackbone(nn.Module):
             raise ValueError('frozen_stages needs a timm model with feature_info module names, not a features_only '
                              'wrapper; freeze its parameters yourself or pass the full timm model.')
         if frozen_stages > len(self.stage_modules):
-            raise ValueError(f'frozen_stages={frozen_stages} but the backbone has {len(self.stage_modules)} stages.')
+            count = len(self.stage_modules)
+            raise ValueError(f'frozen_stages={frozen_stages} but the backbone has {count} stages: use -1 (nothing '
+                             f'frozen), 0 (the stem) or 1..{count} (vitzoo finetune-det: --frozen-stages).')
         names = [n for n, _ in self.body.named_parameters()]
         # stage i ends at the last parameter of feature_info[i]'s module, or, for a module without parameters (a
         # ResNet's first feature point is its stem activation `act1`), at the last parameter registered before it

@@ -22,7 +22,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from vitzoo.models import model_in_chans
 
-from .backbone import DetectionBackbone, create_body
+from .backbone import BackboneError, DetectionBackbone, create_body
 from .fpn import level_name
 
 __all__ = ['DETECTOR_STRIDES', 'ForegroundRetinaNet', 'build_backbone', 'build_detector']
@@ -126,6 +126,65 @@ def _check_normalisation(body: nn.Module, detector_kwargs: Dict[str, Any]) -> No
                 f'build_detector(..., image_mean={[0.5] * chans}, image_std={[0.25] * chans}).')
 
 
+def _is_size(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= 1
+
+
+def _check_sizes(min_size: Any, max_size: Any) -> None:
+    """torchvision's resize takes them unchecked and fails at the first image (found by an audit)."""
+    sizes = min_size if isinstance(min_size, (tuple, list)) else (min_size,)
+    if not sizes or not all(_is_size(s) for s in sizes):
+        raise ValueError(f'min_size must be an int >= 1 (the shorter image side after resizing) or a non-empty tuple '
+                         f'of them (one drawn per training batch), got {min_size!r}.')
+    if not _is_size(max_size):
+        raise ValueError(f'max_size must be an int >= 1 (the longer image side limit after resizing), got '
+                         f'{max_size!r}.')
+
+
+#: Multiples of ``size_divisible`` a failing backbone is also tried at, to say which padding it needs (MaxViT's
+#: windows: 256 where the R-CNNs pad to 64 and RetinaNet to 128)
+_LARGER_PADDINGS = (2, 4, 8)
+
+
+def _check_runs_at_detector_sizes(backbone: DetectionBackbone, divisible: int) -> None:
+    """Run the backbone once on a non-square input of the sizes the detector gives it (a multiple of
+    ``size_divisible``, ``2d x 3d``): a model built for one input size (LeViT, PiT, Hiera, EfficientFormerV2) or
+    whose windows need other multiples (MaxViT) is refused here, naming why, not at the first training step with a
+    shape error from inside the model (found by an audit)."""
+    ref = next(backbone.parameters(), None)
+    if ref is None or ref.device.type == 'meta':
+        return
+
+    def fails_at(d: int) -> Optional[BaseException]:
+        x = torch.zeros(1, model_in_chans(getattr(backbone.body, 'model', backbone.body)) or 3, 2 * d, 3 * d,
+                        device=ref.device, dtype=ref.dtype)
+        modes = {m: m.training for m in backbone.modules()}
+        try:
+            with torch.no_grad():
+                backbone.eval()(x)
+        except (RuntimeError, AssertionError, IndexError, ValueError) as e:
+            return e
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        return None
+
+    error = fails_at(divisible)
+    if error is None:
+        return
+    name = (getattr(backbone.body, 'pretrained_cfg', None) or {}).get('architecture') or type(backbone.body).__name__
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    head = (f'the backbone {name} fails on a {2 * divisible}x{3 * divisible} input ({type(error).__name__}: '
+            f'{reason}), a size the detector gives it (torchvision resizes each image to min_size / max_size and pads '
+            f'it to a multiple of size_divisible={divisible})')
+    works = next((divisible * k for k in _LARGER_PADDINGS if fails_at(divisible * k) is None), None)
+    if works is not None:
+        raise BackboneError(f'{head}; padded to multiples of {works} it runs: pass size_divisible={works} to '
+                            f'build_detector.')
+    raise BackboneError(f'{head}: it runs at one input size only, or at sizes a detector does not give it. Choose a '
+                        f'backbone that takes any input size (SHViT, NViT / ReViT, ViTs, ResNets, ConvNeXt, Swin...).')
+
+
 def build_detector(
         kind: str,
         backbone: Union[str, nn.Module, DetectionBackbone],
@@ -162,6 +221,7 @@ def build_detector(
         Mask R-CNN, ``masks`` ([N, 1, H, W] probabilities).
     """
     _check_kind(kind)
+    _check_sizes(min_size, max_size)
     allowed = set(inspect.signature(_CLASSES[kind]).parameters) | _TRANSFORM_KWARGS
     unknown = sorted(set(detector_kwargs) - allowed - {'backbone', 'num_classes'})
     if unknown:
@@ -196,6 +256,7 @@ def build_detector(
         # multiple of the coarsest stride puts them off the grid
         raise ValueError(f'size_divisible={divisible!r} must be a positive int multiple of the coarsest pyramid '
                          f'stride {max(strides)} of {kind}, or anchors land off their feature grid.')
+    _check_runs_at_detector_sizes(backbone, divisible)
     # our anchors and RoI pools for the pyramid's strides; an anchor generator or pool the caller passes replaces ours
     if kind == 'retinanet':
         sizes = tuple(tuple(int(4 * s * 2 ** (k / 3)) for k in range(3)) for s in strides)

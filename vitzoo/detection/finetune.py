@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from vitzoo.atomic import _check_parent_writable, atomic_write_text
 from vitzoo.cli import named_output
-from vitzoo.messages import cli_message, command_line_advice
+from vitzoo.messages import cli_message, command_line_advice, first_line
 from vitzoo.models import UnknownModelError
 
 from .backbone import BackboneError, summarize_load_error
@@ -465,6 +465,13 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     return dict(state=state, eval=last_eval)
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """torch's CPU allocator raises a plain RuntimeError ("can't allocate memory"), CUDA an OutOfMemoryError."""
+    text = str(error)
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text \
+        or 'out of memory' in text
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``vitzoo finetune-det``; returns the exit code."""
     ctx = None
@@ -484,6 +491,15 @@ def run(args: argparse.Namespace) -> int:
         print(f'vitzoo {NAME}: error: {message}', file=sys.stderr)
         # drop the traceback now: it holds a DataLoader iterator in a reference cycle (torch's re-raise frame),
         # and workers shut down by a later garbage collection wait 5 s each for a stop signal that never comes
+        e.__traceback__ = None
+        return 2
+    except (RuntimeError, MemoryError) as e:
+        if not _out_of_memory(e):
+            raise
+        # found by an audit: a traceback; the run cannot go on at these sizes, and which ones to lower is known
+        print(f'vitzoo {NAME}: error: out of memory ({type(e).__name__}: {first_line(e)}); lower --batch-size (now '
+              f'{args.batch_size}), --img-size / --max-size (now {args.max_size}) or --out-channels (now '
+              f'{args.out_channels}).', file=sys.stderr)
         e.__traceback__ = None
         return 2
     finally:

@@ -53,7 +53,10 @@ class SimpleFeaturePyramid(nn.Module):
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
                 scale //= 2
             if scale != in_stride:
-                raise ValueError(f'out stride {stride} is not reachable from in_stride {in_stride} by factors of 2.')
+                raise ValueError(f'the backbone\'s map has stride {in_stride}, and the pyramid level of stride '
+                                 f'{stride} is not reachable from it by factors of 2: a single-scale backbone needs a '
+                                 f'power-of-two patch size (a ViT of 14-pixel patches cannot be used; choose one of '
+                                 f'8, 16 or 32).')
             self.branches.append(nn.Sequential(*layers) if layers else nn.Identity())
             self.out_channels.append(chs)
 
