@@ -277,7 +277,9 @@ def _create_nvit(variant: str, pretrained: bool = False, default_dims: Optional[
             # do not keep the weights inside the cfg (timm saves the cfg in config.json)
             m.pretrained_cfg = {k: v for k, v in m.pretrained_cfg.items() if k != 'state_dict'}
             m.default_cfg = m.pretrained_cfg
-        update_model_args(m, dims=dims.to_dict(), distilled=kwargs['distilled'], token_mask=kwargs['token_mask'])
+        # the model's own dims: a features_only model was pruned to the blocks it keeps
+        update_model_args(m, dims=inner.dims.to_dict(), distilled=kwargs['distilled'],
+                          token_mask=kwargs['token_mask'])
     return model
 
 

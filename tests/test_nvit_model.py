@@ -141,6 +141,9 @@ def test_pruned_model_describes_its_blocks(tmp_path):
     save_file(m.state_dict(), str(path), metadata=nvit.dims_metadata(m))
     state, dims, _ = nvit.load_checkpoint(str(path))
     assert dims == m.dims and sorted(state) == sorted(m.state_dict())
+    # features_only prunes the same way; the factory's recorded args must not put the full depth back (a review)
+    features = timm.create_model('revit_t', features_only=True, out_indices=(3,))
+    assert features.model.dims == m.dims and len(features.model._model_args['dims']['heads']) == 4
 
 
 def test_feature_info_reduction_follows_patch_size():

@@ -58,6 +58,21 @@ def test_a_bare_layer_is_returned_replaced():
         assert torch.equal(plain(x), original(x))
 
 
+def test_a_layer_used_twice_is_replaced_everywhere_and_zero_padding_is_kept():
+    """Found by a review: a layer at two places of one parent was replaced at the first only, and the replacement
+    copied padding_mode, which timm's forward ignores (it always pads with zeros)."""
+    shared = _randomized(StdConv2d(4, 4, 3))
+    shared.padding_mode = "reflect"
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    x = torch.randn(1, 4, 9, 9)
+    with torch.no_grad():
+        expected = model(x)
+        model, replaced = standardise_weights(model)
+        got = model(x)
+    assert replaced == 1 and type(model[0]) is nn.Conv2d and model[2] is model[0]
+    assert torch.equal(got, expected)
+
+
 def test_hooked_layers_and_subclasses_are_left_alone():
     class OwnWeights(StdConv2d):  # a subclass may compute its weight another way
         pass

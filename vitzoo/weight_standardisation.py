@@ -5,9 +5,10 @@ timm's ``StdConv2d`` / ``StdConv2dSame`` (BiT, the hybrid ViTs) and ``ScaledStdC
 scaled kinds, a gain per output channel. In inference the weight is fixed, so that work is the same at every call.
 :func:`standardise_weights` replaces each such layer by a plain ``nn.Conv2d`` (timm's ``Conv2dSame`` where the layer
 pads "SAME" at run time) holding the weight the layer itself would compute, by the same op: the replacement's
-output is bit-for-bit the layer's. Then the layer is a convolution like any other: a BatchNorm after it folds, the
-oneDNN rewrite packs it, and FLOP counts no longer charge the standardisation on every call (fvcore's
-``batch_norm``: 2.2-3.2% of these models at their cfg size).
+output is bit-for-bit the layer's (timm's layers always pad with zeros, whatever their ``padding_mode``, and so
+does the replacement). Then the layer is a convolution like any other: a BatchNorm after it folds, the oneDNN
+rewrite packs a plain ``nn.Conv2d`` (not ``Conv2dSame``), and FLOP counts no longer charge the standardisation on
+every call (fvcore's ``batch_norm``: 2.2-3.2% of these models at their cfg size).
 
 Only exactly these four types are replaced (a subclass may compute its weight differently), and never a layer that
 carries forward hooks (:mod:`vitzoo.module_hooks`).
@@ -43,7 +44,6 @@ def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
     plain = kind(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                  padding=0 if dynamic_same else conv.padding, dilation=conv.dilation, groups=conv.groups,
                  bias=conv.bias is not None, device="meta", dtype=conv.weight.dtype)
-    plain.padding_mode = conv.padding_mode
     with torch.no_grad():
         plain.weight = nn.Parameter(standardised_weight(conv).detach().clone(),
                                     requires_grad=conv.weight.requires_grad)
@@ -59,10 +59,11 @@ def standardise_weights(model: nn.Module) -> Tuple[nn.Module, int]:
     such a convolution is returned replaced."""
     if type(model) in _PLAIN + _SCALED:
         return (model, 0) if has_forward_hooks(model) else (_plain_conv(model), 1)
-    replaced = 0
+    plain = {}  # one replacement per layer, also where a layer is used at several places
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
+        for name, child in list(parent._modules.items()):
             if type(child) in _PLAIN + _SCALED and not has_forward_hooks(child):
-                setattr(parent, name, _plain_conv(child))
-                replaced += 1
-    return model, replaced
+                if id(child) not in plain:
+                    plain[id(child)] = _plain_conv(child)
+                setattr(parent, name, plain[id(child)])
+    return model, len(plain)

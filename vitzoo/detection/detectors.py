@@ -141,9 +141,10 @@ def _check_sizes(min_size: Any, max_size: Any) -> None:
                          f'{max_size!r}.')
 
 
-#: Multiples of ``size_divisible`` a failing backbone is also tried at, to say which padding it needs (MaxViT's
-#: windows: 256 where the R-CNNs pad to 64 and RetinaNet to 128)
-_LARGER_PADDINGS = (2, 4, 8)
+#: Paddings a failing backbone is also tried at (multiples of ``size_divisible`` up to this), to say which one it
+#: needs (MaxViT's windows: 256 where the R-CNNs pad to 64 and RetinaNet to 128). Not more: a 2048x3072 try of a
+#: model that runs at no such size took 29 s and 15 GB (found by a review)
+_LARGEST_PADDING_TRIED = 256
 
 
 def _check_runs_at_detector_sizes(backbone: DetectionBackbone, divisible: int) -> None:
@@ -177,7 +178,8 @@ def _check_runs_at_detector_sizes(backbone: DetectionBackbone, divisible: int) -
     head = (f'the backbone {name} fails on a {2 * divisible}x{3 * divisible} input ({type(error).__name__}: '
             f'{reason}), a size the detector gives it (torchvision resizes each image to min_size / max_size and pads '
             f'it to a multiple of size_divisible={divisible})')
-    works = next((divisible * k for k in _LARGER_PADDINGS if fails_at(divisible * k) is None), None)
+    larger = [divisible * k for k in (2, 4, 8) if divisible * k <= _LARGEST_PADDING_TRIED]
+    works = next((d for d in larger if fails_at(d) is None), None)
     if works is not None:
         raise BackboneError(f'{head}; padded to multiples of {works} it runs: pass size_divisible={works} to '
                             f'build_detector.')
