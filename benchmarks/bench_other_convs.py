@@ -4,13 +4,17 @@ Weight-standardised convolutions (NFNet's ``ScaledStdConv2d``, BiT's ``StdConv2d
 rewrite. They ran slower in channels-last, so since 2026-11-26 ``deploy()`` keeps a model's own memory format when
 such convolutions are most of its convolutions (``vitzoo.inference.is_convolutional``); and since the same day it
 first makes them plain convolutions with their weight standardised once (``vitzoo.weight_standardisation``), which
-the rewrite packs. "deploy() before" is deploy() with that step switched off. ResNet-18 (plain convolutions) for
-scale. All paths run in the same process, interleaved (``vitzoo.speed.measure``), at batch ``--batch``.
+the rewrite packs. Models with timm's ``Conv2dSame`` (TensorFlow "SAME" padding: ``tf_efficientnet_*``, the
+``dm_`` NFNets) or with modules timm marks untraceable (EfficientViT, MobileViT) could not be traced by torch.fx, so
+the rewrite skipped them whole; since 2026-11-26 ``Conv2dSame`` is packed and those modules are kept whole in the
+trace. "deploy() before" is deploy() with both changes switched off. ResNet-18 (plain convolutions) for scale. All
+paths run in the same process, interleaved (``vitzoo.speed.measure``), at batch ``--batch``.
 
     python benchmarks/bench_other_convs.py --threads 1 --batch 2 --rounds 7
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from unittest import mock
@@ -19,13 +23,29 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import timm  # noqa: E402
 import torch  # noqa: E402
+import torch.fx as fx  # noqa: E402
 from timm.utils import reparameterize_model  # noqa: E402
 
 import vitzoo.inference  # noqa: E402
+import vitzoo.onednn_rewrite  # noqa: E402
 from _common import base_parser, inference, print_machine, print_table, randomize_norm_stats, timed  # noqa: E402
 from vitzoo.inference import deploy  # noqa: E402
+from vitzoo.module_hooks import HookKeepingTracer  # noqa: E402
 
-MODELS = ("nf_resnet26", "resnetv2_50x1_bit", "nfnet_l0", "resnet18")
+MODELS = ("nf_resnet26", "resnetv2_50x1_bit", "nfnet_l0", "tf_efficientnet_b0", "dm_nfnet_f0", "efficientvit_m0",
+          "mobilevitv2_050", "resnet18")
+
+
+def _trace_before(model, timm_leaves):
+    """The rewrite's trace before 2026-11-26: torch.fx's own leaves (and hooked modules), no retry."""
+    return fx.GraphModule(model, HookKeepingTracer().trace(model), type(model).__name__)
+
+
+@contextlib.contextmanager
+def _as_before():
+    with mock.patch.object(vitzoo.inference, "standardise_weights", lambda m: (m, 0)), \
+            mock.patch.object(vitzoo.onednn_rewrite, "_trace", _trace_before):
+        yield
 
 
 def _layout(deployed) -> str:
@@ -45,7 +65,7 @@ def main() -> int:
             model = randomize_norm_stats(timm.create_model(name))
             x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(1))
             deployed = deploy(model, x)
-            with mock.patch.object(vitzoo.inference, "standardise_weights", lambda m: (m, 0)):
+            with _as_before():
                 before = deploy(model, x)
             runners = {"fused eager": inference(reparameterize_model(model), x),
                        "deploy() before": inference(before, x),

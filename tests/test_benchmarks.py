@@ -94,6 +94,25 @@ def test_onednn_graph_partitions_are_counted_and_separated_from_aten_ops():
     assert all(calls >= 1 for _, _, calls in outside)
 
 
+# --- bench_other_convs: "deploy() before" is deploy() without the weight standardisation and the new tracing ------
+
+@pytest.mark.parametrize("name, new_note", [("nf_resnet26", "weight-standardised convolutions made plain"),
+                                            ("tf_efficientnet_b0", "oneDNN pre-packed convolutions"),
+                                            ("efficientvit_m0", "untraceable kept whole")])
+def test_other_convs_before_switches_off_what_it_says(name, new_note):
+    import bench_other_convs as bench
+
+    torch.manual_seed(0)
+    model = randomize_norm_stats(timm.create_model(name, num_classes=10))
+    x = torch.randn(2, 3, 64, 64)
+    with bench._as_before():
+        before = vitzoo.deploy(model, x)
+    after = vitzoo.deploy(model, x)
+    assert any(new_note in o for o in after.optimizations), after.optimizations
+    assert not any(new_note in o for o in before.optimizations), before.optimizations
+    torch.testing.assert_close(before(x), after(x), atol=1e-4, rtol=0)
+
+
 # --- bench_stem_chunking: "unsliced" really switches the slicing off -------------------------------------------------
 
 @pytest.mark.skipif("torchscript" not in __import__("vitzoo.inference").inference.available_backends(),

@@ -125,6 +125,58 @@ def test_packed_conv_against_functional(kernel, groups, stride, residual, relu, 
     assert set(packed._packed) == {(4, 16, 20, 20), (1, 16, 13, 9)}  # packed once per input shape
 
 
+@pytest.mark.parametrize("kernel,stride,dilation,groups,residual", [
+    (3, 2, 1, 1, False), (5, 2, 1, 16, False), (3, 1, 2, 1, True), (4, 1, 1, 1, True),  # even kernel: odd padding
+    (1, 2, 1, 1, False), (1, 1, 1, 1, True),  # a strided 1x1 (no padding at even sizes), a pointwise one
+])
+def test_packed_conv_pads_as_timms_conv2d_same(kernel, stride, dilation, groups, residual):
+    """timm's Conv2dSame (TensorFlow "SAME", worked out per input size) is the reference, at the packed shape and
+    at odd and even sizes it was not packed for."""
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    conv = Conv2dSame(16, 32, kernel, stride, dilation=dilation, groups=groups).eval()
+    packed = PackedConv2d(conv, (2, 16, 20, 20))
+    assert packed.same and packed.padding == [0, 0]
+    for shape in [(2, 16, 20, 20), (1, 16, 13, 9), (3, 16, 7, 16)]:
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            expected = conv(x)
+            r = torch.randn_like(expected) if residual else None
+            out = packed(x, r) if residual else packed(x)
+        torch.testing.assert_close(out, expected + r if residual else expected, atol=1e-5, rtol=0)
+
+
+def test_conv2d_same_models_are_packed_and_verified():
+    """tf_efficientnet's Conv2dSame made torch.fx fail ("symbolically traced variables cannot be used as inputs to
+    control flow"), so the whole model was left unpacked; the layer is now kept whole in the trace and packed."""
+    torch.manual_seed(0)
+    model = _randomize_bn(timm.create_model("tf_efficientnet_b0", num_classes=10))
+    deployed = deploy(model, torch.randn(2, 3, 64, 64))
+    assert not any("skipped" in o for o in deployed.optimizations), deployed.optimizations
+    packed = [m for m in deployed.modules() if isinstance(m, PackedConv2d)]
+    assert sum(m.same for m in packed) == 5 and not any(isinstance(m, nn.Conv2d) for m in deployed.modules())
+    for shape in [(2, 3, 64, 64), (1, 3, 75, 58)]:  # "SAME" padding differs at odd sizes
+        x = torch.randn(shape)
+        torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)
+
+
+def test_models_with_modules_timm_cannot_trace_are_packed_around_them():
+    """EfficientViT-M's attention branches on its input's size; torch.fx failed on it and the oneDNN rewrite skipped
+    the whole model. It is now traced as timm's feature extraction traces (timm's untraceable modules whole)."""
+    from timm.layers import get_notrace_modules
+
+    torch.manual_seed(0)
+    model = _randomize_bn(timm.create_model("efficientvit_m0", num_classes=10))
+    deployed = deploy(model, torch.randn(2, 3, 64, 64))
+    assert any("untraceable kept whole" in o for o in deployed.optimizations), deployed.optimizations
+    assert sum(isinstance(m, PackedConv2d) for m in deployed.modules()) > 20
+    assert any(isinstance(m, tuple(get_notrace_modules())) for m in deployed.modules())  # kept, still run
+    for shape in [(2, 3, 64, 64), (3, 3, 96, 80)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)
+
+
 def test_packed_conv_shape_cache_is_bounded_and_not_saved():
     conv = nn.Conv2d(8, 8, 1).eval()
     packed = PackedConv2d(conv, (1, 8, 4, 4))

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from timm.layers import Conv2dSame, get_notrace_functions, get_notrace_modules
 from torch.fx.passes.shape_prop import ShapeProp
 
 from vitzoo import amx_gemm, image_conv
@@ -62,8 +63,12 @@ class PackedConv2d(nn.Module):
     image directly with vitzoo's own AVX-512 kernel (:meth:`use_image_kernel`, :mod:`vitzoo.image_conv`, IEEE fp32,
     in either precision); :attr:`image` says so.
 
+    timm's ``Conv2dSame`` (TensorFlow's "SAME" padding, worked out per input size: ``tf_efficientnet_*``,
+    ``tf_mobilenetv3_*``, the NFNets' ``dm_`` weights) is taken too: the input is zero-padded the same way
+    (:attr:`same`), then convolved without padding.
+
     Args:
-        conv: The convolution to replace (zero padding, float32, CPU).
+        conv: The convolution to replace (``nn.Conv2d`` with zero padding, or timm's ``Conv2dSame``; float32, CPU).
         input_size: Input shape (B, C, H, W) to pack the weight for first.
         fp32_precision: ``"ieee"`` (default) or ``"bf16x3"``.
     """
@@ -82,6 +87,8 @@ class PackedConv2d(nn.Module):
         self.stride = list(conv.stride)
         self.dilation = list(conv.dilation)
         self.groups = conv.groups
+        self.same = type(conv) is Conv2dSame  # its forward pads "SAME" for the input's size; its padding is 0
+        self._same_pads: Dict[Tuple[int, ...], Tuple[int, int, int, int]] = {}
         self.unary = "none"
         self.pointwise = (self.kernel_size == (1, 1) and self.stride == [1, 1] and self.padding == [0, 0]
                           and self.groups == 1)
@@ -91,7 +98,7 @@ class PackedConv2d(nn.Module):
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         self._packed: Dict[Tuple[int, ...], torch.Tensor] = {}
         self._output_shapes: Dict[Tuple[int, ...], Tuple[int, ...]] = {}  # input shape -> output shape (per call)
-        self._input_size = tuple(input_size)
+        self._input_size = self._padded_size(tuple(input_size))
         self.amx = fp32_precision == "bf16x3" and self._amx_pays_off() and amx_gemm.load() is not None
         self.image = False  # see use_image_kernel
         if self.amx:  # split and tiled once; plain tensors (not buffers): derived from ``weight``, never saved
@@ -113,7 +120,8 @@ class PackedConv2d(nn.Module):
         to channels-last). Measured: SHViT-S1's 3 -> 16 stem convolution +2-14% on the whole model; with more
         output channels the kernel makes one pass per 16 of them, and S4's 3 -> 28 gained nothing
         (``docs/benchmarks.md`` section 9)."""
-        eligible = (self.in_channels == image_conv.IN_CHANNELS and self.out_channels <= image_conv.MAX_OUT_CHANNELS
+        eligible = (not self.same and self.in_channels == image_conv.IN_CHANNELS
+                    and self.out_channels <= image_conv.MAX_OUT_CHANNELS
                     and self.kernel_size == (3, 3) and self.groups == 1
                     and self.dilation == [1, 1] and self.stride[0] == self.stride[1] in image_conv.STRIDES
                     and self.padding[0] == self.padding[1] and not self.amx)
@@ -134,6 +142,26 @@ class PackedConv2d(nn.Module):
         depth = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         return self.in_channels % 16 == 0 and depth >= 256
 
+    def _same_padding(self, shape: Tuple[int, ...]) -> Tuple[int, int, int, int]:
+        """F.pad's (left, right, top, bottom) for TensorFlow's "SAME" on an input of ``shape``: the output has
+        ceil(size / stride) pixels per side; the padding that needs is split with the odd pixel on the right /
+        bottom (cached: this runs on every call)."""
+        pads = self._same_pads.get(shape)
+        if pads is None:
+            if len(self._same_pads) >= 16:
+                self._same_pads.clear()
+            total = [max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0) for n, k, s, d in
+                     zip(shape[-2:], self.kernel_size, self.stride, self.dilation)]
+            pads = self._same_pads[shape] = (total[1] // 2, total[1] - total[1] // 2,
+                                             total[0] // 2, total[0] - total[0] // 2)
+        return pads
+
+    def _padded_size(self, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+        if not self.same or len(shape) != 4:
+            return shape
+        left, right, top, bottom = self._same_padding(shape)
+        return (*shape[:2], shape[2] + top + bottom, shape[3] + left + right)
+
     def _packed_for(self, shape: Tuple[int, ...]) -> torch.Tensor:
         packed = self._packed.get(shape)
         if packed is None:
@@ -150,6 +178,10 @@ class PackedConv2d(nn.Module):
         return packed
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.same and x.dim() == 4:
+            pads = self._same_padding(x.shape)
+            if any(pads):
+                x = F.pad(x, pads)
         own_kernel = self.amx or self.image
         if own_kernel and (x.dim() != 4 or x.shape[1] != self.in_channels or min(self._output_shape(x)[2:]) < 1):
             # an input this convolution cannot take (wrong channel count, smaller than the kernel): PyTorch's own
@@ -231,8 +263,28 @@ class PackedConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, groups={self.groups}, unary={self.unary!r}"
-                + (", as linear" if self.pointwise else "") + (", AMX bf16x3" if self.amx else "")
+                + (", TF 'SAME' padding" if self.same else "") + (", as linear" if self.pointwise else "")
+                + (", AMX bf16x3" if self.amx else "")
                 + (", vitzoo image kernel (NCHW input)" if self.image else ""))
+
+
+class _RewriteTracer(HookKeepingTracer):
+    """:class:`HookKeepingTracer` with timm's ``Conv2dSame`` as a leaf (its forward branches on the input's size,
+    which torch.fx cannot trace; the rewrite packs it whole), and with ``timm_leaves`` every module and function
+    timm registers as not traceable, as timm's own feature extraction traces."""
+
+    def __init__(self, timm_leaves: bool = False):
+        functions = tuple(f for f in get_notrace_functions() if callable(f)) if timm_leaves else ()
+        super().__init__(autowrap_functions=functions)
+        self.leaves = (Conv2dSame, *get_notrace_modules()) if timm_leaves else (Conv2dSame,)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(model: nn.Module, timm_leaves: bool) -> fx.GraphModule:
+    tracer = _RewriteTracer(timm_leaves)
+    return fx.GraphModule(model, tracer.trace(model), type(model).__name__)
 
 
 def _hooked(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
@@ -343,7 +395,7 @@ def _pack_convolutions(gm: fx.GraphModule, modules: Dict[str, nn.Module], fp32_p
     packed: Dict[fx.Node, PackedConv2d] = {}
     for node in list(gm.graph.nodes):
         conv = modules.get(node.target) if node.op == "call_module" else None
-        if type(conv) is not nn.Conv2d or isinstance(conv.padding, str) or conv.padding_mode != "zeros" \
+        if type(conv) not in (nn.Conv2d, Conv2dSame) or isinstance(conv.padding, str) or conv.padding_mode != "zeros" \
                 or _hooked(node, modules):
             continue
         input_meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], fx.Node) else None
@@ -477,10 +529,15 @@ def onednn_rewrite(model: nn.Module, example_input: torch.Tensor, fp32_precision
     """
     if has_forward_hooks(model):
         return model, ["oneDNN rewrite skipped: the model itself has forward hooks, which a traced graph would lose"]
-    try:
-        gm = fx.GraphModule(model, HookKeepingTracer().trace(model), type(model).__name__)
-    except Exception as e:  # tracing arbitrary user models can fail in many ways
-        return model, [f"oneDNN rewrite skipped: torch.fx could not trace the model ({type(e).__name__}: {e})"]
+    done = []
+    try:  # tracing arbitrary user models can fail in many ways
+        gm = _trace(model, timm_leaves=False)
+    except Exception as e:
+        try:  # as timm's feature extraction does: what timm marks untraceable kept whole (its convs not packed)
+            gm = _trace(model, timm_leaves=True)
+            done.append("traced with the modules timm marks untraceable kept whole (their convolutions not packed)")
+        except Exception:
+            return model, [f"oneDNN rewrite skipped: torch.fx could not trace the model ({type(e).__name__}: {e})"]
     _record_shapes_at_other_batch(gm, example_input)  # first: the propagation below sets the meta used later
     with torch.no_grad():
         traced = ShapeProp(gm).propagate(example_input)
@@ -504,7 +561,7 @@ def onednn_rewrite(model: nn.Module, example_input: torch.Tensor, fp32_precision
     gm.recompile()
     gm.delete_all_unused_submodules()
     gm.pretrained_cfg = getattr(model, "pretrained_cfg", None)
-    done = [f"oneDNN pre-packed convolutions: {len(packed)} (fused ReLU: {n_relu}, fused residual add: {n_add})"]
+    done.append(f"oneDNN pre-packed convolutions: {len(packed)} (fused ReLU: {n_relu}, fused residual add: {n_add})")
     n_amx = sum(conv.amx for conv in packed.values())
     if n_amx:
         done.append(f"convolutions in split bf16 (bf16x3) on AMX: {n_amx} of {len(packed)}")
