@@ -301,6 +301,29 @@ def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
     return sd
 
 
+def take_nested_model(state_dict: StateDict) -> StateDict:
+    """A ViT whose keys all carry one prefix (``backbone.`` in a detector's checkpoint, ``model.`` in a Lightning
+    one) beside other parts' tensors: its own tensors without the prefix, with a ``UserWarning`` naming what is left
+    out. Several candidates (a teacher and a student) are an error naming them."""
+    if 'pos_embed' in state_dict:
+        return state_dict
+    prefixes = sorted({k[:-len('pos_embed')] for k in state_dict if isinstance(k, str) and k.endswith('.pos_embed')})
+    if len(prefixes) > 1:
+        raise IncompatibleCheckpointError(
+            f'the checkpoint holds {len(prefixes)} ViTs, under {prefixes}, so which one to load is not known. Save '
+            f'the one you want as a plain state dict and load that: prefix = {prefixes[0]!r}; torch.save({{k[len('
+            f'prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}}, \'weights.pth\').')
+    if not prefixes:
+        return state_dict
+    inner = {k[len(prefixes[0]):]: v for k, v in state_dict.items() if k.startswith(prefixes[0])}
+    if len(inner) < len(state_dict):
+        others = [k for k in state_dict if not k.startswith(prefixes[0])]
+        warnings.warn(f'Loading the ViT under {prefixes[0]!r} in the checkpoint ({len(inner)} tensors); its '
+                      f'{len(others)} other tensors belong to other parts (e.g. {others[:3]}) and are left out.',
+                      UserWarning, stacklevel=2)
+    return inner
+
+
 def _inner_state_dict(obj: Mapping[str, Any]) -> Optional[str]:
     """The key holding the weights of a training checkpoint (``model``: official / DeiT, ``state_dict``: timm)."""
     return next((k for k in ('model', 'state_dict') if isinstance(obj.get(k), Mapping)), None)
@@ -349,7 +372,7 @@ def _finish(
         meta: Dict[str, str],
         path: str,
 ) -> Tuple[StateDict, Optional[NViTDims], Dict[str, str]]:
-    sd = strip_wrapper_prefixes(sd)
+    sd = take_nested_model(strip_wrapper_prefixes(sd))
     foreign = describe_foreign_checkpoint(sd)
     if foreign is not None:
         raise IncompatibleCheckpointError(f'{path} is {_as_foreign(foreign)}.')

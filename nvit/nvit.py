@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
@@ -175,6 +176,11 @@ def _read_pretrained(variant: str, kwargs: Mapping[str, Any]):
     cfg = resolve_pretrained_cfg(
         variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
         pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay')).to_dict()
+    given = cfg.get('state_dict')
+    if given is not None and not isinstance(given, Mapping):  # timm asserts it with an empty message
+        how = ' (a whole model: pass model.state_dict())' if isinstance(given, torch.nn.Module) else ''
+        raise TypeError(f'pretrained_cfg_overlay state_dict for {variant} must be a state dict (a dict of tensors) '
+                        f'or a training checkpoint holding one, not {type(given).__name__}{how}.')
     load_from, location = _resolve_pretrained_source(cfg)
     cache_dir = kwargs.get('cache_dir')
     if load_from == 'state_dict':

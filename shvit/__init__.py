@@ -7,7 +7,7 @@ import warnings
 
 from .checkpoint import (
     CheckpointLayoutError, CheckpointMismatchError, ClassifierSizeError, CorruptCheckpointError, ExtraTensorsError,
-    IncompleteCheckpointError, InputChannelsError, PickleProtocolError, WeightFileNotFoundError,
+    FusionMismatchError, IncompleteCheckpointError, InputChannelsError, PickleProtocolError, WeightFileNotFoundError,
     WeightsUnavailableError, checkpoint_filter_fn, remap_official_keys,
 )
 from .model import SHViT
@@ -21,6 +21,6 @@ __all__ = [
     'SHViT', 'checkpoint_filter_fn', 'remap_official_keys', 'CheckpointMismatchError', 'ClassifierSizeError',
     'ExtraTensorsError', 'IncompleteCheckpointError', 'InputChannelsError', 'CorruptCheckpointError',
     'WeightFileNotFoundError', 'WeightsUnavailableError', 'PickleProtocolError', 'CheckpointLayoutError',
-    'VARIANTS', 'VARIANT_STATS',
+    'FusionMismatchError', 'VARIANTS', 'VARIANT_STATS',
     'default_cfgs', 'shvit_s1', 'shvit_s2', 'shvit_s3', 'shvit_s4',
 ]

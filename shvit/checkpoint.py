@@ -11,7 +11,7 @@ from .variants import variant_name
 
 __all__ = ['checkpoint_filter_fn', 'remap_official_keys', 'describe_state_dict', 'CheckpointMismatchError',
            'ClassifierSizeError', 'IncompleteCheckpointError', 'WeightFileNotFoundError', 'CorruptCheckpointError',
-           'InputChannelsError', 'PickleProtocolError', 'CheckpointLayoutError']
+           'InputChannelsError', 'PickleProtocolError', 'CheckpointLayoutError', 'FusionMismatchError']
 
 _logger = logging.getLogger(__name__)
 
@@ -36,6 +36,10 @@ class InputChannelsError(CheckpointMismatchError):
 class CheckpointLayoutError(CheckpointMismatchError):
     """The checkpoint is no state dict of tensors, nor a training checkpoint holding one under ``model`` or
     ``state_dict`` (e.g. only ``model_ema``): which weights to load is not known."""
+
+
+class FusionMismatchError(CheckpointMismatchError):
+    """One of checkpoint and model is fused (BatchNorms folded into the convs by ``fuse()``), the other is not."""
 
 
 class ExtraTensorsError(CheckpointMismatchError):
@@ -108,6 +112,52 @@ def _check_tensors(state_dict: Mapping[str, Any]) -> None:
         "'model' or 'state_dict'.")
 
 
+_ANCHORS = (_FIRST_CONV, 'patch_embed.0.weight')  # the first conv's weight, unfused and fused
+
+
+def _take_nested_model(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """An SHViT whose keys all carry one prefix (``backbone.`` in an MMDetection checkpoint, such as the official
+    ``retinanet_shvit_s4_1x_coco.pth``; ``model.`` in a Lightning one), beside the other parts' tensors: its own
+    tensors without the prefix, with a ``UserWarning`` naming what is left out. Several candidates (a teacher and a
+    student) are an error naming them."""
+    if any(anchor in state_dict for anchor in _ANCHORS):
+        return state_dict
+    prefixes = sorted({k[:-len(anchor)] for k in state_dict for anchor in _ANCHORS if k.endswith('.' + anchor)})
+    if not prefixes:
+        return state_dict
+    if len(prefixes) > 1:
+        raise CheckpointLayoutError(
+            f'The checkpoint holds {len(prefixes)} SHViTs, under {prefixes}, so which one to load is not known. Save '
+            f'the one you want as a plain state dict and load that: prefix = {prefixes[0]!r}; torch.save({{k[len('
+            f'prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}}, \'weights.pth\').')
+    prefix = prefixes[0]
+    inner = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    others = [k for k in state_dict if not k.startswith(prefix)]
+    if others:
+        warnings.warn(f'Loading the SHViT under {prefix!r} in the checkpoint ({len(inner)} tensors); its '
+                      f'{len(others)} other tensors belong to other parts (e.g. {others[:3]}) and are left out.',
+                      UserWarning, stacklevel=3)
+    return inner
+
+
+def _is_fused(keys: Any) -> bool:
+    """Keys of a fused SHViT (``fuse()`` / ``timm.utils.reparameterize_model``: BatchNorms folded into the convs)."""
+    return 'patch_embed.0.weight' in keys and _FIRST_CONV not in keys
+
+
+def _fusion_mismatch(state_dict: Mapping[str, Any], model: nn.Module) -> FusionMismatchError:
+    if _is_fused(state_dict):
+        name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or 'NAME'
+        return FusionMismatchError(
+            f'The checkpoint holds {describe_state_dict(state_dict)}, and the model is not fused. Fused weights '
+            f'load only into a fused model of their variant (fusing changes the layers), and cannot be unfused for '
+            f'training: model = timm.create_model({name!r}).fuse(); model.load_state_dict(WEIGHTS). To train, load the '
+            f'unfused checkpoint they were made from.')
+    return FusionMismatchError(
+        f'The model is fused (fuse() / timm.utils.reparameterize_model folded its BatchNorms) and the checkpoint '
+        f'({describe_state_dict(state_dict)}) is not: load the checkpoint into the model first, then fuse it.')
+
+
 def remap_official_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Rename official ``blocks1/2/3.*`` keys to timm's ``stages.{i}.downsample/blocks.*`` (others unchanged).
 
@@ -136,18 +186,21 @@ def remap_official_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, tor
 
 
 def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Which SHViT variant a timm-layout (unfused) state dict holds, in words."""
-    if 'patch_embed.6.c.weight' not in state_dict or not any(k.startswith('stages.') for k in state_dict):
+    """Which SHViT variant a timm-layout state dict (unfused or fused) holds, in words."""
+    fused = _is_fused(state_dict)
+    conv = 'stages.{}.blocks.0.conv.weight' if fused else 'stages.{}.blocks.0.conv.m.c.weight'
+    last_stem = 'patch_embed.6.weight' if fused else 'patch_embed.6.c.weight'
+    if last_stem not in state_dict or not any(k.startswith('stages.') for k in state_dict):
         first = ', '.join(list(state_dict)[:3])
-        return f'not an (unfused) SHViT checkpoint (first keys: {first})'
+        return f'not an SHViT checkpoint (first keys: {first})'
     widths, depths = [], []
     stage = 0
-    while f'stages.{stage}.blocks.0.conv.m.c.weight' in state_dict:
-        widths.append(state_dict[f'stages.{stage}.blocks.0.conv.m.c.weight'].shape[0])
+    while conv.format(stage) in state_dict:
+        widths.append(state_dict[conv.format(stage)].shape[0])
         depths.append(len({k.split('.')[3] for k in state_dict if k.startswith(f'stages.{stage}.blocks.')}))
         stage += 1
-    name = variant_name(widths, depths)
-    return name or f'an SHViT with embed_dim={tuple(widths)}, depth={tuple(depths)}'
+    name = variant_name(widths, depths) or f'an SHViT with embed_dim={tuple(widths)}, depth={tuple(depths)}'
+    return f'a fused {name} (BatchNorms folded in, as saved after fuse())' if fused else name
 
 
 def _describe_model(model: nn.Module) -> str:
@@ -199,11 +252,21 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module,
     Raises:
         CheckpointMismatchError: The checkpoint is another SHViT variant or not an SHViT at all.
     """
-    state_dict = _unwrap(state_dict)
+    state_dict = _take_nested_model(_unwrap(state_dict))
     _check_tensors(state_dict)
     if any(k.startswith('blocks1.') for k in state_dict):
         state_dict = remap_official_keys(state_dict)
-    expected, found = _body_shapes(model.state_dict()), _body_shapes(state_dict)
+    own = model.state_dict()
+    if _is_fused(state_dict) != _is_fused(own) and any(anchor in state_dict for anchor in _ANCHORS):
+        raise _fusion_mismatch(state_dict, model)
+    if _is_fused(own):  # fused weights into a fused model: nothing to adapt, only to check
+        shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+        if shapes != {k: tuple(v.shape) for k, v in own.items()}:
+            raise CheckpointMismatchError(
+                f'Checkpoint does not fit the model: expected {describe_state_dict(own)}, found '
+                f'{describe_state_dict(state_dict)}. Load it into a fused model of the variant it holds.')
+        return state_dict
+    expected, found = _body_shapes(own), _body_shapes(state_dict)
     if expected != found:
         missing = sorted(set(expected) - set(found))
         unexpected = sorted(set(found) - set(expected))

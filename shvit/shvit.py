@@ -11,8 +11,9 @@ import pickle
 import re
 import zipfile
 from functools import partial
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._builder import _resolve_pretrained_source
@@ -21,7 +22,7 @@ from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES, HF_WEIGHTS_NAME, _
 
 from .checkpoint import (
     CheckpointLayoutError, CheckpointMismatchError, ClassifierSizeError, CorruptCheckpointError, ExtraTensorsError,
-    IncompleteCheckpointError, InputChannelsError, PickleProtocolError, WeightFileNotFoundError,
+    FusionMismatchError, IncompleteCheckpointError, InputChannelsError, PickleProtocolError, WeightFileNotFoundError,
     WeightsUnavailableError, checkpoint_filter_fn,
 )
 from .download_cache import (
@@ -331,7 +332,19 @@ def _drop_state_dict_from_cfg(model: Any, source: Optional[str]) -> None:
             m.default_cfg = m.pretrained_cfg
 
 
+def _check_given_state_dict(variant: str, kwargs: Dict[str, Any]) -> None:
+    """Weights passed as ``pretrained_cfg_overlay=dict(state_dict=...)`` must be a mapping: timm asserts so with an
+    empty message."""
+    given = (kwargs.get('pretrained_cfg_overlay') or {}).get('state_dict')
+    if given is not None and not isinstance(given, Mapping):
+        how = ' (a whole model: pass model.state_dict())' if isinstance(given, torch.nn.Module) else ''
+        raise TypeError(f'pretrained_cfg_overlay state_dict for {variant} must be a state dict (a dict of tensors) '
+                        f'or a training checkpoint holding one, not {type(given).__name__}{how}.')
+
+
 def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHViT:
+    if pretrained:
+        _check_given_state_dict(variant, kwargs)
     source = _weights_source(variant, kwargs) if pretrained else ''
     if kwargs.get('features_only') and kwargs.get('global_pool') == '':
         kwargs['global_pool'] = 'avg'  # no head in the feature model: the pooling a head needs does not matter
@@ -359,7 +372,7 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
         if damaged is not None:
             raise damaged from e
         if isinstance(e, (ClassifierSizeError, IncompleteCheckpointError, ExtraTensorsError, InputChannelsError,
-                          CheckpointLayoutError)):
+                          CheckpointLayoutError, FusionMismatchError)):
             raise RuntimeError(f'Could not load pretrained weights for {variant} from {source}: {e}') from e
         bad_opcode = _unsupported_opcode(e)
         protocol = _unreadable_protocol(variant, kwargs) if bad_opcode is not None else None
@@ -371,8 +384,10 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
             fix = 'use the entrypoint of the variant the checkpoint holds, or a checkpoint of ' + variant
         elif ('weights_only=True blocked' in str(e) or refused) and bad_opcode is None:
             fix = ('the file pickles Python objects other than tensors (named above), which are not loaded because '
-                   'unpickling them can run code; if you trust the file, pass its tensors instead: '
-                   'pretrained_cfg_overlay=dict(state_dict=torch.load(path, weights_only=False)["model"])')
+                   'unpickling them can run code; if you trust the file, pass its tensors instead: obj = '
+                   'torch.load(path, weights_only=False), then pretrained_cfg_overlay=dict(state_dict=obj) for a '
+                   'state dict or training checkpoint, state_dict=obj.state_dict() for a whole saved model '
+                   '(torch.save(model))')
         elif source.startswith('url '):  # the official release file (GitHub): not on the Hub under this tag
             fix = (f'if the file is missing (offline or empty cache), download {source[4:]} once and pass '
                    f'pretrained_cfg_overlay=dict(file="/path/to/{variant}.pth"); if it is corrupt or truncated, '

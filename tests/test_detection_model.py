@@ -336,6 +336,22 @@ def test_pretrained_local_weights_and_dropped_head(tmp_path):
         build_backbone('shvit_s1', weights=tmp_path / 'missing.pth')
 
 
+def test_a_detectors_checkpoint_gives_the_backbone_its_weights(tmp_path):
+    """The official retinanet_shvit_s4_1x_coco.pth layout (MMDetection: the SHViT under 'backbone.', beside the neck
+    and heads) as --backbone-weights: the backbone gets the SHViT's tensors, the neck's are named and left out."""
+    src = timm.create_model('shvit_s1')
+    for p in src.parameters():
+        torch.nn.init.normal_(p)
+    sd = {'backbone.' + k: v for k, v in src.state_dict().items() if not k.startswith('head.')}
+    sd['neck.fpn_convs.0.conv.weight'] = torch.randn(4, 4, 3, 3)
+    torch.save({'meta': {'epoch': 12}, 'state_dict': sd}, tmp_path / 'retinanet.pth')
+    with pytest.warns(UserWarning, match=r"under 'backbone\.' .*\['neck\.fpn_convs\.0\.conv\.weight'\]\) and are "
+                                         r"left out"):
+        bb = build_backbone('shvit_s1', 'retinanet', weights=tmp_path / 'retinanet.pth', out_channels=16)
+    for k, v in bb.body.state_dict().items():
+        assert torch.equal(v, src.state_dict()[k]), k
+
+
 def test_backbone_name_and_build_errors():
     from vitzoo.detection import BackboneError
     from vitzoo.models import UnknownModelError

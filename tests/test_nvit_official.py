@@ -565,3 +565,21 @@ def test_wrapped_checkpoints_load_like_the_plain_one(official_files, tmp_path, l
     raw = torch.load(out, weights_only=True)
     filtered = nvit.checkpoint_filter_fn(raw, _create(path))
     assert all(torch.equal(filtered[k], plain[k]) for k in plain)
+
+
+def test_a_detectors_checkpoint_gives_its_backbone(tmp_path):
+    """Found by an audit (of SHViT; NViT likewise): an NViT under 'backbone.' beside a detector's neck and head
+    tensors (MMDetection's layout) was "not an NViT/ViT checkpoint"."""
+    sd = make_official('random')
+    wrapped = {'backbone.' + k: v for k, v in sd.items()}
+    wrapped['neck.lateral_convs.0.conv.weight'] = torch.randn(8, DIM['EMB'], 1, 1)
+    path = save_official(tmp_path / 'det.pth', wrapped)
+    with pytest.warns(UserWarning, match=rf"the ViT under 'backbone\.' in the checkpoint \({len(sd)} tensors\); its 1 "
+                                         r"other tensors belong to other parts \(e\.g\. \['neck\.lateral"):
+        model = _create(path)
+    img = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(img), reference_forward(sd, img), rtol=1e-4, atol=1e-5)
+    two = {**{'student.' + k: v for k, v in sd.items()}, **{'teacher.' + k: v for k, v in sd.items()}}
+    with pytest.raises(nvit.IncompatibleCheckpointError, match=r"holds 2 ViTs, under \['student\.', 'teacher\.'\]"):
+        nvit.checkpoint.read_checkpoint_object({'model': two})

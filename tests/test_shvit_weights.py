@@ -409,3 +409,100 @@ def test_weights_under_another_key_than_model_are_named_not_an_attribute_error()
     with pytest.raises(shvit.CheckpointLayoutError, match=r"1 of its entries are no tensors \(e\.g\. 'epoch': int\)"):
         shvit.checkpoint_filter_fn(dict(model.state_dict(), epoch=3), model)
     assert isinstance(shvit.CheckpointLayoutError(), shvit.CheckpointMismatchError)
+
+
+def _stage_outputs(model, x):
+    """The three stage maps, computed from the model's parts (not forward_intermediates)."""
+    with torch.no_grad():
+        y, out = model.patch_embed(x), []
+        for stage in model.stages:
+            y = stage(y)
+            out.append(y)
+    return out
+
+
+def test_a_detectors_checkpoint_gives_its_backbone(tmp_path, s1_weights, s1_reference):
+    """Found by an audit: an MMDetection checkpoint (the SHViT under 'backbone.', as in the official
+    retinanet_shvit_s4_1x_coco.pth, beside neck and head tensors) was refused as "not an SHViT checkpoint"."""
+    body = {k: v for k, v in _to_official(s1_weights).items() if not k.startswith('head')}
+    sd = {'backbone.' + k: v for k, v in body.items()}
+    sd.update({'neck.lateral_convs.0.conv.weight': torch.randn(8, 320, 1, 1),
+               'bbox_head.retina_cls.weight': torch.randn(9, 8, 3, 3)})
+    torch.save({'meta': {'mmdet_version': '2.25.0', 'CLASSES': ('person', 'car')}, 'state_dict': sd},
+               tmp_path / 'retinanet.pth')
+    with pytest.warns(UserWarning, match=rf"under 'backbone\.' in the checkpoint \({len(body)} tensors\); its 2 other "
+                                         r"tensors belong to other parts \(e\.g\. \['neck\.lateral_convs"):
+        m = timm.create_model('shvit_s1', pretrained=True, features_only=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'retinanet.pth'))).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for got, want in zip(m(x), _stage_outputs(s1_reference, x), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # a Lightning module's 'model.' prefix, nothing else beside it: loads without a warning
+    lightning = {'state_dict': {'model.' + k: v for k, v in s1_weights.items()}, 'epoch': 3}
+    out = shvit.checkpoint_filter_fn(lightning, timm.create_model('shvit_s1', device='meta'))
+    assert set(out) == set(s1_weights) and all(out[k] is s1_weights[k] for k in s1_weights)
+    # a teacher and a student: which to load is not known
+    two = {**{'student.' + k: v for k, v in body.items()}, **{'teacher.' + k: v for k, v in body.items()}}
+    with pytest.raises(shvit.CheckpointLayoutError, match=r"holds 2 SHViTs, under \['student\.', 'teacher\.'\]"):
+        shvit.checkpoint_filter_fn(two, timm.create_model('shvit_s1', device='meta'))
+
+
+def test_fused_weights_are_named_and_load_into_a_fused_model(tmp_path, s1_weights, s1_reference):
+    """Found by an audit: a fused checkpoint was "not an (unfused) SHViT checkpoint" with the advice to use the
+    checkpoint's variant, and an unfused one into a fused model "expected shvit_s1, found shvit_s1"."""
+    from timm.models import load_checkpoint
+    from timm.utils import reparameterize_model
+    import copy
+
+    fused = reparameterize_model(copy.deepcopy(s1_reference))
+    torch.save(fused.state_dict(), tmp_path / 'fused.pth')
+    with pytest.raises(RuntimeError, match=r"from file .*fused\.pth: The checkpoint holds a fused shvit_s1 "
+                                           r"\(BatchNorms folded in.*, and the model is not fused\. "
+                                           r".*timm\.create_model\('shvit_s1'\)\.fuse\(\); "
+                                           r"model\.load_state_dict\(WEIGHTS\)") as info:
+        timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'fused.pth')))
+    assert 'entrypoint' not in str(info.value) and isinstance(info.value.__cause__, shvit.FusionMismatchError)
+    # what the message says to do, and the filter into a fused model, give the fused model's output
+    x = torch.randn(2, 3, 64, 64)
+    for load in (lambda m: m.load_state_dict(torch.load(tmp_path / 'fused.pth')),
+                 lambda m: load_checkpoint(m, str(tmp_path / 'fused.pth'), filter_fn=shvit.checkpoint_filter_fn)):
+        model = timm.create_model('shvit_s1').eval().fuse()
+        load(model)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), fused(x), rtol=0, atol=0)
+    with pytest.raises(shvit.CheckpointMismatchError, match=r'expected a fused shvit_s4 .*found a fused shvit_s1'):
+        shvit.checkpoint_filter_fn(fused.state_dict(), timm.create_model('shvit_s4').eval().fuse())
+    with pytest.raises(shvit.FusionMismatchError, match=r'The model is fused .*and the checkpoint \(shvit_s1\) is '
+                                                        r'not: load the checkpoint into the model first, then fuse'):
+        shvit.checkpoint_filter_fn({'model': _to_official(s1_weights)}, timm.create_model('shvit_s1').eval().fuse())
+
+
+@pytest.mark.parametrize('variant', ['shvit_s1', 'revit_t'])
+def test_weights_passed_as_something_other_than_a_dict_are_named(variant):
+    """Found by an audit: a model (or a list) passed as pretrained_cfg_overlay's state_dict raised timm's bare
+    AssertionError, with advice to download from the Hub."""
+    model = timm.create_model(variant)
+    with pytest.raises(TypeError, match=rf'^pretrained_cfg_overlay state_dict for {variant} must be a state dict '
+                                        rf'\(a dict of tensors\) or a training checkpoint holding one, not '
+                                        rf'{type(model).__name__} \(a whole model: pass model\.state_dict\(\)\)\.$'):
+        timm.create_model(variant, pretrained=True, pretrained_cfg_overlay=dict(state_dict=model))
+    with pytest.raises(TypeError, match=r'holding one, not list\.$'):
+        timm.create_model(variant, pretrained=True, pretrained_cfg_overlay=dict(state_dict=[1]))
+    timm.create_model(variant, pretrained=True, pretrained_cfg_overlay=dict(state_dict=model.state_dict()))
+
+
+def test_a_pickled_model_gets_advice_that_works(tmp_path, s1_reference):
+    """Found by an audit: for torch.save(model) the advice was torch.load(path, weights_only=False)["model"],
+    which raises "'SHViT' object is not subscriptable"."""
+    torch.save(s1_reference, tmp_path / 'whole.pth')
+    with pytest.raises(RuntimeError, match=r'pretrained_cfg_overlay=dict\(state_dict=obj\) for a state dict or '
+                                           r'training checkpoint, state_dict=obj\.state_dict\(\) for a whole saved '
+                                           r'model') as info:
+        timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'whole.pth')))
+    assert '["model"]' not in str(info.value)
+    obj = torch.load(tmp_path / 'whole.pth', weights_only=False)  # the advice, followed
+    m = timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(state_dict=obj.state_dict()))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(x), s1_reference(x), rtol=0, atol=0)

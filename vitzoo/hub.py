@@ -597,7 +597,7 @@ def _unsafe_pickle_message(location: str, error: BaseException) -> str:
 # the models' own errors that say what does not fit and what to pass (shvit.checkpoint, nvit.checkpoint); matched by
 # name, so that this module needs neither package
 _EXPLAINED = ("ClassifierSizeError", "IncompleteCheckpointError", "ExtraTensorsError", "IncompatibleCheckpointError",
-              "InputChannelsError", "CheckpointLayoutError")
+              "InputChannelsError", "CheckpointLayoutError", "FusionMismatchError")
 # the models' error for a complete torch.save file in a pickle protocol that weights-only loading does not read
 _PROTOCOL = ("PickleProtocolError",)
 
