@@ -702,6 +702,39 @@ def test_a_conv_whose_weight_is_read_elsewhere_keeps_its_norm(trained):
     assert list(report.unfolded_norms) == ["bn"]
 
 
+class _TokenNorm(nn.Module):
+    """A Linear over the features of [B, N, C] tokens, then a BatchNorm1d, which on a 3-D input normalises dim 1:
+    the N tokens, not the Linear's features."""
+
+    def __init__(self, tokens: int, out: int):
+        super().__init__()
+        self.lin, self.bn = nn.Linear(16, out), nn.BatchNorm1d(tokens)
+
+    def forward(self, x):
+        return self.bn(self.lin(x[:, 0]))
+
+
+@pytest.mark.parametrize("tokens, out, trained", [(16, 8, False), (16, 16, False), (16, 16, True)])
+def test_a_batchnorm_over_a_linears_tokens_is_not_folded(tokens, out, trained):
+    """Found by an audit: with 16 tokens and 8 features the fold crashed count_flops (fused or not: params_fused
+    folds a copy) and deploy ("size of tensor a (8) must match ... (16)"); with 16 of each it folded with fresh
+    statistics and not with trained ones. Hand count per image: the Linear 16 * 16 * out, the norm fvcore's 2 per
+    element."""
+    model = _TokenNorm(tokens, out).eval()
+    if trained:
+        _randomise_batchnorms(model)
+    for fused in (False, True):
+        report = count_flops(model, (1, tokens, 16), fused=fused)
+        assert report.by_operator == {"linear": tokens * 16 * out, "batch_norm": 2 * tokens * out}
+    assert report.unfolded_norms == {"bn": f"it normalises dim 1 of lin's {out}-feature output, not its features "
+                                           "(a token dimension)"}
+    assert report.params_fused == report.params
+    from vitzoo import deploy
+
+    x = torch.randn(2, 1, tokens, 16)
+    torch.testing.assert_close(deploy(model, x)(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 class _HiddenUse(_SecondConvShared):
     """c2's output is also read through ``tolist()``, which no op records: only the output check can see it."""
 

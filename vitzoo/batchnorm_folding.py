@@ -124,12 +124,15 @@ class _Produced:
     """One tensor a layer returned: which layer, a weak reference to it, the norm it was given to (if any) and
     whether anything else read it."""
 
-    __slots__ = ("layer", "ref", "norm", "other_use")
+    __slots__ = ("layer", "ref", "norm", "other_use", "channels_at_dim1")
 
-    def __init__(self, layer: str, tensor: torch.Tensor):
+    def __init__(self, layer: str, tensor: torch.Tensor, channels_at_dim1: bool):
         self.layer, self.ref = layer, weakref.ref(tensor)
         self.norm: Optional[str] = None
         self.other_use = False
+        # whether dim 1, the one a BatchNorm normalises, holds the layer's output channels: a convolution's always,
+        # a Linear's only on a 2-D output (on [B, N, C] it is the tokens)
+        self.channels_at_dim1 = channels_at_dim1
 
 
 class _UseRecorder(TorchDispatchMode):
@@ -178,6 +181,7 @@ def _find_pairs(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str
     shared: set = set()  # layers whose output or weights are read by more than their norm / themselves
     others: Dict[int, Tuple[Any, str]] = {}  # id(output) -> (weak ref, "name (Type)") of other modules' outputs
     fed_by_other: Dict[str, str] = {}  # norm name -> the other module whose output it received
+    across: set = set()  # norms fed a layer's output whose dim 1 is not the layer's channels (a Linear's tokens)
     handles = []
 
     def after_other(name):
@@ -197,7 +201,7 @@ def _find_pairs(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str
             active.pop()
             calls[name] = calls.get(name, 0) + 1
             if isinstance(output, torch.Tensor):
-                record = _Produced(name, output)
+                record = _Produced(name, output, not isinstance(module, nn.Linear) or output.dim() == 2)
                 produced[id(output)] = record
                 records.append(record)
         return hook
@@ -208,6 +212,8 @@ def _find_pairs(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str
             record = _tracked(produced, args[0]) if args else None
             layer = record.layer if record is not None else None
             if record is not None:
+                if not record.channels_at_dim1:
+                    across.add(name)
                 if record.norm is not None and record.norm != name:
                     record.other_use = True  # given to two norms
                 record.norm = name
@@ -266,6 +272,9 @@ def _find_pairs(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str
             unfolded[norm] = f"its input is the output of {fed_by_other[norm]}, not of a Conv2d / Linear"
         elif layer is None:
             unfolded[norm] = "its input is not the output of a Conv2d / Linear (an activation's, an addition's...)"
+        elif norm in across:
+            unfolded[norm] = (f"it normalises dim 1 of {layer}'s {modules[layer].out_features}-feature output, not its "
+                              "features (a token dimension)")
         elif feeds[layer] != 1:
             unfolded[norm] = f"the output of {layer} feeds more than one BatchNorm"
         elif has_forward_hooks(modules[layer]) or has_forward_hooks(modules[norm]):
