@@ -3,6 +3,7 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 import types
 
@@ -459,6 +460,22 @@ def test_a_skip_note_of_a_multi_line_error_ends_with_the_commands_advice(capsys)
     note = next(line for line in err.splitlines() if line.startswith("note: skipped nvit_b"))
     assert code == 1 and "with one of:" not in note and "timm.create_model" not in note
     assert note.endswith("`vitzoo convert CHECKPOINT --model nvit_b --out DIR`, then compare local-dir:DIR"), note
+
+
+def test_a_model_that_asserts_without_a_message_is_skipped_naming_the_line(capsys):
+    """Found by an audit: halonet26t at 96 px (its halo blocks need a multiple of 8 at stride 32) was skipped with
+    "AssertionError: " and nothing after it."""
+    code, out, err = _cli(capsys, "halonet26t", "--img-size", "96", "--no-speed")
+    note = next(line for line in err.splitlines() if line.startswith("note: skipped halonet26t"))
+    assert code == 1 and re.fullmatch(r"note: skipped halonet26t: cannot run at this input size: AssertionError: "
+                                      r"raised without a message at timm/layers/halo_attn\.py:\d+: "
+                                      r"_assert\(H % self\.block_size == 0, ''\)", note), note
+
+
+def test_an_empty_list_of_models_is_an_error_not_the_default_set():
+    """Found by an audit: compare([]) (a filter that matched nothing) ran the 15 default models."""
+    with pytest.raises(ValueError, match=r"^compare\(\) got an empty list of models; pass models=None"):
+        compare([], speed=False)
 
 
 def test_tagged_name_builds_without_download(capsys, monkeypatch):

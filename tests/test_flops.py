@@ -541,6 +541,7 @@ def test_batched_products_with_non_square_operands(op):
     ("trilinear", 3, 8),  # 2 x 2 x 2
     ("linear", 1, 2),
     ("nearest", 1, 1),
+    ("nearest-exact", 1, 1), ("nearest-exact", 2, 1), ("nearest-exact", 3, 1),  # before 2026-11-26: not counted
 ])
 def test_interpolation_modes_count_their_documented_points_per_output(mode, dims, per_output):
     class Up(nn.Module):
@@ -803,6 +804,45 @@ def test_transposes_views_and_selections_written_other_ways_are_free():
     report = count_flops(Views(), (2, 5, 12))
     assert report.total == 2 * 5 * 5 * 12 + 5 * 12 * 5
     assert report.unknown_ops == {}, report.unknown_ops
+
+
+def test_dot_tensordot_and_lookups_are_counted_by_hand():
+    """Found by an audit: dot / tensordot counted 0 (reported without a formula), and channel_shuffle, embedding,
+    one_hot (timm's gemma4_vit_167m) and real were reported without a formula though they do no arithmetic.
+    Hand count: dot of two 64-vectors 64; tensordot of (4, 6, 8) and (8, 6, 4) over (6, 8) x (6, 8): 4 x 4 outputs
+    x 48 = 768; the 1x1 conv 4 -> 8 at 4x4: 512."""
+    class Ops(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 8, 1, bias=False)
+            self.table = nn.Embedding(10, 3)
+
+        def forward(self, x):  # x: (1, 4, 4, 4)
+            v = x.flatten()
+            a = torch.dot(v, v)
+            b = torch.tensordot(x.reshape(4, 2, 8).repeat(1, 3, 1), x.reshape(8, 2, 4).repeat(1, 3, 1),
+                                dims=([1, 2], [1, 0]))
+            y = F.channel_shuffle(self.conv(x), 2)
+            idx = (x[0, 0, 0] > 0).long()
+            return a + b.sum() + y.sum() + self.table(idx).sum() + F.one_hot(idx, 2).sum() + torch.view_as_real(
+                torch.complex(v, v)).real.sum()
+
+    report = count_flops(Ops(), (4, 4, 4))
+    assert report.by_operator == {"dot": 64, "tensordot": 4 * 4 * 6 * 8, "conv": 8 * 4 * 16}
+    assert report.unknown_ops == {}, report.unknown_ops
+
+
+def test_counting_inside_autocast_and_a_scripted_model():
+    """Found by an audit: inside torch.autocast the trace failed with ~1,900 lines ("Cannot insert a Tensor that
+    requires grad as a constant"); a torch.jit.script model gave "register_forward_hook is not supported". Hand
+    count: conv 3 -> 8 (3x3, 8x8 output) 8 * 27 * 64 = 13,824, fvcore's pooling one per input element 512, and the
+    linear 8 -> 4 32."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert count_flops(model, (3, 8, 8)).total == 8 * 27 * 64 + 8 * 64 + 32
+    with pytest.raises(ValueError, match=r"^cannot count FLOPs of a TorchScript module \(RecursiveScriptModule, from "
+                                         r"torch\.jit\.script / trace\).*Count the nn\.Module it was made from$"):
+        count_flops(torch.jit.script(model), (3, 8, 8))
 
 
 def test_fused_table_model_row_shows_the_fused_params():

@@ -137,3 +137,43 @@ def test_hook_ids_survive_a_copy_and_name_their_modules():
     assert lost_hooks(ids, copied) == []
     copied[0] = torch.nn.Linear(2, 2)
     assert lost_hooks(ids, copied) == ["0"]
+
+
+def test_a_model_whose_own_hooks_collect_its_output_deploys_and_counts():
+    """Found by an audit: timm's FeatureHookNet (features_only=True, feature_cls='hook') collects its features with
+    hooks bound to a collector it holds. The copy that deploy / count_flops fold shared those hooks with the
+    caller's model, so its features went to the original's collector: deploy returned [] ("verified", the original
+    then returning [] too) and count_flops counted 0. The reference: the same network as FeatureListNet, and the
+    caller's model's own output before deploying."""
+    torch.manual_seed(0)
+    model = randomize_norms(timm.create_model("resnet18", features_only=True, feature_cls="hook")).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    assert len(expected) == 5
+    deployed = vitzoo.deploy(model, x)
+    out = deployed(x)
+    assert len(out) == 5
+    for got, want in zip(out, expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        for got, want in zip(model(x), expected):  # the caller's model still returns its own features
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+    as_list = timm.create_model("resnet18", features_only=True)
+    assert vitzoo.count_flops(model, 64).total == vitzoo.count_flops(as_list, 64).total > 0
+
+
+def test_counting_leaves_the_callers_hooks_and_random_state_alone():
+    """Found by an audit: count_flops advanced the global random generator (a seeded run changed when FLOPs were
+    logged first) and called the caller's recording hook 4 times on random input."""
+    model = timm.create_model("resnet18").eval()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    seen = []
+    model.layer4.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    torch.manual_seed(0)
+    vitzoo.count_flops(model, 64)
+    vitzoo.count_flops("resnet18", 64)  # a model built from its name draws its initialisation too
+    assert torch.equal(torch.rand(3), expected) and seen == []
+    model(torch.randn(1, 3, 64, 64))
+    assert seen == [(1, 512, 2, 2)]  # the hook is still the caller's

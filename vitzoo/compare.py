@@ -26,6 +26,7 @@ import numbers
 import os
 import platform
 import sys
+import traceback
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -170,10 +171,22 @@ def _build(
         try:
             report = count_flops(model, img_size)
         except Exception as e:  # noqa: BLE001  e.g. an input size the model rejects, or too large for memory
-            skipped[name] = f"cannot run at this input size: {type(e).__name__}: {error_message(e)}"
+            skipped[name] = f"cannot run at this input size: {type(e).__name__}: {error_message(e) or _where(e)}"
             continue
         built.append((name, model, report))
     return built, skipped
+
+
+def _where(error: BaseException) -> str:
+    """For an error without a message (a bare ``assert``): where it was raised, e.g. "raised without a message at
+    timm/models/byobnet.py:1234: assert H % 8 == 0"."""
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith(torch_dir)]
+    if not frames:  # torch._assert and the like: the model's own line is the last frame outside torch
+        return "raised without a message"
+    last = frames[-1]
+    path = last.filename.split("site-packages" + os.sep, 1)[-1]
+    return f"raised without a message at {path}:{last.lineno}" + (f": {last.line}" if last.line else "")
 
 
 def _runners(
@@ -223,7 +236,8 @@ def _row(name: str, report, device: Optional[str], batch: Optional[int],
         note = (f"paper numbers are for the {PAPER_CLASSES}-class ImageNet-1k model; this one has {num_classes} "
                 "classes, not shown")
         paper = None
-    # the papers' FLOPs and top-1 hold at their resolution only; params do not depend on it
+    # the papers' FLOPs and top-1 hold at their resolution only; their params are shown at any size (a model rebuilt
+    # for another size may have other params: a ViT's position embedding, LeViT's attention biases)
     same_size = paper is not None and tuple(report.input_size[-2:]) == (paper.img_size, paper.img_size)
     if paper is not None and not same_size:
         note = f"paper FLOPs and top-1 are at {paper.img_size}x{paper.img_size}, not shown"
@@ -404,9 +418,13 @@ def compare(
     Raises:
         UnknownModelError: A name in ``models`` is not a timm model (the message lists the closest ones).
         TypeError: A size, batch, thread or round count that is not an int (``224.0``, ``True``, ``"224"``).
-        ValueError: A size, batch, thread or round count below 1, or a device or backend as described above.
+        ValueError: A size, batch, thread or round count below 1, an empty ``models`` list, or a device or backend
+            as described above.
     """
     models, backends, devices = _as_list(models), _as_list(backends), _as_list(devices)
+    if models is not None and len(models) == 0:  # e.g. a filter that matched nothing: not the 15 default models
+        raise ValueError("compare() got an empty list of models; pass models=None (or leave it out) for the default "
+                         "comparison")
     rows, skipped = _compare(models, img_size, batch_size, threads, speed, devices, backends, rounds, progress)
     for name, reason in skipped.items():
         warnings.warn(f"skipped {name}: {reason}", stacklevel=2)

@@ -39,6 +39,7 @@ from torch.utils import _pytree as pytree
 
 from vitzoo.batchnorm_folding import fold_batchnorms_detailed
 from vitzoo.models import _as_dim, first_meta_tensor, model_in_chans, model_input_size
+from vitzoo.module_hooks import drop_shared_hooks
 from vitzoo.weight_standardisation import standardise_weights
 
 with warnings.catch_warnings():
@@ -160,11 +161,24 @@ RESAMPLING_OPS: Dict[str, Any] = {
     "aten::upsample_linear1d": _per_output_element_times(2),
     "aten::upsample_trilinear3d": _per_output_element_times(8),
     "aten::upsample_bicubic2d": _per_output_element_times(16),
+    # ``mode="nearest-exact"``: one input point per output element, as "nearest" (found missing by an audit)
+    **{f"aten::_upsample_nearest_exact{n}d": _per_output_element_times(1) for n in (1, 2, 3)},
     # ``antialias=True`` (dynamic-size ViTs resizing pos_embed): counted as without it, by convention; when it
     # downsamples, the filter in fact widens with the scale factor and weighs more input points
     "aten::_upsample_bilinear2d_aa": _per_output_element_times(4),
     "aten::_upsample_bicubic2d_aa": _per_output_element_times(16),
 }
+
+
+def _dot_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``aten::dot`` / ``vdot`` of two n-vectors: n multiply-adds."""
+    return _elements(inputs[0])
+
+
+def _tensordot_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``aten::tensordot(a, b, dims_a, dims_b)``: each output element sums over the contracted dims of ``a``."""
+    shape = get_shape(inputs[0])
+    return _elements(outputs[0]) * math.prod(shape[d] for d in _int_list(inputs[2]))
 
 
 # Matrix products fvcore has no handle for (or a wrong one), all in fvcore's convention (one per multiply-add).
@@ -176,6 +190,10 @@ MATRIX_OPS: Dict[str, Any] = {
     "aten::addbmm": _addbmm_flop_jit,
     "aten::bilinear": _bilinear_flop_jit,
     "aten::_convolution_mode": _convolution_mode_flop_jit,
+    # found missing by an audit (reported as ops without a formula)
+    "aten::dot": _dot_flop_jit,
+    "aten::vdot": _dot_flop_jit,
+    "aten::tensordot": _tensordot_flop_jit,
     **{f"aten::{op}": _recurrent_flop_jit for op in ("lstm", "gru", "rnn_tanh", "rnn_relu")},
 }
 
@@ -292,7 +310,11 @@ FREE_OPS = ("aten::reshape_as", "aten::view_as", "aten::expand_as", "aten::repea
             "aten::moveaxis", "aten::squeeze_", "aten::unsqueeze_", "aten::alias", "aten::lift_fresh", "aten::conj",
             "aten::resolve_conj", "aten::diagonal", "aten::diag", "aten::index_select", "aten::take_along_dim",
             "aten::masked_select", "aten::scatter", "aten::narrow_copy", "aten::tril", "aten::triu",
-            "aten::ones_like", "aten::new_ones", "aten::empty_like")
+            "aten::ones_like", "aten::new_ones", "aten::empty_like",
+            # a permutation of channels, table lookups and complex numbers' parts (timm's gemma4_vit_167m uses
+            # one_hot): reported as ops without a formula before 2026-11-26 (found by an audit)
+            "aten::channel_shuffle", "aten::native_channel_shuffle", "aten::embedding", "aten::one_hot",
+            "aten::real", "aten::imag", "aten::complex", "aten::view_as_real", "aten::view_as_complex")
 
 
 def _einsum_terms(equation: str) -> Tuple[List[str], str]:
@@ -539,6 +561,11 @@ def _countable(model: nn.Module) -> nn.Module:
     Runtime session, none of which fvcore can trace)."""
     while isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch._dynamo's OptimizedModule
         model = model._orig_mod
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ValueError(
+            f"cannot count FLOPs of a TorchScript module ({type(model).__name__}, from torch.jit.script / trace): "
+            "fvcore traces the model with forward hooks, which TorchScript modules do not take. Count the "
+            "nn.Module it was made from")
     # recognised by its attributes: counting does not import the deployment module (oneDNN / ONNX Runtime code)
     if type(model).__name__ == "DeployedModel" and hasattr(model, "backend") and hasattr(model, "optimizations"):
         raise ValueError(
@@ -596,7 +623,9 @@ def count_flops(
 
     The model is never modified: counting runs on a deep copy, fused unless ``fused=False`` (as
     :func:`vitzoo.deploy` fuses: ``timm.utils.reparameterize_model``, weight-standardised convolutions made plain,
-    BatchNorm folded into the layer before it), in eval mode, on CPU.
+    BatchNorm folded into the layer before it), in eval mode, on CPU, in the model's own dtype (autocast is off),
+    without the forward hooks that are the caller's functions (the copies run on random input, which those must not
+    see; see :func:`vitzoo.module_hooks.drop_shared_hooks`), and the global random state is as it was before.
 
     Args:
         model: An ``nn.Module`` or a timm model name (``arch`` or ``arch.tag``; built without weights).
@@ -632,6 +661,14 @@ def count_flops(
         raise TypeError(f"batch_size must be an int >= 1, got {batch_size!r} ({type(batch_size).__name__})")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # a model built here and the random example draw from the global generator: counting must not change a
+    # seeded run (found by an audit); autocast would make fvcore's trace hold tensors that need grad
+    with torch.random.fork_rng(devices=[]), torch.autocast("cpu", enabled=False):
+        return _count(model, input_size, size_name, batch_size, fused, elementwise)
+
+
+def _count(model: Union[nn.Module, str], input_size: Union[None, int, Sequence[int]], size_name: str,
+           batch_size: int, fused: bool, elementwise: bool) -> FlopReport:
     if isinstance(model, str):
         from vitzoo.models import create
 
@@ -644,7 +681,7 @@ def count_flops(
     size = _input_size(model, input_size, size_name)
 
     params = count_params(model)
-    unfused = copy.deepcopy(model).to("cpu").eval()
+    unfused = drop_shared_hooks(copy.deepcopy(model), model).to("cpu").eval()
     example = torch.randn(batch_size, *size, dtype=next(unfused.parameters(), torch.empty(0)).dtype)
     with torch.no_grad():
         # one eager call first: checks that a model skips while traced (SHViT's minimum size, its channel count)

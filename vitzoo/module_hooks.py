@@ -10,13 +10,14 @@ graph, and :func:`lost_hooks` checks that every hook is still attached to the de
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, TypeVar
+import functools
+from typing import Dict, List, Set, TypeVar
 
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["HookKeepingTracer", "deepcopy_sharing_hooks", "has_forward_hooks", "hook_ids", "lost_hooks",
-           "reparameterize"]
+__all__ = ["HookKeepingTracer", "deepcopy_sharing_hooks", "drop_shared_hooks", "has_forward_hooks", "hook_ids",
+           "lost_hooks", "reparameterize"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -42,10 +43,58 @@ def lost_hooks(before: Dict[int, str], model: nn.Module) -> List[str]:
 def deepcopy_sharing_hooks(model: M) -> M:
     """``copy.deepcopy(model)`` whose forward (pre-)hooks are the caller's objects, not copies: ``deepcopy`` keeps a
     plain function, but copies a bound method's object and a ``functools.partial``'s arguments, so a recorder's
-    hook on the copy recorded into a copy of the recorder (found by a review)."""
+    hook on the copy recorded into a copy of the recorder (found by a review). A hook bound to the model itself (a
+    module's own method, or an object a module holds, such as the collector of timm's ``FeatureHookNet``) is copied
+    with it: shared, the copy's features were collected by the original, and the copy returned none (found by an
+    audit: ``deploy`` of ``features_only=True, feature_cls='hook'`` returned ``[]``)."""
+    own = _objects_held(model)
     hooks = [hook for module in model.modules()
-             for hook in (*module._forward_hooks.values(), *module._forward_pre_hooks.values())]
+             for hook in (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+             if not any(id(owner) in own for owner in _bound_to(hook))]
     return copy.deepcopy(model, {id(hook): hook for hook in hooks})
+
+
+def _bound_to(hook: object) -> List[object]:
+    """The objects a hook is bound to: a method's object, a ``functools.partial``'s arguments (not None, nor a
+    number or string, which may be the same object as a model's attribute by chance)."""
+    bound = []
+    while isinstance(hook, functools.partial):
+        bound += [*hook.args, *hook.keywords.values()]
+        hook = hook.func
+    bound.append(getattr(hook, "__self__", None))
+    return [obj for obj in bound if obj is not None and not isinstance(obj, (str, bytes, int, float))]
+
+
+def _objects_held(model: nn.Module) -> Set[int]:
+    """ids of ``model``'s modules and of the objects they hold as attributes (directly or in a list / dict)."""
+    held = set()
+    for module in model.modules():
+        held.add(id(module))
+        for value in vars(module).values():
+            held.add(id(value))
+            if isinstance(value, (list, tuple)):
+                held.update(map(id, value))
+            elif isinstance(value, dict):
+                held.update(map(id, value.values()))
+    return held
+
+
+def drop_shared_hooks(copied: M, original: nn.Module) -> M:
+    """Remove from ``copied`` (a ``copy.deepcopy`` of ``original``) the forward (pre-)hooks it shares with
+    ``original``, in place, and return it. ``deepcopy`` keeps a plain function, so such a hook on a copy that runs on
+    made-up input (FLOP counting) is the caller's code: a hook recording features recorded the copy's. Hooks the
+    copy has its own copy of (a bound method, a ``functools.partial`` or an object, such as timm's
+    ``FeatureHookNet`` collectors and torch's pruning hooks) belong to the copy and stay."""
+    for mine, theirs in zip(copied.modules(), original.modules()):
+        for attr in ("_forward_hooks", "_forward_pre_hooks"):
+            shared = {key for key, hook in getattr(mine, attr).items()
+                      if getattr(theirs, attr).get(key) is hook}
+            for key in shared:
+                del getattr(mine, attr)[key]
+                for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                              "_forward_pre_hooks_with_kwargs"):
+                    getattr(mine, extra).pop(key, None)
+    return copied
 
 
 def _contains_hooks(module: nn.Module) -> bool:
