@@ -1,9 +1,9 @@
 """The ``"eager"`` backend's graph rewrite: every ``nn.Conv2d`` becomes a pre-packed, fused oneDNN convolution.
 
 :func:`onednn_rewrite` traces a fused, channels-last, fp32 CPU model with ``torch.fx`` and replaces each plain
-convolution by a :class:`PackedConv2d` (weight reordered once into oneDNN's blocked layout), then folds a following
-ReLU and/or residual add into that convolution's kernel. Used by :func:`vitzoo.deploy` (``backend="eager"``);
-measurements in ``docs/benchmarks.md`` (section 6).
+convolution (and timm's TF-"SAME" ``Conv2dSame``) by a :class:`PackedConv2d` (weight reordered once into oneDNN's
+blocked layout), then folds a following ReLU and/or residual add into that convolution's kernel. Used by
+:func:`vitzoo.deploy` (``backend="eager"``); measurements in ``docs/benchmarks.md`` (sections 6 and 10).
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
 from timm.layers import Conv2dSame, get_notrace_functions, get_notrace_modules
+from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from vitzoo import amx_gemm, image_conv
