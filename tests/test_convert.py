@@ -8,6 +8,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from timm.utils import reparameterize_model
 
 import nvit
 from vitzoo.cli import main
@@ -860,6 +861,12 @@ def test_cli_errors_name_the_checkpoints_variant_as_a_cli_option(shvit_official,
                  "--no-flops", "--num-classes", "0"]) == 0
     tensors = safetensors.torch.load_file(tmp_path / "out2" / "model.safetensors")
     assert not any(k.startswith("head.") for k in tensors) and len(tensors) == len(torch.load(headless))
+    # fused weights (saved after fuse()): a folder is loaded into the unfused model, so they cannot be converted
+    fused = tmp_path / "src" / "fused.pth"
+    torch.save(reparameterize_model(model).state_dict(), fused)
+    err = _cli_error(capsys, fused, "--model", "shvit_s1", "--out", tmp_path / "out3")
+    assert err.endswith("fused.pth holds fused shvit_s1 weights (saved after fuse()), which cannot be unfused; "
+                        "convert the unfused checkpoint they were made from."), err
 
 
 @pytest.mark.parametrize("option, value, says", [

@@ -900,7 +900,11 @@ def _cli_advice(src: str, model: str, text: str) -> Optional[str]:
     found = _FOUND_VARIANT.search(text)
     if found and found.group(1) != model:
         return f"{src} holds {found.group(1)} weights, not {model}; convert it with --model {found.group(1)}."
-    if "not an (unfused) SHViT checkpoint" in text:
+    fused = re.search(r"holds a fused (shvit_s\d|an SHViT [^(]*)", text)
+    if fused:  # a folder is for timm.create_model(pretrained=True), which builds the unfused model
+        return (f"{src} holds fused {fused.group(1).strip()} weights (saved after fuse()), which cannot be unfused; "
+                f"convert the unfused checkpoint they were made from.")
+    if "not an SHViT checkpoint" in text:
         return f"{src} is not an SHViT checkpoint (--model {model}); for NViT use {_NVIT_MODELS}."
     if "is a SHViT checkpoint" in text and model.startswith(("nvit_", "revit_")):
         return f"{src} is an SHViT checkpoint, not {model}'s; convert it with --model shvit_s1/s2/s3/s4 (its variant)."
