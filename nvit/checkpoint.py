@@ -301,25 +301,28 @@ def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
     return sd
 
 
-def take_nested_model(state_dict: StateDict) -> StateDict:
+def take_nested_model(state_dict: StateDict, path: str = '<state_dict>') -> StateDict:
     """A ViT whose keys all carry one prefix (``backbone.`` in a detector's checkpoint, ``model.`` in a Lightning
     one) beside other parts' tensors: its own tensors without the prefix, with a ``UserWarning`` naming what is left
-    out. Several candidates (a teacher and a student) are an error naming them."""
+    out. A prefix counts only when a ViT is under it (``pos_embed`` and ``blocks.N.*``: not NesT's ``levels.N.``
+    nor a CLIP ResNet's attention-pooling head). Two ViTs (a teacher and a student) are an error naming them."""
     if 'pos_embed' in state_dict:
         return state_dict
-    prefixes = sorted({k[:-len('pos_embed')] for k in state_dict if isinstance(k, str) and k.endswith('.pos_embed')})
+    keys = [k for k in state_dict if isinstance(k, str)]
+    prefixes = sorted(k[:-len('pos_embed')] for k in keys if k.endswith('.pos_embed')
+                      and any(_BLOCK_RE.match(other[len(k) - len('pos_embed'):])
+                              for other in keys if other.startswith(k[:-len('pos_embed')])))
     if len(prefixes) > 1:
         raise IncompatibleCheckpointError(
-            f'the checkpoint holds {len(prefixes)} ViTs, under {prefixes}, so which one to load is not known. Save '
-            f'the one you want as a plain state dict and load that: prefix = {prefixes[0]!r}; torch.save({{k[len('
-            f'prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}}, \'weights.pth\').')
+            f'{path} holds {len(prefixes)} ViTs, under {prefixes}, so which one to load is not known. Save the one '
+            f'you want as a plain state dict (its keys without the prefix) and load that.')
     if not prefixes:
         return state_dict
     inner = {k[len(prefixes[0]):]: v for k, v in state_dict.items() if k.startswith(prefixes[0])}
     if len(inner) < len(state_dict):
         others = [k for k in state_dict if not k.startswith(prefixes[0])]
-        warnings.warn(f'Loading the ViT under {prefixes[0]!r} in the checkpoint ({len(inner)} tensors); its '
-                      f'{len(others)} other tensors belong to other parts (e.g. {others[:3]}) and are left out.',
+        warnings.warn(f'Loading the ViT under {prefixes[0]!r} in {path} ({len(inner)} tensors); its {len(others)} '
+                      f'other tensors belong to other parts (e.g. {others[:3]}) and are left out.',
                       UserWarning, stacklevel=2)
     return inner
 
@@ -372,7 +375,7 @@ def _finish(
         meta: Dict[str, str],
         path: str,
 ) -> Tuple[StateDict, Optional[NViTDims], Dict[str, str]]:
-    sd = take_nested_model(strip_wrapper_prefixes(sd))
+    sd = take_nested_model(strip_wrapper_prefixes(sd), path)
     foreign = describe_foreign_checkpoint(sd)
     if foreign is not None:
         raise IncompatibleCheckpointError(f'{path} is {_as_foreign(foreign)}.')
@@ -452,7 +455,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: torch.nn.Module,
     inner = _inner_state_dict(state_dict)
     if inner is not None:
         state_dict = state_dict[inner]
-    state_dict = strip_wrapper_prefixes({k: v for k, v in state_dict.items() if k != DIMS_METADATA_KEY})
+    state_dict = take_nested_model(
+        strip_wrapper_prefixes({k: v for k, v in state_dict.items() if k != DIMS_METADATA_KEY}))
     foreign = describe_foreign_checkpoint(state_dict)
     if foreign is not None:
         raise IncompatibleCheckpointError(f'This is {_as_foreign(foreign)}.')

@@ -2,7 +2,7 @@
 import logging
 import re
 import warnings
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -128,8 +128,7 @@ def _take_nested_model(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     if len(prefixes) > 1:
         raise CheckpointLayoutError(
             f'The checkpoint holds {len(prefixes)} SHViTs, under {prefixes}, so which one to load is not known. Save '
-            f'the one you want as a plain state dict and load that: prefix = {prefixes[0]!r}; torch.save({{k[len('
-            f'prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}}, \'weights.pth\').')
+            f'the one you want as a plain state dict (its keys without the prefix) and load that.')
     prefix = prefixes[0]
     inner = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     others = [k for k in state_dict if not k.startswith(prefix)]
@@ -147,12 +146,14 @@ def _is_fused(keys: Any) -> bool:
 
 def _fusion_mismatch(state_dict: Mapping[str, Any], model: nn.Module) -> FusionMismatchError:
     if _is_fused(state_dict):
-        name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or 'NAME'
+        found = _variant_of(state_dict)
+        name = found and variant_name(*found)
+        build = f'timm.create_model({name!r}).fuse()' if name else 'the model they were saved from, fused (.fuse())'
         return FusionMismatchError(
             f'The checkpoint holds {describe_state_dict(state_dict)}, and the model is not fused. Fused weights '
             f'load only into a fused model of their variant (fusing changes the layers), and cannot be unfused for '
-            f'training: model = timm.create_model({name!r}).fuse(); model.load_state_dict(WEIGHTS). To train, load the '
-            f'unfused checkpoint they were made from.')
+            f'training: model = {build}; model.load_state_dict(WEIGHTS). To train, load the unfused checkpoint they '
+            f'were made from.')
     return FusionMismatchError(
         f'The model is fused (fuse() / timm.utils.reparameterize_model folded its BatchNorms) and the checkpoint '
         f'({describe_state_dict(state_dict)}) is not: load the checkpoint into the model first, then fuse it.')
@@ -185,22 +186,32 @@ def remap_official_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, tor
     return out
 
 
-def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Which SHViT variant a timm-layout state dict (unfused or fused) holds, in words."""
+def _variant_of(state_dict: Mapping[str, torch.Tensor]) -> Optional[Tuple[List[int], List[int]]]:
+    """``(widths, depths)`` of the SHViT a timm-layout state dict (unfused or fused) holds; None if it is none."""
     fused = _is_fused(state_dict)
     conv = 'stages.{}.blocks.0.conv.weight' if fused else 'stages.{}.blocks.0.conv.m.c.weight'
     last_stem = 'patch_embed.6.weight' if fused else 'patch_embed.6.c.weight'
     if last_stem not in state_dict or not any(k.startswith('stages.') for k in state_dict):
-        first = ', '.join(list(state_dict)[:3])
-        return f'not an SHViT checkpoint (first keys: {first})'
+        return None
     widths, depths = [], []
     stage = 0
     while conv.format(stage) in state_dict:
         widths.append(state_dict[conv.format(stage)].shape[0])
         depths.append(len({k.split('.')[3] for k in state_dict if k.startswith(f'stages.{stage}.blocks.')}))
         stage += 1
-    name = variant_name(widths, depths) or f'an SHViT with embed_dim={tuple(widths)}, depth={tuple(depths)}'
-    return f'a fused {name} (BatchNorms folded in, as saved after fuse())' if fused else name
+    return widths, depths
+
+
+def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Which SHViT variant a timm-layout state dict (unfused or fused) holds, in words."""
+    found = _variant_of(state_dict)
+    if found is None:
+        return f'not an SHViT checkpoint (first keys: {", ".join(list(state_dict)[:3])})'
+    name = variant_name(*found)
+    if name is None:
+        name = f'SHViT with embed_dim={tuple(found[0])}, depth={tuple(found[1])}'
+        return f'a fused {name}' if _is_fused(state_dict) else f'an {name}'
+    return f'a fused {name} (BatchNorms folded in, as saved after fuse())' if _is_fused(state_dict) else name
 
 
 def _describe_model(model: nn.Module) -> str:
@@ -260,11 +271,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module,
     if _is_fused(state_dict) != _is_fused(own) and any(anchor in state_dict for anchor in _ANCHORS):
         raise _fusion_mismatch(state_dict, model)
     if _is_fused(own):  # fused weights into a fused model: nothing to adapt, only to check
-        shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-        if shapes != {k: tuple(v.shape) for k, v in own.items()}:
-            raise CheckpointMismatchError(
-                f'Checkpoint does not fit the model: expected {describe_state_dict(own)}, found '
-                f'{describe_state_dict(state_dict)}. Load it into a fused model of the variant it holds.')
+        _check_fused_fits(state_dict, own)
         return state_dict
     expected, found = _body_shapes(own), _body_shapes(state_dict)
     if expected != found:
@@ -308,6 +315,27 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module,
     else:
         _warn_partial(state_dict, model, headless)
     return state_dict
+
+
+def _check_fused_fits(state_dict: Mapping[str, Any], own: Mapping[str, torch.Tensor]) -> None:
+    """Fused weights into a fused model must match it key for key and shape for shape; the error says what differs
+    and, for the same variant, that the model was built otherwise (classes, distillation)."""
+    found = {k: tuple(v.shape) for k, v in state_dict.items()}
+    expected = {k: tuple(v.shape) for k, v in own.items()}
+    if found == expected:
+        return
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    reshaped = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    parts = [f'{len(missing)} missing (e.g. {missing[:3]})'] if missing else []
+    parts += [f'{len(unexpected)} unexpected (e.g. {unexpected[:3]})'] if unexpected else []
+    parts += [f'{len(reshaped)} of other shapes (e.g. {reshaped[0]}: {list(found[reshaped[0]])} in the checkpoint, '
+              f'{list(expected[reshaped[0]])} in the model)'] if reshaped else []
+    theirs, ours = describe_state_dict(state_dict), describe_state_dict(own)
+    advice = (f'Load it into {theirs}.' if theirs != ours else
+              'It was saved from a model built otherwise (another num_classes, distilled or not): build yours the '
+              'same way, then fuse it and load.')
+    raise CheckpointMismatchError(f'Checkpoint does not fit the fused model ({ours}): tensors {"; ".join(parts)}. '
+                                  f'{advice}')
 
 
 def _check_in_chans(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:

@@ -122,6 +122,25 @@ def test_packed_conv_uses_amx_by_rule_and_matches_conv():
         assert not PackedConv2d(conv, tuple(x.shape)).amx
 
 
+def test_a_same_padded_conv_runs_on_amx_and_pads_as_timm():
+    """timm's Conv2dSame (TF "SAME", padded per input size) packed under bf16x3: on AMX where the rule says so, and
+    within bf16x3's error of Conv2dSame itself at even and odd sizes, with a fused residual and ReLU."""
+    from timm.layers import Conv2dSame
+
+    _needs_amx()
+    torch.manual_seed(0)
+    conv = Conv2dSame(32, 64, 3, stride=2).eval()
+    packed = PackedConv2d(conv, (2, 32, 16, 16), fp32_precision="bf16x3")
+    assert packed.amx and packed.same
+    packed.unary = "relu"
+    for shape in [(2, 32, 16, 16), (1, 32, 15, 9)]:
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            expected = conv(x)
+            residual = torch.randn_like(expected)
+            torch.testing.assert_close(packed(x, residual), (expected + residual).relu(), atol=2e-4, rtol=0)
+
+
 def test_deploy_shvit_bf16x3_within_contract_and_ieee_opt_out():
     """Relative errors against the float64 model, on an input deploy did not check itself on, with the norms
     randomised (an audit: at default init the logits are ~1e-4, so the old absolute bounds of 1e-4 / 1e-5 could not

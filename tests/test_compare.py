@@ -476,6 +476,8 @@ def test_an_empty_list_of_models_is_an_error_not_the_default_set():
     """Found by an audit: compare([]) (a filter that matched nothing) ran the 15 default models."""
     with pytest.raises(ValueError, match=r"^compare\(\) got an empty list of models; pass models=None"):
         compare([], speed=False)
+    # any iterable of names, a generator too (found by a review: "object of type 'generator' has no len()")
+    assert [row["model"] for row in compare((m for m in ["resnet18"]), img_size=32, speed=False)] == ["resnet18"]
 
 
 def test_tagged_name_builds_without_download(capsys, monkeypatch):

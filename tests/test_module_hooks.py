@@ -177,3 +177,61 @@ def test_counting_leaves_the_callers_hooks_and_random_state_alone():
     assert torch.equal(torch.rand(3), expected) and seen == []
     model(torch.randn(1, 3, 64, 64))
     assert seen == [(1, 512, 2, 2)]  # the hook is still the caller's
+
+
+class _CollectsWithItsOwnHook(torch.nn.Module):
+    """Returns an intermediate map that a hook it registers on itself collects: a bound method (``closure=False``,
+    copied with a copy of the model) or a closure over ``self`` (which a copy cannot rebind)."""
+
+    def __init__(self, closure: bool):
+        super().__init__()
+        self.a = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        self.b = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.feats = []
+        if closure:
+            self.a.register_forward_hook(lambda module, args, output: self.feats.append(output))
+        else:
+            self.a.register_forward_hook(self._collect)
+
+    def _collect(self, module, args, output):
+        self.feats.append(output)
+
+    def forward(self, x):
+        self.feats.clear()
+        y = self.b(self.a(x))
+        return [*self.feats, y]
+
+
+def test_a_copy_whose_hook_acts_on_the_original_is_not_verified_against_itself():
+    """Found by a review: deploy's reference output came from its own copy of the model, so a hook that still
+    acts on the caller's model (a closure over ``self``) made the copy return 1 map where the model returns 2, and
+    deploy said "verified". The reference is now the caller's model; a bound method is copied and deploys."""
+    x = torch.randn(2, 3, 16, 16)
+    bound = randomize_norms(_CollectsWithItsOwnHook(closure=False)).eval()
+    with torch.no_grad():
+        expected = bound(x)
+    out = vitzoo.deploy(bound, x)(x)
+    assert len(out) == len(expected) == 2
+    for got, want in zip(out, expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    closure = _CollectsWithItsOwnHook(closure=True).eval()
+    with pytest.raises(RuntimeError, match=r"structure differs from the original's: a list of 1 instead of a list "
+                                           r"of 2"):
+        vitzoo.deploy(closure, x)
+
+
+def test_a_partial_naming_a_layer_records_into_the_callers_store():
+    """Found by a review: partial(record, model.layer2, acts) was copied whole (a layer of the model among its
+    arguments), so the deployed model recorded into a copy of the caller's dict."""
+    model = randomize_norms(timm.create_model("resnet18")).eval()
+    acts = {}
+
+    def record(layer, store, module, args, output):
+        store[layer] = output.shape
+
+    model.layer2.register_forward_hook(functools.partial(record, model.layer2, acts))
+    x = torch.randn(1, 3, 64, 64)
+    deployed = vitzoo.deploy(model, x)
+    acts.clear()
+    deployed(x)
+    assert acts == {model.layer2: (1, 128, 8, 8)}

@@ -471,8 +471,20 @@ def test_fused_weights_are_named_and_load_into_a_fused_model(tmp_path, s1_weight
         load(model)
         with torch.no_grad():
             torch.testing.assert_close(model(x), fused(x), rtol=0, atol=0)
-    with pytest.raises(shvit.CheckpointMismatchError, match=r'expected a fused shvit_s4 .*found a fused shvit_s1'):
+    with pytest.raises(shvit.CheckpointMismatchError, match=r'fit the fused model \(a fused shvit_s4 .*Load it into a '
+                                                            r'fused shvit_s1 '):
         shvit.checkpoint_filter_fn(fused.state_dict(), timm.create_model('shvit_s4').eval().fuse())
+    # found by a review: the same variant built with 10 classes was "expected a fused shvit_s1, found a fused
+    # shvit_s1"; and the advice for fused S4 weights into an unfused S1 named shvit_s1
+    with pytest.raises(shvit.CheckpointMismatchError, match=r'2 of other shapes \(e\.g\. head\.bias: \[1000\] in the '
+                                                            r'checkpoint, \[10\] in the model\)\. It was saved from a '
+                                                            r'model built otherwise'):
+        shvit.checkpoint_filter_fn(fused.state_dict(), timm.create_model('shvit_s1', num_classes=10).eval().fuse())
+    s4 = reparameterize_model(timm.create_model('shvit_s4').eval())
+    with pytest.raises(shvit.FusionMismatchError, match=r"a fused shvit_s4 .*timm\.create_model\('shvit_s4'\)\.fuse"):
+        shvit.checkpoint_filter_fn(s4.state_dict(), timm.create_model('shvit_s1'))
+    model = timm.create_model('shvit_s4').eval().fuse()
+    model.load_state_dict(s4.state_dict())  # the advice, followed
     with pytest.raises(shvit.FusionMismatchError, match=r'The model is fused .*and the checkpoint \(shvit_s1\) is '
                                                         r'not: load the checkpoint into the model first, then fuse'):
         shvit.checkpoint_filter_fn({'model': _to_official(s1_weights)}, timm.create_model('shvit_s1').eval().fuse())

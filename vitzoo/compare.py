@@ -79,9 +79,10 @@ def _split_backends(values: Optional[Sequence[str]]) -> Optional[List[str]]:
     return [b.strip() for value in values for b in value.split(",") if b.strip()]
 
 
-def _as_list(names: Union[str, Sequence[str], None]) -> Optional[Sequence[str]]:
-    """One name given as a str (``compare("shvit_s1")``, ``backends="eager"``) as a one-name list, not its letters."""
-    return [names] if isinstance(names, str) else names
+def _as_list(names: Union[str, Iterable[str], None]) -> Optional[List[str]]:
+    """One name given as a str (``compare("shvit_s1")``, ``backends="eager"``) as a one-name list, not its letters;
+    any other iterable (a generator too) as a list."""
+    return None if names is None else [names] if isinstance(names, str) else list(names)
 
 
 def _is_model_name(name: str) -> bool:
@@ -374,14 +375,14 @@ def _compare(
 
 
 def compare(
-    models: Union[str, Sequence[str], None] = None,
+    models: Union[str, Iterable[str], None] = None,
     *,
     img_size: Optional[int] = None,
     batch_size: Optional[int] = None,
     threads: Optional[int] = None,
     speed: bool = True,
-    devices: Union[str, Sequence[str], None] = None,
-    backends: Union[str, Sequence[str], None] = None,
+    devices: Union[str, Iterable[str], None] = None,
+    backends: Union[str, Iterable[str], None] = None,
     rounds: int = 3,
     progress: bool = False,
 ) -> List[Dict[str, Any]]:

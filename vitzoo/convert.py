@@ -900,7 +900,7 @@ def _cli_advice(src: str, model: str, text: str) -> Optional[str]:
     found = _FOUND_VARIANT.search(text)
     if found and found.group(1) != model:
         return f"{src} holds {found.group(1)} weights, not {model}; convert it with --model {found.group(1)}."
-    fused = re.search(r"holds a fused (shvit_s\d|an SHViT [^(]*)", text)
+    fused = re.search(r"holds a fused (shvit_s\d|SHViT with embed_dim=\([^)]*\), depth=\([^)]*\))", text)
     if fused:  # a folder is for timm.create_model(pretrained=True), which builds the unfused model
         return (f"{src} holds fused {fused.group(1).strip()} weights (saved after fuse()), which cannot be unfused; "
                 f"convert the unfused checkpoint they were made from.")

@@ -619,12 +619,11 @@ def deploy(
     _check_example_channels(model, example_input)
     if backend == "onnxruntime":
         _check_not_cuda_for_onnxruntime(model, example_input)
+    # the reference is the caller's model's own output, not its copy's: a copy whose hooks still act on the
+    # original (a closure over the model's ``self``) computes something else, and was "verified" against itself
+    reference = _eval_output(model, example_input) if verify else None
     model = model if inplace else deepcopy_sharing_hooks(model)
     model.eval()
-    reference = None
-    if verify:
-        with torch.no_grad(), full_fp32_precision(example_input.device):
-            reference = model(example_input)
     hooks = hook_ids(model)
     model = reparameterize(model)
     model, standardised = standardise_weights(model)
@@ -644,6 +643,18 @@ def deploy(
             deployed, diff = _verify(deployed, reference, model, example_input, fusions, atol, rtol, backend)
         deployed.optimizations.append(f"verified: max abs diff {diff:.2g} vs original")
     return deployed
+
+
+def _eval_output(model: nn.Module, example_input: torch.Tensor) -> Any:
+    """``model``'s output for ``example_input`` in eval mode, without grad and in full fp32 precision; every
+    module's training flag is put back afterwards."""
+    modes = {module: module.training for module in model.modules()}
+    try:
+        with torch.no_grad(), full_fp32_precision(example_input.device):
+            return model.eval()(example_input)
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def _check_hooks_kept(hooks: Dict[int, str], deployed: DeployedModel) -> None:

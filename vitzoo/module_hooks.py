@@ -43,26 +43,24 @@ def lost_hooks(before: Dict[int, str], model: nn.Module) -> List[str]:
 def deepcopy_sharing_hooks(model: M) -> M:
     """``copy.deepcopy(model)`` whose forward (pre-)hooks are the caller's objects, not copies: ``deepcopy`` keeps a
     plain function, but copies a bound method's object and a ``functools.partial``'s arguments, so a recorder's
-    hook on the copy recorded into a copy of the recorder (found by a review). A hook bound to the model itself (a
-    module's own method, or an object a module holds, such as the collector of timm's ``FeatureHookNet``) is copied
-    with it: shared, the copy's features were collected by the original, and the copy returned none (found by an
-    audit: ``deploy`` of ``features_only=True, feature_cls='hook'`` returned ``[]``)."""
+    hook on the copy recorded into a copy of the recorder (found by a review). A hook that is a method of the model
+    itself (of one of its modules, or of an object a module holds, such as the collector of timm's
+    ``FeatureHookNet``; also through a ``functools.partial``) is copied with it: shared, the copy's features were
+    collected by the original, and the copy returned none (found by an audit: ``deploy`` of ``features_only=True,
+    feature_cls='hook'`` returned ``[]``). A partial's arguments do not decide it: ``partial(record, model.layer2,
+    acts)`` names a layer but records into the caller's ``acts``, and stays shared."""
     own = _objects_held(model)
     hooks = [hook for module in model.modules()
              for hook in (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
-             if not any(id(owner) in own for owner in _bound_to(hook))]
+             if _method_of(hook) is None or id(_method_of(hook)) not in own]
     return copy.deepcopy(model, {id(hook): hook for hook in hooks})
 
 
-def _bound_to(hook: object) -> List[object]:
-    """The objects a hook is bound to: a method's object, a ``functools.partial``'s arguments (not None, nor a
-    number or string, which may be the same object as a model's attribute by chance)."""
-    bound = []
+def _method_of(hook: object) -> object:
+    """The object ``hook`` is a method of (through ``functools.partial``s), else None."""
     while isinstance(hook, functools.partial):
-        bound += [*hook.args, *hook.keywords.values()]
         hook = hook.func
-    bound.append(getattr(hook, "__self__", None))
-    return [obj for obj in bound if obj is not None and not isinstance(obj, (str, bytes, int, float))]
+    return getattr(hook, "__self__", None)
 
 
 def _objects_held(model: nn.Module) -> Set[int]:
