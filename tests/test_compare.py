@@ -472,6 +472,15 @@ def test_a_model_that_asserts_without_a_message_is_skipped_naming_the_line(capsy
                                       r"_assert\(H % self\.block_size == 0, ''\)", note), note
 
 
+def test_params_at_another_size_are_the_rebuilt_models_beside_the_papers():
+    """docs/flops-and-compare.md: a model rebuilt for another size may have other params (a ViT's position
+    embedding), while the paper's params are still shown. Hand count: DeiT-T at 224 has 5,717,416 params; at 64 its
+    position embedding holds 16 instead of 196 patch positions of 192 channels."""
+    row, = compare(["deit_tiny_patch16_224"], img_size=64, speed=False)
+    assert row["params"] == 5_717_416 - (196 - 16) * 192 == 5_682_856
+    assert row["paper_params"] == PAPER_NUMBERS["deit_tiny_patch16_224"].params and row["paper_flops"] is None
+
+
 def test_an_empty_list_of_models_is_an_error_not_the_default_set():
     """Found by an audit: compare([]) (a filter that matched nothing) ran the 15 default models."""
     with pytest.raises(ValueError, match=r"^compare\(\) got an empty list of models; pass models=None"):
