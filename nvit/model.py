@@ -110,9 +110,10 @@ def _resolve_act_layer(act_layer: Union[str, Type[nn.Module]]) -> Type[nn.Module
 
 def _check_pool(global_pool: str) -> None:
     if global_pool not in POOL_TYPES:
+        attention_pool = global_pool in ('map', 'prr')
         raise UnsupportedPoolError(
-            f"global_pool must be 'token', 'avg', 'max', 'avgmax' or '' (no pooling), got {global_pool!r}; timm ViT's "
-            f"attention pools ('map', 'prr') are not supported.")
+            f"global_pool must be 'token', 'avg', 'max', 'avgmax' or '' (no pooling), got {global_pool!r}"
+            + ("; timm ViT's attention pools ('map', 'prr') are not supported." if attention_pool else "."))
 
 
 class UnsupportedPoolError(ValueError, AssertionError):
@@ -408,13 +409,20 @@ class NViT(nn.Module):
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Run blocks ``0..last``; collect the outputs of ``take_indices`` (final-normed if ``norm``)."""
         intermediates: List[torch.Tensor] = []
+        # the masking arguments reach the blocks only when given (as in timm's ViT): torch.onnx's TorchScript
+        # exporter passes forward's default ``is_causal=False`` as a tensor, which scaled_dot_product_attention
+        # refuses; tested against that exporter
+        masked = attn_mask is not None or is_causal
         for i, blk in enumerate(self.blocks):
             if i <= last:
                 token_mask = self._token_mask_for(blk.attn.token_mask, feat_size)
                 if self.grad_checkpointing and not torch.jit.is_scripting():
-                    x = checkpoint(blk, x, token_mask, attn_mask, is_causal)
-                else:
+                    x = (checkpoint(blk, x, token_mask, attn_mask, is_causal) if masked
+                         else checkpoint(blk, x, token_mask))
+                elif masked:
                     x = blk(x, token_mask, attn_mask, is_causal)
+                else:
+                    x = blk(x, token_mask)
                 if i in take_indices:
                     intermediates.append(self.norm(x) if norm else x)
         return x, intermediates
@@ -482,6 +490,7 @@ class NViT(nn.Module):
             reshape: bool = False,
             return_prefix_tokens: bool = False,
             norm: bool = False,
+            attn_mask: Optional[torch.Tensor] = None,
     ) -> List[Any]:
         """Block outputs, DINO style (timm ViT's backward-compatible API; ``forward_intermediates`` is preferred).
 
@@ -491,11 +500,12 @@ class NViT(nn.Module):
             reshape: Patch tokens as feature maps ``[B, C, H, W]`` instead of ``[B, L, C]``.
             return_prefix_tokens: Each item is a ``(patch_tokens, prefix_tokens)`` pair.
             norm: Apply the final norm to each output.
+            attn_mask: Attention mask, as ``forward`` takes it.
         """
         indices = list(n) if isinstance(n, (list, tuple)) else n
         return self.forward_intermediates(
             x, indices, return_prefix_tokens=return_prefix_tokens, norm=norm,
-            output_fmt='NCHW' if reshape else 'NLC', intermediates_only=True)
+            output_fmt='NCHW' if reshape else 'NLC', intermediates_only=True, attn_mask=attn_mask)
 
     def set_input_size(
             self,

@@ -277,15 +277,18 @@ def _create_nvit(variant: str, pretrained: bool = False, default_dims: Optional[
         feature_cfg=dict(out_indices=3, feature_cls='getter'),
         **kwargs,
     )
-    inner = getattr(model, 'model', model)  # FeatureGetterNet wraps the NViT when features_only=True
-    for m in dict.fromkeys([model, inner]):
-        if state_dict is not None and 'state_dict' in getattr(m, 'pretrained_cfg', {}):
-            # do not keep the weights inside the cfg (timm saves the cfg in config.json)
-            m.pretrained_cfg = {k: v for k, v in m.pretrained_cfg.items() if k != 'state_dict'}
-            m.default_cfg = m.pretrained_cfg
-        # the model's own dims: a features_only model was pruned to the blocks it keeps
-        update_model_args(m, dims=inner.dims.to_dict(), distilled=kwargs['distilled'],
-                          token_mask=kwargs['token_mask'])
+    # features_only: timm's FeatureGetterNet keeps the NViT as .model (pruned to the blocks it returns); its graph
+    # ('fx') and hook wrappers keep only the NViT's modules, all blocks
+    inner = next((m for m in (model, getattr(model, 'model', None)) if isinstance(m, NViT)), None)
+    built_dims = (inner.dims if inner is not None else dims).to_dict()
+    for m in dict.fromkeys(m for m in (model, inner) if m is not None):
+        if hasattr(m, 'pretrained_cfg'):
+            cfg = dict(m.pretrained_cfg)
+            cfg.pop('state_dict', None)  # do not keep the weights inside the cfg (timm saves it in config.json)
+            if not kwargs['distilled']:
+                cfg['classifier'] = 'head'  # no head_dist to name
+            m.pretrained_cfg = m.default_cfg = cfg
+        update_model_args(m, dims=built_dims, distilled=kwargs['distilled'], token_mask=kwargs['token_mask'])
     return model
 
 

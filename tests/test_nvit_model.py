@@ -265,6 +265,39 @@ def test_builds_under_a_meta_device_context():
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and len(rates) == 12
 
 
+@pytest.mark.parametrize('feature_cls', ['fx', 'hook'])
+def test_features_only_graph_and_hook_wrappers(feature_cls):
+    """timm's other feature wrappers build from the factory as they do for timm's DeiT (found by an audit: the
+    factory read .dims from the wrapper, an AttributeError) and return the chosen blocks' outputs (all tokens, as
+    timm's DeiT's do), as hooks on a plain model of the same weights see them; the wrapper records the dims to
+    rebuild it."""
+    torch.manual_seed(0)
+    features = timm.create_model('revit_t', features_only=True, feature_cls=feature_cls, out_indices=(2, 5),
+                                 img_size=64).eval()
+    torch.manual_seed(0)
+    plain = timm.create_model('revit_t', img_size=64).eval()
+    seen = []
+    for block in (plain.blocks[2], plain.blocks[5]):
+        block.register_forward_hook(lambda module, args, out: seen.append(out))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got = features(x)
+        plain(x)
+    assert len(got) == 2 and all(torch.equal(g, e) for g, e in zip(got, seen))
+    assert features._model_args['dims']['heads'] == list(plain.dims.heads)
+
+
+@pytest.mark.parametrize('distilled', [True, False])
+def test_cfg_classifier_names_the_models_heads(distilled):
+    """timm's tools find the classifier through pretrained_cfg['classifier']; every name there is a module of the
+    model (found by an audit: a model built with distilled=False named head_dist, which it does not have)."""
+    m = timm.create_model('revit_t', distilled=distilled, img_size=64)
+    names = m.pretrained_cfg['classifier']
+    names = [names] if isinstance(names, str) else list(names)
+    assert names == (['head', 'head_dist'] if distilled else ['head'])
+    assert all(isinstance(m.get_submodule(n), nn.Linear) for n in names)
+
+
 def test_cfg_marks_the_input_size_fixed():
     # as timm's DeiT cfgs: without dynamic_img_size the position embedding fixes the input size, and timm's tooling
     # (its test suite, benchmark scripts) reads this flag instead of trying a smaller size
@@ -604,6 +637,28 @@ def test_unfused_attention_matches_fused_with_uneven_block_dims():
     torch.testing.assert_close(unfused, reference, atol=1e-4, rtol=1e-4)
 
 
+def test_torch_onnx_export_runs_in_onnxruntime_with_the_plain_forward(tmp_path):
+    """torch.onnx.export (its TorchScript exporter, the one that needs no onnxscript) exports the model as it does
+    timm's DeiT, and ONNX Runtime gives the plain-tensor forward's output at another batch size (found by an audit:
+    the exporter passes forward's default ``is_causal=False`` as a tensor, which reached
+    scaled_dot_product_attention and failed; vitzoo's exporter hid it by retrying unfused)."""
+    ort = pytest.importorskip('onnxruntime')
+    torch.manual_seed(0)
+    m = small()
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.attn.token_mask.uniform_(0.5, 1.5)
+    path = str(tmp_path / 'm.onnx')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        torch.onnx.export(m, (torch.randn(1, 3, 64, 64),), path, dynamo=False, input_names=['x'],
+                          dynamic_axes={'x': {0: 'batch'}})
+    x = torch.randn(3, 3, 64, 64)
+    out = ort.InferenceSession(path, providers=['CPUExecutionProvider']).run(None, {'x': x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(out), _plain_nvit_forward(m, x, [64 ** -0.5] * 3),
+                               atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize('fused', [True, False])
 @pytest.mark.parametrize('mask', ['bool', 'float', 'causal'])
 def test_attention_masks_and_output_dict_match_timms_deit(fused, mask):
@@ -635,6 +690,9 @@ def test_attention_masks_and_output_dict_match_timms_deit(fused, mask):
         only = model.forward_intermediates(x, indices=1, output_dict=True, intermediates_only=True, **kwargs)
         assert only.keys() == {'image_intermediates'}
         torch.testing.assert_close(only['image_intermediates'], theirs['image_intermediates'][-1:], atol=1e-5, rtol=0)
+        if 'attn_mask' in kwargs:  # timm's get_intermediate_layers takes attn_mask too (an audit found it refused)
+            torch.testing.assert_close(model.get_intermediate_layers(x, 2, norm=True, **kwargs),
+                                       vit.get_intermediate_layers(x, 2, norm=True, **kwargs), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match='give attn_mask or is_causal=True, not both'):
         model(x, attn_mask=torch.zeros(tokens, tokens), is_causal=True)
 
@@ -796,8 +854,9 @@ def test_unsupported_pool_is_an_assertion_error_as_in_timm_and_a_value_error():
     for exc in (AssertionError, ValueError):
         with pytest.raises(exc, match="global_pool must be 'token', 'avg', 'max', 'avgmax' or '' .*got 'map'"):
             timm.create_model('revit_t', global_pool='map')
-        with pytest.raises(exc, match="got 'catavgmax'"):
+        with pytest.raises(exc, match="got 'catavgmax'.$") as info:
             timm.create_model('revit_t').reset_classifier(3, 'catavgmax')
+        assert 'attention pools' not in str(info.value)  # named only for 'map' / 'prr', which are timm's
     with pytest.raises(AssertionError):
         timm.create_model('deit_tiny_patch16_224', global_pool='nope')
 

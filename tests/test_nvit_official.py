@@ -216,6 +216,21 @@ def test_ours_safetensors_roundtrip(official_files, tmp_path):
         assert torch.equal(local(img), again(img))
 
 
+def test_timms_checkpoint_path_takes_our_layout_not_the_official_one(official_files, tmp_path):
+    """docs/nvit.md: timm's checkpoint_path= loads a file in our layout (the reference forward's output; dims must be
+    given, timm reads no record there) and refuses an official one with the missing keys (timm applies no filter on
+    that route), so the docs send official files through pretrained_cfg_overlay=dict(file=...)."""
+    path, sd = official_files['random']
+    ours = tmp_path / 'ours.pth'
+    torch.save(_create(path).state_dict(), ours)
+    model = timm.create_model('nvit_b', dims=DIM, checkpoint_path=str(ours)).eval()
+    img = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert (model(img) - reference_forward(sd, img)).abs().max().item() <= 1e-5
+    with pytest.raises(RuntimeError, match='Missing key'):
+        timm.create_model('nvit_b', dims=DIM, checkpoint_path=path)
+
+
 @pytest.mark.parametrize('record', ['json', 'dict', 'official-dict'])
 def test_ours_torch_save_with_dims_record(official_files, tmp_path, record):
     """A torch.save'd flat state dict carrying the dims under 'nvit_dims' (as a JSON string or a dict, either key
