@@ -306,3 +306,23 @@ def test_a_failed_write_removes_the_parent_folders_it_created(tmp_path):
     with staged_dir(tmp_path / "kept" / "e" / "out") as tmp:
         (tmp / "f").write_text("x")
     assert (tmp_path / "kept" / "e" / "out" / "f").read_text() == "x"
+
+
+def test_a_failed_write_that_names_no_file_names_the_target(tmp_path):
+    """A full disk fails f.write with "[Errno 28] No space left on device" and no file name; the error names the
+    output (found by an audit: the CLI printed the errno line alone), and the old file and no temp file remain."""
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"old")
+
+    class Full:
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError) as info:
+        with atomic_open(out, force=True) as f:
+            Full().write(f)
+    assert str(info.value) == f"[Errno 28] No space left on device: '{out}'" and info.value.errno == 28
+    assert out.read_bytes() == b"old" and _leftovers(tmp_path) == []
+    with pytest.raises(ValueError, match="^not an OS error$"):  # other errors are not touched
+        with atomic_open(out, force=True):
+            raise ValueError("not an OS error")

@@ -58,7 +58,8 @@ def atomic_open(path: PathLike, force: bool = False) -> Iterator[BinaryIO]:
         interrupt = _interrupt_behind(e)
         if interrupt is not None:
             raise interrupt
-        renamed = _naming_target(e, path, temp=tmp) if isinstance(e, OSError) else e
+        # an error naming no file while the body writes (ENOSPC, EIO, EFBIG from f.write) is about this file
+        renamed = _naming_target(e, path, temp=tmp, unnamed=True) if isinstance(e, OSError) else e
         if renamed is e:
             raise
         raise renamed from e
@@ -81,16 +82,20 @@ def _interrupt_behind(error: BaseException) -> Optional[BaseException]:
     return None
 
 
-def _naming_target(error: OSError, target: Path, temp: Optional[Path]) -> OSError:
+def _naming_target(error: OSError, target: Path, temp: Optional[Path], unnamed: bool = False) -> OSError:
     """``error`` re-made to name ``target`` (the path the caller gave) where it names a temporary path of ours.
 
     The user never saw the temp name (``.model.onnx.x1y2.tmp``), so an error about it is confusing. The OS reason
     (``errno``, ``strerror``) and the error's type are kept. ``temp=None`` means every path in ``error`` is a temp
     path (an error of ``mkstemp``/``mkdtemp``, which name only the path they tried). A path inside a temp folder
-    becomes the same path inside ``target``. Returns ``error`` itself when there is nothing to rename.
+    becomes the same path inside ``target``. ``unnamed``: an error that names no path is about ``target`` (a write
+    to the open file: "[Errno 28] No space left on device" alone named nothing, found by an audit). Returns
+    ``error`` itself when there is nothing to rename.
     """
     if error.errno is None or error.strerror is None:
         return error
+    if unnamed and error.filename is None:
+        return type(error)(error.errno, error.strerror, str(target))
 
     def swap(name: Any) -> Any:
         if name is None:

@@ -27,7 +27,7 @@ import contextlib
 import copy
 import math
 import numbers
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -401,30 +401,40 @@ def _check_close(reference: object, candidate: nn.Module, example_input: torch.T
             f"({scale:.3g}): a different result, not rounding (outputs this small pass an absolute tolerance "
             "whatever they are). Use another backend, or report this with the model name.")
     if not diff <= tolerance:
-        dtype = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16
-        if low and diff <= _HALF_RTOL * scale:  # a bf16 / fp16 model: rounding of its own precision
-            hint = (f"The model runs in {dtype} ({'8' if dtype == torch.bfloat16 else '11'}-bit "
-                    f"mantissa), and this is rounding at its precision (relative diff {diff / scale:.2g}); the "
-                    f"default atol=1e-4 is meant for float32: pass atol={diff * 2:.2g} (or rtol={_HALF_RTOL:g}), "
-                    f"or deploy the float32 model.")
-        elif diff <= ROUNDING_RTOL * scale:  # e.g. randomly initialised MobileOne: outputs of 1e15 differ by 1e9
-            hint = (f"The original's outputs reach {scale:.3g}, so this is float rounding at that scale (relative "
-                    f"diff {diff / scale:.2g}); with such outputs (random weights?) pass a larger atol, e.g. "
-                    f"atol={diff * 2:.2g}, or rtol={ROUNDING_RTOL:g}, or deploy the model with its trained weights.")
-        elif model is not None and ROUNDING_SENSITIVITY_FACTOR * _rounding_sensitivity(model, example_input) >= diff:
-            # e.g. random-init MobileNetV4-Hybrid with trained-size layer scales: outputs ~5e5, and a 1e-7 change
-            # of the input moves them by ~29 (found by a sweep)
-            wobble = _rounding_sensitivity(model, example_input)
-            hint = (f"The model's own output moves by {wobble:.3g} when each input value moves by one float32 "
-                    f"rounding step: it amplifies rounding (random weights?), so this difference is rounding, which "
-                    f"no backend avoids. Pass a larger atol, e.g. atol={diff * 2:.2g}, or deploy the model with its "
-                    f"trained weights.")
-        else:
-            hint = "Use another backend, or report this with the model name."
+        hint = outside_tolerance_hint(diff, scale, dtypes, model, example_input, what="deploy",
+                                      otherwise="Use another backend, or report this with the model name.")
         raise _OutsideTolerance(
             f"deploy(backend={backend!r}): output differs from the original model by max abs diff {diff:.3g} "
             f"(> tolerance {tolerance:g}). {hint}", diff, tolerance)
     return diff
+
+
+def outside_tolerance_hint(diff: float, scale: float, dtypes: Set[torch.dtype], model: Optional[nn.Module],
+                           example_input: torch.Tensor, what: str, otherwise: str) -> str:
+    """What a difference ``diff`` beyond the tolerance is, and what to do: rounding at a bf16 / fp16 model's
+    precision, float rounding at the scale ``scale`` of the original's outputs, or rounding that ``model`` (the
+    fused model; None: not checked) amplifies; else ``otherwise``. ``dtypes``: the original output's dtypes;
+    ``what``: the call the advice names (``deploy``, ``export``)."""
+    low = bool(dtypes & {torch.float16, torch.bfloat16})
+    dtype = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16
+    if low and diff <= _HALF_RTOL * scale:  # a bf16 / fp16 model: rounding of its own precision
+        return (f"The model runs in {dtype} ({'8' if dtype == torch.bfloat16 else '11'}-bit mantissa), and this is "
+                f"rounding at its precision (relative diff {diff / scale:.2g}); the default atol=1e-4 is meant for "
+                f"float32: pass atol={diff * 2:.2g} (or rtol={_HALF_RTOL:g}), or {what} the float32 model.")
+    if diff <= ROUNDING_RTOL * scale:  # e.g. randomly initialised MobileOne: outputs of 1e15 differ by 1e9
+        return (f"The original's outputs reach {scale:.3g}, so this is float rounding at that scale (relative diff "
+                f"{diff / scale:.2g}); with such outputs (random weights?) pass a larger atol, e.g. "
+                f"atol={diff * 2:.2g}, or rtol={ROUNDING_RTOL:g}, or {what} the model with its trained weights.")
+    if model is not None:
+        # e.g. random-init MobileNetV4-Hybrid with trained-size layer scales: outputs ~5e5, and a 1e-7 change of the
+        # input moves them by ~29 (found by a sweep)
+        wobble = _rounding_sensitivity(model, example_input)
+        if ROUNDING_SENSITIVITY_FACTOR * wobble >= diff:
+            return (f"The model's own output moves by {wobble:.3g} when each input value moves by one float32 "
+                    f"rounding step: it amplifies rounding (random weights?), so this difference is rounding, which "
+                    f"no backend avoids. Pass a larger atol, e.g. atol={diff * 2:.2g}, or {what} the model with its "
+                    f"trained weights.")
+    return otherwise
 
 
 class _OutsideTolerance(RuntimeError):
@@ -518,7 +528,7 @@ def _build_torchscript(model: nn.Module, example_input: torch.Tensor, atol: floa
 
 
 def _build_onnxruntime(model: nn.Module, example_input: torch.Tensor, opset: int) -> DeployedModel:
-    from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx
+    from vitzoo.onnx_runtime import export_onnx, session_for_export
 
     notes = ["eval", FUSED]
     dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
@@ -533,12 +543,12 @@ def _build_onnxruntime(model: nn.Module, example_input: torch.Tensor, opset: int
         raise RuntimeError(f"backend 'onnxruntime': {e}. Return it as a tensor or leave it out, or use "
                            "backend='eager'.") from None
     data = export_onnx(model, example_input.float(), opset=opset)
-    session = OnnxRuntimeModule(data, output_layout=layout)
+    session = session_for_export(data, layout)
     notes += [f"ONNX opset {opset}, dynamic batch", f"ONNX Runtime CPU, {session.num_threads} threads"]
     return DeployedModel(session, "onnxruntime", torch.contiguous_format, notes, fixed_size=True)
 
 
-def _check_arguments(atol: Any, rtol: Any, opset: Any, backend: str) -> None:
+def check_arguments(atol: Any, rtol: Any, opset: Any, backend: str) -> None:
     """Refuse, before any work, an ``atol`` / ``rtol`` that is not a finite number >= 0 and (for the
     ``"onnxruntime"`` backend) an ``opset`` that is not an int the exporter writes (found by an audit: ``atol="1e-4"``
     failed after fusing and building, in words about str and float; ``atol=-1`` then advised a larger atol)."""
@@ -605,7 +615,7 @@ def deploy(
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}.")
     if fp32_precision not in FP32_PRECISIONS:
         raise ValueError(f"fp32_precision={fp32_precision!r}; valid values: {', '.join(FP32_PRECISIONS)}.")
-    _check_arguments(atol=atol, rtol=rtol, opset=opset, backend=backend)
+    check_arguments(atol=atol, rtol=rtol, opset=opset, backend=backend)
     if backend not in available_backends():
         raise RuntimeError(f"backend {backend!r} is not available here (available: "
                            f"{', '.join(available_backends())}); {missing_backend_hint(backend)}.")
@@ -641,8 +651,25 @@ def deploy(
     if verify:
         with full_fp32_precision(example_input.device):
             deployed, diff = _verify(deployed, reference, model, example_input, fusions, atol, rtol, backend)
+        if backend == "onnxruntime":
+            _check_another_batch(deployed, model, example_input, atol, rtol)
         deployed.optimizations.append(f"verified: max abs diff {diff:.2g} vs original")
     return deployed
+
+
+def _check_another_batch(deployed: DeployedModel, model: nn.Module, example_input: torch.Tensor, atol: float,
+                         rtol: float) -> None:
+    """The ONNX graph's batch dimension is dynamic: check it at twice the example's batch size too, against the
+    fused model (found by an audit: a model whose trace baked in the batch size was verified at the example's batch
+    and wrong by 3.4 at another). A difference beyond the tolerance counts only where it is more than rounding:
+    rounding was judged, with its advice, at the example's batch."""
+    from vitzoo.onnx_runtime import session_diff_at_batches
+
+    other = torch.cat([example_input, example_input.flip(-1)]).float()
+    try:
+        session_diff_at_batches(model, deployed.model, [other], example_input.shape[0], atol, rtol)
+    except RuntimeError as e:
+        raise RuntimeError(f"deploy(backend='onnxruntime'): {e}.") from e
 
 
 def _eval_output(model: nn.Module, example_input: torch.Tensor) -> Any:

@@ -28,7 +28,8 @@ from vitzoo.messages import first_line
 from vitzoo.outputs import OutputLayout, UnsupportedOutputError, max_abs_diff_of
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "OnnxExportError", "export_onnx", "OnnxRuntimeModule",
-           "max_abs_diff", "max_abs_diff_and_scale", "require_onnxruntime"]
+           "max_abs_diff", "max_abs_diff_and_scale", "require_onnxruntime", "session_diff_at_batches",
+           "session_for_export"]
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 17
@@ -90,6 +91,10 @@ def export_onnx(
             f"example_input must be a 4-D image tensor (B, C, H, W), got "
             f"{getattr(example_input, 'shape', type(example_input).__name__)}."
         )
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    if size >= PROTOBUF_LIMIT:
+        raise OnnxExportError(f"cannot export this model into one ONNX file: its weights take {size / 2 ** 30:.2f} "
+                              f"GiB; {_TOO_LARGE}")
     try:
         with torch.no_grad():
             output = model(example_input)
@@ -103,14 +108,40 @@ def export_onnx(
     try:
         return _export(model, example_input, opset)
     except Exception as first:  # noqa: BLE001  the exporter fails in many ways; reported below as one error
-        if not _fused_attention_modules(model):
-            raise OnnxExportError(f"torch.onnx.export cannot export this model ({_one_line(first)})") from first
+        if not _fused_attention_modules(model) or _advice(first):
+            raise OnnxExportError(f"torch.onnx.export cannot export this model ({_one_line(first)}){_advice(first)}"
+                                  ) from first
         try:  # timm's attention without F.scaled_dot_product_attention: the same maths, written out
             with _unfused_attention(model):
                 return _export(model, example_input, opset)
-        except Exception:  # noqa: BLE001
-            raise OnnxExportError(f"torch.onnx.export cannot export this model ({_one_line(first)}), also "
-                                  "not with timm's unfused attention") from first
+        except Exception as second:  # noqa: BLE001
+            if _one_line(second) == _one_line(first):
+                raise OnnxExportError(f"torch.onnx.export cannot export this model ({_one_line(first)}), also not "
+                                      f"with timm's unfused attention{_advice(second)}") from first
+            # the retry got past the first failure: its own error is the one left to fix (found by an audit: EVA-02
+            # built with dynamic_img_size=True was reported as the attention error the retry works around)
+            raise OnnxExportError(
+                f"torch.onnx.export cannot export this model ({_one_line(first)}); with timm's unfused attention it "
+                f"fails further on ({_one_line(second)}){_advice(second)}") from second
+
+
+#: protobuf's limit on one serialized message: a graph whose weights reach it cannot be one self-contained file
+PROTOBUF_LIMIT = 2 ** 31
+_TOO_LARGE = ("an ONNX file that holds its weights is limited to 2 GiB (protobuf's limit). torch.onnx.export(model, x, "
+              "'model.onnx') writes larger weights beside the graph as external data; or run the model with "
+              "vitzoo.deploy's 'eager' or 'compile' backend")
+
+
+def _advice(error: Exception) -> str:
+    """What to do about an exporter failure we recognise ('; ...'), else ''."""
+    text = str(error)
+    if "2GiB" in text or "2 GiB" in text:  # constant folding can grow a graph past the limit
+        return "; " + _TOO_LARGE
+    if re.search(r"upsample_\w+_aa", text):
+        return ("; that is antialiased interpolation (F.interpolate(..., antialias=True)), which this exporter cannot "
+                "write. timm's ViTs built with dynamic_img_size=True use it to resample their position embedding at "
+                "run time: create such a model with img_size=(H, W) instead (the graph's size is fixed anyway)")
+    return ""
 
 
 def output_names(count: int) -> List[str]:
@@ -238,11 +269,14 @@ class OnnxRuntimeModule(nn.Module):
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        options.log_severity_level = 4  # fatal only: errors are raised, and its log line (in red) would repeat them
         self.spinning = spinning
         source = onnx_model if isinstance(onnx_model, bytes) else str(Path(onnx_model))
         self.session = ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.num_threads = options.intra_op_num_threads
+        self.run_options = ort.RunOptions()
+        self.run_options.log_severity_level = 4  # as above
 
     def forward(self, x: torch.Tensor) -> Any:
         """The output as the exported model returned it: a tensor, or (with ``output_layout``) the same nesting;
@@ -251,13 +285,64 @@ class OnnxRuntimeModule(nn.Module):
             one = self.forward(x.new_zeros((1, *x.shape[1:])))
             return pytree.tree_map(lambda out: out[:0] if isinstance(out, torch.Tensor) and out.dim() else out, one)
         array = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        outs = [torch.from_numpy(out) for out in self.session.run(None, {self.input_name: array})]
+        outs = [torch.from_numpy(out) for out in self.session.run(None, {self.input_name: array}, self.run_options)]
         if self.output_layout is not None:
             return self.output_layout.nest(outs)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def extra_repr(self) -> str:
         return f"threads={self.num_threads}, spinning={self.spinning}"
+
+
+def session_for_export(onnx_model: bytes, output_layout: OutputLayout) -> OnnxRuntimeModule:
+    """An :class:`OnnxRuntimeModule` for a graph :func:`export_onnx` wrote; ONNX Runtime refusing to load it is an
+    :class:`OnnxExportError` that says so (found by an audit: timm's EVA-02 built with ``dynamic_img_size=True``
+    exported into a graph ONNX Runtime refuses, and its raw "ShapeInferenceError" reached the user)."""
+    try:
+        return OnnxRuntimeModule(onnx_model, output_layout=output_layout)
+    except Exception as e:  # noqa: BLE001  onnxruntime's own exception types (Fail, InvalidGraph, ...)
+        raise OnnxExportError(f"ONNX Runtime cannot load the graph torch.onnx.export wrote for this model "
+                              f"({_one_line(e, limit=400)}): the exporter wrote an invalid graph; run the model with "
+                              f"another backend, or report this with the model name") from e
+
+
+@torch.no_grad()
+def session_diff_at_batches(model: nn.Module, session: nn.Module, inputs: Iterable[torch.Tensor],
+                            exported_batch: int, atol: float, rtol: float) -> Tuple[float, float]:
+    """:func:`max_abs_diff_and_scale` of ``session``, a graph exported at batch size ``exported_batch``, against
+    ``model``. An :class:`OnnxExportError` names the batch size, and where it is not the exported one, the likely
+    cause, when the session fails there or gives outputs of another shape, or when its difference there is beyond
+    both ``atol + rtol * max|output|`` and rounding while the inputs at the exported batch size (if any; else they
+    were checked elsewhere) are within the tolerance (found by an audit: a graph whose batch size the trace had
+    baked in failed at batch 3 in ONNX Runtime's words, or was silently wrong there)."""
+    from vitzoo.inference import ROUNDING_RTOL
+
+    measured = []
+    for x in inputs:
+        expected = pytree.tree_map(lambda t: t.float().cpu() if isinstance(t, torch.Tensor) else t, model(x))
+        try:
+            diff, largest = max_abs_diff_of(session(x), expected)
+        except Exception as e:  # noqa: BLE001  onnxruntime's run errors, or outputs of another shape
+            raise OnnxExportError(batch_failure(x.shape[0], exported_batch, _one_line(e, limit=400))) from e
+        measured.append((x.shape[0], diff, largest))
+    if all(diff <= atol + rtol * largest for batch, diff, largest in measured if batch == exported_batch):
+        for batch, diff, largest in measured:
+            if batch != exported_batch and not diff <= max(atol + rtol * largest, ROUNDING_RTOL * largest):
+                what = f"max abs diff {diff:.3g} to PyTorch's output, {diff / largest:.2g} of its largest"
+                raise OnnxExportError(batch_failure(batch, exported_batch, what))
+    diffs = [diff for _, diff, _ in measured]
+    worst = next((d for d in diffs if d != d), max(diffs, default=0.0))  # a NaN is the worst
+    return worst, max((largest for _, _, largest in measured), default=0.0)
+
+
+def batch_failure(batch: int, exported_batch: int, what: str) -> str:
+    """The message for an exported graph that fails or differs (``what``) at batch size ``batch``."""
+    if batch == exported_batch:
+        return f"the exported graph fails in ONNX Runtime at batch {batch}, the batch it was exported at ({what})"
+    return (f"the graph exported at batch {exported_batch} fails or differs at batch {batch} ({what}): most likely "
+            f"the model's forward turns the batch size into a constant when traced (e.g. x.shape[0] as a Python "
+            f"number in a reshape or an expand), so the graph holds that batch size. Write such shapes with -1 or "
+            f"from the input tensor, or run the model with another backend")
 
 
 @torch.no_grad()
