@@ -326,3 +326,7 @@ def test_a_failed_write_that_names_no_file_names_the_target(tmp_path):
     with pytest.raises(ValueError, match="^not an OS error$"):  # other errors are not touched
         with atomic_open(out, force=True):
             raise ValueError("not an OS error")
+    with pytest.raises(ConnectionResetError) as info:  # nor an OS error that is not a write's (found by a review)
+        with atomic_open(out, force=True):
+            raise ConnectionResetError(104, "Connection reset by peer")
+    assert info.value.filename is None

@@ -7,6 +7,7 @@ interrupted run never leaves a half-written output, and an existing output is re
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -82,19 +83,24 @@ def _interrupt_behind(error: BaseException) -> Optional[BaseException]:
     return None
 
 
+#: The errors a write to a file gives (full disk or quota, file too large, I/O error): one naming no path is about
+#: the file being written; others (a reset connection in the body) are left as they are (found by a review)
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
 def _naming_target(error: OSError, target: Path, temp: Optional[Path], unnamed: bool = False) -> OSError:
     """``error`` re-made to name ``target`` (the path the caller gave) where it names a temporary path of ours.
 
     The user never saw the temp name (``.model.onnx.x1y2.tmp``), so an error about it is confusing. The OS reason
     (``errno``, ``strerror``) and the error's type are kept. ``temp=None`` means every path in ``error`` is a temp
     path (an error of ``mkstemp``/``mkdtemp``, which name only the path they tried). A path inside a temp folder
-    becomes the same path inside ``target``. ``unnamed``: an error that names no path is about ``target`` (a write
-    to the open file: "[Errno 28] No space left on device" alone named nothing, found by an audit). Returns
-    ``error`` itself when there is nothing to rename.
+    becomes the same path inside ``target``. ``unnamed``: a write error (``_WRITE_ERRNOS``) that names no path is
+    about ``target`` (a write to the open file: "[Errno 28] No space left on device" alone named nothing, found by an
+    audit). Returns ``error`` itself when there is nothing to rename.
     """
     if error.errno is None or error.strerror is None:
         return error
-    if unnamed and error.filename is None:
+    if unnamed and error.filename is None and error.errno in _WRITE_ERRNOS:
         return type(error)(error.errno, error.strerror, str(target))
 
     def swap(name: Any) -> Any:
