@@ -78,7 +78,8 @@ def export_onnx(
             exporter failed. Where timm's attention layers call ``F.scaled_dot_product_attention``
             (their ``fused_attn`` flag) and the first try fails, the export is tried once more with those layers
             on their explicit matmul-softmax path (e.g. timm's EVA-02, whose SDPA call torch 2.14's exporter
-            rejects); the flags are restored afterwards.
+            rejects); the flags are restored afterwards, and an error of that retry is the one reported. Also
+            before the exporter runs: weights of ``PROTOBUF_LIMIT`` (2 GiB) or more, which one ONNX file cannot hold.
     """
     require_onnxruntime()
     if opset < MIN_OPSET:
