@@ -543,6 +543,34 @@ def test_img_size_rebuilds_the_zoo_vits():
     assert row["flops"] == expected + layer_norm_flops(len(heads), 102, emb)
 
 
+def test_non_square_img_size_from_the_command_line_and_the_api(capsys, monkeypatch):
+    """--img-size HxW (before: square only; an H x W comparison needed the Python API or a local-dir: config)."""
+    code, out, err = _cli(capsys, "deit_tiny_patch16_224", "--img-size", "96x160", "--no-speed", "--format", "json")
+    (row,) = json.loads(out)
+    tokens = 6 * 10 + 1  # 6 x 10 patches + cls
+    expected = vit_macs(192, [3] * 12, [64] * 12, [768] * 12, tokens, classifiers=1, patches=60)
+    assert code == 0 and row["input_size"] == [3, 96, 160]
+    assert row["flops"] == expected + layer_norm_flops(12, tokens, 192)
+    assert row["params"] == 5_717_416 - (196 - 60) * 192  # the 224 model's, less the position embeddings' rows
+    (same,) = compare(["deit_tiny_patch16_224"], img_size=(96, 160), speed=False)
+    assert same["flops"] == row["flops"]
+    code, out, _ = _cli(capsys, "shvit_s1", "--img-size", "64X64", "--no-speed", "--format", "csv")
+    assert code == 0 and list(csv.DictReader(io.StringIO(out)))[0]["input_size"] == "3x64x64"
+
+    monkeypatch.setattr("vitzoo.compare._build", lambda *a, **k: pytest.fail("built before checking the arguments"))
+    for value, message in (("0x64", "sides must be >= 1, got '0x64'"), ("-8", "sides must be >= 1, got '-8'"),
+                           ("64x", "expects N (for N x N) or HxW, e.g. 224 or 96x160; got '64x'"),
+                           ("3x64x64", "expects N (for N x N) or HxW, e.g. 224 or 96x160; got '3x64x64'")):
+        with pytest.raises(SystemExit) as info:  # argparse's exit, with the usage
+            cli.main(["compare", "shvit_s1", "--img-size", value, "--no-speed"])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.rstrip().endswith(f"error: argument --img-size: {message}"), err
+    with pytest.raises(TypeError, match=r"must be an int or a pair \(H, W\), got 3 values: \(3, 64, 64\)"):
+        compare(["shvit_s1"], img_size=(3, 64, 64), speed=False)
+    with pytest.raises(ValueError, match=r"^img_size \(--img-size\) must be >= 1, got 0$"):
+        compare(["shvit_s1"], img_size=(64, 0), speed=False)
+
+
 def test_paper_cells_only_at_the_papers_input_size(capsys):
     s4_at_256, s4_at_224 = compare(["shvit_s4"], speed=False) + compare(["shvit_s4"], img_size=224, speed=False)
     assert s4_at_256["input_size"] == [3, 256, 256] and s4_at_256["paper_img_size"] == 256

@@ -57,6 +57,23 @@ def test_cli_writes_verified_dynamic_batch_onnx(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["s1.onnx"]
 
 
+def test_cli_exports_a_non_square_img_size(tmp_path, monkeypatch, capsys):
+    """--img-size HxW (before: N for N x N only; H x W needed the Python API or a local-dir: config)."""
+    monkeypatch.setattr("vitzoo.models.create", _create_with_random_norms)
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(123)
+    assert main(["export", "shvit_s1", "--img-size", "32x64"]) == 0
+    assert " at 32x64 (opset 17) -> shvit_s1_32x64.onnx" in capsys.readouterr().err
+    proto = onnx.load(str(tmp_path / "shvit_s1_32x64.onnx"))
+    assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 32, 64]
+    torch.manual_seed(123)
+    reference = _create_with_random_norms("shvit_s1")
+    x = torch.randn(2, 3, 32, 64)
+    with torch.no_grad():
+        expected = reference(x)
+    torch.testing.assert_close(_ort_run(tmp_path / "shvit_s1_32x64.onnx", x), expected, atol=1e-4, rtol=0)
+
+
 def test_cli_model_that_cannot_be_built_is_an_error_not_a_traceback(tmp_path, capsys):
     out = tmp_path / "b.onnx"
     assert main(["export", "nvit_b", "--format", "onnx", "--out", str(out)]) == 1
@@ -622,6 +639,8 @@ def test_cli_checks_the_default_output_name_before_building(tmp_path, capsys, mo
     for model, extra, name in (("shvit_s1", [], "shvit_s1_224.onnx"),
                                ("vit_base_patch16_384", [], "vit_base_patch16_384_384.onnx"),
                                ("shvit_s1", ["--img-size", "96"], "shvit_s1_96.onnx"),
+                               ("shvit_s1", ["--img-size", "96x160"], "shvit_s1_96x160.onnx"),
+                               ("shvit_s1", ["--img-size", "96x96"], "shvit_s1_96.onnx"),
                                (f"local-dir:{folder}", [], "my_s1_64.onnx"),
                                (f"local-dir:{deit}", [], "deit_96x160.onnx")):
         (tmp_path / name).write_bytes(b"old")

@@ -18,9 +18,10 @@ import contextlib
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple, Union
 
 # sub-command name -> module that registers it
 COMMANDS = {
@@ -70,6 +71,21 @@ def named_output(example: str):
             raise argparse.ArgumentTypeError(f"needs a name, e.g. {example}")
         return value
     return check
+
+
+def image_size(value: str) -> Union[int, Tuple[int, int]]:
+    """An argparse type for ``--img-size``: ``N`` for N x N (an int), or ``HxW`` (``96x160``, also ``96,160``) for
+    another shape (a pair ``(H, W)``; a square one as its int), each side >= 1. The shape is written as the
+    ``input`` column of ``vitzoo compare`` and the default file name of ``vitzoo export`` write it."""
+    parts = re.split(r"[xX,]", value.strip())
+    if len(parts) not in (1, 2) or not all(re.fullmatch(r"[+-]?\d+", p.strip()) for p in parts):
+        raise argparse.ArgumentTypeError(f"expects N (for N x N) or HxW, e.g. 224 or 96x160; got {value!r}")
+    sides = [int(p) for p in parts]
+    if min(sides) < 1:
+        raise argparse.ArgumentTypeError(f"sides must be >= 1, got {value!r}")
+    if len(sides) == 1 or sides[0] == sides[1]:
+        return sides[0]
+    return sides[0], sides[1]
 
 
 class Terminated(BaseException):

@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from tqdm.auto import tqdm
 
+from vitzoo.cli import image_size
 from vitzoo.flops import count_flops
 from vitzoo.hub import hub_config
 from vitzoo.messages import cli_message, command_line_advice, error_message, first_line, help_description
@@ -106,6 +107,20 @@ def _check_count(what: str, flag: str, value: object) -> None:
         raise UsageError(f"{what} ({flag}) must be >= 1, got {value}")
 
 
+def _check_img_size(img_size: object) -> Union[int, Tuple[int, int]]:
+    """``img_size`` as :func:`_check_count` checks a count, for an int (N x N) or a pair ``(H, W)`` of them; a
+    pair is returned as a tuple."""
+    if isinstance(img_size, (tuple, list)) and len(img_size) == 2:
+        for side in img_size:
+            _check_count("img_size", "--img-size", side)
+        return int(img_size[0]), int(img_size[1])
+    if isinstance(img_size, (tuple, list)):
+        raise TypeError(f"img_size (--img-size) must be an int or a pair (H, W), got {len(img_size)} values: "
+                        f"{img_size!r}")
+    _check_count("img_size", "--img-size", img_size)
+    return img_size
+
+
 def _device_type(device: object) -> str:
     """torch's type of ``device`` (``"cuda"`` for ``"cuda:1"``); a name torch does not know (``"gpu"``) raises
     :class:`UsageError` before anything is built, not a note on every row."""
@@ -150,7 +165,7 @@ def _build_advice(message: str, name: str) -> str:
 
 
 def _build(
-    names: Sequence[str], explicit: bool, img_size: Optional[int], progress: bool
+    names: Sequence[str], explicit: bool, img_size: Union[None, int, Tuple[int, int]], progress: bool
 ) -> Tuple[list, Dict[str, str]]:
     """Build and count each model; returns ``[(name, model, report)]`` and ``{name: reason}`` for skipped ones."""
     built, skipped = [], {}
@@ -331,7 +346,7 @@ def _measure_on(
 
 def _compare(
     models: Optional[Sequence[str]],
-    img_size: Optional[int],
+    img_size: Union[None, int, Tuple[int, int]],
     batch_size: Optional[int],
     threads: Optional[int],
     speed: bool,
@@ -340,8 +355,9 @@ def _compare(
     rounds: int,
     progress: bool,
 ) -> Tuple[List[Dict[str, Any]], Dict[str, str]]:
-    for what, flag, value in (("img_size", "--img-size", img_size), ("batch_size", "--batch", batch_size),
-                              ("threads", "--threads", threads)):
+    if img_size is not None:
+        img_size = _check_img_size(img_size)
+    for what, flag, value in (("batch_size", "--batch", batch_size), ("threads", "--threads", threads)):
         if value is not None:  # None: the default
             _check_count(what, flag, value)
     _check_count("rounds", "--rounds", rounds)
@@ -377,7 +393,7 @@ def _compare(
 def compare(
     models: Union[str, Iterable[str], None] = None,
     *,
-    img_size: Optional[int] = None,
+    img_size: Union[None, int, Tuple[int, int]] = None,
     batch_size: Optional[int] = None,
     threads: Optional[int] = None,
     speed: bool = True,
@@ -393,7 +409,7 @@ def compare(
             one name as a str; default :data:`vitzoo.models.DEFAULT_MODELS`. A model that cannot be built (``nvit_*``
             without its dims record) or counted at this size is skipped with a warning saying why; in the default
             set, so is a name that is not registered.
-        img_size: Square input size; default: each model's pretrained cfg input size.
+        img_size: Input size: an int for N x N, or ``(H, W)``; default: each model's pretrained cfg input size.
         batch_size: Images per batch; default 16 on CPU, 256 on GPU.
         threads: ``torch.set_num_threads`` while measuring (restored afterwards; torch's setting when None).
         speed: Measure throughput/latency; False gives counts only (fast).
@@ -506,7 +522,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("models", nargs="*", metavar="MODEL",
                    help="timm model names, optionally with a pretrained tag, or weights folders (local-dir:PATH, "
                         "hf-hub:org/name); default: the zoo and its rivals")
-    p.add_argument("--img-size", type=int, default=None, help="square input size (default: the model's cfg)")
+    p.add_argument("--img-size", type=image_size, default=None, metavar="N|HxW",
+                   help="input size: N for N x N, or HxW, e.g. 96x160 (default: the model's cfg)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: 16 on CPU, 256 on GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     p.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")

@@ -20,6 +20,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from vitzoo.atomic import atomic_open, check_new_file
+from vitzoo.cli import image_size
 from vitzoo.models import _as_size
 
 __all__ = ["ExportError", "export_verified_onnx", "register", "run"]
@@ -197,9 +198,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=_onnx_file, default=None,
                         help="output file (default: MODEL_IMGSIZE.onnx, e.g. deit_224.onnx, or deit_96x160.onnx for "
                              "a model built for H x W 96x160)")
-    parser.add_argument("--img-size", type=int, default=None,
-                        help="square input size N, for NxN (default: the model's own H x W: its cfg's, or the size "
-                             "a ViT was built for)")
+    parser.add_argument("--img-size", type=image_size, default=None, metavar="N|HxW",
+                        help="input size: N for N x N, or HxW, e.g. 96x160 (default: the model's own H x W: its "
+                             "cfg's, or the size a ViT was built for)")
     parser.add_argument("--opset", type=_opset, default=17,
                         help="ONNX opset version: 17 up to the newest torch's exporter writes (20 in torch 2.14)")
     parser.add_argument("--atol", type=_tolerance, default=DEFAULT_ATOL,
@@ -241,7 +242,7 @@ def _onnx_file(value: str) -> Path:
     return Path(value)
 
 
-def _create(name: str, img_size: Optional[int], pretrained: bool) -> torch.nn.Module:
+def _create(name: str, img_size: Union[None, int, Tuple[int, int]], pretrained: bool) -> torch.nn.Module:
     import timm
 
     from vitzoo.hub import load_pretrained_model
@@ -324,16 +325,13 @@ def run(args: argparse.Namespace) -> int:
 
     args.model = canonical_prefix(args.model)  # the prefix in any case, as compare and timm read it
 
-    if args.img_size is not None and args.img_size < 1:
-        print(f"error: --img-size must be positive, got {args.img_size}", file=sys.stderr)
-        return 2
     # the name, and where the file goes, are checked before the model is built (or its weights downloaded)
     try:
         size = _default_img_size(args.model)
     except UnknownModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    size = (args.img_size, args.img_size) if args.img_size else size
+    size = _as_size(args.img_size) if args.img_size else size
     stem = _file_stem(args.model)
     out = args.out or (Path(f"{stem}_{_size_text(size)}.onnx") if size else None)
     try:
@@ -356,12 +354,12 @@ def run(args: argparse.Namespace) -> int:
         return 1
     own = model_input_size(model)
     if args.img_size:
-        size = (args.img_size, args.img_size)
+        size = _as_size(args.img_size)
     elif own is not None:
         size = own[1:]
     else:
         print(f"error: cannot tell the input size of {args.model} (no pretrained_cfg input size, no fixed image "
-              f"size); pass --img-size N", file=sys.stderr)
+              f"size); pass --img-size N (or HxW)", file=sys.stderr)
         return 1
     out = args.out or Path(f"{stem}_{_size_text(size)}.onnx")
     print(f"exporting {args.model} at {size[0]}x{size[1]} (opset {args.opset}) -> {out}", file=sys.stderr)
