@@ -772,7 +772,11 @@ def test_api_takes_the_models_channels_and_size(tmp_path):
     for bad in (0, (32,), (32, 0), True, "64"):
         with pytest.raises(ValueError, match=r"img_size must be a positive int or a pair \(H, W\)"):
             export_verified_onnx(model, tmp_path / "x.onnx", bad)
-    assert sorted(os.listdir(tmp_path)) == ["r18.onnx", "vit.onnx", "wide.onnx"]
+    with pytest.raises(ValueError, match=r"^in_chans=3, but the model takes 1 input channels \(its in_chans\); "
+                                         r"leave in_chans out, or create the model for 3-channel images"):
+        export_verified_onnx(model, tmp_path / "x.onnx", 64, in_chans=3)  # before: torch's convolution message
+    export_verified_onnx(model, tmp_path / "same.onnx", 32, in_chans=1)  # the model's own count is fine
+    assert sorted(os.listdir(tmp_path)) == ["r18.onnx", "same.onnx", "vit.onnx", "wide.onnx"]
 
 
 def test_an_export_error_keeps_the_operator_it_occurred_in():

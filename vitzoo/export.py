@@ -77,7 +77,8 @@ def export_verified_onnx(
             the difference is: rounding at the outputs' scale, or a different result), or ONNX Runtime cannot load
             or run the graph at a verification batch size; nothing is written.
         OnnxExportError: torch's exporter cannot export the model (``vitzoo.onnx_runtime``).
-        ValueError: ``img_size`` or ``in_chans`` is not a positive int (or pair), or ``img_size`` is not given and
+        ValueError: ``img_size`` or ``in_chans`` is not a positive int (or pair), or ``in_chans`` is not the
+            channel count the model records (its ``in_chans``), or ``img_size`` is not given and
             the model does not tell its input size, or the model is on the ``meta`` device (not materialised), or
             ``atol`` / ``rtol`` is not a finite number >= 0, or ``opset`` not an int the exporter writes.
         TypeError: ``model`` is not an ``nn.Module``, or is a deployed or ``torch.compile``-d model (pass the
@@ -109,6 +110,10 @@ def export_verified_onnx(
         in_chans = model_in_chans(model)
     elif isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
         raise ValueError(f"in_chans must be a positive int, got {in_chans!r}; leave it out to use the model's own.")
+    elif isinstance(getattr(model, "in_chans", None), int) and in_chans != model.in_chans:  # as deploy() checks
+        raise ValueError(f"in_chans={in_chans}, but the model takes {model.in_chans} input channels (its in_chans); "
+                         f"leave in_chans out, or create the model for {in_chans}-channel images (timm: "
+                         f"in_chans={in_chans}).")
     out = Path(out)
     check_new_file(out, force)  # before the export: a folder, an existing file, a missing or unwritable folder
     dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
