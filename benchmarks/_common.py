@@ -16,17 +16,40 @@ from torch import nn
 
 from vitzoo.speed import Timing, measure
 
-__all__ = ["base_parser", "cpu_info", "print_machine", "randomize_norm_stats", "inference", "timed", "print_table",
-           "wall_ms"]
+__all__ = ["base_parser", "positive_int", "cpu_info", "print_machine", "randomize_norm_stats", "inference", "timed",
+           "print_table", "wall_ms"]
+
+
+def positive_int(value: str) -> int:
+    """An argparse type: an int >= 1 (``--threads 0`` was torch's traceback, found by an audit)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects an int >= 1, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expects an int >= 1, got {value!r}")
+    return number
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects seconds > 0, got {value!r}") from None
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"expects seconds > 0, got {value!r}")
+    return number
 
 
 def base_parser(description: str, batch: int = 16, rounds: int = 7,
                 threads: Sequence[int] = (1, 2)) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--rounds", type=int, default=rounds, help="interleaved timed rounds (median reported)")
-    parser.add_argument("--batch", type=int, default=batch, help="images per call")
-    parser.add_argument("--threads", type=int, nargs="+", default=list(threads), help="torch/ORT thread counts")
-    parser.add_argument("--min-time", type=float, default=0.3, help="minimum seconds per timing")
+    parser.add_argument("--rounds", type=positive_int, default=rounds,
+                        help="interleaved timed rounds (median reported)")
+    parser.add_argument("--batch", type=positive_int, default=batch, help="images per call")
+    parser.add_argument("--threads", type=positive_int, nargs="+", default=list(threads),
+                        help="torch/ORT thread counts")
+    parser.add_argument("--min-time", type=_positive_seconds, default=0.3, help="minimum seconds per timing")
     return parser
 
 

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import vitzoo  # noqa: E402,F401
-from _common import print_machine, print_table, randomize_norm_stats  # noqa: E402
+from _common import positive_int, print_machine, print_table, randomize_norm_stats  # noqa: E402
 from vitzoo.inference import deploy  # noqa: E402
 
 CASES = {"shvit_s1": 224, "shvit_s4": 256}
@@ -74,10 +74,10 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--threads", nargs="+", type=int, default=[2])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--calls", type=int, default=10, help="calls per variant per round")
+    parser.add_argument("--threads", nargs="+", type=positive_int, default=[2])
+    parser.add_argument("--batch", type=positive_int, default=16)
+    parser.add_argument("--rounds", type=positive_int, default=8)
+    parser.add_argument("--calls", type=positive_int, default=10, help="calls per variant per round")
     args = parser.parse_args()
     print_machine(args.threads)
     caller_threads = torch.get_num_threads()

@@ -28,7 +28,8 @@ from timm.utils import reparameterize_model  # noqa: E402
 
 import vitzoo.inference  # noqa: E402
 import vitzoo.onednn_rewrite  # noqa: E402
-from _common import base_parser, inference, print_machine, print_table, randomize_norm_stats, timed  # noqa: E402
+from _common import (base_parser, inference, positive_int, print_machine, print_table,  # noqa: E402
+                     randomize_norm_stats, timed)
 from vitzoo.inference import deploy  # noqa: E402
 from vitzoo.module_hooks import HookKeepingTracer  # noqa: E402
 
@@ -55,7 +56,7 @@ def _layout(deployed) -> str:
 def main() -> int:
     parser = base_parser(__doc__.splitlines()[0], batch=2, threads=(1,))
     parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--img-size", type=int, default=96)
+    parser.add_argument("--img-size", type=positive_int, default=96)
     args = parser.parse_args()
     print_machine(args.threads)
     rows = []

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import vitzoo  # noqa: E402,F401
-from _common import print_machine, print_table, randomize_norm_stats  # noqa: E402
+from _common import positive_int, print_machine, print_table, randomize_norm_stats  # noqa: E402
 from vitzoo import amx_gemm, image_conv  # noqa: E402
 from vitzoo.inference import deploy  # noqa: E402
 
@@ -82,10 +82,10 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--switches", nargs="+", default=list(SWITCHES), choices=SWITCHES)
     parser.add_argument("--precisions", nargs="+", default=["bf16x3", "ieee"], choices=["bf16x3", "ieee"])
-    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=25)
-    parser.add_argument("--calls", type=int, default=4, help="calls per variant per round")
+    parser.add_argument("--threads", nargs="+", type=positive_int, default=[1, 2])
+    parser.add_argument("--batch", type=positive_int, default=16)
+    parser.add_argument("--rounds", type=positive_int, default=25)
+    parser.add_argument("--calls", type=positive_int, default=4, help="calls per variant per round")
     args = parser.parse_args()
     print_machine(args.threads)
     rows = []

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 import vitzoo  # noqa: E402,F401
 from _common import (  # noqa: E402
-    base_parser, cpu_info, inference, print_machine, print_table, randomize_norm_stats, timed,
+    base_parser, cpu_info, inference, positive_int, print_machine, print_table, randomize_norm_stats, timed,
 )
 from _isolated import measure_isolated  # noqa: E402
 from vitzoo.inference import deploy  # noqa: E402
@@ -141,8 +141,8 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["shvit_s1", "shvit_s4"], choices=list(CASES))
     parser.add_argument("--ghz", type=float, default=None,
                         help="nominal clock in GHz (default: cpufreq base_frequency, else /proc/cpuinfo cpu MHz)")
-    parser.add_argument("--fma-units", type=int, default=None)
-    parser.add_argument("--lanes", type=int, default=None)
+    parser.add_argument("--fma-units", type=positive_int, default=None)
+    parser.add_argument("--lanes", type=positive_int, default=None)
     parser.add_argument("--no-isolate", dest="isolate", action="store_false",
                         help="time the models in this process instead of one process each")
     args = parser.parse_args()

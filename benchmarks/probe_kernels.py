@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from _common import print_machine, wall_ms  # noqa: E402
+from _common import positive_int, print_machine, wall_ms  # noqa: E402
 
 # (rows, in, out) of SHViT-S1's 1x1 convolutions at batch 16
 LINEAR_SHAPES = [(16 * 49, 448, 224), (16 * 49, 224, 448), (16 * 16, 640, 320), (16 * 16, 320, 640),
@@ -153,7 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--probes", nargs="+", default=["linear", "precision", "amx", "depthwise"],
                         choices=["linear", "precision", "amx", "depthwise"])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print_machine([args.threads])

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from timm.utils import reparameterize_model  # noqa: E402
 
 import vitzoo  # noqa: E402
-from _common import print_machine, randomize_norm_stats  # noqa: E402
+from _common import positive_int, print_machine, randomize_norm_stats  # noqa: E402
 from vitzoo.onednn_rewrite import PackedConv2d  # noqa: E402
 from vitzoo.onnx_runtime import export_onnx  # noqa: E402
 
@@ -106,12 +106,12 @@ def ort_conv_times(model: torch.nn.Module, x: torch.Tensor, threads: int, iters:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shvit_s1", choices=sorted(RESOLUTION))
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--pack-batch", type=int, default=None,
+    parser.add_argument("--batch", type=positive_int, default=16)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--iters", type=positive_int, default=5)
+    parser.add_argument("--pack-batch", type=positive_int, default=None,
                         help="batch the oneDNN weights are first packed for (default: --batch)")
-    parser.add_argument("--top", type=int, default=12, help="rows to print")
+    parser.add_argument("--top", type=positive_int, default=12, help="rows to print")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print_machine([args.threads])

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from timm.utils import reparameterize_model  # noqa: E402
 
 import vitzoo  # noqa: E402
-from _common import print_machine, randomize_norm_stats, wall_ms  # noqa: E402
+from _common import positive_int, print_machine, randomize_norm_stats, wall_ms  # noqa: E402
 from profile_shvit_layers import RESOLUTION, ort_conv_times  # noqa: E402
 from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx  # noqa: E402
 
@@ -130,10 +130,10 @@ def by_kind(per_shape: Dict[str, float]) -> Dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shvit_s1", choices=sorted(RESOLUTION))
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--top", type=int, default=10, help="per-layer rows to print")
+    parser.add_argument("--batch", type=positive_int, default=16)
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--iters", type=positive_int, default=10)
+    parser.add_argument("--top", type=positive_int, default=10, help="per-layer rows to print")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print_machine([args.threads])

@@ -10,7 +10,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import bench_deploy_ablation as ablation  # noqa: E402
-from _common import randomize_norm_stats  # noqa: E402
+from _common import base_parser, randomize_norm_stats  # noqa: E402
 import vitzoo  # noqa: E402
 from vitzoo import amx_gemm, image_conv  # noqa: E402
 from vitzoo.onednn_rewrite import PackedConv2d  # noqa: E402
@@ -254,3 +254,17 @@ def test_half_batches_variants_compute_the_batch_and_the_slices_run_on_one_threa
     whole, *slices = seen
     assert whole[1:] == (2, 2) and whole[0] == threading.get_ident()
     assert sorted(s[1:] for s in slices) == [(1, 1), (1, 1)] and threading.get_ident() not in {s[0] for s in slices}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "0"], "argument --threads: expects an int >= 1, got '0'"),
+    (["--batch", "-2"], "argument --batch: expects an int >= 1, got '-2'"),
+    (["--rounds", "x"], "argument --rounds: expects an int >= 1, got 'x'"),
+    (["--min-time", "0"], "argument --min-time: expects seconds > 0, got '0'"),
+])
+def test_benchmark_counts_are_checked_as_the_arguments_are_read(argv, message, capsys):
+    """Found by an audit: `--threads 0` or `--batch 0` ended in torch's traceback after the models were built."""
+    with pytest.raises(SystemExit) as info:
+        base_parser("x").parse_args(argv)
+    assert info.value.code == 2 and capsys.readouterr().err.rstrip().endswith(message)
+    assert base_parser("x").parse_args(["--threads", "1", "2", "--batch", "4"]).threads == [1, 2]

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import sys
+import time
 import types
 
 import pytest
@@ -798,3 +799,121 @@ def test_skip_notes_give_the_commands_advice(capsys, monkeypatch, tmp_path):
     hub_note = next(line for line in err.splitlines() if "skipped hf-hub:org/repo" in line)
     assert "config.json of 'org/repo', which timm reads first for an hf-hub: name, is not in the Hub cache" \
         in hub_note and "HF_HUB_OFFLINE=1" in hub_note and "hf download org/repo config.json" in hub_note, hub_note
+
+
+# ----------------------------------------------------------------------------------- found by the session-30 audit
+
+def test_a_timing_lasts_min_time_even_when_the_first_call_is_slow(monkeypatch):
+    """Found by an audit: the only warm-up call also chose how many calls a timing makes, and a path's first call is
+    its slowest (the default path's is its first ever), so timings lasted 0.1 s, not the documented 0.15 s."""
+    from vitzoo import compare as compare_module
+
+    calls = []  # (start, end) of each call
+
+    def slow_first():
+        start = time.perf_counter()
+        time.sleep(0.3 if not calls else 0.002)
+        calls.append((start, time.perf_counter()))
+
+    monkeypatch.setattr(compare_module, "_runners", lambda *a, **k: {compare_module.DEFAULT_PATH: slow_first})
+    (row,) = compare(["shvit_s1"], img_size=32, batch_size=1, rounds=1, threads=1, devices="cpu", backends="eager")
+    timed = calls[2:]  # after one untimed call and one that calibrates
+    # calibrated on a 2 ms call: ~0.15 s (sleep's overshoot varies from call to call; the old code timed one call)
+    assert timed[-1][1] - timed[0][0] >= 0.15 / 2, f"{len(timed)} calls timed"
+    assert 1 / row["throughput"] == pytest.approx(sum(e - s for s, e in timed) / len(timed), rel=0.2)
+
+
+def test_compare_leaves_the_callers_random_stream_as_it_was(fake_deploy):
+    """Found by an audit: compare() drew the models' random weights and inputs from the caller's seeded stream (a
+    seeded run changed by comparing first), as count_flops once did."""
+    for kwargs in (dict(speed=False), dict(batch_size=1, rounds=1, threads=1, devices="cpu", backends="eager")):
+        torch.manual_seed(0)
+        compare(["shvit_s1"], img_size=32, **kwargs)
+        after = torch.rand(3)
+        torch.manual_seed(0)
+        assert torch.equal(after, torch.rand(3)), kwargs
+
+
+def test_long_names_are_never_cut_in_the_table(capsys):
+    """Found by an audit: the table was drawn 220 columns wide, so a long hf-hub: / local-dir: name ended in "…"
+    and two tags of one architecture could look the same."""
+    (row,) = compare(["shvit_s1"], img_size=32, speed=False)
+    names = ["hf-hub:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k_" + "x" * 150 + tag for tag in ("a", "b")]
+    table = format_rows([{**row, "model": name} for name in names], "table")
+    assert all(name in table for name in names) and "…" not in table
+
+
+def test_the_speed_columns_stay_when_every_timing_failed(fake_deploy, monkeypatch):
+    """Found by an audit: when no model could be timed (out of memory at the batch), the table dropped the device,
+    batch and speed columns and looked like --no-speed output."""
+    from vitzoo import compare as compare_module
+
+    def measure(runners, batch, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(compare_module, "measure", measure)
+    rows = compare(["shvit_s1"], img_size=32, batch_size=1, rounds=1, threads=1, devices="cpu", backends="eager")
+    assert rows[0]["throughput"] is None
+    header = format_rows(rows, "md").splitlines()[0]
+    assert "| device |" in header and "| img/s |" in header
+    no_speed = format_rows(compare(["shvit_s1"], img_size=32, speed=False), "md").splitlines()[0]
+    assert "device" not in no_speed and "img/s" not in no_speed
+
+
+def test_a_plot_of_two_devices_has_a_front_per_device_and_marks_default_path_points(capsys, monkeypatch, tmp_path):
+    """Found by an audit: with cpu and cuda rows one Pareto front was drawn, on which no CPU row could be (each is
+    beaten by its own GPU row); and a model whose deployed paths all failed was plotted at its default path's
+    speed under the "fastest path" label, unmarked."""
+    rows = []
+    for device, speed in (("cpu", 1.0), ("cuda", 50.0)):
+        for name, flops, tput, fastest in (("a", 1e9, 100.0, 150.0), ("b", 2e9, 80.0, None)):
+            (row,) = compare(["shvit_s1"], img_size=32, speed=False)
+            rows.append({**row, "model": name, "flops": flops, "device": device, "batch_size": 1, "threads": 1,
+                         "throughput": tput * speed, "throughput_fastest": fastest and fastest * speed})
+    monkeypatch.setattr("vitzoo.compare._compare", lambda *a, **k: (rows, {}))
+    plotted = {}
+    monkeypatch.setattr("vitzoo.plot.write_pareto_plot",
+                        lambda points, path, **k: plotted.update(points=points, **k) or path)
+    code, out, err = _cli(capsys, "shvit_s1", "--plot", str(tmp_path / "p.png"))
+    assert code == 0, err
+    assert [p[0] for p in plotted["points"]] == ["a", "b (default path)", "a (cuda)", "b (cuda) (default path)"]
+    assert [p[2] for p in plotted["points"]] == [150.0, 80.0, 7500.0, 4000.0]
+    assert plotted["groups"] == ["cpu", "cpu", "cuda", "cuda"]
+
+    from vitzoo.plot import pareto_figure
+    fig, _ = pareto_figure(plotted["points"], groups=plotted["groups"])
+    lines = {line.get_label(): list(line.get_xdata()) for line in fig.axes[0].get_lines()}
+    assert lines == {"Pareto front (cpu)": [1.0, 2.0], "Pareto front (cuda)": [1.0, 2.0]}
+    fig, _ = pareto_figure(plotted["points"])  # without groups: the GPU rows dominate
+    assert {line.get_label(): list(line.get_xdata()) for line in fig.axes[0].get_lines()} == {
+        "Pareto front": [1.0, 2.0]} and len(pareto_front(plotted["points"])) == 2
+    with pytest.raises(ValueError, match="groups must name one group per point: 1 groups for 4 points"):
+        pareto_figure(plotted["points"], groups=["cpu"])
+
+
+def test_paper_numbers_are_ints_as_flops_is(capsys):
+    """Found by an audit: "paper_flops": 241000000.0 beside "flops": 241400128 in JSON and CSV."""
+    code, out, _ = _cli(capsys, "shvit_s1", "mobilenetv3_large_100", "--no-speed", "--format", "json")
+    rows = json.loads(out)
+    pairs = [(r["paper_flops"], r["paper_params"]) for r in rows]
+    assert code == 0 and pairs == [(241_000_000, 6_300_000), (217_000_000, 5_400_000)]
+    assert all(type(r["paper_flops"]) is int and type(r["paper_params"]) is int for r in rows)
+    code, out, _ = _cli(capsys, "shvit_s1", "--no-speed", "--format", "csv")
+    assert list(csv.DictReader(io.StringIO(out)))[0]["paper_flops"] == "241000000"
+
+
+def test_cuda_and_cuda_0_are_one_device_timed_at_the_gpu_batch(monkeypatch):
+    """Found by an audit: compare(devices="cuda:0") timed at the CPU's batch 16 (the default batch was looked up
+    by the device's spelling), and devices=["cuda", "cuda:0"] measured one GPU twice."""
+    import contextlib
+
+    from vitzoo import compare as compare_module
+
+    measured = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.random, "fork_rng", lambda **k: contextlib.nullcontext())
+    monkeypatch.setattr(compare_module, "_measure_on",
+                        lambda device, built, batch, *a: measured.append((device, batch)) or [])
+    compare(["shvit_s1"], img_size=32, devices=["cuda:0", "cuda", "cpu", "cpu"], backends="eager")
+    assert measured == [("cuda:0", 256), ("cpu", 16)]

@@ -97,3 +97,15 @@ def test_an_axis_spanning_less_than_a_decade_gets_more_than_one_label():
     labels = {t.get_text() for t in ax.yaxis.get_ticklabels(minor=True) if t.get_text()
               and low <= t.get_position()[1] <= high}
     assert labels and "300" not in labels and "400" not in labels
+
+
+def test_a_long_title_is_wrapped_inside_the_figure():
+    """Found by an audit: the machine header of a CUDA machine (GPU name, two batch sizes) ran 150 pixels past both
+    edges of the figure."""
+    title = ("machine: AMD EPYC 7763 64-Core Processor, 2 threads, GPU NVIDIA H100 80GB HBM3; torch 2.14.1+cu126, "
+             "timm 1.0.31; batch 16 on cpu, batch 256 on cuda")
+    fig, _ = pareto_figure([("shvit_s1", 241.4e6, 285.0), ("deit_tiny", 1.26e9, 200.0)], title=title)
+    fig.canvas.draw()
+    box = fig.axes[0].title.get_window_extent(fig.canvas.get_renderer())
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.x1, (box, fig.bbox)
+    assert fig.axes[0].title.get_text().replace("\n", " ") == title

@@ -107,6 +107,14 @@ def _check_count(what: str, flag: str, value: object) -> None:
         raise UsageError(f"{what} ({flag}) must be >= 1, got {value}")
 
 
+def _device_key(device: str) -> str:
+    """What ``device`` measures on: ``"cuda"`` is the current GPU, ``"cuda:0"`` where that is GPU 0."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return str(dev)
+
+
 def _check_img_size(img_size: object) -> Union[int, Tuple[int, int]]:
     """``img_size`` as :func:`_check_count` checks a count, for an int (N x N) or a pair ``(H, W)`` of them; a
     pair is returned as a tuple."""
@@ -283,8 +291,8 @@ def _row(name: str, report, device: Optional[str], batch: Optional[int],
         "fastest_backend": None,
         "throughput_by_path": {},
         "threads": None,
-        "paper_flops": paper.flops if same_size else None,
-        "paper_params": paper.params if paper else None,
+        "paper_flops": round(paper.flops) if same_size else None,  # ints, as "flops" is
+        "paper_params": round(paper.params) if paper else None,
         "paper_top1": paper.top1 if same_size else None,
         "paper_source": paper.source if paper else None,
         "paper_img_size": paper.img_size if paper else None,
@@ -311,8 +319,10 @@ def _measure_on(
         runners = None
         try:  # the input batch itself may not fit in memory (--batch 100000)
             runners = _runners(model, report, device, batch, backends, notes, precisions)
-            timings = measure(runners, batch, rounds=rounds, warmup=1, min_time=0.15, device=torch.device(device),
-                              progress=progress, desc=f"measuring {name}")
+            # one untimed call, then one that calibrates the calls per timing: a path's first call (the default
+            # path's is its first ever) is slow and chose too few (found by an audit: 0.1 s timings, not 0.15 s)
+            timings = measure(runners, batch, rounds=rounds, warmup=2, min_time=0.15, max_calls=500,
+                              device=torch.device(device), progress=progress, desc=f"measuring {name}")
         except (RuntimeError, MemoryError, ValueError) as e:  # e.g. out of memory at this batch: keep the other rows
             timings = None
             failure = f"not measured at batch {batch}: {type(e).__name__}: {first_line(e)}"
@@ -361,7 +371,14 @@ def _compare(
         if value is not None:  # None: the default
             _check_count(what, flag, value)
     _check_count("rounds", "--rounds", rounds)
-    devices = list(dict.fromkeys(devices)) if devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if devices:  # one row per device: "cuda" and "cuda:0" are the same GPU (where it is the current one)
+        unique: Dict[str, str] = {}
+        for device in devices:
+            _device_type(device)  # an unknown name first
+            unique.setdefault(_device_key(device), device)
+        devices = list(unique.values())
+    else:
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     cuda = [d for d in devices if _device_type(d) == "cuda"]
     if cuda and not torch.cuda.is_available():
         raise UsageError(f"--device {cuda[0]} was asked for but torch.cuda.is_available() is False; "
@@ -373,6 +390,16 @@ def _compare(
     if models:
         for name in names:  # every name before any model is built: a typo at the end of a long list fails at once
             resolve_name(name, allow_folders=True)
+    # the models' random weights and inputs come from torch's generators: the caller's seeded stream is left as it
+    # was (as count_flops leaves it; found by an audit)
+    gpus = [torch.device(_device_key(d)).index for d in cuda]
+    with torch.random.fork_rng(devices=gpus):
+        return _build_and_measure(names, models, img_size, batch_size, threads, speed, devices, backends, rounds,
+                                  progress)
+
+
+def _build_and_measure(names, models, img_size, batch_size, threads, speed, devices, backends, rounds, progress):
+    """:func:`_compare` once its arguments are checked."""
     built, skipped = _build(names, explicit=bool(models), img_size=img_size, progress=progress)
     if not speed:
         return [_row(name, report, None, None, getattr(model, "num_classes", None))
@@ -383,7 +410,7 @@ def _compare(
         torch.set_num_threads(threads)
     try:
         for device in devices:
-            batch = batch_size or DEFAULT_BATCH.get(device, 16)
+            batch = batch_size or DEFAULT_BATCH.get(_device_type(device), 16)
             rows += _measure_on(device, built, batch, backends or _default_backends(device), rounds, progress)
     finally:
         torch.set_num_threads(saved_threads)
@@ -491,7 +518,7 @@ def format_rows(rows: List[Dict[str, Any]], fmt: str) -> str:
         for r in rows:
             writer.writerow({**r, "input_size": "x".join(str(v) for v in r["input_size"])})
         return out.getvalue().rstrip("\n")
-    speed = any(r["throughput"] is not None for r in rows)
+    speed = any(r["device"] is not None for r in rows)  # measured, if only to fail (out of memory): say where
     header, body = _table_rows(rows, speed)
     if fmt == "md":
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -508,7 +535,9 @@ def format_rows(rows: List[Dict[str, Any]], fmt: str) -> str:
         for cells in body:
             table.add_row(*(escape(cell) for cell in cells))  # a folder name may contain "[...]"
         buf = io.StringIO()
-        Console(file=buf, width=220, force_terminal=False).print(table)
+        # the table's own width, however wide: names are never cut ("hf-hub:timm/vit_base_patch16_224.augreg2…"
+        # at 220 columns, found by an audit); a narrower terminal wraps the lines, --format md / csv stay greppable
+        Console(file=buf, width=100_000, force_terminal=False).print(table)
         return buf.getvalue().rstrip("\n")
     raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
@@ -637,11 +666,16 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(format_rows(rows, args.format))
     if args.plot:
-        points = [(r["model"] + ("" if r["device"] in (None, "cpu") else f" ({r['device']})"), r["flops"],
-                   r["throughput_fastest"] or r["throughput"]) for r in rows if r["throughput"] is not None]
-        try:
-            path = write_pareto_plot(points, args.plot, force=args.force,
-                                     title=_header(info, rows), ylabel="throughput, fastest path (img/s)")
+        measured = [r for r in rows if r["throughput"] is not None]
+        # a model whose deployed paths all failed is plotted at its default path's speed, and says so
+        points = [(r["model"] + ("" if r["device"] in (None, "cpu") else f" ({r['device']})")
+                   + ("" if r["throughput_fastest"] else " (default path)"), r["flops"],
+                   r["throughput_fastest"] or r["throughput"]) for r in measured]
+        devices = [r["device"] for r in measured]
+        try:  # a front per device: a CPU row is not "dominated" by the same model on the GPU
+            path = write_pareto_plot(points, args.plot, force=args.force, title=_header(info, rows),
+                                     ylabel="throughput, fastest path (img/s)",
+                                     groups=devices if len(set(devices)) > 1 else None)
         except (OSError, ValueError) as e:
             print(f"error: {cli_message(e)}", file=err)
             return 1

@@ -7,6 +7,7 @@ capacity here; models below the front spend their FLOPs less efficiently on this
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -17,6 +18,7 @@ __all__ = ["LabelPlacement", "check_matplotlib", "check_writable", "pareto_figur
            "place_labels", "write_pareto_plot"]
 
 Point = Tuple[str, float, float]  # (label, flops, throughput)
+_TITLE_CHARS = 90  # characters per title line at fontsize 10 in the 8-inch figure (a machine header is longer)
 
 
 def pareto_front(points: Sequence[Point]) -> List[Point]:
@@ -175,15 +177,22 @@ def _minor_label(value: float, view: Sequence[float]) -> str:
 
 
 def pareto_figure(points: Sequence[Point], *, title: str = "FLOPs vs measured throughput",
-                  ylabel: str = "throughput (img/s)"):
+                  ylabel: str = "throughput (img/s)", groups: Optional[Sequence[str]] = None):
     """The plot as a matplotlib ``Figure`` (Agg canvas), and where each point's label went (in ``points`` order).
 
+    ``groups`` (one name per point, e.g. the device it was measured on) gives each group its own colour and its own
+    Pareto front: a CPU model is never "dominated" by a GPU row. A long ``title`` is wrapped to the figure's width.
+
     Raises:
-        ValueError: No point with positive FLOPs and throughput.
+        ValueError: No point with positive FLOPs and throughput, or ``groups`` not one name per point.
     """
-    points = [(str(lbl), float(f), float(t)) for lbl, f, t in points if f and t and f > 0 and t > 0]
-    if not points:
+    if groups is not None and len(groups) != len(points):
+        raise ValueError(f"groups must name one group per point: {len(groups)} groups for {len(points)} points")
+    grouped = [(str(lbl), float(f), float(t), "" if groups is None else str(g))
+               for (lbl, f, t), g in zip(points, groups or [None] * len(points)) if f and t and f > 0 and t > 0]
+    if not grouped:
         raise ValueError("nothing to plot: need at least one model with positive FLOPs and measured throughput")
+    points = [p[:3] for p in grouped]
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot, no GUI backend
     from matplotlib.figure import Figure
@@ -192,11 +201,19 @@ def pareto_figure(points: Sequence[Point], *, title: str = "FLOPs vs measured th
     fig = Figure(figsize=(8, 5.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    front = pareto_front(points)
-    on_front = {p[0] for p in front}
-    for label, flops, tput in points:
-        ax.scatter(flops / 1e9, tput, color="tab:red" if label in on_front else "tab:blue", zorder=3)
-    ax.plot([p[1] / 1e9 for p in front], [p[2] for p in front], "--", color="tab:red", label="Pareto front", zorder=2)
+    names = list(dict.fromkeys(p[3] for p in grouped))
+    for i, group in enumerate(names):
+        members = [p[:3] for p in grouped if p[3] == group]
+        front = pareto_front(members)
+        on_front = {p[0] for p in front}
+        # one group: the front red, the rest blue; several: a colour per group, the points off its front hollow
+        colour = "tab:red" if len(names) == 1 else f"C{i}"
+        for label, flops, tput in members:
+            off = label not in on_front
+            ax.scatter(flops / 1e9, tput, zorder=3, color="tab:blue" if off and len(names) == 1 else colour,
+                       facecolors="none" if off and len(names) > 1 else None)
+        ax.plot([p[1] / 1e9 for p in front], [p[2] for p in front], "--", color=colour, zorder=2,
+                label="Pareto front" + (f" ({group})" if len(names) > 1 else ""))
     ax.set_xscale("log")
     ax.set_yscale("log")
     for axis in (ax.xaxis, ax.yaxis):  # plain numbers; minor ticks labelled at 2x and 5x only
@@ -205,7 +222,7 @@ def pareto_figure(points: Sequence[Point], *, title: str = "FLOPs vs measured th
     ax.margins(x=0.15, y=0.1)
     ax.set_xlabel("FLOPs (GMACs, fused)")
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, _TITLE_CHARS, break_on_hyphens=False), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()  # the layout is final before the labels are placed in display space
 
@@ -226,6 +243,7 @@ def write_pareto_plot(
     title: str = "FLOPs vs measured throughput",
     ylabel: str = "throughput (img/s)",
     force: bool = False,
+    groups: Optional[Sequence[str]] = None,
 ) -> Path:
     """Write a labelled scatter of (FLOPs, throughput) with the Pareto front drawn, atomically.
 
@@ -235,6 +253,7 @@ def write_pareto_plot(
         title: Figure title (e.g. the machine and batch size).
         ylabel: Y-axis label.
         force: Overwrite an existing file.
+        groups: One name per point (e.g. its device): a colour and a Pareto front per group.
 
     Returns:
         The path written.
@@ -244,7 +263,7 @@ def write_pareto_plot(
         FileExistsError: See :func:`check_writable`.
     """
     path = check_writable(path, force)
-    fig, _ = pareto_figure(points, title=title, ylabel=ylabel)
+    fig, _ = pareto_figure(points, title=title, ylabel=ylabel, groups=groups)
     with atomic_open(path, force=force) as f:
         fig.savefig(f, format=plot_format(path))
     return path
