@@ -124,6 +124,14 @@ def _make_handler(hub: LoopbackHub):
             self._resolve(send_body=False)
 
         def do_GET(self) -> None:
+            parts = self._parts()
+            if parts[:2] == ["api", "models"] and len(parts) == 4:  # HfApi.repo_info
+                hub.record("GET", self.path)
+                repo = "/".join(parts[2:4])
+                if repo not in hub.repos:
+                    return self._not_found("RepoNotFound")
+                return self._json(200, {"id": repo, "sha": COMMIT_SHA, "private": hub.private.get(repo, False),
+                                        "siblings": [{"rfilename": name} for name in sorted(hub.repos[repo])]})
             self._resolve(send_body=True)
 
         # ---- uploads

@@ -719,3 +719,74 @@ def test_weights_with_nan_or_infinity_are_refused_by_name(tmp_path):
     running_mean = state["bn1.running_mean"].clone()
     running_mean[0] = -math.inf
     assert load({"bn1.running_mean": running_mean}).bn1.running_mean[0] == -math.inf
+
+
+# ----------------------------------------------------------------------------------- found by the session-30 audit
+
+def test_pretrained_cfg_as_a_tag_or_a_pretrained_cfg_object_as_timm_takes_them(tmp_path, shvit_files):
+    """Found by an audit: load_pretrained_model(..., pretrained_cfg="in1k_official") raised "dictionary update
+    sequence element #0 has length 1" and a PretrainedCfg object "'PretrainedCfg' object is not iterable"; timm's
+    create_model takes both."""
+    import dataclasses
+
+    from vitzoo.hub import _weight_source
+    from vitzoo.models import UnknownModelError
+
+    official = timm.models.get_pretrained_cfg("shvit_s1.in1k_official")  # timm's registry: where the tag points
+    assert _weight_source("shvit_s1", {"pretrained_cfg": "in1k_official"}) == ("url", official.url)
+    assert _weight_source("shvit_s1.in1k_official", {}) == ("url", official.url)
+    model, files = shvit_files
+    (tmp_path / "s1.safetensors").write_bytes(files["model.safetensors"])
+    cfg = dataclasses.replace(timm.models.get_pretrained_cfg("shvit_s1.in1k"), file=str(tmp_path / "s1.safetensors"),
+                              hf_hub_id=None)
+    assert _same_weights(load_pretrained_model("shvit_s1", pretrained_cfg=cfg), model)
+    with pytest.raises(UnknownModelError, match=r"unknown pretrained tag 'in1k_oficial' for model 'shvit_s1'; known "):
+        load_pretrained_model("shvit_s1", pretrained_cfg="in1k_oficial")
+
+
+@pytest.mark.parametrize("config, error, message", [
+    (None, MissingWeightsError, "Hub repository 'org/shvit-s1' has no config.json, which timm reads first for an "
+                                "hf-hub: name (architecture, classes, input size): it is not a timm model repo."),
+    (b'{"architecture": "shvit_s1",', WeightsError, "config.json of Hub repo 'org/shvit-s1' is not valid JSON "
+                                                    "(Expecting property name enclosed in double quotes"),
+    (b'{"model_type": "vit", "architectures": ["ViTForImageClassification"]}', WeightsError,
+     "config.json of Hub repo 'org/shvit-s1' names no architecture (its \"architecture\" key), so it is not a timm "
+     "config (it looks like a transformers config)"),
+    (b'{"architecture": "shvit_s9"}', ValueError, "config.json of Hub repo 'org/shvit-s1' names architecture "
+                                                  "'shvit_s9': unknown model 'shvit_s9'; closest matches: shvit_s4"),
+])
+def test_an_hf_hub_repos_config_json_that_timm_cannot_use_is_named(hub, shvit_files, config, error, message):
+    """Found by an audit: timm's raw RemoteEntryNotFoundError, KeyError: 'architecture', a JSONDecodeError naming no
+    file, and "Unknown model" reached the caller of load_pretrained_model (which promises its own errors)."""
+    _, files = shvit_files
+    hub.repos[REPO] = {"model.safetensors": files["model.safetensors"],
+                       **({"config.json": config} if config is not None else {})}
+    with pytest.raises(error) as info:
+        load_pretrained_model(f"hf-hub:{REPO}")
+    assert str(info.value).startswith(message), str(info.value)
+    with pytest.raises(Exception) as raw:  # what timm alone says, for comparison: not these words
+        timm.create_model(f"hf-hub:{REPO}", pretrained=True)
+    assert not str(raw.value).startswith(message[:30])
+
+
+def test_a_corrupt_cache_entry_linked_to_a_file_outside_the_cache_leaves_that_file(tmp_path, shvit_files, monkeypatch):
+    """Found by an audit: a snapshot entry symlinked by hand to the user's own (truncated) file got that file
+    deleted, with the advice "Retry the download" while HF_HUB_OFFLINE=1."""
+    _, files = shvit_files
+    mine = tmp_path / "mine" / "s1.safetensors"
+    mine.parent.mkdir()
+    mine.write_bytes(files["model.safetensors"][:-10])
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--me--s1"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    (repo / "snapshots" / sha).mkdir(parents=True)
+    os.symlink(mine, repo / "snapshots" / sha / "model.safetensors")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CorruptWeightsError) as info:
+        load_pretrained_model("shvit_s1", cache_dir=str(tmp_path / "cache"),
+                              pretrained_cfg_overlay=dict(hf_hub_id="me/s1"))
+    assert "removed from the cache" in str(info.value) and "Download it again while online (`hf download me/s1 " \
+        "model.safetensors`; HF_HUB_OFFLINE=1 is set here)." in str(info.value)
+    assert mine.read_bytes() == files["model.safetensors"][:-10]  # the user's file is left as it was
+    assert not (repo / "snapshots" / sha / "model.safetensors").exists()  # the cache's entry is gone

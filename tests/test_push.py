@@ -21,6 +21,16 @@ def converted(tmp_path_factory):
     return model, convert_checkpoint(root / "src.pth", "shvit_s1", root / "folder", tag="in1k", flops=False)
 
 
+def _as_pushed(data: bytes, name: str, repo: str) -> bytes:
+    """A converted folder's file as push uploads it: the card's usage line (a folder converted without --repo names
+    the release's repo, timm/shvit_s1.in1k) names the repo pushed to."""
+    usage = b"timm.create_model('hf-hub:timm/shvit_s1.in1k', pretrained=True)"
+    if name != "README.md":
+        return data
+    assert data.count(usage) == 1
+    return data.replace(usage, f"timm.create_model('hf-hub:{repo}', pretrained=True)".encode())
+
+
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
     server = use_loopback_hub(monkeypatch, tmp_path)
@@ -40,7 +50,7 @@ def test_push_uploads_the_hub_files_and_they_load_back(hub, converted):
     sent = hub.commits[0]["files"]
     assert sorted(sent) == ["README.md", "config.json", "model.safetensors"]
     for name, data in sent.items():
-        assert data == (folder / name).read_bytes()
+        assert data == _as_pushed((folder / name).read_bytes(), name, "me/shvit_s1")
     header = next(line for line in hub.commits[0]["lines"] if line["key"] == "header")
     assert "shvit_s1" in header["value"]["summary"]
 
@@ -253,6 +263,9 @@ def test_push_to_a_branch_creates_it_and_commits_there(converted, monkeypatch, r
         def __init__(self, token=None):
             pass
 
+        def repo_info(self, repo_id):
+            return types.SimpleNamespace(private=False)
+
         def create_repo(self, repo_id, private=False, exist_ok=False):
             pass
 
@@ -292,7 +305,7 @@ def test_what_is_uploaded_is_what_was_verified(hub, converted, tmp_path, monkeyp
 
     monkeypatch.setattr(vitzoo.push, "verify_folder", verify_then_edit)
     assert main(["push", str(mine), "--repo", "me/race"]) == 0
-    assert hub.commits[0]["files"] == verified
+    assert hub.commits[0]["files"] == {name: _as_pushed(data, name, "me/race") for name, data in verified.items()}
 
 
 def test_push_refuses_weights_with_nan_or_infinity_by_name(hub, converted, tmp_path, capsys):
@@ -313,3 +326,63 @@ def test_push_refuses_weights_with_nan_or_infinity_by_name(hub, converted, tmp_p
     err = capsys.readouterr().err
     assert "1 tensor(s) hold NaN or infinite values (head.l.weight)" in err and "differ" not in err, err
     assert hub.requests == []
+
+
+def test_push_names_the_repo_in_the_cards_usage_line(hub, converted):
+    """Found by an audit: a folder converted without --repo and pushed to me/shvit told readers to load
+    hf-hub:timm/shvit_s1.in1k (or hf-hub:ORG/NAME); the uploaded card now loads what was pushed. The folder itself is
+    left as it was."""
+    _, folder = converted
+    before = (folder / "README.md").read_bytes()
+    assert main(["push", str(folder), "--repo", "me/shvit"]) == 0
+    card = hub.commits[0]["files"]["README.md"].decode()
+    assert "timm.create_model('hf-hub:me/shvit', pretrained=True)" in card and "hf-hub:timm/" not in card
+    assert (folder / "README.md").read_bytes() == before
+
+
+def test_push_private_to_an_existing_public_repo_is_refused(hub, converted, capsys):
+    """Found by an audit: --private was ignored for an existing repo (exit 0, "pushed"), so weights under a
+    non-commercial licence could go public although private was asked for."""
+    _, folder = converted
+    hub.repos["me/public"] = {"README.md": b"someone's"}
+    hub.private["me/public"] = False
+    assert main(["push", str(folder), "--repo", "me/public", "--private"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("vitzoo push: error: Hub repo 'me/public' exists and is public; --private does not make it "
+                   "private, and nothing was uploaded. Make it private in its settings on the Hub first, or push to a "
+                   "new repo.\n")
+    assert hub.commits == [] and hub.repos["me/public"] == {"README.md": b"someone's"}
+    hub.private["me/public"] = True  # an existing private repo, or a public one without --private: updated
+    assert main(["push", str(folder), "--repo", "me/public", "--private"]) == 0
+    hub.private["me/public"] = False
+    assert main(["push", str(folder), "--repo", "me/public"]) == 0
+    assert [c["repo"] for c in hub.commits] == ["me/public", "me/public"] and hub.private["me/public"] is False
+
+
+def _installed_mit_notice() -> str:
+    """The MIT permission notice as an installed package ships it (the independent reference): from "Permission is
+    hereby granted" to "DEALINGS IN THE SOFTWARE.", whitespace collapsed."""
+    import importlib.metadata
+    import re
+
+    for dist in importlib.metadata.distributions():
+        for file in dist.files or ():
+            if "LICEN" in file.name.upper():
+                try:
+                    text = " ".join(file.read_text().split())
+                except (OSError, UnicodeDecodeError, TypeError):
+                    continue
+                found = re.search(r"Permission is hereby granted, free of charge.*?DEALINGS IN THE SOFTWARE\.", text)
+                if found:
+                    return found.group(0)
+    pytest.skip("no installed package ships the MIT licence text")
+
+
+def test_an_mit_card_carries_the_copyright_and_permission_notice(converted):
+    """Found by an audit: the SHViT card said "keep the copyright notice and the permission notice with any copy"
+    but only linked the licence; MIT requires the notice itself in copies."""
+    _, folder = converted
+    card = (folder / "README.md").read_text()
+    licence = card.split("## Licence", 1)[1].split("\n## ", 1)[0]
+    plain = " ".join(licence.replace(">", " ").split())
+    assert "Copyright (c) 2024 ysj9909 " + _installed_mit_notice() in plain

@@ -268,10 +268,12 @@ def _hub_repo_cache(repo_id: str, cache_dir: Optional[PathLike]) -> Path:
     return Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
 
 
-def _evict(cached: Path) -> None:
-    """Remove a cached file: its snapshot entry and the blob it points to."""
+def _evict(cached: Path, repo_cache: Path) -> None:
+    """Remove a cached file: its snapshot entry and the blob it points to, if that blob is in the repo's cache (a
+    snapshot entry linked by hand to a file elsewhere leaves that file alone; found by an audit)."""
     blob = Path(os.path.realpath(cached))
-    for p in {cached, blob}:
+    inside = os.path.realpath(repo_cache) + os.sep
+    for p in {cached} | ({blob} if str(blob).startswith(inside) else set()):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
 
@@ -322,10 +324,7 @@ def fetch_hub_weights(hub_id: str, cache_dir: Optional[PathLike] = None, filenam
         try:
             cached = Path(hf_hub_download(repo_id, filename, revision=revision or None, cache_dir=cache_dir))
         except RepositoryNotFoundError as e:
-            raise MissingWeightsError(
-                f"Hub repository '{repo_id}' was not found at {constants.ENDPOINT}. Check the name; a private or gated "
-                "repo also needs a token (`hf auth login` or HF_TOKEN)."
-            ) from e
+            raise MissingWeightsError(_repo_not_found(repo_id)) from e
         except LocalEntryNotFoundError:
             offline_misses.append(filename)
             continue
@@ -341,10 +340,12 @@ def fetch_hub_weights(hub_id: str, cache_dir: Optional[PathLike] = None, filenam
         try:
             validate_weights_file(cached, expected_sha256=blob_name if _SHA256_RE.match(blob_name) else None)
         except CorruptWeightsError as e:
-            _evict(cached)
+            _evict(cached, repo_cache)
+            retry = ("Retry the download; if it fails again the file on the Hub is broken." if not
+                     constants.HF_HUB_OFFLINE else f"Download it again while online (`hf download {repo_id} "
+                     f"{filename}`; HF_HUB_OFFLINE=1 is set here).")
             raise CorruptWeightsError(
-                f"{filename} of Hub repo '{repo_id}' is corrupt and was removed from the cache ({e}). Retry the "
-                "download; if it fails again the file on the Hub is broken."
+                f"{filename} of Hub repo '{repo_id}' is corrupt and was removed from the cache ({e}). {retry}"
             ) from e
         return cached
     if offline_misses:
@@ -367,15 +368,19 @@ def fetch_hub_weights(hub_id: str, cache_dir: Optional[PathLike] = None, filenam
 
 def _pretrained_cfg(name: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """The pretrained cfg ``create_model`` resolves for a registered ``name`` (``arch`` or ``arch.tag``): the given
-    ``pretrained_cfg`` or the registered one, with ``pretrained_cfg_overlay`` applied."""
-    import timm.models
+    ``pretrained_cfg`` (a dict, a ``PretrainedCfg`` or a tag, as timm takes it) or the registered one, with
+    ``pretrained_cfg_overlay`` applied, by timm's own resolver."""
+    from timm.models import PretrainedCfg
+    from timm.models._builder import resolve_pretrained_cfg
 
-    cfg = dict(kwargs.get("pretrained_cfg") or {})
-    if not cfg:
-        registered = timm.models.get_pretrained_cfg(name)
-        cfg = registered.to_dict() if registered is not None else {}
-    cfg.update(kwargs.get("pretrained_cfg_overlay") or {})
-    return cfg
+    arch, _, tag = name.partition(".")
+    given = kwargs.get("pretrained_cfg")
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if isinstance(given, dict) and given:  # any keys: timm's create_model then judges the ones it cannot take
+        return {**given, **overlay}
+    if not (isinstance(given, (str, PretrainedCfg)) and given):
+        given = tag or None  # the name's tag, else the architecture's default cfg
+    return resolve_pretrained_cfg(arch, pretrained_cfg=given, pretrained_cfg_overlay=overlay).to_dict()
 
 
 def _weight_source(name: str, kwargs: Dict[str, Any]) -> Tuple[str, str]:
@@ -403,27 +408,40 @@ def _hub_filename(name: str, hub_id: str, kwargs: Dict[str, Any]) -> Optional[st
     """The ``hf_hub_filename`` timm reads Hub weights by (None: its default files): the overlay's, else the pretrained
     cfg's, which for an ``hf-hub:`` name is the one in the repo's config.json."""
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    # an hf-hub: repo's config.json is checked in any case: timm reads it before the weights
+    config = hub_config(hub_id, kwargs.get("cache_dir")) if name.startswith("hf-hub:") else None
     if overlay.get("hf_hub_filename"):
         return overlay["hf_hub_filename"]
-    if name.startswith("hf-hub:"):
-        return hub_config(hub_id, kwargs.get("cache_dir")).get("hf_hub_filename")
+    if config is not None:
+        return config.get("hf_hub_filename")
     return _pretrained_cfg(name, kwargs).get("hf_hub_filename")
+
+
+def _repo_not_found(repo_id: str) -> str:
+    from huggingface_hub import constants
+
+    return (f"Hub repository '{repo_id}' was not found at {constants.ENDPOINT}. Check the name; a private or gated "
+            "repo also needs a token (`hf auth login` or HF_TOKEN).")
 
 
 def hub_config(hub_id: str, cache_dir: Optional[PathLike] = None) -> Dict[str, Any]:
     """The pretrained cfg in the config.json of an ``hf-hub:`` repo, which timm reads before the weights.
 
-    Empty when the file cannot be fetched or read (the weights' fetch, or timm, then says why), except when it is
-    neither in the Hub cache nor downloadable (offline): then no load can work, and that is the error.
+    Raises what makes every load of the repo fail, in words timm does not give (found by an audit: a raw
+    ``RemoteEntryNotFoundError``, ``KeyError: 'architecture'``, a ``JSONDecodeError`` naming no file):
+    :class:`MissingWeightsError` when the repo does not exist, has no config.json, or (offline) its config.json is
+    not in the Hub cache; :class:`WeightsError` when config.json is not JSON or names no ``architecture`` (not a
+    timm config); :class:`vitzoo.models.UnknownModelError` when timm does not know its architecture. Empty when the
+    file cannot be fetched for another reason (a network or HTTP error: the weights' fetch then says why).
     """
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    from .models import UnknownModelError, resolve_name  # models imports timm only: no import cycle
 
     repo_id, _, revision = hub_id.partition("@")
     try:
-        with open(hf_hub_download(repo_id, "config.json", revision=revision or None, cache_dir=cache_dir),
-                  encoding="utf-8") as f:
-            config = json.load(f)
+        path = hf_hub_download(repo_id, "config.json", revision=revision or None, cache_dir=cache_dir)
     except LocalEntryNotFoundError as e:
         at_revision = f" --revision {revision}" if revision else ""
         raise MissingWeightsError(
@@ -432,9 +450,33 @@ def hub_config(hub_id: str, cache_dir: Optional[PathLike] = None) -> Dict[str, A
             f"(HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}). While online, run `hf download {repo_id} config.json "
             f"{WEIGHT_FILES[0]}{at_revision}` (or load once without HF_HUB_OFFLINE).{hub_offline_hint(1)}"
         ) from e
-    except Exception:  # noqa: BLE001  a missing repo or file, a broken file: reported by what comes next
+    except RepositoryNotFoundError as e:
+        raise MissingWeightsError(_repo_not_found(repo_id)) from e
+    except EntryNotFoundError as e:
+        raise MissingWeightsError(
+            f"Hub repository '{repo_id}' has no config.json, which timm reads first for an hf-hub: name "
+            f"(architecture, classes, input size): it is not a timm model repo. A folder written by `vitzoo convert` "
+            f"has one (`vitzoo push` uploads it)."
+        ) from e
+    except Exception:  # noqa: BLE001  a network or HTTP error: the weights' fetch, next, reports it
         return {}
-    cfg = config.get("pretrained_cfg", config) if isinstance(config, dict) else {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise WeightsError(f"config.json of Hub repo '{repo_id}' is not valid JSON ({e}); timm cannot read it.") from e
+    arch = config.get("architecture") if isinstance(config, dict) else None
+    if not isinstance(arch, str) or not arch:
+        other = " (it looks like a transformers config)" if isinstance(config, dict) and (
+            "architectures" in config or "model_type" in config) else ""
+        raise WeightsError(f"config.json of Hub repo '{repo_id}' names no architecture (its \"architecture\" key), "
+                           f"so it is not a timm config{other}; timm cannot build a model from it.")
+    try:
+        resolve_name(arch)
+    except UnknownModelError as e:
+        raise UnknownModelError(f"config.json of Hub repo '{repo_id}' names architecture '{arch}': {e} (a model "
+                                f"registered by a package is known once that package is imported)") from e
+    cfg = config.get("pretrained_cfg", config)
     return cfg if isinstance(cfg, dict) else {}
 
 
@@ -444,7 +486,10 @@ def _check_model_name(name: str, kwargs: Dict[str, Any]) -> None:
 
     if name.startswith(("hf-hub:", "local-dir:")):
         return
-    if kwargs.get("pretrained_cfg"):  # a cfg given in full: the tag need not be registered, the architecture must
+    given = kwargs.get("pretrained_cfg")
+    if isinstance(given, str) and given:  # a tag, as timm takes it: create_model("shvit_s1", pretrained_cfg="in1k")
+        name = f"{name.partition('.')[0]}.{given}"
+    elif given:  # a cfg given in full: the tag need not be registered, the architecture must
         name = name.partition(".")[0]
     resolve_name(name)
 

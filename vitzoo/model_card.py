@@ -29,10 +29,30 @@ def render_template(template: str, fields: Dict[str, Any]) -> str:
     return _PLACEHOLDER.sub(lambda m: str(fields[m.group(1)]), template)
 
 
+# the MIT licence's permission notice (its standard text, https://opensource.org/license/mit), which the licence
+# requires in all copies: found by an audit, the cards only linked it
+MIT_PERMISSION_NOTICE = (
+    'Permission is hereby granted, free of charge, to any person obtaining a copy of this software and associated '
+    'documentation files (the "Software"), to deal in the Software without restriction, including without limitation '
+    'the rights to use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies of the Software, and '
+    'to permit persons to whom the Software is furnished to do so, subject to the following conditions:',
+    'The above copyright notice and this permission notice shall be included in all copies or substantial portions '
+    'of the Software.',
+    'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED, INCLUDING BUT NOT LIMITED TO '
+    'THE WARRANTIES OF MERCHANTABILITY, FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE '
+    'AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER LIABILITY, WHETHER IN AN ACTION OF '
+    'CONTRACT, TORT OR OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER '
+    'DEALINGS IN THE SOFTWARE.',
+)
+
+
 def license_text(family: Dict[str, Any]) -> str:
     """The licence paragraph of a card, from a manifest family record."""
     head = (f"{family['license_name']} (`{family['license']}`), {family['copyright']}. "
             f"Full text: {family['license_url']}.")
+    if family["commercial_use"] and family["license"] == "mit":  # the notice itself must travel with every copy
+        return (f"{head}\n\nThe weights are redistributed under the same licence, whose notice follows; keep it with "
+                f"any copy.\n\n> {family['copyright']}\n>\n> " + "\n>\n> ".join(MIT_PERMISSION_NOTICE))
     if family["commercial_use"]:
         return (f"{head}\n\nThe weights are redistributed under the same licence; keep the copyright notice and the "
                 "permission notice with any copy.")

@@ -2,9 +2,10 @@
 
 The folder is verified first (:func:`vitzoo.convert.verify_folder`: files, metadata, config, and that timm loads
 it and reproduces the raw weights); a folder that fails is refused before any request is made. Then the repo is
-created (``create_repo``, private on request, existing repos are reused) and the three Hub files
-(``model.safetensors``, ``config.json``, ``README.md``) are uploaded in one ``upload_folder`` commit; other files
-in the folder are not uploaded.
+created (``create_repo``, private on request; an existing repo is reused, except a public one with ``--private``,
+which is refused) and the three Hub files (``model.safetensors``, ``config.json``, ``README.md``) are uploaded in one
+``upload_folder`` commit; other files in the folder are not uploaded. The card's usage line
+(``timm.create_model('hf-hub:...')``) is made to name the repo it is pushed to.
 
 The three files are copied into a private temporary folder first, and that copy is both verified and uploaded: a
 file changed in the folder while the command runs (a convert ``--force`` over it, an editor saving the card) cannot
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import socket
 import sys
@@ -44,7 +46,7 @@ def push_folder(
     Args:
         folder: a folder written by ``vitzoo convert``.
         repo_id: ``org/name`` on the Hub.
-        private: create the repo as private (ignored if it exists).
+        private: create the repo as private; an existing public repo is then refused (nothing is uploaded).
         revision: branch to commit to (created if missing); default ``main``.
         token: Hub token (default: the saved login or ``HF_TOKEN``).
         commit_message: default ``"Upload <model> converted by vitzoo"``.
@@ -54,9 +56,11 @@ def push_folder(
 
     Raises:
         VerificationError: the folder fails verification (nothing is uploaded).
-        UsageError: ``repo_id`` is not ``org/name`` (a ``ValueError``).
+        UsageError: ``repo_id`` is not ``org/name``, or ``private`` and the repo exists and is public (a
+            ``ValueError``).
     """
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
 
     if not (isinstance(repo_id, str) and _REPO_RE.fullmatch(repo_id)):
         raise UsageError(f"--repo must be a Hub repo id 'org/name' (letters, digits, '_', '-', '.'), got {repo_id!r}.")
@@ -64,10 +68,18 @@ def push_folder(
     with tempfile.TemporaryDirectory(prefix=".vitzoo-push-") as snapshot:
         # what is uploaded is exactly what is verified: a copy, not the folder (which may change meanwhile)
         try:
-            report = verify_folder(_snapshot(folder, Path(snapshot)))
+            report = verify_folder(_name_repo_in_card(_snapshot(folder, Path(snapshot)), repo_id))
         except VerificationError as e:  # named as the user's folder, not the copy
             raise VerificationError(str(e).replace(snapshot, str(folder))) from e
         api = HfApi(token=token)
+        try:
+            existing = api.repo_info(repo_id)
+        except RepositoryNotFoundError:
+            existing = None
+        if existing is not None and private and not existing.private:  # found by an audit: silently public
+            raise UsageError(f"Hub repo '{repo_id}' exists and is public; --private does not make it private, and "
+                             f"nothing was uploaded. Make it private in its settings on the Hub first, or push to "
+                             f"a new repo.")
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -79,6 +91,22 @@ def push_folder(
             commit_message=commit_message or f"Upload {report.model} converted by vitzoo",
         )
     return str(info.commit_url)
+
+
+# the card's usage example, as weights/card_template.md writes it: timm.create_model('hf-hub:ORG/NAME', ...)
+_USAGE = re.compile(r"""(create_model\(\s*['"]hf-hub:)[^'"\s]+(['"])""")
+
+
+def _name_repo_in_card(folder: Path, repo_id: str) -> Path:
+    """Make the card's usage line load ``repo_id``: a folder converted without ``--repo`` names ``ORG/NAME`` or the
+    release's repo (found by an audit: a card pushed to ``me/shvit`` told readers to load ``timm/shvit_s1.in1k``)."""
+    card = folder / "README.md"
+    if card.is_file():
+        text = card.read_text(encoding="utf-8", errors="surrogateescape")
+        named = _USAGE.sub(lambda m: f"{m.group(1)}{repo_id}{m.group(2)}", text)
+        if named != text:
+            card.write_text(named, encoding="utf-8", errors="surrogateescape")
+    return folder
 
 
 def _snapshot(folder: Path, into: Path) -> Path:
