@@ -38,6 +38,19 @@ def test_single_gpu_run_gets_an_indexed_device(fake_cuda, device):
     assert not ctx.initialized
 
 
+def test_more_processes_than_gpus_is_a_clear_error(fake_cuda, monkeypatch):
+    """Found by an audit: torchrun --nproc_per_node 3 on a 2-GPU machine was "CUDA error: invalid device ordinal" as
+    a traceback from torch.cuda.set_device."""
+    monkeypatch.setenv('WORLD_SIZE', '3')
+    monkeypatch.setenv('RANK', '2')
+    monkeypatch.setenv('LOCAL_RANK', '2')
+    with pytest.raises(ValueError, match=r"^LOCAL_RANK 2, but this machine shows 2 CUDA device\(s\): start at most "
+                                         r"that many processes per node \(torchrun --nproc_per_node\), or check "
+                                         r"CUDA_VISIBLE_DEVICES\.$"):
+        distributed.init_distributed('cuda')
+    assert fake_cuda == []  # refused before set_device
+
+
 def test_named_gpu_is_kept(fake_cuda):
     assert distributed.init_distributed('cuda:1').device == torch.device('cuda', 1)
 

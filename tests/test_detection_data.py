@@ -289,6 +289,29 @@ def test_coco_evaluation_against_oracle(shapes):
     assert shifted['bbox']['AP'] == pytest.approx(0.4)
 
 
+class _Crowded(_Oracle):
+    """The ground truth at score 0.5, after 40 far-away boxes of each of the 3 classes at score 0.9: 120 higher-scored
+    false detections per image."""
+
+    def forward(self, images):
+        outs = super().forward(images)
+        for o in outs:
+            far = torch.tensor([[1000.0, 1000.0, 1010.0, 1010.0]]).repeat(120, 1)
+            o['boxes'] = torch.cat([far, o['boxes']])
+            o['labels'] = torch.cat([torch.arange(1, 4).repeat_interleave(40), o['labels']])
+            o['scores'] = torch.cat([torch.full((120,), 0.9), torch.full((len(o['scores']),), 0.5)])
+        return outs
+
+
+def test_at_most_100_detections_per_image_are_scored(shapes):
+    """Found by an audit: all of a RetinaNet's 300 detections per image were scored (pycocotools' maxDets caps each
+    image-and-category pair, not the image), so 3 classes x 100 boxes made AR100 up to 3x what COCO's 100 per image
+    gives. Here the 100 best-scored detections of each image are all false: under COCO's rule nothing is found."""
+    ds = CocoDetectionFolder(shapes, 'val')
+    stats = evaluate_coco(_Crowded(ds), ds, progress=False)['bbox']
+    assert stats['AR100'] == pytest.approx(0.0) and stats['AP'] == pytest.approx(0.0)
+
+
 def test_thinnest_accepted_box_stays_positive_when_flipped_and_resized(shapes, tmp_path):
     """The least box size the validation asks for (4 float32 steps at the image's larger side) is enough for a
     horizontal flip and torchvision's resize to keep a positive width (torchvision refuses other targets)."""
@@ -314,7 +337,7 @@ def test_evaluation_ground_truth_is_the_clamped_box(shapes, tmp_path):
     area)."""
     def edit(data):
         data['annotations'][0]['bbox'] = [60, 10, 60, 30]  # 80x64 image: 20 of its 60 pixels inside
-        del data['annotations'][0]['area']
+        del data['annotations'][0]['area'], data['annotations'][0]['segmentation']  # a box-only annotation
     root = _write(shapes, tmp_path, edit)
     ds = CocoDetectionFolder(root, 'train')
     gt = {a['id']: a for a in ds.coco_dict()['annotations']}
@@ -652,3 +675,87 @@ def test_synthetic_generator_refuses_bad_sizes_and_counts(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.rstrip().endswith(f'error: {message}'), err
     assert not (tmp_path / 'ds').exists()
+
+
+# ----------------------------------------------------------------------------------- found by the session-30 audit
+
+def _jpeg_dataset(tmp_path, orientation, json_size):
+    """A 40 x 60 (W x H as stored) JPEG, black but for a white 10 x 20 block at x 30..40, y 0..20 of its stored
+    pixels, with an EXIF orientation; the JSON gives ``json_size`` (W, H)."""
+    import numpy as np
+    from PIL import Image
+    root = tmp_path / f'exif{orientation}'
+    (root / 'annotations').mkdir(parents=True)
+    (root / 'train').mkdir()
+    pixels = np.zeros((60, 40, 3), np.uint8)
+    pixels[0:20, 30:40] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(root / 'train' / 'a.jpg', exif=exif, quality=100)
+    coco = dict(images=[dict(id=1, file_name='a.jpg', width=json_size[0], height=json_size[1])],
+                categories=[dict(id=1, name='x')],
+                annotations=[dict(id=1, image_id=1, category_id=1, bbox=[1, 1, 5, 5])])
+    (root / 'annotations' / 'instances_train.json').write_text(json.dumps(coco))
+    return CocoDetectionFolder(root, 'train')
+
+
+def test_exif_orientation_is_applied_as_viewers_show_the_image(tmp_path):
+    """Found by an audit: a JPEG's EXIF orientation was ignored, so boxes drawn on the image as viewers show it
+    (and as detectron2 / mmcv read it) fell on other pixels; orientation 6 was refused as the wrong size."""
+    # orientation 3: upside down, so the white block shows at x 0..10, y 40..60 (numpy's rot90 twice: independent)
+    image, _ = _jpeg_dataset(tmp_path, 3, (40, 60))[0]
+    assert image.shape == (3, 60, 40)
+    assert image[:, 40:60, 0:10].mean() > 0.9 and image[:, 0:20, 30:40].mean() < 0.1
+    # orientation 6: turned 90 degrees clockwise for display, 60 x 40 as viewers show it
+    image, _ = _jpeg_dataset(tmp_path, 6, (60, 40))[0]
+    assert image.shape == (3, 40, 60) and image[:, 30:40, 40:60].mean() > 0.9
+    with pytest.raises(DatasetError, match=r'a.jpg is 60x40 after its EXIF orientation 6 was applied \(as viewers '
+                                           r'show it; if it was annotated on the unrotated pixels, remove the EXIF '
+                                           r'orientation tag\) but the JSON says 40x60'):
+        _jpeg_dataset(tmp_path / 'raw', 6, (40, 60))[0]
+
+
+def test_a_missing_area_is_the_masks_as_coco_counts_it(shapes, tmp_path):
+    """Found by an audit: an annotation without "area" got its box's, twice a triangle's mask, so a small object was
+    scored as medium (APs / APm / APl); the generator wrote box areas too."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    def edit(data):
+        data['annotations'][0].update(bbox=[0, 0, 60, 60], segmentation=[[0, 0, 60, 0, 0, 60]])  # area 1800 by hand
+        del data['annotations'][0]['area']
+    ds = CocoDetectionFolder(_write(shapes, tmp_path, edit), 'train', with_masks=True)
+    area = next(a['area'] for a in ds.coco_dict()['annotations'] if a['id'] == 1)
+    assert abs(area - 1800) < 60 and area < 32 ** 2 * 2  # the triangle's, not the box's 3600
+    raw = json.loads((shapes / 'annotations' / 'instances_val.json').read_text())
+    for ann in raw['annotations']:  # the generator's areas are its masks' (pycocotools rasterises the polygon)
+        rle = mask_utils.frPyObjects(ann['segmentation'], 64, 80)
+        assert ann['area'] == pytest.approx(float(np.sum(mask_utils.area(rle))), abs=0.01)
+
+
+def test_a_malformed_polygon_stops_only_a_detector_that_reads_masks(shapes, tmp_path):
+    """Found by an audit: an exporter's 2-point polygon in one annotation stopped a box-only (RetinaNet) run."""
+    from vitzoo.detection.data import SkippedSegmentationWarning
+
+    def edit(data):
+        data['annotations'][0]['segmentation'].append([128.0, 128.0])
+        del data['annotations'][0]['area']
+    root = _write(shapes, tmp_path, edit)
+    with pytest.warns(SkippedSegmentationWarning, match=r'annotation id 1.*at least 3 points.*It is left out: the '
+                                                        r'detector trains on boxes only'):
+        ds = CocoDetectionFolder(root, 'train')
+    box = json.loads((shapes / 'annotations' / 'instances_train.json').read_text())['annotations'][0]['bbox']
+    first = next(a for a in ds.coco_dict()['annotations'] if a['id'] == 1)
+    assert 'segmentation' not in first and first['area'] == pytest.approx(box[2] * box[3], rel=1e-6)
+    with pytest.raises(DatasetError, match='at least 3 points'):
+        CocoDetectionFolder(root, 'train', with_masks=True)
+
+
+def test_an_image_over_pils_pixel_limit_is_a_dataset_error(shapes, monkeypatch):
+    """Found by an audit: PIL's DecompressionBombError (not an OSError) escaped as a traceback."""
+    from PIL import Image
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1000)  # stands in for a > 178-megapixel image: 64 x 80 is 5120
+    ds = CocoDetectionFolder(shapes, 'train')
+    with pytest.raises(DatasetError, match=r'image id 1: .*train_0000.png: .*exceeds limit.* Tile the image, or '
+                                           r'raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted'):
+        ds[0]

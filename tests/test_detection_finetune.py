@@ -372,7 +372,9 @@ def test_unreadable_resume_checkpoint_is_named_for_what_it_is(data, tmp_path, ca
     ('--device', 'foo', "--device 'foo' is not a device; use cpu, cuda or cuda:N."),
     ('--device', 'xla', '--device xla: only cpu, cuda[:N] and mps are supported.'),
     ('--out-channels', '0', '--out-channels must be >= 1, got 0.'),
-    ('--img-size', '0', '--img-size must be >= 1, got 0.'),
+    ('--img-size', '0', '--img-size must be >= 32, got 0.'),
+    ('--img-size', '1', '--img-size must be >= 32, got 1.'),  # a traceback from torchvision's resize before
+    ('--max-size', '1', '--max-size must be >= 32, got 1.'),
     ('--max-iters', '0', '--max-iters must be >= 1, got 0.'),
     ('--workers', '-1', '--workers must be >= 0, got -1.'),
     ('--warmup-iters', '-1', '--warmup-iters must be >= 0, got -1.'),
@@ -506,6 +508,36 @@ def test_ddp_two_processes_gloo(data, tmp_path):
     assert [r['iteration'] for r in log] == [1]  # 4 images / (2 per process x 2 processes) = 1 iteration
     ckpt = load_checkpoint(out / 'checkpoint_last.pth')
     assert ckpt['iteration'] == 1 and len(ckpt['rng']) == 2  # each rank's RNG state is kept
+
+
+def _ddp_constant_loss_worker(rank, world, port, data, out):
+    """Every loss of rank r is r + 1 (gradients zero)."""
+    import vitzoo.detection.finetune as finetune
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port), OMP_NUM_THREADS='1')
+    torch.set_num_threads(1)
+    build = finetune.build_detector
+
+    def build_constant(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.register_forward_hook(
+            lambda m, inputs, losses: {k: v * 0 + rank + 1 for k, v in losses.items()} if m.training else None)
+        return model
+
+    finetune.build_detector = build_constant
+    assert main(['finetune-det', '--data', str(data), '--out', str(out), *COMMON, '--detector', 'retinanet',
+                 '--epochs', '1', '--no-eval', '--device', 'cpu']) == 0
+
+
+@pytest.mark.slow
+def test_ddp_log_holds_the_losses_averaged_over_the_ranks(data, tmp_path):
+    """Found by an audit: under DDP log.jsonl held rank 0's losses only (1/N of each batch)."""
+    out = tmp_path / 'ddp'
+    mp.spawn(_ddp_constant_loss_worker, args=(2, _free_port(), data, out), nprocs=2, join=True)
+    (record,) = _log(out)
+    parts = {k: v for k, v in record.items() if k.startswith(('classification', 'bbox'))}
+    assert parts and all(v == 1.5 for v in parts.values()), record  # (1 + 2) / 2
+    assert record['loss'] == 1.5 * len(parts)
 
 
 def _ddp_diverging_worker(rank, world, port, data, out):

@@ -227,6 +227,9 @@ def test_anchor_and_roi_levels_follow_pyramid():
     assert mask.roi_heads.mask_roi_pool.output_size == (14, 14) and mask.roi_heads.mask_roi_pool.sampling_ratio == 2
     assert mask.roi_heads.box_predictor.cls_score.out_features == 3
     assert mask.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 3
+    # COCO's 100 detections per image in every detector (torchvision's RetinaNet keeps 300; found by an audit)
+    assert ret.detections_per_img == 100  # (the Mask R-CNN here is built with _small's 20)
+    assert build_detector('fasterrcnn', 'shvit_s1', 2, **SMALL).roi_heads.detections_per_img == 100
 
 
 def test_retinanet_never_detects_the_background_label():

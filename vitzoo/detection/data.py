@@ -19,11 +19,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from PIL import Image
+from PIL import Image, ImageOps
 
 __all__ = ['CocoDetectionFolder', 'DatasetError', 'SkippedBoxWarning', 'annotation_path', 'boxes_as_trained',
            'check_masks_for_evaluation', 'check_same_categories', 'collate_detection', 'hflip', 'load_coco_json',
            'too_small_to_train', 'worker_error_message']
+
+
+_EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a camera held the image: 1 upright, 3 upside down, 6 / 8 turned
 
 
 class DatasetError(ValueError):
@@ -32,6 +35,10 @@ class DatasetError(ValueError):
 
 class SkippedBoxWarning(UserWarning):
     """Annotations whose box is too small to train on were left out of the training targets."""
+
+
+class SkippedSegmentationWarning(UserWarning):
+    """A malformed segmentation that nothing uses (a box-only detector) was left out instead of stopping the run."""
 
 
 def worker_error_message(error: BaseException) -> str:
@@ -293,7 +300,16 @@ def load_coco_json(path: Path, image_dir: Path, require_masks: bool = False) -> 
         if require_masks and not ann['iscrowd']:
             _check_fields(ann, ('segmentation',), where)
         if 'segmentation' in ann and (require_masks or ann['segmentation']):
-            _check_segmentation(ann['segmentation'], where, img['height'], img['width'])
+            try:
+                _check_segmentation(ann['segmentation'], where, img['height'], img['width'])
+            except DatasetError as e:
+                if require_masks:
+                    raise
+                # a box-only detector never reads it (found by an audit: an exporter's 2-point polygon stopped a
+                # RetinaNet run); its area then comes from the box
+                warnings.warn(f'{e} It is left out: the detector trains on boxes only.', SkippedSegmentationWarning,
+                              stacklevel=3)
+                del ann['segmentation']
     _fill_areas(data, images)
     return data
 
@@ -320,16 +336,33 @@ def too_small_to_train(data: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 
 def _fill_areas(data: Dict[str, Any], images: Dict[Any, Dict[str, Any]]) -> None:
-    """Fill in the ``area`` of annotations without one (pycocotools needs it): their box's as training uses it."""
+    """Fill in the ``area`` of annotations without one (pycocotools sorts objects into small / medium / large by
+    it): its mask's pixel count when it has a segmentation, as COCO's own areas are, else its box's as training
+    uses it (found by an audit: a triangle's box area, twice its mask's, made a small object medium)."""
     anns = data['annotations']
     if not anns:
         return
     dims = np.array([(images[a['image_id']]['width'], images[a['image_id']]['height']) for a in anns])
     xyxy = boxes_as_trained([a['bbox'] for a in anns], dims[:, 0], dims[:, 1])
     size = xyxy[:, 2:] - xyxy[:, :2]
-    for ann, (bw, bh) in zip(anns, size.astype(np.float64)):
+    for ann, (bw, bh), (width, height) in zip(anns, size.astype(np.float64), dims.tolist()):
         if 'area' not in ann:
-            ann['area'] = float(bw * bh)
+            seg = ann.get('segmentation')
+            ann['area'] = segmentation_area(seg, height, width) if seg else float(bw * bh)
+
+
+def _rle(seg: Any, height: int, width: int) -> Dict[str, Any]:
+    """A checked COCO segmentation (polygons, an uncompressed or a compressed RLE) as one compressed RLE."""
+    from pycocotools import mask as mask_utils
+    rles = mask_utils.frPyObjects(seg, height, width) if not isinstance(seg, dict) or isinstance(
+        seg['counts'], list) else seg
+    return mask_utils.merge(rles) if isinstance(rles, list) else rles
+
+
+def segmentation_area(seg: Any, height: int, width: int) -> float:
+    """Pixels covered by a checked COCO segmentation in a ``height`` x ``width`` image."""
+    from pycocotools import mask as mask_utils
+    return float(mask_utils.area(_rle(seg, height, width)))
 
 
 def hflip(image: torch.Tensor, target: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -423,26 +456,33 @@ class CocoDetectionFolder(Dataset):
                         f'{self.ann_file}: image id {info["id"]}: {file} is not an 8-bit image (PIL mode {im.mode}); '
                         'only 8-bit images are read (RGB, grayscale, palette): convert it to 8 bits per channel, '
                         'scaled to 0..255 as suits your data.')
-                image = torch.from_numpy(np.asarray(im.convert('RGB')).copy()).permute(2, 0, 1)
+                # shown as viewers show it, as detectron2 and mmcv read it (found by an audit: a phone photo's
+                # EXIF rotation was ignored, so its boxes fell on other pixels)
+                orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+                upright = ImageOps.exif_transpose(im) if orientation not in (1, None) else im
+                image = torch.from_numpy(np.asarray(upright.convert('RGB')).copy()).permute(2, 0, 1)
         except DatasetError:
             raise
+        except Image.DecompressionBombError as e:  # not an OSError: a > 178-megapixel aerial or slide image
+            raise DatasetError(f'{self.ann_file}: image id {info["id"]}: {file}: {e} Tile the image, or raise '
+                               'PIL.Image.MAX_IMAGE_PIXELS if the file is trusted.') from e
         except (OSError, ValueError) as e:
             raise DatasetError(f'{self.ann_file}: image id {info["id"]}: cannot decode {file}: {e}') from e
         if tuple(image.shape[-2:]) != (info['height'], info['width']):
+            rotated = (f' after its EXIF orientation {orientation} was applied (as viewers show it; if it was '
+                       'annotated on the unrotated pixels, remove the EXIF orientation tag)'
+                       if orientation not in (1, None) else '')
             raise DatasetError(f'{self.ann_file}: image id {info["id"]}: {file} is {image.shape[-1]}x'
-                               f'{image.shape[-2]} but the JSON says {info["width"]}x{info["height"]}.')
+                               f'{image.shape[-2]}{rotated} but the JSON says {info["width"]}x{info["height"]}.')
         return image.float().div_(255)
 
     def _masks(self, anns: List[Dict[str, Any]], height: int, width: int) -> torch.Tensor:
         from pycocotools import mask as mask_utils
         masks = torch.zeros(len(anns), height, width, dtype=torch.uint8)
         for i, ann in enumerate(anns):
-            seg = ann['segmentation']
-            rles = mask_utils.frPyObjects(seg, height, width) if not isinstance(seg, dict) or isinstance(
-                seg['counts'], list) else seg
             with warnings.catch_warnings():  # pycocotools' numpy-2 copy-keyword DeprecationWarning
                 warnings.simplefilter('ignore', DeprecationWarning)
-                m = mask_utils.decode(mask_utils.merge(rles) if isinstance(rles, list) else rles)
+                m = mask_utils.decode(_rle(ann['segmentation'], height, width))
             masks[i] = torch.from_numpy(m)
         return masks
 

@@ -57,6 +57,14 @@ class DistContext:
         dist.all_reduce(flags)
         return [r for r, f in enumerate(flags.tolist()) if f]
 
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` averaged over the ranks (themselves when not distributed); a collective call."""
+        if not self.initialized:
+            return values
+        values = values.detach().clone()
+        dist.all_reduce(values)
+        return values / self.world_size
+
     def close(self) -> None:
         if self.initialized and dist.is_initialized():
             dist.destroy_process_group()
@@ -97,7 +105,7 @@ def init_distributed(device: Optional[str] = None) -> DistContext:
             The backend is NCCL on CUDA and Gloo on the CPU.
 
     Raises:
-        ValueError: see :func:`check_device`.
+        ValueError: see :func:`check_device`; or, on CUDA, a ``LOCAL_RANK`` beyond the GPUs this process sees.
     """
     world = int(os.environ.get('WORLD_SIZE', '1'))
     rank = int(os.environ.get('RANK', '0'))
@@ -105,6 +113,10 @@ def init_distributed(device: Optional[str] = None) -> DistContext:
     dev = check_device(device)
     if dev.type == 'cuda':
         if world > 1:
+            if local_rank >= torch.cuda.device_count():  # found by an audit: "invalid device ordinal" traceback
+                raise ValueError(f'LOCAL_RANK {local_rank}, but this machine shows {torch.cuda.device_count()} CUDA '
+                                 f'device(s): start at most that many processes per node (torchrun '
+                                 f'--nproc_per_node), or check CUDA_VISIBLE_DEVICES.')
             dev = torch.device('cuda', local_rank)
         elif dev.index is None:  # set_device needs an index: plain 'cuda' is the current GPU
             dev = torch.device('cuda', torch.cuda.current_device())

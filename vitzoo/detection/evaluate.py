@@ -16,14 +16,20 @@ __all__ = ['STAT_NAMES', 'evaluate_coco', 'format_stats', 'predictions_to_coco']
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl')
 
 
+MAX_DETECTIONS = 100  # per image, COCO's rule (pycocotools' maxDets caps each image-and-category pair only)
+
+
 def predictions_to_coco(
         outputs: List[Dict[str, torch.Tensor]],
         image_ids: List[int],
         label_to_category: Dict[int, int],
+        max_per_image: int = MAX_DETECTIONS,
 ) -> List[Dict[str, Any]]:
     """Convert detector outputs to COCO result entries (``bbox`` xywh; ``segmentation`` RLE when masks exist).
 
-    Detections with label 0 (background: torchvision's RetinaNet head has an output for it) are left out.
+    Detections with label 0 (background: torchvision's RetinaNet head has an output for it) are left out, and of
+    the others the ``max_per_image`` highest-scoring are kept (COCO's 100: a detector returning more would score
+    higher AP/AR than the papers' evaluation gives it).
 
     Raises:
         ValueError: a label that is neither 0 nor one of ``label_to_category``'s.
@@ -36,13 +42,14 @@ def predictions_to_coco(
         masks = None
         if 'masks' in out:
             masks = (out['masks'][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
-        for i, (box, label, score) in enumerate(zip(boxes.tolist(), out['labels'].tolist(), out['scores'].tolist())):
-            if label == 0:
-                continue
-            if label not in label_to_category:
-                raise ValueError(f'image id {image_id}: a detection has label {label}, but the dataset\'s labels are '
-                                 f'1..{len(label_to_category)} (0: background); the model was built for another '
-                                 'number of classes.')
+        labels, scores = out['labels'].tolist(), out['scores'].tolist()
+        for label in set(labels) - {0} - set(label_to_category):
+            raise ValueError(f'image id {image_id}: a detection has label {label}, but the dataset\'s labels are '
+                             f'1..{len(label_to_category)} (0: background); the model was built for another '
+                             'number of classes.')
+        kept = sorted((i for i, label in enumerate(labels) if label != 0), key=lambda i: -scores[i])[:max_per_image]
+        for i in sorted(kept):
+            box, label, score = boxes[i].tolist(), labels[i], scores[i]
             entry = dict(image_id=image_id, category_id=label_to_category[label], bbox=box, score=score)
             if masks is not None:
                 rle = mask_utils.encode(np.asfortranarray(masks[i]))

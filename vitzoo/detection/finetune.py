@@ -115,6 +115,9 @@ def default_lr_steps(epochs: int) -> List[int]:
     return sorted({s for s in (epochs * 8 // 12, epochs * 11 // 12) if 0 < s < epochs})
 
 
+MIN_IMAGE_SIDE = 32  # --img-size / --min-size / --max-size
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -136,10 +139,14 @@ def validate_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         _must(value >= low, f'--{name.replace("_", "-")} must be >= {low}, got {value}.')
 
+    # an image resized below 32 px leaves the coarsest pyramid levels nothing, and 1 px resizes to 0 in torchvision
+    # (found by an audit: --img-size 1 was a traceback from its resize)
+    for name in ('img_size', 'min_size', 'max_size'):
+        if getattr(args, name) is not None:
+            at_least(name, MIN_IMAGE_SIDE)
     if args.img_size is not None:
-        at_least('img_size', 1)
         args.min_size = args.max_size = args.img_size
-    for name in ('epochs', 'batch_size', 'min_size', 'max_size', 'out_channels'):
+    for name in ('epochs', 'batch_size', 'out_channels'):
         at_least(name, 1)
     if args.max_iters is not None:
         at_least('max_iters', 1)
@@ -438,11 +445,14 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                 scheduler.step()
                 state['iteration'] += 1
                 state['step'] += 1
+                # the job's losses, averaged over the ranks as the gradients are (found by an audit: the log held
+                # rank 0's only, 1/N of the batch)
+                logged = ctx.mean(torch.stack([loss.detach(), *(v.detach() for v in losses.values())])).tolist()
                 if ctx.is_main:
-                    record = dict(iteration=state['iteration'], epoch=state['epoch'], lr=lr, loss=loss.item(),
-                                  **{k: v.item() for k, v in losses.items()})
+                    record = dict(iteration=state['iteration'], epoch=state['epoch'], lr=lr, loss=logged[0],
+                                  **dict(zip(losses, logged[1:])))
                     _log(out, record)
-                    bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{record["lr"]:.2e}')
+                    bar.set_postfix(loss=f'{logged[0]:.4f}', lr=f'{record["lr"]:.2e}')
                 if args.checkpoint_every and state['iteration'] % args.checkpoint_every == 0:
                     checkpoint()
         finally:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from vitzoo.atomic import staged_dir
 from vitzoo.cli import named_output
+from vitzoo.detection.data import segmentation_area
 from vitzoo.messages import cli_message
 
 __all__ = ['CATEGORIES', 'make_shapes_dataset']
@@ -72,7 +73,7 @@ def _split(root: Path, split: str, count: int, size: Tuple[int, int], gen: torch
             _fill(image, poly, color)
             anns.append(dict(id=first_ann + len(anns), image_id=idx + 1, category_id=kind, iscrowd=0,
                              bbox=[round(x0, 2), round(y0, 2), round(bw, 2), round(bh, 2)],
-                             area=round(bw * bh, 2), segmentation=[poly]))
+                             area=round(segmentation_area([poly], h, w), 2), segmentation=[poly]))
         name = f'{split}_{idx:04d}.png'
         Image.fromarray((image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(folder / name)
         images.append(dict(id=idx + 1, file_name=name, width=w, height=h))
