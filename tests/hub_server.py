@@ -42,6 +42,7 @@ class LoopbackHub:
         # (repo, file) -> bytes actually sent in place of the stored file (the ETag and size stay those of the
         # stored file): lets a test simulate a corrupted or truncated transfer
         self.tamper: Dict[Tuple[str, str], bytes] = {}
+        self.gated: set = set()  # repos whose conditions this caller has not accepted (403, X-Error-Code GatedRepo)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
@@ -113,6 +114,8 @@ def _make_handler(hub: LoopbackHub):
             repo, filename = "/".join(parts[:2]), "/".join(parts[4:])
             if repo not in hub.repos:
                 return self._not_found("RepoNotFound", send_body)
+            if repo in hub.gated:
+                return self._reply(403, b"", {"X-Error-Code": "GatedRepo", "X-Repo-Commit": COMMIT_SHA}, send_body)
             data = hub.repos[repo].get(filename)
             if data is None:
                 return self._not_found("EntryNotFound", send_body)

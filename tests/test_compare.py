@@ -911,9 +911,17 @@ def test_cuda_and_cuda_0_are_one_device_timed_at_the_gpu_batch(monkeypatch):
 
     measured = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.random, "fork_rng", lambda **k: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    forked = []
+    monkeypatch.setattr(torch.random, "fork_rng", lambda devices: forked.append(devices) or contextlib.nullcontext())
     monkeypatch.setattr(compare_module, "_measure_on",
                         lambda device, built, batch, *a: measured.append((device, batch)) or [])
     compare(["shvit_s1"], img_size=32, devices=["cuda:0", "cuda", "cpu", "cpu"], backends="eager")
-    assert measured == [("cuda:0", 256), ("cpu", 16)]
+    assert measured == [("cuda:0", 256), ("cpu", 16)] and forked[0] == [0]  # (count_flops forks the CPU's too)
+    forked.clear()
+    compare(["shvit_s1"], img_size=32, devices=["cuda"], speed=False)
+    assert forked and [0] not in forked  # counts only: the GPU's generator is not touched (nor CUDA started)
+    # found by the review: a GPU index beyond the machine's was a raw IndexError from fork_rng
+    with pytest.raises(ValueError, match=r"^device .cuda:1.: this machine has 1 CUDA device\(s\) "
+                                         r"\(cuda:0 .. cuda:0\)$"):
+        compare(["shvit_s1"], img_size=32, devices=["cuda:1"], speed=False)

@@ -1,6 +1,7 @@
 """COCO-format folder: loading, targets, up-front validation errors naming file and entry; COCO evaluation."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -738,12 +739,17 @@ def test_a_malformed_polygon_stops_only_a_detector_that_reads_masks(shapes, tmp_
     from vitzoo.detection.data import SkippedSegmentationWarning
 
     def edit(data):
-        data['annotations'][0]['segmentation'].append([128.0, 128.0])
+        for ann in data['annotations']:  # an exporter's bug hits every polygon
+            ann['segmentation'].append([128.0, 128.0])
         del data['annotations'][0]['area']
     root = _write(shapes, tmp_path, edit)
-    with pytest.warns(SkippedSegmentationWarning, match=r'annotation id 1.*at least 3 points.*It is left out: the '
-                                                        r'detector trains on boxes only'):
+    count = len(json.loads((shapes / 'annotations' / 'instances_train.json').read_text())['annotations'])
+    with pytest.warns(SkippedSegmentationWarning) as caught:
         ds = CocoDetectionFolder(root, 'train')
+    (warning,) = [w for w in caught if w.category is SkippedSegmentationWarning]  # one, not one per annotation
+    assert re.fullmatch(rf".*instances_train.json: {count} malformed segmentation\(s\) left out, the detector "
+                        r"training on boxes only \(e.g. annotation id 1 \(image id 1\): each polygon must be .*\)",
+                        str(warning.message)), str(warning.message)
     box = json.loads((shapes / 'annotations' / 'instances_train.json').read_text())['annotations'][0]['bbox']
     first = next(a for a in ds.coco_dict()['annotations'] if a['id'] == 1)
     assert 'segmentation' not in first and first['area'] == pytest.approx(box[2] * box[3], rel=1e-6)

@@ -655,6 +655,22 @@ def test_boxes_too_small_to_train_on_are_a_note(data, tmp_path, capsys):
     assert 'Warning' not in captured.err, captured.err
 
 
+def test_malformed_segmentations_of_a_box_only_run_are_one_note(data, tmp_path, capsys):
+    """Found by the review of an audit's fix: a box-only run with every polygon malformed warned once per
+    annotation, as Python warnings on every rank; now one note, as for boxes too small to train on."""
+    def edit(coco):
+        for ann in coco['annotations']:
+            ann['segmentation'].append([1.0, 2.0])
+
+    root = _copy_dataset(data, tmp_path / 'ds', 'train', edit)
+    assert _run(root, tmp_path / 'run', '--detector', 'retinanet', '--epochs', '1', '--max-iters', '1',
+                '--no-eval') == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.out.splitlines() if line.startswith('note: ')]
+    assert len(notes) == 1 and ' malformed segmentation(s) left out, the detector training on boxes only' in notes[0]
+    assert 'Warning' not in captured.err, captured.err
+
+
 def test_checkpoint_every_saves_at_its_multiples(data, tmp_path, monkeypatch):
     """--checkpoint-every 2 with 4 iterations per epoch (batch 1) and --max-iters 3: saved after iteration 2, then
     at the run's end (3)."""

@@ -288,9 +288,10 @@ def test_backbones_that_do_not_run_at_detector_sizes_are_refused_when_built(name
 
 
 @pytest.mark.parametrize('sizes, match', [
-    (dict(min_size=0), r'min_size must be an int >= 1 .* got 0'),
-    (dict(min_size=()), r'min_size must be an int >= 1 .* got \(\)'),
-    (dict(max_size=-1), r'max_size must be an int >= 1 .* got -1'),
+    (dict(min_size=0), r'min_size must be an int >= 32 .* got 0'),
+    (dict(min_size=1, max_size=1), r'min_size must be an int >= 32 .* got 1'),  # 0 px in torchvision's resize
+    (dict(min_size=()), r'min_size must be an int >= 32 .* got \(\)'),
+    (dict(max_size=-1), r'max_size must be an int >= 32 .* got -1'),
 ])
 def test_bad_resize_sizes_are_refused_when_built(sizes, match):
     """Found by an audit: torchvision takes them unchecked and failed at the first image."""

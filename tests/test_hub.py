@@ -769,6 +769,16 @@ def test_an_hf_hub_repos_config_json_that_timm_cannot_use_is_named(hub, shvit_fi
     assert not str(raw.value).startswith(message[:30])
 
 
+def test_a_gated_repo_says_so(hub, shvit_files):
+    """Found by the review: a gated repo whose conditions were not accepted was "not found ... Check the name"."""
+    _serve(hub, shvit_files[1], "model.safetensors", "config.json")
+    hub.gated.add(REPO)
+    for name, kwargs in ((f"hf-hub:{REPO}", {}), ("shvit_s1", dict(pretrained_cfg_overlay=dict(hf_hub_id=REPO)))):
+        with pytest.raises(MissingWeightsError, match=rf"^Hub repository '{REPO}' is gated: accept its conditions on "
+                                                      rf"http://127\.0\.0\.1:\d+/{REPO} while logged in"):
+            load_pretrained_model(name, **kwargs)
+
+
 def test_a_corrupt_cache_entry_linked_to_a_file_outside_the_cache_leaves_that_file(tmp_path, shvit_files, monkeypatch):
     """Found by an audit: a snapshot entry symlinked by hand to the user's own (truncated) file got that file
     deleted, with the advice "Retry the download" while HF_HUB_OFFLINE=1."""

@@ -75,8 +75,8 @@ def named_output(example: str):
 
 def image_size(value: str) -> Union[int, Tuple[int, int]]:
     """An argparse type for ``--img-size``: ``N`` for N x N (an int), or ``HxW`` (``96x160``, also ``96,160``) for
-    another shape (a pair ``(H, W)``; a square one as its int), each side >= 1. The shape is written as the
-    ``input`` column of ``vitzoo compare`` and the default file name of ``vitzoo export`` write it."""
+    another shape (a pair ``(H, W)``; a square one as its int), each side >= 1: the spelling of ``vitzoo compare``'s
+    ``input`` column and of ``vitzoo export``'s default file name."""
     parts = re.split(r"[xX,]", value.strip())
     if len(parts) not in (1, 2) or not all(re.fullmatch(r"[+-]?\d+", p.strip()) for p in parts):
         raise argparse.ArgumentTypeError(f"expects N (for N x N) or HxW, e.g. 224 or 96x160; got {value!r}")

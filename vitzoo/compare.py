@@ -108,10 +108,11 @@ def _check_count(what: str, flag: str, value: object) -> None:
 
 
 def _device_key(device: str) -> str:
-    """What ``device`` measures on: ``"cuda"`` is the current GPU, ``"cuda:0"`` where that is GPU 0."""
+    """What ``device`` measures on: ``"cuda"`` is the current GPU, ``"cuda:0"`` where that is GPU 0 (as it is until
+    CUDA starts: asking would start it, which ``--no-speed`` never does)."""
     dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
-        dev = torch.device("cuda", torch.cuda.current_device())
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
     return str(dev)
 
 
@@ -383,6 +384,11 @@ def _compare(
     if cuda and not torch.cuda.is_available():
         raise UsageError(f"--device {cuda[0]} was asked for but torch.cuda.is_available() is False; "
                          f"drop --device {cuda[0]}")
+    gpus = [torch.device(_device_key(d)).index for d in cuda]
+    beyond = [d for d, index in zip(cuda, gpus) if index >= torch.cuda.device_count()] if cuda else []
+    if beyond:
+        raise UsageError(f"device {beyond[0]!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     if backends is not None:
         backends = _check_backends(backends, speed)
 
@@ -392,8 +398,7 @@ def _compare(
             resolve_name(name, allow_folders=True)
     # the models' random weights and inputs come from torch's generators: the caller's seeded stream is left as it
     # was (as count_flops leaves it; found by an audit)
-    gpus = [torch.device(_device_key(d)).index for d in cuda]
-    with torch.random.fork_rng(devices=gpus):
+    with torch.random.fork_rng(devices=gpus if speed else []):  # counts only: CUDA is never started
         return _build_and_measure(names, models, img_size, batch_size, threads, speed, devices, backends, rounds,
                                   progress)
 

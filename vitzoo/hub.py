@@ -324,7 +324,7 @@ def fetch_hub_weights(hub_id: str, cache_dir: Optional[PathLike] = None, filenam
         try:
             cached = Path(hf_hub_download(repo_id, filename, revision=revision or None, cache_dir=cache_dir))
         except RepositoryNotFoundError as e:
-            raise MissingWeightsError(_repo_not_found(repo_id)) from e
+            raise MissingWeightsError(_repo_not_found(repo_id, e)) from e
         except LocalEntryNotFoundError:
             offline_misses.append(filename)
             continue
@@ -417,9 +417,14 @@ def _hub_filename(name: str, hub_id: str, kwargs: Dict[str, Any]) -> Optional[st
     return _pretrained_cfg(name, kwargs).get("hf_hub_filename")
 
 
-def _repo_not_found(repo_id: str) -> str:
+def _repo_not_found(repo_id: str, error: BaseException) -> str:
+    """What the Hub's "not found" means: a gated repo (its own error) or a name it does not show this caller."""
     from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError
 
+    if isinstance(error, GatedRepoError):
+        return (f"Hub repository '{repo_id}' is gated: accept its conditions on {constants.ENDPOINT}/{repo_id} while "
+                "logged in, and load with that account's token (`hf auth login` or HF_TOKEN).")
     return (f"Hub repository '{repo_id}' was not found at {constants.ENDPOINT}. Check the name; a private or gated "
             "repo also needs a token (`hf auth login` or HF_TOKEN).")
 
@@ -451,7 +456,7 @@ def hub_config(hub_id: str, cache_dir: Optional[PathLike] = None) -> Dict[str, A
             f"{WEIGHT_FILES[0]}{at_revision}` (or load once without HF_HUB_OFFLINE).{hub_offline_hint(1)}"
         ) from e
     except RepositoryNotFoundError as e:
-        raise MissingWeightsError(_repo_not_found(repo_id)) from e
+        raise MissingWeightsError(_repo_not_found(repo_id, e)) from e
     except EntryNotFoundError as e:
         raise MissingWeightsError(
             f"Hub repository '{repo_id}' has no config.json, which timm reads first for an hf-hub: name "
@@ -463,7 +468,7 @@ def hub_config(hub_id: str, cache_dir: Optional[PathLike] = None) -> Dict[str, A
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise WeightsError(f"config.json of Hub repo '{repo_id}' is not valid JSON ({e}); timm cannot read it.") from e
     arch = config.get("architecture") if isinstance(config, dict) else None
     if not isinstance(arch, str) or not arch:

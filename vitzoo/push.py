@@ -68,7 +68,8 @@ def push_folder(
     with tempfile.TemporaryDirectory(prefix=".vitzoo-push-") as snapshot:
         # what is uploaded is exactly what is verified: a copy, not the folder (which may change meanwhile)
         try:
-            report = verify_folder(_name_repo_in_card(_snapshot(folder, Path(snapshot)), repo_id))
+            shown = repo_id if not revision or revision == "main" else f"{repo_id}@{revision}"  # timm's spelling
+            report = verify_folder(_name_repo_in_card(_snapshot(folder, Path(snapshot)), shown))
         except VerificationError as e:  # named as the user's folder, not the copy
             raise VerificationError(str(e).replace(snapshot, str(folder))) from e
         api = HfApi(token=token)
@@ -98,12 +99,13 @@ _USAGE = re.compile(r"""(create_model\(\s*['"]hf-hub:)[^'"\s]+(['"])""")
 
 
 def _name_repo_in_card(folder: Path, repo_id: str) -> Path:
-    """Make the card's usage line load ``repo_id``: a folder converted without ``--repo`` names ``ORG/NAME`` or the
-    release's repo (found by an audit: a card pushed to ``me/shvit`` told readers to load ``timm/shvit_s1.in1k``)."""
+    """Make the card's usage line load ``repo_id`` (``org/name``, or ``org/name@branch``): a folder converted
+    without ``--repo`` names ``ORG/NAME`` or the release's repo (found by an audit: a card pushed to ``me/shvit``
+    told readers to load ``timm/shvit_s1.in1k``)."""
     card = folder / "README.md"
     if card.is_file():
         text = card.read_text(encoding="utf-8", errors="surrogateescape")
-        named = _USAGE.sub(lambda m: f"{m.group(1)}{repo_id}{m.group(2)}", text)
+        named = _USAGE.sub(lambda m: f"{m.group(1)}{repo_id}{m.group(2)}", text, count=1)  # the template's line
         if named != text:
             card.write_text(named, encoding="utf-8", errors="surrogateescape")
     return folder

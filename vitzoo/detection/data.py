@@ -21,9 +21,9 @@ import torch
 from torch.utils.data import Dataset
 from PIL import Image, ImageOps
 
-__all__ = ['CocoDetectionFolder', 'DatasetError', 'SkippedBoxWarning', 'annotation_path', 'boxes_as_trained',
-           'check_masks_for_evaluation', 'check_same_categories', 'collate_detection', 'hflip', 'load_coco_json',
-           'too_small_to_train', 'worker_error_message']
+__all__ = ['CocoDetectionFolder', 'DatasetError', 'SkippedBoxWarning', 'SkippedSegmentationWarning', 'annotation_path',
+           'boxes_as_trained', 'check_masks_for_evaluation', 'check_same_categories', 'collate_detection', 'hflip',
+           'load_coco_json', 'segmentation_area', 'too_small_to_train', 'worker_error_message']
 
 
 _EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a camera held the image: 1 upright, 3 upside down, 6 / 8 turned
@@ -265,6 +265,7 @@ def load_coco_json(path: Path, image_dir: Path, require_masks: bool = False) -> 
             raise FileNotFoundError(f'{where}: image file {image_dir / img["file_name"]} not found.')
         images[img['id']] = img
     seen = set()
+    dropped: List[str] = []  # malformed segmentations a box-only detector leaves out
     for i, ann in enumerate(data['annotations']):
         _check_fields(ann, ('id',), f'{path}: annotations[{i}]')
         _check_value(ann, 'id', _is_int, 'an integer', f'{path}: annotations[{i}]')
@@ -307,9 +308,11 @@ def load_coco_json(path: Path, image_dir: Path, require_masks: bool = False) -> 
                     raise
                 # a box-only detector never reads it (found by an audit: an exporter's 2-point polygon stopped a
                 # RetinaNet run); its area then comes from the box
-                warnings.warn(f'{e} It is left out: the detector trains on boxes only.', SkippedSegmentationWarning,
-                              stacklevel=3)
+                dropped.append(str(e))
                 del ann['segmentation']
+    if dropped:  # one warning, as for boxes too small to train on: an exporter's bug may hit every polygon
+        warnings.warn(f'{path}: {len(dropped)} malformed segmentation(s) left out, the detector training on boxes '
+                      f'only (e.g. {dropped[0].removeprefix(f"{path}: ")})', SkippedSegmentationWarning, stacklevel=2)
     _fill_areas(data, images)
     return data
 

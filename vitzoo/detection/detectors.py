@@ -126,19 +126,24 @@ def _check_normalisation(body: nn.Module, detector_kwargs: Dict[str, Any]) -> No
                 f'build_detector(..., image_mean={[0.5] * chans}, image_std={[0.25] * chans}).')
 
 
+#: Least ``min_size`` / ``max_size``: an image resized below 32 px leaves the coarsest pyramid levels nothing, and 1 px
+#: resizes to 0 in torchvision ("Input and output sizes should be greater than 0"; found by an audit).
+MIN_IMAGE_SIDE = 32
+
+
 def _is_size(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= 1
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= MIN_IMAGE_SIDE
 
 
 def _check_sizes(min_size: Any, max_size: Any) -> None:
     """torchvision's resize takes them unchecked and fails at the first image (found by an audit)."""
     sizes = min_size if isinstance(min_size, (tuple, list)) else (min_size,)
     if not sizes or not all(_is_size(s) for s in sizes):
-        raise ValueError(f'min_size must be an int >= 1 (the shorter image side after resizing) or a non-empty tuple '
-                         f'of them (one drawn per training batch), got {min_size!r}.')
+        raise ValueError(f'min_size must be an int >= {MIN_IMAGE_SIDE} (the shorter image side after resizing) or a '
+                         f'non-empty tuple of them (one drawn per training batch), got {min_size!r}.')
     if not _is_size(max_size):
-        raise ValueError(f'max_size must be an int >= 1 (the longer image side limit after resizing), got '
-                         f'{max_size!r}.')
+        raise ValueError(f'max_size must be an int >= {MIN_IMAGE_SIDE} (the longer image side limit after '
+                         f'resizing), got {max_size!r}.')
 
 
 #: Paddings a failing backbone is also tried at (multiples of ``size_divisible`` up to this), to say which one it

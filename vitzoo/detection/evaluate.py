@@ -43,8 +43,9 @@ def predictions_to_coco(
         if 'masks' in out:
             masks = (out['masks'][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
         labels, scores = out['labels'].tolist(), out['scores'].tolist()
-        for label in set(labels) - {0} - set(label_to_category):
-            raise ValueError(f'image id {image_id}: a detection has label {label}, but the dataset\'s labels are '
+        unknown = sorted(set(labels) - {0} - set(label_to_category))
+        if unknown:
+            raise ValueError(f'image id {image_id}: a detection has label {unknown[0]}, but the dataset\'s labels are '
                              f'1..{len(label_to_category)} (0: background); the model was built for another '
                              'number of classes.')
         kept = sorted((i for i, label in enumerate(labels) if label != 0), key=lambda i: -scores[i])[:max_per_image]

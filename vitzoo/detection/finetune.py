@@ -30,9 +30,9 @@ from vitzoo.models import UnknownModelError
 from .backbone import BackboneError, summarize_load_error
 from .checkpoint import atomic_save, get_rng_state, load_checkpoint, set_rng_state
 from .data import (
-    CocoDetectionFolder, DatasetError, SkippedBoxWarning, annotation_path, check_masks_for_evaluation,
-    check_same_categories, collate_detection, hflip, split_exists, worker_error_message)
-from .detectors import DETECTOR_STRIDES, build_detector
+    CocoDetectionFolder, DatasetError, SkippedBoxWarning, SkippedSegmentationWarning, annotation_path,
+    check_masks_for_evaluation, check_same_categories, collate_detection, hflip, split_exists, worker_error_message)
+from .detectors import DETECTOR_STRIDES, MIN_IMAGE_SIDE, build_detector
 from .distributed import DistContext, check_device, init_distributed
 from .evaluate import evaluate_coco, format_stats
 
@@ -115,9 +115,6 @@ def default_lr_steps(epochs: int) -> List[int]:
     return sorted({s for s in (epochs * 8 // 12, epochs * 11 // 12) if 0 < s < epochs})
 
 
-MIN_IMAGE_SIDE = 32  # --img-size / --min-size / --max-size
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -139,8 +136,7 @@ def validate_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         _must(value >= low, f'--{name.replace("_", "-")} must be >= {low}, got {value}.')
 
-    # an image resized below 32 px leaves the coarsest pyramid levels nothing, and 1 px resizes to 0 in torchvision
-    # (found by an audit: --img-size 1 was a traceback from its resize)
+    # as build_detector checks them, before any work (found by an audit: --img-size 1 was torchvision's traceback)
     for name in ('img_size', 'min_size', 'max_size'):
         if getattr(args, name) is not None:
             at_least(name, MIN_IMAGE_SIDE)
@@ -310,6 +306,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     with_masks = args.detector == 'maskrcnn'
     with warnings.catch_warnings(record=True) as notes:  # printed once below, as notes, not as Python warnings
         warnings.simplefilter('always', SkippedBoxWarning)
+        warnings.simplefilter('always', SkippedSegmentationWarning)
         train_ds = CocoDetectionFolder(args.data, 'train', with_masks=with_masks)
         val_ds = None
         if not args.no_eval and split_exists(args.data, 'val'):
@@ -322,9 +319,10 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
             if ctx.is_main:
                 print(note)
     for note in notes:
-        if ctx.is_main and issubclass(note.category, SkippedBoxWarning):
+        as_note = issubclass(note.category, (SkippedBoxWarning, SkippedSegmentationWarning))
+        if ctx.is_main and as_note:
             print(f'note: {note.message}')
-        elif not issubclass(note.category, SkippedBoxWarning):
+        elif not as_note:
             warnings.warn_explicit(note.message, note.category, note.filename, note.lineno)
     _seed_everything(args.seed)
     model = build_detector(args.detector, args.backbone, train_ds.num_classes, pretrained=args.pretrained,
