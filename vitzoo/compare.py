@@ -321,7 +321,7 @@ def _measure_on(
         try:  # the input batch itself may not fit in memory (--batch 100000)
             runners = _runners(model, report, device, batch, backends, notes, precisions)
             # one untimed call, then one that calibrates the calls per timing: a path's first call (the default
-            # path's is its first ever) is slow and chose too few (found by an audit: 0.1 s timings, not 0.15 s)
+            # path's is its first ever) is slow and chose too few (found by an audit: timings under 0.15 s)
             timings = measure(runners, batch, rounds=rounds, warmup=2, min_time=0.15, max_calls=500,
                               device=torch.device(device), progress=progress, desc=f"measuring {name}")
         except (RuntimeError, MemoryError, ValueError) as e:  # e.g. out of memory at this batch: keep the other rows
