@@ -466,7 +466,7 @@ class CocoDetectionFolder(Dataset):
                 image = torch.from_numpy(np.asarray(upright.convert('RGB')).copy()).permute(2, 0, 1)
         except DatasetError:
             raise
-        except Image.DecompressionBombError as e:  # not an OSError: a > 178-megapixel aerial or slide image
+        except Image.DecompressionBombError as e:  # not an OSError: an aerial or slide image over 2 x MAX_IMAGE_PIXELS
             raise DatasetError(f'{self.ann_file}: image id {info["id"]}: {file}: {e} Tile the image, or raise '
                                'PIL.Image.MAX_IMAGE_PIXELS if the file is trusted.') from e
         except (OSError, ValueError) as e:
