@@ -43,6 +43,7 @@ class LoopbackHub:
         # stored file): lets a test simulate a corrupted or truncated transfer
         self.tamper: Dict[Tuple[str, str], bytes] = {}
         self.gated: set = set()  # repos whose conditions this caller has not accepted (403, X-Error-Code GatedRepo)
+        self.down: Optional[int] = None  # an HTTP status every download request is answered with (503: the Hub down)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
@@ -108,6 +109,8 @@ def _make_handler(hub: LoopbackHub):
         # ---- downloads
         def _resolve(self, send_body: bool) -> None:
             hub.record(self.command, self.path)
+            if hub.down is not None:
+                return self._reply(hub.down, b"", {}, send_body)
             parts = self._parts()
             if len(parts) <= 4 or parts[2] != "resolve":
                 return self._not_found("RepoNotFound", send_body)

@@ -262,6 +262,23 @@ def test_unreachable_hub_for_an_hf_hub_name_fails_on_its_config_json(unreachable
     assert 20 <= sum(unreachable_hub) <= 30, unreachable_hub
 
 
+@pytest.mark.parametrize("name, first_file", [("shvit_s1", "model.safetensors"), (f"hf-hub:{REPO}", "config.json")])
+def test_a_hub_answering_with_an_http_error_is_not_called_unreachable(hub, monkeypatch, name, first_file):
+    """The Hub client words a 503 (after its retries) as a connection problem; online, the error says what the Hub
+    answered, and no advice for an offline machine follows (before 2026-11-26: "cannot be reached", "set
+    HF_HUB_OFFLINE=1")."""
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(_http.time, "sleep", lambda seconds: None)
+    hub.down = 503
+    with pytest.raises(MissingWeightsError) as info:
+        load_pretrained_model(name)
+    message = str(info.value)
+    assert "the Hub answered HTTP 503" in message and "cannot be reached" not in message, message
+    assert "HF_HUB_OFFLINE=1" not in message and "hf download" in message
+    assert hub.requests[0][1].endswith(f"/resolve/main/{first_file}"), hub.requests[:1]
+
+
 def test_unreachable_hub_through_the_shvit_entrypoint(unreachable_hub, monkeypatch):
     with pytest.raises(RuntimeError, match=r"(?s)Hugging Face Hub repo org/shvit-s1.*set HF_HUB_OFFLINE=1") as info:
         timm.create_model("shvit_s1", pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=REPO))

@@ -73,12 +73,26 @@ _HUB_RETRY_SECONDS = 25
 _DOWNLOAD_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException)
 
 
-def hub_offline_hint(files: int = len(WEIGHT_FILES)) -> str:
-    """Advice for a Hub request that failed as if offline: set HF_HUB_OFFLINE=1 to fail at once ('' if it is set).
+def _hub_not_reached(error: BaseException) -> str:
+    """Why a Hub client's ``LocalEntryNotFoundError`` came: offline mode, an HTTP error the Hub answered with (a
+    503 or a 403 online; the client words every such case as a connection problem), or no connection."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if not constants.HF_HUB_OFFLINE and isinstance(error.__cause__, HfHubHTTPError):
+        status = getattr(error.__cause__.response, "status_code", "?")
+        return f"the Hub answered HTTP {status} ({_shorten(str(error.__cause__).splitlines()[0], 200)})"
+    return f"the Hub cannot be reached (HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)})"
+
+
+def hub_offline_hint(files: int = len(WEIGHT_FILES), error: Optional[BaseException] = None) -> str:
+    """Advice for a Hub request that failed as if offline: set HF_HUB_OFFLINE=1 to fail at once ('' if it is set,
+    or if ``error``, the client's error, came from an HTTP answer: the machine is online).
     ``files``: how many files were tried, each with the Hub client's retries."""
     from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
 
-    if constants.HF_HUB_OFFLINE:
+    if constants.HF_HUB_OFFLINE or (error is not None and isinstance(error.__cause__, HfHubHTTPError)):
         return ""
     return (f" If this machine is offline, set HF_HUB_OFFLINE=1 so that loading fails at once instead of after the "
             f"Hub client's retries (about {_HUB_RETRY_SECONDS * files} s), and uses the Hub cache only.")
@@ -319,14 +333,15 @@ def fetch_hub_weights(hub_id: str, cache_dir: Optional[PathLike] = None, filenam
     repo_id, _, revision = hub_id.partition("@")
     repo_cache = _hub_repo_cache(repo_id, cache_dir)
     files = _hub_weight_files(filename)
-    offline_misses = []
+    offline_misses, not_reached = [], None
     for filename in files:
         try:
             cached = Path(hf_hub_download(repo_id, filename, revision=revision or None, cache_dir=cache_dir))
         except RepositoryNotFoundError as e:
             raise MissingWeightsError(_repo_not_found(repo_id, e)) from e
-        except LocalEntryNotFoundError:
+        except LocalEntryNotFoundError as e:
             offline_misses.append(filename)
+            not_reached = e
             continue
         except EntryNotFoundError:
             continue
@@ -352,10 +367,10 @@ def fetch_hub_weights(hub_id: str, cache_dir: Optional[PathLike] = None, filenam
         at_revision = f" --revision {revision}" if revision else ""
         raise MissingWeightsError(
             f"No weight file of '{repo_id}' ({' or '.join(files)}) is in the Hub cache ({repo_cache.parent}) "
-            f"and the Hub cannot be reached (HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}). While online, run "
+            f"and {_hub_not_reached(not_reached)}. While online, run "
             f"`hf download {repo_id} {files[0]}{at_revision}` (or load once without HF_HUB_OFFLINE); or load a "
             f"local file with pretrained_cfg_overlay=dict(file='/path/to/{Path(files[0]).name}')."
-            f"{hub_offline_hint(len(files))}"
+            f"{hub_offline_hint(len(files), not_reached)}"
         )
     if len(files) == 1:
         raise MissingWeightsError(f"Hub repository '{repo_id}' has no {files[0]} (the cfg's hf_hub_filename).")
@@ -439,7 +454,7 @@ def hub_config(hub_id: str, cache_dir: Optional[PathLike] = None) -> Dict[str, A
     timm config); :class:`vitzoo.models.UnknownModelError` when timm does not know its architecture. Empty when the
     file cannot be fetched for another reason (a network or HTTP error: the weights' fetch then says why).
     """
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     from .models import UnknownModelError, resolve_name  # models imports timm only: no import cycle
@@ -451,9 +466,9 @@ def hub_config(hub_id: str, cache_dir: Optional[PathLike] = None) -> Dict[str, A
         at_revision = f" --revision {revision}" if revision else ""
         raise MissingWeightsError(
             f"config.json of '{repo_id}', which timm reads first for an hf-hub: name, is not in the Hub cache "
-            f"({_hub_repo_cache(repo_id, cache_dir).parent}) and the Hub cannot be reached "
-            f"(HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}). While online, run `hf download {repo_id} config.json "
-            f"{WEIGHT_FILES[0]}{at_revision}` (or load once without HF_HUB_OFFLINE).{hub_offline_hint(1)}"
+            f"({_hub_repo_cache(repo_id, cache_dir).parent}) and {_hub_not_reached(e)}. While online, run "
+            f"`hf download {repo_id} config.json {WEIGHT_FILES[0]}{at_revision}` (or load once without "
+            f"HF_HUB_OFFLINE).{hub_offline_hint(1, e)}"
         ) from e
     except RepositoryNotFoundError as e:
         raise MissingWeightsError(_repo_not_found(repo_id, e)) from e
