@@ -163,6 +163,27 @@ def _looks_like_timm_vit(state_dict: Mapping[str, Any]) -> bool:
     return not is_official_layout(state_dict) and not any(k.endswith('attn.token_mask') for k in state_dict)
 
 
+_OFFICIAL_QKV_RE = re.compile(r'^(.*)\.attn\.qkv\.([QKV])\.(weight|bias)$')
+
+
+def _official_qkv_parts(state_dict: Mapping[str, torch.Tensor], prefix: str, kind: str) -> List[torch.Tensor]:
+    """A block's separate official Q, K and V tensors (``weight`` or ``bias``), checked to be all there and of one
+    input width, in the order of our fused ``qkv``."""
+    names = [f'{prefix}.attn.qkv.{n}.{kind}' for n in 'QKV']
+    missing = [n for n in names if n not in state_dict]
+    if missing:
+        raise IncompatibleCheckpointError(
+            f'Official-layout NViT checkpoint without {missing}: a block needs its Q, K and V {kind} together (they '
+            f'are merged into {prefix}.attn.qkv.{kind}). The file is incomplete; download it again.')
+    parts = [state_dict[n] for n in names]
+    if kind == 'weight' and len({tuple(t.shape[1:]) for t in parts}) > 1:
+        raise IncompatibleCheckpointError(
+            f'Official-layout NViT checkpoint: Q, K and V of {prefix} take inputs of different widths '
+            f'({", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, parts))}); they must share the embedding '
+            'width. The file is damaged or not an NViT checkpoint.')
+    return parts
+
+
 def convert_official(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     """Official layout -> ours. Tensors already in our layout pass through unchanged."""
     out: StateDict = {}
@@ -175,12 +196,11 @@ def convert_official(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
                 raise IncompatibleCheckpointError(
                     f'patch_embed.proj.weight {tuple(v.shape)}: {flat} input channels is not 3*p*p.')
             out[k] = v.reshape(emb, patch, patch, 3).permute(0, 3, 1, 2).contiguous()
-        elif '.attn.qkv.Q.' in k:
-            prefix, kind = k.split('.attn.qkv.Q.')
-            parts = [state_dict[f'{prefix}.attn.qkv.{n}.{kind}'] for n in 'QKV']
-            out[f'{prefix}.attn.qkv.{kind}'] = torch.cat(parts, dim=0)
-        elif '.attn.qkv.K.' in k or '.attn.qkv.V.' in k:
-            continue  # consumed with Q
+        elif _OFFICIAL_QKV_RE.match(k):
+            prefix, kind = _OFFICIAL_QKV_RE.match(k).group(1, 3)
+            merged = f'{prefix}.attn.qkv.{kind}'
+            if merged not in out:  # the first of Q, K, V met takes all three
+                out[merged] = torch.cat(_official_qkv_parts(state_dict, prefix, kind), dim=0)
         elif k.endswith('.attn.qkv.token_mask'):
             out[k.replace('.attn.qkv.token_mask', '.attn.token_mask')] = v
         elif '.attn.proj.proj.' in k:

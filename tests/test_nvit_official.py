@@ -8,6 +8,7 @@ official tensors directly: rearranged pixels and the 1x1 conv as a matmul, separ
 import argparse
 import datetime
 import math
+import re
 
 import pytest
 import timm
@@ -441,6 +442,30 @@ def test_incomplete_checkpoint_refused_with_any_num_classes(tmp_path, num_classe
                        match=r"^The checkpoint is incomplete: 1 of the model's tensors are missing") as info:
         _create(path, num_classes=num_classes)
     assert f"(e.g. ['{dropped}'])" in str(info.value)
+
+
+@pytest.mark.parametrize('dropped', ['blocks.0.attn.qkv.K.weight', 'blocks.1.attn.qkv.V.bias',
+                                     'blocks.0.attn.qkv.Q.weight'])
+@pytest.mark.parametrize('strict', [True, False])
+def test_an_official_block_without_one_of_q_k_v_is_named(tmp_path, dropped, strict):
+    """The official file stores Q, K and V apart and the loader merges them into one qkv. Before 2026-11-26 a missing
+    K or V was a bare KeyError (a traceback in `vitzoo convert`), and a missing Q silently dropped K and V as well,
+    so the error named the merged key, which no official file has."""
+    sd = make_official('ones')
+    del sd[dropped]
+    path = save_official(tmp_path / 'NViT_no_qkv_part.pth', sd)
+    with pytest.raises(nvit.IncompatibleCheckpointError, match=rf"^Official-layout NViT checkpoint without "
+                                                               rf"\['{re.escape(dropped)}'\]: a block needs its Q, K"):
+        _create(path, pretrained_strict=strict)
+
+
+def test_official_q_k_v_of_different_input_widths_are_named(tmp_path):
+    sd = make_official('ones')
+    sd['blocks.1.attn.qkv.Q.weight'] = sd['blocks.1.attn.qkv.Q.weight'][:, :-1]
+    path = save_official(tmp_path / 'NViT_odd_q.pth', sd)
+    with pytest.raises(nvit.IncompatibleCheckpointError, match=r"Q, K and V of blocks\.1 take inputs of different "
+                                                               r"widths \(blocks\.1\.attn\.qkv\.Q\.weight"):
+        _create(path)
 
 
 def test_checkpoint_without_token_scales_into_a_token_scale_model(official_files):
