@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import re
+import warnings
 
 import pytest
 import safetensors.torch
@@ -754,6 +755,33 @@ def test_dims_option_is_refused_for_other_models(shvit_official, tmp_path, capsy
                  "--dims", NVIT_DIMS.to_json()]) == 2  # a usage error
     err = capsys.readouterr().err
     assert "--dims" in err and "nvit_* models only" in err and "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("arch, kwargs, prefix", [
+    ("revit_t", dict(patch_size=8), "model."),  # a Lightning module's checkpoint
+    ("revit_t", dict(img_size=384), "backbone."),  # a detector's, beside its neck
+    ("shvit_s1", dict(distilled=True), "model."),
+])
+def test_a_model_under_a_prefix_converts_with_its_own_geometry_and_heads(tmp_path, arch, kwargs, prefix):
+    """A model held under a prefix converts as the same model held plainly: its resolution, patch size and
+    distillation head kept (found by an audit: the probes saw no pos_embed / head_dist under the prefix, so the
+    folder was resampled to 224 / 16 px, or lost the head, and was "verified" against the resampled source)."""
+    torch.manual_seed(0)
+    model = _randomize_norms(timm.create_model(arch, **kwargs))
+    state_dict = {prefix + k: v for k, v in model.state_dict().items()}
+    if prefix == "backbone.":
+        state_dict["neck.conv.weight"] = torch.zeros(8, 192, 1, 1)
+    src = tmp_path / "nested.pth"
+    torch.save({"state_dict": state_dict, "epoch": 3}, src)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Loading the (ViT|SHViT) under", UserWarning)
+        out = convert_checkpoint(src, arch, tmp_path / "out", flops=False)
+    tensors = safetensors.torch.load_file(out / "model.safetensors")
+    expected = model.state_dict()
+    assert sorted(tensors) == sorted(expected) and all(torch.equal(tensors[k], expected[k]) for k in expected)
+    side = kwargs.get("img_size", 224)
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert (_outputs(loaded, (3, side, side)) - _outputs(model, (3, side, side))).abs().max().item() == 0.0
 
 
 def test_shvit_distillation_head_is_kept(tmp_path):

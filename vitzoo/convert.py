@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -587,6 +588,25 @@ def _peek_shapes(path: Path) -> Optional[Dict[str, Tuple[int, ...]]]:
     return {k: tuple(v.shape) for k, v in _unwrap(checkpoint).items() if isinstance(k, str) and torch.is_tensor(v)}
 
 
+def _own_shapes(shapes: Optional[Dict[str, Tuple[int, ...]]], model: str) -> Optional[Dict[str, Tuple[int, ...]]]:
+    """The shapes of the model's own tensors (``shapes``: :func:`_peek_shapes`) when the checkpoint holds it under a
+    prefix beside other parts (a Lightning module's ``model.``, a detector's ``backbone.``), taken as the model's
+    loader takes them (found by an audit: the probes missed such a model's resolution and patch size, so it was
+    resampled to 224 / 16 px and "verified" against the resampled source)."""
+    if shapes is None:
+        return None
+    if model.startswith("shvit_"):
+        from shvit.checkpoint import _take_nested_model as take
+    else:
+        from nvit.checkpoint import take_nested_model as take
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the loader warns about the left-out tensors itself
+        try:
+            return take(shapes)
+        except (ValueError, RuntimeError):  # two candidate models (either family's error): the loader says so
+            return shapes
+
+
 def _nvit_geometry(path: Path, shapes: Optional[Dict[str, Tuple[int, ...]]],
                    in_chans: int) -> Tuple[Optional[int], Optional[int]]:
     """``(image size, patch size)`` an NViT checkpoint (``shapes``: :func:`_peek_shapes`) was trained at (the square
@@ -763,7 +783,7 @@ def convert_checkpoint(
         if in_chans is not None:  # the model takes them and the cfg declares them: nothing for timm to adapt
             kwargs["in_chans"] = in_chans
             overlay["input_size"] = (in_chans, *get_pretrained_cfg(model).input_size[1:])
-        shapes = _peek_shapes(path) if model.startswith(("shvit_", "nvit_", "revit_")) else None
+        shapes = _own_shapes(_peek_shapes(path), model) if model.startswith(("shvit_", "nvit_", "revit_")) else None
         if model.startswith("shvit_") and _has_distill_head(shapes):
             kwargs["distilled"] = True  # keep the distillation head: the source's output is the mean of both heads
         image_size, patch_size = _nvit_geometry(path, shapes, chans) if model.startswith(("nvit_", "revit_")) \
