@@ -6,6 +6,7 @@ this"), and one that records was never called. The reference is the hooked origi
 """
 import copy
 import functools
+import threading
 
 import pytest
 import timm
@@ -177,6 +178,37 @@ def test_counting_leaves_the_callers_hooks_and_random_state_alone():
     assert torch.equal(torch.rand(3), expected) and seen == []
     model(torch.randn(1, 3, 64, 64))
     assert seen == [(1, 512, 2, 2)]  # the hook is still the caller's
+
+
+class _LockedRecorder:
+    """A caller's recorder, as a logger or a SummaryWriter is: it holds a lock, which cannot be copied."""
+
+    def __init__(self):
+        self.lock, self.seen = threading.Lock(), []
+
+    def record(self, module, args, output):
+        with self.lock:
+            self.seen.append(output.shape)
+
+    __call__ = record
+
+
+@pytest.mark.parametrize("kind", ["bound method", "callable object", "partial", "object and its method"])
+def test_counting_calls_none_of_the_callers_hooks_whatever_they_are(kind):
+    """Found by an audit: the copy count_flops runs on shared only plain functions with the caller's model; a bound
+    method's object, a callable object and a partial's arguments were copied, so the caller's hook ran on random
+    input (into a copy of the recorder) and, holding a lock, made counting fail ("cannot pickle '_thread.lock'")."""
+    model = timm.create_model("resnet18").eval()
+    recorder = _LockedRecorder()
+    hooks = {"bound method": [recorder.record], "callable object": [recorder],
+             "partial": [functools.partial(_LockedRecorder.record, recorder)],
+             "object and its method": [recorder, recorder.record]}[kind]
+    for hook in hooks:
+        model.layer4.register_forward_hook(hook)
+    expected = vitzoo.count_flops(timm.create_model("resnet18"), 64).total
+    assert vitzoo.count_flops(model, 64).total == expected and recorder.seen == []
+    model(torch.randn(1, 3, 64, 64))
+    assert recorder.seen == [(1, 512, 2, 2)] * len(hooks)  # still the caller's hooks, on the caller's model
 
 
 class _CollectsWithItsOwnHook(torch.nn.Module):

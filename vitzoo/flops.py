@@ -39,7 +39,7 @@ from torch.utils import _pytree as pytree
 
 from vitzoo.batchnorm_folding import fold_batchnorms_detailed
 from vitzoo.models import _as_dim, first_meta_tensor, model_in_chans, model_input_size
-from vitzoo.module_hooks import drop_shared_hooks
+from vitzoo.module_hooks import deepcopy_sharing_hooks, drop_shared_hooks
 from vitzoo.weight_standardisation import standardise_weights
 
 with warnings.catch_warnings():
@@ -681,7 +681,8 @@ def _count(model: Union[nn.Module, str], input_size: Union[None, int, Sequence[i
     size = _input_size(model, input_size, size_name)
 
     params = count_params(model)
-    unfused = drop_shared_hooks(copy.deepcopy(model), model).to("cpu").eval()
+    # the caller's hooks (functions, bound methods, partials, objects) stay shared by the copy, then are removed
+    unfused = drop_shared_hooks(deepcopy_sharing_hooks(model), model).to("cpu").eval()
     example = torch.randn(batch_size, *size, dtype=next(unfused.parameters(), torch.empty(0)).dtype)
     with torch.no_grad():
         # one eager call first: checks that a model skips while traced (SHViT's minimum size, its channel count)

@@ -63,12 +63,21 @@ def _method_of(hook: object) -> object:
     return getattr(hook, "__self__", None)
 
 
+# torch's own hook registries on every module: what they hold is registered there, not held by the model (a
+# caller's hook object and a hook bound to it counted as the model's, so the bound one was copied with the model;
+# found by an audit)
+_HOOK_REGISTRIES = frozenset(name for name in vars(nn.Module()) if "hook" in name)
+
+
 def _objects_held(model: nn.Module) -> Set[int]:
-    """ids of ``model``'s modules and of the objects they hold as attributes (directly or in a list / dict)."""
+    """ids of ``model``'s modules and of the objects they hold as attributes (directly or in a list / dict), torch's
+    hook registries left out."""
     held = set()
     for module in model.modules():
         held.add(id(module))
-        for value in vars(module).values():
+        for name, value in vars(module).items():
+            if name in _HOOK_REGISTRIES:
+                continue
             held.add(id(value))
             if isinstance(value, (list, tuple)):
                 held.update(map(id, value))
@@ -79,10 +88,12 @@ def _objects_held(model: nn.Module) -> Set[int]:
 
 def drop_shared_hooks(copied: M, original: nn.Module) -> M:
     """Remove from ``copied`` (a ``copy.deepcopy`` of ``original``) the forward (pre-)hooks it shares with
-    ``original``, in place, and return it. ``deepcopy`` keeps a plain function, so such a hook on a copy that runs on
-    made-up input (FLOP counting) is the caller's code: a hook recording features recorded the copy's. Hooks the
-    copy has its own copy of (a bound method, a ``functools.partial`` or an object, such as timm's
-    ``FeatureHookNet`` collectors and torch's pruning hooks) belong to the copy and stay."""
+    ``original``, in place, and return it: on a copy that runs on made-up input (FLOP counting) such a hook is the
+    caller's code, and a hook recording features recorded the copy's. Copy with :func:`deepcopy_sharing_hooks`, so
+    that the caller's bound methods, ``functools.partial``s and objects are shared too (``deepcopy`` shares only a
+    plain function: the others ran on the copy, and one holding a lock or an open file made the copy fail; found by
+    an audit). Hooks the copy has its own copy of (methods of objects the model holds, such as timm's
+    ``FeatureHookNet`` collectors) belong to the copy and stay."""
     for mine, theirs in zip(copied.modules(), original.modules()):
         for attr in ("_forward_hooks", "_forward_pre_hooks"):
             shared = {key for key, hook in getattr(mine, attr).items()
