@@ -790,6 +790,38 @@ def test_data_movement_ops_are_free_not_unknown():
     assert report.unknown_ops == {}, report.unknown_ops
 
 
+def test_more_activations_and_reductions_count_one_per_element_and_gate_splits_are_free():
+    """Found by an audit: F.relu6, SELU, CELU, LogSigmoid, Threshold, fmod, trunc, frac, exp2, log1p, atan2, erfinv,
+    ``|``, var_mean and linalg.norm were reported without a formula even with elementwise=True, and the gate split of
+    LSTMCell / GRUCell (unsafe_chunk) without one at all. Hand count: one per element of the 2 x 3 x 4 input for
+    each; the cells' matrix products only: LSTMCell(4, 5) 20 x (4 + 5), GRUCell(4, 5) 15 x (4 + 5)."""
+    class Ops(nn.Module):
+        def forward(self, x):
+            ys = [F.relu6(x), F.selu(x), F.celu(x), F.logsigmoid(x), F.threshold(x, 0.1, 0.), torch.fmod(x, 0.3),
+                  x.trunc(), x.frac(), x.exp2(), x.log1p(), torch.atan2(x, x), torch.erfinv(x),
+                  (x > 0) | (x < 0), torch.var_mean(x, dim=-1)[0]]
+            return [*ys, torch.linalg.norm(x)]
+
+    report = count_flops(Ops(), (2, 3, 4), elementwise=True)
+    assert report.unknown_ops == {}, report.unknown_ops
+    for op in ("relu6", "selu", "celu", "log_sigmoid", "threshold", "fmod", "trunc", "frac", "exp2", "log1p",
+               "atan2", "erfinv", "__or__", "var_mean", "linalg_norm"):
+        assert report.by_operator[op] == 24, op
+
+    class Cells(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.gru = nn.LSTMCell(4, 5), nn.GRUCell(4, 5)
+
+        def forward(self, x):
+            x = x.flatten(1)
+            return self.lstm(x)[0] + self.gru(x)
+
+    report = count_flops(Cells(), (4, 1, 1))
+    assert report.unknown_ops == {}, report.unknown_ops
+    assert report.total == 20 * (4 + 5) + 15 * (4 + 5)
+
+
 def test_transposes_views_and_selections_written_other_ways_are_free():
     """Found by an audit: ``x.T``, ``x.mT``, ``x.mH``, diagonal, index_select, tril / triu and ones_like were listed
     as ops without a FLOP formula ("their work is missing from the total"), though they do no arithmetic. Hand

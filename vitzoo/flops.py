@@ -271,6 +271,11 @@ ELEMENTWISE_OPS: Dict[str, Any] = {
             "ceil", "round", "sign", "reciprocal", "log", "softplus", "clamp_max", "minimum", "maximum", "where",
             "addcmul", "addcdiv", "lerp", "lt", "le", "ne", "prelu",
             "glu",  # the product of the two halves: one per output element
+            # activations and arithmetic found reported without a formula by an audit (F.relu6, nn.SELU, nn.CELU,
+            # nn.LogSigmoid, nn.Threshold, nn.RReLU, torch.fmod ...), and their siblings
+            "relu6", "selu", "celu", "log_sigmoid", "threshold", "rrelu", "fmod", "trunc", "frac", "exp2", "expm1",
+            "log1p", "log2", "log10", "erfinv", "atan2", "atan", "tan", "__or__", "bitwise_or", "bitwise_and",
+            "logical_and", "logical_or", "logical_not",
         )
     },
     "aten::col2im": _col2im_flop_jit,  # additions of overlapping patches
@@ -278,7 +283,8 @@ ELEMENTWISE_OPS: Dict[str, Any] = {
         f"aten::{op}": _per_input_element
         for op in ("mean", "sum", "avg_pool2d", "max_pool2d", "adaptive_max_pool2d", "linalg_vector_norm", "norm",
                    "amax", "amin", "min", "cumsum", "prod", "var", "std", "logsumexp", "avg_pool1d", "avg_pool3d",
-                   "max_pool1d", "max_pool3d", "adaptive_avg_pool1d", "adaptive_max_pool1d", "adaptive_avg_pool3d")
+                   "max_pool1d", "max_pool3d", "adaptive_avg_pool1d", "adaptive_max_pool1d", "adaptive_avg_pool3d",
+                   "var_mean", "std_mean", "linalg_norm")
     },
 }
 
@@ -304,6 +310,7 @@ FREE_OPS = ("aten::reshape_as", "aten::view_as", "aten::expand_as", "aten::repea
             "aten::repeat_interleave", "aten::unfold", "aten::im2col", "aten::dropout_",
             "aten::feature_dropout", "aten::feature_dropout_", "aten::alpha_dropout", "aten::alpha_dropout_",
             "aten::flip", "aten::roll", "aten::tile", "aten::meshgrid",
+            "aten::unsafe_chunk", "aten::unsafe_split",  # how nn.LSTMCell / GRUCell split their gates
             # transposes, views and selections written in other ways (x.T, x.mT, x.mH, diagonal, index_select,
             # tril / triu masks, ones_like), found missing by an audit: they were reported as ops without a formula
             "aten::numpy_T", "aten::mT", "aten::mH", "aten::adjoint", "aten::swapaxes", "aten::swapdims",
