@@ -998,6 +998,17 @@ def test_a_compiled_module_is_counted_as_its_original():
     assert report.params == count_params(model)
 
 
+def test_a_data_parallel_wrapper_is_counted_as_its_module():
+    """Found by an audit: ``nn.DataParallel(model)`` failed with "has no pretrained_cfg['input_size']" (the wrapper
+    has no cfg) and, given a size, would count the wrapper's scatter. Hand count as above; timm's ResNet-18 by its
+    cfg's size, as the bare model."""
+    model = _ConvNet().eval()
+    report = count_flops(nn.DataParallel(torch.compile(model)), (3, 16, 16))
+    assert report.total == 16 * 16 * 8 * 3 * 3 * 3 + 8 * 5 and report.params == count_params(model)
+    resnet = timm.create_model("resnet18")
+    assert count_flops(nn.DataParallel(resnet)).total == count_flops(resnet).total
+
+
 def test_a_deployed_model_is_refused_with_what_to_count_instead():
     """A ``vitzoo.deploy``ed model failed with errors about tracing, OpaqueTensorImpl or pickling a session."""
     import vitzoo

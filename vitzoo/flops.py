@@ -564,10 +564,12 @@ def _input_size(model: nn.Module, input_size: Union[None, int, Sequence[int]],
 
 def _countable(model: nn.Module) -> nn.Module:
     """The module to count: a ``torch.compile``d module's original (``_orig_mod``; its compiled graph cannot be
-    traced); a ``vitzoo.deploy``ed model is refused (its backends run compiled graphs, oneDNN tensors or an ONNX
-    Runtime session, none of which fvcore can trace)."""
-    while isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch._dynamo's OptimizedModule
-        model = model._orig_mod
+    traced), a ``DataParallel`` / ``DistributedDataParallel`` wrapper's ``module`` (found by an audit: the wrapper
+    has no pretrained cfg, so its input size was "not known"); a ``vitzoo.deploy``ed model is refused (its backends
+    run compiled graphs, oneDNN tensors or an ONNX Runtime session, none of which fvcore can trace)."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module) or isinstance(model, wrappers):
+        model = model.module if isinstance(model, wrappers) else model._orig_mod  # _orig_mod: torch._dynamo's
     if isinstance(model, torch.jit.ScriptModule):
         raise ValueError(
             f"cannot count FLOPs of a TorchScript module ({type(model).__name__}, from torch.jit.script / trace): "
