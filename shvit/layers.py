@@ -90,7 +90,7 @@ class ConvNorm(nn.Module):
         )
         fused.weight.copy_(weight)
         fused.bias.copy_(shift)
-        return fused
+        return fused.train(self.training)  # a fused eval model is eval throughout
 
 
 class NormLinear(nn.Module):
@@ -143,7 +143,7 @@ class NormLinear(nn.Module):
         weight = linear.weight.to(dtype)
         fused.weight.copy_(weight * scale.view(1, -1))
         fused.bias.copy_(weight @ shift + linear.bias.to(dtype))
-        return fused
+        return fused.train(self.training)
 
 
 class Residual(nn.Module):
