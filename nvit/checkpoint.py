@@ -136,6 +136,10 @@ def is_official_layout(state_dict: Mapping[str, Any]) -> bool:
 def describe_foreign_checkpoint(state_dict: Mapping[str, Any]) -> Optional[str]:
     """Say what a checkpoint looks like if it is clearly not an NViT one (None if it could be one)."""
     keys = list(state_dict)
+    odd = next((k for k in keys if not isinstance(k, str)), None)
+    if odd is not None:  # found by an audit: an AttributeError traceback in `vitzoo convert`
+        return (f'not a state dict: its key {odd!r} is of type {type(odd).__name__}, where a state dict has parameter '
+                f'names (first keys: {keys[:4]})')
     if any(k.startswith('patch_embed.0.c.') for k in keys) or any('.mixer.' in k for k in keys):
         return 'a SHViT checkpoint (keys like patch_embed.0.c.weight); load it with an shvit_* model'
     if not any(_BLOCK_RE.match(k) for k in keys) or 'pos_embed' not in state_dict:
@@ -242,6 +246,13 @@ def _block_widths(state_dict: Mapping[str, torch.Tensor]) -> Tuple[int, List[Tup
             mlp = state_dict[f'blocks.{i}.mlp.fc1.weight'].shape[0]
             widths.append(((qkv_rows - v_total) // 2, v_total, mlp))
     except KeyError as e:
+        block = f'blocks.{len(widths)}.'
+        present = [k for k in state_dict if isinstance(k, str) and k.startswith(block)]
+        if 'pos_embed' in state_dict and present:  # found by an audit: a stray tensor read as "not NViT"
+            raise IncompatibleCheckpointError(
+                f'Block {len(widths)} of the checkpoint is incomplete: it has {len(present)} tensor(s) (e.g. '
+                f'{present[:3]}) but not {e}. The file is damaged or holds tensors of a deeper model; load the '
+                f'complete checkpoint.') from None
         raise IncompatibleCheckpointError(f'Not an NViT state dict: missing key {e}.') from None
     return embed_dim, widths
 
@@ -481,7 +492,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: torch.nn.Module,
     if foreign is not None:
         raise IncompatibleCheckpointError(f'This is {_as_foreign(foreign)}.')
     out = convert_official(state_dict)
-    _check_distilled(out, model)
+    _check_distilled(out, model, strict and not features_only)
     grid = list(model.patch_embed.grid_size)
     prefix = model.num_prefix_tokens
     source = _source_grid(model, out, out['pos_embed'].shape[1] - prefix)
@@ -538,9 +549,21 @@ def _check_classifier(state_dict: Mapping[str, Any], model: torch.nn.Module, str
         f'classifier and start a new one); vitzoo convert: --num-classes {n}.')
 
 
-def _check_distilled(state_dict: Mapping[str, Any], model: torch.nn.Module) -> None:
-    """A distillation token changes every block's attention, so it cannot be added or dropped while loading."""
+def _check_distilled(state_dict: Mapping[str, Any], model: torch.nn.Module, strict: bool = True) -> None:
+    """A distillation token changes every block's attention, so it cannot be added or dropped while loading. A
+    distillation head without the token, or (``strict``) the token and the head without the distillation head, is
+    a damaged file (found by an audit: named as a position embedding of a non-square grid, or by torch's raw
+    missing-keys list)."""
     has_dist = 'dist_token' in state_dict
+    if 'head_dist.weight' in state_dict and not has_dist:
+        raise IncompatibleCheckpointError(
+            'The checkpoint has a distillation head (head_dist) but no distillation token (dist_token), which a '
+            'distilled model has beside it: the file is damaged or was edited; load the complete checkpoint.')
+    if strict and has_dist and 'head.weight' in state_dict and 'head_dist.weight' not in state_dict:
+        raise IncompatibleCheckpointError(
+            'The checkpoint is distilled (it has dist_token) and has its classifier (head) but not the distillation '
+            'head (head_dist): the file is damaged or was edited; load the complete checkpoint. '
+            f'{_STRICT_OPT_OUT}')
     if has_dist == (model.num_prefix_tokens == 2):
         return
     if has_dist:

@@ -86,7 +86,7 @@ def _unwrap(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
             break
     out = {}
     for key, value in checkpoint.items():
-        while key.startswith(_WRAPPER_PREFIXES):
+        while isinstance(key, str) and key.startswith(_WRAPPER_PREFIXES):
             key = key.partition('.')[2]
         out[key] = value
     return out

@@ -784,6 +784,17 @@ def test_a_model_under_a_prefix_converts_with_its_own_geometry_and_heads(tmp_pat
     assert (_outputs(loaded, (3, side, side)) - _outputs(model, (3, side, side))).abs().max().item() == 0.0
 
 
+def test_a_distilled_nvit_without_its_token_is_named_by_convert(tmp_path, capsys):
+    """Found by an audit: convert's resolution probe counted the distillation token's position embedding as a
+    patch (198 - 1 = 197 "not a square grid") before the loader could say what is wrong."""
+    state_dict = _nvit_to_official(_random_nvit().state_dict(), NVIT_DIMS)
+    del state_dict["dist_token"]
+    src = tmp_path / "NViT_no_dist_token.pth"
+    torch.save({"model": state_dict, "dim": NVIT_DIMS.to_dict(official=True)}, src)
+    err = _cli_error(capsys, src, "--model", "nvit_b", "--out", tmp_path / "out")
+    assert "no distillation token (dist_token)" in err and "square" not in err, err
+
+
 def test_shvit_distillation_head_is_kept(tmp_path):
     """An official SHViT checkpoint with head_dist.* converts with distilled=True: the head is in the folder, and
     local-dir: rebuilds it (found by an audit: it was dropped and the outputs differed from the distilled model)."""

@@ -279,6 +279,16 @@ def test_deit_checkpoint_rejected(tmp_path):
         _create(str(path))
 
 
+def test_a_dict_with_a_key_that_is_no_name_is_not_a_state_dict(tmp_path):
+    """Found by an audit: an int key among the weights was an AttributeError traceback ('int' object has no
+    attribute 'startswith'), in `vitzoo convert` too."""
+    sd = make_official('ones')
+    sd[0] = torch.zeros(1)
+    path = save_official(tmp_path / 'NViT_int_key.pth', sd)
+    with pytest.raises(nvit.IncompatibleCheckpointError, match=r"is not a state dict: its key 0 is of type int"):
+        _create(path)
+
+
 def test_the_advice_for_a_vit_checkpoint_with_heads_not_64_wide_is_exact(tmp_path):
     """The error's second way (dims=NViTDims.uniform) keeps NViT's 64**-0.5 attention scale: for 48-wide heads the
     message's attn_scale=head_dim**-0.5 gives the ViT's outputs (found by an audit: the advice left it out, and the
@@ -457,6 +467,37 @@ def test_an_official_block_without_one_of_q_k_v_is_named(tmp_path, dropped, stri
     with pytest.raises(nvit.IncompatibleCheckpointError, match=rf"^Official-layout NViT checkpoint without "
                                                                rf"\['{re.escape(dropped)}'\]: a block needs its Q, K"):
         _create(path, pretrained_strict=strict)
+
+
+@pytest.mark.parametrize('change', ['stray tensor of a block beyond', 'block without its first MLP weight'])
+def test_an_incomplete_block_is_named_as_such(tmp_path, change):
+    """Found by an audit: a stray blocks.5.* tensor in a 5-block file was "Not an NViT state dict: missing key
+    'blocks.5.attn.qkv.weight'", as if the file were another model's."""
+    sd = make_official('ones')
+    if change.startswith('stray'):
+        sd['blocks.5.norm1.weight'] = torch.ones(DIM['EMB'])
+        block, missing = 5, 'blocks.5.attn.qkv.weight'
+    else:
+        del sd['blocks.2.mlp.fc1.weight']
+        block, missing = 2, 'blocks.2.mlp.fc1.weight'
+    path = save_official(tmp_path / 'NViT_odd_block.pth', sd)
+    with pytest.raises(nvit.IncompatibleCheckpointError,
+                       match=rf"^Block {block} of the checkpoint is incomplete: .* but not '{re.escape(missing)}'"):
+        nvit.load_checkpoint(str(path))
+
+
+@pytest.mark.parametrize('dropped, message', [
+    ('head_dist', r"is distilled \(it has dist_token\) and has its classifier \(head\) but not the distillation head"),
+    ('dist_token', r"has a distillation head \(head_dist\) but no distillation token \(dist_token\)")])
+def test_a_distilled_file_missing_its_token_or_its_head_is_named(tmp_path, dropped, message):
+    """Found by an audit: a distilled file without head_dist got torch's raw "Missing key(s)" list, one without
+    dist_token a "197 patch tokens, not a square grid" error (from its 198 position embeddings)."""
+    sd = make_official('ones')
+    for key in [k for k in sd if k.split('.')[0] == dropped]:
+        del sd[key]
+    path = save_official(tmp_path / 'NViT_half_distilled.pth', sd)
+    with pytest.raises(nvit.IncompatibleCheckpointError, match=message):
+        _create(path)
 
 
 def test_official_q_k_v_of_different_input_widths_are_named(tmp_path):

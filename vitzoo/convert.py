@@ -612,7 +612,8 @@ def _nvit_geometry(path: Path, shapes: Optional[Dict[str, Tuple[int, ...]]],
     """``(image size, patch size)`` an NViT checkpoint (``shapes``: :func:`_peek_shapes`) was trained at (the square
     image is patch grid side x patch size), or ``(None, None)`` when it cannot be told here (the model's loader then
     says why)."""
-    if shapes is None or "pos_embed" not in shapes or "patch_embed.proj.weight" not in shapes:
+    if shapes is None or "pos_embed" not in shapes or "patch_embed.proj.weight" not in shapes or (
+            "head_dist.weight" in shapes and "dist_token" not in shapes):  # damaged: the loader says so
         return None, None
     patches = shapes["pos_embed"][1] - (2 if "dist_token" in shapes else 1)
     side = int(round(max(patches, 0) ** 0.5))
