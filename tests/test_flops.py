@@ -1009,6 +1009,21 @@ def test_a_data_parallel_wrapper_is_counted_as_its_module():
     assert count_flops(nn.DataParallel(resnet)).total == count_flops(resnet).total
 
 
+def test_a_pruned_model_gets_the_way_to_count_it():
+    """Found by an audit: torch.nn.utils.prune's ``weight`` (computed with grad) cannot be deep-copied, and torch's
+    error names weight_norm only. After a forward under no_grad it is a plain tensor: the count is then the
+    dense count (pruning zeroes weights, fvcore counts shapes), by hand as above."""
+    model = _ConvNet().eval()
+    from torch.nn.utils import prune
+
+    prune.l1_unstructured(model.conv, "weight", amount=0.5)
+    with pytest.raises(ValueError, match=r"torch\.nn\.utils\.prune.*Run the model once under torch\.no_grad\(\)"):
+        count_flops(model, (3, 16, 16))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 16, 16))
+    assert count_flops(model, (3, 16, 16)).total == 16 * 16 * 8 * 3 * 3 * 3 + 8 * 5
+
+
 def test_a_deployed_model_is_refused_with_what_to_count_instead():
     """A ``vitzoo.deploy``ed model failed with errors about tracing, OpaqueTensorImpl or pickling a session."""
     import vitzoo

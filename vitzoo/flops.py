@@ -658,6 +658,8 @@ def count_flops(
         TypeError: ``batch_size`` is not an int (``2.0``, ``True``).
         ValueError: ``batch_size`` is below 1.
         ValueError: The model is on the ``meta`` device (not materialised; counting runs it).
+        ValueError: The model holds a tensor computed with autograd (``torch.nn.utils.prune``), which cannot be
+            copied; the message says how to count it.
         Exception: Whatever the model's own forward raises for this input (e.g. a ViT given less than one patch).
     """
     size_name = "input_size"
@@ -691,7 +693,18 @@ def _count(model: Union[nn.Module, str], input_size: Union[None, int, Sequence[i
 
     params = count_params(model)
     # the caller's hooks (functions, bound methods, partials, objects) stay shared by the copy, then are removed
-    unfused = drop_shared_hooks(deepcopy_sharing_hooks(model), model).to("cpu").eval()
+    try:
+        copied = deepcopy_sharing_hooks(model)
+    except RuntimeError as e:
+        if "graph leaves" not in str(e):
+            raise
+        raise ValueError(  # found by an audit: torch's own words name weight_norm only
+            "cannot count FLOPs of this model: it holds a tensor computed with autograd, which cannot be copied "
+            "(the `weight` that torch.nn.utils.prune or the old torch.nn.utils.weight_norm compute in a forward "
+            "with grad). Run the model once under torch.no_grad(), or make the change permanent "
+            "(torch.nn.utils.prune.remove(module, 'weight'); torch.nn.utils.parametrizations.weight_norm instead of "
+            "weight_norm), then count") from e
+    unfused = drop_shared_hooks(copied, model).to("cpu").eval()
     example = torch.randn(batch_size, *size, dtype=next(unfused.parameters(), torch.empty(0)).dtype)
     with torch.no_grad():
         # one eager call first: checks that a model skips while traced (SHViT's minimum size, its channel count)
