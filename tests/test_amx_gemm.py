@@ -471,6 +471,18 @@ def test_infinite_and_huge_inputs_give_what_fp32_gives_not_nan():
     assert amx_gemm.amx_linear(a, amx_gemm.pack_weight(w), 48)[3].isinf().all()
 
 
+def test_nan_goes_through_the_fused_relu():
+    """Found by an audit: the fused ReLU was max(x, 0), which AVX-512 gives as 0 for a NaN x, so an image with a NaN
+    pixel got finite logits from the deployed model and NaN ones from the original. torch's relu is the reference."""
+    _needs_amx()
+    x = torch.randn(40, 64)
+    x[3, 5] = float("nan")
+    w = torch.randn(48, 64) / 8
+    got = amx_gemm.amx_linear(x, amx_gemm.pack_weight(w), 48, relu=True)
+    expected = (x @ w.T).relu()
+    assert expected.isnan().sum() == 48 and torch.equal(got.isnan(), expected.isnan())
+
+
 def test_inputs_the_convolution_cannot_take_raise_as_nn_conv2d_does():
     _needs_amx()
     conv = nn.Conv2d(32, 64, 3).eval()  # no padding: a 2x2 input is smaller than the kernel

@@ -66,10 +66,12 @@ def test_infinity_and_nan_propagate_as_in_fp32():
     x[0, 2, 0, 0] = float("nan")
     weight = torch.randn(16, 3, 3, 3)
     weight[3] = 0.0  # inf * 0: NaN in fp32 for output channel 3 wherever the window holds the inf
-    got = image_conv.image_conv3x3(x, image_conv.pack_weight(weight, None), 16, (1, 1), (1, 1))
-    expected = F.conv2d(x, weight, None, 1, 1)
-    assert torch.equal(got.isnan(), expected.isnan())
-    assert torch.equal(got.isposinf(), expected.isposinf()) and torch.equal(got.isneginf(), expected.isneginf())
+    for relu in (False, True):  # a fused ReLU turned NaN into 0 before 2026-11-26 (found by an audit)
+        got = image_conv.image_conv3x3(x, image_conv.pack_weight(weight, None), 16, (1, 1), (1, 1), relu=relu)
+        expected = F.conv2d(x, weight, None, 1, 1)
+        expected = expected.relu() if relu else expected
+        assert expected.isnan().any() and torch.equal(got.isnan(), expected.isnan())
+        assert torch.equal(got.isposinf(), expected.isposinf()) and torch.equal(got.isneginf(), expected.isneginf())
 
 
 def test_bad_inputs_are_refused_with_a_reason():

@@ -240,7 +240,7 @@ static void store_block(float acc[4][TILE_ROWS * 16], int row0, int col0, int m,
         for (int r = 0; r < TILE_ROWS && r0 + r < m; ++r) {
             __m512 v = _mm512_add_ps(_mm512_load_ps(acc[t] + r * 16), b);
             if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, res + (int64_t)(r0 + r) * ldr + c0));
-            if (relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+            if (relu) v = _mm512_max_ps(_mm512_setzero_ps(), v);  /* NaN (first operand) propagates */
             _mm512_mask_storeu_ps(c + (int64_t)(r0 + r) * ldc + c0, lanes, v);
         }
     }

@@ -44,7 +44,7 @@ static __mmask16 first_lanes(int count) {
         for (int i = 0; i < n_out; ++i) {                                                                   \
             __m512 acc = bias;                                                                              \
             EACH_TAP(TAP)                                                                                   \
-            if (relu) acc = _mm512_max_ps(acc, _mm512_setzero_ps());                                        \
+            if (relu) acc = _mm512_max_ps(_mm512_setzero_ps(), acc);                                        \
             _mm512_mask_storeu_ps(o + i * n, lanes, acc);                                                   \
             p0 += S, p1 += S, p2 += S, p3 += S, p4 += S, p5 += S, p6 += S, p7 += S, p8 += S;               \
         }                                                                                                   \
@@ -62,7 +62,7 @@ static void border_pixel(const float *const *rows, int ix0, int w, const float *
             if (ix >= 0 && ix < w)
                 acc = _mm512_fmadd_ps(_mm512_set1_ps(rows[r][ix]), _mm512_loadu_ps(wb + 16 * (3 * r + kx)), acc);
         }
-    if (relu) acc = _mm512_max_ps(acc, _mm512_setzero_ps());
+    if (relu) acc = _mm512_max_ps(_mm512_setzero_ps(), acc);
     _mm512_mask_storeu_ps(o, lanes, acc);
 }
 
