@@ -619,11 +619,20 @@ def test_an_empty_batch_gives_an_empty_output_on_every_backend(backend):
         def forward(self, x):
             return self.fc(self.conv(x).relu().flatten(2).mean(-1))
 
-    model = Reshaping().eval()
-    deployed = deploy(model, torch.randn(2, 3, 16, 16), backend=backend)
-    empty = torch.randn(0, 3, 16, 16)
-    out = deployed(empty)
-    assert out.shape == _reference(model, empty).shape == (0, 10) and out.dtype == torch.float32
+    class Tokens(nn.Module):  # 256 tokens of 64 features: a linear layer the AMX path takes (bf16x3 machines)
+        def __init__(self):
+            super().__init__()
+            self.embed, self.mlp, self.head = nn.Conv2d(3, 64, 2, 2), nn.Linear(64, 64), nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.head(self.mlp(self.embed(x).flatten(2).transpose(1, 2)).mean(1))
+
+    # found by an audit: with an AMX linear layer, a ZeroDivisionError (its rows per image, of 0 images)
+    for model, size in ((Reshaping().eval(), 16), (Tokens().eval(), 32)):
+        deployed = deploy(model, torch.randn(2, 3, size, size), backend=backend)
+        empty = torch.randn(0, 3, size, size)
+        out = deployed(empty)
+        assert out.shape == _reference(model, empty).shape == (0, 10) and out.dtype == torch.float32
 
 
 @pytest.mark.parametrize("kwargs, says", [

@@ -61,7 +61,7 @@ def rows_per_image(x: torch.Tensor, in_features: int, rows_kind: Optional[str] =
     images = _IMAGES.get()
     if images is None:
         return rows // x.shape[0] if x.dim() >= 3 and x.shape[0] else 1
-    if rows_kind == MIXED:
+    if rows_kind == MIXED or images == 0:  # an empty batch (found by an audit: a ZeroDivisionError)
         return 0
     if rows_kind == SHARED or rows_kind is None and rows % images:
         return rows
