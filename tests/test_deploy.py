@@ -605,6 +605,19 @@ def test_a_deployed_model_refuses_another_dtype_or_device_and_takes_a_no_op_move
 
 
 @pytest.mark.parametrize("backend", ["eager", "torchscript", "onnxruntime"])
+def test_the_deployed_model_keeps_the_preprocessing_of_its_cfg(backend):
+    """Found by an audit: the ONNX Runtime model had an empty pretrained_cfg, so timm's resolve_data_config took
+    ImageNet's mean for a ViT normalised with 0.5. The reference is timm's resolution on the model itself."""
+    if backend not in available_backends():
+        pytest.skip(f"{backend} is not available here")
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1).eval()
+    expected = timm.data.resolve_data_config(model=model)
+    assert expected["mean"] == (0.5, 0.5, 0.5)
+    deployed = deploy(model, torch.randn(2, 3, 32, 32), backend=backend)
+    assert timm.data.resolve_data_config(model=deployed) == expected
+
+
+@pytest.mark.parametrize("backend", ["eager", "torchscript", "onnxruntime"])
 def test_an_empty_batch_gives_an_empty_output_on_every_backend(backend):
     """Found by an audit: ONNX Runtime failed on a batch of 0 ("Non-zero status code ... Reshape node") where the
     other backends, like the model, return an empty (0, classes) output."""

@@ -646,7 +646,7 @@ def deploy(
         "onnxruntime": lambda: _build_onnxruntime(model, example_input, opset),
         "torchscript": lambda: _build_torchscript(model, example_input, atol, rtol),
     }
-    deployed = _finish(builders[backend](), fusions, example_input)
+    deployed = _finish(builders[backend](), fusions, example_input, model)
     _check_hooks_kept(hooks, deployed)
     if verify:
         with full_fp32_precision(example_input.device):
@@ -730,7 +730,7 @@ def _verify(deployed: DeployedModel, reference: object, model: nn.Module, exampl
                 share = shares.pop(0)
                 deployed = _finish(_build_eager(model, example_input, rewrite=True,
                                                 fp32_precision="bf16x3" if share else "ieee", amx_share=share),
-                                   fusions, example_input)
+                                   fusions, example_input, model)
                 if not share or _amx_layer_count(deployed) < failed_layers:
                     break
     if tried:
@@ -779,7 +779,11 @@ def _fusion_notes(standardised: int, folded: int) -> List[str]:
     return notes
 
 
-def _finish(deployed: DeployedModel, fusions: List[str], example_input: torch.Tensor) -> DeployedModel:
+def _finish(deployed: DeployedModel, fusions: List[str], example_input: torch.Tensor,
+            model: nn.Module) -> DeployedModel:
     deployed.optimizations[2:2] = fusions
     deployed.set_example(example_input)
+    # the model's cfg on every backend: timm.data.resolve_data_config(model=deployed) reads its preprocessing
+    # (found by an audit: an ONNX Runtime session has none, so a ViT's mean 0.5 became ImageNet's)
+    deployed.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     return deployed
