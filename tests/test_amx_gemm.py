@@ -3,6 +3,7 @@
 Products are checked against float64 torch ops. The kernel tests need a CPU with AMX (they skip elsewhere, saying
 why); the packing, fallback and build tests run everywhere.
 """
+import os
 import re
 import subprocess
 
@@ -579,6 +580,33 @@ def test_a_read_only_cache_folder_falls_back_to_a_private_temporary_one(
     monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(temporary))
     assert amx_gemm.load() is not None, amx_gemm.unavailable_reason()
     assert list(temporary.glob("vitzoo-native-*/amx_gemm-*.so"))
+
+
+@pytest.mark.parametrize("writable", ["folder", "library"])
+def test_a_library_others_may_write_in_the_temporary_folder_is_not_loaded(monkeypatch, tmp_path, writable):
+    """Found by an audit: the per-user folder in /tmp was trusted by its name, so another user could create it first
+    and plant a library under the predictable name, which was loaded. Only a folder and a library this user owns,
+    writable by nobody else, are used; otherwise the library is built in the cache folder."""
+    compiler = native_build.find_compiler()
+    if compiler is None:
+        pytest.skip("no C compiler here")
+    source = tmp_path / "tiny.c"
+    source.write_text("int tiny(void) { return 1; }\n")
+    flags = ["-shared", "-fPIC", "-O0"]
+    monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setenv("VITZOO_CACHE_DIR", str(tmp_path / "first"))
+    built = native_build.build_library(source, flags, compiler)
+    planted_dir = tmp_path / "tmp" / f"vitzoo-native-{os.getuid()}"
+    planted_dir.mkdir(parents=True, mode=0o700)
+    planted = planted_dir / built.name
+    planted.write_bytes(built.read_bytes())
+    planted.with_name(built.name + ".sha256").write_text(native_build._digest(planted))
+    monkeypatch.setenv("VITZOO_CACHE_DIR", str(tmp_path / "second"))
+    (planted_dir if writable == "folder" else planted).chmod(0o777)
+    assert native_build.build_library(source, flags, compiler) == tmp_path / "second" / "native" / built.name
+    (planted_dir if writable == "folder" else planted).chmod(0o700)  # private: the one in the temporary folder
+    (tmp_path / "second" / "native" / built.name).unlink()
+    assert native_build.build_library(source, flags, compiler) == planted
 
 
 def test_layers_nearest_the_output_go_ieee_first():

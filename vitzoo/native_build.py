@@ -62,16 +62,31 @@ def _intact(library: Path) -> bool:
         return False
 
 
+def _temporary_dir() -> Path:
+    """The per-user build folder in the system's temporary folder, which every user can create names in."""
+    return Path(tempfile.gettempdir()) / f"vitzoo-native-{os.getuid()}"
+
+
+def _private(path: Path) -> bool:
+    """``path`` itself (not a link's target) is owned by this user and nobody else may write to it: what a folder in
+    the shared temporary folder, and a library in it, must be before the library is loaded (found by an audit:
+    another user could create the folder first and plant a library under the predictable name, which was then
+    loaded, running their code as this user)."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
 def _writable_directory(preferred: Path) -> Path:
     """``preferred``, created if needed, if a file can be created in it; else a private per-user directory in the
     system's temporary folder (reused by later processes, so the kernel is built once there too)."""
-    for directory in (preferred, Path(tempfile.gettempdir()) / f"vitzoo-native-{os.getuid()}"):
+    for directory in (preferred, _temporary_dir()):
         try:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if directory != preferred:  # a shared folder: only one we own and nobody else may write to
-                info = directory.stat()
-                if info.st_uid != os.getuid() or info.st_mode & 0o022:
-                    continue
+            if directory != preferred and not _private(directory):  # a shared folder: only a private one
+                continue
             fd, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
             os.close(fd)
             os.unlink(probe)
@@ -96,8 +111,10 @@ def build_library(source: Path, flags: Sequence[str], compiler: str) -> Path:
         raise RuntimeError(f"the C compiler {compiler!r} does not run ({e})") from None
     key = hashlib.sha256(source.read_bytes() + repr((tuple(flags), compiler, version)).encode()).hexdigest()[:16]
     name = f"{source.stem}-{key}.so"
-    for directory in (_cache_dir() / "native", Path(tempfile.gettempdir()) / f"vitzoo-native-{os.getuid()}"):
-        if _intact(directory / name):
+    temporary = _temporary_dir()
+    for directory in (_cache_dir() / "native", temporary):
+        trusted = directory != temporary or (_private(directory) and _private(directory / name))
+        if trusted and _intact(directory / name):
             return directory / name
     target = _writable_directory(_cache_dir() / "native") / name
     fd, partial = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target.parent)
