@@ -311,16 +311,20 @@ def test_a_sequence_first_linear_takes_one_path_at_every_batch(monkeypatch):
     _needs_amx()
     torch.manual_seed(0)
     model = _SequenceFirst().eval()
-    deployed = vitzoo.deploy(model, torch.randn(2, 64, 1, 8))
-    assert deployed.fp32_precision == "bf16x3"  # the layer was swapped; which path it takes is decided per call
     calls = []
     real = amx_gemm.amx_linear
     monkeypatch.setattr(amx_gemm, "amx_linear", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    deployed = vitzoo.deploy(model, torch.randn(2, 64, 1, 8))
+    # 8 tokens per image, below MIN_TOKENS on the example: the layer stays nn.Linear (since 2026-11-26)
+    assert deployed.fp32_precision == "ieee"
     with torch.no_grad():
         for batch in (1, 2, 256):
             assert deployed(torch.randn(batch, 64, 1, 8)).shape == (batch, 256)
-    assert calls == []  # 8 tokens per image: IEEE fp32 at every batch (before: bf16x3 at batch 256)
+    assert calls == []  # IEEE fp32 at every batch (before: bf16x3 at batch 256)
     monkeypatch.setattr(vitzoo.amx_linear, "MIN_TOKENS", 8)  # and at 8 tokens as the threshold, AMX at every batch
+    deployed = vitzoo.deploy(model, torch.randn(2, 64, 1, 8), atol=1e-3)
+    assert deployed.fp32_precision == "bf16x3"
+    calls.clear()
     with torch.no_grad():
         for batch in (1, 2, 256):
             deployed(torch.randn(batch, 64, 1, 8))
@@ -406,8 +410,10 @@ def test_deploy_vit_runs_linears_in_bf16x3():
         expected = model(x).double()
     fast, exact = vitzoo.deploy(model, x), vitzoo.deploy(model, x, fp32_precision="ieee")
     assert fast.fp32_precision == "bf16x3" and exact.fp32_precision == "ieee"
-    assert sum(isinstance(m, AmxLinear) for m in fast.modules()) == 12 * 4 + 1  # qkv, proj, fc1, fc2; the head
-    assert "linear layers in split bf16 (bf16x3) on AMX: 49" in fast.optimizations
+    # qkv, proj, fc1, fc2; the head, on one pooled row per image, runs IEEE fp32 and stays nn.Linear (since
+    # 2026-11-26: a layer the example runs in IEEE fp32 is not swapped)
+    assert sum(isinstance(m, AmxLinear) for m in fast.modules()) == 12 * 4
+    assert "linear layers in split bf16 (bf16x3) on AMX: 48" in fast.optimizations
     assert not any(isinstance(m, AmxLinear) for m in exact.modules())
     assert not any(isinstance(m, AmxLinear) for m in model.modules())  # the caller's model is untouched
     fast_error = (fast(x).double() - expected).abs().max().item()
@@ -580,6 +586,24 @@ def test_a_read_only_cache_folder_falls_back_to_a_private_temporary_one(
     monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(temporary))
     assert amx_gemm.load() is not None, amx_gemm.unavailable_reason()
     assert list(temporary.glob("vitzoo-native-*/amx_gemm-*.so"))
+
+
+def test_linear_layers_the_example_runs_in_ieee_stay_ieee_at_any_size():
+    """Found by an audit: a ViT deployed with a 64x64 example (17 tokens, below MIN_TOKENS) had its linear layers
+    swapped for AMX ones that ran IEEE fp32 on the example, passed the check, and switched to bf16x3 at 224x224,
+    unchecked (1.6e-4 off with trained-size logits). Such layers now stay nn.Linear, and the outputs at 224 are
+    then the original's exactly; deployed at 224 (197 tokens), they are swapped."""
+    _needs_amx()
+    from vitzoo.amx_linear import AmxLinear
+
+    model = timm.create_model("vit_tiny_patch16_224", depth=1, dynamic_img_size=True).eval()
+    small = vitzoo.deploy(model, torch.randn(2, 3, 64, 64))
+    assert not any(isinstance(m, AmxLinear) for m in small.modules()) and small.fp32_precision == "ieee"
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=0)
+    large = vitzoo.deploy(model, torch.randn(2, 3, 224, 224), atol=1e-3)
+    assert any(isinstance(m, AmxLinear) for m in large.modules()) and large.fp32_precision == "bf16x3"
 
 
 @pytest.mark.parametrize("writable", ["folder", "library"])
