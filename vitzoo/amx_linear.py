@@ -51,7 +51,7 @@ def images_in_call(images: int) -> Iterator[None]:
 IMAGE, SHARED, MIXED = "image", "shared", "mixed"
 #: A layer that ran with fewer than ``MIN_TOKENS`` rows per image on deploy's example (a ViT deployed at 64x64): it
 #: stays ``nn.Linear``, as it ran in deploy's check; swapped, it took the AMX path at larger images, unchecked
-#: (1.6e-4 off for DeiT-T deployed at 64 and called at 224 with trained-size logits; found by an audit).
+#: (past the 1e-4 check for DeiT-T deployed at 64 and called at 224 with trained-size logits; found by an audit).
 UNCHECKED = "unchecked"
 
 
