@@ -591,7 +591,7 @@ def test_a_read_only_cache_folder_falls_back_to_a_private_temporary_one(
 def test_linear_layers_the_example_runs_in_ieee_stay_ieee_at_any_size():
     """Found by an audit: a ViT deployed with a 64x64 example (17 tokens, below MIN_TOKENS) had its linear layers
     swapped for AMX ones that ran IEEE fp32 on the example, passed the check, and switched to bf16x3 at 224x224,
-    unchecked (1.6e-4 off with trained-size logits). Such layers now stay nn.Linear, and the outputs at 224 are
+    unchecked (past the 1e-4 check with trained-size logits). Such layers now stay nn.Linear; the outputs at 224 are
     then the original's exactly; deployed at 224 (197 tokens), they are swapped."""
     _needs_amx()
     from vitzoo.amx_linear import AmxLinear
