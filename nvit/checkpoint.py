@@ -200,8 +200,8 @@ def convert_official(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
                 raise IncompatibleCheckpointError(
                     f'patch_embed.proj.weight {tuple(v.shape)}: {flat} input channels is not 3*p*p.')
             out[k] = v.reshape(emb, patch, patch, 3).permute(0, 3, 1, 2).contiguous()
-        elif _OFFICIAL_QKV_RE.match(k):
-            prefix, kind = _OFFICIAL_QKV_RE.match(k).group(1, 3)
+        elif (qkv := _OFFICIAL_QKV_RE.match(k)) is not None:
+            prefix, kind = qkv.group(1, 3)
             merged = f'{prefix}.attn.qkv.{kind}'
             if merged not in out:  # the first of Q, K, V met takes all three
                 out[merged] = torch.cat(_official_qkv_parts(state_dict, prefix, kind), dim=0)
@@ -237,9 +237,9 @@ def _present_block_widths(state_dict: Mapping[str, torch.Tensor]) -> Tuple[Optio
 
 def _block_widths(state_dict: Mapping[str, torch.Tensor]) -> Tuple[int, List[Tuple[int, int, int]]]:
     """Embedding width and per-block total (q/k, v, mlp) widths from an our-layout state dict."""
+    widths: List[Tuple[int, int, int]] = []
     try:
         embed_dim = state_dict['pos_embed'].shape[-1]
-        widths = []
         for i in range(_num_blocks(state_dict)):
             qkv_rows = state_dict[f'blocks.{i}.attn.qkv.weight'].shape[0]
             v_total = state_dict[f'blocks.{i}.attn.proj.weight'].shape[1]

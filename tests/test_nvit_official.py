@@ -500,6 +500,13 @@ def test_a_distilled_file_missing_its_token_or_its_head_is_named(tmp_path, dropp
         _create(path)
 
 
+def test_a_state_dict_without_pos_embed_is_not_nvit():
+    """Found by the review: the incomplete-block message above raised an UnboundLocalError when pos_embed was the
+    missing key."""
+    with pytest.raises(nvit.IncompatibleCheckpointError, match=r"^Not an NViT state dict: missing key 'pos_embed'"):
+        nvit.dims_from_state_dict({'blocks.0.attn.qkv.weight': torch.zeros(6, 4)}, heads=1)
+
+
 def test_official_q_k_v_of_different_input_widths_are_named(tmp_path):
     sd = make_official('ones')
     sd['blocks.1.attn.qkv.Q.weight'] = sd['blocks.1.attn.qkv.Q.weight'][:, :-1]

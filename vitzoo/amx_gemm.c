@@ -178,7 +178,7 @@ static void row_with_infinity(const uint16_t *h, const uint16_t *l, int kp, cons
         }
         if (bias) sum += bias[col];
         if (res) sum += res[(int64_t)row * ldr + col];
-        if (relu) sum = sum > 0.0f ? sum : 0.0f;
+        if (relu && sum < 0.0f) sum = 0.0f;  /* a NaN stays NaN, as in torch.relu */
         c[(int64_t)row * ldc + col] = sum;
     }
 }
@@ -240,7 +240,7 @@ static void store_block(float acc[4][TILE_ROWS * 16], int row0, int col0, int m,
         for (int r = 0; r < TILE_ROWS && r0 + r < m; ++r) {
             __m512 v = _mm512_add_ps(_mm512_load_ps(acc[t] + r * 16), b);
             if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, res + (int64_t)(r0 + r) * ldr + c0));
-            if (relu) v = _mm512_max_ps(_mm512_setzero_ps(), v);  /* NaN (first operand) propagates */
+            if (relu) v = _mm512_max_ps(_mm512_setzero_ps(), v);  /* a NaN v: max returns its 2nd operand */
             _mm512_mask_storeu_ps(c + (int64_t)(r0 + r) * ldc + c0, lanes, v);
         }
     }

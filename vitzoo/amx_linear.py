@@ -74,7 +74,8 @@ def rows_per_image(x: torch.Tensor, in_features: int, rows_kind: Optional[str] =
 
 def classify_rows(model: nn.Module, example_input: torch.Tensor) -> Dict[nn.Module, str]:
     """For each layer :func:`swap_linears` would replace: how its input rows grow with the model's batch, found by
-    running ``model`` on the example's first image alone and twice over (``IMAGE``, ``SHARED`` or ``MIXED``). deploy
+    running ``model`` on the example's first image alone and twice over (``IMAGE``, ``SHARED`` or ``MIXED``;
+    ``UNCHECKED`` for one that ran with fewer than ``MIN_TOKENS`` rows per image at some call). deploy
     fixes each layer's kind so, and its path is then the same at every batch (a guess from one call's shapes took
     SwinV2's position-bias table of 225 rows for per-image rows at batch 3, 5, ..., and for a shared table at other
     batches: found by a review). Layers that did not run, or a model that fails at batch 2, are left out."""
@@ -103,7 +104,9 @@ def classify_rows(model: nn.Module, example_input: torch.Tensor) -> Dict[nn.Modu
         if single and len(single) == len(double):
             found = {IMAGE if b == 2 * a else SHARED if b == a else MIXED for a, b in zip(single, double)}
             kinds[layer] = found.pop() if len(found) == 1 else MIXED
-            if kinds[layer] != MIXED and max(single) < MIN_TOKENS:  # the rows of one image, or of a shared table
+            # the rows of one image, or of a shared table, at every call of the layer (a call below the threshold
+            # would run AMX unchecked at larger images)
+            if kinds[layer] != MIXED and min(single) < MIN_TOKENS:
                 kinds[layer] = UNCHECKED
     return kinds
 

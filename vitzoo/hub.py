@@ -73,26 +73,40 @@ _HUB_RETRY_SECONDS = 25
 _DOWNLOAD_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException)
 
 
-def _hub_not_reached(error: BaseException) -> str:
-    """Why a Hub client's ``LocalEntryNotFoundError`` came: offline mode, an HTTP error the Hub answered with (a
-    503 or a 403 online; the client words every such case as a connection problem), or no connection."""
+def _http_answer(error: Optional[BaseException]) -> Optional[BaseException]:
+    """The HTTP error an online Hub answered with, in ``error``'s chain of causes; None for no answer (no connection)
+    or offline. The Hub client words such an answer (a 503, or a 403 of no gated repo) as a connection problem."""
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError
 
-    if not constants.HF_HUB_OFFLINE and isinstance(error.__cause__, HfHubHTTPError):
-        status = getattr(error.__cause__.response, "status_code", "?")
-        return f"the Hub answered HTTP {status} ({_shorten(str(error.__cause__).splitlines()[0], 200)})"
+    seen = set()
+    while error is not None and id(error) not in seen and not constants.HF_HUB_OFFLINE:
+        if isinstance(error, HfHubHTTPError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _hub_not_reached(error: BaseException) -> str:
+    """Why a Hub client's ``LocalEntryNotFoundError`` came: an HTTP error the Hub answered with, offline mode, or
+    no connection."""
+    from huggingface_hub import constants
+
+    answer = _http_answer(error)
+    if answer is not None:
+        status = getattr(getattr(answer, "response", None), "status_code", "?")
+        return f"the Hub answered HTTP {status} ({_shorten((str(answer).splitlines() or [''])[0], 200)})"
     return f"the Hub cannot be reached (HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)})"
 
 
 def hub_offline_hint(files: int = len(WEIGHT_FILES), error: Optional[BaseException] = None) -> str:
     """Advice for a Hub request that failed as if offline: set HF_HUB_OFFLINE=1 to fail at once ('' if it is set,
-    or if ``error``, the client's error, came from an HTTP answer: the machine is online).
+    or if ``error``, the failure, came from an HTTP answer: the machine is online).
     ``files``: how many files were tried, each with the Hub client's retries."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import HfHubHTTPError
 
-    if constants.HF_HUB_OFFLINE or (error is not None and isinstance(error.__cause__, HfHubHTTPError)):
+    if constants.HF_HUB_OFFLINE or _http_answer(error) is not None:
         return ""
     return (f" If this machine is offline, set HF_HUB_OFFLINE=1 so that loading fails at once instead of after the "
             f"Hub client's retries (about {_HUB_RETRY_SECONDS * files} s), and uses the Hub cache only.")
@@ -555,7 +569,7 @@ def load_pretrained_model(name: str, **kwargs: Any) -> torch.nn.Module:
         if problem == "download" and kind == "hub":  # the file was fetched and checked above; the Hub's re-check failed
             raise MissingWeightsError(
                 f"Could not reach the Hub for '{name}' (repo {location}) although its weight file is cached: "
-                f"{_download_cause_text(e)}.{hub_offline_hint()}"
+                f"{_download_cause_text(e)}.{hub_offline_hint(error=e)}"
             ) from e
         if problem == "download":
             raise MissingWeightsError(_download_failed_message(name, location, e, kwargs)) from e

@@ -131,6 +131,7 @@ def build_library(source: Path, flags: Sequence[str], compiler: str) -> Path:
                 raise RuntimeError(f"compiling {source.name} with {compiler} produced no shared library")
             os.fsync(f.fileno())
         digest = _digest(Path(partial))
+        os.chmod(partial, 0o700)  # private whatever the linker did: only a private library is loaded from /tmp
         os.replace(partial, target)  # atomic: a concurrent process sees the old state or the whole library
         # last: the record marks the build complete
         atomic_write_bytes(target.with_name(name + ".sha256"), digest.encode(), force=True)
