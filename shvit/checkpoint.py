@@ -92,6 +92,16 @@ def _unwrap(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     return out
 
 
+def _check_keys(state_dict: Mapping[Any, Any]) -> None:
+    """A state dict's keys are parameter names: a mapping with another key (an int, a tuple) is not one."""
+    odd = next((k for k in state_dict if not isinstance(k, str)), None)
+    if odd is not None:
+        raise CheckpointLayoutError(
+            f'The checkpoint is not a state dict: its key {odd!r} is of type {type(odd).__name__}, where a state dict '
+            f'has parameter names (first keys: {list(state_dict)[:4]}). Give the state dict of an SHViT '
+            "(model.state_dict()), or a training checkpoint holding one under 'model' or 'state_dict'.")
+
+
 def _check_tensors(state_dict: Mapping[str, Any]) -> None:
     """Every entry of the (unwrapped) state dict must be a tensor: a training checkpoint whose weights are under
     another key than ``model`` / ``state_dict`` (``model_ema``, ``state_dict_ema``, ...) is named as such."""
@@ -263,7 +273,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module,
     Raises:
         CheckpointMismatchError: The checkpoint is another SHViT variant or not an SHViT at all.
     """
-    state_dict = _take_nested_model(_unwrap(state_dict))
+    state_dict = _unwrap(state_dict)
+    _check_keys(state_dict)
+    state_dict = _take_nested_model(state_dict)
     _check_tensors(state_dict)
     if any(k.startswith('blocks1.') for k in state_dict):
         state_dict = remap_official_keys(state_dict)

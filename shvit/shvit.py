@@ -23,7 +23,7 @@ from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES, HF_WEIGHTS_NAME, _
 from .checkpoint import (
     CheckpointLayoutError, CheckpointMismatchError, ClassifierSizeError, CorruptCheckpointError, ExtraTensorsError,
     FusionMismatchError, IncompleteCheckpointError, InputChannelsError, PickleProtocolError, WeightFileNotFoundError,
-    WeightsUnavailableError, checkpoint_filter_fn,
+    WeightsUnavailableError, _check_keys, _unwrap, checkpoint_filter_fn,
 )
 from .download_cache import (
     damaged_download_text, damaged_hub_file_text, download_cache_path, torch_file_damage, unreadable_protocol_text,
@@ -249,7 +249,15 @@ def _read_model_not_ema(variant: str, kwargs: Dict[str, Any]) -> Optional[str]:
         return None
     _check_archive_crc(variant, path)
     _check_torch_file(variant, path)
-    kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=load_state_dict(path, use_ema=False), source='')
+    try:
+        state_dict = load_state_dict(path, use_ema=False)
+    except AttributeError as e:  # timm's key cleaning met a key that is no name: say so, not "'int' ... 'startswith'"
+        try:
+            _check_keys(_unwrap(torch.load(path, map_location='cpu', weights_only=True)))
+        except CheckpointLayoutError as layout:
+            raise RuntimeError(f'Could not load pretrained weights for {variant} from file {path}: {layout}') from e
+        raise
+    kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=state_dict, source='')
     return source
 
 

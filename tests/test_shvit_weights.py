@@ -1,5 +1,6 @@
 """Loading SHViT weights: timm layout, official layout, local files, wrong variants, missing / corrupt files."""
 import logging
+import re
 
 import pytest
 import torch
@@ -409,6 +410,25 @@ def test_weights_under_another_key_than_model_are_named_not_an_attribute_error()
     with pytest.raises(shvit.CheckpointLayoutError, match=r"1 of its entries are no tensors \(e\.g\. 'epoch': int\)"):
         shvit.checkpoint_filter_fn(dict(model.state_dict(), epoch=3), model)
     assert isinstance(shvit.CheckpointLayoutError(), shvit.CheckpointMismatchError)
+
+
+@pytest.mark.parametrize('with_anchor', [True, False])
+def test_a_key_that_is_not_a_name_is_named_not_an_attribute_error(with_anchor):
+    """A mapping with an int key failed with "AttributeError: 'int' object has no attribute 'startswith'", with or
+    without the first conv's key that tells an SHViT under a prefix from one at the top."""
+    model = timm.create_model('shvit_s1')
+    sd = model.state_dict() if with_anchor else {'backbone.x': torch.zeros(1)}
+    with pytest.raises(shvit.CheckpointLayoutError, match=r"not a state dict: its key 3 is of type int"):
+        shvit.checkpoint_filter_fn({**sd, 3: torch.zeros(1)}, model)
+
+
+def test_a_file_with_a_key_that_is_not_a_name_is_named(tmp_path):
+    """Through timm's file loader, whose key cleaning failed first with the same AttributeError."""
+    path = tmp_path / 'odd.pth'
+    torch.save({**timm.create_model('shvit_s1').state_dict(), 3: torch.zeros(1)}, path)
+    with pytest.raises(RuntimeError, match=rf"shvit_s1 from file {re.escape(str(path))}: The checkpoint is not a "
+                                           r"state dict: its key 3 is of type int"):
+        timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
 
 
 def _stage_outputs(model, x):
