@@ -591,6 +591,19 @@ def test_a_read_only_cache_folder_falls_back_to_a_private_temporary_one(
     assert list(temporary.glob("vitzoo-native-*/amx_gemm-*.so"))
 
 
+def test_no_writable_build_folder_names_why_for_each(monkeypatch, tmp_path):
+    """The error said "<cache> is read-only" whatever the reason, e.g. for a cache path under a file."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(blocker))
+    with pytest.raises(RuntimeError) as info:
+        native_build._writable_directory(blocker / "cache")
+    assert str(info.value) == (
+        f"no writable folder to build the kernel in ({blocker / 'cache'}: Not a directory; "
+        f"{blocker / f'vitzoo-native-{os.getuid()}'}: Not a directory); set VITZOO_CACHE_DIR to a folder this user "
+        "can write")
+
+
 def test_linear_layers_the_example_runs_in_ieee_stay_ieee_at_any_size():
     """Found by an audit: a ViT deployed with a 64x64 example (17 tokens, below MIN_TOKENS) had its linear layers
     swapped for AMX ones that ran IEEE fp32 on the example, passed the check, and switched to bf16x3 at 224x224,

@@ -82,18 +82,21 @@ def _private(path: Path) -> bool:
 def _writable_directory(preferred: Path) -> Path:
     """``preferred``, created if needed, if a file can be created in it; else a private per-user directory in the
     system's temporary folder (reused by later processes, so the kernel is built once there too)."""
+    reasons = []
     for directory in (preferred, _temporary_dir()):
         try:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             if directory != preferred and not _private(directory):  # a shared folder: only a private one
+                reasons.append(f"{directory}: not this user's alone")
                 continue
             fd, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
             os.close(fd)
             os.unlink(probe)
             return directory
-        except OSError:
-            continue
-    raise RuntimeError(f"no writable folder to build the kernel in ({preferred} is read-only; set VITZOO_CACHE_DIR)")
+        except OSError as e:
+            reasons.append(f"{directory}: {e.strerror or e}")
+    raise RuntimeError(f"no writable folder to build the kernel in ({'; '.join(reasons)}); set VITZOO_CACHE_DIR to a "
+                       f"folder this user can write")
 
 
 def build_library(source: Path, flags: Sequence[str], compiler: str) -> Path:
