@@ -286,3 +286,22 @@ def test_an_empty_or_misnamed_output_is_a_usage_error(monkeypatch, capsys, tmp_p
     assert says in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["model.safetensors", "w"]
     assert (tmp_path / "w" / "model.safetensors").read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize("args,code", [
+    (["compare", "shvit_s9", "--no-speed"], 2),  # an unknown name: a usage error in every command
+    (["export", "shvit_s9"], 2),
+    (["convert", "{junk}", "--model", "shvit_s9", "--out", "{tmp}/o"], 2),
+    (["export", "shvit_s1", "--out", "{tmp}/missing/s1.onnx"], 1),  # a refused output: a reported error
+    (["convert", "{junk}", "--model", "shvit_s1", "--out", "{tmp}/o"], 1),  # a file that is no checkpoint
+    (["finetune-det", "--data", "{tmp}/no-data", "--out", "{tmp}/o"], 1),  # before 2026-11-26: 2
+    (["finetune-det", "--data", "{tmp}/no-data", "--out", "{tmp}/o", "--lr", "0"], 2),
+])
+def test_exit_codes_are_one_rule_for_every_command(tmp_path, capsys, args, code):
+    """docs/cli.md: 1 for a reported error, 2 for a usage error (argparse's, a value out of range, an unknown name),
+    in every command (found by an audit: finetune-det gave 2 for every error)."""
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not a checkpoint\n")
+    assert main([a.format(junk=junk, tmp=tmp_path) for a in args]) == code
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "Traceback" not in err, err

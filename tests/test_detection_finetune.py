@@ -56,7 +56,7 @@ def test_finetune_loss_falls_and_reports_map(data, tmp_path):
     assert (ckpt['epoch'], ckpt['step'], ckpt['iteration']) == (6, 0, 12)
     assert (out / 'model_final.pth').is_file() and not list(out.glob('*.tmp'))
     # an existing run is not overwritten without --resume / --force
-    assert _run(data, out, '--epochs', '1') == 2
+    assert _run(data, out, '--epochs', '1') == 1
 
 
 def test_resume_continues_exactly(data, tmp_path):
@@ -97,7 +97,7 @@ def test_resume_after_an_evaluation_continues_exactly(data, tmp_path):
 
 
 def test_cli_reports_bad_data(tmp_path, capsys):
-    assert main(['finetune-det', '--data', str(tmp_path), '--out', str(tmp_path / 'o')]) == 2
+    assert main(['finetune-det', '--data', str(tmp_path), '--out', str(tmp_path / 'o')]) == 1
     assert 'instances_train.json not found' in capsys.readouterr().err
 
 
@@ -105,18 +105,18 @@ def test_cli_reports_a_backbone_it_cannot_build(data, tmp_path, capsys):
     base = ['finetune-det', '--data', str(data), '--device', 'cpu', '--workers', '0', '--no-progress']
     assert main(base + ['--out', str(tmp_path / 'a'), '--backbone', 'shvit_s9']) == 2
     assert "error: unknown model 'shvit_s9'; closest matches: shvit_s4" in capsys.readouterr().err
-    assert main(base + ['--out', str(tmp_path / 'b'), '--backbone', 'nvit_b']) == 2
+    assert main(base + ['--out', str(tmp_path / 'b'), '--backbone', 'nvit_b']) == 1
     err = capsys.readouterr().err
     assert "error: cannot build backbone 'nvit_b': nvit_b: the per-block dims" in err and 'Traceback' not in err
     # found by an audit: the advice was Python calls (timm.create_model(..., dims=...), KNOWN_DIMS)
     assert err.endswith('checkpoint): load its checkpoint with --pretrained or --backbone-weights FILE\n'), err
     text = tmp_path / 'text.pth'
     text.write_bytes(b'junk\n')
-    assert main(base + ['--out', str(tmp_path / 'c'), '--backbone', 'shvit_s1', '--backbone-weights', str(text)]) == 2
+    assert main(base + ['--out', str(tmp_path / 'c'), '--backbone', 'shvit_s1', '--backbone-weights', str(text)]) == 1
     err = capsys.readouterr().err
     assert f"error: could not load {text} into backbone 'shvit_s1'" in err
     assert 'neither a safetensors file nor a torch.save archive' in err  # the file named for what it is
-    assert main(base + ['--out', str(tmp_path / 'd'), '--backbone', 'resnet18', '--backbone-weights', str(text)]) == 2
+    assert main(base + ['--out', str(tmp_path / 'd'), '--backbone', 'resnet18', '--backbone-weights', str(text)]) == 1
     err = capsys.readouterr().err
     assert 'neither a safetensors file nor a torch.save archive' in err and 'weights_only=False' not in err
     # another model's checkpoint: one line with advice that applies to the command (before: 2-5 lines ending in
@@ -127,7 +127,7 @@ def test_cli_reports_a_backbone_it_cannot_build(data, tmp_path, capsys):
         save_file(timm.create_model(other).state_dict(), str(tmp_path / f'{other}.safetensors'))
     for backbone, weights in (('shvit_s1', 'resnet18.safetensors'), ('resnet18', 'shvit_s1.safetensors')):
         assert main(base + ['--out', str(tmp_path / 'e'), '--backbone', backbone, '--backbone-weights',
-                            str(tmp_path / weights)]) == 2
+                            str(tmp_path / weights)]) == 1
         err = capsys.readouterr().err
         assert err.count('\n') == 1 and 'pretrained' not in err and 'To fix' not in err, err
         assert err.startswith(f"vitzoo finetune-det: error: could not load {tmp_path / weights} into backbone "
@@ -139,7 +139,7 @@ def test_cli_reports_a_backbone_it_cannot_build(data, tmp_path, capsys):
     torch.save({'model': timm.create_model('shvit_s1').state_dict(), 'saved': datetime.date(2025, 1, 1)},
                tmp_path / 'objects.pth')
     assert main(base + ['--out', str(tmp_path / 'f'), '--backbone', 'shvit_s1', '--backbone-weights',
-                        str(tmp_path / 'objects.pth')]) == 2
+                        str(tmp_path / 'objects.pth')]) == 1
     err = capsys.readouterr().err
     assert err == (f"vitzoo finetune-det: error: could not load {tmp_path / 'objects.pth'} into backbone 'shvit_s1': "
                    'the file pickles Python objects other than tensors (datetime.date), which are not loaded because '
@@ -161,14 +161,14 @@ def test_cli_advice_names_the_commands_options_not_python_arguments(data, tmp_pa
     torch.save({k: v for k, v in state.items() if not k.startswith('stages.2.blocks.0.')}, tmp_path / 'partial.pth')
     torch.save(timm.create_model('resnet18').state_dict(), tmp_path / 'resnet18.pth')
     for weights in ('partial.pth', 'resnet18.pth'):
-        assert main(base + ['--out', str(tmp_path / 'a'), '--backbone-weights', str(tmp_path / weights)]) == 2
+        assert main(base + ['--out', str(tmp_path / 'a'), '--backbone-weights', str(tmp_path / weights)]) == 1
         err = capsys.readouterr().err
         assert err.endswith('the file must hold shvit_s1 weights (with or without its classifier), or choose the '
                             'backbone it was saved from.\n'), err
         assert 'pretrained_strict' not in err and 'entrypoint' not in err and '.;' not in err, err
     monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'empty-hub-cache'))
     monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
-    assert main(base + ['--out', str(tmp_path / 'b'), '--pretrained']) == 2
+    assert main(base + ['--out', str(tmp_path / 'b'), '--pretrained']) == 1
     err = capsys.readouterr().err
     assert err.endswith('offline, give a local file with --backbone-weights FILE; or leave out --pretrained and '
                         '--backbone-weights (a randomly initialised backbone).\n'), err
@@ -181,7 +181,7 @@ def test_existing_run_is_never_replaced_unasked(data, tmp_path, capsys):
     out.mkdir()
     (out / 'log.jsonl').write_text('{"iteration": 1}\n{"iteration": 2}\n')
     (out / 'model_final.pth').write_bytes(b'precious')
-    assert _run(data, out, '--max-iters', '1', '--no-eval') == 2
+    assert _run(data, out, '--max-iters', '1', '--no-eval') == 1
     err = capsys.readouterr().err
     # no checkpoint: --resume is not offered (there is nothing it could resume from)
     assert 'holds files of an earlier run (log.jsonl, model_final.pth) but no checkpoint_last.pth to --resume ' \
@@ -192,7 +192,7 @@ def test_existing_run_is_never_replaced_unasked(data, tmp_path, capsys):
     assert _run(data, out, '--max-iters', '1', '--no-eval', '--force') == 0
     assert [r['iteration'] for r in _log(out)] == [1]
     assert (out / 'model_final.pth').read_bytes() != b'precious' and (out / 'checkpoint_last.pth').is_file()
-    assert _run(data, out, '--max-iters', '1', '--no-eval') == 2
+    assert _run(data, out, '--max-iters', '1', '--no-eval') == 1
     assert 'already holds a run (checkpoint_last.pth, log.jsonl, model_final.pth); pass --resume to continue it ' \
            'or --force' in capsys.readouterr().err
 
@@ -206,9 +206,9 @@ def test_resume_errors_are_one_line(data, tmp_path, capsys):
     rc = main(['finetune-det', '--data', str(data), '--out', str(out), *COMMON[2:], '--backbone', 'revit_t',
                *args, '--resume'])
     err = capsys.readouterr().err
-    assert rc == 2 and 'is from another run: --backbone shvit_s1 there, revit_t here' in err, err
+    assert rc == 1 and 'is from another run: --backbone shvit_s1 there, revit_t here' in err, err
     # another batch size: a mid-epoch resume would skip the wrong images (found by an audit: not checked)
-    assert _run(data, out, *args, '--resume', '--batch-size', '1') == 2
+    assert _run(data, out, *args, '--resume', '--batch-size', '1') == 1
     assert 'is from another run: --batch-size 2 there, 1 here' in capsys.readouterr().err
     # a file that is not a training checkpoint: text, and a plain state dict
     text = tmp_path / 'text.pth'
@@ -216,14 +216,14 @@ def test_resume_errors_are_one_line(data, tmp_path, capsys):
     torch.save({'model': {'w': torch.zeros(1)}}, tmp_path / 'sd.pth')
     for path, message in ((text, 'is not a readable finetune-det checkpoint'),
                           (tmp_path / 'sd.pth', 'is not a finetune-det training checkpoint (missing')):
-        assert _run(data, tmp_path / 'other', *args, '--resume', str(path)) == 2
+        assert _run(data, tmp_path / 'other', *args, '--resume', str(path)) == 1
         err = capsys.readouterr().err
         assert message in err and 'Traceback' not in err, err
     assert main(['finetune-det', '--data', str(data), '--out', str(tmp_path / 'x'), '--epochs', '0']) == 2
     assert '--epochs must be >= 1, got 0' in capsys.readouterr().err
     # a finished run: resuming it would train 0 iterations, which is an error (before: 'done: 1 iterations')
     final = (out / 'model_final.pth').read_bytes()
-    assert _run(data, out, *args, '--resume') == 2
+    assert _run(data, out, *args, '--resume') == 1
     captured = capsys.readouterr()
     assert 'is at epoch 0, iteration 1: nothing is left to train with --epochs 1 / --max-iters 1; raise --epochs ' \
            'or --max-iters' in captured.err, captured
@@ -240,7 +240,7 @@ def test_resume_of_another_run_never_replaces_a_run_unasked(data, tmp_path, caps
     assert _run(data, r2, *args, '--max-iters', '1', '--seed', '5') == 0
     before = {name: (r2 / name).read_bytes() for name in ('checkpoint_last.pth', 'log.jsonl', 'model_final.pth')}
     capsys.readouterr()
-    assert _run(data, r2, *args, '--max-iters', '2', '--resume', str(r1 / 'checkpoint_last.pth')) == 2
+    assert _run(data, r2, *args, '--max-iters', '2', '--resume', str(r1 / 'checkpoint_last.pth')) == 1
     captured = capsys.readouterr()
     assert captured.err == (f'vitzoo finetune-det: error: {r2} already holds another run (checkpoint_last.pth, '
                             f'log.jsonl, model_final.pth); resuming {r1 / "checkpoint_last.pth"} into it would '
@@ -315,13 +315,13 @@ def test_resume_with_other_frozen_stages_names_the_option(data, tmp_path, capsys
     out = tmp_path / 'run'
     assert _run(data, out, *args, '--max-iters', '1') == 0
     capsys.readouterr()
-    assert _run(data, out, *args, '--max-iters', '2', '--resume', '--frozen-stages', '1') == 2
+    assert _run(data, out, *args, '--max-iters', '2', '--resume', '--frozen-stages', '1') == 1
     err = capsys.readouterr().err
     assert err == (f'vitzoo finetune-det: error: {out / "checkpoint_last.pth"} is from another run: --frozen-stages '
                    '-1 there, 1 here. Resume with the same arguments, or start a new run (--out elsewhere, or '
                    '--force).\n'), err
     # the optimizer's state carries lr and weight decay: another --lr was silently replaced by the checkpoint's
-    assert _run(data, out, *args, '--max-iters', '2', '--resume', '--lr', '0.5') == 2
+    assert _run(data, out, *args, '--max-iters', '2', '--resume', '--lr', '0.5') == 1
     err = capsys.readouterr().err
     assert '--lr ' in err and ' there, 0.5 here' in err, err
     # another dataset's classes: the keys that do not fit are named (before: "Error(s) in loading state_dict for
@@ -332,7 +332,7 @@ def test_resume_with_other_frozen_stages_names_the_option(data, tmp_path, capsys
     coco = json.loads((data / 'annotations' / 'instances_train.json').read_text())
     coco['categories'].append(dict(id=99, name='extra'))
     (more / 'annotations' / 'instances_train.json').write_text(json.dumps(coco))
-    assert _run(more, out, *args, '--max-iters', '2', '--resume') == 2
+    assert _run(more, out, *args, '--max-iters', '2', '--resume') == 1
     err = capsys.readouterr().err
     assert err == (f'vitzoo finetune-det: error: {out / "checkpoint_last.pth"} does not fit this model (another '
                    "dataset's classes?): 2 keys of another shape (e.g. head.classification_head.cls_logits.weight, "
@@ -342,7 +342,7 @@ def test_resume_with_other_frozen_stages_names_the_option(data, tmp_path, capsys
     del ckpt['args']
     torch.save(ckpt, tmp_path / 'bare.pth')
     assert _run(data, tmp_path / 'other', *args, '--max-iters', '2', '--resume', str(tmp_path / 'bare.pth'),
-                '--frozen-stages', '1') == 2
+                '--frozen-stages', '1') == 1
     err = capsys.readouterr().err
     assert err == (f'vitzoo finetune-det: error: {tmp_path / "bare.pth"}: its optimizer state does not fit this '
                    "model's trainable parameters (a run with another --frozen-stages?); resume with the arguments "
@@ -362,7 +362,7 @@ def test_unreadable_resume_checkpoint_is_named_for_what_it_is(data, tmp_path, ca
         torch.save({'model': {'w': torch.zeros(1000)}}, path)
         content = path.read_bytes()[:300]
     path.write_bytes(content)
-    assert _run(data, tmp_path / 'out', '--no-eval', '--resume', str(path)) == 2
+    assert _run(data, tmp_path / 'out', '--no-eval', '--resume', str(path)) == 1
     err = capsys.readouterr().err
     assert err == (f'vitzoo finetune-det: error: {path} is not a readable finetune-det checkpoint: {reason}; give '
                    'the checkpoint_last.pth of a finetune-det run.\n'), err
@@ -402,7 +402,7 @@ def test_zero_images_is_an_error(data, tmp_path, capsys):
     (root / 'train').mkdir()
     coco = json.loads((data / 'annotations' / 'instances_train.json').read_text())
     (root / 'annotations' / 'instances_train.json').write_text(json.dumps(dict(coco, images=[], annotations=[])))
-    assert _run(root, tmp_path / 'out', '--no-eval') == 2
+    assert _run(root, tmp_path / 'out', '--no-eval') == 1
     captured = capsys.readouterr()
     assert 'instances_train.json: "images" is empty' in captured.err and 'done:' not in captured.out
     assert not (tmp_path / 'out').exists()
@@ -412,7 +412,7 @@ def test_diverging_loss_is_one_line(data, tmp_path, capsys):
     out = tmp_path / 'run'
     rc = _run(data, out, '--lr', '1e30', '--warmup-iters', '0', '--epochs', '3', '--no-eval', '--hflip', '0')
     err = capsys.readouterr().err
-    assert rc == 2 and err.count('\n') == 1 and 'Traceback' not in err, err
+    assert rc == 1 and err.count('\n') == 1 and 'Traceback' not in err, err
     assert err.startswith('vitzoo finetune-det: error: non-finite loss at iteration ')
     assert 'lower --lr (now 1e+30) or raise --warmup-iters (now 0), or check the data.' in err
     assert not (out / 'model_final.pth').exists()
@@ -429,7 +429,7 @@ def test_out_of_memory_is_one_line_naming_the_options_to_lower(data, tmp_path, c
     out = tmp_path / 'run'
     rc = _run(data, out, '--no-eval', '--batch-size', '3', '--img-size', '96', '--out-channels', '24')
     err = capsys.readouterr().err
-    assert rc == 2 and err.count('\n') == 1 and 'Traceback' not in err, err
+    assert rc == 1 and err.count('\n') == 1 and 'Traceback' not in err, err
     assert err.startswith('vitzoo finetune-det: error: out of memory (RuntimeError: ') and "can't allocate" in err
     assert err.rstrip().endswith('lower --batch-size (now 3), --img-size / --max-size (now 96) or --out-channels '
                                  '(now 24).')
@@ -453,7 +453,7 @@ def test_infinite_loss_stops_like_nan(data, tmp_path, capsys, monkeypatch):
     out = tmp_path / 'run'
     rc = _run(data, out, '--detector', 'retinanet', '--no-eval', '--max-iters', '2', '--hflip', '0')
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith('vitzoo finetune-det: error: non-finite loss at iteration 1 '), err
+    assert rc == 1 and err.startswith('vitzoo finetune-det: error: non-finite loss at iteration 1 '), err
     assert 'classification inf' in err and not (out / 'model_final.pth').exists()
 
 
@@ -466,7 +466,7 @@ def test_image_errors_in_workers_are_one_line_and_leave_no_run(data, tmp_path, c
     for image in (data / 'train').iterdir():
         (bad / 'train' / image.name).write_bytes(b'not a png')  # every image: the first one loaded fails
     out = tmp_path / 'run'
-    assert _run(bad, out, '--workers', '2', '--no-eval') == 2
+    assert _run(bad, out, '--workers', '2', '--no-eval') == 1
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'DataLoader worker' not in err and 'Traceback' not in err, err
     assert err.startswith('vitzoo finetune-det: error: ') and 'instances_train.json: image id ' in err
@@ -568,7 +568,7 @@ def test_ddp_non_finite_loss_on_one_rank_stops_every_rank(data, tmp_path):
             pytest.fail('a rank still runs 120 s after rank 1 met a non-finite loss')
     for rank in (0, 1):
         rc, err = (tmp_path / f'rank{rank}.txt').read_text().split('\n', 1)
-        assert rc == '2' and err.count('\n') == 1, err
+        assert rc == '1' and err.count('\n') == 1, err
         assert err.startswith('vitzoo finetune-det: error: non-finite loss at iteration 1 (rank 1: '), err
         assert 'rank 0:' not in err
     assert not (out / 'model_final.pth').exists()
@@ -605,7 +605,7 @@ def test_an_output_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     afile = tmp_path / 'afile'
     afile.write_text('keep')
     rc = main(['finetune-det', '--data', str(tmp_path / 'no-data'), '--out', str(afile)])
-    assert rc == 2 and capsys.readouterr().err == (f'vitzoo finetune-det: error: --out {afile} is a file, not a '
+    assert rc == 1 and capsys.readouterr().err == (f'vitzoo finetune-det: error: --out {afile} is a file, not a '
                                                    'folder; choose another --out.\n')
     assert afile.read_text() == 'keep'
 
@@ -625,7 +625,7 @@ def test_val_with_other_categories_is_refused_before_training(data, tmp_path, ca
     """Found by an audit: val's categories were never compared with train's (AP 0 without a word, or an error
     after the whole epoch)."""
     root = _copy_dataset(data, tmp_path / 'ds', 'val', lambda c: c['categories'].append({'id': 99, 'name': 'x'}))
-    assert _run(root, tmp_path / 'run', '--detector', 'retinanet', '--epochs', '1') == 2
+    assert _run(root, tmp_path / 'run', '--detector', 'retinanet', '--epochs', '1') == 1
     captured = capsys.readouterr()
     assert 'instances_val.json lists other categories than' in captured.err and 'ids only in instances_val.json: ' \
         '[99]' in captured.err, captured.err
@@ -687,7 +687,7 @@ def test_pretrained_load_error_keeps_its_advice(data, tmp_path, capsys, monkeypa
 
     monkeypatch.setattr('vitzoo.detection.backbone._create', offline)
     out = tmp_path / 'run'
-    assert _run(data, out, '--pretrained') == 2
+    assert _run(data, out, '--pretrained') == 1
     assert capsys.readouterr().err == (
         "vitzoo finetune-det: error: could not load the default pretrained weights into backbone 'shvit_s1': Could "
         "not load pretrained weights for shvit_s1 from Hugging Face Hub repo timm/shvit_s1.in1k: "
@@ -821,13 +821,13 @@ def test_a_missing_val_annotation_file_is_a_note_or_an_error(data, tmp_path, cap
     assert 'note: ' not in capsys.readouterr().out
     # half renamed: an error before any work, unless --no-eval
     (root / 'val').symlink_to(data / 'val')
-    assert _run(root, tmp_path / 'half', *args) == 2
+    assert _run(root, tmp_path / 'half', *args) == 1
     assert capsys.readouterr().err == (
         f'vitzoo finetune-det: error: {root / "val"} is there but not {expected}: evaluation on val needs both; add '
         'the annotation file, or pass --no-eval to train without evaluation.\n')
     coco = root / 'annotations' / 'instances_val2017.json'
     coco.write_bytes((data / 'annotations' / 'instances_val.json').read_bytes())
-    assert _run(root, tmp_path / 'half', *args) == 2
+    assert _run(root, tmp_path / 'half', *args) == 1
     assert capsys.readouterr().err == (
         f'vitzoo finetune-det: error: {coco} is there but not {expected}: evaluation on val needs both; rename it to '
         'instances_val.json (COCO 2017: also val2017/ to val/), or pass --no-eval to train without evaluation.\n')
@@ -844,7 +844,7 @@ def test_resume_with_another_seed_or_norm_eval_is_refused(data, tmp_path, capsys
     capsys.readouterr()
     for extra, differ in ((['--seed', '4'], '--seed 3 there, 4 here'),
                           (['--no-norm-eval'], '--no-norm-eval not given there, given here')):
-        assert _run(data, out, *args, '--max-iters', '2', '--resume', *extra) == 2
+        assert _run(data, out, *args, '--max-iters', '2', '--resume', *extra) == 1
         assert capsys.readouterr().err == (
             f'vitzoo finetune-det: error: {out / "checkpoint_last.pth"} is from another run: {differ}. Resume with '
             'the same arguments, or start a new run (--out elsewhere, or --force).\n')
@@ -864,12 +864,12 @@ def test_resume_of_a_folder_or_of_final_weights(data, tmp_path, capsys):
     assert [r['iteration'] for r in _log(tmp_path / 'on')] == [2]
     empty = tmp_path / 'empty'
     empty.mkdir()
-    assert _run(data, tmp_path / 'other', *args, '--resume', str(empty)) == 2
+    assert _run(data, tmp_path / 'other', *args, '--resume', str(empty)) == 1
     assert capsys.readouterr().err == (
         f'vitzoo finetune-det: error: --resume {empty} is a folder without a checkpoint_last.pth; give the '
         'checkpoint_last.pth of a finetune-det run, or the --out folder that holds it.\n')
     # final weights: named for what they are, and the run's checkpoint offered
-    assert _run(data, tmp_path / 'other', *args, '--resume', str(run / 'model_final.pth')) == 2
+    assert _run(data, tmp_path / 'other', *args, '--resume', str(run / 'model_final.pth')) == 1
     assert capsys.readouterr().err == (
         f'vitzoo finetune-det: error: {run / "model_final.pth"} holds model weights only (a state dict, like '
         'model_final.pth), not a checkpoint to resume from (optimizer, schedule, position in the data): resume from '

@@ -481,10 +481,15 @@ def _out_of_memory(error: BaseException) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``vitzoo finetune-det``; returns the exit code."""
+    """Entry point of ``vitzoo finetune-det``; returns the exit code (2: an argument out of range or an unknown
+    backbone, as argparse's usage errors; 1: any other reported error)."""
     ctx = None
     try:
         validate_args(args)  # before anything else, also before joining a process group
+    except ValueError as e:  # an argument out of range: a usage error, as argparse's own
+        print(f'vitzoo {NAME}: error: {e}', file=sys.stderr)
+        return 2
+    try:
         ctx = init_distributed(args.device)
         train(args, ctx)
     except (DatasetError, UnknownModelError, BackboneError, TrainingError, ValueError, OSError) as e:
@@ -500,7 +505,7 @@ def run(args: argparse.Namespace) -> int:
         # drop the traceback now: it holds a DataLoader iterator in a reference cycle (torch's re-raise frame),
         # and workers shut down by a later garbage collection wait 5 s each for a stop signal that never comes
         e.__traceback__ = None
-        return 2
+        return 2 if isinstance(e, UnknownModelError) else 1  # an unknown name is a usage error, as in every command
     except (RuntimeError, MemoryError) as e:
         if not _out_of_memory(e):
             raise
@@ -509,7 +514,7 @@ def run(args: argparse.Namespace) -> int:
               f'{args.batch_size}), --img-size / --max-size (now {args.max_size}) or --out-channels (now '
               f'{args.out_channels}).', file=sys.stderr)
         e.__traceback__ = None
-        return 2
+        return 1
     finally:
         if ctx is not None:
             ctx.close()
