@@ -220,7 +220,7 @@ def _hub_fix(repo: str, error: BaseException) -> str:
            f'with `hf download {repo}`; offline, {local}')
     if not constants.HF_HUB_OFFLINE:
         fix += ('; set HF_HUB_OFFLINE=1 on an offline machine so that this fails at once instead of after the Hub '
-                'client\'s retries (about 50 s)')
+                'client\'s retries (46 s or more)')
     return fix
 
 

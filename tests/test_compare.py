@@ -187,7 +187,7 @@ def test_plot_without_matplotlib_fails_before_measuring(capsys, tmp_path, monkey
                         lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
     monkeypatch.setattr("vitzoo.compare._build", lambda *a, **k: pytest.fail("measured before checking matplotlib"))
     code, out, err = _cli(capsys, "shvit_s1", "--plot", str(tmp_path / "p.png"))
-    assert code == 1 and "needs matplotlib, which is not installed: pip install 'vitzoo[plot]'" in err
+    assert code == 1 and "needs matplotlib, which is not installed: pip install matplotlib" in err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -320,7 +320,7 @@ def test_a_backend_missing_here_is_named_with_what_to_install(capsys, monkeypatc
     code, out, err = _cli(capsys, "shvit_s1", "--backends", "eager,onnxruntime")
     assert code == 1 and out == ""
     assert "backend 'onnxruntime' not available in this environment (onnxruntime: install onnx and onnxruntime " \
-           "(`pip install 'vitzoo[onnx]'`)); available here: eager, compile, torchscript" in err
+           "(`pip install onnx onnxruntime`)); available here: eager, compile, torchscript" in err
     code, out, _ = _cli(capsys, "shvit_s1", "--no-speed", "--backends", "onnxruntime", "--format", "json")
     assert code == 0 and json.loads(out)[0]["flops"] == 241_400_128  # counts need no backend
 

@@ -130,7 +130,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     hub_logger = logging.getLogger("huggingface_hub")
     hub_level = hub_logger.level
-    # offline, huggingface_hub logs each of its five retries per file (two lines each, ~50 s in all for timm's two
+    # offline, huggingface_hub logs each of its five retries per file (two lines each, 46 s or more for timm's two
     # file names); the command's own error line says what failed
     hub_logger.setLevel(logging.ERROR)
     try:

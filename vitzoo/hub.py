@@ -65,9 +65,9 @@ class MissingWeightsError(WeightsError, FileNotFoundError):
     """A weight file (or Hub repository) could not be found, or could not be downloaded (e.g. offline)."""
 
 
-# how long huggingface_hub takes to give up on an unreachable Hub, per file: five retries (1+2+4+8+8 s) plus the
-# connection attempts; timm tries two file names
-_HUB_RETRY_SECONDS = 25
+# how long huggingface_hub waits before it gives up on an unreachable Hub, per file: five retries, 1+2+4+8+8 s (its
+# http_backoff defaults), plus the connection attempts; timm tries two file names
+_HUB_RETRY_SECONDS = 23
 # what a failed download raises (urllib: URLError / HTTPError; a dropped or timed-out connection); a missing local
 # file (FileNotFoundError) is not one of them
 _DOWNLOAD_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException)
@@ -109,7 +109,7 @@ def hub_offline_hint(files: int = len(WEIGHT_FILES), error: Optional[BaseExcepti
     if constants.HF_HUB_OFFLINE or _http_answer(error) is not None:
         return ""
     return (f" If this machine is offline, set HF_HUB_OFFLINE=1 so that loading fails at once instead of after the "
-            f"Hub client's retries (about {_HUB_RETRY_SECONDS * files} s), and uses the Hub cache only.")
+            f"Hub client's retries ({_HUB_RETRY_SECONDS * files} s or more), and uses the Hub cache only.")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

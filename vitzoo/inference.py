@@ -74,7 +74,7 @@ def available_backends() -> List[str]:
 def missing_backend_hint(backend: str) -> str:
     """What makes ``backend`` usable in an environment where :func:`available_backends` lacks it."""
     if backend == "onnxruntime":
-        return "install onnx and onnxruntime (`pip install 'vitzoo[onnx]'`)"
+        return "install onnx and onnxruntime (`pip install onnx onnxruntime`)"
     return "this torch build lacks the features it needs"
 
 

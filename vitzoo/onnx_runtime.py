@@ -53,7 +53,7 @@ def require_onnxruntime() -> None:
     except ImportError as e:
         raise RuntimeError(
             f"ONNX support needs the 'onnx' and 'onnxruntime' packages ({e}). "
-            "Install them with `pip install 'vitzoo[onnx]'`."
+            "Install them with `pip install onnx onnxruntime` (the package's `onnx` extra)."
         ) from e
 
 

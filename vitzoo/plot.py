@@ -135,7 +135,7 @@ def check_matplotlib() -> None:
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
-        raise ImportError("--plot needs matplotlib, which is not installed: pip install 'vitzoo[plot]'")
+        raise ImportError("--plot needs matplotlib, which is not installed: pip install matplotlib")
 
 
 #: File formats by suffix (matplotlib's Agg canvas writes them without extra packages); no suffix: PNG.
