@@ -82,7 +82,8 @@ def _cfg(variant: str, **kwargs: Any) -> Dict[str, Any]:
         'notes': (
             f"params {stats['params']:,} (fused {stats['params_fused']:,})",
             f"fvcore fused {stats['gmacs_fused'] * 1e3:.2f} MMACs at {size}x{size}",
-            f"ImageNet-1k top-1 {stats['top1']:.3f} / top-5 {stats['top5']:.3f} (paper {stats['paper_top1']})",
+            f"ImageNet-1k top-1 {stats['top1']:.3f} / top-5 {stats['top5']:.3f} (timm's evaluation of the in1k "
+            f"weights; paper {stats['paper_top1']})",
         ),
         **kwargs,
     }

@@ -162,7 +162,7 @@ def test_config_of_an_unverified_file_states_the_release_accuracy_only_with_a_ca
     release's top-1 plainly (found by an audit, before 2026-11-25). A verified file keeps the plain statement."""
     _, src = shvit_official
     # the release's reported numbers (shvit_s1, timm's evaluation: /work/shared/reference), written out here
-    plain = "ImageNet-1k top-1 72.780 / top-5 91.024 (paper 72.8)"
+    plain = "ImageNet-1k top-1 72.780 / top-5 91.024 (timm's evaluation of the in1k weights; paper 72.8)"
     sizes = ["params 6,330,808 (fused 6,308,660)", "fvcore fused 241.40 MMACs at 224x224"]
     unverified = convert_checkpoint(src, "shvit_s1", tmp_path / "unverified", flops=False)
     assert "not verified to be that release" in (unverified / "README.md").read_text()

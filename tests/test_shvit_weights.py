@@ -396,7 +396,7 @@ def test_cfg_reference_numbers(variant):
     assert cfg.notes == (
         f'params {params:,} (fused {fused:,})',
         f'fvcore fused {mmacs} MMACs at {size}x{size}',
-        f'ImageNet-1k top-1 {top1} / top-5 {top5} (paper {paper_top1})',
+        f'ImageNet-1k top-1 {top1} / top-5 {top5} (timm\'s evaluation of the in1k weights; paper {paper_top1})',
     )
 
 
