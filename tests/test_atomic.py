@@ -330,3 +330,30 @@ def test_a_failed_write_that_names_no_file_names_the_target(tmp_path):
         with atomic_open(out, force=True):
             raise ConnectionResetError(104, "Connection reset by peer")
     assert info.value.filename is None
+
+
+def test_a_path_through_a_missing_folder_and_back_names_the_folder_it_reaches(tmp_path, monkeypatch):
+    """Found by an audit: `x/missing/..` does not exist until `missing` is created, so the checks passed, and the
+    writer, which resolved it to `x`, replaced `x` without force (`convert --out x/missing/..` deleted x's files).
+    `LINK/..` is the link target's parent, as the kernel reads it, also for the current-folder check."""
+    x = tmp_path / "x"
+    x.mkdir()
+    (x / "thesis.txt").write_text("precious")
+    monkeypatch.chdir(tmp_path)
+    for out in (x / "missing" / "..", "x/missing/.."):
+        with pytest.raises(FileExistsError, match=r"x/missing/\.\. already exists \(it is .*/x\); refusing"):
+            with staged_dir(out, force=False):
+                pytest.fail("the body must not run")
+        with pytest.raises(FileExistsError, match="already exists"):
+            atomic_write_text(os.path.join(out, "thesis.txt"), "gone")
+    assert (x / "thesis.txt").read_text() == "precious" and sorted(os.listdir(x)) == ["thesis.txt"]
+    (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+    os.symlink(tmp_path / "elsewhere" / "deep", x / "link")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(FileExistsError, match=r"cannot replace .*link/\.\.: it is the current folder"):
+        with staged_dir(x / "link" / "..", force=True):
+            pytest.fail("the body must not run")
+    assert sorted(os.listdir(tmp_path / "elsewhere")) == ["deep"]
+    with staged_dir(x / "new" / ".." / "made", force=False) as tmp:  # a new folder on such a path lands where named
+        (tmp / "f").write_text("1")
+    assert (x / "made" / "f").read_text() == "1" and not (x / "new").exists()

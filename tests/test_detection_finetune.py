@@ -188,6 +188,11 @@ def test_existing_run_is_never_replaced_unasked(data, tmp_path, capsys):
            'from; pass --force to start afresh' in err, err
     assert (out / 'model_final.pth').read_bytes() == b'precious' and len(_log(out)) == 2
     assert not (out / 'checkpoint_last.pth').exists()
+    # found by an audit: the same folder as RUN/missing/.. was seen as new and its run replaced
+    assert _run(data, out / 'missing' / '..', '--max-iters', '1', '--no-eval') == 1
+    assert 'holds files of an earlier run' in capsys.readouterr().err
+    assert (out / 'model_final.pth').read_bytes() == b'precious' and len(_log(out)) == 2
+    assert sorted(os.listdir(out)) == ['log.jsonl', 'model_final.pth']
     # --force starts afresh: the earlier run's files are removed, none of its log lines is kept
     assert _run(data, out, '--max-iters', '1', '--no-eval', '--force') == 0
     assert [r['iteration'] for r in _log(out)] == [1]

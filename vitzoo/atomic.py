@@ -15,9 +15,22 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator, List, Optional, Sequence, Union
 
 __all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "check_new_file", "check_output_dir",
-           "check_output_file", "check_output_free", "staged_dir"]
+           "check_output_file", "check_output_free", "resolve_output", "staged_dir"]
 
 PathLike = Union[str, os.PathLike]
+
+
+def resolve_output(path: PathLike) -> Path:
+    """The absolute path ``path`` names once its missing parent folders exist: the parent with links and ``..``
+    resolved as the kernel resolves them, the last component kept, so that a link there is the output itself
+    (replaced with force, never followed). Every check and every write goes through this one path: ``x/missing/..``
+    is ``x`` (found by an audit: the check saw no ``x/missing/..``, which does not exist before ``missing`` is
+    created, and ``x`` was then replaced without ``--force``), ``LINK/..`` is the link target's parent."""
+    text = os.fspath(path)
+    head, name = os.path.split(text.rstrip(os.sep) or text)
+    if name in ("", os.curdir, os.pardir):
+        return Path(os.path.realpath(text))
+    return Path(os.path.realpath(head or os.curdir)) / name
 
 
 @contextlib.contextmanager
@@ -35,9 +48,10 @@ def atomic_open(path: PathLike, force: bool = False) -> Iterator[BinaryIO]:
     """
     path = Path(path)
     check_output_file(path, force)
-    created = _make_parents(path)
+    real = resolve_output(path)
+    created = _make_parents(real)
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
     except OSError as e:
         _remove_empty(created)
         raise _naming_target(e, path, temp=None) from e
@@ -49,9 +63,9 @@ def atomic_open(path: PathLike, force: bool = False) -> Iterator[BinaryIO]:
             os.fsync(f.fileno())
         _make_readable(tmp)
         if force:
-            os.replace(tmp, path)
+            os.replace(tmp, real)
         else:
-            _link_no_replace(tmp, path)
+            _link_no_replace(tmp, real, shown=path)
     except BaseException as e:
         with contextlib.suppress(OSError):  # a failed clean-up must not hide the error itself
             os.unlink(tmp)
@@ -121,7 +135,7 @@ def _naming_target(error: OSError, target: Path, temp: Optional[Path], unnamed: 
     return type(error)(error.errno, error.strerror, first, None, second)
 
 
-def _link_no_replace(tmp: Path, path: Path) -> None:
+def _link_no_replace(tmp: Path, path: Path, shown: Optional[PathLike] = None) -> None:
     """Move ``tmp`` to ``path`` in one step, failing if ``path`` has appeared since it was checked.
 
     A hard link fails atomically when ``path`` exists (another writer got there while this one was writing), where
@@ -130,10 +144,10 @@ def _link_no_replace(tmp: Path, path: Path) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError:
-        check_output_free(path, force=False)  # the same message as the check before the work
+        check_output_free(shown or path, force=False)  # the same message as the check before the work
         raise
     except OSError:  # no hard links here (e.g. some network or FAT file systems)
-        check_output_free(path, force=False)
+        check_output_free(shown or path, force=False)
         os.replace(tmp, path)
         return
     os.unlink(tmp)
@@ -159,10 +173,11 @@ def check_output_file(path: PathLike, force: bool) -> None:
         PermissionError: The nearest existing parent folder is not writable.
     """
     path = Path(path)
-    if path.is_dir():
+    real = resolve_output(path)
+    if real.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file path for the output (e.g. {path / 'out'}...).")
     check_output_free(path, force)
-    _check_parent_writable(path, path.parent)
+    _check_parent_writable(path, real.parent)
 
 
 def check_new_file(path: PathLike, force: bool = False, option: Optional[str] = None) -> Path:
@@ -187,27 +202,31 @@ def check_new_file(path: PathLike, force: bool = False, option: Optional[str] = 
         PermissionError: The folder is not writable.
     """
     path = Path(path)
+    real = resolve_output(path)
     other = f" or choose another {option}" if option else ""
-    if not path.is_dir() and os.path.lexists(path) and not force:
+    if not real.is_dir() and os.path.lexists(real) and not force:
         raise FileExistsError(f"{path} already exists; refusing to overwrite it. Pass "
                               f"{'--force' if option else 'force=True'} to replace it{other}.")
     try:
         check_output_file(path, force)  # a folder, a parent that is a file, an unwritable folder
     except PermissionError:
-        if path.parent.is_dir():
+        if real.parent.is_dir():
             raise
         # the nearest existing folder above a missing one is not writable: the missing folder is named first
-    if not path.parent.is_dir():
+    if not real.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist; create it first "
                                 f"(mkdir -p {path.parent}){other}.")
     return path
 
 
 def check_output_free(path: PathLike, force: bool) -> None:
-    """Raise ``FileExistsError`` if ``path`` exists and ``force`` is not set."""
-    if os.path.lexists(path) and not force:
+    """Raise ``FileExistsError`` if ``path`` (:func:`resolve_output`) exists and ``force`` is not set."""
+    real = resolve_output(path)
+    if os.path.lexists(real) and not force:
+        resolved = os.pardir in Path(path).parts or Path(os.path.abspath(path)) != real  # '..', links: say where
+        which = f" (it is {real})" if resolved else ""
         raise FileExistsError(
-            f"{path} already exists; refusing to overwrite it. Pass force=True (--force) to replace it."
+            f"{path} already exists{which}; refusing to overwrite it. Pass force=True (--force) to replace it."
         )
 
 
@@ -248,22 +267,23 @@ def check_output_dir(path: PathLike, force: bool, keep: Sequence[PathLike] = ())
         NotADirectoryError: A parent of ``path`` is a file.
         PermissionError: The nearest existing parent folder is not writable.
     """
-    if os.path.lexists(path) and not os.path.isdir(path):
-        if os.path.islink(path):
-            what, kind = f"a link to {os.readlink(path)}, which does not exist", "a link"
+    real = resolve_output(path)
+    if os.path.lexists(real) and not os.path.isdir(real):
+        if os.path.islink(real):
+            what, kind = f"a link to {os.readlink(real)}, which does not exist", "a link"
         else:
             what = kind = "a file"
         raise FileExistsError(f"{path} is {what}, and the output is a folder; {kind} is never replaced by one "
                               "(not even with --force). Choose another output folder (--out).")
-    _check_parent_writable(path, Path(os.path.abspath(path)).parent)
-    if os.path.isdir(path) and not os.path.islink(path):
+    _check_parent_writable(path, real.parent)
+    if os.path.isdir(real) and not os.path.islink(real):
         _check_replaceable(path, keep)
     check_output_free(path, force)
 
 
 def _check_replaceable(path: PathLike, keep: Sequence[PathLike]) -> None:
     """Refuse an existing folder ``path`` that even ``force`` may not replace (see :func:`check_output_dir`)."""
-    target = os.path.realpath(path)
+    target = os.path.realpath(resolve_output(path))
     for item in keep:
         kept = os.path.realpath(item)
         if kept == target or kept.startswith(target.rstrip(os.sep) + os.sep):
@@ -303,7 +323,7 @@ def staged_dir(out_dir: PathLike, force: bool = False) -> Iterator[Path]:
     """
     out_dir = Path(out_dir)
     check_output_dir(out_dir, force)
-    target = Path(os.path.abspath(out_dir))  # '.', 'a/..': the real name and parent, for the temp names
+    target = resolve_output(out_dir)  # '.', 'a/..', 'a/missing/..': the real name and parent
     created = _make_parents(target)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from vitzoo.atomic import _check_parent_writable, atomic_write_text
+from vitzoo.atomic import _check_parent_writable, atomic_write_text, resolve_output
 from vitzoo.cli import named_output
 from vitzoo.messages import cli_message, command_line_advice, first_line
 from vitzoo.models import UnknownModelError
@@ -301,7 +301,7 @@ def _evaluate(model: nn.Module, val: Optional[CocoDetectionFolder], ctx: DistCon
 
 def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
     """The fine-tuning loop. Returns ``dict(state=..., eval=...)`` (last evaluation, None without val)."""
-    out = Path(args.out)
+    out = resolve_output(args.out)  # RUN/missing/.. is RUN, whose files the checks must see (found by an audit)
     resume_from, continuing = _check_args(args, out)
     with_masks = args.detector == 'maskrcnn'
     with warnings.catch_warnings(record=True) as notes:  # printed once below, as notes, not as Python warnings
