@@ -143,6 +143,39 @@ def test_forced_staged_dir_puts_the_old_folder_back_when_the_new_one_cannot_land
     assert (out / "f").read_text() == "old" and _leftovers(tmp_path) == []
 
 
+def test_an_interrupt_between_the_two_renames_puts_the_old_folder_back(tmp_path, monkeypatch):
+    """Found by an audit: Ctrl-C right after the old folder was moved aside (before the new one was moved in) left
+    no output, the old one hidden in `.NAME.XXXX.old`."""
+    out = tmp_path / "hub_folder"
+    out.mkdir()
+    (out / "f").write_text("old")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith(".old/hub_folder"):  # the old folder is aside: Ctrl-C now
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with staged_dir(out, force=True) as tmp:
+            (tmp / "f").write_text("new")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (out / "f").read_text() == "old" and _leftovers(tmp_path) == []
+
+
+def test_an_old_folder_that_cannot_be_deleted_is_named(tmp_path, monkeypatch):
+    import shutil
+    out = tmp_path / "hub_folder"
+    out.mkdir()
+    monkeypatch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)  # e.g. a file in it that cannot go
+    with pytest.warns(RuntimeWarning, match=r"hub_folder was replaced, but the old folder could not be deleted; it "
+                                            r"is now .*/\.hub_folder\..*\.old: delete it yourself"):
+        with staged_dir(out, force=True) as tmp:
+            (tmp / "f").write_text("new")
+    assert (out / "f").read_text() == "new"
+
+
 def test_staged_dir_is_all_or_nothing(tmp_path):
     out = tmp_path / "hub_folder"
     with pytest.raises(RuntimeError):
@@ -357,3 +390,13 @@ def test_a_path_through_a_missing_folder_and_back_names_the_folder_it_reaches(tm
     with staged_dir(x / "new" / ".." / "made", force=False) as tmp:  # a new folder on such a path lands where named
         (tmp / "f").write_text("1")
     assert (x / "made" / "f").read_text() == "1" and not (x / "new").exists()
+
+
+def test_a_long_legal_name_is_written(tmp_path):
+    """Found by an audit: the temporary names (`.NAME.XXXXXXXX.partial`) of a 250-byte name were too long."""
+    name = "n" * 250
+    atomic_write_text(tmp_path / f"{name[:-4]}.txt", "ok")
+    with staged_dir(tmp_path / name) as tmp:
+        (tmp / "f").write_text("1")
+    assert (tmp_path / name / "f").read_text() == "1" and (tmp_path / f"{name[:-4]}.txt").read_text() == "ok"
+    assert _leftovers(tmp_path) == []

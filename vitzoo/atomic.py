@@ -11,6 +11,7 @@ import errno
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, List, Optional, Sequence, Union
 
@@ -51,7 +52,7 @@ def atomic_open(path: PathLike, force: bool = False) -> Iterator[BinaryIO]:
     real = resolve_output(path)
     created = _make_parents(real)
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
+        fd, name = tempfile.mkstemp(prefix=_temp_prefix(real), suffix=".tmp", dir=real.parent)
     except OSError as e:
         _remove_empty(created)
         raise _naming_target(e, path, temp=None) from e
@@ -78,6 +79,13 @@ def atomic_open(path: PathLike, force: bool = False) -> Iterator[BinaryIO]:
         if renamed is e:
             raise
         raise renamed from e
+
+
+def _temp_prefix(target: Path) -> str:
+    """The start of a temporary name beside ``target``: hidden, named after it, short enough that the whole name
+    (with ``tempfile``'s 8 characters and a suffix) fits where ``target``'s name fits (found by an audit: a legal
+    name of 241-255 bytes failed with "File name too long" after all the work)."""
+    return f".{target.name[:100]}."
 
 
 def _interrupt_behind(error: BaseException) -> Optional[BaseException]:
@@ -326,7 +334,7 @@ def staged_dir(out_dir: PathLike, force: bool = False) -> Iterator[Path]:
     target = resolve_output(out_dir)  # '.', 'a/..', 'a/missing/..': the real name and parent
     created = _make_parents(target)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".partial", dir=target.parent))
     except OSError as e:
         _remove_empty(created)
         raise _naming_target(e, out_dir, temp=None) from e
@@ -336,23 +344,26 @@ def staged_dir(out_dir: PathLike, force: bool = False) -> Iterator[Path]:
         _make_readable(tmp)
         check_output_free(out_dir, force)  # someone may have created it meanwhile
         old = None
-        if os.path.lexists(target):
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            try:
-                os.replace(target, old / target.name)
-            except OSError as e:
-                shutil.rmtree(old, ignore_errors=True)
-                raise _cannot_move_aside(e, out_dir) from e
         try:
+            if os.path.lexists(target):
+                old = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".old", dir=target.parent))
+                try:
+                    os.replace(target, old / target.name)
+                except OSError as e:
+                    raise _cannot_move_aside(e, out_dir) from e
             os.replace(tmp, target)
-        except BaseException:  # the new folder did not land: put the old one back where it was
+        except BaseException:  # also Ctrl-C between the two renames (found by an audit: the output was lost)
             if old is not None:
-                os.replace(old / target.name, target)
+                if os.path.lexists(old / target.name) and not os.path.lexists(target):  # put the old one back
+                    os.replace(old / target.name, target)
                 shutil.rmtree(old, ignore_errors=True)
             raise
         landed = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+            if os.path.lexists(old):
+                warnings.warn(f"{out_dir} was replaced, but the old folder could not be deleted; it is now {old}: "
+                              "delete it yourself.", RuntimeWarning, stacklevel=3)
     except Exception as e:
         interrupt = _interrupt_behind(e)
         if interrupt is not None:
