@@ -78,7 +78,12 @@ _WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DistributedDataParallel, torch.
 
 def _unwrap(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     """Take the weights out of a training checkpoint (``model`` / ``state_dict`` key) and strip the ``module.`` /
-    ``_orig_mod.`` prefixes of DDP and ``torch.compile`` (in either order, each key for itself)."""
+    ``_orig_mod.`` prefixes of DDP and ``torch.compile`` (in either order, each key for itself). Anything other than a
+    mapping (a list, a tensor: a file saved by other code) is a :class:`CheckpointLayoutError`."""
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointLayoutError(
+            f'The checkpoint is not a state dict: it holds a {type(checkpoint).__name__}. Give the state dict of an '
+            "SHViT (model.state_dict()), or a training checkpoint holding one under 'model' or 'state_dict'.")
     for key in ('model', 'state_dict'):
         inner = checkpoint.get(key)
         if isinstance(inner, Mapping):

@@ -422,6 +422,20 @@ def test_a_key_that_is_not_a_name_is_named_not_an_attribute_error(with_anchor):
         shvit.checkpoint_filter_fn({**sd, 3: torch.zeros(1)}, model)
 
 
+@pytest.mark.parametrize('content', [[torch.zeros(1)], torch.zeros(3)], ids=['list', 'Tensor'])
+def test_a_file_that_holds_no_mapping_is_named(tmp_path, content):
+    """Found by an audit (a regression of the int-key check below): a file holding a list or a tensor was a
+    traceback, "'list' object has no attribute 'get'"."""
+    path = tmp_path / 'odd.pth'
+    torch.save(content, path)
+    kind = type(content).__name__
+    with pytest.raises(RuntimeError, match=rf"shvit_s1 from file .*odd\.pth: The checkpoint is not a state dict: it "
+                                           rf"holds a {kind}\. Give the state dict of an SHViT"):
+        timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    with pytest.raises(shvit.CheckpointLayoutError, match=rf"it holds a {kind}\."):
+        shvit.checkpoint_filter_fn(content, timm.create_model('shvit_s1'))
+
+
 def test_a_file_with_a_key_that_is_not_a_name_is_named(tmp_path):
     """Through timm's file loader, whose key cleaning failed first with the same AttributeError."""
     path = tmp_path / 'odd.pth'
