@@ -1400,3 +1400,97 @@ def test_a_difference_the_model_itself_makes_from_rounding_is_named_so(monkeypat
                "step: it amplifies rounding" in str(info.value)
     else:
         assert str(info.value).endswith(". Use another backend, or report this with the model name.")
+
+
+class _SubmoduleNamedFuse(nn.Module):  # a feature-fusion conv called `fuse`, as in many segmentation heads
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fuse = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        return self.fuse(torch.cat([self.a(x), self.b(x)], 1))
+
+
+class _FuseWithArguments(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+
+    def fuse(self, x, y):
+        return x + torch.sigmoid(y)
+
+    def forward(self, x):
+        return self.fuse(x, self.a(x))
+
+
+class _FusesInPlace(nn.Module):  # fuse() folds the BatchNorm into the conv itself and returns None
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fused = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), False
+
+    def fuse(self):
+        with torch.no_grad():
+            scale = self.bn.weight / (self.bn.running_var + self.bn.eps).sqrt()
+            self.conv.weight.mul_(scale[:, None, None, None])
+            self.conv.bias.copy_((self.conv.bias - self.bn.running_mean) * scale + self.bn.bias)
+        self.fused = True
+
+    def forward(self, x):
+        return self.conv(x) if self.fused else self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize("block", [_SubmoduleNamedFuse, _FuseWithArguments, _FusesInPlace])
+def test_only_a_fuse_method_without_arguments_is_the_fusion_step(block):
+    """Found by an audit: every child with an attribute `fuse` had it called and replaced by its result, so a
+    submodule named `fuse`, a `fuse(x, y)` method and an in-place `fuse()` returning None crashed deploy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), block(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4))
+    randomize_norms(model)
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    for backend in ("eager", "torchscript"):
+        torch.testing.assert_close(deploy(model, x, backend=backend)(x), expected, atol=1e-5, rtol=0)
+
+
+class _AddsItself(nn.Module):
+    def __init__(self, in_place):
+        super().__init__()
+        self.c0, self.c1, self.in_place = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), in_place
+
+    def forward(self, x):
+        y = self.c1(self.c0(x))
+        return y.add_(y) if self.in_place else y + y
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["y + y", "y.add_(y)"])
+def test_a_conv_output_added_to_itself_is_no_residual_add(in_place):
+    """Found by an audit: the residual-add fusion took the conv as its own residual, a node feeding itself (fx:
+    "used before it has been defined")."""
+    torch.manual_seed(0)
+    model, x = _AddsItself(in_place).eval(), torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x.clone())
+    deployed = deploy(model, x, fp32_precision="ieee")
+    torch.testing.assert_close(deployed(x), expected, atol=1e-5, rtol=0)
+    assert any("oneDNN pre-packed convolutions: 2" in o for o in deployed.optimizations), deployed.optimizations
+
+
+def test_a_model_returning_a_list_is_rewritten():
+    """Found by an audit: torch.fx's interpreter gives a list output as its immutable_list, which did not compare
+    equal to the model's list, so every features_only model lost the oneDNN rewrite ("does not reproduce")."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", features_only=True, out_indices=(1, 2)).eval()
+    randomize_norms(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    deployed = deploy(model, x, fp32_precision="ieee")
+    assert any(o.startswith("oneDNN pre-packed convolutions:") for o in deployed.optimizations), \
+        deployed.optimizations
+    out = deployed(x)
+    assert isinstance(out, list) and len(out) == 2
+    for a, b in zip(out, expected):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Dict, List, Set, TypeVar
+import inspect
+from typing import Any, Callable, Dict, List, Optional, Set, TypeVar
 
 import torch.fx as fx
 from torch import nn
@@ -117,14 +118,34 @@ def reparameterize(model: nn.Module) -> nn.Module:
     children are. Returns ``model``."""
     for name, child in list(model.named_children()):
         if not _contains_hooks(child):
-            if hasattr(child, "fuse"):
-                setattr(model, name, child.fuse())
-            elif hasattr(child, "reparameterize"):
-                child.reparameterize()
-            elif hasattr(child, "switch_to_deploy"):
-                child.switch_to_deploy()
+            fuse = _no_argument_method(child, "fuse")
+            if fuse is not None:
+                fused = fuse()
+                if isinstance(fused, nn.Module):  # a fuse() that works in place and returns None keeps the child
+                    setattr(model, name, fused)
+                    child = fused
+            else:
+                for other in ("reparameterize", "switch_to_deploy"):
+                    method = _no_argument_method(child, other)
+                    if method is not None:
+                        method()
+                        break
         reparameterize(child)
     return model
+
+
+def _no_argument_method(module: nn.Module, name: str) -> Optional[Callable[[], Any]]:
+    """``module``'s method ``name`` if it is one that can be called without arguments, else None (found by an audit:
+    a submodule named ``fuse``, as fusion convolutions often are, or a ``fuse(x, y)`` method was called as the
+    fusion step and crashed deploy)."""
+    method = getattr(module, name, None)
+    if not inspect.ismethod(method):
+        return None
+    try:
+        inspect.signature(method).bind()
+    except (TypeError, ValueError):
+        return None
+    return method
 
 
 class HookKeepingTracer(fx.Tracer):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 import operator
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -433,6 +433,21 @@ def _read_image_directly(gm: fx.GraphModule, packed: Dict[fx.Node, PackedConv2d]
     return False
 
 
+def _plain_containers(value: Any) -> Any:
+    """``value`` with torch.fx's ``immutable_list`` / ``immutable_dict`` (what its interpreter returns for a list or
+    dict output) as plain lists and dicts, which pytree tells apart from them (found by an audit: every model
+    returning a list or dict, timm's ``features_only`` models among them, was reported as not reproduced by its
+    trace, and not rewritten)."""
+    if isinstance(value, list):
+        return [_plain_containers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain_containers(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        items = [_plain_containers(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    return value
+
+
 def _fuse_residual_adds(
         gm: fx.GraphModule, packed: Dict[fx.Node, PackedConv2d], modules: Dict[str, nn.Module]) -> int:
     """``conv(x) + r`` (same shape at any batch size, conv used only by the add) -> ``PackedConv2d(x, r)``.
@@ -444,7 +459,8 @@ def _fuse_residual_adds(
     fused = 0
     for node in list(gm.graph.nodes):
         for conv_node, residual in _add_operands(node):
-            if conv_node in packed and len(conv_node.users) == 1 and len(conv_node.args) == 1 \
+            if conv_node in packed and residual is not conv_node and len(conv_node.users) == 1 \
+                    and len(conv_node.args) == 1 \
                     and packed[conv_node].unary == "none" and _same_tensor_meta(conv_node, residual) \
                     and not _mutation_between(conv_node, node, modules):
                 # the residual may be computed after the conv (``y = conv(x); r = f(x); y + r``): run the conv
@@ -540,7 +556,7 @@ def onednn_rewrite(model: nn.Module, example_input: torch.Tensor, fp32_precision
             return model, [f"oneDNN rewrite skipped: torch.fx could not trace the model ({type(e).__name__}: {e})"]
     _record_shapes_at_other_batch(gm, example_input)  # first: the propagation below sets the meta used later
     with torch.no_grad():
-        traced = ShapeProp(gm).propagate(example_input)
+        traced = _plain_containers(ShapeProp(gm).propagate(example_input))
         if not outputs_close(traced, model(example_input), rel=1e-5):
             # torch.fx records ``y += t`` on a tensor as ``y = y + t``; when another name still refers to ``y``
             # (or the model mutates tensors in other ways fx cannot see) the trace computes something else
