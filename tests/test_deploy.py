@@ -1494,3 +1494,25 @@ def test_a_model_returning_a_list_is_rewritten():
     assert isinstance(out, list) and len(out) == 2
     for a, b in zip(out, expected):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+class _Swish(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+def test_a_model_holding_a_scripted_part_deploys():
+    """Found by an audit: BatchNorm folding registered a hook on every module, which a ScriptModule refuses, so a
+    model holding a torch.jit.script-ed part and a BatchNorm failed on every backend."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), torch.jit.script(_Swish()),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    randomize_norms(model)
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    for backend in ("eager", "torchscript"):
+        deployed = deploy(model, x, backend=backend)
+        torch.testing.assert_close(deployed(x), expected, atol=1e-5, rtol=0)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())  # the norm is folded
