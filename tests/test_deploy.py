@@ -1516,3 +1516,32 @@ def test_a_model_holding_a_scripted_part_deploys():
         deployed = deploy(model, x, backend=backend)
         torch.testing.assert_close(deployed(x), expected, atol=1e-5, rtol=0)
         assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())  # the norm is folded
+
+
+class _NormalisesInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        return self.net(x.sub_(self.mean).div_(self.std))  # saves a copy of the batch
+
+
+@pytest.mark.parametrize("backend", [b for b in ("eager", "torchscript", "onnxruntime") if b in available_backends()])
+def test_a_model_that_changes_its_input_in_place_deploys_and_leaves_the_example_alone(backend):
+    """Found by an audit: every run inside deploy got the same example, normalised again each time (to ~1e16), so
+    the check compared outputs of different inputs and refused the model, and the caller's example was changed."""
+    torch.manual_seed(0)
+    model = _NormalisesInPlace()
+    randomize_norms(model)
+    model.eval()
+    x = torch.rand(2, 3, 16, 16)
+    given = x.clone()
+    with torch.no_grad():
+        expected = model(x.clone())
+    deployed = deploy(model, x, backend=backend)
+    assert torch.equal(x, given)
+    torch.testing.assert_close(deployed(x.clone()), expected, atol=1e-5, rtol=0)

@@ -383,7 +383,7 @@ def _check_close(reference: object, candidate: nn.Module, example_input: torch.T
     """Max abs diff between the deployed and the original output (a tensor, or tuples / lists / dicts of them).
     ``model`` (the fused model) tells rounding from a wrong result when the difference is large."""
     with torch.no_grad():
-        output = candidate(example_input)
+        output = candidate(example_input.clone())  # the example stays as it was for the hint below
     try:
         diff, scale = max_abs_diff_of(output, reference)
     except ValueError as e:
@@ -629,30 +629,35 @@ def deploy(
     _check_example_channels(model, example_input)
     if backend == "onnxruntime":
         _check_not_cuda_for_onnxruntime(model, example_input)
+    given = example_input
+
+    def example() -> torch.Tensor:  # a fresh copy for every run: a model may change its input in place
+        return given.clone()        # (``x.sub_(mean)``; found by an audit: normalised again at every run)
+
     # the reference is the caller's model's own output, not its copy's: a copy whose hooks still act on the
     # original (a closure over the model's ``self``) computes something else, and was "verified" against itself
-    reference = _eval_output(model, example_input) if verify else None
+    reference = _eval_output(model, example()) if verify else None
     model = model if inplace else deepcopy_sharing_hooks(model)
     model.eval()
     hooks = hook_ids(model)
     model = reparameterize(model)
     model, standardised = standardise_weights(model)
-    model, folded = fold_batchnorms(model, example_input)
+    model, folded = fold_batchnorms(model, example())
     fusions = _fusion_notes(standardised, folded)
     model.requires_grad_(False)
     builders: Dict[str, Callable[[], DeployedModel]] = {
-        "eager": lambda: _build_eager(model, example_input, rewrite=True, fp32_precision=fp32_precision),
-        "compile": lambda: _build_compile(model, example_input),
-        "onnxruntime": lambda: _build_onnxruntime(model, example_input, opset),
-        "torchscript": lambda: _build_torchscript(model, example_input, atol, rtol),
+        "eager": lambda: _build_eager(model, example(), rewrite=True, fp32_precision=fp32_precision),
+        "compile": lambda: _build_compile(model, example()),
+        "onnxruntime": lambda: _build_onnxruntime(model, example(), opset),
+        "torchscript": lambda: _build_torchscript(model, example(), atol, rtol),
     }
-    deployed = _finish(builders[backend](), fusions, example_input, model)
+    deployed = _finish(builders[backend](), fusions, example(), model)
     _check_hooks_kept(hooks, deployed)
     if verify:
         with full_fp32_precision(example_input.device):
-            deployed, diff = _verify(deployed, reference, model, example_input, fusions, atol, rtol, backend)
+            deployed, diff = _verify(deployed, reference, model, example(), fusions, atol, rtol, backend)
         if backend == "onnxruntime":
-            _check_another_batch(deployed, model, example_input, atol, rtol)
+            _check_another_batch(deployed, model, example(), atol, rtol)
         deployed.optimizations.append(f"verified: max abs diff {diff:.2g} vs original")
     return deployed
 
@@ -728,9 +733,9 @@ def _verify(deployed: DeployedModel, reference: object, model: nn.Module, exampl
             while True:  # the next share that changes which layers run on AMX (a small model: 90% may be all)
                 restore_linears(model)  # swapped in place on the fused copy
                 share = shares.pop(0)
-                deployed = _finish(_build_eager(model, example_input, rewrite=True,
+                deployed = _finish(_build_eager(model, example_input.clone(), rewrite=True,
                                                 fp32_precision="bf16x3" if share else "ieee", amx_share=share),
-                                   fusions, example_input, model)
+                                   fusions, example_input.clone(), model)
                 if not share or _amx_layer_count(deployed) < failed_layers:
                     break
     if tried:

@@ -316,9 +316,10 @@ def session_diffs(model: nn.Module, session: nn.Module, inputs: Iterable[torch.T
     reached the user)."""
     measured = []
     for x in inputs:
-        expected = pytree.tree_map(lambda t: t.float().cpu() if isinstance(t, torch.Tensor) else t, model(x))
+        # each run gets its own copy: a model that changes its input in place must not change the session's
+        expected = pytree.tree_map(lambda t: t.float().cpu() if isinstance(t, torch.Tensor) else t, model(x.clone()))
         try:
-            diff, largest = max_abs_diff_of(session(x), expected)
+            diff, largest = max_abs_diff_of(session(x.clone()), expected)
         except Exception as e:  # noqa: BLE001  onnxruntime's run errors, or outputs of another shape
             raise OnnxExportError(batch_failure(x.shape[0], exported_batch, _one_line(e, limit=400))) from e
         measured.append((x.shape[0], diff, largest))
