@@ -142,3 +142,21 @@ def test_slice_probe_is_made_on_the_example_device():
 
     assert _samples_independent(Recording(), torch.empty(4, 3, 16, 16, device="meta"), 2) is False
     assert seen == [torch.device("meta")]
+
+
+def test_the_stem_attributes_a_forward_reads_pass_through_the_wrapper():
+    """Found by an audit: a hybrid ViT with dynamic_img_size reads `patch_embed.grid_size` in its forward, which the
+    wrapper hid (AttributeError: 'BatchChunked' object has no attribute 'grid_size'), so its torchscript deploy
+    failed."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_r26_s32_224", dynamic_img_size=True, depth=1).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(x)
+    deployed = deploy(model, x, backend="torchscript")
+    assert any(o.startswith("stem run on slices") for o in deployed.optimizations), deployed.optimizations
+    torch.testing.assert_close(deployed(x), expected, atol=1e-4, rtol=0)
+    wrapped = BatchChunked(model.patch_embed, 1)
+    assert wrapped.grid_size == model.patch_embed.grid_size and wrapped.chunk_size == 1
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        wrapped.no_such_thing

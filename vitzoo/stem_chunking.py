@@ -14,7 +14,7 @@ have to pack the stem's convolutions separately, and in one-off measurements tha
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -45,6 +45,14 @@ class BatchChunked(nn.Module):
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
         self.module = module
         self.chunk_size = int(chunk_size)
+
+    def __getattr__(self, name: str) -> Any:
+        """The stem's own attributes read through the wrapper (found by an audit: timm's ViTs read
+        ``patch_embed.grid_size`` in their forward, which failed on a hybrid ViT's chunked stem)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("module"), name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = x.split(self.chunk_size)  # a list: its length is a Python int, also under torch.jit.trace
