@@ -392,10 +392,16 @@ def test_unreadable_resume_checkpoint_is_named_for_what_it_is(data, tmp_path, ca
     ('--hflip', '1.5', '--hflip is a probability (0 to 1), got 1.5.'),
     ('--lr-steps', '0', '--lr-steps are epochs after which the lr drops (>= 1), got [0].'),
     ('--seed', '-1', '--seed must be in 0 .. 2**32-1, got -1.'),
+    # found by an audit: one of two options that say the same thing was ignored
+    ('--img-size', '64 --min-size 600', '--img-size sets both --min-size and --max-size; give --img-size alone, or '
+                                        '--min-size / --max-size.'),
+    ('--pretrained', '--backbone-weights x.pth', "--pretrained and --backbone-weights both give the backbone's "
+                                                 "weights; give one of them."),
 ])
 def test_bad_arguments_are_one_line_before_any_work(tmp_path, capsys, option, value, message):
     # the dataset folder does not exist: the argument is reported first, and nothing is created
-    rc = main(['finetune-det', '--data', str(tmp_path / 'no-data'), '--out', str(tmp_path / 'out'), option, value])
+    rc = main(['finetune-det', '--data', str(tmp_path / 'no-data'), '--out', str(tmp_path / 'out'), option,
+               *value.split()])
     err = capsys.readouterr().err
     assert rc == 2 and err == f'vitzoo finetune-det: error: {message}\n', err
     assert not (tmp_path / 'out').exists()
@@ -743,7 +749,8 @@ def test_option_defaults_follow_the_docs(tmp_path, monkeypatch):
     base = ['finetune-det', '--data', str(tmp_path), '--out', str(tmp_path / 'o'), '--device', 'cpu']
     assert main(base) == 0
     assert main(base + ['--weight-decay', '0', '--no-norm-eval', '--min-size', '40', '--max-size', '50']) == 0
-    assert main(base + ['--min-size', '40', '--max-size', '50', '--img-size', '64']) == 0
+    assert main(base + ['--img-size', '64']) == 0
+    assert main(base + ['--min-size', '40', '--img-size', '64']) == 2  # one of the two would be ignored
     picked = [(g['weight_decay'], g['norm_eval'], g['min_size'], g['max_size']) for g in got]
     assert picked == [(0.05, True, 800, 1333), (0.0, False, 40, 50), (0.05, True, 64, 64)]
 

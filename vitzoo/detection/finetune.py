@@ -47,6 +47,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message says what to change."""
 
 
+#: The image sizes of the detectors' resizing when no size option is given: torchvision's and the paper's.
+MIN_SIZE, MAX_SIZE = 800, 1333
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``finetune-det`` sub-command."""
     p = subparsers.add_parser(NAME, help='fine-tune RetinaNet / Faster R-CNN / Mask R-CNN with a zoo backbone on '
@@ -73,8 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument('--lr-steps', type=int, nargs='*', default=None,
                    help='epochs after which the lr is multiplied by 0.1 (default: 8 11 scaled to --epochs)')
     p.add_argument('--img-size', type=int, default=None, help='sets both --min-size and --max-size')
-    p.add_argument('--min-size', type=int, default=800, help='shorter side after resizing (default: %(default)s)')
-    p.add_argument('--max-size', type=int, default=1333, help='longer side limit after resizing (default: %(default)s)')
+    p.add_argument('--min-size', type=int, default=MIN_SIZE, help='shorter side after resizing (default: %(default)s)')
+    p.add_argument('--max-size', type=int, default=MAX_SIZE,
+                   help='longer side limit after resizing (default: %(default)s)')
     p.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability (default: %(default)s)')
     p.add_argument('--out', default='runs/finetune-det', type=named_output('--out runs/finetune-det'),
                    help='output folder (checkpoints, log.jsonl; default: %(default)s)')
@@ -136,6 +141,12 @@ def validate_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         _must(value >= low, f'--{name.replace("_", "-")} must be >= {low}, got {value}.')
 
+    # two options that say the same thing differently: one of them would be ignored (found by an audit)
+    # (a --min-size / --max-size given at its default value is not told from none given)
+    _must(args.img_size is None or (args.min_size, args.max_size) in ((MIN_SIZE, MAX_SIZE), (args.img_size,) * 2),
+          '--img-size sets both --min-size and --max-size; give --img-size alone, or --min-size / --max-size.')
+    _must(not (args.pretrained and args.backbone_weights),
+          "--pretrained and --backbone-weights both give the backbone's weights; give one of them.")
     # as build_detector checks them, before any work (found by an audit: --img-size 1 was torchvision's traceback)
     for name in ('img_size', 'min_size', 'max_size'):
         if getattr(args, name) is not None:
