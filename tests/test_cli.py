@@ -305,3 +305,13 @@ def test_exit_codes_are_one_rule_for_every_command(tmp_path, capsys, args, code)
     assert main([a.format(junk=junk, tmp=tmp_path) for a in args]) == code
     err = capsys.readouterr().err
     assert err.count("error: ") == 1 and "Traceback" not in err, err
+
+
+def test_a_reader_that_goes_away_is_no_error():
+    """Found by an audit: `vitzoo compare ... | head` (the reader closes the pipe) printed "error: [Errno 32] Broken
+    pipe" and exited 1. Now nothing is printed, and the exit code is a shell's for SIGPIPE, 141."""
+    run = [sys.executable, "-m", "vitzoo", "compare", "shvit_s1", "--no-speed", "--format", "csv", "--img-size", "64"]
+    proc = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the command writes anything (its imports alone take seconds)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 141 and "error" not in err and "Traceback" not in err, err

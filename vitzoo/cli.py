@@ -136,6 +136,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         with _sigterm_unwinds():
             return int(args.func(args) or 0)
+    except BrokenPipeError:  # the reader went away (`vitzoo compare --format csv | head -3`): not an error
+        with contextlib.suppress(OSError, ValueError):  # Python's own flush of stdout at exit would fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a command ended by SIGPIPE
     except OSError as e:
         from vitzoo.messages import cli_message
 
