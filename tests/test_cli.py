@@ -272,6 +272,7 @@ def test_an_opset_the_exporter_does_not_write_is_a_usage_error_before_the_model_
     (["export", "shvit_s1", "--out", "s1"], "argument --out: the output is an ONNX file, named *.onnx; got 's1'"),
     (["convert", "x.pth", "--model", "shvit_s1", "--out", ""], "argument --out: needs a name"),
     (["finetune-det", "--data", "d", "--out", ""], "argument --out: needs a name, e.g. --out runs/finetune-det"),
+    (["push", "", "--repo", "org/name"], "argument folder: needs a name"),  # checked the current folder before
 ])
 def test_an_empty_or_misnamed_output_is_a_usage_error(monkeypatch, capsys, tmp_path, argv, says):
     """Found by an audit: `finetune-det --out ""` trained into the current folder, `convert --out ""` asked for

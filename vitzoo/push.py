@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
+from .cli import named_output
 from .convert import HUB_FILES, UsageError, VerificationError, verify_folder
 from .manifest import _REPO_RE
 from .messages import help_description
@@ -126,7 +127,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``push`` sub-command."""
     p = subparsers.add_parser(NAME, help="verify a converted folder and upload it to the Hugging Face Hub",
                               description=help_description(__doc__))
-    p.add_argument("folder", help="folder written by `vitzoo convert`")
+    # an empty name (an unset shell variable) would be the current folder (found by an audit)
+    p.add_argument("folder", type=named_output("converted/shvit_s1"), help="folder written by `vitzoo convert`")
     p.add_argument("--repo", required=True, help="Hub repo, org/name")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--revision", default=None, help="branch to commit to (default: main)")
