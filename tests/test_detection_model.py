@@ -638,3 +638,13 @@ def test_a_backbone_takes_sizes_its_levels_divide(name, multiple):
         levels = backbone(torch.randn(1, 3, h, w))
     for level, stride in zip(levels.values(), backbone.out_strides):
         assert tuple(level.shape[-2:]) == (-(-h // stride), -(-w // stride)), (name, stride, level.shape)
+
+
+def test_backbone_weights_that_are_a_folder_are_named_so(tmp_path):
+    """Found by an audit: a folder given as --backbone-weights was said not to exist."""
+    from vitzoo.detection.backbone import create_body
+    with pytest.raises(FileNotFoundError, match=r"backbone weights file .* is a folder, not a file; give a "
+                                                r"\.safetensors or \.pth file"):
+        create_body('shvit_s1', weights=tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"backbone weights file .*missing\.pth does not exist"):
+        create_body('shvit_s1', weights=tmp_path / 'missing.pth')

@@ -68,8 +68,8 @@ def create_body(
     if weights is not None:
         weights = Path(weights)
         if not weights.is_file():
-            raise FileNotFoundError(
-                f'backbone weights file {weights} does not exist; give a .safetensors or .pth file.')
+            what = 'is a folder, not a file' if weights.is_dir() else 'does not exist'  # found by an audit
+            raise FileNotFoundError(f'backbone weights file {weights} {what}; give a .safetensors or .pth file.')
         try:  # a file that is no checkpoint at all is named as such, before timm's loader words it its own way
             validate_weights_file(weights)
         except WeightsError as e:
