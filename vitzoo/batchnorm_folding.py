@@ -83,17 +83,18 @@ def fold_batchnorms_detailed(model: nn.Module, example_input: torch.Tensor) -> B
         # folded weights would be rounded to 8-11 bits once more (ONNX Runtime exports in fp32)
         return BatchNormFolding(model, unfolded={n: "half-precision (fp16 / bf16) model: not folded" for n in norms})
     with torch.no_grad():
-        pairs, reference, unfolded = _find_pairs(model, example_input)
+        # each run gets its own copy of the example: a model may change its input in place (x.sub_(mean))
+        pairs, reference, unfolded = _find_pairs(model, example_input.clone())
         folded = _folded_copy(model, pairs)
-        if pairs and not outputs_close(folded(example_input), reference, rel=1e-3):
+        if pairs and not outputs_close(folded(example_input.clone()), reference, rel=1e-3):
             kept = {}
             for layer, norm in pairs.items():  # only the pairs that change the output on their own are left
-                if outputs_close(_folded_copy(model, {layer: norm})(example_input), reference, rel=1e-3):
+                if outputs_close(_folded_copy(model, {layer: norm})(example_input.clone()), reference, rel=1e-3):
                     kept[layer] = norm
                 else:
                     unfolded[norm] = f"folding it into {layer} changed the model's output"
             folded = _folded_copy(model, kept)
-            if kept and not outputs_close(folded(example_input), reference, rel=1e-3):
+            if kept and not outputs_close(folded(example_input.clone()), reference, rel=1e-3):
                 for layer, norm in kept.items():
                     unfolded[norm] = "folding every pair together changed the model's output (each alone did not)"
                 kept, folded = {}, model

@@ -17,6 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from timm.layers import Conv2dSame, get_notrace_functions, get_notrace_modules
 from torch import nn
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.passes.shape_prop import ShapeProp
 
 from vitzoo import amx_gemm, image_conv
@@ -438,14 +439,14 @@ def _plain_containers(value: Any) -> Any:
     dict output) as plain lists and dicts, which pytree tells apart from them (found by an audit: every model
     returning a list or dict, timm's ``features_only`` models among them, was reported as not reproduced by its
     trace, and not rewritten)."""
-    if isinstance(value, list):
+    if isinstance(value, immutable_list):
         return [_plain_containers(v) for v in value]
-    if isinstance(value, dict):
+    if isinstance(value, immutable_dict):
         return {k: _plain_containers(v) for k, v in value.items()}
-    if isinstance(value, tuple):
+    if type(value) is tuple or isinstance(value, tuple) and hasattr(value, "_fields"):  # may hold fx's lists
         items = [_plain_containers(v) for v in value]
         return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-    return value
+    return value  # anything else as it is (found by a review: topk's torch.return_types became a plain tuple)
 
 
 def _fuse_residual_adds(
@@ -556,8 +557,8 @@ def onednn_rewrite(model: nn.Module, example_input: torch.Tensor, fp32_precision
             return model, [f"oneDNN rewrite skipped: torch.fx could not trace the model ({type(e).__name__}: {e})"]
     _record_shapes_at_other_batch(gm, example_input)  # first: the propagation below sets the meta used later
     with torch.no_grad():
-        traced = _plain_containers(ShapeProp(gm).propagate(example_input))
-        if not outputs_close(traced, model(example_input), rel=1e-5):
+        traced = _plain_containers(ShapeProp(gm).propagate(example_input.clone()))  # a copy each: in-place inputs
+        if not outputs_close(traced, model(example_input.clone()), rel=1e-5):
             # torch.fx records ``y += t`` on a tensor as ``y = y + t``; when another name still refers to ``y``
             # (or the model mutates tensors in other ways fx cannot see) the trace computes something else
             return model, ["oneDNN rewrite skipped: the torch.fx trace does not reproduce the model's output "

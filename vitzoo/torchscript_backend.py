@@ -165,15 +165,17 @@ class TorchScriptModule(nn.Module):
         return entry
 
     def _build(self, x: torch.Tensor) -> Tuple[nn.Module, bool]:
+        # every run here gets its own copy of the input, which the caller's call then gets as it was: a model may
+        # change its input in place (``x.sub_(mean)``; found by a review: normalised at every run, then wrong)
         fuse = self.onednn_fusion and onednn_graph_available()
         with torch.no_grad():  # one eager call first: the model's own input checks raise here (tracing skips them)
-            expected = self.model(x)
+            expected = self.model(x.clone())
         layout = OutputLayout(expected)  # a value a trace cannot return is refused here, by name
-        traced = _trace(self.model, x, layout)
+        traced = _trace(self.model, x.clone(), layout)
         if not fuse:
             return traced, False
         try:
-            _warm_up(traced, x, fused=True)
+            _warm_up(traced, x.clone(), fused=True)
             executed = getattr(torch.jit, "last_executed_optimized_graph", None)
             found = executed is None or _has_onednn_fusion_group(executed())  # no way to look: trust the switch
             if not found:
@@ -182,7 +184,7 @@ class TorchScriptModule(nn.Module):
             # every new shape is checked against the eager model: oneDNN Graph computes some models wrong
             # (torch 2.14: timm's dla34, hrnet_w18_small), and a wrong partition would otherwise go unnoticed
             with torch.no_grad(), _onednn_fusion(True):
-                output = traced(x)
+                output = traced(x.clone())
             if outputs_close(output, expected, rel=FUSED_RTOL):
                 diff, scale = max_abs_diff_of(output, expected)
                 if diff <= self.atol + self.rtol * scale:
@@ -198,8 +200,8 @@ class TorchScriptModule(nn.Module):
                     f"{_first_sentence(e)}); that shape runs without it")
         self.notes.append(note)
         warnings.warn(f"deploy(backend='torchscript'): {note}", RuntimeWarning, stacklevel=4)
-        traced = _trace(self.model, x, layout)
-        _warm_up(traced, x, fused=False)
+        traced = _trace(self.model, x.clone(), layout)
+        _warm_up(traced, x.clone(), fused=False)
         return traced, False
 
     def forward(self, x: torch.Tensor) -> Any:
@@ -286,4 +288,4 @@ def _trace(model: nn.Module, example_input: torch.Tensor, layout: OutputLayout) 
 def _warm_up(traced: nn.Module, example_input: torch.Tensor, fused: bool) -> None:
     with torch.no_grad(), _onednn_fusion(fused):
         for _ in range(WARMUP_CALLS):
-            traced(example_input)
+            traced(example_input.clone())  # a fresh copy each: see TorchScriptModule._build
