@@ -887,3 +887,16 @@ def test_resume_of_a_folder_or_of_final_weights(data, tmp_path, capsys):
         'model_final.pth), not a checkpoint to resume from (optimizer, schedule, position in the data): resume from '
         f'{run / "checkpoint_last.pth"}.\n')
     assert not (tmp_path / 'other').exists()
+
+
+def test_a_reader_that_goes_away_ends_the_run_quietly(data, tmp_path):
+    """Found by a review: finetune-det's own error handling caught the BrokenPipeError of its prints (`| head`) and
+    reported "error: [Errno 32] Broken pipe" with 1, where docs/cli.md says 141 and nothing printed."""
+    import subprocess
+    import sys
+    cmd = [sys.executable, '-m', 'vitzoo', 'finetune-det', '--data', str(data), '--out', str(tmp_path / 'run'),
+           *COMMON, '--max-iters', '1', '--no-eval']
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=600) == 141 and 'error' not in err, err

@@ -503,6 +503,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         ctx = init_distributed(args.device)
         train(args, ctx)
+    except BrokenPipeError:  # the reader of stdout went away: the command line ends quietly (141)
+        raise
     except (DatasetError, UnknownModelError, BackboneError, TrainingError, ValueError, OSError) as e:
         # user errors (bad arguments, data, checkpoints, output folder, a diverging run): one line, not a
         # traceback; one raised in a DataLoader worker comes wrapped in the worker's traceback text; the advice of
