@@ -129,7 +129,7 @@ def _hub_unreachable_error(variant: str, repo: str, names: Any) -> FileNotFoundE
     from huggingface_hub import constants
     hint = '' if constants.HF_HUB_OFFLINE else (
         ' On an offline machine set HF_HUB_OFFLINE=1, so that this fails at once instead of after the Hub client\'s '
-        'retries (46 s or more).')
+        f'retries ({23 * len(names)} s or more: 1+2+4+8+8 s for each file tried).')
     return FileNotFoundError(
         f'{variant}: no weight file of Hub repo {repo!r} ({" or ".join(names)}) is in the Hub cache, and the Hub '
         f'cannot be reached (HF_HUB_OFFLINE={int(bool(constants.HF_HUB_OFFLINE))}). While online, load it once or run '

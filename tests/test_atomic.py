@@ -400,3 +400,35 @@ def test_a_long_legal_name_is_written(tmp_path):
         (tmp / "f").write_text("1")
     assert (tmp_path / name / "f").read_text() == "1" and (tmp_path / f"{name[:-4]}.txt").read_text() == "ok"
     assert _leftovers(tmp_path) == []
+
+
+def test_a_long_non_ascii_name_is_written(tmp_path):
+    """Found by a review: the temporary names were cut to 100 characters, not bytes (84 CJK characters: 252 bytes)."""
+    name = "名" * 84
+    atomic_write_text(tmp_path / name, "ok")
+    with staged_dir(tmp_path / ("夹" * 84)) as tmp:
+        (tmp / "f").write_text("1")
+    assert (tmp_path / name).read_text() == "ok" and (tmp_path / ("夹" * 84) / "f").read_text() == "1"
+
+
+def test_an_old_folder_that_cannot_be_put_back_is_kept_and_named(tmp_path, monkeypatch):
+    """Found by a review: when another writer created the output between the two renames, the old folder could not
+    be put back and was then deleted."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious").write_text("old")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith(".old/out"):  # moved aside: someone else creates out/ now
+            out.mkdir()
+            (out / "theirs").write_text("x")
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.warns(RuntimeWarning, match=r"out was not replaced; the folder that was there is now .*\.old/out"):
+        with pytest.raises(OSError):
+            with staged_dir(out, force=True) as tmp:
+                (tmp / "new").write_text("new")
+    kept = list(tmp_path.glob(".out.*.old/out/precious"))
+    assert len(kept) == 1 and kept[0].read_text() == "old" and (out / "theirs").exists()

@@ -434,9 +434,17 @@ def test_hub_miss_offline_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, 'ENDPOINT', unreachable)
     template = unreachable + '/{repo_id}/resolve/{revision}/{filename}'
     monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', template)
-    monkeypatch.setattr(_http.time, 'sleep', lambda seconds: None)
-    with pytest.raises(FileNotFoundError, match=r'(?s)cannot be reached \(HF_HUB_OFFLINE=0\).*set HF_HUB_OFFLINE=1'):
+    waits = []
+    monkeypatch.setattr(_http.time, 'sleep', waits.append)
+    with pytest.raises(FileNotFoundError, match=r'(?s)cannot be reached \(HF_HUB_OFFLINE=0\).*set HF_HUB_OFFLINE=1.*'
+                                                r'\(46 s or more: '):
         timm.create_model('nvit_b', **kwargs)
+    assert sum(waits) == 46  # the two file names' retry waits, as the message says
+    waits.clear()
+    one = dict(kwargs, pretrained_cfg_overlay=dict(hf_hub_id='org/nvit-none', hf_hub_filename='model.safetensors'))
+    with pytest.raises(FileNotFoundError, match=r'\(23 s or more: '):  # one file tried (said 46 s; a review)
+        timm.create_model('nvit_b', **one)
+    assert sum(waits) == 23
 
 
 # ---------------------------------------------------------------- loading into another configuration

@@ -160,3 +160,19 @@ def test_the_stem_attributes_a_forward_reads_pass_through_the_wrapper():
     assert wrapped.grid_size == model.patch_embed.grid_size and wrapped.chunk_size == 1
     with pytest.raises(AttributeError, match="no_such_thing"):
         wrapped.no_such_thing
+
+
+def test_the_wrapper_keeps_its_own_protocols_and_fusion():
+    """Found by a review of the pass-through: deepcopy found a scripted stem's __deepcopy__ (the copy was the stem
+    alone), and reparameterize found the stem's fuse() on the wrapper and replaced the wrapper (the chunking lost)."""
+    import copy
+
+    class Fusable(nn.Sequential):
+        def fuse(self):
+            return nn.Sequential(*self)
+
+    scripted = BatchChunked(torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))), 2)
+    assert isinstance(copy.deepcopy(scripted), BatchChunked)
+    model = nn.Sequential(BatchChunked(Fusable(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)), 2))
+    model = reparameterize_model(model)
+    assert isinstance(model[0], BatchChunked) and type(model[0].module) is nn.Sequential

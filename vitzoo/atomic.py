@@ -85,7 +85,7 @@ def _temp_prefix(target: Path) -> str:
     """The start of a temporary name beside ``target``: hidden, named after it, short enough that the whole name
     (with ``tempfile``'s 8 characters and a suffix) fits where ``target``'s name fits (found by an audit: a legal
     name of 241-255 bytes failed with "File name too long" after all the work)."""
-    return f".{target.name[:100]}."
+    return f".{os.fsdecode(os.fsencode(target.name)[:100])}."  # 100 bytes, not characters (a review)
 
 
 def _interrupt_behind(error: BaseException) -> Optional[BaseException]:
@@ -356,7 +356,11 @@ def staged_dir(out_dir: PathLike, force: bool = False) -> Iterator[Path]:
             if old is not None:
                 if os.path.lexists(old / target.name) and not os.path.lexists(target):  # put the old one back
                     os.replace(old / target.name, target)
-                shutil.rmtree(old, ignore_errors=True)
+                if os.path.lexists(old / target.name):  # another writer took its place: never delete it
+                    warnings.warn(f"{out_dir} was not replaced; the folder that was there is now "
+                                  f"{old / target.name}.", RuntimeWarning, stacklevel=3)
+                else:
+                    shutil.rmtree(old, ignore_errors=True)
             raise
         landed = True
         if old is not None:

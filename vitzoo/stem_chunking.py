@@ -31,6 +31,11 @@ STEM_ATTRIBUTES: Tuple[str, ...] = ("patch_embed", "stem")
 MIN_PEAK_TO_OUTPUT = 4
 
 
+#: Attributes of the stem that :class:`BatchChunked` does not pass through: the fusion steps, which must reach the
+#: stem itself (``reparameterize`` recurses into the wrapper's children).
+_NOT_PASSED_THROUGH = frozenset({"fuse", "reparameterize", "switch_to_deploy"})
+
+
 class BatchChunked(nn.Module):
     """Runs ``module`` on slices of at most ``chunk_size`` samples of the batch and concatenates the results.
 
@@ -52,6 +57,10 @@ class BatchChunked(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            # not Python's protocols (deepcopy found the stem's __deepcopy__) nor the fusion methods (reparameterize
+            # would replace the wrapper by the fused stem; found by a review): those are the wrapper's own
+            if name.startswith("__") or name in _NOT_PASSED_THROUGH:
+                raise
             return getattr(super().__getattr__("module"), name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
