@@ -123,37 +123,20 @@ def test_check_output_file_names_what_is_in_the_way(tmp_path):
             pass
 
 
-def test_forced_staged_dir_puts_the_old_folder_back_when_the_new_one_cannot_land(tmp_path, monkeypatch):
-    out = tmp_path / "hub_folder"
-    out.mkdir()
-    (out / "f").write_text("old")
-    real_replace, calls = os.replace, []
-
-    def replace(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:  # the second rename: new folder into place
-            raise KeyboardInterrupt
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(KeyboardInterrupt):
-        with staged_dir(out, force=True) as tmp:
-            (tmp / "f").write_text("new")
-    monkeypatch.setattr(os, "replace", real_replace)
-    assert (out / "f").read_text() == "old" and _leftovers(tmp_path) == []
-
-
-def test_an_interrupt_between_the_two_renames_puts_the_old_folder_back(tmp_path, monkeypatch):
-    """Found by an audit: Ctrl-C right after the old folder was moved aside (before the new one was moved in) left
-    no output, the old one hidden in `.NAME.XXXX.old`."""
+@pytest.mark.parametrize("when", ["as the new folder moves in", "right after the old one moved aside"])
+def test_an_interrupt_during_a_forced_replace_puts_the_old_folder_back(tmp_path, monkeypatch, when):
+    """The second case was found by an audit: Ctrl-C between the two renames left no output, the old folder hidden
+    in `.NAME.XXXX.old`."""
     out = tmp_path / "hub_folder"
     out.mkdir()
     (out / "f").write_text("old")
     real_replace = os.replace
 
     def replace(src, dst):
+        if when.startswith("as") and str(src).endswith(".partial"):
+            raise KeyboardInterrupt
         real_replace(src, dst)
-        if str(dst).endswith(".old/hub_folder"):  # the old folder is aside: Ctrl-C now
+        if when.startswith("right") and str(dst).endswith(".old/hub_folder"):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "replace", replace)

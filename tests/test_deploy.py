@@ -1402,6 +1402,14 @@ def test_a_difference_the_model_itself_makes_from_rounding_is_named_so(monkeypat
         assert str(info.value).endswith(". Use another backend, or report this with the model name.")
 
 
+def _randomised_eval_output(model, x):
+    """Give ``model``'s norms random statistics, put it in eval mode, and return its output for (a copy of) ``x``."""
+    randomize_norms(model)
+    model.eval()
+    with torch.no_grad():
+        return model(x.clone())
+
+
 class _SubmoduleNamedFuse(nn.Module):  # a feature-fusion conv called `fuse`, as in many segmentation heads
     def __init__(self):
         super().__init__()
@@ -1446,11 +1454,8 @@ def test_only_a_fuse_method_without_arguments_is_the_fusion_step(block):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), block(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(8, 4))
-    randomize_norms(model)
-    model.eval()
     x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        expected = model(x)
+    expected = _randomised_eval_output(model, x)
     for backend in ("eager", "torchscript"):
         torch.testing.assert_close(deploy(model, x, backend=backend)(x), expected, atol=1e-5, rtol=0)
 
@@ -1507,11 +1512,8 @@ def test_a_model_holding_a_scripted_part_deploys():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), torch.jit.script(_Swish()),
                           nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-    randomize_norms(model)
-    model.eval()
     x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        expected = model(x)
+    expected = _randomised_eval_output(model, x)
     for backend in ("eager", "torchscript"):
         deployed = deploy(model, x, backend=backend)
         torch.testing.assert_close(deployed(x), expected, atol=1e-5, rtol=0)
