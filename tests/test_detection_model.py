@@ -648,3 +648,18 @@ def test_backbone_weights_that_are_a_folder_are_named_so(tmp_path):
         create_body('shvit_s1', weights=tmp_path)
     with pytest.raises(FileNotFoundError, match=r"backbone weights file .*missing\.pth does not exist"):
         create_body('shvit_s1', weights=tmp_path / 'missing.pth')
+
+
+@pytest.mark.parametrize('model_kwargs', [{}, dict(num_classes=5)])
+@pytest.mark.parametrize('name', ['shvit_s1', 'resnet18'])
+def test_backbone_weights_that_hold_no_state_dict_are_named_so(tmp_path, name, model_kwargs):
+    """Found by a review: a .pth holding a list or a tensor failed with timm's "'list' object has no attribute
+    'items'" as the whole message, and with num_classes given as an AttributeError that escaped create_body."""
+    from vitzoo.detection import BackboneError
+    from vitzoo.detection.backbone import create_body
+    for held, kind in (([1, 2, 3], 'list'), (torch.zeros(3), 'Tensor')):
+        torch.save(held, tmp_path / 'held.pth')
+        with pytest.raises(BackboneError, match=rf"could not load .*held\.pth into backbone '{name}': the file holds "
+                                                rf"no state dict \('{kind}' object has no attribute 'items'\); give "
+                                                r"a state dict of tensors"):
+            create_body(name, weights=tmp_path / 'held.pth', model_kwargs=model_kwargs)

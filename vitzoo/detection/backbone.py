@@ -77,7 +77,8 @@ def create_body(
                                 f'{summarize_load_error(e, weights)}.') from e
         kwargs['pretrained_cfg_overlay'] = dict(file=str(weights))
         try:
-            classes = None if 'num_classes' in kwargs else _checkpoint_classes(name, weights)
+            state_dict = _read_state_dict(weights)
+            classes = None if 'num_classes' in kwargs else _checkpoint_classes(name, state_dict)
         except Exception as e:  # noqa: BLE001  timm's reader raises anything on a file it cannot take
             raise BackboneError(f'could not load {weights} into backbone {name!r}: '
                                 f'{summarize_load_error(e, weights)}.') from e
@@ -158,14 +159,23 @@ def _create(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
     return model
 
 
-def _checkpoint_classes(name: str, weights: Path) -> Optional[int]:
-    """The class count of ``weights``' classifier when it differs from the model's pretrained cfg, 0 when the
+def _read_state_dict(weights: Path) -> Dict[str, Any]:
+    """The state dict in ``weights`` as timm's loader reads it; a file holding something else (a list, a tensor)
+    is named as such, where timm's loader stops at an AttributeError."""
+    try:
+        return timm.models.load_state_dict(str(weights))
+    except (AttributeError, TypeError) as e:  # timm takes what the file holds for a dict
+        raise ValueError(f"the file holds no state dict ({e}); give a state dict of tensors, or a training "
+                         "checkpoint holding one under 'model' or 'state_dict'") from e
+
+
+def _checkpoint_classes(name: str, state_dict: Dict[str, Any]) -> Optional[int]:
+    """The class count of the checkpoint's classifier when it differs from the model's pretrained cfg, 0 when the
     checkpoint holds no classifier (saved with ``num_classes=0`` or with its head removed), else None."""
     arch, tag = resolve_name(name)
     cfg = timm.models.get_pretrained_cfg(f'{arch}.{tag}' if tag else arch)
     if cfg is None or not cfg.classifier:
         return None
-    state_dict = timm.models.load_state_dict(str(weights))
     names = (cfg.classifier,) if isinstance(cfg.classifier, str) else tuple(cfg.classifier)
     found = False
     for classifier in names:
