@@ -1083,3 +1083,19 @@ def test_a_failed_final_check_names_the_output_folder_not_the_staging_one(shvit_
     assert err.endswith(f"vitzoo convert: error: {out}: outputs differ from the source model (max abs diff 1 > "
                         "1e-06).\n") and ".partial" not in err, err
     assert not out.exists()
+
+
+def test_a_plain_pickle_is_named_without_torchs_warning_first(tmp_path, capsys):
+    """Found by a review: the shape probe's torch.load printed torch's warning about the pickle protocol before the
+    error that names the file as no checkpoint."""
+    import pickle
+    import warnings
+
+    src = tmp_path / "src" / "plain.pth"
+    src.parent.mkdir()
+    src.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        err = _cli_error(capsys, src, "--model", "shvit_s1", "--out", tmp_path / "out")
+    assert "neither a safetensors file nor a torch.save archive" in err
+    assert [str(w.message) for w in caught] == []

@@ -566,7 +566,8 @@ def _peek_shapes(path: Path) -> Optional[Dict[str, Tuple[int, ...]]]:
     """The shape of every tensor in a checkpoint's weights (unwrapped from ``model`` / ``state_dict`` and the
     ``module.`` / ``_orig_mod.`` prefixes), read without loading the tensors: safetensors' header, or a memory-mapped
     ``torch.load`` (only a legacy, non-zip ``torch.save`` file is read whole). None when the file cannot be read
-    here; the model's loader then says why."""
+    here; the model's loader then says why (and torch's warnings about such a file are the loader's to show: found
+    by a review, a plain pickle printed torch's pickle-protocol warning before the error naming the file)."""
     from shvit.checkpoint import _unwrap
 
     try:
@@ -574,7 +575,8 @@ def _peek_shapes(path: Path) -> Optional[Dict[str, Tuple[int, ...]]]:
             from safetensors import safe_open
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 return _unwrap({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-        with torch.serialization.safe_globals([argparse.Namespace]):  # the official NViT files pickle their args
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the official NViT files pickle their args (argparse.Namespace)
             try:
                 checkpoint = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as e:
