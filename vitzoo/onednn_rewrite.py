@@ -7,6 +7,7 @@ blocked layout), then folds a following ReLU and/or residual add into that convo
 """
 from __future__ import annotations
 
+import collections
 import inspect
 import math
 import operator
@@ -17,6 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from timm.layers import Conv2dSame, get_notrace_functions, get_notrace_modules
 from torch import nn
+from torch.utils import _pytree as pytree
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -449,6 +451,27 @@ def _plain_containers(value: Any) -> Any:
     return value  # anything else as it is (found by a review: topk's torch.return_types became a plain tuple)
 
 
+def _return_ordered_dict(gm: fx.GraphModule, traced: dict) -> collections.OrderedDict:
+    """Make ``gm`` return an OrderedDict where torch.fx wrote the model's OrderedDict output as a dict literal
+    (found by a review: torchvision's ``IntermediateLayerGetter`` and ``BackboneWithFPN`` return one, and such
+    models were skipped as "in-place updates that torch.fx cannot record"); ``traced`` as the new graph returns it."""
+    output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
+    with gm.graph.inserting_before(output):
+        ordered = gm.graph.call_function(collections.OrderedDict, (output.args[0],))
+    output.args = (ordered,)
+    gm.recompile()
+    return collections.OrderedDict(traced)
+
+
+def _containers(value: Any) -> str:
+    """The container types of a (nested) output, e.g. ``dict(Tensor, list(Tensor))``, for the skip message."""
+    if isinstance(value, dict):
+        return f"{type(value).__name__}({', '.join(_containers(v) for v in value.values())})"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__}({', '.join(_containers(v) for v in value)})"
+    return type(value).__name__
+
+
 def _fuse_residual_adds(
         gm: fx.GraphModule, packed: Dict[fx.Node, PackedConv2d], modules: Dict[str, nn.Module]) -> int:
     """``conv(x) + r`` (same shape at any batch size, conv used only by the add) -> ``PackedConv2d(x, r)``.
@@ -558,7 +581,13 @@ def onednn_rewrite(model: nn.Module, example_input: torch.Tensor, fp32_precision
     _record_shapes_at_other_batch(gm, example_input)  # first: the propagation below sets the meta used later
     with torch.no_grad():
         traced = _plain_containers(ShapeProp(gm).propagate(example_input.clone()))  # a copy each: in-place inputs
-        if not outputs_close(traced, model(example_input.clone()), rel=1e-5):
+        reference = model(example_input.clone())
+        if type(reference) is collections.OrderedDict and type(traced) is dict:
+            traced = _return_ordered_dict(gm, traced)
+        if pytree.tree_structure(traced) != pytree.tree_structure(reference):
+            return model, [f"oneDNN rewrite skipped: the torch.fx trace returns {_containers(traced)} where the model "
+                           f"returns {_containers(reference)}"]
+        if not outputs_close(traced, reference, rel=1e-5):
             # torch.fx records ``y += t`` on a tensor as ``y = y + t``; when another name still refers to ``y``
             # (or the model mutates tensors in other ways fx cannot see) the trace computes something else
             return model, ["oneDNN rewrite skipped: the torch.fx trace does not reproduce the model's output "
