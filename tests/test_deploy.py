@@ -1537,6 +1537,21 @@ def test_a_model_returning_an_ordered_dict_is_rewritten():
            "list(OrderedDict(Tensor, Tensor))" in nested.optimizations, nested.optimizations
 
 
+def test_a_compiled_model_is_deployed_from_the_module_it_wraps():
+    """Found by a review: deploy(torch.compile(model)) traced the wrapper, so torch.fx failed and the oneDNN rewrite
+    was skipped (and the reference output compiled the model first)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    x = torch.randn(2, 3, 16, 16)
+    expected = _randomised_eval_output(model, x)
+    deployed = deploy(torch.compile(model), x, fp32_precision="ieee")
+    assert deployed.optimizations[0] == "torch.compile wrapper taken off (backend='compile' compiles the deployed " \
+                                        "model)"
+    assert any(o.startswith("oneDNN pre-packed convolutions: 2") for o in deployed.optimizations), \
+        deployed.optimizations
+    torch.testing.assert_close(deployed(x), expected, atol=1e-5, rtol=0)
+
+
 class _Swish(nn.Module):
     def forward(self, x):
         return x * torch.sigmoid(x)

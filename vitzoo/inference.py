@@ -27,6 +27,7 @@ import contextlib
 import copy
 import math
 import numbers
+import sys
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -622,6 +623,7 @@ def deploy(
     if not isinstance(model, nn.Module):
         raise TypeError(f"deploy() expects an nn.Module, got {type(model).__name__}.")
     check_materialised(model, "deploy()")
+    model, uncompiled = _without_compile_wrapper(model)
     if example_input is None:
         example_input = default_example_input(model)
     _check_example_is_a_batch(example_input)
@@ -652,6 +654,9 @@ def deploy(
         "torchscript": lambda: _build_torchscript(model, example(), atol, rtol),
     }
     deployed = _finish(builders[backend](), fusions, example(), model)
+    if uncompiled:
+        deployed.optimizations.insert(0, "torch.compile wrapper taken off (backend='compile' compiles the deployed "
+                                         "model)")
     _check_hooks_kept(hooks, deployed)
     if verify:
         with full_fp32_precision(example_input.device):
@@ -660,6 +665,17 @@ def deploy(
             _check_another_batch(deployed, model, example(), atol, rtol)
         deployed.optimizations.append(f"verified: max abs diff {diff:.2g} vs original")
     return deployed
+
+
+def _without_compile_wrapper(model: nn.Module) -> Tuple[nn.Module, bool]:
+    """The module a ``torch.compile(model)`` wraps, and whether there was such a wrapper (found by a review:
+    deploy() of a compiled model got no oneDNN rewrite, torch.fx tracing the wrapper, and compiled the model just
+    to compute the reference output; deploy's own passes need the plain module, and its compile backend compiles
+    what they make)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing can have been compiled
+    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        return model._orig_mod, True
+    return model, False
 
 
 def _check_another_batch(deployed: DeployedModel, model: nn.Module, example_input: torch.Tensor, atol: float,
