@@ -1099,3 +1099,20 @@ def test_a_plain_pickle_is_named_without_torchs_warning_first(tmp_path, capsys):
         err = _cli_error(capsys, src, "--model", "shvit_s1", "--out", tmp_path / "out")
     assert "neither a safetensors file nor a torch.save archive" in err
     assert [str(w.message) for w in caught] == []
+
+
+@pytest.mark.parametrize("name", ["a`b.pth", "`ab.pth", "ab``.pth", "a b.pth"])
+def test_a_file_name_with_backticks_is_a_code_span_on_the_card(shvit_official, tmp_path, name):
+    """Found by a review: the card wrote the converted file's name between single backticks, so a name holding one
+    read back (the card check) as another file, and converting it failed. A Markdown renderer shows the name."""
+    from markdown_it import MarkdownIt  # rich's Markdown parser, a dependency of this package through rich
+
+    _, official = shvit_official
+    src = tmp_path / "src" / name
+    src.parent.mkdir()
+    src.write_bytes(official.read_bytes())
+    out = tmp_path / "out"
+    assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(out), "--no-flops"]) == 0
+    (line,) = [ln for ln in (out / "README.md").read_text().splitlines() if ln.startswith("- **Source weights:**")]
+    html = MarkdownIt().renderInline(line)
+    assert f"(converted file: <code>{name}</code>)" in html, html

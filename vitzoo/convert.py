@@ -173,17 +173,39 @@ def _code(value: Optional[str]) -> Optional[str]:
     return found.group(1) if found else None
 
 
+def _code_span(text: str) -> str:
+    """``text`` as a Markdown code span: fenced by one backtick more than its longest run of them, and padded with a
+    space each side when it starts or ends with one (found by a review: a file named ``a`b.pth`` gave a card whose
+    source line its own check read back as ``a``, so converting it failed)."""
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+#: the converted file's name on a card's source line, as :func:`_code_span` writes it
+_CONVERTED_FILE = re.compile(r"\(converted file: (`+)(.*?)\1\)")
+
+
+def _converted_file(line: str) -> Optional[str]:
+    """The converted file's name on a card's source line (:func:`_describe_source`), None if it names none."""
+    named = _CONVERTED_FILE.search(line)
+    if named is None:
+        return None
+    text = named.group(2)
+    return text[1:-1] if len(text) > 1 and text[0] == text[-1] == " " and text.strip() else text
+
+
 def _card_source_differs(line: str, source: str, release: Optional[WeightEntry]) -> bool:
     """Whether the card's source line names another source than ``source`` (the metadata's: a URL, or a local
     file's name). The line names the release's URL (``release``: the manifest entry of the weights' model.tag)
     with the converted file's name when that is not the URL's, or the converted file / URL itself."""
     url = line.split(" ", 1)[0]
-    named = re.search(r"\(converted file: `([^`]*)`\)", line)
+    named = _converted_file(line)
     if url == source:
         return named is not None
     if release is None or url != release.source_url:
         return True
-    return (named.group(1) if named else url.rsplit("/", 1)[-1]) != source
+    return (named if named is not None else url.rsplit("/", 1)[-1]) != source
 
 
 def _check_card(folder: Path, metadata: Dict[str, str], manifest: Optional[Manifest] = None) -> None:
@@ -476,7 +498,7 @@ def _describe_source(entry: WeightEntry, source_name: str, verified: bool, given
     same_name = entry.source_url == source_name or entry.source_url.endswith("/" + source_name)
     if entry.source_sha256 is None and entry.source_url == source_name:  # a stand-in entry: the file itself
         return source_name
-    line = entry.source_url if same_name else f"{entry.source_url} (converted file: `{source_name}`)"
+    line = entry.source_url if same_name else f"{entry.source_url} (converted file: {_code_span(source_name)})"
     if not verified:
         why = ("the manifest records no sha256 of the release; the file matches the sha256 given with --sha256, "
                "which shows it is the file meant, not that it is the release" if given_sha
