@@ -1,5 +1,6 @@
 """`vitzoo convert`: official-layout checkpoints -> verified Hub folders, for SHViT and NViT; refusals."""
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -326,29 +327,35 @@ def test_unreachable_source_url_is_named(tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
-def test_source_url_is_downloaded_and_recorded_by_url(shvit_official, tmp_path):
-    """A source given as a URL (served by a loopback HTTP server over the fixture's folder) is downloaded beside
-    the output, converted as the local file would be, and recorded by its URL; nothing is left behind."""
+@contextlib.contextmanager
+def _serving(folder):
+    """A loopback HTTP server over ``folder``; yields its base URL."""
     import functools
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-    model, src = shvit_official
 
     class Quiet(SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(src.parent)))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/{src.name}?download=true"
-        out = tmp_path / "out"
-        assert main(["convert", url, "--model", "shvit_s1", "--out", str(out), "--no-flops"]) == 0
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_source_url_is_downloaded_and_recorded_by_url(shvit_official, tmp_path):
+    """A source given as a URL (served by a loopback HTTP server over the fixture's folder) is downloaded beside
+    the output, converted as the local file would be, and recorded by its URL; nothing is left behind."""
+    model, src = shvit_official
+    out = tmp_path / "out"
+    with _serving(src.parent) as base:
+        url = f"{base}/{src.name}?download=true"
+        assert main(["convert", url, "--model", "shvit_s1", "--out", str(out), "--no-flops"]) == 0
     assert os.listdir(tmp_path) == ["out"]  # the download's temp folder is gone
     metadata, _ = read_safetensors_metadata(out / "model.safetensors")
     assert metadata["source"] == url and metadata["source_sha256"] == sha256_file(src)
@@ -1116,3 +1123,21 @@ def test_a_file_name_with_backticks_is_a_code_span_on_the_card(shvit_official, t
     (line,) = [ln for ln in (out / "README.md").read_text().splitlines() if ln.startswith("- **Source weights:**")]
     html = MarkdownIt().renderInline(line)
     assert f"(converted file: <code>{name}</code>)" in html, html
+
+
+def test_errors_about_a_url_source_name_the_url(shvit_official, tmp_path, capsys):
+    """Found by a review: a cut file, or another model's, converted from a URL was named by the path of its
+    downloaded copy, which was deleted by the time the error was read."""
+    _, official = shvit_official
+    served = tmp_path / "served"
+    served.mkdir()
+    data = official.read_bytes()
+    (served / "cut.pth").write_bytes(data[:len(data) // 2])
+    (served / "shvit_s1.pth").write_bytes(data)
+    with _serving(served) as base:
+        for name, model, says in (("cut.pth", "shvit_s1", "is truncated or not a checkpoint"),
+                                  ("shvit_s1.pth", "shvit_s2", "shvit_s1")):
+            url = f"{base}/{name}?download=1"
+            err = _cli_error(capsys, url, "--model", model, "--out", tmp_path / "out")
+            assert says in err and f"{url} " in err and ".vitzoo-src-" not in err, err
+    assert os.listdir(tmp_path) == ["served"]

@@ -15,6 +15,7 @@ compared with the source model, and only then moved into place.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -23,7 +24,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 from tqdm import tqdm
@@ -536,7 +537,7 @@ def _count_flops(model: torch.nn.Module) -> Optional[int]:
 
 def _fetch_source(src: str, workdir: Path) -> Path:
     if src.startswith(("http://", "https://")):
-        dst = workdir / Path(src.split("?")[0]).name
+        dst = _download_path(src, workdir)
         try:
             torch.hub.download_url_to_file(src, str(dst), progress=True)
         except OSError as e:  # URLError / HTTPError / timeouts: say which URL, and the offline alternative
@@ -550,6 +551,24 @@ def _fetch_source(src: str, workdir: Path) -> Path:
     if not path.is_file():
         raise MissingWeightsError(f"Source checkpoint {src} does not exist.")
     return path
+
+
+@contextlib.contextmanager
+def _naming_the_url(src: str, workdir: Path) -> Iterator[None]:
+    """Errors that name the downloaded copy of a URL source (in ``workdir``, deleted before the user reads them)
+    name the URL instead (found by a review: a cut or wrong file at a URL was named by a path that no longer
+    existed)."""
+    try:
+        yield
+    except Exception as e:
+        if src.startswith(("http://", "https://")) and e.args and isinstance(e.args[0], str):
+            e.args = (e.args[0].replace(str(_download_path(src, workdir)), src), *e.args[1:])
+        raise
+
+
+def _download_path(url: str, workdir: Path) -> Path:
+    """Where :func:`_fetch_source` downloads ``url`` to."""
+    return workdir / Path(url.split("?")[0]).name
 
 
 def _parse_dims(dims: Any) -> Any:
@@ -769,7 +788,8 @@ def convert_checkpoint(
     except OSError as e:
         raise _naming_target(e, out_dir, temp=None) from e
     # the bar is closed (and its line cleared) before any error propagates, so the error stays readable
-    with tqdm(total=5, desc="convert", unit="step", leave=False) as steps, source_dir as workdir:
+    with tqdm(total=5, desc="convert", unit="step", leave=False) as steps, source_dir as workdir, \
+            _naming_the_url(str(src), Path(workdir)):
         steps.set_postfix_str("source")
         path = _fetch_source(str(src), Path(workdir))
         source_sha = sha256_file(path)
