@@ -53,12 +53,13 @@ def base_parser(description: str, batch: int = 16, rounds: int = 7,
     return parser
 
 
-def cpu_info() -> Dict[str, object]:
-    """CPU model, cores, SIMD ISA and clock from /proc/cpuinfo and sysfs (Linux; fields missing elsewhere are None)."""
+def cpu_info(text: Optional[str] = None) -> Dict[str, object]:
+    """CPU model, cores, SIMD ISA and clock from /proc/cpuinfo (or ``text`` in its format) and sysfs (Linux; fields
+    missing elsewhere are None)."""
     info: Dict[str, object] = {"model": platform.processor() or None, "logical_cpus": os.cpu_count(),
-                               "isa": None, "mhz": None, "max_mhz": None}
+                               "cores": usable_cores(), "isa": None, "fma": False, "mhz": None, "max_mhz": None}
     try:
-        text = open("/proc/cpuinfo").read()
+        text = open("/proc/cpuinfo").read() if text is None else text
     except OSError:
         return info
     model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
@@ -75,9 +76,25 @@ def cpu_info() -> Dict[str, object]:
     return info
 
 
+def usable_cores() -> Optional[int]:
+    """Physical cores among the CPUs this process may run on (SMT siblings share a core's FMA units), from sysfs'
+    topology; None where that cannot be read (not Linux)."""
+    try:
+        cpus = os.sched_getaffinity(0)
+        cores = set()
+        for cpu in cpus:
+            topology = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+            with open(f"{topology}/physical_package_id") as package, open(f"{topology}/core_id") as core:
+                cores.add((package.read().strip(), core.read().strip()))
+    except (AttributeError, OSError):
+        return None
+    return len(cores) or None
+
+
 def print_machine(threads: Sequence[int]) -> Dict[str, object]:
     info = cpu_info()
-    print(f"CPU: {info['model']} | logical CPUs: {info['logical_cpus']} | vector ISA: {info['isa']} "
+    print(f"CPU: {info['model']} | logical CPUs: {info['logical_cpus']} | physical cores usable: "
+          f"{info['cores'] or 'n/a'} | vector ISA: {info['isa']} "
           f"| clock: {info['mhz']} MHz (max {info['max_mhz'] or 'n/a'}) | torch {torch.__version__} "
           f"| threads: {list(threads)} | load avg: {os.getloadavg() if hasattr(os, 'getloadavg') else 'n/a'}")
     return info

@@ -8,8 +8,8 @@ fused model in ONNX Runtime, ``deploy(backend="onnxruntime")``) shows what a non
 "ours deploy()" is the default, which runs convolutions in split bf16 ("bf16x3") on CPUs with AMX
 (``vitzoo.amx_gemm``; IEEE fp32 elsewhere); "ours ieee" is ``deploy(fp32_precision="ieee")``, the same path in IEEE
 fp32 throughout. The "precision" column says which the default used at that row's thread count, on the timed
-batch (the runners' own deployment: the bf16x3 fallback's choice can depend on both), "max |diff|" is against
-timm's output.
+batch (the runners' own deployment: the bf16x3 fallback's choice can depend on both), "max abs diff" is against
+timm's output. Without onnxruntime installed the ONNX Runtime columns say n/a.
 Each runner is timed in its own process (``_isolated.py``; ``--no-isolate`` times them all in this process).
 
 The script also prints what the 1.6x goal asks of the hardware: 1.6 x timm's img/s x the fused model's MACs per
@@ -34,7 +34,7 @@ from _common import base_parser, inference, print_machine, print_table, randomiz
 from _isolated import measure_isolated  # noqa: E402
 from bench_peak_fraction import measured_fma_peak  # noqa: E402
 from vitzoo.flops import count_flops  # noqa: E402
-from vitzoo.inference import deploy  # noqa: E402
+from vitzoo.inference import available_backends, deploy  # noqa: E402
 
 CASES = (("shvit_s1", 224), ("shvit_s4", 256))
 RUNNERS = ("timm fused", "timm fused + channels_last", "ours deploy()", "ours ieee", "ours torchscript",
@@ -92,6 +92,11 @@ def build_runner(kind: str, name: str, res: int, batch: int, threads: int, logit
     raise ValueError(kind)
 
 
+def runners_here() -> list:
+    """``RUNNERS`` less ONNX Runtime where it is not installed (an optional extra; the goal is ours vs timm)."""
+    return [k for k in RUNNERS if k != "ONNX Runtime" or "onnxruntime" in available_backends()]
+
+
 def main() -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=[c[0] for c in CASES], choices=[c[0] for c in CASES])
@@ -103,6 +108,9 @@ def main() -> int:
     args = parser.parse_args()
     print_machine(args.threads)
     peaks = {threads: measured_fma_peak(threads) for threads in args.threads}
+    runners = runners_here()
+    if len(runners) < len(RUNNERS):
+        print("ONNX Runtime: not installed, its columns say n/a (pip install onnx onnxruntime)")
     rows, ratios, needs = [], [], []
     for name, res in CASES:
         if name not in args.models:
@@ -123,18 +131,19 @@ def main() -> int:
             desc = f"{name}@{res} {threads}t"
             if args.isolate:
                 t = measure_isolated({k: (build_runner, (k, name, res, args.batch, threads, args.logits))
-                                      for k in RUNNERS},
+                                      for k in runners},
                                      args.batch, rounds=args.rounds, min_time=args.min_time, desc=desc)
             else:
-                t = timed({k: build_runner(k, name, res, args.batch, threads, args.logits) for k in RUNNERS},
+                t = timed({k: build_runner(k, name, res, args.batch, threads, args.logits) for k in runners},
                           args.batch, args.rounds, args.min_time, desc)
-            base, cl, ours_t, ieee_t, ts_t, ort_t = (t[k].throughput for k in RUNNERS)
+            base, cl, ours_t, ieee_t, ts_t, ort_t = (t[k].throughput if k in t else None for k in RUNNERS)
             ratio = ours_t / base
             ratios.append(ratio)
             amx = sum(getattr(m, "amx", False) for m in default.modules())
             rows.append([f"{name}@{res}", threads, f"{default.fp32_precision} ({amx} AMX convs)", base, cl, ours_t,
-                         ieee_t, ts_t, ort_t, f"{ratio:.2f}x", f"{ieee_t / base:.2f}x", f"{ts_t / base:.2f}x",
-                         f"{ort_t / base:.2f}x", f"{ours_t / ort_t:.2f}x", f"{diffs[0]:.1e} / {diffs[1]:.1e}"])
+                         ieee_t, ts_t, "n/a" if ort_t is None else ort_t, f"{ratio:.2f}x", f"{ieee_t / base:.2f}x",
+                         f"{ts_t / base:.2f}x", "n/a" if ort_t is None else f"{ort_t / base:.2f}x",
+                         "n/a" if ort_t is None else f"{ours_t / ort_t:.2f}x", f"{diffs[0]:.1e} / {diffs[1]:.1e}"])
             need = GOAL * base * macs
             peak = peaks[threads]
             needs.append(f"{name}@{res} {threads}t: {GOAL}x needs {need / 1e9:.1f} GMAC/s; ours reaches "
@@ -142,7 +151,7 @@ def main() -> int:
                          + ("n/a" if peak is None else f"{peak / 1e9:.1f} (the goal needs {need / peak:.0%} of it)"))
     print_table(["model", "threads", "precision", "timm fused img/s", "timm fused+CL img/s", "ours deploy() img/s",
                  "ours ieee img/s", "ours torchscript img/s", "ORT img/s", "ours / timm", "ieee / timm",
-                 "torchscript / timm", "ORT / timm", "ours / ORT", "max |diff| ours / ieee"], rows,
+                 "torchscript / timm", "ORT / timm", "ours / ORT", "max abs diff ours / ieee"], rows,
                 title=f"SHViT: ours deploy() vs timm built-in fused eager (batch {args.batch}, median of {args.rounds} "
                       f"rounds, {'one process per runner' if args.isolate else 'one process'})")
     print("\nwhat the goal asks of the hardware (fvcore MACs of the fused model x img/s):")

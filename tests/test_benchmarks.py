@@ -150,6 +150,76 @@ def test_fma_peak_that_prints_nothing_is_skipped_with_the_reason(tmp_path, monke
     assert "measured FMA peak: skipped (fma_peak exited with code 1 and printed ''" in capsys.readouterr().out
 
 
+def test_fma_peak_takes_cc_as_a_command_line_and_skips_a_missing_one(tmp_path, monkeypatch, capsys):
+    """Found by an audit: CC="ccache gcc" or a CC naming no program ended both peak scripts in a FileNotFoundError,
+    where the function promises "skipped" and None."""
+    import bench_peak_fraction as bench
+
+    monkeypatch.setenv("CC", f"{tmp_path / 'no-such-cc'} -O2")
+    assert bench.measured_fma_peak(1, iters=10) is None
+    assert f"measured FMA peak: skipped (cannot run {tmp_path / 'no-such-cc'} -O2: " in capsys.readouterr().out
+    compiler = tmp_path / "fake-cc"  # run through sh: CC is a command line, split as a shell would
+    compiler.write_text('while [ "$1" != "-o" ]; do shift; done\nprintf \'#!/bin/sh\\necho 7.5\\n\' > "$2"\n'
+                        'chmod +x "$2"\n')
+    monkeypatch.setenv("CC", f"sh {compiler}")
+    assert bench.measured_fma_peak(2, iters=10) == 15e9  # two concurrent runs of 7.5 GMAC/s, best of three
+
+
+CPUINFO = "vendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: {model}\nflags\t\t: fpu sse {flags}\n"
+
+
+@pytest.mark.parametrize("vendor, family, model, flags, units, lanes", [
+    ("AuthenticAMD", 23, 1, "avx2 fma", 2, 4),          # Zen (EPYC 7001): 2 x 128-bit FMA pipes
+    ("AuthenticAMD", 23, 49, "avx2 fma", 2, 8),         # Zen 2 (EPYC 7002, model 0x31): 2 x 256-bit
+    ("AuthenticAMD", 25, 1, "avx2 fma", 2, 8),          # Zen 3 (EPYC 7003)
+    ("AuthenticAMD", 25, 17, "avx2 fma avx512f", 2, 8),  # Zen 4 (EPYC 9004): 512-bit ops on 256-bit pipes
+    ("AuthenticAMD", 26, 2, "avx2 fma avx512f", 2, 16),  # Zen 5 (EPYC 9005): 512-bit pipes
+    ("GenuineIntel", 6, 143, "avx2 fma avx512f", 2, 16),  # Sapphire Rapids: 2 x 512-bit FMA units
+    ("GenuineIntel", 6, 85, "avx2 fma", 2, 8),
+])
+def test_fma_config_follows_the_cpu_generation(vendor, family, model, flags, units, lanes):
+    """Found by an audit: every AMD CPU with AVX-512 got Zen 4's 2 x 8 (Zen 5 has 512-bit pipes: its peak was
+    half the real one), and Zen/Zen+ got 2 x 8 (their pipes are 128 bit: twice the real peak). The references are
+    AMD's and Intel's published FMA pipe widths."""
+    import bench_peak_fraction as bench
+
+    text = CPUINFO.format(vendor=vendor, family=family, model=model, flags=flags)
+    assert bench.fma_config(text)[:2] == (units, lanes)
+
+
+def test_cpu_info_counts_the_physical_cores_this_process_may_use(monkeypatch):
+    """The nominal peak counts one core per thread, at most the physical cores usable here (SMT siblings share a
+    core's FMA units); the reference is lscpu's own topology."""
+    import shutil
+    import subprocess
+
+    from _common import cpu_info
+
+    if shutil.which("lscpu") is None or not hasattr(os, "sched_getaffinity"):
+        pytest.skip("needs lscpu and os.sched_getaffinity (Linux)")
+    rows = subprocess.run(["lscpu", "-p=cpu,core,socket"], capture_output=True, text=True, check=True).stdout
+    allowed = os.sched_getaffinity(0)
+    cores = {tuple(row.split(",")[1:]) for row in rows.splitlines()
+             if not row.startswith("#") and int(row.split(",")[0]) in allowed}
+    assert cpu_info()["cores"] == len(cores)
+
+    def no_cpuinfo(*args, **kwargs):
+        raise FileNotFoundError("/proc/cpuinfo")
+
+    import _common
+    monkeypatch.setattr(_common, "open", no_cpuinfo, raising=False)  # a machine without it (found by an audit:
+    assert cpu_info()["fma"] is False                                 # KeyError 'fma' in bench_peak_fraction)
+
+
+def test_bench_shvit_runs_without_onnxruntime(monkeypatch):
+    """Found by an audit: without onnxruntime (an optional extra) the script failed after building five runners."""
+    import bench_shvit_vs_timm as bench
+
+    assert bench.runners_here() == list(bench.RUNNERS) or "onnxruntime" not in vitzoo.inference.available_backends()
+    monkeypatch.setattr(bench, "available_backends", lambda: ("eager", "compile", "torchscript"))
+    assert bench.runners_here() == [k for k in bench.RUNNERS if k != "ONNX Runtime"]
+
+
 def test_bench_shvit_logits_option_scales_both_models_alike():
     import bench_shvit_vs_timm as bench
 
