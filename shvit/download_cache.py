@@ -63,7 +63,8 @@ def torch_file_damage(path: PathLike) -> Optional[str]:
     cut = legacy_file_cut(path)
     if cut is not None:
         return cut
-    if starts_as_legacy_file(head) or tarfile.is_tarfile(path):
+    # a zero block ends a tar archive: tarfile takes a file of zeros (a failed copy) for an empty one
+    if starts_as_legacy_file(head) or head[:512].strip(b'\0') and tarfile.is_tarfile(path):
         return None
     return (f'it is not a torch.save file: its first bytes ({head[:8]!r}) start neither a zip archive nor a legacy '
             f'torch.save file')

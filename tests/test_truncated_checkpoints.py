@@ -193,6 +193,7 @@ NOT_TORCH = {  # files that are no torch.save file at all, and what torch's weig
     "html": b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body></body></html>\n" * 20,  # operand 60
     "text": b"junk\n",  # a bare KeyError
     "empty": b"",  # a bare EOFError
+    "zeros": bytes(4096),  # a failed copy; tarfile takes it for an empty tar, torch for its legacy tar format
 }
 # torch's advice for files it refuses to unpickle, for trusted complete files only, and its bare exceptions
 TORCH_WORDS = ("weights_only` set to `False`", "weights_only=False", "trust", "allowlisted", "KeyError", "EOFError",
