@@ -1,9 +1,10 @@
-"""Convert a timm ViT / DeiT into an NViT with uniform dims (the starting point of NViT pruning)."""
+"""Convert a timm ViT / DeiT into an NViT with its dims, block by block (uniform for timm's own ViTs: the starting
+point of NViT pruning)."""
 import copy
-from typing import Optional
+from typing import Optional, Union
 
 import torch.nn as nn
-from timm.layers import GELU, Attention, GELUTanh, Mlp, resample_abs_pos_embed
+from timm.layers import GELU, Attention, GELUTanh, Mlp, PatchEmbed, resample_abs_pos_embed
 from timm.models._input import update_model_args
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -17,8 +18,9 @@ __all__ = ['from_vit']
 def _other_layers(vit: VisionTransformer) -> list:
     """Blocks, attention or MLP layers other than timm's pre-norm ``Block`` with ``Attention`` and ``Mlp`` (what NViT's
     blocks compute), by class name: e.g. ``ResPostBlock`` (norm after attention / MLP), ``ParallelScalingBlock``,
-    ``GluMlp``, ``DiffAttention``. Exact types: a subclass may compute something else."""
-    found = []
+    ``GluMlp``, ``DiffAttention``, a hybrid ViT's ``HybridEmbed``. Exact types: a subclass may compute something
+    else."""
+    found = [] if type(vit.patch_embed) is PatchEmbed else [f'{type(vit.patch_embed).__name__} patch embedding']
     for blk in vit.blocks:
         parts = [(blk, Block, 'blocks')]
         if type(blk) is Block:
@@ -35,8 +37,11 @@ def _unsupported(vit: VisionTransformer) -> list:
     other = _other_layers(vit)
     if other:  # the checks below read the attributes of timm's plain Block
         return other
-    blk = vit.blocks[0]
+    blocks = list(vit.blocks)
     fc_norm = getattr(vit, 'fc_norm', nn.Identity())
+
+    def in_any_block(has) -> bool:
+        return any(has(blk) for blk in blocks)
     checks = {
         'register tokens': getattr(vit, 'num_reg_tokens', 0) > 0,
         'no class token': not getattr(vit, 'has_class_token', True),
@@ -52,24 +57,42 @@ def _unsupported(vit: VisionTransformer) -> list:
         'patch-embed norm': not isinstance(vit.patch_embed.norm, nn.Identity),
         'non-LayerNorm norms': (not isinstance(vit.norm, (nn.LayerNorm, nn.Identity))
                                 or not isinstance(fc_norm, (nn.LayerNorm, nn.Identity))
-                                or not isinstance(blk.norm1, nn.LayerNorm)),
+                                or in_any_block(lambda blk: not isinstance(blk.norm1, nn.LayerNorm)
+                                                or not isinstance(blk.norm2, nn.LayerNorm))),
         'no final norm': isinstance(vit.norm, nn.Identity) and isinstance(fc_norm, nn.Identity),
         # NViT builds every LayerNorm with one eps (a timm ViT does too; a hand-built one may not)
         f'LayerNorms of different eps ({_eps_groups(vit)})': len(set(_eps_of_norms(vit).values())) > 1,
-        'layer scale': not isinstance(getattr(blk, 'ls1', nn.Identity()), nn.Identity),
-        'q/k norm': not isinstance(getattr(blk.attn, 'q_norm', nn.Identity()), nn.Identity),
-        'attention output norm (scale_attn_norm)': not isinstance(getattr(blk.attn, 'norm', nn.Identity()),
-                                                                  nn.Identity),
-        'MLP norm (scale_mlp_norm)': not isinstance(getattr(blk.mlp, 'norm', nn.Identity()), nn.Identity),
-        'no attention projection bias (proj_bias=False)': blk.attn.proj.bias is None,
+        'layer scale': in_any_block(lambda blk: not isinstance(getattr(blk, 'ls1', nn.Identity()), nn.Identity)),
+        'q/k norm': in_any_block(lambda blk: not isinstance(getattr(blk.attn, 'q_norm', nn.Identity()), nn.Identity)),
+        'attention output norm (scale_attn_norm)': in_any_block(
+            lambda blk: not isinstance(getattr(blk.attn, 'norm', nn.Identity()), nn.Identity)),
+        'gated attention (gated=True)': in_any_block(lambda blk: getattr(blk.attn, 'gate', None) is not None),
+        'MLP norm (scale_mlp_norm)': in_any_block(
+            lambda blk: not isinstance(getattr(blk.mlp, 'norm', nn.Identity()), nn.Identity)),
+        'no attention projection bias (proj_bias=False)': in_any_block(lambda blk: blk.attn.proj.bias is None),
+        'q/k/v bias in some blocks only': len({blk.attn.qkv.bias is None for blk in blocks}) > 1,
         'patch dropout': not isinstance(getattr(vit, 'patch_drop', nn.Identity()), nn.Identity),
-        'non-GELU MLP': _gelu_name(getattr(blk.mlp, 'act', None)) is None,
+        'non-GELU MLP': in_any_block(lambda blk: _gelu_name(getattr(blk.mlp, 'act', None)) is None),
+        'GELUs of different kinds (exact and tanh)': len({_gelu_name(getattr(blk.mlp, 'act', None))
+                                                          for blk in blocks}) > 1,
+        'attention scales other than head_dim ** -0.5 that differ between blocks': _attn_scale(vit) is None,
         'non-square patches': vit.patch_embed.patch_size[0] != vit.patch_embed.patch_size[1],
         'no position embedding': vit.pos_embed is None,
         'pooling over the prefix tokens too (pool_include_prefix=True)': (
             getattr(vit, 'pool_include_prefix', False) and vit.global_pool in ('avg', 'avgmax', 'max')),
     }
     return [name for name, bad in checks.items() if bad]
+
+
+def _attn_scale(vit: VisionTransformer) -> Union[float, str, None]:
+    """NViT's ``attn_scale`` for the ViT's blocks: their one scale, ``'per_block'`` when each block's is its
+    ``head_dim ** -0.5``, None when neither (NViT has no other per-block scales)."""
+    scales = [float(blk.attn.scale) for blk in vit.blocks]
+    if len(set(scales)) == 1:
+        return scales[0]
+    if all(scale == blk.attn.head_dim ** -0.5 for scale, blk in zip(scales, vit.blocks)):
+        return 'per_block'
+    return None
 
 
 def _eps_of_norms(vit: VisionTransformer) -> dict:
@@ -106,11 +129,12 @@ _ARCHITECTURE = 'nvit_b'
 def from_vit(vit: VisionTransformer) -> NViT:
     """Build an NViT with the same weights and outputs as a timm ``VisionTransformer`` / DeiT.
 
-    Uniform dims: every block gets the ViT's heads, head width (for both q/k and v) and MLP width. The attention
-    scale is the ViT's ``head_dim ** -0.5`` (not NViT's fixed 64 ** -0.5), the GELU keeps its ``approximate``
-    setting, and every dropout and stochastic-depth rate is carried over block by block, so that training the result
-    behaves like training the ViT. The final norm stays where the ViT has it: on the tokens (``norm``) or after
-    pooling (``fc_norm``, timm's default for average / max pooling), under the same key names. A
+    Each block gets its ViT block's heads, head width (for both q/k and v) and MLP width: uniform dims for timm's
+    own ViTs, per-block ones for a ViT pruned or built block by block. The attention scale is the ViT's
+    ``head_dim ** -0.5`` (not NViT's fixed 64 ** -0.5; ``'per_block'`` where the head widths differ), the GELU keeps
+    its ``approximate`` setting, and every dropout and stochastic-depth rate is carried over block by block, so that
+    training the result behaves like training the ViT. The final norm stays where the ViT has it: on the tokens
+    (``norm``) or after pooling (``fc_norm``, timm's default for average / max pooling), under the same key names. A
     ``VisionTransformerDistilled`` keeps its distillation token and head. The result
     is on the ViT's device/dtype, in its train/eval mode and with its gradient-checkpointing setting. A fixed-size
     ViT with ``dynamic_img_pad`` at an ``img_size`` that is not a multiple of the patch gets its position embedding
@@ -132,9 +156,9 @@ def from_vit(vit: VisionTransformer) -> NViT:
                          'final norm before or after it), e.g. timm\'s deit_* and vit_*_patch16_* built without '
                          'those options.')
     attn = vit.blocks[0].attn
-    dims = NViTDims.uniform(
-        embed_dim=vit.embed_dim, depth=len(vit.blocks), heads=attn.num_heads, head_dim=attn.head_dim,
-        mlp_dim=vit.blocks[0].mlp.fc1.out_features)
+    head_dims = [blk.attn.head_dim for blk in vit.blocks]
+    dims = NViTDims(embed_dim=vit.embed_dim, heads=[blk.attn.num_heads for blk in vit.blocks], qk_dim=head_dims,
+                    v_dim=head_dims, mlp_dim=[blk.mlp.fc1.out_features for blk in vit.blocks])
     ref = vit.pos_embed
     args = dict(
         img_size=list(vit.patch_embed.img_size),
@@ -145,7 +169,7 @@ def from_vit(vit: VisionTransformer) -> NViT:
         fc_norm=not isinstance(getattr(vit, 'fc_norm', nn.Identity()), nn.Identity),
         distilled=isinstance(vit, VisionTransformerDistilled),
         token_mask=False,
-        attn_scale=attn.scale,
+        attn_scale=_attn_scale(vit),
         qkv_bias=attn.qkv.bias is not None,
         dynamic_img_size=vit.dynamic_img_size,
         dynamic_img_pad=vit.patch_embed.dynamic_img_pad,

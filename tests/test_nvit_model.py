@@ -756,6 +756,56 @@ def test_from_vit_uses_the_vits_head_dim_for_the_scale():
         torch.testing.assert_close(model(x), vit(x), atol=1e-5, rtol=0)
 
 
+def test_from_vit_takes_each_blocks_own_widths():
+    """Found by an audit: every block got block 0's heads, head width and MLP width, so a ViT whose block 1 has 6
+    heads of 32 (same tensor shapes) converted without a word, off by 0.13, and one with other widths failed with
+    torch's size-mismatch list. The reference is the ViT's own output."""
+    from timm.layers import Attention, Mlp
+
+    torch.manual_seed(0)
+    vit = timm.create_model('vit_tiny_patch16_224', img_size=64, depth=3, num_classes=5).eval()
+    vit.blocks[1].attn = Attention(192, 6, qkv_bias=True)  # heads of 32
+    vit.blocks[2].attn = Attention(192, 2, attn_head_dim=64, qkv_bias=True)  # 128 wide, not 192
+    vit.blocks[2].mlp = Mlp(192, 384)
+    for blk in vit.blocks:
+        blk.attn.qkv.weight.data.normal_(0, 0.1)  # attention logits of order one, so that the scale matters
+    model = nvit.from_vit(vit).eval()
+    assert model.dims.heads == (3, 6, 2) and model.dims.qk_dim == model.dims.v_dim == (64, 32, 64)
+    assert model.dims.mlp_dim == (768, 768, 384)
+    assert [blk.attn.scale for blk in model.blocks] == [64 ** -0.5, 32 ** -0.5, 64 ** -0.5]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), vit(x), atol=1e-5, rtol=0)
+
+
+def test_from_vit_refuses_what_any_block_has():
+    """Found by an audit: the feature checks read block 0 only (layer scale in block 2 converted without it), a
+    hybrid ViT raised AttributeError ('HybridEmbed' object has no attribute 'norm'), and gated attention got the
+    generic "weights do not map one-to-one"."""
+    from timm.layers import Attention, LayerScale
+
+    def vit_with(change):
+        vit = timm.create_model('vit_tiny_patch16_224', img_size=64, depth=3)
+        change(vit.blocks)
+        return vit
+
+    def scale_of_block_1(blocks):
+        blocks[1].attn.scale = 0.3
+
+    cases = [
+        (vit_with(lambda blocks: setattr(blocks[2], 'ls1', LayerScale(192))), r'uses layer scale, which'),
+        (vit_with(lambda blocks: setattr(blocks[1], 'attn', Attention(192, 3, qkv_bias=True, gated=True))),
+         r'uses gated attention \(gated=True\), which'),
+        (vit_with(lambda blocks: setattr(blocks[1], 'attn', Attention(192, 3))),
+         r'uses q/k/v bias in some blocks only'),
+        (vit_with(scale_of_block_1), r'uses attention scales other than head_dim \*\* -0.5 that differ between blocks'),
+        (timm.create_model('vit_tiny_r_s16_p8_224'), r'uses HybridEmbed patch embedding, which'),
+    ]
+    for vit, named in cases:
+        with pytest.raises(ValueError, match=named):
+            nvit.from_vit(vit)
+
+
 def test_from_vit_keeps_the_vits_train_or_eval_mode():
     vit = timm.create_model('vit_tiny_patch16_224', depth=2, num_classes=5)
     model = nvit.from_vit(vit.eval())
