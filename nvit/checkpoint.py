@@ -189,10 +189,13 @@ def _official_qkv_parts(state_dict: Mapping[str, torch.Tensor], prefix: str, kin
 
 
 def convert_official(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """Official layout -> ours. Tensors already in our layout pass through unchanged."""
+    """Official layout -> ours. Tensors already in our layout pass through unchanged: the official 1x1 patch
+    embedding is converted only in a checkpoint with the official attention keys (found by an audit: our own
+    ``patch_size=1`` model's 1x1 embedding was taken for it, and its reload failed or was reshaped)."""
+    official = is_official_layout(state_dict) or any('.attn.proj.proj.' in k for k in state_dict)
     out: StateDict = {}
     for k, v in state_dict.items():
-        if k == 'patch_embed.proj.weight' and v.ndim == 4 and v.shape[-1] == 1 and v.shape[-2] == 1:
+        if official and k == 'patch_embed.proj.weight' and v.ndim == 4 and v.shape[-1] == 1 and v.shape[-2] == 1:
             # 1x1 conv over pixels rearranged 'b c (h p1) (w p2) -> b (p1 p2 c) h w' == p x p conv, (c, p1, p2)
             emb, flat = v.shape[:2]
             patch = int(round((flat // 3) ** 0.5))

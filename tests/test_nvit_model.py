@@ -1295,3 +1295,18 @@ def test_from_vit_with_dynamic_img_pad_at_a_size_not_a_multiple_of_the_patch():
     reference.load_state_dict(sd)
     x = torch.randn(1, 3, 70, 70)
     torch.testing.assert_close(model(x), reference(_pad_by_hand(x)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('in_chans', [48, 768])
+def test_a_one_pixel_patch_model_reloads_its_own_folder(tmp_path, in_chans):
+    """Found by an audit: the official 1x1 patch embedding's conversion ran on every checkpoint, so our own
+    patch_size=1 model with 48 or 768 input channels (3 * p * p for p = 4 / 16) was refused on reload as taking 3
+    channels. The reference is the saved model's own output."""
+    torch.manual_seed(0)
+    dims = dict(embed_dim=48, heads=[2, 3], qk_dim=[8, 16], v_dim=[16, 8], mlp_dim=[64, 32])
+    model = timm.create_model('nvit_b', dims=dims, img_size=8, patch_size=1, in_chans=in_chans).eval()
+    timm.models.save_for_hf(model, str(tmp_path / 'hf'), safe_serialization=True)
+    reloaded = timm.create_model(f'local-dir:{tmp_path / "hf"}', pretrained=True).eval()
+    x = torch.randn(2, in_chans, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), model(x), atol=0, rtol=0)
