@@ -172,7 +172,8 @@ class NViT(nn.Module):
         Args:
             dims: Architecture widths: an ``NViTDims``, a dict (our keys or the official EMB/head/QK/V/MLP) or JSON.
             img_size: Input size the position embedding (and token scales) are laid out for.
-            patch_size: Patch size of the convolutional patch embedding.
+            patch_size: Patch size of the convolutional patch embedding: an int, or two equal sides (square
+                patches only, as NViT's position embedding and input checks assume).
             in_chans: Input channels.
             num_classes: Classes; 0 gives no classifier.
             global_pool: 'token' (class / distillation tokens), 'avg', 'max' or 'avgmax' (mean, max, or the mean of
@@ -212,6 +213,11 @@ class NViT(nn.Module):
         if fc_norm is not None and not isinstance(fc_norm, bool):
             raise TypeError(f'fc_norm must be True, False or None (on for the avg / max pools), got {fc_norm!r}.')
         use_fc_norm = global_pool in FC_NORM_POOLS if fc_norm is None else fc_norm
+        if not isinstance(patch_size, int):  # found by an audit: (16, 8) was built, then the input check took 16
+            sides = tuple(patch_size)
+            if len(sides) != 2 or sides[0] != sides[1]:
+                raise ValueError(f'NViT: only square patches are supported, got patch_size={patch_size!r}.')
+            patch_size = sides[0]
         act_layer = _resolve_act_layer(act_layer)
         per_block_scale = attn_scale is None or attn_scale == 'per_block'
         if isinstance(attn_scale, str) and not per_block_scale:

@@ -1310,3 +1310,14 @@ def test_a_one_pixel_patch_model_reloads_its_own_folder(tmp_path, in_chans):
     x = torch.randn(2, in_chans, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), model(x), atol=0, rtol=0)
+
+
+def test_patches_are_square_or_refused():
+    """Found by an audit: patch_size=(16, 8) was built, and then an input of 224x200 (a multiple of 8 in width) was
+    refused as not a multiple of the 16-pixel patch. (8, 8) is the int 8: a 200-pixel side passes."""
+    with pytest.raises(ValueError, match=r'only square patches are supported, got patch_size=\(16, 8\)'):
+        timm.create_model('revit_t', patch_size=(16, 8), dynamic_img_size=True)
+    model = timm.create_model('revit_t', patch_size=(8, 8), dynamic_img_size=True).eval()
+    assert model.patch_embed.patch_size == (8, 8)
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(1, 3, 48, 40)).shape[1] == 2 + 6 * 5
