@@ -222,9 +222,11 @@ def _missing_dims_error(variant: str) -> ValueError:
         f"or record them once in nvit.nvit.KNOWN_DIMS['{variant}'].")
 
 
-def _dims_record_differs(variant: str, fixed: NViTDims, recorded: NViTDims, given: bool) -> ValueError:
-    """The checkpoint's dims record differs from ``dims=`` (``given``) or from a ``revit_*`` name's own dims."""
-    where = fixed.first_difference(recorded)
+def _dims_record_differs(variant: str, fixed: NViTDims, recorded: NViTDims, given: bool,
+                         where: Optional[str] = None) -> ValueError:
+    """The checkpoint's dims record differs from ``dims=`` (``given``) or from a ``revit_*`` name's own dims, first
+    ``where`` (default: where the two differ first)."""
+    where = where or fixed.first_difference(recorded)
     if given:
         head = (f'{variant}: the checkpoint\'s dims record differs from the dims=... given at {where} (given vs '
                 'checkpoint). ')
@@ -236,6 +238,20 @@ def _dims_record_differs(variant: str, fixed: NViTDims, recorded: NViTDims, give
     return IncompatibleCheckpointError(f'{head}{fix}\n{variant}:\n{fixed}\ncheckpoint:\n{recorded}')
 
 
+def _compared_blocks(fixed: NViTDims, recorded: NViTDims, partial: bool) -> Tuple[NViTDims, NViTDims]:
+    """The dims the model is built with and a checkpoint's dims record, as far as they must agree: whole, or for a
+    ``partial`` (``pretrained_strict=False``) load the blocks both have (found by an audit: a model cut to fewer
+    blocks than the checkpoint was refused, where the docs said the blocks beyond its depth are skipped)."""
+    if not partial:
+        return fixed, recorded
+    depth = min(len(fixed.heads), len(recorded.heads))
+
+    def cut(dims: NViTDims) -> NViTDims:
+        return NViTDims(embed_dim=dims.embed_dim, heads=dims.heads[:depth], qk_dim=dims.qk_dim[:depth],
+                        v_dim=dims.v_dim[:depth], mlp_dim=dims.mlp_dim[:depth])
+    return cut(fixed), cut(recorded)
+
+
 def _create_nvit(variant: str, pretrained: bool = False, default_dims: Optional[NViTDims] = None, /,
                  **kwargs) -> NViT:
     """Build ``variant``; dims from, first match wins: ``dims=``, ``default_dims`` (the ReViT rule's, for
@@ -243,10 +259,14 @@ def _create_nvit(variant: str, pretrained: bool = False, default_dims: Optional[
     dims = resolve_dims(kwargs.pop('dims', None))
     fixed = dims or default_dims  # the dims a checkpoint must match
     state_dict = None
+    strict = kwargs.get('pretrained_strict', True)  # False: timm's opt-out of a strict load, honoured with a warning
     if pretrained:
         state_dict, file_dims, _ = _read_pretrained(variant, kwargs)
-        if fixed is not None and file_dims is not None and fixed != file_dims:
-            raise _dims_record_differs(variant, fixed, file_dims, given=dims is not None)
+        if fixed is not None and file_dims is not None:
+            compared, recorded = _compared_blocks(fixed, file_dims, partial=not strict)
+            if compared != recorded:
+                raise _dims_record_differs(variant, fixed, file_dims, given=dims is not None,
+                                           where=compared.first_difference(recorded))
         dims = fixed or file_dims or KNOWN_DIMS.get(variant)
         if dims is None:
             raise foreign_or_missing_dims_error(variant, state_dict, f'The pretrained checkpoint for {variant}')
@@ -265,7 +285,6 @@ def _create_nvit(variant: str, pretrained: bool = False, default_dims: Optional[
         # timm's feature getter drops the heads and the pooling (prune_intermediate_layers): built with the released
         # pooling, the feature model is the same, and a distilled one is not refused for a head it does not keep
         kwargs['global_pool'] = 'token'
-    strict = kwargs.get('pretrained_strict', True)  # False: timm's opt-out of a strict load, honoured with a warning
     if state_dict is not None:
         check_dims_match(dims, state_dict, partial=not strict)
 

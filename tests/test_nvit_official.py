@@ -688,3 +688,22 @@ def test_a_detectors_checkpoint_gives_its_backbone(tmp_path):
     with pytest.raises(nvit.IncompatibleCheckpointError, match=r'not an NViT/ViT checkpoint \(no blocks\.N\.\* / '
                                                                r'pos_embed keys'):
         nvit.checkpoint.read_checkpoint_object(nest)
+
+
+def test_a_model_cut_to_fewer_blocks_loads_non_strictly(tmp_path):
+    """Found by an audit: with pretrained_strict=False, a dims= of the file's first 3 blocks was refused as differing
+    from the file's 5-block record, where docs/nvit.md says the blocks beyond the model's depth are skipped. The
+    reference is the whole file loaded strictly (itself checked against plain tensor ops above)."""
+    path = save_official(tmp_path / 'NViT_cut.pth', make_official('ones'))
+    first3 = dict(embed_dim=DIM['EMB'], heads=DIM['head'][:3], qk_dim=DIM['QK'][:3], v_dim=DIM['V'][:3],
+                  mlp_dim=DIM['MLP'][:3])
+    with pytest.raises(nvit.IncompatibleCheckpointError, match=r"differs from the dims=\.\.\. given at depth 3 vs 5"):
+        _create(path, dims=first3)
+    with pytest.warns(UserWarning, match=r'Partial NViT load \(pretrained_strict=False\)'):
+        cut = _create(path, dims=first3, pretrained_strict=False)
+    whole = _create(path).state_dict()
+    got = cut.state_dict()
+    assert all(torch.equal(got[k], whole[k]) for k in got), [k for k in got if not torch.equal(got[k], whole[k])]
+    other = dict(first3, mlp_dim=[64, 32, 95])  # a block both have differs: refused whatever the strictness
+    with pytest.raises(nvit.IncompatibleCheckpointError, match=r"given at block 2: mlp_dim 95 vs 96"):
+        _create(path, dims=other, pretrained_strict=False)
