@@ -393,3 +393,29 @@ def test_an_mit_card_carries_the_copyright_and_permission_notice(converted):
     licence = card.split("## Licence", 1)[1].split("\n## ", 1)[0]
     plain = " ".join(licence.replace(">", " ").split())
     assert any("Copyright (c) 2024 ysj9909 " + notice in plain for notice in _installed_mit_notices())
+
+
+@pytest.mark.parametrize("metadata", ["oops", {"format": 1}])
+def test_a_weight_file_with_bad_metadata_is_refused_by_name(hub, converted, tmp_path, capsys, metadata):
+    """Found by an audit: a model.safetensors whose __metadata__ is not an object of strings passed the header check
+    (the safetensors reader refuses it: the reference) and push crashed with an AttributeError traceback."""
+    import shutil
+
+    import safetensors.torch
+
+    _, folder = converted
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    header["__metadata__"] = metadata
+    encoded = json.dumps(header).encode()
+    (bad / "model.safetensors").write_bytes(len(encoded).to_bytes(8, "little") + encoded + data[8 + size:])
+    with pytest.raises(Exception, match="invalid JSON in header"):
+        safetensors.torch.load_file(bad / "model.safetensors")
+    assert main(["push", str(bad), "--repo", "me/shvit_s1", "--token", "hf_test"]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad / 'model.safetensors'} is corrupt: its safetensors metadata (__metadata__) is not a JSON object of " \
+           "strings" in err and "Traceback" not in err, err
+    assert hub.commits == []

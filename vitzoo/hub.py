@@ -182,6 +182,10 @@ def read_safetensors_metadata(path: PathLike) -> Tuple[Dict[str, str], Dict[str,
     if not isinstance(header, dict):
         raise CorruptWeightsError(f"{path} is corrupt: its safetensors header is not a JSON object.")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        # the safetensors reader refuses such a file ("expected a map" of strings); found by an audit: push crashed
+        raise CorruptWeightsError(f"{path} is corrupt: its safetensors metadata (__metadata__) is not a JSON object "
+                                  "of strings. Download or convert it again.")
     for name, entry in header.items():
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
