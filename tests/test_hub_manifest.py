@@ -108,6 +108,11 @@ def test_licences_and_paper_numbers(manifest):
     (lambda d: d["weights"].append(copy.deepcopy(d["weights"][0])), "duplicate entry for shvit_s1.in1k"),
     (lambda d: d["weights"][0].pop("hub_repo"), r"missing fields \['hub_repo'\]"),
     (lambda d: d["weights"][0].update(hub_repo="no-org"), "hub_repo must be 'org/name'"),
+    # found by an audit: re.match with `$` let a trailing newline through, and a family that is no object was a
+    # TypeError ("string indices must be integers")
+    (lambda d: d["weights"][0].update(hub_repo="timm/shvit_s1.in1k\n"), "hub_repo must be 'org/name'"),
+    (lambda d: d["weights"][0].update(source_sha256="a" * 64 + "\n"), r"source_sha256 must be 64 lower-case hex"),
+    (lambda d: d["families"].update(shvit="MIT"), "family 'shvit' must be an object with the fields"),
 ])
 def test_malformed_manifest_names_the_entry(raw, edit, message):
     doc = copy.deepcopy(raw)

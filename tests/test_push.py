@@ -175,9 +175,12 @@ def test_a_quoted_card_licence_is_the_same_licence(converted, tmp_path):
     verify_folder(quoted)  # no licence mismatch
 
 
-@pytest.mark.parametrize("repo", ["no-slash", "a b/c", "/name", "org/"])
+# the last five break the Hub's rules (no '--' or '..', no part starting or ending with '-' or '.', at most 96
+# characters, ASCII): found by an audit, they were verified and then refused by the Hub client with exit 1
+@pytest.mark.parametrize("repo", ["no-slash", "a b/c", "/name", "org/", "me/a--b", "me/a..b", "me/-ab", "me/ab.",
+                                  "me/" + "x" * 97, "me/café"])
 def test_push_rejects_bad_repo_id(hub, converted, capsys, repo):
-    """A bad --repo is a usage error: exit code 2 (was 1, and 'a b/c' went to the Hub)."""
+    """A bad --repo is a usage error: exit code 2 before any work (was 1, and 'a b/c' went to the Hub)."""
     assert main(["push", str(converted[1]), "--repo", repo]) == 2
     assert "org/name" in capsys.readouterr().err and hub.requests == []
 
@@ -350,7 +353,7 @@ def test_push_private_to_an_existing_public_repo_is_refused(hub, converted, caps
     _, folder = converted
     hub.repos["me/public"] = {"README.md": b"someone's"}
     hub.private["me/public"] = False
-    assert main(["push", str(folder), "--repo", "me/public", "--private"]) == 2
+    assert main(["push", str(folder), "--repo", "me/public", "--private"]) == 1  # refused, not a usage error
     err = capsys.readouterr().err
     assert err == ("vitzoo push: error: Hub repo 'me/public' exists and is public; --private does not make it "
                    "private, and nothing was uploaded. Make it private in its settings on the Hub first, or push to a "

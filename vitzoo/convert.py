@@ -752,8 +752,8 @@ def convert_checkpoint(
         raise UsageError(f"sha256 (--sha256) must be 64 hex digits (the source file's sha256, e.g. from sha256sum), "
                          f"got {sha256!r}.")
     if repo_id is not None and not (isinstance(repo_id, str) and _REPO_RE.fullmatch(repo_id)):
-        raise UsageError(f"repo_id (--repo) must be a Hub repo id ORG/NAME (letters, digits, '_', '-', '.'), "
-                         f"got {repo_id!r}.")
+        raise UsageError(f"repo_id (--repo) must be a Hub repo id ORG/NAME (letters, digits, '_', '-', '.'; neither "
+                         f"part starting or ending with '-' or '.', no '--' or '..'), got {repo_id!r}.")
     model, _, name_tag = model_name.partition(".")
     resolve_name(model)  # an unknown architecture: UnknownModelError with the closest names, before any work
     try:

@@ -17,8 +17,11 @@ from .hub import resource_path
 __all__ = ["WeightEntry", "Manifest", "ManifestError", "load_manifest", "family_of"]
 
 LICENSES = ("mit", "cc-by-nc-sa-4.0", "apache-2.0")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")  # used with fullmatch (``$`` would let a trailing newline through)
+# the Hub's rules for a repo id 'org/name': ASCII letters, digits, '_', '-', '.', neither part starting or ending with
+# '-' or '.', no '--' or '..', a name of at most 96 characters
+_REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
+_REPO_RE = re.compile(rf"(?!.*(?:--|\.\.)){_REPO_PART}/(?=.{{1,96}}\Z){_REPO_PART}")
 _FAMILY_KEYS = ("paper", "authors", "venue", "arxiv", "code_url", "license", "license_name", "license_url",
                 "copyright", "commercial_use", "flops_note")
 _ENTRY_KEYS = ("model", "tag", "family", "source_url", "source_sha256", "hub_repo", "license", "metrics", "notes")
@@ -120,10 +123,10 @@ def _check_entry(i: int, raw: Any, families: Dict[str, Any]) -> WeightEntry:
     if raw["license"] != families[raw["family"]]["license"]:
         raise ManifestError(f"{where}: license differs from its family's ({families[raw['family']]['license']}).")
     sha = raw["source_sha256"]
-    if sha is not None and not (isinstance(sha, str) and _SHA256_RE.match(sha)):
+    if sha is not None and not (isinstance(sha, str) and _SHA256_RE.fullmatch(sha)):
         raise ManifestError(f"{where}: source_sha256 must be 64 lower-case hex digits or null, got {sha!r}.")
     repo = raw["hub_repo"]
-    if repo is not None and not (isinstance(repo, str) and _REPO_RE.match(repo)):
+    if repo is not None and not (isinstance(repo, str) and _REPO_RE.fullmatch(repo)):
         raise ManifestError(f"{where}: hub_repo must be 'org/name' or null, got {repo!r}.")
     metrics = raw["metrics"]
     if not isinstance(metrics, dict) or sorted(metrics) != sorted(_METRIC_KEYS):
@@ -148,6 +151,8 @@ def parse_manifest(doc: Any, path: Optional[Path] = None) -> Manifest:
     if not isinstance(families, dict) or not families:
         raise ManifestError("manifest: 'families' must be a non-empty object.")
     for key, fam in families.items():
+        if not isinstance(fam, dict):
+            raise ManifestError(f"manifest: family '{key}' must be an object with the fields {list(_FAMILY_KEYS)}.")
         missing = [k for k in _FAMILY_KEYS if k not in fam]
         if missing:
             raise ManifestError(f"manifest: family '{key}' lacks {missing}.")

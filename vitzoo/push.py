@@ -57,14 +57,15 @@ def push_folder(
 
     Raises:
         VerificationError: the folder fails verification (nothing is uploaded).
-        UsageError: ``repo_id`` is not ``org/name``, or ``private`` and the repo exists and is public (a
-            ``ValueError``).
+        UsageError: ``repo_id`` is not a Hub repo id ``org/name`` (a ``ValueError``).
+        ValueError: ``private``, and the repo exists and is public (nothing is uploaded).
     """
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError
 
     if not (isinstance(repo_id, str) and _REPO_RE.fullmatch(repo_id)):
-        raise UsageError(f"--repo must be a Hub repo id 'org/name' (letters, digits, '_', '-', '.'), got {repo_id!r}.")
+        raise UsageError(f"--repo must be a Hub repo id 'org/name' (letters, digits, '_', '-', '.'; neither part "
+                         f"starting or ending with '-' or '.', no '--' or '..'), got {repo_id!r}.")
     folder = Path(folder)
     with tempfile.TemporaryDirectory(prefix=".vitzoo-push-") as snapshot:
         # what is uploaded is exactly what is verified: a copy, not the folder (which may change meanwhile)
@@ -79,7 +80,7 @@ def push_folder(
         except RepositoryNotFoundError:
             existing = None
         if existing is not None and private and not existing.private:  # found by an audit: silently public
-            raise UsageError(f"Hub repo '{repo_id}' exists and is public; --private does not make it private, and "
+            raise ValueError(f"Hub repo '{repo_id}' exists and is public; --private does not make it private, and "
                              f"nothing was uploaded. Make it private in its settings on the Hub first, or push to "
                              f"a new repo.")
         api.create_repo(repo_id, private=private, exist_ok=True)
