@@ -863,3 +863,19 @@ def test_cli_advice_names_the_commands_options_not_python_arguments(tmp_path, ca
                             "--out DIR` and export local-dir:DIR.\n"), err
         assert "pretrained_cfg_overlay" not in err and "pretrained=False" not in err, err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_missing_onnx_packages_are_named_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+    """Found by an audit: without onnxruntime the CLI built the model (downloading its weights with --pretrained)
+    and only then said what to install."""
+    import sys
+
+    import vitzoo.export
+
+    built = []
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    monkeypatch.setattr(vitzoo.export, "_create", lambda *args: built.append(args))
+    assert main(["export", "shvit_s1", "--out", str(tmp_path / "s1.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert "ONNX support needs the 'onnx' and 'onnxruntime' packages" in err and "pip install onnx onnxruntime" in err
+    assert built == [] and os.listdir(tmp_path) == []

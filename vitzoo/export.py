@@ -345,6 +345,12 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"error: {cli_message(e)}", file=sys.stderr)
         return 1
+    try:  # before the model is built and its weights downloaded (found by an audit: after)
+        from vitzoo.onnx_runtime import require_onnxruntime
+        require_onnxruntime()
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     try:
         model = _create(args.model, args.img_size, args.pretrained)
     except UnknownModelError as e:
