@@ -879,3 +879,24 @@ def test_missing_onnx_packages_are_named_before_the_model_is_built(tmp_path, cap
     err = capsys.readouterr().err
     assert "ONNX support needs the 'onnx' and 'onnxruntime' packages" in err and "pip install onnx onnxruntime" in err
     assert built == [] and os.listdir(tmp_path) == []
+
+
+def test_an_hf_hub_name_without_pretrained_gets_the_hubs_clear_errors(tmp_path, capsys, monkeypatch):
+    """Found by an audit: without --pretrained, a repo with no timm config.json gave a raw 404 paragraph, a
+    TypeError or KeyError: 'architecture'; with it, the messages below (vitzoo.hub.hub_config)."""
+    from hub_server import use_loopback_hub  # tests/hub_server.py
+
+    hub = use_loopback_hub(monkeypatch, tmp_path, {
+        "o/nocfg": {"README.md": b"x"}, "o/list": {"config.json": b"[1]"},
+        "o/tf": {"config.json": json.dumps({"model_type": "bert"}).encode()}})
+    try:
+        for repo, says in (("o/nocfg", "Hub repository 'o/nocfg' has no config.json"),
+                           ("o/list", "config.json of Hub repo 'o/list' names no architecture"),
+                           ("o/tf", "it looks like a transformers config"),
+                           ("o/none", "Hub repository 'o/none' was not found")):
+            assert main(["export", f"hf-hub:{repo}", "--out", str(tmp_path / "x.onnx")]) == 1
+            err = capsys.readouterr().err.strip()
+            assert err.startswith(f"error: cannot build hf-hub:{repo}: ") and says in err and "\n" not in err, err
+    finally:
+        hub.stop()
+    assert not (tmp_path / "x.onnx").exists()

@@ -223,6 +223,9 @@ def create(
     if in_chans is not None and (isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1):
         raise ValueError(f"in_chans must be a positive int (the input's channel count), got {in_chans!r}")
     resolve_name(name, allow_folders=True)
+    if name.startswith("hf-hub:"):  # its config.json, checked as for a pretrained load (found by an audit: without
+        from .hub import hub_config  # weights, a raw 404 / KeyError: 'architecture' / TypeError)
+        hub_config(name[len("hf-hub:"):])
     model = timm.create_model(name, pretrained=False)
     cfg = model.pretrained_cfg
     size = (img_size, img_size) if isinstance(img_size, int) else None if img_size is None else tuple(img_size)
