@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -817,3 +818,26 @@ def test_a_corrupt_cache_entry_linked_to_a_file_outside_the_cache_leaves_that_fi
         "model.safetensors`; HF_HUB_OFFLINE=1 is set here)." in str(info.value)
     assert mine.read_bytes() == files["model.safetensors"][:-10]  # the user's file is left as it was
     assert not (repo / "snapshots" / sha / "model.safetensors").exists()  # the cache's entry is gone
+
+
+@pytest.mark.parametrize("where", ["hub", "dir"])
+def test_a_config_with_two_class_counts_is_refused(hub, tmp_path, where):
+    """Found by an audit: a config.json with num_classes 10 at the top and 1000 in model_args loaded 1000-class
+    weights without their classifier and no error. The reference: timm alone builds that model (timm's test_vit)
+    with a classifier that is not the file's."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit")
+    save_for_hf(model, str(tmp_path / "saved"), safe_serialization=True)
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    config["num_classes"] = 10
+    (tmp_path / "saved" / "config.json").write_text(json.dumps(config))
+    if where == "hub":
+        hub.repos[REPO] = {n: (tmp_path / "saved" / n).read_bytes() for n in ("model.safetensors", "config.json")}
+        name, shown = f"hf-hub:{REPO}", f"config.json of Hub repo '{REPO}'"
+    else:
+        name, shown = f"local-dir:{tmp_path / 'saved'}", str(tmp_path / "saved" / "config.json")
+    plain = timm.create_model(name, pretrained=True)
+    assert plain.head.weight.shape == model.head.weight.shape
+    assert not torch.equal(plain.head.weight, model.head.weight)  # timm alone: a random classifier, no error
+    with pytest.raises(WeightsError, match=re.escape(f"{shown} says num_classes 10 at the top and 1000 in model_args")):
+        load_pretrained_model(name)

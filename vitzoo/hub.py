@@ -514,8 +514,22 @@ def hub_config(hub_id: str, cache_dir: Optional[PathLike] = None) -> Dict[str, A
     except UnknownModelError as e:
         raise UnknownModelError(f"config.json of Hub repo '{repo_id}' names architecture '{arch}': {e} (a model "
                                 f"registered by a package is known once that package is imported)") from e
+    _check_class_counts(config, f"config.json of Hub repo '{repo_id}'")
     cfg = config.get("pretrained_cfg", config)
     return cfg if isinstance(cfg, dict) else {}
+
+
+def _check_class_counts(config: Dict[str, Any], where: str) -> None:
+    """Refuse a timm config.json whose top-level ``num_classes`` differs from its ``model_args``' (found by an
+    audit): timm builds the model with ``model_args`` and, the counts differing, loads the weights without their
+    classifier, leaving a random one with no error."""
+    args = config.get("model_args")
+    top = config.get("num_classes")
+    if isinstance(args, dict) and "num_classes" in args and top is not None and args["num_classes"] != top:
+        raise WeightsError(
+            f"{where} says num_classes {top!r} at the top and {args['num_classes']!r} in model_args: timm would build "
+            f"a model with {args['num_classes']!r} classes and load the weights without their classifier. Make the "
+            "two agree (the classifier's size in the weight file).")
 
 
 def _check_model_name(name: str, kwargs: Dict[str, Any]) -> None:
@@ -566,6 +580,13 @@ def load_pretrained_model(name: str, **kwargs: Any) -> torch.nn.Module:
                 "*.pth, *.pth.tar or *.bin) (make one with `vitzoo convert`)."
             )
         validate_weights_file(weights)
+        try:
+            with open(folder / "config.json", encoding="utf-8") as f:
+                config = json.load(f)
+        except ValueError as e:
+            raise WeightsError(f"{folder / 'config.json'} is not valid JSON ({e}); timm cannot read it.") from e
+        if isinstance(config, dict):
+            _check_class_counts(config, str(folder / "config.json"))
     try:
         model = timm.create_model(name, pretrained=True, **kwargs)
     except (RuntimeError, ValueError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile) + _DOWNLOAD_ERRORS as e:
