@@ -1,7 +1,8 @@
 """ReViT-T/S vs the DeiT of similar accuracy (DeiT-T, DeiT-S): measured speedup next to the FLOP ratio.
 
-Both sides run ``vitzoo.deploy`` with the same backend (``--backends``, default the eager one), fp32, random
-weights (speed does not depend on values).
+Both sides run ``vitzoo.deploy`` with the same backend (``--backends``, default the eager one) and its default
+precision (the eager backend's split bf16 "bf16x3" on CPUs with AMX, IEEE fp32 elsewhere and on the other backends;
+the "precision" column says which), deployed on the timed batch, random weights (speed does not depend on values).
 NViT-B/H/S/T are left out: their per-block dimensions come from a checkpoint, so they cannot be built without one.
 Each model is timed in its own process (``_isolated.py``; ``--no-isolate`` times both in this process).
 
@@ -28,11 +29,17 @@ PAIRS = (("revit_t", "deit_tiny_patch16_224"), ("revit_s", "deit_small_patch16_2
 
 
 def build_runner(name: str, batch: int, threads: int, backend: str = "eager"):
-    """``deploy(model, backend=...)`` (batch-1 example, as a user would) run on a batch; also called in the workers."""
+    """:func:`deployed` as a runner (also called in the workers)."""
+    return inference(*deployed(name, batch, threads, backend))
+
+
+def deployed(name: str, batch: int, threads: int, backend: str = "eager"):
+    """``deploy(model, x, backend=...)`` at ``threads`` threads on the timed batch ``x`` (the serving batch, as
+    docs/deploy.md advises); (deployed model, x)."""
     torch.set_num_threads(threads)
     model = timm.create_model(name).eval()
     x = torch.randn(batch, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(1))
-    return inference(deploy(model, x[:1], backend=backend), x)
+    return deploy(model, x, backend=backend), x
 
 
 def main() -> int:
@@ -63,11 +70,14 @@ def main() -> int:
                     t = timed({n: build_runner(n, args.batch, threads, backend) for n in names},
                               args.batch, args.rounds, args.min_time, desc)
                 speedup = t[ours_name].throughput / t[deit_name].throughput
-                rows.append([ours_name, deit_name, backend, threads, f"{flops[ours_name] / 1e9:.2f}",
+                previous = torch.get_num_threads()
+                precision = " / ".join(deployed(n, args.batch, threads, backend)[0].fp32_precision for n in names)
+                torch.set_num_threads(previous)
+                rows.append([ours_name, deit_name, backend, precision, threads, f"{flops[ours_name] / 1e9:.2f}",
                              f"{flops[deit_name] / 1e9:.2f}", f"{flops[deit_name] / flops[ours_name]:.2f}x",
                              t[ours_name].throughput, t[deit_name].throughput, f"{speedup:.2f}x"])
-    print_table(["ours", "DeiT", "backend", "threads", "ours GMACs", "DeiT GMACs", "FLOP ratio (DeiT/ours)",
-                 "ours img/s", "DeiT img/s", "measured speedup"], rows,
+    print_table(["ours", "DeiT", "backend", "precision (ours / DeiT)", "threads", "ours GMACs", "DeiT GMACs",
+                 "FLOP ratio (DeiT/ours)", "ours img/s", "DeiT img/s", "measured speedup"], rows,
                 title=f"ReViT vs DeiT (batch {args.batch}, median of {args.rounds} rounds)")
     return 0
 
