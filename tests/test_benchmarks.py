@@ -338,3 +338,16 @@ def test_benchmark_counts_are_checked_as_the_arguments_are_read(argv, message, c
         base_parser("x").parse_args(argv)
     assert info.value.code == 2 and capsys.readouterr().err.rstrip().endswith(message)
     assert base_parser("x").parse_args(["--threads", "1", "2", "--batch", "4"]).threads == [1, 2]
+
+
+def test_revit_bench_deploys_both_models_on_the_timed_batch():
+    """Found by an audit: the script deployed on one image and timed batch 8, against docs/benchmarks.md section 5's
+    advice (which the docs said these benchmarks follow)."""
+    import bench_revit_vs_deit as bench
+
+    threads = torch.get_num_threads()
+    try:
+        deployed, x = bench.deployed("deit_tiny_patch16_224", 3, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert tuple(x.shape) == (3, 3, 224, 224) and deployed.example_shape == tuple(x.shape)
