@@ -1483,6 +1483,17 @@ def test_a_conv_output_added_to_itself_is_no_residual_add(in_place):
     assert any("oneDNN pre-packed convolutions: 2" in o for o in deployed.optimizations), deployed.optimizations
 
 
+def _rewritten(model, x, packed=None):
+    """``model``'s output for ``x`` and ``deploy(model, x)`` in IEEE fp32, which must have the oneDNN rewrite (with
+    ``packed`` convolutions, if given)."""
+    with torch.no_grad():
+        expected = model(x)
+    deployed = deploy(model, x, fp32_precision="ieee")
+    prefix = "oneDNN pre-packed convolutions:" + ("" if packed is None else f" {packed} ")
+    assert any(o.startswith(prefix) for o in deployed.optimizations), deployed.optimizations
+    return deployed, expected
+
+
 def test_a_model_returning_a_list_is_rewritten():
     """Found by an audit: torch.fx's interpreter gives a list output as its immutable_list, which did not compare
     equal to the model's list, so every features_only model lost the oneDNN rewrite ("does not reproduce")."""
@@ -1490,11 +1501,7 @@ def test_a_model_returning_a_list_is_rewritten():
     model = timm.create_model("resnet18", features_only=True, out_indices=(1, 2)).eval()
     randomize_norms(model)
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        expected = model(x)
-    deployed = deploy(model, x, fp32_precision="ieee")
-    assert any(o.startswith("oneDNN pre-packed convolutions:") for o in deployed.optimizations), \
-        deployed.optimizations
+    deployed, expected = _rewritten(model, x)
     out = deployed(x)
     assert isinstance(out, list) and len(out) == 2
     for a, b in zip(out, expected):
@@ -1522,12 +1529,7 @@ def test_a_model_returning_an_ordered_dict_is_rewritten():
     rewritten model returns the OrderedDict; one nested in a list is still skipped, the reason now naming it."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
-    model = _OrderedMaps().eval()
-    with torch.no_grad():
-        expected = model(x)
-    deployed = deploy(model, x, fp32_precision="ieee")
-    assert any(o.startswith("oneDNN pre-packed convolutions: 2") for o in deployed.optimizations), \
-        deployed.optimizations
+    deployed, expected = _rewritten(_OrderedMaps().eval(), x, packed=2)
     out = deployed(x)
     assert type(out) is collections.OrderedDict and list(out) == ["a", "b"]
     for key in out:
