@@ -86,8 +86,11 @@ def _unsupported(vit: VisionTransformer) -> list:
 
 def _attn_scale(vit: VisionTransformer) -> Union[float, str, None]:
     """NViT's ``attn_scale`` for the ViT's blocks: their one scale, ``'per_block'`` when each block's is its
-    ``head_dim ** -0.5``, None when neither (NViT has no other per-block scales)."""
-    scales = [float(blk.attn.scale) for blk in vit.blocks]
+    ``head_dim ** -0.5``, None when neither (NViT has no other per-block scales). A block's scale is the one its
+    forward applies: ``attn.scale`` on timm's explicit path, ``head_dim ** -0.5`` on its fused one, where
+    ``F.scaled_dot_product_attention`` is called without it (found by a review)."""
+    scales = [blk.attn.head_dim ** -0.5 if getattr(blk.attn, 'fused_attn', False) else float(blk.attn.scale)
+              for blk in vit.blocks]
     if len(set(scales)) == 1:
         return scales[0]
     if all(scale == blk.attn.head_dim ** -0.5 for scale, blk in zip(scales, vit.blocks)):

@@ -778,6 +778,25 @@ def test_from_vit_takes_each_blocks_own_widths():
         torch.testing.assert_close(model(x), vit(x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize('fused', [True, False])
+def test_from_vit_takes_the_scale_each_attention_path_applies(fused):
+    """Found by a review: timm's fused attention path calls F.scaled_dot_product_attention without attn.scale (so
+    head_dim ** -0.5 applies whatever attn.scale says), its explicit path multiplies by attn.scale; from_vit took
+    attn.scale for both, so a ViT with another attn.scale on the fused path converted off by 0.09. The reference is
+    the ViT's own output."""
+    torch.manual_seed(0)
+    vit = timm.create_model('vit_tiny_patch16_224', img_size=64, depth=2, num_classes=5).eval()
+    for blk in vit.blocks:
+        blk.attn.fused_attn = fused
+        blk.attn.scale = 0.1
+        blk.attn.qkv.weight.data.normal_(0, 0.1)  # attention logits of order one, so that the scale matters
+    model = nvit.from_vit(vit).eval()
+    assert [blk.attn.scale for blk in model.blocks] == [64 ** -0.5 if fused else 0.1] * 2
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), vit(x), atol=1e-5, rtol=0)
+
+
 def test_from_vit_refuses_what_any_block_has():
     """Found by an audit: the feature checks read block 0 only (layer scale in block 2 converted without it), a
     hybrid ViT raised AttributeError ('HybridEmbed' object has no attribute 'norm'), and gated attention got the
@@ -789,7 +808,8 @@ def test_from_vit_refuses_what_any_block_has():
         change(vit.blocks)
         return vit
 
-    def scale_of_block_1(blocks):
+    def scale_of_block_1(blocks):  # on timm's explicit path, which applies attn.scale
+        blocks[1].attn.fused_attn = False
         blocks[1].attn.scale = 0.3
 
     cases = [
