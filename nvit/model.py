@@ -4,6 +4,7 @@ Paper: Global Vision Transformer Pruning with Hessian-Aware Saliency (Yang et al
 https://arxiv.org/abs/2110.04869. Original code: https://github.com/NVlabs/NViT (NVIDIA Source Code License-NC).
 This is a clean-room re-implementation; see docs/nvit.md for the differences from the official code.
 """
+import numbers
 from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
 
 import torch
@@ -213,11 +214,12 @@ class NViT(nn.Module):
         if fc_norm is not None and not isinstance(fc_norm, bool):
             raise TypeError(f'fc_norm must be True, False or None (on for the avg / max pools), got {fc_norm!r}.')
         use_fc_norm = global_pool in FC_NORM_POOLS if fc_norm is None else fc_norm
-        if not isinstance(patch_size, int):  # found by an audit: (16, 8) was built, then the input check took 16
+        if not isinstance(patch_size, numbers.Integral):  # (16, 8) was built, then inputs checked against 16
             sides = tuple(patch_size)
             if len(sides) != 2 or sides[0] != sides[1]:
                 raise ValueError(f'NViT: only square patches are supported, got patch_size={patch_size!r}.')
             patch_size = sides[0]
+        patch_size = int(patch_size)
         act_layer = _resolve_act_layer(act_layer)
         per_block_scale = attn_scale is None or attn_scale == 'per_block'
         if isinstance(attn_scale, str) and not per_block_scale:

@@ -1108,7 +1108,7 @@ def test_a_plain_pickle_is_named_without_torchs_warning_first(tmp_path, capsys):
     assert [str(w.message) for w in caught] == []
 
 
-@pytest.mark.parametrize("name", ["a`b.pth", "`ab.pth", "ab``.pth", "a b.pth"])
+@pytest.mark.parametrize("name", ["a`b.pth", "`ab.pth", "ab``.pth", "a b.pth", " a.pth "])
 def test_a_file_name_with_backticks_is_a_code_span_on_the_card(shvit_official, tmp_path, name):
     """Found by a review: the card wrote the converted file's name between single backticks, so a name holding one
     read back (the card check) as another file, and converting it failed. A Markdown renderer shows the name."""

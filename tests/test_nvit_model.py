@@ -1337,6 +1337,8 @@ def test_patches_are_square_or_refused():
     refused as not a multiple of the 16-pixel patch. (8, 8) is the int 8: a 200-pixel side passes."""
     with pytest.raises(ValueError, match=r'only square patches are supported, got patch_size=\(16, 8\)'):
         timm.create_model('revit_t', patch_size=(16, 8), dynamic_img_size=True)
+    import numpy as np
+    assert timm.create_model('revit_t', patch_size=np.int64(16)).patch_embed.patch_size == (16, 16)  # review
     model = timm.create_model('revit_t', patch_size=(8, 8), dynamic_img_size=True).eval()
     assert model.patch_embed.patch_size == (8, 8)
     with torch.no_grad():

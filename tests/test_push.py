@@ -178,7 +178,7 @@ def test_a_quoted_card_licence_is_the_same_licence(converted, tmp_path):
 # the last five break the Hub's rules (no '--' or '..', no part starting or ending with '-' or '.', at most 96
 # characters, ASCII): found by an audit, they were verified and then refused by the Hub client with exit 1
 @pytest.mark.parametrize("repo", ["no-slash", "a b/c", "/name", "org/", "me/a--b", "me/a..b", "me/-ab", "me/ab.",
-                                  "me/" + "x" * 97, "me/café"])
+                                  "me/" + "x" * 97, "me/café", "me/x.git", "o" * 97 + "/x"])
 def test_push_rejects_bad_repo_id(hub, converted, capsys, repo):
     """A bad --repo is a usage error: exit code 2 before any work (was 1, and 'a b/c' went to the Hub)."""
     assert main(["push", str(converted[1]), "--repo", repo]) == 2
@@ -398,7 +398,7 @@ def test_an_mit_card_carries_the_copyright_and_permission_notice(converted):
     assert any("Copyright (c) 2024 ysj9909 " + notice in plain for notice in _installed_mit_notices())
 
 
-@pytest.mark.parametrize("metadata", ["oops", {"format": 1}])
+@pytest.mark.parametrize("metadata", ["oops", {"format": 1}, [], ""])
 def test_a_weight_file_with_bad_metadata_is_refused_by_name(hub, converted, tmp_path, capsys, metadata):
     """Found by an audit: a model.safetensors whose __metadata__ is not an object of strings passed the header check
     (the safetensors reader refuses it: the reference) and push crashed with an AttributeError traceback."""

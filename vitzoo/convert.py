@@ -179,7 +179,8 @@ def _code_span(text: str) -> str:
     space each side when it starts or ends with one (found by a review: a file named ``a`b.pth`` gave a card whose
     source line its own check read back as ``a``, so converting it failed)."""
     fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    # CommonMark strips one space from each side of a span that starts and ends with one: pad such text too
+    pad = " " if text.startswith("`") or text.endswith("`") or text[:1] == text[-1:] == " " else ""
     return f"{fence}{pad}{text}{pad}{fence}"
 
 

@@ -181,7 +181,8 @@ def read_safetensors_metadata(path: PathLike) -> Tuple[Dict[str, str], Dict[str,
             raise CorruptWeightsError(f"{path} is corrupt: its safetensors header is not valid JSON ({e}).") from e
     if not isinstance(header, dict):
         raise CorruptWeightsError(f"{path} is corrupt: its safetensors header is not a JSON object.")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         # the safetensors reader refuses such a file ("expected a map" of strings); found by an audit: push crashed
         raise CorruptWeightsError(f"{path} is corrupt: its safetensors metadata (__metadata__) is not a JSON object "

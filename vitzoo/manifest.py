@@ -19,9 +19,9 @@ __all__ = ["WeightEntry", "Manifest", "ManifestError", "load_manifest", "family_
 LICENSES = ("mit", "cc-by-nc-sa-4.0", "apache-2.0")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")  # used with fullmatch (``$`` would let a trailing newline through)
 # the Hub's rules for a repo id 'org/name': ASCII letters, digits, '_', '-', '.', neither part starting or ending with
-# '-' or '.', no '--' or '..', a name of at most 96 characters
-_REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
-_REPO_RE = re.compile(rf"(?!.*(?:--|\.\.)){_REPO_PART}/(?=.{{1,96}}\Z){_REPO_PART}")
+# '-' or '.', no '--' or '..', each part at most 96 characters, no name ending in '.git'
+_REPO_PART = r"(?=[^/]{1,96}(?:/|\Z))[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
+_REPO_RE = re.compile(rf"(?!.*(?:--|\.\.))(?!.*\.git\Z){_REPO_PART}/{_REPO_PART}")
 _FAMILY_KEYS = ("paper", "authors", "venue", "arxiv", "code_url", "license", "license_name", "license_url",
                 "copyright", "commercial_use", "flops_note")
 _ENTRY_KEYS = ("model", "tag", "family", "source_url", "source_sha256", "hub_repo", "license", "metrics", "notes")
