@@ -900,3 +900,17 @@ def test_an_hf_hub_name_without_pretrained_gets_the_hubs_clear_errors(tmp_path, 
     finally:
         hub.stop()
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_an_hf_hub_config_with_two_class_counts_builds_without_weights(tmp_path, monkeypatch):
+    """Found by a review: the class-count check (for loads that would drop the classifier) refused to build the model
+    without weights too, which timm builds from model_args as it is."""
+    from hub_server import use_loopback_hub  # tests/hub_server.py
+
+    config = {"architecture": "shvit_s1", "num_classes": 10, "model_args": {"num_classes": 1000},
+              "pretrained_cfg": {"input_size": [3, 224, 224]}}
+    hub = use_loopback_hub(monkeypatch, tmp_path, {"o/m": {"config.json": json.dumps(config).encode()}})
+    try:
+        assert create("hf-hub:o/m").num_classes == timm.create_model("hf-hub:o/m").num_classes == 1000
+    finally:
+        hub.stop()

@@ -35,7 +35,6 @@ from tqdm.auto import tqdm
 
 from vitzoo.cli import image_size
 from vitzoo.flops import count_flops
-from vitzoo.hub import hub_config
 from vitzoo.messages import cli_message, command_line_advice, error_message, first_line, help_description
 from vitzoo.models import (DEFAULT_MODELS, PAPER_NUMBERS, UnknownModelError, canonical_prefix, create,
                            resolve_name)
@@ -187,9 +186,7 @@ def _build(
             skipped[name] = f"not registered ({e})"
             continue
         try:
-            if name.startswith("hf-hub:"):  # its config.json, with the Hub cache's offline advice (timm's is bare)
-                hub_config(name[len("hf-hub:"):])
-            model = create(name, img_size=img_size)
+            model = create(name, img_size=img_size)  # an hf-hub: name's config.json checked as vitzoo.hub does
         except Exception as e:  # noqa: BLE001  a model that cannot be built (nvit_* without dims) is reported
             skipped[name] = f"cannot be built: {type(e).__name__}: {_build_advice(error_message(e), name)}"
             continue

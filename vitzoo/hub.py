@@ -463,15 +463,16 @@ def _repo_not_found(repo_id: str, error: BaseException) -> str:
             "repo also needs a token (`hf auth login` or HF_TOKEN).")
 
 
-def hub_config(hub_id: str, cache_dir: Optional[PathLike] = None) -> Dict[str, Any]:
+def hub_config(hub_id: str, cache_dir: Optional[PathLike] = None, weights: bool = True) -> Dict[str, Any]:
     """The pretrained cfg in the config.json of an ``hf-hub:`` repo, which timm reads before the weights.
 
     Raises what makes every load of the repo fail, in words timm does not give (found by an audit: a raw
     ``RemoteEntryNotFoundError``, ``KeyError: 'architecture'``, a ``JSONDecodeError`` naming no file):
     :class:`MissingWeightsError` when the repo does not exist, has no config.json, or (offline) its config.json is
     not in the Hub cache; :class:`WeightsError` when config.json is not JSON or names no ``architecture`` (not a
-    timm config); :class:`vitzoo.models.UnknownModelError` when timm does not know its architecture. Empty when the
-    file cannot be fetched for another reason (a network or HTTP error: the weights' fetch then says why).
+    timm config) or, for a load with ``weights``, when its two class counts differ (:func:`_check_class_counts`);
+    :class:`vitzoo.models.UnknownModelError` when timm does not know its architecture. Empty when the file cannot be
+    fetched for another reason (a network or HTTP error: the weights' fetch then says why).
     """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -515,7 +516,8 @@ def hub_config(hub_id: str, cache_dir: Optional[PathLike] = None) -> Dict[str, A
     except UnknownModelError as e:
         raise UnknownModelError(f"config.json of Hub repo '{repo_id}' names architecture '{arch}': {e} (a model "
                                 f"registered by a package is known once that package is imported)") from e
-    _check_class_counts(config, f"config.json of Hub repo '{repo_id}'")
+    if weights:  # a model built without them has nothing to lose
+        _check_class_counts(config, f"config.json of Hub repo '{repo_id}'")
     cfg = config.get("pretrained_cfg", config)
     return cfg if isinstance(cfg, dict) else {}
 

@@ -225,7 +225,7 @@ def create(
     resolve_name(name, allow_folders=True)
     if name.startswith("hf-hub:"):  # its config.json, checked as for a pretrained load (found by an audit: without
         from .hub import hub_config  # weights, a raw 404 / KeyError: 'architecture' / TypeError)
-        hub_config(name[len("hf-hub:"):])
+        hub_config(name[len("hf-hub:"):], weights=False)
     model = timm.create_model(name, pretrained=False)
     cfg = model.pretrained_cfg
     size = (img_size, img_size) if isinstance(img_size, int) else None if img_size is None else tuple(img_size)
