@@ -77,8 +77,7 @@ def create_body(
                                 f'{summarize_load_error(e, weights)}.') from e
         kwargs['pretrained_cfg_overlay'] = dict(file=str(weights))
         try:
-            state_dict = _read_state_dict(weights)
-            classes = None if 'num_classes' in kwargs else _checkpoint_classes(name, state_dict)
+            classes = None if 'num_classes' in kwargs else _checkpoint_classes(name, weights)
         except Exception as e:  # noqa: BLE001  timm's reader raises anything on a file it cannot take
             raise BackboneError(f'could not load {weights} into backbone {name!r}: '
                                 f'{summarize_load_error(e, weights)}.') from e
@@ -100,10 +99,14 @@ def create_body(
             headless = dict(kwargs, num_classes=0)
             headless['pretrained_cfg_overlay'] = dict(kwargs['pretrained_cfg_overlay'], num_classes=0)
             model = _create(name, pretrained, headless)  # failing too, its error names the body's problem
-    except (RuntimeError, ValueError, TypeError, OSError) as e:  # OSError: a download that fails (offline)
-        if isinstance(e, OSError) and not pretrained:
+    except (RuntimeError, ValueError, TypeError, OSError, AttributeError) as e:  # OSError: a failed download
+        if isinstance(e, OSError) and not pretrained or isinstance(e, AttributeError) and weights is None:
             raise
         if weights is not None:
+            try:  # a file holding no state dict (timm's loader stops at an AttributeError) is named as such
+                _read_state_dict(weights)
+            except ValueError as held:
+                raise BackboneError(f'could not load {weights} into backbone {name!r}: {held}.') from e
             raise BackboneError(
                 f'could not load {weights} into backbone {name!r}: {summarize_load_error(e, weights)}; the file '
                 f'must hold {name} weights (with or without its classifier), or choose the backbone it was saved '
@@ -169,13 +172,14 @@ def _read_state_dict(weights: Path) -> Dict[str, Any]:
                          "checkpoint holding one under 'model' or 'state_dict'") from e
 
 
-def _checkpoint_classes(name: str, state_dict: Dict[str, Any]) -> Optional[int]:
-    """The class count of the checkpoint's classifier when it differs from the model's pretrained cfg, 0 when the
+def _checkpoint_classes(name: str, weights: Path) -> Optional[int]:
+    """The class count of ``weights``' classifier when it differs from the model's pretrained cfg, 0 when the
     checkpoint holds no classifier (saved with ``num_classes=0`` or with its head removed), else None."""
     arch, tag = resolve_name(name)
     cfg = timm.models.get_pretrained_cfg(f'{arch}.{tag}' if tag else arch)
     if cfg is None or not cfg.classifier:
         return None
+    state_dict = _read_state_dict(weights)
     names = (cfg.classifier,) if isinstance(cfg.classifier, str) else tuple(cfg.classifier)
     found = False
     for classifier in names:
