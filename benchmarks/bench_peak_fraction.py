@@ -171,8 +171,10 @@ def _label(name: str, batch: int, threads: int, precision: str) -> str:
     if precision == "ieee":
         return f"{name}@{res} deploy(ieee)"
     previous = torch.get_num_threads()
-    used = deployed(name, batch, threads, precision)[0].fp32_precision
-    torch.set_num_threads(previous)
+    try:
+        used = deployed(name, batch, threads, precision)[0].fp32_precision
+    finally:
+        torch.set_num_threads(previous)
     return f"{name}@{res} deploy() [{used}]"
 
 

@@ -71,8 +71,10 @@ def main() -> int:
                               args.batch, args.rounds, args.min_time, desc)
                 speedup = t[ours_name].throughput / t[deit_name].throughput
                 previous = torch.get_num_threads()
-                precision = " / ".join(deployed(n, args.batch, threads, backend)[0].fp32_precision for n in names)
-                torch.set_num_threads(previous)
+                try:
+                    precision = " / ".join(deployed(n, args.batch, threads, backend)[0].fp32_precision for n in names)
+                finally:
+                    torch.set_num_threads(previous)
                 rows.append([ours_name, deit_name, backend, precision, threads, f"{flops[ours_name] / 1e9:.2f}",
                              f"{flops[deit_name] / 1e9:.2f}", f"{flops[deit_name] / flops[ours_name]:.2f}x",
                              t[ours_name].throughput, t[deit_name].throughput, f"{speedup:.2f}x"])
