@@ -98,7 +98,11 @@ def measured_fma_peak(threads: int, iters: int = 200_000_000, runs: int = 3) -> 
     by another process would lower it, and raise every fraction of it); None without a C compiler (``$CC``, which
     may be a command line such as ``ccache gcc``, else ``cc`` / ``gcc`` / ``clang``) or without x86 FMA."""
     found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    compiler = shlex.split(os.environ.get("CC", "")) or ([found] if found else [])
+    try:
+        compiler = shlex.split(os.environ.get("CC", "")) or ([found] if found else [])
+    except ValueError as e:  # CC="gcc -DX='1" : unbalanced quotes
+        print(f"measured FMA peak: skipped ($CC={os.environ['CC']!r} is not a valid command line: {e})")
+        return None
     source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fma_peak.c")
     if not compiler:
         print("measured FMA peak: skipped (no C compiler found; set CC)")

@@ -165,6 +165,15 @@ def test_fma_peak_takes_cc_as_a_command_line_and_skips_a_missing_one(tmp_path, m
     assert bench.measured_fma_peak(2, iters=10) == 15e9  # two concurrent runs of 7.5 GMAC/s, best of three
 
 
+def test_fma_peak_skips_a_cc_with_unbalanced_quotes(monkeypatch, capsys):
+    """CC="gcc -DX='1" ended the script in shlex's uncaught ValueError ("No closing quotation")."""
+    import bench_peak_fraction as bench
+    monkeypatch.setenv("CC", "gcc -DX='1")
+    assert bench.measured_fma_peak(1, iters=10) is None
+    assert "measured FMA peak: skipped ($CC=\"gcc -DX='1\" is not a valid command line: No closing quotation)" \
+        in capsys.readouterr().out
+
+
 CPUINFO = "vendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: {model}\nflags\t\t: fpu sse {flags}\n"
 
 
