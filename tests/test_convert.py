@@ -1141,3 +1141,18 @@ def test_errors_about_a_url_source_name_the_url(shvit_official, tmp_path, capsys
             err = _cli_error(capsys, url, "--model", model, "--out", tmp_path / "out")
             assert says in err and f"{url} " in err and ".vitzoo-src-" not in err, err
     assert os.listdir(tmp_path) == ["served"]
+
+
+def test_an_os_error_about_a_url_source_names_the_url(tmp_path):
+    """An OSError about the downloaded copy (a full disk while downloading) printed the copy's deleted path: Python
+    prints an OSError's file name from its ``filename``, which was left as it was."""
+    import errno
+    from vitzoo.convert import _download_path, _naming_the_url
+    url = "https://example.org/w/shvit_s1.pth?download=1"
+    copy = _download_path(url, tmp_path)
+    with pytest.raises(OSError) as raised, _naming_the_url(url, tmp_path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(copy))
+    assert str(raised.value) == f"[Errno 28] No space left on device: {url!r}"
+    with pytest.raises(OSError) as raised, _naming_the_url(url, tmp_path):
+        raise OSError(errno.EXDEV, "Invalid cross-device link", str(tmp_path / "x"), None, str(copy))
+    assert str(raised.value) == f"[Errno 18] Invalid cross-device link: {str(tmp_path / 'x')!r} -> {url!r}"

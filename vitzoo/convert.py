@@ -562,8 +562,15 @@ def _naming_the_url(src: str, workdir: Path) -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        if src.startswith(("http://", "https://")) and e.args and isinstance(e.args[0], str):
-            e.args = (e.args[0].replace(str(_download_path(src, workdir)), src), *e.args[1:])
+        if src.startswith(("http://", "https://")):
+            copy = str(_download_path(src, workdir))
+            if e.args and isinstance(e.args[0], str):
+                e.args = (e.args[0].replace(copy, src), *e.args[1:])
+            if isinstance(e, OSError):  # "[Errno 28] No space left on device: '<copy>'" is printed from filename
+                if e.filename is not None and str(e.filename) == copy:
+                    e.filename = src
+                if e.filename2 is not None and str(e.filename2) == copy:
+                    e.filename2 = src
         raise
 
 
