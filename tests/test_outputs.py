@@ -2,6 +2,7 @@
 check): each way two outputs can differ is caught, with the expected verdict written out by hand."""
 import collections
 import math
+import warnings
 
 import pytest
 import torch
@@ -48,6 +49,18 @@ def test_max_abs_diff_of_float64_is_compared_in_float64():
     out = ref + 1e-12  # lost if both were rounded to float32
     diff, scale = max_abs_diff_of(out, ref)
     assert 0.5e-12 < diff < 2e-12 and scale == 2.0
+
+
+def test_max_abs_diff_of_an_output_that_requires_grad_warns_nothing():
+    """A model returning a parameter's view (which requires grad even under no_grad) made every deploy print torch's
+    "Converting a tensor with requires_grad=True to a scalar" warning, from the comparison's float()."""
+    weight = nn.Parameter(X.clone())
+    with torch.no_grad():
+        output = weight.t()
+    assert output.requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert max_abs_diff_of(output, X.t() + 0.25) == (0.25, 3.75)  # |-4 + 0.25|
 
 
 def test_max_abs_diff_of_nan_is_reported_not_hidden():

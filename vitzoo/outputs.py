@@ -41,6 +41,7 @@ def outputs_close(output: object, reference: object, rel: float) -> bool:
     return True
 
 
+@torch.no_grad()  # an output may be a parameter's view, which requires grad even under no_grad: no graph, no warning
 def max_abs_diff_of(output: object, reference: object) -> Tuple[float, float]:
     """``(max abs diff, largest abs value of the reference)`` over the float tensors of two (nested) outputs.
 
