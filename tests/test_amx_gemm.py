@@ -591,6 +591,25 @@ def test_a_read_only_cache_folder_falls_back_to_a_private_temporary_one(
     assert list(temporary.glob("vitzoo-native-*/amx_gemm-*.so"))
 
 
+def test_a_user_without_a_home_folder_builds_in_a_private_temporary_one(
+        kernel_available, fresh_state, monkeypatch, tmp_path_factory):
+    """Found by an audit: in a container run under a UID with neither $HOME nor a passwd entry, Path.home() raised
+    and the kernels were disabled with "Could not determine home directory"."""
+    if not kernel_available:
+        pytest.skip(f"AMX bf16x3 kernel unavailable here: {amx_gemm.unavailable_reason()}")
+    monkeypatch.delenv("VITZOO_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(native_build.Path, "home", staticmethod(no_home))
+    temporary = tmp_path_factory.mktemp("tmp")
+    monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(temporary))
+    assert amx_gemm.load() is not None, amx_gemm.unavailable_reason()
+    assert list(temporary.glob("vitzoo-native-*/amx_gemm-*.so"))
+
+
 def test_no_writable_build_folder_names_why_for_each(monkeypatch, tmp_path):
     """The error said "<cache> is read-only" whatever the reason, e.g. for a cache path under a file."""
     blocker = tmp_path / "a-file"

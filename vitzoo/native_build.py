@@ -37,12 +37,20 @@ def cpu_flags() -> set:
     return set()
 
 
-def _cache_dir() -> Path:
+def _cache_dir() -> Optional[Path]:
+    """The user's cache folder for vitzoo, or ``None`` for a user with no home folder (a container run under a UID
+    with neither ``$HOME`` nor a passwd entry: found by an audit, the kernels were then disabled with "Could not
+    determine home directory" instead of being built in the temporary folder)."""
     root = os.environ.get("VITZOO_CACHE_DIR")
     if root:
         return Path(root)
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "vitzoo"
+    if xdg:
+        return Path(xdg) / "vitzoo"
+    try:
+        return Path.home() / ".cache" / "vitzoo"
+    except (RuntimeError, KeyError):  # Path.home(): RuntimeError from Python 3.10 on, KeyError from pwd before
+        return None
 
 
 def _digest(path: Path) -> str:
@@ -79,11 +87,11 @@ def _private(path: Path) -> bool:
     return info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
-def _writable_directory(preferred: Path) -> Path:
-    """``preferred``, created if needed, if a file can be created in it; else a private per-user directory in the
-    system's temporary folder (reused by later processes, so the kernel is built once there too)."""
+def _writable_directory(preferred: Optional[Path]) -> Path:
+    """``preferred``, created if needed, if a file can be created in it; else (or with ``None``) a private per-user
+    directory in the system's temporary folder (reused by later processes, so the kernel is built once there too)."""
     reasons = []
-    for directory in (preferred, _temporary_dir()):
+    for directory in ([] if preferred is None else [preferred]) + [_temporary_dir()]:
         try:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             if directory != preferred and not _private(directory):  # a shared folder: only a private one
@@ -115,11 +123,13 @@ def build_library(source: Path, flags: Sequence[str], compiler: str) -> Path:
     key = hashlib.sha256(source.read_bytes() + repr((tuple(flags), compiler, version)).encode()).hexdigest()[:16]
     name = f"{source.stem}-{key}.so"
     temporary = _temporary_dir()
-    for directory in (_cache_dir() / "native", temporary):
+    cache = _cache_dir()
+    preferred = None if cache is None else cache / "native"
+    for directory in ([] if preferred is None else [preferred]) + [temporary]:
         trusted = directory != temporary or (_private(directory) and _private(directory / name))
         if trusted and _intact(directory / name):
             return directory / name
-    target = _writable_directory(_cache_dir() / "native") / name
+    target = _writable_directory(preferred) / name
     fd, partial = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
