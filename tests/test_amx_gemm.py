@@ -480,6 +480,63 @@ def test_infinite_and_huge_inputs_give_what_fp32_gives_not_nan():
     assert amx_gemm.amx_linear(a, amx_gemm.pack_weight(w), 48)[3].isinf().all()
 
 
+def test_a_layer_with_an_infinite_weight_stays_ieee():
+    """Found by an audit: an infinite weight was packed with lo = 0, and a_lo * w_hi = inf * 0 gave NaN for every
+    input exact in bf16 ([1, 2] . [inf, 1] gave NaN, IEEE fp32 inf). It cannot be split: pack_weight refuses it,
+    and deploy's AMX layers leave it to IEEE fp32, whose results are the reference."""
+    _needs_amx()
+    from vitzoo.amx_linear import AmxLinear
+
+    w = torch.randn(48, 64) / 8
+    w[5, 3] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite values"):
+        amx_gemm.pack_weight(w)
+    linear = nn.Linear(64, 48)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    model = nn.Sequential(linear, nn.ReLU(), nn.Linear(48, 8)).eval()
+    x = torch.randint(1, 4, (2, 160, 64)).float()  # exact in bf16, positive: inf * x stays inf
+    deployed = vitzoo.deploy(model, x, verify=False, fp32_precision="bf16x3")
+    assert not any(isinstance(m, AmxLinear) for m in deployed.modules())
+    with torch.no_grad():
+        assert torch.equal(deployed(x).isnan(), model(x).isnan())
+    conv = nn.Conv2d(64, 48, 1).eval()
+    with torch.no_grad():
+        conv.weight.copy_(w[:, :, None, None])
+    packed = PackedConv2d(conv, (2, 64, 8, 8), fp32_precision="bf16x3")
+    assert not packed.amx
+    image = torch.randint(1, 4, (2, 64, 8, 8)).float()
+    with torch.no_grad():
+        got, expected = packed(image), conv(image)
+    assert torch.equal(got.isinf(), expected.isinf()) and not got.isnan().any()
+
+
+def test_the_kernels_refuse_arguments_they_would_read_past_or_count_wrong():
+    """Found by an audit: a bias shorter than the outputs, or more outputs than the packed weight holds, were read
+    past their end; an input with fewer features that pads to the same size was taken; 2**31 rows wrapped around
+    in the kernel's C int and left the output unwritten."""
+    _needs_amx()
+    packed = amx_gemm.pack_weight(torch.randn(19, 7))
+    with pytest.raises(ValueError, match=r"bias of shape \(5,\), expected \(19,\)"):
+        amx_gemm.amx_linear(torch.randn(2, 7), packed, 19, bias=torch.ones(5))
+    with pytest.raises(ValueError, match="40 outputs do not fit a weight packed for 32"):
+        amx_gemm.amx_linear(torch.randn(2, 7), packed, 40)
+    with pytest.raises(ValueError, match="expected an input of 7 features, got 5"):
+        amx_gemm.amx_linear(torch.randn(2, 5), packed, 19, in_features=7)
+    rows = torch.zeros(1, 1).expand(2 ** 31, 1)  # no memory behind the 2**31 rows but one float
+    with pytest.raises(ValueError, match="2147483648 input rows"):
+        amx_gemm.amx_linear(rows, amx_gemm.pack_weight(torch.ones(1, 1)), 1)
+    conv = amx_gemm.pack_conv_weight(torch.randn(64, 32, 3, 3))
+    x = torch.randn(1, 32, 8, 8).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"bias of shape \(63,\), expected \(64,\)"):
+        amx_gemm.amx_conv2d(x, conv, 64, (3, 3), (1, 1), (1, 1), (1, 1), bias=torch.ones(63))
+    with pytest.raises(ValueError, match="80 outputs do not fit a weight packed for 64"):
+        amx_gemm.amx_conv2d(x, conv, 80, (3, 3), (1, 1), (1, 1), (1, 1))
+    pointwise = amx_gemm.pack_weight(torch.randn(64, 32))
+    with pytest.raises(ValueError, match=r"bias of shape \(8,\), expected \(64,\)"):
+        amx_gemm.amx_pointwise(x, pointwise, 64, bias=torch.ones(8))
+
+
 def test_nan_goes_through_the_fused_relu():
     """Found by an audit: the fused ReLU was max(x, 0), which AVX-512 gives as 0 for a NaN x, so an image with a NaN
     pixel got finite logits from the deployed model and NaN ones from the original. torch's relu is the reference."""

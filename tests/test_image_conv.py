@@ -85,6 +85,15 @@ def test_bad_inputs_are_refused_with_a_reason():
         image_conv.image_conv3x3(torch.randn(1, 3, 8, 8), packed, 16, (3, 3), (1, 1))
     with pytest.raises(ValueError, match=r"\(N, 3, 3, 3\)"):
         image_conv.pack_weight(torch.randn(16, 3, 5, 5), None)
+    # found by an audit: the kernel read past the packed weight and bias for more output channels than they hold,
+    # and counted output rows in a C int (2**31 of them wrapped around)
+    with pytest.raises(ValueError, match=r"bias of shape \(12,\), expected \(16,\)"):
+        image_conv.pack_weight(torch.randn(16, 3, 3, 3), torch.randn(12))
+    with pytest.raises(ValueError, match="40 output channels do not fit a weight packed for 16"):
+        image_conv.image_conv3x3(torch.randn(1, 3, 8, 8), packed, 40, (1, 1), (1, 1))
+    huge = torch.zeros(3).as_strided((2 ** 16, 3, 2 ** 15 + 2, 3), (0, 1, 0, 0))  # 2**31 output rows, 12 bytes
+    with pytest.raises(ValueError, match="more output rows than the image convolution kernel counts"):
+        image_conv.image_conv3x3(huge, packed, 16, (1, 1), (0, 0))
 
 
 @pytest.mark.parametrize("conv,eligible", [

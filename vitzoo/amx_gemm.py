@@ -89,15 +89,20 @@ def pack_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     ``(W[o, 2r], W[o, 2r + 1])`` of its 16 columns (the layout ``_tile_dpbf16ps`` multiplies).
     """
     out_features, in_features = weight.shape
+    if not bool(torch.isfinite(weight).all()):
+        # an infinite weight cannot be split: whatever its lo part, a_lo * w_hi is inf * 0 = NaN for an input exact
+        # in bf16 (found by an audit: [inf, 1] . [1, 2] gave NaN, IEEE fp32 gives inf)
+        raise ValueError("the weight holds NaN or infinite values, which bf16x3 cannot split; run this layer in "
+                         "IEEE fp32")
     padded = torch.zeros(-(-out_features // _ALIGN_N) * _ALIGN_N, -(-in_features // _ALIGN_K) * _ALIGN_K)
     padded[:out_features, :in_features] = weight.detach().float()
     hi = padded.to(torch.bfloat16)
     # as the kernel splits activations: a finite value that rounds past the bf16 maximum is truncated instead (so
-    # that hi + lo stays finite), and an infinite one gets lo = 0 (inf - inf would be NaN)
-    overflow = hi.isinf() & padded.isfinite()
+    # that hi + lo stays finite)
+    overflow = hi.isinf()
     if overflow.any():
         hi[overflow] = (padded.view(torch.int32) & -65536).view(torch.float32)[overflow].to(torch.bfloat16)
-    lo = torch.where(padded.isinf(), torch.zeros_like(padded), padded - hi.float()).to(torch.bfloat16)
+    lo = (padded - hi.float()).to(torch.bfloat16)
 
     def tiles(t: torch.Tensor) -> torch.Tensor:
         n, k = t.shape
@@ -125,6 +130,24 @@ def _run(lib: ctypes.CDLL, rows: torch.Tensor, packed: Tuple[torch.Tensor, torch
     return out
 
 
+#: The kernels count rows (pixels) in C ints: more would wrap around, and leave the output unwritten
+MAX_ROWS = 2 ** 31 - 1
+
+
+def _check_rows(m: int) -> None:
+    if m > MAX_ROWS:
+        raise ValueError(f"{m} input rows (pixels); the AMX kernel takes at most {MAX_ROWS}: split the batch")
+
+
+def _check_outputs(packed: Tuple[torch.Tensor, torch.Tensor], bias: Optional[torch.Tensor], n: int) -> None:
+    """The output count fits the packed weight and the bias has one value per output (found by an audit: the
+    kernel read past the end of a shorter bias, or of the weight for more outputs than it holds)."""
+    if n > packed[0].shape[0] * 16:
+        raise ValueError(f"{n} outputs do not fit a weight packed for {packed[0].shape[0] * 16} (padded)")
+    if bias is not None and bias.numel() != n:
+        raise ValueError(f"bias of shape {tuple(bias.shape)}, expected ({n},)")
+
+
 def _check_status(status: int) -> None:
     if status != 0:
         raise MemoryError("vitzoo AMX kernel: a thread could not allocate its 2 x 32 rows of bf16 panel buffers")
@@ -139,7 +162,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def amx_linear(rows: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], out_features: int,
                bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-               relu: bool = False) -> torch.Tensor:
+               relu: bool = False, in_features: Optional[int] = None) -> torch.Tensor:
     """``relu?(rows @ W.T + bias + residual)`` in bf16x3, W given as :func:`pack_weight` returned it.
 
     Args:
@@ -149,6 +172,9 @@ def amx_linear(rows: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], ou
         bias: ``(out_features,)`` or ``None``.
         residual: ``(M, out_features)`` added before the ReLU, or ``None``.
         relu: Apply a ReLU last.
+        in_features: The weight's second dimension, checked exactly (the packing pads it to a multiple of 32, so
+            without it an input with fewer features that pads to the same size is taken, its missing features as
+            zeros).
 
     Returns:
         A new ``(M, out_features)`` float32 tensor.
@@ -156,11 +182,15 @@ def amx_linear(rows: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], ou
     lib = load()
     if lib is None:
         raise RuntimeError(f"the AMX bf16x3 kernel is not available here: {unavailable_reason()}")
+    _check_rows(rows.shape[0])  # before _rows may copy them
     rows = _rows(rows)
     k_packed = packed[0].shape[1] * _ALIGN_K
+    if in_features is not None and rows.shape[1] != in_features:
+        raise ValueError(f"expected an input of {in_features} features, got {rows.shape[1]}")
     if not k_packed - _ALIGN_K < rows.shape[1] <= k_packed or packed[0].shape[0] * 16 < out_features:
         raise ValueError(f"input of {rows.shape[1]} features / {out_features} outputs do not fit a weight packed "
                          f"for {k_packed} x {packed[0].shape[0] * 16} (padded)")
+    _check_outputs(packed, bias, out_features)
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().float().contiguous()  # else passed as it is: three dispatcher calls (~3 us) saved
     if residual is not None:
@@ -207,6 +237,8 @@ def amx_pointwise(x: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], ou
         raise ValueError(f"an input of {channels} channels does not fit a weight packed for {k_packed} (padded)")
     if residual is not None and tuple(residual.shape) != (batch, out_channels, height, width):
         raise ValueError(f"residual of shape {tuple(residual.shape)}, expected {(batch, out_channels, height, width)}")
+    _check_rows(batch * height * width)
+    _check_outputs(packed, bias, out_channels)
     out = torch.empty(batch, height, width, out_channels).permute(0, 3, 1, 2)
     status = lib.vitzoo_amx_linear_bf16x3(
         x.data_ptr(), lda, batch * height * width, channels, packed[0].data_ptr(), packed[1].data_ptr(),
@@ -257,6 +289,8 @@ def amx_conv2d(x: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], out_c
     if oh < 1 or ow < 1:
         raise ValueError(f"input of {height}x{width} (padded {height + 2 * padding[0]}x{width + 2 * padding[1]}) "
                          f"is smaller than the {kh}x{kw} kernel (dilation {tuple(dilation)})")
+    _check_rows(batch * oh * ow)
+    _check_outputs(packed, bias, out_channels)
     out = torch.empty(batch, oh, ow, out_channels).permute(0, 3, 1, 2)  # channels-last (B, N, OH, OW)
     other = None
     if residual is not None:

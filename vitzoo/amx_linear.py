@@ -155,7 +155,8 @@ class AmxLinear(nn.Module):
 def _eligible(module: nn.Module) -> bool:
     return (type(module) is nn.Linear and module.in_features >= MIN_IN_FEATURES
             and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"
-            and not has_forward_hooks(module))  # replaced, it would lose them
+            and not has_forward_hooks(module)  # replaced, it would lose them
+            and bool(torch.isfinite(module.weight).all()))  # an infinite weight cannot be split (pack_weight)
 
 
 def swap_linears(model: nn.Module, share: float = 1.0, rows_kinds: Optional[Dict[nn.Module, str]] = None) -> int:

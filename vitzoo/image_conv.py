@@ -75,6 +75,8 @@ def pack_weight(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[tor
     ``ceil(N / 16) * 16`` fp32, zero-padded (no bias: zeros)."""
     if weight.dim() != 4 or tuple(weight.shape[1:]) != (IN_CHANNELS, 3, 3):
         raise ValueError(f"expected a (N, 3, 3, 3) convolution weight, got {tuple(weight.shape)}")
+    if bias is not None and bias.numel() != weight.shape[0]:
+        raise ValueError(f"bias of shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
     n = weight.shape[0]
     blocks = -(-n // 16)
     padded = torch.zeros(blocks * 16, 27)
@@ -130,6 +132,12 @@ def image_conv3x3(x: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], ou
                          f"stride {tuple(stride)}, padding {tuple(padding)}")
     if min(_output_size(x, stride[0], padding[0])) < 1:
         raise ValueError(f"input of {tuple(x.shape[2:])} (padding {padding[0]}) is smaller than the 3x3 kernel")
+    if x.shape[0] * _output_size(x, stride[0], padding[0])[0] > 2 ** 31 - 1:  # output rows, counted in a C int
+        raise ValueError(f"{x.shape[0]} images of {tuple(x.shape[2:])} are more output rows than the image "
+                         "convolution kernel counts (2**31 - 1): split the batch")
+    if not 0 < out_channels <= packed[1].numel():  # the kernel reads out_channels weights and biases
+        raise ValueError(f"{out_channels} output channels do not fit a weight packed for {packed[1].numel()} "
+                         "(padded)")
     if x.stride(3) != 1:
         x = x.contiguous()
     return _run(lib, x, packed, out_channels, stride[0], padding[0], relu)

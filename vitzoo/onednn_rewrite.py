@@ -102,7 +102,9 @@ class PackedConv2d(nn.Module):
         self._packed: Dict[Tuple[int, ...], torch.Tensor] = {}
         self._output_shapes: Dict[Tuple[int, ...], Tuple[int, ...]] = {}  # input shape -> output shape (per call)
         self._input_size = self._padded_size(tuple(input_size))
-        self.amx = fp32_precision == "bf16x3" and self._amx_pays_off() and amx_gemm.load() is not None
+        # an infinite weight cannot be split in bf16 parts (pack_weight): such a layer stays IEEE
+        self.amx = fp32_precision == "bf16x3" and self._amx_pays_off() and amx_gemm.load() is not None \
+            and bool(torch.isfinite(self.weight).all())
         self.image = False  # see use_image_kernel
         if self.amx:  # split and tiled once; plain tensors (not buffers): derived from ``weight``, never saved
             self._amx_weight = amx_gemm.pack_conv_weight(self.weight)
