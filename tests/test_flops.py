@@ -877,6 +877,65 @@ def test_counting_inside_autocast_and_a_scripted_model():
         count_flops(torch.jit.script(model), (3, 8, 8))
 
 
+def test_a_compiled_block_is_counted_and_a_scripted_one_refused_by_name():
+    """Found by an audit: a torch.compile'd or TorchScript submodule (not the whole model, which was handled) failed
+    deep in the trace with torch's own words. Hand count: two 8 -> 8 linears on 2 tokens, 2 * 2 * 8 * 8 = 256."""
+    class Two(nn.Module):
+        def __init__(self, wrap):
+            super().__init__()
+            self.a, self.b = wrap(nn.Linear(8, 8)), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    model = Two(torch.compile)
+    assert count_flops(model, (1, 2, 8)).total == 256
+    assert type(model.a).__name__ == "OptimizedModule"  # the caller's model keeps its compiled block
+    with pytest.raises(ValueError, match=r"^cannot count FLOPs of a model holding a TorchScript module \(a: "
+                                         r"RecursiveScriptModule, from torch\.jit\.script / trace\)"):
+        count_flops(Two(torch.jit.script), (1, 2, 8))
+
+
+def test_the_example_takes_the_first_floating_point_tensor_s_dtype():
+    """Found by an audit: the example input took the first parameter's dtype: int64 for a model holding an integer
+    index table first (randn failed), float32 for a float64 model whose weights are buffers (the conv failed).
+    Hand counts: 1x1 conv 3 -> 4 on 8x8: 4 * 3 * 64 = 768; 3x3 conv 3 -> 8 on 8x8 without padding: 8 * 27 * 36."""
+    class Index(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.order = nn.Parameter(torch.tensor([2, 1, 0]), requires_grad=False)
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.conv(x[:, self.order])
+
+    class Buffers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("w", torch.randn(8, 3, 3, 3, dtype=torch.float64))
+
+        def forward(self, x):
+            return F.conv2d(x, self.w)
+
+    assert count_flops(Index(), (3, 8, 8)).total == 4 * 3 * 64
+    assert count_flops(Buffers(), (3, 8, 8)).total == 8 * 27 * 36
+
+
+def test_linear_with_a_vector_weight():
+    """Found by an audit: fvcore's linear handle multiplies the input's elements by the weight's first dim, which
+    for a 1-D weight is the input width again. The example is (1, 1, 4, 6). Hand count: 4 tokens of 6 dotted with a
+    6-vector, 4 * 6 = 24; and the 4 tokens through a 6 -> 5 weight, 4 * 5 * 6 = 120."""
+    class Score(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.v = nn.Parameter(torch.randn(6)), nn.Parameter(torch.randn(5, 6))
+
+        def forward(self, x):
+            return F.linear(x, self.w), F.linear(x[0, 0], self.v)
+
+    assert count_flops(Score(), (1, 4, 6)).by_operator == {"linear": 4 * 6 + 4 * 5 * 6}
+
+
 def test_fused_table_model_row_shows_the_fused_params():
     report = count_flops("shvit_s1")
     model_row = report.table(max_depth=0).splitlines()[2].split()

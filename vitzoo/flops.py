@@ -175,6 +175,13 @@ def _dot_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     return _elements(inputs[0])
 
 
+def _linear_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``aten::linear(x, w, b)``: each output element sums over x's last dim (fvcore's own handle multiplies x's
+    elements by ``w.shape[0]``, which for a 1-D ``w`` is the input width again: found by an audit, 6x too many for a
+    6-wide score vector)."""
+    return _elements(outputs[0]) * get_shape(inputs[0])[-1]
+
+
 def _tensordot_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     """``aten::tensordot(a, b, dims_a, dims_b)``: each output element sums over the contracted dims of ``a``."""
     shape = get_shape(inputs[0])
@@ -190,6 +197,7 @@ MATRIX_OPS: Dict[str, Any] = {
     "aten::addbmm": _addbmm_flop_jit,
     "aten::bilinear": _bilinear_flop_jit,
     "aten::_convolution_mode": _convolution_mode_flop_jit,
+    "aten::linear": _linear_flop_jit,
     # found missing by an audit (reported as ops without a formula)
     "aten::dot": _dot_flop_jit,
     "aten::vdot": _dot_flop_jit,
@@ -583,6 +591,37 @@ def _countable(model: nn.Module) -> nn.Module:
     return model
 
 
+def _input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the random example: the model's first floating-point parameter's, else buffer's, else torch's
+    default (found by an audit: the first parameter's, which for a model holding an integer index table first was
+    int64, and randn failed)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.get_default_dtype()
+
+
+def _compiled_children_unwrapped(model: nn.Module) -> nn.Module:
+    """``model`` (a copy) with every ``torch.compile``d submodule replaced by its original (``_orig_mod``), as
+    :func:`_countable` unwraps a compiled model (found by an audit: a compiled block failed in the trace with
+    torch's "using FX to torch.jit.trace a dynamo-optimized function")."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            while isinstance(getattr(child, "_orig_mod", None), nn.Module):
+                child = child._orig_mod
+            setattr(parent, name, child)
+    return model
+
+
+def _check_no_script_children(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if name and isinstance(module, torch.jit.ScriptModule):
+            raise ValueError(
+                f"cannot count FLOPs of a model holding a TorchScript module ({name}: {type(module).__name__}, from "
+                "torch.jit.script / trace): fvcore traces the model with forward hooks, which TorchScript modules do "
+                "not take. Count the model built with the nn.Module it was made from")
+
+
 def _check_materialised(model: nn.Module) -> None:
     """A model on the ``meta`` device cannot be counted: PyTorch's meta convolutions fail under fvcore's trace
     (torch 2.14), and fusing it needs values (BatchNorm folding checks its result)."""
@@ -688,6 +727,7 @@ def _count(model: Union[nn.Module, str], input_size: Union[None, int, Sequence[i
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module or a timm model name, got {type(model).__name__}")
     model = _countable(model)
+    _check_no_script_children(model)
     _check_materialised(model)
     size = _input_size(model, input_size, size_name)
 
@@ -704,8 +744,8 @@ def _count(model: Union[nn.Module, str], input_size: Union[None, int, Sequence[i
             "with grad). Run the model once under torch.no_grad(), or make the change permanent "
             "(torch.nn.utils.prune.remove(module, 'weight'); torch.nn.utils.parametrizations.weight_norm instead of "
             "weight_norm), then count") from e
-    unfused = drop_shared_hooks(copied, model).to("cpu").eval()
-    example = torch.randn(batch_size, *size, dtype=next(unfused.parameters(), torch.empty(0)).dtype)
+    unfused = _compiled_children_unwrapped(drop_shared_hooks(copied, model)).to("cpu").eval()
+    example = torch.randn(batch_size, *size, dtype=_input_dtype(unfused))
     with torch.no_grad():
         # one eager call first: checks that a model skips while traced (SHViT's minimum size, its channel count)
         # raise the model's own error here instead of a count for an input it would reject
