@@ -32,9 +32,10 @@ def check_input(
     if torch.jit.is_tracing():  # export / FLOP counting: shapes are fixed by the example input
         return x
     if x.dim() != 4:
+        hint = '; add the batch dimension with x.unsqueeze(0)' if x.dim() == 3 else ''
         raise ValueError(
-            'NViT expects images as a 4-D (batch, channels, height, width) tensor, got {}-D with shape {}; add the '
-            'batch dimension with x.unsqueeze(0).'.format(x.dim(), list(x.shape)))
+            'NViT expects images as a 4-D (batch, channels, height, width) tensor, got {}-D with shape {}{}.'.format(
+                x.dim(), list(x.shape), hint))
     if x.shape[1] != in_chans:
         raise ValueError(
             'This NViT takes {}-channel images (in_chans={}), got {} channels in shape {}; create it with '
@@ -373,9 +374,19 @@ class NViT(nn.Module):
             if head is not None:
                 head.train(self.training)
 
+    def _input_chans(self) -> int:
+        """The channels the patch embedding's convolution takes, else (and in TorchScript) the constructor's
+        ``in_chans``: a model whose ``patch_embed.proj`` was replaced by hand takes what the new one takes, as a
+        timm ViT does (found by an audit of the SHViT check, which refused such input)."""
+        if torch.jit.is_scripting():
+            return self.in_chans
+        else:
+            proj = getattr(self.patch_embed, 'proj', None)
+            return proj.in_channels if isinstance(proj, nn.Conv2d) else self.in_chans
+
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
         """Patch embedding, prefix tokens and position embedding; also returns the patch grid."""
-        x = check_input(x, self.in_chans, list(self.patch_embed.img_size), self.patch_embed.patch_size[0],
+        x = check_input(x, self._input_chans(), list(self.patch_embed.img_size), self.patch_embed.patch_size[0],
                         self.dynamic_img_size, self.dynamic_img_pad)
         x = self.patch_embed(x)
         grid = list(self.patch_embed.grid_size)

@@ -26,14 +26,26 @@ def check_input(x: torch.Tensor, in_chans: int) -> torch.Tensor:
     if torch.jit.is_tracing():  # export / FLOP counting: shapes are fixed by the example input
         return x
     if x.dim() != 4:
+        hint = ' For a single image add the batch dimension with x.unsqueeze(0).' if x.dim() == 3 else ''
         raise ValueError(
-            'SHViT expects a 4-D (batch, channels, height, width) tensor, got a {}-D tensor of shape {}. '
-            'For a single image add the batch dimension with x.unsqueeze(0).'.format(x.dim(), list(x.shape)))
+            'SHViT expects a 4-D (batch, channels, height, width) tensor, got a {}-D tensor of shape {}.{}'.format(
+                x.dim(), list(x.shape), hint))
     if x.shape[1] != in_chans:
         raise ValueError(
             'SHViT was built for {} input channels (in_chans={}), got {} channels in shape {}. Create the model '
             'with in_chans={} or convert the images.'.format(in_chans, in_chans, x.shape[1], list(x.shape), x.shape[1]))
     return x
+
+
+def stem_in_chans(stem: nn.Module, default: int) -> int:
+    """The input channels of ``stem``'s first convolution, fused or not, else ``default``: what the model takes
+    after its first convolution was replaced by hand (``model.patch_embed[0].c = nn.Conv2d(4, ...)``; found by an
+    audit: the check compared with the constructor's ``in_chans`` and refused the input the stem takes, where timm's
+    SHViT, which only records ``in_chans``, ran)."""
+    for module in stem.modules():
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels
+    return default
 
 
 torch.fx.wrap('check_input')
@@ -286,7 +298,7 @@ class SHViT(nn.Module):
             raise ValueError("SHViT intermediates are NCHW only, got output_fmt='" + output_fmt + "'.")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         intermediates: List[torch.Tensor] = []
-        x = self.patch_embed(check_input(x, self.in_chans))
+        x = self.patch_embed(check_input(x, self._input_chans()))
         if torch.jit.is_scripting() or not stop_early:  # stages cannot be sliced in TorchScript
             stages = self.stages
         else:
@@ -315,8 +327,15 @@ class SHViT(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
+    def _input_chans(self) -> int:
+        """The channels the stem takes (:func:`stem_in_chans`); in TorchScript, the constructor's ``in_chans``."""
+        if torch.jit.is_scripting():
+            return self.in_chans
+        else:
+            return stem_in_chans(self.patch_embed, self.in_chans)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(check_input(x, self.in_chans))
+        x = self.patch_embed(check_input(x, self._input_chans()))
         return self.stages(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

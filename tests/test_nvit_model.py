@@ -533,6 +533,24 @@ def test_bad_input_is_a_clear_value_error(shape, match):
         small()(torch.randn(shape))
 
 
+def test_a_hand_replaced_patch_embedding_takes_its_own_channels():
+    """As a timm ViT does: after ``patch_embed.proj = nn.Conv2d(4, ...)`` the model takes 4 channels (the check
+    compared with the constructor's in_chans). The reference is the model built with in_chans=4 given the same
+    state dict. A 5-D input is not told to unsqueeze(0) (that makes it 6-D)."""
+    torch.manual_seed(0)
+    m = small()
+    m.patch_embed.proj = nn.Conv2d(4, m.patch_embed.proj.out_channels, 16, 16)
+    ref = small(in_chans=4)
+    ref.load_state_dict(m.state_dict(), strict=True)
+    x = torch.randn(2, 4, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match='takes 4-channel images'):
+        m(torch.randn(2, 3, 64, 64))
+    with pytest.raises(ValueError, match=r'got 5-D with shape \[1, 1, 3, 64, 64\]\.$'):
+        m(torch.randn(1, 1, 3, 64, 64))
+
+
 def test_dynamic_size_needs_whole_patches_unless_padded():
     m = small(dynamic_img_size=True)
     assert m(torch.randn(1, 3, 16, 48)).shape == (1, 10)

@@ -359,6 +359,14 @@ def test_bad_input_value_errors(s1, shape, match):
         s1.forward_intermediates(torch.randn(*shape))
 
 
+def test_only_a_3d_input_is_told_to_add_a_batch_dimension(s1):
+    """Found by an audit: a 5-D input was told to unsqueeze(0), which makes it 6-D."""
+    with pytest.raises(ValueError, match=r'got a 5-D tensor of shape \[1, 1, 3, 64, 64\]\.$'):
+        s1(torch.randn(1, 1, 3, 64, 64))
+    with pytest.raises(ValueError, match=r'3-D .* x\.unsqueeze\(0\)\.$'):
+        s1(torch.randn(3, 64, 64))
+
+
 def test_check_input_passes_good_input_through():
     x = torch.randn(1, 2, 64, 70)
     assert check_input(x, 2) is x

@@ -291,3 +291,19 @@ def test_hooks_see_module_outputs_as_timm_does():
     for name in names:
         torch.testing.assert_close(seen[('ours', name)], seen[('timm', name)], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(seen[('ours', name, 'grad')], seen[('timm', name, 'grad')], rtol=1e-4, atol=1e-5)
+
+
+def test_a_hand_replaced_first_convolution_takes_its_own_channels():
+    """Found by an audit: after ``model.patch_embed[0].c = nn.Conv2d(4, ...)`` (adapting channels by hand), the
+    input check compared with the constructor's in_chans=3 and refused the 4-channel input timm's SHViT runs. The
+    reference is timm's SHViT given the same state dict."""
+    torch.manual_seed(0)
+    ours = randomize_norms(timm.create_model('shvit_s1')).eval()
+    ours.patch_embed[0].c = nn.Conv2d(4, 16, 3, 2, 1, bias=False)
+    ref = _timm_reference('shvit_s1', in_chans=4).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 4, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
+        with pytest.raises(ValueError, match='built for 4 input channels'):
+            ours(torch.randn(2, 3, 64, 64))
