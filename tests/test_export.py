@@ -914,3 +914,32 @@ def test_an_hf_hub_config_with_two_class_counts_builds_without_weights(tmp_path,
         assert create("hf-hub:o/m").num_classes == timm.create_model("hf-hub:o/m").num_classes == 1000
     finally:
         hub.stop()
+
+
+def test_only_output_axes_that_follow_the_batch_are_dynamic():
+    """Every output's axis 0 was declared `batch`: also a weight returned beside the logits (8 x 4, whatever the
+    batch), and a batch of flattened tokens (B * 4), which is no input batch. ONNX Runtime's own outputs at batch 1
+    and 3 are the reference for the shapes."""
+    from vitzoo.onnx_runtime import export_onnx
+
+    class Outputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(8, 4)
+
+        def forward(self, x):
+            tokens = x.flatten(2).transpose(1, 2)                       # (B, 4, 8)
+            return self.linear(tokens.mean(1)), self.linear.weight.t() * 1, self.linear(tokens).flatten(0, 1)
+
+    model = Outputs().eval()
+    proto = onnx.load_from_string(export_onnx(model, torch.randn(2, 8, 2, 2)))
+    dims = [[d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] for out in proto.graph.output]
+    assert dims == [["batch", 4], [8, 4], ["output_2_dim0", 4]]
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = torch.randn(batch, 8, 2, 2)
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            expected = model(x)
+        assert [tuple(g.shape) for g in got] == [tuple(e.shape) for e in expected] == [(batch, 4), (8, 4),
+                                                                                       (batch * 4, 4)]

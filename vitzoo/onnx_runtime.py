@@ -1,8 +1,10 @@
 """ONNX export of a PyTorch model, and an ``nn.Module`` that runs the exported graph in ONNX Runtime.
 
 The exporter is PyTorch's TorchScript-based one (``torch.onnx.export(..., dynamo=False)``): the dynamo
-exporter needs ``onnxscript``, which is not a dependency of this package. The batch dimension of the input and
-output is exported as dynamic (``batch``); height and width are fixed to the example input's.
+exporter needs ``onnxscript``, which is not a dependency of this package. The input's batch dimension is
+exported as dynamic (``batch``), as is each output axis that follows it (``batch`` where it is the batch size,
+``<output>_dim<axis>`` where it grows otherwise, e.g. flattened tokens); other axes, and the input's height and
+width, are fixed to the example's.
 
 Example::
 
@@ -18,7 +20,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -106,15 +108,16 @@ def export_onnx(
         OutputLayout(output)
     except UnsupportedOutputError as e:
         raise OnnxExportError(f"cannot export this model: {e}. Return it as a tensor or leave it out.") from None
+    axes = _output_axes(model, example_input, output)
     try:
-        return _export(model, example_input, opset)
+        return _export(model, example_input, opset, axes)
     except Exception as first:  # noqa: BLE001  the exporter fails in many ways; reported below as one error
         if not _fused_attention_modules(model) or _advice(first):
             raise OnnxExportError(f"torch.onnx.export cannot export this model ({_one_line(first)}){_advice(first)}"
                                   ) from first
         try:  # timm's attention without F.scaled_dot_product_attention: the same maths, written out
             with _unfused_attention(model):
-                return _export(model, example_input, opset)
+                return _export(model, example_input, opset, axes)
         except Exception as second:  # noqa: BLE001
             if _one_line(second) == _one_line(first):
                 raise OnnxExportError(f"torch.onnx.export cannot export this model ({_one_line(first)}), also not "
@@ -150,10 +153,38 @@ def output_names(count: int) -> List[str]:
     return [OUTPUT_NAME] if count == 1 else [f"{OUTPUT_NAME}_{i}" for i in range(count)]
 
 
-def _export(model: nn.Module, example_input: torch.Tensor, opset: int) -> bytes:
+def _output_axes(model: nn.Module, example_input: torch.Tensor, output: object) -> Optional[List[Dict[int, str]]]:
+    """Per output tensor, its axes that grow with the batch: ``batch`` where the axis is the batch size itself, else
+    ``<output name>_dim<axis>`` (a batch of flattened tokens); other axes are fixed. Found in review:
+    every output's axis 0 was declared ``batch``, also for an output that does not follow the batch (a weight, a
+    scalar), which a consumer of the file takes for a dimension tied to the input's. ``None`` where the model
+    cannot run one image more (then every output's axis 0 is ``batch``; the verification at other batch sizes
+    judges the graph)."""
+    batch = example_input.shape[0]
+    if batch == 0:
+        return None
+    try:
+        with torch.no_grad():
+            grown = model(torch.cat([example_input, example_input[:1]]))
+        before, after = OutputLayout.flat(output), OutputLayout.flat(grown)
+    except Exception:  # noqa: BLE001  a model that takes one batch size only; judged by the verification
+        return None
+    before = [before] if isinstance(before, torch.Tensor) else list(before)
+    after = [after] if isinstance(after, torch.Tensor) else list(after)
+    if len(before) != len(after) or any(a.dim() != b.dim() for a, b in zip(before, after)):
+        return None
+    names = output_names(len(before))
+    return [{axis: "batch" if (m, n) == (batch, batch + 1) else f"{name}_dim{axis}"
+             for axis, (m, n) in enumerate(zip(a.shape, b.shape)) if m != n}
+            for name, a, b in zip(names, before, after)]
+
+
+def _export(model: nn.Module, example_input: torch.Tensor, opset: int,
+            axes: Optional[List[Dict[int, str]]] = None) -> bytes:
     buffer = io.BytesIO()
     with torch.no_grad():
         names = output_names(sum(OutputLayout(model(example_input)).is_tensor))  # the exporter leaves out None
+    output_axes = [{0: "batch"}] * len(names) if axes is None or len(axes) != len(names) else axes
     with torch.no_grad(), _exporter_log_off(), warnings.catch_warnings():
         # timm's shape asserts trace to constants, and the exporter warns about what it folds or keeps (constant
         # folding of a strided Slice, a weight-standardising batch_norm in train mode): the export is verified
@@ -168,7 +199,7 @@ def _export(model: nn.Module, example_input: torch.Tensor, opset: int) -> bytes:
             opset_version=opset,
             input_names=[INPUT_NAME],
             output_names=names,
-            dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in names}},
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: axis for name, axis in zip(names, output_axes) if axis}},
             do_constant_folding=True,
         )
     return buffer.getvalue()
