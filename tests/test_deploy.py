@@ -1628,3 +1628,83 @@ def test_a_model_returning_a_torch_return_type_keeps_the_rewrite():
     assert type(out) is type(expected)
     torch.testing.assert_close(out.values, expected.values, atol=1e-5, rtol=0)
     assert torch.equal(out.indices, expected.indices)
+
+
+# --- found by an audit (2026-11-26) ------------------------------------------------------------------------------
+
+
+class _Wrapped(nn.Module):
+    """A conv inside a Sequential of its own, its BatchNorm inside one with an in-place ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
+        self.norm = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.norm(self.proj(x)))
+
+
+def test_a_hook_on_a_module_around_the_conv_or_the_norm_sees_what_it_saw():
+    """A hook keeping a reference to the conv's output (timm's FeatureHooks, `feats[name] = out`) on a module
+    around the conv, or a pre-hook on one around the BatchNorm, got the folded BatchNorm's output, overwritten by
+    the in-place ReLU (1.8 off). The original model's own hook values are the reference."""
+    from vitzoo.batchnorm_folding import fold_batchnorms_detailed
+
+    torch.manual_seed(0)
+    model = randomize_norms(_Wrapped()).eval()
+    seen = {}
+    model.proj.register_forward_hook(lambda m, args, out: seen.__setitem__("proj", out))
+    model.norm.register_forward_pre_hook(lambda m, args: seen.__setitem__("norm", args[0]))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model(x)
+    expected = {name: value.clone() for name, value in seen.items()}
+    assert (expected["proj"] < 0).any()  # an in-place ReLU over it would show
+    for backend in ("eager", "compile"):
+        deployed = deploy(model, x, backend=backend)
+        with torch.no_grad():
+            deployed(x)
+        for name in ("proj", "norm"):
+            torch.testing.assert_close(seen[name], expected[name], atol=1e-6, rtol=0)
+    result = fold_batchnorms_detailed(model, x)
+    assert result.unfolded == {"norm.0": "a forward hook on proj is given the output of proj.0, which folding would "
+                                         "change"}
+
+
+def test_folding_a_training_mode_model_is_refused_and_leaves_its_statistics():
+    """It ran the caller's model in training mode: the running statistics moved (by 0.03) and the norm was
+    reported as changing the output."""
+    from vitzoo.batchnorm_folding import fold_batchnorms_detailed
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"needs an eval-mode model \(BatchNorm 1 is in training mode\): call "
+                                         r"model\.eval\(\) first"):
+        fold_batchnorms_detailed(model, torch.randn(2, 3, 8, 8))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_an_output_object_the_check_cannot_look_into():
+    """A SimpleNamespace (or dataclass) output failed with torch's "Boolean value of Tensor with more than one
+    value is ambiguous". With verify it is refused by name; without, it is deployed, its BatchNorm unfolded."""
+    import types
+
+    class Namespaced(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return types.SimpleNamespace(logits=self.bn(self.conv(x)))
+
+    model = Namespaced().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"^deploy\(\): the model's output is a SimpleNamespace holding tensors, "
+                                         r"which cannot be compared .* or pass verify=False"):
+        deploy(model, x)
+    deployed = deploy(model, x, verify=False)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x).logits, model(x).logits, atol=1e-5, rtol=0)

@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vitzoo.module_hooks import deepcopy_sharing_hooks, has_forward_hooks
-from vitzoo.outputs import outputs_close
+from vitzoo.outputs import UnsupportedOutputError, check_comparable, outputs_close
 
 __all__ = ["BatchNormFolding", "fold_batchnorms", "fold_batchnorms_detailed"]
 
@@ -82,9 +82,19 @@ def fold_batchnorms_detailed(model: nn.Module, example_input: torch.Tensor) -> B
     if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
         # folded weights would be rounded to 8-11 bits once more (ONNX Runtime exports in fp32)
         return BatchNormFolding(model, unfolded={n: "half-precision (fp16 / bf16) model: not folded" for n in norms})
+    training = [name for name, m in model.named_modules() if m.training and name in norms]
+    if training:  # found by an audit: it normalised with the example's statistics and updated the caller's running
+        # ones (the discovery run is the caller's model's)
+        raise ValueError(f"fold_batchnorms needs an eval-mode model (BatchNorm {training[0]} is in training mode): "
+                         "call model.eval() first")
     with torch.no_grad():
         # each run gets its own copy of the example: a model may change its input in place (x.sub_(mean))
         pairs, reference, unfolded = _find_pairs(model, example_input.clone())
+        try:
+            check_comparable(reference)
+        except UnsupportedOutputError as e:  # the check after folding could not run: nothing is folded
+            unfolded.update((norm, f"not checkable: {e}") for norm in pairs.values())
+            return BatchNormFolding(model, {}, dict(sorted(unfolded.items(), key=lambda kv: norms.index(kv[0]))))
         folded = _folded_copy(model, pairs)
         if pairs and not outputs_close(folded(example_input.clone()), reference, rel=1e-3):
             kept = {}
@@ -125,12 +135,13 @@ class _Produced:
     """One tensor a layer returned: which layer, a weak reference to it, the norm it was given to (if any) and
     whether anything else read it."""
 
-    __slots__ = ("layer", "ref", "norm", "other_use", "channels_at_dim1")
+    __slots__ = ("layer", "ref", "norm", "other_use", "hooked", "channels_at_dim1")
 
     def __init__(self, layer: str, tensor: torch.Tensor, channels_at_dim1: bool):
         self.layer, self.ref = layer, weakref.ref(tensor)
         self.norm: Optional[str] = None
         self.other_use = False
+        self.hooked: Optional[str] = None  # a module whose forward (pre-)hook is given this tensor
         # whether dim 1, the one a BatchNorm normalises, holds the layer's output channels: a convolution's always,
         # a Linear's only on a 2-D output (on [B, N, C] it is the tokens)
         self.channels_at_dim1 = channels_at_dim1
@@ -231,7 +242,24 @@ def _find_pairs(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str
     def after_norm(module, args, output):
         active.pop()
 
+    def seen_by_hooks_of(name):
+        """Marks the layer outputs a module with a hook of the caller's is given or returns (found by an audit: a
+        hook on a Sequential holding only the conv, or a pre-hook on one starting with the BatchNorm, keeps a
+        reference to the conv's output; folded, it got the BatchNorm's, overwritten by an in-place ReLU)."""
+        def mark(values):
+            for leaf in pytree.tree_leaves(values):
+                record = _tracked(produced, leaf) if isinstance(leaf, torch.Tensor) else None
+                if record is not None and record.hooked is None:
+                    record.hooked = name or "the model itself"
+        return mark
+
     for name, module in model.named_modules():
+        if has_forward_hooks(module) and not isinstance(module, torch.jit.ScriptModule):
+            mark = seen_by_hooks_of(name)
+            if module._forward_pre_hooks:
+                handles.append(module.register_forward_pre_hook(lambda m, args, mark=mark: mark(args)))
+            if module._forward_hooks:
+                handles.append(module.register_forward_hook(lambda m, args, out, mark=mark: mark(out)))
         if isinstance(module, torch.jit.ScriptModule):
             # takes no hooks (found by an audit: any model holding a scripted part and a BatchNorm failed to
             # deploy); opaque here, so its layers are not folded, and a fold its uses would break fails the check
@@ -260,6 +288,7 @@ def _find_pairs(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str
         if record is not None:
             record.other_use = True
     shared.update(record.layer for record in records if record.other_use)
+    hooked_by = {record.layer: record.hooked for record in records if record.hooked is not None}
     modules = dict(model.named_modules())
     feeds = Counter(layer for layer in fed_by.values() if layer is not None)
     pairs: Dict[str, str] = {}
@@ -285,6 +314,9 @@ def _find_pairs(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str
         elif has_forward_hooks(modules[layer]) or has_forward_hooks(modules[norm]):
             hooked = layer if has_forward_hooks(modules[layer]) else norm
             unfolded[norm] = f"{hooked} has a forward hook, which sees the unfolded output"
+        elif layer in hooked_by:
+            unfolded[norm] = (f"a forward hook on {hooked_by[layer]} is given the output of {layer}, which folding "
+                              "would change")
         elif calls[layer] != calls[norm]:
             unfolded[norm] = f"{layer} also runs without this BatchNorm after it"
         elif layer in shared:

@@ -40,7 +40,8 @@ from vitzoo.batchnorm_folding import fold_batchnorms
 from vitzoo.module_hooks import deepcopy_sharing_hooks, hook_ids, lost_hooks, reparameterize
 from vitzoo.models import first_meta_tensor, model_in_chans, model_input_size
 from vitzoo.onednn_rewrite import FP32_PRECISIONS, PackedConv2d, onednn_rewrite
-from vitzoo.outputs import WRONG_RESULT_RTOL, OutputLayout, UnsupportedOutputError, max_abs_diff_of
+from vitzoo.outputs import (WRONG_RESULT_RTOL, OutputLayout, UnsupportedOutputError, check_comparable,
+                            max_abs_diff_of)
 from vitzoo.stem_chunking import chunk_stem
 from vitzoo.weight_standardisation import standardise_weights
 
@@ -605,7 +606,8 @@ def deploy(
         ValueError: Unknown backend, or no example input and no ``pretrained_cfg``, or ``"onnxruntime"`` with a
             model or example input on a GPU (its session runs on the CPU), or a model on the ``meta`` device, or
             an ``example_input`` of batch size 0 or of another channel count than the model's ``in_chans``, or an
-            ``atol`` / ``rtol`` that is not a finite number >= 0, or
+            ``atol`` / ``rtol`` that is not a finite number >= 0, or (with ``verify``) an output that keeps tensors
+            in an object the check cannot look into (a dataclass: return a tuple, list, dict or namedtuple), or
             (``"onnxruntime"``) an ``opset`` that is not an int from ``MIN_OPSET`` to ``MAX_OPSET``.
         TypeError: ``model`` is not a module, or ``example_input`` is not a tensor (a numpy array, a list), or a
             float ``example_input`` of another dtype than its weights.
@@ -639,6 +641,11 @@ def deploy(
     # the reference is the caller's model's own output, not its copy's: a copy whose hooks still act on the
     # original (a closure over the model's ``self``) computes something else, and was "verified" against itself
     reference = _eval_output(model, example()) if verify else None
+    if verify:
+        try:
+            check_comparable(reference)
+        except UnsupportedOutputError as e:
+            raise ValueError(f"deploy(): {e}; or pass verify=False, which deploys without checking") from None
     model = model if inplace else deepcopy_sharing_hooks(model)
     model.eval()
     hooks = hook_ids(model)

@@ -6,7 +6,8 @@ from typing import Sequence, Tuple, Union
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["OutputLayout", "UnsupportedOutputError", "outputs_close", "max_abs_diff_of", "WRONG_RESULT_RTOL"]
+__all__ = ["OutputLayout", "UnsupportedOutputError", "check_comparable", "outputs_close", "max_abs_diff_of",
+           "WRONG_RESULT_RTOL"]
 
 #: A float32 output that differs from its reference by more than this times the reference's largest value is a
 #: different computation, not rounding, even when the difference is within an absolute tolerance: a model with
@@ -14,12 +15,37 @@ __all__ = ["OutputLayout", "UnsupportedOutputError", "outputs_close", "max_abs_d
 WRONG_RESULT_RTOL = 1e-3
 
 
+def _holds_tensor(value: object) -> bool:
+    """Whether ``value`` (a leaf of an output: no tuple, list, dict or namedtuple) keeps a tensor in its attributes
+    (a dataclass, a ``SimpleNamespace``, an object with slots)."""
+    fields = dict(getattr(value, "__dict__", {}) or {})
+    for slot in getattr(type(value), "__slots__", ()):
+        if isinstance(slot, str) and hasattr(value, slot):
+            fields[slot] = getattr(value, slot)
+    return any(isinstance(v, torch.Tensor) or isinstance(v, (tuple, list, dict)) and
+               any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(v)) for v in fields.values())
+
+
+def check_comparable(output: object) -> None:
+    """Raise :class:`UnsupportedOutputError` if ``output`` keeps tensors in an object the output comparison cannot
+    look into (found by an audit: a dataclass or ``SimpleNamespace`` output failed deploy with torch's "Boolean value
+    of Tensor with more than one value is ambiguous")."""
+    for path, leaf in pytree.tree_flatten_with_path(output)[0]:
+        if not isinstance(leaf, torch.Tensor) and _holds_tensor(leaf):
+            raise UnsupportedOutputError(
+                f"the model's output{pytree.keystr(path)} is a {type(leaf).__name__} holding tensors, which cannot "
+                "be compared with the original's: return the tensors in a tuple, list, dict or namedtuple (or "
+                "register the class with torch.utils._pytree)")
+
+
+@torch.no_grad()
 def outputs_close(output: object, reference: object, rel: float) -> bool:
     """Whether ``output`` has ``reference``'s structure and values, each float tensor within ``rel`` times the
     largest absolute value of its reference tensor (float rounding, not a different computation).
 
     Tensors, tuples, lists and dicts nest as the model returns them; non-float leaves must be equal.
     """
+    check_comparable(reference)
     leaves, spec = pytree.tree_flatten(output)
     ref_leaves, ref_spec = pytree.tree_flatten(reference)
     if spec != ref_spec:
@@ -49,6 +75,7 @@ def max_abs_diff_of(output: object, reference: object) -> Tuple[float, float]:
         ValueError: The structures differ (another nesting, number or shape of tensors), or non-float leaves
             differ; the message says where.
     """
+    check_comparable(reference)
     leaves, spec = pytree.tree_flatten(output)
     ref_leaves, ref_spec = pytree.tree_flatten(reference)
     if spec != ref_spec:
