@@ -182,6 +182,12 @@ def test_error_message_drops_tracebacks_and_graph_dumps():
     assert error_message(worker) == "boom"
     graph = RuntimeError("cannot export the model:\ngraph(%x : Float(1, 3),\n      %w : Float(3)):\n  %y = mul(%x)")
     assert error_message(graph) == "cannot export the model:"
+    # c10's C++ backtrace after a torch error's text (found by an audit: a compare note carried 20 frames of it)
+    overflow = RuntimeError('randn(): failed to unpack the object at pos 3 with error "Overflow when unpacking long '
+                            'long\nException raised from THPUtils_unpackLong at python_numbers.h:79 (most recent call '
+                            'first):\nframe #0: c10::Error::Error(c10::SourceLocation) + 0x9d (0x7f in libc10.so)')
+    assert error_message(overflow) == ('randn(): failed to unpack the object at pos 3 with error "Overflow when '
+                                       'unpacking long long')
     # a message line that merely starts with "File" is text, not a traceback frame
     assert error_message(OSError('cannot read\nFile "w.pth" is empty.')) == 'cannot read. File "w.pth" is empty.'
 

@@ -927,3 +927,52 @@ def test_cuda_and_cuda_0_are_one_device_timed_at_the_gpu_batch(monkeypatch):
     with pytest.raises(ValueError, match=r"^device .cuda:1.: this machine has 1 CUDA device\(s\) "
                                          r"\(cuda:0 .. cuda:0\)$"):
         compare(["shvit_s1"], img_size=32, devices=["cuda:1"], speed=False)
+
+
+# --- found by an audit (2026-11-26) ------------------------------------------------------------------------------
+
+
+def test_counts_beyond_what_can_run_are_usage_errors(capsys, monkeypatch):
+    """--batch / --img-size 10**20 ended in torch's overflow traceback (or a note carrying c10's C++ backtrace), and
+    --threads 10**5 was taken (libgomp ran out of memory starting them): each is refused before anything is built."""
+    monkeypatch.setattr("vitzoo.compare._build", lambda *a, **k: pytest.fail("built before checking the arguments"))
+    huge = str(10 ** 20)
+    for flag, argument in (("--batch", "batch_size"), ("--img-size", "img_size")):
+        code, out, err = _cli(capsys, "shvit_s1", flag, huge)
+        assert code == 2 and out == ""
+        assert f"{argument} ({flag}) must be at most 2147483647, got {huge}" in err, err
+    cpus = os.cpu_count()
+    code, out, err = _cli(capsys, "shvit_s1", "--threads", str(cpus + 1))
+    expected = f"threads (--threads) must be at most {cpus} (this machine has {cpus} logical CPUs), got {cpus + 1}"
+    assert code == 2 and expected in err, err
+
+
+def test_a_numpy_int_size_and_a_name_that_is_no_string():
+    """img_size=np.int64(64) skipped every model ("'numpy.int64' object is not iterable"); compare([None]) failed
+    with an AttributeError. resnet18 at 64x64 counts as at 224x224 scaled by the pixels, (64/224)**2 of 1,819,066,368
+    MACs, less what the 7x7 stem's padding loses: count_flops is the reference."""
+    import numpy as np
+    from vitzoo.flops import count_flops
+
+    (row,) = compare(["resnet18"], img_size=np.int64(64), speed=False, progress=False)
+    assert row["flops"] == count_flops("resnet18", 64).total and row["input_size"] == [3, 64, 64]
+    with pytest.raises(TypeError, match=r"^model names must be strings, got None \(NoneType\)$"):
+        compare([None], speed=False)
+
+
+@pytest.mark.parametrize("prefix", ["hf_hub:", "HF-HUB:"])
+def test_every_spelling_of_the_hub_prefix_has_its_config_checked(monkeypatch, prefix):
+    """timm reads hf_hub: and any case of hf-hub:; only the literal 'hf-hub:' got the config check (offline, the
+    others gave huggingface_hub's raw LocalEntryNotFoundError after 31 s of retries)."""
+    from vitzoo import hub, models
+
+    class Checked(Exception):
+        pass
+
+    def hub_config(repo, weights=True):
+        raise Checked(repo, weights)
+
+    monkeypatch.setattr(hub, "hub_config", hub_config)
+    with pytest.raises(Checked) as info:
+        models.create(f"{prefix}timm/resnet18.a1_in1k")
+    assert info.value.args == ("timm/resnet18.a1_in1k", False)

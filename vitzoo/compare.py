@@ -97,13 +97,21 @@ class UsageError(ValueError):
     """An argument out of its range (the command line's exit code 2)."""
 
 
-def _check_count(what: str, flag: str, value: object) -> None:
-    """A size or count argument must be an int >= 1 (as the command line's ``type=int`` options): a float, a bool
-    or a str raises ``TypeError``, a value below 1 :class:`UsageError`, each naming the argument and the value."""
+#: The largest size or batch taken (found by an audit: 10**20 ended the command in torch's overflow traceback; a
+#: tensor this large cannot be allocated anyway, which is a note on the row)
+MAX_COUNT = 2 ** 31 - 1
+
+
+def _check_count(what: str, flag: str, value: object, most: int = MAX_COUNT, why: str = "") -> None:
+    """A size or count argument must be an int from 1 to ``most`` (as the command line's ``type=int`` options): a
+    float, a bool or a str raises ``TypeError``, a value out of range :class:`UsageError`, each naming the argument
+    and the value."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{what} ({flag}) must be an int >= 1, got {value!r} ({type(value).__name__})")
     if value < 1:
         raise UsageError(f"{what} ({flag}) must be >= 1, got {value}")
+    if value > most:
+        raise UsageError(f"{what} ({flag}) must be at most {most}{why}, got {value}")
 
 
 def _device_key(device: str) -> str:
@@ -121,12 +129,12 @@ def _check_img_size(img_size: object) -> Union[int, Tuple[int, int]]:
     if isinstance(img_size, (tuple, list)) and len(img_size) == 2:
         for side in img_size:
             _check_count("img_size", "--img-size", side)
-        return int(img_size[0]), int(img_size[1])
+        return int(img_size[0]), int(img_size[1])  # numpy ints too
     if isinstance(img_size, (tuple, list)):
         raise TypeError(f"img_size (--img-size) must be an int or a pair (H, W), got {len(img_size)} values: "
                         f"{img_size!r}")
     _check_count("img_size", "--img-size", img_size)
-    return img_size
+    return int(img_size)  # a numpy int was taken, then every model skipped ("'numpy.int64' is not iterable")
 
 
 def _device_type(device: object) -> str:
@@ -365,9 +373,13 @@ def _compare(
 ) -> Tuple[List[Dict[str, Any]], Dict[str, str]]:
     if img_size is not None:
         img_size = _check_img_size(img_size)
-    for what, flag, value in (("batch_size", "--batch", batch_size), ("threads", "--threads", threads)):
-        if value is not None:  # None: the default
-            _check_count(what, flag, value)
+    if batch_size is not None:  # None: the default
+        _check_count("batch_size", "--batch", batch_size)
+        batch_size = int(batch_size)
+    if threads is not None:  # more threads than CPUs only slow the timing down (10**5 of them exhausted memory)
+        cpus = os.cpu_count() or 1
+        _check_count("threads", "--threads", threads, most=cpus, why=f" (this machine has {cpus} logical CPUs)")
+        threads = int(threads)
     _check_count("rounds", "--rounds", rounds)
     if devices:  # one row per device: "cuda" and "cuda:0" are the same GPU (where it is the current one)
         unique: Dict[str, str] = {}
@@ -389,6 +401,10 @@ def _compare(
     if backends is not None:
         backends = _check_backends(backends, speed)
 
+    if models:
+        for name in models:  # compare([None]) failed in the name comparison with an AttributeError
+            if not isinstance(name, str):
+                raise TypeError(f"model names must be strings, got {name!r} ({type(name).__name__})")
     names = _distinct(models) if models else list(DEFAULT_MODELS)  # a model given twice: one row
     if models:
         for name in names:  # every name before any model is built: a typo at the end of a long list fails at once

@@ -7,8 +7,10 @@ from typing import List, Optional, Union
 __all__ = ["cli_message", "command_line_advice", "error_message", "first_line", "help_description"]
 
 #: A line from which on a message is a dump for debugging (a traceback, a traced graph), not text for a person.
+#: The last two: c10's C++ backtrace, after a torch error's own text.
 _DUMP = re.compile(r"(Traceback \(most recent call last\)|Original Traceback|The above exception was|"
-                   r"During handling of the above exception|from user code:|File \".*\", line \d+|graph\(|%[\w.]+ :)")
+                   r"During handling of the above exception|from user code:|File \".*\", line \d+|graph\(|"
+                   r"%[\w.]+ :|Exception raised from .* \(most recent call first\)|frame #\d+: )")
 #: Longest line kept whole (a line of a message, or the message itself); a longer one loses its middle (its end
 #: may be the advice), which becomes " ... ".
 LINE_LIMIT = 800

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import numbers
 import operator
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,11 +224,14 @@ def create(
     if in_chans is not None and (isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1):
         raise ValueError(f"in_chans must be a positive int (the input's channel count), got {in_chans!r}")
     resolve_name(name, allow_folders=True)
-    if name.startswith("hf-hub:"):  # its config.json, checked as for a pretrained load (found by an audit: without
-        from .hub import hub_config  # weights, a raw 404 / KeyError: 'architecture' / TypeError)
-        hub_config(name[len("hf-hub:"):], weights=False)
+    canonical = canonical_prefix(name)  # hf_hub: and HF-HUB: too, as timm reads them (found by an audit)
+    if canonical.startswith("hf-hub:"):  # its config.json, checked as for a pretrained load (found by an audit:
+        from .hub import hub_config     # without weights, a raw 404 / KeyError: 'architecture' / TypeError)
+        hub_config(canonical[len("hf-hub:"):], weights=False)
     model = timm.create_model(name, pretrained=False)
     cfg = model.pretrained_cfg
+    if isinstance(img_size, numbers.Integral):  # numpy ints too (an audit: "'numpy.int64' object is not iterable")
+        img_size = int(img_size)
     size = (img_size, img_size) if isinstance(img_size, int) else None if img_size is None else tuple(img_size)
     kwargs: Dict[str, object] = {}
     if size is not None and cfg.get("fixed_input_size") and tuple(cfg["input_size"][-2:]) != size:
