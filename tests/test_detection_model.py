@@ -663,3 +663,45 @@ def test_backbone_weights_that_hold_no_state_dict_are_named_so(tmp_path, name, m
                                                 rf"no state dict \('{kind}' object has no attribute 'items'\); give "
                                                 r"a state dict of tensors"):
             create_body(name, weights=tmp_path / 'held.pth', model_kwargs=model_kwargs)
+
+
+# --- found by an audit (2026-11-26) ------------------------------------------------------------------------------
+
+
+def test_frozen_batchnorms_keep_their_statistics_from_the_start():
+    """The BatchNorms were put in eval mode only by train(): a training step right after building (a new module is
+    in training mode) moved the statistics of frozen ones, and with norm_eval of all of them."""
+    BN = torch.nn.modules.batchnorm._BatchNorm
+    bb = build_backbone('shvit_s1', 'retinanet', frozen_stages=1, norm_eval=False, out_channels=16)
+    frozen = [m for m in bb.body.modules() if isinstance(m, BN) and not m.weight.requires_grad]
+    free = [m for m in bb.body.modules() if isinstance(m, BN) and m.weight.requires_grad]
+    assert frozen and free and bb.training
+    before = [m.running_mean.clone() for m in frozen + free]
+    bb(torch.rand(2, 3, 64, 64))
+    moved = [not torch.equal(b, m.running_mean) for b, m in zip(before, frozen + free)]
+    assert moved == [False] * len(frozen) + [True] * len(free)
+    det = build_detector('retinanet', 'shvit_s1', 3, **SMALL)  # norm_eval: every backbone BatchNorm
+    bns = [m for m in det.backbone.body.modules() if isinstance(m, BN)]
+    before = [m.running_mean.clone() for m in bns]
+    det([torch.rand(3, 64, 96)], _targets([(64, 96)]))
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, bns))
+
+
+def test_roi_pools_keep_the_pyramid_scales_whatever_the_first_batch():
+    """torchvision's RoIAlign inferred its scales from the first batch and kept them: a wide first image (resized to
+    40 px high, maps padded to 64) gave twice the real ones for good, and other boxes on every later image. The
+    reference is torchvision's own inference from an ordinary image, on a copy whose pools have not run."""
+    torch.manual_seed(0)
+    det = build_detector('maskrcnn', 'shvit_s1', 2, out_channels=16, min_size=128, max_size=400).eval()
+    fresh = copy.deepcopy(det)
+    for pool in (fresh.roi_heads.box_roi_pool, fresh.roi_heads.mask_roi_pool):
+        pool.scales, pool.map_levels = None, None  # torchvision infers them at the first call
+    wide, normal = torch.rand(3, 100, 1000), torch.rand(3, 200, 300)
+    with torch.no_grad():
+        det([wide])
+        got, expected = det([normal])[0], fresh([normal])[0]
+    assert det.roi_heads.box_roi_pool.scales == det.roi_heads.mask_roi_pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    assert fresh.roi_heads.box_roi_pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    assert len(expected['boxes']) > 0
+    for key in ('boxes', 'scores', 'labels', 'masks'):
+        assert torch.equal(got[key], expected[key]), key

@@ -283,6 +283,9 @@ class DetectionBackbone(nn.Module):
         self.fpn = ExtraLevelFPN(in_channels, in_strides, self.out_strides, out_channels, **dd)
         self.frozen_stages = frozen_stages
         self._freeze(frozen_stages)
+        # a new module is in training mode: its frozen (or, with norm_eval, all) BatchNorms go to eval mode now, not
+        # at the first train() (found by an audit: a training step right after building moved their statistics)
+        self.train(self.training)
 
     def _freeze(self, frozen_stages: int) -> None:
         if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) or frozen_stages < -1:

@@ -9,6 +9,7 @@ Class convention: ``num_classes`` counts the object categories; labels are ``1..
 only ever pushes down; :class:`ForegroundRetinaNet` never turns it into detections (the R-CNNs drop it themselves).
 """
 import inspect
+import math
 import numbers
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -19,6 +20,7 @@ from torch import Tensor
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.poolers import initLevelMapper
 
 from vitzoo.models import model_in_chans
 
@@ -192,6 +194,18 @@ def _check_runs_at_detector_sizes(backbone: DetectionBackbone, divisible: int) -
                         f'backbone that takes any input size (SHViT, NViT / ReViT, ViTs, ResNets, ConvNeXt, Swin...).')
 
 
+def _roi_pool(strides: List[int], output_size: int) -> MultiScaleRoIAlign:
+    """torchvision's RoIAlign over the pyramid levels of ``strides``, its scales set from them. Left to itself it
+    infers them once, from the first batch's largest image and its maps, and keeps them: found by an audit, a
+    first batch whose resized height was 33-45 or 65-90 pixels (a wide image: maps padded to 64 pixels) gave twice
+    the real scales, for every later batch, training and evaluation."""
+    pool = MultiScaleRoIAlign([level_name(s) for s in strides], output_size=output_size, sampling_ratio=2)
+    pool.scales = [1.0 / s for s in strides]
+    pool.map_levels = initLevelMapper(int(math.log2(strides[0])), int(math.log2(strides[-1])),
+                                      canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level)
+    return pool
+
+
 def build_detector(
         kind: str,
         backbone: Union[str, nn.Module, DetectionBackbone],
@@ -271,12 +285,12 @@ def build_detector(
         # against the papers' numbers; found by an audit); Faster / Mask R-CNN keep 100 already
         parts = dict(anchor_generator=AnchorGenerator(sizes, (_ASPECT_RATIOS,) * len(sizes)), detections_per_img=100)
     else:
-        roi_levels = [level_name(s) for s in strides if s <= 32]
+        roi_strides = [s for s in strides if s <= 32]
         parts = dict(rpn_anchor_generator=AnchorGenerator(tuple((8 * s,) for s in strides),
                                                           (_ASPECT_RATIOS,) * len(strides)),
-                     box_roi_pool=MultiScaleRoIAlign(roi_levels, output_size=7, sampling_ratio=2))
+                     box_roi_pool=_roi_pool(roi_strides, output_size=7))
         if kind == 'maskrcnn':
-            parts['mask_roi_pool'] = MultiScaleRoIAlign(roi_levels, output_size=14, sampling_ratio=2)
+            parts['mask_roi_pool'] = _roi_pool(roi_strides, output_size=14)
     parts.update(min_size=min_size, max_size=max_size, **detector_kwargs)
     model = _CLASSES[kind](backbone, num_classes + 1, **parts)
     ref = next(backbone.parameters(), None)  # the heads follow the backbone's device and dtype, like its neck
