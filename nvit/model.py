@@ -38,8 +38,9 @@ def check_input(
                 x.dim(), list(x.shape), hint))
     if x.shape[1] != in_chans:
         raise ValueError(
-            'This NViT takes {}-channel images (in_chans={}), got {} channels in shape {}; create it with '
-            'in_chans={} or convert the images.'.format(in_chans, in_chans, x.shape[1], list(x.shape), x.shape[1]))
+            'This NViT takes {}-channel images (the channels of its patch embedding), got {} channels in shape {}; '
+            'create it with in_chans={} or convert the images.'.format(in_chans, x.shape[1], list(x.shape),
+                                                                       x.shape[1]))
     if dynamic:
         if not pad and (x.shape[2] < patch_size or x.shape[3] < patch_size or x.shape[2] % patch_size
                         or x.shape[3] % patch_size):

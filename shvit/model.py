@@ -32,8 +32,9 @@ def check_input(x: torch.Tensor, in_chans: int) -> torch.Tensor:
                 x.dim(), list(x.shape), hint))
     if x.shape[1] != in_chans:
         raise ValueError(
-            'SHViT was built for {} input channels (in_chans={}), got {} channels in shape {}. Create the model '
-            'with in_chans={} or convert the images.'.format(in_chans, in_chans, x.shape[1], list(x.shape), x.shape[1]))
+            'SHViT takes {}-channel input (the channels of its first convolution), got {} channels in shape {}. '
+            'Create the model with in_chans={} or convert the images.'.format(
+                in_chans, x.shape[1], list(x.shape), x.shape[1]))
     return x
 
 
@@ -42,10 +43,12 @@ def stem_in_chans(stem: nn.Module, default: int) -> int:
     after its first convolution was replaced by hand (``model.patch_embed[0].c = nn.Conv2d(4, ...)``; found by an
     audit: the check compared with the constructor's ``in_chans`` and refused the input the stem takes, where timm's
     SHViT, which only records ``in_chans``, ran)."""
-    for module in stem.modules():
-        if isinstance(module, nn.Conv2d):
-            return module.in_channels
-    return default
+    first = stem[0] if isinstance(stem, nn.Sequential) and len(stem) else stem  # the module the stem runs first
+    conv = getattr(first, 'c', first)  # a ConvNorm's conv, or the conv fusing made of it
+    # only a plain convolution that has its size (a LazyConv2d has 0 until its first call); any other module (timm's
+    # MixedConv2d, a hand-written one) leaves the constructor's in_chans (found in review: the first nn.Conv2d
+    # anywhere in the stem was taken, a later layer's or a MixedConv2d's split)
+    return conv.in_channels if isinstance(conv, nn.Conv2d) and conv.in_channels > 0 else default
 
 
 torch.fx.wrap('check_input')

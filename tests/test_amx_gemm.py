@@ -778,3 +778,13 @@ def test_pointwise_fast_path_on_channels_last_views_against_float64():
     with torch.no_grad():  # the NCHW input goes the view path; both agree with the convolution
         for x in (wide[:, :68], wide[:, :68].contiguous()):
             torch.testing.assert_close(layer(x), conv(x), atol=1e-3, rtol=0)
+
+
+def test_row_counts_just_below_2_to_the_31_are_refused_too():
+    """Found in review: the kernel rounds rows up to blocks of 32 in a C int, so 2**31 - 31 .. 2**31 - 1 rows
+    wrapped around as well (the output left unwritten); the limit is 2**31 - 32."""
+    _needs_amx()
+    packed = amx_gemm.pack_weight(torch.ones(1, 1))
+    with pytest.raises(ValueError, match=f"{2 ** 31 - 31} input rows"):
+        amx_gemm.amx_linear(torch.zeros(1, 1).expand(2 ** 31 - 31, 1), packed, 1)
+    assert amx_gemm.MAX_ROWS == 2 ** 31 - 32

@@ -941,9 +941,9 @@ def test_counts_beyond_what_can_run_are_usage_errors(capsys, monkeypatch):
         code, out, err = _cli(capsys, "shvit_s1", flag, huge)
         assert code == 2 and out == ""
         assert f"{argument} ({flag}) must be at most 2147483647, got {huge}" in err, err
-    cpus = os.cpu_count()
+    cpus = len(os.sched_getaffinity(0))
     code, out, err = _cli(capsys, "shvit_s1", "--threads", str(cpus + 1))
-    expected = f"threads (--threads) must be at most {cpus} (this machine has {cpus} logical CPUs), got {cpus + 1}"
+    expected = f"threads (--threads) must be at most {cpus} (this process may use {cpus} logical CPUs), got {cpus + 1}"
     assert code == 2 and expected in err, err
 
 
@@ -976,3 +976,12 @@ def test_every_spelling_of_the_hub_prefix_has_its_config_checked(monkeypatch, pr
     with pytest.raises(Checked) as info:
         models.create(f"{prefix}timm/resnet18.a1_in1k")
     assert info.value.args == ("timm/resnet18.a1_in1k", False)
+
+
+def test_the_threads_bound_is_the_cpus_this_process_may_use(capsys, monkeypatch):
+    """Found in review: the machine's CPU count was the bound, so a process limited to one CPU (taskset, a cgroup
+    cpuset) could ask for two threads."""
+    monkeypatch.setattr("vitzoo.compare._build", lambda *a, **k: pytest.fail("built before checking the arguments"))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    code, out, err = _cli(capsys, "shvit_s1", "--threads", "2")
+    assert code == 2 and "threads (--threads) must be at most 1 (this process may use 1 logical CPUs), got 2" in err

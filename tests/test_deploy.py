@@ -1708,3 +1708,50 @@ def test_an_output_object_the_check_cannot_look_into():
     deployed = deploy(model, x, verify=False)
     with torch.no_grad():
         torch.testing.assert_close(deployed(x).logits, model(x).logits, atol=1e-5, rtol=0)
+
+
+def test_a_pre_hook_taking_keyword_arguments_around_the_norm_is_seen():
+    """Found in review: the marker for hooks around a BatchNorm took only positional arguments, so a pre-hook
+    registered with_kwargs=True on a module called as norm(x=conv(x)) got the folded output (2.6 off)."""
+    from vitzoo.batchnorm_folding import fold_batchnorms_detailed
+
+    class Norm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.act = nn.BatchNorm2d(8), nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.act(self.bn(x))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(3, 8, 3, padding=1), Norm()
+
+        def forward(self, x):
+            return self.norm(x=self.conv(x))
+
+    torch.manual_seed(0)
+    model = randomize_norms(Model()).eval()
+    seen = {}
+    model.norm.register_forward_pre_hook(lambda m, args, kwargs: seen.__setitem__("x", kwargs["x"]), with_kwargs=True)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model(x)
+        expected = seen["x"].clone()
+        assert (expected < 0).any()
+        deploy(model, x)(x)
+    torch.testing.assert_close(seen["x"], expected, atol=1e-6, rtol=0)
+    assert fold_batchnorms_detailed(model, x).unfolded == {
+        "norm.bn": "a forward hook on norm is given the output of conv, which folding would change"}
+
+
+def test_a_replaced_first_conv_deploys_with_an_example_of_its_channels():
+    """Found in review: deploy refused a 4-channel example for a model whose first conv was replaced by a 4-channel
+    one ("the model takes 3 (its in_chans)"), though the model runs it. The model's own output is the reference."""
+    torch.manual_seed(0)
+    model = randomize_norms(timm.create_model("shvit_s1")).eval()
+    model.patch_embed[0].c = nn.Conv2d(4, 16, 3, 2, 1, bias=False)
+    x = torch.randn(2, 4, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(deploy(model, x)(x), model(x), atol=1e-4, rtol=0)

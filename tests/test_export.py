@@ -109,6 +109,7 @@ class _KthValue(nn.Module):
 def test_cli_model_the_exporter_rejects_is_one_line_without_the_ir_dump(tmp_path, capfd, monkeypatch):
     monkeypatch.setattr("vitzoo.export._create", lambda *a: _KthValue())  # the name is checked before _create
     out = tmp_path / "k.onnx"
+    torch._C._jit_set_onnx_log_enabled(False)  # as in a fresh process (an earlier plain torch.onnx.export left it on)
     assert main(["export", "resnet18", "--out", str(out)]) == 1
     captured = capfd.readouterr()  # file-descriptor level: the exporter's log is written from C++
     assert "Torch IR graph" not in captured.out + captured.err
@@ -943,3 +944,26 @@ def test_only_output_axes_that_follow_the_batch_are_dynamic():
             expected = model(x)
         assert [tuple(g.shape) for g in got] == [tuple(e.shape) for e in expected] == [(batch, 4), (8, 4),
                                                                                        (batch * 4, 4)]
+
+
+def test_an_empty_batch_keeps_the_outputs_that_do_not_follow_the_batch():
+    """Found in review: on an empty batch the onnxruntime backend cut axis 0 of every output to 0, also of one that
+    does not follow the batch. Eager PyTorch on the empty batch is the reference for the shapes."""
+    import vitzoo
+
+    class Outputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(8, 4)
+
+        def forward(self, x):
+            tokens = x.flatten(2).transpose(1, 2)
+            return self.linear(tokens.mean(1)), self.linear.weight.t() * 1, self.linear(tokens).flatten(0, 1)
+
+    model = Outputs().eval()
+    deployed = vitzoo.deploy(model, torch.randn(2, 8, 2, 2), backend="onnxruntime")
+    empty = torch.randn(0, 8, 2, 2)
+    with torch.no_grad():
+        got, expected = deployed(empty), model(empty)
+    assert [tuple(t.shape) for t in got] == [tuple(t.shape) for t in expected] == [(0, 4), (8, 4), (0, 4)]
+    torch.testing.assert_close(got[1], expected[1])

@@ -305,5 +305,25 @@ def test_a_hand_replaced_first_convolution_takes_its_own_channels():
     x = torch.randn(2, 4, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
-        with pytest.raises(ValueError, match='built for 4 input channels'):
+        with pytest.raises(ValueError, match='takes 4-channel input'):
             ours(torch.randn(2, 3, 64, 64))
+
+
+def test_a_stem_conv_of_another_kind_keeps_the_constructor_s_channels():
+    """Found in review: the check took the first nn.Conv2d anywhere in the stem, so a MixedConv2d (its 2-channel
+    split) or a hand-written conv module (the next layer's 16) made 3-channel input refused; a LazyConv2d gave 0.
+    Reference: timm's SHViT with the same replaced stem and state dict."""
+    from timm.layers import MixedConv2d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    for make in (lambda: MixedConv2d(3, 16, [3, 5], stride=2, padding='', bias=False),
+                 lambda: nn.LazyConv2d(16, 3, 2, 1, bias=False)):
+        ours = randomize_norms(timm.create_model('shvit_s1')).eval()
+        ours.patch_embed[0].c = make()
+        ref = _timm_reference('shvit_s1').eval()
+        ref.patch_embed[0].c = ours.patch_embed[0].c
+        with torch.no_grad():
+            got = ours(x)
+            ref.load_state_dict(ours.state_dict(), strict=True)
+            torch.testing.assert_close(got, ref(x), rtol=0, atol=0)

@@ -130,8 +130,9 @@ def _run(lib: ctypes.CDLL, rows: torch.Tensor, packed: Tuple[torch.Tensor, torch
     return out
 
 
-#: The kernels count rows (pixels) in C ints: more would wrap around, and leave the output unwritten
-MAX_ROWS = 2 ** 31 - 1
+#: The kernels count rows (pixels) in C ints, rounded up to blocks of 32: more would wrap around, and leave the
+#: output unwritten
+MAX_ROWS = 2 ** 31 - 32
 
 
 def _check_rows(m: int) -> None:

@@ -256,8 +256,9 @@ def _find_pairs(model: nn.Module, example_input: torch.Tensor) -> Tuple[Dict[str
     for name, module in model.named_modules():
         if has_forward_hooks(module) and not isinstance(module, torch.jit.ScriptModule):
             mark = seen_by_hooks_of(name)
-            if module._forward_pre_hooks:
-                handles.append(module.register_forward_pre_hook(lambda m, args, mark=mark: mark(args)))
+            if module._forward_pre_hooks:  # with its keyword arguments: a hook may take them (with_kwargs=True)
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, args, kwargs, mark=mark: mark((args, kwargs)), with_kwargs=True))
             if module._forward_hooks:
                 handles.append(module.register_forward_hook(lambda m, args, out, mark=mark: mark(out)))
         if isinstance(module, torch.jit.ScriptModule):

@@ -102,6 +102,16 @@ class UsageError(ValueError):
 MAX_COUNT = 2 ** 31 - 1
 
 
+def usable_cpus() -> Optional[int]:
+    """The logical CPUs this process may run on: its affinity mask (taskset, a cgroup cpuset), else the machine's
+    count; None when neither is known (found in review: the machine's count let a process limited to one CPU ask
+    for two threads)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on every platform
+        return os.cpu_count()
+
+
 def _check_count(what: str, flag: str, value: object, most: int = MAX_COUNT, why: str = "") -> None:
     """A size or count argument must be an int from 1 to ``most`` (as the command line's ``type=int`` options): a
     float, a bool or a str raises ``TypeError``, a value out of range :class:`UsageError`, each naming the argument
@@ -377,8 +387,9 @@ def _compare(
         _check_count("batch_size", "--batch", batch_size)
         batch_size = int(batch_size)
     if threads is not None:  # more threads than CPUs only slow the timing down (10**5 of them exhausted memory)
-        cpus = os.cpu_count() or 1
-        _check_count("threads", "--threads", threads, most=cpus, why=f" (this machine has {cpus} logical CPUs)")
+        cpus = usable_cpus()
+        _check_count("threads", "--threads", threads, most=cpus or MAX_COUNT,
+                     why=f" (this process may use {cpus} logical CPUs)")
         threads = int(threads)
     _check_count("rounds", "--rounds", rounds)
     if devices:  # one row per device: "cuda" and "cuda:0" are the same GPU (where it is the current one)

@@ -38,7 +38,7 @@ from vitzoo import amx_gemm
 from vitzoo.amx_linear import AmxLinear, classify_rows, images_in_call, restore_linears, swap_linears
 from vitzoo.batchnorm_folding import fold_batchnorms
 from vitzoo.module_hooks import deepcopy_sharing_hooks, hook_ids, lost_hooks, reparameterize
-from vitzoo.models import first_meta_tensor, model_in_chans, model_input_size
+from vitzoo.models import _first_conv_in_chans, first_meta_tensor, model_in_chans, model_input_size
 from vitzoo.onednn_rewrite import FP32_PRECISIONS, PackedConv2d, onednn_rewrite
 from vitzoo.outputs import (WRONG_RESULT_RTOL, OutputLayout, UnsupportedOutputError, check_comparable,
                             max_abs_diff_of)
@@ -302,7 +302,8 @@ def _check_example_channels(model: nn.Module, example_input: torch.Tensor) -> No
     """An image example of another channel count than the model's ``in_chans`` (timm models record it) would fail
     in the first layer with torch's shape message; say which channels and what to do (found by a sweep)."""
     chans = getattr(model, "in_chans", None)
-    if isinstance(chans, int) and chans > 0 and example_input.dim() == 4 and example_input.shape[1] != chans:
+    if isinstance(chans, int) and chans > 0 and example_input.dim() == 4 and example_input.shape[1] != chans \
+            and _first_conv_in_chans(model) != example_input.shape[1]:  # a first conv replaced by hand: its own
         shape = list(example_input.shape)
         raise ValueError(
             f"deploy(): example_input has {shape[1]} channels (shape {shape}), but the model takes {chans} (its "

@@ -3,8 +3,9 @@
 The exporter is PyTorch's TorchScript-based one (``torch.onnx.export(..., dynamo=False)``): the dynamo
 exporter needs ``onnxscript``, which is not a dependency of this package. The input's batch dimension is
 exported as dynamic (``batch``), as is each output axis that follows it (``batch`` where it is the batch size,
-``<output>_dim<axis>`` where it grows otherwise, e.g. flattened tokens); other axes, and the input's height and
-width, are fixed to the example's.
+``<output>_dim<axis>`` where it grows otherwise, e.g. flattened tokens); other output axes are not declared dynamic
+(the exporter's shape inference may still name some it cannot size), and the input's height and width are fixed to
+the example's.
 
 Example::
 
@@ -306,6 +307,7 @@ class OnnxRuntimeModule(nn.Module):
         source = onnx_model if isinstance(onnx_model, bytes) else str(Path(onnx_model))
         self.session = ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        self._batch_axes = _batch_axes(self.session)
         self.num_threads = options.intra_op_num_threads
         self.run_options = ort.RunOptions()
         self.run_options.log_severity_level = 4  # as above
@@ -313,17 +315,43 @@ class OnnxRuntimeModule(nn.Module):
     def forward(self, x: torch.Tensor) -> Any:
         """The output as the exported model returned it: a tensor, or (with ``output_layout``) the same nesting;
         a graph of several outputs without ``output_layout`` gives a tuple."""
-        if x.shape[0] == 0:  # an empty batch, as eager PyTorch takes it; ONNX Runtime fails on it (a Reshape)
-            one = self.forward(x.new_zeros((1, *x.shape[1:])))
-            return pytree.tree_map(lambda out: out[:0] if isinstance(out, torch.Tensor) and out.dim() else out, one)
-        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        outs = [torch.from_numpy(out) for out in self.session.run(None, {self.input_name: array}, self.run_options)]
+        if x.shape[0] == 0:  # an empty batch, as eager PyTorch takes it; ONNX Runtime fails on it (a Reshape): one
+            # image, then each output's axes that follow the batch cut to 0 (found in review: axis 0 of every output
+            # was cut, also of an output that does not follow the batch)
+            outs = self._run(x.new_zeros((1, *x.shape[1:])))
+            outs = [_cut(out, axes) for out, axes in zip(outs, self._batch_axes)]
+        else:
+            outs = self._run(x)
         if self.output_layout is not None:
             return self.output_layout.nest(outs)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
+    def _run(self, x: torch.Tensor) -> List[torch.Tensor]:
+        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        return [torch.from_numpy(out) for out in self.session.run(None, {self.input_name: array}, self.run_options)]
+
     def extra_repr(self) -> str:
         return f"threads={self.num_threads}, spinning={self.spinning}"
+
+
+def _cut(out: torch.Tensor, axes: List[int]) -> torch.Tensor:
+    for axis in axes:
+        out = out.narrow(axis, 0, 0)
+    return out
+
+
+def _batch_axes(session: Any) -> List[List[int]]:
+    """Per output of ``session``, the axes the export declared to follow the batch (:func:`_output_axes`:
+    ``batch``, ``<output>_dim<axis>``); a graph exported with only the input's batch declared (an older export)
+    gives axis 0 of every output with a dimension."""
+    found = []
+    for out in session.get_outputs():
+        shape = out.shape if isinstance(out.shape, (list, tuple)) else []
+        found.append([axis for axis, dim in enumerate(shape)
+                      if dim == "batch" or dim == f"{out.name}_dim{axis}"])
+    if not any(found):
+        return [[0] if out.shape else [] for out in session.get_outputs()]
+    return found
 
 
 def session_for_export(onnx_model: bytes, output_layout: OutputLayout) -> OnnxRuntimeModule:
