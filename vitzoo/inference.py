@@ -207,6 +207,14 @@ class DeployedModel(nn.Module):
             raise self._cannot(f"moved from {probe.dtype} on {probe.device} to {moved.dtype} on {moved.device}")
         return self
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Refused: the backends run packed weights, traced constants or an ONNX Runtime session made from the
+        weights at deploy time, which loading does not change (found by an audit: "All keys matched successfully",
+        and the outputs kept the old weights, in part or in whole)."""
+        raise TypeError(f"a model deployed by vitzoo.deploy (backend {self.backend!r}) cannot load new weights: its "
+                        "weights were packed, traced or exported when it was deployed. Load them into the original "
+                        "model and deploy() it again.")
+
     def _cannot(self, what: str) -> TypeError:
         return TypeError(f"a model deployed by vitzoo.deploy (backend {self.backend!r}) cannot be {what}: save or "
                          "copy the original model and deploy() it again where it runs, or write an ONNX file with "

@@ -123,7 +123,7 @@ def _quiet_tracing() -> Iterator[None]:
 class TorchScriptModule(nn.Module):
     """Runs ``model`` as frozen TorchScript, one trace per input shape, with oneDNN Graph fusion when requested.
 
-    Each input shape gets its own trace (built on first use, the last ``max_cached_shapes`` kept): a fused
+    Each input shape gets its own trace (built on first use, the ``max_cached_shapes`` last used kept): a fused
     TorchScript graph that re-specialises itself for a second shape can crash inside oneDNN Graph (seen with
     torch 2.14: a SHViT traced at 224x224 and then called at 64x64 segfaulted), while a graph that only ever sees
     one shape either works or raises at its warm-up. A shape on which the fused graph raises gets an unfused trace,
@@ -157,6 +157,8 @@ class TorchScriptModule(nn.Module):
         key = self._key(x)
         with _SWITCHES_LOCK:
             entry = self._traced.get(key)
+            if entry is not None and len(self._traced) >= self.max_cached_shapes:
+                self._traced[key] = self._traced.pop(key)  # least recently used first, as PackedConv2d's cache
             if entry is None:
                 entry = self._build(x)  # may raise (bad input): the cache is left as it was
                 if len(self._traced) >= self.max_cached_shapes:
@@ -179,7 +181,7 @@ class TorchScriptModule(nn.Module):
             executed = getattr(torch.jit, "last_executed_optimized_graph", None)
             found = executed is None or _has_onednn_fusion_group(executed())  # no way to look: trust the switch
             if not found:
-                self.notes.append(f"oneDNN Graph found nothing to fuse for input shape {list(x.shape)}")
+                self._note(f"oneDNN Graph found nothing to fuse for input shape {list(x.shape)}")
                 return traced, False
             # every new shape is checked against the eager model: oneDNN Graph computes some models wrong
             # (torch 2.14: timm's dla34, hrnet_w18_small), and a wrong partition would otherwise go unnoticed
@@ -198,11 +200,23 @@ class TorchScriptModule(nn.Module):
         except Exception as e:  # noqa: BLE001  oneDNN Graph rejects some patterns / shapes at run time
             note = (f"oneDNN Graph fusion failed for input shape {list(x.shape)} ({type(e).__name__}: "
                     f"{_first_sentence(e)}); that shape runs without it")
-        self.notes.append(note)
-        warnings.warn(f"deploy(backend='torchscript'): {note}", RuntimeWarning, stacklevel=4)
+        if self._note(note):
+            warnings.warn(f"deploy(backend='torchscript'): {note}", RuntimeWarning, stacklevel=4)
         traced = _trace(self.model, x.clone(), layout)
         _warm_up(traced, x.clone(), fused=False)
         return traced, False
+
+    #: The most notes kept (the oldest go first)
+    MAX_NOTES = 32
+
+    def _note(self, note: str) -> bool:
+        """Add ``note`` unless it is there already; whether it is new (found by an audit: a shape traced again
+        after its eviction added its note, and its warning, once more, so the notes grew with every rotation)."""
+        if note in self.notes:
+            return False
+        self.notes.append(note)
+        del self.notes[:-self.MAX_NOTES]
+        return True
 
     def forward(self, x: torch.Tensor) -> Any:
         with _SWITCHES_LOCK:  # one thread at a time (the switches are process-global)
