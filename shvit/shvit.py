@@ -382,7 +382,9 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
             raise damaged from e
         if isinstance(e, (ClassifierSizeError, IncompleteCheckpointError, ExtraTensorsError, InputChannelsError,
                           CheckpointLayoutError, FusionMismatchError)):
-            raise RuntimeError(f'Could not load pretrained weights for {variant} from {source}: {e}') from e
+            # its own class (a RuntimeError), so that `except shvit.FusionMismatchError` works around create_model
+            # (found by an audit: a plain RuntimeError, the class only its __cause__, against docs/shvit.md)
+            raise type(e)(f'Could not load pretrained weights for {variant} from {source}: {e}') from e
         bad_opcode = _unsupported_opcode(e)
         protocol = _unreadable_protocol(variant, kwargs) if bad_opcode is not None else None
         if protocol is not None:  # a complete file that safe loading does not read: neither damaged nor unsafe
@@ -417,7 +419,9 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
         if refused:  # torch's own words would advise weights_only=False without a word on what the file holds
             where = download_cache_path(source[4:], kwargs.get('cache_dir')) if source.startswith('url ') else 'it'
             reason = f'{type(e).__name__}: {where} pickles {refused}, which weights_only=True does not allow'
-        raise (WeightsUnavailableError if unavailable else CorruptCheckpointError if unreadable else RuntimeError)(
+        kind = WeightsUnavailableError if unavailable else CorruptCheckpointError if unreadable else \
+            type(e) if isinstance(e, CheckpointMismatchError) else RuntimeError
+        raise kind(
             f'Could not load pretrained weights for {variant} from {source}: {reason}\n'
             f'To fix: {fix}; or use pretrained=False.') from e
 

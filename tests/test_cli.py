@@ -120,7 +120,7 @@ def test_hub_retry_chatter_is_kept_out_of_the_commands(monkeypatch, capsys, capl
     assert logging.getLogger("huggingface_hub").level == before  # restored for library use
 
 
-@pytest.mark.parametrize("command", ["compare", "convert", "push"])
+@pytest.mark.parametrize("command", ["compare", "convert", "push", "finetune-det"])  # finetune-det: audit
 def test_help_descriptions_are_plain_text(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])

@@ -552,3 +552,21 @@ def test_a_pickled_model_gets_advice_that_works(tmp_path, s1_reference):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(m.eval()(x), s1_reference(x), rtol=0, atol=0)
+
+
+def test_named_load_errors_arrive_as_their_own_class(tmp_path):
+    """Found by an audit: docs/shvit.md names the class of each refused checkpoint (FusionMismatchError for fused
+    weights, CheckpointMismatchError for another variant's, ClassifierSizeError for another head), but through
+    timm.create_model every one came as a plain RuntimeError, the class only its __cause__; `except` on the named
+    class caught nothing. Each stays a RuntimeError."""
+    fused = timm.utils.reparameterize_model(timm.create_model('shvit_s1'))
+    files = {'fused': fused.state_dict(), 's2': timm.create_model('shvit_s2').state_dict(),
+             'head': timm.create_model('shvit_s1', num_classes=10).state_dict()}
+    for name, state in files.items():
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / f'{name}.safetensors')
+    for name, error in (('fused', shvit.FusionMismatchError), ('s2', shvit.CheckpointMismatchError),
+                        ('head', shvit.checkpoint.ClassifierSizeError)):
+        with pytest.raises(error, match=r'^Could not load pretrained weights for shvit_s1 from file '):
+            timm.create_model('shvit_s1', pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / f'{name}.safetensors')))
+        assert issubclass(error, RuntimeError)

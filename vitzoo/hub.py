@@ -736,10 +736,15 @@ def _classify(error: BaseException) -> Optional[str]:
 
 
 def _explanation(error: BaseException, names: Tuple[str, ...] = _EXPLAINED) -> str:
-    """The message of the model's own error (one of ``names``) down ``error``'s cause chain."""
-    while type(error).__name__ not in names and error.__cause__ is not None:
-        error = error.__cause__
-    return str(error)
+    """The message of the model's own error (one of ``names``) down ``error``'s cause chain: the deepest such one,
+    the raw message (the model packages re-raise their error as its own class with the source in front)."""
+    found: Optional[BaseException] = None
+    cause: Optional[BaseException] = error
+    while cause is not None:
+        if type(cause).__name__ in names:
+            found = cause
+        cause = cause.__cause__
+    return str(found if found is not None else error)
 
 
 def _shorten(message: str, limit: int = 600) -> str:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from vitzoo.atomic import _check_parent_writable, atomic_write_text, resolve_output
 from vitzoo.cli import named_output
-from vitzoo.messages import cli_message, command_line_advice, first_line
+from vitzoo.messages import cli_message, command_line_advice, first_line, help_description
 from vitzoo.models import UnknownModelError
 
 from .backbone import BackboneError, summarize_load_error
@@ -54,7 +54,8 @@ MIN_SIZE, MAX_SIZE = 800, 1333
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``finetune-det`` sub-command."""
     p = subparsers.add_parser(NAME, help='fine-tune RetinaNet / Faster R-CNN / Mask R-CNN with a zoo backbone on '
-                                         'a COCO-format folder (CPU, GPU, torchrun DDP)')
+                                         'a COCO-format folder (CPU, GPU, torchrun DDP)',
+                              description=help_description(__doc__))
     p.add_argument('--data', required=True, help='dataset folder: DIR/annotations/instances_{train,val}.json, '
                                                  'images in DIR/train/ and DIR/val/ (val optional)')
     p.add_argument('--detector', default='retinanet', choices=sorted(DETECTOR_STRIDES), help='default: %(default)s')
