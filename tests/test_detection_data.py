@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import warnings
 
 import pytest
 import torch
@@ -765,3 +766,25 @@ def test_an_image_over_pils_pixel_limit_is_a_dataset_error(shapes, monkeypatch):
     with pytest.raises(DatasetError, match=r'image id 1: .*train_0000.png: .*exceeds limit.* Tile the image, or '
                                            r'raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted'):
         ds[0]
+
+
+def test_mask_evaluation_names_an_ordinary_annotation_without_a_mask(shapes, tmp_path):
+    """Found by an audit: only crowd regions were checked, so a mask model evaluated on a split opened without masks
+    (the default) stopped in pycocotools with KeyError('segmentation') (none), IndexError (an empty list) or the
+    KeyError again (a 2-point polygon, left out)."""
+    for segmentation, label in ((None, 'none'), ([], 'empty'), ([[1, 1, 5, 5]], 'malformed')):
+        def edit(data):
+            ann = data['annotations'][0]
+            ann.pop('segmentation', None)
+            if segmentation is not None:
+                ann['segmentation'] = segmentation
+
+        root = _two_splits(shapes, tmp_path / label, edit)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # the malformed polygon's own warning
+            val = CocoDetectionFolder(root, 'val')
+        first = val.coco['annotations'][0]
+        with pytest.raises(DatasetError, match=rf'annotation id {first["id"]} \(image id {first["image_id"]}\) is '
+                                               r'without a usable segmentation'):
+            evaluate_coco(_Oracle(CocoDetectionFolder(shapes, 'val', with_masks=True), masks=True), val,
+                          progress=False)

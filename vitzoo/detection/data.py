@@ -533,14 +533,19 @@ def check_masks_for_evaluation(dataset: CocoDetectionFolder) -> None:
     (their region is what detections are ignored in); training needs it only on the others.
 
     Raises:
-        DatasetError: a crowd annotation without one, named with its file.
+        DatasetError: an annotation without one (a crowd region; or, in a split opened without masks, any
+            annotation: a missing, empty or malformed one, which that split leaves out), named with its file.
     """
-    bare = [a for a in dataset.coco['annotations'] if a['iscrowd'] and not a.get('segmentation')]
+    bare = [a for a in dataset.coco['annotations'] if not a.get('segmentation')]
     if bare:
+        # found by an audit: only crowd regions were checked, so a split opened with with_masks=False (the default)
+        # stopped pycocotools' segm evaluation on an ordinary annotation with a bare KeyError / IndexError
+        what = 'a crowd region without a segmentation' if bare[0]['iscrowd'] else \
+            'without a usable segmentation (none, empty, or malformed and left out)'
         raise DatasetError(
-            f'{dataset.ann_file}: annotation id {bare[0]["id"]} (image id {bare[0]["image_id"]}) is a crowd region '
-            f'without a segmentation ({len(bare)} such annotation(s)); mask evaluation needs one on every annotation: '
-            'add its polygon or RLE, or remove it.')
+            f'{dataset.ann_file}: annotation id {bare[0]["id"]} (image id {bare[0]["image_id"]}) is {what} '
+            f'({len(bare)} such annotation(s)); mask evaluation needs one on every annotation: add its polygon or '
+            'RLE, or remove it.')
 
 
 def collate_detection(batch: List[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]) -> Tuple[list, list]:
