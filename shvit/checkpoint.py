@@ -196,6 +196,9 @@ def remap_official_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, tor
             new = f'stages.{stage}.downsample.2.{rest}'
         else:
             sub, _, tail = rest.partition('.')
+            if not sub.isdigit():  # no official key (a damaged or foreign file): kept, so the load reports it as
+                out[key] = value   # unexpected (found by an audit: int('weight') raised a bare ValueError)
+                continue
             new = f'stages.{stage}.downsample.{int(sub) + (3 if index == 2 else 0)}.{tail}'
         out[new] = value
     return out

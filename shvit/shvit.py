@@ -6,6 +6,8 @@ name, and its own test-suite runs the feature-intermediate tests for module ``'s
 Paper: `SHViT: Single-Head Vision Transformer with Memory Efficient Macro Design` (Yun & Ro, CVPR 2024),
 https://arxiv.org/abs/2401.16456. Official code and weights (MIT): https://github.com/ysj9909/SHViT
 """
+import argparse
+import contextlib
 import os
 import pickle
 import re
@@ -351,6 +353,10 @@ def _check_given_state_dict(variant: str, kwargs: Dict[str, Any]) -> None:
                         f'or a training checkpoint holding one, not {type(given).__name__}{how}.')
 
 
+#: The only non-tensor object the official checkpoints pickle (``'args'``); nothing else is unpickled
+_SAFE_GLOBALS = [argparse.Namespace]
+
+
 def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHViT:
     if pretrained:
         _check_given_state_dict(variant, kwargs)
@@ -359,13 +365,16 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
         kwargs['global_pool'] = 'avg'  # no head in the feature model: the pooling a head needs does not matter
     try:
         restore_source = _read_model_not_ema(variant, kwargs) if pretrained else None
-        model = build_model_with_cfg(
-            SHViT, variant, pretrained,
-            pretrained_filter_fn=partial(checkpoint_filter_fn, features_only=bool(kwargs.get('features_only')),
-                                         strict=kwargs.get('pretrained_strict', True)),
-            feature_cfg=dict(out_indices=(0, 1, 2), flatten_sequential=True),
-            **kwargs,
-        )
+        # the official training checkpoints pickle their `args` (an argparse.Namespace): allowed on every route, as
+        # timm's file reader allows it (found by an audit: from a URL, timm's weights-only download refused it)
+        with torch.serialization.safe_globals(_SAFE_GLOBALS) if pretrained else contextlib.nullcontext():
+            model = build_model_with_cfg(
+                SHViT, variant, pretrained,
+                pretrained_filter_fn=partial(checkpoint_filter_fn, features_only=bool(kwargs.get('features_only')),
+                                             strict=kwargs.get('pretrained_strict', True)),
+                feature_cfg=dict(out_indices=(0, 1, 2), flatten_sequential=True),
+                **kwargs,
+            )
         damaged = _damaged_download(variant, kwargs) if pretrained else None  # loaded, with a member failing its CRC
         if damaged is not None:
             raise damaged

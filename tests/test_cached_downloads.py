@@ -388,3 +388,19 @@ def test_a_complete_cached_file_in_pickle_protocol_4_is_named_so(checkpoints, tm
     assert type(info.value).__name__ == 'PickleProtocolError' and type(info.value).__module__.startswith(package)
     assert f'{path} is a torch.save file saved in pickle protocol 4' in message, message
     assert 'corrupt' not in message and 'allowlisted' not in message, message
+
+
+def test_an_official_shvit_checkpoint_with_its_args_loads_from_a_url(checkpoints, tmp_path):
+    """Found by an audit: the official training script saves 'args' (an argparse.Namespace). From a local file timm's
+    reader allows it, but from a URL timm's weights-only download refused it and advised unsafe loading. The local
+    file's load is the reference."""
+    import argparse
+
+    served = tmp_path / 'server' / 'shvit_s1.pth'
+    served.parent.mkdir()
+    torch.save({**checkpoints['shvit'], 'args': argparse.Namespace(model='shvit_s1', lr=1e-3)}, served)
+    from_url = _timm('shvit_s1.in1k_official', cache_dir=str(tmp_path / 'cache'),
+                     pretrained_cfg_overlay=dict(url=f'file://{served}'))
+    from_file = _timm('shvit_s1.in1k_official', pretrained_cfg_overlay=dict(file=str(served)))
+    for key, value in from_file.state_dict().items():
+        assert torch.equal(from_url.state_dict()[key], value), key

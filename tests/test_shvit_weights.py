@@ -570,3 +570,12 @@ def test_named_load_errors_arrive_as_their_own_class(tmp_path):
             timm.create_model('shvit_s1', pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(tmp_path / f'{name}.safetensors')))
         assert issubclass(error, RuntimeError)
+
+
+def test_a_malformed_official_block_key_is_reported_as_extra(s1_weights):
+    """Found by an audit: an official-layout key whose downsampler part is no index (blocks2.2.weight) raised a bare
+    ValueError from int('weight'); like any other tensor the model does not have, it is named."""
+    official = {**_to_official(s1_weights), 'blocks2.2.weight': torch.zeros(1)}
+    says = r"Checkpoint has 1 tensor that shvit_s1 does not have \(e\.g\. \['blocks2\.2\.weight'\]\)"
+    with pytest.raises(shvit.checkpoint.ExtraTensorsError, match=says):
+        timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(state_dict={'model': official}))
