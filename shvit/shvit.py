@@ -11,6 +11,7 @@ import contextlib
 import os
 import pickle
 import re
+import threading
 import zipfile
 from functools import partial
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
@@ -258,7 +259,8 @@ def _read_model_not_ema(variant: str, kwargs: Dict[str, Any]) -> Optional[str]:
         try:
             _check_keys(_unwrap(torch.load(path, map_location='cpu', weights_only=True)))
         except CheckpointLayoutError as layout:
-            raise RuntimeError(f'Could not load pretrained weights for {variant} from file {path}: {layout}') from e
+            raise CheckpointLayoutError(
+                f'Could not load pretrained weights for {variant} from file {path}: {layout}') from e
         raise
     kwargs['pretrained_cfg_overlay'] = dict(overlay, state_dict=state_dict, source='')
     return source
@@ -353,8 +355,22 @@ def _check_given_state_dict(variant: str, kwargs: Dict[str, Any]) -> None:
                         f'or a training checkpoint holding one, not {type(given).__name__}{how}.')
 
 
-#: The only non-tensor object the official checkpoints pickle (``'args'``); nothing else is unpickled
-_SAFE_GLOBALS = [argparse.Namespace]
+_NAMESPACE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _namespace_allowed() -> Iterator[None]:
+    """``argparse.Namespace``, the only non-tensor object the official checkpoints pickle (``'args'``), allowed for
+    torch's weights-only loads in the block. torch's allow-list is process-global: it is added only if missing, and
+    taken out afterwards only then, so a caller's own allowance stays (found in review: leaving torch's
+    ``safe_globals`` block removed it); one such block at a time, so that one load's exit does not take it from
+    another's (timm's own file reader does the same without that care)."""
+    with _NAMESPACE_LOCK:
+        if argparse.Namespace in torch.serialization.get_safe_globals():
+            yield
+        else:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                yield
 
 
 def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHViT:
@@ -365,9 +381,10 @@ def _create_shvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SHVi
         kwargs['global_pool'] = 'avg'  # no head in the feature model: the pooling a head needs does not matter
     try:
         restore_source = _read_model_not_ema(variant, kwargs) if pretrained else None
-        # the official training checkpoints pickle their `args` (an argparse.Namespace): allowed on every route, as
-        # timm's file reader allows it (found by an audit: from a URL, timm's weights-only download refused it)
-        with torch.serialization.safe_globals(_SAFE_GLOBALS) if pretrained else contextlib.nullcontext():
+        # the official training checkpoints pickle their `args` (an argparse.Namespace): allowed for a URL as timm's
+        # file reader allows it for a file (found by an audit: timm's weights-only download refused it)
+        from_url = pretrained and _pretrained_source(variant, kwargs)[0] == 'url'
+        with _namespace_allowed() if from_url else contextlib.nullcontext():
             model = build_model_with_cfg(
                 SHViT, variant, pretrained,
                 pretrained_filter_fn=partial(checkpoint_filter_fn, features_only=bool(kwargs.get('features_only')),

@@ -404,3 +404,8 @@ def test_an_official_shvit_checkpoint_with_its_args_loads_from_a_url(checkpoints
     from_file = _timm('shvit_s1.in1k_official', pretrained_cfg_overlay=dict(file=str(served)))
     for key, value in from_file.state_dict().items():
         assert torch.equal(from_url.state_dict()[key], value), key
+    # torch's allow-list is process-global: a caller's own allowance stays (found in review: it was removed)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        _timm('shvit_s1.in1k_official', cache_dir=str(tmp_path / 'cache'),
+              pretrained_cfg_overlay=dict(url=f'file://{served}'))
+        assert argparse.Namespace in torch.serialization.get_safe_globals()

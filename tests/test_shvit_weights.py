@@ -570,6 +570,10 @@ def test_named_load_errors_arrive_as_their_own_class(tmp_path):
             timm.create_model('shvit_s1', pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(tmp_path / f'{name}.safetensors')))
         assert issubclass(error, RuntimeError)
+    # a local .pth file that holds no state dict, read before timm (found in review: a plain RuntimeError there)
+    torch.save([1, 2], tmp_path / 'list.pth')
+    with pytest.raises(shvit.CheckpointLayoutError, match=r'^Could not load pretrained weights for shvit_s1 from '):
+        timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'list.pth')))
 
 
 def test_a_malformed_official_block_key_is_reported_as_extra(s1_weights):

@@ -211,9 +211,15 @@ class DeployedModel(nn.Module):
         """Refused: the backends run packed weights, traced constants or an ONNX Runtime session made from the
         weights at deploy time, which loading does not change (found by an audit: "All keys matched successfully",
         and the outputs kept the old weights, in part or in whole)."""
-        raise TypeError(f"a model deployed by vitzoo.deploy (backend {self.backend!r}) cannot load new weights: its "
-                        "weights were packed, traced or exported when it was deployed. Load them into the original "
-                        "model and deploy() it again.")
+        raise self._cannot_load()
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        raise self._cannot_load()  # a module holding this one loading its state dict (found in review)
+
+    def _cannot_load(self) -> TypeError:
+        return TypeError(f"a model deployed by vitzoo.deploy (backend {self.backend!r}) cannot load new weights: its "
+                         "weights were packed, traced or exported when it was deployed. Load them into the original "
+                         "model and deploy() it again.")
 
     def _cannot(self, what: str) -> TypeError:
         return TypeError(f"a model deployed by vitzoo.deploy (backend {self.backend!r}) cannot be {what}: save or "

@@ -157,8 +157,8 @@ class TorchScriptModule(nn.Module):
         key = self._key(x)
         with _SWITCHES_LOCK:
             entry = self._traced.get(key)
-            if entry is not None and len(self._traced) >= self.max_cached_shapes:
-                self._traced[key] = self._traced.pop(key)  # least recently used first, as PackedConv2d's cache
+            if entry is not None and next(reversed(self._traced)) != key:  # least recently used first, as
+                self._traced[key] = self._traced.pop(key)                   # PackedConv2d's cache
             if entry is None:
                 entry = self._build(x)  # may raise (bad input): the cache is left as it was
                 if len(self._traced) >= self.max_cached_shapes:
