@@ -8,6 +8,9 @@ import argparse
 import os
 import platform
 import re
+import shlex
+import shutil
+import subprocess
 import time
 from typing import Callable, Dict, Hashable, List, Optional, Sequence
 
@@ -17,7 +20,7 @@ from torch import nn
 from vitzoo.speed import Timing, measure
 
 __all__ = ["base_parser", "positive_int", "cpu_info", "print_machine", "randomize_norm_stats", "inference", "timed",
-           "print_table", "wall_ms"]
+           "print_table", "wall_ms", "build_c"]
 
 
 def positive_int(value: str) -> int:
@@ -156,3 +159,28 @@ def wall_ms(fn: Callable[[], object], iters: int, rounds: int = 5, warmup: int =
             fn()
         best = min(best, (time.perf_counter() - start) / iters)
     return best * 1e3
+
+
+def build_c(source: str, flags: Sequence[str], binary: str, what: str) -> Optional[str]:
+    """Compile the benchmark program ``source`` into ``binary`` with ``$CC`` (a command line such as ``ccache gcc``)
+    or else the first of ``cc`` / ``gcc`` / ``clang`` found; returns ``binary``, or ``None`` after printing
+    ``"<what>: skipped (<why>)"`` where there is no compiler, ``$CC`` is not a valid command line or names no
+    program, or the build fails (e.g. a compiler that does not know ``flags``)."""
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    try:
+        compiler = shlex.split(os.environ.get("CC", "")) or ([found] if found else [])
+    except ValueError as e:  # CC="gcc -DX='1" : unbalanced quotes
+        print(f"{what}: skipped ($CC={os.environ['CC']!r} is not a valid command line: {e})")
+        return None
+    if not compiler:
+        print(f"{what}: skipped (no C compiler found; set CC)")
+        return None
+    try:
+        build = subprocess.run([*compiler, *flags, source, "-o", binary], capture_output=True, text=True)
+    except OSError as e:  # $CC names no program
+        print(f"{what}: skipped (cannot run {shlex.join(compiler)}: {e.strerror or e})")
+        return None
+    if build.returncode != 0:
+        print(f"{what}: skipped ({shlex.join(compiler)} failed: {build.stderr.strip()[:200]})")
+        return None
+    return binary

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,7 +45,8 @@ import torch  # noqa: E402
 
 import vitzoo  # noqa: E402,F401
 from _common import (  # noqa: E402
-    base_parser, cpu_info, inference, positive_int, print_machine, print_table, randomize_norm_stats, timed,
+    base_parser, build_c, cpu_info, inference, positive_int, print_machine, print_table, randomize_norm_stats,
+    timed,
 )
 from _isolated import measure_isolated  # noqa: E402
 from vitzoo.inference import deploy  # noqa: E402
@@ -97,27 +96,11 @@ def measured_fma_peak(threads: int, iters: int = 200_000_000, runs: int = 3) -> 
     """The best of ``runs`` sums of ``threads`` concurrent runs of ``fma_peak.c``, in MAC/s (a ceiling: a run slowed
     by another process would lower it, and raise every fraction of it); None without a C compiler (``$CC``, which
     may be a command line such as ``ccache gcc``, else ``cc`` / ``gcc`` / ``clang``) or without x86 FMA."""
-    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    try:
-        compiler = shlex.split(os.environ.get("CC", "")) or ([found] if found else [])
-    except ValueError as e:  # CC="gcc -DX='1" : unbalanced quotes
-        print(f"measured FMA peak: skipped ($CC={os.environ['CC']!r} is not a valid command line: {e})")
-        return None
     source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fma_peak.c")
-    if not compiler:
-        print("measured FMA peak: skipped (no C compiler found; set CC)")
-        return None
     best = 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        binary = os.path.join(tmp, "fma_peak")
-        try:
-            build = subprocess.run([*compiler, "-O3", "-march=native", source, "-o", binary], capture_output=True,
-                                   text=True)
-        except OSError as e:  # $CC names no program
-            print(f"measured FMA peak: skipped (cannot run {shlex.join(compiler)}: {e.strerror or e})")
-            return None
-        if build.returncode != 0:
-            print(f"measured FMA peak: skipped ({shlex.join(compiler)} failed: {build.stderr.strip()[:200]})")
+        binary = build_c(source, ["-O3", "-march=native"], os.path.join(tmp, "fma_peak"), "measured FMA peak")
+        if binary is None:
             return None
         for _ in range(runs):
             procs = [subprocess.Popen([binary, str(iters)], stdout=subprocess.PIPE, text=True) for _ in range(threads)]

@@ -360,3 +360,44 @@ def test_revit_bench_deploys_both_models_on_the_timed_batch():
     finally:
         torch.set_num_threads(threads)
     assert tuple(x.shape) == (3, 3, 224, 224) and deployed.example_shape == tuple(x.shape)
+
+
+def _fake_program(path, text, code=0):
+    path.write_text(f"#!/bin/sh\nprintf '{text}'\nexit {code}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_unit_steadiness_reads_both_programs_rates_and_counts_slowed_samples(tmp_path, capsys):
+    """The two peak programs print their rate in different places; a sample below 75% of its unit's median is
+    counted as slowed (the docs' "7 of 30" is this count)."""
+    import bench_unit_steadiness as steadiness
+
+    fma = _fake_program(tmp_path / "fma", "80.646 16 2.06767e+11\\n")
+    amx = _fake_program(tmp_path / "amx", "7.29 ns per tile product, 1124.3 GMAC/s bf16 (374.8 GMAC/s of fp32 ...)\\n")
+    assert steadiness.rate(fma, "10") == 80.646
+    assert steadiness.rate(amx) == 1124.3
+    broken = _fake_program(tmp_path / "broken", "the kernel did not grant the AMX tile state\\n", code=1)
+    assert steadiness.rate(broken) is None
+    assert "broken exited with code 1 and printed 'the kernel did not grant" in capsys.readouterr().out
+    row = steadiness.summary("AMX", [1100.0, 1150.0, 1120.0, 520.0, 830.0])
+    # median 1100; 520 < 825 is slowed, 830 is not
+    assert row == ["AMX", 5, "1100.0", "520.0", "1150.0", "1 (20%)"]
+
+
+def test_unit_steadiness_runs_end_to_end_where_it_can_build(tmp_path, monkeypatch, capsys):
+    import bench_unit_steadiness as steadiness
+    from vitzoo.native_build import cpu_flags
+
+    if "fma" not in cpu_flags():
+        pytest.skip("needs an x86 CPU with FMA")
+    monkeypatch.setattr(sys, "argv", ["bench_unit_steadiness.py", "--samples", "2", "--pause", "0",
+                                      "--fma-iters", "1000000"])
+    try:
+        steadiness.main()
+    except SystemExit as e:  # no compiler builds either program here
+        pytest.skip(str(e))
+    out = capsys.readouterr().out
+    if "FMA samples: skipped" in out:
+        pytest.skip("no C compiler")
+    assert "| 2 |" in out and "### summary" in out and "| FMA | 2 |" in out
