@@ -142,6 +142,13 @@ def describe_foreign_checkpoint(state_dict: Mapping[str, Any]) -> Optional[str]:
                 f'names (first keys: {keys[:4]})')
     if any(k.startswith('patch_embed.0.c.') for k in keys) or any('.mixer.' in k for k in keys):
         return 'a SHViT checkpoint (keys like patch_embed.0.c.weight); load it with an shvit_* model'
+    pruning = next((k for k in keys if k.endswith('attn.qkv.head_mask.weight') or k.endswith('attn.qkv.Q.weight')
+                    and getattr(state_dict[k], 'ndim', 2) == 3), None)
+    if pruning is not None:  # found by an audit: it was called a timm ViT and told to pass dims=, which cannot load it
+        return (f'an NViT pruning-time checkpoint (full-size, pruned parts zeroed, per-head tensors such as '
+                f'{pruning}), not a dense NViT one: make it dense first with the NViT repository\'s finetune_dense.py '
+                f'(it folds attn.qkv.head_mask into Q/K/V and drops the zeroed rows and columns), or use a released '
+                f'NViT-B/H/S/T checkpoint; this package does not convert the pruning-time format')
     if not any(_BLOCK_RE.match(k) for k in keys) or 'pos_embed' not in state_dict:
         nested = [k for k, v in state_dict.items()
                   if isinstance(v, Mapping) and any(isinstance(n, str) and _BLOCK_RE.match(n) for n in v)]

@@ -417,20 +417,26 @@ def test_no_detections_give_minus_one_where_there_is_no_ground_truth(tmp_path):
     assert stats == {'bbox': expected, 'segm': expected}
 
 
+_ID = r'must be an integer from -2\*\*63 to 2\*\*63 - 1 \(ids are int64\)'
+
+
 @pytest.mark.parametrize('edit,match', [
     (_set(('images', 0, 'file_name'), 5),
      r'images\[0\] \(image id 1\): "file_name" must be a non-empty string .*, got 5 \(an integer\)'),
     (lambda d: d['images'][0].update(file_name=None),
      r'images\[0\] \(image id 1\): "file_name" must be a non-empty string .*, got null'),
     (_set(('images', 0, 'file_name'), ''), r'images\[0\] \(image id 1\): "file_name" must be a non-empty string'),
-    (_set(('images', 0, 'id'), '1'), r'images\[0\]: "id" must be an integer, got "1" \(a string\)'),
+    (_set(('images', 0, 'id'), '1'), r'images\[0\]: "id" ' + _ID + r', got "1" \(a string\)'),
     (_set(('images', 0, 'width'), 80.0), r'image id 1 \(train_0000.png\): "width" must be a positive integer'),
-    (_set(('annotations', 0, 'id'), [1]), r'annotations\[0\]: "id" must be an integer, got \[1\] \(a list\)'),
+    (_set(('annotations', 0, 'id'), [1]), r'annotations\[0\]: "id" ' + _ID + r', got \[1\] \(a list\)'),
     (_set(('annotations', 0, 'image_id'), [1]),
-     r'annotations\[0\] \(annotation id 1\): "image_id" must be an integer, got \[1\] \(a list\)'),
+     r'annotations\[0\] \(annotation id 1\): "image_id" ' + _ID + r', got \[1\] \(a list\)'),
     (_set(('annotations', 0, 'category_id'), {'id': 1}),
-     r'annotation id 1 \(image id 1\): "category_id" must be an integer, got \{"id": 1\} \(an object\)'),
-    (_set(('categories', 0, 'id'), [1]), r'categories\[0\]: "id" must be an integer, got \[1\] \(a list\)'),
+     r'annotation id 1 \(image id 1\): "category_id" ' + _ID + r', got \{"id": 1\} \(an object\)'),
+    # an id outside int64 was told "must be an integer, got ... (an integer)"
+    (_set(('annotations', 0, 'id'), 2 ** 63),
+     r'annotations\[0\]: "id" ' + _ID + r', got 9223372036854775808'),
+    (_set(('categories', 0, 'id'), [1]), r'categories\[0\]: "id" ' + _ID + r', got \[1\] \(a list\)'),
     (lambda d: d['categories'][0].update(name=None), r'categories\[0\]: "name" must be a string, got null'),
     (_set(('annotations', 0, 'iscrowd'), 'yes'), r'annotation id 1 .*"iscrowd" must be 0 or 1, got "yes"'),
     (_set(('annotations', 0, 'area'), 'big'), r'annotation id 1 .*"area" must be a non-negative number'),

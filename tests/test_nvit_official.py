@@ -279,6 +279,26 @@ def test_deit_checkpoint_rejected(tmp_path):
         _create(str(path))
 
 
+@pytest.mark.parametrize('variant', ['nvit_b', 'revit_t'])
+def test_a_pruning_time_checkpoint_is_named_and_not_told_to_pass_dims(tmp_path, variant):
+    """The official pruning-time format (full-size, zeroed, per-head Q/K/V of shape [64, 768, heads] and a head_mask,
+    the reference nvit.md, section 2.3) was called a timm ViT and told to pass dims= (nvit_b), or compared its 3-D
+    weights with the dims as if they were dense (revit_t): neither can load it."""
+    sd = {'cls_token': torch.zeros(1, 1, 768), 'pos_embed': torch.zeros(1, 198, 768),
+          'patch_embed.proj.weight': torch.zeros(768, 3, 16, 16)}
+    for part in 'QKV':
+        sd[f'blocks.0.attn.qkv.{part}.weight'] = torch.zeros(64, 768, 12)
+        sd[f'blocks.0.attn.qkv.{part}.bias'] = torch.zeros(64, 12)
+    sd['blocks.0.attn.qkv.head_mask.weight'] = torch.ones(12, 1)
+    sd['blocks.0.attn.proj.weight'] = torch.zeros(768, 64, 12)
+    path = tmp_path / 'pruned_checkpoint.pth'
+    torch.save({'model': sd, 'epoch': 3}, path)
+    with pytest.raises(nvit.IncompatibleCheckpointError, match=r'is an NViT pruning-time checkpoint .*finetune_dense'):
+        timm.create_model(variant, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    with pytest.raises(nvit.IncompatibleCheckpointError, match='pruning-time'):
+        nvit.load_checkpoint(str(path))
+
+
 def test_a_dict_with_a_key_that_is_no_name_is_not_a_state_dict(tmp_path):
     """Found by an audit: an int key among the weights was an AttributeError traceback ('int' object has no
     attribute 'startswith'), in `vitzoo convert` too."""

@@ -78,6 +78,8 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and -2 ** 63 <= v < 2 ** 63
 
 
+_INT64 = 'an integer from -2**63 to 2**63 - 1 (ids are int64)'
+
 _JSON_TYPES = {dict: 'an object', list: 'a list', str: 'a string', bool: 'a boolean', int: 'an integer',
                float: 'a number'}
 
@@ -245,7 +247,7 @@ def load_coco_json(path: Path, image_dir: Path, require_masks: bool = False) -> 
     for i, cat in enumerate(data['categories']):
         where = f'{path}: categories[{i}]'
         _check_fields(cat, ('id', 'name'), where)
-        _check_value(cat, 'id', _is_int, 'an integer', where)
+        _check_value(cat, 'id', _is_int, _INT64, where)
         _check_value(cat, 'name', lambda v: isinstance(v, str), 'a string', where)
         if cat['id'] in cat_ids:
             raise DatasetError(f'{path}: category id {cat["id"]} appears twice.')
@@ -253,7 +255,7 @@ def load_coco_json(path: Path, image_dir: Path, require_masks: bool = False) -> 
     images = {}
     for i, img in enumerate(data['images']):
         _check_fields(img, ('id', 'file_name', 'width', 'height'), f'{path}: images[{i}]')
-        _check_value(img, 'id', _is_int, 'an integer', f'{path}: images[{i}]')
+        _check_value(img, 'id', _is_int, _INT64, f'{path}: images[{i}]')
         _check_value(img, 'file_name', _file_name, f'a non-empty string (a path relative to {image_dir})',
                      f'{path}: images[{i}] (image id {img["id"]})')
         where = f'{path}: image id {img["id"]} ({img["file_name"]})'
@@ -268,14 +270,14 @@ def load_coco_json(path: Path, image_dir: Path, require_masks: bool = False) -> 
     dropped: List[str] = []  # malformed segmentations a box-only detector leaves out
     for i, ann in enumerate(data['annotations']):
         _check_fields(ann, ('id',), f'{path}: annotations[{i}]')
-        _check_value(ann, 'id', _is_int, 'an integer', f'{path}: annotations[{i}]')
+        _check_value(ann, 'id', _is_int, _INT64, f'{path}: annotations[{i}]')
         where = f'{path}: annotation id {ann["id"]}'
         if 'image_id' in ann:
-            _check_value(ann, 'image_id', _is_int, 'an integer',
+            _check_value(ann, 'image_id', _is_int, _INT64,
                          f'{path}: annotations[{i}] (annotation id {ann["id"]})')
             where += f' (image id {ann["image_id"]})'
         _check_fields(ann, ('image_id', 'category_id', 'bbox'), where)
-        _check_value(ann, 'category_id', _is_int, 'an integer', where)
+        _check_value(ann, 'category_id', _is_int, _INT64, where)
         if ann['id'] in seen:
             raise DatasetError(f'{where}: annotation id appears twice.')
         seen.add(ann['id'])
