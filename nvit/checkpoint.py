@@ -502,6 +502,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: torch.nn.Module,
     if foreign is not None:
         raise IncompatibleCheckpointError(f'This is {_as_foreign(foreign)}.')
     out = convert_official(state_dict)
+    _check_dtypes(out, model)
     _check_distilled(out, model, strict and not features_only)
     grid = list(model.patch_embed.grid_size)
     prefix = model.num_prefix_tokens
@@ -530,6 +531,20 @@ class ClassifierSizeError(RuntimeError):
 class WeightsUnavailableError(RuntimeError, OSError):
     """The pretrained weights could not be downloaded (offline, unreachable URL): a RuntimeError, and an OSError like
     timm's own download errors, so that ``except OSError`` fallbacks written for timm's models work here too."""
+
+
+def _check_dtypes(state_dict: Mapping[str, Any], model: torch.nn.Module) -> None:
+    """A floating-point tensor of the model takes floating-point weights only: ``load_state_dict`` would cast integer
+    or boolean ones (a quantised checkpoint, a mask) into it without a word (found by an audit)."""
+    own = model.state_dict()
+    wrong = [k for k, v in state_dict.items() if k in own and isinstance(v, torch.Tensor)
+             and own[k].is_floating_point() and not v.is_floating_point()]
+    if wrong:
+        k = wrong[0]
+        raise IncompatibleCheckpointError(
+            f'Checkpoint tensor {k} is {state_dict[k].dtype} where the model\'s is {own[k].dtype} ({len(wrong)} such '
+            f'tensor(s), e.g. {wrong[:3]}): integer or boolean values would be cast into the weights. Give a '
+            f'floating-point checkpoint (float32, float16 or bfloat16); a quantised one must be dequantised first.')
 
 
 def _check_classifier(state_dict: Mapping[str, Any], model: torch.nn.Module, strict: bool = True) -> None:

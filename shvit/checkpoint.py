@@ -288,6 +288,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module,
     if any(k.startswith('blocks1.') for k in state_dict):
         state_dict = remap_official_keys(state_dict)
     own = model.state_dict()
+    _check_dtypes(state_dict, own)
     if _is_fused(state_dict) != _is_fused(own) and any(anchor in state_dict for anchor in _ANCHORS):
         raise _fusion_mismatch(state_dict, model)
     if _is_fused(own):  # fused weights into a fused model: nothing to adapt, only to check
@@ -335,6 +336,18 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module,
     else:
         _warn_partial(state_dict, model, headless)
     return state_dict
+
+
+def _check_dtypes(state_dict: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> None:
+    """A floating-point tensor of the model takes floating-point weights only: ``load_state_dict`` would cast integer
+    or boolean ones (a quantised checkpoint, a mask) into it without a word (found by an audit)."""
+    wrong = [k for k, v in state_dict.items() if k in own and own[k].is_floating_point() and not v.is_floating_point()]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointLayoutError(
+            f'Checkpoint tensor {k} is {state_dict[k].dtype} where the model\'s is {own[k].dtype} ({len(wrong)} such '
+            f'tensor(s), e.g. {wrong[:3]}): integer or boolean values would be cast into the weights. Give a '
+            f'floating-point checkpoint (float32, float16 or bfloat16); a quantised one must be dequantised first.')
 
 
 def _check_fused_fits(state_dict: Mapping[str, Any], own: Mapping[str, torch.Tensor]) -> None:

@@ -270,6 +270,24 @@ def test_an_opset_the_exporter_does_not_write_is_a_usage_error_before_the_model_
     assert ran == [17, newest]
 
 
+@pytest.mark.parametrize("argv", [
+    ["export", "shvit_s1", "--bogus"], ["convert", "x.pth", "--model", "shvit_s1", "--out", "y", "--bogus"],
+    ["compare", "--no-speed", "--bogus", "shvit_s1"], ["push", "w", "--repo", "org/name", "--bogus"],
+    ["finetune-det", "--data", "d", "--bogus"], ["export", "shvit_s1", "extra"],
+])
+def test_an_unknown_argument_after_a_command_gets_that_commands_usage(monkeypatch, capsys, argv):
+    """Found by an audit: argparse's top-level parser reported `vitzoo export shvit_s1 --bogus` with the top-level
+    usage and "vitzoo: error:", not the command's."""
+    monkeypatch.setattr(f"vitzoo.{'detection.finetune' if argv[0] == 'finetune-det' else argv[0]}.run",
+                        lambda args: pytest.fail("the command ran"))
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and out == ""
+    assert err.startswith(f"usage: vitzoo {argv[0]} ") and err.endswith(
+        f"vitzoo {argv[0]}: error: unrecognized arguments: {'extra' if 'extra' in argv else '--bogus'}\n"), err
+
+
 @pytest.mark.parametrize("argv, says", [
     (["export", "shvit_s1", "--out", ""], "argument --out: needs a file name, e.g. --out shvit_s1.onnx"),
     (["export", "shvit_s1", "--out", " "], "argument --out: needs a file name"),

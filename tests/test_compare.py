@@ -175,7 +175,7 @@ def test_a_plot_file_it_cannot_write_is_a_usage_error_before_anything_is_built(c
 def test_plot_with_no_speed_is_refused_before_anything_is_built(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr("vitzoo.compare._build", lambda *a, **k: pytest.fail("built before checking --plot"))
     code, out, err = _cli(capsys, "shvit_s1", "--no-speed", "--plot", str(tmp_path / "p.png"))
-    assert (code, out, err) == (2, "", "error: --plot needs measured throughput; drop --no-speed\n")
+    assert (code, out, err) == (2, "", "vitzoo compare: error: --plot needs measured throughput; drop --no-speed\n")
     assert list(tmp_path.iterdir()) == []
 
 

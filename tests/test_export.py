@@ -18,6 +18,8 @@ from vitzoo.export import ExportError, export_verified_onnx  # noqa: E402
 from vitzoo.models import create  # noqa: E402
 from norms import randomize_norms  # noqa: E402  tests/norms.py
 
+ERR = "vitzoo export: error:"  # how the command's error lines start, as argparse's own do
+
 IMG = 64
 
 
@@ -78,7 +80,7 @@ def test_cli_model_that_cannot_be_built_is_an_error_not_a_traceback(tmp_path, ca
     out = tmp_path / "b.onnx"
     assert main(["export", "nvit_b", "--format", "onnx", "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: cannot build nvit_b: nvit_b: the per-block dims") and "Traceback" not in err
+    assert err.startswith(f"{ERR} cannot build nvit_b: nvit_b: the per-block dims") and "Traceback" not in err
     # found by audits: the line ended at "with one of:"; then it listed Python calls (timm.create_model(...,
     # dims=...), KNOWN_DIMS), which a command cannot take; now the command's ways, on one line
     assert err.count("\n") == 1 and "create_model" not in err and "KNOWN_DIMS" not in err, err
@@ -92,7 +94,7 @@ def test_cli_input_size_the_model_rejects_is_an_error_not_a_traceback(tmp_path, 
     out = tmp_path / "d.onnx"
     assert main(["export", "deit_tiny_patch16_224", "--img-size", "8", "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert "\nerror: the model fails on a [1, 3, 8, 8] input, before any export: " in err
+    assert f"\n{ERR} the model fails on a [1, 3, 8, 8] input, before any export: " in err
     assert "Kernel size can't be greater than actual input size" in err and "torch.onnx" not in err
     assert "Traceback" not in err and "TracerWarning" not in err and not out.exists()
 
@@ -113,8 +115,8 @@ def test_cli_model_the_exporter_rejects_is_one_line_without_the_ir_dump(tmp_path
     assert main(["export", "resnet18", "--out", str(out)]) == 1
     captured = capfd.readouterr()  # file-descriptor level: the exporter's log is written from C++
     assert "Torch IR graph" not in captured.out + captured.err
-    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
-    assert errors == ["error: torch.onnx.export cannot export this model (UnsupportedOperatorError: Exporting the "
+    errors = [line for line in captured.err.splitlines() if line.startswith(f"{ERR}")]
+    assert errors == [f"{ERR} torch.onnx.export cannot export this model (UnsupportedOperatorError: Exporting the "
                       "operator 'aten::kthvalue' to ONNX opset version 17 is not supported)"], captured.err
     assert "Traceback" not in captured.err and not out.exists()
     assert not torch._C._jit_is_onnx_log_enabled()  # the exporter's log is not left switched on
@@ -608,13 +610,13 @@ def test_cli_checks_the_output_before_building_the_model(tmp_path, capsys, monke
     (tmp_path / "adir").mkdir()
     (tmp_path / "afile").write_text("x")
     cases = [
-        (existing, f"error: {existing} already exists; refusing to overwrite it. Pass --force to replace it or "
+        (existing, f"{ERR} {existing} already exists; refusing to overwrite it. Pass --force to replace it or "
                    "choose another --out.\n"),
-        (tmp_path / "missing" / "x.onnx", f"error: cannot write {tmp_path / 'missing' / 'x.onnx'}: folder "
+        (tmp_path / "missing" / "x.onnx", f"{ERR} cannot write {tmp_path / 'missing' / 'x.onnx'}: folder "
                                           f"{tmp_path / 'missing'} does not exist; create it first (mkdir -p "
                                           f"{tmp_path / 'missing'}) or choose another --out.\n"),
-        (tmp_path / "adir", f"error: {tmp_path / 'adir'} is a folder; give a file path for the output"),
-        (tmp_path / "afile" / "x.onnx", f"error: cannot write {tmp_path / 'afile' / 'x.onnx'}: {tmp_path / 'afile'} "
+        (tmp_path / "adir", f"{ERR} {tmp_path / 'adir'} is a folder; give a file path for the output"),
+        (tmp_path / "afile" / "x.onnx", f"{ERR} cannot write {tmp_path / 'afile' / 'x.onnx'}: {tmp_path / 'afile'} "
                                         "is a file, not a folder."),
     ]
     for out, message in cases:
@@ -646,7 +648,7 @@ def test_cli_checks_the_default_output_name_before_building(tmp_path, capsys, mo
                                (f"local-dir:{deit}", [], "deit_96x160.onnx")):
         (tmp_path / name).write_bytes(b"old")
         assert main(["export", model, *extra]) == 1
-        assert capsys.readouterr().err.startswith(f"error: {name} already exists; refusing to overwrite it.")
+        assert capsys.readouterr().err.startswith(f"{ERR} {name} already exists; refusing to overwrite it.")
         assert (tmp_path / name).read_bytes() == b"old"
 
 
@@ -685,7 +687,7 @@ def test_cli_error_keeps_the_advice_of_a_pretrained_load(tmp_path, capsys, monke
     monkeypatch.setattr("vitzoo.hub.load_pretrained_model", offline)
     assert main(["export", "shvit_s1", "--pretrained", "--out", str(tmp_path / "s1.onnx")]) == 1
     assert capsys.readouterr().err == (  # the advice in the command's terms (pretrained=False: --pretrained)
-        "error: cannot build shvit_s1: Could not load pretrained weights for shvit_s1 from Hugging Face Hub repo "
+        f"{ERR} cannot build shvit_s1: Could not load pretrained weights for shvit_s1 from Hugging Face Hub repo "
         "timm/shvit_s1.in1k: LocalEntryNotFoundError: not in the cache. To fix: fetch them with `hf download "
         "timm/shvit_s1.in1k`; or leave out --pretrained (random weights).\n")
     assert os.listdir(tmp_path) == []
@@ -749,7 +751,7 @@ def test_cli_bad_folder_config_is_one_line(tmp_path, capsys, config):
     out = tmp_path / "b.onnx"
     assert main(["export", f"local-dir:{folder}", "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"error: cannot build local-dir:{folder}: TypeError: ") and err.count("\n") == 1, err
+    assert err.startswith(f"{ERR} cannot build local-dir:{folder}: TypeError: ") and err.count("\n") == 1, err
     assert f"check {folder / 'config.json'}: num_classes must be an int" in err
     assert not out.exists()
 
@@ -897,7 +899,7 @@ def test_an_hf_hub_name_without_pretrained_gets_the_hubs_clear_errors(tmp_path, 
                            ("o/none", "Hub repository 'o/none' was not found")):
             assert main(["export", f"hf-hub:{repo}", "--out", str(tmp_path / "x.onnx")]) == 1
             err = capsys.readouterr().err.strip()
-            assert err.startswith(f"error: cannot build hf-hub:{repo}: ") and says in err and "\n" not in err, err
+            assert err.startswith(f"{ERR} cannot build hf-hub:{repo}: ") and says in err and "\n" not in err, err
     finally:
         hub.stop()
     assert not (tmp_path / "x.onnx").exists()

@@ -299,6 +299,19 @@ def test_a_pruning_time_checkpoint_is_named_and_not_told_to_pass_dims(tmp_path, 
         nvit.load_checkpoint(str(path))
 
 
+@pytest.mark.parametrize('dtype', [torch.int32, torch.bool])
+def test_integer_or_boolean_weights_are_refused_not_cast(tmp_path, dtype):
+    """Found by an audit: load_state_dict cast an int32 or bool checkpoint into the float weights."""
+    sd = make_official('ones')
+    key = next(k for k, v in sd.items() if k.endswith('mlp.fc1.weight'))
+    sd[key] = sd[key].to(dtype)
+    path = save_official(tmp_path / 'NViT_cast.pth', sd)
+    with pytest.raises(nvit.IncompatibleCheckpointError,
+                       match=rf"Checkpoint tensor {re.escape(key)} is {re.escape(str(dtype))} where the model's is "
+                             r"torch\.float32 \(1 such tensor"):
+        _create(path)
+
+
 def test_a_dict_with_a_key_that_is_no_name_is_not_a_state_dict(tmp_path):
     """Found by an audit: an int key among the weights was an AttributeError traceback ('int' object has no
     attribute 'startswith'), in `vitzoo convert` too."""

@@ -125,6 +125,31 @@ def test_ddp_module_prefix_is_stripped(s1_weights):
     assert all(out[k] is s1_weights[k] for k in s1_weights)
 
 
+@pytest.mark.parametrize('cast', [lambda v: v > 0, lambda v: (v * 100).to(torch.int8)], ids=['bool', 'int8'])
+@pytest.mark.parametrize('fused', [False, True])
+def test_integer_or_boolean_weights_are_refused_not_cast(tmp_path, s1_weights, s1_reference, cast, fused):
+    """Found by an audit: load_state_dict cast a bool or int8 checkpoint into the float weights (all 0 / 1) and
+    `vitzoo convert` wrote it; one such tensor among float ones too."""
+    import copy
+    from timm.utils import reparameterize_model
+
+    weights = reparameterize_model(copy.deepcopy(s1_reference)).state_dict() if fused else dict(s1_weights)
+    key = 'head.weight' if fused else 'head.l.weight'
+    floats = dict(weights)
+    weights[key] = cast(weights[key])
+    model = reparameterize_model(timm.create_model('shvit_s1')) if fused else timm.create_model('shvit_s1')
+    with pytest.raises(shvit.CheckpointLayoutError, match=rf"Checkpoint tensor {re.escape(key)} is torch\.(bool|int8) "
+                                                          r"where the model's is torch\.float32 \(1 such tensor"):
+        shvit.checkpoint_filter_fn(weights, model)
+    if not fused:
+        path = tmp_path / 'cast.safetensors'
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
+        with pytest.raises(shvit.CheckpointLayoutError, match=r'from file .*cast\.safetensors: Checkpoint tensor'):
+            timm.create_model('shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    half = {k: v.half() if v.is_floating_point() else v for k, v in floats.items()}
+    assert set(shvit.checkpoint_filter_fn(half, model)) == set(model.state_dict())  # float16 stays allowed
+
+
 def test_timm_layout_safetensors_with_in_chans_and_num_classes(tmp_path, s1_weights):
     path = tmp_path / 'model.safetensors'
     save_file({k: v.contiguous() for k, v in s1_weights.items()}, str(path))

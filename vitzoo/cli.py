@@ -50,6 +50,9 @@ def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    # main() reports a sub-command's unknown arguments with its usage; kept off the parsed arguments, which
+    # finetune-det saves in its checkpoints (found by an audit: a parser there made every save fail)
+    parser.commands = sub.choices
     wanted = None
     if argv:
         wanted = next((a for a in argv if not a.startswith("-")), None)
@@ -127,7 +130,9 @@ def _sigterm_unwinds():
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse's top-level parser would print its own usage, not the sub-command's
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     hub_logger = logging.getLogger("huggingface_hub")
     hub_level = hub_logger.level
     # offline, huggingface_hub logs each of its five retries per file (two lines each, 46 s or more for timm's two

@@ -665,7 +665,7 @@ def run(args: argparse.Namespace) -> int:
 
     err = sys.stderr
     if args.plot and args.no_speed:
-        print("error: --plot needs measured throughput; drop --no-speed", file=err)
+        print("vitzoo compare: error: --plot needs measured throughput; drop --no-speed", file=err)
         return 2
     try:
         if args.plot:  # before anything is measured
@@ -675,10 +675,10 @@ def run(args: argparse.Namespace) -> int:
         rows, skipped = _compare(args.models, args.img_size, args.batch, args.threads, not args.no_speed,
                                  args.device, backends, args.rounds, progress=True)
     except (UnknownModelError, UsageError) as e:
-        print(f"error: {cli_message(e)}", file=err)
+        print(f"vitzoo compare: error: {cli_message(e)}", file=err)
         return 2
     except (OSError, ImportError, ValueError, RuntimeError) as e:
-        print(f"error: {cli_message(e)}", file=err)
+        print(f"vitzoo compare: error: {cli_message(e)}", file=err)
         return 1
 
     info = machine_info()
@@ -691,7 +691,7 @@ def run(args: argparse.Namespace) -> int:
             where = f" ({r['device']})" if r["device"] else ""
             print(f"note: {r['model']}{where}: {r['note']}", file=err)
     if not rows:
-        print("error: no model could be compared", file=err)
+        print("vitzoo compare: error: no model could be compared", file=err)
         return 1
     print(format_rows(rows, args.format))
     if args.plot:
@@ -706,7 +706,7 @@ def run(args: argparse.Namespace) -> int:
                                      ylabel="throughput, fastest path (img/s)",
                                      groups=devices if len(set(devices)) > 1 else None)
         except (OSError, ValueError) as e:
-            print(f"error: {cli_message(e)}", file=err)
+            print(f"vitzoo compare: error: {cli_message(e)}", file=err)
             return 1
         print(f"wrote {path}", file=err)
     return 0

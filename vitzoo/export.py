@@ -33,6 +33,9 @@ class ExportError(RuntimeError):
     """Export failed verification or could not be written."""
 
 
+ERROR = "vitzoo export: error:"  # the start of every error line, as argparse starts its own
+
+
 def _size_text(size: Tuple[int, int]) -> str:
     """``224`` for a square size, ``96x160`` (H x W) for another: the size part of the default output name."""
     return str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"
@@ -334,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         size = _default_img_size(args.model)
     except UnknownModelError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{ERROR} {e}", file=sys.stderr)
         return 2
     size = _as_size(args.img_size) if args.img_size else size
     stem = _file_stem(args.model)
@@ -343,24 +346,24 @@ def run(args: argparse.Namespace) -> int:
         if out is not None:
             check_new_file(out, args.force, option="--out")
     except OSError as e:
-        print(f"error: {cli_message(e)}", file=sys.stderr)
+        print(f"{ERROR} {cli_message(e)}", file=sys.stderr)
         return 1
     try:  # before the model is built and its weights downloaded (found by an audit: after)
         from vitzoo.onnx_runtime import require_onnxruntime
         require_onnxruntime()
     except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{ERROR} {e}", file=sys.stderr)
         return 1
     try:
         model = _create(args.model, args.img_size, args.pretrained)
     except UnknownModelError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{ERROR} {e}", file=sys.stderr)
         return 2
     except (ValueError, RuntimeError, OSError) as e:  # e.g. nvit_* without its dims record, a failed download
-        print(f"error: cannot build {args.model}: {_advice(cli_message(e), args.model)}", file=sys.stderr)
+        print(f"{ERROR} cannot build {args.model}: {_advice(cli_message(e), args.model)}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001  e.g. a folder's config.json with "num_classes": "ten" (a TypeError)
-        print(f"error: cannot build {args.model}: {type(e).__name__}: {_advice(cli_message(e), args.model)}"
+        print(f"{ERROR} cannot build {args.model}: {type(e).__name__}: {_advice(cli_message(e), args.model)}"
               f"{_config_hint(args.model)}", file=sys.stderr)
         return 1
     own = model_input_size(model)
@@ -369,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
     elif own is not None:
         size = own[1:]
     else:
-        print(f"error: cannot tell the input size of {args.model} (no pretrained_cfg input size, no fixed image "
+        print(f"{ERROR} cannot tell the input size of {args.model} (no pretrained_cfg input size, no fixed image "
               f"size); pass --img-size N (or HxW)", file=sys.stderr)
         return 1
     out = args.out or Path(f"{stem}_{_size_text(size)}.onnx")
@@ -380,10 +383,10 @@ def run(args: argparse.Namespace) -> int:
                                     rtol=args.rtol)
     except (OSError, ValueError, ExportError, RuntimeError) as e:
         # the check's advice in this command's terms: "pass atol=0.001" -> "pass --atol 0.001"
-        print(f"error: {_AS_OPTION.sub(_OPTION, cli_message(e))}", file=sys.stderr)
+        print(f"{ERROR} {_AS_OPTION.sub(_OPTION, cli_message(e))}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001  the model's own forward failing on the verification batches
-        print(f"error: cannot export {args.model}: {type(e).__name__}: {cli_message(e)}", file=sys.stderr)
+        print(f"{ERROR} cannot export {args.model}: {type(e).__name__}: {cli_message(e)}", file=sys.stderr)
         return 1
     print(f"wrote {out} (verified in ONNX Runtime at batch {', '.join(map(str, VERIFY_BATCHES))}: "
           f"max abs diff {diff:.2g})")
