@@ -379,6 +379,41 @@ def test_onnxruntime_backend_takes_a_bf16_model():
 
 
 @pytest.mark.skipif("onnxruntime" not in available_backends(), reason="onnxruntime not installed")
+def test_onnxruntime_backend_inplace_keeps_the_callers_bf16_model_in_bf16():
+    """Found by an audit: deploy(backend="onnxruntime", inplace=True) converted the caller's bf16 model to float32,
+    which then failed on its own bf16 input; inplace only fuses the caller's model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval().to(torch.bfloat16)
+    x = torch.randn(1, 3, 8, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = F.relu(F.conv2d(x, model[0].weight, model[0].bias))  # the caller's model, by hand
+    deploy(model, x, backend="onnxruntime", inplace=True, atol=0.1)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+@pytest.mark.skipif("onnxruntime" not in available_backends(), reason="onnxruntime not installed")
+def test_export_onnx_leaves_a_training_models_statistics_and_modes_alone():
+    """Found by an audit: export_onnx ran a model in training mode three times in it (moving its BatchNorm running
+    statistics) while the exporter wrote the eval graph; it now runs and exports in eval mode, modes put back."""
+    from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5)).train()
+    model[2].eval()  # a mixed-mode model: each module gets its own mode back
+    stats = {k: v.clone() for k, v in model[1].state_dict().items()}
+    x = torch.randn(2, 3, 8, 8) * 3 + 1
+    graph = OnnxRuntimeModule(export_onnx(model, x))
+    assert all(torch.equal(v, stats[k]) for k, v in model[1].state_dict().items())
+    assert [m.training for m in model.modules()] == [True, True, True, False]
+    with torch.no_grad():  # the graph is the eval model: BatchNorm with the running statistics, no dropout
+        expected = F.batch_norm(F.conv2d(x, model[0].weight, model[0].bias), stats["running_mean"],
+                                stats["running_var"], model[1].weight, model[1].bias, eps=model[1].eps)
+    torch.testing.assert_close(graph(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif("onnxruntime" not in available_backends(), reason="onnxruntime not installed")
 def test_onnxruntime_backend_runs_a_float64_model_in_float32_and_says_so():
     """A float64 model is exported in float32 like a bf16 one (ONNX Runtime's CPU kernels), its output is float32
     and the deployed model's optimizations say so (docs/deploy.md, backend table)."""

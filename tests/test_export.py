@@ -247,6 +247,57 @@ def test_unknown_model_names_closest_matches(tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
+class _FailsAtBatch3(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        if x.shape[0] == 3:
+            raise RuntimeError("no batch 3")
+        return self.conv(x)
+
+
+def test_the_models_own_failure_at_a_check_batch_is_named(tmp_path):
+    """Found by an audit: the PyTorch model failing at one of the check batches raised its bare error ("no batch
+    3"), with nothing saying it came from the model during the export's check."""
+    out = tmp_path / "x.onnx"
+    with pytest.raises(ExportError, match=r"the PyTorch model itself fails on the check batch of 3 images, before "
+                                          r"ONNX Runtime is compared with it: RuntimeError: no batch 3"):
+        export_verified_onnx(_FailsAtBatch3(), out, img_size=8, in_chans=3)
+    assert not out.exists()
+
+
+def test_a_bfloat16_output_is_refused_with_what_to_do():
+    """Found by an audit: an fp32 model returning a bf16 tensor failed its check with numpy's "No corresponding
+    Numpy type for Tensor Type. bfloat16", blamed on the exported graph."""
+    from vitzoo.onnx_runtime import OnnxExportError, export_onnx
+
+    class HalvesItsOutput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x), self.conv(x).bfloat16()
+
+    with pytest.raises(OnnxExportError, match=r"its output 1 is a bfloat16 tensor, which ONNX Runtime's Python API "
+                                              r"cannot hand back .* Return it as float32"):
+        export_onnx(HalvesItsOutput().eval(), torch.randn(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("threads", [-1, 0, 2.7, "4", True])
+def test_onnxruntime_module_refuses_a_thread_count_that_is_no_positive_int(threads):
+    """Found by an audit: -1 was kept (and shown as threads=-1), 2.7 became 2, '4' became 4, True 1, and 0 meant
+    torch's thread count."""
+    from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx
+
+    data = export_onnx(nn.Conv2d(3, 4, 3).eval(), torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=rf"num_threads must be a positive int .*got {re.escape(repr(threads))}"):
+        OnnxRuntimeModule(data, num_threads=threads)
+    assert OnnxRuntimeModule(data, num_threads=3).num_threads == 3
+
+
 @pytest.mark.parametrize("spinning", [True, False])
 def test_onnxruntime_module_spinning_switch(spinning):
     import time

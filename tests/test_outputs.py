@@ -68,6 +68,27 @@ def test_max_abs_diff_of_nan_is_reported_not_hidden():
     assert diff != diff
 
 
+INF = math.inf
+MASKED = torch.tensor([[1.0, -INF, 3.0]])  # a classifier's -inf logits of disabled classes
+
+
+@pytest.mark.parametrize("output, reference, expected", [
+    (MASKED.clone(), MASKED, (0.0, 3.0)),                      # equal infinities: no difference (inf - inf is NaN)
+    (torch.tensor([[1.5, -INF, 3.0]]), MASKED, (0.5, 3.0)),     # the scale is the largest finite value
+    (torch.tensor([[1.0, 7.0, 3.0]]), MASKED, (INF, 3.0)),      # a finite value where the reference is -inf
+    (torch.tensor([[1.0, INF, 3.0]]), MASKED, (INF, 3.0)),      # the other infinity
+    (torch.tensor([[-50.0, 900.0, 3.0]]), torch.tensor([[1.0, 2.0, INF]]), (INF, 2.0)),
+    (torch.tensor([[-INF, -INF]]), torch.tensor([[-INF, -INF]]), (0.0, 0.0)),  # no finite value at all
+])
+def test_max_abs_diff_of_infinities(output, reference, expected):
+    """Found by an audit: identical -inf outputs gave "max abs diff nan (> tolerance nan)" and refused every
+    backend, and with rtol > 0 one inf in the reference made the tolerance (atol + rtol * largest) infinite, so any
+    output passed."""
+    assert max_abs_diff_of(output, reference) == expected
+    diff, scale = expected
+    assert outputs_close(output, reference, rel=1e-3) is (diff <= 1e-3 * scale + 1e-12)
+
+
 @pytest.mark.parametrize("output, reference, message", [
     ((X, X), X, r"structure differs from the original's: a tuple of 2 instead of a tensor \(2, 2\)"),
     ({"a": X}, {"b": X}, r"a dict with keys \['a'\] instead of a dict with keys \['b'\]"),

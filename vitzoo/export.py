@@ -91,8 +91,8 @@ def export_verified_onnx(
 
     from vitzoo.inference import DeployedModel, check_arguments, check_materialised, outside_tolerance_hint
     from vitzoo.models import model_in_chans, model_input_size
-    from vitzoo.onnx_runtime import (OnnxExportError, check_batch_dimension, export_onnx, session_diffs,
-                                     session_for_export)
+    from vitzoo.onnx_runtime import (OnnxExportError, check_batch_dimension, export_onnx, modes_kept,
+                                     session_diffs, session_for_export)
     from vitzoo.outputs import WRONG_RESULT_RTOL, OutputLayout
     from vitzoo.weight_standardisation import standardise_weights
 
@@ -122,8 +122,7 @@ def export_verified_onnx(
     dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
     if dtypes - {torch.float32}:  # e.g. a bf16 model: the file takes and gives float32, as its check does
         model = copy.deepcopy(model).float()
-    training = {m: m.training for m in model.modules()}  # the caller's model is given back in its own modes
-    try:
+    with modes_kept(model):  # the caller's model is given back in its own modes
         model.eval()
         # a fused deep copy; `model` stays the unfused reference
         fused, _ = standardise_weights(reparameterize_model(model))
@@ -155,9 +154,6 @@ def export_verified_onnx(
             raise ExportError(
                 f"ONNX Runtime output differs from PyTorch by max abs diff {diff:.3g} (> tolerance {tolerance:g}) at "
                 f"batch sizes {VERIFY_BATCHES}; nothing was written. {hint}")
-    finally:
-        for module, mode in training.items():
-            module.training = mode
     with atomic_open(out, force=force) as f:
         f.write(data)
     return diff

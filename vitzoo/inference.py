@@ -550,7 +550,8 @@ def _build_onnxruntime(model: nn.Module, example_input: torch.Tensor, opset: int
     notes = ["eval", FUSED]
     dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
     if dtypes - {torch.float32}:  # e.g. a bf16 model: ONNX Runtime's CPU kernels run fp32
-        model = model.float()
+        # a copy: with inplace=True `model` is the caller's, which keeps its dtype (found by an audit)
+        model = copy.deepcopy(model).float()
         notes.append(f"exported in float32 (the model was {', '.join(sorted(map(str, dtypes)))})")
     with torch.no_grad():  # the graph's outputs are given back in the model's own nesting
         output = model(example_input.float())  # both on the CPU (checked in deploy)
@@ -711,6 +712,8 @@ def _check_another_batch(deployed: DeployedModel, model: nn.Module, example_inpu
 
     batch = example_input.shape[0]
     other = (example_input[:1] if batch > 1 else torch.cat([example_input, example_input.flip(-1)])).float()
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in (*model.parameters(), *model.buffers())):
+        model = copy.deepcopy(model).float()  # what was exported; the fused model keeps the caller's dtype
     try:
         check_batch_dimension(session_diffs(model, deployed.model, [other], batch), batch, atol, rtol)
     except OnnxExportError as e:

@@ -68,7 +68,9 @@ def export_onnx(
     """Export ``model`` to an ONNX model held in memory, with a dynamic batch dimension.
 
     Args:
-        model: Model to export; it is exported in its current mode (call ``eval()`` and fuse it first).
+        model: Model to export (fuse it first). It runs and is exported in eval mode; its modules' modes are put
+            back afterwards (found by an audit: a model in training mode ran three times in it, moving its
+            BatchNorm statistics).
         example_input: One input tensor (B, C, H, W); H and W become fixed in the graph.
         opset: ONNX opset version, at least ``MIN_OPSET``.
 
@@ -99,6 +101,23 @@ def export_onnx(
     if size >= PROTOBUF_LIMIT:
         raise OnnxExportError(f"cannot export this model into one ONNX file: its weights take {size / 2 ** 30:.2f} "
                               f"GiB; {_TOO_LARGE}")
+    with modes_kept(model):
+        model.eval()
+        return _export_in_eval_mode(model, example_input, opset)
+
+
+@contextlib.contextmanager
+def modes_kept(model: nn.Module) -> Iterator[None]:
+    """Give ``model``'s modules back in the training / eval modes they had, whatever the body sets."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def _export_in_eval_mode(model: nn.Module, example_input: torch.Tensor, opset: int) -> bytes:
     try:
         with torch.no_grad():
             output = model(example_input)
@@ -109,6 +128,12 @@ def export_onnx(
         OutputLayout(output)
     except UnsupportedOutputError as e:
         raise OnnxExportError(f"cannot export this model: {e}. Return it as a tensor or leave it out.") from None
+    flat = OutputLayout.flat(output)
+    bf16 = [i for i, t in enumerate([flat] if isinstance(flat, torch.Tensor) else flat) if t.dtype == torch.bfloat16]
+    if bf16:  # found by an audit: numpy's missing bfloat16 failed the check with "No corresponding Numpy type"
+        raise OnnxExportError(f"cannot export this model: its output {bf16[0]} is a bfloat16 tensor, which ONNX "
+                              f"Runtime's Python API cannot hand back (numpy has no bfloat16). Return it as float32 "
+                              f"(.float()), or use another backend.")
     axes = _output_axes(model, example_input, output)
     try:
         return _export(model, example_input, opset, axes)
@@ -297,8 +322,12 @@ class OnnxRuntimeModule(nn.Module):
         require_onnxruntime()
         import onnxruntime as ort
 
+        if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                        or num_threads < 1):  # found by an audit: -1, 2.7, '4', 0 were taken
+            raise ValueError(f"num_threads must be a positive int (or None for torch.get_num_threads()), got "
+                             f"{num_threads!r}")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(num_threads or torch.get_num_threads())
+        options.intra_op_num_threads = num_threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
@@ -376,7 +405,12 @@ def session_diffs(model: nn.Module, session: nn.Module, inputs: Iterable[torch.T
     measured = []
     for x in inputs:
         # each run gets its own copy: a model that changes its input in place must not change the session's
-        expected = pytree.tree_map(lambda t: t.float().cpu() if isinstance(t, torch.Tensor) else t, model(x.clone()))
+        try:
+            output = model(x.clone())
+        except Exception as e:  # noqa: BLE001  the model's own failure (found by an audit: raised bare)
+            raise OnnxExportError(f"the PyTorch model itself fails on the check batch of {x.shape[0]} images, "
+                                  f"before ONNX Runtime is compared with it: {_one_line(e, limit=400)}") from e
+        expected = pytree.tree_map(lambda t: t.float().cpu() if isinstance(t, torch.Tensor) else t, output)
         try:
             diff, largest = max_abs_diff_of(session(x.clone()), expected)
         except Exception as e:  # noqa: BLE001  onnxruntime's run errors, or outputs of another shape
@@ -411,7 +445,8 @@ def batch_failure(batch: int, exported_batch: int, what: str) -> str:
     return (f"the graph exported at batch {exported_batch} fails or differs at batch {batch} ({what}): most likely "
             f"the model's forward turns the batch size into a constant when traced (e.g. x.shape[0] as a Python "
             f"number in a reshape or an expand), so the graph holds that batch size. Write such shapes with -1 or "
-            f"from the input tensor, or run the model with another backend")
+            f"from the input tensor, or run the model with another backend. Or its forward branches on the input's "
+            f"values (if x.sum() > 0: ...), and the trace kept the branch the example took")
 
 
 @torch.no_grad()

@@ -38,6 +38,22 @@ def check_comparable(output: object) -> None:
                 "register the class with torch.utils._pytree)")
 
 
+def _leaf_diff(a: torch.Tensor, b: torch.Tensor) -> Tuple[float, float]:
+    """``(max abs diff, largest finite abs value of b)`` of a float tensor and its reference (same shape).
+
+    Equal values count as no difference, equal infinities included (a classifier's ``-inf`` logits of disabled
+    classes: ``inf - inf`` would be NaN); an infinity against anything else is an infinite difference, and a NaN
+    on either side gives NaN. The scale is taken over the finite values, so that a relative tolerance stays finite
+    (found by an audit: with ``rtol > 0`` one infinite value in the reference let any output pass).
+    """
+    work = torch.promote_types(b.dtype, torch.float32)  # float64 outputs are compared in float64
+    a, b = a.to(b.device, work), b.to(work)
+    delta = (a - b).abs()
+    delta = torch.where(a == b, torch.zeros_like(delta), delta)
+    finite = b[torch.isfinite(b)]
+    return float(delta.max()), float(finite.abs().max()) if finite.numel() else 0.0
+
+
 @torch.no_grad()
 def outputs_close(output: object, reference: object, rel: float) -> bool:
     """Whether ``output`` has ``reference``'s structure and values, each float tensor within ``rel`` times the
@@ -59,8 +75,8 @@ def outputs_close(output: object, reference: object, rel: float) -> bool:
         elif a.shape != b.shape or a.dtype != b.dtype:
             return False
         elif b.numel() and b.is_floating_point():
-            scale = float(b.abs().max())
-            if not float((a.float() - b.float()).abs().max()) <= rel * scale + 1e-12:  # NaN: not close
+            diff, scale = _leaf_diff(a, b)
+            if not diff <= rel * scale + 1e-12:  # NaN: not close
                 return False
         elif not torch.equal(a, b):
             return False
@@ -88,9 +104,8 @@ def max_abs_diff_of(output: object, reference: object) -> Tuple[float, float]:
             if tuple(a.shape) != tuple(b.shape):
                 raise ValueError(f"{where} has shape {tuple(a.shape)}, the original's {tuple(b.shape)}")
             if b.is_floating_point() and b.numel():
-                work = torch.promote_types(b.dtype, torch.float32)  # float64 outputs are compared in float64
-                d = float((a.to(b.device, work) - b.to(work)).abs().max())
-                scale = max(scale, float(b.abs().max()))
+                d, s = _leaf_diff(a, b)
+                scale = max(scale, s)
                 if d != d:  # NaN: no tolerance passes it
                     return d, scale
                 diff = max(diff, d)
