@@ -268,6 +268,20 @@ def test_the_models_own_failure_at_a_check_batch_is_named(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("out, error, message", [
+    (None, TypeError, "out must be the path of the .onnx file to write, got NoneType"),
+    ("model.pth", ValueError, "out is an ONNX file, named \\*.onnx; got 'model.pth'"),
+])
+def test_export_verified_onnx_takes_an_onnx_path_only(tmp_path, monkeypatch, out, error, message):
+    """Found by an audit: out=None was os.fspath's TypeError, and the Python API wrote (with force=True: replaced) a
+    weight file's name, which the command refuses."""
+    (tmp_path / "model.pth").write_bytes(b"weights")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=message):
+        export_verified_onnx(nn.Conv2d(3, 4, 3).eval(), out, img_size=8, in_chans=3, force=True)
+    assert (tmp_path / "model.pth").read_bytes() == b"weights"
+
+
 def test_a_bfloat16_output_is_refused_with_what_to_do():
     """Found by an audit: an fp32 model returning a bf16 tensor failed its check with numpy's "No corresponding
     Numpy type for Tensor Type. bfloat16", blamed on the exported graph."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -117,7 +118,11 @@ def export_verified_onnx(
         raise ValueError(f"in_chans={in_chans}, but the model takes {model.in_chans} input channels (its in_chans); "
                          f"leave in_chans out, or create the model for {in_chans}-channel images (timm: "
                          f"in_chans={in_chans}).")
+    if not isinstance(out, (str, os.PathLike)):  # found by an audit: None was os.fspath's TypeError
+        raise TypeError(f"out must be the path of the .onnx file to write, got {type(out).__name__}")
     out = Path(out)
+    if out.suffix.lower() != ".onnx":  # as `vitzoo export --out`: force=True never replaces a weight file by a graph
+        raise ValueError(f"out is an ONNX file, named *.onnx; got {str(out)!r}")
     check_new_file(out, force)  # before the export: a folder, an existing file, a missing or unwritable folder
     dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
     if dtypes - {torch.float32}:  # e.g. a bf16 model: the file takes and gives float32, as its check does
