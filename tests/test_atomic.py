@@ -415,3 +415,42 @@ def test_an_old_folder_that_cannot_be_put_back_is_kept_and_named(tmp_path, monke
                 (tmp / "new").write_text("new")
     kept = list(tmp_path.glob(".out.*.old/out/precious"))
     assert len(kept) == 1 and kept[0].read_text() == "old" and (out / "theirs").exists()
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o755])
+def test_replacing_a_file_keeps_its_permissions(tmp_path, mode):
+    """A forced replace keeps the replaced file's permissions, as a plain open(..., 'w') does (found by an audit: a
+    private 0600 file came back 0644)."""
+    out = tmp_path / "secret.json"
+    out.write_text("old")
+    os.chmod(out, mode)
+    atomic_write_text(out, "new", force=True)
+    assert out.read_text() == "new" and out.stat().st_mode & 0o777 == mode
+    with atomic_open(out, force=True) as f:
+        f.write(b"newer")
+    assert out.read_bytes() == b"newer" and out.stat().st_mode & 0o777 == mode
+
+
+def test_staged_dir_flushes_its_files_and_folders_to_disk_around_the_rename(tmp_path, monkeypatch):
+    """Every file of the staged folder and the folder itself reach the disk before the rename that publishes it, and
+    the parent folder (the rename itself) after it (found by an audit: nothing was flushed)."""
+    out = tmp_path / "folder"
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), out.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with staged_dir(out) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"y" * 1000)
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "config.json").write_text("{}")
+    assert sorted(os.listdir(out)) == ["model.safetensors", "sub"]
+    before = [path for path, published in synced if not published]
+    after = [path for path, published in synced if published]
+    staged = (tmp / "model.safetensors", tmp / "sub" / "config.json", tmp / "sub", tmp)
+    assert sorted(before) == sorted(map(str, staged))
+    assert before[-1] == str(tmp)  # the folder after its files
+    assert after == [str(tmp_path)]

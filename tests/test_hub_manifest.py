@@ -1,6 +1,7 @@
 """The weights record: manifest validity, agreement with the registered cfgs and the papers, card rendering."""
 import copy
 import json
+import re
 
 import pytest
 import timm
@@ -172,3 +173,55 @@ def test_card_input_size_is_the_counted_one(manifest):
     entry = manifest.find("shvit_s4.in1k")
     assert card_fields(entry, manifest)["input_size"] == "3 x 256 x 256"
     assert card_fields(entry, manifest, flops=123, input_size=(3, 160, 192))["input_size"] == "3 x 160 x 192"
+
+
+def test_an_entry_filed_under_another_family_is_refused(raw, tmp_path):
+    """An nvit_b weight filed under the shvit family (and so under SHViT's licence and paper) is refused, through
+    parse_manifest and, naming the file, load_manifest (found by an audit: only the family's existence was checked)."""
+    doc = copy.deepcopy(raw)
+    doc["weights"][8].update(family="shvit", license=doc["families"]["shvit"]["license"])
+    assert doc["weights"][8]["model"] == "nvit_b"
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(doc)
+    assert str(caught.value) == ("weights[8] (nvit_b.in1k): family 'shvit' is not the family of model 'nvit_b', "
+                                 "which is 'nvit'; file it under 'nvit' (with that family's license).")
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    where = rf"^{re.escape(str(path))}: weights\[8\] \(nvit_b.in1k\)"
+    with pytest.raises(ManifestError, match=where + ": family 'shvit' is not the family of model 'nvit_b'"):
+        load_manifest(path)
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    """json keeps the last of two equal keys without a word: the manifest refuses them, naming the file, the key and
+    the entry."""
+    text = resource_path("manifest.json").read_text(encoding="utf-8")
+    twice = text.replace('"license": "cc-by-nc-sa-4.0",\n      "metrics"',
+                         '"license": "cc-by-nc-sa-4.0",\n      "license": "mit",\n      "metrics"', 1)
+    assert twice != text
+    path = tmp_path / "manifest.json"
+    path.write_text(twice, encoding="utf-8")
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    assert str(caught.value) == (f"{path}: key 'license' is given twice in the entry of model 'nvit_b'; keep one "
+                                 "of them.")
+    path.write_text('{"schema_version": 1, "schema_version": 1}', encoding="utf-8")
+    with pytest.raises(ManifestError, match="key 'schema_version' is given twice in one object"):
+        load_manifest(path)
+
+
+def test_a_missing_or_non_utf8_manifest_is_a_manifest_error(tmp_path):
+    """Not a bare FileNotFoundError or UnicodeDecodeError: the error names the file and what to do."""
+    missing = tmp_path / "missing.json"
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(missing)
+    assert str(caught.value) == (f"{missing} does not exist; give the path of a manifest file (the zoo's is "
+                                 "weights/manifest.json).")
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('{"schema_version": 1, "description": "caf\xe9"}'.encode("latin-1"))
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(latin1)
+    assert str(caught.value) == (f"{latin1} is not UTF-8 text (byte 41: invalid continuation byte); save it as "
+                                 "UTF-8.")
+    with pytest.raises(ManifestError, match=rf"^{re.escape(str(tmp_path))} cannot be read \(Is a directory\)"):
+        load_manifest(tmp_path)

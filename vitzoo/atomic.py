@@ -10,6 +10,7 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -40,8 +41,9 @@ def atomic_open(path: PathLike, force: bool = False) -> Iterator[BinaryIO]:
 
     If the body raises, the temporary file is removed and ``path`` is left as it was. Missing parent folders are
     created. Without ``force``, a file that another writer puts at ``path`` while this one writes is not replaced
-    either (``FileExistsError`` at the end). An OS error about the temporary file (it cannot be created, renamed,
-    ...) names ``path`` instead, with the OS reason.
+    either (``FileExistsError`` at the end). A new file gets the permissions a plain ``open`` would give it; a file
+    that replaces an existing file keeps that file's permissions (a private ``0600`` file stays private). An OS error
+    about the temporary file (it cannot be created, renamed, ...) names ``path`` instead, with the OS reason.
 
     Args:
         path: destination file.
@@ -62,7 +64,7 @@ def atomic_open(path: PathLike, force: bool = False) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        _make_readable(tmp)
+        _make_readable(tmp, like=real if force else None)
         if force:
             os.replace(tmp, real)
         else:
@@ -316,6 +318,8 @@ def _check_replaceable(path: PathLike, keep: Sequence[PathLike]) -> None:
 def staged_dir(out_dir: PathLike, force: bool = False) -> Iterator[Path]:
     """Build a folder in a temp dir next to ``out_dir``, then move it into place in one rename.
 
+    Before the rename, every file in the temp dir and the temp dir itself are flushed to disk (``fsync``), and the
+    parent folder after it, so that a crash never leaves a published folder with missing or empty files.
     If the body raises, the temp dir is removed and ``out_dir`` is left as it was. With ``force`` an existing
     ``out_dir`` is replaced (it is moved aside first and deleted only after the new folder is in place); the
     current folder and mount points cannot be replaced (:func:`check_output_dir`), and if moving the old folder
@@ -342,6 +346,7 @@ def staged_dir(out_dir: PathLike, force: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         _make_readable(tmp)
+        _fsync_tree(tmp)
         check_output_free(out_dir, force)  # someone may have created it meanwhile
         old = None
         try:
@@ -363,6 +368,8 @@ def staged_dir(out_dir: PathLike, force: bool = False) -> Iterator[Path]:
                     shutil.rmtree(old, ignore_errors=True)
             raise
         landed = True
+        with contextlib.suppress(OSError):  # the rename itself; the folder is published whatever this gives
+            _fsync(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
             if os.path.lexists(old):
@@ -413,10 +420,40 @@ def _cannot_move_aside(error: OSError, out_dir: Path) -> OSError:
     return new
 
 
-def _make_readable(target: Path) -> None:
+def _make_readable(target: Path, like: Optional[Path] = None) -> None:
     """Give a temp file, or a temp folder and its files, the permissions a plain open/mkdir would (temp files
-    are private)."""
+    are private). A temp file that will replace ``like``, an existing file, gets its permissions instead, as a plain
+    open of ``like`` for writing keeps them (found by an audit: ``force`` turned a 0600 file into a 0644 one)."""
+    try:
+        kept = os.lstat(like) if like is not None else None
+    except FileNotFoundError:  # gone meanwhile: a new file
+        kept = None
+    if kept is not None and stat.S_ISREG(kept.st_mode):  # a link or a special file in the way is not copied
+        os.chmod(target, stat.S_IMODE(kept.st_mode) & 0o777)
+        return
     umask = os.umask(0)
     os.umask(umask)
     for p in [target, *(target.rglob("*") if target.is_dir() else ())]:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk (a file system that cannot sync a folder is let be)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not (os.path.isdir(path) and e.errno in (errno.EINVAL, errno.ENOTSUP)):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """:func:`_fsync` every regular file in ``folder``, then its folders, innermost first, ``folder`` last."""
+    for parent, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = Path(parent) / name
+            if path.is_file() and not path.is_symlink():
+                _fsync(path)
+        _fsync(Path(parent))

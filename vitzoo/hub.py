@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import http.client
 import json
+import math
 import os
 import pickle
 import re
@@ -151,11 +152,23 @@ def resource_path(name: str) -> Path:
 # checking weight files
 
 
+# bytes per element of the safetensors dtypes of whole bytes; a tensor of another dtype gets no size check
+_SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                            "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+
+
+def _is_count(value: Any) -> bool:
+    """A non-negative JSON integer (``true``/``false`` are no integers here, as in the safetensors reader)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_safetensors_metadata(path: PathLike) -> Tuple[Dict[str, str], Dict[str, Any]]:
     """Read and check the header of a safetensors file without loading the tensors.
 
-    Checks that the header is valid JSON and that the tensors' byte ranges exactly fill the rest of the file,
-    which catches truncated and padded files.
+    Checks that the header is valid JSON; that each tensor's byte range (non-negative integers, start <= end) holds
+    exactly its shape's elements of its dtype (for the dtypes of whole bytes); and that the ranges, sorted, follow one
+    another without gap or overlap from the start of the data to the end of the file, which also catches truncated
+    and padded files.
 
     Returns:
         ``(metadata, tensors)``: the ``__metadata__`` dict (may be empty) and ``{name: {dtype, shape, data_offsets}}``.
@@ -189,12 +202,33 @@ def read_safetensors_metadata(path: PathLike) -> Tuple[Dict[str, str], Dict[str,
                                   "of strings. Download or convert it again.")
     for name, entry in header.items():
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-                and isinstance(entry.get("dtype"), str) and isinstance(entry.get("shape"), list)):
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and isinstance(entry.get("dtype"), str) and isinstance(entry.get("shape"), list)
+                and all(_is_count(n) for n in entry["shape"])):
             raise CorruptWeightsError(
-                f"{path} is corrupt: the safetensors header entry of {name!r} is not a tensor record (dtype, shape, "
-                "data_offsets). Download or convert it again.")
-    end = max((t["data_offsets"][1] for t in header.values()), default=0)
+                f"{path} is corrupt: the safetensors header entry of {name!r} is not a tensor record (dtype, shape of "
+                "non-negative integers, data_offsets: two non-negative integers). Download or convert it again.")
+        start, end = offsets
+        item = _SAFETENSORS_DTYPE_BYTES.get(entry["dtype"])
+        need = None if item is None else item * math.prod(entry["shape"])
+        if end < start:
+            wrong = f"its byte range ends (at {end}) before it starts (at {start})"
+        elif need is not None and end - start != need:
+            wrong = f"its byte range holds {end - start} bytes, but its dtype and shape need {need}"
+        else:
+            continue
+        raise CorruptWeightsError(f"{path} is corrupt: in its safetensors header, tensor {name!r} ({entry['dtype']}, "
+                                  f"shape {entry['shape']}): {wrong}. Download or convert it again.")
+    # the tensors' byte ranges must tile the data area: sorted, each one starting where the one before ends
+    end = 0
+    for name, entry in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+        start = entry["data_offsets"][0]
+        if start != end:
+            what = "overlaps the tensor before it" if start < end else f"leaves the bytes {end} to {start} unused"
+            raise CorruptWeightsError(
+                f"{path} is corrupt: in its safetensors header the byte range of {name!r} ({start} to "
+                f"{entry['data_offsets'][1]}) {what}. Download or convert it again.")
+        end = entry["data_offsets"][1]
     if 8 + header_len + end != size:
         raise CorruptWeightsError(
             f"{path} is truncated or corrupt: its tensors need {8 + header_len + end} bytes but the file has {size}. "
@@ -312,10 +346,20 @@ def _evict(cached: Path, repo_cache: Path) -> None:
 
 
 def _remove_partials(repo_cache: Path) -> None:
-    """Remove the half-downloaded blobs (``*.incomplete``) the Hub client keeps for resuming."""
+    """Remove the half-downloaded blobs (``*.incomplete``) the Hub client keeps, but none of a download under way:
+    the Hub client holds the blob's lock (``.locks/<repo folder>/<blob>.lock``) while it downloads, so a partial is
+    removed only while its lock can be taken at once (found by an audit: another process's download lost its file)."""
+    from filelock import FileLock, Timeout
+
+    locks = repo_cache.parent / ".locks" / repo_cache.name
     for partial in (repo_cache / "blobs").glob("*.incomplete"):
-        with contextlib.suppress(FileNotFoundError):
-            partial.unlink()
+        blob = partial.name.split(".", 1)[0]  # <blob>.incomplete, or <blob>.<random>.incomplete
+        try:
+            with FileLock(str(locks / f"{blob}.lock"), timeout=0, mode=0o664):
+                with contextlib.suppress(FileNotFoundError):
+                    partial.unlink()
+        except (Timeout, OSError, NotImplementedError):  # held by another download, or not lockable: leave it
+            continue
 
 
 def _hub_weight_files(filename: Optional[str] = None) -> Tuple[str, ...]:
@@ -335,8 +379,9 @@ def fetch_hub_weights(hub_id: str, cache_dir: Optional[PathLike] = None, filenam
     """Download (or find in the cache) the weight file of a Hub repo and check it before anyone loads it.
 
     Tries the files timm tries (:func:`_hub_weight_files`): ``model.safetensors`` then ``pytorch_model.bin``, or those
-    for ``filename``. A cached file whose content does not match its ETag (the sha256 for LFS files), or that is
-    truncated, is removed from the cache and reported.
+    for ``filename``. A cached file whose content does not match its ETag (the sha256 for LFS files), that is
+    truncated, or whose safetensors header does not fit its tensors (:func:`read_safetensors_metadata`), is removed
+    from the cache and reported.
 
     Args:
         hub_id: ``org/name`` or ``org/name@revision``.
@@ -748,9 +793,12 @@ def _explanation(error: BaseException, names: Tuple[str, ...] = _EXPLAINED) -> s
 
 
 def _shorten(message: str, limit: int = 600) -> str:
-    """One line of at most about ``limit`` characters; the middle goes, so the advice at the end stays."""
+    """One line; its cause of at most about ``limit`` characters (the middle goes), its advice from "To fix:" on
+    kept whole: the paths to delete and the commands to run are never cut."""
     message = " ".join(message.split())
-    if len(message) <= limit:
-        return message
-    head = limit * 2 // 3
-    return message[:head] + " ... " + message[-(limit - head):]
+    at = message.find("To fix:")
+    cause, advice = (message[:at].rstrip(), " " + message[at:]) if at >= 0 else (message, "")
+    if len(cause) > limit:
+        head = limit * 2 // 3
+        cause = cause[:head] + " ... " + cause[-(limit - head):]
+    return (cause + advice).strip()

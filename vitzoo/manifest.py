@@ -10,7 +10,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .hub import resource_path
 
@@ -104,8 +104,8 @@ def family_of(model: str) -> str:
     raise ManifestError(f"'{model}' belongs to no model family of this zoo (shvit_*, nvit_*, revit_*).")
 
 
-def _check_entry(i: int, raw: Any, families: Dict[str, Any]) -> WeightEntry:
-    where = f"weights[{i}]"
+def _check_entry(i: int, raw: Any, families: Dict[str, Any], path: Optional[Path] = None) -> WeightEntry:
+    where = f"{path}: weights[{i}]" if path is not None else f"weights[{i}]"
     if not isinstance(raw, dict):
         raise ManifestError(f"{where} must be an object, got {type(raw).__name__}.")
     missing = [k for k in _ENTRY_KEYS if k not in raw]
@@ -118,6 +118,13 @@ def _check_entry(i: int, raw: Any, families: Dict[str, Any]) -> WeightEntry:
             raise ManifestError(f"{where}: '{key}' must be a non-empty string.")
     if raw["family"] not in families:
         raise ManifestError(f"{where}: family '{raw['family']}' is not one of {sorted(families)}.")
+    try:
+        family = family_of(raw["model"])
+    except ManifestError as e:
+        raise ManifestError(f"{where}: {e}") from e
+    if raw["family"] != family:  # its licence and paper would be the other family's
+        raise ManifestError(f"{where}: family '{raw['family']}' is not the family of model '{raw['model']}', which is "
+                            f"'{family}'; file it under '{family}' (with that family's license).")
     if raw["license"] not in LICENSES:
         raise ManifestError(f"{where}: license '{raw['license']}' is not one of {LICENSES}.")
     if raw["license"] != families[raw["family"]]["license"]:
@@ -145,25 +152,26 @@ def _check_entry(i: int, raw: Any, families: Dict[str, Any]) -> WeightEntry:
 
 def parse_manifest(doc: Any, path: Optional[Path] = None) -> Manifest:
     """Validate a manifest document (already JSON-decoded) and return it as a :class:`Manifest`."""
+    label = path or "manifest"
     if not isinstance(doc, dict) or doc.get("schema_version") != 1:
-        raise ManifestError(f"{path or 'manifest'}: expected an object with schema_version 1.")
+        raise ManifestError(f"{label}: expected an object with schema_version 1.")
     families = doc.get("families")
     if not isinstance(families, dict) or not families:
-        raise ManifestError("manifest: 'families' must be a non-empty object.")
+        raise ManifestError(f"{label}: 'families' must be a non-empty object.")
     for key, fam in families.items():
         if not isinstance(fam, dict):
-            raise ManifestError(f"manifest: family '{key}' must be an object with the fields {list(_FAMILY_KEYS)}.")
+            raise ManifestError(f"{label}: family '{key}' must be an object with the fields {list(_FAMILY_KEYS)}.")
         missing = [k for k in _FAMILY_KEYS if k not in fam]
         if missing:
-            raise ManifestError(f"manifest: family '{key}' lacks {missing}.")
+            raise ManifestError(f"{label}: family '{key}' lacks {missing}.")
     raw_weights = doc.get("weights")
     if not isinstance(raw_weights, list):
-        raise ManifestError("manifest: 'weights' must be a list.")
-    weights = [_check_entry(i, raw, families) for i, raw in enumerate(raw_weights)]
+        raise ManifestError(f"{label}: 'weights' must be a list.")
+    weights = [_check_entry(i, raw, families, path) for i, raw in enumerate(raw_weights)]
     seen = set()
     for entry in weights:
         if entry.name in seen:
-            raise ManifestError(f"manifest: duplicate entry for {entry.name}.")
+            raise ManifestError(f"{label}: duplicate entry for {entry.name}.")
         seen.add(entry.name)
     return Manifest(families=families, weights=weights, path=path)
 
@@ -172,11 +180,34 @@ def load_manifest(path: Union[str, Path, None] = None) -> Manifest:
     """Read and validate the manifest (default: the packaged ``weights/manifest.json``).
 
     Raises:
-        ManifestError: malformed file (the message names the entry and field).
+        ManifestError: a file that is missing or unreadable, not UTF-8, not valid JSON, has a key twice in one
+            object, or is malformed (the message names the file, the entry and the field).
     """
     path = Path(path) if path is not None else resource_path("manifest.json")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise ManifestError(f"{path} does not exist; give the path of a manifest file (the zoo's is "
+                            "weights/manifest.json).") from e
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8.") from e
+    except OSError as e:
+        raise ManifestError(f"{path} cannot be read ({e.strerror or e}); give the path of a readable manifest "
+                            "file.") from e
+    try:
+        doc = json.loads(text, object_pairs_hook=lambda pairs: _unique_keys(pairs, path))
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path} is not valid JSON: {e}") from e
     return parse_manifest(doc, path)
+
+
+def _unique_keys(pairs: List[Tuple[str, Any]], path: Path) -> Dict[str, Any]:
+    """A JSON object as a dict, refusing a key given twice (``json`` would keep the last one without a word)."""
+    obj: Dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            model = dict(pairs).get("model")
+            within = f"the entry of model {model!r}" if isinstance(model, str) else "one object"
+            raise ManifestError(f"{path}: key {key!r} is given twice in {within}; keep one of them.")
+        obj[key] = value
+    return obj
