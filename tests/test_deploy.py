@@ -360,6 +360,26 @@ def test_deployed_model_on_a_gpu_names_an_input_on_another_device():
         deployed(torch.randn(2, 3, 8, 8))
 
 
+class _OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on cuda:0: what the device check reads, without a GPU."""
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_a_cpu_deployed_model_names_an_input_on_a_gpu(backend):
+    """Found by an audit: a CUDA input to a CPU-deployed model got a CPU kernel's words (eager) or was moved to the
+    CPU without a word (onnxruntime)."""
+    if backend not in available_backends():
+        pytest.skip(f"{backend} not available")
+    deployed = deploy(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), torch.randn(1, 3, 8, 8), backend=backend)
+    on_gpu = torch.Tensor._make_subclass(_OnCuda, torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"runs on cpu, got an input on cuda:0\. Move it with x\.to\('cpu'\), or "
+                                         r"deploy with an example input on cuda:0"):
+        deployed(on_gpu)
+
+
 @pytest.mark.skipif("onnxruntime" not in available_backends(), reason="onnxruntime not installed")
 def test_onnxruntime_backend_takes_a_bf16_model():
     torch.manual_seed(0)

@@ -156,9 +156,12 @@ class DeployedModel(nn.Module):
         if x.device.type == "meta":
             raise ValueError("got an input on the 'meta' device, which holds no values to run on; pass a real "
                              f"tensor on {self.example_device or 'the CPU'}.")
-        if self.example_device is not None and self.example_device.type == "cuda" and x.device != self.example_device:
+        if self.example_device is not None and x.device != self.example_device:
+            # found by an audit: a CUDA input to a CPU-deployed model got a kernel's words (eager) or was moved to
+            # the CPU without a word (onnxruntime)
             raise ValueError(f"this deployed model runs on {self.example_device}, got an input on {x.device}. "
-                             f"Move it with x.to('{self.example_device}').")
+                             f"Move it with x.to('{self.example_device}'), or deploy with an example input on "
+                             f"{x.device}.")
         if self.fixed_size and tuple(x.shape[2:]) != shape[2:]:
             raise ValueError(f"backend {self.backend!r} was deployed for {shape[2]}x{shape[3]} inputs (the exported "
                              f"graph fixes height and width), got {x.shape[2]}x{x.shape[3]}. Deploy again with an "
