@@ -391,6 +391,11 @@ def test_unreadable_resume_checkpoint_is_named_for_what_it_is(data, tmp_path, ca
     ('--weight-decay', '-0.1', '--weight-decay must be a non-negative finite number, got -0.1.'),
     ('--hflip', '1.5', '--hflip is a probability (0 to 1), got 1.5.'),
     ('--lr-steps', '0', '--lr-steps are epochs after which the lr drops (>= 1), got [0].'),
+    # found by an audit: a step that never takes effect was accepted
+    ('--lr-steps', '8 12 13', '--lr-steps must be below --epochs 12 (a step at or after the end of the last epoch '
+                              'never drops the lr), got [12, 13]; lower them or raise --epochs.'),
+    ('--epochs', '2 --lr-steps 1 2', '--lr-steps must be below --epochs 2 (a step at or after the end of the last '
+                                     'epoch never drops the lr), got [2]; lower them or raise --epochs.'),
     ('--seed', '-1', '--seed must be in 0 .. 2**32-1, got -1.'),
     # found by an audit: one of two options that say the same thing was ignored
     ('--img-size', '64 --min-size 600', '--img-size sets both --min-size and --max-size; give --img-size alone, or '
@@ -425,7 +430,8 @@ def test_diverging_loss_is_one_line(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and err.count('\n') == 1 and 'Traceback' not in err, err
     assert err.startswith('vitzoo finetune-det: error: non-finite loss at iteration ')
-    assert 'lower --lr (now 1e+30) or raise --warmup-iters (now 0), or check the data.' in err
+    assert 'start again (--force, or another --out) with a lower --lr (now 1e+30) or a larger --warmup-iters (now ' \
+           '0), or check the data.' in err
     assert not (out / 'model_final.pth').exists()
 
 
@@ -671,7 +677,7 @@ def test_what_a_box_only_run_leaves_out_is_one_note(data, tmp_path, capsys, edit
 
 def test_checkpoint_every_saves_at_its_multiples(data, tmp_path, monkeypatch):
     """--checkpoint-every 2 with 4 iterations per epoch (batch 1) and --max-iters 3: saved after iteration 2, then
-    at the run's end (3)."""
+    at the run's end (3: before the final weights, and again once they are written)."""
     from vitzoo.detection import finetune
     saved = []
     original = finetune._save
@@ -684,7 +690,7 @@ def test_checkpoint_every_saves_at_its_multiples(data, tmp_path, monkeypatch):
     out = tmp_path / 'run'
     assert _run(data, out, '--detector', 'retinanet', '--no-eval', '--epochs', '1', '--batch-size', '1',
                 '--max-iters', '3', '--checkpoint-every', '2') == 0
-    assert saved == [2, 3]
+    assert saved == [2, 3, 3]
     assert load_checkpoint(out / 'checkpoint_last.pth')['iteration'] == 3
 
 

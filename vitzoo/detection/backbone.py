@@ -25,6 +25,7 @@ from timm.models._features import FeatureInfo
 from vitzoo.hub import WeightsError, non_finite_text, non_finite_weights, validate_weights_file
 from vitzoo.models import resolve_name
 
+from .checkpoint import load_checkpoint
 from .fpn import ExtraLevelFPN
 from .simple_pyramid import SimpleFeaturePyramid
 
@@ -79,6 +80,7 @@ def create_body(
         try:
             classes = None if 'num_classes' in kwargs else _checkpoint_classes(name, weights)
         except Exception as e:  # noqa: BLE001  timm's reader raises anything on a file it cannot take
+            _refuse_training_checkpoint(name, weights, e)
             raise BackboneError(f'could not load {weights} into backbone {name!r}: '
                                 f'{summarize_load_error(e, weights)}.') from e
         if classes:
@@ -103,6 +105,7 @@ def create_body(
         if isinstance(e, OSError) and not pretrained or isinstance(e, AttributeError) and weights is None:
             raise
         if weights is not None:
+            _refuse_training_checkpoint(name, weights, e)
             try:  # a file holding no state dict (timm's loader stops at an AttributeError) is named as such
                 _read_state_dict(weights)
             except ValueError as held:
@@ -120,6 +123,19 @@ def create_body(
         source = weights if weights is not None else 'the default pretrained weights'
         raise BackboneError(f'could not load {source} into backbone {name!r}: {non_finite_text(bad)}')
     return model
+
+
+def _refuse_training_checkpoint(name: str, weights: Path, error: BaseException) -> None:
+    """Raise a :class:`BackboneError` saying what to do where ``weights`` that failed to load is a ``finetune-det``
+    training checkpoint (numpy's RNG state in it reads as an untrusted pickle to timm's loader)."""
+    try:
+        load_checkpoint(weights)
+    except Exception:  # noqa: BLE001  not one: the caller reports ``error``
+        return
+    raise BackboneError(
+        f'could not load {weights} into backbone {name!r}: it is a finetune-det training checkpoint (a whole '
+        'detector with its optimizer state), not classification weights; to continue its run pass --resume '
+        f'{weights}, and for the trained detector use model_final.pth of that run.') from error
 
 
 _PICKLED = re.compile(r'(?:Unsupported globals?:|GLOBAL|it pickles) ([\w.]+)')

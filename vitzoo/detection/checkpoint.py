@@ -89,7 +89,7 @@ def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
                          'checkpoint_last.pth of a finetune-det run.') from e
     if not isinstance(ckpt, dict):
         raise ValueError(f'{path} is not a finetune-det training checkpoint (it holds a {type(ckpt).__name__}).')
-    missing = [k for k in ('model', 'optimizer', 'scheduler', 'epoch', 'step', 'iteration') if k not in ckpt]
+    missing = [k for k in ('model', 'optimizer', 'scheduler', 'epoch', 'step', 'iteration', 'rng') if k not in ckpt]
     if missing and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         last = path.with_name('checkpoint_last.pth')  # a run's model_final.pth lies next to its checkpoint
         raise ValueError(f'{path} holds model weights only (a state dict, like model_final.pth), not a checkpoint to '

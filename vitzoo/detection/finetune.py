@@ -167,6 +167,9 @@ def validate_args(args: argparse.Namespace) -> None:
     _must(0 <= args.hflip <= 1, f'--hflip is a probability (0 to 1), got {args.hflip}.')
     bad_steps = [e for e in args.lr_steps or () if e < 1]
     _must(not bad_steps, f'--lr-steps are epochs after which the lr drops (>= 1), got {bad_steps}.')
+    late_steps = [e for e in args.lr_steps or () if e >= args.epochs]
+    _must(not late_steps, f'--lr-steps must be below --epochs {args.epochs} (a step at or after the end of the last '
+                          f'epoch never drops the lr), got {late_steps}; lower them or raise --epochs.')
     _must(0 <= args.seed < 2 ** 32, f'--seed must be in 0 .. 2**32-1, got {args.seed}.')
     check_device(args.device)
 
@@ -224,9 +227,10 @@ def _check_args(args: argparse.Namespace, out: Path) -> Tuple[Optional[Path], bo
 #: silently replace another --lr / --weight-decay with the checkpoint's)
 # batch_size: a mid-epoch resume skips the images the saved step has seen, by this run's batch size; seed: it orders
 # each epoch's images (another one would train some twice and skip others); norm_eval: how the backbone trains.
-# --data is not compared: a dataset may move (another path, the same images)
+# --data is not compared: a dataset may move (another path, the same images). min_size / max_size (which --img-size
+# sets) and hflip: what the images are trained at.
 RESUME_KEYS = ('detector', 'backbone', 'out_channels', 'frozen_stages', 'lr', 'weight_decay', 'batch_size', 'seed',
-               'norm_eval')
+               'norm_eval', 'min_size', 'max_size', 'hflip')
 
 
 def _resume_option(key: str, value: Any) -> Tuple[str, str]:
@@ -236,11 +240,24 @@ def _resume_option(key: str, value: Any) -> Tuple[str, str]:
     return f'--{key.replace("_", "-")}', str(value)
 
 
+def _sizes(values: Dict[str, Any]) -> str:
+    """The image-size options of a run's arguments as they read on the command line."""
+    if values.get('img_size') is not None:
+        return f'--img-size {values["img_size"]}'
+    return f'--min-size {values["min_size"]} --max-size {values["max_size"]}'
+
+
 def _check_resume(ckpt: Dict[str, Any], args: argparse.Namespace, path: Path) -> None:
     saved = ckpt.get('args') or {}
     differ = []
+    # the values the runs used: an option left out is its default, and --img-size sets both sizes
     for k in RESUME_KEYS:
         if k in saved and str(saved[k]) != str(getattr(args, k)):
+            if k in ('min_size', 'max_size'):  # both sizes in one phrase, named by the options that gave them
+                sizes = f'{_sizes(saved)} there, {_sizes(vars(args))} here'
+                if sizes not in differ:
+                    differ.append(sizes)
+                continue
             (option, there), (_, here) = _resume_option(k, saved[k]), _resume_option(k, getattr(args, k))
             differ.append(f'{option} {there} there, {here} here')
     if differ:
@@ -261,9 +278,10 @@ def _log(out: Path, record: Dict[str, Any]) -> None:
         f.write(json.dumps(record) + '\n')
 
 
-def _trim_log(out: Path, iteration: int) -> None:
+def _trim_log(out: Path, iteration: int, pending: bool = False) -> None:
     """Drop the log lines of iterations after ``iteration`` (a run resumed from an earlier checkpoint than its last
-    iteration redoes them), so that every iteration appears once."""
+    iteration redoes them), and with ``pending`` an evaluation at ``iteration`` (it is done again), so that every
+    iteration and evaluation appears once."""
     path = out / 'log.jsonl'
     if not path.is_file():
         return
@@ -275,7 +293,7 @@ def _trim_log(out: Path, iteration: int) -> None:
         except ValueError:  # a line cut short by a crash
             continue
         done = record.get('iteration') if isinstance(record, dict) else None
-        if not (isinstance(done, int) and done > iteration):
+        if not (isinstance(done, int) and (done > iteration or (pending and done == iteration and 'eval' in record))):
             keep.append(line if line.endswith('\n') else line + '\n')
     if keep != lines:
         atomic_write_text(path, ''.join(keep), force=True)
@@ -305,8 +323,11 @@ def _evaluate(model: nn.Module, val: Optional[CocoDetectionFolder], ctx: DistCon
         with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == 'cuda' else []):
             stats = evaluate_coco(model, val, ctx.device, batch_size=args.batch_size, workers=args.workers,
                                   progress=args.progress)
-        print(f'[eval] epoch {state["epoch"]} iteration {state["iteration"]}\n{format_stats(stats)}', flush=True)
-        _log(out, dict(eval=stats, **state))
+        # the epoch of the last iteration, counted from 1 as in the iterations' lines (--max-iters may end a run
+        # inside an epoch)
+        epoch = state['epoch'] + (1 if state['step'] else 0)
+        print(f'[eval] epoch {epoch} iteration {state["iteration"]}\n{format_stats(stats)}', flush=True)
+        _log(out, dict(eval=stats, epoch=epoch, iteration=state['iteration']))
     ctx.barrier()
     return stats
 
@@ -357,6 +378,15 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
         total = min(total, args.max_iters)
     flip_gen = torch.Generator().manual_seed(args.seed * 1000 + ctx.rank)
     state = dict(epoch=0, step=0, iteration=0)
+    # a checkpoint is `pending` when written before the evaluation that ends an epoch or before the end of the run
+    # (final evaluation, model_final.pth): a run stopped there does that work first when resumed
+    pending = False
+
+    def ended() -> bool:
+        return state['epoch'] >= args.epochs or state['iteration'] >= total
+
+    def epoch_eval_due() -> bool:
+        return bool(args.eval_every) and state['step'] == 0 and state['epoch'] % args.eval_every == 0
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
         _check_resume(ckpt, args, resume_from)
@@ -377,22 +407,27 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
         for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group['lr'] = base * factor(scheduler.last_epoch)
         state = {k: int(ckpt[k]) for k in state}
+        pending = bool(ckpt.get('pending', False))
         rngs = ckpt['rng']
-        if len(rngs) != ctx.world_size:
+        if len(rngs) != ctx.world_size and ctx.is_main:
             print(f'warning: checkpoint from {len(rngs)} process(es), resuming with {ctx.world_size}; '
                   'data order and random draws will differ from an uninterrupted run.')
         set_rng_state(rngs[ctx.rank % len(rngs)], flip_gen)
-        if state['epoch'] >= args.epochs or state['iteration'] >= total:
+        if ended() and not pending:
             limit = f'--epochs {args.epochs}' + (f' / --max-iters {args.max_iters}' if args.max_iters else '')
             raise ValueError(f'{resume_from} is at epoch {state["epoch"]}, iteration {state["iteration"]}: nothing '
                              f'is left to train with {limit}; raise --epochs or --max-iters to train further.')
         if ctx.is_main:
             print(f'resumed from {resume_from}: epoch {state["epoch"]} step {state["step"]} '
-                  f'iteration {state["iteration"]}')
+                  f'iteration {state["iteration"]}'
+                  + (f' (training had ended: {"the evaluation and " if val_ds is not None else ""}the final '
+                     'weights follow)' if ended() else
+                     f' (the evaluation after epoch {state["epoch"]} was stopped: it runs first)'
+                     if pending and epoch_eval_due() else ''))
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if continuing:
-            _trim_log(out, state['iteration'])
+            _trim_log(out, state['iteration'], pending and (ended() or epoch_eval_due()))
         else:
             # a fresh start or another run's checkpoint resumed here (--force, or files that are no run): never mix
             # this run's files with an earlier one's. log.jsonl is created by the first record, so a run that fails
@@ -405,17 +440,21 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
 
     last_saved: List[int] = []  # the iteration the latest checkpoint of this run holds
 
-    def checkpoint() -> None:
+    def checkpoint(pending: bool = False) -> None:
         rng = ctx.all_gather_object(get_rng_state(flip_gen))
         if ctx.is_main:
-            _save(out / LAST, model, optimizer, scheduler, state, rng, args)
+            _save(out / LAST, model, optimizer, scheduler, dict(state, pending=pending), rng, args)
             last_saved[:] = [state['iteration']]
 
     first_iteration = state['iteration']
 
     last_eval = None
     evaluated_at = -1
-    while state['epoch'] < args.epochs and state['iteration'] < total:
+    if pending and not ended() and epoch_eval_due():  # the epoch-end evaluation that was interrupted
+        last_eval = _evaluate(model, val_ds, ctx, args, out, state)
+        evaluated_at = state['iteration']
+        checkpoint()
+    while not ended():
         sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                      seed=args.seed)
         sampler.set_epoch(state['epoch'])
@@ -425,8 +464,8 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
         loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=order, num_workers=args.workers,
                             collate_fn=collate_detection, generator=loader_gen)
         ddp.train()
-        bar = tqdm(loader, desc=f'epoch {state["epoch"]}', total=iters_per_epoch, initial=state['step'],
-                   disable=not (args.progress and ctx.is_main))
+        bar = tqdm(loader, desc=f'epoch {state["epoch"] + 1}/{args.epochs}', total=iters_per_epoch,
+                   initial=state['step'], disable=not (args.progress and ctx.is_main))
         try:  # the bar is closed (its line ended) before an error is printed
             for images, targets in bar:
                 if state['iteration'] >= total:
@@ -443,11 +482,16 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                     values = ', '.join(f'{k} {v.item():.4g}' for k, v in losses.items())
                     where = ctx.all_gather_object(values)
                     values = '; '.join(f'rank {r}: {where[r]}' for r in diverged) if ctx.initialized else values
+                    # --lr is the optimizer state's (a RESUME_KEY): a lower one needs a new run; --warmup-iters
+                    # may change on resume
                     raise TrainingError(
-                        f'non-finite loss at iteration {state["iteration"] + 1} ({values}); lower --lr (now '
-                        f'{args.lr:g}) or raise --warmup-iters (now {args.warmup_iters}), or check the data. '
-                        + (f'{out / LAST} holds iteration {last_saved[0]}.' if last_saved else
-                           'No checkpoint was written.'))
+                        f'non-finite loss at iteration {state["iteration"] + 1} ({values}); '
+                        + (f'resume from {out / LAST} (iteration {last_saved[0]}) with a larger --warmup-iters (now '
+                           f'{args.warmup_iters}), or start a new run (--force, or another --out) with a lower --lr '
+                           f'(now {args.lr:g}), or check the data.' if last_saved else
+                           f'no checkpoint was written: start again (--force, or another --out) with a lower --lr '
+                           f'(now {args.lr:g}) or a larger --warmup-iters (now {args.warmup_iters}), or check '
+                           'the data.'))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 lr = optimizer.param_groups[0]['lr']  # the lr of this update (scheduler.step() sets the next one)
@@ -459,7 +503,8 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                 # rank 0's only, 1/N of the batch)
                 logged = ctx.mean(torch.stack([loss.detach(), *(v.detach() for v in losses.values())])).tolist()
                 if ctx.is_main:
-                    record = dict(iteration=state['iteration'], epoch=state['epoch'], lr=lr, loss=logged[0],
+                    # the epoch this iteration belongs to, from 1 (an evaluation after it names the same)
+                    record = dict(iteration=state['iteration'], epoch=state['epoch'] + 1, lr=lr, loss=logged[0],
                                   **dict(zip(losses, logged[1:])))
                     _log(out, record)
                     bar.set_postfix(loss=f'{logged[0]:.4f}', lr=f'{record["lr"]:.2e}')
@@ -470,18 +515,23 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
         if state['step'] >= iters_per_epoch:
             state['epoch'] += 1
             state['step'] = 0
-        checkpoint()
-        if args.eval_every and state['step'] == 0 and state['epoch'] % args.eval_every == 0:
+        evaluating = epoch_eval_due() and val_ds is not None
+        checkpoint(pending=evaluating or ended())
+        if evaluating:
             last_eval = _evaluate(model, val_ds, ctx, args, out, state)
             evaluated_at = state['iteration']
+            if not ended():
+                checkpoint()  # the evaluation is done
     if evaluated_at != state['iteration']:
         last_eval = _evaluate(model, val_ds, ctx, args, out, state)
     if ctx.is_main:
         atomic_save(model.state_dict(), out / 'model_final.pth')  # replaces only what --force / --resume allowed
-        span = f' (iterations {first_iteration + 1}..{state["iteration"]})' if first_iteration else ''
+    checkpoint()  # the run is complete: a --resume of it has nothing left to do
+    if ctx.is_main:
+        trained = state['iteration'] - first_iteration
+        span = f' (iterations {first_iteration + 1}..{state["iteration"]})' if first_iteration and trained else ''
         saved = f'checkpoint {out / LAST} (iteration {last_saved[0]}), ' if last_saved else ''
-        print(f'done: {state["iteration"] - first_iteration} iterations{span}; {saved}weights '
-              f'{out / "model_final.pth"}')
+        print(f'done: {trained} iterations{span}; {saved}weights {out / "model_final.pth"}')
     return dict(state=state, eval=last_eval)
 
 
