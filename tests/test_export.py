@@ -1034,3 +1034,25 @@ def test_an_empty_batch_keeps_the_outputs_that_do_not_follow_the_batch():
         got, expected = deployed(empty), model(empty)
     assert [tuple(t.shape) for t in got] == [tuple(t.shape) for t in expected] == [(0, 4), (8, 4), (0, 4)]
     torch.testing.assert_close(got[1], expected[1])
+
+
+def test_an_empty_batch_of_a_graph_with_no_output_that_follows_the_batch():
+    """Found by an audit: where no output follows the batch (a table, the graph then names no output axis), the
+    empty batch cut axis 0 of every output anyway: (0, 4) where eager PyTorch gives the (5, 4) table."""
+    import vitzoo
+
+    class Table(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.table = nn.Parameter(torch.randn(5, 4))
+
+        def forward(self, x):
+            return self.table + 0 * self.conv(x).sum()
+
+    model = Table().eval()
+    deployed = vitzoo.deploy(model, torch.randn(2, 3, 8, 8), backend="onnxruntime")
+    empty = torch.randn(0, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(empty), model.table.detach())
+        torch.testing.assert_close(deployed(torch.randn(3, 3, 8, 8)), model.table.detach())

@@ -348,6 +348,12 @@ class OnnxRuntimeModule(nn.Module):
             # image, then each output's axes that follow the batch cut to 0 (found in review: axis 0 of every output
             # was cut, also of an output that does not follow the batch)
             outs = self._run(x.new_zeros((1, *x.shape[1:])))
+            if self._batch_axes is None:  # the graph names no output axis that follows the batch: the axes that
+                # grow from one image to two (found by an audit: axis 0 of every output was cut, also of a table
+                # that does not follow the batch)
+                two = self._run(x.new_zeros((2, *x.shape[1:])))
+                self._batch_axes = [[axis for axis, (m, n) in enumerate(zip(a.shape, b.shape)) if m != n]
+                                    for a, b in zip(outs, two)]
             outs = [_cut(out, axes) for out, axes in zip(outs, self._batch_axes)]
         else:
             outs = self._run(x)
@@ -369,18 +375,16 @@ def _cut(out: torch.Tensor, axes: List[int]) -> torch.Tensor:
     return out
 
 
-def _batch_axes(session: Any) -> List[List[int]]:
+def _batch_axes(session: Any) -> Optional[List[List[int]]]:
     """Per output of ``session``, the axes the export declared to follow the batch (:func:`_output_axes`:
-    ``batch``, ``<output>_dim<axis>``); a graph exported with only the input's batch declared (an older export)
-    gives axis 0 of every output with a dimension."""
+    ``batch``, ``<output>_dim<axis>``); ``None`` for a graph that declares none (no output follows the batch, or
+    another exporter's names): the caller then finds them by running the graph."""
     found = []
     for out in session.get_outputs():
         shape = out.shape if isinstance(out.shape, (list, tuple)) else []
         found.append([axis for axis, dim in enumerate(shape)
                       if dim == "batch" or dim == f"{out.name}_dim{axis}"])
-    if not any(found):
-        return [[0] if out.shape else [] for out in session.get_outputs()]
-    return found
+    return found if any(found) else None
 
 
 def session_for_export(onnx_model: bytes, output_layout: OutputLayout) -> OnnxRuntimeModule:
