@@ -1056,3 +1056,21 @@ def test_an_empty_batch_of_a_graph_with_no_output_that_follows_the_batch():
     with torch.no_grad():
         torch.testing.assert_close(deployed(empty), model.table.detach())
         torch.testing.assert_close(deployed(torch.randn(3, 3, 8, 8)), model.table.detach())
+
+
+def test_onnxruntime_module_names_a_missing_file_and_takes_bytes_likes(tmp_path):
+    """Found by an audit: a missing file was ONNX Runtime's "[ONNXRuntimeError] : 3 : NO_SUCHFILE", a bytearray a
+    TypeError, a 0-d input an IndexError."""
+    from vitzoo.onnx_runtime import OnnxRuntimeModule, export_onnx
+
+    model = nn.Conv2d(3, 4, 3).eval()
+    data = export_onnx(model, torch.randn(1, 3, 8, 8))
+    with pytest.raises(FileNotFoundError, match=r"no ONNX file at .*missing\.onnx"):
+        OnnxRuntimeModule(tmp_path / "missing.onnx")
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    for source in (bytearray(data), memoryview(data)):
+        torch.testing.assert_close(OnnxRuntimeModule(source)(x), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="got a 0-d tensor"):
+        OnnxRuntimeModule(data)(torch.tensor(1.0))

@@ -333,6 +333,11 @@ class OnnxRuntimeModule(nn.Module):
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.log_severity_level = 4  # fatal only: errors are raised, and its log line (in red) would repeat them
         self.spinning = spinning
+        if isinstance(onnx_model, (bytearray, memoryview)):
+            onnx_model = bytes(onnx_model)
+        if not isinstance(onnx_model, bytes) and not Path(onnx_model).is_file():  # found by an audit: ONNX
+            # Runtime's "[ONNXRuntimeError] : 3 : NO_SUCHFILE"
+            raise FileNotFoundError(f"no ONNX file at {onnx_model} (pass the path of a .onnx file, or its bytes)")
         source = onnx_model if isinstance(onnx_model, bytes) else str(Path(onnx_model))
         self.session = ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
@@ -343,7 +348,11 @@ class OnnxRuntimeModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Any:
         """The output as the exported model returned it: a tensor, or (with ``output_layout``) the same nesting;
-        a graph of several outputs without ``output_layout`` gives a tuple."""
+        a graph of several outputs without ``output_layout`` gives a tuple. The input is run as float32 on the
+        CPU (what the graph takes)."""
+        if x.dim() == 0:
+            raise ValueError("an ONNX Runtime session takes a batch (a tensor of at least one dimension), got a 0-d "
+                             "tensor")
         if x.shape[0] == 0:  # an empty batch, as eager PyTorch takes it; ONNX Runtime fails on it (a Reshape): one
             # image, then each output's axes that follow the batch cut to 0 (found in review: axis 0 of every output
             # was cut, also of an output that does not follow the batch)
