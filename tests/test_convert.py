@@ -586,6 +586,47 @@ def test_revit_weights_get_no_borrowed_licence(tmp_path):
     verify_folder(out)
 
 
+@pytest.mark.parametrize("arch, tag", [("revit_t", None), ("shvit_s1", "mine")])
+def test_license_option_states_the_licence_of_own_weights_everywhere(tmp_path, capsys, arch, tag):
+    """`--license` was missing: weights of one's own training (a ReViT, or a SHViT under an own tag) could only be
+    converted with licence `other` (ReViT) or the release's, and the card asked the owner to edit three places by
+    hand. The licence now goes into the weights' metadata, config.json and the card's front matter, and the folder
+    verifies."""
+    from safetensors.torch import save_file
+
+    model = timm.create_model(arch)
+    src = tmp_path / "mine.safetensors"
+    save_file(model.state_dict(), str(src), metadata=nvit.dims_metadata(model) if arch == "revit_t" else None)
+    out = tmp_path / "out"
+    argv = ["convert", str(src), "--model", arch, "--out", str(out), "--no-flops", "--license", "apache-2.0"]
+    assert main(argv + (["--tag", tag] if tag else [])) == 0, capsys.readouterr().err
+    metadata, _ = read_safetensors_metadata(out / "model.safetensors")
+    assert metadata["license"] == "apache-2.0"
+    assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["license"] == "apache-2.0"
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlicense: apache-2.0\n") and "as stated by the owner of these weights" in card
+    from vitzoo.manifest import load_manifest
+
+    family = load_manifest().families["nvit" if arch == "revit_t" else "shvit"]
+    assert family["copyright"] not in card and family["license_url"] not in card  # the release's licence is not it
+    verify_folder(out)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--license", "apache-2.0"], "--license (license=) is for weights that are not a release: shvit_s1.in1k_official "
+                                  "is the release the weights manifest records, and it keeps its licence (mit)"),
+    (["--tag", "mine", "--license", "Apache 2.0"], "license (--license) must be a licence id as Hub model cards "
+                                                   "write it (lower case, e.g. apache-2.0, cc-by-4.0, mit), got "
+                                                   "'Apache 2.0'"),
+])
+def test_license_option_is_refused_for_a_release_or_a_malformed_id(tmp_path, capsys, argv, says):
+    src = tmp_path / "s1.pth"
+    torch.save(timm.create_model("shvit_s1").state_dict(), src)
+    assert main(["convert", str(src), "--model", "shvit_s1", "--out", str(tmp_path / "out"), *argv]) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_weights_that_are_not_the_release_say_so_beside_the_releases_licence(tmp_path):
     """A file converted as nvit_b that is not NViT-B's release (here a ReViT of EMB 192, whose only route is nvit_b)
     keeps the release's non-commercial licence, which a conversion or fine-tune of the release must keep, but its

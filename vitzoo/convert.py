@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -58,6 +59,8 @@ GLOBAL_POOLS = ("token", "avg", "max", "avgmax")
 PathLike = Union[str, os.PathLike]
 #: A weight tag (the TAG of ``arch.TAG``): a release's in the manifest, or a name for one's own weights.
 _TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+# a licence id as the Hub's model cards write it (lower case: "apache-2.0", "cc-by-4.0", "mit", "other")
+_LICENSE_RE = re.compile(r"[a-z0-9][a-z0-9.+-]*")
 
 
 class VerificationError(RuntimeError):
@@ -701,6 +704,7 @@ def convert_checkpoint(
     dims: Any = None,
     in_chans: Optional[int] = None,
     global_pool: Optional[str] = None,
+    license: Optional[str] = None,
 ) -> Path:
     """Convert ``src`` (a checkpoint the model's loader accepts, or its URL) into a verified Hub-ready folder.
 
@@ -721,6 +725,11 @@ def convert_checkpoint(
         global_pool: the pooling an NViT / ReViT checkpoint was trained with, if not the released ``'token'``:
             ``'avg'``, ``'max'`` or ``'avgmax'`` (timm then applies the final norm after pooling, ``fc_norm``;
             recorded in ``model_args``).
+        license: the licence of weights that are not a release the manifest records (your own tag, a ReViT), as
+            the Hub writes licence ids (``apache-2.0``, ``cc-by-4.0``): it goes into the weights' metadata,
+            ``config.json`` and the card. A release keeps its own licence, so it is refused there. Default: a
+            release architecture's licence for a conversion or fine-tune of it, ``other`` (for the owner to state)
+            for an architecture without a release.
 
     A SHViT checkpoint with a distillation head (``head_dist.*``) is converted with ``distilled=True`` (recorded in
     ``model_args``), so the head is kept and the outputs are the mean of both heads, as in the source.
@@ -772,6 +781,17 @@ def convert_checkpoint(
     for given in (tag, name_tag):
         if given and not _TAG_RE.fullmatch(given):
             raise UsageError(f"tag (--tag, or the name's .TAG) must be letters, digits, '_' or '-', got {given!r}.")
+    if license is not None:
+        if not (isinstance(license, str) and _LICENSE_RE.fullmatch(license)):
+            raise UsageError(f"license (--license) must be a licence id as Hub model cards write it (lower case, e.g. "
+                             f"apache-2.0, cc-by-4.0, mit), got {license!r}.")
+        manifest = manifest or load_manifest()
+        given_tag = tag or name_tag
+        release = manifest.find(model, given_tag) if given_tag else manifest.release(model)
+        if release is not None and num_classes in (None, 1000):
+            raise UsageError(f"--license (license=) is for weights that are not a release: {release.name} is the "
+                             f"release the weights manifest records, and it keeps its licence ({release.license}). "
+                             f"For weights of your own, give them a tag of your own (--tag mine).")
     is_nvit = model.startswith("nvit_")
     if global_pool is not None:
         if global_pool not in GLOBAL_POOLS:
@@ -868,6 +888,8 @@ def convert_checkpoint(
                        "metrics.", file=sys.stderr)
             entry = _entry_for(manifest, model, "converted", source_name)
 
+        if license is not None:  # the owner's licence for weights that are not a release (checked above)
+            entry = dataclasses.replace(entry, license=license)
         metadata = {"format": "pt", "model": model, "tag": entry.tag, "source": source_name,
                     "source_sha256": source_sha, "license": entry.license,
                     "converted_by": f"vitzoo {vitzoo.__version__}"}
@@ -937,6 +959,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sha256", default=None, help="expected sha256 of SRC (default: the manifest's, when known)")
     p.add_argument("--repo", default=None, help="Hub repo org/name for the model card's usage example")
     p.add_argument("--no-flops", action="store_true", help="do not count FLOPs (the card shows the reported number)")
+    p.add_argument("--license", default=None, metavar="ID",
+                   help="licence of weights that are not a release (your own --tag, a ReViT), as the Hub writes it, "
+                        "e.g. apache-2.0")
     p.add_argument("--in-chans", type=int, default=None, metavar="N",
                    help="input channels of the checkpoint's first conv, if not 3 (e.g. 1 for grayscale)")
     p.add_argument("--global-pool", default=None, choices=GLOBAL_POOLS,
@@ -1039,7 +1064,7 @@ def run(args: argparse.Namespace) -> int:
         out = convert_checkpoint(args.src, args.model, args.out, force=args.force, tag=args.tag,
                                  num_classes=args.num_classes, sha256=args.sha256, repo_id=args.repo,
                                  flops=not args.no_flops, dims=args.dims, in_chans=args.in_chans,
-                                 global_pool=args.global_pool)
+                                 global_pool=args.global_pool, license=args.license)
     except (UsageError, UnknownModelError) as e:
         print(f"vitzoo convert: error: {cli_message(e)}", file=sys.stderr)
         return 2

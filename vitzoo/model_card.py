@@ -62,7 +62,14 @@ def license_text(family: Dict[str, Any]) -> str:
 
 
 def _owners_license(entry: Any) -> str:
-    """The licence paragraph of weights the manifest knows no licence for (an architecture without a release)."""
+    """The licence paragraph of weights the manifest knows no licence for (an architecture without a release, or
+    weights of the owner's own training whose licence was given with ``vitzoo convert --license``)."""
+    if entry.license != "other":
+        return (f"`{entry.license}`, as stated by the owner of these weights when converting them (`vitzoo convert "
+                f"--license`). They are not a release of `{entry.model}` that the weights manifest records (tag "
+                f"`{entry.tag}`), so the licence of the family's released weights does not apply to them; the owner "
+                f"answers for this licence, and weights converted or fine-tuned from a release must keep that "
+                f"release's licence instead.")
     return (f"Set by the owner of these weights. `{entry.model}` has no released weights, so these come from someone's "
             f"own training; the licence of the family's released weights does not apply to them. State the licence "
             f"here (and in the `license:` field above, now `{entry.license}`) before publishing.")
