@@ -1348,6 +1348,28 @@ def test_torchscript_shape_cache_keeps_the_last_four_shapes():
     assert held == sizes[1:]  # the oldest (8x8, the example's) was evicted, the newest kept
 
 
+@pytest.mark.skipif("torchscript" not in available_backends(), reason="no TorchScript in this torch")
+def test_torchscript_builds_a_bounded_number_of_traces_then_runs_new_shapes_eagerly(monkeypatch):
+    """Found by an audit: a dropped trace does not give its memory back (torch.jit.freeze), so rotating six shapes
+    grew a resnet18 by 3 GB over 120 calls; past max_traces a new shape runs the fused model eagerly, with one
+    warning."""
+    from vitzoo.torchscript_backend import TorchScriptModule
+
+    monkeypatch.setattr(TorchScriptModule, "max_traces", 3)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    deployed = deploy(model, torch.randn(1, 3, 8, 8), backend="torchscript")  # trace 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for size in (10, 12, 14, 16, 10, 18):  # traces 2 and 3, then 14, 16 and 18 run eagerly; 10 is traced
+            x = torch.randn(1, 3, size, size)
+            torch.testing.assert_close(deployed(x), _reference(model, x), atol=ATOL, rtol=0)
+    assert deployed.model._built == 3 and [key[0][2] for key in deployed.model._traced] == [8, 12, 10]
+    said = [str(w.message) for w in caught if "input shapes traced" in str(w.message)]
+    assert said == ["deploy(backend='torchscript'): 3 input shapes traced: further new shapes run the fused model "
+                    "eagerly (a dropped trace does not give back its memory)"]
+
+
 class _StridedConstant(nn.Module):
     """Adds a strided slice of a constant: the ONNX exporter's constant folding warns that it folds only step-1
     slices (as for timm's efficientvit_b0)."""

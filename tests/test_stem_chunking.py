@@ -176,3 +176,61 @@ def test_the_wrapper_keeps_its_own_protocols_and_fusion():
     model = nn.Sequential(BatchChunked(Fusable(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)), 2))
     model = reparameterize_model(model)
     assert isinstance(model[0], BatchChunked) and type(model[0].module) is nn.Sequential
+
+
+def _conv_stem():
+    return nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 8, 3, 2, 1))
+
+
+class _IteratesItsStem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = _conv_stem(), nn.Linear(8, 5)
+
+    def forward(self, x):
+        for layer in self.stem:
+            x = layer(x)
+        return self.head(x.mean((2, 3)))
+
+
+class _IndexesItsStem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = _conv_stem(), nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.stem[:2](x).mean((2, 3)))
+
+
+class _ScaledStem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 32, 3, 2, 1), nn.Conv2d(32, 8, 3, 2, 1)
+
+    def forward(self, x, scale):
+        return self.c2(torch.relu(self.c1(x))) * scale
+
+
+class _CallsItsStemWithAnArgument(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = _ScaledStem(), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.stem(x, 2.0).mean((2, 3)))
+
+
+@pytest.mark.skipif("torchscript" not in available_backends(), reason="no TorchScript in this torch")
+@pytest.mark.parametrize("cls", [_IteratesItsStem, _IndexesItsStem, _CallsItsStemWithAnArgument])
+def test_a_model_that_uses_its_stem_otherwise_deploys_with_torchscript(cls):
+    """Found by an audit: a model iterating over or indexing its stem, or calling it with another argument, failed
+    deploy(backend='torchscript') ("'BatchChunked' object is not iterable", "BatchChunked.forward() takes 2
+    positional arguments", or a bare TypeError from probing the stem), where 'eager' deploys it."""
+    torch.manual_seed(0)
+    model = cls().eval()
+    x = torch.randn(2, 3, 256, 256)
+    deployed = deploy(model, x, backend="torchscript")
+    for batch in (1, 3):
+        xi = torch.randn(batch, 3, 256, 256)
+        with torch.no_grad():
+            torch.testing.assert_close(deployed(xi), model(xi), atol=1e-5, rtol=0)
