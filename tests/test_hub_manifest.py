@@ -225,3 +225,27 @@ def test_a_missing_or_non_utf8_manifest_is_a_manifest_error(tmp_path):
                                  "UTF-8.")
     with pytest.raises(ManifestError, match=rf"^{re.escape(str(tmp_path))} cannot be read \(Is a directory\)"):
         load_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["target", "prefix"])
+def test_the_weights_record_is_found_beside_a_target_or_prefix_install(tmp_path, monkeypatch, layout):
+    """Found by an audit: `pip install --target DIR` puts the data files in DIR/share/vitzoo/weights and
+    `--prefix P` in P/share/vitzoo/weights, neither under sys.prefix or the user base, and resource_path did not find
+    them."""
+    import site
+    import sys
+
+    import vitzoo.hub as hub
+
+    root = tmp_path / "install"
+    packages = root if layout == "target" else root / "lib" / "python3.11" / "site-packages"
+    (packages / "vitzoo").mkdir(parents=True)
+    data = root / "share" / "vitzoo" / "weights"
+    data.mkdir(parents=True)
+    (data / "manifest.json").write_text("{}")
+    monkeypatch.setattr(hub, "__file__", str(packages / "vitzoo" / "hub.py"))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "elsewhere"))
+    monkeypatch.setattr(site, "getuserbase", lambda: str(tmp_path / "user"))
+    assert hub.resource_path("manifest.json") == data / "manifest.json"
+    with pytest.raises(FileNotFoundError, match="weights/card_template.md not found in"):
+        hub.resource_path("card_template.md")

@@ -131,14 +131,18 @@ def resource_path(name: str) -> Path:
 
     The canonical copy is ``weights/`` at the repository root (source checkouts and editable installs);
     an installed wheel carries a copy as data files in ``<prefix>/share/vitzoo/weights/`` (setup.cfg
-    ``[options.data_files]``), where ``<prefix>`` is ``sys.prefix`` or the user base of ``pip install --user``.
+    ``[options.data_files]``), where ``<prefix>`` is ``sys.prefix``, the user base of ``pip install --user``, or
+    the folder the packages were installed into or one of its three parents (``pip install --target DIR``: ``DIR``;
+    ``--prefix P`` and Debian's ``/usr/local``: three levels above ``site-packages``; found by an audit: such
+    installs did not find their own manifest).
     """
     import site
     import sys
 
     here = Path(__file__).resolve().parent
     folders = [here.parent / "weights"]
-    folders += [Path(p) / "share" / "vitzoo" / "weights" for p in (sys.prefix, site.getuserbase())]
+    prefixes = [Path(sys.prefix), Path(site.getuserbase()), here.parent, *list(here.parent.parents)[:3]]
+    folders += list(dict.fromkeys(p / "share" / "vitzoo" / "weights" for p in prefixes))
     for folder in folders:
         if (folder / name).is_file():
             return folder / name
