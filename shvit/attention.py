@@ -28,7 +28,7 @@ class SHSA(nn.Module):
     Args:
         dim: Channels of the input and output.
         qk_dim: Query / key width (16 in all variants).
-        pdim: Partial channels that go through attention.
+        pdim: Partial channels that go through attention (``dim`` for all of them).
         norm_layer: Pre-norm layer type, called as ``norm_layer(pdim)`` (default ``GroupNorm1``).
         act_layer: Activation before the output projection.
         device: Parameter device.
@@ -46,8 +46,11 @@ class SHSA(nn.Module):
             dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
-        if not 0 < pdim < dim:
-            raise ValueError(f'SHSA needs 0 < pdim < dim, got pdim={pdim}, dim={dim}.')
+        # pdim == dim (every channel attends, nothing passes through) is built, as by timm's and the official SHSA
+        # (found by an audit: it was refused, so such a model and its weights could not be built here)
+        if not 0 < pdim <= dim:
+            raise ValueError(f'SHSA needs 0 < pdim < dim, or pdim == dim (all channels attend), got pdim={pdim}, '
+                             f'dim={dim}.')
         dd = dict(device=device, dtype=dtype)
         self.dim = dim
         self.pdim = pdim

@@ -57,7 +57,7 @@ register_notrace_function(check_input)
 
 
 def _stem(in_chans: int, dim: int, act_layer: Type[nn.Module], **dd: Any) -> nn.Sequential:
-    """Four 3x3 stride-2 ConvNorms (dim/8, dim/4, dim/2, dim) with activations between them: stride 16."""
+    """Four 3x3 stride-2 ConvNorms (dim // 8, dim // 4, dim // 2, dim) with activations between them: stride 16."""
     widths = [in_chans, dim // 8, dim // 4, dim // 2, dim]
     layers: List[nn.Module] = []
     for i in range(4):
@@ -136,9 +136,10 @@ class SHViT(nn.Module):
             raise ValueError(
                 'embed_dim, partial_dim, qk_dim, depth and types need one entry per stage, got lengths '
                 f'{[len(v) for v in (embed_dim, partial_dim, qk_dim, depth, types)]}.')
-        if embed_dim[0] % 8:
+        if embed_dim[0] < 8:  # any other width builds, rounded down as by timm's and the official stem (an audit)
             raise ValueError(
-                f'embed_dim[0] must be divisible by 8 (stem widths dim/8, dim/4, dim/2), got {embed_dim[0]}.')
+                f'embed_dim[0] must be at least 8 (the stem widths are embed_dim[0] // 8, // 4, // 2), got '
+                f'{embed_dim[0]}.')
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.drop_rate = drop_rate
