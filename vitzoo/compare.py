@@ -259,7 +259,9 @@ def _runners(
             if getattr(deployed, "fp32_precision", "ieee") != "ieee":
                 precisions[backend] = deployed.fp32_precision
         except Exception as e:  # noqa: BLE001  one failed backend must not stop the comparison
-            notes.append(f"{backend} failed on {device}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            # an error without a message (a bare `assert` in an exporter) is named by where it was raised: taking
+            # the first of no lines ended the whole comparison in an IndexError (found by an audit)
+            notes.append(f"{backend} failed on {device}: {type(e).__name__}: {first_line(e)[:120] or _where(e)}")
     return runners
 
 
@@ -341,7 +343,7 @@ def _measure_on(
                               device=torch.device(device), progress=progress, desc=f"measuring {name}")
         except (RuntimeError, MemoryError, ValueError) as e:  # e.g. out of memory at this batch: keep the other rows
             timings = None
-            failure = f"not measured at batch {batch}: {type(e).__name__}: {first_line(e)}"
+            failure = f"not measured at batch {batch}: {type(e).__name__}: {first_line(e) or _where(e)}"
         del runners  # the deployed copies, before the next model is deployed
         gc.collect()
         row = _row(name, report, device, batch, getattr(model, "num_classes", None))

@@ -5,7 +5,8 @@ report this number as "FLOPs". ``torch.utils.flop_counter`` counts two per multi
 
 On top of fvcore's built-in handles this module counts ``aten::scaled_dot_product_attention`` (fvcore skips it,
 so every timm ViT with fused attention loses its attention matmuls), recurrent layers, string-padded convolutions,
-broadcast / matrix-vector products, the other interpolation modes and RMSNorm (:data:`MATRIX_OPS`,
+broadcast / matrix-vector products, the other interpolation modes, RMSNorm and fvcore's norms over inputs of any
+rank (:data:`MATRIX_OPS`,
 :data:`RESAMPLING_OPS`, :data:`NORM_OPS`) and, only when asked, the elementwise ops (additions, products,
 activations, softmax, reductions: one per element). They are off by default so that the published numbers
 reproduce. Every op that is neither counted nor on fvcore's list of free shape ops is reported in
@@ -217,9 +218,34 @@ def _rms_norm_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     return _elements(inputs[0]) * (3 if get_shape(inputs[2]) is not None else 2)
 
 
-# Normalisation layers fvcore has no handle for, always counted, as fvcore counts layer_norm / group_norm.
+def _norm_flop_jit(weight: int) -> Any:
+    """fvcore's estimate for ``layer_norm`` / ``group_norm`` / ``instance_norm``: 5 per input element with the
+    affine ``weight`` (argument ``weight``), 4 without; for an input of any rank (fvcore's own handle asserts 2 to
+    5 dims, so a LayerNorm over a 1-D or a 6-D tensor, which torch runs, failed the whole count with a bare
+    ``AssertionError``: found by an audit)."""
+    def handle(inputs: List[Any], outputs: List[Any]) -> int:
+        return _elements(inputs[0]) * (5 if get_shape(inputs[weight]) is not None else 4)
+    return handle
+
+
+def _batch_norm_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``aten::batch_norm`` as fvcore counts it, for an input of any rank: in training mode (weight
+    standardisation computes its statistics so) as a LayerNorm, 5 per element with the affine weight, 4 without; in
+    eval mode a scale and a shift, 2 per element with the weight, 1 without."""
+    affine = get_shape(inputs[1]) is not None
+    if inputs[5].toIValue():
+        return _elements(inputs[0]) * (5 if affine else 4)
+    return _elements(inputs[0]) * (2 if affine else 1)
+
+
+# Normalisation layers, always counted: RMSNorm, which fvcore has no handle for, and fvcore's own four with its
+# numbers, without its rank limit.
 NORM_OPS: Dict[str, Any] = {
     "aten::rms_norm": _rms_norm_flop_jit,
+    "aten::layer_norm": _norm_flop_jit(2),
+    "aten::group_norm": _norm_flop_jit(2),
+    "aten::instance_norm": _norm_flop_jit(1),
+    "aten::batch_norm": _batch_norm_flop_jit,
 }
 
 

@@ -135,7 +135,8 @@ def measure(
         runners: Key -> zero-argument callable that runs one batch (inputs bound already).
         batch_size: Images per call, for the img/s figures.
         rounds: Timed rounds; each runner is timed once per round, in turn.
-        warmup: Untimed calls per runner before the first round (the last one calibrates ``calls``).
+        warmup: Calls per runner before the first round; the last one, timed (once the process is idle when
+            ``settle``), calibrates ``calls``.
         min_time: Minimum seconds per timing; fast runners get several calls per round.
         max_calls: Upper bound on calls per round.
         device: Synchronised around each timing when it is a CUDA device.
@@ -158,6 +159,8 @@ def measure(
             bar.set_postfix_str(f"warm-up {_label(key)}")
             for _ in range(warmup - 1):
                 fn()
+            if settle:  # the calibrating call is timed too: not in the spin of the call before (found by an audit)
+                wait_until_idle()
             once = _time_calls(fn, 1, device)
             calls = max(1, min(max_calls, math.ceil(min_time / max(once, 1e-9))))
             timings[key] = Timing(batch_size=batch_size, calls=calls)
