@@ -288,6 +288,15 @@ def test_an_unknown_argument_after_a_command_gets_that_commands_usage(monkeypatc
         f"vitzoo {argv[0]}: error: unrecognized arguments: {'extra' if 'extra' in argv else '--bogus'}\n"), err
 
 
+def test_an_unknown_option_before_the_command_gets_the_top_level_usage(capsys):
+    """Found by a review: `vitzoo --bogus export m` was reported as an export argument, with export's usage."""
+    with pytest.raises(SystemExit) as info:
+        main(["--bogus", "export", "shvit_s1"])
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and out == ""
+    assert err.startswith("usage: vitzoo [-h]") and err.endswith("vitzoo: error: unrecognized arguments: --bogus\n")
+
+
 @pytest.mark.parametrize("argv, says", [
     (["export", "shvit_s1", "--out", ""], "argument --out: needs a file name, e.g. --out shvit_s1.onnx"),
     (["export", "shvit_s1", "--out", " "], "argument --out: needs a file name"),

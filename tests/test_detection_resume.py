@@ -249,3 +249,43 @@ def test_a_training_checkpoint_as_backbone_weights_says_what_to_do(data, tmp_pat
         'checkpoint (a whole detector with its optimizer state), not classification weights; to continue its run '
         f'pass --resume {ckpt}, and for the trained detector use model_final.pth of that run.\n')
     assert not (tmp_path / 'other').exists()
+
+
+def test_a_pending_checkpoint_past_this_runs_end_is_refused(data, tmp_path, monkeypatch, capsys):
+    """Found by a review: a checkpoint stopped in the evaluation after epoch 2 (of 3), resumed with --epochs 1, was
+    let through as "training had ended" and wrote its epoch-2 weights as this 1-epoch run's final weights."""
+    out = tmp_path / 'run'
+    with monkeypatch.context() as m:
+        _interrupt(m, calls={2})  # the evaluation after epoch 2
+        assert _run(data, out, '--epochs', '3') == 130
+    assert load_checkpoint(out / 'checkpoint_last.pth')['epoch'] == 2
+    capsys.readouterr()
+    assert _run(data, out, '--epochs', '1', '--resume') == 1
+    assert 'is at epoch 2, iteration 4: nothing is left to train with --epochs 1' in capsys.readouterr().err
+    assert not (out / 'model_final.pth').exists()
+
+
+def test_a_pending_evaluation_resumed_with_no_eval_is_neither_promised_nor_dropped(
+        data, tmp_path, monkeypatch, capsys):
+    """Found by a review: resumed with --no-eval, the resume line promised the stopped evaluation ("it runs first")
+    and an evaluation already logged at that iteration was dropped from log.jsonl."""
+    out = tmp_path / 'run'
+    real_save = finetune._save
+
+    def stop_after_the_logged_evaluation(path, *args, **kwargs):
+        real_save(path, *args, **kwargs)
+        if not args[3].get('pending', True) and args[3]['iteration'] == 2:  # the save after the evaluation
+            raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(finetune, '_save', stop_after_the_logged_evaluation)
+        assert _run(data, out, '--epochs', '2') == 130
+    logged = _log(out)
+    assert [r['iteration'] for r in logged if 'eval' in r] == [2]
+    # a checkpoint still marked pending, as if stopped between the evaluation's log line and the save after it
+    ckpt = torch.load(out / 'checkpoint_last.pth', weights_only=False)
+    ckpt['pending'] = True
+    torch.save(ckpt, out / 'checkpoint_last.pth')
+    capsys.readouterr()
+    assert _run(data, out, '--epochs', '2', '--no-eval', '--resume') == 0
+    assert 'it runs first' not in capsys.readouterr().out
+    assert [r['iteration'] for r in _log(out) if 'eval' in r] == [2]  # kept, not done again

@@ -155,3 +155,13 @@ def test_output_layout_names_a_value_a_trace_cannot_return(output, message):
 def test_output_layout_refuses_another_number_of_tensors():
     with pytest.raises(ValueError, match="got 1 tensors for an output that holds 2"):
         OutputLayout((X, None, X)).nest([X])
+
+
+def test_deploys_check_refuses_a_wrong_output_beside_an_infinite_reference_with_rtol():
+    """Found by a review (end to end, through the check deploy runs): with rtol > 0 an inf in the reference made the
+    tolerance atol + rtol * inf infinite, so any output passed; identical infinities must still pass."""
+    reference = torch.tensor([[1.0, -INF, 3.0]])
+    with pytest.raises(RuntimeError, match="differs from the original model by max abs diff inf"):
+        _check_close(reference, _Returns(torch.tensor([[-50.0, 9.0, 900.0]])), X, atol=1e-4, rtol=1e-3,
+                     backend="eager")
+    assert _check_close(reference, _Returns(reference.clone()), X, atol=1e-4, rtol=1e-3, backend="eager") == 0.0

@@ -413,7 +413,10 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
             print(f'warning: checkpoint from {len(rngs)} process(es), resuming with {ctx.world_size}; '
                   'data order and random draws will differ from an uninterrupted run.')
         set_rng_state(rngs[ctx.rank % len(rngs)], flip_gen)
-        if ended() and not pending:
+        # a pending checkpoint finishes only the run it was written for: one at this run's end exactly (found by a
+        # review: a later one, resumed with a smaller --epochs / --max-iters, wrote its weights as this run's)
+        at_end = state['iteration'] == total or (state['epoch'] == args.epochs and state['step'] == 0)
+        if ended() and not (pending and at_end):
             limit = f'--epochs {args.epochs}' + (f' / --max-iters {args.max_iters}' if args.max_iters else '')
             raise ValueError(f'{resume_from} is at epoch {state["epoch"]}, iteration {state["iteration"]}: nothing '
                              f'is left to train with {limit}; raise --epochs or --max-iters to train further.')
@@ -423,11 +426,12 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                   + (f' (training had ended: {"the evaluation and " if val_ds is not None else ""}the final '
                      'weights follow)' if ended() else
                      f' (the evaluation after epoch {state["epoch"]} was stopped: it runs first)'
-                     if pending and epoch_eval_due() else ''))
+                     if pending and epoch_eval_due() and val_ds is not None else ''))
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if continuing:
-            _trim_log(out, state['iteration'], pending and (ended() or epoch_eval_due()))
+            # an evaluation logged at the checkpoint's iteration is dropped only if it is done again (not --no-eval)
+            _trim_log(out, state['iteration'], pending and val_ds is not None and (ended() or epoch_eval_due()))
         else:
             # a fresh start or another run's checkpoint resumed here (--force, or files that are no run): never mix
             # this run's files with an earlier one's. log.jsonl is created by the first record, so a run that fails
@@ -450,7 +454,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
 
     last_eval = None
     evaluated_at = -1
-    if pending and not ended() and epoch_eval_due():  # the epoch-end evaluation that was interrupted
+    if pending and not ended() and epoch_eval_due() and val_ds is not None:  # the interrupted epoch-end evaluation
         last_eval = _evaluate(model, val_ds, ctx, args, out, state)
         evaluated_at = state['iteration']
         checkpoint()
