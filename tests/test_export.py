@@ -1074,3 +1074,25 @@ def test_onnxruntime_module_names_a_missing_file_and_takes_bytes_likes(tmp_path)
         torch.testing.assert_close(OnnxRuntimeModule(source)(x), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="got a 0-d tensor"):
         OnnxRuntimeModule(data)(torch.tensor(1.0))
+
+
+def test_a_model_whose_output_ignores_its_input_is_named(tmp_path):
+    """A model returning only a weight exports to a graph without input; ONNX Runtime's session then failed with an
+    IndexError, reported as "the exporter wrote an invalid graph"."""
+    import vitzoo
+    from vitzoo.export import ExportError
+
+    class Table(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(2, 4))
+
+        def forward(self, x):
+            return self.table * 2
+
+    says = r"the ONNX graph takes no input: the model's output does not depend on its input"
+    with pytest.raises(RuntimeError, match=says):
+        vitzoo.deploy(Table().eval(), torch.randn(2, 3, 8, 8), backend="onnxruntime")
+    with pytest.raises(ExportError, match=says):
+        export_verified_onnx(Table().eval(), tmp_path / "table.onnx", img_size=8, in_chans=3)
+    assert os.listdir(tmp_path) == []

@@ -297,6 +297,10 @@ def _one_line(error: Exception, limit: int = 200) -> str:
     return f"{text} {where.group(0)}" if where and where.group(0) not in text else text
 
 
+class GraphWithoutInputError(ValueError):
+    """An ONNX graph with no input: the exported model's output did not depend on its input."""
+
+
 class OnnxRuntimeModule(nn.Module):
     """Runs an ONNX model in an ONNX Runtime CPU session behind an ``nn.Module`` interface.
 
@@ -340,6 +344,11 @@ class OnnxRuntimeModule(nn.Module):
             raise FileNotFoundError(f"no ONNX file at {onnx_model} (pass the path of a .onnx file, or its bytes)")
         source = onnx_model if isinstance(onnx_model, bytes) else str(Path(onnx_model))
         self.session = ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
+        if not self.session.get_inputs():  # found by an audit: an IndexError, reported as an invalid graph
+            raise GraphWithoutInputError(
+                "the ONNX graph takes no input: the model's output does not depend on its input (it returns weights "
+                "or constants only), so the exporter left the input out; such a model needs no ONNX graph "
+                "(vitzoo.deploy: backend='eager')")
         self.input_name = self.session.get_inputs()[0].name
         self._batch_axes = _batch_axes(self.session)
         self.num_threads = options.intra_op_num_threads
@@ -402,6 +411,8 @@ def session_for_export(onnx_model: bytes, output_layout: OutputLayout) -> OnnxRu
     exported into a graph ONNX Runtime refuses, and its raw "ShapeInferenceError" reached the user)."""
     try:
         return OnnxRuntimeModule(onnx_model, output_layout=output_layout)
+    except GraphWithoutInputError as e:
+        raise OnnxExportError(f"cannot export this model: {e}") from e
     except Exception as e:  # noqa: BLE001  onnxruntime's own exception types (Fail, InvalidGraph, ...)
         raise OnnxExportError(f"ONNX Runtime cannot load the graph torch.onnx.export wrote for this model "
                               f"({_one_line(e, limit=400)}): the exporter wrote an invalid graph; run the model with "
