@@ -1631,6 +1631,24 @@ def test_a_compiled_model_is_deployed_from_the_module_it_wraps():
     torch.testing.assert_close(deployed(x), expected, atol=1e-5, rtol=0)
 
 
+def test_hooks_on_the_compile_wrapper_itself_are_refused_not_dropped():
+    """Found by an audit: a hook on the torch.compile wrapper (it runs on the compiled model's calls) was dropped
+    with the wrapper; hooks on the wrapped module's parts are kept as before."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    compiled = torch.compile(model)
+    handle = compiled.register_forward_hook(lambda module, args, output: None)
+    with pytest.raises(ValueError, match=r"the torch.compile wrapper itself has 1 forward \(pre-\)hook\(s\), which "
+                                         r"the deployed model would not run .* register them on model._orig_mod"):
+        deploy(compiled, torch.randn(1, 3, 8, 8))
+    handle.remove()
+    seen = []
+    model[0].register_forward_hook(lambda module, args, output: seen.append(tuple(output.shape)))
+    deployed = deploy(compiled, torch.randn(1, 3, 8, 8))
+    seen.clear()
+    deployed(torch.randn(2, 3, 8, 8))
+    assert seen == [(2, 4, 6, 6)]
+
+
 class _Swish(nn.Module):
     def forward(self, x):
         return x * torch.sigmoid(x)

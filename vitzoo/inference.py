@@ -700,6 +700,11 @@ def _without_compile_wrapper(model: nn.Module) -> Tuple[nn.Module, bool]:
     what they make)."""
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing can have been compiled
     if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        hooks = len(model._forward_hooks) + len(model._forward_pre_hooks)
+        if hooks:  # found by an audit: dropped with the wrapper, without a word
+            raise ValueError(f"deploy(): the torch.compile wrapper itself has {hooks} forward (pre-)hook(s), which "
+                             "the deployed model would not run (deploy takes the module the wrapper holds): register "
+                             "them on model._orig_mod, or deploy model._orig_mod after moving them there.")
         return model._orig_mod, True
     return model, False
 
