@@ -56,7 +56,8 @@ def create_body(
 
     Returns:
         The full model (with its head, sized like the checkpoint's classifier when ``weights`` has another class
-        count than the pretrained cfg; :class:`DetectionBackbone` removes and reports the head keys).
+        count than the pretrained cfg, or, with ``weights``, a ``num_classes`` in ``model_kwargs``: that head is
+        reset after the strict load; :class:`DetectionBackbone` removes and reports the head keys).
 
     Raises:
         UnknownModelError: ``name`` is not a timm model (the message lists the closest ones).
@@ -66,6 +67,7 @@ def create_body(
     """
     resolve_name(name)
     kwargs = dict(model_kwargs or {})
+    wanted_classes = None
     if weights is not None:
         weights = Path(weights)
         if not weights.is_file():
@@ -77,8 +79,11 @@ def create_body(
             raise BackboneError(f'could not load {weights} into backbone {name!r}: '
                                 f'{summarize_load_error(e, weights)}.') from e
         kwargs['pretrained_cfg_overlay'] = dict(file=str(weights))
+        # a num_classes of the caller's sizes the head after the load: given to timm, a count other than the cfg's
+        # made its load non-strict, so a partial or another model's file loaded without an error (found by an audit)
+        wanted_classes = kwargs.pop('num_classes', None)
         try:
-            classes = None if 'num_classes' in kwargs else _checkpoint_classes(name, weights)
+            classes = _checkpoint_classes(name, weights)
         except Exception as e:  # noqa: BLE001  timm's reader raises anything on a file it cannot take
             _refuse_training_checkpoint(name, weights, e)
             raise BackboneError(f'could not load {weights} into backbone {name!r}: '
@@ -118,6 +123,8 @@ def create_body(
             raise BackboneError(f'could not load the default pretrained weights into backbone {name!r}: '
                                 f'{summarize_load_error(e)}') from e
         raise BackboneError(f'cannot build backbone {name!r}: {summarize_load_error(e)}') from e
+    if wanted_classes is not None and getattr(model, 'num_classes', None) != wanted_classes:
+        model.reset_classifier(wanted_classes)
     bad = non_finite_weights(model) if pretrained else []
     if bad:  # else the first loss is NaN, and the advice for a diverging run (lower --lr) misleads
         source = weights if weights is not None else 'the default pretrained weights'
@@ -240,7 +247,8 @@ class DetectionBackbone(nn.Module):
             ``N`` the stem and feature stages ``0 .. N-1`` (stage i = ``feature_info[i]`` of the timm model; when
             ``feature_info[0]`` is the stem's own output, a single layer such as a ResNet's ``act1`` or a
             MobileNetV3's ``bn1``, stage 0 is the stem, so ``0`` and ``1`` both freeze the stem with that layer).
-            Frozen parameters get ``requires_grad=False`` and their BatchNorms stay in eval mode.
+            Frozen parameters get ``requires_grad=False`` and their modules stay in eval mode (BatchNorm
+            statistics, dropout and drop-path as in evaluation).
         norm_eval: Keep every BatchNorm of the backbone in eval mode during training (as the SHViT paper does).
         device: Device of the new (neck) parameters.
         dtype: Dtype of the new (neck) parameters.
@@ -341,13 +349,15 @@ class DetectionBackbone(nn.Module):
         return max(self.in_strides)
 
     def train(self, mode: bool = True) -> 'DetectionBackbone':
-        """Set train mode, then put backbone BatchNorms in eval mode (all with ``norm_eval``, else frozen ones)."""
+        """Set train mode, then put the backbone's frozen modules (those whose parameters all have
+        ``requires_grad=False``, with everything inside them: BatchNorms, dropout, drop-path) in eval mode, and
+        with ``norm_eval`` every BatchNorm of the backbone."""
         super().train(mode)
         if mode:
-            for m in self.body.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    frozen = all(not p.requires_grad for p in m.parameters(recurse=False))
-                    if self.norm_eval or frozen:
+            _eval_frozen(self.body)
+            if self.norm_eval:
+                for m in self.body.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.eval()
         return self
 
@@ -375,6 +385,19 @@ class DetectionBackbone(nn.Module):
         if self.pyramid is not None:
             feats = self.pyramid(feats[-1])
         return OrderedDict(self.fpn(feats))
+
+
+def _eval_frozen(module: nn.Module) -> None:
+    """Put every module whose parameters are all frozen (it has some) in eval mode, submodules included: a frozen
+    stage is a fixed feature extractor, so its dropout / drop-path is off too, not only its BatchNorms (found by an
+    audit: with ``drop_path_rate`` the frozen blocks dropped paths in training; and a BatchNorm without parameters,
+    ``affine=False``, was taken for a frozen one in a trained stage, its statistics never updated)."""
+    params = list(module.parameters())
+    if params and not any(p.requires_grad for p in params):
+        module.eval()
+        return
+    for child in module.children():
+        _eval_frozen(child)
 
 
 def _is_stem_layer(module: nn.Module) -> bool:
