@@ -1,20 +1,11 @@
 """`vitzoo compare`: defects found by an audit (2026-11-26), each checked against an independent reference."""
-import sys
 import threading
 import time
-import types
 
 import torch
 
+from test_compare import _stand_in_for_deploy  # tests/test_compare.py
 from vitzoo.compare import compare
-
-
-def _stand_in_for_deploy(monkeypatch, deploy):
-    """Replace vitzoo.inference (imported by compare at call time) by ``deploy`` with every backend available."""
-    backends = ("eager", "compile", "onnxruntime", "torchscript")
-    monkeypatch.setitem(sys.modules, "vitzoo.inference", types.SimpleNamespace(
-        deploy=deploy, ROUNDING_RTOL=1e-5, BACKENDS=backends, available_backends=lambda: list(backends),
-        missing_backend_hint=lambda backend: "not here"))
 
 
 def test_a_backend_failing_without_a_message_is_a_note_not_the_end_of_the_comparison(monkeypatch):
