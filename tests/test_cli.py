@@ -295,6 +295,9 @@ def test_an_unknown_option_before_the_command_gets_the_top_level_usage(capsys):
     out, err = capsys.readouterr()
     assert info.value.code == 2 and out == ""
     assert err.startswith("usage: vitzoo [-h]") and err.endswith("vitzoo: error: unrecognized arguments: --bogus\n")
+    with pytest.raises(SystemExit):  # the same unknown option before and after the command: the first is the top's
+        main(["--bogus", "export", "shvit_s1", "--bogus"])
+    assert capsys.readouterr().err.endswith("vitzoo: error: unrecognized arguments: --bogus\n")
 
 
 @pytest.mark.parametrize("argv, says", [

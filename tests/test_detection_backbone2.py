@@ -81,3 +81,14 @@ def test_batchnorms_without_parameters_train_in_trained_stages():
     frozen = build_backbone(copy.deepcopy(model), 'retinanet', out_channels=16, frozen_stages=4,
                             norm_eval=False).train()
     assert not frozen.body.layer3[0].bn1.training and not frozen.body.layer3.training
+
+
+def test_weights_with_features_only_and_num_classes_build(tmp_path):
+    """Found by a review: with weights, `model_kwargs=dict(features_only=True, num_classes=0)` ended in a raw
+    AttributeError (the features_only wrapper has no classifier to reset); timm ignores num_classes there."""
+    source = timm.create_model('resnet18')
+    save_file(source.state_dict(), str(tmp_path / 'r18.safetensors'))
+    body = create_body('resnet18', weights=tmp_path / 'r18.safetensors',
+                       model_kwargs=dict(features_only=True, num_classes=0))
+    for name, value in body.state_dict().items():
+        torch.testing.assert_close(value, source.state_dict()[name])

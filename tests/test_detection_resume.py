@@ -289,3 +289,16 @@ def test_a_pending_evaluation_resumed_with_no_eval_is_neither_promised_nor_dropp
     assert _run(data, out, '--epochs', '2', '--no-eval', '--resume') == 0
     assert 'it runs first' not in capsys.readouterr().out
     assert [r['iteration'] for r in _log(out) if 'eval' in r] == [2]  # kept, not done again
+
+
+def test_a_pending_checkpoint_past_a_smaller_max_iters_is_refused(data, tmp_path, monkeypatch, capsys):
+    """Found by a second review: the same as for a smaller --epochs, but with --max-iters (the run ends at iteration
+    1, the checkpoint reached 4): it was finished as this run's end."""
+    out = tmp_path / 'run'
+    with monkeypatch.context() as m:
+        _interrupt(m, calls={2})  # the final evaluation, after epoch 2
+        assert _run(data, out, '--epochs', '2') == 130
+    capsys.readouterr()
+    assert _run(data, out, '--epochs', '2', '--max-iters', '1', '--resume') == 1
+    assert 'nothing is left to train with --epochs 2 / --max-iters 1' in capsys.readouterr().err
+    assert not (out / 'model_final.pth').exists()

@@ -75,10 +75,16 @@ def _failing_hub(monkeypatch, tmp_path, where, status):
                 if where not in self.path:
                     return False
                 hub.record(self.command, self.path)
-                self._body()
+                if self.command != "HEAD":
+                    self._body()
                 self._reply(status, b'{"error": "Invalid credentials in Authorization header"}',
-                            {"Content-Type": "application/json", "X-Error-Message": "Invalid credentials"})
+                            {"Content-Type": "application/json", "X-Error-Message": "Invalid credentials"},
+                            send_body=self.command != "HEAD")
                 return True
+
+            def do_HEAD(self):
+                if not self._fail():
+                    base.do_HEAD(self)
 
             def do_GET(self):
                 if not self._fail():
@@ -128,3 +134,21 @@ def test_an_empty_token_is_a_usage_error_before_any_request(hub, converted, caps
     assert err == ("vitzoo push: error: --token is empty (an unset shell variable?); leave it out to use the saved "
                    "login (`hf auth login`) or HF_TOKEN.\n"), err
     assert hub.requests == [] and hub.repos == {}
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_a_failed_architecture_check_stops_the_push(converted, monkeypatch, tmp_path, capsys, status):
+    """Found by a review: when the repo's config.json could not be fetched (the Hub answered 503 / 429, or the
+    network failed), the client's LocalEntryNotFoundError was taken for "no config.json" and the push went on,
+    replacing another model's weights unchecked."""
+    hub = _failing_hub(monkeypatch, tmp_path, "/resolve/", status)
+    old = {"config.json": json.dumps({"architecture": "resnet50"}).encode(), "model.safetensors": b"theirs"}
+    hub.repos["me/other"] = dict(old)
+    try:
+        assert main(["push", str(converted), "--repo", "me/other", "--token", "hf_test"]) == 1
+    finally:
+        hub.stop()
+    err = capsys.readouterr().err
+    assert err.startswith(f"vitzoo push: error: the Hub answered {status} ") and err.count("\n") == 1, err
+    assert err.endswith("No file was uploaded.\n") and hub.commits == [] and hub.repos["me/other"] == old
+    assert "config.json" in err and not any(method == "POST" for method, _ in hub.requests)  # stopped at the check

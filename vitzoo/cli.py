@@ -132,9 +132,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser(argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse's top-level parser would print its own usage, not the sub-command's
-        top = argv[:argv.index(args.command)] if args.command in argv else []
-        if any(u in top for u in unknown):  # before the command word: the top level's (found by a review)
-            parser.error(f"unrecognized arguments: {' '.join(u for u in unknown if u in top)}")
+        # argparse collects them in order: those before the command word are the top level's (found by a review)
+        top = unknown[:sum(a in unknown for a in argv[:argv.index(args.command)])] if args.command in argv else []
+        if top:
+            parser.error(f"unrecognized arguments: {' '.join(top)}")
+        unknown = unknown[len(top):]
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     hub_logger = logging.getLogger("huggingface_hub")
     hub_level = hub_logger.level

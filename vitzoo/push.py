@@ -112,7 +112,8 @@ def _refuse_another_architecture(api, repo_id: str, revision: Optional[str], mod
     branch exists, else ``main``) that does not name ``model`` as its ``architecture``."""
     import json
 
-    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RevisionNotFoundError)
 
     if "config.json" not in {getattr(s, "rfilename", None) for s in (getattr(existing, "siblings", None) or ())}:
         return  # main has none: no model whose weights a push would replace
@@ -121,7 +122,18 @@ def _refuse_another_architecture(api, repo_id: str, revision: Optional[str], mod
             try:
                 path = api.hf_hub_download(repo_id, "config.json", revision=rev, cache_dir=cache)
                 break
-            except (EntryNotFoundError, RevisionNotFoundError):
+            except LocalEntryNotFoundError as e:  # the download failed (network, 403, 429, 5xx): the check cannot
+                # be made, which is no "config.json is not there" (found by a review: the push went on unchecked)
+                cause = e.__cause__ or e.__context__
+                if isinstance(cause, HfHubHTTPError):
+                    raise cause from None  # reported as one line with its status and what to do
+                failure = cause or e
+                reason = (str(failure).splitlines() or ["no message"])[0]
+                raise ValueError(f"could not read the config.json of Hub repo '{repo_id}' to check its architecture "
+                                 f"({type(failure).__name__}: {reason}), so nothing was uploaded. Check the "
+                                 f"connection and run the command again, or pass --force to push without the "
+                                 f"check.") from e
+            except (EntryNotFoundError, RevisionNotFoundError):  # not on that branch, or no such branch yet
                 continue
         else:
             return

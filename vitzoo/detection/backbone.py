@@ -123,7 +123,9 @@ def create_body(
             raise BackboneError(f'could not load the default pretrained weights into backbone {name!r}: '
                                 f'{summarize_load_error(e)}') from e
         raise BackboneError(f'cannot build backbone {name!r}: {summarize_load_error(e)}') from e
-    if wanted_classes is not None and getattr(model, 'num_classes', None) != wanted_classes:
+    # a features_only wrapper has no classifier to size (timm ignores num_classes there too; found by a review)
+    if wanted_classes is not None and hasattr(model, 'reset_classifier') \
+            and getattr(model, 'num_classes', None) != wanted_classes:
         model.reset_classifier(wanted_classes)
     bad = non_finite_weights(model) if pretrained else []
     if bad:  # else the first loss is NaN, and the advice for a diverging run (lower --lr) misleads

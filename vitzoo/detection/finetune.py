@@ -415,7 +415,8 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
         set_rng_state(rngs[ctx.rank % len(rngs)], flip_gen)
         # a pending checkpoint finishes only the run it was written for: one at this run's end exactly (found by a
         # review: a later one, resumed with a smaller --epochs / --max-iters, wrote its weights as this run's)
-        at_end = state['iteration'] == total or (state['epoch'] == args.epochs and state['step'] == 0)
+        at_end = state['iteration'] == total or (state['epoch'] == args.epochs and state['step'] == 0
+                                                 and state['iteration'] <= total)  # not past --max-iters
         if ended() and not (pending and at_end):
             limit = f'--epochs {args.epochs}' + (f' / --max-iters {args.max_iters}' if args.max_iters else '')
             raise ValueError(f'{resume_from} is at epoch {state["epoch"]}, iteration {state["iteration"]}: nothing '
