@@ -9,12 +9,16 @@ median over rounds of the per-round time ratio, which cancels drifts of the host
   channels-last copy of the input and oneDNN's convolution (the kernel hidden while deploying the other variant);
 * ``direct AMX 1x1``: AMX 1x1 convolutions called straight on channels-last tensors
   (``vitzoo.amx_gemm.amx_pointwise``), against the views-and-``amx_linear`` path (the function hidden while the
-  other variant runs; on a CPU without AMX both variants are the same).
+  other variant runs; on a CPU without AMX both variants are the same);
+* ``AMX rows shared out``: the AMX kernel's threads take the row blocks left in each other's shares once their own
+  is done, against fixed shares (the kernel's ``vitzoo_amx_fixed_shares`` switch; only matters at 2+ threads,
+  and only while one core is slower than the other, e.g. its AMX unit slowed by another tenant of the host).
 
     OMP_NUM_THREADS=2 python benchmarks/bench_paired_switches.py --threads 1 2 --rounds 25
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import statistics
 import sys
@@ -35,11 +39,20 @@ from vitzoo import amx_gemm, image_conv  # noqa: E402
 from vitzoo.inference import deploy  # noqa: E402
 
 CASES = {"shvit_s1": 224, "shvit_s4": 256}
-SWITCHES = ("image kernel", "direct AMX 1x1")
+SWITCHES = ("image kernel", "direct AMX 1x1", "AMX rows shared out")
 
 
 @contextmanager
 def _without(switch: str) -> Iterator[None]:
+    if switch == "AMX rows shared out":
+        lib = amx_gemm.load()
+        fixed = ctypes.c_int.in_dll(lib, "vitzoo_amx_fixed_shares") if lib is not None else ctypes.c_int()
+        fixed.value = 1
+        try:
+            yield
+        finally:
+            fixed.value = 0
+        return
     target = (image_conv, "load", lambda: None) if switch == "image kernel" else \
         (amx_gemm, "amx_pointwise", lambda *args, **kwargs: None)
     with mock.patch.object(*target):
@@ -60,8 +73,8 @@ def variants(switch: str, model: torch.nn.Module, x: torch.Tensor, precision: st
     return {"on": lambda: on(x), "off": run_off}
 
 
-def paired_ratio(runs: Dict[str, Callable[[], object]], rounds: int, calls: int, desc: str) -> float:
-    """Median over rounds of time(off) / time(on): > 1 where the switch makes the model faster."""
+def paired_ratios(runs: Dict[str, Callable[[], object]], rounds: int, calls: int, desc: str) -> List[float]:
+    """time(off) / time(on) of every round, sorted: > 1 where the switch made the model faster."""
     times: Dict[str, List[float]] = {"on": [], "off": []}
     with torch.inference_mode():
         for run in runs.values():
@@ -72,7 +85,22 @@ def paired_ratio(runs: Dict[str, Callable[[], object]], rounds: int, calls: int,
                 for _ in range(calls):
                     runs[key]()
                 times[key].append(time.perf_counter() - start)
-    return statistics.median(off / on for on, off in zip(times["on"], times["off"]))
+    return sorted(off / on for on, off in zip(times["on"], times["off"]))
+
+
+def paired_ratio(runs: Dict[str, Callable[[], object]], rounds: int, calls: int, desc: str) -> float:
+    """Median over rounds of time(off) / time(on): > 1 where the switch makes the model faster."""
+    return statistics.median(paired_ratios(runs, rounds, calls, desc))
+
+
+def spread(ratios: List[float]) -> List[str]:
+    """The quartiles of the sorted per-round ratios, and how many rounds the switch made >10% faster / slower (a
+    switch that only matters in some states of a shared host shows there, not in the median)."""
+    def at(q: float) -> float:
+        return statistics.quantiles(ratios, n=4)[int(q * 4) - 1] if len(ratios) > 1 else ratios[0]
+    faster, slower = sum(r > 1.1 for r in ratios), sum(r < 1 / 1.1 for r in ratios)
+    return [f"{statistics.median(ratios):.3f}x", f"{at(0.25):.3f}x / {at(0.75):.3f}x",
+            f"{faster} / {slower} of {len(ratios)}"]
 
 
 def main() -> int:
@@ -97,12 +125,13 @@ def main() -> int:
             torch.set_num_threads(threads)
             for switch in args.switches:
                 for precision in args.precisions:
-                    if switch == "direct AMX 1x1" and precision == "ieee":
+                    if switch != "image kernel" and precision == "ieee":
                         continue  # no AMX layers in IEEE fp32
                     desc = f"{name} {threads}t {switch} {precision}"
-                    ratio = paired_ratio(variants(switch, model, x, precision), args.rounds, args.calls, desc)
-                    rows.append([f"{name}@{CASES[name]}", threads, switch, precision, f"{ratio:.3f}x"])
-    print_table(["model", "threads", "switch", "precision", "speed-up (median of paired rounds)"], rows,
+                    ratios = paired_ratios(variants(switch, model, x, precision), args.rounds, args.calls, desc)
+                    rows.append([f"{name}@{CASES[name]}", threads, switch, precision, *spread(ratios)])
+    print_table(["model", "threads", "switch", "precision", "speed-up (median of paired rounds)", "quartiles",
+                 "rounds >10% faster / slower"], rows,
                 title=f"one deploy() switch on vs off (batch {args.batch}, {args.rounds} paired rounds of "
                       f"{args.calls} calls, one process)")
     return 0

@@ -788,3 +788,30 @@ def test_row_counts_just_below_2_to_the_31_are_refused_too():
     with pytest.raises(ValueError, match=f"{2 ** 31 - 31} input rows"):
         amx_gemm.amx_linear(torch.zeros(1, 1).expand(2 ** 31 - 31, 1), packed, 1)
     assert amx_gemm.MAX_ROWS == 2 ** 31 - 32
+
+
+@pytest.mark.parametrize("m,threads", [(1000, 7), (1000, 2), (37, 5), (3136, 3)])
+def test_rows_shared_out_between_more_threads_than_cores(m, threads):
+    """The threads share the 32-row blocks out at run time (each takes its own share first, then what is left of
+    the others'); oversubscribing the cores makes some threads start late, so others take their blocks. Every row
+    must be computed once, as float64 gives it, and as the fixed shares compute it (the same block products)."""
+    _needs_amx()
+    import ctypes
+
+    fixed = ctypes.c_int.in_dll(amx_gemm.load(), "vitzoo_amx_fixed_shares")
+    a, w, b, r = torch.randn(m, 96), torch.randn(72, 96), torch.randn(72), torch.randn(m, 72)
+    packed = amx_gemm.pack_weight(w)
+    expected = (a.double() @ w.double().T + b.double() + r.double()).relu()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fixed.value = 1
+        reference = amx_gemm.amx_linear(a, packed, 72, b, r, relu=True)
+        fixed.value = 0
+        for _ in range(20):
+            got = amx_gemm.amx_linear(a, packed, 72, b, r, relu=True)
+            assert torch.equal(got, reference)
+    finally:
+        fixed.value = 0
+        torch.set_num_threads(before)
+    assert ((reference.double() - expected).abs() <= _split_error_bound(a, w)).all()

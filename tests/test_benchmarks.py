@@ -251,7 +251,7 @@ def test_bench_shvit_builds_the_same_weights_in_every_process():
     assert all(torch.equal(first[k], again[k]) for k in first)
 
 
-@pytest.mark.parametrize("switch", ["image kernel", "direct AMX 1x1"])
+@pytest.mark.parametrize("switch", ["image kernel", "direct AMX 1x1", "AMX rows shared out"])
 def test_paired_switch_variants_compute_the_same_model(switch):
     """Both variants of a switch run the same model (the switch changes how, not what), and the paired ratio is a
     positive number."""
@@ -267,6 +267,17 @@ def test_paired_switch_variants_compute_the_same_model(switch):
             expected = model.eval()(x)
         torch.testing.assert_close(runs["on"](), expected, atol=1e-4, rtol=0)
     assert bench.paired_ratio(runs, rounds=2, calls=1, desc=switch) > 0
+
+
+def test_paired_switch_spread_reads_quartiles_and_counts_rounds_past_ten_percent():
+    """The table's spread columns, on ratios worked out by hand: quartiles by statistics' default (exclusive)
+    method, 1.11 counts as >10% faster, 0.90 as >10% slower (1 / 1.1 = 0.909), 1.10 as neither."""
+    import bench_paired_switches as bench
+
+    ratios = sorted([0.90, 0.99, 1.0, 1.01, 1.10, 1.11, 1.4])
+    # 7 rounds: the quartiles sit at positions (7 + 1) / 4 = 2 and 6, the median at 4
+    assert bench.spread(ratios) == ["1.010x", "0.990x / 1.110x", "2 / 1 of 7"]
+    assert bench.spread([1.2]) == ["1.200x", "1.200x / 1.200x", "1 / 0 of 1"]
 
 
 @pytest.mark.parametrize("source, flags", [
@@ -383,6 +394,8 @@ def test_unit_steadiness_reads_both_programs_rates_and_counts_slowed_samples(tmp
     row = steadiness.summary("AMX", [1100.0, 1150.0, 1120.0, 520.0, 830.0])
     # median 1100; 520 < 825 is slowed, 830 is not
     assert row == ["AMX", 5, "1100.0", "520.0", "1150.0", "1 (20%)"]
+    # per core: 500 < 0.75 * 1140 is uneven, 860 against 1140 is not (0.754), a failed sample is not counted
+    assert steadiness.uneven([[1140.0, 500.0], [1140.0, 860.0], [None, 400.0], [480.0, 1150.0]]) == 2
 
 
 def test_unit_steadiness_runs_end_to_end_where_it_can_build(tmp_path, monkeypatch, capsys):
@@ -392,7 +405,7 @@ def test_unit_steadiness_runs_end_to_end_where_it_can_build(tmp_path, monkeypatc
     if "fma" not in cpu_flags():
         pytest.skip("needs an x86 CPU with FMA")
     monkeypatch.setattr(sys, "argv", ["bench_unit_steadiness.py", "--samples", "2", "--pause", "0",
-                                      "--fma-iters", "1000000"])
+                                      "--fma-iters", "1000000", "--per-core"])
     try:
         steadiness.main()
     except SystemExit as e:  # no compiler builds either program here
@@ -401,3 +414,5 @@ def test_unit_steadiness_runs_end_to_end_where_it_can_build(tmp_path, monkeypatc
     if "FMA samples: skipped" in out:
         pytest.skip("no C compiler")
     assert "| 2 |" in out and "### summary" in out and "| FMA | 2 |" in out
+    if "AMX samples: skipped" not in out and len(os.sched_getaffinity(0)) > 1:
+        assert "| AMX cpu " in out and "samples with one core's AMX rate below 75% of another's" in out

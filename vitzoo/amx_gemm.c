@@ -13,6 +13,7 @@
  * docs/deploy.md for where it is used and docs/benchmarks.md for measurements.
  */
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -246,45 +247,76 @@ static void store_block(float acc[4][TILE_ROWS * 16], int row0, int col0, int m,
     }
 }
 
+/* Process the 32-row block mb: split its rows, multiply them with every column block, store. */
+static void row_block(const a_source *src, int mb, uint16_t *panel, const uint16_t *whi, const uint16_t *wlo, int n,
+                      const float *bias, const float *res, int64_t ldr, int relu, float *c, int64_t ldc) {
+    const int kp = src->kp, kb = kp / TILE_K, n_blocks = (n + BLOCK_N - 1) / BLOCK_N;
+    float acc[4][TILE_ROWS * 16] __attribute__((aligned(64)));
+    uint16_t *ahi = panel, *alo = panel + (int64_t)BLOCK_M * kp;
+    float *scratch = (float *)(panel + (int64_t)2 * BLOCK_M * kp);
+    split_panel(src, mb * BLOCK_M, ahi, alo, scratch);
+    for (int nb = 0; nb < n_blocks; ++nb) {
+        const int64_t strip = (int64_t)(nb * BLOCK_N / 16) * kb * B_TILE_ELEMS;
+        block_product(ahi, alo, kp, whi + strip, wlo + strip, kb);
+        store_block(acc, mb * BLOCK_M, nb * BLOCK_N, src->m, n, bias, res, ldr, relu, c, ldc);
+    }
+    for (int r = 0; r < BLOCK_M && mb * BLOCK_M + r < src->m; ++r)
+        if (has_infinity(ahi + (int64_t)r * kp, kp))
+            row_with_infinity(ahi + (int64_t)r * kp, alo + (int64_t)r * kp, kp, whi, wlo, n, mb * BLOCK_M + r, bias,
+                              res, ldr, relu, c, ldc);
+}
+
+/* One counter per thread, each on its own cache line. */
+enum { COUNTER_STRIDE = 64 / sizeof(int) };
+
+/* Nonzero: every thread computes its own share only, as OpenMP's static schedule would (for benchmarks/
+   bench_paired_switches.py, which measures what taking the other shares' blocks buys). */
+int vitzoo_amx_fixed_shares = 0;
+
+/*
+ * The row blocks are shared out so that a thread slowed from outside does less of the work instead of holding the
+ * others back: each thread first takes the blocks of its own contiguous share (the rows the same thread wrote in
+ * the previous layer, still in its cache), one at a time through that share's counter, then the blocks still left
+ * in the other threads' shares through theirs. On a shared host the core under one vCPU can run its AMX unit at
+ * half speed for seconds while the other's does not (docs/benchmarks.md, section 11); with fixed halves the whole call
+ * then took as long as the slow half.
+ */
 static int product(const a_source *src, const uint16_t *whi, const uint16_t *wlo, int n, const float *bias,
                    const float *res, int64_t ldr, int relu, float *c, int64_t ldc, int threads) {
-    const int kp = src->kp, kb = kp / TILE_K;
-    const int m_blocks = (src->m + BLOCK_M - 1) / BLOCK_M, n_blocks = (n + BLOCK_N - 1) / BLOCK_N;
+    const int kp = src->kp;
+    const int m_blocks = (src->m + BLOCK_M - 1) / BLOCK_M;
+    const int team = threads > 0 ? threads : 1;
     int failed = 0;
     if (src->m <= 0 || n <= 0) return 0;
-#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    int *taken = (int *)calloc((size_t)team * COUNTER_STRIDE, sizeof(int));
+    if (!taken) return -1;
+#pragma omp parallel num_threads(team)
     {
         /* this thread's hi and lo panels (2 x BLOCK_M rows of kp bf16) and one gathered fp32 row */
         uint16_t *panel = (uint16_t *)aligned_alloc(64, (size_t)2 * BLOCK_M * kp * sizeof(uint16_t) +
                                                             (size_t)kp * sizeof(float));
-        float acc[4][TILE_ROWS * 16] __attribute__((aligned(64)));
         if (!panel) {
 #pragma omp atomic write
             failed = 1;
         } else {
             configure_tiles();
-        }
-#pragma omp for schedule(static)
-        for (int mb = 0; mb < m_blocks; ++mb) {
-            if (!panel) continue;
-            uint16_t *ahi = panel, *alo = panel + (int64_t)BLOCK_M * kp;
-            float *scratch = (float *)(panel + (int64_t)2 * BLOCK_M * kp);
-            split_panel(src, mb * BLOCK_M, ahi, alo, scratch);
-            for (int nb = 0; nb < n_blocks; ++nb) {
-                const int64_t strip = (int64_t)(nb * BLOCK_N / 16) * kb * B_TILE_ELEMS;
-                block_product(ahi, alo, kp, whi + strip, wlo + strip, kb);
-                store_block(acc, mb * BLOCK_M, nb * BLOCK_N, src->m, n, bias, res, ldr, relu, c, ldc);
+            const int size = omp_get_num_threads(), me = omp_get_thread_num();
+            const int shares = vitzoo_amx_fixed_shares ? 1 : size;
+            for (int step = 0; step < shares; ++step) {
+                const int share = (me + step) % size;
+                const int first = (int)((int64_t)m_blocks * share / size);
+                const int end = (int)((int64_t)m_blocks * (share + 1) / size);
+                for (;;) {
+                    const int mb = first + __atomic_fetch_add(taken + share * COUNTER_STRIDE, 1, __ATOMIC_RELAXED);
+                    if (mb >= end) break;
+                    row_block(src, mb, panel, whi, wlo, n, bias, res, ldr, relu, c, ldc);
+                }
             }
-            for (int r = 0; r < BLOCK_M && mb * BLOCK_M + r < src->m; ++r)
-                if (has_infinity(ahi + (int64_t)r * kp, kp))
-                    row_with_infinity(ahi + (int64_t)r * kp, alo + (int64_t)r * kp, kp, whi, wlo, n, mb * BLOCK_M + r,
-                                      bias, res, ldr, relu, c, ldc);
-        }
-        if (panel) {
             _tile_release();
             free(panel);
         }
     }
+    free(taken);
     return failed ? -1 : 0;
 }
 
