@@ -72,6 +72,23 @@ def test_torch_bounds_cover_the_apis_used():
         assert _lower_bound(torch_req) >= version_mod.Version("2.5"), torch_req
 
 
+def test_filelock_floor_has_the_mode_argument_the_hub_cache_uses():
+    """vitzoo.hub takes the Hub client's lock files with ``FileLock(..., mode=...)``; filelock added ``mode`` in
+    3.10.0 (its changelog), and huggingface-hub declares filelock without a version, so an older one was a
+    ``TypeError`` while cleaning a failed download."""
+    uses_mode = "FileLock(" in (REPO / "vitzoo" / "hub.py").read_text(encoding="utf-8") and \
+        "mode=" in (REPO / "vitzoo" / "hub.py").read_text(encoding="utf-8")
+    if not uses_mode:
+        pytest.skip("vitzoo.hub does not pass mode= to FileLock")
+    bound = _lower_bound(_requirement(_pyproject()["project"]["dependencies"], "filelock"))
+    assert bound is not None and bound >= version_mod.Version("3.10"), bound
+    import inspect
+
+    import filelock
+    assert "mode" in inspect.signature(filelock.FileLock.__init__).parameters or \
+        "mode" in inspect.signature(filelock.FileLock).parameters
+
+
 def _source_copy(tmp_path: Path) -> Path:
     """A copy of the source tree without environments, caches and build output (so the build leaves the checkout
     alone and sees no stale egg-info)."""
