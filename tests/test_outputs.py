@@ -51,6 +51,14 @@ def test_max_abs_diff_of_float64_is_compared_in_float64():
     assert 0.5e-12 < diff < 2e-12 and scale == 2.0
 
 
+def test_max_abs_diff_of_a_float64_output_against_a_float32_reference_is_taken_in_float64():
+    """Found in review: a float64 output was rounded to the float32 reference's dtype first, so a difference below
+    float32's resolution read as none. 1 + 2**-30 is 1.0 in float32; the difference is exactly 2**-30 in float64."""
+    ref = torch.tensor([1.0, 2.0])
+    out = ref.double() + torch.tensor([2.0 ** -30, 0.0], dtype=torch.float64)
+    assert max_abs_diff_of(out, ref) == (2.0 ** -30, 2.0)
+
+
 def test_max_abs_diff_of_an_output_that_requires_grad_warns_nothing():
     """A model returning a parameter's view (which requires grad even under no_grad) made every deploy print torch's
     "Converting a tensor with requires_grad=True to a scalar" warning, from the comparison's float()."""

@@ -46,7 +46,9 @@ def _leaf_diff(a: torch.Tensor, b: torch.Tensor) -> Tuple[float, float]:
     on either side gives NaN. The scale is taken over the finite values, so that a relative tolerance stays finite
     (found by an audit: with ``rtol > 0`` one infinite value in the reference let any output pass).
     """
-    work = torch.promote_types(b.dtype, torch.float32)  # float64 outputs are compared in float64
+    # in the wider of the two dtypes, at least float32: a float64 output is compared in float64 with a float32
+    # reference too (it was rounded to float32 first, hiding differences below float32's resolution)
+    work = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     a, b = a.to(b.device, work), b.to(work)
     delta = (a - b).abs()
     delta = torch.where(a == b, torch.zeros_like(delta), delta)
