@@ -302,3 +302,20 @@ def test_a_pending_checkpoint_past_a_smaller_max_iters_is_refused(data, tmp_path
     assert _run(data, out, '--epochs', '2', '--max-iters', '1', '--resume') == 1
     assert 'nothing is left to train with --epochs 2 / --max-iters 1' in capsys.readouterr().err
     assert not (out / 'model_final.pth').exists()
+
+
+def test_resuming_a_runs_own_final_weights_in_its_folder_points_to_its_checkpoint(data, tmp_path, capsys):
+    """Found by an audit: --resume OUT/model_final.pth with --out OUT said OUT "already holds another run" and to
+    pass --force, which only led to the next refusal (weights only). Now the advice names the run's checkpoint,
+    which resumes; nothing in OUT changes meanwhile."""
+    out = tmp_path / 'run'
+    assert _run(data, out, '--epochs', '2', '--max-iters', '1', '--no-eval') == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert _run(data, out, '--epochs', '2', '--no-eval', '--resume', str(out / 'model_final.pth')) == 1
+    err = capsys.readouterr().err
+    assert err == (f'vitzoo finetune-det: error: {out / "model_final.pth"} is a file of the run in {out}, not its '
+                   f'checkpoint_last.pth; resume from {out / "checkpoint_last.pth"}, which holds the run\'s latest '
+                   'state (or pass --force to resume from model_final.pth and replace the run\'s files).\n'), err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _run(data, out, '--epochs', '2', '--no-eval', '--resume', str(out / 'checkpoint_last.pth')) == 0

@@ -267,3 +267,23 @@ def test_a_partial_naming_a_layer_records_into_the_callers_store():
     acts.clear()
     deployed(x)
     assert acts == {model.layer2: (1, 128, 8, 8)}
+
+
+def test_a_model_the_user_already_fused_is_counted_deployed_and_exported(tmp_path):
+    """Found by an audit: timm's FastViT RepMixer fails when re-parameterised twice ('RepMixer' object has no
+    attribute 'mixer'), and count_flops / deploy / export fused every model again, so a FastViT the user had fused
+    was a traceback in all three. Blocks holding their fused reparam_conv are now left as they are. References: the
+    count of the unfused model, and the unfused model's output."""
+    pytest.importorskip("onnxruntime")
+    from vitzoo.export import export_verified_onnx
+
+    torch.manual_seed(0)
+    model = randomize_norms(timm.create_model("fastvit_t8")).eval()
+    prefused = reparameterize_model(model)
+    x = torch.randn(2, 3, 64, 64)
+    assert vitzoo.count_flops(prefused, 64).total == vitzoo.count_flops(model, 64).total
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(vitzoo.deploy(prefused, x)(x), expected, atol=1e-4, rtol=0)
+    export_verified_onnx(prefused, tmp_path / "fastvit.onnx", img_size=64)
+    assert (tmp_path / "fastvit.onnx").stat().st_size > 0

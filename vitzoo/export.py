@@ -88,7 +88,7 @@ def export_verified_onnx(
         TypeError: ``model`` is not an ``nn.Module``, or is a deployed or ``torch.compile``-d model (pass the
             original).
     """
-    from timm.utils import reparameterize_model
+    from vitzoo.module_hooks import reparameterize
 
     from vitzoo.inference import DeployedModel, check_arguments, check_materialised, outside_tolerance_hint
     from vitzoo.models import model_in_chans, model_input_size
@@ -130,7 +130,7 @@ def export_verified_onnx(
     with modes_kept(model):  # the caller's model is given back in its own modes
         model.eval()
         # a fused deep copy; `model` stays the unfused reference
-        fused, _ = standardise_weights(reparameterize_model(model))
+        fused, _ = standardise_weights(reparameterize(copy.deepcopy(model), keep_hooked=False))
         example = torch.randn(VERIFY_BATCHES[0], in_chans, height, width)
         data = export_onnx(fused, example, opset=opset)
         with torch.no_grad():

@@ -35,12 +35,11 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn as nn
-from timm.utils import reparameterize_model
 from torch.utils import _pytree as pytree
 
 from vitzoo.batchnorm_folding import fold_batchnorms_detailed
 from vitzoo.models import _as_dim, first_meta_tensor, model_in_chans, model_input_size
-from vitzoo.module_hooks import deepcopy_sharing_hooks, drop_shared_hooks
+from vitzoo.module_hooks import deepcopy_sharing_hooks, drop_shared_hooks, reparameterize
 from vitzoo.weight_standardisation import standardise_weights
 
 with warnings.catch_warnings():
@@ -776,7 +775,7 @@ def _count(model: Union[nn.Module, str], input_size: Union[None, int, Sequence[i
         # one eager call first: checks that a model skips while traced (SHViT's minimum size, its channel count)
         # raise the model's own error here instead of a count for an input it would reject
         unfused(example)
-    fused_model, _ = standardise_weights(reparameterize_model(copy.deepcopy(unfused), inplace=True))
+    fused_model, _ = standardise_weights(reparameterize(copy.deepcopy(unfused), keep_hooked=False))
     folding = fold_batchnorms_detailed(fused_model, example)
     fused_model = folding.model
     params_fused = count_params(fused_model)

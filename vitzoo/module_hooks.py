@@ -111,26 +111,28 @@ def _contains_hooks(module: nn.Module) -> bool:
     return any(has_forward_hooks(m) for m in module.modules())
 
 
-def reparameterize(model: nn.Module) -> nn.Module:
+def reparameterize(model: nn.Module, keep_hooked: bool = True) -> nn.Module:
     """Fuse ``model`` in place as ``timm.utils.reparameterize_model`` does (each child with ``fuse()`` replaced by
     its result, else ``reparameterize()`` / ``switch_to_deploy()`` called, then the children of the child it had
-    likewise), except that a child holding a hooked module, itself or below it, is not fused itself: only its
-    children are. Returns ``model``."""
+    likewise), except that with ``keep_hooked`` a child holding a hooked module, itself or below it, is not fused
+    itself: only its children are. A block that already holds its fused ``reparam_conv`` (timm's convention: FastViT,
+    MobileOne) is not fused again; timm's FastViT ``RepMixer`` fails when it is (found by an audit: a FastViT the
+    user had fused could not be counted, deployed or exported). Returns ``model``."""
     for name, child in list(model.named_children()):
-        if not _contains_hooks(child):
+        if not (keep_hooked and _contains_hooks(child)):
             fuse = _no_argument_method(child, "fuse")
             if fuse is not None:
                 fused = fuse()
                 if isinstance(fused, nn.Module):  # a fuse() that works in place and returns None keeps the child
                     setattr(model, name, fused)
                     child = fused
-            else:
+            elif not isinstance(getattr(child, "reparam_conv", None), nn.Module):
                 for other in ("reparameterize", "switch_to_deploy"):
                     method = _no_argument_method(child, other)
                     if method is not None:
                         method()
                         break
-        reparameterize(child)
+        reparameterize(child, keep_hooked)
     return model
 
 

@@ -99,8 +99,7 @@ def build_backbone(
     fixed = next((m for m in model.modules() if getattr(m, 'dynamic_img_size', None) is False), None)
     if fixed is not None:
         inside = '' if fixed is model else f' (its {type(fixed).__name__})'
-        fix = ("leave dynamic_img_size out of model_kwargs: the backbone sets it (until 2026-11-25 this failed at "
-               "the first forward)") if isinstance(name, str) else (
+        fix = "leave dynamic_img_size out of model_kwargs: the backbone sets it" if isinstance(name, str) else (
             "create it with timm.create_model(..., dynamic_img_size=True), or pass the model name, which does so")
         raise ValueError(f'{type(model).__name__}{inside} was created for one input size (dynamic_img_size=False), '
                          f'but a detector feeds it images of many sizes; {fix}.')

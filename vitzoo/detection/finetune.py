@@ -188,6 +188,13 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.is_dir() and b.is_dir() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _check_args(args: argparse.Namespace, out: Path) -> Tuple[Optional[Path], bool]:
     """The checkpoint to resume from (None: a fresh start) and whether it is ``out``'s own (the run continuing
     itself). Refuses, before any work, to write into a folder that holds another run unless ``--force``."""
@@ -206,6 +213,12 @@ def _check_args(args: argparse.Namespace, out: Path) -> Tuple[Optional[Path], bo
         if not ckpt.is_file():
             raise FileNotFoundError(f'checkpoint {ckpt} not found; give a {LAST} written by finetune-det.')
         continuing = _same_file(ckpt, out / LAST)
+        if existing and not continuing and not args.force and _same_folder(ckpt.parent, out):
+            # another file of this very run (its model_final.pth, a copy): not "another run", and --force would only
+            # lead to the next refusal (found by an audit)
+            raise FileExistsError(
+                f'{ckpt} is a file of the run in {out}, not its {LAST}; resume from {out / LAST}, which holds the '
+                f"run's latest state (or pass --force to resume from {ckpt.name} and replace the run's files).")
         if existing and not continuing and not args.force:
             # resuming another run's checkpoint here would overwrite this run's checkpoint, weights and log
             raise FileExistsError(
