@@ -14,7 +14,7 @@ from timm.utils import reparameterize_model
 
 import nvit
 from vitzoo.cli import main
-from vitzoo.convert import VerificationError, convert_checkpoint, verify_folder
+from vitzoo.convert import VerificationError, convert_checkpoint, tensors_sha256, verify_folder
 from vitzoo.hub import CorruptWeightsError, WeightsError, read_safetensors_metadata, sha256_file
 
 from norms import randomize_norms  # tests/norms.py
@@ -500,7 +500,15 @@ def test_verify_folder_compares_weights_with_the_source_model(shvit_official, tm
     state = load_file(str(weights))
     state["head.l.weight"][3, 5] += 0.5  # one number of one tensor; names, shapes and dtypes unchanged
     save_file(state, str(weights), metadata=metadata)
-    assert verify_folder(out).max_abs_diff == 0.0  # the folder agrees with itself: only the source can tell
+    # the metadata records the converted tensors' sha256, so the folder alone tells (found by an audit: weights
+    # swapped for others of the same architecture, metadata and card kept, were pushed under the release's name)
+    with pytest.raises(VerificationError) as caught:
+        verify_folder(out)
+    assert str(caught.value) == (f"{out}/model.safetensors holds other tensors than the ones converted (their "
+                                 "sha256 differs from the tensors_sha256 its metadata records); convert the source "
+                                 "again.")
+    save_file(state, str(weights), metadata={**metadata, "tensors_sha256": tensors_sha256(state)})
+    assert verify_folder(out).max_abs_diff == 0.0  # the folder agrees with itself again: only the source can tell
     with pytest.raises(VerificationError) as caught:
         verify_folder(out, reference=model)
     assert str(caught.value) == f"{out}: the loaded weights differ from the source model's."
@@ -1197,3 +1205,23 @@ def test_an_os_error_about_a_url_source_names_the_url(tmp_path):
     with pytest.raises(OSError) as raised, _naming_the_url(url, tmp_path):
         raise OSError(errno.EXDEV, "Invalid cross-device link", str(tmp_path / "x"), None, str(copy))
     assert str(raised.value) == f"[Errno 18] Invalid cross-device link: {str(tmp_path / 'x')!r} -> {url!r}"
+
+
+def test_tensors_sha256_changes_with_any_tensor_and_not_with_key_order():
+    """The record behind the swap check: one bit of one tensor, a dtype or a shape changes it (each differently),
+    the order of the keys does not; hashed as key, dtype, shape and the tensor's bytes (checked here with hashlib
+    directly for a one-tensor dict)."""
+    import hashlib
+
+    a = {"x": torch.arange(6, dtype=torch.float32).view(2, 3), "y": torch.ones(2, dtype=torch.bfloat16)}
+    base = tensors_sha256(a)
+    assert tensors_sha256({"y": a["y"], "x": a["x"]}) == base
+    flipped = a["x"].clone()
+    flipped.view(torch.int32)[1, 2] ^= 1  # the lowest mantissa bit of 5.0
+    variants = [{**a, "x": flipped}, {**a, "x": a["x"].double()}, {**a, "x": a["x"].view(3, 2)},
+                {"x2": a["x"], "y": a["y"]}]
+    digests = {tensors_sha256(v) for v in variants}
+    assert base not in digests and len(digests) == len(variants)
+    one = torch.tensor([1.0, -2.0])
+    expected = hashlib.sha256(b"w\0float32\0[2]\0" + one.numpy().tobytes()).hexdigest()
+    assert tensors_sha256({"w": one}) == expected

@@ -3,7 +3,8 @@
 The folder holds exactly the files a timm Hub repo needs:
 
 * ``model.safetensors``: the timm-layout state dict, with metadata ``format``, ``model``, ``tag``, ``source``,
-  ``source_sha256``, ``license`` (and ``nvit_dims`` for NViT, a JSON string);
+  ``source_sha256``, ``license``, ``converted_by``, ``tensors_sha256`` (:func:`tensors_sha256`, checked by
+  :func:`verify_folder`) and ``nvit_dims`` for NViT (a JSON string);
 * ``config.json``: timm's format (``architecture``, ``num_classes``, ``num_features``, ``model_args``,
   ``pretrained_cfg``), written by ``timm.models.save_config_for_hf``;
 * ``README.md``: the model card, rendered from the manifest and ``weights/card_template.md``.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -46,12 +48,12 @@ from .manifest import _REPO_RE, _SHA256_RE, Manifest, WeightEntry, family_of, lo
 from .messages import cli_message, error_message, help_description
 from .model_card import card_fields, render_card
 
-__all__ = ["HUB_FILES", "UsageError", "VerificationError", "VerifyReport", "convert_checkpoint", "verify_folder",
-           "register", "run"]
+__all__ = ["HUB_FILES", "UsageError", "VerificationError", "VerifyReport", "convert_checkpoint", "tensors_sha256",
+           "verify_folder", "register", "run"]
 
 NAME = "convert"
 HUB_FILES = ("model.safetensors", "config.json", "README.md")
-REQUIRED_METADATA = ("format", "model", "source", "source_sha256", "license")
+REQUIRED_METADATA = ("format", "model", "source", "source_sha256", "license", "tensors_sha256")
 #: The licence field of weights whose licence only their owner can state (Hub card id "other").
 OWNERS_LICENSE = "other"
 #: ``--global-pool`` values: timm ViT's poolings (``avg`` / ``max`` / ``avgmax`` with the norm after pooling)
@@ -91,6 +93,21 @@ def _outputs(model: torch.nn.Module, input_size: Tuple[int, ...], seed: int = 0)
     x = torch.randn(2, *input_size, generator=gen)
     with torch.no_grad():
         return model.eval()(x)
+
+
+def tensors_sha256(state: Dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's tensors, in key order: each key, dtype, shape and the tensor's bytes.
+
+    ``vitzoo convert`` records it in the weights' metadata and :func:`verify_folder` (so ``vitzoo push``) checks it:
+    other tensors in a converted folder, its metadata and card kept, are refused (found by an audit: such a swap
+    went to the Hub under the release's name).
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}\0{str(tensor.dtype).removeprefix('torch.')}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _read_folder(folder: Path, manifest: Optional[Manifest] = None) -> Tuple[Dict[str, str], Dict[str, Any]]:
@@ -453,6 +470,10 @@ def verify_folder(folder: PathLike, reference: Optional[torch.nn.Module] = None,
         raise VerificationError(f"{folder} does not load through timm: {e}") from e
     except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as e:
         raise VerificationError(f"{folder} does not load through timm: {_reason(e)}") from e
+    # after timm's load, whose refusals (NaN / infinite weights) say more than a mismatch would
+    if tensors_sha256(state) != metadata["tensors_sha256"].lower():
+        raise VerificationError(f"{folder}/model.safetensors holds other tensors than the ones converted (their sha256 "
+                                "differs from the tensors_sha256 its metadata records); convert the source again.")
     if reference is None:
         reference = from_config
     ref_state, got_state = reference.state_dict(), loaded.state_dict()
@@ -910,6 +931,7 @@ def convert_checkpoint(
         with staged_dir(out_dir, force=force) as tmp:
             steps.set_postfix_str("write")
             state = {k: v.detach().contiguous() for k, v in source_model.state_dict().items()}
+            metadata["tensors_sha256"] = tensors_sha256(state)
             try:
                 safetensors.torch.save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
             except Exception as e:  # noqa: BLE001  safetensors' own SafetensorError is no OSError (a full disk)
