@@ -815,3 +815,63 @@ def test_rows_shared_out_between_more_threads_than_cores(m, threads):
         fixed.value = 0
         torch.set_num_threads(before)
     assert ((reference.double() - expected).abs() <= _split_error_bound(a, w)).all()
+
+
+# --- found by an audit (2026-11-27) ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_products_near_the_fp32_maximum_give_what_fp32_gives_not_inf_or_nan(relu):
+    """hi(a) hi(w) can round past the fp32 maximum where a w does not (|a w| within ~2^-8 of it): the split gave inf
+    where fp32 gives 3.4025e38, and NaN where two such products cancel (fp32: ~0). Such rows are computed in fp32."""
+    _needs_amx()
+    torch.manual_seed(0)
+    big = 1.8446e19  # bf16(big) = 2**64: bf16(big) ** 2 = 2**128 is past the fp32 maximum, big ** 2 is not
+    a = torch.randn(40, 64) * 1e-3
+    a[3, 5] = a[3, 6] = a[30, 5] = big
+    w = torch.randn(48, 64) / 8
+    w[:, 5] = big
+    w[0::2, 6] = -big  # even outputs of row 3: big * big - big * big, ~0 in fp32
+    w[1::2, 6] = 0.0  # odd outputs of row 3 and every output of row 30: big * big = 3.4025e38 in fp32
+    expected = a.double() @ w.double().T
+    if relu:
+        expected = expected.relu()
+    assert expected.float().isfinite().all()
+    got = amx_gemm.amx_linear(a, amx_gemm.pack_weight(w), 48, relu=relu).double()
+    assert got.isfinite().all(), got[[3, 30]]
+    assert ((got - expected).abs() <= _split_error_bound(a, w)).all()
+
+
+def test_the_convolution_refuses_inputs_whose_coordinates_a_c_int_cannot_count():
+    """An input higher or wider than 2**31 - 1 (padded) was passed to the kernel's C ints wrapped around: 2**31 + 5
+    rows read as all padding, and the output was the bias alone. Such inputs are refused; just below, the kernel
+    computes them (inputs of one pixel repeated, strides of 0: no memory behind them)."""
+    _needs_amx()
+    torch.manual_seed(0)
+    pixel, w, b = torch.randn(16), torch.randn(8, 16, 1, 1), torch.randn(8)
+    packed = amx_gemm.pack_conv_weight(w)
+    expected = (w[:, :, 0, 0].double() @ pixel.double() + b.double())[None, :, None, None]
+    for height, padding in ((2 ** 31 + 5, 0), (2 ** 31 - 1, 1)):
+        x = pixel.as_strided((1, 16, height, 1), (0, 1, 0, 0))
+        with pytest.raises(ValueError, match="padded height and width of at most 2147483647"):
+            amx_gemm.amx_conv2d(x, packed, 8, (1, 1), (2 ** 20, 1), (padding, 0), (1, 1), b)
+    x = pixel.as_strided((1, 16, 1, 2 ** 31 - 1), (0, 1, 0, 0))
+    got = amx_gemm.amx_conv2d(x, packed, 8, (1, 1), (1, 2 ** 20), (0, 0), (1, 1), b)
+    assert got.shape == (1, 8, 1, 2048)
+    bound = 3 * 2.0 ** -15 * (w[:, :, 0, 0].double().abs() @ pixel.double().abs())[None, :, None, None] + 1e-6
+    assert ((got.double() - expected).abs() <= bound).all()
+
+
+def test_a_bias_outside_cpu_memory_is_refused():
+    """The bias's data pointer went to the kernel whatever its device: a meta bias (a null pointer) was taken for no
+    bias, and a CUDA one would be read as host memory. Every entry point refuses it, as F.linear does."""
+    _needs_amx()
+    bias = torch.ones(8, device="meta")
+    x = torch.randn(1, 64, 2, 2).contiguous(memory_format=torch.channels_last)
+    calls = [lambda: amx_gemm.amx_linear(torch.randn(2, 64), amx_gemm.pack_weight(torch.zeros(8, 64)), 8, bias),
+             lambda: amx_gemm.amx_pointwise(x, amx_gemm.pack_weight(torch.zeros(8, 64)), 8, bias),
+             lambda: amx_gemm.amx_conv2d(x, amx_gemm.pack_conv_weight(torch.zeros(8, 64, 1, 1)), 8, (1, 1), (1, 1),
+                                         (0, 0), (1, 1), bias)]
+    for call in calls:
+        with pytest.raises(TypeError, match="takes a CPU bias, got one on meta"):
+            call()

@@ -168,3 +168,38 @@ def test_without_the_kernel_deploy_keeps_the_channels_last_copy(monkeypatch):
         expected = model(x)
         assert expected.abs().max() > 0.1
         torch.testing.assert_close(deployed(x), expected, atol=1e-4, rtol=0)
+
+
+# --- found by an audit (2026-11-27) ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_non_finite_weights_give_what_fp32_gives_in_the_border_columns(stride):
+    """A tap left or right of the image was skipped, not multiplied by 0: an infinite or NaN weight gave finite
+    outputs in the border columns where fp32 (and the rows of zeros above and below the image) give 0 * inf = NaN."""
+    _needs_kernel()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 9)
+    weight = torch.randn(16, 3, 3, 3)
+    weight[2, 0, 1, 0] = float("inf")  # left tap: NaN in the left column
+    weight[5, 2, 2, 2] = -float("inf")  # bottom right tap: NaN in the right column and the bottom row
+    weight[9, 1, 1, 2] = float("nan")
+    for relu in (False, True):
+        got = image_conv.image_conv3x3(x, image_conv.pack_weight(weight, None), 16, (stride, stride), (1, 1),
+                                       relu=relu)
+        expected = _reference(x, weight, None, stride, 1, relu)
+        assert expected[:, 2, :, 0].isnan().all() and not expected[:, 2, :, 1:].isnan().any()
+        for check in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(check(got), check(expected)), check
+
+
+def test_images_whose_coordinates_a_c_int_cannot_count_are_refused():
+    """An image higher than 2**31 - 1 (padded) was passed to the kernel's C ints wrapped around: every row read as
+    padding, the output the bias alone (2**31 + 1 rows: 1.72 where the image gives -6.19). Refused now; without the
+    check this test runs the whole 2**30-row convolution (~40 s, 4 GB) before it fails."""
+    _needs_kernel()
+    packed = image_conv.pack_weight(torch.randn(1, 3, 3, 3), torch.randn(1))
+    for height, padding in ((2 ** 31 + 1, 0), (2 ** 31 - 2, 1)):
+        x = torch.randn(3, 4).as_strided((1, 3, height, 4), (0, 4, 0, 1))  # one row repeated: no memory behind it
+        with pytest.raises(ValueError, match=r"padded height and width of at most 2\*\*31 - 1"):
+            image_conv.image_conv3x3(x, packed, 1, (2, 2), (padding, padding))

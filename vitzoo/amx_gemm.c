@@ -153,22 +153,26 @@ static inline float bf16_value(uint16_t bits) {
     return v.f;
 }
 
-/* Whether a split row holds an infinity (hi is infinite only for an infinite input: see split16). */
-static int has_infinity(const uint16_t *h, int kp) {
+/* Whether a split row holds a NaN (hi is NaN exactly for a NaN input: see split16). */
+static int has_nan(const uint16_t *h, int kp) {
     const __m512i magnitude = _mm512_set1_epi16(0x7FFF), infinity = _mm512_set1_epi16(0x7F80);
     for (int c = 0; c < kp; c += 32) {
         const __m512i v = _mm512_loadu_si512((const void *)(h + c));
-        if (_mm512_cmpeq_epi16_mask(_mm512_and_si512(v, magnitude), infinity)) return 1;
+        if (_mm512_cmpgt_epu16_mask(_mm512_and_si512(v, magnitude), infinity)) return 1;
     }
     return 0;
 }
 
-/* One output row of an input row holding an infinity, computed with plain fp32 products of hi + lo. The split
-   products would give inf * 0 = NaN wherever a weight's lo part is 0, where IEEE fp32 gives inf; this gives what
-   fp32 gives (NaN only where the infinity meets a zero weight, as in fp32). Rare, so not vectorised. */
-static void row_with_infinity(const uint16_t *h, const uint16_t *l, int kp, const uint16_t *whi, const uint16_t *wlo,
-                              int n, int row, const float *bias, const float *res, int64_t ldr, int relu, float *c,
-                              int64_t ldc) {
+/* One output row computed with plain fp32 products of hi + lo, for a row whose split products are not finite:
+ * - an input row holding an infinity: the split products would give inf * 0 = NaN wherever a weight's lo part is 0,
+ *   where IEEE fp32 gives inf; this gives what fp32 gives (NaN only where the infinity meets a zero weight);
+ * - finite operands whose hi x hi product rounds past the fp32 maximum although the product itself does not
+ *   (|a w| within ~2^-8 of it): the split gave inf, or NaN where two such products cancel, where fp32 gives a
+ *   finite value (found by an audit: [1.8446e19, 1.8446e19] . [1.8446e19, -1.8446e19] gave NaN, fp32 gives 0).
+ * Rare, so not vectorised. */
+static void row_in_fp32(const uint16_t *h, const uint16_t *l, int kp, const uint16_t *whi, const uint16_t *wlo,
+                        int n, int row, const float *bias, const float *res, int64_t ldr, int relu, float *c,
+                        int64_t ldc) {
     const int kb = kp / TILE_K;
     for (int col = 0; col < n; ++col) {
         float sum = 0.0f;
@@ -227,8 +231,12 @@ static void block_product(const uint16_t *ahi, const uint16_t *alo, int kp, cons
 #undef PRODUCTS_2X2
 }
 
-static void store_block(float acc[4][TILE_ROWS * 16], int row0, int col0, int m, int n, const float *bias,
-                        const float *res, int64_t ldr, int relu, float *c, int64_t ldc) {
+/* Store one block (bias, residual and ReLU applied); returns the mask of its rows (bit r: row row0 + r) with a
+   product (before bias and residual) that is not finite. */
+static uint32_t store_block(float acc[4][TILE_ROWS * 16], int row0, int col0, int m, int n, const float *bias,
+                            const float *res, int64_t ldr, int relu, float *c, int64_t ldc) {
+    const __m512i exponent = _mm512_set1_epi32(0x7F800000);
+    uint32_t not_finite = 0;
     _tile_stored(0, acc[0], 64);
     _tile_stored(1, acc[1], 64);
     _tile_stored(2, acc[2], 64);
@@ -239,12 +247,18 @@ static void store_block(float acc[4][TILE_ROWS * 16], int row0, int col0, int m,
         if (!lanes) continue;
         const __m512 b = bias ? _mm512_maskz_loadu_ps(lanes, bias + c0) : _mm512_setzero_ps();
         for (int r = 0; r < TILE_ROWS && r0 + r < m; ++r) {
-            __m512 v = _mm512_add_ps(_mm512_load_ps(acc[t] + r * 16), b);
+            const __m512 product = _mm512_load_ps(acc[t] + r * 16);
+            /* inf or NaN: all exponent bits set */
+            const __mmask16 bad =
+                _mm512_mask_cmpeq_epi32_mask(lanes, _mm512_and_si512(_mm512_castps_si512(product), exponent), exponent);
+            not_finite |= (uint32_t)(bad != 0) << ((t >> 1) * TILE_ROWS + r);
+            __m512 v = _mm512_add_ps(product, b);
             if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(lanes, res + (int64_t)(r0 + r) * ldr + c0));
             if (relu) v = _mm512_max_ps(_mm512_setzero_ps(), v);  /* a NaN v: max returns its 2nd operand */
             _mm512_mask_storeu_ps(c + (int64_t)(r0 + r) * ldc + c0, lanes, v);
         }
     }
+    return not_finite;
 }
 
 /* Process the 32-row block mb: split its rows, multiply them with every column block, store. */
@@ -254,16 +268,20 @@ static void row_block(const a_source *src, int mb, uint16_t *panel, const uint16
     float acc[4][TILE_ROWS * 16] __attribute__((aligned(64)));
     uint16_t *ahi = panel, *alo = panel + (int64_t)BLOCK_M * kp;
     float *scratch = (float *)(panel + (int64_t)2 * BLOCK_M * kp);
+    uint32_t not_finite = 0;
     split_panel(src, mb * BLOCK_M, ahi, alo, scratch);
     for (int nb = 0; nb < n_blocks; ++nb) {
         const int64_t strip = (int64_t)(nb * BLOCK_N / 16) * kb * B_TILE_ELEMS;
         block_product(ahi, alo, kp, whi + strip, wlo + strip, kb);
-        store_block(acc, mb * BLOCK_M, nb * BLOCK_N, src->m, n, bias, res, ldr, relu, c, ldc);
+        not_finite |= store_block(acc, mb * BLOCK_M, nb * BLOCK_N, src->m, n, bias, res, ldr, relu, c, ldc);
     }
-    for (int r = 0; r < BLOCK_M && mb * BLOCK_M + r < src->m; ++r)
-        if (has_infinity(ahi + (int64_t)r * kp, kp))
-            row_with_infinity(ahi + (int64_t)r * kp, alo + (int64_t)r * kp, kp, whi, wlo, n, mb * BLOCK_M + r, bias,
-                              res, ldr, relu, c, ldc);
+    /* Rows with a product that is not finite are computed again in fp32 (row_in_fp32), among them every row holding
+       an infinity (its products are inf or NaN in every column); not a row holding a NaN, whose products are all
+       NaN, in fp32 too. (A bias or residual that is not finite is added as fp32 adds it: no need.) */
+    for (int r = 0; r < BLOCK_M; ++r)
+        if ((not_finite >> r & 1u) && !has_nan(ahi + (int64_t)r * kp, kp))
+            row_in_fp32(ahi + (int64_t)r * kp, alo + (int64_t)r * kp, kp, whi, wlo, n, mb * BLOCK_M + r, bias, res,
+                        ldr, relu, c, ldc);
 }
 
 /* One counter per thread, each on its own cache line. */

@@ -135,6 +135,11 @@ def _run(lib: ctypes.CDLL, rows: torch.Tensor, packed: Tuple[torch.Tensor, torch
 MAX_ROWS = 2 ** 31 - 32
 
 
+#: The convolution kernel counts input coordinates in C ints: a padded height or width above this would wrap around
+#: (an input 2**31 + 5 rows high was read as all padding: the output was the bias alone; found by an audit)
+MAX_PADDED_SIZE = 2 ** 31 - 1
+
+
 def _check_rows(m: int) -> None:
     if m > MAX_ROWS:
         raise ValueError(f"{m} input rows (pixels); the AMX kernel takes at most {MAX_ROWS}: split the batch")
@@ -142,11 +147,15 @@ def _check_rows(m: int) -> None:
 
 def _check_outputs(packed: Tuple[torch.Tensor, torch.Tensor], bias: Optional[torch.Tensor], n: int) -> None:
     """The output count fits the packed weight and the bias has one value per output (found by an audit: the
-    kernel read past the end of a shorter bias, or of the weight for more outputs than it holds)."""
+    kernel read past the end of a shorter bias, or of the weight for more outputs than it holds), and the bias is
+    in CPU memory (found by a later audit: a meta bias's null pointer was taken for no bias, and a CUDA bias's
+    device pointer would be read as host memory)."""
     if n > packed[0].shape[0] * 16:
         raise ValueError(f"{n} outputs do not fit a weight packed for {packed[0].shape[0] * 16} (padded)")
     if bias is not None and bias.numel() != n:
         raise ValueError(f"bias of shape {tuple(bias.shape)}, expected ({n},)")
+    if bias is not None and bias.device.type != "cpu":
+        raise TypeError(f"the AMX kernel takes a CPU bias, got one on {bias.device}")
 
 
 def _check_status(status: int) -> None:
@@ -290,6 +299,10 @@ def amx_conv2d(x: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], out_c
     if oh < 1 or ow < 1:
         raise ValueError(f"input of {height}x{width} (padded {height + 2 * padding[0]}x{width + 2 * padding[1]}) "
                          f"is smaller than the {kh}x{kw} kernel (dilation {tuple(dilation)})")
+    padded = (height + 2 * padding[0], width + 2 * padding[1])
+    if max(padded) > MAX_PADDED_SIZE:
+        raise ValueError(f"input of {height}x{width} (padded {padded[0]}x{padded[1]}); the AMX kernel takes a padded "
+                         f"height and width of at most {MAX_PADDED_SIZE}")
     _check_rows(batch * oh * ow)
     _check_outputs(packed, bias, out_channels)
     out = torch.empty(batch, oh, ow, out_channels).permute(0, 3, 1, 2)  # channels-last (B, N, OH, OW)

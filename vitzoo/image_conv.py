@@ -132,6 +132,10 @@ def image_conv3x3(x: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], ou
                          f"stride {tuple(stride)}, padding {tuple(padding)}")
     if min(_output_size(x, stride[0], padding[0])) < 1:
         raise ValueError(f"input of {tuple(x.shape[2:])} (padding {padding[0]}) is smaller than the 3x3 kernel")
+    if max(x.shape[2:]) + 2 * padding[0] > 2 ** 31 - 1:  # input coordinates, counted in C ints (found by an audit:
+        # an image 2**31 + 1 rows high was read as all padding, the output the bias alone)
+        raise ValueError(f"input of {tuple(x.shape[2:])} (padding {padding[0]}) is larger than the image convolution "
+                         "kernel counts (a padded height and width of at most 2**31 - 1)")
     if x.shape[0] * _output_size(x, stride[0], padding[0])[0] > 2 ** 31 - 1:  # output rows, counted in a C int
         raise ValueError(f"{x.shape[0]} images of {tuple(x.shape[2:])} are more output rows than the image "
                          "convolution kernel counts (2**31 - 1): split the batch")
