@@ -817,7 +817,7 @@ def test_rows_shared_out_between_more_threads_than_cores(m, threads):
     assert ((reference.double() - expected).abs() <= _split_error_bound(a, w)).all()
 
 
-# --- found by an audit (2026-11-27) ------------------------------------------------------------------------------
+# --- found by an audit (2026-11-26) ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("relu", [False, True])

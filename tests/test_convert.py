@@ -1225,3 +1225,19 @@ def test_tensors_sha256_changes_with_any_tensor_and_not_with_key_order():
     one = torch.tensor([1.0, -2.0])
     expected = hashlib.sha256(b"w\0float32\0[2]\0" + one.numpy().tobytes()).hexdigest()
     assert tensors_sha256({"w": one}) == expected
+
+
+def test_a_folder_without_tensors_sha256_is_refused_as_incomplete(shvit_official, tmp_path):
+    """A folder converted before the record existed (or with it removed) lacks tensors_sha256: refused as incomplete
+    metadata, so that dropping the field cannot skip the swap check."""
+    from safetensors.torch import load_file, save_file
+
+    _, src = shvit_official
+    out = convert_checkpoint(src, "shvit_s1", tmp_path / "out", flops=False)
+    weights = out / "model.safetensors"
+    metadata, _ = read_safetensors_metadata(weights)
+    without = {k: v for k, v in metadata.items() if k != "tensors_sha256"}
+    save_file(load_file(str(weights)), str(weights), metadata=without)
+    with pytest.raises(VerificationError) as caught:
+        verify_folder(out)
+    assert str(caught.value) == f"{out}/model.safetensors metadata lacks ['tensors_sha256']; convert it again."

@@ -1,5 +1,5 @@
 """Detection backbone: strict weight loading with a caller's num_classes, frozen stages as fixed feature extractors
-(found by an audit, 2026-11-27)."""
+(found by an audit, 2026-11-26)."""
 import copy
 
 import pytest

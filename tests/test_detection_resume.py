@@ -316,6 +316,10 @@ def test_resuming_a_runs_own_final_weights_in_its_folder_points_to_its_checkpoin
     err = capsys.readouterr().err
     assert err == (f'vitzoo finetune-det: error: {out / "model_final.pth"} is a file of the run in {out}, not its '
                    f'checkpoint_last.pth; resume from {out / "checkpoint_last.pth"}, which holds the run\'s latest '
-                   'state (or pass --force to resume from model_final.pth and replace the run\'s files).\n'), err
+                   'state.\n'), err  # no --force advice: it would only lead to the weights-only refusal
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # a copy of the checkpoint under another name in the folder: --force resumes from it
+    (out / 'copy.pth').write_bytes((out / 'checkpoint_last.pth').read_bytes())
+    assert _run(data, out, '--epochs', '2', '--no-eval', '--resume', str(out / 'copy.pth')) == 1
+    assert "(or pass --force to resume from copy.pth and replace the run's files)." in capsys.readouterr().err
     assert _run(data, out, '--epochs', '2', '--no-eval', '--resume', str(out / 'checkpoint_last.pth')) == 0

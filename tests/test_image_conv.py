@@ -170,7 +170,7 @@ def test_without_the_kernel_deploy_keeps_the_channels_last_copy(monkeypatch):
         torch.testing.assert_close(deployed(x), expected, atol=1e-4, rtol=0)
 
 
-# --- found by an audit (2026-11-27) ------------------------------------------------------------------------------
+# --- found by an audit (2026-11-26) ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("stride", [1, 2])

@@ -344,8 +344,9 @@ static int product(const a_source *src, const uint16_t *whi, const uint16_t *wlo
  * 32-deep k step one AMX B tile, whose row r holds the pairs (W[col, 2r], W[col, 2r + 1]) of its 16 columns.
  * bias: n floats or NULL; res: fp32 (m, n), row stride ldr, or NULL; c: fp32 (m, n) output, row stride ldc.
  * threads: the OpenMP team size (the caller passes torch.get_num_threads(), so that a fresh Python thread does
- * not run with OpenMP's default). Both return 0, or -1 if a thread could not allocate its panel buffers (c is
- * then incomplete).
+ * not run with OpenMP's default). Both return 0, or -1 if memory ran out: for the row counters, or for a thread's
+ * panel buffers (c is then incomplete, or complete where the other threads took that thread's rows: treat it as
+ * failed either way).
  */
 
 /* C = act(A W^T + bias + R), A: fp32 (m, k), row stride lda (unit column stride). */

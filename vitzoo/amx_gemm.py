@@ -160,7 +160,8 @@ def _check_outputs(packed: Tuple[torch.Tensor, torch.Tensor], bias: Optional[tor
 
 def _check_status(status: int) -> None:
     if status != 0:
-        raise MemoryError("vitzoo AMX kernel: a thread could not allocate its 2 x 32 rows of bf16 panel buffers")
+        raise MemoryError("vitzoo AMX kernel: out of memory for its row counters or a thread's 2 x 32 rows of bf16 "
+                          "panel buffers")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

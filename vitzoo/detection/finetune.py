@@ -40,7 +40,8 @@ __all__ = ['TrainingError', 'register', 'run', 'lr_factor']
 
 NAME = 'finetune-det'
 LAST = 'checkpoint_last.pth'
-OUTPUTS = (LAST, 'log.jsonl', 'model_final.pth')  # what a run writes into --out
+FINAL = 'model_final.pth'  # the final weights (model state only)
+OUTPUTS = (LAST, 'log.jsonl', FINAL)  # what a run writes into --out
 
 
 class TrainingError(RuntimeError):
@@ -216,9 +217,11 @@ def _check_args(args: argparse.Namespace, out: Path) -> Tuple[Optional[Path], bo
         if existing and not continuing and not args.force and _same_folder(ckpt.parent, out):
             # another file of this very run (its model_final.pth, a copy): not "another run", and --force would only
             # lead to the next refusal (found by an audit)
-            raise FileExistsError(
-                f'{ckpt} is a file of the run in {out}, not its {LAST}; resume from {out / LAST}, which holds the '
-                f"run's latest state (or pass --force to resume from {ckpt.name} and replace the run's files).")
+            # model_final.pth holds no training state: --force would only lead to its own refusal
+            force = '' if ckpt.name == FINAL else \
+                f" (or pass --force to resume from {ckpt.name} and replace the run's files)"
+            raise FileExistsError(f'{ckpt} is a file of the run in {out}, not its {LAST}; resume from {out / LAST}, '
+                                  f"which holds the run's latest state{force}.")
         if existing and not continuing and not args.force:
             # resuming another run's checkpoint here would overwrite this run's checkpoint, weights and log
             raise FileExistsError(
