@@ -10,7 +10,6 @@ atomically (temp file in the target directory, then ``os.replace``) and never ov
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import re
@@ -88,7 +87,7 @@ def export_verified_onnx(
         TypeError: ``model`` is not an ``nn.Module``, or is a deployed or ``torch.compile``-d model (pass the
             original).
     """
-    from vitzoo.module_hooks import reparameterize
+    from vitzoo.module_hooks import deepcopy_keeping_modes, reparameterize
 
     from vitzoo.inference import DeployedModel, check_arguments, check_materialised, outside_tolerance_hint
     from vitzoo.models import model_in_chans, model_input_size
@@ -126,11 +125,11 @@ def export_verified_onnx(
     check_new_file(out, force)  # before the export: a folder, an existing file, a missing or unwritable folder
     dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
     if dtypes - {torch.float32}:  # e.g. a bf16 model: the file takes and gives float32, as its check does
-        model = copy.deepcopy(model).float()
+        model = deepcopy_keeping_modes(model).float()
     with modes_kept(model):  # the caller's model is given back in its own modes
         model.eval()
         # a fused deep copy; `model` stays the unfused reference
-        fused, _ = standardise_weights(reparameterize(copy.deepcopy(model), keep_hooked=False))
+        fused, _ = standardise_weights(reparameterize(deepcopy_keeping_modes(model), keep_hooked=False))
         example = torch.randn(VERIFY_BATCHES[0], in_chans, height, width)
         data = export_onnx(fused, example, opset=opset)
         with torch.no_grad():

@@ -23,7 +23,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import numbers
 import string
@@ -39,7 +38,7 @@ from torch.utils import _pytree as pytree
 
 from vitzoo.batchnorm_folding import fold_batchnorms_detailed
 from vitzoo.models import _as_dim, first_meta_tensor, model_in_chans, model_input_size
-from vitzoo.module_hooks import deepcopy_sharing_hooks, drop_shared_hooks, reparameterize
+from vitzoo.module_hooks import deepcopy_keeping_modes, deepcopy_sharing_hooks, drop_shared_hooks, reparameterize
 from vitzoo.weight_standardisation import standardise_weights
 
 with warnings.catch_warnings():
@@ -775,7 +774,7 @@ def _count(model: Union[nn.Module, str], input_size: Union[None, int, Sequence[i
         # one eager call first: checks that a model skips while traced (SHViT's minimum size, its channel count)
         # raise the model's own error here instead of a count for an input it would reject
         unfused(example)
-    fused_model, _ = standardise_weights(reparameterize(copy.deepcopy(unfused), keep_hooked=False))
+    fused_model, _ = standardise_weights(reparameterize(deepcopy_keeping_modes(unfused), keep_hooked=False))
     folding = fold_batchnorms_detailed(fused_model, example)
     fused_model = folding.model
     params_fused = count_params(fused_model)

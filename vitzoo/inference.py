@@ -37,7 +37,7 @@ from torch.utils import _pytree as pytree
 from vitzoo import amx_gemm
 from vitzoo.amx_linear import AmxLinear, classify_rows, images_in_call, restore_linears, swap_linears
 from vitzoo.batchnorm_folding import fold_batchnorms
-from vitzoo.module_hooks import deepcopy_sharing_hooks, hook_ids, lost_hooks, reparameterize
+from vitzoo.module_hooks import deepcopy_keeping_modes, deepcopy_sharing_hooks, hook_ids, lost_hooks, reparameterize
 from vitzoo.models import _first_conv_in_chans, first_meta_tensor, model_in_chans, model_input_size
 from vitzoo.onednn_rewrite import FP32_PRECISIONS, PackedConv2d, onednn_rewrite
 from vitzoo.outputs import (WRONG_RESULT_RTOL, OutputLayout, UnsupportedOutputError, check_comparable,
@@ -554,7 +554,7 @@ def _build_onnxruntime(model: nn.Module, example_input: torch.Tensor, opset: int
     dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
     if dtypes - {torch.float32}:  # e.g. a bf16 model: ONNX Runtime's CPU kernels run fp32
         # a copy: with inplace=True `model` is the caller's, which keeps its dtype (found by an audit)
-        model = copy.deepcopy(model).float()
+        model = deepcopy_keeping_modes(model).float()
         notes.append(f"exported in float32 (the model was {', '.join(sorted(map(str, dtypes)))})")
     with torch.no_grad():  # the graph's outputs are given back in the model's own nesting
         output = model(example_input.float())  # both on the CPU (checked in deploy)
@@ -623,7 +623,8 @@ def deploy(
 
     Raises:
         ValueError: Unknown backend, or no example input and no ``pretrained_cfg``, or ``"onnxruntime"`` with a
-            model or example input on a GPU (its session runs on the CPU), or a model on the ``meta`` device, or
+            model or example input on a GPU (its session runs on the CPU), or a model on the ``meta`` device, or a
+            TorchScript module (``torch.jit.script`` / ``trace``: deploy the ``nn.Module`` it was made from), or
             an ``example_input`` of batch size 0 or of another channel count than the model's ``in_chans``, or an
             ``atol`` / ``rtol`` that is not a finite number >= 0, or (with ``verify``) an output that keeps tensors
             in an object the check cannot look into (a dataclass: return a tuple, list, dict or namedtuple), or
@@ -643,6 +644,7 @@ def deploy(
                            f"{', '.join(available_backends())}); {missing_backend_hint(backend)}.")
     if not isinstance(model, nn.Module):
         raise TypeError(f"deploy() expects an nn.Module, got {type(model).__name__}.")
+    _check_not_torchscript(model)
     check_materialised(model, "deploy()")
     model, uncompiled = _without_compile_wrapper(model)
     if example_input is None:
@@ -693,6 +695,19 @@ def deploy(
     return deployed
 
 
+def _check_not_torchscript(model: nn.Module) -> None:
+    """Refuse a TorchScript module (``torch.jit.script`` / ``trace``) before any work (found by a breadth test: every
+    backend, with ``verify=False`` too, failed after fusing with torch's "requires_grad_ is not supported on
+    ScriptModules"; its compiled code cannot be fused or rewritten, and its parameters are not the leaves deploy
+    freezes). A model holding a scripted submodule is deployed, that part kept as it is."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ValueError(
+            f"deploy() cannot deploy a TorchScript module ({type(model).__name__}, from torch.jit.script / trace): "
+            "its compiled code cannot be fused or rewritten. Deploy the nn.Module it was made from (backend="
+            "'torchscript' traces and freezes the fused model itself), or run the TorchScript module as it is; "
+            "vitzoo.export.export_verified_onnx takes it as it is.")
+
+
 def _without_compile_wrapper(model: nn.Module) -> Tuple[nn.Module, bool]:
     """The module a ``torch.compile(model)`` wraps, and whether there was such a wrapper (found by a review:
     deploy() of a compiled model got no oneDNN rewrite, torch.fx tracing the wrapper, and compiled the model just
@@ -721,7 +736,7 @@ def _check_another_batch(deployed: DeployedModel, model: nn.Module, example_inpu
     batch = example_input.shape[0]
     other = (example_input[:1] if batch > 1 else torch.cat([example_input, example_input.flip(-1)])).float()
     if any(t.is_floating_point() and t.dtype != torch.float32 for t in (*model.parameters(), *model.buffers())):
-        model = copy.deepcopy(model).float()  # what was exported; the fused model keeps the caller's dtype
+        model = deepcopy_keeping_modes(model).float()  # what was exported; the fused model keeps the caller's dtype
     try:
         check_batch_dimension(session_diffs(model, deployed.model, [other], batch), batch, atol, rtol)
     except OnnxExportError as e:

@@ -17,8 +17,8 @@ from typing import Any, Callable, Dict, List, Optional, Set, TypeVar
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["HookKeepingTracer", "deepcopy_sharing_hooks", "drop_shared_hooks", "has_forward_hooks", "hook_ids",
-           "lost_hooks", "reparameterize"]
+__all__ = ["HookKeepingTracer", "deepcopy_keeping_modes", "deepcopy_sharing_hooks", "drop_shared_hooks",
+           "has_forward_hooks", "hook_ids", "lost_hooks", "reparameterize"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -54,7 +54,25 @@ def deepcopy_sharing_hooks(model: M) -> M:
     hooks = [hook for module in model.modules()
              for hook in (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
              if _method_of(hook) is None or id(_method_of(hook)) not in own]
-    return copy.deepcopy(model, {id(hook): hook for hook in hooks})
+    return deepcopy_keeping_modes(model, {id(hook): hook for hook in hooks})
+
+
+def deepcopy_keeping_modes(model: M, memo: Optional[Dict[int, Any]] = None) -> M:
+    """``copy.deepcopy(model, memo)`` with every module in the training / eval mode it has in ``model``.
+
+    ``copy.deepcopy`` of a ``torch.fx.GraphModule`` rebuilds it in training mode: timm's ``features_only=True,
+    feature_cls='fx'`` models (a torchvision ``DualGraphModule``, which runs its *training* graph then) came back
+    with DropPath dropping at random and BatchNorm on batch statistics although the model was in eval mode (found by
+    a breadth test: ``count_flops`` refused them as "not in eval mode", BatchNorm folding judged every fold to
+    change the output, and ``deploy`` could return a copy that dropped paths). Each copy whose mode differs is set
+    with its own ``train(mode)``, parents before children, so that such a module switches its graph too."""
+    copied = copy.deepcopy(model, memo)
+    copies = dict(copied.named_modules(remove_duplicate=False))
+    for name, module in model.named_modules(remove_duplicate=False):
+        twin = copies.get(name)
+        if twin is not None and twin.training != module.training:
+            twin.train(module.training)
+    return copied
 
 
 def _method_of(hook: object) -> object:

@@ -24,8 +24,10 @@ Caveats, also in ``docs/deploy.md``:
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import warnings
+import weakref
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -190,6 +192,11 @@ class TorchScriptModule(nn.Module):
         traced = _trace(self.model, x.clone(), layout)
         if not fuse:
             return traced, False
+        hazard = _FUSION_HAZARDS.get(traced)
+        if hazard is not None:  # never run fused: the process would abort, past any check
+            self._note(f"oneDNN Graph not used for input shape {list(x.shape)}: {hazard}")
+            _warm_up(traced, x.clone(), fused=False)
+            return traced, False
         try:
             _warm_up(traced, x.clone(), fused=True)
             executed = getattr(torch.jit, "last_executed_optimized_graph", None)
@@ -302,18 +309,78 @@ class _Nested(nn.Module):
         return self.layout.nest(self.traced(x))
 
 
+#: Why oneDNN Graph must not run a trace :func:`_trace` returned (:func:`_one_row_product_then_add`); traces it may
+#: run are not in it
+_FUSION_HAZARDS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
 def _trace(model: nn.Module, example_input: torch.Tensor, layout: OutputLayout) -> nn.Module:
+    """The frozen trace of ``model`` on ``example_input``, recorded in :data:`_FUSION_HAZARDS` when oneDNN Graph
+    must not run it."""
     with _quiet_tracing(), torch.no_grad():
         flat = _TensorsOf(model).eval()
-        traced = torch.jit.freeze(torch.jit.trace(flat, example_input, check_trace=False, strict=False))
+        trace = torch.jit.trace(flat, example_input, check_trace=False, strict=False)
+        hazard = _one_row_product_then_add(trace.inlined_graph)  # the shapes are known before freezing only
+        traced = torch.jit.freeze(trace)
     # in-place ops -> out-of-place where that is safe: oneDNN Graph mishandles some in-place ops with a Python
     # scalar (e.g. SHViT's ``attn.mul_(scale)``: "expected scalar type Double but found Float")
     remove_mutation = getattr(torch._C, "_jit_pass_remove_mutation", None)  # private API: use it when present
     if remove_mutation is not None:
         remove_mutation(traced.graph)
-    if layout.spec.is_leaf():  # a plain tensor output: the trace itself, no Python layer on every call
-        return traced
-    return _Nested(traced, layout)
+    result = traced if layout.spec.is_leaf() else _Nested(traced, layout)  # a plain tensor: no Python layer
+    if hazard is not None:
+        _FUSION_HAZARDS[result] = hazard
+    return result
+
+
+#: Matrix products as a trace records them (``nn.Linear`` is ``aten::linear``)
+_PRODUCTS = frozenset({"aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
+_ADDS = frozenset({"aten::add", "aten::add_"})
+#: How many same-shape (elementwise) ops may stand between the product and the addition
+_ELEMENTWISE_HOPS = 4
+
+
+def _sizes(value: torch._C.Value) -> Optional[List[int]]:
+    """The sizes the trace recorded for ``value``; None for a value that is no tensor or of unknown sizes."""
+    kind = value.type()
+    sizes = kind.sizes() if isinstance(kind, torch._C.TensorType) else None
+    return sizes if sizes is not None and all(isinstance(n, int) for n in sizes) else None
+
+
+def _one_row_product_then_add(graph: torch.Graph) -> Optional[str]:
+    """Why oneDNN Graph must not run this traced graph, else None: a matrix product over a single row whose
+    result, directly or through elementwise ops (an activation, a scale), is added to another tensor.
+
+    torch 2.14's oneDNN Graph fuses the addition into the product as a post-op, and on a single row (e.g.
+    ``x + mlp(x)`` on a class token at batch 1: VOLO's class-attention blocks) that kernel corrupts the heap: the
+    process aborts a call or two later (``free(): invalid size``, ``munmap_chunk(): invalid pointer``), past any
+    check (found by a breadth test: ``deploy(volo_d1_224, torch.randn(1, 3, 64, 64), backend='torchscript')``
+    aborted; reproduced with ``x + nn.Linear(1152, 384)(y)`` on ``(1, 1152)`` alone; not at 2 rows, nor with 384
+    inputs). The shapes are those the trace recorded: the graph before freezing."""
+    for node in graph.nodes():
+        if node.kind() not in _PRODUCTS:
+            continue
+        out = node.output()
+        sizes = _sizes(out)
+        if sizes is None or math.prod(sizes[:-1]) != 1:
+            continue
+        frontier, seen = [out], set()
+        for _ in range(_ELEMENTWISE_HOPS + 1):
+            following = []
+            for value in frontier:
+                for use in value.uses():
+                    user = use.user
+                    tensors = [v for v in user.inputs() if _sizes(v) is not None]
+                    if user.kind() in _ADDS and len(tensors) >= 2:
+                        return (f"a matrix product over one row ({node.kind()} of shape {sizes}) followed by an "
+                                "addition, which oneDNN Graph fusion can compute with a heap corruption in torch "
+                                "2.14 (the process aborts)")
+                    for result in user.outputs():
+                        if _sizes(result) == sizes and result.unique() not in seen:
+                            seen.add(result.unique())
+                            following.append(result)
+            frontier = following
+    return None
 
 
 def _warm_up(traced: nn.Module, example_input: torch.Tensor, fused: bool) -> None:
