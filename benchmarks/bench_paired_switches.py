@@ -12,7 +12,9 @@ median over rounds of the per-round time ratio, which cancels drifts of the host
   other variant runs; on a CPU without AMX both variants are the same);
 * ``AMX rows shared out``: the AMX kernel's threads take the row blocks left in each other's shares once their own
   is done, against fixed shares (the kernel's ``vitzoo_amx_fixed_shares`` switch; only matters at 2+ threads,
-  and only while one core is slower than the other, e.g. its AMX unit slowed by another tenant of the host).
+  and only while one core is slower than the other, e.g. its AMX unit slowed by another tenant of the host);
+* ``SHSA kernel``: SHViT's attention blocks between their two convolutions on ``vitzoo.shsa_kernel`` (two calls
+  per block), against PyTorch's ops (the kernel hidden while deploying the other variant).
 
     OMP_NUM_THREADS=2 python benchmarks/bench_paired_switches.py --threads 1 2 --rounds 25
 """
@@ -35,11 +37,13 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import vitzoo  # noqa: E402,F401
 from _common import positive_int, print_machine, print_table, randomize_norm_stats  # noqa: E402
-from vitzoo import amx_gemm, image_conv  # noqa: E402
+from vitzoo import amx_gemm, image_conv, shsa_kernel  # noqa: E402
 from vitzoo.inference import deploy  # noqa: E402
 
 CASES = {"shvit_s1": 224, "shvit_s4": 256}
-SWITCHES = ("image kernel", "direct AMX 1x1", "AMX rows shared out")
+SWITCHES = ("image kernel", "direct AMX 1x1", "AMX rows shared out", "SHSA kernel")
+IEEE_TOO = ("image kernel", "SHSA kernel")  # the others switch AMX code
+DEPLOY_TIME = {"image kernel": (image_conv, "load"), "SHSA kernel": (shsa_kernel, "load")}  # switched while deploying
 
 
 @contextmanager
@@ -53,7 +57,7 @@ def _without(switch: str) -> Iterator[None]:
         finally:
             fixed.value = 0
         return
-    target = (image_conv, "load", lambda: None) if switch == "image kernel" else \
+    target = (*DEPLOY_TIME[switch], lambda: None) if switch in DEPLOY_TIME else \
         (amx_gemm, "amx_pointwise", lambda *args, **kwargs: None)
     with mock.patch.object(*target):
         yield
@@ -62,7 +66,7 @@ def _without(switch: str) -> Iterator[None]:
 def variants(switch: str, model: torch.nn.Module, x: torch.Tensor, precision: str) -> Dict[str, Callable[[], object]]:
     """``{"on": run, "off": run}``: zero-argument callables running one batch with the switch on and off."""
     on = deploy(model, x, fp32_precision=precision)
-    if switch == "image kernel":
+    if switch in DEPLOY_TIME:
         with _without(switch):
             off = deploy(model, x, fp32_precision=precision)
         return {"on": lambda: on(x), "off": lambda: off(x)}
@@ -125,7 +129,7 @@ def main() -> int:
             torch.set_num_threads(threads)
             for switch in args.switches:
                 for precision in args.precisions:
-                    if switch != "image kernel" and precision == "ieee":
+                    if switch not in IEEE_TOO and precision == "ieee":
                         continue  # no AMX layers in IEEE fp32
                     desc = f"{name} {threads}t {switch} {precision}"
                     ratios = paired_ratios(variants(switch, model, x, precision), args.rounds, args.calls, desc)

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import bench_deploy_ablation as ablation  # noqa: E402
 from _common import base_parser, randomize_norm_stats  # noqa: E402
 import vitzoo  # noqa: E402
-from vitzoo import amx_gemm, image_conv  # noqa: E402
+from vitzoo import amx_gemm, image_conv, shsa_kernel  # noqa: E402
 from vitzoo.onednn_rewrite import PackedConv2d  # noqa: E402
 from vitzoo.torchscript_backend import onednn_graph_available  # noqa: E402
 
@@ -34,10 +34,13 @@ def test_ablation_steps_switch_on_in_order(step, model_and_input):
     assert any(m.image for m in packed) == reads_image
     assert bool(packed) == (level >= 2)
     assert any(m.pointwise for m in packed) == (level >= 3)
-    # SHSA modules are traced away by the oneDNN rewrite, so the token-view switch is read from the report
-    assert any("token view" in o for o in deployed.optimizations) == (level >= 4), deployed.optimizations
+    # SHSA modules are traced away by the oneDNN rewrite, so their switches are read from the report; blocks on
+    # vitzoo's kernel no longer need the token view
+    on_kernel = level >= 6 and shsa_kernel.load() is not None
+    assert any("AVX-512 kernel: 9 blocks" in o for o in deployed.optimizations) == on_kernel
+    assert any("token view" in o for o in deployed.optimizations) == (level >= 4 and not on_kernel)
     # AMX only in the last step, and there wherever this CPU has the kernel
-    assert any(m.amx for m in packed) == (level >= 6 and amx_gemm.load() is not None)
+    assert any(m.amx for m in packed) == (level >= 7 and amx_gemm.load() is not None)
     if level < 2:
         assert any(isinstance(m, nn.Conv2d) for m in deployed.modules())
     with torch.no_grad():

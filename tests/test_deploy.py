@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitzoo import shsa_kernel
 from vitzoo.inference import BACKENDS, DeployedModel, available_backends, deploy
 from vitzoo.onednn_rewrite import PackedConv2d
 
@@ -57,11 +58,16 @@ def test_eager_shvit_matches_unfused_and_leaves_caller_alone(shvit_s1):
     assert any(m.unary == "relu" for m in packed)
 
 
-def test_eager_shvit_convs_get_channels_last_inputs(shvit_s1):
-    """No layout copies: every packed conv's input and residual is channels-last (SHSA runs on the token view),
-    except the first one's where it reads the NCHW image itself (vitzoo.image_conv)."""
+@pytest.mark.parametrize("attention_kernel", [True, False])
+def test_eager_shvit_convs_get_channels_last_inputs(shvit_s1, attention_kernel, monkeypatch):
+    """No layout copies: every packed conv's input and residual is channels-last (SHSA runs on vitzoo's kernel, or
+    without it on the token view), except the first one's where it reads the NCHW image itself (vitzoo.image_conv)."""
+    if not attention_kernel:
+        monkeypatch.setattr(shsa_kernel, "load", lambda: None)
     deployed = deploy(shvit_s1, torch.randn(2, 3, 128, 128))
-    assert any("token view" in o for o in deployed.optimizations), deployed.optimizations
+    on_kernel = attention_kernel and shsa_kernel.load() is not None
+    assert any(("vitzoo's AVX-512 kernel: 9 blocks" if on_kernel else "token view in 9 layers") in o
+               for o in deployed.optimizations), deployed.optimizations
     seen = []
 
     def check(module, args):

@@ -129,7 +129,8 @@ def test_wheel_carries_what_runs(wheel):
         assert f"{package}/__init__.py" in names
         assert f"{package}/py.typed" in names
     assert "vitzoo/detection/__init__.py" in names
-    assert {"vitzoo/amx_gemm.c", "vitzoo/image_conv.c"} <= names
+    kernels = {f"vitzoo/{p.name}" for p in (REPO / "vitzoo").glob("*.c")}
+    assert {"vitzoo/amx_gemm.c", "vitzoo/image_conv.c", "vitzoo/shsa_kernel.c"} <= kernels <= names
     data = f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.data/data/share/vitzoo/weights"
     for name in ("manifest.json", "card_template.md", "README.md"):
         assert f"{data}/{name}" in names
@@ -158,10 +159,11 @@ def test_installed_wheel_finds_its_resources(wheel, tmp_path):
     (site / "zz_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     code = ("import sys, vitzoo, vitzoo.hub as h, vitzoo.manifest as m, vitzoo.amx_gemm as a, vitzoo.image_conv as c\n"
+            "import vitzoo.shsa_kernel as k\n"
             f"assert not any(p and {str(REPO)!r} == p.rstrip('/') for p in sys.path), sys.path\n"
             f"assert vitzoo.__file__.startswith({str(site)!r}), vitzoo.__file__\n"
             "print(h.resource_path('manifest.json'))\nprint(h.resource_path('card_template.md'))\n"
-            "m.load_manifest()\nassert a.SOURCE.is_file() and c.SOURCE.is_file()\n")
+            "m.load_manifest()\nassert a.SOURCE.is_file() and c.SOURCE.is_file() and k.SOURCE.is_file()\n")
     result = subprocess.run([str(python), "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -189,6 +191,7 @@ def test_sdist_carries_the_test_suite_and_set_up(tmp_path):
               "weights/manifest.json", "weights/card_template.md", "vitzoo/amx_gemm.c", "vitzoo/image_conv.c",
               "vitzoo/py.typed", "tests/conftest.py", "tests/files.py", "tests/hub_server.py",
               "tests/upstream/conftest.py", "tests/upstream/fetch_timm_tests.py"}
+    wanted |= {str(p.relative_to(REPO)) for p in (REPO / "vitzoo").glob("*.c")}
     wanted |= {str(p.relative_to(REPO)) for p in (REPO / "tests").glob("*.py")}
     wanted |= {str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")}
     wanted |= {str(p.relative_to(REPO)) for p in (REPO / "benchmarks").glob("*.py")}

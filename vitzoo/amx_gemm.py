@@ -28,7 +28,7 @@ import torch
 from vitzoo.native_build import load_library
 
 __all__ = ["REQUIRED_CPU_FLAGS", "amx_conv2d", "amx_linear", "amx_pointwise", "load", "pack_conv_weight", "pack_weight",
-           "unavailable_reason"]
+           "pixel_rows", "unavailable_reason"]
 
 SOURCE = Path(__file__).with_name("amx_gemm.c")
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16")
@@ -211,7 +211,7 @@ def amx_linear(rows: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], ou
     return _run(lib, rows, packed, out_features, bias, residual, relu)
 
 
-def _pixel_rows(t: torch.Tensor) -> Optional[int]:
+def pixel_rows(t: torch.Tensor) -> Optional[int]:
     """The row stride of a 4-D tensor whose pixels (b, y, x) are evenly spaced rows of unit-stride channels (a
     dense channels-last tensor or a channel slice of one, whatever strides PyTorch gave its size-1 dims), else
     ``None``."""
@@ -236,8 +236,8 @@ def amx_pointwise(x: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], ou
     lib = load()
     if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4:
         return None
-    lda = _pixel_rows(x)
-    ldr = 0 if residual is None else _pixel_rows(residual)
+    lda = pixel_rows(x)
+    ldr = 0 if residual is None else pixel_rows(residual)
     if lda is None or ldr is None or bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         return None
     if residual is not None and (residual.dtype != torch.float32 or residual.device.type != "cpu"):

@@ -42,6 +42,7 @@ from vitzoo.models import _first_conv_in_chans, first_meta_tensor, model_in_chan
 from vitzoo.onednn_rewrite import FP32_PRECISIONS, PackedConv2d, onednn_rewrite
 from vitzoo.outputs import (WRONG_RESULT_RTOL, OutputLayout, UnsupportedOutputError, check_comparable,
                             max_abs_diff_of)
+from vitzoo.shsa_kernel import swap_attention
 from vitzoo.stem_chunking import chunk_stem
 from vitzoo.weight_standardisation import standardise_weights
 
@@ -497,14 +498,18 @@ def _build_eager(model: nn.Module, example_input: torch.Tensor, rewrite: bool,
     if padded:
         optimizations.append(f"q/k/v zero-padded to equal head widths in {padded} attention layers (fused SDPA)")
     memory_format = torch.contiguous_format
+    cpu_fp32 = example_input.device.type == "cpu" and example_input.dtype == torch.float32
     if is_convolutional(model):
         memory_format = torch.channels_last
         model = model.to(memory_format=torch.channels_last)
         optimizations.append("channels_last")
+        kernel_blocks = swap_attention(model) if rewrite and cpu_fp32 else 0
+        if kernel_blocks:
+            optimizations.append(f"SHViT attention (SHSA) between its convolutions on vitzoo's AVX-512 kernel: "
+                                 f"{kernel_blocks} blocks")
         nhwc = use_nhwc_attention(model)
         if nhwc:
             optimizations.append(f"attention on the channels-last token view in {nhwc} layers")
-    cpu_fp32 = example_input.device.type == "cpu" and example_input.dtype == torch.float32
     amx_linears = rewrite and cpu_fp32 and fp32_precision == "bf16x3" and amx_gemm.load() is not None
     # before the graph rewrite, which keeps these modules: on the plain model, without packing convolutions for
     # batches 1 and 2
