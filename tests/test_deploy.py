@@ -1903,3 +1903,25 @@ def test_torchscript_notes_are_not_repeated_and_stay_bounded():
     for i in range(100):
         module._note(f"note {i}")
     assert len(module.notes) == TorchScriptModule.MAX_NOTES and module.notes[-1] == "note 99"
+
+
+def test_a_data_parallel_model_is_deployed_from_the_module_it_wraps():
+    """Found by an audit: deploy(nn.DataParallel(model)) traced the wrapper, so the oneDNN rewrite was skipped (an fx
+    note), where count_flops takes the wrapper off. Wrappers in wrappers are taken off in turn; a hook on one is
+    refused, as on the compile wrapper."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    x = torch.randn(2, 3, 16, 16)
+    expected = _randomised_eval_output(model, x)
+    deployed = deploy(nn.DataParallel(torch.compile(model)), x, fp32_precision="ieee")
+    assert deployed.optimizations[:2] == [
+        "DataParallel wrapper taken off (the deployed model runs the module it holds, on one device)",
+        "torch.compile wrapper taken off (backend='compile' compiles the deployed model)"]
+    assert any(o.startswith("oneDNN pre-packed convolutions: 2") for o in deployed.optimizations), \
+        deployed.optimizations
+    torch.testing.assert_close(deployed(x), expected, atol=1e-5, rtol=0)
+    wrapper = nn.DataParallel(model)
+    wrapper.register_forward_pre_hook(lambda module, args: None)
+    with pytest.raises(ValueError, match=r"the DataParallel wrapper itself has 1 forward \(pre-\)hook\(s\).* "
+                                         r"register them on model.module"):
+        deploy(wrapper, x)

@@ -91,6 +91,14 @@ def test_bad_inputs_are_refused_with_a_reason():
         image_conv.pack_weight(torch.randn(16, 3, 3, 3), torch.randn(12))
     with pytest.raises(ValueError, match="40 output channels do not fit a weight packed for 16"):
         image_conv.image_conv3x3(torch.randn(1, 3, 8, 8), packed, 40, (1, 1), (1, 1))
+    # packings built by hand: a weight with fewer blocks than its bias, in another dtype, not contiguous
+    x = torch.randn(1, 3, 8, 8)
+    for bad, message in (((packed[0][:0], packed[1]), r"not pack_weight's \(blocks, 27, 16\)"),
+                         ((packed[0].double(), packed[1]), "contiguous float32 CPU tensor"),
+                         ((packed[0].transpose(1, 2).contiguous().transpose(1, 2), packed[1]), "not contiguous"),
+                         ((packed[0].reshape(1, 16, 27), packed[1]), r"\(blocks, 27, 16\)")):
+        with pytest.raises(ValueError, match=message):
+            image_conv.image_conv3x3(x, bad, 16, (1, 1), (1, 1))
     huge = torch.zeros(3).as_strided((2 ** 16, 3, 2 ** 15 + 2, 3), (0, 1, 0, 0))  # 2**31 output rows, 12 bytes
     with pytest.raises(ValueError, match="more output rows than the image convolution kernel counts"):
         image_conv.image_conv3x3(huge, packed, 16, (1, 1), (0, 0))

@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from timm.models import shvit as timm_shvit
 
@@ -205,3 +206,13 @@ def test_nothing_is_swapped_without_the_kernel(monkeypatch):
     model = timm.create_model("shvit_s1")
     assert swap_attention(model) == 0
     assert not any(isinstance(m, KernelSHSA) for m in model.modules())
+
+
+def test_group_norm_of_a_constant_sample_is_its_bias():
+    """Zero variance, every value 0.1 (which fp32 cannot hold exactly): the output is the bias to within 1e-5. With
+    rstd = 1/sqrt(eps) ~ 316, a mean off by 3e-8 (fp32 summation) would move it by ~1e-5; torch's is off by ~3e-5."""
+    _needs_kernel()
+    x = torch.full((2, 24, 5, 5), 0.1).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(24, generator=torch.Generator().manual_seed(0)) + 0.5, torch.randn(24)
+    assert torch.allclose(group_norm1(x, weight, bias, 1e-5), bias[None, :, None, None].expand(2, 24, 5, 5),
+                          atol=1e-5)

@@ -106,6 +106,21 @@ def _run(lib: ctypes.CDLL, x: torch.Tensor, packed: Tuple[torch.Tensor, torch.Te
     return out
 
 
+def _check_packed(packed: Tuple[torch.Tensor, torch.Tensor], out_channels: int) -> None:
+    """The kernel reads ceil(out_channels / 16) blocks of 27 x 16 weights and 16 biases each, as :func:`pack_weight`
+    lays them out: anything else (a packing built by hand) is refused, not read past its end (found by an audit)."""
+    weight, bias = packed
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"the packed {name} must be a contiguous float32 CPU tensor (from pack_weight), got "
+                             f"{t.dtype} on {t.device}{'' if t.is_contiguous() else ', not contiguous'}")
+    if weight.dim() != 3 or tuple(weight.shape[1:]) != (27, 16) or bias.shape != (weight.shape[0] * 16,):
+        raise ValueError(f"packed weight {tuple(weight.shape)} and bias {tuple(bias.shape)} are not pack_weight's "
+                         "(blocks, 27, 16) and (blocks * 16,)")
+    if not 0 < out_channels <= bias.numel():  # the kernel reads out_channels weights and biases
+        raise ValueError(f"{out_channels} output channels do not fit a weight packed for {bias.numel()} (padded)")
+
+
 def image_conv3x3(x: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], out_channels: int,
                   stride: Sequence[int], padding: Sequence[int], relu: bool = False) -> torch.Tensor:
     """``relu?(conv3x3(x) + bias)`` of a 3-channel image with zero padding, in IEEE fp32.
@@ -139,9 +154,7 @@ def image_conv3x3(x: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor], ou
     if x.shape[0] * _output_size(x, stride[0], padding[0])[0] > 2 ** 31 - 1:  # output rows, counted in a C int
         raise ValueError(f"{x.shape[0]} images of {tuple(x.shape[2:])} are more output rows than the image "
                          "convolution kernel counts (2**31 - 1): split the batch")
-    if not 0 < out_channels <= packed[1].numel():  # the kernel reads out_channels weights and biases
-        raise ValueError(f"{out_channels} output channels do not fit a weight packed for {packed[1].numel()} "
-                         "(padded)")
+    _check_packed(packed, out_channels)
     if x.stride(3) != 1:
         x = x.contiguous()
     return _run(lib, x, packed, out_channels, stride[0], padding[0], relu)

@@ -649,9 +649,9 @@ def deploy(
                            f"{', '.join(available_backends())}); {missing_backend_hint(backend)}.")
     if not isinstance(model, nn.Module):
         raise TypeError(f"deploy() expects an nn.Module, got {type(model).__name__}.")
+    model, unwrapped = _without_wrappers(model)
     _check_not_torchscript(model)
     check_materialised(model, "deploy()")
-    model, uncompiled = _without_compile_wrapper(model)
     if example_input is None:
         example_input = default_example_input(model)
     _check_example_is_a_batch(example_input)
@@ -687,9 +687,7 @@ def deploy(
         "torchscript": lambda: _build_torchscript(model, example(), atol, rtol),
     }
     deployed = _finish(builders[backend](), fusions, example(), model)
-    if uncompiled:
-        deployed.optimizations.insert(0, "torch.compile wrapper taken off (backend='compile' compiles the deployed "
-                                         "model)")
+    deployed.optimizations[:0] = unwrapped
     _check_hooks_kept(hooks, deployed)
     if verify:
         with full_fp32_precision(example_input.device):
@@ -713,20 +711,31 @@ def _check_not_torchscript(model: nn.Module) -> None:
             "vitzoo.export.export_verified_onnx takes it as it is.")
 
 
-def _without_compile_wrapper(model: nn.Module) -> Tuple[nn.Module, bool]:
-    """The module a ``torch.compile(model)`` wraps, and whether there was such a wrapper (found by a review:
-    deploy() of a compiled model got no oneDNN rewrite, torch.fx tracing the wrapper, and compiled the model just
-    to compute the reference output; deploy's own passes need the plain module, and its compile backend compiles
-    what they make)."""
+def _without_wrappers(model: nn.Module) -> Tuple[nn.Module, List[str]]:
+    """The module inside ``torch.compile`` / ``nn.DataParallel`` / ``DistributedDataParallel`` wrappers (any nesting),
+    and a note for each wrapper taken off. deploy's own passes need the plain module (found by a review: deploy() of
+    a compiled model got no oneDNN rewrite, torch.fx tracing the wrapper, and compiled the model just to compute the
+    reference output; found by an audit: a DataParallel wrapper skipped the rewrite too, where count_flops took it
+    off), and its compile backend compiles what they make."""
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing can have been compiled
-    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+    parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    notes = []
+    while True:
+        if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+            kind, attribute = "torch.compile", "_orig_mod"
+            note = "torch.compile wrapper taken off (backend='compile' compiles the deployed model)"
+        elif isinstance(model, parallel):
+            kind, attribute = type(model).__name__, "module"
+            note = f"{kind} wrapper taken off (the deployed model runs the module it holds, on one device)"
+        else:
+            return model, notes
         hooks = len(model._forward_hooks) + len(model._forward_pre_hooks)
         if hooks:  # found by an audit: dropped with the wrapper, without a word
-            raise ValueError(f"deploy(): the torch.compile wrapper itself has {hooks} forward (pre-)hook(s), which "
+            raise ValueError(f"deploy(): the {kind} wrapper itself has {hooks} forward (pre-)hook(s), which "
                              "the deployed model would not run (deploy takes the module the wrapper holds): register "
-                             "them on model._orig_mod, or deploy model._orig_mod after moving them there.")
-        return model._orig_mod, True
-    return model, False
+                             f"them on model.{attribute}, or deploy model.{attribute} after moving them there.")
+        model = getattr(model, attribute)
+        notes.append(note)
 
 
 def _check_another_batch(deployed: DeployedModel, model: nn.Module, example_input: torch.Tensor, atol: float,

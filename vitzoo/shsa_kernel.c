@@ -1,7 +1,7 @@
 /*
  * SHViT's single-head attention (SHSA) between its two 1x1 convolutions, on channels-last fp32 tensors, with AVX-512:
  *
- *   vitzoo_group_norm1: GroupNorm with one group (statistics over all channels and pixels of a sample, in double)
+ *   vitzoo_group_norm1: GroupNorm with one group (statistics over all channels and pixels of a sample)
  *                       on the attention's channel slice, written as a contiguous channels-last tensor;
  *   vitzoo_shsa_mix:    out = act(cat[softmax(q k^T * scale) v, x2]) per image, act ReLU or none, from the qkv
  *                       convolution's output (pixels of 2 * qk + pdim channels: q, k, v) and the untouched channels x2.
@@ -56,32 +56,35 @@ static void scale_shift(const float *x, const float *a, const float *b, int coun
     }
 }
 
-/* Sum over a sample's pixels and channels of x (squares = 0) or of (x - mean)^2 (squares = 1), in double, with
-   four independent vector accumulators. */
-static double sample_sum(const float *x, int64_t sp, int pixels, int channels, double mean, int squares) {
-    __m512d acc[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
-    const __m512d centre = _mm512_set1_pd(mean);
-    int slot = 0;
+/* Sum over a sample's pixels and channels of x (squares = 0) or of (x - centre)^2 (squares = 1): each pixel's
+   channels summed in one fp32 vector, the pixels' vectors in double. */
+static double sample_sum(const float *x, int64_t sp, int pixels, int channels, float centre, int squares) {
+    __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+    const __m512 shift = _mm512_set1_ps(centre);
     for (int p = 0; p < pixels; ++p) {
         const float *row = x + (int64_t)p * sp;
-        for (int c = 0; c < channels; c += 8, slot = (slot + 1) & 3) {
-            const __mmask8 lanes = channels - c >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (channels - c)) - 1u);
-            const __m512d v = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(lanes, row + c));
+        __m512 v = _mm512_setzero_ps();
+        for (int c = 0; c < channels; c += 16) {
+            const __mmask16 lanes = first_lanes(channels - c);
+            const __m512 e = _mm512_maskz_loadu_ps(lanes, row + c);
             if (squares) {
-                const __m512d d = _mm512_maskz_sub_pd(lanes, v, centre);
-                acc[slot] = _mm512_fmadd_pd(d, d, acc[slot]);
+                const __m512 d = _mm512_maskz_sub_ps(lanes, e, shift);
+                v = _mm512_fmadd_ps(d, d, v);
             } else {
-                acc[slot] = _mm512_add_pd(acc[slot], v);
+                v = _mm512_add_ps(v, e);
             }
         }
+        lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+        hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
     }
-    return _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(acc[0], acc[1]), _mm512_add_pd(acc[2], acc[3])));
+    return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
 }
 
 /*
  * GroupNorm(1) of x: (batch, channels, pixels) with strides (sb, 1, sp), i.e. a channels-last tensor or a channel
- * slice of one; out: contiguous channels-last (batch, pixels, channels). Mean and (biased) variance per sample in
- * double, two passes; then out = x * (w rstd) + (b - mean w rstd) per channel. Returns 0, or -1 if memory ran out.
+ * slice of one; out: contiguous channels-last (batch, pixels, channels). Mean and (biased) variance per sample,
+ * two passes, each pixel's sum in fp32 and the sample's in double; then out = x * (w rstd) + (b - mean w rstd) per
+ * channel. Returns 0, or -1 if memory ran out.
  */
 int vitzoo_group_norm1(const float *x, int64_t sb, int64_t sp, int batch, int pixels, int channels, const float *w,
                        const float *b, float eps, float *out, int threads) {
@@ -98,8 +101,10 @@ int vitzoo_group_norm1(const float *x, int64_t sb, int64_t sp, int batch, int pi
             if (!ab) continue;
             const float *xs = x + (int64_t)s * sb;
             const double count = (double)pixels * channels;
-            const double mean = sample_sum(xs, sp, pixels, channels, 0.0, 0) / count;
-            const double squares = sample_sum(xs, sp, pixels, channels, mean, 1);
+            const double mean = sample_sum(xs, sp, pixels, channels, 0.0f, 0) / count;
+            const float centre = (float)mean; /* its rounding is taken back out of the variance below */
+            const double off = (double)centre - mean;
+            const double squares = sample_sum(xs, sp, pixels, channels, centre, 1) - count * off * off;
             const double rstd = 1.0 / sqrt(squares / count + (double)eps);
             for (int c = 0; c < channels; ++c) {
                 ab[c] = (float)(w[c] * rstd);

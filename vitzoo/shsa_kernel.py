@@ -6,7 +6,7 @@ transposes, two batched matmuls, the scale, softmax, ``cat`` and the ReLU. At SH
 between threads. :class:`KernelSHSA` runs the same block as two kernel calls (``shsa_kernel.c``, next to this file),
 whose work items go to whichever thread is free:
 
-* :func:`group_norm1`: the pre-norm (GroupNorm with one group; statistics in double) into a contiguous
+* :func:`group_norm1`: the pre-norm (GroupNorm with one group; statistics summed in double) into a contiguous
   channels-last tensor, which the ``qkv`` convolution reads;
 * :func:`shsa_mix`: ``act(cat[softmax(q k^T * scale) v, x2])`` from the ``qkv`` output, for ReLU or no activation.
 
@@ -116,7 +116,9 @@ def _run_group_norm1(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bi
                      eps: float) -> torch.Tensor:
     batch, channels, height, width = x.shape
     out = torch.empty(batch, height, width, channels).permute(0, 3, 1, 2)
-    weight, bias = weight.detach().float().contiguous(), bias.detach().float().contiguous()
+    if weight.dtype != torch.float32 or bias.dtype != torch.float32 or not weight.is_contiguous() or \
+            not bias.is_contiguous():  # else passed as they are: dispatcher calls saved on every block
+        weight, bias = weight.detach().float().contiguous(), bias.detach().float().contiguous()
     _check_status(lib.vitzoo_group_norm1(x.data_ptr(), x.stride(0), pixel_rows(x), batch, height * width, channels,
                                          weight.data_ptr(), bias.data_ptr(), eps, out.data_ptr(),
                                          torch.get_num_threads()))
