@@ -8,7 +8,6 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from timm.models import shvit as timm_shvit
 
