@@ -215,3 +215,84 @@ def test_group_norm_of_a_constant_sample_is_its_bias():
     weight, bias = torch.rand(24, generator=torch.Generator().manual_seed(0)) + 0.5, torch.randn(24)
     assert torch.allclose(group_norm1(x, weight, bias, 1e-5), bias[None, :, None, None].expand(2, 24, 5, 5),
                           atol=1e-5)
+
+
+def test_group_norm_of_large_nearly_equal_values_stays_finite():
+    """Found by a review: x = 2.06e6 throughout gave NaN (the mean, summed in fp32 as it was, came out ~0.1 off and
+    the variance below 0); torch gives a finite result. Sums are now centred on the sample's first value, and the
+    mean is taken off each value before it is scaled (torch's fp32, which scales first, is off by up to ~40 here)."""
+    _needs_kernel()
+    weight, bias = torch.rand(80, generator=torch.Generator().manual_seed(1)) + 0.5, torch.randn(80)
+    for value in (2060374.639, 6.1e4, 5.3e6):
+        x = torch.full((1, 80, 7, 7), value).contiguous(memory_format=torch.channels_last)
+        x[0, 3, 2, 2] += value * 1e-6  # one value apart: a variance far below eps
+        expected = _expected_group_norm(x, weight, bias, 1e-5)
+        got = group_norm1(x, weight, bias, 1e-5)
+        assert got.isfinite().all(), value
+        assert (got.double() - expected).abs().max() <= 1e-3, value
+
+
+def test_group_norm_with_weights_elsewhere_gives_torchs_error():
+    """Found by a review: a weight on another device was passed to the kernel as a pointer (meta: a segfault)."""
+    x = torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    with pytest.raises((RuntimeError, ValueError), match="meta"):
+        group_norm1(x, torch.ones(8, device="meta"), torch.zeros(8, device="meta"), 1e-5)
+    with pytest.raises(ValueError, match="more than 1 value"):  # torch's error for one value per sample
+        group_norm1(torch.randn(1, 1, 1, 1), torch.ones(1), torch.zeros(1), 1e-5)
+
+
+def test_an_infinite_value_under_an_underflowing_weight_is_infinite():
+    """Found by a review: exp was flushed to 0 below -87, so a weight of e^-100 times an infinite value gave NaN where
+    torch's denormal weight gives inf."""
+    _needs_kernel()
+    qkv = torch.zeros(1, 3, 1, 3)  # qk_dim 1, pdim 1; tokens 0-2: q = 1, k = (0, 100, 0), v = (inf, 1, 1)
+    qkv[0, 0] = 1.0
+    qkv[0, 1, 0, 1] = 100.0
+    qkv[0, 2] = torch.tensor([float("inf"), 1.0, 1.0])
+    qkv = qkv.contiguous(memory_format=torch.channels_last)
+    x2 = torch.zeros(1, 0, 1, 3)
+    reference = shsa_kernel.reference_mix(qkv, x2, 1, 1, 1.0, False)
+    assert torch.isinf(reference).all()
+    assert torch.equal(shsa_mix(qkv, x2, 1, 1, 1.0, False), reference)
+
+
+def test_a_hook_on_the_output_projection_keeps_its_block():
+    """Found by a review: a hook on ``proj`` (the activation + convolution ``nn.Sequential``) was not looked at, and
+    deploy() then failed with "lost the forward hooks"."""
+    _needs_kernel()
+    model = randomize_norms(timm.create_model("shvit_s1")).eval()
+    blocks = [m for m in model.modules() if isinstance(m, SHSA)]
+    seen = []
+    blocks[4].proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    deployed = vitzoo.deploy(model, torch.randn(1, 3, 224, 224))
+    assert any(f"kernel: {len(blocks) - 1} blocks" in note for note in deployed.optimizations), deployed.optimizations
+    seen.clear()
+    deployed(torch.randn(1, 3, 224, 224))
+    assert seen == [torch.Size([1, 320, 4, 4])]
+
+
+def test_the_note_survives_the_bf16x3_fallback():
+    """Found by a review: the fallback builds again on the same (already swapped) model, and the note was lost."""
+    _needs_kernel()
+    torch.manual_seed(8)
+    model = randomize_norms(timm.create_model("shvit_s1")).eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(9))
+    deployed = vitzoo.deploy(model, x, atol=3e-6)  # tight enough that bf16x3 (where there is AMX) must step back
+    assert any("AVX-512 kernel: 9 blocks" in note for note in deployed.optimizations), deployed.optimizations
+
+
+def test_the_callers_model_after_inplace_deploy_counts_and_traces_as_before():
+    """Found by a review: after ``deploy(model, inplace=True)`` the caller's model holds KernelSHSA blocks, whose
+    ctypes calls torch.jit.trace could not see: FLOPs came out 0.3% low and a traced copy returned garbage."""
+    _needs_kernel()
+    torch.manual_seed(10)
+    model = randomize_norms(timm.create_model("shvit_s1")).eval()
+    x = torch.randn(1, 3, 224, 224)
+    flops = vitzoo.count_flops(model).total
+    vitzoo.deploy(model, x, inplace=True)
+    assert any(isinstance(m, KernelSHSA) for m in model.modules())
+    assert vitzoo.count_flops(model).total == flops
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x)
+        other = torch.randn(2, 3, 224, 224)
+        assert (traced(other) - model(other)).abs().max() <= 1e-4

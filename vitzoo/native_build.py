@@ -1,4 +1,5 @@
-"""Build and cache vitzoo's small C kernels (``amx_gemm.c``, ``image_conv.c``) with the system C compiler.
+"""Build and cache vitzoo's small C kernels (``amx_gemm.c``, ``image_conv.c``, ``shsa_kernel.c``) with the system C
+compiler.
 
 A kernel is compiled on first use with ``$CC`` (else ``cc``) into ``$VITZOO_CACHE_DIR/native`` (default
 ``$XDG_CACHE_HOME/vitzoo``, else ``~/.cache/vitzoo``; a private per-user folder in the system's temporary folder

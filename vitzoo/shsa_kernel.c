@@ -9,7 +9,7 @@
  * In PyTorch these are about a dozen ATen calls per block (split, group_norm, transposes, two bmm, mul, softmax,
  * cat, relu), each with its own dispatch, allocation and fixed split of the work between threads; here they are two
  * calls whose work items (a sample; a block of QUERY_BLOCK queries of one image) go to whichever thread is free.
- * IEEE fp32 arithmetic; exp is a polynomial (within ~2 ulp), below -87 it is 0.
+ * IEEE fp32 arithmetic; exp is a polynomial (within ~2 ulp), with fp32's denormals below e^-87.
  *
  * Compiled on first use by vitzoo/shsa_kernel.py, loaded with ctypes. OpenMP threads are torch's (the same libgomp).
  * Written for vitzoo.
@@ -28,9 +28,10 @@ static __mmask16 first_lanes(int count) {
     return count <= 0 ? 0 : (__mmask16)((1u << count) - 1u);
 }
 
-/* exp of 16 lanes that are <= 0 (a softmax's x - max): 2^n * p(r), x = n ln2 + r; lanes below -87 give 0. */
+/* exp of 16 lanes that are <= 0 (a softmax's x - max): 2^n * p(r), x = n ln2 + r, down into fp32's denormals
+   (scalef) and 0 below them, as expf; -inf gives 0. */
 static inline __m512 exp16(__m512 x) {
-    const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-110.0f)); /* exp(-110) is 0 in fp32; keeps n and r finite */
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x); /* ln 2 in two parts */
@@ -42,22 +43,28 @@ static inline __m512 exp16(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_maskz_mov_ps((__mmask16)~tiny, _mm512_scalef_ps(p, n));
+    return _mm512_scalef_ps(p, n);
 }
 
-/* out = x * a + b over `count` channels (a, b per channel), ReLU optional. */
-static void scale_shift(const float *x, const float *a, const float *b, int count, int relu, float *out) {
+/* out = (x - centre) * a + b over `count` channels (a, b per channel), or out = x where a is NULL; ReLU optional. */
+static void scale_shift(const float *x, float centre, const float *a, const float *b, int count, int relu,
+                        float *out) {
+    const __m512 shift = _mm512_set1_ps(centre);
     for (int c = 0; c < count; c += 16) {
         const __mmask16 lanes = first_lanes(count - c);
         __m512 v = _mm512_maskz_loadu_ps(lanes, x + c);
-        if (a) v = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(lanes, a + c), _mm512_maskz_loadu_ps(lanes, b + c));
+        if (a)
+            v = _mm512_fmadd_ps(_mm512_sub_ps(v, shift), _mm512_maskz_loadu_ps(lanes, a + c),
+                                _mm512_maskz_loadu_ps(lanes, b + c));
         if (relu) v = _mm512_max_ps(_mm512_setzero_ps(), v); /* a NaN v: max returns its 2nd operand, NaN */
         _mm512_mask_storeu_ps(out + c, lanes, v);
     }
 }
 
-/* Sum over a sample's pixels and channels of x (squares = 0) or of (x - centre)^2 (squares = 1): each pixel's
-   channels summed in one fp32 vector, the pixels' vectors in double. */
+/* Sum over a sample's pixels and channels of x - centre (squares = 0) or of (x - centre)^2 (squares = 1): each
+   pixel's channels summed in one fp32 vector, the pixels' vectors in double. A centre near the values keeps the fp32
+   sums exact for a sample of nearly equal values (x = 2.06e6 throughout: summed as they are, the mean was off by
+   ~0.1, and the variance below 0). */
 static double sample_sum(const float *x, int64_t sp, int pixels, int channels, float centre, int squares) {
     __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
     const __m512 shift = _mm512_set1_ps(centre);
@@ -71,7 +78,7 @@ static double sample_sum(const float *x, int64_t sp, int pixels, int channels, f
                 const __m512 d = _mm512_maskz_sub_ps(lanes, e, shift);
                 v = _mm512_fmadd_ps(d, d, v);
             } else {
-                v = _mm512_add_ps(v, e);
+                v = _mm512_add_ps(v, _mm512_maskz_sub_ps(lanes, e, shift));
             }
         }
         lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
@@ -83,8 +90,10 @@ static double sample_sum(const float *x, int64_t sp, int pixels, int channels, f
 /*
  * GroupNorm(1) of x: (batch, channels, pixels) with strides (sb, 1, sp), i.e. a channels-last tensor or a channel
  * slice of one; out: contiguous channels-last (batch, pixels, channels). Mean and (biased) variance per sample,
- * two passes, each pixel's sum in fp32 and the sample's in double; then out = x * (w rstd) + (b - mean w rstd) per
- * channel. Returns 0, or -1 if memory ran out.
+ * two passes of sample_sum (centred on the first value, then on the mean); then out = (x - mean) (w rstd) + b per
+ * channel, the mean taken off each value first (folded into one multiply-add, x (w rstd) + (b - mean w rstd), the
+ * two terms grow with the values and cancel: 2.06e6 throughout came out ~4 off). Returns 0, or -1 if memory ran
+ * out.
  */
 int vitzoo_group_norm1(const float *x, int64_t sb, int64_t sp, int batch, int pixels, int channels, const float *w,
                        const float *b, float eps, float *out, int threads) {
@@ -101,17 +110,18 @@ int vitzoo_group_norm1(const float *x, int64_t sb, int64_t sp, int batch, int pi
             if (!ab) continue;
             const float *xs = x + (int64_t)s * sb;
             const double count = (double)pixels * channels;
-            const double mean = sample_sum(xs, sp, pixels, channels, 0.0f, 0) / count;
+            const double mean = xs[0] + sample_sum(xs, sp, pixels, channels, xs[0], 0) / count;
             const float centre = (float)mean; /* its rounding is taken back out of the variance below */
             const double off = (double)centre - mean;
-            const double squares = sample_sum(xs, sp, pixels, channels, centre, 1) - count * off * off;
+            double squares = sample_sum(xs, sp, pixels, channels, centre, 1) - count * off * off;
+            if (squares < 0.0) squares = 0.0; /* rounding, for a sample of (nearly) equal values */
             const double rstd = 1.0 / sqrt(squares / count + (double)eps);
-            for (int c = 0; c < channels; ++c) {
+            for (int c = 0; c < channels; ++c) { /* (x - mean) w rstd + b as (x - centre) a + (b + off a) */
                 ab[c] = (float)(w[c] * rstd);
-                ab[channels + c] = (float)(b[c] - mean * w[c] * rstd);
+                ab[channels + c] = (float)(b[c] + off * w[c] * rstd);
             }
             for (int p = 0; p < pixels; ++p)
-                scale_shift(xs + (int64_t)p * sp, ab, ab + channels, channels, 0,
+                scale_shift(xs + (int64_t)p * sp, centre, ab, ab + channels, channels, 0,
                             out + ((int64_t)s * pixels + p) * channels);
         }
         free(ab);
@@ -235,7 +245,7 @@ int vitzoo_shsa_mix(const float *qkv, int64_t sqb, int64_t sq, const float *x2, 
             attend(tokens, sq, n, n_pad, qk, pdim, scale, kt, kt + (int64_t)qk * n_pad, q0, q1, relu, image_out, so);
             if (rest > 0)
                 for (int p = q0; p < q1; ++p)
-                    scale_shift(x2 + (int64_t)s * sxb + (int64_t)p * sx, NULL, NULL, rest, relu,
+                    scale_shift(x2 + (int64_t)s * sxb + (int64_t)p * sx, 0.0f, NULL, NULL, rest, relu,
                                 image_out + (int64_t)p * so + pdim);
         }
         free(kt);

@@ -6,20 +6,22 @@ transposes, two batched matmuls, the scale, softmax, ``cat`` and the ReLU. At SH
 between threads. :class:`KernelSHSA` runs the same block as two kernel calls (``shsa_kernel.c``, next to this file),
 whose work items go to whichever thread is free:
 
-* :func:`group_norm1`: the pre-norm (GroupNorm with one group; statistics summed in double) into a contiguous
-  channels-last tensor, which the ``qkv`` convolution reads;
+* :func:`group_norm1`: the pre-norm (GroupNorm with one group) into a contiguous channels-last tensor, which the
+  ``qkv`` convolution reads;
 * :func:`shsa_mix`: ``act(cat[softmax(q k^T * scale) v, x2])`` from the ``qkv`` output, for ReLU or no activation.
 
 The ``qkv`` and ``proj`` convolutions stay modules, so ``deploy()``'s oneDNN / AMX rewrite packs them and fuses the
-block's residual add into ``proj`` as before. Same maths in IEEE fp32 (exp is a polynomial within ~2 ulp and 0
-below e**-87; the rounding differs from ATen's by ~1e-7), so it is used with either ``fp32_precision``;
+block's residual add into ``proj`` as before. Same maths in IEEE fp32 (exp is a polynomial within ~2 ulp; the
+rounding differs from ATen's by ~1e-7), so it is used with either ``fp32_precision``;
 ``docs/benchmarks.md`` section 12 has what it buys.
 
 The kernel is compiled on first use and cached like the others (:mod:`vitzoo.native_build`) and checked against
-float64 before it is used. It needs Linux on x86-64 with AVX-512F and a C compiler; anywhere else :func:`load`
+float64 before it is used. It needs Linux on x86-64 with AVX-512F/VL, FMA and a C compiler; anywhere else :func:`load`
 returns ``None``, :func:`unavailable_reason` says why, and :func:`swap_attention` swaps nothing. Both functions
 fall back to PyTorch's ops for inputs the kernel does not take (not float32 on the CPU, a layout whose pixels are
-not evenly spaced rows, a tensor that requires grad while grad is on).
+not evenly spaced rows, a tensor that requires grad while grad is on) and while ``torch.jit.trace`` or
+``torch.compile`` records the ops, so a model holding ``KernelSHSA`` blocks (the caller's, after
+``deploy(..., inplace=True)``) still counts, traces and exports as the original.
 """
 from __future__ import annotations
 
@@ -47,8 +49,9 @@ SOURCE = Path(__file__).with_name("shsa_kernel.c")
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512vl", "fma")
 _FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512vl", "-mfma")
 
-#: The kernel counts pixels (of the whole batch) in C ints: larger inputs go to PyTorch's ops
-MAX_PIXELS = 2 ** 31 - 1
+#: The kernel counts pixels (of the whole batch, and an image's rounded up to 64) in C ints: larger inputs go to
+#: PyTorch's ops
+MAX_PIXELS = 2 ** 31 - 64
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib" (CDLL or None) and "reason" (str) once load() has run
@@ -97,6 +100,13 @@ def _self_check(lib: ctypes.CDLL) -> Optional[str]:
     return None if error <= 1e-5 else f"self-check off by {error:.3g}"
 
 
+def _recording() -> bool:
+    """Whether ``torch.jit.trace`` (fvcore's FLOP counting, ONNX export) or ``torch.compile`` is recording the ops:
+    then PyTorch's ops run, since a ctypes call is invisible to them (found by a review: a traced model returned the
+    uninitialised output)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 def _takes(*tensors: torch.Tensor) -> bool:
     """Whether the kernel takes these 4-D tensors as they are (else the caller falls back to PyTorch)."""
     grad = torch.is_grad_enabled()
@@ -141,8 +151,10 @@ def group_norm1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     """``F.group_norm(x, 1, weight, bias, eps)`` of a ``(B, C, H, W)`` tensor; on the kernel (a new contiguous
     channels-last tensor) where it takes ``x``: a channels-last float32 CPU tensor or a channel slice of one."""
     lib = load()
-    if lib is None or not _takes(x) or x.numel() == 0 or weight.shape != (x.shape[1],) or \
-            bias.shape != (x.shape[1],) or weight.requires_grad and torch.is_grad_enabled():
+    if _recording() or lib is None or not _takes(x) or x[0].numel() < 2 or weight.shape != (x.shape[1],) or \
+            bias.shape != (x.shape[1],) or (weight.requires_grad or bias.requires_grad) and torch.is_grad_enabled() \
+            or weight.device.type != "cpu" or bias.device.type != "cpu":
+        # (fewer than 2 values per sample, or weights elsewhere: torch's own result or error)
         return F.group_norm(x, 1, weight, bias, eps)
     return _run_group_norm1(lib, x, weight, bias, eps)
 
@@ -162,6 +174,8 @@ def shsa_mix(qkv: torch.Tensor, x2: torch.Tensor, qk_dim: int, pdim: int, scale:
         ``(B, pdim + rest, H, W)``; on the kernel (a new contiguous channels-last tensor) where it takes both
         tensors (channels-last float32 CPU tensors or channel slices of them), else from PyTorch's ops.
     """
+    if _recording():
+        return reference_mix(qkv, x2, qk_dim, pdim, scale, relu)
     if qkv.dim() != 4 or qkv.shape[1] != 2 * qk_dim + pdim or x2.dim() != 4 or \
             (x2.shape[0], *x2.shape[2:]) != (qkv.shape[0], *qkv.shape[2:]):
         raise ValueError(f"shsa_mix: qkv {tuple(qkv.shape)} and x2 {tuple(x2.shape)} do not fit qk_dim={qk_dim}, "
@@ -215,14 +229,14 @@ def _is_shsa(module: nn.Module) -> bool:
 
 def swap_attention(model: nn.Module) -> int:
     """Replace every SHSA block in ``model`` by a :class:`KernelSHSA` (in place) where the kernel is available;
-    returns how many. A block whose forward (pre-)hooks, or its pre-norm's or activation's, would then not run is
-    kept as it is."""
+    returns how many blocks ``model`` then runs on the kernel (those swapped before included: deploy's bf16x3
+    fallback builds again on the same model). A block whose forward (pre-)hooks, or those of its pre-norm, ``proj``
+    or activation, would then not run is kept as it is."""
     if load() is None:
         return 0
-    count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if _is_shsa(child) and not any(map(has_forward_hooks, (child, child.pre_norm, child.proj[0]))):
+            if _is_shsa(child) and not any(map(has_forward_hooks, (child, child.pre_norm, child.proj,
+                                                                   child.proj[0]))):
                 setattr(parent, name, KernelSHSA(child))
-                count += 1
-    return count
+    return sum(isinstance(module, KernelSHSA) for module in model.modules())
