@@ -15,17 +15,14 @@ from torch import nn
 
 import vitzoo
 import vitzoo.amx_linear
+from kernels import needs_kernel
 from norms import randomize_norms
 from vitzoo import amx_gemm, native_build
 from vitzoo.onednn_rewrite import PackedConv2d
 
 
 def _needs_amx():
-    if amx_gemm.load() is None:
-        reason = amx_gemm.unavailable_reason()
-        if reason.startswith("self-check"):  # built and run on a CPU that has the instructions: a wrong kernel
-            pytest.fail(f"AMX bf16x3 kernel built but wrong: {reason}")
-        pytest.skip(f"AMX bf16x3 kernel unavailable here: {reason}")
+    needs_kernel(amx_gemm, "AMX bf16x3 kernel")
 
 
 def _bf16(t: torch.Tensor) -> torch.Tensor:

@@ -10,17 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitzoo
+from kernels import needs_kernel
 from norms import randomize_norms
 from vitzoo import image_conv
 from vitzoo.onednn_rewrite import PackedConv2d
 
 
 def _needs_kernel():
-    if image_conv.load() is None:
-        reason = image_conv.unavailable_reason()
-        if reason.startswith("self-check"):  # built and run on a CPU that has the instructions: a wrong kernel
-            pytest.fail(f"image convolution kernel built but wrong: {reason}")
-        pytest.skip(f"image convolution kernel unavailable here: {reason}")
+    needs_kernel(image_conv, "image convolution kernel")
 
 
 def _reference(x, weight, bias, stride, padding, relu):

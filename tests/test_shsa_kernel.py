@@ -12,6 +12,7 @@ from timm.layers import LayerNorm2d
 from timm.models import shvit as timm_shvit
 
 import vitzoo
+from kernels import needs_kernel
 from norms import randomize_norms
 from shvit.attention import SHSA
 from vitzoo import shsa_kernel
@@ -19,11 +20,7 @@ from vitzoo.shsa_kernel import KernelSHSA, group_norm1, shsa_mix, swap_attention
 
 
 def _needs_kernel():
-    if shsa_kernel.load() is None:
-        reason = shsa_kernel.unavailable_reason()
-        if reason.startswith("self-check"):  # built and run on a CPU that has the instructions: a wrong kernel
-            pytest.fail(f"SHSA kernel built but wrong: {reason}")
-        pytest.skip(f"SHSA kernel unavailable here: {reason}")
+    needs_kernel(shsa_kernel, "SHSA kernel")
 
 
 def _channels_last(*shape, generator, scale=1.0, shift=0.0):

@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from vitzoo.native_build import load_library
+from vitzoo.native_build import load_once
 
 __all__ = ["REQUIRED_CPU_FLAGS", "amx_conv2d", "amx_linear", "amx_pointwise", "load", "pack_conv_weight", "pack_weight",
            "pixel_rows", "unavailable_reason"]
@@ -55,24 +55,17 @@ def _self_check(lib: ctypes.CDLL) -> Optional[str]:
 
 def load() -> Optional[ctypes.CDLL]:
     """The AMX kernel library, compiled and checked on the first call; ``None`` where it cannot run here."""
-    with _lock:
-        if "lib" not in _state:
-            _state["lib"], _state["reason"] = _load()
-        return _state["lib"]
+    p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    functions = {"vitzoo_amx_request": [],
+                 "vitzoo_amx_linear_bf16x3": [p, i64, i, i, p, p, i, p, p, i64, i, p, i64, i],
+                 "vitzoo_amx_conv2d_bf16x3": [p, i64, i64, i64, *[i] * 14, p, p, i, p, p, i64, i, p, i64, i]}
+    return load_once(_state, _lock, SOURCE, _FLAGS, REQUIRED_CPU_FLAGS, functions, _granted_and_checked)
 
 
 def unavailable_reason() -> str:
     """Why :func:`load` returns ``None`` (empty if it does not)."""
     load()
     return _state["reason"]
-
-
-def _load() -> Tuple[Optional[ctypes.CDLL], str]:
-    p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    functions = {"vitzoo_amx_request": [],
-                 "vitzoo_amx_linear_bf16x3": [p, i64, i, i, p, p, i, p, p, i64, i, p, i64, i],
-                 "vitzoo_amx_conv2d_bf16x3": [p, i64, i64, i64, *[i] * 14, p, p, i, p, p, i64, i, p, i64, i]}
-    return load_library(SOURCE, _FLAGS, REQUIRED_CPU_FLAGS, functions, _granted_and_checked)
 
 
 def _granted_and_checked(lib: ctypes.CDLL) -> Optional[str]:

@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from vitzoo.native_build import load_library
+from vitzoo.native_build import load_once
 
 __all__ = ["REQUIRED_CPU_FLAGS", "image_conv3x3", "load", "pack_weight", "unavailable_reason"]
 
@@ -43,13 +43,9 @@ _state: dict = {}  # "lib" (CDLL or None) and "reason" (str) once load() has run
 
 def load() -> Optional[ctypes.CDLL]:
     """The kernel library, compiled and checked on the first call; ``None`` where it cannot run here."""
-    with _lock:
-        if "lib" not in _state:
-            p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-            functions = {"vitzoo_image_conv3x3": [p, i64, i64, i64, *[i] * 7, p, p, i, i, p, i]}
-            _state["lib"], _state["reason"] = load_library(SOURCE, _FLAGS, REQUIRED_CPU_FLAGS, functions,
-                                                           _self_check)
-        return _state["lib"]
+    p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    functions = {"vitzoo_image_conv3x3": [p, i64, i64, i64, *[i] * 7, p, p, i, i, p, i]}
+    return load_once(_state, _lock, SOURCE, _FLAGS, REQUIRED_CPU_FLAGS, functions, _self_check)
 
 
 def unavailable_reason() -> str:

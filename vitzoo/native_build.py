@@ -18,12 +18,13 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from vitzoo.atomic import atomic_write_bytes
 
-__all__ = ["build_library", "cpu_flags", "find_compiler", "load_library"]
+__all__ = ["build_library", "cpu_flags", "find_compiler", "load_library", "load_once"]
 
 
 def cpu_flags() -> set:
@@ -192,3 +193,14 @@ def load_library(source: Path, flags: Sequence[str], required_cpu_flags: Sequenc
         return None, f"the cached kernel library {path} lacks its entry points ({e}); delete it to rebuild"
     problem = check(lib)
     return (None, problem) if problem else (lib, "")
+
+
+def load_once(state: dict, lock: threading.Lock, source: Path, flags: Sequence[str],
+              required_cpu_flags: Sequence[str], functions: Dict[str, Sequence[type]],
+              check: Callable[[ctypes.CDLL], Optional[str]]) -> Optional[ctypes.CDLL]:
+    """:func:`load_library` on the first call, its library and reason kept in ``state`` (``"lib"``, ``"reason"``):
+    a kernel module's ``load()``, whose ``unavailable_reason()`` reads ``state["reason"]``."""
+    with lock:
+        if "lib" not in state:
+            state["lib"], state["reason"] = load_library(source, flags, required_cpu_flags, functions, check)
+        return state["lib"]

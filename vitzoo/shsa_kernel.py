@@ -40,7 +40,7 @@ from timm.models import shvit as timm_shvit
 
 from vitzoo.amx_gemm import pixel_rows
 from vitzoo.module_hooks import has_forward_hooks
-from vitzoo.native_build import load_library
+from vitzoo.native_build import load_once
 
 __all__ = ["KernelSHSA", "REQUIRED_CPU_FLAGS", "group_norm1", "load", "shsa_mix", "swap_attention",
            "unavailable_reason"]
@@ -59,14 +59,10 @@ _state: dict = {}  # "lib" (CDLL or None) and "reason" (str) once load() has run
 
 def load() -> Optional[ctypes.CDLL]:
     """The kernel library, compiled and checked on the first call; ``None`` where it cannot run here."""
-    with _lock:
-        if "lib" not in _state:
-            p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-            functions = {"vitzoo_group_norm1": [p, i64, i64, i, i, i, p, p, f, p, i],
-                         "vitzoo_shsa_mix": [p, i64, i64, p, i64, i64, i, i, i, i, i, f, i, p, i]}
-            _state["lib"], _state["reason"] = load_library(SOURCE, _FLAGS, REQUIRED_CPU_FLAGS, functions,
-                                                           _self_check)
-        return _state["lib"]
+    p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    functions = {"vitzoo_group_norm1": [p, i64, i64, i, i, i, p, p, f, p, i],
+                 "vitzoo_shsa_mix": [p, i64, i64, p, i64, i64, i, i, i, i, i, f, i, p, i]}
+    return load_once(_state, _lock, SOURCE, _FLAGS, REQUIRED_CPU_FLAGS, functions, _self_check)
 
 
 def unavailable_reason() -> str:
