@@ -1925,3 +1925,25 @@ def test_a_data_parallel_model_is_deployed_from_the_module_it_wraps():
     with pytest.raises(ValueError, match=r"the DataParallel wrapper itself has 1 forward \(pre-\)hook\(s\).* "
                                          r"register them on model.module"):
         deploy(wrapper, x)
+
+
+def test_a_distributed_data_parallel_model_is_deployed_from_the_module_it_wraps(tmp_path):
+    """The same for DistributedDataParallel (a one-process gloo group on a file store: no network)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available in this torch build")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+        x = torch.randn(2, 3, 16, 16)
+        expected = _randomised_eval_output(model, x)
+        deployed = deploy(nn.parallel.DistributedDataParallel(model), x, fp32_precision="ieee")
+    finally:
+        dist.destroy_process_group()
+    assert deployed.optimizations[0] == "DistributedDataParallel wrapper taken off (the deployed model runs the " \
+                                        "module it holds, on one device)"
+    assert any(o.startswith("oneDNN pre-packed convolutions: 2") for o in deployed.optimizations), \
+        deployed.optimizations
+    torch.testing.assert_close(deployed(x), expected, atol=1e-5, rtol=0)
