@@ -11,10 +11,12 @@ Cumulative variants, each timed in its own process (``_isolated.py``), all fused
 5. ``+ token-view attention``: SHSA's ``nhwc`` path;
 6. ``+ image kernel``: the first convolution reads the NCHW image itself (``vitzoo.image_conv``; no channels-last
    copy of the input; without AVX-512 the same as step 5);
-7. ``+ SHSA kernel``: SHSA between its convolutions on ``vitzoo.shsa_kernel`` (without AVX-512 the same as step 6);
+7. ``+ stem pair``: the second convolution runs in the same kernel call, band by band
+   (``vitzoo.image_conv.image_conv_pair``; S1's 3 -> 16 -> 32 stem; S4's has no pair, nor without AVX-512);
+8. ``+ SHSA kernel``: SHSA between its convolutions on ``vitzoo.shsa_kernel`` (without AVX-512 the same as step 7);
    this is ``deploy(fp32_precision="ieee")``;
-8. ``+ bf16x3 on AMX``: convolutions in split bf16 on the AMX tile unit (``vitzoo.amx_gemm``); this is ``deploy()``
-   as shipped (on a CPU without AMX it is the same as step 7).
+9. ``+ bf16x3 on AMX``: convolutions in split bf16 on the AMX tile unit (``vitzoo.amx_gemm``); this is ``deploy()``
+   as shipped (on a CPU without AMX it is the same as step 8).
 
 Steps are switched off by patching ``vitzoo.inference`` and the kernel modules inside the worker process that
 builds that variant only.
@@ -36,12 +38,12 @@ import torch  # noqa: E402
 import vitzoo  # noqa: E402,F401
 from _common import base_parser, inference, print_machine, print_table, randomize_norm_stats  # noqa: E402
 from _isolated import measure_isolated  # noqa: E402
-from vitzoo import image_conv, shsa_kernel  # noqa: E402
+from vitzoo import image_conv, onednn_rewrite, shsa_kernel  # noqa: E402
 from vitzoo import inference as vi  # noqa: E402
 
 CASES = {"shvit_s1": 224, "shvit_s4": 256}
 STEPS = ("fused", "+ channels-last", "+ oneDNN packed convs", "+ 1x1 as linear", "+ token-view attention",
-         "+ image kernel", "+ SHSA kernel", "+ bf16x3 on AMX")
+         "+ image kernel", "+ stem pair", "+ SHSA kernel", "+ bf16x3 on AMX")
 
 
 def build_deployed(step: str, model: torch.nn.Module, x: torch.Tensor, verify: bool = False) -> vi.DeployedModel:
@@ -57,11 +59,13 @@ def build_deployed(step: str, model: torch.nn.Module, x: torch.Tensor, verify: b
         if level < 5:
             stack.enter_context(mock.patch.object(image_conv, "load", lambda: None))
         if level < 6:
+            stack.enter_context(mock.patch.object(onednn_rewrite, "_fuse_image_pair", lambda gm, packed: False))
+        if level < 7:
             stack.enter_context(mock.patch.object(shsa_kernel, "load", lambda: None))
         # verify=False by default: running the unfused model first (deploy's check) left glibc's heap in a state
         # that slowed the plain NCHW 'fused' variant (docs/benchmarks.md, section 6; ``--verify`` shows it);
         # tests/test_benchmarks.py checks every variant's output instead
-        deployed = vi.deploy(model, x, verify=verify, fp32_precision="bf16x3" if level >= 7 else "ieee")
+        deployed = vi.deploy(model, x, verify=verify, fp32_precision="bf16x3" if level >= 8 else "ieee")
     if level < 3:
         for m in deployed.modules():
             if isinstance(m, vi.PackedConv2d) and m.pointwise:

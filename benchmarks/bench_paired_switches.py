@@ -14,7 +14,10 @@ median over rounds of the per-round time ratio, which cancels drifts of the host
   is done, against fixed shares (the kernel's ``vitzoo_amx_fixed_shares`` switch; only matters at 2+ threads,
   and only while one core is slower than the other, e.g. its AMX unit slowed by another tenant of the host);
 * ``SHSA kernel``: SHViT's attention blocks between their two convolutions on ``vitzoo.shsa_kernel`` (two calls
-  per block), against PyTorch's ops (the kernel hidden while deploying the other variant).
+  per block), against PyTorch's ops (the kernel hidden while deploying the other variant);
+* ``stem pair``: the stem's first two convolutions in one call of the image kernel, band by band
+  (``vitzoo.image_conv.image_conv_pair``; S1's 3 -> 16 -> 32, S4's 3 -> 28 has none), against the image kernel
+  then oneDNN's convolution (the pairing step skipped while deploying the other variant).
 
     OMP_NUM_THREADS=2 python benchmarks/bench_paired_switches.py --threads 1 2 --rounds 25
 """
@@ -37,13 +40,15 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import vitzoo  # noqa: E402,F401
 from _common import positive_int, print_machine, print_table, randomize_norm_stats  # noqa: E402
-from vitzoo import amx_gemm, image_conv, shsa_kernel  # noqa: E402
+from vitzoo import amx_gemm, image_conv, onednn_rewrite, shsa_kernel  # noqa: E402
 from vitzoo.inference import deploy  # noqa: E402
 
 CASES = {"shvit_s1": 224, "shvit_s4": 256}
-SWITCHES = ("image kernel", "direct AMX 1x1", "AMX rows shared out", "SHSA kernel")
-IEEE_TOO = ("image kernel", "SHSA kernel")  # the others switch AMX code
-DEPLOY_TIME = {"image kernel": (image_conv, "load"), "SHSA kernel": (shsa_kernel, "load")}  # switched while deploying
+SWITCHES = ("image kernel", "direct AMX 1x1", "AMX rows shared out", "SHSA kernel", "stem pair")
+IEEE_TOO = ("image kernel", "SHSA kernel", "stem pair")  # the others switch AMX code
+DEPLOY_TIME = {  # switched while deploying: what is replaced, by a function returning None (not available / not done)
+    "image kernel": (image_conv, "load"), "SHSA kernel": (shsa_kernel, "load"),
+    "stem pair": (onednn_rewrite, "_fuse_image_pair")}
 
 
 @contextmanager
@@ -57,9 +62,8 @@ def _without(switch: str) -> Iterator[None]:
         finally:
             fixed.value = 0
         return
-    target = (*DEPLOY_TIME[switch], lambda: None) if switch in DEPLOY_TIME else \
-        (amx_gemm, "amx_pointwise", lambda *args, **kwargs: None)
-    with mock.patch.object(*target):
+    where = DEPLOY_TIME.get(switch, (amx_gemm, "amx_pointwise"))
+    with mock.patch.object(*where, lambda *args, **kwargs: None):
         yield
 
 

@@ -13,7 +13,7 @@ import bench_deploy_ablation as ablation  # noqa: E402
 from _common import base_parser, randomize_norm_stats  # noqa: E402
 import vitzoo  # noqa: E402
 from vitzoo import amx_gemm, image_conv, shsa_kernel  # noqa: E402
-from vitzoo.onednn_rewrite import PackedConv2d  # noqa: E402
+from vitzoo.onednn_rewrite import PackedConv2d, PackedConvPair  # noqa: E402
 from vitzoo.torchscript_backend import onednn_graph_available  # noqa: E402
 
 
@@ -36,11 +36,12 @@ def test_ablation_steps_switch_on_in_order(step, model_and_input):
     assert any(m.pointwise for m in packed) == (level >= 3)
     # SHSA modules are traced away by the oneDNN rewrite, so their switches are read from the report; blocks on
     # vitzoo's kernel no longer need the token view
-    on_kernel = level >= 6 and shsa_kernel.load() is not None
+    on_kernel = level >= 7 and shsa_kernel.load() is not None
     assert any("AVX-512 kernel: 9 blocks" in o for o in deployed.optimizations) == on_kernel
     assert any("token view" in o for o in deployed.optimizations) == (level >= 4 and not on_kernel)
     # AMX only in the last step, and there wherever this CPU has the kernel
-    assert any(m.amx for m in packed) == (level >= 7 and amx_gemm.load() is not None)
+    assert any(m.amx for m in packed) == (level >= 8 and amx_gemm.load() is not None)
+    assert any(isinstance(m, PackedConvPair) for m in deployed.modules()) == (level >= 6 and reads_image)
     if level < 2:
         assert any(isinstance(m, nn.Conv2d) for m in deployed.modules())
     with torch.no_grad():
@@ -254,7 +255,7 @@ def test_bench_shvit_builds_the_same_weights_in_every_process():
     assert all(torch.equal(first[k], again[k]) for k in first)
 
 
-@pytest.mark.parametrize("switch", ["image kernel", "direct AMX 1x1", "AMX rows shared out"])
+@pytest.mark.parametrize("switch", ["image kernel", "direct AMX 1x1", "AMX rows shared out", "stem pair"])
 def test_paired_switch_variants_compute_the_same_model(switch):
     """Both variants of a switch run the same model (the switch changes how, not what), and the paired ratio is a
     positive number."""
@@ -270,6 +271,20 @@ def test_paired_switch_variants_compute_the_same_model(switch):
             expected = model.eval()(x)
         torch.testing.assert_close(runs["on"](), expected, atol=1e-4, rtol=0)
     assert bench.paired_ratio(runs, rounds=2, calls=1, desc=switch) > 0
+
+
+def test_the_stem_pair_switch_deploys_with_and_without_the_pair():
+    """The "stem pair" variants differ in what the switch names (else the benchmark would time one model twice)."""
+    import bench_paired_switches as bench
+    if image_conv.load() is None:
+        pytest.skip(f"image kernel unavailable here: {image_conv.unavailable_reason()}")
+    model = timm.create_model("shvit_s1")
+    x = torch.randn(1, 3, 64, 64)
+    on = vitzoo.deploy(model, x)
+    with bench._without("stem pair"):
+        off = vitzoo.deploy(model, x)
+    pairs = [sum(isinstance(m, PackedConvPair) for m in d.modules()) for d in (on, off)]
+    assert pairs == [1, 0]
 
 
 def test_paired_switch_spread_reads_quartiles_and_counts_rounds_past_ten_percent():

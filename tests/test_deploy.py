@@ -13,7 +13,7 @@ from torch import nn
 
 from vitzoo import shsa_kernel
 from vitzoo.inference import BACKENDS, DeployedModel, available_backends, deploy
-from vitzoo.onednn_rewrite import PackedConv2d
+from vitzoo.onednn_rewrite import PackedConv2d, PackedConvPair
 
 from norms import randomize_norms  # tests/norms.py
 
@@ -61,7 +61,8 @@ def test_eager_shvit_matches_unfused_and_leaves_caller_alone(shvit_s1):
 @pytest.mark.parametrize("attention_kernel", [True, False])
 def test_eager_shvit_convs_get_channels_last_inputs(shvit_s1, attention_kernel, monkeypatch):
     """No layout copies: every packed conv's input and residual is channels-last (SHSA runs on vitzoo's kernel, or
-    without it on the token view), except the first one's where it reads the NCHW image itself (vitzoo.image_conv)."""
+    without it on the token view), except the first one's where it reads the NCHW image itself (vitzoo.image_conv,
+    alone or paired with the second)."""
     if not attention_kernel:
         monkeypatch.setattr(shsa_kernel, "load", lambda: None)
     deployed = deploy(shvit_s1, torch.randn(2, 3, 128, 128))
@@ -71,14 +72,18 @@ def test_eager_shvit_convs_get_channels_last_inputs(shvit_s1, attention_kernel, 
     seen = []
 
     def check(module, args):
-        wanted = torch.contiguous_format if module.image else torch.channels_last
+        wanted = torch.contiguous_format if isinstance(module, PackedConvPair) or module.image else torch.channels_last
         seen.append([tuple(a.stride()) for a in args if not a.is_contiguous(memory_format=wanted)])
 
-    packed = [m for m in deployed.modules() if isinstance(m, PackedConv2d)]
-    for m in packed:
+    # the stem's first two convolutions run as one PackedConvPair where the image kernel pairs them
+    pairs = [m for m in deployed.modules() if isinstance(m, PackedConvPair)]
+    in_pairs = {id(m) for pair in pairs for m in (pair.first, pair.second)}
+    called = pairs + [m for m in deployed.modules() if isinstance(m, PackedConv2d) and id(m) not in in_pairs]
+    assert len(called) == 77 - len(pairs)
+    for m in called:
         m.register_forward_pre_hook(check)
     deployed(torch.randn(2, 3, 128, 128))
-    assert len(seen) == len(packed) and not any(seen), [s for s in seen if s]
+    assert len(seen) == len(called) and not any(seen), [s for s in seen if s]
 
 
 def test_eager_deit_matches():

@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 static __mmask16 first_lanes(int count) {
     if (count >= 16) return (__mmask16)0xFFFF;
@@ -68,6 +69,43 @@ static void border_pixel(const float *const *rows, int ix0, int w, const float *
     _mm512_mask_storeu_ps(o, lanes, acc);
 }
 
+/* the columns [left, right) of outputs whose three input columns all lie inside a row of width w */
+static void inner_columns(int w, int stride, int pad, int ow, int *left, int *right) {
+    int l = 0, r = ow;
+    while (l < ow && l * stride - pad < 0) ++l;
+    while (r > l && (r - 1) * stride - pad + 2 >= w) --r;
+    *left = l, *right = r;
+}
+
+/* output row oy of image b, all its channel blocks; o: the row's first pixel, n channels per pixel (its stride) */
+static void image_row(const float *x, int64_t sb, int64_t sc, int64_t sh, int b, int oy, int h, int w, int stride,
+                      int pad, int ow, int left, int right, const float *weight, const float *bias, int n, int relu,
+                      const float *zeros, float *o) {
+    const float *rows[9];
+    for (int c = 0; c < 3; ++c)
+        for (int ky = 0; ky < 3; ++ky) {
+            const int iy = oy * stride - pad + ky;
+            const int inside = iy >= 0 && iy < h;
+            rows[3 * c + ky] = inside ? x + (int64_t)b * sb + (int64_t)c * sc + (int64_t)iy * sh : zeros;
+        }
+    for (int blk = 0; blk < (n + 15) / 16; ++blk) {
+        const float *wb = weight + (int64_t)blk * 27 * 16;
+        const __m512 bv = _mm512_loadu_ps(bias + 16 * blk);
+        const __mmask16 lanes = first_lanes(n - 16 * blk);
+        float *ob = o + 16 * blk;
+        for (int ox = 0; ox < left; ++ox)
+            border_pixel(rows, ox * stride - pad, w, wb, bv, relu, lanes, ob + (int64_t)ox * n);
+        if (right > left) {
+            if (stride == 1)
+                run_stride1(rows, left - pad, right - left, wb, bv, relu, lanes, ob + (int64_t)left * n, n);
+            else
+                run_stride2(rows, left * 2 - pad, right - left, wb, bv, relu, lanes, ob + (int64_t)left * n, n);
+        }
+        for (int ox = right > left ? right : left; ox < ow; ++ox)
+            border_pixel(rows, ox * stride - pad, w, wb, bv, relu, lanes, ob + (int64_t)ox * n);
+    }
+}
+
 /*
  * x: fp32 (batch, 3, h, w) with strides (sb, sc, sh, 1); weight: the (n, 3, 3, 3) weight as (ceil(n / 16), 27,
  * 16) fp32, zero-padded (tap t = 9 c + 3 ky + kx); bias: ceil(n / 16) * 16 floats (zeros if the conv has none);
@@ -80,38 +118,126 @@ int vitzoo_image_conv3x3(const float *x, int64_t sb, int64_t sc, int64_t sh, int
     if (stride != 1 && stride != 2) return -2;
     float *zeros = calloc((size_t)w + 4, sizeof(float));
     if (!zeros) return -1;
-    int left = 0, right = ow; /* outputs [left, right) have all three columns inside */
-    while (left < ow && left * stride - pad < 0) ++left;
-    while (right > left && (right - 1) * stride - pad + 2 >= w) --right;
-    const int blocks = (n + 15) / 16;
+    int left, right;
+    inner_columns(w, stride, pad, ow, &left, &right);
 #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
-    for (int row = 0; row < batch * oh; ++row) {
-        const int b = row / oh, oy = row % oh;
-        const float *rows[9];
-        for (int c = 0; c < 3; ++c)
-            for (int ky = 0; ky < 3; ++ky) {
-                const int iy = oy * stride - pad + ky;
-                const int inside = iy >= 0 && iy < h;
-                rows[3 * c + ky] = inside ? x + (int64_t)b * sb + (int64_t)c * sc + (int64_t)iy * sh : zeros;
-            }
-        float *o = out + (int64_t)row * ow * n;
-        for (int blk = 0; blk < blocks; ++blk) {
-            const float *wb = weight + (int64_t)blk * 27 * 16;
-            const __m512 bv = _mm512_loadu_ps(bias + 16 * blk);
-            const __mmask16 lanes = first_lanes(n - 16 * blk);
-            float *ob = o + 16 * blk;
-            for (int ox = 0; ox < left; ++ox)
-                border_pixel(rows, ox * stride - pad, w, wb, bv, relu, lanes, ob + (int64_t)ox * n);
-            if (right > left) {
-                if (stride == 1)
-                    run_stride1(rows, left - pad, right - left, wb, bv, relu, lanes, ob + (int64_t)left * n, n);
-                else
-                    run_stride2(rows, left * 2 - pad, right - left, wb, bv, relu, lanes, ob + (int64_t)left * n, n);
-            }
-            for (int ox = right > left ? right : left; ox < ow; ++ox)
-                border_pixel(rows, ox * stride - pad, w, wb, bv, relu, lanes, ob + (int64_t)ox * n);
-        }
-    }
+    for (int row = 0; row < batch * oh; ++row)
+        image_row(x, sb, sc, sh, row / oh, row % oh, h, w, stride, pad, ow, left, right, weight, bias, n, relu,
+                  zeros, out + (int64_t)row * ow * n);
     free(zeros);
     return 0;
+}
+
+/*
+ * The second convolution of a stem, fused: 3x3, stride 2, padding 1, from the first one's 16 channels into n2 (a
+ * multiple of 16), read from a band of the first convolution's output rows that one thread has just computed, so
+ * that the first convolution's output (the stem's largest activation) never leaves the core's cache.
+ *
+ * A band row holds w1 + 2 pixels of 16 floats: a zero pixel, the first convolution's w1 output pixels, a zero
+ * pixel (the second convolution's padding columns). weight2 is the (n2, 16, 3, 3) weight as (3, 3, 16, n2): for
+ * each tap and input channel, the n2 output channels' weights in a row. One output pixel is V vectors of 16
+ * output channels; a tile is P consecutive pixels of a row, its P x V sums in registers while the 144 (tap, input
+ * channel) products are added in that order, each a broadcast input value times V weight vectors.
+ */
+#define PAIR_TILE(P, V)                                                                                     \
+    static void tile_##P##_##V(const float *const *rows, int ox0, const float *w2, int n2, const float *bias, \
+                               int relu, float *o) {                                                        \
+        __m512 acc[P][V];                                                                                   \
+        _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p)                                                \
+            _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) acc[p][v] = _mm512_loadu_ps(bias + 16 * v); \
+        for (int t = 0; t < 9; ++t) {                                                                       \
+            const float *in = rows[t / 3] + (int64_t)(2 * ox0 + t % 3) * 16;                                \
+            const float *wt = w2 + (int64_t)t * 16 * n2;                                                    \
+            for (int ic = 0; ic < 16; ++ic) {                                                               \
+                __m512 wv[V];                                                                               \
+                _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v)                                         \
+                    wv[v] = _mm512_loadu_ps(wt + (int64_t)ic * n2 + 16 * v);                                \
+                _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p) {                                      \
+                    const __m512 value = _mm512_set1_ps(in[32 * p + ic]);                                   \
+                    _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v)                                     \
+                        acc[p][v] = _mm512_fmadd_ps(value, wv[v], acc[p][v]);                               \
+                }                                                                                           \
+            }                                                                                               \
+        }                                                                                                   \
+        _Pragma("GCC unroll 16") for (int p = 0; p < P; ++p)                                                \
+            _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) {                                           \
+                __m512 r = acc[p][v];                                                                       \
+                if (relu) r = _mm512_max_ps(_mm512_setzero_ps(), r);                                        \
+                _mm512_storeu_ps(o + (int64_t)p * n2 + 16 * v, r);                                          \
+            }                                                                                               \
+    }
+PAIR_TILE(12, 2)
+PAIR_TILE(4, 2)
+PAIR_TILE(1, 2)
+PAIR_TILE(12, 1)
+PAIR_TILE(4, 1)
+PAIR_TILE(1, 1)
+
+/* one output row of the second convolution: rows[ky] the band rows of its three input rows */
+static void pair_row(const float *const *rows, int ow2, const float *w2, int n2, const float *bias2, int relu2,
+                     float *o) {
+    for (int c0 = 0; c0 < n2; c0 += 32) {
+        const int two = n2 - c0 >= 32;
+        const float *wc = w2 + c0, *bc = bias2 + c0;
+        float *oc = o + c0;
+        int ox = 0;
+        for (; ox + 12 <= ow2; ox += 12)
+            (two ? tile_12_2 : tile_12_1)(rows, ox, wc, n2, bc, relu2, oc + (int64_t)ox * n2);
+        for (; ox + 4 <= ow2; ox += 4)
+            (two ? tile_4_2 : tile_4_1)(rows, ox, wc, n2, bc, relu2, oc + (int64_t)ox * n2);
+        for (; ox < ow2; ++ox)
+            (two ? tile_1_2 : tile_1_1)(rows, ox, wc, n2, bc, relu2, oc + (int64_t)ox * n2);
+    }
+}
+
+/*
+ * relu2?(conv2(relu1?(conv1(x)))): conv1 as vitzoo_image_conv3x3 with 16 output channels (oh1 x ow1), conv2 as
+ * above (n2 channels, oh2 x ow2); out: contiguous channels-last (batch, n2, oh2, ow2). Work items are bands of
+ * `band` output rows of one image, shared out to the threads as they come free; a band computes the 2 band + 1
+ * rows of conv1 it reads (the row between two bands twice). Returns 0; -1 if a buffer could not be allocated; -2
+ * for a stride other than 1 or 2, or n2 not a multiple of 16.
+ */
+int vitzoo_image_conv_pair(const float *x, int64_t sb, int64_t sc, int64_t sh, int batch, int h, int w, int stride,
+                           int pad, int oh1, int ow1, const float *weight1, const float *bias1, int relu1,
+                           int oh2, int ow2, const float *weight2, const float *bias2, int n2, int relu2, int band,
+                           float *out, int threads) {
+    if ((stride != 1 && stride != 2) || n2 % 16 != 0 || n2 <= 0 || band < 1) return -2;
+    float *zeros = calloc((size_t)w + 4, sizeof(float));
+    if (!zeros) return -1;
+    int left, right;
+    inner_columns(w, stride, pad, ow1, &left, &right);
+    const int bands = (oh2 + band - 1) / band;
+    const int64_t row_floats = (int64_t)(ow1 + 2) * 16, rows_per_band = 2 * (int64_t)band + 1;
+    int failed = 0;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    {
+        float *buffer = calloc((size_t)(rows_per_band * row_floats), sizeof(float));
+        if (!buffer) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < (int64_t)batch * bands; ++item) {
+            if (!buffer) continue;
+            const int b = (int)(item / bands), oy0 = (int)(item % bands) * band;
+            const int oy_end = oy0 + band < oh2 ? oy0 + band : oh2;
+            const int y_first = 2 * oy0 - 1, y_last = 2 * (oy_end - 1) + 1; /* conv1 rows read */
+            for (int y = y_first; y <= y_last; ++y) {
+                float *row = buffer + (y - y_first) * row_floats;
+                if (y < 0 || y >= oh1)
+                    memset(row, 0, (size_t)row_floats * sizeof(float));
+                else
+                    image_row(x, sb, sc, sh, b, y, h, w, stride, pad, ow1, left, right, weight1, bias1, 16, relu1,
+                              zeros, row + 16);
+            }
+            for (int oy = oy0; oy < oy_end; ++oy) {
+                const float *rows[3];
+                for (int ky = 0; ky < 3; ++ky) rows[ky] = buffer + (2 * (oy - oy0) + ky) * row_floats;
+                pair_row(rows, ow2, weight2, n2, bias2, relu2, out + ((int64_t)b * oh2 + oy) * ow2 * n2);
+            }
+        }
+        free(buffer);
+    }
+    free(zeros);
+    return failed ? -1 : 0;
 }

@@ -26,7 +26,7 @@ from vitzoo import amx_gemm, image_conv
 from vitzoo.module_hooks import HookKeepingTracer, has_forward_hooks
 from vitzoo.outputs import outputs_close
 
-__all__ = ["FP32_PRECISIONS", "PackedConv2d", "onednn_rewrite"]
+__all__ = ["FP32_PRECISIONS", "PackedConv2d", "PackedConvPair", "onednn_rewrite"]
 
 #: ``"ieee"``: IEEE fp32 everywhere; ``"bf16x3"``: convolutions in split bf16 on AMX where available and faster.
 FP32_PRECISIONS = ("ieee", "bf16x3")
@@ -276,6 +276,29 @@ class PackedConv2d(nn.Module):
                 + (", vitzoo image kernel (NCHW input)" if self.image else ""))
 
 
+class PackedConvPair(nn.Module):
+    """A stem's first two convolutions in one call of vitzoo's image kernel (:func:`vitzoo.image_conv.image_conv_pair`).
+
+    ``first`` reads the NCHW image into 16 channels (:meth:`PackedConv2d.use_image_kernel`), and ``second``, a 3x3,
+    stride-2 convolution, is its only reader. The kernel computes them band by band, so that the first one's output
+    stays in the CPU's cache (SHViT-S1/S2, EfficientViT-M4). Both keep their ReLU (``unary``). An input the kernel
+    does not take runs through the two modules, which give PyTorch's errors.
+    """
+
+    def __init__(self, first: PackedConv2d, second: PackedConv2d):
+        super().__init__()
+        self.first = first
+        self.second = second
+        self._second_weight = image_conv.pack_second_weight(second.weight, second.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.first.in_channels:
+            return self.second(self.first(x))
+        return image_conv.image_conv_pair(x, self.first._image_weight, self._second_weight, self.first.stride,
+                                          self.first.padding, relu=self.first.unary == "relu",
+                                          relu_second=self.second.unary == "relu")
+
+
 class _RewriteTracer(HookKeepingTracer):
     """:class:`HookKeepingTracer` with timm's ``Conv2dSame`` as a leaf (its forward branches on the input's size,
     which torch.fx cannot trace; the rewrite packs it whole), and with ``timm_leaves`` every module and function
@@ -439,6 +462,30 @@ def _read_image_directly(gm: fx.GraphModule, packed: Dict[fx.Node, PackedConv2d]
         gm.input_memory_format = torch.contiguous_format
         return True
     return False
+
+
+def _fuse_image_pair(gm: fx.GraphModule, packed: Dict[fx.Node, PackedConv2d]) -> bool:
+    """If the convolution on the image kernel writes 16 channels that only a convolution
+    :func:`vitzoo.image_conv.image_conv_pair` can run reads (no residual, IEEE fp32), run both as one
+    :class:`PackedConvPair`; returns whether it did."""
+    first_node = next((node for node, conv in packed.items() if conv.image and node in gm.graph.nodes), None)
+    if first_node is None or len(first_node.users) != 1 or len(first_node.args) != 1 or first_node.kwargs:
+        return False
+    first, second_node = packed[first_node], next(iter(first_node.users))
+    second = packed.get(second_node)
+    if second is None or second_node.args != (first_node,) or second_node.kwargs or first.out_channels != 16 \
+            or second.amx or second.same or not image_conv.pair_takes(
+                second.out_channels, second.kernel_size, second.stride, second.padding, second.dilation,
+                second.groups, second.in_channels):
+        return False
+    gm.add_submodule("packed_pair", PackedConvPair(first, second))
+    with gm.graph.inserting_after(second_node):
+        pair = gm.graph.call_module("packed_pair", first_node.args)
+    pair.meta = dict(second_node.meta)
+    second_node.replace_all_uses_with(pair)
+    gm.graph.erase_node(second_node)
+    gm.graph.erase_node(first_node)
+    return True
 
 
 def _plain_containers(value: Any) -> Any:
@@ -608,6 +655,8 @@ def onednn_rewrite(model: nn.Module, example_input: torch.Tensor, fp32_precision
     n_relu = _fuse_relus(gm, packed, modules)
     n_in_place = _relus_in_place(gm, modules)
     _eliminate_dead_code(gm)
+    image = _read_image_directly(gm, packed)
+    pair = image and _fuse_image_pair(gm, packed)
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
@@ -616,9 +665,12 @@ def onednn_rewrite(model: nn.Module, example_input: torch.Tensor, fp32_precision
     n_amx = sum(conv.amx for conv in packed.values())
     if n_amx:
         done.append(f"convolutions in split bf16 (bf16x3) on AMX: {n_amx} of {len(packed)}")
-    if _read_image_directly(gm, packed):
+    if image:
         done.append("first convolution reads the NCHW image directly (vitzoo's AVX-512 image kernel, IEEE fp32): "
                     "no channels-last copy of the input")
+    if pair:
+        done.append("the second convolution runs in the same kernel call, on bands of the first one's output rows "
+                    "while they are in cache (IEEE fp32)")
     if n_in_place:
         done.append(f"ReLUs run in place on the torch.cat result only they use: {n_in_place}")
     return gm, done
