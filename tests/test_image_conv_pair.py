@@ -123,7 +123,7 @@ def test_bad_inputs_are_refused_with_a_reason():
         image_conv.image_conv_pair(x, packed, second, (3, 3), (1, 1))
     with pytest.raises(ValueError, match="smaller than the 3x3 kernel"):
         image_conv.image_conv_pair(torch.randn(1, 3, 2, 8), packed, second, (1, 1), (0, 0))
-    with pytest.raises(ValueError, match="writes 16 channels; its packed bias has 32"):
+    with pytest.raises(ValueError, match=r"writes 16 channels \(pack_weight of a \(16, 3, 3, 3\) weight\), but its packing holds 32"):
         image_conv.image_conv_pair(x, image_conv.pack_weight(torch.randn(32, 3, 3, 3), None), second, (2, 2), (1, 1))
     for bad, message in (((second[0].double(), second[1]), "contiguous float32 CPU tensor"),
                          ((second[0][..., :16], second[1]), "contiguous float32 CPU tensor"),
@@ -132,8 +132,24 @@ def test_bad_inputs_are_refused_with_a_reason():
                          ((second[0][..., :24].contiguous(), second[1][:24]), "multiple of 16")):
         with pytest.raises(ValueError, match=message):
             image_conv.image_conv_pair(x, packed, bad, (2, 2), (1, 1))
-    with pytest.raises(ValueError, match="band must be at least 1 row, got 0"):
-        image_conv.image_conv_pair(x, packed, second, (2, 2), (1, 1), band=0)
+    for band in (0, 2.5, True):  # a float reached ctypes' own ArgumentError (found by a review)
+        with pytest.raises(ValueError, match=f"band must be a whole number of rows, at least 1, got {band}"):
+            image_conv.image_conv_pair(x, packed, second, (2, 2), (1, 1), band=band)
+    with pytest.raises(ValueError, match="not contiguous"):
+        image_conv.image_conv_pair(x, packed, (second[0][..., :16], second[1][:16]), (2, 2), (1, 1))
+
+
+@pytest.mark.parametrize("batch,oh2,ow1,threads,band", [
+    (16, 56, 112, 2, 8),  # S1 at 224: 17 rows of 114 x 16 floats = 124 KB; 16 x 7 items for 2 threads
+    (1, 56, 112, 2, 7),  # batch 1: 8 bands of 7 rows, 4 items per thread
+    (1, 56, 112, 16, 1),  # 64 items wanted, 56 rows: one row each
+    (3, 56, 112, 4, 8),  # 6 bands per image wanted: 9 rows would do, the cache budget gives 8
+    (2, 10, 200, 1, 4),  # 10 rows of 202 x 16 floats fit 128 KB: bands of 4 (9 rows)
+    (1, 4, 2000, 1, 1),  # one row of 2002 x 16 floats fills the budget: still one row
+])
+def test_default_band_fits_the_cache_and_feeds_every_thread(batch, oh2, ow1, threads, band):
+    """Worked out by hand: (131072 // (64 (ow1 + 2)) - 1) // 2 rows, at most oh2 // ceil(4 threads / batch)."""
+    assert image_conv.default_band(batch, oh2, ow1, threads) == band
 
 
 def _deployed_pairs(deployed):
@@ -161,18 +177,21 @@ def test_deploy_runs_the_stem_pair_within_the_contract(name):
 class _Stem(nn.Module):
     """3 -> 16 -> 32 like SHViT-S1's stem, with variations that rule the pair out."""
 
-    def __init__(self, second_stride=2, tap=False, residual=False, second_in=16):
+    def __init__(self, second_stride=2, tap=False, shortcut=False, residual=False, second_in=16):
         super().__init__()
         self.first = nn.Conv2d(3, second_in, 3, 2, 1)
         self.second = nn.Conv2d(second_in, 32, 3, second_stride, 1)
-        self.tap, self.residual = tap, residual
-        self.shortcut = nn.Conv2d(second_in, 32, 2, 2)
+        self.tap, self.shortcut, self.residual = tap, shortcut, residual
+        self.from_first = nn.Conv2d(second_in, 32, 2, 2)
+        self.from_image = nn.Conv2d(3, 32, 4, 4)
 
     def forward(self, x):
         h = self.first(x).relu()
         out = self.second(h)
-        if self.residual:
-            out = out + self.shortcut(h)
+        if self.shortcut:  # a second reader of the first layer's output
+            out = out + self.from_first(h)
+        if self.residual:  # an add the rewrite fuses into the second convolution (its second argument)
+            out = out + self.from_image(x)
         return (out.relu(), h.mean()) if self.tap else out.relu()
 
 
@@ -180,7 +199,8 @@ class _Stem(nn.Module):
     ({}, True),
     ({"second_stride": 1}, False),  # not a stride-2 second layer
     ({"tap": True}, False),  # the first layer's output is read elsewhere too
-    ({"residual": True}, False),  # read by a shortcut as well
+    ({"shortcut": True}, False),  # read by a shortcut as well
+    ({"residual": True}, False),  # the second convolution has a residual fused in
     ({"second_in": 8}, False),  # the image kernel's output is not 16 channels
 ])
 def test_which_stems_are_paired(kwargs, paired):
@@ -193,10 +213,18 @@ def test_which_stems_are_paired(kwargs, paired):
         torch.testing.assert_close(deployed(x), model(x), atol=1e-4, rtol=0)
 
 
-def test_a_pair_given_a_wrong_channel_count_raises_pytorchs_error():
-    first = PackedConv2d(nn.Conv2d(3, 16, 3, 2, 1).eval(), (1, 3, 16, 16))
+@pytest.mark.parametrize("shape", [(1, 4, 16, 16), (1, 3, 2, 2)])
+def test_inputs_a_pair_cannot_take_raise_as_nn_conv2d_does(shape):
+    """A wrong channel count, an image smaller than the first (unpadded) kernel: nn.Conv2d's own error (found by a
+    review: the small image got the image kernel's ValueError). A deployed model refuses inputs of other ranks."""
+    convs = nn.Conv2d(3, 16, 3, 2, 0).eval(), nn.Conv2d(16, 32, 3, 2, 1).eval()
+    first = PackedConv2d(convs[0], (1, 3, 16, 16))
     if not first.use_image_kernel():
         pytest.skip("image kernel unavailable here")
-    pair = PackedConvPair(first, PackedConv2d(nn.Conv2d(16, 32, 3, 2, 1).eval(), (1, 16, 8, 8)))
-    with pytest.raises(RuntimeError):
-        pair(torch.randn(1, 4, 16, 16))
+    pair = PackedConvPair(first, PackedConv2d(convs[1], (1, 16, 7, 7)))
+    x = torch.randn(*shape)
+    with pytest.raises(Exception) as expected:
+        convs[1](convs[0](x))
+    with pytest.raises(type(expected.value)) as got:
+        pair(x)
+    assert str(got.value) == str(expected.value)

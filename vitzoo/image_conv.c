@@ -195,7 +195,7 @@ static void pair_row(const float *const *rows, int ow2, const float *w2, int n2,
  * above (n2 channels, oh2 x ow2); out: contiguous channels-last (batch, n2, oh2, ow2). Work items are bands of
  * `band` output rows of one image, shared out to the threads as they come free; a band computes the 2 band + 1
  * rows of conv1 it reads (the row between two bands twice). Returns 0; -1 if a buffer could not be allocated; -2
- * for a stride other than 1 or 2, or n2 not a multiple of 16.
+ * for a stride other than 1 or 2, n2 not a positive multiple of 16, or band < 1.
  */
 int vitzoo_image_conv_pair(const float *x, int64_t sb, int64_t sc, int64_t sh, int batch, int h, int w, int stride,
                            int pad, int oh1, int ow1, const float *weight1, const float *bias1, int relu1,

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from vitzoo.native_build import load_once
 
-__all__ = ["REQUIRED_CPU_FLAGS", "image_conv3x3", "image_conv_pair", "load", "pack_second_weight", "pack_weight",
-           "pair_takes", "unavailable_reason"]
+__all__ = ["REQUIRED_CPU_FLAGS", "default_band", "image_conv3x3", "image_conv_pair", "load", "pack_second_weight",
+           "pack_weight", "pair_takes", "unavailable_reason"]
 
 SOURCE = Path(__file__).with_name("image_conv.c")
 REQUIRED_CPU_FLAGS = ("avx512f", "fma")
@@ -50,6 +50,8 @@ PAIR_IN_CHANNELS = 16
 #: inside a recent x86 core's L2 share; measured on SHViT-S1's stem, bands of 4 and 7 rows of the second
 #: convolution's output (66 and 110 KB) ran level, 14 rows slower
 PAIR_BAND_BYTES = 128 * 1024
+#: image_conv_pair makes bands narrower where a small batch would give fewer work items than this per thread
+PAIR_ITEMS_PER_THREAD = 4
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib" (CDLL or None) and "reason" (str) once load() has run
@@ -152,14 +154,24 @@ def _run(lib: ctypes.CDLL, x: torch.Tensor, packed: Tuple[torch.Tensor, torch.Te
     return out
 
 
+def default_band(batch: int, oh2: int, ow1: int, threads: int) -> int:
+    """Rows of the second convolution's output per work item of :func:`image_conv_pair`: as many as keep the
+    2 band + 1 rows of the first convolution's output (``ow1`` pixels of 16 floats and a zero pixel each side)
+    within :data:`PAIR_BAND_BYTES`, but no more than leave :data:`PAIR_ITEMS_PER_THREAD` work items per thread
+    (found by a review: SHViT-S1 at batch 1 made 7 bands, so at most 7 threads worked); at least 1."""
+    band = (PAIR_BAND_BYTES // ((ow1 + 2) * PAIR_IN_CHANNELS * 4) - 1) // 2
+    bands_per_image = -(-PAIR_ITEMS_PER_THREAD * threads // batch)
+    return max(1, min(band, oh2 // bands_per_image))
+
+
 def _run_pair(lib: ctypes.CDLL, x: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor],
               packed_second: Tuple[torch.Tensor, torch.Tensor], out_channels: int, stride: int, padding: int,
               relu: bool, relu_second: bool, band: Optional[int]) -> torch.Tensor:
     batch, _, height, width = x.shape
     oh1, ow1 = _output_size(x, stride, padding)
     oh2, ow2 = (oh1 - 1) // 2 + 1, (ow1 - 1) // 2 + 1
-    if band is None:  # rows of the second convolution's output per band: 2 band + 1 rows of the first's
-        band = max(1, (PAIR_BAND_BYTES // ((ow1 + 2) * PAIR_IN_CHANNELS * 4) - 1) // 2)
+    if band is None:
+        band = default_band(batch, oh2, ow1, torch.get_num_threads())
     out = torch.empty(batch, oh2, ow2, out_channels).permute(0, 3, 1, 2)
     status = lib.vitzoo_image_conv_pair(
         x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), batch, height, width, stride, padding, oh1, ow1,
@@ -215,11 +227,13 @@ def image_conv_pair(x: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor],
 
     Args:
         x: As for :func:`image_conv3x3`.
-        packed: :func:`pack_weight` of the first convolution's ``(16, 3, 3, 3)`` weight and its bias.
+        packed: :func:`pack_weight` of the first convolution's ``(16, 3, 3, 3)`` weight and its bias (a narrower
+            weight packs to 16 channels too, its missing ones zero, and is run as such).
         packed_second: :func:`pack_second_weight` of the second's ``(N, 16, 3, 3)`` weight and its bias.
         stride, padding: The first convolution's, as for :func:`image_conv3x3`.
         relu, relu_second: A ReLU after the first / the second convolution.
-        band: Rows of the output each work item computes (default: what fits :data:`PAIR_BAND_BYTES`).
+        band: Rows of the output each work item computes (default: what fits :data:`PAIR_BAND_BYTES`, fewer where
+            the batch would give fewer than :data:`PAIR_ITEMS_PER_THREAD` items per thread).
 
     Returns:
         A new channels-last ``(B, N, OH, OW)`` float32 tensor.
@@ -227,20 +241,21 @@ def image_conv_pair(x: torch.Tensor, packed: Tuple[torch.Tensor, torch.Tensor],
     lib = _checked_library(x, stride, padding)
     _check_packed(packed, PAIR_IN_CHANNELS)
     if packed[1].numel() != PAIR_IN_CHANNELS:
-        raise ValueError(f"the first convolution of a pair writes {PAIR_IN_CHANNELS} channels; its packed bias has "
-                         f"{packed[1].numel()}")
+        raise ValueError(f"the first convolution of a pair writes {PAIR_IN_CHANNELS} channels (pack_weight of a "
+                         f"({PAIR_IN_CHANNELS}, 3, 3, 3) weight), but its packing holds {packed[1].numel()}")
     weight, bias = packed_second
     for name, t in (("weight", weight), ("bias", bias)):
         if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
             raise ValueError(f"the second convolution's packed {name} must be a contiguous float32 CPU tensor (from "
-                             f"pack_second_weight), got {t.dtype} on {t.device}")
+                             f"pack_second_weight), got {t.dtype} on {t.device}"
+                             f"{'' if t.is_contiguous() else ', not contiguous'}")
     n = bias.numel()
     if weight.shape[:3] != (3, 3, PAIR_IN_CHANNELS) or weight.dim() != 4 or bias.shape != (n,) or n % 16 or \
             weight.shape[3] != n or n == 0:
         raise ValueError(f"packed second weight {tuple(weight.shape)} and bias {tuple(bias.shape)} are not "
                          "pack_second_weight's (3, 3, 16, N) and (N,) with N a multiple of 16")
-    if band is not None and band < 1:
-        raise ValueError(f"band must be at least 1 row, got {band}")
+    if band is not None and (not isinstance(band, int) or isinstance(band, bool) or band < 1):
+        raise ValueError(f"band must be a whole number of rows, at least 1, got {band!r}")
     if x.stride(3) != 1:
         x = x.contiguous()
     return _run_pair(lib, x, packed, packed_second, n, stride[0], padding[0], relu, relu_second, band)

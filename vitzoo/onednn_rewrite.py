@@ -290,9 +290,12 @@ class PackedConvPair(nn.Module):
         self.first = first
         self.second = second
         self._second_weight = image_conv.pack_second_weight(second.weight, second.bias)
+        second._packed.clear()  # its oneDNN packing: re-made only if an input goes through the modules
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.first.in_channels:
+        if x.dim() != 4 or x.shape[1] != self.first.in_channels or min(self.first._output_shape(x)[2:]) < 1:
+            # what the first convolution cannot take (found by a review: an image smaller than its kernel got the
+            # image kernel's ValueError, not nn.Conv2d's error)
             return self.second(self.first(x))
         return image_conv.image_conv_pair(x, self.first._image_weight, self._second_weight, self.first.stride,
                                           self.first.padding, relu=self.first.unary == "relu",
