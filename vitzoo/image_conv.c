@@ -31,10 +31,16 @@ static __mmask16 first_lanes(int count) {
     X(25, 8, 1) X(26, 8, 2)
 #define LOAD_WEIGHT(t, r, kx) const __m512 w##t = _mm512_loadu_ps(wb + 16 * (t));
 #define TAP(t, r, kx) acc = _mm512_fmadd_ps(_mm512_set1_ps(p##r[(kx)]), w##t, acc);
+#define TAP_TWO(t, r, kx)                                                                                   \
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(p##r[(kx)]), w##t, acc);                                           \
+    next = _mm512_fmadd_ps(_mm512_set1_ps(p##r[(kx) + step]), w##t, next);
 
 /* n_out consecutive outputs of one output row, one 16-channel block (weights wb: 27 x 16, tap-major), every tap
    inside the image: rows[r] is the window's input row r (a row of zeros above or below the image), ix0 the first
-   output's window column; o: the first output's channels, n the output's pixel stride. */
+   output's window column; o: the first output's channels, n the output's pixel stride. Two outputs at a time:
+   their two chains of 27 dependent multiply-adds interleave (one chain at a time waited on each multiply-add's
+   latency: 1.15-1.5x slower on SHViT-S1's 3 -> 16 convolution, docs/benchmarks.md section 13); each output's
+   own order of operations stays, so the results are the same bit for bit. */
 #define STRIDED_RUN(S)                                                                                      \
     static void run_stride##S(const float *const *rows, int ix0, int n_out, const float *wb, __m512 bias,    \
                               int relu, __mmask16 lanes, float *o, int64_t n) {                             \
@@ -42,12 +48,25 @@ static __mmask16 first_lanes(int count) {
         const float *p0 = rows[0] + ix0, *p1 = rows[1] + ix0, *p2 = rows[2] + ix0, *p3 = rows[3] + ix0,     \
                     *p4 = rows[4] + ix0, *p5 = rows[5] + ix0, *p6 = rows[6] + ix0, *p7 = rows[7] + ix0,     \
                     *p8 = rows[8] + ix0;                                                                    \
-        for (int i = 0; i < n_out; ++i) {                                                                   \
+        const int step = S;                                                                                 \
+        int i = 0;                                                                                          \
+        for (; i + 2 <= n_out; i += 2) {                                                                    \
+            __m512 acc = bias, next = bias;                                                                 \
+            EACH_TAP(TAP_TWO)                                                                               \
+            if (relu) {                                                                                     \
+                acc = _mm512_max_ps(_mm512_setzero_ps(), acc);                                              \
+                next = _mm512_max_ps(_mm512_setzero_ps(), next);                                            \
+            }                                                                                               \
+            _mm512_mask_storeu_ps(o + i * n, lanes, acc);                                                   \
+            _mm512_mask_storeu_ps(o + (i + 1) * n, lanes, next);                                            \
+            p0 += 2 * S, p1 += 2 * S, p2 += 2 * S, p3 += 2 * S, p4 += 2 * S, p5 += 2 * S, p6 += 2 * S,      \
+                p7 += 2 * S, p8 += 2 * S;                                                                   \
+        }                                                                                                   \
+        if (i < n_out) {                                                                                    \
             __m512 acc = bias;                                                                              \
             EACH_TAP(TAP)                                                                                   \
             if (relu) acc = _mm512_max_ps(_mm512_setzero_ps(), acc);                                        \
             _mm512_mask_storeu_ps(o + i * n, lanes, acc);                                                   \
-            p0 += S, p1 += S, p2 += S, p3 += S, p4 += S, p5 += S, p6 += S, p7 += S, p8 += S;               \
         }                                                                                                   \
     }
 STRIDED_RUN(1)
