@@ -123,7 +123,8 @@ def test_bad_inputs_are_refused_with_a_reason():
         image_conv.image_conv_pair(x, packed, second, (3, 3), (1, 1))
     with pytest.raises(ValueError, match="smaller than the 3x3 kernel"):
         image_conv.image_conv_pair(torch.randn(1, 3, 2, 8), packed, second, (1, 1), (0, 0))
-    with pytest.raises(ValueError, match=r"writes 16 channels \(pack_weight of a \(16, 3, 3, 3\) weight\), but its packing holds 32"):
+    with pytest.raises(ValueError, match=r"writes 16 channels \(pack_weight of a \(16, 3, 3, 3\) weight\), but its "
+                                         "packing holds 32"):
         image_conv.image_conv_pair(x, image_conv.pack_weight(torch.randn(32, 3, 3, 3), None), second, (2, 2), (1, 1))
     for bad, message in (((second[0].double(), second[1]), "contiguous float32 CPU tensor"),
                          ((second[0][..., :16], second[1]), "contiguous float32 CPU tensor"),
