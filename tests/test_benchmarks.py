@@ -287,6 +287,35 @@ def test_the_stem_pair_switch_deploys_with_and_without_the_pair():
     assert pairs == [1, 0]
 
 
+@pytest.mark.parametrize("case", ["S1 first conv", "S1 stem pair", "S4 first conv"])
+def test_stem_kernel_variants_compute_the_same_convolutions(case):
+    """Both variants of a case compute the same convolutions (vitzoo's kernels against oneDNN's, an independent
+    implementation; random weights, a small image), and the paired timing returns positive times and one ratio per
+    round."""
+    import bench_stem_kernels as bench
+
+    if image_conv.load() is None:
+        pytest.skip(f"image kernel unavailable here: {image_conv.unavailable_reason()}")
+    torch.manual_seed(0)
+    runs = bench.variants(case, batch=2, size=20)
+    with torch.no_grad():
+        torch.testing.assert_close(runs["vitzoo"](), runs["replaced"](), atol=1e-4, rtol=0)
+    ours, replaced, ratios = bench.paired_times(runs, rounds=3, calls=1, desc=case)
+    assert ours > 0 and replaced > 0 and len(ratios) == 3 and all(r > 0 for r in ratios)
+
+
+def test_stem_kernel_benchmark_prints_one_row_per_case_and_thread_count(monkeypatch, capsys):
+    import bench_stem_kernels as bench
+
+    if image_conv.load() is None:
+        pytest.skip(f"image kernel unavailable here: {image_conv.unavailable_reason()}")
+    monkeypatch.setattr(sys, "argv", ["bench_stem_kernels.py", "--threads", "1", "--batch", "1", "--rounds", "2",
+                                      "--calls", "1"])
+    assert bench.main() == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| S")]
+    assert [row.split(" | ")[0] for row in rows] == [f"| {case}" for case in bench.CASES]
+
+
 def test_paired_switch_spread_reads_quartiles_and_counts_rounds_past_ten_percent():
     """The table's spread columns, on ratios worked out by hand: quartiles by statistics' default (exclusive)
     method, 1.11 counts as >10% faster, 0.90 as >10% slower (1 / 1.1 = 0.909), 1.10 as neither."""
