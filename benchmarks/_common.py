@@ -16,6 +16,7 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from vitzoo.speed import Timing, measure
 
@@ -135,6 +136,23 @@ def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1 else f"{value:.1f}"
     return str(value)
+
+
+def paired_rounds(runs: Dict[str, Callable[[], object]], rounds: int, calls: int, desc: str) -> Dict[str, List[float]]:
+    """Seconds of ``calls`` calls of each zero-argument runner in each of ``rounds`` rounds, the runners taking
+    turns in one process, their order reversed every other round (one untimed call of each first; all under
+    ``torch.inference_mode``). Per-round ratios of two runners cancel the shared host's slow drifts."""
+    times: Dict[str, List[float]] = {name: [] for name in runs}
+    with torch.inference_mode():
+        for run in runs.values():
+            run()
+        for r in tqdm(range(rounds), desc=desc, leave=False):
+            for name in (list(runs) if r % 2 else list(reversed(runs))):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    runs[name]()
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
 def print_table(header: List[str], rows: List[List[object]], title: Optional[str] = None) -> None:

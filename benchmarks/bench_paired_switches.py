@@ -27,7 +27,6 @@ import ctypes
 import os
 import statistics
 import sys
-import time
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List
 from unittest import mock
@@ -36,10 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import timm  # noqa: E402
 import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 import vitzoo  # noqa: E402,F401
-from _common import positive_int, print_machine, print_table, randomize_norm_stats  # noqa: E402
+from _common import paired_rounds, positive_int, print_machine, print_table, randomize_norm_stats  # noqa: E402
 from vitzoo import amx_gemm, image_conv, onednn_rewrite, shsa_kernel  # noqa: E402
 from vitzoo.inference import deploy  # noqa: E402
 
@@ -83,16 +81,7 @@ def variants(switch: str, model: torch.nn.Module, x: torch.Tensor, precision: st
 
 def paired_ratios(runs: Dict[str, Callable[[], object]], rounds: int, calls: int, desc: str) -> List[float]:
     """time(off) / time(on) of every round, sorted: > 1 where the switch made the model faster."""
-    times: Dict[str, List[float]] = {"on": [], "off": []}
-    with torch.inference_mode():
-        for run in runs.values():
-            run()
-        for r in tqdm(range(rounds), desc=desc, leave=False):
-            for key in (("on", "off") if r % 2 else ("off", "on")):
-                start = time.perf_counter()
-                for _ in range(calls):
-                    runs[key]()
-                times[key].append(time.perf_counter() - start)
+    times = paired_rounds({"on": runs["on"], "off": runs["off"]}, rounds, calls, desc)
     return sorted(off / on for on, off in zip(times["on"], times["off"]))
 
 

@@ -20,16 +20,15 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from typing import Callable, Dict, List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
-from _common import positive_int, print_machine, print_table  # noqa: E402
+from _common import paired_rounds, positive_int, print_machine, print_table  # noqa: E402
+from bench_paired_switches import spread  # noqa: E402
 from vitzoo import image_conv  # noqa: E402
 from vitzoo.onednn_rewrite import PackedConv2d, PackedConvPair  # noqa: E402
 
@@ -72,23 +71,11 @@ def variants(case: str, batch: int, size: int = 0) -> Dict[str, Callable[[], tor
 
 def paired_times(runs: Dict[str, Callable[[], torch.Tensor]], rounds: int, calls: int,
                  desc: str) -> Tuple[float, float, List[float]]:
-    """Median ms per call of each variant and the per-round ratios replaced / vitzoo (> 1: vitzoo faster)."""
-    for run in runs.values():  # warm-up: oneDNN packs, the kernel library loads
-        run(), run()
-    times: Dict[str, List[float]] = {name: [] for name in runs}
-    ratios = []
-    with torch.inference_mode():
-        for r in tqdm(range(rounds), desc=desc, leave=False):
-            order = list(runs) if r % 2 else list(reversed(runs))
-            this_round = {}
-            for name in order:
-                start = time.perf_counter()
-                for _ in range(calls):
-                    runs[name]()
-                this_round[name] = (time.perf_counter() - start) / calls * 1e3
-                times[name].append(this_round[name])
-            ratios.append(this_round["replaced"] / this_round["vitzoo"])
-    return statistics.median(times["vitzoo"]), statistics.median(times["replaced"]), ratios
+    """Median ms per call of each variant and the per-round ratios replaced / vitzoo, sorted (> 1: vitzoo faster)."""
+    times = paired_rounds({"vitzoo": runs["vitzoo"], "replaced": runs["replaced"]}, rounds, calls, desc)
+    per_call = {name: statistics.median(t) / calls * 1e3 for name, t in times.items()}
+    ratios = sorted(replaced / ours for ours, replaced in zip(times["vitzoo"], times["replaced"]))
+    return per_call["vitzoo"], per_call["replaced"], ratios
 
 
 def main() -> int:
@@ -110,13 +97,10 @@ def main() -> int:
             torch.manual_seed(0)
             ours, replaced, ratios = paired_times(variants(case, args.batch), args.rounds, args.calls,
                                                   f"{case}, {threads} thread(s)")
-            ratios.sort()
-            quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-            rows.append([case, threads, f"{ours:.2f}", f"{replaced:.2f}", f"{statistics.median(ratios):.2f}x",
-                         f"{quartiles[0]:.2f}x / {quartiles[2]:.2f}x"])
-    print_table(["case", "threads", "vitzoo ms", "replaced ms", "speed-up (median of paired rounds)", "quartiles"],
-                rows, title=f"stem kernels alone (batch {args.batch}, {args.rounds} paired rounds of {args.calls} "
-                            "calls)")
+            rows.append([case, threads, f"{ours:.2f}", f"{replaced:.2f}", *spread(ratios)])
+    title = f"stem kernels alone (batch {args.batch}, {args.rounds} paired rounds of {args.calls} calls)"
+    print_table(["case", "threads", "vitzoo ms", "replaced ms", "speed-up (median of paired rounds)", "quartiles",
+                 "rounds >10% faster / slower"], rows, title=title)
     return 0
 
 
