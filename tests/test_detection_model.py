@@ -217,10 +217,11 @@ def test_anchor_and_roi_levels_follow_pyramid():
     assert mask.roi_heads.mask_roi_pool.featmap_names == ['p2', 'p3', 'p4', 'p5']
     assert mask.transform.size_divisible == 64 and ret.transform.size_divisible == 128
     assert ret.head.classification_head.num_classes == 3  # 2 categories + background label 0
-    # torchvision's own RetinaNet / Mask R-CNN recipe: three octave scales, ratios (0.5, 1, 2) in this order (the
-    # head's anchor slots), 7x7 box and 14x14 mask RoIAlign with sampling ratio 2
-    assert ret.anchor_generator.sizes == tuple(
-        (x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in [32, 64, 128, 256, 512])
+    # MMDetection's RetinaNet (the paper's): three octave scales, not truncated to whole pixels as in torchvision's
+    # recipe (the anchors themselves: test_detection_mmdet); ratios (0.5, 1, 2) in this order (the head's anchor
+    # slots); torchvision's Mask R-CNN: 7x7 box and 14x14 mask RoIAlign with sampling ratio 2
+    assert [s[1:] for s in ret.anchor_generator.sizes] == [
+        pytest.approx((x * 1.2599210, x * 1.5874011)) for x in [32, 64, 128, 256, 512]]
     assert ret.anchor_generator.aspect_ratios == ((0.5, 1.0, 2.0),) * 5
     assert mask.rpn.anchor_generator.aspect_ratios == ((0.5, 1.0, 2.0),) * 5
     assert mask.roi_heads.box_roi_pool.output_size == (7, 7) and mask.roi_heads.box_roi_pool.sampling_ratio == 2

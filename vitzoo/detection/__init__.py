@@ -1,10 +1,12 @@
 """Detection with zoo backbones: backbone adapter + FPN, torchvision detectors, COCO data, evaluation, fine-tuning."""
 from .backbone import BackboneError, DetectionBackbone, create_body
-from .detectors import DETECTOR_STRIDES, ForegroundRetinaNet, build_backbone, build_detector
+from .detectors import DETECTOR_STRIDES, ForegroundRetinaNet, UnroundedAnchorGenerator, build_backbone, build_detector
 from .fpn import ExtraLevelFPN, level_name
+from .mmdet_weights import MMDetWeightsError, load_mmdet_retinanet
 from .simple_pyramid import SimpleFeaturePyramid
 
 __all__ = [
     'BackboneError', 'DETECTOR_STRIDES', 'DetectionBackbone', 'ExtraLevelFPN', 'ForegroundRetinaNet',
-    'SimpleFeaturePyramid', 'build_backbone', 'build_detector', 'create_body', 'level_name',
+    'MMDetWeightsError', 'SimpleFeaturePyramid', 'UnroundedAnchorGenerator', 'build_backbone', 'build_detector',
+    'create_body', 'level_name', 'load_mmdet_retinanet',
 ]

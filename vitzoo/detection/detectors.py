@@ -2,7 +2,8 @@
 
 Pyramid levels follow the SHViT paper: RetinaNet uses strides 8..128 (p3..p7), the R-CNNs strides 4..64 (p2..p6,
 RoIAlign on p2..p5). Anchors follow MMDetection's defaults that the paper's configs use: RetinaNet 3 scales per octave
-with base size 4x the stride, R-CNN RPN one size of 8x the stride; aspect ratios 0.5/1/2.
+with base size 4x the stride, R-CNN RPN one size of 8x the stride; aspect ratios 0.5/1/2; corners not rounded
+(:class:`UnroundedAnchorGenerator`).
 
 Class convention: ``num_classes`` counts the object categories; labels are ``1..num_classes`` and 0 is background
 (torchvision heads are built with ``num_classes + 1``). RetinaNet's head thus has an output for label 0 that training
@@ -27,7 +28,8 @@ from vitzoo.models import model_in_chans
 from .backbone import BackboneError, DetectionBackbone, create_body
 from .fpn import level_name
 
-__all__ = ['DETECTOR_STRIDES', 'ForegroundRetinaNet', 'build_backbone', 'build_detector']
+__all__ = ['DETECTOR_STRIDES', 'ForegroundRetinaNet', 'UnroundedAnchorGenerator', 'build_backbone',
+           'build_detector']
 
 DETECTOR_STRIDES: Dict[str, Tuple[int, ...]] = {
     'retinanet': (8, 16, 32, 64, 128),
@@ -54,6 +56,26 @@ class ForegroundRetinaNet(RetinaNet):
         detections = super().postprocess_detections(head_outputs, anchors, image_shapes)
         # a score threshold below 0 would still let a background score of 0 through
         return [{k: v[d['labels'] != 0] for k, v in d.items()} for d in detections]
+
+
+class UnroundedAnchorGenerator(AnchorGenerator):
+    """torchvision's ``AnchorGenerator`` with MMDetection's cell anchors (the SHViT paper's): corners at real
+    coordinates, where torchvision rounds each to a whole pixel.
+
+    Sizes may be real numbers too (RetinaNet's octave sizes ``4 * stride * 2 ** (k / 3)``: 40.3 and 50.8 pixels at
+    stride 8, which torchvision's own recipe truncates to 40 and 50). Weights trained with MMDetection
+    (:mod:`vitzoo.detection.mmdet_weights`) so see the anchors they were trained with.
+    """
+
+    def generate_anchors(self, scales: List[float], aspect_ratios: List[float], dtype: torch.dtype = torch.float32,
+                         device: torch.device = torch.device('cpu')) -> Tensor:
+        sizes = torch.as_tensor(scales, dtype=dtype, device=device)
+        ratios = torch.as_tensor(aspect_ratios, dtype=dtype, device=device)
+        heights = torch.sqrt(ratios)  # ratio = height / width at the size's area
+        widths = 1 / heights
+        ws = (widths[:, None] * sizes[None, :]).reshape(-1)  # ratio-major, sizes within a ratio: the head's slots
+        hs = (heights[:, None] * sizes[None, :]).reshape(-1)
+        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
 
 
 _CLASSES = {'retinanet': ForegroundRetinaNet, 'fasterrcnn': FasterRCNN, 'maskrcnn': MaskRCNN}
@@ -279,14 +301,15 @@ def build_detector(
     _check_runs_at_detector_sizes(backbone, divisible)
     # our anchors and RoI pools for the pyramid's strides; an anchor generator or pool the caller passes replaces ours
     if kind == 'retinanet':
-        sizes = tuple(tuple(int(4 * s * 2 ** (k / 3)) for k in range(3)) for s in strides)
+        sizes = tuple(tuple(4 * s * 2 ** (k / 3) for k in range(3)) for s in strides)
         # COCO scores at most 100 detections per image (torchvision's RetinaNet keeps 300, which inflates AP/AR
         # against the papers' numbers; found by an audit); Faster / Mask R-CNN keep 100 already
-        parts = dict(anchor_generator=AnchorGenerator(sizes, (_ASPECT_RATIOS,) * len(sizes)), detections_per_img=100)
+        parts = dict(anchor_generator=UnroundedAnchorGenerator(sizes, (_ASPECT_RATIOS,) * len(sizes)),
+                     detections_per_img=100)
     else:
         roi_strides = [s for s in strides if s <= 32]
-        parts = dict(rpn_anchor_generator=AnchorGenerator(tuple((8 * s,) for s in strides),
-                                                          (_ASPECT_RATIOS,) * len(strides)),
+        parts = dict(rpn_anchor_generator=UnroundedAnchorGenerator(tuple((8 * s,) for s in strides),
+                                                                   (_ASPECT_RATIOS,) * len(strides)),
                      box_roi_pool=_roi_pool(roi_strides, output_size=7))
         if kind == 'maskrcnn':
             parts['mask_roi_pool'] = _roi_pool(roi_strides, output_size=14)

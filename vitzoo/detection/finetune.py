@@ -35,6 +35,7 @@ from .data import (
 from .detectors import DETECTOR_STRIDES, MIN_IMAGE_SIDE, build_detector
 from .distributed import DistContext, check_device, init_distributed
 from .evaluate import evaluate_coco, format_stats
+from .mmdet_weights import load_mmdet_retinanet, read_mmdet_checkpoint, retinanet_categories
 
 __all__ = ['TrainingError', 'register', 'run', 'lr_factor']
 
@@ -64,6 +65,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help='timm model name (shvit_s4, revit_t, resnet18, ...; default: %(default)s)')
     p.add_argument('--pretrained', action='store_true', help='load the backbone\'s pretrained classification weights')
     p.add_argument('--backbone-weights', metavar='FILE', help='local classification checkpoint for the backbone')
+    p.add_argument('--detector-weights', metavar='FILE',
+                   help="an MMDetection RetinaNet checkpoint (the SHViT paper's retinanet_shvit_s4_1x_coco.pth) to "
+                        'start from: backbone, neck and head, its classification layer only when the data has as '
+                        'many categories (--detector retinanet)')
     p.add_argument('--frozen-stages', type=int, default=-1,
                    help='-1: none, 0: stem, N: stem + first N stages (default: %(default)s)')
     p.add_argument('--no-norm-eval', dest='norm_eval', action='store_false',
@@ -122,6 +127,18 @@ def default_lr_steps(epochs: int) -> List[int]:
     return sorted({s for s in (epochs * 8 // 12, epochs * 11 // 12) if 0 < s < epochs})
 
 
+def _load_detector_weights(model: nn.Module, path: Path, num_classes: int, report: bool) -> None:
+    """``--detector-weights``: the MMDetection RetinaNet in ``path``, its classification layer only when it has
+    ``num_classes`` categories (else that layer keeps its initialisation, and the run says so)."""
+    state_dict = read_mmdet_checkpoint(path)
+    categories = retinanet_categories(state_dict)
+    left_out = load_mmdet_retinanet(model, state_dict, classifier=categories == num_classes)
+    if report:
+        print(f'detector: backbone, neck and head from {path}'
+              + (f'; its classification layer ({categories} categories) left out: the data has {num_classes}, '
+                 f'so that layer starts from its initialisation ({", ".join(left_out)})' if left_out else ''))
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -149,6 +166,16 @@ def validate_args(args: argparse.Namespace) -> None:
           '--img-size sets both --min-size and --max-size; give --img-size alone, or --min-size / --max-size.')
     _must(not (args.pretrained and args.backbone_weights),
           "--pretrained and --backbone-weights both give the backbone's weights; give one of them.")
+    if args.detector_weights is not None:
+        _must(not (args.pretrained or args.backbone_weights),
+              "--detector-weights gives the backbone its weights too; leave out --pretrained / --backbone-weights.")
+        _must(args.detector == 'retinanet',
+              f'--detector-weights takes MMDetection RetinaNet checkpoints (--detector retinanet); for --detector '
+              f"{args.detector} give a detector checkpoint's backbone with --backbone-weights FILE.")
+        _must(args.resume is None, '--resume restores the whole detector from its checkpoint; leave out '
+                                   '--detector-weights.')
+        _must(Path(args.detector_weights).is_file(),
+              f'--detector-weights {args.detector_weights} is not a file; give an MMDetection checkpoint (.pth).')
     # as build_detector checks them, before any work (found by an audit: --img-size 1 was torchvision's traceback)
     for name in ('img_size', 'min_size', 'max_size'):
         if getattr(args, name) is not None:
@@ -378,6 +405,8 @@ def train(args: argparse.Namespace, ctx: DistContext) -> Dict[str, Any]:
                            weights=args.backbone_weights, out_channels=args.out_channels,
                            frozen_stages=args.frozen_stages, norm_eval=args.norm_eval,
                            min_size=args.min_size, max_size=args.max_size).to(ctx.device)
+    if args.detector_weights is not None:
+        _load_detector_weights(model, Path(args.detector_weights), train_ds.num_classes, ctx.is_main)
     if ctx.is_main and model.backbone.dropped_keys:
         dropped = model.backbone.dropped_keys
         print(f'backbone: dropped {len(dropped)} classification-only keys '
