@@ -16,7 +16,7 @@ import torchvision
 
 import shvit  # noqa: F401  registers the models
 from vitzoo.cli import main
-from vitzoo.detection import MMDetWeightsError, build_detector, load_mmdet_retinanet
+from vitzoo.detection import MMDetWeightsError, build_detector, load_mmdet_detector
 from vitzoo.detection.synthetic import make_shapes_dataset
 
 CHANNELS = 16  # FPN channels of the test files (the paper's are 256)
@@ -161,7 +161,7 @@ def _detector(categories=3, **kwargs):
 def retina():
     sd, src = _mmdet_state_dict()
     model = _detector()
-    assert load_mmdet_retinanet(model, sd) == []
+    assert load_mmdet_detector(model, sd) == []
     torch.manual_seed(1)
     image = torch.rand(3, 256, 384)
     return sd, src, model, image
@@ -244,7 +244,7 @@ def test_a_file_loads_into_the_detector(tmp_path):
     torch.save({'meta': {'mmdet_version': '2.25.0', 'CLASSES': ('a', 'b', 'c'), 'epoch': 12}, 'state_dict': sd,
                 'optimizer': {'state': {}, 'param_groups': []}}, path)
     model = _detector()
-    assert load_mmdet_retinanet(model, path) == []
+    assert load_mmdet_detector(model, path) == []
     own = model.state_dict()
     assert torch.equal(own['backbone.fpn.up_output_convs.0.weight'], sd['neck.extra_fpn_convs.0.conv.weight'])
     assert torch.equal(own['backbone.fpn.down_convs.0.bias'], sd['neck.fpn_convs.3.conv.bias'])
@@ -258,10 +258,10 @@ def test_other_categories_load_everything_but_the_classifier_when_asked():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(MMDetWeightsError, match=r'classifies 80 categories, the model 3: build it with '
                                                 r'num_classes=80 .* or pass classifier=False'):
-        load_mmdet_retinanet(model, sd)
+        load_mmdet_detector(model, sd)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing loaded
-    left = load_mmdet_retinanet(model, sd, classifier=False)
-    assert left == ['head.classification_head.cls_logits.weight', 'head.classification_head.cls_logits.bias']
+    left = load_mmdet_detector(model, sd, classifier=False)
+    assert left == ['head.classification_head.cls_logits.bias', 'head.classification_head.cls_logits.weight']
     own = model.state_dict()
     assert all(torch.equal(own[k], before[k]) for k in left)
     assert torch.equal(own['head.classification_head.conv.0.0.weight'], sd['bbox_head.cls_convs.0.conv.weight'])
@@ -273,35 +273,36 @@ def test_files_that_do_not_fit_are_named(tmp_path):
     extra = dict(sd, **{'neck.extra_trans_convs.1.conv.weight': torch.zeros(CHANNELS, CHANNELS, 2, 2)})
     with pytest.raises(MMDetWeightsError, match=r"1 tensors of the checkpoint without a place in the model \(e\.g\. "
                                                 r"\['neck\.extra_trans_convs\.1\.conv\.weight'\]\)"):
-        load_mmdet_retinanet(model, extra)
+        load_mmdet_detector(model, extra)
     missing = {k: v for k, v in sd.items() if k != 'bbox_head.reg_convs.2.conv.bias'}
     with pytest.raises(MMDetWeightsError, match=r"1 tensors of the model not in the checkpoint \(e\.g\. "
                                                 r"\['head\.regression_head\.conv\.2\.0\.bias'\]\)"):
-        load_mmdet_retinanet(model, missing)
+        load_mmdet_detector(model, missing)
     with pytest.raises(MMDetWeightsError, match=r'36 tensors of other shapes .*\(backbone\.fpn\.down_convs\.0\.bias: '
                                                 r'\[16\] in the checkpoint, \[8\] in the model\).*--out-channels'):
-        load_mmdet_retinanet(build_detector('retinanet', 'shvit_s1', 3, out_channels=8), sd)
-    mask_rcnn = {k: v for k, v in sd.items() if not k.startswith('bbox_head.')}
-    mask_rcnn['rpn_head.rpn_conv.weight'] = torch.zeros(1)
-    mask_rcnn['roi_head.bbox_head.fc_cls.weight'] = torch.zeros(1)
-    with pytest.raises(MMDetWeightsError, match=r'no RetinaNet head .*roi_head, rpn_head.*--backbone-weights'):
-        load_mmdet_retinanet(model, mask_rcnn)
-    with pytest.raises(MMDetWeightsError, match=r'load into build_detector\("retinanet", \.\.\.\), not into a '
-                                                r'FasterRCNN'):
-        load_mmdet_retinanet(build_detector('fasterrcnn', 'shvit_s1', 3, out_channels=CHANNELS), sd)
+        load_mmdet_detector(build_detector('retinanet', 'shvit_s1', 3, out_channels=8), sd)
+    other = {k: v for k, v in sd.items() if not k.startswith('bbox_head.')}
+    other['bbox_head.fcos_cls.weight'] = torch.zeros(1)
+    with pytest.raises(MMDetWeightsError, match=r'neither a RetinaNet head .* its parts: backbone, neck, bbox_head\. '
+                                                r'Only MMDetection RetinaNet, Faster R-CNN and Mask R-CNN .*'
+                                                r'--backbone-weights'):
+        load_mmdet_detector(model, other)
+    with pytest.raises(MMDetWeightsError, match=r'an MMDetection RetinaNet: it loads into build_detector\("retinanet", '
+                                                r'\.\.\.\), not into a FasterRCNN'):
+        load_mmdet_detector(build_detector('fasterrcnn', 'shvit_s1', 3, out_channels=CHANNELS), sd)
     # files: a classification checkpoint, a truncated one, none
     classification = tmp_path / 'shvit_s1.pth'
     torch.save(timm.create_model('shvit_s1').state_dict(), classification)
     with pytest.raises(MMDetWeightsError, match=r'not an MMDetection detector checkpoint .*--backbone-weights'):
-        load_mmdet_retinanet(model, classification)
+        load_mmdet_detector(model, classification)
     whole = tmp_path / 'whole.pth'
     torch.save({'state_dict': sd}, whole)
     cut = tmp_path / 'cut.pth'
     cut.write_bytes(whole.read_bytes()[:100_000])
     with pytest.raises(MMDetWeightsError, match=r'cut\.pth is not a readable checkpoint'):
-        load_mmdet_retinanet(model, cut)
+        load_mmdet_detector(model, cut)
     with pytest.raises(FileNotFoundError, match=r'nothing\.pth does not exist'):
-        load_mmdet_retinanet(model, tmp_path / 'nothing.pth')
+        load_mmdet_detector(model, tmp_path / 'nothing.pth')
 
 
 def test_finetune_det_starts_from_detector_weights(tmp_path, capsys):
@@ -314,17 +315,231 @@ def test_finetune_det_starts_from_detector_weights(tmp_path, capsys):
     torch.save({'state_dict': sd}, path)
     assert main([*common, '--out', str(tmp_path / 'run'), '--detector-weights', str(path), '--lr', '1e-12']) == 0
     printed = capsys.readouterr().out
-    assert f'detector: backbone, neck and head from {path}; its classification layer (80 categories) left out: the ' \
-           'data has 3' in printed
+    assert f'detector: backbone, neck and heads from {path}; its category-specific layers (80 categories) left out: ' \
+           'the data has 3' in printed
     final = torch.load(tmp_path / 'run' / 'model_final.pth', weights_only=True)
     # one step at lr 1e-12 leaves the loaded tensors where they were (AdamW moves each by at most ~lr)
     torch.testing.assert_close(final['backbone.fpn.lateral_convs.2.weight'], sd['neck.lateral_convs.2.conv.weight'],
                                rtol=0, atol=1e-9)
     for option, message in ((['--pretrained'], '--detector-weights gives the backbone its weights too'),
-                            (['--detector', 'maskrcnn'], 'for --detector maskrcnn give a detector checkpoint\'s '
-                                                         'backbone with --backbone-weights FILE'),
                             (['--resume'], '--resume restores the whole detector')):
         assert main([*common, '--out', str(tmp_path / 'bad'), '--detector-weights', str(path), *option]) == 2
         assert message in capsys.readouterr().err
+    # a RetinaNet file for a Mask R-CNN run: one line, before any training
+    assert main([*common, '--out', str(tmp_path / 'bad'), '--detector-weights', str(path), '--detector',
+                 'maskrcnn']) == 1
+    err = capsys.readouterr().err
+    assert 'error: the checkpoint is an MMDetection RetinaNet: it loads into build_detector("retinanet", ...), not ' \
+           'into a MaskRCNN' in err and 'Traceback' not in err and not (tmp_path / 'bad' / 'log.jsonl').exists()
     assert main([*common, '--out', str(tmp_path / 'bad'), '--detector-weights', str(tmp_path / 'no.pth')]) == 2
     assert 'no.pth is not a file' in capsys.readouterr().err
+
+
+# ---- Faster / Mask R-CNN ----------------------------------------------------------------------------------------
+
+RCNN_STRIDES = (4, 8, 16, 32, 64)
+
+
+def _mmdet_rcnn_state_dict(categories=3, mask=True, seed=0, agnostic=False):
+    """An MMDetection Mask R-CNN (or Faster R-CNN) state dict of an SHViT-S1, the SHViT config's neck
+    (EfficientViTFPN, two transposed convs, no extra convs), and the timm model holding its backbone."""
+    sd, src = _mmdet_state_dict(seed=seed)
+    sd = {k: v for k, v in sd.items() if k.startswith('backbone.') or k.startswith('neck.lateral_convs')
+          or k in {f'neck.fpn_convs.{i}.conv.{leaf}' for i in range(3) for leaf in ('weight', 'bias')}}
+    for i in range(2):
+        _conv(sd, f'neck.extra_trans_convs.{i}.conv', CHANNELS, CHANNELS, 2, transposed=True)
+        _conv(sd, f'neck.extra_fpn_convs.{i}.conv', CHANNELS, CHANNELS, 3)
+    _conv(sd, 'rpn_head.rpn_conv', CHANNELS, CHANNELS, 3)
+    _conv(sd, 'rpn_head.rpn_cls', 3, CHANNELS, 1, scale=1.0)
+    _conv(sd, 'rpn_head.rpn_reg', 12, CHANNELS, 1, scale=0.02)
+    fc = {'roi_head.bbox_head.shared_fcs.0': (1024, CHANNELS * 49), 'roi_head.bbox_head.shared_fcs.1': (1024, 1024),
+          'roi_head.bbox_head.fc_cls': (categories + 1, 1024),
+          'roi_head.bbox_head.fc_reg': (4 if agnostic else 4 * categories, 1024)}
+    for name, (cout, cin) in fc.items():
+        scale = 0.02 if name.endswith('fc_reg') else 20.0 if name.endswith('fc_cls') else 1
+        sd[f'{name}.weight'] = torch.randn(cout, cin) * scale / math.sqrt(cin)
+        sd[f'{name}.bias'] = torch.randn(cout) * 0.1
+    if mask:
+        for i in range(4):
+            _conv(sd, f'roi_head.mask_head.convs.{i}.conv', 256, CHANNELS if i == 0 else 256, 3)
+        _conv(sd, 'roi_head.mask_head.upsample', 256, 256, 2, transposed=True)
+        _conv(sd, 'roi_head.mask_head.conv_logits', 1 if agnostic else categories, 256, 1)
+    return sd, src
+
+
+def _reference_rcnn_pyramid(sd, feats):
+    """EfficientViTFPN(num_outs=5, num_extra_trans_convs=2, no extra convs): strides 4..64. Its forward puts each
+    transposed conv's output first in its list, so extra_fpn_convs.0 makes stride 4 and extra_fpn_convs.1 stride 8."""
+    lat = [_conv2d(sd, f'neck.lateral_convs.{i}.conv', f) for i, f in enumerate(feats)]
+    for i in range(len(lat) - 1, 0, -1):
+        lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode='nearest')
+    extra, prev = [], lat[0]
+    for i in range(2):
+        prev = F.conv_transpose2d(prev, sd[f'neck.extra_trans_convs.{i}.conv.weight'],
+                                  sd[f'neck.extra_trans_convs.{i}.conv.bias'], stride=2)
+        extra.insert(0, prev)
+    extra_outs = [_conv2d(sd, f'neck.extra_fpn_convs.{i}.conv', e, padding=1) for i, e in enumerate(extra)]
+    return extra_outs + [_conv2d(sd, f'neck.fpn_convs.{i}.conv', lat[i], padding=1) for i in range(3)]
+
+
+def _rpn_anchors(stride, h, w):
+    """MMDetection's AnchorGenerator(scales=[8], ratios=[0.5, 1, 2]) at one level, float64."""
+    ratios = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    ws, hs = stride * 8 / ratios.sqrt(), stride * 8 * ratios.sqrt()
+    base = torch.stack([-0.5 * ws, -0.5 * hs, 0.5 * ws, 0.5 * hs], 1)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64) * stride,
+                            torch.arange(w, dtype=torch.float64) * stride, indexing='ij')
+    shifts = torch.stack([xs.reshape(-1), ys.reshape(-1)] * 2, 1)
+    return (shifts[:, None, :] + base[None]).reshape(-1, 4)
+
+
+def _decode(anchors, deltas, stds, image_hw):
+    """MMDetection's delta2bbox (means 0), clipped to the image."""
+    d = deltas.double() * torch.tensor(stds, dtype=torch.float64)
+    clamp = abs(math.log(16 / 1000))
+    pw, ph = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
+    px, py = (anchors[:, 0] + anchors[:, 2]) / 2, (anchors[:, 1] + anchors[:, 3]) / 2
+    gw, gh = pw * d[:, 2].clamp(-clamp, clamp).exp(), ph * d[:, 3].clamp(-clamp, clamp).exp()
+    gx, gy = px + pw * d[:, 0], py + ph * d[:, 1]
+    b = torch.stack([gx - gw / 2, gy - gh / 2, gx + gw / 2, gy + gh / 2], 1)
+    b[:, 0::2] = b[:, 0::2].clamp(0, image_hw[1])
+    b[:, 1::2] = b[:, 1::2].clamp(0, image_hw[0])
+    return b
+
+
+def _reference_proposals(sd, levels, image_hw):
+    """MMDetection's RPN test (2.x, the paper's config): per level the top 1000 anchors by sigmoid score, decoded
+    (stds 1) and clipped, empty boxes dropped; NMS 0.7 per level; the best 1000 of all levels."""
+    boxes, scores, ids = [], [], []
+    for i, (stride, level) in enumerate(zip(RCNN_STRIDES, levels)):
+        t = F.relu(_conv2d(sd, 'rpn_head.rpn_conv', level, padding=1))
+        prob = _conv2d(sd, 'rpn_head.rpn_cls', t)[0].permute(1, 2, 0).reshape(-1).double().sigmoid()
+        deltas = _conv2d(sd, 'rpn_head.rpn_reg', t)[0].permute(1, 2, 0).reshape(-1, 4)
+        top = prob.topk(min(1000, prob.numel())).indices
+        b = _decode(_rpn_anchors(stride, *level.shape[-2:])[top], deltas[top], (1, 1, 1, 1), image_hw)
+        valid = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+        boxes.append(b[valid])
+        scores.append(prob[top][valid])
+        ids.append(torch.full((int(valid.sum()),), i))
+    boxes, scores, ids = torch.cat(boxes), torch.cat(scores), torch.cat(ids)
+    return boxes[torchvision.ops.batched_nms(boxes, scores, ids, 0.7)[:1000]]
+
+
+def _reference_roi_align(levels, boxes, size):
+    """MMDetection's SingleRoIExtractor over p2..p5: level floor(log2(sqrt(area) / 56)), RoIAlign aligned, adaptive
+    sampling."""
+    scale = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt()
+    target = torch.floor(torch.log2(scale / 56 + 1e-6)).clamp(0, 3).long()
+    rois = torch.cat([torch.zeros_like(boxes[:, :1]), boxes], 1).float()
+    out = torch.zeros(len(boxes), levels[0].shape[1], size, size)
+    for lvl in range(4):
+        idx = (target == lvl).nonzero().squeeze(1)
+        out[idx] = torchvision.ops.roi_align(levels[lvl], rois[idx], size, spatial_scale=1 / RCNN_STRIDES[lvl],
+                                             sampling_ratio=0, aligned=True)
+    return out
+
+
+def _box_features(sd, levels, proposals):
+    x = _reference_roi_align(levels, proposals, 7).flatten(1)
+    for i in range(2):
+        x = F.relu(F.linear(x, sd[f'roi_head.bbox_head.shared_fcs.{i}.weight'],
+                            sd[f'roi_head.bbox_head.shared_fcs.{i}.bias']))
+    return x
+
+
+def _centre_classifier(sd, levels, proposals):
+    """Set ``fc_cls``'s bias so that each output averages 0 over ``proposals``: random weights otherwise give one
+    category the highest score on every RoI."""
+    logits = F.linear(_box_features(sd, levels, proposals), sd['roi_head.bbox_head.fc_cls.weight'])
+    sd['roi_head.bbox_head.fc_cls.bias'] = -logits.mean(0)
+
+
+def _reference_rcnn_detections(sd, levels, proposals, image_hw, per_image=100):
+    """Shared2FCBBoxHead + multiclass NMS (score > 0.05, NMS 0.5 per class, the best ``per_image``: 100 in the
+    paper's config), then FCNMaskHead's probabilities of each detection's category (28 x 28, before pasting into the
+    image)."""
+    x = _box_features(sd, levels, proposals)
+    cls = F.linear(x, sd['roi_head.bbox_head.fc_cls.weight'], sd['roi_head.bbox_head.fc_cls.bias'])
+    reg = F.linear(x, sd['roi_head.bbox_head.fc_reg.weight'], sd['roi_head.bbox_head.fc_reg.bias'])
+    prob = cls.double().softmax(-1)[:, :-1]  # MMDetection's background is its last output
+    categories = prob.shape[1]
+    reg = reg.reshape(len(reg), -1, 4).expand(-1, categories, -1)  # class-agnostic: one set for all
+    boxes = torch.stack([_decode(proposals, reg[:, c], (0.1, 0.1, 0.2, 0.2), image_hw) for c in range(categories)], 1)
+    keep = (prob > 0.05).nonzero()
+    b, s, c = boxes[keep[:, 0], keep[:, 1]], prob[keep[:, 0], keep[:, 1]], keep[:, 1]
+    kept = torchvision.ops.batched_nms(b, s, c, 0.5)[:per_image]
+    b, s, labels = b[kept], s[kept], c[kept] + 1
+    m = _reference_roi_align(levels, b, 14)
+    for i in range(4):
+        m = F.relu(_conv2d(sd, f'roi_head.mask_head.convs.{i}.conv', m, padding=1))
+    m = F.relu(F.conv_transpose2d(m, sd['roi_head.mask_head.upsample.weight'], sd['roi_head.mask_head.upsample.bias'],
+                                  stride=2))
+    logits = _conv2d(sd, 'roi_head.mask_head.conv_logits', m)
+    logits = logits[torch.arange(len(b)), (labels - 1) if logits.shape[1] > 1 else 0]
+    return b, s, labels, logits.sigmoid()
+
+
+def _rcnn(kind='maskrcnn', categories=3):
+    return build_detector(kind, 'shvit_s1', categories, out_channels=CHANNELS, min_size=256, max_size=384).eval()
+
+
+@pytest.mark.parametrize('agnostic', [False, True])
+def test_mask_rcnn_gives_mmdetections_proposals_detections_and_masks(agnostic):
+    sd, src = _mmdet_rcnn_state_dict(agnostic=agnostic)
+    model = _rcnn()
+    assert load_mmdet_detector(model, sd) == []
+    torch.manual_seed(2)
+    image = torch.rand(3, 256, 384)
+    with torch.no_grad():
+        ref_levels = _reference_rcnn_pyramid(sd, _features(src, image))
+        images, _ = model.transform([image])
+        levels = model.backbone(images.tensors)
+        for got, want in zip(levels.values(), ref_levels, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        proposals = model.rpn(images, levels)[0][0]
+        ref_proposals = _reference_proposals(sd, ref_levels, (256, 384))
+        # the same 1000 proposals, but for a few whose score or overlap rounds the other way in float32
+        assert len(proposals) == len(ref_proposals) == 1000
+        close = ((proposals.double()[:, None] - ref_proposals[None]).abs().amax(-1) < 2e-3).any(0)
+        assert close.sum() >= 990
+        # RoI heads on the reference's proposals: the detections and mask probabilities
+        _centre_classifier(sd, ref_levels, ref_proposals.float())
+        load_mmdet_detector(model, sd)
+        dets = model.roi_heads(levels, [ref_proposals.float()], images.image_sizes)[0][0]
+        ref_boxes, ref_scores, ref_labels, ref_masks = _reference_rcnn_detections(sd, ref_levels, ref_proposals.float(),
+                                                                                  (256, 384))
+    assert len(ref_scores) == 100 and len(set(ref_labels.tolist())) >= 2  # a comparison of substance
+    assert len(dets['scores']) == len(ref_scores)
+    torch.testing.assert_close(dets['scores'].double(), ref_scores, rtol=0, atol=1e-5)
+    assert torch.equal(dets['labels'], ref_labels)
+    torch.testing.assert_close(dets['boxes'].double(), ref_boxes, rtol=0, atol=2e-3)
+    torch.testing.assert_close(dets['masks'][:, 0], ref_masks, rtol=0, atol=1e-5)
+
+
+def test_faster_rcnn_and_other_categories():
+    sd, _ = _mmdet_rcnn_state_dict(mask=False, categories=80)
+    model = _rcnn('fasterrcnn', categories=80)
+    assert load_mmdet_detector(model, sd) == []
+    own = model.state_dict()
+    # MMDetection's background output is its last, torchvision's its first; box deltas per category after
+    # torchvision's unused background set
+    assert torch.equal(own['roi_heads.box_predictor.cls_score.weight'][0], sd['roi_head.bbox_head.fc_cls.weight'][80])
+    assert torch.equal(own['roi_heads.box_predictor.cls_score.bias'][1:], sd['roi_head.bbox_head.fc_cls.bias'][:80])
+    assert torch.equal(own['roi_heads.box_predictor.bbox_pred.weight'][4:], sd['roi_head.bbox_head.fc_reg.weight'])
+    other = _rcnn('fasterrcnn', categories=3)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(MMDetWeightsError, match='classifies 80 categories, the model 3'):
+        load_mmdet_detector(other, sd)
+    left = load_mmdet_detector(other, sd, classifier=False)
+    assert left == ['roi_heads.box_predictor.bbox_pred.bias', 'roi_heads.box_predictor.bbox_pred.weight',
+                    'roi_heads.box_predictor.cls_score.bias', 'roi_heads.box_predictor.cls_score.weight']
+    now = other.state_dict()
+    assert all(torch.equal(now[k], before[k]) for k in left)
+    assert torch.equal(now['roi_heads.box_head.fc7.weight'], sd['roi_head.bbox_head.shared_fcs.1.weight'])
+    # a Mask R-CNN file into a Faster R-CNN: the mask head has no place
+    with_masks, _ = _mmdet_rcnn_state_dict(categories=80)
+    with pytest.raises(MMDetWeightsError, match=r"without a place in the model \(e\.g\. \['roi_head\.mask_head\."):
+        load_mmdet_detector(model, with_masks)
+    with pytest.raises(MMDetWeightsError, match=r'an MMDetection R-CNN: it loads into build_detector\("fasterrcnn" / '
+                                                r'"maskrcnn", \.\.\.\), not into a ForegroundRetinaNet'):
+        load_mmdet_detector(_detector(), sd)

@@ -219,13 +219,14 @@ def test_anchor_and_roi_levels_follow_pyramid():
     assert ret.head.classification_head.num_classes == 3  # 2 categories + background label 0
     # MMDetection's RetinaNet (the paper's): three octave scales, not truncated to whole pixels as in torchvision's
     # recipe (the anchors themselves: test_detection_mmdet); ratios (0.5, 1, 2) in this order (the head's anchor
-    # slots); torchvision's Mask R-CNN: 7x7 box and 14x14 mask RoIAlign with sampling ratio 2
+    # slots); MMDetection's Mask R-CNN: 7x7 box and 14x14 mask RoIAlign, aligned, adaptive sampling (its pooling
+    # itself: test_detection_mmdet)
     assert [s[1:] for s in ret.anchor_generator.sizes] == [
         pytest.approx((x * 1.2599210, x * 1.5874011)) for x in [32, 64, 128, 256, 512]]
     assert ret.anchor_generator.aspect_ratios == ((0.5, 1.0, 2.0),) * 5
     assert mask.rpn.anchor_generator.aspect_ratios == ((0.5, 1.0, 2.0),) * 5
-    assert mask.roi_heads.box_roi_pool.output_size == (7, 7) and mask.roi_heads.box_roi_pool.sampling_ratio == 2
-    assert mask.roi_heads.mask_roi_pool.output_size == (14, 14) and mask.roi_heads.mask_roi_pool.sampling_ratio == 2
+    assert mask.roi_heads.box_roi_pool.output_size == (7, 7) and mask.roi_heads.box_roi_pool.sampling_ratio == 0
+    assert mask.roi_heads.mask_roi_pool.output_size == (14, 14) and mask.roi_heads.mask_roi_pool.sampling_ratio == 0
     assert mask.roi_heads.box_predictor.cls_score.out_features == 3
     assert mask.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 3
     # COCO's 100 detections per image in every detector (torchvision's RetinaNet keeps 300; found by an audit)

@@ -3,7 +3,7 @@
 Pyramid levels follow the SHViT paper: RetinaNet uses strides 8..128 (p3..p7), the R-CNNs strides 4..64 (p2..p6,
 RoIAlign on p2..p5). Anchors follow MMDetection's defaults that the paper's configs use: RetinaNet 3 scales per octave
 with base size 4x the stride, R-CNN RPN one size of 8x the stride; aspect ratios 0.5/1/2; corners not rounded
-(:class:`UnroundedAnchorGenerator`).
+(:class:`UnroundedAnchorGenerator`). RoIAlign is MMDetection's too (:class:`AlignedMultiScaleRoIAlign`).
 
 Class convention: ``num_classes`` counts the object categories; labels are ``1..num_classes`` and 0 is background
 (torchvision heads are built with ``num_classes + 1``). RetinaNet's head thus has an output for label 0 that training
@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch import Tensor
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.poolers import initLevelMapper
 
 from vitzoo.models import model_in_chans
@@ -28,8 +28,8 @@ from vitzoo.models import model_in_chans
 from .backbone import BackboneError, DetectionBackbone, create_body
 from .fpn import level_name
 
-__all__ = ['DETECTOR_STRIDES', 'ForegroundRetinaNet', 'UnroundedAnchorGenerator', 'build_backbone',
-           'build_detector']
+__all__ = ['AlignedMultiScaleRoIAlign', 'DETECTOR_STRIDES', 'ForegroundRetinaNet', 'UnroundedAnchorGenerator',
+           'build_backbone', 'build_detector']
 
 DETECTOR_STRIDES: Dict[str, Tuple[int, ...]] = {
     'retinanet': (8, 16, 32, 64, 128),
@@ -215,12 +215,38 @@ def _check_runs_at_detector_sizes(backbone: DetectionBackbone, divisible: int) -
                         f'backbone that takes any input size (SHViT, NViT / ReViT, ViTs, ResNets, ConvNeXt, Swin...).')
 
 
+class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """torchvision's ``MultiScaleRoIAlign`` with MMDetection's RoIAlign (the SHViT paper's): pixel centres at
+    half-integer coordinates (``aligned=True``; torchvision's samples half a pixel off), and by default an adaptive
+    number of sampling points per bin (``sampling_ratio=0``: ceil(RoI size / output size), where torchvision's recipe
+    takes 2). Each RoI is pooled from the level of its size, as torchvision's does (the same level as MMDetection's
+    ``finest_scale=56`` rule). :func:`_roi_pool` sets the scales from the pyramid's strides; left unset, they are
+    inferred from the first batch and kept, as torchvision's pool does."""
+
+    def forward(self, x: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]]) -> Tensor:
+        maps = [x[name] for name in self.featmap_names]
+        if self.scales is None or self.map_levels is None:
+            height = max(shape[0] for shape in image_shapes)
+            self.scales = [2.0 ** round(math.log2(m.shape[-2] / height)) for m in maps]
+            self.map_levels = initLevelMapper(round(-math.log2(self.scales[0])), round(-math.log2(self.scales[-1])),
+                                              canonical_scale=self.canonical_scale,
+                                              canonical_level=self.canonical_level)
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes)])
+        levels = self.map_levels(boxes) if len(maps) > 1 else torch.zeros(len(rois), dtype=torch.long)
+        out = maps[0].new_zeros((len(rois), maps[0].shape[1], *self.output_size))
+        for level, (feature, scale) in enumerate(zip(maps, self.scales)):
+            index = torch.where(levels.to(rois.device) == level)[0]
+            out[index] = roi_align(feature, rois[index], self.output_size, spatial_scale=scale,
+                                   sampling_ratio=self.sampling_ratio, aligned=True).to(out.dtype)
+        return out
+
+
 def _roi_pool(strides: List[int], output_size: int) -> MultiScaleRoIAlign:
-    """torchvision's RoIAlign over the pyramid levels of ``strides``, its scales set from them. Left to itself it
-    infers them once, from the first batch's largest image and its maps, and keeps them: found by an audit, a
-    first batch whose resized height was 33-45 or 65-90 pixels (a wide image: maps padded to 64 pixels) gave twice
-    the real scales, for every later batch, training and evaluation."""
-    pool = MultiScaleRoIAlign([level_name(s) for s in strides], output_size=output_size, sampling_ratio=2)
+    """MMDetection's RoIAlign over the pyramid levels of ``strides``, its scales set from them. torchvision's,
+    left to itself, infers them once, from the first batch's largest image and its maps, and keeps them: found by an
+    audit, a first batch whose resized height was 33-45 or 65-90 pixels (a wide image: maps padded to 64 pixels)
+    gave twice the real scales, for every later batch, training and evaluation."""
+    pool = AlignedMultiScaleRoIAlign([level_name(s) for s in strides], output_size=output_size, sampling_ratio=0)
     pool.scales = [1.0 / s for s in strides]
     pool.map_levels = initLevelMapper(int(math.log2(strides[0])), int(math.log2(strides[-1])),
                                       canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level)

@@ -35,7 +35,7 @@ from .data import (
 from .detectors import DETECTOR_STRIDES, MIN_IMAGE_SIDE, build_detector
 from .distributed import DistContext, check_device, init_distributed
 from .evaluate import evaluate_coco, format_stats
-from .mmdet_weights import load_mmdet_retinanet, read_mmdet_checkpoint, retinanet_categories
+from .mmdet_weights import load_mmdet_detector, mmdet_categories, read_mmdet_checkpoint
 
 __all__ = ['TrainingError', 'register', 'run', 'lr_factor']
 
@@ -66,9 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument('--pretrained', action='store_true', help='load the backbone\'s pretrained classification weights')
     p.add_argument('--backbone-weights', metavar='FILE', help='local classification checkpoint for the backbone')
     p.add_argument('--detector-weights', metavar='FILE',
-                   help="an MMDetection RetinaNet checkpoint (the SHViT paper's retinanet_shvit_s4_1x_coco.pth) to "
-                        'start from: backbone, neck and head, its classification layer only when the data has as '
-                        'many categories (--detector retinanet)')
+                   help="an MMDetection checkpoint of the --detector (the SHViT paper's retinanet_shvit_s4_1x_coco.pth "
+                        'or maskrcnn_shvit_s4_1x_coco.pth) to start from: backbone, neck and heads, their '
+                        'category-specific layers only when the data has as many categories')
     p.add_argument('--frozen-stages', type=int, default=-1,
                    help='-1: none, 0: stem, N: stem + first N stages (default: %(default)s)')
     p.add_argument('--no-norm-eval', dest='norm_eval', action='store_false',
@@ -128,15 +128,15 @@ def default_lr_steps(epochs: int) -> List[int]:
 
 
 def _load_detector_weights(model: nn.Module, path: Path, num_classes: int, report: bool) -> None:
-    """``--detector-weights``: the MMDetection RetinaNet in ``path``, its classification layer only when it has
-    ``num_classes`` categories (else that layer keeps its initialisation, and the run says so)."""
+    """``--detector-weights``: the MMDetection detector in ``path``, its category-specific layers only when it has
+    ``num_classes`` categories (else they keep their initialisation, and the run says so)."""
     state_dict = read_mmdet_checkpoint(path)
-    categories = retinanet_categories(state_dict)
-    left_out = load_mmdet_retinanet(model, state_dict, classifier=categories == num_classes)
+    categories = mmdet_categories(state_dict)
+    left_out = load_mmdet_detector(model, state_dict, classifier=categories == num_classes)
     if report:
-        print(f'detector: backbone, neck and head from {path}'
-              + (f'; its classification layer ({categories} categories) left out: the data has {num_classes}, '
-                 f'so that layer starts from its initialisation ({", ".join(left_out)})' if left_out else ''))
+        print(f'detector: backbone, neck and heads from {path}'
+              + (f'; its category-specific layers ({categories} categories) left out: the data has {num_classes}, '
+                 f'so they start from their initialisation ({", ".join(left_out)})' if left_out else ''))
 
 
 def _seed_everything(seed: int) -> None:
@@ -169,9 +169,6 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.detector_weights is not None:
         _must(not (args.pretrained or args.backbone_weights),
               "--detector-weights gives the backbone its weights too; leave out --pretrained / --backbone-weights.")
-        _must(args.detector == 'retinanet',
-              f'--detector-weights takes MMDetection RetinaNet checkpoints (--detector retinanet); for --detector '
-              f"{args.detector} give a detector checkpoint's backbone with --backbone-weights FILE.")
         _must(args.resume is None, '--resume restores the whole detector from its checkpoint; leave out '
                                    '--detector-weights.')
         _must(Path(args.detector_weights).is_file(),

@@ -1,53 +1,58 @@
-"""MMDetection RetinaNet checkpoints (the SHViT paper's ``retinanet_shvit_s4_1x_coco.pth``) in our RetinaNet.
+"""MMDetection checkpoints (the SHViT paper's ``retinanet_shvit_s4_1x_coco.pth`` / ``maskrcnn_shvit_s4_1x_coco.pth``)
+in :func:`~vitzoo.detection.build_detector`'s RetinaNet, Faster R-CNN and Mask R-CNN.
 
-An MMDetection RetinaNet holds three parts, each mapped onto :func:`~vitzoo.detection.build_detector`'s
-``'retinanet'``:
+Each part of an MMDetection detector maps onto ours:
 
 * ``backbone.*``: the classification model without its head, in its own layout (for SHViT the official
   ``blocks1/2/3`` one, renamed as :func:`shvit.remap_official_keys` does) -> ``backbone.body.*``;
-* ``neck.*``: the SHViT paper's FPN (EfficientViT's ``EfficientViTFPN``, or MMDetection's ``FPN`` without finer
-  levels), each conv a ``ConvModule`` whose ``.conv`` holds the tensors -> ``backbone.fpn.*`` of
+* ``neck.*``: the SHViT paper's FPN (EfficientViT's ``EfficientViTFPN``; MMDetection's ``FPN`` is the same without
+  finer levels), each conv a ``ConvModule`` whose ``.conv`` holds the tensors -> ``backbone.fpn.*`` of
   :class:`~vitzoo.detection.ExtraLevelFPN`;
-* ``bbox_head.*``: ``RetinaHead``'s two towers of 3x3 convs and its ``retina_cls`` / ``retina_reg`` outputs ->
-  torchvision's ``RetinaNetHead``. MMDetection's classifier has one sigmoid output per category and anchor;
-  torchvision's has one more, label 0 (background), which :class:`~vitzoo.detection.ForegroundRetinaNet` never turns
-  into detections: it is added with zero weights and the focal-loss prior bias. Category ``c`` of the file (0-based,
-  in the order of its ``CLASSES``, for COCO the category ids' order) becomes label ``c + 1``, as
-  :class:`~vitzoo.detection.data.CocoDetectionFolder` numbers categories.
+* RetinaNet: ``bbox_head.*`` (``RetinaHead``) -> torchvision's ``RetinaNetHead``;
+* Faster / Mask R-CNN: ``rpn_head.*`` -> ``rpn.head.*``, ``roi_head.bbox_head.*`` (``Shared2FCBBoxHead``) ->
+  ``roi_heads.box_head`` / ``box_predictor``, ``roi_head.mask_head.*`` (``FCNMaskHead``) -> ``roi_heads.mask_head``
+  / ``mask_predictor``.
+
+Categories: category ``c`` of the file (0-based, in the order of its ``CLASSES``; for COCO the category ids' order)
+becomes label ``c + 1``, as :class:`~vitzoo.detection.data.CocoDetectionFolder` numbers categories, and torchvision's
+label 0 is background. MMDetection's RetinaNet has no background output (sigmoid per category): it is added with zero
+weights and the focal-loss prior bias, and :class:`~vitzoo.detection.ForegroundRetinaNet` never turns it into
+detections. Its R-CNN box classifier has the background output last (torchvision: first), and its class-specific box
+and mask outputs none (torchvision: one, never used): moved, and added with zero weights.
 
 Nothing is loaded partially without being asked: every tensor of the model must come from the file and every tensor
 of the file must find a place, or the load is an error naming them; only ``classifier=False`` leaves the
-classification output layer at its initialisation (another set of categories), and says so in its return value.
+category-specific output layers at their initialisation (another set of categories), and says so in its return value.
 """
 import math
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Tuple, Union
 
 import torch
 import torch.nn as nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN
 
 from vitzoo.hub import WeightsError, validate_weights_file
 
 from .detectors import ForegroundRetinaNet
 from .fpn import ExtraLevelFPN
 
-__all__ = ['MMDetWeightsError', 'convert_mmdet_retinanet', 'is_mmdet_detector', 'load_mmdet_retinanet',
-           'read_mmdet_checkpoint', 'retinanet_categories']
+__all__ = ['MMDetWeightsError', 'convert_mmdet_detector', 'is_mmdet_detector', 'load_mmdet_detector',
+           'mmdet_categories', 'read_mmdet_checkpoint']
 
 #: torchvision's (and MMDetection's) initial bias of a focal-loss classifier: sigmoid(bias) = 0.01
 PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)
-_PARTS = ('backbone.', 'neck.', 'bbox_head.')
-_CLASSIFIER = ('head.classification_head.cls_logits.weight', 'head.classification_head.cls_logits.bias')
+_HEADS = ('bbox_head.', 'rpn_head.', 'roi_head.')
 
 
 class MMDetWeightsError(ValueError):
-    """The file is not an MMDetection RetinaNet that fits the model; the message says what differs and what to do."""
+    """The file is not an MMDetection detector that fits the model; the message says what differs and what to do."""
 
 
 def is_mmdet_detector(state_dict: Mapping[str, Any]) -> bool:
-    """Whether ``state_dict`` has MMDetection's detector layout (a ``neck.`` or a head beside ``backbone.``)."""
-    return any(k.startswith(('neck.', 'bbox_head.', 'rpn_head.', 'roi_head.')) for k in state_dict)
+    """Whether ``state_dict`` has MMDetection's detector layout (a neck or a head beside ``backbone.``)."""
+    return any(k.startswith(('neck.',) + _HEADS) for k in state_dict)
 
 
 def read_mmdet_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
@@ -76,13 +81,44 @@ def read_mmdet_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
                                 "'state_dict').")
     if not is_mmdet_detector(state_dict):
         raise MMDetWeightsError(
-            f'{path} is not an MMDetection detector checkpoint (no neck.* / bbox_head.* tensors; keys such as '
+            f'{path} is not an MMDetection detector checkpoint (no neck.* or head tensors; keys such as '
             f'{sorted(state_dict)[:3]}). For a classification checkpoint of the backbone use --backbone-weights '
             '(build_detector(..., weights=FILE)).')
     return state_dict
 
 
-def _neck_names(fpn: nn.Module) -> Dict[str, str]:
+def _kind(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """'retinanet' or 'rcnn' (Faster / Mask R-CNN), from the file's heads."""
+    if 'bbox_head.retina_cls.weight' in state_dict and 'bbox_head.retina_reg.weight' in state_dict:
+        return 'retinanet'
+    if 'roi_head.bbox_head.fc_cls.weight' in state_dict and 'rpn_head.rpn_cls.weight' in state_dict:
+        return 'rcnn'
+    heads = sorted({k.split('.')[0] for k in state_dict if not k.startswith(('backbone.', 'neck.'))})
+    raise MMDetWeightsError(
+        f'the checkpoint has neither a RetinaNet head (bbox_head.retina_cls / retina_reg) nor an R-CNN one '
+        f'(rpn_head.rpn_cls, roi_head.bbox_head.fc_cls); its parts: backbone, neck, {", ".join(heads) or "none"}. '
+        'Only MMDetection RetinaNet, Faster R-CNN and Mask R-CNN checkpoints convert; for another detector load its '
+        'backbone alone (--backbone-weights FILE; build_detector(..., weights=FILE)).')
+
+
+def mmdet_categories(state_dict: Mapping[str, torch.Tensor]) -> int:
+    """The number of object categories an MMDetection detector state dict classifies (background excluded)."""
+    if _kind(state_dict) == 'retinanet':
+        return _retina_outputs(state_dict)[1]
+    return state_dict['roi_head.bbox_head.fc_cls.weight'].shape[0] - 1
+
+
+def _retina_outputs(state_dict: Mapping[str, torch.Tensor]) -> Tuple[int, int]:
+    """(anchors per location, categories) of the file's RetinaHead outputs."""
+    reg, cls = state_dict['bbox_head.retina_reg.weight'], state_dict['bbox_head.retina_cls.weight']
+    if reg.shape[0] % 4 or cls.shape[0] % (reg.shape[0] // 4):
+        raise MMDetWeightsError(f'bbox_head.retina_reg has {reg.shape[0]} and retina_cls {cls.shape[0]} outputs: '
+                                'not 4 and C per anchor, so not a RetinaHead.')
+    anchors = reg.shape[0] // 4
+    return anchors, cls.shape[0] // anchors
+
+
+def _neck_names(fpn: ExtraLevelFPN) -> Dict[str, str]:
     """MMDetection's neck module names -> ours (``backbone.fpn.*``), for the levels ``fpn`` has.
 
     EfficientViTFPN's finer levels: ``extra_trans_convs.i`` makes the (i+1)-th finer level from the one before
@@ -103,12 +139,27 @@ def _neck_names(fpn: nn.Module) -> Dict[str, str]:
     return names
 
 
-def _head_names(stacked: int) -> Dict[str, str]:
+def _retina_names(model: ForegroundRetinaNet) -> Dict[str, str]:
     names = {'bbox_head.retina_cls': 'head.classification_head.cls_logits',
              'bbox_head.retina_reg': 'head.regression_head.bbox_reg'}
-    for i in range(stacked):
+    for i in range(len(model.head.classification_head.conv)):
         names[f'bbox_head.cls_convs.{i}.conv'] = f'head.classification_head.conv.{i}.0'
         names[f'bbox_head.reg_convs.{i}.conv'] = f'head.regression_head.conv.{i}.0'
+    return names
+
+
+def _rcnn_names(model: FasterRCNN) -> Dict[str, str]:
+    names = {'rpn_head.rpn_conv': 'rpn.head.conv.0.0', 'rpn_head.rpn_cls': 'rpn.head.cls_logits',
+             'rpn_head.rpn_reg': 'rpn.head.bbox_pred',
+             'roi_head.bbox_head.shared_fcs.0': 'roi_heads.box_head.fc6',
+             'roi_head.bbox_head.shared_fcs.1': 'roi_heads.box_head.fc7',
+             'roi_head.bbox_head.fc_cls': 'roi_heads.box_predictor.cls_score',
+             'roi_head.bbox_head.fc_reg': 'roi_heads.box_predictor.bbox_pred'}
+    if isinstance(model, MaskRCNN):
+        for i in range(len(model.roi_heads.mask_head)):
+            names[f'roi_head.mask_head.convs.{i}.conv'] = f'roi_heads.mask_head.{i}.0'
+        names['roi_head.mask_head.upsample'] = 'roi_heads.mask_predictor.conv5_mask'
+        names['roi_head.mask_head.conv_logits'] = 'roi_heads.mask_predictor.mask_fcn_logits'
     return names
 
 
@@ -120,79 +171,103 @@ def _backbone(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]
     return {'backbone.body.' + k: v for k, v in body.items()}
 
 
-def retinanet_categories(state_dict: Mapping[str, torch.Tensor]) -> int:
-    """The number of categories an MMDetection RetinaNet state dict classifies."""
-    return _file_outputs(state_dict)[1]
+def _per_anchor_background(anchors: int, categories: int) -> Callable[[torch.Tensor, str], torch.Tensor]:
+    """RetinaHead's ``retina_cls`` weight or bias with torchvision's background output (label 0) before each anchor's
+    categories: zero weights, bias ``PRIOR_BIAS``."""
+    def convert(value: torch.Tensor, leaf: str) -> torch.Tensor:
+        per_anchor = value.reshape(anchors, categories, *value.shape[1:])
+        background = torch.full_like(per_anchor[:, :1], PRIOR_BIAS if leaf == 'bias' else 0.0)
+        return torch.cat([background, per_anchor], 1).reshape(anchors * (categories + 1), *value.shape[1:])
+    return convert
 
 
-def _file_outputs(state_dict: Mapping[str, torch.Tensor]) -> Tuple[int, int]:
-    """(anchors per location, categories) of the file's RetinaHead outputs."""
-    reg, cls = state_dict.get('bbox_head.retina_reg.weight'), state_dict.get('bbox_head.retina_cls.weight')
-    if reg is None or cls is None:
-        heads = sorted({k.split('.')[0] for k in state_dict if not k.startswith(('backbone.', 'neck.'))})
-        raise MMDetWeightsError(
-            f'the checkpoint has no RetinaNet head (bbox_head.retina_cls / retina_reg; its parts: backbone, neck, '
-            f'{", ".join(heads)}): only MMDetection RetinaNet checkpoints convert; for another detector load its '
-            'backbone alone (--backbone-weights FILE; build_detector(..., weights=FILE)).')
-    if reg.shape[0] % 4 or cls.shape[0] % (reg.shape[0] // 4):
-        raise MMDetWeightsError(f'bbox_head.retina_reg has {reg.shape[0]} and retina_cls {cls.shape[0]} outputs: '
-                                'not 4 and C per anchor, so not a RetinaHead.')
-    anchors = reg.shape[0] // 4
-    return anchors, cls.shape[0] // anchors
+def _background_first(value: torch.Tensor, leaf: str) -> torch.Tensor:
+    """``fc_cls``: MMDetection's background output is its last, torchvision's its first."""
+    return torch.cat([value[-1:], value[:-1]])
 
 
-def convert_mmdet_retinanet(state_dict: Mapping[str, torch.Tensor], model: ForegroundRetinaNet,
-                            classifier: bool = True) -> Tuple[Dict[str, torch.Tensor], List[str]]:
-    """An MMDetection RetinaNet state dict in ``model``'s layout.
+def _class_specific(categories: int, width: int) -> Callable[[torch.Tensor, str], torch.Tensor]:
+    """``fc_reg`` (width 4) / ``conv_logits`` (width 1): outputs per category, with torchvision's unused background
+    outputs first (zeros); a class-agnostic file's one set of outputs is repeated for every category (the same
+    predictions)."""
+    def convert(value: torch.Tensor, leaf: str) -> torch.Tensor:
+        if value.shape[0] == width:
+            value = value.repeat(categories, *([1] * (value.dim() - 1)))
+        elif value.shape[0] != width * categories:
+            raise MMDetWeightsError(f'an R-CNN output of {value.shape[0]} rows: neither {width} (class-agnostic) nor '
+                                    f'{width} per category ({width * categories}).')
+        return torch.cat([torch.zeros_like(value[:width]), value])
+    return convert
+
+
+def convert_mmdet_detector(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
+                           classifier: bool = True) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """An MMDetection RetinaNet / Faster R-CNN / Mask R-CNN state dict in ``model``'s layout.
 
     Args:
-        state_dict: MMDetection's tensors (``backbone.*``, ``neck.*``, ``bbox_head.*``).
-        model: The RetinaNet of :func:`~vitzoo.detection.build_detector` that will load them.
-        classifier: Convert the classification output layer (``retina_cls``); False leaves it out (the model keeps
-            its own, for other categories than the file's).
+        state_dict: MMDetection's tensors (``backbone.*``, ``neck.*`` and the heads).
+        model: The detector of :func:`~vitzoo.detection.build_detector` that will load them, of the file's kind.
+        classifier: Convert the category-specific output layers (RetinaNet: ``retina_cls``; R-CNN: ``fc_cls``,
+            ``fc_reg``, ``conv_logits``); False leaves them out (the model keeps its own, for other categories than
+            the file's).
 
     Returns:
-        (converted state dict, the model's keys it leaves out: the classifier's with ``classifier=False``).
+        (converted state dict, the model's keys it leaves out: the category-specific ones with ``classifier=False``).
 
     Raises:
-        MMDetWeightsError: the file is not a RetinaNet, its categories or anchors differ from the model's (with
-            ``classifier=True``), or tensors of either side find no place (named).
+        MMDetWeightsError: the file is another kind of detector than the model, its categories or anchors differ from
+            the model's (categories with ``classifier=True``), or tensors of either side find no place (named).
     """
-    if not isinstance(model, ForegroundRetinaNet):
-        raise MMDetWeightsError(f'MMDetection RetinaNet weights load into build_detector("retinanet", ...), not into '
-                                f'a {type(model).__name__}.')
+    kind = _kind(state_dict)
+    if kind == 'retinanet' and not isinstance(model, ForegroundRetinaNet) \
+            or kind == 'rcnn' and not isinstance(model, FasterRCNN):
+        build = 'build_detector("retinanet", ...)' if kind == 'retinanet' else \
+            'build_detector("fasterrcnn" / "maskrcnn", ...)'
+        raise MMDetWeightsError(f'the checkpoint is an MMDetection {"RetinaNet" if kind == "retinanet" else "R-CNN"}: '
+                                f'it loads into {build}, not into a {type(model).__name__}.')
     if not isinstance(getattr(model.backbone, 'fpn', None), ExtraLevelFPN):
         raise MMDetWeightsError('the model\'s backbone has no FPN neck (a token model\'s simple pyramid): '
-                                'MMDetection RetinaNet weights need one; build the detector on a CNN or SHViT.')
-    anchors, categories = _file_outputs(state_dict)
-    own_anchors = model.anchor_generator.num_anchors_per_location()[0]
+                                'MMDetection weights need one; build the detector on a CNN or SHViT.')
+    categories = mmdet_categories(state_dict)
+    if kind == 'retinanet':
+        anchors = _retina_outputs(state_dict)[0]
+        own_anchors = model.anchor_generator.num_anchors_per_location()[0]
+        own_categories = model.head.classification_head.num_classes - 1
+        names = _retina_names(model)
+        special = {'bbox_head.retina_cls': _per_anchor_background(anchors, categories)}
+    else:
+        anchors = state_dict['rpn_head.rpn_reg.weight'].shape[0] // 4
+        own_anchors = model.rpn.anchor_generator.num_anchors_per_location()[0]
+        own_categories = model.roi_heads.box_predictor.cls_score.out_features - 1
+        names = _rcnn_names(model)
+        special = {'roi_head.bbox_head.fc_cls': _background_first,
+                   'roi_head.bbox_head.fc_reg': _class_specific(categories, 4),
+                   'roi_head.mask_head.conv_logits': _class_specific(categories, 1)}
     if anchors != own_anchors:
         raise MMDetWeightsError(f'the checkpoint has {anchors} anchors per location, the model {own_anchors}; '
-                                'build the model with its default anchor generator (3 scales x 3 ratios).')
-    own_categories = model.head.classification_head.num_classes - 1
+                                'build the model with its default anchor generator.')
     if classifier and categories != own_categories:
         raise MMDetWeightsError(
             f'the checkpoint classifies {categories} categories, the model {own_categories}: build it with '
             f'num_classes={categories} to load the whole detector, or pass classifier=False (--detector-weights '
-            'with a dataset of other categories does) to load everything but the classification output layer.')
-    unknown = sorted(k for k in state_dict if not k.startswith(_PARTS))
-    names = {**_neck_names(model.backbone.fpn), **_head_names(len(model.head.classification_head.conv))}
+            'with a dataset of other categories does) to load everything but the category-specific output layers.')
+    names.update(_neck_names(model.backbone.fpn))
     out = _backbone(state_dict)
+    unknown, left_out = [], []
     for key, value in state_dict.items():
         if key.startswith('backbone.'):
             continue
         module, _, leaf = key.rpartition('.')
         if module not in names:
-            if key.startswith(('neck.', 'bbox_head.')):
-                unknown.append(key)
+            unknown.append(key)
             continue
-        if module == 'bbox_head.retina_cls':
+        if module in special:
             if not classifier:
+                left_out.append(f'{names[module]}.{leaf}')
                 continue
-            value = _with_background(value, anchors, categories, leaf)
+            value = special[module](value, leaf)
         out[f'{names[module]}.{leaf}'] = value
     own = model.state_dict()
-    left_out = [] if classifier else list(_CLASSIFIER)
     missing = sorted(set(own) - set(out) - set(left_out))
     unexpected = sorted(set(out) - set(own)) + sorted(unknown)
     reshaped = sorted(k for k in set(out) & set(own) if out[k].shape != own[k].shape)
@@ -207,30 +282,23 @@ def convert_mmdet_retinanet(state_dict: Mapping[str, torch.Tensor], model: Foreg
             shape = f' ({k}: {list(out[k].shape)} in the checkpoint, {list(own[k].shape)} in the model)'
         raise MMDetWeightsError(
             f'the checkpoint does not fit the model: {"; ".join(parts)}{shape}. Build the detector as the '
-            'checkpoint was trained: its backbone and FPN channels (--backbone / --out-channels; 256 for the '
-            'paper\'s).')
-    return out, left_out
+            'checkpoint was trained: its detector, backbone and FPN channels (--detector / --backbone / '
+            '--out-channels; 256 for the paper\'s).')
+    return out, sorted(left_out)
 
 
-def _with_background(value: torch.Tensor, anchors: int, categories: int, leaf: str) -> torch.Tensor:
-    """``retina_cls``'s weight or bias with torchvision's background output (label 0) before each anchor's
-    categories: zero weights, bias ``PRIOR_BIAS``."""
-    per_anchor = value.reshape(anchors, categories, *value.shape[1:])
-    fill = PRIOR_BIAS if leaf == 'bias' else 0.0
-    background = torch.full_like(per_anchor[:, :1], fill)
-    return torch.cat([background, per_anchor], 1).reshape(anchors * (categories + 1), *value.shape[1:])
+def load_mmdet_detector(model: nn.Module, checkpoint: Union[str, Path, Mapping[str, torch.Tensor]],
+                        classifier: bool = True) -> List[str]:
+    """Load an MMDetection RetinaNet / Faster R-CNN / Mask R-CNN checkpoint (a file or its state dict) into
+    ``model`` (:func:`~vitzoo.detection.build_detector`'s detector of the same kind), in place.
 
-
-def load_mmdet_retinanet(model: ForegroundRetinaNet, checkpoint: Union[str, Path, Mapping[str, torch.Tensor]],
-                         classifier: bool = True) -> List[str]:
-    """Load an MMDetection RetinaNet checkpoint (a file or its state dict) into ``model``, in place.
-
-    The load is strict (see :func:`convert_mmdet_retinanet`); tensors keep ``model``'s device and dtype.
+    The load is strict (see :func:`convert_mmdet_detector`); tensors keep ``model``'s device and dtype.
 
     Returns:
-        The model's keys left at their initialisation (empty, or the classifier's with ``classifier=False``).
+        The model's keys left at their initialisation (empty, or the category-specific ones with
+        ``classifier=False``).
     """
     state_dict = read_mmdet_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
-    converted, left_out = convert_mmdet_retinanet(state_dict, model, classifier=classifier)
+    converted, left_out = convert_mmdet_detector(state_dict, model, classifier=classifier)
     model.load_state_dict(converted, strict=not left_out)
     return left_out
