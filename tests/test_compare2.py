@@ -83,3 +83,40 @@ def test_norms_over_any_rank_are_counted_as_fvcore_counts_them():
     # BatchNorm 2 per element with its weight
     assert report.by_operator == {"layer_norm": 5 * n + 4 * 5, "group_norm": 5 * n, "batch_norm": 2 * n}
     assert report.total == 5 * n + 4 * 5 + 5 * n + 2 * n
+
+
+def test_the_table_prints_to_an_output_that_cannot_encode_box_drawing(monkeypatch, capsys):
+    """Found by a review: with a Latin-1 or ASCII stdout (PYTHONIOENCODING, Windows' cp1252 redirected to a file)
+    the table's box drawing ended in a UnicodeEncodeError traceback after all the work."""
+    import io
+
+    from vitzoo import cli
+
+    for encoding in ("latin-1", "ascii"):
+        raw = io.BytesIO()
+        stdout = io.TextIOWrapper(raw, encoding=encoding)
+        monkeypatch.setattr("sys.stdout", stdout)
+        assert cli.main(["compare", "shvit_s1", "--no-speed"]) == 0
+        stdout.flush()
+        text = raw.getvalue().decode(encoding)
+        assert "| shvit_s1 " in text and "241.40" in text and text.isascii()
+    monkeypatch.undo()
+    assert cli.main(["compare", "shvit_s1", "--no-speed"]) == 0  # a UTF-8 output keeps rich's box drawing
+    assert "┃ model" in capsys.readouterr().out
+
+
+def test_arguments_found_by_a_review(tmp_path, capsys):
+    """A torch.device as compare()'s device; a folder as --plot names a file in it; --no-progress writes no bar."""
+    from vitzoo import cli
+    from vitzoo.compare import compare
+
+    rows = compare(["resnet18"], img_size=32, batch_size=1, rounds=1, devices=torch.device("cpu"),
+                   backends=["eager"])  # was "'torch.device' object is not iterable"
+    assert [r["device"] for r in rows] == ["cpu"] and rows[0]["throughput"] > 0
+    fast = ["--img-size", "32", "--batch", "1", "--rounds", "1", "--backends", "eager"]
+    assert cli.main(["compare", "resnet18", *fast, "--plot", str(tmp_path)]) == 1
+    assert f"{tmp_path} is a folder; give a file path for the output, e.g. {tmp_path / 'pareto.png'}." \
+        in capsys.readouterr().err  # was "(e.g. DIR/out...)"
+    assert cli.main(["compare", "resnet18", *fast, "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "measuring" not in err

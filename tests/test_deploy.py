@@ -1952,3 +1952,32 @@ def test_a_distributed_data_parallel_model_is_deployed_from_the_module_it_wraps(
     assert any(o.startswith("oneDNN pre-packed convolutions: 2") for o in deployed.optimizations), \
         deployed.optimizations
     torch.testing.assert_close(deployed(x), expected, atol=1e-5, rtol=0)
+
+
+def test_nan_in_the_example_or_in_the_original_output_is_named():
+    """Found by a review: torch.empty's uninitialised example (NaN) gave "output differs from the original model by
+    max abs diff nan ... report this with the model name"."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    example = torch.randn(2, 3, 8, 8)
+    example[1, 0, 2, 2] = float("nan")
+    for backend in ("eager", "torchscript"):
+        with pytest.raises(ValueError, match=r"example_input holds 1 NaN value\(s\) of 384 \(uninitialised memory, "
+                                             r"such as torch\.empty's\?\).*e\.g\. torch\.randn\(2, 3, 8, 8\)"):
+            deploy(model, example, backend=backend)
+    broken = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
+    with torch.no_grad():
+        broken[0].weight[1, 0, 0, 0] = float("nan")  # output channel 1 is NaN everywhere: 6 x 6 values
+    with pytest.raises(ValueError, match=r"the original model's output on example_input holds 36 NaN value\(s\).*"
+                                         r"or pass verify=False"):
+        deploy(broken, torch.randn(1, 3, 8, 8))
+    deployed = deploy(broken, torch.randn(1, 3, 8, 8), verify=False)  # asked for: deployed without the check
+    assert torch.isnan(deployed(torch.randn(1, 3, 8, 8))[0, 1]).all()
+
+
+@pytest.mark.parametrize("backend", ["eager", "torchscript"])
+def test_a_deployed_model_is_in_eval_mode_throughout(backend):
+    """Found by a review: ``deployed.training`` was True (the wrapper and the packed convolutions, built after the
+    model's eval(), kept nn.Module's default), misleading code that checks ``model.training``."""
+    model = timm.create_model("mobilenetv3_small_100").eval()
+    deployed = deploy(model, torch.randn(1, 3, 64, 64), backend=backend)
+    assert [name for name, m in deployed.named_modules() if m.training] == []

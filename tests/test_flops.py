@@ -1490,3 +1490,22 @@ def test_a_norm_after_another_module_names_it():
     assert report.unfolded_norms == {"3": "its input is the output of 2 (ReLU), not of a Conv2d / Linear",
                                      "5": "its input is the output of 4 (ConvTranspose2d), not of a Conv2d / Linear"}
     assert report.by_operator["batch_norm"] == 2 * 4 * 64 + 2 * 4 * 256  # norm 3 at 8x8, norm 5 at 16x16
+
+
+def test_table_depth_and_flags_are_checked():
+    """Found by a review: table(max_depth=None) raised a bare comparison TypeError, max_depth=-1 gave a header only,
+    and count_flops(fused="no") counted the fused model ("no" is truthy)."""
+    import torch.nn as tnn
+
+    model = tnn.Sequential(tnn.Sequential(tnn.Conv2d(3, 4, 3), tnn.Sequential(tnn.Conv2d(4, 4, 1))), tnn.Flatten())
+    report = count_flops(model, 8)
+    every = report.table(max_depth=None)
+    assert "0.1.0" in every and every == report.table(max_depth=3)  # the deepest module: 0.1.0
+    assert [line.split()[0] for line in report.table(max_depth=0).splitlines()[2:]] == ["model"]
+    with pytest.raises(ValueError, match=r"max_depth must be >= 0 .* got -1"):
+        report.table(max_depth=-1)
+    with pytest.raises(TypeError, match=r"max_depth must be an int >= 0 or None .* got '2'"):
+        report.table(max_depth="2")
+    for flag in ("fused", "elementwise"):
+        with pytest.raises(TypeError, match=rf"{flag} must be True or False, got 'no' \(str\)"):
+            count_flops(model, 8, **{flag: "no"})

@@ -173,8 +173,9 @@ def _check_parent_writable(path: Union[str, Path], parent: Path) -> None:
         raise PermissionError(f"cannot write {path}: folder {parent} is not writable.")
 
 
-def check_output_file(path: PathLike, force: bool) -> None:
-    """Check, before any work, that a file can be written at ``path``.
+def check_output_file(path: PathLike, force: bool, example_name: str = "output") -> None:
+    """Check, before any work, that a file can be written at ``path`` (``example_name``: a file name the message
+    for a folder suggests in it).
 
     Raises:
         IsADirectoryError: ``path`` is a folder (``force`` does not replace folders with files).
@@ -185,12 +186,13 @@ def check_output_file(path: PathLike, force: bool) -> None:
     path = Path(path)
     real = resolve_output(path)
     if real.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give a file path for the output (e.g. {path / 'out'}...).")
+        raise IsADirectoryError(f"{path} is a folder; give a file path for the output, e.g. {path / example_name}.")
     check_output_free(path, force)
     _check_parent_writable(path, real.parent)
 
 
-def check_new_file(path: PathLike, force: bool = False, option: Optional[str] = None) -> Path:
+def check_new_file(path: PathLike, force: bool = False, option: Optional[str] = None,
+                   example_name: str = "output") -> Path:
     """Check, before any work, that a single-file output (``vitzoo export --out``, ``compare --plot``) can be
     written at ``path``: in a folder that exists (it is not created), not over a folder, and over an existing file
     only with ``force``.
@@ -203,6 +205,7 @@ def check_new_file(path: PathLike, force: bool = False, option: Optional[str] = 
         force: An existing file may be replaced.
         option: The command line option that names the file (``--out``), for the messages; None for a Python
             caller (the messages then name ``force=True``).
+        example_name: A file name that the message for a folder ``path`` suggests in it (``pareto.png``).
 
     Raises:
         IsADirectoryError: ``path`` is a folder (``force`` does not replace folders with files).
@@ -218,7 +221,7 @@ def check_new_file(path: PathLike, force: bool = False, option: Optional[str] = 
         raise FileExistsError(f"{path} already exists; refusing to overwrite it. Pass "
                               f"{'--force' if option else 'force=True'} to replace it{other}.")
     try:
-        check_output_file(path, force)  # a folder, a parent that is a file, an unwritable folder
+        check_output_file(path, force, example_name)  # a folder, a parent that is a file, an unwritable folder
     except PermissionError:
         if real.parent.is_dir():
             raise

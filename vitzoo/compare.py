@@ -28,7 +28,7 @@ import platform
 import sys
 import traceback
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, TextIO, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -455,7 +455,7 @@ def compare(
     batch_size: Optional[int] = None,
     threads: Optional[int] = None,
     speed: bool = True,
-    devices: Union[str, Iterable[str], None] = None,
+    devices: Union[str, torch.device, Iterable[Union[str, torch.device]], None] = None,
     backends: Union[str, Iterable[str], None] = None,
     rounds: int = 3,
     progress: bool = False,
@@ -471,7 +471,8 @@ def compare(
         batch_size: Images per batch; default 16 on CPU, 256 on GPU.
         threads: ``torch.set_num_threads`` while measuring (restored afterwards; torch's setting when None).
         speed: Measure throughput/latency; False gives counts only (fast).
-        devices: ``"cpu"`` and/or ``"cuda"`` (a list, or one as a str); default CPU, plus CUDA when available.
+        devices: ``"cpu"`` and/or ``"cuda"`` (a list, or one as a str; ``torch.device`` too); default CPU, plus
+            CUDA when available.
             One row per model and device. A name torch does not know (``"gpu"``), or CUDA where it is not
             available, raises ``ValueError``.
         backends: :func:`vitzoo.deploy` backends tried for the fastest path (a list, or one as a str); default per
@@ -496,7 +497,10 @@ def compare(
         ValueError: A size, batch, thread or round count below 1, an empty ``models`` list, or a device or backend
             as described above.
     """
-    models, backends, devices = _as_list(models), _as_list(backends), _as_list(devices)
+    if isinstance(devices, torch.device):  # one device as torch names it (found by a review: "not iterable")
+        devices = str(devices)
+    models, backends = _as_list(models), _as_list(backends)
+    devices = None if devices is None else [str(d) if isinstance(d, torch.device) else d for d in _as_list(devices)]
     if models is not None and len(models) == 0:  # e.g. a filter that matched nothing: not the 15 default models
         raise ValueError("compare() got an empty list of models; pass models=None (or leave it out) for the default "
                          "comparison")
@@ -536,8 +540,9 @@ def _table_rows(rows: Iterable[Dict[str, Any]], speed: bool) -> Tuple[List[str],
     return [h for h, _ in cols], [[cell(r) for _, cell in cols] for r in rows]
 
 
-def format_rows(rows: List[Dict[str, Any]], fmt: str) -> str:
-    """Render rows as ``json`` (the dicts), ``csv`` (raw numbers), ``md`` or ``table`` (human units)."""
+def format_rows(rows: List[Dict[str, Any]], fmt: str, ascii_only: bool = False) -> str:
+    """Render rows as ``json`` (the dicts), ``csv`` (raw numbers), ``md`` or ``table`` (human units); the
+    ``table``'s box in ASCII characters with ``ascii_only`` (for an output that cannot encode box drawing)."""
     if fmt == "json":
         return json.dumps(rows, indent=2)
     if fmt == "csv":
@@ -556,11 +561,13 @@ def format_rows(rows: List[Dict[str, Any]], fmt: str) -> str:
         lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |" for cells in body]
         return "\n".join(lines)
     if fmt == "table":
+        from rich import box
         from rich.console import Console
         from rich.markup import escape
         from rich.table import Table
 
-        table = Table(title="FLOPs are MACs of the fused model (fvcore convention)")
+        table = Table(title="FLOPs are MACs of the fused model (fvcore convention)",
+                      box=box.ASCII if ascii_only else box.HEAVY_HEAD)
         for h in header:
             table.add_column(h, justify="left" if h in ("model", "device", "input", "backend") else "right")
         for cells in body:
@@ -574,6 +581,25 @@ def format_rows(rows: List[Dict[str, Any]], fmt: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- CLI
+
+def _encodable(rows: List[Dict[str, Any]], fmt: str, stream: TextIO) -> str:
+    """The rows as ``fmt``, in characters ``stream`` can encode (found by a review: a Latin-1 or ASCII stdout,
+    e.g. Windows' cp1252 redirected to a file, ended the table in a ``UnicodeEncodeError`` traceback): the table's
+    box in ASCII, and any other character it cannot take (in a model's folder name) as ``?``."""
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    text = format_rows(rows, fmt)
+    try:
+        text.encode(encoding)
+        return text
+    except (UnicodeEncodeError, LookupError):
+        pass
+    if fmt == "table":
+        text = format_rows(rows, fmt, ascii_only=True)
+    try:
+        return text.encode(encoding, errors="replace").decode(encoding)
+    except LookupError:
+        return text.encode("ascii", errors="replace").decode("ascii")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``compare`` sub-command."""
@@ -600,6 +626,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=3,
                    help="interleaved timing rounds, median reported (default: 3; the full default compare then "
                         "fits in ~10 minutes on 2 CPU cores)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars on stderr (e.g. in a log file)")
     p.set_defaults(func=run)
 
 
@@ -675,7 +703,7 @@ def run(args: argparse.Namespace) -> int:
             check_writable(args.plot, args.force)
         backends = _split_backends(args.backends)
         rows, skipped = _compare(args.models, args.img_size, args.batch, args.threads, not args.no_speed,
-                                 args.device, backends, args.rounds, progress=True)
+                                 args.device, backends, args.rounds, progress=args.progress)
     except (UnknownModelError, UsageError) as e:
         print(f"vitzoo compare: error: {cli_message(e)}", file=err)
         return 2
@@ -695,7 +723,7 @@ def run(args: argparse.Namespace) -> int:
     if not rows:
         print("vitzoo compare: error: no model could be compared", file=err)
         return 1
-    print(format_rows(rows, args.format))
+    print(_encodable(rows, args.format, sys.stdout))
     if args.plot:
         measured = [r for r in rows if r["throughput"] is not None]
         # a model whose deployed paths all failed is plotted at its default path's speed, and says so

@@ -122,7 +122,8 @@ def export_verified_onnx(
     out = Path(out)
     if out.suffix.lower() != ".onnx":  # as `vitzoo export --out`: force=True never replaces a weight file by a graph
         raise ValueError(f"out is an ONNX file, named *.onnx; got {str(out)!r}")
-    check_new_file(out, force)  # before the export: a folder, an existing file, a missing or unwritable folder
+    # before the export: a folder, an existing file, a missing or unwritable folder
+    check_new_file(out, force, example_name="model.onnx")
     dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
     if dtypes - {torch.float32}:  # e.g. a bf16 model: the file takes and gives float32, as its check does
         model = deepcopy_keeping_modes(model).float()
@@ -344,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or (Path(f"{stem}_{_size_text(size)}.onnx") if size else None)
     try:
         if out is not None:
-            check_new_file(out, args.force, option="--out")
+            check_new_file(out, args.force, option="--out", example_name="model.onnx")
     except OSError as e:
         print(f"{ERROR} {cli_message(e)}", file=sys.stderr)
         return 1
@@ -378,7 +379,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path(f"{stem}_{_size_text(size)}.onnx")
     print(f"exporting {args.model} at {size[0]}x{size[1]} (opset {args.opset}) -> {out}", file=sys.stderr)
     try:
-        check_new_file(out, args.force, option="--out")  # the default name, where only the model told its size
+        # the default name, where only the model told its size
+        check_new_file(out, args.force, option="--out", example_name="model.onnx")
         diff = export_verified_onnx(model, out, size, opset=args.opset, force=args.force, atol=args.atol,
                                     rtol=args.rtol)
     except (OSError, ValueError, ExportError, RuntimeError) as e:

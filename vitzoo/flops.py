@@ -499,14 +499,22 @@ class FlopReport:
         families."""
         return {op: n for op, n in self.uncounted.items() if op not in ELEMENTWISE_OPS and op not in _ELEMENTWISE_FORMS}
 
-    def table(self, max_depth: int = 2) -> str:
-        """Per-module breakdown as a fixed-width text table, modules nested down to ``max_depth`` levels.
+    def table(self, max_depth: Optional[int] = 2) -> str:
+        """Per-module breakdown as a fixed-width text table, modules nested down to ``max_depth`` levels (0: the
+        model's row only; None: every level).
 
         The rows under a module add up to its row: where a module shown with its submodules also has parameters
         or FLOPs of its own (a ViT's ``pos_embed`` and ``cls_token``, a layer-scale ``gamma``, an op in its own
         ``forward``), they get a row of their own after it, ``(model's own)`` for the model and ``NAME (own)``
         below it. A tensor shared by two submodules is in both their rows and once in their parent's, so its own
         row is then negative."""
+        if max_depth is None:
+            max_depth = max((name.count(".") + 1 for name in self.by_module if name), default=0)
+        if isinstance(max_depth, bool) or not isinstance(max_depth, numbers.Integral):
+            raise TypeError(f"max_depth must be an int >= 0 or None (every level), got {max_depth!r}.")
+        if max_depth < 0:
+            raise ValueError(f"max_depth must be >= 0 (0: the model's row only) or None (every level), got "
+                             f"{max_depth}.")
         rows = [("module", "#params", "FLOPs (MACs)")]
         for name, flops in self.by_module.items():
             depth = 0 if name == "" else name.count(".") + 1
@@ -735,6 +743,9 @@ def count_flops(
         raise TypeError(f"batch_size must be an int >= 1, got {batch_size!r} ({type(batch_size).__name__})")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for flag, value in (("fused", fused), ("elementwise", elementwise)):
+        if not isinstance(value, bool):  # "no" is truthy (found by a review: fused="no" counted the fused model)
+            raise TypeError(f"{flag} must be True or False, got {value!r} ({type(value).__name__})")
     # a model built here and the random example draw from the global generator: counting must not change a
     # seeded run (found by an audit); autocast would make fvcore's trace hold tensors that need grad
     with torch.random.fork_rng(devices=[]), torch.autocast("cpu", enabled=False):

@@ -316,6 +316,29 @@ def _check_example_dtype(model: nn.Module, example_input: torch.Tensor) -> None:
             f"example_input.to({dtype}) (or convert the model with model.to({example_input.dtype})).")
 
 
+def _check_example_values(example_input: torch.Tensor) -> None:
+    """NaN in the example leaves nothing to check the deployed model with (found by a review: ``torch.empty``'s
+    uninitialised memory gave "output differs ... by max abs diff nan ... report this with the model name")."""
+    nan = int(torch.isnan(example_input).sum()) if example_input.is_floating_point() else 0
+    if nan:
+        shape = ", ".join(map(str, example_input.shape))
+        raise ValueError(
+            f"deploy(): example_input holds {nan} NaN value(s) of {example_input.numel()} (uninitialised memory, "
+            f"such as torch.empty's?); deploy() traces the model and checks its outputs on it. Pass real or random "
+            f"values, e.g. torch.randn({shape}).")
+
+
+def _check_reference_values(reference: object) -> None:
+    """The original model's own output must be free of NaN for the check to mean anything."""
+    nan = sum(int(torch.isnan(t).sum()) for t in pytree.tree_leaves(reference)
+              if isinstance(t, torch.Tensor) and t.is_floating_point())
+    if nan:
+        raise ValueError(
+            f"deploy(): the original model's output on example_input holds {nan} NaN value(s), so no deployed "
+            "model can be checked against it: check the model (a NaN or overflowing weight?) and the example's "
+            "values, or pass verify=False to deploy without checking.")
+
+
 def _check_example_channels(model: nn.Module, example_input: torch.Tensor) -> None:
     """An image example of another channel count than the model's ``in_chans`` (timm models record it) would fail
     in the first layer with torch's shape message; say which channels and what to do (found by a sweep)."""
@@ -644,6 +667,9 @@ def deploy(
     if fp32_precision not in FP32_PRECISIONS:
         raise ValueError(f"fp32_precision={fp32_precision!r}; valid values: {', '.join(FP32_PRECISIONS)}.")
     check_arguments(atol=atol, rtol=rtol, opset=opset, backend=backend)
+    for flag, value in (("inplace", inplace), ("verify", verify)):
+        if not isinstance(value, bool):  # "no" is truthy (found by a review: verify="no" verified)
+            raise TypeError(f"deploy(): {flag} must be True or False, got {value!r} ({type(value).__name__}).")
     if backend not in available_backends():
         raise RuntimeError(f"backend {backend!r} is not available here (available: "
                            f"{', '.join(available_backends())}); {missing_backend_hint(backend)}.")
@@ -657,6 +683,7 @@ def deploy(
     _check_example_is_a_batch(example_input)
     _check_example_dtype(model, example_input)
     _check_example_channels(model, example_input)
+    _check_example_values(example_input)
     if backend == "onnxruntime":
         _check_not_cuda_for_onnxruntime(model, example_input)
     given = example_input
@@ -672,6 +699,7 @@ def deploy(
             check_comparable(reference)
         except UnsupportedOutputError as e:
             raise ValueError(f"deploy(): {e}; or pass verify=False, which deploys without checking") from None
+        _check_reference_values(reference)
     model = model if inplace else deepcopy_sharing_hooks(model)
     model.eval()
     hooks = hook_ids(model)
@@ -866,6 +894,9 @@ def _finish(deployed: DeployedModel, fusions: List[str], example_input: torch.Te
             model: nn.Module) -> DeployedModel:
     deployed.optimizations[2:2] = fusions
     deployed.set_example(example_input)
+    # eval mode throughout, as deploy() says: modules built after the model's eval() (the wrapper, packed
+    # convolutions) started in nn.Module's training mode (found by a review: ``deployed.training`` was True)
+    deployed.train(False)
     # the model's cfg on every backend: timm.data.resolve_data_config(model=deployed) reads its preprocessing
     # (found by an audit: an ONNX Runtime session has none, so a ViT's mean 0.5 became ImageNet's)
     deployed.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})

@@ -164,7 +164,7 @@ def check_writable(path: Union[str, Path], force: bool = False) -> Path:
     """
     path = Path(path)
     plot_format(path)
-    return check_new_file(path, force, option="--plot")
+    return check_new_file(path, force, option="--plot", example_name="pareto.png")
 
 
 def _minor_label(value: float, view: Sequence[float]) -> str:
