@@ -283,7 +283,7 @@ def test_files_that_do_not_fit_are_named(tmp_path):
         load_mmdet_detector(build_detector('retinanet', 'shvit_s1', 3, out_channels=8), sd)
     other = {k: v for k, v in sd.items() if not k.startswith('bbox_head.')}
     other['bbox_head.fcos_cls.weight'] = torch.zeros(1)
-    with pytest.raises(MMDetWeightsError, match=r'neither a RetinaNet head .* its parts: backbone, neck, bbox_head\. '
+    with pytest.raises(MMDetWeightsError, match=r'neither a RetinaNet head .* its parts: backbone, bbox_head, neck\. '
                                                 r'Only MMDetection RetinaNet, Faster R-CNN and Mask R-CNN .*'
                                                 r'--backbone-weights'):
         load_mmdet_detector(model, other)
@@ -543,3 +543,64 @@ def test_faster_rcnn_and_other_categories():
     with pytest.raises(MMDetWeightsError, match=r'an MMDetection R-CNN: it loads into build_detector\("fasterrcnn" / '
                                                 r'"maskrcnn", \.\.\.\), not into a ForegroundRetinaNet'):
         load_mmdet_detector(_detector(), sd)
+
+
+def test_aligned_roi_pooling_of_several_images_and_under_torchscript():
+    """Found by a review: every test pooled one image, so RoIs taken from the wrong image went unnoticed, and the
+    pool (and the R-CNNs' RoI heads) no longer compiled with TorchScript. Reference: each RoI pooled on its own
+    image's map of its level (floor(log2(sqrt(area) / 56)), p2..p5), MMDetection's RoIAlign (aligned, adaptive)."""
+    model = _rcnn()
+    pool = model.roi_heads.box_roi_pool
+    torch.manual_seed(4)
+    levels = {f'p{k}': torch.randn(2, 5, 256 // 2 ** k, 384 // 2 ** k) for k in range(2, 6)}
+    sizes = torch.tensor([20.0, 150, 300, 600, 45, 200])  # every level, on both images
+    boxes = []
+    for image in range(2):
+        corner = torch.rand(len(sizes), 2) * 60 + image * 17
+        boxes.append(torch.cat([corner, corner + sizes[:, None] * torch.tensor([1.0, 0.7])], 1))
+    got = pool(levels, boxes, [(256, 384)] * 2)
+    want = []
+    for image, b in enumerate(boxes):
+        area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+        for box, lvl in zip(b, torch.floor(torch.log2(area.sqrt() / 56 + 1e-6)).clamp(0, 3).long().tolist()):
+            feature = levels[f'p{lvl + 2}'][image:image + 1]
+            want.append(torchvision.ops.roi_align(feature, [box[None]], 7, spatial_scale=1 / 2 ** (lvl + 2),
+                                                  sampling_ratio=0, aligned=True))
+    assert len({int(v) for v in torch.floor(torch.log2(sizes * 0.7 ** 0.5 / 56 + 1e-6)).clamp(0, 3)}) == 4
+    torch.testing.assert_close(got, torch.cat(want), rtol=0, atol=1e-6)
+    scripted = torch.jit.script(pool)
+    torch.testing.assert_close(scripted(levels, boxes, [(256, 384)] * 2), got, rtol=0, atol=0)
+    torch.jit.script(model.roi_heads)  # as with torchvision's own pools
+
+
+def test_checkpoint_forms_and_damaged_heads(tmp_path):
+    """Found by a review: a numpy seed in MMDetection's meta (a single-GPU run's) or any other object in the file
+    was a raw UnpicklingError; the whole checkpoint dict passed as a mapping was taken for a state dict; degenerate
+    head shapes gave a ZeroDivisionError, "-1 categories" or a silently repeated bias."""
+    import argparse
+
+    import numpy as np
+
+    sd, _ = _mmdet_state_dict(seed=5)
+    model = _detector()
+    seeded = tmp_path / 'seeded.pth'
+    torch.save({'meta': {'seed': np.int64(3), 'epoch': 12}, 'state_dict': sd}, seeded)
+    assert load_mmdet_detector(model, seeded) == []
+    assert torch.equal(model.state_dict()['backbone.fpn.lateral_convs.1.bias'], sd['neck.lateral_convs.1.conv.bias'])
+    odd = tmp_path / 'odd.pth'
+    torch.save({'meta': {'args': argparse.Namespace(seed=3)}, 'state_dict': sd}, odd)
+    with pytest.raises(MMDetWeightsError, match=r'odd\.pth is not a readable checkpoint: it holds Python objects other '
+                                                r'than tensors and numbers \(argparse\.Namespace\)'):
+        load_mmdet_detector(model, odd)
+    assert load_mmdet_detector(_detector(), {'meta': {}, 'state_dict': sd}) == []  # what torch.load returns
+    with pytest.raises(MMDetWeightsError, match='the checkpoint holds no state dict of tensors'):
+        load_mmdet_detector(model, {'meta': {}})
+    damaged = dict(sd, **{'bbox_head.retina_reg.weight': torch.zeros(0, CHANNELS, 3, 3)})
+    with pytest.raises(MMDetWeightsError, match=r'retina_reg has 0 and retina_cls 27 outputs'):
+        load_mmdet_detector(model, damaged)
+    rcnn, _ = _mmdet_rcnn_state_dict(mask=False)
+    with pytest.raises(MMDetWeightsError, match=r'fc_cls has 1 output\(s\)'):
+        load_mmdet_detector(_rcnn('fasterrcnn'), dict(rcnn, **{'roi_head.bbox_head.fc_cls.weight': torch.zeros(1, 1024),
+                                                               'roi_head.bbox_head.fc_cls.bias': torch.zeros(1)}))
+    with pytest.raises(MMDetWeightsError, match=r'fc_reg has a weight of 12 outputs and a bias of 4'):
+        load_mmdet_detector(_rcnn('fasterrcnn'), dict(rcnn, **{'roi_head.bbox_head.fc_reg.bias': torch.zeros(4)}))

@@ -224,19 +224,29 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
     inferred from the first batch and kept, as torchvision's pool does."""
 
     def forward(self, x: Dict[str, Tensor], boxes: List[Tensor], image_shapes: List[Tuple[int, int]]) -> Tensor:
-        maps = [x[name] for name in self.featmap_names]
-        if self.scales is None or self.map_levels is None:
-            height = max(shape[0] for shape in image_shapes)
-            self.scales = [2.0 ** round(math.log2(m.shape[-2] / height)) for m in maps]
-            self.map_levels = initLevelMapper(round(-math.log2(self.scales[0])), round(-math.log2(self.scales[-1])),
-                                              canonical_scale=self.canonical_scale,
-                                              canonical_level=self.canonical_level)
+        # written for TorchScript too, as torchvision's pool is (found by a review: math.log2 and a star-unpacked
+        # shape made the R-CNNs' RoI heads unscriptable)
+        maps: List[Tensor] = []
+        for name in self.featmap_names:
+            maps.append(x[name])
+        scales, mapper = self.scales, self.map_levels
+        if scales is None or mapper is None:
+            height = max([shape[0] for shape in image_shapes])
+            scales = [2.0 ** float(torch.round(torch.log2(torch.tensor(m.shape[-2] / height))).item()) for m in maps]
+            first = int(torch.round(-torch.log2(torch.tensor(scales[0]))).item())
+            last = int(torch.round(-torch.log2(torch.tensor(scales[-1]))).item())
+            mapper = initLevelMapper(first, last, canonical_scale=self.canonical_scale,
+                                     canonical_level=self.canonical_level)
+            self.scales, self.map_levels = scales, mapper
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes)])
-        levels = self.map_levels(boxes) if len(maps) > 1 else torch.zeros(len(rois), dtype=torch.long)
-        out = maps[0].new_zeros((len(rois), maps[0].shape[1], *self.output_size))
-        for level, (feature, scale) in enumerate(zip(maps, self.scales)):
-            index = torch.where(levels.to(rois.device) == level)[0]
-            out[index] = roi_align(feature, rois[index], self.output_size, spatial_scale=scale,
+        if len(maps) > 1:
+            levels = mapper(boxes).to(rois.device)
+        else:
+            levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
+        out = maps[0].new_zeros((rois.shape[0], maps[0].shape[1], self.output_size[0], self.output_size[1]))
+        for level, feature in enumerate(maps):
+            index = torch.where(levels == level)[0]
+            out[index] = roi_align(feature, rois[index], self.output_size, spatial_scale=scales[level],
                                    sampling_ratio=self.sampling_ratio, aligned=True).to(out.dtype)
         return out
 

@@ -5,9 +5,10 @@ Each part of an MMDetection detector maps onto ours:
 
 * ``backbone.*``: the classification model without its head, in its own layout (for SHViT the official
   ``blocks1/2/3`` one, renamed as :func:`shvit.remap_official_keys` does) -> ``backbone.body.*``;
-* ``neck.*``: the SHViT paper's FPN (EfficientViT's ``EfficientViTFPN``; MMDetection's ``FPN`` is the same without
-  finer levels), each conv a ``ConvModule`` whose ``.conv`` holds the tensors -> ``backbone.fpn.*`` of
-  :class:`~vitzoo.detection.ExtraLevelFPN`;
+* ``neck.*``: the SHViT paper's FPN (EfficientViT's ``EfficientViTFPN``; MMDetection's ``FPN`` with RetinaNet's
+  extra convs is the same without finer levels, but its R-CNN one, whose P6 is a max-pooling of P5, is not: ours
+  has a conv there, which such a file lacks), each conv a ``ConvModule`` whose ``.conv`` holds the tensors ->
+  ``backbone.fpn.*`` of :class:`~vitzoo.detection.ExtraLevelFPN`;
 * RetinaNet: ``bbox_head.*`` (``RetinaHead``) -> torchvision's ``RetinaNetHead``;
 * Faster / Mask R-CNN: ``rpn_head.*`` -> ``rpn.head.*``, ``roi_head.bbox_head.*`` (``Shared2FCBBoxHead``) ->
   ``roi_heads.box_head`` / ``box_predictor``, ``roi_head.mask_head.*`` (``FCNMaskHead``) -> ``roi_heads.mask_head``
@@ -25,10 +26,12 @@ of the file must find a place, or the load is an error naming them; only ``class
 category-specific output layers at their initialisation (another set of categories), and says so in its return value.
 """
 import math
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
@@ -44,6 +47,19 @@ __all__ = ['MMDetWeightsError', 'convert_mmdet_detector', 'is_mmdet_detector', '
 #: torchvision's (and MMDetection's) initial bias of a focal-loss classifier: sigmoid(bias) = 0.01
 PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)
 _HEADS = ('bbox_head.', 'rpn_head.', 'roi_head.')
+
+
+def _numpy_globals() -> list:
+    """What ``torch.load(weights_only=True)`` must allow for numpy scalars and arrays in a checkpoint's ``meta``
+    (MMDetection 2.x stores a single-GPU run's random seed as a numpy integer): data, no code."""
+    allowed = [np.ndarray, np.dtype] + [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith('DType')]
+    for module in ('numpy._core.multiarray', 'numpy.core.multiarray'):
+        try:
+            core = __import__(module, fromlist=['scalar', '_reconstruct'])
+            return allowed + [core.scalar, core._reconstruct]
+        except (ImportError, AttributeError):
+            continue
+    return allowed
 
 
 class MMDetWeightsError(ValueError):
@@ -68,23 +84,30 @@ def read_mmdet_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
         raise FileNotFoundError(f'detector weights file {path} {what}; give an MMDetection checkpoint (.pth).')
     try:
         validate_weights_file(path)
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except (WeightsError, RuntimeError, ValueError, OSError, EOFError) as e:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except (WeightsError, RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
         unsafe = re.search(r'GLOBAL ([\w.]+)', str(e))
         why = (f'it holds Python objects other than tensors and numbers ({unsafe.group(1)}); save its '
                "'state_dict' alone with torch.save and give that file") if unsafe else f'{e}'.split('\n')[0]
         raise MMDetWeightsError(f'{path} is not a readable checkpoint: {why}') from e
-    state_dict = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state_dict, dict) or not state_dict \
+    return _state_dict_of(ckpt, str(path))
+
+
+def _state_dict_of(ckpt: Any, what: str) -> Dict[str, torch.Tensor]:
+    """The detector's tensors in ``ckpt`` (MMDetection's checkpoint dict, or its ``state_dict``); ``what`` names it
+    in the messages."""
+    state_dict = ckpt.get('state_dict', ckpt) if isinstance(ckpt, Mapping) else None
+    if not isinstance(state_dict, Mapping) or not state_dict \
             or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise MMDetWeightsError(f'{path} holds no state dict of tensors (an MMDetection checkpoint keeps one under '
+        raise MMDetWeightsError(f'{what} holds no state dict of tensors (an MMDetection checkpoint keeps one under '
                                 "'state_dict').")
     if not is_mmdet_detector(state_dict):
         raise MMDetWeightsError(
-            f'{path} is not an MMDetection detector checkpoint (no neck.* or head tensors; keys such as '
+            f'{what} is not an MMDetection detector checkpoint (no neck.* or head tensors; keys such as '
             f'{sorted(state_dict)[:3]}). For a classification checkpoint of the backbone use --backbone-weights '
             '(build_detector(..., weights=FILE)).')
-    return state_dict
+    return dict(state_dict)
 
 
 def _kind(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -93,10 +116,10 @@ def _kind(state_dict: Mapping[str, torch.Tensor]) -> str:
         return 'retinanet'
     if 'roi_head.bbox_head.fc_cls.weight' in state_dict and 'rpn_head.rpn_cls.weight' in state_dict:
         return 'rcnn'
-    heads = sorted({k.split('.')[0] for k in state_dict if not k.startswith(('backbone.', 'neck.'))})
+    parts = sorted({k.split('.')[0] for k in state_dict})
     raise MMDetWeightsError(
         f'the checkpoint has neither a RetinaNet head (bbox_head.retina_cls / retina_reg) nor an R-CNN one '
-        f'(rpn_head.rpn_cls, roi_head.bbox_head.fc_cls); its parts: backbone, neck, {", ".join(heads) or "none"}. '
+        f'(rpn_head.rpn_cls, roi_head.bbox_head.fc_cls); its parts: {", ".join(parts) or "none"}. '
         'Only MMDetection RetinaNet, Faster R-CNN and Mask R-CNN checkpoints convert; for another detector load its '
         'backbone alone (--backbone-weights FILE; build_detector(..., weights=FILE)).')
 
@@ -105,13 +128,17 @@ def mmdet_categories(state_dict: Mapping[str, torch.Tensor]) -> int:
     """The number of object categories an MMDetection detector state dict classifies (background excluded)."""
     if _kind(state_dict) == 'retinanet':
         return _retina_outputs(state_dict)[1]
-    return state_dict['roi_head.bbox_head.fc_cls.weight'].shape[0] - 1
+    rows = state_dict['roi_head.bbox_head.fc_cls.weight'].shape[0]
+    if rows < 2:
+        raise MMDetWeightsError(f'roi_head.bbox_head.fc_cls has {rows} output(s): not a classifier of categories and '
+                                'background, so not a Shared2FCBBoxHead.')
+    return rows - 1
 
 
 def _retina_outputs(state_dict: Mapping[str, torch.Tensor]) -> Tuple[int, int]:
     """(anchors per location, categories) of the file's RetinaHead outputs."""
     reg, cls = state_dict['bbox_head.retina_reg.weight'], state_dict['bbox_head.retina_cls.weight']
-    if reg.shape[0] % 4 or cls.shape[0] % (reg.shape[0] // 4):
+    if not reg.shape[0] or reg.shape[0] % 4 or not cls.shape[0] or cls.shape[0] % (reg.shape[0] // 4):
         raise MMDetWeightsError(f'bbox_head.retina_reg has {reg.shape[0]} and retina_cls {cls.shape[0]} outputs: '
                                 'not 4 and C per anchor, so not a RetinaHead.')
     anchors = reg.shape[0] // 4
@@ -205,7 +232,7 @@ def convert_mmdet_detector(state_dict: Mapping[str, torch.Tensor], model: nn.Mod
     """An MMDetection RetinaNet / Faster R-CNN / Mask R-CNN state dict in ``model``'s layout.
 
     Args:
-        state_dict: MMDetection's tensors (``backbone.*``, ``neck.*`` and the heads).
+        state_dict: MMDetection's tensors (``backbone.*``, ``neck.*`` and the heads): its ``state_dict``.
         model: The detector of :func:`~vitzoo.detection.build_detector` that will load them, of the file's kind.
         classifier: Convert the category-specific output layers (RetinaNet: ``retina_cls``; R-CNN: ``fc_cls``,
             ``fc_reg``, ``conv_logits``); False leaves them out (the model keeps its own, for other categories than
@@ -251,6 +278,11 @@ def convert_mmdet_detector(state_dict: Mapping[str, torch.Tensor], model: nn.Mod
             f'the checkpoint classifies {categories} categories, the model {own_categories}: build it with '
             f'num_classes={categories} to load the whole detector, or pass classifier=False (--detector-weights '
             'with a dataset of other categories does) to load everything but the category-specific output layers.')
+    for module in special:
+        weight, bias = state_dict.get(f'{module}.weight'), state_dict.get(f'{module}.bias')
+        if weight is not None and bias is not None and weight.shape[0] != bias.shape[0]:
+            raise MMDetWeightsError(f'{module} has a weight of {weight.shape[0]} outputs and a bias of '
+                                    f'{bias.shape[0]}: a damaged or edited file.')
     names.update(_neck_names(model.backbone.fpn))
     out = _backbone(state_dict)
     unknown, left_out = [], []
@@ -289,8 +321,9 @@ def convert_mmdet_detector(state_dict: Mapping[str, torch.Tensor], model: nn.Mod
 
 def load_mmdet_detector(model: nn.Module, checkpoint: Union[str, Path, Mapping[str, torch.Tensor]],
                         classifier: bool = True) -> List[str]:
-    """Load an MMDetection RetinaNet / Faster R-CNN / Mask R-CNN checkpoint (a file or its state dict) into
-    ``model`` (:func:`~vitzoo.detection.build_detector`'s detector of the same kind), in place.
+    """Load an MMDetection RetinaNet / Faster R-CNN / Mask R-CNN checkpoint (a file, what ``torch.load`` returns
+    for it, or its ``state_dict``) into ``model`` (:func:`~vitzoo.detection.build_detector`'s detector of the same
+    kind), in place.
 
     The load is strict (see :func:`convert_mmdet_detector`); tensors keep ``model``'s device and dtype.
 
@@ -298,7 +331,8 @@ def load_mmdet_detector(model: nn.Module, checkpoint: Union[str, Path, Mapping[s
         The model's keys left at their initialisation (empty, or the category-specific ones with
         ``classifier=False``).
     """
-    state_dict = read_mmdet_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    state_dict = read_mmdet_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else \
+        _state_dict_of(checkpoint, 'the checkpoint')
     converted, left_out = convert_mmdet_detector(state_dict, model, classifier=classifier)
     model.load_state_dict(converted, strict=not left_out)
     return left_out
