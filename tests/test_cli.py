@@ -333,6 +333,8 @@ def test_an_empty_or_misnamed_output_is_a_usage_error(monkeypatch, capsys, tmp_p
     (["convert", "{junk}", "--model", "shvit_s1", "--out", "{tmp}/o"], 1),  # a file that is no checkpoint
     (["finetune-det", "--data", "{tmp}/no-data", "--out", "{tmp}/o"], 1),  # before 2026-11-26: 2
     (["finetune-det", "--data", "{tmp}/no-data", "--out", "{tmp}/o", "--lr", "0"], 2),
+    (["evaluate-det", "--data", "{tmp}/no-data", "--weights", "{junk}"], 1),
+    (["evaluate-det", "--data", "{tmp}/no-data", "--weights", "{junk}", "--workers", "-1"], 2),
 ])
 def test_exit_codes_are_one_rule_for_every_command(tmp_path, capsys, args, code):
     """docs/cli.md: 1 for a reported error, 2 for a usage error (argparse's, a value out of range, an unknown name),

@@ -331,8 +331,8 @@ def test_finetune_det_starts_from_detector_weights(tmp_path, capsys):
     err = capsys.readouterr().err
     assert 'error: the checkpoint is an MMDetection RetinaNet: it loads into build_detector("retinanet", ...), not ' \
            'into a MaskRCNN' in err and 'Traceback' not in err and not (tmp_path / 'bad' / 'log.jsonl').exists()
-    assert main([*common, '--out', str(tmp_path / 'bad'), '--detector-weights', str(tmp_path / 'no.pth')]) == 2
-    assert 'no.pth is not a file' in capsys.readouterr().err
+    assert main([*common, '--out', str(tmp_path / 'bad'), '--detector-weights', str(tmp_path / 'no.pth')]) == 1
+    assert 'no.pth does not exist; give an MMDetection checkpoint' in capsys.readouterr().err  # a file: 1
 
 
 # ---- Faster / Mask R-CNN ----------------------------------------------------------------------------------------
@@ -604,3 +604,53 @@ def test_checkpoint_forms_and_damaged_heads(tmp_path):
                                                                'roi_head.bbox_head.fc_cls.bias': torch.zeros(1)}))
     with pytest.raises(MMDetWeightsError, match=r'fc_reg has a weight of 12 outputs and a bias of 4'):
         load_mmdet_detector(_rcnn('fasterrcnn'), dict(rcnn, **{'roi_head.bbox_head.fc_reg.bias': torch.zeros(4)}))
+
+
+def test_evaluate_det_gives_the_ap_of_detector_weights(tmp_path, capsys):
+    """``vitzoo evaluate-det``: an MMDetection file, and a finetune-det run's weights, whose AP must equal the AP that
+    run's own final evaluation logged (the same model and data through the training command's path)."""
+    import json
+
+    data = make_shapes_dataset(tmp_path / 'data', num_train=2, num_val=2, size=(72, 96))
+    sd, _ = _mmdet_state_dict()
+    path = tmp_path / 'retina.pth'
+    torch.save({'state_dict': sd}, path)
+    common = ['--data', str(data), '--backbone', 'shvit_s1', '--out-channels', str(CHANNELS), '--img-size', '96',
+              '--workers', '0', '--no-progress']
+    assert main(['evaluate-det', *common, '--detector-weights', str(path), '--format', 'json']) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert set(stats) == {'bbox'} and set(stats['bbox']) >= {'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl'}
+    # the same weights loaded through the API, evaluated directly: the command adds nothing of its own
+    from vitzoo.detection.data import CocoDetectionFolder
+    from vitzoo.detection.evaluate import evaluate_coco
+    model = build_detector('retinanet', 'shvit_s1', 3, out_channels=CHANNELS, min_size=96, max_size=96)
+    load_mmdet_detector(model, sd)
+    assert evaluate_coco(model, CocoDetectionFolder(str(data), 'val'), progress=False) == stats
+    # a finetune-det run's final weights and its checkpoint: the AP its own last evaluation logged
+    run = tmp_path / 'run'
+    assert main(['finetune-det', *common, '--out', str(run), '--batch-size', '2', '--max-iters', '2',
+                 '--checkpoint-every', '0']) == 0
+    capsys.readouterr()
+    logged = [json.loads(line) for line in (run / 'log.jsonl').read_text().splitlines()]
+    final = [r['eval'] for r in logged if 'eval' in r][-1]
+    for weights in ('model_final.pth', 'checkpoint_last.pth'):
+        assert main(['evaluate-det', *common, '--weights', str(run / weights), '--format', 'json']) == 0
+        assert json.loads(capsys.readouterr().out) == final
+    # errors: one line each, before or instead of any evaluation
+    assert main(['evaluate-det', *common, '--weights', str(run / 'model_final.pth'), '--detector', 'fasterrcnn']) == 1
+    err = capsys.readouterr().err
+    assert 'model_final.pth does not fit this detector (another --detector, --backbone' in err
+    assert 'Traceback' not in err
+    coco80, _ = _mmdet_state_dict(categories=80)
+    torch.save({'state_dict': coco80}, tmp_path / 'coco80.pth')
+    assert main(['evaluate-det', *common, '--detector-weights', str(tmp_path / 'coco80.pth')]) == 1
+    assert 'coco80.pth classifies 80 categories, the val split of' in capsys.readouterr().err
+    assert main(['evaluate-det', *common, '--weights', str(tmp_path / 'none.pth')]) == 1  # a file: 1
+    assert 'none.pth not found' in capsys.readouterr().err
+    assert main(['evaluate-det', *common, '--detector-weights', str(tmp_path / 'none.pth')]) == 1
+    assert 'none.pth does not exist' in capsys.readouterr().err
+    assert main(['evaluate-det', *common, '--detector-weights', str(path), '--batch-size', '0']) == 2  # usage: 2
+    assert '--batch-size must be >= 1, got 0' in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: one of the two, not both
+        main(['evaluate-det', *common, '--weights', str(path), '--detector-weights', str(path)])
+    assert 'not allowed with argument' in capsys.readouterr().err

@@ -136,7 +136,7 @@ def test_the_docs_show_commands_of_every_kind():
     assert {"vitzoo", "synthetic", "benchmarks/bench_shvit_vs_timm.py", "benchmarks/bench_cpu_vs_onnxruntime.py",
             "benchmarks/probe_kernels.py", "tests/upstream/fetch_timm_tests.py"} <= kinds, kinds
     subcommands = {argv[0] for *_, kind, argv in COMMANDS if kind == "vitzoo"}
-    assert {"compare", "export", "convert", "finetune-det"} <= subcommands, subcommands
+    assert {"compare", "export", "convert", "finetune-det", "evaluate-det"} <= subcommands, subcommands
 
 
 @pytest.mark.parametrize("where, line, kind, argv", COMMANDS, ids=[f"{c[0]}: {c[1][:60]}" for c in COMMANDS])

@@ -30,6 +30,7 @@ COMMANDS = {
     "convert": "vitzoo.convert",
     "push": "vitzoo.push",
     "finetune-det": "vitzoo.detection.finetune",
+    "evaluate-det": "vitzoo.detection.evaluate_det",
 }
 
 
@@ -45,7 +46,8 @@ def _version() -> str:
 def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vitzoo",
-        description="Efficient vision transformers for timm: compare, export, convert, publish, fine-tune.",
+        description="Efficient vision transformers for timm: compare, export, convert, publish; fine-tune and "
+                    "evaluate detectors.",
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -171,8 +171,6 @@ def validate_args(args: argparse.Namespace) -> None:
               "--detector-weights gives the backbone its weights too; leave out --pretrained / --backbone-weights.")
         _must(args.resume is None, '--resume restores the whole detector from its checkpoint; leave out '
                                    '--detector-weights.')
-        _must(Path(args.detector_weights).is_file(),
-              f'--detector-weights {args.detector_weights} is not a file; give an MMDetection checkpoint (.pth).')
     # as build_detector checks them, before any work (found by an audit: --img-size 1 was torchvision's traceback)
     for name in ('img_size', 'min_size', 'max_size'):
         if getattr(args, name) is not None:
