@@ -680,6 +680,8 @@ def test_the_deployed_model_keeps_the_preprocessing_of_its_cfg(backend):
     expected = timm.data.resolve_data_config(model=model)
     assert expected["mean"] == (0.5, 0.5, 0.5)
     deployed = deploy(model, torch.randn(2, 3, 32, 32), backend=backend)
+    if backend == "onnxruntime":  # its graph takes the example's size only, and the cfg says so
+        expected = dict(expected, input_size=(3, 32, 32))
     assert timm.data.resolve_data_config(model=deployed) == expected
 
 
@@ -1981,3 +1983,105 @@ def test_a_deployed_model_is_in_eval_mode_throughout(backend):
     model = timm.create_model("mobilenetv3_small_100").eval()
     deployed = deploy(model, torch.randn(1, 3, 64, 64), backend=backend)
     assert [name for name, m in deployed.named_modules() if m.training] == []
+
+
+# ---- found by a second review (session 39) ----------------------------------------------------------------------
+
+class _Attention(nn.Module):
+    """Patches through nn.MultiheadAttention: its fused no-grad fast path has no ONNX form."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 4, 4)
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        return self.fc(self.mha(tokens, tokens, tokens)[0].mean(1))
+
+
+@pytest.mark.skipif("onnxruntime" not in available_backends(), reason="onnx/onnxruntime not installed")
+def test_multihead_attention_goes_to_onnx(tmp_path):
+    """Was "torch.onnx.export cannot export this model (aten::_native_multi_head_attention)" for every model holding
+    an nn.MultiheadAttention, from deploy(backend="onnxruntime") and export alike."""
+    from vitzoo.export import export_verified_onnx
+
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    deployed = deploy(model, torch.randn(2, 3, 16, 16), backend="onnxruntime")
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 16, 16)
+        torch.testing.assert_close(deployed(x), _reference(model, x), rtol=0, atol=1e-5)
+    export_verified_onnx(model, tmp_path / "attention.onnx", img_size=16)
+    assert torch.backends.mha.get_fastpath_enabled()  # the setting is put back
+
+
+@pytest.mark.parametrize("precision", ["bf16x3", "ieee"])
+def test_an_empty_batch_through_shvits_own_kernels(precision):
+    """SHViT-S1's stem pair (image kernel) divided by the batch size, and its attention kernel read sample 0."""
+    model = timm.create_model("shvit_s1").eval()
+    deployed = deploy(model, torch.randn(2, 3, 64, 64), fp32_precision=precision)
+    empty = torch.randn(0, 3, 64, 64)
+    assert deployed(empty).shape == _reference(model, empty).shape == (0, 1000)
+
+
+class _Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("average", torch.zeros(4))
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.conv(x)
+        self.average.mul_(0.5).add_(y.mean((0, 2, 3)))
+        return y
+
+
+@pytest.mark.parametrize("backend", ["eager", "torchscript", "onnxruntime"])
+def test_deploy_leaves_the_callers_buffers_as_they_were(backend):
+    """The reference run on the caller's model updated a buffer its forward updates (a counter, a running average),
+    though deploy.md says the original stays as it was."""
+    if backend not in available_backends():
+        pytest.skip(f"{backend} is not available here")
+    model = _Counting().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    deploy(model, torch.randn(1, 3, 8, 8), backend=backend)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.skipif("onnxruntime" not in available_backends(), reason="onnx/onnxruntime not installed")
+def test_onnxruntime_details_found_by_review(tmp_path):
+    """An input-independent output kept the exporter's name ("8", not "output_1"); the deployed model's cfg gave
+    224 where the session takes only the example's size; a (B, N, C) example was refused late in export's terms;
+    copy.copy said the model "cannot be saved or pickled"."""
+    import onnx
+
+    from vitzoo.export import export_verified_onnx
+
+    class WithTable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.register_buffer("table", torch.randn(5, 4))
+
+        def forward(self, x):
+            return {"y": self.conv(x).mean((2, 3)), "table": self.table * 2}
+
+    export_verified_onnx(WithTable().eval(), tmp_path / "table.onnx", img_size=16)
+    assert [o.name for o in onnx.load(str(tmp_path / "table.onnx")).graph.output] == ["output_0", "output_1"]
+
+    model = timm.create_model("resnet18").eval()
+    deployed = deploy(model, torch.randn(1, 3, 64, 64), backend="onnxruntime")
+    assert timm.data.resolve_data_config(model=deployed)["input_size"] == (3, 64, 64)
+    assert model.pretrained_cfg["input_size"] == (3, 224, 224)  # the caller's model keeps its own
+    tokens = nn.Sequential(nn.Linear(8, 8)).eval()
+    with pytest.raises(ValueError, match=r"backend='onnxruntime'\) exports image models, which take \(B, C, H, W\); "
+                                         r"example_input has shape \[2, 5, 8\]\. Deploy this model with "
+                                         r"backend='eager' or 'torchscript'"):
+        deploy(tokens, torch.randn(2, 5, 8), backend="onnxruntime")
+    shallow = copy.copy(deploy(model, torch.randn(1, 3, 32, 32)))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(shallow(x), _reference(model, x), rtol=0, atol=1e-4)

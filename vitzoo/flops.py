@@ -22,7 +22,6 @@ Example::
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import string
@@ -37,6 +36,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from vitzoo.batchnorm_folding import fold_batchnorms_detailed
+from vitzoo.mha_fastpath import mha_fastpath_off
 from vitzoo.models import _as_dim, first_meta_tensor, model_in_chans, model_input_size
 from vitzoo.module_hooks import deepcopy_keeping_modes, deepcopy_sharing_hooks, drop_shared_hooks, reparameterize
 from vitzoo.weight_standardisation import standardise_weights
@@ -673,23 +673,6 @@ def _tensors_only(module: nn.Module, args: Any, output: Any) -> Tuple[torch.Tens
     return tuple(leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor))
 
 
-@contextlib.contextmanager
-def _mha_fastpath_off():
-    """Without grad, ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` in eval mode run one fused op
-    (``aten::_native_multi_head_attention``, ``aten::_transformer_encoder_layer_fwd``) that no handle counts;
-    with the fast path off they run the projections and attention as ops that are counted."""
-    mha = getattr(torch.backends, "mha", None)
-    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
-        yield
-        return
-    before = mha.get_fastpath_enabled()
-    mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        mha.set_fastpath_enabled(before)
-
-
 def count_flops(
     model: Union[nn.Module, str],
     input_size: Union[None, int, Sequence[int]] = None,
@@ -803,7 +786,7 @@ def _count(model: Union[nn.Module, str], input_size: Union[None, int, Sequence[i
     else:
         analysis.set_op_handle(**{op: _recorded_uncounted(op, silent) for op in FVCORE_SILENT_OPS})
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-    with torch.no_grad(), _mha_fastpath_off(), warnings.catch_warnings():
+    with torch.no_grad(), mha_fastpath_off(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.trace deprecation and tracer warnings
         total = int(analysis.total())
         by_module = {name: int(v) for name, v in analysis.by_module().items()}

@@ -160,7 +160,7 @@ def default_band(batch: int, oh2: int, ow1: int, threads: int) -> int:
     within :data:`PAIR_BAND_BYTES`, but no more than leave :data:`PAIR_ITEMS_PER_THREAD` work items per thread
     (found by a review: SHViT-S1 at batch 1 made 7 bands, so at most 7 threads worked); at least 1."""
     band = (PAIR_BAND_BYTES // ((ow1 + 2) * PAIR_IN_CHANNELS * 4) - 1) // 2
-    bands_per_image = -(-PAIR_ITEMS_PER_THREAD * threads // batch)
+    bands_per_image = -(-PAIR_ITEMS_PER_THREAD * threads // max(batch, 1))  # an empty batch: no items at all
     return max(1, min(band, oh2 // bands_per_image))
 
 

@@ -239,6 +239,13 @@ class DeployedModel(nn.Module):
         """Whether ``copy.deepcopy`` works: not for an ONNX Runtime session or oneDNN-packed weights (no storage)."""
         return self.backend != "onnxruntime" and not any(isinstance(m, PackedConv2d) for m in self.modules())
 
+    def __copy__(self) -> "DeployedModel":
+        """A shallow copy, sharing the deployed modules, as ``copy.copy`` of any module (found by a review: it went
+        through pickling and said the model "cannot be saved or pickled")."""
+        copied = type(self).__new__(type(self))
+        copied.__dict__.update(self.__dict__)
+        return copied
+
     def __deepcopy__(self, memo: dict) -> "DeployedModel":
         if not self._copyable():
             raise self._cannot("saved, pickled or deep-copied")
@@ -686,6 +693,10 @@ def deploy(
     _check_example_values(example_input)
     if backend == "onnxruntime":
         _check_not_cuda_for_onnxruntime(model, example_input)
+        if example_input.dim() != 4:  # found by a review: refused only after the copy and fusion, in export's terms
+            raise ValueError(f"deploy(backend='onnxruntime') exports image models, which take (B, C, H, W); "
+                             f"example_input has shape {list(example_input.shape)}. Deploy this model with "
+                             "backend='eager' or 'torchscript'.")
     given = example_input
 
     def example() -> torch.Tensor:  # a fresh copy for every run: a model may change its input in place
@@ -787,14 +798,24 @@ def _check_another_batch(deployed: DeployedModel, model: nn.Module, example_inpu
 
 def _eval_output(model: nn.Module, example_input: torch.Tensor) -> Any:
     """``model``'s output for ``example_input`` in eval mode, without grad and in full fp32 precision; every
-    module's training flag is put back afterwards."""
+    module's training flag and buffers are put back afterwards (found by a review: a buffer the forward updates, a
+    call counter or a running average, was changed in the caller's model by deploy()'s reference run)."""
     modes = {module: module.training for module in model.modules()}
+    buffers = [(module, name, buffer, buffer.detach().clone()) for module in model.modules()
+               for name, buffer in module._buffers.items() if buffer is not None]
     try:
         with torch.no_grad(), full_fp32_precision(example_input.device):
             return model.eval()(example_input)
     finally:
         for module, training in modes.items():
             module.training = training
+        with torch.no_grad():
+            for module, name, buffer, value in buffers:
+                if buffer.shape == value.shape:
+                    module._buffers[name] = buffer  # the same tensor object, as the caller's other names see it
+                    buffer.copy_(value)
+                else:
+                    module._buffers[name] = value
 
 
 def _check_hooks_kept(hooks: Dict[int, str], deployed: DeployedModel) -> None:
@@ -900,4 +921,8 @@ def _finish(deployed: DeployedModel, fusions: List[str], example_input: torch.Te
     # the model's cfg on every backend: timm.data.resolve_data_config(model=deployed) reads its preprocessing
     # (found by an audit: an ONNX Runtime session has none, so a ViT's mean 0.5 became ImageNet's)
     deployed.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    if deployed.fixed_size and deployed.pretrained_cfg and example_input.dim() == 4:
+        # the size the graph is fixed to, so that timm's transforms resolved from the deployed model fit it (found by
+        # a review: the cfg's 224 while the session took only the example's 64 x 64)
+        deployed.pretrained_cfg["input_size"] = tuple(example_input.shape[1:])
     return deployed

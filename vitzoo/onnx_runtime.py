@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from vitzoo.mha_fastpath import mha_fastpath_off
 from vitzoo.messages import first_line
 from vitzoo.outputs import WRONG_RESULT_RTOL, OutputLayout, UnsupportedOutputError, max_abs_diff_of
 
@@ -211,7 +212,9 @@ def _export(model: nn.Module, example_input: torch.Tensor, opset: int,
     with torch.no_grad():
         names = output_names(sum(OutputLayout(model(example_input)).is_tensor))  # the exporter leaves out None
     output_axes = [{0: "batch"}] * len(names) if axes is None or len(axes) != len(names) else axes
-    with torch.no_grad(), _exporter_log_off(), warnings.catch_warnings():
+    # the fused nn.MultiheadAttention of no_grad has no ONNX form (found by a review: every model holding one,
+    # torchvision's ViT too, was "not exportable"); unfused, it exports
+    with torch.no_grad(), _exporter_log_off(), mha_fastpath_off(), warnings.catch_warnings():
         # timm's shape asserts trace to constants, and the exporter warns about what it folds or keeps (constant
         # folding of a strided Slice, a weight-standardising batch_norm in train mode): the export is verified
         # against the model at other batch sizes afterwards, so these are noise for its callers
@@ -228,7 +231,26 @@ def _export(model: nn.Module, example_input: torch.Tensor, opset: int,
             dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: axis for name, axis in zip(names, output_axes) if axis}},
             do_constant_folding=True,
         )
-    return buffer.getvalue()
+    return _named_outputs(buffer.getvalue(), names)
+
+
+def _named_outputs(data: bytes, names: List[str]) -> bytes:
+    """The exported graph with its outputs named ``names``: the exporter keeps its own name for an output that
+    does not depend on the input (a constant, folded: found by a review, ``8`` instead of ``output_1``), so such an
+    output gets an ``Identity`` to the name asked for."""
+    try:
+        import onnx
+    except ImportError:  # the names stay the exporter's (the package comes with the 'onnx' extra)
+        return data
+    model = onnx.load_from_string(data)
+    outputs = model.graph.output
+    if len(outputs) != len(names) or all(o.name == n for o, n in zip(outputs, names)):
+        return data
+    for output, name in zip(outputs, names):
+        if output.name != name:
+            model.graph.node.append(onnx.helper.make_node("Identity", [output.name], [name]))
+            output.name = name
+    return model.SerializeToString()
 
 
 @contextlib.contextmanager

@@ -106,7 +106,9 @@ def _recording() -> bool:
 def _takes(*tensors: torch.Tensor) -> bool:
     """Whether the kernel takes these 4-D tensors as they are (else the caller falls back to PyTorch)."""
     grad = torch.is_grad_enabled()
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 4 and pixel_rows(t) is not None
+    # an empty batch goes to PyTorch's ops, which return the empty output (found by a review: x[0] of no sample)
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 4 and t.numel() > 0
+               and pixel_rows(t) is not None
                and not (grad and t.requires_grad) and t.shape[0] * t.shape[2] * t.shape[3] <= MAX_PIXELS
                for t in tensors)
 
