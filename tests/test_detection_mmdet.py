@@ -235,6 +235,18 @@ def test_anchors_are_mmdetections_unrounded():
     want = torch.cat([_mmdet_anchors(s, h, w) for s, (h, w) in zip((8, 16, 32, 64, 128), shapes)])
     torch.testing.assert_close(anchors.double(), want, rtol=0, atol=1e-4)
     assert (anchors - anchors.round()).abs().max() > 0.1  # not whole pixels
+    # what torchvision's recipe gave (truncated sizes, rounded corners): ~0.9 px off at stride 8 (the docs' figure)
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    sizes = tuple(tuple(int(4 * s * 2 ** (k / 3)) for k in range(3)) for s in (8, 16, 32, 64, 128))
+    rounded = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)(images, maps)[0]
+    off = (rounded.double() - want).abs().amax(1)
+    level_8 = off[:shapes[0][0] * shapes[0][1] * 9]
+    assert 0.85 < level_8.max() < 0.95 and off.max() < 1.0
+    # and the R-CNNs' RPN anchors (sizes 8 x stride, whole numbers): rounding alone, up to half a pixel
+    rpn_maps = [torch.zeros(1, 1, 256 // s, 384 // s) for s in (4, 8, 16, 32, 64)]
+    rpn_rounded = AnchorGenerator(tuple((8 * s,) for s in (4, 8, 16, 32, 64)), ((0.5, 1.0, 2.0),) * 5)(images, rpn_maps)
+    rpn_want = torch.cat([_rpn_anchors(s, *m.shape[-2:]) for s, m in zip((4, 8, 16, 32, 64), rpn_maps)])
+    assert 0.4 < (rpn_rounded[0].double() - rpn_want).abs().max() <= 0.5
 
 
 def test_a_file_loads_into_the_detector(tmp_path):

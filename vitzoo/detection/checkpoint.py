@@ -9,16 +9,24 @@ import torch
 
 from vitzoo.atomic import atomic_open
 
-__all__ = ['atomic_save', 'get_rng_state', 'load_checkpoint', 'set_rng_state']
+__all__ = ['atomic_save', 'get_rng_state', 'load_checkpoint', 'numpy_data_globals', 'set_rng_state']
 
-# numpy's RNG state is a tuple with a uint32 array: what torch.load(weights_only=True) must allow besides tensors
-_RNG_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-for _module in ('numpy._core.multiarray', 'numpy.core.multiarray'):
-    try:
-        _RNG_GLOBALS.append(__import__(_module, fromlist=['_reconstruct'])._reconstruct)
-        break
-    except (ImportError, AttributeError):
-        continue
+
+def numpy_data_globals() -> list:
+    """What ``torch.load(weights_only=True)`` must allow, besides tensors, for numpy arrays and scalars in a file:
+    numpy's RNG state in our checkpoints (a tuple with a uint32 array), a numpy seed in an MMDetection checkpoint's
+    ``meta``. Data, no code."""
+    allowed = [np.ndarray, np.dtype] + [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith('DType')]
+    for module in ('numpy._core.multiarray', 'numpy.core.multiarray'):
+        try:
+            core = __import__(module, fromlist=['scalar', '_reconstruct'])
+            return allowed + [core.scalar, core._reconstruct]
+        except (ImportError, AttributeError):
+            continue
+    return allowed
+
+
+_RNG_GLOBALS = numpy_data_globals()
 
 
 def atomic_save(obj: Any, path: Union[str, Path]) -> Path:

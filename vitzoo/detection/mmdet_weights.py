@@ -31,13 +31,13 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 
 from vitzoo.hub import WeightsError, validate_weights_file
 
+from .checkpoint import numpy_data_globals
 from .detectors import ForegroundRetinaNet
 from .fpn import ExtraLevelFPN
 
@@ -47,19 +47,6 @@ __all__ = ['MMDetWeightsError', 'convert_mmdet_detector', 'is_mmdet_detector', '
 #: torchvision's (and MMDetection's) initial bias of a focal-loss classifier: sigmoid(bias) = 0.01
 PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)
 _HEADS = ('bbox_head.', 'rpn_head.', 'roi_head.')
-
-
-def _numpy_globals() -> list:
-    """What ``torch.load(weights_only=True)`` must allow for numpy scalars and arrays in a checkpoint's ``meta``
-    (MMDetection 2.x stores a single-GPU run's random seed as a numpy integer): data, no code."""
-    allowed = [np.ndarray, np.dtype] + [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith('DType')]
-    for module in ('numpy._core.multiarray', 'numpy.core.multiarray'):
-        try:
-            core = __import__(module, fromlist=['scalar', '_reconstruct'])
-            return allowed + [core.scalar, core._reconstruct]
-        except (ImportError, AttributeError):
-            continue
-    return allowed
 
 
 class MMDetWeightsError(ValueError):
@@ -84,7 +71,7 @@ def read_mmdet_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
         raise FileNotFoundError(f'detector weights file {path} {what}; give an MMDetection checkpoint (.pth).')
     try:
         validate_weights_file(path)
-        with torch.serialization.safe_globals(_numpy_globals()):
+        with torch.serialization.safe_globals(numpy_data_globals()):
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except (WeightsError, RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
         unsafe = re.search(r'GLOBAL ([\w.]+)', str(e))
